@@ -1,0 +1,211 @@
+"""Every error the framework raises, in one tree.
+
+``AgentError`` is the root; each subsystem has a branch. Messages say what happened
+and what to do about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class AgentError(Exception):
+    """Raised for any failure the framework itself reports."""
+
+
+# --- building a workflow -------------------------------------------------------------
+
+
+class WorkflowDefinitionError(AgentError, ValueError):
+    """Raised when a workflow is built wrongly (checked before anything runs)."""
+
+
+class DuplicateStateError(WorkflowDefinitionError):
+    """Raised when a state name is added twice to one agent."""
+
+
+class InvalidStateFunctionError(WorkflowDefinitionError, TypeError):
+    """Raised when a state function is not ``async def f(context)``."""
+
+
+class UnknownStateError(WorkflowDefinitionError, KeyError):
+    """Raised when a name does not refer to a state of the agent."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DependencyCycleError(WorkflowDefinitionError):
+    """Raised when declared dependencies form a cycle."""
+
+
+class InvalidConfigurationError(WorkflowDefinitionError):
+    """Raised when a numeric setting is out of range (negative timeout, retries...)."""
+
+
+# --- running a workflow --------------------------------------------------------------
+
+
+class ExecutionError(AgentError):
+    """Raised when a run cannot continue."""
+
+
+class InvalidTransitionError(ExecutionError, TypeError):
+    """Raised when a state returns something other than a name, a list of names or None."""
+
+
+class UnknownNextStateError(ExecutionError, KeyError):
+    """Raised when a state returns the name of a state the agent does not have."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class MaxStepsExceededError(ExecutionError):
+    """Raised when a run activates more states than ``Agent(max_steps=...)`` allows."""
+
+
+class RunTimeoutError(ExecutionError, TimeoutError):
+    """Raised when ``run(timeout=...)`` expires before the workflow finishes."""
+
+
+class AgentBusyError(ExecutionError):
+    """Raised when ``run()`` is called while the agent is already running."""
+
+
+class IllegalTransitionError(AgentError, RuntimeError):
+    """Raised when a status machine is asked for a transition it does not allow (a bug)."""
+
+
+@dataclass(frozen=True)
+class FailureReason:
+    """Why one attempt of a state failed, as seen by the supervisor.
+
+    ``kind`` is one of ``exception``, ``exit_code``, ``signal``, ``timeout``,
+    ``limit``, ``lost_connection``, ``protocol``, ``cancelled``.
+    """
+
+    kind: str
+    message: str
+    traceback: str = ""
+    exit_code: int | None = None
+    signal: int | None = None
+    exception_type: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class StateFailedError(ExecutionError):
+    """Raised by ``run()`` when a state failed permanently (its retries are exhausted).
+
+    Carries the state name, the number of attempts, the failure reason and the
+    traceback text of the last attempt (the child's, for isolated states).
+    """
+
+    def __init__(self, state: str, attempts: int, reason: FailureReason) -> None:
+        self.state = state
+        self.attempts = attempts
+        self.reason = reason
+        self.traceback = reason.traceback
+        noun = "attempt" if attempts == 1 else "attempts"
+        text = f"state {state!r} failed after {attempts} {noun}: {reason.message}"
+        if reason.traceback:
+            text += "\n--- traceback of the last attempt ---\n" + reason.traceback.rstrip()
+        super().__init__(text)
+
+
+class StateTimeoutError(StateFailedError):
+    """Raised by ``run()`` when a state's last attempt ran past its timeout."""
+
+
+class DependencyTimeoutError(ExecutionError, TimeoutError):
+    """Raised by ``run()`` when a state waited on its dependencies past ``DependencyConfig.timeout``."""
+
+
+# --- context ---------------------------------------------------------------------------
+
+
+class ContextError(AgentError):
+    """Raised for misuse of the run's context."""
+
+
+class ContextTypeError(ContextError, TypeError):
+    """Raised when typed context data has the wrong type or a field of the wrong type."""
+
+
+class ContextKeyError(ContextError, KeyError):
+    """Raised when typed data is read or updated under a key that holds none."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class UnencodableValueError(ContextError, TypeError):
+    """Raised when a value cannot cross a process boundary with the safe codec."""
+
+
+# --- resources -------------------------------------------------------------------------
+
+
+class ResourceError(AgentError):
+    """Raised for resource requests and the resource pool."""
+
+
+class ResourceRequestError(ResourceError, ValueError):
+    """Raised when a resource request can never be met (larger than the pool, bad values)."""
+
+
+class QuotaExceededError(ResourceError):
+    """Raised when a request would pass a configured quota and the quota is set to fail."""
+
+
+class GPUUnavailableError(ResourceRequestError):
+    """Raised when a state asks for GPUs this machine does not have."""
+
+
+# --- isolation -------------------------------------------------------------------------
+
+
+class IsolationError(AgentError):
+    """Raised when an isolated state cannot be launched or supervised."""
+
+
+class IsolationUnavailableError(IsolationError):
+    """Raised when the requested isolation level cannot be provided on this machine."""
+
+
+class ProtocolError(IsolationError):
+    """Raised when a message across the process boundary is malformed or not allowed."""
+
+
+# --- checkpoints and human input ---------------------------------------------------------
+
+
+class CheckpointError(AgentError):
+    """Raised when a checkpoint cannot be written, read or applied."""
+
+
+class HumanInputError(AgentError):
+    """Raised when human input cannot be obtained."""
+
+
+class HumanInputTimeoutError(HumanInputError, TimeoutError):
+    """Raised when nobody answered a human-input request in time and there is no default."""
+
+
+# --- coordination ----------------------------------------------------------------------
+
+
+class CoordinationError(AgentError):
+    """Raised by coordination primitives and rate limiters."""
+
+
+class CoordinationTimeoutError(CoordinationError, TimeoutError):
+    """Raised when waiting on a coordination primitive timed out."""
+
+
+class DeadlockError(CoordinationError):
+    """Raised in a waiter chosen to break a detected deadlock."""

@@ -1,0 +1,120 @@
+"""The one interface between the scheduler and the places where a state's code runs.
+
+The scheduler decides *when* an attempt runs; an executor decides *where* and *how*.
+``inline`` runs the coroutine on the scheduler's own loop. Isolated levels (``process``,
+``sandbox``) live in :mod:`agent.supervisor` and are looked up lazily by
+:func:`executor_for`, so the engine never imports cgroup, zygote or GPU code.
+
+Contract for :meth:`Executor.run_attempt`:
+
+* return an :class:`AttemptOutcome` holding what the state returned (unvalidated);
+* raise :class:`AttemptFailed` with a :class:`~agent.errors.FailureReason` when the
+  attempt failed for a reason the executor observed (child exception, exit code, signal,
+  limit hit, lost connection); an inline state's own exception may simply propagate;
+* when the awaiting task is cancelled, stop the attempt for good (kill the child and
+  reap it, remove its cgroup) *before* re-raising ``CancelledError``.
+  ``attempt.stop_reason`` says why: ``"timeout"``, ``"cancel"`` or ``"preempt"``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, runtime_checkable
+
+from .errors import FailureReason, IsolationUnavailableError
+
+if TYPE_CHECKING:
+    from .context import Context
+    from .resources import ResourceRequirements
+
+
+class Isolation(str, enum.Enum):
+    """Where a state's code runs (DESIGN.md item 9)."""
+
+    INLINE = "inline"
+    PROCESS = "process"
+    SANDBOX = "sandbox"
+
+    @classmethod
+    def parse(cls, value: "Isolation | str") -> "Isolation":
+        try:
+            return cls(value.value if isinstance(value, Isolation) else str(value).lower())
+        except ValueError:
+            choices = ", ".join(repr(m.value) for m in cls)
+            raise IsolationUnavailableError(
+                f"unknown isolation level {value!r}: use one of {choices}"
+            ) from None
+
+
+@dataclass
+class Attempt:
+    """One attempt of one state, as handed to an executor."""
+
+    run_id: str
+    agent_name: str
+    state_name: str
+    func: Callable[..., Awaitable[Any]]
+    number: int
+    context: "Context"
+    resources: "ResourceRequirements | None" = None
+    isolation: Isolation = Isolation.INLINE
+    timeout: float | None = None
+    # Set by the scheduler before it cancels the attempt's task.
+    stop_reason: str | None = None
+    # Filled by the executor: measured usage (cpu_seconds, peak_memory_bytes, ...).
+    usage: dict[str, Any] = field(default_factory=dict)
+    # Filled by the scheduler from the resource pool (e.g. {"gpus": [uuid, ...]}).
+    assignment: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AttemptOutcome:
+    """What a finished attempt returned, plus what the executor measured."""
+
+    result: Any
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+class AttemptFailed(Exception):
+    """Raised by an executor when an attempt failed for an observed reason."""
+
+    def __init__(self, reason: FailureReason, usage: dict[str, Any] | None = None) -> None:
+        super().__init__(reason.message)
+        self.reason = reason
+        self.usage = usage or {}
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs attempts of states somewhere."""
+
+    async def run_attempt(self, attempt: Attempt) -> AttemptOutcome: ...
+
+    async def aclose(self) -> None: ...
+
+
+class InlineExecutor:
+    """Runs the state coroutine on the scheduler's loop: fastest, trusted code only."""
+
+    async def run_attempt(self, attempt: Attempt) -> AttemptOutcome:
+        return AttemptOutcome(await attempt.func(attempt.context))
+
+    async def aclose(self) -> None:
+        return None
+
+
+_INLINE = InlineExecutor()
+
+
+def executor_for(isolation: Isolation) -> Executor:
+    """The executor serving ``isolation`` in this process (isolated ones are shared)."""
+    if isolation is Isolation.INLINE:
+        return _INLINE
+    try:
+        from .supervisor import get_executor
+    except ImportError as exc:  # pragma: no cover - only when the supervisor is missing
+        raise IsolationUnavailableError(
+            f"isolation {isolation.value!r} needs agent.supervisor, which failed to import: {exc}"
+        ) from exc
+    return get_executor(isolation)
