@@ -1,14 +1,79 @@
-"""Child side of confinement: applied right after fork, before any user code runs."""
+"""Child side of confinement: applied right after fork, before any user code runs.
+
+The order matters: the child joins its cgroup(s) first, so every byte and every
+process it creates afterwards is counted and limited; then rlimits and the
+environment (GPU pinning); the sandbox (uid switch) comes last because only root may
+write ``cgroup.procs`` and raise limits. This module imports nothing of the
+supervisor: ``child_spec`` is plain data.
+
+``child_spec`` keys, all optional:
+
+* ``cgroup_procs``: ``cgroup.procs`` files to write this process's pid to;
+* ``rlimits``: ``[[name, soft, hard], ...]`` with ``name`` a ``resource.RLIMIT_*`` name;
+* ``env``: variables to set;
+* ``gpu``: ``{"env": {...}}``, variables that pin CUDA to the assigned GPUs;
+* ``sandbox``: the spec for :func:`agent.runtime.sandbox.enter_sandbox`.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
-def apply(child_spec: dict[str, Any]) -> None:
-    """Join the attempt's cgroup(s), set the GPU environment and enter the sandbox.
+def join_cgroups(child_spec: dict[str, Any]) -> None:
+    """Move this process into its cgroup(s); raises OSError naming the file on failure."""
+    pid = str(os.getpid()).encode()
+    for procs in child_spec.get("cgroup_procs", ()):
+        try:
+            fd = os.open(procs, os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot join cgroup {procs}: {exc.strerror}") from exc
 
-    ``child_spec`` is the plain dict built by the supervisor's Confiner. Raises
-    OSError when a step fails; the child must then exit without running the state.
+
+def set_limits(child_spec: dict[str, Any]) -> None:
+    """Apply the rlimits of the spec (the no-cgroup fallback uses them)."""
+    rlimits = child_spec.get("rlimits")
+    if not rlimits:
+        return
+    import resource
+
+    for name, soft, hard in rlimits:
+        resource.setrlimit(getattr(resource, name), (int(soft), int(hard)))
+
+
+def set_environment(child_spec: dict[str, Any]) -> None:
+    """Set the spec's variables and the GPU pinning variables."""
+    os.environ.update({str(k): str(v) for k, v in child_spec.get("env", {}).items()})
+    gpu = child_spec.get("gpu")
+    if gpu:
+        os.environ.update({str(k): str(v) for k, v in gpu.get("env", {}).items()})
+
+
+def enter_sandbox(child_spec: dict[str, Any]) -> None:
+    """Drop into the sandbox described by the spec, when it has one."""
+    spec = child_spec.get("sandbox")
+    if spec is None:
+        return
+    from .sandbox import enter_sandbox as enter
+
+    enter(spec)
+
+
+def apply(child_spec: dict[str, Any], *, sandbox: bool = True) -> None:
+    """Join the attempt's cgroup(s), set limits and the GPU environment, enter the sandbox.
+
+    ``child_spec`` is the plain dict built by the supervisor's Confiner. With
+    ``sandbox=False`` the caller enters the sandbox itself later (with
+    :func:`enter_sandbox`), e.g. after loading code a sandbox uid could not read.
+    Raises OSError when a step fails; the child must then exit without running the state.
     """
-    return None
+    join_cgroups(child_spec)
+    set_limits(child_spec)
+    set_environment(child_spec)
+    if sandbox:
+        enter_sandbox(child_spec)
