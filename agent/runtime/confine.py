@@ -10,6 +10,8 @@ supervisor: ``child_spec`` is plain data.
 
 * ``cgroup_procs``: ``cgroup.procs`` files to write this process's pid to;
 * ``rlimits``: ``[[name, soft, hard], ...]`` with ``name`` a ``resource.RLIMIT_*`` name;
+* ``data_headroom``: bytes the child may add to its data size (``RLIMIT_DATA`` set to
+  what it inherited plus this), the no-cgroup fallback's memory backstop;
 * ``env``: variables to set;
 * ``gpu``: ``{"env": {...}}``, variables that pin CUDA to the assigned GPUs;
 * ``sandbox``: the spec for :func:`agent.runtime.sandbox.enter_sandbox`.
@@ -37,13 +39,26 @@ def join_cgroups(child_spec: dict[str, Any]) -> None:
 
 def set_limits(child_spec: dict[str, Any]) -> None:
     """Apply the rlimits of the spec (the no-cgroup fallback uses them)."""
-    rlimits = child_spec.get("rlimits")
-    if not rlimits:
+    rlimits = list(child_spec.get("rlimits", ()))
+    headroom = child_spec.get("data_headroom")
+    if not rlimits and headroom is None:
         return
     import resource
 
+    if headroom is not None:
+        cap = _data_size() + int(headroom)
+        rlimits.append(["RLIMIT_DATA", cap, cap])
     for name, soft, hard in rlimits:
         resource.setrlimit(getattr(resource, name), (int(soft), int(hard)))
+
+
+def _data_size() -> int:
+    """This process's data size now (VmData), which RLIMIT_DATA is compared with."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def set_environment(child_spec: dict[str, Any]) -> None:

@@ -188,11 +188,14 @@ def spin(seconds: float) -> Callable[[Channel], int]:
     return work
 
 
-def fork_bomb(ch: Channel) -> int:
-    """Fork until the kernel refuses; every child forks once more; all block forever."""
+def fork_bomb(ch: Channel, most: int = 100_000, then_wait: bool = False) -> int:
+    """Fork until refused (or ``most`` times); every child forks once more; all block forever.
+
+    The first process reports and exits with 3, or with ``then_wait`` blocks too.
+    """
     block_r, _block_w = os.pipe()  # nobody writes: readers block until killed
     forked, refused = 0, None
-    while forked < 100_000:
+    while forked < most:
         try:
             pid = os.fork()
         except OSError as exc:
@@ -207,6 +210,8 @@ def fork_bomb(ch: Channel) -> int:
             os._exit(0)
         forked += 1
     ch.send(forked=forked, errno=refused)
+    if then_wait:
+        ch.wait()
     return 3
 
 

@@ -82,6 +82,10 @@ class CgroupBackend(Protocol):
 
     def create(self, name: str, limits: CgroupLimits) -> CgroupHandle: ...
 
+    def owned_dirs(self) -> list[str]:
+        """The directories of this supervisor (attempt cgroups live below them)."""
+        ...
+
     def reap_stale(self) -> int:
         """Remove cgroups of dead supervisors (killing what is left in them); returns how many."""
         ...

@@ -2,7 +2,7 @@
 
 Used where this process can create no cgroup (not root, no delegation). The watchdog
 samples each attempt's process tree every few milliseconds and SIGKILLs the tree when
-its resident memory passes ``memory_mb`` or it has more processes than ``pids_max``.
+its private (unshared) memory passes ``memory_mb`` or it has more processes than ``pids_max``.
 It is best effort and says so: memory is checked between samples (a fast allocation
 overshoots before the kill), a process that leaves the tree (double fork) escapes, and
 CPU quotas and IO limits are not enforced at all.
@@ -49,12 +49,12 @@ class WatchedTree:
         return []
 
     def child_spec(self) -> dict[str, Any]:
-        rlimits = []
-        if self.limits.memory_bytes is not None:
-            # A backstop for what the watchdog cannot catch between samples.
-            cap = self.limits.memory_bytes * 2
-            rlimits.append(["RLIMIT_DATA", cap, cap])
-        return {"rlimits": rlimits} if rlimits else {}
+        if self.limits.memory_bytes is None:
+            return {}
+        # RLIMIT_DATA counts what the child inherited from its preloaded parent, so the
+        # child sets it to what it has plus twice the limit: a backstop for a single huge
+        # allocation that the sampling watchdog would see too late.
+        return {"data_headroom": 2 * self.limits.memory_bytes}
 
     def attach(self, pid: int) -> None:
         self.pid = pid
@@ -79,7 +79,9 @@ class WatchedTree:
         rss = cpu = 0.0
         for proc in tree:
             try:
-                rss += proc.memory_info().rss
+                # Private memory only: pages a child shares with its preloaded parent are
+                # charged to the parent, as a memory cgroup would charge them.
+                rss += proc.memory_full_info().uss
                 times = proc.cpu_times()
                 cpu += times.user + times.system
             except psutil.Error:
@@ -114,7 +116,19 @@ class WatchedTree:
             )
 
     def kill(self) -> None:
-        for proc in self._tree():
+        """Stop the whole tree first (a stopped process cannot fork away), then SIGKILL it."""
+        seen: dict[int, psutil.Process] = {}
+        for _ in range(20):
+            fresh = [p for p in self._tree() if p.pid not in seen]
+            if not fresh:
+                break
+            for proc in fresh:
+                seen[proc.pid] = proc
+                try:
+                    proc.send_signal(signal.SIGSTOP)
+                except psutil.Error:
+                    pass
+        for proc in seen.values():
             try:
                 proc.send_signal(signal.SIGKILL)
             except psutil.Error:
@@ -146,10 +160,14 @@ class NoneBackend:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def owned_dirs(self) -> list[str]:
+        return []
+
     def capabilities(self) -> dict[str, str]:
         return {
             "cpu_units": f"not enforced ({self.reason})",
-            "memory_mb": "psutil watchdog kills the tree above the limit (sampled), RLIMIT_DATA at twice it",
+            "memory_mb": "psutil watchdog kills the tree above the limit (sampled every 10 ms); "
+            "RLIMIT_DATA at twice the limit above the inherited size",
             "pids_max": "psutil watchdog kills the tree above the limit (sampled)",
             "io_*": f"not enforced ({self.reason})",
             "gpu_units": "CUDA_VISIBLE_DEVICES only",

@@ -214,6 +214,10 @@ class V1Backend:
             self.sup_dirs[controller] = path
         self._closed = False
 
+    def owned_dirs(self) -> list[str]:
+        """This supervisor's directories (one per controller hierarchy)."""
+        return list(self.sup_dirs.values())
+
     def capabilities(self) -> dict[str, str]:
         caps = {
             "cpu_units": "CFS quota (cpu.cfs_quota_us, period 100 ms)",

@@ -213,6 +213,10 @@ class V2Backend:
         _enable(self.top, self.controllers)
         _enable(self.sup, self.controllers)
 
+    def owned_dirs(self) -> list[str]:
+        """This supervisor's directory."""
+        return [self.sup]
+
     def capabilities(self) -> dict[str, str]:
         caps = {
             "cpu_units": "CFS quota (cpu.max, period 100 ms)" if "cpu" in self.controllers else "not enforced",

@@ -1,0 +1,140 @@
+"""Cgroups live exactly as long as their attempt; a dead supervisor's cgroups are reaped."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+import psutil
+import pytest
+
+from agent.resources import ResourceRequirements
+from agent.supervisor.cgroups import CgroupLimits, DEFAULT_ROOT
+from agent.supervisor.cgroups.base import SupervisorName
+from agent.supervisor.confinement import Confiner
+
+from .helpers import BACKEND, block, leftover_cgroups, make_attempt, needs_cgroups, needs_v1, open_device, spawn
+
+pytestmark = [pytest.mark.cgroup, needs_cgroups]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _stale_supervisor_name() -> SupervisorName:
+    """The name of a supervisor that is dead: an exited child's pid, a start time it never had."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return SupervisorName(pid, 1)
+
+
+def _fake_attempt_dirs(confiner: Confiner, supervisor: SupervisorName) -> list[str]:
+    """Attempt directories as a supervisor named ``supervisor`` would have left them."""
+    if BACKEND == "v1":
+        mounts = confiner.backend.mounts
+        tops = sorted({f"{mounts[c]}/{DEFAULT_ROOT}" for c in confiner.backend.controllers})
+    else:
+        tops = [confiner.backend.top]
+    dirs = []
+    for top in tops:
+        path = f"{top}/{supervisor}/attempt-1"
+        os.makedirs(path)
+        dirs.append(path)
+    return dirs
+
+
+class TestAttemptCleanup:
+    """close() kills whatever the attempt left running, even processes that left its tree."""
+
+    def test_close_kills_a_double_forked_grandchild_and_removes_the_cgroup(self, confiner):
+        confinement = confiner.prepare(make_attempt(ResourceRequirements(memory_mb=64)))
+        child = spawn(confinement.child_spec, block)
+        pids = child.receive()
+        assert set(confinement.handle.pids()) == {pids["pid"], pids["grandchild"]}
+        assert leftover_cgroups(confiner)
+        confinement.close()
+        assert child.wait().signal == signal.SIGKILL
+        assert _gone(pids["grandchild"])
+        assert leftover_cgroups(confiner) == []
+
+    def test_kill_empties_the_cgroup_and_close_is_idempotent(self, confiner):
+        confinement = confiner.prepare(make_attempt(None))
+        child = spawn(confinement.child_spec, block)
+        child.receive()
+        confinement.kill()
+        assert confinement.handle.pids() == []
+        assert child.wait().signal == signal.SIGKILL
+        usage = confinement.usage()
+        confinement.close()
+        confinement.close()
+        assert confinement.usage() == usage  # the last reading survives the cgroup
+
+
+class TestStaleReaping:
+    """A new Confiner removes the cgroups of dead supervisors, and only those."""
+
+    def test_dead_supervisors_cgroups_and_processes_are_reaped(self, confiner):
+        stale = _stale_supervisor_name()
+        dirs = _fake_attempt_dirs(confiner, stale)
+        child = spawn({"cgroup_procs": [f"{d}/cgroup.procs" for d in dirs]}, block)
+        child.receive()
+        second = Confiner(gpu_minors=[])
+        try:
+            assert second.reaped >= 1
+        finally:
+            second.close()
+        assert child.wait().signal == signal.SIGKILL
+        assert not [d for d in dirs if os.path.exists(os.path.dirname(d))]
+
+    def test_a_live_supervisors_cgroups_are_left_alone(self, confiner):
+        alive = SupervisorName.mine()  # same pid and start time, another token
+        dirs = _fake_attempt_dirs(confiner, alive)
+        try:
+            second = Confiner(gpu_minors=[])
+            second.close()
+            assert all(os.path.isdir(d) for d in dirs)
+        finally:
+            for d in dirs:
+                os.rmdir(d)
+                os.rmdir(os.path.dirname(d))
+
+
+@needs_v1
+class TestDevices:
+    """The v1 devices cgroup hides the GPUs an attempt was not given."""
+
+    def test_denied_device_cannot_be_opened(self, confiner):
+        handle = confiner.backend.create("devices-test", CgroupLimits(deny_devices=((1, 3),)))  # /dev/null
+        try:
+            child = spawn(handle.child_spec(), open_device("/dev/null"))
+            assert child.receive() == {"errno": errno.EPERM}
+            assert child.wait().code == 0
+        finally:
+            handle.remove()
+
+    def test_only_the_assigned_gpu_minors_are_allowed(self, tmp_path):
+        confiner = Confiner(io_paths=[str(tmp_path)], gpu_minors=[0, 1, 2])
+        try:
+            for minor in (0, 1):
+                os.mknod(tmp_path / f"nvidia{minor}", 0o600 | 0o020000, os.makedev(195, minor))
+            attempt = make_attempt(None, assignment={"gpus": ["GPU-1111"], "gpu_minors": [1]})
+            confinement = confiner.prepare(attempt)
+            try:
+                assert confinement.limits.deny_devices == ((195, 0), (195, 2))
+                assert confinement.child_spec["gpu"]["env"]["CUDA_VISIBLE_DEVICES"] == "GPU-1111"
+                denied = spawn(confinement.child_spec, open_device(str(tmp_path / "nvidia0")))
+                allowed = spawn(confinement.child_spec, open_device(str(tmp_path / "nvidia1")))
+                assert denied.receive() == {"errno": errno.EPERM}
+                assert allowed.receive()["errno"] != errno.EPERM  # ENXIO without a driver
+                denied.wait(), allowed.wait()
+            finally:
+                confinement.close()
+        finally:
+            confiner.close()
