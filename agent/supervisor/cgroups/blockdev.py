@@ -8,6 +8,7 @@ a block device (tmpfs, overlay, a guest's 9p root) every physical disk is used i
 from __future__ import annotations
 
 import os
+import stat
 
 _SYS_DEV_BLOCK = "/sys/dev/block"
 
@@ -50,13 +51,17 @@ def physical_disks() -> list[tuple[int, int]]:
 
 
 def disks_for(paths: list[str]) -> tuple[tuple[int, int], ...]:
-    """Whole disks holding ``paths``; every physical disk when none is on a block device."""
+    """Whole disks holding ``paths`` (or that are ``paths``, for device nodes).
+
+    Every physical disk when none of the paths is on a block device.
+    """
     found: list[tuple[int, int]] = []
     for path in paths:
         try:
-            dev = os.stat(path).st_dev
+            st = os.stat(path)
         except OSError:
             continue
+        dev = st.st_rdev if stat.S_ISBLK(st.st_mode) else st.st_dev
         disk = whole_disk(os.major(dev), os.minor(dev))
         if disk is not None and disk not in found:
             found.append(disk)
