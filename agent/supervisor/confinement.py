@@ -19,6 +19,7 @@ Lifecycle, for the executor::
 
 from __future__ import annotations
 
+import functools
 import glob
 import itertools
 import os
@@ -33,6 +34,16 @@ from .cgroups.base import safe_name
 NVIDIA_MAJOR = 195
 # /dev/nvidiactl and /dev/nvidia-modeset share the major; only /dev/nvidia<N> are GPUs.
 _NVIDIA_CONTROL_MINORS = (254, 255)
+
+
+@functools.cache
+def _gpus_module() -> Any:
+    """``agent.supervisor.gpus`` when it is installed (looked up once: failed imports are slow)."""
+    try:
+        from . import gpus
+    except ImportError:
+        return None
+    return gpus
 
 
 def _mib(nbytes: int | float) -> str:
@@ -212,10 +223,7 @@ class Confiner:
         """CUDA pinning variables and the allowed /dev/nvidia minors of an assignment."""
         uuids = [str(u) for u in assignment.get("gpus", [])]
         minors = {int(m) for m in assignment.get("gpu_minors", [])}
-        try:
-            from . import gpus
-        except ImportError:
-            gpus = None
+        gpus = _gpus_module()
         if gpus is not None and uuids:
             devices = [d for d in gpus.default_inventory().devices() if d.uuid in uuids]
             if not minors:
@@ -234,10 +242,7 @@ class Confiner:
                     continue
                 if os.major(rdev) == NVIDIA_MAJOR and os.minor(rdev) not in _NVIDIA_CONTROL_MINORS:
                     minors.add(os.minor(rdev))
-            try:
-                from . import gpus
-            except ImportError:
-                gpus = None
+            gpus = _gpus_module()
             if gpus is not None:
                 minors.update(gpus.device_minors(gpus.default_inventory().devices()))
             self._gpu_minors = sorted(minors)
