@@ -13,7 +13,7 @@ from agent.supervisor.cgroups import DEFAULT_PIDS_MAX, SANDBOX_PIDS_MAX, IoThrot
 from agent.supervisor.cgroups.base import SupervisorName, safe_name
 from agent.supervisor.confinement import Confiner
 
-from .helpers import allocate, fork_bomb, make_attempt, spawn
+from .helpers import BACKEND, allocate, fork_bomb, make_attempt, spawn
 
 MiB = 1024 * 1024
 DISK = ((254, 0),)
@@ -142,3 +142,30 @@ class TestNoCgroupBackend:
 
             with pytest.raises(IsolationUnavailableError, match="root"):
                 confiner.prepare(attempt)
+
+
+class TestDetection:
+    """The best usable backend is chosen; a forced one that cannot work is an error, not a fallback."""
+
+    def test_forced_unknown_backend_is_refused(self):
+        from agent.errors import IsolationUnavailableError
+        from agent.supervisor.cgroups import detect
+
+        with pytest.raises(IsolationUnavailableError, match="use one of v2, v1, none"):
+            detect(prefer="v3")
+
+    def test_forced_unusable_backend_says_why(self, monkeypatch):
+        from agent.errors import IsolationUnavailableError
+        from agent.supervisor.cgroups import BACKEND_ENV, detect
+
+        unusable = "v1" if BACKEND == "v2" else "v2"
+        monkeypatch.setenv(BACKEND_ENV, unusable)
+        with pytest.raises(IsolationUnavailableError, match=f"cgroup backend '{unusable}' is not usable here"):
+            detect()
+
+    def test_describe_names_the_backend_and_what_it_enforces(self):
+        from agent.supervisor.cgroups import describe
+
+        report = describe()
+        assert report["backend"] == (BACKEND or "none")
+        assert {"cpu_units", "memory_mb", "pids_max"} <= set(report["enforces"])

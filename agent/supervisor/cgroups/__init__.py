@@ -7,7 +7,7 @@
 """
 
 from .base import DEFAULT_ROOT, CgroupBackend, CgroupHandle, LimitEvents
-from .detect import BACKEND_ENV, Detection, detect, open_backend
+from .detect import BACKEND_ENV, Detection, describe, detect, open_backend
 from .limits import DEFAULT_PIDS_MAX, SANDBOX_PIDS_MAX, CgroupLimits, IoThrottle, limits_for
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "CgroupHandle",
     "CgroupLimits",
     "Detection",
+    "describe",
     "IoThrottle",
     "LimitEvents",
     "detect",

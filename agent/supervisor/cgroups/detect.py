@@ -61,3 +61,16 @@ def detect(root: str = DEFAULT_ROOT, prefer: str | None = None) -> Detection:
             refused[kind] = str(exc)
     reason = "; ".join(f"{k}: {v}" for k, v in refused.items())
     return Detection(open_backend("none", root, reason), refused)
+
+
+def describe(root: str = DEFAULT_ROOT) -> dict[str, object]:
+    """What this machine enforces per attempt, for ``agent doctor`` (opens and closes a backend)."""
+    detection = detect(root)
+    try:
+        return {
+            "backend": detection.backend.name,
+            "refused": dict(detection.refused),
+            "enforces": detection.backend.capabilities(),
+        }
+    finally:
+        detection.backend.close()
