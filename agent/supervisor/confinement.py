@@ -228,7 +228,9 @@ class Confiner:
             devices = [d for d in gpus.default_inventory().devices() if d.uuid in uuids]
             if not minors:
                 minors = set(gpus.device_minors(devices))
-            return gpus.pinning_env(devices), minors
+            if len(devices) == len(uuids):
+                return gpus.pinning_env(devices), minors
+        # The assignment is the truth even for GPUs the inventory does not list.
         return {"CUDA_VISIBLE_DEVICES": ",".join(uuids), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, minors
 
     def _machine_gpu_minors(self) -> list[int]:

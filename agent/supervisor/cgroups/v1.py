@@ -156,15 +156,14 @@ class V1Cgroup:
         """Freeze (so nothing forks meanwhile), SIGKILL everything, thaw, wait until empty."""
         freezer = self.dirs.get("freezer")
         procs = self.procs_files
-        if freezer:
-            _freeze(freezer)
+        frozen = _freeze(freezer) if freezer else False
         try:
-            for _ in range(100):
+            for _ in range(100):  # without a freezer, repeat until no fork outruns the kills
                 pids = sorted({pid for f in procs for pid in read_pids(f)})
                 if not pids:
                     break
                 kill_pids(pids)
-                if freezer:
+                if frozen:
                     break
         finally:
             if freezer:
@@ -182,12 +181,18 @@ class V1Cgroup:
         self._removed = True
 
 
-def _freeze(freezer_dir: str, timeout: float = 2.0) -> None:
+def _freeze(freezer_dir: str, timeout: float = 2.0) -> bool:
+    """Freeze the cgroup; True once the kernel reports every task frozen."""
     state = f"{freezer_dir}/freezer.state"
     write(state, "FROZEN")
     deadline = time.monotonic() + timeout
-    while read(state).strip() != "FROZEN" and time.monotonic() < deadline:
-        time.sleep(0.0005)
+    delay = 0.0002
+    while read(state).strip() != "FROZEN":
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+    return True
 
 
 class V1Backend:
