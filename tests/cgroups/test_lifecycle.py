@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import signal
 
 import psutil
 import pytest
 
 from agent.resources import ResourceRequirements
-from agent.supervisor.cgroups import CgroupLimits, DEFAULT_ROOT
+from agent.supervisor.cgroups import CgroupLimits
 from agent.supervisor.cgroups.base import SupervisorName
 from agent.supervisor.confinement import Confiner
 
@@ -35,19 +36,40 @@ def _stale_supervisor_name() -> SupervisorName:
     return SupervisorName(pid, 1)
 
 
-def _fake_attempt_dirs(confiner: Confiner, supervisor: SupervisorName) -> list[str]:
-    """Attempt directories as a supervisor named ``supervisor`` would have left them."""
+def _tops(confiner: Confiner, root: str) -> list[str]:
+    """The ``<root>`` directory in every hierarchy the confiner's backend uses."""
     if BACKEND == "v1":
         mounts = confiner.backend.mounts
-        tops = sorted({f"{mounts[c]}/{DEFAULT_ROOT}" for c in confiner.backend.controllers})
-    else:
-        tops = [confiner.backend.top]
+        return sorted({f"{mounts[c]}/{root}" for c in confiner.backend.controllers})
+    return [f"{confiner.backend.base}/{root}"]
+
+
+def _fake_attempt_dirs(tops: list[str], supervisor: SupervisorName) -> list[str]:
+    """Attempt directories as a supervisor named ``supervisor`` would have left them."""
     dirs = []
     for top in tops:
         path = f"{top}/{supervisor}/attempt-1"
         os.makedirs(path)
         dirs.append(path)
     return dirs
+
+
+@pytest.fixture
+def private_root(confiner):
+    """A root directory name no other supervisor on this machine looks into."""
+    root = f"agent-test-{secrets.token_hex(4)}"
+    tops = _tops(confiner, root)
+    yield root, tops
+    for top in tops:
+        for entry in os.listdir(top) if os.path.isdir(top) else ():
+            path = f"{top}/{entry}"
+            if os.path.isdir(path):
+                for sub in os.listdir(path):
+                    if os.path.isdir(f"{path}/{sub}"):
+                        os.rmdir(f"{path}/{sub}")
+                os.rmdir(path)
+        if os.path.isdir(top):
+            os.rmdir(top)
 
 
 class TestAttemptCleanup:
@@ -80,30 +102,26 @@ class TestAttemptCleanup:
 class TestStaleReaping:
     """A new Confiner removes the cgroups of dead supervisors, and only those."""
 
-    def test_dead_supervisors_cgroups_and_processes_are_reaped(self, confiner):
-        stale = _stale_supervisor_name()
-        dirs = _fake_attempt_dirs(confiner, stale)
+    def test_dead_supervisors_cgroups_and_processes_are_reaped(self, private_root):
+        root, tops = private_root
+        dirs = _fake_attempt_dirs(tops, _stale_supervisor_name())
         child = spawn({"cgroup_procs": [f"{d}/cgroup.procs" for d in dirs]}, block)
         child.receive()
-        second = Confiner(gpu_minors=[])
+        second = Confiner(root=root, gpu_minors=[])
         try:
-            assert second.reaped >= 1
+            assert second.reaped == 1
         finally:
             second.close()
         assert child.wait().signal == signal.SIGKILL
         assert not [d for d in dirs if os.path.exists(os.path.dirname(d))]
 
-    def test_a_live_supervisors_cgroups_are_left_alone(self, confiner):
-        alive = SupervisorName.mine()  # same pid and start time, another token
-        dirs = _fake_attempt_dirs(confiner, alive)
-        try:
-            second = Confiner(gpu_minors=[])
-            second.close()
-            assert all(os.path.isdir(d) for d in dirs)
-        finally:
-            for d in dirs:
-                os.rmdir(d)
-                os.rmdir(os.path.dirname(d))
+    def test_a_live_supervisors_cgroups_are_left_alone(self, private_root):
+        root, tops = private_root
+        dirs = _fake_attempt_dirs(tops, SupervisorName.mine())  # same pid and start, another token
+        second = Confiner(root=root, gpu_minors=[])
+        second.close()
+        assert second.reaped == 0
+        assert all(os.path.isdir(d) for d in dirs)
 
 
 @needs_v1
