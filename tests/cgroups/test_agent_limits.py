@@ -1,0 +1,77 @@
+"""Through the public API: an isolated state that breaks its limit fails with the kernel's reason."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from agent import Agent
+from agent.errors import StateFailedError
+from agent.resources import ResourceRequirements
+
+from .helpers import BACKEND
+
+try:
+    from agent.supervisor import get_executor  # noqa: F401
+except ImportError:  # the process executor is not installed in this tree
+    get_executor = None
+
+pytestmark = [
+    pytest.mark.cgroup,
+    pytest.mark.skipif(BACKEND is None, reason="needs root and cgroup v1 or v2"),
+    pytest.mark.skipif(get_executor is None, reason="needs the process executor (agent.supervisor)"),
+]
+
+
+async def hog(context):
+    block = b"\x01" * (200 * 1024 * 1024)
+    context.set_variable("allocated", len(block))
+    return None
+
+
+async def modest(context):
+    block = b"\x01" * (16 * 1024 * 1024)
+    context.set_variable("allocated", len(block))
+    return None
+
+
+async def bomb(context):
+    children = []
+    try:
+        while True:
+            pid = os.fork()
+            if pid == 0:
+                os.read(os.pipe()[0], 1)  # block until the cgroup is killed
+                os._exit(0)
+            children.append(pid)
+    finally:
+        context.set_variable("forked", len(children))
+
+
+def _agent(name: str, func, resources: ResourceRequirements) -> Agent:
+    agent = Agent(name, isolation="process")
+    agent.add_state("work", func, resources=resources, max_retries=0)
+    return agent
+
+
+class TestLimitsThroughTheAgent:
+    """run() raises StateFailedError naming the limit; other runs and states are unaffected."""
+
+    async def test_memory_limit_fails_the_state_and_spares_a_concurrent_run(self):
+        failing = _agent("hog", hog, ResourceRequirements(memory_mb=64))
+        healthy = _agent("modest", modest, ResourceRequirements(memory_mb=64))
+        results = await asyncio.gather(failing.run(), healthy.run(), return_exceptions=True)
+        error, context = results
+        assert isinstance(error, StateFailedError), error
+        assert error.state == "work"
+        assert error.reason.kind == "limit"
+        assert "killed: memory limit 64 MiB" in str(error)
+        assert context.get_variable("allocated") == 16 * 1024 * 1024
+
+    async def test_fork_bomb_is_contained_and_reported(self):
+        agent = _agent("bomb", bomb, ResourceRequirements(pids_max=32))
+        with pytest.raises(StateFailedError) as info:
+            await agent.run()
+        assert "pids limit 32" in str(info.value)
