@@ -13,7 +13,7 @@ Lifecycle, for the executor::
     pid = fork(); child: apply(confinement.child_spec); run the state
     confinement.started(pid)                      # the no-cgroup watchdog needs the pid
     ... child exits (or confinement.kill()) and is reaped ...
-    reason = confinement.failure_reason(exit_code, signal)   # before close()
+    reason = confinement.failure_reason(exit_code, signal)   # any failure, before close()
     usage = confinement.usage(); confinement.close()
 """
 
@@ -99,9 +99,11 @@ class Confinement:
     def failure_reason(self, exit_code: int | None, signal: int | None) -> FailureReason | None:
         """A limit-hit reason read back from the kernel, or None when no limit was hit.
 
-        Call it after the child was reaped and before :meth:`close`.
+        Call it for every failed attempt (killed, non-zero exit, *or* a state exception:
+        a refused fork surfaces as ``BlockingIOError`` in the state), after the child
+        was reaped and before :meth:`close`; prefer its reason when it returns one.
         """
-        if self.handle is None or (signal is None and exit_code in (0, None)):
+        if self.handle is None:
             return None
         self._refresh()
         events, usage, limits = self._events, self._usage, self.handle.limits
