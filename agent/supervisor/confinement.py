@@ -19,10 +19,12 @@ Lifecycle, for the executor::
 
 from __future__ import annotations
 
+import atexit
 import functools
 import glob
 import itertools
 import os
+import weakref
 from typing import Any
 
 from ..errors import FailureReason, IsolationUnavailableError
@@ -193,6 +195,8 @@ class Confiner:
         self.io_devices = blockdev.disks_for(io_paths or [os.getcwd(), "/"])
         self._counter = itertools.count(1)
         self._uid_pool: Any = None
+        self._closed = False
+        _close_at_exit(self)
         self._gpu_minors = sorted(gpu_minors) if gpu_minors is not None else None
 
     def capabilities(self) -> dict[str, str]:
@@ -268,10 +272,25 @@ class Confiner:
         return self._uid_pool
 
     def close(self) -> None:
-        """Release everything held (called when the supervisor shuts down)."""
+        """Release everything held (called when the supervisor shuts down); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.backend.close()
         finally:
             if self._uid_pool is not None:
                 self._uid_pool.close()
                 self._uid_pool = None
+
+
+def _close_at_exit(confiner: Confiner) -> None:
+    """Close ``confiner`` when this process exits normally (not in a forked child)."""
+    ref, owner = weakref.ref(confiner), os.getpid()
+
+    def close() -> None:
+        target = ref()
+        if target is not None and os.getpid() == owner:
+            target.close()
+
+    atexit.register(close)

@@ -156,3 +156,25 @@ class TestDevices:
                 confinement.close()
         finally:
             confiner.close()
+
+
+class TestProcessExit:
+    """A supervisor that exits without closing still leaves no cgroups behind."""
+
+    def test_cgroups_are_removed_at_interpreter_exit(self, confiner):
+        import json
+        import subprocess
+        import sys
+
+        code = (
+            "import json\n"
+            "from agent.supervisor.confinement import Confiner\n"
+            "from tests.cgroups.helpers import make_attempt\n"
+            "c = Confiner(gpu_minors=[])\n"
+            "c.prepare(make_attempt(None))\n"
+            "print(json.dumps(c.backend.owned_dirs()))\n"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+        dirs = json.loads(done.stdout)
+        assert dirs and not [d for d in dirs if os.path.exists(d)]
