@@ -27,13 +27,13 @@ pytestmark = [
 
 async def hog(context):
     block = b"\x01" * (200 * 1024 * 1024)
-    context.set_variable("allocated", len(block))
+    context.set_state("allocated", len(block))
     return None
 
 
 async def modest(context):
     block = b"\x01" * (16 * 1024 * 1024)
-    context.set_variable("allocated", len(block))
+    context.set_state("allocated", len(block))
     return None
 
 
@@ -47,7 +47,7 @@ async def bomb(context):
                 os._exit(0)
             children.append(pid)
     finally:
-        context.set_variable("forked", len(children))
+        context.set_state("forked", len(children))
 
 
 def _agent(name: str, func, resources: ResourceRequirements) -> Agent:
@@ -68,7 +68,7 @@ class TestLimitsThroughTheAgent:
         assert error.state == "work"
         assert error.reason.kind == "limit"
         assert "killed: memory limit 64 MiB" in str(error)
-        assert context.get_variable("allocated") == 16 * 1024 * 1024
+        assert context.get_state("allocated") == 16 * 1024 * 1024
 
     async def test_fork_bomb_is_contained_and_reported(self):
         agent = _agent("bomb", bomb, ResourceRequirements(pids_max=32))
