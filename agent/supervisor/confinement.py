@@ -38,6 +38,13 @@ NVIDIA_MAJOR = 195
 _NVIDIA_CONTROL_MINORS = (254, 255)
 
 
+def _asks_io_rates(attempt: Attempt) -> bool:
+    req = attempt.resources
+    return req is not None and any(
+        v is not None for v in (req.io_read_bps, req.io_write_bps, req.io_read_iops, req.io_write_iops)
+    )
+
+
 @functools.cache
 def _gpus_module() -> Any:
     """``agent.supervisor.gpus`` when it is installed (looked up once: failed imports are slow)."""
@@ -211,6 +218,8 @@ class Confiner:
         deny = tuple((NVIDIA_MAJOR, m) for m in self._machine_gpu_minors() if m not in allowed)
         limits = limits_for(attempt.resources, io_devices=self.io_devices, sandbox=sandboxed, deny_devices=deny)
         handle = self.backend.create(name, limits)
+        if _asks_io_rates(attempt) and not self.io_devices:
+            handle.unenforced["io_throttle"] = "no block device holds the working directory or /"
         child_spec = handle.child_spec()
         child_spec["gpu"] = {"env": gpu_env}
         release = None
