@@ -178,3 +178,25 @@ class TestProcessExit:
         done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
         dirs = json.loads(done.stdout)
         assert dirs and not [d for d in dirs if os.path.exists(d)]
+
+
+@needs_v1
+class TestCoMountedHierarchies:
+    """Controllers mounted together (cpu,cpuacct) share one directory per attempt."""
+
+    def test_create_and_remove_with_a_shared_mount(self):
+        from agent.supervisor.cgroups.v1 import V1Backend, v1_mounts
+
+        mounts = dict(v1_mounts())
+        mounts["cpuacct"] = mounts["cpu"]
+        backend = V1Backend(root=f"agent-test-{secrets.token_hex(4)}", mounts=mounts)
+        try:
+            handle = backend.create("shared", CgroupLimits(cpu_quota_us=50_000))
+            assert handle.dirs["cpu"] == handle.dirs["cpuacct"]
+            assert len(handle.procs_files) == len(set(handle.dirs.values()))
+            handle.remove()
+            assert not os.path.exists(handle.dirs["cpu"])
+        finally:
+            backend.close()
+            for top in {os.path.dirname(d) for d in backend.owned_dirs()}:
+                os.rmdir(top)

@@ -176,7 +176,7 @@ class V1Cgroup:
             return
         if any(read_pids(f) for f in self.procs_files):
             self.kill()
-        for path in self.dirs.values():
+        for path in set(self.dirs.values()):
             rmdir_retry(path)
         self._removed = True
 
@@ -243,7 +243,8 @@ class V1Backend:
         try:
             for controller in controllers:
                 path = f"{self.sup_dirs[controller]}/{name}"
-                os.mkdir(path)
+                if path not in dirs.values():  # co-mounted controllers share a directory
+                    os.mkdir(path)
                 dirs[controller] = path
             self._write_limits(handle)
         except OSError as exc:
@@ -303,7 +304,7 @@ class V1Backend:
             write(f"{dirs['blkio']}/blkio.bfq.weight", str(limits.io_weight))
 
     def _undo(self, dirs: dict[str, str]) -> None:
-        for path in dirs.values():
+        for path in set(dirs.values()):
             try:
                 os.rmdir(path)
             except OSError:
