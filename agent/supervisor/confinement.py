@@ -134,14 +134,18 @@ class Confinement:
             )
         if events.pids_limit_hits and limits.pids_max is not None:
             peak = usage.get("pids_peak")
-            seen = f", peak {peak} processes" if peak else ""
-            killed = "killed: " if signal is not None else ""
+            if watchdog:
+                message = f"killed: pids limit {limits.pids_max} exceeded (watchdog saw {peak} processes)"
+            else:
+                seen = f", peak {peak} processes" if peak else ""
+                killed = "killed: " if signal is not None else ""
+                message = (
+                    f"{killed}pids limit {limits.pids_max} reached: the kernel refused "
+                    f"{events.pids_limit_hits} fork(s){seen}; raise pids_max or fork less"
+                )
             return FailureReason(
                 kind="limit",
-                message=(
-                    f"{killed}pids limit {limits.pids_max} reached{watchdog} "
-                    f"({events.pids_limit_hits} fork(s) refused{seen}): raise pids_max or fork less"
-                ),
+                message=message,
                 exit_code=exit_code,
                 signal=signal,
                 details={

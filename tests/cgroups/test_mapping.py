@@ -120,7 +120,7 @@ class TestNoCgroupBackend:
             assert exit.signal == signal.SIGKILL
             reason = confinement.failure_reason(exit.code, exit.signal)
             assert reason is not None and reason.kind == "limit"
-            assert reason.message.startswith("killed: pids limit 8 reached (watchdog)")
+            assert reason.message.startswith("killed: pids limit 8 exceeded (watchdog saw ")
             assert confinement.handle.pids() == []
         finally:
             confinement.close()
