@@ -499,6 +499,21 @@ class ResourcePool:
         heapq.heappush(self._queues[level], (waiter.rank, self._arrivals, waiter))
         self._settle()
 
+    def requeue(self, owner: str) -> None:
+        """Give back what ``owner`` holds and queue the same request at the front of its level.
+
+        For a preempted state: in one step, so that nothing of its level that arrived
+        later can slip in between the release and the new request.
+        """
+        holding = self._holders.get(owner)
+        if holding is None:
+            raise ResourceRequestError(f"{owner!r} holds nothing to requeue")
+        self._arrivals += 1
+        waiter = _Waiter(owner, holding.amounts, holding.priority, holding.state, (0, self._arrivals), None)
+        heapq.heappush(self._queues[holding.priority], (waiter.rank, self._arrivals, waiter))
+        self._waiters[owner] = waiter
+        self.release(owner)  # gives back, then settles the queue with the request in place
+
     def grant_next(self) -> list[str]:
         """Owners granted since the last call, in grant order (``acquire`` callers excluded)."""
         self._settle()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from agent.errors import ResourceRequestError
 from agent.preemption import Holder, PreemptionPolicy
 from agent.resources import Priority, ResourcePool, ResourceRequirements, ResourceType
 
@@ -134,3 +137,25 @@ class TestPoolFindVictims:
         assert pool.try_acquire("other", req(cpu=4, priority=Priority.LOW))
         # Nothing is promised to "high" any more: all of "other" may be claimed.
         assert pool.find_victims("h2", req(cpu=4, priority=Priority.HIGH)) == ["other"]
+
+
+class TestRequeue:
+    """requeue gives back and queues again at the front, in one step."""
+
+    def test_victim_keeps_its_turn(self) -> None:
+        pool = ResourcePool(total_cpu=4, total_memory=1000, total_io=10, total_network=10, total_gpu=0,
+                            enable_preemption=True)
+        pool.try_acquire("victim", req(cpu=4, priority=Priority.LOW))
+        pool.enqueue("later", req(cpu=4, priority=Priority.LOW))
+        pool.enqueue("high", req(cpu=4, priority=Priority.HIGH))
+        assert pool.find_victims("high", req(cpu=4, priority=Priority.HIGH)) == ["victim"]
+        pool.requeue("victim")
+        assert pool.grant_next() == ["high"]
+        assert pool.queued() == ["victim", "later"]
+        pool.release("high")
+        assert pool.grant_next() == ["victim"]
+
+    def test_requeue_of_nothing(self) -> None:
+        pool = ResourcePool(total_cpu=4, total_memory=1000, total_gpu=0)
+        with pytest.raises(ResourceRequestError, match="holds nothing"):
+            pool.requeue("ghost")

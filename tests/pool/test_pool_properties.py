@@ -146,18 +146,14 @@ class PoolMachine(RuleBasedStateMachine):
             assert victim in self.holding, f"victim {victim} holds nothing"
             assert self.asked[victim].priority < requirements.priority, "victim not of lower priority"
         for victim in victims:
-            self.pool.release(victim)
+            # The victim gives back and queues again at the front of its level, as the
+            # scheduler does once its task has stopped.
+            self.pool.requeue(victim)
             self.holding.discard(victim)
-            # The victim is requeued at the front of its level, as the scheduler does.
-            try:
-                self.pool.enqueue(victim, self.asked[victim], state=self.state_of.get(victim), front=True)
-            except ResourceError as exc:  # a fail-mode quota may refuse the requeue
-                self.rejected[victim] = str(exc)
-                self.finished.add(victim)
-                continue
             self.counter += 1
             self.waiting[victim] = (0, self.counter)
             self.requeued[victim] = self.requeued.get(victim, 0) + 1
+            self._collect()
         self._collect()
 
     # --- invariants -------------------------------------------------------------------------
