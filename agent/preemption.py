@@ -11,8 +11,9 @@ cancellation, then requeue). Rules, in order:
 
 When no set of lower-priority holders frees enough, the answer is ``None``: the
 request waits like any other. Finding the smallest set is a covering problem; the
-policy searches exhaustively up to ``max_combinations`` candidate sets and otherwise
-falls back to a greedy choice in preference order, pruned of victims it does not need.
+policy searches exhaustively up to ``max_combinations`` candidate sets (holders of one
+priority that free the same amounts count once per victim slot) and otherwise falls
+back to a greedy choice in preference order, pruned of victims it does not need.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _covers(chosen: Iterable[Holder], deficit: Mapping[Hashable, float]) -> bool
 class PreemptionPolicy:
     """Fewest victims, then the lowest priorities, then the most recently started."""
 
-    max_combinations: int = 20_000
+    max_combinations: int = 5_000
 
     def deficit(self, need: Mapping[Hashable, float], free: Mapping[Hashable, float]) -> dict[Hashable, float]:
         """What ``need`` lacks per resource type given ``free``."""
@@ -88,9 +89,10 @@ class PreemptionPolicy:
         smallest = self._lower_bound(candidates, deficit)
         budget = self.max_combinations
         for size in range(smallest, len(candidates) + 1):
+            pool = self._representatives(candidates, deficit, size)
             best: tuple | None = None
             best_set: tuple[Holder, ...] | None = None
-            for chosen in combinations(candidates, size):
+            for chosen in combinations(pool, size):
                 budget -= 1
                 if budget < 0:
                     return self._greedy(candidates, deficit)
@@ -101,6 +103,23 @@ class PreemptionPolicy:
             if best_set is not None:
                 return [h.owner for h in sorted(best_set, key=_preference)]
         return None  # unreachable: all candidates together cover the deficit
+
+    @staticmethod
+    def _representatives(
+        candidates: Sequence[Holder], deficit: Mapping[Hashable, float], size: int
+    ) -> list[Holder]:
+        # Holders of one priority that free the same amounts are interchangeable, and
+        # the more recent is always preferred: a best set of ``size`` victims uses only
+        # the ``size`` most preferred of each such class.
+        seen: dict[tuple, int] = {}
+        out = []
+        for holder in candidates:  # already in preference order
+            cls = (holder.priority, tuple(holder.amounts.get(r, 0.0) for r in deficit))
+            count = seen.get(cls, 0)
+            if count < size:
+                seen[cls] = count + 1
+                out.append(holder)
+        return out
 
     @staticmethod
     def _lower_bound(candidates: Sequence[Holder], deficit: Mapping[Hashable, float]) -> int:

@@ -817,11 +817,15 @@ class ResourcePool:
     def get_waiting_states(self) -> dict[str, str]:
         """Owners waiting for resources, with what they wait for."""
         out = dict(self._marks)
+        heads = {}
+        for level in _LEVELS:
+            live = [entry for entry in self._queues[level] if not entry[2].dead]
+            heads[level] = min(live)[2] if live else None
         for owner, waiter in self._waiters.items():
-            out[owner] = self._why(waiter)
+            out[owner] = self._why(waiter, heads[waiter.priority])
         return out
 
-    def _why(self, waiter: _Waiter) -> str:
+    def _why(self, waiter: _Waiter, head: _Waiter | None) -> str:
         if waiter.parked:
             breach = self._state_quotas.breach(waiter.state, waiter.amounts)
             if breach is not None:
@@ -830,8 +834,6 @@ class ResourcePool:
                     f", {breach.in_use:g} of {breach.limit:g} in use"
                 )
         level = waiter.priority
-        heap = self._queues[level]
-        head = next((entry[2] for entry in sorted(heap) if not entry[2].dead), None)
         if head is not None and head is not waiter:
             return f"queued behind {head.owner!r} (priority {level.name} is first come, first served)"
         if self.enable_quotas:
