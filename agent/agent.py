@@ -26,7 +26,7 @@ from .errors import (
     WorkflowDefinitionError,
 )
 from .executor import Isolation
-from .resources import Priority, ResourcePool, ResourceRequirements, ResourceType
+from .resources import Priority, ResourcePool, ResourceRequirements
 from .retry import RetryPolicy
 from .scheduler import Run, _Activation, _Group
 from .state import StateFunction, StateMetadata, StateSpec, check_state_function
@@ -370,15 +370,14 @@ class Agent:
         )
 
     def _choose_victims(self, run: Run, act: _Activation, req: ResourceRequirements) -> list[_Activation]:
-        """Lower-priority running states to preempt so ``req`` fits (DESIGN.md item 10)."""
-        if any(a.stop_reason == "preempt" for a in run.running.values()):
-            return []  # evictions in flight: wait for them to release
-        holders = [a for a in run.running.values() if a.holds_resources and a.priority < act.priority]
-        return _fewest_victims(
-            need=req.amounts(),
-            available={rtype: self.resource_pool.available(rtype) for rtype in req.amounts()},
-            holders=[(a, self._states[a.state].resources) for a in holders],  # type: ignore[misc]
-        )
+        """Lower-priority running states of this run to preempt so ``req`` fits (DESIGN.md item 10).
+
+        The choice is the pool's (agent.preemption): fewest victims, then the lowest
+        priorities, then the most recently started; evictions already under way count.
+        """
+        holders = {a.state: a for a in run.running.values() if a.holds_resources}
+        victims = self.resource_pool.find_victims(act.state, req, act.priority, among=holders)
+        return [holders[name] for name in victims or ()]
 
     # --- steering -------------------------------------------------------------------------------
 
@@ -580,38 +579,6 @@ class Agent:
 
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, states={len(self._states)}, status={self.status.value})"
-
-
-def _fewest_victims(
-    need: dict[ResourceType, float],
-    available: dict[ResourceType, float],
-    holders: list[tuple[_Activation, ResourceRequirements]],
-) -> list[_Activation]:
-    """Fewest victims first, then lowest priority, then most recently started."""
-    import itertools
-
-    ordered = sorted(holders, key=lambda h: (h[0].priority, -h[0].started_at))
-    for size in range(1, len(ordered) + 1):
-        for combo in itertools.combinations(ordered, size):
-            freed = dict(available)
-            for _, req in combo:
-                for rtype, amount in req.amounts().items():
-                    if rtype in freed:
-                        freed[rtype] += amount
-            if all(freed[r] + 1e-9 >= amount for r, amount in need.items()):
-                return [a for a, _ in combo]
-        if size >= 6:  # beyond this the search is not worth it: evict greedily
-            break
-    freed = dict(available)
-    chosen = []
-    for a, req in ordered:
-        chosen.append(a)
-        for rtype, amount in req.amounts().items():
-            if rtype in freed:
-                freed[rtype] += amount
-        if all(freed[r] + 1e-9 >= amount for r, amount in need.items()):
-            return chosen
-    return []
 
 
 def _snapshot_frames(run: Run) -> dict[str, Any]:

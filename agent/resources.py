@@ -17,7 +17,7 @@ import enum
 import heapq
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -399,6 +399,7 @@ class ResourcePool:
         self._marks.pop(owner, None)
         holding = self._holders.pop(owner, None)
         if holding is None:
+            self._claims.pop(owner, None)
             if owner in self._waiters:
                 self.cancel(owner)
             return
@@ -413,7 +414,9 @@ class ResourcePool:
             current = stat.current - amount
             stat.current = current if current > _EPS else 0.0
         if self._evicting:
-            self._evicting.pop(owner, None)
+            claimant = self._evicting.pop(owner, None)
+            if claimant is not None and claimant not in self._evicting.values():
+                self._claims.pop(claimant, None)  # its room is free now: no longer promised
         if self._measured:
             measured = self._measured.pop(owner, None)
             if measured is not None:
@@ -522,6 +525,7 @@ class ResourcePool:
 
     def cancel(self, owner: str) -> bool:
         """Withdraw ``owner``'s queued request; returns whether there was one."""
+        self._claims.pop(owner, None)
         waiter = self._waiters.pop(owner, None)
         if waiter is None:
             return False
@@ -759,14 +763,20 @@ class ResourcePool:
     # --- preemption ---------------------------------------------------------------------
 
     def find_victims(
-        self, owner: str, requirements: ResourceRequirements, priority: Priority | int | None = None
+        self,
+        owner: str,
+        requirements: ResourceRequirements,
+        priority: Priority | int | None = None,
+        *,
+        among: Collection[str] | None = None,
     ) -> list[str] | None:
         """Running owners to evict so that ``requirements`` fits (see agent.preemption).
 
         ``[]``: it fits (or will, once evictions already under way finish); ``None``:
         preemption is off or no set of strictly lower-priority holders frees enough.
-        Chosen victims are remembered until they release, so they are not chosen twice
-        and what they free counts as promised to ``owner``.
+        ``among`` limits the victims to holders the caller can stop. Chosen victims are
+        remembered until they release, so they are not chosen twice, and what they free
+        counts as promised to ``owner`` until the last of them has released.
         """
         if not self.enable_preemption:
             return None
@@ -785,7 +795,7 @@ class ResourcePool:
         candidates = [
             Holder(h.owner, int(h.priority), h.amounts, h.started, h.seq)
             for h in self._holders.values()
-            if h.owner not in self._evicting and h.owner != owner
+            if h.owner not in self._evicting and h.owner != owner and (among is None or h.owner in among)
         ]
         victims = self._policy.choose(need, free, int(level), candidates)
         if victims:

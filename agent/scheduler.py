@@ -291,7 +291,7 @@ class Run:
                 if blocked_priority is not None and act.priority <= blocked_priority:
                     deferred.append(act)
                     continue
-                if not self.pool.try_acquire(name, req):
+                if not self.pool.try_acquire(name, req, priority=act.priority):
                     if not self.try_preempt(act, req):
                         short = self.pool.blocking_resource(req)
                         why = f"resources: not enough {short.name if short else 'capacity'} free"
@@ -301,7 +301,7 @@ class Run:
                         blocked_priority = act.priority
                         deferred.append(act)
                         continue
-                    if not self.pool.try_acquire(name, req):
+                    if not self.pool.try_acquire(name, req, priority=act.priority):
                         deferred.append(act)
                         blocked_priority = act.priority
                         continue
