@@ -439,6 +439,13 @@ class Run:
 
     def finished(self, act: _Activation, result: Any, failure: FailureReason | None, usage: dict[str, Any]) -> None:
         """Account for an attempt that ended, then decide what comes next."""
+        try:
+            self._finished(act, result, failure, usage)
+        except Exception as exc:  # an engine bug must end the run visibly, not hang it
+            self.agent._log.exception("internal error while finishing %r", act.state)
+            self.fail(exc)
+
+    def _finished(self, act: _Activation, result: Any, failure: FailureReason | None, usage: dict[str, Any]) -> None:
         name = act.state
         if self.running.get(name) is not act:
             return
