@@ -38,6 +38,9 @@ class ResourceType(enum.Flag):
     ALL = CPU | MEMORY | IO | NETWORK | GPU
 
 
+_ALL_TYPES = ResourceType.ALL
+
+
 class Priority(enum.IntEnum):
     """Scheduling priority: higher runs first; with preemption it may evict lower."""
 
@@ -96,8 +99,21 @@ class ResourceRequirements:
 
     def amounts(self) -> dict[ResourceType, float]:
         """The accounted amount per resource type (only the types in ``resource_types``)."""
-        out = {}
         types = self.resource_types
+        if types is _ALL_TYPES:  # the common case, without Flag membership tests (hot path)
+            out = {}
+            if self.cpu_units:
+                out[ResourceType.CPU] = float(self.cpu_units)
+            if self.memory_mb:
+                out[ResourceType.MEMORY] = float(self.memory_mb)
+            if self.io_weight:
+                out[ResourceType.IO] = float(self.io_weight)
+            if self.network_weight:
+                out[ResourceType.NETWORK] = float(self.network_weight)
+            if self.gpu_units:
+                out[ResourceType.GPU] = float(self.gpu_units)
+            return out
+        out = {}
         if ResourceType.CPU in types and self.cpu_units:
             out[ResourceType.CPU] = float(self.cpu_units)
         if ResourceType.MEMORY in types and self.memory_mb:
@@ -112,6 +128,7 @@ class ResourceRequirements:
 
 
 _EPS = 1e-9
+_PRIORITY_BY_VALUE: tuple[Priority, ...] = tuple(sorted(Priority))
 # Scheduling order of the wait queues: most important first.
 _LEVELS: tuple[Priority, ...] = tuple(sorted(Priority, reverse=True))
 
@@ -369,7 +386,12 @@ class ResourcePool:
         if owner in self._waiters:
             raise ResourceRequestError(f"{owner!r} is already queued: cancel() it before try_acquire()")
         amounts = requirements.amounts()
-        level = requirements.priority if priority is None else Priority(priority)
+        if priority is None:
+            level = requirements.priority
+        elif 0 <= priority < len(_PRIORITY_BY_VALUE):
+            level = _PRIORITY_BY_VALUE[priority]
+        else:
+            level = Priority(priority)  # raises ValueError naming the bad value
         if state is None:
             state = owner
         if self.enable_quotas and self._quota_blocks(owner, state, level, amounts, queued=False):
@@ -396,7 +418,8 @@ class ResourcePool:
 
         Queued requests that now fit are granted at once (see ``grant_next``).
         """
-        self._marks.pop(owner, None)
+        if self._marks:
+            self._marks.pop(owner, None)
         holding = self._holders.pop(owner, None)
         if holding is None:
             self._claims.pop(owner, None)
