@@ -38,6 +38,7 @@ from .errors import (
     FailureReason,
     InvalidTransitionError,
     MaxStepsExceededError,
+    ResourceError,
     RunTimeoutError,
     StateFailedError,
     StateTimeoutError,
@@ -292,7 +293,15 @@ class Run:
                 if blocked_priority is not None and act.priority <= blocked_priority:
                     deferred.append(act)
                     continue
-                if not self.pool.try_acquire(name, req, priority=act.priority):
+                try:
+                    got = self.pool.try_acquire(name, req, priority=act.priority)
+                except ResourceError as exc:  # a quota in "fail" mode refused it
+                    meta = self.metadata[name]
+                    meta.set_status(StateStatus.BLOCKED)
+                    meta.blocked_reason = str(exc)
+                    self.fail(exc)
+                    break
+                if not got:
                     if not self.try_preempt(act, req):
                         short = self.pool.blocking_resource(req)
                         why = f"resources: not enough {short.name if short else 'capacity'} free"

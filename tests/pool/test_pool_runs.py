@@ -1,10 +1,12 @@
-"""Preemption in a real run: a HIGH state that needs the whole pool evicts two LOW ones."""
+"""The pool inside real runs: preemption of lower-priority states, quotas in both modes."""
 
 from __future__ import annotations
 
 import asyncio
 
-from agent import Agent, Priority, ResourcePool, ResourceRequirements, StateStatus
+import pytest
+
+from agent import Agent, AgentStatus, Priority, QuotaExceededError, ResourcePool, ResourceRequirements, StateStatus
 from agent import events as ev
 
 
@@ -113,3 +115,44 @@ class TestInlinePreemption:
         await run
         assert order == ["holder done", "other runs"]
         assert agent.state_metadata["holder"].preemptions == 0
+
+
+class TestQuotasInRuns:
+    """A run waits for a wait-mode quota and fails cleanly on a fail-mode one."""
+
+    def agent(self, mode: str) -> tuple[Agent, list[str]]:
+        pool = ResourcePool(total_cpu=4, total_memory=1000, total_io=10, total_network=10, total_gpu=0,
+                            enable_quotas=True)
+        pool.set_priority_quota(Priority.LOW, cpu=1, mode=mode)
+        agent = Agent(f"quota-{mode}", isolation="inline", resource_pool=pool)
+        log: list[str] = []
+
+        async def start(context):  # noqa: ANN001, ANN202
+            return ["x", "y"]
+
+        def worker(name: str):  # noqa: ANN202
+            async def state(context):  # noqa: ANN001, ANN202
+                log.append(f"{name} starts")
+                await asyncio.sleep(0)  # give the other branch its chance to ask for room
+                log.append(f"{name} ends")
+
+            return state
+
+        agent.add_state("start", start)
+        for name in ("x", "y"):
+            agent.add_state(name, worker(name), resources=need(1, Priority.LOW))
+        return agent, log
+
+    async def test_wait_mode_serialises(self) -> None:
+        agent, log = self.agent("wait")
+        await agent.run(timeout=30)
+        assert log == ["x starts", "x ends", "y starts", "y ends"]
+
+    async def test_fail_mode_fails_the_run(self) -> None:
+        agent, log = self.agent("fail")
+        with pytest.raises(QuotaExceededError, match=r"quota of priority LOW is 1 \(1 in use\)"):
+            await agent.run(timeout=30)
+        assert agent.status is AgentStatus.FAILED
+        assert agent.state_metadata["y"].status is StateStatus.BLOCKED
+        assert "set_priority_quota" in agent.state_metadata["y"].blocked_reason
+        assert agent.resource_pool.statistics().holders == 0
