@@ -174,6 +174,14 @@ def _machine_gpus() -> float:
     return float(len(default_inventory().devices()))
 
 
+def _gpu_unavailable_reason() -> str | None:
+    try:
+        from .supervisor.gpus import default_inventory
+    except ImportError:
+        return None
+    return default_inventory().unavailable_reason
+
+
 def machine_totals() -> dict[str, Any]:
     """This machine's CPU cores, memory (MiB) and GPUs, as the default pool sees them."""
     return {"cpu": _machine_cpus(), "memory_mb": _machine_memory_mb(), "gpu": _machine_gpus()}
@@ -357,9 +365,10 @@ class ResourcePool:
             total = self.totals[rtype]
             if amount > total + _EPS:
                 if rtype is ResourceType.GPU and total == 0:
+                    why = _gpu_unavailable_reason() or "no NVIDIA driver or no device found"
                     raise GPUUnavailableError(
                         f"state {state!r} asks for {amount:g} GPU(s) but this machine has none "
-                        "(no NVIDIA driver or no device found): drop gpu_units, or run on a GPU host"
+                        f"({why}): drop gpu_units, or run on a GPU host"
                     )
                 raise ResourceRequestError(
                     f"state {state!r} asks for {amount:g} {_UNITS[rtype]} but the pool has "

@@ -38,7 +38,7 @@ from .errors import (
     FailureReason,
     InvalidTransitionError,
     MaxStepsExceededError,
-    ResourceError,
+    QuotaExceededError,
     RunTimeoutError,
     StateFailedError,
     StateTimeoutError,
@@ -295,7 +295,7 @@ class Run:
                     continue
                 try:
                     got = self.pool.try_acquire(name, req, priority=act.priority)
-                except ResourceError as exc:  # a quota in "fail" mode refused it
+                except QuotaExceededError as exc:  # a quota in "fail" mode refused it
                     meta = self.metadata[name]
                     meta.set_status(StateStatus.BLOCKED)
                     meta.blocked_reason = str(exc)
