@@ -4,8 +4,9 @@ A quota is a ceiling under the pool's totals: ``set_quota(state="embed", gpu=1)`
 every running instance of ``embed`` (from any run sharing the pool) to one GPU in
 total, however much the pool has free. A request that would pass its quota either
 fails at once (``mode="fail"``: :class:`~agent.errors.QuotaExceededError`) or waits
-until holders under the same quota release (``mode="wait"``). A request larger than
-the quota by itself can never be granted and always fails.
+until holders under the same quota release (``mode="wait"``). Fail mode is checked
+when the request is made; a request already queued for capacity just waits. A request
+larger than the quota by itself can never be granted and always fails.
 """
 
 from __future__ import annotations

@@ -250,13 +250,21 @@ class _Waiter:
 
     __slots__ = ("owner", "amounts", "priority", "state", "rank", "future", "dead", "parked")
 
-    def __init__(self, owner, amounts, priority, state, rank, future) -> None:  # type: ignore[no-untyped-def]
-        self.owner: str = owner
-        self.amounts: dict[ResourceType, float] = amounts
-        self.priority: Priority = priority
-        self.state: str = state
-        self.rank: tuple[int, int] = rank  # (0 for requeued victims else 1, arrival number)
-        self.future: asyncio.Future[None] | None = future
+    def __init__(
+        self,
+        owner: str,
+        amounts: dict[ResourceType, float],
+        priority: Priority,
+        state: str,
+        rank: tuple[int, int],
+        future: asyncio.Future[None] | None,
+    ) -> None:
+        self.owner = owner
+        self.amounts = amounts
+        self.priority = priority
+        self.state = state
+        self.rank = rank  # (0 for requeued victims else 1, arrival number): the heap order
+        self.future = future  # set for acquire() callers, who are woken through it
         self.dead = False
         self.parked = False
 
@@ -266,13 +274,21 @@ class _Holding:
 
     __slots__ = ("owner", "amounts", "priority", "state", "started", "seq")
 
-    def __init__(self, owner, amounts, priority, state, started, seq) -> None:  # type: ignore[no-untyped-def]
-        self.owner: str = owner
-        self.amounts: dict[ResourceType, float] = amounts
-        self.priority: Priority = priority
-        self.state: str = state
-        self.started: float = started
-        self.seq: int = seq
+    def __init__(
+        self,
+        owner: str,
+        amounts: dict[ResourceType, float],
+        priority: Priority,
+        state: str,
+        started: float,
+        seq: int,
+    ) -> None:
+        self.owner = owner
+        self.amounts = amounts
+        self.priority = priority
+        self.state = state
+        self.started = started
+        self.seq = seq
 
 
 class ResourcePool:
