@@ -817,12 +817,13 @@ class ResourcePool:
         priority: Priority | int | None = None,
         *,
         among: Collection[str] | None = None,
+        state: str | None = None,
     ) -> list[str] | None:
         """Running owners to evict so that ``requirements`` fits (see agent.preemption).
 
         ``[]``: it fits (or will, once evictions already under way finish); ``None``:
-        preemption is off or no set of strictly lower-priority holders frees enough.
-        ``among`` limits the victims to holders the caller can stop. Chosen victims are
+        preemption is off, a quota holds the request back (evicting frees capacity, not
+        quota), or no set of strictly lower-priority holders frees enough. ``among`` limits the victims to holders the caller can stop. Chosen victims are
         remembered until they release, so they are not chosen twice, and what they free
         counts as promised to ``owner`` until the last of them has released.
         """
@@ -830,6 +831,11 @@ class ResourcePool:
             return None
         level = requirements.priority if priority is None else Priority(priority)
         need = requirements.amounts()
+        if self.enable_quotas and (
+            self._state_quotas.breach(owner if state is None else state, need) is not None
+            or self._priority_quotas.breach(level, need) is not None
+        ):
+            return None
         free = dict(self._available)
         for victim in self._evicting:
             holding = self._holders.get(victim)

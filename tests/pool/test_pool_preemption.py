@@ -159,3 +159,16 @@ class TestRequeue:
         pool = ResourcePool(total_cpu=4, total_memory=1000, total_gpu=0)
         with pytest.raises(ResourceRequestError, match="holds nothing"):
             pool.requeue("ghost")
+
+
+class TestPreemptionAndQuotas:
+    """Evicting frees capacity, not quota: a quota-blocked request evicts nobody."""
+
+    def test_quota_blocked_request_finds_no_victims(self) -> None:
+        pool = ResourcePool(total_cpu=4, total_memory=1000, total_io=10, total_network=10, total_gpu=0,
+                            enable_preemption=True, enable_quotas=True)
+        pool.set_priority_quota(Priority.HIGH, cpu=2)
+        assert pool.try_acquire("low", req(cpu=3, priority=Priority.LOW))
+        assert pool.try_acquire("high1", req(cpu=1, priority=Priority.HIGH))
+        assert pool.find_victims("high2", req(cpu=2, priority=Priority.HIGH)) is None  # 1 + 2 > quota 2
+        assert pool.find_victims("high3", req(cpu=1, priority=Priority.HIGH)) == ["low"]  # within quota
