@@ -1,0 +1,39 @@
+"""Metrics of agent runs: aggregation, the ``@agent_monitor`` decorator, real-time
+subscribers, a Prometheus exporter and the ``agent top`` live view.
+
+Everything here is fed by the engine's run events (:mod:`agent.events`); nothing is
+collected, and nothing costs, while no monitor is attached.
+"""
+
+from .aggregation import MetricAggregation, Tally
+from .catalogue import CATALOGUE, MetricSpec, MetricType
+from .collector import LiveSnapshot, MetricsCollector, RunView, StateView
+from .decorator import agent_monitor
+from .process import ProcessSampler, PsutilSampler
+from .realtime import RealTimeMetrics
+
+__all__ = [
+    "CATALOGUE",
+    "LiveSnapshot",
+    "MetricAggregation",
+    "MetricSpec",
+    "MetricType",
+    "MetricsCollector",
+    "ProcessSampler",
+    "PrometheusExporter",
+    "PsutilSampler",
+    "RealTimeMetrics",
+    "RunView",
+    "StateView",
+    "Tally",
+    "agent_monitor",
+    "start_prometheus_exporter",
+]
+
+
+def __getattr__(name: str):  # prometheus_client is imported only when it is asked for
+    if name in ("PrometheusExporter", "start_prometheus_exporter"):
+        from . import prometheus
+
+        return getattr(prometheus, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

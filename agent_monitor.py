@@ -1,0 +1,46 @@
+"""``from agent_monitor import agent_monitor, MetricType, ...`` as the documentation writes it.
+
+The implementation lives in :mod:`agent.monitor`; this module only re-exports it.
+"""
+
+from agent.monitor import (
+    CATALOGUE,
+    LiveSnapshot,
+    MetricAggregation,
+    MetricSpec,
+    MetricsCollector,
+    MetricType,
+    ProcessSampler,
+    PsutilSampler,
+    RealTimeMetrics,
+    RunView,
+    StateView,
+    Tally,
+    agent_monitor,
+)
+
+__all__ = [
+    "CATALOGUE",
+    "LiveSnapshot",
+    "MetricAggregation",
+    "MetricSpec",
+    "MetricType",
+    "MetricsCollector",
+    "ProcessSampler",
+    "PrometheusExporter",
+    "PsutilSampler",
+    "RealTimeMetrics",
+    "RunView",
+    "StateView",
+    "Tally",
+    "agent_monitor",
+    "start_prometheus_exporter",
+]
+
+
+def __getattr__(name: str):
+    if name in ("PrometheusExporter", "start_prometheus_exporter"):
+        from agent.monitor import prometheus
+
+        return getattr(prometheus, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
