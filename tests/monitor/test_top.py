@@ -45,7 +45,7 @@ class TestTopView:
             assert word in text
         states_part = text.split("running states", 1)[1]
         row = next(line.split() for line in states_part.splitlines() if "fetch_weights" in line)
-        assert row[:4] == ["model_training", "fetch_weights", "2", "1.0s"]  # second attempt, running 1 s
+        assert row[:4] == ["model_training", "fetch_weights", "2", "1.3s"]  # second attempt, running 1.3 s
 
     def test_empty(self, collector):
         view = TopView(collector)
