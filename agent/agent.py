@@ -298,7 +298,8 @@ class Agent:
         self.run_id = restored.run_id if restored is not None and restored.run_id else uuid.uuid4().hex
         self.context.run_id = self.run_id
         self._fresh_context = False
-        observers = tuple(self._observers) + ev.ambient_observers()
+        # An observer attached both ways (agent and ambient) sees each event once.
+        observers = tuple(dict.fromkeys(self._observers + list(ev.ambient_observers())))
         cleanup = self.cleanup_timeout if cleanup_timeout is None else cleanup_timeout
         run = Run(self, self.run_id, self.context, observers, cleanup)
         self._run = run

@@ -9,7 +9,7 @@ from .aggregation import MetricAggregation, Tally
 from .catalogue import CATALOGUE, MetricSpec, MetricType
 from .collector import LiveSnapshot, MetricsCollector, RunView, StateView
 from .decorator import agent_monitor
-from .process import ProcessSampler, PsutilSampler
+from .process import ProcessSampler, ThisProcess
 from .realtime import RealTimeMetrics
 
 __all__ = [
@@ -21,7 +21,7 @@ __all__ = [
     "MetricsCollector",
     "ProcessSampler",
     "PrometheusExporter",
-    "PsutilSampler",
+    "ThisProcess",
     "RealTimeMetrics",
     "RunView",
     "StateView",

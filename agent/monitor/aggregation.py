@@ -131,14 +131,14 @@ class Tally:
         self.count += 1
 
     @property
-    def sum(self) -> float:
-        return float(self.count)
+    def sum(self) -> int:
+        return self.count
 
     def to_dict(self) -> dict[str, float]:
         one = 1.0 if self.count else 0.0
         return {
             "count": self.count,
-            "sum": float(self.count),
+            "sum": self.count,
             "min": one,
             "max": one,
             "avg": one,

@@ -25,7 +25,7 @@ from typing import Any
 from .. import events as ev
 from .aggregation import DEFAULT_CAPACITY, MetricAggregation, Tally
 from .catalogue import CATALOGUE, MetricSpec, MetricType, specs_for
-from .process import ProcessSampler, PsutilSampler
+from .process import ProcessSampler, ThisProcess
 
 _MIB = 1024.0 * 1024.0
 
@@ -135,7 +135,7 @@ class MetricsCollector:
         min_window: float = 0.05,
     ) -> None:
         self._clock = clock
-        self._process = process if process is not None else PsutilSampler()
+        self._process = process if process is not None else ThisProcess()
         self._capacity = capacity
         self._min_window = min_window
         self._lock = threading.Lock()
