@@ -150,3 +150,61 @@ class Tally:
 
     def __repr__(self) -> str:
         return f"Tally(count={self.count})"
+
+
+class Ratio:
+    """An exact aggregation of values that are 0 or 1 (failure rates, success rates).
+
+    Two counters replace the reservoir, so percentiles are exact at any count.
+    """
+
+    __slots__ = ("count", "ones", "current")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.ones = 0
+        self.current = 0.0
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        if value:
+            self.ones += 1
+            self.current = 1.0
+        else:
+            self.current = 0.0
+
+    @property
+    def sum(self) -> float:
+        return float(self.ones)
+
+    @property
+    def avg(self) -> float:
+        return self.ones / self.count if self.count else 0.0
+
+    def quantile(self, q: float) -> float:
+        if not self.count:
+            return 0.0
+        zeros = self.count - self.ones
+        pos = (self.count - 1) * q
+        low = math.floor(pos)
+        high = min(low + 1, self.count - 1)
+        at_low = 0.0 if low < zeros else 1.0
+        at_high = 0.0 if high < zeros else 1.0
+        return at_low + (at_high - at_low) * (pos - low)
+
+    def to_dict(self) -> dict[str, float]:
+        zeros = self.count - self.ones
+        return {
+            "count": self.count,
+            "sum": float(self.ones),
+            "min": 0.0 if zeros else (1.0 if self.count else 0.0),
+            "max": 1.0 if self.ones else 0.0,
+            "avg": self.avg,
+            "median": self.quantile(0.5),
+            "p95": self.quantile(0.95),
+            "p99": self.quantile(0.99),
+            "current": self.current,
+        }
+
+    def __repr__(self) -> str:
+        return f"Ratio(count={self.count}, avg={self.avg:g})"

@@ -46,6 +46,7 @@ class MetricSpec:
     unit: str  # ms, percent, mib, bytes, seconds, per_second, count, ratio, states, runs, cores
     help: str
     tally: bool = False  # one occurrence adds 1: ``sum`` is the number of occurrences
+    binary: bool = False  # every value is 0 or 1: aggregated exactly by two counters
 
     @property
     def category(self) -> str:
@@ -86,7 +87,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     # errors
     MetricSpec(T.ERRORS, "count", "count", "failed attempts (exception, crash, kill, timeout, limit)", tally=True),
     MetricSpec(T.ERRORS, "failed_states", "count", "states that failed for good (retries exhausted)", tally=True),
-    MetricSpec(T.ERRORS, "error_rate", "ratio", "1 for each failed attempt, 0 for each completed one: avg is the failure rate"),
+    MetricSpec(T.ERRORS, "error_rate", "ratio", "1 for each failed attempt, 0 for each completed one: avg is the failure rate",
+               binary=True),
     # retries
     MetricSpec(T.RETRIES, "count", "count", "retries scheduled", tally=True),
     MetricSpec(T.RETRIES, "delay", "ms", "backoff delay before each retry"),
@@ -96,7 +98,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec(T.STATE, "completed", "count", "states completed", tally=True),
     MetricSpec(T.STATE, "cancelled", "count", "states cancelled", tally=True),
     MetricSpec(T.STATE, "preempted", "count", "states preempted (requeued, not a failure)", tally=True),
-    MetricSpec(T.STATE, "success_rate", "ratio", "1 for each state that completed, 0 for each that failed for good"),
+    MetricSpec(T.STATE, "success_rate", "ratio", "1 for each state that completed, 0 for each that failed for good",
+               binary=True),
     # dependency
     MetricSpec(T.DEPENDENCY, "resolution_time", "ms", "time each state waited for its dependencies"),
     MetricSpec(T.DEPENDENCY, "resolved", "count", "dependency waits that ended with the state free to run", tally=True),

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import events as ev
-from .aggregation import DEFAULT_CAPACITY, MetricAggregation, Tally
+from .aggregation import DEFAULT_CAPACITY, MetricAggregation, Ratio, Tally
 from .catalogue import CATALOGUE, MetricSpec, MetricType, specs_for
 from .process import ProcessSampler, ThisProcess
 
@@ -170,12 +170,17 @@ class MetricsCollector:
     # --- aggregations ------------------------------------------------------------------
 
     def _new_aggregations(self) -> None:
-        aggs: dict[tuple[str, str], MetricAggregation | Tally] = {}
+        aggs: dict[tuple[str, str], MetricAggregation | Tally | Ratio] = {}
         for spec in CATALOGUE:
             key = (spec.category, spec.name)
             if key in _ALIASES:
                 continue
-            aggs[key] = Tally() if spec.tally else MetricAggregation(self._capacity)
+            if spec.tally:
+                aggs[key] = Tally()
+            elif spec.binary:
+                aggs[key] = Ratio()
+            else:
+                aggs[key] = MetricAggregation(self._capacity)
         for alias, target in _ALIASES.items():
             aggs[alias] = aggs[target]
         self._aggs = aggs
@@ -215,7 +220,7 @@ class MetricsCollector:
         self._a_running = a(("concurrency", "running_states"))
         self._a_active_runs = a(("concurrency", "active_runs"))
 
-    def aggregation(self, category: str, name: str) -> MetricAggregation | Tally:
+    def aggregation(self, category: str, name: str) -> MetricAggregation | Tally | Ratio:
         """The live aggregation behind ``metrics[category][name]``."""
         return self._aggs[(category, name)]
 

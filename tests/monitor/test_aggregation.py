@@ -72,3 +72,21 @@ class TestTally:
         stats = tally.to_dict()
         assert stats["count"] == 3 and stats["sum"] == 3.0 and stats["avg"] == 1.0
         assert set(stats) == set(STAT_NAMES)
+
+
+class TestRatio:
+    """A 0/1 aggregation is exact and matches MetricAggregation on the same values."""
+
+    @pytest.mark.parametrize("values", [[], [1], [0], [0, 1, 1, 0, 1], [1] * 19 + [0], [0] * 97 + [1] * 3])
+    def test_matches_general_aggregation(self, values):
+        from agent.monitor.aggregation import Ratio
+
+        ratio, general = Ratio(), MetricAggregation()
+        for v in values:
+            ratio.add(v)
+            general.add(v)
+        expected = general.to_dict()
+        got = ratio.to_dict()
+        assert set(got) == set(expected)
+        for key in expected:
+            assert got[key] == pytest.approx(expected[key]), key
