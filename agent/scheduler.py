@@ -345,7 +345,9 @@ class Run:
         meta.last_execution = time.time()
         if self.pool is not None:
             self.pool.unmark_waiting(name)
-        self.emit(ev.STATE_STARTED, name, attempt=act.attempt)
+        if self.observers:  # what it holds from the pool, for the allocation metrics
+            self.emit(ev.STATE_STARTED, name, attempt=act.attempt,
+                      data={"resources": spec.resources} if spec.resources is not None else {})
         isolation = spec.isolation or self.default_isolation
         view = self.context.view(state_name=name, attempt=act.attempt, human_input=self.agent._human_hook(name))
         timeout = spec.effective_timeout

@@ -222,3 +222,40 @@ class TestRealRuns:
         await agent.run()
         await rt.stop()
         assert rt.metrics()["state"]["completed"]["sum"] == 1
+
+
+class TestAllocation:
+    """What running states hold from the resource pool shows up as allocated_*."""
+
+    async def test_fan_out_with_resources(self):
+        from agent import ResourcePool, ResourceRequirements
+
+        release = asyncio.Event()
+        started = []
+
+        @agent_monitor(metrics=MetricType.RESOURCES)
+        async def workflow():
+            pool = ResourcePool(total_cpu=8, total_memory=4096, total_gpu=0)
+            agent = Agent("alloc", isolation="inline", resource_pool=pool)
+
+            async def start(context):
+                return ["a", "b"]
+
+            async def hold(context):
+                started.append(1)
+                if len(started) == 2:
+                    release.set()
+                await release.wait()
+                return None
+
+            agent.add_state("start", start)
+            req = ResourceRequirements(cpu_units=2, memory_mb=512)
+            agent.add_state("a", hold, resources=req)
+            agent.add_state("b", hold, resources=req)
+            await agent.run()
+
+        await workflow()
+        res = workflow.last_metrics["resources"]
+        assert res["allocated_CPU"]["max"] == 4.0
+        assert res["allocated_memory_mb"]["max"] == 1024.0
+        assert res["allocated_CPU"]["current"] == 0.0
