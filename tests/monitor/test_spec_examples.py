@@ -259,3 +259,13 @@ class TestAllocation:
         assert res["allocated_CPU"]["max"] == 4.0
         assert res["allocated_memory_mb"]["max"] == 1024.0
         assert res["allocated_CPU"]["current"] == 0.0
+
+
+class TestPrometheusExample:
+    """The exporter example serves the runs' figures over loopback."""
+
+    async def test_example(self, capsys):
+        ns = load("monitoring_prometheus")
+        body = await ns["main"]()
+        assert "agent_state_completed_total 12.0" in body  # 3 runs of 4 states
+        assert "agent_timing_run_duration_milliseconds_count 3.0" in body

@@ -70,3 +70,9 @@ class TestMain:
         out = capsys.readouterr().out
         assert "agent top · demo" in out
         assert "model_training" in out and "batch_inference" in out
+
+    def test_through_the_agent_command(self, capsys):
+        from agent.cli import main as agent_main
+
+        assert agent_main(["top", "--demo", "--snapshot", "--speed", "40", "--interval", "0.01"]) == 0
+        assert "etl_pipeline" in capsys.readouterr().out
