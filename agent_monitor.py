@@ -20,21 +20,21 @@ from agent.monitor import (
 )
 
 __all__ = [
+    "agent_monitor",
     "CATALOGUE",
     "LiveSnapshot",
     "MetricAggregation",
+    "MetricsCollector",
     "MetricSpec",
     "MetricType",
-    "MetricsCollector",
     "ProcessSampler",
     "PrometheusExporter",
-    "ThisProcess",
     "RealTimeMetrics",
     "RunView",
+    "start_prometheus_exporter",
     "StateView",
     "Tally",
-    "agent_monitor",
-    "start_prometheus_exporter",
+    "ThisProcess",
 ]
 
 

@@ -13,21 +13,21 @@ from .process import ProcessSampler, ThisProcess
 from .realtime import RealTimeMetrics
 
 __all__ = [
+    "agent_monitor",
     "CATALOGUE",
     "LiveSnapshot",
     "MetricAggregation",
+    "MetricsCollector",
     "MetricSpec",
     "MetricType",
-    "MetricsCollector",
     "ProcessSampler",
     "PrometheusExporter",
-    "ThisProcess",
     "RealTimeMetrics",
     "RunView",
+    "start_prometheus_exporter",
     "StateView",
     "Tally",
-    "agent_monitor",
-    "start_prometheus_exporter",
+    "ThisProcess",
 ]
 
 

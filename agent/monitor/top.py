@@ -89,8 +89,8 @@ class TopView:
     def _header(self, snap: LiveSnapshot) -> RenderableType:
         running = sum(len(run.running) for run in snap.active)
         grid = Table.grid(expand=True, padding=(0, 2))
-        for _ in range(4):
-            grid.add_column(ratio=1)
+        for ratio in (3, 2, 3, 2):
+            grid.add_column(ratio=ratio, no_wrap=True)
         grid.add_row(
             Text.assemble(("runs ", "dim"), (f"{len(snap.active)}", "bold cyan"), (" active", "dim")),
             Text.assemble(("states ", "dim"), (f"{running}", "bold cyan"), (" running", "dim")),
@@ -110,7 +110,7 @@ class TopView:
 
     @staticmethod
     def _runs_table(runs: Sequence[RunView]) -> Table:
-        table = Table(title="runs", title_justify="left", box=box.SIMPLE_HEAD, expand=True, title_style="bold")
+        table = Table(title="runs", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, expand=True, title_style="bold")
         table.add_column("AGENT", style="bold")
         table.add_column("RUN", style="dim")
         table.add_column("STATUS")
@@ -139,7 +139,7 @@ class TopView:
     @staticmethod
     def _states_table(runs: Sequence[RunView]) -> Table:
         states = sorted((s for run in runs for s in run.running), key=lambda s: -s.running_for)
-        table = Table(title="running states", title_justify="left", box=box.SIMPLE_HEAD, expand=True,
+        table = Table(title="running states", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, expand=True,
                       title_style="bold")
         table.add_column("AGENT", style="bold")
         table.add_column("STATE", style="cyan")
@@ -163,7 +163,7 @@ class TopView:
 
     @staticmethod
     def _recent_table(runs: Sequence[RunView]) -> Table:
-        table = Table(title="finished", title_justify="left", box=box.SIMPLE_HEAD, expand=True, title_style="bold")
+        table = Table(title="finished", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, expand=True, title_style="bold")
         table.add_column("AGENT", style="bold")
         table.add_column("RUN", style="dim")
         table.add_column("STATUS")
@@ -185,9 +185,9 @@ class TopView:
         snap = self._snapshot
         parts: list[RenderableType] = [self._header(snap), self._runs_table(snap.active)]
         if any(run.running for run in snap.active):
-            parts.append(self._states_table(snap.active))
+            parts += [Text(""), self._states_table(snap.active)]
         if snap.recent:
-            parts.append(self._recent_table(snap.recent))
+            parts += [Text(""), self._recent_table(snap.recent)]
         return Group(*parts)
 
 
