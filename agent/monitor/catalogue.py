@@ -78,6 +78,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
                "per update window"),
     MetricSpec(T.RESOURCES, "process_memory_mb", "mib", "resident memory of this Python process (psutil), per update window"),
     MetricSpec(T.RESOURCES, "state_cpu_seconds", "seconds", "CPU time of each isolated attempt (cgroup)"),
+    MetricSpec(T.RESOURCES, "state_throttled_seconds", "seconds",
+               "time each isolated attempt was held back by its CPU quota (cgroup)"),
     MetricSpec(T.RESOURCES, "state_peak_memory_mb", "mib", "peak memory of each isolated attempt (cgroup)"),
     MetricSpec(T.RESOURCES, "state_io_read_mb", "mib", "bytes read by each isolated attempt (cgroup), in MiB"),
     MetricSpec(T.RESOURCES, "state_io_write_mb", "mib", "bytes written by each isolated attempt (cgroup), in MiB"),

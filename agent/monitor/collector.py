@@ -198,6 +198,7 @@ class MetricsCollector:
         self._a_process_mem = a(("resources", "process_memory_mb"))
         self._a_state_cpu = a(("resources", "state_cpu_seconds"))
         self._a_state_mem = a(("resources", "state_peak_memory_mb"))
+        self._a_state_throttled = a(("resources", "state_throttled_seconds"))
         self._a_state_read = a(("resources", "state_io_read_mb"))
         self._a_state_write = a(("resources", "state_io_write_mb"))
         self._a_alloc = (a(("resources", "allocated_CPU")), a(("resources", "allocated_memory_mb")),
@@ -331,6 +332,9 @@ class MetricsCollector:
         if isinstance(cpu, (int, float)):
             self._a_state_cpu.add(cpu)
             self._window_isolated_cpu += cpu
+        throttled = usage.get("throttled_seconds")
+        if isinstance(throttled, (int, float)):
+            self._a_state_throttled.add(throttled)
         peak = usage.get("peak_memory_bytes")
         if isinstance(peak, (int, float)):
             self._a_state_mem.add(peak / _MIB)

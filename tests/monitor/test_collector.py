@@ -134,7 +134,7 @@ class TestResources:
 
     def test_isolated_usage_and_process_cpu(self, feed, collector, process):
         feed.emit(ev.RUN_STARTED)
-        usage = {"cpu_seconds": 0.5, "peak_memory_bytes": 200 * 1024 * 1024,
+        usage = {"cpu_seconds": 0.5, "peak_memory_bytes": 200 * 1024 * 1024, "throttled_seconds": 0.25,
                  "io_read_bytes": 1024 * 1024, "io_write_bytes": 3 * 1024 * 1024}
         feed.state("train", 1.0, usage=usage)
         feed.state("eval", 1.0, usage={**usage, "cpu_seconds": 1.5})
@@ -149,6 +149,7 @@ class TestResources:
         assert res["state_peak_memory_mb"]["max"] == pytest.approx(200.0)
         assert res["state_cpu_seconds"]["sum"] == pytest.approx(2.0)
         assert res["state_io_write_mb"]["sum"] == pytest.approx(6.0)
+        assert res["state_throttled_seconds"]["sum"] == pytest.approx(0.5)
 
     def test_allocation_from_started_events(self, feed, collector):
         feed.emit(ev.RUN_STARTED)
