@@ -28,10 +28,8 @@ __all__ = [
     "MetricSpec",
     "MetricType",
     "ProcessSampler",
-    "PrometheusExporter",
     "RealTimeMetrics",
     "RunView",
-    "start_prometheus_exporter",
     "StateView",
     "Tally",
     "ThisProcess",
@@ -40,7 +38,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in ("PrometheusExporter", "start_prometheus_exporter"):
-        from agent.monitor import prometheus
+        import agent.monitor
 
-        return getattr(prometheus, name)
+        return getattr(agent.monitor, name)  # not in __all__: it needs the optional prometheus_client
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,10 +21,8 @@ __all__ = [
     "MetricSpec",
     "MetricType",
     "ProcessSampler",
-    "PrometheusExporter",
     "RealTimeMetrics",
     "RunView",
-    "start_prometheus_exporter",
     "StateView",
     "Tally",
     "ThisProcess",
@@ -33,7 +31,14 @@ __all__ = [
 
 def __getattr__(name: str):  # prometheus_client is imported only when it is asked for
     if name in ("PrometheusExporter", "start_prometheus_exporter"):
-        from . import prometheus
+        try:
+            from . import prometheus
+        except ImportError as exc:
+            from ..errors import MonitorError
 
+            raise MonitorError(
+                f"the Prometheus exporter needs prometheus_client ({exc}): "
+                "pip install 'agent-framework[monitor]'"
+            ) from exc
         return getattr(prometheus, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

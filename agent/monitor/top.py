@@ -16,14 +16,23 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from rich import box
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
+try:
+    from rich import box
+    from rich.console import Console, Group, RenderableType
+    from rich.live import Live
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+except ImportError as exc:  # an optional dependency: say how to get it instead of a traceback
+    _NO_RICH: ImportError | None = exc
+    RenderableType = Any  # type: ignore[misc]
+else:
+    _NO_RICH = None
 
+from ..errors import MonitorError
 from .collector import LiveSnapshot, MetricsCollector, RunView
+
+_INSTALL_HINT = "agent top needs the rich package: pip install 'agent-framework[monitor]'"
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -63,6 +72,8 @@ class TopView:
     """What ``agent top`` draws; call :meth:`update` on each real-time tick."""
 
     def __init__(self, source: MetricsCollector, title: str = "agent top", history: int = 48) -> None:
+        if _NO_RICH is not None:
+            raise MonitorError(f"{_INSTALL_HINT} ({_NO_RICH})")
         self._source = source
         self._title = title
         self._history = history
@@ -376,6 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(argv) if argv is not None else None)
     except SystemExit as exc:
         return int(exc.code or 0)
+    if _NO_RICH is not None:
+        print(f"{_INSTALL_HINT} ({_NO_RICH})", file=sys.stderr)
+        return EXIT_USAGE
     if not args.demo:
         print(
             "agent top: no runs to watch from here yet. `agent top --demo` runs demo workflows and "

@@ -76,3 +76,32 @@ class TestMain:
 
         assert agent_main(["top", "--demo", "--snapshot", "--speed", "40", "--interval", "0.01"]) == 0
         assert "etl_pipeline" in capsys.readouterr().out
+
+
+class TestOptionalDependencies:
+    """Without rich or prometheus_client the user is told what to install."""
+
+    def run_without(self, module: str, code: str):
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[2]
+        prelude = f"import sys; sys.modules[{module!r}] = None\n"
+        return subprocess.run([sys.executable, "-c", prelude + code], cwd=root, capture_output=True, text=True,
+                              timeout=60)
+
+    def test_top_without_rich(self):
+        done = self.run_without("rich", "from agent.monitor.top import main; raise SystemExit(main(['--demo']))")
+        assert done.returncode == 2
+        assert "pip install 'agent-framework[monitor]'" in done.stderr
+
+    def test_exporter_without_prometheus_client(self):
+        done = self.run_without(
+            "prometheus_client",
+            "from agent.errors import MonitorError\n"
+            "try:\n    from agent_monitor import start_prometheus_exporter\n"
+            "except MonitorError as e:\n    print(e)\n",
+        )
+        assert done.returncode == 0, done.stderr
+        assert "agent-framework[monitor]" in done.stdout
