@@ -30,6 +30,8 @@ V2_CONTROLLERS = ("cpu", "memory", "pids", "io", "cpuset")
 # What the v1/v2 backends need at the least to confine a state.
 CORE_CONTROLLERS = ("cpu", "memory", "pids")
 PROBE_MEMORY = 64 * 1024 * 1024
+# Set, it makes the supervisor use exactly this backend ("v2", "v1" or "none").
+BACKEND_ENV = "AGENT_CGROUP_BACKEND"
 LIMIT_ORDER = (
     "cpu", "memory", "swap", "pids", "io_weight", "io_throttle", "cpuset", "devices", "freezer", "cpu_accounting",
 )
@@ -128,8 +130,22 @@ def _with_v2_controllers(mounts: list[CgroupMount]) -> list[CgroupMount]:
     return out
 
 
-def choose_backend(mounts: Sequence[CgroupMount]) -> tuple[str, str]:
-    """Which backend the mounts allow (before probing): ("v1" | "v2" | "none", why)."""
+def choose_backend(mounts: Sequence[CgroupMount], forced: str | None = None) -> tuple[str, str]:
+    """Which backend the mounts allow (before probing): ("v1" | "v2" | "none", why).
+
+    ``forced`` is the value of ``AGENT_CGROUP_BACKEND``, which makes the supervisor use
+    exactly that backend (or fail) instead of the best one.
+    """
+    if forced:
+        if forced == "none":
+            return "none", f"{BACKEND_ENV}=none turns cgroups off; states are limited by rlimits and a watchdog only"
+        backend, reason = choose_backend(mounts)
+        if backend == forced:
+            return backend, f"{reason} (forced by {BACKEND_ENV}={forced})"
+        return "none", (
+            f"{BACKEND_ENV}={forced} asks for a backend this machine does not offer ({reason}); "
+            f"isolated states will fail to start: unset {BACKEND_ENV}"
+        )
     v2 = [m for m in mounts if m.version == 2]
     v1 = {c: m.mountpoint for m in mounts if m.version == 1 for c in m.controllers}
     v2_note = "; ".join(
@@ -346,9 +362,9 @@ def _throwaway(parent: str) -> str:
     return path
 
 
-def probe_cgroups(mounts: Sequence[CgroupMount]) -> tuple[str, str, list[Limit]]:
+def probe_cgroups(mounts: Sequence[CgroupMount], forced: str | None = None) -> tuple[str, str, list[Limit]]:
     """Decide the backend and probe every limit it offers in throwaway cgroups."""
-    backend, reason = choose_backend(mounts)
+    backend, reason = choose_backend(mounts, forced)
     limits: list[Limit] = []
     if backend == "v2":
         mount = next(m for m in mounts if m.version == 2 and all(c in m.controllers for c in CORE_CONTROLLERS))
@@ -537,7 +553,7 @@ def diagnose(
     if mountinfo is None:
         mountinfo = _read("/proc/self/mountinfo")
     mounts = _with_v2_controllers(parse_mountinfo(mountinfo))
-    backend, reason, limits = probe_cgroups(mounts)
+    backend, reason, limits = probe_cgroups(mounts, os.environ.get(BACKEND_ENV) or None)
     inventory = inventory if inventory is not None else default_inventory()
     gpus = inventory.devices()
     checks = probe_sandbox() if sandbox else [Check("sandbox", False, "not probed")]

@@ -84,6 +84,20 @@ class TestBackendChoice:
         assert backend == "none"
         assert "rlimits and a watchdog" in reason
 
+    def test_forced_backend_is_reported(self) -> None:
+        mounts = parse_mountinfo(HERE_V1)
+        assert choose_backend(mounts, "v1") == ("v1", choose_backend(mounts)[1] + " (forced by AGENT_CGROUP_BACKEND=v1)")
+        backend, reason = choose_backend(mounts, "v2")
+        assert backend == "none" and "unset AGENT_CGROUP_BACKEND" in reason
+        assert choose_backend(mounts, "none")[0] == "none"
+
+    def test_forced_off_probes_nothing(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("AGENT_CGROUP_BACKEND", "none")
+        got = diagnose(sandbox=False, inventory=StaticInventory([]))
+        assert got.cgroup_backend == "none"
+        assert "turns cgroups off" in got.cgroup_reason
+        assert not any(limit.enforceable for limit in got.limits)
+
     def test_nothing_mounted_reports_nothing_enforceable(self) -> None:
         gpu = GPUDevice(0, "GPU-abc", "Test GPU", 1024, "00000000:01:00.0", 0)
         got = diagnose(mountinfo="", sandbox=False, inventory=StaticInventory([gpu]))
