@@ -24,7 +24,13 @@ import os
 import resource
 from typing import Any
 
+CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_BIND = 4096
+MS_REC = 16384
+MS_SLAVE = 1 << 19
 PR_SET_PDEATHSIG = 1
 PR_GET_PDEATHSIG = 2
 PR_GET_DUMPABLE = 3
@@ -94,6 +100,36 @@ def isolate_network() -> None:
     _left_netns = before
 
 
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    encode = lambda text: None if text is None else text.encode()  # noqa: E731
+    mount = _lib().mount
+    mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    if mount(encode(source), encode(target), encode(fstype), flags, encode(data)) == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
+
+
+def private_tmp(tmpdir: str, shm_size_mb: int = 64) -> None:
+    """Give this process its own ``/tmp`` and ``/var/tmp`` (``tmpdir`` bound over both) and an empty ``/dev/shm``.
+
+    A new mount namespace whose mounts never propagate back to the machine, so what a
+    state leaves in /tmp is in its own directory (removed by the supervisor), and it
+    sees nothing of other states' or the machine's temporary files.
+    """
+    _call("unshare", CLONE_NEWNS)
+    _mount(None, "/", None, MS_REC | MS_SLAVE)
+    # Bind through a descriptor: the first bind may hide tmpdir's own path (it lives in /tmp).
+    fd = os.open(tmpdir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for shared in ("/tmp", "/var/tmp"):
+            if os.path.isdir(shared):
+                _mount(f"/proc/self/fd/{fd}", shared, None, MS_BIND)
+    finally:
+        os.close(fd)
+    if os.path.isdir("/dev/shm"):
+        _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"size={shm_size_mb}m,mode=1777")
+
+
 def _threads_in_other_netns() -> list[int]:
     own = os.stat("/proc/thread-self/ns/net").st_ino
     others = []
@@ -129,7 +165,7 @@ def enter_sandbox(spec: dict[str, Any]) -> None:
     """Become the sandbox described by ``spec`` (built by the supervisor's ``sandbox_spec``).
 
     In order: private network namespace (unless already entered, and every thread must be
-    in it), resource limits, no supplementary groups, the sandbox gid and uid (real,
+    in it), a private /tmp and /dev/shm (when the spec has a ``tmpdir``), resource limits, no supplementary groups, the sandbox gid and uid (real,
     effective and saved: there is no way back), no new privileges, not dumpable (no
     ptrace, no core, /proc entries owned by root), the parent-death signal restored (a
     credential change clears it), a scrubbed environment, cwd and umask.
@@ -149,6 +185,11 @@ def enter_sandbox(spec: dict[str, Any]) -> None:
                 "isolate_network() before starting threads (e.g. before creating the ZeroMQ context)",
             )
 
+    tmpdir = spec.get("tmpdir")
+    if tmpdir and spec.get("private_tmp", True):
+        private_tmp(str(tmpdir))
+        tmpdir = "/tmp"
+
     for name, value in dict(spec.get("rlimits", {})).items():
         _limit(name, int(value))
 
@@ -162,8 +203,8 @@ def enter_sandbox(spec: dict[str, Any]) -> None:
         prctl(PR_SET_PDEATHSIG, pdeathsig)
 
     env_set = {"HOME": str(spec.get("home", "/nonexistent"))}
-    if spec.get("tmpdir"):
-        env_set["TMPDIR"] = str(spec["tmpdir"])
+    if tmpdir:
+        env_set["TMPDIR"] = str(tmpdir)
     _scrub_environment(list(spec.get("env_keep", [])), env_set)
-    os.chdir(str(spec.get("tmpdir") or "/"))
+    os.chdir(str(tmpdir or "/"))
     os.umask(0o077)

@@ -419,19 +419,18 @@ def _no_cgroup_limits() -> list[Limit]:
 # --- sandbox --------------------------------------------------------------------------
 
 
-def _can_unshare_network() -> Check:
-    from ..runtime.sandbox import isolate_network
-
+def _in_forked_child(step: Callable[[], None]) -> str:
+    """Run ``step`` in a forked child; its error message, or "" when it worked."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(read_end)
             try:
-                isolate_network()
+                step()
                 message = b""
-            except OSError as exc:
-                message = str(exc).encode()
+            except Exception as exc:
+                message = f"{type(exc).__name__}: {exc}".encode()
             os.write(write_end, message)
         finally:
             os._exit(0)
@@ -439,9 +438,30 @@ def _can_unshare_network() -> Check:
     with os.fdopen(read_end, "rb") as reader:
         message = reader.read().decode()
     os.waitpid(pid, 0)
+    return message
+
+
+def _can_unshare_network() -> Check:
+    from ..runtime.sandbox import isolate_network
+
+    message = _in_forked_child(isolate_network)
     if message:
         return Check("network namespace", False, f"unshare(CLONE_NEWNET) failed: {message}")
     return Check("network namespace", True, "unshare(CLONE_NEWNET) works: sandboxed states have no network")
+
+
+def _can_enter(spec: dict[str, Any]) -> Check:
+    from ..runtime.sandbox import enter_sandbox
+
+    def step() -> None:
+        enter_sandbox(spec)
+        if os.getuid() != spec["uid"]:
+            raise OSError(f"still uid {os.getuid()}")
+
+    message = _in_forked_child(step)
+    if message:
+        return Check("enter", False, f"a forked child could not enter the sandbox: {message}")
+    return Check("enter", True, f"a forked child became uid {spec['uid']} with private /tmp and no network")
 
 
 def _blocking_ancestor(path: str) -> str | None:
@@ -516,6 +536,7 @@ def probe_sandbox() -> list[Check]:
         return checks
     try:
         checks.append(Check("uid lease", True, f"leased uid {lease.uid} (locks in {pool.lock_dir})"))
+        checks.append(_can_enter(lease.spec()))
         checks.append(_interpreter_check(lease.uid))
     finally:
         pool.close()

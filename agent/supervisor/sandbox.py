@@ -9,7 +9,7 @@ never hand out the same one. Before a uid is handed out and after it is given ba
 every process still running as that uid is killed, so two states never share one.
 
 Each lease also gets a private temporary directory (0700, owned by the uid, removed
-on release). :func:`sandbox_spec` turns a lease into the plain dict that the child
+on release) that the child mounts over its own ``/tmp``. :func:`sandbox_spec` turns a lease into the plain dict that the child
 applies with :func:`agent.runtime.sandbox.enter_sandbox`.
 """
 
@@ -117,6 +117,7 @@ def sandbox_spec(
         "gid": uid if gid is None else gid,
         "home": "/nonexistent",
         "tmpdir": tmpdir,
+        "private_tmp": True,
         "network": False,
         "rlimits": {"nofile": nofile, "nproc": nproc, "core": 0},
         "env_keep": list(ENV_KEEP),

@@ -140,7 +140,7 @@ class TestDiagnoseThisMachine:
 
     def test_sandbox_is_available_as_root(self, report: Report) -> None:
         assert report.sandbox_available, report.sandbox
-        assert {c.name for c in report.sandbox} >= {"network namespace", "uid range", "interpreter"}
+        assert {c.name for c in report.sandbox} >= {"network namespace", "uid range", "enter", "interpreter"}
 
     def test_probing_leaves_nothing_behind(self, report: Report) -> None:
         assert leftover_probe_cgroups() == []

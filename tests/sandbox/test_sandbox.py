@@ -157,6 +157,7 @@ class TestUidPool:
         assert json.loads(json.dumps(spec)) == spec
         assert spec["uid"] == spec["gid"] == 200123
         assert spec["rlimits"] == {"nofile": 64, "nproc": 128, "core": 0}
+        assert spec["private_tmp"] is True
 
 
 class TestSandboxedChild:
@@ -184,7 +185,7 @@ class TestSandboxedChild:
         assert got["groups"] == []
         assert got["no_new_privs"] == 1
         assert got["dumpable"] == 0
-        assert got["cwd"] == got["tmpdir"] == lease.tmpdir
+        assert got["cwd"] == got["tmpdir"] == "/tmp"
         assert got["home"] == "/nonexistent"
         assert got["core"] == [0, 0]
 
@@ -207,7 +208,7 @@ class TestSandboxedChild:
         assert sandboxed["errno"] == errno.ENETUNREACH
 
     def test_cannot_read_a_root_only_file(self, lease: Any) -> None:
-        folder = tempfile.mkdtemp(prefix="agent-test-sandbox-")
+        folder = tempfile.mkdtemp(prefix="agent-test-sandbox-", dir="/run")  # /tmp is private in the sandbox
         try:
             os.chmod(folder, 0o755)
             secret, public = os.path.join(folder, "secret"), os.path.join(folder, "public")
@@ -263,6 +264,32 @@ class TestSandboxedChild:
         assert got["posix"] is False
         assert SECRET_VALUE not in got["spawned"]
         assert got["readable"] == []
+
+    def test_tmp_and_shm_are_private(self, lease: Any) -> None:
+        fd, machine_file = tempfile.mkstemp(prefix="agent-test-visible-", dir="/tmp")
+        os.close(fd)
+        os.chmod(machine_file, 0o644)
+        name = f"agent-test-written-{os.getpid()}"
+        try:
+            def body() -> dict[str, Any]:
+                for folder in ("/tmp", "/dev/shm"):
+                    with open(os.path.join(folder, name), "w") as f:
+                        f.write("from the sandbox")
+                return {
+                    "sees_machine_tmp": os.path.exists(machine_file),
+                    "var_tmp_is_tmp": os.path.samefile("/var/tmp", "/tmp"),
+                    "shm": sorted(os.listdir("/dev/shm")),
+                }
+
+            got = in_child(body, lease.spec())
+            assert got == {"sees_machine_tmp": False, "var_tmp_is_tmp": True, "shm": [name]}
+            assert not os.path.exists(os.path.join("/tmp", name))
+            assert not os.path.exists(os.path.join("/dev/shm", name))
+            written = os.path.join(lease.tmpdir, name)
+            assert open(written).read() == "from the sandbox"
+            assert os.stat(written).st_uid == lease.uid
+        finally:
+            os.unlink(machine_file)
 
     def test_cannot_exceed_the_open_file_limit(self, lease: Any) -> None:
         def body() -> dict[str, Any]:
