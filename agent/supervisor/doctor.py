@@ -26,7 +26,8 @@ from .gpus import GPUDevice, GPUInventory, default_inventory
 from .sandbox import UidPool, configured_uids
 
 V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "blkio", "cpuset", "devices", "freezer")
-V2_CONTROLLERS = ("cpu", "memory", "pids", "io", "cpuset")
+# The controllers the v2 backend enables for its subtree (cpuset is not used on v2).
+V2_CONTROLLERS = ("cpu", "memory", "io", "pids")
 # What the v1/v2 backends need at the least to confine a state.
 CORE_CONTROLLERS = ("cpu", "memory", "pids")
 PROBE_MEMORY = 64 * 1024 * 1024
@@ -301,16 +302,46 @@ def _v1_limits(controller: str, cg: str, parent: str) -> list[Limit]:
     return []
 
 
-def _v2_limits(mount: CgroupMount, cg: str) -> list[Limit]:
+def v2_own_cgroup(mount: CgroupMount, proc_cgroup: str = "/proc/self/cgroup") -> str:
+    """The directory of this process's own cgroup in the unified hierarchy."""
+    for line in _read(proc_cgroup).splitlines():
+        if line.startswith("0::"):
+            rel = line[3:].strip().lstrip("/")
+            return os.path.join(mount.mountpoint, rel) if rel else mount.mountpoint
+    return mount.mountpoint
+
+
+def _v2_enable(mount: CgroupMount, own: str) -> str:
+    """Enable the wanted controllers for children of ``own`` as the v2 backend does; say what changed.
+
+    Only in the root cgroup, which the no-internal-processes rule exempts; elsewhere the
+    backend first moves the supervisor into a leaf, which a probe must not do.
+    """
+    if own != mount.mountpoint:
+        return ""
+    available = set(_read(os.path.join(own, "cgroup.controllers")).split())
+    enabled = set(_read(os.path.join(own, "cgroup.subtree_control")).split())
+    missing = [c for c in V2_CONTROLLERS if c in available and c not in enabled]
+    if not missing:
+        return ""
+    try:
+        _write(os.path.join(own, "cgroup.subtree_control"), " ".join(f"+{c}" for c in missing))
+    except OSError as exc:
+        return f"; enabling {', '.join(missing)} in {own}/cgroup.subtree_control failed: {exc.strerror}"
+    return f"; enabled {', '.join(missing)} in {own}/cgroup.subtree_control, as the v2 backend does"
+
+
+def _v2_limits(own: str, cg: str) -> list[Limit]:
     f = lambda name: os.path.join(cg, name)  # noqa: E731
-    enabled = set(_read(os.path.join(mount.mountpoint, "cgroup.subtree_control")).split())
+    enabled = set(_read(os.path.join(own, "cgroup.subtree_control")).split())
     found: list[Limit] = []
 
     def not_enabled(name: str, controller: str) -> Limit:
         return Limit(
             name,
             False,
-            f"controller {controller} is not enabled in {mount.mountpoint}/cgroup.subtree_control",
+            f"controller {controller} is not enabled in {own}/cgroup.subtree_control: start the "
+            "supervisor in a delegated cgroup (systemd Delegate=yes) so it can enable it",
         )
 
     def probe_file(name: str, controller: str, path: str, value: str, how: str) -> None:
@@ -320,7 +351,8 @@ def _v2_limits(mount: CgroupMount, cg: str) -> list[Limit]:
 
         def attempt() -> bool:
             _write(f(path), value)
-            return _read(f(path)).split("\n")[0].startswith(value.split()[0])
+            back = _read(f(path)).split()
+            return all(token in back for token in value.split())
 
         found.append(_probe(name, how, attempt))
 
@@ -342,7 +374,10 @@ def _v2_limits(mount: CgroupMount, cg: str) -> list[Limit]:
             found.append(Limit("io_weight", False, _weight_reason(disks, "io.bfq.weight")))
         if disks:
             probe_file("io_throttle", "io", "io.max", f"{disks[0][1]} wbps=1048576", "io.max (direct and buffered IO)")
-    probe_file("cpuset", "cpuset", "cpuset.cpus", _read("/sys/devices/system/cpu/online"), "cpuset.cpus")
+    if "cpuset" in enabled:
+        probe_file("cpuset", "cpuset", "cpuset.cpus", _read("/sys/devices/system/cpu/online"), "cpuset.cpus")
+    else:
+        found.append(Limit("cpuset", False, "cpuset is not used on cgroup v2 (cpu.max limits CPU time)"))
     found.append(Limit("devices", False, "cgroup v2 has no devices files (it needs an eBPF program); "
                        "GPUs are pinned by CUDA_VISIBLE_DEVICES only"))
 
@@ -368,12 +403,14 @@ def probe_cgroups(mounts: Sequence[CgroupMount], forced: str | None = None) -> t
     limits: list[Limit] = []
     if backend == "v2":
         mount = next(m for m in mounts if m.version == 2 and all(c in m.controllers for c in CORE_CONTROLLERS))
+        own = v2_own_cgroup(mount)
         try:
-            cg = _throwaway(mount.mountpoint)
+            reason += _v2_enable(mount, own)
+            cg = _throwaway(own)
         except OSError as exc:
-            return "none", f"{reason}, but creating a cgroup there failed: {exc.strerror}", _no_cgroup_limits()
+            return "none", f"{reason}, but creating a cgroup in {own} failed: {exc.strerror}", _no_cgroup_limits()
         try:
-            limits = _v2_limits(mount, cg)
+            limits = _v2_limits(own, cg)
         finally:
             os.rmdir(cg)
     elif backend == "v1":

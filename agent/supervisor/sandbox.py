@@ -76,18 +76,24 @@ def kill_uid(uid: int) -> None:
     Done by a short-lived helper that becomes ``uid`` and calls ``kill(-1)``, which
     reaches exactly the processes that uid may signal: its own.
     """
-    subprocess.run(
-        ["kill", "-KILL", "-1"],
-        user=uid,
-        group=uid,
-        extra_groups=[],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={"PATH": "/usr/bin:/bin"},
-        cwd="/",
-        check=False,
-    )
+    try:
+        subprocess.run(
+            ["kill", "-KILL", "-1"],
+            user=uid,
+            group=uid,
+            extra_groups=[],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={"PATH": "/usr/bin:/bin"},
+            cwd="/",
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise IsolationUnavailableError(
+            f"cannot clear sandbox uid {uid} (running kill(1) as that uid failed: {exc}); "
+            "the supervisor must run as root with /usr/bin/kill installed"
+        ) from exc
 
 
 @dataclass(frozen=True)
