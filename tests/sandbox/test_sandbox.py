@@ -378,6 +378,72 @@ class TestSandboxedChild:
 
         assert in_child(body, None) == {"uid": lease.uid}
 
+    def test_connected_ipc_socket_keeps_working_but_no_new_connection(self, lease: Any) -> None:
+        import zmq
+
+        # 0700 root like the supervisor's; outside /tmp (private in the sandbox) so that only
+        # the permission, not the path, stands between the sandbox and a new connection.
+        folder = tempfile.mkdtemp(prefix="agent-test-ipc-", dir="/run")
+        path = os.path.join(folder, "router")
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(f"ipc://{path}")
+        try:
+            def body() -> dict[str, Any]:
+                isolate_network()  # before the context: its I/O thread must be inside too
+                child_ctx = zmq.Context()
+                dealer = child_ctx.socket(zmq.DEALER)
+                dealer.connect(f"ipc://{path}")
+                try:
+                    dealer.send(b"hello")
+                    assert dealer.poll(30000), "no reply to hello"
+                    dealer.recv()
+                    enter_sandbox(lease.spec())
+                    dealer.send(f"after {os.getuid()}".encode())
+                    assert dealer.poll(30000), "no reply after the uid change"
+                    answer = dealer.recv().decode()
+                    raw = socket.socket(socket.AF_UNIX)
+                    try:
+                        raw.connect(path)
+                        fresh = "connected"
+                    except PermissionError:
+                        fresh = "EACCES"
+                    finally:
+                        raw.close()
+                    return {"answer": answer, "fresh": fresh}
+                finally:
+                    dealer.close(linger=0)
+                    child_ctx.term()
+
+            read_end, write_end = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.close(read_end)
+                    try:
+                        out = body()
+                    except BaseException as exc:
+                        out = {"error": f"{type(exc).__name__}: {exc}"}
+                    os.write(write_end, json.dumps(out).encode())
+                finally:
+                    os._exit(0)
+            os.close(write_end)
+            for expected in (b"hello", f"after {lease.uid}".encode()):
+                assert router.poll(30000), "the child did not send"
+                peer, message = router.recv_multipart()
+                assert message == expected
+                router.send_multipart([peer, b"ok " + message])
+            with os.fdopen(read_end, "rb") as reader:
+                got = json.loads(reader.read())
+            os.waitpid(pid, 0)
+        finally:
+            router.close(linger=0)
+            ctx.term()
+            if os.path.exists(path):
+                os.unlink(path)
+            os.rmdir(folder)
+        assert got == {"answer": f"ok after {lease.uid}", "fresh": "EACCES"}
+
     def test_release_kills_what_the_state_left_running(self, pool: UidPool) -> None:
         lease = pool.lease("leaky")
         ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back to us
