@@ -136,7 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse.REMAINDER does not take options that come first ("doctor --json"):
+    # hand whatever the parser did not know to the subcommands that parse their own.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not hasattr(args, "rest"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.rest = unknown + list(args.rest)
     return int(args.func(args) or 0)
 
 

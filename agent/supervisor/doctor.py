@@ -185,7 +185,7 @@ def _disks() -> list[tuple[str, str, str]]:
     """(name, major:minor, active scheduler) of each real disk."""
     disks = []
     for name in sorted(os.listdir("/sys/block")):
-        if name.startswith(("loop", "ram", "zram")):
+        if name.startswith(("loop", "ram", "zram", "sr")):
             continue
         base = f"/sys/block/{name}"
         try:

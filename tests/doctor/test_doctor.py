@@ -166,6 +166,12 @@ class TestCommandLine:
         assert {limit["name"] for limit in data["limits"]} >= {"memory", "cpu", "pids"}
         assert "libzmq" in data["versions"]
 
+    def test_agent_cli_passes_options_to_doctor(self, capsys: pytest.CaptureFixture[str]) -> None:
+        from agent.cli import main as agent_main
+
+        assert agent_main(["doctor", "--json"]) == 0
+        assert "cgroup_backend" in json.loads(capsys.readouterr().out)
+
     def test_text_output(self, capsys: pytest.CaptureFixture[str]) -> None:
         assert main([]) == 0
         assert capsys.readouterr().out.startswith("cgroups: ")
