@@ -147,6 +147,11 @@ def device_minors(devices: Sequence[GPUDevice]) -> list[int]:
     return sorted(d.minor_number for d in devices)
 
 
+def assignment(devices: Sequence[GPUDevice]) -> dict[str, list]:
+    """``Attempt.assignment`` entries for ``devices``: UUIDs to pin CUDA, minors for the devices cgroup."""
+    return {"gpus": [d.uuid for d in devices], "gpu_minors": device_minors(devices)}
+
+
 @dataclass(frozen=True)
 class GPUAllocatorStatistics:
     """A snapshot: the share of each GPU in use (by index) and how many owners hold GPUs."""

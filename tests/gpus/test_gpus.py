@@ -13,6 +13,7 @@ from agent.supervisor.gpus import (
     GPUInventory,
     NvmlInventory,
     StaticInventory,
+    assignment,
     default_inventory,
     device_minors,
     pinning_env,
@@ -154,6 +155,11 @@ class TestPinning:
 
     def test_no_gpus_means_cuda_sees_none(self) -> None:
         assert pinning_env([])["CUDA_VISIBLE_DEVICES"] == ""
+
+    def test_assignment_for_an_attempt(self) -> None:
+        gpus = make_gpus(3)
+        assert assignment([gpus[2]]) == {"gpus": [gpus[2].uuid], "gpu_minors": [2]}
+        assert assignment([]) == {"gpus": [], "gpu_minors": []}
 
     def test_device_minors_for_the_devices_cgroup(self) -> None:
         gpus = make_gpus(4)
