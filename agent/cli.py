@@ -142,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in _PASS_THROUGH:  # argparse's REMAINDER drops leading --options
         return int(_PASS_THROUGH[argv[0]](argparse.Namespace(command=argv[0], rest=argv[1:])) or 0)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse.REMAINDER does not take options that come first ("doctor --json"):
+    # hand whatever the parser did not know to the subcommands that parse their own.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not hasattr(args, "rest"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.rest = unknown + list(args.rest)
     return int(args.func(args) or 0)
 
 
