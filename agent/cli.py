@@ -134,13 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PASS_THROUGH = {"doctor": _cmd_doctor, "top": _cmd_top}  # they parse their own options
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _PASS_THROUGH:  # argparse's REMAINDER drops leading --options
-        return int(_PASS_THROUGH[argv[0]](argparse.Namespace(command=argv[0], rest=argv[1:])) or 0)
     parser = build_parser()
     # argparse.REMAINDER does not take options that come first ("doctor --json"):
     # hand whatever the parser did not know to the subcommands that parse their own.
