@@ -175,7 +175,7 @@ class Agent:
         self._graph_checked = False
         self.state_metadata[name] = StateMetadata(
             name=name,
-            max_retries=spec.effective_max_retries,
+            max_retries=spec.max_retries_with(self.retry_policy),
             resources=resources,
             priority=spec.priority,
             dependencies=deps,

@@ -568,7 +568,7 @@ class Run:
         meta.error = failure
         outcome = "timeout" if failure.kind == "timeout" else "failed"
         meta.record(AttemptRecord(act.attempt, act.started_at, now, outcome, failure.message, usage))
-        max_retries = spec.effective_max_retries
+        max_retries = spec.max_retries_with(self.agent.retry_policy)
         final = act.attempt > max_retries
         self.emit(ev.STATE_FAILED, name, attempt=act.attempt, duration=duration, usage=usage,
                   error=failure.message, data={"final": final, "kind": failure.kind})
