@@ -109,6 +109,9 @@ def _encode_typed(value: Any, path: str, depth: int) -> dict[str, Any]:
 
 
 def _load_typed_class(name: str) -> type[TypedContextData]:
+    known = TypedContextData.lookup(name)
+    if known is not None:
+        return known
     module_name, _, qualname = name.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
