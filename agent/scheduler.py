@@ -21,6 +21,7 @@ task. A no-op state therefore costs no task, which is what makes inline runs fas
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import time
@@ -193,6 +194,7 @@ class Run:
         for name, spec in self.specs.items():
             if spec.dependencies and name not in names:
                 self.watch.add(name)
+                self.add_dependency_timers(name, self.watch_since)
         for name in dict.fromkeys(names):
             self.root.active += 1
             self.activate(name, self.root)
@@ -219,6 +221,7 @@ class Run:
             meta.set_status(StateStatus.PENDING)
             meta.waiting_for = "dependencies"
             self.waiting.append(act)
+            self.add_dependency_timers(name, act.waiting_since)
             return
         self.make_ready(act)
 
@@ -373,8 +376,16 @@ class Run:
             )
             act.attempt_obj = attempt
             act.task = self.loop.create_task(self.run_attempt(act, attempt))
-        if timeout is not None:
+        act.task.add_done_callback(functools.partial(self.task_done, act))
+        if self.done.is_set():
+            self.stop_activation(act, "cancel")
+        elif timeout is not None:
             act.timer = self.loop.call_later(timeout, self.stop_activation, act, "timeout")
+
+    def task_done(self, act: _Activation, task: asyncio.Task[Any]) -> None:
+        # A task cancelled before its first step never ran its own handler.
+        if self.running.get(act.state) is act and act.task is task:
+            self.finished(act, None, None, {})
 
     async def continue_inline(self, act: _Activation, coro: Any, first: Any) -> None:
         try:
@@ -621,10 +632,6 @@ class Run:
                 continue
             verdict = self.deps_verdict(name, self.watch_since, now, triggered=True)
             if verdict is True:
-                spec = self.specs[name]
-                lifecycles = {c.lifecycle for c in spec.dependencies.values()}
-                if not lifecycles & {Life.ALWAYS, Life.PERIODIC}:
-                    self.watch.discard(name)
                 self.emit(ev.DEPENDENCY_RESOLVED, name, duration=now - self.watch_since)
                 self.consume(name)
                 self.root.active += 1
@@ -656,9 +663,13 @@ class Run:
         return any(name in g.held for g in self.groups.values())
 
     def consume(self, name: str) -> None:
-        for dep in self.specs[name].dependencies:
+        """Record that ``name`` starts on its dependencies as they are now."""
+        deps = self.specs[name].dependencies
+        for dep in deps:
             self.consumed[(name, dep)] = self.completions.get(dep, 0)
         self.last_start[name] = self.clock()
+        if not any(c.lifecycle in (Life.ALWAYS, Life.PERIODIC) for c in deps.values()):
+            self.watch.discard(name)  # triggered once per run: a returned activation counts
 
     def deps_verdict(self, name: str, since: float, now: float, *, triggered: bool) -> Any:
         """True when met; a reason string while waiting; (status, message) when it never can be."""
@@ -711,10 +722,12 @@ class Run:
                     return f"condition on {dep!r} raised {exc!r}"
                 if not ok:
                     return f"condition on dependency {dep!r} to hold"
-        for cfg in spec.dependencies.values():
+        return True
+
+    def add_dependency_timers(self, name: str, since: float) -> None:
+        for cfg in self.specs[name].dependencies.values():
             if cfg.timeout is not None:
                 self.add_timer(since + cfg.timeout + 1e-3)
-        return True
 
     def dependency_gave_up(self, act: _Activation, status: StateStatus, message: str) -> None:
         meta = self.metadata[act.state]
@@ -729,9 +742,8 @@ class Run:
     # --- ending ----------------------------------------------------------------------------
 
     def check_quiescent(self) -> None:
+        # Retry delays keep a run alive; a periodic re-run that is not due yet does not.
         if self.running or self.ready or self.retrying or self.pause_requested:
-            return
-        if self.timers:
             return
         # Nothing can change any more: whatever still waits on dependencies is blocked.
         for act in self.waiting:
