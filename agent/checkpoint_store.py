@@ -28,7 +28,7 @@ import msgpack
 from . import jsoncodec
 from .checkpoint import AgentCheckpoint, check_format_version
 from .context import TypedContextData
-from .errors import CheckpointError
+from .errors import CheckpointError, UnencodableValueError
 
 SCHEMA_VERSION = 1
 
@@ -67,6 +67,11 @@ def default_store_path() -> Path:
     base = os.environ.get("AGENT_STATE_DIR")
     root = Path(base) if base else Path.home() / ".local" / "state" / "agent"
     return root / "checkpoints.sqlite3"
+
+
+def open_default_store(*, keep: int | None = 20) -> "SQLiteCheckpointStore":
+    """The store at :func:`default_store_path` (created on first use)."""
+    return SQLiteCheckpointStore(default_store_path(), keep=keep)
 
 
 def new_run_id() -> str:
@@ -208,9 +213,12 @@ class SQLiteCheckpointStore:
         """
         if not isinstance(run_id, str) or not run_id:
             raise CheckpointError(f"run_id must be a non-empty string, got {run_id!r}")
-        header = json.dumps(
-            {**checkpoint.header_dict(), "run_id": run_id}, separators=(",", ":"), allow_nan=False
-        )
+        try:
+            header = json.dumps(
+                {**checkpoint.header_dict(), "run_id": run_id}, separators=(",", ":"), allow_nan=False
+            )
+        except (UnencodableValueError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint of run {run_id} cannot be written: {exc}") from exc
         context = checkpoint.context
         with self._lock:
             with self._transaction():

@@ -74,18 +74,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             from .checkpoint_store import open_default_store
 
             store = agent.checkpoint_store or open_default_store()
-            agent.checkpoint_store = store
-            checkpoint = store.latest(args.resume)
-            if checkpoint is None:
-                print(f"agent run: no checkpoint for run {args.resume!r} in {store}", file=sys.stderr)
+            if store.latest(args.resume) is None:
+                print(f"agent run: no checkpoint for run {args.resume!r} in {store!r}", file=sys.stderr)
                 return EXIT_USAGE
             import uvloop
 
-            async def _resume() -> None:
-                await agent.restore_from_checkpoint(checkpoint)
-                await agent.resume()
-
-            uvloop.run(_resume())
+            uvloop.run(agent.resume_run(args.resume, store))
         else:
             agent.run_sync(timeout=args.timeout)
     except AgentError as exc:

@@ -23,9 +23,9 @@ from agent.checkpoint_store import (
 )
 from agent.errors import CheckpointError
 
+from tests.checkpoint.store_writer import expected_context
+
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-from store_writer import expected_context  # noqa: E402
 
 
 def checkpoint(context: dict[str, Any], *, name: str = "etl", status: str = "running",
