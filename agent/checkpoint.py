@@ -46,11 +46,14 @@ class AgentCheckpoint:
 
     # --- plain data -------------------------------------------------------------------
 
-    def header_dict(self) -> dict[str, Any]:
-        """Everything but the context, as plain JSON data (the store keeps context apart)."""
+    def header_dict(self, *, with_metadata: bool = True) -> dict[str, Any]:
+        """Everything but the context as plain JSON data (a store keeps context apart).
+
+        ``with_metadata=False`` leaves ``state_metadata`` out too (stored per state).
+        """
         from .jsoncodec import to_json_value
 
-        return {
+        data = {
             "format_version": self.format_version,
             "timestamp": self.timestamp,
             "agent_name": self.agent_name,
@@ -59,9 +62,11 @@ class AgentCheckpoint:
             "completed_states": sorted(self.completed_states),
             "pending_states": list(self.pending_states),
             "running_states": list(self.running_states),
-            "state_metadata": to_json_value(self.state_metadata, "state_metadata"),
             "frames": to_json_value(self.frames, "frames"),
         }
+        if with_metadata:
+            data["state_metadata"] = to_json_value(self.state_metadata, "state_metadata")
+        return data
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (context values in the tagged JSON form of :mod:`agent.jsoncodec`)."""

@@ -2,11 +2,11 @@
 
 Every run has an id; each save appends a checkpoint with the next sequence number in
 one transaction, so a process killed at any moment leaves the last committed
-checkpoint intact. The context is stored per key, in its own table keyed by
-``(run_id, key, seq)``: a save writes only the keys whose encoded value changed since
-the run's previous save (``NULL`` marks a deletion), and reading checkpoint ``S``
-takes, for each key, its newest row with ``seq <= S``. Retention (``keep``) drops old
-checkpoints and the context rows only they could see.
+checkpoint intact. The context (and the per-state metadata) is stored per key, in its
+own table keyed by ``(run_id, kind, key, seq)``: a save writes only the keys whose
+encoded value changed since the run's previous save (``NULL`` marks a deletion), and
+reading checkpoint ``S`` takes, for each key, its newest row with ``seq <= S``.
+Retention (``keep``) drops old checkpoints and the rows only they could see.
 """
 
 from __future__ import annotations
@@ -50,14 +50,15 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     header TEXT NOT NULL,
     PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS context_values (
+CREATE TABLE IF NOT EXISTS run_values (
     run_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
     key TEXT NOT NULL,
     seq INTEGER NOT NULL,
     value TEXT,
-    PRIMARY KEY (run_id, key, seq)
+    PRIMARY KEY (run_id, kind, key, seq)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS context_values_by_seq ON context_values (run_id, seq);
+CREATE INDEX IF NOT EXISTS run_values_by_seq ON run_values (run_id, seq);
 """
 
 
@@ -121,13 +122,25 @@ class CheckpointStore(Protocol):
     def close(self) -> None: ...
 
 
+CONTEXT = "context"
+STATE = "state"
+_KINDS = (CONTEXT, STATE)
+
+
+@dataclass
+class _Values:
+    """The last saved JSON text (and fingerprint) of each key of one kind."""
+
+    texts: dict[str, str] = dataclasses.field(default_factory=dict)
+    prints: dict[str, bytes] = dataclasses.field(default_factory=dict)
+
+
 @dataclass
 class _RunCache:
     """What the last save of a run wrote, so the next one can write only the difference."""
 
     seq: int
-    texts: dict[str, str]
-    prints: dict[str, bytes]
+    kinds: dict[str, _Values]
 
 
 class SQLiteCheckpointStore:
@@ -215,7 +228,7 @@ class SQLiteCheckpointStore:
             raise CheckpointError(f"run_id must be a non-empty string, got {run_id!r}")
         try:
             header = json.dumps(
-                {**checkpoint.header_dict(), "run_id": run_id}, separators=(",", ":"), allow_nan=False
+                {**checkpoint.header_dict(with_metadata=False), "run_id": run_id}, separators=(",", ":"), allow_nan=False
             )
         except (UnencodableValueError, ValueError) as exc:
             raise CheckpointError(f"checkpoint of run {run_id} cannot be written: {exc}") from exc
@@ -237,15 +250,16 @@ class SQLiteCheckpointStore:
                     cache = self._load_cache(run_id, last_seq)
                     changed_keys = None
                 seq = last_seq + 1
-                writes = _diff(cache, context, changed_keys)
+                writes = [(CONTEXT, k, t) for k, t in _diff(cache.kinds[CONTEXT], context, changed_keys)]
+                writes += [(STATE, k, t) for k, t in _diff(cache.kinds[STATE], checkpoint.state_metadata, None)]
                 self._db.execute(
                     "INSERT INTO checkpoints (run_id, seq, timestamp, header) VALUES (?, ?, ?, ?)",
                     (run_id, seq, checkpoint.timestamp, header),
                 )
                 if writes:
                     self._db.executemany(
-                        "INSERT INTO context_values (run_id, key, seq, value) VALUES (?, ?, ?, ?)",
-                        [(run_id, key, seq, text) for key, text in writes],
+                        "INSERT INTO run_values (run_id, kind, key, seq, value) VALUES (?, ?, ?, ?, ?)",
+                        [(run_id, kind, key, seq, text) for kind, key, text in writes],
                     )
                 self._db.execute(
                     "INSERT INTO runs (run_id, agent_name, created, updated, status, latest_seq) "
@@ -257,12 +271,13 @@ class SQLiteCheckpointStore:
                 if self.keep is not None and seq - self.keep > pruned_through:
                     self._compact(run_id, seq - self.keep + 1, pruned_through)
             # Committed: only now does the cache move on (a failed save leaves none behind).
-            for key, text in writes:
+            for kind, key, text in writes:
+                values = cache.kinds[kind]
                 if text is None:
-                    cache.texts.pop(key, None)
-                    cache.prints.pop(key, None)
+                    values.texts.pop(key, None)
+                    values.prints.pop(key, None)
                 else:
-                    cache.texts[key] = text
+                    values.texts[key] = text
             cache.seq = seq
             self._cache[run_id] = cache
         return seq
@@ -291,15 +306,15 @@ class SQLiteCheckpointStore:
         # Keys written since the last compaction: their rows older than their newest row
         # at or before ``cut`` are invisible to every kept checkpoint.
         self._db.execute(
-            "DELETE FROM context_values WHERE run_id = :r AND seq < :cut "
-            "AND key IN (SELECT key FROM context_values WHERE run_id = :r AND seq > :old AND seq <= :cut) "
-            "AND seq < (SELECT MAX(m.seq) FROM context_values AS m "
-            "           WHERE m.run_id = :r AND m.key = context_values.key AND m.seq <= :cut)",
+            "DELETE FROM run_values WHERE run_id = :r AND seq < :cut "
+            "AND (kind, key) IN (SELECT kind, key FROM run_values WHERE run_id = :r AND seq > :old AND seq <= :cut) "
+            "AND seq < (SELECT MAX(m.seq) FROM run_values AS m WHERE m.run_id = :r "
+            "           AND m.kind = run_values.kind AND m.key = run_values.key AND m.seq <= :cut)",
             {"r": run_id, "cut": cut, "old": pruned_through},
         )
         # A deletion marker with nothing older left hides nothing.
         self._db.execute(
-            "DELETE FROM context_values WHERE run_id = ? AND value IS NULL AND seq > ? AND seq <= ?",
+            "DELETE FROM run_values WHERE run_id = ? AND value IS NULL AND seq > ? AND seq <= ?",
             (run_id, pruned_through, cut),
         )
         self._db.execute("UPDATE runs SET pruned_through = ? WHERE run_id = ?", (cut - 1, run_id))
@@ -310,7 +325,7 @@ class SQLiteCheckpointStore:
         with self._lock, self._transaction():
             self._cache.pop(run_id, None)
             self._db.execute("DELETE FROM checkpoints WHERE run_id = ?", (run_id,))
-            self._db.execute("DELETE FROM context_values WHERE run_id = ?", (run_id,))
+            self._db.execute("DELETE FROM run_values WHERE run_id = ?", (run_id,))
             return self._db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,)).rowcount > 0
 
     # --- reading ---------------------------------------------------------------------
@@ -337,29 +352,26 @@ class SQLiteCheckpointStore:
             if row is None:
                 return None
             seq, header_text = row
-            rows = self._db.execute(
-                "SELECT key, value, MAX(seq) FROM context_values WHERE run_id = ? AND seq <= ? GROUP BY key",
-                (run_id, seq),
-            ).fetchall()
+            rows = self._values_at(run_id, seq)
         where = f"checkpoint {seq} of run {run_id} in {self.path}"
         header = _decode_header(header_text, where)
-        context: dict[str, Any] = {}
-        for key, text, _ in rows:
-            if text is None:
-                continue
+        values: dict[str, dict[str, Any]] = {kind: {} for kind in _KINDS}
+        for kind, key, text in rows:
             try:
-                context[key] = jsoncodec.loads(text)
-            except CheckpointError as exc:
+                values[kind][key] = jsoncodec.loads(text)
+            except (CheckpointError, KeyError) as exc:
                 raise CheckpointError(
-                    f"{where}: context key {key!r} is corrupt ({exc}); delete the run or resume "
+                    f"{where}: {kind} key {key!r} is corrupt ({exc}); delete the run or resume "
                     "from a fresh start"
                 ) from exc
         header["context"] = {}
+        header["state_metadata"] = {}
         try:
             checkpoint = AgentCheckpoint.from_dict(header)
         except CheckpointError as exc:
             raise CheckpointError(f"{where} is corrupt: {exc}") from exc
-        checkpoint.context = context
+        checkpoint.context = values[CONTEXT]
+        checkpoint.state_metadata = values[STATE]
         return checkpoint
 
     def checkpoints(self, run_id: str) -> list[int]:
@@ -403,17 +415,25 @@ class SQLiteCheckpointStore:
             self._db.execute("ROLLBACK")
             raise CheckpointError(f"checkpoint store {self.path}: commit failed: {exc}") from exc
 
-    def _load_cache(self, run_id: str, seq: int) -> _RunCache:
+    def _values_at(self, run_id: str, seq: int) -> list[tuple[str, str, str]]:
+        """``(kind, key, text)`` of every key as it was at checkpoint ``seq`` (deleted ones left out)."""
         rows = self._db.execute(
-            "SELECT key, value, MAX(seq) FROM context_values WHERE run_id = ? AND seq <= ? GROUP BY key",
+            "SELECT kind, key, value, MAX(seq) FROM run_values WHERE run_id = ? AND seq <= ? "
+            "GROUP BY kind, key",
             (run_id, seq),
         ).fetchall()
-        texts = {key: text for key, text, _ in rows if text is not None}
-        return _RunCache(seq=seq, texts=texts, prints={})
+        return [(kind, key, text) for kind, key, text, _ in rows if text is not None]
+
+    def _load_cache(self, run_id: str, seq: int) -> _RunCache:
+        cache = _RunCache(seq=seq, kinds={kind: _Values() for kind in _KINDS})
+        for kind, key, text in self._values_at(run_id, seq):
+            if kind in cache.kinds:
+                cache.kinds[kind].texts[key] = text
+        return cache
 
 
 def _diff(
-    cache: _RunCache, context: Mapping[str, Any], changed_keys: Iterable[str] | None
+    cache: _Values, context: Mapping[str, Any], changed_keys: Iterable[str] | None
 ) -> list[tuple[str, str | None]]:
     """``(key, new JSON text, or None when deleted)`` for every key that changed.
 

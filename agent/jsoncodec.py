@@ -22,6 +22,7 @@ import decimal
 import importlib
 import json
 import uuid
+import zoneinfo
 from typing import Any
 
 from .context import TypedContextData
@@ -29,17 +30,62 @@ from .errors import CheckpointError, UnencodableValueError
 
 _TAG = "$type"
 _MAX_DEPTH = 200
+_INF = float("inf")
+_NINF = float("-inf")
 
 
-def to_json_value(value: Any, _path: str = "value", _depth: int = 0) -> Any:
-    """Encode ``value`` into JSON-compatible data; raises UnencodableValueError."""
-    if value is None or value is True or value is False:
+class _Unencodable(Exception):
+    """Raised inside the encoder; carries the path to the bad value, innermost part first."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.parts: list[str] = []
+
+
+def to_json_value(value: Any, _path: str = "value") -> Any:
+    """Encode ``value`` into JSON-compatible data; raises UnencodableValueError naming where."""
+    try:
+        return _encode(value, 0)
+    except _Unencodable as exc:
+        where = _path + "".join(reversed(exc.parts))
+        raise UnencodableValueError(f"{where}: {exc.message}") from None
+
+
+def _encode(value: Any, depth: int) -> Any:
+    t = type(value)
+    if t is str or t is int or t is bool or value is None:  # the common case, first
         return value
-    if _depth > _MAX_DEPTH:
-        raise UnencodableValueError(
-            f"{_path}: nested more than {_MAX_DEPTH} levels deep (a reference cycle?); "
-            "store flatter data in the context"
+    if t is float:
+        if value != value or value in (_INF, _NINF):
+            return {_TAG: "float", "value": repr(value)}
+        return value
+    if depth >= _MAX_DEPTH:
+        raise _Unencodable(
+            f"nested more than {_MAX_DEPTH} levels deep (a reference cycle?); store flatter data"
         )
+    d = depth + 1
+    if isinstance(value, dict):
+        plain = _TAG not in value and all(type(k) is str for k in value)
+        items = []
+        for k, v in value.items():
+            try:
+                if plain:
+                    items.append((k, _encode(v, d)))
+                else:
+                    items.append([_encode(k, d), _encode(v, d)])
+            except _Unencodable as exc:
+                exc.parts.append(f"[{k!r}]")
+                raise
+        return dict(items) if plain else {_TAG: "dict", "value": items}
+    if isinstance(value, (list, tuple)):
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(_encode(v, d))
+            except _Unencodable as exc:
+                exc.parts.append(f"[{i}]")
+                raise
+        return {_TAG: "tuple", "value": out} if isinstance(value, tuple) else out
     if isinstance(value, str):
         return str.__str__(value)  # a str enum's plain value, not "Cls.MEMBER"
     if isinstance(value, bool):  # a bool subclass is still a bool
@@ -47,26 +93,13 @@ def to_json_value(value: Any, _path: str = "value", _depth: int = 0) -> Any:
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            return {_TAG: "float", "value": repr(float(value))}
-        return float(value)
-    d = _depth + 1
-    if isinstance(value, list):
-        return [to_json_value(v, f"{_path}[{i}]", d) for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        if _TAG not in value and all(type(k) is str for k in value):
-            return {k: to_json_value(v, f"{_path}[{k!r}]", d) for k, v in value.items()}
-        return {
-            _TAG: "dict",
-            "value": [
-                [to_json_value(k, f"{_path} key", d), to_json_value(v, f"{_path}[{k!r}]", d)]
-                for k, v in value.items()
-            ],
-        }
-    if isinstance(value, tuple):
-        return {_TAG: "tuple", "value": [to_json_value(v, f"{_path}[{i}]", d) for i, v in enumerate(value)]}
+        return _encode(float(value), depth)
     if isinstance(value, (set, frozenset)):
-        items = [to_json_value(v, f"{_path} item", d) for v in value]
+        try:
+            items = [_encode(v, d) for v in value]
+        except _Unencodable as exc:
+            exc.parts.append(" item")
+            raise
         # A stable order, so equal sets give equal JSON (the store compares texts).
         items.sort(key=lambda x: json.dumps(x, sort_keys=True))
         return {_TAG: "frozenset" if isinstance(value, frozenset) else "set", "value": items}
@@ -75,7 +108,12 @@ def to_json_value(value: Any, _path: str = "value", _depth: int = 0) -> Any:
     if isinstance(value, bytearray):
         return {_TAG: "bytearray", "value": base64.b64encode(bytes(value)).decode("ascii")}
     if isinstance(value, _dt.datetime):
-        return {_TAG: "datetime", "value": value.isoformat()}
+        zone = getattr(value.tzinfo, "key", None)
+        if isinstance(value.tzinfo, zoneinfo.ZoneInfo) and zone:
+            # Keep the zone itself, not just today's offset (and which of two repeated times).
+            local = value.replace(tzinfo=None).isoformat()
+            return {_TAG: "datetime", "value": local, "zone": zone, "fold": value.fold}
+        return {_TAG: "datetime", "value": value.isoformat(), "fold": value.fold}
     if isinstance(value, _dt.date):
         return {_TAG: "date", "value": value.isoformat()}
     if isinstance(value, _dt.time):
@@ -87,24 +125,27 @@ def to_json_value(value: Any, _path: str = "value", _depth: int = 0) -> Any:
     if isinstance(value, uuid.UUID):
         return {_TAG: "uuid", "value": str(value)}
     if isinstance(value, TypedContextData) and dataclasses.is_dataclass(value):
-        return _encode_typed(value, _path, d)
-    raise UnencodableValueError(
-        f"{_path}: a {type(value).__name__} cannot be written to a checkpoint; store primitives, "
+        return _encode_typed(value, d)
+    raise _Unencodable(
+        f"a {type(value).__name__} cannot be written to a checkpoint; store primitives, "
         "lists, dicts, sets, datetimes or TypedContextData dataclasses"
     )
 
 
-def _encode_typed(value: Any, path: str, depth: int) -> dict[str, Any]:
+def _encode_typed(value: Any, depth: int) -> dict[str, Any]:
     cls = type(value)
     if "<locals>" in cls.__qualname__:
-        raise UnencodableValueError(
-            f"{path}: {cls.__qualname__} is defined inside a function, so a resumed run could "
+        raise _Unencodable(
+            f"{cls.__qualname__} is defined inside a function, so a resumed run could "
             "not import it; define the TypedContextData class at module level"
         )
-    fields = {
-        f.name: to_json_value(getattr(value, f.name), f"{path}.{f.name}", depth)
-        for f in dataclasses.fields(value)
-    }
+    fields = {}
+    for f in dataclasses.fields(value):
+        try:
+            fields[f.name] = _encode(getattr(value, f.name), depth)
+        except _Unencodable as exc:
+            exc.parts.append(f".{f.name}")
+            raise
     return {_TAG: "typed", "class": f"{cls.__module__}:{cls.__qualname__}", "value": fields}
 
 
@@ -171,7 +212,10 @@ def from_json_value(data: Any) -> Any:
         if tag == "bytearray":
             return bytearray(base64.b64decode(raw, validate=True))
         if tag == "datetime":
-            return _dt.datetime.fromisoformat(raw)
+            moment = _dt.datetime.fromisoformat(raw)
+            if "zone" in data:
+                moment = moment.replace(tzinfo=zoneinfo.ZoneInfo(data["zone"]))
+            return moment.replace(fold=int(data.get("fold", 0)))
         if tag == "date":
             return _dt.date.fromisoformat(raw)
         if tag == "time":

@@ -44,7 +44,8 @@ def checkpoint(context: dict[str, Any], *, name: str = "etl", status: str = "run
 def rows_at(store: SQLiteCheckpointStore, run_id: str, seq: int) -> dict[str, str | None]:
     with sqlite3.connect(store.path) as db:
         return dict(db.execute(
-            "SELECT key, value FROM context_values WHERE run_id = ? AND seq = ?", (run_id, seq)
+            "SELECT key, value FROM run_values WHERE run_id = ? AND seq = ? AND kind = 'context'",
+            (run_id, seq),
         ).fetchall())
 
 
@@ -63,6 +64,7 @@ class TestSave:
         back = store.latest("r1")
         assert back.context == cp.context
         assert back.completed_states == {"first"}
+        assert back.state_metadata == {"first": {"attempts": 1}}
         assert back.run_id == "r1"
         assert isinstance(store, CheckpointStore)
 
@@ -81,6 +83,19 @@ class TestSave:
         assert rows_at(store, "r1", 2) == {"k5": '{"v":-5}', "new": "[1]", "k7": None}
         assert store.latest("r1").context == context
         assert store.load("r1", 1).context["k5"] == {"v": 5}
+
+    def test_state_metadata_is_stored_per_state(self, store):
+        cp = checkpoint({})
+        cp.state_metadata = {f"s{i}": {"status": "pending", "runs": 0} for i in range(50)}
+        store.save("r1", cp)
+        cp.state_metadata["s3"] = {"status": "completed", "runs": 1}
+        del cp.state_metadata["s4"]
+        store.save("r1", cp)
+        with sqlite3.connect(store.path) as db:
+            rows = db.execute("SELECT key, value FROM run_values WHERE kind = 'state' AND seq = 2").fetchall()
+        assert sorted(rows) == [("s3", '{"status":"completed","runs":1}'), ("s4", None)]
+        assert store.latest("r1").state_metadata == cp.state_metadata
+        assert store.load("r1", 1).state_metadata["s3"] == {"status": "pending", "runs": 0}
 
     def test_in_place_mutation_is_seen_without_a_hint(self, store):
         context = {"rows": [1, 2]}
@@ -174,7 +189,7 @@ class TestRetention:
             assert [store.load("r", s).context for s in (8, 9, 10)] == [
                 {"n": n, "fixed": "x"} for n in (7, 8, 9)]
             with sqlite3.connect(store.path) as db:
-                count = db.execute("SELECT COUNT(*) FROM context_values").fetchone()[0]
+                count = db.execute("SELECT COUNT(*) FROM run_values WHERE kind = 'context'").fetchone()[0]
             assert count == 4  # "fixed" once, "n" for each kept checkpoint
 
     def test_prune(self, store):
@@ -245,7 +260,7 @@ class TestCorruption:
 
     def test_corrupt_context_value(self, store):
         store.save("r", checkpoint({"a": 1, "b": 2}))
-        self.corrupt(store, "UPDATE context_values SET value = '[1,' WHERE key = 'b'")
+        self.corrupt(store, "UPDATE run_values SET value = '[1,' WHERE key = 'b'")
         with pytest.raises(CheckpointError, match="context key 'b' is corrupt"):
             store.latest("r")
 
