@@ -298,6 +298,10 @@ class Agent:
         self.run_id = restored.run_id if restored is not None and restored.run_id else uuid.uuid4().hex
         self.context.run_id = self.run_id
         self._fresh_context = False
+        if self.checkpoint_store is None and self.checkpoint_interval:
+            from .checkpoint_store import open_default_store
+
+            self.checkpoint_store = open_default_store()  # DESIGN item 11: the embedded default
         observers = tuple(self._observers) + ev.ambient_observers()
         cleanup = self.cleanup_timeout if cleanup_timeout is None else cleanup_timeout
         run = Run(self, self.run_id, self.context, observers, cleanup)

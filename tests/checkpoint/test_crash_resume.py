@@ -117,8 +117,12 @@ class TestResumeCli:
         )
         env = dict(os.environ, PYTHONPATH=str(ROOT), CRASH_DIR=str(tmp_path), HANG_AFTER="step_05")
         first = subprocess.Popen([sys.executable, "-m", "agent", "run", str(workflow)],
-                                 stdout=subprocess.PIPE, text=True, env=env)
-        run_id = first.stdout.readline().split()[1]
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        announced = first.stderr.readline()  # the CLI names the run as it starts
+        assert announced.startswith("agent run: run_id ")
+        run_id = announced.split()[-1]
+        assert first.stdout.readline().split()[1] == run_id
+        first.stderr.close()
         wait_for(lambda: example.effect_counts(tmp_path)["step_05"] == 1, first, "step_05's effect")
         kill(first)
         env.pop("HANG_AFTER")
@@ -128,6 +132,11 @@ class TestResumeCli:
         summary = json.loads(done.stdout[done.stdout.index("{"):])
         assert (summary["run_id"], summary["status"]) == (run_id, "completed")
         assert example.effect_counts(tmp_path) == {s: 2 if s == "step_05" else 1 for s in STATES}
+        listed = subprocess.run([sys.executable, "-m", "agent", "runs", "--store", str(tmp_path / "checkpoints.sqlite3")],
+                                capture_output=True, text=True, env=env, timeout=120)
+        assert listed.returncode == 0, listed.stderr
+        [run] = json.loads(listed.stdout)
+        assert (run["run_id"], run["agent_name"], run["status"]) == (run_id, "crash_resume", "completed")
         unknown = subprocess.run([sys.executable, "-m", "agent", "run", str(workflow), "--resume", "nope"],
                                  capture_output=True, text=True, env=env, timeout=120)
         assert unknown.returncode == 2 and "no checkpoint for run 'nope'" in unknown.stderr
@@ -135,6 +144,20 @@ class TestResumeCli:
 
 class TestResumeRun:
     """Agent.resume_run checks the checkpoint against the agent before running anything."""
+
+    async def test_checkpoint_interval_alone_uses_the_default_store(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("AGENT_STATE_DIR", str(tmp_path))
+        agent = Agent("interval_only", checkpoint_interval=300)
+
+        async def only(context):
+            context.set_state("x", 1)
+
+        agent.add_state("only", only)
+        context = await agent.run()
+        with SQLiteCheckpointStore(tmp_path / "checkpoints.sqlite3") as store:
+            saved = store.latest(context.run_id)
+        assert (saved.agent_status, saved.context) == ("completed", {"x": 1})
+        agent.checkpoint_store.close()
 
     async def make(self, tmp_path: Path, name: str = "crash_resume") -> tuple[Agent, str]:
         agent = example.build_agent(tmp_path)
