@@ -8,7 +8,6 @@ import heapq
 import logging
 import os
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -115,6 +114,7 @@ class Agent:
         self._session_completions: dict[str, int] = {}
         self._restored: AgentCheckpoint | None = None
         self._fresh_context = True
+        self._graph_checked = False
         self._log = _log
 
     # --- building ---------------------------------------------------------------------------
@@ -172,6 +172,7 @@ class Agent:
         if run is not None:
             self._check_graph(extra=spec)
         self._states[name] = spec
+        self._graph_checked = False
         self.state_metadata[name] = StateMetadata(
             name=name,
             max_retries=spec.effective_max_retries,
@@ -279,7 +280,9 @@ class Agent:
             raise AgentBusyError(f"agent {self.name!r} is already running: await the current run first")
         if not self._states:
             raise WorkflowDefinitionError(f"agent {self.name!r} has no states: add some with add_state()")
-        self._check_graph()
+        if not self._graph_checked:
+            self._check_graph()
+            self._graph_checked = True
         restored = self._restored
         names = self._start_names(start) if restored is None else []
         if restored is None and not self._fresh_context:
@@ -295,7 +298,7 @@ class Agent:
                 meta.runs = 0
                 meta.waiting_for = None
                 meta.blocked_reason = None
-        self.run_id = restored.run_id if restored is not None and restored.run_id else uuid.uuid4().hex
+        self.run_id = restored.run_id if restored is not None and restored.run_id else os.urandom(16).hex()
         self.context.run_id = self.run_id
         self._fresh_context = False
         if self.checkpoint_store is None and self.checkpoint_interval:

@@ -172,6 +172,7 @@ class Run:
         self.hooks = agent._admission_hooks
         self.default_isolation = agent.isolation
         self.completed = agent.completed_states
+        self.human_hooks: dict[str, Any] = {}
 
     # --- events ---------------------------------------------------------------------
 
@@ -347,7 +348,10 @@ class Run:
             self.pool.unmark_waiting(name)
         self.emit(ev.STATE_STARTED, name, attempt=act.attempt)
         isolation = spec.isolation or self.default_isolation
-        view = self.context.view(state_name=name, attempt=act.attempt, human_input=self.agent._human_hook(name))
+        hook = self.human_hooks.get(name)
+        if hook is None:
+            hook = self.human_hooks[name] = self.agent._human_hook(name)
+        view = self.context.view(state_name=name, attempt=act.attempt, human_input=hook)
         timeout = spec.effective_timeout
         if isolation is Isolation.INLINE and not self.hooks:
             try:
@@ -435,6 +439,13 @@ class Run:
 
     def finished(self, act: _Activation, result: Any, failure: FailureReason | None, usage: dict[str, Any]) -> None:
         """Account for an attempt that ended, then decide what comes next."""
+        try:
+            self._finished(act, result, failure, usage)
+        except Exception as exc:  # an engine bug must end the run visibly, not hang it
+            self.agent._log.exception("internal error while finishing %r", act.state)
+            self.fail(exc)
+
+    def _finished(self, act: _Activation, result: Any, failure: FailureReason | None, usage: dict[str, Any]) -> None:
         name = act.state
         if self.running.get(name) is not act:
             return
@@ -455,7 +466,8 @@ class Run:
             meta.usage = dict(usage)
         stop = act.stop_reason
         duration = now - act.started_at
-        self.kick()
+        if not self.pumping:
+            self.kick()
         if stop in ("preempt", "pause"):
             act.attempt -= 1  # not a failed attempt
             meta.attempts = act.attempt
