@@ -104,6 +104,24 @@ class TestCrashResume:
         assert report["resumed_exit_code"] == 0
 
 
+class TestFanOutCrash:
+    """A fan-out killed while one branch runs: finished branches stay done, the join runs once."""
+
+    def test_kill_inside_a_fan_out(self, tmp_path):
+        script = str(Path(__file__).with_name("fanout_workflow.py"))
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        proc = subprocess.Popen([sys.executable, script, "run", str(tmp_path), "b"],
+                                stdout=subprocess.PIPE, text=True, env=env)
+        run_id = proc.stdout.readline().split()[1]
+        wait_for(lambda: checkpointed(tmp_path, run_id) == {"start", "a", "c"}, proc, "branches a and c")
+        kill(proc)
+        done = subprocess.run([sys.executable, script, "resume", str(tmp_path), run_id],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        counts = example.effect_counts(tmp_path)
+        assert counts == {"start": 1, "a": 1, "b": 2, "c": 1, "merge": 1, "end": 1}
+
+
 class TestResumeCli:
     """``agent run FILE --resume RUN_ID`` continues a killed run."""
 
