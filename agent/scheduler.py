@@ -524,7 +524,6 @@ class Run:
         self.last_completion[name] = now
         self.agent._session_completions[name] = self.agent._session_completions.get(name, 0) + 1
         self.emit(ev.STATE_COMPLETED, name, attempt=act.attempt, duration=duration, usage=usage)
-        self.agent._after_completion(self)
         group = self.groups[act.group]
         if nexts is None:
             self.end_branch(act)
@@ -537,6 +536,9 @@ class Run:
             child.active = len(nexts)
             for n in nexts:
                 self.activate(n, child)
+        # Checkpoint only now: the completion and the transitions it caused are saved
+        # together, so a run resumed from this checkpoint continues where this state led.
+        self.agent._after_completion(self)
 
     def validate_result(self, name: str, result: Any) -> str | list[str] | None:
         if result is None:
