@@ -175,7 +175,7 @@ class Agent:
         self._graph_checked = False
         self.state_metadata[name] = StateMetadata(
             name=name,
-            max_retries=spec.effective_max_retries,
+            max_retries=spec.max_retries_with(self.retry_policy),
             resources=resources,
             priority=spec.priority,
             dependencies=deps,
@@ -301,7 +301,12 @@ class Agent:
         self.run_id = restored.run_id if restored is not None and restored.run_id else os.urandom(16).hex()
         self.context.run_id = self.run_id
         self._fresh_context = False
-        observers = tuple(self._observers) + ev.ambient_observers()
+        if self.checkpoint_store is None and self.checkpoint_interval:
+            from .checkpoint_store import open_default_store
+
+            self.checkpoint_store = open_default_store()  # DESIGN item 11: the embedded default
+        # An observer attached both ways (agent and ambient) sees each event once.
+        observers = tuple(dict.fromkeys(self._observers + list(ev.ambient_observers())))
         cleanup = self.cleanup_timeout if cleanup_timeout is None else cleanup_timeout
         run = Run(self, self.run_id, self.context, observers, cleanup)
         self._run = run
@@ -319,6 +324,7 @@ class Agent:
                 run.emit(ev.RUN_STARTED, data={"resumed": True})
             else:
                 run.start(names)
+                self._after_completion(run)  # the run is resumable before its first completion
             await run.drive(deadline)
         except asyncio.CancelledError:
             self._set_status(AgentStatus.CANCELLED)
@@ -553,9 +559,43 @@ class Agent:
         self._fresh_context = True
         self.last_checkpoint = checkpoint
 
+    async def resume_run(self, run_id: str, store: Any = None) -> Context:
+        """Continue run ``run_id`` from its newest checkpoint in ``store`` and return its context.
+
+        This is how a run survives its process: with ``checkpoint_store`` set, every state
+        completion is saved; after a crash, a new process builds the same agent and calls
+        this. Completed states are not run again; states that were running re-run. The
+        store defaults to this agent's ``checkpoint_store``, else the default SQLite file.
+        A run that already completed is restored without running anything.
+        """
+        from .checkpoint_store import open_default_store
+
+        if store is None:
+            store = self.checkpoint_store if self.checkpoint_store is not None else open_default_store()
+        self.checkpoint_store = store
+        checkpoint = store.latest(run_id)
+        if checkpoint is None:
+            raise CheckpointError(
+                f"no checkpoint of run {run_id!r} in {store!r}: check the run id (list_runs() "
+                "shows the runs a store holds) and that the agent saved to this store"
+            )
+        checkpoint.validate_for(self.name, self._states)
+        if checkpoint.agent_status in (AgentStatus.FAILED.value, AgentStatus.CANCELLED.value):
+            raise CheckpointError(
+                f"run {run_id} ended {checkpoint.agent_status}: there is nothing to resume; "
+                "start a new run"
+            )
+        await self.restore_from_checkpoint(checkpoint)
+        if checkpoint.agent_status != AgentStatus.COMPLETED.value:
+            await self.resume()
+        return self.context
+
     def _after_completion(self, run: Run) -> None:
         if self.checkpoint_store is not None:
-            self._save_checkpoint()
+            try:
+                self._save_checkpoint()
+            except CheckpointError as exc:  # e.g. a context value JSON cannot hold
+                run.fail(CheckpointError(f"run {run.run_id} cannot be checkpointed: {exc}"))
 
     def _save_checkpoint(self, checkpoint: AgentCheckpoint | None = None) -> None:
         checkpoint = checkpoint or self.create_checkpoint()

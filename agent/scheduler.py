@@ -355,7 +355,9 @@ class Run:
         meta.last_execution = time.time()
         if self.pool is not None:
             self.pool.unmark_waiting(name)
-        self.emit(ev.STATE_STARTED, name, attempt=act.attempt)
+        if self.observers:  # what it holds from the pool, for the allocation metrics
+            self.emit(ev.STATE_STARTED, name, attempt=act.attempt,
+                      data={"resources": spec.resources} if spec.resources is not None else {})
         isolation = spec.isolation or self.default_isolation
         hook = self.human_hooks.get(name)
         if hook is None:
@@ -531,7 +533,6 @@ class Run:
         self.last_completion[name] = now
         self.agent._session_completions[name] = self.agent._session_completions.get(name, 0) + 1
         self.emit(ev.STATE_COMPLETED, name, attempt=act.attempt, duration=duration, usage=usage)
-        self.agent._after_completion(self)
         group = self.groups[act.group]
         if nexts is None:
             self.end_branch(act)
@@ -544,6 +545,9 @@ class Run:
             child.active = len(nexts)
             for n in nexts:
                 self.activate(n, child)
+        # Checkpoint only now: the completion and the transitions it caused are saved
+        # together, so a run resumed from this checkpoint continues where this state led.
+        self.agent._after_completion(self)
 
     def validate_result(self, name: str, result: Any) -> str | list[str] | None:
         if result is None:
@@ -575,7 +579,7 @@ class Run:
         meta.error = failure
         outcome = "timeout" if failure.kind == "timeout" else "failed"
         meta.record(AttemptRecord(act.attempt, act.started_at, now, outcome, failure.message, usage))
-        max_retries = spec.effective_max_retries
+        max_retries = spec.max_retries_with(self.agent.retry_policy)
         final = act.attempt > max_retries
         self.emit(ev.STATE_FAILED, name, attempt=act.attempt, duration=duration, usage=usage,
                   error=failure.message, data={"final": final, "kind": failure.kind})

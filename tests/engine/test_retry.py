@@ -86,10 +86,11 @@ class TestRetries:
 
     async def test_agent_default_policy(self):
         calls: list = []
-        agent = Agent("retry", isolation="inline", retry_policy=RetryPolicy(max_retries=1, initial_delay=0.0))
-        agent.add_state("s", flaky(1, calls), max_retries=1)
+        agent = Agent("retry", isolation="inline", retry_policy=RetryPolicy(max_retries=2, initial_delay=0.0))
+        agent.add_state("s", flaky(2, calls))
         await agent.run()
-        assert calls == [1, 2]
+        assert calls == [1, 2, 3]
+        assert agent.state_metadata["s"].max_retries == 2
 
     async def test_no_retries_by_default(self):
         calls: list = []
