@@ -28,7 +28,9 @@ class TestDefaults:
         pool = ResourcePool()
         assert pool.totals[ResourceType.CPU] == psutil.cpu_count()
         assert pool.totals[ResourceType.MEMORY] == psutil.virtual_memory().total // (1024 * 1024)
-        assert pool.totals[ResourceType.GPU] >= 0
+        from agent.supervisor.gpus import default_inventory
+
+        assert pool.totals[ResourceType.GPU] == len(default_inventory().devices())
 
     def test_negative_total_is_rejected(self) -> None:
         with pytest.raises(ResourceRequestError, match="CPU must be >= 0"):
