@@ -10,6 +10,8 @@ supervisor: ``child_spec`` is plain data.
 
 * ``cgroup_procs``: ``cgroup.procs`` files to write this process's pid to;
 * ``rlimits``: ``[[name, soft, hard], ...]`` with ``name`` a ``resource.RLIMIT_*`` name;
+* ``process_group``: make this process a process-group leader (the no-cgroup
+  fallback kills the whole group);
 * ``data_headroom``: bytes the child may add to its data size (``RLIMIT_DATA`` set to
   what it inherited plus this), the no-cgroup fallback's memory backstop;
 * ``env``: variables to set;
@@ -88,6 +90,8 @@ def apply(child_spec: dict[str, Any], *, sandbox: bool = True) -> None:
     Raises OSError when a step fails; the child must then exit without running the state.
     """
     join_cgroups(child_spec)
+    if child_spec.get("process_group") and os.getpgid(0) != os.getpid():
+        os.setpgid(0, 0)
     set_limits(child_spec)
     set_environment(child_spec)
     if sandbox:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
+import psutil
 import pytest
 
 from agent.errors import ResourceRequestError
@@ -17,6 +19,13 @@ from .helpers import BACKEND, allocate, fork_bomb, make_attempt, spawn
 
 MiB = 1024 * 1024
 DISK = ((254, 0),)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 class TestLimitsFor:
@@ -124,11 +133,13 @@ class TestNoCgroupBackend:
             assert confinement.handle.pids() == []
         finally:
             confinement.close()
+        # Orphans left the tree but not the child's process group: they were killed too.
+        group = [p for p in psutil.process_iter() if _pgid(p.pid) == child.pid]
+        _, alive = psutil.wait_procs(group, timeout=5)
+        assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
 
     def test_sandbox_isolation_without_its_module_or_root_is_refused_clearly(self, confiner):
         pytest.importorskip("agent.supervisor.sandbox")
-        import os
-
         attempt = make_attempt(None, isolation=Isolation.SANDBOX)
         if os.geteuid() == 0:
             confinement = confiner.prepare(attempt)

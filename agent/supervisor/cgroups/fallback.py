@@ -3,13 +3,15 @@
 Used where this process can create no cgroup (not root, no delegation). The watchdog
 samples each attempt's process tree every few milliseconds and SIGKILLs the tree when
 its private (unshared) memory passes ``memory_mb`` or it has more processes than ``pids_max``.
-It is best effort and says so: memory is checked between samples (a fast allocation
-overshoots before the kill), a process that leaves the tree (double fork) escapes, and
+The child leads a process group of its own, so the kill also reaches processes that
+left the tree. It is best effort and says so: memory is checked between samples (a fast
+allocation overshoots before the kill), a process that starts a new session escapes, and
 CPU quotas and IO limits are not enforced at all.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Any
@@ -36,6 +38,7 @@ class WatchedTree:
         if limits.deny_devices:
             self.unenforced["devices"] = "no cgroups here: GPUs are hidden by CUDA_VISIBLE_DEVICES only"
         self.pid: int | None = None
+        self._root_created = 0.0
         self._lock = threading.Lock()
         self._cpu_seconds = 0.0
         self._peak_rss = 0
@@ -49,14 +52,21 @@ class WatchedTree:
         return []
 
     def child_spec(self) -> dict[str, Any]:
-        if self.limits.memory_bytes is None:
-            return {}
-        # RLIMIT_DATA counts what the child inherited from its preloaded parent, so the
-        # child sets it to what it has plus twice the limit: a backstop for a single huge
-        # allocation that the sampling watchdog would see too late.
-        return {"data_headroom": 2 * self.limits.memory_bytes}
+        # A process group of its own: a kill of the group also reaches processes that
+        # were forked between two samples or left the tree when their parent died.
+        spec: dict[str, Any] = {"process_group": True}
+        if self.limits.memory_bytes is not None:
+            # RLIMIT_DATA counts what the child inherited from its preloaded parent, so
+            # the child sets it to what it has plus twice the limit: a backstop for a
+            # single huge allocation that the sampling watchdog would see too late.
+            spec["data_headroom"] = 2 * self.limits.memory_bytes
+        return spec
 
     def attach(self, pid: int) -> None:
+        try:
+            self._root_created = psutil.Process(pid).create_time()
+        except psutil.Error:
+            return  # already gone: nothing to watch
         self.pid = pid
 
     def _tree(self) -> list[psutil.Process]:
@@ -133,6 +143,23 @@ class WatchedTree:
                 proc.send_signal(signal.SIGKILL)
             except psutil.Error:
                 pass
+        self._kill_group()
+
+    def _kill_group(self) -> None:
+        """SIGKILL the child's process group, unless its pid now names someone else."""
+        if self.pid is None:
+            return
+        try:
+            if psutil.Process(self.pid).create_time() != self._root_created:
+                return  # the pid was reused: not our group
+        except psutil.NoSuchProcess:
+            pass  # the leader is gone; its pid stays reserved while the group has members
+        except psutil.Error:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def remove(self) -> None:
         if not self._removed:
