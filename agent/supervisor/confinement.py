@@ -23,15 +23,18 @@ import atexit
 import functools
 import glob
 import itertools
+import logging
 import os
 import weakref
 from typing import Any
 
-from ..errors import FailureReason, IsolationUnavailableError
+from ..errors import CgroupError, FailureReason, IsolationUnavailableError
 from ..executor import Attempt, Isolation
 from .cgroups import DEFAULT_ROOT, CgroupBackend, CgroupHandle, CgroupLimits, LimitEvents, detect, limits_for
 from .cgroups import blockdev
 from .cgroups.base import safe_name
+
+_log = logging.getLogger("agent.supervisor")
 
 NVIDIA_MAJOR = 195
 # /dev/nvidiactl and /dev/nvidia-modeset share the major; only /dev/nvidia<N> are GPUs.
@@ -76,6 +79,7 @@ class Confinement:
         self._usage: dict[str, Any] = {}
         self._events = LimitEvents()
         self._closed = False
+        self.cleanup_error: CgroupError | None = None
 
     @property
     def limits(self) -> CgroupLimits | None:
@@ -171,6 +175,11 @@ class Confinement:
             if self.handle is not None:
                 self._refresh()
                 self.handle.remove()
+        except CgroupError as exc:
+            # Never let cleanup hide the attempt's outcome: the supervisor's own
+            # directory is reaped (with whatever is left in it) when the Confiner closes.
+            self.cleanup_error = exc
+            _log.warning("cgroup_not_removed: %s", exc)
         finally:
             self._closed = True
             if self._release is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 
@@ -11,6 +10,7 @@ from agent import Agent
 from agent.errors import StateFailedError
 from agent.resources import ResourceRequirements
 
+from .agent_states import bomb, hog, modest
 from .helpers import BACKEND
 
 try:
@@ -23,31 +23,6 @@ pytestmark = [
     pytest.mark.skipif(BACKEND is None, reason="needs root and cgroup v1 or v2"),
     pytest.mark.skipif(get_executor is None, reason="needs the process executor (agent.supervisor)"),
 ]
-
-
-async def hog(context):
-    block = b"\x01" * (200 * 1024 * 1024)
-    context.set_state("allocated", len(block))
-    return None
-
-
-async def modest(context):
-    block = b"\x01" * (16 * 1024 * 1024)
-    context.set_state("allocated", len(block))
-    return None
-
-
-async def bomb(context):
-    children = []
-    try:
-        while True:
-            pid = os.fork()
-            if pid == 0:
-                os.read(os.pipe()[0], 1)  # block until the cgroup is killed
-                os._exit(0)
-            children.append(pid)
-    finally:
-        context.set_state("forked", len(children))
 
 
 def _agent(name: str, func, resources: ResourceRequirements) -> Agent:

@@ -200,3 +200,22 @@ class TestCoMountedHierarchies:
             backend.close()
             for top in {os.path.dirname(d) for d in backend.owned_dirs()}:
                 os.rmdir(top)
+
+
+class TestNestedCgroups:
+    """Cgroups an attempt made below its own (a nested supervisor, a container) go with it."""
+
+    def test_remove_kills_and_deletes_what_the_attempt_nested(self, confiner):
+        confinement = confiner.prepare(make_attempt(ResourceRequirements(memory_mb=64)))
+        handle = confinement.handle
+        tops = sorted(set(handle.dirs.values())) if BACKEND == "v1" else [handle.path]
+        nested = [f"{top}/nested" for top in tops]
+        for path in nested:
+            os.mkdir(path)
+        child = spawn({"cgroup_procs": [f"{p}/cgroup.procs" for p in nested]}, block)
+        pids = child.receive()
+        confinement.close()
+        assert confinement.cleanup_error is None
+        assert child.wait().signal == signal.SIGKILL
+        assert _gone(pids["grandchild"])
+        assert not [p for p in tops if os.path.exists(p)]

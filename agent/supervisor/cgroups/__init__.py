@@ -7,7 +7,7 @@
 """
 
 from .base import DEFAULT_ROOT, CgroupBackend, CgroupHandle, LimitEvents
-from .detect import BACKEND_ENV, Detection, describe, detect, open_backend
+from .detect import BACKEND_ENV, Detection, describe, detect, likely_backend, open_backend
 from .limits import DEFAULT_PIDS_MAX, SANDBOX_PIDS_MAX, CgroupLimits, IoThrottle, limits_for
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "IoThrottle",
     "LimitEvents",
     "detect",
+    "likely_backend",
     "limits_for",
     "open_backend",
 ]

@@ -228,6 +228,14 @@ def wait_empty(procs_files: list[str], timeout: float = 5.0) -> bool:
     return True
 
 
+def subdirs(path: str) -> list[str]:
+    """Child cgroups of ``path`` (an attempt's code may create its own below its cgroup)."""
+    try:
+        return [e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
 def safe_name(text: str) -> str:
     """A cgroup directory name: no slashes, no dots at the start, bounded length."""
     cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)

@@ -42,6 +42,23 @@ def open_backend(kind: str, root: str = DEFAULT_ROOT, reason: str = "") -> Cgrou
     raise IsolationUnavailableError(f"unknown cgroup backend {kind!r}: use one of {', '.join(CHOICES)}")
 
 
+def likely_backend() -> str:
+    """The backend :func:`detect` would pick, judged from the mounts alone (creates nothing)."""
+    forced = os.environ.get(BACKEND_ENV)
+    if forced:
+        return forced
+    if os.geteuid() != 0:
+        return "none"
+    from . import v1, v2
+
+    location = v2.v2_location()
+    if location is not None and all(c in v2.controllers_of(location[1]) for c in v2.REQUIRED):
+        return "v2"
+    if all(c in v1.v1_mounts() for c in v1.REQUIRED):
+        return "v1"
+    return "none"
+
+
 def detect(root: str = DEFAULT_ROOT, prefer: str | None = None) -> Detection:
     """The first usable backend of v2, v1, none (or exactly ``prefer`` / $AGENT_CGROUP_BACKEND)."""
     forced = prefer or os.environ.get(BACKEND_ENV) or None

@@ -28,6 +28,7 @@ from .base import (
     read_keyed,
     read_pids,
     rmdir_retry,
+    subdirs,
     wait_empty,
     write,
 )
@@ -172,11 +173,14 @@ class V1Cgroup:
             raise CgroupError(f"processes of cgroup {self.name} survived SIGKILL: {self.pids()}")
 
     def remove(self) -> None:
+        """Kill what is left (also in cgroups the attempt made below its own), delete it all."""
         if self._removed:
             return
         if any(read_pids(f) for f in self.procs_files):
             self.kill()
         for path in set(self.dirs.values()):
+            for entry in subdirs(path):
+                _reap_tree(f"{path}/{entry}")
             rmdir_retry(path)
         self._removed = True
 
@@ -330,7 +334,7 @@ class V1Backend:
         if self._closed:
             return
         for controller, path in self.sup_dirs.items():
-            for entry in _subdirs(path):
+            for entry in subdirs(path):
                 _reap_tree(f"{path}/{entry}")
         self._remove_sup_dirs()
         self._closed = True
@@ -340,16 +344,9 @@ class V1Backend:
             _reap_tree(path)
 
 
-def _subdirs(path: str) -> list[str]:
-    try:
-        return [e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
-    except OSError:
-        return []
-
-
 def _reap_tree(path: str) -> None:
     """Kill everything in ``path`` and below, then remove the directories bottom-up."""
-    for entry in _subdirs(path):
+    for entry in subdirs(path):
         _reap_tree(f"{path}/{entry}")
     procs = f"{path}/cgroup.procs"
     for _ in range(50):

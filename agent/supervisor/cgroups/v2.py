@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from typing import Any
 
 from ...errors import CgroupError
@@ -26,7 +27,7 @@ from .base import (
     read_keyed,
     read_pids,
     rmdir_retry,
-    wait_empty,
+    subdirs,
     write,
 )
 from .limits import CgroupLimits
@@ -60,7 +61,8 @@ def v2_location(
     return None
 
 
-def _controllers(path: str) -> list[str]:
+def controllers_of(path: str) -> list[str]:
+    """The controllers the cgroup ``path`` may hand to its children."""
     try:
         return read(f"{path}/cgroup.controllers").split()
     except OSError:
@@ -135,17 +137,37 @@ class V2Cgroup:
         )
 
     def kill(self) -> None:
+        """SIGKILL every process in the cgroup and below it; wait until none is left."""
         _kill_cgroup(self.path)
-        if not wait_empty(self.procs_files):
+        if not _wait_unpopulated(self.path):
             raise CgroupError(f"processes of cgroup {self.name} survived SIGKILL: {self.pids()}")
 
     def remove(self) -> None:
+        """Kill what is left (also in cgroups the attempt made below its own), delete it all."""
         if self._removed:
             return
-        if self.pids():
+        if _populated(self.path):
             self.kill()
+        for entry in subdirs(self.path):
+            _reap_tree(f"{self.path}/{entry}")
         rmdir_retry(self.path)
         self._removed = True
+
+
+def _populated(path: str) -> bool:
+    """Whether any live process is in ``path`` or below it (``cgroup.events``)."""
+    return read_keyed(f"{path}/cgroup.events").get("populated", 0) == 1
+
+
+def _wait_unpopulated(path: str, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while _populated(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    return True
 
 
 def _kill_cgroup(path: str) -> None:
@@ -153,11 +175,19 @@ def _kill_cgroup(path: str) -> None:
     if os.path.exists(f"{path}/cgroup.kill"):
         write(f"{path}/cgroup.kill", "1")
         return
-    write(f"{path}/cgroup.freeze", "1")
+    write(f"{path}/cgroup.freeze", "1")  # freezes the whole subtree
     try:
-        kill_pids(read_pids(f"{path}/cgroup.procs"))
+        for directory in _tree(path):
+            kill_pids(read_pids(f"{directory}/cgroup.procs"))
     finally:
         write(f"{path}/cgroup.freeze", "0")
+
+
+def _tree(path: str) -> list[str]:
+    out = [path]
+    for entry in subdirs(path):
+        out.extend(_tree(f"{path}/{entry}"))
+    return out
 
 
 class V2Backend:
@@ -170,7 +200,7 @@ class V2Backend:
         if found is None:
             raise CgroupError("no cgroup2 filesystem is mounted")
         self.mount, self.base = found
-        available = _controllers(self.base)
+        available = controllers_of(self.base)
         missing = [c for c in REQUIRED if c not in available]
         if missing:
             raise CgroupError(
@@ -304,7 +334,7 @@ class V2Backend:
         if self._closed:
             return
         self._closed = True
-        for entry in _subdirs(self.sup):
+        for entry in subdirs(self.sup):
             if f"{self.sup}/{entry}" != self.leaf:
                 _reap_tree(f"{self.sup}/{entry}")
         if self.leaf is not None:
@@ -318,23 +348,20 @@ class V2Backend:
         rmdir_retry(self.sup)
 
 
-def _subdirs(path: str) -> list[str]:
-    try:
-        return [e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
-    except OSError:
-        return []
-
-
 def _reap_tree(path: str) -> None:
-    for entry in _subdirs(path):
-        _reap_tree(f"{path}/{entry}")
-    procs = f"{path}/cgroup.procs"
-    if read_pids(procs):
+    """Kill everything in ``path`` and below (one recursive kill), remove it bottom-up."""
+    if _populated(path):
         try:
             _kill_cgroup(path)
         except OSError:
-            kill_pids(read_pids(procs))
-        wait_empty([procs], timeout=2.0)
+            kill_pids(read_pids(f"{path}/cgroup.procs"))
+        _wait_unpopulated(path, timeout=2.0)
+    _remove_tree(path)
+
+
+def _remove_tree(path: str) -> None:
+    for entry in subdirs(path):
+        _remove_tree(f"{path}/{entry}")
     try:
         rmdir_retry(path)
     except CgroupError:
