@@ -1,0 +1,86 @@
+"""A state child from fork to exit: process setup, confinement, then the session.
+
+Runs in a process forked by the zygote. It dies with the zygote (parent-death
+signal), writes its stdout/stderr to the attempt's log file, applies its
+confinement before any state code is loaded, and always leaves through ``os._exit``
+so nothing inherited from the zygote runs at exit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import traceback
+from typing import Any, NoReturn
+
+import uvloop
+
+from ..ipc import DealerTransport, Limits
+from . import confine
+from .session import ChildSession
+
+EXIT_OK = 0
+EXIT_SETUP_FAILED = 120
+"""The child could not start (confinement, log file or channel): see its log."""
+
+_PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send ``sig`` to this process when its parent exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def child_main(spec: dict[str, Any], parent_pid: int, inherited_fds: list[int]) -> NoReturn:
+    """Become the child described by ``spec`` (from the supervisor) and never return."""
+    code = EXIT_SETUP_FAILED
+    try:
+        set_parent_death_signal()
+        if os.getppid() != parent_pid:
+            os._exit(EXIT_SETUP_FAILED)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        for fd in inherited_fds:
+            os.close(fd)
+        os.setpgid(0, 0)
+        # The log is opened before confinement: a sandbox may no longer reach its directory.
+        log_fd = os.open(spec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        null_fd = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null_fd, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        os.close(null_fd)
+        confine.apply(spec["confine"])
+        sys.path[:] = spec["sys_path"]
+        try:
+            os.chdir(spec["cwd"])
+        except OSError:
+            pass
+        uvloop.run(_serve(spec))
+        code = EXIT_OK
+    except BaseException:
+        try:
+            traceback.print_exc()
+        except BaseException:
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:
+            pass
+        os._exit(code)
+
+
+async def _serve(spec: dict[str, Any]) -> None:
+    transport = DealerTransport(spec["endpoint"], spec["secret"])
+    try:
+        await ChildSession(transport, pid=os.getpid(), limits=Limits(max_frame=spec["max_frame"])).run()
+    finally:
+        await transport.aclose()
