@@ -260,7 +260,7 @@ class ChildProcess:
         limit = self.confinement.failure_reason(exit_code, sig)
         if limit is not None:
             return limit
-        if self._violation is not None and (sig == signal.SIGKILL or self._kill_requested):
+        if self._violation is not None and sig == signal.SIGKILL:
             return self._violation
         tail = self._log_tail()
         if sig is not None:
