@@ -90,6 +90,10 @@ class ChildProcess:
         self._violation_hard = False
         self._kill_requested = False
         self._kill_timer: asyncio.TimerHandle | None = None
+        self._settle_timer: asyncio.TimerHandle | None = None
+        self._exit_known = False
+        self._exit_status: int | None = None
+        self._disconnected = False
         self._human: set[asyncio.Task[None]] = set()
         self.checkpoint_keys: list[str] | None = None
 
@@ -106,26 +110,44 @@ class ChildProcess:
             self._sup.kill_pid(pid)
 
     def on_exit(self, status: int | None) -> None:
-        if self.status is ChildStatus.EXITED:
+        """The zygote reaped the child (``None``: the zygote itself is gone)."""
+        if self.status is ChildStatus.EXITED or self._exit_known:
             return
-        self.status = ChildStatus.EXITED
-        if self._kill_timer is not None:
-            self._kill_timer.cancel()
-        for task in self._human:
-            task.cancel()
-        if not self.exited.done():
-            try:
-                self.exited.set_result(status)
-            except RuntimeError:  # its event loop is closed: nobody awaits it any more
-                pass
+        self._exit_known = True
+        self._exit_status = status
+        if status is not None and self.status is ChildStatus.RUNNING and not self._disconnected:
+            # Its last frames may still be on their way: they are read before the disconnect.
+            loop = asyncio.get_running_loop()
+            self._settle_timer = loop.call_later(self._sup.config.grace, self._finalize)
+        else:
+            self._finalize()
 
     def on_disconnect(self) -> None:
-        if self.status is ChildStatus.RUNNING:
+        self._disconnected = True
+        if self._exit_known:
+            self._finalize()
+        elif self.status is ChildStatus.RUNNING:
             self.violate(
                 "the child's connection closed before it reported (libzmq drops a connection "
                 f"that sends a frame over the {self._limits.max_frame}-byte cap)",
                 hard=False,
             )
+
+    def _finalize(self) -> None:
+        if self.status is ChildStatus.EXITED:
+            return
+        self.status = ChildStatus.EXITED
+        for timer in (self._kill_timer, self._settle_timer):
+            if timer is not None:
+                timer.cancel()
+        for task in self._human:
+            task.cancel()
+        self._sup.forget(self)
+        if not self.exited.done():
+            try:
+                self.exited.set_result(self._exit_status)
+            except RuntimeError:  # its event loop is closed: nobody awaits it any more
+                pass
 
     def violate(self, message: str, *, hard: bool = True) -> None:
         """Record a protocol violation and kill the child."""
@@ -217,7 +239,7 @@ class ChildProcess:
 
     def kill(self) -> None:
         """SIGKILL the child (and its process group) through the zygote."""
-        if self.status is ChildStatus.EXITED:
+        if self.status is ChildStatus.EXITED or self._exit_known:
             return
         self._kill_requested = True
         if self.pid is not None:

@@ -252,12 +252,10 @@ class Supervisor:
         elif op == "exited":
             child = self._by_pid.pop(report["pid"], None)
             if child is not None:
-                self.forget(child)
                 child.on_exit(report["status"])
         elif op == "spawn_failed":
             child = self._by_request.pop(report["id"], None)
             if child is not None:
-                self.forget(child)
                 self.log.error("fork_failed", error=report.get("error"))
                 child.on_exit(None)
 
@@ -268,8 +266,8 @@ class Supervisor:
 
     def _fail_all(self, status: int | None) -> None:
         for child in list(self._by_secret.values()):
-            self.forget(child)
             child.on_exit(status)
+            self.forget(child)
 
     # --- shutdown ------------------------------------------------------------------------
 
