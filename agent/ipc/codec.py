@@ -83,14 +83,21 @@ def unpack(data: bytes, limits: Limits) -> Any:
 # --- values ------------------------------------------------------------------------------
 
 
-def encode_value(value: Any, *, key: str | None = None, max_size: int | None = None) -> bytes:
+def encode_value(
+    value: Any,
+    *,
+    key: str | None = None,
+    max_size: int | None = None,
+    classes: set[type] | None = None,
+) -> bytes:
     """Encode a context value with the safe codec.
 
     Raises :class:`UnencodableValueError` naming the key, the offending type and the fix,
-    or :class:`ValueTooLargeError` when the bytes would exceed ``max_size``.
+    or :class:`ValueTooLargeError` when the bytes would exceed ``max_size``. The
+    TypedContextData classes met on the way are added to ``classes`` when given.
     """
     where = f"context key {key!r}" if key is not None else "value"
-    data = _pack_ext(_to_wire(value, where))
+    data = _pack_ext(_to_wire(value, where, classes))
     if max_size is not None and len(data) > max_size:
         raise ValueTooLargeError(
             f"{where}: the value encodes to {_size(len(data))}, over the {_size(max_size)} "
@@ -104,7 +111,7 @@ def _pack_ext(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True, strict_types=True, datetime=False)
 
 
-def _to_wire(value: Any, path: str) -> Any:
+def _to_wire(value: Any, path: str, classes: set[type] | None = None) -> Any:
     """``value`` as msgpack-native data, special types as ExtType; checks as it goes."""
     tp = type(value)
     if tp in _PLAIN:
@@ -114,7 +121,7 @@ def _to_wire(value: Any, path: str) -> Any:
             )
         return value
     if tp is list:
-        return [_to_wire(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_to_wire(v, f"{path}[{i}]", classes) for i, v in enumerate(value)]
     if tp is dict:
         out = {}
         for k, v in value.items():
@@ -123,13 +130,13 @@ def _to_wire(value: Any, path: str) -> Any:
                     f"{path}: dict keys must be str, found a {type(k).__name__} key {k!r}; "
                     f"convert the keys to str, or {_FIX}"
                 )
-            out[k] = _to_wire(v, f"{path}[{k!r}]")
+            out[k] = _to_wire(v, f"{path}[{k!r}]", classes)
         return out
     if tp is tuple:
-        return msgpack.ExtType(EXT_TUPLE, _pack_ext([_to_wire(v, path) for v in value]))
+        return msgpack.ExtType(EXT_TUPLE, _pack_ext([_to_wire(v, path, classes) for v in value]))
     if tp is set or tp is frozenset:
         code = EXT_SET if tp is set else EXT_FROZENSET
-        return msgpack.ExtType(code, _pack_ext([_to_wire(v, path) for v in value]))
+        return msgpack.ExtType(code, _pack_ext([_to_wire(v, path, classes) for v in value]))
     if tp is bytearray:
         return bytes(value)
     if tp is _dt.datetime:
@@ -138,7 +145,9 @@ def _to_wire(value: Any, path: str) -> Any:
         return msgpack.ExtType(EXT_DATE, _pack_ext(value.isoformat()))
     if isinstance(value, TypedContextData) and dataclasses.is_dataclass(value):
         name = _class_path(tp, path)
-        fields = {f.name: _to_wire(getattr(value, f.name), f"{path}.{f.name}") for f in dataclasses.fields(value)}
+        if classes is not None:
+            classes.add(tp)
+        fields = {f.name: _to_wire(getattr(value, f.name), f"{path}.{f.name}", classes) for f in dataclasses.fields(value)}
         return msgpack.ExtType(EXT_TYPED, _pack_ext([name, fields]))
     raise UnencodableValueError(
         f"{path}: a {tp.__module__}.{tp.__qualname__} cannot cross the process boundary; {_FIX}"
@@ -205,6 +214,8 @@ def _build_typed(name: str, fields: dict[str, Any], import_modules: bool) -> Typ
     obj: Any = module
     for part in qualname.split("."):
         obj = getattr(obj, part, None) if obj is not None else None
+    if obj is None:
+        obj = _loaded_subclass(module_name, qualname)
     if not (isinstance(obj, type) and issubclass(obj, TypedContextData) and dataclasses.is_dataclass(obj)):
         raise ProtocolError(
             f"typed value names {name!r}, which is not an imported TypedContextData dataclass: "
@@ -216,6 +227,23 @@ def _build_typed(name: str, fields: dict[str, Any], import_modules: bool) -> Typ
     except Exception as exc:
         raise ProtocolError(f"typed value {name!r} does not match its class: {exc}") from None
     return value
+
+
+def _loaded_subclass(module_name: str, qualname: str) -> type | None:
+    """A TypedContextData subclass defined in this process under that name (the latest).
+
+    Finds classes whose module is no longer in ``sys.modules`` (a script run with runpy,
+    a class sent by value), without importing anything.
+    """
+    found = None
+    stack = list(TypedContextData.__subclasses__())
+    while stack:
+        cls = stack.pop(0)
+        # (cloudpickle can leave unfilled skeletons of a class it already had: not dataclasses)
+        if cls.__module__ == module_name and cls.__qualname__ == qualname and dataclasses.is_dataclass(cls):
+            found = cls
+        stack.extend(cls.__subclasses__())
+    return found
 
 
 def _size(n: int) -> str:

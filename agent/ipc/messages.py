@@ -30,7 +30,12 @@ class Hello:
 
 @dataclass(frozen=True)
 class Run:
-    """Supervisor to child: the state function (cloudpickle) and the context snapshot."""
+    """Supervisor to child: the state function and the context snapshot.
+
+    ``function`` and ``classes`` (the TypedContextData classes the snapshot holds, so the
+    child can rebuild them even when their module cannot be imported) are cloudpickled:
+    this direction only, from the supervisor, which the child trusts.
+    """
 
     TYPE: ClassVar[str] = "run"
     run_id: str
@@ -38,6 +43,7 @@ class Run:
     state_name: str
     attempt: int
     function: bytes
+    classes: bytes
     context: dict[str, bytes]
     max_frame: int
 

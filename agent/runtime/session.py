@@ -52,6 +52,7 @@ class ChildSession:
         self._task: asyncio.Task[Any] | None = None
         self._stop: str | None = None
         self._written: list[str] = []
+        self._classes: tuple[type, ...] = ()
 
     async def run(self) -> str:
         """Serve the attempt; returns how it ended (``result``, ``error``, ``stopped``)."""
@@ -93,7 +94,10 @@ class ChildSession:
 
     def _prepare(self, run: Run) -> tuple[Callable[..., Any], Context]:
         self._limits = Limits(max_frame=run.max_frame)
-        func = cloudpickle.loads(run.function)  # from the supervisor only, never the other way
+        # Unpickled only from the supervisor; a child's frames are never unpickled.
+        func = cloudpickle.loads(run.function)
+        # Classes the snapshot needs; held so that they stay findable when not importable.
+        self._classes = cloudpickle.loads(run.classes)
         snapshot = {
             key: decode_value(data, self._limits, import_modules=True)
             for key, data in run.context.items()

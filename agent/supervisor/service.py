@@ -144,9 +144,10 @@ class Supervisor:
             ) from exc
         context: dict[str, bytes] = {}
         skipped = []
+        classes: set[type] = set()
         for key, value in attempt.context.to_dict().items():
             try:
-                context[key] = encode_value(value, key=key, max_size=self.config.max_frame)
+                context[key] = encode_value(value, key=key, max_size=self.config.max_frame, classes=classes)
             except UnencodableValueError:
                 skipped.append(key)
         if skipped:
@@ -155,6 +156,7 @@ class Supervisor:
         frame = encode_message(Run(
             run_id=attempt.run_id, agent_name=attempt.agent_name, state_name=attempt.state_name,
             attempt=attempt.number, function=function, context=context,
+            classes=cloudpickle.dumps(tuple(classes)) if classes else _NO_CLASSES,
             max_frame=self.config.max_frame,
         ))
         if len(frame) > self.config.max_frame:
@@ -289,6 +291,7 @@ class Supervisor:
         self.log.info("supervisor_stopped")
 
 
+_NO_CLASSES = cloudpickle.dumps(())
 _lock = threading.Lock()
 _current: Supervisor | None = None
 

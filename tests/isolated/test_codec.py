@@ -136,7 +136,7 @@ class TestMessages:
     """Frames are validated against their dataclass after decoding."""
 
     def test_roundtrip(self):
-        msg = Run("r", "a", "s", 2, b"fn", {"k": encode_value(1)}, 1024)
+        msg = Run("r", "a", "s", 2, b"fn", b"classes", {"k": encode_value(1)}, 1024)
         assert decode_message(encode_message(msg), LIMITS) == msg
 
     @pytest.mark.parametrize(
