@@ -45,6 +45,7 @@ def child_main(spec: dict[str, Any], parent_pid: int, inherited_fds: list[int]) 
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by the zygote
         for fd in inherited_fds:
             os.close(fd)
         os.setpgid(0, 0)

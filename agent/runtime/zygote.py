@@ -1,10 +1,12 @@
 """The zygote: a clean interpreter with the child's modules loaded, forking children.
 
-Started once per supervisor (``python -m agent.runtime.zygote FD PARENT_PID``). It holds
+Started once per supervisor (``python -m agent.runtime.zygote FD PARENT_PID [PATH...]``). It holds
 no threads and no ZeroMQ context, so a fork is a cheap, safe copy. Over the control
 socket ``FD`` it reads length-prefixed requests (``spawn``, ``kill``) and writes reports
 (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status). It exits, killing
-its children, when the supervisor closes the socket or dies (parent-death signal).
+its children, when the supervisor closes the socket or dies (parent-death signal), and
+then removes the PATHs (the supervisor's private directories), so that even a
+supervisor killed outright leaves no files behind.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import gc
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -79,11 +82,16 @@ class Zygote:
             self._kill(request["pid"], request.get("signal", signal.SIGKILL))
 
     def _spawn(self, request_id: int, spec: dict[str, Any]) -> None:
+        # SIGTERM (the zygote's own clean-up) stays blocked in the child until it resets it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             write_frame(self._control, {"op": "spawn_failed", "id": request_id, "error": str(exc)})
             return
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         if pid == 0:
             child_module.child_main(
                 spec, os.getppid(), [self._control.fileno(), self._wake_r, self._wake_w]
@@ -136,17 +144,37 @@ class Zygote:
         self._children.clear()
 
 
+class _ParentDied(Exception):
+    pass
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _ParentDied()
+
+
 def main(argv: list[str]) -> int:
-    control_fd, parent_pid = int(argv[1]), int(argv[2])
-    set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != parent_pid:
-        return 1  # the supervisor is already gone
-    control = socket.socket(fileno=control_fd)
-    control.setblocking(True)
-    # Objects loaded so far are never collected: children share their pages untouched.
-    gc.collect()
-    gc.freeze()
-    Zygote(control, parent_pid).serve()
+    control_fd, parent_pid, cleanup = int(argv[1]), int(argv[2]), argv[3:]
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    set_parent_death_signal(signal.SIGTERM)
+    zygote = None
+    try:
+        if os.getppid() != parent_pid:
+            return 1  # the supervisor is already gone
+        control = socket.socket(fileno=control_fd)
+        control.setblocking(True)
+        # Objects loaded so far are never collected: children share their pages untouched.
+        gc.collect()
+        gc.freeze()
+        zygote = Zygote(control, parent_pid)
+        zygote.serve()
+    except (_ParentDied, OSError):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if zygote is not None:
+            zygote._kill_all()
+        for path in cleanup:
+            shutil.rmtree(path, ignore_errors=True)
     return 0
 
 

@@ -3,7 +3,8 @@
 The zygote is a separate interpreter started with ``exec`` (never a fork of this
 process, which holds threads and a ZeroMQ context). Requests go down a socketpair;
 reports (``spawned``, ``spawn_failed``, ``exited``) come back on the same socketpair
-and are dispatched on the attached event loop.
+and are dispatched on the attached event loop. The zygote removes the ``cleanup``
+directories when it exits, even if this process was killed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 class ZygoteLauncher:
     """One running zygote process."""
 
-    def __init__(self, on_report: ReportHandler, on_lost: Callable[[], None]) -> None:
+    def __init__(
+        self, on_report: ReportHandler, on_lost: Callable[[], None], cleanup: list[str] | None = None
+    ) -> None:
         self._on_report = on_report
         self._on_lost = on_lost
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -37,7 +40,8 @@ class ZygoteLauncher:
         )
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "agent.runtime.zygote", str(theirs.fileno()), str(os.getpid())],
+                [sys.executable, "-m", "agent.runtime.zygote", str(theirs.fileno()), str(os.getpid()),
+                 *(cleanup or [])],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,

@@ -76,7 +76,8 @@ class Supervisor:
             self.ipc_dir, max_frame=self.config.max_frame,
             on_frame=self._on_frame, on_disconnect=self._on_disconnect,
         )
-        self.zygote = ZygoteLauncher(self._on_report, self._on_zygote_lost)
+        cleanup = [self.ipc_dir] + ([self.logs.directory] if self.logs.owned else [])
+        self.zygote = ZygoteLauncher(self._on_report, self._on_zygote_lost, cleanup)
         activate(self.logs)
         self._ids = itertools.count(1)
         self._by_secret: dict[bytes, ChildProcess] = {}
