@@ -11,7 +11,6 @@ import asyncio
 from typing import Protocol
 
 import zmq
-import zmq.asyncio
 
 
 class Transport(Protocol):
@@ -54,32 +53,44 @@ class MemoryTransport:
 
 
 class DealerTransport:
-    """A child's DEALER socket on the supervisor's ROUTER; made after fork, in the child."""
+    """A child's DEALER socket on the supervisor's ROUTER; made after fork, in the child.
+
+    A plain ZeroMQ socket whose descriptor is watched by the running loop: cheaper to set
+    up than ``zmq.asyncio`` in a process that lives for one attempt. ``send`` does not
+    wait for the peer; it blocks only past the high-water mark (back pressure).
+    """
 
     def __init__(self, endpoint: str, routing_id: bytes, *, linger_ms: int = 5000) -> None:
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.ROUTING_ID, routing_id)
         self._sock.setsockopt(zmq.LINGER, linger_ms)
         self._sock.connect(endpoint)
-        self._last_send: "asyncio.Future[object] | None" = None
+        self._waiter: asyncio.Future[None] | None = None
 
     def send(self, frame: bytes) -> None:
-        # pyzmq keeps queued sends in order; a failure surfaces when the channel closes.
-        fut = self._sock.send(frame, copy=len(frame) < 65536)
-        fut.add_done_callback(_retrieve)
-        self._last_send = fut
+        self._sock.send(frame, copy=len(frame) < 65536)
+        # Sending may consume the edge of the (edge-triggered) descriptor: look again.
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def recv(self) -> bytes:
-        return await self._sock.recv()
+        loop = asyncio.get_running_loop()
+        fd = self._sock.FD
+        while True:
+            if self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return self._sock.recv(zmq.NOBLOCK)
+            self._waiter = loop.create_future()
+            loop.add_reader(fd, self._wake)
+            try:
+                await self._waiter
+            finally:
+                loop.remove_reader(fd)
+                self._waiter = None
 
     async def aclose(self) -> None:
-        if self._last_send is not None and not self._last_send.done():
-            await asyncio.wait([self._last_send])
         self._sock.close()  # LINGER lets libzmq finish writing what is queued
         self._ctx.term()
-
-
-def _retrieve(fut: "asyncio.Future[object]") -> None:
-    if not fut.cancelled():
-        fut.exception()

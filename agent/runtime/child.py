@@ -8,6 +8,7 @@ so nothing inherited from the zygote runs at exit.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import signal
@@ -63,7 +64,14 @@ def child_main(spec: dict[str, Any], parent_pid: int, inherited_fds: list[int]) 
             os.chdir(spec["cwd"])
         except OSError:
             pass
-        uvloop.run(_serve(spec))
+        # Connect and say hello first: the supervisor answers while the loop is being built.
+        transport = DealerTransport(spec["endpoint"], spec["secret"])
+        session = ChildSession(transport, pid=os.getpid(), limits=Limits(max_frame=spec["max_frame"]))
+        session.hello()
+        # A loop of its own, never closed: the process ends with os._exit right after.
+        loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(_serve(session, transport))
         code = EXIT_OK
     except BaseException:
         try:
@@ -79,9 +87,8 @@ def child_main(spec: dict[str, Any], parent_pid: int, inherited_fds: list[int]) 
         os._exit(code)
 
 
-async def _serve(spec: dict[str, Any]) -> None:
-    transport = DealerTransport(spec["endpoint"], spec["secret"])
+async def _serve(session: ChildSession, transport: DealerTransport) -> None:
     try:
-        await ChildSession(transport, pid=os.getpid(), limits=Limits(max_frame=spec["max_frame"])).run()
+        await session.run()
     finally:
         await transport.aclose()

@@ -53,10 +53,17 @@ class ChildSession:
         self._stop: str | None = None
         self._written: list[str] = []
         self._classes: tuple[type, ...] = ()
+        self._greeted = False
+
+    def hello(self) -> None:
+        """Say hello (done by :meth:`run` unless called before, to overlap the handshake)."""
+        if not self._greeted:
+            self._greeted = True
+            self._send(Hello(pid=self._pid))
 
     async def run(self) -> str:
         """Serve the attempt; returns how it ended (``result``, ``error``, ``stopped``)."""
-        self._send(Hello(pid=self._pid))
+        self.hello()
         first = self._decode(await self._transport.recv())
         if not isinstance(first, Run):
             return "stopped"
