@@ -144,6 +144,35 @@ class Zygote:
         self._children.clear()
 
 
+async def _nothing() -> None:
+    return None
+
+
+def warm_up() -> None:
+    """Run once what every child runs, so lazy initialisation happens here, not per child.
+
+    Builds and closes an event loop and round-trips the codec and cloudpickle; none of it
+    leaves a thread or an open channel behind.
+    """
+    import asyncio
+
+    import cloudpickle
+    import uvloop
+
+    from ..ipc import Limits, Result, decode_message, decode_value, encode_message, encode_value
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(_nothing())
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+    value = encode_value({"k": [1, (2,), {3}]}, key="k")
+    decode_value(value, Limits())
+    decode_message(encode_message(Result(value=value)), Limits())
+    cloudpickle.loads(cloudpickle.dumps(_nothing))
+
+
 class _ParentDied(Exception):
     pass
 
@@ -162,6 +191,7 @@ def main(argv: list[str]) -> int:
             return 1  # the supervisor is already gone
         control = socket.socket(fileno=control_fd)
         control.setblocking(True)
+        warm_up()
         # Objects loaded so far are never collected: children share their pages untouched.
         gc.collect()
         gc.freeze()

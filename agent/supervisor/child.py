@@ -172,6 +172,7 @@ class ChildProcess:
             self._move(ChildStatus.RUNNING)
             self.fd = fd
             self._sup.bind_fd(self, fd)
+            self._sup.launched(self)
             frame, self._run_frame = self._run_frame, None
             self._send(frame)  # type: ignore[arg-type]
             return
@@ -244,6 +245,8 @@ class ChildProcess:
         self._kill_requested = True
         if self.pid is not None:
             self._sup.kill_pid(self.pid)
+        elif self._sup.unqueue(self):
+            self.on_exit(None)  # never forked
 
     async def stop(self, reason: str, grace: float) -> None:
         """Ask the child to stop (cancel or preempt), wait ``grace`` seconds, then kill it."""

@@ -47,6 +47,7 @@ class SupervisorConfig:
 
     max_frame: int = field(default_factory=lambda: int(os.environ.get("AGENT_IPC_MAX_FRAME") or DEFAULT_MAX_FRAME))
     grace: float = field(default_factory=lambda: _env_float("AGENT_STOP_GRACE", 2.0))
+    max_launching: int = field(default_factory=lambda: int(os.environ.get("AGENT_MAX_LAUNCHING") or 2 * (os.cpu_count() or 1)))
     log_dir: str | None = None
 
 
@@ -84,6 +85,8 @@ class Supervisor:
         self._by_request: dict[int, ChildProcess] = {}
         self._by_pid: dict[int, ChildProcess] = {}
         self._by_fd: dict[int, ChildProcess] = {}
+        self._queued: dict[int, dict[str, Any]] = {}
+        self._launching: set[int] = set()
         self._started = 0
         self._dropped = 0
         self._violations = 0
@@ -127,13 +130,35 @@ class Supervisor:
         }
         self._by_secret[secret] = child
         self._by_request[request_id] = child
-        try:
-            self.zygote.spawn(request_id, spec)
-        except ConnectionError as exc:
-            self.forget(child)
-            raise IsolationError(f"cannot launch the state's process: {exc}") from None
+        self._queued[request_id] = spec
         self._started += 1
+        self._pump()
         return child
+
+    def _pump(self) -> None:
+        """Send queued fork requests while fewer than ``max_launching`` children start up.
+
+        Children that are starting compete for the same cores; starting a few at a time
+        gets a burst (a fan-out) through sooner than starting all at once.
+        """
+        while self._queued and len(self._launching) < self.config.max_launching and self.zygote.alive:
+            request_id, spec = next(iter(self._queued.items()))
+            del self._queued[request_id]
+            self._launching.add(request_id)
+            try:
+                self.zygote.spawn(request_id, spec)
+            except ConnectionError:
+                return  # the zygote is gone: every child is failed by _on_zygote_lost
+
+    def launched(self, child: ChildProcess) -> None:
+        """``child`` is up (or gone): let the next one start."""
+        if child.request_id in self._launching:
+            self._launching.discard(child.request_id)
+            self._pump()
+
+    def unqueue(self, child: ChildProcess) -> bool:
+        """Drop a child whose fork was not requested yet; True when it was still queued."""
+        return self._queued.pop(child.request_id, None) is not None
 
     def _run_frame(self, attempt: Attempt) -> bytes:
         try:
@@ -169,6 +194,8 @@ class Supervisor:
         return frame
 
     def forget(self, child: ChildProcess) -> None:
+        self._queued.pop(child.request_id, None)
+        self.launched(child)
         self._by_secret.pop(child.secret, None)
         self._by_request.pop(child.request_id, None)
         if child.pid is not None and self._by_pid.get(child.pid) is child:
