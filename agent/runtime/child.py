@@ -1,15 +1,17 @@
 """A state child from fork to exit: process setup, confinement, then the session.
 
 Runs in a process forked by the zygote. It dies with the zygote (parent-death
-signal), writes its stdout/stderr to the attempt's log file, applies its
-confinement before any state code is loaded, and always leaves through ``os._exit``
-so nothing inherited from the zygote runs at exit.
+signal), writes its stdout/stderr to the attempt's log file, joins its cgroups before
+anything else runs, enters its sandbox (if any) after the state's code is loaded and
+before it runs, and always leaves through ``os._exit`` so nothing inherited from the
+zygote runs at exit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import inspect
 import os
 import signal
 import sys
@@ -58,7 +60,7 @@ def child_main(spec: dict[str, Any], parent_pid: int, inherited_fds: list[int]) 
         os.dup2(log_fd, 2)
         os.close(log_fd)
         os.close(null_fd)
-        confine.apply(spec["confine"])
+        confine_before_connect(spec["confine"])
         sys.path[:] = spec["sys_path"]
         try:
             os.chdir(spec["cwd"])
@@ -66,7 +68,10 @@ def child_main(spec: dict[str, Any], parent_pid: int, inherited_fds: list[int]) 
             pass
         # Connect and say hello first: the supervisor answers while the loop is being built.
         transport = DealerTransport(spec["endpoint"], spec["secret"])
-        session = ChildSession(transport, pid=os.getpid(), limits=Limits(max_frame=spec["max_frame"]))
+        session = ChildSession(
+            transport, pid=os.getpid(), limits=Limits(max_frame=spec["max_frame"]),
+            before_run=lambda: confine_before_run(spec["confine"]),
+        )
         session.hello()
         # A loop of its own, never closed: the process ends with os._exit right after.
         loop = uvloop.new_event_loop()
@@ -85,6 +90,33 @@ def child_main(spec: dict[str, Any], parent_pid: int, inherited_fds: list[int]) 
         except BaseException:
             pass
         os._exit(code)
+
+
+_SPLIT_SANDBOX = "sandbox" in inspect.signature(confine.apply).parameters
+
+
+def confine_before_connect(child_spec: dict[str, Any]) -> None:
+    """Cgroups, limits and environment now; a sandbox only leaves the network here.
+
+    The network namespace belongs to threads, so it is left before the ZeroMQ context
+    starts its own; the uid drop waits until the state's code is loaded
+    (:func:`confine_before_run`), while the private directories are still readable.
+    """
+    if not _SPLIT_SANDBOX:
+        confine.apply(child_spec)
+        return
+    confine.apply(child_spec, sandbox=False)
+    sandbox = child_spec.get("sandbox")
+    if sandbox is not None and not sandbox.get("network", False):
+        from .sandbox import isolate_network
+
+        isolate_network()
+
+
+def confine_before_run(child_spec: dict[str, Any]) -> None:
+    """Enter the sandbox, if any, once the state function and its modules are loaded."""
+    if _SPLIT_SANDBOX:
+        confine.enter_sandbox(child_spec)  # type: ignore[attr-defined]
 
 
 async def _serve(session: ChildSession, transport: DealerTransport) -> None:

@@ -43,8 +43,16 @@ _FRAME_SLACK = 4096  # room for the message around an encoded value
 class ChildSession:
     """Runs one state attempt as told by the supervisor at the other end of ``transport``."""
 
-    def __init__(self, transport: Transport, *, pid: int, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        pid: int,
+        limits: Limits | None = None,
+        before_run: Callable[[], None] | None = None,
+    ) -> None:
         self._transport = transport
+        self._before_run = before_run
         self._pid = pid
         self._limits = limits or Limits()
         self._pending: dict[int, asyncio.Future[HumanInputResponse]] = {}
@@ -69,7 +77,9 @@ class ChildSession:
             return "stopped"
         try:
             func, context = self._prepare(first)
-        except BaseException as exc:  # the function or the snapshot could not be loaded
+            if self._before_run is not None:
+                self._before_run()  # e.g. enter the sandbox: code is loaded, none has run
+        except BaseException as exc:  # loading the function or the snapshot, or confinement
             self._report_error(exc)
             return "error"
         self._task = asyncio.ensure_future(_call(func, context))

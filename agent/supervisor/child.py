@@ -8,6 +8,7 @@ Whatever went wrong, the child is killed and reaped before the outcome is known.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import os
 import signal
@@ -106,6 +107,9 @@ class ChildProcess:
 
     def on_spawned(self, pid: int) -> None:
         self.pid = pid
+        started = getattr(self.confinement, "started", None)
+        if started is not None:
+            started(pid)  # e.g. the no-cgroup watchdog follows the pid
         if self._kill_requested:
             self._sup.kill_pid(pid)
 
@@ -271,6 +275,14 @@ class ChildProcess:
         raise AttemptFailed(self._failure(status), usage)
 
     def _failure(self, status: int | None) -> FailureReason:
+        exit_code = os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
+        sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
+        # A limit hit explains everything else (a refused fork surfaces as an exception).
+        limit = self.confinement.failure_reason(exit_code, sig)
+        if limit is not None:
+            if self._error is not None and not limit.traceback:
+                limit = dataclasses.replace(limit, traceback=self._error.traceback)
+            return limit
         if self._error is not None:
             return self._error
         if self._violation is not None and self._violation_hard:
@@ -280,11 +292,6 @@ class ChildProcess:
                 kind="lost_connection",
                 message="the zygote that forked this state's process died; the process was killed",
             )
-        exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        limit = self.confinement.failure_reason(exit_code, sig)
-        if limit is not None:
-            return limit
         if self._violation is not None and sig == signal.SIGKILL:
             return self._violation
         tail = self._log_tail()
