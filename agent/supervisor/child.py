@@ -269,7 +269,11 @@ class ChildProcess:
 
     def outcome(self, status: int | None) -> AttemptOutcome:
         """What the attempt returned, or raise :class:`AttemptFailed` saying why it did not."""
-        usage = self.confinement.usage()
+        try:
+            usage = self.confinement.usage()
+        except Exception as exc:  # usage is a report: never let it hide the outcome
+            self._sup.log.warning("usage_unreadable", state=self.attempt.state_name, error=repr(exc))
+            usage = {}
         if self._result is not None:
             return AttemptOutcome(self._result[0], usage)
         raise AttemptFailed(self._failure(status), usage)

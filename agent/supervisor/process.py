@@ -6,7 +6,7 @@ import asyncio
 from typing import Any, Awaitable, TypeVar
 
 from ..executor import Attempt, AttemptOutcome, Isolation
-from .service import get_supervisor
+from .service import Supervisor, get_supervisor
 
 T = TypeVar("T")
 
@@ -20,6 +20,13 @@ class ProcessExecutor:
     async def run_attempt(self, attempt: Attempt) -> AttemptOutcome:
         sup = get_supervisor()
         sup.attach(asyncio.get_running_loop())
+        sup.enter_attempt()
+        try:
+            return await self._run(sup, attempt)
+        finally:
+            sup.exit_attempt()
+
+    async def _run(self, sup: Supervisor, attempt: Attempt) -> AttemptOutcome:
         confinement = sup.confiner.prepare(attempt)
         try:
             child = sup.launch(attempt, confinement)

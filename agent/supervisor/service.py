@@ -88,6 +88,7 @@ class Supervisor:
         self._queued: dict[int, dict[str, Any]] = {}
         self._launching: set[int] = set()
         self._started = 0
+        self._active = 0
         self._dropped = 0
         self._violations = 0
         self.closed = False
@@ -192,6 +193,16 @@ class Supervisor:
                 "data in files, or raise AGENT_IPC_MAX_FRAME"
             )
         return frame
+
+    def enter_attempt(self) -> None:
+        """An executor starts using this supervisor's confiner for one attempt."""
+        self._active += 1
+
+    def exit_attempt(self) -> None:
+        """That attempt closed its confinement; a shut-down supervisor releases the confiner."""
+        self._active -= 1
+        if self.closed and not self._active:
+            self.confiner.close()
 
     def forget(self, child: ChildProcess) -> None:
         self._queued.pop(child.request_id, None)
@@ -312,7 +323,8 @@ class Supervisor:
             if child.status is not ChildStatus.EXITED:
                 child.confinement.kill()
         self.router.close()
-        self.confiner.close()
+        if not self._active:  # else the last attempt to finish closes it (its cgroups are in use)
+            self.confiner.close()
         activate(None)
         self.logs.remove()
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
