@@ -114,7 +114,7 @@ class ChildProcess:
             self._sup.kill_pid(pid)
 
     def on_exit(self, status: int | None) -> None:
-        """The zygote reaped the child (``None``: the zygote itself is gone)."""
+        """The zygote reaped the child (``None``: the zygote is gone, or it never forked)."""
         if self.status is ChildStatus.EXITED or self._exit_known:
             return
         self._exit_known = True
@@ -140,7 +140,7 @@ class ChildProcess:
     def _finalize(self) -> None:
         if self.status is ChildStatus.EXITED:
             return
-        self.status = ChildStatus.EXITED
+        self._move(ChildStatus.EXITED)
         for timer in (self._kill_timer, self._settle_timer):
             if timer is not None:
                 timer.cancel()
