@@ -6,13 +6,14 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 import psutil
 import pytest
 
 from agent.context import Context, TypedContextData
-from agent.errors import AttemptLogNotFoundError, HumanInputTimeoutError
+from agent.errors import AttemptLogNotFoundError, HumanInputTimeoutError, IsolationError
 from agent.executor import AttemptFailed, Isolation
 from agent.supervisor import current_supervisor, get_executor, read_attempt_log
 
@@ -185,3 +186,34 @@ class TestSupervisorLifetime:
         outcome = await run(make_attempt(environment_state))
         assert current_supervisor() is not old
         assert outcome.result["ppid"] == current_supervisor().zygote.pid
+
+
+class TestEventLoops:
+    """The shared supervisor follows the caller's loop, one loop at a time."""
+
+    async def test_second_loop_with_live_children_is_refused(self):
+        started = threading.Event()
+        box: dict = {}
+
+        def other_loop() -> None:
+            async def main() -> None:
+                ctx = Context(on_write=lambda key, value, deleted: started.set())
+                box["loop"] = asyncio.get_running_loop()
+                box["task"] = asyncio.ensure_future(run(make_attempt(pid_then_wait_state, context=ctx)))
+                try:
+                    await box["task"]
+                except asyncio.CancelledError:
+                    pass
+
+            asyncio.run(main())
+
+        thread = threading.Thread(target=other_loop)
+        thread.start()
+        try:
+            assert started.wait(timeout=30)
+            with pytest.raises(IsolationError, match="one event loop at a time"):
+                await run(make_attempt(printing_state))
+        finally:
+            box["loop"].call_soon_threadsafe(box["task"].cancel)
+            thread.join()
+        await run(make_attempt(printing_state))  # that loop is gone: this one takes over

@@ -45,9 +45,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def start(mode: str) -> tuple[subprocess.Popen, dict]:
+def start(mode: str, log_dir: str | None = None) -> tuple[subprocess.Popen, dict]:
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("AGENT_LOG_DIR", None)
+    if log_dir is not None:
+        env["AGENT_LOG_DIR"] = log_dir
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, mode], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=env, text=True)
     info = json.loads(proc.stdout.readline())
@@ -83,3 +85,14 @@ class TestInterpreterExit:
         proc.stdout.close()
         assert all_gone([info["zygote"], info["child"]])
         assert not any(os.path.exists(d) for d in info["dirs"])
+
+
+class TestConfiguredLogDirectory:
+    """With AGENT_LOG_DIR, attempt logs outlive the process; the ipc directory does not."""
+
+    def test_logs_are_kept(self, tmp_path):
+        proc, info = start("finish", log_dir=str(tmp_path))
+        assert proc.wait(timeout=30) == 0
+        ipc_dir, log_dir = info["dirs"]
+        assert log_dir == str(tmp_path) and not os.path.exists(ipc_dir)
+        assert (tmp_path / "run" / "state" / "attempt-1.log").exists()
