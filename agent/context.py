@@ -35,6 +35,21 @@ class TypedContextData:
     comes back from an isolated state.
     """
 
+    _registry: dict[str, type["TypedContextData"]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        TypedContextData._registry[f"{cls.__module__}:{cls.__qualname__}"] = cls
+
+    @staticmethod
+    def lookup(name: str) -> type["TypedContextData"] | None:
+        """A subclass by ``"module:qualname"``, if this process has defined it.
+
+        Codecs use this before importing, so classes defined in a workflow file that was
+        run as a script (``__main__``) still decode.
+        """
+        return TypedContextData._registry.get(name)
+
     def validate(self) -> None:
         """Raise :class:`ContextTypeError` when a field does not match its annotation."""
         cls = type(self)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import time
+import time as _time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +44,8 @@ class RunEvent:
     usage: dict[str, Any] = field(default_factory=dict)  # measured by the executor
     error: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
-    time: float = field(default_factory=time.monotonic)
-    wall_time: float = field(default_factory=time.time)
+    time: float = field(default_factory=_time.monotonic)
+    wall_time: float = field(default_factory=_time.time)
 
 
 Observer = Callable[[RunEvent], None]

@@ -63,6 +63,9 @@ def to_json_value(value: Any, _path: str = "value") -> Any:
 
 
 def _load_typed_class(name: str) -> type[TypedContextData]:
+    known = TypedContextData.lookup(name)
+    if known is not None:
+        return known
     module_name, _, qualname = name.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)

@@ -1,0 +1,100 @@
+"""Inline engine throughput: states/s for a 3-state chain and a 100-way fan-out with join.
+
+Run: python bench/inline.py [--quick]. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+
+from agent import Agent, ResourcePool, ResourceRequirements
+
+RESOURCES = ResourceRequirements(cpu_units=0.001, memory_mb=1, io_weight=0.001, network_weight=0.001)
+
+
+def chain_agent(with_resources: bool, pool: ResourcePool) -> Agent:
+    agent = Agent("bench_chain", isolation="inline", resource_pool=pool)
+
+    async def s1(context):
+        return "s2"
+
+    async def s2(context):
+        return "s3"
+
+    async def s3(context):
+        return None
+
+    for name, fn in (("s1", s1), ("s2", s2), ("s3", s3)):
+        agent.add_state(name, fn, resources=RESOURCES if with_resources else None)
+    return agent
+
+
+def fanout_agent(width: int, with_resources: bool, pool: ResourcePool) -> Agent:
+    agent = Agent("bench_fanout", isolation="inline", resource_pool=pool)
+    names = [f"w{i}" for i in range(width)]
+
+    async def start(context):
+        return names
+
+    async def work(context):
+        return "join"
+
+    async def join(context):
+        return None
+
+    res = RESOURCES if with_resources else None
+    agent.add_state("start", start, resources=res)
+    for n in names:
+        agent.add_state(n, work, resources=res)
+    agent.add_state("join", join, resources=res)
+    return agent
+
+
+async def measure(agent: Agent, states_per_run: int, min_seconds: float) -> dict[str, float]:
+    rates = []
+    total_states = 0
+    began = time.perf_counter()
+    while time.perf_counter() - began < min_seconds or len(rates) < 5:
+        t0 = time.perf_counter()
+        runs = 0
+        while time.perf_counter() - t0 < 0.05:
+            await agent.run()
+            runs += 1
+        elapsed = time.perf_counter() - t0
+        rates.append(runs * states_per_run / elapsed)
+        total_states += runs * states_per_run
+    return {"states_per_s_median": round(statistics.median(rates)), "states_per_s_best": round(max(rates)),
+            "states": total_states}
+
+
+async def main(quick: bool) -> dict[str, object]:
+    seconds = 0.3 if quick else 2.0
+    pool = ResourcePool(total_cpu=1000, total_memory=10**6, total_io=1000, total_network=1000, total_gpu=0)
+    out: dict[str, object] = {"python": sys.version.split()[0]}
+    for with_res in (False, True):
+        key = "with_resources" if with_res else "without_resources"
+        out[key] = {
+            "chain_3": await measure(chain_agent(with_res, pool), 3, seconds),
+            "fanout_100_join": await measure(fanout_agent(100, with_res, pool), 102, seconds),
+        }
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
+    args = parser.parse_args()
+    if args.loop == "uvloop":
+        import uvloop
+
+        result = uvloop.run(main(args.quick))
+    else:
+        result = asyncio.run(main(args.quick))
+    result["loop"] = args.loop
+    print(json.dumps(result, indent=2))
