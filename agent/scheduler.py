@@ -498,7 +498,9 @@ class Run:
         self.finishes[name] = self.finishes.get(name, 0) + 1
         self.last_completion[name] = now
         self.agent._session_completions[name] = self.agent._session_completions.get(name, 0) + 1
-        self.emit(ev.STATE_COMPLETED, name, attempt=act.attempt, duration=duration, usage=usage)
+        handed_to = [] if nexts is None else [nexts] if isinstance(nexts, str) else list(nexts)
+        self.emit(ev.STATE_COMPLETED, name, attempt=act.attempt, duration=duration, usage=usage,
+                  data={"next": handed_to})
         self.agent._after_completion(self)
         group = self.groups[act.group]
         if nexts is None:

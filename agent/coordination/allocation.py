@@ -2,8 +2,9 @@
 
 ``ResourceAllocation(name, amount)`` draws ``amount`` from the QUOTA (or SEMAPHORE)
 called ``name`` for the duration of an ``async with`` block; ``mutex(name)`` holds the
-MUTEX called ``name`` (created on first use). Both go through the process's default
-coordinator unless given another, so the deadlock detector sees them.
+MUTEX called ``name`` (created on first use). Both go through the coordinator of the
+agent running the state (the process's default one unless the agent was given
+another), so the deadlock detector sees them.
 
 The owner defaults to the current state attempt (the coordination hook records it
 before the state's code starts, in the attempt's own task), so waits taken inside a
@@ -21,6 +22,9 @@ from .coordinator import Coordinator, default_coordinator
 from .primitives import Primitive, PrimitiveType
 
 _current_owner: contextvars.ContextVar[str | None] = contextvars.ContextVar("coordination_owner", default=None)
+_current_coordinator: contextvars.ContextVar[Coordinator | None] = contextvars.ContextVar(
+    "coordination_coordinator", default=None
+)
 
 
 def current_owner() -> str | None:
@@ -28,9 +32,15 @@ def current_owner() -> str | None:
     return _current_owner.get()
 
 
-def set_current_owner(owner: str | None) -> contextvars.Token[str | None]:
-    """Record the owner id for the code that runs next in this task."""
-    return _current_owner.set(owner)
+def set_current_owner(owner: str | None, coordinator: Coordinator | None = None) -> None:
+    """Record who runs next in this task (and under which coordinator) for the code that follows."""
+    _current_owner.set(owner)
+    _current_coordinator.set(coordinator)
+
+
+def current_coordinator() -> Coordinator:
+    """The coordinator of the state attempt running in this task, else the process default."""
+    return _current_coordinator.get() or default_coordinator()
 
 
 def _owner_or_task(owner: str | None) -> str:
@@ -80,7 +90,7 @@ class ResourceAllocation(_Held):
         timeout: float | None = None,
         coordinator: Coordinator | None = None,
     ) -> None:
-        coord = coordinator or default_coordinator()
+        coord = coordinator or current_coordinator()
         primitive = coord.require(name, PrimitiveType.QUOTA, PrimitiveType.SEMAPHORE)
         super().__init__(coord, primitive, _owner_or_task(owner), float(amount), timeout)
 
@@ -97,7 +107,7 @@ def mutex(
     coordinator: Coordinator | None = None,
 ) -> _Held:
     """``async with mutex("m1"):`` holds the MUTEX ``name`` (created with ``ttl`` on first use)."""
-    coord = coordinator or default_coordinator()
+    coord = coordinator or current_coordinator()
     primitive = coord.primitive(name)
     if primitive is None:
         primitive = coord.add_primitive(name, PrimitiveType.MUTEX, ttl=ttl)

@@ -232,7 +232,7 @@ class TestBarrier:
         assert all(isinstance(r, CoordinationTimeoutError) for r in results)
         assert "4 of 5" in str(results[0])
         assert clock.monotonic() == pytest.approx(30.0)
-        assert barrier.arrived == 0 and barrier.status()["broken"] == 1
+        assert barrier.arrived() == 0 and barrier.status()["broken"] == 1
 
     async def test_reusable_rounds(self, clock: FakeClock) -> None:
         barrier = Barrier("sync", 2, clock=clock)
@@ -246,7 +246,7 @@ class TestBarrier:
         await settle()
         a.cancel()
         await settle()
-        assert barrier.arrived == 0
+        assert barrier.arrived() == 0
 
 
 class TestCreatePrimitive:
