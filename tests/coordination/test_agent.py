@@ -22,6 +22,8 @@ from agent.coordination import (
 from agent.coordination.allocation import current_owner
 from agent.errors import CoordinationError
 
+from ._support import within
+
 
 @pytest.fixture
 async def coord(clock: FakeClock) -> AsyncIterator[Coordinator]:
@@ -137,8 +139,7 @@ async def _concurrent_runs(coord: Coordinator, clock: FakeClock, n: int, configu
         configure(agent)
         agent.add_state("guarded", guarded)
         agents.append(agent)
-    async with clock.autojump():
-        return await asyncio.gather(*(a.run() for a in agents), return_exceptions=True)
+    return await within(clock, 3600, asyncio.gather(*(a.run() for a in agents), return_exceptions=True))
 
 
 class TestPrimitivesThroughTheEngine:
@@ -223,16 +224,14 @@ class TestBarrier:
 
     async def test_five_chunks(self, coord: Coordinator, clock: FakeClock) -> None:
         agent, merged = _barrier_agent(coord, 5)
-        async with clock.autojump():
-            await agent.run(start=[f"process_chunk_{i}" for i in range(5)])
+        await within(clock, 600, agent.run(start=[f"process_chunk_{i}" for i in range(5)]))
         assert merged == [0.0]
         assert coord.primitive("merge_results").status()["rounds"] == 1
 
     async def test_four_chunks_time_out(self, coord: Coordinator, clock: FakeClock) -> None:
         agent, merged = _barrier_agent(coord, 4)
-        async with clock.autojump():
-            with pytest.raises(StateFailedError, match=r"merge_results.*only 4 of 5 arrived within 30s"):
-                await agent.run(start=[f"process_chunk_{i}" for i in range(4)])
+        with pytest.raises(StateFailedError, match=r"merge_results.*only 4 of 5 arrived within 30s"):
+            await within(clock, 600, agent.run(start=[f"process_chunk_{i}" for i in range(4)]))
         assert merged == [] and clock.monotonic() == pytest.approx(30.0)
         assert coord.primitive("merge_results").status()["arrived"] == {}  # the run's round is forgotten
 
@@ -268,17 +267,15 @@ class TestDeadlock:
         agent = self._opposite(coord, retries=0)
         agent._coordinator.deadlock_detector.detection_interval = 1.0
         agent._coordinator.deadlock_detector.max_cycles = 100
-        async with clock.autojump():
-            with pytest.raises(StateFailedError, match=r"DeadlockError.*deadlock: .*failing"):
-                await agent.run()
+        with pytest.raises(StateFailedError, match=r"DeadlockError.*deadlock: .*failing"):
+            await within(clock, 600, agent.run())
         status = await agent.get_coordination_status()
         assert status["deadlock_detector"]["cycle_count"] == 1
         assert status["primitives"]["m1"]["owners"] == [] and status["primitives"]["m2"]["owners"] == []
 
     async def test_retry_after_resolution_completes(self, coord: Coordinator, clock: FakeClock) -> None:
         agent = self._opposite(coord, retries=1)
-        async with clock.autojump():
-            context = await agent.run()
+        context = await within(clock, 600, agent.run())
         assert context.get_state("a_done") and context.get_state("b_done")
         assert coord.deadlock_detector.cycle_count == 1
 

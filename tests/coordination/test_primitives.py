@@ -249,6 +249,43 @@ class TestBarrier:
         assert barrier.arrived() == 0
 
 
+class TestBarrierGate:
+    """Hand-overs arrive without waiting; the guarded owner passes once a group's round is full."""
+
+    async def test_groups_do_not_mix(self, clock: FakeClock) -> None:
+        barrier = Barrier("merge_results", 3, wait_timeout=30.0, clock=clock)
+        gate = asyncio.create_task(barrier.pass_when_full("merge#run1", "run1"))
+        for i in range(2):
+            barrier.arrive(f"chunk{i}", "run1")
+        for i in range(3):
+            barrier.arrive(f"chunk{i}", "run2")  # another run's arrivals do not count for run1
+        await settle()
+        assert not gate.done() and barrier.arrived("run1") == 2
+        barrier.arrive("chunk2", "run1")
+        await gate
+        await barrier.pass_when_full("merge#run2", "run2")  # run2's round was already full
+        assert barrier.status()["rounds"] == 2
+
+    async def test_times_out_saying_how_many(self, clock: FakeClock) -> None:
+        barrier = Barrier("merge_results", 5, wait_timeout=30.0, clock=clock)
+        for i in range(4):
+            barrier.arrive(f"chunk{i}", "run1")
+        async with clock.autojump():
+            with pytest.raises(CoordinationTimeoutError, match="only 4 of 5 arrived within 30s"):
+                await barrier.pass_when_full("merge", "run1")
+        barrier.arrive("chunk4", "run1")  # a late fifth still fills the round for a retry
+        await barrier.pass_when_full("merge", "run1", timeout=0)
+
+    async def test_forget_fails_waiters(self, clock: FakeClock) -> None:
+        barrier = Barrier("merge_results", 2, clock=clock)
+        gate = asyncio.create_task(barrier.pass_when_full("merge", "run1"))
+        await settle()
+        barrier.forget("run1")
+        with pytest.raises(CoordinationError, match="ended"):
+            await gate
+        assert barrier.status()["arrived"] == {}
+
+
 class TestCreatePrimitive:
     """The factory checks each type gets what it needs."""
 
