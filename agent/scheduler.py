@@ -535,7 +535,8 @@ class Run:
         self.finishes[name] = self.finishes.get(name, 0) + 1
         self.last_completion[name] = now
         self.agent._session_completions[name] = self.agent._session_completions.get(name, 0) + 1
-        self.emit(ev.STATE_COMPLETED, name, attempt=act.attempt, duration=duration, usage=usage)
+        if self.observers:
+            self.emit(ev.STATE_COMPLETED, name, attempt=act.attempt, duration=duration, usage=usage)
         group = self.groups[act.group]
         if nexts is None:
             self.end_branch(act)
@@ -550,7 +551,8 @@ class Run:
                 self.activate(n, child)
         # Checkpoint only now: the completion and the transitions it caused are saved
         # together, so a run resumed from this checkpoint continues where this state led.
-        self.agent._after_completion(self)
+        if self.agent.checkpoint_store is not None:
+            self.agent._after_completion(self)
 
     def validate_result(self, name: str, result: Any) -> str | list[str] | None:
         if result is None:
