@@ -209,3 +209,14 @@ class CoordinationTimeoutError(CoordinationError, TimeoutError):
 
 class DeadlockError(CoordinationError):
     """Raised in a waiter chosen to break a detected deadlock."""
+
+
+# --- monitoring ------------------------------------------------------------------------
+
+
+class MonitorError(AgentError):
+    """Raised by the metrics, live view and exporters."""
+
+
+class MonitorConfigurationError(MonitorError, ValueError):
+    """Raised when a monitor is configured wrongly (bad interval, metric types, callback)."""

@@ -30,7 +30,7 @@ STATE_BLOCKED = "state_blocked"
 DEPENDENCY_RESOLVED = "dependency_resolved"  # .duration: time the state waited on dependencies
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RunEvent:
     """One thing that happened in a run."""
 

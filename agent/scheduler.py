@@ -21,6 +21,7 @@ task. A no-op state therefore costs no task, which is what makes inline runs fas
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import time
@@ -37,6 +38,7 @@ from .errors import (
     FailureReason,
     InvalidTransitionError,
     MaxStepsExceededError,
+    QuotaExceededError,
     RunTimeoutError,
     StateFailedError,
     StateTimeoutError,
@@ -66,7 +68,7 @@ class _Group:
 class _Activation:
     __slots__ = (
         "id", "state", "group", "priority", "attempt", "via_dependency", "waiting_since",
-        "task", "stop_reason", "started_at", "timer", "attempt_obj", "holds_resources",
+        "task", "stop_reason", "started_at", "timer", "attempt_obj", "holds_resources", "owner",
     )
 
     def __init__(self, aid: int, state: str, group: int, priority: int, now: float) -> None:
@@ -83,6 +85,7 @@ class _Activation:
         self.timer: asyncio.TimerHandle | None = None
         self.attempt_obj: Attempt | None = None
         self.holds_resources = False
+        self.owner = state  # the pool owner key; qualified when another run holds the same name
 
     def __lt__(self, other: "_Activation") -> bool:  # heap order: priority desc, FIFO
         return (-self.priority, self.id) < (-other.priority, other.id)
@@ -171,6 +174,7 @@ class Run:
         self.hooks = agent._admission_hooks
         self.default_isolation = agent.isolation
         self.completed = agent.completed_states
+        self.human_hooks: dict[str, Any] = {}
 
     # --- events ---------------------------------------------------------------------
 
@@ -193,6 +197,7 @@ class Run:
         for name, spec in self.specs.items():
             if spec.dependencies and name not in names:
                 self.watch.add(name)
+                self.add_dependency_timers(name, self.watch_since)
         for name in dict.fromkeys(names):
             self.root.active += 1
             self.activate(name, self.root)
@@ -219,6 +224,7 @@ class Run:
             meta.set_status(StateStatus.PENDING)
             meta.waiting_for = "dependencies"
             self.waiting.append(act)
+            self.add_dependency_timers(name, act.waiting_since)
             return
         self.make_ready(act)
 
@@ -288,17 +294,27 @@ class Run:
                 if blocked_priority is not None and act.priority <= blocked_priority:
                     deferred.append(act)
                     continue
-                if not self.pool.try_acquire(name, req):
+                if self.pool.holder_priority(name) is not None:  # another agent's state of this name
+                    act.owner = f"{name}@{self.run_id[:8]}"
+                try:
+                    got = self.pool.try_acquire(act.owner, req, state=name, priority=act.priority)
+                except QuotaExceededError as exc:  # a quota in "fail" mode refused it
+                    meta = self.metadata[name]
+                    meta.set_status(StateStatus.BLOCKED)
+                    meta.blocked_reason = str(exc)
+                    self.fail(exc)
+                    break
+                if not got:
                     if not self.try_preempt(act, req):
                         short = self.pool.blocking_resource(req)
                         why = f"resources: not enough {short.name if short else 'capacity'} free"
                         self.metadata[name].waiting_for = why
-                        self.pool.mark_waiting(name, why)
+                        self.pool.mark_waiting(act.owner, why)
                         self.emit(ev.STATE_QUEUED, name, data={"waiting_for": why})
                         blocked_priority = act.priority
                         deferred.append(act)
                         continue
-                    if not self.pool.try_acquire(name, req):
+                    if not self.pool.try_acquire(act.owner, req, state=name, priority=act.priority):
                         deferred.append(act)
                         blocked_priority = act.priority
                         continue
@@ -341,10 +357,15 @@ class Run:
         meta.started_at = now
         meta.last_execution = time.time()
         if self.pool is not None:
-            self.pool.unmark_waiting(name)
-        self.emit(ev.STATE_STARTED, name, attempt=act.attempt)
+            self.pool.unmark_waiting(act.owner)
+        if self.observers:  # what it holds from the pool, for the allocation metrics
+            self.emit(ev.STATE_STARTED, name, attempt=act.attempt,
+                      data={"resources": spec.resources} if spec.resources is not None else {})
         isolation = spec.isolation or self.default_isolation
-        view = self.context.view(state_name=name, attempt=act.attempt, human_input=self.agent._human_hook(name))
+        hook = self.human_hooks.get(name)
+        if hook is None:
+            hook = self.human_hooks[name] = self.agent._human_hook(name)
+        view = self.context.view(state_name=name, attempt=act.attempt, human_input=hook)
         timeout = spec.effective_timeout
         if isolation is Isolation.INLINE and not self.hooks:
             try:
@@ -373,8 +394,16 @@ class Run:
             )
             act.attempt_obj = attempt
             act.task = self.loop.create_task(self.run_attempt(act, attempt))
-        if timeout is not None:
+        act.task.add_done_callback(functools.partial(self.task_done, act))
+        if self.done.is_set():
+            self.stop_activation(act, "cancel")
+        elif timeout is not None:
             act.timer = self.loop.call_later(timeout, self.stop_activation, act, "timeout")
+
+    def task_done(self, act: _Activation, task: asyncio.Task[Any]) -> None:
+        # A task cancelled before its first step never ran its own handler.
+        if self.running.get(act.state) is act and act.task is task:
+            self.finished(act, None, None, {})
 
     async def continue_inline(self, act: _Activation, coro: Any, first: Any) -> None:
         try:
@@ -424,6 +453,13 @@ class Run:
 
     def finished(self, act: _Activation, result: Any, failure: FailureReason | None, usage: dict[str, Any]) -> None:
         """Account for an attempt that ended, then decide what comes next."""
+        try:
+            self._finished(act, result, failure, usage)
+        except Exception as exc:  # an engine bug must end the run visibly, not hang it
+            self.agent._log.exception("internal error while finishing %r", act.state)
+            self.fail(exc)
+
+    def _finished(self, act: _Activation, result: Any, failure: FailureReason | None, usage: dict[str, Any]) -> None:
         name = act.state
         if self.running.get(name) is not act:
             return
@@ -433,10 +469,10 @@ class Run:
             act.timer = None
         act.task = None
         if act.holds_resources:
-            self.pool.release(name)
+            self.pool.release(act.owner)
             act.holds_resources = False
-            if usage and hasattr(self.pool, "record_measured"):
-                self.pool.record_measured(name, usage)
+            if usage:
+                self.pool.record_measured(act.owner, usage)
         now = self.clock()
         meta = self.metadata[name]
         meta.finished_at = now
@@ -444,7 +480,8 @@ class Run:
             meta.usage = dict(usage)
         stop = act.stop_reason
         duration = now - act.started_at
-        self.kick()
+        if not self.pumping:
+            self.kick()
         if stop in ("preempt", "pause"):
             act.attempt -= 1  # not a failed attempt
             meta.attempts = act.attempt
@@ -498,10 +535,10 @@ class Run:
         self.finishes[name] = self.finishes.get(name, 0) + 1
         self.last_completion[name] = now
         self.agent._session_completions[name] = self.agent._session_completions.get(name, 0) + 1
-        handed_to = [] if nexts is None else [nexts] if isinstance(nexts, str) else list(nexts)
-        self.emit(ev.STATE_COMPLETED, name, attempt=act.attempt, duration=duration, usage=usage,
-                  data={"next": handed_to})
-        self.agent._after_completion(self)
+        if self.observers:
+            handed_to = [] if nexts is None else [nexts] if isinstance(nexts, str) else list(nexts)
+            self.emit(ev.STATE_COMPLETED, name, attempt=act.attempt, duration=duration, usage=usage,
+                      data={"next": handed_to})
         group = self.groups[act.group]
         if nexts is None:
             self.end_branch(act)
@@ -514,6 +551,10 @@ class Run:
             child.active = len(nexts)
             for n in nexts:
                 self.activate(n, child)
+        # Checkpoint only now: the completion and the transitions it caused are saved
+        # together, so a run resumed from this checkpoint continues where this state led.
+        if self.agent.checkpoint_store is not None:
+            self.agent._after_completion(self)
 
     def validate_result(self, name: str, result: Any) -> str | list[str] | None:
         if result is None:
@@ -545,7 +586,7 @@ class Run:
         meta.error = failure
         outcome = "timeout" if failure.kind == "timeout" else "failed"
         meta.record(AttemptRecord(act.attempt, act.started_at, now, outcome, failure.message, usage))
-        max_retries = spec.effective_max_retries
+        max_retries = spec.max_retries_with(self.agent.retry_policy)
         final = act.attempt > max_retries
         self.emit(ev.STATE_FAILED, name, attempt=act.attempt, duration=duration, usage=usage,
                   error=failure.message, data={"final": final, "kind": failure.kind})
@@ -623,10 +664,6 @@ class Run:
                 continue
             verdict = self.deps_verdict(name, self.watch_since, now, triggered=True)
             if verdict is True:
-                spec = self.specs[name]
-                lifecycles = {c.lifecycle for c in spec.dependencies.values()}
-                if not lifecycles & {Life.ALWAYS, Life.PERIODIC}:
-                    self.watch.discard(name)
                 self.emit(ev.DEPENDENCY_RESOLVED, name, duration=now - self.watch_since)
                 self.consume(name)
                 self.root.active += 1
@@ -658,9 +695,13 @@ class Run:
         return any(name in g.held for g in self.groups.values())
 
     def consume(self, name: str) -> None:
-        for dep in self.specs[name].dependencies:
+        """Record that ``name`` starts on its dependencies as they are now."""
+        deps = self.specs[name].dependencies
+        for dep in deps:
             self.consumed[(name, dep)] = self.completions.get(dep, 0)
         self.last_start[name] = self.clock()
+        if not any(c.lifecycle in (Life.ALWAYS, Life.PERIODIC) for c in deps.values()):
+            self.watch.discard(name)  # triggered once per run: a returned activation counts
 
     def deps_verdict(self, name: str, since: float, now: float, *, triggered: bool) -> Any:
         """True when met; a reason string while waiting; (status, message) when it never can be."""
@@ -713,10 +754,12 @@ class Run:
                     return f"condition on {dep!r} raised {exc!r}"
                 if not ok:
                     return f"condition on dependency {dep!r} to hold"
-        for cfg in spec.dependencies.values():
+        return True
+
+    def add_dependency_timers(self, name: str, since: float) -> None:
+        for cfg in self.specs[name].dependencies.values():
             if cfg.timeout is not None:
                 self.add_timer(since + cfg.timeout + 1e-3)
-        return True
 
     def dependency_gave_up(self, act: _Activation, status: StateStatus, message: str) -> None:
         meta = self.metadata[act.state]
@@ -731,9 +774,8 @@ class Run:
     # --- ending ----------------------------------------------------------------------------
 
     def check_quiescent(self) -> None:
+        # Retry delays keep a run alive; a periodic re-run that is not due yet does not.
         if self.running or self.ready or self.retrying or self.pause_requested:
-            return
-        if self.timers:
             return
         # Nothing can change any more: whatever still waits on dependencies is blocked.
         for act in self.waiting:
@@ -821,7 +863,7 @@ class Run:
             if not meta.status.is_finished:
                 meta.set_status(StateStatus.CANCELLED)
             if act.holds_resources:
-                self.pool.release(act.state)
+                self.pool.release(act.owner)
         self.running.clear()
         self.ready.clear()
         for act in self.retrying.values():

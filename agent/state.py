@@ -60,11 +60,12 @@ class StateSpec:
     timeout: float | None = None
     priority: Priority = Priority.NORMAL
 
-    @property
-    def effective_max_retries(self) -> int:
+    def max_retries_with(self, default_policy: RetryPolicy | None) -> int:
+        """Retries after the first attempt: add_state(max_retries), else the state's policy, else the agent's."""
         if self.max_retries is not None:
             return self.max_retries
-        return self.retry_policy.max_retries if self.retry_policy is not None else 0
+        policy = self.retry_policy or default_policy
+        return policy.max_retries if policy is not None else 0
 
     @property
     def effective_timeout(self) -> float | None:

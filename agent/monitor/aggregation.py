@@ -1,0 +1,210 @@
+"""Running statistics of one metric, in bounded memory.
+
+``count``, ``sum``, ``min``, ``max``, ``avg`` and ``current`` (the last value added) are
+exact. ``median``, ``p95`` and ``p99`` come from a uniform reservoir sample (Vitter's
+algorithm R) of at most ``capacity`` values: exact while fewer values than that were
+added, an unbiased estimate afterwards. Memory stays at ``capacity`` floats however
+long a workflow runs. An empty aggregation reports 0.0 everywhere, so code that formats
+the figures (``f"{m.avg:.2f}"``) works before the first value arrives.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+STAT_NAMES = ("count", "sum", "min", "max", "avg", "median", "p95", "p99", "current")
+
+DEFAULT_CAPACITY = 1024
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of sorted values, linearly interpolated (numpy's default)."""
+    if not ordered:
+        return 0.0
+    pos = (len(ordered) - 1) * q
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    frac = pos - low
+    return ordered[low] + (ordered[high] - ordered[low]) * frac
+
+
+class MetricAggregation:
+    """Count, sum, min, max, average, median and tail percentiles of added values."""
+
+    __slots__ = ("count", "sum", "_min", "_max", "current", "_sample", "_sorted", "_capacity", "_rng")
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, seed: int = 0) -> None:
+        if capacity < 1:
+            raise ValueError(f"MetricAggregation capacity must be >= 1, got {capacity}")
+        self.count = 0
+        self.sum = 0.0
+        self._min = math.inf
+        self._max = -math.inf
+        self.current = 0.0
+        self._sample: list[float] = []
+        self._sorted: list[float] | None = None
+        self._capacity = capacity
+        self._rng = random.Random(seed)
+
+    def add(self, value: float) -> None:
+        """Record one value."""
+        value = float(value)
+        self.count += 1
+        self.sum += value
+        if value < self._min:
+            self._min = value
+        if value > self._max:
+            self._max = value
+        self.current = value
+        sample = self._sample
+        if len(sample) < self._capacity:
+            sample.append(value)
+            self._sorted = None
+        else:
+            slot = int(self._rng.random() * self.count)
+            if slot < self._capacity:
+                sample[slot] = value
+                self._sorted = None
+
+    @property
+    def min(self) -> float:
+        return self._min if self.count else 0.0
+
+    @property
+    def max(self) -> float:
+        return self._max if self.count else 0.0
+
+    @property
+    def avg(self) -> float:
+        return self.sum / self.count if self.count else 0.0
+
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile (0..1) of the values seen (estimated past ``capacity``)."""
+        if self._sorted is None:
+            self._sorted = sorted(self._sample)
+        return percentile(self._sorted, q)
+
+    @property
+    def median(self) -> float:
+        return self.quantile(0.5)
+
+    @property
+    def p95(self) -> float:
+        return self.quantile(0.95)
+
+    @property
+    def p99(self) -> float:
+        return self.quantile(0.99)
+
+    def to_dict(self) -> dict[str, float]:
+        """Every statistic by name (see ``STAT_NAMES``)."""
+        return {
+            "count": self.count,
+            "sum": self.sum,
+            "min": self.min,
+            "max": self.max,
+            "avg": self.avg,
+            "median": self.median,
+            "p95": self.p95,
+            "p99": self.p99,
+            "current": self.current,
+        }
+
+    def __repr__(self) -> str:
+        return f"MetricAggregation(count={self.count}, avg={self.avg:g}, min={self.min:g}, max={self.max:g})"
+
+
+class Tally:
+    """A counter shaped like :class:`MetricAggregation` where every value added is 1.
+
+    Occurrences (errors, retries, state starts) are counted this way: ``sum`` and
+    ``count`` are the number of occurrences. It costs one integer increment.
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, value: float = 1.0) -> None:
+        self.count += 1
+
+    @property
+    def sum(self) -> int:
+        return self.count
+
+    def to_dict(self) -> dict[str, float]:
+        one = 1.0 if self.count else 0.0
+        return {
+            "count": self.count,
+            "sum": self.count,
+            "min": one,
+            "max": one,
+            "avg": one,
+            "median": one,
+            "p95": one,
+            "p99": one,
+            "current": one,
+        }
+
+    def __repr__(self) -> str:
+        return f"Tally(count={self.count})"
+
+
+class Ratio:
+    """An exact aggregation of values that are 0 or 1 (failure rates, success rates).
+
+    Two counters replace the reservoir, so percentiles are exact at any count.
+    """
+
+    __slots__ = ("count", "ones", "current")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.ones = 0
+        self.current = 0.0
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        if value:
+            self.ones += 1
+            self.current = 1.0
+        else:
+            self.current = 0.0
+
+    @property
+    def sum(self) -> float:
+        return float(self.ones)
+
+    @property
+    def avg(self) -> float:
+        return self.ones / self.count if self.count else 0.0
+
+    def quantile(self, q: float) -> float:
+        if not self.count:
+            return 0.0
+        zeros = self.count - self.ones
+        pos = (self.count - 1) * q
+        low = math.floor(pos)
+        high = min(low + 1, self.count - 1)
+        at_low = 0.0 if low < zeros else 1.0
+        at_high = 0.0 if high < zeros else 1.0
+        return at_low + (at_high - at_low) * (pos - low)
+
+    def to_dict(self) -> dict[str, float]:
+        zeros = self.count - self.ones
+        return {
+            "count": self.count,
+            "sum": float(self.ones),
+            "min": 0.0 if zeros else (1.0 if self.count else 0.0),
+            "max": 1.0 if self.ones else 0.0,
+            "avg": self.avg,
+            "median": self.quantile(0.5),
+            "p95": self.quantile(0.95),
+            "p99": self.quantile(0.99),
+            "current": self.current,
+        }
+
+    def __repr__(self) -> str:
+        return f"Ratio(count={self.count}, avg={self.avg:g})"

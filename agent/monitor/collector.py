@@ -1,0 +1,488 @@
+"""The observer that turns a run's events into metrics and a live view.
+
+A :class:`MetricsCollector` is a plain :data:`agent.events.Observer`: attach it to an
+agent (``agent.add_observer(collector)``) or to every run in a block
+(``with observing(collector): ...``). Each event costs a few dictionary operations;
+figures that are rates (throughput, CPU percent, process memory) are taken once per
+*update window* by :meth:`MetricsCollector.sample`, which the real-time ticker calls
+every ``update_interval`` and once at the end.
+
+Times: events carry ``time.monotonic()`` stamps, so the collector's ``clock`` must use
+the same timebase (the default is ``time.monotonic``; tests pass a fake clock and
+events stamped with it). Reads and writes take a lock, so an exporter thread may read
+while the event loop writes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import events as ev
+from .aggregation import DEFAULT_CAPACITY, MetricAggregation, Ratio, Tally
+from .catalogue import CATALOGUE, MetricSpec, MetricType, specs_for
+from .process import ProcessSampler, ThisProcess
+
+_MIB = 1024.0 * 1024.0
+
+# Figures shared between two categories: the same values, one aggregation.
+_ALIASES = {("dependency", "resolution_time"): ("timing", "dependency_resolution")}
+
+RECENT_RUNS = 32
+
+
+@dataclass(frozen=True)
+class StateView:
+    """A state attempt running now."""
+
+    agent_name: str
+    run_id: str
+    state: str
+    attempt: int
+    running_for: float  # seconds
+
+
+@dataclass(frozen=True)
+class RunView:
+    """One run, as the live view shows it."""
+
+    agent_name: str
+    run_id: str
+    status: str  # running, completed, failed, cancelled
+    elapsed: float  # seconds
+    completed: int
+    failed_attempts: int
+    retries: int
+    queued: int
+    running: tuple[StateView, ...]
+
+
+@dataclass(frozen=True)
+class LiveSnapshot:
+    """What is running now and how fast, for ``agent top`` and exporters."""
+
+    time: float
+    active: tuple[RunView, ...]
+    recent: tuple[RunView, ...]  # finished runs, newest first
+    states_completed: int
+    attempts_failed: int
+    states_per_second: float  # latest update window
+    used_cpu_percent: float  # latest update window
+    process_memory_mb: float  # latest update window
+
+
+@dataclass
+class _Run:
+    agent_name: str
+    run_id: str
+    started: float
+    status: str = "running"
+    finished: float | None = None
+    completed: int = 0
+    failed_attempts: int = 0
+    retries: int = 0
+    running: dict[str, tuple[int, float]] = field(default_factory=dict)
+    queued: dict[str, float] = field(default_factory=dict)
+    first_seen: dict[str, float] = field(default_factory=dict)
+    allocated: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+
+    def view(self, now: float) -> RunView:
+        end = self.finished if self.finished is not None else now
+        return RunView(
+            agent_name=self.agent_name,
+            run_id=self.run_id,
+            status=self.status,
+            elapsed=max(0.0, end - self.started),
+            completed=self.completed,
+            failed_attempts=self.failed_attempts,
+            retries=self.retries,
+            queued=len(self.queued),
+            running=tuple(
+                StateView(self.agent_name, self.run_id, name, attempt, max(0.0, now - since))
+                for name, (attempt, since) in self.running.items()
+            ),
+        )
+
+
+def _allocation(resources: Any) -> tuple[float, float, float] | None:
+    """(cpu cores, memory MiB, GPUs) of a ResourceRequirements or a mapping, if any."""
+    if resources is None:
+        return None
+    if isinstance(resources, dict):
+        get = resources.get
+    else:
+        def get(name: str, default: float = 0.0) -> Any:
+            return getattr(resources, name, default)
+    try:
+        return float(get("cpu_units", 0.0)), float(get("memory_mb", 0.0)), float(get("gpu_units", 0.0))
+    except (TypeError, ValueError):
+        return None
+
+
+class MetricsCollector:
+    """Aggregates the events of every run it observes into the metrics dict."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        process: ProcessSampler | None = None,
+        capacity: int = DEFAULT_CAPACITY,
+        min_window: float = 0.05,
+    ) -> None:
+        self._clock = clock
+        self._process = process if process is not None else ThisProcess()
+        self._capacity = capacity
+        self._min_window = min_window
+        self._lock = threading.Lock()
+        self._runs: dict[str, _Run] = {}
+        self._recent: deque[_Run] = deque(maxlen=RECENT_RUNS)
+        self._queued_total = 0
+        self._running_total = 0
+        self._alloc_total = [0.0, 0.0, 0.0]
+        self._totals = {"completed": 0, "failed": 0}
+        # Update window: active (busy) time and what happened in it.
+        self._busy_acc = 0.0
+        self._busy_since = 0.0
+        self._window_completed = 0
+        self._window_started = 0
+        self._window_isolated_cpu = 0.0
+        self._process_cpu_mark = self._process.cpu_seconds()
+        self._new_aggregations()
+        self._handlers: dict[str, Callable[[ev.RunEvent], None]] = {
+            ev.RUN_STARTED: self._on_run_started,
+            ev.RUN_FINISHED: self._on_run_finished,
+            ev.STATE_QUEUED: self._on_queued,
+            ev.STATE_STARTED: self._on_started,
+            ev.STATE_COMPLETED: self._on_completed,
+            ev.STATE_FAILED: self._on_failed,
+            ev.STATE_RETRYING: self._on_retrying,
+            ev.STATE_CANCELLED: self._on_cancelled,
+            ev.STATE_PREEMPTED: self._on_preempted,
+            ev.STATE_BLOCKED: self._on_blocked,
+            ev.DEPENDENCY_RESOLVED: self._on_dependency_resolved,
+        }
+
+    # --- aggregations ------------------------------------------------------------------
+
+    def _new_aggregations(self) -> None:
+        aggs: dict[tuple[str, str], MetricAggregation | Tally | Ratio] = {}
+        for spec in CATALOGUE:
+            key = (spec.category, spec.name)
+            if key in _ALIASES:
+                continue
+            if spec.tally:
+                aggs[key] = Tally()
+            elif spec.binary:
+                aggs[key] = Ratio()
+            else:
+                aggs[key] = MetricAggregation(self._capacity)
+        for alias, target in _ALIASES.items():
+            aggs[alias] = aggs[target]
+        self._aggs = aggs
+        a = aggs.__getitem__
+        self._a_total_execution = a(("timing", "total_execution"))
+        self._a_run_duration = a(("timing", "run_duration"))
+        self._a_dependency = a(("timing", "dependency_resolution"))
+        self._a_queue_wait = a(("latency", "queue_wait"))
+        self._a_turnaround = a(("latency", "turnaround"))
+        self._a_sps = a(("throughput", "states_per_second"))
+        self._a_aps = a(("throughput", "attempts_per_second"))
+        self._a_used_cpu = a(("resources", "used_CPU"))
+        self._a_isolated_cpu = a(("resources", "isolated_CPU"))
+        self._a_process_cpu = a(("resources", "process_CPU"))
+        self._a_process_mem = a(("resources", "process_memory_mb"))
+        self._a_state_cpu = a(("resources", "state_cpu_seconds"))
+        self._a_state_mem = a(("resources", "state_peak_memory_mb"))
+        self._a_state_throttled = a(("resources", "state_throttled_seconds"))
+        self._a_state_read = a(("resources", "state_io_read_mb"))
+        self._a_state_write = a(("resources", "state_io_write_mb"))
+        self._a_alloc = (a(("resources", "allocated_CPU")), a(("resources", "allocated_memory_mb")),
+                         a(("resources", "allocated_GPU")))
+        self._a_errors = a(("errors", "count"))
+        self._a_failed_states = a(("errors", "failed_states"))
+        self._a_error_rate = a(("errors", "error_rate"))
+        self._a_retries = a(("retries", "count"))
+        self._a_attempts = a(("retries", "attempts_per_state"))
+        self._a_retry_delay = a(("retries", "delay"))
+        self._a_started = a(("state", "started"))
+        self._a_completed = a(("state", "completed"))
+        self._a_cancelled = a(("state", "cancelled"))
+        self._a_preempted = a(("state", "preempted"))
+        self._a_success = a(("state", "success_rate"))
+        self._a_resolved = a(("dependency", "resolved"))
+        self._a_blocked = a(("dependency", "blocked"))
+        self._a_enqueued = a(("queue", "enqueued"))
+        self._a_depth = a(("queue", "depth"))
+        self._a_running = a(("concurrency", "running_states"))
+        self._a_active_runs = a(("concurrency", "active_runs"))
+
+    def aggregation(self, category: str, name: str) -> MetricAggregation | Tally | Ratio:
+        """The live aggregation behind ``metrics[category][name]``."""
+        return self._aggs[(category, name)]
+
+    # --- the observer ------------------------------------------------------------------
+
+    def __call__(self, event: ev.RunEvent) -> None:
+        handler = self._handlers.get(event.kind)
+        if handler is not None:
+            with self._lock:
+                handler(event)
+
+    def _run(self, event: ev.RunEvent) -> _Run:
+        run = self._runs.get(event.run_id)
+        if run is None:  # attached mid-run: start tracking from here
+            run = self._start_run(event.agent_name, event.run_id, event.time)
+        return run
+
+    def _start_run(self, agent_name: str, run_id: str, now: float) -> _Run:
+        run = _Run(agent_name, run_id, now)
+        if not self._runs:
+            self._busy_since = now
+        self._runs[run_id] = run
+        self._a_active_runs.add(len(self._runs))
+        return run
+
+    def _on_run_started(self, event: ev.RunEvent) -> None:
+        if event.run_id not in self._runs:
+            self._start_run(event.agent_name, event.run_id, event.time)
+
+    def _on_run_finished(self, event: ev.RunEvent) -> None:
+        run = self._runs.pop(event.run_id, None)
+        if run is None:
+            return
+        now = event.time
+        run.status = event.status or "completed"
+        run.finished = now
+        self._a_run_duration.add((now - run.started) * 1000.0)
+        # States the engine did not close (a cancelled run): forget them.
+        self._running_total -= len(run.running)
+        self._queued_total -= len(run.queued)
+        for alloc in run.allocated.values():
+            self._move_allocation(alloc, -1.0)
+        run.running.clear()
+        run.queued.clear()
+        run.first_seen.clear()
+        run.allocated.clear()
+        self._recent.appendleft(run)
+        if not self._runs:
+            self._busy_acc += max(0.0, now - self._busy_since)
+
+    def _on_queued(self, event: ev.RunEvent) -> None:
+        run = self._run(event)
+        state = event.state or ""
+        if state in run.queued:  # still waiting: the engine says so on each scheduling pass
+            return
+        self._queued_total += 1
+        run.queued[state] = event.time
+        run.first_seen.setdefault(state, event.time)
+        self._a_enqueued.count += 1
+        self._a_depth.add(self._queued_total)
+
+    def _on_started(self, event: ev.RunEvent) -> None:
+        run = self._run(event)
+        state = event.state or ""
+        queued_at = run.queued.pop(state, None)
+        if queued_at is not None:
+            self._queued_total -= 1
+            self._a_queue_wait.add((event.time - queued_at) * 1000.0)
+            self._a_depth.add(self._queued_total)
+        run.first_seen.setdefault(state, event.time)
+        if state not in run.running:
+            self._running_total += 1
+        run.running[state] = (event.attempt, event.time)
+        self._a_running.add(self._running_total)
+        self._a_started.count += 1
+        self._window_started += 1
+        alloc = _allocation(event.data.get("resources")) if event.data else None
+        if alloc is not None:
+            previous = run.allocated.pop(state, None)
+            if previous is not None:
+                self._move_allocation(previous, -1.0)
+            run.allocated[state] = alloc
+            self._move_allocation(alloc, 1.0)
+
+    def _move_allocation(self, alloc: tuple[float, float, float], sign: float) -> None:
+        total = self._alloc_total
+        for i in range(3):
+            total[i] = max(0.0, total[i] + sign * alloc[i])
+            self._a_alloc[i].add(total[i])
+
+    def _end_attempt(self, run: _Run, event: ev.RunEvent) -> float | None:
+        """Close the running record of an attempt; returns its duration in seconds."""
+        state = event.state or ""
+        started = run.running.pop(state, None)
+        if started is not None:
+            self._running_total -= 1
+        alloc = run.allocated.pop(state, None)
+        if alloc is not None:
+            self._move_allocation(alloc, -1.0)
+        if event.usage:
+            self._add_usage(event.usage)
+        if event.duration is not None:
+            return event.duration
+        return event.time - started[1] if started is not None else None
+
+    def _add_usage(self, usage: dict[str, Any]) -> None:
+        cpu = usage.get("cpu_seconds")
+        if isinstance(cpu, (int, float)):
+            self._a_state_cpu.add(cpu)
+            self._window_isolated_cpu += cpu
+        throttled = usage.get("throttled_seconds")
+        if isinstance(throttled, (int, float)):
+            self._a_state_throttled.add(throttled)
+        peak = usage.get("peak_memory_bytes")
+        if isinstance(peak, (int, float)):
+            self._a_state_mem.add(peak / _MIB)
+        read = usage.get("io_read_bytes")
+        if isinstance(read, (int, float)):
+            self._a_state_read.add(read / _MIB)
+        write = usage.get("io_write_bytes")
+        if isinstance(write, (int, float)):
+            self._a_state_write.add(write / _MIB)
+
+    def _on_completed(self, event: ev.RunEvent) -> None:
+        run = self._run(event)
+        duration = self._end_attempt(run, event)
+        if duration is not None:
+            self._a_total_execution.add(duration * 1000.0)
+        first = run.first_seen.pop(event.state or "", None)
+        if first is not None:
+            self._a_turnaround.add((event.time - first) * 1000.0)
+        run.completed += 1
+        self._totals["completed"] += 1
+        self._window_completed += 1
+        self._a_completed.count += 1
+        self._a_error_rate.add(0.0)
+        self._a_success.add(1.0)
+        self._a_attempts.add(max(1, event.attempt))
+
+    def _on_failed(self, event: ev.RunEvent) -> None:
+        run = self._run(event)
+        self._end_attempt(run, event)
+        run.failed_attempts += 1
+        self._totals["failed"] += 1
+        self._a_errors.count += 1
+        self._a_error_rate.add(1.0)
+        if event.data.get("final"):
+            run.first_seen.pop(event.state or "", None)
+            self._a_failed_states.count += 1
+            self._a_success.add(0.0)
+            self._a_attempts.add(max(1, event.attempt))
+
+    def _on_retrying(self, event: ev.RunEvent) -> None:
+        self._run(event).retries += 1
+        self._a_retries.count += 1
+        delay = event.data.get("delay")
+        if isinstance(delay, (int, float)):
+            self._a_retry_delay.add(delay * 1000.0)
+
+    def _drop_state(self, run: _Run, event: ev.RunEvent) -> None:
+        state = event.state or ""
+        if run.queued.pop(state, None) is not None:
+            self._queued_total -= 1
+        self._end_attempt(run, event)
+
+    def _on_cancelled(self, event: ev.RunEvent) -> None:
+        run = self._run(event)
+        self._drop_state(run, event)
+        run.first_seen.pop(event.state or "", None)
+        self._a_cancelled.count += 1
+
+    def _on_preempted(self, event: ev.RunEvent) -> None:
+        self._drop_state(self._run(event), event)
+        self._a_preempted.count += 1
+
+    def _on_blocked(self, event: ev.RunEvent) -> None:
+        run = self._run(event)
+        if run.queued.pop(event.state or "", None) is not None:
+            self._queued_total -= 1
+        run.first_seen.pop(event.state or "", None)
+        self._a_blocked.count += 1
+
+    def _on_dependency_resolved(self, event: ev.RunEvent) -> None:
+        self._run(event)
+        if event.duration is not None:
+            self._a_dependency.add(event.duration * 1000.0)
+        self._a_resolved.count += 1
+
+    # --- update windows ----------------------------------------------------------------
+
+    def sample(self, now: float | None = None, *, final: bool = False) -> bool:
+        """Close the current update window: add one throughput, CPU and memory value each.
+
+        A window with no active run time adds nothing. A window shorter than
+        ``min_window`` of active time is carried into the next one (its rate would be
+        noise) unless ``final``. Returns whether values were added.
+        """
+        with self._lock:
+            now = self._clock() if now is None else now
+            busy = self._busy_acc
+            if self._runs:
+                busy += max(0.0, now - self._busy_since)
+            if busy <= 0.0 or (busy < self._min_window and not final):
+                return False
+            process_cpu = self._process.cpu_seconds()
+            rss = self._process.rss_bytes()
+            isolated_pct = self._window_isolated_cpu / busy * 100.0
+            process_pct = max(0.0, process_cpu - self._process_cpu_mark) / busy * 100.0
+            self._a_sps.add(self._window_completed / busy)
+            self._a_aps.add(self._window_started / busy)
+            self._a_isolated_cpu.add(isolated_pct)
+            self._a_process_cpu.add(process_pct)
+            self._a_used_cpu.add(isolated_pct + process_pct)
+            self._a_process_mem.add(rss / _MIB)
+            self._process_cpu_mark = process_cpu
+            self._busy_acc = 0.0
+            self._busy_since = now
+            self._window_completed = 0
+            self._window_started = 0
+            self._window_isolated_cpu = 0.0
+            return True
+
+    # --- reading -----------------------------------------------------------------------
+
+    def metrics(self, types: MetricType = MetricType.ALL, *, reset: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+        """The metrics dict for the selected categories (a fresh copy).
+
+        With ``reset`` the aggregations start over afterwards (per-window figures, for
+        ``agent_monitor(aggregate=False)``); runs in progress stay tracked.
+        """
+        with self._lock:
+            out: dict[str, dict[str, dict[str, float]]] = {}
+            for spec in specs_for(types):
+                out.setdefault(spec.category, {})[spec.name] = self._aggs[(spec.category, spec.name)].to_dict()
+            if reset:
+                self._new_aggregations()
+            return out
+
+    def live(self) -> LiveSnapshot:
+        """Runs in progress, recently finished runs, and the latest rates."""
+        with self._lock:
+            now = self._clock()
+            return LiveSnapshot(
+                time=now,
+                active=tuple(run.view(now) for run in self._runs.values()),
+                recent=tuple(run.view(now) for run in self._recent),
+                states_completed=self._totals["completed"],
+                attempts_failed=self._totals["failed"],
+                states_per_second=self._a_sps.current,
+                used_cpu_percent=self._a_used_cpu.current,
+                process_memory_mb=self._a_process_mem.current,
+            )
+
+    @property
+    def active_runs(self) -> int:
+        return len(self._runs)
+
+
+def spec_of(category: str, name: str) -> MetricSpec:
+    """The catalogue entry of ``metrics[category][name]``."""
+    for spec in CATALOGUE:
+        if spec.category == category and spec.name == name:
+            return spec
+    raise KeyError(f"no metric {category}.{name}")

@@ -1,0 +1,405 @@
+"""``agent top``: a live terminal view of running agents, their states, throughput, CPU, memory.
+
+The view reads a :class:`MetricsCollector` (the same observer the metrics use) and is
+redrawn on every real-time update. For now it watches runs of this process:
+``agent top --demo`` runs a small set of workflows and shows them live;
+``--snapshot`` prints one frame as plain text instead of the live screen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+try:
+    from rich import box
+    from rich.console import Console, Group, RenderableType
+    from rich.live import Live
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+except ImportError as exc:  # an optional dependency: say how to get it instead of a traceback
+    _NO_RICH: ImportError | None = exc
+    RenderableType = Any  # type: ignore[misc]
+else:
+    _NO_RICH = None
+
+from ..errors import MonitorError
+from .collector import LiveSnapshot, MetricsCollector, RunView
+
+_INSTALL_HINT = "agent top needs the rich package: pip install 'agent-framework[monitor]'"
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+_BARS = "▁▂▃▄▅▆▇█"
+_STATUS_STYLE = {"running": "bold cyan", "completed": "green", "failed": "bold red", "cancelled": "yellow"}
+MAX_STATE_ROWS = 12
+MAX_RECENT_ROWS = 6
+
+
+def sparkline(values: Sequence[float], width: int = 24) -> str:
+    """Unicode bars for the last ``width`` values, scaled to their maximum."""
+    values = list(values)[-width:]
+    if not values:
+        return ""
+    top = max(values)
+    if top <= 0:
+        return _BARS[0] * len(values)
+    return "".join(_BARS[min(len(_BARS) - 1, int(v / top * (len(_BARS) - 1) + 0.5))] for v in values)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _short(run_id: str) -> str:
+    return run_id[:8]
+
+
+class TopView:
+    """What ``agent top`` draws; call :meth:`update` on each real-time tick."""
+
+    def __init__(self, source: MetricsCollector, title: str = "agent top", history: int = 48) -> None:
+        if _NO_RICH is not None:
+            raise MonitorError(f"{_INSTALL_HINT} ({_NO_RICH})")
+        self._source = source
+        self._title = title
+        self._history = history
+        self._sps: tuple[float, ...] = ()
+        self._cpu: tuple[float, ...] = ()
+        self._snapshot: LiveSnapshot = source.live()
+        self._wall = time.time()
+
+    def update(self) -> LiveSnapshot:
+        """Read the collector now and extend the throughput and CPU history."""
+        snap = self._source.live()
+        self._snapshot = snap
+        self._wall = time.time()
+        self._sps = (self._sps + (snap.states_per_second,))[-self._history:]
+        self._cpu = (self._cpu + (snap.used_cpu_percent,))[-self._history:]
+        return snap
+
+    @property
+    def snapshot(self) -> LiveSnapshot:
+        return self._snapshot
+
+    # --- rendering ---------------------------------------------------------------------
+
+    def _header(self, snap: LiveSnapshot) -> RenderableType:
+        running = sum(len(run.running) for run in snap.active)
+        grid = Table.grid(expand=True, padding=(0, 2))
+        for ratio in (3, 2, 3, 2):
+            grid.add_column(ratio=ratio, no_wrap=True)
+        grid.add_row(
+            Text.assemble(("runs ", "dim"), (f"{len(snap.active)}", "bold cyan"), (" active", "dim")),
+            Text.assemble(("states ", "dim"), (f"{running}", "bold cyan"), (" running", "dim")),
+            Text.assemble(("completed ", "dim"), (f"{snap.states_completed:,}", "bold green")),
+            Text.assemble(("failed attempts ", "dim"),
+                          (f"{snap.attempts_failed:,}", "bold red" if snap.attempts_failed else "green")),
+        )
+        grid.add_row(
+            Text.assemble(("throughput ", "dim"), (f"{snap.states_per_second:,.1f}", "bold"), (" states/s", "dim")),
+            Text(sparkline(self._sps), style="cyan"),
+            Text.assemble(("CPU ", "dim"), (f"{snap.used_cpu_percent:.0f}%", "bold"),
+                          ("  mem ", "dim"), (f"{snap.process_memory_mb:,.0f} MiB", "bold")),
+            Text(sparkline(self._cpu), style="magenta"),
+        )
+        stamp = time.strftime("%H:%M:%S", time.localtime(self._wall))
+        return Panel(grid, title=f"[bold]{self._title}[/]", subtitle=stamp, box=box.ROUNDED, border_style="blue")
+
+    @staticmethod
+    def _runs_table(runs: Sequence[RunView]) -> Table:
+        table = Table(title="runs", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, expand=True, title_style="bold")
+        table.add_column("AGENT", style="bold")
+        table.add_column("RUN", style="dim")
+        table.add_column("STATUS")
+        table.add_column("ELAPSED", justify="right")
+        table.add_column("DONE", justify="right")
+        table.add_column("FAILED", justify="right")
+        table.add_column("RETRIES", justify="right")
+        table.add_column("WAITING", justify="right")
+        table.add_column("RUNNING NOW", ratio=1, overflow="ellipsis", no_wrap=True)
+        for run in runs:
+            table.add_row(
+                run.agent_name,
+                _short(run.run_id),
+                Text(run.status, style=_STATUS_STYLE.get(run.status, "")),
+                _duration(run.elapsed),
+                str(run.completed),
+                Text(str(run.failed_attempts), style="red" if run.failed_attempts else "dim"),
+                str(run.retries),
+                str(run.queued),
+                ", ".join(state.state for state in run.running) or "-",
+            )
+        if not runs:
+            table.add_row(Text("no runs in progress", style="dim"), *[""] * 8)
+        return table
+
+    @staticmethod
+    def _states_table(runs: Sequence[RunView]) -> Table:
+        states = sorted((s for run in runs for s in run.running), key=lambda s: -s.running_for)
+        table = Table(title="running states", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, expand=True,
+                      title_style="bold")
+        table.add_column("AGENT", style="bold")
+        table.add_column("STATE", style="cyan")
+        table.add_column("ATTEMPT", justify="right")
+        table.add_column("RUNNING FOR", justify="right")
+        table.add_column("", ratio=1)
+        longest = max((s.running_for for s in states), default=0.0)
+        for state in states[:MAX_STATE_ROWS]:
+            share = state.running_for / longest if longest > 0 else 0.0
+            bar = "━" * max(1, math.ceil(share * 20))
+            table.add_row(
+                state.agent_name,
+                state.state,
+                Text(str(state.attempt), style="yellow" if state.attempt > 1 else ""),
+                _duration(state.running_for),
+                Text(bar, style="green" if state.attempt == 1 else "yellow"),
+            )
+        if len(states) > MAX_STATE_ROWS:
+            table.add_row(Text(f"... {len(states) - MAX_STATE_ROWS} more", style="dim"), "", "", "", "")
+        return table
+
+    @staticmethod
+    def _recent_table(runs: Sequence[RunView]) -> Table:
+        table = Table(title="finished", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, expand=True, title_style="bold")
+        table.add_column("AGENT", style="bold")
+        table.add_column("RUN", style="dim")
+        table.add_column("STATUS")
+        table.add_column("DURATION", justify="right")
+        table.add_column("DONE", justify="right")
+        table.add_column("FAILED", justify="right")
+        for run in runs[:MAX_RECENT_ROWS]:
+            table.add_row(
+                run.agent_name,
+                _short(run.run_id),
+                Text(run.status, style=_STATUS_STYLE.get(run.status, "")),
+                _duration(run.elapsed),
+                str(run.completed),
+                Text(str(run.failed_attempts), style="red" if run.failed_attempts else "dim"),
+            )
+        return table
+
+    def __rich__(self) -> RenderableType:
+        snap = self._snapshot
+        parts: list[RenderableType] = [self._header(snap), self._runs_table(snap.active)]
+        if any(run.running for run in snap.active):
+            parts += [Text(""), self._states_table(snap.active)]
+        if snap.recent:
+            parts += [Text(""), self._recent_table(snap.recent)]
+        return Group(*parts)
+
+
+def render_text(view: TopView, width: int = 110) -> str:
+    """One frame of the view as plain text (for logs, READMEs and tests)."""
+    console = Console(record=True, width=width, file=_Null(), color_system=None, force_terminal=False)
+    console.print(view)
+    return console.export_text()
+
+
+class _Null:
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+
+# --- the demo ----------------------------------------------------------------------------
+
+
+def demo_agents(speed: float = 1.0, isolation: str = "inline") -> list[Any]:
+    """Three workflows that keep the view busy: an ETL fan-out, a training loop, a batch fan-out."""
+    import random
+
+    from ..agent import Agent
+
+    rng = random.Random(7)
+
+    def pause(seconds: float) -> float:
+        return seconds / speed
+
+    async def work(seconds: float) -> None:
+        # Some real CPU on the loop (inline states share it), then waiting, like I/O.
+        busy_until = time.process_time() + pause(seconds) / 40
+        while time.process_time() < busy_until:
+            sum(i * i for i in range(500))
+        await asyncio.sleep(pause(seconds) * 0.9)
+
+    etl = Agent("etl_pipeline", isolation=isolation)
+    shards = [f"transform_{i}" for i in range(6)]
+
+    async def extract(context):
+        await work(0.6)
+        return shards
+
+    def transform(i: int):
+        async def transform_shard(context):
+            await work(0.8 + 0.3 * rng.random() + 0.1 * i)
+            return "load"
+        return transform_shard
+
+    async def load(context):
+        await work(0.7)
+        return "report"
+
+    async def report(context):
+        await work(0.3)
+        return None
+
+    etl.add_state("extract", extract)
+    for i, name in enumerate(shards):
+        etl.add_state(name, transform(i))
+    etl.add_state("load", load)
+    etl.add_state("report", report)
+
+    training = Agent("model_training", isolation=isolation)
+    flaky = {"left": 2}
+
+    async def fetch_weights(context):
+        await work(0.3)
+        if flaky["left"] > 0:
+            flaky["left"] -= 1
+            raise ConnectionError("weights server busy")
+        return "train_epoch"
+
+    async def train_epoch(context):
+        epoch = context.get_state("epoch", 0) + 1
+        context.set_state("epoch", epoch)
+        await work(0.5)
+        return "train_epoch" if epoch < 6 else "evaluate"
+
+    async def evaluate(context):
+        await work(0.6)
+        return None
+
+    training.add_state("fetch_weights", fetch_weights, max_retries=3)
+    training.add_state("train_epoch", train_epoch)
+    training.add_state("evaluate", evaluate)
+
+    batch = Agent("batch_inference", isolation=isolation)
+    parts = [f"infer_{i:02d}" for i in range(10)]
+
+    async def split(context):
+        await work(0.4)
+        return parts
+
+    def infer(i: int):
+        async def infer_part(context):
+            await work(0.4 + 0.25 * (i % 4))
+            return "merge"
+        return infer_part
+
+    async def merge(context):
+        await work(0.4)
+        return None
+
+    batch.add_state("split", split)
+    for i, name in enumerate(parts):
+        batch.add_state(name, infer(i))
+    batch.add_state("merge", merge)
+    return [etl, training, batch]
+
+
+async def run_demo(
+    interval: float = 0.25,
+    speed: float = 1.0,
+    console: Console | None = None,
+    snapshot: bool = False,
+    isolation: str = "inline",
+) -> TopView:
+    """Run the demo workflows under a live view; returns the view (with the busiest frame when ``snapshot``)."""
+    from .realtime import RealTimeMetrics
+
+    rt = RealTimeMetrics(update_interval=interval)
+    view = TopView(rt.collector, title="agent top · demo")
+    busiest: dict[str, Any] = {"running": -1, "text": ""}
+    console = console or Console()
+    live = None if snapshot else Live(view, console=console, auto_refresh=False, transient=False)
+
+    def on_update(metrics: dict) -> None:
+        snap = view.update()
+        if live is not None:
+            live.refresh()
+        # the busiest frame that also shows finished runs
+        running = sum(len(run.running) for run in snap.active) + (100 if snap.recent else 0)
+        if snapshot and running > busiest["running"]:
+            busiest["running"] = running
+            busiest["text"] = render_text(view, width=console.width)
+
+    rt.subscribe(on_update)
+    etl, training, batch = demo_agents(speed=speed, isolation=isolation)
+
+    async def batches() -> None:  # a job that comes back, so finished runs show up
+        for _ in range(3):
+            await batch.run()
+
+    if live is not None:
+        live.start()
+    await rt.start()
+    try:
+        await asyncio.gather(etl.run(), training.run(), batches())
+    finally:
+        await rt.stop()
+        if live is not None:
+            live.stop()
+    if snapshot:
+        console.print(busiest["text"] or render_text(view, width=console.width), end="", markup=False,
+                      highlight=False)
+    return view
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agent top", description="Live view of running workflows.")
+    parser.add_argument("--demo", action="store_true", help="run demo workflows in this process and watch them")
+    parser.add_argument("--interval", type=_positive, default=0.25, help="seconds between updates (default 0.25)")
+    parser.add_argument("--speed", type=_positive, default=1.0, help="demo speed-up factor (default 1)")
+    parser.add_argument("--snapshot", action="store_true", help="print the busiest frame as text, no live screen")
+    parser.add_argument("--width", type=int, default=None, help="render width in columns (default: the terminal)")
+    parser.add_argument("--isolation", choices=["inline", "process", "sandbox"], default="inline",
+                        help="isolation of the demo states (default inline)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``agent top``; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if _NO_RICH is not None:
+        print(f"{_INSTALL_HINT} ({_NO_RICH})", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.demo:
+        print(
+            "agent top: no runs to watch from here yet. `agent top --demo` runs demo workflows and "
+            "shows them live; inside your program, use agent.monitor.top.TopView with a MetricsCollector.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    console = Console(width=args.width) if args.width else Console()
+    try:
+        asyncio.run(run_demo(args.interval, args.speed, console, args.snapshot, args.isolation))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK

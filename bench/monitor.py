@@ -1,0 +1,122 @@
+"""Cost of monitoring: inline states/s with no monitor, a MetricsCollector, and @agent_monitor.
+
+Run: python bench/monitor.py [--quick]. Prints one JSON object. Also measures the
+collector alone (events per second it absorbs) and one metrics() read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+
+from agent import Agent, events
+from agent.monitor import MetricsCollector, agent_monitor
+
+
+def chain_agent() -> Agent:
+    agent = Agent("bench_chain", isolation="inline")
+
+    async def s1(context):
+        return "s2"
+
+    async def s2(context):
+        return "s3"
+
+    async def s3(context):
+        return None
+
+    for name, fn in (("s1", s1), ("s2", s2), ("s3", s3)):
+        agent.add_state(name, fn)
+    return agent
+
+
+def fanout_agent(width: int = 100) -> Agent:
+    agent = Agent("bench_fanout", isolation="inline")
+    names = [f"w{i}" for i in range(width)]
+
+    async def start(context):
+        return names
+
+    async def work(context):
+        return "join"
+
+    async def join(context):
+        return None
+
+    agent.add_state("start", start)
+    for n in names:
+        agent.add_state(n, work)
+    agent.add_state("join", join)
+    return agent
+
+
+async def rate(agent: Agent, states_per_run: int, seconds: float) -> float:
+    rates = []
+    began = time.perf_counter()
+    while time.perf_counter() - began < seconds or len(rates) < 5:
+        t0 = time.perf_counter()
+        runs = 0
+        while time.perf_counter() - t0 < 0.05:
+            await agent.run()
+            runs += 1
+        rates.append(runs * states_per_run / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+async def workload(seconds: float) -> dict[str, float]:
+    return {
+        "chain_3": round(await rate(chain_agent(), 3, seconds)),
+        "fanout_100_join": round(await rate(fanout_agent(), 102, seconds)),
+    }
+
+
+def collector_alone(n: int) -> dict[str, float]:
+    collector = MetricsCollector()
+    evs = [events.RunEvent(events.RUN_STARTED, "wf", "r")]
+    for i in range(n):
+        evs.append(events.RunEvent(events.STATE_STARTED, "wf", "r", f"s{i % 50}", 1))
+        evs.append(events.RunEvent(events.STATE_COMPLETED, "wf", "r", f"s{i % 50}", 1, duration=0.001))
+    t0 = time.perf_counter()
+    for event in evs:
+        collector(event)
+    elapsed = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    collector.sample(final=True)
+    collector.metrics()
+    read = time.perf_counter() - t1
+    return {"events_per_s": round(len(evs) / elapsed), "metrics_read_ms": round(read * 1000, 3)}
+
+
+async def main(quick: bool) -> dict[str, object]:
+    seconds = 0.3 if quick else 1.5
+    out: dict[str, object] = {"python": sys.version.split()[0]}
+    out["no_monitor"] = await workload(seconds)
+    with events.observing(MetricsCollector()):
+        out["collector_attached"] = await workload(seconds)
+
+    @agent_monitor(realtime=True, update_interval=0.25, metrics_callback=lambda m: None)
+    async def monitored() -> dict[str, float]:
+        return await workload(seconds)
+
+    out["agent_monitor_realtime"] = await monitored()
+    out["collector_alone"] = collector_alone(20_000 if quick else 200_000)
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
+    args = parser.parse_args()
+    if args.loop == "uvloop":
+        import uvloop
+
+        result = uvloop.run(main(args.quick))
+    else:
+        result = asyncio.run(main(args.quick))
+    result["loop"] = args.loop
+    print(json.dumps(result, indent=2))

@@ -1,0 +1,127 @@
+"""Context: plain values, defaults, and typed data with real type checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import pytest
+
+from agent import Context, ContextKeyError, ContextTypeError, TypedContextData
+
+
+@dataclass
+class UserProfile(TypedContextData):
+    name: str
+    age: int
+    scores: List[float]
+
+
+@dataclass
+class Nested(TypedContextData):
+    tags: Dict[str, List[int]] = field(default_factory=dict)
+    note: Optional[str] = None
+
+
+@dataclass
+class Other(TypedContextData):
+    value: int
+
+
+class TestPlainValues:
+    """set/get/remove/has behave like a dict with defaults."""
+
+    def test_set_get_remove_has(self):
+        ctx = Context()
+        ctx.set_state("user_name", "Alice")
+        ctx.set_state("scores", [95, 87, 92])
+        assert ctx.get_state("user_name") == "Alice"
+        assert ctx.get_state("missing") is None
+        assert ctx.get_state("missing", default=[]) == []
+        assert ctx.remove_state("user_name") is True
+        assert ctx.remove_state("user_name") is False
+        assert not ctx.has_state("user_name")
+        assert ctx.has_state("scores")
+        assert ctx.keys() == ["scores"]
+
+    def test_non_str_key_is_rejected(self):
+        with pytest.raises(ContextTypeError, match="keys are strings"):
+            Context().set_state(3, "x")  # type: ignore[arg-type]
+
+    def test_views_share_one_store(self):
+        ctx = Context()
+        view = ctx.view(state_name="s1")
+        view.set_state("k", 1)
+        assert ctx.get_state("k") == 1
+        assert view.state_name == "s1"
+
+    def test_write_hook_sees_every_write(self):
+        seen = []
+        ctx = Context(on_write=lambda k, v, deleted: seen.append((k, v, deleted)))
+        ctx.set_state("a", 1)
+        ctx.remove_state("a")
+        assert seen == [("a", 1, False), ("a", None, True)]
+
+
+class TestTypedValues:
+    """Typed data is checked against its annotations."""
+
+    def test_round_trip(self):
+        ctx = Context()
+        ctx.set_typed("user", UserProfile(name="Alice", age=28, scores=[95.0, 87.5]))
+        ctx.update_typed("user", age=29)
+        user = ctx.get_typed("user", UserProfile)
+        assert (user.name, user.age, user.scores) == ("Alice", 29, [95.0, 87.5])
+
+    def test_int_is_accepted_for_float(self):
+        ctx = Context()
+        ctx.set_typed("user", UserProfile(name="A", age=1, scores=[1, 2.5]))
+        assert ctx.get_typed("user", UserProfile).scores == [1, 2.5]
+
+    def test_wrong_field_type_is_rejected_on_set(self):
+        with pytest.raises(ContextTypeError, match="UserProfile.age must be int"):
+            Context().set_typed("user", UserProfile(name="A", age="28", scores=[]))  # type: ignore[arg-type]
+
+    def test_wrong_element_type_is_rejected(self):
+        with pytest.raises(ContextTypeError, match="scores"):
+            Context().set_typed("user", UserProfile(name="A", age=1, scores=["x"]))  # type: ignore[list-item]
+
+    def test_nested_generics_and_optional(self):
+        ctx = Context()
+        ctx.set_typed("n", Nested(tags={"a": [1, 2]}))
+        with pytest.raises(ContextTypeError):
+            ctx.update_typed("n", tags={"a": ["no"]})
+        ctx.update_typed("n", note="ok")
+        assert ctx.get_typed("n", Nested).note == "ok"
+
+    def test_set_typed_needs_typed_context_data(self):
+        with pytest.raises(ContextTypeError, match="TypedContextData"):
+            Context().set_typed("x", {"a": 1})  # type: ignore[arg-type]
+
+    def test_get_typed_wrong_class(self):
+        ctx = Context()
+        ctx.set_typed("o", Other(value=1))
+        with pytest.raises(ContextTypeError, match="holds Other, not UserProfile"):
+            ctx.get_typed("o", UserProfile)
+
+    def test_get_typed_missing_key(self):
+        with pytest.raises(ContextKeyError, match="no typed value under 'nope'"):
+            Context().get_typed("nope", Other)
+
+    def test_update_typed_rejects_unknown_fields(self):
+        ctx = Context()
+        ctx.set_typed("o", Other(value=1))
+        with pytest.raises(ContextTypeError, match="no field"):
+            ctx.update_typed("o", colour="red")
+        assert ctx.get_typed("o", Other).value == 1
+
+    def test_update_typed_rejects_wrong_type(self):
+        ctx = Context()
+        ctx.set_typed("o", Other(value=1))
+        with pytest.raises(ContextTypeError, match="Other.value must be int"):
+            ctx.update_typed("o", value="two")
+        assert ctx.get_typed("o", Other).value == 1
+
+    def test_bool_is_not_an_int(self):
+        with pytest.raises(ContextTypeError):
+            Context().set_typed("o", Other(value=True))

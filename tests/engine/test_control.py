@@ -1,0 +1,260 @@
+"""Execution control: run timeout, pause/resume, cancel_state, cancel_all, checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from agent import (
+    Agent,
+    AgentBusyError,
+    AgentCheckpoint,
+    AgentStatus,
+    CheckpointError,
+    RunTimeoutError,
+    StateStatus,
+)
+
+
+def blocking(started: asyncio.Event, log: list, gate: asyncio.Event | None = None):
+    async def state(context):
+        log.append(("start", context.state_name))
+        started.set()
+        await (gate or asyncio.Event()).wait()
+        log.append(("end", context.state_name))
+
+    return state
+
+
+class TestRunTimeout:
+    """run(timeout=...) cancels what runs and raises RunTimeoutError."""
+
+    async def test_timeout(self):
+        cancelled = asyncio.Event()
+        agent = Agent("slow", isolation="inline")
+
+        async def hang(context):
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        agent.add_state("hang", hang)
+        with pytest.raises(RunTimeoutError, match="did not finish within its timeout"):
+            await agent.run(timeout=0.05, cleanup_timeout=1)
+        assert cancelled.is_set()
+        assert agent.status is AgentStatus.FAILED
+        assert agent._running_states == {}
+
+    async def test_timeout_is_a_timeout_error(self):
+        assert issubclass(RunTimeoutError, TimeoutError)
+
+    async def test_caller_cancellation_cleans_up(self):
+        started = asyncio.Event()
+        log: list = []
+        agent = Agent("c", isolation="inline")
+        agent.add_state("s", blocking(started, log))
+        task = asyncio.create_task(agent.run())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert agent.status is AgentStatus.CANCELLED
+        assert agent.state_metadata["s"].status is StateStatus.CANCELLED
+
+    async def test_busy(self):
+        started = asyncio.Event()
+        agent = Agent("busy", isolation="inline")
+        agent.add_state("s", blocking(started, []))
+        task = asyncio.create_task(agent.run())
+        await started.wait()
+        with pytest.raises(AgentBusyError):
+            await agent.run()
+        await agent.cancel_all()
+        await task
+
+
+class TestCancel:
+    """cancel_state ends one branch; cancel_all ends the run."""
+
+    async def test_cancel_state_running(self):
+        started = asyncio.Event()
+        log: list = []
+        agent = Agent("cancel", isolation="inline")
+
+        async def start(context):
+            return ["victim", "survivor"]
+
+        async def survivor(context):
+            await started.wait()
+            assert agent.cancel_state("victim") is True
+            log.append("survivor")
+
+        agent.add_state("start", start)
+        agent.add_state("victim", blocking(started, log))
+        agent.add_state("survivor", survivor)
+        await agent.run()
+        assert agent.status is AgentStatus.COMPLETED
+        assert agent.state_metadata["victim"].status is StateStatus.CANCELLED
+        assert "survivor" in log and ("end", "victim") not in log
+
+    async def test_cancel_state_queued(self):
+        log: list = []
+        started = asyncio.Event()
+        agent = Agent("cancelq", isolation="inline", max_concurrent=1)
+
+        async def start(context):
+            return ["first", "second"]
+
+        agent.add_state("start", start)
+        gate = asyncio.Event()
+        agent.add_state("first", blocking(started, log, gate))
+        agent.add_state("second", blocking(asyncio.Event(), log))
+        task = asyncio.create_task(agent.run())
+        await started.wait()
+        assert agent.cancel_state("second") is True
+        gate.set()
+        await task
+        assert agent.state_metadata["second"].status is StateStatus.CANCELLED
+        assert ("start", "second") not in log
+
+    async def test_cancel_unknown(self):
+        from agent import UnknownStateError
+
+        with pytest.raises(UnknownStateError):
+            Agent("x").cancel_state("nope")
+
+    async def test_cancel_all(self):
+        started = asyncio.Event()
+        agent = Agent("all", isolation="inline")
+        agent.add_state("s", blocking(started, []))
+        task = asyncio.create_task(agent.run())
+        await started.wait()
+        await agent.cancel_all()
+        assert await task is agent.context
+        assert agent.status is AgentStatus.CANCELLED
+        assert agent.state_metadata["s"].status is StateStatus.CANCELLED
+        assert not agent._running_states
+
+
+class TestPauseResume:
+    """pause() stops and checkpoints; resume() continues without redoing finished work."""
+
+    async def test_pause_and_resume_same_run(self):
+        log: list = []
+        started = asyncio.Event()
+        agent = Agent("pause", isolation="inline")
+
+        async def first(context):
+            log.append("first")
+            return "second"
+
+        async def second(context):
+            log.append(("second", context.attempt))
+            started.set()
+            if context.get_state("resumed"):
+                return None
+            await asyncio.Event().wait()
+
+        agent.add_state("first", first)
+        agent.add_state("second", second)
+        task = asyncio.create_task(agent.run())
+        await started.wait()
+        checkpoint = await agent.pause()
+        assert agent.status is AgentStatus.PAUSED
+        assert checkpoint.completed_states == {"first"}
+        assert checkpoint.running_states == [] and "second" in checkpoint.pending_states
+        agent.context.set_state("resumed", True)
+        await agent.resume()
+        await task
+        assert agent.status is AgentStatus.COMPLETED
+        assert log == ["first", ("second", 1), ("second", 1)]  # a paused attempt is not a failed one
+
+    async def test_checkpoint_json_round_trip_and_restore(self):
+        log: list = []
+        started = asyncio.Event()
+
+        def build(name: str) -> Agent:
+            agent = Agent(name, isolation="inline")
+
+            async def start(context):
+                log.append("start")
+                context.set_state("items", {1, 2, 3})
+                return ["a", "b"]
+
+            async def a(context):
+                log.append("a")
+                return "merge"
+
+            async def b(context):
+                log.append("b")
+                started.set()
+                if not context.get_state("go"):
+                    await asyncio.Event().wait()
+                return "merge"
+
+            async def merge(context):
+                log.append("merge")
+
+            for n, f in (("start", start), ("a", a), ("b", b), ("merge", merge)):
+                agent.add_state(n, f)
+            return agent
+
+        agent = build("flow")
+        task = asyncio.create_task(agent.run())
+        await started.wait()
+        checkpoint = await agent.pause()
+        await agent.cancel_all()
+        await task
+        data = json.loads(json.dumps(checkpoint.to_dict()))
+        restored = AgentCheckpoint.from_dict(data)
+        assert restored.context["items"] == {1, 2, 3}
+
+        log.clear()
+        again = build("flow")
+        await again.restore_from_checkpoint(restored)
+        again.context.set_state("go", True)
+        await again.run()
+        assert log == ["b", "merge"]  # start and a are not re-run; the join still runs once
+        assert again.completed_states >= {"start", "a", "b", "merge"}
+
+    async def test_restore_refuses_other_agent_and_missing_states(self):
+        agent = Agent("one", isolation="inline")
+
+        async def s(context):
+            return None
+
+        agent.add_state("s", s)
+        await agent.run()
+        checkpoint = agent.create_checkpoint()
+        other = Agent("two", isolation="inline")
+        other.add_state("s", s)
+        with pytest.raises(CheckpointError, match="belongs to agent 'one'"):
+            await other.restore_from_checkpoint(checkpoint)
+        lacking = Agent("one", isolation="inline")
+        lacking.add_state("t", s)
+        with pytest.raises(CheckpointError, match="does not have: s"):
+            await lacking.restore_from_checkpoint(checkpoint)
+
+    async def test_restore_into_empty_agent_adopts_data(self):
+        agent = Agent("workflow", isolation="inline")
+
+        async def s(context):
+            context.set_state("x", 1)
+
+        agent.add_state("s", s)
+        await agent.run()
+        new_agent = Agent("restored_workflow")
+        await new_agent.restore_from_checkpoint(agent.create_checkpoint())
+        assert new_agent.context.get_state("x") == 1
+        assert new_agent.completed_states == {"s"}
+        assert new_agent.status is AgentStatus.COMPLETED
+
+    async def test_future_format_version(self):
+        data = AgentCheckpoint("a", "running", set(), [], [], {}, {}).to_dict()
+        data["format_version"] = 99
+        with pytest.raises(CheckpointError, match="format version 99"):
+            AgentCheckpoint.from_dict(data)

@@ -1,0 +1,286 @@
+"""Every DependencyType and DependencyLifecycle, conditions and wait timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent import (
+    Agent,
+    DependencyConfig,
+    DependencyLifecycle,
+    DependencyTimeoutError,
+    DependencyType,
+    StateFailedError,
+    StateStatus,
+)
+
+
+def recorder(log: list, result=None, *, wait: asyncio.Event | None = None, fail: bool = False):
+    async def state(context):
+        log.append(("start", context.state_name))
+        if wait is not None:
+            await wait.wait()
+        if fail:
+            raise RuntimeError(f"{context.state_name} broke")
+        log.append(("end", context.state_name))
+        return result
+
+    return state
+
+
+class TestTypes:
+    """REQUIRED, OPTIONAL, PARALLEL and SEQUENTIAL decide when a dependent may start."""
+
+    async def test_required_waits_for_completion_even_if_never_returned(self):
+        log: list = []
+        agent = Agent("req", isolation="inline")
+        agent.add_state("prepare_data", recorder(log))
+        agent.add_state("final_step", recorder(log), dependencies={"prepare_data": DependencyType.REQUIRED})
+        await agent.run()
+        assert log == [("start", "prepare_data"), ("end", "prepare_data"), ("start", "final_step"), ("end", "final_step")]
+
+    async def test_required_returned_state_waits(self):
+        log: list = []
+        agent = Agent("req2", isolation="inline")
+        agent.add_state("start", recorder(log, ["a", "b"]))
+        gate = asyncio.Event()
+        agent.add_state("a", recorder(log, None, wait=gate))
+        agent.add_state("b", recorder(log, None), dependencies={"a": DependencyType.REQUIRED})
+
+        async def opener():
+            while ("start", "a") not in log:
+                await asyncio.sleep(0)
+            assert ("start", "b") not in log
+            gate.set()
+
+        await asyncio.gather(agent.run(), opener())
+        assert log.index(("start", "b")) > log.index(("end", "a"))
+        assert agent.state_metadata["b"].runs == 1
+
+    async def test_required_failure_blocks_dependent(self):
+        log: list = []
+        agent = Agent("blocked", isolation="inline")
+        agent.add_state("start", recorder(log, ["dep", "other"]))
+        agent.add_state("dep", recorder(log, fail=True))
+        agent.add_state("other", recorder(log))
+        agent.add_state("dependent", recorder(log), dependencies={"dep": DependencyType.REQUIRED})
+        with pytest.raises(StateFailedError, match="'dep' failed"):
+            await agent.run()
+        assert ("start", "dependent") not in log
+        assert agent.state_metadata["dependent"].status in (StateStatus.BLOCKED, StateStatus.PENDING)
+
+    async def test_required_never_run_is_blocked_at_the_end(self):
+        log: list = []
+        agent = Agent("never", isolation="inline")
+        agent.add_state("start", recorder(log))
+        agent.add_state("dep", recorder(log))
+        agent.add_state("dependent", recorder(log), dependencies={"dep": DependencyType.REQUIRED})
+        await agent.run()
+        meta = agent.state_metadata["dependent"]
+        assert meta.status is StateStatus.BLOCKED
+        assert "'dep'" in meta.blocked_reason
+
+    async def test_optional_runs_when_dependency_is_not_scheduled(self):
+        log: list = []
+        agent = Agent("opt", isolation="inline")
+        agent.add_state("start", recorder(log))
+        agent.add_state("validate", recorder(log))
+        agent.add_state("final", recorder(log), dependencies={"validate": DependencyType.OPTIONAL})
+        await agent.run()
+        assert ("end", "final") in log
+        assert ("start", "validate") not in log
+
+    async def test_optional_waits_while_dependency_is_running(self):
+        log: list = []
+        gate = asyncio.Event()
+        agent = Agent("opt2", isolation="inline")
+        agent.add_state("validate", recorder(log, wait=gate))
+        agent.add_state("final", recorder(log), dependencies={"validate": DependencyType.OPTIONAL})
+
+        async def opener():
+            while ("start", "validate") not in log:
+                await asyncio.sleep(0)
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert ("start", "final") not in log
+            gate.set()
+
+        await asyncio.gather(agent.run(), opener())
+        assert log.index(("start", "final")) > log.index(("end", "validate"))
+
+    async def test_parallel_starts_alongside(self):
+        log: list = []
+        both = asyncio.Event()
+        agent = Agent("par", isolation="inline")
+
+        async def background(context):
+            log.append("bg-start")
+            await both.wait()  # finishes only after the dependent started
+            log.append("bg-end")
+
+        async def final(context):
+            log.append("final")
+            both.set()
+
+        agent.add_state("background_task", background)
+        agent.add_state("final", final, dependencies={"background_task": DependencyType.PARALLEL})
+        await asyncio.wait_for(agent.run(), 10)
+        assert log == ["bg-start", "final", "bg-end"]
+
+    async def test_sequential_runs_after_failure_too(self):
+        log: list = []
+        agent = Agent("seq", isolation="inline")
+        agent.add_state("start", recorder(log, ["previous_step", "after"]))
+        agent.add_state("previous_step", recorder(log))
+        agent.add_state("after", recorder(log), dependencies={"previous_step": DependencyType.SEQUENTIAL})
+        await agent.run()
+        assert log.index(("start", "after")) > log.index(("end", "previous_step"))
+
+
+class TestConfig:
+    """Conditions, wait timeouts and lifecycles."""
+
+    async def test_condition_must_hold(self):
+        log: list = []
+        agent = Agent("cond", isolation="inline")
+
+        async def setter(context):
+            context.set_state("ready", True)
+            log.append("setter")
+
+        cfg = DependencyConfig(type=DependencyType.REQUIRED, condition=lambda a: a.get_state("ready") == True)  # noqa: E712
+        agent.add_state("dependency", recorder(log, "setter"))
+        agent.add_state("setter", setter)
+        agent.add_state("complex_step", recorder(log), dependencies={"dependency": cfg})
+        await agent.run()
+        assert log.index(("start", "complex_step")) > log.index("setter")
+
+    async def test_condition_never_true_blocks(self):
+        log: list = []
+        agent = Agent("cond2", isolation="inline")
+        cfg = DependencyConfig(condition=lambda a: a.get_state("ready") is True)
+        agent.add_state("dependency", recorder(log))
+        agent.add_state("complex_step", recorder(log), dependencies={"dependency": cfg})
+        await agent.run()
+        meta = agent.state_metadata["complex_step"]
+        assert meta.status is StateStatus.BLOCKED
+        assert "condition" in meta.blocked_reason
+
+    async def test_wait_timeout(self):
+        gate = asyncio.Event()
+        log: list = []
+        agent = Agent("timeout", isolation="inline")
+        agent.add_state("slow", recorder(log, wait=gate))
+        agent.add_state("waiter", recorder(log), dependencies={"slow": DependencyConfig(timeout=0.05)})
+        with pytest.raises(DependencyTimeoutError, match="'waiter' waited more than 0.05 s"):
+            await agent.run(cleanup_timeout=1)
+        assert agent.state_metadata["waiter"].status is StateStatus.TIMEOUT
+        assert ("start", "waiter") not in log
+
+    async def test_always_reruns_on_each_completion(self):
+        log: list = []
+        agent = Agent("always", isolation="inline")
+
+        async def producer(context):
+            n = context.get_state("n", 0) + 1
+            context.set_state("n", n)
+            log.append(("producer", n))
+            return "pause" if n < 3 else None
+
+        async def pause(context):
+            # give the dependent a chance to run between producer runs
+            while len([x for x in log if x[0] == "consumer"]) < context.get_state("n"):
+                await asyncio.sleep(0)
+            return "producer"
+
+        async def consumer(context):
+            log.append(("consumer", context.get_state("n")))
+
+        agent.add_state("producer", producer)
+        agent.add_state("pause", pause)
+        agent.add_state("consumer", consumer,
+                        dependencies={"producer": DependencyConfig(lifecycle=DependencyLifecycle.ALWAYS)})
+        await asyncio.wait_for(agent.run(), 10)
+        assert [x for x in log if x[0] == "consumer"] == [("consumer", 1), ("consumer", 2), ("consumer", 3)]
+
+    async def test_once_runs_once(self):
+        log: list = []
+        agent = Agent("once", isolation="inline")
+
+        async def producer(context):
+            n = context.get_state("n", 0) + 1
+            context.set_state("n", n)
+            return "producer" if n < 3 else None
+
+        async def consumer(context):
+            log.append("consumer")
+
+        agent.add_state("producer", producer)
+        agent.add_state("consumer", consumer,
+                        dependencies={"producer": DependencyConfig(lifecycle=DependencyLifecycle.ONCE)})
+        await agent.run()
+        assert log == ["consumer"]
+
+    async def test_session_counts_earlier_runs(self):
+        log: list = []
+        agent = Agent("session", isolation="inline")
+        agent.add_state("producer", recorder(log))
+        agent.add_state("other", recorder(log))
+        agent.add_state("consumer", recorder(log),
+                        dependencies={"producer": DependencyConfig(lifecycle=DependencyLifecycle.SESSION)})
+        await agent.run(start="producer")
+        log.clear()
+        await agent.run(start="other")  # producer does not run now, but completed earlier
+        assert ("end", "consumer") in log
+
+        fresh = Agent("fresh", isolation="inline")
+        fresh.add_state("producer", recorder(log))
+        fresh.add_state("other", recorder(log))
+        fresh.add_state("consumer", recorder(log),
+                        dependencies={"producer": DependencyConfig(lifecycle=DependencyLifecycle.ONCE)})
+        await fresh.run(start="producer")
+        await fresh.run(start="other")
+        assert fresh.state_metadata["consumer"].status is StateStatus.BLOCKED
+
+    async def test_temporary_expires(self):
+        log: list = []
+        gate = asyncio.Event()
+        agent = Agent("temp", isolation="inline")
+
+        async def slow_path(context):
+            await gate.wait()
+
+        agent.add_state("start", recorder(log, ["producer", "slow_path"]))
+        agent.add_state("producer", recorder(log))
+        agent.add_state("slow_path", slow_path)
+        agent.add_state("late", recorder(log),
+                        dependencies={"producer": DependencyConfig(lifecycle=DependencyLifecycle.TEMPORARY, expiry=0.0),
+                                      "slow_path": DependencyType.SEQUENTIAL})
+
+        async def opener():
+            while ("end", "producer") not in log:
+                await asyncio.sleep(0)
+            gate.set()
+
+        await asyncio.gather(agent.run(), opener())
+        assert agent.state_metadata["late"].status is StateStatus.BLOCKED
+
+    async def test_periodic_respects_interval(self):
+        log: list = []
+        agent = Agent("periodic", isolation="inline")
+
+        async def tick(context):
+            n = context.get_state("n", 0) + 1
+            context.set_state("n", n)
+            return "tick" if n < 4 else None
+
+        async def report(context):
+            log.append(context.get_state("n"))
+
+        agent.add_state("tick", tick)
+        agent.add_state("report", report, dependencies={
+            "tick": DependencyConfig(lifecycle=DependencyLifecycle.PERIODIC, interval=3600)})
+        await agent.run()
+        assert len(log) == 1  # four completions, but at most one run per hour

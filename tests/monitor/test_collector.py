@@ -1,0 +1,253 @@
+from __future__ import annotations
+
+import pytest
+
+from agent import events as ev
+from agent.monitor import CATALOGUE, MetricsCollector, MetricType
+from agent.monitor.aggregation import STAT_NAMES
+
+from .conftest import Feed
+
+
+def run_chain(feed: Feed, states: int = 4, seconds: float = 0.25) -> None:
+    feed.emit(ev.RUN_STARTED)
+    for i in range(states):
+        feed.state(f"s{i}", seconds)
+    feed.emit(ev.RUN_FINISHED, status="completed")
+
+
+class TestMetricsShape:
+    """The metrics dict has exactly the selected categories, each fully populated."""
+
+    def test_all_categories_and_names_present_before_any_event(self, collector):
+        data = collector.metrics()
+        assert set(data) == {spec.category for spec in CATALOGUE}
+        for spec in CATALOGUE:
+            assert set(data[spec.category][spec.name]) == set(STAT_NAMES)
+        assert data["throughput"]["states_per_second"]["avg"] == 0.0
+        assert data["resources"]["used_CPU"]["current"] == 0.0
+        assert data["errors"]["count"]["sum"] == 0.0
+
+    def test_selected_categories_only(self, collector):
+        data = collector.metrics(MetricType.TIMING | MetricType.THROUGHPUT)
+        assert set(data) == {"timing", "throughput"}
+
+    def test_category_of_combined_flag_is_an_error(self):
+        with pytest.raises(ValueError):
+            (MetricType.TIMING | MetricType.ERRORS).category
+
+    def test_returns_a_copy(self, collector):
+        data = collector.metrics()
+        data["errors"]["count"]["sum"] = 99
+        assert collector.metrics()["errors"]["count"]["sum"] == 0.0
+
+
+class TestTimingAndThroughput:
+    """Durations come from the events; rates are per second of active run time."""
+
+    def test_chain(self, feed, collector):
+        run_chain(feed, states=4, seconds=0.25)
+        assert collector.sample(final=True)
+        data = collector.metrics()
+        execution = data["timing"]["total_execution"]
+        assert execution["count"] == 4
+        assert execution["avg"] == pytest.approx(250.0)
+        assert execution["p95"] == pytest.approx(250.0)
+        assert data["timing"]["run_duration"]["sum"] == pytest.approx(1000.0)
+        # 4 states in 1.0 s of active time
+        assert data["throughput"]["states_per_second"]["avg"] == pytest.approx(4.0)
+        assert data["state"]["completed"]["sum"] == 4
+        assert data["state"]["success_rate"]["avg"] == 1.0
+        assert data["concurrency"]["running_states"]["max"] == 1
+
+    def test_idle_time_between_runs_is_not_counted(self, feed, collector, clock):
+        run_chain(feed, states=2, seconds=0.5)
+        clock.advance(60.0)  # nothing runs
+        feed.run = "r2"
+        run_chain(feed, states=2, seconds=0.5)
+        collector.sample(final=True)
+        assert collector.metrics()["throughput"]["states_per_second"]["current"] == pytest.approx(2.0)
+
+    def test_windows_add_one_value_each(self, feed, collector, clock):
+        feed.emit(ev.RUN_STARTED)
+        feed.state("a", 1.0)
+        feed.state("b", 1.0)
+        assert collector.sample()  # window 1: 2 states in 2 s
+        feed.state("c", 0.5)
+        feed.state("d", 0.5)
+        feed.state("e", 0.5)
+        feed.state("f", 0.5)  # window 2: 4 states in 2 s
+        assert collector.sample()
+        sps = collector.metrics()["throughput"]["states_per_second"]
+        assert sps["count"] == 2 and sps["min"] == pytest.approx(1.0) and sps["max"] == pytest.approx(2.0)
+
+    def test_short_window_is_carried_over(self, feed, collector, clock):
+        feed.emit(ev.RUN_STARTED)
+        feed.state("a", 0.01)
+        assert not collector.sample()
+        feed.state("b", 0.09)
+        assert collector.sample()
+        assert collector.metrics()["throughput"]["states_per_second"]["current"] == pytest.approx(20.0)
+
+    def test_no_activity_adds_nothing(self, collector):
+        assert not collector.sample(final=True)
+        assert collector.metrics()["throughput"]["states_per_second"]["count"] == 0
+
+    def test_fan_out_concurrency(self, feed, collector, clock):
+        feed.emit(ev.RUN_STARTED)
+        for name in ("a", "b", "c"):
+            feed.emit(ev.STATE_STARTED, name, attempt=1)
+        clock.advance(1.0)
+        for name in ("a", "b", "c"):
+            feed.emit(ev.STATE_COMPLETED, name, attempt=1, duration=1.0)
+        data = collector.metrics()
+        assert data["concurrency"]["running_states"]["max"] == 3
+        assert data["latency"]["turnaround"]["avg"] == pytest.approx(1000.0)
+
+
+class TestErrorsAndRetries:
+    """Failed attempts, retries and final failures are counted exactly."""
+
+    def test_flaky_state(self, feed, collector):
+        feed.emit(ev.RUN_STARTED)
+        feed.failure("flaky", 0.1, attempt=1, final=False)
+        feed.emit(ev.STATE_RETRYING, "flaky", attempt=1, data={"delay": 0.5})
+        feed.failure("flaky", 0.1, attempt=2, final=False)
+        feed.emit(ev.STATE_RETRYING, "flaky", attempt=2, data={"delay": 1.0})
+        feed.state("flaky", 0.1, attempt=3)
+        feed.failure("doomed", 0.1, attempt=1, final=True)
+        feed.emit(ev.RUN_FINISHED, status="failed")
+        data = collector.metrics()
+        assert data["errors"]["count"]["sum"] == 3
+        assert data["errors"]["failed_states"]["sum"] == 1
+        assert data["errors"]["error_rate"]["avg"] == pytest.approx(3 / 4)
+        assert data["retries"]["count"]["sum"] == 2
+        assert data["retries"]["delay"]["max"] == pytest.approx(1000.0)
+        assert data["retries"]["attempts_per_state"]["max"] == 3
+        assert data["state"]["success_rate"]["avg"] == pytest.approx(0.5)
+        assert data["timing"]["total_execution"]["count"] == 1
+        assert collector.live().recent[0].status == "failed"
+
+
+class TestResources:
+    """Isolated usage comes from the events; the process figure from the sampler."""
+
+    def test_isolated_usage_and_process_cpu(self, feed, collector, process):
+        feed.emit(ev.RUN_STARTED)
+        usage = {"cpu_seconds": 0.5, "peak_memory_bytes": 200 * 1024 * 1024, "throttled_seconds": 0.25,
+                 "io_read_bytes": 1024 * 1024, "io_write_bytes": 3 * 1024 * 1024}
+        feed.state("train", 1.0, usage=usage)
+        feed.state("eval", 1.0, usage={**usage, "cpu_seconds": 1.5})
+        process.cpu += 0.5  # the scheduler and inline states used half a second
+        process.rss = 128 * 1024 * 1024
+        assert collector.sample()
+        res = collector.metrics(MetricType.RESOURCES)["resources"]
+        assert res["isolated_CPU"]["current"] == pytest.approx(100.0)  # 2 s CPU in 2 s
+        assert res["process_CPU"]["current"] == pytest.approx(25.0)
+        assert res["used_CPU"]["current"] == pytest.approx(125.0)
+        assert res["process_memory_mb"]["current"] == pytest.approx(128.0)
+        assert res["state_peak_memory_mb"]["max"] == pytest.approx(200.0)
+        assert res["state_cpu_seconds"]["sum"] == pytest.approx(2.0)
+        assert res["state_io_write_mb"]["sum"] == pytest.approx(6.0)
+        assert res["state_throttled_seconds"]["sum"] == pytest.approx(0.5)
+
+    def test_allocation_from_started_events(self, feed, collector):
+        feed.emit(ev.RUN_STARTED)
+        feed.emit(ev.STATE_STARTED, "a", attempt=1, data={"resources": {"cpu_units": 2, "memory_mb": 512}})
+        feed.emit(ev.STATE_STARTED, "b", attempt=1, data={"resources": {"cpu_units": 1, "gpu_units": 1}})
+        feed.emit(ev.STATE_COMPLETED, "a", attempt=1, duration=0.0)
+        res = collector.metrics(MetricType.RESOURCES)["resources"]
+        assert res["allocated_CPU"]["max"] == 3.0
+        assert res["allocated_CPU"]["current"] == 1.0
+        assert res["allocated_memory_mb"]["max"] == 512.0
+        assert res["allocated_GPU"]["current"] == 1.0
+
+
+class TestQueueAndDependencies:
+    """Waiting for resources and dependencies is measured from the events."""
+
+    def test_queue_wait_and_depth(self, feed, collector, clock):
+        feed.emit(ev.RUN_STARTED)
+        feed.emit(ev.STATE_QUEUED, "big", data={"waiting_for": "resources: not enough CPU free"})
+        clock.advance(0.3)
+        feed.emit(ev.STATE_QUEUED, "big", data={"waiting_for": "resources: not enough CPU free"})  # repeated
+        clock.advance(0.2)
+        feed.state("big", 1.0)
+        data = collector.metrics()
+        assert data["queue"]["enqueued"]["sum"] == 1
+        assert data["queue"]["depth"]["max"] == 1 and data["queue"]["depth"]["current"] == 0
+        assert data["latency"]["queue_wait"]["avg"] == pytest.approx(500.0)
+        assert data["latency"]["turnaround"]["avg"] == pytest.approx(1500.0)
+
+    def test_dependency_resolution_in_both_categories(self, feed, collector):
+        feed.emit(ev.RUN_STARTED)
+        feed.emit(ev.DEPENDENCY_RESOLVED, "join", duration=0.75)
+        feed.emit(ev.STATE_BLOCKED, "child", error="dependency failed")
+        data = collector.metrics()
+        assert data["timing"]["dependency_resolution"]["avg"] == pytest.approx(750.0)
+        assert data["dependency"]["resolution_time"]["avg"] == pytest.approx(750.0)
+        assert data["dependency"]["resolved"]["sum"] == 1
+        assert data["dependency"]["blocked"]["sum"] == 1
+
+
+class TestLiveView:
+    """The live snapshot lists running runs and states, and recent finished runs."""
+
+    def test_running_and_recent(self, clock, collector):
+        a = Feed(clock, collector, agent="etl", run="r1")
+        b = Feed(clock, collector, agent="train", run="r2")
+        a.emit(ev.RUN_STARTED)
+        b.emit(ev.RUN_STARTED)
+        a.state("extract", 1.0)
+        a.emit(ev.STATE_STARTED, "transform", attempt=1)
+        b.emit(ev.STATE_STARTED, "epoch", attempt=2)
+        clock.advance(2.0)
+        live = collector.live()
+        assert [run.agent_name for run in live.active] == ["etl", "train"]
+        etl = live.active[0]
+        assert etl.completed == 1 and etl.elapsed == pytest.approx(3.0)
+        assert [(s.state, s.attempt, s.running_for) for s in etl.running] == [("transform", 1, 2.0)]
+        b.emit(ev.RUN_FINISHED, status="cancelled")
+        live = collector.live()
+        assert [run.run_id for run in live.active] == ["r1"]
+        assert live.recent[0].run_id == "r2" and live.recent[0].status == "cancelled"
+        assert live.recent[0].running == ()
+        assert collector.active_runs == 1
+
+    def test_events_of_a_run_seen_mid_way(self, clock, collector):
+        feed = Feed(clock, collector, run="late")
+        feed.state("x", 1.0)  # no RUN_STARTED seen
+        assert collector.active_runs == 1
+        feed.emit(ev.RUN_FINISHED, status="completed")
+        assert collector.active_runs == 0
+
+    def test_reset_keeps_runs(self, feed, collector):
+        run_chain(feed, states=2)
+        feed.run = "r2"
+        feed.emit(ev.RUN_STARTED)
+        data = collector.metrics(reset=True)
+        assert data["state"]["completed"]["sum"] == 2
+        assert collector.metrics()["state"]["completed"]["sum"] == 0
+        assert collector.active_runs == 1
+
+
+class TestObserving:
+    """The collector is a plain observer for the ambient mechanism."""
+
+    def test_works_with_observing(self, collector):
+        with ev.observing(collector):
+            for observer in ev.ambient_observers():
+                observer(ev.RunEvent(ev.RUN_STARTED, "wf", "r1"))
+        assert collector.active_runs == 1
+
+    def test_unknown_kinds_are_ignored(self, collector):
+        collector(ev.RunEvent("something_new", "wf", "r1"))
+        assert collector.active_runs == 0
+
+
+def test_default_sampler_reads_this_process():
+    collector = MetricsCollector()
+    collector(ev.RunEvent(ev.RUN_STARTED, "wf", "r1"))
+    assert collector.sample(final=True)
+    res = collector.metrics(MetricType.RESOURCES)["resources"]
+    assert res["process_memory_mb"]["current"] > 1.0
