@@ -15,7 +15,7 @@ import asyncio
 import enum
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ...errors import CoordinationError, CoordinationTimeoutError
