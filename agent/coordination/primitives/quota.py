@@ -1,9 +1,9 @@
 """QUOTA: a budget of ``quota_limit`` units that holders draw amounts from.
 
-The ``ttl`` is the reset period: a unit drawn counts against the quota for at most
-``ttl`` seconds, after which it is reclaimed even if the holder never gave it back,
-so the whole quota is available again at most ``ttl`` seconds after any burst
-("reset hourly" with ``ttl=3600``).
+The ``ttl`` is the reset period: what an owner draws counts against the quota for at
+most ``ttl`` seconds from its first draw, after which it is reclaimed even if the
+holder never gave it back, so the whole quota is available again at most ``ttl``
+seconds after any burst ("reset hourly" with ``ttl=3600``).
 """
 
 from __future__ import annotations
