@@ -68,8 +68,9 @@ class _Held:
         self.timeout = timeout
 
     async def __aenter__(self) -> "_Held":
-        self.coordinator.watch()
-        await self.primitive.acquire(self.owner, self.amount, self.timeout)  # type: ignore[attr-defined]
+        if not self.primitive.try_acquire(self.owner, self.amount):  # type: ignore[attr-defined]
+            self.coordinator.watch()  # about to wait: make sure deadlocks are looked for
+            await self.primitive.acquire(self.owner, self.amount, self.timeout)  # type: ignore[attr-defined]
         return self
 
     async def __aexit__(

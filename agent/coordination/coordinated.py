@@ -53,12 +53,13 @@ class _Admission:
         held = None
         primitive = coordinator.primitive(state) if state in agent._coordinated_states else None
         if primitive is not None:
-            coordinator.watch()
             if isinstance(primitive, Barrier):
                 await primitive.pass_when_full(owner, run_id)
             else:
                 amount = agent._coordinated_states[state]
-                await primitive.acquire(owner, amount)  # type: ignore[attr-defined]
+                if not primitive.try_acquire(owner, amount):  # type: ignore[attr-defined]
+                    coordinator.watch()  # about to wait: make sure deadlocks are looked for
+                    await primitive.acquire(owner, amount)  # type: ignore[attr-defined]
                 held = _Held(primitive, owner, amount)
         limiter = coordinator.rate_limiter(state) if state in agent._rate_limited_states else None
         if limiter is not None:
