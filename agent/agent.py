@@ -25,7 +25,7 @@ from .errors import (
     WorkflowDefinitionError,
 )
 from .executor import Isolation
-from .resources import Priority, ResourcePool, ResourceRequirements, ResourceType
+from .resources import Priority, ResourcePool, ResourceRequirements
 from .retry import RetryPolicy
 from .scheduler import Run, _Activation, _Group
 from .state import StateFunction, StateMetadata, StateSpec, check_state_function
@@ -301,6 +301,10 @@ class Agent:
         self.run_id = restored.run_id if restored is not None and restored.run_id else os.urandom(16).hex()
         self.context.run_id = self.run_id
         self._fresh_context = False
+        if self.checkpoint_store is None and self.checkpoint_interval:
+            from .checkpoint_store import open_default_store
+
+            self.checkpoint_store = open_default_store()  # DESIGN item 11: the embedded default
         # An observer attached both ways (agent and ambient) sees each event once.
         observers = tuple(dict.fromkeys(self._observers + list(ev.ambient_observers())))
         cleanup = self.cleanup_timeout if cleanup_timeout is None else cleanup_timeout
@@ -320,6 +324,7 @@ class Agent:
                 run.emit(ev.RUN_STARTED, data={"resumed": True})
             else:
                 run.start(names)
+                self._after_completion(run)  # the run is resumable before its first completion
             await run.drive(deadline)
         except asyncio.CancelledError:
             self._set_status(AgentStatus.CANCELLED)
@@ -374,15 +379,14 @@ class Agent:
         )
 
     def _choose_victims(self, run: Run, act: _Activation, req: ResourceRequirements) -> list[_Activation]:
-        """Lower-priority running states to preempt so ``req`` fits (DESIGN.md item 10)."""
-        if any(a.stop_reason == "preempt" for a in run.running.values()):
-            return []  # evictions in flight: wait for them to release
-        holders = [a for a in run.running.values() if a.holds_resources and a.priority < act.priority]
-        return _fewest_victims(
-            need=req.amounts(),
-            available={rtype: self.resource_pool.available(rtype) for rtype in req.amounts()},
-            holders=[(a, self._states[a.state].resources) for a in holders],  # type: ignore[misc]
-        )
+        """Lower-priority running states of this run to preempt so ``req`` fits (DESIGN.md item 10).
+
+        The choice is the pool's (agent.preemption): fewest victims, then the lowest
+        priorities, then the most recently started; evictions already under way count.
+        """
+        holders = {a.owner: a for a in run.running.values() if a.holds_resources}
+        victims = self.resource_pool.find_victims(act.owner, req, act.priority, among=holders, state=act.state)
+        return [holders[name] for name in victims or ()]
 
     # --- steering -------------------------------------------------------------------------------
 
@@ -555,9 +559,43 @@ class Agent:
         self._fresh_context = True
         self.last_checkpoint = checkpoint
 
+    async def resume_run(self, run_id: str, store: Any = None) -> Context:
+        """Continue run ``run_id`` from its newest checkpoint in ``store`` and return its context.
+
+        This is how a run survives its process: with ``checkpoint_store`` set, every state
+        completion is saved; after a crash, a new process builds the same agent and calls
+        this. Completed states are not run again; states that were running re-run. The
+        store defaults to this agent's ``checkpoint_store``, else the default SQLite file.
+        A run that already completed is restored without running anything.
+        """
+        from .checkpoint_store import open_default_store
+
+        if store is None:
+            store = self.checkpoint_store if self.checkpoint_store is not None else open_default_store()
+        self.checkpoint_store = store
+        checkpoint = store.latest(run_id)
+        if checkpoint is None:
+            raise CheckpointError(
+                f"no checkpoint of run {run_id!r} in {store!r}: check the run id (list_runs() "
+                "shows the runs a store holds) and that the agent saved to this store"
+            )
+        checkpoint.validate_for(self.name, self._states)
+        if checkpoint.agent_status in (AgentStatus.FAILED.value, AgentStatus.CANCELLED.value):
+            raise CheckpointError(
+                f"run {run_id} ended {checkpoint.agent_status}: there is nothing to resume; "
+                "start a new run"
+            )
+        await self.restore_from_checkpoint(checkpoint)
+        if checkpoint.agent_status != AgentStatus.COMPLETED.value:
+            await self.resume()
+        return self.context
+
     def _after_completion(self, run: Run) -> None:
         if self.checkpoint_store is not None:
-            self._save_checkpoint()
+            try:
+                self._save_checkpoint()
+            except CheckpointError as exc:  # e.g. a context value JSON cannot hold
+                run.fail(CheckpointError(f"run {run.run_id} cannot be checkpointed: {exc}"))
 
     def _save_checkpoint(self, checkpoint: AgentCheckpoint | None = None) -> None:
         checkpoint = checkpoint or self.create_checkpoint()
@@ -584,38 +622,6 @@ class Agent:
 
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, states={len(self._states)}, status={self.status.value})"
-
-
-def _fewest_victims(
-    need: dict[ResourceType, float],
-    available: dict[ResourceType, float],
-    holders: list[tuple[_Activation, ResourceRequirements]],
-) -> list[_Activation]:
-    """Fewest victims first, then lowest priority, then most recently started."""
-    import itertools
-
-    ordered = sorted(holders, key=lambda h: (h[0].priority, -h[0].started_at))
-    for size in range(1, len(ordered) + 1):
-        for combo in itertools.combinations(ordered, size):
-            freed = dict(available)
-            for _, req in combo:
-                for rtype, amount in req.amounts().items():
-                    if rtype in freed:
-                        freed[rtype] += amount
-            if all(freed[r] + 1e-9 >= amount for r, amount in need.items()):
-                return [a for a, _ in combo]
-        if size >= 6:  # beyond this the search is not worth it: evict greedily
-            break
-    freed = dict(available)
-    chosen = []
-    for a, req in ordered:
-        chosen.append(a)
-        for rtype, amount in req.amounts().items():
-            if rtype in freed:
-                freed[rtype] += amount
-        if all(freed[r] + 1e-9 >= amount for r, amount in need.items()):
-            return chosen
-    return []
 
 
 def _snapshot_frames(run: Run) -> dict[str, Any]:

@@ -1,14 +1,27 @@
-"""A snapshot of a run that can be written as JSON and resumed from."""
+"""A snapshot of a run that can be written as JSON and resumed from.
+
+``to_dict()`` is plain JSON data (context values in the tagged form of
+:mod:`agent.jsoncodec`); ``from_dict()`` checks everything it reads, so corrupt or
+truncated data, a checkpoint from a newer release, or one that does not fit the agent
+it is applied to each raise :class:`~agent.errors.CheckpointError` with what to do.
+"""
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointError
 
 CHECKPOINT_FORMAT_VERSION = 1
+
+_REQUIRED_FIELDS = (
+    "timestamp", "agent_name", "agent_status", "completed_states", "pending_states",
+    "running_states", "state_metadata", "context",
+)
 
 
 @dataclass
@@ -31,11 +44,16 @@ class AgentCheckpoint:
     timestamp: float = field(default_factory=time.time)
     format_version: int = CHECKPOINT_FORMAT_VERSION
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON data (context values in the tagged JSON form of :mod:`agent.jsoncodec`)."""
+    # --- plain data -------------------------------------------------------------------
+
+    def header_dict(self, *, with_metadata: bool = True) -> dict[str, Any]:
+        """Everything but the context as plain JSON data (a store keeps context apart).
+
+        ``with_metadata=False`` leaves ``state_metadata`` out too (stored per state).
+        """
         from .jsoncodec import to_json_value
 
-        return {
+        data = {
             "format_version": self.format_version,
             "timestamp": self.timestamp,
             "agent_name": self.agent_name,
@@ -44,40 +62,132 @@ class AgentCheckpoint:
             "completed_states": sorted(self.completed_states),
             "pending_states": list(self.pending_states),
             "running_states": list(self.running_states),
-            "state_metadata": to_json_value(self.state_metadata),
-            "context": to_json_value(self.context),
-            "frames": to_json_value(self.frames),
+            "frames": to_json_value(self.frames, "frames"),
         }
+        if with_metadata:
+            data["state_metadata"] = to_json_value(self.state_metadata, "state_metadata")
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data (context values in the tagged JSON form of :mod:`agent.jsoncodec`)."""
+        from .jsoncodec import to_json_value
+
+        data = self.header_dict()
+        data["context"] = to_json_value(self.context, "context")
+        return data
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as JSON text."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AgentCheckpoint":
+    def from_json(cls, text: str | bytes) -> "AgentCheckpoint":
+        """Read :meth:`to_json` output; corrupt or truncated text raises CheckpointError."""
+        try:
+            data = json.loads(text)
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(
+                f"checkpoint text is corrupt or truncated ({exc}): use an earlier checkpoint"
+            ) from exc
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "AgentCheckpoint":
         """Rebuild a checkpoint from :meth:`to_dict` output; raises CheckpointError when malformed."""
         from .jsoncodec import from_json_value
 
         if not isinstance(data, dict):
             raise CheckpointError(f"a checkpoint is a JSON object, got {type(data).__name__}")
-        version = data.get("format_version")
-        if version != CHECKPOINT_FORMAT_VERSION:
+        version = check_format_version(data.get("format_version"))
+        missing = [k for k in _REQUIRED_FIELDS if k not in data]
+        if missing:
             raise CheckpointError(
-                f"checkpoint format version {version!r} is not supported (this version reads "
-                f"{CHECKPOINT_FORMAT_VERSION}): resume it with the release that wrote it"
+                f"checkpoint is missing {', '.join(missing)}: it is truncated or not a checkpoint"
             )
-        try:
-            return cls(
-                agent_name=str(data["agent_name"]),
-                agent_status=str(data["agent_status"]),
-                completed_states=set(data["completed_states"]),
-                pending_states=list(data["pending_states"]),
-                running_states=list(data["running_states"]),
-                state_metadata=from_json_value(data.get("state_metadata", {})),
-                context=from_json_value(data["context"]),
-                run_id=str(data.get("run_id", "")),
-                frames=from_json_value(data.get("frames", {})),
-                timestamp=float(data["timestamp"]),
-                format_version=version,
+        context = from_json_value(data["context"])
+        if not isinstance(context, dict) or not all(isinstance(k, str) for k in context):
+            raise CheckpointError("checkpoint context must be an object with string keys")
+        return cls(
+            agent_name=_text(data, "agent_name"),
+            agent_status=_text(data, "agent_status"),
+            completed_states=set(_names(data, "completed_states")),
+            pending_states=_names(data, "pending_states"),
+            running_states=_names(data, "running_states"),
+            state_metadata=_mapping(from_json_value(data["state_metadata"]), "state_metadata"),
+            context=context,
+            run_id=_text(data, "run_id") if "run_id" in data else "",
+            frames=_mapping(from_json_value(data.get("frames", {})), "frames"),
+            timestamp=_number(data, "timestamp"),
+            format_version=version,
+        )
+
+    # --- applying to an agent ------------------------------------------------------------
+
+    def state_names(self) -> set[str]:
+        """Every state name the checkpoint refers to."""
+        return set(self.completed_states) | set(self.pending_states) | set(self.running_states)
+
+    def validate_for(self, agent_name: str | None, state_names: Iterable[str]) -> None:
+        """Raise CheckpointError unless this checkpoint can be applied to that agent.
+
+        ``agent_name=None`` skips the name check (restoring into an agent of another
+        name, as ``Agent("restored").restore_from_checkpoint(cp)`` does); the states
+        the checkpoint refers to must all exist in ``state_names``.
+        """
+        if agent_name is not None and agent_name != self.agent_name:
+            raise CheckpointError(
+                f"checkpoint of run {self.run_id or '?'} belongs to agent {self.agent_name!r}, "
+                f"not {agent_name!r}: resume it with the agent that wrote it"
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"malformed checkpoint: {exc!r}") from exc
+        known = set(state_names)
+        missing = sorted(self.state_names() - known)
+        if missing:
+            raise CheckpointError(
+                f"checkpoint of agent {self.agent_name!r} refers to state(s) "
+                f"{', '.join(map(repr, missing))} that this agent does not have: add them "
+                "before restoring, or start a new run"
+            )
 
 
 Checkpoint = AgentCheckpoint
+
+
+def check_format_version(version: Any) -> int:
+    """The format version if this release reads it; CheckpointError otherwise."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(
+            f"checkpoint has no valid format_version ({version!r}): it is corrupt or not a checkpoint"
+        )
+    if version > CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint format version {version} was written by a newer release (this one reads "
+            f"up to {CHECKPOINT_FORMAT_VERSION}): upgrade the agent package to resume it"
+        )
+    return version
+
+
+def _text(data: dict[str, Any], key: str) -> str:
+    value = data[key]
+    if not isinstance(value, str):
+        raise CheckpointError(f"checkpoint field {key} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _number(data: dict[str, Any], key: str) -> float:
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"checkpoint field {key} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _names(data: dict[str, Any], key: str) -> list[str]:
+    value = data[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CheckpointError(f"checkpoint field {key} must be a list of state names")
+    return list(value)
+
+
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise CheckpointError(f"checkpoint field {key} must be an object, got {type(value).__name__}")
+    return value

@@ -74,19 +74,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
             from .checkpoint_store import open_default_store
 
             store = agent.checkpoint_store or open_default_store()
-            agent.checkpoint_store = store
-            checkpoint = store.latest(args.resume)
-            if checkpoint is None:
-                print(f"agent run: no checkpoint for run {args.resume!r} in {store}", file=sys.stderr)
+            if store.latest(args.resume) is None:
+                print(f"agent run: no checkpoint for run {args.resume!r} in {store!r}", file=sys.stderr)
                 return EXIT_USAGE
             import uvloop
 
-            async def _resume() -> None:
-                await agent.restore_from_checkpoint(checkpoint)
-                await agent.resume()
-
-            uvloop.run(_resume())
+            uvloop.run(agent.resume_run(args.resume, store))
         else:
+            from .events import RUN_STARTED
+
+            def announce(event: Any) -> None:  # the id to resume with, should this process die
+                if event.kind == RUN_STARTED:
+                    print(f"agent run: run_id {event.run_id}", file=sys.stderr, flush=True)
+
+            agent.add_observer(announce)
             agent.run_sync(timeout=args.timeout)
     except AgentError as exc:
         print(f"agent run: {exc}", file=sys.stderr)
@@ -95,6 +96,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
         code = EXIT_CANCELLED
     print(json.dumps(_summary(agent), indent=2, default=str))
     return code
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from .checkpoint_store import SQLiteCheckpointStore, default_store_path
+    from .errors import CheckpointError
+
+    path = Path(args.store) if args.store else default_store_path()
+    if not path.exists():
+        print(f"agent runs: no checkpoint store at {path}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with SQLiteCheckpointStore(path, keep=None) as store:
+            runs = store.list_runs(agent_name=args.agent)
+    except CheckpointError as exc:
+        print(f"agent runs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    import dataclasses
+
+    print(json.dumps([dataclasses.asdict(r) for r in runs], indent=2))
+    return EXIT_OK
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -123,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--isolation", choices=["inline", "process", "sandbox"], help="override the agent's isolation")
     run.add_argument("--resume", metavar="RUN_ID", help="resume this run from its last checkpoint")
     run.set_defaults(func=_cmd_run)
+
+    runs = sub.add_parser("runs", help="list the runs a checkpoint store holds (to resume one)")
+    runs.add_argument("--store", help="the SQLite file (default: $AGENT_STATE_DIR/checkpoints.sqlite3)")
+    runs.add_argument("--agent", help="only runs of this agent name")
+    runs.set_defaults(func=_cmd_runs)
 
     doctor = sub.add_parser("doctor", help="what this machine can enforce (cgroups, GPUs, sandbox)")
     doctor.add_argument("rest", nargs=argparse.REMAINDER)

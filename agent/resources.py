@@ -2,19 +2,28 @@
 
 The pool is a capacity limiter over several resource types at once: ``try_acquire``
 takes everything a request needs or nothing, never over-commits, and ``release``
-gives it back. A request larger than the pool's totals is rejected up front
-(``check_request``) instead of waiting forever.
+gives it back. Requests that must wait queue by priority, first come first served
+within one (``enqueue`` / ``grant_next``, or ``await acquire``). A request larger than
+the pool's totals, or than its quota, is rejected up front instead of waiting forever.
+Quotas live in :mod:`agent.quotas`, the choice of preemption victims in
+:mod:`agent.preemption`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
+import heapq
 import math
 import time
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import GPUUnavailableError, ResourceRequestError
+from .errors import GPUUnavailableError, QuotaExceededError, ResourceError, ResourceRequestError
+from .preemption import Holder, PreemptionPolicy
+from .quotas import Quota, QuotaBook, QuotaBreach, QuotaMode
 
 
 class ResourceType(enum.Flag):
@@ -27,6 +36,9 @@ class ResourceType(enum.Flag):
     NETWORK = enum.auto()
     GPU = enum.auto()
     ALL = CPU | MEMORY | IO | NETWORK | GPU
+
+
+_ALL_TYPES = ResourceType.ALL
 
 
 class Priority(enum.IntEnum):
@@ -87,8 +99,21 @@ class ResourceRequirements:
 
     def amounts(self) -> dict[ResourceType, float]:
         """The accounted amount per resource type (only the types in ``resource_types``)."""
-        out = {}
         types = self.resource_types
+        if types is _ALL_TYPES:  # the common case, without Flag membership tests (hot path)
+            out = {}
+            if self.cpu_units:
+                out[ResourceType.CPU] = float(self.cpu_units)
+            if self.memory_mb:
+                out[ResourceType.MEMORY] = float(self.memory_mb)
+            if self.io_weight:
+                out[ResourceType.IO] = float(self.io_weight)
+            if self.network_weight:
+                out[ResourceType.NETWORK] = float(self.network_weight)
+            if self.gpu_units:
+                out[ResourceType.GPU] = float(self.gpu_units)
+            return out
+        out = {}
         if ResourceType.CPU in types and self.cpu_units:
             out[ResourceType.CPU] = float(self.cpu_units)
         if ResourceType.MEMORY in types and self.memory_mb:
@@ -103,6 +128,30 @@ class ResourceRequirements:
 
 
 _EPS = 1e-9
+_PRIORITY_BY_VALUE: tuple[Priority, ...] = tuple(sorted(Priority))
+# Scheduling order of the wait queues: most important first.
+_LEVELS: tuple[Priority, ...] = tuple(sorted(Priority, reverse=True))
+
+_UNITS: dict[ResourceType, str] = {
+    ResourceType.CPU: "CPU core(s)",
+    ResourceType.MEMORY: "MiB of memory",
+    ResourceType.IO: "IO units",
+    ResourceType.NETWORK: "network units",
+    ResourceType.GPU: "GPU(s)",
+}
+# The keyword each type has in set_quota / set_priority_quota.
+_QUOTA_KEYWORD: dict[ResourceType, str] = {
+    ResourceType.CPU: "cpu",
+    ResourceType.MEMORY: "memory",
+    ResourceType.IO: "io",
+    ResourceType.NETWORK: "network",
+    ResourceType.GPU: "gpu",
+}
+
+
+def describe(rtype: ResourceType) -> str:
+    """A human name for a resource type's unit."""
+    return _UNITS.get(rtype, rtype.name or "resource")
 
 
 def _machine_cpus() -> float:
@@ -125,9 +174,28 @@ def _machine_gpus() -> float:
     return float(len(default_inventory().devices()))
 
 
+def _gpu_unavailable_reason() -> str | None:
+    try:
+        from .supervisor.gpus import default_inventory
+    except ImportError:
+        return None
+    return default_inventory().unavailable_reason
+
+
+def machine_totals() -> dict[str, Any]:
+    """This machine's CPU cores, memory (MiB) and GPUs, as the default pool sees them."""
+    return {"cpu": _machine_cpus(), "memory_mb": _machine_memory_mb(), "gpu": _machine_gpus()}
+
+
 @dataclass(frozen=True)
 class ResourceUsage:
-    """Allocation statistics for one resource type."""
+    """Allocation statistics for one resource type.
+
+    ``current_usage``, ``peak_usage`` and ``average_usage`` (time-weighted since the
+    pool was made) count what is *allocated*. ``measured_usage`` is what executors
+    measured: CPU-seconds consumed so far for CPU, the sum of the current holders' peak
+    memory (MiB) for MEMORY, ``None`` for types nothing measures.
+    """
 
     total: float
     current_usage: float
@@ -142,28 +210,33 @@ class ResourceUsage:
 
 @dataclass(frozen=True)
 class PoolStatistics:
+    """A snapshot of the pool, for monitoring and tests."""
+
     totals: dict[ResourceType, float]
     allocated: dict[ResourceType, float]
     holders: int
     waiting: int
+    waiting_by_priority: dict[Priority, int] = field(default_factory=dict)
+    granted: int = 0  # grants since the pool was made (try_acquire and the queue)
+    rejected: int = 0  # requests refused for good (too large, quota in fail mode)
+    preempted: int = 0  # victims chosen by find_victims
+    evicting: int = 0  # victims chosen that still hold their resources
 
 
-@dataclass
 class _Stat:
-    current: float = 0.0
-    peak: float = 0.0
-    area: float = 0.0  # integral of current over time, for the average
-    since: float = field(default_factory=time.monotonic)
-    last: float = field(default_factory=time.monotonic)
+    """Current, peak and time-integrated allocation of one resource type.
 
-    def move(self, delta: float, now: float) -> None:
-        self.area += self.current * (now - self.last)
+    Updated inline by ``ResourcePool._take`` and ``release`` (the hot path).
+    """
+
+    __slots__ = ("current", "peak", "area", "since", "last")
+
+    def __init__(self, now: float) -> None:
+        self.current = 0.0
+        self.peak = 0.0
+        self.area = 0.0
+        self.since = now
         self.last = now
-        self.current += delta
-        if self.current < _EPS:
-            self.current = 0.0
-        if self.current > self.peak:
-            self.peak = self.current
 
     def average(self, now: float) -> float:
         span = now - self.since
@@ -172,8 +245,75 @@ class _Stat:
         return (self.area + self.current * (now - self.last)) / span
 
 
+class _Waiter:
+    """One queued request."""
+
+    __slots__ = ("owner", "amounts", "priority", "state", "rank", "future", "dead", "parked")
+
+    def __init__(
+        self,
+        owner: str,
+        amounts: dict[ResourceType, float],
+        priority: Priority,
+        state: str,
+        rank: tuple[int, int],
+        future: asyncio.Future[None] | None,
+    ) -> None:
+        self.owner = owner
+        self.amounts = amounts
+        self.priority = priority
+        self.state = state
+        self.rank = rank  # (0 for requeued victims else 1, arrival number): the heap order
+        self.future = future  # set for acquire() callers, who are woken through it
+        self.dead = False
+        self.parked = False
+
+
+class _Holding:
+    """What one owner holds."""
+
+    __slots__ = ("owner", "amounts", "priority", "state", "started", "seq")
+
+    def __init__(
+        self,
+        owner: str,
+        amounts: dict[ResourceType, float],
+        priority: Priority,
+        state: str,
+        started: float,
+        seq: int,
+    ) -> None:
+        self.owner = owner
+        self.amounts = amounts
+        self.priority = priority
+        self.state = state
+        self.started = started
+        self.seq = seq
+
+
 class ResourcePool:
-    """Totals of CPU, memory, IO, network and GPU that states draw from."""
+    """Totals of CPU, memory, IO, network and GPU that states draw from.
+
+    Two ways in. ``try_acquire`` takes a request now or not at all. The wait queue
+    (``enqueue`` / ``grant_next`` / ``cancel``, or ``await acquire`` and ``async with
+    allocate``) grants in priority order, first come first served within a priority:
+
+    * a priority level is served strictly in order: when its oldest request does not
+      fit, later ones of that level wait behind it (a small request cannot overtake a
+      large one forever);
+    * a lower level may still be served past a blocked higher one ("backfill"), but
+      only out of what is left after setting aside everything the blocked requests
+      above it need, so backfill never delays them;
+    * a level blocked by its priority quota stops too; a request blocked by its own
+      state's quota steps aside (it cannot hold up other states) and keeps its place
+      for when its state's use drops.
+
+    ``try_acquire`` obeys the same rules, as if the request joined the tail of its
+    level. Every change (enqueue, release, cancel, quota change) settles the queue at
+    once; grants go to the waiting ``acquire`` call, or into the list that the next
+    ``grant_next()`` returns. Higher levels can starve lower ones while they keep the
+    pool full: that is what priority means here; preemption goes the other way.
+    """
 
     def __init__(
         self,
@@ -184,6 +324,9 @@ class ResourcePool:
         total_gpu: float | None = None,
         enable_preemption: bool = False,
         enable_quotas: bool = False,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        preemption_policy: PreemptionPolicy | None = None,
     ) -> None:
         totals = {
             ResourceType.CPU: _machine_cpus() if total_cpu is None else float(total_cpu),
@@ -198,10 +341,37 @@ class ResourcePool:
         self.totals = totals
         self.enable_preemption = enable_preemption
         self.enable_quotas = enable_quotas
+        self._clock = clock
+        self._policy = preemption_policy or PreemptionPolicy()
         self._available = dict(totals)
-        self._stats = {rtype: _Stat() for rtype in totals}
-        self._allocations: dict[str, dict[ResourceType, float]] = {}
-        self._waiting: dict[str, str] = {}
+        now = clock()
+        self._stats = {rtype: _Stat(now) for rtype in totals}
+        self._holders: dict[str, _Holding] = {}
+        self._seq = 0
+        # The wait queue: one heap per priority of (rank, waiter); cancelled entries
+        # stay until they reach the top. _blocked / _reserve_at cache, per level, the
+        # last settling pass: whether the level's head is stuck, and what the stuck
+        # heads of higher levels set aside.
+        self._waiters: dict[str, _Waiter] = {}
+        self._queues: list[list[tuple[tuple[int, int], int, _Waiter]]] = [[] for _ in Priority]
+        self._blocked: list[bool] = [False for _ in Priority]
+        self._reserve_at: list[dict[ResourceType, float] | None] = [None for _ in Priority]
+        self._arrivals = 0
+        self._outbox: list[str] = []
+        self._parked: dict[str, list[_Waiter]] = {}
+        self._marks: dict[str, str] = {}
+        # Quotas.
+        self._state_quotas = QuotaBook()
+        self._priority_quotas = QuotaBook()
+        # Preemption in progress: victim -> requester, requester -> what it needs.
+        self._evicting: dict[str, str] = {}
+        self._claims: dict[str, dict[ResourceType, float]] = {}
+        # Measured use: owner -> (cpu_seconds, peak memory MiB) of its current holding.
+        self._measured: dict[str, tuple[float, float]] = {}
+        self._cpu_seconds_done = 0.0
+        self._granted = 0
+        self._rejected = 0
+        self._preempted = 0
 
     # --- admission ------------------------------------------------------------------
 
@@ -211,42 +381,489 @@ class ResourcePool:
             total = self.totals[rtype]
             if amount > total + _EPS:
                 if rtype is ResourceType.GPU and total == 0:
+                    why = _gpu_unavailable_reason() or "no NVIDIA driver or no device found"
                     raise GPUUnavailableError(
                         f"state {state!r} asks for {amount:g} GPU(s) but this machine has none "
-                        "(no NVIDIA driver or no device found): drop gpu_units, or run on a GPU host"
+                        f"({why}): drop gpu_units, or run on a GPU host"
                     )
                 raise ResourceRequestError(
                     f"state {state!r} asks for {amount:g} {_UNITS[rtype]} but the pool has "
                     f"{total:g} in total: lower the request or enlarge the ResourcePool"
                 )
 
-    def try_acquire(self, owner: str, requirements: ResourceRequirements) -> bool:
-        """Take everything ``requirements`` needs for ``owner``, or nothing; returns success."""
-        if owner in self._allocations:
+    def try_acquire(
+        self,
+        owner: str,
+        requirements: ResourceRequirements,
+        *,
+        state: str | None = None,
+        priority: Priority | int | None = None,
+    ) -> bool:
+        """Take everything ``requirements`` needs for ``owner``, or nothing; returns success.
+
+        Fails (returns False) when queued requests come first: a blocked request of the
+        same or a higher priority, or what blocked higher ones set aside. ``state``
+        names the state for per-state quotas (default: ``owner``); ``priority``
+        overrides ``requirements.priority``.
+        """
+        if owner in self._holders:
             raise ResourceRequestError(f"{owner!r} already holds resources: release them first")
+        if owner in self._waiters:
+            raise ResourceRequestError(f"{owner!r} is already queued: cancel() it before try_acquire()")
         amounts = requirements.amounts()
+        if priority is None:
+            level = requirements.priority
+        elif 0 <= priority < len(_PRIORITY_BY_VALUE):
+            level = _PRIORITY_BY_VALUE[priority]
+        else:
+            level = Priority(priority)  # raises ValueError naming the bad value
+        if state is None:
+            state = owner
+        if self.enable_quotas and self._quota_blocks(owner, state, level, amounts, queued=False):
+            return False
         available = self._available
-        for rtype, amount in amounts.items():
-            if amount > available[rtype] + _EPS:
+        reserve = None
+        if self._waiters:
+            if self._blocked[level]:
                 return False
-        now = time.monotonic()
-        for rtype, amount in amounts.items():
-            available[rtype] -= amount
-            self._stats[rtype].move(amount, now)
-        self._allocations[owner] = amounts
-        self._waiting.pop(owner, None)
+            reserve = self._reserve_at[level]
+        if reserve is None:
+            for rtype, amount in amounts.items():
+                if amount > available[rtype] + _EPS:
+                    return False
+        else:
+            for rtype, amount in amounts.items():
+                if amount > available[rtype] - reserve.get(rtype, 0.0) + _EPS:
+                    return False
+        self._take(owner, amounts, level, state)
         return True
 
     def release(self, owner: str) -> None:
-        """Give back what ``owner`` holds (no-op when it holds nothing)."""
-        self._waiting.pop(owner, None)
-        amounts = self._allocations.pop(owner, None)
-        if not amounts:
+        """Give back what ``owner`` holds, or withdraw its queued request (no-op if neither).
+
+        Queued requests that now fit are granted at once (see ``grant_next``).
+        """
+        if self._marks:
+            self._marks.pop(owner, None)
+        holding = self._holders.pop(owner, None)
+        if holding is None:
+            self._claims.pop(owner, None)
+            if owner in self._waiters:
+                self.cancel(owner)
             return
-        now = time.monotonic()
+        now = self._clock()
+        available, totals, stats = self._available, self.totals, self._stats
+        for rtype, amount in holding.amounts.items():
+            left = available[rtype] + amount
+            available[rtype] = left if left < totals[rtype] else totals[rtype]
+            stat = stats[rtype]  # _Stat.move, inlined: this is the hot path
+            stat.area += stat.current * (now - stat.last)
+            stat.last = now
+            current = stat.current - amount
+            stat.current = current if current > _EPS else 0.0
+        if self._evicting:
+            claimant = self._evicting.pop(owner, None)
+            if claimant is not None and claimant not in self._evicting.values():
+                self._claims.pop(claimant, None)  # its room is free now: no longer promised
+        if self._measured:
+            measured = self._measured.pop(owner, None)
+            if measured is not None:
+                self._cpu_seconds_done += measured[0]
+        if self.enable_quotas:
+            self._state_quotas.refund(holding.state, holding.amounts)
+            self._priority_quotas.refund(holding.priority, holding.amounts)
+            parked = self._parked.pop(holding.state, None)
+            if parked:
+                self._unpark(parked)
+        if self._waiters:
+            self._settle()
+
+    def _take(self, owner: str, amounts: dict[ResourceType, float], level: Priority, state: str) -> None:
+        now = self._clock()
+        available, stats = self._available, self._stats
         for rtype, amount in amounts.items():
-            self._available[rtype] = min(self.totals[rtype], self._available[rtype] + amount)
-            self._stats[rtype].move(-amount, now)
+            available[rtype] -= amount
+            stat = stats[rtype]  # _Stat.move, inlined: this is the hot path
+            stat.area += stat.current * (now - stat.last)
+            stat.last = now
+            stat.current += amount
+            if stat.current > stat.peak:
+                stat.peak = stat.current
+        self._seq += 1
+        self._holders[owner] = _Holding(owner, amounts, level, state, now, self._seq)
+        self._granted += 1
+        if self._marks:
+            self._marks.pop(owner, None)
+        if self._claims:
+            self._claims.pop(owner, None)
+        if self.enable_quotas:
+            self._state_quotas.charge(state, amounts)
+            self._priority_quotas.charge(level, amounts)
+
+    # --- the wait queue -------------------------------------------------------------
+
+    def enqueue(
+        self,
+        owner: str,
+        requirements: ResourceRequirements,
+        priority: Priority | int | None = None,
+        *,
+        state: str | None = None,
+        front: bool = False,
+    ) -> None:
+        """Queue a request; it is granted as soon as the policy allows (maybe right now).
+
+        Raises when it can never be granted: larger than the pool (``check_request``)
+        or than its quota; or, for a quota in ``fail`` mode, when it would pass the
+        quota now. ``front`` puts it ahead of its level's other requests (a requeued
+        preemption victim keeps the work it lost to a minimum).
+        """
+        self._enqueue(owner, requirements, priority, state, front, None)
+
+    def _enqueue(
+        self,
+        owner: str,
+        requirements: ResourceRequirements,
+        priority: Priority | int | None,
+        state: str | None,
+        front: bool,
+        future: asyncio.Future[None] | None,
+    ) -> None:
+        if owner in self._holders:
+            raise ResourceRequestError(f"{owner!r} already holds resources: release them first")
+        if owner in self._waiters:
+            raise ResourceRequestError(f"{owner!r} is already queued: cancel() it first")
+        if state is None:
+            state = owner
+        try:
+            self.check_request(requirements, state)
+        except ResourceRequestError:
+            self._rejected += 1
+            raise
+        level = requirements.priority if priority is None else Priority(priority)
+        amounts = requirements.amounts()
+        if self.enable_quotas:
+            self._quota_blocks(owner, state, level, amounts, queued=True)
+        self._arrivals += 1
+        waiter = _Waiter(owner, amounts, level, state, (0 if front else 1, self._arrivals), future)
+        self._waiters[owner] = waiter
+        heapq.heappush(self._queues[level], (waiter.rank, self._arrivals, waiter))
+        self._settle()
+
+    def requeue(self, owner: str) -> None:
+        """Give back what ``owner`` holds and queue the same request at the front of its level.
+
+        For a preempted state: in one step, so that nothing of its level that arrived
+        later can slip in between the release and the new request.
+        """
+        holding = self._holders.get(owner)
+        if holding is None:
+            raise ResourceRequestError(f"{owner!r} holds nothing to requeue")
+        self._arrivals += 1
+        waiter = _Waiter(owner, holding.amounts, holding.priority, holding.state, (0, self._arrivals), None)
+        heapq.heappush(self._queues[holding.priority], (waiter.rank, self._arrivals, waiter))
+        self._waiters[owner] = waiter
+        self.release(owner)  # gives back, then settles the queue with the request in place
+
+    def grant_next(self) -> list[str]:
+        """Owners granted since the last call, in grant order (``acquire`` callers excluded)."""
+        self._settle()
+        granted, self._outbox = self._outbox, []
+        return granted
+
+    def cancel(self, owner: str) -> bool:
+        """Withdraw ``owner``'s queued request; returns whether there was one."""
+        self._claims.pop(owner, None)
+        waiter = self._waiters.pop(owner, None)
+        if waiter is None:
+            return False
+        waiter.dead = True
+        if waiter.parked:
+            parked = self._parked.get(waiter.state, [])
+            if waiter in parked:
+                parked.remove(waiter)
+            if not parked:
+                self._parked.pop(waiter.state, None)
+        self._claims.pop(owner, None)
+        self._marks.pop(owner, None)
+        if waiter.future is not None and not waiter.future.done():
+            waiter.future.set_exception(ResourceError(f"the request of {owner!r} was cancelled"))
+        self._settle()
+        return True
+
+    def queued(self) -> list[str]:
+        """Queued owners in the order they would be considered (priority, then arrival)."""
+        out = []
+        for level in _LEVELS:
+            out.extend(entry[2].owner for entry in sorted(self._queues[level]) if not entry[2].dead)
+        out.extend(w.owner for ws in self._parked.values() for w in ws if w.owner not in out)
+        return out
+
+    def _settle(self) -> None:
+        """Grant every queued request the policy allows now, and cache what blocks the rest."""
+        if not self._waiters:
+            for level in _LEVELS:
+                self._blocked[level] = False
+                self._reserve_at[level] = None
+            return
+        available = self._available
+        quotas = self.enable_quotas
+        reserve: dict[ResourceType, float] | None = None
+        for level in _LEVELS:
+            self._reserve_at[level] = reserve
+            heap = self._queues[level]
+            blocked = False
+            while heap:
+                waiter = heap[0][2]
+                if waiter.dead:
+                    heapq.heappop(heap)
+                    continue
+                future = waiter.future
+                if future is not None and future.done():  # its acquire() was cancelled
+                    heapq.heappop(heap)
+                    self._drop(waiter)
+                    continue
+                amounts = waiter.amounts
+                if quotas:
+                    if self._state_quotas.breach(waiter.state, amounts) is not None:
+                        heapq.heappop(heap)
+                        waiter.parked = True
+                        self._parked.setdefault(waiter.state, []).append(waiter)
+                        continue
+                    if self._priority_quotas.breach(level, amounts) is not None:
+                        blocked = True
+                        break
+                fits = True
+                for rtype, amount in amounts.items():
+                    room = available[rtype] - (reserve.get(rtype, 0.0) if reserve else 0.0)
+                    if amount > room + _EPS:
+                        fits = False
+                        break
+                if fits:
+                    heapq.heappop(heap)
+                    self._drop(waiter)
+                    self._take(waiter.owner, amounts, level, waiter.state)
+                    if future is not None:
+                        future.set_result(None)
+                    else:
+                        self._outbox.append(waiter.owner)
+                    continue
+                blocked = True
+                reserve = dict(reserve) if reserve else {}
+                for rtype, amount in amounts.items():
+                    reserve[rtype] = reserve.get(rtype, 0.0) + amount
+                break
+            self._blocked[level] = blocked
+
+    def _drop(self, waiter: _Waiter) -> None:
+        waiter.dead = True
+        if self._waiters.get(waiter.owner) is waiter:
+            del self._waiters[waiter.owner]
+
+    def _unpark(self, parked: list[_Waiter]) -> None:
+        for waiter in parked:
+            if not waiter.dead:
+                waiter.parked = False
+                heapq.heappush(self._queues[waiter.priority], (waiter.rank, waiter.rank[1], waiter))
+
+    # --- async use, like a capacity limiter ---------------------------------------------
+
+    async def acquire(
+        self,
+        owner: str,
+        requirements: ResourceRequirements,
+        priority: Priority | int | None = None,
+        *,
+        state: str | None = None,
+    ) -> None:
+        """Wait in the queue until ``requirements`` is granted to ``owner``."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(owner, requirements, priority, state, False, future)
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(owner)  # granted, but the caller went away
+            elif self._waiters.get(owner) is not None and self._waiters[owner].future is future:
+                self.cancel(owner)
+            raise
+
+    @contextlib.asynccontextmanager
+    async def allocate(
+        self,
+        owner: str,
+        requirements: ResourceRequirements,
+        priority: Priority | int | None = None,
+        *,
+        state: str | None = None,
+    ) -> AsyncIterator[ResourcePool]:
+        """``async with pool.allocate(owner, req):`` holds the request for the block."""
+        await self.acquire(owner, requirements, priority, state=state)
+        try:
+            yield self
+        finally:
+            self.release(owner)
+
+    # --- quotas -------------------------------------------------------------------------
+
+    def set_quota(
+        self,
+        state: str,
+        *,
+        cpu: float | None = None,
+        memory: float | None = None,
+        io: float | None = None,
+        network: float | None = None,
+        gpu: float | None = None,
+        mode: QuotaMode | str = QuotaMode.WAIT,
+    ) -> None:
+        """Cap what all running instances of ``state`` hold together (None: no cap for that type)."""
+        self._set_quota(self._state_quotas, state, cpu, memory, io, network, gpu, mode)
+
+    def set_priority_quota(
+        self,
+        priority: Priority | int,
+        *,
+        cpu: float | None = None,
+        memory: float | None = None,
+        io: float | None = None,
+        network: float | None = None,
+        gpu: float | None = None,
+        mode: QuotaMode | str = QuotaMode.WAIT,
+    ) -> None:
+        """Cap what all holders of ``priority`` hold together."""
+        self._set_quota(self._priority_quotas, Priority(priority), cpu, memory, io, network, gpu, mode)
+
+    def remove_quota(self, state: str | None = None, priority: Priority | int | None = None) -> None:
+        """Drop the quota of ``state`` and/or ``priority``."""
+        if state is not None:
+            self._state_quotas.set(state, None)
+        if priority is not None:
+            self._priority_quotas.set(Priority(priority), None)
+        self._requota()
+
+    def get_quotas(self) -> dict[str, dict[Any, Quota]]:
+        """The quotas set: ``{"state": {name: Quota}, "priority": {Priority: Quota}}``."""
+        return {"state": dict(self._state_quotas.quotas), "priority": dict(self._priority_quotas.quotas)}
+
+    def _set_quota(self, book: QuotaBook, key: Any, cpu, memory, io, network, gpu, mode) -> None:  # type: ignore[no-untyped-def]
+        if not self.enable_quotas:
+            raise ResourceRequestError(
+                "quotas are off for this pool: create it with ResourcePool(..., enable_quotas=True)"
+            )
+        given = {
+            ResourceType.CPU: cpu,
+            ResourceType.MEMORY: memory,
+            ResourceType.IO: io,
+            ResourceType.NETWORK: network,
+            ResourceType.GPU: gpu,
+        }
+        limits = {rtype: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                  for rtype, v in given.items() if v is not None}
+        if not limits:
+            raise ResourceRequestError(
+                "a quota needs at least one limit (cpu=, memory=, io=, network=, gpu=); "
+                "use remove_quota() to drop one"
+            )
+        book.set(key, Quota(limits, QuotaMode.parse(mode)))
+        self._requota()
+
+    def _requota(self) -> None:
+        parked, self._parked = self._parked, {}
+        for waiters in parked.values():
+            self._unpark(waiters)
+        self._settle()
+
+    def _quota_blocks(self, owner: str, state: str, level: Priority, amounts: dict[ResourceType, float],
+                      queued: bool) -> bool:
+        """Whether a quota stops this request now; raises where waiting cannot or must not help."""
+        for book, what in ((self._state_quotas, "state"), (self._priority_quotas, "priority")):
+            key = state if what == "state" else level
+            breach = book.breach(key, amounts)
+            if breach is None:
+                continue
+            if breach.never_fits or breach.mode is QuotaMode.FAIL:
+                self._rejected += 1
+                raise QuotaExceededError(self._quota_message(owner, what, key, breach))
+            if not queued:
+                return True
+        return False
+
+    @staticmethod
+    def _quota_message(owner: str, what: str, key: Any, breach: QuotaBreach) -> str:
+        rtype = breach.rtype
+        kw = _QUOTA_KEYWORD.get(rtype, "cpu")  # type: ignore[call-overload]
+        unit = _UNITS.get(rtype, "units")  # type: ignore[call-overload]
+        if what == "state":
+            subject = f"state {key!r}"
+            fix = f"pool.set_quota({key!r}, {kw}=...)"
+        else:
+            subject = f"priority {Priority(key).name}"
+            fix = f"pool.set_priority_quota(Priority.{Priority(key).name}, {kw}=...)"
+        head = (
+            f"{owner!r} asks for {breach.requested:g} {unit} but the quota of {subject} is "
+            f"{breach.limit:g} ({breach.in_use:g} in use)"
+        )
+        if breach.never_fits:
+            return f"{head}: it can never fit; lower the request or raise the quota with {fix}"
+        return f"{head}: raise the quota with {fix}, or pass mode='wait' there to queue instead of failing"
+
+    # --- preemption ---------------------------------------------------------------------
+
+    def find_victims(
+        self,
+        owner: str,
+        requirements: ResourceRequirements,
+        priority: Priority | int | None = None,
+        *,
+        among: Collection[str] | None = None,
+        state: str | None = None,
+    ) -> list[str] | None:
+        """Running owners to evict so that ``requirements`` fits (see agent.preemption).
+
+        ``[]``: it fits (or will, once evictions already under way finish); ``None``:
+        preemption is off, a quota holds the request back (evicting frees capacity, not
+        quota), or no set of strictly lower-priority holders frees enough. ``among`` limits the victims to holders the caller can stop. Chosen victims are
+        remembered until they release, so they are not chosen twice, and what they free
+        counts as promised to ``owner`` until the last of them has released.
+        """
+        if not self.enable_preemption:
+            return None
+        level = requirements.priority if priority is None else Priority(priority)
+        need = requirements.amounts()
+        if self.enable_quotas and (
+            self._state_quotas.breach(owner if state is None else state, need) is not None
+            or self._priority_quotas.breach(level, need) is not None
+        ):
+            return None
+        free = dict(self._available)
+        for victim in self._evicting:
+            holding = self._holders.get(victim)
+            if holding is not None:
+                for rtype, amount in holding.amounts.items():
+                    free[rtype] += amount
+        for claimant, claimed in self._claims.items():
+            if claimant != owner:
+                for rtype, amount in claimed.items():
+                    free[rtype] -= amount
+        candidates = [
+            Holder(h.owner, int(h.priority), h.amounts, h.started, h.seq)
+            for h in self._holders.values()
+            if h.owner not in self._evicting and h.owner != owner and (among is None or h.owner in among)
+        ]
+        victims = self._policy.choose(need, free, int(level), candidates)
+        if victims:
+            for victim in victims:
+                self._evicting[victim] = owner
+            self._claims[owner] = need
+            self._preempted += len(victims)
+        return victims
+
+    def pending_evictions(self) -> dict[str, str]:
+        """Victims chosen that still hold resources, with the owner they make room for."""
+        return dict(self._evicting)
+
+    # --- why things wait ------------------------------------------------------------------
 
     def blocking_resource(self, requirements: ResourceRequirements) -> ResourceType | None:
         """The first resource type that is short for ``requirements`` right now."""
@@ -256,38 +873,113 @@ class ResourcePool:
         return None
 
     def mark_waiting(self, owner: str, reason: str) -> None:
-        self._waiting[owner] = reason
+        self._marks[owner] = reason
 
     def unmark_waiting(self, owner: str) -> None:
-        self._waiting.pop(owner, None)
+        self._marks.pop(owner, None)
 
-    # --- statistics -----------------------------------------------------------------
+    def get_waiting_states(self) -> dict[str, str]:
+        """Owners waiting for resources, with what they wait for."""
+        out = dict(self._marks)
+        heads = {}
+        for level in _LEVELS:
+            live = [entry for entry in self._queues[level] if not entry[2].dead]
+            heads[level] = min(live)[2] if live else None
+        for owner, waiter in self._waiters.items():
+            out[owner] = self._why(waiter, heads[waiter.priority])
+        return out
+
+    def _why(self, waiter: _Waiter, head: _Waiter | None) -> str:
+        if waiter.parked:
+            breach = self._state_quotas.breach(waiter.state, waiter.amounts)
+            if breach is not None:
+                return (
+                    f"quota of state {waiter.state!r}: needs {breach.requested:g} {describe(breach.rtype)}"  # type: ignore[arg-type]
+                    f", {breach.in_use:g} of {breach.limit:g} in use"
+                )
+        level = waiter.priority
+        if head is not None and head is not waiter:
+            return f"queued behind {head.owner!r} (priority {level.name} is first come, first served)"
+        if self.enable_quotas:
+            breach = self._priority_quotas.breach(level, waiter.amounts)
+            if breach is not None:
+                return (
+                    f"quota of priority {level.name}: needs {breach.requested:g} {describe(breach.rtype)}"  # type: ignore[arg-type]
+                    f", {breach.in_use:g} of {breach.limit:g} in use"
+                )
+        reserve = self._reserve_at[level] or {}
+        for rtype, amount in waiter.amounts.items():
+            free = self._available[rtype]
+            if amount > free - reserve.get(rtype, 0.0) + _EPS:
+                text = f"needs {amount:g} {describe(rtype)}, {free:g} free"
+                if reserve.get(rtype):
+                    text += f" ({reserve[rtype]:g} set aside for higher priorities)"
+                return text
+        return "about to be granted"
+
+    # --- measured use ------------------------------------------------------------------------
+
+    def record_measured(self, owner: str, usage: Mapping[str, Any]) -> None:
+        """Note what ``owner``'s attempt really used so far (from its executor).
+
+        Understands ``cpu_seconds`` and ``peak_memory_bytes`` (or ``peak_memory_mb``),
+        cumulative for the attempt: a later report replaces an earlier one.
+        """
+        cpu = float(usage.get("cpu_seconds") or 0.0)
+        if "peak_memory_mb" in usage:
+            memory = float(usage["peak_memory_mb"] or 0.0)
+        else:
+            memory = float(usage.get("peak_memory_bytes") or 0.0) / (1024 * 1024)
+        if owner in self._holders:
+            self._measured[owner] = (cpu, memory)
+        else:  # reported after the release: only the CPU time still counts
+            self._cpu_seconds_done += cpu
+
+    def get_measured(self) -> dict[str, dict[str, float]]:
+        """The latest measured use of each current holder."""
+        return {o: {"cpu_seconds": c, "peak_memory_mb": m} for o, (c, m) in self._measured.items()}
+
+    # --- statistics ------------------------------------------------------------------------
 
     def get_usage_stats(self) -> dict[ResourceType, ResourceUsage]:
-        now = time.monotonic()
+        now = self._clock()
+        measured: dict[ResourceType, float | None] = {rtype: None for rtype in self.totals}
+        measured[ResourceType.CPU] = self._cpu_seconds_done + sum(c for c, _ in self._measured.values())
+        measured[ResourceType.MEMORY] = sum(m for _, m in self._measured.values())
         return {
             rtype: ResourceUsage(
                 total=self.totals[rtype],
                 current_usage=stat.current,
                 peak_usage=stat.peak,
                 average_usage=stat.average(now),
+                measured_usage=measured[rtype],
             )
             for rtype, stat in self._stats.items()
         }
 
     def get_state_allocations(self) -> dict[str, dict[ResourceType, float]]:
-        return {owner: dict(amounts) for owner, amounts in self._allocations.items()}
+        return {owner: dict(h.amounts) for owner, h in self._holders.items()}
 
-    def get_waiting_states(self) -> dict[str, str]:
-        """Owners waiting for resources, with what they wait for."""
-        return dict(self._waiting)
+    def holder_priority(self, owner: str) -> Priority | None:
+        """The priority ``owner`` holds its resources at (None when it holds none)."""
+        holding = self._holders.get(owner)
+        return None if holding is None else holding.priority
 
     def statistics(self) -> PoolStatistics:
+        by_level = {level: 0 for level in Priority}
+        for waiter in self._waiters.values():
+            by_level[waiter.priority] += 1
+        waiting = len(self._waiters) + sum(1 for o in self._marks if o not in self._waiters)
         return PoolStatistics(
             totals=dict(self.totals),
             allocated={r: self.totals[r] - self._available[r] for r in self.totals},
-            holders=len(self._allocations),
-            waiting=len(self._waiting),
+            holders=len(self._holders),
+            waiting=waiting,
+            waiting_by_priority=by_level,
+            granted=self._granted,
+            rejected=self._rejected,
+            preempted=self._preempted,
+            evicting=len(self._evicting),
         )
 
     def available(self, rtype: ResourceType) -> float:
@@ -295,23 +987,4 @@ class ResourcePool:
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{r.name}={self._available[r]:g}/{t:g}" for r, t in self.totals.items())
-        return f"ResourcePool({parts})"
-
-
-_UNITS: dict[ResourceType, str] = {
-    ResourceType.CPU: "CPU core(s)",
-    ResourceType.MEMORY: "MiB of memory",
-    ResourceType.IO: "IO units",
-    ResourceType.NETWORK: "network units",
-    ResourceType.GPU: "GPU(s)",
-}
-
-
-def describe(rtype: ResourceType) -> str:
-    """A human name for a resource type's unit."""
-    return _UNITS.get(rtype, rtype.name or "resource")
-
-
-def machine_totals() -> dict[str, Any]:
-    """This machine's CPU cores, memory (MiB) and GPUs, as the default pool sees them."""
-    return {"cpu": _machine_cpus(), "memory_mb": _machine_memory_mb(), "gpu": _machine_gpus()}
+        return f"ResourcePool({parts}, holders={len(self._holders)}, queued={len(self._waiters)})"

@@ -100,3 +100,60 @@ class TestRealWorld:
         ctx = await agent.run(initial_context={"ticket": ticket})
         assert ctx.get_state("sent") == expected
         assert agent.state_metadata["human_review"].status is StateStatus.PENDING
+
+
+class TestHumanReview:
+    """The customer-service review step is answered from code, as a web app would."""
+
+    @pytest.mark.parametrize("answers,review,sent", [
+        (["approve"], "approve", "We are on it: an engineer will call you within 15 minutes."),
+        (["maybe", "reject"], "reject", "Thanks for reaching out; we will reply within a day."),
+    ])
+    async def test_review_answered_through_the_queue(self, answers, review, sent):
+        import asyncio
+
+        from agent.human import QueueInputProvider
+
+        module = runpy.run_path(str(EXAMPLES / "customer_service.py"), run_name="example_cs_review")
+        agent = module["agent"]
+        provider = QueueInputProvider()
+        agent.human_input = provider
+
+        async def reviewer():
+            for answer in answers:
+                request = await provider.wait_for_request()
+                assert "Send this reply?" in request.prompt and request.state == "human_review"
+                provider.answer(request.id, answer)
+
+        ctx, _ = await asyncio.gather(agent.run(), reviewer())
+        assert ctx.get_state("review") == review
+        assert ctx.get_state("sent") == sent
+
+    async def test_review_times_out_to_the_default(self):
+        from agent.human import QueueInputProvider
+
+        module = runpy.run_path(str(EXAMPLES / "customer_service.py"), run_name="example_cs_default")
+        agent = module["agent"]
+        agent.human_input = QueueInputProvider()
+        ctx = await agent.run(initial_context={"review_timeout": 0.01})
+        assert ctx.get_state("review") == "approve"
+
+
+class TestPreemptionExample:
+    """The README's priorities-and-preemption walkthrough does what it prints."""
+
+    async def test_urgent_job_evicts_and_batch_jobs_resume(self):
+        module = runpy.run_path(str(EXAMPLES / "priorities_preemption.py"), run_name="example_preempt")
+        agent = module["agent"]
+        ctx = await agent.run(timeout=60)
+        timeline = module["timeline"]
+        kinds = [line.split()[1:] for line in timeline]
+        assert kinds.index(["started", "urgent_inference"]) > kinds.index(["preempted", "embed_shard_a"])
+        assert kinds.index(["started", "urgent_inference"]) > kinds.index(["preempted", "embed_shard_b"])
+        assert kinds.index(["completed", "urgent_inference"]) < kinds.index(["completed", "embed_shard_a"])
+        for shard, key in (("embed_shard_a", "rows_a"), ("embed_shard_b", "rows_b")):
+            meta = agent.state_metadata[shard]
+            assert meta.preemptions == 1 and meta.attempts == 1
+            assert ctx.get_state(key) == module["ROWS"]
+            assert ctx.get_state(key + "_resumed_at") >= 10  # continued from its own progress
+        assert ctx.get_state("answer") == 42

@@ -1,0 +1,418 @@
+"""Human input: questions a state asks, and the providers that answer them.
+
+A state calls ``context.human_in_the_loop(prompt, timeout, validator, default)``; the
+engine turns that into :func:`ask_human` on the agent's provider (DESIGN.md item 13):
+
+* the provider gets a :class:`HumanInputRequest` and returns the human's text;
+* an answer the validator rejects (returns false or raises) is asked for again as the
+  *same* request id with ``attempt`` one higher and ``rejected`` saying why, so a web
+  app or ``agentctl respond`` keeps addressing one question;
+* ``timeout`` bounds the whole exchange, re-asks included; when it passes the default
+  is returned, or :class:`~agent.errors.HumanInputTimeoutError` raised without one.
+
+Providers: :class:`ConsoleInputProvider` (a terminal, read on the event loop, no
+thread) and :class:`QueueInputProvider` (programmatic: tests, web apps, a daemon).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Protocol, TextIO, runtime_checkable
+
+from .errors import HumanInputError, HumanInputTimeoutError, InvalidConfigurationError
+
+Validator = Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class HumanInputRequest:
+    """One question to a human. ``created`` is wall-clock time (seconds since the epoch)."""
+
+    id: str
+    prompt: str
+    run_id: str = ""
+    state: str | None = None
+    timeout: float | None = None
+    default: str | None = None
+    created: float = 0.0
+    attempt: int = 1
+    rejected: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, to send over IPC or show in a UI."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HumanInputRequest":
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise HumanInputError(f"malformed human input request: {exc}") from exc
+
+
+@runtime_checkable
+class HumanInputProvider(Protocol):
+    """Answers human input requests; ``ask`` may be cancelled (the request then goes away)."""
+
+    async def ask(self, request: HumanInputRequest) -> str: ...
+
+
+class Clock(Protocol):
+    """The time :func:`ask_human` uses; tests pass a fake one."""
+
+    def time(self) -> float: ...
+
+    def monotonic(self) -> float: ...
+
+    async def sleep_until(self, deadline: float) -> None:
+        """Return once ``monotonic()`` reaches ``deadline``."""
+        ...
+
+
+class SystemClock:
+    """Real time."""
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep_until(self, deadline: float) -> None:
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+
+
+SYSTEM_CLOCK = SystemClock()
+
+
+# --- asking ---------------------------------------------------------------------------
+
+
+async def ask_human(
+    provider: HumanInputProvider,
+    prompt: str,
+    *,
+    timeout: float | None = None,
+    validator: Validator | None = None,
+    default: str | None = None,
+    run_id: str = "",
+    state: str | None = None,
+    max_attempts: int | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> str:
+    """Ask ``provider`` until an answer passes ``validator``; see the module docstring.
+
+    ``max_attempts`` bounds the re-asks: after that many rejected answers the default
+    is returned, or HumanInputError raised without one.
+    """
+    if timeout is not None and not timeout >= 0:
+        raise InvalidConfigurationError(f"human input timeout must be >= 0 seconds or None, got {timeout!r}")
+    if max_attempts is not None and max_attempts < 1:
+        raise InvalidConfigurationError(f"max_attempts must be >= 1 or None, got {max_attempts!r}")
+    deadline = None if timeout is None else clock.monotonic() + timeout
+    request = HumanInputRequest(
+        id=uuid.uuid4().hex[:12], prompt=prompt, run_id=run_id, state=state,
+        timeout=timeout, default=default, created=clock.time(),
+    )
+    while True:
+        answer = await _ask_once(provider, request, deadline, clock)
+        if answer is None:
+            if default is not None:
+                return default
+            raise HumanInputTimeoutError(
+                f"nobody answered {prompt!r} within {timeout:g} s"
+                + (f" (state {state!r})" if state else "")
+                + ": pass default= to continue without an answer, or a longer timeout"
+            )
+        why = _rejection(validator, answer)
+        if why is None:
+            return answer
+        if max_attempts is not None and request.attempt >= max_attempts:
+            if default is not None:
+                return default
+            raise HumanInputError(
+                f"{request.attempt} answers to {prompt!r} were rejected (last: {why}): "
+                "pass default= or a larger max_attempts"
+            )
+        request = replace(request, attempt=request.attempt + 1, rejected=why)
+
+
+async def _ask_once(
+    provider: HumanInputProvider, request: HumanInputRequest, deadline: float | None, clock: Clock
+) -> str | None:
+    """The provider's answer, or None when ``deadline`` passed first."""
+    if deadline is None:
+        return _checked(await provider.ask(request))
+    if clock.monotonic() >= deadline:
+        return None
+    asking = asyncio.ensure_future(provider.ask(request))
+    timer = asyncio.ensure_future(clock.sleep_until(deadline))
+    try:
+        await asyncio.wait({asking, timer}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # On timeout, or when we are cancelled, the provider withdraws the request.
+        for task in (timer, asking):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(timer, asking, return_exceptions=True)
+    if asking.cancelled():
+        return None
+    return _checked(asking.result())
+
+
+def _checked(answer: Any) -> str:
+    if not isinstance(answer, str):
+        raise HumanInputError(f"a human input provider returned {type(answer).__name__}, not str")
+    return answer
+
+
+def _rejection(validator: Validator | None, answer: str) -> str | None:
+    """Why ``validator`` rejects ``answer``, or None when it accepts it."""
+    if validator is None:
+        return None
+    try:
+        ok = validator(answer)
+    except Exception as exc:  # a validator like int() signals "invalid" by raising
+        return f"{answer!r} is not valid: {type(exc).__name__}: {exc}"
+    return None if ok else f"{answer!r} is not valid"
+
+
+def human_input_hook(
+    provider: HumanInputProvider,
+    *,
+    run_id: str = "",
+    state: str | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> Callable[..., Any]:
+    """The ``human_input`` hook a :class:`~agent.context.Context` view calls, for one state."""
+
+    async def hook(
+        prompt: str, timeout: float | None = None, validator: Validator | None = None, default: str | None = None
+    ) -> str:
+        return await ask_human(
+            provider, prompt, timeout=timeout, validator=validator, default=default,
+            run_id=run_id, state=state, clock=clock,
+        )
+
+    return hook
+
+
+# --- the programmatic provider ----------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    request: HumanInputRequest
+    future: asyncio.Future[str]
+    loop: asyncio.AbstractEventLoop
+    delivered: bool = False
+
+
+class QueueInputProvider:
+    """Questions wait in a list until code answers them: tests, web apps, a daemon.
+
+    ``pending()`` lists open requests, ``answer(id, text)`` answers one (from any task,
+    or from another thread), ``await wait_for_request()`` returns each request (and each
+    re-ask of a rejected one) once, in the order they were asked.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    async def ask(self, request: HumanInputRequest) -> str:
+        loop = asyncio.get_running_loop()
+        entry = _Pending(request, loop.create_future(), loop)
+        with self._lock:
+            if request.id in self._pending:
+                raise HumanInputError(f"human input request {request.id} is already pending")
+            self._pending[request.id] = entry
+            waiters, self._waiters = self._waiters, []
+        for waiter_loop, waiter in waiters:
+            _call_in(waiter_loop, _set_none, waiter)
+        try:
+            return await entry.future
+        finally:
+            with self._lock:
+                if self._pending.get(request.id) is entry:
+                    del self._pending[request.id]
+
+    def pending(self) -> list[HumanInputRequest]:
+        """Requests waiting for an answer, oldest first."""
+        with self._lock:
+            return [p.request for p in self._pending.values()]
+
+    def answer(self, request_id: str, text: str) -> None:
+        """Answer the pending request ``request_id``; raises HumanInputError when there is none."""
+        if not isinstance(text, str):
+            raise HumanInputError(f"an answer is a str, got {type(text).__name__}")
+        with self._lock:
+            entry = self._pending.pop(request_id, None)
+            open_ids = list(self._pending)
+        if entry is None:
+            raise HumanInputError(
+                f"no pending human input request {request_id!r} (answered, timed out or never "
+                f"asked); pending now: {', '.join(open_ids) or 'none'}"
+            )
+        _call_in(entry.loop, _set_result, entry.future, text)
+
+    async def wait_for_request(self) -> HumanInputRequest:
+        """The oldest request not yet returned by this method; waits for one if none."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                for entry in self._pending.values():
+                    if not entry.delivered:
+                        entry.delivered = True
+                        return entry.request
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._waiters.append((loop, waiter))
+            try:
+                await waiter
+            finally:
+                with self._lock:
+                    if (loop, waiter) in self._waiters:
+                        self._waiters.remove((loop, waiter))
+
+
+def _call_in(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    """Run ``fn(*args)`` now when on ``loop``'s thread, else hand it to that loop."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        fn(*args)
+    elif not loop.is_closed():
+        loop.call_soon_threadsafe(fn, *args)
+
+
+def _set_result(future: asyncio.Future[str], text: str) -> None:
+    if not future.done():
+        future.set_result(text)
+
+
+def _set_none(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+# --- the console provider -----------------------------------------------------------------
+
+
+class ConsoleInputProvider:
+    """Asks on a terminal, one question at a time, reading with the event loop (no thread).
+
+    Input is read from ``input_fd`` (stdin by default) with ``loop.add_reader``, so a
+    timed-out or cancelled question leaves no blocked thread behind.
+    """
+
+    def __init__(self, input_fd: int | None = None, output: TextIO | None = None) -> None:
+        self._fd = input_fd  # None: whatever sys.stdin is when a question is asked
+        self._out = output
+        self._buffer = bytearray()
+        self._busy: asyncio.Lock | None = None
+        self._busy_loop: asyncio.AbstractEventLoop | None = None
+
+    async def ask(self, request: HumanInputRequest) -> str:
+        loop = asyncio.get_running_loop()
+        if self._busy is None or self._busy_loop is not loop:
+            self._busy, self._busy_loop = asyncio.Lock(), loop
+        async with self._busy:
+            out = self._out if self._out is not None else sys.stdout
+            out.write(format_request(request))
+            out.flush()
+            return await self._read_line(loop)
+
+    async def _read_line(self, loop: asyncio.AbstractEventLoop) -> str:
+        while b"\n" not in self._buffer:
+            chunk = await self._read_chunk(loop)
+            if not chunk:
+                if self._buffer:
+                    break
+                raise HumanInputError("standard input is closed: nobody can answer on this console")
+            self._buffer += chunk
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer = bytearray(rest)
+        return line.decode("utf-8", errors="replace").rstrip("\r")
+
+    async def _read_chunk(self, loop: asyncio.AbstractEventLoop) -> bytes:
+        fd = sys.stdin.fileno() if self._fd is None else self._fd
+        future: asyncio.Future[bytes] = loop.create_future()
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, 4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if not future.done():
+                    future.set_exception(HumanInputError(f"cannot read the console: {exc}"))
+                return
+            if not future.done():
+                future.set_result(data)
+
+        try:
+            loop.add_reader(fd, readable)
+        except (PermissionError, ValueError, NotImplementedError):
+            return os.read(fd, 4096)  # a regular file never blocks
+        try:
+            return await future
+        finally:
+            loop.remove_reader(fd)
+
+
+def format_request(request: HumanInputRequest) -> str:
+    """How a console shows a request."""
+    lines = []
+    if request.rejected:
+        lines.append(f"  {request.rejected}; please answer again.")
+    where = f"[{request.state}] " if request.state else ""
+    extra = []
+    if request.default is not None:
+        extra.append(f"default {request.default!r}")
+    if request.timeout is not None:
+        extra.append(f"{request.timeout:g}s")
+    suffix = f" ({', '.join(extra)})" if extra else ""
+    lines.append(f"{where}{request.prompt}{suffix} > ")
+    return "\n".join(lines)
+
+
+# --- defaults -----------------------------------------------------------------------------
+
+_defaults_lock = threading.Lock()
+_process_queue: QueueInputProvider | None = None
+_console: ConsoleInputProvider | None = None
+
+
+def process_queue() -> QueueInputProvider:
+    """The process's one programmatic provider (what agents use when stdin is no terminal)."""
+    global _process_queue
+    with _defaults_lock:
+        if _process_queue is None:
+            _process_queue = QueueInputProvider()
+        return _process_queue
+
+
+def default_provider() -> HumanInputProvider:
+    """The console when stdin is a terminal, else :func:`process_queue`."""
+    global _console
+    stdin = sys.stdin
+    try:
+        tty = stdin is not None and stdin.isatty()
+    except (ValueError, OSError):  # closed or detached stdin
+        tty = False
+    if not tty:
+        return process_queue()
+    with _defaults_lock:
+        if _console is None:
+            _console = ConsoleInputProvider()
+        return _console

@@ -1,0 +1,179 @@
+"""The tagged JSON codec: every supported value comes back equal and of the same type."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import json
+import math
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.context import TypedContextData
+from agent.errors import CheckpointError, UnencodableValueError
+from agent.jsoncodec import dumps, from_json_value, loads, to_json_value
+
+
+@dataclasses.dataclass
+class Point(TypedContextData):
+    x: int
+    y: float
+    tags: set[str] = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass(frozen=True)
+class Labelled(TypedContextData):
+    label: str
+    inner: Any = None
+    derived: int = dataclasses.field(default=0, init=False)
+
+
+class Color(str, enum.Enum):
+    RED = "red"
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal values with equal types all the way down (1, 1.0 and True differ here)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or a == b
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a) and all(
+            type(k1) is type(k2) for k1, k2 in zip(a, b)
+        )
+    if isinstance(a, TypedContextData):
+        return all(same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    return a == b
+
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(),
+    st.binary(),
+    st.datetimes(timezones=st.none() | st.timezones()),
+    st.dates(),
+    st.times(),
+    st.timedeltas(),
+    st.decimals(allow_nan=False, allow_infinity=False),
+    st.uuids(),
+)
+hashables = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(), st.binary(), st.dates()),
+    lambda inner: st.tuples(inner, inner) | st.frozensets(inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.lists(inner, max_size=4),
+        st.lists(inner, max_size=4).map(tuple),
+        st.dictionaries(st.text(), inner, max_size=4),
+        st.dictionaries(st.sampled_from(["$type", "value", "class"]), inner, max_size=3),
+        st.dictionaries(hashables, inner, max_size=3),
+        st.sets(hashables, max_size=4),
+        st.frozensets(hashables, max_size=4),
+        st.binary(max_size=8).map(bytearray),
+        st.builds(Point, st.integers(), st.floats(allow_nan=False), st.sets(st.text(), max_size=3)),
+        st.builds(Labelled, st.text(), inner),
+    )
+
+
+values = st.recursive(scalars, _containers, max_leaves=20)
+
+
+class TestRoundTrip:
+    """decode(encode(v)) is v, through JSON text too."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(values)
+    def test_every_supported_value_round_trips(self, value):
+        data = to_json_value(value)
+        text = json.dumps(data, allow_nan=False)  # plain JSON: no NaN, no custom types
+        assert same(from_json_value(json.loads(text)), value)
+        assert same(loads(dumps(value)), value)
+
+    @given(st.sets(hashables, max_size=6))
+    def test_equal_sets_encode_equally(self, value):
+        assert dumps(value) == dumps(set(reversed(list(value))))
+
+    @pytest.mark.parametrize("special", [math.inf, -math.inf, math.nan])
+    def test_special_floats(self, special):
+        text = dumps([special])
+        json.loads(text)  # still plain JSON
+        back = loads(text)[0]
+        assert (math.isnan(back) and math.isnan(special)) or back == special
+
+    def test_init_false_field_of_frozen_class_is_restored(self):
+        value = Labelled("a", inner=(1, 2))
+        object.__setattr__(value, "derived", 9)
+        back = loads(dumps(value))
+        assert back == value and back.derived == 9
+
+    def test_enum_is_stored_as_its_value(self):
+        assert loads(dumps({"c": Color.RED})) == {"c": "red"}
+
+
+class TestRejects:
+    """What cannot be encoded, or decoded, raises a typed error saying what to do."""
+
+    def test_unencodable_value_names_its_path(self):
+        with pytest.raises(UnencodableValueError, match=r"value\['job'\]\[1\]: a object cannot"):
+            to_json_value({"job": [1, object()]})
+
+    def test_local_typed_class_is_refused_when_encoding(self):
+        @dataclasses.dataclass
+        class Local(TypedContextData):
+            a: int
+
+        with pytest.raises(UnencodableValueError, match="module level"):
+            dumps(Local(1))
+
+    def test_reference_cycle_is_refused(self):
+        cycle: list[Any] = []
+        cycle.append(cycle)
+        with pytest.raises(UnencodableValueError, match="cycle"):
+            dumps(cycle)
+
+    @pytest.mark.parametrize(
+        "data, message",
+        [
+            ({"$type": "nope", "value": 1}, "unknown value tag"),
+            ({"$type": "bytes", "value": "!!!"}, "malformed 'bytes'"),
+            ({"$type": "float", "value": "1.5"}, "malformed 'float'"),
+            ({"$type": "tuple", "value": None}, "malformed 'tuple'"),
+            ({"$type": "typed", "class": "no.such.module:X", "value": {}}, "cannot be imported"),
+            ({"$type": "typed", "class": "os.path:join", "value": {}}, "not a TypedContextData"),
+            ({"$type": "typed", "class": f"{__name__}:Point", "value": {"x": 1, "y": 2.0, "z": 3}},
+             "no longer defines"),
+        ],
+    )
+    def test_malformed_data(self, data, message):
+        with pytest.raises(CheckpointError, match=message):
+            from_json_value(data)
+
+    @pytest.mark.parametrize("text", ['{"a": [1, 2', "", "\x00\x01", '{"a": NaN'])
+    def test_corrupt_or_truncated_text(self, text):
+        with pytest.raises(CheckpointError, match="corrupt or truncated"):
+            loads(text)
+
+    def test_supported_types_are_exact(self):
+        value = {
+            "when": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
+            "amount": decimal.Decimal("1.10"),
+            "id": uuid.UUID(int=7),
+            "pair": (1, "a"),
+        }
+        assert same(loads(dumps(value)), value)

@@ -1,0 +1,117 @@
+"""AgentCheckpoint: plain JSON out, checked on the way in."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from agent.checkpoint import CHECKPOINT_FORMAT_VERSION, AgentCheckpoint
+from agent.context import TypedContextData
+from agent.errors import CheckpointError
+
+
+@dataclasses.dataclass
+class Progress(TypedContextData):
+    done: int
+    seen: set[str]
+
+
+def sample() -> AgentCheckpoint:
+    return AgentCheckpoint(
+        agent_name="etl",
+        agent_status="running",
+        completed_states={"extract", "transform"},
+        pending_states=["load"],
+        running_states=["notify"],
+        state_metadata={"extract": {"attempts": 1, "status": "completed"}},
+        context={"rows": 10, "progress": Progress(3, {"a", "b"}), "pair": (1, 2)},
+        run_id="run-1",
+        frames={"root": {"open": ["load"]}},
+        timestamp=1_800_000_000.5,
+    )
+
+
+class TestAgentCheckpoint:
+    """to_dict is plain JSON; from_dict gives the same checkpoint back."""
+
+    def test_round_trip_through_json_text(self):
+        cp = sample()
+        text = json.dumps(cp.to_dict())
+        back = AgentCheckpoint.from_dict(json.loads(text))
+        assert back == cp
+        assert AgentCheckpoint.from_json(cp.to_json()) == cp
+
+    def test_spec_fields_are_there(self):
+        data = sample().to_dict()
+        assert data["timestamp"] == 1_800_000_000.5
+        assert data["agent_name"] == "etl"
+        assert data["agent_status"] == "running"
+        assert data["completed_states"] == ["extract", "transform"]
+        assert data["format_version"] == CHECKPOINT_FORMAT_VERSION
+
+    def test_truncated_text(self):
+        text = sample().to_json()
+        for cut in (1, len(text) // 2, len(text) - 1):
+            with pytest.raises(CheckpointError, match="corrupt or truncated"):
+                AgentCheckpoint.from_json(text[:cut])
+
+    def test_future_format_version(self):
+        data = sample().to_dict()
+        data["format_version"] = CHECKPOINT_FORMAT_VERSION + 1
+        with pytest.raises(CheckpointError, match="newer release.*upgrade"):
+            AgentCheckpoint.from_dict(data)
+
+    @pytest.mark.parametrize("version", [None, "1", 0, True, 1.0])
+    def test_invalid_format_version(self, version):
+        data = sample().to_dict()
+        data["format_version"] = version
+        with pytest.raises(CheckpointError, match="format_version"):
+            AgentCheckpoint.from_dict(data)
+
+    @pytest.mark.parametrize("field", ["agent_name", "context", "completed_states", "timestamp"])
+    def test_missing_field(self, field):
+        data = sample().to_dict()
+        del data[field]
+        with pytest.raises(CheckpointError, match=f"missing {field}"):
+            AgentCheckpoint.from_dict(data)
+
+    @pytest.mark.parametrize(
+        "field, value",
+        [
+            ("completed_states", "extract"),
+            ("pending_states", [1]),
+            ("agent_name", 5),
+            ("timestamp", "now"),
+            ("state_metadata", []),
+            ("context", {"$type": "dict", "value": [[1, 2]]}),
+        ],
+    )
+    def test_wrong_field_type(self, field, value):
+        data = sample().to_dict()
+        data[field] = value
+        with pytest.raises(CheckpointError):
+            AgentCheckpoint.from_dict(data)
+
+    def test_not_an_object(self):
+        with pytest.raises(CheckpointError, match="JSON object"):
+            AgentCheckpoint.from_dict([1, 2])
+
+
+class TestValidateFor:
+    """A checkpoint applies only to an agent of its name that has all its states."""
+
+    def test_matching_agent(self):
+        sample().validate_for("etl", ["extract", "transform", "load", "notify", "extra"])
+
+    def test_other_agent_name(self):
+        with pytest.raises(CheckpointError, match="belongs to agent 'etl', not 'billing'"):
+            sample().validate_for("billing", ["extract", "transform", "load", "notify"])
+
+    def test_name_check_can_be_skipped(self):
+        sample().validate_for(None, ["extract", "transform", "load", "notify"])
+
+    def test_states_that_no_longer_exist(self):
+        with pytest.raises(CheckpointError, match="'load', 'notify'"):
+            sample().validate_for("etl", ["extract", "transform"])

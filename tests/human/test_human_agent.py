@@ -1,0 +1,62 @@
+"""Human input through a running Agent: the engine's hook, pause, and the default provider."""
+
+from __future__ import annotations
+
+import asyncio
+
+from agent import Agent, Context
+from agent.human import QueueInputProvider
+
+
+def review_agent(provider: QueueInputProvider) -> Agent:
+    agent = Agent("review", isolation="inline", human_input=provider)
+
+    async def get_user_input(context: Context):
+        score = await context.human_in_the_loop(
+            prompt="Enter score (0-100):",
+            timeout=60,
+            validator=lambda x: x.isdigit() and 0 <= int(x) <= 100,
+            default="50",
+        )
+        context.set_state("user_score", int(score))
+        return "process_score"
+
+    async def process_score(context: Context):
+        context.set_state("done", True)
+
+    agent.add_state("get_user_input", get_user_input)
+    agent.add_state("process_score", process_score)
+    return agent
+
+
+class TestAgentHumanInput:
+    """A state's question reaches the agent's provider with its run and state."""
+
+    async def test_answer_after_a_rejection(self):
+        provider = QueueInputProvider()
+        agent = review_agent(provider)
+        run = asyncio.create_task(agent.run())
+        first = await provider.wait_for_request()
+        assert (first.state, first.run_id, first.timeout, first.default) == ("get_user_input", agent.run_id, 60, "50")
+        provider.answer(first.id, "150")
+        again = await provider.wait_for_request()
+        assert again.attempt == 2
+        provider.answer(again.id, "87")
+        context = await run
+        assert (context.get_state("user_score"), context.get_state("done")) == (87, True)
+
+    async def test_pause_withdraws_the_question_and_resume_asks_again(self):
+        provider = QueueInputProvider()
+        agent = review_agent(provider)
+        run = asyncio.create_task(agent.run())
+        first = await provider.wait_for_request()
+        checkpoint = await agent.pause()
+        assert provider.pending() == []
+        assert checkpoint.running_states == [] and "get_user_input" in checkpoint.pending_states
+        resumed = asyncio.create_task(agent.resume())
+        again = await provider.wait_for_request()
+        assert again.id != first.id and again.state == "get_user_input"
+        provider.answer(again.id, "12")
+        await resumed
+        await run
+        assert agent.context.get_state("user_score") == 12

@@ -1,0 +1,158 @@
+"""The pool inside real runs: preemption of lower-priority states, quotas in both modes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent import Agent, AgentStatus, Priority, QuotaExceededError, ResourcePool, ResourceRequirements, StateStatus
+from agent import events as ev
+
+
+def whole_pool() -> ResourcePool:
+    return ResourcePool(total_cpu=4, total_memory=1000, total_io=10, total_network=10, total_gpu=0,
+                        enable_preemption=True)
+
+
+def need(cpu: float, priority: Priority) -> ResourceRequirements:
+    return ResourceRequirements(cpu_units=cpu, memory_mb=cpu * 250, io_weight=0, network_weight=0, priority=priority)
+
+
+class TestInlinePreemption:
+    """Inline victims are cancelled, requeued, restarted after the HIGH state, and complete."""
+
+    async def test_high_evicts_two_low_states(self) -> None:
+        started = {"low_a": asyncio.Event(), "low_b": asyncio.Event()}
+        log: list[str] = []
+        events: list[ev.RunEvent] = []
+        agent = Agent("preempt", isolation="inline", resource_pool=whole_pool())
+        agent.add_observer(events.append)
+
+        async def start(context):  # noqa: ANN001, ANN202
+            return ["low_a", "low_b", "trigger"]
+
+        async def low_a(context):  # noqa: ANN001, ANN202
+            done = context.get_state("a_rows", 0)
+            log.append(f"low_a starts at {done}")
+            if done == 0:
+                context.set_state("a_rows", 500)  # progress kept across the eviction
+                started["low_a"].set()
+                await asyncio.Event().wait()  # runs until preempted
+            context.set_state("a_rows", 1000)
+            log.append("low_a done")
+
+        async def low_b(context):  # noqa: ANN001, ANN202
+            log.append("low_b starts")
+            if context.get_state("b_started") is None:
+                context.set_state("b_started", True)
+                started["low_b"].set()
+                await asyncio.Event().wait()
+            log.append("low_b done")
+
+        async def trigger(context):  # noqa: ANN001, ANN202
+            await started["low_a"].wait()
+            await started["low_b"].wait()
+            return ["high"]  # a fan-out of one starts now (a plain name would join after the lows)
+
+        async def high(context):  # noqa: ANN001, ANN202
+            log.append("high runs")
+            assert agent.resource_pool.get_state_allocations().keys() == {"high"}
+
+        agent.add_state("start", start)
+        agent.add_state("low_a", low_a, resources=need(2, Priority.LOW))
+        agent.add_state("low_b", low_b, resources=need(2, Priority.LOW))
+        agent.add_state("trigger", trigger)
+        agent.add_state("high", high, resources=need(4, Priority.HIGH))
+        await agent.run(timeout=30)
+
+        assert log.index("high runs") < log.index("low_a done")
+        assert log.index("high runs") < log.index("low_b done")
+        assert "low_a starts at 500" in log  # resumed from its own progress
+        assert agent.context.get_state("a_rows") == 1000
+        for name in ("low_a", "low_b"):
+            meta = agent.state_metadata[name]
+            assert meta.preemptions == 1
+            assert meta.status is StateStatus.COMPLETED
+            assert meta.attempts == 1  # a preemption is not a failed attempt
+        assert agent.state_metadata["high"].preemptions == 0
+        preempted = sorted(e.state for e in events if e.kind == ev.STATE_PREEMPTED)
+        assert preempted == ["low_a", "low_b"]
+        stats = agent.resource_pool.statistics()
+        assert stats.holders == 0 and stats.evicting == 0 and stats.preempted == 2
+
+    async def test_same_priority_is_never_evicted(self) -> None:
+        started = asyncio.Event()
+        order: list[str] = []
+        agent = Agent("no-preempt", isolation="inline", resource_pool=whole_pool())
+        gate = asyncio.Event()
+
+        async def start(context):  # noqa: ANN001, ANN202
+            return ["holder", "trigger"]
+
+        async def holder(context):  # noqa: ANN001, ANN202
+            started.set()
+            await gate.wait()
+            order.append("holder done")
+
+        async def trigger(context):  # noqa: ANN001, ANN202
+            await started.wait()
+            return ["other"]
+
+        async def other(context):  # noqa: ANN001, ANN202
+            order.append("other runs")
+
+        agent.add_state("start", start)
+        agent.add_state("holder", holder, resources=need(4, Priority.NORMAL))
+        agent.add_state("trigger", trigger)
+        agent.add_state("other", other, resources=need(4, Priority.NORMAL))
+        queued = asyncio.Event()
+        agent.add_observer(lambda e: queued.set() if e.kind == ev.STATE_QUEUED and e.state == "other" else None)
+        run = asyncio.create_task(agent.run(timeout=30))
+        await queued.wait()  # "other" asked, found no room, and evicted nobody
+        assert "other" in agent.resource_pool.get_waiting_states()
+        gate.set()
+        await run
+        assert order == ["holder done", "other runs"]
+        assert agent.state_metadata["holder"].preemptions == 0
+
+
+class TestQuotasInRuns:
+    """A run waits for a wait-mode quota and fails cleanly on a fail-mode one."""
+
+    def agent(self, mode: str) -> tuple[Agent, list[str]]:
+        pool = ResourcePool(total_cpu=4, total_memory=1000, total_io=10, total_network=10, total_gpu=0,
+                            enable_quotas=True)
+        pool.set_priority_quota(Priority.LOW, cpu=1, mode=mode)
+        agent = Agent(f"quota-{mode}", isolation="inline", resource_pool=pool)
+        log: list[str] = []
+
+        async def start(context):  # noqa: ANN001, ANN202
+            return ["x", "y"]
+
+        def worker(name: str):  # noqa: ANN202
+            async def state(context):  # noqa: ANN001, ANN202
+                log.append(f"{name} starts")
+                await asyncio.sleep(0)  # give the other branch its chance to ask for room
+                log.append(f"{name} ends")
+
+            return state
+
+        agent.add_state("start", start)
+        for name in ("x", "y"):
+            agent.add_state(name, worker(name), resources=need(1, Priority.LOW))
+        return agent, log
+
+    async def test_wait_mode_serialises(self) -> None:
+        agent, log = self.agent("wait")
+        await agent.run(timeout=30)
+        assert log == ["x starts", "x ends", "y starts", "y ends"]
+
+    async def test_fail_mode_fails_the_run(self) -> None:
+        agent, log = self.agent("fail")
+        with pytest.raises(QuotaExceededError, match=r"quota of priority LOW is 1 \(1 in use\)"):
+            await agent.run(timeout=30)
+        assert agent.status is AgentStatus.FAILED
+        assert agent.state_metadata["y"].status is StateStatus.BLOCKED
+        assert "set_priority_quota" in agent.state_metadata["y"].blocked_reason
+        assert agent.resource_pool.statistics().holders == 0
