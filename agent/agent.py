@@ -31,7 +31,7 @@ from .scheduler import Run, _Activation, _Group
 from .state import StateFunction, StateMetadata, StateSpec, check_state_function
 from .status import AgentStatus, StateStatus, check_agent_transition
 
-DEFAULT_ISOLATION = Isolation.INLINE
+DEFAULT_ISOLATION = Isolation.PROCESS
 """Used when neither ``Agent(isolation=...)`` nor ``$AGENT_ISOLATION`` says otherwise."""
 
 _log = logging.getLogger("agent")

@@ -6,6 +6,10 @@ arrives needing both CPUs: with ``enable_preemption`` the scheduler evicts both 
 jobs (PREEMPT; not counted as failed attempts), runs the urgent job, and restarts the
 batch jobs, which continue from the progress they had written.
 
+The batch and urgent jobs run as isolated processes (the default); the dispatcher that
+watches the batch jobs' progress runs inline, because only the supervisor's context sees
+every child's writes as they arrive (a child sees its snapshot plus its own writes).
+
 Run it: ``python examples/priorities_preemption.py`` (prints a timeline).
 """
 
@@ -65,7 +69,8 @@ urgent = ResourceRequirements(cpu_units=2, memory_mb=512, priority=Priority.HIGH
 agent.add_state("dispatch", dispatch)
 agent.add_state("embed_shard_a", embed_shard("rows_a"), resources=batch)
 agent.add_state("embed_shard_b", embed_shard("rows_b"), resources=batch)
-agent.add_state("urgent_request", urgent_request)
+# Inline: it watches the live context, which isolated children only write to.
+agent.add_state("urgent_request", urgent_request, isolation="inline")
 agent.add_state("urgent_inference", urgent_inference, resources=urgent)
 
 if __name__ == "__main__":

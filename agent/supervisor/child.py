@@ -90,6 +90,7 @@ class ChildProcess:
         self._violation: FailureReason | None = None
         self._violation_hard = False
         self._kill_requested = False
+        self._stopping = False  # asked to stop: closing its connection early is expected
         self._kill_timer: asyncio.TimerHandle | None = None
         self._settle_timer: asyncio.TimerHandle | None = None
         self._exit_known = False
@@ -130,7 +131,7 @@ class ChildProcess:
         self._disconnected = True
         if self._exit_known:
             self._finalize()
-        elif self.status is ChildStatus.RUNNING:
+        elif self.status is ChildStatus.RUNNING and not self._stopping:
             self.violate(
                 "the child's connection closed before it reported (libzmq drops a connection "
                 f"that sends a frame over the {self._limits.max_frame}-byte cap)",
@@ -247,6 +248,7 @@ class ChildProcess:
         if self.status is ChildStatus.EXITED or self._exit_known:
             return
         self._kill_requested = True
+        self._stopping = True
         if self.pid is not None:
             self._sup.kill_pid(self.pid)
         elif self._sup.unqueue(self):
@@ -254,6 +256,7 @@ class ChildProcess:
 
     async def stop(self, reason: str, grace: float) -> None:
         """Ask the child to stop (cancel or preempt), wait ``grace`` seconds, then kill it."""
+        self._stopping = True
         if self.status is ChildStatus.RUNNING:
             self._send(encode_message(Preempt(reason=reason) if reason == "preempt" else Cancel(reason=reason)))
             try:
