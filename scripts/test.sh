@@ -22,6 +22,7 @@ PY
 if [ "$(id -u)" = 0 ] && ! world_readable "$here/agent/__init__.py"; then
     tree=${AGENT_TEST_TREE:-/opt/agent-test-tree}
     echo "test: $here is not readable by other users; testing a copy in $tree" >&2
+    rm -rf "$tree"
     mkdir -p "$tree"
     chmod 755 "$tree"
     tar -C "$here" --exclude=.git --exclude=.venv --exclude=__pycache__ -cf - . | tar -C "$tree" -xf -
