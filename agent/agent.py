@@ -31,7 +31,7 @@ from .scheduler import Run, _Activation, _Group
 from .state import StateFunction, StateMetadata, StateSpec, check_state_function
 from .status import AgentStatus, StateStatus, check_agent_transition
 
-DEFAULT_ISOLATION = Isolation.INLINE
+DEFAULT_ISOLATION = Isolation.PROCESS
 """Used when neither ``Agent(isolation=...)`` nor ``$AGENT_ISOLATION`` says otherwise."""
 
 _log = logging.getLogger("agent")
@@ -384,8 +384,8 @@ class Agent:
         The choice is the pool's (agent.preemption): fewest victims, then the lowest
         priorities, then the most recently started; evictions already under way count.
         """
-        holders = {a.state: a for a in run.running.values() if a.holds_resources}
-        victims = self.resource_pool.find_victims(act.state, req, act.priority, among=holders)
+        holders = {a.owner: a for a in run.running.values() if a.holds_resources}
+        victims = self.resource_pool.find_victims(act.owner, req, act.priority, among=holders, state=act.state)
         return [holders[name] for name in victims or ()]
 
     # --- steering -------------------------------------------------------------------------------

@@ -56,6 +56,25 @@ def _summary(agent: Any) -> dict[str, Any]:
     }
 
 
+def _print_state_output(agent: Any) -> None:
+    """Echo what isolated states printed (kept per attempt in their log files), in start order."""
+    from .errors import AgentError
+
+    attempts = sorted(
+        (rec.started_at, name, rec.number)
+        for name, meta in agent.state_metadata.items()
+        if (meta.isolation or agent.isolation).value != "inline"
+        for rec in meta.history
+    )
+    for _, name, number in attempts:
+        try:
+            text = agent.logs(name, number)
+        except (AgentError, OSError):
+            continue
+        for line in text.splitlines():
+            print(f"[{name}#{number}] {line}")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .errors import AgentError
 
@@ -94,6 +113,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         code = EXIT_RUN_FAILED
     except KeyboardInterrupt:
         code = EXIT_CANCELLED
+    _print_state_output(agent)
     print(json.dumps(_summary(agent), indent=2, default=str))
     return code
 

@@ -147,6 +147,10 @@ class UnencodableValueError(ContextError, TypeError):
     """Raised when a value cannot cross a process boundary with the safe codec."""
 
 
+class ValueTooLargeError(UnencodableValueError):
+    """Raised when an encoded value is larger than one message between processes may be."""
+
+
 # --- resources -------------------------------------------------------------------------
 
 
@@ -183,6 +187,13 @@ class CgroupError(IsolationError):
 
 class ProtocolError(IsolationError):
     """Raised when a message across the process boundary is malformed or not allowed."""
+
+
+class AttemptLogNotFoundError(IsolationError, LookupError):
+    """Raised when no log file is kept for the requested run, state and attempt."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 # --- checkpoints and human input ---------------------------------------------------------

@@ -68,7 +68,7 @@ class _Group:
 class _Activation:
     __slots__ = (
         "id", "state", "group", "priority", "attempt", "via_dependency", "waiting_since",
-        "task", "stop_reason", "started_at", "timer", "attempt_obj", "holds_resources",
+        "task", "stop_reason", "started_at", "timer", "attempt_obj", "holds_resources", "owner",
     )
 
     def __init__(self, aid: int, state: str, group: int, priority: int, now: float) -> None:
@@ -85,6 +85,7 @@ class _Activation:
         self.timer: asyncio.TimerHandle | None = None
         self.attempt_obj: Attempt | None = None
         self.holds_resources = False
+        self.owner = state  # the pool owner key; qualified when another run holds the same name
 
     def __lt__(self, other: "_Activation") -> bool:  # heap order: priority desc, FIFO
         return (-self.priority, self.id) < (-other.priority, other.id)
@@ -293,8 +294,10 @@ class Run:
                 if blocked_priority is not None and act.priority <= blocked_priority:
                     deferred.append(act)
                     continue
+                if self.pool.holder_priority(name) is not None:  # another agent's state of this name
+                    act.owner = f"{name}@{self.run_id[:8]}"
                 try:
-                    got = self.pool.try_acquire(name, req, priority=act.priority)
+                    got = self.pool.try_acquire(act.owner, req, state=name, priority=act.priority)
                 except QuotaExceededError as exc:  # a quota in "fail" mode refused it
                     meta = self.metadata[name]
                     meta.set_status(StateStatus.BLOCKED)
@@ -306,12 +309,12 @@ class Run:
                         short = self.pool.blocking_resource(req)
                         why = f"resources: not enough {short.name if short else 'capacity'} free"
                         self.metadata[name].waiting_for = why
-                        self.pool.mark_waiting(name, why)
+                        self.pool.mark_waiting(act.owner, why)
                         self.emit(ev.STATE_QUEUED, name, data={"waiting_for": why})
                         blocked_priority = act.priority
                         deferred.append(act)
                         continue
-                    if not self.pool.try_acquire(name, req, priority=act.priority):
+                    if not self.pool.try_acquire(act.owner, req, state=name, priority=act.priority):
                         deferred.append(act)
                         blocked_priority = act.priority
                         continue
@@ -354,7 +357,7 @@ class Run:
         meta.started_at = now
         meta.last_execution = time.time()
         if self.pool is not None:
-            self.pool.unmark_waiting(name)
+            self.pool.unmark_waiting(act.owner)
         if self.observers:  # what it holds from the pool, for the allocation metrics
             self.emit(ev.STATE_STARTED, name, attempt=act.attempt,
                       data={"resources": spec.resources} if spec.resources is not None else {})
@@ -466,10 +469,10 @@ class Run:
             act.timer = None
         act.task = None
         if act.holds_resources:
-            self.pool.release(name)
+            self.pool.release(act.owner)
             act.holds_resources = False
-            if usage and hasattr(self.pool, "record_measured"):
-                self.pool.record_measured(name, usage)
+            if usage:
+                self.pool.record_measured(act.owner, usage)
         now = self.clock()
         meta = self.metadata[name]
         meta.finished_at = now
@@ -532,7 +535,10 @@ class Run:
         self.finishes[name] = self.finishes.get(name, 0) + 1
         self.last_completion[name] = now
         self.agent._session_completions[name] = self.agent._session_completions.get(name, 0) + 1
-        self.emit(ev.STATE_COMPLETED, name, attempt=act.attempt, duration=duration, usage=usage)
+        if self.observers:
+            handed_to = [] if nexts is None else [nexts] if isinstance(nexts, str) else list(nexts)
+            self.emit(ev.STATE_COMPLETED, name, attempt=act.attempt, duration=duration, usage=usage,
+                      data={"next": handed_to})
         group = self.groups[act.group]
         if nexts is None:
             self.end_branch(act)
@@ -547,7 +553,8 @@ class Run:
                 self.activate(n, child)
         # Checkpoint only now: the completion and the transitions it caused are saved
         # together, so a run resumed from this checkpoint continues where this state led.
-        self.agent._after_completion(self)
+        if self.agent.checkpoint_store is not None:
+            self.agent._after_completion(self)
 
     def validate_result(self, name: str, result: Any) -> str | list[str] | None:
         if result is None:
@@ -856,7 +863,7 @@ class Run:
             if not meta.status.is_finished:
                 meta.set_status(StateStatus.CANCELLED)
             if act.holds_resources:
-                self.pool.release(act.state)
+                self.pool.release(act.owner)
         self.running.clear()
         self.ready.clear()
         for act in self.retrying.values():

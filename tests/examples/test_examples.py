@@ -137,3 +137,23 @@ class TestHumanReview:
         agent.human_input = QueueInputProvider()
         ctx = await agent.run(initial_context={"review_timeout": 0.01})
         assert ctx.get_state("review") == "approve"
+
+
+class TestPreemptionExample:
+    """The README's priorities-and-preemption walkthrough does what it prints."""
+
+    async def test_urgent_job_evicts_and_batch_jobs_resume(self):
+        module = runpy.run_path(str(EXAMPLES / "priorities_preemption.py"), run_name="example_preempt")
+        agent = module["agent"]
+        ctx = await agent.run(timeout=60)
+        timeline = module["timeline"]
+        kinds = [line.split()[1:] for line in timeline]
+        assert kinds.index(["started", "urgent_inference"]) > kinds.index(["preempted", "embed_shard_a"])
+        assert kinds.index(["started", "urgent_inference"]) > kinds.index(["preempted", "embed_shard_b"])
+        assert kinds.index(["completed", "urgent_inference"]) < kinds.index(["completed", "embed_shard_a"])
+        for shard, key in (("embed_shard_a", "rows_a"), ("embed_shard_b", "rows_b")):
+            meta = agent.state_metadata[shard]
+            assert meta.preemptions == 1 and meta.attempts == 1
+            assert ctx.get_state(key) == module["ROWS"]
+            assert ctx.get_state(key + "_resumed_at") >= 10  # continued from its own progress
+        assert ctx.get_state("answer") == 42

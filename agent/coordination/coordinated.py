@@ -1,0 +1,212 @@
+"""An Agent whose states are admitted through coordination primitives and rate limits.
+
+:class:`CoordinatedAgent` is an :class:`~agent.agent.Agent` that owns a
+:class:`Coordinator` (``_coordinator``; the process's default one unless given
+another) and registers an admission hook with itself. Before an attempt of a
+coordinated state runs, in the attempt's own task and after its dependencies are
+met, the hook takes the state's primitive and then waits for its rate limit (in that
+order, so rate-limited *starts* stay spaced even behind a semaphore); after the
+attempt, success or not, it gives the primitive back. Admission happens in the
+supervisor, so it holds for isolated states as well as inline ones.
+
+A BARRIER on a state is a gate: every state that hands over to it (returns its name)
+counts as an arrival of that run, and the guarded state starts only once
+``max_count`` arrivals are in, or fails after ``wait_timeout`` saying how many came.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .. import events as ev
+from ..agent import Agent
+from ..errors import CoordinationError
+from .allocation import set_current_owner
+from .coordinator import Coordinator, default_coordinator
+from .primitives import Barrier, Primitive, PrimitiveType
+from .ratelimit import RateLimitStrategy
+
+
+@dataclass(frozen=True)
+class _Held:
+    primitive: Primitive
+    owner: str
+    amount: float
+
+
+class _Admission:
+    """The admission hook (and run observer) of one CoordinatedAgent."""
+
+    def __init__(self, agent: "CoordinatedAgent") -> None:
+        self.agent = agent
+        self._held: dict[tuple[str, str, int], _Held] = {}
+
+    def owner(self, state: str, run_id: str, attempt: int) -> str:
+        return f"{self.agent.name}/{run_id[:8]}/{state}#{attempt}"
+
+    async def acquire(self, state: str, run_id: str, attempt: int) -> None:
+        agent = self.agent
+        coordinator = agent._coordinator
+        owner = self.owner(state, run_id, attempt)
+        set_current_owner(owner, coordinator)
+        held = None
+        primitive = coordinator.primitive(state) if state in agent._coordinated_states else None
+        if primitive is not None:
+            if isinstance(primitive, Barrier):
+                await primitive.pass_when_full(owner, run_id)
+            else:
+                amount = agent._coordinated_states[state]
+                if not primitive.try_acquire(owner, amount):  # type: ignore[attr-defined]
+                    coordinator.watch()  # about to wait: make sure deadlocks are looked for
+                    await primitive.acquire(owner, amount)  # type: ignore[attr-defined]
+                held = _Held(primitive, owner, amount)
+        limiter = coordinator.rate_limiter(state) if state in agent._rate_limited_states else None
+        if limiter is not None:
+            try:
+                await limiter.acquire()
+            except BaseException:
+                if held is not None:
+                    held.primitive.release(owner, held.amount)  # type: ignore[call-arg]
+                raise
+        if held is not None:
+            self._held[(state, run_id, attempt)] = held
+
+    async def release(self, state: str, run_id: str, attempt: int, ok: bool) -> None:
+        held = self._held.pop((state, run_id, attempt), None)
+        if held is not None:
+            held.primitive.release(held.owner, held.amount)  # type: ignore[call-arg]
+
+    def observe(self, event: ev.RunEvent) -> None:
+        """Count hand-overs to barrier-guarded states; forget a run's barrier rounds at its end."""
+        agent = self.agent
+        if event.kind == ev.STATE_COMPLETED:
+            for name in event.data.get("next", ()):
+                if name in agent._coordinated_states:
+                    primitive = agent._coordinator.primitive(name)
+                    if isinstance(primitive, Barrier):
+                        primitive.arrive(self.owner(event.state or "?", event.run_id, event.attempt), event.run_id)
+        elif event.kind == ev.RUN_FINISHED:
+            for name in agent._coordinated_states:
+                primitive = agent._coordinator.primitive(name)
+                if isinstance(primitive, Barrier):
+                    primitive.forget(event.run_id)
+
+
+class CoordinatedAgent(Agent):
+    """An Agent with per-state coordination primitives and rate limits."""
+
+    def __init__(self, name: str, *, coordinator: Coordinator | None = None, **agent_kwargs: Any) -> None:
+        super().__init__(name, **agent_kwargs)
+        self._coordinator = coordinator if coordinator is not None else default_coordinator()
+        self._coordinated_states: dict[str, float] = {}  # state -> amount drawn per attempt
+        self._rate_limited_states: set[str] = set()
+        self._admission = _Admission(self)
+        self.add_admission_hook(self._admission)
+        self.add_observer(self._admission.observe)
+
+    def add_state_rate_limit(
+        self,
+        state: str,
+        max_rate: float,
+        strategy: RateLimitStrategy | str = RateLimitStrategy.TOKEN_BUCKET,
+        burst_size: int | float | None = None,
+        window_size: float = 1.0,
+    ) -> None:
+        """Limit how often ``state`` may start: ``max_rate`` starts per second, by ``strategy``.
+
+        TOKEN_BUCKET allows bursts of ``burst_size``; LEAKY_BUCKET spaces starts evenly;
+        SLIDING_WINDOW / FIXED_WINDOW allow ``max_rate * window_size`` starts per
+        ``window_size`` seconds. The limit is shared by every agent of the process that
+        limits a state of that name the same way.
+        """
+        self._check_name(state)
+        self._coordinator.add_rate_limit(state, max_rate, strategy, burst_size=burst_size, window_size=window_size)
+        self._rate_limited_states.add(state)
+
+    def add_state_coordination(
+        self,
+        state: str,
+        primitive_type: PrimitiveType | str,
+        ttl: float | None = None,
+        max_count: int | None = None,
+        quota_limit: float | None = None,
+        wait_timeout: float | None = None,
+        amount: float = 1.0,
+    ) -> None:
+        """Put ``state`` under a MUTEX, SEMAPHORE(max_count), BARRIER(max_count), LEASE(ttl) or QUOTA(quota_limit).
+
+        ``ttl`` takes the primitive away from an attempt that keeps it longer (for a
+        QUOTA: the reset period); ``wait_timeout`` bounds the wait for admission (then
+        the attempt fails with CoordinationTimeoutError and may be retried); ``amount``
+        is what one attempt draws from a QUOTA or SEMAPHORE. The primitive is keyed
+        by the state's name and shared by every agent of the process.
+        """
+        self._check_name(state)
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
+            raise CoordinationError(f"state {state!r}: amount must be a number > 0, got {amount!r}")
+        self._coordinator.add_primitive(
+            state,
+            primitive_type,
+            ttl=ttl,
+            max_count=max_count,
+            quota_limit=quota_limit,
+            wait_timeout=wait_timeout,
+        )
+        self._coordinated_states[state] = float(amount)
+
+    async def get_coordination_status(self) -> dict[str, Any]:
+        """The coordinator's status: ``primitives``, ``rate_limiters``, ``deadlock_detector``."""
+        status = self._coordinator.get_status()
+        status["agent"] = {
+            "name": self.name,
+            "coordinated_states": sorted(self._coordinated_states),
+            "rate_limited_states": sorted(self._rate_limited_states),
+        }
+        return status
+
+    async def reset_coordination(self) -> None:
+        """Release every holding and fail every waiter of this agent's primitives; limiters start afresh."""
+        self._coordinator.reset(sorted(set(self._coordinated_states) | self._rate_limited_states))
+
+    @staticmethod
+    def _check_name(state: str) -> None:
+        if not isinstance(state, str) or not state:
+            raise CoordinationError(f"a coordinated state needs a non-empty str name, got {state!r}")
+
+
+def create_coordinated_agent(name: str, **agent_kwargs: Any) -> CoordinatedAgent:
+    """A new :class:`CoordinatedAgent` (``coordinator=`` and every ``Agent`` keyword accepted)."""
+    return CoordinatedAgent(name, **agent_kwargs)
+
+
+def enhance_agent(agent: Agent, *, coordinator: Coordinator | None = None) -> CoordinatedAgent:
+    """A CoordinatedAgent with ``agent``'s configuration, states, observers and hooks.
+
+    ``agent`` itself is left as it was (nothing is patched onto it); use the returned
+    agent from now on. A CoordinatedAgent is returned as it is.
+    """
+    if isinstance(agent, CoordinatedAgent):
+        return agent
+    if not isinstance(agent, Agent):
+        raise CoordinationError(f"enhance_agent() takes an Agent, got {type(agent).__name__}")
+    enhanced = CoordinatedAgent(agent.name, coordinator=coordinator, **agent._config)
+    for spec in agent._states.values():
+        enhanced.add_state(
+            spec.name,
+            spec.func,
+            dependencies=dict(spec.dependencies),
+            resources=spec.resources,
+            retry_policy=spec.retry_policy,
+            max_retries=spec.max_retries,
+            isolation=spec.isolation,
+            timeout=spec.timeout,
+            priority=spec.priority,
+        )
+    for observer in agent._observers:
+        enhanced.add_observer(observer)
+    for hook in agent._admission_hooks:
+        enhanced.add_admission_hook(hook)
+    for key in agent.context.keys():
+        enhanced.context.set_state(key, agent.context.get_state(key))
+    return enhanced

@@ -1,0 +1,236 @@
+"""The coordinator: primitives and rate limits by name, one per process by default.
+
+DESIGN item 12: coordination is keyed by the name of the state it guards and shared by
+every agent of the process, so a MUTEX on ``database_write`` holds across concurrent
+runs and across isolated processes (admission happens in the supervisor, which is
+this process). :func:`default_coordinator` is that one instance; tests and embedders
+may build their own (with a :class:`~agent.coordination.clock.FakeClock`).
+
+While anything waits on a primitive, a background task runs the deadlock detector
+every ``detection_interval`` seconds and, every ``cleanup_interval`` seconds, takes
+expired holdings away; it stops by itself when nothing waits or is held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from ..errors import CoordinationError
+from .clock import SYSTEM_CLOCK, Clock
+from .deadlock import DeadlockDetector, DeadlockResolution
+from .primitives import Primitive, PrimitiveType, create_primitive
+from .ratelimit import RateLimiter, RateLimitStrategy, create_rate_limiter
+
+
+class Coordinator:
+    """Holds named primitives and rate limiters, and watches them for deadlocks."""
+
+    def __init__(
+        self,
+        clock: Clock | None = None,
+        *,
+        detection_interval: float = 1.0,
+        max_cycles: int = 100,
+        cleanup_interval: float = 60.0,
+        resolution: DeadlockResolution = DeadlockResolution.FAIL_YOUNGEST,
+    ) -> None:
+        self.clock: Clock = clock or SYSTEM_CLOCK
+        self._primitives: dict[str, Primitive] = {}
+        self._rate_limiters: dict[str, RateLimiter] = {}
+        self.deadlock_detector = DeadlockDetector(
+            lambda: list(self._primitives.values()),
+            clock=self.clock,
+            detection_interval=detection_interval,
+            max_cycles=max_cycles,
+            resolution=resolution,
+        )
+        self.cleanup_interval = cleanup_interval
+        self._task: asyncio.Task[None] | None = None
+        self._last_cleanup = self.clock.monotonic()
+
+    @property
+    def cleanup_interval(self) -> float:
+        return self._cleanup_interval
+
+    @cleanup_interval.setter
+    def cleanup_interval(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise CoordinationError(f"cleanup_interval must be seconds > 0, got {value!r}")
+        self._cleanup_interval = float(value)
+
+    # --- configuration ----------------------------------------------------------------
+
+    def add_primitive(
+        self,
+        name: str,
+        primitive_type: PrimitiveType | str,
+        *,
+        ttl: float | None = None,
+        max_count: int | None = None,
+        quota_limit: float | None = None,
+        wait_timeout: float | None = None,
+    ) -> Primitive:
+        """The primitive named ``name``, created on first use.
+
+        Configuring a name again with the same settings returns the existing primitive
+        (every agent of the process shares it); with other settings it is replaced, but
+        only while nobody holds or waits for it.
+        """
+        fresh = create_primitive(
+            name,
+            primitive_type,
+            ttl=ttl,
+            max_count=max_count,
+            quota_limit=quota_limit,
+            wait_timeout=wait_timeout,
+            clock=self.clock,
+        )
+        current = self._primitives.get(name)
+        if current is not None:
+            if current.config() == fresh.config():
+                return current
+            if current.owners() or current.waiters():
+                raise CoordinationError(
+                    f"{name!r} is already coordinated as {current.type.value} {current.config()} and in use "
+                    f"(owners {current.owners()}); it cannot become {fresh.type.value} {fresh.config()} now: "
+                    "configure it the same way everywhere, or use another name"
+                )
+        self._primitives[name] = fresh
+        return fresh
+
+    def primitive(self, name: str) -> Primitive | None:
+        return self._primitives.get(name)
+
+    def require(self, name: str, *types: PrimitiveType) -> Primitive:
+        """The primitive ``name``; raise when there is none (or not of one of ``types``)."""
+        primitive = self._primitives.get(name)
+        if primitive is None:
+            known = ", ".join(sorted(self._primitives)) or "none"
+            raise CoordinationError(
+                f"no coordination primitive named {name!r} (known: {known}): "
+                "add it first with add_state_coordination()/add_primitive()"
+            )
+        if types and primitive.type not in types:
+            wanted = " or ".join(t.name for t in types)
+            raise CoordinationError(f"{name!r} is a {primitive.type.name}, not a {wanted}")
+        return primitive
+
+    def remove_primitive(self, name: str) -> None:
+        primitive = self._primitives.pop(name, None)
+        if primitive is not None:
+            primitive.reset()
+
+    def add_rate_limit(
+        self,
+        name: str,
+        max_rate: float,
+        strategy: RateLimitStrategy | str = RateLimitStrategy.TOKEN_BUCKET,
+        *,
+        burst_size: int | float | None = None,
+        window_size: float = 1.0,
+    ) -> RateLimiter:
+        """The rate limiter named ``name``: kept when configured the same, else replaced."""
+        fresh = create_rate_limiter(
+            name, max_rate, strategy, burst_size=burst_size, window_size=window_size, clock=self.clock
+        )
+        current = self._rate_limiters.get(name)
+        if current is not None and current.config() == fresh.config():
+            return current
+        self._rate_limiters[name] = fresh
+        return fresh
+
+    def rate_limiter(self, name: str) -> RateLimiter | None:
+        return self._rate_limiters.get(name)
+
+    def remove_rate_limit(self, name: str) -> None:
+        self._rate_limiters.pop(name, None)
+
+    # --- background watch -------------------------------------------------------------
+
+    def watch(self) -> None:
+        """Make sure the deadlock/cleanup task runs on the current loop (no-op outside one)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = self._task
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        self._task = loop.create_task(self._watch(), name="agent.coordination watch")
+
+    @property
+    def watching(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _watch(self) -> None:
+        clock, detector = self.clock, self.deadlock_detector
+        while self._busy():
+            await clock.sleep(detector.detection_interval)
+            detector.detect_once()
+            if clock.monotonic() - self._last_cleanup >= self.cleanup_interval:
+                self.cleanup()
+
+    def _busy(self) -> bool:
+        return any(p.waiters() for p in self._primitives.values())
+
+    def cleanup(self) -> int:
+        """Take away holdings past their ttl; returns how many."""
+        self._last_cleanup = self.clock.monotonic()
+        return sum(p.expire_stale() for p in self._primitives.values())
+
+    async def aclose(self) -> None:
+        """Stop the background task (it also stops by itself when nothing waits)."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # --- status and reset -------------------------------------------------------------
+
+    def get_status(self) -> dict[str, Any]:
+        """``{"primitives": {name: {...}}, "rate_limiters": {...}, "deadlock_detector": {...}}``."""
+        return {
+            "primitives": {name: p.status() for name, p in self._primitives.items()},
+            "rate_limiters": {name: _plain(r.status()) for name, r in self._rate_limiters.items()},
+            "deadlock_detector": {**self.deadlock_detector.status(), "running": self.watching},
+            "cleanup_interval": self.cleanup_interval,
+        }
+
+    def reset(self, names: list[str] | None = None) -> None:
+        """Release every holding and fail every waiter of ``names`` (default: everything).
+
+        Rate limiters of those names forget past starts. A full reset also clears the
+        deadlock detector's counts.
+        """
+        for name, primitive in self._primitives.items():
+            if names is None or name in names:
+                primitive.reset()
+        for name, limiter in self._rate_limiters.items():
+            if names is None or name in names:
+                limiter.reset()
+        if names is None:
+            self.deadlock_detector.reset()
+
+    def __repr__(self) -> str:
+        return f"<Coordinator primitives={sorted(self._primitives)} rate_limiters={sorted(self._rate_limiters)}>"
+
+
+def _plain(status: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.value if isinstance(v, RateLimitStrategy) else v) for k, v in status.items()}
+
+
+_default: Coordinator | None = None
+
+
+def default_coordinator() -> Coordinator:
+    """The process-wide coordinator every agent shares (DESIGN item 12)."""
+    global _default
+    if _default is None:
+        _default = Coordinator()
+    return _default
+
+
+__all__ = ["Coordinator", "default_coordinator"]

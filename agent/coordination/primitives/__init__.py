@@ -1,0 +1,59 @@
+"""Coordination primitives, one per module, and the factory that builds one by type."""
+
+from __future__ import annotations
+
+from ...errors import CoordinationError
+from ..clock import Clock
+from .barrier import Barrier
+from .base import CapacityPrimitive, Primitive, PrimitiveStatistics, PrimitiveType, Waiter
+from .lease import Lease
+from .mutex import Mutex
+from .quota import Quota
+from .semaphore import Semaphore
+
+__all__ = [
+    "Barrier",
+    "CapacityPrimitive",
+    "Lease",
+    "Mutex",
+    "Primitive",
+    "PrimitiveStatistics",
+    "PrimitiveType",
+    "Quota",
+    "Semaphore",
+    "Waiter",
+    "create_primitive",
+]
+
+
+def create_primitive(
+    name: str,
+    primitive_type: PrimitiveType | str,
+    *,
+    ttl: float | None = None,
+    max_count: int | None = None,
+    quota_limit: float | None = None,
+    wait_timeout: float | None = None,
+    clock: Clock | None = None,
+) -> Primitive:
+    """Build the primitive ``primitive_type`` names, checking it got the settings it needs."""
+    try:
+        kind = PrimitiveType(primitive_type.value if isinstance(primitive_type, PrimitiveType) else str(primitive_type).lower())
+    except ValueError:
+        choices = ", ".join(t.name for t in PrimitiveType)
+        raise CoordinationError(f"unknown primitive type {primitive_type!r}: use PrimitiveType.{{{choices}}}") from None
+    if kind is PrimitiveType.MUTEX:
+        return Mutex(name, ttl=ttl, wait_timeout=wait_timeout, clock=clock)
+    if kind is PrimitiveType.LEASE:
+        return Lease(name, ttl=ttl, wait_timeout=wait_timeout, clock=clock)
+    if kind is PrimitiveType.SEMAPHORE:
+        if max_count is None:
+            raise CoordinationError(f"semaphore {name!r} needs max_count: how many may hold it at once")
+        return Semaphore(name, max_count, ttl=ttl, wait_timeout=wait_timeout, clock=clock)
+    if kind is PrimitiveType.BARRIER:
+        if max_count is None:
+            raise CoordinationError(f"barrier {name!r} needs max_count: how many parties it waits for")
+        return Barrier(name, max_count, ttl=ttl, wait_timeout=wait_timeout, clock=clock)
+    if quota_limit is None:
+        raise CoordinationError(f"quota {name!r} needs quota_limit: the number of units it hands out")
+    return Quota(name, quota_limit, ttl=ttl, wait_timeout=wait_timeout, clock=clock)

@@ -1,0 +1,46 @@
+"""Rate limiters, one strategy per module, and the factory that builds one by strategy."""
+
+from __future__ import annotations
+
+from ...errors import CoordinationError
+from ..clock import Clock
+from .base import RateLimiter, RateLimiterStatistics, RateLimitStrategy
+from .fixed_window import FixedWindow
+from .leaky_bucket import LeakyBucket
+from .sliding_window import SlidingWindow
+from .token_bucket import TokenBucket
+
+__all__ = [
+    "FixedWindow",
+    "LeakyBucket",
+    "RateLimitStrategy",
+    "RateLimiter",
+    "RateLimiterStatistics",
+    "SlidingWindow",
+    "TokenBucket",
+    "create_rate_limiter",
+]
+
+
+def create_rate_limiter(
+    name: str,
+    max_rate: float,
+    strategy: RateLimitStrategy | str = RateLimitStrategy.TOKEN_BUCKET,
+    *,
+    burst_size: int | float | None = None,
+    window_size: float = 1.0,
+    clock: Clock | None = None,
+) -> RateLimiter:
+    """Build the limiter for ``strategy``; ``max_rate`` is starts per second in all of them."""
+    try:
+        kind = RateLimitStrategy(strategy.value if isinstance(strategy, RateLimitStrategy) else str(strategy).lower())
+    except ValueError:
+        choices = ", ".join(s.name for s in RateLimitStrategy)
+        raise CoordinationError(f"unknown rate limit strategy {strategy!r}: use RateLimitStrategy.{{{choices}}}") from None
+    if kind is RateLimitStrategy.TOKEN_BUCKET:
+        return TokenBucket(name, max_rate, burst_size, clock=clock)
+    if kind is RateLimitStrategy.LEAKY_BUCKET:
+        return LeakyBucket(name, max_rate, clock=clock)
+    if kind is RateLimitStrategy.SLIDING_WINDOW:
+        return SlidingWindow(name, max_rate, window_size, clock=clock)
+    return FixedWindow(name, max_rate, window_size, clock=clock)

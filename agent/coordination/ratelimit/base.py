@@ -1,0 +1,167 @@
+"""What every rate limiter shares: FIFO admission on a clock, and its statistics.
+
+A strategy only answers two questions: how long until the next start is allowed
+(``_delay``), and record a start (``_take``). Admission is first come, first served:
+waiters queue on a FIFO lock, and ``try_acquire`` refuses while anyone is queued, so a
+caller that polls never overtakes one that waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import CoordinationError, CoordinationTimeoutError
+from ..clock import SYSTEM_CLOCK, Clock
+
+_EPS = 1e-9
+
+
+class RateLimitStrategy(str, enum.Enum):
+    """How a rate limit counts starts."""
+
+    TOKEN_BUCKET = "token_bucket"
+    LEAKY_BUCKET = "leaky_bucket"
+    SLIDING_WINDOW = "sliding_window"
+    FIXED_WINDOW = "fixed_window"
+
+
+@dataclass(frozen=True)
+class RateLimiterStatistics:
+    """A snapshot of one rate limiter (``RateLimiter.statistics()``)."""
+
+    name: str
+    strategy: RateLimitStrategy
+    max_rate: float
+    admitted: int
+    refused: int
+    waiting: int
+    timeouts: int
+    total_wait: float  # clock seconds spent waiting by admitted callers
+
+    def as_status(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy.value,
+            "max_rate": self.max_rate,
+            "admitted": self.admitted,
+            "refused": self.refused,
+            "wait_count": self.waiting,
+            "timeouts": self.timeouts,
+            "total_wait": self.total_wait,
+        }
+
+
+def check_rate(value: float, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+        raise CoordinationError(f"{what} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+class RateLimiter:
+    """Admits starts at no more than ``max_rate`` per second, by some strategy."""
+
+    strategy: RateLimitStrategy
+
+    def __init__(self, name: str, max_rate: float, *, clock: Clock | None = None) -> None:
+        self.name = name
+        self.max_rate = check_rate(max_rate, f"rate limit {name!r}: max_rate")
+        self.clock: Clock = clock or SYSTEM_CLOCK
+        self._queue = asyncio.Lock()
+        self._queue_loop: asyncio.AbstractEventLoop | None = None
+        self._waiting = 0
+        self._admitted = 0
+        self._refused = 0
+        self._timeouts = 0
+        self._total_wait = 0.0
+
+    def try_acquire(self) -> bool:
+        """Start now if allowed and nobody is queued; never waits."""
+        now = self.clock.monotonic()
+        if self._waiting == 0 and self._delay(now) <= _EPS:
+            self._take(now)
+            self._admitted += 1
+            return True
+        self._refused += 1
+        return False
+
+    async def acquire(self, timeout: float | None = None) -> None:
+        """Wait (FIFO) until a start is allowed, then record it.
+
+        With ``timeout``, raise CoordinationTimeoutError instead of waiting past it.
+        """
+        clock = self.clock
+        start = clock.monotonic()
+        if self._waiting == 0 and self._delay(start) <= _EPS:
+            self._take(start)
+            self._admitted += 1
+            return
+        deadline = math.inf if timeout is None else start + float(timeout)
+        loop = asyncio.get_running_loop()
+        if self._queue_loop is not loop and self._waiting == 0:
+            # an asyncio.Lock binds to the first loop that waits on it; a limiter is
+            # shared by every run of the process, which may each have their own loop
+            self._queue, self._queue_loop = asyncio.Lock(), loop
+        self._waiting += 1
+        try:
+            async with self._queue:
+                while True:
+                    now = clock.monotonic()
+                    delay = self._delay(now)
+                    if delay <= _EPS:
+                        self._take(now)
+                        self._admitted += 1
+                        self._total_wait += now - start
+                        return
+                    if now + delay > deadline + _EPS:
+                        self._timeouts += 1
+                        raise CoordinationTimeoutError(
+                            f"rate limit {self.name!r} ({self.describe()}): no start allowed within "
+                            f"{timeout:g}s; raise the timeout or the rate"
+                        )
+                    await clock.sleep(delay)
+        finally:
+            self._waiting -= 1
+
+    def reset(self) -> None:
+        """Forget past starts (the limiter starts afresh)."""
+        self._forget()
+
+    def statistics(self) -> RateLimiterStatistics:
+        return RateLimiterStatistics(
+            name=self.name,
+            strategy=self.strategy,
+            max_rate=self.max_rate,
+            admitted=self._admitted,
+            refused=self._refused,
+            waiting=self._waiting,
+            timeouts=self._timeouts,
+            total_wait=self._total_wait,
+        )
+
+    def status(self) -> dict[str, Any]:
+        return {**self.statistics().as_status(), **self.config()}
+
+    def config(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "max_rate": self.max_rate}
+
+    def describe(self) -> str:
+        return f"{self.strategy.value}, {self.max_rate:g}/s"
+
+    # --- what a strategy implements ---------------------------------------------------
+
+    def _delay(self, now: float) -> float:
+        """Seconds until a start is allowed (0 when one is allowed now)."""
+        raise NotImplementedError
+
+    def _take(self, now: float) -> None:
+        """Record a start at ``now``."""
+        raise NotImplementedError
+
+    def _forget(self) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self.describe()}>"

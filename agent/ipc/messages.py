@@ -1,0 +1,201 @@
+"""Message types between the supervisor and a state child, and their wire form.
+
+Every frame is a msgpack map ``{"v": PROTOCOL_VERSION, "t": <type>, <fields>...}``.
+After unpacking, the map is checked against the dataclass it names: exactly its
+fields, each of its declared type. Context values travel as bytes made by
+:func:`agent.ipc.codec.encode_value`, so a frame itself never holds extension types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
+
+from ..errors import ProtocolError
+from .codec import Limits, pack, unpack
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Child to supervisor, first frame: the child is up (its routing id is its secret)."""
+
+    TYPE: ClassVar[str] = "hello"
+    pid: int
+
+
+@dataclass(frozen=True)
+class Run:
+    """Supervisor to child: the state function and the context snapshot.
+
+    ``function`` and ``classes`` (the TypedContextData classes the snapshot holds, so the
+    child can rebuild them even when their module cannot be imported) are cloudpickled:
+    this direction only, from the supervisor, which the child trusts.
+    """
+
+    TYPE: ClassVar[str] = "run"
+    run_id: str
+    agent_name: str
+    state_name: str
+    attempt: int
+    function: bytes
+    classes: bytes
+    context: dict[str, bytes]
+    max_frame: int
+
+
+@dataclass(frozen=True)
+class ContextWrite:
+    """Child to supervisor: one ``set_state`` (value is encoded) or ``remove_state``."""
+
+    TYPE: ClassVar[str] = "context_write"
+    key: str
+    value: bytes | None
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class Result:
+    """Child to supervisor: what the state returned (encoded)."""
+
+    TYPE: ClassVar[str] = "result"
+    value: bytes
+
+
+@dataclass(frozen=True)
+class Error:
+    """Child to supervisor: the state raised."""
+
+    TYPE: ClassVar[str] = "error"
+    exception_type: str
+    message: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Log:
+    """Child to supervisor: a line for the supervisor's log."""
+
+    TYPE: ClassVar[str] = "log"
+    level: str
+    message: str
+
+
+@dataclass(frozen=True)
+class HumanInputRequest:
+    """Child to supervisor: ask a human (the validator stays in the child)."""
+
+    TYPE: ClassVar[str] = "human_input_request"
+    request_id: int
+    prompt: str
+    timeout: float | None
+    default: str | None
+
+
+@dataclass(frozen=True)
+class HumanInputResponse:
+    """Supervisor to child: the answer, or the error (type name and message) to raise."""
+
+    TYPE: ClassVar[str] = "human_input_response"
+    request_id: int
+    answer: str | None
+    error_type: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Preempt:
+    """Supervisor to child: stop now, keep your writes, you will be run again."""
+
+    TYPE: ClassVar[str] = "preempt"
+    reason: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Supervisor to child: stop now (timeout or cancellation)."""
+
+    TYPE: ClassVar[str] = "cancel"
+    reason: str
+
+
+@dataclass(frozen=True)
+class CheckpointSnapshot:
+    """Child to supervisor, on preemption: the keys this attempt wrote so far."""
+
+    TYPE: ClassVar[str] = "checkpoint_snapshot"
+    keys: list[str]
+
+
+Message = Union[
+    Hello, Run, ContextWrite, Result, Error, Log, HumanInputRequest, HumanInputResponse,
+    Preempt, Cancel, CheckpointSnapshot,
+]
+
+FROM_CHILD: frozenset[type] = frozenset(
+    {Hello, ContextWrite, Result, Error, Log, HumanInputRequest, CheckpointSnapshot}
+)
+FROM_SUPERVISOR: frozenset[type] = frozenset({Run, HumanInputResponse, Preempt, Cancel})
+
+_TYPES: dict[str, type] = {cls.TYPE: cls for cls in FROM_CHILD | FROM_SUPERVISOR}
+_SCHEMAS: dict[type, dict[str, Any]] = {
+    cls: {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+    for cls in _TYPES.values()
+}
+
+
+def encode_message(msg: Message) -> bytes:
+    """The wire form of ``msg``."""
+    body = {"v": PROTOCOL_VERSION, "t": msg.TYPE}
+    for name in _SCHEMAS[type(msg)]:
+        body[name] = getattr(msg, name)
+    return pack(body)
+
+
+def decode_message(frame: bytes, limits: Limits, allowed: frozenset[type] | None = None) -> Message:
+    """Unpack and validate one frame; raises :class:`ProtocolError` on anything wrong."""
+    body = unpack(frame, limits)
+    if type(body) is not dict:
+        raise ProtocolError(f"frame is a msgpack {type(body).__name__}, not a map")
+    version = body.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version!r} is not {PROTOCOL_VERSION}: the child runs another "
+            "version of the framework"
+        )
+    cls = _TYPES.get(body.pop("t", None))  # type: ignore[arg-type]
+    if cls is None or (allowed is not None and cls not in allowed):
+        raise ProtocolError(f"message type {body.get('t')!r} is not allowed here")
+    schema = _SCHEMAS[cls]
+    if body.keys() != schema.keys():
+        raise ProtocolError(
+            f"{cls.TYPE} message has fields {sorted(body)}, expected {sorted(schema)}"
+        )
+    for name, tp in schema.items():
+        if not _conforms(body[name], tp):
+            raise ProtocolError(f"{cls.TYPE}.{name} is a {type(body[name]).__name__}, not {tp}")
+    return cls(**body)
+
+
+def _conforms(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is None:
+        if tp is type(None):
+            return value is None
+        if tp is float:
+            return type(value) in (float, int)
+        return type(value) is tp
+    args = typing.get_args(tp)
+    if origin is Union or origin is types.UnionType:
+        return any(_conforms(value, a) for a in args)
+    if origin is list:
+        return type(value) is list and all(_conforms(v, args[0]) for v in value)
+    if origin is dict:
+        return type(value) is dict and all(
+            _conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items()
+        )
+    return False

@@ -1,0 +1,223 @@
+"""The child's side of the protocol, over any :class:`~agent.ipc.Transport`.
+
+Say hello, receive the state function and the context snapshot, run the coroutine
+with a Context whose writes stream to the supervisor and whose human input is asked
+through it, stop when told, and report the result or the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import traceback
+from typing import Any, Callable
+
+import cloudpickle
+
+from .. import errors
+from ..context import Context
+from ..errors import HumanInputError, HumanInputTimeoutError, ProtocolError, ValueTooLargeError
+from ..ipc import (
+    Cancel,
+    CheckpointSnapshot,
+    ContextWrite,
+    Error,
+    Hello,
+    HumanInputRequest,
+    HumanInputResponse,
+    Limits,
+    Preempt,
+    Result,
+    Run,
+    Transport,
+    decode_message,
+    decode_value,
+    encode_message,
+    encode_value,
+)
+from ..ipc.messages import FROM_SUPERVISOR
+
+_FRAME_SLACK = 4096  # room for the message around an encoded value
+
+
+class ChildSession:
+    """Runs one state attempt as told by the supervisor at the other end of ``transport``."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        pid: int,
+        limits: Limits | None = None,
+        before_run: Callable[[], None] | None = None,
+    ) -> None:
+        self._transport = transport
+        self._before_run = before_run
+        self._pid = pid
+        self._limits = limits or Limits()
+        self._pending: dict[int, asyncio.Future[HumanInputResponse]] = {}
+        self._ids = itertools.count(1)
+        self._task: asyncio.Task[Any] | None = None
+        self._stop: str | None = None
+        self._written: list[str] = []
+        self._classes: tuple[type, ...] = ()
+        self._greeted = False
+
+    def hello(self) -> None:
+        """Say hello (done by :meth:`run` unless called before, to overlap the handshake)."""
+        if not self._greeted:
+            self._greeted = True
+            self._send(Hello(pid=self._pid))
+
+    async def run(self) -> str:
+        """Serve the attempt; returns how it ended (``result``, ``error``, ``stopped``)."""
+        self.hello()
+        first = self._decode(await self._transport.recv())
+        if not isinstance(first, Run):
+            return "stopped"
+        try:
+            func, context = self._prepare(first)
+            if self._before_run is not None:
+                self._before_run()  # e.g. enter the sandbox: code is loaded, none has run
+        except BaseException as exc:  # loading the function or the snapshot, or confinement
+            self._report_error(exc)
+            return "error"
+        self._task = asyncio.ensure_future(_call(func, context))
+        reader = asyncio.ensure_future(self._read())
+        try:
+            try:
+                value = await self._task
+            except asyncio.CancelledError:
+                if self._stop is None:
+                    raise
+                if self._stop == "preempt":
+                    self._send(CheckpointSnapshot(keys=list(dict.fromkeys(self._written))))
+                return "stopped"
+            except BaseException as exc:
+                self._report_error(exc)
+                return "error"
+            try:
+                encoded = encode_value(value, max_size=self._limits.max_frame - _FRAME_SLACK)
+            except errors.UnencodableValueError as exc:
+                exc.args = (f"the state's return value: {exc}",)
+                self._report_error(exc)
+                return "error"
+            self._send(Result(value=encoded))
+            return "result"
+        finally:
+            reader.cancel()
+            for fut in self._pending.values():
+                fut.cancel()
+
+    def _prepare(self, run: Run) -> tuple[Callable[..., Any], Context]:
+        self._limits = Limits(max_frame=run.max_frame)
+        # Unpickled only from the supervisor; a child's frames are never unpickled.
+        func = cloudpickle.loads(run.function)
+        # Classes the snapshot needs; held so that they stay findable when not importable.
+        self._classes = cloudpickle.loads(run.classes)
+        snapshot = {
+            key: decode_value(data, self._limits, import_modules=True)
+            for key, data in run.context.items()
+        }
+        context = Context(
+            snapshot,
+            state_name=run.state_name,
+            attempt=run.attempt,
+            run_id=run.run_id,
+            on_write=self._on_write,
+            human_input=self._ask_human,
+        )
+        return func, context
+
+    # --- outgoing -------------------------------------------------------------------------
+
+    def _send(self, msg: Any) -> None:
+        self._transport.send(encode_message(msg))
+
+    def _on_write(self, key: str, value: Any, deleted: bool) -> None:
+        if deleted:
+            self._send(ContextWrite(key=key, value=None, deleted=True))
+        else:
+            data = encode_value(value, key=key, max_size=self._limits.max_frame - _FRAME_SLACK)
+            self._send(ContextWrite(key=key, value=data, deleted=False))
+        self._written.append(key)
+
+    def _report_error(self, exc: BaseException) -> None:
+        tb = "".join(traceback.format_exception(exc))
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        if isinstance(exc, ValueTooLargeError) or isinstance(exc, errors.UnencodableValueError):
+            name = f"agent.errors.{type(exc).__qualname__}"
+        self._send(Error(exception_type=name, message=str(exc) or type(exc).__name__, traceback=tb))
+
+    async def _ask_human(
+        self,
+        prompt: str,
+        timeout: float | None = None,
+        validator: Callable[[str], bool] | None = None,
+        default: str | None = None,
+    ) -> str:
+        """Ask through the supervisor; the validator runs here and re-asks until it passes."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            request_id = next(self._ids)
+            fut: asyncio.Future[HumanInputResponse] = loop.create_future()
+            self._pending[request_id] = fut
+            self._send(HumanInputRequest(request_id=request_id, prompt=prompt, timeout=remaining, default=default))
+            try:
+                response = await fut
+            finally:
+                self._pending.pop(request_id, None)
+            if response.error_type is not None:
+                raise _human_error(response.error_type, response.error or "")
+            answer = response.answer or ""
+            if validator is None or validator(answer):
+                return answer
+            if default is not None and answer == default:
+                return default  # the provider fell back to the default: nothing left to ask
+            if deadline is not None and loop.time() >= deadline:
+                if default is not None:
+                    return default
+                raise HumanInputTimeoutError(
+                    f"no valid answer to {prompt!r} within {timeout} s and no default: "
+                    "pass default= or a longer timeout"
+                )
+
+    # --- incoming -------------------------------------------------------------------------
+
+    def _decode(self, frame: bytes) -> Any:
+        return decode_message(frame, self._limits, FROM_SUPERVISOR)
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                msg = self._decode(await self._transport.recv())
+            except ProtocolError as exc:
+                self._stop_task(f"protocol error from the supervisor: {exc}")
+                return
+            if isinstance(msg, HumanInputResponse):
+                fut = self._pending.get(msg.request_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            elif isinstance(msg, Preempt):
+                self._stop_task("preempt")
+            elif isinstance(msg, Cancel):
+                self._stop_task(msg.reason or "cancel")
+
+    def _stop_task(self, reason: str) -> None:
+        if self._stop is None:
+            self._stop = reason
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def _call(func: Callable[..., Any], context: Context) -> Any:
+    return await func(context)
+
+
+def _human_error(type_name: str, message: str) -> Exception:
+    cls = getattr(errors, type_name, None)
+    if isinstance(cls, type) and issubclass(cls, HumanInputError):
+        return cls(message)
+    return HumanInputError(message)

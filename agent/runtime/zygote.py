@@ -1,0 +1,212 @@
+"""The zygote: a clean interpreter with the child's modules loaded, forking children.
+
+Started once per supervisor (``python -m agent.runtime.zygote FD PARENT_PID [PATH...]``). It holds
+no threads and no ZeroMQ context, so a fork is a cheap, safe copy. Over the control
+socket ``FD`` it reads length-prefixed requests (``spawn``, ``kill``) and writes reports
+(``spawned``, ``spawn_failed``, ``exited`` with the raw wait status). It exits, killing
+its children, when the supervisor closes the socket or dies (parent-death signal), and
+then removes the PATHs (the supervisor's private directories), so that even a
+supervisor killed outright leaves no files behind.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import sys
+from typing import Any
+
+from ..ipc.codec import Limits, pack, unpack
+from . import child as child_module
+from .child import set_parent_death_signal
+
+_HEADER = struct.Struct("!I")
+_CONTROL_LIMITS = Limits(max_frame=16 * 1024 * 1024)
+
+
+def write_frame(sock: socket.socket, obj: Any) -> None:
+    data = pack(obj, strict=False)
+    sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def read_frames(buffer: bytearray) -> list[Any]:
+    """Pop every complete frame from ``buffer``."""
+    out = []
+    while len(buffer) >= _HEADER.size:
+        (size,) = _HEADER.unpack_from(buffer)
+        if len(buffer) < _HEADER.size + size:
+            break
+        out.append(unpack(bytes(buffer[_HEADER.size : _HEADER.size + size]), _CONTROL_LIMITS))
+        del buffer[: _HEADER.size + size]
+    return out
+
+
+class Zygote:
+    """The fork loop."""
+
+    def __init__(self, control: socket.socket, parent_pid: int) -> None:
+        self._control = control
+        self._parent_pid = parent_pid
+        self._children: set[int] = set()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def serve(self) -> None:
+        signal.set_wakeup_fd(self._wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        buffer = bytearray()
+        while True:
+            readable, _, _ = select.select([self._control, self._wake_r], [], [])
+            if self._wake_r in readable:
+                self._drain_wakeups()
+                self._reap()
+            if self._control in readable:
+                data = self._control.recv(1 << 16)
+                if not data:
+                    break
+                buffer += data
+                for request in read_frames(buffer):
+                    self._handle(request)
+        self._kill_all()
+
+    def _handle(self, request: dict[str, Any]) -> None:
+        op = request.get("op")
+        if op == "spawn":
+            self._spawn(request["id"], request["spec"])
+        elif op == "kill":
+            self._kill(request["pid"], request.get("signal", signal.SIGKILL))
+
+    def _spawn(self, request_id: int, spec: dict[str, Any]) -> None:
+        # SIGTERM (the zygote's own clean-up) stays blocked in the child until it resets it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            write_frame(self._control, {"op": "spawn_failed", "id": request_id, "error": str(exc)})
+            return
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        if pid == 0:
+            child_module.child_main(
+                spec, os.getppid(), [self._control.fileno(), self._wake_r, self._wake_w]
+            )
+        self._children.add(pid)
+        write_frame(self._control, {"op": "spawned", "id": request_id, "pid": pid})
+
+    def _kill(self, pid: int, sig: int) -> None:
+        # Only a child not yet reaped: its pid (and process group) cannot have been reused.
+        if pid not in self._children:
+            return
+        try:
+            os.killpg(pid, sig)
+        except OSError:
+            pass
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._children.discard(pid)
+            try:
+                write_frame(self._control, {"op": "exited", "pid": pid, "status": status})
+            except OSError:
+                pass
+
+    def _kill_all(self) -> None:
+        for pid in list(self._children):
+            self._kill(pid, signal.SIGKILL)
+        for pid in list(self._children):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self._children.clear()
+
+
+async def _nothing() -> None:
+    return None
+
+
+def warm_up() -> None:
+    """Run once what every child runs, so lazy initialisation happens here, not per child.
+
+    Builds and closes an event loop and round-trips the codec and cloudpickle; none of it
+    leaves a thread or an open channel behind.
+    """
+    import asyncio
+
+    import cloudpickle
+    import uvloop
+
+    from ..ipc import Limits, Result, decode_message, decode_value, encode_message, encode_value
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(_nothing())
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+    value = encode_value({"k": [1, (2,), {3}]}, key="k")
+    decode_value(value, Limits())
+    decode_message(encode_message(Result(value=value)), Limits())
+    cloudpickle.loads(cloudpickle.dumps(_nothing))
+
+
+class _ParentDied(Exception):
+    pass
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _ParentDied()
+
+
+def main(argv: list[str]) -> int:
+    control_fd, parent_pid, cleanup = int(argv[1]), int(argv[2]), argv[3:]
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    set_parent_death_signal(signal.SIGTERM)
+    zygote = None
+    try:
+        if os.getppid() != parent_pid:
+            return 1  # the supervisor is already gone
+        control = socket.socket(fileno=control_fd)
+        control.setblocking(True)
+        warm_up()
+        # Objects loaded so far are never collected: children share their pages untouched.
+        gc.collect()
+        gc.freeze()
+        zygote = Zygote(control, parent_pid)
+        zygote.serve()
+    except (_ParentDied, OSError):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if zygote is not None:
+            zygote._kill_all()
+        for path in cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,29 @@
+"""Isolated execution: the supervisor, its zygote launcher and the process executor."""
+
+from __future__ import annotations
+
+from ..executor import Executor, Isolation
+from .logs import read_attempt_log
+from .process import ProcessExecutor
+from .service import Supervisor, SupervisorConfig, SupervisorStatistics, current_supervisor, shutdown_supervisor
+
+_executors: dict[Isolation, ProcessExecutor] = {}
+
+
+def get_executor(isolation: Isolation) -> Executor:
+    """The executor for an isolated level; ``sandbox`` differs only in its confinement."""
+    isolation = Isolation.parse(isolation)
+    if isolation is Isolation.INLINE:
+        from ..executor import executor_for
+
+        return executor_for(isolation)
+    executor = _executors.get(isolation)
+    if executor is None:
+        executor = _executors[isolation] = ProcessExecutor(isolation)
+    return executor
+
+
+__all__ = [
+    "ProcessExecutor", "Supervisor", "SupervisorConfig", "SupervisorStatistics",
+    "current_supervisor", "get_executor", "read_attempt_log", "shutdown_supervisor",
+]

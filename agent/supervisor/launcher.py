@@ -1,0 +1,115 @@
+"""The supervisor's handle on its zygote: start it, ask for forks and kills, hear exits.
+
+The zygote is a separate interpreter started with ``exec`` (never a fork of this
+process, which holds threads and a ZeroMQ context). Requests go down a socketpair;
+reports (``spawned``, ``spawn_failed``, ``exited``) come back on the same socketpair
+and are dispatched on the attached event loop. The zygote removes the ``cleanup``
+directories when it exits, even if this process was killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..runtime.zygote import read_frames, write_frame
+
+ReportHandler = Callable[[dict[str, Any]], None]
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class ZygoteLauncher:
+    """One running zygote process."""
+
+    def __init__(
+        self, on_report: ReportHandler, on_lost: Callable[[], None], cleanup: list[str] | None = None
+    ) -> None:
+        self._on_report = on_report
+        self._on_lost = on_lost
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p
+        )
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "agent.runtime.zygote", str(theirs.fileno()), str(os.getpid()),
+                 *(cleanup or [])],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
+            )
+        finally:
+            theirs.close()
+        self.pid = self.process.pid
+        self._sock = ours
+        self._buffer = bytearray()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.alive = True
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is loop:
+            return
+        self.detach()
+        loop.add_reader(self._sock.fileno(), self._on_readable)
+        self._loop = loop
+
+    def detach(self) -> None:
+        if self._loop is not None and not self._loop.is_closed() and self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+        self._loop = None
+
+    def spawn(self, request_id: int, spec: dict[str, Any]) -> None:
+        self._send({"op": "spawn", "id": request_id, "spec": spec})
+
+    def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
+        self._send({"op": "kill", "pid": pid, "signal": int(sig)})
+
+    def _send(self, request: dict[str, Any]) -> None:
+        if not self.alive:
+            raise ConnectionError("the zygote is gone")
+        try:
+            write_frame(self._sock, request)
+        except OSError as exc:
+            self._lost()
+            raise ConnectionError(f"the zygote is gone: {exc}") from None
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lost()
+            return
+        self._buffer += data
+        for report in read_frames(self._buffer):
+            self._on_report(report)
+
+    def _lost(self) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        self.detach()
+        self._on_lost()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the zygote (it kills its children on EOF) and reap it."""
+        self.alive = False
+        self.detach()
+        self._sock.close()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

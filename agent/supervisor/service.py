@@ -1,0 +1,362 @@
+"""The supervisor: one per Python process, shared by every isolated attempt in it.
+
+It owns a private 0700 directory for the ``ipc://`` socket, the ROUTER channel, the
+zygote, the per-attempt log directory and the :class:`Confiner`. It starts with the
+first isolated attempt, stays warm between runs, moves to the caller's event loop
+when a new run starts on another loop, and is torn down at interpreter exit, or
+when its zygote dies (the next attempt then starts a new one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+import psutil
+
+from ..errors import IsolationError, ProtocolError, UnencodableValueError
+from ..executor import Attempt
+from ..ipc import FROM_CHILD, Limits, Run, decode_message, encode_message, encode_value
+from ..ipc.codec import DEFAULT_MAX_FRAME
+from ..ipc.router import RouterChannel, peer_pid
+from .child import ChildProcess, ChildStatus
+from .confinement import Confinement, Confiner
+from .launcher import ZygoteLauncher
+from .logger import get_logger
+from .logs import AttemptLogs, activate
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    """Settings of the process's supervisor (defaults from the environment)."""
+
+    max_frame: int = field(default_factory=lambda: int(os.environ.get("AGENT_IPC_MAX_FRAME") or DEFAULT_MAX_FRAME))
+    grace: float = field(default_factory=lambda: _env_float("AGENT_STOP_GRACE", 2.0))
+    max_launching: int = field(default_factory=lambda: int(os.environ.get("AGENT_MAX_LAUNCHING") or 2 * (os.cpu_count() or 1)))
+    log_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class SupervisorStatistics:
+    """A snapshot of what the supervisor has seen."""
+
+    zygote_pid: int | None
+    children_started: int
+    children_running: int
+    frames_dropped: int
+    protocol_violations: int
+
+
+class Supervisor:
+    """Launches and watches state children for this process."""
+
+    def __init__(self, config: SupervisorConfig | None = None, confiner: Confiner | None = None) -> None:
+        self.config = config or SupervisorConfig()
+        self.confiner = confiner or Confiner()
+        self.limits = Limits(max_frame=self.config.max_frame)
+        self.log = get_logger("agent.supervisor")
+        self.ipc_dir = tempfile.mkdtemp(prefix="agent-ipc-")
+        os.chmod(self.ipc_dir, 0o700)
+        self.logs = AttemptLogs(self.config.log_dir)
+        self.router = RouterChannel(
+            self.ipc_dir, max_frame=self.config.max_frame,
+            on_frame=self._on_frame, on_disconnect=self._on_disconnect,
+        )
+        cleanup = [self.ipc_dir] + ([self.logs.directory] if self.logs.owned else [])
+        self.zygote = ZygoteLauncher(self._on_report, self._on_zygote_lost, cleanup)
+        activate(self.logs)
+        self._ids = itertools.count(1)
+        self._by_secret: dict[bytes, ChildProcess] = {}
+        self._by_request: dict[int, ChildProcess] = {}
+        self._by_pid: dict[int, ChildProcess] = {}
+        self._by_fd: dict[int, ChildProcess] = {}
+        self._queued: dict[int, dict[str, Any]] = {}
+        self._launching: set[int] = set()
+        self._started = 0
+        self._active = 0
+        self._dropped = 0
+        self._violations = 0
+        self.closed = False
+        self.log.info("supervisor_started", zygote_pid=self.zygote.pid, ipc_dir=self.ipc_dir)
+
+    # --- attempts ------------------------------------------------------------------------
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve on ``loop``; refuses while children of a still-running loop are alive."""
+        current = self.router.loop
+        if current is not None and current is not loop and self._by_secret:
+            if not current.is_closed() and current.is_running():
+                raise IsolationError(
+                    "isolated states of one process must run on one event loop at a time: "
+                    "finish the run on the other loop first"
+                )
+            self._fail_all(None)
+        self.router.attach(loop)
+        self.zygote.attach(loop)
+
+    def launch(self, attempt: Attempt, confinement: Confinement) -> ChildProcess:
+        """Ask the zygote for a child serving ``attempt``; returns at once."""
+        if self.closed or not self.zygote.alive:
+            raise IsolationError("the supervisor is shut down: start a new run")
+        secret = b"c" + secrets.token_bytes(16)  # a leading zero byte is reserved by ZeroMQ
+        request_id = next(self._ids)
+        log_path = self.logs.path(attempt.run_id, attempt.state_name, attempt.number, create=True)
+        child = ChildProcess(
+            self, attempt, confinement, secret=secret, request_id=request_id,
+            log_path=log_path, run_frame=self._run_frame(attempt), limits=self.limits,
+        )
+        spec = {
+            "endpoint": self.router.endpoint,
+            "secret": secret,
+            "log_path": log_path,
+            "confine": confinement.child_spec,
+            "sys_path": list(sys.path),
+            "cwd": os.getcwd(),
+            "max_frame": self.config.max_frame,
+        }
+        self._by_secret[secret] = child
+        self._by_request[request_id] = child
+        self._queued[request_id] = spec
+        self._started += 1
+        self._pump()
+        return child
+
+    def _pump(self) -> None:
+        """Send queued fork requests while fewer than ``max_launching`` children start up.
+
+        Children that are starting compete for the same cores; starting a few at a time
+        gets a burst (a fan-out) through sooner than starting all at once.
+        """
+        while self._queued and len(self._launching) < self.config.max_launching and self.zygote.alive:
+            request_id, spec = next(iter(self._queued.items()))
+            del self._queued[request_id]
+            self._launching.add(request_id)
+            try:
+                self.zygote.spawn(request_id, spec)
+            except ConnectionError:
+                return  # the zygote is gone: every child is failed by _on_zygote_lost
+
+    def launched(self, child: ChildProcess) -> None:
+        """``child`` is up (or gone): let the next one start."""
+        if child.request_id in self._launching:
+            self._launching.discard(child.request_id)
+            self._pump()
+
+    def unqueue(self, child: ChildProcess) -> bool:
+        """Drop a child whose fork was not requested yet; True when it was still queued."""
+        return self._queued.pop(child.request_id, None) is not None
+
+    def _run_frame(self, attempt: Attempt) -> bytes:
+        try:
+            function = cloudpickle.dumps(attempt.func)
+        except Exception as exc:
+            raise IsolationError(
+                f"state {attempt.state_name!r} cannot be sent to its process ({exc!r}): define it "
+                "at module level or use isolation='inline'"
+            ) from exc
+        context: dict[str, bytes] = {}
+        skipped = []
+        classes: set[type] = set()
+        for key, value in attempt.context.to_dict().items():
+            try:
+                context[key] = encode_value(value, key=key, max_size=self.config.max_frame, classes=classes)
+            except UnencodableValueError:
+                skipped.append(key)
+        if skipped:
+            self.log.warning("context_keys_not_sent", state=attempt.state_name, keys=skipped,
+                             why="values the safe codec cannot encode stay in the supervisor")
+        frame = encode_message(Run(
+            run_id=attempt.run_id, agent_name=attempt.agent_name, state_name=attempt.state_name,
+            attempt=attempt.number, function=function, context=context,
+            classes=cloudpickle.dumps(tuple(classes)) if classes else _NO_CLASSES,
+            max_frame=self.config.max_frame,
+        ))
+        if len(frame) > self.config.max_frame:
+            raise IsolationError(
+                f"state {attempt.state_name!r}: its function and context snapshot take "
+                f"{len(frame)} bytes, over the {self.config.max_frame}-byte frame cap: keep large "
+                "data in files, or raise AGENT_IPC_MAX_FRAME"
+            )
+        return frame
+
+    def enter_attempt(self) -> None:
+        """An executor starts using this supervisor's confiner for one attempt."""
+        self._active += 1
+
+    def exit_attempt(self) -> None:
+        """That attempt closed its confinement; a shut-down supervisor releases the confiner."""
+        self._active -= 1
+        if self.closed and not self._active:
+            self.confiner.close()
+
+    def forget(self, child: ChildProcess) -> None:
+        self._queued.pop(child.request_id, None)
+        self.launched(child)
+        self._by_secret.pop(child.secret, None)
+        self._by_request.pop(child.request_id, None)
+        if child.pid is not None and self._by_pid.get(child.pid) is child:
+            del self._by_pid[child.pid]
+        if child.fd is not None and self._by_fd.get(child.fd) is child:
+            del self._by_fd[child.fd]
+
+    def bind_fd(self, child: ChildProcess, fd: int) -> None:
+        self._by_fd[fd] = child
+
+    def kill_pid(self, pid: int) -> None:
+        try:
+            self.zygote.kill(pid)
+        except ConnectionError:
+            pass  # the zygote is gone and its children with it
+
+    def count_violation(self, child: ChildProcess, message: str) -> None:
+        self._violations += 1
+        self.log.warning("protocol_violation", pid=child.pid, state=child.attempt.state_name,
+                         run_id=child.attempt.run_id, message=message)
+
+    def statistics(self) -> SupervisorStatistics:
+        return SupervisorStatistics(
+            zygote_pid=self.zygote.pid if self.zygote.alive else None,
+            children_started=self._started,
+            children_running=len(self._by_secret),
+            frames_dropped=self._dropped,
+            protocol_violations=self._violations,
+        )
+
+    # --- events ---------------------------------------------------------------------------
+
+    def _on_frame(self, routing_id: bytes, frames: list[bytes], fd: int) -> None:
+        child = self._by_secret.get(routing_id)
+        if child is None:
+            self._dropped += 1
+            owner = self._owner_of(peer_pid(fd))
+            self.log.warning("frame_dropped", why="unknown routing id", fd=fd,
+                             owner_pid=owner.pid if owner else None)
+            if owner is not None:
+                owner.violate("a frame came from this state's process under an unknown routing id")
+            return
+        if len(frames) != 1:
+            self._dropped += 1
+            child.violate(f"a message of {len(frames)} frames (one expected)")
+            return
+        try:
+            msg = decode_message(frames[0], self.limits, FROM_CHILD)
+        except ProtocolError as exc:
+            self._dropped += 1
+            child.violate(str(exc))
+            return
+        child.on_message(msg, fd)
+
+    def _owner_of(self, pid: int | None) -> ChildProcess | None:
+        if pid is None:
+            return None
+        if pid in self._by_pid:
+            return self._by_pid[pid]
+        try:
+            for parent in psutil.Process(pid).parents():
+                if parent.pid in self._by_pid:
+                    return self._by_pid[parent.pid]
+        except psutil.Error:
+            pass
+        return None
+
+    def _on_disconnect(self, fd: int) -> None:
+        child = self._by_fd.pop(fd, None)
+        if child is None:
+            return
+        loop = self.router.loop
+        # Frames the child sent before closing may still be queued: judge after they are read.
+        if loop is not None:
+            loop.call_soon(child.on_disconnect)
+
+    def _on_report(self, report: dict[str, Any]) -> None:
+        op = report.get("op")
+        if op == "spawned":
+            child = self._by_request.pop(report["id"], None)
+            if child is not None:
+                self._by_pid[report["pid"]] = child
+                child.on_spawned(report["pid"])
+        elif op == "exited":
+            child = self._by_pid.pop(report["pid"], None)
+            if child is not None:
+                child.on_exit(report["status"])
+        elif op == "spawn_failed":
+            child = self._by_request.pop(report["id"], None)
+            if child is not None:
+                self.log.error("fork_failed", error=report.get("error"))
+                child.on_exit(None)
+
+    def _on_zygote_lost(self) -> None:
+        self.log.error("zygote_lost", zygote_pid=self.zygote.pid)
+        self._fail_all(None)
+        self.shutdown()
+
+    def _fail_all(self, status: int | None) -> None:
+        for child in list(self._by_secret.values()):
+            child.on_exit(status)
+            self.forget(child)
+
+    # --- shutdown ------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop the zygote (and so every child), close the channel, remove the files."""
+        if self.closed:
+            return
+        self.closed = True
+        self.zygote.close()
+        for child in list(self._by_secret.values()):
+            self.forget(child)
+            if child.status is not ChildStatus.EXITED:
+                child.confinement.kill()
+        self.router.close()
+        if not self._active:  # else the last attempt to finish closes it (its cgroups are in use)
+            self.confiner.close()
+        activate(None)
+        self.logs.remove()
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
+        self.log.info("supervisor_stopped")
+
+
+_NO_CLASSES = cloudpickle.dumps(())
+_lock = threading.Lock()
+_current: Supervisor | None = None
+
+
+def get_supervisor() -> Supervisor:
+    """The process's supervisor, started on first use and after its zygote died."""
+    global _current
+    with _lock:
+        if _current is None or _current.closed:
+            _current = Supervisor()
+        return _current
+
+
+def current_supervisor() -> Supervisor | None:
+    """The running supervisor, if any (starts nothing)."""
+    return _current if _current is not None and not _current.closed else None
+
+
+def shutdown_supervisor() -> None:
+    """Tear down the process's supervisor (it starts again on the next isolated attempt)."""
+    global _current
+    with _lock:
+        sup, _current = _current, None
+    if sup is not None:
+        sup.shutdown()
+
+
+atexit.register(shutdown_supervisor)

@@ -1,0 +1,126 @@
+"""Process isolation: launch latency and throughput of isolated no-op states (prints JSON).
+
+latency: state requested (executor called) -> first line of the state running, from the
+monotonic clock, which is shared by every process of the box.
+chain: a 200-state sequential workflow; fan_out: one state returning 200 names.
+Both run through ``Agent(..., isolation="process")`` and, for comparison, straight
+through the executor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from agent import Agent  # noqa: E402
+from agent.context import Context  # noqa: E402
+from agent.executor import Attempt, Isolation  # noqa: E402
+from agent.supervisor import get_executor, shutdown_supervisor  # noqa: E402
+
+
+async def started_at(context):
+    return time.monotonic()
+
+
+async def noop(context):
+    return None
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def launch_latency(n: int) -> dict[str, float]:
+    executor = get_executor(Isolation.PROCESS)
+    ctx = Context(run_id="bench")
+    samples = []
+    for i in range(n):
+        attempt = Attempt("bench", "bench", "latency", started_at, i + 1, context=ctx,
+                          isolation=Isolation.PROCESS)
+        t0 = time.monotonic()
+        outcome = await executor.run_attempt(attempt)
+        samples.append((outcome.result - t0) * 1000)
+    return {"p50_ms": round(_percentile(samples, 0.5), 3), "p99_ms": round(_percentile(samples, 0.99), 3),
+            "mean_ms": round(statistics.fmean(samples), 3), "samples": n}
+
+
+def _chain_state(next_name: str | None):
+    async def step(context):
+        return next_name
+    return step
+
+
+async def engine_chain(n: int) -> float:
+    agent = Agent("bench_chain", isolation="process", max_steps=n + 10)
+    for i in range(n):
+        agent.add_state(f"s{i}", _chain_state(f"s{i + 1}" if i + 1 < n else None))
+    t0 = time.perf_counter()
+    await agent.run()
+    return n / (time.perf_counter() - t0)
+
+
+async def engine_fan_out(n: int) -> float:
+    names = [f"leaf{i}" for i in range(n)]
+
+    async def root(context):
+        return names
+
+    agent = Agent("bench_fan", isolation="process", max_steps=n + 10)
+    agent.add_state("root", root)
+    for name in names:
+        agent.add_state(name, noop)
+    t0 = time.perf_counter()
+    await agent.run()
+    return (n + 1) / (time.perf_counter() - t0)
+
+
+async def executor_chain(n: int) -> float:
+    executor = get_executor(Isolation.PROCESS)
+    ctx = Context(run_id="bench-chain")
+    t0 = time.perf_counter()
+    for i in range(n):
+        await executor.run_attempt(Attempt("bench-chain", "bench", f"s{i}", noop, 1, context=ctx,
+                                           isolation=Isolation.PROCESS))
+    return n / (time.perf_counter() - t0)
+
+
+async def executor_fan_out(n: int) -> float:
+    executor = get_executor(Isolation.PROCESS)
+    ctx = Context(run_id="bench-fan")
+    t0 = time.perf_counter()
+    await asyncio.gather(*(
+        executor.run_attempt(Attempt("bench-fan", "bench", f"leaf{i}", noop, 1, context=ctx,
+                                     isolation=Isolation.PROCESS))
+        for i in range(n)
+    ))
+    return n / (time.perf_counter() - t0)
+
+
+async def main(args: argparse.Namespace) -> dict[str, object]:
+    await launch_latency(5)  # starts the supervisor and warms the zygote
+    result: dict[str, object] = {
+        "cpus": os.cpu_count(),
+        "launch_latency": await launch_latency(args.latency_samples),
+        "executor_chain_states_per_s": round(await executor_chain(args.n), 1),
+        "executor_fan_out_states_per_s": round(await executor_fan_out(args.n), 1),
+        "chain_states_per_s": round(await engine_chain(args.n), 1),
+        "fan_out_states_per_s": round(await engine_fan_out(args.n), 1),
+    }
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("-n", type=int, default=200, help="states in the chain and the fan-out")
+    parser.add_argument("--latency-samples", type=int, default=200)
+    figures = asyncio.run(main(parser.parse_args()))
+    shutdown_supervisor()
+    print(json.dumps(figures, indent=2))

@@ -1,0 +1,311 @@
+"""CoordinatedAgent: the spec's coordination examples, run through the engine (inline states)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from agent import Agent, Context, StateFailedError
+from agent.coordination import (
+    CoordinatedAgent,
+    Coordinator,
+    FakeClock,
+    PrimitiveType,
+    RateLimitStrategy,
+    ResourceAllocation,
+    create_coordinated_agent,
+    enhance_agent,
+    mutex,
+)
+from agent.coordination.allocation import current_owner
+from agent.errors import CoordinationError
+
+from ._support import within
+
+
+@pytest.fixture
+async def coord(clock: FakeClock) -> AsyncIterator[Coordinator]:
+    c = Coordinator(clock)
+    yield c
+    await c.aclose()
+
+
+def _agent(name: str, coord: Coordinator, **kwargs) -> CoordinatedAgent:
+    return create_coordinated_agent(name, coordinator=coord, isolation="inline", **kwargs)
+
+
+class _Inside:
+    """Counts how many attempts are inside a section at once."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
+        self.log: list[tuple[str, float]] = []
+
+    def enter(self, who: str, t: float) -> None:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        self.log.append((who, t))
+
+    def leave(self) -> None:
+        self.now -= 1
+
+
+class TestCreation:
+    """create_coordinated_agent and enhance_agent return composed agents."""
+
+    def test_create(self) -> None:
+        agent = create_coordinated_agent("coordinated_workflow")
+        assert isinstance(agent, CoordinatedAgent) and isinstance(agent, Agent)
+        assert agent._coordinator is create_coordinated_agent("other")._coordinator  # one per process
+
+    async def test_enhance_carries_states_and_config(self, coord: Coordinator, clock: FakeClock) -> None:
+        async def first(context: Context):
+            context.set_state("seen", current_owner())
+            return "second"
+
+        async def second(context: Context):
+            return None
+
+        plain = Agent("my_workflow", max_steps=7, isolation="inline")
+        plain.add_state("first", first)
+        plain.add_state("second", second, dependencies=["first"], max_retries=2)
+        agent = enhance_agent(plain, coordinator=coord)
+        assert isinstance(agent, CoordinatedAgent) and agent is not plain
+        assert agent.max_steps == 7 and list(agent._states) == ["first", "second"]
+        assert agent._states["second"].max_retries == 2
+        assert plain._admission_hooks == []  # the original is not patched
+        assert enhance_agent(agent) is agent
+        context = await agent.run()
+        assert context.get_state("seen").endswith("/first#1")
+
+    def test_enhance_refuses_non_agents(self) -> None:
+        with pytest.raises(CoordinationError, match="takes an Agent"):
+            enhance_agent(object())  # type: ignore[arg-type]
+
+
+class TestRateLimit:
+    """Rate limiting is handled automatically before each start."""
+
+    async def test_token_bucket_spec_example(self, coord: Coordinator, clock: FakeClock) -> None:
+        agent = _agent("coordinated_workflow", coord, max_steps=20)
+        agent.add_state_rate_limit("api_call", max_rate=10.0, strategy=RateLimitStrategy.TOKEN_BUCKET, burst_size=5)
+        starts: list[float] = []
+
+        async def api_call(context: Context):
+            starts.append(clock.monotonic())
+            return "api_call" if len(starts) < 20 else None
+
+        agent.add_state("api_call", api_call)
+        async with clock.autojump():
+            await agent.run()
+        assert starts[:5] == [0.0] * 5
+        assert starts[5:] == pytest.approx([0.1 * i for i in range(1, 16)])
+
+    async def test_sliding_and_leaky_replace_each_other(self, coord: Coordinator, clock: FakeClock) -> None:
+        agent = _agent("advanced", coord, max_steps=4)
+        agent.add_state_rate_limit("api_call", max_rate=100.0, strategy=RateLimitStrategy.SLIDING_WINDOW, window_size=60.0)
+        agent.add_state_rate_limit("data_ingestion", max_rate=50.0, strategy=RateLimitStrategy.LEAKY_BUCKET, window_size=1.0)
+        starts: list[float] = []
+
+        async def data_ingestion(context: Context):
+            starts.append(clock.monotonic())
+            return "data_ingestion" if len(starts) < 4 else None
+
+        agent.add_state("data_ingestion", data_ingestion)
+        async with clock.autojump():
+            await agent.run()
+        assert starts == pytest.approx([0.0, 0.02, 0.04, 0.06])
+        status = await agent.get_coordination_status()
+        assert status["rate_limiters"]["api_call"]["limit"] == 6000
+        assert status["rate_limiters"]["data_ingestion"]["admitted"] == 4
+
+
+async def _concurrent_runs(coord: Coordinator, clock: FakeClock, n: int, configure, hold: float, inside: _Inside):
+    """``n`` agents sharing ``coord``, each running one state 'guarded' that holds for ``hold`` s."""
+
+    async def guarded(context: Context):
+        inside.enter(current_owner() or "?", clock.monotonic())
+        try:
+            await clock.sleep(hold)
+        finally:
+            inside.leave()
+        return None
+
+    agents = []
+    for i in range(n):
+        agent = _agent(f"worker{i}", coord)
+        configure(agent)
+        agent.add_state("guarded", guarded)
+        agents.append(agent)
+    return await within(clock, 3600, asyncio.gather(*(a.run() for a in agents), return_exceptions=True))
+
+
+class TestPrimitivesThroughTheEngine:
+    """A state's primitive holds across concurrent runs of different agents."""
+
+    async def test_mutex_across_runs(self, coord: Coordinator, clock: FakeClock) -> None:
+        inside = _Inside()
+        results = await _concurrent_runs(
+            coord, clock, 4, lambda a: a.add_state_coordination("guarded", PrimitiveType.MUTEX, ttl=30.0), 1.0, inside
+        )
+        assert not [r for r in results if isinstance(r, BaseException)]
+        assert inside.peak == 1 and [t for _, t in inside.log] == [0.0, 1.0, 2.0, 3.0]
+        assert coord.get_status()["primitives"]["guarded"]["state"] == "unlocked"
+
+    async def test_mutex_ttl_takes_it_from_a_hung_state(self, coord: Coordinator, clock: FakeClock) -> None:
+        inside = _Inside()
+        results = await _concurrent_runs(
+            coord, clock, 2, lambda a: a.add_state_coordination("guarded", PrimitiveType.MUTEX, ttl=30.0), 100.0, inside
+        )
+        assert not [r for r in results if isinstance(r, BaseException)]
+        assert [t for _, t in inside.log] == [0.0, 30.0]  # the second got in when the ttl ran out
+        assert coord.primitive("guarded").statistics().expirations == 2  # both outlived the ttl
+
+    async def test_semaphore_of_three(self, coord: Coordinator, clock: FakeClock) -> None:
+        inside = _Inside()
+        results = await _concurrent_runs(
+            coord, clock, 8, lambda a: a.add_state_coordination("guarded", PrimitiveType.SEMAPHORE, max_count=3), 1.0, inside
+        )
+        assert not [r for r in results if isinstance(r, BaseException)]
+        assert inside.peak == 3 and sorted(t for _, t in inside.log) == [0, 0, 0, 1, 1, 1, 2, 2]
+
+    async def test_quota_amounts(self, coord: Coordinator, clock: FakeClock) -> None:
+        inside = _Inside()
+
+        def configure(agent: CoordinatedAgent) -> None:
+            agent.add_state_coordination("guarded", PrimitiveType.QUOTA, quota_limit=16.0, ttl=3600.0, amount=8.0)
+
+        results = await _concurrent_runs(coord, clock, 4, configure, 1.0, inside)
+        assert not [r for r in results if isinstance(r, BaseException)]
+        assert inside.peak == 2
+
+    async def test_lease(self, coord: Coordinator, clock: FakeClock) -> None:
+        inside = _Inside()
+        results = await _concurrent_runs(
+            coord, clock, 3, lambda a: a.add_state_coordination("guarded", PrimitiveType.LEASE, ttl=600.0), 1.0, inside
+        )
+        assert not [r for r in results if isinstance(r, BaseException)]
+        assert inside.peak == 1
+
+    async def test_wait_timeout_fails_the_attempt(self, coord: Coordinator, clock: FakeClock) -> None:
+        inside = _Inside()
+
+        def configure(agent: CoordinatedAgent) -> None:
+            agent.add_state_coordination("guarded", PrimitiveType.MUTEX, wait_timeout=5.0)
+
+        results = await _concurrent_runs(coord, clock, 2, configure, 10.0, inside)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert len(errors) == 1 and isinstance(errors[0], StateFailedError)
+        assert "waited 5s" in str(errors[0])
+
+
+def _barrier_agent(coord: Coordinator, chunks: int) -> tuple[CoordinatedAgent, list[float]]:
+    agent = _agent("barrier", coord)
+    agent.add_state_coordination("merge_results", PrimitiveType.BARRIER, max_count=5, wait_timeout=30.0)
+    merged: list[float] = []
+
+    async def process_chunk(context: Context):
+        return "merge_results"
+
+    async def merge_results(context: Context):
+        merged.append(coord.clock.monotonic())
+        return None
+
+    for i in range(chunks):
+        agent.add_state(f"process_chunk_{i}", process_chunk)
+    agent.add_state("merge_results", merge_results)
+    return agent, merged
+
+
+class TestBarrier:
+    """merge_results starts when 5 chunks have handed over to it; with 4 it times out."""
+
+    async def test_five_chunks(self, coord: Coordinator, clock: FakeClock) -> None:
+        agent, merged = _barrier_agent(coord, 5)
+        await within(clock, 600, agent.run(start=[f"process_chunk_{i}" for i in range(5)]))
+        assert merged == [0.0]
+        assert coord.primitive("merge_results").status()["rounds"] == 1
+
+    async def test_four_chunks_time_out(self, coord: Coordinator, clock: FakeClock) -> None:
+        agent, merged = _barrier_agent(coord, 4)
+        with pytest.raises(StateFailedError, match=r"merge_results.*only 4 of 5 arrived within 30s"):
+            await within(clock, 600, agent.run(start=[f"process_chunk_{i}" for i in range(4)]))
+        assert merged == [] and clock.monotonic() == pytest.approx(30.0)
+        assert coord.primitive("merge_results").status()["arrived"] == {}  # the run's round is forgotten
+
+
+class TestDeadlock:
+    """Two states taking two mutexes in opposite order: detected, resolved, no hang."""
+
+    @staticmethod
+    def _opposite(coord: Coordinator, retries: int) -> CoordinatedAgent:
+        agent = _agent("deadlocky", coord)
+        holding = {"a": asyncio.Event(), "b": asyncio.Event()}
+
+        def take(first: str, second: str, me: str, other: str):
+            async def state(context: Context):
+                async with mutex(first, owner=context.state_name):
+                    holding[me].set()
+                    await holding[other].wait()
+                    async with mutex(second, owner=context.state_name):
+                        context.set_state(f"{me}_done", True)
+                return None
+
+            return state
+
+        async def start(context: Context):
+            return ["a", "b"]
+
+        agent.add_state("start", start)
+        agent.add_state("a", take("m1", "m2", "a", "b"))
+        agent.add_state("b", take("m2", "m1", "b", "a"), max_retries=retries)
+        return agent
+
+    async def test_resolved_with_deadlock_error(self, coord: Coordinator, clock: FakeClock) -> None:
+        agent = self._opposite(coord, retries=0)
+        agent._coordinator.deadlock_detector.detection_interval = 1.0
+        agent._coordinator.deadlock_detector.max_cycles = 100
+        with pytest.raises(StateFailedError, match=r"DeadlockError.*deadlock: .*failing"):
+            await within(clock, 600, agent.run())
+        status = await agent.get_coordination_status()
+        assert status["deadlock_detector"]["cycle_count"] == 1
+        assert status["primitives"]["m1"]["owners"] == [] and status["primitives"]["m2"]["owners"] == []
+
+    async def test_retry_after_resolution_completes(self, coord: Coordinator, clock: FakeClock) -> None:
+        agent = self._opposite(coord, retries=1)
+        context = await within(clock, 600, agent.run())
+        assert context.get_state("a_done") and context.get_state("b_done")
+        assert coord.deadlock_detector.cycle_count == 1
+
+
+class TestStatusAndCleanup:
+    """get_coordination_status and reset_coordination, from inside states too."""
+
+    async def test_monitoring_and_reset_from_states(self, coord: Coordinator, clock: FakeClock) -> None:
+        agent = _agent("monitored", coord)
+        agent.add_state_coordination("database_write", PrimitiveType.MUTEX, ttl=30.0)
+        agent.add_state_coordination("shared_resource", PrimitiveType.QUOTA, quota_limit=100.0, ttl=60.0)
+        agent._coordinator.cleanup_interval = 60.0
+        seen: dict = {}
+
+        async def database_write(context: Context):
+            async with ResourceAllocation("shared_resource", 10.0):
+                status = await agent.get_coordination_status()
+                seen["db"] = status["primitives"]["database_write"]
+                seen["quota"] = status["primitives"]["shared_resource"]["in_use"]
+            return "cleanup_resources"
+
+        async def cleanup_resources(context: Context):
+            await agent.reset_coordination()
+            status = await agent.get_coordination_status()
+            seen["detector"] = status["deadlock_detector"]["cycle_count"]
+            return None
+
+        agent.add_state("database_write", database_write)
+        agent.add_state("cleanup_resources", cleanup_resources)
+        await agent.run()
+        assert seen["db"]["state"] == "locked" and len(seen["db"]["owners"]) == 1 and seen["db"]["wait_count"] == 0
+        assert seen["quota"] == 10.0 and seen["detector"] == 0
+        assert coord.primitive("database_write").owners() == []

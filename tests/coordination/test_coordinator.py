@@ -1,0 +1,153 @@
+"""The coordinator: named primitives and limits, status, reset, allocations."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent.coordination.allocation import ResourceAllocation, mutex, set_current_owner
+from agent.coordination.clock import FakeClock, settle
+from agent.coordination.coordinator import Coordinator, default_coordinator
+from agent.coordination.primitives import PrimitiveType
+from agent.coordination.ratelimit import RateLimitStrategy
+from agent.errors import CoordinationError
+
+
+class TestConfiguration:
+    """Same settings share one primitive; other settings replace it only when idle."""
+
+    async def test_same_config_is_shared(self, coordinator: Coordinator) -> None:
+        a = coordinator.add_primitive("database_write", PrimitiveType.MUTEX, ttl=30.0)
+        b = coordinator.add_primitive("database_write", PrimitiveType.MUTEX, ttl=30.0)
+        assert a is b
+
+    async def test_other_config_replaces_when_idle(self, coordinator: Coordinator) -> None:
+        a = coordinator.add_primitive("x", PrimitiveType.MUTEX)
+        b = coordinator.add_primitive("x", PrimitiveType.SEMAPHORE, max_count=3)
+        assert a is not b and coordinator.primitive("x") is b
+
+    async def test_other_config_refused_while_in_use(self, coordinator: Coordinator) -> None:
+        m = coordinator.add_primitive("x", PrimitiveType.MUTEX)
+        await m.acquire("a")
+        with pytest.raises(CoordinationError, match="in use"):
+            coordinator.add_primitive("x", PrimitiveType.MUTEX, ttl=5.0)
+        m.release("a")
+
+    async def test_rate_limit_replaced_by_new_strategy(self, coordinator: Coordinator) -> None:
+        first = coordinator.add_rate_limit("api_call", 10.0, RateLimitStrategy.TOKEN_BUCKET, burst_size=5)
+        assert coordinator.add_rate_limit("api_call", 10.0, RateLimitStrategy.TOKEN_BUCKET, burst_size=5) is first
+        second = coordinator.add_rate_limit("api_call", 100.0, RateLimitStrategy.SLIDING_WINDOW, window_size=60.0)
+        assert coordinator.rate_limiter("api_call") is second
+
+    def test_intervals_are_checked(self, clock: FakeClock) -> None:
+        coord = Coordinator(clock)
+        coord.cleanup_interval = 60.0
+        with pytest.raises(CoordinationError, match="cleanup_interval"):
+            coord.cleanup_interval = 0
+        with pytest.raises(CoordinationError, match="detection_interval"):
+            coord.deadlock_detector.detection_interval = -1
+        with pytest.raises(CoordinationError, match="max_cycles"):
+            coord.deadlock_detector.max_cycles = 0
+
+    def test_one_default_per_process(self) -> None:
+        assert default_coordinator() is default_coordinator()
+
+
+class TestStatus:
+    """get_status has the spec's shape."""
+
+    async def test_shape(self, coordinator: Coordinator) -> None:
+        m = coordinator.add_primitive("db", PrimitiveType.MUTEX)
+        coordinator.add_rate_limit("api", 10.0)
+        await m.acquire("a")
+        waiter = asyncio.create_task(m.acquire("b"))
+        await settle()
+        status = coordinator.get_status()
+        assert set(status) >= {"primitives", "rate_limiters", "deadlock_detector"}
+        db = status["primitives"]["db"]
+        assert (db["state"], db["owners"], db["wait_count"], db["type"]) == ("locked", ["a"], 1, "mutex")
+        assert status["rate_limiters"]["api"]["strategy"] == "token_bucket"
+        assert status["deadlock_detector"]["cycle_count"] == 0
+        m.release("a")
+        await waiter
+        m.release("b")
+
+
+class TestReset:
+    """reset releases holders and fails waiters; by name or everything."""
+
+    async def test_reset_everything(self, coordinator: Coordinator) -> None:
+        m = coordinator.add_primitive("db", PrimitiveType.MUTEX)
+        await m.acquire("a")
+        waiter = asyncio.create_task(m.acquire("b"))
+        await settle()
+        coordinator.reset()
+        with pytest.raises(CoordinationError, match="was reset"):
+            await waiter
+        assert m.owners() == [] and m.try_acquire("c")
+
+    async def test_reset_by_name(self, coordinator: Coordinator) -> None:
+        one = coordinator.add_primitive("one", PrimitiveType.MUTEX)
+        two = coordinator.add_primitive("two", PrimitiveType.MUTEX)
+        await one.acquire("a")
+        await two.acquire("a")
+        coordinator.reset(["one"])
+        assert one.owners() == [] and two.owners() == ["a"]
+
+    async def test_cleanup_expires_idle_holders(self, coordinator: Coordinator, clock: FakeClock) -> None:
+        m = coordinator.add_primitive("db", PrimitiveType.MUTEX, ttl=30.0)
+        await m.acquire("gone")
+        await clock.advance(31)
+        assert coordinator.cleanup() == 1
+
+
+class TestResourceAllocation:
+    """async with ResourceAllocation(name, amount) draws from the named quota."""
+
+    async def test_draws_and_gives_back(self, coordinator: Coordinator, clock: FakeClock) -> None:
+        coordinator.add_primitive("shared_resource", PrimitiveType.QUOTA, quota_limit=100.0, ttl=60.0)
+        inside = peak = 0
+
+        async def user(i: int) -> None:
+            nonlocal inside, peak
+            set_current_owner(f"user{i}")
+            async with ResourceAllocation("shared_resource", 10.0, coordinator=coordinator):
+                inside += 1
+                peak = max(peak, inside)
+                await clock.sleep(1.0)
+                inside -= 1
+
+        async with clock.autojump():
+            await asyncio.gather(*(user(i) for i in range(25)))
+        assert peak == 10 and clock.monotonic() == pytest.approx(3.0)
+        assert coordinator.primitive("shared_resource").status()["in_use"] == 0
+
+    async def test_unknown_name(self, coordinator: Coordinator) -> None:
+        with pytest.raises(CoordinationError, match="no coordination primitive named 'nope'"):
+            ResourceAllocation("nope", 1.0, coordinator=coordinator)
+
+    async def test_wrong_type(self, coordinator: Coordinator) -> None:
+        coordinator.add_primitive("db", PrimitiveType.MUTEX)
+        with pytest.raises(CoordinationError, match="not a QUOTA or SEMAPHORE"):
+            ResourceAllocation("db", 1.0, coordinator=coordinator)
+        with pytest.raises(CoordinationError, match="not a MUTEX"):
+            coordinator.add_primitive("q", PrimitiveType.QUOTA, quota_limit=1.0)
+            mutex("q", coordinator=coordinator)
+
+
+class TestWatch:
+    """The background watch runs only while something waits, then stops by itself."""
+
+    async def test_stops_when_idle(self, coordinator: Coordinator, clock: FakeClock) -> None:
+        m = coordinator.add_primitive("db", PrimitiveType.MUTEX)
+        await m.acquire("a")
+        waiter = asyncio.create_task(m.acquire("b"))
+        coordinator.watch()
+        await settle()
+        assert coordinator.watching
+        m.release("a")
+        await waiter
+        m.release("b")
+        await clock.advance(1.0)
+        assert not coordinator.watching

@@ -1,0 +1,36 @@
+"""Helpers for the process-isolation tests."""
+
+from __future__ import annotations
+
+import uuid
+
+import psutil
+
+from agent.context import Context
+from agent.executor import Attempt, AttemptOutcome, Isolation
+from agent.supervisor import current_supervisor, get_executor
+
+
+def make_attempt(func, *, context: Context | None = None, state: str = "s", number: int = 1) -> Attempt:
+    """An attempt of ``func`` in a fresh run, isolated as a process."""
+    run_id = f"test-{uuid.uuid4().hex[:12]}"
+    ctx = context if context is not None else Context(run_id=run_id)
+    return Attempt(run_id, "test-agent", state, func, number, context=ctx, isolation=Isolation.PROCESS)
+
+
+async def run(attempt: Attempt) -> AttemptOutcome:
+    return await get_executor(Isolation.PROCESS).run_attempt(attempt)
+
+
+def stray_processes() -> list[psutil.Process]:
+    """Live descendants of this process other than the supervisor's zygote."""
+    sup = current_supervisor()
+    zygote = sup.zygote.pid if sup is not None else None
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.pid != zygote and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out

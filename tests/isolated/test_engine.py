@@ -1,0 +1,101 @@
+"""Agents with ``isolation="process"``: the spec's workflows, failures and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import psutil
+import pytest
+
+from agent import Agent, AgentStatus, Context
+from agent.errors import StateFailedError, StateTimeoutError
+
+
+async def process_data(context):
+    context.set_state("greeting", "Hello, World!")
+    context.set_state("pid", os.getpid())
+    return "format_output"
+
+
+async def format_output(context):
+    print(f"Result: {context.get_state('greeting')}")
+    context.set_state("formatted", f"<<{context.get_state('greeting')}>>")
+    return None
+
+
+async def fan_out(context):
+    return [f"branch_{i}" for i in range(4)]
+
+
+async def branch(context):
+    context.set_state(f"done_{context.state_name}", os.getpid())
+    return "merge"
+
+
+async def merge(context):
+    context.set_state("merged", sorted(k for k in context.keys() if k.startswith("done_")))
+    return None
+
+
+async def crashing(context):
+    raise RuntimeError("disk full")
+
+
+async def sleeper(context):
+    context.set_state("pid", os.getpid())
+    await asyncio.sleep(3600)
+
+
+class TestAgentWithProcessIsolation:
+    """The scheduler's states run in children and their writes reach the run's context."""
+
+    async def test_quickstart(self):
+        agent = Agent("hello_workflow", isolation="process")
+        agent.add_state("process_data", process_data)
+        agent.add_state("format_output", format_output)
+        ctx = await agent.run()
+        assert agent.status is AgentStatus.COMPLETED
+        assert ctx.get_state("formatted") == "<<Hello, World!>>"
+        assert ctx.get_state("pid") != os.getpid()
+        assert "Result: Hello, World!" in agent.logs("format_output")
+
+    async def test_fan_out_and_join(self):
+        agent = Agent("fan", isolation="process")
+        agent.add_state("fan_out", fan_out)
+        for i in range(4):
+            agent.add_state(f"branch_{i}", branch)
+        agent.add_state("merge", merge)
+        ctx = await agent.run()
+        assert ctx.get_state("merged") == [f"done_branch_{i}" for i in range(4)]
+        assert len({ctx.get_state(f"done_branch_{i}") for i in range(4)}) == 4
+
+    async def test_failure_carries_the_childs_traceback(self):
+        agent = Agent("failing", isolation="process")
+        agent.add_state("crashing", crashing, max_retries=1)
+        with pytest.raises(StateFailedError) as info:
+            await agent.run()
+        assert info.value.attempts == 2
+        assert info.value.reason.kind == "exception"
+        assert "disk full" in str(info.value) and "crashing" in info.value.traceback
+
+    async def test_state_timeout_kills_the_child(self):
+        agent = Agent("slow", isolation="process")
+        agent.add_state("sleeper", sleeper, timeout=0.5)
+        with pytest.raises(StateTimeoutError):
+            await agent.run()
+        assert not psutil.pid_exists(agent.context.get_state("pid"))
+
+    async def test_cancelled_run_leaves_nothing_behind(self):
+        agent = Agent("cancelled", isolation="process")
+        agent.add_state("sleeper", sleeper)
+        started = asyncio.Event()
+        # The state's first write, applied to the run's context, is the handshake.
+        agent.context = Context(on_write=lambda key, value, deleted: key == "pid" and started.set())
+        run = asyncio.ensure_future(agent.run())
+        await started.wait()
+        pid = agent.context.get_state("pid")
+        await agent.cancel_all()
+        await run
+        assert agent.status is AgentStatus.CANCELLED
+        assert not psutil.pid_exists(pid)

@@ -1,0 +1,219 @@
+"""The process executor: context in and out, human input, logs, cancellation, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+
+import psutil
+import pytest
+
+from agent.context import Context, TypedContextData
+from agent.errors import AttemptLogNotFoundError, HumanInputTimeoutError, IsolationError
+from agent.executor import AttemptFailed, Isolation
+from agent.supervisor import current_supervisor, get_executor, read_attempt_log
+
+from .helpers import make_attempt, run
+
+
+@dataclass
+class Progress(TypedContextData):
+    done: int
+    names: list[str]
+
+
+async def context_state(context):
+    seen = (context.get_state("given"), context.get_typed("typed", Progress))
+    for i in range(50):
+        context.set_state("counter", i)
+    context.remove_state("doomed")
+    context.update_typed("typed", done=seen[1].done + 1)
+    context.set_state("seen", seen)
+    return ["next_a", "next_b"]
+
+
+async def human_state(context):
+    score = await context.human_in_the_loop(
+        prompt="Enter score (0-100):", timeout=30,
+        validator=lambda x: x.isdigit() and 0 <= int(x) <= 100,
+    )
+    return int(score)
+
+
+async def human_timeout_state(context):
+    try:
+        await context.human_in_the_loop(prompt="anyone?", timeout=1)
+    except HumanInputTimeoutError as exc:
+        return f"timeout: {exc}"
+    return "answered"
+
+
+async def printing_state(context):
+    print("to stdout from the state")
+    print("to stderr from the state", file=sys.stderr)
+    return None
+
+
+async def pid_then_wait_state(context):
+    context.set_state("progress", 1)
+    context.set_state("pid", os.getpid())
+    await asyncio.get_running_loop().create_future()
+
+
+async def environment_state(context):
+    import threading
+
+    return {"pid": os.getpid(), "ppid": os.getppid(), "threads": threading.active_count(),
+            "pgid": os.getpgid(0), "loop": type(asyncio.get_running_loop()).__module__}
+
+
+async def writes_started(func):
+    started = asyncio.Event()
+    ctx = Context(on_write=lambda key, value, deleted: key == "pid" and started.set())
+    attempt = make_attempt(func, context=ctx)
+    task = asyncio.ensure_future(run(attempt))
+    await started.wait()
+    return attempt, task
+
+
+class TestContextAcrossTheBoundary:
+    """The child starts from a snapshot; its writes arrive in order and are applied."""
+
+    async def test_snapshot_in_writes_out(self):
+        ctx = Context({"given": {"a": (1, 2)}, "doomed": 1, "typed": Progress(1, ["x"])})
+        seen_order = []
+        ctx._on_write = lambda key, value, deleted: key == "counter" and seen_order.append(value)
+        outcome = await run(make_attempt(context_state, context=ctx))
+        assert outcome.result == ["next_a", "next_b"]
+        assert seen_order == list(range(50))
+        assert ctx.get_state("counter") == 49 and "doomed" not in ctx
+        assert ctx.get_typed("typed", Progress) == Progress(2, ["x"])
+        assert ctx.get_state("seen") == ({"a": (1, 2)}, Progress(1, ["x"]))
+
+    async def test_values_the_codec_cannot_send_stay_behind(self):
+        ctx = Context({"lock": asyncio.Lock(), "given": 1, "typed": Progress(0, []), "doomed": 0})
+        await run(make_attempt(context_state, context=ctx))
+        assert isinstance(ctx.get_state("lock"), asyncio.Lock)
+
+
+class TestChildEnvironment:
+    """The child is a fork of the zygote, in its own process group, on uvloop."""
+
+    async def test_forked_from_the_zygote(self):
+        outcome = await run(make_attempt(environment_state))
+        info = outcome.result
+        assert info["ppid"] == current_supervisor().zygote.pid
+        assert info["pgid"] == info["pid"]
+        assert info["loop"].startswith("uvloop")
+
+
+class TestHumanInput:
+    """Requests go to the supervisor's provider; the validator runs in the child."""
+
+    async def test_validator_reasks_until_valid(self):
+        answers = iter(["abc", "150", "42"])
+        calls = []
+
+        async def provider(*, prompt, timeout, validator, default):
+            calls.append((prompt, validator, default))
+            return next(answers)
+
+        outcome = await run(make_attempt(human_state, context=Context(human_input=provider)))
+        assert outcome.result == 42
+        assert len(calls) == 3
+        assert all(c == ("Enter score (0-100):", None, None) for c in calls)
+
+    async def test_provider_error_is_raised_in_the_child(self):
+        async def provider(*, prompt, timeout, validator, default):
+            raise HumanInputTimeoutError("nobody answered")
+
+        outcome = await run(make_attempt(human_timeout_state, context=Context(human_input=provider)))
+        assert outcome.result == "timeout: nobody answered"
+
+
+class TestLogs:
+    """A child's stdout and stderr are kept per run, state and attempt."""
+
+    async def test_log_is_retrievable(self):
+        attempt = make_attempt(printing_state, state="printer", number=2)
+        await run(attempt)
+        text = read_attempt_log(attempt.run_id, "printer", 2)
+        assert "to stdout from the state" in text and "to stderr from the state" in text
+
+    async def test_missing_log_is_a_typed_error(self):
+        await run(make_attempt(printing_state))
+        with pytest.raises(AttemptLogNotFoundError, match="no log for run"):
+            read_attempt_log("no-such-run", "printer", 1)
+
+
+class TestPreemptAndCancel:
+    """Stopping keeps the writes made so far and leaves no process."""
+
+    async def test_preempt_keeps_writes(self):
+        attempt, task = await writes_started(pid_then_wait_state)
+        attempt.stop_reason = "preempt"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert attempt.context.get_state("progress") == 1
+        assert not psutil.pid_exists(attempt.context.get_state("pid"))
+
+
+class TestSupervisorLifetime:
+    """The supervisor is shared and warm, and comes back after its zygote dies."""
+
+    async def test_shared_and_warm(self):
+        await run(make_attempt(printing_state))
+        sup = current_supervisor()
+        await run(make_attempt(printing_state))
+        assert current_supervisor() is sup
+        assert get_executor(Isolation.PROCESS) is get_executor(Isolation.PROCESS)
+
+    async def test_zygote_death_fails_attempts_and_restarts(self):
+        attempt, task = await writes_started(pid_then_wait_state)
+        old = current_supervisor()
+        child = psutil.Process(attempt.context.get_state("pid"))
+        os.kill(old.zygote.pid, signal.SIGKILL)
+        with pytest.raises(AttemptFailed) as info:
+            await task
+        assert info.value.reason.kind == "lost_connection"
+        child.wait(timeout=10)  # killed by its parent-death signal, reaped by init
+        assert old.closed and not os.path.exists(old.ipc_dir)
+        outcome = await run(make_attempt(environment_state))
+        assert current_supervisor() is not old
+        assert outcome.result["ppid"] == current_supervisor().zygote.pid
+
+
+class TestEventLoops:
+    """The shared supervisor follows the caller's loop, one loop at a time."""
+
+    async def test_second_loop_with_live_children_is_refused(self):
+        started = threading.Event()
+        box: dict = {}
+
+        def other_loop() -> None:
+            async def main() -> None:
+                ctx = Context(on_write=lambda key, value, deleted: started.set())
+                box["loop"] = asyncio.get_running_loop()
+                box["task"] = asyncio.ensure_future(run(make_attempt(pid_then_wait_state, context=ctx)))
+                try:
+                    await box["task"]
+                except asyncio.CancelledError:
+                    pass
+
+            asyncio.run(main())
+
+        thread = threading.Thread(target=other_loop)
+        thread.start()
+        try:
+            assert started.wait(timeout=30)
+            with pytest.raises(IsolationError, match="one event loop at a time"):
+                await run(make_attempt(printing_state))
+        finally:
+            box["loop"].call_soon_threadsafe(box["task"].cancel)
+            thread.join()
+        await run(make_attempt(printing_state))  # that loop is gone: this one takes over

@@ -1,0 +1,231 @@
+"""Each way a state's process can go wrong: the attempt fails with the right kind,
+the process is gone, and the supervisor keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+
+import msgpack
+import psutil
+import pytest
+import zmq
+
+from agent.context import Context
+from agent.executor import AttemptFailed
+from agent.ipc.transport import DealerTransport
+from agent.supervisor import current_supervisor
+
+from .helpers import make_attempt, run
+
+# --- state functions (module level: the child imports this module to load them) ------------
+
+
+async def ok_state(context):
+    return "done"
+
+
+async def raising_state(context):
+    raise ValueError("bad input row 7")
+
+
+async def exit_state(context):
+    os._exit(3)
+
+
+async def segfault_state(context):
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+async def hanging_state(context):
+    context.set_state("pid", os.getpid())
+    await asyncio.get_running_loop().create_future()
+
+
+async def stubborn_state(context):
+    context.set_state("pid", os.getpid())
+    while True:  # ignores cancellation: only SIGKILL ends it
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            pass
+
+
+async def unencodable_state(context):
+    context.set_state("handle", object())
+    return "unreachable"
+
+
+async def unencodable_caught_state(context):
+    from agent.errors import UnencodableValueError
+
+    try:
+        context.set_state("lock", asyncio.Lock())
+    except UnencodableValueError as exc:
+        return f"caught: {exc}"
+    return "not raised"
+
+
+async def huge_state(context):
+    context.set_state("blob", b"\0" * (200 * 1024 * 1024))
+    return "unreachable"
+
+
+def _own_socket():
+    (transport,) = [o for o in gc.get_objects() if isinstance(o, DealerTransport)]
+    return transport._sock
+
+
+async def garbage_state(context):
+    _own_socket().send(b"\xc1\xc1 not msgpack at all")
+    await asyncio.get_running_loop().create_future()
+
+
+async def oversized_state(context):
+    _own_socket().send(b"x" * (70 * 1024 * 1024))
+    await asyncio.get_running_loop().create_future()
+
+
+async def wrong_version_state(context):
+    frame = msgpack.packb({"v": 99, "t": "log", "level": "info", "message": "hi"})
+    _own_socket().send(frame)
+    await asyncio.get_running_loop().create_future()
+
+
+async def wrong_routing_id_state(context):
+    endpoint = _own_socket().getsockopt(zmq.LAST_ENDPOINT).decode()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, b"not-my-secret")
+    sock.connect(endpoint)
+    sock.send(msgpack.packb({"v": 1, "t": "result", "value": msgpack.packb("forged")}))
+    await asyncio.get_running_loop().create_future()
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+async def failed(func, **kwargs) -> AttemptFailed:
+    with pytest.raises(AttemptFailed) as info:
+        await run(make_attempt(func, **kwargs))
+    return info.value
+
+
+async def still_serving() -> None:
+    assert (await run(make_attempt(ok_state))).result == "done"
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+class TestStateFailures:
+    """Failures of the state's own making are reported with their kind."""
+
+    async def test_exception_carries_type_message_and_child_traceback(self):
+        exc = await failed(raising_state)
+        assert exc.reason.kind == "exception"
+        assert exc.reason.exception_type == "builtins.ValueError"
+        assert "bad input row 7" in exc.reason.message
+        assert "raising_state" in exc.reason.traceback
+        await still_serving()
+
+    async def test_os_exit_reports_exit_code(self):
+        exc = await failed(exit_state)
+        assert (exc.reason.kind, exc.reason.exit_code) == ("exit_code", 3)
+        await still_serving()
+
+    async def test_sigsegv_reports_signal(self):
+        exc = await failed(segfault_state)
+        assert (exc.reason.kind, exc.reason.signal) == ("signal", signal.SIGSEGV)
+        assert "SIGSEGV" in exc.reason.message
+        await still_serving()
+
+
+class TestValuesOverTheBoundary:
+    """Bad writes fail set_state inside the child, with a message that says what to do."""
+
+    async def test_unencodable_value_fails_the_attempt(self):
+        exc = await failed(unencodable_state)
+        assert exc.reason.kind == "exception"
+        assert exc.reason.exception_type == "agent.errors.UnencodableValueError"
+        for part in ("'handle'", "builtins.object", "TypedContextData", "inline"):
+            assert part in exc.reason.message
+
+    async def test_unencodable_value_raises_in_set_state(self):
+        attempt = make_attempt(unencodable_caught_state)
+        outcome = await run(attempt)
+        assert outcome.result.startswith("caught: context key 'lock'")
+        assert "lock" not in attempt.context
+
+    async def test_value_over_the_frame_cap_fails_in_the_child(self):
+        attempt = make_attempt(huge_state)
+        with pytest.raises(AttemptFailed) as info:
+            await run(attempt)
+        assert info.value.reason.exception_type == "agent.errors.ValueTooLargeError"
+        assert "200.0 MiB" in info.value.reason.message
+        assert "blob" not in attempt.context
+        await still_serving()
+
+
+class TestProtocolViolations:
+    """A process that breaks the protocol is killed; the attempt fails with kind protocol."""
+
+    @pytest.mark.parametrize(
+        "func, words",
+        [
+            (garbage_state, "malformed"),
+            (oversized_state, "cap"),
+            (wrong_version_state, "protocol version 99"),
+            (wrong_routing_id_state, "unknown routing id"),
+        ],
+        ids=["garbage", "oversized", "wrong-version", "wrong-routing-id"],
+    )
+    async def test_violation_kills_the_child_and_supervisor_keeps_running(self, func, words):
+        sup = current_supervisor()
+        before = sup.statistics().protocol_violations if sup else 0
+        exc = await failed(func)
+        assert exc.reason.kind == "protocol"
+        assert words in exc.reason.message
+        assert current_supervisor().statistics().protocol_violations > before
+        await still_serving()
+
+
+class TestStopping:
+    """A cancelled attempt leaves no process behind, whether or not the state cooperates."""
+
+    async def _started(self, func, reason: str):
+        started = asyncio.Event()
+        ctx = Context(on_write=lambda key, value, deleted: started.set())
+        attempt = make_attempt(func, context=ctx)
+        task = asyncio.ensure_future(run(attempt))
+        await started.wait()
+        attempt.stop_reason = reason
+        return attempt, task
+
+    async def test_timeout_via_wait_for_kills_the_child(self):
+        attempt, task = await self._started(hanging_state, "timeout")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(task, timeout=0.01)
+        assert gone(attempt.context.get_state("pid"))
+        await still_serving()
+
+    async def test_state_ignoring_cancel_is_killed_after_grace(self):
+        attempt, task = await self._started(stubborn_state, "cancel")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert gone(attempt.context.get_state("pid"))
+
+    async def test_cancel_before_the_child_says_hello(self):
+        task = asyncio.ensure_future(run(make_attempt(hanging_state)))
+        await asyncio.sleep(0)  # let it launch: the fork request is sent, nothing more
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await still_serving()

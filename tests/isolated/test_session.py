@@ -1,0 +1,157 @@
+"""The child's protocol logic, driven in-process over a memory transport."""
+
+from __future__ import annotations
+
+import asyncio
+
+import cloudpickle
+
+from agent.ipc import (
+    FROM_CHILD,
+    Cancel,
+    CheckpointSnapshot,
+    ContextWrite,
+    Error,
+    Hello,
+    HumanInputRequest,
+    HumanInputResponse,
+    Limits,
+    MemoryTransport,
+    Preempt,
+    Result,
+    Run,
+    decode_message,
+    decode_value,
+    encode_message,
+    encode_value,
+)
+from agent.runtime.session import ChildSession
+
+LIMITS = Limits()
+
+
+class Peer:
+    """The supervisor's end of a memory pair, speaking the real message types."""
+
+    def __init__(self) -> None:
+        self.end, child_end = MemoryTransport.pair()
+        self.session = ChildSession(child_end, pid=1234)
+
+    async def start(self, func, context=None) -> asyncio.Task[str]:
+        task = asyncio.ensure_future(self.session.run())
+        assert await self.recv() == Hello(pid=1234)
+        snapshot = {k: encode_value(v) for k, v in (context or {}).items()}
+        self.send(Run("run", "agent", "state", 1, cloudpickle.dumps(func), cloudpickle.dumps(()),
+                      snapshot, LIMITS.max_frame))
+        return task
+
+    def send(self, msg) -> None:
+        self.end.send(encode_message(msg))
+
+    async def recv(self):
+        return decode_message(await self.end.recv(), LIMITS, FROM_CHILD)
+
+
+class TestSession:
+    """Hello, run, stream writes, report; stop when told."""
+
+    async def test_writes_stream_before_the_result(self):
+        async def state(ctx):
+            ctx.set_state("n", ctx.get_state("start") + 1)
+            ctx.remove_state("start")
+            return "next"
+
+        peer = Peer()
+        task = await peer.start(state, {"start": 41})
+        assert await peer.recv() == ContextWrite("n", encode_value(42), False)
+        assert await peer.recv() == ContextWrite("start", None, True)
+        result = await peer.recv()
+        assert isinstance(result, Result) and decode_value(result.value, LIMITS) == "next"
+        assert await task == "result"
+
+    async def test_exception_is_reported_with_traceback(self):
+        async def state(ctx):
+            raise KeyError("missing")
+
+        peer = Peer()
+        task = await peer.start(state)
+        error = await peer.recv()
+        assert isinstance(error, Error) and error.exception_type == "builtins.KeyError"
+        assert "in state" in error.traceback and "KeyError: 'missing'" in error.traceback
+        assert await task == "error"
+
+    async def test_cancel_stops_the_coroutine(self):
+        async def state(ctx):
+            ctx.set_state("started", True)
+            try:
+                await asyncio.get_running_loop().create_future()
+            finally:
+                ctx.set_state("cleaned_up", True)
+
+        peer = Peer()
+        task = await peer.start(state)
+        await peer.recv()  # the write: the state is running
+        peer.send(Cancel(reason="timeout"))
+        assert await peer.recv() == ContextWrite("cleaned_up", encode_value(True), False)
+        assert await task == "stopped"
+
+    async def test_preempt_sends_the_written_keys(self):
+        async def state(ctx):
+            ctx.set_state("a", 1)
+            ctx.set_state("b", 2)
+            await asyncio.get_running_loop().create_future()
+
+        peer = Peer()
+        task = await peer.start(state)
+        await peer.recv()
+        await peer.recv()
+        peer.send(Preempt(reason="preempt"))
+        assert await peer.recv() == CheckpointSnapshot(keys=["a", "b"])
+        assert await task == "stopped"
+
+
+class TestHumanInput:
+    """The validator runs in the child; a default ends the asking."""
+
+    async def test_reask_until_valid(self):
+        async def state(ctx):
+            return await ctx.human_in_the_loop("age?", timeout=60, validator=str.isdigit)
+
+        peer = Peer()
+        task = await peer.start(state)
+        for answer in ("ten", "10"):
+            request = await peer.recv()
+            assert isinstance(request, HumanInputRequest) and request.prompt == "age?"
+            assert 0 < request.timeout <= 60
+            peer.send(HumanInputResponse(request.request_id, answer, None, None))
+        result = await peer.recv()
+        assert decode_value(result.value, LIMITS) == "10"
+        await task
+
+    async def test_default_answer_is_accepted(self):
+        async def state(ctx):
+            return await ctx.human_in_the_loop("score?", timeout=5, validator=str.isdigit, default="n/a")
+
+        peer = Peer()
+        task = await peer.start(state)
+        request = await peer.recv()
+        assert request.default == "n/a"
+        peer.send(HumanInputResponse(request.request_id, "n/a", None, None))
+        assert decode_value((await peer.recv()).value, LIMITS) == "n/a"
+        await task
+
+    async def test_error_from_the_provider(self):
+        async def state(ctx):
+            from agent.errors import HumanInputTimeoutError
+
+            try:
+                await ctx.human_in_the_loop("hello?", timeout=1)
+            except HumanInputTimeoutError as exc:
+                return f"raised {exc}"
+
+        peer = Peer()
+        task = await peer.start(state)
+        request = await peer.recv()
+        peer.send(HumanInputResponse(request.request_id, None, "HumanInputTimeoutError", "nobody"))
+        assert decode_value((await peer.recv()).value, LIMITS) == "raised nobody"
+        await task
