@@ -26,7 +26,7 @@ import itertools
 import logging
 import os
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import CgroupError, FailureReason, IsolationUnavailableError
 from ..executor import Attempt, Isolation
@@ -70,7 +70,7 @@ class Confinement:
         child_spec: dict[str, Any] | None = None,
         handle: CgroupHandle | None = None,
         backend_name: str = "none",
-        release: Any = None,
+        release: Callable[[], None] | None = None,
     ) -> None:
         self.child_spec: dict[str, Any] = child_spec or {}
         self.handle = handle
@@ -244,7 +244,7 @@ class Confiner:
                 handle.remove()
                 raise
             child_spec["sandbox"] = lease.spec()
-            release = lambda: pool.release(name)  # noqa: E731
+            release = functools.partial(pool.release, name)
         return Confinement(child_spec, handle, self.backend_name, release)
 
     def _gpus(self, assignment: dict[str, Any]) -> tuple[dict[str, str], set[int]]:
