@@ -10,6 +10,7 @@ Creating an attempt's cgroups and writing its limits costs a few tenths of a mil
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from typing import Any
@@ -176,13 +177,28 @@ class V1Cgroup:
         """Kill what is left (also in cgroups the attempt made below its own), delete it all."""
         if self._removed:
             return
-        if any(read_pids(f) for f in self.procs_files):
-            self.kill()
-        for path in set(self.dirs.values()):
-            for entry in subdirs(path):
-                _reap_tree(f"{path}/{entry}")
-            rmdir_retry(path)
+        busy = [path for path in set(self.dirs.values()) if not _try_rmdir(path)]
+        if busy:  # processes (or nested cgroups) are left: the slow path
+            if any(read_pids(f) for f in self.procs_files):
+                self.kill()
+            for path in busy:
+                for entry in subdirs(path):
+                    _reap_tree(f"{path}/{entry}")
+                rmdir_retry(path)
         self._removed = True
+
+
+def _try_rmdir(path: str) -> bool:
+    """rmdir ``path``; False when it is busy (still has processes or child cgroups)."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise CgroupError(f"cannot remove cgroup {path}: {exc.strerror}") from exc
+        return False
+    return True
 
 
 def _freeze(freezer_dir: str, timeout: float = 2.0) -> bool:

@@ -146,11 +146,18 @@ class V2Cgroup:
         """Kill what is left (also in cgroups the attempt made below its own), delete it all."""
         if self._removed:
             return
-        if _populated(self.path):
-            self.kill()
-        for entry in subdirs(self.path):
-            _reap_tree(f"{self.path}/{entry}")
-        rmdir_retry(self.path)
+        try:
+            os.rmdir(self.path)  # the common case: nothing is left
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise CgroupError(f"cannot remove cgroup {self.path}: {exc.strerror}") from exc
+            if _populated(self.path):
+                self.kill()
+            for entry in subdirs(self.path):
+                _reap_tree(f"{self.path}/{entry}")
+            rmdir_retry(self.path)
         self._removed = True
 
 
