@@ -195,6 +195,9 @@ class Confiner:
     (default: found in /dev and in the GPU inventory).
     """
 
+    # "v2", "v1" or "none": set per instance from the backend detected (or given).
+    backend_name = "none"
+
     def __init__(
         self,
         backend: CgroupBackend | str | None = None,
