@@ -38,6 +38,7 @@ class WatchedTree:
         if limits.deny_devices:
             self.unenforced["devices"] = "no cgroups here: GPUs are hidden by CUDA_VISIBLE_DEVICES only"
         self.pid: int | None = None
+        self._root: psutil.Process | None = None
         self._root_created = 0.0
         self._lock = threading.Lock()
         self._cpu_seconds = 0.0
@@ -64,16 +65,25 @@ class WatchedTree:
 
     def attach(self, pid: int) -> None:
         try:
-            self._root_created = psutil.Process(pid).create_time()
+            root = psutil.Process(pid)
+            self._root_created = root.create_time()
         except psutil.Error:
             return  # already gone: nothing to watch
+        self._root = root
         self.pid = pid
 
     def _tree(self) -> list[psutil.Process]:
-        if self.pid is None:
+        """The child and its descendants, or [] once the child is gone.
+
+        pids are reused fast (pid_max may be 32768): ``is_running`` compares the
+        creation time, so a reaped child's pid never leads to someone else's tree.
+        """
+        root = self._root
+        if root is None:
             return []
         try:
-            root = psutil.Process(self.pid)
+            if not root.is_running():
+                return []
             return [root, *root.children(recursive=True)]
         except psutil.Error:
             return []

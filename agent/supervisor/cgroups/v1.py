@@ -332,7 +332,9 @@ class V1Backend:
 
     def reap_stale(self) -> int:
         dead: set[str] = set()
-        for controller in self.controllers:
+        # The freezer hierarchy first: its processes are frozen before they are killed,
+        # so none exits and hands its pid to someone else between reading and killing.
+        for controller in sorted(self.controllers, key=lambda c: c != "freezer"):
             base = f"{self.mounts[controller]}/{self.root}"
             try:
                 entries = os.listdir(base)
@@ -342,17 +344,15 @@ class V1Backend:
                 owner = SupervisorName.parse(entry)
                 if owner is None or owner.alive():
                     continue
-                _reap_tree(f"{base}/{entry}")
+                _reap_tree(f"{base}/{entry}", freeze=controller == "freezer")
                 dead.add(entry)
         return len(dead)
 
     def close(self) -> None:
         if self._closed:
             return
-        for controller, path in self.sup_dirs.items():
-            for entry in subdirs(path):
-                _reap_tree(f"{path}/{entry}")
-        self._remove_sup_dirs()
+        for controller in sorted(self.sup_dirs, key=lambda c: c != "freezer"):
+            _reap_tree(self.sup_dirs[controller], freeze=controller == "freezer")
         self._closed = True
 
     def _remove_sup_dirs(self) -> None:
@@ -360,18 +360,37 @@ class V1Backend:
             _reap_tree(path)
 
 
-def _reap_tree(path: str) -> None:
-    """Kill everything in ``path`` and below, then remove the directories bottom-up."""
+def _reap_tree(path: str, freeze: bool = False) -> None:
+    """Kill everything in ``path`` and below, then remove the directories bottom-up.
+
+    With ``freeze`` (a freezer hierarchy) the whole subtree is frozen first.
+    """
+    tree = _walk(path)
+    if any(read_pids(f"{d}/cgroup.procs") for d in tree):
+        frozen = freeze and _freeze(path)
+        try:
+            for _ in range(50):
+                pids = [pid for d in tree for pid in read_pids(f"{d}/cgroup.procs")]
+                if not pids:
+                    break
+                kill_pids(pids)
+                if frozen:
+                    break
+                wait_empty([f"{d}/cgroup.procs" for d in tree], timeout=0.1)
+        finally:
+            if frozen:
+                write(f"{path}/freezer.state", "THAWED")
+        wait_empty([f"{d}/cgroup.procs" for d in tree], timeout=2.0)
+    for directory in reversed(tree):  # children before parents
+        try:
+            rmdir_retry(directory)
+        except CgroupError:
+            pass
+
+
+def _walk(path: str) -> list[str]:
+    """``path`` and every cgroup below it, parents before children."""
+    out = [path]
     for entry in subdirs(path):
-        _reap_tree(f"{path}/{entry}")
-    procs = f"{path}/cgroup.procs"
-    for _ in range(50):
-        pids = read_pids(procs)
-        if not pids:
-            break
-        kill_pids(pids)
-        wait_empty([procs], timeout=0.1)
-    try:
-        rmdir_retry(path)
-    except CgroupError:
-        pass
+        out.extend(_walk(f"{path}/{entry}"))
+    return out
