@@ -65,8 +65,10 @@ async def merge_results(context: Context) -> StateResult:
     parts = [context.get_state(f"results_{i}") for i in range(context.get_state("chunk_count"))]
     count = sum(p["count"] for p in parts)
     total = sum(p["sum"] for p in parts)
-    context.set_state("summary", {"count": count, "sum": total, "max": max(p["max"] for p in parts),
-                                  "mean": total / count, "parallel": True})
+    summary = {"count": count, "sum": total, "max": max(p["max"] for p in parts),
+               "mean": total / count, "parallel": True}
+    context.set_state("summary", summary)
+    print(f"merged {len(parts)} chunks: {summary}")
     return None
 
 
