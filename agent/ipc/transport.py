@@ -13,6 +13,8 @@ from typing import Protocol
 import zmq
 from zmq import backend as zmq_backend
 
+_POLLIN = int(zmq.POLLIN)  # a plain int: ``EVENTS & zmq.POLLIN`` would build an enum per test
+
 
 class Transport(Protocol):
     """One end of a frame channel; frames are delivered in order."""
@@ -84,7 +86,7 @@ class DealerTransport:
         loop = asyncio.get_running_loop()
         fd = self._sock.get(zmq.FD)
         while True:
-            if self._sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if self._sock.get(zmq.EVENTS) & _POLLIN:
                 return self._sock.recv(zmq.NOBLOCK)
             self._waiter = loop.create_future()
             loop.add_reader(fd, self._wake)
