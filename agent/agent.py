@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import heapq
 import logging
@@ -25,7 +26,7 @@ from .errors import (
     WorkflowDefinitionError,
 )
 from .executor import Isolation
-from .resources import Priority, ResourcePool, ResourceRequirements
+from .resources import Priority, ResourcePool, ResourceRequirements, ResourceType
 from .retry import RetryPolicy
 from .scheduler import Run, _Activation, _Group
 from .state import StateFunction, StateMetadata, StateSpec, check_state_function
@@ -370,13 +371,44 @@ class Agent:
         return functools.partial(self._ask_human, state)
 
     async def _ask_human(self, state: str, *, prompt: str, timeout: float | None, validator: Any, default: str | None) -> str:
+        """Ask through the provider; the state's CPU is lent to others while a human thinks.
+
+        Memory, GPUs and the rest stay reserved (an isolated child still holds them); the
+        CPU share goes back to the pool for the wait and is taken again, in priority
+        order, before the answer is handed to the state.
+        """
         from .human import ask_human, default_provider
 
         provider = self.human_input if self.human_input is not None else default_provider()
-        return await ask_human(
-            provider, prompt=prompt, timeout=timeout, validator=validator, default=default,
-            run_id=self.run_id or "", state=state,
-        )
+        lent = self._lend_cpu(state)
+        try:
+            return await ask_human(
+                provider, prompt=prompt, timeout=timeout, validator=validator, default=default,
+                run_id=self.run_id or "", state=state,
+            )
+        except asyncio.CancelledError:
+            lent = None  # the attempt is ending: the scheduler releases what it holds
+            raise
+        finally:
+            if lent is not None:
+                act, req = lent
+                self.resource_pool.release(act.owner)
+                await self.resource_pool.acquire(act.owner, req, act.priority, state=state)
+
+    def _lend_cpu(self, state: str) -> tuple[_Activation, ResourceRequirements] | None:
+        """Give back the CPU part of ``state``'s reservation; returns what to take again."""
+        run = self._run
+        act = run.running.get(state) if run is not None else None
+        req = self._states[state].resources
+        if act is None or not act.holds_resources or req is None or not req.amounts().get(ResourceType.CPU):
+            return None
+        self.resource_pool.release(act.owner)
+        waiting = dataclasses.replace(req, cpu_units=0.0)
+        if not self.resource_pool.try_acquire(act.owner, waiting, state=state, priority=act.priority):
+            self.resource_pool.try_acquire(act.owner, req, state=state, priority=act.priority)
+            return None  # someone queued ahead: keep the reservation as it was
+        run.kick()  # states waiting for CPU may start now
+        return act, req
 
     def _choose_victims(self, run: Run, act: _Activation, req: ResourceRequirements) -> list[_Activation]:
         """Lower-priority running states of this run to preempt so ``req`` fits (DESIGN.md item 10).

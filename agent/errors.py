@@ -181,6 +181,10 @@ class IsolationUnavailableError(IsolationError):
     """Raised when the requested isolation level cannot be provided on this machine."""
 
 
+class CgroupError(IsolationError):
+    """Raised when a cgroup cannot be created, limited, joined or removed."""
+
+
 class ProtocolError(IsolationError):
     """Raised when a message across the process boundary is malformed or not allowed."""
 

@@ -1,14 +1,98 @@
-"""Child side of confinement: applied right after fork, before any user code runs."""
+"""Child side of confinement: applied right after fork, before any user code runs.
+
+The order matters: the child joins its cgroup(s) first, so every byte and every
+process it creates afterwards is counted and limited; then rlimits and the
+environment (GPU pinning); the sandbox (uid switch) comes last because only root may
+write ``cgroup.procs`` and raise limits. This module imports nothing of the
+supervisor: ``child_spec`` is plain data.
+
+``child_spec`` keys, all optional:
+
+* ``cgroup_procs``: ``cgroup.procs`` files to write this process's pid to;
+* ``rlimits``: ``[[name, soft, hard], ...]`` with ``name`` a ``resource.RLIMIT_*`` name;
+* ``process_group``: make this process a process-group leader (the no-cgroup
+  fallback kills the whole group);
+* ``data_headroom``: bytes the child may add to its data size (``RLIMIT_DATA`` set to
+  what it inherited plus this), the no-cgroup fallback's memory backstop;
+* ``env``: variables to set;
+* ``gpu``: ``{"env": {...}}``, variables that pin CUDA to the assigned GPUs;
+* ``sandbox``: the spec for :func:`agent.runtime.sandbox.enter_sandbox`.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
-def apply(child_spec: dict[str, Any]) -> None:
-    """Join the attempt's cgroup(s), set the GPU environment and enter the sandbox.
+def join_cgroups(child_spec: dict[str, Any]) -> None:
+    """Move this process into its cgroup(s); raises OSError naming the file on failure."""
+    pid = str(os.getpid()).encode()
+    for procs in child_spec.get("cgroup_procs", ()):
+        try:
+            fd = os.open(procs, os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot join cgroup {procs}: {exc.strerror}") from exc
 
-    ``child_spec`` is the plain dict built by the supervisor's Confiner. Raises
-    OSError when a step fails; the child must then exit without running the state.
+
+def set_limits(child_spec: dict[str, Any]) -> None:
+    """Apply the rlimits of the spec (the no-cgroup fallback uses them)."""
+    rlimits = list(child_spec.get("rlimits", ()))
+    headroom = child_spec.get("data_headroom")
+    if not rlimits and headroom is None:
+        return
+    import resource
+
+    if headroom is not None:
+        cap = _data_size() + int(headroom)
+        rlimits.append(["RLIMIT_DATA", cap, cap])
+    for name, soft, hard in rlimits:
+        resource.setrlimit(getattr(resource, name), (int(soft), int(hard)))
+
+
+def _data_size() -> int:
+    """This process's data size now (VmData), which RLIMIT_DATA is compared with."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def set_environment(child_spec: dict[str, Any]) -> None:
+    """Set the spec's variables and the GPU pinning variables."""
+    os.environ.update({str(k): str(v) for k, v in child_spec.get("env", {}).items()})
+    gpu = child_spec.get("gpu")
+    if gpu:
+        os.environ.update({str(k): str(v) for k, v in gpu.get("env", {}).items()})
+
+
+def enter_sandbox(child_spec: dict[str, Any]) -> None:
+    """Drop into the sandbox described by the spec, when it has one."""
+    spec = child_spec.get("sandbox")
+    if spec is None:
+        return
+    from .sandbox import enter_sandbox as enter
+
+    enter(spec)
+
+
+def apply(child_spec: dict[str, Any], *, sandbox: bool = True) -> None:
+    """Join the attempt's cgroup(s), set limits and the GPU environment, enter the sandbox.
+
+    ``child_spec`` is the plain dict built by the supervisor's Confiner. With
+    ``sandbox=False`` the caller enters the sandbox itself later (with
+    :func:`enter_sandbox`), e.g. after loading code a sandbox uid could not read.
+    Raises OSError when a step fails; the child must then exit without running the state.
     """
-    return None
+    join_cgroups(child_spec)
+    if child_spec.get("process_group") and os.getpgid(0) != os.getpid():
+        os.setpgid(0, 0)
+    set_limits(child_spec)
+    set_environment(child_spec)
+    if sandbox:
+        enter_sandbox(child_spec)

@@ -3,48 +3,319 @@
 The process executor asks a :class:`Confiner` to ``prepare`` each attempt before the
 child is forked. The returned :class:`Confinement` carries ``child_spec``, plain data
 the child applies with :func:`agent.runtime.confine.apply` before any user code runs,
-and afterwards tells what the attempt used and whether it died on a limit.
+and afterwards tells what the attempt used and whether it died on a limit, read back
+from the kernel (``memory.oom_control`` / ``memory.events``, ``pids.events``,
+``cpu.stat``).
 
-This module starts as the no-enforcement implementation; the cgroup, GPU and sandbox
-layers fill it in.
+Lifecycle, for the executor::
+
+    confinement = confiner.prepare(attempt)      # cgroup created, limits written
+    pid = fork(); child: apply(confinement.child_spec); run the state
+    confinement.started(pid)                      # the no-cgroup watchdog needs the pid
+    ... child exits (or confinement.kill()) and is reaped ...
+    reason = confinement.failure_reason(exit_code, signal)   # any failure, before close()
+    usage = confinement.usage(); confinement.close()
 """
 
 from __future__ import annotations
 
-from typing import Any
+import atexit
+import functools
+import glob
+import itertools
+import logging
+import os
+import weakref
+from typing import Any, Callable
 
-from ..errors import FailureReason
-from ..executor import Attempt
+from ..errors import CgroupError, FailureReason, IsolationUnavailableError
+from ..executor import Attempt, Isolation
+from .cgroups import DEFAULT_ROOT, CgroupBackend, CgroupHandle, CgroupLimits, LimitEvents, detect, limits_for
+from .cgroups import blockdev
+from .cgroups.base import safe_name
+
+_log = logging.getLogger("agent.supervisor")
+
+NVIDIA_MAJOR = 195
+# /dev/nvidiactl and /dev/nvidia-modeset share the major; only /dev/nvidia<N> are GPUs.
+_NVIDIA_CONTROL_MINORS = (254, 255)
+
+
+def _asks_io_rates(attempt: Attempt) -> bool:
+    req = attempt.resources
+    return req is not None and any(
+        v is not None for v in (req.io_read_bps, req.io_write_bps, req.io_read_iops, req.io_write_iops)
+    )
+
+
+@functools.cache
+def _gpus_module() -> Any:
+    """``agent.supervisor.gpus`` when it is installed (looked up once: failed imports are slow)."""
+    try:
+        from . import gpus
+    except ImportError:
+        return None
+    return gpus
+
+
+def _mib(nbytes: int | float) -> str:
+    return f"{nbytes / (1024 * 1024):.4g} MiB"
 
 
 class Confinement:
     """Everything set up for one attempt; ``close`` undoes it."""
 
-    def __init__(self, child_spec: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        child_spec: dict[str, Any] | None = None,
+        handle: CgroupHandle | None = None,
+        backend_name: str = "none",
+        release: Callable[[], None] | None = None,
+    ) -> None:
         self.child_spec: dict[str, Any] = child_spec or {}
+        self.handle = handle
+        self.backend_name = backend_name
+        self._release = release
+        self._usage: dict[str, Any] = {}
+        self._events = LimitEvents()
+        self._closed = False
+        self.cleanup_error: CgroupError | None = None
+
+    @property
+    def limits(self) -> CgroupLimits | None:
+        return self.handle.limits if self.handle is not None else None
+
+    @property
+    def unenforced(self) -> dict[str, str]:
+        """Requested limits this machine could not enforce, with why."""
+        return dict(self.handle.unenforced) if self.handle is not None else {}
+
+    def started(self, pid: int) -> None:
+        """Tell the confinement the child's pid (cgroup children joined by themselves)."""
+        if self.handle is not None and not self.handle.procs_files:
+            self.handle.attach(pid)
+
+    def _refresh(self) -> None:
+        if self.handle is not None and not self._closed:
+            self._usage = self.handle.usage()
+            self._events = self.handle.limit_events()
 
     def usage(self) -> dict[str, Any]:
-        """Measured use of the attempt so far (cpu_seconds, peak_memory_bytes, io bytes)."""
-        return {}
+        """Measured use of the attempt so far (cpu_seconds, peak_memory_bytes, io bytes, ...)."""
+        self._refresh()
+        return dict(self._usage)
+
+    def limit_events(self) -> LimitEvents:
+        self._refresh()
+        return self._events
 
     def failure_reason(self, exit_code: int | None, signal: int | None) -> FailureReason | None:
-        """A limit-hit reason read back from the kernel, or None when no limit was hit."""
+        """A limit-hit reason read back from the kernel, or None when no limit was hit.
+
+        Call it for every failed attempt (killed, non-zero exit, *or* a state exception:
+        a refused fork surfaces as ``BlockingIOError`` in the state), after the child
+        was reaped and before :meth:`close`; prefer its reason when it returns one.
+        """
+        if self.handle is None:
+            return None
+        self._refresh()
+        events, usage, limits = self._events, self._usage, self.handle.limits
+        watchdog = " (watchdog)" if self.backend_name == "none" else ""
+        if events.oom_kills and limits.memory_bytes is not None:
+            peak = usage.get("peak_memory_bytes", 0)
+            return FailureReason(
+                kind="limit",
+                message=f"killed: memory limit {_mib(limits.memory_bytes)}{watchdog}, peak {_mib(peak)}",
+                exit_code=exit_code,
+                signal=signal,
+                details={
+                    "limit": "memory",
+                    "limit_bytes": limits.memory_bytes,
+                    "peak_bytes": peak,
+                    "oom_kills": events.oom_kills,
+                    "backend": self.backend_name,
+                },
+            )
+        if events.pids_limit_hits and limits.pids_max is not None:
+            peak = usage.get("pids_peak")
+            if watchdog:
+                message = f"killed: pids limit {limits.pids_max} exceeded (watchdog saw {peak} processes)"
+            else:
+                seen = f", peak {peak} processes" if peak else ""
+                killed = "killed: " if signal is not None else ""
+                message = (
+                    f"{killed}pids limit {limits.pids_max} reached: the kernel refused "
+                    f"{events.pids_limit_hits} fork(s){seen}; raise pids_max or fork less"
+                )
+            return FailureReason(
+                kind="limit",
+                message=message,
+                exit_code=exit_code,
+                signal=signal,
+                details={
+                    "limit": "pids",
+                    "pids_max": limits.pids_max,
+                    "pids_peak": peak,
+                    "refused": events.pids_limit_hits,
+                    "backend": self.backend_name,
+                },
+            )
         return None
 
     def kill(self) -> None:
         """Kill every process of the attempt (used when SIGKILL of the child is not enough)."""
+        if self.handle is not None and not self._closed:
+            self.handle.kill()
 
     def close(self) -> None:
-        """Remove what ``prepare`` created (cgroup, uid lease, GPU assignment)."""
+        """Remove what ``prepare`` created (cgroup, uid lease, GPU assignment); idempotent."""
+        if self._closed:
+            return
+        try:
+            if self.handle is not None:
+                self._refresh()
+                self.handle.remove()
+        except CgroupError as exc:
+            # Never let cleanup hide the attempt's outcome: the supervisor's own
+            # directory is reaped (with whatever is left in it) when the Confiner closes.
+            self.cleanup_error = exc
+            _log.warning("cgroup_not_removed: %s", exc)
+        finally:
+            self._closed = True
+            if self._release is not None:
+                self._release()
 
 
 class Confiner:
-    """Creates a :class:`Confinement` for each attempt."""
+    """Creates a :class:`Confinement` for each attempt, on the best cgroup backend here.
 
+    On start it reaps cgroups left by supervisors that died (``reaped`` says how many).
+    ``io_paths`` are the paths whose disks get the IO throttles (default: the working
+    directory and ``/``). ``gpu_minors`` are the machine's ``/dev/nvidia<N>`` minors
+    (default: found in /dev and in the GPU inventory).
+    """
+
+    # "v2", "v1" or "none": set per instance from the backend detected (or given).
     backend_name = "none"
 
+    def __init__(
+        self,
+        backend: CgroupBackend | str | None = None,
+        *,
+        root: str = DEFAULT_ROOT,
+        io_paths: list[str] | None = None,
+        gpu_minors: list[int] | None = None,
+    ) -> None:
+        if backend is None or isinstance(backend, str):
+            detection = detect(root, prefer=backend)
+            self.backend: CgroupBackend = detection.backend
+            self.refused = detection.refused
+        else:
+            self.backend = backend
+            self.refused = {}
+        self.backend_name = self.backend.name
+        self.reaped = self.backend.reap_stale()
+        self.io_devices = blockdev.disks_for(io_paths or [os.getcwd(), "/"])
+        self._counter = itertools.count(1)
+        self._uid_pool: Any = None
+        self._closed = False
+        _close_at_exit(self)
+        self._gpu_minors = sorted(gpu_minors) if gpu_minors is not None else None
+
+    def capabilities(self) -> dict[str, str]:
+        """What each ResourceRequirements field is enforced by on this machine."""
+        return self.backend.capabilities()
+
     def prepare(self, attempt: Attempt) -> Confinement:
-        return Confinement()
+        """Create the attempt's cgroup with its limits, and the child's spec."""
+        sandboxed = attempt.isolation is Isolation.SANDBOX
+        name = safe_name(f"{attempt.run_id[:8]}-{attempt.state_name}-{attempt.number}-{next(self._counter)}")
+        gpu_env, allowed = self._gpus(attempt.assignment)
+        deny = tuple((NVIDIA_MAJOR, m) for m in self._machine_gpu_minors() if m not in allowed)
+        limits = limits_for(attempt.resources, io_devices=self.io_devices, sandbox=sandboxed, deny_devices=deny)
+        handle = self.backend.create(name, limits)
+        if _asks_io_rates(attempt) and not self.io_devices:
+            handle.unenforced["io_throttle"] = "no block device holds the working directory or /"
+        child_spec = handle.child_spec()
+        child_spec["gpu"] = {"env": gpu_env}
+        release = None
+        if sandboxed:
+            try:
+                pool = self._uids()
+                lease = pool.lease(name)
+            except BaseException:
+                handle.remove()
+                raise
+            child_spec["sandbox"] = lease.spec()
+            release = functools.partial(pool.release, name)
+        return Confinement(child_spec, handle, self.backend_name, release)
+
+    def _gpus(self, assignment: dict[str, Any]) -> tuple[dict[str, str], set[int]]:
+        """CUDA pinning variables and the allowed /dev/nvidia minors of an assignment."""
+        uuids = [str(u) for u in assignment.get("gpus", [])]
+        minors = {int(m) for m in assignment.get("gpu_minors", [])}
+        gpus = _gpus_module()
+        if gpus is not None and uuids:
+            devices = [d for d in gpus.default_inventory().devices() if d.uuid in uuids]
+            if not minors:
+                minors = set(gpus.device_minors(devices))
+            if len(devices) == len(uuids):
+                return gpus.pinning_env(devices), minors
+        # The assignment is the truth even for GPUs the inventory does not list.
+        return {"CUDA_VISIBLE_DEVICES": ",".join(uuids), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, minors
+
+    def _machine_gpu_minors(self) -> list[int]:
+        """Minors of every /dev/nvidia<N> on the machine (read once)."""
+        if self._gpu_minors is None:
+            minors = set()
+            for path in glob.glob("/dev/nvidia[0-9]*"):
+                try:
+                    rdev = os.stat(path).st_rdev
+                except OSError:
+                    continue
+                if os.major(rdev) == NVIDIA_MAJOR and os.minor(rdev) not in _NVIDIA_CONTROL_MINORS:
+                    minors.add(os.minor(rdev))
+            gpus = _gpus_module()
+            if gpus is not None:
+                minors.update(gpus.device_minors(gpus.default_inventory().devices()))
+            self._gpu_minors = sorted(minors)
+        return self._gpu_minors
+
+    def _uids(self) -> Any:
+        if self._uid_pool is None:
+            try:
+                from . import sandbox
+            except ImportError as exc:
+                raise IsolationUnavailableError(
+                    f"isolation 'sandbox' needs agent.supervisor.sandbox, which failed to import: {exc}; "
+                    "use isolation='process'"
+                ) from exc
+            reason = sandbox.unavailable_reason()
+            if reason:
+                raise IsolationUnavailableError(reason)
+            self._uid_pool = sandbox.UidPool()
+        return self._uid_pool
 
     def close(self) -> None:
-        """Release everything held (called when the supervisor shuts down)."""
+        """Release everything held (called when the supervisor shuts down); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.backend.close()
+        finally:
+            if self._uid_pool is not None:
+                self._uid_pool.close()
+                self._uid_pool = None
+
+
+def _close_at_exit(confiner: Confiner) -> None:
+    """Close ``confiner`` when this process exits normally (not in a forked child)."""
+    ref, owner = weakref.ref(confiner), os.getpid()
+
+    def close() -> None:
+        target = ref()
+        if target is not None and os.getpid() == owner:
+            target.close()
+
+    atexit.register(close)

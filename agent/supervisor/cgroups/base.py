@@ -1,0 +1,243 @@
+"""The one cgroup interface the supervisor uses, whatever the kernel offers.
+
+A backend creates one cgroup per attempt under a directory of its own supervisor
+(``<root>/<pid>-<start>-<random>/<attempt>``, in every controller it uses), so a
+supervisor only ever touches what it created. :meth:`CgroupBackend.reap_stale`
+removes the directories of supervisors that died without cleaning up.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from ...errors import CgroupError
+from .limits import CgroupLimits
+
+# The directory, in every controller, that holds every supervisor's cgroups.
+DEFAULT_ROOT = "agent"
+
+
+@dataclass(frozen=True)
+class LimitEvents:
+    """How often the kernel enforced a limit on one cgroup, read back from its files."""
+
+    oom_kills: int = 0
+    memory_limit_hits: int = 0
+    pids_limit_hits: int = 0
+    nr_throttled: int = 0
+    throttled_seconds: float = 0.0
+
+
+@runtime_checkable
+class CgroupHandle(Protocol):
+    """One attempt's cgroup (in every controller the backend uses)."""
+
+    name: str
+    limits: CgroupLimits
+    # Limits the backend could not enforce here, with why (e.g. io_weight on mq-deadline).
+    unenforced: dict[str, str]
+
+    @property
+    def procs_files(self) -> list[str]:
+        """The ``cgroup.procs`` files a process writes its pid to, to join."""
+        ...
+
+    def child_spec(self) -> dict[str, Any]:
+        """Plain data :func:`agent.runtime.confine.apply` uses in the child to join."""
+        ...
+
+    def attach(self, pid: int) -> None:
+        """Move ``pid`` in from the supervisor side (a child normally joins itself)."""
+        ...
+
+    def pids(self) -> list[int]:
+        """Processes in the cgroup now."""
+        ...
+
+    def usage(self) -> dict[str, Any]:
+        """cpu_seconds, peak_memory_bytes, io_read_bytes, io_write_bytes, nr_throttled, ..."""
+        ...
+
+    def limit_events(self) -> LimitEvents: ...
+
+    def kill(self) -> None:
+        """SIGKILL every process in the cgroup and wait until it is empty."""
+        ...
+
+    def remove(self) -> None:
+        """Kill what is left and delete the cgroup (idempotent)."""
+        ...
+
+
+@runtime_checkable
+class CgroupBackend(Protocol):
+    """Creates attempt cgroups; ``name`` is ``"v2"``, ``"v1"`` or ``"none"``."""
+
+    name: str
+
+    def create(self, name: str, limits: CgroupLimits) -> CgroupHandle: ...
+
+    def owned_dirs(self) -> list[str]:
+        """The directories of this supervisor (attempt cgroups live below them)."""
+        ...
+
+    def reap_stale(self) -> int:
+        """Remove cgroups of dead supervisors (killing what is left in them); returns how many."""
+        ...
+
+    def capabilities(self) -> dict[str, str]:
+        """What each ResourceRequirements field is enforced by here (for ``agent doctor``)."""
+        ...
+
+    def close(self) -> None:
+        """Remove this supervisor's directory (after its attempts are gone)."""
+        ...
+
+
+@dataclass
+class SupervisorName:
+    """``<pid>-<start time>-<random>``: unique, and tells whether its supervisor still lives."""
+
+    pid: int
+    start: int
+    token: str = field(default_factory=lambda: secrets.token_hex(3))
+
+    def __str__(self) -> str:
+        return f"{self.pid}-{self.start}-{self.token}"
+
+    @classmethod
+    def mine(cls) -> "SupervisorName":
+        pid = os.getpid()
+        return cls(pid, process_start(pid) or 0)
+
+    @classmethod
+    def parse(cls, text: str) -> "SupervisorName | None":
+        parts = text.split("-")
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+            return None
+        return cls(int(parts[0]), int(parts[1]), parts[2])
+
+    def alive(self) -> bool:
+        """The supervisor is running (same pid *and* start time, so pid reuse is no alive)."""
+        return process_start(self.pid) == self.start
+
+
+def process_start(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot, or None when it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # Field 2 (comm) may contain spaces and parentheses: split after its last ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
+def write(path: str, data: str) -> None:
+    """Write one value to a cgroup file (one write call, as the kernel wants)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def read_int(path: str, default: int = 0) -> int:
+    try:
+        text = read(path).strip()
+    except OSError:
+        return default
+    if text == "max":
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        return default
+
+
+def read_keyed(path: str) -> dict[str, int]:
+    """``key value`` lines (cpu.stat, memory.events, pids.events...) as a dict."""
+    out: dict[str, int] = {}
+    try:
+        text = read(path)
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            continue
+    return out
+
+
+def read_pids(procs_file: str) -> list[int]:
+    try:
+        return [int(line) for line in read(procs_file).split()]
+    except FileNotFoundError:
+        return []
+
+
+def kill_pids(pids: list[int]) -> None:
+    import signal
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def rmdir_retry(path: str, timeout: float = 2.0) -> None:
+    """rmdir a cgroup, retrying while its last processes finish exiting (EBUSY)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise CgroupError(f"cannot remove cgroup {path}: {exc.strerror}") from exc
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+def wait_empty(procs_files: list[str], timeout: float = 5.0) -> bool:
+    """Wait (bounded) until no process is listed in ``procs_files``; True when empty."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while any(read_pids(f) for f in procs_files):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    return True
+
+
+def subdirs(path: str) -> list[str]:
+    """Child cgroups of ``path`` (an attempt's code may create its own below its cgroup)."""
+    try:
+        return [e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def safe_name(text: str) -> str:
+    """A cgroup directory name: no slashes, no dots at the start, bounded length."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    cleaned = cleaned.lstrip(".") or "_"
+    return cleaned[:100]

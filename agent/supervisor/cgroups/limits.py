@@ -1,0 +1,123 @@
+"""What the kernel is asked to enforce for one attempt, independent of the cgroup version.
+
+:func:`limits_for` maps a :class:`~agent.resources.ResourceRequirements` to
+:class:`CgroupLimits`; each backend turns those into its own files (``cpu.max`` or
+``cpu.cfs_quota_us``, ``memory.max`` or ``memory.limit_in_bytes``, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ...errors import ResourceRequestError
+
+if TYPE_CHECKING:
+    from ...resources import ResourceRequirements
+
+# CFS period used for every quota: 100 ms, the kernel default.
+CPU_PERIOD_US = 100_000
+# The kernel refuses quotas below 1 ms.
+CPU_MIN_QUOTA_US = 1_000
+# Processes (and threads) an attempt may have when it does not say.
+DEFAULT_PIDS_MAX = 4096
+# ... and a sandboxed one (untrusted code).
+SANDBOX_PIDS_MAX = 256
+# io_weight 1.0 (the default) is the kernel's default weight 100.
+IO_WEIGHT_SCALE = 100
+IO_WEIGHT_MIN, IO_WEIGHT_MAX = 1, 1000
+
+
+@dataclass(frozen=True)
+class IoThrottle:
+    """Byte and operation rate limits on one block device (``major:minor`` of a whole disk)."""
+
+    major: int
+    minor: int
+    read_bps: int | None = None
+    write_bps: int | None = None
+    read_iops: int | None = None
+    write_iops: int | None = None
+
+    @property
+    def device(self) -> str:
+        return f"{self.major}:{self.minor}"
+
+
+@dataclass(frozen=True)
+class CgroupLimits:
+    """Kernel limits for one cgroup; ``None`` means unlimited / not set."""
+
+    cpu_quota_us: int | None = None
+    cpu_period_us: int = CPU_PERIOD_US
+    memory_bytes: int | None = None
+    io_weight: int | None = None
+    io_throttles: tuple[IoThrottle, ...] = ()
+    pids_max: int | None = DEFAULT_PIDS_MAX
+    # devices cgroup (v1): character devices to deny, as (major, minor) pairs.
+    deny_devices: tuple[tuple[int, int], ...] = ()
+    # The disks that io_weight applies to (``major:minor``).
+    io_weight_devices: tuple[tuple[int, int], ...] = field(default=())
+
+    @property
+    def cpu_units(self) -> float | None:
+        return None if self.cpu_quota_us is None else self.cpu_quota_us / self.cpu_period_us
+
+    @property
+    def memory_mib(self) -> float | None:
+        return None if self.memory_bytes is None else self.memory_bytes / (1024 * 1024)
+
+
+def limits_for(
+    requirements: "ResourceRequirements | None",
+    *,
+    io_devices: tuple[tuple[int, int], ...] = (),
+    sandbox: bool = False,
+    deny_devices: tuple[tuple[int, int], ...] = (),
+) -> CgroupLimits:
+    """The kernel limits that enforce ``requirements`` (only the types it accounts for).
+
+    ``io_devices`` are the whole disks the byte/iops throttles and the IO weight apply
+    to. A ``None`` requirement still gets the default pids limit.
+    """
+    from ...resources import ResourceType
+
+    pids_default = SANDBOX_PIDS_MAX if sandbox else DEFAULT_PIDS_MAX
+    if requirements is None:
+        return CgroupLimits(pids_max=pids_default, deny_devices=deny_devices)
+    types = requirements.resource_types
+    quota = None
+    if ResourceType.CPU in types and requirements.cpu_units > 0:
+        quota = max(CPU_MIN_QUOTA_US, round(requirements.cpu_units * CPU_PERIOD_US))
+    memory = None
+    if ResourceType.MEMORY in types and requirements.memory_mb > 0:
+        memory = int(requirements.memory_mb * 1024 * 1024)
+        if memory < 4096 * 64:
+            raise ResourceRequestError(
+                f"memory_mb={requirements.memory_mb:g} is below 0.25 MiB, too small for any process: "
+                "ask for more, or leave MEMORY out of resource_types"
+            )
+    weight = None
+    if ResourceType.IO in types and requirements.io_weight > 0:
+        scaled = round(requirements.io_weight * IO_WEIGHT_SCALE)
+        if scaled != IO_WEIGHT_SCALE:
+            weight = min(IO_WEIGHT_MAX, max(IO_WEIGHT_MIN, scaled))
+    rates = (
+        requirements.io_read_bps,
+        requirements.io_write_bps,
+        requirements.io_read_iops,
+        requirements.io_write_iops,
+    )
+    throttles: tuple[IoThrottle, ...] = ()
+    if any(rate is not None for rate in rates):
+        throttles = tuple(IoThrottle(major, minor, *rates) for major, minor in io_devices)
+    pids = requirements.pids_max if requirements.pids_max is not None else pids_default
+    return CgroupLimits(
+        cpu_quota_us=quota,
+        memory_bytes=memory,
+        io_weight=weight,
+        io_throttles=throttles,
+        pids_max=pids,
+        deny_devices=deny_devices,
+        io_weight_devices=io_devices if weight is not None else (),
+    )

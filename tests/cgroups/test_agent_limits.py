@@ -1,0 +1,52 @@
+"""Through the public API: an isolated state that breaks its limit fails with the kernel's reason."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent import Agent
+from agent.errors import StateFailedError
+from agent.resources import ResourceRequirements
+
+from .agent_states import bomb, hog, modest
+from .helpers import BACKEND
+
+try:
+    from agent.supervisor import get_executor  # noqa: F401
+except ImportError:  # the process executor is not installed in this tree
+    get_executor = None
+
+pytestmark = [
+    pytest.mark.cgroup,
+    pytest.mark.skipif(BACKEND is None, reason="needs root and cgroup v1 or v2"),
+    pytest.mark.skipif(get_executor is None, reason="needs the process executor (agent.supervisor)"),
+]
+
+
+def _agent(name: str, func, resources: ResourceRequirements) -> Agent:
+    agent = Agent(name, isolation="process")
+    agent.add_state("work", func, resources=resources, max_retries=0)
+    return agent
+
+
+class TestLimitsThroughTheAgent:
+    """run() raises StateFailedError naming the limit; other runs and states are unaffected."""
+
+    async def test_memory_limit_fails_the_state_and_spares_a_concurrent_run(self):
+        failing = _agent("hog", hog, ResourceRequirements(memory_mb=64))
+        healthy = _agent("modest", modest, ResourceRequirements(memory_mb=64))
+        results = await asyncio.gather(failing.run(), healthy.run(), return_exceptions=True)
+        error, context = results
+        assert isinstance(error, StateFailedError), error
+        assert error.state == "work"
+        assert error.reason.kind == "limit"
+        assert "killed: memory limit 64 MiB" in str(error)
+        assert context.get_state("allocated") == 16 * 1024 * 1024
+
+    async def test_fork_bomb_is_contained_and_reported(self):
+        agent = _agent("bomb", bomb, ResourceRequirements(pids_max=32))
+        with pytest.raises(StateFailedError) as info:
+            await agent.run()
+        assert "pids limit 32" in str(info.value)

@@ -1,0 +1,221 @@
+"""Cgroups live exactly as long as their attempt; a dead supervisor's cgroups are reaped."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import signal
+
+import psutil
+import pytest
+
+from agent.resources import ResourceRequirements
+from agent.supervisor.cgroups import CgroupLimits
+from agent.supervisor.cgroups.base import SupervisorName
+from agent.supervisor.confinement import Confiner
+
+from .helpers import BACKEND, block, leftover_cgroups, make_attempt, needs_cgroups, needs_v1, open_device, spawn
+
+pytestmark = [pytest.mark.cgroup, needs_cgroups]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _stale_supervisor_name() -> SupervisorName:
+    """The name of a supervisor that is dead: an exited child's pid, a start time it never had."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return SupervisorName(pid, 1)
+
+
+def _tops(confiner: Confiner, root: str) -> list[str]:
+    """The ``<root>`` directory in every hierarchy the confiner's backend uses."""
+    if BACKEND == "v1":
+        mounts = confiner.backend.mounts
+        return sorted({f"{mounts[c]}/{root}" for c in confiner.backend.controllers})
+    return [f"{confiner.backend.base}/{root}"]
+
+
+def _fake_attempt_dirs(tops: list[str], supervisor: SupervisorName) -> list[str]:
+    """Attempt directories as a supervisor named ``supervisor`` would have left them."""
+    dirs = []
+    for top in tops:
+        path = f"{top}/{supervisor}/attempt-1"
+        os.makedirs(path)
+        dirs.append(path)
+    return dirs
+
+
+@pytest.fixture
+def private_root(confiner):
+    """A root directory name no other supervisor on this machine looks into."""
+    root = f"agent-test-{secrets.token_hex(4)}"
+    tops = _tops(confiner, root)
+    yield root, tops
+    for top in tops:
+        for entry in os.listdir(top) if os.path.isdir(top) else ():
+            path = f"{top}/{entry}"
+            if os.path.isdir(path):
+                for sub in os.listdir(path):
+                    if os.path.isdir(f"{path}/{sub}"):
+                        os.rmdir(f"{path}/{sub}")
+                os.rmdir(path)
+        if os.path.isdir(top):
+            os.rmdir(top)
+
+
+class TestAttemptCleanup:
+    """close() kills whatever the attempt left running, even processes that left its tree."""
+
+    def test_close_kills_a_double_forked_grandchild_and_removes_the_cgroup(self, confiner):
+        confinement = confiner.prepare(make_attempt(ResourceRequirements(memory_mb=64)))
+        child = spawn(confinement.child_spec, block)
+        pids = child.receive()
+        assert set(confinement.handle.pids()) == {pids["pid"], pids["grandchild"]}
+        assert leftover_cgroups(confiner)
+        confinement.close()
+        assert child.wait().signal == signal.SIGKILL
+        assert _gone(pids["grandchild"])
+        assert leftover_cgroups(confiner) == []
+
+    def test_kill_empties_the_cgroup_and_close_is_idempotent(self, confiner):
+        confinement = confiner.prepare(make_attempt(None))
+        child = spawn(confinement.child_spec, block)
+        child.receive()
+        confinement.kill()
+        assert confinement.handle.pids() == []
+        assert child.wait().signal == signal.SIGKILL
+        usage = confinement.usage()
+        confinement.close()
+        confinement.close()
+        assert confinement.usage() == usage  # the last reading survives the cgroup
+
+
+class TestStaleReaping:
+    """A new Confiner removes the cgroups of dead supervisors, and only those."""
+
+    def test_dead_supervisors_cgroups_and_processes_are_reaped(self, private_root):
+        root, tops = private_root
+        dirs = _fake_attempt_dirs(tops, _stale_supervisor_name())
+        child = spawn({"cgroup_procs": [f"{d}/cgroup.procs" for d in dirs]}, block)
+        child.receive()
+        second = Confiner(root=root, gpu_minors=[])
+        try:
+            assert second.reaped == 1
+        finally:
+            second.close()
+        assert child.wait().signal == signal.SIGKILL
+        assert not [d for d in dirs if os.path.exists(os.path.dirname(d))]
+
+    def test_a_live_supervisors_cgroups_are_left_alone(self, private_root):
+        root, tops = private_root
+        dirs = _fake_attempt_dirs(tops, SupervisorName.mine())  # same pid and start, another token
+        second = Confiner(root=root, gpu_minors=[])
+        second.close()
+        assert second.reaped == 0
+        assert all(os.path.isdir(d) for d in dirs)
+
+
+@needs_v1
+class TestDevices:
+    """The v1 devices cgroup hides the GPUs an attempt was not given."""
+
+    def test_denied_device_cannot_be_opened(self, confiner):
+        handle = confiner.backend.create("devices-test", CgroupLimits(deny_devices=((1, 3),)))  # /dev/null
+        try:
+            child = spawn(handle.child_spec(), open_device("/dev/null"))
+            assert child.receive() == {"errno": errno.EPERM}
+            assert child.wait().code == 0
+        finally:
+            handle.remove()
+
+    def test_only_the_assigned_gpu_minors_are_allowed(self, tmp_path):
+        confiner = Confiner(io_paths=[str(tmp_path)], gpu_minors=[0, 1, 2])
+        try:
+            for minor in (0, 1):
+                os.mknod(tmp_path / f"nvidia{minor}", 0o600 | 0o020000, os.makedev(195, minor))
+            attempt = make_attempt(None, assignment={"gpus": ["GPU-1111"], "gpu_minors": [1]})
+            confinement = confiner.prepare(attempt)
+            try:
+                assert confinement.limits.deny_devices == ((195, 0), (195, 2))
+                assert confinement.child_spec["gpu"]["env"]["CUDA_VISIBLE_DEVICES"] == "GPU-1111"
+                denied = spawn(confinement.child_spec, open_device(str(tmp_path / "nvidia0")))
+                allowed = spawn(confinement.child_spec, open_device(str(tmp_path / "nvidia1")))
+                assert denied.receive() == {"errno": errno.EPERM}
+                assert allowed.receive()["errno"] != errno.EPERM  # ENXIO without a driver
+                denied.wait(), allowed.wait()
+            finally:
+                confinement.close()
+        finally:
+            confiner.close()
+
+
+class TestProcessExit:
+    """A supervisor that exits without closing still leaves no cgroups behind."""
+
+    def test_cgroups_are_removed_at_interpreter_exit(self, confiner):
+        import json
+        import subprocess
+        import sys
+
+        code = (
+            "import json\n"
+            "from agent.supervisor.confinement import Confiner\n"
+            "from tests.cgroups.helpers import make_attempt\n"
+            "c = Confiner(gpu_minors=[])\n"
+            "c.prepare(make_attempt(None))\n"
+            "print(json.dumps(c.backend.owned_dirs()))\n"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+        dirs = json.loads(done.stdout)
+        assert dirs and not [d for d in dirs if os.path.exists(d)]
+
+
+@needs_v1
+class TestCoMountedHierarchies:
+    """Controllers mounted together (cpu,cpuacct) share one directory per attempt."""
+
+    def test_create_and_remove_with_a_shared_mount(self):
+        from agent.supervisor.cgroups.v1 import V1Backend, v1_mounts
+
+        mounts = dict(v1_mounts())
+        mounts["cpuacct"] = mounts["cpu"]
+        backend = V1Backend(root=f"agent-test-{secrets.token_hex(4)}", mounts=mounts)
+        try:
+            handle = backend.create("shared", CgroupLimits(cpu_quota_us=50_000))
+            assert handle.dirs["cpu"] == handle.dirs["cpuacct"]
+            assert len(handle.procs_files) == len(set(handle.dirs.values()))
+            handle.remove()
+            assert not os.path.exists(handle.dirs["cpu"])
+        finally:
+            backend.close()
+            for top in {os.path.dirname(d) for d in backend.owned_dirs()}:
+                os.rmdir(top)
+
+
+class TestNestedCgroups:
+    """Cgroups an attempt made below its own (a nested supervisor, a container) go with it."""
+
+    def test_remove_kills_and_deletes_what_the_attempt_nested(self, confiner):
+        confinement = confiner.prepare(make_attempt(ResourceRequirements(memory_mb=64)))
+        handle = confinement.handle
+        tops = sorted(set(handle.dirs.values())) if BACKEND == "v1" else [handle.path]
+        nested = [f"{top}/nested" for top in tops]
+        for path in nested:
+            os.mkdir(path)
+        child = spawn({"cgroup_procs": [f"{p}/cgroup.procs" for p in nested]}, block)
+        pids = child.receive()
+        confinement.close()
+        assert confinement.cleanup_error is None
+        assert child.wait().signal == signal.SIGKILL
+        assert _gone(pids["grandchild"])
+        assert not [p for p in tops if os.path.exists(p)]
