@@ -4,7 +4,8 @@ latency: state requested (executor called) -> first line of the state running, f
 monotonic clock, which is shared by every process of the box.
 chain: a 200-state sequential workflow; fan_out: one state returning 200 names.
 Both run through ``Agent(..., isolation="process")`` and, for comparison, straight
-through the executor.
+through the executor. ``*_cpu_ms_per_state``: CPU time of this process, the zygote and
+the children per state of the executor runs; on a shared box it moves less than the rates.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from agent import Agent  # noqa: E402
 from agent.context import Context  # noqa: E402
 from agent.executor import Attempt, Isolation  # noqa: E402
 from agent.supervisor import get_executor, shutdown_supervisor  # noqa: E402
+from agent.supervisor.service import current_supervisor  # noqa: E402
 
 
 async def started_at(context):
@@ -82,35 +84,52 @@ async def engine_fan_out(n: int) -> float:
     return (n + 1) / (time.perf_counter() - t0)
 
 
-async def executor_chain(n: int) -> float:
+def _cpu_seconds() -> float:
+    """CPU time so far of this process, its zygote and the zygote's reaped children."""
+    own = os.times()
+    total = own.user + own.system
+    sup = current_supervisor()
+    if sup is not None:
+        with open(f"/proc/{sup.zygote.pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def executor_chain(n: int) -> tuple[float, float]:
     executor = get_executor(Isolation.PROCESS)
     ctx = Context(run_id="bench-chain")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     for i in range(n):
         await executor.run_attempt(Attempt("bench-chain", "bench", f"s{i}", noop, 1, context=ctx,
                                            isolation=Isolation.PROCESS))
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), (_cpu_seconds() - c0) * 1000 / n
 
 
-async def executor_fan_out(n: int) -> float:
+async def executor_fan_out(n: int) -> tuple[float, float]:
     executor = get_executor(Isolation.PROCESS)
     ctx = Context(run_id="bench-fan")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     await asyncio.gather(*(
         executor.run_attempt(Attempt("bench-fan", "bench", f"leaf{i}", noop, 1, context=ctx,
                                      isolation=Isolation.PROCESS))
         for i in range(n)
     ))
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), (_cpu_seconds() - c0) * 1000 / n
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
     await launch_latency(5)  # starts the supervisor and warms the zygote
+    latency = await launch_latency(args.latency_samples)
+    chain_rate, chain_cpu = await executor_chain(args.n)
+    fan_rate, fan_cpu = await executor_fan_out(args.n)
     result: dict[str, object] = {
         "cpus": os.cpu_count(),
-        "launch_latency": await launch_latency(args.latency_samples),
-        "executor_chain_states_per_s": round(await executor_chain(args.n), 1),
-        "executor_fan_out_states_per_s": round(await executor_fan_out(args.n), 1),
+        "launch_latency": latency,
+        "executor_chain_states_per_s": round(chain_rate, 1),
+        "executor_chain_cpu_ms_per_state": round(chain_cpu, 2),
+        "executor_fan_out_states_per_s": round(fan_rate, 1),
+        "executor_fan_out_cpu_ms_per_state": round(fan_cpu, 2),
         "chain_states_per_s": round(await engine_chain(args.n), 1),
         "fan_out_states_per_s": round(await engine_fan_out(args.n), 1),
     }

@@ -11,6 +11,7 @@ supervisor killed outright leaves no files behind.
 
 from __future__ import annotations
 
+import _signal
 import gc
 import os
 import select
@@ -26,6 +27,7 @@ from . import child as child_module
 from .child import set_parent_death_signal
 
 _HEADER = struct.Struct("!I")
+_SIGTERM = (int(signal.SIGTERM),)
 _CONTROL_LIMITS = Limits(max_frame=16 * 1024 * 1024)
 
 
@@ -83,15 +85,16 @@ class Zygote:
 
     def _spawn(self, request_id: int, spec: dict[str, Any]) -> None:
         # SIGTERM (the zygote's own clean-up) stays blocked in the child until it resets it.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        # (``_signal``: the ``signal`` wrapper builds an enum set of the old mask per call.)
+        _signal.pthread_sigmask(signal.SIG_BLOCK, _SIGTERM)
         try:
             pid = os.fork()
         except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
             write_frame(self._control, {"op": "spawn_failed", "id": request_id, "error": str(exc)})
             return
         if pid != 0:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
         if pid == 0:
             child_module.child_main(
                 spec, os.getppid(), [self._control.fileno(), self._wake_r, self._wake_w]

@@ -95,7 +95,7 @@ async def wrong_version_state(context):
 
 
 async def wrong_routing_id_state(context):
-    endpoint = _own_socket().getsockopt(zmq.LAST_ENDPOINT).decode()
+    endpoint = _own_socket().get(zmq.LAST_ENDPOINT).decode()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.ROUTING_ID, b"not-my-secret")
