@@ -173,7 +173,8 @@ class Confinement:
             return
         try:
             if self.handle is not None:
-                self._refresh()
+                if not self._usage:  # nothing read yet: keep the final figures before removing
+                    self._refresh()
                 self.handle.remove()
         except CgroupError as exc:
             # Never let cleanup hide the attempt's outcome: the supervisor's own
