@@ -325,7 +325,8 @@ class Agent:
                 run.emit(ev.RUN_STARTED, data={"resumed": True})
             else:
                 run.start(names)
-                self._after_completion(run)  # the run is resumable before its first completion
+                if self.checkpoint_store is not None:
+                    self._after_completion(run)  # the run is resumable before its first completion
             await run.drive(deadline)
         except asyncio.CancelledError:
             self._set_status(AgentStatus.CANCELLED)
@@ -339,7 +340,8 @@ class Agent:
             status = AgentStatus.FAILED
         self._set_status(status)
         self.last_error = run.error
-        run.emit(ev.RUN_FINISHED, status=status.value, error=str(run.error) if run.error else None)
+        if run.observers:
+            run.emit(ev.RUN_FINISHED, status=status.value, error=str(run.error) if run.error else None)
         if self.checkpoint_store is not None:
             self._save_checkpoint()
         if run.error is not None:

@@ -356,7 +356,7 @@ class Run:
         meta.waiting_for = None
         meta.started_at = now
         meta.last_execution = time.time()
-        if self.pool is not None:
+        if spec.resources is not None:
             self.pool.unmark_waiting(act.owner)
         if self.observers:  # what it holds from the pool, for the allocation metrics
             self.emit(ev.STATE_STARTED, name, attempt=act.attempt,
