@@ -8,7 +8,6 @@ import functools
 import heapq
 import logging
 import os
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 

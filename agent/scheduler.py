@@ -644,7 +644,7 @@ class Run:
         if self.waiting:
             still: list[_Activation] = []
             for act in self.waiting:
-                verdict = self.deps_verdict(act.state, act.waiting_since, now, triggered=False)
+                verdict = self.deps_verdict(act.state, act.waiting_since, now)
                 if verdict is True:
                     self.emit(ev.DEPENDENCY_RESOLVED, act.state, duration=now - act.waiting_since)
                     self.consume(act.state)
@@ -662,7 +662,7 @@ class Run:
         for name in list(self.watch):
             if name in self.running or self.has_live(name):
                 continue
-            verdict = self.deps_verdict(name, self.watch_since, now, triggered=True)
+            verdict = self.deps_verdict(name, self.watch_since, now)
             if verdict is True:
                 self.emit(ev.DEPENDENCY_RESOLVED, name, duration=now - self.watch_since)
                 self.consume(name)
@@ -703,7 +703,7 @@ class Run:
         if not any(c.lifecycle in (Life.ALWAYS, Life.PERIODIC) for c in deps.values()):
             self.watch.discard(name)  # triggered once per run: a returned activation counts
 
-    def deps_verdict(self, name: str, since: float, now: float, *, triggered: bool) -> Any:
+    def deps_verdict(self, name: str, since: float, now: float) -> Any:
         """True when met; a reason string while waiting; (status, message) when it never can be."""
         spec = self.specs[name]
         for dep, cfg in spec.dependencies.items():
@@ -788,7 +788,7 @@ class Run:
         for name in self.watch:
             meta = self.metadata[name]
             if meta.status is StateStatus.PENDING and meta.runs == 0:
-                verdict = self.deps_verdict(name, self.watch_since, self.clock(), triggered=True)
+                verdict = self.deps_verdict(name, self.watch_since, self.clock())
                 reason = verdict if isinstance(verdict, str) else "its dependencies"
                 meta.blocked_reason = f"state {name!r} never ran: it was waiting for {reason}"
                 meta.set_status(StateStatus.BLOCKED)
