@@ -8,6 +8,8 @@ from .dependencies import DependencyConfig, DependencyLifecycle, DependencyType
 from .errors import (
     AgentBusyError,
     AgentError,
+    AttemptLogNotFoundError,
+    CgroupError,
     CheckpointError,
     ContextError,
     ContextKeyError,
@@ -30,6 +32,8 @@ from .errors import (
     IsolationError,
     IsolationUnavailableError,
     MaxStepsExceededError,
+    MonitorConfigurationError,
+    MonitorError,
     ProtocolError,
     QuotaExceededError,
     ResourceError,
@@ -40,11 +44,18 @@ from .errors import (
     UnencodableValueError,
     UnknownNextStateError,
     UnknownStateError,
+    ValueTooLargeError,
     WorkflowDefinitionError,
 )
 from .events import RunEvent, observing
 from .executor import Isolation
-from .resources import Priority, ResourcePool, ResourceRequirements, ResourceType, ResourceUsage
+from .resources import (
+    Priority,
+    ResourcePool,
+    ResourceRequirements,
+    ResourceType,
+    ResourceUsage,
+)
 from .retry import RetryPolicy
 from .state import StateMetadata, StateResult
 from .status import AgentStatus, StateStatus
@@ -56,6 +67,8 @@ __all__ = [
     "AgentCheckpoint",
     "AgentError",
     "AgentStatus",
+    "AttemptLogNotFoundError",
+    "CgroupError",
     "Checkpoint",
     "CheckpointError",
     "Context",
@@ -84,6 +97,9 @@ __all__ = [
     "IsolationError",
     "IsolationUnavailableError",
     "MaxStepsExceededError",
+    "MonitorConfigurationError",
+    "MonitorError",
+    "observing",
     "Priority",
     "ProtocolError",
     "QuotaExceededError",
@@ -105,6 +121,6 @@ __all__ = [
     "UnencodableValueError",
     "UnknownNextStateError",
     "UnknownStateError",
+    "ValueTooLargeError",
     "WorkflowDefinitionError",
-    "observing",
 ]
