@@ -162,6 +162,7 @@ class Run:
         self.done = asyncio.Event()
         self.wake = asyncio.Event()
         self.timers: list[tuple[float, int]] = []  # (deadline, activation id or 0 for a recheck)
+        self.rechecks: set[float] = set()
         self.wake_handle: asyncio.TimerHandle | None = None
         self.pause_requested = False
         self.cancelled = False
@@ -258,7 +259,8 @@ class Run:
         fired = False
         now = self.clock()
         while self.timers and self.timers[0][0] <= now:
-            _, aid = heapq.heappop(self.timers)
+            deadline, aid = heapq.heappop(self.timers)
+            self.rechecks.discard(deadline)
             fired = True
             act = self.retrying.pop(aid, None)
             if act is not None and not self.pause_requested:
@@ -268,6 +270,11 @@ class Run:
         return fired
 
     def add_timer(self, deadline: float, aid: int = 0) -> None:
+        """Wake the pump at ``deadline``: for a retry (``aid``) or a dependency recheck (0)."""
+        if not aid:
+            if deadline in self.rechecks:
+                return
+            self.rechecks.add(deadline)
         heapq.heappush(self.timers, (deadline, aid))
 
     def launch_ready(self) -> bool:
@@ -872,6 +879,7 @@ class Run:
                 meta.set_status(StateStatus.CANCELLED)
         self.retrying.clear()
         self.timers.clear()
+        self.rechecks.clear()
 
 
 def _exception_reason(exc: BaseException) -> FailureReason:
