@@ -75,7 +75,10 @@ class TestMain:
         from agent.cli import main as agent_main
 
         assert agent_main(["top", "--demo", "--snapshot", "--speed", "40", "--interval", "0.01"]) == 0
-        assert "etl_pipeline" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "agent top · demo" in out
+        # Which demo runs are still live in the busiest frame depends on timing; some are.
+        assert any(name in out for name in ("etl_pipeline", "model_training", "batch_inference"))
 
 
 class TestOptionalDependencies:
