@@ -1,44 +1,13 @@
 """``from agent_monitor import agent_monitor, MetricType, ...`` as the documentation writes it.
 
-The implementation lives in :mod:`agent.monitor`; this module only re-exports it.
+The implementation lives in :mod:`agent.monitor`; this module only re-exports its public names.
 """
 
-from agent.monitor import (
-    CATALOGUE,
-    LiveSnapshot,
-    MetricAggregation,
-    MetricSpec,
-    MetricsCollector,
-    MetricType,
-    ProcessSampler,
-    ThisProcess,
-    RealTimeMetrics,
-    RunView,
-    StateView,
-    Tally,
-    agent_monitor,
-)
-
-__all__ = [
-    "agent_monitor",
-    "CATALOGUE",
-    "LiveSnapshot",
-    "MetricAggregation",
-    "MetricsCollector",
-    "MetricSpec",
-    "MetricType",
-    "ProcessSampler",
-    "RealTimeMetrics",
-    "RunView",
-    "StateView",
-    "Tally",
-    "ThisProcess",
-]
+from agent.monitor import *  # noqa: F403 - the re-export is the point
+from agent.monitor import __all__ as __all__
 
 
-def __getattr__(name: str):
-    if name in ("PrometheusExporter", "start_prometheus_exporter"):
-        import agent.monitor
+def __getattr__(name: str):  # the exporter needs the optional prometheus_client: resolved on use
+    import agent.monitor
 
-        return getattr(agent.monitor, name)  # not in __all__: it needs the optional prometheus_client
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(agent.monitor, name)

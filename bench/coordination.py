@@ -15,6 +15,8 @@ import asyncio
 import json
 import time
 
+from inline import add_chain
+
 from agent import Agent
 from agent.coordination import Coordinator, Mutex, PrimitiveType, TokenBucket, create_coordinated_agent
 
@@ -51,21 +53,6 @@ def token_bucket(n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _chain(agent: Agent) -> Agent:
-    async def s1(context):
-        return "s2"
-
-    async def s2(context):
-        return "s3"
-
-    async def s3(context):
-        return None
-
-    for name, fn in (("s1", s1), ("s2", s2), ("s3", s3)):
-        agent.add_state(name, fn)
-    return agent
-
-
 async def chain(agent: Agent, runs: int) -> float:
     await agent.run()  # warm-up
     t0 = time.perf_counter()
@@ -77,8 +64,8 @@ async def chain(agent: Agent, runs: int) -> float:
 async def main(quick: bool) -> dict[str, float]:
     n = 20_000 if quick else 200_000
     runs = 300 if quick else 3000
-    plain = _chain(Agent("plain", isolation="inline"))
-    coordinated = _chain(create_coordinated_agent("coordinated", isolation="inline", coordinator=Coordinator()))
+    plain = add_chain(Agent("plain", isolation="inline"))
+    coordinated = add_chain(create_coordinated_agent("coordinated", isolation="inline", coordinator=Coordinator()))
     for name in ("s1", "s2", "s3"):
         coordinated.add_state_coordination(name, PrimitiveType.MUTEX)
     return {

@@ -1,6 +1,7 @@
 """Inline engine throughput: states/s for a 3-state chain and a 100-way fan-out with join.
 
-Run: python bench/inline.py [--quick]. Prints one JSON object.
+Run: python bench/inline.py [--quick]. Prints one JSON object. The workloads and the
+measuring loop are shared by the other benches that compare against plain inline runs.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from agent import Agent, ResourcePool, ResourceRequirements
 RESOURCES = ResourceRequirements(cpu_units=0.001, memory_mb=1, io_weight=0.001, network_weight=0.001)
 
 
-def chain_agent(with_resources: bool, pool: ResourcePool) -> Agent:
-    agent = Agent("bench_chain", isolation="inline", resource_pool=pool)
+def add_chain(agent: Agent, resources: ResourceRequirements | None = None) -> Agent:
+    """Add the no-op chain s1 -> s2 -> s3 to ``agent``."""
 
     async def s1(context):
         return "s2"
@@ -30,11 +31,16 @@ def chain_agent(with_resources: bool, pool: ResourcePool) -> Agent:
         return None
 
     for name, fn in (("s1", s1), ("s2", s2), ("s3", s3)):
-        agent.add_state(name, fn, resources=RESOURCES if with_resources else None)
+        agent.add_state(name, fn, resources=resources)
     return agent
 
 
-def fanout_agent(width: int, with_resources: bool, pool: ResourcePool) -> Agent:
+def chain_agent(with_resources: bool = False, pool: ResourcePool | None = None) -> Agent:
+    agent = Agent("bench_chain", isolation="inline", resource_pool=pool)
+    return add_chain(agent, RESOURCES if with_resources else None)
+
+
+def fanout_agent(width: int = 100, with_resources: bool = False, pool: ResourcePool | None = None) -> Agent:
     agent = Agent("bench_fanout", isolation="inline", resource_pool=pool)
     names = [f"w{i}" for i in range(width)]
 

@@ -9,62 +9,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 import time
+
+from inline import chain_agent, fanout_agent, measure
 
 from agent import Agent, events
 from agent.monitor import MetricsCollector, agent_monitor
 
 
-def chain_agent() -> Agent:
-    agent = Agent("bench_chain", isolation="inline")
-
-    async def s1(context):
-        return "s2"
-
-    async def s2(context):
-        return "s3"
-
-    async def s3(context):
-        return None
-
-    for name, fn in (("s1", s1), ("s2", s2), ("s3", s3)):
-        agent.add_state(name, fn)
-    return agent
-
-
-def fanout_agent(width: int = 100) -> Agent:
-    agent = Agent("bench_fanout", isolation="inline")
-    names = [f"w{i}" for i in range(width)]
-
-    async def start(context):
-        return names
-
-    async def work(context):
-        return "join"
-
-    async def join(context):
-        return None
-
-    agent.add_state("start", start)
-    for n in names:
-        agent.add_state(n, work)
-    agent.add_state("join", join)
-    return agent
-
-
 async def rate(agent: Agent, states_per_run: int, seconds: float) -> float:
-    rates = []
-    began = time.perf_counter()
-    while time.perf_counter() - began < seconds or len(rates) < 5:
-        t0 = time.perf_counter()
-        runs = 0
-        while time.perf_counter() - t0 < 0.05:
-            await agent.run()
-            runs += 1
-        rates.append(runs * states_per_run / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    return (await measure(agent, states_per_run, seconds))["states_per_s_median"]
 
 
 async def workload(seconds: float) -> dict[str, float]:
