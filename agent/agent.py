@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import functools
 import heapq
+import itertools
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -659,11 +660,12 @@ class Agent:
 
 def _snapshot_frames(run: Run) -> dict[str, Any]:
     """The run's fan-out groups and live activations, as plain data."""
-    acts: list[dict[str, Any]] = []
-    live = list(run.ready) + list(run.waiting) + list(run.retrying.values()) + list(run.paused) + list(run.running.values())
-    for a in live:
-        acts.append({"state": a.state, "group": a.group, "attempt": max(0, a.attempt - (1 if a in run.running.values() else 0)),
-                     "via_dependency": a.via_dependency})
+    def frame(a: _Activation, attempts_done: int) -> dict[str, Any]:
+        return {"state": a.state, "group": a.group, "attempt": attempts_done, "via_dependency": a.via_dependency}
+
+    queued = list(run.ready) + list(run.waiting) + list(run.retrying.values()) + list(run.paused)
+    # A running attempt re-runs on resume, so it is not counted as done.
+    acts = [frame(a, a.attempt) for a in queued] + [frame(a, a.attempt - 1) for a in run.running.values()]
     return {
         "groups": [{"id": g.id, "parent": g.parent, "active": g.active, "held": list(g.held)} for g in run.groups.values()],
         "activations": acts,
@@ -695,9 +697,10 @@ def _restore_frames(run: Run, checkpoint: AgentCheckpoint) -> None:
         run.groups[group.id] = group
     run.root = run.groups.setdefault(0, _Group(0, None))
     top = max(run.groups) if run.groups else 0
-    run._ids = __import__("itertools").count(top + 1)
+    run._ids = itertools.count(top + 1)
     run.watch = {n for n in frames.get("watch", []) if n in specs}
     run.completions = {k: int(v) for k, v in frames.get("completions", {}).items()}
+    run.steps = int(frames.get("steps", 0))  # max_steps counts the whole run, across a resume
     for a in frames.get("activations", []):
         name = a["state"]
         if name not in specs:

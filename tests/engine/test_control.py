@@ -258,3 +258,41 @@ class TestPauseResume:
         data["format_version"] = 99
         with pytest.raises(CheckpointError, match="format version 99"):
             AgentCheckpoint.from_dict(data)
+
+
+class TestResumeKeepsStepCount:
+    """max_steps bounds the whole run, also across a checkpoint and resume."""
+
+    async def test_steps_before_the_pause_count(self):
+        from agent import MaxStepsExceededError
+
+        reached = asyncio.Event()
+
+        def build() -> Agent:
+            agent = Agent("loop", isolation="inline", max_steps=6)
+
+            async def spin(context):
+                n = context.get_state("n", 0) + 1
+                context.set_state("n", n)
+                if n == 3 and not context.get_state("resumed"):
+                    reached.set()
+                    await asyncio.Event().wait()
+                return "spin"
+
+            agent.add_state("spin", spin)
+            return agent
+
+        first = build()
+        task = asyncio.create_task(first.run())
+        await reached.wait()
+        checkpoint = await first.pause()
+        await first.cancel_all()
+        await task
+        again = build()
+        await again.restore_from_checkpoint(checkpoint)
+        again.context.set_state("resumed", True)
+        with pytest.raises(MaxStepsExceededError):
+            await again.run()
+        # 3 activations before the pause (the third re-runs on resume and writes n=4), then
+        # 3 more; without the saved count it would go on to n=10.
+        assert again.context.get_state("n") == 7
