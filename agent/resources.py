@@ -182,11 +182,6 @@ def _gpu_unavailable_reason() -> str | None:
     return default_inventory().unavailable_reason
 
 
-def machine_totals() -> dict[str, Any]:
-    """This machine's CPU cores, memory (MiB) and GPUs, as the default pool sees them."""
-    return {"cpu": _machine_cpus(), "memory_mb": _machine_memory_mb(), "gpu": _machine_gpus()}
-
-
 @dataclass(frozen=True)
 class ResourceUsage:
     """Allocation statistics for one resource type.
