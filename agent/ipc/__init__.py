@@ -24,7 +24,8 @@ from .messages import (
     decode_message,
     encode_message,
 )
-from .transport import DealerTransport, MemoryTransport, Transport
+from .transport import MemoryTransport, Transport
+from .zmtp import DealerTransport
 
 __all__ = [
     "DEFAULT_MAX_FRAME", "FROM_CHILD", "FROM_SUPERVISOR", "PROTOCOL_VERSION", "Cancel",

@@ -25,6 +25,8 @@ from ..ipc import DealerTransport, Limits
 from . import confine
 from .session import ChildSession
 
+_FRAME_OVERHEAD = 64 * 1024  # the message around a value of max_frame bytes
+
 EXIT_OK = 0
 EXIT_SETUP_FAILED = 120
 """The child could not start (confinement, log file or channel): see its log."""
@@ -65,7 +67,9 @@ def child_main(spec: dict[str, Any], parent_pid: int, inherited_fds: list[int]) 
         except OSError:
             pass
         # Connect and say hello first: the supervisor answers while the loop is being built.
-        transport = DealerTransport(spec["endpoint"], spec["secret"])
+        transport = DealerTransport(
+            spec["endpoint"], spec["secret"], max_frame=spec["max_frame"] + _FRAME_OVERHEAD
+        )
         session = ChildSession(
             transport, pid=os.getpid(), limits=Limits(max_frame=spec["max_frame"]),
             before_run=lambda: confine_before_run(spec["confine"]),
@@ -109,8 +113,8 @@ _SPLIT_SANDBOX = "sandbox" in inspect.signature(confine.apply).parameters
 def confine_before_connect(child_spec: dict[str, Any]) -> None:
     """Cgroups, limits and environment now; a sandbox only leaves the network here.
 
-    The network namespace belongs to threads, so it is left before the ZeroMQ context
-    starts its own; the uid drop waits until the state's code is loaded
+    The network namespace belongs to threads, so it is left while the process has only
+    one (the child's DEALER starts none); the uid drop waits until the state's code is loaded
     (:func:`confine_before_run`), while the private directories are still readable.
     """
     if not _SPLIT_SANDBOX:

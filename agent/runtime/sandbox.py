@@ -2,9 +2,8 @@
 
 Two steps, because they have to happen at different moments of a child's life:
 
-1. :func:`isolate_network` right after fork, before any thread exists (in particular
-   before the ZeroMQ context, whose I/O thread would otherwise stay in the machine's
-   network namespace: namespaces belong to threads). A unix socket path (``ipc://``)
+1. :func:`isolate_network` right after fork, before any thread exists (a thread started
+   earlier would stay in the machine's network namespace: namespaces belong to threads). A unix socket path (``ipc://``)
    still works from the new namespace; abstract unix sockets and TCP do not.
 2. :func:`enter_sandbox` after the child has connected to the supervisor, said hello and
    loaded the state function and its modules, so code under a private directory (a
@@ -182,7 +181,7 @@ def enter_sandbox(spec: dict[str, Any]) -> None:
             raise OSError(
                 1,
                 f"threads {stray} are outside the sandbox's network namespace: call "
-                "isolate_network() before starting threads (e.g. before creating the ZeroMQ context)",
+                "isolate_network() before starting threads",
             )
 
     tmpdir = spec.get("tmpdir")

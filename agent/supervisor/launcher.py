@@ -40,8 +40,9 @@ class ZygoteLauncher:
         )
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "agent.runtime.zygote", str(theirs.fileno()), str(os.getpid()),
-                 *(cleanup or [])],
+                # -P: the working directory is not searched, so no module there shadows ours.
+                [sys.executable, "-P", "-m", "agent.runtime.zygote", str(theirs.fileno()),
+                 str(os.getpid()), *(cleanup or [])],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,

@@ -15,7 +15,7 @@ import zmq
 
 from agent.context import Context
 from agent.executor import AttemptFailed
-from agent.ipc.transport import DealerTransport
+from agent.ipc.zmtp import DealerTransport
 from agent.supervisor import current_supervisor
 
 from .helpers import make_attempt, run
@@ -73,29 +73,29 @@ async def huge_state(context):
     return "unreachable"
 
 
-def _own_socket():
+def _own_transport() -> DealerTransport:
     (transport,) = [o for o in gc.get_objects() if isinstance(o, DealerTransport)]
-    return transport._sock
+    return transport
 
 
 async def garbage_state(context):
-    _own_socket().send(b"\xc1\xc1 not msgpack at all")
+    _own_transport().send(b"\xc1\xc1 not msgpack at all")
     await asyncio.get_running_loop().create_future()
 
 
 async def oversized_state(context):
-    _own_socket().send(b"x" * (70 * 1024 * 1024))
+    _own_transport().send(b"x" * (70 * 1024 * 1024))
     await asyncio.get_running_loop().create_future()
 
 
 async def wrong_version_state(context):
     frame = msgpack.packb({"v": 99, "t": "log", "level": "info", "message": "hi"})
-    _own_socket().send(frame)
+    _own_transport().send(frame)
     await asyncio.get_running_loop().create_future()
 
 
 async def wrong_routing_id_state(context):
-    endpoint = _own_socket().get(zmq.LAST_ENDPOINT).decode()
+    endpoint = _own_transport().endpoint
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.ROUTING_ID, b"not-my-secret")

@@ -45,13 +45,14 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def start(mode: str, log_dir: str | None = None) -> tuple[subprocess.Popen, dict]:
+def start(mode: str, log_dir: str | None = None, cwd: str | None = None) -> tuple[subprocess.Popen, dict]:
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("AGENT_LOG_DIR", None)
     if log_dir is not None:
         env["AGENT_LOG_DIR"] = log_dir
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, mode], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=env, text=True)
+    # -P: this process does not look in its working directory; the test is about the zygote.
+    proc = subprocess.Popen([sys.executable, "-P", "-c", SCRIPT, mode], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env, text=True, cwd=cwd)
     info = json.loads(proc.stdout.readline())
     return proc, info
 
@@ -96,3 +97,14 @@ class TestConfiguredLogDirectory:
         ipc_dir, log_dir = info["dirs"]
         assert log_dir == str(tmp_path) and not os.path.exists(ipc_dir)
         assert (tmp_path / "run" / "state" / "attempt-1.log").exists()
+
+
+class TestWorkingDirectory:
+    """The zygote loads its modules from the installation, never from the working directory."""
+
+    def test_module_in_cwd_does_not_shadow_the_zygote_imports(self, tmp_path):
+        marker = tmp_path / "imported"
+        (tmp_path / "random.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError\n")
+        proc, info = start("finish", cwd=str(tmp_path))
+        assert proc.wait(timeout=30) == 0
+        assert not marker.exists()

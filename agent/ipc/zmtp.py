@@ -1,0 +1,208 @@
+"""The child's end of the channel: a ZeroMQ DEALER that speaks ZMTP 3.0 itself.
+
+The supervisor's ROUTER is libzmq. A child talks to exactly that one peer for one
+attempt, so it speaks the wire protocol (ZMTP 3.0, RFC 23, NULL security) directly
+over the ``ipc://`` Unix socket instead of starting a libzmq context: a context starts
+two threads in every child, and a process with threads pays an inter-processor TLB
+flush on each copy-on-write fault it takes after the zygote's fork. This end does only
+what one DEALER connected to one ROUTER needs: the greeting, the READY handshake that
+carries the routing id, and single-frame messages. Anything else from the peer is a
+:class:`~agent.errors.ProtocolError`.
+
+Sends are blocking writes on the socket: they return once the kernel holds the frame,
+and wait only while the supervisor's receive buffer is full (back pressure). Nothing is
+lost on close: the kernel delivers queued bytes of a closed Unix socket before the EOF.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+from ..errors import ProtocolError
+
+_SIGNATURE = b"\xff" + b"\0" * 8 + b"\x7f"
+GREETING = _SIGNATURE + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" + b"\0" * 31
+"""Our greeting: ZMTP 3.0, NULL mechanism, as a client (64 bytes)."""
+
+_MORE = 0x01
+_LONG = 0x02
+_COMMAND = 0x04
+_LONG_SIZE = struct.Struct("!Q")
+_PROPERTY_SIZE = struct.Struct("!I")
+_READ_SIZE = 1 << 16
+
+
+def frame(body: bytes, flags: int = 0) -> bytes:
+    """One ZMTP frame: flags, a 1- or 8-byte size, the body."""
+    if len(body) <= 255:
+        return bytes((flags, len(body))) + body
+    return bytes((flags | _LONG,)) + _LONG_SIZE.pack(len(body)) + body
+
+
+def ready_command(socket_type: bytes, routing_id: bytes) -> bytes:
+    """The NULL mechanism's READY command with our socket type and routing id."""
+    body = b"\x05READY"
+    for name, value in ((b"Socket-Type", socket_type), (b"Identity", routing_id)):
+        body += bytes((len(name),)) + name + _PROPERTY_SIZE.pack(len(value)) + value
+    return frame(body, _COMMAND)
+
+
+def parse_properties(data: bytes) -> dict[bytes, bytes]:
+    """The metadata of a READY command."""
+    props, pos = {}, 0
+    while pos < len(data):
+        size = data[pos]
+        name = data[pos + 1 : pos + 1 + size]
+        pos += 1 + size
+        if pos + 4 > len(data):
+            raise ProtocolError("truncated READY metadata from the supervisor")
+        (length,) = _PROPERTY_SIZE.unpack_from(data, pos)
+        pos += 4
+        props[name.lower()] = data[pos : pos + length]
+        pos += length
+    return props
+
+
+class DealerTransport:
+    """A child's DEALER connection to the supervisor's ROUTER, made after fork, in the child.
+
+    ``routing_id`` is the child's secret: the ROUTER files every frame from this
+    connection under it. ``max_frame`` caps what the supervisor may send.
+    """
+
+    def __init__(self, endpoint: str, routing_id: bytes, *, max_frame: int = 1 << 62) -> None:
+        if not endpoint.startswith("ipc://"):
+            raise ValueError(f"a child connects over ipc:// only, not {endpoint!r}")
+        self.endpoint = endpoint
+        self._max_frame = max_frame
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self._sock.connect(endpoint[len("ipc://"):])
+            self._sock.sendall(GREETING + ready_command(b"DEALER", routing_id))
+        except BaseException:
+            self._sock.close()
+            raise
+        self._buffer = bytearray()
+        self._greeted = False  # the peer's greeting and READY have been read
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def send(self, data: bytes) -> None:
+        """Send one single-frame message (the first waits for the peer's handshake)."""
+        if not self._greeted:
+            self._finish_handshake()
+        self._sock.sendall(frame(data))
+
+    def _finish_handshake(self) -> None:
+        # libzmq drops a peer whose messages arrive before it has sent its own READY.
+        while not self._read_handshake():
+            data = self._sock.recv(_READ_SIZE)
+            if not data:
+                raise ConnectionError("the supervisor closed the channel during the handshake")
+            self._buffer += data
+
+    async def recv(self) -> bytes:
+        """The next message from the supervisor."""
+        while True:
+            message = self._next_message()
+            if message is not None:
+                return message
+            if self._eof:
+                raise ConnectionError("the supervisor closed the channel")
+            await self._readable()
+            self._fill()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def _readable(self) -> None:
+        loop = asyncio.get_running_loop()
+        fd = self._sock.fileno()
+        self._waiter = loop.create_future()
+        loop.add_reader(fd, self._wake)
+        try:
+            await self._waiter
+        finally:
+            loop.remove_reader(fd)
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _fill(self) -> None:
+        try:
+            data = self._sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            data = b""
+        if not data:
+            self._eof = True
+        self._buffer += data
+
+    def _next_message(self) -> bytes | None:
+        """Pop one message from the buffer, handling the handshake and commands first."""
+        while True:
+            if not self._greeted:
+                if not self._read_handshake():
+                    return None
+                continue
+            parsed = self._pop_frame()
+            if parsed is None:
+                return None
+            flags, body = parsed
+            if flags & _COMMAND:
+                continue  # e.g. a heartbeat: nothing for a one-attempt peer to do
+            if flags & _MORE:
+                raise ProtocolError("the supervisor sent a multipart message; one frame was expected")
+            return body
+
+    def _read_handshake(self) -> bool:
+        if len(self._buffer) < len(GREETING):
+            return False
+        greeting = bytes(self._buffer[: len(GREETING)])
+        if greeting[0] != 0xFF or greeting[9] != 0x7F or greeting[10] < 3:
+            raise ProtocolError("the peer is not a ZMTP 3 endpoint")
+        if greeting[12:32].rstrip(b"\0") != b"NULL":
+            raise ProtocolError(f"the peer wants security mechanism {greeting[12:32]!r}, not NULL")
+        parsed = self._pop_frame(len(GREETING))
+        if parsed is None:
+            return False
+        flags, body = parsed
+        if not flags & _COMMAND or not body.startswith(b"\x05READY"):
+            raise ProtocolError("the peer did not send READY after its greeting")
+        socket_type = parse_properties(body[6:]).get(b"socket-type")
+        if socket_type != b"ROUTER":
+            raise ProtocolError(f"the peer is a {socket_type!r} socket, not the supervisor's ROUTER")
+        self._greeted = True
+        return True
+
+    def _pop_frame(self, start: int = 0) -> tuple[int, bytes] | None:
+        """Remove and return (flags, body) of the frame at ``start``, or None if incomplete."""
+        buf = self._buffer
+        if len(buf) < start + 2:
+            return None
+        flags = buf[start]
+        if flags & _LONG:
+            header = 9
+            if len(buf) < start + header:
+                return None
+            (size,) = _LONG_SIZE.unpack_from(buf, start + 1)
+        else:
+            header, size = 2, buf[start + 1]
+        if size > self._max_frame:
+            raise ProtocolError(f"a {size}-byte frame from the supervisor is over the cap")
+        end = start + header + size
+        if len(buf) < end:
+            return None
+        body = bytes(buf[start + header : end])
+        del buf[:end]
+        return flags, body

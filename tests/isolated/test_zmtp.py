@@ -1,0 +1,174 @@
+"""The child's ZMTP DEALER against a real libzmq ROUTER, and against peers that are not one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+
+import pytest
+import zmq
+
+from agent.errors import ProtocolError
+from agent.ipc.zmtp import GREETING, DealerTransport, frame, parse_properties, ready_command
+
+
+@pytest.fixture
+def router(tmp_path):
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    endpoint = f"ipc://{tmp_path}/router.sock"
+    sock.bind(endpoint)
+    yield sock, endpoint
+    sock.close()
+    ctx.term()
+
+
+class FakePeer:
+    """A plain Unix socket server that answers a connection with ``reply`` bytes."""
+
+    def __init__(self, path: str, reply: bytes) -> None:
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(path)
+        self.server.listen(1)
+        self.reply = reply
+        self.received = b""
+        self.thread = threading.Thread(target=self._serve)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.server.accept()
+        with conn:
+            self.received = conn.recv(1024)
+            conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self.thread.join(5)
+        self.server.close()
+
+
+ROUTER_READY = ready_command(b"ROUTER", b"")
+
+
+class TestAgainstLibzmq:
+    async def test_messages_both_ways_under_the_routing_id(self, router):
+        sock, endpoint = router
+        dealer = DealerTransport(endpoint, b"c-secret")
+        try:
+            dealer.send(b"hello")
+            assert sock.recv_multipart() == [b"c-secret", b"hello"]
+            sock.send_multipart([b"c-secret", b"first"])
+            sock.send_multipart([b"c-secret", b"second"])
+            assert await dealer.recv() == b"first"
+            assert await dealer.recv() == b"second"
+        finally:
+            dealer.close()
+
+    async def test_long_frames_both_ways(self, router):
+        sock, endpoint = router
+        dealer = DealerTransport(endpoint, b"c-long")
+        big = os.urandom(3 * 1024 * 1024 + 7)
+        try:
+            # A 3 MiB frame exceeds the socket buffer: the send waits for libzmq to read.
+            sender = asyncio.get_running_loop().run_in_executor(None, dealer.send, big)
+            assert await asyncio.get_running_loop().run_in_executor(None, sock.recv_multipart) == [
+                b"c-long", big]
+            await sender
+            sock.send_multipart([b"c-long", big])
+            sock.send_multipart([b"c-long", b"x" * 300])
+            assert await dealer.recv() == big
+            assert await dealer.recv() == b"x" * 300
+        finally:
+            dealer.close()
+
+    async def test_frames_sent_before_close_arrive(self, router):
+        sock, endpoint = router
+        dealer = DealerTransport(endpoint, b"c-close")
+        for i in range(50):
+            dealer.send(b"m%d" % i)
+        dealer.close()
+        assert [sock.recv_multipart()[1] for _ in range(50)] == [b"m%d" % i for i in range(50)]
+
+    async def test_router_gone_is_a_connection_error(self, router):
+        sock, endpoint = router
+        dealer = DealerTransport(endpoint, b"c-gone")
+        try:
+            dealer.send(b"hello")
+            sock.recv_multipart()
+            sock.close()
+            with pytest.raises(ConnectionError):
+                await asyncio.wait_for(dealer.recv(), 5)
+        finally:
+            dealer.close()
+
+    async def test_multipart_message_is_a_protocol_error(self, router):
+        sock, endpoint = router
+        dealer = DealerTransport(endpoint, b"c-multi")
+        try:
+            dealer.send(b"hello")
+            sock.recv_multipart()
+            sock.send_multipart([b"c-multi", b"part1", b"part2"])
+            with pytest.raises(ProtocolError, match="multipart"):
+                await dealer.recv()
+        finally:
+            dealer.close()
+
+    async def test_frame_over_the_cap_is_a_protocol_error(self, router):
+        sock, endpoint = router
+        dealer = DealerTransport(endpoint, b"c-cap", max_frame=1000)
+        try:
+            dealer.send(b"hello")
+            sock.recv_multipart()
+            sock.send_multipart([b"c-cap", b"y" * 1001])
+            with pytest.raises(ProtocolError, match="over the cap"):
+                await dealer.recv()
+        finally:
+            dealer.close()
+
+
+class TestAgainstOtherPeers:
+    async def _first_recv(self, tmp_path, reply: bytes):
+        path = f"{tmp_path}/peer.sock"
+        peer = FakePeer(path, reply)
+        dealer = DealerTransport(f"ipc://{path}", b"c-x")
+        try:
+            with pytest.raises(ProtocolError) as info:
+                await asyncio.wait_for(dealer.recv(), 5)
+        finally:
+            dealer.close()
+            peer.close()
+        assert peer.received.startswith(GREETING)
+        return info.value
+
+    async def test_not_zmtp(self, tmp_path):
+        exc = await self._first_recv(tmp_path, b"HTTP/1.1 400 Bad Request\r\n" + b"\0" * 64)
+        assert "not a ZMTP 3" in str(exc)
+
+    async def test_other_security_mechanism(self, tmp_path):
+        greeting = GREETING[:12] + b"CURVE".ljust(20, b"\0") + GREETING[32:]
+        exc = await self._first_recv(tmp_path, greeting + ROUTER_READY)
+        assert "CURVE" in str(exc)
+
+    async def test_not_a_router(self, tmp_path):
+        exc = await self._first_recv(tmp_path, GREETING + ready_command(b"PUB", b""))
+        assert "PUB" in str(exc)
+
+    async def test_no_ready_command(self, tmp_path):
+        exc = await self._first_recv(tmp_path, GREETING + frame(b"data"))
+        assert "READY" in str(exc)
+
+    def test_only_ipc_endpoints(self):
+        with pytest.raises(ValueError, match="ipc://"):
+            DealerTransport("tcp://127.0.0.1:5555", b"c-x")
+
+
+def test_ready_metadata_round_trip():
+    body = ready_command(b"DEALER", b"c-id")[2:]
+    assert body.startswith(b"\x05READY")
+    assert parse_properties(body[6:]) == {b"socket-type": b"DEALER", b"identity": b"c-id"}
+    with pytest.raises(ProtocolError, match="truncated"):
+        parse_properties(body[6:-8])
