@@ -22,10 +22,13 @@ from typing import Any, NoReturn
 import uvloop
 
 from ..ipc import DealerTransport, Limits
+from ..ipc.codec import unpack
 from . import confine
 from .session import ChildSession
 
 _FRAME_OVERHEAD = 64 * 1024  # the message around a value of max_frame bytes
+
+_SPEC_LIMITS = Limits(max_frame=16 * 1024 * 1024)
 
 EXIT_OK = 0
 EXIT_SETUP_FAILED = 120
@@ -41,10 +44,15 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
-def child_main(spec: dict[str, Any], parent_pid: int, inherited_fds: list[int]) -> NoReturn:
-    """Become the child described by ``spec`` (from the supervisor) and never return."""
+def child_main(packed_spec: bytes, parent_pid: int, inherited_fds: list[int]) -> NoReturn:
+    """Become the child described by ``packed_spec`` (msgpack, from the supervisor); never return.
+
+    The spec arrives packed and is unpacked here: the zygote then allocates nothing per
+    child, and every page it writes between forks is a copy-on-write fault.
+    """
     code = EXIT_SETUP_FAILED
     try:
+        spec = unpack(packed_spec, _SPEC_LIMITS)
         set_parent_death_signal()
         if os.getppid() != parent_pid:
             os._exit(EXIT_SETUP_FAILED)

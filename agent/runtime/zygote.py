@@ -1,7 +1,12 @@
 """The zygote: a clean interpreter with the child's modules loaded, forking children.
 
 Started once per supervisor (``python -m agent.runtime.zygote FD PARENT_PID [PATH...]``). It holds
-no threads and no ZeroMQ context, so a fork is a cheap, safe copy. Over the control
+no threads and no ZeroMQ context, so a fork is a cheap, safe copy. Being single-threaded,
+it forks through libc rather than ``os.fork``, whose after-fork work in the child
+(resetting locks and thread state, which one thread leaves consistent, and running every
+loaded module's ``os.register_at_fork`` hooks) writes, and so copies, a few hundred
+pages per child. The one hook a child needs, reseeding :mod:`random`, is done by hand.
+Over the control
 socket ``FD`` it reads length-prefixed requests (``spawn``, ``kill``) and writes reports
 (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status). It exits, killing
 its children, when the supervisor closes the socket or dies (parent-death signal), and
@@ -12,20 +17,24 @@ supervisor killed outright leaves no files behind.
 from __future__ import annotations
 
 import _signal
+import ctypes
 import gc
 import os
+import random
 import select
 import shutil
 import signal
 import socket
 import struct
 import sys
+import threading
 from typing import Any
 
 from ..ipc.codec import Limits, pack, unpack
 from . import child as child_module
 from .child import set_parent_death_signal
 
+_libc_fork = ctypes.PyDLL(None, use_errno=True).fork  # PyDLL: the GIL is held across it
 _HEADER = struct.Struct("!I")
 _SIGTERM = (int(signal.SIGTERM),)
 _CONTROL_LIMITS = Limits(max_frame=16 * 1024 * 1024)
@@ -48,6 +57,12 @@ def read_frames(buffer: bytearray) -> list[Any]:
     return out
 
 
+def _after_raw_fork() -> None:
+    """In a child forked without ``os.fork``: what of the after-fork work it needs."""
+    random.seed()  # else every child draws the zygote's sequence
+    threading.main_thread()._set_native_id()
+
+
 class Zygote:
     """The fork loop."""
 
@@ -56,6 +71,8 @@ class Zygote:
         self._parent_pid = parent_pid
         self._children: set[int] = set()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Checked once: the zygote starts no thread, so this stays true.
+        self._single_threaded = len(os.listdir("/proc/self/task")) == 1
 
     def serve(self) -> None:
         signal.set_wakeup_fd(self._wake_w)
@@ -83,12 +100,12 @@ class Zygote:
         elif op == "kill":
             self._kill(request["pid"], request.get("signal", signal.SIGKILL))
 
-    def _spawn(self, request_id: int, spec: dict[str, Any]) -> None:
+    def _spawn(self, request_id: int, spec: bytes) -> None:
         # SIGTERM (the zygote's own clean-up) stays blocked in the child until it resets it.
         # (``_signal``: the ``signal`` wrapper builds an enum set of the old mask per call.)
         _signal.pthread_sigmask(signal.SIG_BLOCK, _SIGTERM)
         try:
-            pid = os.fork()
+            pid = self._fork()
         except OSError as exc:
             _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
             write_frame(self._control, {"op": "spawn_failed", "id": request_id, "error": str(exc)})
@@ -96,11 +113,22 @@ class Zygote:
         if pid != 0:
             _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
         if pid == 0:
+            if self._single_threaded:
+                _after_raw_fork()
             child_module.child_main(
                 spec, os.getppid(), [self._control.fileno(), self._wake_r, self._wake_w]
             )
         self._children.add(pid)
         write_frame(self._control, {"op": "spawned", "id": request_id, "pid": pid})
+
+    def _fork(self) -> int:
+        if not self._single_threaded:
+            return os.fork()
+        pid = _libc_fork()
+        if pid < 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+        return pid
 
     def _kill(self, pid: int, sig: int) -> None:
         # Only a child not yet reaped: its pid (and process group) cannot have been reused.

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..ipc.codec import pack
 from ..runtime.zygote import read_frames, write_frame
 
 ReportHandler = Callable[[dict[str, Any]], None]
@@ -69,7 +70,8 @@ class ZygoteLauncher:
         self._loop = None
 
     def spawn(self, request_id: int, spec: dict[str, Any]) -> None:
-        self._send({"op": "spawn", "id": request_id, "spec": spec})
+        # Packed apart: the zygote hands the bytes to the child, which unpacks them itself.
+        self._send({"op": "spawn", "id": request_id, "spec": pack(spec, strict=False)})
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         self._send({"op": "kill", "pid": pid, "signal": int(sig)})

@@ -202,6 +202,33 @@ class TestCoMountedHierarchies:
                 os.rmdir(top)
 
 
+@needs_v1
+class TestJoinedHierarchies:
+    """An attempt joins the cpu hierarchy only for a quota: a directory there limits nothing."""
+
+    def test_cpu_only_with_a_quota(self, confiner):
+        plain = confiner.prepare(make_attempt(None))
+        quota = confiner.prepare(make_attempt(ResourceRequirements(cpu_units=0.5, memory_mb=64)))
+        try:
+            assert "cpu" not in plain.handle.dirs and "cpuacct" in plain.handle.dirs
+            assert os.path.isdir(quota.handle.dirs["cpu"])
+            child = spawn(plain.child_spec, block)
+            pids = child.receive()
+            with open(f"/proc/{pids['pid']}/cgroup") as fh:
+                paths = {line.split(":")[1]: line.strip().split(":", 2)[2] for line in fh}
+            name = os.path.basename(plain.handle.dirs["memory"])
+            assert paths["memory"].endswith(name) and paths["cpuacct"].endswith(name)
+            assert not paths["cpu"].endswith(name)
+            plain.kill()
+            assert child.wait().signal == signal.SIGKILL
+            usage = plain.usage()
+            assert usage["nr_throttled"] == 0 and usage["throttled_seconds"] == 0
+            assert plain.limit_events().nr_throttled == 0
+        finally:
+            plain.close()
+            quota.close()
+
+
 class TestNestedCgroups:
     """Cgroups an attempt made below its own (a nested supervisor, a container) go with it."""
 

@@ -71,6 +71,26 @@ async def environment_state(context):
             "pgid": os.getpgid(0), "loop": type(asyncio.get_running_loop()).__module__}
 
 
+async def random_state(context):
+    import random
+    import secrets
+
+    return [random.random(), secrets.token_hex(8)]
+
+
+async def threads_state(context):
+    import threading
+
+    main = threading.current_thread()
+    results = []
+    worker = threading.Thread(target=lambda: results.append(threading.get_native_id()))
+    worker.start()
+    worker.join()
+    return {"is_main": main is threading.main_thread(), "native_id": main.native_id,
+            "tid": threading.get_native_id(), "worker_tid": results[0],
+            "to_thread": await asyncio.to_thread(lambda: 6 * 7)}
+
+
 async def writes_started(func):
     started = asyncio.Event()
     ctx = Context(on_write=lambda key, value, deleted: key == "pid" and started.set())
@@ -109,6 +129,19 @@ class TestChildEnvironment:
         assert info["ppid"] == current_supervisor().zygote.pid
         assert info["pgid"] == info["pid"]
         assert info["loop"].startswith("uvloop")
+
+
+    async def test_children_draw_different_random_numbers(self):
+        # The zygote forks without os.fork: the reseed its at-fork hook did is done by hand.
+        first = (await run(make_attempt(random_state))).result
+        second = (await run(make_attempt(random_state))).result
+        assert first[0] != second[0] and first[1] != second[1]
+
+    async def test_threads_work_in_the_child(self):
+        info = (await run(make_attempt(threads_state))).result
+        assert info["is_main"]
+        assert info["native_id"] == info["tid"] != info["worker_tid"]
+        assert info["to_thread"] == 42
 
 
 class TestHumanInput:

@@ -1,7 +1,8 @@
 """cgroup v1: one hierarchy per controller (``/sys/fs/cgroup/<controller>``).
 
-Each attempt gets a directory in memory, cpu, cpuacct, pids, blkio and freezer (plus
-devices when GPUs must be hidden); cpuset is left unrestricted and not joined.
+Each attempt gets a directory in memory, cpuacct, pids, blkio and freezer, plus cpu
+when it has a CPU quota and devices when GPUs must be hidden (a directory costs a
+mkdir, a join and an rmdir per attempt); cpuset is left unrestricted and not joined.
 Settings cgroupspy knows (memory, cpu, cpuacct) go through its controller objects; pids,
 blkio throttles and the devices list, which it lacks or gets wrong, are written
 directly. ``cgroupspy.trees.Tree`` is never used: it walks the whole hierarchy.
@@ -115,7 +116,7 @@ class V1Cgroup:
     def usage(self) -> dict[str, Any]:
         memory = _memory(self.dirs["memory"])
         cpuacct = _cpuacct(self.dirs["cpuacct"])
-        cpu_stat = read_keyed(f"{self.dirs['cpu']}/cpu.stat")
+        cpu_stat = self._cpu_stat()
         out: dict[str, Any] = {
             "cpu_seconds": (cpuacct.usage or 0) / 1e9,
             "peak_memory_bytes": memory.max_usage_in_bytes or 0,
@@ -141,9 +142,13 @@ class V1Cgroup:
             out["io_write_bytes"] = writes
         return out
 
+    def _cpu_stat(self) -> dict[str, int]:
+        cpu = self.dirs.get("cpu")
+        return read_keyed(f"{cpu}/cpu.stat") if cpu else {}
+
     def limit_events(self) -> LimitEvents:
         oom = _memory(self.dirs["memory"]).oom_control or {}
-        cpu_stat = read_keyed(f"{self.dirs['cpu']}/cpu.stat")
+        cpu_stat = self._cpu_stat()
         return LimitEvents(
             oom_kills=int(oom.get("oom_kill", 0)) if isinstance(oom, dict) else 0,
             memory_limit_hits=read_int(f"{self.dirs['memory']}/memory.failcnt"),
@@ -257,7 +262,7 @@ class V1Backend:
         return caps
 
     def create(self, name: str, limits: CgroupLimits) -> V1Cgroup:
-        controllers = [c for c in self.controllers if c != "devices" or limits.deny_devices]
+        controllers = [c for c in self.controllers if self._needed(c, limits)]
         dirs: dict[str, str] = {}
         handle = V1Cgroup(name, dirs, limits)
         try:
@@ -276,6 +281,15 @@ class V1Backend:
             self._undo(dirs)
             raise
         return handle
+
+    @staticmethod
+    def _needed(controller: str, limits: CgroupLimits) -> bool:
+        """cpu only carries a quota and devices a deny list; without them, not joined."""
+        if controller == "cpu":
+            return limits.cpu_quota_us is not None
+        if controller == "devices":
+            return bool(limits.deny_devices)
+        return True
 
     def _write_limits(self, handle: V1Cgroup) -> None:
         limits, dirs = handle.limits, handle.dirs
