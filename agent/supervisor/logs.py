@@ -1,7 +1,9 @@
 """Where each isolated attempt's stdout/stderr go, and how to read them back.
 
-One file per (run, state, attempt) under the log directory: ``AGENT_LOG_DIR`` when set
-(kept after exit), else a private temporary directory removed with the supervisor.
+One file per (run, state, attempt), ``<run>/<state>.attempt-<n>.log`` under the log
+directory: ``AGENT_LOG_DIR`` when set (kept after exit), else a private temporary
+directory removed with the supervisor. One directory per run, not per state: a
+directory costs an ext4 disk twice what a file does, and a fan-out makes one per state.
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ class AttemptLogs:
             self.owned = True
 
     def path(self, run_id: str, state: str, attempt: int, *, create: bool = False) -> str:
-        folder = os.path.join(self.directory, _component(run_id), _component(state))
+        folder = os.path.join(self.directory, _component(run_id))
         if create:
             os.makedirs(folder, mode=0o700, exist_ok=True)
-        return os.path.join(folder, f"attempt-{int(attempt)}.log")
+        return os.path.join(folder, f"{_component(state)}.attempt-{int(attempt)}.log")
 
     def read(self, run_id: str, state: str, attempt: int) -> str:
         path = self.path(run_id, state, attempt)

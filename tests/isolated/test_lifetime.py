@@ -96,7 +96,7 @@ class TestConfiguredLogDirectory:
         assert proc.wait(timeout=30) == 0
         ipc_dir, log_dir = info["dirs"]
         assert log_dir == str(tmp_path) and not os.path.exists(ipc_dir)
-        assert (tmp_path / "run" / "state" / "attempt-1.log").exists()
+        assert (tmp_path / "run" / "state.attempt-1.log").exists()
 
 
 class TestWorkingDirectory:
