@@ -75,14 +75,29 @@ class DealerTransport:
     def __init__(self, endpoint: str, routing_id: bytes, *, max_frame: int = 1 << 62) -> None:
         if not endpoint.startswith("ipc://"):
             raise ValueError(f"a child connects over ipc:// only, not {endpoint!r}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(endpoint[len("ipc://"):])
+        except BaseException:
+            sock.close()
+            raise
+        self._start(sock, endpoint, routing_id, max_frame)
+
+    @classmethod
+    def over(cls, sock: socket.socket, routing_id: bytes, *, max_frame: int = 1 << 62) -> "DealerTransport":
+        """A DEALER on an already connected stream socket (the zygote's warm-up uses a socketpair)."""
+        self = cls.__new__(cls)
+        self._start(sock, "", routing_id, max_frame)
+        return self
+
+    def _start(self, sock: socket.socket, endpoint: str, routing_id: bytes, max_frame: int) -> None:
         self.endpoint = endpoint
         self._max_frame = max_frame
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._sock = sock
         try:
-            self._sock.connect(endpoint[len("ipc://"):])
-            self._sock.sendall(GREETING + ready_command(b"DEALER", routing_id))
+            sock.sendall(GREETING + ready_command(b"DEALER", routing_id))
         except BaseException:
-            self._sock.close()
+            sock.close()
             raise
         self._buffer = bytearray()
         self._greeted = False  # the peer's greeting and READY have been read

@@ -86,7 +86,7 @@ def child_main(packed_spec: bytes, parent_pid: int, inherited_fds: list[int]) ->
         # A loop of its own, never closed: the process ends with os._exit right after.
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
-        loop.run_until_complete(_serve(session, transport))
+        loop.run_until_complete(serve(session, transport))
         code = EXIT_OK
     except BaseException:
         try:
@@ -142,7 +142,8 @@ def confine_before_run(child_spec: dict[str, Any]) -> None:
         confine.enter_sandbox(child_spec)  # type: ignore[attr-defined]
 
 
-async def _serve(session: ChildSession, transport: DealerTransport) -> None:
+async def serve(session: ChildSession, transport: DealerTransport) -> None:
+    """Serve the attempt, then close the channel."""
     try:
         await session.run()
     finally:

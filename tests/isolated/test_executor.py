@@ -206,6 +206,14 @@ class TestSupervisorLifetime:
         assert current_supervisor() is sup
         assert get_executor(Isolation.PROCESS) is get_executor(Isolation.PROCESS)
 
+    async def test_warm_zygote_holds_one_thread_and_only_its_control_socket(self):
+        # Its warm-up served whole attempts in-process: none of that may be left open.
+        await run(make_attempt(printing_state))
+        zygote = psutil.Process(current_supervisor().zygote.pid)
+        assert zygote.num_threads() == 1
+        sockets = [c for c in zygote.net_connections(kind="unix")]
+        assert len(sockets) == 1, sockets
+
     async def test_zygote_death_fails_attempts_and_restarts(self):
         attempt, task = await writes_started(pid_then_wait_state)
         old = current_supervisor()
