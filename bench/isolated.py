@@ -4,7 +4,7 @@ latency: state requested (executor called) -> first line of the state running, f
 monotonic clock, which is shared by every process of the box.
 chain: a 200-state sequential workflow; fan_out: one state returning 200 names.
 Both run through ``Agent(..., isolation="process")`` and, for comparison, straight
-through the executor. ``*_cpu_ms_per_state``: CPU time of this process, the zygote and
+through the executor; each ``--repeat`` times, and the medians are reported. ``*_cpu_ms_per_state``: CPU time of this process, the zygote and
 the children per state of the executor runs; on a shared box it moves less than the rates.
 """
 
@@ -118,20 +118,32 @@ async def executor_fan_out(n: int) -> tuple[float, float]:
     return n / (time.perf_counter() - t0), (_cpu_seconds() - c0) * 1000 / n
 
 
+async def _runs(repeat: int, bench, n: int) -> list:
+    return [await bench(n) for _ in range(repeat)]
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 1)
+
+
 async def main(args: argparse.Namespace) -> dict[str, object]:
     await launch_latency(5)  # starts the supervisor and warms the zygote
     latency = await launch_latency(args.latency_samples)
-    chain_rate, chain_cpu = await executor_chain(args.n)
-    fan_rate, fan_cpu = await executor_fan_out(args.n)
+    chains = await _runs(args.repeat, executor_chain, args.n)
+    fans = await _runs(args.repeat, executor_fan_out, args.n)
+    engine_chains = await _runs(args.repeat, engine_chain, args.n)
+    engine_fans = await _runs(args.repeat, engine_fan_out, args.n)
     result: dict[str, object] = {
         "cpus": os.cpu_count(),
+        "repeat": args.repeat,
         "launch_latency": latency,
-        "executor_chain_states_per_s": round(chain_rate, 1),
-        "executor_chain_cpu_ms_per_state": round(chain_cpu, 2),
-        "executor_fan_out_states_per_s": round(fan_rate, 1),
-        "executor_fan_out_cpu_ms_per_state": round(fan_cpu, 2),
-        "chain_states_per_s": round(await engine_chain(args.n), 1),
-        "fan_out_states_per_s": round(await engine_fan_out(args.n), 1),
+        "executor_chain_states_per_s": _median([r for r, _ in chains]),
+        "executor_chain_cpu_ms_per_state": round(statistics.median(c for _, c in chains), 2),
+        "executor_fan_out_states_per_s": _median([r for r, _ in fans]),
+        "executor_fan_out_cpu_ms_per_state": round(statistics.median(c for _, c in fans), 2),
+        "chain_states_per_s": _median(engine_chains),
+        "fan_out_states_per_s": _median(engine_fans),
+        "fan_out_states_per_s_runs": [round(r, 1) for r in engine_fans],
     }
     return result
 
@@ -140,6 +152,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", type=int, default=200, help="states in the chain and the fan-out")
     parser.add_argument("--latency-samples", type=int, default=200)
+    parser.add_argument("--repeat", type=int, default=5, help="runs of each throughput bench (medians)")
     figures = asyncio.run(main(parser.parse_args()))
     shutdown_supervisor()
     print(json.dumps(figures, indent=2))
