@@ -84,8 +84,8 @@ class DealerTransport:
         self._start(sock, endpoint, routing_id, max_frame)
 
     @classmethod
-    def over(cls, sock: socket.socket, routing_id: bytes, *, max_frame: int = 1 << 62) -> "DealerTransport":
-        """A DEALER on an already connected stream socket (the zygote's warm-up uses a socketpair)."""
+    def over(cls, sock: socket.socket, routing_id: bytes, *, max_frame: int = 1 << 62) -> DealerTransport:
+        """A DEALER on a connected stream socket (the zygote's warm-up uses a socketpair)."""
         self = cls.__new__(cls)
         self._start(sock, "", routing_id, max_frame)
         return self
@@ -157,7 +157,7 @@ class DealerTransport:
             data = self._sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as exc:
+        except OSError:
             data = b""
         if not data:
             self._eof = True

@@ -1,17 +1,20 @@
 """The zygote: a clean interpreter with the child's modules loaded, forking children.
 
-Started once per supervisor (``python -m agent.runtime.zygote FD PARENT_PID [PATH...]``). It holds
-no threads and no ZeroMQ context, so a fork is a cheap, safe copy. Being single-threaded,
-it forks through libc rather than ``os.fork``, whose after-fork work in the child
-(resetting locks and thread state, which one thread leaves consistent, and running every
-loaded module's ``os.register_at_fork`` hooks) writes, and so copies, a few hundred
-pages per child. The one hook a child needs, reseeding :mod:`random`, is done by hand.
-Over the control
-socket ``FD`` it reads length-prefixed requests (``spawn``, ``kill``) and writes reports
-(``spawned``, ``spawn_failed``, ``exited`` with the raw wait status). It exits, killing
-its children, when the supervisor closes the socket or dies (parent-death signal), and
-then removes the PATHs (the supervisor's private directories), so that even a
-supervisor killed outright leaves no files behind.
+Started once per supervisor (``python -m agent.runtime.zygote FD PARENT_PID [PATH...]``).
+It holds no threads and no ZeroMQ context, so a fork is a cheap, safe copy. Over the
+control socket ``FD`` it reads length-prefixed requests (``spawn``, ``kill``) and writes
+reports (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status). It exits,
+killing its children, when the supervisor closes the socket or dies (parent-death
+signal), and then removes the PATHs (the supervisor's private directories), so that even
+a supervisor killed outright leaves no files behind.
+
+Most of a child's cost is copy-on-write: each page of the zygote a child writes is
+copied. Hence: the zygote is warmed up by serving whole attempts in-process before it
+forks (:func:`warm_up`); being single-threaded, it forks through libc rather than
+``os.fork``, whose after-fork work in the child (resetting locks and thread state,
+which one thread leaves consistent, and every loaded module's ``os.register_at_fork``
+hook) writes a few hundred pages (the one hook a child needs, reseeding :mod:`random`,
+is done by hand); and it passes each child its spec as bytes, allocating nothing.
 """
 
 from __future__ import annotations
