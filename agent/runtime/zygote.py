@@ -31,6 +31,7 @@ import socket
 import struct
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from ..ipc.codec import Limits, pack, unpack
@@ -77,11 +78,13 @@ class Zygote:
         # Checked once: the zygote starts no thread, so this stays true.
         self._single_threaded = len(os.listdir("/proc/self/task")) == 1
 
-    def serve(self) -> None:
+    def serve(self, buffer: bytearray) -> None:
+        """Serve requests until the supervisor goes; ``buffer`` holds bytes already read."""
         signal.set_wakeup_fd(self._wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        buffer = bytearray()
+        for request in read_frames(buffer):
+            self._handle(request)
         while True:
             readable, _, _ = select.select([self._control, self._wake_r], [], [])
             if self._wake_r in readable:
@@ -178,6 +181,53 @@ class Zygote:
         self._children.clear()
 
 
+def _read_configure(control: socket.socket, buffer: bytearray) -> dict[str, Any]:
+    """Block for the supervisor's first frame, ``configure``; later bytes stay in ``buffer``."""
+    while True:
+        data = control.recv(1 << 16)
+        if not data:
+            raise _ParentDied()
+        buffer += data
+        if len(buffer) >= _HEADER.size and len(buffer) >= _HEADER.size + _HEADER.unpack_from(buffer)[0]:
+            (size,) = _HEADER.unpack_from(buffer)
+            config = unpack(bytes(buffer[_HEADER.size : _HEADER.size + size]), _CONTROL_LIMITS)
+            del buffer[: _HEADER.size + size]
+            if not isinstance(config, dict) or config.get("op") != "configure":
+                raise RuntimeError(f"the zygote's first request must be 'configure', not {config!r}")
+            return config
+
+
+def preload(modules: Sequence[str], import_path: Sequence[str]) -> None:
+    """Import ``modules`` (``AGENT_PRELOAD``) once, here, so that every child inherits them.
+
+    A state whose function or context needs a module the zygote has not loaded imports it
+    in its own process, every time: for numpy, pandas or torch that is far more than the
+    fork. Like :func:`multiprocessing.set_forkserver_preload`, the list is explicit:
+    importing runs the module's code in the zygote. A module that cannot be imported is
+    reported on stderr and skipped (children then import it themselves); one that starts
+    threads is reported too, since the zygote then forks a multi-threaded process.
+    """
+    import importlib
+
+    saved = sys.path[:]
+    sys.path[:] = [*import_path, *saved]
+    try:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except BaseException as exc:  # its top-level code may raise anything, even SystemExit
+                print(f"agent: AGENT_PRELOAD: cannot import {name!r} ({type(exc).__name__}: {exc}); "
+                      "each state's process will import it itself", file=sys.stderr, flush=True)
+                continue
+            threads = len(os.listdir("/proc/self/task"))
+            if threads > 1:
+                print(f"agent: AGENT_PRELOAD: importing {name!r} started {threads - 1} thread(s) in "
+                      "the zygote; children are forked from a multi-threaded process, which is only "
+                      "as safe as that module's fork handlers", file=sys.stderr, flush=True)
+    finally:
+        sys.path[:] = saved
+
+
 async def _warm_state(context: Any) -> dict[str, Any]:
     context.set_state("count", context.get_state("count", 0) + 1)
     return {"ok": [1, 2.0, "x", None]}
@@ -256,13 +306,16 @@ def main(argv: list[str]) -> int:
             return 1  # the supervisor is already gone
         control = socket.socket(fileno=control_fd)
         control.setblocking(True)
+        buffer = bytearray()
+        config = _read_configure(control, buffer)
+        preload(config.get("preload", ()), config.get("import_path", ()))
         warm_up()
         # Objects loaded so far are never collected: children share their pages untouched.
         gc.collect()
         gc.freeze()
         _release_free_heap()
         zygote = Zygote(control, parent_pid)
-        zygote.serve()
+        zygote.serve(buffer)
     except (_ParentDied, OSError):
         pass
     finally:

@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..ipc.codec import pack
@@ -30,7 +30,13 @@ class ZygoteLauncher:
     """One running zygote process."""
 
     def __init__(
-        self, on_report: ReportHandler, on_lost: Callable[[], None], cleanup: list[str] | None = None
+        self,
+        on_report: ReportHandler,
+        on_lost: Callable[[], None],
+        cleanup: list[str] | None = None,
+        *,
+        preload: Sequence[str] = (),
+        import_path: Sequence[str] = (),
     ) -> None:
         self._on_report = on_report
         self._on_lost = on_lost
@@ -56,6 +62,8 @@ class ZygoteLauncher:
         self._buffer = bytearray()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.alive = True
+        # The first frame, read before the zygote warms up: what to import for the children.
+        self._send({"op": "configure", "preload": list(preload), "import_path": list(import_path)})
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is loop:

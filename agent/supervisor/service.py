@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import itertools
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -41,6 +42,10 @@ def _env_float(name: str, default: float) -> float:
     return float(value) if value else default
 
 
+def _env_modules(name: str) -> tuple[str, ...]:
+    return tuple(m for m in re.split(r"[\s,]+", os.environ.get(name, "")) if m)
+
+
 @dataclass(frozen=True)
 class SupervisorConfig:
     """Settings of the process's supervisor (defaults from the environment)."""
@@ -49,6 +54,8 @@ class SupervisorConfig:
     grace: float = field(default_factory=lambda: _env_float("AGENT_STOP_GRACE", 2.0))
     max_launching: int = field(default_factory=lambda: int(os.environ.get("AGENT_MAX_LAUNCHING") or 8 * (os.cpu_count() or 1)))
     log_dir: str | None = None
+    preload: tuple[str, ...] = field(default_factory=lambda: _env_modules("AGENT_PRELOAD"))
+    """Modules the zygote imports before it forks, so that children inherit them."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,10 @@ class Supervisor:
             on_frame=self._on_frame, on_disconnect=self._on_disconnect,
         )
         cleanup = [self.ipc_dir] + ([self.logs.directory] if self.logs.owned else [])
-        self.zygote = ZygoteLauncher(self._on_report, self._on_zygote_lost, cleanup)
+        self.zygote = ZygoteLauncher(
+            self._on_report, self._on_zygote_lost, cleanup,
+            preload=self.config.preload, import_path=list(sys.path),
+        )
         activate(self.logs)
         self._ids = itertools.count(1)
         self._by_secret: dict[bytes, ChildProcess] = {}
