@@ -34,11 +34,16 @@ _PROPERTY_SIZE = struct.Struct("!I")
 _READ_SIZE = 1 << 16
 
 
+def frame_header(size: int, flags: int = 0) -> bytes:
+    """A ZMTP frame's header: flags, then a 1- or 8-byte size."""
+    if size <= 255:
+        return bytes((flags, size))
+    return bytes((flags | _LONG,)) + _LONG_SIZE.pack(size)
+
+
 def frame(body: bytes, flags: int = 0) -> bytes:
-    """One ZMTP frame: flags, a 1- or 8-byte size, the body."""
-    if len(body) <= 255:
-        return bytes((flags, len(body))) + body
-    return bytes((flags | _LONG,)) + _LONG_SIZE.pack(len(body)) + body
+    """One ZMTP frame: its header, then the body."""
+    return frame_header(len(body), flags) + body
 
 
 def ready_command(socket_type: bytes, routing_id: bytes) -> bytes:
@@ -108,7 +113,11 @@ class DealerTransport:
         """Send one single-frame message (the first waits for the peer's handshake)."""
         if not self._greeted:
             self._finish_handshake()
-        self._sock.sendall(frame(data))
+        if len(data) < _READ_SIZE:
+            self._sock.sendall(frame(data))
+        else:  # not copied into one buffer with its header
+            self._sock.sendall(frame_header(len(data)))
+            self._sock.sendall(data)
 
     def _finish_handshake(self) -> None:
         # libzmq drops a peer whose messages arrive before it has sent its own READY.
@@ -153,15 +162,20 @@ class DealerTransport:
             self._waiter.set_result(None)
 
     def _fill(self) -> None:
-        try:
-            data = self._sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._eof = True
-        self._buffer += data
+        """Read what the socket holds now (all of it: a big frame needs no wake-up per chunk)."""
+        while True:
+            try:
+                data = self._sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._eof = True
+                return
+            self._buffer += data
+            if len(data) < _READ_SIZE:
+                return
 
     def _next_message(self) -> bytes | None:
         """Pop one message from the buffer, handling the handshake and commands first."""

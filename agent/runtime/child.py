@@ -70,6 +70,7 @@ def child_main(packed_spec: bytes, parent_pid: int, inherited_fds: list[int]) ->
         os.close(null_fd)
         confine_before_connect(spec["confine"])
         sys.path[:] = spec["sys_path"]
+        sys.argv[:] = spec.get("argv", sys.argv)  # the supervisor's, not the zygote's
         try:
             os.chdir(spec["cwd"])
         except OSError:

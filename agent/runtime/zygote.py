@@ -293,6 +293,7 @@ class _ParentDied(Exception):
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one interruption only: the clean-up must run
     raise _ParentDied()
 
 
@@ -319,7 +320,10 @@ def main(argv: list[str]) -> int:
     except (_ParentDied, OSError):
         pass
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        except _ParentDied:
+            pass  # the parent-death signal came just as the loop ended; no other can
         if zygote is not None:
             zygote._kill_all()
         for path in cleanup:

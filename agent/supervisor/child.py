@@ -39,6 +39,10 @@ if TYPE_CHECKING:
     from .service import Supervisor
 
 _LOG_TAIL = 4000
+_DROPPED = (
+    "the child's connection closed before it reported (libzmq drops a connection that sends "
+    "a frame over the {cap}-byte cap)"
+)
 
 
 class ChildStatus(enum.Enum):
@@ -132,11 +136,7 @@ class ChildProcess:
         if self._exit_known:
             self._finalize()
         elif self.status is ChildStatus.RUNNING and not self._stopping:
-            self.violate(
-                "the child's connection closed before it reported (libzmq drops a connection "
-                f"that sends a frame over the {self._limits.max_frame}-byte cap)",
-                hard=False,
-            )
+            self.violate(_DROPPED.format(cap=self._limits.max_frame), hard=False)
 
     def _finalize(self) -> None:
         if self.status is ChildStatus.EXITED:
@@ -306,6 +306,11 @@ class ChildProcess:
             name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
             return FailureReason(kind="signal", message=f"the state's process was killed by {name}",
                                  traceback=tail, signal=sig)
+        if exit_code == EXIT_SETUP_FAILED and self.fd is not None and self._disconnected:
+            # Connected, then dropped before it reported (its next write failed): whether the
+            # exit or the disconnect was seen first, the channel is what broke.
+            return FailureReason(kind="protocol", traceback=tail,
+                                 message=_DROPPED.format(cap=self._limits.max_frame))
         if exit_code == EXIT_SETUP_FAILED:
             return FailureReason(kind="exit_code", exit_code=exit_code, traceback=tail,
                                  message="the state's process could not start (confinement or "

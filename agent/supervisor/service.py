@@ -136,6 +136,7 @@ class Supervisor:
             "log_path": log_path,
             "confine": confinement.child_spec,
             "sys_path": list(sys.path),
+            "argv": list(sys.argv),
             "cwd": os.getcwd(),
             "max_frame": self.config.max_frame,
         }

@@ -68,7 +68,8 @@ async def environment_state(context):
     import threading
 
     return {"pid": os.getpid(), "ppid": os.getppid(), "threads": threading.active_count(),
-            "pgid": os.getpgid(0), "loop": type(asyncio.get_running_loop()).__module__}
+            "pgid": os.getpgid(0), "loop": type(asyncio.get_running_loop()).__module__,
+            "argv": sys.argv, "path": sys.path}
 
 
 async def random_state(context):
@@ -129,6 +130,8 @@ class TestChildEnvironment:
         assert info["ppid"] == current_supervisor().zygote.pid
         assert info["pgid"] == info["pid"]
         assert info["loop"].startswith("uvloop")
+        # What the caller's process has, not the zygote's.
+        assert info["argv"] == sys.argv and info["path"] == sys.path
 
 
     async def test_children_draw_different_random_numbers(self):
