@@ -11,7 +11,10 @@ import json
 import os
 import secrets
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from agent.executor import Attempt, Isolation
 from agent.resources import ResourceRequirements

@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 from typing import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from agent.runtime.sandbox import enter_sandbox
 from agent.supervisor.doctor import diagnose
