@@ -105,29 +105,24 @@ class TestAgainstLibzmq:
         finally:
             dealer.close()
 
-    async def test_multipart_message_is_a_protocol_error(self, router):
+    @staticmethod
+    async def _rejects(router, parts: list[bytes], match: str, **kwargs) -> None:
         sock, endpoint = router
-        dealer = DealerTransport(endpoint, b"c-multi")
+        dealer = DealerTransport(endpoint, b"c-bad", **kwargs)
         try:
             dealer.send(b"hello")
             sock.recv_multipart()
-            sock.send_multipart([b"c-multi", b"part1", b"part2"])
-            with pytest.raises(ProtocolError, match="multipart"):
+            sock.send_multipart([b"c-bad", *parts])
+            with pytest.raises(ProtocolError, match=match):
                 await dealer.recv()
         finally:
             dealer.close()
 
+    async def test_multipart_message_is_a_protocol_error(self, router):
+        await self._rejects(router, [b"part1", b"part2"], "multipart")
+
     async def test_frame_over_the_cap_is_a_protocol_error(self, router):
-        sock, endpoint = router
-        dealer = DealerTransport(endpoint, b"c-cap", max_frame=1000)
-        try:
-            dealer.send(b"hello")
-            sock.recv_multipart()
-            sock.send_multipart([b"c-cap", b"y" * 1001])
-            with pytest.raises(ProtocolError, match="over the cap"):
-                await dealer.recv()
-        finally:
-            dealer.close()
+        await self._rejects(router, [b"y" * 1001], "over the cap", max_frame=1000)
 
 
 class TestAgainstOtherPeers:
