@@ -13,6 +13,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
@@ -94,8 +96,9 @@ async def main(quick: bool) -> dict[str, object]:
     return out
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
+def run_cli(main: Callable[[bool], Awaitable[dict[str, Any]]], description: str | None) -> None:
+    """``--quick`` and ``--loop``, run ``main(quick)`` on that loop, print its JSON."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
     args = parser.parse_args()
@@ -107,3 +110,7 @@ if __name__ == "__main__":
         result = asyncio.run(main(args.quick))
     result["loop"] = args.loop
     print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    run_cli(main, __doc__)

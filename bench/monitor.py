@@ -6,16 +6,13 @@ collector alone (events per second it absorbs) and one metrics() read.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from inline import chain_agent, fanout_agent, measure
+from inline import chain_agent, fanout_agent, measure, run_cli
 
 from agent import Agent, events
 from agent.monitor import MetricsCollector, agent_monitor
@@ -66,15 +63,4 @@ async def main(quick: bool) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
-    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
-    args = parser.parse_args()
-    if args.loop == "uvloop":
-        import uvloop
-
-        result = uvloop.run(main(args.quick))
-    else:
-        result = asyncio.run(main(args.quick))
-    result["loop"] = args.loop
-    print(json.dumps(result, indent=2))
+    run_cli(main, __doc__)
