@@ -9,14 +9,15 @@ what one DEALER connected to one ROUTER needs: the greeting, the READY handshake
 carries the routing id, and single-frame messages. Anything else from the peer is a
 :class:`~agent.errors.ProtocolError`.
 
-Sends are blocking writes on the socket: they return once the kernel holds the frame,
-and wait only while the supervisor's receive buffer is full (back pressure). Nothing is
+Sends return once the kernel holds the whole frame, and wait only while the
+supervisor's receive buffer is full (back pressure). Nothing is
 lost on close: the kernel delivers queued bytes of a closed Unix socket before the EOF.
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import struct
 
@@ -100,7 +101,7 @@ class DealerTransport:
         self._max_frame = max_frame
         self._sock = sock
         try:
-            sock.sendall(GREETING + ready_command(b"DEALER", routing_id))
+            self._write(GREETING + ready_command(b"DEALER", routing_id))
         except BaseException:
             sock.close()
             raise
@@ -114,15 +115,40 @@ class DealerTransport:
         if not self._greeted:
             self._finish_handshake()
         if len(data) < _READ_SIZE:
-            self._sock.sendall(frame(data))
+            self._write(frame(data))
         else:  # not copied into one buffer with its header
-            self._sock.sendall(frame_header(len(data)))
-            self._sock.sendall(data)
+            self._write(frame_header(len(data)))
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        """Write all of ``data``, waiting while the peer's buffer is full.
+
+        Not ``sendall``: once the loop watches the socket, it is non-blocking (libuv makes
+        every polled descriptor so), and ``sendall`` would give up half-way through a
+        frame, leaving the stream corrupt.
+        """
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self._sock.send(view)
+            except BlockingIOError:
+                self._wait(select.POLLOUT)
+                continue
+            view = view[sent:]
+
+    def _wait(self, event: int) -> None:
+        poller = select.poll()
+        poller.register(self._sock, event)
+        poller.poll()
 
     def _finish_handshake(self) -> None:
         # libzmq drops a peer whose messages arrive before it has sent its own READY.
         while not self._read_handshake():
-            data = self._sock.recv(_READ_SIZE)
+            try:
+                data = self._sock.recv(_READ_SIZE)
+            except BlockingIOError:
+                self._wait(select.POLLIN)
+                continue
             if not data:
                 raise ConnectionError("the supervisor closed the channel during the handshake")
             self._buffer += data

@@ -92,6 +92,12 @@ async def threads_state(context):
             "to_thread": await asyncio.to_thread(lambda: 6 * 7)}
 
 
+async def big_values_state(context):
+    blob = context.get_state("blob")
+    context.set_state("echo", blob[::-1])
+    return len(blob)
+
+
 async def writes_started(func):
     started = asyncio.Event()
     ctx = Context(on_write=lambda key, value, deleted: key == "pid" and started.set())
@@ -114,6 +120,13 @@ class TestContextAcrossTheBoundary:
         assert ctx.get_state("counter") == 49 and "doomed" not in ctx
         assert ctx.get_typed("typed", Progress) == Progress(2, ["x"])
         assert ctx.get_state("seen") == ({"a": (1, 2)}, Progress(1, ["x"]))
+
+    async def test_big_values_both_ways(self):
+        blob = os.urandom(24 * 1024 * 1024)
+        ctx = Context({"blob": blob})
+        outcome = await run(make_attempt(big_values_state, context=ctx))
+        assert outcome.result == len(blob)
+        assert ctx.get_state("echo") == blob[::-1]
 
     async def test_values_the_codec_cannot_send_stay_behind(self):
         ctx = Context({"lock": asyncio.Lock(), "given": 1, "typed": Progress(0, []), "doomed": 0})

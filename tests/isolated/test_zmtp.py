@@ -85,6 +85,22 @@ class TestAgainstLibzmq:
         finally:
             dealer.close()
 
+    async def test_long_frame_on_a_non_blocking_socket(self, router):
+        # uvloop makes a descriptor it watches non-blocking: a send must still write it all.
+        sock, endpoint = router
+        dealer = DealerTransport(endpoint, b"c-nonblocking")
+        big = os.urandom(5 * 1024 * 1024)
+        try:
+            dealer._sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            sender = loop.run_in_executor(None, dealer.send, big)
+            assert await loop.run_in_executor(None, sock.recv_multipart) == [b"c-nonblocking", big]
+            await sender
+            dealer.send(b"next")
+            assert sock.recv_multipart() == [b"c-nonblocking", b"next"]
+        finally:
+            dealer.close()
+
     async def test_frames_sent_before_close_arrive(self, router):
         sock, endpoint = router
         dealer = DealerTransport(endpoint, b"c-close")
