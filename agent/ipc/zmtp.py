@@ -10,8 +10,8 @@ carries the routing id, and single-frame messages. Anything else from the peer i
 :class:`~agent.errors.ProtocolError`.
 
 Sends return once the kernel holds the whole frame, and wait only while the
-supervisor's receive buffer is full (back pressure). Nothing is
-lost on close: the kernel delivers queued bytes of a closed Unix socket before the EOF.
+supervisor's receive buffer is full (back pressure). Closing waits until the supervisor
+has read everything (:meth:`DealerTransport.close`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import asyncio
 import select
 import socket
 import struct
+import time
 
 from ..errors import ProtocolError
 
@@ -78,7 +79,9 @@ class DealerTransport:
     connection under it. ``max_frame`` caps what the supervisor may send.
     """
 
-    def __init__(self, endpoint: str, routing_id: bytes, *, max_frame: int = 1 << 62) -> None:
+    def __init__(
+        self, endpoint: str, routing_id: bytes, *, max_frame: int = 1 << 62, linger: float = 5.0
+    ) -> None:
         if not endpoint.startswith("ipc://"):
             raise ValueError(f"a child connects over ipc:// only, not {endpoint!r}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -87,18 +90,23 @@ class DealerTransport:
         except BaseException:
             sock.close()
             raise
-        self._start(sock, endpoint, routing_id, max_frame)
+        self._start(sock, endpoint, routing_id, max_frame, linger)
 
     @classmethod
-    def over(cls, sock: socket.socket, routing_id: bytes, *, max_frame: int = 1 << 62) -> DealerTransport:
+    def over(
+        cls, sock: socket.socket, routing_id: bytes, *, max_frame: int = 1 << 62, linger: float = 5.0
+    ) -> DealerTransport:
         """A DEALER on a connected stream socket (the zygote's warm-up uses a socketpair)."""
         self = cls.__new__(cls)
-        self._start(sock, "", routing_id, max_frame)
+        self._start(sock, "", routing_id, max_frame, linger)
         return self
 
-    def _start(self, sock: socket.socket, endpoint: str, routing_id: bytes, max_frame: int) -> None:
+    def _start(
+        self, sock: socket.socket, endpoint: str, routing_id: bytes, max_frame: int, linger: float
+    ) -> None:
         self.endpoint = endpoint
         self._max_frame = max_frame
+        self._linger = linger
         self._sock = sock
         try:
             self._write(GREETING + ready_command(b"DEALER", routing_id))
@@ -168,7 +176,31 @@ class DealerTransport:
         self.close()
 
     def close(self) -> None:
-        self._sock.close()
+        """Close once the supervisor has read everything sent (a lingering close).
+
+        libzmq stops reading a connection whose messages reach its high-water mark, and
+        if the peer has gone by then, drops what it had not read. So this end shuts its
+        sending side, reads (and discards) until the supervisor closes the connection,
+        which libzmq does once it has read the EOF, so after every frame, and only then
+        closes: at most ``linger`` seconds, like libzmq's own LINGER.
+        """
+        if self._sock.fileno() < 0:
+            return
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + self._linger
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            while (left := deadline - time.monotonic()) > 0 and poller.poll(left * 1000):
+                try:
+                    if not self._sock.recv(_READ_SIZE):
+                        break
+                except BlockingIOError:
+                    continue
+        except OSError:
+            pass  # the supervisor is gone already
+        finally:
+            self._sock.close()
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -265,7 +265,7 @@ def warm_up(rounds: int = 12) -> None:
         asyncio.set_event_loop(loop)
         try:
             peer.sendall(GREETING + ready_command(b"ROUTER", b"") + frame(run))
-            transport = DealerTransport.over(ours, b"c-warm-up")
+            transport = DealerTransport.over(ours, b"c-warm-up", linger=0)  # the peer never closes
             session = ChildSession(transport, pid=os.getpid())
             session.hello()
             loop.run_until_complete(child_module.serve(session, transport))

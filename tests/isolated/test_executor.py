@@ -98,6 +98,12 @@ async def big_values_state(context):
     return len(blob)
 
 
+async def many_writes_state(context):
+    for i in range(20_000):
+        context.set_state(f"k{i % 100}", f"{i:05d}" + "x" * 1000)
+    return "done"
+
+
 async def writes_started(func):
     started = asyncio.Event()
     ctx = Context(on_write=lambda key, value, deleted: key == "pid" and started.set())
@@ -127,6 +133,15 @@ class TestContextAcrossTheBoundary:
         outcome = await run(make_attempt(big_values_state, context=ctx))
         assert outcome.result == len(blob)
         assert ctx.get_state("echo") == blob[::-1]
+
+    async def test_thousands_of_writes_then_the_result_all_arrive(self):
+        # Far past libzmq's high-water mark: the child's exit must not lose the tail.
+        ctx = Context()
+        seen = []
+        ctx._on_write = lambda key, value, deleted: seen.append(value[:5])
+        outcome = await run(make_attempt(many_writes_state, context=ctx))
+        assert outcome.result == "done"
+        assert seen == [f"{i:05d}" for i in range(20_000)]
 
     async def test_values_the_codec_cannot_send_stay_behind(self):
         ctx = Context({"lock": asyncio.Lock(), "given": 1, "typed": Progress(0, []), "doomed": 0})

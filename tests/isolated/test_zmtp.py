@@ -109,6 +109,32 @@ class TestAgainstLibzmq:
         dealer.close()
         assert [sock.recv_multipart()[1] for _ in range(50)] == [b"m%d" % i for i in range(50)]
 
+    async def test_close_waits_until_a_router_at_its_high_water_mark_has_read_all(self, tmp_path):
+        # libzmq stops reading at the high-water mark and drops what is unread if the peer
+        # has gone by then: close() must not return before the ROUTER has read everything.
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.RCVHWM, 10)
+        sock.setsockopt(zmq.RCVTIMEO, 5000)
+        sock.setsockopt(zmq.LINGER, 0)
+        endpoint = f"ipc://{tmp_path}/hwm.sock"
+        sock.bind(endpoint)
+        try:
+            dealer = DealerTransport(endpoint, b"c-hwm")
+            for i in range(40):  # fits in the socket buffers: nothing blocks
+                dealer.send(b"%d." % i + b"x" * 1000)
+            closer = threading.Thread(target=dealer.close)
+            closer.start()
+            closer.join(0.5)
+            assert closer.is_alive(), "close() returned while the ROUTER still had frames to read"
+            received = [sock.recv_multipart()[1].split(b".")[0] for _ in range(40)]
+            closer.join(10)
+            assert not closer.is_alive()
+            assert received == [b"%d" % i for i in range(40)]
+        finally:
+            sock.close()
+            ctx.term()
+
     async def test_router_gone_is_a_connection_error(self, router):
         sock, endpoint = router
         dealer = DealerTransport(endpoint, b"c-gone")
