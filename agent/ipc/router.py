@@ -27,6 +27,8 @@ DisconnectHandler = Callable[[int], None]
 """``on_disconnect(fd)``: a child's connection went away."""
 
 _FRAME_OVERHEAD = 64 * 1024
+RECEIVE_HWM = 1000
+"""Messages libzmq queues per child before it stops reading that child (its default)."""
 _POLLIN = int(zmq.POLLIN)  # a plain int: ``EVENTS & zmq.POLLIN`` would build an enum per test
 
 
@@ -48,6 +50,7 @@ class RouterChannel:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_frame + _FRAME_OVERHEAD)
+        self._sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         self._sock.setsockopt(zmq.LINGER, 0)
         old_umask = os.umask(0o077)
         try:

@@ -80,7 +80,13 @@ class DealerTransport:
     """
 
     def __init__(
-        self, endpoint: str, routing_id: bytes, *, max_frame: int = 1 << 62, linger: float = 5.0
+        self,
+        endpoint: str,
+        routing_id: bytes,
+        *,
+        max_frame: int = 1 << 62,
+        linger: float = 5.0,
+        peer_hwm: int = 0,
     ) -> None:
         if not endpoint.startswith("ipc://"):
             raise ValueError(f"a child connects over ipc:// only, not {endpoint!r}")
@@ -90,7 +96,7 @@ class DealerTransport:
         except BaseException:
             sock.close()
             raise
-        self._start(sock, endpoint, routing_id, max_frame, linger)
+        self._start(sock, endpoint, routing_id, max_frame, linger, peer_hwm)
 
     @classmethod
     def over(
@@ -98,15 +104,18 @@ class DealerTransport:
     ) -> DealerTransport:
         """A DEALER on a connected stream socket (the zygote's warm-up uses a socketpair)."""
         self = cls.__new__(cls)
-        self._start(sock, "", routing_id, max_frame, linger)
+        self._start(sock, "", routing_id, max_frame, linger, 0)
         return self
 
     def _start(
-        self, sock: socket.socket, endpoint: str, routing_id: bytes, max_frame: int, linger: float
+        self, sock: socket.socket, endpoint: str, routing_id: bytes, max_frame: int, linger: float,
+        peer_hwm: int,
     ) -> None:
         self.endpoint = endpoint
         self._max_frame = max_frame
         self._linger = linger
+        self._peer_hwm = peer_hwm
+        self._sent = 0
         self._sock = sock
         try:
             self._write(GREETING + ready_command(b"DEALER", routing_id))
@@ -122,6 +131,7 @@ class DealerTransport:
         """Send one single-frame message (the first waits for the peer's handshake)."""
         if not self._greeted:
             self._finish_handshake()
+        self._sent += 1
         if len(data) < _READ_SIZE:
             self._write(frame(data))
         else:  # not copied into one buffer with its header
@@ -182,9 +192,14 @@ class DealerTransport:
         if the peer has gone by then, drops what it had not read. So this end shuts its
         sending side, reads (and discards) until the supervisor closes the connection,
         which libzmq does once it has read the EOF, so after every frame, and only then
-        closes: at most ``linger`` seconds, like libzmq's own LINGER.
+        closes: at most ``linger`` seconds, like libzmq's own LINGER. Fewer messages than
+        half the ROUTER's high-water mark (``peer_hwm``) can never reach it: then this end
+        closes at once, which is every attempt that writes less than a few hundred values.
         """
         if self._sock.fileno() < 0:
+            return
+        if self._sent < self._peer_hwm // 2:
+            self._sock.close()
             return
         try:
             self._sock.shutdown(socket.SHUT_WR)

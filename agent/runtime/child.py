@@ -77,7 +77,8 @@ def child_main(packed_spec: bytes, parent_pid: int, inherited_fds: list[int]) ->
             pass
         # Connect and say hello first: the supervisor answers while the loop is being built.
         transport = DealerTransport(
-            spec["endpoint"], spec["secret"], max_frame=spec["max_frame"] + _FRAME_OVERHEAD
+            spec["endpoint"], spec["secret"], max_frame=spec["max_frame"] + _FRAME_OVERHEAD,
+            peer_hwm=spec["receive_hwm"],
         )
         session = ChildSession(
             transport, pid=os.getpid(), limits=Limits(max_frame=spec["max_frame"]),

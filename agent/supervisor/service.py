@@ -29,7 +29,7 @@ from ..errors import IsolationError, ProtocolError, UnencodableValueError
 from ..executor import Attempt
 from ..ipc import FROM_CHILD, Limits, Run, decode_message, encode_message, encode_value
 from ..ipc.codec import DEFAULT_MAX_FRAME
-from ..ipc.router import RouterChannel, peer_pid
+from ..ipc.router import RECEIVE_HWM, RouterChannel, peer_pid
 from .child import ChildProcess, ChildStatus
 from .confinement import Confinement, Confiner
 from .launcher import ZygoteLauncher
@@ -139,6 +139,7 @@ class Supervisor:
             "argv": list(sys.argv),
             "cwd": os.getcwd(),
             "max_frame": self.config.max_frame,
+            "receive_hwm": RECEIVE_HWM,
         }
         self._by_secret[secret] = child
         self._by_request[request_id] = child

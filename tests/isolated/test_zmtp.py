@@ -135,6 +135,16 @@ class TestAgainstLibzmq:
             sock.close()
             ctx.term()
 
+    async def test_few_messages_close_at_once_and_still_arrive(self, router):
+        # Below half the ROUTER's high-water mark it cannot stop reading: no need to wait.
+        sock, endpoint = router
+        dealer = DealerTransport(endpoint, b"c-few", peer_hwm=1000)
+        for i in range(3):
+            dealer.send(b"m%d" % i)
+        dealer.close()  # returns without the ROUTER having read anything
+        assert dealer._sock.fileno() == -1
+        assert [sock.recv_multipart()[1] for _ in range(3)] == [b"m0", b"m1", b"m2"]
+
     async def test_router_gone_is_a_connection_error(self, router):
         sock, endpoint = router
         dealer = DealerTransport(endpoint, b"c-gone")
