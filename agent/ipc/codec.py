@@ -25,6 +25,9 @@ from ..errors import ProtocolError, UnencodableValueError, ValueTooLargeError
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 """Default cap on one frame, and so on one encoded context value (64 MiB)."""
 
+FRAME_OVERHEAD = 64 * 1024
+"""Room for the message around a value of the cap: what a channel lets through on top."""
+
 EXT_TUPLE = 1
 EXT_SET = 2
 EXT_FROZENSET = 3

@@ -20,13 +20,14 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from .codec import FRAME_OVERHEAD
+
 FrameHandler = Callable[[bytes, list[bytes], int], None]
 """``on_frame(routing_id, frames, fd)``: every message received, in order."""
 
 DisconnectHandler = Callable[[int], None]
 """``on_disconnect(fd)``: a child's connection went away."""
 
-_FRAME_OVERHEAD = 64 * 1024
 RECEIVE_HWM = 1000
 """Messages libzmq queues per child before it stops reading that child (its default)."""
 _POLLIN = int(zmq.POLLIN)  # a plain int: ``EVENTS & zmq.POLLIN`` would build an enum per test
@@ -49,7 +50,7 @@ class RouterChannel:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, max_frame + _FRAME_OVERHEAD)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_frame + FRAME_OVERHEAD)
         self._sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         self._sock.setsockopt(zmq.LINGER, 0)
         old_umask = os.umask(0o077)

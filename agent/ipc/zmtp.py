@@ -154,10 +154,11 @@ class DealerTransport:
                 continue
             view = view[sent:]
 
-    def _wait(self, event: int) -> None:
+    def _wait(self, event: int, timeout: float | None = None) -> bool:
+        """Block until the socket is ready for ``event``; False after ``timeout`` seconds."""
         poller = select.poll()
         poller.register(self._sock, event)
-        poller.poll()
+        return bool(poller.poll(None if timeout is None else timeout * 1000))
 
     def _finish_handshake(self) -> None:
         # libzmq drops a peer whose messages arrive before it has sent its own READY.
@@ -204,9 +205,7 @@ class DealerTransport:
         try:
             self._sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + self._linger
-            poller = select.poll()
-            poller.register(self._sock, select.POLLIN)
-            while (left := deadline - time.monotonic()) > 0 and poller.poll(left * 1000):
+            while (left := deadline - time.monotonic()) > 0 and self._wait(select.POLLIN, left):
                 try:
                     if not self._sock.recv(_READ_SIZE):
                         break

@@ -22,11 +22,9 @@ from typing import Any, NoReturn
 import uvloop
 
 from ..ipc import DealerTransport, Limits
-from ..ipc.codec import unpack
+from ..ipc.codec import FRAME_OVERHEAD, unpack
 from . import confine
 from .session import ChildSession
-
-_FRAME_OVERHEAD = 64 * 1024  # the message around a value of max_frame bytes
 
 _SPEC_LIMITS = Limits(max_frame=16 * 1024 * 1024)
 
@@ -70,14 +68,14 @@ def child_main(packed_spec: bytes, parent_pid: int, inherited_fds: list[int]) ->
         os.close(null_fd)
         confine_before_connect(spec["confine"])
         sys.path[:] = spec["sys_path"]
-        sys.argv[:] = spec.get("argv", sys.argv)  # the supervisor's, not the zygote's
+        sys.argv[:] = spec["argv"]  # the supervisor's, not the zygote's
         try:
             os.chdir(spec["cwd"])
         except OSError:
             pass
         # Connect and say hello first: the supervisor answers while the loop is being built.
         transport = DealerTransport(
-            spec["endpoint"], spec["secret"], max_frame=spec["max_frame"] + _FRAME_OVERHEAD,
+            spec["endpoint"], spec["secret"], max_frame=spec["max_frame"] + FRAME_OVERHEAD,
             peer_hwm=spec["receive_hwm"],
         )
         session = ChildSession(

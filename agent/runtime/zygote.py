@@ -61,10 +61,8 @@ def read_frames(buffer: bytearray) -> list[Any]:
     return out
 
 
-def _after_raw_fork() -> None:
-    """In a child forked without ``os.fork``: what of the after-fork work it needs."""
-    random.seed()  # else every child draws the zygote's sequence
-    threading.main_thread()._set_native_id()
+def _thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
 
 
 class Zygote:
@@ -76,14 +74,15 @@ class Zygote:
         self._children: set[int] = set()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Checked once: the zygote starts no thread, so this stays true.
-        self._single_threaded = len(os.listdir("/proc/self/task")) == 1
+        self._single_threaded = _thread_count() == 1
 
-    def serve(self, buffer: bytearray) -> None:
-        """Serve requests until the supervisor goes; ``buffer`` holds bytes already read."""
+    def serve(self, pending: list[Any], buffer: bytearray) -> None:
+        """Serve requests until the supervisor goes: ``pending`` ones first, then the socket's
+        (``buffer`` holds the start of one already read)."""
         signal.set_wakeup_fd(self._wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for request in read_frames(buffer):
+        for request in pending:
             self._handle(request)
         while True:
             readable, _, _ = select.select([self._control, self._wake_r], [], [])
@@ -119,8 +118,6 @@ class Zygote:
         if pid != 0:
             _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
         if pid == 0:
-            if self._single_threaded:
-                _after_raw_fork()
             child_module.child_main(
                 spec, os.getppid(), [self._control.fileno(), self._wake_r, self._wake_w]
             )
@@ -134,6 +131,9 @@ class Zygote:
         if pid < 0:
             errno = ctypes.get_errno()
             raise OSError(errno, os.strerror(errno))
+        if pid == 0:  # what of os.fork's after-fork work a child needs
+            random.seed()  # else every child draws the zygote's sequence
+            threading.main_thread()._set_native_id()
         return pid
 
     def _kill(self, pid: int, sig: int) -> None:
@@ -181,20 +181,17 @@ class Zygote:
         self._children.clear()
 
 
-def _read_configure(control: socket.socket, buffer: bytearray) -> dict[str, Any]:
-    """Block for the supervisor's first frame, ``configure``; later bytes stay in ``buffer``."""
-    while True:
+def _read_configure(control: socket.socket, buffer: bytearray) -> tuple[dict[str, Any], list[Any]]:
+    """Block for the supervisor's first request, ``configure``; return it and any read with it."""
+    while not (requests := read_frames(buffer)):
         data = control.recv(1 << 16)
         if not data:
             raise _ParentDied()
         buffer += data
-        if len(buffer) >= _HEADER.size and len(buffer) >= _HEADER.size + _HEADER.unpack_from(buffer)[0]:
-            (size,) = _HEADER.unpack_from(buffer)
-            config = unpack(bytes(buffer[_HEADER.size : _HEADER.size + size]), _CONTROL_LIMITS)
-            del buffer[: _HEADER.size + size]
-            if not isinstance(config, dict) or config.get("op") != "configure":
-                raise RuntimeError(f"the zygote's first request must be 'configure', not {config!r}")
-            return config
+    config, *pending = requests
+    if not isinstance(config, dict) or config.get("op") != "configure":
+        raise RuntimeError(f"the zygote's first request must be 'configure', not {config!r}")
+    return config, pending
 
 
 def preload(modules: Sequence[str], import_path: Sequence[str]) -> None:
@@ -213,15 +210,16 @@ def preload(modules: Sequence[str], import_path: Sequence[str]) -> None:
     sys.path[:] = [*import_path, *saved]
     try:
         for name in modules:
+            before = _thread_count()
             try:
                 importlib.import_module(name)
             except BaseException as exc:  # its top-level code may raise anything, even SystemExit
                 print(f"agent: AGENT_PRELOAD: cannot import {name!r} ({type(exc).__name__}: {exc}); "
                       "each state's process will import it itself", file=sys.stderr, flush=True)
                 continue
-            threads = len(os.listdir("/proc/self/task"))
-            if threads > 1:
-                print(f"agent: AGENT_PRELOAD: importing {name!r} started {threads - 1} thread(s) in "
+            started = _thread_count() - before
+            if started > 0:
+                print(f"agent: AGENT_PRELOAD: importing {name!r} started {started} thread(s) in "
                       "the zygote; children are forked from a multi-threaded process, which is only "
                       "as safe as that module's fork handlers", file=sys.stderr, flush=True)
     finally:
@@ -308,7 +306,7 @@ def main(argv: list[str]) -> int:
         control = socket.socket(fileno=control_fd)
         control.setblocking(True)
         buffer = bytearray()
-        config = _read_configure(control, buffer)
+        config, pending = _read_configure(control, buffer)
         preload(config.get("preload", ()), config.get("import_path", ()))
         warm_up()
         # Objects loaded so far are never collected: children share their pages untouched.
@@ -316,7 +314,7 @@ def main(argv: list[str]) -> int:
         gc.freeze()
         _release_free_heap()
         zygote = Zygote(control, parent_pid)
-        zygote.serve(buffer)
+        zygote.serve(pending, buffer)
     except (_ParentDied, OSError):
         pass
     finally:
