@@ -1,56 +1,68 @@
-"""``Agent``: build a workflow of named async states, run it, steer it, checkpoint it."""
+"""``Agent``: build a workflow of named async states, run it, steer it, checkpoint it.
+
+A thin facade: what ``add_state`` builds lives in :mod:`agent.workflow`, a run's queues
+in :class:`agent.engine.run.Run`, admission in :mod:`agent.engine.admission`. The
+agent keeps what outlives a run: its states, their metadata, the last context, the
+observers and the checkpoint store.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import functools
-import heapq
-import itertools
 import logging
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import events as ev
+from ._types import Priority, ResourceType
 from .checkpoint import AgentCheckpoint
 from .context import Context
 from .dependencies import DependencyConfig, DependencyType
+from .engine.run import Activation, Run
 from .errors import (
     AgentBusyError,
     CheckpointError,
-    DependencyCycleError,
     DuplicateStateError,
     InvalidConfigurationError,
     UnknownStateError,
     WorkflowDefinitionError,
 )
 from .executor import Isolation
-from .resources import Priority, ResourcePool, ResourceRequirements, ResourceType
+from .resources import ResourcePool, ResourceRequirements, default_pool
 from .retry import RetryPolicy
-from .scheduler import Run, _Activation, _Group
-from .state import StateFunction, StateMetadata, StateSpec, check_state_function
+from .state import StateFunction, StateMetadata
 from .status import AgentStatus, StateStatus, check_agent_transition
+from .workflow import ON_FAILURE, ReturnGraph, StateSpec, check_graph, check_state_function, parse_dependencies
 
 DEFAULT_ISOLATION = Isolation.PROCESS
 """Used when neither ``Agent(isolation=...)`` nor ``$AGENT_ISOLATION`` says otherwise."""
 
 _log = logging.getLogger("agent")
+_TERMINAL = frozenset(s.value for s in (AgentStatus.COMPLETED, AgentStatus.FAILED, AgentStatus.CANCELLED))
 
 
 def _non_negative(name: str, value: Any, *, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise InvalidConfigurationError(f"{name} must be a number >= 0, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+        raise InvalidConfigurationError(f"{name} must be a finite number >= 0 (seconds), got {value!r}")
+
+
+def _on_failure(value: Any, where: str) -> str | None:
+    if value is None or value in ON_FAILURE:
+        return value
+    raise InvalidConfigurationError(f"{where}: on_failure must be 'fail' or 'continue', got {value!r}")
 
 
 class Agent:
     """A workflow: named async states, their dependencies, resources and retry rules.
 
     A state is ``async def state(context) -> StateResult``: it returns the next state's
-    name, a list of names to run in parallel, or ``None`` to end its branch. See the
-    module :mod:`agent.scheduler` for the exact join and dependency semantics.
+    name, a list of names to run in parallel, or ``None`` to end its branch. See
+    :mod:`agent.engine.run` for the exact join and dependency semantics.
     """
 
     def __init__(
@@ -66,20 +78,31 @@ class Agent:
         checkpoint_store: Any = None,
         human_input: Any = None,
         cleanup_timeout: float = 10.0,
+        on_failure: str = "fail",
     ) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidConfigurationError(f"an agent needs a non-empty str name, got {name!r}")
-        if max_concurrent is not None and (not isinstance(max_concurrent, int) or max_concurrent < 1):
+        if max_concurrent is not None and (
+            not isinstance(max_concurrent, int) or isinstance(max_concurrent, bool) or max_concurrent < 1
+        ):
             raise InvalidConfigurationError(f"max_concurrent must be an int >= 1, got {max_concurrent!r}")
-        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        if max_steps is not None and (not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1):
             raise InvalidConfigurationError(f"max_steps must be an int >= 1, got {max_steps!r}")
-        _non_negative("checkpoint_interval", checkpoint_interval)
-        _non_negative("cleanup_timeout", cleanup_timeout, allow_none=False)
+        if checkpoint_interval is not None:
+            _non_negative("checkpoint_interval", checkpoint_interval)
+        if cleanup_timeout != 10.0:
+            _non_negative("cleanup_timeout", cleanup_timeout, allow_none=False)
+        if resource_pool is not None and not isinstance(resource_pool, ResourcePool):
+            raise InvalidConfigurationError(f"resource_pool must be a ResourcePool, got {type(resource_pool).__name__}")
+        if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
+            raise InvalidConfigurationError(f"retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}")
+        if on_failure != "fail":
+            _on_failure(on_failure, f"agent {name!r}")
         if isolation is None:
             isolation = os.environ.get("AGENT_ISOLATION") or DEFAULT_ISOLATION
         self.name = name
-        self.isolation = Isolation.parse(isolation)
-        self.resource_pool = resource_pool if resource_pool is not None else ResourcePool()
+        self.isolation = isolation if isinstance(isolation, Isolation) else Isolation.parse(isolation)
+        self._pool = resource_pool
         self.max_concurrent = max_concurrent
         self.max_steps = max_steps
         self.retry_policy = retry_policy
@@ -87,22 +110,10 @@ class Agent:
         self.checkpoint_store = checkpoint_store
         self.human_input = human_input
         self.cleanup_timeout = cleanup_timeout
-        self._config: dict[str, Any] = {
-            "resource_pool": resource_pool,
-            "max_concurrent": max_concurrent,
-            "max_steps": max_steps,
-            "retry_policy": retry_policy,
-            "isolation": isolation,
-            "checkpoint_interval": checkpoint_interval,
-            "checkpoint_store": checkpoint_store,
-            "human_input": human_input,
-            "cleanup_timeout": cleanup_timeout,
-        }
+        self.on_failure = on_failure
         self._states: dict[str, StateSpec] = {}
         self.state_metadata: dict[str, StateMetadata] = {}
         self.completed_states: set[str] = set()
-        self.priority_queue: list[_Activation] = []
-        self._running_states: dict[str, _Activation] = {}
         self.context = Context()
         self.status = AgentStatus.IDLE
         self.run_id: str | None = None
@@ -116,7 +127,37 @@ class Agent:
         self._restored: AgentCheckpoint | None = None
         self._fresh_context = True
         self._graph_checked = False
+        self._graph: ReturnGraph | None = None
         self._log = _log
+
+    @property
+    def _config(self) -> dict[str, Any]:
+        """The constructor's settings, to build an equivalent agent (``enhance_agent``)."""
+        return {
+            "resource_pool": self._pool,
+            "max_concurrent": self.max_concurrent,
+            "max_steps": self.max_steps,
+            "retry_policy": self.retry_policy,
+            "isolation": self.isolation,
+            "checkpoint_interval": self.checkpoint_interval,
+            "checkpoint_store": self.checkpoint_store,
+            "human_input": self.human_input,
+            "cleanup_timeout": self.cleanup_timeout,
+            "on_failure": self.on_failure,
+        }
+
+    @property
+    def resource_pool(self) -> ResourcePool:
+        """The pool this agent's states are admitted by (the process's default one unless given)."""
+        if self._pool is None:
+            self._pool = default_pool()
+        return self._pool
+
+    @resource_pool.setter
+    def resource_pool(self, pool: ResourcePool) -> None:
+        if self._run is not None and not self._run.done:
+            raise AgentBusyError(f"agent {self.name!r} is running: change its pool between runs")
+        self._pool = pool
 
     # --- building ---------------------------------------------------------------------------
 
@@ -131,18 +172,28 @@ class Agent:
         isolation: Isolation | str | None = None,
         timeout: float | None = None,
         priority: Priority | int | None = None,
+        next_states: Iterable[str] | None = None,
+        on_failure: str | None = None,
     ) -> None:
-        """Add a state. Checks everything that can be checked before a run starts."""
+        """Add a state. Checks everything that can be checked before a run starts.
+
+        ``next_states`` declares the names the state may return (a state returning
+        another name fails); the engine then need not read them from its code to know
+        which joins it can reach. ``on_failure="continue"`` lets a permanent failure
+        of this state end only its branch (default: the agent's ``on_failure``).
+        """
         if not isinstance(name, str) or not name:
             raise WorkflowDefinitionError(f"a state name must be a non-empty str, got {name!r}")
         if name in self._states:
             raise DuplicateStateError(f"state {name!r} is already added to agent {self.name!r}: use another name")
         check_state_function(name, func)
-        deps = self._parse_dependencies(name, dependencies)
-        if resources is not None and not isinstance(resources, ResourceRequirements):
-            raise InvalidConfigurationError(
-                f"state {name!r}: resources must be a ResourceRequirements, got {type(resources).__name__}"
-            )
+        deps = parse_dependencies(name, dependencies) if dependencies else {}
+        if resources is not None:
+            if not isinstance(resources, ResourceRequirements):
+                raise InvalidConfigurationError(
+                    f"state {name!r}: resources must be a ResourceRequirements, got {type(resources).__name__}"
+                )
+            self.resource_pool.check_request(resources, name)
         if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
             raise InvalidConfigurationError(
                 f"state {name!r}: retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}"
@@ -151,93 +202,49 @@ class Agent:
             not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0
         ):
             raise InvalidConfigurationError(f"state {name!r}: max_retries must be an int >= 0, got {max_retries!r}")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        if timeout is not None and (
+            not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < float("inf")
+        ):
             raise InvalidConfigurationError(f"state {name!r}: timeout must be > 0 seconds, got {timeout!r}")
-        if resources is not None:
-            self.resource_pool.check_request(resources, name)
         level = Isolation.parse(isolation) if isolation is not None else None
         if priority is None:
             priority = resources.priority if resources is not None else Priority.NORMAL
-        spec = StateSpec(
-            name=name,
-            func=func,
-            dependencies=deps,
-            resources=resources,
-            retry_policy=retry_policy,
-            max_retries=max_retries,
-            isolation=level,
-            timeout=timeout,
-            priority=Priority(priority),
-        )
-        run = self._run if self._run is not None and not self._run.done.is_set() else None
+        elif not isinstance(priority, Priority):
+            try:
+                priority = Priority(priority)
+            except ValueError:
+                raise InvalidConfigurationError(f"state {name!r}: unknown priority {priority!r}") from None
+        declared = None
+        if next_states is not None:
+            if isinstance(next_states, str) or not all(isinstance(n, str) for n in next_states):
+                raise InvalidConfigurationError(f"state {name!r}: next_states must be a list of state names")
+            declared = frozenset(next_states)
+        spec = StateSpec(name, func, deps, resources, retry_policy, max_retries, level, timeout, priority,
+                         declared, _on_failure(on_failure, f"state {name!r}"))
+        run = self._run if self._run is not None and not self._run.done else None
         if run is not None:
-            self._check_graph(extra=spec)
+            check_graph(self.name, {**self._states, name: spec})
         self._states[name] = spec
         self._graph_checked = False
+        self._graph = None
         self.state_metadata[name] = StateMetadata(
             name=name,
             max_retries=spec.max_retries_with(self.retry_policy),
             resources=resources,
-            priority=spec.priority,
+            priority=priority,
             dependencies=deps,
             isolation=level,
         )
-        if run is not None and deps:
-            run.watch.add(name)
-            run.kick()
+        if run is not None:
+            run.retrack()
+            if deps:
+                run.watch.add(name)
+                run.kick()
 
-    def _parse_dependencies(self, name: str, dependencies: Any) -> dict[str, DependencyConfig]:
-        if dependencies is None:
-            return {}
-        if isinstance(dependencies, str):
-            dependencies = [dependencies]
-        if not isinstance(dependencies, Mapping):
-            dependencies = {dep: DependencyType.REQUIRED for dep in dependencies}
-        deps: dict[str, DependencyConfig] = {}
-        for dep, value in dependencies.items():
-            if not isinstance(dep, str):
-                raise WorkflowDefinitionError(f"state {name!r}: dependency names are str, got {dep!r}")
-            if dep == name:
-                raise DependencyCycleError(f"state {name!r} depends on itself: remove that dependency")
-            deps[dep] = DependencyConfig.of(value)
-        return deps
-
-    def _check_graph(self, extra: StateSpec | None = None) -> None:
-        """Unknown dependencies and dependency cycles are rejected before anything runs."""
-        specs = dict(self._states)
-        if extra is not None:
-            specs[extra.name] = extra
-        for spec in specs.values():
-            for dep in spec.dependencies:
-                if dep not in specs:
-                    raise UnknownStateError(
-                        f"state {spec.name!r} depends on {dep!r}, which is not a state of agent "
-                        f"{self.name!r}: add {dep!r} with add_state() or remove the dependency"
-                    )
-        white, grey, black = 0, 1, 2
-        color = dict.fromkeys(specs, white)
-        for root in specs:
-            if color[root] != white:
-                continue
-            stack: list[tuple[str, Iterable[str]]] = [(root, iter(specs[root].dependencies))]
-            path = [root]
-            color[root] = grey
-            while stack:
-                node, it = stack[-1]
-                nxt = next(it, None)
-                if nxt is None:
-                    color[node] = black
-                    stack.pop()
-                    path.pop()
-                elif color[nxt] == grey:
-                    cycle = path[path.index(nxt):] + [nxt]
-                    raise DependencyCycleError(
-                        "dependency cycle: " + " -> ".join(cycle) + ": remove one of these dependencies"
-                    )
-                elif color[nxt] == white:
-                    color[nxt] = grey
-                    path.append(nxt)
-                    stack.append((nxt, iter(specs[nxt].dependencies)))
+    def _return_graph(self) -> ReturnGraph:
+        if self._graph is None:
+            self._graph = ReturnGraph(self._states)
+        return self._graph
 
     def add_observer(self, observer: ev.Observer) -> None:
         """Send this agent's run events to ``observer`` (see :mod:`agent.events`)."""
@@ -259,6 +266,21 @@ class Agent:
         """A value of the run's context (used by dependency conditions)."""
         return self.context.get_state(key, default)
 
+    # --- what the current run holds (read-only views) ----------------------------------------
+
+    @property
+    def priority_queue(self) -> list[Activation]:
+        """Activations ready to start, waiting for a slot or resources (the spec's "pending")."""
+        run = self._run
+        if run is None or run.done:
+            return []
+        return sorted(run.ready) + list(run.queued.values())
+
+    @property
+    def _running_states(self) -> dict[str, Activation]:
+        run = self._run
+        return {} if run is None or run.done else dict(run.running)
+
     # --- running ------------------------------------------------------------------------------
 
     async def run(
@@ -270,19 +292,22 @@ class Agent:
     ) -> Context:
         """Run the workflow to its end and return the run's context.
 
-        Raises :class:`~agent.errors.StateFailedError` when a state fails for good,
-        :class:`~agent.errors.RunTimeoutError` when ``timeout`` expires; what still runs is
-        cancelled within ``cleanup_timeout`` seconds first. :meth:`cancel_all` ends the run
-        with status CANCELLED and ``run()`` returns normally.
+        Raises :class:`~agent.errors.StateFailedError` when a state fails for good (with
+        ``on_failure="continue"``: after everything that could run has run, naming every
+        state that failed), :class:`~agent.errors.RunTimeoutError` when ``timeout``
+        expires; what still runs is cancelled within ``cleanup_timeout`` seconds first.
+        :meth:`cancel_all` ends the run with status CANCELLED and ``run()`` returns.
         """
-        _non_negative("timeout", timeout)
-        _non_negative("cleanup_timeout", cleanup_timeout)
-        if self.status is AgentStatus.RUNNING or (self._run is not None and not self._run.done.is_set()):
+        if timeout is not None:
+            _non_negative("timeout", timeout)
+        if cleanup_timeout is not None:
+            _non_negative("cleanup_timeout", cleanup_timeout)
+        if self.status is AgentStatus.RUNNING or (self._run is not None and not self._run.done):
             raise AgentBusyError(f"agent {self.name!r} is already running: await the current run first")
         if not self._states:
             raise WorkflowDefinitionError(f"agent {self.name!r} has no states: add some with add_state()")
         if not self._graph_checked:
-            self._check_graph()
+            check_graph(self.name, self._states)
             self._graph_checked = True
         restored = self._restored
         names = self._start_names(start) if restored is None else []
@@ -306,12 +331,13 @@ class Agent:
             from .checkpoint_store import open_default_store
 
             self.checkpoint_store = open_default_store()  # DESIGN item 11: the embedded default
+        ambient = ev.ambient_observers()
         # An observer attached both ways (agent and ambient) sees each event once.
-        observers = tuple(dict.fromkeys(self._observers + list(ev.ambient_observers())))
+        observers = tuple(dict.fromkeys(self._observers + list(ambient))) if ambient else tuple(self._observers)
         cleanup = self.cleanup_timeout if cleanup_timeout is None else cleanup_timeout
         run = Run(self, self.run_id, self.context, observers, cleanup)
         self._run = run
-        self._run_closed = asyncio.Event()
+        self._run_closed = None
         self.last_error = None
         self._set_status(AgentStatus.RUNNING)
         deadline = None if timeout is None else run.clock() + timeout
@@ -321,23 +347,21 @@ class Agent:
         try:
             if restored is not None:
                 self._restored = None
-                _restore_frames(run, restored)
-                run.emit(ev.RUN_STARTED, data={"resumed": True})
+                run.restore(restored.frames or {}, list(restored.running_states), list(restored.pending_states))
             else:
                 run.start(names)
                 if self.checkpoint_store is not None:
                     self._after_completion(run)  # the run is resumable before its first completion
-            await run.drive(deadline)
+            await run.driver.drive(deadline)
         except asyncio.CancelledError:
             self._set_status(AgentStatus.CANCELLED)
             raise
         finally:
             if saver is not None:
                 saver.cancel()
-            self._run_closed.set()
-        status = getattr(run, "final_status", AgentStatus.COMPLETED)
-        if run.error is not None:
-            status = AgentStatus.FAILED
+            if self._run_closed is not None:
+                self._run_closed.set()
+        status = AgentStatus.FAILED if run.error is not None else run.final_status
         self._set_status(status)
         self.last_error = run.error
         if run.observers:
@@ -372,7 +396,8 @@ class Agent:
     def _human_hook(self, state: str) -> Any:
         return functools.partial(self._ask_human, state)
 
-    async def _ask_human(self, state: str, *, prompt: str, timeout: float | None, validator: Any, default: str | None) -> str:
+    async def _ask_human(self, state: str, *, prompt: str, timeout: float | None, validator: Any,
+                         default: str | None) -> str:
         """Ask through the provider; the state's CPU is lent to others while a human thinks.
 
         Memory, GPUs and the rest stay reserved (an isolated child still holds them); the
@@ -389,51 +414,41 @@ class Agent:
                 run_id=self.run_id or "", state=state,
             )
         except asyncio.CancelledError:
-            lent = None  # the attempt is ending: the scheduler releases what it holds
+            lent = None  # the attempt is ending: the engine releases what it holds
             raise
         finally:
             if lent is not None:
-                act, req = lent
-                self.resource_pool.release(act.owner)
-                await self.resource_pool.acquire(act.owner, req, act.priority, state=state)
+                owner, req, priority = lent
+                pool = self.resource_pool
+                pool.release(owner)
+                await pool.acquire(owner, req, priority, state=state)
 
-    def _lend_cpu(self, state: str) -> tuple[_Activation, ResourceRequirements] | None:
+    def _lend_cpu(self, state: str) -> tuple[str, ResourceRequirements, int] | None:
         """Give back the CPU part of ``state``'s reservation; returns what to take again."""
         run = self._run
         act = run.running.get(state) if run is not None else None
         req = self._states[state].resources
-        if act is None or not act.holds_resources or req is None or not req.amounts().get(ResourceType.CPU):
+        if act is None or not act.holds or req is None or not req.amounts().get(ResourceType.CPU):
             return None
-        self.resource_pool.release(act.owner)
+        pool = self.resource_pool
+        pool.release(act.owner)
         waiting = dataclasses.replace(req, cpu_units=0.0)
-        if not self.resource_pool.try_acquire(act.owner, waiting, state=state, priority=act.priority):
-            self.resource_pool.try_acquire(act.owner, req, state=state, priority=act.priority)
+        if not pool.try_acquire(act.owner, waiting, state=state, priority=act.priority):
+            pool.try_acquire(act.owner, req, state=state, priority=act.priority)
             return None  # someone queued ahead: keep the reservation as it was
-        run.kick()  # states waiting for CPU may start now
-        return act, req
-
-    def _choose_victims(self, run: Run, act: _Activation, req: ResourceRequirements) -> list[_Activation]:
-        """Lower-priority running states of this run to preempt so ``req`` fits (DESIGN.md item 10).
-
-        The choice is the pool's (agent.preemption): fewest victims, then the lowest
-        priorities, then the most recently started; evictions already under way count.
-        """
-        holders = {a.owner: a for a in run.running.values() if a.holds_resources}
-        victims = self.resource_pool.find_victims(act.owner, req, act.priority, among=holders, state=act.state)
-        return [holders[name] for name in victims or ()]
+        return act.owner, req, act.priority
 
     # --- steering -------------------------------------------------------------------------------
 
     async def pause(self) -> AgentCheckpoint:
         """Stop launching states, stop the running ones (they re-run on resume), return a checkpoint."""
         run = self._run
-        if run is None or run.done.is_set():
+        if run is None or run.done:
             if self.status is AgentStatus.IDLE:
                 self._set_status(AgentStatus.PAUSED)
             return self.create_checkpoint()
         if not run.pause_requested:
-            run.pause_requested = True
-            tasks = run.stop_all("pause")
+            tasks = run.pause()
             if tasks:
                 await asyncio.wait(tasks, timeout=run.cleanup_timeout or None)
             if self.status is AgentStatus.RUNNING:
@@ -446,82 +461,38 @@ class Agent:
     async def resume(self) -> None:
         """Continue a paused run; with no run in progress, resume the restored or paused state."""
         run = self._run
-        if run is not None and not run.done.is_set():
+        if run is not None and not run.done:
             if run.pause_requested:
-                run.pause_requested = False
                 self._set_status(AgentStatus.RUNNING)
-                for act in run.paused:
-                    run.make_ready(act)
-                run.paused.clear()
-                run.kick()
+                run.resume()
             return
         if self._restored is None and self.status is AgentStatus.PAUSED:
             self._restored = self.create_checkpoint()
         await self.run()
 
     def cancel_state(self, name: str) -> bool:
-        """Cancel one state wherever it is (running, queued, waiting); its branch ends."""
+        """Cancel one state wherever it is (running, queued, waiting, held); its branch ends."""
         if name not in self._states:
             raise UnknownStateError(f"cannot cancel {name!r}: agent {self.name!r} has no such state")
         run = self._run
-        if run is None or run.done.is_set():
+        if run is None or run.done:
             return False
-        act = run.running.get(name)
-        if act is not None:
-            run.stop_activation(act, "cancel")
-            return True
-        found = False
-        meta = self.state_metadata[name]
-        for bucket in (run.ready, run.waiting, run.paused):
-            keep = [a for a in bucket if a.state != name]
-            for a in bucket:
-                if a.state == name:
-                    found = True
-                    meta.set_status(StateStatus.CANCELLED)
-                    run.end_branch(a)
-            bucket[:] = keep
-        heapq.heapify(run.ready)
-        for aid, a in list(run.retrying.items()):
-            if a.state == name:
-                found = True
-                del run.retrying[aid]
-                meta.set_status(StateStatus.CANCELLED)
-                run.end_branch(a)
-        for group in list(run.groups.values()):
-            if name in group.held:
-                found = True
-                del group.held[name]
-                meta.status = StateStatus.CANCELLED
-                if group.active == 0:
-                    group.active = 1
-                    run.branch_done(group)
-        if name in run.watch:
-            run.watch.discard(name)
-            found = True
-            meta.set_status(StateStatus.CANCELLED)
-        if found:
-            run.kick()
-        return found
+        return run.cancel_state(name)
 
     async def cancel_all(self) -> None:
         """Cancel every state and end the run with status CANCELLED."""
         run = self._run
-        if run is None or run.done.is_set():
+        if run is None or run.done:
             if self.status in (AgentStatus.IDLE, AgentStatus.PAUSED):
                 self._set_status(AgentStatus.CANCELLED)
             return
-        run.cancelled = True
-        for act in list(run.waiting) + list(run.paused) + list(run.retrying.values()):
-            self.state_metadata[act.state].set_status(StateStatus.CANCELLED)
-        run.waiting.clear()
-        run.paused.clear()
-        run.retrying.clear()
-        run.pause_requested = False
-        run.finish(AgentStatus.CANCELLED)
-        closed = self._run_closed
+        run.cancel_all()
         current = asyncio.current_task()
-        if closed is not None and not any(a.task is current for a in run.running.values()):
-            await closed.wait()
+        if any(a.task is current for a in run.running.values()):
+            return  # called from inside a state of this run: the run ends when it returns
+        if self._run_closed is None:
+            self._run_closed = asyncio.Event()
+        await self._run_closed.wait()
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -535,8 +506,8 @@ class Agent:
             cp = self._restored
             frames = cp.frames
             pending, running = list(cp.pending_states), list(cp.running_states)
-        elif run is not None and (not run.done.is_set() or self.status is AgentStatus.PAUSED):
-            frames = _snapshot_frames(run)
+        elif run is not None and (not run.done or self.status in (AgentStatus.PAUSED, AgentStatus.FAILED)):
+            frames = run.snapshot()
             running = sorted(run.running)
             pending = sorted({a["state"] for a in frames["activations"]} - set(running))
         checkpoint = AgentCheckpoint(
@@ -553,17 +524,20 @@ class Agent:
         self.last_checkpoint = checkpoint
         return checkpoint
 
-    async def restore_from_checkpoint(self, checkpoint: AgentCheckpoint | Mapping[str, Any], *, strict: bool = True) -> None:
+    async def restore_from_checkpoint(self, checkpoint: AgentCheckpoint | Mapping[str, Any], *,
+                                      strict: bool = True) -> None:
         """Adopt a checkpoint; the next ``run()`` or ``resume()`` continues from it.
 
         Completed states are not re-run; states that were running re-run. With
         ``strict`` (the default) a checkpoint of another agent name, or one naming states
         this agent does not have, is refused — unless this agent has no states yet, in
-        which case it only adopts the data (states may be added afterwards).
+        which case it only adopts the data (states may be added afterwards). A FAILED
+        run's checkpoint resumes too: its failed states (and the states cut off by the
+        failure) run again.
         """
         if not isinstance(checkpoint, AgentCheckpoint):
             checkpoint = AgentCheckpoint.from_dict(dict(checkpoint))
-        if self._run is not None and not self._run.done.is_set():
+        if self._run is not None and not self._run.done:
             raise AgentBusyError(f"agent {self.name!r} is running: pause or finish it before restoring")
         if self._states and strict:
             if checkpoint.agent_name != self.name:
@@ -587,9 +561,10 @@ class Agent:
                 if meta.status is StateStatus.RUNNING:
                     meta.status = StateStatus.PENDING
         self.run_id = checkpoint.run_id or None
-        terminal = {s.value for s in (AgentStatus.COMPLETED, AgentStatus.FAILED, AgentStatus.CANCELLED)}
-        self.status = AgentStatus(checkpoint.agent_status) if checkpoint.agent_status in terminal else AgentStatus.PAUSED
-        self._restored = checkpoint if checkpoint.agent_status not in terminal else None
+        status = checkpoint.agent_status
+        resumable = status not in _TERMINAL or (status == AgentStatus.FAILED.value and bool(checkpoint.frames))
+        self.status = AgentStatus.PAUSED if resumable else AgentStatus(status)
+        self._restored = checkpoint if resumable else None
         self._fresh_context = True
         self.last_checkpoint = checkpoint
 
@@ -598,9 +573,11 @@ class Agent:
 
         This is how a run survives its process: with ``checkpoint_store`` set, every state
         completion is saved; after a crash, a new process builds the same agent and calls
-        this. Completed states are not run again; states that were running re-run. The
-        store defaults to this agent's ``checkpoint_store``, else the default SQLite file.
-        A run that already completed is restored without running anything.
+        this. Completed states are not run again; states that were running re-run. A
+        FAILED run re-runs the states that failed (and what they lead to), so a batch
+        continues after its code is fixed. The store defaults to this agent's
+        ``checkpoint_store``, else the default SQLite file. A run that already completed
+        is restored without running anything.
         """
         from .checkpoint_store import open_default_store
 
@@ -614,9 +591,11 @@ class Agent:
                 "shows the runs a store holds) and that the agent saved to this store"
             )
         checkpoint.validate_for(self.name, self._states)
-        if checkpoint.agent_status in (AgentStatus.FAILED.value, AgentStatus.CANCELLED.value):
+        if checkpoint.agent_status == AgentStatus.CANCELLED.value:
+            raise CheckpointError(f"run {run_id} was cancelled: there is nothing to resume; start a new run")
+        if checkpoint.agent_status == AgentStatus.FAILED.value and not checkpoint.frames:
             raise CheckpointError(
-                f"run {run_id} ended {checkpoint.agent_status}: there is nothing to resume; "
+                f"run {run_id} failed before it could be checkpointed mid-run: there is nothing to resume; "
                 "start a new run"
             )
         await self.restore_from_checkpoint(checkpoint)
@@ -638,9 +617,9 @@ class Agent:
 
     async def _save_periodically(self, run: Run) -> None:
         assert self.checkpoint_interval
-        while not run.done.is_set():
+        while not run.done:
             await asyncio.sleep(self.checkpoint_interval)
-            if not run.done.is_set():
+            if not run.done:
                 self._save_checkpoint()
 
     # --- logs ---------------------------------------------------------------------------------
@@ -649,69 +628,10 @@ class Agent:
         """Captured stdout/stderr of an isolated state's attempt (the last one by default)."""
         if state not in self._states:
             raise UnknownStateError(f"agent {self.name!r} has no state {state!r}")
-        from .supervisor.logs import read_attempt_log
+        from .executor import read_attempt_log
 
         number = attempt if attempt is not None else self.state_metadata[state].attempts
         return read_attempt_log(self.run_id or "", state, number)
 
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, states={len(self._states)}, status={self.status.value})"
-
-
-def _snapshot_frames(run: Run) -> dict[str, Any]:
-    """The run's fan-out groups and live activations, as plain data."""
-    def frame(a: _Activation, attempts_done: int) -> dict[str, Any]:
-        return {"state": a.state, "group": a.group, "attempt": attempts_done, "via_dependency": a.via_dependency}
-
-    queued = list(run.ready) + list(run.waiting) + list(run.retrying.values()) + list(run.paused)
-    # A running attempt re-runs on resume, so it is not counted as done.
-    acts = [frame(a, a.attempt) for a in queued] + [frame(a, a.attempt - 1) for a in run.running.values()]
-    return {
-        "groups": [{"id": g.id, "parent": g.parent, "active": g.active, "held": list(g.held)} for g in run.groups.values()],
-        "activations": acts,
-        "watch": sorted(run.watch),
-        "completions": dict(run.completions),
-        "steps": run.steps,
-    }
-
-
-def _restore_frames(run: Run, checkpoint: AgentCheckpoint) -> None:
-    """Rebuild groups and activations of a checkpointed run; running states re-run."""
-    frames = checkpoint.frames or {}
-    groups = frames.get("groups")
-    specs = run.specs
-    if not groups:  # a checkpoint without frames: pending and running states restart at the root
-        names = [n for n in list(checkpoint.running_states) + list(checkpoint.pending_states) if n in specs]
-        for name, spec in specs.items():
-            if spec.dependencies and name not in run.completed and name not in names:
-                run.watch.add(name)
-        for name in dict.fromkeys(names):
-            run.root.active += 1
-            run.activate(name, run.root)
-        return
-    run.groups.clear()
-    for g in groups:
-        group = _Group(int(g["id"]), g["parent"])
-        group.active = int(g["active"])
-        group.held = dict.fromkeys(n for n in g["held"] if n in specs)
-        run.groups[group.id] = group
-    run.root = run.groups.setdefault(0, _Group(0, None))
-    top = max(run.groups) if run.groups else 0
-    run._ids = itertools.count(top + 1)
-    run.watch = {n for n in frames.get("watch", []) if n in specs}
-    run.completions = {k: int(v) for k, v in frames.get("completions", {}).items()}
-    run.steps = int(frames.get("steps", 0))  # max_steps counts the whole run, across a resume
-    for a in frames.get("activations", []):
-        name = a["state"]
-        if name not in specs:
-            continue
-        group = run.groups.get(int(a["group"]), run.root)
-        act = _Activation(next(run._ids), name, group.id, int(specs[name].priority), run.clock())
-        act.attempt = int(a.get("attempt", 0))
-        act.via_dependency = bool(a.get("via_dependency"))
-        meta = run.metadata[name]
-        meta.status = StateStatus.PENDING
-        if specs[name].dependencies and not act.via_dependency:
-            run.waiting.append(act)
-        else:
-            run.make_ready(act)

@@ -2,8 +2,9 @@
 
 The scheduler decides *when* an attempt runs; an executor decides *where* and *how*.
 ``inline`` runs the coroutine on the scheduler's own loop. Isolated levels (``process``,
-``sandbox``) live in :mod:`agent.supervisor` and are looked up lazily by
-:func:`executor_for`, so the engine never imports cgroup, zygote or GPU code.
+``sandbox``) live in :mod:`agent.supervisor`, which is looked up by name the first time
+an isolated attempt runs (:data:`ISOLATED`), so the engine never imports cgroup, zygote
+or GPU code, and a run of inline states never loads any of it.
 
 Contract for :meth:`Executor.run_attempt`:
 
@@ -19,6 +20,7 @@ Contract for :meth:`Executor.run_attempt`:
 from __future__ import annotations
 
 import enum
+import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, runtime_checkable
 
@@ -106,15 +108,27 @@ class InlineExecutor:
 
 _INLINE = InlineExecutor()
 
+ISOLATED = "agent.supervisor"
+"""The module that serves every level but ``inline``: it provides ``get_executor(isolation)``
+and ``read_attempt_log(run_id, state, attempt)``."""
+
+
+def _isolated() -> Any:
+    try:
+        return importlib.import_module(ISOLATED)
+    except ImportError as exc:  # pragma: no cover - only when the supervisor is missing
+        raise IsolationUnavailableError(f"isolated execution needs {ISOLATED}, which failed to import: {exc}") from exc
+
 
 def executor_for(isolation: Isolation) -> Executor:
     """The executor serving ``isolation`` in this process (isolated ones are shared)."""
     if isolation is Isolation.INLINE:
         return _INLINE
-    try:
-        from .supervisor import get_executor
-    except ImportError as exc:  # pragma: no cover - only when the supervisor is missing
-        raise IsolationUnavailableError(
-            f"isolation {isolation.value!r} needs agent.supervisor, which failed to import: {exc}"
-        ) from exc
-    return get_executor(isolation)
+    executor: Executor = _isolated().get_executor(isolation)
+    return executor
+
+
+def read_attempt_log(run_id: str, state: str, attempt: int) -> str:
+    """The captured stdout/stderr of one isolated attempt."""
+    text: str = _isolated().read_attempt_log(run_id, state, attempt)
+    return text

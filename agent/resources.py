@@ -13,41 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
+import functools
 import heapq
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._types import Priority, ResourceType
+from .devices import GPUAllocator, GPUDevice, GPUInventory, machine_inventory
 from .errors import GPUUnavailableError, QuotaExceededError, ResourceError, ResourceRequestError
 from .preemption import Holder, PreemptionPolicy
 from .quotas import Quota, QuotaBook, QuotaBreach, QuotaMode
 
-
-class ResourceType(enum.Flag):
-    """Which resources a request is accounted for in the pool."""
-
-    NONE = 0
-    CPU = enum.auto()
-    MEMORY = enum.auto()
-    IO = enum.auto()
-    NETWORK = enum.auto()
-    GPU = enum.auto()
-    ALL = CPU | MEMORY | IO | NETWORK | GPU
-
-
 _ALL_TYPES = ResourceType.ALL
-
-
-class Priority(enum.IntEnum):
-    """Scheduling priority: higher runs first; with preemption it may evict lower."""
-
-    LOW = 0
-    NORMAL = 1
-    HIGH = 2
-    CRITICAL = 3
 
 
 @dataclass
@@ -154,32 +135,16 @@ def describe(rtype: ResourceType) -> str:
     return _UNITS.get(rtype, rtype.name or "resource")
 
 
-def _machine_cpus() -> float:
-    import psutil
-
-    return float(psutil.cpu_count() or 1)
-
-
-def _machine_memory_mb() -> float:
-    import psutil
-
-    return float(psutil.virtual_memory().total // (1024 * 1024))
+@functools.cache
+def machine_cpus() -> float:
+    """Logical CPUs of this machine (read once per process)."""
+    return float(os.cpu_count() or 1)
 
 
-def _machine_gpus() -> float:
-    try:
-        from .supervisor.gpus import default_inventory
-    except ImportError:
-        return 0.0
-    return float(len(default_inventory().devices()))
-
-
-def _gpu_unavailable_reason() -> str | None:
-    try:
-        from .supervisor.gpus import default_inventory
-    except ImportError:
-        return None
-    return default_inventory().unavailable_reason
+@functools.cache
+def machine_memory_mb() -> float:
+    """Physical memory of this machine in MiB (read once per process)."""
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024))
 
 
 @dataclass(frozen=True)
@@ -240,10 +205,14 @@ class _Stat:
         return (self.area + self.current * (now - self.last)) / span
 
 
+Notify = Callable[[str], None]
+"""Called with the owner when its queued request is granted (the engine's wake-up)."""
+
+
 class _Waiter:
     """One queued request."""
 
-    __slots__ = ("owner", "amounts", "priority", "state", "rank", "future", "dead", "parked")
+    __slots__ = ("owner", "amounts", "priority", "state", "rank", "future", "notify", "dead", "parked")
 
     def __init__(
         self,
@@ -253,6 +222,7 @@ class _Waiter:
         state: str,
         rank: tuple[int, int],
         future: asyncio.Future[None] | None,
+        notify: Notify | None = None,
     ) -> None:
         self.owner = owner
         self.amounts = amounts
@@ -260,14 +230,15 @@ class _Waiter:
         self.state = state
         self.rank = rank  # (0 for requeued victims else 1, arrival number): the heap order
         self.future = future  # set for acquire() callers, who are woken through it
+        self.notify = notify  # set for the engine's requests: called at the grant
         self.dead = False
         self.parked = False
 
 
 class _Holding:
-    """What one owner holds."""
+    """What one owner holds (``devices``: the GPUs assigned to it, when the pool has any)."""
 
-    __slots__ = ("owner", "amounts", "priority", "state", "started", "seq")
+    __slots__ = ("owner", "amounts", "priority", "state", "started", "seq", "devices")
 
     def __init__(
         self,
@@ -284,6 +255,7 @@ class _Holding:
         self.state = state
         self.started = started
         self.seq = seq
+        self.devices: list[GPUDevice] = []
 
 
 class ResourcePool:
@@ -305,9 +277,18 @@ class ResourcePool:
 
     ``try_acquire`` obeys the same rules, as if the request joined the tail of its
     level. Every change (enqueue, release, cancel, quota change) settles the queue at
-    once; grants go to the waiting ``acquire`` call, or into the list that the next
-    ``grant_next()`` returns. Higher levels can starve lower ones while they keep the
-    pool full: that is what priority means here; preemption goes the other way.
+    once; grants go to the waiting ``acquire`` call, to the ``notify`` callback the
+    engine queued with (:mod:`agent.engine.admission`: every run sharing this pool
+    waits in this one queue), or into the list that the next ``grant_next()`` returns.
+    Higher levels can starve lower ones while they keep the pool full: that is what
+    priority means here; preemption goes the other way.
+
+    GPUs are devices, not just a count: ``total_gpu`` defaults to the machine's
+    inventory (``AGENT_GPUS`` or NVML, see :mod:`agent.devices`), and each grant of
+    ``gpu_units`` is assigned concrete GPUs (whole ones for ``>= 1``, a packed share
+    of one for less; ``devices(owner)``). A pool given more GPUs than the inventory
+    holds (``total_gpu=2`` on a machine without any, for planning or tests) counts GPU
+    units without assigning devices; states then see no GPU.
     """
 
     def __init__(
@@ -322,18 +303,26 @@ class ResourcePool:
         *,
         clock: Callable[[], float] = time.monotonic,
         preemption_policy: PreemptionPolicy | None = None,
+        gpu_inventory: GPUInventory | None = None,
     ) -> None:
+        inventory = gpu_inventory if gpu_inventory is not None else machine_inventory()
+        devices = inventory.devices()
         totals = {
-            ResourceType.CPU: _machine_cpus() if total_cpu is None else float(total_cpu),
-            ResourceType.MEMORY: _machine_memory_mb() if total_memory is None else float(total_memory),
+            ResourceType.CPU: machine_cpus() if total_cpu is None else float(total_cpu),
+            ResourceType.MEMORY: machine_memory_mb() if total_memory is None else float(total_memory),
             ResourceType.IO: float(total_io),
             ResourceType.NETWORK: float(total_network),
-            ResourceType.GPU: _machine_gpus() if total_gpu is None else float(total_gpu),
+            ResourceType.GPU: float(len(devices)) if total_gpu is None else float(total_gpu),
         }
         for rtype, value in totals.items():
             if value < 0 or math.isnan(value):
                 raise ResourceRequestError(f"pool total for {rtype.name} must be >= 0, got {value}")
         self.totals = totals
+        gpus = totals[ResourceType.GPU]
+        self._gpus = (
+            GPUAllocator(inventory, devices[: math.ceil(gpus)]) if 0 < gpus <= len(devices) else None
+        )
+        self._gpu_reason = inventory.unavailable_reason
         self.enable_preemption = enable_preemption
         self.enable_quotas = enable_quotas
         self._clock = clock
@@ -354,7 +343,6 @@ class ResourcePool:
         self._arrivals = 0
         self._outbox: list[str] = []
         self._parked: dict[str, list[_Waiter]] = {}
-        self._marks: dict[str, str] = {}
         # Quotas.
         self._state_quotas = QuotaBook()
         self._priority_quotas = QuotaBook()
@@ -376,7 +364,7 @@ class ResourcePool:
             total = self.totals[rtype]
             if amount > total + _EPS:
                 if rtype is ResourceType.GPU and total == 0:
-                    why = _gpu_unavailable_reason() or "no NVIDIA driver or no device found"
+                    why = self._gpu_reason or "no NVIDIA driver or no device found"
                     raise GPUUnavailableError(
                         f"state {state!r} asks for {amount:g} GPU(s) but this machine has none "
                         f"({why}): drop gpu_units, or run on a GPU host"
@@ -430,6 +418,8 @@ class ResourcePool:
             for rtype, amount in amounts.items():
                 if amount > available[rtype] - reserve.get(rtype, 0.0) + _EPS:
                     return False
+        if self._gpus is not None and ResourceType.GPU in amounts and not self._gpus.fits(amounts[ResourceType.GPU]):
+            return False
         self._take(owner, amounts, level, state)
         return True
 
@@ -438,8 +428,6 @@ class ResourcePool:
 
         Queued requests that now fit are granted at once (see ``grant_next``).
         """
-        if self._marks:
-            self._marks.pop(owner, None)
         holding = self._holders.pop(owner, None)
         if holding is None:
             self._claims.pop(owner, None)
@@ -456,6 +444,8 @@ class ResourcePool:
             stat.last = now
             current = stat.current - amount
             stat.current = current if current > _EPS else 0.0
+        if holding.devices:
+            self._gpus.release(owner)  # type: ignore[union-attr]
         if self._evicting:
             claimant = self._evicting.pop(owner, None)
             if claimant is not None and claimant not in self._evicting.values():
@@ -485,10 +475,10 @@ class ResourcePool:
             if stat.current > stat.peak:
                 stat.peak = stat.current
         self._seq += 1
-        self._holders[owner] = _Holding(owner, amounts, level, state, now, self._seq)
+        holding = self._holders[owner] = _Holding(owner, amounts, level, state, now, self._seq)
+        if self._gpus is not None and ResourceType.GPU in amounts:
+            holding.devices = self._gpus.allocate(owner, amounts[ResourceType.GPU]) or []
         self._granted += 1
-        if self._marks:
-            self._marks.pop(owner, None)
         if self._claims:
             self._claims.pop(owner, None)
         if self.enable_quotas:
@@ -505,15 +495,17 @@ class ResourcePool:
         *,
         state: str | None = None,
         front: bool = False,
+        notify: Notify | None = None,
     ) -> None:
         """Queue a request; it is granted as soon as the policy allows (maybe right now).
 
         Raises when it can never be granted: larger than the pool (``check_request``)
         or than its quota; or, for a quota in ``fail`` mode, when it would pass the
         quota now. ``front`` puts it ahead of its level's other requests (a requeued
-        preemption victim keeps the work it lost to a minimum).
+        preemption victim keeps the work it lost to a minimum). ``notify(owner)`` is
+        called at the grant instead of listing the owner for ``grant_next()``.
         """
-        self._enqueue(owner, requirements, priority, state, front, None)
+        self._enqueue(owner, requirements, priority, state, front, None, notify)
 
     def _enqueue(
         self,
@@ -523,6 +515,7 @@ class ResourcePool:
         state: str | None,
         front: bool,
         future: asyncio.Future[None] | None,
+        notify: Notify | None = None,
     ) -> None:
         if owner in self._holders:
             raise ResourceRequestError(f"{owner!r} already holds resources: release them first")
@@ -540,12 +533,12 @@ class ResourcePool:
         if self.enable_quotas:
             self._quota_blocks(owner, state, level, amounts, queued=True)
         self._arrivals += 1
-        waiter = _Waiter(owner, amounts, level, state, (0 if front else 1, self._arrivals), future)
+        waiter = _Waiter(owner, amounts, level, state, (0 if front else 1, self._arrivals), future, notify)
         self._waiters[owner] = waiter
         heapq.heappush(self._queues[level], (waiter.rank, self._arrivals, waiter))
         self._settle()
 
-    def requeue(self, owner: str) -> None:
+    def requeue(self, owner: str, notify: Notify | None = None) -> None:
         """Give back what ``owner`` holds and queue the same request at the front of its level.
 
         For a preempted state: in one step, so that nothing of its level that arrived
@@ -555,7 +548,7 @@ class ResourcePool:
         if holding is None:
             raise ResourceRequestError(f"{owner!r} holds nothing to requeue")
         self._arrivals += 1
-        waiter = _Waiter(owner, holding.amounts, holding.priority, holding.state, (0, self._arrivals), None)
+        waiter = _Waiter(owner, holding.amounts, holding.priority, holding.state, (0, self._arrivals), None, notify)
         heapq.heappush(self._queues[holding.priority], (waiter.rank, self._arrivals, waiter))
         self._waiters[owner] = waiter
         self.release(owner)  # gives back, then settles the queue with the request in place
@@ -580,7 +573,6 @@ class ResourcePool:
             if not parked:
                 self._parked.pop(waiter.state, None)
         self._claims.pop(owner, None)
-        self._marks.pop(owner, None)
         if waiter.future is not None and not waiter.future.done():
             waiter.future.set_exception(ResourceError(f"the request of {owner!r} was cancelled"))
         self._settle()
@@ -634,12 +626,16 @@ class ResourcePool:
                     if amount > room + _EPS:
                         fits = False
                         break
+                if fits and self._gpus is not None and ResourceType.GPU in amounts:
+                    fits = self._gpus.fits(amounts[ResourceType.GPU])
                 if fits:
                     heapq.heappop(heap)
                     self._drop(waiter)
                     self._take(waiter.owner, amounts, level, waiter.state)
                     if future is not None:
                         future.set_result(None)
+                    elif waiter.notify is not None:
+                        waiter.notify(waiter.owner)
                     else:
                         self._outbox.append(waiter.owner)
                     continue
@@ -860,22 +856,9 @@ class ResourcePool:
 
     # --- why things wait ------------------------------------------------------------------
 
-    def blocking_resource(self, requirements: ResourceRequirements) -> ResourceType | None:
-        """The first resource type that is short for ``requirements`` right now."""
-        for rtype, amount in requirements.amounts().items():
-            if amount > self._available[rtype] + _EPS:
-                return rtype
-        return None
-
-    def mark_waiting(self, owner: str, reason: str) -> None:
-        self._marks[owner] = reason
-
-    def unmark_waiting(self, owner: str) -> None:
-        self._marks.pop(owner, None)
-
     def get_waiting_states(self) -> dict[str, str]:
         """Owners waiting for resources, with what they wait for."""
-        out = dict(self._marks)
+        out = {}
         heads = {}
         for level in _LEVELS:
             live = [entry for entry in self._queues[level] if not entry[2].dead]
@@ -955,21 +938,28 @@ class ResourcePool:
     def get_state_allocations(self) -> dict[str, dict[ResourceType, float]]:
         return {owner: dict(h.amounts) for owner, h in self._holders.items()}
 
-    def holder_priority(self, owner: str) -> Priority | None:
-        """The priority ``owner`` holds its resources at (None when it holds none)."""
+    def devices(self, owner: str) -> list[GPUDevice]:
+        """The GPUs assigned to ``owner``'s grant ([] when none, or when the pool has no devices)."""
         holding = self._holders.get(owner)
-        return None if holding is None else holding.priority
+        return list(holding.devices) if holding is not None else []
+
+    def holds(self, owner: str) -> bool:
+        """Whether ``owner`` holds resources now."""
+        return owner in self._holders
+
+    def is_queued(self, owner: str) -> bool:
+        """Whether ``owner`` has a request waiting in the queue."""
+        return owner in self._waiters
 
     def statistics(self) -> PoolStatistics:
         by_level = {level: 0 for level in Priority}
         for waiter in self._waiters.values():
             by_level[waiter.priority] += 1
-        waiting = len(self._waiters) + sum(1 for o in self._marks if o not in self._waiters)
         return PoolStatistics(
             totals=dict(self.totals),
             allocated={r: self.totals[r] - self._available[r] for r in self.totals},
             holders=len(self._holders),
-            waiting=waiting,
+            waiting=len(self._waiters),
             waiting_by_priority=by_level,
             granted=self._granted,
             rejected=self._rejected,
@@ -983,3 +973,19 @@ class ResourcePool:
     def __repr__(self) -> str:
         parts = ", ".join(f"{r.name}={self._available[r]:g}/{t:g}" for r, t in self.totals.items())
         return f"ResourcePool({parts}, holders={len(self._holders)}, queued={len(self._waiters)})"
+
+
+_default: tuple[GPUInventory, ResourcePool] | None = None
+
+
+def default_pool() -> ResourcePool:
+    """The process's shared pool: this machine's totals, one queue for every agent not given a pool.
+
+    Made on first use. When the GPU inventory changes (``AGENT_GPUS`` set to another
+    value) a new one is made, once the old one holds and queues nothing.
+    """
+    global _default
+    inventory = machine_inventory()
+    if _default is None or (_default[0] is not inventory and not _default[1]._holders and not _default[1]._waiters):
+        _default = (inventory, ResourcePool(gpu_inventory=inventory))
+    return _default[1]

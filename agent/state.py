@@ -1,77 +1,25 @@
-"""A state as declared (``StateSpec``) and as observed during runs (``StateMetadata``)."""
+"""A state as observed during runs (``StateMetadata``), and what a state returns (``StateResult``)."""
 
 from __future__ import annotations
 
-import inspect
-import uuid
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Union
+from typing import TYPE_CHECKING, Any, List, Optional, Union
 
+from ._types import Priority
 from .dependencies import DependencyConfig
-from .errors import FailureReason, InvalidStateFunctionError
+from .errors import FailureReason
 from .executor import Isolation
-from .resources import Priority, ResourceRequirements
-from .retry import RetryPolicy
 from .status import StateStatus, check_state_transition
+
+if TYPE_CHECKING:
+    from .resources import ResourceRequirements
 
 StateResult = Optional[Union[str, List[str]]]
 """What a state returns: the next state's name, a list of names to run in parallel, or None."""
 
 StateFunction = Callable[..., Awaitable[StateResult]]
-
-
-def check_state_function(name: str, func: Any) -> None:
-    """Raise unless ``func`` is ``async def f(context)`` (extra parameters need defaults)."""
-    if not callable(func):
-        raise InvalidStateFunctionError(f"state {name!r}: {func!r} is not callable")
-    target = func
-    if not inspect.iscoroutinefunction(target) and not inspect.isfunction(target):
-        call = getattr(type(target), "__call__", None)
-        if call is not None and inspect.iscoroutinefunction(call):
-            target = call.__get__(target)
-    if not inspect.iscoroutinefunction(target):
-        raise InvalidStateFunctionError(
-            f"state {name!r}: {getattr(func, '__name__', func)!r} is not a coroutine function: "
-            "define it with `async def name(context: Context) -> StateResult`"
-        )
-    try:
-        inspect.signature(target).bind(object())
-    except TypeError:
-        raise InvalidStateFunctionError(
-            f"state {name!r}: {getattr(func, '__name__', func)!r} must take exactly one positional "
-            "argument, the context (further parameters need default values)"
-        ) from None
-    except ValueError:  # no signature available (some builtins): accept
-        pass
-
-
-@dataclass
-class StateSpec:
-    """A state as added to an agent."""
-
-    name: str
-    func: StateFunction
-    dependencies: dict[str, DependencyConfig] = field(default_factory=dict)
-    resources: ResourceRequirements | None = None
-    retry_policy: RetryPolicy | None = None
-    max_retries: int | None = None
-    isolation: Isolation | None = None
-    timeout: float | None = None
-    priority: Priority = Priority.NORMAL
-
-    def max_retries_with(self, default_policy: RetryPolicy | None) -> int:
-        """Retries after the first attempt: add_state(max_retries), else the state's policy, else the agent's."""
-        if self.max_retries is not None:
-            return self.max_retries
-        policy = self.retry_policy or default_policy
-        return policy.max_retries if policy is not None else 0
-
-    @property
-    def effective_timeout(self) -> float | None:
-        if self.timeout is not None:
-            return self.timeout
-        return self.resources.timeout if self.resources is not None else None
 
 
 @dataclass
@@ -99,11 +47,11 @@ class StateMetadata:
     attempts: int = 0  # attempts of the current (or last) activation
     total_attempts: int = 0  # over the agent's lifetime
     max_retries: int = 0
-    resources: ResourceRequirements | None = None
+    resources: "ResourceRequirements | None" = None
     priority: Priority = Priority.NORMAL
     dependencies: dict[str, DependencyConfig] = field(default_factory=dict)
     isolation: Isolation | None = None
-    state_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    state_id: str = field(default_factory=lambda: os.urandom(6).hex())
     runs: int = 0  # completed activations in the current run
     preemptions: int = 0
     last_execution: float | None = None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import glob
 import itertools
 import logging
 import os
@@ -33,12 +32,9 @@ from ..executor import Attempt, Isolation
 from .cgroups import DEFAULT_ROOT, CgroupBackend, CgroupHandle, CgroupLimits, LimitEvents, detect, limits_for
 from .cgroups import blockdev
 from .cgroups.base import safe_name
+from .gpus import device_rules, machine_gpu_minors, pinning_env
 
 _log = logging.getLogger("agent.supervisor")
-
-NVIDIA_MAJOR = 195
-# /dev/nvidiactl and /dev/nvidia-modeset share the major; only /dev/nvidia<N> are GPUs.
-_NVIDIA_CONTROL_MINORS = (254, 255)
 
 
 def _asks_io_rates(attempt: Attempt) -> bool:
@@ -46,16 +42,6 @@ def _asks_io_rates(attempt: Attempt) -> bool:
     return req is not None and any(
         v is not None for v in (req.io_read_bps, req.io_write_bps, req.io_read_iops, req.io_write_iops)
     )
-
-
-@functools.cache
-def _gpus_module() -> Any:
-    """``agent.supervisor.gpus`` when it is installed (looked up once: failed imports are slow)."""
-    try:
-        from . import gpus
-    except ImportError:
-        return None
-    return gpus
 
 
 def _mib(nbytes: int | float) -> str:
@@ -193,7 +179,8 @@ class Confiner:
     On start it reaps cgroups left by supervisors that died (``reaped`` says how many).
     ``io_paths`` are the paths whose disks get the IO throttles (default: the working
     directory and ``/``). ``gpu_minors`` are the machine's ``/dev/nvidia<N>`` minors
-    (default: found in /dev and in the GPU inventory).
+    (default: found in /dev and in the GPU inventory); when there are any, every child
+    gets a closed devices policy that allows only the GPUs it was assigned.
     """
 
     # "v2", "v1" or "none": set per instance from the backend detected (or given).
@@ -231,14 +218,15 @@ class Confiner:
         """Create the attempt's cgroup with its limits, and the child's spec."""
         sandboxed = attempt.isolation is Isolation.SANDBOX
         name = safe_name(f"{attempt.run_id[:8]}-{attempt.state_name}-{attempt.number}-{next(self._counter)}")
-        gpu_env, allowed = self._gpus(attempt.assignment)
-        deny = tuple((NVIDIA_MAJOR, m) for m in self._machine_gpu_minors() if m not in allowed)
-        limits = limits_for(attempt.resources, io_devices=self.io_devices, sandbox=sandboxed, deny_devices=deny)
+        uuids = [str(u) for u in attempt.assignment.get("gpus", [])]
+        minors = [int(m) for m in attempt.assignment.get("gpu_minors", [])]
+        allow = device_rules(minors) if minors or self._machine_gpu_minors() else None
+        limits = limits_for(attempt.resources, io_devices=self.io_devices, sandbox=sandboxed, allow_devices=allow)
         handle = self.backend.create(name, limits)
         if _asks_io_rates(attempt) and not self.io_devices:
             handle.unenforced["io_throttle"] = "no block device holds the working directory or /"
         child_spec = handle.child_spec()
-        child_spec["gpu"] = {"env": gpu_env}
+        child_spec["gpu"] = {"env": pinning_env(uuids)}
         release = None
         if sandboxed:
             try:
@@ -251,35 +239,10 @@ class Confiner:
             release = functools.partial(pool.release, name)
         return Confinement(child_spec, handle, self.backend_name, release)
 
-    def _gpus(self, assignment: dict[str, Any]) -> tuple[dict[str, str], set[int]]:
-        """CUDA pinning variables and the allowed /dev/nvidia minors of an assignment."""
-        uuids = [str(u) for u in assignment.get("gpus", [])]
-        minors = {int(m) for m in assignment.get("gpu_minors", [])}
-        gpus = _gpus_module()
-        if gpus is not None and uuids:
-            devices = [d for d in gpus.default_inventory().devices() if d.uuid in uuids]
-            if not minors:
-                minors = set(gpus.device_minors(devices))
-            if len(devices) == len(uuids):
-                return gpus.pinning_env(devices), minors
-        # The assignment is the truth even for GPUs the inventory does not list.
-        return {"CUDA_VISIBLE_DEVICES": ",".join(uuids), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, minors
-
     def _machine_gpu_minors(self) -> list[int]:
-        """Minors of every /dev/nvidia<N> on the machine (read once)."""
+        """Minors of every GPU on the machine (read once)."""
         if self._gpu_minors is None:
-            minors = set()
-            for path in glob.glob("/dev/nvidia[0-9]*"):
-                try:
-                    rdev = os.stat(path).st_rdev
-                except OSError:
-                    continue
-                if os.major(rdev) == NVIDIA_MAJOR and os.minor(rdev) not in _NVIDIA_CONTROL_MINORS:
-                    minors.add(os.minor(rdev))
-            gpus = _gpus_module()
-            if gpus is not None:
-                minors.update(gpus.device_minors(gpus.default_inventory().devices()))
-            self._gpu_minors = sorted(minors)
+            self._gpu_minors = machine_gpu_minors()
         return self._gpu_minors
 
     def _uids(self) -> Any:

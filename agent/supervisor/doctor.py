@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from .gpus import GPUDevice, GPUInventory, default_inventory
+from ..devices import GPUDevice, GPUInventory, machine_inventory
 from .sandbox import UidPool, configured_uids
 
 V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "blkio", "cpuset", "devices", "freezer")
@@ -612,7 +612,7 @@ def diagnose(
         mountinfo = _read("/proc/self/mountinfo")
     mounts = _with_v2_controllers(parse_mountinfo(mountinfo))
     backend, reason, limits = probe_cgroups(mounts, os.environ.get(BACKEND_ENV) or None)
-    inventory = inventory if inventory is not None else default_inventory()
+    inventory = inventory if inventory is not None else machine_inventory()
     gpus = inventory.devices()
     checks = probe_sandbox() if sandbox else [Check("sandbox", False, "not probed")]
     return Report(

@@ -129,7 +129,8 @@ class TestDevices:
     """The v1 devices cgroup hides the GPUs an attempt was not given."""
 
     def test_denied_device_cannot_be_opened(self, confiner):
-        handle = confiner.backend.create("devices-test", CgroupLimits(deny_devices=((1, 3),)))  # /dev/null
+        # A closed policy that allows only /dev/zero: /dev/null is denied.
+        handle = confiner.backend.create("devices-test", CgroupLimits(allow_devices=("c 1:5 rwm",)))
         try:
             child = spawn(handle.child_spec(), open_device("/dev/null"))
             assert child.receive() == {"errno": errno.EPERM}
@@ -145,7 +146,11 @@ class TestDevices:
             attempt = make_attempt(None, assignment={"gpus": ["GPU-1111"], "gpu_minors": [1]})
             confinement = confiner.prepare(attempt)
             try:
-                assert confinement.limits.deny_devices == ((195, 0), (195, 2))
+                allowed_gpus = {r for r in confinement.limits.allow_devices if r.startswith("c 195:")}
+                assert allowed_gpus == {"c 195:1 rwm", "c 195:254 rwm", "c 195:255 rwm"}  # GPU 1 + control nodes
+                with open(f"{confinement.handle.dirs['devices']}/devices.list") as f:
+                    listed = {line.strip() for line in f if line.startswith("c 195:")}
+                assert listed == allowed_gpus
                 assert confinement.child_spec["gpu"]["env"]["CUDA_VISIBLE_DEVICES"] == "GPU-1111"
                 denied = spawn(confinement.child_spec, open_device(str(tmp_path / "nvidia0")))
                 allowed = spawn(confinement.child_spec, open_device(str(tmp_path / "nvidia1")))

@@ -21,7 +21,7 @@ from agent.supervisor.doctor import (
     parse_mountinfo,
     render,
 )
-from agent.supervisor.gpus import GPUDevice, StaticInventory, default_inventory
+from agent.devices import GPUDevice, StaticInventory, machine_inventory
 from agent.supervisor.sandbox import DEFAULT_UIDS, UidPool
 
 HERE_V1 = """\
@@ -133,7 +133,7 @@ class TestDiagnoseThisMachine:
             assert "bfq" in report.limit("io_weight").detail
 
     def test_zero_gpus_with_the_nvml_reason(self, report: Report) -> None:
-        if default_inventory().devices():
+        if machine_inventory().devices():
             pytest.skip("this machine has GPUs")
         assert report.gpus == []
         assert "NVML library not found" in (report.gpu_reason or "")

@@ -7,17 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import GPUUnavailableError, ResourceError, ResourceRequestError
-from agent.supervisor.gpus import (
+from agent.devices import (
     GPUAllocator,
     GPUDevice,
     GPUInventory,
     NvmlInventory,
     StaticInventory,
     assignment,
-    default_inventory,
-    device_minors,
-    pinning_env,
+    machine_inventory,
 )
+from agent.supervisor.gpus import device_minors, pinning_env
 
 
 def make_gpus(n: int) -> list[GPUDevice]:
@@ -53,13 +52,13 @@ class TestInventory:
             pytest.skip("this machine has an NVIDIA driver")
         assert "NVML library not found" in (inv.unavailable_reason or "")
 
-    def test_default_inventory_is_shared_per_process(self) -> None:
-        assert default_inventory() is default_inventory()
+    def test_machine_inventory_is_shared_per_process(self) -> None:
+        assert machine_inventory() is machine_inventory()
 
     def test_machine_gpus_in_the_resource_pool_come_from_the_inventory(self) -> None:
-        from agent.resources import _machine_gpus
+        from agent.resources import ResourcePool, ResourceType
 
-        assert _machine_gpus() == float(len(default_inventory().devices()))
+        assert ResourcePool().totals[ResourceType.GPU] == float(len(machine_inventory().devices()))
 
 
 class TestWholeGPUs:
@@ -114,7 +113,7 @@ class TestFractionalGPUs:
         alloc.allocate("mid", 0.5)  # 0.5 does not fit on GPU 0 -> GPU 1: 0.5 left
         got = alloc.allocate("small", 0.3)
         assert [d.index for d in got or []] == [0]  # 0.3 left on GPU 0 beats 0.5 on GPU 1
-        assert alloc.statistics().used_share == pytest.approx({0: 1.0, 1: 0.5, 2: 0.0})
+        assert alloc.used_share() == pytest.approx({0: 1.0, 1: 0.5, 2: 0.0})
 
     def test_fractions_never_overcommit(self) -> None:
         alloc = allocator(1)
@@ -147,7 +146,7 @@ class TestPinning:
 
     def test_pinning_env_lists_uuids(self) -> None:
         gpus = make_gpus(3)
-        env = pinning_env([gpus[2], gpus[0]])
+        env = pinning_env([gpus[2].uuid, gpus[0].uuid])
         assert env == {
             "CUDA_VISIBLE_DEVICES": f"{gpus[2].uuid},{gpus[0].uuid}",
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
@@ -225,4 +224,4 @@ class TestRealNvml:
             assert d.minor_number >= 0
         alloc = GPUAllocator(inv)
         got = alloc.allocate("one", 1)
-        assert got is not None and pinning_env(got)["CUDA_VISIBLE_DEVICES"] == got[0].uuid
+        assert got is not None and pinning_env([got[0].uuid])["CUDA_VISIBLE_DEVICES"] == got[0].uuid

@@ -28,9 +28,9 @@ class TestDefaults:
         pool = ResourcePool()
         assert pool.totals[ResourceType.CPU] == psutil.cpu_count()
         assert pool.totals[ResourceType.MEMORY] == psutil.virtual_memory().total // (1024 * 1024)
-        from agent.supervisor.gpus import default_inventory
+        from agent.devices import machine_inventory
 
-        assert pool.totals[ResourceType.GPU] == len(default_inventory().devices())
+        assert pool.totals[ResourceType.GPU] == len(machine_inventory().devices())
 
     def test_negative_total_is_rejected(self) -> None:
         with pytest.raises(ResourceRequestError, match="CPU must be >= 0"):
@@ -126,10 +126,11 @@ class TestWaitingStates:
             "needs 1 CPU core(s), 2 free (3 set aside for higher priorities)"
         )
 
-    def test_marks_from_the_scheduler(self) -> None:
+    def test_a_cancelled_request_leaves_no_entry(self) -> None:
         pool = small_pool()
-        pool.mark_waiting("x", "rate limit")
-        assert pool.get_waiting_states() == {"x": "rate limit"}
+        pool.try_acquire("a", req(cpu=4))
+        pool.enqueue("x", req(cpu=1))
         assert pool.statistics().waiting == 1
-        pool.unmark_waiting("x")
+        assert pool.cancel("x")
         assert pool.get_waiting_states() == {}
+        assert pool.statistics().waiting == 0

@@ -35,7 +35,7 @@ class WatchedTree:
             self.unenforced["cpu_units"] = "no cgroups here: CPU quotas are not enforced"
         if limits.io_throttles or limits.io_weight is not None:
             self.unenforced["io"] = "no cgroups here: IO limits are not enforced"
-        if limits.deny_devices:
+        if limits.allow_devices is not None:
             self.unenforced["devices"] = "no cgroups here: GPUs are hidden by CUDA_VISIBLE_DEVICES only"
         self.pid: int | None = None
         self._root: psutil.Process | None = None

@@ -54,8 +54,9 @@ class CgroupLimits:
     io_weight: int | None = None
     io_throttles: tuple[IoThrottle, ...] = ()
     pids_max: int | None = DEFAULT_PIDS_MAX
-    # devices cgroup (v1): character devices to deny, as (major, minor) pairs.
-    deny_devices: tuple[tuple[int, int], ...] = ()
+    # devices cgroup (v1): None leaves devices alone; a tuple is a closed policy that
+    # allows only these entries (``"c 195:0 rwm"``, devices.allow syntax).
+    allow_devices: tuple[str, ...] | None = None
     # The disks that io_weight applies to (``major:minor``).
     io_weight_devices: tuple[tuple[int, int], ...] = field(default=())
 
@@ -73,7 +74,7 @@ def limits_for(
     *,
     io_devices: tuple[tuple[int, int], ...] = (),
     sandbox: bool = False,
-    deny_devices: tuple[tuple[int, int], ...] = (),
+    allow_devices: tuple[str, ...] | None = None,
 ) -> CgroupLimits:
     """The kernel limits that enforce ``requirements`` (only the types it accounts for).
 
@@ -84,7 +85,7 @@ def limits_for(
 
     pids_default = SANDBOX_PIDS_MAX if sandbox else DEFAULT_PIDS_MAX
     if requirements is None:
-        return CgroupLimits(pids_max=pids_default, deny_devices=deny_devices)
+        return CgroupLimits(pids_max=pids_default, allow_devices=allow_devices)
     types = requirements.resource_types
     quota = None
     if ResourceType.CPU in types and requirements.cpu_units > 0:
@@ -118,6 +119,6 @@ def limits_for(
         io_weight=weight,
         io_throttles=throttles,
         pids_max=pids,
-        deny_devices=deny_devices,
+        allow_devices=allow_devices,
         io_weight_devices=io_devices if weight is not None else (),
     )

@@ -284,11 +284,11 @@ class V1Backend:
 
     @staticmethod
     def _needed(controller: str, limits: CgroupLimits) -> bool:
-        """cpu only carries a quota and devices a deny list; without them, not joined."""
+        """cpu only carries a quota and devices an allow list; without them, not joined."""
         if controller == "cpu":
             return limits.cpu_quota_us is not None
         if controller == "devices":
-            return bool(limits.deny_devices)
+            return limits.allow_devices is not None
         return True
 
     def _write_limits(self, handle: V1Cgroup) -> None:
@@ -322,8 +322,10 @@ class V1Backend:
                             write(f"{dirs['blkio']}/blkio.throttle.{fname}", f"{t.device} {value}")
         if limits.io_weight is not None:
             self._write_io_weight(handle)
-        for major, minor in limits.deny_devices:
-            write(f"{dirs['devices']}/devices.deny", f"c {major}:{minor} rwm")
+        if limits.allow_devices is not None:  # closed policy: deny all, then allow the list
+            write(f"{dirs['devices']}/devices.deny", "a")
+            for rule in limits.allow_devices:
+                write(f"{dirs['devices']}/devices.allow", rule)
 
     def _write_io_weight(self, handle: V1Cgroup) -> None:
         limits, dirs = handle.limits, handle.dirs

@@ -1,0 +1,126 @@
+"""One admission path per pool: every run that shares a ``ResourcePool`` waits in its one queue.
+
+A state that declares ``ResourceRequirements`` is admitted here and nowhere else. Its
+request joins the pool's queue (strict priority across every agent sharing the pool,
+first come first served within a priority, backfill only into what blocked higher
+requests leave, quotas; see :class:`~agent.resources.ResourcePool`). When a release
+anywhere makes room, the pool grants in that order and this module wakes the run
+that owns the request, whichever agent it belongs to. With preemption enabled, a
+request that does not fit may evict running states of strictly lower priority from
+any run sharing the pool (DESIGN.md items 10 and 14); the victims are requeued at the
+front of their level. Grants of ``gpu_units`` carry concrete GPUs, which the attempt
+takes to its executor and gives back with its release.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..devices import assignment
+
+if TYPE_CHECKING:
+    from ..resources import ResourcePool, ResourceRequirements
+    from .run import Activation, Run
+
+
+@dataclass(slots=True)
+class Ticket:
+    """A request of one activation of one run, while it waits or holds."""
+
+    run: "Run"
+    act: "Activation"
+    requesting: bool = False  # inside request(): a grant now is returned, not notified
+    granted_now: bool = False
+
+
+class Admission:
+    """The engine's side of one pool's queue (see the module docstring)."""
+
+    __slots__ = ("pool", "tickets")
+
+    def __init__(self, pool: "ResourcePool") -> None:
+        self.pool = pool
+        self.tickets: dict[str, Ticket] = {}
+
+    @staticmethod
+    def of(pool: "ResourcePool") -> "Admission":
+        """The admission of ``pool`` (one per pool, made on first use)."""
+        admission: Admission | None = getattr(pool, "_admission", None)
+        if admission is None:
+            admission = Admission(pool)
+            pool._admission = admission  # type: ignore[attr-defined]
+        return admission
+
+    def owner_for(self, state: str, run_id: str) -> str:
+        """The pool key for ``state`` of run ``run_id``: the plain name unless another run uses it."""
+        if state not in self.tickets and not self.pool.holds(state) and not self.pool.is_queued(state):
+            return state
+        return f"{state}@{run_id[:12]}"
+
+    def request(self, run: "Run", act: "Activation", req: "ResourceRequirements") -> bool:
+        """Queue ``act``'s request; True when it is granted at once.
+
+        Otherwise ``run.on_grant(act)`` is called when the pool grants it. Raises what
+        the pool raises for a request that can never be granted (a quota in fail mode).
+        """
+        owner = act.owner
+        pool = self.pool
+        ticket = Ticket(run, act)
+        self.tickets[owner] = ticket
+        try:
+            if pool.try_acquire(owner, req, state=act.state, priority=act.priority):
+                return True
+            ticket.requesting = True
+            pool.enqueue(owner, req, act.priority, state=act.state, front=act.front, notify=self._granted)
+        except BaseException:
+            self.tickets.pop(owner, None)
+            raise
+        ticket.requesting = False
+        return ticket.granted_now
+
+    def _granted(self, owner: str) -> None:
+        ticket = self.tickets.get(owner)
+        if ticket is None:  # withdrawn while the pool settled: give it back
+            self.pool.release(owner)
+        elif ticket.requesting:
+            ticket.granted_now = True
+        else:
+            ticket.run.on_grant(ticket.act)
+
+    def requeue(self, owner: str) -> None:
+        """A preempted holder gives its grant back and waits again at the front of its level."""
+        if owner in self.tickets and self.pool.holds(owner):
+            self.pool.requeue(owner, notify=self._granted)
+
+    def release(self, owner: str, usage: dict[str, Any] | None = None) -> None:
+        """The activation is done with its grant, or withdraws its queued request."""
+        if self.tickets.pop(owner, None) is None:
+            return
+        if usage:
+            self.pool.record_measured(owner, usage)
+        self.pool.release(owner)
+
+    def assignment(self, owner: str) -> dict[str, list[Any]]:
+        """What the attempt carries to its executor: the GPUs granted to ``owner`` (empty when none)."""
+        devices = self.pool.devices(owner)
+        return assignment(devices) if devices else {}
+
+    def why_waiting(self, owner: str) -> str:
+        """The pool's reason why ``owner`` still waits."""
+        return self.pool.get_waiting_states().get(owner, "resources")
+
+    def preempt_for(self, act: "Activation", req: "ResourceRequirements") -> bool:
+        """Evict strictly lower-priority holders of any run so that ``act`` fits; True when some were."""
+        pool = self.pool
+        if not pool.enable_preemption:
+            return False
+        tickets = self.tickets
+        among = [owner for owner, t in tickets.items() if owner != act.owner and pool.holds(owner)]
+        victims = pool.find_victims(act.owner, req, act.priority, among=among, state=act.state)
+        if not victims:
+            return False
+        for victim in victims:
+            ticket = tickets[victim]
+            ticket.run.preempt(ticket.act)
+        return True

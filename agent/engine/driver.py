@@ -1,0 +1,207 @@
+"""The asyncio side of a run: attempts as tasks, timers, eager inline stepping, executor calls.
+
+:class:`~agent.engine.run.Run` decides what runs when; this module makes it happen on
+the event loop and reports every attempt's end back through ``run.finished``.
+
+Inline states without admission hooks are started *eagerly*: the coroutine is stepped
+synchronously, and only if it really awaits something is it wrapped in a task. A
+no-op state therefore costs no task and no loop iteration, which is what makes inline
+runs fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import traceback
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+from ..errors import FailureReason
+from ..executor import Attempt, AttemptFailed, executor_for
+
+if TYPE_CHECKING:
+    from .run import Activation, Run
+
+
+class _Resume:
+    """Continues a coroutine that was stepped once eagerly, inside a Task."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Any, first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro = self.coro
+        yielded = self.first
+        while True:
+            try:
+                sent = yield yielded
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # noqa: BLE001 - delivered into the coroutine
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    yielded = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+def exception_reason(exc: BaseException) -> FailureReason:
+    """A state's own exception as a failure reason."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return FailureReason(kind="exception", message=f"{type(exc).__name__}: {exc}", traceback=tb,
+                         exception_type=type(exc).__name__)
+
+
+class Driver:
+    """Runs one run's attempts on the current event loop."""
+
+    __slots__ = ("run", "loop", "waker", "handles")
+
+    def __init__(self, run: "Run") -> None:
+        self.run = run
+        self.loop = asyncio.get_running_loop()
+        self.waker: asyncio.Future[None] | None = None
+        self.handles: set[asyncio.TimerHandle] = set()
+
+    # --- waking ------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Make the drive loop pump again soon (no-op while it is pumping)."""
+        waker = self.waker
+        if waker is not None and not waker.done():
+            waker.set_result(None)
+
+    def call_at(self, when: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        """Call ``callback(*args)`` at run-clock time ``when``, then pump."""
+        delay = max(0.0, when - self.run.clock())
+        handle: asyncio.TimerHandle
+
+        def fire() -> None:
+            self.handles.discard(handle)
+            callback(*args)
+            self.kick()
+
+        handle = self.loop.call_later(delay, fire)
+        self.handles.add(handle)
+        return handle
+
+    async def drive(self, deadline: float | None) -> None:
+        """Pump until the run is done; on ``deadline`` (run clock) the run times out."""
+        run = self.run
+        loop = self.loop
+        timer = None
+        try:
+            if deadline is not None:
+                timer = loop.call_later(max(0.0, deadline - run.clock()), run.time_out)
+            while True:
+                run.pump()
+                if run.done:
+                    break
+                self.waker = loop.create_future()
+                try:
+                    await self.waker
+                finally:
+                    self.waker = None
+        except asyncio.CancelledError:
+            run.caller_cancelled()
+            await self.cleanup("cancel")
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        await self.cleanup("cancel")
+
+    async def cleanup(self, reason: str) -> None:
+        """Stop whatever still runs and wait for it, up to the run's ``cleanup_timeout``."""
+        run = self.run
+        tasks = run.stop_all(reason)
+        if tasks:
+            await asyncio.wait(tasks, timeout=run.cleanup_timeout or None)
+        run.abandon()
+        for handle in self.handles:
+            handle.cancel()
+        self.handles.clear()
+
+    # --- attempts ----------------------------------------------------------------------
+
+    def start_inline(self, act: "Activation", func: Any, view: Any) -> None:
+        """Step the coroutine eagerly; wrap it in a task only if it awaits."""
+        run = self.run
+        try:
+            coro = func(view)
+            first = coro.send(None)
+        except StopIteration as stop:
+            run.finished(act, stop.value, None, {})
+            return
+        except BaseException as exc:  # noqa: BLE001 - the state's own failure
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            run.finished(act, None, exception_reason(exc), {})
+            return
+        act.task = task = self.loop.create_task(self._continue_inline(act, coro, first))
+        task.add_done_callback(functools.partial(self._task_done, act))
+
+    def start_attempt(self, act: "Activation", attempt: Attempt) -> None:
+        """Run ``attempt`` through its executor (and the admission hooks) in a task."""
+        act.attempt_obj = attempt
+        act.task = task = self.loop.create_task(self._run_attempt(act, attempt))
+        task.add_done_callback(functools.partial(self._task_done, act))
+
+    def _task_done(self, act: "Activation", task: asyncio.Task[Any]) -> None:
+        # A task cancelled before its first step never ran its own handler.
+        run = self.run
+        if run.running.get(act.state) is act and act.task is task:
+            run.finished(act, None, None, {})
+
+    async def _continue_inline(self, act: "Activation", coro: Any, first: Any) -> None:
+        run = self.run
+        try:
+            result = await _Resume(coro, first)
+        except asyncio.CancelledError:
+            run.finished(act, None, None, {})
+            return
+        except Exception as exc:
+            run.finished(act, None, exception_reason(exc), {})
+            return
+        run.finished(act, result, None, {})
+
+    async def _run_attempt(self, act: "Activation", attempt: Attempt) -> None:
+        run = self.run
+        entered: list[Any] = []
+        ok = False
+        try:
+            for hook in run.hooks:
+                await hook.acquire(attempt.state_name, run.run_id, attempt.number)
+                entered.append(hook)
+            outcome = await executor_for(attempt.isolation).run_attempt(attempt)
+        except asyncio.CancelledError:
+            run.finished(act, None, None, dict(attempt.usage))
+        except AttemptFailed as failed:
+            run.finished(act, None, failed.reason, failed.usage)
+        except Exception as exc:
+            run.finished(act, None, exception_reason(exc), dict(attempt.usage))
+        else:
+            ok = True
+            run.finished(act, outcome.result, None, outcome.usage)
+        finally:
+            for hook in reversed(entered):
+                try:
+                    await hook.release(attempt.state_name, run.run_id, attempt.number, ok)
+                except Exception:
+                    run.log.exception("admission hook %r failed to release", hook)
+            if entered:
+                self.kick()
+
+    def stop(self, act: "Activation") -> None:
+        """Cancel the task of a running activation (its ``stop_reason`` is set)."""
+        if act.task is not None:
+            act.task.cancel()

@@ -1,0 +1,1250 @@
+"""One execution of an agent's states, from start to a terminal status (DESIGN.md "Execution semantics").
+
+``Run`` is the only owner of a run's queues: what is ready, queued in the pool,
+running, waiting on dependencies, sleeping before a retry, paused or held for a join.
+Everything that changes them is a method here; the :class:`~agent.agent.Agent` facade
+and the :mod:`~agent.engine.driver` call those methods and never edit the queues.
+
+**Joins (dataflow).** A run is a tree of *groups*: the run itself is the root group,
+and a state that returns a list opens a child group (a fan-out) whose branches are the
+listed states. A name returned by a branch starts at once, continuing that branch,
+unless something else in the branch's group (another branch still running, directly or
+through nested fan-outs, or a name already held there) could still return it,
+directly or through the states it leads to (:class:`~agent.workflow.ReturnGraph`).
+Then the name is *held* in the group and runs **once**, when nothing else in the group
+can return it any more. A group whose branches have all ended or met in one name has
+joined: that name continues the branch that opened the group, one level up. So
+``[a, b]`` where both return ``"merge"`` runs ``merge`` once, after both; a fast branch
+never waits for a slow sibling that cannot meet it; and nested fan-outs join at their
+own level first. What each activation could return is only worked out once a group
+has more than one thing in it, so a plain chain pays nothing for it.
+
+**Admission.** States without ``ResourceRequirements`` start as soon as
+``max_concurrent`` allows. States with them are admitted by the pool's one queue
+(:mod:`~agent.engine.admission`), shared with every other run of the pool, which wakes
+this run through :meth:`Run.on_grant`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from .. import events as ev
+from .._types import StopReason
+from ..dependencies import DependencyLifecycle as Life
+from ..dependencies import DependencyType as Dep
+from ..errors import (
+    AgentError,
+    DependencyTimeoutError,
+    FailureReason,
+    InvalidTransitionError,
+    MaxStepsExceededError,
+    QuotaExceededError,
+    RunTimeoutError,
+    StateFailedError,
+    StateTimeoutError,
+    UnknownNextStateError,
+)
+from ..executor import Attempt, Isolation
+from ..state import AttemptRecord
+from ..status import AgentStatus, StateStatus
+from .admission import Admission
+from .driver import Driver
+
+if TYPE_CHECKING:
+    from ..agent import Agent
+    from ..context import Context
+    from ..workflow import ReturnGraph, StateSpec
+
+_FINISHED_FOR_GOOD = (StateStatus.FAILED, StateStatus.TIMEOUT, StateStatus.CANCELLED, StateStatus.BLOCKED)
+
+# Where an activation is (Activation.where).
+NEW, READY, QUEUED, GRANTED, RUNNING, WAITING, RETRYING, PAUSED, GONE = range(9)
+
+
+class Activation:
+    """One scheduled run of a state within a run (retries are further attempts of it)."""
+
+    __slots__ = (
+        "id", "state", "priority", "attempt", "via_dependency", "waiting_since", "task", "stop_reason",
+        "started_at", "timer", "attempt_obj", "owner", "where", "front", "holds", "group",
+    )
+
+    def __init__(self, aid: int, state: str, priority: int, now: float, group: "Group") -> None:
+        self.id = aid
+        self.state = state
+        self.group = group
+        self.priority = priority
+        self.attempt = 0
+        self.via_dependency = False
+        self.waiting_since = now
+        self.task: Any = None
+        self.stop_reason: str | None = None
+        self.started_at = 0.0
+        self.timer: Any = None
+        self.attempt_obj: Attempt | None = None
+        self.owner = state  # the pool key, qualified when another run uses the same name
+        self.where = NEW
+        self.front = False  # requeued after a preemption: ahead of its level
+        self.holds = False  # holds a grant from the pool
+
+    def __lt__(self, other: "Activation") -> bool:  # heap order: priority desc, FIFO
+        return (-self.priority, self.id) < (-other.priority, other.id)
+
+    def __repr__(self) -> str:
+        return f"<Activation {self.state!r} #{self.id} attempt {self.attempt}>"
+
+
+class Group:
+    """The root of a run, or a fan-out: branches, names held for their join, what lies below."""
+
+    __slots__ = ("id", "parent", "unfinished", "held", "items", "pot", "wild", "held_pot", "held_wild")
+
+    def __init__(self, gid: int, parent: "Group | None") -> None:
+        self.id = gid
+        self.parent = parent
+        self.unfinished = 0  # branches neither ended nor arrived at a held name
+        self.held: dict[str, int] = {}  # name -> branches that arrived at it
+        self.items = 0  # live activations and held names in this group and the groups below
+        self.pot: dict[str, int] = {}  # name -> items below that could return it (once tracked)
+        self.wild = 0  # items below whose returns cannot be read
+        self.held_pot: dict[str, int] = {}  # the part of pot and wild due to this group's own holds
+        self.held_wild = 0
+
+    def chain(self) -> "list[Group]":
+        out = []
+        g: Group | None = self
+        while g is not None:
+            out.append(g)
+            g = g.parent
+        return out
+
+
+class Run:
+    """One execution of an agent's states, from start to a terminal status."""
+
+    def __init__(
+        self,
+        agent: "Agent",
+        run_id: str,
+        context: "Context",
+        observers: tuple[ev.Observer, ...],
+        cleanup_timeout: float,
+    ) -> None:
+        self.agent = agent
+        self.name = agent.name
+        self.run_id = run_id
+        self.context = context
+        self.observers = observers
+        self.cleanup_timeout = cleanup_timeout
+        self.log: logging.Logger = agent._log
+        self.clock = time.monotonic
+        self.specs: dict[str, StateSpec] = agent._states
+        self.metadata = agent.state_metadata
+        self.completed = agent.completed_states
+        self.max_concurrent = agent.max_concurrent
+        self.max_steps = agent.max_steps
+        self.hooks = agent._admission_hooks
+        self.default_isolation = agent.isolation
+        self.default_on_failure = agent.on_failure
+        self.driver = Driver(self)
+        self._ids = itertools.count(1)
+        self._admission: Admission | None = None
+        # The queues (see the module docstring). ``running`` is keyed by state: a state
+        # never runs concurrently with itself within a run.
+        self.ready: list[Activation] = []
+        self.granted: list[Activation] = []
+        self.queued: dict[str, Activation] = {}  # by pool owner key
+        self.pooled: set[str] = set()  # states queued in or granted by the pool, not started yet
+        self.running: dict[str, Activation] = {}
+        self.waiting: list[Activation] = []  # whose dependencies are not met
+        self.retrying: dict[int, Activation] = {}  # sleeping before a retry
+        self.paused: list[Activation] = []
+        # Joins: the group tree, live activations, what they could return.
+        self.root = Group(0, None)
+        self.groups: dict[int, Group] = {0: self.root}
+        self.live: dict[int, Activation] = {}
+        self.live_states: dict[str, int] = {}
+        self.held_names: dict[str, int] = {}  # name -> groups holding it
+        self.graph: ReturnGraph | None = None  # set once a join needs it
+        # Dependencies.
+        self.watch: set[str] = set()  # dependency-driven states not (re)triggered yet
+        self.consumed: dict[tuple[str, str], int] = {}
+        self.completions: dict[str, int] = {}
+        self.finishes: dict[str, int] = {}
+        self.starts: dict[str, int] = {}
+        self.last_completion: dict[str, float] = {}
+        self.last_start: dict[str, float] = {}
+        self.watch_since = self.clock()
+        self.rechecks: set[float] = set()
+        # Outcome.
+        self.steps = 0
+        self.error: BaseException | None = None
+        self.failures: dict[str, FailureReason] = {}  # failed for good under on_failure="continue"
+        self.failed_frames: list[dict[str, Any]] = []  # what a resume of a failed run re-runs
+        self.done = False
+        self.final_status = AgentStatus.COMPLETED
+        self.pause_requested = False
+        self.pumping = False
+        self.human_hooks: dict[str, Any] = {}
+
+    # --- events ---------------------------------------------------------------------
+
+    def emit(self, kind: str, state: str | None = None, **fields: Any) -> None:
+        if not self.observers:
+            return
+        event = ev.RunEvent(kind=kind, agent_name=self.name, run_id=self.run_id, state=state, **fields)
+        for observer in self.observers:
+            try:
+                observer(event)
+            except Exception:  # an observer must never break a run
+                self.observers = tuple(o for o in self.observers if o is not observer)
+                self.log.exception("observer %r raised and was detached", observer)
+
+    @property
+    def admission(self) -> Admission:
+        if self._admission is None:
+            self._admission = Admission.of(self.agent.resource_pool)
+        return self._admission
+
+    # --- activations ----------------------------------------------------------------
+
+    def start(self, names: list[str]) -> None:
+        """Schedule the start states and watch every dependency-driven state."""
+        self.emit(ev.RUN_STARTED)
+        for name, spec in self.specs.items():
+            if spec.dependencies and name not in names:
+                self.watch.add(name)
+                self.add_dependency_timers(name, self.watch_since)
+        names = list(dict.fromkeys(names))
+        self.root.unfinished += len(names)
+        for name in names:
+            self.activate(name, self.root)
+
+    def activate(self, name: str, group: Group, *, via_dependency: bool = False,
+                 attempt: int = 0) -> Activation | None:
+        """A new live activation of ``name`` in ``group`` (whose branch the caller counted)."""
+        if self.done:
+            return None
+        spec = self.specs[name]
+        self.steps += 1
+        if self.max_steps is not None and self.steps > self.max_steps:
+            self.fail(MaxStepsExceededError(
+                f"run exceeded max_steps={self.max_steps} state activations (last: {name!r}); "
+                "a state probably loops forever: add an exit condition or raise Agent(max_steps=...)"
+            ))
+            return None
+        act = Activation(next(self._ids), name, int(spec.priority), self.clock(), group)
+        act.via_dependency = via_dependency
+        act.attempt = attempt
+        self._enter(act)
+        meta = self.metadata[name]
+        meta.attempts = attempt
+        meta.error = None
+        meta.blocked_reason = None
+        if spec.dependencies and not via_dependency:
+            meta.set_status(StateStatus.PENDING)
+            meta.waiting_for = "dependencies"
+            act.where = WAITING
+            self.waiting.append(act)
+            self.add_dependency_timers(name, act.waiting_since)
+            return act
+        self.make_ready(act)
+        return act
+
+    def make_ready(self, act: Activation) -> None:
+        meta = self.metadata[act.state]
+        meta.set_status(StateStatus.READY)
+        meta.waiting_for = None
+        act.where = READY
+        heapq.heappush(self.ready, act)
+
+    # --- joins ----------------------------------------------------------------------------
+
+    def _enter(self, act: Activation) -> None:
+        self.live[act.id] = act
+        name = act.state
+        self.live_states[name] = self.live_states.get(name, 0) + 1
+        g: Group | None = act.group
+        while g is not None:
+            g.items += 1
+            g = g.parent
+        if self.graph is not None:
+            self._count(act.group, name, 1)
+
+    def _leave(self, act: Activation) -> None:
+        """``act`` has ended or moved on: it no longer counts for joins."""
+        if self.live.pop(act.id, None) is None:
+            return
+        act.where = GONE
+        name = act.state
+        left = self.live_states[name] - 1
+        if left:
+            self.live_states[name] = left
+        else:
+            del self.live_states[name]
+        g: Group | None = act.group
+        while g is not None:
+            g.items -= 1
+            g = g.parent
+        if self.graph is not None:
+            self._count(act.group, name, -1)
+
+    def _hold(self, group: Group, name: str) -> None:
+        group.held[name] = 1
+        self.held_names[name] = self.held_names.get(name, 0) + 1
+        for g in group.chain():
+            g.items += 1
+        if self.graph is not None:
+            self._count(group, name, 1)
+            self._count_held(group, name, 1)
+
+    def _unhold(self, group: Group, name: str) -> int:
+        arrivals = group.held.pop(name)
+        left = self.held_names[name] - 1
+        if left:
+            self.held_names[name] = left
+        else:
+            del self.held_names[name]
+        for g in group.chain():
+            g.items -= 1
+        if self.graph is not None:
+            self._count(group, name, -1)
+            self._count_held(group, name, -1)
+        return arrivals
+
+    def _track(self) -> None:
+        """Start counting what everything live or held could return (a group has company now)."""
+        self.graph = self.agent._return_graph()
+        for act in self.live.values():
+            self._count(act.group, act.state, 1)
+        for group in self.groups.values():
+            for name in group.held:
+                self._count(group, name, 1)
+                self._count_held(group, name, 1)
+
+    def retrack(self) -> None:
+        """The workflow changed mid-run (a state was added): count what is reachable anew."""
+        if self.graph is not None:
+            for group in self.groups.values():
+                group.pot.clear()
+                group.held_pot.clear()
+                group.wild = group.held_wild = 0
+            self._track()
+
+    def _count_held(self, group: Group, name: str, delta: int) -> None:
+        reach = self.graph.reach(name)  # type: ignore[union-attr]
+        if reach is None:
+            group.held_wild += delta
+            return
+        pot = group.held_pot
+        for target in reach:
+            pot[target] = pot.get(target, 0) + delta
+
+    def _count(self, group: Group, name: str, delta: int) -> None:
+        reach = self.graph.reach(name)  # type: ignore[union-attr]
+        g: Group | None = group
+        if reach is None:
+            while g is not None:
+                g.wild += delta
+                g = g.parent
+            return
+        while g is not None:
+            pot = g.pot
+            for target in reach:
+                pot[target] = pot.get(target, 0) + delta
+            g = g.parent
+
+    def _reachable(self, group: Group, name: str, held_itself: bool = False) -> bool:
+        """Whether something in ``group`` could still return ``name``.
+
+        For a name handed over by a branch (``held_itself`` false), what counts is what
+        the *other branches* still run, nested holds included; the names already held
+        here are branches that arrived and wait for those, so they do not count. For a
+        held name, everything else in the group counts, the other held names too (one
+        that leads to ``name`` runs first).
+        """
+        if held_itself:
+            items = group.items - 1
+        else:
+            items = group.items - len(group.held)
+        if items <= 0:
+            return False
+        if self.graph is None:
+            self._track()
+        wild, pot = group.wild, group.pot.get(name, 0)
+        if held_itself:
+            reach = self.graph.reach(name)  # type: ignore[union-attr]
+            if reach is None:
+                wild -= 1
+            elif name in reach:
+                pot -= 1
+        else:
+            wild -= group.held_wild
+            pot -= group.held_pot.get(name, 0)
+        return wild > 0 or pot > 0
+
+    def hand_over(self, group: Group, names: list[str]) -> None:
+        """A branch of ``group`` returned ``names`` (see the module docstring)."""
+        if len(names) > 1:  # a fan-out: each name starts at once as a branch of a new group
+            child = Group(next(self._ids), group)
+            self.groups[child.id] = child
+            child.unfinished = len(names)
+            for name in names:
+                if self.activate(name, child) is None:
+                    return
+            return
+        name = names[0]
+        while True:
+            if name in group.held:
+                group.held[name] += 1
+                group.unfinished -= 1
+                self.settle(group)
+                return
+            if self._reachable(group, name):
+                self._hold(group, name)
+                group.unfinished -= 1
+                self.settle(group)
+                return
+            if group.unfinished == 1 and not group.held and group.parent is not None:
+                group = self._joined(group)  # the last branch continues the one that opened it
+                continue
+            self.activate(name, group)
+            return
+
+    def _joined(self, group: Group) -> Group:
+        del self.groups[group.id]
+        return group.parent  # type: ignore[return-value]
+
+    def branch_ends(self, act: Activation) -> None:
+        """``act``'s branch ended without handing over (None, cancelled, blocked, failed)."""
+        self._leave(act)
+        group = act.group
+        group.unfinished -= 1
+        self.settle(group)
+
+    def settle(self, group: Group) -> None:
+        """After ``group`` lost something: start held names nothing can return any more, and
+        close groups whose branches have all ended, here and in every group above."""
+        g: Group | None = group
+        while g is not None and not self.done:
+            if g.held:
+                self._release_held(g)
+            parent = g.parent
+            if g.unfinished == 0 and not g.held and parent is not None and g.id in self.groups:
+                del self.groups[g.id]  # every branch ended: so has the branch that opened it
+                parent.unfinished -= 1
+            g = parent
+
+    def _release_held(self, group: Group) -> None:
+        released = False
+        for name in list(group.held):
+            if name in group.held and not self._reachable(group, name, held_itself=True):
+                self._start_held(group, name)
+                released = True
+                if self.done:
+                    return
+        # Held names can only wait for each other (two that lead to each other): with
+        # nothing else left in the group, the oldest starts, which breaks the tie.
+        if not released and group.held and group.items == len(group.held):
+            self._start_held(group, next(iter(group.held)))
+
+    def _start_held(self, group: Group, name: str) -> None:
+        self._unhold(group, name)
+        group.unfinished += 1  # the branches that met in ``name`` continue as one
+        if group.unfinished == 1 and not group.held and group.parent is not None:
+            self.hand_over(self._joined(group), [name])
+        else:
+            self.activate(name, group)
+
+    # --- the pump --------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Do everything that can be done now, without awaiting."""
+        if self.pumping:
+            return
+        self.pumping = True
+        try:
+            while not self.done:
+                progressed = False
+                if self.granted:
+                    progressed = self.launch_granted()
+                if self.waiting or self.watch:
+                    progressed |= self.check_dependencies()
+                if self.ready and not self.pause_requested:
+                    progressed |= self.launch_ready()
+                if not progressed and not self.check_quiescent():
+                    break
+        finally:
+            self.pumping = False
+
+    def kick(self) -> None:
+        if not self.pumping:
+            self.driver.kick()
+
+    def on_grant(self, act: Activation) -> None:
+        """The pool granted ``act``'s queued request (called while the pool settles)."""
+        if self.queued.pop(act.owner, None) is not act:
+            return
+        act.holds = True
+        act.where = GRANTED
+        self.granted.append(act)
+        self.kick()
+
+    def launch_granted(self) -> bool:
+        granted, self.granted = self.granted, []
+        launched = False
+        for act in granted:
+            if self.done:
+                break
+            if self.pause_requested:
+                self.pooled.discard(act.state)
+                self._release(act, {})
+                act.where = PAUSED
+                self.paused.append(act)
+                continue
+            launched = True
+            self.launch(act)
+        return launched
+
+    def launch_ready(self) -> bool:
+        launched = False
+        deferred: list[Activation] = []
+        ready = self.ready
+        limit = self.max_concurrent
+        while ready:
+            if limit is not None and len(self.running) + len(self.queued) + len(self.granted) >= limit:
+                for act in ready:
+                    self.metadata[act.state].waiting_for = f"max_concurrent={limit}"
+                break
+            act = heapq.heappop(ready)
+            name = act.state
+            if name in self.running or name in self.pooled:  # never concurrently with itself
+                self.metadata[name].waiting_for = "the previous activation of the same state"
+                deferred.append(act)
+                continue
+            req = self.specs[name].resources
+            if req is not None and not self.admit(act, req):
+                continue
+            launched = True
+            self.launch(act)
+            if self.done:
+                break
+        for act in deferred:
+            heapq.heappush(ready, act)
+        return launched
+
+    def admit(self, act: Activation, req: Any) -> bool:
+        """Ask the pool for ``act``'s resources; True when granted now, else it waits in the queue."""
+        admission = self.admission
+        act.owner = admission.owner_for(act.state, self.run_id)
+        try:
+            granted = admission.request(self, act, req)
+        except QuotaExceededError as exc:  # a quota in "fail" mode refused it
+            meta = self.metadata[act.state]
+            meta.set_status(StateStatus.BLOCKED)
+            meta.blocked_reason = str(exc)
+            self._leave(act)
+            self.fail(exc)
+            return False
+        if granted:
+            act.holds = True
+            return True
+        act.where = QUEUED
+        self.queued[act.owner] = act
+        self.pooled.add(act.state)
+        why = "resources: " + admission.why_waiting(act.owner)
+        self.metadata[act.state].waiting_for = why
+        self.emit(ev.STATE_QUEUED, act.state, data={"waiting_for": why})
+        admission.preempt_for(act, req)
+        return False
+
+    def preempt(self, act: Activation) -> None:
+        """Admission chose ``act`` as a preemption victim: stop it, it will be requeued."""
+        if act.where == RUNNING:
+            self.stop_activation(act, StopReason.PREEMPT)
+        elif act.where == GRANTED:  # granted but not started yet: straight back to the queue
+            self.granted.remove(act)
+            act.holds = False
+            act.front = True
+            act.where = QUEUED
+            self.queued[act.owner] = act
+            self.admission.requeue(act.owner)
+
+    # --- running an attempt -------------------------------------------------------------
+
+    def launch(self, act: Activation) -> None:
+        name = act.state
+        spec = self.specs[name]
+        act.attempt += 1
+        act.stop_reason = None
+        act.where = RUNNING
+        if self.pooled:
+            self.pooled.discard(name)
+        now = self.clock()
+        act.started_at = now
+        self.running[name] = act
+        self.starts[name] = self.starts.get(name, 0) + 1
+        self.last_start[name] = now
+        meta = self.metadata[name]
+        meta.set_status(StateStatus.RUNNING)
+        meta.attempts = act.attempt
+        meta.total_attempts += 1
+        meta.waiting_for = None
+        meta.started_at = now
+        meta.last_execution = time.time()
+        if self.observers:  # what it holds from the pool, for the allocation metrics
+            self.emit(ev.STATE_STARTED, name, attempt=act.attempt,
+                      data={"resources": spec.resources} if spec.resources is not None else {})
+        hook = self.human_hooks.get(name)
+        if hook is None:
+            hook = self.human_hooks[name] = self.agent._human_hook(name)
+        view = self.context.view(state_name=name, attempt=act.attempt, human_input=hook)
+        isolation = spec.isolation or self.default_isolation
+        if isolation is Isolation.INLINE and not self.hooks:
+            self.driver.start_inline(act, spec.func, view)
+        else:
+            attempt = Attempt(
+                run_id=self.run_id,
+                agent_name=self.name,
+                state_name=name,
+                func=spec.func,
+                number=act.attempt,
+                context=view,
+                resources=spec.resources,
+                isolation=isolation,
+                timeout=spec.effective_timeout,
+            )
+            if act.holds:
+                attempt.assignment = self.admission.assignment(act.owner)
+            self.driver.start_attempt(act, attempt)
+        if act.task is None:
+            return  # finished eagerly
+        timeout = spec.effective_timeout
+        if self.done:
+            self.stop_activation(act, StopReason.CANCEL)
+        elif timeout is not None:
+            act.timer = self.driver.loop.call_later(timeout, self.stop_activation, act, StopReason.TIMEOUT)
+
+    def stop_activation(self, act: Activation, reason: str) -> None:
+        """Ask a running activation to stop: timeout, cancel, preempt or pause."""
+        if self.running.get(act.state) is not act or act.task is None:
+            return
+        act.stop_reason = reason
+        if act.attempt_obj is not None:
+            act.attempt_obj.stop_reason = reason
+        self.driver.stop(act)
+
+    def finished(self, act: Activation, result: Any, failure: FailureReason | None, usage: dict[str, Any]) -> None:
+        """Account for an attempt that ended, then decide what comes next."""
+        try:
+            self._finished(act, result, failure, usage)
+        except Exception as exc:  # an engine bug must end the run visibly, not hang it
+            self.log.exception("internal error while finishing %r", act.state)
+            self.fail(exc)
+
+    def _finished(self, act: Activation, result: Any, failure: FailureReason | None, usage: dict[str, Any]) -> None:
+        name = act.state
+        if self.running.get(name) is not act:
+            return
+        del self.running[name]
+        if act.timer is not None:
+            act.timer.cancel()
+            act.timer = None
+        act.task = None
+        stop = act.stop_reason
+        now = self.clock()
+        meta = self.metadata[name]
+        meta.finished_at = now
+        if usage:
+            meta.usage = dict(usage)
+        duration = now - act.started_at
+        if stop == StopReason.PREEMPT or stop == StopReason.PAUSE:
+            act.attempt -= 1  # not a failed attempt
+            meta.attempts = act.attempt
+            meta.total_attempts -= 1
+            meta.record(AttemptRecord(act.attempt + 1, act.started_at, now,
+                                      "preempted" if stop == StopReason.PREEMPT else "paused", usage=usage))
+            meta.set_status(StateStatus.PENDING)
+            if stop == StopReason.PREEMPT:
+                meta.preemptions += 1
+                self.emit(ev.STATE_PREEMPTED, name, attempt=act.attempt + 1, duration=duration, usage=usage)
+            if stop == StopReason.PREEMPT and not self.pause_requested and act.holds and not self.done:
+                act.front = True
+                act.holds = False
+                act.where = QUEUED
+                meta.set_status(StateStatus.READY)
+                meta.waiting_for = "resources: requeued after a preemption"
+                self.queued[act.owner] = act
+                self.pooled.add(name)
+                if usage:
+                    self.agent.resource_pool.record_measured(act.owner, usage)
+                self.admission.requeue(act.owner)  # back in the queue, ahead of its level
+            else:
+                self._release(act, usage)
+                if self.pause_requested or stop == StopReason.PAUSE:
+                    act.where = PAUSED
+                    self.paused.append(act)
+                else:
+                    self.make_ready(act)
+            self.kick()
+            return
+        self._release(act, usage)
+        self.kick()
+        if stop == StopReason.CANCEL:
+            meta.record(AttemptRecord(act.attempt, act.started_at, now, "cancelled", usage=usage))
+            meta.set_status(StateStatus.CANCELLED)
+            self.emit(ev.STATE_CANCELLED, name, attempt=act.attempt, duration=duration, usage=usage)
+            self.finishes[name] = self.finishes.get(name, 0) + 1
+            self.branch_ends(act)
+            return
+        if stop == StopReason.TIMEOUT:
+            limit = self.specs[name].effective_timeout
+            failure = FailureReason(
+                kind="timeout",
+                message=f"timed out after {limit:g} s (attempt {act.attempt})",
+                details={"timeout": limit},
+            )
+        if failure is None:
+            self.succeeded(act, result, duration, usage, now)
+        else:
+            self.attempt_failed(act, failure, duration, usage, now)
+
+    def _release(self, act: Activation, usage: dict[str, Any]) -> None:
+        if act.holds:
+            act.holds = False
+            self.admission.release(act.owner, usage)
+
+    def succeeded(self, act: Activation, result: Any, duration: float, usage: dict[str, Any], now: float) -> None:
+        name = act.state
+        meta = self.metadata[name]
+        try:
+            nexts = self.validate_result(name, result)
+        except AgentError as exc:
+            meta.record(AttemptRecord(act.attempt, act.started_at, now, "failed", str(exc), usage))
+            meta.error = FailureReason(kind="exception", message=str(exc), exception_type=type(exc).__name__)
+            meta.set_status(StateStatus.FAILED)
+            self._leave(act)
+            self.fail(exc)
+            return
+        meta.record(AttemptRecord(act.attempt, act.started_at, now, "completed", usage=usage))
+        meta.set_status(StateStatus.COMPLETED)
+        meta.runs += 1
+        meta.last_success = time.time()
+        self.completed.add(name)
+        self.completions[name] = self.completions.get(name, 0) + 1
+        self.finishes[name] = self.finishes.get(name, 0) + 1
+        self.last_completion[name] = now
+        sessions = self.agent._session_completions
+        sessions[name] = sessions.get(name, 0) + 1
+        if self.observers:
+            handed_to = [] if nexts is None else [nexts] if isinstance(nexts, str) else list(nexts)
+            self.emit(ev.STATE_COMPLETED, name, attempt=act.attempt, duration=duration, usage=usage,
+                      data={"next": handed_to})
+        if nexts is None:
+            self.branch_ends(act)
+        else:
+            self._leave(act)
+            self.hand_over(act.group, [nexts] if isinstance(nexts, str) else nexts)
+        # Checkpoint only now: the completion and the transitions it caused are saved
+        # together, so a run resumed from this checkpoint continues where this state led.
+        if self.agent.checkpoint_store is not None:
+            self.agent._after_completion(self)
+
+    def validate_result(self, name: str, result: Any) -> str | list[str] | None:
+        if result is None:
+            return None
+        declared = self.specs[name].next_states
+        if isinstance(result, str):
+            if result not in self.specs:
+                raise UnknownNextStateError(_unknown_next(name, result, self.specs))
+            if declared is not None and result not in declared:
+                raise InvalidTransitionError(_undeclared(name, result, declared))
+            return result
+        if isinstance(result, (list, tuple)):
+            names = list(dict.fromkeys(result))
+            for n in names:
+                if not isinstance(n, str):
+                    raise InvalidTransitionError(
+                        f"state {name!r} returned a list containing {type(n).__name__} {n!r}: "
+                        "a list may hold only state names (str)"
+                    )
+                if n not in self.specs:
+                    raise UnknownNextStateError(_unknown_next(name, n, self.specs))
+                if declared is not None and n not in declared:
+                    raise InvalidTransitionError(_undeclared(name, n, declared))
+            return names or None
+        raise InvalidTransitionError(
+            f"state {name!r} returned {type(result).__name__} {result!r}: return the next state's "
+            "name (str), a list of names to run in parallel, or None to end this branch"
+        )
+
+    def attempt_failed(self, act: Activation, failure: FailureReason, duration: float, usage: dict[str, Any],
+                       now: float) -> None:
+        name = act.state
+        spec = self.specs[name]
+        meta = self.metadata[name]
+        meta.error = failure
+        outcome = "timeout" if failure.kind == "timeout" else "failed"
+        meta.record(AttemptRecord(act.attempt, act.started_at, now, outcome, failure.message, usage))
+        max_retries = spec.max_retries_with(self.agent.retry_policy)
+        final = act.attempt > max_retries
+        self.emit(ev.STATE_FAILED, name, attempt=act.attempt, duration=duration, usage=usage,
+                  error=failure.message, data={"final": final, "kind": failure.kind})
+        if not final:
+            policy = spec.retry_policy or self.agent.retry_policy
+            delay = policy.delay(act.attempt) if policy is not None else 0.0
+            meta.set_status(StateStatus.READY)
+            meta.waiting_for = f"retry {act.attempt} of {max_retries} in {delay:.3g} s"
+            self.emit(ev.STATE_RETRYING, name, attempt=act.attempt, data={"delay": delay})
+            if delay <= 0:
+                self.make_ready(act)
+            else:
+                act.where = RETRYING
+                self.retrying[act.id] = act
+                act.timer = self.driver.call_at(now + delay, self.retry_due, act)
+            return
+        meta.set_status(StateStatus.TIMEOUT if failure.kind == "timeout" else StateStatus.FAILED)
+        self.finishes[name] = self.finishes.get(name, 0) + 1
+        cls = StateTimeoutError if failure.kind == "timeout" else StateFailedError
+        error = cls(name, act.attempt, failure)
+        if (spec.on_failure or self.default_on_failure) == "continue":
+            self.failures[name] = failure
+            self.failed_frames.append(_frame(act, 0, ended=True))
+            self.emit(ev.STATE_BLOCKED, name, error=f"failed for good; the run goes on: {failure.message}")
+            self.branch_ends(act)
+            return
+        self.failed_frames.append(_frame(act, 0))
+        self._leave(act)
+        self.fail(error)
+
+    def retry_due(self, act: Activation) -> None:
+        if self.retrying.pop(act.id, None) is None:
+            return
+        act.timer = None
+        if self.pause_requested:
+            act.where = PAUSED
+            self.paused.append(act)
+        else:
+            self.make_ready(act)
+
+    # --- dependencies --------------------------------------------------------------------
+
+    def check_dependencies(self) -> bool:
+        progressed = False
+        now = self.clock()
+        if self.waiting:
+            still: list[Activation] = []
+            for act in self.waiting:
+                verdict = self.deps_verdict(act.state, act.waiting_since, now)
+                if verdict is True:
+                    self.emit(ev.DEPENDENCY_RESOLVED, act.state, duration=now - act.waiting_since)
+                    self.consume(act.state)
+                    self.make_ready(act)
+                    progressed = True
+                elif isinstance(verdict, tuple):
+                    self.dependency_gave_up(act, *verdict)
+                    progressed = True
+                    if self.done:
+                        return True
+                else:
+                    self.metadata[act.state].waiting_for = verdict
+                    still.append(act)
+            self.waiting = still
+        for name in list(self.watch):
+            if name in self.running or self.has_live(name):
+                continue
+            verdict = self.deps_verdict(name, self.watch_since, now)
+            if verdict is True:
+                self.emit(ev.DEPENDENCY_RESOLVED, name, duration=now - self.watch_since)
+                self.consume(name)
+                self.root.unfinished += 1  # a branch of its own
+                self.activate(name, self.root, via_dependency=True)
+                progressed = True
+            elif isinstance(verdict, tuple):
+                self.watch.discard(name)
+                status, message = verdict
+                meta = self.metadata[name]
+                meta.blocked_reason = message
+                meta.set_status(status)
+                if status is StateStatus.TIMEOUT:
+                    self.fail(DependencyTimeoutError(message))
+                    return True
+        return progressed
+
+    def has_live(self, name: str) -> bool:
+        """Whether ``name`` has an activation queued, waiting, retrying, held or running."""
+        return name in self.live_states or name in self.held_names
+
+    def consume(self, name: str) -> None:
+        """Record that ``name`` starts on its dependencies as they are now."""
+        deps = self.specs[name].dependencies
+        for dep in deps:
+            self.consumed[(name, dep)] = self.completions.get(dep, 0)
+        self.last_start[name] = self.clock()
+        if not any(c.lifecycle in (Life.ALWAYS, Life.PERIODIC) for c in deps.values()):
+            self.watch.discard(name)  # triggered once per run: a returned activation counts
+
+    def deps_verdict(self, name: str, since: float, now: float) -> Any:
+        """True when met; a reason string while waiting; (status, message) when it never can be."""
+        spec = self.specs[name]
+        sessions = self.agent._session_completions
+        for dep, cfg in spec.dependencies.items():
+            dmeta = self.metadata[dep]
+            life = cfg.lifecycle
+            if cfg.timeout is not None and now - since > cfg.timeout:
+                return (StateStatus.TIMEOUT,
+                        f"state {name!r} waited more than {cfg.timeout:g} s for its dependency {dep!r}")
+            if cfg.type is Dep.REQUIRED:
+                if dmeta.status in _FINISHED_FOR_GOOD and not self.has_live(dep) and self.completions.get(dep, 0) == 0 \
+                        and not (life is Life.SESSION and sessions.get(dep, 0)):
+                    return (StateStatus.BLOCKED,
+                            f"state {name!r} is blocked: its required dependency {dep!r} ended {dmeta.status.value}")
+                count = self.completions.get(dep, 0)
+                if life is Life.SESSION:
+                    count = max(count, sessions.get(dep, 0))
+                if life in (Life.ALWAYS, Life.PERIODIC):
+                    met = count > self.consumed.get((name, dep), 0)
+                elif life is Life.TEMPORARY:
+                    last = self.last_completion.get(dep)
+                    met = last is not None and now - last <= (cfg.expiry or 0.0)
+                else:
+                    met = count >= 1
+                if not met:
+                    return f"dependency {dep!r} to complete"
+            elif cfg.type is Dep.OPTIONAL:
+                if self.has_live(dep):
+                    return f"optional dependency {dep!r}, which is scheduled"
+            elif cfg.type is Dep.PARALLEL:
+                if self.starts.get(dep, 0) == 0:
+                    return f"parallel dependency {dep!r} to start"
+            elif cfg.type is Dep.SEQUENTIAL:
+                finished = self.finishes.get(dep, 0)
+                if life in (Life.ALWAYS, Life.PERIODIC):
+                    if finished <= self.consumed.get((name, dep), 0):
+                        return f"sequential dependency {dep!r} to finish"
+                elif finished == 0:
+                    return f"sequential dependency {dep!r} to finish"
+            if life is Life.PERIODIC and cfg.interval:
+                last = self.last_start.get(name)
+                if last is not None and now - last < cfg.interval:
+                    self.recheck_at(last + cfg.interval)
+                    return f"periodic interval of {cfg.interval:g} s since its last run"
+            if cfg.condition is not None:
+                try:
+                    ok = bool(cfg.condition(self.agent))
+                except Exception as exc:  # a broken condition keeps the state waiting, visibly
+                    return f"condition on {dep!r} raised {exc!r}"
+                if not ok:
+                    return f"condition on dependency {dep!r} to hold"
+        return True
+
+    def recheck_at(self, when: float) -> None:
+        """Look at dependencies again at ``when`` (a periodic interval or a wait timeout ends)."""
+        if when not in self.rechecks:
+            self.rechecks.add(when)
+            self.driver.call_at(when, self.rechecks.discard, when)
+
+    def add_dependency_timers(self, name: str, since: float) -> None:
+        for cfg in self.specs[name].dependencies.values():
+            if cfg.timeout is not None:
+                self.recheck_at(since + cfg.timeout + 1e-3)
+
+    def dependency_gave_up(self, act: Activation, status: StateStatus, message: str) -> None:
+        meta = self.metadata[act.state]
+        meta.blocked_reason = message
+        meta.set_status(status)
+        if status is StateStatus.TIMEOUT:
+            self._leave(act)
+            self.fail(DependencyTimeoutError(message))
+            return
+        self.emit(ev.STATE_BLOCKED, act.state, error=message)
+        self.branch_ends(act)
+
+    # --- steering ---------------------------------------------------------------------------
+
+    def cancel_state(self, name: str) -> bool:
+        """Cancel ``name`` wherever it is (running, queued, waiting, held); its branch ends."""
+        if self.done:
+            return False
+        act = self.running.get(name)
+        if act is not None:
+            self.stop_activation(act, StopReason.CANCEL)
+            return True
+        found = False
+        meta = self.metadata[name]
+        for act in [a for a in self.live.values() if a.state == name and a.where != RUNNING]:
+            found = True
+            self._withdraw(act)
+            meta.set_status(StateStatus.CANCELLED)
+            self.emit(ev.STATE_CANCELLED, name, attempt=act.attempt)
+            self.branch_ends(act)
+        if name in self.held_names:
+            found = True
+            for group in [g for g in self.groups.values() if name in g.held]:
+                self._unhold(group, name)  # the branches that met there end
+                self.settle(group)
+        if name in self.watch:
+            self.watch.discard(name)
+            found = True
+        if found:
+            if meta.status is not StateStatus.CANCELLED:
+                meta.set_status(StateStatus.CANCELLED)
+            self.kick()
+        return found
+
+    def _withdraw(self, act: Activation) -> None:
+        """Take a not-running activation out of whichever queue holds it."""
+        where = act.where
+        if where == READY:
+            self.ready.remove(act)
+            heapq.heapify(self.ready)
+        elif where == QUEUED:
+            self.queued.pop(act.owner, None)
+            self.pooled.discard(act.state)
+            self.admission.release(act.owner)
+        elif where == GRANTED:
+            self.granted.remove(act)
+            self.pooled.discard(act.state)
+            self._release(act, {})
+        elif where == WAITING:
+            self.waiting.remove(act)
+        elif where == RETRYING:
+            self.retrying.pop(act.id, None)
+            if act.timer is not None:
+                act.timer.cancel()
+                act.timer = None
+        elif where == PAUSED:
+            self.paused.remove(act)
+
+    def cancel_all(self) -> None:
+        """Cancel every state and end the run with status CANCELLED."""
+        for act in list(self.live.values()):
+            if act.where != RUNNING:
+                self._withdraw(act)
+                meta = self.metadata[act.state]
+                if not meta.status.is_finished:
+                    meta.set_status(StateStatus.CANCELLED)
+                self._leave(act)
+        for group in self.groups.values():
+            for name in list(group.held):
+                self._unhold(group, name)
+        self.pause_requested = False
+        self.finish(AgentStatus.CANCELLED)
+
+    def pause(self) -> list[Any]:
+        """Stop launching; stop running attempts (they re-run on resume); the tasks to wait for."""
+        self.pause_requested = True
+        for act in list(self.queued.values()):
+            self.queued.pop(act.owner)
+            self.pooled.discard(act.state)
+            self.admission.release(act.owner)
+            act.where = PAUSED
+            self.paused.append(act)
+        return self.stop_all(StopReason.PAUSE)
+
+    def resume(self) -> None:
+        self.pause_requested = False
+        paused, self.paused = self.paused, []
+        for act in paused:
+            self.make_ready(act)
+        self.kick()
+
+    def stop_all(self, reason: str) -> list[Any]:
+        tasks = []
+        for act in list(self.running.values()):
+            if act.task is not None:
+                tasks.append(act.task)
+                self.stop_activation(act, reason)
+        return tasks
+
+    # --- ending ----------------------------------------------------------------------------
+
+    def check_quiescent(self) -> bool:
+        """End the run when nothing can change any more; True when it scheduled something instead."""
+        # Retry delays keep a run alive; a periodic re-run that is not due yet does not.
+        if self.running or self.ready or self.retrying or self.queued or self.granted or self.pause_requested:
+            return False
+        # Nothing can change any more: whatever still waits on dependencies is blocked,
+        # and its branch ends (a join it would have reached may run now).
+        waiting, self.waiting = self.waiting, []
+        for act in waiting:
+            meta = self.metadata[act.state]
+            reason = meta.waiting_for or "dependencies"
+            meta.blocked_reason = f"state {act.state!r} never ran: it was waiting for {reason}"
+            meta.set_status(StateStatus.BLOCKED)
+            self.emit(ev.STATE_BLOCKED, act.state, error=meta.blocked_reason)
+            self.branch_ends(act)
+        if self.live:
+            return True
+        for name in self.watch:
+            meta = self.metadata[name]
+            if meta.status is StateStatus.PENDING and meta.runs == 0:
+                verdict = self.deps_verdict(name, self.watch_since, self.clock())
+                reason = verdict if isinstance(verdict, str) else "its dependencies"
+                meta.blocked_reason = f"state {name!r} never ran: it was waiting for {reason}"
+                meta.set_status(StateStatus.BLOCKED)
+        self.watch.clear()
+        if self.failures:
+            first = next(iter(self.failures))
+            meta = self.metadata[first]
+            error = StateFailedError(first, meta.attempts, self.failures[first])
+            error.failures = dict(self.failures)  # type: ignore[attr-defined]
+            if len(self.failures) > 1:
+                others = ", ".join(repr(n) for n in list(self.failures)[1:])
+                error.args = (f"{error.args[0]}\n(also failed for good: {others})",)
+            self.error = error
+            self.finish(AgentStatus.FAILED)
+            return False
+        self.finish(AgentStatus.COMPLETED)
+        return False
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+            # What a resume of this failed run starts from: whatever was still live.
+            self.failed_frames.extend(_frame(a, a.attempt - (a.where == RUNNING)) for a in self.live.values())
+        self.finish(AgentStatus.FAILED)
+
+    def time_out(self) -> None:
+        if self.done:
+            return
+        self.error = RunTimeoutError(
+            f"run of agent {self.name!r} did not finish within its timeout; "
+            f"still running: {sorted(self.running) or 'nothing'}"
+        )
+        self.failed_frames.extend(_frame(a, a.attempt - (a.where == RUNNING)) for a in self.live.values())
+        self.finish(AgentStatus.FAILED)
+
+    def caller_cancelled(self) -> None:
+        self.error = None
+        self.final_status = AgentStatus.CANCELLED
+        self.done = True
+
+    def finish(self, status: AgentStatus) -> None:
+        if self.done:
+            return
+        self.final_status = status
+        self.done = True
+        self.driver.kick()
+
+    def abandon(self) -> None:
+        """After the run ended: what never ran is CANCELLED, and nothing is left in the pool."""
+        for act in list(self.live.values()):
+            meta = self.metadata[act.state]
+            if act.where == RUNNING:  # a task that ignored cancellation in time
+                del self.running[act.state]
+            if act.where in (READY, RETRYING, QUEUED, GRANTED, RUNNING) and not meta.status.is_finished:
+                meta.set_status(StateStatus.CANCELLED)
+            if act.where == QUEUED:
+                self.admission.release(act.owner)
+            elif act.holds:
+                self._release(act, {})
+            if act.timer is not None:
+                act.timer.cancel()
+            self._leave(act)
+        self.ready.clear()
+        self.granted.clear()
+        self.queued.clear()
+        self.pooled.clear()
+        self.running.clear()
+        self.retrying.clear()
+        self.rechecks.clear()
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The run's groups, live activations and holds, as plain data (``AgentCheckpoint.frames``)."""
+        if self.done and self.final_status is AgentStatus.FAILED:
+            activations = list(self.failed_frames)
+        else:
+            # A running attempt re-runs on resume, so it is not counted as done.
+            activations = [_frame(a, a.attempt - (a.where == RUNNING)) for a in self.live.values()]
+        return {
+            "groups": [
+                {"id": g.id, "parent": g.parent.id if g.parent is not None else None,
+                 "unfinished": g.unfinished, "held": dict(g.held)}
+                for g in self.groups.values()
+            ],
+            "activations": activations,
+            "watch": sorted(self.watch),
+            "completions": dict(self.completions),
+            "steps": self.steps,
+        }
+
+    def restore(self, frames: dict[str, Any], running: list[str], pending: list[str]) -> None:
+        """Rebuild the groups, live activations and holds of a checkpointed run; running states re-run.
+
+        A failed run's checkpoint holds what failed and what the failure cut off: those
+        run again.
+        """
+        specs = self.specs
+        self.emit(ev.RUN_STARTED, data={"resumed": True})
+        if "activations" not in frames:  # a checkpoint without frames: restart what was pending
+            names = [n for n in dict.fromkeys(list(running) + list(pending)) if n in specs]
+            for name, spec in specs.items():
+                if spec.dependencies and name not in self.completed and name not in names:
+                    self.watch.add(name)
+            self.root.unfinished += len(names)
+            for name in names:
+                self.activate(name, self.root)
+            return
+        self.watch = {n for n in frames.get("watch", []) if n in specs}
+        self.completions = {k: int(v) for k, v in frames.get("completions", {}).items()}
+        self.steps = int(frames.get("steps", 0))  # max_steps counts the whole run, across a resume
+        self.groups = {}
+        for data in sorted(frames.get("groups", []), key=lambda d: int(d["id"])):
+            parent = self.groups.get(data["parent"]) if data.get("parent") is not None else None
+            group = Group(int(data["id"]), parent if parent is not None or data.get("parent") is None else self.root)
+            # "active" is what the format before dataflow joins called unfinished branches.
+            group.unfinished = int(data.get("unfinished", data.get("active", 0)))
+            self.groups[group.id] = group
+        self.root = self.groups.setdefault(0, Group(0, None))
+        self._ids = itertools.count(max(self.groups) + 1)
+        for data in frames.get("groups", []):
+            group = self.groups[int(data["id"])]
+            held = data.get("held", {})
+            for name, arrivals in (held.items() if isinstance(held, dict) else ((n, 1) for n in held)):
+                if name in specs and name not in group.held:
+                    self._hold(group, name)
+                    group.held[name] = int(arrivals)
+                    self.metadata[name].status = StateStatus.PENDING
+        for a in frames.get("activations", []):
+            name = a["state"]
+            if name not in specs:
+                continue
+            group = self.groups.get(int(a.get("group", 0)))
+            if group is None or a.get("ended"):  # its branch had ended: it opens again
+                group = group or self.root
+                group.unfinished += 1
+            self.steps -= 1  # activate() counts it again
+            self.activate(name, group, via_dependency=bool(a.get("via_dependency")), attempt=int(a.get("attempt", 0)))
+        for group in list(self.groups.values()):
+            if group.held and group.id in self.groups:
+                self.settle(group)
+
+
+def _frame(act: Activation, attempts_done: int, ended: bool = False) -> dict[str, Any]:
+    frame = {"state": act.state, "group": act.group.id, "attempt": max(0, attempts_done),
+             "via_dependency": act.via_dependency}
+    if ended:
+        frame["ended"] = True
+    return frame
+
+
+def _unknown_next(name: str, target: str, specs: dict[str, Any]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(target, list(specs), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (f"state {name!r} returned {target!r}, which is not a state of this agent{hint}: "
+            "add it with add_state() or return an existing name")
+
+
+def _undeclared(name: str, target: str, declared: frozenset[str]) -> str:
+    return (f"state {name!r} returned {target!r}, which is not among its declared next_states "
+            f"{sorted(declared)}: add it to add_state(..., next_states=[...]) or return a declared name")

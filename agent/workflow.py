@@ -1,0 +1,424 @@
+"""What ``add_state`` builds: state specs, dependency graph checks, and what each state can return.
+
+Everything here is checked or computed before a run starts (or, for the return graph,
+the first time a run has more than one branch), so a run never meets a malformed state.
+
+What a state can return is read from its code: the string constants in its ``return``
+statements (``return "next"``, ``return ["a", "b"]``, ``return "a" if x else "b"``),
+from the source when it is available and from the bytecode otherwise. A state that
+returns anything else (a variable, a call, an f-string) counts as able to return any
+state, unless ``add_state(..., next_states=[...])`` declares its targets. The engine
+uses this to decide whether a name returned by one branch can start at once or must
+wait for a sibling that could still return it (DESIGN.md item 3).
+"""
+
+from __future__ import annotations
+
+import ast
+import dis
+import functools
+import inspect
+import linecache
+import textwrap
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._types import Priority
+from .dependencies import DependencyConfig, DependencyType
+from .errors import (
+    DependencyCycleError,
+    InvalidStateFunctionError,
+    UnknownStateError,
+    WorkflowDefinitionError,
+)
+from .executor import Isolation
+from .resources import ResourceRequirements
+from .retry import RetryPolicy
+
+ON_FAILURE = ("fail", "continue")
+"""What a state's permanent failure does to the run: fail it (default), or end only its branch."""
+
+
+@dataclass(slots=True)
+class StateSpec:
+    """A state as added to an agent."""
+
+    name: str
+    func: Callable[..., Any]
+    dependencies: dict[str, DependencyConfig] = field(default_factory=dict)
+    resources: ResourceRequirements | None = None
+    retry_policy: RetryPolicy | None = None
+    max_retries: int | None = None
+    isolation: Isolation | None = None
+    timeout: float | None = None
+    priority: Priority = Priority.NORMAL
+    next_states: frozenset[str] | None = None
+    on_failure: str | None = None
+
+    def max_retries_with(self, default_policy: RetryPolicy | None) -> int:
+        """Retries after the first attempt: add_state(max_retries), else the state's policy, else the agent's."""
+        if self.max_retries is not None:
+            return self.max_retries
+        policy = self.retry_policy or default_policy
+        return policy.max_retries if policy is not None else 0
+
+    @property
+    def effective_timeout(self) -> float | None:
+        if self.timeout is not None:
+            return self.timeout
+        return self.resources.timeout if self.resources is not None else None
+
+
+# --- state functions ---------------------------------------------------------------------
+
+_CO_COROUTINE = inspect.CO_COROUTINE
+_CO_VARARGS = inspect.CO_VARARGS
+
+
+def check_state_function(name: str, func: Any) -> None:
+    """Raise unless ``func`` is ``async def f(context)`` (extra parameters need defaults).
+
+    Plain functions are checked from their code object (cheap: this runs once per
+    ``add_state``); anything else (methods, partials, callable objects) through
+    :mod:`inspect`.
+    """
+    if type(func) is types.FunctionType:
+        code = func.__code__
+        if not code.co_flags & _CO_COROUTINE:
+            raise _not_coroutine(name, func)
+        positional = code.co_argcount
+        required = positional - len(func.__defaults__ or ())
+        kw_required = code.co_kwonlyargcount - len(func.__kwdefaults__ or ())
+        if required > 1 or kw_required > 0 or (positional == 0 and not code.co_flags & _CO_VARARGS):
+            raise _wrong_signature(name, func)
+        return
+    if not callable(func):
+        raise InvalidStateFunctionError(f"state {name!r}: {func!r} is not callable")
+    target = func
+    if not inspect.iscoroutinefunction(target) and not inspect.isfunction(target):
+        call = getattr(type(target), "__call__", None)
+        if call is not None and inspect.iscoroutinefunction(call):
+            target = call.__get__(target)
+    if not inspect.iscoroutinefunction(target):
+        raise _not_coroutine(name, func)
+    try:
+        inspect.signature(target).bind(object())
+    except TypeError:
+        raise _wrong_signature(name, func) from None
+    except ValueError:  # no signature available (some builtins): accept
+        pass
+
+
+def _not_coroutine(name: str, func: Any) -> InvalidStateFunctionError:
+    return InvalidStateFunctionError(
+        f"state {name!r}: {getattr(func, '__name__', func)!r} is not a coroutine function: "
+        "define it with `async def name(context: Context) -> StateResult`"
+    )
+
+
+def _wrong_signature(name: str, func: Any) -> InvalidStateFunctionError:
+    return InvalidStateFunctionError(
+        f"state {name!r}: {getattr(func, '__name__', func)!r} must take exactly one positional "
+        "argument, the context (further parameters need default values)"
+    )
+
+
+# --- dependencies --------------------------------------------------------------------------
+
+
+def parse_dependencies(name: str, dependencies: Any) -> dict[str, DependencyConfig]:
+    """``add_state(dependencies=...)`` as a name -> config map (a list means REQUIRED)."""
+    if dependencies is None:
+        return {}
+    if isinstance(dependencies, str):
+        dependencies = [dependencies]
+    if not isinstance(dependencies, Mapping):
+        dependencies = {dep: DependencyType.REQUIRED for dep in dependencies}
+    deps: dict[str, DependencyConfig] = {}
+    for dep, value in dependencies.items():
+        if not isinstance(dep, str):
+            raise WorkflowDefinitionError(f"state {name!r}: dependency names are str, got {dep!r}")
+        if dep == name:
+            raise DependencyCycleError(f"state {name!r} depends on itself: remove that dependency")
+        deps[dep] = DependencyConfig.of(value)
+    return deps
+
+
+def check_graph(agent_name: str, specs: Mapping[str, StateSpec]) -> None:
+    """Unknown dependencies and dependency cycles are rejected before anything runs."""
+    for spec in specs.values():
+        for dep in spec.dependencies:
+            if dep not in specs:
+                raise UnknownStateError(
+                    f"state {spec.name!r} depends on {dep!r}, which is not a state of agent "
+                    f"{agent_name!r}: add {dep!r} with add_state() or remove the dependency"
+                )
+        if spec.next_states is not None:
+            unknown = sorted(spec.next_states - set(specs))
+            if unknown:
+                raise UnknownStateError(
+                    f"state {spec.name!r} declares next_states {unknown}, which are not states of agent "
+                    f"{agent_name!r}: add them with add_state() or fix next_states"
+                )
+    white, grey, black = 0, 1, 2
+    color = dict.fromkeys(specs, white)
+    for root in specs:
+        if color[root] != white or not specs[root].dependencies:
+            continue
+        stack: list[tuple[str, Iterable[str]]] = [(root, iter(specs[root].dependencies))]
+        path = [root]
+        color[root] = grey
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                color[node] = black
+                stack.pop()
+                path.pop()
+            elif color[nxt] == grey:
+                cycle = path[path.index(nxt):] + [nxt]
+                raise DependencyCycleError(
+                    "dependency cycle: " + " -> ".join(cycle) + ": remove one of these dependencies"
+                )
+            elif color[nxt] == white:
+                color[nxt] = grey
+                path.append(nxt)
+                stack.append((nxt, iter(specs[nxt].dependencies)))
+
+
+# --- what a state can return -----------------------------------------------------------------
+
+
+def declared_returns(spec: StateSpec) -> frozenset[str] | None:
+    """The names ``spec`` can return (None: anything); ``next_states`` wins over its code."""
+    if spec.next_states is not None:
+        return spec.next_states
+    return function_returns(spec.func)
+
+
+def function_returns(func: Any) -> frozenset[str] | None:
+    """The state names ``func`` can return, read from its code; None when that cannot be told."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    if isinstance(func, types.MethodType):
+        func = func.__func__
+    if not isinstance(func, types.FunctionType):
+        call = getattr(type(func), "__call__", None)
+        if isinstance(call, types.FunctionType):
+            func = call
+        else:
+            return None
+    return _code_returns(func.__code__, func)
+
+
+_returns_cache: dict[types.CodeType, frozenset[str] | None] = {}
+
+
+def _code_returns(code: types.CodeType, func: types.FunctionType) -> frozenset[str] | None:
+    try:
+        return _returns_cache[code]
+    except KeyError:
+        pass
+    found = _source_returns(func)
+    if found is _UNREADABLE:
+        found = _bytecode_returns(code)
+    _returns_cache[code] = found  # type: ignore[assignment]
+    return found  # type: ignore[return-value]
+
+
+_UNREADABLE = object()
+
+
+def _source_returns(func: types.FunctionType) -> Any:
+    """Returns read from the source with :mod:`ast`; ``_UNREADABLE`` when there is no usable source.
+
+    The lines come from :mod:`linecache` directly (``inspect.getsource`` first maps every
+    loaded module to its file, which costs milliseconds in a big process).
+    """
+    code = func.__code__
+    lines = linecache.getlines(code.co_filename, func.__globals__)
+    if not lines or code.co_firstlineno > len(lines):
+        return _UNREADABLE
+    try:
+        block = inspect.getblock(lines[code.co_firstlineno - 1:])
+        tree = ast.parse(textwrap.dedent("".join(block)))
+    except (SyntaxError, IndentationError, ValueError, IndexError):
+        return _UNREADABLE
+    node = next((n for n in ast.walk(tree) if isinstance(n, (ast.AsyncFunctionDef, ast.FunctionDef))
+                 and n.name == func.__name__), None)
+    if node is None:
+        return _UNREADABLE
+    names: set[str] = set()
+    for ret in _returns_of(node):
+        got = _constant_names(ret.value)
+        if got is None:
+            return None
+        names |= got
+    return frozenset(names)
+
+
+def _returns_of(func: ast.AST) -> Iterable[ast.Return]:
+    """The ``return`` statements of ``func`` itself (not of functions or classes nested in it)."""
+    stack = list(ast.iter_child_nodes(func))
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        if isinstance(node, ast.Return):
+            yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _constant_names(expr: ast.expr | None) -> set[str] | None:
+    if expr is None:
+        return set()
+    if isinstance(expr, ast.Constant):
+        if expr.value is None:
+            return set()
+        return {expr.value} if isinstance(expr.value, str) else None
+    if isinstance(expr, (ast.List, ast.Tuple, ast.Set)):
+        out: set[str] = set()
+        for elt in expr.elts:
+            if not (isinstance(elt, ast.Constant) and isinstance(elt.value, str)):
+                return None
+            out.add(elt.value)
+        return out
+    if isinstance(expr, ast.IfExp):
+        body, orelse = _constant_names(expr.body), _constant_names(expr.orelse)
+        return None if body is None or orelse is None else body | orelse
+    return None
+
+
+def _bytecode_returns(code: types.CodeType) -> frozenset[str] | None:
+    """Returns read from the bytecode: every return must be fed by constants, else None."""
+    instructions = list(dis.get_instructions(code))
+    names: set[str] = set()
+    for i, ins in enumerate(instructions):
+        if ins.opname == "RETURN_CONST":
+            value = ins.argval
+        elif ins.opname == "RETURN_VALUE":
+            value = _fed_constant(instructions, i)
+            if value is _UNREADABLE:
+                return None
+        else:
+            continue
+        if value is None:
+            continue
+        if isinstance(value, str):
+            names.add(value)
+        elif isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+            names.update(value)
+        else:
+            return None
+    return frozenset(names)
+
+
+def _fed_constant(instructions: list[dis.Instruction], i: int) -> Any:
+    prev = instructions[i - 1] if i else None
+    if prev is None:
+        return _UNREADABLE
+    if prev.opname == "LOAD_CONST":
+        return prev.argval
+    if prev.opname in ("LIST_EXTEND", "SET_UPDATE") and i >= 3 and instructions[i - 2].opname == "LOAD_CONST":
+        return instructions[i - 2].argval
+    if prev.opname in ("BUILD_LIST", "BUILD_TUPLE", "BUILD_SET") and i > prev.arg:
+        loads = instructions[i - 1 - prev.arg:i - 1]
+        if all(x.opname == "LOAD_CONST" and isinstance(x.argval, str) for x in loads):
+            return tuple(x.argval for x in loads)
+    return _UNREADABLE
+
+
+class ReturnGraph:
+    """Which states each state can lead to by returning names (transitively).
+
+    ``reach(name)`` is the set of states ``name`` can return directly or through the
+    states those return, or None when that includes a state whose returns cannot be
+    read (then it can lead anywhere). Computed on demand, one strongly connected
+    component at a time, and cached for the life of the graph.
+    """
+
+    def __init__(self, specs: Mapping[str, StateSpec]) -> None:
+        self._specs = specs
+        self._direct: dict[str, frozenset[str] | None] = {}
+        self._reach: dict[str, frozenset[str] | None] = {}
+
+    def direct(self, name: str) -> frozenset[str] | None:
+        try:
+            return self._direct[name]
+        except KeyError:
+            found = declared_returns(self._specs[name])
+            if found is not None:
+                found = frozenset(n for n in found if n in self._specs)
+            self._direct[name] = found
+            return found
+
+    def reach(self, name: str) -> frozenset[str] | None:
+        try:
+            return self._reach[name]
+        except KeyError:
+            self._tarjan(name)
+            return self._reach[name]
+
+    def _tarjan(self, root: str) -> None:
+        index: dict[str, int] = {}
+        low: dict[str, int] = {}
+        stack: list[str] = []
+        on_stack: set[str] = set()
+        work: list[tuple[str, list[str]]] = []
+
+        def enter(node: str) -> None:
+            index[node] = low[node] = len(index)
+            stack.append(node)
+            on_stack.add(node)
+            succ = self.direct(node)
+            work.append((node, [] if succ is None else [s for s in succ if s not in self._reach]))
+
+        enter(root)
+        while work:
+            node, todo = work[-1]
+            if todo:
+                nxt = todo.pop()
+                if nxt not in index:
+                    enter(nxt)
+                elif nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] != index[node]:
+                continue
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            self._close(component)
+
+    def _close(self, component: list[str]) -> None:
+        members = set(component)
+        out: set[str] = set()
+        anywhere = False
+        for member in component:
+            succ = self.direct(member)
+            if succ is None:
+                anywhere = True
+                break
+            out |= succ
+            for s in succ:
+                if s not in members:
+                    further = self._reach[s]
+                    if further is None:
+                        anywhere = True
+                        break
+                    out |= further
+            if anywhere:
+                break
+        value = None if anywhere else frozenset(out)
+        for member in component:
+            self._reach[member] = value
