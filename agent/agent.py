@@ -124,6 +124,7 @@ class Agent:
         self._observers: list[ev.Observer] = []
         self._admission_hooks: list[Any] = []
         self._session_completions: dict[str, int] = {}
+        self._human_hooks: dict[str, Any] = {}
         self._restored: AgentCheckpoint | None = None
         self._fresh_context = True
         self._graph_checked = False
@@ -219,8 +220,10 @@ class Agent:
             if isinstance(next_states, str) or not all(isinstance(n, str) for n in next_states):
                 raise InvalidConfigurationError(f"state {name!r}: next_states must be a list of state names")
             declared = frozenset(next_states)
+        if on_failure is not None:
+            _on_failure(on_failure, f"state {name!r}")
         spec = StateSpec(name, func, deps, resources, retry_policy, max_retries, level, timeout, priority,
-                         declared, _on_failure(on_failure, f"state {name!r}"))
+                         declared, on_failure)
         run = self._run if self._run is not None and not self._run.done else None
         if run is not None:
             check_graph(self.name, {**self._states, name: spec})
@@ -238,6 +241,7 @@ class Agent:
         if run is not None:
             run.retrack()
             if deps:
+                run.tracks_deps = True
                 run.watch.add(name)
                 run.kick()
 
@@ -274,7 +278,7 @@ class Agent:
         run = self._run
         if run is None or run.done:
             return []
-        return sorted(run.ready) + list(run.queued.values())
+        return run.ready_activations() + list(run.queued.values())
 
     @property
     def _running_states(self) -> dict[str, Activation]:
@@ -394,7 +398,8 @@ class Agent:
         self.status = status
 
     def _human_hook(self, state: str) -> Any:
-        return functools.partial(self._ask_human, state)
+        hook = self._human_hooks[state] = functools.partial(self._ask_human, state)
+        return hook
 
     async def _ask_human(self, state: str, *, prompt: str, timeout: float | None, validator: Any,
                          default: str | None) -> str:

@@ -25,6 +25,7 @@ WriteHook = Callable[[str, Any, bool], None]
 HumanInputHook = Callable[..., Awaitable[str]]
 
 _MISSING = object()
+_NO_FAILURES: dict[str, str] = {}
 
 
 class TypedContextData:
@@ -130,7 +131,7 @@ def _matches(value: Any, tp: Any) -> bool:
 class Context:
     """Key/value data shared by the states of one run."""
 
-    __slots__ = ("_data", "_on_write", "_human_input", "state_name", "attempt", "run_id")
+    __slots__ = ("_data", "_on_write", "_human_input", "_failures", "state_name", "attempt", "run_id")
 
     def __init__(
         self,
@@ -145,6 +146,7 @@ class Context:
         self._data: dict[str, Any] = {} if data is None else data
         self._on_write = on_write
         self._human_input = human_input
+        self._failures: dict[str, str] = _NO_FAILURES
         self.state_name = state_name
         self.attempt = attempt
         self.run_id = run_id
@@ -158,7 +160,7 @@ class Context:
         human_input: HumanInputHook | None = None,
     ) -> "Context":
         """A context on the same store, for one state attempt."""
-        return Context(
+        view = Context(
             self._data,
             state_name=state_name,
             attempt=attempt,
@@ -166,6 +168,17 @@ class Context:
             on_write=on_write if on_write is not None else self._on_write,
             human_input=human_input if human_input is not None else self._human_input,
         )
+        view._failures = self._failures
+        return view
+
+    def failed_states(self) -> dict[str, str]:
+        """States of this run that failed for good so far, with why (their last attempt's reason).
+
+        Only a run whose states may fail without failing the run (``on_failure="continue"``)
+        goes on after a failure, so this is where a join learns which branches did not
+        make it.
+        """
+        return dict(self._failures)
 
     # --- plain values ---------------------------------------------------------------
 

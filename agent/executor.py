@@ -40,13 +40,22 @@ class Isolation(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: "Isolation | str") -> "Isolation":
+        if isinstance(value, Isolation):
+            return value
         try:
-            return cls(value.value if isinstance(value, Isolation) else str(value).lower())
+            return _BY_NAME[value]  # type: ignore[index]
+        except (KeyError, TypeError):
+            pass
+        try:
+            return cls(str(value).lower())
         except ValueError:
             choices = ", ".join(repr(m.value) for m in cls)
             raise IsolationUnavailableError(
                 f"unknown isolation level {value!r}: use one of {choices}"
             ) from None
+
+
+_BY_NAME: dict[str, Isolation] = {level.value: level for level in Isolation}
 
 
 @dataclass

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, List, Optional, Union
+from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Union
 
 from ._types import Priority
 from .dependencies import DependencyConfig
 from .errors import FailureReason
 from .executor import Isolation
-from .status import StateStatus, check_state_transition
+from .status import STATE_TRANSITIONS, StateStatus, check_state_transition
 
 if TYPE_CHECKING:
     from .resources import ResourceRequirements
@@ -22,7 +24,7 @@ StateResult = Optional[Union[str, List[str]]]
 StateFunction = Callable[..., Awaitable[StateResult]]
 
 
-@dataclass
+@dataclass(slots=True)
 class AttemptRecord:
     """One finished attempt, kept in ``StateMetadata.history``."""
 
@@ -38,9 +40,24 @@ class AttemptRecord:
         return self.ended_at - self.started_at
 
 
-@dataclass
+_id_prefix = os.urandom(4).hex()
+_ids = itertools.count(1)
+
+
+_ALLOWED = {old.value: frozenset(s.value for s in new) for old, new in STATE_TRANSITIONS.items()}
+
+
+def _state_id() -> str:
+    return f"{_id_prefix}{next(_ids):04x}"
+
+
+@dataclass(init=False, eq=False)
 class StateMetadata:
-    """What the engine knows about one state: status, attempts, timings, usage."""
+    """What the engine knows about one state: status, attempts, timings, usage.
+
+    Fields not given to the constructor start at their class-level defaults (made once
+    per ``add_state``, so the constructor sets only what differs).
+    """
 
     name: str
     status: StateStatus = StateStatus.PENDING
@@ -51,7 +68,7 @@ class StateMetadata:
     priority: Priority = Priority.NORMAL
     dependencies: dict[str, DependencyConfig] = field(default_factory=dict)
     isolation: Isolation | None = None
-    state_id: str = field(default_factory=lambda: os.urandom(6).hex())
+    state_id: str = ""
     runs: int = 0  # completed activations in the current run
     preemptions: int = 0
     last_execution: float | None = None
@@ -62,12 +79,34 @@ class StateMetadata:
     waiting_for: str | None = None  # why a READY/PENDING state is not running
     blocked_reason: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)  # measured use of the last attempt
-    history: list[AttemptRecord] = field(default_factory=list)
+    history: deque[AttemptRecord] = field(default_factory=lambda: deque(maxlen=StateMetadata.HISTORY_LIMIT))
 
-    HISTORY_LIMIT = 100
+    HISTORY_LIMIT: ClassVar[int] = 100
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_retries: int = 0,
+        resources: "ResourceRequirements | None" = None,
+        priority: Priority = Priority.NORMAL,
+        dependencies: dict[str, DependencyConfig] | None = None,
+        isolation: Isolation | None = None,
+    ) -> None:
+        self.name = name
+        self.max_retries = max_retries
+        self.resources = resources
+        self.priority = priority
+        self.dependencies = {} if dependencies is None else dependencies
+        self.isolation = isolation
+        self.state_id = _state_id()
+        self.usage = {}
+        self.history = deque(maxlen=self.HISTORY_LIMIT)
 
     def set_status(self, new: StateStatus) -> None:
-        check_state_transition(self.status, new, self.name)
+        # Keyed by the values: an Enum member's hash is a Python-level call.
+        if new._value_ not in _ALLOWED[self.status._value_]:
+            check_state_transition(self.status, new, self.name)  # raises, naming the transition
         self.status = new
 
     @property
@@ -81,9 +120,8 @@ class StateMetadata:
         return self.error.message if self.error is not None else None
 
     def record(self, rec: AttemptRecord) -> None:
+        """Keep ``rec``; only the newest ``HISTORY_LIMIT`` attempts are kept."""
         self.history.append(rec)
-        if len(self.history) > self.HISTORY_LIMIT:
-            del self.history[0]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for checkpoints and reports."""

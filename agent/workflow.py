@@ -358,8 +358,26 @@ class ReturnGraph:
         try:
             return self._reach[name]
         except KeyError:
-            self._tarjan(name)
-            return self._reach[name]
+            pass
+        succ = self.direct(name)
+        if succ is None:
+            self._reach[name] = None
+            return None
+        # The common case: every successor is known already and there is no loop back.
+        known = self._reach
+        if name not in succ and all(s in known for s in succ):
+            out = set(succ)
+            for s in succ:
+                further = known[s]
+                if further is None:
+                    known[name] = None
+                    return None
+                out |= further
+            if name not in out:
+                value = known[name] = frozenset(out)
+                return value
+        self._tarjan(name)
+        return self._reach[name]
 
     def _tarjan(self, root: str) -> None:
         index: dict[str, int] = {}

@@ -3,10 +3,10 @@
 :class:`~agent.engine.run.Run` decides what runs when; this module makes it happen on
 the event loop and reports every attempt's end back through ``run.finished``.
 
-Inline states without admission hooks are started *eagerly*: the coroutine is stepped
-synchronously, and only if it really awaits something is it wrapped in a task. A
-no-op state therefore costs no task and no loop iteration, which is what makes inline
-runs fast.
+Inline states without admission hooks are started *eagerly* by the run: the coroutine
+is stepped synchronously, and only if it really awaits something is it handed here to
+go on in a task. A no-op state therefore costs no task and no loop iteration, which is
+what makes inline runs fast.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
+from .._types import StopReason
 from ..errors import FailureReason
 from ..executor import Attempt, AttemptFailed, executor_for
 
@@ -113,14 +114,14 @@ class Driver:
                     self.waker = None
         except asyncio.CancelledError:
             run.caller_cancelled()
-            await self.cleanup("cancel")
+            await self.cleanup(StopReason.CANCEL)
             raise
         finally:
             if timer is not None:
                 timer.cancel()
-        await self.cleanup("cancel")
+        await self.cleanup(StopReason.CANCEL)
 
-    async def cleanup(self, reason: str) -> None:
+    async def cleanup(self, reason: StopReason) -> None:
         """Stop whatever still runs and wait for it, up to the run's ``cleanup_timeout``."""
         run = self.run
         tasks = run.stop_all(reason)
@@ -133,20 +134,8 @@ class Driver:
 
     # --- attempts ----------------------------------------------------------------------
 
-    def start_inline(self, act: "Activation", func: Any, view: Any) -> None:
-        """Step the coroutine eagerly; wrap it in a task only if it awaits."""
-        run = self.run
-        try:
-            coro = func(view)
-            first = coro.send(None)
-        except StopIteration as stop:
-            run.finished(act, stop.value, None, {})
-            return
-        except BaseException as exc:  # noqa: BLE001 - the state's own failure
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            run.finished(act, None, exception_reason(exc), {})
-            return
+    def continue_inline(self, act: "Activation", coro: Any, first: Any) -> None:
+        """An inline coroutine the run stepped once awaits something: go on in a task."""
         act.task = task = self.loop.create_task(self._continue_inline(act, coro, first))
         task.add_done_callback(functools.partial(self._task_done, act))
 

@@ -27,14 +27,14 @@ this run through :meth:`Run.on_grant`.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .. import events as ev
-from .._types import StopReason
+from .._types import Priority, StopReason
 from ..dependencies import DependencyLifecycle as Life
 from ..dependencies import DependencyType as Dep
 from ..errors import (
@@ -53,7 +53,9 @@ from ..executor import Attempt, Isolation
 from ..state import AttemptRecord
 from ..status import AgentStatus, StateStatus
 from .admission import Admission
-from .driver import Driver
+from .driver import Driver, exception_reason
+
+_NO_USAGE: dict[str, Any] = {}  # what an inline attempt measured (nothing); never written to
 
 if TYPE_CHECKING:
     from ..agent import Agent
@@ -83,7 +85,7 @@ class Activation:
         self.via_dependency = False
         self.waiting_since = now
         self.task: Any = None
-        self.stop_reason: str | None = None
+        self.stop_reason: StopReason | None = None
         self.started_at = 0.0
         self.timer: Any = None
         self.attempt_obj: Attempt | None = None
@@ -91,9 +93,6 @@ class Activation:
         self.where = NEW
         self.front = False  # requeued after a preemption: ahead of its level
         self.holds = False  # holds a grant from the pool
-
-    def __lt__(self, other: "Activation") -> bool:  # heap order: priority desc, FIFO
-        return (-self.priority, self.id) < (-other.priority, other.id)
 
     def __repr__(self) -> str:
         return f"<Activation {self.state!r} #{self.id} attempt {self.attempt}>"
@@ -127,6 +126,61 @@ class Group:
 class Run:
     """One execution of an agent's states, from start to a terminal status."""
 
+    __slots__ = (
+        "agent",
+        "name",
+        "run_id",
+        "context",
+        "observers",
+        "cleanup_timeout",
+        "log",
+        "clock",
+        "specs",
+        "metadata",
+        "completed",
+        "max_concurrent",
+        "max_steps",
+        "hooks",
+        "default_isolation",
+        "default_on_failure",
+        "driver",
+        "_ids",
+        "_admission",
+        "ready",
+        "n_ready",
+        "granted",
+        "queued",
+        "pooled",
+        "running",
+        "waiting",
+        "retrying",
+        "paused",
+        "root",
+        "groups",
+        "live",
+        "live_states",
+        "held_names",
+        "graph",
+        "watch",
+        "consumed",
+        "completions",
+        "finishes",
+        "starts",
+        "last_completion",
+        "last_start",
+        "watch_since",
+        "rechecks",
+        "steps",
+        "error",
+        "failures",
+        "failed_frames",
+        "done",
+        "final_status",
+        "pause_requested",
+        "pumping",
+        "tracks_deps",
+    )
+
     def __init__(
         self,
         agent: "Agent",
@@ -139,6 +193,7 @@ class Run:
         self.name = agent.name
         self.run_id = run_id
         self.context = context
+        context._failures = {}  # shared by every view of this run: context.failed_states()
         self.observers = observers
         self.cleanup_timeout = cleanup_timeout
         self.log: logging.Logger = agent._log
@@ -156,7 +211,9 @@ class Run:
         self._admission: Admission | None = None
         # The queues (see the module docstring). ``running`` is keyed by state: a state
         # never runs concurrently with itself within a run.
-        self.ready: list[Activation] = []
+        # Ready activations, one FIFO per priority (index = Priority value); ``n_ready`` in all.
+        self.ready: tuple[deque[Activation], ...] = (deque(), deque(), deque(), deque())
+        self.n_ready = 0
         self.granted: list[Activation] = []
         self.queued: dict[str, Activation] = {}  # by pool owner key
         self.pooled: set[str] = set()  # states queued in or granted by the pool, not started yet
@@ -175,6 +232,8 @@ class Run:
         self.watch: set[str] = set()  # dependency-driven states not (re)triggered yet
         self.consumed: dict[tuple[str, str], int] = {}
         self.completions: dict[str, int] = {}
+        # Starts, finishes and their times matter only to dependencies.
+        self.tracks_deps = any(spec.dependencies for spec in self.specs.values())
         self.finishes: dict[str, int] = {}
         self.starts: dict[str, int] = {}
         self.last_completion: dict[str, float] = {}
@@ -190,7 +249,6 @@ class Run:
         self.final_status = AgentStatus.COMPLETED
         self.pause_requested = False
         self.pumping = False
-        self.human_hooks: dict[str, Any] = {}
 
     # --- events ---------------------------------------------------------------------
 
@@ -238,10 +296,19 @@ class Run:
                 "a state probably loops forever: add an exit condition or raise Agent(max_steps=...)"
             ))
             return None
-        act = Activation(next(self._ids), name, int(spec.priority), self.clock(), group)
+        act = Activation(next(self._ids), name, spec.priority._value_, self.clock(), group)
         act.via_dependency = via_dependency
         act.attempt = attempt
-        self._enter(act)
+        # It is live: it counts for joins.
+        self.live[act.id] = act
+        live_states = self.live_states
+        live_states[name] = live_states.get(name, 0) + 1
+        g: Group | None = group
+        while g is not None:
+            g.items += 1
+            g = g.parent
+        if self.graph is not None:
+            self._count(group, name, 1)
         meta = self.metadata[name]
         meta.attempts = attempt
         meta.error = None
@@ -261,20 +328,10 @@ class Run:
         meta.set_status(StateStatus.READY)
         meta.waiting_for = None
         act.where = READY
-        heapq.heappush(self.ready, act)
+        self.ready[act.priority].append(act)
+        self.n_ready += 1
 
     # --- joins ----------------------------------------------------------------------------
-
-    def _enter(self, act: Activation) -> None:
-        self.live[act.id] = act
-        name = act.state
-        self.live_states[name] = self.live_states.get(name, 0) + 1
-        g: Group | None = act.group
-        while g is not None:
-            g.items += 1
-            g = g.parent
-        if self.graph is not None:
-            self._count(act.group, name, 1)
 
     def _leave(self, act: Activation) -> None:
         """``act`` has ended or moved on: it no longer counts for joins."""
@@ -388,17 +445,20 @@ class Run:
             pot -= group.held_pot.get(name, 0)
         return wild > 0 or pot > 0
 
-    def hand_over(self, group: Group, names: list[str]) -> None:
+    def hand_over(self, group: Group, names: str | list[str]) -> None:
         """A branch of ``group`` returned ``names`` (see the module docstring)."""
-        if len(names) > 1:  # a fan-out: each name starts at once as a branch of a new group
-            child = Group(next(self._ids), group)
-            self.groups[child.id] = child
-            child.unfinished = len(names)
-            for name in names:
-                if self.activate(name, child) is None:
-                    return
-            return
-        name = names[0]
+        if type(names) is list:
+            if len(names) > 1:  # a fan-out: each name starts at once as a branch of a new group
+                child = Group(next(self._ids), group)
+                self.groups[child.id] = child
+                child.unfinished = len(names)
+                for name in names:
+                    if self.activate(name, child) is None:
+                        return
+                return
+            name = names[0]
+        else:
+            name = names  # type: ignore[assignment]
         while True:
             if name in group.held:
                 group.held[name] += 1
@@ -457,7 +517,7 @@ class Run:
         self._unhold(group, name)
         group.unfinished += 1  # the branches that met in ``name`` continue as one
         if group.unfinished == 1 and not group.held and group.parent is not None:
-            self.hand_over(self._joined(group), [name])
+            self.hand_over(self._joined(group), name)
         else:
             self.activate(name, group)
 
@@ -475,7 +535,7 @@ class Run:
                     progressed = self.launch_granted()
                 if self.waiting or self.watch:
                     progressed |= self.check_dependencies()
-                if self.ready and not self.pause_requested:
+                if self.n_ready and not self.pause_requested:
                     progressed |= self.launch_ready()
                 if not progressed and not self.check_quiescent():
                     break
@@ -512,31 +572,42 @@ class Run:
         return launched
 
     def launch_ready(self) -> bool:
+        """Start ready activations, highest priority first, first come first served within one."""
         launched = False
         deferred: list[Activation] = []
-        ready = self.ready
+        levels = self.ready
         limit = self.max_concurrent
-        while ready:
-            if limit is not None and len(self.running) + len(self.queued) + len(self.granted) >= limit:
-                for act in ready:
-                    self.metadata[act.state].waiting_for = f"max_concurrent={limit}"
+        running = self.running
+        specs = self.specs
+        while self.n_ready:
+            if limit is not None and len(running) + len(self.queued) + len(self.granted) >= limit:
+                for level in levels:
+                    for act in level:
+                        self.metadata[act.state].waiting_for = f"max_concurrent={limit}"
                 break
-            act = heapq.heappop(ready)
+            level = levels[3] or levels[2] or levels[1] or levels[0]
+            act = level.popleft()
+            self.n_ready -= 1
             name = act.state
-            if name in self.running or name in self.pooled:  # never concurrently with itself
+            if name in running or name in self.pooled:  # never concurrently with itself
                 self.metadata[name].waiting_for = "the previous activation of the same state"
                 deferred.append(act)
                 continue
-            req = self.specs[name].resources
+            req = specs[name].resources
             if req is not None and not self.admit(act, req):
                 continue
             launched = True
             self.launch(act)
             if self.done:
                 break
-        for act in deferred:
-            heapq.heappush(ready, act)
+        for act in reversed(deferred):  # back at the front, in their order
+            levels[act.priority].appendleft(act)
+            self.n_ready += 1
         return launched
+
+    def ready_activations(self) -> list[Activation]:
+        """The ready activations in the order they would start."""
+        return [act for level in reversed(self.ready) for act in level]
 
     def admit(self, act: Activation, req: Any) -> bool:
         """Ask the pool for ``act``'s resources; True when granted now, else it waits in the queue."""
@@ -588,8 +659,9 @@ class Run:
         now = self.clock()
         act.started_at = now
         self.running[name] = act
-        self.starts[name] = self.starts.get(name, 0) + 1
-        self.last_start[name] = now
+        if self.tracks_deps:
+            self.starts[name] = self.starts.get(name, 0) + 1
+            self.last_start[name] = now
         meta = self.metadata[name]
         meta.set_status(StateStatus.RUNNING)
         meta.attempts = act.attempt
@@ -600,13 +672,25 @@ class Run:
         if self.observers:  # what it holds from the pool, for the allocation metrics
             self.emit(ev.STATE_STARTED, name, attempt=act.attempt,
                       data={"resources": spec.resources} if spec.resources is not None else {})
-        hook = self.human_hooks.get(name)
+        hook = self.agent._human_hooks.get(name)
         if hook is None:
-            hook = self.human_hooks[name] = self.agent._human_hook(name)
+            hook = self.agent._human_hook(name)
         view = self.context.view(state_name=name, attempt=act.attempt, human_input=hook)
         isolation = spec.isolation or self.default_isolation
         if isolation is Isolation.INLINE and not self.hooks:
-            self.driver.start_inline(act, spec.func, view)
+            # Stepped eagerly: a state that never awaits finishes here, without a task.
+            try:
+                coro = spec.func(view)
+                first = coro.send(None)
+            except StopIteration as stop:
+                self.finished(act, stop.value, None, _NO_USAGE)
+                return
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - the state's own failure
+                self.finished(act, None, exception_reason(exc), _NO_USAGE)
+                return
+            self.driver.continue_inline(act, coro, first)
         else:
             attempt = Attempt(
                 run_id=self.run_id,
@@ -630,7 +714,7 @@ class Run:
         elif timeout is not None:
             act.timer = self.driver.loop.call_later(timeout, self.stop_activation, act, StopReason.TIMEOUT)
 
-    def stop_activation(self, act: Activation, reason: str) -> None:
+    def stop_activation(self, act: Activation, reason: StopReason) -> None:
         """Ask a running activation to stop: timeout, cancel, preempt or pause."""
         if self.running.get(act.state) is not act or act.task is None:
             return
@@ -663,17 +747,24 @@ class Run:
         if usage:
             meta.usage = dict(usage)
         duration = now - act.started_at
-        if stop == StopReason.PREEMPT or stop == StopReason.PAUSE:
+        if stop is None and failure is None:  # the common case: it returned
+            if act.holds:
+                self._release(act, usage)
+            if not self.pumping:
+                self.driver.kick()
+            self.succeeded(act, result, duration, usage, now)
+            return
+        if stop is StopReason.PREEMPT or stop is StopReason.PAUSE:
             act.attempt -= 1  # not a failed attempt
             meta.attempts = act.attempt
             meta.total_attempts -= 1
             meta.record(AttemptRecord(act.attempt + 1, act.started_at, now,
-                                      "preempted" if stop == StopReason.PREEMPT else "paused", usage=usage))
+                                      "preempted" if stop is StopReason.PREEMPT else "paused", usage=usage))
             meta.set_status(StateStatus.PENDING)
-            if stop == StopReason.PREEMPT:
+            if stop is StopReason.PREEMPT:
                 meta.preemptions += 1
                 self.emit(ev.STATE_PREEMPTED, name, attempt=act.attempt + 1, duration=duration, usage=usage)
-            if stop == StopReason.PREEMPT and not self.pause_requested and act.holds and not self.done:
+            if stop is StopReason.PREEMPT and not self.pause_requested and act.holds and not self.done:
                 act.front = True
                 act.holds = False
                 act.where = QUEUED
@@ -686,23 +777,24 @@ class Run:
                 self.admission.requeue(act.owner)  # back in the queue, ahead of its level
             else:
                 self._release(act, usage)
-                if self.pause_requested or stop == StopReason.PAUSE:
+                if self.pause_requested or stop is StopReason.PAUSE:
                     act.where = PAUSED
                     self.paused.append(act)
                 else:
                     self.make_ready(act)
             self.kick()
             return
-        self._release(act, usage)
+        if act.holds:
+            self._release(act, usage)
         self.kick()
-        if stop == StopReason.CANCEL:
+        if stop is StopReason.CANCEL:
             meta.record(AttemptRecord(act.attempt, act.started_at, now, "cancelled", usage=usage))
             meta.set_status(StateStatus.CANCELLED)
             self.emit(ev.STATE_CANCELLED, name, attempt=act.attempt, duration=duration, usage=usage)
             self.finishes[name] = self.finishes.get(name, 0) + 1
             self.branch_ends(act)
             return
-        if stop == StopReason.TIMEOUT:
+        if stop is StopReason.TIMEOUT:
             limit = self.specs[name].effective_timeout
             failure = FailureReason(
                 kind="timeout",
@@ -723,7 +815,10 @@ class Run:
         name = act.state
         meta = self.metadata[name]
         try:
-            nexts = self.validate_result(name, result)
+            if type(result) is str and result in self.specs and self.specs[name].next_states is None:
+                nexts: str | list[str] | None = result  # the common case, checked inline
+            else:
+                nexts = self.validate_result(name, result)
         except AgentError as exc:
             meta.record(AttemptRecord(act.attempt, act.started_at, now, "failed", str(exc), usage))
             meta.error = FailureReason(kind="exception", message=str(exc), exception_type=type(exc).__name__)
@@ -734,11 +829,12 @@ class Run:
         meta.record(AttemptRecord(act.attempt, act.started_at, now, "completed", usage=usage))
         meta.set_status(StateStatus.COMPLETED)
         meta.runs += 1
-        meta.last_success = time.time()
+        meta.last_success = (meta.last_execution or 0.0) + duration
         self.completed.add(name)
         self.completions[name] = self.completions.get(name, 0) + 1
-        self.finishes[name] = self.finishes.get(name, 0) + 1
-        self.last_completion[name] = now
+        if self.tracks_deps:
+            self.finishes[name] = self.finishes.get(name, 0) + 1
+            self.last_completion[name] = now
         sessions = self.agent._session_completions
         sessions[name] = sessions.get(name, 0) + 1
         if self.observers:
@@ -749,7 +845,11 @@ class Run:
             self.branch_ends(act)
         else:
             self._leave(act)
-            self.hand_over(act.group, [nexts] if isinstance(nexts, str) else nexts)
+            group = act.group
+            if type(nexts) is str and group.items == 0 and group.parent is None and nexts not in group.held:
+                self.activate(nexts, group)  # a chain in the root: nothing else could meet it
+            else:
+                self.hand_over(group, nexts)
         # Checkpoint only now: the completion and the transitions it caused are saved
         # together, so a run resumed from this checkpoint continues where this state led.
         if self.agent.checkpoint_store is not None:
@@ -814,6 +914,7 @@ class Run:
         error = cls(name, act.attempt, failure)
         if (spec.on_failure or self.default_on_failure) == "continue":
             self.failures[name] = failure
+            self.context._failures[name] = failure.message  # for context.failed_states()
             self.failed_frames.append(_frame(act, 0, ended=True))
             self.emit(ev.STATE_BLOCKED, name, error=f"failed for good; the run goes on: {failure.message}")
             self.branch_ends(act)
@@ -1001,8 +1102,8 @@ class Run:
         """Take a not-running activation out of whichever queue holds it."""
         where = act.where
         if where == READY:
-            self.ready.remove(act)
-            heapq.heapify(self.ready)
+            self.ready[act.priority].remove(act)
+            self.n_ready -= 1
         elif where == QUEUED:
             self.queued.pop(act.owner, None)
             self.pooled.discard(act.state)
@@ -1054,7 +1155,7 @@ class Run:
             self.make_ready(act)
         self.kick()
 
-    def stop_all(self, reason: str) -> list[Any]:
+    def stop_all(self, reason: StopReason) -> list[Any]:
         tasks = []
         for act in list(self.running.values()):
             if act.task is not None:
@@ -1067,7 +1168,7 @@ class Run:
     def check_quiescent(self) -> bool:
         """End the run when nothing can change any more; True when it scheduled something instead."""
         # Retry delays keep a run alive; a periodic re-run that is not due yet does not.
-        if self.running or self.ready or self.retrying or self.queued or self.granted or self.pause_requested:
+        if self.running or self.n_ready or self.retrying or self.queued or self.granted or self.pause_requested:
             return False
         # Nothing can change any more: whatever still waits on dependencies is blocked,
         # and its branch ends (a join it would have reached may run now).
@@ -1147,7 +1248,9 @@ class Run:
             if act.timer is not None:
                 act.timer.cancel()
             self._leave(act)
-        self.ready.clear()
+        for level in self.ready:
+            level.clear()
+        self.n_ready = 0
         self.granted.clear()
         self.queued.clear()
         self.pooled.clear()

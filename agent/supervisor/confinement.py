@@ -32,6 +32,7 @@ from ..executor import Attempt, Isolation
 from .cgroups import DEFAULT_ROOT, CgroupBackend, CgroupHandle, CgroupLimits, LimitEvents, detect, limits_for
 from .cgroups import blockdev
 from .cgroups.base import safe_name
+from ..devices import machine_inventory
 from .gpus import device_rules, machine_gpu_minors, pinning_env
 
 _log = logging.getLogger("agent.supervisor")
@@ -208,7 +209,9 @@ class Confiner:
         self._uid_pool: Any = None
         self._closed = False
         _close_at_exit(self)
-        self._gpu_minors = sorted(gpu_minors) if gpu_minors is not None else None
+        self._fixed_minors = sorted(gpu_minors) if gpu_minors is not None else None
+        self._gpu_minors: list[int] = []
+        self._minors_of: object = None
 
     def capabilities(self) -> dict[str, str]:
         """What each ResourceRequirements field is enforced by on this machine."""
@@ -240,9 +243,12 @@ class Confiner:
         return Confinement(child_spec, handle, self.backend_name, release)
 
     def _machine_gpu_minors(self) -> list[int]:
-        """Minors of every GPU on the machine (read once)."""
-        if self._gpu_minors is None:
-            self._gpu_minors = machine_gpu_minors()
+        """Minors of every GPU on the machine (read again only when the inventory changes)."""
+        if self._fixed_minors is not None:
+            return self._fixed_minors
+        inventory = machine_inventory()
+        if self._minors_of is not inventory:
+            self._gpu_minors, self._minors_of = machine_gpu_minors(), inventory
         return self._gpu_minors
 
     def _uids(self) -> Any:

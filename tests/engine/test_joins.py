@@ -1,0 +1,428 @@
+"""Dataflow joins: branches do not wait for siblings they cannot meet; joins still run once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent import (
+    Agent,
+    AgentStatus,
+    InvalidTransitionError,
+    Priority,
+    ResourcePool,
+    ResourceRequirements,
+    StateFailedError,
+    StateStatus,
+    UnknownStateError,
+)
+from agent.checkpoint_store import SQLiteCheckpointStore
+
+
+class Gates:
+    """One event per name; a state waits for its own gate (no sleeps)."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, asyncio.Event] = {}
+
+    def __getitem__(self, name: str) -> asyncio.Event:
+        return self.events.setdefault(name, asyncio.Event())
+
+
+class TestIndependentBranches:
+    """Eight pipelines started by one fan-out finish each on its own."""
+
+    async def test_each_eval_starts_right_after_its_own_train(self) -> None:
+        gates = Gates()
+        log: list[str] = []
+        agent = Agent("pipelines", isolation="inline")
+
+        async def start(context):
+            return [f"prepare_{i}" for i in range(8)]
+
+        def step(kind: str, i: int, nxt: str | None):
+            async def run_step(context):
+                log.append(f"{kind}_{i}")
+                await gates[f"{kind}_{i}"].wait()
+                return nxt
+
+            return run_step
+
+        for i in range(8):
+            agent.add_state(f"prepare_{i}", step("prepare", i, f"train_{i}"), next_states=[f"train_{i}"])
+            agent.add_state(f"train_{i}", step("train", i, f"eval_{i}"), next_states=[f"eval_{i}"])
+            agent.add_state(f"eval_{i}", step("eval", i, None), next_states=[])
+        agent.add_state("start", start)
+        runner = asyncio.create_task(agent.run(start="start"))
+
+        async def until(name: str) -> None:
+            while name not in log:
+                await asyncio.sleep(0)
+
+        # Pipeline 3 goes all the way through while every other one is stuck in prepare.
+        for kind in ("prepare", "train"):
+            await until(f"{kind}_3")
+            gates[f"{kind}_3"].set()
+        await until("eval_3")
+        assert [e for e in log if e.startswith(("train", "eval"))] == ["train_3", "eval_3"]
+        for name in list(gates.events) + [f"{k}_{i}" for k in ("prepare", "train", "eval") for i in range(8)]:
+            gates[name].set()
+        await asyncio.wait_for(runner, 10)
+        assert agent.status is AgentStatus.COMPLETED
+        assert sorted(log) == sorted(f"{k}_{i}" for k in ("prepare", "train", "eval") for i in range(8))
+
+    async def test_returns_are_read_from_the_code(self) -> None:
+        """Literal returns need no declaration: a fast branch's next step does not wait."""
+        slow_gate = asyncio.Event()
+        log: list[str] = []
+        agent = Agent("literal", isolation="inline")
+
+        async def start(context):
+            return ["fast", "slow"]
+
+        async def fast(context):
+            return "fast_next"
+
+        async def fast_next(context):
+            log.append("fast_next")
+            slow_gate.set()
+
+        async def slow(context):
+            await slow_gate.wait()  # released only by fast_next: a wave would deadlock here
+            log.append("slow")
+
+        for fn in (start, fast, fast_next, slow):
+            agent.add_state(fn.__name__, fn)
+        await asyncio.wait_for(agent.run(), 10)
+        assert log == ["fast_next", "slow"]
+
+
+class TestJoinsRunOnce:
+    """A name several branches can return waits for all of them and runs once."""
+
+    async def test_join_waits_for_a_sibling_that_can_still_return_it(self) -> None:
+        gate = asyncio.Event()
+        log: list[str] = []
+        agent = Agent("join", isolation="inline")
+
+        async def start(context):
+            return ["a", "b"]
+
+        async def a(context):
+            log.append("a")
+            return "merge"
+
+        async def b(context):
+            await gate.wait()
+            log.append("b")
+            return "merge"
+
+        async def merge(context):
+            log.append("merge")
+
+        for fn in (start, a, b, merge):
+            agent.add_state(fn.__name__, fn)
+        runner = asyncio.create_task(agent.run())
+        while "a" not in log:
+            await asyncio.sleep(0)
+        assert agent.state_metadata["merge"].status is StateStatus.PENDING  # held for b
+        gate.set()
+        await asyncio.wait_for(runner, 10)
+        assert log == ["a", "b", "merge"]
+
+    async def test_a_computed_return_counts_as_able_to_return_anything(self) -> None:
+        gate = asyncio.Event()
+        log: list[str] = []
+        agent = Agent("computed", isolation="inline")
+
+        async def start(context):
+            return ["a", "router"]
+
+        async def a(context):
+            log.append("a")
+            return "after_a"
+
+        async def router(context):
+            await gate.wait()
+            log.append("router")
+            target = context.get_state("target", "after_a")
+            return target  # cannot be read: it might return after_a too
+
+        async def after_a(context):
+            log.append("after_a")
+
+        for fn in (start, a, router, after_a):
+            agent.add_state(fn.__name__, fn)
+        runner = asyncio.create_task(agent.run())
+        while "a" not in log:
+            await asyncio.sleep(0)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert "after_a" not in log  # held: the router has not finished
+        gate.set()
+        await asyncio.wait_for(runner, 10)
+        assert log == ["a", "router", "after_a"]  # once, after both
+
+    async def test_next_states_declares_what_a_computed_return_can_be(self) -> None:
+        gate = asyncio.Event()
+        log: list[str] = []
+        agent = Agent("declared", isolation="inline")
+
+        async def start(context):
+            return ["a", "router"]
+
+        async def a(context):
+            log.append("a")
+            return "after_a"
+
+        async def router(context):
+            await gate.wait()
+            log.append("router")
+            return context.get_state("target", "done")
+
+        async def after_a(context):
+            log.append("after_a")
+            gate.set()
+
+        async def done(context):
+            log.append("done")
+
+        for fn in (start, a, after_a, done):
+            agent.add_state(fn.__name__, fn)
+        agent.add_state("router", router, next_states=["done"])
+        await asyncio.wait_for(agent.run(), 10)
+        assert log == ["a", "after_a", "router", "done"]  # after_a did not wait for router
+
+    async def test_returning_an_undeclared_name_fails_clearly(self) -> None:
+        agent = Agent("undeclared", isolation="inline")
+
+        async def start(context):
+            return context.get_state("next", "other")
+
+        async def other(context):
+            return None
+
+        agent.add_state("start", start, next_states=["start"])
+        agent.add_state("other", other)
+        with pytest.raises(InvalidTransitionError, match="not among its declared next_states"):
+            await agent.run()
+
+    async def test_next_states_must_name_states(self) -> None:
+        agent = Agent("unknown", isolation="inline")
+
+        async def start(context):
+            return None
+
+        agent.add_state("start", start, next_states=["nowhere"])
+        with pytest.raises(UnknownStateError, match="nowhere"):
+            await agent.run()
+
+    async def test_nested_fan_outs_join_at_their_own_level_with_unreadable_returns(self) -> None:
+        log: list[str] = []
+        agent = Agent("nested", isolation="inline")
+
+        def make(name: str, result):
+            async def state(context):
+                log.append(name)
+                return result  # a closure variable: unreadable, counts as "anything"
+
+            agent.add_state(name, state)
+
+        make("root", ["left", "right"])
+        make("left", ["l1", "l2"])
+        make("l1", "left_join")
+        make("l2", "left_join")
+        make("left_join", "final")
+        make("right", "final")
+        make("final", None)
+        await agent.run()
+        assert log.count("left_join") == 1 and log.count("final") == 1
+        assert log.index("final") > log.index("left_join") > max(log.index("l1"), log.index("l2"))
+
+    async def test_checkpoint_mid_fan_out_resumes_with_the_same_hold(self) -> None:
+        gate = asyncio.Event()
+        log: list[str] = []
+
+        def build() -> Agent:
+            agent = Agent("resume_hold", isolation="inline")
+
+            async def start(context):
+                return ["a", "b"]
+
+            async def a(context):
+                log.append("a")
+                return "merge"
+
+            async def b(context):
+                await gate.wait()
+                log.append("b")
+                return "merge"
+
+            async def merge(context):
+                log.append("merge")
+
+            for fn in (start, a, b, merge):
+                agent.add_state(fn.__name__, fn)
+            return agent
+
+        first = build()
+        runner = asyncio.create_task(first.run())
+        while "a" not in log:
+            await asyncio.sleep(0)
+        checkpoint = await first.pause()
+        await first.cancel_all()
+        await runner
+        assert checkpoint.frames["groups"][1]["held"] == {"merge": 1}
+        second = build()
+        await second.restore_from_checkpoint(checkpoint)
+        gate.set()
+        await asyncio.wait_for(second.resume(), 10)
+        assert log == ["a", "b", "merge"]  # a did not run again; merge once
+
+
+class TestPriorityAcrossBranches:
+    """A CRITICAL state returned by a short branch starts at once and evicts its LOW siblings."""
+
+    async def test_critical_state_preempts_long_low_siblings(self) -> None:
+        started = {n: asyncio.Event() for n in ("long_a", "long_b")}
+        log: list[str] = []
+        pool = ResourcePool(total_cpu=2, total_memory=1000, total_gpu=0, enable_preemption=True)
+        agent = Agent("critical", isolation="inline", resource_pool=pool)
+
+        def long(name: str):
+            async def run_long(context):
+                if not context.get_state(f"{name}_evicted"):
+                    context.set_state(f"{name}_evicted", True)
+                    started[name].set()
+                    await asyncio.Event().wait()  # until preempted
+                log.append(name)
+
+            return run_long
+
+        async def start(context):
+            return ["long_a", "long_b", "short"]
+
+        async def short(context):
+            await started["long_a"].wait()
+            await started["long_b"].wait()
+            return "urgent"
+
+        async def urgent(context):
+            log.append("urgent")
+
+        low = ResourceRequirements(cpu_units=1, memory_mb=10, priority=Priority.LOW)
+        agent.add_state("start", start)
+        agent.add_state("long_a", long("long_a"), resources=low)
+        agent.add_state("long_b", long("long_b"), resources=low)
+        agent.add_state("short", short)
+        agent.add_state("urgent", urgent, resources=ResourceRequirements(
+            cpu_units=2, memory_mb=10, priority=Priority.CRITICAL))
+        await asyncio.wait_for(agent.run(), 10)
+        assert log[0] == "urgent"
+        assert sorted(log[1:]) == ["long_a", "long_b"]
+        assert agent.state_metadata["long_a"].preemptions == 1
+
+
+class TestPartialFailure:
+    """on_failure='continue' ends only the failing branch; the run still fails, after the rest."""
+
+    def build(self, fail: bool, log: list[str]) -> Agent:
+        agent = Agent("batch", isolation="inline", on_failure="continue")
+
+        async def start(context):
+            return ["w1", "w2", "w3"]
+
+        def worker(name: str):
+            async def work(context):
+                if name == "w2" and context.get_state("broken", fail):
+                    raise RuntimeError("bad shard")
+                context.set_state(f"{name}_result", name.upper())
+                log.append(name)
+                return "join"
+
+            return work
+
+        async def join(context):
+            log.append("join")
+            context.set_state("failed_seen", context.failed_states())
+
+        agent.add_state("start", start)
+        for name in ("w1", "w2", "w3"):
+            agent.add_state(name, worker(name), next_states=["join"])
+        agent.add_state("join", join)
+        return agent
+
+    async def test_join_runs_and_sees_the_failure(self) -> None:
+        log: list[str] = []
+        agent = self.build(True, log)
+        with pytest.raises(StateFailedError, match="'w2'") as raised:
+            await agent.run()
+        assert sorted(log) == ["join", "w1", "w3"] and log[-1] == "join"
+        seen = agent.context.get_state("failed_seen")
+        assert list(seen) == ["w2"] and "bad shard" in seen["w2"]
+        assert set(raised.value.failures) == {"w2"}  # type: ignore[attr-defined]
+        assert agent.status is AgentStatus.FAILED
+        assert agent.state_metadata["w1"].status is StateStatus.COMPLETED  # not reported cancelled
+        assert agent.state_metadata["w2"].status is StateStatus.FAILED
+
+    async def test_every_failed_state_is_named(self) -> None:
+        agent = Agent("many", isolation="inline", on_failure="continue")
+
+        async def start(context):
+            return ["x", "y"]
+
+        async def boom(context):
+            raise ValueError("no")
+
+        agent.add_state("start", start)
+        agent.add_state("x", boom)
+        agent.add_state("y", boom)
+        with pytest.raises(StateFailedError) as raised:
+            await agent.run()
+        assert set(raised.value.failures) == {"x", "y"}  # type: ignore[attr-defined]
+        assert "also failed for good" in str(raised.value)
+
+    async def test_per_state_setting_overrides_the_agent(self) -> None:
+        agent = Agent("strict", isolation="inline")  # default: fail the run
+        log: list[str] = []
+
+        async def start(context):
+            return ["tolerated", "other"]
+
+        async def tolerated(context):
+            raise RuntimeError("fine")
+
+        async def other(context):
+            log.append("other")
+
+        agent.add_state("start", start)
+        agent.add_state("tolerated", tolerated, on_failure="continue")
+        agent.add_state("other", other)
+        with pytest.raises(StateFailedError):
+            await agent.run()
+        assert log == ["other"]
+
+    async def test_failed_run_is_resumed_after_the_fix(self, tmp_path) -> None:
+        store = SQLiteCheckpointStore(str(tmp_path / "runs.sqlite3"))
+        log: list[str] = []
+        first = self.build(True, log)
+        first.checkpoint_store = store
+        with pytest.raises(StateFailedError):
+            await first.run()
+        run_id = first.run_id
+        assert run_id is not None
+        log.clear()
+        fixed = self.build(False, log)
+        context = await fixed.resume_run(run_id, store)
+        assert log == ["w2", "join"]  # only the failed branch, and what it leads to
+        assert fixed.status is AgentStatus.COMPLETED
+        assert context.get_state("w2_result") == "W2" and context.get_state("w1_result") == "W1"
+        assert context.get_state("failed_seen") == {}
+
+    @pytest.mark.parametrize("value", ["ignore", 1])
+    def test_bad_setting(self, value) -> None:
+        from agent import InvalidConfigurationError
+
+        with pytest.raises(InvalidConfigurationError, match="on_failure"):
+            Agent("x", on_failure=value)

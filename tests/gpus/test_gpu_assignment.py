@@ -1,0 +1,156 @@
+"""GPUs end to end: admission picks devices, the child is pinned to exactly those (AGENT_GPUS here)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from agent import Agent, Priority, ResourcePool, ResourceRequirements, ResourceType
+from agent.devices import machine_inventory
+
+from ..cgroups.helpers import BACKEND
+
+GPUS = [
+    {"index": i, "uuid": f"GPU-{i}0000000-aaaa-bbbb-cccc-dddddddddddd", "name": "Test GPU", "memory_mb": 81920,
+     "minor": i}
+    for i in range(2)
+]
+
+
+@pytest.fixture
+def two_gpus(monkeypatch, tmp_path):
+    """This process's inventory is two hand-configured GPUs (from a JSON file)."""
+    path = tmp_path / "gpus.json"
+    path.write_text(json.dumps(GPUS))
+    monkeypatch.setenv("AGENT_GPUS", str(path))
+    assert len(machine_inventory().devices()) == 2
+    return GPUS
+
+
+def gpu(units: float) -> ResourceRequirements:
+    return ResourceRequirements(cpu_units=0.1, memory_mb=64, io_weight=0, network_weight=0, gpu_units=units)
+
+
+async def what_i_see(context):
+    """Record the GPUs this state's process sees: CUDA's variables and the devices cgroup."""
+    import os
+
+    seen = {"visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "order": os.environ.get("CUDA_DEVICE_ORDER")}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if "devices" in controllers.split(","):
+                with open(f"/sys/fs/cgroup/devices{path}/devices.list") as listing:
+                    seen["nvidia"] = sorted(r.strip() for r in listing if r.startswith("c 195:"))
+    context.set_state(f"seen_{context.state_name}", seen)
+
+
+class TestInventory:
+    """AGENT_GPUS replaces NVML; the default pool counts its GPUs."""
+
+    def test_json_text_and_file(self, monkeypatch, two_gpus) -> None:
+        assert [d.uuid for d in machine_inventory().devices()] == [g["uuid"] for g in GPUS]
+        monkeypatch.setenv("AGENT_GPUS", json.dumps(GPUS[:1]))
+        assert [d.minor_number for d in machine_inventory().devices()] == [0]
+
+    def test_default_pool_total_is_the_inventory(self, two_gpus) -> None:
+        assert ResourcePool().totals[ResourceType.GPU] == 2
+        assert Agent("any").resource_pool.totals[ResourceType.GPU] == 2
+
+    @pytest.mark.parametrize("text, match", [
+        ("[{\"uuid\": \"GPU-x\"}]", "lacks index"),
+        ("{}", "JSON list"),
+        ("/nonexistent/gpus.json", "neither a JSON list nor a readable file"),
+        ("[{\"index\": 0, \"uuid\": \"a\"}, {\"index\": 0, \"uuid\": \"b\"}]", "share the same index"),
+    ])
+    def test_bad_values_are_refused_clearly(self, monkeypatch, text, match) -> None:
+        from agent import InvalidConfigurationError
+
+        monkeypatch.setenv("AGENT_GPUS", text)
+        with pytest.raises(InvalidConfigurationError, match=match):
+            machine_inventory()
+
+
+@pytest.mark.cgroup
+class TestPinnedChildren:
+    """Each isolated state sees exactly the GPUs it was granted."""
+
+    async def test_two_states_get_different_gpus(self, two_gpus) -> None:
+        agent = Agent("two", isolation="process", resource_pool=ResourcePool(total_cpu=2, total_memory=1024))
+
+        async def start(context):
+            return ["a", "b"]
+
+        agent.add_state("start", start)
+        agent.add_state("a", what_i_see, resources=gpu(1))
+        agent.add_state("b", what_i_see, resources=gpu(1))
+        ctx = await agent.run(timeout=60)
+        a, b = ctx.get_state("seen_a"), ctx.get_state("seen_b")
+        uuids = {g["uuid"] for g in GPUS}
+        assert {a["visible"], b["visible"]} == uuids  # one each, different
+        assert a["order"] == b["order"] == "PCI_BUS_ID"
+        if BACKEND == "v1":
+            for seen in (a, b):
+                minor = next(g["minor"] for g in GPUS if g["uuid"] == seen["visible"])
+                gpus_allowed = [r for r in seen["nvidia"] if r not in ("c 195:254 rwm", "c 195:255 rwm")]
+                assert gpus_allowed == [f"c 195:{minor} rwm"]
+
+    async def test_two_halves_share_one_gpu(self, two_gpus) -> None:
+        agent = Agent("halves", isolation="process", resource_pool=ResourcePool(total_cpu=2, total_memory=1024))
+
+        async def start(context):
+            return ["h1", "h2"]
+
+        agent.add_state("start", start)
+        agent.add_state("h1", what_i_see, resources=gpu(0.5))
+        agent.add_state("h2", what_i_see, resources=gpu(0.5))
+        ctx = await agent.run(timeout=60)
+        h1, h2 = ctx.get_state("seen_h1"), ctx.get_state("seen_h2")
+        assert h1["visible"] == h2["visible"] and h1["visible"] in {g["uuid"] for g in GPUS}
+
+    async def test_a_state_without_gpus_sees_none(self, two_gpus) -> None:
+        agent = Agent("none", isolation="process", resource_pool=ResourcePool(total_cpu=2, total_memory=1024))
+        agent.add_state("plain", what_i_see, resources=gpu(0))
+        ctx = await agent.run(timeout=60)
+        seen = ctx.get_state("seen_plain")
+        assert seen["visible"] == ""
+        if BACKEND == "v1":
+            assert seen["nvidia"] == []  # every GPU device node is denied
+
+
+class TestWaitingForAGPU:
+    """A third whole-GPU request waits until one of the two GPUs is given back."""
+
+    async def test_third_whole_gpu_waits(self, two_gpus) -> None:
+        pool = ResourcePool(total_cpu=4, total_memory=1024)
+        gates = {n: asyncio.Event() for n in ("g1", "g2")}
+        inside: list[str] = []
+
+        def hold(name: str):
+            async def run_on_gpu(context):
+                inside.append(name)
+                if name in gates:
+                    await gates[name].wait()
+                inside.remove(name)
+
+            return run_on_gpu
+
+        agent = Agent("three", isolation="inline", resource_pool=pool)
+
+        async def start(context):
+            return ["g1", "g2", "g3"]
+
+        agent.add_state("start", start)
+        for name in ("g1", "g2", "g3"):
+            agent.add_state(name, hold(name), resources=gpu(1), priority=Priority.NORMAL)
+        runner = asyncio.create_task(agent.run())
+        while sorted(inside) != ["g1", "g2"] or not pool.get_waiting_states():
+            await asyncio.sleep(0)
+        assert set(pool.get_waiting_states()) == {"g3"}
+        assert {d.uuid for o in ("g1", "g2") for d in pool.devices(o)} == {g["uuid"] for g in GPUS}
+        gates["g1"].set()
+        gates["g2"].set()
+        await asyncio.wait_for(runner, 10)
+        assert pool.statistics().holders == 0 and pool.devices("g3") == []
