@@ -234,17 +234,25 @@ _UNREADABLE = object()
 def _source_returns(func: types.FunctionType) -> Any:
     """Returns read from the source with :mod:`ast`; ``_UNREADABLE`` when there is no usable source.
 
-    The lines come from :mod:`linecache` directly (``inspect.getsource`` first maps every
-    loaded module to its file, which costs milliseconds in a big process).
+    The lines come from :mod:`linecache`, and the function's extent from its code object
+    (``inspect.getsource`` maps every loaded module to its file and tokenizes the block,
+    which costs milliseconds the first time in a process).
     """
     code = func.__code__
     lines = linecache.getlines(code.co_filename, func.__globals__)
-    if not lines or code.co_firstlineno > len(lines):
+    first = code.co_firstlineno
+    if not lines or first > len(lines):
         return _UNREADABLE
+    last = max((end for _, _, end in code.co_lines() if end is not None), default=first)
+    indent = len(lines[first - 1]) - len(lines[first - 1].lstrip())
+    while last < len(lines):  # lines after the last one with code: closing brackets, comments
+        line = lines[last]
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        last += 1
     try:
-        block = inspect.getblock(lines[code.co_firstlineno - 1:])
-        tree = ast.parse(textwrap.dedent("".join(block)))
-    except (SyntaxError, IndentationError, ValueError, IndexError):
+        tree = ast.parse(textwrap.dedent("".join(lines[first - 1:last])))
+    except (SyntaxError, ValueError):
         return _UNREADABLE
     node = next((n for n in ast.walk(tree) if isinstance(n, (ast.AsyncFunctionDef, ast.FunctionDef))
                  and n.name == func.__name__), None)
