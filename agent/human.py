@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol, TextIO, runtime_checkable
 
+from .clock import SYSTEM_CLOCK, Clock
 from .errors import HumanInputError, HumanInputTimeoutError, InvalidConfigurationError
 
 Validator = Callable[[str], Any]
@@ -62,34 +63,6 @@ class HumanInputProvider(Protocol):
     """Answers human input requests; ``ask`` may be cancelled (the request then goes away)."""
 
     async def ask(self, request: HumanInputRequest) -> str: ...
-
-
-class Clock(Protocol):
-    """The time :func:`ask_human` uses; tests pass a fake one."""
-
-    def time(self) -> float: ...
-
-    def monotonic(self) -> float: ...
-
-    async def sleep_until(self, deadline: float) -> None:
-        """Return once ``monotonic()`` reaches ``deadline``."""
-        ...
-
-
-class SystemClock:
-    """Real time."""
-
-    def time(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    async def sleep_until(self, deadline: float) -> None:
-        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
-
-
-SYSTEM_CLOCK = SystemClock()
 
 
 # --- asking ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from .allocation import ResourceAllocation, current_coordinator, current_owner, mutex
-from .clock import Clock, FakeClock, SystemClock
+from ..clock import Clock, FakeClock, SystemClock
 from .coordinator import Coordinator, default_coordinator
 from .deadlock import DeadlockCycle, DeadlockDetector, DeadlockResolution, WaitEdge
 from .primitives import (

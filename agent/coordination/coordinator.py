@@ -4,7 +4,7 @@ DESIGN item 12: coordination is keyed by the name of the state it guards and sha
 every agent of the process, so a MUTEX on ``database_write`` holds across concurrent
 runs and across isolated processes (admission happens in the supervisor, which is
 this process). :func:`default_coordinator` is that one instance; tests and embedders
-may build their own (with a :class:`~agent.coordination.clock.FakeClock`).
+may build their own (with a :class:`~agent.clock.FakeClock`).
 
 While anything waits on a primitive, a background task runs the deadlock detector
 every ``detection_interval`` seconds and, every ``cleanup_interval`` seconds, takes
@@ -18,7 +18,7 @@ import contextlib
 from typing import Any
 
 from ..errors import CoordinationError
-from .clock import SYSTEM_CLOCK, Clock
+from ..clock import SYSTEM_CLOCK, Clock
 from .deadlock import DeadlockDetector, DeadlockResolution
 from .primitives import Primitive, PrimitiveType, create_primitive
 from .ratelimit import RateLimiter, RateLimitStrategy, create_rate_limiter

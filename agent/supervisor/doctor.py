@@ -23,28 +23,22 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from ..devices import GPUDevice, GPUInventory, machine_inventory
+from .cgroups.detect import (
+    BACKEND_ENV,
+    CORE_CONTROLLERS,
+    CgroupMount,
+    choose_backend,
+    parse_mountinfo,
+    with_v2_controllers,
+)
 from .sandbox import UidPool, configured_uids
 
-V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "blkio", "cpuset", "devices", "freezer")
 # The controllers the v2 backend enables for its subtree (cpuset is not used on v2).
 V2_CONTROLLERS = ("cpu", "memory", "io", "pids")
-# What the v1/v2 backends need at the least to confine a state.
-CORE_CONTROLLERS = ("cpu", "memory", "pids")
 PROBE_MEMORY = 64 * 1024 * 1024
-# Set, it makes the supervisor use exactly this backend ("v2", "v1" or "none").
-BACKEND_ENV = "AGENT_CGROUP_BACKEND"
 LIMIT_ORDER = (
     "cpu", "memory", "swap", "pids", "io_weight", "io_throttle", "cpuset", "devices", "freezer", "cpu_accounting",
 )
-
-
-@dataclass(frozen=True)
-class CgroupMount:
-    """One mounted cgroup hierarchy."""
-
-    version: int  # 1 or 2
-    mountpoint: str
-    controllers: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -90,82 +84,12 @@ class Report:
         return dataclasses.asdict(self)
 
 
-# --- cgroup hierarchies -------------------------------------------------------------
-
-
-def parse_mountinfo(text: str) -> list[CgroupMount]:
-    """The cgroup hierarchies in a ``/proc/self/mountinfo`` text (v2 controllers left empty)."""
-    mounts = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        fields, tail = left.split(), right.split()
-        if len(fields) < 5 or len(tail) < 3:
-            continue
-        fstype, mountpoint, options = tail[0], fields[4], tail[2].split(",")
-        if fstype == "cgroup":
-            names = tuple(o for o in options if o in V1_CONTROLLERS)
-            if names:
-                mounts.append(CgroupMount(1, mountpoint, names))
-        elif fstype == "cgroup2":
-            mounts.append(CgroupMount(2, mountpoint, ()))
-    return mounts
+# --- probing a throwaway cgroup -----------------------------------------------------
 
 
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read().strip()
-
-
-def _with_v2_controllers(mounts: list[CgroupMount]) -> list[CgroupMount]:
-    out = []
-    for mount in mounts:
-        if mount.version == 2:
-            try:
-                names = tuple(_read(os.path.join(mount.mountpoint, "cgroup.controllers")).split())
-            except OSError:
-                names = ()
-            mount = dataclasses.replace(mount, controllers=names)
-        out.append(mount)
-    return out
-
-
-def choose_backend(mounts: Sequence[CgroupMount], forced: str | None = None) -> tuple[str, str]:
-    """Which backend the mounts allow (before probing): ("v1" | "v2" | "none", why).
-
-    ``forced`` is the value of ``AGENT_CGROUP_BACKEND``, which makes the supervisor use
-    exactly that backend (or fail) instead of the best one.
-    """
-    if forced:
-        if forced == "none":
-            return "none", f"{BACKEND_ENV}=none turns cgroups off; states are limited by rlimits and a watchdog only"
-        backend, reason = choose_backend(mounts)
-        if backend == forced:
-            return backend, f"{reason} (forced by {BACKEND_ENV}={forced})"
-        return "none", (
-            f"{BACKEND_ENV}={forced} asks for a backend this machine does not offer ({reason}); "
-            f"isolated states will fail to start: unset {BACKEND_ENV}"
-        )
-    v2 = [m for m in mounts if m.version == 2]
-    v1 = {c: m.mountpoint for m in mounts if m.version == 1 for c in m.controllers}
-    v2_note = "; ".join(
-        f"cgroup2 at {m.mountpoint} has {', '.join(m.controllers) or 'no controllers'}" for m in v2
-    )
-    for mount in v2:
-        if all(c in mount.controllers for c in CORE_CONTROLLERS):
-            return "v2", f"cgroup v2 (unified) at {mount.mountpoint} with {', '.join(mount.controllers)}"
-    if all(c in v1 for c in CORE_CONTROLLERS):
-        reason = f"cgroup v1 hierarchies for {', '.join(sorted(v1))}"
-        return "v1", reason + (f" ({v2_note})" if v2_note else "")
-    missing = [c for c in CORE_CONTROLLERS if c not in v1]
-    reason = f"no cgroup hierarchy offers {', '.join(missing)}"
-    if v2_note:
-        reason += f" ({v2_note})"
-    return "none", reason + "; states are limited by rlimits and a watchdog only"
-
-
-# --- probing a throwaway cgroup -----------------------------------------------------
 
 
 def _write(path: str, value: str) -> None:
@@ -610,7 +534,7 @@ def diagnose(
     """Probe this machine and report what can be enforced here."""
     if mountinfo is None:
         mountinfo = _read("/proc/self/mountinfo")
-    mounts = _with_v2_controllers(parse_mountinfo(mountinfo))
+    mounts = with_v2_controllers(parse_mountinfo(mountinfo))
     backend, reason, limits = probe_cgroups(mounts, os.environ.get(BACKEND_ENV) or None)
     inventory = inventory if inventory is not None else machine_inventory()
     gpus = inventory.devices()

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from agent.coordination.clock import FakeClock
+from agent.clock import FakeClock
 
 T = TypeVar("T")
 

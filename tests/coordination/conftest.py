@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.coordination.clock import FakeClock, settle
+from agent.clock import FakeClock, settle
 from agent.coordination.coordinator import Coordinator
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from agent.coordination.clock import Clock, FakeClock, SystemClock, settle, wait_until_done
+from agent.clock import Clock, FakeClock, SystemClock, settle, wait_until_done
 
 
 class TestFakeClock:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from agent.coordination.allocation import ResourceAllocation, mutex, set_current_owner
-from agent.coordination.clock import FakeClock, settle
+from agent.clock import FakeClock, settle
 from agent.coordination.coordinator import Coordinator, default_coordinator
 from agent.coordination.primitives import PrimitiveType
 from agent.coordination.ratelimit import RateLimitStrategy

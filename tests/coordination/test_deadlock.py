@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from agent.coordination.allocation import mutex
-from agent.coordination.clock import FakeClock, settle
+from agent.clock import FakeClock, settle
 from agent.coordination.coordinator import Coordinator
 from agent.coordination.deadlock import DeadlockResolution
 from agent.coordination.primitives import PrimitiveType

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from agent.coordination.clock import FakeClock, settle
+from agent.clock import FakeClock, settle
 from agent.coordination.primitives import (
     Barrier,
     Lease,

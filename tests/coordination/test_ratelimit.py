@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.coordination.clock import FakeClock, settle
+from agent.clock import FakeClock, settle
 from agent.coordination.ratelimit import (
     FixedWindow,
     LeakyBucket,

@@ -80,7 +80,7 @@ class TestTimeout:
         task = asyncio.create_task(ask_human(provider, "score?", timeout=60, default="50", clock=clock))
         request = await provider.wait_for_request()
         assert (request.timeout, request.default) == (60, "50")
-        clock.advance(60)
+        await clock.advance(60)
         assert await task == "50"
         assert provider.pending() == []
 
@@ -88,7 +88,7 @@ class TestTimeout:
         provider = QueueInputProvider()
         task = asyncio.create_task(ask_human(provider, "approve?", timeout=300, state="review", clock=clock))
         await provider.wait_for_request()
-        clock.advance(300)
+        await clock.advance(300)
         with pytest.raises(HumanInputTimeoutError, match="'approve\\?'.*300 s.*'review'"):
             await task
         assert provider.pending() == []
@@ -97,7 +97,7 @@ class TestTimeout:
         provider = QueueInputProvider()
         task = asyncio.create_task(ask_human(provider, "q", timeout=10, default="d", clock=clock))
         request = await provider.wait_for_request()
-        clock.advance(9.5)
+        await clock.advance(9.5)
         provider.answer(request.id, "a")
         assert await task == "a"
 
@@ -107,17 +107,17 @@ class TestTimeout:
             ask_human(provider, "q", timeout=10, validator=lambda a: a == "ok", default="d", clock=clock)
         )
         first = await provider.wait_for_request()
-        clock.advance(6)
+        await clock.advance(6)
         provider.answer(first.id, "bad")
         await provider.wait_for_request()
-        clock.advance(4)
+        await clock.advance(4)
         assert await task == "d"
 
     async def test_late_answer_is_refused(self, clock):
         provider = QueueInputProvider()
         task = asyncio.create_task(ask_human(provider, "q", timeout=1, default="d", clock=clock))
         request = await provider.wait_for_request()
-        clock.advance(1)
+        await clock.advance(1)
         assert await task == "d"
         with pytest.raises(HumanInputError, match="no pending human input request"):
             provider.answer(request.id, "too late")
@@ -221,7 +221,7 @@ class TestProviderContract:
         assert (request.run_id, request.state) == ("run-9", "get_user_input")
         provider.answer(request.id, "101")
         await provider.wait_for_request()
-        clock.advance(60)
+        await clock.advance(60)
         assert await task == "50"
 
     def test_request_round_trips_as_plain_data(self):

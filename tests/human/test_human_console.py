@@ -87,7 +87,7 @@ class TestConsoleInputProvider:
         task = asyncio.create_task(ask_human(provider, "q1", timeout=5, default="d", clock=clock))
         while "q1" not in out.getvalue():  # the prompt is written before the read starts
             await asyncio.sleep(0)
-        clock.advance(5)
+        await clock.advance(5)
         assert await task == "d"
         os.write(write_fd, b"answer\n")
         assert await provider.ask(request("q2")) == "answer"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...errors import CoordinationError
-from ..clock import Clock
+from ...clock import Clock
 from .barrier import Barrier
 from .base import CapacityPrimitive, Primitive, PrimitiveStatistics, PrimitiveType, Waiter
 from .lease import Lease

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import CoordinationError, CoordinationTimeoutError
-from ..clock import Clock, wait_until_done
+from ...clock import Clock, wait_until_done
 from .base import Primitive, PrimitiveStatistics, PrimitiveType, Waiter, check_timeout
 
 _RENDEZVOUS = ""

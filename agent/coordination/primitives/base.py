@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import CoordinationError, CoordinationTimeoutError
-from ..clock import SYSTEM_CLOCK, Clock, wait_until_done
+from ...clock import SYSTEM_CLOCK, Clock, wait_until_done
 
 _EPS = 1e-9
 

@@ -8,7 +8,7 @@ keep it longer.
 from __future__ import annotations
 
 from ...errors import CoordinationError
-from ..clock import Clock
+from ...clock import Clock
 from .base import CapacityPrimitive, PrimitiveType
 
 

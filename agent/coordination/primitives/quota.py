@@ -9,7 +9,7 @@ seconds after any burst ("reset hourly" with ``ttl=3600``).
 from __future__ import annotations
 
 from ...errors import CoordinationError
-from ..clock import Clock
+from ...clock import Clock
 from .base import CapacityPrimitive, PrimitiveType
 
 

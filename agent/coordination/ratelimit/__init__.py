@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...errors import CoordinationError
-from ..clock import Clock
+from ...clock import Clock
 from .base import RateLimiter, RateLimiterStatistics, RateLimitStrategy
 from .fixed_window import FixedWindow
 from .leaky_bucket import LeakyBucket

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import CoordinationError, CoordinationTimeoutError
-from ..clock import SYSTEM_CLOCK, Clock
+from ...clock import SYSTEM_CLOCK, Clock
 
 _EPS = 1e-9
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..clock import Clock
+from ...clock import Clock
 from .base import RateLimiter, RateLimitStrategy, check_rate
 
 _EPS = 1e-9

@@ -7,7 +7,7 @@ window strategies and does not change the spacing.
 
 from __future__ import annotations
 
-from ..clock import Clock
+from ...clock import Clock
 from .base import RateLimiter, RateLimitStrategy
 
 

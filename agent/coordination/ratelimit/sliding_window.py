@@ -15,7 +15,7 @@ import math
 from collections import deque
 from typing import Any
 
-from ..clock import Clock
+from ...clock import Clock
 from .base import RateLimiter, RateLimitStrategy, check_rate
 
 _EPS = 1e-9

@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from ...errors import CoordinationError
-from ..clock import Clock
+from ...clock import Clock
 from .base import RateLimiter, RateLimitStrategy
 
 _EPS = 1e-9

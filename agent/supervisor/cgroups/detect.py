@@ -8,13 +8,27 @@ with its reason, for ``agent doctor`` and for the fallback's own explanation.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from ...errors import CgroupError, IsolationUnavailableError
 from .base import DEFAULT_ROOT, CgroupBackend
 
 BACKEND_ENV = "AGENT_CGROUP_BACKEND"
+"""Set, it makes the supervisor use exactly this backend ("v2", "v1" or "none")."""
 CHOICES = ("v2", "v1", "none")
+V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "blkio", "cpuset", "devices", "freezer")
+CORE_CONTROLLERS = ("cpu", "memory", "pids")
+"""What the v1/v2 backends need at the least to confine a state."""
+
+
+@dataclass(frozen=True)
+class CgroupMount:
+    """One mounted cgroup hierarchy."""
+
+    version: int  # 1 or 2
+    mountpoint: str
+    controllers: tuple[str, ...]
 
 
 @dataclass
@@ -42,6 +56,74 @@ def open_backend(kind: str, root: str = DEFAULT_ROOT, reason: str = "") -> Cgrou
     raise IsolationUnavailableError(f"unknown cgroup backend {kind!r}: use one of {', '.join(CHOICES)}")
 
 
+def parse_mountinfo(text: str) -> list[CgroupMount]:
+    """The cgroup hierarchies in a ``/proc/self/mountinfo`` text (v2 controllers left empty)."""
+    mounts = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 3:
+            continue
+        fstype, mountpoint, options = tail[0], fields[4], tail[2].split(",")
+        if fstype == "cgroup":
+            names = tuple(o for o in options if o in V1_CONTROLLERS)
+            if names:
+                mounts.append(CgroupMount(1, mountpoint, names))
+        elif fstype == "cgroup2":
+            mounts.append(CgroupMount(2, mountpoint, ()))
+    return mounts
+
+
+def with_v2_controllers(mounts: list[CgroupMount]) -> list[CgroupMount]:
+    out = []
+    for mount in mounts:
+        if mount.version == 2:
+            try:
+                with open(os.path.join(mount.mountpoint, "cgroup.controllers")) as f:
+                    names = tuple(f.read().split())
+            except OSError:
+                names = ()
+            mount = replace(mount, controllers=names)
+        out.append(mount)
+    return out
+
+
+def choose_backend(mounts: Sequence[CgroupMount], forced: str | None = None) -> tuple[str, str]:
+    """Which backend the mounts allow (before probing): ("v1" | "v2" | "none", why).
+
+    ``forced`` is the value of ``AGENT_CGROUP_BACKEND``, which makes the supervisor use
+    exactly that backend (or fail) instead of the best one.
+    """
+    if forced:
+        if forced == "none":
+            return "none", f"{BACKEND_ENV}=none turns cgroups off; states are limited by rlimits and a watchdog only"
+        backend, reason = choose_backend(mounts)
+        if backend == forced:
+            return backend, f"{reason} (forced by {BACKEND_ENV}={forced})"
+        return "none", (
+            f"{BACKEND_ENV}={forced} asks for a backend this machine does not offer ({reason}); "
+            f"isolated states will fail to start: unset {BACKEND_ENV}"
+        )
+    v2 = [m for m in mounts if m.version == 2]
+    v1 = {c: m.mountpoint for m in mounts if m.version == 1 for c in m.controllers}
+    v2_note = "; ".join(
+        f"cgroup2 at {m.mountpoint} has {', '.join(m.controllers) or 'no controllers'}" for m in v2
+    )
+    for mount in v2:
+        if all(c in mount.controllers for c in CORE_CONTROLLERS):
+            return "v2", f"cgroup v2 (unified) at {mount.mountpoint} with {', '.join(mount.controllers)}"
+    if all(c in v1 for c in CORE_CONTROLLERS):
+        reason = f"cgroup v1 hierarchies for {', '.join(sorted(v1))}"
+        return "v1", reason + (f" ({v2_note})" if v2_note else "")
+    missing = [c for c in CORE_CONTROLLERS if c not in v1]
+    reason = f"no cgroup hierarchy offers {', '.join(missing)}"
+    if v2_note:
+        reason += f" ({v2_note})"
+    return "none", reason + "; states are limited by rlimits and a watchdog only"
+
+
 def likely_backend() -> str:
     """The backend :func:`detect` would pick, judged from the mounts alone (creates nothing)."""
     forced = os.environ.get(BACKEND_ENV)
@@ -49,14 +131,8 @@ def likely_backend() -> str:
         return forced
     if os.geteuid() != 0:
         return "none"
-    from . import v1, v2
-
-    location = v2.v2_location()
-    if location is not None and all(c in v2.controllers_of(location[1]) for c in v2.REQUIRED):
-        return "v2"
-    if all(c in v1.v1_mounts() for c in v1.REQUIRED):
-        return "v1"
-    return "none"
+    with open("/proc/self/mountinfo") as f:
+        return choose_backend(with_v2_controllers(parse_mountinfo(f.read())))[0]
 
 
 def detect(root: str = DEFAULT_ROOT, prefer: str | None = None) -> Detection:

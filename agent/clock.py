@@ -1,10 +1,12 @@
-"""Where coordination reads the time, so tests can replace it.
+"""The one clock: where code that waits reads the time, so tests can replace it.
 
-Primitives and rate limiters never call ``time`` or ``asyncio.sleep`` directly: they
-ask a :class:`Clock`. :class:`SystemClock` is the real one; :class:`FakeClock` is a
-test double whose time only moves when told to (``advance``) or, inside
-``autojump()``, whenever every task of the loop is waiting, so a test that simulates
-an hour of rate limiting finishes in milliseconds.
+Coordination primitives, rate limiters and human-input timeouts never call ``time`` or
+``asyncio.sleep`` directly: they ask a :class:`Clock`. :class:`SystemClock` is the real
+one; :class:`FakeClock` is a test double whose time only moves when told to
+(``advance``) or, inside ``autojump()``, whenever every task of the loop is waiting,
+so a test that simulates an hour of rate limiting finishes in milliseconds. Code that
+only reads the time (the engine, the pool, the metrics collector) takes a plain
+``() -> float`` instead; a ``FakeClock`` is one too.
 """
 
 from __future__ import annotations
@@ -21,21 +23,35 @@ from typing import Protocol, runtime_checkable
 
 @runtime_checkable
 class Clock(Protocol):
-    """A monotonic time source with a matching sleep."""
+    """Monotonic and wall time with matching sleeps."""
 
     def monotonic(self) -> float: ...
 
+    def time(self) -> float:
+        """Wall-clock time (seconds since the epoch), for timestamps people read."""
+        ...
+
     async def sleep(self, seconds: float) -> None: ...
+
+    async def sleep_until(self, deadline: float) -> None:
+        """Return once ``monotonic()`` reaches ``deadline``."""
+        ...
 
 
 class SystemClock:
-    """The real clock: ``time.monotonic`` and ``asyncio.sleep``."""
+    """The real clock: ``time.monotonic``, ``time.time`` and ``asyncio.sleep``."""
 
     def monotonic(self) -> float:
         return time.monotonic()
 
+    def time(self) -> float:
+        return time.time()
+
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
+
+    async def sleep_until(self, deadline: float) -> None:
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
 
     def __repr__(self) -> str:
         return "SystemClock()"
@@ -59,8 +75,19 @@ class FakeClock:
         self._seq = itertools.count()
         self._new_timer: asyncio.Event | None = None
 
+    EPOCH = 1_800_000_000.0
+    """What ``time()`` reads when ``monotonic()`` reads 0."""
+
     def monotonic(self) -> float:
         return self._now
+
+    __call__ = monotonic
+
+    def time(self) -> float:
+        return self.EPOCH + self._now
+
+    async def sleep_until(self, deadline: float) -> None:
+        await self.sleep(deadline - self._now)
 
     async def sleep(self, seconds: float) -> None:
         if not seconds > 0:  # also catches NaN
