@@ -77,7 +77,7 @@ agent.add_state("gpu_task", train_model)
 
 async def main() -> None:
     context = await agent.run()
-    gaps = [round(b - a, 2) for a, b in zip(calls, calls[1:])]
+    gaps = [round(b - a, 3) for a, b in zip(calls, calls[1:])]
     print("api_call starts, seconds apart:", gaps)
     print("rows written:", context.get_state("written"))
     status = await agent.get_coordination_status()

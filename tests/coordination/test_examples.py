@@ -29,7 +29,9 @@ class TestExamples:
         out = _run("coordination_basic.py")
         line = next(l for l in out.splitlines() if l.startswith("api_call starts, seconds apart:"))
         gaps = ast.literal_eval(line.split(":", 1)[1].strip())
-        assert len(gaps) == 7 and all(g >= 0.1 for g in gaps[4:])  # after the burst of 5: at most 10/s
+        # A token bucket of 5 refilled at 10/s allows at most 5 + 10 * T starts in T seconds:
+        # the 8 starts span at least 0.3 s (less a rounding margin), however the burst fell.
+        assert len(gaps) == 7 and sum(gaps) >= 0.3 - 0.008
         assert "Primitive database_write: unlocked" in out
 
     def test_advanced(self) -> None:
