@@ -858,14 +858,20 @@ class ResourcePool:
 
     def get_waiting_states(self) -> dict[str, str]:
         """Owners waiting for resources, with what they wait for."""
-        out = {}
-        heads = {}
-        for level in _LEVELS:
-            live = [entry for entry in self._queues[level] if not entry[2].dead]
-            heads[level] = min(live)[2] if live else None
-        for owner, waiter in self._waiters.items():
-            out[owner] = self._why(waiter, heads[waiter.priority])
-        return out
+        heads = {level: self._head(level) for level in _LEVELS}
+        return {owner: self._why(waiter, heads[waiter.priority]) for owner, waiter in self._waiters.items()}
+
+    def waiting_reason(self, owner: str) -> str | None:
+        """What ``owner``'s queued request waits for (None when it is not queued)."""
+        waiter = self._waiters.get(owner)
+        return None if waiter is None else self._why(waiter, self._head(waiter.priority))
+
+    def _head(self, level: Priority) -> _Waiter | None:
+        """The oldest live request of ``level`` (cancelled entries at the top are dropped)."""
+        heap = self._queues[level]
+        while heap and heap[0][2].dead:
+            heapq.heappop(heap)
+        return heap[0][2] if heap else None
 
     def _why(self, waiter: _Waiter, head: _Waiter | None) -> str:
         if waiter.parked:
