@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from . import _validate
 from . import events as ev
 from .checkpoint import AgentCheckpoint
 from .context import Context
@@ -39,10 +40,7 @@ _log = logging.getLogger("agent")
 
 
 def _non_negative(name: str, value: Any, *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise InvalidConfigurationError(f"{name} must be a number >= 0, got {value!r}")
+    _validate.number(value, name, error=InvalidConfigurationError, none=allow_none)
 
 
 class Agent:
@@ -69,11 +67,10 @@ class Agent:
     ) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidConfigurationError(f"an agent needs a non-empty str name, got {name!r}")
-        if max_concurrent is not None and (not isinstance(max_concurrent, int) or max_concurrent < 1):
-            raise InvalidConfigurationError(f"max_concurrent must be an int >= 1, got {max_concurrent!r}")
-        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-            raise InvalidConfigurationError(f"max_steps must be an int >= 1, got {max_steps!r}")
-        _non_negative("checkpoint_interval", checkpoint_interval)
+        _validate.integer(max_concurrent, "max_concurrent", error=InvalidConfigurationError, minimum=1, none=True)
+        _validate.integer(max_steps, "max_steps", error=InvalidConfigurationError, minimum=1, none=True)
+        _validate.number(checkpoint_interval, "checkpoint_interval (seconds)", error=InvalidConfigurationError,
+                         above=True, none=True)
         _non_negative("cleanup_timeout", cleanup_timeout, allow_none=False)
         if isolation is None:
             isolation = os.environ.get("AGENT_ISOLATION") or DEFAULT_ISOLATION
@@ -133,8 +130,7 @@ class Agent:
         priority: Priority | int | None = None,
     ) -> None:
         """Add a state. Checks everything that can be checked before a run starts."""
-        if not isinstance(name, str) or not name:
-            raise WorkflowDefinitionError(f"a state name must be a non-empty str, got {name!r}")
+        _validate.state_name(name, error=WorkflowDefinitionError)
         if name in self._states:
             raise DuplicateStateError(f"state {name!r} is already added to agent {self.name!r}: use another name")
         check_state_function(name, func)
@@ -151,13 +147,14 @@ class Agent:
             not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0
         ):
             raise InvalidConfigurationError(f"state {name!r}: max_retries must be an int >= 0, got {max_retries!r}")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise InvalidConfigurationError(f"state {name!r}: timeout must be > 0 seconds, got {timeout!r}")
+        _validate.number(timeout, f"state {name!r}: timeout (seconds)", error=InvalidConfigurationError,
+                         above=True, none=True)
         if resources is not None:
             self.resource_pool.check_request(resources, name)
         level = Isolation.parse(isolation) if isolation is not None else None
         if priority is None:
             priority = resources.priority if resources is not None else Priority.NORMAL
+        priority = _validate.member(Priority, priority, f"state {name!r}: priority", error=InvalidConfigurationError)
         spec = StateSpec(
             name=name,
             func=func,
