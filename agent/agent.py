@@ -14,6 +14,7 @@ from typing import Any
 
 from . import _validate
 from . import events as ev
+from . import live
 from .checkpoint import AgentCheckpoint
 from .context import Context
 from .dependencies import DependencyConfig, DependencyType
@@ -311,6 +312,7 @@ class Agent:
         self._run_closed = asyncio.Event()
         self.last_error = None
         self._set_status(AgentStatus.RUNNING)
+        live.register(self)  # O(1): lets `agent top` and `agent run` read this run's status
         deadline = None if timeout is None else run.clock() + timeout
         saver = None
         if self.checkpoint_interval:

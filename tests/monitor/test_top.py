@@ -97,7 +97,7 @@ class TestOptionalDependencies:
     def test_top_without_rich(self):
         done = self.run_without("rich", "from agent.monitor.top import main; raise SystemExit(main(['--demo']))")
         assert done.returncode == 2
-        assert "pip install 'agent-framework[monitor]'" in done.stderr
+        assert "pip install 'agent-isolation[monitor]'" in done.stderr
 
     def test_exporter_without_prometheus_client(self):
         done = self.run_without(
@@ -107,4 +107,4 @@ class TestOptionalDependencies:
             "except MonitorError as e:\n    print(e)\n",
         )
         assert done.returncode == 0, done.stderr
-        assert "agent-framework[monitor]" in done.stdout
+        assert "agent-isolation[monitor]" in done.stdout
