@@ -272,6 +272,9 @@ class RunCommand:
         summaries = [self.summarize(e, interrupted) for e in entries]
         main = summaries[entries.index(primary)]
         if self.args.json:
+            for summary in summaries:
+                if summary["error"] and summary["status"] == "failed":
+                    self.terminal.notice(f"agent run: {summary['error']}")
             document = dict(main)
             others = [s for s in summaries if s is not main]
             if others:
