@@ -82,10 +82,8 @@ class StatusServer:
                     _log.exception("status request failed")
 
     def _handle(self, conn: socket.socket) -> None:
-        pid, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-        if uid not in (os.getuid(), 0):
-            conn.sendall(encode(error("forbidden", f"uid {uid} may not read the runs of uid {os.getuid()}")))
-            return
+        _, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        allowed = uid in (os.getuid(), 0)
         conn.settimeout(CLIENT_TIMEOUT)
         buffer = b""
         while True:
@@ -98,6 +96,9 @@ class StatusServer:
                     return
                 buffer += data
             line, buffer = buffer.split(b"\n", 1)
+            if not allowed:  # every request of another user gets this answer, and nothing else
+                conn.sendall(encode(error("forbidden", f"uid {uid} may not read the runs of uid {os.getuid()}")))
+                return
             try:
                 answer = answer_request(decode(line))
             except StatusEndpointError as exc:
