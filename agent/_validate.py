@@ -27,18 +27,23 @@ def number(
     minimum: float = 0.0,
     above: bool = False,
     none: bool = False,
+    unit: str | None = None,
 ) -> float | None:
-    """``value`` as a finite float ``>= minimum`` (``> minimum`` with ``above``); None if ``none``."""
+    """``value`` as a finite float ``>= minimum`` (``> minimum`` with ``above``); None if ``none``.
+
+    ``unit`` ("seconds") only words the message: "a number of seconds > 0".
+    """
     if value is None and none:
         return None
+    kind = f"a number of {unit}" if unit else "a number"
     bound = f"{'>' if above else '>='} {minimum:g}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise error(f"{what} must be a number {bound}{_or_none(none)}, got {_shown(value)}")
+        raise error(f"{what} must be {kind} {bound}{_or_none(none)}, got {_shown(value)}")
     if math.isnan(value) or math.isinf(value):
         hint = ": use None for no limit" if none and value > 0 else ""
-        raise error(f"{what} must be a finite number {bound}{_or_none(none)}, got {value!r}{hint}")
+        raise error(f"{what} must be a finite {kind[2:]} {bound}{_or_none(none)}, got {value!r}{hint}")
     if value < minimum or (above and value == minimum):
-        raise error(f"{what} must be a number {bound}{_or_none(none)}, got {value!r}")
+        raise error(f"{what} must be {kind} {bound}{_or_none(none)}, got {value!r}")
     return float(value)
 
 

@@ -41,7 +41,7 @@ _log = logging.getLogger("agent")
 
 
 def _non_negative(name: str, value: Any, *, allow_none: bool = True) -> None:
-    _validate.number(value, name, error=InvalidConfigurationError, none=allow_none)
+    _validate.number(value, name, error=InvalidConfigurationError, none=allow_none, unit="seconds")
 
 
 class Agent:
@@ -70,8 +70,8 @@ class Agent:
             raise InvalidConfigurationError(f"an agent needs a non-empty str name, got {name!r}")
         _validate.integer(max_concurrent, "max_concurrent", error=InvalidConfigurationError, minimum=1, none=True)
         _validate.integer(max_steps, "max_steps", error=InvalidConfigurationError, minimum=1, none=True)
-        _validate.number(checkpoint_interval, "checkpoint_interval (seconds)", error=InvalidConfigurationError,
-                         above=True, none=True)
+        _validate.number(checkpoint_interval, "checkpoint_interval", error=InvalidConfigurationError,
+                         above=True, none=True, unit="seconds")
         _non_negative("cleanup_timeout", cleanup_timeout, allow_none=False)
         if isolation is None:
             isolation = os.environ.get("AGENT_ISOLATION") or DEFAULT_ISOLATION
@@ -148,8 +148,8 @@ class Agent:
             not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0
         ):
             raise InvalidConfigurationError(f"state {name!r}: max_retries must be an int >= 0, got {max_retries!r}")
-        _validate.number(timeout, f"state {name!r}: timeout (seconds)", error=InvalidConfigurationError,
-                         above=True, none=True)
+        _validate.number(timeout, f"state {name!r}: timeout", error=InvalidConfigurationError,
+                         above=True, none=True, unit="seconds")
         if resources is not None:
             self.resource_pool.check_request(resources, name)
         level = Isolation.parse(isolation) if isolation is not None else None

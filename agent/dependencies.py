@@ -59,7 +59,8 @@ class DependencyConfig:
         self.type = _validate.member(DependencyType, self.type, "DependencyConfig.type", error=error)
         self.lifecycle = _validate.member(DependencyLifecycle, self.lifecycle, "DependencyConfig.lifecycle", error=error)
         for name in ("expiry", "interval", "timeout"):
-            _validate.number(getattr(self, name), f"DependencyConfig.{name} (seconds)", error=error, none=True)
+            _validate.number(getattr(self, name), f"DependencyConfig.{name}", error=error, none=True,
+                             unit="seconds")
         if self.lifecycle is DependencyLifecycle.TEMPORARY and self.expiry is None:
             raise InvalidConfigurationError("a TEMPORARY dependency needs expiry= (seconds it stays met)")
         if self.condition is not None and not callable(self.condition):

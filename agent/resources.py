@@ -82,7 +82,8 @@ class ResourceRequirements:
             raise ResourceRequestError(
                 f"gpu_units={self.gpu_units}: ask for whole GPUs (1, 2, ...) or a share of one (< 1)"
             )
-        _validate.number(self.timeout, "ResourceRequirements.timeout (seconds)", error=error, above=True, none=True)
+        _validate.number(self.timeout, "ResourceRequirements.timeout", error=error, above=True, none=True,
+                         unit="seconds")
         self.priority = _validate.member(Priority, self.priority, "ResourceRequirements.priority", error=error)
         self.resource_types = _validate.member(
             ResourceType, self.resource_types, "ResourceRequirements.resource_types", error=error

@@ -28,8 +28,8 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         error = InvalidConfigurationError
         _validate.integer(self.max_retries, "RetryPolicy.max_retries", error=error)
-        _validate.number(self.initial_delay, "RetryPolicy.initial_delay (seconds)", error=error)
-        _validate.number(self.max_delay, "RetryPolicy.max_delay (seconds)", error=error)
+        _validate.number(self.initial_delay, "RetryPolicy.initial_delay", error=error, unit="seconds")
+        _validate.number(self.max_delay, "RetryPolicy.max_delay", error=error, unit="seconds")
         _validate.number(self.exponential_base, "RetryPolicy.exponential_base", error=error, minimum=1)
         _validate.flag(self.jitter, "RetryPolicy.jitter", error=error)
 

@@ -97,13 +97,14 @@ class _Counters:
 def check_ttl(ttl: float | None, what: str) -> float | None:
     if ttl is None:
         return None
-    return _validate.number(ttl, f"{what}: ttl (seconds)", error=CoordinationError, above=True)
+    return _validate.number(ttl, f"{what}: ttl", error=CoordinationError, above=True, unit="seconds")
 
 
 def check_timeout(timeout: float | None, what: str) -> float:
     if timeout is None:
         return math.inf
-    return _validate.number(timeout, f"{what}: timeout (seconds; None waits forever)", error=CoordinationError)  # type: ignore[return-value]
+    # None waits forever (returned as inf); a number must be finite.
+    return _validate.number(timeout, f"{what}: timeout", error=CoordinationError, unit="seconds")  # type: ignore[return-value]
 
 
 class Primitive:
