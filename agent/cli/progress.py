@@ -150,7 +150,7 @@ class Progress:
     def __init__(self, terminal: Terminal, since: float, *, plain_every: float = 10.0) -> None:
         self._terminal = terminal
         self._since = since
-        self._interval = 0.1 if terminal.bar else 1.0
+        self._base_interval = self._interval = 0.1 if terminal.bar else 1.0
         self._plain_every = plain_every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="agent-run-progress", daemon=True)
@@ -177,8 +177,8 @@ class Progress:
             self._human_notices(snapshots)
             if snapshots:
                 self._report(snapshots)
-            # A big workflow costs its loop more to read: read it less often.
-            self._interval = max(self._interval, 20 * (time.monotonic() - started))
+            # A big workflow costs its loop more to read: read it less often (5 s at most).
+            self._interval = max(self._base_interval, min(5.0, 20 * (time.monotonic() - started)))
 
     def _report(self, snapshots: list[dict[str, Any]]) -> None:
         active = [s for s in snapshots if s["status"] in ("running", "paused")] or snapshots[-1:]

@@ -69,6 +69,7 @@ class RunCommand:
         self.cli_agent: Any = None
         self.file: Path | None = None
         self.wf: workflow.Workflow | None = None
+        self.progress: Progress | None = None
 
     # --- the command ----------------------------------------------------------------------
 
@@ -86,7 +87,7 @@ class RunCommand:
         if args.quiet:
             output.set_writer(None)
         saved = route_std_streams(self.terminal, stdout_to_stderr=args.json)
-        progress = None if args.quiet or args.no_progress else Progress(self.terminal, self.since)
+        progress = self.progress = None if args.quiet or args.no_progress else Progress(self.terminal, self.since)
         loop = _uvloop()
         asyncio.set_event_loop(loop)
         try:
@@ -103,7 +104,7 @@ class RunCommand:
             loop.close()
         return int(code)
 
-    def load_and_run(self, loop: asyncio.AbstractEventLoop) -> ExitCode:
+    def load_and_run(self, loop: asyncio.AbstractEventLoop) -> int:
         assert self.file is not None
         try:
             self.wf = workflow.load(self.file, list(self.args.args))
@@ -112,11 +113,10 @@ class RunCommand:
             return ExitCode.LOAD_FAILED
         except KeyboardInterrupt:
             return self.report(interrupted=True)
-        except SystemExit as exc:
+        except SystemExit as exc:  # the file exited: report what it ran, else pass its status on
             if self.runs():
                 return self.report()
-            return ExitCode(exc.code) if isinstance(exc.code, int) and exc.code in ExitCode._value2member_map_ else (
-                ExitCode.RUN_FAILED if exc.code else ExitCode.OK)
+            return exc.code if isinstance(exc.code, int) else int(bool(exc.code))
         except Exception as exc:
             return self.failed_while_loading(exc)
         return loop.run_until_complete(self.drive())
@@ -204,6 +204,9 @@ class RunCommand:
 
         args = self.args
         store = agent.checkpoint_store
+        if store is not None and args.store:
+            self.terminal.notice(f"agent run: {args.file}'s agent saves to its own store "
+                                 f"({getattr(store, 'path', store)}); --store is not used")
         if store is None and not args.no_store:
             path = Path(args.store) if args.store else default_store_path()
             if args.resume and not path.exists():
@@ -263,6 +266,8 @@ class RunCommand:
         return ExitCode.LOAD_FAILED
 
     def report(self, *, interrupted: bool = False) -> ExitCode:
+        if self.progress is not None:
+            self.progress.stop()  # the summary replaces the progress line
         entries = self.runs()
         if not entries:
             self.terminal.notice("agent run: interrupted before any run started" if interrupted
@@ -297,7 +302,7 @@ class RunCommand:
         if interrupted and status in ("paused", "cancelled", "running"):
             status = "paused" if store_path and _mark_paused(store, entry.run_id) else "stopped"
         if status == "paused" and store_path:
-            resume = self.resume_command(entry.run_id, store_path, agent)
+            resume = self.resume_command(entry.run_id, agent)
         error = agent.last_error if agent is not None else None
         return {
             "agent": snap.get("agent"),
@@ -313,8 +318,7 @@ class RunCommand:
             "context_keys": sorted(agent.context.keys()) if agent is not None else [],
         }
 
-    def resume_command(self, run_id: str, store_path: str, agent: Any) -> str | None:
-        assert self.wf is not None or self.file is not None
+    def resume_command(self, run_id: str, agent: Any) -> str | None:
         if self.wf is not None and self.wf.runs_itself:
             return None  # the file starts a new run whenever it is loaded
         command = f"agent run {self.args.file}"
