@@ -11,7 +11,7 @@ import pytest
 
 from agent.checkpoint_store import SQLiteCheckpointStore
 
-from .conftest import release, stop
+from .conftest import CHAIN, release, stop
 
 SPEC_QUICK_START = '''\
 from agent import Agent, Context, StateResult
@@ -36,24 +36,6 @@ agent.add_state("process_data", process_data)
 agent.add_state("format_output", format_output)
 await agent.run()
 '''
-
-TALKER = '''\
-import os
-from agent import Agent
-
-agent = Agent("talker")
-
-async def talk(context):
-    print("first", flush=True)
-    with open(os.environ["GO"]) as fifo:  # blocks until the test releases it
-        fifo.read()
-    print("second")
-    print("no newline at the end", end="")
-    return None
-
-agent.add_state("talk", talk)
-'''
-
 
 class TestQuickStart:
     """The API guide's Quick Start, ending in a top-level ``await agent.run()``, runs as written."""
@@ -99,12 +81,9 @@ class TestLiveOutput:
     """An isolated state's lines reach the terminal as they are printed, prefixed, and stay in its log."""
 
     def test_lines_arrive_while_the_state_runs(self, cli):
-        cli.write("talker.py", TALKER)
-        cli.env["GO"] = str(cli.fifo("go"))
-        proc = cli.start("run", "talker.py")
+        proc = cli.start_talker()
         try:
-            assert proc.stdout.readline() == "talk | first\n"
-            assert proc.poll() is None  # the state is still blocked: the line came live
+            assert proc.poll() is None  # the state is still blocked: its first line came live
             release(cli.dir / "go")
             out, err = proc.communicate(timeout=60)
         finally:
@@ -287,44 +266,13 @@ class TestOutcomes:
 class TestInterrupt:
     """Ctrl-C pauses the run, marks it paused in its store and prints how to resume it."""
 
-    FLOW = """\
-        import os
-        from agent import Agent
-
-        agent = Agent("interruptible")
-
-        def effect(name):
-            with open(os.environ["EFFECTS"], "a") as fh:
-                fh.write(name + "\\n")
-
-        async def one(context):
-            effect("one")
-            return "two"
-
-        async def two(context):
-            effect("two")
-            print("two is waiting", flush=True)
-            if os.environ.get("HANG"):
-                with open(os.environ["GO"]) as fifo:
-                    fifo.read()
-            return "three"
-
-        async def three(context):
-            effect("three")
-            return None
-
-        agent.add_state("one", one)
-        agent.add_state("two", two)
-        agent.add_state("three", three)
-    """
-
     def test_pause_then_resume(self, cli):
-        cli.write("flow.py", self.FLOW)
+        cli.write("flow.py", CHAIN)
         effects = cli.dir / "effects"
         cli.env.update(EFFECTS=str(effects), HANG="1", GO=str(cli.fifo("go")), AGENT_STOP_GRACE="0.2")
         proc = cli.start("run", "flow.py")
         try:
-            assert proc.stdout.readline() == "two | two is waiting\n"
+            assert proc.stdout.readline() == "transform | transform is waiting\n"
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=60)
         finally:
@@ -338,7 +286,7 @@ class TestInterrupt:
         del cli.env["HANG"]
         done = cli.run("run", "flow.py", "--resume", run_id)
         assert done.returncode == 0, done.stderr
-        assert effects.read_text().split() == ["one", "two", "two", "three"]  # one is not run again
+        assert effects.read_text().split() == ["extract", "transform", "transform", "load"]  # extract ran once
         listed = json.loads(cli.run("runs", "--json").stdout)
         assert [(r["run_id"], r["status"]) for r in listed] == [(run_id, "completed")]
 

@@ -11,53 +11,16 @@ import sys
 
 import pytest
 
-from .conftest import release, stop
-from .test_run import TALKER
-
-CRASHING = """\
-import os
-from agent import Agent
-from agent.checkpoint_store import SQLiteCheckpointStore
-
-agent = Agent("nightly_etl", isolation="inline", checkpoint_store=SQLiteCheckpointStore(os.environ["STORE"]))
-
-def effect(name):
-    with open(os.environ["EFFECTS"], "a") as fh:
-        fh.write(name + "\\n")
-
-async def extract(context):
-    effect("extract")
-    return "transform"
-
-async def transform(context):
-    effect("transform")
-    if os.environ.get("HANG"):
-        print("transform is waiting", flush=True)
-        with open(os.environ["GO"]) as fifo:
-            fifo.read()
-    return "load"
-
-async def load(context):
-    effect("load")
-    return None
-
-agent.add_state("extract", extract)
-agent.add_state("transform", transform)
-agent.add_state("load", load)
-
-if __name__ == "__main__":
-    agent.run_sync()
-"""
-
+from .conftest import CHAIN, release, stop
 
 class TestRunsAfterACrash:
     """A run killed with SIGKILL in a store of its own is listed by a plain ``agent runs`` and resumes."""
 
     def test_listed_then_resumed(self, cli):
-        cli.write("flow.py", CRASHING)
+        cli.write("flow.py", CHAIN)
         effects = cli.dir / "effects"
         store = cli.dir / "etl.sqlite3"
-        cli.env.update(STORE=str(store), EFFECTS=str(effects), HANG="1", GO=str(cli.fifo("go")))
+        cli.env.update(STORE=str(store), EFFECTS=str(effects), HANG="1", GO=str(cli.fifo("go")), ISOLATION="inline")
         proc = subprocess.Popen([sys.executable, "flow.py"], stdout=subprocess.PIPE, text=True, cwd=cli.dir,
                                 env=cli.env)
         try:
@@ -98,11 +61,8 @@ class TestTop:
     """``agent top`` sees a run of another process while it runs, and the saved run after."""
 
     def test_attached_to_a_run_elsewhere(self, cli):
-        cli.write("talker.py", TALKER)
-        cli.env["GO"] = str(cli.fifo("go"))
-        proc = cli.start("run", "talker.py")
+        proc = cli.start_talker()
         try:
-            assert proc.stdout.readline() == "talk | first\n"
             seen = cli.run("top", "--json")
             text = cli.run("top", "--once", "--width", "200")
             release(cli.dir / "go")

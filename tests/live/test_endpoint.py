@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -41,28 +42,32 @@ def blocking_agent(name: str, release: asyncio.Event) -> Agent:
     return agent
 
 
-async def until(predicate) -> None:
-    """Let the run go until ``predicate()`` holds (each loop turn; the run is inline)."""
-    while not predicate():
-        await asyncio.sleep(0)
+@contextlib.asynccontextmanager
+async def held_run(name: str, until_state: str, status: str):
+    """A run of :func:`blocking_agent` let go until ``until_state`` has ``status``; released on exit."""
+    release = asyncio.Event()
+    agent = blocking_agent(name, release)
+    task = asyncio.ensure_future(agent.run())
+    while agent.state_metadata[until_state].status.value != status:
+        await asyncio.sleep(0)  # one loop turn: the run is inline, on this loop
+    try:
+        yield agent
+    finally:
+        release.set()
+        await task
 
 
 class TestSnapshots:
     """A registered run is described from its agent's status, on its own loop."""
 
     async def test_counts_while_running_and_after(self):
-        release = asyncio.Event()
-        agent = blocking_agent("snap", release)
-        task = asyncio.ensure_future(agent.run())
-        await until(lambda: agent.state_metadata["other"].status.value == "completed")
-        entry = live.find(agent.run_id)
-        snap = await asyncio.to_thread(live.read, [entry])
+        async with held_run("snap", "other", "completed") as agent:
+            entry = live.find(agent.run_id)
+            snap = await asyncio.to_thread(live.read, [entry])
         assert snap[0]["status"] == "running"
         assert snap[0]["states"] == {"total": 4, "completed": 2, "running": 1, "waiting": 0, "failed": 0,
                                      "blocked": 0, "cancelled": 0, "pending": 1}
         assert [r["state"] for r in snap[0]["running"]] == ["wait"]
-        release.set()
-        await task
         final = entry.snapshot()
         assert final["status"] == "completed" and final["states"]["completed"] == 3
         assert final["elapsed"] == entry.snapshot()["elapsed"]  # a finished run's clock stops
@@ -92,15 +97,10 @@ class TestProtocol:
     """Requests and answers, versioned, errors typed by code."""
 
     async def test_requests(self):
-        release = asyncio.Event()
-        agent = blocking_agent("proto", release)
-        task = asyncio.ensure_future(agent.run())
-        await until(lambda: agent.state_metadata["wait"].status.value == "running")
-        hello = answer_request({"v": 1, "op": "hello"})
-        runs = await asyncio.to_thread(answer_request, {"v": 1, "op": "runs"})
-        one = await asyncio.to_thread(answer_request, {"op": "run", "run_id": agent.run_id})
-        release.set()
-        await task
+        async with held_run("proto", "wait", "running") as agent:
+            hello = answer_request({"v": 1, "op": "hello"})
+            runs = await asyncio.to_thread(answer_request, {"v": 1, "op": "runs"})
+            one = await asyncio.to_thread(answer_request, {"op": "run", "run_id": agent.run_id})
         assert hello["ok"] and hello["server"] == "process" and hello["pid"] == os.getpid()
         assert set(hello["ops"]) == {"hello", "runs", "run"}
         assert agent.run_id in {r["run_id"] for r in runs["runs"]}
