@@ -59,14 +59,14 @@ _runs: dict[str, tuple[Any, Any, float, float]] = {}
 _finished: dict[str, float] = {}
 _state = {"server": False, "prune_at": 2 * KEEP_FINISHED}
 _lock = threading.Lock()
-_ref, _wall, _mono, _running_loop = weakref.ref, time.time, time.monotonic, asyncio._get_running_loop
+_ref, _wall, _mono = weakref.ref, time.time, time.monotonic
 
 
 def register(agent: Any) -> None:
     """``agent`` has just started (or resumed) run ``agent.run_id``."""
     run_id = agent.run_id or ""
     _runs.pop(run_id, None)  # re-inserted last: the dict stays in start order
-    _runs[run_id] = (_ref(agent), _running_loop(), _wall(), _mono())
+    _runs[run_id] = (_ref(agent), asyncio.get_running_loop(), _wall(), _mono())
     if len(_runs) > _state["prune_at"]:
         _forget_finished()
     if not _state["server"]:
@@ -102,8 +102,8 @@ def _read_on(loop: Any, entries: list[LiveRun], detail: bool) -> list[dict[str, 
         return [entry.snapshot(detail=detail) for entry in entries]
 
     try:
-        on_this_loop = _running_loop() is loop
-    except RuntimeError:
+        on_this_loop = asyncio.get_running_loop() is loop
+    except RuntimeError:  # a thread without a loop (the endpoint's, agent run's progress)
         on_this_loop = False
     if loop is not None and not on_this_loop and loop.is_running() and not loop.is_closed():
         done: concurrent.futures.Future[list[dict[str, Any] | None]] = concurrent.futures.Future()
