@@ -95,8 +95,14 @@ class RoutedStream(io.TextIOBase):
     def flush(self) -> None:
         self._target.flush()
 
+    def writable(self) -> bool:
+        return True
+
     def isatty(self) -> bool:
         return _isatty(self._target)
+
+    def __getattr__(self, name: str) -> Any:  # buffer, errors, ...: the real stream's
+        return getattr(self._target, name)
 
     def fileno(self) -> int:
         return self._target.fileno()

@@ -77,12 +77,15 @@ class RunCommand:
         args = self.args
         try:
             self.file = workflow.check_file(args.file)
-            if args.resume and workflow.starts_a_run(self.file.read_bytes(), str(self.file)):
+            if args.resume and workflow.starts_a_run(workflow.parse(self.file)):
                 raise ValueError(
                     f"{args.file} runs its agent itself when loaded, so --resume would start a new run: "
                     "keep the run under `if __name__ == \"__main__\":` (agent run does not execute that block)"
                 )
-        except (ValueError, SyntaxError, OSError) as exc:
+        except workflow.WorkflowLoadError as exc:
+            self.terminal.notice(f"agent run: cannot load {args.file}:\n{exc}")
+            return ExitCode.LOAD_FAILED
+        except (ValueError, OSError) as exc:
             return self.usage(str(exc))
         if args.quiet:
             output.set_writer(None)
@@ -100,8 +103,7 @@ class RunCommand:
                 progress.stop()
             self.terminal.close()
             sys.stdout, sys.stderr = saved
-            asyncio.set_event_loop(None)
-            loop.close()
+            _close(loop)
         return int(code)
 
     def load_and_run(self, loop: asyncio.AbstractEventLoop) -> int:
@@ -189,10 +191,11 @@ class RunCommand:
             raise LookupError(f"{path} defines no agent named {name!r} (it has: "
                               f"{', '.join(a.name for a in agents.values()) or 'none'})")
         if not agents:
-            raise LookupError(
-                f"{path} defines no Agent at module level: assign one, e.g. `agent = Agent(\"my_flow\")` "
-                "(an `if __name__ == \"__main__\":` block does not run under agent run)"
-            )
+            if self.wf.has_main_block:
+                raise LookupError(f"{path} defines no Agent at module level; it runs its workflow in an "
+                                  f"`if __name__ == \"__main__\":` block, which agent run skips: use `python {path}`")
+            raise LookupError(f"{path} defines no Agent at module level: assign one, e.g. "
+                              "`agent = Agent(\"my_flow\")`")
         if len(agents) > 1 and "agent" not in agents:
             raise LookupError(f"{path} defines several agents ({', '.join(a.name for a in agents.values())}): "
                               "pick one with --agent NAME")
@@ -356,6 +359,20 @@ def _mark_paused(store: Any, run_id: str) -> bool:
     except CheckpointError:
         return False
     return True
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    """Close the command's loop as ``asyncio.run`` would: tasks the workflow left are cancelled first."""
+    try:
+        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 def _uvloop() -> asyncio.AbstractEventLoop:

@@ -65,7 +65,11 @@ def _stores_of_file(file: str) -> list[Path]:
     from . import workflow
 
     path = workflow.check_file(file)
-    if workflow.starts_a_run(path.read_bytes(), str(path)):
+    try:
+        runs_itself = workflow.starts_a_run(workflow.parse(path))
+    except workflow.WorkflowLoadError as exc:
+        raise ValueError(f"cannot load {file}:\n{exc}") from None
+    if runs_itself:
         raise ValueError(f"{file} runs its agent when loaded: name its store with --store instead")
     try:
         loaded = workflow.load(path, [])

@@ -43,6 +43,8 @@ class Workflow:
     """The file's top-level code when it uses ``await``: run it on the CLI's event loop."""
     runs_itself: bool = False
     """Whether the file's top-level code starts a run (``await agent.run()``, ``run_sync()``)."""
+    has_main_block: bool = False
+    """Whether it has an ``if __name__ == "__main__":`` block (which is not run)."""
     agents: dict[str, Any] = field(default_factory=dict)
 
     def find_agents(self) -> dict[str, Any]:
@@ -64,33 +66,38 @@ def check_file(path: str) -> Path:
     return file
 
 
-def load(path: Path, argv: list[str]) -> Workflow:
-    """Compile and execute ``path`` (all but a top-level-``await`` part, returned to await)."""
-    source = path.read_bytes()
-    filename = str(path.resolve())
+def parse(path: Path) -> ast.Module:
+    """The file's syntax tree (top-level ``await`` allowed); a syntax error is a WorkflowLoadError."""
     try:
-        code = compile(source, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
+        return compile(path.read_bytes(), str(path.resolve()), "exec",
+                       flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
     except SyntaxError as exc:
         raise WorkflowLoadError("".join(traceback.format_exception_only(type(exc), exc)).rstrip()) from None
+
+
+def load(path: Path, argv: list[str]) -> Workflow:
+    """Compile and execute ``path`` (all but a top-level-``await`` part, returned to await)."""
+    filename = str(path.resolve())
+    tree = parse(path)
+    code = compile(tree, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
     module = types.ModuleType(MODULE_NAME)
     module.__file__ = filename
-    module.__builtins__ = __builtins__  # type: ignore[attr-defined]
     sys.modules[MODULE_NAME] = module
     sys.modules["__main__"] = module
     _pickle_by_value(module)
     sys.argv[:] = [str(path), *argv]
     sys.path.insert(0, str(path.resolve().parent))
-    workflow = Workflow(path=path, module=module, runs_itself=starts_a_run(source, filename))
+    workflow = Workflow(path=path, module=module, runs_itself=starts_a_run(tree),
+                        has_main_block=any(_is_main_guard(stmt) for stmt in tree.body))
     if code.co_flags & inspect.CO_COROUTINE:
         workflow.awaiting = eval(code, module.__dict__)  # noqa: S307 - the user's own file
     else:
-        exec(code, module.__dict__)  # noqa: S102 - errors are turned into WorkflowLoadError by the caller
+        exec(code, module.__dict__)  # noqa: S102 - the caller shows what it raises as the user's traceback
     return workflow
 
 
-def starts_a_run(source: bytes, filename: str) -> bool:
+def starts_a_run(tree: ast.Module) -> bool:
     """Whether module-level code (outside ``if __name__ == "__main__":``) awaits or calls a run."""
-    tree = ast.parse(source, filename)
     body = [stmt for stmt in tree.body if not _is_main_guard(stmt)]
     for stmt in body:
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
