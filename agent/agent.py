@@ -144,10 +144,7 @@ class Agent:
             raise InvalidConfigurationError(
                 f"state {name!r}: retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}"
             )
-        if max_retries is not None and (
-            not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0
-        ):
-            raise InvalidConfigurationError(f"state {name!r}: max_retries must be an int >= 0, got {max_retries!r}")
+        _validate.integer(max_retries, f"state {name!r}: max_retries", error=InvalidConfigurationError, none=True)
         _validate.number(timeout, f"state {name!r}: timeout", error=InvalidConfigurationError,
                          above=True, none=True, unit="seconds")
         if resources is not None:
