@@ -43,7 +43,8 @@ PY
         exit 1
     fi
     # agent-framework was this project's old distribution name: drop it when it is this checkout.
-    if "$venv/bin/python" -I -m pip show agent-framework 2>/dev/null | grep -qx "Editable project location: $here"; then
+    old_name=$("$venv/bin/python" -I -m pip show agent-framework 2>/dev/null || true)
+    if grep -qx "Editable project location: $here" <<<"$old_name"; then
         "$venv/bin/python" -I -m pip uninstall -q -y agent-framework >/dev/null
     fi
 else
