@@ -178,6 +178,30 @@ class TestRetention:
         AttemptLogs(str(tmp_path), LogRetention(max_files=2))
         assert [os.path.exists(p) for p in left] == [False, False, True, True]
 
+    async def test_the_supervisor_applies_it(self, tmp_path, monkeypatch, echoed):
+        """Six isolated attempts with AGENT_LOG_MAX_FILES=3: the three newest logs are left."""
+        from agent.supervisor import shutdown_supervisor
+
+        monkeypatch.setenv("AGENT_LOG_DIR", str(tmp_path))
+        monkeypatch.setenv("AGENT_LOG_MAX_FILES", "3")
+        shutdown_supervisor()  # the next isolated attempt starts one that reads these settings
+        try:
+            agent = Agent("many")
+
+            def step(i):
+                async def state(context):
+                    print(f"step {i}")
+                    return f"s{i + 1}" if i < 5 else None
+                return state
+
+            for i in range(6):
+                agent.add_state(f"s{i}", step(i))
+            await agent.run()
+            left = sorted(p.name for p in tmp_path.glob("*/*.log"))
+        finally:
+            shutdown_supervisor()
+        assert left == ["s3.attempt-1.log", "s4.attempt-1.log", "s5.attempt-1.log"]
+
     @pytest.mark.parametrize("variable,value,limit", [
         ("AGENT_LOG_MAX_FILES", "500", ("max_files", 500)),
         ("AGENT_LOG_MAX_BYTES", "64M", ("max_bytes", 64 * 1024**2)),
