@@ -83,12 +83,12 @@ class Agent:
             raise InvalidConfigurationError(f"an agent needs a non-empty str name, got {name!r}")
         # Each check only when the setting is given: building agents is a hot path too.
         if max_concurrent is not None:
-            _validate.integer(max_concurrent, "max_concurrent", error=InvalidConfigurationError, minimum=1)
+            _validate.integer(max_concurrent, "max_concurrent", error=InvalidConfigurationError, minimum=1, none=True)
         if max_steps is not None:
-            _validate.integer(max_steps, "max_steps", error=InvalidConfigurationError, minimum=1)
+            _validate.integer(max_steps, "max_steps", error=InvalidConfigurationError, minimum=1, none=True)
         if checkpoint_interval is not None:
             _validate.number(checkpoint_interval, "checkpoint_interval", error=InvalidConfigurationError,
-                             above=True, unit="seconds")
+                             above=True, none=True, unit="seconds")
         if cleanup_timeout != 10.0:
             _non_negative("cleanup_timeout", cleanup_timeout, allow_none=False)
         if resource_pool is not None and not isinstance(resource_pool, ResourcePool):
@@ -198,10 +198,10 @@ class Agent:
                 f"state {name!r}: retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}"
             )
         if max_retries is not None:
-            _validate.integer(max_retries, f"state {name!r}: max_retries", error=InvalidConfigurationError)
+            _validate.integer(max_retries, f"state {name!r}: max_retries", error=InvalidConfigurationError, none=True)
         if timeout is not None:
             _validate.number(timeout, f"state {name!r}: timeout", error=InvalidConfigurationError,
-                             above=True, unit="seconds")
+                             above=True, none=True, unit="seconds")
         level = Isolation.parse(isolation) if isolation is not None else None
         if priority is None:
             priority = resources.priority if resources is not None else Priority.NORMAL
