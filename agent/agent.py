@@ -32,7 +32,7 @@ from .errors import (
     UnknownStateError,
     WorkflowDefinitionError,
 )
-from .executor import Isolation
+from .executor import Isolation, parse_isolation
 from .resources import ResourcePool, ResourceRequirements, default_pool
 from .retry import RetryPolicy
 from .state import StateFunction, StateMetadata
@@ -41,6 +41,24 @@ from .workflow import ON_FAILURE, ReturnGraph, StateSpec, check_graph, check_sta
 
 DEFAULT_ISOLATION = Isolation.PROCESS
 """Used when neither ``Agent(isolation=...)`` nor ``$AGENT_ISOLATION`` says otherwise."""
+
+# Enum members as module names: in CPython 3.11 reading a member from its class goes
+# through the enum metaclass's __getattr__ hook, which is slow on the hot path.
+_IDLE, _RUNNING, _PAUSED = AgentStatus.IDLE, AgentStatus.RUNNING, AgentStatus.PAUSED
+_COMPLETED, _FAILED, _CANCELLED = AgentStatus.COMPLETED, AgentStatus.FAILED, AgentStatus.CANCELLED
+_PENDING = StateStatus.PENDING
+_NORMAL = Priority.NORMAL
+_ISOLATION_ENV = b"AGENT_ISOLATION"
+
+
+def _isolation_from_env() -> str | None:
+    """``$AGENT_ISOLATION`` (read from the environment's bytes: ``os.environ.get`` costs an
+    encode and a decode, on every ``Agent()``)."""
+    data = getattr(os.environ, "_data", None)
+    if data is None:
+        return os.environ.get("AGENT_ISOLATION")
+    value = data.get(_ISOLATION_ENV)
+    return None if value is None else os.fsdecode(value)
 
 _log = logging.getLogger("agent")
 _TERMINAL = frozenset(s.value for s in (AgentStatus.COMPLETED, AgentStatus.FAILED, AgentStatus.CANCELLED))
@@ -98,9 +116,9 @@ class Agent:
         if on_failure != "fail":
             _on_failure(on_failure, f"agent {name!r}")
         if isolation is None:
-            isolation = os.environ.get("AGENT_ISOLATION") or DEFAULT_ISOLATION
+            isolation = _isolation_from_env() or DEFAULT_ISOLATION
         self.name = name
-        self.isolation = isolation if isinstance(isolation, Isolation) else Isolation.parse(isolation)
+        self.isolation = isolation if type(isolation) is Isolation else parse_isolation(isolation)
         self._pool = resource_pool
         self.max_concurrent = max_concurrent
         self.max_steps = max_steps
@@ -114,7 +132,7 @@ class Agent:
         self.state_metadata: dict[str, StateMetadata] = {}
         self.completed_states: set[str] = set()
         self.context = Context()
-        self.status = AgentStatus.IDLE
+        self.status = _IDLE
         self.run_id: str | None = None
         self.last_error: BaseException | None = None
         self.last_checkpoint: AgentCheckpoint | None = None
@@ -202,9 +220,9 @@ class Agent:
         if timeout is not None:
             _validate.number(timeout, f"state {name!r}: timeout", error=InvalidConfigurationError,
                              above=True, none=True, unit="seconds")
-        level = Isolation.parse(isolation) if isolation is not None else None
+        level = parse_isolation(isolation) if isolation is not None else None
         if priority is None:
-            priority = resources.priority if resources is not None else Priority.NORMAL
+            priority = resources.priority if resources is not None else _NORMAL
         elif not isinstance(priority, Priority):
             priority = _validate.member(Priority, priority, f"state {name!r}: priority",
                                         error=InvalidConfigurationError)
@@ -224,12 +242,7 @@ class Agent:
         self._graph_checked = False
         self._graph = None
         self.state_metadata[name] = StateMetadata(
-            name=name,
-            max_retries=spec.max_retries_with(self.retry_policy),
-            resources=resources,
-            priority=priority,
-            dependencies=deps,
-            isolation=level,
+            name, spec.max_retries_with(self.retry_policy), resources, priority, deps, level
         )
         if run is not None:
             run.retrack()
@@ -299,7 +312,7 @@ class Agent:
             _non_negative("timeout", timeout)
         if cleanup_timeout is not None:
             _non_negative("cleanup_timeout", cleanup_timeout)
-        if self.status is AgentStatus.RUNNING or (self._run is not None and not self._run.done):
+        if self.status is _RUNNING or (self._run is not None and not self._run.done):
             raise AgentBusyError(f"agent {self.name!r} is already running: await the current run first")
         if not self._states:
             raise WorkflowDefinitionError(f"agent {self.name!r} has no states: add some with add_state()")
@@ -316,8 +329,8 @@ class Agent:
         if restored is None:
             self.completed_states.clear()
             for meta in self.state_metadata.values():
-                if meta.status is not StateStatus.PENDING:
-                    meta.status = StateStatus.PENDING
+                if meta.status is not _PENDING:
+                    meta.status = _PENDING
                 meta.runs = 0
                 meta.waiting_for = None
                 meta.blocked_reason = None
@@ -336,7 +349,7 @@ class Agent:
         self._run = run
         self._run_closed = None
         self.last_error = None
-        self._set_status(AgentStatus.RUNNING)
+        self._set_status(_RUNNING)
         live.register(self)  # O(1): lets `agent top` and `agent run` read this run's status
         deadline = None if timeout is None else run.clock() + timeout
         saver = None
@@ -359,7 +372,7 @@ class Agent:
                 saver.cancel()
             if self._run_closed is not None:
                 self._run_closed.set()
-        status = AgentStatus.FAILED if run.error is not None else run.final_status
+        status = _FAILED if run.error is not None else run.final_status
         self._set_status(status)
         self.last_error = run.error
         if run.observers:

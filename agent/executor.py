@@ -56,6 +56,8 @@ class Isolation(str, enum.Enum):
 
 
 _BY_NAME: dict[str, Isolation] = {level.value: level for level in Isolation}
+parse_isolation = Isolation.parse
+"""``Isolation.parse`` as a plain name (an Enum class's attributes are slow to read in 3.11)."""
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Union
@@ -40,12 +39,8 @@ class AttemptRecord:
         return self.ended_at - self.started_at
 
 
-_id_prefix = os.urandom(4).hex()
+_id_prefix = os.urandom(4).hex() + "-"  # unique per process; the counter within it
 _ids = itertools.count(1)
-
-
-def _state_id() -> str:
-    return f"{_id_prefix}{next(_ids):04x}"
 
 
 @dataclass(init=False, eq=False)
@@ -76,14 +71,13 @@ class StateMetadata:
     waiting_for: str | None = None  # why a READY/PENDING state is not running
     blocked_reason: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)  # measured use of the last attempt
-    history: deque[AttemptRecord] = field(default_factory=lambda: deque(maxlen=StateMetadata.HISTORY_LIMIT))
+    history: list[AttemptRecord] = field(default_factory=list)  # the newest HISTORY_LIMIT attempts
 
     HISTORY_LIMIT: ClassVar[int] = 100
 
     def __init__(
         self,
         name: str,
-        *,
         max_retries: int = 0,
         resources: "ResourceRequirements | None" = None,
         priority: Priority = Priority.NORMAL,
@@ -96,9 +90,9 @@ class StateMetadata:
         self.priority = priority
         self.dependencies = {} if dependencies is None else dependencies
         self.isolation = isolation
-        self.state_id = _state_id()
+        self.state_id = _id_prefix + str(next(_ids))
         self.usage = {}
-        self.history = deque(maxlen=self.HISTORY_LIMIT)
+        self.history = []
 
     def set_status(self, new: StateStatus) -> None:
         if new not in self.status._next:  # type: ignore[attr-defined]
@@ -117,7 +111,10 @@ class StateMetadata:
 
     def record(self, rec: AttemptRecord) -> None:
         """Keep ``rec``; only the newest ``HISTORY_LIMIT`` attempts are kept."""
-        self.history.append(rec)
+        history = self.history
+        history.append(rec)
+        if len(history) > self.HISTORY_LIMIT:
+            del history[0]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for checkpoints and reports."""

@@ -88,6 +88,11 @@ def check_state_transition(old: StateStatus, new: StateStatus, state: str) -> No
         raise IllegalTransitionError(f"state {state!r}: {old.value} -> {new.value} is not allowed")
 
 
+for _a_old, _a_new in AGENT_TRANSITIONS.items():
+    _a_old._next = tuple(_a_new)  # type: ignore[attr-defined]
+del _a_old, _a_new
+
+
 def check_agent_transition(old: AgentStatus, new: AgentStatus, agent: str) -> None:
-    if new is not old and new not in AGENT_TRANSITIONS[old]:
+    if new is not old and new not in old._next:  # type: ignore[attr-defined]
         raise IllegalTransitionError(f"agent {agent!r}: {old.value} -> {new.value} is not allowed")

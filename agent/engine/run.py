@@ -852,7 +852,7 @@ class Run:
             self._leave(act)
             self.fail(exc)
             return
-        meta.history.append(AttemptRecord(act.attempt, act.started_at, now, "completed", None, usage))
+        meta.record(AttemptRecord(act.attempt, act.started_at, now, "completed", None, usage))
         meta.set_status(_COMPLETED)
         meta.runs += 1
         meta.last_success = (meta.last_execution or 0.0) + duration
