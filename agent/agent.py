@@ -28,6 +28,7 @@ from .errors import (
 from .executor import Isolation
 from .resources import Priority, ResourcePool, ResourceRequirements, ResourceType
 from .retry import RetryPolicy
+from .scope import check_context_keys
 from .scheduler import Run, _Activation, _Group
 from .state import StateFunction, StateMetadata, StateSpec, check_state_function
 from .status import AgentStatus, StateStatus, check_agent_transition
@@ -131,8 +132,13 @@ class Agent:
         isolation: Isolation | str | None = None,
         timeout: float | None = None,
         priority: Priority | int | None = None,
+        context_keys: Iterable[str] | None = None,
     ) -> None:
-        """Add a state. Checks everything that can be checked before a run starts."""
+        """Add a state. Checks everything that can be checked before a run starts.
+
+        ``context_keys`` (key names and ``"prefix*"`` patterns) are the only context keys
+        the state may read and write; a sandboxed state without them sees none.
+        """
         if not isinstance(name, str) or not name:
             raise WorkflowDefinitionError(f"a state name must be a non-empty str, got {name!r}")
         if name in self._states:
@@ -168,6 +174,7 @@ class Agent:
             isolation=level,
             timeout=timeout,
             priority=Priority(priority),
+            context_keys=check_context_keys(name, context_keys),
         )
         run = self._run if self._run is not None and not self._run.done.is_set() else None
         if run is not None:

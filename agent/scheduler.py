@@ -45,6 +45,7 @@ from .errors import (
     UnknownNextStateError,
 )
 from .executor import Attempt, AttemptFailed, Isolation, executor_for
+from .scope import ScopedContext, scope_for
 from .state import AttemptRecord, StateSpec
 from .status import AgentStatus, StateStatus
 
@@ -373,6 +374,9 @@ class Run:
         if hook is None:
             hook = self.human_hooks[name] = self.agent._human_hook(name)
         view = self.context.view(state_name=name, attempt=act.attempt, human_input=hook)
+        scope = scope_for(isolation, spec.context_keys)
+        if scope is not None:
+            view = ScopedContext.over(view, scope)
         timeout = spec.effective_timeout
         if isolation is Isolation.INLINE and not self.hooks:
             try:

@@ -59,6 +59,8 @@ class StateSpec:
     isolation: Isolation | None = None
     timeout: float | None = None
     priority: Priority = Priority.NORMAL
+    context_keys: tuple[str, ...] | None = None
+    """Keys (and ``"prefix*"`` patterns) the state may read and write; None: see :mod:`agent.scope`."""
 
     def max_retries_with(self, default_policy: RetryPolicy | None) -> int:
         """Retries after the first attempt: add_state(max_retries), else the state's policy, else the agent's."""

@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import weakref
+from signal import SIGXFSZ
 from typing import Any, Callable
 
 from ..errors import CgroupError, FailureReason, IsolationUnavailableError
@@ -60,6 +61,13 @@ def _gpus_module() -> Any:
 
 def _mib(nbytes: int | float) -> str:
     return f"{nbytes / (1024 * 1024):.4g} MiB"
+
+
+def _gpu_device_paths(minors: set[int]) -> tuple[str, ...]:
+    """The /dev nodes a sandbox with the GPUs ``minors`` needs (its own GPUs, the control nodes)."""
+    control = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
+    caps = tuple(sorted(glob.glob("/dev/nvidia-caps/*")))
+    return tuple(f"/dev/nvidia{m}" for m in sorted(minors)) + control + caps
 
 
 class Confinement:
@@ -116,6 +124,16 @@ class Confinement:
         a refused fork surfaces as ``BlockingIOError`` in the state), after the child
         was reaped and before :meth:`close`; prefer its reason when it returns one.
         """
+        if signal == SIGXFSZ and "sandbox" in self.child_spec:
+            cap = self.child_spec["sandbox"]["rlimits"]["fsize"]
+            return FailureReason(
+                kind="limit",
+                message=f"killed: file size limit {_mib(cap)} (RLIMIT_FSIZE): a file the state wrote, "
+                f"or its log, reached it; write less, or raise AGENT_SANDBOX_FILE_MB",
+                exit_code=exit_code,
+                signal=signal,
+                details={"limit": "file_size", "limit_bytes": cap},
+            )
         if self.handle is None:
             return None
         self._refresh()
@@ -247,7 +265,11 @@ class Confiner:
             except BaseException:
                 handle.remove()
                 raise
-            child_spec["sandbox"] = lease.spec()
+            # One more process than pids.max: the cgroup refuses the fork first, so its
+            # counter names the limit (RLIMIT_NPROC alone would leave no trace).
+            nproc = limits.pids_max + 1 if limits.pids_max is not None else None
+            devices = _gpu_device_paths(allowed) if gpu_env.get("CUDA_VISIBLE_DEVICES") else ()
+            child_spec["sandbox"] = lease.spec(devices=devices, **({"nproc": nproc} if nproc else {}))
             release = functools.partial(pool.release, name)
         return Confinement(child_spec, handle, self.backend_name, release)
 
