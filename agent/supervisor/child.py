@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import errno
 import os
 import signal
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from .service import Supervisor
 
 _LOG_TAIL = 4000
+_FILE_TOO_LARGE = f"[Errno {errno.EFBIG}]"  # how OSError(EFBIG) prints: past RLIMIT_FSIZE
 _DROPPED = (
     "the child's connection closed before it reported (libzmq drops a connection that sends "
     "a frame over the {cap}-byte cap)"
@@ -292,7 +294,7 @@ class ChildProcess:
         except Exception as exc:  # usage is a report: never let it hide the outcome
             self._sup.log.warning("usage_unreadable", state=self.attempt.state_name, error=repr(exc))
             usage = {}
-        if self._result is not None:
+        if self._result is not None and not self._violation_hard:  # a child killed for cheating has no result
             return AttemptOutcome(self._result[0], usage)
         raise AttemptFailed(self._failure(status), usage)
 
@@ -305,6 +307,15 @@ class ChildProcess:
             if self._error is not None and not limit.traceback:
                 limit = dataclasses.replace(limit, traceback=self._error.traceback)
             return limit
+        if self._error is not None and _FILE_TOO_LARGE in self._error.message:
+            cap = self.confinement.child_spec.get("sandbox", {}).get("rlimits", {}).get("fsize")
+            if cap:
+                return FailureReason(
+                    kind="limit", traceback=self._error.traceback, exception_type=self._error.exception_type,
+                    message=f"file size limit {cap / (1 << 20):.4g} MiB (RLIMIT_FSIZE): a file the state wrote, "
+                    "or its log, reached it; write less, or raise AGENT_SANDBOX_FILE_MB",
+                    details={"limit": "file_size", "limit_bytes": cap},
+                )
         if self.denied_calls and (self._error is not None or not self._violation_hard):
             return self._seccomp_reason(exit_code, sig)
         if self._error is not None:

@@ -26,7 +26,6 @@ import itertools
 import logging
 import os
 import weakref
-from signal import SIGXFSZ
 from typing import Any, Callable
 
 from ..errors import CgroupError, FailureReason, IsolationUnavailableError
@@ -124,16 +123,6 @@ class Confinement:
         a refused fork surfaces as ``BlockingIOError`` in the state), after the child
         was reaped and before :meth:`close`; prefer its reason when it returns one.
         """
-        if signal == SIGXFSZ and "sandbox" in self.child_spec:
-            cap = self.child_spec["sandbox"]["rlimits"]["fsize"]
-            return FailureReason(
-                kind="limit",
-                message=f"killed: file size limit {_mib(cap)} (RLIMIT_FSIZE): a file the state wrote, "
-                f"or its log, reached it; write less, or raise AGENT_SANDBOX_FILE_MB",
-                exit_code=exit_code,
-                signal=signal,
-                details={"limit": "file_size", "limit_bytes": cap},
-            )
         if self.handle is None:
             return None
         self._refresh()
