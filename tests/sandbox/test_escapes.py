@@ -184,6 +184,17 @@ class TestProcesses:
         assert "pids limit 128" in reason.message
 
 
+class TestLimits:
+    """A sandbox declared without ResourceRequirements is limited all the same."""
+
+    async def test_memory_without_requirements_is_capped(self) -> None:
+        with pytest.raises(StateFailedError) as caught:
+            await run_one("hungry", escapes.allocate, ["mb"], {"mb": 1536})
+        reason = caught.value.reason
+        assert reason.kind == "limit" and reason.details["limit"] == "memory", reason
+        assert "memory limit 512 MiB" in reason.message
+
+
 class TestFilesystem:
     """Read-only and nosuid everywhere, a private size-limited /tmp, a minimal /dev."""
 
