@@ -43,13 +43,17 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
-def child_main(spec_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], notify_fd: int | None) -> NoReturn:
+def child_main(
+    spec_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], notify_fd: int | None,
+    namespaces: list[int] | None = None,
+) -> NoReturn:
     """Become the child whose spec (msgpack, from the supervisor) is in ``spec_fd``; never return.
 
     The spec is read here, after the fork, so the zygote never holds it (see
     :mod:`agent.runtime.zygote`). ``zygote_fds`` are the zygote's own descriptors; a
-    sandboxed child (``notify_fd`` is its socket for the seccomp listener) closes every
-    descriptor but its own instead.
+    sandboxed child (``notify_fd`` is its socket for the seccomp listener, ``namespaces``
+    the network and IPC namespaces made for it, if any) closes every descriptor but its
+    own instead.
     """
     code = EXIT_SETUP_FAILED
     try:
@@ -60,7 +64,7 @@ def child_main(spec_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], no
         reset_signals()
         sandbox = spec["confine"].get("sandbox")
         if notify_fd is not None:
-            _close_all_but(0, 1, 2, notify_fd)
+            _close_all_but(0, 1, 2, notify_fd, *(namespaces or ()))
             os.setsid()  # its own session, process group and no controlling terminal
         else:
             for fd in (spec_fd, *zygote_fds):
@@ -98,7 +102,7 @@ def child_main(spec_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], no
         )
         session.hello()
         if sandbox is not None:
-            sandbox_module.leave_namespaces(sandbox)  # while the supervisor answers
+            sandbox_module.leave_namespaces(sandbox, namespaces)  # while the supervisor answers
         del spec
         # A loop of its own, never closed: the process ends with os._exit right after.
         # (A sandbox's is asyncio's: libuv's io_uring is denied by its seccomp filter.)

@@ -155,11 +155,27 @@ def _threads_in_other_netns() -> list[int]:
 _own_mntns: int | None = None
 
 
-def leave_namespaces(spec: dict[str, Any]) -> None:
-    """New network (unless the spec allows it), mount and IPC namespaces; idempotent."""
-    global _own_mntns
-    if not spec.get("network", False):
+def leave_namespaces(spec: dict[str, Any], made: list[int] | None = None) -> None:
+    """New network (unless the spec allows it), mount and IPC namespaces; idempotent.
+
+    ``made`` are descriptors of fresh network and IPC namespaces made ahead (by the
+    zygote) to enter instead of making them here; they are closed.
+    """
+    global _own_mntns, _left_netns
+    if made:
+        net, ipc = made
+        try:
+            if not spec.get("network", False):
+                before = _ns("net")
+                _setns(net, CLONE_NEWNET)
+                _left_netns = before
+            _setns(ipc, CLONE_NEWIPC)
+        finally:
+            os.close(net)
+            os.close(ipc)
+    elif not spec.get("network", False):
         isolate_network()
+    if not spec.get("network", False):
         stray = _threads_in_other_netns()
         if stray:
             raise OSError(
@@ -168,8 +184,14 @@ def leave_namespaces(spec: dict[str, Any]) -> None:
                 "isolate_network() before starting threads",
             )
     if _own_mntns is None or _ns("mnt") != _own_mntns:
-        unshare(CLONE_NEWNS | CLONE_NEWIPC)
+        unshare(CLONE_NEWNS | (0 if made else CLONE_NEWIPC))
         _own_mntns = _ns("mnt")
+
+
+def _setns(fd: int, nstype: int) -> None:
+    if _lib().setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns({nstype:#x}): {os.strerror(err)}")
 
 
 # --- the filesystem -----------------------------------------------------------------------
@@ -250,7 +272,8 @@ def _private_dev(devices: list[str]) -> None:
         for path, info in nodes:
             os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
             os.mknod(path, info.st_mode, info.st_rdev)
-            os.chown(path, info.st_uid, info.st_gid)
+            if (info.st_uid, info.st_gid) != (0, 0):
+                os.chown(path, info.st_uid, info.st_gid)
         for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                              ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
             os.symlink(target, f"/dev/{name}")

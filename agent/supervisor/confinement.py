@@ -87,6 +87,9 @@ class Confinement:
         self._events = LimitEvents()
         self._closed = False
         self.cleanup_error: CgroupError | None = None
+        # Set by the executor once the zygote reaped the attempt's process: for a sandbox,
+        # its namespaces (and everything in them) are then gone.
+        self.reaped = False
 
     @property
     def limits(self) -> CgroupLimits | None:
@@ -246,7 +249,6 @@ class Confiner:
             handle.unenforced["io_throttle"] = "no block device holds the working directory or /"
         child_spec = handle.child_spec()
         child_spec["gpu"] = {"env": gpu_env}
-        release = None
         if sandboxed:
             try:
                 pool = self._uids()
@@ -259,8 +261,10 @@ class Confiner:
             nproc = limits.pids_max + 1 if limits.pids_max is not None else None
             devices = _gpu_device_paths(allowed) if gpu_env.get("CUDA_VISIBLE_DEVICES") else ()
             child_spec["sandbox"] = lease.spec(devices=devices, **({"nproc": nproc} if nproc else {}))
-            release = functools.partial(pool.release, name)
-        return Confinement(child_spec, handle, self.backend_name, release)
+        confinement = Confinement(child_spec, handle, self.backend_name)
+        if sandboxed:
+            confinement._release = lambda: pool.release(name, contained=confinement.reaped)
+        return confinement
 
     def _gpus(self, assignment: dict[str, Any]) -> tuple[dict[str, str], set[int]]:
         """CUDA pinning variables and the allowed /dev/nvidia minors of an assignment."""

@@ -12,9 +12,10 @@ The lease file is the uid's state: it exists while the uid is leased, and is rem
 only once everything of the uid is gone (processes, System V and POSIX IPC objects,
 files in the world-writable directories: :mod:`.uid_sweep`). A lease file that nobody
 holds therefore marks a uid whose supervisor crashed: it is swept in full before it is
-leased again, and every such uid is swept when a pool first leases. A clean release
-kills what still runs as the uid and removes its IPC objects (cheap, and nothing else
-can be left: the state's files lived in its own tmpfs).
+leased again, and every such uid is swept when a pool first leases. A release kills
+what still runs as the uid and removes its IPC objects, unless the state's process was
+reaped from namespaces of its own (then the kernel has ended all of it already; its
+files lived in its own tmpfs).
 
 :func:`sandbox_spec` turns a lease into the plain dict that the child applies with
 :func:`agent.runtime.sandbox.enter_sandbox`.
@@ -199,16 +200,21 @@ class UidPool:
             self._leases[owner] = (lease, fd)
             return lease
 
-    def release(self, owner: str) -> None:
-        """Kill what still runs as the owner's uid, remove its IPC objects, free the uid (idempotent)."""
+    def release(self, owner: str, *, contained: bool = False) -> None:
+        """Kill what still runs as the owner's uid, remove its IPC objects, free the uid (idempotent).
+
+        ``contained``: the uid's only process was PID 1 of its own PID and IPC namespaces
+        and has been reaped, so the kernel has already ended everything of it: no sweep.
+        """
         with self._mutex:
             held = self._leases.pop(owner, None)
             if held is None:
                 return
             lease, fd = held
             try:
-                kill_uid(lease.uid)
-                remove_ipc(lease.uid)
+                if not contained:
+                    kill_uid(lease.uid)
+                    remove_ipc(lease.uid)
             except BaseException:
                 os.close(fd)  # keep the file: the uid is swept in full before its next lease
                 raise
