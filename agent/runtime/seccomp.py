@@ -275,14 +275,16 @@ def install(*, listener: bool) -> int | None:
 def answer(listener: int) -> tuple[int, int] | None:
     """Answer one pending notification on ``listener`` with EPERM; returns (pid, nr).
 
-    None when the notification went away (its caller was killed) or the listener has no
-    more callers.
+    None when the notification went away before it was read (its caller was killed);
+    OSError when the listener is unusable.
     """
     buf = bytearray(_NOTIF.size)
     try:
         fcntl.ioctl(listener, NOTIF_RECV, buf, True)
-    except OSError:
-        return None
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
     notif_id, pid, _flags, nr, _arch, _ip, *_args = _NOTIF.unpack(buf)
     try:
         fcntl.ioctl(listener, NOTIF_SEND, bytearray(_NOTIF_RESP.pack(notif_id, 0, -errno.EPERM, 0)), True)

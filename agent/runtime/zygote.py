@@ -25,7 +25,7 @@ forks (:func:`warm_up`); being single-threaded, it forks through libc rather tha
 ``os.fork``, whose after-fork work in the child (resetting locks and thread state,
 which one thread leaves consistent, and every loaded module's ``os.register_at_fork``
 hook) writes a few hundred pages (the one hook a child needs, reseeding :mod:`random`,
-is done by hand); and it passes each child its spec as bytes, allocating nothing.
+is done by hand); and it passes each child a descriptor of its spec, allocating nothing.
 """
 
 from __future__ import annotations
@@ -170,6 +170,7 @@ class Zygote:
                     self._answer(fd, mask)
             while self._own_ns is not None and len(self._spares) < SPARE_NAMESPACES and not self._poll.poll(0):
                 self._make_spare()
+        self._kill_all()
 
     def _handle(self, request: dict[str, Any]) -> None:
         op = request.get("op")
@@ -302,7 +303,14 @@ class Zygote:
 
     def _answer(self, fd: int, mask: int) -> None:
         entry = self._listeners[fd]
-        denied = seccomp.answer(fd) if mask & select.POLLIN else None
+        if not mask & select.POLLIN:  # no task uses the filter any more
+            self._drop_listener(fd)
+            return
+        try:
+            denied = seccomp.answer(fd)
+        except OSError:
+            self._drop_listener(fd)
+            return
         if denied is not None:
             entry[1] += 1
             if entry[2] < MAX_REPORTS:
@@ -312,7 +320,7 @@ class Zygote:
                                                 "call": seccomp.syscall_name(denied[1])})
                 except OSError:
                     pass
-        if denied is None or entry[1] >= MAX_ANSWERS:
+        if entry[1] >= MAX_ANSWERS:
             self._drop_listener(fd)
 
     def _drop_listener(self, fd: int) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import signal
 import subprocess
 import sys
 import textwrap
