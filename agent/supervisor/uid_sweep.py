@@ -137,7 +137,12 @@ def remove_files(uid: int, directories: tuple[str, ...] = WORLD_WRITABLE) -> lis
     for folder in directories:
         try:
             with os.scandir(folder) as entries:
-                candidates += [e.path for e in entries if e.stat(follow_symlinks=False).st_uid == uid]
+                for entry in entries:
+                    try:
+                        if entry.stat(follow_symlinks=False).st_uid == uid:
+                            candidates.append(entry.path)
+                    except FileNotFoundError:  # removed meanwhile
+                        continue
         except OSError:
             continue
     candidates += glob.glob(os.path.join(tempfile.gettempdir(), f"agent-sandbox-{uid}-*"))

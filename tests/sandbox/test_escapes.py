@@ -46,8 +46,14 @@ def uid_leftovers(uid: int) -> dict[str, list[Any]]:
             for row in (line.split() for line in fh.readlines()[1:]):
                 if uid in (int(row[uid_col]), int(row[cuid_col])):
                     ipc.append(f"{kind} {row[1]}")
-    files = [e.path for folder in SHARED_PLACES for e in os.scandir(folder)
-             if e.stat(follow_symlinks=False).st_uid == uid]
+    files = []
+    for folder in SHARED_PLACES:
+        for entry in os.scandir(folder):
+            try:
+                if entry.stat(follow_symlinks=False).st_uid == uid:
+                    files.append(entry.path)
+            except FileNotFoundError:  # another process's file, removed meanwhile
+                continue
     return {"processes": processes, "ipc": ipc, "files": files}
 
 
