@@ -271,14 +271,14 @@ class Zygote:
         own_net, own_ipc = self._own_ns  # type: ignore[misc]
         try:
             unshare(CLONE_NEWNET | CLONE_NEWIPC)
+            try:
+                spare = (_open_ns("net"), _open_ns("ipc"))
+            finally:
+                _setns(own_net, CLONE_NEWNET)
+                _setns(own_ipc, CLONE_NEWIPC)
         except OSError:
             self._own_ns = None  # cannot: children make their own
             return
-        try:
-            spare = (_open_ns("net"), _open_ns("ipc"))
-        finally:
-            _setns(own_net, CLONE_NEWNET)
-            _setns(own_ipc, CLONE_NEWIPC)
         self._spares.append(spare)
 
     def _adopt_listener(self) -> None:
