@@ -271,15 +271,19 @@ class Zygote:
         own_net, own_ipc = self._own_ns  # type: ignore[misc]
         try:
             unshare(CLONE_NEWNET | CLONE_NEWIPC)
-            try:
-                spare = (_open_ns("net"), _open_ns("ipc"))
-            finally:
-                _setns(own_net, CLONE_NEWNET)
-                _setns(own_ipc, CLONE_NEWIPC)
         except OSError:
             self._own_ns = None  # cannot: children make their own
             return
-        self._spares.append(spare)
+        try:
+            spare = (_open_ns("net"), _open_ns("ipc"))
+        except OSError:
+            self._own_ns = None
+            spare = None
+        # Back home, or die trying: a zygote in the wrong namespaces must not fork.
+        _setns(own_net, CLONE_NEWNET)
+        _setns(own_ipc, CLONE_NEWIPC)
+        if spare is not None:
+            self._spares.append(spare)
 
     def _adopt_listener(self) -> None:
         """Take a sandboxed child's seccomp listener (sent with the child's credentials)."""
