@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import platform
@@ -506,15 +507,17 @@ def _filesystem(spec: dict[str, Any]) -> Callable[[], None]:
 
         leave_namespaces(spec)
         isolate_filesystem(spec)
-        for path in ("/etc", "/run/lock", "/var/tmp"):
+        for path in ("/etc", "/run/lock", "/usr"):
+            if not os.path.isdir(path):
+                continue
             try:
                 os.close(os.open(os.path.join(path, ".agent-doctor"), os.O_CREAT | os.O_WRONLY, 0o600))
             except OSError as exc:
-                if exc.errno != 30 and path != "/var/tmp":  # EROFS, but /var/tmp is the private /tmp
+                if exc.errno != errno.EROFS:
                     raise
             else:
-                if path != "/var/tmp":
-                    raise OSError(f"{path} is writable")
+                raise OSError(f"{path} is writable")
+        os.close(os.open("/tmp/.agent-doctor", os.O_CREAT | os.O_WRONLY, 0o600))  # the private tmpfs
 
     return step
 
