@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ...errors import ResourceRequestError
@@ -84,8 +84,6 @@ def limits_for(
     to. A ``None`` requirement still gets the default pids limit; a sandboxed state also
     gets the sandbox's CPU, memory and pids limits for each it does not declare.
     """
-    from dataclasses import replace
-
     limits = _limits_for(requirements, io_devices, deny_devices, SANDBOX_PIDS_MAX if sandbox else DEFAULT_PIDS_MAX)
     if sandbox:
         limits = replace(
