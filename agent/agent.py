@@ -35,6 +35,7 @@ from .errors import (
 from .executor import Isolation, parse_isolation
 from .resources import ResourcePool, ResourceRequirements, default_pool
 from .retry import RetryPolicy
+from .scope import check_context_keys
 from .state import StateFunction, StateMetadata
 from .status import AgentStatus, StateStatus, check_agent_transition
 from .workflow import ON_FAILURE, ReturnGraph, StateSpec, check_graph, check_state_function, parse_dependencies
@@ -192,6 +193,7 @@ class Agent:
         priority: Priority | int | None = None,
         next_states: Iterable[str] | None = None,
         on_failure: str | None = None,
+        context_keys: Iterable[str] | None = None,
     ) -> None:
         """Add a state. Checks everything that can be checked before a run starts.
 
@@ -199,6 +201,8 @@ class Agent:
         another name fails); the engine then need not read them from its code to know
         which joins it can reach. ``on_failure="continue"`` lets a permanent failure
         of this state end only its branch (default: the agent's ``on_failure``).
+        ``context_keys`` (key names and ``"prefix*"`` patterns) are the only context keys
+        the state may read and write; a sandboxed state without them sees none.
         """
         _validate.state_name(name, error=WorkflowDefinitionError)
         if name in self._states:
@@ -233,8 +237,9 @@ class Agent:
             declared = frozenset(next_states)
         if on_failure is not None:
             _on_failure(on_failure, f"state {name!r}")
+        keys = check_context_keys(name, context_keys) if context_keys is not None else None
         spec = StateSpec(name, func, deps, resources, retry_policy, max_retries, level, timeout, priority,
-                         declared, on_failure)
+                         declared, on_failure, keys)
         run = self._run if self._run is not None and not self._run.done else None
         if run is not None:
             check_graph(self.name, {**self._states, name: spec})

@@ -83,7 +83,9 @@ class FailureReason:
     """Why one attempt of a state failed, as seen by the supervisor.
 
     ``kind`` is one of ``exception``, ``exit_code``, ``signal``, ``timeout``,
-    ``limit``, ``lost_connection``, ``protocol``, ``cancelled``.
+    ``limit``, ``lost_connection``, ``protocol``, ``cancelled``, ``seccomp`` (a sandboxed
+    state failed after its seccomp filter refused a system call; ``details["calls"]``
+    names them).
     """
 
     kind: str
@@ -141,6 +143,10 @@ class ContextKeyError(ContextError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class ContextScopeError(ContextKeyError):
+    """Raised when a state reads or writes a context key outside its ``context_keys``."""
 
 
 class UnencodableValueError(ContextError, TypeError):

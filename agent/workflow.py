@@ -56,6 +56,8 @@ class StateSpec:
     priority: Priority = Priority.NORMAL
     next_states: frozenset[str] | None = None
     on_failure: str | None = None
+    context_keys: tuple[str, ...] | None = None
+    """Keys (and ``"prefix*"`` patterns) the state may read and write; None: see :mod:`agent.scope`."""
 
     def max_retries_with(self, default_policy: RetryPolicy | None) -> int:
         """Retries after the first attempt: add_state(max_retries), else the state's policy, else the agent's."""

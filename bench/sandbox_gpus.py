@@ -1,10 +1,14 @@
 """Costs of the GPU allocator, the sandbox uid pool, entering a sandbox, and agent doctor.
 
-Prints one JSON object. Run as root: python bench/bench_sandbox_gpus.py
+``*_noop_state``: a no-op state run end to end through the executor, as the scheduler
+runs it (uid lease, cgroup, fork, sandbox, handshake, result, clean-up), for
+``process`` and ``sandbox``. Prints one JSON object. Run as root:
+python bench/sandbox_gpus.py
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import statistics
@@ -14,7 +18,10 @@ from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
+from agent.context import Context
+from agent.executor import Attempt, Isolation
 from agent.runtime.sandbox import enter_sandbox
+from agent.supervisor import get_executor, shutdown_supervisor
 from agent.supervisor.doctor import diagnose
 from agent.supervisor.gpus import GPUAllocator, GPUDevice, StaticInventory
 from agent.supervisor.sandbox import UidPool
@@ -45,6 +52,28 @@ def fork_and_wait(spec: dict | None) -> None:
     os.waitpid(pid, 0)
 
 
+async def noop(context: Context) -> None:
+    return None
+
+
+async def noop_states(isolation: Isolation, repeat: int) -> dict[str, float]:
+    """End-to-end time of ``repeat`` no-op attempts, one after the other (after 5 to warm up)."""
+    executor = get_executor(isolation)
+    ctx = Context(run_id="bench")
+    samples = []
+    for i in range(repeat + 5):
+        attempt = Attempt("bench", "bench", "noop", noop, i + 1, context=ctx, isolation=isolation)
+        start = time.perf_counter()
+        await executor.run_attempt(attempt)
+        samples.append((time.perf_counter() - start) * 1000)
+    samples = sorted(samples[5:])
+    return {
+        "p50_ms": round(statistics.median(samples), 3),
+        "p90_ms": round(samples[int(len(samples) * 0.9) - 1], 3),
+        "n": repeat,
+    }
+
+
 def main() -> None:
     gpus = [GPUDevice(i, f"GPU-{i}", "bench", 81920, f"0000:{i:02x}:00.0", i) for i in range(8)]
     alloc = GPUAllocator(StaticInventory(gpus))
@@ -66,6 +95,9 @@ def main() -> None:
         "doctor_diagnose": timed(diagnose, 5),
     }
     pool.close()
+    out["process_noop_state"] = asyncio.run(noop_states(Isolation.PROCESS, 100))
+    out["sandbox_noop_state"] = asyncio.run(noop_states(Isolation.SANDBOX, 100))
+    shutdown_supervisor()
     print(json.dumps(out))
 
 

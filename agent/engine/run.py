@@ -50,6 +50,7 @@ from ..errors import (
     UnknownNextStateError,
 )
 from ..executor import Attempt, Isolation
+from ..scope import ScopedContext, scope_for
 from ..state import AttemptRecord
 from ..status import AgentStatus, StateStatus
 from .admission import Admission
@@ -77,6 +78,7 @@ _STOP_PAUSE = StopReason.PAUSE
 _STOP_PREEMPT = StopReason.PREEMPT
 _STOP_TIMEOUT = StopReason.TIMEOUT
 _INLINE = Isolation.INLINE
+_SANDBOX = Isolation.SANDBOX
 
 _FINISHED_FOR_GOOD = (_FAILED, _TIMEOUT, _CANCELLED, _BLOCKED)
 
@@ -703,6 +705,8 @@ class Run:
         hook = self.human_hooks.get(name) or self.agent._human_hook(name)
         view = self.context._attempt_view(name, number, hook)
         isolation = spec.isolation or self.default_isolation
+        if spec.context_keys is not None or isolation is _SANDBOX:  # add_state(context_keys=...)
+            view = ScopedContext.over(view, scope_for(isolation, spec.context_keys))  # type: ignore[arg-type]
         if isolation is _INLINE and not self.hooks:
             # Stepped eagerly: a state that never awaits finishes here, without a task.
             try:

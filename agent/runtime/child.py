@@ -2,9 +2,9 @@
 
 Runs in a process forked by the zygote. It dies with the zygote (parent-death
 signal), writes its stdout/stderr to the attempt's log file, joins its cgroups before
-anything else runs, enters its sandbox (if any) after the state's code is loaded and
-before it runs, and always leaves through ``os._exit`` so nothing inherited from the
-zygote runs at exit.
+anything else runs, leaves the machine's namespaces once connected and enters its
+sandbox (if any) after the state's code is loaded and before it runs, and always leaves
+through ``os._exit`` so nothing inherited from the zygote runs at exit.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from __future__ import annotations
 import _signal
 import asyncio
 import ctypes
-import inspect
 import os
+import select
 import signal
+import socket
 import sys
 import traceback
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import uvloop
 
@@ -42,22 +43,33 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
-def child_main(packed_spec: bytes, parent_pid: int, inherited_fds: list[int]) -> NoReturn:
-    """Become the child described by ``packed_spec`` (msgpack, from the supervisor); never return.
+def child_main(
+    spec_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], notify_fd: int | None,
+    namespaces: list[int] | None = None,
+) -> NoReturn:
+    """Become the child whose spec (msgpack, from the supervisor) is in ``spec_fd``; never return.
 
-    The spec arrives packed and is unpacked here: the zygote then allocates nothing per
-    child, and every page it writes between forks is a copy-on-write fault.
+    The spec is read here, after the fork, so the zygote never holds it (see
+    :mod:`agent.runtime.zygote`). ``zygote_fds`` are the zygote's own descriptors; a
+    sandboxed child (``notify_fd`` is its socket for the seccomp listener, ``namespaces``
+    the network and IPC namespaces made for it, if any) closes every descriptor but its
+    own instead.
     """
     code = EXIT_SETUP_FAILED
     try:
-        spec = unpack(packed_spec, _SPEC_LIMITS)
         set_parent_death_signal()
-        if os.getppid() != parent_pid:
-            os._exit(EXIT_SETUP_FAILED)
+        if zygote_pidfd is not None and select.select([zygote_pidfd], [], [], 0)[0]:
+            os._exit(EXIT_SETUP_FAILED)  # the zygote died before the death signal was set
+        spec = unpack(_read_all(spec_fd), _SPEC_LIMITS)
         reset_signals()
-        for fd in inherited_fds:
-            os.close(fd)
-        os.setpgid(0, 0)
+        sandbox = spec["confine"].get("sandbox")
+        if notify_fd is not None:
+            _close_all_but(0, 1, 2, notify_fd, *(namespaces or ()))
+            os.setsid()  # its own session, process group and no controlling terminal
+        else:
+            for fd in (spec_fd, *zygote_fds):
+                os.close(fd)
+            os.setpgid(0, 0)
         # The log is opened before confinement: a sandbox may no longer reach its directory.
         log_fd = os.open(spec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         null_fd = os.open(os.devnull, os.O_RDONLY)
@@ -66,7 +78,7 @@ def child_main(packed_spec: bytes, parent_pid: int, inherited_fds: list[int]) ->
         os.dup2(log_fd, 2)
         os.close(log_fd)
         os.close(null_fd)
-        confine_before_connect(spec["confine"])
+        confine.apply(spec["confine"])
         sys.path[:] = spec["sys_path"]
         sys.argv[:] = spec["argv"]  # the supervisor's, not the zygote's
         try:
@@ -78,13 +90,23 @@ def child_main(packed_spec: bytes, parent_pid: int, inherited_fds: list[int]) ->
             spec["endpoint"], spec["secret"], max_frame=spec["max_frame"] + FRAME_OVERHEAD,
             peer_hwm=spec["receive_hwm"],
         )
+        before_run = None
+        if sandbox is not None:
+            from . import sandbox as sandbox_module
+
+            notify = socket.socket(fileno=notify_fd) if notify_fd is not None else None
+            before_run = lambda: sandbox_module.enter_sandbox(sandbox, notify)  # noqa: E731
         session = ChildSession(
             transport, pid=os.getpid(), limits=Limits(max_frame=spec["max_frame"]),
-            before_run=lambda: confine_before_run(spec["confine"]),
+            before_run=before_run, context_keys=spec.get("context_keys"),
         )
         session.hello()
+        if sandbox is not None:
+            sandbox_module.leave_namespaces(sandbox, namespaces)  # while the supervisor answers
+        del spec
         # A loop of its own, never closed: the process ends with os._exit right after.
-        loop = uvloop.new_event_loop()
+        # (A sandbox's is asyncio's: libuv's io_uring is denied by its seccomp filter.)
+        loop = uvloop.new_event_loop() if sandbox is None else asyncio.SelectorEventLoop()
         asyncio.set_event_loop(loop)
         loop.run_until_complete(serve(session, transport))
         code = EXIT_OK
@@ -102,6 +124,24 @@ def child_main(packed_spec: bytes, parent_pid: int, inherited_fds: list[int]) ->
         os._exit(code)
 
 
+def _read_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, size, 0)
+    if len(data) != size:
+        raise OSError(f"the spec is {size} bytes but {len(data)} could be read")
+    return data
+
+
+def _close_all_but(*keep: int) -> None:
+    """Close every descriptor of this process except ``keep``."""
+    low = 0
+    for fd in sorted(keep):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+
+
 def reset_signals() -> None:
     """Default signal handling, as a fresh process has; SIGTERM unblocked (the zygote blocks it).
 
@@ -113,33 +153,6 @@ def reset_signals() -> None:
     for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
         _signal.signal(sig, _signal.SIG_DFL)
     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, (signal.SIGTERM,))
-
-
-_SPLIT_SANDBOX = "sandbox" in inspect.signature(confine.apply).parameters
-
-
-def confine_before_connect(child_spec: dict[str, Any]) -> None:
-    """Cgroups, limits and environment now; a sandbox only leaves the network here.
-
-    The network namespace belongs to threads, so it is left while the process has only
-    one (the child's DEALER starts none); the uid drop waits until the state's code is loaded
-    (:func:`confine_before_run`), while the private directories are still readable.
-    """
-    if not _SPLIT_SANDBOX:
-        confine.apply(child_spec)
-        return
-    confine.apply(child_spec, sandbox=False)
-    sandbox = child_spec.get("sandbox")
-    if sandbox is not None and not sandbox.get("network", False):
-        from .sandbox import isolate_network
-
-        isolate_network()
-
-
-def confine_before_run(child_spec: dict[str, Any]) -> None:
-    """Enter the sandbox, if any, once the state function and its modules are loaded."""
-    if _SPLIT_SANDBOX:
-        confine.enter_sandbox(child_spec)  # type: ignore[attr-defined]
 
 
 async def serve(session: ChildSession, transport: DealerTransport) -> None:

@@ -2,9 +2,9 @@
 
 The order matters: the child joins its cgroup(s) first, so every byte and every
 process it creates afterwards is counted and limited; then rlimits and the
-environment (GPU pinning); the sandbox (uid switch) comes last because only root may
-write ``cgroup.procs`` and raise limits. This module imports nothing of the
-supervisor: ``child_spec`` is plain data.
+environment (GPU pinning). The sandbox (namespaces, uid switch) comes later, from
+:mod:`agent.runtime.child`, because only root may write ``cgroup.procs`` and raise
+limits. This module imports nothing of the supervisor: ``child_spec`` is plain data.
 
 ``child_spec`` keys, all optional:
 
@@ -16,7 +16,8 @@ supervisor: ``child_spec`` is plain data.
   what it inherited plus this), the no-cgroup fallback's memory backstop;
 * ``env``: variables to set;
 * ``gpu``: ``{"env": {...}}``, variables that pin CUDA to the assigned GPUs;
-* ``sandbox``: the spec for :func:`agent.runtime.sandbox.enter_sandbox`.
+* ``sandbox``: the spec for :func:`agent.runtime.sandbox.enter_sandbox` (applied by the
+  child itself, after this).
 """
 
 from __future__ import annotations
@@ -71,28 +72,14 @@ def set_environment(child_spec: dict[str, Any]) -> None:
         os.environ.update({str(k): str(v) for k, v in gpu.get("env", {}).items()})
 
 
-def enter_sandbox(child_spec: dict[str, Any]) -> None:
-    """Drop into the sandbox described by the spec, when it has one."""
-    spec = child_spec.get("sandbox")
-    if spec is None:
-        return
-    from .sandbox import enter_sandbox as enter
+def apply(child_spec: dict[str, Any]) -> None:
+    """Join the attempt's cgroup(s), set limits and the GPU environment.
 
-    enter(spec)
-
-
-def apply(child_spec: dict[str, Any], *, sandbox: bool = True) -> None:
-    """Join the attempt's cgroup(s), set limits and the GPU environment, enter the sandbox.
-
-    ``child_spec`` is the plain dict built by the supervisor's Confiner. With
-    ``sandbox=False`` the caller enters the sandbox itself later (with
-    :func:`enter_sandbox`), e.g. after loading code a sandbox uid could not read.
-    Raises OSError when a step fails; the child must then exit without running the state.
+    ``child_spec`` is the plain dict built by the supervisor's Confiner. Raises OSError
+    when a step fails; the child must then exit without running the state.
     """
     join_cgroups(child_spec)
     if child_spec.get("process_group") and os.getpgid(0) != os.getpid():
         os.setpgid(0, 0)
     set_limits(child_spec)
     set_environment(child_spec)
-    if sandbox:
-        enter_sandbox(child_spec)

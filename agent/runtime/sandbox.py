@@ -1,19 +1,28 @@
-"""Child side of the ``sandbox`` isolation level: drop into an unprivileged, offline process.
+"""Child side of the ``sandbox`` isolation level: become an unprivileged, contained process.
 
-Two steps, because they have to happen at different moments of a child's life:
+The bar is systemd's hardening (``DynamicUser``, ``PrivateTmp``, ``PrivateIPC``,
+``PrivateDevices``, ``ProtectSystem=strict``, ``ProtectProc=invisible``,
+``NoNewPrivileges``, ``RestrictNamespaces``, ``SystemCallFilter``, ``LimitFSIZE``,
+``KeyringMode=private``), reached at fork speed. The zygote forks a sandboxed child as
+PID 1 of a new PID namespace; the child then, in two steps:
 
-1. :func:`isolate_network` right after fork, before any thread exists (a thread started
-   earlier would stay in the machine's network namespace: namespaces belong to threads). A unix socket path (``ipc://``)
-   still works from the new namespace; abstract unix sockets and TCP do not.
-2. :func:`enter_sandbox` after the child has connected to the supervisor, said hello and
-   loaded the state function and its modules, so code under a private directory (a
-   0700 home) still loads. The IPC connection is already established at that point and
-   keeps working after the uid changes; the IPC directory stays 0700 root, so the
-   sandbox can never open a new connection to it (nor to any other child's socket).
+1. :func:`leave_namespaces`, once it is connected to the supervisor: new network, mount
+   and IPC namespaces (namespaces belong to threads, so every thread must be inside:
+   checked). A connected unix socket keeps working across them.
+2. :func:`enter_sandbox`, once the state function and its modules are loaded (so code
+   under a private directory still loads): a read-only, ``nosuid`` view of the whole
+   filesystem with a private size-limited ``/tmp`` (also ``/var/tmp``), a minimal
+   ``/dev`` (null, zero, full, random, urandom, tty and the GPUs it was given), an empty
+   ``/dev/shm`` and ``/dev/mqueue``, and a ``/proc`` that shows only its own processes;
+   its own session, resource limits, a fresh session keyring, the sandbox uid and gid (no
+   way back), no new privileges, not dumpable, the supervisor's environment wiped from
+   memory, and last the seccomp filter (:mod:`agent.runtime.seccomp`).
 
-Everything here is plain ``os``/``resource`` plus ``prctl``/``unshare`` from libc via
-ctypes (``os.unshare`` is Python 3.12+). Each step raises ``OSError`` when it fails;
-the child must then exit without running user code.
+Being PID 1 of its namespace, the state's process takes every process it leaves behind
+with it when it ends, and signals it sends to itself are ignored unless it handles them
+(as for any container's init). Everything here is ``os``/``resource`` plus libc through
+ctypes (``os.unshare`` is Python 3.12+). Each step raises ``OSError`` when it fails; the
+child must then exit without running user code.
 """
 
 from __future__ import annotations
@@ -21,15 +30,30 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import socket
+import stat
 from typing import Any
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWNET = 0x40000000
+from . import seccomp
+
+CLONE_NEWNS = seccomp.CLONE_NEWNS
+CLONE_NEWIPC = seccomp.CLONE_NEWIPC
+CLONE_NEWNET = seccomp.CLONE_NEWNET
+CLONE_NEWPID = seccomp.CLONE_NEWPID
+MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
-MS_SLAVE = 1 << 19
+MS_PRIVATE = 1 << 18
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+SYS_MOUNT_SETATTR = 442  # the same number on every architecture
+KEYCTL_JOIN_SESSION_KEYRING = 1
 PR_SET_PDEATHSIG = 1
 PR_GET_PDEATHSIG = 2
 PR_GET_DUMPABLE = 3
@@ -37,12 +61,19 @@ PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
 
+# Device nodes every sandbox gets (bound from the machine's /dev), then its GPUs.
+BASIC_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+DEFAULT_TMP_MB = 256
+DEFAULT_SHM_MB = 64
+
 _RLIMITS = {
     "nofile": resource.RLIMIT_NOFILE,
     "nproc": resource.RLIMIT_NPROC,
     "core": resource.RLIMIT_CORE,
     "fsize": resource.RLIMIT_FSIZE,
     "as": resource.RLIMIT_AS,
+    "msgqueue": resource.RLIMIT_MSGQUEUE,
+    "memlock": resource.RLIMIT_MEMLOCK,
 }
 
 _libc: ctypes.CDLL | None = None
@@ -52,12 +83,13 @@ def _lib() -> ctypes.CDLL:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
     return _libc
 
 
 def _call(name: str, *args: int) -> int:
     func = getattr(_lib(), name)
-    result = func(*(ctypes.c_ulong(a) for a in args))
+    result = func(*(ctypes.c_long(a) for a in args))
     if result == -1:
         err = ctypes.get_errno()
         raise OSError(err, f"{name}{args}: {os.strerror(err)}")
@@ -78,12 +110,20 @@ def get_pdeathsig() -> int:
     return sig.value
 
 
-# The namespace this process left, so a second call (from enter_sandbox) does nothing.
+def unshare(flags: int) -> None:
+    """libc ``unshare(flags)``; raises OSError on failure."""
+    _call("unshare", flags)
+
+
+# --- namespaces -------------------------------------------------------------------------
+
+
+def _ns(kind: str) -> int:
+    return os.stat(f"/proc/thread-self/ns/{kind}").st_ino
+
+
+# The network namespace this process left, so a second call does nothing.
 _left_netns: int | None = None
-
-
-def _netns() -> int:
-    return os.stat("/proc/thread-self/ns/net").st_ino
 
 
 def isolate_network() -> None:
@@ -92,11 +132,69 @@ def isolate_network() -> None:
     Idempotent: once this process has left its original namespace it stays out.
     """
     global _left_netns
-    if _left_netns is not None and _netns() != _left_netns:
+    if _left_netns is not None and _ns("net") != _left_netns:
         return
-    before = _netns()
-    _call("unshare", CLONE_NEWNET)
+    before = _ns("net")
+    unshare(CLONE_NEWNET)
     _left_netns = before
+
+
+def _threads_in_other_netns() -> list[int]:
+    own = _ns("net")
+    others = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            if os.stat(f"/proc/self/task/{tid}/ns/net").st_ino != own:
+                others.append(int(tid))
+        except FileNotFoundError:  # the thread just ended
+            continue
+    return others
+
+
+# The mount namespace of this process when it left its parent's (None: not yet).
+_own_mntns: int | None = None
+
+
+def leave_namespaces(spec: dict[str, Any], made: list[int] | None = None) -> None:
+    """New network (unless the spec allows it), mount and IPC namespaces; idempotent.
+
+    ``made`` are descriptors of fresh network and IPC namespaces made ahead (by the
+    zygote) to enter instead of making them here; they are closed.
+    """
+    global _own_mntns, _left_netns
+    if made:
+        net, ipc = made
+        try:
+            if not spec.get("network", False):
+                before = _ns("net")
+                _setns(net, CLONE_NEWNET)
+                _left_netns = before
+            _setns(ipc, CLONE_NEWIPC)
+        finally:
+            os.close(net)
+            os.close(ipc)
+    elif not spec.get("network", False):
+        isolate_network()
+    if not spec.get("network", False):
+        stray = _threads_in_other_netns()
+        if stray:
+            raise OSError(
+                1,
+                f"threads {stray} are outside the sandbox's network namespace: call "
+                "isolate_network() before starting threads",
+            )
+    if _own_mntns is None or _ns("mnt") != _own_mntns:
+        unshare(CLONE_NEWNS | (0 if made else CLONE_NEWIPC))
+        _own_mntns = _ns("mnt")
+
+
+def _setns(fd: int, nstype: int) -> None:
+    if _lib().setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns({nstype:#x}): {os.strerror(err)}")
+
+
+# --- the filesystem -----------------------------------------------------------------------
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
@@ -108,37 +206,100 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
         raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
 
 
-def private_tmp(tmpdir: str, shm_size_mb: int = 64) -> None:
-    """Give this process its own ``/tmp`` and ``/var/tmp`` (``tmpdir`` bound over both) and an empty ``/dev/shm``.
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
-    A new mount namespace whose mounts never propagate back to the machine, so what a
-    state leaves in /tmp is in its own directory (removed by the supervisor), and it
-    sees nothing of other states' or the machine's temporary files.
+
+def _read_only_everywhere() -> None:
+    """Every mount of this namespace read-only and ``nosuid``.
+
+    One ``mount_setattr(AT_RECURSIVE)`` (Linux 5.12+), else a bind remount of each mount
+    point listed in mountinfo, keeping its other flags (what bubblewrap does).
     """
-    _call("unshare", CLONE_NEWNS)
-    _mount(None, "/", None, MS_REC | MS_SLAVE)
-    # Bind through a descriptor: the first bind may hide tmpdir's own path (it lives in /tmp).
-    fd = os.open(tmpdir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        for shared in ("/tmp", "/var/tmp"):
-            if os.path.isdir(shared):
-                _mount(f"/proc/self/fd/{fd}", shared, None, MS_BIND)
-    finally:
-        os.close(fd)
-    if os.path.isdir("/dev/shm"):
-        _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"size={shm_size_mb}m,mode=1777")
-
-
-def _threads_in_other_netns() -> list[int]:
-    own = os.stat("/proc/thread-self/ns/net").st_ino
-    others = []
-    for tid in os.listdir("/proc/self/task"):
+    attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
+    result = _lib().syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_long(AT_FDCWD), b"/",
+                            ctypes.c_long(AT_RECURSIVE), ctypes.byref(attr), ctypes.c_long(ctypes.sizeof(attr)))
+    if result == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (38, 22):  # ENOSYS, EINVAL: an older kernel
+        raise OSError(err, f"mount_setattr(/, read-only, recursive): {os.strerror(err)}")
+    for target, flags in _mount_points():
         try:
-            if os.stat(f"/proc/self/task/{tid}/ns/net").st_ino != own:
-                others.append(int(tid))
-        except FileNotFoundError:  # the thread just ended
-            continue
-    return others
+            _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | flags)
+        except OSError as exc:
+            if exc.errno != 13:  # EACCES: a mount point root cannot reach, so no one can
+                raise
+
+
+_OPTION_FLAGS = {"nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}
+
+
+def _mount_points() -> list[tuple[str, int]]:
+    """(mount point, per-mount flags to keep) for each line of /proc/self/mountinfo."""
+    points = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            target = fields[4].encode().decode("unicode_escape").encode("latin-1").decode()
+            flags = 0
+            for option in fields[5].split(","):
+                flags |= _OPTION_FLAGS.get(option, 0)
+            points.append((target, flags))
+    return points
+
+
+def _private_dev(devices: list[str]) -> None:
+    """A fresh /dev holding only the basic devices and ``devices`` (paths under /dev).
+
+    Each node is made anew (``mknod`` with the machine's numbers and mode), not bound:
+    a bind mount per node costs as much to make and again to tear down when the state
+    ends. The devices cgroup still decides which of them may be opened.
+    """
+    keep = [f"/dev/{name}" for name in BASIC_DEVICES] + [d for d in devices if d.startswith("/dev/")]
+    nodes = []
+    for path in keep:
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue  # not on this machine
+        if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
+            nodes.append((path, info))
+    _mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,nr_inodes=256,mode=755")
+    old_umask = os.umask(0)
+    try:
+        for path, info in nodes:
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            os.mknod(path, info.st_mode, info.st_rdev)
+            if (info.st_uid, info.st_gid) != (0, 0):
+                os.chown(path, info.st_uid, info.st_gid)
+        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+            os.symlink(target, f"/dev/{name}")
+        for name in ("shm", "mqueue"):
+            os.mkdir(f"/dev/{name}", 0o755)
+    finally:
+        os.umask(old_umask)
+
+
+def isolate_filesystem(spec: dict[str, Any]) -> None:
+    """The sandbox's view of the filesystem (in its own mount namespace, see the module)."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing propagates in or out
+    _private_dev(list(spec.get("devices", ())))
+    _read_only_everywhere()
+    tmp_mb = int(spec.get("tmp_mb", DEFAULT_TMP_MB))
+    writable = MS_NOSUID | MS_NODEV
+    _mount("tmpfs", "/tmp", "tmpfs", writable, f"size={tmp_mb}m,nr_inodes={max(1024, tmp_mb * 64)},mode=1777")
+    if os.path.isdir("/var/tmp"):
+        _mount("/tmp", "/var/tmp", None, MS_BIND)
+    _mount("tmpfs", "/dev/shm", "tmpfs", writable | MS_NOEXEC,
+           f"size={int(spec.get('shm_mb', DEFAULT_SHM_MB))}m,nr_inodes=4096,mode=1777")
+    _mount("mqueue", "/dev/mqueue", "mqueue", writable | MS_NOEXEC)
+    _mount("proc", "/proc", "proc", writable | MS_NOEXEC)  # this PID namespace's processes
+
+
+# --- identity and the rest ------------------------------------------------------------------
 
 
 def _limit(name: str, value: int) -> None:
@@ -149,48 +310,65 @@ def _limit(name: str, value: int) -> None:
     resource.setrlimit(which, (value, value))
 
 
+def join_new_session_keyring() -> None:
+    """Subscribe to a new, empty session keyring: none of the supervisor's keys are reachable."""
+    nr = {"x86_64": 250, "aarch64": 219}.get(seccomp.machine())
+    if nr is None:
+        raise OSError(38, f"no keyctl syscall number for {seccomp.machine()}")
+    if _lib().syscall(ctypes.c_long(nr), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING), None) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"keyctl(JOIN_SESSION_KEYRING): {os.strerror(err)}")
+
+
 def _scrub_environment(keep: list[str], set_: dict[str, str]) -> None:
-    kept = {k: os.environ[k] for k in keep if k in os.environ}
-    os.environ.clear()  # unsetenv()s every variable, so child processes inherit none
-    # posix.environ is the interpreter's own startup copy, separate from os.environ.
+    """Only ``keep`` and ``set_`` stay; the rest is unset and overwritten in memory.
+
+    The environment the zygote started with is in every child's memory twice: the
+    initial block on the stack (``/proc/self/environ``) and the bytes objects of
+    ``os.environ``. Both are zeroed, so the sandbox cannot read the supervisor's
+    variables out of its own memory.
+    """
     import posix
 
-    posix.environ.clear()
+    kept = {k: os.environ[k] for k in keep if k in os.environ}
+    for value in posix.environ.values():
+        if len(value) > 1:  # one-byte bytes objects are shared singletons
+            ctypes.memset(value, 0, len(value))
+    _lib().clearenv()  # the C library's environ: what child processes inherit
+    posix.environ.clear()  # os.environ's own mapping
+    fd = os.open("/proc/self/stat", os.O_RDONLY)
+    try:
+        fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
+    finally:
+        os.close(fd)
+    env_start, env_end = int(fields[47]), int(fields[48])  # fields 50 and 51 of proc(5)
+    if 0 < env_start < env_end:
+        ctypes.memset(env_start, 0, env_end - env_start)
     os.environ.update(kept)
     os.environ.update(set_)
 
 
-def enter_sandbox(spec: dict[str, Any]) -> None:
+def enter_sandbox(spec: dict[str, Any], notify: socket.socket | None = None) -> None:
     """Become the sandbox described by ``spec`` (built by the supervisor's ``sandbox_spec``).
 
-    In order: private network namespace (unless already entered, and every thread must be
-    in it), a private /tmp and /dev/shm (when the spec has a ``tmpdir``), resource limits, no supplementary groups, the sandbox gid and uid (real,
-    effective and saved: there is no way back), no new privileges, not dumpable (no
-    ptrace, no core, /proc entries owned by root), the parent-death signal restored (a
-    credential change clears it), a scrubbed environment, cwd and umask.
+    ``notify`` is a datagram socket to the zygote: the seccomp listener is sent over it,
+    so that the zygote answers denied calls and names them. Without it the filter
+    answers EPERM itself. The order matters: namespaces and mounts need root; the
+    uid switch clears the parent-death signal (restored); the filter comes last because
+    it forbids mounts and keyrings.
     """
     uid = int(spec["uid"])
     gid = int(spec.get("gid", uid))
     if uid == 0 or gid == 0:
         raise OSError(1, "a sandbox must not run as root (uid/gid 0)")
-
-    if not spec.get("network", False):
-        isolate_network()
-        stray = _threads_in_other_netns()
-        if stray:
-            raise OSError(
-                1,
-                f"threads {stray} are outside the sandbox's network namespace: call "
-                "isolate_network() before starting threads",
-            )
-
-    tmpdir = spec.get("tmpdir")
-    if tmpdir and spec.get("private_tmp", True):
-        private_tmp(str(tmpdir))
-        tmpdir = "/tmp"
-
+    if os.getsid(0) != os.getpid():
+        os.setsid()  # its own session and process group, no controlling terminal
+    leave_namespaces(spec)
+    if spec.get("filesystem", True):
+        isolate_filesystem(spec)
     for name, value in dict(spec.get("rlimits", {})).items():
         _limit(name, int(value))
+    join_new_session_keyring()
 
     pdeathsig = get_pdeathsig()
     os.setgroups([])
@@ -201,9 +379,19 @@ def enter_sandbox(spec: dict[str, Any]) -> None:
     if pdeathsig:
         prctl(PR_SET_PDEATHSIG, pdeathsig)
 
+    tmp = "/tmp" if spec.get("filesystem", True) else None
     env_set = {"HOME": str(spec.get("home", "/nonexistent"))}
-    if tmpdir:
-        env_set["TMPDIR"] = str(tmpdir)
+    if tmp:
+        env_set["TMPDIR"] = tmp
     _scrub_environment(list(spec.get("env_keep", [])), env_set)
-    os.chdir(str(tmpdir or "/"))
+    os.chdir(tmp or "/")
     os.umask(0o077)
+    if spec.get("seccomp", True):
+        listener = seccomp.install(listener=notify is not None)
+        if listener is not None and notify is not None:
+            try:
+                socket.send_fds(notify, [b"L"], [listener])
+            finally:
+                os.close(listener)
+    if notify is not None:
+        notify.close()

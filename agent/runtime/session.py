@@ -36,6 +36,7 @@ from ..ipc import (
     encode_value,
 )
 from ..ipc.messages import FROM_SUPERVISOR
+from ..scope import ContextScope, ScopedContext
 
 _FRAME_SLACK = 4096  # room for the message around an encoded value
 
@@ -50,9 +51,12 @@ class ChildSession:
         pid: int,
         limits: Limits | None = None,
         before_run: Callable[[], None] | None = None,
+        context_keys: list[str] | None = None,
     ) -> None:
         self._transport = transport
         self._before_run = before_run
+        # The supervisor sends only the keys in scope; the scope makes other keys an error.
+        self._scope = None if context_keys is None else ContextScope(context_keys)
         self._pid = pid
         self._limits = limits or Limits()
         self._pending: dict[int, asyncio.Future[HumanInputResponse]] = {}
@@ -127,6 +131,8 @@ class ChildSession:
             on_write=self._on_write,
             human_input=self._ask_human,
         )
+        if self._scope is not None:
+            context = ScopedContext.over(context, self._scope)
         return func, context
 
     # --- outgoing -------------------------------------------------------------------------

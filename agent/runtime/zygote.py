@@ -3,10 +3,21 @@
 Started once per supervisor (``python -m agent.runtime.zygote FD PARENT_PID [PATH...]``).
 It holds no threads and no ZeroMQ context, so a fork is a cheap, safe copy. Over the
 control socket ``FD`` it reads length-prefixed requests (``spawn``, ``kill``) and writes
-reports (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status). It exits,
-killing its children, when the supervisor closes the socket or dies (parent-death
-signal), and then removes the PATHs (the supervisor's private directories), so that even
-a supervisor killed outright leaves no files behind.
+reports (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status, ``denied``
+for a sandbox's system call refused by seccomp). It exits, killing its children, when the
+supervisor closes the socket or dies (parent-death signal), and then removes the PATHs
+(the supervisor's private directories), so that even a supervisor killed outright leaves
+no files behind.
+
+The zygote never holds a child's secrets: each ``spawn`` request comes with a descriptor
+(``SCM_RIGHTS``) of a memfd holding the child's spec (its channel secret, argv, paths),
+which only the child reads, after the fork. A fork copies the zygote's heap into the
+child, freed memory included, so a spec the zygote had read would reach every later
+child. A sandboxed child is forked as PID 1 of a new PID namespace (the zygote unshares
+it for that one fork, then returns to its own), gets fresh network and IPC namespaces
+the zygote made ahead while idle, closes every descriptor it inherited but its own,
+and hands its seccomp listener back over a datagram socket; the zygote answers each
+denied call with EPERM and reports it.
 
 Most of a child's cost is copy-on-write: each page of the zygote a child writes is
 copied. Hence: the zygote is warmed up by serving whole attempts in-process before it
@@ -14,12 +25,13 @@ forks (:func:`warm_up`); being single-threaded, it forks through libc rather tha
 ``os.fork``, whose after-fork work in the child (resetting locks and thread state,
 which one thread leaves consistent, and every loaded module's ``os.register_at_fork``
 hook) writes a few hundred pages (the one hook a child needs, reseeding :mod:`random`,
-is done by hand); and it passes each child its spec as bytes, allocating nothing.
+is done by hand); and it passes each child a descriptor of its spec, allocating nothing.
 """
 
 from __future__ import annotations
 
 import _signal
+import array
 import ctypes
 import gc
 import os
@@ -31,22 +43,39 @@ import socket
 import struct
 import sys
 import threading
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 from ..ipc.codec import Limits, pack, unpack
 from . import child as child_module
+from . import seccomp
 from .child import set_parent_death_signal
+from .sandbox import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWPID, unshare
 
 _libc_fork = ctypes.PyDLL(None, use_errno=True).fork  # PyDLL: the GIL is held across it
 _HEADER = struct.Struct("!I")
 _SIGTERM = (int(signal.SIGTERM),)
 _CONTROL_LIMITS = Limits(max_frame=16 * 1024 * 1024)
+_MAX_FDS_PER_READ = 64
+# Denied calls answered per sandboxed child (then its listener is closed and further
+# denied calls fail with ENOSYS), and reported to the supervisor.
+MAX_ANSWERS = 256
+MAX_REPORTS = 8
+# Fresh network and IPC namespaces made ahead, while idle: a network namespace costs
+# about 1.5 ms to make, which a sandboxed child then does not wait for.
+SPARE_NAMESPACES = 2
+_UCRED = struct.Struct("iII")
+
+
+def frame(obj: Any) -> bytes:
+    """``obj`` as one length-prefixed frame of the control socket."""
+    data = pack(obj, strict=False)
+    return _HEADER.pack(len(data)) + data
 
 
 def write_frame(sock: socket.socket, obj: Any) -> None:
-    data = pack(obj, strict=False)
-    sock.sendall(_HEADER.pack(len(data)) + data)
+    sock.sendall(frame(obj))
 
 
 def read_frames(buffer: bytearray) -> list[Any]:
@@ -61,20 +90,57 @@ def read_frames(buffer: bytearray) -> list[Any]:
     return out
 
 
+def receive(sock: socket.socket, buffer: bytearray, fds: deque[int]) -> bool:
+    """Read what is there into ``buffer`` and descriptors passed with it into ``fds``;
+    False at end of stream."""
+    data, received, _, _ = socket.recv_fds(sock, 1 << 16, _MAX_FDS_PER_READ)
+    fds.extend(received)
+    if not data:
+        return False
+    buffer += data
+    return True
+
+
 def _thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
+
+
+def _open_ns(kind: str) -> int:
+    return os.open(f"/proc/thread-self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _setns(fd: int, nstype: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, nstype) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"setns: {os.strerror(errno)}")
 
 
 class Zygote:
     """The fork loop."""
 
-    def __init__(self, control: socket.socket, parent_pid: int) -> None:
+    def __init__(self, control: socket.socket, parent_pid: int, spec_fds: deque[int] | None = None) -> None:
         self._control = control
         self._parent_pid = parent_pid
         self._children: set[int] = set()
+        self._spec_fds: deque[int] = spec_fds if spec_fds is not None else deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Checked once: the zygote starts no thread, so this stays true.
         self._single_threaded = _thread_count() == 1
+        # Children check this to learn whether the zygote died before they asked for
+        # its death signal (getppid() says nothing to PID 1 of a namespace).
+        try:
+            self._pidfd: int | None = os.pidfd_open(os.getpid())
+        except OSError:
+            self._pidfd = None
+        # Made at the first sandboxed spawn: the PID namespace to come back to, and the
+        # socket sandboxed children send their seccomp listener over.
+        self._pidns: int | None = None
+        self._own_ns: tuple[int, int] | None = None  # network, IPC
+        self._spares: deque[tuple[int, int]] = deque()
+        self._notify: tuple[socket.socket, socket.socket] | None = None
+        self._listeners: dict[int, list[int]] = {}  # fd -> [child pid, answered, reported]
+        self._poll = select.poll()
 
     def serve(self, pending: list[Any], buffer: bytearray) -> None:
         """Serve requests until the supervisor goes: ``pending`` ones first, then the socket's
@@ -84,43 +150,81 @@ class Zygote:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         for request in pending:
             self._handle(request)
+        control, wake = self._control.fileno(), self._wake_r
+        for fd in (control, wake):
+            self._poll.register(fd, select.POLLIN)
         while True:
-            readable, _, _ = select.select([self._control, self._wake_r], [], [])
-            if self._wake_r in readable:
-                self._drain_wakeups()
-                self._reap()
-            if self._control in readable:
-                data = self._control.recv(1 << 16)
-                if not data:
+            events = dict(self._poll.poll())
+            if control in events:
+                if not receive(self._control, buffer, self._spec_fds):
                     break
-                buffer += data
                 for request in read_frames(buffer):
                     self._handle(request)
+            if wake in events:
+                self._drain_wakeups()
+                self._reap()
+            if self._notify is not None and self._notify[0].fileno() in events:
+                self._adopt_listener()
+            for fd, mask in events.items():
+                if fd in self._listeners:
+                    self._answer(fd, mask)
+            while self._own_ns is not None and len(self._spares) < SPARE_NAMESPACES and not self._poll.poll(0):
+                self._make_spare()
         self._kill_all()
 
     def _handle(self, request: dict[str, Any]) -> None:
         op = request.get("op")
         if op == "spawn":
-            self._spawn(request["id"], request["spec"])
+            self._spawn(request["id"], bool(request.get("sandbox")))
         elif op == "kill":
             self._kill(request["pid"], request.get("signal", signal.SIGKILL))
 
-    def _spawn(self, request_id: int, spec: bytes) -> None:
+    def _private_fds(self) -> list[int]:
+        """Descriptors of the zygote's own that no child keeps."""
+        fds = [self._control.fileno(), self._wake_r, self._wake_w, *self._listeners, *self._spec_fds]
+        if self._notify is not None:
+            fds += [sock.fileno() for sock in self._notify]
+        for pair in (self._own_ns, *self._spares):
+            fds += pair or ()
+        return fds + [fd for fd in (self._pidfd, self._pidns) if fd is not None]
+
+    def _spawn(self, request_id: int, sandbox: bool) -> None:
+        if not self._spec_fds:
+            write_frame(self._control, {"op": "spawn_failed", "id": request_id,
+                                        "error": "the spawn request came without its spec"})
+            return
+        spec_fd = self._spec_fds.popleft()
+        spare: tuple[int, int] | tuple[()] = ()
+        try:
+            if sandbox:
+                self._prepare_sandboxes()
+                spare = self._spares.popleft() if self._spares else ()
+                unshare(CLONE_NEWPID)  # the next child is PID 1 of a namespace of its own
+        except OSError as exc:
+            for fd in (spec_fd, *spare):
+                os.close(fd)
+            write_frame(self._control, {"op": "spawn_failed", "id": request_id,
+                                        "error": f"cannot make a PID namespace: {exc}"})
+            return
         # SIGTERM (the zygote's own clean-up) stays blocked in the child until it resets it.
         # (``_signal``: the ``signal`` wrapper builds an enum set of the old mask per call.)
         _signal.pthread_sigmask(signal.SIG_BLOCK, _SIGTERM)
         try:
             pid = self._fork()
         except OSError as exc:
-            _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
-            write_frame(self._control, {"op": "spawn_failed", "id": request_id, "error": str(exc)})
-            return
-        if pid != 0:
-            _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
+            pid = -1
+            error = str(exc)
         if pid == 0:
-            child_module.child_main(
-                spec, os.getppid(), [self._control.fileno(), self._wake_r, self._wake_w]
-            )
+            notify = self._notify[1].fileno() if sandbox and self._notify is not None else None
+            child_module.child_main(spec_fd, self._pidfd, self._private_fds(), notify, list(spare))
+        _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
+        for fd in (spec_fd, *spare):
+            os.close(fd)
+        if sandbox:
+            _setns(self._pidns, CLONE_NEWPID)  # type: ignore[arg-type]
+        if pid < 0:
+            write_frame(self._control, {"op": "spawn_failed", "id": request_id, "error": error})
+            return
         self._children.add(pid)
         write_frame(self._control, {"op": "spawned", "id": request_id, "pid": pid})
 
@@ -149,6 +253,85 @@ class Zygote:
         except OSError:
             pass
 
+    def _prepare_sandboxes(self) -> None:
+        if self._pidns is None:
+            self._pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._own_ns = (_open_ns("net"), _open_ns("ipc"))
+            except OSError:
+                pass  # no spares: each child makes its own
+        if self._notify is None:
+            receiver, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            receiver.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            self._notify = (receiver, sender)
+            self._poll.register(receiver.fileno(), select.POLLIN)
+
+    def _make_spare(self) -> None:
+        """New network and IPC namespaces for a future sandboxed child; the zygote stays in its own."""
+        own_net, own_ipc = self._own_ns  # type: ignore[misc]
+        try:
+            unshare(CLONE_NEWNET | CLONE_NEWIPC)
+        except OSError:
+            self._own_ns = None  # cannot: children make their own
+            return
+        try:
+            spare = (_open_ns("net"), _open_ns("ipc"))
+        except OSError:
+            self._own_ns = None
+            spare = None
+        # Back home, or die trying: a zygote in the wrong namespaces must not fork.
+        _setns(own_net, CLONE_NEWNET)
+        _setns(own_ipc, CLONE_NEWIPC)
+        if spare is not None:
+            self._spares.append(spare)
+
+    def _adopt_listener(self) -> None:
+        """Take a sandboxed child's seccomp listener (sent with the child's credentials)."""
+        space = socket.CMSG_SPACE(array.array("i").itemsize) + socket.CMSG_SPACE(_UCRED.size)
+        try:
+            _, ancdata, _, _ = self._notify[0].recvmsg(16, space, socket.MSG_DONTWAIT)  # type: ignore[index]
+        except BlockingIOError:
+            return
+        fds, pid = [], None
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+            elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = _UCRED.unpack(data[: _UCRED.size])[0]
+        for fd in fds:
+            if pid in self._children and not any(entry[0] == pid for entry in self._listeners.values()):
+                self._listeners[fd] = [pid, 0, 0]
+                self._poll.register(fd, select.POLLIN)
+            else:
+                os.close(fd)
+
+    def _answer(self, fd: int, mask: int) -> None:
+        entry = self._listeners[fd]
+        if not mask & select.POLLIN:  # no task uses the filter any more
+            self._drop_listener(fd)
+            return
+        try:
+            denied = seccomp.answer(fd)
+        except OSError:
+            self._drop_listener(fd)
+            return
+        if denied is not None:
+            entry[1] += 1
+            if entry[2] < MAX_REPORTS:
+                entry[2] += 1
+                try:
+                    write_frame(self._control, {"op": "denied", "pid": entry[0],
+                                                "call": seccomp.syscall_name(denied[1])})
+                except OSError:
+                    pass
+        if entry[1] >= MAX_ANSWERS:
+            self._drop_listener(fd)
+
+    def _drop_listener(self, fd: int) -> None:
+        self._poll.unregister(fd)
+        del self._listeners[fd]
+        os.close(fd)
+
     def _drain_wakeups(self) -> None:
         try:
             while os.read(self._wake_r, 4096):
@@ -165,6 +348,9 @@ class Zygote:
             if pid == 0:
                 return
             self._children.discard(pid)
+            for fd, entry in list(self._listeners.items()):
+                if entry[0] == pid:
+                    self._drop_listener(fd)
             try:
                 write_frame(self._control, {"op": "exited", "pid": pid, "status": status})
             except OSError:
@@ -181,13 +367,13 @@ class Zygote:
         self._children.clear()
 
 
-def _read_configure(control: socket.socket, buffer: bytearray) -> tuple[dict[str, Any], list[Any]]:
+def _read_configure(
+    control: socket.socket, buffer: bytearray, fds: deque[int]
+) -> tuple[dict[str, Any], list[Any]]:
     """Block for the supervisor's first request, ``configure``; return it and any read with it."""
     while not (requests := read_frames(buffer)):
-        data = control.recv(1 << 16)
-        if not data:
+        if not receive(control, buffer, fds):
             raise _ParentDied()
-        buffer += data
     config, *pending = requests
     if not isinstance(config, dict) or config.get("op") != "configure":
         raise RuntimeError(f"the zygote's first request must be 'configure', not {config!r}")
@@ -257,9 +443,10 @@ def warm_up(rounds: int = 12) -> None:
         context={"count": encode_value(1, key="count"), "t": encode_value((1, {2}), key="t")},
         max_frame=DEFAULT_MAX_FRAME,
     ))
-    for _ in range(rounds):
+    for round_ in range(rounds):
         ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        loop = uvloop.new_event_loop()
+        # A third of the rounds on asyncio's own loop, which sandboxed children use.
+        loop = asyncio.SelectorEventLoop() if round_ % 3 == 2 else uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
             peer.sendall(GREETING + ready_command(b"ROUTER", b"") + frame(run))
@@ -306,14 +493,16 @@ def main(argv: list[str]) -> int:
         control = socket.socket(fileno=control_fd)
         control.setblocking(True)
         buffer = bytearray()
-        config, pending = _read_configure(control, buffer)
+        spec_fds: deque[int] = deque()
+        config, pending = _read_configure(control, buffer, spec_fds)
         preload(config.get("preload", ()), config.get("import_path", ()))
         warm_up()
+        seccomp.prepare()
         # Objects loaded so far are never collected: children share their pages untouched.
         gc.collect()
         gc.freeze()
         _release_free_heap()
-        zygote = Zygote(control, parent_pid)
+        zygote = Zygote(control, parent_pid, spec_fds)
         zygote.serve(pending, buffer)
     except (_ParentDied, OSError):
         pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import errno
 import os
 import signal
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from .service import Supervisor
 
 _LOG_TAIL = 4000
+_FILE_TOO_LARGE = f"[Errno {errno.EFBIG}]"  # how OSError(EFBIG) prints: past RLIMIT_FSIZE
 _DROPPED = (
     "the child's connection closed before it reported (libzmq drops a connection that sends "
     "a frame over the {cap}-byte cap)"
@@ -102,6 +104,8 @@ class ChildProcess:
         self._disconnected = False
         self._human: set[asyncio.Task[None]] = set()
         self.checkpoint_keys: list[str] | None = None
+        self.denied_calls: list[str] = []  # system calls its seccomp filter refused
+        self._spawn_error: str | None = None
 
     def _move(self, new: ChildStatus) -> None:
         if new not in _ALLOWED[self.status]:
@@ -117,6 +121,16 @@ class ChildProcess:
             started(pid)  # e.g. the no-cgroup watchdog follows the pid
         if self._kill_requested:
             self._sup.kill_pid(pid)
+
+    def on_denied(self, call: str) -> None:
+        """The sandbox's seccomp filter refused ``call`` (reported by the zygote)."""
+        if call not in self.denied_calls:
+            self.denied_calls.append(call)
+
+    def on_spawn_failed(self, error: str) -> None:
+        """The zygote could not fork this child."""
+        self._spawn_error = error
+        self.on_exit(None)
 
     def on_exit(self, status: int | None) -> None:
         """The zygote reaped the child (``None``: the zygote is gone, or it never forked)."""
@@ -184,6 +198,9 @@ class ChildProcess:
         if self.status is not ChildStatus.RUNNING:
             raise ProtocolError(f"{msg.TYPE} message while the child is {self.status.value}")
         if isinstance(msg, ContextWrite):
+            scope = getattr(self.attempt.context, "scope", None)
+            if scope is not None and not scope.allows(msg.key):
+                raise ProtocolError(f"the state wrote context key {msg.key!r}, outside its context_keys")
             if msg.deleted:
                 self.attempt.context.remove_state(msg.key)
             elif msg.value is None:
@@ -277,7 +294,7 @@ class ChildProcess:
         except Exception as exc:  # usage is a report: never let it hide the outcome
             self._sup.log.warning("usage_unreadable", state=self.attempt.state_name, error=repr(exc))
             usage = {}
-        if self._result is not None:
+        if self._result is not None and not self._violation_hard:  # a child killed for cheating has no result
             return AttemptOutcome(self._result[0], usage)
         raise AttemptFailed(self._failure(status), usage)
 
@@ -290,10 +307,24 @@ class ChildProcess:
             if self._error is not None and not limit.traceback:
                 limit = dataclasses.replace(limit, traceback=self._error.traceback)
             return limit
+        if self._error is not None and _FILE_TOO_LARGE in self._error.message:
+            cap = self.confinement.child_spec.get("sandbox", {}).get("rlimits", {}).get("fsize")
+            if cap:
+                return FailureReason(
+                    kind="limit", traceback=self._error.traceback, exception_type=self._error.exception_type,
+                    message=f"file size limit {cap / (1 << 20):.4g} MiB (RLIMIT_FSIZE): a file the state wrote, "
+                    "or its log, reached it; write less, or raise AGENT_SANDBOX_FILE_MB",
+                    details={"limit": "file_size", "limit_bytes": cap},
+                )
+        if self.denied_calls and (self._error is not None or not self._violation_hard):
+            return self._seccomp_reason(exit_code, sig)
         if self._error is not None:
             return self._error
         if self._violation is not None and self._violation_hard:
             return self._violation
+        if status is None and self._spawn_error is not None:
+            return FailureReason(kind="exit_code", message=f"the state's process could not be started: "
+                                 f"{self._spawn_error}")
         if status is None:
             return FailureReason(
                 kind="lost_connection",
@@ -322,6 +353,24 @@ class ChildProcess:
             return self._violation
         return FailureReason(kind="lost_connection", traceback=tail, exit_code=0,
                              message="the state's process exited without reporting a result")
+
+    def _seccomp_reason(self, exit_code: int | None, sig: int | None) -> FailureReason:
+        calls = ", ".join(self.denied_calls)
+        then = f"; then {self._error.message}" if self._error is not None else ""
+        if self._error is None and sig is not None:
+            then = f"; then it was killed by signal {sig}"
+        elif self._error is None and exit_code:
+            then = f"; then it exited with code {exit_code}"
+        error = self._error
+        return FailureReason(
+            kind="seccomp",
+            message=f"seccomp: the sandbox refused the system call(s) {calls} with EPERM{then}",
+            traceback=error.traceback if error is not None else self._log_tail(),
+            exit_code=exit_code,
+            signal=sig,
+            exception_type=error.exception_type if error is not None else None,
+            details={"calls": list(self.denied_calls)},
+        )
 
     def _log_tail(self) -> str:
         try:

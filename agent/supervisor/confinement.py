@@ -20,19 +20,19 @@ Lifecycle, for the executor::
 from __future__ import annotations
 
 import atexit
-import functools
+import glob
 import itertools
 import logging
 import os
 import weakref
 from typing import Any, Callable
 
+from ..devices import machine_inventory
 from ..errors import CgroupError, FailureReason, IsolationUnavailableError
 from ..executor import Attempt, Isolation
 from .cgroups import DEFAULT_ROOT, CgroupBackend, CgroupHandle, CgroupLimits, LimitEvents, detect, limits_for
 from .cgroups import blockdev
 from .cgroups.base import safe_name
-from ..devices import machine_inventory
 from .gpus import device_rules, machine_gpu_minors, pinning_env
 
 _log = logging.getLogger("agent.supervisor")
@@ -47,6 +47,13 @@ def _asks_io_rates(attempt: Attempt) -> bool:
 
 def _mib(nbytes: int | float) -> str:
     return f"{nbytes / (1024 * 1024):.4g} MiB"
+
+
+def _gpu_device_paths(minors: set[int]) -> tuple[str, ...]:
+    """The /dev nodes a sandbox with the GPUs ``minors`` needs (its own GPUs, the control nodes)."""
+    control = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
+    caps = tuple(sorted(glob.glob("/dev/nvidia-caps/*")))
+    return tuple(f"/dev/nvidia{m}" for m in sorted(minors)) + control + caps
 
 
 class Confinement:
@@ -67,6 +74,9 @@ class Confinement:
         self._events = LimitEvents()
         self._closed = False
         self.cleanup_error: CgroupError | None = None
+        # Set by the executor once the zygote reaped the attempt's process: for a sandbox,
+        # its namespaces (and everything in them) are then gone.
+        self.reaped = False
 
     @property
     def limits(self) -> CgroupLimits | None:
@@ -230,7 +240,6 @@ class Confiner:
             handle.unenforced["io_throttle"] = "no block device holds the working directory or /"
         child_spec = handle.child_spec()
         child_spec["gpu"] = {"env": pinning_env(uuids)}
-        release = None
         if sandboxed:
             try:
                 pool = self._uids()
@@ -238,9 +247,15 @@ class Confiner:
             except BaseException:
                 handle.remove()
                 raise
-            child_spec["sandbox"] = lease.spec()
-            release = functools.partial(pool.release, name)
-        return Confinement(child_spec, handle, self.backend_name, release)
+            # One more process than pids.max: the cgroup refuses the fork first, so its
+            # counter names the limit (RLIMIT_NPROC alone would leave no trace).
+            nproc = limits.pids_max + 1 if limits.pids_max is not None else None
+            devices = _gpu_device_paths(set(minors)) if uuids else ()
+            child_spec["sandbox"] = lease.spec(devices=devices, **({"nproc": nproc} if nproc else {}))
+        confinement = Confinement(child_spec, handle, self.backend_name)
+        if sandboxed:
+            confinement._release = lambda: pool.release(name, contained=confinement.reaped)
+        return confinement
 
     def _machine_gpu_minors(self) -> list[int]:
         """Minors of every GPU on the machine (read again only when the inventory changes)."""

@@ -3,7 +3,8 @@
 Nothing here is assumed from the kernel version or a config file. Each cgroup
 controller is probed by creating a throwaway cgroup of our own
 (``agent-doctor-<pid>-<random>``), writing a limit, reading it back and removing the
-cgroup again. The sandbox is probed by entering a network namespace in a forked child
+cgroup again. The sandbox is probed one ingredient at a time (namespaces, the
+read-only view, the keyring, the seccomp filter), each in a forked child, then whole,
 and by running the interpreter as a sandbox uid. GPUs come from the NVML inventory,
 with the reason when there are none.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import platform
@@ -402,13 +404,66 @@ def _in_forked_child(step: Callable[[], None]) -> str:
     return message
 
 
-def _can_unshare_network() -> Check:
-    from ..runtime.sandbox import isolate_network
-
-    message = _in_forked_child(isolate_network)
+def _probe_in_child(name: str, step: Callable[[], None], works: str, fails: str) -> Check:
+    """Run ``step`` in a forked child: a Check that says ``works``, or ``fails`` and why."""
+    message = _in_forked_child(step)
     if message:
-        return Check("network namespace", False, f"unshare(CLONE_NEWNET) failed: {message}")
-    return Check("network namespace", True, "unshare(CLONE_NEWNET) works: sandboxed states have no network")
+        return Check(name, False, f"{fails}: {message}")
+    return Check(name, True, works)
+
+
+def _pid_namespace() -> None:
+    """What the zygote does for a sandboxed child: fork it as PID 1 of a new PID namespace."""
+    from ..runtime.sandbox import CLONE_NEWPID, unshare
+
+    unshare(CLONE_NEWPID)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if os.getpid() == 1 else 1)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise OSError("the child of a new PID namespace is not its PID 1")
+
+
+def _filesystem(spec: dict[str, Any]) -> Callable[[], None]:
+    def step() -> None:
+        from ..runtime.sandbox import isolate_filesystem, leave_namespaces
+
+        leave_namespaces(spec)
+        isolate_filesystem(spec)
+        for path in ("/etc", "/run/lock", "/usr"):
+            if not os.path.isdir(path):
+                continue
+            try:
+                os.close(os.open(os.path.join(path, ".agent-doctor"), os.O_CREAT | os.O_WRONLY, 0o600))
+            except OSError as exc:
+                if exc.errno != errno.EROFS:
+                    raise
+            else:
+                raise OSError(f"{path} is writable")
+        os.close(os.open("/tmp/.agent-doctor", os.O_CREAT | os.O_WRONLY, 0o600))  # the private tmpfs
+
+    return step
+
+
+def _seccomp() -> None:
+    import ctypes
+
+    from ..runtime import seccomp
+
+    listener = seccomp.install(listener=True)
+    if listener is None:
+        raise OSError("the kernel has no seccomp listener: denied calls fail with EPERM but are not named")
+    os.close(listener)  # with nobody listening, a denied call now fails with ENOSYS
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(seccomp.CLONE_NEWUSER) == 0:
+        raise OSError("unshare(CLONE_NEWUSER) still works under the filter")
+
+
+def _keyring() -> None:
+    from ..runtime.sandbox import join_new_session_keyring
+
+    join_new_session_keyring()
 
 
 def _can_enter(spec: dict[str, Any]) -> Check:
@@ -419,10 +474,32 @@ def _can_enter(spec: dict[str, Any]) -> Check:
         if os.getuid() != spec["uid"]:
             raise OSError(f"still uid {os.getuid()}")
 
-    message = _in_forked_child(step)
-    if message:
-        return Check("enter", False, f"a forked child could not enter the sandbox: {message}")
-    return Check("enter", True, f"a forked child became uid {spec['uid']} with private /tmp and no network")
+    return _probe_in_child("enter", step, f"a forked child became uid {spec['uid']} with all of the above",
+                  "a forked child could not enter the sandbox")
+
+
+def _sandbox_ingredients(spec: dict[str, Any]) -> list[Check]:
+    """One check per ingredient, so that the report says which one is missing."""
+    from ..runtime.sandbox import isolate_network, seccomp
+
+    return [
+        _probe_in_child("network namespace", isolate_network,
+               "unshare(CLONE_NEWNET) works: sandboxed states have no network", "unshare(CLONE_NEWNET) failed"),
+        _probe_in_child("pid namespace", _pid_namespace,
+               "a sandboxed state is PID 1 of its own PID namespace and sees only its processes",
+               "cannot fork into a new PID namespace"),
+        _probe_in_child("filesystem", _filesystem(spec),
+               f"new mount and IPC namespaces; everything read-only and nosuid but a private "
+               f"{spec['tmp_mb']} MiB tmpfs /tmp, a minimal /dev, empty /dev/shm and /dev/mqueue",
+               "cannot build the read-only view"),
+        _probe_in_child("keyring", _keyring, "a fresh session keyring (none of the supervisor's keys)",
+               "keyctl(JOIN_SESSION_KEYRING) failed")
+        if seccomp.supported() else Check("keyring", False, f"no keyctl number for {seccomp.machine()}"),
+        _probe_in_child("seccomp", _seccomp, "the filter denies namespaces, mounts, keyrings, ptrace, bpf, io_uring, "
+               "modules... with EPERM, and names each denied call",
+               "the seccomp filter is not (fully) available")
+        if seccomp.supported() else Check("seccomp", False, f"no system call table for {seccomp.machine()}"),
+    ]
 
 
 def _blocking_ancestor(path: str) -> str | None:
@@ -482,7 +559,6 @@ def probe_sandbox() -> list[Check]:
     if os.geteuid() != 0:
         return [Check("privileges", False, "not root: cannot switch uid or create a network namespace")]
     checks.append(Check("privileges", True, "running as root"))
-    checks.append(_can_unshare_network())
     taken = sorted(f"{p.pw_name}({p.pw_uid})" for p in pwd.getpwall() if p.pw_uid in uids)
     if taken:
         checks.append(Check("uid range", False, f"uids {uids.start}-{uids.stop - 1} include users {', '.join(taken)}: "
@@ -497,6 +573,7 @@ def probe_sandbox() -> list[Check]:
         return checks
     try:
         checks.append(Check("uid lease", True, f"leased uid {lease.uid} (locks in {pool.lock_dir})"))
+        checks += _sandbox_ingredients(lease.spec())
         checks.append(_can_enter(lease.spec()))
         checks.append(_interpreter_check(lease.uid))
     finally:

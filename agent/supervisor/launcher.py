@@ -2,8 +2,9 @@
 
 The zygote is a separate interpreter started with ``exec`` (never a fork of this
 process, which holds threads and a ZeroMQ context). Requests go down a socketpair;
-reports (``spawned``, ``spawn_failed``, ``exited``) come back on the same socketpair
-and are dispatched on the attached event loop. The zygote removes the ``cleanup``
+reports (``spawned``, ``spawn_failed``, ``exited``, ``denied``) come back on the same
+socketpair and are dispatched on the attached event loop. A child's spec travels in a
+memfd passed with its ``spawn`` request, which only the child reads. The zygote removes the ``cleanup``
 directories when it exits, even if this process was killed.
 """
 
@@ -19,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..ipc.codec import pack
-from ..runtime.zygote import read_frames, write_frame
+from ..runtime.zygote import frame, read_frames, write_frame
 
 ReportHandler = Callable[[dict[str, Any]], None]
 
@@ -77,9 +78,19 @@ class ZygoteLauncher:
             self._loop.remove_reader(self._sock.fileno())
         self._loop = None
 
-    def spawn(self, request_id: int, spec: dict[str, Any]) -> None:
-        # Packed apart: the zygote hands the bytes to the child, which unpacks them itself.
-        self._send({"op": "spawn", "id": request_id, "spec": pack(spec, strict=False)})
+    def spawn(self, request_id: int, spec: dict[str, Any], *, sandbox: bool = False) -> None:
+        """Ask for a child; its spec goes in a memfd that only the child reads."""
+        if not self.alive:
+            raise ConnectionError("the zygote is gone")
+        fd = os.memfd_create("agent-child-spec", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, pack(spec, strict=False))
+            socket.send_fds(self._sock, [frame({"op": "spawn", "id": request_id, "sandbox": sandbox})], [fd])
+        except OSError as exc:
+            self._lost()
+            raise ConnectionError(f"the zygote is gone: {exc}") from None
+        finally:
+            os.close(fd)
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         self._send({"op": "kill", "pid": pid, "signal": int(sig)})

@@ -38,6 +38,7 @@ class ProcessExecutor:
                 raise
             finally:
                 sup.forget(child)
+            confinement.reaped = status is not None
             outcome = child.outcome(status)
             attempt.usage.update(outcome.usage)
             return outcome

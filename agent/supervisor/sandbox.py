@@ -1,39 +1,55 @@
 """Supervisor side of the ``sandbox`` isolation level: one unprivileged uid per running state.
 
 A sandboxed state runs as a uid of its own from a configured range (default
-200000-200999, ``AGENT_SANDBOX_UIDS=lo-hi``), so states cannot signal, ptrace or read
-each other's files and environment. A uid is *leased* by holding an exclusive
-``flock`` on ``<lock dir>/<uid>.lock``: the kernel drops the lock when the holder
-dies, so a crashed supervisor never leaks a uid, and two supervisors on one machine
-never hand out the same one. Before a uid is handed out and after it is given back,
-every process still running as that uid is killed, so two states never share one.
+200000-200999, ``AGENT_SANDBOX_UIDS=lo-hi``), in namespaces of its own (see
+:mod:`agent.runtime.sandbox`), so states cannot signal, ptrace or read each other or
+the supervisor. A uid is *leased* by holding an exclusive ``flock`` on
+``<lock dir>/<uid>.lock``: the kernel drops the lock when the holder dies, so a crashed
+supervisor never leaks a uid, and two supervisors on one machine never hand out the
+same one.
 
-Each lease also gets a private temporary directory (0700, owned by the uid, removed
-on release) that the child mounts over its own ``/tmp``. :func:`sandbox_spec` turns a lease into the plain dict that the child
-applies with :func:`agent.runtime.sandbox.enter_sandbox`.
+The lease file is the uid's state: it exists while the uid is leased, and is removed
+only once everything of the uid is gone (processes, System V and POSIX IPC objects,
+files in the world-writable directories: :mod:`.uid_sweep`). A lease file that nobody
+holds therefore marks a uid whose supervisor crashed: it is swept in full before it is
+leased again, and every such uid is swept when a pool first leases. A release kills
+what still runs as the uid and removes its IPC objects, unless the state's process was
+reaped from namespaces of its own (then the kernel has ended all of it already; its
+files lived in its own tmpfs).
+
+:func:`sandbox_spec` turns a lease into the plain dict that the child applies with
+:func:`agent.runtime.sandbox.enter_sandbox`.
 """
 
 from __future__ import annotations
 
 import fcntl
+import glob
 import os
-import shutil
 import stat
-import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import IsolationUnavailableError
+from .uid_sweep import kill_uid, remove_ipc, sweep_uid
 
 UIDS_ENV = "AGENT_SANDBOX_UIDS"
 LOCK_DIR_ENV = "AGENT_SANDBOX_LOCK_DIR"
+TMP_MB_ENV = "AGENT_SANDBOX_TMP_MB"
+FILE_MB_ENV = "AGENT_SANDBOX_FILE_MB"
 DEFAULT_UIDS = range(200000, 201000)
 DEFAULT_LOCK_DIR = "/run/agent-sandbox"
 
 DEFAULT_NOFILE = 256
 DEFAULT_NPROC = 128
+DEFAULT_TMP_MB = 256
+"""Size of a sandbox's private /tmp (a tmpfs whose pages count against its memory limit)."""
+DEFAULT_FILE_MB = 128
+"""RLIMIT_FSIZE of a sandbox: its largest file, and the cap on its attempt's log."""
+DEFAULT_SHM_MB = 64
 # Variables a sandboxed state keeps; everything else of the supervisor's is dropped.
 ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
 
@@ -60,72 +76,67 @@ def configured_uids() -> range:
     return parse_uid_range(text) if text else DEFAULT_UIDS
 
 
+def _env_mb(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise IsolationUnavailableError(f"{name}={text!r} must be a whole number of MiB above 0")
+    return value
+
+
 def unavailable_reason() -> str | None:
     """Why sandboxes cannot be made by this process, or None when they can."""
     if os.geteuid() != 0:
         return (
-            "sandbox isolation needs root (to switch uid and create a network namespace); "
+            "sandbox isolation needs root (to switch uid and create namespaces); "
             "run the supervisor as root, e.g. under agentd, or use isolation='process'"
         )
     return None
 
 
-def kill_uid(uid: int) -> None:
-    """SIGKILL every process running as ``uid``.
-
-    Done by a short-lived helper that becomes ``uid`` and calls ``kill(-1)``, which
-    reaches exactly the processes that uid may signal: its own.
-    """
-    try:
-        subprocess.run(
-            ["kill", "-KILL", "-1"],
-            user=uid,
-            group=uid,
-            extra_groups=[],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={"PATH": "/usr/bin:/bin"},
-            cwd="/",
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise IsolationUnavailableError(
-            f"cannot clear sandbox uid {uid} (running kill(1) as that uid failed: {exc}); "
-            "the supervisor must run as root with /usr/bin/kill installed"
-        ) from exc
-
-
 @dataclass(frozen=True)
 class SandboxLease:
-    """One uid handed to one owner (a state attempt), with its private temporary directory."""
+    """One uid handed to one owner (a state attempt)."""
 
     owner: str
     uid: int
     gid: int
-    tmpdir: str
 
-    def spec(self, *, nofile: int = DEFAULT_NOFILE, nproc: int = DEFAULT_NPROC) -> dict[str, Any]:
-        return sandbox_spec(self.uid, gid=self.gid, tmpdir=self.tmpdir, nofile=nofile, nproc=nproc)
+    def spec(self, **options: Any) -> dict[str, Any]:
+        return sandbox_spec(self.uid, gid=self.gid, **options)
 
 
 def sandbox_spec(
     uid: int,
     *,
     gid: int | None = None,
-    tmpdir: str | None = None,
     nofile: int = DEFAULT_NOFILE,
     nproc: int = DEFAULT_NPROC,
+    file_mb: int | None = None,
+    tmp_mb: int | None = None,
+    devices: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Plain data for :func:`agent.runtime.sandbox.enter_sandbox` (crosses the fork as is)."""
+    """Plain data for :func:`agent.runtime.sandbox.enter_sandbox` (crosses the fork as is).
+
+    ``devices`` are the device nodes (GPUs) the state gets besides the basic ones.
+    """
+    file_mb = file_mb if file_mb is not None else _env_mb(FILE_MB_ENV, DEFAULT_FILE_MB)
     return {
         "uid": uid,
         "gid": uid if gid is None else gid,
         "home": "/nonexistent",
-        "tmpdir": tmpdir,
-        "private_tmp": True,
         "network": False,
-        "rlimits": {"nofile": nofile, "nproc": nproc, "core": 0},
+        "filesystem": True,
+        "seccomp": True,
+        "tmp_mb": tmp_mb if tmp_mb is not None else _env_mb(TMP_MB_ENV, DEFAULT_TMP_MB),
+        "shm_mb": DEFAULT_SHM_MB,
+        "devices": list(devices),
+        "rlimits": {"nofile": nofile, "nproc": nproc, "core": 0, "fsize": file_mb * 1024 * 1024},
         "env_keep": list(ENV_KEEP),
     }
 
@@ -134,33 +145,31 @@ def sandbox_spec(
 class UidPoolStatistics:
     total: int
     leased: int
+    swept_after_crash: int
 
 
 class UidPool:
     """Leases sandbox uids, one per owner; thread-safe and safe across processes."""
 
-    def __init__(
-        self,
-        uids: range | None = None,
-        *,
-        lock_dir: str | None = None,
-        tmp_root: str | None = None,
-    ) -> None:
+    def __init__(self, uids: range | None = None, *, lock_dir: str | None = None) -> None:
         self.uids = uids if uids is not None else configured_uids()
         if len(self.uids) == 0 or self.uids.start <= 0:
             raise IsolationUnavailableError(f"sandbox uid range {self.uids} is empty or includes root")
         self.lock_dir = lock_dir or os.environ.get(LOCK_DIR_ENV) or DEFAULT_LOCK_DIR
-        self.tmp_root = tmp_root or tempfile.gettempdir()
         self._mutex = threading.Lock()
         self._leases: dict[str, tuple[SandboxLease, int]] = {}
         self._cursor = 0
+        self._reaped = False
+        self._swept_after_crash = 0
 
     def lease(self, owner: str) -> SandboxLease:
-        """A uid nobody else holds, with nothing running as it; raises when all are taken."""
+        """A uid nobody else holds, with nothing of a previous tenant; raises when all are taken."""
         with self._mutex:
             if owner in self._leases:
                 raise IsolationUnavailableError(f"{owner!r} already holds sandbox uid {self._leases[owner][0].uid}")
             self._prepare_lock_dir()
+            if not self._reaped:
+                self._reap_crashed()
             mine = {lease.uid for lease, _ in self._leases.values()}
             count = len(self.uids)
             for step in range(count):
@@ -168,8 +177,8 @@ class UidPool:
                 uid = self.uids[position]
                 if uid in mine:
                     continue
-                fd = self._try_lock(uid)
-                if fd is not None:
+                locked = self._try_lock(uid)
+                if locked is not None:
                     self._cursor = position + 1
                     break
             else:
@@ -177,29 +186,39 @@ class UidPool:
                     f"all {count} sandbox uids ({self.uids.start}-{self.uids.stop - 1}) are in use; "
                     f"widen the range with {UIDS_ENV}=lo-hi"
                 )
+            fd, left_by_crash = locked
             try:
-                kill_uid(uid)  # anything left over from a supervisor that crashed
-                tmpdir = tempfile.mkdtemp(prefix=f"agent-sandbox-{uid}-", dir=self.tmp_root)
-                os.chown(tmpdir, uid, uid)
+                if left_by_crash:
+                    sweep_uid(uid)
+                    self._swept_after_crash += 1
+                os.ftruncate(fd, 0)
+                os.write(fd, f"leased by pid {os.getpid()} for {owner} at {time.time():.3f}\n".encode())
             except BaseException:
-                self._unlock(uid, fd)
+                os.close(fd)  # the file stays: the next lease sweeps the uid in full
                 raise
-            lease = SandboxLease(owner=owner, uid=uid, gid=uid, tmpdir=tmpdir)
+            lease = SandboxLease(owner=owner, uid=uid, gid=uid)
             self._leases[owner] = (lease, fd)
             return lease
 
-    def release(self, owner: str) -> None:
-        """Kill what still runs as the owner's uid, remove its tmpdir, free the uid (idempotent)."""
+    def release(self, owner: str, *, contained: bool = False) -> None:
+        """Kill what still runs as the owner's uid, remove its IPC objects, free the uid (idempotent).
+
+        ``contained``: the uid's only process was PID 1 of its own PID and IPC namespaces
+        and has been reaped, so the kernel has already ended everything of it: no sweep.
+        """
         with self._mutex:
             held = self._leases.pop(owner, None)
             if held is None:
                 return
             lease, fd = held
             try:
-                kill_uid(lease.uid)
-                shutil.rmtree(lease.tmpdir, ignore_errors=True)
-            finally:
-                self._unlock(lease.uid, fd)
+                if not contained:
+                    kill_uid(lease.uid)
+                    remove_ipc(lease.uid)
+            except BaseException:
+                os.close(fd)  # keep the file: the uid is swept in full before its next lease
+                raise
+            self._unlock(lease.uid, fd)
 
     def leased(self) -> dict[str, int]:
         """owner -> uid for every lease held by this pool."""
@@ -208,7 +227,8 @@ class UidPool:
 
     def statistics(self) -> UidPoolStatistics:
         with self._mutex:
-            return UidPoolStatistics(total=len(self.uids), leased=len(self._leases))
+            return UidPoolStatistics(total=len(self.uids), leased=len(self._leases),
+                                     swept_after_crash=self._swept_after_crash)
 
     def close(self) -> None:
         """Release every lease (the supervisor is shutting down)."""
@@ -224,13 +244,49 @@ class UidPool:
                 f"and writable by it only; fix it or point {LOCK_DIR_ENV} elsewhere"
             )
 
+    def _reap_crashed(self) -> None:
+        """Sweep every uid of the range whose lease file outlived its holder, once per pool."""
+        self._reaped = True
+        for path in glob.glob(os.path.join(self.lock_dir, "*.lock")):
+            try:
+                uid = int(os.path.basename(path)[: -len(".lock")])
+            except ValueError:
+                continue
+            if uid not in self.uids:
+                continue
+            locked = self._try_lock(uid)
+            if locked is None:
+                continue  # leased right now by another supervisor
+            fd, left_by_crash = locked
+            if left_by_crash:
+                sweep_uid(uid)
+                self._swept_after_crash += 1
+            self._unlock(uid, fd)
+        # Private temporary directories of earlier versions, whose uid nobody leases.
+        for path in glob.glob(os.path.join(tempfile.gettempdir(), "agent-sandbox-*-*")):
+            try:
+                uid = int(os.path.basename(path).split("-")[2])
+            except (ValueError, IndexError):
+                continue
+            if uid in self.uids and not os.path.exists(self._lock_path(uid)):
+                sweep_uid(uid)
+
     def _lock_path(self, uid: int) -> str:
         return os.path.join(self.lock_dir, f"{uid}.lock")
 
-    def _try_lock(self, uid: int) -> int | None:
+    def _try_lock(self, uid: int) -> tuple[int, bool] | None:
+        """(descriptor, whether a crashed holder left the file) once locked; None when taken."""
         path = self._lock_path(uid)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                left_by_crash = False
+            except FileExistsError:
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+                except FileNotFoundError:
+                    continue  # released meanwhile: create it afresh
+                left_by_crash = True
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -240,7 +296,7 @@ class UidPool:
             # our open and flock we locked a dead inode: try again with a fresh file.
             try:
                 if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                    return fd
+                    return fd, left_by_crash
             except FileNotFoundError:
                 pass
             os.close(fd)

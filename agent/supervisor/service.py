@@ -30,6 +30,7 @@ from ..executor import Attempt
 from ..ipc import FROM_CHILD, Limits, Run, decode_message, encode_message, encode_value
 from ..ipc.codec import DEFAULT_MAX_FRAME
 from ..ipc.router import RECEIVE_HWM, RouterChannel, peer_pid
+from ..scope import ScopedContext, scope_for
 from .child import ChildProcess, ChildStatus
 from .confinement import Confinement, Confiner
 from .launcher import ZygoteLauncher
@@ -96,7 +97,7 @@ class Supervisor:
         self._by_request: dict[int, ChildProcess] = {}
         self._by_pid: dict[int, ChildProcess] = {}
         self._by_fd: dict[int, ChildProcess] = {}
-        self._queued: dict[int, dict[str, Any]] = {}
+        self._queued: dict[int, tuple[dict[str, Any], bool]] = {}
         self._outputs: dict[int, AttemptOutput] = {}  # request id -> the child's output pipe
         self._launching: set[int] = set()
         self._started = 0
@@ -125,6 +126,14 @@ class Supervisor:
         """Ask the zygote for a child serving ``attempt``; returns at once."""
         if self.closed or not self.zygote.alive:
             raise IsolationError("the supervisor is shut down: start a new run")
+        sandboxed = "sandbox" in confinement.child_spec
+        # The snapshot holds only the keys in the state's scope (none, for a sandbox without
+        # context_keys), and writes outside it are refused here, whatever the child does.
+        scope = scope_for(attempt.isolation, None)
+        if isinstance(attempt.context, ScopedContext):
+            scope = attempt.context.scope
+        elif scope is not None:
+            attempt.context = ScopedContext.over(attempt.context, scope)
         secret = b"c" + secrets.token_bytes(16)  # a leading zero byte is reserved by ZeroMQ
         request_id = next(self._ids)
         run_frame = self._run_frame(attempt)
@@ -142,14 +151,16 @@ class Supervisor:
             "log_path": output.child_path,
             "confine": confinement.child_spec,
             "sys_path": list(sys.path),
-            "argv": list(sys.argv),
+            # A sandbox gets the program's name only: arguments may carry secrets.
+            "argv": list(sys.argv[:1] if sandboxed else sys.argv),
+            "context_keys": None if scope is None else list(scope.patterns),
             "cwd": os.getcwd(),
             "max_frame": self.config.max_frame,
             "receive_hwm": RECEIVE_HWM,
         }
         self._by_secret[secret] = child
         self._by_request[request_id] = child
-        self._queued[request_id] = spec
+        self._queued[request_id] = (spec, sandboxed)
         self._started += 1
         self._pump()
         return child
@@ -163,11 +174,11 @@ class Supervisor:
         while keeping the run queue short. ``AGENT_MAX_LAUNCHING`` overrides it.
         """
         while self._queued and len(self._launching) < self.config.max_launching and self.zygote.alive:
-            request_id, spec = next(iter(self._queued.items()))
+            request_id, (spec, sandboxed) = next(iter(self._queued.items()))
             del self._queued[request_id]
             self._launching.add(request_id)
             try:
-                self.zygote.spawn(request_id, spec)
+                self.zygote.spawn(request_id, spec, sandbox=sandboxed)
             except ConnectionError:
                 return  # the zygote is gone: every child is failed by _on_zygote_lost
 
@@ -320,11 +331,15 @@ class Supervisor:
             child = self._by_pid.pop(report["pid"], None)
             if child is not None:
                 child.on_exit(report["status"])
+        elif op == "denied":
+            child = self._by_pid.get(report["pid"])
+            if child is not None:
+                child.on_denied(str(report.get("call")))
         elif op == "spawn_failed":
             child = self._by_request.pop(report["id"], None)
             if child is not None:
                 self.log.error("fork_failed", error=report.get("error"))
-                child.on_exit(None)
+                child.on_spawn_failed(str(report.get("error")))
 
     def _on_zygote_lost(self) -> None:
         self.log.error("zygote_lost", zygote_pid=self.zygote.pid)

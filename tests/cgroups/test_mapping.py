@@ -63,6 +63,16 @@ class TestLimitsFor:
         assert limits_for(None, sandbox=True).pids_max == SANDBOX_PIDS_MAX
         assert limits_for(ResourceRequirements(pids_max=7), sandbox=True).pids_max == 7
 
+    def test_a_sandbox_is_limited_even_without_requirements(self):
+        bare = limits_for(None, sandbox=True)
+        assert (bare.cpu_units, bare.memory_mib, bare.pids_max) == (1.0, 512, 128)
+        trusted = limits_for(None)
+        assert (trusted.cpu_units, trusted.memory_mib) == (None, None)
+        # Declared limits win; undeclared types get the sandbox's defaults.
+        cpu_only = limits_for(ResourceRequirements(cpu_units=2, memory_mb=64, resource_types=ResourceType.CPU),
+                              sandbox=True)
+        assert (cpu_only.cpu_units, cpu_only.memory_mib) == (2.0, 512)
+
     def test_memory_too_small_for_a_process_is_refused(self):
         with pytest.raises(ResourceRequestError, match="too small"):
             limits_for(ResourceRequirements(memory_mb=0.1))
@@ -146,6 +156,8 @@ class TestNoCgroupBackend:
             try:
                 assert confinement.child_spec["sandbox"]["uid"] > 0
                 assert confinement.limits.pids_max == SANDBOX_PIDS_MAX
+                # RLIMIT_NPROC above pids.max: the cgroup refuses the fork first, and says so.
+                assert confinement.child_spec["sandbox"]["rlimits"]["nproc"] == SANDBOX_PIDS_MAX + 1
             finally:
                 confinement.close()
         else:

@@ -140,7 +140,20 @@ class TestDiagnoseThisMachine:
 
     def test_sandbox_is_available_as_root(self, report: Report) -> None:
         assert report.sandbox_available, report.sandbox
-        assert {c.name for c in report.sandbox} >= {"network namespace", "uid range", "enter", "interpreter"}
+        assert {c.name for c in report.sandbox} >= {
+            "network namespace", "pid namespace", "filesystem", "keyring", "seccomp", "uid range", "enter",
+            "interpreter",
+        }
+
+    def test_a_missing_ingredient_is_named(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Where the seccomp filter has no system call table, the report says so, and no sandbox."""
+        from agent.runtime import seccomp
+
+        monkeypatch.setattr(seccomp, "machine", lambda: "riscv64")
+        checks = {c.name: c for c in diagnose(inventory=StaticInventory([])).sandbox}
+        assert not checks["seccomp"].ok and "riscv64" in checks["seccomp"].detail
+        assert not checks["enter"].ok
+        assert checks["network namespace"].ok and checks["pid namespace"].ok
 
     def test_probing_leaves_nothing_behind(self, report: Report) -> None:
         assert leftover_probe_cgroups() == []

@@ -10,9 +10,11 @@ import ctypes
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -24,8 +26,11 @@ import pytest
 from agent.errors import IsolationUnavailableError
 from agent.runtime import sandbox as child_sandbox
 from agent.runtime.sandbox import enter_sandbox, isolate_network
+from agent.runtime import seccomp
 from agent.supervisor.sandbox import (
     DEFAULT_UIDS,
+    FILE_MB_ENV,
+    TMP_MB_ENV,
     UIDS_ENV,
     UidPool,
     configured_uids,
@@ -91,7 +96,6 @@ def lease(pool: UidPool) -> Iterator[Any]:
     pool.release("test-state")
     assert pool.leased() == {}
     assert processes_of(lease.uid) == []
-    assert not os.path.exists(lease.tmpdir)
 
 
 class TestUidPool:
@@ -122,12 +126,45 @@ class TestUidPool:
             second.close()
         assert not any(os.path.exists(os.path.join(first.lock_dir, f"{u}.lock")) for u in uids)
 
-    def test_private_tmpdir_belongs_to_the_uid_and_is_removed(self, pool: UidPool) -> None:
+    def test_a_lease_file_exists_while_the_uid_is_leased(self, pool: UidPool) -> None:
         lease = pool.lease("t")
-        info = os.stat(lease.tmpdir)
-        assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (lease.uid, lease.uid, 0o700)
+        path = os.path.join(pool.lock_dir, f"{lease.uid}.lock")
+        with open(path) as fh:
+            assert f"leased by pid {os.getpid()} for t" in fh.read()
         pool.release("t")
-        assert not os.path.exists(lease.tmpdir)
+        assert not os.path.exists(path)
+
+    def test_a_lease_file_left_by_a_crash_makes_the_next_lease_sweep_the_uid(self, tmp_path: Any) -> None:
+        uid = 232000 + os.getpid() % 1000
+        lock_dir = tmp_path / "locks"
+        lock_dir.mkdir(mode=0o700)
+        (lock_dir / f"{uid}.lock").write_text("leased by a supervisor that was killed\n")
+        # What an escaped tenant could have left: a process, an IPC object, files.
+        sleeper = subprocess.Popen(["sleep", "600"], user=uid, group=uid, extra_groups=[], start_new_session=True)
+        subprocess.run([sys.executable, "-c", "import ctypes; ctypes.CDLL(None).shmget(0, 4096, 0o1666)"],
+                       user=uid, group=uid, extra_groups=[], check=True)
+        leftover = f"/tmp/agent-test-crash-{uid}"
+        open(leftover, "w").close()
+        os.chown(leftover, uid, uid)
+        old_tmpdir = tempfile.mkdtemp(prefix=f"agent-sandbox-{uid}-")
+        try:
+            pool = UidPool(range(uid, uid + 1), lock_dir=str(lock_dir))
+            lease = pool.lease("next")
+            assert lease.uid == uid
+            assert sleeper.wait(30) == -signal.SIGKILL
+            assert not os.path.exists(leftover) and not os.path.exists(old_tmpdir)
+            with open("/proc/sysvipc/shm") as fh:
+                assert not [row for row in (line.split() for line in fh.readlines()[1:]) if int(row[7]) == uid]
+            assert pool.statistics().swept_after_crash == 1
+            pool.close()
+            assert not (lock_dir / f"{uid}.lock").exists()
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+            for path in (leftover,):
+                if os.path.exists(path):
+                    os.unlink(path)
+            shutil.rmtree(old_tmpdir, ignore_errors=True)
 
     def test_an_owner_leases_once(self, pool: UidPool) -> None:
         pool.lease("o")
@@ -153,11 +190,20 @@ class TestUidPool:
             parse_uid_range(text)
 
     def test_spec_is_plain_data(self) -> None:
-        spec = sandbox_spec(200123, tmpdir="/tmp/x", nofile=64)
+        spec = sandbox_spec(200123, nofile=64, file_mb=16, tmp_mb=32)
         assert json.loads(json.dumps(spec)) == spec
         assert spec["uid"] == spec["gid"] == 200123
-        assert spec["rlimits"] == {"nofile": 64, "nproc": 128, "core": 0}
-        assert spec["private_tmp"] is True
+        assert spec["rlimits"] == {"nofile": 64, "nproc": 128, "core": 0, "fsize": 16 << 20}
+        assert spec["tmp_mb"] == 32 and spec["seccomp"] and spec["filesystem"]
+
+    def test_sizes_come_from_the_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv(TMP_MB_ENV, "48")
+        monkeypatch.setenv(FILE_MB_ENV, "3")
+        spec = sandbox_spec(200123)
+        assert spec["tmp_mb"] == 48 and spec["rlimits"]["fsize"] == 3 << 20
+        monkeypatch.setenv(FILE_MB_ENV, "lots")
+        with pytest.raises(IsolationUnavailableError, match="whole number of MiB"):
+            sandbox_spec(200123)
 
 
 class TestSandboxedChild:
@@ -275,21 +321,41 @@ class TestSandboxedChild:
                 for folder in ("/tmp", "/dev/shm"):
                     with open(os.path.join(folder, name), "w") as f:
                         f.write("from the sandbox")
+                tmp = os.statvfs("/tmp")
                 return {
                     "sees_machine_tmp": os.path.exists(machine_file),
                     "var_tmp_is_tmp": os.path.samefile("/var/tmp", "/tmp"),
                     "shm": sorted(os.listdir("/dev/shm")),
+                    "tmp_mb": tmp.f_blocks * tmp.f_frsize >> 20,
                 }
 
-            got = in_child(body, lease.spec())
-            assert got == {"sees_machine_tmp": False, "var_tmp_is_tmp": True, "shm": [name]}
+            got = in_child(body, lease.spec(tmp_mb=32))
+            assert got == {"sees_machine_tmp": False, "var_tmp_is_tmp": True, "shm": [name], "tmp_mb": 32}
             assert not os.path.exists(os.path.join("/tmp", name))
             assert not os.path.exists(os.path.join("/dev/shm", name))
-            written = os.path.join(lease.tmpdir, name)
-            assert open(written).read() == "from the sandbox"
-            assert os.stat(written).st_uid == lease.uid
         finally:
             os.unlink(machine_file)
+
+    def test_a_fresh_session_keyring(self, lease: Any) -> None:
+        """Without the filter (which denies keyctl outright) the supervisor's key is not found either."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        numbers = seccomp.ARCHES[seccomp.machine()][1]
+        description = f"agent-test-keyring-{os.getpid()}"
+        assert libc.syscall(ctypes.c_long(numbers["keyctl"]), 1, b"agent-test-keyring") > 0  # join a session
+        key = libc.syscall(ctypes.c_long(numbers["add_key"]), b"user", description.encode(), b"x", 1, -3)
+        assert key > 0
+
+        def search() -> dict[str, Any]:
+            found = libc.syscall(ctypes.c_long(numbers["keyctl"]), 10, -3, b"user", description.encode(), 0)
+            return {"found": found > 0, "errno": ctypes.get_errno() if found < 0 else 0}
+
+        try:
+            assert in_child(search, None) == {"found": True, "errno": 0}
+            spec = dict(lease.spec(), seccomp=False)
+            assert in_child(search, spec) == {"found": False, "errno": errno.ENOKEY}
+        finally:
+            libc.syscall(ctypes.c_long(numbers["keyctl"]), 3, ctypes.c_long(key))
 
     def test_cannot_exceed_the_open_file_limit(self, lease: Any) -> None:
         def body() -> dict[str, Any]:

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ...errors import ResourceRequestError
@@ -21,8 +21,11 @@ CPU_PERIOD_US = 100_000
 CPU_MIN_QUOTA_US = 1_000
 # Processes (and threads) an attempt may have when it does not say.
 DEFAULT_PIDS_MAX = 4096
-# ... and a sandboxed one (untrusted code).
-SANDBOX_PIDS_MAX = 256
+# What a sandboxed state (untrusted code) gets for each limit it does not declare:
+# processes, CPUs and memory (which also holds its private /tmp).
+SANDBOX_PIDS_MAX = 128
+SANDBOX_CPU_UNITS = 1.0
+SANDBOX_MEMORY_MB = 512
 # io_weight 1.0 (the default) is the kernel's default weight 100.
 IO_WEIGHT_SCALE = 100
 IO_WEIGHT_MIN, IO_WEIGHT_MAX = 1, 1000
@@ -79,11 +82,27 @@ def limits_for(
     """The kernel limits that enforce ``requirements`` (only the types it accounts for).
 
     ``io_devices`` are the whole disks the byte/iops throttles and the IO weight apply
-    to. A ``None`` requirement still gets the default pids limit.
+    to. A ``None`` requirement still gets the default pids limit; a sandboxed state also
+    gets the sandbox's CPU, memory and pids limits for each it does not declare.
     """
+    limits = _limits_for(requirements, io_devices, deny_devices, SANDBOX_PIDS_MAX if sandbox else DEFAULT_PIDS_MAX)
+    if sandbox:
+        limits = replace(
+            limits,
+            cpu_quota_us=limits.cpu_quota_us if limits.cpu_quota_us is not None else round(SANDBOX_CPU_UNITS * CPU_PERIOD_US),
+            memory_bytes=limits.memory_bytes if limits.memory_bytes is not None else SANDBOX_MEMORY_MB * 1024 * 1024,
+        )
+    return limits
+
+
+def _limits_for(
+    requirements: "ResourceRequirements | None",
+    io_devices: tuple[tuple[int, int], ...],
+    deny_devices: tuple[tuple[int, int], ...],
+    pids_default: int,
+) -> CgroupLimits:
     from ...resources import ResourceType
 
-    pids_default = SANDBOX_PIDS_MAX if sandbox else DEFAULT_PIDS_MAX
     if requirements is None:
         return CgroupLimits(pids_max=pids_default, allow_devices=allow_devices)
     types = requirements.resource_types

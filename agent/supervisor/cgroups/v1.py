@@ -252,7 +252,7 @@ class V1Backend:
         caps = {
             "cpu_units": "CFS quota (cpu.cfs_quota_us, period 100 ms)",
             "memory_mb": "hard limit, no swap (memory.limit_in_bytes + memory.memsw.limit_in_bytes); OOM kill",
-            "pids_max": "pids.max (default 4096, sandbox 256)",
+            "pids_max": "pids.max (default 4096, sandbox 128)",
         }
         if "blkio" in self.mounts:
             caps["io_*_bps/io_*_iops"] = "blkio.throttle.* on the disk (direct IO only on v1)"

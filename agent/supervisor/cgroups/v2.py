@@ -258,7 +258,7 @@ class V2Backend:
         caps = {
             "cpu_units": "CFS quota (cpu.max, period 100 ms)" if "cpu" in self.controllers else "not enforced",
             "memory_mb": "hard limit, no swap (memory.max + memory.swap.max=0); OOM kill of the whole attempt",
-            "pids_max": "pids.max (default 4096, sandbox 256)",
+            "pids_max": "pids.max (default 4096, sandbox 128)",
             "gpu_units": "CUDA_VISIBLE_DEVICES only (no devices controller in v2)",
         }
         if "io" in self.controllers:
