@@ -93,6 +93,7 @@ class ChildProcess:
         self.exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._result: tuple[Any] | None = None
         self._error: FailureReason | None = None
+        self._log_cap: int | None = None  # the log passed the cap and the child was stopped
         self._violation: FailureReason | None = None
         self._violation_hard = False
         self._kill_requested = False
@@ -167,6 +168,11 @@ class ChildProcess:
                 self.exited.set_result(self._exit_status)
             except RuntimeError:  # its event loop is closed: nobody awaits it any more
                 pass
+
+    def log_over_cap(self, cap: int) -> None:
+        """The state printed more than its log may hold (a sandbox's file size limit): stop it."""
+        self._log_cap = cap
+        self.kill()
 
     def violate(self, message: str, *, hard: bool = True) -> None:
         """Record a protocol violation and kill the child."""
@@ -307,11 +313,12 @@ class ChildProcess:
             if self._error is not None and not limit.traceback:
                 limit = dataclasses.replace(limit, traceback=self._error.traceback)
             return limit
-        if self._error is not None and _FILE_TOO_LARGE in self._error.message:
-            cap = self.confinement.child_spec.get("sandbox", {}).get("rlimits", {}).get("fsize")
+        if self._log_cap is not None or (self._error is not None and _FILE_TOO_LARGE in self._error.message):
+            cap = self._log_cap or self.confinement.child_spec.get("sandbox", {}).get("rlimits", {}).get("fsize")
             if cap:
+                error = self._error or FailureReason(kind="limit", message="")
                 return FailureReason(
-                    kind="limit", traceback=self._error.traceback, exception_type=self._error.exception_type,
+                    kind="limit", traceback=error.traceback, exception_type=error.exception_type,
                     message=f"file size limit {cap / (1 << 20):.4g} MiB (RLIMIT_FSIZE): a file the state wrote, "
                     "or its log, reached it; write less, or raise AGENT_SANDBOX_FILE_MB",
                     details={"limit": "file_size", "limit_bytes": cap},

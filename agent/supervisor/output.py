@@ -101,10 +101,21 @@ def current_writer() -> Writer | None:
 class AttemptOutput:
     """The pipe one attempt's process writes to, drained into its log file and the echo."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, log_path: str, log_fd: int, label: str) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        log_path: str,
+        log_fd: int,
+        label: str,
+        *,
+        cap: int | None = None,
+        on_cap: Callable[[int], None] | None = None,
+    ) -> None:
         self.log_path = log_path
         self.label = label
         self.size = 0
+        self._cap = cap  # bytes kept at most; past it the rest is dropped and on_cap(cap) told once
+        self._on_cap = on_cap
         self._loop = loop
         self._log_fd = log_fd
         self._writer = current_writer()
@@ -155,6 +166,15 @@ class AttemptOutput:
                 return
 
     def _take(self, data: bytes) -> None:
+        cap = self._cap
+        if cap is not None and self.size + len(data) > cap:
+            data = data[: max(0, cap - self.size)]
+            self._cap = self.size + len(data)  # nothing more gets in
+            if self._on_cap is not None:
+                on_cap, self._on_cap = self._on_cap, None
+                on_cap(cap)
+            if not data:
+                return
         view = memoryview(data)
         while view:
             try:

@@ -138,12 +138,15 @@ class Supervisor:
         request_id = next(self._ids)
         run_frame = self._run_frame(attempt)
         log_path, log_fd = self.logs.open(attempt.run_id, attempt.state_name, attempt.number)
-        output = AttemptOutput(asyncio.get_running_loop(), log_path, log_fd,
-                               label_for(attempt.state_name, attempt.number))
         child = ChildProcess(
             self, attempt, confinement, secret=secret, request_id=request_id,
             log_path=log_path, run_frame=run_frame, limits=self.limits,
         )
+        # A sandbox's log is capped like its files (RLIMIT_FSIZE cannot see a pipe).
+        cap = confinement.child_spec.get("sandbox", {}).get("rlimits", {}).get("fsize")
+        output = AttemptOutput(asyncio.get_running_loop(), log_path, log_fd,
+                               label_for(attempt.state_name, attempt.number),
+                               cap=cap, on_cap=child.log_over_cap)
         self._outputs[request_id] = output
         spec = {
             "endpoint": self.router.endpoint,

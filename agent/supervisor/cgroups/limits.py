@@ -85,7 +85,7 @@ def limits_for(
     to. A ``None`` requirement still gets the default pids limit; a sandboxed state also
     gets the sandbox's CPU, memory and pids limits for each it does not declare.
     """
-    limits = _limits_for(requirements, io_devices, deny_devices, SANDBOX_PIDS_MAX if sandbox else DEFAULT_PIDS_MAX)
+    limits = _limits_for(requirements, io_devices, allow_devices, SANDBOX_PIDS_MAX if sandbox else DEFAULT_PIDS_MAX)
     if sandbox:
         limits = replace(
             limits,
@@ -98,7 +98,7 @@ def limits_for(
 def _limits_for(
     requirements: "ResourceRequirements | None",
     io_devices: tuple[tuple[int, int], ...],
-    deny_devices: tuple[tuple[int, int], ...],
+    allow_devices: tuple[str, ...] | None,
     pids_default: int,
 ) -> CgroupLimits:
     from ...resources import ResourceType
