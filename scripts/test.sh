@@ -29,7 +29,7 @@ if [ "$(id -u)" = 0 ] && ! world_readable "$here/agent/__init__.py"; then
     chmod -R go+rX "$tree"
     here=$tree
 fi
-venv=$("$here/scripts/install.sh" test,monitor | tail -n 1)
+venv=$("$here/scripts/install.sh" test,monitor,ray | tail -n 1)
 cd "$here"
 status=0
 "$venv/bin/python" -m pytest "$@" || status=$?

@@ -36,8 +36,15 @@ LOG_CAP = 8 * 1024 * 1024
 
 
 def log_path(token: str) -> str:
-    """Where the attempt with ``token`` keeps its output on the node that runs it."""
-    return os.path.join(tempfile.gettempdir(), f"agent-ray-logs-{os.getuid()}", f"{token}.log")
+    """Where the attempt with ``token`` keeps its output on the node that runs it: beside Ray's
+    own worker logs, in the session's ``logs/agent`` folder (else a private temporary one)."""
+    try:
+        import ray._private.worker as ray_worker
+
+        folder = os.path.join(ray_worker.global_worker.node.get_session_dir_path(), "logs", "agent")
+    except Exception:  # Ray's layout is not a public API: fall back rather than fail
+        folder = os.path.join(tempfile.gettempdir(), f"agent-ray-logs-{os.getuid()}")
+    return os.path.join(folder, f"{token}.log")
 
 
 def run_attempt(func: Callable[..., Any], snapshot: dict[str, bytes], classes: tuple[type, ...],
