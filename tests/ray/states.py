@@ -59,6 +59,8 @@ async def crash_first(context: Context) -> None:
     print(f"attempt {context.attempt} starting", flush=True)
     context.set_state(f"before_crash_{context.attempt}", True)
     if context.attempt == 1:
+        # Once the driver has the question, it has the write before it: crash after the answer.
+        await context.human_in_the_loop("crash now?", timeout=60)
         os._exit(3)
     context.set_state("recovered_on", context.attempt)
 
