@@ -24,9 +24,11 @@ import atexit
 import os
 import secrets
 import threading
+import weakref
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+import cloudpickle
 import ray
 from ray import exceptions as rx
 
@@ -53,6 +55,7 @@ LOG_SECONDS = 10.0
 """How long the driver waits for the output of a worker that died."""
 
 _log = get_logger("agent.ray")
+_NO_CLASSES = cloudpickle.dumps(())
 
 
 class RayExecutor:
@@ -66,6 +69,8 @@ class RayExecutor:
         self._lock = threading.Lock()
         self._task: Any = None
         self._collect: Any = None
+        self._submitters: dict[str, Any] = {}
+        self._pickled: weakref.WeakKeyDictionary[Any, tuple[str, bytes]] = weakref.WeakKeyDictionary()
 
     def _prepare(self) -> None:
         with self._lock:
@@ -73,6 +78,36 @@ class RayExecutor:
                 self._collect = ray.remote(num_cpus=0, max_retries=0)(worker.collect_log)
                 self.relay.actor_class = ray.remote(num_cpus=0, max_restarts=0)(Relay)
                 self._task = ray.remote(max_retries=0, retry_exceptions=False)(worker.run_attempt)
+
+    def _submitter(self, options: dict[str, Any]) -> Any:
+        """The task with these options (Ray checks options each time ``.options()`` is called)."""
+        key = repr(sorted(options.items()))
+        found = self._submitters.get(key)
+        if found is None:
+            found = self._submitters[key] = self._task.options(**options)
+            if len(self._submitters) > 1024:
+                self._submitters.pop(next(iter(self._submitters)))
+        return found
+
+    def _payload(self, attempt: Attempt, snapshot: dict[str, bytes], classes: tuple[type, ...]) -> bytes:
+        """The attempt's ``run`` frame; a function is pickled once per run (a fan-out reuses it)."""
+        cached = self._pickled.get(attempt.func)
+        if cached is not None and cached[0] == attempt.run_id:
+            function = cached[1]
+        else:
+            try:
+                function = cloudpickle.dumps(attempt.func)
+            except Exception as exc:
+                raise IsolationError(
+                    f"state {attempt.state_name!r} cannot be sent to Ray ({exc!r}): define it at "
+                    "module level, or use isolation='inline'"
+                ) from exc
+            try:
+                self._pickled[attempt.func] = (attempt.run_id, function)
+            except TypeError:  # not weakly referenceable: pickled each time
+                pass
+        return wire.encode_run(attempt.run_id, attempt.agent_name, attempt.state_name, attempt.number, function,
+                               cloudpickle.dumps(classes) if classes else _NO_CLASSES, snapshot)
 
     async def run_attempt(self, attempt: Attempt) -> AttemptOutcome:
         if not is_connected():
@@ -84,19 +119,11 @@ class RayExecutor:
         if skipped:
             _log.warning("context_keys_not_sent", state=attempt.state_name, keys=skipped,
                          why="values the safe codec cannot encode stay with the driver")
+        payload = self._payload(attempt, snapshot, classes)
         token = secrets.token_hex(8)
         channel = self.relay.open(token, attempt)
         try:
-            try:
-                ref = self._task.options(**options).remote(
-                    attempt.func, snapshot, classes,
-                    (attempt.run_id, attempt.state_name, attempt.number, token), self.relay.handle,
-                )
-            except Exception as exc:  # pickling the function (or its options) failed
-                raise IsolationError(
-                    f"state {attempt.state_name!r} cannot be sent to Ray ({exc!r}): define it at "
-                    "module level, or use isolation='inline'"
-                ) from exc
+            ref = self._submitter(options).remote(payload, token, self.relay.name)
             try:
                 data = await ref
             except asyncio.CancelledError:
@@ -189,6 +216,7 @@ class RelayLink:
     def __init__(self) -> None:
         self.actor_class: Any = None
         self.handle: Any = None
+        self.name = ""
         self._channels: dict[str, Channel] = {}
         self._seen = 0
         self._poller: asyncio.Task[None] | None = None
@@ -197,7 +225,9 @@ class RelayLink:
     def open(self, token: str, attempt: Attempt) -> "Channel":
         loop = asyncio.get_running_loop()
         if self.handle is None:
-            self.handle = self.actor_class.remote()
+            # Named, so that a task looks it up once per worker, and only when it has something to send.
+            self.name = f"agent-relay-{os.getpid()}-{secrets.token_hex(4)}"
+            self.handle = self.actor_class.options(name=self.name).remote()
             self._seen = 0
         if self._poller is not None and self._poller_loop is not loop:
             old = self._poller_loop

@@ -2,8 +2,9 @@
 
 Every call into the value codec and the IPC message types made for Ray is here, so that
 the Ray executor follows the codec wherever it goes. Driver to worker: the context
-snapshot as encoded values (the state function and the TypedContextData classes the
-snapshot needs go with cloudpickle, through Ray, in that direction only). Worker to
+snapshot as encoded values in the very ``run`` frame a state process gets (the state
+function and the TypedContextData classes the snapshot needs are cloudpickled inside it,
+in that direction only). Worker to
 driver: context writes and human-input requests as IPC frames, and the attempt's end as
 one encoded value; the driver decodes them with the bounded decoder and checks their
 shape, and never unpickles anything a worker made beyond the ``bytes`` object Ray hands
@@ -26,6 +27,7 @@ from ..ipc.messages import (
     HumanInputRequest,
     HumanInputResponse,
     Message,
+    Run,
     decode_message,
     encode_message,
 )
@@ -59,6 +61,20 @@ def encode_snapshot(context: Context) -> tuple[dict[str, bytes], tuple[type, ...
         except UnencodableValueError:
             skipped.append(key)
     return snapshot, tuple(classes), skipped
+
+
+def encode_run(run_id: str, agent_name: str, state_name: str, attempt: int, function: bytes,
+               classes: bytes, snapshot: dict[str, bytes]) -> bytes:
+    """The attempt for its task: the same ``run`` frame a state process receives."""
+    return encode_message(Run(run_id=run_id, agent_name=agent_name, state_name=state_name, attempt=attempt,
+                              function=function, classes=classes, context=snapshot, max_frame=LIMITS.max_frame))
+
+
+def read_run(frame: bytes) -> Run:
+    msg = decode_message(frame, LIMITS, FROM_SUPERVISOR)
+    if not isinstance(msg, Run):
+        raise ProtocolError(f"expected a run message, got {msg.TYPE}")
+    return msg
 
 
 def decode_snapshot(snapshot: dict[str, bytes]) -> dict[str, Any]:

@@ -1,22 +1,28 @@
 """One attempt of one state, inside a Ray worker process: the body of the state's Ray task.
 
-The task gets the state function (cloudpickled by Ray, from the driver), the context
-snapshot as encoded values and a handle on the driver's relay actor. It runs the
-coroutine on an event loop of its own; each context write is encoded in the worker (an
-unencodable value fails ``set_state`` right there) and pushed to the relay as it
-happens, batched while a push is in flight, in order; a human-input request goes the
-same way and the answer comes back through the relay. stdout and stderr (file
-descriptors 1 and 2, so C extensions and subprocesses too) go to a file of the attempt's
-own while it runs. The task returns one encoded value: the result or the failure, how
-many frames it pushed (the driver waits for all of them before the attempt ends), the
-captured output and what it measured. A Ray worker runs one task at a time, so taking
-over its descriptors for the attempt is safe.
+The task gets one ``run`` frame (the state function, cloudpickled by the driver, and the
+context snapshot as encoded values), its attempt's token and the name of the driver's
+relay actor. It runs the coroutine on the worker's event loop; each context write is
+encoded in the worker (an unencodable value fails ``set_state`` right there) and pushed
+to the relay as it happens, batched while a push is in flight, in order; a human-input
+request goes the same way and the answer comes back through the relay. The task returns
+one encoded value: the result or the failure, how many frames it pushed (the driver
+waits for all of them before the attempt ends), the captured output and what it
+measured.
+
+Output: while the attempt runs, file descriptors 1 and 2 (so C extensions and
+subprocesses too) go to the worker process's capture file, beside Ray's own worker logs.
+Its first line names the attempt, so that the driver can collect the output of a worker
+that died. A Ray worker runs one task at a time, so taking over its descriptors and its
+event loop for the attempt is safe; both are kept for the next attempt (making them
+anew cost more than the task itself).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import itertools
 import os
 import tempfile
@@ -24,6 +30,8 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
+
+import cloudpickle
 
 from .. import errors
 from ..context import Context
@@ -34,31 +42,23 @@ from . import wire
 LOG_CAP = 8 * 1024 * 1024
 """At most this much of an attempt's output comes back (its tail)."""
 
-
-def log_path(token: str) -> str:
-    """Where the attempt with ``token`` keeps its output on the node that runs it: beside Ray's
-    own worker logs, in the session's ``logs/agent`` folder (else a private temporary one)."""
-    try:
-        import ray._private.worker as ray_worker
-
-        folder = os.path.join(ray_worker.global_worker.node.get_session_dir_path(), "logs", "agent")
-    except Exception:  # Ray's layout is not a public API: fall back rather than fail
-        folder = os.path.join(tempfile.gettempdir(), f"agent-ray-logs-{os.getuid()}")
-    return os.path.join(folder, f"{token}.log")
+_loop: asyncio.AbstractEventLoop | None = None
+_capture: "Capture | None" = None
+_relays: dict[str, Any] = {}
 
 
-def run_attempt(func: Callable[..., Any], snapshot: dict[str, bytes], classes: tuple[type, ...],
-                meta: tuple[str, str, int, str], relay: Any) -> bytes:
-    """The state's Ray task. ``classes`` only has to arrive: unpickling it defines them here."""
-    run_id, state, number, token = meta
+def run_attempt(payload: bytes, token: str, relay_name: str) -> bytes:
+    """The state's Ray task."""
+    global _loop, _capture
     began = time.process_time()
-    with _captured(log_path(token)) as output:
-        loop = asyncio.new_event_loop()
-        try:
-            result, failure, frames = loop.run_until_complete(
-                _attempt(func, snapshot, run_id, state, number, token, relay))
-        finally:
-            _close(loop)
+    run = wire.read_run(payload)
+    if _capture is None:
+        _capture = Capture(log_folder())
+    if _loop is None or _loop.is_closed():
+        _loop = asyncio.new_event_loop()
+    with _capture.attempt(token) as output:
+        result, failure, frames = _loop.run_until_complete(_attempt(run, token, relay_name))
+        _tidy(_loop)
     import ray
 
     usage = {
@@ -69,29 +69,17 @@ def run_attempt(func: Callable[..., Any], snapshot: dict[str, bytes], classes: t
     return wire.encode_end(result, failure, frames, output(), usage)
 
 
-def collect_log(token: str) -> bytes | None:
-    """Read and remove the output of an attempt whose worker died or was killed (runs on its node)."""
-    path = log_path(token)
-    try:
-        with open(path, "rb") as fh:
-            data = _tail(fh)
-    except FileNotFoundError:
-        return None
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-    return data
-
-
-async def _attempt(func: Callable[..., Any], snapshot: dict[str, bytes], run_id: str, state: str,
-                   number: int, token: str, relay: Any) -> tuple[Any, FailureReason | None, int]:
-    pusher = Pusher(relay, token)
+async def _attempt(run: Any, token: str, relay_name: str) -> tuple[Any, FailureReason | None, int]:
+    pusher = Pusher(relay_name, token)
     result: Any = None
     failure: FailureReason | None = None
     try:
-        provider = RelayedHumanInput(pusher, relay, token)
+        func = cloudpickle.loads(run.function)
+        classes = cloudpickle.loads(run.classes)  # noqa: F841 - defines them here, for the snapshot
+        provider = RelayedHumanInput(pusher, token)
         context = Context(
-            wire.decode_snapshot(snapshot), state_name=state, attempt=number, run_id=run_id,
-            on_write=pusher.write, human_input=human_input_hook(provider, run_id=run_id, state=state),
+            wire.decode_snapshot(run.context), state_name=run.state_name, attempt=run.attempt, run_id=run.run_id,
+            on_write=pusher.write, human_input=human_input_hook(provider, run_id=run.run_id, state=run.state_name),
         )
         result = await func(context)
     except BaseException as exc:  # noqa: BLE001 - the state's own failure, reported to the driver
@@ -111,11 +99,21 @@ def _exception(exc: BaseException) -> FailureReason:
                          traceback="".join(traceback.format_exception(exc)))
 
 
+def _relay(name: str) -> Any:
+    """The driver's relay actor, looked up once per worker process."""
+    handle = _relays.get(name)
+    if handle is None:
+        import ray
+
+        handle = _relays[name] = ray.get_actor(name)
+    return handle
+
+
 class Pusher:
     """Sends the attempt's frames to the relay in order: one push in flight, the rest batched."""
 
-    def __init__(self, relay: Any, token: str) -> None:
-        self._relay = relay
+    def __init__(self, relay_name: str, token: str) -> None:
+        self._relay_name = relay_name
         self._token = token
         self._pending: list[bytes] = []
         self._flight: asyncio.Future[None] | None = None
@@ -140,7 +138,7 @@ class Pusher:
 
     async def _push(self, frames: list[bytes]) -> None:
         try:
-            await self._relay.push.remote(self._token, frames)
+            await _relay(self._relay_name).push.remote(self._token, frames)
         except Exception as exc:
             self._error = exc
             self._pending.clear()
@@ -161,9 +159,8 @@ class Pusher:
 class RelayedHumanInput:
     """A human-input provider that asks the driver's provider through the relay."""
 
-    def __init__(self, pusher: Pusher, relay: Any, token: str) -> None:
+    def __init__(self, pusher: Pusher, token: str) -> None:
         self._pusher = pusher
-        self._relay = relay
         self._token = token
         self._ids = itertools.count(1)
 
@@ -173,7 +170,8 @@ class RelayedHumanInput:
         if request.timeout is not None:
             remaining = max(0.0, request.created + request.timeout - time.time())
         self._pusher.send(wire.human_request(request_id, request.prompt, remaining, request.default))
-        response = wire.read_human_response(await self._relay.wait_answer.remote(self._token, request_id))
+        relay = _relay(self._pusher._relay_name)
+        response = wire.read_human_response(await relay.wait_answer.remote(self._token, request_id))
         if response.error_type is not None:
             cls = getattr(errors, response.error_type, None)
             if not (isinstance(cls, type) and issubclass(cls, HumanInputError)):
@@ -182,38 +180,92 @@ class RelayedHumanInput:
         return response.answer or ""
 
 
-@contextlib.contextmanager
-def _captured(path: str) -> Iterator[Callable[[], bytes]]:
-    """Send file descriptors 1 and 2 to ``path`` inside the block; yields a reader for after it."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    _flush_std()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    saved = (os.dup(1), os.dup(2))
-    captured: list[bytes] = []
+# --- output --------------------------------------------------------------------------------
+
+
+def log_folder() -> str:
+    """Where this node keeps attempts' output: beside Ray's own worker logs, in the session's
+    ``logs/agent`` folder (else a private temporary one)."""
     try:
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-        yield lambda: captured[0] if captured else b""
-    finally:
+        import ray._private.worker as ray_worker
+
+        folder = os.path.join(ray_worker.global_worker.node.get_session_dir_path(), "logs", "agent")
+    except Exception:  # Ray's layout is not a public API: fall back rather than fail
+        folder = os.path.join(tempfile.gettempdir(), f"agent-ray-logs-{os.getuid()}")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    return folder
+
+
+class Capture:
+    """The worker process's capture file: emptied for each attempt, its token on the first line."""
+
+    def __init__(self, folder: str) -> None:
+        self.path = os.path.join(folder, f"worker-{os.getpid()}.log")
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    @contextlib.contextmanager
+    def attempt(self, token: str) -> Iterator[Callable[[], bytes]]:
+        """Send descriptors 1 and 2 here inside the block; yields a reader for after it."""
+        header = f"{token}\n".encode()
         _flush_std()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(saved[0])
-        os.close(saved[1])
-        with open(path, "rb") as fh:
-            captured.append(_tail(fh))
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        os.write(self._fd, header)
+        saved = (os.dup(1), os.dup(2))
+        captured: list[bytes] = []
+        try:
+            os.dup2(self._fd, 1)
+            os.dup2(self._fd, 2)
+            yield lambda: captured[0] if captured else b""
+        finally:
+            _flush_std()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            captured.append(_read(self._fd, len(header)))
 
 
-def _tail(fh: Any) -> bytes:
-    fh.seek(0, os.SEEK_END)
-    size = fh.tell()
-    fh.seek(max(0, size - LOG_CAP))
-    data: bytes = fh.read()
-    if size > LOG_CAP:
-        data = f"[... the first {size - LOG_CAP} bytes of output were dropped ...]\n".encode() + data
+def collect_log(token: str) -> bytes | None:
+    """The output of attempt ``token`` on this node, if a worker here ran it (for the driver,
+    when that worker died or was killed); the file of a dead worker is removed."""
+    for path in glob.glob(os.path.join(log_folder(), "worker-*.log")):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            header = f"{token}\n".encode()
+            if os.pread(fd, len(header), 0) != header:
+                continue
+            data = _read(fd, len(header))
+        finally:
+            os.close(fd)
+        pid = int(os.path.basename(path)[len("worker-"):-len(".log")])
+        if not _alive(pid):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return data
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read(fd: int, start: int) -> bytes:
+    """The output after the header (its last LOG_CAP bytes)."""
+    size = os.fstat(fd).st_size - start
+    skip = max(0, size - LOG_CAP)
+    data = os.pread(fd, size - skip, start + skip) if size > 0 else b""
+    if skip:
+        data = f"[... the first {skip} bytes of output were dropped ...]\n".encode() + data
     return data
 
 
@@ -225,14 +277,10 @@ def _flush_std() -> None:
             stream.flush()
 
 
-def _close(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel what the state left running, then close the loop (as ``asyncio.run`` does)."""
-    try:
-        left = asyncio.all_tasks(loop)
-        for task in left:
-            task.cancel()
-        if left:
-            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-    finally:
-        loop.close()
+def _tidy(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what the state left running on the loop, so that nothing of it outlives the attempt."""
+    left = asyncio.all_tasks(loop)
+    for task in left:
+        task.cancel()
+    if left:
+        loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))

@@ -1,0 +1,126 @@
+"""Our Ray executor against plain Ray tasks, on the same no-op fan-out, in one run (prints JSON).
+
+A local Ray cluster is started first (``--cpus``, default 2) and warmed up; then, for
+each workload, the two sides alternate ``--repeat`` times and the medians are reported.
+
+* ``fan_out``: one state returns ``--states`` names (default 200), each a no-op state on
+  Ray with no ResourceRequirements, so each asks Ray for its default of one CPU and Ray
+  queues them; plain Ray: as many ``@ray.remote`` no-op tasks of one CPU, gathered.
+* ``fan_out_with_resources``: the same states declaring ``ResourceRequirements(cpu_units=1,
+  memory_mb=0)`` under a pool the size of the cluster, so that our admission, not Ray's
+  queue, decides when each starts (``--cpus`` at a time); plain Ray as above.
+* ``fan_out_with_writes``: as ``fan_out``, each state writing one context key (through
+  the relay); plain Ray tasks return one value each.
+
+``ratio`` is ours / plain Ray's time; ``overhead_ms_per_state`` is the difference per
+state. Ray itself moves ±10-50% between runs on a shared 2-core machine: compare ratios
+measured in one run.
+
+Run: ``python bench/ray_executor.py [--states 200] [--repeat 5] [--cpus 2]``. (Not ``bench/ray.py``: run
+as a script, that name would shadow Ray itself.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ray  # noqa: E402
+
+from agent import Agent, ResourceRequirements  # noqa: E402
+from agent.ray import cluster_pool  # noqa: E402
+
+
+async def noop(context):
+    return None
+
+
+async def write_one(context):
+    context.set_state(context.state_name, 1)
+    return None
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def plain_noop():
+    return None
+
+
+def fan_out_agent(n: int, state, with_resources: bool) -> Agent:
+    names = [f"s{i}" for i in range(n)]
+
+    async def start(context):
+        return names
+
+    agent = Agent("bench_ray", isolation="ray", resource_pool=cluster_pool() if with_resources else None)
+    agent.add_state("start", start, isolation="inline", next_states=names)
+    need = ResourceRequirements(cpu_units=1, memory_mb=0) if with_resources else None
+    for name in names:
+        agent.add_state(name, state, resources=need, next_states=[])
+    return agent
+
+
+async def ours(n: int, state, with_resources: bool) -> float:
+    agent = fan_out_agent(n, state, with_resources)
+    began = time.perf_counter()
+    await agent.run()
+    return time.perf_counter() - began
+
+
+async def plain(n: int) -> float:
+    began = time.perf_counter()
+    await asyncio.gather(*[plain_noop.remote() for _ in range(n)])
+    return time.perf_counter() - began
+
+
+async def compare(n: int, repeat: int, state, with_resources: bool) -> dict[str, float]:
+    mine, theirs = [], []
+    for _ in range(repeat):
+        theirs.append(await plain(n))
+        mine.append(await ours(n, state, with_resources))
+    a, b = statistics.median(mine), statistics.median(theirs)
+    return {
+        "ours_s": round(a, 4), "plain_ray_s": round(b, 4), "ratio": round(a / b, 3),
+        "ours_states_per_s": round(n / a, 1), "plain_ray_tasks_per_s": round(n / b, 1),
+        "overhead_ms_per_state": round((a - b) / n * 1000, 3),
+        "ratios": [round(x / y, 3) for x, y in zip(mine, theirs)],
+    }
+
+
+async def main(args: argparse.Namespace) -> dict[str, object]:
+    await ours(args.states, noop, False)  # warm up: workers, the relay, imports on both sides
+    await ours(args.states, write_one, True)
+    await plain(args.states)
+    return {
+        "states": args.states,
+        "cpus": args.cpus,
+        "repeat": args.repeat,
+        "ray": ray.__version__,
+        "fan_out": await compare(args.states, args.repeat, noop, False),
+        "fan_out_with_resources": await compare(args.states, args.repeat, noop, True),
+        "fan_out_with_writes": await compare(args.states, args.repeat, write_one, False),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--states", type=int, default=200)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--cpus", type=int, default=2)
+    args = parser.parse_args()
+    temp_dir = tempfile.mkdtemp(prefix="agent-ray-bench-")
+    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             object_store_memory=100 * 1024 * 1024, _temp_dir=temp_dir)
+    try:
+        print(json.dumps(asyncio.run(main(args)), indent=2))
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
