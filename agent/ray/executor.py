@@ -53,6 +53,8 @@ STOP_SECONDS = 10.0
 """How long a stopped attempt waits for Ray to confirm that its task is gone."""
 LOG_SECONDS = 10.0
 """How long the driver waits for the output of a worker that died."""
+SILENT_KEPT = 100_000
+"""How many attempts without output are remembered as such (oldest forgotten first)."""
 
 _log = get_logger("agent.ray")
 _NO_CLASSES = cloudpickle.dumps(())
@@ -70,6 +72,7 @@ class RayExecutor:
         self._task: Any = None
         self._collect: Any = None
         self._submitters: dict[str, Any] = {}
+        self._silent: dict[tuple[str, str, int], None] = {}
         self._pickled: weakref.WeakKeyDictionary[Any, tuple[str, bytes]] = weakref.WeakKeyDictionary()
 
     def _prepare(self) -> None:
@@ -147,13 +150,15 @@ class RayExecutor:
         usage = _usage(end.usage)
         attempt.usage.update(usage)
         try:
-            await channel.settled(end.frames, SETTLE_SECONDS)
+            await channel.settled(end.pushed, SETTLE_SECONDS)
         except TimeoutError:
             raise AttemptFailed(FailureReason(
                 kind="lost_connection",
-                message=f"{end.frames - channel.received} of the state's {end.frames} context writes never "
-                "reached the driver through the relay actor",
+                message=f"{end.pushed - channel.received} of the {end.pushed} frames the state's task pushed "
+                "never reached the driver through the relay actor",
             ), usage) from None
+        if end.frames:
+            channel.deliver(end.frames)
         if channel.failure is not None:
             raise AttemptFailed(channel.failure, usage)
         if end.failure is not None:
@@ -193,11 +198,21 @@ class RayExecutor:
         return b""
 
     def _keep_log(self, attempt: Attempt, data: bytes) -> None:
-        path = self.logs.path(attempt.run_id, attempt.state_name, attempt.number, create=True)
-        with open(path, "wb") as fh:
+        """Output goes to the attempt's log file; an attempt that printed nothing gets no file
+        (creating one costs more than a no-op state), only a note that it ran here."""
+        key = (attempt.run_id, attempt.state_name, attempt.number)
+        if not data:
+            self._silent[key] = None
+            if len(self._silent) > SILENT_KEPT:
+                self._silent.pop(next(iter(self._silent)))
+            return
+        self._silent.pop(key, None)
+        with open(self.logs.path(*key, create=True), "wb") as fh:
             fh.write(data)
 
     def read_log(self, run_id: str, state: str, attempt: int) -> str | None:
+        if (run_id, state, attempt) in self._silent:
+            return ""
         if not os.path.exists(self.logs.path(run_id, state, attempt)):
             return None
         return self.logs.read(run_id, state, attempt)

@@ -42,7 +42,7 @@ _FAILURE_FIELDS: dict[str, tuple[type, ...]] = {
     "signal": (int, type(None)), "exception_type": (str, type(None)), "details": (dict,),
 }
 _END_FIELDS: dict[str, tuple[type, ...]] = {
-    "frames": (int,), "failure": (dict, type(None)), "log": (bytes,), "usage": (dict,),
+    "pushed": (int,), "frames": (list,), "failure": (dict, type(None)), "log": (bytes,), "usage": (dict,),
 }
 
 
@@ -124,19 +124,22 @@ class End:
 
     result: Any
     failure: FailureReason | None
-    frames: int
+    pushed: int
     """How many frames the task pushed to the relay before it returned."""
+    frames: list[bytes]
+    """The frames it had not pushed yet: they come after those."""
     log: bytes
     usage: dict[str, Any]
 
 
-def encode_end(result: Any, failure: FailureReason | None, frames: int, log: bytes,
+def encode_end(result: Any, failure: FailureReason | None, pushed: int, frames: list[bytes], log: bytes,
                usage: dict[str, Any]) -> bytes:
     """The task's return value; an unencodable result becomes the attempt's failure."""
-    body: dict[str, Any] = {"frames": frames, "failure": None, "log": log, "usage": usage}
+    body: dict[str, Any] = {"pushed": pushed, "frames": frames, "failure": None, "log": log, "usage": usage}
     if failure is None:
+        room = LIMITS.max_frame - len(log) - sum(len(f) for f in frames) - _SLACK
         try:
-            encoded = encode_value(result, max_size=LIMITS.max_frame - len(log) - _SLACK)
+            encoded = encode_value(result, max_size=room)
         except UnencodableValueError as exc:
             failure = FailureReason(kind="exception", message=f"the state's return value: {exc}",
                                     exception_type=f"agent.errors.{type(exc).__qualname__}")
@@ -167,7 +170,10 @@ def decode_end(data: Any) -> End:
         result = read_value(result_data)
     else:
         raise ProtocolError("the task's end holds neither a result nor a failure")
-    return End(result=result, failure=failure, frames=body["frames"], log=body["log"], usage=body["usage"])
+    if not all(type(frame) is bytes for frame in body["frames"]):
+        raise ProtocolError("the task's end: frames holds something other than bytes")
+    return End(result=result, failure=failure, pushed=body["pushed"], frames=body["frames"], log=body["log"],
+               usage=body["usage"])
 
 
 def _check_fields(body: Any, fields: dict[str, tuple[type, ...]], what: str) -> None:

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import cloudpickle
+import uvloop
 
 from .. import errors
 from ..context import Context
@@ -41,10 +42,13 @@ from . import wire
 
 LOG_CAP = 8 * 1024 * 1024
 """At most this much of an attempt's output comes back (its tail)."""
+FLUSH_DELAY = 0.005
+"""How long a context write may wait in the worker to be pushed with the ones after it."""
 
 _loop: asyncio.AbstractEventLoop | None = None
 _capture: "Capture | None" = None
 _relays: dict[str, Any] = {}
+_functions: dict[bytes, Any] = {}
 
 
 def run_attempt(payload: bytes, token: str, relay_name: str) -> bytes:
@@ -55,26 +59,26 @@ def run_attempt(payload: bytes, token: str, relay_name: str) -> bytes:
     if _capture is None:
         _capture = Capture(log_folder())
     if _loop is None or _loop.is_closed():
-        _loop = asyncio.new_event_loop()
+        _loop = uvloop.new_event_loop()
     with _capture.attempt(token) as output:
-        result, failure, frames = _loop.run_until_complete(_attempt(run, token, relay_name))
+        result, failure, pusher = _loop.run_until_complete(_attempt(run, token, relay_name))
         _tidy(_loop)
+    usage = {"cpu_seconds": time.process_time() - began, "ray_node_ip": _node_ip(), "ray_worker_pid": os.getpid()}
+    return wire.encode_end(result, failure, pusher.pushed, pusher.unsent(), output(), usage)
+
+
+def _node_ip() -> str:
     import ray
 
-    usage = {
-        "cpu_seconds": time.process_time() - began,
-        "ray_node_ip": ray.util.get_node_ip_address(),
-        "ray_worker_pid": os.getpid(),
-    }
-    return wire.encode_end(result, failure, frames, output(), usage)
+    return str(ray.util.get_node_ip_address())
 
 
-async def _attempt(run: Any, token: str, relay_name: str) -> tuple[Any, FailureReason | None, int]:
+async def _attempt(run: Any, token: str, relay_name: str) -> tuple[Any, FailureReason | None, "Pusher"]:
     pusher = Pusher(relay_name, token)
     result: Any = None
     failure: FailureReason | None = None
     try:
-        func = cloudpickle.loads(run.function)
+        func = _function(run.function)
         classes = cloudpickle.loads(run.classes)  # noqa: F841 - defines them here, for the snapshot
         provider = RelayedHumanInput(pusher, token)
         context = Context(
@@ -89,7 +93,18 @@ async def _attempt(run: Any, token: str, relay_name: str) -> tuple[Any, FailureR
     except Exception as exc:
         failure = failure or FailureReason(
             kind="lost_connection", message=f"the state's context writes could not reach the driver: {exc!r}")
-    return result, failure, pusher.sent
+    return result, failure, pusher
+
+
+def _function(data: bytes) -> Any:
+    """The state function; the last few are kept, as a fan-out sends one many times."""
+    func = _functions.get(data)
+    if func is None:
+        func = cloudpickle.loads(data)
+        _functions[data] = func
+        if len(_functions) > 32:
+            _functions.pop(next(iter(_functions)))
+    return func
 
 
 def _exception(exc: BaseException) -> FailureReason:
@@ -110,29 +125,40 @@ def _relay(name: str) -> Any:
 
 
 class Pusher:
-    """Sends the attempt's frames to the relay in order: one push in flight, the rest batched."""
+    """Sends the attempt's frames to the relay in order, batched: a frame waits at most
+    ``FLUSH_DELAY`` seconds (or until the push in flight is done); what is still waiting
+    when the state returns goes back with its result instead, so a short state costs the
+    relay nothing."""
 
     def __init__(self, relay_name: str, token: str) -> None:
         self._relay_name = relay_name
         self._token = token
         self._pending: list[bytes] = []
         self._flight: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._error: BaseException | None = None
-        self.sent = 0
+        self.pushed = 0
 
     def write(self, key: str, value: Any, deleted: bool) -> None:
         """The context's ``on_write`` hook."""
         self.send(wire.write_frame(key, value, deleted))
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes, *, now: bool = False) -> None:
+        """Queue ``frame``; ``now`` pushes it without waiting (something waits on the driver)."""
         if self._error is not None:
             raise errors.IsolationError(f"the relay to the driver is gone: {self._error!r}")
         self._pending.append(frame)
-        self.sent += 1
-        if self._flight is None:
+        if self._flight is not None:
+            return  # goes with the next push, when this one is done
+        if now:
             self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_DELAY, self._flush)
 
     def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         frames, self._pending = self._pending, []
         self._flight = asyncio.ensure_future(self._push(frames))
 
@@ -144,16 +170,24 @@ class Pusher:
             self._pending.clear()
             self._flight = None
             return
+        self.pushed += len(frames)
         self._flight = None
         if self._pending:
             self._flush()
 
     async def drain(self) -> None:
-        """Wait until the relay holds every frame sent so far."""
+        """Wait for the push in flight; what has not been pushed stays for :meth:`unsent`."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while self._flight is not None:
             await asyncio.shield(self._flight)
         if self._error is not None:
             raise self._error
+
+    def unsent(self) -> list[bytes]:
+        frames, self._pending = self._pending, []
+        return frames
 
 
 class RelayedHumanInput:
@@ -169,7 +203,7 @@ class RelayedHumanInput:
         remaining = None
         if request.timeout is not None:
             remaining = max(0.0, request.created + request.timeout - time.time())
-        self._pusher.send(wire.human_request(request_id, request.prompt, remaining, request.default))
+        self._pusher.send(wire.human_request(request_id, request.prompt, remaining, request.default), now=True)
         relay = _relay(self._pusher._relay_name)
         response = wire.read_human_response(await relay.wait_answer.remote(self._token, request_id))
         if response.error_type is not None:
@@ -208,9 +242,10 @@ class Capture:
         """Send descriptors 1 and 2 here inside the block; yields a reader for after it."""
         header = f"{token}\n".encode()
         _flush_std()
-        os.ftruncate(self._fd, 0)
-        os.lseek(self._fd, 0, os.SEEK_SET)
-        os.write(self._fd, header)
+        if os.fstat(self._fd).st_size != len(header):  # else the last attempt printed nothing
+            os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, header, 0)
+        os.lseek(self._fd, len(header), os.SEEK_SET)
         saved = (os.dup(1), os.dup(2))
         captured: list[bytes] = []
         try:
