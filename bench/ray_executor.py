@@ -9,11 +9,14 @@ each workload, the two sides alternate ``--repeat`` times and the medians are re
 * ``fan_out_with_resources``: the same states declaring ``ResourceRequirements(cpu_units=1,
   memory_mb=0)`` under a pool the size of the cluster, so that our admission, not Ray's
   queue, decides when each starts (``--cpus`` at a time); plain Ray as above.
-* ``fan_out_with_writes``: as ``fan_out``, each state writing one context key (through
-  the relay); plain Ray tasks return one value each.
+* ``fan_out_with_writes``: as ``fan_out``, each state writing one context key; plain Ray
+  as above.
+* ``chain_50``: 50 no-op Ray states one after the other; plain Ray: 50 tasks, each
+  awaited before the next is submitted.
 
 ``ratio`` is ours / plain Ray's time; ``overhead_ms_per_state`` is the difference per
-state. Ray itself moves ±10-50% between runs on a shared 2-core machine: compare ratios
+state; ``*_cpu_ms_per_state`` the CPU time of this process and the whole local cluster
+per state (workers that exit meanwhile are not counted), which moves less with the load. Ray itself moves ±10-50% between runs on a shared 2-core machine: compare ratios
 measured in one run.
 
 Run: ``python bench/ray_executor.py [--states 200] [--repeat 5] [--cpus 2]``. (Not ``bench/ray.py``: run
@@ -34,6 +37,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import psutil  # noqa: E402
 import ray  # noqa: E402
 
 from agent import Agent, ResourceRequirements  # noqa: E402
@@ -68,30 +72,65 @@ def fan_out_agent(n: int, state, with_resources: bool) -> Agent:
     return agent
 
 
-async def ours(n: int, state, with_resources: bool) -> float:
-    agent = fan_out_agent(n, state, with_resources)
-    began = time.perf_counter()
-    await agent.run()
-    return time.perf_counter() - began
+def cpu_seconds() -> float:
+    """CPU time of this process and every process of the local cluster (its descendants)."""
+    total = 0.0
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
 
 
-async def plain(n: int) -> float:
-    began = time.perf_counter()
-    await asyncio.gather(*[plain_noop.remote() for _ in range(n)])
-    return time.perf_counter() - began
+async def timed(run) -> tuple[float, float]:
+    cpu, began = cpu_seconds(), time.perf_counter()
+    await run()
+    return time.perf_counter() - began, cpu_seconds() - cpu
 
 
-async def compare(n: int, repeat: int, state, with_resources: bool) -> dict[str, float]:
+def chain_agent(n: int) -> Agent:
+    agent = Agent("bench_ray_chain", isolation="ray")
+    names = [f"s{i}" for i in range(n)]
+    for name, following in zip(names, names[1:] + [None]):
+        async def step(context, following=following):
+            return following
+
+        agent.add_state(name, step, next_states=[following] if following else [])
+    return agent
+
+
+async def ours(n: int, state, with_resources: bool) -> tuple[float, float]:
+    agent = chain_agent(n) if state is None else fan_out_agent(n, state, with_resources)
+    return await timed(agent.run)
+
+
+async def plain(n: int, sequential: bool = False) -> tuple[float, float]:
+    async def one_by_one():
+        for _ in range(n):
+            await plain_noop.remote()
+
+    if sequential:
+        return await timed(one_by_one)
+    return await timed(lambda: asyncio.gather(*[plain_noop.remote() for _ in range(n)]))
+
+
+async def compare(n: int, repeat: int, state, with_resources: bool = False) -> dict[str, float]:
     mine, theirs = [], []
     for _ in range(repeat):
-        theirs.append(await plain(n))
+        theirs.append(await plain(n, sequential=state is None))
         mine.append(await ours(n, state, with_resources))
-    a, b = statistics.median(mine), statistics.median(theirs)
+    a, b = statistics.median(t for t, _ in mine), statistics.median(t for t, _ in theirs)
+    cpu_a, cpu_b = statistics.median(c for _, c in mine), statistics.median(c for _, c in theirs)
     return {
         "ours_s": round(a, 4), "plain_ray_s": round(b, 4), "ratio": round(a / b, 3),
         "ours_states_per_s": round(n / a, 1), "plain_ray_tasks_per_s": round(n / b, 1),
         "overhead_ms_per_state": round((a - b) / n * 1000, 3),
-        "ratios": [round(x / y, 3) for x, y in zip(mine, theirs)],
+        "ratios": [round(x[0] / y[0], 3) for x, y in zip(mine, theirs)],
+        "ours_cpu_ms_per_state": round(cpu_a / n * 1000, 3),
+        "plain_ray_cpu_ms_per_state": round(cpu_b / n * 1000, 3),
     }
 
 
@@ -107,6 +146,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         "fan_out": await compare(args.states, args.repeat, noop, False),
         "fan_out_with_resources": await compare(args.states, args.repeat, noop, True),
         "fan_out_with_writes": await compare(args.states, args.repeat, write_one, False),
+        "chain_50": await compare(50, args.repeat, None),
     }
 
 

@@ -47,6 +47,8 @@ T = TypeVar("T")
 
 POLL_SECONDS = 10.0
 """How long one long-poll of the relay waits on the actor when nothing arrives."""
+IDLE_SECONDS = 0.5
+"""How long the long-poll goes on once no attempt runs (the next one may start soon)."""
 SETTLE_SECONDS = 30.0
 """How long the end of an attempt waits for frames its task sent before it returned."""
 STOP_SECONDS = 10.0
@@ -126,7 +128,7 @@ class RayExecutor:
         token = secrets.token_hex(8)
         channel = self.relay.open(token, attempt)
         try:
-            ref = self._submitter(options).remote(payload, token, self.relay.name)
+            ref = self._submitter(options).remote((payload, token, self.relay.name))
             try:
                 data = await ref
             except asyncio.CancelledError:
@@ -262,6 +264,11 @@ class RelayLink:
         channel = self._channels.pop(token, None)
         if channel is not None:
             channel.close()
+        if not self._channels and self._poller is not None and self._poller_loop is not None:
+            # Not at once: the next state of a chain would start a new long-poll (an actor call).
+            self._poller_loop.call_later(IDLE_SECONDS, self._stop_if_idle)
+
+    def _stop_if_idle(self) -> None:
         if not self._channels and self._poller is not None:
             self._poller.cancel()
             self._poller = None
