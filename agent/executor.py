@@ -159,6 +159,9 @@ def _isolated() -> Any:
 
 
 def _ray() -> Any:
+    loaded = sys.modules.get(RAY)
+    if loaded is not None:
+        return loaded
     try:
         return importlib.import_module(RAY)
     except ImportError as exc:

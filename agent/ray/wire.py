@@ -135,22 +135,26 @@ class End:
 def encode_end(result: Any, failure: FailureReason | None, pushed: int, frames: list[bytes], log: bytes,
                usage: dict[str, Any]) -> bytes:
     """The task's return value; an unencodable result becomes the attempt's failure."""
-    body: dict[str, Any] = {"pushed": pushed, "frames": frames, "failure": None, "log": log, "usage": usage}
+    body: dict[str, Any] = {"pushed": pushed, "frames": frames, "failure": None, "log": log, "usage": usage,
+                            "result": None}
     if failure is None:
-        room = LIMITS.max_frame - len(log) - sum(len(f) for f in frames) - _SLACK
+        body["result"] = result
         try:
-            encoded = encode_value(result, max_size=room)
-        except UnencodableValueError as exc:
-            failure = FailureReason(kind="exception", message=f"the state's return value: {exc}",
-                                    exception_type=f"agent.errors.{type(exc).__qualname__}")
-        else:
-            body["result"] = encoded
-    if failure is not None:
-        body["failure"] = {
-            "kind": failure.kind, "message": failure.message, "traceback": failure.traceback,
-            "exit_code": failure.exit_code, "signal": failure.signal,
-            "exception_type": failure.exception_type, "details": _plain(failure.details),
-        }
+            return encode_value(body, max_size=LIMITS.max_frame)
+        except UnencodableValueError:
+            body["result"] = None
+            room = LIMITS.max_frame - len(encode_value(body)) - _SLACK
+            try:  # again, alone, for an error that speaks of the return value
+                encode_value(result, max_size=room)
+                raise
+            except UnencodableValueError as exc:
+                failure = FailureReason(kind="exception", message=f"the state's return value: {exc}",
+                                        exception_type=f"agent.errors.{type(exc).__qualname__}")
+    body["failure"] = {
+        "kind": failure.kind, "message": failure.message, "traceback": failure.traceback,
+        "exit_code": failure.exit_code, "signal": failure.signal,
+        "exception_type": failure.exception_type, "details": _plain(failure.details),
+    }
     return encode_value(body)
 
 
@@ -159,17 +163,13 @@ def decode_end(data: Any) -> End:
     if type(data) is not bytes:
         raise ProtocolError(f"the state's Ray task returned a {type(data).__name__}, not bytes")
     body = decode_value(data, LIMITS)
-    result_data = body.pop("result", None) if type(body) is dict else None
+    result = body.pop("result", None) if type(body) is dict else None
     _check_fields(body, _END_FIELDS, "the task's end")
     failure = None
     if body["failure"] is not None:
         _check_fields(body["failure"], _FAILURE_FIELDS, "the task's failure")
         failure = FailureReason(**body["failure"])
         result = None
-    elif type(result_data) is bytes:
-        result = read_value(result_data)
-    else:
-        raise ProtocolError("the task's end holds neither a result nor a failure")
     if not all(type(frame) is bytes for frame in body["frames"]):
         raise ProtocolError("the task's end: frames holds something other than bytes")
     return End(result=result, failure=failure, pushed=body["pushed"], frames=body["frames"], log=body["log"],

@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import cloudpickle
-import uvloop
 
 from .. import errors
 from ..context import Context
@@ -61,7 +60,7 @@ def run_attempt(task: tuple[bytes, str, str]) -> bytes:
     if _capture is None:
         _capture = Capture(log_folder())
     if _loop is None or _loop.is_closed():
-        _loop = uvloop.new_event_loop()
+        _loop = asyncio.new_event_loop()  # not uvloop: it sets up its signal socket on every run
     with _capture.attempt(token) as output:
         result, failure, pusher = _loop.run_until_complete(_attempt(run, token, relay_name))
         _tidy(_loop)
