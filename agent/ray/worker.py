@@ -28,7 +28,6 @@ import os
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import cloudpickle
@@ -60,12 +59,17 @@ def run_attempt(task: tuple[bytes, str, str]) -> bytes:
     if _capture is None:
         _capture = Capture(log_folder())
     if _loop is None or _loop.is_closed():
-        _loop = asyncio.new_event_loop()  # not uvloop: it sets up its signal socket on every run
-    with _capture.attempt(token) as output:
+        # A plain selector loop, whatever the policy says (Ray's workers use uvloop's, which
+        # makes a signal socket pair on every run: more than the rest of an attempt costs).
+        _loop = asyncio.SelectorEventLoop()
+    _capture.start(token)
+    try:
         result, failure, pusher = _loop.run_until_complete(_attempt(run, token, relay_name))
         _tidy(_loop)
+    finally:
+        output = _capture.finish()
     usage = {"cpu_seconds": time.process_time() - began, "ray_node_ip": _node_ip(), "ray_worker_pid": os.getpid()}
-    return wire.encode_end(result, failure, pusher.pushed, pusher.unsent(), output(), usage)
+    return wire.encode_end(result, failure, pusher.pushed, pusher.unsent(), output, usage)
 
 
 def _node_ip() -> str:
@@ -236,30 +240,36 @@ class Capture:
 
     def __init__(self, folder: str) -> None:
         self.path = os.path.join(folder, f"worker-{os.getpid()}.log")
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self._size = 0
+        self._saved: tuple[int, int] | None = None
 
-    @contextlib.contextmanager
-    def attempt(self, token: str) -> Iterator[Callable[[], bytes]]:
-        """Send descriptors 1 and 2 here inside the block; yields a reader for after it."""
+    def start(self, token: str) -> None:
+        """Send descriptors 1 and 2 here, after a first line naming the attempt."""
         header = f"{token}\n".encode()
         _flush_std()
-        if os.fstat(self._fd).st_size != len(header):  # else the last attempt printed nothing
+        if self._size != len(header):  # else the last attempt printed nothing: overwrite its token
             os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, header, 0)
-        os.lseek(self._fd, len(header), os.SEEK_SET)
-        saved = (os.dup(1), os.dup(2))
-        captured: list[bytes] = []
-        try:
-            os.dup2(self._fd, 1)
-            os.dup2(self._fd, 2)
-            yield lambda: captured[0] if captured else b""
-        finally:
-            _flush_std()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-            captured.append(_read(self._fd, len(header)))
+        self._size = len(header)
+        os.lseek(self._fd, self._size, os.SEEK_SET)
+        self._saved = (os.dup(1), os.dup(2))
+        os.dup2(self._fd, 1)
+        os.dup2(self._fd, 2)
+
+    def finish(self) -> bytes:
+        """Give descriptors 1 and 2 back; what the attempt wrote."""
+        _flush_std()
+        if self._saved is not None:
+            os.dup2(self._saved[0], 1)
+            os.dup2(self._saved[1], 2)
+            os.close(self._saved[0])
+            os.close(self._saved[1])
+            self._saved = None
+        end = os.lseek(self._fd, 0, os.SEEK_CUR)
+        header = self._size
+        self._size = max(end, os.fstat(self._fd).st_size) if end != header else header
+        return _read(self._fd, header) if self._size != header else b""
 
 
 def collect_log(token: str) -> bytes | None:
