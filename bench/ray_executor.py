@@ -14,12 +14,12 @@ each workload, the two sides alternate ``--repeat`` times and the medians are re
 * ``chain_50``: 50 no-op Ray states one after the other; plain Ray: 50 tasks, each
   awaited before the next is submitted.
 
-``ratio`` is ours / plain Ray's time; ``overhead_ms_per_state`` is the difference per
-state; ``*_cpu_ms_per_state`` the CPU time of this process and the whole local cluster
+``ratio`` is ours / plain Ray's time (medians; ``pair_ratio_median``: the median of the
+ratios of runs side by side); ``overhead_ms_per_state`` is the difference per state; ``*_cpu_ms_per_state`` the CPU time of this process and the whole local cluster
 per state (workers that exit meanwhile are not counted), which moves less with the load. Ray itself moves ±10-50% between runs on a shared 2-core machine: compare ratios
 measured in one run.
 
-Run: ``python bench/ray_executor.py [--states 200] [--repeat 5] [--cpus 2]``. (Not ``bench/ray.py``: run
+Run: ``python bench/ray_executor.py [--states 200] [--repeat 9] [--cpus 2]``. (Not ``bench/ray.py``: run
 as a script, that name would shadow Ray itself.)
 """
 
@@ -128,6 +128,7 @@ async def compare(n: int, repeat: int, state, with_resources: bool = False) -> d
         "ours_s": round(a, 4), "plain_ray_s": round(b, 4), "ratio": round(a / b, 3),
         "ours_states_per_s": round(n / a, 1), "plain_ray_tasks_per_s": round(n / b, 1),
         "overhead_ms_per_state": round((a - b) / n * 1000, 3),
+        "pair_ratio_median": round(statistics.median(x[0] / y[0] for x, y in zip(mine, theirs)), 3),
         "ratios": [round(x[0] / y[0], 3) for x, y in zip(mine, theirs)],
         "ours_cpu_ms_per_state": round(cpu_a / n * 1000, 3),
         "plain_ray_cpu_ms_per_state": round(cpu_b / n * 1000, 3),
@@ -153,7 +154,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--states", type=int, default=200)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--cpus", type=int, default=2)
     args = parser.parse_args()
     temp_dir = tempfile.mkdtemp(prefix="agent-ray-bench-")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import itertools
 import os
 import secrets
 import threading
@@ -75,6 +76,10 @@ class RayExecutor:
         self._collect: Any = None
         self._submitters: dict[str, Any] = {}
         self._silent: dict[tuple[str, str, int], None] = {}
+        self._shapes: dict[tuple[int, Any], tuple[Any, dict[str, Any], dict[str, float]]] = {}
+        # Attempt tokens: unique on the cluster (the prefix) and cheap (no random bytes each).
+        self._prefix = secrets.token_hex(4)
+        self._tokens = itertools.count(1)
         self._pickled: weakref.WeakKeyDictionary[Any, tuple[str, bytes]] = weakref.WeakKeyDictionary()
 
     def _prepare(self) -> None:
@@ -83,6 +88,19 @@ class RayExecutor:
                 self._collect = ray.remote(num_cpus=0, max_retries=0)(worker.collect_log)
                 self.relay.actor_class = ray.remote(num_cpus=0, max_restarts=0)(Relay)
                 self._task = ray.remote(max_retries=0, retry_exceptions=False)(worker.run_attempt)
+
+    def _options(self, attempt: Attempt) -> tuple[dict[str, Any], dict[str, float]]:
+        """:func:`task_options`, kept per state (its requirements and function do not change)."""
+        key = (id(attempt.resources), attempt.func)
+        try:
+            found = self._shapes.get(key)
+        except TypeError:  # an unhashable state callable
+            return task_options(attempt)
+        if found is None or found[0] is not attempt.resources:
+            found = self._shapes[key] = (attempt.resources, *task_options(attempt))
+            if len(self._shapes) > 4096:
+                self._shapes.pop(next(iter(self._shapes)))
+        return found[1], found[2]
 
     def _submitter(self, options: dict[str, Any]) -> Any:
         """The task with these options (Ray checks options each time ``.options()`` is called)."""
@@ -118,14 +136,14 @@ class RayExecutor:
         if not is_connected():
             await asyncio.to_thread(connect)  # ray.init takes seconds: not on the loop
         self._prepare()
-        options, request = task_options(attempt)
+        options, request = self._options(attempt)
         self.capacity.check(attempt.state_name, request)
         snapshot, classes, skipped = wire.encode_snapshot(attempt.context)
         if skipped:
             _log.warning("context_keys_not_sent", state=attempt.state_name, keys=skipped,
                          why="values the safe codec cannot encode stay with the driver")
         payload = self._payload(attempt, snapshot, classes)
-        token = secrets.token_hex(8)
+        token = f"{self._prefix}{next(self._tokens):08x}"
         channel = self.relay.open(token, attempt)
         try:
             ref = self._submitter(options).remote((payload, token, self.relay.name))
@@ -238,6 +256,7 @@ class RelayLink:
         self._seen = 0
         self._poller: asyncio.Task[None] | None = None
         self._poller_loop: asyncio.AbstractEventLoop | None = None
+        self._idle: asyncio.TimerHandle | None = None
 
     def open(self, token: str, attempt: Attempt) -> "Channel":
         loop = asyncio.get_running_loop()
@@ -253,7 +272,7 @@ class RelayLink:
                     "Ray states of one process must run on one event loop at a time: "
                     "finish the run on the other loop first"
                 )
-            self._poller = None  # its loop is gone, and the task with it
+            self._poller = self._idle = None  # its loop is gone, and the task with it
         channel = self._channels[token] = Channel(token, attempt, self)
         if self._poller is None:
             self._poller_loop = loop
@@ -264,11 +283,12 @@ class RelayLink:
         channel = self._channels.pop(token, None)
         if channel is not None:
             channel.close()
-        if not self._channels and self._poller is not None and self._poller_loop is not None:
+        if not self._channels and self._poller is not None and self._idle is None and self._poller_loop:
             # Not at once: the next state of a chain would start a new long-poll (an actor call).
-            self._poller_loop.call_later(IDLE_SECONDS, self._stop_if_idle)
+            self._idle = self._poller_loop.call_later(IDLE_SECONDS, self._stop_if_idle)
 
     def _stop_if_idle(self) -> None:
+        self._idle = None
         if not self._channels and self._poller is not None:
             self._poller.cancel()
             self._poller = None
