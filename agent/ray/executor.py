@@ -146,7 +146,7 @@ class RayExecutor:
         token = f"{self._prefix}{next(self._tokens):08x}"
         channel = self.relay.open(token, attempt)
         try:
-            ref = self._submitter(options).remote((payload, token, self.relay.name))
+            ref = self._submitter(options).remote((payload, token, self.relay.name, _confined(attempt)))
             try:
                 data = await ref
             except asyncio.CancelledError:
@@ -416,6 +416,14 @@ def task_options(attempt: Attempt) -> tuple[dict[str, Any], dict[str, float]]:
     return options, {name: amount for name, amount in request.items() if amount}
 
 
+def _confined(attempt: Attempt) -> tuple[str, Any] | None:
+    """For a state confined on its node: the isolation level and the limits (see :mod:`agent.ray.confine`)."""
+    extra = options_of(attempt.func)
+    if extra is None or extra.isolation is None:
+        return None
+    return extra.isolation, attempt.resources
+
+
 def ray_failure(exc: BaseException) -> FailureReason:
     """Why Ray says the attempt's task did not return."""
     said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -447,14 +455,16 @@ def _with_log(reason: FailureReason, log: bytes) -> FailureReason:
     return dataclasses.replace(reason, traceback=log[-16384:].decode("utf-8", "replace"))
 
 
+_USAGE = {
+    "cpu_seconds": (int, float), "peak_memory_bytes": (int,), "nr_throttled": (int,),
+    "throttled_seconds": (int, float), "pids_peak": (int,), "io_read_bytes": (int,), "io_write_bytes": (int,),
+    "ray_node_ip": (str,), "ray_worker_pid": (int,),
+}
+
+
 def _usage(reported: dict[str, Any]) -> dict[str, Any]:
-    """What the task measured, keeping only known figures of the right type."""
-    out: dict[str, Any] = {}
-    for key, types in (("cpu_seconds", (int, float)), ("ray_node_ip", (str,)), ("ray_worker_pid", (int,))):
-        value = reported.get(key)
-        if type(value) in types:
-            out[key] = value
-    return out
+    """What the task measured (a confined state: its cgroup), only known figures of the right type."""
+    return {key: value for key, value in reported.items() if type(value) in _USAGE.get(key, ())}
 
 
 async def _settle(ref: Any) -> Any:

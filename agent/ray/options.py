@@ -37,6 +37,8 @@ class RayOptions:
     runtime_env: Mapping[str, Any] | None = None
     scheduling_strategy: Any = None
     label_selector: Mapping[str, str] | None = None
+    isolation: str | None = None
+    """``"process"`` or ``"sandbox"``: run the state confined on its node (:mod:`agent.ray.confine`)."""
 
     def task_options(self) -> dict[str, Any]:
         """The keyword arguments of Ray's ``.options()`` these settings stand for."""
@@ -61,6 +63,7 @@ def ray_options(
     runtime_env: Mapping[str, Any] | None = None,
     scheduling_strategy: Any = None,
     label_selector: Mapping[str, str] | None = None,
+    isolation: str | None = None,
 ) -> Callable[[F], F]:
     """Declare Ray-only settings for a state that runs with ``isolation="ray"``.
 
@@ -68,8 +71,10 @@ def ray_options(
     has them, and holds them while it runs); ``accelerator_type``, ``runtime_env``,
     ``scheduling_strategy`` and ``label_selector`` are Ray's own task options. Our resource
     pool does not count custom resources: Ray does, and a task whose custom resource is
-    busy waits in Ray's queue. The function itself is returned unchanged, with the
-    settings recorded on it.
+    busy waits in Ray's queue. ``isolation="process"`` (or ``"sandbox"``) runs the state,
+    inside its Ray task, in a child confined by cgroups to its ``ResourceRequirements`` on
+    the node (:mod:`agent.ray.confine`): Ray alone limits nothing. The function itself is
+    returned unchanged, with the settings recorded on it.
     """
     custom: dict[str, float] = {}
     for name, amount in (resources or {}).items():
@@ -92,7 +97,11 @@ def ray_options(
         raise InvalidConfigurationError(f"ray_options: runtime_env is a dict, got {type(runtime_env).__name__}")
     if label_selector is not None and not isinstance(label_selector, Mapping):
         raise InvalidConfigurationError(f"ray_options: label_selector is a dict, got {type(label_selector).__name__}")
-    options = RayOptions(custom, accelerator_type, runtime_env, scheduling_strategy, label_selector)
+    if isolation is not None and isolation not in ("process", "sandbox"):
+        raise InvalidConfigurationError(
+            f"ray_options: isolation inside a Ray task is 'process' or 'sandbox', got {isolation!r}"
+        )
+    options = RayOptions(custom, accelerator_type, runtime_env, scheduling_strategy, label_selector, isolation)
 
     def record(func: F) -> F:
         if not callable(func):

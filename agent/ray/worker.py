@@ -35,6 +35,7 @@ import cloudpickle
 from .. import errors
 from ..context import Context
 from ..errors import FailureReason, HumanInputError
+from ..executor import AttemptFailed
 from ..human import HumanInputRequest, human_input_hook
 from . import wire
 
@@ -49,11 +50,12 @@ _relays: dict[str, Any] = {}
 _functions: dict[bytes, Any] = {}
 
 
-def run_attempt(task: tuple[bytes, str, str]) -> bytes:
-    """The state's Ray task: ``task`` is the run frame, the attempt's token and the relay's name
-    (one argument: Ray handles one faster than three)."""
+def run_attempt(task: tuple[bytes, str, str, Any]) -> bytes:
+    """The state's Ray task: ``task`` is the run frame, the attempt's token, the relay's name and,
+    for a confined state, its isolation level and ResourceRequirements (one argument: Ray
+    handles one faster than four)."""
     global _loop, _capture
-    payload, token, relay_name = task
+    payload, token, relay_name, confined = task
     began = time.process_time()
     run = wire.read_run(payload)
     if _capture is None:
@@ -64,11 +66,14 @@ def run_attempt(task: tuple[bytes, str, str]) -> bytes:
         _loop = asyncio.SelectorEventLoop()
     _capture.start(token)
     try:
-        result, failure, pusher = _loop.run_until_complete(_attempt(run, token, relay_name))
+        usage: dict[str, Any] = {"cpu_seconds": None}
+        result, failure, pusher = _loop.run_until_complete(_attempt(run, token, relay_name, confined, usage))
         _tidy(_loop)
     finally:
         output = _capture.finish()
-    usage = {"cpu_seconds": time.process_time() - began, "ray_node_ip": _node_ip(), "ray_worker_pid": os.getpid()}
+    if usage["cpu_seconds"] is None:  # else the confined child's cgroup measured it
+        usage["cpu_seconds"] = time.process_time() - began
+    usage.update(ray_node_ip=_node_ip(), ray_worker_pid=os.getpid())
     return wire.encode_end(result, failure, pusher.pushed, pusher.unsent(), output, usage)
 
 
@@ -78,7 +83,8 @@ def _node_ip() -> str:
     return str(ray.util.get_node_ip_address())
 
 
-async def _attempt(run: Any, token: str, relay_name: str) -> tuple[Any, FailureReason | None, "Pusher"]:
+async def _attempt(run: Any, token: str, relay_name: str, confined: Any,
+                   usage: dict[str, Any]) -> tuple[Any, FailureReason | None, "Pusher"]:
     pusher = Pusher(relay_name, token)
     result: Any = None
     failure: FailureReason | None = None
@@ -90,7 +96,16 @@ async def _attempt(run: Any, token: str, relay_name: str) -> tuple[Any, FailureR
             wire.decode_snapshot(run.context), state_name=run.state_name, attempt=run.attempt, run_id=run.run_id,
             on_write=pusher.write, human_input=human_input_hook(provider, run_id=run.run_id, state=run.state_name),
         )
-        result = await func(context)
+        if confined is None:
+            result = await func(context)
+        else:
+            from .confine import run_confined
+
+            result, measured = await run_confined(func, context, run, *confined)
+            usage.update(measured)
+    except AttemptFailed as failed:  # the confined child failed: a limit kill, a crash, its exception
+        failure = failed.reason
+        usage.update(failed.usage)
     except BaseException as exc:  # noqa: BLE001 - the state's own failure, reported to the driver
         failure = _exception(exc)
     try:

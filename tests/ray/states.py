@@ -114,3 +114,27 @@ async def low_job(context: Context) -> None:
 
 async def high_job(context: Context) -> None:
     context.set_state("high_ran_after", context.get_state("done"))
+
+
+MiB = 1024 * 1024
+
+
+@ray_options(isolation="process")
+async def confined_hog(context: Context) -> None:
+    print(f"hog in {os.getpid()}", flush=True)
+    block = b"\x01" * (200 * MiB)
+    context.set_state("allocated", len(block))
+
+
+@ray_options(isolation="process")
+async def confined_worker(context: Context) -> None:
+    import ray
+
+    print(f"confined in {os.getpid()}", flush=True)
+    context.set_state("confined_pid", os.getpid())
+    context.set_state("in_ray_worker", ray.is_initialized())
+    context.set_state("cgroup", open("/proc/self/cgroup").read())
+    block = b"\x01" * (16 * MiB)
+    context.set_state("allocated", len(block))
+    answer = await context.human_in_the_loop("go on?", timeout=60)
+    context.set_state("answer", answer)
