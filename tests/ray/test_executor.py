@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import runpy
+import statistics
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,24 @@ class TestSpecExamples:
         ctx = await agent.run()
         assert ctx.get_state("evaluation") == {"epochs_run": 6, "accuracy": 0.9863}
         assert agent.state_metadata["train_model"].usage["ray_worker_pid"] > 0
+
+
+class TestRayExample:
+    """examples/ray_cluster.py runs on the cluster this process is connected to."""
+
+    async def test_example(self, capsys):
+        namespace = runpy.run_path(str(EXAMPLES / "ray_cluster.py"), run_name="ray_example")
+        await namespace["main"]()
+        out = capsys.readouterr().out
+        readings = [float((i * 37) % 101) for i in range(40_000)]
+        shards = [readings[i * 10_000:(i + 1) * 10_000] for i in range(4)]
+        expected = {"mean": statistics.fmean(statistics.fmean(s) for s in shards), "max": 100.0}
+        assert f"summary: {expected}" in out
+        for i in range(4):
+            assert f"shard {i}: 10000 readings on " in out
+        agent = namespace["agent"]
+        assert agent.state_metadata["merge"].runs == 1
+        assert agent.resource_pool.totals[ResourceType.CPU] == 2
 
 
 class TestResources:
