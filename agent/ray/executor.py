@@ -7,8 +7,9 @@ types the state's ``ResourceRequirements`` accounts; a state that declares nothi
 for Ray's default, one CPU), plus what :func:`~agent.ray.options.ray_options` declared.
 Ray's own retries are off (``max_retries=0``): a failed attempt is retried, or not, by
 the state's retry policy. Stopping an attempt (timeout, cancel, preemption, pause) is
-``ray.cancel(force=True)``: the worker process is killed at once, and its context writes
-so far have already reached the driver.
+``ray.cancel(force=True)``: the worker process is killed at once; its context writes
+have reached the driver, but for those of its last few milliseconds
+(:data:`agent.ray.worker.FLUSH_DELAY`).
 
 Values cross as described in :mod:`agent.ray.wire`; frames from running tasks arrive
 through the driver's relay actor (:mod:`agent.ray.relay`) and are applied in the order

@@ -7,9 +7,11 @@ sequence number the driver has seen and keeps it until a later ``take`` acknowle
 so an answer lost on the way (a driver that stopped waiting) is never lost for good.
 Human-input answers go the other way through ``answer`` / ``wait_answer``.
 
-The driver creates it (``num_cpus=0``) with its first Ray attempt and owns it: it goes
-away with the driver, and frames it holds for attempts that have ended are dropped by
-the driver, never applied. It keeps nothing but bytes; it decodes nothing.
+The driver creates it (``num_cpus=0``, named ``agent-relay-<pid>-<random>`` so that a task
+looks it up once per worker process, and only when it has something to send) with its
+first Ray attempt, and owns it: it goes away with the driver. Frames it holds for
+attempts that have ended are dropped by the driver, never applied. It keeps nothing but
+bytes; it decodes nothing.
 """
 
 from __future__ import annotations
