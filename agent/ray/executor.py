@@ -27,8 +27,7 @@ import os
 import secrets
 import threading
 import weakref
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 import cloudpickle
 import ray
@@ -40,12 +39,11 @@ from ..executor import Attempt, AttemptFailed, AttemptOutcome
 from ..ipc.messages import ContextWrite, HumanInputRequest
 from ..supervisor.logger import get_logger
 from ..supervisor.logs import AttemptLogs
+from ..supervisor.process import uncancellable
 from . import wire, worker
 from .cluster import Capacity, connect, is_connected
 from .options import options_of
 from .relay import Relay
-
-T = TypeVar("T")
 
 POLL_SECONDS = 10.0
 """How long one long-poll of the relay waits on the actor when nothing arrives."""
@@ -151,7 +149,7 @@ class RayExecutor:
             try:
                 data = await ref
             except asyncio.CancelledError:
-                await _to_the_end(self._stop(ref, token, attempt))
+                await uncancellable(self._stop(ref, token, attempt))
                 raise
             except rx.RayError as exc:
                 reason = ray_failure(exc)
@@ -474,17 +472,6 @@ async def _settle(ref: Any) -> Any:
         return await ref
     except rx.RayError:
         return None
-
-
-async def _to_the_end(aw: Awaitable[T]) -> T:
-    """Await ``aw`` to the end even if this task is cancelled again meanwhile."""
-    task = asyncio.ensure_future(aw)
-    while True:
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                return task.result()
 
 
 # --- the seam agent.executor uses ----------------------------------------------------------

@@ -9,10 +9,11 @@ import pytest
 
 pytest.importorskip("ray")
 
-from agent import Agent, ResourceRequirements, StateFailedError
+from agent import Agent, ResourceRequirements
 from agent.human import QueueInputProvider
 
 from . import states
+from .helpers import failure_of
 
 pytestmark = [
     pytest.mark.ray, pytest.mark.cgroup, pytest.mark.usefixtures("ray_cluster"),
@@ -28,9 +29,7 @@ class TestConfinedOnTheNode:
     async def test_memory_limit_kills_the_state_with_the_kernels_reason(self):
         agent = Agent("confined_hog", isolation="ray")
         agent.add_state("hog", states.confined_hog, resources=LIMITED)
-        with pytest.raises(StateFailedError) as caught:
-            await agent.run()
-        reason = caught.value.reason
+        reason = (await failure_of(agent)).reason
         assert reason.kind == "limit"
         assert "memory limit 64 MiB" in reason.message
         assert "hog in" in agent.logs("hog")

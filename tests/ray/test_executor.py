@@ -17,6 +17,7 @@ from agent.human import QueueInputProvider
 from agent.ray import cluster_pool
 
 from . import states
+from .helpers import failure_of
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
@@ -139,9 +140,7 @@ class TestContext:
     async def test_an_unencodable_write_fails_the_state_in_the_worker(self):
         agent = Agent("unencodable", isolation="ray")
         agent.add_state("store_object", states.store_object)
-        with pytest.raises(StateFailedError) as caught:
-            await agent.run()
-        reason = caught.value.reason
+        reason = (await failure_of(agent)).reason
         assert reason.kind == "exception"
         assert reason.exception_type == f"{UnencodableValueError.__module__}.UnencodableValueError"
         assert "context key 'handle'" in reason.message

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import psutil
 import pytest
 
 pytest.importorskip("ray")
@@ -24,6 +23,7 @@ from agent.human import QueueInputProvider
 from agent.ray import ray_options
 
 from . import states
+from .helpers import failure_of, worker_gone
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
@@ -31,16 +31,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 @ray_options(resources={"tpu": 1})
 async def wants_a_tpu(context):
     return None
-
-
-def worker_gone(pid: int) -> bool:
-    """Whether the Ray worker ``pid`` has exited (Ray reaps it; waits up to 10 s)."""
-    try:
-        proc = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return True
-    _, alive = psutil.wait_procs([proc], timeout=10)
-    return not alive
 
 
 class TestWorkerCrash:
@@ -69,19 +59,16 @@ class TestWorkerCrash:
     async def test_a_state_that_always_crashes_fails_after_its_retries(self):
         agent = Agent("crash_always", isolation="ray", retry_policy=RetryPolicy(max_retries=1, initial_delay=0))
         agent.add_state("always_crash", states.always_crash)
-        with pytest.raises(StateFailedError) as caught:
-            await agent.run()
-        assert caught.value.attempts == 2
-        assert caught.value.reason.kind == "lost_connection"
-        assert "os._exit" in caught.value.reason.message
+        error = await failure_of(agent)
+        assert error.attempts == 2
+        assert error.reason.kind == "lost_connection"
+        assert "os._exit" in error.reason.message
         assert agent.status is AgentStatus.FAILED
 
     async def test_an_exception_carries_the_worker_traceback(self):
         agent = Agent("raises", isolation="ray")
         agent.add_state("raise_error", states.raise_error)
-        with pytest.raises(StateFailedError) as caught:
-            await agent.run()
-        reason = caught.value.reason
+        reason = (await failure_of(agent)).reason
         assert reason.kind == "exception"
         assert reason.message == "ValueError: bad input 42"
         assert reason.exception_type == "builtins.ValueError"
@@ -101,9 +88,7 @@ class TestCapacity:
     async def test_more_gpus_than_any_node_has(self):
         agent = Agent("greedy", isolation="ray", resource_pool=ResourcePool(total_cpu=2, total_gpu=2))
         agent.add_state("measure", states.measure, resources=ResourceRequirements(cpu_units=1, gpu_units=2))
-        with pytest.raises(StateFailedError) as caught:
-            await agent.run()
-        reason = caught.value.reason
+        reason = (await failure_of(agent)).reason
         assert reason.exception_type == "RayCapacityError"
         assert "asks Ray for 1 CPU, 2 GPU" in reason.message
         assert "the most any node has: 2 CPU, 1 GPU" in reason.message

@@ -17,7 +17,7 @@ from agent import AgentStatus
 from agent.checkpoint_store import SQLiteCheckpointStore
 
 from . import crash_driver
-from .test_failures import worker_gone
+from .helpers import worker_gone
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
