@@ -192,11 +192,13 @@ class RayExecutor:
             data = await asyncio.wait_for(_settle(ref), STOP_SECONDS)
         except TimeoutError:
             _log.warning("ray_cancel_unconfirmed", state=attempt.state_name, reason=attempt.stop_reason)
-        try:
-            log = wire.decode_end(data).log  # it returned before the cancel reached it
-        except ProtocolError:
-            log = await self._collect_log(token)
-        self._keep_log(attempt, log)
+        log = None
+        if data is not None:  # it returned before the cancel reached it: its output came with it
+            try:
+                log = wire.decode_end(data).log
+            except ProtocolError:
+                pass
+        self._keep_log(attempt, log if log is not None else await self._collect_log(token))
 
     async def _collect_log(self, token: str) -> bytes:
         """The output a dead worker left on its node (each alive node is asked; bounded)."""

@@ -210,3 +210,6 @@ class TestMixed:
         agent.add_state("shout", states.shout, isolation="process")
         ctx = await agent.run(initial_context={"tuple": 1, "scratch": 1})
         assert ctx.get_state("shouted").startswith("HELLO")
+        # One agent.logs() for both: the Ray attempt's output, and the process attempt's log.
+        assert "hello from a Ray worker" in agent.logs("greet")
+        assert agent.logs("shout") == ""
