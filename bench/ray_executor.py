@@ -13,6 +13,8 @@ each workload, the two sides alternate ``--repeat`` times and the medians are re
   as above.
 * ``chain_50``: 50 no-op Ray states one after the other; plain Ray: 50 tasks, each
   awaited before the next is submitted.
+* ``fan_out_10ms``: as ``fan_out``, each state (and each plain task) holding its worker
+  for 10 ms: the overhead in proportion to a little work.
 
 ``ratio`` is ours / plain Ray's time (medians; ``pair_ratio_median``: the median of the
 ratios of runs side by side); ``overhead_ms_per_state`` is the difference per state; ``*_cpu_ms_per_state`` the CPU time of this process and the whole local cluster
@@ -53,9 +55,19 @@ async def write_one(context):
     return None
 
 
+async def sleep_10ms(context):
+    time.sleep(0.01)  # work that holds its worker, as plain_sleep does
+    return None
+
+
 @ray.remote(num_cpus=1, max_retries=0)
 def plain_noop():
     return None
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def plain_sleep():
+    time.sleep(0.01)
 
 
 def fan_out_agent(n: int, state, with_resources: bool) -> Agent:
@@ -107,20 +119,20 @@ async def ours(n: int, state, with_resources: bool) -> tuple[float, float]:
     return await timed(agent.run)
 
 
-async def plain(n: int, sequential: bool = False) -> tuple[float, float]:
+async def plain(n: int, sequential: bool = False, task=plain_noop) -> tuple[float, float]:
     async def one_by_one():
         for _ in range(n):
-            await plain_noop.remote()
+            await task.remote()
 
     if sequential:
         return await timed(one_by_one)
-    return await timed(lambda: asyncio.gather(*[plain_noop.remote() for _ in range(n)]))
+    return await timed(lambda: asyncio.gather(*[task.remote() for _ in range(n)]))
 
 
 async def compare(n: int, repeat: int, state, with_resources: bool = False) -> dict[str, float]:
     mine, theirs = [], []
     for _ in range(repeat):
-        theirs.append(await plain(n, sequential=state is None))
+        theirs.append(await plain(n, sequential=state is None, task=plain_sleep if state is sleep_10ms else plain_noop))
         mine.append(await ours(n, state, with_resources))
     a, b = statistics.median(t for t, _ in mine), statistics.median(t for t, _ in theirs)
     cpu_a, cpu_b = statistics.median(c for _, c in mine), statistics.median(c for _, c in theirs)
@@ -148,6 +160,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         "fan_out_with_resources": await compare(args.states, args.repeat, noop, True),
         "fan_out_with_writes": await compare(args.states, args.repeat, write_one, False),
         "chain_50": await compare(50, args.repeat, None),
+        "fan_out_10ms": await compare(args.states, args.repeat, sleep_10ms),
     }
 
 
