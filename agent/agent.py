@@ -16,7 +16,9 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from . import _validate
 from . import events as ev
+from . import live
 from ._types import Priority, ResourceType
 from .checkpoint import AgentCheckpoint
 from .context import Context
@@ -45,10 +47,7 @@ _TERMINAL = frozenset(s.value for s in (AgentStatus.COMPLETED, AgentStatus.FAILE
 
 
 def _non_negative(name: str, value: Any, *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
-        raise InvalidConfigurationError(f"{name} must be a finite number >= 0 (seconds), got {value!r}")
+    _validate.number(value, name, error=InvalidConfigurationError, none=allow_none, unit="seconds")
 
 
 def _on_failure(value: Any, where: str) -> str | None:
@@ -82,14 +81,14 @@ class Agent:
     ) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidConfigurationError(f"an agent needs a non-empty str name, got {name!r}")
-        if max_concurrent is not None and (
-            not isinstance(max_concurrent, int) or isinstance(max_concurrent, bool) or max_concurrent < 1
-        ):
-            raise InvalidConfigurationError(f"max_concurrent must be an int >= 1, got {max_concurrent!r}")
-        if max_steps is not None and (not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1):
-            raise InvalidConfigurationError(f"max_steps must be an int >= 1, got {max_steps!r}")
+        # Each check only when the setting is given: building agents is a hot path too.
+        if max_concurrent is not None:
+            _validate.integer(max_concurrent, "max_concurrent", error=InvalidConfigurationError, minimum=1, none=True)
+        if max_steps is not None:
+            _validate.integer(max_steps, "max_steps", error=InvalidConfigurationError, minimum=1, none=True)
         if checkpoint_interval is not None:
-            _non_negative("checkpoint_interval", checkpoint_interval)
+            _validate.number(checkpoint_interval, "checkpoint_interval", error=InvalidConfigurationError,
+                             above=True, none=True, unit="seconds")
         if cleanup_timeout != 10.0:
             _non_negative("cleanup_timeout", cleanup_timeout, allow_none=False)
         if resource_pool is not None and not isinstance(resource_pool, ResourcePool):
@@ -183,8 +182,7 @@ class Agent:
         which joins it can reach. ``on_failure="continue"`` lets a permanent failure
         of this state end only its branch (default: the agent's ``on_failure``).
         """
-        if not isinstance(name, str) or not name:
-            raise WorkflowDefinitionError(f"a state name must be a non-empty str, got {name!r}")
+        _validate.state_name(name, error=WorkflowDefinitionError)
         if name in self._states:
             raise DuplicateStateError(f"state {name!r} is already added to agent {self.name!r}: use another name")
         check_state_function(name, func)
@@ -199,22 +197,17 @@ class Agent:
             raise InvalidConfigurationError(
                 f"state {name!r}: retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}"
             )
-        if max_retries is not None and (
-            not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0
-        ):
-            raise InvalidConfigurationError(f"state {name!r}: max_retries must be an int >= 0, got {max_retries!r}")
-        if timeout is not None and (
-            not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < float("inf")
-        ):
-            raise InvalidConfigurationError(f"state {name!r}: timeout must be > 0 seconds, got {timeout!r}")
+        if max_retries is not None:
+            _validate.integer(max_retries, f"state {name!r}: max_retries", error=InvalidConfigurationError, none=True)
+        if timeout is not None:
+            _validate.number(timeout, f"state {name!r}: timeout", error=InvalidConfigurationError,
+                             above=True, none=True, unit="seconds")
         level = Isolation.parse(isolation) if isolation is not None else None
         if priority is None:
             priority = resources.priority if resources is not None else Priority.NORMAL
         elif not isinstance(priority, Priority):
-            try:
-                priority = Priority(priority)
-            except ValueError:
-                raise InvalidConfigurationError(f"state {name!r}: unknown priority {priority!r}") from None
+            priority = _validate.member(Priority, priority, f"state {name!r}: priority",
+                                        error=InvalidConfigurationError)
         declared = None
         if next_states is not None:
             if isinstance(next_states, str) or not all(isinstance(n, str) for n in next_states):
@@ -344,6 +337,7 @@ class Agent:
         self._run_closed = None
         self.last_error = None
         self._set_status(AgentStatus.RUNNING)
+        live.register(self)  # O(1): lets `agent top` and `agent run` read this run's status
         deadline = None if timeout is None else run.clock() + timeout
         saver = None
         if self.checkpoint_interval:

@@ -184,6 +184,10 @@ class SQLiteCheckpointStore:
         except CheckpointError:
             self._db.close()
             raise
+        if self.path != ":memory:":
+            from .store_index import remember
+
+            remember(self.path)  # so that `agent runs` and `agent top` find this store
 
     def _check_schema(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()

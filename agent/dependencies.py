@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import _validate
 from .errors import InvalidConfigurationError
 
 
@@ -54,12 +55,12 @@ class DependencyConfig:
     timeout: float | None = None
 
     def __post_init__(self) -> None:
-        self.type = DependencyType(self.type)
-        self.lifecycle = DependencyLifecycle(self.lifecycle)
+        error = InvalidConfigurationError
+        self.type = _validate.member(DependencyType, self.type, "DependencyConfig.type", error=error)
+        self.lifecycle = _validate.member(DependencyLifecycle, self.lifecycle, "DependencyConfig.lifecycle", error=error)
         for name in ("expiry", "interval", "timeout"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or value < 0):
-                raise InvalidConfigurationError(f"DependencyConfig.{name} must be >= 0 seconds, got {value!r}")
+            _validate.number(getattr(self, name), f"DependencyConfig.{name}", error=error, none=True,
+                             unit="seconds")
         if self.lifecycle is DependencyLifecycle.TEMPORARY and self.expiry is None:
             raise InvalidConfigurationError("a TEMPORARY dependency needs expiry= (seconds it stays met)")
         if self.condition is not None and not callable(self.condition):

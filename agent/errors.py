@@ -243,3 +243,7 @@ class MonitorError(AgentError):
 
 class MonitorConfigurationError(MonitorError, ValueError):
     """Raised when a monitor is configured wrongly (bad interval, metric types, callback)."""
+
+
+class StatusEndpointError(MonitorError):
+    """Raised when a status endpoint cannot be reached, refuses a client, or answers wrongly."""

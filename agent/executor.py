@@ -66,7 +66,7 @@ _BY_NAME: dict[str, Isolation] = {level.value: level for level in Isolation}
 
 RAY_MISSING = (
     "isolation='ray' needs Ray, which is not installed in this environment: install the "
-    "project's ray extra (pip install 'agent-framework[ray]')"
+    "project's ray extra (pip install 'agent-isolation[ray]')"
 )
 
 

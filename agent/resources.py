@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _validate
 from ._types import Priority, ResourceType
 from .devices import GPUAllocator, GPUDevice, GPUInventory, machine_inventory
 from .errors import GPUUnavailableError, QuotaExceededError, ResourceError, ResourceRequestError
@@ -56,27 +57,21 @@ class ResourceRequirements:
     pids_max: int | None = None
 
     def __post_init__(self) -> None:
+        error = ResourceRequestError
         for name in ("cpu_units", "memory_mb", "io_weight", "network_weight", "gpu_units"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or math.isnan(value):
-                raise ResourceRequestError(
-                    f"ResourceRequirements.{name} must be a number >= 0, got {value!r}"
-                )
+            _validate.number(getattr(self, name), f"ResourceRequirements.{name}", error=error)
         if self.gpu_units > 1 and self.gpu_units != int(self.gpu_units):
             raise ResourceRequestError(
                 f"gpu_units={self.gpu_units}: ask for whole GPUs (1, 2, ...) or a share of one (< 1)"
             )
-        if self.timeout is not None and (not isinstance(self.timeout, (int, float)) or self.timeout <= 0):
-            raise ResourceRequestError(f"ResourceRequirements.timeout must be > 0 seconds, got {self.timeout!r}")
-        if not isinstance(self.priority, Priority):
-            try:
-                self.priority = Priority(self.priority)
-            except ValueError:
-                raise ResourceRequestError(f"unknown priority {self.priority!r}") from None
+        _validate.number(self.timeout, "ResourceRequirements.timeout", error=error, above=True, none=True,
+                         unit="seconds")
+        self.priority = _validate.member(Priority, self.priority, "ResourceRequirements.priority", error=error)
+        self.resource_types = _validate.member(
+            ResourceType, self.resource_types, "ResourceRequirements.resource_types", error=error
+        )
         for name in ("io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops", "pids_max"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ResourceRequestError(f"ResourceRequirements.{name} must be a positive int, got {value!r}")
+            _validate.integer(getattr(self, name), f"ResourceRequirements.{name}", error=error, minimum=1, none=True)
 
     def amounts(self) -> dict[ResourceType, float]:
         """The accounted amount per resource type (only the types in ``resource_types``)."""
@@ -305,18 +300,20 @@ class ResourcePool:
         preemption_policy: PreemptionPolicy | None = None,
         gpu_inventory: GPUInventory | None = None,
     ) -> None:
+        def total(value: Any, name: str) -> float:
+            return _validate.number(value, f"ResourcePool({name}=...)", error=ResourceRequestError)  # type: ignore[return-value]
+
         inventory = gpu_inventory if gpu_inventory is not None else machine_inventory()
         devices = inventory.devices()
         totals = {
-            ResourceType.CPU: machine_cpus() if total_cpu is None else float(total_cpu),
-            ResourceType.MEMORY: machine_memory_mb() if total_memory is None else float(total_memory),
-            ResourceType.IO: float(total_io),
-            ResourceType.NETWORK: float(total_network),
-            ResourceType.GPU: float(len(devices)) if total_gpu is None else float(total_gpu),
+            ResourceType.CPU: machine_cpus() if total_cpu is None else total(total_cpu, "total_cpu"),
+            ResourceType.MEMORY: machine_memory_mb() if total_memory is None else total(total_memory, "total_memory"),
+            ResourceType.IO: total(total_io, "total_io"),
+            ResourceType.NETWORK: total(total_network, "total_network"),
+            ResourceType.GPU: float(len(devices)) if total_gpu is None else total(total_gpu, "total_gpu"),
         }
-        for rtype, value in totals.items():
-            if value < 0 or math.isnan(value):
-                raise ResourceRequestError(f"pool total for {rtype.name} must be >= 0, got {value}")
+        _validate.flag(enable_preemption, "ResourcePool(enable_preemption=...)", error=ResourceRequestError)
+        _validate.flag(enable_quotas, "ResourcePool(enable_quotas=...)", error=ResourceRequestError)
         self.totals = totals
         gpus = totals[ResourceType.GPU]
         self._gpus = (
@@ -858,14 +855,20 @@ class ResourcePool:
 
     def get_waiting_states(self) -> dict[str, str]:
         """Owners waiting for resources, with what they wait for."""
-        out = {}
-        heads = {}
-        for level in _LEVELS:
-            live = [entry for entry in self._queues[level] if not entry[2].dead]
-            heads[level] = min(live)[2] if live else None
-        for owner, waiter in self._waiters.items():
-            out[owner] = self._why(waiter, heads[waiter.priority])
-        return out
+        heads = {level: self._head(level) for level in _LEVELS}
+        return {owner: self._why(waiter, heads[waiter.priority]) for owner, waiter in self._waiters.items()}
+
+    def waiting_reason(self, owner: str) -> str | None:
+        """What ``owner``'s queued request waits for (None when it is not queued)."""
+        waiter = self._waiters.get(owner)
+        return None if waiter is None else self._why(waiter, self._head(waiter.priority))
+
+    def _head(self, level: Priority) -> _Waiter | None:
+        """The oldest live request of ``level`` (cancelled entries at the top are dropped)."""
+        heap = self._queues[level]
+        while heap and heap[0][2].dead:
+            heapq.heappop(heap)
+        return heap[0][2] if heap else None
 
     def _why(self, waiter: _Waiter, head: _Waiter | None) -> str:
         if waiter.parked:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from . import _validate
 from .errors import InvalidConfigurationError
 
 
@@ -25,20 +26,19 @@ class RetryPolicy:
     rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_retries, int) or isinstance(self.max_retries, bool) or self.max_retries < 0:
-            raise InvalidConfigurationError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
-        for name in ("initial_delay", "max_delay"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise InvalidConfigurationError(f"RetryPolicy.{name} must be >= 0 seconds, got {value!r}")
-        if not isinstance(self.exponential_base, (int, float)) or self.exponential_base < 1:
-            raise InvalidConfigurationError(
-                f"RetryPolicy.exponential_base must be >= 1, got {self.exponential_base!r}"
-            )
+        error = InvalidConfigurationError
+        _validate.integer(self.max_retries, "RetryPolicy.max_retries", error=error)
+        _validate.number(self.initial_delay, "RetryPolicy.initial_delay", error=error, unit="seconds")
+        _validate.number(self.max_delay, "RetryPolicy.max_delay", error=error, unit="seconds")
+        _validate.number(self.exponential_base, "RetryPolicy.exponential_base", error=error, minimum=1)
+        _validate.flag(self.jitter, "RetryPolicy.jitter", error=error)
 
     def backoff(self, retry: int) -> float:
         """The delay ceiling before retry number ``retry`` (1-based), without jitter."""
-        return min(self.max_delay, self.initial_delay * self.exponential_base ** (retry - 1))
+        try:
+            return min(self.max_delay, self.initial_delay * self.exponential_base ** (retry - 1))
+        except OverflowError:  # e.g. 2.0 ** 1024: the ceiling has long been reached
+            return self.max_delay
 
     def delay(self, retry: int) -> float:
         """The delay to wait before retry number ``retry`` (1-based)."""

@@ -13,7 +13,7 @@ from ._types import Priority
 from .dependencies import DependencyConfig
 from .errors import FailureReason
 from .executor import Isolation
-from .status import STATE_TRANSITIONS, StateStatus, check_state_transition
+from .status import StateStatus, check_state_transition
 
 if TYPE_CHECKING:
     from .resources import ResourceRequirements
@@ -42,9 +42,6 @@ class AttemptRecord:
 
 _id_prefix = os.urandom(4).hex()
 _ids = itertools.count(1)
-
-
-_ALLOWED = {old.value: frozenset(s.value for s in new) for old, new in STATE_TRANSITIONS.items()}
 
 
 def _state_id() -> str:
@@ -104,8 +101,7 @@ class StateMetadata:
         self.history = deque(maxlen=self.HISTORY_LIMIT)
 
     def set_status(self, new: StateStatus) -> None:
-        # Keyed by the values: an Enum member's hash is a Python-level call.
-        if new._value_ not in _ALLOWED[self.status._value_]:
+        if new not in self.status._next:  # type: ignore[attr-defined]
             check_state_transition(self.status, new, self.name)  # raises, naming the transition
         self.status = new
 

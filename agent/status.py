@@ -76,6 +76,13 @@ AGENT_TRANSITIONS: dict[AgentStatus, frozenset[AgentStatus]] = {
 }
 
 
+for _old, _new in STATE_TRANSITIONS.items():
+    # Also on each member, as a tuple: ``new in old._next`` compares by identity first and
+    # never hashes an Enum member (a Python-level call), so the hot path stays cheap.
+    _old._next = tuple(_new)  # type: ignore[attr-defined]
+del _old, _new
+
+
 def check_state_transition(old: StateStatus, new: StateStatus, state: str) -> None:
     if new not in STATE_TRANSITIONS[old]:
         raise IllegalTransitionError(f"state {state!r}: {old.value} -> {new.value} is not allowed")

@@ -9,6 +9,11 @@
 * ``admission_latency_us``: from a release to the grant decision it leads to (the
   release call settles the queue; ``grant_next`` hands over the owners), p50 / p99.
 * ``find_victims_us``: choosing preemption victims among ``--holders`` running states.
+* ``agents``: the same through the engine, end to end: ``--agents`` (20) agents share one
+  pool and start ``--waiting`` (1,000) states between them, of mixed sizes and
+  priorities, far more than fit at once; every state yields once to the loop and ends.
+  ``decisions_per_s`` counts the pool's grants and releases while the queue drains,
+  ``states_per_s`` the states completed.
 
 Run: ``python bench/pool.py [--waiting 1000] [--seconds 2]``.
 """
@@ -121,11 +126,61 @@ def victims(holders: int, rounds: int, seed: int, mixed: bool) -> float:
     return total / rounds * 1e6
 
 
+def agents_draining(agents: int, waiting: int, seed: int) -> dict[str, float]:
+    """20 agents, 1,000 waiting states, one pool: how fast the one queue drains end to end."""
+    import asyncio
+
+    import uvloop
+
+    from agent import Agent
+
+    rng = random.Random(seed)
+    pool = ResourcePool(total_cpu=16, total_memory=65536, total_io=1000, total_network=1000, total_gpu=0)
+    per_agent = waiting // agents
+
+    async def work(context):
+        await asyncio.sleep(0)
+
+    def build(i: int) -> Agent:
+        agent = Agent(f"agent{i}", isolation="inline", resource_pool=pool)
+        names = [f"s{j}" for j in range(per_agent)]
+
+        async def start(context):
+            return names
+
+        agent.add_state("start", start)
+        for name in names:
+            cpu, memory, _ = rng.choice([s for s in SIZES if s[2] == 0])
+            agent.add_state(name, work, resources=ResourceRequirements(
+                cpu_units=cpu, memory_mb=memory, io_weight=0, network_weight=0, priority=rng.choice(LEVELS)))
+        return agent
+
+    built = [build(i) for i in range(agents)]
+
+    async def drain() -> float:
+        began = time.perf_counter()
+        await asyncio.gather(*(a.run() for a in built))
+        return time.perf_counter() - began
+
+    granted_before = pool.statistics().granted
+    elapsed = uvloop.run(drain())
+    grants = pool.statistics().granted - granted_before
+    assert pool.statistics().waiting == 0 and pool.statistics().holders == 0
+    return {
+        "agents": agents,
+        "states": agents * per_agent,
+        "seconds": round(elapsed, 3),
+        "decisions_per_s": round(2 * grants / elapsed),  # each grant and each release settles the queue
+        "states_per_s": round(agents * per_agent / elapsed),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--waiting", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--agents", type=int, default=20)
     args = parser.parse_args()
     result = {
         "bench": "pool",
@@ -135,6 +190,7 @@ def main() -> None:
         **contended(args.waiting, args.seconds, args.seed),
         "find_victims_us_200_alike_holders": round(victims(200, 20, args.seed, mixed=False), 1),
         "find_victims_us_200_mixed_holders": round(victims(200, 20, args.seed, mixed=True), 1),
+        "agents": agents_draining(args.agents, args.waiting, args.seed),
     }
     print(json.dumps(result, indent=2))
 

@@ -65,9 +65,16 @@ async def create_images(context: Context) -> StateResult:
 
 
 async def await_completion(context: Context) -> StateResult:
+    # The branches ran side by side on the original text: apply the spelling fixes to all.
     article = context.get_typed("article", Article)
-    body = " ".join(context.get_state("spelling_fixes").get(w, w) for w in article.body.split())
-    context.update_typed("article", body=body, tags=article.tags + context.get_state("keywords")[:3])
+    fixes = context.get_state("spelling_fixes")
+
+    def fixed(text: str) -> str:
+        return " ".join(fixes.get(w, fixes.get(w.strip(".,"), w)) for w in text.split())
+
+    keywords = [COMMON_TYPOS.get(k, k) for k in context.get_state("keywords")]
+    context.update_typed("article", body=fixed(article.body), tags=article.tags + keywords[:3])
+    context.set_state("summary", fixed(context.get_state("summary")))
     return "publish"
 
 
@@ -86,4 +93,7 @@ for name, fn in [("receive_article", receive_article), ("process_article", proce
 
 if __name__ == "__main__":
     agent.run_sync()
-    print(agent.context.get_state("published"))
+    published = agent.context.get_state("published")
+    print(f"published {published['title']!r}: {len(published['tags'])} tags, "
+          f"{len(published['images'])} image(s)")
+    print(f"summary: {published['summary']}")

@@ -84,4 +84,5 @@ for name, fn in [("receive_ticket", receive_ticket), ("handle_ticket", handle_ti
 
 if __name__ == "__main__":
     agent.run_sync()
-    print({"review": agent.context.get_state("review"), "sent": agent.context.get_state("sent")})
+    print(f"review: {agent.context.get_state('review') or 'not needed'}")
+    print(f"sent: {agent.context.get_state('sent')}")

@@ -68,7 +68,7 @@ async def merge_results(context: Context) -> StateResult:
     summary = {"count": count, "sum": total, "max": max(p["max"] for p in parts),
                "mean": total / count, "parallel": True}
     context.set_state("summary", summary)
-    print(f"merged {len(parts)} chunks: {summary}")
+    print(f"merged {len(parts)} chunks: {summary['count']:,} values, mean {summary['mean']:.2f}")
     return None
 
 
@@ -81,4 +81,6 @@ agent.add_state("merge_results", merge_results)
 
 if __name__ == "__main__":
     agent.run_sync()
-    print(agent.context.get_state("summary"))
+    summary = agent.context.get_state("summary")
+    print(f"values: {summary['count']:,}  sum: {summary['sum']:,.1f}  max: {summary['max']:.1f}  "
+          f"mean: {summary['mean']:.2f}  (in parallel: {'yes' if summary['parallel'] else 'no'})")

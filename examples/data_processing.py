@@ -59,5 +59,6 @@ agent.add_state("await_processing", await_processing)
 
 if __name__ == "__main__":
     agent.run_sync()
-    print({"validation_passed": agent.context.get_state("validation_passed"),
-           "output": agent.context.get_state("output")})
+    output = agent.context.get_state("output") or []
+    print(f"validation passed: {'yes' if agent.context.get_state('validation_passed') else 'no'}")
+    print(f"output: {len(output)} record(s): {', '.join(str(r['value']) for r in output)}")

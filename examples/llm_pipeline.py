@@ -72,4 +72,6 @@ agent.add_state("await_processing", await_processing)
 
 if __name__ == "__main__":
     agent.run_sync()
-    print(agent.context.get_state("final"))
+    final = agent.context.get_state("final")
+    print(f"answer: {final['text']}")
+    print(f"entities: {', '.join(final['entities'])}  tokens: {final['tokens']:,}")

@@ -56,4 +56,5 @@ agent.add_state("evaluate_model", evaluate_model)
 
 if __name__ == "__main__":
     agent.run_sync()
-    print(agent.context.get_state("evaluation"))
+    evaluation = agent.context.get_state("evaluation")
+    print(f"epochs run: {evaluation['epochs_run']}  accuracy: {evaluation['accuracy']:.1%}")

@@ -45,8 +45,8 @@ async def run_workflow():
 
 # Custom metrics callback
 async def handle_metrics(metrics: dict):
-    print(f"Current throughput: {metrics['throughput']['states_per_second']['avg']}")
-    print(f"Resource usage: {metrics['resources']['used_CPU']['current']}")
+    print(f"Current throughput: {metrics['throughput']['states_per_second']['avg']:.1f} states/s")
+    print(f"Resource usage: {metrics['resources']['used_CPU']['current']:.1f}% of a core")
 
 
 # Run with metrics handling

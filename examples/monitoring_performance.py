@@ -16,8 +16,8 @@ async def process_metrics(data: dict):
     throughput = data['throughput']['states_per_second']['avg']
 
     # Log performance data
-    logging.info(f"P95 Latency: {latency}ms")
-    logging.info(f"Avg Throughput: {throughput} states/sec")
+    logging.info(f"P95 Latency: {latency:.1f}ms")
+    logging.info(f"Avg Throughput: {throughput:.1f} states/sec")
 
     # Check performance thresholds
     if latency > 1000:  # 1 second

@@ -11,7 +11,7 @@ process; ``agent.logs()`` shows what each task printed.
     RAY_ADDRESS=auto python examples/ray_cluster.py       # the one `ray start --head` runs here
     RAY_ADDRESS=ray://head:10001 python examples/ray_cluster.py
 
-The cluster's nodes need this package (``pip install 'agent-framework[ray]'``); a
+The cluster's nodes need this package (``pip install 'agent-isolation[ray]'``); a
 confined state also needs root (or a delegated cgroup) on its node, see ``agent doctor``.
 """
 

@@ -41,4 +41,7 @@ agent.add_state("format_results", format_results)
 
 if __name__ == "__main__":
     agent.run_sync()
-    print(agent.context.get_state("final_result"))
+    result = agent.context.get_state("final_result")
+    analysis = result["analysis"]
+    print(f"text: {result['text']!r}  length: {analysis['length']}  words: {analysis['words']}  "
+          f"punctuation: {'yes' if analysis['has_punctuation'] else 'no'}")

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Create (or update) the project's virtual environment and install the package into it.
-#   scripts/install.sh [extras]      e.g. scripts/install.sh test,monitor
-# The venv is built from Debian's /usr/bin/python3 when present, in a world-readable
-# place when run as root ($AGENT_VENV, default /opt/agent-venv), so that sandboxed states
-# running under their own uid can execute the interpreter. Prints the venv path last.
+# Create (or update) this checkout's virtual environment and install the package into it.
+#   scripts/install.sh [extras]      e.g. scripts/install.sh test,monitor,gpu
+# The venv is $AGENT_VENV, default <checkout>/.venv, built from Debian's /usr/bin/python3
+# when present (installing python3-venv with apt if the venv module is missing, as root).
+# The package is installed in editable mode (its distribution name is agent-isolation, its
+# import name agent), with the `agent` command. A venv that already runs the agent
+# package of another checkout is left alone (the script stops), so two checkouts never
+# re-point each other's venv. Prints the venv path last.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 extras=${1:-}
-if [ "$(id -u)" = 0 ]; then venv=${AGENT_VENV:-/opt/agent-venv}; else venv=${AGENT_VENV:-$here/.venv}; fi
+venv=${AGENT_VENV:-$here/.venv}
 python=/usr/bin/python3
 [ -x "$python" ] || python=$(command -v python3)
 
@@ -23,7 +26,28 @@ if ! "$python" -m venv --help >/dev/null 2>&1 || ! "$python" -c 'import ensurepi
         exit 1
     fi
 fi
-if [ ! -x "$venv/bin/python" ]; then
+if [ -x "$venv/bin/python" ]; then
+    # Where the venv imports `agent` from now (-I: not from the current directory).
+    other=$("$venv/bin/python" -I - "$here" <<'PY' 2>/dev/null || true
+import importlib.util, os, sys
+spec = importlib.util.find_spec("agent")
+if spec is not None and spec.origin:
+    root = os.path.dirname(os.path.dirname(os.path.realpath(spec.origin)))
+    if root != os.path.realpath(sys.argv[1]):
+        print(root)
+PY
+)
+    if [ -n "$other" ]; then
+        echo "install: $venv runs the agent package of $other, not of $here: leaving it alone;" \
+             "set AGENT_VENV to a venv of this checkout" >&2
+        exit 1
+    fi
+    # agent-framework was this project's old distribution name: drop it when it is this checkout.
+    old_name=$("$venv/bin/python" -I -m pip show agent-framework 2>/dev/null || true)
+    if grep -qx "Editable project location: $here" <<<"$old_name"; then
+        "$venv/bin/python" -I -m pip uninstall -q -y agent-framework >/dev/null
+    fi
+else
     "$python" -m venv "$venv"
 fi
 chmod 755 "$venv" 2>/dev/null || true

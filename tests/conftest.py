@@ -1,11 +1,27 @@
-"""Shared fixtures: every test must leave no child processes behind."""
+"""Shared fixtures: every test must leave no child processes behind, and nothing outside its temp dirs.
+
+The default checkpoint store, the index of stores and the status sockets live in a
+directory of this test session (``AGENT_STATE_DIR``, ``AGENT_RUNTIME_DIR``), never in
+the user's home or runtime directory: the tests must not see (or show up in) the runs
+of anything else on the machine.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import psutil
 import pytest
+
+_SESSION_DIR = tempfile.mkdtemp(prefix="agent-tests-")
+os.environ["AGENT_STATE_DIR"] = os.path.join(_SESSION_DIR, "state")
+os.environ["AGENT_RUNTIME_DIR"] = os.path.join(_SESSION_DIR, "run")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

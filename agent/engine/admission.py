@@ -108,7 +108,7 @@ class Admission:
 
     def why_waiting(self, owner: str) -> str:
         """The pool's reason why ``owner`` still waits."""
-        return self.pool.get_waiting_states().get(owner, "resources")
+        return self.pool.waiting_reason(owner) or "resources"
 
     def preempt_for(self, act: "Activation", req: "ResourceRequirements") -> bool:
         """Evict strictly lower-priority holders of any run so that ``act`` fits; True when some were."""

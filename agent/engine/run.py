@@ -62,37 +62,53 @@ if TYPE_CHECKING:
     from ..context import Context
     from ..workflow import ReturnGraph, StateSpec
 
-_FINISHED_FOR_GOOD = (StateStatus.FAILED, StateStatus.TIMEOUT, StateStatus.CANCELLED, StateStatus.BLOCKED)
+# Enum members as module names: reading a member from its class goes through the enum
+# metaclass's __getattr__ hook in CPython 3.11, which is slow on the hot path.
+_BLOCKED = StateStatus.BLOCKED
+_CANCELLED = StateStatus.CANCELLED
+_COMPLETED = StateStatus.COMPLETED
+_FAILED = StateStatus.FAILED
+_PENDING = StateStatus.PENDING
+_READY = StateStatus.READY
+_RUNNING = StateStatus.RUNNING
+_TIMEOUT = StateStatus.TIMEOUT
+_STOP_CANCEL = StopReason.CANCEL
+_STOP_PAUSE = StopReason.PAUSE
+_STOP_PREEMPT = StopReason.PREEMPT
+_STOP_TIMEOUT = StopReason.TIMEOUT
+_INLINE = Isolation.INLINE
+
+_FINISHED_FOR_GOOD = (_FAILED, _TIMEOUT, _CANCELLED, _BLOCKED)
 
 # Where an activation is (Activation.where).
 NEW, READY, QUEUED, GRANTED, RUNNING, WAITING, RETRYING, PAUSED, GONE = range(9)
 
 
 class Activation:
-    """One scheduled run of a state within a run (retries are further attempts of it)."""
+    """One scheduled run of a state within a run (retries are further attempts of it).
 
-    __slots__ = (
-        "id", "state", "priority", "attempt", "via_dependency", "waiting_since", "task", "stop_reason",
-        "started_at", "timer", "attempt_obj", "owner", "where", "front", "holds", "group",
-    )
+    Attributes that most activations never change are class-level defaults, so making
+    one (once per state started: the hot path) sets only what differs.
+    """
 
-    def __init__(self, aid: int, state: str, priority: int, now: float, group: "Group") -> None:
+    attempt = 0
+    via_dependency = False
+    waiting_since = 0.0
+    task: Any = None
+    stop_reason: StopReason | None = None
+    started_at = 0.0
+    timer: Any = None
+    attempt_obj: Attempt | None = None
+    where = NEW
+    front = False  # requeued after a preemption: ahead of its level
+    holds = False  # holds a grant from the pool
+
+    def __init__(self, aid: int, state: str, priority: int, group: "Group") -> None:
         self.id = aid
         self.state = state
-        self.group = group
-        self.priority = priority
-        self.attempt = 0
-        self.via_dependency = False
-        self.waiting_since = now
-        self.task: Any = None
-        self.stop_reason: StopReason | None = None
-        self.started_at = 0.0
-        self.timer: Any = None
-        self.attempt_obj: Attempt | None = None
         self.owner = state  # the pool key, qualified when another run uses the same name
-        self.where = NEW
-        self.front = False  # requeued after a preemption: ahead of its level
-        self.holds = False  # holds a grant from the pool
+        self.priority = priority
+        self.group = group
 
     def __repr__(self) -> str:
         return f"<Activation {self.state!r} #{self.id} attempt {self.attempt}>"
@@ -179,6 +195,7 @@ class Run:
         "pause_requested",
         "pumping",
         "tracks_deps",
+        "human_hooks",
     )
 
     def __init__(
@@ -206,6 +223,7 @@ class Run:
         self.hooks = agent._admission_hooks
         self.default_isolation = agent.isolation
         self.default_on_failure = agent.on_failure
+        self.human_hooks = agent._human_hooks
         self.driver = Driver(self)
         self._ids = itertools.count(1)
         self._admission: Admission | None = None
@@ -296,9 +314,11 @@ class Run:
                 "a state probably loops forever: add an exit condition or raise Agent(max_steps=...)"
             ))
             return None
-        act = Activation(next(self._ids), name, spec.priority._value_, self.clock(), group)
-        act.via_dependency = via_dependency
-        act.attempt = attempt
+        act = Activation(next(self._ids), name, spec.priority._value_, group)
+        if via_dependency:
+            act.via_dependency = True
+        if attempt:
+            act.attempt = attempt
         # It is live: it counts for joins.
         self.live[act.id] = act
         live_states = self.live_states
@@ -311,21 +331,28 @@ class Run:
             self._count(group, name, 1)
         meta = self.metadata[name]
         meta.attempts = attempt
-        meta.error = None
-        meta.blocked_reason = None
+        if meta.error is not None or meta.blocked_reason is not None:
+            meta.error = meta.blocked_reason = None
         if spec.dependencies and not via_dependency:
-            meta.set_status(StateStatus.PENDING)
+            meta.set_status(_PENDING)
             meta.waiting_for = "dependencies"
             act.where = WAITING
+            act.waiting_since = self.clock()
             self.waiting.append(act)
             self.add_dependency_timers(name, act.waiting_since)
             return act
-        self.make_ready(act)
+        # make_ready(act), inlined: the hot path.
+        meta.set_status(_READY)
+        if meta.waiting_for is not None:
+            meta.waiting_for = None
+        act.where = READY
+        self.ready[act.priority].append(act)
+        self.n_ready += 1
         return act
 
     def make_ready(self, act: Activation) -> None:
         meta = self.metadata[act.state]
-        meta.set_status(StateStatus.READY)
+        meta.set_status(_READY)
         meta.waiting_for = None
         act.where = READY
         self.ready[act.priority].append(act)
@@ -617,7 +644,7 @@ class Run:
             granted = admission.request(self, act, req)
         except QuotaExceededError as exc:  # a quota in "fail" mode refused it
             meta = self.metadata[act.state]
-            meta.set_status(StateStatus.BLOCKED)
+            meta.set_status(_BLOCKED)
             meta.blocked_reason = str(exc)
             self._leave(act)
             self.fail(exc)
@@ -637,7 +664,7 @@ class Run:
     def preempt(self, act: Activation) -> None:
         """Admission chose ``act`` as a preemption victim: stop it, it will be requeued."""
         if act.where == RUNNING:
-            self.stop_activation(act, StopReason.PREEMPT)
+            self.stop_activation(act, _STOP_PREEMPT)
         elif act.where == GRANTED:  # granted but not started yet: straight back to the queue
             self.granted.remove(act)
             act.holds = False
@@ -651,33 +678,32 @@ class Run:
     def launch(self, act: Activation) -> None:
         name = act.state
         spec = self.specs[name]
-        act.attempt += 1
-        act.stop_reason = None
+        act.attempt = number = act.attempt + 1
+        if act.stop_reason is not None:
+            act.stop_reason = None
         act.where = RUNNING
         if self.pooled:
             self.pooled.discard(name)
-        now = self.clock()
-        act.started_at = now
+        act.started_at = now = self.clock()
         self.running[name] = act
         if self.tracks_deps:
             self.starts[name] = self.starts.get(name, 0) + 1
             self.last_start[name] = now
         meta = self.metadata[name]
-        meta.set_status(StateStatus.RUNNING)
-        meta.attempts = act.attempt
+        meta.set_status(_RUNNING)
+        meta.attempts = number
         meta.total_attempts += 1
-        meta.waiting_for = None
+        if meta.waiting_for is not None:
+            meta.waiting_for = None
         meta.started_at = now
         meta.last_execution = time.time()
         if self.observers:  # what it holds from the pool, for the allocation metrics
-            self.emit(ev.STATE_STARTED, name, attempt=act.attempt,
+            self.emit(ev.STATE_STARTED, name, attempt=number,
                       data={"resources": spec.resources} if spec.resources is not None else {})
-        hook = self.agent._human_hooks.get(name)
-        if hook is None:
-            hook = self.agent._human_hook(name)
-        view = self.context.view(state_name=name, attempt=act.attempt, human_input=hook)
+        hook = self.human_hooks.get(name) or self.agent._human_hook(name)
+        view = self.context._attempt_view(name, number, hook)
         isolation = spec.isolation or self.default_isolation
-        if isolation is Isolation.INLINE and not self.hooks:
+        if isolation is _INLINE and not self.hooks:
             # Stepped eagerly: a state that never awaits finishes here, without a task.
             try:
                 coro = spec.func(view)
@@ -710,9 +736,9 @@ class Run:
             return  # finished eagerly
         timeout = spec.effective_timeout
         if self.done:
-            self.stop_activation(act, StopReason.CANCEL)
+            self.stop_activation(act, _STOP_CANCEL)
         elif timeout is not None:
-            act.timer = self.driver.loop.call_later(timeout, self.stop_activation, act, StopReason.TIMEOUT)
+            act.timer = self.driver.loop.call_later(timeout, self.stop_activation, act, _STOP_TIMEOUT)
 
     def stop_activation(self, act: Activation, reason: StopReason) -> None:
         """Ask a running activation to stop: timeout, cancel, preempt or pause."""
@@ -754,21 +780,21 @@ class Run:
                 self.driver.kick()
             self.succeeded(act, result, duration, usage, now)
             return
-        if stop is StopReason.PREEMPT or stop is StopReason.PAUSE:
+        if stop is _STOP_PREEMPT or stop is _STOP_PAUSE:
             act.attempt -= 1  # not a failed attempt
             meta.attempts = act.attempt
             meta.total_attempts -= 1
             meta.record(AttemptRecord(act.attempt + 1, act.started_at, now,
-                                      "preempted" if stop is StopReason.PREEMPT else "paused", usage=usage))
-            meta.set_status(StateStatus.PENDING)
-            if stop is StopReason.PREEMPT:
+                                      "preempted" if stop is _STOP_PREEMPT else "paused", usage=usage))
+            meta.set_status(_PENDING)
+            if stop is _STOP_PREEMPT:
                 meta.preemptions += 1
                 self.emit(ev.STATE_PREEMPTED, name, attempt=act.attempt + 1, duration=duration, usage=usage)
-            if stop is StopReason.PREEMPT and not self.pause_requested and act.holds and not self.done:
+            if stop is _STOP_PREEMPT and not self.pause_requested and act.holds and not self.done:
                 act.front = True
                 act.holds = False
                 act.where = QUEUED
-                meta.set_status(StateStatus.READY)
+                meta.set_status(_READY)
                 meta.waiting_for = "resources: requeued after a preemption"
                 self.queued[act.owner] = act
                 self.pooled.add(name)
@@ -777,7 +803,7 @@ class Run:
                 self.admission.requeue(act.owner)  # back in the queue, ahead of its level
             else:
                 self._release(act, usage)
-                if self.pause_requested or stop is StopReason.PAUSE:
+                if self.pause_requested or stop is _STOP_PAUSE:
                     act.where = PAUSED
                     self.paused.append(act)
                 else:
@@ -787,14 +813,14 @@ class Run:
         if act.holds:
             self._release(act, usage)
         self.kick()
-        if stop is StopReason.CANCEL:
+        if stop is _STOP_CANCEL:
             meta.record(AttemptRecord(act.attempt, act.started_at, now, "cancelled", usage=usage))
-            meta.set_status(StateStatus.CANCELLED)
+            meta.set_status(_CANCELLED)
             self.emit(ev.STATE_CANCELLED, name, attempt=act.attempt, duration=duration, usage=usage)
             self.finishes[name] = self.finishes.get(name, 0) + 1
             self.branch_ends(act)
             return
-        if stop is StopReason.TIMEOUT:
+        if stop is _STOP_TIMEOUT:
             limit = self.specs[name].effective_timeout
             failure = FailureReason(
                 kind="timeout",
@@ -822,12 +848,12 @@ class Run:
         except AgentError as exc:
             meta.record(AttemptRecord(act.attempt, act.started_at, now, "failed", str(exc), usage))
             meta.error = FailureReason(kind="exception", message=str(exc), exception_type=type(exc).__name__)
-            meta.set_status(StateStatus.FAILED)
+            meta.set_status(_FAILED)
             self._leave(act)
             self.fail(exc)
             return
-        meta.record(AttemptRecord(act.attempt, act.started_at, now, "completed", usage=usage))
-        meta.set_status(StateStatus.COMPLETED)
+        meta.history.append(AttemptRecord(act.attempt, act.started_at, now, "completed", None, usage))
+        meta.set_status(_COMPLETED)
         meta.runs += 1
         meta.last_success = (meta.last_execution or 0.0) + duration
         self.completed.add(name)
@@ -898,7 +924,7 @@ class Run:
         if not final:
             policy = spec.retry_policy or self.agent.retry_policy
             delay = policy.delay(act.attempt) if policy is not None else 0.0
-            meta.set_status(StateStatus.READY)
+            meta.set_status(_READY)
             meta.waiting_for = f"retry {act.attempt} of {max_retries} in {delay:.3g} s"
             self.emit(ev.STATE_RETRYING, name, attempt=act.attempt, data={"delay": delay})
             if delay <= 0:
@@ -908,7 +934,7 @@ class Run:
                 self.retrying[act.id] = act
                 act.timer = self.driver.call_at(now + delay, self.retry_due, act)
             return
-        meta.set_status(StateStatus.TIMEOUT if failure.kind == "timeout" else StateStatus.FAILED)
+        meta.set_status(_TIMEOUT if failure.kind == "timeout" else _FAILED)
         self.finishes[name] = self.finishes.get(name, 0) + 1
         cls = StateTimeoutError if failure.kind == "timeout" else StateFailedError
         error = cls(name, act.attempt, failure)
@@ -972,7 +998,7 @@ class Run:
                 meta = self.metadata[name]
                 meta.blocked_reason = message
                 meta.set_status(status)
-                if status is StateStatus.TIMEOUT:
+                if status is _TIMEOUT:
                     self.fail(DependencyTimeoutError(message))
                     return True
         return progressed
@@ -998,12 +1024,12 @@ class Run:
             dmeta = self.metadata[dep]
             life = cfg.lifecycle
             if cfg.timeout is not None and now - since > cfg.timeout:
-                return (StateStatus.TIMEOUT,
+                return (_TIMEOUT,
                         f"state {name!r} waited more than {cfg.timeout:g} s for its dependency {dep!r}")
             if cfg.type is Dep.REQUIRED:
                 if dmeta.status in _FINISHED_FOR_GOOD and not self.has_live(dep) and self.completions.get(dep, 0) == 0 \
                         and not (life is Life.SESSION and sessions.get(dep, 0)):
-                    return (StateStatus.BLOCKED,
+                    return (_BLOCKED,
                             f"state {name!r} is blocked: its required dependency {dep!r} ended {dmeta.status.value}")
                 count = self.completions.get(dep, 0)
                 if life is Life.SESSION:
@@ -1059,7 +1085,7 @@ class Run:
         meta = self.metadata[act.state]
         meta.blocked_reason = message
         meta.set_status(status)
-        if status is StateStatus.TIMEOUT:
+        if status is _TIMEOUT:
             self._leave(act)
             self.fail(DependencyTimeoutError(message))
             return
@@ -1074,14 +1100,14 @@ class Run:
             return False
         act = self.running.get(name)
         if act is not None:
-            self.stop_activation(act, StopReason.CANCEL)
+            self.stop_activation(act, _STOP_CANCEL)
             return True
         found = False
         meta = self.metadata[name]
         for act in [a for a in self.live.values() if a.state == name and a.where != RUNNING]:
             found = True
             self._withdraw(act)
-            meta.set_status(StateStatus.CANCELLED)
+            meta.set_status(_CANCELLED)
             self.emit(ev.STATE_CANCELLED, name, attempt=act.attempt)
             self.branch_ends(act)
         if name in self.held_names:
@@ -1093,8 +1119,8 @@ class Run:
             self.watch.discard(name)
             found = True
         if found:
-            if meta.status is not StateStatus.CANCELLED:
-                meta.set_status(StateStatus.CANCELLED)
+            if meta.status is not _CANCELLED:
+                meta.set_status(_CANCELLED)
             self.kick()
         return found
 
@@ -1129,7 +1155,7 @@ class Run:
                 self._withdraw(act)
                 meta = self.metadata[act.state]
                 if not meta.status.is_finished:
-                    meta.set_status(StateStatus.CANCELLED)
+                    meta.set_status(_CANCELLED)
                 self._leave(act)
         for group in self.groups.values():
             for name in list(group.held):
@@ -1146,7 +1172,7 @@ class Run:
             self.admission.release(act.owner)
             act.where = PAUSED
             self.paused.append(act)
-        return self.stop_all(StopReason.PAUSE)
+        return self.stop_all(_STOP_PAUSE)
 
     def resume(self) -> None:
         self.pause_requested = False
@@ -1177,18 +1203,18 @@ class Run:
             meta = self.metadata[act.state]
             reason = meta.waiting_for or "dependencies"
             meta.blocked_reason = f"state {act.state!r} never ran: it was waiting for {reason}"
-            meta.set_status(StateStatus.BLOCKED)
+            meta.set_status(_BLOCKED)
             self.emit(ev.STATE_BLOCKED, act.state, error=meta.blocked_reason)
             self.branch_ends(act)
         if self.live:
             return True
         for name in self.watch:
             meta = self.metadata[name]
-            if meta.status is StateStatus.PENDING and meta.runs == 0:
+            if meta.status is _PENDING and meta.runs == 0:
                 verdict = self.deps_verdict(name, self.watch_since, self.clock())
                 reason = verdict if isinstance(verdict, str) else "its dependencies"
                 meta.blocked_reason = f"state {name!r} never ran: it was waiting for {reason}"
-                meta.set_status(StateStatus.BLOCKED)
+                meta.set_status(_BLOCKED)
         self.watch.clear()
         if self.failures:
             first = next(iter(self.failures))
@@ -1240,7 +1266,7 @@ class Run:
             if act.where == RUNNING:  # a task that ignored cancellation in time
                 del self.running[act.state]
             if act.where in (READY, RETRYING, QUEUED, GRANTED, RUNNING) and not meta.status.is_finished:
-                meta.set_status(StateStatus.CANCELLED)
+                meta.set_status(_CANCELLED)
             if act.where == QUEUED:
                 self.admission.release(act.owner)
             elif act.holds:
@@ -1315,7 +1341,7 @@ class Run:
                 if name in specs and name not in group.held:
                     self._hold(group, name)
                     group.held[name] = int(arrivals)
-                    self.metadata[name].status = StateStatus.PENDING
+                    self.metadata[name].status = _PENDING
         for a in frames.get("activations", []):
             name = a["state"]
             if name not in specs:

@@ -38,7 +38,7 @@ def __getattr__(name: str):  # prometheus_client is imported only when it is ask
 
             raise MonitorError(
                 f"the Prometheus exporter needs prometheus_client ({exc}): "
-                "pip install 'agent-framework[monitor]'"
+                "pip install 'agent-isolation[monitor]'"
             ) from exc
         return getattr(prometheus, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,14 +1,15 @@
-"""``agent top``: a live terminal view of running agents, their states, throughput, CPU, memory.
+"""``agent top``: the runs of every process of this user on this machine, live, and the saved ones.
 
-The view reads a :class:`MetricsCollector` (the same observer the metrics use) and is
-redrawn on every real-time update. For now it watches runs of this process:
-``agent top --demo`` runs a small set of workflows and shows them live;
-``--snapshot`` prints one frame as plain text instead of the live screen.
+Each process that runs agents answers on a private status socket (:mod:`agent.live`);
+``agent top`` asks them all every ``--interval`` and draws one screen: runs, the states
+running now, questions waiting for an answer, failures, and the latest runs saved in
+checkpoint stores. ``--once`` prints one frame, ``--json`` the data. ``--demo`` runs
+demo workflows in this process under :class:`TopView`, a richer view of one process
+drawn from a :class:`MetricsCollector` (throughput and CPU history; needs ``rich``).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import math
 import sys
@@ -29,10 +30,11 @@ except ImportError as exc:  # an optional dependency: say how to get it instead 
 else:
     _NO_RICH = None
 
+from ..cli.text import duration
 from ..errors import MonitorError
 from .collector import LiveSnapshot, MetricsCollector, RunView
 
-_INSTALL_HINT = "agent top needs the rich package: pip install 'agent-framework[monitor]'"
+_INSTALL_HINT = "agent top needs the rich package: pip install 'agent-isolation[monitor]'"
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -52,16 +54,6 @@ def sparkline(values: Sequence[float], width: int = 24) -> str:
     if top <= 0:
         return _BARS[0] * len(values)
     return "".join(_BARS[min(len(_BARS) - 1, int(v / top * (len(_BARS) - 1) + 0.5))] for v in values)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _short(run_id: str) -> str:
@@ -136,7 +128,7 @@ class TopView:
                 run.agent_name,
                 _short(run.run_id),
                 Text(run.status, style=_STATUS_STYLE.get(run.status, "")),
-                _duration(run.elapsed),
+                duration(run.elapsed),
                 str(run.completed),
                 Text(str(run.failed_attempts), style="red" if run.failed_attempts else "dim"),
                 str(run.retries),
@@ -165,7 +157,7 @@ class TopView:
                 state.agent_name,
                 state.state,
                 Text(str(state.attempt), style="yellow" if state.attempt > 1 else ""),
-                _duration(state.running_for),
+                duration(state.running_for),
                 Text(bar, style="green" if state.attempt == 1 else "yellow"),
             )
         if len(states) > MAX_STATE_ROWS:
@@ -186,7 +178,7 @@ class TopView:
                 run.agent_name,
                 _short(run.run_id),
                 Text(run.status, style=_STATUS_STYLE.get(run.status, "")),
-                _duration(run.elapsed),
+                duration(run.elapsed),
                 str(run.completed),
                 Text(str(run.failed_attempts), style="red" if run.failed_attempts else "dim"),
             )
@@ -361,45 +353,155 @@ async def run_demo(
     return view
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
+# --- the box-wide view ----------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="agent top", description="Live view of running workflows.")
-    parser.add_argument("--demo", action="store_true", help="run demo workflows in this process and watch them")
-    parser.add_argument("--interval", type=_positive, default=0.25, help="seconds between updates (default 0.25)")
-    parser.add_argument("--speed", type=_positive, default=1.0, help="demo speed-up factor (default 1)")
-    parser.add_argument("--snapshot", action="store_true", help="print the busiest frame as text, no live screen")
-    parser.add_argument("--width", type=int, default=None, help="render width in columns (default: the terminal)")
-    parser.add_argument("--isolation", choices=["inline", "process", "sandbox"], default="inline",
-                        help="isolation of the demo states (default inline)")
-    return parser
+def collect(*, include_self: bool = False, saved: int = 8) -> dict[str, Any]:
+    """Every live run of this user (from the status endpoints) and the latest saved ones."""
+    from ..live.client import live_runs
+
+    endpoints = live_runs(include_self=include_self)
+    live_ids = {run["run_id"] for e in endpoints for run in e.runs}
+    return {
+        "time": time.time(),
+        "processes": [{"pid": e.pid, "command": e.command, "runs": e.runs, "error": e.error} for e in endpoints],
+        "saved": [r for r in _saved_runs(saved + len(live_ids)) if r["run_id"] not in live_ids][:saved],
+    }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``agent top``; returns the exit code."""
-    parser = build_parser()
+def _saved_runs(limit: int) -> list[dict[str, Any]]:
+    from ..checkpoint_store import SQLiteCheckpointStore
+    from ..store_index import known_stores
+
+    found = []
+    for path in known_stores():
+        try:
+            with SQLiteCheckpointStore(path, keep=None) as store:
+                infos = store.list_runs()[:limit]
+        except Exception:  # an unreadable store hides only its own runs
+            continue
+        found += [{"run_id": i.run_id, "agent": i.agent_name, "status": i.status, "updated": i.updated,
+                   "store": str(path)} for i in infos]
+    found.sort(key=lambda r: -r["updated"])
+    return found[:limit]
+
+
+_COLORS = {"running": "36", "completed": "32", "failed": "31", "cancelled": "33", "paused": "33",
+           "interrupted": "31"}
+
+
+def render_box(view: dict[str, Any], width: int = 100, color: bool = False) -> str:
+    """One frame of the box-wide view as text (what ``agent top`` prints)."""
+    from ..cli.text import ago
+
+    def paint(text: str, status: str) -> str:
+        code = _COLORS.get(status)
+        return f"\033[{code}m{text}\033[0m" if color and code else text
+
+    runs = [(p, r) for p in view["processes"] for r in p["runs"]]
+    active = [(p, r) for p, r in runs if r["status"] in ("running", "paused")]
+    stamp = time.strftime("%H:%M:%S", time.localtime(view["time"]))
+    lines = [f"agent top · {len(view['processes'])} process(es) · {len(active)} live run(s) · {stamp}", ""]
+    table = [("PID", "AGENT", "RUN", "STATUS", "ELAPSED", "DONE", "RUNNING", "WAITING", "FAILED", "NOW")]
+    statuses = [""]
+    for process, run in sorted(runs, key=lambda pr: (pr[1]["status"] not in ("running", "paused"), -pr[1]["started"])):
+        counts = run["states"]
+        now = ", ".join(s["state"] for s in run.get("running", ())) or "-"
+        table.append((str(process["pid"]), run["agent"], run["run_id"][:8], run["status"], duration(run["elapsed"]),
+                      f"{counts['completed']}/{counts['total']}", str(counts["running"]), str(counts["waiting"]),
+                      str(counts["failed"]), now))
+        statuses.append(run["status"])
+    if len(table) == 1:
+        lines.append("no runs in any process of this user right now")
+    else:
+        lines += _columns(table, statuses, width, paint)
+    states = [(process, run, s) for process, run in active for s in run.get("running", ())]
+    if states:
+        lines += ["", "running states"]
+        rows = [("PID", "AGENT", "STATE", "ATTEMPT", "RUNNING FOR", "ISOLATION")]
+        for process, run, state in sorted(states, key=lambda t: -t[2]["for"])[:MAX_STATE_ROWS]:
+            rows.append((str(process["pid"]), run["agent"], state["state"], str(state["attempt"]),
+                         duration(state["for"]), state["isolation"]))
+        lines += _columns(rows, ["" for _ in rows], width, paint)
+    questions = [(run, q) for _, run in active for q in run.get("human_input", ())]
+    if questions:
+        lines += ["", "waiting for an answer"]
+        for run, q in questions:
+            default = f", default {q['default']!r}" if q.get("default") is not None else ""
+            lines.append(f"  {run['agent']}/{q['state']}: {q['prompt']}{default}"[:width])
+    failing = [(run, f) for _, run in runs for f in run.get("failed", ())]
+    if failing:
+        lines += ["", "failed or blocked states"]
+        for run, f in failing[:MAX_RECENT_ROWS]:
+            lines.append(paint(f"  {run['agent']}/{f['state']} {f['status']}: {f['error'].splitlines()[0] if f['error'] else ''}"[:width], "failed"))
+    unreachable = [p for p in view["processes"] if p["error"]]
+    if view["saved"]:
+        lines += ["", "saved runs (checkpoint stores)"]
+        rows = [("AGENT", "RUN", "STATUS", "LAST SAVED", "STORE")]
+        shown = [""]
+        for run in view["saved"]:
+            status = "interrupted" if run["status"] == "running" else run["status"]
+            rows.append((run["agent"], run["run_id"], status, ago(run["updated"], view["time"]), run["store"]))
+            shown.append(status)
+        lines += _columns(rows, shown, width, paint)
+    for process in unreachable:
+        lines.append(f"(pid {process['pid']}: {process['error']})"[:width])
+    return "\n".join(lines) + "\n"
+
+
+def _columns(rows: list[tuple[str, ...]], statuses: list[str], width: int, paint: Any) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    out = []
+    for row, status in zip(rows, statuses):
+        cells = [cell.ljust(w) for cell, w in zip(row, widths)]
+        line = ("  " + "  ".join(cells)).rstrip()[:width]
+        out.append(paint(line, status) if status else line)
+    return out
+
+
+def top_command(args: Any) -> int:
+    """``agent top``: see :func:`agent.cli.build_parser` for the options."""
+    import json
+    import shutil
+
+    if args.demo:
+        return _demo(args)
+    if args.json:
+        print(json.dumps(collect(), indent=2, default=str))
+        return EXIT_OK
+    width = args.width or shutil.get_terminal_size((110, 24)).columns
+    tty = sys.stdout.isatty()
+    if args.once or not tty:
+        sys.stdout.write(render_box(collect(), width, color=tty))
+        return EXIT_OK
     try:
-        args = parser.parse_args(list(argv) if argv is not None else None)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+        while True:
+            frame = render_box(collect(), width, color=True)
+            sys.stdout.write("\033[H\033[2J" + frame)
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _demo(args: Any) -> int:
     if _NO_RICH is not None:
         print(f"{_INSTALL_HINT} ({_NO_RICH})", file=sys.stderr)
         return EXIT_USAGE
-    if not args.demo:
-        print(
-            "agent top: no runs to watch from here yet. `agent top --demo` runs demo workflows and "
-            "shows them live; inside your program, use agent.monitor.top.TopView with a MetricsCollector.",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     console = Console(width=args.width) if args.width else Console()
     try:
-        asyncio.run(run_demo(args.interval, args.speed, console, args.snapshot, args.isolation))
+        asyncio.run(run_demo(min(args.interval, 0.25), args.speed, console, args.once, args.isolation))
     except KeyboardInterrupt:
         return EXIT_OK
     return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m agent.monitor.top ...``: the same as ``agent top ...``."""
+    from ..cli import main as agent_main
+
+    return agent_main(["top", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -585,7 +585,7 @@ def render(report: Report) -> str:
         lines.append("ray: a state with isolation='ray' runs as a Ray task; what holds for it:")
         lines += _table((lim.name, "yes" if lim.enforceable else "no", lim.detail) for lim in report.ray)
     else:
-        lines.append("ray: not installed (pip install 'agent-framework[ray]' for isolation='ray')")
+        lines.append("ray: not installed (pip install 'agent-isolation[ray]' for isolation='ray')")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items()))
     return "\n".join(lines)
 

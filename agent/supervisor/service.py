@@ -35,6 +35,7 @@ from .confinement import Confinement, Confiner
 from .launcher import ZygoteLauncher
 from .logger import get_logger
 from .logs import AttemptLogs, activate
+from .output import AttemptOutput, label_for
 
 
 def _env_float(name: str, default: float) -> float:
@@ -96,6 +97,7 @@ class Supervisor:
         self._by_pid: dict[int, ChildProcess] = {}
         self._by_fd: dict[int, ChildProcess] = {}
         self._queued: dict[int, dict[str, Any]] = {}
+        self._outputs: dict[int, AttemptOutput] = {}  # request id -> the child's output pipe
         self._launching: set[int] = set()
         self._started = 0
         self._active = 0
@@ -125,15 +127,19 @@ class Supervisor:
             raise IsolationError("the supervisor is shut down: start a new run")
         secret = b"c" + secrets.token_bytes(16)  # a leading zero byte is reserved by ZeroMQ
         request_id = next(self._ids)
-        log_path = self.logs.path(attempt.run_id, attempt.state_name, attempt.number, create=True)
+        run_frame = self._run_frame(attempt)
+        log_path, log_fd = self.logs.open(attempt.run_id, attempt.state_name, attempt.number)
+        output = AttemptOutput(asyncio.get_running_loop(), log_path, log_fd,
+                               label_for(attempt.state_name, attempt.number))
         child = ChildProcess(
             self, attempt, confinement, secret=secret, request_id=request_id,
-            log_path=log_path, run_frame=self._run_frame(attempt), limits=self.limits,
+            log_path=log_path, run_frame=run_frame, limits=self.limits,
         )
+        self._outputs[request_id] = output
         spec = {
             "endpoint": self.router.endpoint,
             "secret": secret,
-            "log_path": log_path,
+            "log_path": output.child_path,
             "confine": confinement.child_spec,
             "sys_path": list(sys.path),
             "argv": list(sys.argv),
@@ -167,6 +173,9 @@ class Supervisor:
 
     def launched(self, child: ChildProcess) -> None:
         """``child`` is up (or gone): let the next one start."""
+        output = self._outputs.get(child.request_id)
+        if output is not None:
+            output.child_connected()
         if child.request_id in self._launching:
             self._launching.discard(child.request_id)
             self._pump()
@@ -220,6 +229,9 @@ class Supervisor:
 
     def forget(self, child: ChildProcess) -> None:
         self._queued.pop(child.request_id, None)
+        output = self._outputs.pop(child.request_id, None)
+        if output is not None:  # before the outcome is judged: the log is then complete
+            self.logs.finished(output.log_path, output.close())
         self.launched(child)
         self._by_secret.pop(child.secret, None)
         self._by_request.pop(child.request_id, None)

@@ -137,20 +137,21 @@ class TestResumeCli:
         first = subprocess.Popen([sys.executable, "-m", "agent", "run", str(workflow)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         announced = first.stderr.readline()  # the CLI names the run as it starts
-        assert announced.startswith("agent run: run_id ")
+        assert announced.startswith("agent run: started crash_resume, run id ")
         run_id = announced.split()[-1]
         assert first.stdout.readline().split()[1] == run_id
         first.stderr.close()
         wait_for(lambda: example.effect_counts(tmp_path)["step_05"] == 1, first, "step_05's effect")
         kill(first)
         env.pop("HANG_AFTER")
-        done = subprocess.run([sys.executable, "-m", "agent", "run", str(workflow), "--resume", run_id],
+        done = subprocess.run([sys.executable, "-m", "agent", "run", str(workflow), "--resume", run_id, "--json"],
                               capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == 0, done.stderr
-        summary = json.loads(done.stdout[done.stdout.index("{"):])
+        summary = json.loads(done.stdout)
         assert (summary["run_id"], summary["status"]) == (run_id, "completed")
         assert example.effect_counts(tmp_path) == {s: 2 if s == "step_05" else 1 for s in STATES}
-        listed = subprocess.run([sys.executable, "-m", "agent", "runs", "--store", str(tmp_path / "checkpoints.sqlite3")],
+        listed = subprocess.run([sys.executable, "-m", "agent", "runs", "--json", "--store",
+                                 str(tmp_path / "checkpoints.sqlite3")],
                                 capture_output=True, text=True, env=env, timeout=120)
         assert listed.returncode == 0, listed.stderr
         [run] = json.loads(listed.stdout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,10 +50,10 @@ class TestCli:
         assert out.stdout.strip() == f"agent {agent.__version__}"
 
     def test_run_example(self):
-        out = self.run_cli("run", "examples/quickstart.py")
+        out = self.run_cli("run", "examples/quickstart.py", "--json")
         assert out.returncode == 0, out.stderr
-        assert "Result: Hello, World!" in out.stdout
-        assert '"status": "completed"' in out.stdout
+        assert "Result: Hello, World!" in out.stderr  # state output goes to stderr under --json
+        assert json.loads(out.stdout)["status"] == "completed"
 
     def test_run_failing_workflow(self, tmp_path):
         flow = tmp_path / "broken.py"
@@ -63,10 +64,10 @@ class TestCli:
             "    raise ValueError('no good')\n"
             "agent.add_state('s', s)\n"
         )
-        out = self.run_cli("run", str(flow))
+        out = self.run_cli("run", str(flow), "--json")
         assert out.returncode == 1
         assert "ValueError: no good" in out.stderr
-        assert '"status": "failed"' in out.stdout
+        assert json.loads(out.stdout)["status"] == "failed"
 
     def test_run_file_without_agent(self, tmp_path):
         flow = tmp_path / "empty.py"

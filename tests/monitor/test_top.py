@@ -45,7 +45,7 @@ class TestTopView:
             assert word in text
         states_part = text.split("running states", 1)[1]
         row = next(line.split() for line in states_part.splitlines() if "fetch_weights" in line)
-        assert row[:4] == ["model_training", "fetch_weights", "2", "1.3s"]  # second attempt, running 1.3 s
+        assert row[:5] == ["model_training", "fetch_weights", "2", "1.3", "s"]  # second attempt, running 1.3 s
 
     def test_empty(self, collector):
         view = TopView(collector)
@@ -56,11 +56,11 @@ class TestTopView:
 
 
 class TestMain:
-    """``agent top`` runs the demo and prints a frame; without a source it says what to do."""
+    """``agent top`` prints a frame of what it finds, or runs the demo and prints its busiest frame."""
 
-    def test_without_demo(self, capsys):
-        assert main([]) == 2
-        assert "--demo" in capsys.readouterr().err
+    def test_nothing_to_watch(self, capsys):
+        assert main(["--once"]) == 0
+        assert "no runs in any process of this user right now" in capsys.readouterr().out
 
     def test_bad_option(self, capsys):
         assert main(["--interval", "0"]) == 2
@@ -97,7 +97,7 @@ class TestOptionalDependencies:
     def test_top_without_rich(self):
         done = self.run_without("rich", "from agent.monitor.top import main; raise SystemExit(main(['--demo']))")
         assert done.returncode == 2
-        assert "pip install 'agent-framework[monitor]'" in done.stderr
+        assert "pip install 'agent-isolation[monitor]'" in done.stderr
 
     def test_exporter_without_prometheus_client(self):
         done = self.run_without(
@@ -107,4 +107,4 @@ class TestOptionalDependencies:
             "except MonitorError as e:\n    print(e)\n",
         )
         assert done.returncode == 0, done.stderr
-        assert "agent-framework[monitor]" in done.stdout
+        assert "agent-isolation[monitor]" in done.stdout

@@ -33,7 +33,7 @@ class TestDefaults:
         assert pool.totals[ResourceType.GPU] == len(machine_inventory().devices())
 
     def test_negative_total_is_rejected(self) -> None:
-        with pytest.raises(ResourceRequestError, match="CPU must be >= 0"):
+        with pytest.raises(ResourceRequestError, match=r"total_cpu=...\) must be a number >= 0, got -1"):
             ResourcePool(total_cpu=-1)
 
 

@@ -29,7 +29,7 @@ class TestDoctor:
         monkeypatch.setattr(limits, "installed_version", lambda: None)
         report = diagnose(mountinfo="", sandbox=False)
         assert report.ray == []
-        assert "ray: not installed (pip install 'agent-framework[ray]'" in render(report)
+        assert "ray: not installed (pip install 'agent-isolation[ray]'" in render(report)
 
     @pytest.mark.parametrize("backend, holds", [("v1", True), ("v2", True), ("none", False)])
     def test_confined_states_follow_the_cgroup_backend(self, backend, holds):

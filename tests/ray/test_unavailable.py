@@ -28,7 +28,7 @@ class TestWithoutRay:
     """Every way of asking for isolation='ray' says to install the [ray] extra."""
 
     def test_agent_level(self, no_ray):
-        with pytest.raises(RayUnavailableError, match=r"pip install 'agent-framework\[ray\]'"):
+        with pytest.raises(RayUnavailableError, match=r"pip install 'agent-isolation\[ray\]'"):
             Agent("needs_ray", isolation="ray")
 
     def test_state_level(self, no_ray):

@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ... import _validate
 from ...errors import CoordinationError, CoordinationTimeoutError
 from ...clock import Clock, wait_until_done
 from .base import Primitive, PrimitiveStatistics, PrimitiveType, Waiter, check_timeout
@@ -53,8 +54,7 @@ class Barrier(Primitive):
         clock: Clock | None = None,
     ) -> None:
         super().__init__(name, ttl=ttl, clock=clock)
-        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
-            raise CoordinationError(f"barrier {name!r}: max_count must be an int >= 1, got {max_count!r}")
+        _validate.integer(max_count, f"barrier {name!r}: max_count", error=CoordinationError, minimum=1)
         self.max_count = max_count
         self.wait_timeout = None if wait_timeout is None else check_timeout(wait_timeout, f"barrier {name!r}")
         self._groups: dict[str, _Round] = {}

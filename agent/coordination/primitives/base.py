@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from ... import _validate
 from ...errors import CoordinationError, CoordinationTimeoutError
 from ...clock import SYSTEM_CLOCK, Clock, wait_until_done
 
@@ -96,17 +97,14 @@ class _Counters:
 def check_ttl(ttl: float | None, what: str) -> float | None:
     if ttl is None:
         return None
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
-        raise CoordinationError(f"{what}: ttl must be a number of seconds > 0 (or None), got {ttl!r}")
-    return float(ttl)
+    return _validate.number(ttl, f"{what}: ttl", error=CoordinationError, above=True, unit="seconds")
 
 
 def check_timeout(timeout: float | None, what: str) -> float:
     if timeout is None:
         return math.inf
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0 or math.isnan(timeout):
-        raise CoordinationError(f"{what}: timeout must be seconds >= 0 (or None to wait forever), got {timeout!r}")
-    return float(timeout)
+    # None waits forever (returned as inf); a number must be finite.
+    return _validate.number(timeout, f"{what}: timeout", error=CoordinationError, unit="seconds")  # type: ignore[return-value]
 
 
 class Primitive:
@@ -173,9 +171,7 @@ class CapacityPrimitive(Primitive):
         clock: Clock | None = None,
     ) -> None:
         super().__init__(name, ttl=ttl, clock=clock)
-        if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or not capacity > 0 or math.isinf(capacity):
-            raise CoordinationError(f"{self.type.value} {name!r}: capacity must be a finite number > 0, got {capacity!r}")
-        self.capacity = float(capacity)
+        self.capacity = _validate.number(capacity, f"{self.type.value} {name!r}: capacity", error=CoordinationError, above=True)
         self.wait_timeout = None if wait_timeout is None else check_timeout(wait_timeout, f"{self.type.value} {name!r}")
         self._holders: dict[str, _Holding] = {}
         self._waiters: deque[Waiter] = deque()

@@ -8,6 +8,7 @@ seconds after any burst ("reset hourly" with ``ttl=3600``).
 
 from __future__ import annotations
 
+from ... import _validate
 from ...errors import CoordinationError
 from ...clock import Clock
 from .base import CapacityPrimitive, PrimitiveType
@@ -27,8 +28,7 @@ class Quota(CapacityPrimitive):
         wait_timeout: float | None = None,
         clock: Clock | None = None,
     ) -> None:
-        if isinstance(quota_limit, bool) or not isinstance(quota_limit, (int, float)) or not quota_limit > 0:
-            raise CoordinationError(f"quota {name!r}: quota_limit must be a number > 0, got {quota_limit!r}")
+        _validate.number(quota_limit, f"quota {name!r}: quota_limit", error=CoordinationError, above=True)
         super().__init__(name, quota_limit, ttl=ttl, wait_timeout=wait_timeout, clock=clock)
         self.quota_limit = float(quota_limit)
 

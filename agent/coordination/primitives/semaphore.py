@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ... import _validate
 from ...errors import CoordinationError
 from ...clock import Clock
 from .base import CapacityPrimitive, PrimitiveType
@@ -21,7 +22,6 @@ class Semaphore(CapacityPrimitive):
         wait_timeout: float | None = None,
         clock: Clock | None = None,
     ) -> None:
-        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
-            raise CoordinationError(f"semaphore {name!r}: max_count must be an int >= 1, got {max_count!r}")
+        _validate.integer(max_count, f"semaphore {name!r}: max_count", error=CoordinationError, minimum=1)
         super().__init__(name, max_count, ttl=ttl, wait_timeout=wait_timeout, clock=clock)
         self.max_count = max_count

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ... import _validate
 from ...errors import CoordinationError, CoordinationTimeoutError
 from ...clock import SYSTEM_CLOCK, Clock
 
@@ -55,9 +56,7 @@ class RateLimiterStatistics:
 
 
 def check_rate(value: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-        raise CoordinationError(f"{what} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return _validate.number(value, what, error=CoordinationError, above=True)  # type: ignore[return-value]
 
 
 class RateLimiter:

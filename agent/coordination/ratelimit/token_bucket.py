@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ... import _validate
 from ...errors import CoordinationError
 from ...clock import Clock
 from .base import RateLimiter, RateLimitStrategy
@@ -26,9 +27,7 @@ class TokenBucket(RateLimiter):
         super().__init__(name, max_rate, clock=clock)
         if burst_size is None:
             burst_size = max(1.0, math.floor(self.max_rate))
-        if isinstance(burst_size, bool) or not isinstance(burst_size, (int, float)) or burst_size < 1:
-            raise CoordinationError(f"rate limit {name!r}: burst_size must be >= 1, got {burst_size!r}")
-        self.burst_size = float(burst_size)
+        self.burst_size = _validate.number(burst_size, f"rate limit {name!r}: burst_size", error=CoordinationError, minimum=1)
         self._forget()
 
     def _refill(self, now: float) -> None:

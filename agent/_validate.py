@@ -1,0 +1,103 @@
+"""Checks for the numbers the public API takes: one place, one wording.
+
+A setting is checked when it is given, not when it is first used: a NaN compares false
+with everything (a ``nan`` retry delay never elapses), an infinity is rarely what was
+meant (``None`` says "no limit" where there can be none), a bool is an ``int`` to
+Python but never a count or a duration here, and a string is a mistake. Each check
+raises the calling module's typed error (``error=``) with a message that names the
+setting, the value and what to give instead, and returns the value as the type the
+engine works with.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import AgentError
+
+ErrorType = type[AgentError]
+
+
+def number(
+    value: Any,
+    what: str,
+    *,
+    error: ErrorType,
+    minimum: float = 0.0,
+    above: bool = False,
+    none: bool = False,
+    unit: str | None = None,
+) -> float | None:
+    """``value`` as a finite float ``>= minimum`` (``> minimum`` with ``above``); None if ``none``.
+
+    ``unit`` ("seconds") only words the message: "a number of seconds > 0".
+    """
+    if value is None and none:
+        return None
+    kind = f"a number of {unit}" if unit else "a number"
+    bound = f"{'>' if above else '>='} {minimum:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{what} must be {kind} {bound}{_or_none(none)}, got {_shown(value)}")
+    if math.isnan(value) or math.isinf(value):
+        hint = ": use None for no limit" if none and value > 0 else ""
+        raise error(f"{what} must be a finite {kind[2:]} {bound}{_or_none(none)}, got {value!r}{hint}")
+    if value < minimum or (above and value == minimum):
+        raise error(f"{what} must be {kind} {bound}{_or_none(none)}, got {value!r}")
+    return float(value)
+
+
+def integer(value: Any, what: str, *, error: ErrorType, minimum: int = 0, none: bool = False) -> int | None:
+    """``value`` as an int ``>= minimum`` (bools and floats refused); None if ``none``."""
+    if value is None and none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise error(f"{what} must be an int >= {minimum}{_or_none(none)}, got {_shown(value)}")
+    if value < minimum:
+        raise error(f"{what} must be an int >= {minimum}{_or_none(none)}, got {value!r}")
+    return int(value)
+
+
+def flag(value: Any, what: str, *, error: ErrorType) -> bool:
+    """``value`` when it is a bool: ``"yes"`` or ``1`` is a mistake, not a truth value."""
+    if not isinstance(value, bool):
+        raise error(f"{what} must be True or False, got {_shown(value)}")
+    return value
+
+
+def _or_none(none: bool) -> str:
+    return " (or None)" if none else ""
+
+
+def _shown(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def member(enum_type: Any, value: Any, what: str, *, error: ErrorType) -> Any:
+    """``value`` as a member of ``enum_type`` (a member, or its value; never a bool)."""
+    if isinstance(value, enum_type):
+        return value
+    if not isinstance(value, bool):
+        try:
+            return enum_type(value)
+        except (ValueError, TypeError):
+            pass
+    choices = ", ".join(f"{enum_type.__name__}.{m.name}" for m in enum_type)
+    raise error(f"{what} must be one of {choices}, got {_shown(value)}")
+
+
+MAX_STATE_NAME_BYTES = 255
+"""A state name names files (its attempt logs) and cgroups: at most NAME_MAX bytes."""
+
+
+def state_name(name: Any, *, error: ErrorType) -> str:
+    """A state name: a non-empty str of at most :data:`MAX_STATE_NAME_BYTES` UTF-8 bytes."""
+    if not isinstance(name, str) or not name:
+        raise error(f"a state name must be a non-empty str, got {name!r}")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_STATE_NAME_BYTES:
+        raise error(
+            f"state name {name[:40]!r}... is {size} bytes long; the limit is "
+            f"{MAX_STATE_NAME_BYTES} (names become file and cgroup names): use a shorter name"
+        )
+    return name

@@ -1,0 +1,110 @@
+"""``agent runs``: the runs saved in checkpoint stores, to resume one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .exit_codes import ExitCode
+from .text import ago, timestamp
+
+
+def runs_command(args: argparse.Namespace) -> int:
+    try:
+        stores = _stores(args)
+    except (LookupError, ValueError) as exc:
+        print(f"agent runs: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    live_ids = _live_run_ids()
+    listing: list[tuple[Path, list[dict[str, Any]]]] = []
+    for path in stores:
+        try:
+            listing.append((path, _runs_in(path, args.agent, args.limit, live_ids)))
+        except Exception as exc:  # one unreadable store must not hide the others
+            print(f"agent runs: cannot read {path}: {exc}", file=sys.stderr)
+    if args.json:
+        print(json.dumps([run for _, runs in listing for run in runs], indent=2))
+        return ExitCode.OK
+    shown = [(path, runs) for path, runs in listing if runs]
+    if not shown:
+        where = ", ".join(str(p) for p in stores) or "no store exists yet"
+        print(f"agent runs: no saved runs{f' of agent {args.agent!r}' if args.agent else ''} ({where})")
+        return ExitCode.OK
+    for number, (path, runs) in enumerate(shown):
+        if number:
+            print()
+        print(path)
+        rows = [("RUN ID", "AGENT", "STATUS", "STARTED", "LAST SAVED", "CHECKPOINTS")]
+        rows += [(r["run_id"], r["agent_name"], r["state"], timestamp(r["created"]), ago(r["updated"]),
+                  str(r["checkpoints"])) for r in runs]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return ExitCode.OK
+
+
+def _stores(args: argparse.Namespace) -> list[Path]:
+    from ..store_index import known_stores
+
+    if args.store:
+        path = Path(args.store)
+        if not path.is_file():
+            raise LookupError(f"no checkpoint store at {path}")
+        return [path.resolve()]
+    if args.file:
+        return _stores_of_file(args.file)
+    return known_stores()
+
+
+def _stores_of_file(file: str) -> list[Path]:
+    """The stores the agents of ``file`` save to, found the way ``agent run`` would."""
+    from ..checkpoint_store import default_store_path
+    from . import workflow
+
+    path = workflow.check_file(file)
+    try:
+        runs_itself = workflow.starts_a_run(workflow.parse(path))
+    except workflow.WorkflowLoadError as exc:
+        raise ValueError(f"cannot load {file}:\n{exc}") from None
+    if runs_itself:
+        raise ValueError(f"{file} runs its agent when loaded: name its store with --store instead")
+    try:
+        loaded = workflow.load(path, [])
+    except Exception as exc:
+        detail = str(exc) if isinstance(exc, workflow.WorkflowLoadError) else workflow.user_traceback(
+            exc, str(path.resolve()))
+        raise ValueError(f"cannot load {file}:\n{detail}") from None
+    found: list[Path] = []
+    for agent in loaded.find_agents().values():
+        store_path = getattr(agent.checkpoint_store, "path", None)
+        candidate = Path(store_path) if store_path else default_store_path()
+        if candidate.is_file() and candidate.resolve() not in found:
+            found.append(candidate.resolve())
+    return found
+
+
+def _runs_in(path: Path, agent: str | None, limit: int, live_ids: set[str]) -> list[dict[str, Any]]:
+    from ..checkpoint_store import SQLiteCheckpointStore
+
+    with SQLiteCheckpointStore(path, keep=None) as store:
+        infos = store.list_runs(agent_name=agent)[:limit]
+    out = []
+    for info in infos:
+        state = info.status
+        if state == "running" and info.run_id not in live_ids:
+            state = "interrupted"  # saved as running, and no live process has it: it died
+        out.append({
+            "run_id": info.run_id, "agent_name": info.agent_name, "status": info.status, "state": state,
+            "created": info.created, "updated": info.updated, "checkpoints": info.checkpoints,
+            "store": str(path),
+        })
+    return out
+
+
+def _live_run_ids() -> set[str]:
+    from ..live.client import live_runs
+
+    return {run["run_id"] for endpoint in live_runs(timeout=1.0) for run in endpoint.runs}

@@ -1,0 +1,187 @@
+"""Live output of isolated states: each line to the attempt's log and, prefixed, to the terminal.
+
+A state's process writes its stdout and stderr (one stream, as a terminal shows them)
+into a pipe that the supervisor reads on its event loop. Each chunk is appended to the
+attempt's log file at once, and each whole line is echoed with the state's name in
+front, like ``docker compose``::
+
+    format_output    | Result: Hello, World!
+    train#2          | retrying after a timeout      (attempt 2)
+
+The child needs no change for this: it opens its ``log_path`` as it would a file, and
+that path is ``/proc/<supervisor>/fd/<n>``, the write end of the pipe, which the
+supervisor closes once the child has connected. When the child is gone, what is left
+in the pipe is read before the attempt's outcome is judged, so the log is complete.
+
+Where the echo goes: ``AGENT_ECHO`` is ``stdout`` (the default, also under plain
+``python flow.py``), ``stderr``, or ``off``; ``agent run --quiet`` turns it off and
+``agent run --json`` sends it to stderr. Code can install its own writer with
+:func:`set_writer` (``agent run`` does, to keep its progress line below the output).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+Writer = Callable[[str, Sequence[str]], None]
+"""``writer(label, lines)``: whole lines (without their newline) one state printed."""
+
+_CHUNK = 1 << 16
+_MAX_LINE = 1 << 16  # a longer line without a newline is echoed in pieces
+_COLORS = ("36", "33", "32", "35", "34", "31", "96", "93", "92", "95", "94")
+
+_lock = threading.Lock()
+_writer: Writer | None = None
+_configured = False
+
+
+class PrefixedWriter:
+    """Writes ``label | line`` to a stream, labels padded to the widest seen, coloured on a TTY."""
+
+    def __init__(self, stream: Callable[[], TextIO | None]) -> None:
+        self._stream = stream
+        self._width = 0
+        self._colors: dict[str, str] = {}
+
+    def __call__(self, label: str, lines: Sequence[str]) -> None:
+        out = self._stream()
+        if out is None:
+            return
+        self._width = max(self._width, min(len(label), 24))
+        prefix = f"{label:<{self._width}} | "
+        if _wants_color(out):
+            code = self._colors.setdefault(label.partition("#")[0], _COLORS[len(self._colors) % len(_COLORS)])
+            prefix = f"\033[{code}m{prefix}\033[0m"
+        try:
+            out.write("".join(f"{prefix}{line}\n" for line in lines))
+            out.flush()
+        except (OSError, ValueError):  # the terminal went away: the log still has it all
+            pass
+
+
+def _wants_color(stream: TextIO) -> bool:
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def default_writer() -> Writer | None:
+    """The writer ``AGENT_ECHO`` asks for (None for ``off``)."""
+    target = os.environ.get("AGENT_ECHO", "stdout").strip().lower()
+    if target in ("off", "0", "no", "none", "quiet"):
+        return None
+    if target == "stderr":
+        return PrefixedWriter(lambda: sys.stderr)
+    return PrefixedWriter(lambda: sys.stdout)
+
+
+def set_writer(writer: Writer | None) -> None:
+    """Echo isolated states' output through ``writer`` (None: only to the log files)."""
+    global _writer, _configured
+    with _lock:
+        _writer, _configured = writer, True
+
+
+def current_writer() -> Writer | None:
+    global _writer, _configured
+    with _lock:
+        if not _configured:
+            _writer, _configured = default_writer(), True
+        return _writer
+
+
+class AttemptOutput:
+    """The pipe one attempt's process writes to, drained into its log file and the echo."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, log_path: str, log_fd: int, label: str) -> None:
+        self.log_path = log_path
+        self.label = label
+        self.size = 0
+        self._loop = loop
+        self._log_fd = log_fd
+        self._writer = current_writer()
+        self._partial = b""
+        self._read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._write_fd: int | None = write_fd
+        self.child_path = f"/proc/{os.getpid()}/fd/{write_fd}"
+        """What the child opens as its log: the pipe's write end, through this process's fd table."""
+        loop.add_reader(self._read_fd, self._drain)
+        self._open = True
+
+    def child_connected(self) -> None:
+        """The child has opened the pipe (it does before it connects): drop our write end."""
+        if self._write_fd is not None:
+            os.close(self._write_fd)
+            self._write_fd = None
+
+    def close(self) -> int:
+        """Read what the (gone) child left in the pipe, flush, close; returns the bytes logged."""
+        if not self._open:
+            return self.size
+        self._open = False
+        self.child_connected()
+        self._drain()
+        if not self._loop.is_closed():
+            self._loop.remove_reader(self._read_fd)
+        os.close(self._read_fd)
+        if self._partial:
+            self._echo([self._partial])
+            self._partial = b""
+        os.close(self._log_fd)
+        return self.size
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = os.read(self._read_fd, _CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                if self._open and not self._loop.is_closed():
+                    self._loop.remove_reader(self._read_fd)  # EOF: else it stays readable forever
+                return
+            self._take(data)
+            if len(data) < _CHUNK:
+                return
+
+    def _take(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self._log_fd, view)
+            except OSError:  # a full disk must not stop the state: the echo still shows it
+                break
+            view = view[written:]
+        self.size += len(data)
+        if self._writer is None:
+            return
+        text = self._partial + data
+        *lines, self._partial = text.split(b"\n")
+        while len(self._partial) > _MAX_LINE:
+            lines.append(self._partial[:_MAX_LINE])
+            self._partial = self._partial[_MAX_LINE:]
+        if lines:
+            self._echo(lines)
+
+    def _echo(self, lines: list[bytes]) -> None:
+        if self._writer is None:
+            return
+        try:
+            self._writer(self.label, [line.decode("utf-8", "replace").rstrip("\r") for line in lines])
+        except Exception:  # a writer's failure never fails the attempt
+            self._writer = None
+
+
+def label_for(state: str, attempt: int) -> str:
+    """``state`` for a first attempt, ``state#n`` for the n-th."""
+    return state if attempt <= 1 else f"{state}#{attempt}"

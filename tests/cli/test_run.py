@@ -1,0 +1,317 @@
+"""``agent run`` as a user runs it: exit statuses, one-line errors, live output, Ctrl-C and resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from agent.checkpoint_store import SQLiteCheckpointStore
+
+from .conftest import CHAIN, release, stop
+
+SPEC_QUICK_START = '''\
+from agent import Agent, Context, StateResult
+
+# Create your workflow
+agent = Agent("hello_workflow")
+
+async def process_data(context: Context) -> StateResult:
+    # Process and store data
+    result = "Hello, World!"
+    context.set_state("greeting", result)
+    return "format_output"  # Next state to execute
+
+async def format_output(context: Context) -> StateResult:
+    # Get data from previous state
+    greeting = context.get_state("greeting")
+    print(f"Result: {greeting}")
+    return None  # End workflow
+
+# Add states and run
+agent.add_state("process_data", process_data)
+agent.add_state("format_output", format_output)
+await agent.run()
+'''
+
+class TestQuickStart:
+    """The API guide's Quick Start, ending in a top-level ``await agent.run()``, runs as written."""
+
+    def test_top_level_await(self, cli):
+        cli.write("hello.py", SPEC_QUICK_START)
+        done = cli.run("run", "hello.py")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == ["format_output | Result: Hello, World!"]
+        assert "hello_workflow completed" in done.stderr
+
+    def test_file_that_runs_itself_with_isolated_states_and_its_own_classes(self, cli):
+        """Functions and classes of the file reach the states' processes by value, and it runs once."""
+        cli.write("typed.py", """\
+            from dataclasses import dataclass
+            from agent import Agent, TypedContextData
+
+            @dataclass
+            class Point(TypedContextData):
+                x: int
+
+            agent = Agent("typed", isolation="process")
+
+            async def make(context):
+                context.set_typed("p", Point(x=3))
+                return "use"
+
+            async def use(context):
+                print(f"x is {context.get_typed('p', Point).x}")
+                return None
+
+            agent.add_state("make", make)
+            agent.add_state("use", use)
+            agent.run_sync()
+        """)
+        done = cli.run("run", "typed.py")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == ["use | x is 3"]
+        assert done.stderr.count("started typed") == 1
+
+
+class TestLiveOutput:
+    """An isolated state's lines reach the terminal as they are printed, prefixed, and stay in its log."""
+
+    def test_lines_arrive_while_the_state_runs(self, cli):
+        proc = cli.start_talker()
+        try:
+            assert proc.poll() is None  # the state is still blocked: its first line came live
+            release(cli.dir / "go")
+            out, err = proc.communicate(timeout=60)
+        finally:
+            stop(proc)
+        assert proc.returncode == 0, err
+        assert out.splitlines() == ["talk | second", "talk | no newline at the end"]
+        [log] = list(cli.log_dir.glob("*/talk.attempt-1.log"))
+        assert log.read_text() == "first\nsecond\nno newline at the end"
+
+    def test_quiet_keeps_output_in_the_log_only(self, cli):
+        cli.write("hello.py", SPEC_QUICK_START)
+        done = cli.run("run", "hello.py", "--quiet")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == ""
+        [log] = list(cli.log_dir.glob("*/format_output.attempt-1.log"))
+        assert log.read_text() == "Result: Hello, World!\n"
+
+    def test_a_retried_attempt_shows_its_output_and_why(self, cli):
+        cli.write("flaky.py", """\
+            import os
+            from agent import Agent, RetryPolicy
+
+            agent = Agent("flaky_flow", retry_policy=RetryPolicy(max_retries=1, initial_delay=0.0, jitter=False))
+
+            async def flaky(context):
+                marker = os.environ["MARKER"]
+                first = not os.path.exists(marker)
+                open(marker, "a").close()
+                print("try 1" if first else "try 2")
+                if first:
+                    raise RuntimeError("the first try fails")
+                return None
+
+            agent.add_state("flaky", flaky)
+        """)
+        cli.env["MARKER"] = str(cli.dir / "marker")
+        done = cli.run("run", "flaky.py")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == ["flaky | try 1", "flaky#2 | try 2"]
+        assert "flaky: attempt 1 failed (RuntimeError: the first try fails); retrying" in done.stderr
+
+    def test_json_summary_keeps_stdout_parseable(self, cli):
+        cli.write("hello.py", SPEC_QUICK_START)
+        done = cli.run("run", "hello.py", "--json")
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout)
+        assert summary["status"] == "completed" and summary["counts"]["completed"] == 2
+        assert summary["states"] == {"process_data": "completed", "format_output": "completed"}
+        assert "format_output | Result: Hello, World!" in done.stderr
+
+
+class TestUsageErrors:
+    """A wrong command line is one line on stderr and status 2, and creates nothing."""
+
+    @pytest.mark.parametrize("args,message", [
+        (["run", "missing.py"], "agent run: missing.py: no such file"),
+        (["run", "."], "agent run: . is a directory"),
+        (["run", "hello.py", "--timeout", "-5"], "agent run: argument --timeout: must be a number of seconds > 0"),
+        (["run", "hello.py", "--timeout", "nan"], "agent run: argument --timeout: must be a number of seconds > 0"),
+        (["run", "hello.py", "--frobnicate"], "agent run: unrecognized arguments: --frobnicate"),
+        (["frobnicate"], "agent: argument COMMAND: invalid choice: 'frobnicate'"),
+        (["runs", "--store", "missing.sqlite3"], "agent runs: no checkpoint store at missing.sqlite3"),
+    ])
+    def test_one_line(self, cli, args, message):
+        cli.write("hello.py", SPEC_QUICK_START)
+        done = cli.run(*args)
+        assert done.returncode == 2
+        assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(message), done.stderr
+        assert done.stdout == ""
+        assert not (cli.dir / "missing.sqlite3").exists()
+
+    def test_resume_of_an_unknown_run_creates_no_store(self, cli):
+        cli.write("hello.py", SPEC_QUICK_START.replace("await agent.run()\n", ""))
+        done = cli.run("run", "hello.py", "--resume", "deadbeef")
+        assert done.returncode == 2
+        assert "no run 'deadbeef'" in done.stderr and len(done.stderr.splitlines()) == 1
+        assert not cli.state_dir.exists() or not any(cli.state_dir.glob("*.sqlite3"))
+
+    def test_resume_of_an_unknown_run_in_an_existing_store(self, cli):
+        cli.write("hello.py", SPEC_QUICK_START.replace("await agent.run()\n", ""))
+        assert cli.run("run", "hello.py").returncode == 0
+        done = cli.run("run", "hello.py", "--resume", "deadbeef")
+        assert done.returncode == 2
+        assert "no checkpoint for run 'deadbeef'" in done.stderr and len(done.stderr.splitlines()) == 1
+
+    def test_resume_refused_for_a_file_that_runs_its_agent_when_loaded(self, cli):
+        cli.write("hello.py", SPEC_QUICK_START)
+        done = cli.run("run", "hello.py", "--resume", "deadbeef")
+        assert done.returncode == 2 and "runs its agent itself when loaded" in done.stderr
+
+    @pytest.mark.parametrize("command", [[], ["run"], ["runs"], ["top"], ["doctor"]])
+    def test_every_command_has_real_help(self, cli, command):
+        done = cli.run(*command, "--help")
+        assert done.returncode == 0, done.stderr
+        assert "usage: agent" in done.stdout and "rest" not in done.stdout
+        expected = {(): "run", ("run",): "--resume", ("runs",): "--store", ("top",): "--once",
+                    ("doctor",): "--json"}[tuple(command)]
+        assert expected in done.stdout
+
+    @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["run", "--help"], ["top", "--help"]])
+    def test_help_and_version_do_not_import_asyncio(self, cli, argv):
+        probe = ("import sys\nfrom agent.cli import main\nmain(sys.argv[1:])\n"
+                 "print('asyncio' in sys.modules, file=sys.stderr)\n")
+        done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True,
+                              timeout=60, cwd=cli.dir, env=cli.env)
+        assert done.stderr.strip().splitlines()[-1] == "False", done.stderr
+
+
+class TestLoadErrors:
+    """A file that cannot be loaded shows the user's own traceback and exits 3."""
+
+    def test_syntax_error(self, cli):
+        cli.write("broken.py", "from agent import Agent\nagent = Agent('x'\n")
+        done = cli.run("run", "broken.py")
+        assert done.returncode == 3
+        assert 'broken.py", line 2' in done.stderr and "SyntaxError" in done.stderr
+        assert "Traceback" not in done.stderr
+
+    def test_import_error_shows_only_the_users_frames(self, cli):
+        cli.write("needs.py", "from agent import Agent\nimport helper_that_is_missing\n")
+        done = cli.run("run", "needs.py")
+        assert done.returncode == 3
+        lines = done.stderr.splitlines()
+        assert lines[0] == "agent run: cannot load needs.py:"
+        assert lines[1] == "Traceback (most recent call last):"
+        assert 'needs.py", line 2, in <module>' in lines[2]
+        assert lines[-1] == "ModuleNotFoundError: No module named 'helper_that_is_missing'"
+        assert "cli" not in done.stderr and "runpy" not in done.stderr and "importlib" not in done.stderr
+
+    def test_framework_error_while_building(self, cli):
+        cli.write("greedy.py", """\
+            from agent import Agent, ResourceRequirements
+            agent = Agent("greedy")
+            async def s(context):
+                return None
+            agent.add_state("s", s, resources=ResourceRequirements(cpu_units=100_000))
+        """)
+        done = cli.run("run", "greedy.py")
+        assert done.returncode == 3
+        assert 'greedy.py", line 5, in <module>' in done.stderr
+        assert done.stderr.rstrip().splitlines()[-1].startswith("agent.errors.ResourceRequestError: state 's'")
+        assert "/agent/" not in done.stderr  # none of the framework's own frames
+
+    @pytest.mark.parametrize("source,message", [
+        ("x = 1\n", "defines no Agent at module level"),
+        ("from agent import Agent\nagent = Agent('empty')\n", "agent 'empty' has no states"),
+    ])
+    def test_nothing_to_run(self, cli, source, message):
+        cli.write("flow.py", source)
+        done = cli.run("run", "flow.py")
+        assert done.returncode == 3
+        assert message in done.stderr and len(done.stderr.splitlines()) == 1
+        assert done.stdout == ""
+
+
+class TestOutcomes:
+    """The exit status says how the run ended; the summary says why."""
+
+    def test_failed_run(self, cli):
+        cli.write("broken.py", """\
+            from agent import Agent
+            agent = Agent("broken", isolation="inline")
+            async def s(context):
+                raise ValueError("no good")
+            agent.add_state("s", s)
+        """)
+        done = cli.run("run", "broken.py")
+        assert done.returncode == 1
+        assert "broken failed after" in done.stderr and "ValueError: no good" in done.stderr
+
+    def test_guarded_run_is_run_by_the_command_once(self, cli):
+        cli.write("guarded.py", SPEC_QUICK_START.replace(
+            "await agent.run()", 'if __name__ == "__main__":\n    agent.run_sync()'))
+        done = cli.run("run", "guarded.py", "--timeout", "60")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == ["format_output | Result: Hello, World!"]
+        assert done.stderr.count("started hello_workflow") == 1
+
+
+class TestInterrupt:
+    """Ctrl-C pauses the run, marks it paused in its store and prints how to resume it."""
+
+    def test_pause_then_resume(self, cli):
+        cli.write("flow.py", CHAIN)
+        effects = cli.dir / "effects"
+        cli.env.update(EFFECTS=str(effects), HANG="1", GO=str(cli.fifo("go")), AGENT_STOP_GRACE="0.2")
+        proc = cli.start("run", "flow.py")
+        try:
+            assert proc.stdout.readline() == "transform | transform is waiting\n"
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            stop(proc)
+        assert proc.returncode == 130, err
+        run_id = err.split("run id ")[1].split()[0]
+        assert f"resume it with: agent run flow.py --resume {run_id}" in err
+        with SQLiteCheckpointStore(cli.state_dir / "checkpoints.sqlite3") as store:
+            assert store.latest(run_id).agent_status == "paused"
+
+        del cli.env["HANG"]
+        done = cli.run("run", "flow.py", "--resume", run_id)
+        assert done.returncode == 0, done.stderr
+        assert effects.read_text().split() == ["extract", "transform", "transform", "load"]  # extract ran once
+        listed = json.loads(cli.run("runs", "--json").stdout)
+        assert [(r["run_id"], r["status"]) for r in listed] == [(run_id, "completed")]
+
+
+class TestHumanInput:
+    """A question nobody can answer on this terminal is said, not waited on in silence."""
+
+    def test_notice_for_a_pending_question(self, cli):
+        cli.write("asks.py", """\
+            from agent import Agent
+            agent = Agent("asks", isolation="inline")
+            async def ask(context):
+                await context.human_in_the_loop("Ship it? (yes/no)", timeout=None)
+                return None
+            agent.add_state("ask", ask)
+        """)
+        proc = cli.start("run", "asks.py")
+        try:
+            line = ""
+            while "waits for an answer" not in line:
+                line = proc.stderr.readline()
+                assert line, proc.communicate()
+            assert "ask waits for an answer to 'Ship it? (yes/no)'" in line
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+        finally:
+            stop(proc)
+        assert proc.returncode == 130

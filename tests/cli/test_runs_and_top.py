@@ -1,0 +1,116 @@
+"""``agent runs`` after a crash, and ``agent top`` attached to runs of other processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import CHAIN, release, stop
+
+class TestRunsAfterACrash:
+    """A run killed with SIGKILL in a store of its own is listed by a plain ``agent runs`` and resumes."""
+
+    def test_listed_then_resumed(self, cli):
+        cli.write("flow.py", CHAIN)
+        effects = cli.dir / "effects"
+        store = cli.dir / "etl.sqlite3"
+        cli.env.update(STORE=str(store), EFFECTS=str(effects), HANG="1", GO=str(cli.fifo("go")), ISOLATION="inline")
+        proc = subprocess.Popen([sys.executable, "flow.py"], stdout=subprocess.PIPE, text=True, cwd=cli.dir,
+                                env=cli.env)
+        try:
+            assert proc.stdout.readline() == "transform is waiting\n"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            stop(proc)
+
+        listed = cli.run("runs", "--json")
+        assert listed.returncode == 0, listed.stderr
+        [run] = json.loads(listed.stdout)
+        assert (run["agent_name"], run["status"], run["state"]) == ("nightly_etl", "running", "interrupted")
+        assert run["store"] == str(store.resolve())
+        table = cli.run("runs").stdout
+        assert str(store.resolve()) in table
+        row = next(line for line in table.splitlines() if run["run_id"] in line)
+        assert "nightly_etl" in row and "interrupted" in row
+        assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row) and " ago" in row
+
+        by_file = json.loads(cli.run("runs", "flow.py", "--json").stdout)
+        assert [r["run_id"] for r in by_file] == [run["run_id"]]
+
+        del cli.env["HANG"]
+        done = cli.run("run", "flow.py", "--resume", run["run_id"])
+        assert done.returncode == 0, done.stderr
+        assert effects.read_text().split() == ["extract", "transform", "transform", "load"]
+        [after] = json.loads(cli.run("runs", "--json").stdout)
+        assert (after["run_id"], after["state"]) == (run["run_id"], "completed")
+
+    def test_no_runs(self, cli):
+        done = cli.run("runs")
+        assert done.returncode == 0
+        assert done.stdout.startswith("agent runs: no saved runs")
+
+
+class TestTop:
+    """``agent top`` sees a run of another process while it runs, and the saved run after."""
+
+    def test_attached_to_a_run_elsewhere(self, cli):
+        proc = cli.start_talker()
+        try:
+            seen = cli.run("top", "--json")
+            text = cli.run("top", "--once", "--width", "200")
+            release(cli.dir / "go")
+            proc.communicate(timeout=60)
+        finally:
+            stop(proc)
+        assert seen.returncode == 0, seen.stderr
+        [process] = [p for p in json.loads(seen.stdout)["processes"] if p["pid"] == proc.pid]
+        assert process["command"][-2:] == ["run", "talker.py"]
+        [run] = process["runs"]
+        assert (run["agent"], run["status"]) == ("talker", "running")
+        assert run["states"]["running"] == 1 and run["running"][0]["state"] == "talk"
+        assert run["running"][0]["isolation"] == "process"
+        row = next(line for line in text.stdout.splitlines() if line.split()[:1] == [str(proc.pid)])
+        assert "talker" in row and "running" in row and row.rstrip().endswith("talk")
+
+        after = json.loads(cli.run("top", "--json").stdout)
+        assert run["run_id"] in {r["run_id"] for r in after["saved"]}
+        assert not [p for p in after["processes"] if p["pid"] == proc.pid]  # its socket went with it
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+class TestEndpointSecurity:
+    """Only the same user (or root) is answered, even where the socket itself is reachable."""
+
+    def test_other_uid_is_refused(self):
+        import tempfile
+
+        from agent.live.server import StatusServer
+        from agent.supervisor.sandbox import UidPool
+
+        directory = tempfile.mkdtemp(prefix="agent-status-test-")
+        server = StatusServer(directory)
+        server.start()
+        pool = UidPool()
+        try:
+            lease = pool.lease("status-endpoint-test")
+            os.chmod(directory, 0o755)  # loosened after the server checked it: only SO_PEERCRED is left
+            os.chmod(server.path, 0o666)
+            client = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n"
+                      "s.sendall(b'{\"v\": 1, \"op\": \"runs\"}\\n')\nprint(s.makefile().readline())\n")
+            done = subprocess.run([sys.executable, "-c", client, server.path], user=lease.uid, group=lease.uid,
+                                  extra_groups=[], cwd="/", env={"PATH": "/usr/bin:/bin"},
+                                  capture_output=True, text=True, timeout=60)
+        finally:
+            pool.close()
+            server.close()
+            os.rmdir(directory)
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        assert answer["ok"] is False and answer["error"]["code"] == "forbidden"

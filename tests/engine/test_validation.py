@@ -1,0 +1,145 @@
+"""Every number of the public API is checked when given: NaN, infinities, bools, strings refused."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from agent import (
+    Agent,
+    CoordinationError,
+    DependencyConfig,
+    DependencyType,
+    InvalidConfigurationError,
+    Priority,
+    ResourcePool,
+    ResourceRequestError,
+    ResourceRequirements,
+    RetryPolicy,
+)
+from agent import _validate
+from agent.coordination import PrimitiveType, RateLimitStrategy, create_coordinated_agent
+
+NAN, INF = float("nan"), float("inf")
+
+
+async def noop(context):
+    return None
+
+
+def add(**kwargs):
+    Agent("a", isolation="inline").add_state("s", noop, **kwargs)
+
+
+CASES = [
+    # (what, call, error, words in the message)
+    ("Agent max_concurrent bool", lambda: Agent("a", max_concurrent=True), InvalidConfigurationError, "max_concurrent"),
+    ("Agent max_steps float", lambda: Agent("a", max_steps=2.5), InvalidConfigurationError, "max_steps"),
+    ("Agent checkpoint_interval nan", lambda: Agent("a", checkpoint_interval=NAN), InvalidConfigurationError, "finite"),
+    ("Agent checkpoint_interval 0", lambda: Agent("a", checkpoint_interval=0), InvalidConfigurationError, "> 0"),
+    ("Agent cleanup_timeout inf", lambda: Agent("a", cleanup_timeout=INF), InvalidConfigurationError, "finite"),
+    ("add_state timeout nan", lambda: add(timeout=NAN), InvalidConfigurationError, "timeout"),
+    ("add_state timeout inf", lambda: add(timeout=INF), InvalidConfigurationError, "use None for no limit"),
+    ("add_state timeout bool", lambda: add(timeout=True), InvalidConfigurationError, "bool True"),
+    ("add_state timeout str", lambda: add(timeout="5"), InvalidConfigurationError, "str '5'"),
+    ("add_state priority 99", lambda: add(priority=99), InvalidConfigurationError, "Priority.HIGH"),
+    ("add_state max_retries bool", lambda: add(max_retries=True), InvalidConfigurationError, "max_retries"),
+    ("RetryPolicy initial_delay nan", lambda: RetryPolicy(initial_delay=NAN), InvalidConfigurationError, "initial_delay"),
+    ("RetryPolicy max_delay inf", lambda: RetryPolicy(max_delay=INF), InvalidConfigurationError, "max_delay"),
+    ("RetryPolicy exponential_base nan", lambda: RetryPolicy(exponential_base=NAN), InvalidConfigurationError, "base"),
+    ("RetryPolicy exponential_base 0.5", lambda: RetryPolicy(exponential_base=0.5), InvalidConfigurationError, ">= 1"),
+    ("RetryPolicy jitter 'yes'", lambda: RetryPolicy(jitter="yes"), InvalidConfigurationError, "True or False"),
+    ("RetryPolicy max_retries float", lambda: RetryPolicy(max_retries=1.0), InvalidConfigurationError, "int"),
+    ("ResourcePool total_memory 'lots'", lambda: ResourcePool(total_memory="lots"), ResourceRequestError, "total_memory"),
+    ("ResourcePool total_cpu inf", lambda: ResourcePool(total_cpu=INF), ResourceRequestError, "finite"),
+    ("ResourcePool total_gpu bool", lambda: ResourcePool(total_gpu=True), ResourceRequestError, "total_gpu"),
+    ("ResourcePool enable_preemption 'no'", lambda: ResourcePool(enable_preemption="no"), ResourceRequestError, "True or False"),
+    ("ResourceRequirements cpu_units inf", lambda: ResourceRequirements(cpu_units=INF), ResourceRequestError, "cpu_units"),
+    ("ResourceRequirements memory_mb nan", lambda: ResourceRequirements(memory_mb=NAN), ResourceRequestError, "memory_mb"),
+    ("ResourceRequirements timeout nan", lambda: ResourceRequirements(timeout=NAN), ResourceRequestError, "timeout"),
+    ("ResourceRequirements pids_max bool", lambda: ResourceRequirements(pids_max=True), ResourceRequestError, "pids_max"),
+    ("ResourceRequirements priority 'urgent'", lambda: ResourceRequirements(priority="urgent"), ResourceRequestError, "priority"),
+    ("ResourceRequirements resource_types 'cpu'", lambda: ResourceRequirements(resource_types="cpu"), ResourceRequestError, "ResourceType.CPU"),
+    ("DependencyConfig timeout nan", lambda: DependencyConfig(type=DependencyType.REQUIRED, timeout=NAN), InvalidConfigurationError, "timeout"),
+    ("DependencyConfig interval inf", lambda: DependencyConfig(interval=INF), InvalidConfigurationError, "interval"),
+    ("DependencyConfig type 'maybe'", lambda: DependencyConfig(type="maybe"), InvalidConfigurationError, "DependencyType.REQUIRED"),
+    ("rate limit burst nan", lambda: create_coordinated_agent("c").add_state_rate_limit("r1", max_rate=1, burst_size=NAN), CoordinationError, "burst_size"),
+    ("rate limit max_rate inf", lambda: create_coordinated_agent("c").add_state_rate_limit("r2", max_rate=INF), CoordinationError, "max_rate"),
+    ("rate limit window nan", lambda: create_coordinated_agent("c").add_state_rate_limit(
+        "r3", max_rate=1, strategy=RateLimitStrategy.SLIDING_WINDOW, window_size=NAN), CoordinationError, "window_size"),
+    ("mutex ttl inf", lambda: create_coordinated_agent("c").add_state_coordination("p1", PrimitiveType.MUTEX, ttl=INF), CoordinationError, "ttl"),
+    ("semaphore max_count bool", lambda: create_coordinated_agent("c").add_state_coordination(
+        "p2", PrimitiveType.SEMAPHORE, max_count=True), CoordinationError, "max_count"),
+    ("quota limit nan", lambda: create_coordinated_agent("c").add_state_coordination(
+        "p3", PrimitiveType.QUOTA, quota_limit=NAN), CoordinationError, "quota_limit"),
+    ("mutex wait_timeout nan", lambda: create_coordinated_agent("c").add_state_coordination(
+        "p4", PrimitiveType.MUTEX, wait_timeout=NAN), CoordinationError, "timeout"),
+]
+
+
+class TestRefused:
+    """Each bad number gets the module's typed error, naming the setting and the value."""
+
+    @pytest.mark.parametrize("what,call,error,words", CASES, ids=[c[0] for c in CASES])
+    def test_refused(self, what, call, error, words):
+        with pytest.raises(error) as raised:
+            call()
+        assert words in str(raised.value)
+
+    @pytest.mark.parametrize("kwargs", [{"timeout": NAN}, {"timeout": True}, {"cleanup_timeout": NAN}])
+    async def test_run_arguments(self, kwargs):
+        agent = Agent("r", isolation="inline")
+        agent.add_state("s", noop)
+        with pytest.raises(InvalidConfigurationError):
+            await agent.run(**kwargs)
+        assert agent.status.value == "idle"  # nothing started
+
+
+class TestAccepted:
+    """Good values still pass, as the types the engine works with."""
+
+    def test_good_values(self):
+        assert RetryPolicy(max_retries=0, initial_delay=0, max_delay=1e6, exponential_base=1).backoff(3) == 0
+        assert ResourceRequirements(cpu_units=0, memory_mb=1, timeout=0.5, priority=2).priority is Priority.HIGH
+        assert ResourcePool(total_cpu=0, total_memory=1).totals
+        Agent("a", max_concurrent=1, max_steps=1, checkpoint_interval=0.5, cleanup_timeout=0)
+
+    def test_backoff_beyond_float_range(self):
+        """A long retry series reaches max_delay instead of overflowing."""
+        assert RetryPolicy(max_retries=5000, initial_delay=1, max_delay=60).backoff(2000) == 60
+
+    async def test_zero_delay_retries_finish(self):
+        agent = Agent("r", isolation="inline", retry_policy=RetryPolicy(max_retries=2, initial_delay=0, jitter=False))
+        tries = []
+
+        async def flaky(context):
+            tries.append(1)
+            if len(tries) < 3:
+                raise RuntimeError("again")
+            return None
+
+        agent.add_state("flaky", flaky)
+        await asyncio.wait_for(agent.run(), 30)
+        assert len(tries) == 3
+
+
+class TestHelpers:
+    """The helpers return the engine's types and describe what they refuse."""
+
+    def test_number(self):
+        assert _validate.number(3, "x", error=InvalidConfigurationError) == 3.0
+        assert _validate.number(None, "x", error=InvalidConfigurationError, none=True) is None
+        with pytest.raises(InvalidConfigurationError, match=r"x must be a number > 0 \(or None\), got 0"):
+            _validate.number(0, "x", error=InvalidConfigurationError, above=True, none=True)
+        with pytest.raises(InvalidConfigurationError, match="finite"):
+            _validate.number(-math.inf, "x", error=InvalidConfigurationError)
+
+    def test_integer_and_member(self):
+        assert _validate.integer(2, "n", error=InvalidConfigurationError, minimum=1) == 2
+        with pytest.raises(InvalidConfigurationError, match="int >= 1"):
+            _validate.integer(0, "n", error=InvalidConfigurationError, minimum=1)
+        assert _validate.member(Priority, 1, "p", error=InvalidConfigurationError) is Priority(1)
+        with pytest.raises(InvalidConfigurationError):
+            _validate.member(Priority, True, "p", error=InvalidConfigurationError)

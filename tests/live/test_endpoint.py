@@ -1,0 +1,163 @@
+"""The status endpoint: snapshots of this process's runs, the protocol, and its directory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import threading
+
+import pytest
+
+from agent import Agent
+from agent import live
+from agent.errors import StatusEndpointError
+from agent.live import client, protocol
+from agent.live.server import StatusServer, answer_request
+
+
+def blocking_agent(name: str, release: asyncio.Event) -> Agent:
+    """first -> [wait, other]; ``wait`` holds the run until ``release`` is set."""
+    agent = Agent(name, isolation="inline")
+
+    async def first(context):
+        return ["wait", "other"]
+
+    async def wait(context):
+        await release.wait()
+        return None
+
+    async def other(context):
+        return None
+
+    async def never(context):
+        return None
+
+    agent.add_state("first", first)
+    agent.add_state("wait", wait)
+    agent.add_state("other", other)
+    agent.add_state("never", never)
+    return agent
+
+
+@contextlib.asynccontextmanager
+async def held_run(name: str, until_state: str, status: str):
+    """A run of :func:`blocking_agent` let go until ``until_state`` has ``status``; released on exit."""
+    release = asyncio.Event()
+    agent = blocking_agent(name, release)
+    task = asyncio.ensure_future(agent.run())
+    while agent.state_metadata[until_state].status.value != status:
+        await asyncio.sleep(0)  # one loop turn: the run is inline, on this loop
+    try:
+        yield agent
+    finally:
+        release.set()
+        await task
+
+
+class TestSnapshots:
+    """A registered run is described from its agent's status, on its own loop."""
+
+    async def test_counts_while_running_and_after(self):
+        async with held_run("snap", "other", "completed") as agent:
+            entry = live.find(agent.run_id)
+            snap = await asyncio.to_thread(live.read, [entry])
+        assert snap[0]["status"] == "running"
+        assert snap[0]["states"] == {"total": 4, "completed": 2, "running": 1, "waiting": 0, "failed": 0,
+                                     "blocked": 0, "cancelled": 0, "pending": 1}
+        assert [r["state"] for r in snap[0]["running"]] == ["wait"]
+        final = entry.snapshot()
+        assert final["status"] == "completed" and final["states"]["completed"] == 3
+        assert final["elapsed"] == entry.snapshot()["elapsed"]  # a finished run's clock stops
+
+    def test_a_stuck_loop_is_still_read(self):
+        entered, unblock = threading.Event(), threading.Event()
+        agent = Agent("stuck", isolation="inline")
+
+        async def hog(context):
+            entered.set()
+            unblock.wait(60)  # blocks the event loop itself
+            return None
+
+        agent.add_state("hog", hog)
+        runner = threading.Thread(target=lambda: asyncio.run(agent.run()))
+        runner.start()
+        try:
+            assert entered.wait(60)
+            [snap] = live.read([live.find(agent.run_id)])
+        finally:
+            unblock.set()
+            runner.join(60)
+        assert snap["status"] == "running" and snap["running"][0]["state"] == "hog"
+
+
+class TestProtocol:
+    """Requests and answers, versioned, errors typed by code."""
+
+    async def test_requests(self):
+        async with held_run("proto", "wait", "running") as agent:
+            hello = answer_request({"v": 1, "op": "hello"})
+            runs = await asyncio.to_thread(answer_request, {"v": 1, "op": "runs"})
+            one = await asyncio.to_thread(answer_request, {"op": "run", "run_id": agent.run_id})
+        assert hello["ok"] and hello["server"] == "process" and hello["pid"] == os.getpid()
+        assert set(hello["ops"]) == {"hello", "runs", "run"}
+        assert agent.run_id in {r["run_id"] for r in runs["runs"]}
+        assert one["run"]["agent"] == "proto"
+
+    @pytest.mark.parametrize("request_,code", [
+        ({"v": 2, "op": "runs"}, "unsupported_version"),
+        ({"v": "1", "op": "runs"}, "unsupported_version"),
+        ({"v": 1, "op": "submit"}, "unknown_op"),
+        ({"v": 1, "op": "run", "run_id": "no-such-run"}, "not_found"),
+        ({"v": 1, "op": "run"}, "not_found"),
+    ])
+    def test_errors(self, request_, code):
+        answer = answer_request(request_)
+        assert answer == {"v": 1, "ok": False, "error": {"code": code, "message": answer["error"]["message"]}}
+
+    def test_over_a_socket(self, tmp_path):
+        server = StatusServer(str(tmp_path / "run"))
+        server.start()
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(server.path)
+                reader = sock.makefile("rb")
+                sock.sendall(b"[1, 2]\n")
+                assert json.loads(reader.readline())["error"]["code"] == "bad_request"
+                sock.sendall(b'{"v": 1, "op": "hello"}\n')  # the connection still serves
+                assert json.loads(reader.readline())["pid"] == os.getpid()
+                sock.sendall(b"x" * (protocol.MAX_LINE + 10))
+                assert json.loads(reader.readline())["error"]["code"] == "too_large"
+            assert oct(os.stat(server.path).st_mode & 0o777) == "0o600"
+        finally:
+            server.close()
+        assert not os.path.exists(server.path)
+
+
+class TestDirectory:
+    """The sockets' directory is private, and stale sockets are cleared."""
+
+    def test_refuses_a_directory_others_may_enter(self, tmp_path):
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o755)
+        shared.chmod(0o755)
+        with pytest.raises(StatusEndpointError, match="not a private directory"):
+            protocol.ensure_private(str(shared))
+
+    def test_stale_socket_is_removed(self, tmp_path):
+        directory = tmp_path / "run"
+        directory.mkdir(mode=0o700)
+        stale = directory / "4194305.sock"  # above the kernel's largest pid: no such process
+        stale.write_bytes(b"")
+        (directory / "notes.txt").write_text("not a socket of ours")
+        assert client.endpoints(str(directory)) == []
+        assert not stale.exists() and (directory / "notes.txt").exists()
+
+    def test_default_directory(self, monkeypatch, tmp_path):
+        monkeypatch.delenv("AGENT_RUNTIME_DIR")
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+        assert protocol.runtime_dir() == str(tmp_path / "agent")
+        monkeypatch.setenv("XDG_RUNTIME_DIR", "/nonexistent")
+        assert protocol.runtime_dir() in (f"/run/user/{os.getuid()}/agent", f"/tmp/agent-{os.getuid()}")
