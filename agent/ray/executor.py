@@ -39,6 +39,7 @@ from ..executor import Attempt, AttemptFailed, AttemptOutcome
 from ..ipc.messages import ContextWrite, HumanInputRequest
 from ..supervisor.logger import get_logger
 from ..supervisor.logs import AttemptLogs
+from ..supervisor.output import current_writer, label_for
 from ..supervisor.process import uncancellable
 from . import wire, worker
 from .cluster import Capacity, connect, is_connected
@@ -219,8 +220,11 @@ class RayExecutor:
         return b""
 
     def _keep_log(self, attempt: Attempt, data: bytes) -> None:
-        """Output goes to the attempt's log file; an attempt that printed nothing gets no file
-        (creating one costs more than a no-op state), only a note that it ran here."""
+        """Output goes to the attempt's log file (kept as the supervisor keeps its own, see
+        :class:`~agent.supervisor.logs.LogRetention`) and is echoed, each line prefixed with
+        the state's name, as isolated states' output is (when the attempt ends, not live).
+        An attempt that printed nothing gets no file (creating one costs more than a no-op
+        state), only a note that it ran here."""
         key = (attempt.run_id, attempt.state_name, attempt.number)
         if not data:
             self._silent[key] = None
@@ -228,8 +232,17 @@ class RayExecutor:
                 self._silent.pop(next(iter(self._silent)))
             return
         self._silent.pop(key, None)
-        with open(self.logs.path(*key, create=True), "wb") as fh:
+        path = self.logs.path(*key, create=True)
+        with open(path, "wb") as fh:
             fh.write(data)
+        self.logs.finished(path, len(data))
+        writer = current_writer()
+        if writer is not None:
+            lines = data.decode("utf-8", "replace").splitlines()
+            try:
+                writer(label_for(attempt.state_name, attempt.number), lines)
+            except Exception:  # an echo never fails the attempt: the log has it all
+                pass
 
     def read_log(self, run_id: str, state: str, attempt: int) -> str | None:
         if (run_id, state, attempt) in self._silent:

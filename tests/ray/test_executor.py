@@ -189,7 +189,9 @@ class TestHumanInput:
 class TestLogs:
     """A Ray attempt's stdout and stderr are kept per attempt and read with agent.logs()."""
 
-    async def test_output_of_each_attempt(self):
+    async def test_output_of_each_attempt(self, monkeypatch, capsys):
+        monkeypatch.setenv("AGENT_ECHO", "stdout")
+        monkeypatch.setattr("agent.supervisor.output._configured", False)
         agent = Agent("logs", isolation="ray")
         agent.add_state("greet", states.greet)
         agent.add_state("shout", states.shout)
@@ -199,6 +201,8 @@ class TestLogs:
         assert "a warning on stderr\n" in text
         assert "written to fd 1 directly\n" in text
         assert agent.logs("shout") == ""
+        # Echoed as isolated states' output is, each line after the state's name.
+        assert "greet | hello from a Ray worker" in capsys.readouterr().out
 
 
 class TestMixed:
