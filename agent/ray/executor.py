@@ -288,7 +288,7 @@ class RelayLink:
                 )
             self._poller = self._idle = None  # its loop is gone, and the task with it
         channel = self._channels[token] = Channel(token, attempt, self)
-        if self._poller is None:
+        if self._poller is None or self._poller.done():  # none yet, or it ended (idle, relay lost)
             self._poller_loop = loop
             self._poller = loop.create_task(self._poll())
         return channel

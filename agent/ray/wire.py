@@ -4,11 +4,10 @@ Every call into the value codec and the IPC message types made for Ray is here, 
 the Ray executor follows the codec wherever it goes. Driver to worker: the context
 snapshot as encoded values in the very ``run`` frame a state process gets (the state
 function and the TypedContextData classes the snapshot needs are cloudpickled inside it,
-in that direction only). Worker to
-driver: context writes and human-input requests as IPC frames, and the attempt's end as
-one encoded value; the driver decodes them with the bounded decoder and checks their
-shape, and never unpickles anything a worker made beyond the ``bytes`` object Ray hands
-over.
+in that direction only). Worker to driver: context writes and human-input requests as
+IPC frames, and the attempt's end as one encoded value; the driver decodes them with the
+bounded decoder and checks their shape, and never unpickles anything a worker made
+beyond the ``bytes`` object Ray hands over.
 """
 
 from __future__ import annotations

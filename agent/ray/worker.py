@@ -4,11 +4,11 @@ The task gets one ``run`` frame (the state function, cloudpickled by the driver,
 context snapshot as encoded values), its attempt's token and the name of the driver's
 relay actor. It runs the coroutine on the worker's event loop; each context write is
 encoded in the worker (an unencodable value fails ``set_state`` right there) and pushed
-to the relay as it happens, batched while a push is in flight, in order; a human-input
-request goes the same way and the answer comes back through the relay. The task returns
-one encoded value: the result or the failure, how many frames it pushed (the driver
-waits for all of them before the attempt ends), the captured output and what it
-measured.
+to the relay within :data:`FLUSH_DELAY`, with those made meanwhile, in order; a
+human-input request is pushed at once and the answer comes back through the relay. The
+task returns one encoded value: the result or the failure, how many frames it pushed
+(the driver applies all of them first), the frames it had not pushed yet, the captured
+output and what it measured.
 
 Output: while the attempt runs, file descriptors 1 and 2 (so C extensions and
 subprocesses too) go to the worker process's capture file, beside Ray's own worker logs.
