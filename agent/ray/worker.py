@@ -33,6 +33,7 @@ import traceback
 from typing import Any
 
 import cloudpickle
+import psutil
 
 from .. import errors
 from ..context import Context
@@ -319,21 +320,11 @@ def collect_log(token: str) -> bytes | None:
         finally:
             os.close(fd)
         pid = int(os.path.basename(path)[len("worker-"):-len(".log")])
-        if not _alive(pid):
+        if not psutil.pid_exists(pid):
             with contextlib.suppress(OSError):
                 os.unlink(path)
         return data
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read(fd: int, start: int) -> bytes:
