@@ -187,6 +187,14 @@ class IsolationUnavailableError(IsolationError):
     """Raised when the requested isolation level cannot be provided on this machine."""
 
 
+class RayUnavailableError(IsolationUnavailableError):
+    """Raised when ``isolation="ray"`` is asked for but Ray is not installed or not reachable."""
+
+
+class RayCapacityError(IsolationUnavailableError):
+    """Raised when no node of the Ray cluster can hold what a state asks for."""
+
+
 class CgroupError(IsolationError):
     """Raised when a cgroup cannot be created, limited, joined or removed."""
 

@@ -4,7 +4,8 @@ The scheduler decides *when* an attempt runs; an executor decides *where* and *h
 ``inline`` runs the coroutine on the scheduler's own loop. Isolated levels (``process``,
 ``sandbox``) live in :mod:`agent.supervisor`, which is looked up by name the first time
 an isolated attempt runs (:data:`ISOLATED`), so the engine never imports cgroup, zygote
-or GPU code, and a run of inline states never loads any of it.
+or GPU code, and a run of inline states never loads any of it. ``ray`` is served the
+same way by :data:`RAY`, so nothing imports Ray before a Ray attempt runs.
 
 Contract for :meth:`Executor.run_attempt`:
 
@@ -21,10 +22,11 @@ from __future__ import annotations
 
 import enum
 import importlib
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, runtime_checkable
 
-from .errors import FailureReason, IsolationUnavailableError
+from .errors import FailureReason, IsolationUnavailableError, RayUnavailableError
 
 if TYPE_CHECKING:
     from .context import Context
@@ -37,27 +39,49 @@ class Isolation(str, enum.Enum):
     INLINE = "inline"
     PROCESS = "process"
     SANDBOX = "sandbox"
+    RAY = "ray"
 
     @classmethod
     def parse(cls, value: "Isolation | str") -> "Isolation":
+        """The level named by ``value``; a level this machine cannot serve at all is refused here."""
         if isinstance(value, Isolation):
-            return value
-        try:
-            return _BY_NAME[value]  # type: ignore[index]
-        except (KeyError, TypeError):
-            pass
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            choices = ", ".join(repr(m.value) for m in cls)
-            raise IsolationUnavailableError(
-                f"unknown isolation level {value!r}: use one of {choices}"
-            ) from None
+            level = value
+        else:
+            try:
+                level = _BY_NAME[value]  # type: ignore[index]
+            except (KeyError, TypeError):
+                try:
+                    level = cls(str(value).lower())
+                except ValueError:
+                    choices = ", ".join(repr(m.value) for m in cls)
+                    raise IsolationUnavailableError(
+                        f"unknown isolation level {value!r}: use one of {choices}"
+                    ) from None
+        if level is Isolation.RAY:
+            require_ray()
+        return level
 
 
 _BY_NAME: dict[str, Isolation] = {level.value: level for level in Isolation}
 parse_isolation = Isolation.parse
 """``Isolation.parse`` as a plain name (an Enum class's attributes are slow to read in 3.11)."""
+
+RAY_MISSING = (
+    "isolation='ray' needs Ray, which is not installed in this environment: install the "
+    "project's ray extra (pip install 'agent-isolation[ray]')"
+)
+
+
+def require_ray() -> None:
+    """Raise :class:`RayUnavailableError` unless Ray can be imported (without importing it)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise RayUnavailableError(RAY_MISSING)
 
 
 @dataclass
@@ -124,6 +148,11 @@ ISOLATED = "agent.supervisor"
 and ``read_attempt_log(run_id, state, attempt)``."""
 
 
+RAY = "agent.ray.executor"
+"""The module that serves ``ray``: it provides ``get_executor()`` and
+``read_attempt_log(run_id, state, attempt)`` (None when it holds no such log)."""
+
+
 def _isolated() -> Any:
     try:
         return importlib.import_module(ISOLATED)
@@ -131,15 +160,35 @@ def _isolated() -> Any:
         raise IsolationUnavailableError(f"isolated execution needs {ISOLATED}, which failed to import: {exc}") from exc
 
 
+def _ray() -> Any:
+    loaded = sys.modules.get(RAY)
+    if loaded is not None:
+        return loaded
+    try:
+        return importlib.import_module(RAY)
+    except ImportError as exc:
+        if exc.name == "ray" or (exc.name or "").startswith("ray."):
+            raise RayUnavailableError(RAY_MISSING) from exc
+        raise IsolationUnavailableError(f"isolation='ray' needs {RAY}, which failed to import: {exc}") from exc
+
+
 def executor_for(isolation: Isolation) -> Executor:
     """The executor serving ``isolation`` in this process (isolated ones are shared)."""
     if isolation is Isolation.INLINE:
         return _INLINE
+    if isolation is Isolation.RAY:
+        ray_executor: Executor = _ray().get_executor()
+        return ray_executor
     executor: Executor = _isolated().get_executor(isolation)
     return executor
 
 
 def read_attempt_log(run_id: str, state: str, attempt: int) -> str:
-    """The captured stdout/stderr of one isolated attempt."""
+    """The captured stdout/stderr of one isolated (or Ray) attempt."""
+    ray_side = sys.modules.get(RAY)  # only once a Ray attempt ran in this process
+    if ray_side is not None:
+        found: str | None = ray_side.read_attempt_log(run_id, state, attempt)
+        if found is not None:
+            return found
     text: str = _isolated().read_attempt_log(run_id, state, attempt)
     return text

@@ -31,7 +31,7 @@ if [ "$(id -u)" = 0 ] && ! readable_by_others "$here/agent/__init__.py"; then
     echo "test: note: $here is not readable by other users; sandbox tests that import code after" \
          "the uid switch will fail: put the checkout somewhere others can read (e.g. /srv, /opt)" >&2
 fi
-venv=$("$here/scripts/install.sh" test,monitor,gpu | tail -n 1)
+venv=$("$here/scripts/install.sh" test,monitor,gpu,ray | tail -n 1)
 cd "$here"
 status=0
 "$venv/bin/python" -m pytest "$@" || status=$?

@@ -74,6 +74,8 @@ class Report:
     sandbox_available: bool
     sandbox: list[Check]
     versions: dict[str, str] = field(default_factory=dict)
+    ray: list[Limit] = field(default_factory=list)
+    """What holds for a state with isolation='ray' (empty when Ray is not installed)."""
 
     def limit(self, name: str) -> Limit:
         """The finding for limit ``name`` (KeyError when it was not probed)."""
@@ -588,7 +590,8 @@ def _versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"python": platform.python_version(), "kernel": platform.release()}
-    for dist in ("uvloop", "pyzmq", "nvidia-ml-py", "psutil", "cgroupspy", "msgpack", "cloudpickle", "structlog"):
+    for dist in ("uvloop", "pyzmq", "nvidia-ml-py", "psutil", "cgroupspy", "msgpack", "cloudpickle", "structlog",
+                 "ray"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -626,7 +629,16 @@ def diagnose(
         sandbox_available=bool(checks) and all(c.ok for c in checks),
         sandbox=checks,
         versions=_versions(),
+        ray=_ray_limits(backend),
     )
+
+
+def _ray_limits(backend: str) -> list[Limit]:
+    from ..ray.limits import findings, installed_version
+
+    if installed_version() is None:
+        return []
+    return [Limit(f.name, f.holds, f.detail) for f in findings(backend)]
 
 
 def _table(rows: Iterable[tuple[str, str, str]]) -> list[str]:
@@ -646,6 +658,11 @@ def render(report: Report) -> str:
         lines.append(f"GPUs: 0 - {report.gpu_reason or 'none found'}")
     lines.append(f"sandbox: {'available' if report.sandbox_available else 'NOT available'}")
     lines += _table((c.name, "ok" if c.ok else "no", c.detail) for c in report.sandbox)
+    if report.ray:
+        lines.append("ray: a state with isolation='ray' runs as a Ray task; what holds for it:")
+        lines += _table((lim.name, "yes" if lim.enforceable else "no", lim.detail) for lim in report.ray)
+    else:
+        lines.append("ray: not installed (pip install 'agent-isolation[ray]' for isolation='ray')")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items()))
     return "\n".join(lines)
 

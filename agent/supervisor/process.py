@@ -34,7 +34,7 @@ class ProcessExecutor:
                 status = await asyncio.shield(child.exited)
             except asyncio.CancelledError:
                 reason = attempt.stop_reason or "cancel"
-                await _uncancellable(child.stop(reason, sup.config.grace))
+                await uncancellable(child.stop(reason, sup.config.grace))
                 raise
             finally:
                 sup.forget(child)
@@ -55,7 +55,7 @@ class ProcessExecutor:
         return None
 
 
-async def _uncancellable(aw: Awaitable[T]) -> T:
+async def uncancellable(aw: Awaitable[T]) -> T:
     """Await ``aw`` to the end even if this task is cancelled again meanwhile."""
     task = asyncio.ensure_future(aw)
     while True:

@@ -1,0 +1,118 @@
+"""The Ray cluster as the driver sees it: connecting, and what its nodes can hold.
+
+Connecting: a process that called ``ray.init(...)`` itself keeps that connection (any
+address and options). Otherwise the first Ray attempt calls ``ray.init()``, which joins
+the cluster named by ``RAY_ADDRESS`` (``auto`` for one started with ``ray start`` on this
+machine, ``host:6379``, or ``ray://host:10001`` through Ray Client) and starts a local
+one when it is unset.
+
+Capacity: a Ray task that no node can hold waits in Ray's queue for ever. Before each
+submission the request is checked against the resources of the cluster's alive nodes
+(re-read every few seconds, and again before refusing), and a request that no single
+node can hold fails at once with :class:`~agent.errors.RayCapacityError`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from types import ModuleType
+from typing import Any, Callable
+
+from ..errors import RayCapacityError, RayUnavailableError
+from ..executor import RAY_MISSING
+
+_lock = threading.Lock()
+
+REFRESH_SECONDS = 5.0
+"""How long a reading of the nodes' resources is trusted for a request that fits."""
+
+
+def ray_module() -> ModuleType:
+    """Ray, imported; :class:`RayUnavailableError` when it is not installed."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise RayUnavailableError(RAY_MISSING) from exc
+    return ray
+
+
+def connect() -> ModuleType:
+    """Ray, connected to a cluster (the caller's, ``RAY_ADDRESS``'s, or a new local one)."""
+    ray = ray_module()
+    if ray.is_initialized():
+        return ray
+    with _lock:
+        if not ray.is_initialized():
+            try:
+                ray.init()
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise RayUnavailableError(
+                    f"cannot connect to a Ray cluster ({exc}): check RAY_ADDRESS, or call "
+                    "ray.init(...) yourself before the run"
+                ) from exc
+    return ray
+
+
+def is_connected() -> bool:
+    """Whether this process is connected to a Ray cluster (imports nothing new)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+class Capacity:
+    """The alive nodes' resources, to refuse what no node can hold."""
+
+    def __init__(self, read_nodes: Callable[[], list[dict[str, Any]]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._read_nodes = read_nodes
+        self._clock = clock
+        self._nodes: list[dict[str, float]] = []
+        self._read_at = -math.inf
+
+    def check(self, state: str, request: dict[str, float]) -> None:
+        """Raise :class:`RayCapacityError` when no alive node can hold ``request``."""
+        fresh = self._clock() - self._read_at < REFRESH_SECONDS
+        if fresh and self._fits(request):
+            return
+        self._refresh()
+        if not self._fits(request):
+            raise RayCapacityError(self._refusal(state, request))
+
+    def _refresh(self) -> None:
+        self._nodes = [dict(node.get("Resources") or {}) for node in self._read_nodes() if node.get("Alive")]
+        self._read_at = self._clock()
+
+    def _fits(self, request: dict[str, float]) -> bool:
+        return any(all(node.get(name, 0.0) + 1e-9 >= amount for name, amount in request.items())
+                   for node in self._nodes)
+
+    def _refusal(self, state: str, request: dict[str, float]) -> str:
+        asked = ", ".join(_amount(name, amount) for name, amount in request.items())
+        if not self._nodes:
+            return f"state {state!r} asks Ray for {asked}, but the Ray cluster has no alive node"
+        largest = ", ".join(_amount(name, max(node.get(name, 0.0) for node in self._nodes))
+                            for name in request)
+        return (
+            f"state {state!r} asks Ray for {asked}, but no alive node of the Ray cluster can hold "
+            f"that ({len(self._nodes)} node(s); the most any node has: {largest}): lower the "
+            "request, or add a node that has it"
+        )
+
+    def totals(self) -> dict[str, float]:
+        """The sum of every alive node's resources (read now)."""
+        self._refresh()
+        out: dict[str, float] = {}
+        for node in self._nodes:
+            for name, amount in node.items():
+                out[name] = out.get(name, 0.0) + amount
+        return out
+
+
+def _amount(name: str, amount: float) -> str:
+    if name == "memory":
+        return f"{amount / 2**20:.0f} MiB of memory"
+    return f"{amount:g} {name}"

@@ -1,0 +1,219 @@
+"""States as Ray tasks on a local cluster: the spec's workflows, resources, context, human input, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import runpy
+import statistics
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+from agent import Agent, Isolation, ResourcePool, ResourceRequirements, ResourceType, StateFailedError
+from agent.errors import UnencodableValueError
+from agent.human import QueueInputProvider
+from agent.ray import cluster_pool
+
+from . import states
+from .helpers import failure_of
+
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def load_example(name: str, monkeypatch: pytest.MonkeyPatch) -> Agent:
+    """An example's module-level agent, built with every state on Ray (``AGENT_ISOLATION``)."""
+    monkeypatch.setenv("AGENT_ISOLATION", "ray")
+    agent = runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="example_on_ray")["agent"]
+    assert agent.isolation is Isolation.RAY
+    return agent
+
+
+class TestSpecExamples:
+    """The spec's example workflows give the same results with every state on Ray."""
+
+    async def test_quickstart(self, monkeypatch):
+        agent = load_example("quickstart", monkeypatch)
+        ctx = await agent.run()
+        assert ctx.get_state("formatted") == "<<Hello, World!>>"
+        assert "Result: Hello, World!" in agent.logs("format_output")
+
+    async def test_text_processing(self, monkeypatch):
+        ctx = await load_example("text_processing", monkeypatch).run()
+        assert ctx.get_state("final_result")["analysis"] == {"length": 12, "words": 2, "has_punctuation": True}
+
+    async def test_llm_pipeline_typed_data_and_joins(self, monkeypatch):
+        agent = load_example("llm_pipeline", monkeypatch)
+        ctx = await agent.run()
+        assert ctx.get_state("generations") == 2
+        assert ctx.get_state("final")["entities"] == ["France", "Paris"]
+        assert agent.state_metadata["await_processing"].runs == 2
+
+    async def test_data_analysis_parallel_chunks(self, monkeypatch):
+        agent = load_example("data_analysis", monkeypatch)
+        ctx = await agent.run()
+        assert ctx.get_state("summary")["parallel"] is True
+        assert agent.state_metadata["merge_results"].runs == 1
+
+    async def test_ml_training_with_resources(self, monkeypatch):
+        agent = load_example("ml_training", monkeypatch)
+        agent.resource_pool = cluster_pool()
+        ctx = await agent.run()
+        assert ctx.get_state("evaluation") == {"epochs_run": 6, "accuracy": 0.9863}
+        assert agent.state_metadata["train_model"].usage["ray_worker_pid"] > 0
+
+
+class TestRayExample:
+    """examples/ray_cluster.py runs on the cluster this process is connected to."""
+
+    async def test_example(self, capsys):
+        namespace = runpy.run_path(str(EXAMPLES / "ray_cluster.py"), run_name="ray_example")
+        await namespace["main"]()
+        out = capsys.readouterr().out
+        readings = [float((i * 37) % 101) for i in range(40_000)]
+        shards = [readings[i * 10_000:(i + 1) * 10_000] for i in range(4)]
+        expected = {"mean": statistics.fmean(statistics.fmean(s) for s in shards), "max": 100.0}
+        assert f"summary: {expected}" in out
+        for i in range(4):
+            assert f"shard {i}: 10000 readings on " in out
+        agent = namespace["agent"]
+        assert agent.state_metadata["merge"].runs == 1
+        assert agent.resource_pool.totals[ResourceType.CPU] == 2
+
+
+class TestResources:
+    """Each state asks Ray for what its ResourceRequirements and ray_options declare."""
+
+    async def test_fan_out_gets_its_resources_and_our_pool_decides(self, ray_cluster):
+        pool = cluster_pool()
+        assert pool.totals[ResourceType.CPU] == 2
+        assert pool.totals[ResourceType.GPU] == 1
+        agent = Agent("fan_out", isolation="ray", resource_pool=pool)
+        agent.add_state("start", states.fan_out, isolation="inline")
+        for i in range(4):
+            agent.add_state(f"part_{i}", states.measure, resources=ResourceRequirements(cpu_units=1, memory_mb=64))
+        agent.add_state("on_gpu", states.measure,
+                        resources=ResourceRequirements(cpu_units=0.5, memory_mb=32, gpu_units=1))
+        agent.add_state("on_disk", states.measure_on_disk,
+                        resources=ResourceRequirements(cpu_units=0.25, memory_mb=0, resource_types=ResourceType.CPU))
+        agent.add_state("merge", states.merge)
+        ctx = await agent.run()
+        for i in range(4):
+            assert ctx.get_state(f"assigned_part_{i}") == {"CPU": 1.0, "memory": 64 * 2**20}
+        assert ctx.get_state("assigned_on_gpu") == {"CPU": 0.5, "GPU": 1.0, "memory": 32 * 2**20}
+        assert ctx.get_state("gpu_ids_on_gpu") == ["0"]
+        assert ctx.get_state("assigned_on_disk") == {"CPU": 0.25, "disk": 1.0}
+        assert len(ctx.get_state("merged")) == 6
+        # Our admission held the fan-out to the cluster's 2 CPUs.
+        assert pool.get_usage_stats()[ResourceType.CPU].peak_usage <= 2
+        assert agent.state_metadata["merge"].runs == 1
+
+    async def test_a_state_without_requirements_asks_for_one_cpu(self):
+        agent = Agent("plain", isolation="ray")
+        agent.add_state("m", states.measure, next_states=["merge"])
+        agent.add_state("merge", states.merge)
+        ctx = await agent.run(start="m")
+        assert ctx.get_state("assigned_m") == {"CPU": 1.0}
+
+
+class TestContext:
+    """The snapshot goes in and the writes come out, in the project's value model."""
+
+    async def test_writes_removals_and_values_cross(self):
+        agent = Agent("ctx", isolation="ray")
+        agent.add_state("greet", states.greet)
+        agent.add_state("shout", states.shout)
+        ctx = await agent.run(initial_context={"tuple": (1, {2, 3}), "scratch": b"x"})
+        assert ctx.get_state("shouted").startswith("HELLO FROM ")
+        assert ctx.get_state("seen_tuple") == (1, {2, 3})
+        assert not ctx.has_state("scratch")
+
+    async def test_typed_data_round_trip(self):
+        agent = Agent("typed", isolation="ray")
+        agent.add_state("typed", states.typed_step)
+        ctx = await agent.run(initial_context={"progress": states.Progress(step=1, note="driver")})
+        assert ctx.get_typed("progress", states.Progress) == states.Progress(step=2, note="driver, ray")
+
+    async def test_an_unencodable_write_fails_the_state_in_the_worker(self):
+        agent = Agent("unencodable", isolation="ray")
+        agent.add_state("store_object", states.store_object)
+        reason = (await failure_of(agent)).reason
+        assert reason.kind == "exception"
+        assert reason.exception_type == f"{UnencodableValueError.__module__}.UnencodableValueError"
+        assert "context key 'handle'" in reason.message
+
+    async def test_an_unencodable_result_fails_the_state(self):
+        agent = Agent("bad_result", isolation="ray")
+        agent.add_state("return_object", states.return_object)
+        with pytest.raises(StateFailedError, match="the state's return value"):
+            await agent.run()
+
+    async def test_keys_the_codec_cannot_carry_stay_with_the_driver(self):
+        agent = Agent("skips", isolation="ray")
+        agent.add_state("shout", states.shout)
+        marker = object()
+        ctx = await agent.run(initial_context={"greeting": "hi", "tuple": 1, "local_only": marker})
+        assert ctx.get_state("shouted") == "HI"
+        assert ctx.get_state("local_only") is marker
+
+
+class TestHumanInput:
+    """context.human_in_the_loop inside a Ray task asks the driver's provider."""
+
+    async def test_writes_arrive_while_the_state_waits_and_invalid_answers_are_asked_again(self):
+        provider = QueueInputProvider()
+        agent = Agent("approve", isolation="ray", human_input=provider)
+        agent.add_state("write_then_ask", states.write_then_ask)
+        run = asyncio.ensure_future(agent.run())
+        first = await provider.wait_for_request()
+        assert first.prompt == "Approve? (approve/reject)"
+        assert first.state == "write_then_ask"
+        # The state is blocked in its Ray task; its write is already here.
+        assert agent.context.get_state("progress") == "asked"
+        provider.answer(first.id, "maybe")
+        second = await provider.wait_for_request()
+        provider.answer(second.id, "approve")
+        ctx = await run
+        assert ctx.get_state("decision") == "approve"
+
+    async def test_timeout_uses_the_default(self):
+        agent = Agent("nobody", isolation="ray", human_input=QueueInputProvider())
+        agent.add_state("ask_nobody", states.ask_nobody)
+        ctx = await agent.run()
+        assert ctx.get_state("fallback") == "fallback"
+
+
+class TestLogs:
+    """A Ray attempt's stdout and stderr are kept per attempt and read with agent.logs()."""
+
+    async def test_output_of_each_attempt(self, monkeypatch, capsys):
+        monkeypatch.setenv("AGENT_ECHO", "stdout")
+        monkeypatch.setattr("agent.supervisor.output._configured", False)
+        agent = Agent("logs", isolation="ray")
+        agent.add_state("greet", states.greet)
+        agent.add_state("shout", states.shout)
+        await agent.run(initial_context={"tuple": 1, "scratch": 1})
+        text = agent.logs("greet")
+        assert "hello from a Ray worker\n" in text
+        assert "a warning on stderr\n" in text
+        assert "written to fd 1 directly\n" in text
+        assert agent.logs("shout") == ""
+        # Echoed as isolated states' output is, each line after the state's name.
+        assert "greet | hello from a Ray worker" in capsys.readouterr().out
+
+
+class TestMixed:
+    """Ray states and inline/process states share one run and one context."""
+
+    async def test_ray_state_between_inline_and_process_states(self):
+        agent = Agent("mixed", isolation="inline", resource_pool=ResourcePool(total_cpu=2, total_gpu=1))
+        agent.add_state("greet", states.greet, isolation="ray")
+        agent.add_state("shout", states.shout, isolation="process")
+        ctx = await agent.run(initial_context={"tuple": 1, "scratch": 1})
+        assert ctx.get_state("shouted").startswith("HELLO")
+        # One agent.logs() for both: the Ray attempt's output, and the process attempt's log.
+        assert "hello from a Ray worker" in agent.logs("greet")
+        assert agent.logs("shout") == ""

@@ -1,0 +1,81 @@
+"""Without Ray installed, asking for it is a clear error; declaring Ray options needs no Ray."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from agent import Agent, Isolation, IsolationUnavailableError
+from agent.errors import InvalidConfigurationError, RayUnavailableError
+from agent.executor import executor_for
+from agent.ray import RayOptions, ray_options
+from agent.ray.options import options_of
+
+
+async def work(context):
+    return None
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as if Ray were not installed (``import ray`` fails)."""
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.delitem(sys.modules, "agent.ray.executor", raising=False)
+
+
+class TestWithoutRay:
+    """Every way of asking for isolation='ray' says to install the [ray] extra."""
+
+    def test_agent_level(self, no_ray):
+        with pytest.raises(RayUnavailableError, match=r"pip install 'agent-isolation\[ray\]'"):
+            Agent("needs_ray", isolation="ray")
+
+    def test_state_level(self, no_ray):
+        agent = Agent("mixed", isolation="inline")
+        with pytest.raises(RayUnavailableError, match="not installed"):
+            agent.add_state("work", work, isolation=Isolation.RAY)
+
+    def test_environment_default(self, no_ray, monkeypatch):
+        monkeypatch.setenv("AGENT_ISOLATION", "ray")
+        with pytest.raises(RayUnavailableError):
+            Agent("from_env")
+
+    def test_the_executor_seam(self, no_ray):
+        with pytest.raises(RayUnavailableError) as caught:
+            executor_for(Isolation.RAY)
+        assert isinstance(caught.value, IsolationUnavailableError)
+
+    def test_other_levels_do_not_care(self, no_ray):
+        Agent("inline", isolation="inline").add_state("work", work, isolation="process")
+
+
+class TestRayOptions:
+    """ray_options records Ray-only settings and refuses what belongs to ResourceRequirements."""
+
+    def test_recorded_on_the_function(self):
+        async def train(context):
+            return None
+
+        decorated = ray_options(resources={"ssd": 1}, accelerator_type="A100",
+                                runtime_env={"env_vars": {"X": "1"}})(train)
+        assert decorated is train
+        assert options_of(train) == RayOptions({"ssd": 1.0}, "A100", {"env_vars": {"X": "1"}})
+        assert options_of(train).task_options() == {
+            "resources": {"ssd": 1.0}, "accelerator_type": "A100", "runtime_env": {"env_vars": {"X": "1"}},
+        }
+        assert options_of(work) is None
+
+    @pytest.mark.parametrize("name", ["CPU", "GPU", "memory", "object_store_memory"])
+    def test_reserved_names_point_to_resource_requirements(self, name):
+        with pytest.raises(InvalidConfigurationError, match="ResourceRequirements"):
+            ray_options(resources={name: 1})
+
+    @pytest.mark.parametrize("amount", [-1, float("nan"), float("inf"), "1", True])
+    def test_bad_amounts(self, amount):
+        with pytest.raises(InvalidConfigurationError, match="needs an amount >= 0"):
+            ray_options(resources={"ssd": amount})
+
+    def test_bad_runtime_env(self):
+        with pytest.raises(InvalidConfigurationError, match="runtime_env is a dict"):
+            ray_options(runtime_env=["pip"])  # type: ignore[arg-type]
