@@ -202,6 +202,8 @@ def declared_returns(spec: StateSpec) -> frozenset[str] | None:
 
 def function_returns(func: Any) -> frozenset[str] | None:
     """The state names ``func`` can return, read from its code; None when that cannot be told."""
+    if type(func) is types.FunctionType:  # the common case, first
+        return _code_returns(func.__code__, func)
     while isinstance(func, functools.partial):
         func = func.func
     if isinstance(func, types.MethodType):
@@ -219,10 +221,9 @@ _returns_cache: dict[types.CodeType, frozenset[str] | None] = {}
 
 
 def _code_returns(code: types.CodeType, func: types.FunctionType) -> frozenset[str] | None:
-    try:
-        return _returns_cache[code]
-    except KeyError:
-        pass
+    found = _returns_cache.get(code, _UNREADABLE)
+    if found is not _UNREADABLE:
+        return found  # type: ignore[return-value]
     found = _source_returns(func)
     if found is _UNREADABLE:
         found = _bytecode_returns(code)
@@ -355,20 +356,17 @@ class ReturnGraph:
         self._reach: dict[str, frozenset[str] | None] = {}
 
     def direct(self, name: str) -> frozenset[str] | None:
-        try:
-            return self._direct[name]
-        except KeyError:
-            found = declared_returns(self._specs[name])
-            if found is not None:
-                found = frozenset(n for n in found if n in self._specs)
-            self._direct[name] = found
-            return found
+        """What ``name`` returns directly (names that are not states are harmless here: nothing waits on them)."""
+        found = self._direct.get(name, _UNREADABLE)
+        if found is _UNREADABLE:
+            spec = self._specs.get(name)
+            found = self._direct[name] = declared_returns(spec) if spec is not None else frozenset()
+        return found  # type: ignore[return-value]
 
     def reach(self, name: str) -> frozenset[str] | None:
-        try:
-            return self._reach[name]
-        except KeyError:
-            pass
+        found = self._reach.get(name, _UNREADABLE)
+        if found is not _UNREADABLE:
+            return found  # type: ignore[return-value]
         succ = self.direct(name)
         if succ is None:
             self._reach[name] = None

@@ -198,6 +198,7 @@ class Run:
         "pumping",
         "tracks_deps",
         "human_hooks",
+        "wall_offset",
     )
 
     def __init__(
@@ -226,6 +227,7 @@ class Run:
         self.default_isolation = agent.isolation
         self.default_on_failure = agent.on_failure
         self.human_hooks = agent._human_hooks
+        self.wall_offset = time.time() - time.monotonic()  # wall time = offset + the run's clock
         self.driver = Driver(self)
         self._ids = itertools.count(1)
         self._admission: Admission | None = None
@@ -698,7 +700,7 @@ class Run:
         if meta.waiting_for is not None:
             meta.waiting_for = None
         meta.started_at = now
-        meta.last_execution = time.time()
+        meta.last_execution = self.wall_offset + now
         if self.observers:  # what it holds from the pool, for the allocation metrics
             self.emit(ev.STATE_STARTED, name, attempt=number,
                       data={"resources": spec.resources} if spec.resources is not None else {})
@@ -713,7 +715,16 @@ class Run:
                 coro = spec.func(view)
                 first = coro.send(None)
             except StopIteration as stop:
-                self.finished(act, stop.value, None, _NO_USAGE)
+                # What finished() does for an attempt that returned, for this common case.
+                try:
+                    del self.running[name]
+                    meta.finished_at = end = self.clock()
+                    if act.holds:
+                        self._release(act, _NO_USAGE)
+                    self.succeeded(act, stop.value, end - now, _NO_USAGE, end)
+                except Exception as exc:  # an engine bug must end the run visibly, not hang it
+                    self.log.exception("internal error while finishing %r", name)
+                    self.fail(exc)
                 return
             except (KeyboardInterrupt, SystemExit):
                 raise
