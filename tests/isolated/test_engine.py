@@ -81,7 +81,7 @@ class TestAgentWithProcessIsolation:
 
     async def test_state_timeout_kills_the_child(self):
         agent = Agent("slow", isolation="process")
-        agent.add_state("sleeper", sleeper, timeout=0.5)
+        agent.add_state("sleeper", sleeper, timeout=3)  # covers the start of the process too: room for a cold zygote
         with pytest.raises(StateTimeoutError):
             await agent.run()
         assert not psutil.pid_exists(agent.context.get_state("pid"))
