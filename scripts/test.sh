@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install the package with its test extras and run the whole test suite, on this checkout.
 #   scripts/test.sh [pytest args...]
-# What it installs: the package (editable) with extras test, monitor and gpu into the
-# venv of scripts/install.sh ($AGENT_VENV, default <checkout>/.venv). As root on a cgroup
+# What it installs: the package (editable) with extras test, monitor, gpu, ray and dev (the
+# linters) into the venv of scripts/install.sh ($AGENT_VENV, default <checkout>/.venv).
+# Before the tests it checks the layers (import-linter, pyproject's [tool.importlinter]). As root on a cgroup
 # v1 host it also runs the cgroup v2 suite in a guest (.ci/guest-tests: qemu, busybox and
 # kmod from apt, Debian's kernel package unpacked into .ci-out/kernel, never installed,
 # and virtme-ng into .ci-out/vng); AGENT_SKIP_GUEST=1 skips it.
@@ -31,9 +32,10 @@ if [ "$(id -u)" = 0 ] && ! readable_by_others "$here/agent/__init__.py"; then
     echo "test: note: $here is not readable by other users; sandbox tests that import code after" \
          "the uid switch will fail: put the checkout somewhere others can read (e.g. /srv, /opt)" >&2
 fi
-venv=$("$here/scripts/install.sh" test,monitor,gpu,ray | tail -n 1)
+venv=$("$here/scripts/install.sh" test,monitor,gpu,ray,dev | tail -n 1)
 cd "$here"
 status=0
+"$venv/bin/lint-imports" --no-cache >/dev/null || { "$venv/bin/lint-imports" --no-cache; status=1; }
 "$venv/bin/python" -m pytest "$@" || status=$?
 if [ "${AGENT_SKIP_GUEST:-0}" = 1 ]; then
     :
