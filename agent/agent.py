@@ -71,7 +71,7 @@ def _non_negative(name: str, value: Any, *, allow_none: bool = True) -> None:
 
 def _on_failure(value: Any, where: str) -> str | None:
     if value is None or value in ON_FAILURE:
-        return value
+        return value  # type: ignore[no-any-return]
     raise InvalidConfigurationError(f"{where}: on_failure must be 'fail' or 'continue', got {value!r}")
 
 
@@ -228,8 +228,8 @@ class Agent:
         if priority is None:
             priority = resources.priority if resources is not None else _NORMAL
         elif not isinstance(priority, Priority):
-            priority = _validate.member(Priority, priority, f"state {name!r}: priority",
-                                        error=InvalidConfigurationError)
+            priority = Priority(_validate.member(Priority, priority, f"state {name!r}: priority",
+                                                 error=InvalidConfigurationError))
         declared = None
         if next_states is not None:
             if isinstance(next_states, str) or not all(isinstance(n, str) for n in next_states):

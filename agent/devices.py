@@ -167,7 +167,9 @@ def _device(item: Any, where: str) -> GPUDevice:
     missing = [k for k in ("index", "uuid") if k not in item]
     if missing:
         raise InvalidConfigurationError(f"{where} lacks {', '.join(missing)}: each GPU needs at least index and uuid")
-    index, minor, memory = item["index"], item.get("minor", item["index"]), item.get("memory_mb", 0)
+    index: int = item["index"]
+    minor: int = item.get("minor", index)
+    memory: int = item.get("memory_mb", 0)
     for key, value in (("index", index), ("minor", minor), ("memory_mb", memory)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InvalidConfigurationError(f"{where}.{key} must be an int >= 0, got {value!r}")

@@ -48,7 +48,7 @@ class Isolation(str, enum.Enum):
             level = value
         else:
             try:
-                level = _BY_NAME[value]  # type: ignore[index]
+                level = _BY_NAME[value]
             except (KeyError, TypeError):
                 try:
                     level = cls(str(value).lower())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from itertools import combinations
 
 _EPS = 1e-9
@@ -31,7 +32,7 @@ class Holder:
 
     owner: str
     priority: int
-    amounts: Mapping[Hashable, float]
+    amounts: Mapping[Any, float]
     started: float
     seq: int = 0  # grant order, breaks ties between equal start times
 
@@ -41,13 +42,13 @@ def _preference(holder: Holder) -> tuple[int, float, int]:
     return (holder.priority, -holder.started, -holder.seq)
 
 
-def _set_key(chosen: Sequence[Holder]) -> tuple:
+def _set_key(chosen: Sequence[Holder]) -> tuple[Any, ...]:
     priorities = tuple(sorted((h.priority for h in chosen), reverse=True))
     recency = tuple(sorted((-h.started, -h.seq) for h in chosen))
     return (len(chosen), priorities, recency)
 
 
-def _covers(chosen: Iterable[Holder], deficit: Mapping[Hashable, float]) -> bool:
+def _covers(chosen: Iterable[Holder], deficit: Mapping[Any, float]) -> bool:
     for rtype, short in deficit.items():
         if sum(h.amounts.get(rtype, 0.0) for h in chosen) + _EPS < short:
             return False
@@ -60,7 +61,7 @@ class PreemptionPolicy:
 
     max_combinations: int = 5_000
 
-    def deficit(self, need: Mapping[Hashable, float], free: Mapping[Hashable, float]) -> dict[Hashable, float]:
+    def deficit(self, need: Mapping[Any, float], free: Mapping[Any, float]) -> dict[Hashable, float]:
         """What ``need`` lacks per resource type given ``free``."""
         out = {}
         for rtype, amount in need.items():
@@ -71,8 +72,8 @@ class PreemptionPolicy:
 
     def choose(
         self,
-        need: Mapping[Hashable, float],
-        free: Mapping[Hashable, float],
+        need: Mapping[Any, float],
+        free: Mapping[Any, float],
         priority: int,
         holders: Iterable[Holder],
     ) -> list[str] | None:
@@ -90,7 +91,7 @@ class PreemptionPolicy:
         budget = self.max_combinations
         for size in range(smallest, len(candidates) + 1):
             pool = self._representatives(candidates, deficit, size)
-            best: tuple | None = None
+            best: tuple[Any, ...] | None = None
             best_set: tuple[Holder, ...] | None = None
             for chosen in combinations(pool, size):
                 budget -= 1
@@ -106,12 +107,12 @@ class PreemptionPolicy:
 
     @staticmethod
     def _representatives(
-        candidates: Sequence[Holder], deficit: Mapping[Hashable, float], size: int
+        candidates: Sequence[Holder], deficit: Mapping[Any, float], size: int
     ) -> list[Holder]:
         # Holders of one priority that free the same amounts are interchangeable, and
         # the more recent is always preferred: a best set of ``size`` victims uses only
         # the ``size`` most preferred of each such class.
-        seen: dict[tuple, int] = {}
+        seen: dict[tuple[Any, ...], int] = {}
         out = []
         for holder in candidates:  # already in preference order
             cls = (holder.priority, tuple(holder.amounts.get(r, 0.0) for r in deficit))
@@ -122,7 +123,7 @@ class PreemptionPolicy:
         return out
 
     @staticmethod
-    def _lower_bound(candidates: Sequence[Holder], deficit: Mapping[Hashable, float]) -> int:
+    def _lower_bound(candidates: Sequence[Holder], deficit: Mapping[Any, float]) -> int:
         # No set smaller than what the largest holders of the scarcest type would need.
         bound = 1
         for rtype, short in deficit.items():
@@ -137,7 +138,7 @@ class PreemptionPolicy:
         return bound
 
     @staticmethod
-    def _greedy(candidates: Sequence[Holder], deficit: Mapping[Hashable, float]) -> list[str]:
+    def _greedy(candidates: Sequence[Holder], deficit: Mapping[Any, float]) -> list[str]:
         chosen: list[Holder] = []
         for holder in candidates:
             if _covers(chosen, deficit):

@@ -16,6 +16,7 @@ import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from .errors import ResourceRequestError
 
@@ -44,7 +45,7 @@ class QuotaMode(str, enum.Enum):
 class Quota:
     """The ceilings for one key, per resource type (types not named are unlimited)."""
 
-    limits: Mapping[object, float]
+    limits: Mapping[Any, float]
     mode: QuotaMode = QuotaMode.WAIT
 
     def __post_init__(self) -> None:
@@ -88,7 +89,7 @@ class QuotaBook:
         else:
             self.quotas[key] = quota
 
-    def breach(self, key: Hashable, amounts: Mapping[object, float]) -> QuotaBreach | None:
+    def breach(self, key: Hashable, amounts: Mapping[Any, float]) -> QuotaBreach | None:
         """The first ceiling of ``key`` that ``amounts`` on top of its current use would pass."""
         quota = self.quotas.get(key)
         if quota is None:
@@ -103,14 +104,14 @@ class QuotaBook:
                 return QuotaBreach(key, rtype, limit, held, amount, quota.mode)
         return None
 
-    def charge(self, key: Hashable, amounts: Mapping[object, float]) -> None:
+    def charge(self, key: Hashable, amounts: Mapping[Any, float]) -> None:
         used = self.in_use.get(key)
         if used is None:
             used = self.in_use[key] = {}
         for rtype, amount in amounts.items():
             used[rtype] = used.get(rtype, 0.0) + amount
 
-    def refund(self, key: Hashable, amounts: Mapping[object, float]) -> None:
+    def refund(self, key: Hashable, amounts: Mapping[Any, float]) -> None:
         used = self.in_use.get(key)
         if used is None:
             return

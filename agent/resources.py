@@ -577,7 +577,7 @@ class ResourcePool:
 
     def queued(self) -> list[str]:
         """Queued owners in the order they would be considered (priority, then arrival)."""
-        out = []
+        out: list[str] = []
         for level in _LEVELS:
             out.extend(entry[2].owner for entry in sorted(self._queues[level]) if not entry[2].dead)
         out.extend(w.owner for ws in self._parked.values() for w in ws if w.owner not in out)

@@ -21,7 +21,7 @@ import inspect
 import linecache
 import textwrap
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,7 +169,7 @@ def check_graph(agent_name: str, specs: Mapping[str, StateSpec]) -> None:
     for root in specs:
         if color[root] != white or not specs[root].dependencies:
             continue
-        stack: list[tuple[str, Iterable[str]]] = [(root, iter(specs[root].dependencies))]
+        stack: list[tuple[str, Iterator[str]]] = [(root, iter(specs[root].dependencies))]
         path = [root]
         color[root] = grey
         while stack:
@@ -227,8 +227,8 @@ def _code_returns(code: types.CodeType, func: types.FunctionType) -> frozenset[s
     found = _source_returns(func)
     if found is _UNREADABLE:
         found = _bytecode_returns(code)
-    _returns_cache[code] = found  # type: ignore[assignment]
-    return found  # type: ignore[return-value]
+    _returns_cache[code] = found
+    return found
 
 
 _UNREADABLE = object()
@@ -334,7 +334,7 @@ def _fed_constant(instructions: list[dis.Instruction], i: int) -> Any:
         return prev.argval
     if prev.opname in ("LIST_EXTEND", "SET_UPDATE") and i >= 3 and instructions[i - 2].opname == "LOAD_CONST":
         return instructions[i - 2].argval
-    if prev.opname in ("BUILD_LIST", "BUILD_TUPLE", "BUILD_SET") and i > prev.arg:
+    if prev.opname in ("BUILD_LIST", "BUILD_TUPLE", "BUILD_SET") and prev.arg is not None and i > prev.arg:
         loads = instructions[i - 1 - prev.arg:i - 1]
         if all(x.opname == "LOAD_CONST" and isinstance(x.argval, str) for x in loads):
             return tuple(x.argval for x in loads)

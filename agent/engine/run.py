@@ -1361,9 +1361,9 @@ class Run:
             name = a["state"]
             if name not in specs:
                 continue
-            group = self.groups.get(int(a.get("group", 0)))
-            if group is None or a.get("ended"):  # its branch had ended: it opens again
-                group = group or self.root
+            found = self.groups.get(int(a.get("group", 0)))
+            group = found if found is not None else self.root
+            if found is None or a.get("ended"):  # its branch had ended: it opens again
                 group.unfinished += 1
             self.steps -= 1  # activate() counts it again
             self.activate(name, group, via_dependency=bool(a.get("via_dependency")), attempt=int(a.get("attempt", 0)))
