@@ -46,6 +46,7 @@ from .protocol import decode
 if TYPE_CHECKING:
     import asyncio
 
+_PR_SET_NAME = 15
 _PR_SET_DUMPABLE = 4
 _MAX_MESSAGE = 1 << 20
 PRELOAD = (
@@ -158,7 +159,9 @@ def become(spec: dict[str, Any], fd: int, spawner_pid: int) -> int:
     _set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != spawner_pid:
         return 1  # the spawner (so agentd) died before the signal was armed
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+    libc.prctl(_PR_SET_NAME, ctypes.c_char_p(f"agent-job-{spec['job']}".encode()[:15]), 0, 0, 0)  # for ps
     os.umask(0o077)
     log = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     os.dup2(log, 1)
