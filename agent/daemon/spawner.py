@@ -162,7 +162,7 @@ def become(spec: dict[str, Any], fd: int, spawner_pid: int) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
     libc.prctl(_PR_SET_NAME, ctypes.c_char_p(f"agent-job-{spec['job']}".encode()[:15]), 0, 0, 0)  # for ps
-    os.umask(0o077)
+    os.umask(0o022)  # what a login session has; its own directories are 0700 anyway
     log = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     os.dup2(log, 1)
     os.dup2(log, 2)

@@ -49,13 +49,17 @@ class Agentd:
         self.state_dir = str(root / "state")
         self.config_path: str | None = None
         if config is not None:
-            self.config_path = str(root / "agentd.toml")
-            Path(self.config_path).write_text(config)
+            self.configure(config)
         self.env = dict(os.environ, **(env or {}))
         self.env.pop("NOTIFY_SOCKET", None)
         self.proc: subprocess.Popen[bytes] | None = None
         self.notify_messages: list[str] = []
         self._notify: socket.socket | None = None
+
+    def configure(self, text: str) -> None:
+        """Use ``text`` as the configuration file (at the next start)."""
+        self.config_path = str(self.root / "agentd.toml")
+        Path(self.config_path).write_text(text)
 
     def start(self, timeout: float = 90.0) -> "Agentd":
         """Start it and wait for READY=1 on a real notify socket (as systemd would)."""
