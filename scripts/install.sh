@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment and install the package into it.
 #   scripts/install.sh [extras]      e.g. scripts/install.sh test,monitor
+#   scripts/install.sh --service     also install agentd as a systemd service and start it
 # The venv is built from Debian's /usr/bin/python3 when present, in a world-readable
 # place when run as root ($AGENT_VENV, default /opt/agent-venv), so that sandboxed states
 # running under their own uid can execute the interpreter. Prints the venv path last.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+service=
+if [ "${1:-}" = "--service" ]; then service=1; shift; fi
 extras=${1:-}
 if [ "$(id -u)" = 0 ]; then venv=${AGENT_VENV:-/opt/agent-venv}; else venv=${AGENT_VENV:-$here/.venv}; fi
 python=/usr/bin/python3
@@ -31,4 +34,5 @@ chmod 755 "$venv" 2>/dev/null || true
 spec="$here"
 [ -n "$extras" ] && spec="$here[$extras]"
 "$venv/bin/python" -m pip install -q -e "$spec"
+if [ -n "$service" ]; then "$venv/bin/agentctl" install >&2; fi
 echo "$venv"

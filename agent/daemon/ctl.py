@@ -282,13 +282,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="print one view and exit")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     p.set_defaults(func=cmd_top)
+    p = sub.add_parser("install", help="install agentd as a systemd service and start it (root)")
+    p.add_argument("--root", default="/", help="write the files below this directory and run nothing")
+    p.add_argument("--no-start", action="store_true", help="install, but do not enable and start it")
+    p.set_defaults(func=None)
     return parser
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from .install import install
+
+    for line in install(args.root, start=not args.no_start):
+        print(line)
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.json = getattr(args, "json", False)
     try:
+        if args.command == "install":
+            return cmd_install(args)
         client = Client(protocol.socket_path(getattr(args, "socket", None)))
         return int(args.func(client, args))
     except Refused as exc:

@@ -74,7 +74,7 @@ class Agentd:
         self.log = open(self.root / "agentd.log", "ab")
         self.proc = subprocess.Popen(argv, env=dict(self.env, NOTIFY_SOCKET=notify_path), stdout=self.log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.wait_notify("READY=1", timeout)
+        self.ready_message = self.wait_notify("READY=1", timeout)
         return self
 
     def wait_notify(self, key: str, timeout: float = 30.0) -> str:
