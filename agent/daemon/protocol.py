@@ -207,8 +207,8 @@ class BlockingChannel:
         except OSError as exc:
             self.sock.close()
             raise DaemonUnavailableError(
-                f"cannot reach agentd at {path}: {exc.strerror or exc}; start it "
-                "(systemctl start agentd, or agentd --socket PATH --state-dir DIR), or pass --socket / set AGENT_SOCKET"
+                f"cannot reach agentd at {path}: {exc.strerror or exc}; start it (systemctl start agentd, "
+                "or agentd --socket PATH --state-dir DIR), or point AGENT_SOCKET (agentctl: --socket) at its socket"
             ) from None
         self._frames = FrameBuffer()
         self._ready: list[dict[str, Any]] = []

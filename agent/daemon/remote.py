@@ -258,7 +258,10 @@ def daemon_pool() -> RemotePool:
     with _lock:
         if _pool is None:
             path = socket_path()
-            first, welcome = connect(path)
+            try:
+                first, welcome = connect(path)
+            except DaemonUnavailableError as exc:
+                raise DaemonUnavailableError(f"{DAEMON_ENV}=1: {exc}; or unset {DAEMON_ENV} to run without it") from None
             spare = [first]
 
             def reconnect() -> socket.socket:
