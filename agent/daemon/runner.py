@@ -36,6 +36,7 @@ import traceback
 from typing import Any
 
 from ..errors import AgentError, CheckpointError, DaemonProtocolError
+from ..events import RUN_STARTED
 from ..human import HumanInputRequest
 from .protocol import Link
 from .remote import RemotePool, install
@@ -110,7 +111,7 @@ class Runner:
     # --- to agentd ---------------------------------------------------------------------
 
     def observe(self, event: Any) -> None:
-        if event.kind == "run_started":
+        if event.kind == RUN_STARTED:
             self.link.send({"op": "started", "run_id": event.run_id, "states": self.statuses()})
         elif event.state is not None:
             self._dirty.add(event.state)

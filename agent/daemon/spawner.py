@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import traceback
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +85,7 @@ class Spawner:
         self.pid = self.process.pid
         self._sock = ours
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._out: deque[tuple[bytes, int]] = deque()
         self.alive = True
 
     def attach(self, loop: "asyncio.AbstractEventLoop") -> None:
@@ -91,10 +93,32 @@ class Spawner:
         loop.add_reader(self._sock.fileno(), self._readable)
 
     def spawn(self, job_id: str, spec: dict[str, Any], fd: int) -> None:
-        """Ask for a runner of ``job_id`` (``spec``: see :func:`become`) serving the socket ``fd``."""
+        """Ask for a runner of ``job_id`` (``spec``: see :func:`become`) serving the socket ``fd``.
+
+        Never blocks: a socketpair queues only a few messages, and the spawner blocks on
+        its reports while agentd is not reading them, so requests wait here instead.
+        """
         if not self.alive:
             raise ConnectionError("agentd's spawner is gone")
-        socket.send_fds(self._sock, [_pack({"op": "spawn", "job": job_id, "spec": spec})], [fd])
+        self._out.append((_pack({"op": "spawn", "job": job_id, "spec": spec}), os.dup(fd)))
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._out:
+            data, fd = self._out[0]
+            try:
+                socket.send_fds(self._sock, [data], [fd], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if self._loop is not None:
+                    self._loop.add_writer(self._sock.fileno(), self._flush)
+                return
+            except OSError:
+                self._lose()
+                return
+            self._out.popleft()
+            os.close(fd)
+        if self._loop is not None:
+            self._loop.remove_writer(self._sock.fileno())
 
     def _readable(self) -> None:
         try:
@@ -111,15 +135,20 @@ class Spawner:
     def _lose(self) -> None:
         if self.alive:
             self.alive = False
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(self._sock.fileno())
+            self._detach()
             self._on_lost()
+
+    def _detach(self) -> None:
+        if self._loop is not None and not self._loop.is_closed() and self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+            self._loop.remove_writer(self._sock.fileno())
+        while self._out:
+            os.close(self._out.popleft()[1])
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the spawner: it SIGKILLs its runners and exits."""
         self.alive = False
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self._sock.fileno())
+        self._detach()
         self._sock.close()
         try:
             self.process.wait(timeout)

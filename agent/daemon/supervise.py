@@ -248,13 +248,13 @@ class JobSupervisor:
         elif op == "withdraw":
             handle.pending.pop(str(message["id"]), None)
             self.on_change()
-        elif op == "finished":
-            status = str(message["status"])
-            if status not in ("completed", "failed", "cancelled"):
+        elif op in ("finished", "paused"):
+            status = "paused" if op == "paused" else str(message["status"])
+            if status not in ("completed", "failed", "cancelled", "paused"):
                 raise ValueError(f"unknown status {status!r}")
             handle.outcome = (status, message.get("error"))
-        elif op == "paused":
-            handle.outcome = ("paused", None)
+            if handle.timer is None:  # it has said all it will: it must exit now
+                handle.timer = self.loop.call_later(CANCEL_GRACE, self._kill, handle)
         else:
             raise ValueError(f"unknown op {op!r}")
 
