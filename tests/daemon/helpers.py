@@ -136,6 +136,8 @@ class Agentd:
 
     # --- agentctl -------------------------------------------------------------------------
 
+    ctl_path = AGENTCTL
+
     def ctl(self, *args: str, user: User | None = None, env: dict[str, str] | None = None,
             timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run agentctl as ``user`` (root when None), in the test's directory."""

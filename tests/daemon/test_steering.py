@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,23 @@ async def second(context):
 
 agent.add_state("first", first)
 agent.add_state("second", second)
+'''
+
+
+TALKER = '''
+import asyncio, os
+from agent import Agent
+
+agent = Agent("talker")
+
+async def talk(context):
+    print("hello", flush=True)
+    while not os.path.exists(context.get_state("release")):
+        await asyncio.sleep(0.05)
+    print("goodbye", flush=True)
+    return None
+
+agent.add_state("talk", talk)
 '''
 
 
@@ -122,3 +141,36 @@ class TestPauseResumeCancel:
         wait_until(lambda: not processes_of({ann.uid}), "the cancelled job's processes to end", timeout=30)
         done = agentd.ctl("cancel", running, user=ann)
         assert done.returncode == 1 and "nothing to cancel" in done.stderr
+
+
+class TestWatching:
+    """logs -f follows a state until its job ends; top shows the box, the jobs and what waits."""
+
+    def test_logs_follow_and_top(self, agentd: Agentd, users: tuple[User, User], workdir: Path) -> None:
+        ann, _ = users
+        out = _out(workdir)
+        agentd.start()
+        job = agentd.submit(write_workflow(workdir, "talker.py", TALKER), "--param", f"release={out / 'go'}",
+                            user=ann)
+        agentd.wait_state(job, "talk", "running")
+        env = {"PATH": "/usr/bin:/bin", "AGENT_SOCKET": agentd.socket}
+        follow = subprocess.Popen([agentd.ctl_path, "logs", job, "talk", "-f"], env=env, user=ann.uid,
+                                  group=ann.gid, extra_groups=[], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert follow.stdout is not None and follow.stdout.readline() == "hello\n"
+            top = agentd.ctl_json("top", user=ann)
+            assert [j["job"] for j in top["jobs"]] == [job] and top["agentd"]["user"] == ann.name
+            assert top["pool"]["totals"]["cpu"] > 0 and not top["agentd"]["admin"]
+            text = agentd.ctl("top", "--once", user=ann).stdout
+            assert text.startswith("agentd ") and "running 1" in text and "talker" in text
+            (out / "go").touch()
+            rest, err = follow.communicate(timeout=120)
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.communicate()
+        assert follow.returncode == 0, err
+        assert rest == "goodbye\n"
+        assert agentd.status(job)["status"] == "completed"
+        assert json.loads(agentd.ctl("logs", job, "talk", "--json", user=ann).stdout)["text"] == "hello\ngoodbye\n"
