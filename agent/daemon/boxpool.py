@@ -18,6 +18,7 @@ fit, is refused).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from .._types import Priority, ResourceType
@@ -174,6 +175,15 @@ class BoxAdmission:
             self._quota_set.add(session.user_key)
         self.sessions.add(session)
         return session
+
+    def info(self) -> dict[str, Any]:
+        """The box's totals and GPUs, as agentd tells its clients (a RemotePool is built from it)."""
+        t = self.pool.totals
+        R = ResourceType
+        return {
+            "cpu": t[R.CPU], "memory_mb": t[R.MEMORY], "io": t[R.IO], "network": t[R.NETWORK], "gpu": t[R.GPU],
+            "gpus": [asdict(d) for d in self.gpus], "preemption": self.pool.enable_preemption,
+        }
 
     def statistics(self) -> dict[str, Any]:
         stats = self.pool.statistics()

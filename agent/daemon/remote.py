@@ -26,7 +26,6 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from ..devices import GPUDevice, StaticInventory
@@ -44,17 +43,6 @@ _QUOTA_FIELDS = {"cpu": "cpu_units", "memory_mb": "memory_mb", "gpu": "gpu_units
 def encode_requirements(req: ResourceRequirements) -> dict[str, Any]:
     """What agentd needs of a request: the accounted amounts (by type name)."""
     return {rtype.name.lower(): amount for rtype, amount in req.amounts().items()}  # type: ignore[union-attr]
-
-
-def box_info(pool: ResourcePool, gpus: list[GPUDevice]) -> dict[str, Any]:
-    """The box's totals and GPUs, as agentd tells its clients."""
-    from .._types import ResourceType as R
-
-    t = pool.totals
-    return {
-        "cpu": t[R.CPU], "memory_mb": t[R.MEMORY], "io": t[R.IO], "network": t[R.NETWORK], "gpu": t[R.GPU],
-        "gpus": [asdict(d) for d in gpus], "preemption": pool.enable_preemption,
-    }
 
 
 class _Ticket:
@@ -183,12 +171,12 @@ class RemotePool(ResourcePool):
                 raise DaemonUnavailableError("the connection to agentd is gone")
             if link is not None:
                 link.close()
-            self._link = link = Link(self._connect(), loop, self._dispatch, self._lost)
+            self._link = link = Link(self._connect(), loop, self.dispatch, self._lost)
         return link
 
     def adopt(self, link: Link) -> None:
         """Serve admission over ``link``, an open connection (a job's runner has exactly one)."""
-        link.on_message, link.on_lost = self._dispatch, self._lost
+        link.on_message, link.on_lost = self.dispatch, self._lost
         self._link = link
 
     def _lost(self, why: str) -> None:
@@ -199,7 +187,7 @@ class RemotePool(ResourcePool):
     def current_link(self) -> Link | None:
         return self._link
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
+    def dispatch(self, message: dict[str, Any]) -> None:
         if not self._remote.on_message(message) and self.on_other is not None:
             self.on_other(message)
 

@@ -222,7 +222,7 @@ async def _main(sock: socket.socket) -> int:
     link = Link(sock, loop, receive, lost)
     runner = Runner(link, await first)
     for message in early:
-        runner.pool._dispatch(message)
+        runner.pool.dispatch(message)
     try:
         return await runner.run()
     finally:

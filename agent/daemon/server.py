@@ -30,13 +30,11 @@ import sys
 import time
 from typing import Any
 
-from .._types import Priority
 from .._version import __version__
 from ..errors import (
     AgentError,
     DaemonConfigError,
     DaemonError,
-    DaemonProtocolError,
     JobAccessError,
     JobError,
     JobNotFoundError,
@@ -48,7 +46,6 @@ from .jobcgroups import JobCgroups
 from .jobs import Job, JobStatus, JobStore
 from .notify import Notifier
 from .protocol import Link
-from .remote import box_info
 from .supervise import JobSupervisor
 
 log = logging.getLogger("agentd")
@@ -103,7 +100,7 @@ class Client:
                    "user": self.user, "uid": self.uid, "admin": self.admin}
         if role == "admission":
             box = self.daemon.box
-            welcome.update(box=box_info(box.pool, box.gpus), quota=policy.quota)
+            welcome.update(box=box.info(), quota=policy.quota)
             self.session = box.session(f"{self.user} pid {self.pid} #{self.number}", self.uid, self.user,
                                        policy, self.link.send)
         self.link.send(welcome)

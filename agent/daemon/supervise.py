@@ -28,14 +28,13 @@ from collections.abc import Callable
 from typing import Any
 
 from .._types import Priority
-from ..errors import AgentError, DaemonError, JobAccessError, JobError, JobNotFoundError
+from ..errors import AgentError, JobAccessError, JobError, JobNotFoundError
 from ..supervisor.logs import _component as log_component
 from .boxpool import BoxAdmission, Session
 from .config import DaemonConfig, user_groups
 from .jobcgroups import JobCgroup, JobCgroups
 from .jobs import Job, JobStatus, JobStore
 from .protocol import Link
-from .remote import box_info
 from .spawner import Spawner
 from .userfiles import list_dir, read_file
 
@@ -162,7 +161,7 @@ class JobSupervisor:
         self.running[job.id] = handle
         handle.link.send({
             "op": "job", "job": job.id, "name": job.name, "path": job.path, "source": self.store.source(job.id),
-            "params": job.params, "user": job.user, "box": box_info(self.box.pool, self.box.gpus),
+            "params": job.params, "user": job.user, "box": self.box.info(),
             "quota": policy.quota,
         })
         job.move(JobStatus.RUNNING)
