@@ -383,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <agentd>` writes where it is to its log
     logging.basicConfig(level=logging.INFO, format="agentd: %(message)s", stream=sys.stderr)
     if os.geteuid() != 0:
         print("agentd: must run as root (it starts each job as the user who submitted it)", file=sys.stderr)

@@ -145,8 +145,14 @@ class Agentd:
         kwargs: dict[str, Any] = {}
         if user is not None:
             kwargs = {"user": user.uid, "group": user.gid, "extra_groups": []}
-        return subprocess.run([AGENTCTL, *args], env=full_env, cwd=self.root, capture_output=True, text=True,
-                              timeout=timeout, **kwargs)
+        try:
+            return subprocess.run([AGENTCTL, *args], env=full_env, cwd=self.root, capture_output=True, text=True,
+                                  timeout=timeout, **kwargs)
+        except subprocess.TimeoutExpired:  # say where agentd is stuck (faulthandler on SIGUSR1)
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGUSR1)
+                time.sleep(1)
+            raise AssertionError(f"agentctl {' '.join(args)} hung; agentd's log: {self.log_text()[-6000:]}") from None
 
     def ctl_json(self, *args: str, user: User | None = None) -> Any:
         done = self.ctl(*args, "--json", user=user)
