@@ -35,7 +35,7 @@ import sys
 import traceback
 from typing import Any
 
-from ..errors import AgentError, CheckpointError, DaemonProtocolError
+from ..errors import AgentError, DaemonProtocolError
 from ..events import RUN_STARTED
 from ..human import HumanInputRequest
 from .protocol import Link
@@ -174,6 +174,9 @@ class Runner:
             self.link.send({"op": "paused"} if self.requested == "pause" else {"op": "finished", "status": "cancelled"})
             return EXIT_OK
         runs = store.list_runs()
+        if runs and runs[0].status == "cancelled":  # cancelled just before agentd went away
+            self.finish("cancelled")
+            return EXIT_OK
         if runs:
             self.task = asyncio.ensure_future(agent.resume_run(runs[0].run_id, store))
         else:
@@ -184,12 +187,6 @@ class Runner:
             if self.requested == "pause":
                 return EXIT_OK
             raise
-        except CheckpointError as exc:
-            if "cancelled" in str(exc):
-                self.finish("cancelled")
-                return EXIT_OK
-            self.finish("failed", str(exc))
-            return EXIT_FAILED
         except AgentError as exc:
             self.finish("failed", str(exc))
             return EXIT_FAILED

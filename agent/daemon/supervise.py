@@ -311,6 +311,8 @@ class JobSupervisor:
 
     def _outcome(self, handle: RunnerHandle, wait_status: int | None) -> tuple[str, str | None]:
         if handle.outcome is not None:
+            if handle.outcome[0] == "paused" and handle.requested == "cancel":
+                return "cancelled", None  # cancelled while it paused: nothing is left to resume
             return handle.outcome
         if handle.requested == "cancel":
             return "cancelled", None

@@ -61,6 +61,15 @@ def workdir() -> Iterator[Path]:
 
 
 @pytest.fixture
+def outdir(workdir: Path) -> Path:
+    """A directory every job's states may write to (as any user)."""
+    out = workdir / "out"
+    out.mkdir()
+    out.chmod(0o777)
+    return out
+
+
+@pytest.fixture
 def agentd(workdir: Path, users: tuple[User, User]) -> Iterator[Agentd]:
     """A running agentd; afterwards: stopped cleanly, no process of the test users, no cgroup left."""
     daemon = Agentd(workdir)

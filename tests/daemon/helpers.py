@@ -200,3 +200,11 @@ def write_workflow(directory: Path, name: str, text: str) -> Path:
     path.write_text(text)
     path.chmod(0o644)
     return path
+
+
+def shared_file(directory: Path, name: str) -> Path:
+    """An empty file that states of every user may append to."""
+    path = directory / name
+    path.touch()
+    path.chmod(0o666)
+    return path

@@ -107,14 +107,11 @@ agent.add_state("big", big, resources=ResourceRequirements(cpu_units=2, memory_m
 @pytest.mark.timeout(300)
 @pytest.mark.slow
 def test_a_users_quota_caps_their_states_and_their_job_cgroups(agentd: Agentd, users: tuple[User, User],
-                                                                workdir: Path) -> None:
+                                                                workdir: Path, outdir: Path) -> None:
     ann, _ = users
     agentd.configure(f"[pool]\ncpu = 4\n\n[users.{ann.name}]\ncpu = 1\nmemory_mb = 512\n")
     agentd.start()
-    out = workdir / "out"
-    out.mkdir()
-    out.chmod(0o777)
-    job = agentd.submit(write_workflow(workdir, "quota.py", TWO_STATES), "--param", f"release={out / 'go'}",
+    job = agentd.submit(write_workflow(workdir, "quota.py", TWO_STATES), "--param", f"release={outdir / 'go'}",
                         user=ann)
 
     def one_runs_one_waits() -> dict | None:
@@ -134,7 +131,7 @@ def test_a_users_quota_caps_their_states_and_their_job_cgroups(agentd: Agentd, u
     assert int((job_cpu / "cpu.cfs_quota_us").read_text()) == int((job_cpu / "cpu.cfs_period_us").read_text())
     assert job_memory.stat().st_uid == ann.uid and (job_memory / "cgroup.procs").stat().st_uid == ann.uid
     assert (job_memory / "memory.limit_in_bytes").stat().st_uid == 0
-    (out / "go").touch()
+    (outdir / "go").touch()
     assert agentd.wait_status(job, "completed", "failed")["status"] == "completed"
 
     too_big = agentd.submit(write_workflow(workdir, "too_big.py", TOO_BIG), user=ann)

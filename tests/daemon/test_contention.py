@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import Agentd, User, wait_until, write_workflow
+from .helpers import Agentd, User, shared_file, wait_until, write_workflow
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -45,13 +45,6 @@ def _flows(workdir: Path, resources: str) -> tuple[Path, Path]:
             write_workflow(workdir, "urgent.py", HOLDER.format(name="urgent", resources=resources)))
 
 
-def _shared_dir(workdir: Path) -> Path:
-    out = workdir / "out"
-    out.mkdir()
-    out.chmod(0o777)
-    return out
-
-
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
@@ -60,25 +53,22 @@ class TestPriorityAcrossUsers:
     """A HIGH job of one user preempts a LOW job of another that holds what it needs."""
 
     def test_cpu_contention_preempts_the_lower_priority_job(self, agentd: Agentd, users: tuple[User, User],
-                                                             workdir: Path) -> None:
+                                                             workdir: Path, outdir: Path) -> None:
         agentd.configure(CONFIG)
-        self._contend(agentd, users, workdir, "cpu_units=2, memory_mb=64")
+        self._contend(agentd, users, workdir, outdir, "cpu_units=2, memory_mb=64")
 
     def test_gpu_contention_preempts_and_moves_the_device(self, agentd: Agentd, users: tuple[User, User],
-                                                          workdir: Path) -> None:
+                                                          workdir: Path, outdir: Path) -> None:
         agentd.env["AGENT_GPUS"] = GPUS
-        out = self._contend(agentd, users, workdir, "cpu_units=0.1, memory_mb=64, gpu_units=1",
+        out = self._contend(agentd, users, workdir, outdir, "cpu_units=0.1, memory_mb=64, gpu_units=1",
                             check_devices=True)
         assert "batch start cuda=GPU-agentd-test-0" in out and "urgent start cuda=GPU-agentd-test-0" in out
 
     @staticmethod
-    def _contend(agentd: Agentd, users: tuple[User, User], workdir: Path, resources: str,
+    def _contend(agentd: Agentd, users: tuple[User, User], workdir: Path, out: Path, resources: str,
                  check_devices: bool = False) -> str:
         ann, bob = users
-        out = _shared_dir(workdir)
-        log = out / "events.txt"
-        log.touch()
-        log.chmod(0o666)  # both users' states append to it
+        log = shared_file(out, "events.txt")  # both users' states append to it
         batch_flow, urgent_flow = _flows(workdir, resources)
         agentd.start()
         batch = agentd.submit(batch_flow, "--priority", "low", "--param", f"out={log}",

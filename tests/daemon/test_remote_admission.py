@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import Agentd, User, wait_until, write_workflow
+from .helpers import Agentd, User, shared_file, wait_until, write_workflow
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -34,20 +34,15 @@ agent.add_state("work", work, resources=ResourceRequirements(cpu_units={cpu}, me
 
 
 def test_a_script_waits_in_the_box_queue_behind_a_job(agentd: Agentd, users: tuple[User, User],
-                                                      workdir: Path) -> None:
+                                                      workdir: Path, outdir: Path) -> None:
     ann, bob = users
-    out = workdir / "out"
-    out.mkdir()
-    out.chmod(0o777)
-    events = out / "events.txt"
-    events.touch()
-    events.chmod(0o666)
+    events = shared_file(outdir, "events.txt")
     agentd.configure("[pool]\ncpu = 2\n")
     agentd.start()
     job_flow = write_workflow(workdir, "job.py", HOLD.format(name="job", out=str(events),
-                                                             release=str(out / "job-go"), cpu=2))
+                                                             release=str(outdir / "job-go"), cpu=2))
     script = write_workflow(workdir, "script.py", HOLD.format(name="script", out=str(events),
-                                                              release=str(out / "job-go"), cpu=1))
+                                                              release=str(outdir / "job-go"), cpu=1))
     job = agentd.submit(job_flow, user=ann)
     wait_until(lambda: "job start" in events.read_text(), "the job to hold both CPUs")
 
@@ -60,7 +55,7 @@ def test_a_script_waits_in_the_box_queue_behind_a_job(agentd: Agentd, users: tup
         # bob's script asks agentd for a CPU; the box has none left, so it waits in agentd's queue.
         wait_until(lambda: agentd.ctl_json("top")["pool"]["waiting"] == 1, "the script's request to queue in agentd")
         assert "script start" not in events.read_text()
-        (out / "job-go").touch()
+        (outdir / "job-go").touch()
         stdout, stderr = run.communicate(timeout=120)
     finally:
         if run.poll() is None:

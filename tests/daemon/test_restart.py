@@ -48,19 +48,23 @@ for name in ("s1", "s2", "s3", "s4"):
 '''
 
 
+def _start_chain(agentd: Agentd, workdir: Path, out: Path, user: User) -> str:
+    """agentd started, the chain submitted by ``user``, and its s3 running."""
+    agentd.start()
+    job = agentd.submit(write_workflow(workdir, "chain.py", CHAIN), "--param", f"out={out / 'runs.txt'}",
+                        "--param", f"release={out / 'go'}", user=user)
+    agentd.wait_state(job, "s3", "running")
+    return job
+
+
 class TestCrashAndResume:
     """agentd killed outright leaves no process behind; the next one resumes the job."""
 
-    def test_kill_9_mid_job_then_restart(self, agentd: Agentd, users: tuple[User, User], workdir: Path) -> None:
+    def test_kill_9_mid_job_then_restart(self, agentd: Agentd, users: tuple[User, User], workdir: Path,
+                                         outdir: Path) -> None:
         ann, _ = users
-        out = workdir / "out"
-        out.mkdir()
-        out.chmod(0o777)
-        runs = out / "runs.txt"
-        agentd.start()
-        job = agentd.submit(write_workflow(workdir, "chain.py", CHAIN), "--param", f"out={runs}",
-                            "--param", f"release={out / 'go'}", user=ann)
-        agentd.wait_state(job, "s3", "running")
+        runs = outdir / "runs.txt"
+        job = _start_chain(agentd, workdir, outdir, ann)
         wait_until(lambda: runs.exists() and "s3" in runs.read_text(), "s3 to start")
         old_dirs = agentd.incarnation_dirs()
         assert any(os.path.isdir(f"{d}/job-{job}") for d in old_dirs)
@@ -78,28 +82,22 @@ class TestCrashAndResume:
         status = agentd.status(job, user=ann)
         assert status["status"] == "running" and status["starts"] == 2
         assert status["states"]["s1"] == "completed" and status["states"]["s2"] == "completed"
-        (out / "go").touch()
+        (outdir / "go").touch()
         final = agentd.wait_status(job, "completed", "failed")
         assert final["status"] == "completed", final
         assert [line.split()[0] for line in runs.read_text().splitlines()] == ["s1", "s2", "s3", "s3", "s4"]
         assert "progress ['s1', 's2', 's3']" in agentd.ctl("logs", job, "s4", user=ann).stdout
 
     def test_a_clean_stop_keeps_running_jobs_for_the_next_start(self, agentd: Agentd, users: tuple[User, User],
-                                                                 workdir: Path) -> None:
+                                                                 workdir: Path, outdir: Path) -> None:
         ann, _ = users
-        out = workdir / "out"
-        out.mkdir()
-        out.chmod(0o777)
-        runs = out / "runs.txt"
-        agentd.start()
-        job = agentd.submit(write_workflow(workdir, "chain.py", CHAIN), "--param", f"out={runs}",
-                            "--param", f"release={out / 'go'}", user=ann)
-        agentd.wait_state(job, "s3", "running")
+        runs = outdir / "runs.txt"
+        job = _start_chain(agentd, workdir, outdir, ann)
         dirs = agentd.incarnation_dirs()
         assert agentd.stop() == 0
         assert not [d for d in dirs if os.path.exists(d)]
         wait_until(lambda: not processes_of({ann.uid}), "the job's processes to stop with agentd", timeout=30)
-        (out / "go").touch()
+        (outdir / "go").touch()
         agentd.start()
         assert agentd.wait_status(job, "completed", "failed")["status"] == "completed"
         assert [line.split()[0] for line in runs.read_text().splitlines()] == ["s1", "s2", "s3", "s3", "s4"]

@@ -67,13 +67,6 @@ agent.add_state("talk", talk)
 '''
 
 
-def _out(workdir: Path) -> Path:
-    out = workdir / "out"
-    out.mkdir()
-    out.chmod(0o777)
-    return out
-
-
 class TestHumanInTheLoop:
     """A state's question shows in agentctl status; agentctl respond answers it (re-asked when invalid)."""
 
@@ -105,32 +98,32 @@ class TestHumanInTheLoop:
 class TestPauseResumeCancel:
     """pause checkpoints and stops a job; resume continues it; cancel ends it; none leaves a process."""
 
-    def test_pause_then_resume(self, agentd: Agentd, users: tuple[User, User], workdir: Path) -> None:
+    def test_pause_then_resume(self, agentd: Agentd, users: tuple[User, User], workdir: Path,
+                               outdir: Path) -> None:
         ann, _ = users
-        out = _out(workdir)
         agentd.start()
-        job = agentd.submit(write_workflow(workdir, "steps.py", STEPS), "--param", f"out={out / 'log'}",
-                            "--param", f"release={out / 'go'}", user=ann)
+        job = agentd.submit(write_workflow(workdir, "steps.py", STEPS), "--param", f"out={outdir / 'log'}",
+                            "--param", f"release={outdir / 'go'}", user=ann)
         agentd.wait_state(job, "second", "running")
         paused = agentd.ctl_json("pause", job, user=ann)  # answers once the job has stopped
         assert paused["status"] == "paused" and paused["states"]["first"] == "completed"
         wait_until(lambda: not processes_of({ann.uid}), "the paused job's processes to end", timeout=30)
         assert agentd.ctl("pause", job, user=ann).returncode == 0  # already paused: nothing to do
-        (out / "go").touch()
+        (outdir / "go").touch()
         resumed = agentd.ctl_json("resume", job, user=ann)
         assert resumed["status"] in ("queued", "running")
         assert agentd.wait_status(job, "completed", "failed")["status"] == "completed"
-        assert (out / "log").read_text().splitlines() == ["first", "second", "second"]  # first ran once
+        assert (outdir / "log").read_text().splitlines() == ["first", "second", "second"]  # first ran once
         done = agentd.ctl("resume", job, user=ann)
         assert done.returncode == 1 and "only a paused or failed job" in done.stderr
 
-    def test_cancel_running_and_queued_jobs(self, agentd: Agentd, users: tuple[User, User], workdir: Path) -> None:
+    def test_cancel_running_and_queued_jobs(self, agentd: Agentd, users: tuple[User, User], workdir: Path,
+                                            outdir: Path) -> None:
         ann, _ = users
-        out = _out(workdir)
         agentd.configure("max_running_jobs = 1\n")
         agentd.start()
         flow = write_workflow(workdir, "steps.py", STEPS)
-        args = ("--param", f"out={out / 'log'}", "--param", f"release={out / 'go'}")
+        args = ("--param", f"out={outdir / 'log'}", "--param", f"release={outdir / 'go'}")
         running = agentd.submit(flow, *args, user=ann)
         agentd.wait_state(running, "second", "running")
         queued = agentd.submit(flow, *args, user=ann)
@@ -146,11 +139,11 @@ class TestPauseResumeCancel:
 class TestWatching:
     """logs -f follows a state until its job ends; top shows the box, the jobs and what waits."""
 
-    def test_logs_follow_and_top(self, agentd: Agentd, users: tuple[User, User], workdir: Path) -> None:
+    def test_logs_follow_and_top(self, agentd: Agentd, users: tuple[User, User], workdir: Path,
+                                 outdir: Path) -> None:
         ann, _ = users
-        out = _out(workdir)
         agentd.start()
-        job = agentd.submit(write_workflow(workdir, "talker.py", TALKER), "--param", f"release={out / 'go'}",
+        job = agentd.submit(write_workflow(workdir, "talker.py", TALKER), "--param", f"release={outdir / 'go'}",
                             user=ann)
         agentd.wait_state(job, "talk", "running")
         env = {"PATH": "/usr/bin:/bin", "AGENT_SOCKET": agentd.socket}
@@ -164,7 +157,7 @@ class TestWatching:
             assert top["pool"]["totals"]["cpu"] > 0 and not top["agentd"]["admin"]
             text = agentd.ctl("top", "--once", user=ann).stdout
             assert text.startswith("agentd ") and "running 1" in text and "talker" in text
-            (out / "go").touch()
+            (outdir / "go").touch()
             rest, err = follow.communicate(timeout=120)
         finally:
             if follow.poll() is None:
