@@ -52,7 +52,7 @@ class JobCgroup:
 
     def set_gpus(self, minors: set[int]) -> None:
         """Open the devices policy (v1) for exactly the GPUs the job holds now."""
-        devices = next((d for d in self.dirs if "/devices/" in d), None) if self.backend == "v1" else None
+        devices = self.handle.dirs.get("devices") if self.backend == "v1" else None
         if devices is None or minors == self._gpus:
             self._gpus = set(minors)
             return
@@ -62,9 +62,6 @@ class JobCgroup:
             for rule in device_rules(minors):
                 write(f"{devices}/devices.allow", rule)
         self._gpus = set(minors)
-
-    def pids(self) -> list[int]:
-        return self.handle.pids() if self.handle is not None else []
 
     def remove(self) -> None:
         """Kill everything left in the job's cgroup and below it, and delete it all."""

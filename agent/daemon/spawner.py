@@ -198,7 +198,7 @@ def become(spec: dict[str, Any], fd: int, spawner_pid: int) -> int:
     os.close(log)
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in spec["env"].items()})
-    for directory in (spec.get("cwd"), spec["home"]):
+    for directory in (spec.get("cwd"), spec["job_dir"]):
         try:
             if directory:
                 os.chdir(directory)
@@ -212,6 +212,8 @@ def become(spec: dict[str, Any], fd: int, spawner_pid: int) -> int:
 
 
 class _Serve:
+    """The spawner's loop: fork a runner per request, report every exit, kill them all on EOF."""
+
     def __init__(self, control: socket.socket) -> None:
         self.control = control
         self.children: set[int] = set()

@@ -141,7 +141,7 @@ class JobSupervisor:
             }
             spec = {
                 "job": job.id, "uid": job.uid, "gid": job.gid, "groups": user_groups(job.uid, job.gid),
-                "home": job_dir, "cwd": job.cwd, "path": job.path, "log": os.path.join(log_dir, "runner.log"),
+                "job_dir": job_dir, "cwd": job.cwd, "path": job.path, "log": os.path.join(log_dir, "runner.log"),
                 "env": env, "cgroup_procs": cgroup.procs_files,
             }
             self.spawner.spawn(job.id, spec, theirs.fileno())

@@ -38,7 +38,7 @@ def test_systemd_analyze_verify(unit: str, tmp_path: Path) -> None:
 
 def test_the_unit_is_a_delegated_notify_service() -> None:
     service = _unit(UNITS / "agentd.service")["Service"]
-    assert service["Type"] == "notify" and service["Delegate"] == "yes"
+    assert service["Type"] == "notify" and service["Delegate"] == "yes" and service["KillMode"] == "mixed"
     assert service["Restart"] == "on-failure" and service["WatchdogSec"]
     assert {"RuntimeDirectory", "StateDirectory", "LogsDirectory"} <= set(service)
     for breaks_delegation in ("ProtectControlGroups", "ProtectKernelTunables", "PrivateDevices", "DevicePolicy"):
