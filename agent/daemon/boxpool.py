@@ -78,6 +78,7 @@ class Session:
         except (ResourceError, TypeError, ValueError) as exc:
             self.send({"op": "refused", "t": number, "error": str(exc)})
             return
+        state = state[:200]
         act = _Request(number, f"{self.label}/{state}#{number}", self.user_key, state,
                        self.priority_of(priority), bool(front))
         self.requests[number] = act
