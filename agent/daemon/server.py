@@ -56,9 +56,9 @@ MAX_PARAMS = 256
 class Client:
     """One connection: its identity (from the kernel), its role, and what it asked for."""
 
-    def __init__(self, daemon: "Daemon", link: Link, pid: int, uid: int, gid: int, number: int) -> None:
+    def __init__(self, daemon: "Daemon", conn: socket.socket, pid: int, uid: int, gid: int, number: int) -> None:
         self.daemon = daemon
-        self.link = link
+        self.link = Link(conn, asyncio.get_running_loop(), self.on_message, self.on_lost)
         self.pid, self.uid, self.gid = pid, uid, gid
         self.number = number
         self.user = user_name(uid)
@@ -243,7 +243,6 @@ class Daemon:
         return sock
 
     def _accept(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             try:
                 conn, _ = self.listener.accept()
@@ -254,10 +253,7 @@ class Daemon:
                 return
             pid, uid, gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
             self._numbers += 1
-            client: Client
-            link = Link(conn, loop, lambda m: client.on_message(m), lambda why: client.on_lost(why))
-            client = Client(self, link, pid, uid, gid, self._numbers)
-            self.clients.add(client)
+            self.clients.add(Client(self, conn, pid, uid, gid, self._numbers))
 
     def _close(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.remove_reader(self.listener.fileno())

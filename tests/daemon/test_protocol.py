@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -88,6 +89,43 @@ class TestAgainstAgentd:
             sock.sendall(protocol.encode({"op": "list"}))
             assert _read(sock)["ok"]
         assert agentd.ctl("list").returncode == 0  # agentd serves on
+
+    def test_a_burst_of_connections_from_two_users_each_gets_its_own_answers(
+        self, agentd: Agentd, users: tuple[User, User]
+    ) -> None:
+        """Connections accepted together are told apart (a reply never reaches another user)."""
+        ann, _ = users
+        agentd.start()
+        mine = [_raw(agentd) for _ in range(10)]
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:  # ann's connections, opened while root's wait unread in the same backlog
+            code = 1
+            try:
+                os.setgroups([])
+                os.setresgid(ann.gid, ann.gid, ann.gid)
+                os.setresuid(ann.uid, ann.uid, ann.uid)
+                theirs = [_raw(agentd) for _ in range(10)]
+                os.write(w, b"x")
+                users_seen = set()
+                for sock in theirs:
+                    sock.sendall(protocol.encode(protocol.hello("control")))
+                    users_seen.add(_read(sock)["user"])
+                code = 0 if users_seen == {ann.name} else 2
+            finally:
+                os._exit(code)
+        assert os.read(r, 1) == b"x"
+        for sock in mine:
+            sock.sendall(protocol.encode(protocol.hello("control")))
+        assert [_read(sock)["user"] for sock in mine] == ["root"] * 10
+        for sock in mine:
+            sock.sendall(protocol.encode({"op": "list"}))
+        assert all(_read(sock)["op"] == "reply" for sock in mine)
+        assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
+        for sock in mine:
+            sock.close()
+        os.close(r)
+        os.close(w)
 
     def test_no_agentd_is_a_clear_error(self, tmp_path, capsys) -> None:
         code = ctl.main(["--socket", str(tmp_path / "none.sock"), "list"])
