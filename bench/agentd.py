@@ -3,7 +3,9 @@
 * ``submit``: ``agentctl submit`` (a real process, as a user) to the job's first state
   running, p50 / p90 over ``--submits`` jobs one after another; ``inline`` when that
   state runs in the job's runner, ``process`` when it runs in a process of its own (the
-  job's state zygote starts first). ``agentctl_ms`` is the command alone.
+  job's state zygote starts first). ``agentctl_ms`` is the command alone (an interpreter
+  start); ``without_agentctl_ms`` submits over the socket from the bench itself (root's
+  jobs): what agentd, its spawner and the runner take.
 * ``queue``: ``--jobs`` (1,000) jobs of 10 states each (every state declares
   resources, so each is admitted by agentd's box-wide queue), submitted by 4 users at
   once; ``decisions_per_s`` counts agentd's admission decisions (grants and releases)
@@ -180,6 +182,22 @@ def bench_submit(root: Path, daemon: Daemon, submits: int, user: tuple[str, int]
             while daemon.call("status", job=job)["job"]["status"] == "running":
                 time.sleep(0.01)
         out[isolation] = {"first_state_ms": percentiles(firsts), "agentctl_ms": percentiles(commands)}
+        # The same through the socket from this process: what agentd, the spawner and the
+        # runner take, without agentctl's own interpreter start.
+        direct = []
+        for i in range(submits):
+            stamp = stamps / f"{isolation}-direct-{i}"
+            t0 = time.time()
+            with protocol.BlockingChannel(daemon.socket) as channel:
+                channel.call(protocol.hello("control"))
+                job = channel.call({"op": "submit", "source": flow.read_text(), "path": str(flow),
+                                    "params": {"stamp": str(stamp)}})["job"]
+            while not (stamp.exists() and stamp.read_text()):
+                time.sleep(0.001)
+            direct.append((float(stamp.read_text()) - t0) * 1000)
+            while daemon.call("status", job=job)["job"]["status"] == "running":
+                time.sleep(0.01)
+        out[isolation]["without_agentctl_ms"] = percentiles(direct)
     return out
 
 
@@ -226,6 +244,7 @@ def bench_queue(root: Path, jobs: int) -> dict:
     stop.set()
     sampler.join()
     after = top["pool"]
+    failures = sorted({str(j["error"])[:300] for j in top["jobs"] if j["status"] != "completed"})
     grants = after["granted"] - before["granted"]
     daemon.stop()
     return {
@@ -233,6 +252,7 @@ def bench_queue(root: Path, jobs: int) -> dict:
         "submit_s": round(submitted, 2), "elapsed_s": round(elapsed, 2),
         "decisions_per_s": round(2 * grants / elapsed), "jobs_per_s": round(len(counts) / elapsed, 1),
         "agentd_rss_mb": round(max(peak) / 2**20, 1),
+        "failures": failures[:3],
     }
 
 

@@ -10,7 +10,6 @@ engine), so each call costs a few milliseconds more than Python's own start.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -59,6 +58,8 @@ class Client:
 
 
 def _param(text: str) -> tuple[str, Any]:
+    import json
+
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"--param takes NAME=VALUE, got {text!r}")
@@ -69,6 +70,8 @@ def _param(text: str) -> tuple[str, Any]:
 
 
 def _print_json(data: Any) -> None:
+    import json
+
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import pwd
+import shutil
 import signal
 import socket
 import time
@@ -128,6 +129,7 @@ class JobSupervisor:
             raise JobError(f"its user (uid {job.uid}) no longer exists") from None
         job_dir = self._user_dir(self.jobs_dir, job)
         log_dir = self._user_dir(self.log_dir, job)
+        tmp_dir = self._fresh_tmp(job)
         policy = self.config.policy_for(job.uid)
         cgroup = self.cgroups.create(job.id, job.uid, job.gid, policy.quota, self.config.job_pids_max)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -136,13 +138,14 @@ class JobSupervisor:
                 "PATH": _PATH, "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name,
                 "SHELL": pw.pw_shell or "/bin/sh", "LANG": os.environ.get("LANG", "C.UTF-8"),
                 "AGENT_DAEMON": "1", "AGENT_JOB": job.id, "AGENT_STATE_DIR": job_dir, "AGENT_LOG_DIR": log_dir,
+                "TMPDIR": tmp_dir,
                 **{k: os.environ[k] for k in _PASS_ENV if k in os.environ},
                 **cgroup.env,
             }
             spec = {
                 "job": job.id, "uid": job.uid, "gid": job.gid, "groups": user_groups(job.uid, job.gid),
                 "job_dir": job_dir, "cwd": job.cwd, "path": job.path, "log": os.path.join(log_dir, "runner.log"),
-                "env": env, "cgroup_procs": cgroup.procs_files,
+                "env": env, "cgroup_procs": cgroup.procs_files, "fork_zygote": cgroup.backend != "v2",
             }
             self.spawner.spawn(job.id, spec, theirs.fileno())
         except BaseException:
@@ -170,6 +173,14 @@ class JobSupervisor:
         job.starts += 1
         self.store.save(job)
         log.info("job %s (%s, user %s) started", job.id, job.name, job.user)
+
+    def _fresh_tmp(self, job: Job) -> str:
+        """The runner's TMPDIR, ``<job dir>/tmp``: emptied before each runner and after it."""
+        path = os.path.join(self.jobs_dir, job.id, "tmp")
+        shutil.rmtree(path, ignore_errors=True)  # never follows the links a job may leave there
+        os.mkdir(path, 0o700)
+        os.chown(path, job.uid, job.gid)
+        return path
 
     @staticmethod
     def _user_dir(parent: str, job: Job) -> str:
@@ -299,6 +310,7 @@ class JobSupervisor:
             handle.cgroup.remove()
         except Exception as exc:  # noqa: BLE001 - logged; the job's status must still be settled
             log.error("job %s: cannot remove its cgroup: %s", job.id, exc)
+        shutil.rmtree(os.path.join(self.jobs_dir, job.id, "tmp"), ignore_errors=True)
         if not self.stopping:
             status, error = self._outcome(handle, wait_status)
             job.error = error
