@@ -162,23 +162,35 @@ class Link:
             self.loop.remove_writer(self.sock.fileno())
 
     def _readable(self) -> None:
+        self._read_once()
+
+    def drain(self) -> None:
+        """Handle everything already received (the peer is gone, but what it sent counts)."""
+        while self._read_once():
+            pass
+
+    def _read_once(self) -> bool:
+        """Read what is there and handle each whole message; False when nothing more can come now."""
+        if self.closed:
+            return False
         try:
             data = self.sock.recv(1 << 16)
         except BlockingIOError:
-            return
+            return False
         except OSError as exc:
             self._lose(f"cannot read: {exc}")
-            return
+            return False
         if not data:
             self._lose("the peer closed the connection")
-            return
+            return False
         try:
             messages = self._frames.feed(data)
         except DaemonProtocolError as exc:
             self._lose(str(exc))
-            return
+            return False
         for message in messages:
             self.on_message(message)
+        return True
 
     def _lose(self, why: str) -> None:
         if not self.closed:

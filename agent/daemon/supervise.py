@@ -300,6 +300,8 @@ class JobSupervisor:
         self.running.pop(job.id, None)
         if handle.pid is not None:
             self.by_pid.pop(handle.pid, None)
+            handle.pid = None  # reaped: the number may belong to someone else now
+        handle.link.drain()  # its last words ("finished") may still wait in the socket
         if handle.timer is not None:
             handle.timer.cancel()
         if handle.session is not None:
