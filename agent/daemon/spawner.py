@@ -208,39 +208,9 @@ def become(spec: dict[str, Any], fd: int, spawner_pid: int) -> int:
         except OSError:
             continue
     sys.argv = [str(spec.get("path") or "workflow.py")]
-    if spec.get("fork_zygote"):
-        _fork_state_zygote(fd)
     from .runner import main
 
     return main(fd)
-
-
-def _fork_state_zygote(agentd_fd: int) -> None:
-    """Fork the job's state zygote now, from this preloaded single-threaded process.
-
-    The runner's supervisor adopts it (``AGENT_ZYGOTE``) instead of starting a fresh
-    interpreter, which took most of the time to a job's first isolated state (measured:
-    about 50 ms instead of 150-350 ms). It waits for its ``configure`` and dies with the
-    runner, like any zygote. Not on cgroup v2: there it would sit in the job's cgroup,
-    which must hold no process once the supervisor hands controllers below it.
-    """
-    from ..runtime import zygote
-    from ..supervisor.launcher import PRESTARTED_ENV
-
-    theirs, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    runner = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(agentd_fd)
-            ours.close()
-            os.setsid()
-            code = zygote.main(["zygote", str(theirs.fileno()), str(runner)])
-        finally:
-            os._exit(code)
-    theirs.close()
-    os.environ[PRESTARTED_ENV] = f"{ours.detach()}:{pid}"
 
 
 class _Serve:
@@ -262,7 +232,10 @@ class _Serve:
 
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        # A signal to agentd's whole process group (Ctrl-C, `timeout`) is agentd's to handle:
+        # the spawner goes when agentd closes its socket, or dies (parent-death signal).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         while True:
             readable, _, _ = select.select([self.control, self.wake_r], [], [])
             if self.wake_r in readable:

@@ -145,7 +145,7 @@ class JobSupervisor:
             spec = {
                 "job": job.id, "uid": job.uid, "gid": job.gid, "groups": user_groups(job.uid, job.gid),
                 "job_dir": job_dir, "cwd": job.cwd, "path": job.path, "log": os.path.join(log_dir, "runner.log"),
-                "env": env, "cgroup_procs": cgroup.procs_files, "fork_zygote": cgroup.backend != "v2",
+                "env": env, "cgroup_procs": cgroup.procs_files,
             }
             self.spawner.spawn(job.id, spec, theirs.fileno())
         except BaseException:
@@ -165,7 +165,7 @@ class JobSupervisor:
         handle.link.send({
             "op": "job", "job": job.id, "name": job.name, "path": job.path, "source": self.store.source(job.id),
             "params": job.params, "user": job.user, "box": self.box.info(),
-            "quota": policy.quota,
+            "quota": policy.quota, "fork_zygote": cgroup.backend != "v2",
         })
         job.move(JobStatus.RUNNING)
         job.error = None
