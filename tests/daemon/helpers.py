@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,3 +209,16 @@ def shared_file(directory: Path, name: str) -> Path:
     path.touch()
     path.chmod(0o666)
     return path
+
+
+@contextlib.contextmanager
+def running_as(user: User, argv: list[str], env: dict[str, str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
+    """A process of ``user`` with piped output, killed and reaped if the block leaves it running."""
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, user=user.uid, group=user.gid, extra_groups=[],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

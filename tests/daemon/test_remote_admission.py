@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import Agentd, User, shared_file, wait_until, write_workflow
+from .helpers import Agentd, User, running_as, shared_file, wait_until, write_workflow
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -48,19 +48,12 @@ def test_a_script_waits_in_the_box_queue_behind_a_job(agentd: Agentd, users: tup
 
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "AGENT_DAEMON": "1",
            "AGENT_SOCKET": agentd.socket, "HOME": "/nonexistent"}
-    run = subprocess.Popen([str(Path(sys.executable).parent / "agent"), "run", str(script)], env=env,
-                           cwd=workdir, user=bob.uid, group=bob.gid, extra_groups=[],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with running_as(bob, [str(Path(sys.executable).parent / "agent"), "run", str(script)], env, workdir) as run:
         # bob's script asks agentd for a CPU; the box has none left, so it waits in agentd's queue.
         wait_until(lambda: agentd.ctl_json("top")["pool"]["waiting"] == 1, "the script's request to queue in agentd")
         assert "script start" not in events.read_text()
         (outdir / "job-go").touch()
         stdout, stderr = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
     assert run.returncode == 0, stderr
     assert json.loads(stdout[stdout.index("{"):])["status"] == "completed"
     assert events.read_text().splitlines() == ["job start", "job end", "script start", "script end"]

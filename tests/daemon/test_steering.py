@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from .helpers import Agentd, User, processes_of, wait_until, write_workflow
+from .helpers import Agentd, User, processes_of, running_as, wait_until, write_workflow
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -147,10 +146,7 @@ class TestWatching:
                             user=ann)
         agentd.wait_state(job, "talk", "running")
         env = {"PATH": "/usr/bin:/bin", "AGENT_SOCKET": agentd.socket}
-        follow = subprocess.Popen([agentd.ctl_path, "logs", job, "talk", "-f"], env=env, user=ann.uid,
-                                  group=ann.gid, extra_groups=[], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
-        try:
+        with running_as(ann, [agentd.ctl_path, "logs", job, "talk", "-f"], env, workdir) as follow:
             assert follow.stdout is not None and follow.stdout.readline() == "hello\n"
             top = agentd.ctl_json("top", user=ann)
             assert [j["job"] for j in top["jobs"]] == [job] and top["agentd"]["user"] == ann.name
@@ -159,10 +155,6 @@ class TestWatching:
             assert text.startswith("agentd ") and "running 1" in text and "talker" in text
             (outdir / "go").touch()
             rest, err = follow.communicate(timeout=120)
-        finally:
-            if follow.poll() is None:
-                follow.kill()
-                follow.communicate()
         assert follow.returncode == 0, err
         assert rest == "goodbye\n"
         assert agentd.status(job)["status"] == "completed"

@@ -142,3 +142,30 @@ class TestJobsRunAsTheirUser:
         assert status["states"] == {"isolated": "completed", "inline_too": "completed"}
         listed = agentd.ctl_json("list", user=ann)
         assert [j["job"] for j in listed] == [job] and listed[0]["states"] == status["states"]
+
+
+INHERITS = '''
+import os, textwrap
+from agent import Agent
+
+textwrap.loaded_by_the_workflow_in = os.getpid()  # module state set by the workflow file itself
+
+agent = Agent("inherits")
+
+async def look(context):
+    print("inherited:", getattr(textwrap, "loaded_by_the_workflow_in", None) is not None, os.getpid())
+    return None
+
+agent.add_state("look", look)
+'''
+
+
+def test_state_processes_fork_from_the_loaded_workflow(agentd: Agentd, users: tuple[User, User],
+                                                       workdir: Path) -> None:
+    """On cgroup v1 the job's zygote is a fork of its runner: states inherit the workflow's imports."""
+    ann, _ = users
+    agentd.start()
+    job = agentd.submit(write_workflow(workdir, "inherits.py", INHERITS), user=ann)
+    assert agentd.wait_status(job, "completed", "failed")["status"] == "completed"
+    out = agentd.ctl("logs", job, "look", user=ann).stdout
+    assert out.startswith("inherited: True"), out
