@@ -253,3 +253,34 @@ class MonitorConfigurationError(MonitorError, ValueError):
 
 class StatusEndpointError(MonitorError):
     """Raised when a status endpoint cannot be reached, refuses a client, or answers wrongly."""
+
+
+# --- agentd ----------------------------------------------------------------------------
+
+
+class DaemonError(AgentError):
+    """Raised by agentd, the box-wide service, and by its clients (agentctl, remote admission)."""
+
+
+class DaemonUnavailableError(DaemonError, ConnectionError):
+    """Raised when agentd cannot be reached, or the connection to it was lost."""
+
+
+class DaemonProtocolError(DaemonError):
+    """Raised when a message to or from agentd is malformed, or its protocol version differs."""
+
+
+class DaemonConfigError(DaemonError, ValueError):
+    """Raised when agentd's configuration file is malformed or names unknown users or groups."""
+
+
+class JobError(DaemonError):
+    """Raised when agentd refuses a request about a job (unknown, not the caller's, wrong status)."""
+
+
+class JobNotFoundError(JobError, LookupError):
+    """Raised when agentd has no job (or state, or question) of that id."""
+
+
+class JobAccessError(JobError, PermissionError):
+    """Raised when a user asks about, or steers, a job of another user."""

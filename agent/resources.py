@@ -985,9 +985,14 @@ def default_pool() -> ResourcePool:
     """The process's shared pool: this machine's totals, one queue for every agent not given a pool.
 
     Made on first use. When the GPU inventory changes (``AGENT_GPUS`` set to another
-    value) a new one is made, once the old one holds and queues nothing.
+    value) a new one is made, once the old one holds and queues nothing. With
+    ``AGENT_DAEMON=1`` it is agentd's box-wide pool instead (:mod:`agent.daemon.remote`).
     """
     global _default
+    if os.environ.get("AGENT_DAEMON") == "1":
+        import importlib
+
+        return importlib.import_module("agent.daemon.remote").daemon_pool()  # type: ignore[no-any-return]
     inventory = machine_inventory()
     if _default is None or (_default[0] is not inventory and not _default[1]._holders and not _default[1]._waiters):
         _default = (inventory, ResourcePool(gpu_inventory=inventory))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or update) this checkout's virtual environment and install the package into it.
 #   scripts/install.sh [extras]      e.g. scripts/install.sh test,monitor,gpu
+#   scripts/install.sh --service     also install agentd as a systemd service and start it
 # The venv is $AGENT_VENV, default <checkout>/.venv, built from Debian's /usr/bin/python3
 # when present (installing python3-venv with apt if the venv module is missing, as root).
 # The package is installed in editable mode (its distribution name is agent-isolation, its
@@ -9,6 +10,8 @@
 # re-point each other's venv. Prints the venv path last.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+service=
+if [ "${1:-}" = "--service" ]; then service=1; shift; fi
 extras=${1:-}
 venv=${AGENT_VENV:-$here/.venv}
 python=/usr/bin/python3
@@ -55,4 +58,5 @@ chmod 755 "$venv" 2>/dev/null || true
 spec="$here"
 [ -n "$extras" ] && spec="$here[$extras]"
 "$venv/bin/python" -m pip install -q -e "$spec"
+if [ -n "$service" ]; then "$venv/bin/agentctl" install >&2; fi
 echo "$venv"

@@ -45,10 +45,15 @@ class Admission:
 
     @staticmethod
     def of(pool: "ResourcePool") -> "Admission":
-        """The admission of ``pool`` (one per pool, made on first use)."""
+        """The admission of ``pool`` (one per pool, made on first use).
+
+        A pool admitted elsewhere brings its own (``make_admission``): agentd's
+        (:class:`agent.daemon.remote.RemotePool`) sends requests to the box's queue.
+        """
         admission: Admission | None = getattr(pool, "_admission", None)
         if admission is None:
-            admission = Admission(pool)
+            make = getattr(pool, "make_admission", None)
+            admission = make() if make is not None else Admission(pool)
             pool._admission = admission  # type: ignore[attr-defined]
         return admission
 

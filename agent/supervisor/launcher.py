@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +26,40 @@ from ..runtime.zygote import frame, read_frames, write_frame
 ReportHandler = Callable[[dict[str, Any]], None]
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+PRESTARTED_ENV = "AGENT_ZYGOTE"
+"""``FD:PID`` of a zygote this process forked before it started threads (agentd's job
+runners do, ``agent.daemon.spawner``): the first supervisor adopts it instead of starting
+an interpreter. It cannot remove the supervisor's directories when it dies; a runner's
+temporary directory is its job's, which agentd cleans."""
+
+
+class _Forked:
+    """A zygote this process forked, with the two calls ``close`` needs of a Popen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def wait(self, timeout: float = 3600.0) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("zygote", timeout)
+            time.sleep(0.005)
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+
+
+def _take_prestarted() -> tuple[_Forked, socket.socket] | None:
+    fd, _, pid = os.environ.pop(PRESTARTED_ENV, "").partition(":")
+    if not (fd.isdigit() and pid.isdigit()):
+        return None
+    return _Forked(int(pid)), socket.socket(fileno=int(fd))
 
 
 class ZygoteLauncher:
@@ -41,13 +76,28 @@ class ZygoteLauncher:
     ) -> None:
         self._on_report = on_report
         self._on_lost = on_lost
+        prestarted = _take_prestarted()
+        if prestarted is not None:
+            self.process, ours = prestarted
+        else:
+            self.process, ours = self._start(cleanup)
+        self.pid = self.process.pid
+        self._sock = ours
+        self._buffer = bytearray()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.alive = True
+        # The first frame, read before the zygote warms up: what to import for the children.
+        self._send({"op": "configure", "preload": list(preload), "import_path": list(import_path)})
+
+    @staticmethod
+    def _start(cleanup: list[str] | None) -> tuple[subprocess.Popen[bytes], socket.socket]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p
         )
         try:
-            self.process = subprocess.Popen(
+            process = subprocess.Popen(
                 # -P: the working directory is not searched, so no module there shadows ours.
                 [sys.executable, "-P", "-m", "agent.runtime.zygote", str(theirs.fileno()),
                  str(os.getpid()), *(cleanup or [])],
@@ -58,13 +108,7 @@ class ZygoteLauncher:
             )
         finally:
             theirs.close()
-        self.pid = self.process.pid
-        self._sock = ours
-        self._buffer = bytearray()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.alive = True
-        # The first frame, read before the zygote warms up: what to import for the children.
-        self._send({"op": "configure", "preload": list(preload), "import_path": list(import_path)})
+        return process, ours
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is loop:

@@ -16,6 +16,10 @@ from .base import DEFAULT_ROOT, CgroupBackend
 
 BACKEND_ENV = "AGENT_CGROUP_BACKEND"
 """Set, it makes the supervisor use exactly this backend ("v2", "v1" or "none")."""
+ROOT_ENV = "AGENT_CGROUP_ROOT"
+"""Set (by agentd, for a job's runner), the v1 cgroup delegated to this uid: its path below
+each hierarchy's root. The supervisor then creates its cgroups there, without root. (On v2
+a delegated cgroup is simply the process's own, so nothing needs saying.)"""
 CHOICES = ("v2", "v1", "none")
 V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "blkio", "cpuset", "devices", "freezer")
 CORE_CONTROLLERS = ("cpu", "memory", "pids")
@@ -129,14 +133,21 @@ def likely_backend() -> str:
     forced = os.environ.get(BACKEND_ENV)
     if forced:
         return forced
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 and not os.environ.get(ROOT_ENV):
         return "none"
     with open("/proc/self/mountinfo") as f:
         return choose_backend(with_v2_controllers(parse_mountinfo(f.read())))[0]
 
 
 def detect(root: str = DEFAULT_ROOT, prefer: str | None = None) -> Detection:
-    """The first usable backend of v2, v1, none (or exactly ``prefer`` / $AGENT_CGROUP_BACKEND)."""
+    """The first usable backend of v2, v1, none (or exactly ``prefer`` / $AGENT_CGROUP_BACKEND).
+
+    Under ``$AGENT_CGROUP_ROOT`` (a delegated v1 cgroup) the default ``root`` is that
+    cgroup, and v1 is usable without root.
+    """
+    delegated = os.environ.get(ROOT_ENV)
+    if delegated and root == DEFAULT_ROOT:
+        root = delegated.strip("/")
     forced = prefer or os.environ.get(BACKEND_ENV) or None
     if forced:
         try:
@@ -145,7 +156,7 @@ def detect(root: str = DEFAULT_ROOT, prefer: str | None = None) -> Detection:
             raise IsolationUnavailableError(f"cgroup backend {forced!r} is not usable here: {exc}") from exc
     refused: dict[str, str] = {}
     for kind in ("v2", "v1"):
-        if os.geteuid() != 0 and kind == "v1":
+        if os.geteuid() != 0 and kind == "v1" and not delegated:
             refused[kind] = "cgroup v1 needs root"
             continue
         try:

@@ -231,7 +231,11 @@ class V1Backend:
         missing = [c for c in REQUIRED if c not in self.mounts]
         if missing:
             raise CgroupError(f"cgroup v1 controllers {missing} are not mounted")
-        self.controllers = [c for c in REQUIRED + OPTIONAL if c in self.mounts]
+        # Writing devices.allow / devices.deny needs CAP_SYS_ADMIN: a delegated (non-root)
+        # supervisor leaves devices to whoever delegated its cgroup (agentd pins a job's GPUs).
+        self.controllers = [
+            c for c in REQUIRED + OPTIONAL if c in self.mounts and (c != "devices" or os.geteuid() == 0)
+        ]
         self.supervisor = SupervisorName.mine()
         self.sup_dirs: dict[str, str] = {}
         for controller in self.controllers:
@@ -261,8 +265,10 @@ class V1Backend:
             caps["gpu_units"] = "devices cgroup denies other GPUs' /dev/nvidia* + CUDA_VISIBLE_DEVICES"
         return caps
 
-    def create(self, name: str, limits: CgroupLimits) -> V1Cgroup:
-        controllers = [c for c in self.controllers if self._needed(c, limits)]
+    def create(self, name: str, limits: CgroupLimits, *, every_controller: bool = False) -> V1Cgroup:
+        """The cgroup ``name`` with ``limits``; ``every_controller`` makes it in every hierarchy
+        (a cgroup delegated to a supervisor of its own needs them all)."""
+        controllers = [c for c in self.controllers if every_controller or self._needed(c, limits)]
         dirs: dict[str, str] = {}
         handle = V1Cgroup(name, dirs, limits)
         try:
@@ -322,7 +328,9 @@ class V1Backend:
                             write(f"{dirs['blkio']}/blkio.throttle.{fname}", f"{t.device} {value}")
         if limits.io_weight is not None:
             self._write_io_weight(handle)
-        if limits.allow_devices is not None:  # closed policy: deny all, then allow the list
+        if limits.allow_devices is not None and "devices" not in dirs:
+            handle.unenforced["devices"] = "the devices cgroup needs root; GPUs are hidden by CUDA_VISIBLE_DEVICES"
+        elif limits.allow_devices is not None:  # closed policy: deny all, then allow the list
             write(f"{dirs['devices']}/devices.deny", "a")
             for rule in limits.allow_devices:
                 write(f"{dirs['devices']}/devices.allow", rule)

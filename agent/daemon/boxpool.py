@@ -1,0 +1,212 @@
+"""The box's one admission path: agentd's pool, shared by every job and client of every user.
+
+It is the engine's own admission (:class:`agent.engine.admission.Admission` over a
+:class:`~agent.resources.ResourcePool` with this machine's totals, its GPUs and
+preemption on), with a :class:`Session` standing in for each remote run: a job's runner
+or a plain ``Agent.run()`` with ``AGENT_DAEMON=1``. A session's ``request`` enters the
+queue under a box-wide owner name (``job 7/train#3``); grants and preemption orders go
+back over its connection. So strict priority, backfill, GPU devices and preemption work
+across jobs and users exactly as they do across agents in one process.
+
+Policy, per user (:mod:`agent.daemon.config`): a job's states compete at the job's
+priority; a plain client's at their own priority, capped at the user's ceiling. A
+user's quota is a pool quota keyed by the user (``user alice``): what all of that
+user's running states hold together; a request over it waits (or, if it can never
+fit, is refused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from .._types import Priority, ResourceType
+from ..devices import GPUInventory
+from ..engine.admission import Admission
+from ..errors import ResourceError
+from ..resources import ResourcePool, ResourceRequirements
+from .config import DaemonConfig, UserPolicy
+
+Send = Callable[[dict[str, Any]], None]
+
+
+class _Request:
+    """What the engine's Admission calls an activation: one request of one session."""
+
+    __slots__ = ("number", "owner", "state", "client_state", "priority", "front")
+
+    def __init__(self, number: int, owner: str, user_key: str, state: str, priority: int, front: bool) -> None:
+        self.number = number
+        self.owner = owner
+        self.state = user_key  # the pool's quota key: quotas are per user
+        self.client_state = state
+        self.priority = priority
+        self.front = front
+
+
+class Session:
+    """One connection's requests in the box queue (it plays the engine's ``Run`` for Admission)."""
+
+    def __init__(self, box: "BoxAdmission", label: str, uid: int, user: str, policy: UserPolicy,
+                 job_priority: int | None, send: Send, on_devices: Callable[[set[int]], None] | None) -> None:
+        self.box = box
+        self.label = label
+        self.uid = uid
+        self.user_key = f"user {user}"
+        self.policy = policy
+        self.job_priority = job_priority
+        self.send = send
+        self.on_devices = on_devices
+        self.requests: dict[int, _Request] = {}
+        self.closed = False
+
+    def priority_of(self, asked: int) -> int:
+        if self.job_priority is not None:
+            return self.job_priority
+        return min(int(asked), int(self.policy.priority_ceiling))
+
+    # --- what the client sends ----------------------------------------------------------
+
+    def request(self, number: int, state: str, priority: int, front: bool, amounts: dict[str, float]) -> None:
+        """Queue a request; its grant (maybe at once), refusal or later preemption is sent back."""
+        if number in self.requests:
+            self.send({"op": "refused", "t": number, "error": f"request {number} is already queued"})
+            return
+        try:
+            req = requirements(amounts)
+        except (ResourceError, TypeError, ValueError) as exc:
+            self.send({"op": "refused", "t": number, "error": str(exc)})
+            return
+        state = state[:200]
+        act = _Request(number, f"{self.label}/{state}#{number}", self.user_key, state,
+                       self.priority_of(priority), bool(front))
+        self.requests[number] = act
+        admission = self.box.admission
+        try:
+            granted = admission.request(self, act, req)  # type: ignore[arg-type]
+        except ResourceError as exc:  # larger than the box, or than the user's quota
+            del self.requests[number]
+            self.send({"op": "refused", "t": number, "error": str(exc)})
+            return
+        if granted:
+            self.on_grant(act)
+        else:
+            admission.preempt_for(act, req)  # type: ignore[arg-type]
+
+    def release(self, number: int) -> None:
+        act = self.requests.pop(number, None)
+        if act is not None:
+            had_gpus = bool(self.box.pool.devices(act.owner))
+            self.box.admission.release(act.owner)
+            if had_gpus:
+                self._devices_changed()
+
+    def requeue(self, number: int) -> None:
+        act = self.requests.get(number)
+        if act is not None:
+            had_gpus = bool(self.box.pool.devices(act.owner))
+            act.front = True
+            self.box.admission.requeue(act.owner)
+            if had_gpus:
+                self._devices_changed()
+
+    def close(self) -> None:
+        """The client is gone: give back everything it holds or waits for."""
+        self.closed = True
+        for number in list(self.requests):
+            self.release(number)
+        self.box.sessions.discard(self)
+
+    # --- what Admission calls (as it calls a Run) ----------------------------------------
+
+    def on_grant(self, act: _Request) -> None:
+        if self.closed or self.requests.get(act.number) is not act:
+            return
+        assignment = self.box.admission.assignment(act.owner)
+        if assignment:
+            self._devices_changed()  # the job's devices cgroup opens before the state can start
+        self.send({"op": "grant", "t": act.number, "assignment": assignment})
+
+    def preempt(self, act: _Request) -> None:
+        if not self.closed and self.requests.get(act.number) is act:
+            self.send({"op": "preempt", "t": act.number})
+
+    def _devices_changed(self) -> None:
+        if self.on_devices is not None:
+            pool = self.box.pool
+            self.on_devices({d.minor_number for a in self.requests.values() for d in pool.devices(a.owner)})
+
+    # --- what agentctl shows ---------------------------------------------------------------
+
+    def waiting(self) -> dict[str, str]:
+        """Why each queued request of this session waits, by the client's state name."""
+        pool = self.box.pool
+        return {a.client_state: pool.waiting_reason(a.owner) or "about to be granted"
+                for a in self.requests.values() if not pool.holds(a.owner)}
+
+    def holding(self) -> dict[str, dict[str, float]]:
+        allocations = self.box.pool.get_state_allocations()
+        return {a.client_state: {r.name.lower(): v for r, v in allocations[a.owner].items()}  # type: ignore[union-attr]
+                for a in self.requests.values() if a.owner in allocations}
+
+
+class BoxAdmission:
+    """agentd's pool and the engine's admission over it (see the module docstring)."""
+
+    def __init__(self, config: DaemonConfig, inventory: GPUInventory | None = None) -> None:
+        self.config = config
+        self.pool = ResourcePool(
+            total_cpu=config.pool_cpu, total_memory=config.pool_memory_mb,
+            enable_preemption=config.preemption, enable_quotas=True, gpu_inventory=inventory,
+        )
+        self.gpus = (inventory.devices() if inventory is not None else [])[: int(self.pool.totals[ResourceType.GPU])]
+        self.admission = Admission(self.pool)
+        self.sessions: set[Session] = set()
+        self._quota_set: set[str] = set()
+
+    def session(self, label: str, uid: int, user: str, policy: UserPolicy, send: Send, *,
+                job_priority: int | None = None,
+                on_devices: Callable[[set[int]], None] | None = None) -> Session:
+        session = Session(self, label, uid, user, policy, job_priority, send, on_devices)
+        if session.user_key not in self._quota_set and policy.quota:
+            quota = policy.quota
+            self.pool.set_quota(session.user_key, cpu=quota.get("cpu"), memory=quota.get("memory_mb"),
+                                gpu=quota.get("gpu"), mode="wait")
+            self._quota_set.add(session.user_key)
+        self.sessions.add(session)
+        return session
+
+    def info(self) -> dict[str, Any]:
+        """The box's totals and GPUs, as agentd tells its clients (a RemotePool is built from it)."""
+        t = self.pool.totals
+        R = ResourceType
+        return {
+            "cpu": t[R.CPU], "memory_mb": t[R.MEMORY], "io": t[R.IO], "network": t[R.NETWORK], "gpu": t[R.GPU],
+            "gpus": [asdict(d) for d in self.gpus], "preemption": self.pool.enable_preemption,
+        }
+
+    def statistics(self) -> dict[str, Any]:
+        stats = self.pool.statistics()
+        return {
+            "totals": {r.name.lower(): v for r, v in stats.totals.items()},  # type: ignore[union-attr]
+            "allocated": {r.name.lower(): round(v, 6) for r, v in stats.allocated.items()},  # type: ignore[union-attr]
+            "holders": stats.holders,
+            "waiting": stats.waiting,
+            "waiting_by_priority": {p.name.lower(): n for p, n in stats.waiting_by_priority.items()},
+            "granted": stats.granted,
+            "preempted": stats.preempted,
+            "rejected": stats.rejected,
+        }
+
+
+def requirements(amounts: dict[str, Any]) -> ResourceRequirements:
+    """A request as the client's engine accounted it (type name -> amount)."""
+    known = {"cpu", "memory", "io", "network", "gpu"}
+    if not isinstance(amounts, dict) or set(amounts) - known:
+        raise ResourceError(f"a request names unknown resource types: {sorted(set(amounts) - known)}")
+    return ResourceRequirements(
+        cpu_units=amounts.get("cpu", 0.0), memory_mb=amounts.get("memory", 0.0),
+        io_weight=amounts.get("io", 0.0), network_weight=amounts.get("network", 0.0),
+        gpu_units=amounts.get("gpu", 0.0), priority=Priority.NORMAL,
+    )

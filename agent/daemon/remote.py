@@ -1,0 +1,266 @@
+"""agentd's admission, from a client: the pool a job's runner, or any ``Agent.run()`` with
+``AGENT_DAEMON=1``, draws from when the box's one pool lives in agentd.
+
+:class:`RemotePool` is a :class:`~agent.resources.ResourcePool` with the box's totals
+and GPUs (so ``add_state`` checks requests against the box), whose admission is
+:class:`RemoteAdmission`: the engine's admission interface
+(:mod:`agent.engine.admission`) over the connection to agentd. A state that declares
+resources sends ``request``; agentd queues it in the box's one queue (priorities,
+backfill, per-user quotas, preemption across every job and user) and pushes ``grant``
+(with the GPUs assigned) or ``preempt`` (the engine stops that state and sends
+``requeue``); ``release`` gives a grant back. Every request gets a number of its own,
+so a grant that crosses a withdrawal is never taken for a later request.
+
+Switch: ``AGENT_DAEMON=1`` makes :func:`agent.resources.default_pool` return
+:func:`daemon_pool` (agentd's socket from ``AGENT_SOCKET``, else ``/run/agent/agentd.sock``).
+Priorities are capped by the user's ceiling in agentd's configuration. If the
+connection is lost, every run waiting on or holding a grant fails with
+:class:`~agent.errors.DaemonUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..devices import GPUDevice, StaticInventory
+from ..errors import DaemonError, DaemonUnavailableError, QuotaExceededError, ResourceError
+from ..resources import ResourcePool, ResourceRequirements
+from .protocol import Link, hello, socket_path, version_mismatch
+
+if TYPE_CHECKING:
+    from ..engine.run import Activation, Run
+
+DAEMON_ENV = "AGENT_DAEMON"
+_QUOTA_FIELDS = {"cpu": "cpu_units", "memory_mb": "memory_mb", "gpu": "gpu_units"}
+
+
+def encode_requirements(req: ResourceRequirements) -> dict[str, Any]:
+    """What agentd needs of a request: the accounted amounts (by type name)."""
+    return {rtype.name.lower(): amount for rtype, amount in req.amounts().items()}  # type: ignore[union-attr]
+
+
+class _Ticket:
+    __slots__ = ("number", "run", "act", "assignment")
+
+    def __init__(self, number: int, run: "Run", act: "Activation") -> None:
+        self.number = number
+        self.run = run
+        self.act = act
+        self.assignment: dict[str, Any] = {}
+
+
+class RemoteAdmission:
+    """The engine's admission interface (see :class:`agent.engine.admission.Admission`), served by agentd."""
+
+    def __init__(self, pool: "RemotePool") -> None:
+        self.pool = pool
+        self.tickets: dict[str, _Ticket] = {}  # by the engine's owner key
+        self._numbered: dict[int, _Ticket] = {}
+        self._numbers = itertools.count(1)
+
+    def owner_for(self, state: str, run_id: str) -> str:
+        return state if state not in self.tickets else f"{state}@{run_id[:12]}"
+
+    def request(self, run: "Run", act: "Activation", req: ResourceRequirements) -> bool:
+        """Send the request to agentd; the grant arrives later through ``run.on_grant(act)``."""
+        self.pool.check_quota(req, act.state)
+        link = self.pool.link()
+        ticket = _Ticket(next(self._numbers), run, act)
+        self.tickets[act.owner] = ticket
+        self._numbered[ticket.number] = ticket
+        link.send({"op": "request", "t": ticket.number, "state": act.state, "priority": act.priority,
+                   "front": act.front, "req": encode_requirements(req)})
+        return False
+
+    def release(self, owner: str, usage: dict[str, Any] | None = None) -> None:
+        ticket = self.tickets.pop(owner, None)
+        if ticket is None:
+            return
+        del self._numbered[ticket.number]
+        self._send({"op": "release", "t": ticket.number})
+
+    def requeue(self, owner: str) -> None:
+        ticket = self.tickets.get(owner)
+        if ticket is not None:
+            ticket.assignment = {}
+            self._send({"op": "requeue", "t": ticket.number})
+
+    def assignment(self, owner: str) -> dict[str, Any]:
+        ticket = self.tickets.get(owner)
+        return dict(ticket.assignment) if ticket is not None else {}
+
+    def why_waiting(self, owner: str) -> str:
+        return "queued in agentd's box-wide queue (agentctl status shows why)"
+
+    def preempt_for(self, act: "Activation", req: ResourceRequirements) -> bool:
+        return False  # agentd preempts, box-wide, when it queues the request
+
+    def _send(self, message: dict[str, Any]) -> None:
+        link = self.pool.current_link()
+        if link is not None and not link.closed:
+            link.send(message)
+
+    # --- what agentd pushes ---------------------------------------------------------
+
+    def on_message(self, message: dict[str, Any]) -> bool:
+        """Handle an admission message; False when it is not one."""
+        op = message["op"]
+        if op not in ("grant", "preempt", "refused"):
+            return False
+        ticket = self._numbered.get(message.get("t"))  # type: ignore[arg-type]
+        if ticket is None:
+            return True  # withdrawn meanwhile: agentd has its release
+        if op == "grant":
+            ticket.assignment = dict(message.get("assignment") or {})
+            ticket.run.on_grant(ticket.act)
+        elif op == "preempt":
+            ticket.run.preempt(ticket.act)
+        else:
+            self.tickets.pop(ticket.act.owner, None)
+            del self._numbered[ticket.number]
+            ticket.run.fail(QuotaExceededError(str(message.get("error") or "agentd refused the request")))
+        return True
+
+    def on_lost(self, why: str) -> None:
+        """The connection is gone: every run waiting on or holding a grant fails."""
+        tickets = list(self.tickets.values())
+        self.tickets.clear()
+        self._numbered.clear()
+        for ticket in tickets:
+            ticket.run.fail(DaemonUnavailableError(
+                f"lost the connection to agentd ({why}) while state {ticket.act.state!r} was admitted by it"))
+
+
+class RemotePool(ResourcePool):
+    """The box's pool as seen from a client: totals and GPUs from agentd, admission by agentd."""
+
+    def __init__(self, welcome: dict[str, Any], connect: Callable[[], socket.socket] | None = None,
+                 on_other: Callable[[dict[str, Any]], None] | None = None,
+                 on_lost: Callable[[str], None] | None = None) -> None:
+        box = welcome["box"]
+        devices = [GPUDevice(**d) for d in box.get("gpus", [])]
+        super().__init__(
+            total_cpu=box["cpu"], total_memory=box["memory_mb"], total_io=box["io"],
+            total_network=box["network"], total_gpu=box["gpu"], enable_preemption=bool(box["preemption"]),
+            gpu_inventory=StaticInventory(devices, unavailable_reason="agentd's box has no GPUs"),
+        )
+        self.user = welcome.get("user")
+        self.quota: dict[str, float] = {k: float(v) for k, v in (welcome.get("quota") or {}).items()}
+        self.on_other = on_other
+        self.on_lost = on_lost
+        self._connect = connect
+        self._link: Link | None = None
+        self._remote = RemoteAdmission(self)
+
+    def make_admission(self) -> RemoteAdmission:
+        """What :meth:`agent.engine.admission.Admission.of` uses for this pool."""
+        return self._remote
+
+    def link(self) -> Link:
+        """The connection on the running loop (a new one after the loop changed, e.g. a new ``run_sync``)."""
+        loop = asyncio.get_running_loop()
+        link = self._link
+        if link is None or link.closed or link.loop is not loop:
+            if self._connect is None:
+                raise DaemonUnavailableError("the connection to agentd is gone")
+            if link is not None:
+                link.close()
+            self._link = link = Link(self._connect(), loop, self.dispatch, self._lost)
+        return link
+
+    def adopt(self, link: Link) -> None:
+        """Serve admission over ``link``, an open connection (a job's runner has exactly one)."""
+        link.on_message, link.on_lost = self.dispatch, self._lost
+        self._link = link
+
+    def _lost(self, why: str) -> None:
+        self._remote.on_lost(why)
+        if self.on_lost is not None:
+            self.on_lost(why)
+
+    def current_link(self) -> Link | None:
+        return self._link
+
+    def dispatch(self, message: dict[str, Any]) -> None:
+        if not self._remote.on_message(message) and self.on_other is not None:
+            self.on_other(message)
+
+    def check_request(self, requirements: ResourceRequirements, state: str = "?") -> None:
+        super().check_request(requirements, state)
+        self.check_quota(requirements, state)
+
+    def check_quota(self, requirements: ResourceRequirements, state: str) -> None:
+        """Refuse up front what the user's quota in agentd could never admit."""
+        for key, attr in _QUOTA_FIELDS.items():
+            limit = self.quota.get(key)
+            amount = float(getattr(requirements, attr))
+            if limit is not None and amount > limit + 1e-9:
+                raise QuotaExceededError(
+                    f"state {state!r} asks for {attr}={amount:g} but agentd's quota for user "
+                    f"{self.user!r} is {key}={limit:g}: lower the request, or ask the operator to raise "
+                    "the quota in /etc/agent/agentd.toml"
+                )
+
+    # Admission is agentd's: a local grab would bypass the box's queue.
+    def try_acquire(self, owner: str, requirements: ResourceRequirements, **_: Any) -> bool:
+        return False
+
+    def enqueue(self, *args: Any, **kwargs: Any) -> None:
+        raise ResourceError("this pool is agentd's: states are admitted by agentd, not queued here")
+
+    async def acquire(self, *args: Any, **kwargs: Any) -> None:
+        raise ResourceError("this pool is agentd's: states are admitted by agentd, not acquired here")
+
+
+def connect(path: str, role: str = "admission") -> tuple[socket.socket, dict[str, Any]]:
+    """A blocking connection to agentd that said hello; returns it and agentd's welcome."""
+    from .protocol import BlockingChannel
+
+    channel = BlockingChannel(path)
+    try:
+        welcome = channel.call(hello(role, pid=os.getpid()))
+    except BaseException:
+        channel.close()
+        raise
+    if welcome.get("op") != "welcome":
+        channel.close()
+        mismatch = version_mismatch(welcome.get("version"), "agentd")
+        raise DaemonError(str(welcome.get("error") or mismatch or f"agentd refused the connection: {welcome}"))
+    channel.sock.settimeout(None)
+    return channel.sock, welcome
+
+
+_lock = threading.Lock()
+_pool: RemotePool | None = None
+
+
+def daemon_pool() -> RemotePool:
+    """The process's pool admitted by agentd (``AGENT_DAEMON=1``): one connection per event loop."""
+    global _pool
+    with _lock:
+        if _pool is None:
+            path = socket_path()
+            try:
+                first, welcome = connect(path)
+            except DaemonUnavailableError as exc:
+                raise DaemonUnavailableError(f"{DAEMON_ENV}=1: {exc}; or unset {DAEMON_ENV} to run without it") from None
+            spare = [first]
+
+            def reconnect() -> socket.socket:
+                return spare.pop() if spare else connect(path)[0]
+
+            _pool = RemotePool(welcome, reconnect)
+        return _pool
+
+
+def install(pool: RemotePool) -> None:
+    """Make ``pool`` the one :func:`daemon_pool` returns (a job's runner, over its own connection)."""
+    global _pool
+    with _lock:
+        _pool = pool

@@ -1,0 +1,335 @@
+"""agentd's zygote for job runners: forks each runner and turns it into the submitting user.
+
+agentd starts it once (``python -P -m agent.daemon.spawner FD AGENTD_PID``), a clean
+interpreter that imports the engine, the runner and the embedded supervisor, and holds
+no thread, no event loop and nothing of any job: a runner is then a fork (milliseconds)
+instead of a fresh interpreter (a few hundred). Requests come over a ``SOCK_SEQPACKET``
+socketpair, one message each; ``spawn`` carries, as ``SCM_RIGHTS``, the runner's end of
+the socketpair agentd made for that job. Reports: ``spawned``, ``spawn_failed``,
+``exited`` (with the raw wait status).
+
+The forked child, before it runs anything of the job (:func:`become`):
+
+1. closes every descriptor but the job's socket (the spawner's control socket would let
+   a job ask for runners of other uids), and starts a session of its own;
+2. still root, joins the job's cgroup (every ``cgroup.procs`` agentd names);
+3. sets the user's supplementary groups, gid and uid (``setgroups``, ``setresgid``,
+   ``setresuid``: all three ids, so root cannot be regained), then the parent-death
+   signal (the kernel clears it on a credential change) and checks the spawner still
+   lives;
+4. sends stdout and stderr to the job's runner log, opened as the user;
+5. replaces the environment with the one agentd built (nothing of root's) and changes to
+   the submitter's working directory (else the job's directory).
+
+It is dumpable again afterwards (the kernel clears that too on a uid change): its memory
+holds only this module's imports and its own job, and the user may debug their runner.
+The spawner dies with agentd (parent-death signal), and its runners with it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
+import traceback
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from .protocol import decode
+
+if TYPE_CHECKING:
+    import asyncio
+
+_PR_SET_NAME = 15
+_PR_SET_DUMPABLE = 4
+_MAX_MESSAGE = 1 << 20
+PRELOAD = (
+    "agent.daemon.runner",
+    "agent.runtime.zygote",
+    "agent.runtime.session",
+    "agent.agent",
+    "agent.engine.run",
+    "agent.checkpoint_store",
+    "agent.supervisor",
+    "agent.supervisor.confinement",
+    "uvloop",
+)
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _pack(message: dict[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+class Spawner:
+    """agentd's handle on its spawner process."""
+
+    def __init__(self, on_report: Callable[[dict[str, Any]], None], on_lost: Callable[[], None]) -> None:
+        self._on_report = on_report
+        self._on_lost = on_lost
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_", "LISTEN_"))}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-P", "-m", "agent.daemon.spawner", str(theirs.fileno()), str(os.getpid())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env,
+            )
+        finally:
+            theirs.close()
+        self.pid = self.process.pid
+        self._sock = ours
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._out: deque[tuple[bytes, int]] = deque()
+        self.alive = True
+
+    def attach(self, loop: "asyncio.AbstractEventLoop") -> None:
+        self._loop = loop
+        loop.add_reader(self._sock.fileno(), self._readable)
+
+    def spawn(self, job_id: str, spec: dict[str, Any], fd: int) -> None:
+        """Ask for a runner of ``job_id`` (``spec``: see :func:`become`) serving the socket ``fd``.
+
+        Never blocks: a socketpair queues only a few messages, and the spawner blocks on
+        its reports while agentd is not reading them, so requests wait here instead.
+        """
+        if not self.alive:
+            raise ConnectionError("agentd's spawner is gone")
+        self._out.append((_pack({"op": "spawn", "job": job_id, "spec": spec}), os.dup(fd)))
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._out:
+            data, fd = self._out[0]
+            try:
+                socket.send_fds(self._sock, [data], [fd], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if self._loop is not None:
+                    self._loop.add_writer(self._sock.fileno(), self._flush)
+                return
+            except OSError:
+                self._lose()
+                return
+            self._out.popleft()
+            os.close(fd)
+        if self._loop is not None:
+            self._loop.remove_writer(self._sock.fileno())
+
+    def _readable(self) -> None:
+        try:
+            data = self._sock.recv(_MAX_MESSAGE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lose()
+            return
+        self._on_report(decode(data))
+
+    def _lose(self) -> None:
+        if self.alive:
+            self.alive = False
+            self._detach()
+            self._on_lost()
+
+    def _detach(self) -> None:
+        if self._loop is not None and not self._loop.is_closed() and self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+            self._loop.remove_writer(self._sock.fileno())
+        while self._out:
+            os.close(self._out.popleft()[1])
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the spawner: it SIGKILLs its runners and exits."""
+        self.alive = False
+        self._detach()
+        self._sock.close()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# --- the spawner process -------------------------------------------------------------------
+
+
+def _set_parent_death_signal(sig: int) -> None:
+    from ..runtime.child import set_parent_death_signal
+
+    set_parent_death_signal(sig)
+
+
+def _close_fds_except(keep: int) -> None:
+    os.closerange(3, keep)
+    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+
+
+def become(spec: dict[str, Any], fd: int, spawner_pid: int) -> int:
+    """Turn this forked child into job ``spec["job"]``'s runner (see the module docstring); its exit code."""
+    _close_fds_except(fd)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.close(null)
+    for procs in spec["cgroup_procs"]:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+    uid, gid = int(spec["uid"]), int(spec["gid"])
+    os.setgroups([int(g) for g in spec["groups"]])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    _set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != spawner_pid:
+        return 1  # the spawner (so agentd) died before the signal was armed
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+    libc.prctl(_PR_SET_NAME, ctypes.c_char_p(f"agent-job-{spec['job']}".encode()[:15]), 0, 0, 0)  # for ps
+    os.umask(0o022)  # what a login session has; its own directories are 0700 anyway
+    log = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in spec["env"].items()})
+    for directory in (spec.get("cwd"), spec["job_dir"]):
+        try:
+            if directory:
+                os.chdir(directory)
+                break
+        except OSError:
+            continue
+    sys.argv = [str(spec.get("path") or "workflow.py")]
+    from .runner import main
+
+    return main(fd)
+
+
+class _Serve:
+    """The spawner's loop: fork a runner per request, report every exit, kill them all on EOF."""
+
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.children: set[int] = set()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def report(self, message: dict[str, Any]) -> None:
+        try:
+            self.control.send(_pack(message))
+        except OSError:
+            pass
+
+    def loop(self) -> None:
+        import select
+
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        # A signal to agentd's whole process group (Ctrl-C, `timeout`) is agentd's to handle:
+        # the spawner goes when agentd closes its socket, or dies (parent-death signal).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            readable, _, _ = select.select([self.control, self.wake_r], [], [])
+            if self.wake_r in readable:
+                try:
+                    while os.read(self.wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                self.reap()
+            if self.control in readable:
+                data, fds, _, _ = socket.recv_fds(self.control, _MAX_MESSAGE, 4)
+                if not data:
+                    for fd in fds:
+                        os.close(fd)
+                    return
+                self.handle(decode(data), fds)
+
+    def handle(self, request: dict[str, Any], fds: list[int]) -> None:
+        if request["op"] != "spawn" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            return
+        fd = fds[0]
+        me = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(fd)
+            self.report({"op": "spawn_failed", "job": request["job"], "error": str(exc)})
+            return
+        if pid == 0:
+            code = 70
+            try:
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, signal.SIG_DFL)
+                code = become(request["spec"], fd, me)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(fd)
+        self.children.add(pid)
+        self.report({"op": "spawned", "job": request["job"], "pid": pid})
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            self.report({"op": "exited", "pid": pid, "status": status})
+
+    def kill_all(self) -> None:
+        for pid in list(self.children):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in list(self.children):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self.children.clear()
+
+
+def main(argv: list[str]) -> int:
+    import importlib
+
+    control_fd, agentd_pid = int(argv[1]), int(argv[2])
+    _set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != agentd_pid:
+        return 1
+    control = socket.socket(fileno=control_fd)
+    control.setblocking(True)
+    for name in PRELOAD:
+        importlib.import_module(name)
+    gc.collect()
+    gc.freeze()  # what is loaded now is shared by every runner, never copied by the collector
+    serve = _Serve(control)
+    try:
+        serve.loop()
+    finally:
+        serve.kill_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

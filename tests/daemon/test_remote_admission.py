@@ -1,0 +1,71 @@
+"""AGENT_DAEMON=1: a plain `agent run` (or Agent.run()) is admitted by agentd, sharing the box with its jobs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .helpers import Agentd, User, running_as, shared_file, wait_until, write_workflow
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+HOLD = '''
+import asyncio, os
+from agent import Agent, ResourceRequirements
+
+agent = Agent("{name}")
+
+async def work(context):
+    out = {out!r}
+    with open(out, "a") as f:
+        f.write("{name} start\\n")
+    while not os.path.exists({release!r}):
+        await asyncio.sleep(0.05)
+    with open(out, "a") as f:
+        f.write("{name} end\\n")
+    return None
+
+agent.add_state("work", work, resources=ResourceRequirements(cpu_units={cpu}, memory_mb=32))
+'''
+
+
+def test_a_script_waits_in_the_box_queue_behind_a_job(agentd: Agentd, users: tuple[User, User],
+                                                      workdir: Path, outdir: Path) -> None:
+    ann, bob = users
+    events = shared_file(outdir, "events.txt")
+    agentd.configure("[pool]\ncpu = 2\n")
+    agentd.start()
+    job_flow = write_workflow(workdir, "job.py", HOLD.format(name="job", out=str(events),
+                                                             release=str(outdir / "job-go"), cpu=2))
+    script = write_workflow(workdir, "script.py", HOLD.format(name="script", out=str(events),
+                                                              release=str(outdir / "job-go"), cpu=1))
+    job = agentd.submit(job_flow, user=ann)
+    wait_until(lambda: "job start" in events.read_text(), "the job to hold both CPUs")
+
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "AGENT_DAEMON": "1",
+           "AGENT_SOCKET": agentd.socket, "HOME": "/nonexistent"}
+    with running_as(bob, [str(Path(sys.executable).parent / "agent"), "run", str(script)], env, workdir) as run:
+        # bob's script asks agentd for a CPU; the box has none left, so it waits in agentd's queue.
+        wait_until(lambda: agentd.ctl_json("top")["pool"]["waiting"] == 1, "the script's request to queue in agentd")
+        assert "script start" not in events.read_text()
+        (outdir / "job-go").touch()
+        stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    assert json.loads(stdout[stdout.index("{"):])["status"] == "completed"
+    assert events.read_text().splitlines() == ["job start", "job end", "script start", "script end"]
+    assert agentd.wait_status(job, "completed", "failed")["status"] == "completed"
+    assert agentd.ctl_json("top")["pool"]["holders"] == 0  # the script's grant went back when it ended
+
+
+def test_without_agentd_the_switch_fails_clearly(workdir: Path) -> None:
+    script = write_workflow(workdir, "script.py", HOLD.format(name="script", out="/dev/null", release="/", cpu=1))
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "AGENT_DAEMON": "1",
+           "AGENT_SOCKET": str(workdir / "no-agentd.sock")}
+    done = subprocess.run([str(Path(sys.executable).parent / "agent"), "run", str(script)], env=env, cwd=workdir,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "cannot reach agentd at" in done.stderr and "AGENT_SOCKET" in done.stderr

@@ -1,0 +1,103 @@
+"""kill -9 agentd in the middle of a job, start it again: the job resumes from its last checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from .helpers import Agentd, User, processes_of, wait_until, write_workflow
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+CHAIN = '''
+import asyncio, os
+from agent import Agent
+
+agent = Agent("chain")
+
+def note(context, name):
+    with open(context.get_state("out"), "a") as f:
+        f.write(f"{name} {os.getpid()}\\n")
+
+async def s1(context):
+    note(context, "s1")
+    context.set_state("progress", ["s1"])
+    return "s2"
+
+async def s2(context):
+    note(context, "s2")
+    context.set_state("progress", context.get_state("progress") + ["s2"])
+    return "s3"
+
+async def s3(context):
+    note(context, "s3")
+    while not os.path.exists(context.get_state("release")):
+        await asyncio.sleep(0.05)
+    context.set_state("progress", context.get_state("progress") + ["s3"])
+    return "s4"
+
+async def s4(context):
+    note(context, "s4")
+    print("progress", context.get_state("progress"))
+    return None
+
+for name in ("s1", "s2", "s3", "s4"):
+    agent.add_state(name, globals()[name])
+'''
+
+
+def _start_chain(agentd: Agentd, workdir: Path, out: Path, user: User) -> str:
+    """agentd started, the chain submitted by ``user``, and its s3 running."""
+    agentd.start()
+    job = agentd.submit(write_workflow(workdir, "chain.py", CHAIN), "--param", f"out={out / 'runs.txt'}",
+                        "--param", f"release={out / 'go'}", user=user)
+    agentd.wait_state(job, "s3", "running")
+    return job
+
+
+class TestCrashAndResume:
+    """agentd killed outright leaves no process behind; the next one resumes the job."""
+
+    def test_kill_9_mid_job_then_restart(self, agentd: Agentd, users: tuple[User, User], workdir: Path,
+                                         outdir: Path) -> None:
+        ann, _ = users
+        runs = outdir / "runs.txt"
+        job = _start_chain(agentd, workdir, outdir, ann)
+        wait_until(lambda: runs.exists() and "s3" in runs.read_text(), "s3 to start")
+        old_dirs = agentd.incarnation_dirs()
+        assert any(os.path.isdir(f"{d}/job-{job}") for d in old_dirs)
+        assert processes_of({ann.uid}), "the job's runner and state process run as ann"
+
+        agentd.kill9()
+        # The runner, its zygote and the state's process die with agentd (parent-death signals).
+        wait_until(lambda: not processes_of({ann.uid}), "the job's processes to die with agentd", timeout=30)
+        assert all(os.path.isdir(d) for d in old_dirs)  # nobody cleaned up: the next agentd will
+
+        agentd.start()
+        assert not [d for d in old_dirs if os.path.exists(d)], "the dead agentd's cgroups were not reaped"
+        wait_until(lambda: [line.split()[0] for line in runs.read_text().splitlines()].count("s3") == 2,
+                   "s3 to run again after the restart")
+        status = agentd.status(job, user=ann)
+        assert status["status"] == "running" and status["starts"] == 2
+        assert status["states"]["s1"] == "completed" and status["states"]["s2"] == "completed"
+        (outdir / "go").touch()
+        final = agentd.wait_status(job, "completed", "failed")
+        assert final["status"] == "completed", final
+        assert [line.split()[0] for line in runs.read_text().splitlines()] == ["s1", "s2", "s3", "s3", "s4"]
+        assert "progress ['s1', 's2', 's3']" in agentd.ctl("logs", job, "s4", user=ann).stdout
+
+    def test_a_clean_stop_keeps_running_jobs_for_the_next_start(self, agentd: Agentd, users: tuple[User, User],
+                                                                 workdir: Path, outdir: Path) -> None:
+        ann, _ = users
+        runs = outdir / "runs.txt"
+        job = _start_chain(agentd, workdir, outdir, ann)
+        dirs = agentd.incarnation_dirs()
+        assert agentd.stop() == 0
+        assert not [d for d in dirs if os.path.exists(d)]
+        wait_until(lambda: not processes_of({ann.uid}), "the job's processes to stop with agentd", timeout=30)
+        (outdir / "go").touch()
+        agentd.start()
+        assert agentd.wait_status(job, "completed", "failed")["status"] == "completed"
+        assert [line.split()[0] for line in runs.read_text().splitlines()] == ["s1", "s2", "s3", "s3", "s4"]

@@ -1,0 +1,161 @@
+"""Steering jobs through agentctl: respond to a question, pause and resume, cancel, runner slots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .helpers import Agentd, User, processes_of, running_as, wait_until, write_workflow
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+REVIEW = '''
+from agent import Agent
+
+agent = Agent("review")
+
+async def review(context):
+    answer = await context.human_in_the_loop("Deploy to production?", timeout=300,
+                                             validator=lambda text: text in ("yes", "no"))
+    print("answer", answer)
+    context.set_state("answer", answer)
+    return None
+
+agent.add_state("review", review)
+'''
+
+STEPS = '''
+import asyncio, os
+from agent import Agent
+
+agent = Agent("steps")
+
+async def first(context):
+    with open(context.get_state("out"), "a") as f:
+        f.write("first\\n")
+    return "second"
+
+async def second(context):
+    with open(context.get_state("out"), "a") as f:
+        f.write("second\\n")
+    while not os.path.exists(context.get_state("release")):
+        await asyncio.sleep(0.05)
+    return None
+
+agent.add_state("first", first)
+agent.add_state("second", second)
+'''
+
+
+TALKER = '''
+import asyncio, os
+from agent import Agent
+
+agent = Agent("talker")
+
+async def talk(context):
+    print("hello", flush=True)
+    while not os.path.exists(context.get_state("release")):
+        await asyncio.sleep(0.05)
+    print("goodbye", flush=True)
+    return None
+
+agent.add_state("talk", talk)
+'''
+
+
+class TestHumanInTheLoop:
+    """A state's question shows in agentctl status; agentctl respond answers it (re-asked when invalid)."""
+
+    def test_respond_answers_the_question(self, agentd: Agentd, users: tuple[User, User], workdir: Path) -> None:
+        ann, _ = users
+        agentd.start()
+        job = agentd.submit(write_workflow(workdir, "review.py", REVIEW), user=ann)
+        first = wait_until(lambda: agentd.status(job, user=ann)["pending"], "the question to be asked")
+        [question] = first
+        assert question["prompt"] == "Deploy to production?" and question["state"] == "review"
+        assert "Deploy to production?" in agentd.ctl("status", job, user=ann).stdout
+
+        done = agentd.ctl("respond", job, "not-a-question", "yes", user=ann)
+        assert done.returncode == 5 and "no open question" in done.stderr
+        assert agentd.ctl("respond", job, question["id"], "maybe", user=ann).returncode == 0
+
+        def reasked() -> dict | None:  # the same question again (inline: same id, attempt 2)
+            pending = agentd.status(job, user=ann)["pending"]
+            fresh = [q for q in pending if q["id"] != question["id"] or q["attempt"] == 2]
+            return fresh[0] if fresh else None
+
+        again = wait_until(reasked, "the invalid answer to be asked again")
+        assert again["prompt"] == question["prompt"]
+        assert agentd.ctl("respond", job, again["id"], "yes", user=ann).returncode == 0
+        assert agentd.wait_status(job, "completed", "failed")["status"] == "completed"
+        assert agentd.ctl("logs", job, "review", user=ann).stdout == "answer yes\n"
+
+
+class TestPauseResumeCancel:
+    """pause checkpoints and stops a job; resume continues it; cancel ends it; none leaves a process."""
+
+    def test_pause_then_resume(self, agentd: Agentd, users: tuple[User, User], workdir: Path,
+                               outdir: Path) -> None:
+        ann, _ = users
+        agentd.start()
+        job = agentd.submit(write_workflow(workdir, "steps.py", STEPS), "--param", f"out={outdir / 'log'}",
+                            "--param", f"release={outdir / 'go'}", user=ann)
+        agentd.wait_state(job, "second", "running")
+        paused = agentd.ctl_json("pause", job, user=ann)  # answers once the job has stopped
+        assert paused["status"] == "paused" and paused["states"]["first"] == "completed"
+        wait_until(lambda: not processes_of({ann.uid}), "the paused job's processes to end", timeout=30)
+        assert agentd.ctl("pause", job, user=ann).returncode == 0  # already paused: nothing to do
+        (outdir / "go").touch()
+        resumed = agentd.ctl_json("resume", job, user=ann)
+        assert resumed["status"] in ("queued", "running")
+        assert agentd.wait_status(job, "completed", "failed")["status"] == "completed"
+        assert (outdir / "log").read_text().splitlines() == ["first", "second", "second"]  # first ran once
+        done = agentd.ctl("resume", job, user=ann)
+        assert done.returncode == 1 and "only a paused or failed job" in done.stderr
+
+    def test_cancel_running_and_queued_jobs(self, agentd: Agentd, users: tuple[User, User], workdir: Path,
+                                            outdir: Path) -> None:
+        ann, _ = users
+        agentd.configure("max_running_jobs = 1\n")
+        agentd.start()
+        flow = write_workflow(workdir, "steps.py", STEPS)
+        args = ("--param", f"out={outdir / 'log'}", "--param", f"release={outdir / 'go'}")
+        running = agentd.submit(flow, *args, user=ann)
+        agentd.wait_state(running, "second", "running")
+        queued = agentd.submit(flow, *args, user=ann)
+        assert agentd.status(queued)["status"] == "queued"  # one runner slot, taken
+        assert agentd.ctl_json("cancel", queued, user=ann)["status"] == "cancelled"
+        cancelled = agentd.ctl_json("cancel", running, user=ann)
+        assert cancelled["status"] == "cancelled" and cancelled["states"]["second"] == "cancelled"
+        wait_until(lambda: not processes_of({ann.uid}), "the cancelled job's processes to end", timeout=30)
+        done = agentd.ctl("cancel", running, user=ann)
+        assert done.returncode == 1 and "nothing to cancel" in done.stderr
+
+
+class TestWatching:
+    """logs -f follows a state until its job ends; top shows the box, the jobs and what waits."""
+
+    def test_logs_follow_and_top(self, agentd: Agentd, users: tuple[User, User], workdir: Path,
+                                 outdir: Path) -> None:
+        ann, _ = users
+        agentd.start()
+        job = agentd.submit(write_workflow(workdir, "talker.py", TALKER), "--param", f"release={outdir / 'go'}",
+                            user=ann)
+        agentd.wait_state(job, "talk", "running")
+        env = {"PATH": "/usr/bin:/bin", "AGENT_SOCKET": agentd.socket}
+        with running_as(ann, [agentd.ctl_path, "logs", job, "talk", "-f"], env, workdir) as follow:
+            assert follow.stdout is not None and follow.stdout.readline() == "hello\n"
+            top = agentd.ctl_json("top", user=ann)
+            assert [j["job"] for j in top["jobs"]] == [job] and top["agentd"]["user"] == ann.name
+            assert top["pool"]["totals"]["cpu"] > 0 and not top["agentd"]["admin"]
+            text = agentd.ctl("top", "--once", user=ann).stdout
+            assert text.startswith("agentd ") and "running 1" in text and "talker" in text
+            (outdir / "go").touch()
+            rest, err = follow.communicate(timeout=120)
+        assert follow.returncode == 0, err
+        assert rest == "goodbye\n"
+        assert agentd.status(job)["status"] == "completed"
+        assert json.loads(agentd.ctl("logs", job, "talk", "--json", user=ann).stdout)["text"] == "hello\ngoodbye\n"
