@@ -204,6 +204,7 @@ class RunCommand:
     def store_for(self, agent: Any) -> Any:
         """The store the run is saved to (None with ``--no-store``); with ``--resume`` it must hold the run."""
         from ..checkpoint_store import SQLiteCheckpointStore, default_store_path
+        from ..errors import CheckpointError
 
         args = self.args
         store = agent.checkpoint_store
@@ -215,7 +216,16 @@ class RunCommand:
             if args.resume and not path.exists():
                 raise LookupError(f"no run {args.resume!r}: there is no checkpoint store at {path} "
                                   "(`agent runs` lists the runs it finds)")
-            store = SQLiteCheckpointStore(path)
+            try:
+                store = SQLiteCheckpointStore(path)
+            except (OSError, CheckpointError) as exc:
+                if args.store or args.resume:
+                    raise
+                # The default store is a convenience: a home that cannot be written to
+                # (a service account, HOME=/nonexistent) must not stop the run.
+                self.terminal.notice(f"agent run: not saving this run ({path}: {exc}); "
+                                     "pass --store PATH to make it resumable")
+                return None
             agent.checkpoint_store = BestEffortStore(store, self.terminal)
         if args.resume:
             if store is None:

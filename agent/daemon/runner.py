@@ -179,8 +179,19 @@ class Runner:
                 asyncio.events._set_running_loop(None)  # the runner's loop is not this process's
                 signal.set_wakeup_fd(-1)  # nor its signal pipe (uvloop would restore it)
                 keep = theirs.fileno()
-                os.closerange(3, keep)
-                os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+                # Objects of this process that own descriptors (the event loop's, sockets')
+                # live on in the fork and close "their" numbers when collected. Pointing
+                # every inherited number at /dev/null, instead of closing it, keeps those
+                # numbers taken until then: the zygote's own descriptors (the memfds that
+                # carry children's specs) can never be closed from under it.
+                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                for name in os.listdir("/proc/self/fd"):
+                    fd = int(name)
+                    if fd > 2 and fd not in (keep, null):
+                        try:
+                            os.dup2(null, fd, inheritable=False)
+                        except OSError:
+                            pass  # the directory's own descriptor, closed by now
                 os.setsid()
                 code = zygote.main(["zygote", str(keep), str(runner)])
             finally:

@@ -30,7 +30,7 @@ from typing import Any
 
 from .._types import Priority
 from ..errors import AgentError, JobAccessError, JobError, JobNotFoundError
-from ..supervisor.logs import _component as log_component
+from ..supervisor.logs import file_component as log_component
 from .boxpool import BoxAdmission, Session
 from .config import DaemonConfig, user_groups
 from .jobcgroups import JobCgroup, JobCgroups
