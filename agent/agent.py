@@ -14,7 +14,7 @@ from typing import Any
 
 from . import events as ev
 from .checkpoint import AgentCheckpoint
-from .context import Context
+from .context import Context, budget_from_mb
 from .dependencies import DependencyConfig, DependencyType
 from .errors import (
     AgentBusyError,
@@ -66,6 +66,7 @@ class Agent:
         checkpoint_store: Any = None,
         human_input: Any = None,
         cleanup_timeout: float = 10.0,
+        context_budget_mb: float | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidConfigurationError(f"an agent needs a non-empty str name, got {name!r}")
@@ -87,6 +88,7 @@ class Agent:
         self.checkpoint_store = checkpoint_store
         self.human_input = human_input
         self.cleanup_timeout = cleanup_timeout
+        self.context_budget = budget_from_mb(context_budget_mb)  # bytes; checked at every write
         self._config: dict[str, Any] = {
             "resource_pool": resource_pool,
             "max_concurrent": max_concurrent,
@@ -97,13 +99,14 @@ class Agent:
             "checkpoint_store": checkpoint_store,
             "human_input": human_input,
             "cleanup_timeout": cleanup_timeout,
+            "context_budget_mb": context_budget_mb,
         }
         self._states: dict[str, StateSpec] = {}
         self.state_metadata: dict[str, StateMetadata] = {}
         self.completed_states: set[str] = set()
         self.priority_queue: list[_Activation] = []
         self._running_states: dict[str, _Activation] = {}
-        self.context = Context()
+        self.context = Context(budget=self.context_budget)
         self.status = AgentStatus.IDLE
         self.run_id: str | None = None
         self.last_error: BaseException | None = None
@@ -287,7 +290,7 @@ class Agent:
         restored = self._restored
         names = self._start_names(start) if restored is None else []
         if restored is None and not self._fresh_context:
-            self.context = Context()
+            self.context = Context(budget=self.context_budget)
         if initial_context:
             for key, value in initial_context.items():
                 self.context.set_state(key, value)
@@ -578,7 +581,7 @@ class Agent:
                     f"checkpoint names states this agent does not have: {', '.join(missing)}: "
                     "add them before restoring"
                 )
-        self.context = Context(dict(checkpoint.context))
+        self.context = Context(dict(checkpoint.context), budget=self.context_budget)
         self.completed_states = set(checkpoint.completed_states)
         for name, data in checkpoint.state_metadata.items():
             meta = self.state_metadata.get(name)

@@ -15,6 +15,10 @@ class RetryPolicy:
     ``max_retries`` counts retries, so 0 means one attempt. The delay before retry
     ``n`` (1-based) is ``min(max_delay, initial_delay * exponential_base ** (n - 1))``;
     with ``jitter`` it is drawn uniformly from ``[0, that]`` ("full jitter").
+
+    A permanent failure (:attr:`~agent.errors.FailureReason.permanent`: a kernel limit,
+    a bound, a protocol violation, a cgroup escape, a value the model cannot carry) would
+    fail the same way again, so it is not retried unless ``retry_permanent`` is True.
     """
 
     max_retries: int = 3
@@ -22,6 +26,7 @@ class RetryPolicy:
     max_delay: float = 60.0
     exponential_base: float = 2.0
     jitter: bool = True
+    retry_permanent: bool = False
     rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -34,6 +39,10 @@ class RetryPolicy:
         if not isinstance(self.exponential_base, (int, float)) or self.exponential_base < 1:
             raise InvalidConfigurationError(
                 f"RetryPolicy.exponential_base must be >= 1, got {self.exponential_base!r}"
+            )
+        if not isinstance(self.retry_permanent, bool):
+            raise InvalidConfigurationError(
+                f"RetryPolicy.retry_permanent must be True or False, got {self.retry_permanent!r}"
             )
 
     def backoff(self, retry: int) -> float:

@@ -1,31 +1,37 @@
 """Message types between the supervisor and a state child, and their wire form.
 
-Every frame is a msgpack map ``{"v": PROTOCOL_VERSION, "t": <type>, <fields>...}``.
-After unpacking, the map is checked against the dataclass it names: exactly its
-fields, each of its declared type. Context values travel as bytes made by
-:func:`agent.ipc.codec.encode_value`, so a frame itself never holds extension types.
+Every frame is a msgpack map ``{"v": PROTOCOL_VERSION, "t": <type>, <fields>...}``,
+unpacked within the :class:`~agent.values.Bounds` of the receiving side. After
+unpacking, the map is checked against the dataclass it names: exactly its fields, each
+of its declared type (:func:`agent.values.matches`). Context values travel as bytes made
+by :func:`agent.values.encode`, so a frame itself never holds extension types.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
 from ..errors import ProtocolError
-from .codec import Limits, pack, unpack
+from ..values import Bounds, matches, pack_plain, unpack_plain
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 @dataclass(frozen=True)
 class Hello:
-    """Child to supervisor, first frame: the child is up (its routing id is its secret)."""
+    """Child to supervisor, first frame: the child is up.
+
+    ``secret`` names the attempt; the supervisor believes it only from the process the
+    zygote forked for that attempt (the connection's ``SO_PEERCRED`` pid), and from then
+    on binds the attempt to that connection alone.
+    """
 
     TYPE: ClassVar[str] = "hello"
     pid: int
+    secret: bytes
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,8 @@ class Run:
 
     ``function`` and ``classes`` (the TypedContextData classes the snapshot holds, so the
     child can rebuild them even when their module cannot be imported) are cloudpickled:
-    this direction only, from the supervisor, which the child trusts.
+    this direction only, from the supervisor, which the child trusts. ``context_bytes``
+    is what the run's context takes of its ``context_budget`` at launch.
     """
 
     TYPE: ClassVar[str] = "run"
@@ -46,6 +53,8 @@ class Run:
     classes: bytes
     context: dict[str, bytes]
     max_frame: int
+    context_budget: int
+    context_bytes: int
 
 
 @dataclass(frozen=True)
@@ -153,12 +162,13 @@ def encode_message(msg: Message) -> bytes:
     body = {"v": PROTOCOL_VERSION, "t": msg.TYPE}
     for name in _SCHEMAS[type(msg)]:
         body[name] = getattr(msg, name)
-    return pack(body)
+    return pack_plain(body)
 
 
-def decode_message(frame: bytes, limits: Limits, allowed: frozenset[type] | None = None) -> Message:
-    """Unpack and validate one frame; raises :class:`ProtocolError` on anything wrong."""
-    body = unpack(frame, limits)
+def decode_message(frame: bytes, bounds: Bounds, allowed: frozenset[type] | None = None) -> Message:
+    """Unpack and validate one frame; raises :class:`ProtocolError` on anything wrong
+    (:class:`~agent.errors.BoundExceededError` past a bound)."""
+    body = unpack_plain(frame, bounds)
     if type(body) is not dict:
         raise ProtocolError(f"frame is a msgpack {type(body).__name__}, not a map")
     version = body.pop("v", None)
@@ -176,26 +186,7 @@ def decode_message(frame: bytes, limits: Limits, allowed: frozenset[type] | None
             f"{cls.TYPE} message has fields {sorted(body)}, expected {sorted(schema)}"
         )
     for name, tp in schema.items():
-        if not _conforms(body[name], tp):
-            raise ProtocolError(f"{cls.TYPE}.{name} is a {type(body[name]).__name__}, not {tp}")
+        value = body[name]
+        if not matches(value, tp):
+            raise ProtocolError(f"{cls.TYPE}.{name} is a {type(value).__name__}, not {tp}")
     return cls(**body)
-
-
-def _conforms(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if origin is None:
-        if tp is type(None):
-            return value is None
-        if tp is float:
-            return type(value) in (float, int)
-        return type(value) is tp
-    args = typing.get_args(tp)
-    if origin is Union or origin is types.UnionType:
-        return any(_conforms(value, a) for a in args)
-    if origin is list:
-        return type(value) is list and all(_conforms(v, args[0]) for v in value)
-    if origin is dict:
-        return type(value) is dict and all(
-            _conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items()
-        )
-    return False

@@ -21,12 +21,12 @@ from typing import Any, NoReturn
 
 import uvloop
 
-from ..ipc import DealerTransport, Limits
-from ..ipc.codec import FRAME_OVERHEAD, unpack
+from ..ipc import DealerTransport
+from ..values import FRAME_OVERHEAD, Bounds, unpack_plain
 from . import confine
 from .session import ChildSession
 
-_SPEC_LIMITS = Limits(max_frame=16 * 1024 * 1024)
+_SPEC_BOUNDS = Bounds(max_frame=16 * 1024 * 1024)
 
 EXIT_OK = 0
 EXIT_SETUP_FAILED = 120
@@ -50,7 +50,7 @@ def child_main(packed_spec: bytes, parent_pid: int, inherited_fds: list[int]) ->
     """
     code = EXIT_SETUP_FAILED
     try:
-        spec = unpack(packed_spec, _SPEC_LIMITS)
+        spec = unpack_plain(packed_spec, _SPEC_BOUNDS)
         set_parent_death_signal()
         if os.getppid() != parent_pid:
             os._exit(EXIT_SETUP_FAILED)
@@ -74,12 +74,14 @@ def child_main(packed_spec: bytes, parent_pid: int, inherited_fds: list[int]) ->
         except OSError:
             pass
         # Connect and say hello first: the supervisor answers while the loop is being built.
+        # No routing id of our own: the ROUTER gives each connection one, so no other process
+        # can take over or block this one's; the secret travels in the hello.
         transport = DealerTransport(
-            spec["endpoint"], spec["secret"], max_frame=spec["max_frame"] + FRAME_OVERHEAD,
+            spec["endpoint"], b"", max_frame=spec["max_frame"] + FRAME_OVERHEAD,
             peer_hwm=spec["receive_hwm"],
         )
         session = ChildSession(
-            transport, pid=os.getpid(), limits=Limits(max_frame=spec["max_frame"]),
+            transport, pid=os.getpid(), secret=spec["secret"], bounds=Bounds(max_frame=spec["max_frame"]),
             before_run=lambda: confine_before_run(spec["confine"]),
         )
         session.hello()

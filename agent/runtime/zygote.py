@@ -3,7 +3,8 @@
 Started once per supervisor (``python -m agent.runtime.zygote FD PARENT_PID [PATH...]``).
 It holds no threads and no ZeroMQ context, so a fork is a cheap, safe copy. Over the
 control socket ``FD`` it reads length-prefixed requests (``spawn``, ``kill``) and writes
-reports (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status). It exits,
+reports (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status and the CPU
+seconds the kernel charged the child). It exits,
 killing its children, when the supervisor closes the socket or dies (parent-death
 signal), and then removes the PATHs (the supervisor's private directories), so that even
 a supervisor killed outright leaves no files behind.
@@ -34,18 +35,18 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from ..ipc.codec import Limits, pack, unpack
+from ..values import Bounds, pack_plain, unpack_plain
 from . import child as child_module
 from .child import set_parent_death_signal
 
 _libc_fork = ctypes.PyDLL(None, use_errno=True).fork  # PyDLL: the GIL is held across it
 _HEADER = struct.Struct("!I")
 _SIGTERM = (int(signal.SIGTERM),)
-_CONTROL_LIMITS = Limits(max_frame=16 * 1024 * 1024)
+_CONTROL_BOUNDS = Bounds(max_frame=16 * 1024 * 1024)
 
 
 def write_frame(sock: socket.socket, obj: Any) -> None:
-    data = pack(obj, strict=False)
+    data = pack_plain(obj, strict=False)
     sock.sendall(_HEADER.pack(len(data)) + data)
 
 
@@ -56,7 +57,7 @@ def read_frames(buffer: bytearray) -> list[Any]:
         (size,) = _HEADER.unpack_from(buffer)
         if len(buffer) < _HEADER.size + size:
             break
-        out.append(unpack(bytes(buffer[_HEADER.size : _HEADER.size + size]), _CONTROL_LIMITS))
+        out.append(unpack_plain(bytes(buffer[_HEADER.size : _HEADER.size + size]), _CONTROL_BOUNDS))
         del buffer[: _HEADER.size + size]
     return out
 
@@ -159,14 +160,17 @@ class Zygote:
     def _reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                # wait4: the kernel's own CPU figure for the child (and what it reaped), which
+                # the supervisor compares with its cgroup's to see whether it left the cgroup.
+                pid, status, rusage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
             self._children.discard(pid)
+            cpu = rusage.ru_utime + rusage.ru_stime
             try:
-                write_frame(self._control, {"op": "exited", "pid": pid, "status": status})
+                write_frame(self._control, {"op": "exited", "pid": pid, "status": status, "cpu": cpu})
             except OSError:
                 pass
 
@@ -246,7 +250,8 @@ def warm_up(rounds: int = 12) -> None:
     import cloudpickle
     import uvloop
 
-    from ..ipc import DEFAULT_MAX_FRAME, DealerTransport, Run, encode_message, encode_value
+    from .. import values
+    from ..ipc import DealerTransport, Run, encode_message
     from ..ipc.zmtp import GREETING, frame, ready_command
     from . import confine
     from .session import ChildSession
@@ -254,8 +259,8 @@ def warm_up(rounds: int = 12) -> None:
     run = encode_message(Run(
         run_id="warm-up", agent_name="zygote", state_name="warm", attempt=1,
         function=cloudpickle.dumps(_warm_state), classes=cloudpickle.dumps(()),
-        context={"count": encode_value(1, key="count"), "t": encode_value((1, {2}), key="t")},
-        max_frame=DEFAULT_MAX_FRAME,
+        context={"count": values.encode(1), "t": values.encode((1, {2}))},
+        max_frame=values.DEFAULT_MAX_FRAME, context_budget=values.MIB, context_bytes=0,
     ))
     for _ in range(rounds):
         ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -263,8 +268,8 @@ def warm_up(rounds: int = 12) -> None:
         asyncio.set_event_loop(loop)
         try:
             peer.sendall(GREETING + ready_command(b"ROUTER", b"") + frame(run))
-            transport = DealerTransport.over(ours, b"c-warm-up", linger=0)  # the peer never closes
-            session = ChildSession(transport, pid=os.getpid())
+            transport = DealerTransport.over(ours, b"", linger=0)  # the peer never closes
+            session = ChildSession(transport, pid=os.getpid(), secret=b"warm-up")
             session.hello()
             loop.run_until_complete(child_module.serve(session, transport))
             confine.apply({})

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..ipc.codec import pack
+from ..values import pack_plain
 from ..runtime.zygote import read_frames, write_frame
 
 ReportHandler = Callable[[dict[str, Any]], None]
@@ -79,7 +79,7 @@ class ZygoteLauncher:
 
     def spawn(self, request_id: int, spec: dict[str, Any]) -> None:
         # Packed apart: the zygote hands the bytes to the child, which unpacks them itself.
-        self._send({"op": "spawn", "id": request_id, "spec": pack(spec, strict=False)})
+        self._send({"op": "spawn", "id": request_id, "spec": pack_plain(spec, strict=False)})
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         self._send({"op": "kill", "pid": pid, "signal": int(sig)})
