@@ -453,7 +453,6 @@ def _refusal(value: Any, t: type) -> str:
 
 
 _FIXED_SIZES: dict[type, int] = {type(None): 1, bool: 1, float: 9}
-_UNHASHABLE = (list, dict, set)
 
 
 class _Walk:
@@ -507,7 +506,7 @@ class _Walk:
         self._enter(n, depth, t.__name__)
         total = _array_header(n) if t is list else _array_header(n + 1) + _MARK_SIZE
         inner = depth + 1
-        hashed = t is not list and t is not tuple
+        ordered = t is list or t is tuple
         for i, item in enumerate(value):
             it = type(item)
             if it is int and _INT64_MIN <= item < _UINT64_END:
@@ -517,11 +516,9 @@ class _Walk:
                 total += _str_size(len(item))
                 continue
             try:
-                if hashed and it in _UNHASHABLE:  # only a frozen set can be in a set
-                    raise _Refused(f"a {it.__name__} cannot be in a set")
                 total += self.size(item, inner)
             except _Refused as exc:
-                exc.parts.append(" item" if hashed else f"[{i}]")
+                exc.parts.append(f"[{i}]" if ordered else " item")
                 raise
         return total
 
@@ -736,7 +733,7 @@ def decode(data: bytes, bounds: Bounds = DEFAULT_BOUNDS, *, import_modules: bool
     except msgpack.StackError:
         raise BoundExceededError(f"a value nested deeper than {bounds.max_depth} levels (the depth bound)") from None
     except (ValueError, TypeError, KeyError, OverflowError, msgpack.UnpackException, RecursionError) as exc:
-        raise ProtocolError(f"malformed value: {exc!r}") from None
+        raise _malformed("value", exc) from None
     walk = _Walk(bounds)
     try:
         size = walk.size(value, 0)
@@ -772,7 +769,14 @@ def unpack_plain(data: bytes, bounds: Bounds = DEFAULT_BOUNDS) -> Any:
     except msgpack.StackError:
         raise BoundExceededError("a frame nested too deeply (the depth bound)") from None
     except (ValueError, TypeError, KeyError, msgpack.UnpackException, RecursionError) as exc:
-        raise ProtocolError(f"malformed frame: {exc!r}") from None
+        raise _malformed("frame", exc) from None
+
+
+def _malformed(what: str, exc: Exception) -> ProtocolError:
+    text = str(exc)
+    if "exceeds max_" in text:  # msgpack's own length caps, checked before it allocates
+        return BoundExceededError(f"a {what} holds a container or string over its bound ({text})")
+    return ProtocolError(f"malformed {what}: {exc!r}")
 
 
 def _no_ext(code: int, data: bytes) -> Any:
