@@ -22,6 +22,7 @@ from agent.ipc import (
     decode_message,
     encode_message,
 )
+from agent.errors import ContextBudgetError
 from agent.runtime.session import ChildSession
 from agent.values import Bounds, decode, encode
 
@@ -157,3 +158,41 @@ class TestHumanInput:
         peer.send(HumanInputResponse(request.request_id, None, "HumanInputTimeoutError", "nobody"))
         assert decode_value((await peer.recv()).value) == "raised nobody"
         await task
+
+
+class TestBoundsInTheChild:
+    """The child holds the supervisor to the same bounds, and keeps the run's budget itself."""
+
+    async def test_a_deep_snapshot_value_is_refused_not_crashed_on(self):
+        async def state(ctx):
+            return "ran"
+
+        peer = Peer()
+        task = asyncio.ensure_future(peer.session.run())
+        await peer.recv()
+        deep = b"\x92\xc7\x00\x01" * 300 + b"\x91\xc7\x00\x01"
+        peer.send(Run("run", "agent", "state", 1, cloudpickle.dumps(state), cloudpickle.dumps(()),
+                      {"deep": deep}, BOUNDS.max_frame, 1 << 20, 0))
+        error = await peer.recv()
+        assert isinstance(error, Error) and error.exception_type == "agent.errors.BoundExceededError"
+        assert "nested deeper than 64 levels" in error.message
+        assert await task == "error"
+
+    async def test_the_budget_counts_the_whole_run(self):
+        async def state(ctx):
+            ctx.set_state("fits", b"x" * 100)
+            try:
+                ctx.set_state("too_much", b"x" * 1000)
+            except ContextBudgetError as exc:
+                return str(exc)
+
+        peer = Peer()
+        # 1,000 bytes of budget, 800 taken by keys this child does not see.
+        task = asyncio.ensure_future(peer.session.run())
+        await peer.recv()
+        peer.send(Run("run", "agent", "state", 1, cloudpickle.dumps(state), cloudpickle.dumps(()),
+                      {}, BOUNDS.max_frame, 1000, 800))
+        assert (await peer.recv()).key == "fits"
+        result = await peer.recv()
+        assert "context key 'too_much'" in decode_value(result.value)
+        assert await task == "result"
