@@ -710,19 +710,21 @@ class Decoded(typing.NamedTuple):
     objects: int
 
 
-def decode(data: bytes, bounds: Bounds = DEFAULT_BOUNDS, *, import_modules: bool = False) -> Decoded:
-    """A value from its wire form, with its size as :func:`check` counts it.
+def unpack(data: bytes | memoryview, bounds: Bounds = DEFAULT_BOUNDS, *, import_modules: bool = False) -> Any:
+    """Wire data (a value, or a frame holding values) back into objects, within ``bounds``.
 
-    Never unpickles and never recurses per level; bounded by ``bounds`` (bytes, depth,
-    objects, items). Raises :class:`BoundExceededError` past a bound and
-    :class:`ProtocolError` for anything malformed. TypedContextData classes are found among
-    those this process knows; their module is imported only with ``import_modules``.
+    Never unpickles and never recurses per level: msgpack's decoder keeps its own
+    fixed stack, and tagged arrays become tuples, sets, dates... as each completes. The
+    objects made are counted as they are made. Raises :class:`BoundExceededError` past a
+    bound and :class:`ProtocolError` for anything malformed; a received value still needs
+    :func:`measure` (depth, types). TypedContextData classes are found among those this
+    process knows; their module is imported only with ``import_modules``.
     """
-    if len(data) > bounds.max_frame:
-        raise BoundExceededError(f"a value of {len(data):,} bytes is over the {bounds.max_frame:,}-byte frame bound")
+    if len(data) > bounds.max_frame + FRAME_OVERHEAD:
+        raise BoundExceededError(f"{len(data):,} bytes are over the {bounds.max_frame:,}-byte frame bound")
     hooks = _Decoding(bounds, import_modules)
     try:
-        value = msgpack.unpackb(
+        return msgpack.unpackb(
             data, raw=False, strict_map_key=True, use_list=True, timestamp=0,
             ext_hook=hooks.ext, list_hook=hooks.array, object_hook=hooks.map,
             max_bin_len=bounds.max_frame, max_str_len=bounds.max_frame, max_ext_len=0,
@@ -731,31 +733,41 @@ def decode(data: bytes, bounds: Bounds = DEFAULT_BOUNDS, *, import_modules: bool
     except (BoundExceededError, ProtocolError):
         raise
     except msgpack.StackError:
-        raise BoundExceededError(f"a value nested deeper than {bounds.max_depth} levels (the depth bound)") from None
+        raise BoundExceededError(f"data nested deeper than {bounds.max_depth} levels (the depth bound)") from None
     except (ValueError, TypeError, KeyError, OverflowError, msgpack.UnpackException, RecursionError) as exc:
-        raise _malformed("value", exc) from None
+        raise _malformed(exc) from None
+
+
+def measure(value: Any, where: str = "value", bounds: Bounds = DEFAULT_BOUNDS) -> tuple[int, int]:
+    """``(size, objects)`` of a value received from another process, checked like :func:`check`.
+
+    Raises :class:`BoundExceededError` past the depth, objects or items bounds, and
+    :class:`ProtocolError` for anything the model does not carry.
+    """
     walk = _Walk(bounds)
     try:
-        size = walk.size(value, 0)
+        return walk.size(value, 0), walk.objects
     except _Refused as exc:
-        where = _path("value", exc.parts)
         cls = BoundExceededError if exc.error is ValueTooLargeError or "nested deeper" in exc.message else ProtocolError
-        raise cls(f"{where}: {exc.message}") from None
-    return Decoded(value, size, walk.objects)
+        raise cls(f"{_path(where, exc.parts)}: {exc.message}") from None
 
 
-def pack_plain(obj: Any, *, strict: bool = True) -> bytes:
-    """Plain msgpack data (no extension types): IPC frames and control messages.
+def decode(data: bytes | memoryview, bounds: Bounds = DEFAULT_BOUNDS, *, import_modules: bool = False) -> Decoded:
+    """A value from its wire form (:func:`unpack` then :func:`measure`)."""
+    value = unpack(data, bounds, import_modules=import_modules)
+    size, objects = measure(value, "value", bounds)
+    return Decoded(value, size, objects)
 
-    ``strict`` keeps tuples and subclasses of primitives out; without it tuples pack as lists.
-    """
-    return msgpack.packb(obj, use_bin_type=True, strict_types=strict, datetime=False)
+
+def pack_plain(obj: Any) -> bytes:
+    """Plain msgpack data (tuples as lists, no extension types): the zygote's control messages."""
+    return msgpack.packb(obj, use_bin_type=True, strict_types=False, datetime=False)
 
 
 def unpack_plain(data: bytes, bounds: Bounds = DEFAULT_BOUNDS) -> Any:
-    """Plain msgpack data, bounded like :func:`decode`; raises ProtocolError when malformed."""
-    if len(data) > bounds.max_frame + FRAME_OVERHEAD:
-        raise BoundExceededError(f"a frame of {len(data):,} bytes is over the {bounds.max_frame:,}-byte frame bound")
+    """What :func:`pack_plain` made, bounded like :func:`unpack`; raises ProtocolError when malformed."""
+    if len(data) > bounds.max_frame:
+        raise BoundExceededError(f"{len(data):,} bytes are over the {bounds.max_frame:,}-byte frame bound")
     hooks = _Decoding(bounds, False)
     try:
         return msgpack.unpackb(
@@ -767,20 +779,20 @@ def unpack_plain(data: bytes, bounds: Bounds = DEFAULT_BOUNDS) -> Any:
     except BoundExceededError:
         raise
     except msgpack.StackError:
-        raise BoundExceededError("a frame nested too deeply (the depth bound)") from None
+        raise BoundExceededError("data nested too deeply (the depth bound)") from None
     except (ValueError, TypeError, KeyError, msgpack.UnpackException, RecursionError) as exc:
-        raise _malformed("frame", exc) from None
+        raise _malformed(exc) from None
 
 
-def _malformed(what: str, exc: Exception) -> ProtocolError:
+def _malformed(exc: Exception) -> ProtocolError:
     text = str(exc)
     if "exceeds max_" in text:  # msgpack's own length caps, checked before it allocates
-        return BoundExceededError(f"a {what} holds a container or string over its bound ({text})")
-    return ProtocolError(f"malformed {what}: {exc!r}")
+        return BoundExceededError(f"a container or string over its bound ({text})")
+    return ProtocolError(f"malformed data: {exc!r}")
 
 
 def _no_ext(code: int, data: bytes) -> Any:
-    raise ProtocolError(f"malformed frame: extension type {code} in a frame")
+    raise ProtocolError(f"malformed data: extension type {code} in a control message")
 
 
 # --- the checkpoint form (JSON) ------------------------------------------------------------------

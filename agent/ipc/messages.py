@@ -1,10 +1,12 @@
 """Message types between the supervisor and a state child, and their wire form.
 
-Every frame is a msgpack map ``{"v": PROTOCOL_VERSION, "t": <type>, <fields>...}``,
-unpacked within the :class:`~agent.values.Bounds` of the receiving side. After
-unpacking, the map is checked against the dataclass it names: exactly its fields, each
-of its declared type (:func:`agent.values.matches`). Context values travel as bytes made
-by :func:`agent.values.encode`, so a frame itself never holds extension types.
+Every frame is a msgpack map ``{"v": PROTOCOL_VERSION, "t": <type>, <fields>...}`` in
+the value model's wire form (:func:`agent.values.encode`), so context values travel
+inline and a frame is decoded in one bounded pass (:func:`agent.values.unpack`, within
+the receiving side's :class:`~agent.values.Bounds`). The map is then checked against the
+dataclass it names: exactly its fields, each of its declared type
+(:func:`agent.values.matches`). Fields typed ``Any`` hold context values, which the
+receiver still measures (:func:`agent.values.measure`: depth, types, size).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
 from ..errors import ProtocolError
-from ..values import Bounds, matches, pack_plain, unpack_plain
+from ..values import Bounds, encode, matches, unpack
 
 PROTOCOL_VERSION = 2
 
@@ -40,8 +42,10 @@ class Run:
 
     ``function`` and ``classes`` (the TypedContextData classes the snapshot holds, so the
     child can rebuild them even when their module cannot be imported) are cloudpickled:
-    this direction only, from the supervisor, which the child trusts. ``context_bytes``
-    is what the run's context takes of its ``context_budget`` at launch.
+    this direction only, from the supervisor, which the child trusts. Each context value
+    is encoded on its own (:func:`agent.values.encode`), so the child decodes it once
+    those classes are loaded. ``context_bytes`` is what the run's context takes of its
+    ``context_budget`` at launch.
     """
 
     TYPE: ClassVar[str] = "run"
@@ -59,20 +63,20 @@ class Run:
 
 @dataclass(frozen=True)
 class ContextWrite:
-    """Child to supervisor: one ``set_state`` (value is encoded) or ``remove_state``."""
+    """Child to supervisor: one ``set_state``, or a ``remove_state`` (value None)."""
 
     TYPE: ClassVar[str] = "context_write"
     key: str
-    value: bytes | None
+    value: Any
     deleted: bool
 
 
 @dataclass(frozen=True)
 class Result:
-    """Child to supervisor: what the state returned (encoded)."""
+    """Child to supervisor: what the state returned."""
 
     TYPE: ClassVar[str] = "result"
-    value: bytes
+    value: Any
 
 
 @dataclass(frozen=True)
@@ -162,13 +166,13 @@ def encode_message(msg: Message) -> bytes:
     body = {"v": PROTOCOL_VERSION, "t": msg.TYPE}
     for name in _SCHEMAS[type(msg)]:
         body[name] = getattr(msg, name)
-    return pack_plain(body)
+    return encode(body)
 
 
-def decode_message(frame: bytes, bounds: Bounds, allowed: frozenset[type] | None = None) -> Message:
+def decode_message(frame: bytes | memoryview, bounds: Bounds, allowed: frozenset[type] | None = None) -> Message:
     """Unpack and validate one frame; raises :class:`ProtocolError` on anything wrong
     (:class:`~agent.errors.BoundExceededError` past a bound)."""
-    body = unpack_plain(frame, bounds)
+    body = unpack(frame, bounds)
     if type(body) is not dict:
         raise ProtocolError(f"frame is a msgpack {type(body).__name__}, not a map")
     version = body.pop("v", None)

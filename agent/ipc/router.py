@@ -24,7 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ..values import FRAME_OVERHEAD
 
-FrameHandler = Callable[[bytes, list[bytes], int], None]
+FrameHandler = Callable[[bytes, list[bytes | memoryview], int], None]
 """``on_frame(routing_id, frames, fd)``: every message received, in order."""
 
 DisconnectHandler = Callable[[int], None]
@@ -32,6 +32,7 @@ DisconnectHandler = Callable[[int], None]
 
 RECEIVE_HWM = 1000
 """Messages libzmq queues per child before it stops reading that child (its default)."""
+_COPY_BELOW = 65536
 _POLLIN = int(zmq.POLLIN)  # a plain int: ``EVENTS & zmq.POLLIN`` would build an enum per test
 
 
@@ -113,7 +114,8 @@ class RouterChannel:
             fd = parts[-1].get(zmq.SRCFD)
             # A disconnect seen before this frame may free the fd it came in on: report it first.
             self._drain_monitor()
-            self._on_frame(parts[0].bytes, [p.bytes for p in parts[1:]], fd)
+            # Big frames are not copied: their decoder reads libzmq's buffer.
+            self._on_frame(parts[0].bytes, [p.bytes if len(p) < _COPY_BELOW else p.buffer for p in parts[1:]], fd)
 
     def _drain_monitor(self) -> None:
         # Look before receiving: a zmq.Again per call costs more than the check.

@@ -95,11 +95,11 @@ class ChildSession:
                 self._report_error(exc)
                 return "error"
             try:
-                encoded = self._encode(value, "the state's return value")
+                self._check_result(value)
             except errors.UnencodableValueError as exc:
                 self._report_error(exc)
                 return "error"
-            self._send(Result(value=encoded))
+            self._send(Result(value=value))
             return "result"
         finally:
             reader.cancel()
@@ -135,24 +135,19 @@ class ChildSession:
     def _send(self, msg: Any) -> None:
         self._transport.send(encode_message(msg))
 
-    def _encode(self, value: Any, where: str) -> bytes:
-        """``value`` on the wire, checked against the model and the frame cap."""
-        values.check(value, where, self._bounds)
-        data = values.encode(value)
+    def _check_result(self, value: Any) -> None:
+        """The return value must be in the model and fit in one message."""
+        size = values.check(value, "the state's return value", self._bounds)
         cap = self._bounds.max_frame
-        if len(data) > cap:
+        if size > cap:
             raise ValueTooLargeError(
-                f"{where}: the value encodes to {len(data):,} bytes, over the {cap:,}-byte limit "
-                "of one message between processes: keep large data in a file and store its path"
+                f"the state's return value encodes to {size:,} bytes, over the {cap:,}-byte limit "
+                "of one message between processes: keep large data in a file and return a state name"
             )
-        return data
 
     def _on_write(self, key: str, value: Any, deleted: bool) -> None:
         # Context.set_state has checked the value and the run's budget already.
-        if deleted:
-            self._send(ContextWrite(key=key, value=None, deleted=True))
-        else:
-            self._send(ContextWrite(key=key, value=values.encode(value), deleted=False))
+        self._send(ContextWrite(key=key, value=None if deleted else value, deleted=deleted))
         self._written.append(key)
 
     def _report_error(self, exc: BaseException) -> None:

@@ -46,7 +46,7 @@ _CONTROL_BOUNDS = Bounds(max_frame=16 * 1024 * 1024)
 
 
 def write_frame(sock: socket.socket, obj: Any) -> None:
-    data = pack_plain(obj, strict=False)
+    data = pack_plain(obj)
     sock.sendall(_HEADER.pack(len(data)) + data)
 
 

@@ -88,14 +88,14 @@ class _Decoded(NamedTuple):
     objects: int = 0
 
 
-def decode_frame(frame: bytes, bounds: Bounds) -> _Decoded:
-    """Decode a frame and the value it carries; raises ProtocolError (BoundExceededError)."""
+def decode_frame(frame: bytes | memoryview, bounds: Bounds) -> _Decoded:
+    """Decode a frame and measure the value it carries; raises ProtocolError (BoundExceededError)."""
     msg = decode_message(frame, bounds, FROM_CHILD)
-    data = msg.value if isinstance(msg, (ContextWrite, Result)) else None
-    if data is None:
-        return _Decoded(msg)
-    decoded = values.decode(data, bounds)
-    return _Decoded(msg, decoded.value, decoded.size, decoded.objects)
+    if isinstance(msg, Result) or (isinstance(msg, ContextWrite) and not msg.deleted):
+        where = "the return value" if isinstance(msg, Result) else f"context key {msg.key!r}"
+        size, objects = values.measure(msg.value, where, bounds)
+        return _Decoded(msg, msg.value, size, objects)
+    return _Decoded(msg)
 
 
 class ChildProcess:
@@ -139,7 +139,7 @@ class ChildProcess:
         self._pending_hellos: list[tuple[bytes, int, int]] = []
         self._membership: str | None = None  # /proc/<pid>/cgroup as the child started
         self._escaped: str | None = None
-        self._inbox: collections.deque[bytes] = collections.deque()
+        self._inbox: collections.deque[bytes | memoryview] = collections.deque()
         self._decoding = False
         self._finalize_wanted = False
         self._bytes_in = 0
@@ -269,7 +269,7 @@ class ChildProcess:
 
     # --- frames ---------------------------------------------------------------------------
 
-    def receive(self, frame: bytes) -> None:
+    def receive(self, frame: bytes | memoryview) -> None:
         """A frame from this child's connection; handled after the ones before it."""
         if self._violation is not None or self.status is ChildStatus.EXITED:
             return
@@ -283,7 +283,7 @@ class ChildProcess:
         else:
             self._handle(frame)
 
-    def _handle(self, frame: bytes) -> None:
+    def _handle(self, frame: bytes | memoryview) -> None:
         if len(frame) >= OFF_LOOP_BYTES:
             self._decoding = True
             future = self._sup.decoder.submit(decode_frame, frame, self._bounds)
@@ -344,8 +344,6 @@ class ChildProcess:
         if isinstance(msg, ContextWrite):
             if msg.deleted:
                 self.attempt.context.remove_state(msg.key)
-            elif msg.value is None:
-                raise ProtocolError(f"context_write of {msg.key!r} without a value")
             else:
                 size = values.entry_size(msg.key, decoded.size)
                 self.attempt.context._store(msg.key, decoded.value, size)

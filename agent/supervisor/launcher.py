@@ -79,7 +79,7 @@ class ZygoteLauncher:
 
     def spawn(self, request_id: int, spec: dict[str, Any]) -> None:
         # Packed apart: the zygote hands the bytes to the child, which unpacks them itself.
-        self._send({"op": "spawn", "id": request_id, "spec": pack_plain(spec, strict=False)})
+        self._send({"op": "spawn", "id": request_id, "spec": pack_plain(spec)})
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         self._send({"op": "kill", "pid": pid, "signal": int(sig)})

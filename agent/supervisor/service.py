@@ -284,7 +284,7 @@ class Supervisor:
 
     # --- events ---------------------------------------------------------------------------
 
-    def _on_frame(self, routing_id: bytes, frames: list[bytes], fd: int) -> None:
+    def _on_frame(self, routing_id: bytes, frames: list[bytes | memoryview], fd: int) -> None:
         child = self._by_route.get(routing_id)
         if child is None:
             self._on_stranger(routing_id, frames, fd)
@@ -299,7 +299,7 @@ class Supervisor:
             return
         child.receive(frames[0])
 
-    def _on_stranger(self, routing_id: bytes, frames: list[bytes], fd: int) -> None:
+    def _on_stranger(self, routing_id: bytes, frames: list[bytes | memoryview], fd: int) -> None:
         """A frame on a connection bound to no attempt: it must be a true hello."""
         creds = peer_credentials(fd)
         hello = None

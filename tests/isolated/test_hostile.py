@@ -15,13 +15,14 @@ import uuid
 import zoneinfo
 from dataclasses import dataclass
 
+import msgpack
 import pytest
 
 from agent import Agent, Context, ResourceRequirements, RetryPolicy
 from agent.checkpoint_store import SQLiteCheckpointStore
 from agent.errors import AgentError, StateFailedError, UnencodableValueError
 from agent.executor import AttemptFailed
-from agent.ipc import ContextWrite, Hello, Result, encode_message
+from agent.ipc import PROTOCOL_VERSION, ContextWrite, Hello, Result, encode_message
 from agent.ipc.zmtp import DealerTransport
 from agent.supervisor import current_supervisor
 from agent.values import TypedContextData, encode
@@ -60,8 +61,10 @@ def _own_transport() -> DealerTransport:
     return transport
 
 
-async def _send_raw_write(key: str, data: bytes) -> None:
-    _own_transport().send(encode_message(ContextWrite(key, data, False)))
+async def _send_raw_write(key: str, raw_value: bytes) -> None:
+    """Send a write whose value is ``raw_value`` as is: what a child that skips the checks can do."""
+    head = msgpack.packb({"v": PROTOCOL_VERSION, "t": "context_write", "key": key, "deleted": False})
+    _own_transport().send(bytes([head[0] + 1]) + head[1:] + msgpack.packb("value") + raw_value)
     await asyncio.get_running_loop().create_future()  # wait to be killed
 
 
@@ -149,8 +152,8 @@ async def forge_hello(context):
     pid, secret = open(path).read().split()
     forged = DealerTransport(_own_transport().endpoint, b"")
     forged.send(encode_message(Hello(pid=int(pid), secret=bytes.fromhex(secret))))
-    forged.send(encode_message(ContextWrite("forged", encode(True), False)))
-    forged.send(encode_message(Result(encode(None))))
+    forged.send(encode_message(ContextWrite("forged", True, False)))
+    forged.send(encode_message(Result(None)))
     await asyncio.get_running_loop().create_future()
 
 
@@ -437,11 +440,10 @@ from agent import Agent
 from agent.errors import StateFailedError
 from agent.ipc import ContextWrite, encode_message
 from agent.ipc.zmtp import DealerTransport
-from agent.values import encode
 
 async def flood(context):
     (own,) = [o for o in gc.get_objects() if isinstance(o, DealerTransport)]
-    frame = encode_message(ContextWrite("same", encode(b"x" * 700_000), False))
+    frame = encode_message(ContextWrite("same", b"x" * 700_000, False))
     for _ in range(100):  # 70 MB in all, each write within the budget
         own.send(frame)
     await asyncio.sleep(60)

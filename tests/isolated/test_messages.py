@@ -16,9 +16,18 @@ from agent.ipc import (
     decode_message,
     encode_message,
 )
+from agent.supervisor.child import decode_frame
 from agent.values import Bounds, encode
 
 BOUNDS = Bounds()
+NESTED_300 = b"\x92\xc7\x00\x01" * 300 + b"\x91\xc7\x00\x01"
+
+
+def raw_frame(msg, raw_value: bytes) -> bytes:
+    """``msg`` on the wire with ``raw_value`` spliced in as its value: what a hostile child can send."""
+    body = {"v": PROTOCOL_VERSION, "t": msg.TYPE, **{k: v for k, v in vars(msg).items() if k != "value"}}
+    head = msgpack.packb(body)
+    return bytes([head[0] + 1]) + head[1:] + msgpack.packb("value") + raw_value
 
 
 class TestMessages:
@@ -38,7 +47,7 @@ class TestMessages:
             ({"v": PROTOCOL_VERSION, "t": "hello", "pid": 1, "secret": b"s", "extra": 2}, "fields"),
             ({"v": PROTOCOL_VERSION, "t": "hello", "pid": "1", "secret": b"s"}, "hello.pid"),
             ({"v": PROTOCOL_VERSION, "t": "hello", "pid": True, "secret": b"s"}, "hello.pid"),
-            ({"v": PROTOCOL_VERSION, "t": "context_write", "key": "k", "value": 5, "deleted": False}, "value"),
+            ({"v": PROTOCOL_VERSION, "t": "context_write", "key": 5, "value": 5, "deleted": False}, "key"),
             ([1, 2], "not a map"),
         ],
     )
@@ -58,6 +67,8 @@ class TestMessages:
         small = Bounds(max_frame=1 << 20, max_objects=100)
         with pytest.raises(BoundExceededError, match="over the"):
             decode_message(encode_message(ContextWrite("k", b"x" * (2 << 20), False)), small)
+        with pytest.raises(BoundExceededError, match="context key 'k'.*nested deeper than 64"):
+            decode_frame(raw_frame(ContextWrite("k", None, False), NESTED_300), BOUNDS)
         wide = msgpack.packb({"v": PROTOCOL_VERSION, "t": "checkpoint_snapshot", "keys": ["k"] * 200})
         with pytest.raises(BoundExceededError, match="objects"):
             decode_message(wide, small, FROM_CHILD)

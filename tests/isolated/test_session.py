@@ -24,13 +24,11 @@ from agent.ipc import (
 )
 from agent.errors import ContextBudgetError
 from agent.runtime.session import ChildSession
-from agent.values import Bounds, decode, encode
+from agent.values import Bounds, encode
 
 BOUNDS = Bounds()
 
 
-def decode_value(data: bytes):
-    return decode(data, BOUNDS).value
 
 
 class Peer:
@@ -66,10 +64,10 @@ class TestSession:
 
         peer = Peer()
         task = await peer.start(state, {"start": 41})
-        assert await peer.recv() == ContextWrite("n", encode(42), False)
+        assert await peer.recv() == ContextWrite("n", 42, False)
         assert await peer.recv() == ContextWrite("start", None, True)
         result = await peer.recv()
-        assert isinstance(result, Result) and decode_value(result.value) == "next"
+        assert isinstance(result, Result) and result.value == "next"
         assert await task == "result"
 
     async def test_exception_is_reported_with_traceback(self):
@@ -95,7 +93,7 @@ class TestSession:
         task = await peer.start(state)
         await peer.recv()  # the write: the state is running
         peer.send(Cancel(reason="timeout"))
-        assert await peer.recv() == ContextWrite("cleaned_up", encode(True), False)
+        assert await peer.recv() == ContextWrite("cleaned_up", True, False)
         assert await task == "stopped"
 
     async def test_preempt_sends_the_written_keys(self):
@@ -128,7 +126,7 @@ class TestHumanInput:
             assert 0 < request.timeout <= 60
             peer.send(HumanInputResponse(request.request_id, answer, None, None))
         result = await peer.recv()
-        assert decode_value(result.value) == "10"
+        assert result.value == "10"
         await task
 
     async def test_default_answer_is_accepted(self):
@@ -140,7 +138,7 @@ class TestHumanInput:
         request = await peer.recv()
         assert request.default == "n/a"
         peer.send(HumanInputResponse(request.request_id, "n/a", None, None))
-        assert decode_value((await peer.recv()).value) == "n/a"
+        assert (await peer.recv()).value == "n/a"
         await task
 
     async def test_error_from_the_provider(self):
@@ -156,7 +154,7 @@ class TestHumanInput:
         task = await peer.start(state)
         request = await peer.recv()
         peer.send(HumanInputResponse(request.request_id, None, "HumanInputTimeoutError", "nobody"))
-        assert decode_value((await peer.recv()).value) == "raised nobody"
+        assert (await peer.recv()).value == "raised nobody"
         await task
 
 
@@ -194,5 +192,5 @@ class TestBoundsInTheChild:
                       {}, BOUNDS.max_frame, 1000, 800))
         assert (await peer.recv()).key == "fits"
         result = await peer.recv()
-        assert "context key 'too_much'" in decode_value(result.value)
+        assert "context key 'too_much'" in result.value
         assert await task == "result"

@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.errors import BoundExceededError, ProtocolError
-from agent.ipc import FROM_CHILD, ContextWrite, Result, decode_message, encode_message
-from agent.values import MAX_DEPTH, Bounds, decode, encode
+from agent.ipc import FROM_CHILD, PROTOCOL_VERSION, Result, decode_message, encode_message
+from agent.supervisor.child import decode_frame
+from agent.values import MAX_DEPTH, Bounds, decode, encode, measure
 
 from .test_model import values
 
@@ -62,13 +63,16 @@ class TestBounds:
 
     def test_bytes_bound(self):
         with pytest.raises(BoundExceededError, match="frame bound"):
+            decode(encode(b"x" * 100_000), Bounds(max_frame=1024))
+        with pytest.raises(BoundExceededError, match="max_bin_len"):
             decode(encode(b"x" * 2048), Bounds(max_frame=1024))
 
     def test_frames_carry_the_same_bounds(self):
-        frame = encode_message(ContextWrite("k", nested_tuples_flat(300), False))
-        msg = decode_message(frame, Bounds(), FROM_CHILD)  # the frame itself is flat
-        with pytest.raises(BoundExceededError):
-            decode(msg.value)
+        head = msgpack.packb({"v": PROTOCOL_VERSION, "t": "result"})
+        frame = bytes([head[0] + 1]) + head[1:] + msgpack.packb("value") + nested_tuples_flat(300)
+        msg = decode_message(frame, Bounds(), FROM_CHILD)  # the value decodes without recursion
+        with pytest.raises(BoundExceededError, match="nested deeper than 64 levels"):
+            measure(msg.value)
 
 
 @st.composite
@@ -76,7 +80,7 @@ def mutated(draw: st.DrawFn) -> bytes:
     """A valid frame or value with bytes flipped, inserted or cut."""
     value = draw(values)
     data = bytearray(
-        encode(value) if draw(st.booleans()) else encode_message(Result(value=encode(value)))
+        encode(value) if draw(st.booleans()) else encode_message(Result(value=value))
     )
     for _ in range(draw(st.integers(1, 6))):
         op = draw(st.sampled_from(["flip", "insert", "cut"]))
@@ -98,7 +102,7 @@ class TestFuzz:
     def test_decoders_fail_cleanly(self, data):
         tracemalloc.start()
         try:
-            for decoder in (lambda d: decode(d), lambda d: decode_message(d, Bounds(), FROM_CHILD)):
+            for decoder in (decode, lambda d: decode_frame(d, Bounds())):
                 try:
                     decoder(data)
                 except ProtocolError:
@@ -106,14 +110,14 @@ class TestFuzz:
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-        assert peak < 4096 + 400 * len(data)
+        assert peak < 65536 + 400 * len(data)  # a fixed multiple of the input, and a constant
 
 
 HOSTILE = textwrap.dedent("""
     import asyncio, gc, sys
     from agent import Agent
     from agent.errors import StateFailedError
-    from agent.ipc import ContextWrite, encode_message
+    import msgpack
     from agent.ipc.zmtp import DealerTransport
 
     async def deep_write(context):
@@ -124,7 +128,8 @@ HOSTILE = textwrap.dedent("""
     async def deep_frame(context):
         (own,) = [o for o in gc.get_objects() if isinstance(o, DealerTransport)]
         deep = (b"\\x92\\xc7\\x00\\x01") * 300 + b"\\x91\\xc7\\x00\\x01"
-        own.send(encode_message(ContextWrite("x", deep, False)))
+        head = msgpack.packb({"v": 2, "t": "context_write", "key": "x", "deleted": False})
+        own.send(bytes([head[0] + 1]) + head[1:] + msgpack.packb("value") + deep)
         await asyncio.sleep(60)
 
     async def normal(context):
