@@ -642,19 +642,30 @@ def encode(value: Any, classes: set[type] | None = None) -> bytes:
 
 
 class _Decoding:
-    """Hooks msgpack calls as it decodes one value: markers, tagged arrays, the object count."""
+    """Hooks msgpack calls as it decodes one value: markers, tagged arrays, the object count.
 
-    __slots__ = ("objects", "max_objects", "import_modules")
+    Every container made is also kept in ``made`` (children before their parents), so
+    that when decoding stops half-way, what was built is freed a slice at a time
+    (:meth:`release`) rather than in one long stretch of C with the GIL held.
+    """
+
+    __slots__ = ("objects", "max_objects", "import_modules", "made")
 
     def __init__(self, bounds: Bounds, import_modules: bool) -> None:
         self.objects = 1
         self.max_objects = bounds.max_objects
         self.import_modules = import_modules
+        self.made: list[Any] = []
 
     def _count(self, n: int) -> None:
         self.objects += n
         if self.objects > self.max_objects:
             raise BoundExceededError(f"a value holds more than {self.max_objects:,} objects (the objects bound)")
+
+    def release(self) -> None:
+        made = self.made
+        while made:
+            del made[-4096:]
 
     def ext(self, code: int, data: bytes) -> Any:
         marker = _MARKERS.get(code)
@@ -663,6 +674,7 @@ class _Decoding:
         return marker
 
     def array(self, items: list[Any]) -> Any:
+        self.made.append(items)
         if not items or type(items[0]) is not _Marker:
             self._count(len(items))
             return items
@@ -670,19 +682,24 @@ class _Decoding:
         del items[0]
         if code == _TUPLE:
             self._count(len(items))
-            return tuple(items)
-        if code == _SET or code == _FROZENSET:
+            out: Any = tuple(items)
+        elif code == _SET or code == _FROZENSET:
             self._count(len(items))
-            return set(items) if code == _SET else frozenset(items)
-        if code == _TYPED:
-            return self._typed(items)
-        return _leaf_from(code, items)
+            out = set(items) if code == _SET else frozenset(items)
+        elif code == _TYPED:
+            out = self._typed(items)
+        else:
+            out = _leaf_from(code, items)
+        self.made.append(out)
+        return out
 
     def map(self, items: dict[str, Any]) -> dict[str, Any]:
+        self.made.append(items)
         self._count(2 * len(items))
         return items
 
     def plain_array(self, items: list[Any]) -> list[Any]:
+        self.made.append(items)
         self._count(len(items))
         return items
 
@@ -731,10 +748,13 @@ def unpack(data: bytes | memoryview, bounds: Bounds = DEFAULT_BOUNDS, *, import_
             max_array_len=bounds.max_items + 1, max_map_len=bounds.max_items,
         )
     except (BoundExceededError, ProtocolError):
+        hooks.release()
         raise
     except msgpack.StackError:
+        hooks.release()
         raise BoundExceededError(f"data nested deeper than {bounds.max_depth} levels (the depth bound)") from None
     except (ValueError, TypeError, KeyError, OverflowError, msgpack.UnpackException, RecursionError) as exc:
+        hooks.release()
         raise _malformed(exc) from None
 
 

@@ -18,6 +18,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import enum
+import gc
 import os
 import signal
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -96,6 +97,23 @@ def decode_frame(frame: bytes | memoryview, bounds: Bounds) -> _Decoded:
         size, objects = values.measure(msg.value, where, bounds)
         return _Decoded(msg, msg.value, size, objects)
     return _Decoded(msg)
+
+
+def decode_off_loop(frame: bytes | memoryview, bounds: Bounds) -> _Decoded:
+    """:func:`decode_frame`, in the decoder thread, with the cyclic garbage collector paused.
+
+    A frame of many small containers makes up to ``max_objects`` objects; collections
+    triggered meanwhile would walk every object of the process with the GIL held, stalling
+    the event loop for as long. Nothing of a refused frame outlives the call, and a value
+    that is kept is collected later like any other.
+    """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return decode_frame(frame, bounds)
+    finally:
+        if paused:
+            gc.enable()
 
 
 class ChildProcess:
@@ -286,7 +304,7 @@ class ChildProcess:
     def _handle(self, frame: bytes | memoryview) -> None:
         if len(frame) >= OFF_LOOP_BYTES:
             self._decoding = True
-            future = self._sup.decoder.submit(decode_frame, frame, self._bounds)
+            future = self._sup.decoder.submit(decode_off_loop, frame, self._bounds)
             asyncio.wrap_future(future).add_done_callback(self._decoded)
             return
         try:
