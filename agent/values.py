@@ -741,15 +741,14 @@ def unpack(data: bytes | memoryview, bounds: Bounds = DEFAULT_BOUNDS, *, import_
         raise BoundExceededError(f"{len(data):,} bytes are over the {bounds.max_frame:,}-byte frame bound")
     hooks = _Decoding(bounds, import_modules)
     try:
-        return msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True, timestamp=0,
-            ext_hook=hooks.ext, list_hook=hooks.array, object_hook=hooks.map,
-            max_bin_len=bounds.max_frame, max_str_len=bounds.max_frame, max_ext_len=0,
-            max_array_len=bounds.max_items + 1, max_map_len=bounds.max_items,
-        )
+        return msgpack.unpackb(data, ext_hook=hooks.ext, list_hook=hooks.array, object_hook=hooks.map,
+                               **_unpack_options(len(data), bounds, 1))
     except (BoundExceededError, ProtocolError):
         hooks.release()
         raise
+    except MemoryError:
+        hooks.release()
+        raise BoundExceededError("decoding ran out of memory") from None
     except msgpack.StackError:
         hooks.release()
         raise BoundExceededError(f"data nested deeper than {bounds.max_depth} levels (the depth bound)") from None
@@ -790,18 +789,28 @@ def unpack_plain(data: bytes, bounds: Bounds = DEFAULT_BOUNDS) -> Any:
         raise BoundExceededError(f"{len(data):,} bytes are over the {bounds.max_frame:,}-byte frame bound")
     hooks = _Decoding(bounds, False)
     try:
-        return msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True, timestamp=0,
-            ext_hook=_no_ext, list_hook=hooks.plain_array, object_hook=hooks.map,
-            max_bin_len=bounds.max_frame, max_str_len=bounds.max_frame, max_ext_len=0,
-            max_array_len=bounds.max_items, max_map_len=bounds.max_items,
-        )
+        return msgpack.unpackb(data, ext_hook=_no_ext, list_hook=hooks.plain_array, object_hook=hooks.map,
+                               **_unpack_options(len(data), bounds, 0))
     except BoundExceededError:
         raise
     except msgpack.StackError:
         raise BoundExceededError("data nested too deeply (the depth bound)") from None
     except (ValueError, TypeError, KeyError, msgpack.UnpackException, RecursionError) as exc:
         raise _malformed(exc) from None
+
+
+def _unpack_options(size: int, bounds: Bounds, marker: int) -> dict[str, Any]:
+    """msgpack's options: exact types, and length caps no larger than the data could fill.
+
+    msgpack allocates a container's slots when it reads the header, so a length is capped
+    at what the remaining bytes could hold (an element takes at least one byte, a map
+    entry two): a short frame cannot declare a huge container.
+    """
+    return {
+        "raw": False, "strict_map_key": True, "use_list": True, "timestamp": 0, "max_ext_len": 0,
+        "max_bin_len": min(bounds.max_frame, size), "max_str_len": min(bounds.max_frame, size),
+        "max_array_len": min(bounds.max_items + marker, size), "max_map_len": min(bounds.max_items, size // 2),
+    }
 
 
 def _malformed(exc: Exception) -> ProtocolError:
