@@ -414,7 +414,7 @@ def _leaf_fields(value: Any, t: type) -> tuple[int, list[Any]]:
 
 
 def _leaf_from(code: int, fields: list[Any]) -> Any:
-    """The leaf value a tagged array carries; raises ValueError on anything malformed."""
+    """The leaf value a tagged array carries; raises (ValueError, mostly) on anything malformed."""
     n = len(fields)
     if (code == _DATETIME or code == _TIME) and n == 5:
         iso, fold, zone, offset, name = fields
@@ -505,47 +505,37 @@ class _Walk:
         n = len(value)
         self._enter(n, depth, t.__name__)
         total = _array_header(n) if t is list else _array_header(n + 1) + _MARK_SIZE
-        inner = depth + 1
-        ordered = t is list or t is tuple
-        for i, item in enumerate(value):
-            it = type(item)
-            if it is int and _INT64_MIN <= item < _UINT64_END:
-                total += _int_size(item)
-                continue
-            if it is str and item.isascii():
-                total += _str_size(len(item))
-                continue
-            try:
-                total += self.size(item, inner)
-            except _Refused as exc:
-                exc.parts.append(f"[{i}]" if ordered else " item")
-                raise
-        return total
+        label = _index if t is list or t is tuple else _item
+        return total + self._elements(enumerate(value), depth + 1, label)
 
     def _dict(self, value: dict[Any, Any], depth: int) -> int:
         n = len(value)
         self._enter(2 * n, depth, "dict")
         total = _array_header(n)
-        inner = depth + 1
-        for k, v in value.items():
+        for k in value:
             if type(k) is not str:
                 raise _Refused(
                     f"dict keys must be str, found a {type(k).__name__} key {k!r}; convert the keys "
                     "to str (or store a list of pairs)"
                 )
             total += _str_size(len(k) if k.isascii() else _utf8_len(k))
-            vt = type(v)
-            if vt is int and _INT64_MIN <= v < _UINT64_END:
-                total += _int_size(v)
-                continue
-            if vt is str and v.isascii():
-                total += _str_size(len(v))
-                continue
-            try:
-                total += self.size(v, inner)
-            except _Refused as exc:
-                exc.parts.append(f"[{k!r}]")
-                raise
+        return total + self._elements(value.items(), depth + 1, _key)
+
+    def _elements(self, pairs: Any, depth: int, label: Any) -> int:
+        """The size of a container's elements; ``label(tag)`` names one in an error's path."""
+        total = 0
+        for tag, item in pairs:
+            it = type(item)
+            if it is int and _INT64_MIN <= item < _UINT64_END:  # the common cases, inline
+                total += _int_size(item)
+            elif it is str and item.isascii():
+                total += _str_size(len(item))
+            else:
+                try:
+                    total += self.size(item, depth)
+                except _Refused as exc:
+                    exc.parts.append(label(tag))
+                    raise
         return total
 
     def _typed(self, value: Any, t: type, depth: int) -> int:
@@ -565,6 +555,18 @@ class _Walk:
                 exc.parts.append(f".{f.name}")
                 raise
         return total
+
+
+def _index(i: int) -> str:
+    return f"[{i}]"
+
+
+def _item(_: int) -> str:
+    return " item"
+
+
+def _key(k: str) -> str:
+    return f"[{k!r}]"
 
 
 def _utf8_len(text: str) -> int:
@@ -689,7 +691,10 @@ class _Decoding:
         elif code == _TYPED:
             out = self._typed(items)
         else:
-            out = _leaf_from(code, items)
+            try:
+                out = _leaf_from(code, items)
+            except Exception as exc:  # ValueError, decimal.InvalidOperation, ZoneInfoNotFoundError...
+                raise ProtocolError(f"malformed value under marker {code}: {exc!r}") from None
         self.made.append(out)
         return out
 

@@ -33,6 +33,17 @@ def nested_tuples_flat(levels: int) -> bytes:
     return (b"\x92" + TUPLE_MARK) * levels + b"\x91" + TUPLE_MARK
 
 
+def refused_within(frame: bytes, bound: str) -> int:
+    """Decode ``frame``, which must pass ``bound``; return the peak memory it took."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(BoundExceededError, match=bound):
+            decode(frame)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 class TestBounds:
     """Each bound stops decoding with BoundExceededError naming it."""
 
@@ -46,14 +57,7 @@ class TestBounds:
         # 12 MB of empty arrays: each byte would become a 72-byte list (~860 MB).
         chunk = b"\xdd" + (600_000).to_bytes(4, "big") + b"\x90" * 600_000
         frame = b"\xdc" + (20).to_bytes(2, "big") + chunk * 20
-        tracemalloc.start()
-        try:
-            with pytest.raises(BoundExceededError, match="objects"):
-                decode(frame)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        assert peak < 10 * len(frame)
+        assert refused_within(frame, "objects") < 10 * len(frame)
 
     def test_container_items_bound(self):
         with pytest.raises(BoundExceededError, match="max_array_len|items"):
@@ -63,20 +67,19 @@ class TestBounds:
 
     def test_a_short_frame_cannot_declare_huge_containers(self):
         frame = b"\xdd\x00\x0f\x42\x40" * 1000  # a thousand nested arrays of a million elements each
-        tracemalloc.start()
-        try:
-            with pytest.raises(BoundExceededError, match="max_array_len"):
-                decode(frame)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        assert peak < 64 * len(frame)
+        assert refused_within(frame, "max_array_len") < 64 * len(frame)
 
     def test_bytes_bound(self):
         with pytest.raises(BoundExceededError, match="frame bound"):
             decode(encode(b"x" * 100_000), Bounds(max_frame=1024))
         with pytest.raises(BoundExceededError, match="max_bin_len"):
             decode(encode(b"x" * 2048), Bounds(max_frame=1024))
+
+    @pytest.mark.parametrize("fields", [b"\xa0", b"\xa3abc", b"\xc4\x00"])
+    def test_a_malformed_leaf_is_a_protocol_error(self, fields):
+        for marker in range(5, 12):  # datetime, date, time, timedelta, Decimal, UUID, big int
+            with pytest.raises(ProtocolError, match=f"under marker {marker}"):
+                decode(b"\x92\xc7\x00" + bytes([marker]) + fields)
 
     def test_frames_carry_the_same_bounds(self):
         head = msgpack.packb({"v": PROTOCOL_VERSION, "t": "result"})
