@@ -211,7 +211,8 @@ class ChildProcess:
         self.route, self.fd = route, fd
         self._sup.bind(self, route, fd)
         self._sup.launched(self)
-        self._membership = _read_membership(self.pid)
+        if self._in_cgroup():
+            self._membership = _read_membership(self.pid)
         frame, self._run_frame = self._run_frame, None
         self._send(frame)  # type: ignore[arg-type]
 
@@ -253,9 +254,10 @@ class ChildProcess:
             return
         if self._dropped_by_router():
             self.violate(
-                "the supervisor's end dropped the connection before the state reported (libzmq drops "
-                f"one that sends a frame over the {self._bounds.max_frame:,}-byte cap or breaks the "
-                "wire protocol), and the process exited"
+                "the state's connection broke before it reported, and its process exited (code "
+                f"{EXIT_SETUP_FAILED}): libzmq drops a connection that sends a frame over the "
+                f"{self._bounds.max_frame:,}-byte cap or breaks the wire protocol; see the log below",
+                traceback=self._log_tail(),
             )
         self._move(ChildStatus.EXITED)
         self._inbox.clear()
@@ -277,10 +279,10 @@ class ChildProcess:
                 and not self._stopping and status is not None and os.WIFEXITED(status)
                 and os.WEXITSTATUS(status) == EXIT_SETUP_FAILED)
 
-    def violate(self, message: str, *, kind: str = "protocol") -> None:
+    def violate(self, message: str, *, kind: str = "protocol", traceback: str = "") -> None:
         """Record a protocol violation (or a bound passed) and kill the child."""
         if self._violation is None:
-            self._violation = FailureReason(kind=kind, message=message)
+            self._violation = FailureReason(kind=kind, message=message, traceback=traceback)
             self._sup.count_violation(self, kind, message)
         self._inbox.clear()
         self.kill()
@@ -429,8 +431,11 @@ class ChildProcess:
             if left:
                 self._escaped = f"it moved itself to {left}"
 
+    def _in_cgroup(self) -> bool:
+        return self.confinement.handle is not None and self.confinement.backend_name != "none"
+
     def _escape(self, usage: dict[str, Any]) -> FailureReason | None:
-        if self.confinement.handle is None or self.confinement.backend_name == "none":
+        if not self._in_cgroup():
             return None
         cgroup_cpu = usage.get("cpu_seconds")
         why = self._escaped
