@@ -119,7 +119,7 @@ class Context:
             budget = ContextBudget(default_budget() if budget is None else budget)
             for key, value in self._data.items():
                 _check_key(key)
-                size = values.entry_size(key, values.check(value, f"context key {key!r}"))
+                size = values.entry_size(key, values.check(value, key=key))
                 budget.used = budget.admit(key, size)
                 budget.sizes[key] = size
         self._budget = budget
@@ -164,13 +164,14 @@ class Context:
         """
         if type(key) is not str:
             _check_key(key)
-        size = values.entry_size(key, values.check(value, f"context key {key!r}"))
-        self._store(key, value, size)
+        self._store(key, value, values.entry_check(key, value))
 
     def _store(self, key: str, value: Any, size: int) -> None:
         """Store a value already checked (``size`` from :func:`agent.values.entry_size`)."""
         budget = self._budget
-        used = budget.admit(key, size)
+        used = budget.used - budget.sizes.get(key, 0) + size
+        if used > budget.limit:
+            budget.admit(key, size)  # raises, saying why
         if self._on_write is not None:
             self._on_write(key, value, False)
         budget.used = used

@@ -1,6 +1,7 @@
 """The one value model: what a context value may be, in every isolation level.
 
-A value is one of: None, bool, int (up to 8192 bits), float, str, bytes, list, tuple, set, frozenset, dict with str keys, datetime, date, time (naive, or with a
+A value is one of: None, bool, int (up to 8192 bits), float, str, bytes, list, tuple,
+set, frozenset, dict with str keys, datetime, date, time (naive, or with a
 ``datetime.timezone`` or a keyed ``zoneinfo.ZoneInfo``), timedelta, Decimal, UUID, and
 :class:`TypedContextData` dataclasses defined at module level, nested at most
 :data:`MAX_DEPTH` levels and holding at most ``max_objects`` objects. Types are exact:
@@ -49,6 +50,7 @@ from .errors import (
     BoundExceededError,
     CheckpointError,
     ContextTypeError,
+    InvalidConfigurationError,
     ProtocolError,
     UnencodableValueError,
     ValueTooLargeError,
@@ -96,7 +98,7 @@ def max_frame_from_env() -> int:
     except ValueError:
         value = 0
     if value < MIB:
-        raise ValueError(f"AGENT_IPC_MAX_FRAME={raw!r}: give a number of bytes >= {MIB}")
+        raise InvalidConfigurationError(f"AGENT_IPC_MAX_FRAME={raw!r}: give a number of bytes >= {MIB}")
     return value
 
 
@@ -118,10 +120,6 @@ class Bounds:
     def attempt_objects(self) -> int:
         """Decoded objects one attempt may send in all."""
         return ATTEMPT_FRAMES * self.max_objects
-
-    @classmethod
-    def from_env(cls) -> "Bounds":
-        return cls(max_frame=max_frame_from_env())
 
 
 DEFAULT_BOUNDS = Bounds()
@@ -315,6 +313,23 @@ def _int_size(v: int) -> int:
     if v >= 0:
         return 1 if v < 128 else 2 if v < 256 else 3 if v < 65536 else 5 if v < 4294967296 else 9
     return 1 if v >= -32 else 2 if v >= -128 else 3 if v >= -32768 else 5 if v >= -2147483648 else 9
+
+
+def entry_check(key: str, value: Any) -> int:
+    """``entry_size(key, check(value, key=key))`` in one call: the hot path of ``set_state``."""
+    t = type(value)
+    if t is int and 0 <= value < 128 or value is None or t is bool:
+        n = 1
+    elif t is str and value.isascii() and len(value) < 32:
+        n = 1 + len(value)
+    elif t is float:
+        n = 9
+    else:
+        n = check(value, key=key)
+    if key.isascii():
+        k = len(key)
+        return k + (1 if k < 32 else 2 if k < 256 else 3 if k < 65536 else 5) + n + (2 if n < 256 else 3 if n < 65536 else 5)
+    return entry_size(key, n)
 
 
 def entry_size(key: str, value_size: int) -> int:
@@ -587,11 +602,12 @@ def _path(where: str, parts: list[str]) -> str:
     return where + "".join(inner)
 
 
-def check(value: Any, where: str = "value", bounds: Bounds = DEFAULT_BOUNDS) -> int:
+def check(value: Any, where: str = "value", bounds: Bounds = DEFAULT_BOUNDS, *, key: str | None = None) -> int:
     """Check ``value`` against the model; return its exact encoded size in bytes.
 
     Raises :class:`UnencodableValueError` (or :class:`ValueTooLargeError` for the object
-    and item limits) naming ``where`` with the path inside the value, the type, and the fix.
+    and item limits) naming ``where`` (``context key <key>`` when ``key`` is given) with
+    the path inside the value, the type, and the fix.
     """
     t = type(value)
     if t is int and _INT64_MIN <= value < _UINT64_END:  # the common cases, first
@@ -600,6 +616,8 @@ def check(value: Any, where: str = "value", bounds: Bounds = DEFAULT_BOUNDS) -> 
         return _str_size(len(value))
     if t in _FIXED_SIZES:
         return _FIXED_SIZES[t]
+    if key is not None:
+        where = f"context key {key!r}"
     try:
         return _Walk(bounds).size(value, 0)
     except _Refused as exc:

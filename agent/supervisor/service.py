@@ -195,7 +195,7 @@ class Supervisor:
         for key, value in attempt.context.to_dict().items():
             try:
                 # Checked when written; checked again here, as it may have changed in place.
-                values.check(value, f"context key {key!r}", self.bounds)
+                values.check(value, bounds=self.bounds, key=key)
                 context[key] = values.encode(value, classes)
             except UnencodableValueError as exc:
                 raise IsolationError(
