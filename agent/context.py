@@ -46,14 +46,15 @@ def budget_from_mb(mb: float | None) -> int:
     """``Agent(context_budget_mb=...)`` in bytes; None gives :func:`default_budget`.
 
     A budget must leave room in a child's start message for the state function, so it is
-    at most the frame cap (``AGENT_IPC_MAX_FRAME``) less 1 MiB.
+    at most the frame cap (``AGENT_IPC_MAX_FRAME``) less 1 MiB
+    (:func:`agent.values.snapshot_room`).
     """
     if mb is None:
         return default_budget()
     if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb > 0:
         raise InvalidConfigurationError(f"context_budget_mb must be a number > 0, got {mb!r}")
     budget = int(mb * values.MIB)
-    most = values.max_frame_from_env() - values.SNAPSHOT_RESERVE
+    most = values.snapshot_room(values.max_frame_from_env())
     if budget > most:
         raise InvalidConfigurationError(
             f"context_budget_mb={mb:g} is over what one child's start message can carry "

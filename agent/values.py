@@ -76,8 +76,10 @@ DEFAULT_MAX_FRAME = 64 * MIB
 FRAME_OVERHEAD = 64 * 1024
 """Room for the message around a value of the cap: what a channel lets through on top."""
 
-SNAPSHOT_RESERVE = MIB
-"""Room a child's start message keeps beside the context: the state function, the fields."""
+def snapshot_room(max_frame: int) -> int:
+    """What a child's start message can give the context: the frame cap less the room kept
+    for the state function and the other fields (1 MiB, or a sixteenth of a smaller cap)."""
+    return max_frame - min(MIB, max_frame // 16)
 
 ATTEMPT_FRAMES = 64
 """One attempt may send at most this many frame caps of data, and objects, in all."""

@@ -27,6 +27,8 @@ from agent.values import (
     decode,
     dumps,
     encode,
+    entry_check,
+    entry_size,
     loads,
     matches,
 )
@@ -121,6 +123,16 @@ class TestOneModelEverywhere:
         assert back.size == size
         assert same(back.value, value)
         assert same(loads(dumps(value)), value)
+
+    @given(st.text(max_size=40), values)
+    def test_the_fast_entry_size_is_the_exact_one(self, key, value):
+        try:
+            expected = entry_size(key, check(value))
+        except UnencodableValueError:
+            with pytest.raises(UnencodableValueError):
+                entry_check(key, value)
+            return
+        assert entry_check(key, value) == expected == len(encode(key)) + len(encode(encode(value)))
 
     def test_each_type_keeps_its_type(self):
         paris = zoneinfo.ZoneInfo("Europe/Paris")
