@@ -36,11 +36,13 @@ import importlib
 import json
 import os
 import sys
+import threading
 import types
 import typing
 import uuid
 import zoneinfo
 from collections.abc import Mapping
+from itertools import repeat
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union
 
@@ -59,7 +61,8 @@ from .errors import (
 MIB = 1024 * 1024
 
 MAX_DEPTH = 64
-"""Containers (and typed dataclasses) nest at most this many levels."""
+"""Containers (and typed dataclasses) nest at most this many levels (an empty one at the
+bottom adds none)."""
 
 MAX_OBJECTS = 1_000_000
 """Objects one value may hold: every element of every container, dict keys included."""
@@ -484,7 +487,7 @@ class _Walk:
         self.objects = 1
 
     def _enter(self, n: int, depth: int, what: str) -> None:
-        if depth >= self.max_depth:
+        if n and depth >= self.max_depth:  # an empty container adds no level
             raise _Refused(
                 f"nested deeper than {self.max_depth} levels (a reference cycle?); store flatter "
                 "data, or serialise deep structures yourself (e.g. to JSON text)"
@@ -649,40 +652,78 @@ def _wire_default(value: Any, classes: set[type] | None = None) -> Any:
     return [_EXT_MARKS[code], *fields]
 
 
+_packers = threading.local()
+
+
+def _packer(default: Any = _wire_default) -> msgpack.Packer:
+    return msgpack.Packer(use_bin_type=True, strict_types=True, datetime=False, default=default)
+
+
 def encode(value: Any, classes: set[type] | None = None) -> bytes:
     """The wire form of a value the model carries (check it with :func:`check` first).
 
     The TypedContextData classes met on the way are added to ``classes`` when given.
+    Each thread reuses one packer (a new one allocates a 256 KiB buffer), and lets it go
+    after a big value rather than keep its grown buffer.
     """
-    default = _wire_default if classes is None else lambda v: _wire_default(v, classes)
+    if classes is None:
+        packer = getattr(_packers, "packer", None) or _packer()
+        _packers.packer = packer
+    else:
+        packer = _packer(lambda v: _wire_default(v, classes))
     try:
-        return msgpack.packb(value, use_bin_type=True, strict_types=True, datetime=False, default=default)
+        data = packer.pack(value)
     except UnencodableValueError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
         raise UnencodableValueError(f"cannot encode the value: {exc}; {_FIX}") from None
+    if len(data) > MIB:
+        _packers.packer = None
+    return data
 
 
 class _Decoding:
-    """Hooks msgpack calls as it decodes one value: markers, tagged arrays, the object count.
+    """Hooks msgpack calls as each container of a value completes, innermost first.
 
-    Every container made is also kept in ``made`` (children before their parents), so
-    that when decoding stops half-way, what was built is freed a slice at a time
-    (:meth:`release`) rather than in one long stretch of C with the GIL held.
+    They turn tagged arrays into tuples, sets, dates, typed data...; count the objects
+    made; and record each non-empty container's depth by ``id`` (one C-level pass over
+    its elements), so no Python loop visits every element. msgpack itself can only make
+    model types, plus the markers, which must each head an array: any left over means a
+    malformed value. Every container made is also kept in ``made`` (children before their
+    parents), so that when decoding stops half-way, what was built is freed a slice at a
+    time (:meth:`release`) rather than in one long stretch of C with the GIL held.
     """
 
-    __slots__ = ("objects", "max_objects", "import_modules", "made")
+    __slots__ = ("objects", "max_objects", "max_depth", "extra_depth", "import_modules", "made",
+                 "depths", "depth_of", "markers")
 
-    def __init__(self, bounds: Bounds, import_modules: bool) -> None:
+    def __init__(self, bounds: Bounds, import_modules: bool, extra_depth: int = 0) -> None:
         self.objects = 1
         self.max_objects = bounds.max_objects
+        self.max_depth = bounds.max_depth + extra_depth  # a frame's own map is one level
+        self.extra_depth = extra_depth
         self.import_modules = import_modules
         self.made: list[Any] = []
+        self.depths: dict[int, int] = {}
+        self.depth_of = self.depths.get
+        self.markers = 0  # made, not yet heading an array
 
-    def _count(self, n: int) -> None:
+    def _admit(self, made: Any, elements: Any, n: int) -> None:
+        """Count ``n`` objects, and record the depth of container ``made`` (the hooks' hot path)."""
         self.objects += n
+        if elements:
+            depth = 1 + max(map(self.depth_of, map(id, elements), repeat(0)))
+            if depth > self.max_depth or self.objects > self.max_objects:
+                self._refuse(depth)
+            self.depths[id(made)] = depth
+        elif self.objects > self.max_objects:
+            self._refuse(0)
+
+    def _refuse(self, depth: int) -> None:
         if self.objects > self.max_objects:
             raise BoundExceededError(f"a value holds more than {self.max_objects:,} objects (the objects bound)")
+        limit = self.max_depth - self.extra_depth
+        raise BoundExceededError(f"a value nested deeper than {limit} levels (the depth bound)")
 
     def release(self) -> None:
         made = self.made
@@ -693,23 +734,42 @@ class _Decoding:
         marker = _MARKERS.get(code)
         if marker is None or data:
             raise ProtocolError(f"malformed value: extension type {code} with {len(data)} bytes")
+        self.markers += 1
         return marker
 
     def array(self, items: list[Any]) -> Any:
         self.made.append(items)
-        if not items or type(items[0]) is not _Marker:
-            self._count(len(items))
-            return items
+        if items and type(items[0]) is _Marker:
+            self.markers -= 1
+            return self._tagged(items)
+        self._admit(items, items, len(items))
+        return items
+
+    def map(self, items: dict[str, Any]) -> dict[str, Any]:
+        self.made.append(items)
+        try:
+            "".join(items)  # every key a str (msgpack also lets bytes keys through), in C
+        except TypeError:
+            raise ProtocolError("malformed value: a map key is not a str") from None
+        self._admit(items, items.values(), 2 * len(items))
+        return items
+
+    def plain_array(self, items: list[Any]) -> list[Any]:
+        self.made.append(items)
+        self._admit(items, (), len(items))
+        return items
+
+    def _tagged(self, items: list[Any]) -> Any:
         code = items[0].code
         del items[0]
-        if code == _TUPLE:
-            self._count(len(items))
-            out: Any = tuple(items)
-        elif code == _SET or code == _FROZENSET:
-            self._count(len(items))
-            out = set(items) if code == _SET else frozenset(items)
+        if code == _TUPLE or code == _SET or code == _FROZENSET:
+            out: Any = tuple(items) if code == _TUPLE else set(items) if code == _SET else frozenset(items)
+            self._admit(out, items, len(items))
         elif code == _TYPED:
             out = self._typed(items)
+            depth = self.depths.get(id(items[1]))  # a level, as its fields dict
+            if depth is not None:
+                self.depths[id(out)] = depth
         else:
             try:
                 out = _leaf_from(code, items)
@@ -717,16 +777,6 @@ class _Decoding:
                 raise ProtocolError(f"malformed value under marker {code}: {exc!r}") from None
         self.made.append(out)
         return out
-
-    def map(self, items: dict[str, Any]) -> dict[str, Any]:
-        self.made.append(items)
-        self._count(2 * len(items))
-        return items
-
-    def plain_array(self, items: list[Any]) -> list[Any]:
-        self.made.append(items)
-        self._count(len(items))
-        return items
 
     def _typed(self, items: list[Any]) -> Any:
         if len(items) != 2 or type(items[0]) is not str or type(items[1]) is not dict:
@@ -745,29 +795,34 @@ class _Decoding:
 
 
 class Decoded(typing.NamedTuple):
-    """A decoded value, its size as :func:`check` counts it, and the objects it holds."""
+    """A decoded value, its size on the wire, and the objects it holds."""
 
     value: Any
     size: int
     objects: int
 
 
-def unpack(data: bytes | memoryview, bounds: Bounds = DEFAULT_BOUNDS, *, import_modules: bool = False) -> Any:
-    """Wire data (a value, or a frame holding values) back into objects, within ``bounds``.
+def unpack(
+    data: bytes | memoryview, bounds: Bounds = DEFAULT_BOUNDS, *, import_modules: bool = False, framed: bool = False
+) -> tuple[Any, int]:
+    """Wire data back into objects within ``bounds``: ``(value, objects made)``.
 
-    Never unpickles and never recurses per level: msgpack's decoder keeps its own
-    fixed stack, and tagged arrays become tuples, sets, dates... as each completes. The
-    objects made are counted as they are made. Raises :class:`BoundExceededError` past a
-    bound and :class:`ProtocolError` for anything malformed; a received value still needs
-    :func:`measure` (depth, types). TypedContextData classes are found among those this
-    process knows; their module is imported only with ``import_modules``.
+    Never unpickles and never recurses per level: msgpack's decoder keeps its own fixed
+    stack, and hooks check each container as it completes (:class:`_Decoding`). ``framed``
+    data is a frame whose fields hold values: one level more. Raises
+    :class:`BoundExceededError` past a bound and :class:`ProtocolError` for anything
+    malformed. TypedContextData classes are found among those this process knows; their
+    module is imported only with ``import_modules``.
     """
     if len(data) > bounds.max_frame + FRAME_OVERHEAD:
         raise BoundExceededError(f"{len(data):,} bytes are over the {bounds.max_frame:,}-byte frame bound")
-    hooks = _Decoding(bounds, import_modules)
+    hooks = _Decoding(bounds, import_modules, 1 if framed else 0)
     try:
-        return msgpack.unpackb(data, ext_hook=hooks.ext, list_hook=hooks.array, object_hook=hooks.map,
-                               **_unpack_options(len(data), bounds, 1))
+        value = msgpack.unpackb(data, ext_hook=hooks.ext, list_hook=hooks.array, object_hook=hooks.map,
+                                **_unpack_options(len(data), bounds, 1))
+        if hooks.markers:
+            raise ProtocolError("malformed value: an extension marker that heads no array")
+        return value, hooks.objects
     except (BoundExceededError, ProtocolError):
         hooks.release()
         raise
@@ -782,25 +837,10 @@ def unpack(data: bytes | memoryview, bounds: Bounds = DEFAULT_BOUNDS, *, import_
         raise _malformed(exc) from None
 
 
-def measure(value: Any, where: str = "value", bounds: Bounds = DEFAULT_BOUNDS) -> tuple[int, int]:
-    """``(size, objects)`` of a value received from another process, checked like :func:`check`.
-
-    Raises :class:`BoundExceededError` past the depth, objects or items bounds, and
-    :class:`ProtocolError` for anything the model does not carry.
-    """
-    walk = _Walk(bounds)
-    try:
-        return walk.size(value, 0), walk.objects
-    except _Refused as exc:
-        cls = BoundExceededError if exc.error is ValueTooLargeError or "nested deeper" in exc.message else ProtocolError
-        raise cls(f"{_path(where, exc.parts)}: {exc.message}") from None
-
-
 def decode(data: bytes | memoryview, bounds: Bounds = DEFAULT_BOUNDS, *, import_modules: bool = False) -> Decoded:
-    """A value from its wire form (:func:`unpack` then :func:`measure`)."""
-    value = unpack(data, bounds, import_modules=import_modules)
-    size, objects = measure(value, "value", bounds)
-    return Decoded(value, size, objects)
+    """A value from its wire form (one :func:`encode` made): checked like :func:`check`."""
+    value, objects = unpack(data, bounds, import_modules=import_modules)
+    return Decoded(value, len(data), objects)
 
 
 def pack_plain(obj: Any) -> bytes:
@@ -832,7 +872,8 @@ def _unpack_options(size: int, bounds: Bounds, marker: int) -> dict[str, Any]:
     entry two): a short frame cannot declare a huge container.
     """
     return {
-        "raw": False, "strict_map_key": True, "use_list": True, "timestamp": 0, "max_ext_len": 0,
+        "raw": False, "strict_map_key": True, "use_list": True, "max_ext_len": 0,
+        "timestamp": 3,  # msgpack's own timestamp extension: a datetime in UTC, a model value
         "max_bin_len": min(bounds.max_frame, size), "max_str_len": min(bounds.max_frame, size),
         "max_array_len": min(bounds.max_items + marker, size), "max_map_len": min(bounds.max_items, size // 2),
     }

@@ -2,11 +2,11 @@
 
 Every frame is a msgpack map ``{"v": PROTOCOL_VERSION, "t": <type>, <fields>...}`` in
 the value model's wire form (:func:`agent.values.encode`), so context values travel
-inline and a frame is decoded in one bounded pass (:func:`agent.values.unpack`, within
-the receiving side's :class:`~agent.values.Bounds`). The map is then checked against the
-dataclass it names: exactly its fields, each of its declared type
-(:func:`agent.values.matches`). Fields typed ``Any`` hold context values, which the
-receiver still measures (:func:`agent.values.measure`: depth, types, size).
+inline and a frame is decoded, and its values checked, in one bounded pass
+(:func:`agent.values.unpack`, within the receiving side's :class:`~agent.values.Bounds`).
+The map is then checked against the dataclass it names: exactly its fields, each of its
+declared type (:func:`agent.values.matches`). A field named ``value`` comes last, so its
+size on the wire is the frame's less what precedes it (:func:`value_size`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Union
 
 from ..errors import ProtocolError
 from ..values import Bounds, encode, matches, unpack
+
+_VALUE_KEY = len(encode("value"))
 
 PROTOCOL_VERSION = 2
 
@@ -67,8 +69,8 @@ class ContextWrite:
 
     TYPE: ClassVar[str] = "context_write"
     key: str
-    value: Any
     deleted: bool
+    value: Any
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,14 @@ def encode_message(msg: Message) -> bytes:
 def decode_message(frame: bytes | memoryview, bounds: Bounds, allowed: frozenset[type] | None = None) -> Message:
     """Unpack and validate one frame; raises :class:`ProtocolError` on anything wrong
     (:class:`~agent.errors.BoundExceededError` past a bound)."""
-    body = unpack(frame, bounds)
+    return decode_counted(frame, bounds, allowed)[0]
+
+
+def decode_counted(
+    frame: bytes | memoryview, bounds: Bounds, allowed: frozenset[type] | None = None
+) -> tuple[Message, int]:
+    """:func:`decode_message`, and how many objects decoding the frame made."""
+    body, objects = unpack(frame, bounds, framed=True)
     if type(body) is not dict:
         raise ProtocolError(f"frame is a msgpack {type(body).__name__}, not a map")
     version = body.pop("v", None)
@@ -193,4 +202,15 @@ def decode_message(frame: bytes | memoryview, bounds: Bounds, allowed: frozenset
         value = body[name]
         if not matches(value, tp):
             raise ProtocolError(f"{cls.TYPE}.{name} is a {type(value).__name__}, not {tp}")
-    return cls(**body)
+    return cls(**body), objects
+
+
+def value_size(msg: ContextWrite | Result, frame_size: int) -> int:
+    """The wire size of ``msg.value`` in a frame of ``frame_size`` bytes.
+
+    Exact for a frame :func:`encode_message` made (the value last); for any other, at
+    least the value's own size, as the fields before it take at least what they take here.
+    """
+    body = {"v": PROTOCOL_VERSION, "t": msg.TYPE}
+    body.update((name, getattr(msg, name)) for name in _SCHEMAS[type(msg)] if name != "value")
+    return frame_size - len(encode(body)) - _VALUE_KEY

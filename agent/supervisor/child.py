@@ -46,9 +46,9 @@ from ..ipc import (
     Message,
     Preempt,
     Result,
-    decode_message,
     encode_message,
 )
+from ..ipc.messages import decode_counted, value_size
 from ..runtime.child import EXIT_SETUP_FAILED
 from ..values import Bounds
 from .confinement import Confinement
@@ -90,13 +90,11 @@ class _Decoded(NamedTuple):
 
 
 def decode_frame(frame: bytes | memoryview, bounds: Bounds) -> _Decoded:
-    """Decode a frame and measure the value it carries; raises ProtocolError (BoundExceededError)."""
-    msg = decode_message(frame, bounds, FROM_CHILD)
+    """Decode a frame and size the value it carries; raises ProtocolError (BoundExceededError)."""
+    msg, objects = decode_counted(frame, bounds, FROM_CHILD)
     if isinstance(msg, Result) or (isinstance(msg, ContextWrite) and not msg.deleted):
-        where = "the return value" if isinstance(msg, Result) else f"context key {msg.key!r}"
-        size, objects = values.measure(msg.value, where, bounds)
-        return _Decoded(msg, msg.value, size, objects)
-    return _Decoded(msg)
+        return _Decoded(msg, msg.value, value_size(msg, len(frame)), objects)
+    return _Decoded(msg, objects=objects)
 
 
 def decode_off_loop(frame: bytes | memoryview, bounds: Bounds) -> _Decoded:

@@ -152,7 +152,7 @@ async def forge_hello(context):
     pid, secret = open(path).read().split()
     forged = DealerTransport(_own_transport().endpoint, b"")
     forged.send(encode_message(Hello(pid=int(pid), secret=bytes.fromhex(secret))))
-    forged.send(encode_message(ContextWrite("forged", True, False)))
+    forged.send(encode_message(ContextWrite("forged", False, True)))
     forged.send(encode_message(Result(None)))
     await asyncio.get_running_loop().create_future()
 
@@ -443,7 +443,7 @@ from agent.ipc.zmtp import DealerTransport
 
 async def flood(context):
     (own,) = [o for o in gc.get_objects() if isinstance(o, DealerTransport)]
-    frame = encode_message(ContextWrite("same", b"x" * 700_000, False))
+    frame = encode_message(ContextWrite("same", False, b"x" * 700_000))
     for _ in range(100):  # 70 MB in all, each write within the budget
         own.send(frame)
     await asyncio.sleep(60)

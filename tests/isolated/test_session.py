@@ -64,8 +64,8 @@ class TestSession:
 
         peer = Peer()
         task = await peer.start(state, {"start": 41})
-        assert await peer.recv() == ContextWrite("n", 42, False)
-        assert await peer.recv() == ContextWrite("start", None, True)
+        assert await peer.recv() == ContextWrite("n", False, 42)
+        assert await peer.recv() == ContextWrite("start", True, None)
         result = await peer.recv()
         assert isinstance(result, Result) and result.value == "next"
         assert await task == "result"
@@ -93,7 +93,7 @@ class TestSession:
         task = await peer.start(state)
         await peer.recv()  # the write: the state is running
         peer.send(Cancel(reason="timeout"))
-        assert await peer.recv() == ContextWrite("cleaned_up", True, False)
+        assert await peer.recv() == ContextWrite("cleaned_up", False, True)
         assert await task == "stopped"
 
     async def test_preempt_sends_the_written_keys(self):

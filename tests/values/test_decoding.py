@@ -7,16 +7,17 @@ import subprocess
 import sys
 import textwrap
 import tracemalloc
+from typing import Any
 
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import BoundExceededError, ProtocolError
+from agent.errors import BoundExceededError, ProtocolError, UnencodableValueError
 from agent.ipc import FROM_CHILD, PROTOCOL_VERSION, Result, decode_message, encode_message
 from agent.supervisor.child import decode_frame
-from agent.values import MAX_DEPTH, Bounds, decode, encode, measure
+from agent.values import MAX_DEPTH, Bounds, check, decode, encode
 
 from .test_model import values
 
@@ -24,13 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TUPLE_MARK = b"\xc7\x00\x01"  # an empty extension of code 1: "this array is a tuple"
 
 
-def nested_tuples(levels: int) -> bytes:
-    """``((((),),),)...`` as the wire carries it: each level an array [marker, inner]."""
-    return b"\x92" + TUPLE_MARK + nested_tuples(levels - 1) if levels else b"\x91" + TUPLE_MARK
-
-
 def nested_tuples_flat(levels: int) -> bytes:
-    return (b"\x92" + TUPLE_MARK) * levels + b"\x91" + TUPLE_MARK
+    """``((((0,),),),)...``, ``levels + 1`` deep, as the wire carries it: arrays [marker, inner]."""
+    return (b"\x92" + TUPLE_MARK) * levels + b"\x92" + TUPLE_MARK + b"\x00"
 
 
 def refused_within(frame: bytes, bound: str) -> int:
@@ -52,6 +49,23 @@ class TestBounds:
         for levels in (MAX_DEPTH, 300, 5000, 200_000):
             with pytest.raises(BoundExceededError, match="64 levels|depth"):
                 decode(nested_tuples_flat(levels))
+
+    @pytest.mark.parametrize("levels", [63, 64, 65])
+    @pytest.mark.parametrize("bottom", [[], [0], {}, {"k": 0}, (), frozenset({1})])
+    def test_the_decoder_counts_depth_as_check_does(self, levels, bottom):
+        value: Any = bottom
+        for i in range(levels - 1):
+            value = [value] if i % 3 == 0 else {"k": value} if i % 3 == 1 else (value,)
+        try:
+            check(value)
+            accepted = True
+        except UnencodableValueError:
+            accepted = False
+        try:
+            decode(encode(value))
+            assert accepted
+        except BoundExceededError:
+            assert not accepted
 
     def test_inflating_frame_stops_at_the_objects_bound_with_bounded_memory(self):
         # 12 MB of empty arrays: each byte would become a 72-byte list (~860 MB).
@@ -84,9 +98,8 @@ class TestBounds:
     def test_frames_carry_the_same_bounds(self):
         head = msgpack.packb({"v": PROTOCOL_VERSION, "t": "result"})
         frame = bytes([head[0] + 1]) + head[1:] + msgpack.packb("value") + nested_tuples_flat(300)
-        msg = decode_message(frame, Bounds(), FROM_CHILD)  # the value decodes without recursion
         with pytest.raises(BoundExceededError, match="nested deeper than 64 levels"):
-            measure(msg.value)
+            decode_message(frame, Bounds(), FROM_CHILD)
 
 
 @st.composite

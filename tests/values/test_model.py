@@ -181,12 +181,13 @@ class TestRefusals:
             assert word in str(info.value)
 
     def test_depth_is_capped_at_64_levels(self):
-        nested: Any = ()
+        nested: Any = (0,)
         for _ in range(MAX_DEPTH):
             nested = (nested,)
         check(nested[0])  # 64 levels
         with pytest.raises(UnencodableValueError, match="nested deeper than 64 levels"):
             check(nested)  # 65
+        check(((((),),),))  # an empty container at the bottom adds no level
 
     def test_a_reference_cycle_is_refused(self):
         cycle: list[Any] = []
