@@ -3,8 +3,8 @@
 Started once per supervisor (``python -m agent.runtime.zygote FD PARENT_PID [PATH...]``).
 It holds no threads and no ZeroMQ context, so a fork is a cheap, safe copy. Over the
 control socket ``FD`` it reads length-prefixed requests (``spawn``, ``kill``) and writes
-reports (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status and the CPU
-seconds the kernel charged the child). It exits,
+reports (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status, and the CPU
+seconds and page faults the kernel charged the child). It exits,
 killing its children, when the supervisor closes the socket or dies (parent-death
 signal), and then removes the PATHs (the supervisor's private directories), so that even
 a supervisor killed outright leaves no files behind.
@@ -160,8 +160,8 @@ class Zygote:
     def _reap(self) -> None:
         while True:
             try:
-                # wait4: the kernel's own CPU figure for the child (and what it reaped), which
-                # the supervisor compares with its cgroup's to see whether it left the cgroup.
+                # wait4: the kernel's own CPU and fault figures for the child (and what it
+                # reaped), which the supervisor compares with its cgroup's to see whether it left.
                 pid, status, rusage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
@@ -169,8 +169,10 @@ class Zygote:
                 return
             self._children.discard(pid)
             cpu = rusage.ru_utime + rusage.ru_stime
+            faults = rusage.ru_minflt + rusage.ru_majflt
             try:
-                write_frame(self._control, {"op": "exited", "pid": pid, "status": status, "cpu": cpu})
+                write_frame(self._control, {"op": "exited", "pid": pid, "status": status, "cpu": cpu,
+                                            "faults": faults})
             except OSError:
                 pass
 

@@ -60,7 +60,9 @@ OFF_LOOP_BYTES = 256 * 1024
 """Frames at least this big are decoded off the event loop."""
 
 _LOG_TAIL = 4000
-_CPU_SLACK = 0.05  # seconds of CPU a child may spend before it joins its cgroup
+# What a child may take before it joins its cgroup (a few hundred faults, a millisecond).
+_CPU_SLACK = 0.05
+_FAULT_SLACK = 2000
 
 
 class ChildStatus(enum.Enum):
@@ -151,10 +153,9 @@ class ChildProcess:
         self._exit_known = False
         self._exit_status: int | None = None
         self._exit_cpu: float | None = None
+        self._exit_faults: int | None = None
         self._disconnected = False
         self._pending_hellos: list[tuple[bytes, int, int]] = []
-        self._membership: str | None = None  # /proc/<pid>/cgroup as the child started
-        self._escaped: str | None = None
         self._inbox: collections.deque[bytes | memoryview] = collections.deque()
         self._decoding = False
         self._finalize_wanted = False
@@ -209,18 +210,18 @@ class ChildProcess:
         self.route, self.fd = route, fd
         self._sup.bind(self, route, fd)
         self._sup.launched(self)
-        if self._in_cgroup():
-            self._membership = _read_membership(self.pid)
         frame, self._run_frame = self._run_frame, None
         self._send(frame)  # type: ignore[arg-type]
 
-    def on_exit(self, status: int | None, cpu: float | None = None) -> None:
-        """The zygote reaped the child (``None``: the zygote is gone, or it never forked)."""
+    def on_exit(self, status: int | None, cpu: float | None = None, faults: int | None = None) -> None:
+        """The zygote reaped the child (``None``: the zygote is gone, or it never forked), which
+        the kernel charged ``cpu`` seconds and ``faults`` page faults."""
         if self.status is ChildStatus.EXITED or self._exit_known:
             return
         self._exit_known = True
         self._exit_status = status
         self._exit_cpu = cpu
+        self._exit_faults = faults
         if status is not None and self.status is ChildStatus.RUNNING and not self._disconnected:
             # Its last frames may still be on their way: they are read before the disconnect.
             self._later(self._sup.config.grace, self._finalize)
@@ -366,11 +367,9 @@ class ChildProcess:
                 size = values.entry_size(msg.key, decoded.size)
                 self.attempt.context._store(msg.key, decoded.value, size)
         elif isinstance(msg, Result):
-            self._check_membership()
             self._result = (decoded.value,)
             self._reported()
         elif isinstance(msg, Error):
-            self._check_membership()
             self._error = FailureReason(
                 kind="exception",
                 message=f"{msg.exception_type.rpartition('.')[2]}: {msg.message}",
@@ -419,28 +418,28 @@ class ChildProcess:
 
     # --- the cgroup it was put in ---------------------------------------------------------
 
-    def _check_membership(self) -> None:
-        """Whether the (still running) process has left the cgroups it started in."""
-        if self._membership is None or self.pid is None or self._escaped is not None:
-            return
-        now = _read_membership(self.pid)
-        if now is not None and _still_running(self.pid):  # an exiting process reads as "/"
-            left = _left(self._membership, now)
-            if left:
-                self._escaped = f"it moved itself to {left}"
-
     def _in_cgroup(self) -> bool:
         return self.confinement.handle is not None and self.confinement.backend_name != "none"
 
     def _escape(self, usage: dict[str, Any]) -> FailureReason | None:
+        """Whether the process left its cgroup: the kernel charged it more than the cgroup saw.
+
+        CPU time and page faults count in the cgroup a process is in when it spends or takes
+        them, so a process that moved out (to shed its memory or CPU limit) has figures of its
+        own, from ``wait4``, well above its cgroup's.
+        """
         if not self._in_cgroup():
             return None
-        cgroup_cpu = usage.get("cpu_seconds")
-        why = self._escaped
-        if why is None and self._exit_cpu is not None and cgroup_cpu is not None:
-            if self._exit_cpu > cgroup_cpu * 1.05 + _CPU_SLACK:
-                why = (f"the kernel charged it {self._exit_cpu:.3f} CPU-s, its cgroup only "
-                       f"{cgroup_cpu:.3f} CPU-s")
+        cgroup_cpu, cgroup_faults = usage.get("cpu_seconds"), usage.get("page_faults")
+        why = None
+        if self._exit_faults is not None and cgroup_faults is not None and (
+            self._exit_faults > cgroup_faults * 1.05 + _FAULT_SLACK
+        ):
+            why = f"it took {self._exit_faults:,} page faults, its cgroup saw {cgroup_faults:,}"
+        elif self._exit_cpu is not None and cgroup_cpu is not None and (
+            self._exit_cpu > cgroup_cpu * 1.05 + _CPU_SLACK
+        ):
+            why = f"the kernel charged it {self._exit_cpu:.3f} CPU-s, its cgroup only {cgroup_cpu:.3f}"
         if why is None:
             return None
         return FailureReason(
@@ -448,7 +447,8 @@ class ChildProcess:
             message=(f"the state's process left the cgroup it was put in ({why}): its limits did not "
                      "hold and its usage figures are unknown; isolation='process' running as root "
                      "is not a security boundary: run untrusted code with isolation='sandbox'"),
-            details={"cgroup_cpu_seconds": cgroup_cpu, "process_cpu_seconds": self._exit_cpu},
+            details={"cgroup_cpu_seconds": cgroup_cpu, "process_cpu_seconds": self._exit_cpu,
+                     "cgroup_page_faults": cgroup_faults, "process_page_faults": self._exit_faults},
         )
 
     # --- control ------------------------------------------------------------------------
@@ -537,35 +537,3 @@ class ChildProcess:
                 return fh.read().decode("utf-8", "replace")
         except OSError:
             return ""
-
-
-def _read_membership(pid: int | None) -> str | None:
-    try:
-        with open(f"/proc/{pid}/cgroup") as fh:
-            return fh.read()
-    except OSError:
-        return None
-
-
-def _still_running(pid: int) -> bool:
-    """True unless the process is exiting or gone (PF_EXITING, zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rpartition(b")")[2].split()
-    except OSError:
-        return False
-    return fields[0] not in (b"Z", b"X") and not int(fields[6]) & 0x4
-
-
-def _left(before: str, now: str) -> str | None:
-    """The first hierarchy where ``now`` is outside the cgroup ``before`` named, as ``ctl:/path``."""
-    start = {}
-    for line in before.splitlines():
-        ident, _, path = line.rpartition(":")
-        start[ident] = path
-    for line in now.splitlines():
-        ident, _, path = line.rpartition(":")
-        base = start.get(ident)
-        if base is not None and path != base and not path.startswith(base.rstrip("/") + "/"):
-            return f"{ident.partition(':')[2] or 'cgroup2'}:{path}"
-    return None

@@ -368,7 +368,7 @@ class Supervisor:
         elif op == "exited":
             child = self._by_pid.pop(report["pid"], None)
             if child is not None:
-                child.on_exit(report["status"], report.get("cpu"))
+                child.on_exit(report["status"], report.get("cpu"), report.get("faults"))
         elif op == "spawn_failed":
             child = self._by_request.pop(report["id"], None)
             if child is not None:

@@ -109,6 +109,8 @@ class V2Cgroup:
             "peak_memory_bytes": read_int(f"{self.path}/memory.peak"),
             "nr_throttled": cpu.get("nr_throttled", 0),
             "throttled_seconds": cpu.get("throttled_usec", 0) / 1e6,
+            # Faults taken while in this cgroup: a process that left it took its own elsewhere.
+            "page_faults": read_keyed(f"{self.path}/memory.stat").get("pgfault", 0),
         }
         if os.path.exists(f"{self.path}/pids.peak"):
             out["pids_peak"] = read_int(f"{self.path}/pids.peak")
