@@ -63,6 +63,8 @@ _LOG_TAIL = 4000
 # What a child may take before it joins its cgroup (a few hundred faults, a millisecond).
 _CPU_SLACK = 0.05
 _FAULT_SLACK = 2000
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_FAULT_BYTES = 16 * 1024 * 1024  # faults beyond the cgroup's peak by this much are looked into
 
 
 class ChildStatus(enum.Enum):
@@ -430,12 +432,14 @@ class ChildProcess:
         """
         if not self._in_cgroup():
             return None
-        cgroup_cpu, cgroup_faults = usage.get("cpu_seconds"), usage.get("page_faults")
+        cgroup_cpu, cgroup_faults = usage.get("cpu_seconds"), None
         why = None
-        if self._exit_faults is not None and cgroup_faults is not None and (
-            self._exit_faults > cgroup_faults * 1.05 + _FAULT_SLACK
-        ):
-            why = f"it took {self._exit_faults:,} page faults, its cgroup saw {cgroup_faults:,}"
+        faults = self._exit_faults
+        # memory.stat is costly to read: only when the faults are more than its peak explains.
+        if faults is not None and faults * _PAGE > usage.get("peak_memory_bytes", 0) + _FAULT_BYTES:
+            cgroup_faults = self.confinement.page_faults()
+            if cgroup_faults is not None and faults > cgroup_faults * 1.05 + _FAULT_SLACK:
+                why = f"it took {faults:,} page faults, its cgroup saw {cgroup_faults:,}"
         elif self._exit_cpu is not None and cgroup_cpu is not None and (
             self._exit_cpu > cgroup_cpu * 1.05 + _CPU_SLACK
         ):

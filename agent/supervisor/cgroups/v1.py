@@ -122,8 +122,6 @@ class V1Cgroup:
             "peak_memory_bytes": memory.max_usage_in_bytes or 0,
             "nr_throttled": cpu_stat.get("nr_throttled", 0),
             "throttled_seconds": cpu_stat.get("throttled_time", 0) / 1e9,
-            # Faults taken while in this cgroup: a process that left it took its own elsewhere.
-            "page_faults": read_keyed(f"{self.dirs['memory']}/memory.stat").get("total_pgfault", 0),
         }
         peak = f"{self.dirs['pids']}/pids.peak"
         if os.path.exists(peak):
@@ -147,6 +145,9 @@ class V1Cgroup:
     def _cpu_stat(self) -> dict[str, int]:
         cpu = self.dirs.get("cpu")
         return read_keyed(f"{cpu}/cpu.stat") if cpu else {}
+
+    def page_faults(self) -> int:
+        return read_keyed(f"{self.dirs['memory']}/memory.stat").get("total_pgfault", 0)
 
     def limit_events(self) -> LimitEvents:
         oom = _memory(self.dirs["memory"]).oom_control or {}

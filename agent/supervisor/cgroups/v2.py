@@ -109,8 +109,6 @@ class V2Cgroup:
             "peak_memory_bytes": read_int(f"{self.path}/memory.peak"),
             "nr_throttled": cpu.get("nr_throttled", 0),
             "throttled_seconds": cpu.get("throttled_usec", 0) / 1e6,
-            # Faults taken while in this cgroup: a process that left it took its own elsewhere.
-            "page_faults": read_keyed(f"{self.path}/memory.stat").get("pgfault", 0),
         }
         if os.path.exists(f"{self.path}/pids.peak"):
             out["pids_peak"] = read_int(f"{self.path}/pids.peak")
@@ -126,6 +124,9 @@ class V2Cgroup:
             out["io_read_bytes"] = reads
             out["io_write_bytes"] = writes
         return out
+
+    def page_faults(self) -> int:
+        return read_keyed(f"{self.path}/memory.stat").get("pgfault", 0)
 
     def limit_events(self) -> LimitEvents:
         memory = read_keyed(f"{self.path}/memory.events")
