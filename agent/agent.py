@@ -21,7 +21,7 @@ from . import events as ev
 from . import live
 from ._types import Priority, ResourceType
 from .checkpoint import AgentCheckpoint
-from .context import Context
+from .context import Context, budget_from_mb
 from .dependencies import DependencyConfig, DependencyType
 from .engine.run import Activation, Run
 from .errors import (
@@ -97,6 +97,7 @@ class Agent:
         human_input: Any = None,
         cleanup_timeout: float = 10.0,
         on_failure: str = "fail",
+        context_budget_mb: float | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidConfigurationError(f"an agent needs a non-empty str name, got {name!r}")
@@ -129,10 +130,12 @@ class Agent:
         self.human_input = human_input
         self.cleanup_timeout = cleanup_timeout
         self.on_failure = on_failure
+        self._budget_mb = context_budget_mb
+        self.context_budget = budget_from_mb(context_budget_mb)  # bytes; checked at every write
         self._states: dict[str, StateSpec] = {}
         self.state_metadata: dict[str, StateMetadata] = {}
         self.completed_states: set[str] = set()
-        self.context = Context()
+        self.context = Context(budget=self.context_budget)
         self.status = _IDLE
         self.run_id: str | None = None
         self.last_error: BaseException | None = None
@@ -163,6 +166,7 @@ class Agent:
             "human_input": self.human_input,
             "cleanup_timeout": self.cleanup_timeout,
             "on_failure": self.on_failure,
+            "context_budget_mb": self._budget_mb,
         }
 
     @property
@@ -327,7 +331,7 @@ class Agent:
         restored = self._restored
         names = self._start_names(start) if restored is None else []
         if restored is None and not self._fresh_context:
-            self.context = Context()
+            self.context = Context(budget=self.context_budget)
         if initial_context:
             for key, value in initial_context.items():
                 self.context.set_state(key, value)
@@ -569,7 +573,7 @@ class Agent:
                     f"checkpoint names states this agent does not have: {', '.join(missing)}: "
                     "add them before restoring"
                 )
-        self.context = Context(dict(checkpoint.context))
+        self.context = Context(dict(checkpoint.context), budget=self.context_budget)
         self.completed_states = set(checkpoint.completed_states)
         for name, data in checkpoint.state_metadata.items():
             meta = self.state_metadata.get(name)

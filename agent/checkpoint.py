@@ -1,7 +1,7 @@
 """A snapshot of a run that can be written as JSON and resumed from.
 
 ``to_dict()`` is plain JSON data (context values in the tagged form of
-:mod:`agent.jsoncodec`); ``from_dict()`` checks everything it reads, so corrupt or
+:mod:`agent.values`); ``from_dict()`` checks everything it reads, so corrupt or
 truncated data, a checkpoint from a newer release, or one that does not fit the agent
 it is applied to each raise :class:`~agent.errors.CheckpointError` with what to do.
 """
@@ -51,7 +51,7 @@ class AgentCheckpoint:
 
         ``with_metadata=False`` leaves ``state_metadata`` out too (stored per state).
         """
-        from .jsoncodec import to_json_value
+        from .values import to_json
 
         data = {
             "format_version": self.format_version,
@@ -62,18 +62,18 @@ class AgentCheckpoint:
             "completed_states": sorted(self.completed_states),
             "pending_states": list(self.pending_states),
             "running_states": list(self.running_states),
-            "frames": to_json_value(self.frames, "frames"),
+            "frames": to_json(self.frames, "frames"),
         }
         if with_metadata:
-            data["state_metadata"] = to_json_value(self.state_metadata, "state_metadata")
+            data["state_metadata"] = to_json(self.state_metadata, "state_metadata")
         return data
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON data (context values in the tagged JSON form of :mod:`agent.jsoncodec`)."""
-        from .jsoncodec import to_json_value
+        """Plain JSON data (context values in the tagged JSON form of :mod:`agent.values`)."""
+        from .values import to_json
 
         data = self.header_dict()
-        data["context"] = to_json_value(self.context, "context")
+        data["context"] = to_json(self.context, "context")
         return data
 
     def to_json(self) -> str:
@@ -94,7 +94,7 @@ class AgentCheckpoint:
     @classmethod
     def from_dict(cls, data: Any) -> "AgentCheckpoint":
         """Rebuild a checkpoint from :meth:`to_dict` output; raises CheckpointError when malformed."""
-        from .jsoncodec import from_json_value
+        from .values import from_json
 
         if not isinstance(data, dict):
             raise CheckpointError(f"a checkpoint is a JSON object, got {type(data).__name__}")
@@ -104,7 +104,7 @@ class AgentCheckpoint:
             raise CheckpointError(
                 f"checkpoint is missing {', '.join(missing)}: it is truncated or not a checkpoint"
             )
-        context = from_json_value(data["context"])
+        context = from_json(data["context"])
         if not isinstance(context, dict) or not all(isinstance(k, str) for k in context):
             raise CheckpointError("checkpoint context must be an object with string keys")
         return cls(
@@ -113,10 +113,10 @@ class AgentCheckpoint:
             completed_states=set(_names(data, "completed_states")),
             pending_states=_names(data, "pending_states"),
             running_states=_names(data, "running_states"),
-            state_metadata=_mapping(from_json_value(data["state_metadata"]), "state_metadata"),
+            state_metadata=_mapping(from_json(data["state_metadata"]), "state_metadata"),
             context=context,
             run_id=_text(data, "run_id") if "run_id" in data else "",
-            frames=_mapping(from_json_value(data.get("frames", {})), "frames"),
+            frames=_mapping(from_json(data.get("frames", {})), "frames"),
             timestamp=_number(data, "timestamp"),
             format_version=version,
         )

@@ -23,11 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import msgpack
-
-from . import jsoncodec
+from . import values
 from .checkpoint import AgentCheckpoint, check_format_version
-from .context import TypedContextData
 from .errors import CheckpointError, UnencodableValueError
 
 SCHEMA_VERSION = 1
@@ -276,12 +273,12 @@ class SQLiteCheckpointStore:
                     self._compact(run_id, seq - self.keep + 1, pruned_through)
             # Committed: only now does the cache move on (a failed save leaves none behind).
             for kind, key, text in writes:
-                values = cache.kinds[kind]
+                stored = cache.kinds[kind]
                 if text is None:
-                    values.texts.pop(key, None)
-                    values.prints.pop(key, None)
+                    stored.texts.pop(key, None)
+                    stored.prints.pop(key, None)
                 else:
-                    values.texts[key] = text
+                    stored.texts[key] = text
             cache.seq = seq
             self._cache[run_id] = cache
         return seq
@@ -359,10 +356,10 @@ class SQLiteCheckpointStore:
             rows = self._values_at(run_id, seq)
         where = f"checkpoint {seq} of run {run_id} in {self.path}"
         header = _decode_header(header_text, where)
-        values: dict[str, dict[str, Any]] = {kind: {} for kind in _KINDS}
+        loaded: dict[str, dict[str, Any]] = {kind: {} for kind in _KINDS}
         for kind, key, text in rows:
             try:
-                values[kind][key] = jsoncodec.loads(text)
+                loaded[kind][key] = values.loads(text)
             except (CheckpointError, KeyError) as exc:
                 raise CheckpointError(
                     f"{where}: {kind} key {key!r} is corrupt ({exc}); delete the run or resume "
@@ -374,8 +371,8 @@ class SQLiteCheckpointStore:
             checkpoint = AgentCheckpoint.from_dict(header)
         except CheckpointError as exc:
             raise CheckpointError(f"{where} is corrupt: {exc}") from exc
-        checkpoint.context = values[CONTEXT]
-        checkpoint.state_metadata = values[STATE]
+        checkpoint.context = loaded[CONTEXT]
+        checkpoint.state_metadata = loaded[STATE]
         return checkpoint
 
     def checkpoints(self, run_id: str) -> list[int]:
@@ -459,7 +456,7 @@ def _diff(
         if fp is not None and key in texts and prints.get(key) == fp:
             continue
         try:
-            text = jsoncodec.dumps(value)
+            text = values.dumps(value)
         except Exception as exc:
             raise CheckpointError(f"context key {key!r} cannot be checkpointed: {exc}") from exc
         if fp is None:
@@ -475,31 +472,14 @@ def _diff(
 def _fingerprint(value: Any) -> bytes | None:
     """Bytes equal for two values only if their checkpoint JSON is equal; None when unsure.
 
-    msgpack with exact types is ten times faster than encoding JSON, so comparing these
-    is how a save of a large, mostly unchanged context stays cheap.
+    The value's wire form (:func:`agent.values.encode`, exact types, msgpack) is ten times
+    faster to make than JSON, so comparing these is how a save of a large, mostly
+    unchanged context stays cheap.
     """
     try:
-        return msgpack.packb(value, default=_fingerprint_default, strict_types=True)
-    except (TypeError, ValueError, OverflowError):
+        return values.encode(value)
+    except UnencodableValueError:
         return None
-
-
-def _fingerprint_default(value: Any) -> msgpack.ExtType:
-    t = type(value)
-    if t is tuple:
-        return msgpack.ExtType(1, _pack(list(value)))
-    if t is set or t is frozenset:
-        return msgpack.ExtType(2 if t is set else 3, _pack(list(value)))
-    if t is bytearray:
-        return msgpack.ExtType(4, bytes(value))
-    if isinstance(value, TypedContextData) and dataclasses.is_dataclass(value):
-        fields = [getattr(value, f.name) for f in dataclasses.fields(value)]
-        return msgpack.ExtType(5, _pack([f"{t.__module__}:{t.__qualname__}", fields]))
-    raise TypeError(t.__name__)  # no fingerprint: the caller compares JSON text instead
-
-
-def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, default=_fingerprint_default, strict_types=True)
 
 
 def _decode_header(text: str, where: str) -> dict[str, Any]:

@@ -3,21 +3,29 @@
 One store per run, owned by the supervisor. Each state attempt gets a ``Context``
 view on it: inline states write straight into the run's store; an isolated child holds
 a snapshot and every write is also handed to ``on_write`` (which sends it to the
-supervisor). Typed data are :class:`TypedContextData` dataclasses, checked against
-their annotations when stored and when updated.
+supervisor). Every write is checked against the one value model (:mod:`agent.values`),
+in every isolation level, and counted against the run's byte budget, so a value that
+works inline works in a child process and in a checkpoint, and no run can grow past
+what a child's start message can carry.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Awaitable, TypeVar, Union
+from collections.abc import Callable, Iterator
+from typing import Any, Awaitable, TypeVar
 
-from .errors import ContextKeyError, ContextTypeError, HumanInputError
+from . import values
+from .errors import (
+    ContextBudgetError,
+    ContextKeyError,
+    ContextTypeError,
+    HumanInputError,
+    InvalidConfigurationError,
+)
+from .values import TypedContextData
 
-T = TypeVar("T", bound="TypedContextData")
+T = TypeVar("T", bound=TypedContextData)
 
 WriteHook = Callable[[str, Any, bool], None]
 """``on_write(key, value, deleted)``, called after every write to the store."""
@@ -28,111 +36,72 @@ _MISSING = object()
 _new_context = object.__new__
 _NO_FAILURES: dict[str, str] = {}
 
+__all__ = ["Context", "ContextBudget", "TypedContextData", "default_budget", "budget_from_mb"]
 
-class TypedContextData:
-    """Base class for structured context values; subclasses are ``@dataclass`` classes.
 
-    Field values are checked against the annotations on ``set_typed`` and
-    ``update_typed``, and only subclasses of this class are decoded when a value
-    comes back from an isolated state.
+def default_budget() -> int:
+    """The default context budget: three quarters of the frame cap (48 MiB by default)."""
+    return values.max_frame_from_env() * 3 // 4
+
+
+def budget_from_mb(mb: float | None) -> int:
+    """``Agent(context_budget_mb=...)`` in bytes; None gives :func:`default_budget`.
+
+    A budget must leave room in a child's start message for the state function, so it is
+    at most the frame cap (``AGENT_IPC_MAX_FRAME``) less 1 MiB
+    (:func:`agent.values.snapshot_room`).
+    """
+    if mb is None:
+        return default_budget()
+    if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb > 0:
+        raise InvalidConfigurationError(f"context_budget_mb must be a number > 0, got {mb!r}")
+    budget = int(mb * values.MIB)
+    most = values.snapshot_room(values.max_frame_from_env())
+    if budget > most:
+        raise InvalidConfigurationError(
+            f"context_budget_mb={mb:g} is over what one child's start message can carry "
+            f"({most / values.MIB:g} MiB: the frame cap less 1 MiB for the state function): "
+            "lower it, or raise AGENT_IPC_MAX_FRAME"
+        )
+    return budget
+
+
+class ContextBudget:
+    """The byte budget of one run's context, and what each key takes of it.
+
+    A key takes its encoded value plus its name (:func:`agent.values.entry_size`): what it
+    adds to the start message of every isolated state. ``used`` may start above the sum
+    of ``sizes`` in a child, whose snapshot may leave keys out.
     """
 
-    _registry: dict[str, type["TypedContextData"]] = {}
+    __slots__ = ("limit", "used", "sizes")
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        TypedContextData._registry[f"{cls.__module__}:{cls.__qualname__}"] = cls
+    def __init__(self, limit: int, used: int = 0, sizes: dict[str, int] | None = None) -> None:
+        self.limit = limit
+        self.used = used
+        self.sizes: dict[str, int] = sizes if sizes is not None else {}
 
-    @staticmethod
-    def lookup(name: str) -> type["TypedContextData"] | None:
-        """A subclass by ``"module:qualname"``, if this process has defined it.
-
-        Codecs use this before importing, so classes defined in a workflow file that was
-        run as a script (``__main__``) still decode.
-        """
-        return TypedContextData._registry.get(name)
-
-    def validate(self) -> None:
-        """Raise :class:`ContextTypeError` when a field does not match its annotation."""
-        cls = type(self)
-        if not dataclasses.is_dataclass(self):
-            raise ContextTypeError(
-                f"{cls.__name__} derives from TypedContextData but is not a dataclass: "
-                "decorate it with @dataclass"
+    def admit(self, key: str, size: int) -> int:
+        """The total once ``key`` takes ``size``; raises ContextBudgetError past the limit."""
+        used = self.used - self.sizes.get(key, 0) + size
+        if used > self.limit:
+            raise ContextBudgetError(
+                f"context key {key!r}: storing {_mib(size)} would take the run's context to "
+                f"{_mib(used)}, over its budget of {_mib(self.limit)}: keep large data in files "
+                "and store their paths, remove keys no longer needed, or raise "
+                "Agent(context_budget_mb=...)"
             )
-        hints = _type_hints(cls)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            expected = hints.get(f.name, Any)
-            if not _matches(value, expected):
-                raise ContextTypeError(
-                    f"{cls.__name__}.{f.name} must be {_type_name(expected)}, "
-                    f"got {type(value).__name__} {value!r}"
-                )
+        return used
 
 
-def _type_hints(cls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:  # unresolved forward references: fall back to no checking
-        return {}
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    """A small runtime check of ``value`` against an annotation (containers included)."""
-    if tp is Any or tp is object:
-        return True
-    origin = typing.get_origin(tp)
-    if origin is None:
-        if tp is None or tp is type(None):
-            return value is None
-        if tp is float:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-        if tp is int:
-            return isinstance(value, int) and not isinstance(value, bool)
-        if isinstance(tp, TypeVar):
-            return True
-        if isinstance(tp, type):
-            return isinstance(value, tp)
-        return True  # an annotation we cannot check at run time (e.g. a Protocol alias)
-    args = typing.get_args(tp)
-    if origin is Union or origin is types.UnionType:
-        return any(_matches(value, a) for a in args)
-    if origin is typing.Literal:
-        return value in args
-    if origin is typing.Annotated:
-        return _matches(value, args[0])
-    if origin in (list, set, frozenset):
-        if not isinstance(value, origin):
-            return False
-        return not args or all(_matches(v, args[0]) for v in value)
-    if origin is tuple:
-        if not isinstance(value, tuple):
-            return False
-        if not args:
-            return True
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_matches(v, args[0]) for v in value)
-        return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args))
-    if origin in (dict, Mapping, typing.Mapping):
-        if not isinstance(value, Mapping):
-            return False
-        if not args:
-            return True
-        return all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
-    if isinstance(origin, type):
-        return isinstance(value, origin)
-    return True
+def _mib(n: int) -> str:
+    return f"{n / values.MIB:.1f} MiB" if n >= values.MIB else f"{n:,} bytes"
 
 
 class Context:
     """Key/value data shared by the states of one run."""
 
-    __slots__ = ("_data", "_on_write", "_human_input", "_failures", "state_name", "attempt", "run_id")
+    __slots__ = ("_data", "_budget", "_on_write", "_human_input", "_failures", "state_name", "attempt", "run_id")
 
     def __init__(
         self,
@@ -143,8 +112,20 @@ class Context:
         run_id: str | None = None,
         on_write: WriteHook | None = None,
         human_input: HumanInputHook | None = None,
+        budget: int | ContextBudget | None = None,
     ) -> None:
+        """``data`` is taken over, each value checked and counted against ``budget`` (bytes;
+        default :func:`default_budget`). A :class:`ContextBudget` is shared as it is: the
+        views of one run, or a child's snapshot already counted."""
         self._data: dict[str, Any] = {} if data is None else data
+        if not isinstance(budget, ContextBudget):
+            budget = ContextBudget(default_budget() if budget is None else budget)
+            for key, value in self._data.items():
+                _check_key(key)
+                size = values.entry_size(key, values.check(value, key=key))
+                budget.used = budget.admit(key, size)
+                budget.sizes[key] = size
+        self._budget = budget
         self._on_write = on_write
         self._human_input = human_input
         self._failures: dict[str, str] = _NO_FAILURES
@@ -168,6 +149,7 @@ class Context:
             run_id=self.run_id,
             on_write=on_write if on_write is not None else self._on_write,
             human_input=human_input if human_input is not None else self._human_input,
+            budget=self._budget,
         )
         view._failures = self._failures
         return view
@@ -176,6 +158,7 @@ class Context:
         """:meth:`view` for the engine's hot path: positional, no keyword parsing, same result."""
         view = _new_context(Context)
         view._data = self._data
+        view._budget = self._budget
         view._on_write = self._on_write
         view._human_input = human_input if human_input is not None else self._human_input
         view._failures = self._failures
@@ -193,14 +176,34 @@ class Context:
         """
         return dict(self._failures)
 
+    @property
+    def budget(self) -> ContextBudget:
+        """The run's byte budget and what its keys take of it."""
+        return self._budget
+
     # --- plain values ---------------------------------------------------------------
 
     def set_state(self, key: str, value: Any) -> None:
-        """Store ``value`` under ``key`` (last writer wins)."""
-        if not isinstance(key, str):
-            raise ContextTypeError(f"context keys are strings, got {type(key).__name__} {key!r}")
+        """Store ``value`` under ``key`` (last writer wins).
+
+        Raises :class:`~agent.errors.UnencodableValueError` for a value outside the value
+        model and :class:`~agent.errors.ContextBudgetError` past the run's budget; nothing
+        is stored then.
+        """
+        if type(key) is not str:
+            _check_key(key)
+        self._store(key, value, values.entry_check(key, value))
+
+    def _store(self, key: str, value: Any, size: int) -> None:
+        """Store a value already checked (``size`` from :func:`agent.values.entry_size`)."""
+        budget = self._budget
+        used = budget.used - budget.sizes.get(key, 0) + size
+        if used > budget.limit:
+            budget.admit(key, size)  # raises, saying why
         if self._on_write is not None:
             self._on_write(key, value, False)
+        budget.used = used
+        budget.sizes[key] = size
         self._data[key] = value
 
     def get_state(self, key: str, default: Any = None) -> Any:
@@ -214,6 +217,7 @@ class Context:
         if self._on_write is not None:
             self._on_write(key, None, True)
         del self._data[key]
+        self._budget.used -= self._budget.sizes.pop(key, 0)
         return True
 
     def has_state(self, key: str) -> bool:
@@ -305,3 +309,8 @@ class Context:
         return await self._human_input(
             prompt=prompt, timeout=timeout, validator=validator, default=default
         )
+
+
+def _check_key(key: Any) -> None:
+    if type(key) is not str:
+        raise ContextTypeError(f"context keys are strings, got {type(key).__name__} {key!r}")

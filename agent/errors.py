@@ -78,14 +78,41 @@ class IllegalTransitionError(AgentError, RuntimeError):
     """Raised when a status machine is asked for a transition it does not allow (a bug)."""
 
 
+FAILURE_KINDS: dict[str, str] = {
+    "exception": "the state raised (its traceback is kept)",
+    "exit_code": "the state's process exited with a non-zero code before reporting",
+    "signal": "the state's process was killed by a signal the supervisor did not send "
+              "(SIGSEGV, a SIGKILL from outside, ...)",
+    "limit": "the kernel enforced a limit: the memory limit killed it (OOM), or the pids limit "
+             "refused its forks",
+    "timeout": "the attempt ran past its timeout and was stopped",
+    "bound": "the process sent more than the supervisor accepts: a frame or value over a bound "
+             "(bytes, depth, objects, items, per-attempt totals) or past the run's context budget",
+    "protocol": "the process broke the protocol: a malformed frame, another child's identity, "
+                "or a lost connection while it kept running",
+    "cgroup_escape": "the process left its cgroup, so its limits and usage figures did not hold",
+    "lost_connection": "the process exited without reporting, or its zygote died",
+    "seccomp": "a sandboxed state died after its seccomp filter refused a system call "
+               "(details[\"calls\"] names them)",
+}
+"""Every kind of :class:`FailureReason`, with what it means: exactly one per failed attempt."""
+
+PERMANENT_KINDS = frozenset({"limit", "bound", "protocol", "cgroup_escape", "seccomp"})
+"""Failures the same attempt would meet again: not retried unless the policy asks."""
+
+_PERMANENT_EXCEPTIONS = frozenset({"UnencodableValueError", "ValueTooLargeError", "ContextBudgetError"})
+
+
 @dataclass(frozen=True)
 class FailureReason:
     """Why one attempt of a state failed, as seen by the supervisor.
 
-    ``kind`` is one of ``exception``, ``exit_code``, ``signal``, ``timeout``,
-    ``limit``, ``lost_connection``, ``protocol``, ``cancelled``, ``seccomp`` (a sandboxed
-    state failed after its seccomp filter refused a system call; ``details["calls"]``
-    names them).
+    ``kind`` is one of :data:`FAILURE_KINDS`. ``permanent`` says whether trying again
+    could help: a kernel limit, a bound, a protocol violation, a cgroup escape or a value
+    the model cannot carry fails the same way every time, so
+    :class:`~agent.retry.RetryPolicy` does not retry it unless ``retry_permanent=True``.
+    A sandboxed state that failed after its seccomp filter refused a system call has kind
+    ``seccomp`` (``details["calls"]`` names them).
     """
 
     kind: str
@@ -95,6 +122,12 @@ class FailureReason:
     signal: int | None = None
     exception_type: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def permanent(self) -> bool:
+        if self.kind in PERMANENT_KINDS:
+            return True
+        return self.kind == "exception" and (self.exception_type or "").rpartition(".")[2] in _PERMANENT_EXCEPTIONS
 
     def __str__(self) -> str:
         return self.message
@@ -114,6 +147,8 @@ class StateFailedError(ExecutionError):
         self.traceback = reason.traceback
         noun = "attempt" if attempts == 1 else "attempts"
         text = f"state {state!r} failed after {attempts} {noun}: {reason.message}"
+        if reason.permanent:
+            text += " [a permanent failure: retried only with RetryPolicy(retry_permanent=True)]"
         if reason.traceback:
             text += "\n--- traceback of the last attempt ---\n" + reason.traceback.rstrip()
         super().__init__(text)
@@ -150,11 +185,18 @@ class ContextScopeError(ContextKeyError):
 
 
 class UnencodableValueError(ContextError, TypeError):
-    """Raised when a value cannot cross a process boundary with the safe codec."""
+    """Raised when a value is outside the value model (:mod:`agent.values`): it cannot be
+    stored in the context, in any isolation level."""
 
 
 class ValueTooLargeError(UnencodableValueError):
-    """Raised when an encoded value is larger than one message between processes may be."""
+    """Raised when a value is larger than one message between processes may carry, or holds
+    more objects or container elements than the model allows."""
+
+
+class ContextBudgetError(ContextError):
+    """Raised when a write would take the run's context past its byte budget
+    (``Agent(context_budget_mb=...)``)."""
 
 
 # --- resources -------------------------------------------------------------------------
@@ -201,6 +243,11 @@ class CgroupError(IsolationError):
 
 class ProtocolError(IsolationError):
     """Raised when a message across the process boundary is malformed or not allowed."""
+
+
+class BoundExceededError(ProtocolError):
+    """Raised when data from another process passes a decoding bound (bytes, depth,
+    objects, items per container, per-attempt totals)."""
 
 
 class AttemptLogNotFoundError(IsolationError, LookupError):

@@ -16,6 +16,10 @@ class RetryPolicy:
     ``max_retries`` counts retries, so 0 means one attempt. The delay before retry
     ``n`` (1-based) is ``min(max_delay, initial_delay * exponential_base ** (n - 1))``;
     with ``jitter`` it is drawn uniformly from ``[0, that]`` ("full jitter").
+
+    A permanent failure (:attr:`~agent.errors.FailureReason.permanent`: a kernel limit,
+    a bound, a protocol violation, a cgroup escape, a value the model cannot carry) would
+    fail the same way again, so it is not retried unless ``retry_permanent`` is True.
     """
 
     max_retries: int = 3
@@ -23,6 +27,7 @@ class RetryPolicy:
     max_delay: float = 60.0
     exponential_base: float = 2.0
     jitter: bool = True
+    retry_permanent: bool = False
     rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -32,6 +37,7 @@ class RetryPolicy:
         _validate.number(self.max_delay, "RetryPolicy.max_delay", error=error, unit="seconds")
         _validate.number(self.exponential_base, "RetryPolicy.exponential_base", error=error, minimum=1)
         _validate.flag(self.jitter, "RetryPolicy.jitter", error=error)
+        _validate.flag(self.retry_permanent, "RetryPolicy.retry_permanent", error=error)
 
     def backoff(self, retry: int) -> float:
         """The delay ceiling before retry number ``retry`` (1-based), without jitter."""

@@ -82,6 +82,7 @@ class ScopedContext(Context):
         scoped = cls(
             context._data, scope, state_name=context.state_name, attempt=context.attempt,
             run_id=context.run_id, on_write=context._on_write, human_input=context._human_input,
+            budget=context._budget,
         )
         scoped._failures = context._failures
         return scoped

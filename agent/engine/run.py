@@ -933,11 +933,12 @@ class Run:
         outcome = "timeout" if failure.kind == "timeout" else "failed"
         meta.record(AttemptRecord(act.attempt, act.started_at, now, outcome, failure.message, usage))
         max_retries = spec.max_retries_with(self.agent.retry_policy)
-        final = act.attempt > max_retries
+        policy = spec.retry_policy or self.agent.retry_policy
+        # A permanent failure (a limit, a bound, ...) would happen again: not retried unless asked.
+        final = act.attempt > max_retries or (failure.permanent and not (policy is not None and policy.retry_permanent))
         self.emit(ev.STATE_FAILED, name, attempt=act.attempt, duration=duration, usage=usage,
                   error=failure.message, data={"final": final, "kind": failure.kind})
         if not final:
-            policy = spec.retry_policy or self.agent.retry_policy
             delay = policy.delay(act.attempt) if policy is not None else 0.0
             meta.set_status(_READY)
             meta.waiting_for = f"retry {act.attempt} of {max_retries} in {delay:.3g} s"

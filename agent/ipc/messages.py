@@ -1,31 +1,41 @@
 """Message types between the supervisor and a state child, and their wire form.
 
-Every frame is a msgpack map ``{"v": PROTOCOL_VERSION, "t": <type>, <fields>...}``.
-After unpacking, the map is checked against the dataclass it names: exactly its
-fields, each of its declared type. Context values travel as bytes made by
-:func:`agent.ipc.codec.encode_value`, so a frame itself never holds extension types.
+Every frame is a msgpack map ``{"v": PROTOCOL_VERSION, "t": <type>, <fields>...}`` in
+the value model's wire form (:func:`agent.values.encode`), so context values travel
+inline and a frame is decoded, and its values checked, in one bounded pass
+(:func:`agent.values.unpack`, within the receiving side's :class:`~agent.values.Bounds`).
+The map is then checked against the dataclass it names: exactly its fields, each of its
+declared type (:func:`agent.values.matches`). A field named ``value`` comes last, so its
+size on the wire is the frame's less what precedes it (:func:`value_size`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
 from ..errors import ProtocolError
-from .codec import Limits, pack, unpack
+from ..values import Bounds, encode, matches, unpack
 
-PROTOCOL_VERSION = 1
+_VALUE_KEY = len(encode("value"))
+
+PROTOCOL_VERSION = 2
 
 
 @dataclass(frozen=True)
 class Hello:
-    """Child to supervisor, first frame: the child is up (its routing id is its secret)."""
+    """Child to supervisor, first frame: the child is up.
+
+    ``secret`` names the attempt; the supervisor believes it only from the process the
+    zygote forked for that attempt (the connection's ``SO_PEERCRED`` pid), and from then
+    on binds the attempt to that connection alone.
+    """
 
     TYPE: ClassVar[str] = "hello"
     pid: int
+    secret: bytes
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,11 @@ class Run:
 
     ``function`` and ``classes`` (the TypedContextData classes the snapshot holds, so the
     child can rebuild them even when their module cannot be imported) are cloudpickled:
-    this direction only, from the supervisor, which the child trusts.
+    this direction only, from the supervisor, which the child trusts. Each context value
+    is encoded on its own (:func:`agent.values.encode`), so the child decodes it once
+    those classes are loaded. ``context_bytes`` is what the run's context takes of its
+    ``context_budget`` at launch. ``failures`` are the run's states that failed for good so
+    far, with why (``context.failed_states()`` under ``on_failure="continue"``).
     """
 
     TYPE: ClassVar[str] = "run"
@@ -46,24 +60,27 @@ class Run:
     classes: bytes
     context: dict[str, bytes]
     max_frame: int
+    context_budget: int
+    context_bytes: int
+    failures: dict[str, str]
 
 
 @dataclass(frozen=True)
 class ContextWrite:
-    """Child to supervisor: one ``set_state`` (value is encoded) or ``remove_state``."""
+    """Child to supervisor: one ``set_state``, or a ``remove_state`` (value None)."""
 
     TYPE: ClassVar[str] = "context_write"
     key: str
-    value: bytes | None
     deleted: bool
+    value: Any
 
 
 @dataclass(frozen=True)
 class Result:
-    """Child to supervisor: what the state returned (encoded)."""
+    """Child to supervisor: what the state returned."""
 
     TYPE: ClassVar[str] = "result"
-    value: bytes
+    value: Any
 
 
 @dataclass(frozen=True)
@@ -153,12 +170,20 @@ def encode_message(msg: Message) -> bytes:
     body = {"v": PROTOCOL_VERSION, "t": msg.TYPE}
     for name in _SCHEMAS[type(msg)]:
         body[name] = getattr(msg, name)
-    return pack(body)
+    return encode(body)
 
 
-def decode_message(frame: bytes, limits: Limits, allowed: frozenset[type] | None = None) -> Message:
-    """Unpack and validate one frame; raises :class:`ProtocolError` on anything wrong."""
-    body = unpack(frame, limits)
+def decode_message(frame: bytes | memoryview, bounds: Bounds, allowed: frozenset[type] | None = None) -> Message:
+    """Unpack and validate one frame; raises :class:`ProtocolError` on anything wrong
+    (:class:`~agent.errors.BoundExceededError` past a bound)."""
+    return decode_counted(frame, bounds, allowed)[0]
+
+
+def decode_counted(
+    frame: bytes | memoryview, bounds: Bounds, allowed: frozenset[type] | None = None
+) -> tuple[Message, int]:
+    """:func:`decode_message`, and how many objects decoding the frame made."""
+    body, objects = unpack(frame, bounds, framed=True)
     if type(body) is not dict:
         raise ProtocolError(f"frame is a msgpack {type(body).__name__}, not a map")
     version = body.pop("v", None)
@@ -176,26 +201,18 @@ def decode_message(frame: bytes, limits: Limits, allowed: frozenset[type] | None
             f"{cls.TYPE} message has fields {sorted(body)}, expected {sorted(schema)}"
         )
     for name, tp in schema.items():
-        if not _conforms(body[name], tp):
-            raise ProtocolError(f"{cls.TYPE}.{name} is a {type(body[name]).__name__}, not {tp}")
-    return cls(**body)
+        value = body[name]
+        if not matches(value, tp):
+            raise ProtocolError(f"{cls.TYPE}.{name} is a {type(value).__name__}, not {tp}")
+    return cls(**body), objects
 
 
-def _conforms(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if origin is None:
-        if tp is type(None):
-            return value is None
-        if tp is float:
-            return type(value) in (float, int)
-        return type(value) is tp
-    args = typing.get_args(tp)
-    if origin is Union or origin is types.UnionType:
-        return any(_conforms(value, a) for a in args)
-    if origin is list:
-        return type(value) is list and all(_conforms(v, args[0]) for v in value)
-    if origin is dict:
-        return type(value) is dict and all(
-            _conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items()
-        )
-    return False
+def value_size(msg: ContextWrite | Result, frame_size: int) -> int:
+    """The wire size of ``msg.value`` in a frame of ``frame_size`` bytes.
+
+    Exact for a frame :func:`encode_message` made (the value last); for any other, at
+    least the value's own size, as the fields before it take at least what they take here.
+    """
+    body = {"v": PROTOCOL_VERSION, "t": msg.TYPE}
+    body.update((name, getattr(msg, name)) for name in _SCHEMAS[type(msg)] if name != "value")
+    return frame_size - len(encode(body)) - _VALUE_KEY

@@ -5,8 +5,10 @@ plain (sync) ZeroMQ socket driven by ``loop.add_reader``, so the supervisor work
 whatever event loop its caller runs, and can move to the next loop between runs.
 Frames over the size cap never reach Python: libzmq (``MAXMSGSIZE``) drops the
 connection that sent them, which a socket monitor reports as a disconnect.
-Each frame carries the descriptor it came in on, so the kernel's peer credentials
-(``SO_PEERCRED``) tell which process sent a frame under an unknown routing id.
+Children connect without a routing id of their own, so libzmq gives each connection a
+fresh one that no other process can claim or block. Each frame carries the descriptor
+it came in on, so the kernel's peer credentials (``SO_PEERCRED``) tell which process
+opened the connection a frame came from.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .codec import FRAME_OVERHEAD
+from ..values import FRAME_OVERHEAD
 
-FrameHandler = Callable[[bytes, list[bytes], int], None]
+FrameHandler = Callable[[bytes, list[bytes | memoryview], int], None]
 """``on_frame(routing_id, frames, fd)``: every message received, in order."""
 
 DisconnectHandler = Callable[[int], None]
@@ -30,6 +32,7 @@ DisconnectHandler = Callable[[int], None]
 
 RECEIVE_HWM = 1000
 """Messages libzmq queues per child before it stops reading that child (its default)."""
+_COPY_BELOW = 65536
 _POLLIN = int(zmq.POLLIN)  # a plain int: ``EVENTS & zmq.POLLIN`` would build an enum per test
 
 
@@ -111,7 +114,8 @@ class RouterChannel:
             fd = parts[-1].get(zmq.SRCFD)
             # A disconnect seen before this frame may free the fd it came in on: report it first.
             self._drain_monitor()
-            self._on_frame(parts[0].bytes, [p.bytes for p in parts[1:]], fd)
+            # Big frames are not copied: their decoder reads libzmq's buffer.
+            self._on_frame(parts[0].bytes, [p.bytes if len(p) < _COPY_BELOW else p.buffer for p in parts[1:]], fd)
 
     def _drain_monitor(self) -> None:
         # Look before receiving: a zmq.Again per call costs more than the check.
@@ -140,8 +144,8 @@ class RouterChannel:
             pass
 
 
-def peer_pid(fd: int) -> int | None:
-    """The pid of the process at the other end of unix socket ``fd``, if the kernel says."""
+def peer_credentials(fd: int) -> tuple[int, int] | None:
+    """``(pid, uid)`` of the process that opened unix socket ``fd``, if the kernel says."""
     if fd < 0:
         return None
     try:
@@ -150,8 +154,8 @@ def peer_pid(fd: int) -> int | None:
         return None
     try:
         cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, _uid, _gid = struct.unpack("3i", cred)
-        return pid or None
+        pid, uid, _gid = struct.unpack("3i", cred)
+        return (pid, uid) if pid else None
     except OSError:
         return None
     finally:

@@ -1,7 +1,7 @@
 """How a child exchanges frames with its supervisor: a small protocol, two implementations.
 
-:class:`~agent.ipc.zmtp.DealerTransport` is the real one (a ZeroMQ DEALER whose routing
-id is the child's secret); :class:`MemoryTransport` is an in-process pair for tests of
+:class:`~agent.ipc.zmtp.DealerTransport` is the real one (a ZeroMQ DEALER over the
+``ipc://`` socket); :class:`MemoryTransport` is an in-process pair for tests of
 the child's protocol logic.
 """
 

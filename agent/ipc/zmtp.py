@@ -75,8 +75,9 @@ def parse_properties(data: bytes) -> dict[bytes, bytes]:
 class DealerTransport:
     """A child's DEALER connection to the supervisor's ROUTER, made after fork, in the child.
 
-    ``routing_id`` is the child's secret: the ROUTER files every frame from this
-    connection under it. ``max_frame`` caps what the supervisor may send.
+    ``routing_id`` is announced in the handshake; a child announces none, so the ROUTER
+    gives the connection one of its own that no other process can claim (the child
+    names its attempt in its hello instead). ``max_frame`` caps what the supervisor may send.
     """
 
     def __init__(

@@ -34,7 +34,14 @@ import ray
 from ray import exceptions as rx
 
 from .._types import ResourceType
-from ..errors import FailureReason, HumanInputError, IsolationError, ProtocolError
+from ..errors import (
+    BoundExceededError,
+    ContextBudgetError,
+    FailureReason,
+    HumanInputError,
+    IsolationError,
+    ProtocolError,
+)
 from ..executor import Attempt, AttemptFailed, AttemptOutcome
 from ..ipc.messages import ContextWrite, HumanInputRequest
 from ..supervisor.logger import get_logger
@@ -130,7 +137,8 @@ class RayExecutor:
             except TypeError:  # not weakly referenceable: pickled each time
                 pass
         return wire.encode_run(attempt.run_id, attempt.agent_name, attempt.state_name, attempt.number, function,
-                               cloudpickle.dumps(classes) if classes else _NO_CLASSES, snapshot)
+                               cloudpickle.dumps(classes) if classes else _NO_CLASSES, snapshot,
+                               attempt.context)
 
     async def run_attempt(self, attempt: Attempt) -> AttemptOutcome:
         if not is_connected():
@@ -138,10 +146,7 @@ class RayExecutor:
         self._prepare()
         options, request = self._options(attempt)
         self.capacity.check(attempt.state_name, request)
-        snapshot, classes, skipped = wire.encode_snapshot(attempt.context)
-        if skipped:
-            _log.warning("context_keys_not_sent", state=attempt.state_name, keys=skipped,
-                         why="values the safe codec cannot encode stay with the driver")
+        snapshot, classes = wire.encode_snapshot(attempt.context, attempt.state_name)
         payload = self._payload(attempt, snapshot, classes)
         token = f"{self._prefix}{next(self._tokens):08x}"
         channel = self.relay.open(token, attempt)
@@ -341,6 +346,8 @@ class Channel:
             if self.failure is None:
                 try:
                     self._apply(frame)
+                except (BoundExceededError, ContextBudgetError) as exc:  # as for a state process
+                    self.failure = FailureReason(kind="bound", message=f"a frame from the state's Ray task: {exc}")
                 except Exception as exc:  # malformed, or applying it failed (a context hook raised)
                     self.failure = FailureReason(kind="protocol", message=f"a frame from the state's Ray task: {exc}")
         self._wake()
@@ -351,10 +358,8 @@ class Channel:
         if isinstance(msg, ContextWrite):
             if msg.deleted:
                 context.remove_state(msg.key)
-            elif msg.value is None:
-                raise ProtocolError(f"context_write of {msg.key!r} without a value")
             else:
-                context.set_state(msg.key, wire.read_value(msg.value))
+                context.set_state(msg.key, msg.value)
         elif isinstance(msg, HumanInputRequest):
             self._asked = True
             task = asyncio.ensure_future(self._answer(msg))

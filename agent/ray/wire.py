@@ -1,24 +1,24 @@
 """What crosses between the driver and a state's Ray task: the project's value model only.
 
-Every call into the value codec and the IPC message types made for Ray is here, so that
-the Ray executor follows the codec wherever it goes. Driver to worker: the context
-snapshot as encoded values in the very ``run`` frame a state process gets (the state
-function and the TypedContextData classes the snapshot needs are cloudpickled inside it,
-in that direction only). Worker to driver: context writes and human-input requests as
-IPC frames, and the attempt's end as one encoded value; the driver decodes them with the
-bounded decoder and checks their shape, and never unpickles anything a worker made
-beyond the ``bytes`` object Ray hands over.
+Every call into the value model and the IPC message types made for Ray is here, so that
+the Ray executor follows the process boundary wherever it goes. Driver to worker: the
+context snapshot as encoded values in the very ``run`` frame a state process gets (the
+state function and the TypedContextData classes the snapshot needs are cloudpickled
+inside it, in that direction only), with the run's context budget. Worker to driver:
+context writes and human-input requests as IPC frames, and the attempt's end as one
+encoded value; the driver decodes them within the same bounds as a child's frames and
+checks their shape, and never unpickles anything a worker made beyond the ``bytes``
+object Ray hands over.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..context import Context
-from ..errors import FailureReason, ProtocolError, UnencodableValueError
-from ..ipc.codec import DEFAULT_MAX_FRAME, Limits, decode_value, encode_value
+from .. import values
+from ..context import Context, ContextBudget
+from ..errors import FailureReason, IsolationError, ProtocolError, UnencodableValueError, ValueTooLargeError
 from ..ipc.messages import (
     FROM_CHILD,
     FROM_SUPERVISOR,
@@ -31,8 +31,8 @@ from ..ipc.messages import (
     encode_message,
 )
 
-LIMITS = Limits(max_frame=int(os.environ.get("AGENT_IPC_MAX_FRAME") or DEFAULT_MAX_FRAME))
-"""Caps on one value and one frame (``AGENT_IPC_MAX_FRAME``, as between processes)."""
+BOUNDS = values.Bounds(max_frame=values.max_frame_from_env())
+"""What a frame and a value may hold (``AGENT_IPC_MAX_FRAME``, as between processes)."""
 
 _SLACK = 4096  # room for the frame around one encoded value
 
@@ -48,37 +48,52 @@ _END_FIELDS: dict[str, tuple[type, ...]] = {
 # --- driver to worker --------------------------------------------------------------------
 
 
-def encode_snapshot(context: Context) -> tuple[dict[str, bytes], tuple[type, ...], list[str]]:
-    """The context as encoded values, the TypedContextData classes they hold, and the keys
-    that cannot be encoded (they stay with the driver, as for a state process)."""
+def encode_snapshot(context: Context, state: str) -> tuple[dict[str, bytes], tuple[type, ...]]:
+    """The context as encoded values and the TypedContextData classes they hold.
+
+    Every value was checked when it was written; one changed in place since may no longer
+    be in the model, and then the attempt cannot start (as for a state process).
+    """
     snapshot: dict[str, bytes] = {}
     classes: set[type] = set()
-    skipped: list[str] = []
     for key, value in context.to_dict().items():
         try:
-            snapshot[key] = encode_value(value, key=key, max_size=LIMITS.max_frame, classes=classes)
-        except UnencodableValueError:
-            skipped.append(key)
-    return snapshot, tuple(classes), skipped
+            values.check(value, bounds=BOUNDS, key=key)
+            snapshot[key] = values.encode(value, classes)
+        except UnencodableValueError as exc:
+            raise IsolationError(
+                f"state {state!r} cannot start: {exc} (a stored value was changed in place after "
+                "set_state: store the changed value again with set_state)"
+            ) from None
+    return snapshot, tuple(classes)
 
 
 def encode_run(run_id: str, agent_name: str, state_name: str, attempt: int, function: bytes,
-               classes: bytes, snapshot: dict[str, bytes]) -> bytes:
+               classes: bytes, snapshot: dict[str, bytes], context: Context) -> bytes:
     """The attempt for its task: the same ``run`` frame a state process receives."""
+    budget = context.budget
     return encode_message(Run(run_id=run_id, agent_name=agent_name, state_name=state_name, attempt=attempt,
-                              function=function, classes=classes, context=snapshot, max_frame=LIMITS.max_frame))
+                              function=function, classes=classes, context=snapshot, max_frame=BOUNDS.max_frame,
+                              context_budget=budget.limit, context_bytes=budget.used,
+                              failures=context.failed_states()))
 
 
 def read_run(frame: bytes) -> Run:
-    msg = decode_message(frame, LIMITS, FROM_SUPERVISOR)
+    msg = decode_message(frame, BOUNDS, FROM_SUPERVISOR)
     if not isinstance(msg, Run):
         raise ProtocolError(f"expected a run message, got {msg.TYPE}")
     return msg
 
 
-def decode_snapshot(snapshot: dict[str, bytes]) -> dict[str, Any]:
-    """The worker's copy of the context (from the trusted driver: modules may be imported)."""
-    return {key: decode_value(data, LIMITS, import_modules=True) for key, data in snapshot.items()}
+def decode_snapshot(run: Run) -> tuple[dict[str, Any], ContextBudget]:
+    """The worker's copy of the context and the run's budget (from the trusted driver:
+    modules may be imported)."""
+    snapshot, sizes = {}, {}
+    for key, data in run.context.items():
+        decoded = values.decode(data, BOUNDS, import_modules=True)
+        snapshot[key] = decoded.value
+        sizes[key] = values.entry_size(key, decoded.size)
+    return snapshot, ContextBudget(run.context_budget, max(run.context_bytes, sum(sizes.values())), sizes)
 
 
 def human_response(request_id: int, answer: str | None, error_type: str | None, error: str | None) -> bytes:
@@ -86,7 +101,7 @@ def human_response(request_id: int, answer: str | None, error_type: str | None, 
 
 
 def read_human_response(frame: bytes) -> HumanInputResponse:
-    msg = decode_message(frame, LIMITS, FROM_SUPERVISOR)
+    msg = decode_message(frame, BOUNDS, FROM_SUPERVISOR)
     if not isinstance(msg, HumanInputResponse):
         raise ProtocolError(f"expected a human_input_response, got {msg.TYPE}")
     return msg
@@ -96,11 +111,9 @@ def read_human_response(frame: bytes) -> HumanInputResponse:
 
 
 def write_frame(key: str, value: Any, deleted: bool) -> bytes:
-    """One ``set_state`` / ``remove_state``; raises UnencodableValueError in the state."""
-    if deleted:
-        return encode_message(ContextWrite(key=key, value=None, deleted=True))
-    data = encode_value(value, key=key, max_size=LIMITS.max_frame - _SLACK)
-    return encode_message(ContextWrite(key=key, value=data, deleted=False))
+    """One ``set_state`` / ``remove_state`` (``Context.set_state`` has checked the value and
+    the run's budget)."""
+    return encode_message(ContextWrite(key=key, value=None if deleted else value, deleted=deleted))
 
 
 def human_request(request_id: int, prompt: str, timeout: float | None, default: str | None) -> bytes:
@@ -108,13 +121,9 @@ def human_request(request_id: int, prompt: str, timeout: float | None, default: 
 
 
 def read_frame(frame: bytes) -> Message:
-    """A frame a worker sent: a schema-checked message of the child-to-supervisor kinds."""
-    return decode_message(frame, LIMITS, FROM_CHILD)
-
-
-def read_value(data: bytes) -> Any:
-    """A value inside a frame a worker sent (bounded; classes only those already imported)."""
-    return decode_value(data, LIMITS)
+    """A frame a worker sent: a schema-checked message of the child-to-supervisor kinds, its
+    value decoded within bounds (TypedContextData classes only those already imported)."""
+    return decode_message(frame, BOUNDS, FROM_CHILD)
 
 
 @dataclass(frozen=True)
@@ -133,35 +142,35 @@ class End:
 
 def encode_end(result: Any, failure: FailureReason | None, pushed: int, frames: list[bytes], log: bytes,
                usage: dict[str, Any]) -> bytes:
-    """The task's return value; an unencodable result becomes the attempt's failure."""
+    """The task's return value; a result outside the model becomes the attempt's failure."""
     body: dict[str, Any] = {"pushed": pushed, "frames": frames, "failure": None, "log": log, "usage": usage,
                             "result": None}
     if failure is None:
-        body["result"] = result
         try:
-            return encode_value(body, max_size=LIMITS.max_frame)
-        except UnencodableValueError:
-            body["result"] = None
-            room = LIMITS.max_frame - len(encode_value(body)) - _SLACK
-            try:  # again, alone, for an error that speaks of the return value
-                encode_value(result, max_size=room)
-                raise
-            except UnencodableValueError as exc:
-                failure = FailureReason(kind="exception", message=f"the state's return value: {exc}",
-                                        exception_type=f"agent.errors.{type(exc).__qualname__}")
+            size = values.check(result, "the state's return value", BOUNDS)
+            if size > BOUNDS.max_frame - _SLACK:
+                raise ValueTooLargeError(
+                    f"the state's return value encodes to {size:,} bytes, over the {BOUNDS.max_frame:,}-byte "
+                    "limit of one message: keep large data in a file and return a state name"
+                )
+            body["result"] = result
+            return values.encode(body)
+        except UnencodableValueError as exc:
+            failure = FailureReason(kind="exception", message=str(exc),
+                                    exception_type=f"agent.errors.{type(exc).__qualname__}")
     body["failure"] = {
         "kind": failure.kind, "message": failure.message, "traceback": failure.traceback,
         "exit_code": failure.exit_code, "signal": failure.signal,
         "exception_type": failure.exception_type, "details": _plain(failure.details),
     }
-    return encode_value(body)
+    return values.encode(body)
 
 
 def decode_end(data: Any) -> End:
     """Read what a task returned; raises ProtocolError on anything but a well-formed end."""
     if type(data) is not bytes:
         raise ProtocolError(f"the state's Ray task returned a {type(data).__name__}, not bytes")
-    body = decode_value(data, LIMITS)
+    body, _ = values.unpack(data, BOUNDS, framed=True)  # the result sits one level down
     result = body.pop("result", None) if type(body) is dict else None
     _check_fields(body, _END_FIELDS, "the task's end")
     failure = None
@@ -189,7 +198,7 @@ def _plain(details: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in details.items():
         try:
-            encode_value(value)
+            values.check(value)
         except UnencodableValueError:
             value = repr(value)
         out[str(key)] = value

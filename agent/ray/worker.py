@@ -109,10 +109,12 @@ async def _attempt(run: Any, token: str, relay_name: str, confined: Any,
         func = _function(run.function)
         classes = cloudpickle.loads(run.classes)  # noqa: F841 - defines them here, for the snapshot
         provider = RelayedHumanInput(pusher, token)
+        snapshot, budget = wire.decode_snapshot(run)
         context = Context(
-            wire.decode_snapshot(run.context), state_name=run.state_name, attempt=run.attempt, run_id=run.run_id,
+            snapshot, state_name=run.state_name, attempt=run.attempt, run_id=run.run_id, budget=budget,
             on_write=pusher.write, human_input=human_input_hook(provider, run_id=run.run_id, state=run.state_name),
         )
+        context._failures = run.failures
         if confined is None:
             result = await func(context)
         else:

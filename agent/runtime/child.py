@@ -22,12 +22,12 @@ from typing import NoReturn
 
 import uvloop
 
-from ..ipc import DealerTransport, Limits
-from ..ipc.codec import FRAME_OVERHEAD, unpack
+from ..ipc import DealerTransport
+from ..values import FRAME_OVERHEAD, Bounds, unpack_plain
 from . import confine
 from .session import ChildSession
 
-_SPEC_LIMITS = Limits(max_frame=16 * 1024 * 1024)
+_SPEC_BOUNDS = Bounds(max_frame=16 * 1024 * 1024)
 
 EXIT_OK = 0
 EXIT_SETUP_FAILED = 120
@@ -60,7 +60,7 @@ def child_main(
         set_parent_death_signal()
         if zygote_pidfd is not None and select.select([zygote_pidfd], [], [], 0)[0]:
             os._exit(EXIT_SETUP_FAILED)  # the zygote died before the death signal was set
-        spec = unpack(_read_all(spec_fd), _SPEC_LIMITS)
+        spec = unpack_plain(_read_all(spec_fd), _SPEC_BOUNDS)
         reset_signals()
         sandbox = spec["confine"].get("sandbox")
         if notify_fd is not None:
@@ -86,8 +86,10 @@ def child_main(
         except OSError:
             pass
         # Connect and say hello first: the supervisor answers while the loop is being built.
+        # No routing id of our own: the ROUTER gives each connection one, so no other process
+        # can take over or block this one's; the secret travels in the hello.
         transport = DealerTransport(
-            spec["endpoint"], spec["secret"], max_frame=spec["max_frame"] + FRAME_OVERHEAD,
+            spec["endpoint"], b"", max_frame=spec["max_frame"] + FRAME_OVERHEAD,
             peer_hwm=spec["receive_hwm"],
         )
         before_run = None
@@ -97,7 +99,7 @@ def child_main(
             notify = socket.socket(fileno=notify_fd) if notify_fd is not None else None
             before_run = lambda: sandbox_module.enter_sandbox(sandbox, notify)  # noqa: E731
         session = ChildSession(
-            transport, pid=os.getpid(), limits=Limits(max_frame=spec["max_frame"]),
+            transport, pid=os.getpid(), secret=spec["secret"], bounds=Bounds(max_frame=spec["max_frame"]),
             before_run=before_run, context_keys=spec.get("context_keys"),
         )
         session.hello()

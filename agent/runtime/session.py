@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from .. import errors
-from ..context import Context
+from .. import errors, values
+from ..context import Context, ContextBudget
 from ..errors import HumanInputError, HumanInputTimeoutError, ProtocolError, ValueTooLargeError
 from ..ipc import (
     Cancel,
@@ -25,20 +25,16 @@ from ..ipc import (
     Hello,
     HumanInputRequest,
     HumanInputResponse,
-    Limits,
     Preempt,
     Result,
     Run,
     Transport,
     decode_message,
-    decode_value,
     encode_message,
-    encode_value,
 )
 from ..ipc.messages import FROM_SUPERVISOR
 from ..scope import ContextScope, ScopedContext
-
-_FRAME_SLACK = 4096  # room for the message around an encoded value
+from ..values import Bounds
 
 
 class ChildSession:
@@ -49,7 +45,8 @@ class ChildSession:
         transport: Transport,
         *,
         pid: int,
-        limits: Limits | None = None,
+        secret: bytes = b"",
+        bounds: Bounds | None = None,
         before_run: Callable[[], None] | None = None,
         context_keys: list[str] | None = None,
     ) -> None:
@@ -58,7 +55,8 @@ class ChildSession:
         # The supervisor sends only the keys in scope; the scope makes other keys an error.
         self._scope = None if context_keys is None else ContextScope(context_keys)
         self._pid = pid
-        self._limits = limits or Limits()
+        self._secret = secret
+        self._bounds = bounds or Bounds()
         self._pending: dict[int, asyncio.Future[HumanInputResponse]] = {}
         self._ids = itertools.count(1)
         self._task: asyncio.Task[Any] | None = None
@@ -71,7 +69,7 @@ class ChildSession:
         """Say hello (done by :meth:`run` unless called before, to overlap the handshake)."""
         if not self._greeted:
             self._greeted = True
-            self._send(Hello(pid=self._pid))
+            self._send(Hello(pid=self._pid, secret=self._secret))
 
     async def run(self) -> str:
         """Serve the attempt; returns how it ended (``result``, ``error``, ``stopped``)."""
@@ -101,12 +99,11 @@ class ChildSession:
                 self._report_error(exc)
                 return "error"
             try:
-                encoded = encode_value(value, max_size=self._limits.max_frame - _FRAME_SLACK)
+                self._check_result(value)
             except errors.UnencodableValueError as exc:
-                exc.args = (f"the state's return value: {exc}",)
                 self._report_error(exc)
                 return "error"
-            self._send(Result(value=encoded))
+            self._send(Result(value=value))
             return "result"
         finally:
             reader.cancel()
@@ -114,15 +111,18 @@ class ChildSession:
                 fut.cancel()
 
     def _prepare(self, run: Run) -> tuple[Callable[..., Any], Context]:
-        self._limits = Limits(max_frame=run.max_frame)
+        self._bounds = Bounds(max_frame=run.max_frame)
         # Unpickled only from the supervisor; a child's frames are never unpickled.
         func = cloudpickle.loads(run.function)
         # Classes the snapshot needs; held so that they stay findable when not importable.
         self._classes = cloudpickle.loads(run.classes)
-        snapshot = {
-            key: decode_value(data, self._limits, import_modules=True)
-            for key, data in run.context.items()
-        }
+        snapshot, sizes = {}, {}
+        for key, data in run.context.items():
+            decoded = values.decode(data, self._bounds, import_modules=True)
+            snapshot[key] = decoded.value
+            sizes[key] = values.entry_size(key, decoded.size)
+        # The run's whole context counts, also keys this snapshot leaves out.
+        budget = ContextBudget(run.context_budget, max(run.context_bytes, sum(sizes.values())), sizes)
         context = Context(
             snapshot,
             state_name=run.state_name,
@@ -130,7 +130,9 @@ class ChildSession:
             run_id=run.run_id,
             on_write=self._on_write,
             human_input=self._ask_human,
+            budget=budget,
         )
+        context._failures = run.failures
         if self._scope is not None:
             context = ScopedContext.over(context, self._scope)
         return func, context
@@ -140,19 +142,24 @@ class ChildSession:
     def _send(self, msg: Any) -> None:
         self._transport.send(encode_message(msg))
 
+    def _check_result(self, value: Any) -> None:
+        """The return value must be in the model and fit in one message."""
+        size = values.check(value, "the state's return value", self._bounds)
+        cap = self._bounds.max_frame
+        if size > cap:
+            raise ValueTooLargeError(
+                f"the state's return value encodes to {size:,} bytes, over the {cap:,}-byte limit "
+                "of one message between processes: keep large data in a file and return a state name"
+            )
+
     def _on_write(self, key: str, value: Any, deleted: bool) -> None:
-        if deleted:
-            self._send(ContextWrite(key=key, value=None, deleted=True))
-        else:
-            data = encode_value(value, key=key, max_size=self._limits.max_frame - _FRAME_SLACK)
-            self._send(ContextWrite(key=key, value=data, deleted=False))
+        # Context.set_state has checked the value and the run's budget already.
+        self._send(ContextWrite(key=key, value=None if deleted else value, deleted=deleted))
         self._written.append(key)
 
     def _report_error(self, exc: BaseException) -> None:
         tb = "".join(traceback.format_exception(exc))
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        if isinstance(exc, ValueTooLargeError) or isinstance(exc, errors.UnencodableValueError):
-            name = f"agent.errors.{type(exc).__qualname__}"
         self._send(Error(exception_type=name, message=str(exc) or type(exc).__name__, traceback=tb))
 
     async def _ask_human(
@@ -193,7 +200,7 @@ class ChildSession:
     # --- incoming -------------------------------------------------------------------------
 
     def _decode(self, frame: bytes) -> Any:
-        return decode_message(frame, self._limits, FROM_SUPERVISOR)
+        return decode_message(frame, self._bounds, FROM_SUPERVISOR)
 
     async def _read(self) -> None:
         while True:

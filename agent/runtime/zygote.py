@@ -3,11 +3,11 @@
 Started once per supervisor (``python -m agent.runtime.zygote FD PARENT_PID [PATH...]``).
 It holds no threads and no ZeroMQ context, so a fork is a cheap, safe copy. Over the
 control socket ``FD`` it reads length-prefixed requests (``spawn``, ``kill``) and writes
-reports (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status, ``denied``
-for a sandbox's system call refused by seccomp). It exits, killing its children, when the
-supervisor closes the socket or dies (parent-death signal), and then removes the PATHs
-(the supervisor's private directories), so that even a supervisor killed outright leaves
-no files behind.
+reports (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status and the CPU
+seconds and page faults the kernel charged the child, ``denied`` for a sandbox's system
+call refused by seccomp). It exits, killing its children, when the supervisor closes the
+socket or dies (parent-death signal), and then removes the PATHs (the supervisor's
+private directories), so that even a supervisor killed outright leaves no files behind.
 
 The zygote never holds a child's secrets: each ``spawn`` request comes with a descriptor
 (``SCM_RIGHTS``) of a memfd holding the child's spec (its channel secret, argv, paths),
@@ -47,7 +47,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from ..ipc.codec import Limits, pack, unpack
+from ..values import Bounds, pack_plain, unpack_plain
 from . import child as child_module
 from . import seccomp
 from .child import set_parent_death_signal
@@ -56,7 +56,7 @@ from .sandbox import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWPID, unshare
 _libc_fork = ctypes.PyDLL(None, use_errno=True).fork  # PyDLL: the GIL is held across it
 _HEADER = struct.Struct("!I")
 _SIGTERM = (int(signal.SIGTERM),)
-_CONTROL_LIMITS = Limits(max_frame=16 * 1024 * 1024)
+_CONTROL_BOUNDS = Bounds(max_frame=16 * 1024 * 1024)
 _MAX_FDS_PER_READ = 64
 # Denied calls answered per sandboxed child (then its listener is closed and further
 # denied calls fail with ENOSYS), and reported to the supervisor.
@@ -70,7 +70,7 @@ _UCRED = struct.Struct("iII")
 
 def frame(obj: Any) -> bytes:
     """``obj`` as one length-prefixed frame of the control socket."""
-    data = pack(obj, strict=False)
+    data = pack_plain(obj)
     return _HEADER.pack(len(data)) + data
 
 
@@ -85,7 +85,7 @@ def read_frames(buffer: bytearray) -> list[Any]:
         (size,) = _HEADER.unpack_from(buffer)
         if len(buffer) < _HEADER.size + size:
             break
-        out.append(unpack(bytes(buffer[_HEADER.size : _HEADER.size + size]), _CONTROL_LIMITS))
+        out.append(unpack_plain(bytes(buffer[_HEADER.size : _HEADER.size + size]), _CONTROL_BOUNDS))
         del buffer[: _HEADER.size + size]
     return out
 
@@ -342,7 +342,9 @@ class Zygote:
     def _reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                # wait4: the kernel's own CPU and fault figures for the child (and what it
+                # reaped), which the supervisor compares with its cgroup's to see whether it left.
+                pid, status, rusage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -351,8 +353,11 @@ class Zygote:
             for fd, entry in list(self._listeners.items()):
                 if entry[0] == pid:
                     self._drop_listener(fd)
+            cpu = rusage.ru_utime + rusage.ru_stime
+            faults = rusage.ru_minflt + rusage.ru_majflt
             try:
-                write_frame(self._control, {"op": "exited", "pid": pid, "status": status})
+                write_frame(self._control, {"op": "exited", "pid": pid, "status": status, "cpu": cpu,
+                                            "faults": faults})
             except OSError:
                 pass
 
@@ -432,7 +437,8 @@ def warm_up(rounds: int = 12) -> None:
     import cloudpickle
     import uvloop
 
-    from ..ipc import DEFAULT_MAX_FRAME, DealerTransport, Run, encode_message, encode_value
+    from .. import values
+    from ..ipc import DealerTransport, Run, encode_message
     from ..ipc.zmtp import GREETING, frame, ready_command
     from . import confine
     from .session import ChildSession
@@ -440,8 +446,8 @@ def warm_up(rounds: int = 12) -> None:
     run = encode_message(Run(
         run_id="warm-up", agent_name="zygote", state_name="warm", attempt=1,
         function=cloudpickle.dumps(_warm_state), classes=cloudpickle.dumps(()),
-        context={"count": encode_value(1, key="count"), "t": encode_value((1, {2}), key="t")},
-        max_frame=DEFAULT_MAX_FRAME,
+        context={"count": values.encode(1), "t": values.encode((1, {2}))},
+        max_frame=values.DEFAULT_MAX_FRAME, context_budget=values.MIB, context_bytes=0, failures={},
     ))
     for round_ in range(rounds):
         ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -450,8 +456,8 @@ def warm_up(rounds: int = 12) -> None:
         asyncio.set_event_loop(loop)
         try:
             peer.sendall(GREETING + ready_command(b"ROUTER", b"") + frame(run))
-            transport = DealerTransport.over(ours, b"c-warm-up", linger=0)  # the peer never closes
-            session = ChildSession(transport, pid=os.getpid())
+            transport = DealerTransport.over(ours, b"", linger=0)  # the peer never closes
+            session = ChildSession(transport, pid=os.getpid(), secret=b"warm-up")
             session.hello()
             loop.run_until_complete(child_module.serve(session, transport))
             confine.apply({})

@@ -1,23 +1,41 @@
 """One state child as the supervisor sees it: an explicit lifecycle and its outcome.
 
-The supervisor feeds it events (forked, frame received, disconnected, exited); the
-executor awaits :attr:`ChildProcess.exited` and then asks :meth:`ChildProcess.outcome`.
-Whatever went wrong, the child is killed and reaped before the outcome is known.
+The supervisor feeds it events (forked, hello, frame received, disconnected, exited);
+the executor awaits :attr:`ChildProcess.exited` and then asks
+:meth:`ChildProcess.outcome`. Whatever went wrong, the child is killed and reaped
+before the outcome is known, and the outcome names exactly one kind of failure
+(:data:`agent.errors.FAILURE_KINDS`).
+
+Frames are handled in arrival order. One over :data:`OFF_LOOP_BYTES` is decoded in the
+supervisor's decoder thread, so a big value never stalls the loop that serves the other
+children; the child's later frames wait for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import dataclasses
 import enum
 import errno
+import gc
 import os
 import signal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..errors import FailureReason, HumanInputError, IllegalTransitionError, ProtocolError
+from .. import values
+from ..errors import (
+    BoundExceededError,
+    ContextBudgetError,
+    FailureReason,
+    HumanInputError,
+    IllegalTransitionError,
+    ProtocolError,
+)
 from ..executor import Attempt, AttemptFailed, AttemptOutcome
 from ..ipc import (
+    FROM_CHILD,
     Cancel,
     CheckpointSnapshot,
     ContextWrite,
@@ -25,26 +43,30 @@ from ..ipc import (
     Hello,
     HumanInputRequest,
     HumanInputResponse,
-    Limits,
     Log,
     Message,
     Preempt,
     Result,
-    decode_value,
     encode_message,
 )
+from ..ipc.messages import decode_counted, value_size
 from ..runtime.child import EXIT_SETUP_FAILED
+from ..values import Bounds
 from .confinement import Confinement
 
 if TYPE_CHECKING:
     from .service import Supervisor
 
+OFF_LOOP_BYTES = 256 * 1024
+"""Frames at least this big are decoded off the event loop."""
+
 _LOG_TAIL = 4000
 _FILE_TOO_LARGE = f"[Errno {errno.EFBIG}]"  # how OSError(EFBIG) prints: past RLIMIT_FSIZE
-_DROPPED = (
-    "the child's connection closed before it reported (libzmq drops a connection that sends "
-    "a frame over the {cap}-byte cap)"
-)
+# What a child may take before it joins its cgroup (a few hundred faults, a millisecond).
+_CPU_SLACK = 0.05
+_FAULT_SLACK = 2000
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_FAULT_BYTES = 16 * 1024 * 1024  # faults beyond the cgroup's peak by this much are looked into
 
 
 class ChildStatus(enum.Enum):
@@ -64,6 +86,40 @@ _ALLOWED = {
 }
 
 
+class _Decoded(NamedTuple):
+    """One frame from the child, decoded: the message, its value, and what it counted."""
+
+    msg: Message
+    value: Any = None
+    size: int = 0
+    objects: int = 0
+
+
+def decode_frame(frame: bytes | memoryview, bounds: Bounds) -> _Decoded:
+    """Decode a frame and size the value it carries; raises ProtocolError (BoundExceededError)."""
+    msg, objects = decode_counted(frame, bounds, FROM_CHILD)
+    if isinstance(msg, Result) or (isinstance(msg, ContextWrite) and not msg.deleted):
+        return _Decoded(msg, msg.value, value_size(msg, len(frame)), objects)
+    return _Decoded(msg, objects=objects)
+
+
+def decode_off_loop(frame: bytes | memoryview, bounds: Bounds) -> _Decoded:
+    """:func:`decode_frame`, in the decoder thread, with the cyclic garbage collector paused.
+
+    A frame of many small containers makes up to ``max_objects`` objects; collections
+    triggered meanwhile would walk every object of the process with the GIL held, stalling
+    the event loop for as long. Nothing of a refused frame outlives the call, and a value
+    that is kept is collected later like any other.
+    """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return decode_frame(frame, bounds)
+    finally:
+        if paused:
+            gc.enable()
+
+
 class ChildProcess:
     """The supervisor's record of one forked child serving one attempt."""
 
@@ -77,7 +133,7 @@ class ChildProcess:
         request_id: int,
         log_path: str,
         run_frame: bytes,
-        limits: Limits,
+        bounds: Bounds,
     ) -> None:
         self._sup = supervisor
         self.attempt = attempt
@@ -86,23 +142,30 @@ class ChildProcess:
         self.request_id = request_id
         self.log_path = log_path
         self._run_frame: bytes | None = run_frame
-        self._limits = limits
+        self._bounds = bounds
         self.status = ChildStatus.LAUNCHING
         self.pid: int | None = None
         self.fd: int | None = None
+        self.route: bytes | None = None
         self.exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._result: tuple[Any] | None = None
         self._error: FailureReason | None = None
         self._log_cap: int | None = None  # the log passed the cap and the child was stopped
         self._violation: FailureReason | None = None
-        self._violation_hard = False
         self._kill_requested = False
         self._stopping = False  # asked to stop: closing its connection early is expected
-        self._kill_timer: asyncio.TimerHandle | None = None
-        self._settle_timer: asyncio.TimerHandle | None = None
+        self._timers: list[asyncio.TimerHandle] = []
         self._exit_known = False
         self._exit_status: int | None = None
+        self._exit_cpu: float | None = None
+        self._exit_faults: int | None = None
         self._disconnected = False
+        self._pending_hellos: list[tuple[bytes, int, int]] = []
+        self._inbox: collections.deque[bytes | memoryview] = collections.deque()
+        self._decoding = False
+        self._finalize_wanted = False
+        self._bytes_in = 0
+        self._objects_in = 0
         self._human: set[asyncio.Task[None]] = set()
         self.checkpoint_keys: list[str] | None = None
         self.denied_calls: list[str] = []  # system calls its seccomp filter refused
@@ -113,6 +176,9 @@ class ChildProcess:
             raise IllegalTransitionError(f"child {self.pid}: {self.status.value} -> {new.value}")
         self.status = new
 
+    def _later(self, delay: float, callback: Any) -> None:
+        self._timers.append(asyncio.get_running_loop().call_later(delay, callback))
+
     # --- events from the supervisor --------------------------------------------------------
 
     def on_spawned(self, pid: int) -> None:
@@ -122,6 +188,14 @@ class ChildProcess:
             started(pid)  # e.g. the no-cgroup watchdog follows the pid
         if self._kill_requested:
             self._sup.kill_pid(pid)
+            return
+        pending, self._pending_hellos = self._pending_hellos, []
+        for route, fd, peer_pid in pending:
+            if peer_pid == pid and self.status is ChildStatus.LAUNCHING:
+                self._start(route, fd)
+            else:
+                self._sup.blame(fd, f"this state's process sent a hello with the identity of "
+                                    f"{self.describe()}", peer_pid)
 
     def on_denied(self, call: str) -> None:
         """The sandbox's seccomp filter refused ``call`` (reported by the zygote)."""
@@ -133,16 +207,41 @@ class ChildProcess:
         self._spawn_error = error
         self.on_exit(None)
 
-    def on_exit(self, status: int | None) -> None:
-        """The zygote reaped the child (``None``: the zygote is gone, or it never forked)."""
+    def on_hello(self, route: bytes, fd: int, peer_pid: int) -> None:
+        """A hello with this child's secret on a new connection opened by ``peer_pid``.
+
+        The supervisor has checked ``peer_pid`` against the forked pid when it knew it; else
+        the check waits for the zygote's report of the fork.
+        """
+        if self.pid is None:
+            self._pending_hellos.append((route, fd, peer_pid))
+            return
+        self._start(route, fd)
+
+    def describe(self) -> str:
+        a = self.attempt
+        return f"state {a.state_name!r} (run {a.run_id[:8]}, attempt {a.number})"
+
+    def _start(self, route: bytes, fd: int) -> None:
+        self._move(ChildStatus.RUNNING)
+        self.route, self.fd = route, fd
+        self._sup.bind(self, route, fd)
+        self._sup.launched(self)
+        frame, self._run_frame = self._run_frame, None
+        self._send(frame)  # type: ignore[arg-type]
+
+    def on_exit(self, status: int | None, cpu: float | None = None, faults: int | None = None) -> None:
+        """The zygote reaped the child (``None``: the zygote is gone, or it never forked), which
+        the kernel charged ``cpu`` seconds and ``faults`` page faults."""
         if self.status is ChildStatus.EXITED or self._exit_known:
             return
         self._exit_known = True
         self._exit_status = status
+        self._exit_cpu = cpu
+        self._exit_faults = faults
         if status is not None and self.status is ChildStatus.RUNNING and not self._disconnected:
             # Its last frames may still be on their way: they are read before the disconnect.
-            loop = asyncio.get_running_loop()
-            self._settle_timer = loop.call_later(self._sup.config.grace, self._finalize)
+            self._later(self._sup.config.grace, self._finalize)
         else:
             self._finalize()
 
@@ -151,15 +250,35 @@ class ChildProcess:
         if self._exit_known:
             self._finalize()
         elif self.status is ChildStatus.RUNNING and not self._stopping:
-            self.violate(_DROPPED.format(cap=self._limits.max_frame), hard=False)
+            # Its exit report normally follows at once; a process that stays alive without its
+            # connection is killed (libzmq drops a connection that sends a frame over the cap).
+            self._later(self._sup.config.grace, self._connection_lost)
+
+    def _connection_lost(self) -> None:
+        if not self._exit_known:
+            self.violate(
+                "the state's process lost its connection to the supervisor before it reported, and "
+                f"kept running (libzmq drops a connection that sends a frame over the "
+                f"{self._bounds.max_frame:,}-byte cap): it was killed"
+            )
 
     def _finalize(self) -> None:
         if self.status is ChildStatus.EXITED:
             return
+        if (self._decoding or self._inbox) and self._violation is None:
+            self._finalize_wanted = True  # frames it sent are still being decoded
+            return
+        if self._dropped_by_router():
+            self.violate(
+                "the state's connection broke before it reported, and its process exited (code "
+                f"{EXIT_SETUP_FAILED}): libzmq drops a connection that sends a frame over the "
+                f"{self._bounds.max_frame:,}-byte cap or breaks the wire protocol; see the log below",
+                traceback=self._log_tail(),
+            )
         self._move(ChildStatus.EXITED)
-        for timer in (self._kill_timer, self._settle_timer):
-            if timer is not None:
-                timer.cancel()
+        self._inbox.clear()
+        for timer in self._timers:
+            timer.cancel()
         for task in self._human:
             task.cancel()
         self._sup.forget(self)
@@ -174,33 +293,93 @@ class ChildProcess:
         self._log_cap = cap
         self.kill()
 
-    def violate(self, message: str, *, hard: bool = True) -> None:
-        """Record a protocol violation and kill the child."""
-        if self._violation is None or (hard and not self._violation_hard):
-            self._violation = FailureReason(kind="protocol", message=message)
-            self._violation_hard = hard
-        self._sup.count_violation(self, message)
+    def _dropped_by_router(self) -> bool:
+        """Connected, cut off before it reported, then exited as a child whose channel failed."""
+        status = self._exit_status
+        return (self._violation is None and self._disconnected and self.status is ChildStatus.RUNNING
+                and not self._stopping and status is not None and os.WIFEXITED(status)
+                and os.WEXITSTATUS(status) == EXIT_SETUP_FAILED)
+
+    def violate(self, message: str, *, kind: str = "protocol", traceback: str = "") -> None:
+        """Record a protocol violation (or a bound passed) and kill the child."""
+        if self._violation is None:
+            self._violation = FailureReason(kind=kind, message=message, traceback=traceback)
+            self._sup.count_violation(self, kind, message)
+        self._inbox.clear()
         self.kill()
 
-    def on_message(self, msg: Message, fd: int) -> None:
-        try:
-            self._dispatch(msg, fd)
-        except ProtocolError as exc:
-            self.violate(str(exc))
-        except Exception as exc:  # applying the message failed (e.g. a context hook raised)
-            self.violate(f"applying a {msg.TYPE} message failed: {exc!r}")
+    # --- frames ---------------------------------------------------------------------------
 
-    def _dispatch(self, msg: Message, fd: int) -> None:
-        if isinstance(msg, Hello):
-            if self.status is not ChildStatus.LAUNCHING:
-                raise ProtocolError("a second hello from the same child")
-            self._move(ChildStatus.RUNNING)
-            self.fd = fd
-            self._sup.bind_fd(self, fd)
-            self._sup.launched(self)
-            frame, self._run_frame = self._run_frame, None
-            self._send(frame)  # type: ignore[arg-type]
+    def receive(self, frame: bytes | memoryview) -> None:
+        """A frame from this child's connection; handled after the ones before it."""
+        if self._violation is not None or self.status is ChildStatus.EXITED:
             return
+        self._bytes_in += len(frame)
+        if self._bytes_in > self._bounds.attempt_bytes:
+            self.violate(f"the attempt sent more than {self._bounds.attempt_bytes:,} bytes in all "
+                         "(the per-attempt bytes bound)", kind="bound")
+            return
+        if self._decoding or self._inbox:
+            self._inbox.append(frame)
+        else:
+            self._handle(frame)
+
+    def _handle(self, frame: bytes | memoryview) -> None:
+        if len(frame) >= OFF_LOOP_BYTES:
+            self._decoding = True
+            future = self._sup.decoder.submit(decode_off_loop, frame, self._bounds)
+            asyncio.wrap_future(future).add_done_callback(self._decoded)
+            return
+        try:
+            decoded = decode_frame(frame, self._bounds)
+        except ProtocolError as exc:
+            self._refuse(exc)
+            return
+        self._apply(decoded)
+
+    def _decoded(self, future: asyncio.Future[_Decoded]) -> None:
+        self._decoding = False
+        if future.cancelled() or self.status is ChildStatus.EXITED or self._violation is not None:
+            self._resume()
+            return
+        exc = future.exception()
+        if isinstance(exc, ProtocolError):
+            self._refuse(exc)
+        elif exc is not None:
+            self.violate(f"decoding a frame failed: {exc!r}")
+        else:
+            self._apply(future.result())
+        while self._inbox and not self._decoding and self._violation is None:
+            self._handle(self._inbox.popleft())
+        self._resume()
+
+    def _resume(self) -> None:
+        if self._finalize_wanted and not self._decoding and (not self._inbox or self._violation is not None):
+            self._finalize_wanted = False
+            self._finalize()
+
+    def _refuse(self, exc: ProtocolError) -> None:
+        self.violate(str(exc), kind="bound" if isinstance(exc, BoundExceededError) else "protocol")
+
+    def _apply(self, decoded: _Decoded) -> None:
+        self._objects_in += decoded.objects
+        if self._objects_in > self._bounds.attempt_objects:
+            self.violate(f"the attempt sent more than {self._bounds.attempt_objects:,} objects in all "
+                         "(the per-attempt objects bound)", kind="bound")
+            return
+        try:
+            self._dispatch(decoded)
+        except ProtocolError as exc:
+            self._refuse(exc)
+        except ContextBudgetError as exc:
+            self.violate(f"{exc} (the context budget bound)", kind="bound")
+        except Exception as exc:  # applying the message failed (e.g. a context hook raised)
+            self.violate(f"applying a {decoded.msg.TYPE} message failed: {exc!r}")
+
+    def _dispatch(self, decoded: _Decoded) -> None:
+        msg = decoded.msg
+        if isinstance(msg, Hello):
+            raise ProtocolError("a second hello from the same child")
         if self.status is not ChildStatus.RUNNING:
             raise ProtocolError(f"{msg.TYPE} message while the child is {self.status.value}")
         if isinstance(msg, ContextWrite):
@@ -209,12 +388,11 @@ class ChildProcess:
                 raise ProtocolError(f"the state wrote context key {msg.key!r}, outside its context_keys")
             if msg.deleted:
                 self.attempt.context.remove_state(msg.key)
-            elif msg.value is None:
-                raise ProtocolError(f"context_write of {msg.key!r} without a value")
             else:
-                self.attempt.context.set_state(msg.key, decode_value(msg.value, self._limits))
+                size = values.entry_size(msg.key, decoded.size)
+                self.attempt.context._store(msg.key, decoded.value, size)
         elif isinstance(msg, Result):
-            self._result = (decode_value(msg.value, self._limits),)
+            self._result = (decoded.value,)
             self._reported()
         elif isinstance(msg, Error):
             self._error = FailureReason(
@@ -237,14 +415,13 @@ class ChildProcess:
     def _reported(self) -> None:
         self._move(ChildStatus.REPORTED)
         # The child exits right after reporting; one that lingers is killed.
-        loop = asyncio.get_running_loop()
-        self._kill_timer = loop.call_later(self._sup.config.grace, self.kill)
+        self._later(self._sup.config.grace, self.kill)
 
     def _send(self, frame: bytes) -> None:
         try:
-            self._sup.router.send(self.secret, frame)
-        except ConnectionError as exc:
-            self.violate(f"cannot reach the child: {exc}", hard=False)
+            self._sup.router.send(self.route, frame)  # type: ignore[arg-type]
+        except ConnectionError:
+            pass  # it is gone: its exit report says how
 
     async def _answer(self, req: HumanInputRequest) -> None:
         answer: str | None = None
@@ -263,6 +440,43 @@ class ChildProcess:
             self._send(encode_message(HumanInputResponse(
                 request_id=req.request_id, answer=answer, error_type=error_type, error=error
             )))
+
+    # --- the cgroup it was put in ---------------------------------------------------------
+
+    def _in_cgroup(self) -> bool:
+        return self.confinement.handle is not None and self.confinement.backend_name != "none"
+
+    def _escape(self, usage: dict[str, Any]) -> FailureReason | None:
+        """Whether the process left its cgroup: the kernel charged it more than the cgroup saw.
+
+        CPU time and page faults count in the cgroup a process is in when it spends or takes
+        them, so a process that moved out (to shed its memory or CPU limit) has figures of its
+        own, from ``wait4``, well above its cgroup's.
+        """
+        if not self._in_cgroup():
+            return None
+        cgroup_cpu, cgroup_faults = usage.get("cpu_seconds"), None
+        why = None
+        faults = self._exit_faults
+        # memory.stat is costly to read: only when the faults are more than its peak explains.
+        if faults is not None and faults * _PAGE > usage.get("peak_memory_bytes", 0) + _FAULT_BYTES:
+            cgroup_faults = self.confinement.page_faults()
+            if cgroup_faults is not None and faults > cgroup_faults * 1.05 + _FAULT_SLACK:
+                why = f"it took {faults:,} page faults, its cgroup saw {cgroup_faults:,}"
+        elif self._exit_cpu is not None and cgroup_cpu is not None and (
+            self._exit_cpu > cgroup_cpu * 1.05 + _CPU_SLACK
+        ):
+            why = f"the kernel charged it {self._exit_cpu:.3f} CPU-s, its cgroup only {cgroup_cpu:.3f}"
+        if why is None:
+            return None
+        return FailureReason(
+            kind="cgroup_escape",
+            message=(f"the state's process left the cgroup it was put in ({why}): its limits did not "
+                     "hold and its usage figures are unknown; isolation='process' running as root "
+                     "is not a security boundary: run untrusted code with isolation='sandbox'"),
+            details={"cgroup_cpu_seconds": cgroup_cpu, "process_cpu_seconds": self._exit_cpu,
+                     "cgroup_page_faults": cgroup_faults, "process_page_faults": self._exit_faults},
+        )
 
     # --- control ------------------------------------------------------------------------
 
@@ -300,7 +514,10 @@ class ChildProcess:
         except Exception as exc:  # usage is a report: never let it hide the outcome
             self._sup.log.warning("usage_unreadable", state=self.attempt.state_name, error=repr(exc))
             usage = {}
-        if self._result is not None and not self._violation_hard:  # a child killed for cheating has no result
+        escape = self._escape(usage)
+        if escape is not None:
+            raise AttemptFailed(escape, {})  # its cgroup's figures are not the process's
+        if self._result is not None and self._violation is None:  # killed for cheating: no result
             return AttemptOutcome(self._result[0], usage)
         raise AttemptFailed(self._failure(status), usage)
 
@@ -323,12 +540,12 @@ class ChildProcess:
                     "or its log, reached it; write less, or raise AGENT_SANDBOX_FILE_MB",
                     details={"limit": "file_size", "limit_bytes": cap},
                 )
-        if self.denied_calls and (self._error is not None or not self._violation_hard):
+        if self.denied_calls and (self._error is not None or self._violation is None):
             return self._seccomp_reason(exit_code, sig)
         if self._error is not None:
             return self._error
-        if self._violation is not None and self._violation_hard:
-            return self._violation
+        if self._violation is not None:
+            return self._violation  # the supervisor killed it for that
         if status is None and self._spawn_error is not None:
             return FailureReason(kind="exit_code", message=f"the state's process could not be started: "
                                  f"{self._spawn_error}")
@@ -337,27 +554,20 @@ class ChildProcess:
                 kind="lost_connection",
                 message="the zygote that forked this state's process died; the process was killed",
             )
-        if self._violation is not None and sig == signal.SIGKILL:
-            return self._violation
         tail = self._log_tail()
         if sig is not None:
             name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-            return FailureReason(kind="signal", message=f"the state's process was killed by {name}",
+            outside = " from outside the supervisor (no limit of its cgroup was hit)" if (
+                sig == signal.SIGKILL and not self._kill_requested) else ""
+            return FailureReason(kind="signal", message=f"the state's process was killed by {name}{outside}",
                                  traceback=tail, signal=sig)
-        if exit_code == EXIT_SETUP_FAILED and self.fd is not None and self._disconnected:
-            # Connected, then dropped before it reported (its next write failed): whether the
-            # exit or the disconnect was seen first, the channel is what broke.
-            return FailureReason(kind="protocol", traceback=tail,
-                                 message=_DROPPED.format(cap=self._limits.max_frame))
         if exit_code == EXIT_SETUP_FAILED:
             return FailureReason(kind="exit_code", exit_code=exit_code, traceback=tail,
-                                 message="the state's process could not start (confinement or "
-                                 "channel setup failed): see the traceback")
+                                 message="the state's process could not start, or lost its channel to "
+                                 "the supervisor (confinement or connection failed): see the traceback")
         if exit_code:
             return FailureReason(kind="exit_code", exit_code=exit_code, traceback=tail,
                                  message=f"the state's process exited with code {exit_code} before reporting")
-        if self._violation is not None:
-            return self._violation
         return FailureReason(kind="lost_connection", traceback=tail, exit_code=0,
                              message="the state's process exited without reporting a result")
 

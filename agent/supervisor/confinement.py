@@ -106,6 +106,12 @@ class Confinement:
         self._refresh()
         return self._events
 
+    def page_faults(self) -> int | None:
+        """Page faults the attempt's cgroup saw (None without a cgroup, or once closed)."""
+        if self.handle is None or self._closed:
+            return None
+        return self.handle.page_faults()
+
     def failure_reason(self, exit_code: int | None, signal: int | None) -> FailureReason | None:
         """A limit-hit reason read back from the kernel, or None when no limit was hit.
 

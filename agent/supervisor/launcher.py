@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..ipc.codec import pack
 from ..runtime.zygote import frame, read_frames, write_frame
+from ..values import pack_plain
 
 ReportHandler = Callable[[dict[str, Any]], None]
 
@@ -128,7 +128,7 @@ class ZygoteLauncher:
             raise ConnectionError("the zygote is gone")
         fd = os.memfd_create("agent-child-spec", os.MFD_CLOEXEC)
         try:
-            os.write(fd, pack(spec, strict=False))
+            os.write(fd, pack_plain(spec))
             socket.send_fds(self._sock, [frame({"op": "spawn", "id": request_id, "sandbox": sandbox})], [fd])
         except OSError as exc:
             self._lost()

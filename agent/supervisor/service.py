@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import itertools
 import os
 import re
@@ -25,11 +26,12 @@ from typing import Any
 import cloudpickle
 import psutil
 
+from .. import values
 from ..errors import IsolationError, ProtocolError, UnencodableValueError
 from ..executor import Attempt
-from ..ipc import FROM_CHILD, Limits, Run, decode_message, encode_message, encode_value
-from ..ipc.codec import DEFAULT_MAX_FRAME
-from ..ipc.router import RECEIVE_HWM, RouterChannel, peer_pid
+from ..ipc import Hello, Run, decode_message, encode_message
+from ..ipc.router import RECEIVE_HWM, RouterChannel, peer_credentials
+from ..values import Bounds
 from ..scope import ScopedContext, scope_for
 from .child import ChildProcess, ChildStatus
 from .confinement import Confinement, Confiner
@@ -52,7 +54,7 @@ def _env_modules(name: str) -> tuple[str, ...]:
 class SupervisorConfig:
     """Settings of the process's supervisor (defaults from the environment)."""
 
-    max_frame: int = field(default_factory=lambda: int(os.environ.get("AGENT_IPC_MAX_FRAME") or DEFAULT_MAX_FRAME))
+    max_frame: int = field(default_factory=values.max_frame_from_env)
     grace: float = field(default_factory=lambda: _env_float("AGENT_STOP_GRACE", 2.0))
     max_launching: int = field(default_factory=lambda: int(os.environ.get("AGENT_MAX_LAUNCHING") or 8 * (os.cpu_count() or 1)))
     log_dir: str | None = None
@@ -69,6 +71,7 @@ class SupervisorStatistics:
     children_running: int
     frames_dropped: int
     protocol_violations: int
+    bounds_exceeded: int
 
 
 class Supervisor:
@@ -77,7 +80,7 @@ class Supervisor:
     def __init__(self, config: SupervisorConfig | None = None, confiner: Confiner | None = None) -> None:
         self.config = config or SupervisorConfig()
         self.confiner = confiner or Confiner()
-        self.limits = Limits(max_frame=self.config.max_frame)
+        self.bounds = Bounds(max_frame=self.config.max_frame)
         self.log = get_logger("agent.supervisor")
         self.ipc_dir = tempfile.mkdtemp(prefix="agent-ipc-")
         os.chmod(self.ipc_dir, 0o700)
@@ -93,7 +96,9 @@ class Supervisor:
         )
         activate(self.logs)
         self._ids = itertools.count(1)
+        self._uid = os.getuid()
         self._by_secret: dict[bytes, ChildProcess] = {}
+        self._by_route: dict[bytes, ChildProcess] = {}
         self._by_request: dict[int, ChildProcess] = {}
         self._by_pid: dict[int, ChildProcess] = {}
         self._by_fd: dict[int, ChildProcess] = {}
@@ -104,6 +109,8 @@ class Supervisor:
         self._active = 0
         self._dropped = 0
         self._violations = 0
+        self._bounds_exceeded = 0
+        self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
         self.closed = False
         self.log.info("supervisor_started", zygote_pid=self.zygote.pid, ipc_dir=self.ipc_dir)
 
@@ -134,13 +141,13 @@ class Supervisor:
             scope = attempt.context.scope
         elif scope is not None:
             attempt.context = ScopedContext.over(attempt.context, scope)
-        secret = b"c" + secrets.token_bytes(16)  # a leading zero byte is reserved by ZeroMQ
+        secret = secrets.token_bytes(16)
         request_id = next(self._ids)
         run_frame = self._run_frame(attempt)
         log_path, log_fd = self.logs.open(attempt.run_id, attempt.state_name, attempt.number)
         child = ChildProcess(
             self, attempt, confinement, secret=secret, request_id=request_id,
-            log_path=log_path, run_frame=run_frame, limits=self.limits,
+            log_path=log_path, run_frame=run_frame, bounds=self.bounds,
         )
         # A sandbox's log is capped like its files (RLIMIT_FSIZE cannot see a pipe).
         cap = confinement.child_spec.get("sandbox", {}).get("rlimits", {}).get("fsize")
@@ -207,27 +214,37 @@ class Supervisor:
                 "at module level or use isolation='inline'"
             ) from exc
         context: dict[str, bytes] = {}
-        skipped = []
         classes: set[type] = set()
         for key, value in attempt.context.to_dict().items():
             try:
-                context[key] = encode_value(value, key=key, max_size=self.config.max_frame, classes=classes)
-            except UnencodableValueError:
-                skipped.append(key)
-        if skipped:
-            self.log.warning("context_keys_not_sent", state=attempt.state_name, keys=skipped,
-                             why="values the safe codec cannot encode stay in the supervisor")
+                # Checked when written; checked again here, as it may have changed in place.
+                values.check(value, bounds=self.bounds, key=key)
+                context[key] = values.encode(value, classes)
+            except UnencodableValueError as exc:
+                raise IsolationError(
+                    f"state {attempt.state_name!r} cannot start: {exc} (a stored value was changed in "
+                    "place after set_state: store the changed value again with set_state)"
+                ) from None
+        budget = attempt.context.budget
         frame = encode_message(Run(
             run_id=attempt.run_id, agent_name=attempt.agent_name, state_name=attempt.state_name,
             attempt=attempt.number, function=function, context=context,
             classes=cloudpickle.dumps(tuple(classes)) if classes else _NO_CLASSES,
-            max_frame=self.config.max_frame,
+            max_frame=self.config.max_frame, context_budget=budget.limit, context_bytes=budget.used,
+            failures=attempt.context.failed_states(),
         ))
         if len(frame) > self.config.max_frame:
+            held = sum(len(k) + len(v) for k, v in context.items())
+            why = (
+                f"the context takes {held:,} bytes, over its budget of {budget.limit:,} (stored values "
+                "were changed in place after set_state): store them again with set_state"
+                if held > budget.limit else
+                f"its function takes {len(function):,} bytes: keep large data out of the function "
+                "(in files or the context)"
+            )
             raise IsolationError(
-                f"state {attempt.state_name!r}: its function and context snapshot take "
-                f"{len(frame)} bytes, over the {self.config.max_frame}-byte frame cap: keep large "
-                "data in files, or raise AGENT_IPC_MAX_FRAME"
+                f"state {attempt.state_name!r}: its start message takes {len(frame):,} bytes, over the "
+                f"{self.config.max_frame:,}-byte frame cap: {why}"
             )
         return frame
 
@@ -248,14 +265,25 @@ class Supervisor:
             self.logs.finished(output.log_path, output.close())
         self.launched(child)
         self._by_secret.pop(child.secret, None)
+        if child.route is not None and self._by_route.get(child.route) is child:
+            del self._by_route[child.route]
         self._by_request.pop(child.request_id, None)
         if child.pid is not None and self._by_pid.get(child.pid) is child:
             del self._by_pid[child.pid]
         if child.fd is not None and self._by_fd.get(child.fd) is child:
             del self._by_fd[child.fd]
 
-    def bind_fd(self, child: ChildProcess, fd: int) -> None:
+    def bind(self, child: ChildProcess, route: bytes, fd: int) -> None:
+        """From now on, frames from ``child`` come under ``route`` on ``fd``, and only there."""
+        self._by_route[route] = child
         self._by_fd[fd] = child
+
+    @property
+    def decoder(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The thread that decodes big frames, so the loop keeps serving the other children."""
+        if self._decoder is None:
+            self._decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-decode")
+        return self._decoder
 
     def kill_pid(self, pid: int) -> None:
         try:
@@ -263,10 +291,13 @@ class Supervisor:
         except ConnectionError:
             pass  # the zygote is gone and its children with it
 
-    def count_violation(self, child: ChildProcess, message: str) -> None:
-        self._violations += 1
-        self.log.warning("protocol_violation", pid=child.pid, state=child.attempt.state_name,
-                         run_id=child.attempt.run_id, message=message)
+    def count_violation(self, child: ChildProcess, kind: str, message: str) -> None:
+        if kind == "bound":
+            self._bounds_exceeded += 1
+        else:
+            self._violations += 1
+        self.log.warning("bound_exceeded" if kind == "bound" else "protocol_violation", pid=child.pid,
+                         state=child.attempt.state_name, run_id=child.attempt.run_id, message=message)
 
     def statistics(self) -> SupervisorStatistics:
         return SupervisorStatistics(
@@ -275,33 +306,64 @@ class Supervisor:
             children_running=len(self._by_secret),
             frames_dropped=self._dropped,
             protocol_violations=self._violations,
+            bounds_exceeded=self._bounds_exceeded,
         )
 
     # --- events ---------------------------------------------------------------------------
 
-    def _on_frame(self, routing_id: bytes, frames: list[bytes], fd: int) -> None:
-        child = self._by_secret.get(routing_id)
+    def _on_frame(self, routing_id: bytes, frames: list[bytes | memoryview], fd: int) -> None:
+        child = self._by_route.get(routing_id)
         if child is None:
+            self._on_stranger(routing_id, frames, fd)
+            return
+        if fd != child.fd:  # cannot happen with routing ids libzmq gives: never trust it anyway
             self._dropped += 1
-            owner = self._owner_of(peer_pid(fd))
-            self.log.warning("frame_dropped", why="unknown routing id", fd=fd,
-                             owner_pid=owner.pid if owner else None)
-            if owner is not None:
-                owner.violate("a frame came from this state's process under an unknown routing id")
+            self.blame(fd, f"a frame for {child.describe()} arrived on another connection")
             return
         if len(frames) != 1:
             self._dropped += 1
             child.violate(f"a message of {len(frames)} frames (one expected)")
             return
-        try:
-            msg = decode_message(frames[0], self.limits, FROM_CHILD)
-        except ProtocolError as exc:
+        child.receive(frames[0])
+
+    def _on_stranger(self, routing_id: bytes, frames: list[bytes | memoryview], fd: int) -> None:
+        """A frame on a connection bound to no attempt: it must be a true hello."""
+        creds = peer_credentials(fd)
+        hello = None
+        if len(frames) == 1 and len(frames[0]) <= _HELLO_BYTES:
+            try:
+                hello = decode_message(frames[0], self.bounds, _HELLO)
+            except ProtocolError:
+                pass
+        child = self._by_secret.get(hello.secret) if isinstance(hello, Hello) else None
+        pid = creds[0] if creds is not None else None
+        if child is None:
             self._dropped += 1
-            child.violate(str(exc))
+            self.blame(fd, "a frame came from this state's process on a connection that never said a "
+                           "valid hello", pid)
             return
-        child.on_message(msg, fd)
+        if child.status is not ChildStatus.LAUNCHING or creds is None or creds[1] != self._uid or (
+            child.pid is not None and pid != child.pid
+        ):
+            # Another process presents this child's secret: the sender is killed, the child untouched.
+            self._dropped += 1
+            self.blame(fd, f"this state's process sent a hello with the identity of {child.describe()}", pid)
+            return
+        child.on_hello(routing_id, fd, pid)  # type: ignore[arg-type]
+
+    def blame(self, fd: int, message: str, peer_pid: int | None = None) -> None:
+        """Kill the attempt whose process (or a process it started) opened connection ``fd``."""
+        if peer_pid is None:
+            creds = peer_credentials(fd)
+            peer_pid = creds[0] if creds is not None else None
+        owner = self._owner_of(peer_pid)
+        self.log.warning("frame_dropped", why=message, fd=fd, peer_pid=peer_pid,
+                         owner_pid=owner.pid if owner else None)
+        if owner is not None:
+            owner.violate(message)
 
     def _owner_of(self, pid: int | None) -> ChildProcess | None:
+        """The child whose process is ``pid`` or one of its ancestors."""
         if pid is None:
             return None
         if pid in self._by_pid:
@@ -333,7 +395,7 @@ class Supervisor:
         elif op == "exited":
             child = self._by_pid.pop(report["pid"], None)
             if child is not None:
-                child.on_exit(report["status"])
+                child.on_exit(report["status"], report.get("cpu"), report.get("faults"))
         elif op == "denied":
             child = self._by_pid.get(report["pid"])
             if child is not None:
@@ -367,6 +429,8 @@ class Supervisor:
             if child.status is not ChildStatus.EXITED:
                 child.confinement.kill()
         self.router.close()
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
         if not self._active:  # else the last attempt to finish closes it (its cgroups are in use)
             self.confiner.close()
         activate(None)
@@ -376,6 +440,10 @@ class Supervisor:
 
 
 _NO_CLASSES = cloudpickle.dumps(())
+_HELLO = frozenset({Hello})
+_HELLO_BYTES = 256
+
+
 _lock = threading.Lock()
 _current: Supervisor | None = None
 

@@ -1,4 +1,4 @@
-"""The tagged JSON codec: every supported value comes back equal and of the same type."""
+"""The checkpoint (JSON) form of the value model: every value comes back equal and of the same type."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from agent.context import TypedContextData
 from agent.errors import CheckpointError, UnencodableValueError
-from agent.jsoncodec import dumps, from_json_value, loads, to_json_value
+from agent.values import dumps, from_json, loads, to_json
 
 
 @dataclasses.dataclass
@@ -64,7 +64,7 @@ scalars = st.one_of(
     st.binary(),
     st.datetimes(timezones=st.none() | st.timezones()),
     st.dates(),
-    st.times(),
+    st.times(timezones=st.none() | st.builds(dt.timezone, st.timedeltas(min_value=dt.timedelta(hours=-23), max_value=dt.timedelta(hours=23)))),
     st.timedeltas(),
     st.decimals(allow_nan=False, allow_infinity=False),
     st.uuids(),
@@ -82,10 +82,8 @@ def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
         st.lists(inner, max_size=4).map(tuple),
         st.dictionaries(st.text(), inner, max_size=4),
         st.dictionaries(st.sampled_from(["$type", "value", "class"]), inner, max_size=3),
-        st.dictionaries(hashables, inner, max_size=3),
         st.sets(hashables, max_size=4),
         st.frozensets(hashables, max_size=4),
-        st.binary(max_size=8).map(bytearray),
         st.builds(Point, st.integers(), st.floats(allow_nan=False), st.sets(st.text(), max_size=3)),
         st.builds(Labelled, st.text(), inner),
     )
@@ -100,9 +98,9 @@ class TestRoundTrip:
     @settings(max_examples=300, deadline=None)
     @given(values)
     def test_every_supported_value_round_trips(self, value):
-        data = to_json_value(value)
+        data = to_json(value)
         text = json.dumps(data, allow_nan=False)  # plain JSON: no NaN, no custom types
-        assert same(from_json_value(json.loads(text)), value)
+        assert same(from_json(json.loads(text)), value)
         assert same(loads(dumps(value)), value)
 
     @given(st.sets(hashables, max_size=6))
@@ -122,16 +120,17 @@ class TestRoundTrip:
         back = loads(dumps(value))
         assert back == value and back.derived == 9
 
-    def test_enum_is_stored_as_its_value(self):
-        assert loads(dumps({"c": Color.RED})) == {"c": "red"}
+    def test_enum_is_refused_with_the_fix(self):
+        with pytest.raises(UnencodableValueError, match=r"Color cannot be stored \(types are exact\); store its .value"):
+            dumps({"c": Color.RED})
 
 
 class TestRejects:
     """What cannot be encoded, or decoded, raises a typed error saying what to do."""
 
     def test_unencodable_value_names_its_path(self):
-        with pytest.raises(UnencodableValueError, match=r"value\['job'\]\[1\]: a object cannot"):
-            to_json_value({"job": [1, object()]})
+        with pytest.raises(UnencodableValueError, match=r"value\['job'\]\[1\]: a builtins.object cannot"):
+            to_json({"job": [1, object()]})
 
     def test_local_typed_class_is_refused_when_encoding(self):
         @dataclasses.dataclass
@@ -162,7 +161,7 @@ class TestRejects:
     )
     def test_malformed_data(self, data, message):
         with pytest.raises(CheckpointError, match=message):
-            from_json_value(data)
+            from_json(data)
 
     @pytest.mark.parametrize("text", ['{"a": [1, 2', "", "\x00\x01", '{"a": NaN'])
     def test_corrupt_or_truncated_text(self, text):

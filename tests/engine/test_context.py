@@ -125,3 +125,32 @@ class TestTypedValues:
     def test_bool_is_not_an_int(self):
         with pytest.raises(ContextTypeError):
             Context().set_typed("o", Other(value=True))
+
+
+class TestValueModel:
+    """Every write is checked against the one value model and counted against the budget."""
+
+    def test_a_value_outside_the_model_is_refused_and_not_stored(self):
+        from agent.errors import UnencodableValueError
+
+        ctx = Context()
+        with pytest.raises(UnencodableValueError, match="context key 'when'.*cannot be stored"):
+            ctx.set_state("when", object())
+        assert "when" not in ctx and ctx.budget.used == 0
+
+    def test_the_budget_counts_replacements_and_removals(self):
+        from agent.errors import ContextBudgetError
+
+        ctx = Context(budget=1000)
+        ctx.set_state("a", b"x" * 600)
+        ctx.set_state("a", b"x" * 900)  # replaces: still within
+        with pytest.raises(ContextBudgetError, match="context key 'b'.*over its budget of 1,000 bytes"):
+            ctx.set_state("b", b"x" * 200)
+        ctx.remove_state("a")
+        ctx.set_state("b", b"x" * 200)
+        assert ctx.budget.used == ctx.budget.sizes["b"] < 1000
+
+    def test_views_share_the_budget(self):
+        ctx = Context(budget=10_000)
+        ctx.view(state_name="s").set_state("k", "v" * 100)
+        assert ctx.budget.used > 100

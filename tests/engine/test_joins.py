@@ -383,6 +383,32 @@ class TestPartialFailure:
         assert set(raised.value.failures) == {"x", "y"}  # type: ignore[attr-defined]
         assert "also failed for good" in str(raised.value)
 
+    @pytest.mark.parametrize("isolation", ["process", "sandbox"])
+    async def test_an_isolated_join_sees_the_failure(self, isolation: str) -> None:
+        """The failures reach the join's own process (sent in its start message)."""
+        agent = Agent("isolated-batch", isolation=isolation, on_failure="continue")
+
+        async def start(context):
+            return ["good", "bad"]
+
+        async def good(context):
+            return "join"
+
+        async def bad(context):
+            raise RuntimeError("bad shard")
+
+        async def join(context):
+            context.set_state("failed_seen", context.failed_states())
+
+        agent.add_state("start", start)
+        agent.add_state("good", good)
+        agent.add_state("bad", bad, next_states=["join"])
+        agent.add_state("join", join, context_keys=["failed_seen"])
+        with pytest.raises(StateFailedError, match="'bad'"):
+            await agent.run()
+        seen = agent.context.get_state("failed_seen")
+        assert list(seen) == ["bad"] and "bad shard" in seen["bad"]
+
     async def test_per_state_setting_overrides_the_agent(self) -> None:
         agent = Agent("strict", isolation="inline")  # default: fail the run
         log: list[str] = []

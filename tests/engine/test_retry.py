@@ -15,6 +15,7 @@ from agent import (
     StateStatus,
     StateTimeoutError,
 )
+from agent.errors import FAILURE_KINDS, FailureReason, InvalidConfigurationError
 
 
 class TestRetryPolicy:
@@ -181,3 +182,57 @@ class TestTimeouts:
         agent.add_state("notification_state", notification_state)
         await agent.run()
         assert log == ["handled", "notified"]
+
+
+class TestPermanentFailures:
+    """A failure that cannot succeed on retry is not retried, unless the policy asks."""
+
+    @staticmethod
+    def _unencodable(calls: list):
+        async def state(context):
+            calls.append(context.attempt)
+            context.set_state("handle", object())
+
+        return state
+
+    async def test_not_retried_by_default(self):
+        calls: list = []
+        agent = Agent("permanent", isolation="inline",
+                      retry_policy=RetryPolicy(max_retries=3, initial_delay=0.0))
+        agent.add_state("write", self._unencodable(calls))
+        with pytest.raises(StateFailedError) as info:
+            await agent.run()
+        assert calls == [1] and info.value.attempts == 1
+        assert info.value.reason.permanent
+        assert "retry_permanent=True" in str(info.value)
+
+    async def test_retried_when_the_policy_asks(self):
+        calls: list = []
+        agent = Agent("permanent", isolation="inline")
+        agent.add_state("write", self._unencodable(calls),
+                        retry_policy=RetryPolicy(max_retries=2, initial_delay=0.0, retry_permanent=True))
+        with pytest.raises(StateFailedError):
+            await agent.run()
+        assert calls == [1, 2, 3]
+
+    def test_the_option_is_validated(self):
+        with pytest.raises(InvalidConfigurationError, match="retry_permanent must be True or False"):
+            RetryPolicy(retry_permanent="yes")  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize(
+        "reason, permanent",
+        [
+            (FailureReason("limit", "killed: memory limit"), True),
+            (FailureReason("bound", "objects"), True),
+            (FailureReason("protocol", "forged hello"), True),
+            (FailureReason("cgroup_escape", "left"), True),
+            (FailureReason("exception", "x", exception_type="agent.errors.ContextBudgetError"), True),
+            (FailureReason("exception", "x", exception_type="ValueError"), False),
+            (FailureReason("signal", "SIGKILL", signal=9), False),
+            (FailureReason("timeout", "late"), False),
+            (FailureReason("exit_code", "3", exit_code=3), False),
+        ],
+    )
+    def test_which_kinds_are_permanent(self, reason, permanent):
+        assert reason.kind in FAILURE_KINDS
+        assert reason.permanent is permanent

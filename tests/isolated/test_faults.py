@@ -154,8 +154,9 @@ class TestValuesOverTheBoundary:
         exc = await failed(unencodable_state)
         assert exc.reason.kind == "exception"
         assert exc.reason.exception_type == "agent.errors.UnencodableValueError"
-        for part in ("'handle'", "builtins.object", "TypedContextData", "inline"):
+        for part in ("'handle'", "builtins.object", "TypedContextData"):
             assert part in exc.reason.message
+        assert exc.reason.permanent
 
     async def test_unencodable_value_raises_in_set_state(self):
         attempt = make_attempt(unencodable_caught_state)
@@ -163,12 +164,12 @@ class TestValuesOverTheBoundary:
         assert outcome.result.startswith("caught: context key 'lock'")
         assert "lock" not in attempt.context
 
-    async def test_value_over_the_frame_cap_fails_in_the_child(self):
+    async def test_value_over_the_budget_fails_in_the_child(self):
         attempt = make_attempt(huge_state)
         with pytest.raises(AttemptFailed) as info:
             await run(attempt)
-        assert info.value.reason.exception_type == "agent.errors.ValueTooLargeError"
-        assert "200.0 MiB" in info.value.reason.message
+        assert info.value.reason.exception_type == "agent.errors.ContextBudgetError"
+        assert "storing 200.0 MiB" in info.value.reason.message
         assert "blob" not in attempt.context
         await still_serving()
 
@@ -182,7 +183,7 @@ class TestProtocolViolations:
             (garbage_state, "malformed"),
             (oversized_state, "cap"),
             (wrong_version_state, "protocol version 99"),
-            (wrong_routing_id_state, "unknown routing id"),
+            (wrong_routing_id_state, "never said a valid hello"),
         ],
         ids=["garbage", "oversized", "wrong-version", "wrong-routing-id"],
     )

@@ -15,19 +15,20 @@ from agent.ipc import (
     Hello,
     HumanInputRequest,
     HumanInputResponse,
-    Limits,
     MemoryTransport,
     Preempt,
     Result,
     Run,
     decode_message,
-    decode_value,
     encode_message,
-    encode_value,
 )
+from agent.errors import ContextBudgetError
 from agent.runtime.session import ChildSession
+from agent.values import Bounds, encode
 
-LIMITS = Limits()
+BOUNDS = Bounds()
+
+
 
 
 class Peer:
@@ -35,21 +36,22 @@ class Peer:
 
     def __init__(self) -> None:
         self.end, child_end = MemoryTransport.pair()
-        self.session = ChildSession(child_end, pid=1234)
+        self.session = ChildSession(child_end, pid=1234, secret=b"s" * 16)
 
-    async def start(self, func, context=None) -> asyncio.Task[str]:
+    async def start(self, func, context=None, budget=1 << 20) -> asyncio.Task[str]:
         task = asyncio.ensure_future(self.session.run())
-        assert await self.recv() == Hello(pid=1234)
-        snapshot = {k: encode_value(v) for k, v in (context or {}).items()}
+        assert await self.recv() == Hello(pid=1234, secret=b"s" * 16)
+        snapshot = {k: encode(v) for k, v in (context or {}).items()}
         self.send(Run("run", "agent", "state", 1, cloudpickle.dumps(func), cloudpickle.dumps(()),
-                      snapshot, LIMITS.max_frame))
+                      snapshot, BOUNDS.max_frame, budget,
+                      sum(len(k) + len(v) + 3 for k, v in snapshot.items()), {}))
         return task
 
     def send(self, msg) -> None:
         self.end.send(encode_message(msg))
 
     async def recv(self):
-        return decode_message(await self.end.recv(), LIMITS, FROM_CHILD)
+        return decode_message(await self.end.recv(), BOUNDS, FROM_CHILD)
 
 
 class TestSession:
@@ -63,10 +65,10 @@ class TestSession:
 
         peer = Peer()
         task = await peer.start(state, {"start": 41})
-        assert await peer.recv() == ContextWrite("n", encode_value(42), False)
-        assert await peer.recv() == ContextWrite("start", None, True)
+        assert await peer.recv() == ContextWrite("n", False, 42)
+        assert await peer.recv() == ContextWrite("start", True, None)
         result = await peer.recv()
-        assert isinstance(result, Result) and decode_value(result.value, LIMITS) == "next"
+        assert isinstance(result, Result) and result.value == "next"
         assert await task == "result"
 
     async def test_exception_is_reported_with_traceback(self):
@@ -92,7 +94,7 @@ class TestSession:
         task = await peer.start(state)
         await peer.recv()  # the write: the state is running
         peer.send(Cancel(reason="timeout"))
-        assert await peer.recv() == ContextWrite("cleaned_up", encode_value(True), False)
+        assert await peer.recv() == ContextWrite("cleaned_up", False, True)
         assert await task == "stopped"
 
     async def test_preempt_sends_the_written_keys(self):
@@ -125,7 +127,7 @@ class TestHumanInput:
             assert 0 < request.timeout <= 60
             peer.send(HumanInputResponse(request.request_id, answer, None, None))
         result = await peer.recv()
-        assert decode_value(result.value, LIMITS) == "10"
+        assert result.value == "10"
         await task
 
     async def test_default_answer_is_accepted(self):
@@ -137,7 +139,7 @@ class TestHumanInput:
         request = await peer.recv()
         assert request.default == "n/a"
         peer.send(HumanInputResponse(request.request_id, "n/a", None, None))
-        assert decode_value((await peer.recv()).value, LIMITS) == "n/a"
+        assert (await peer.recv()).value == "n/a"
         await task
 
     async def test_error_from_the_provider(self):
@@ -153,5 +155,43 @@ class TestHumanInput:
         task = await peer.start(state)
         request = await peer.recv()
         peer.send(HumanInputResponse(request.request_id, None, "HumanInputTimeoutError", "nobody"))
-        assert decode_value((await peer.recv()).value, LIMITS) == "raised nobody"
+        assert (await peer.recv()).value == "raised nobody"
         await task
+
+
+class TestBoundsInTheChild:
+    """The child holds the supervisor to the same bounds, and keeps the run's budget itself."""
+
+    async def test_a_deep_snapshot_value_is_refused_not_crashed_on(self):
+        async def state(ctx):
+            return "ran"
+
+        peer = Peer()
+        task = asyncio.ensure_future(peer.session.run())
+        await peer.recv()
+        deep = b"\x92\xc7\x00\x01" * 300 + b"\x91\xc7\x00\x01"
+        peer.send(Run("run", "agent", "state", 1, cloudpickle.dumps(state), cloudpickle.dumps(()),
+                      {"deep": deep}, BOUNDS.max_frame, 1 << 20, 0, {}))
+        error = await peer.recv()
+        assert isinstance(error, Error) and error.exception_type == "agent.errors.BoundExceededError"
+        assert "nested deeper than 64 levels" in error.message
+        assert await task == "error"
+
+    async def test_the_budget_counts_the_whole_run(self):
+        async def state(ctx):
+            ctx.set_state("fits", b"x" * 100)
+            try:
+                ctx.set_state("too_much", b"x" * 1000)
+            except ContextBudgetError as exc:
+                return str(exc)
+
+        peer = Peer()
+        # 1,000 bytes of budget, 800 taken by keys this child does not see.
+        task = asyncio.ensure_future(peer.session.run())
+        await peer.recv()
+        peer.send(Run("run", "agent", "state", 1, cloudpickle.dumps(state), cloudpickle.dumps(()),
+                      {}, BOUNDS.max_frame, 1000, 800, {}))
+        assert (await peer.recv()).key == "fits"
+        result = await peer.recv()
+        assert "context key 'too_much'" in result.value
+        assert await task == "result"

@@ -98,6 +98,11 @@ async def typed_step(context: Context) -> None:
     context.set_typed("progress", Progress(step=progress.step + 1, note=f"{progress.note}, ray"))
 
 
+async def spoil_in_place(context: Context) -> str:
+    context.get_state("items").append(object())  # not a write: the stored value is now outside the model
+    return "shout"
+
+
 async def return_object(context: Context) -> object:
     return object()
 

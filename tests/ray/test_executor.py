@@ -151,13 +151,22 @@ class TestContext:
         with pytest.raises(StateFailedError, match="the state's return value"):
             await agent.run()
 
-    async def test_keys_the_codec_cannot_carry_stay_with_the_driver(self):
-        agent = Agent("skips", isolation="ray")
+    async def test_a_value_outside_the_model_is_refused_before_any_task(self):
+        agent = Agent("refused", isolation="ray")
         agent.add_state("shout", states.shout)
-        marker = object()
-        ctx = await agent.run(initial_context={"greeting": "hi", "tuple": 1, "local_only": marker})
-        assert ctx.get_state("shouted") == "HI"
-        assert ctx.get_state("local_only") is marker
+        with pytest.raises(UnencodableValueError, match="local_only"):
+            await agent.run(initial_context={"greeting": "hi", "tuple": 1, "local_only": object()})
+        assert agent.state_metadata["shout"].attempts == 0
+
+    async def test_a_value_spoiled_in_place_fails_the_next_task_naming_the_key(self):
+        agent = Agent("spoiled")
+        agent.add_state("spoil_in_place", states.spoil_in_place, isolation="inline")
+        agent.add_state("shout", states.shout, isolation="ray")
+        with pytest.raises(StateFailedError) as failed:
+            await agent.run(initial_context={"greeting": "hi", "tuple": 1, "items": [1]})
+        assert failed.value.state == "shout"
+        assert "context key 'items'" in str(failed.value)
+        assert "store the changed value again with set_state" in str(failed.value)
 
 
 class TestHumanInput:

@@ -63,6 +63,11 @@ class CgroupHandle(Protocol):
         """cpu_seconds, peak_memory_bytes, io_read_bytes, io_write_bytes, nr_throttled, ..."""
         ...
 
+    def page_faults(self) -> int | None:
+        """Page faults taken by processes while they were in the cgroup (``memory.stat``);
+        a process that left the cgroup took its later ones elsewhere."""
+        ...
+
     def limit_events(self) -> LimitEvents: ...
 
     def kill(self) -> None:

@@ -127,6 +127,9 @@ class WatchedTree:
                 "pids_peak": self._peak_pids,
             }
 
+    def page_faults(self) -> int | None:
+        return None  # no cgroup counts them
+
     def limit_events(self) -> LimitEvents:
         with self._lock:
             return LimitEvents(

@@ -146,6 +146,9 @@ class V1Cgroup:
         cpu = self.dirs.get("cpu")
         return read_keyed(f"{cpu}/cpu.stat") if cpu else {}
 
+    def page_faults(self) -> int:
+        return read_keyed(f"{self.dirs['memory']}/memory.stat").get("total_pgfault", 0)
+
     def limit_events(self) -> LimitEvents:
         oom = _memory(self.dirs["memory"]).oom_control or {}
         cpu_stat = self._cpu_stat()

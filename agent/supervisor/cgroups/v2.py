@@ -125,6 +125,9 @@ class V2Cgroup:
             out["io_write_bytes"] = writes
         return out
 
+    def page_faults(self) -> int:
+        return read_keyed(f"{self.path}/memory.stat").get("pgfault", 0)
+
     def limit_events(self) -> LimitEvents:
         memory = read_keyed(f"{self.path}/memory.events")
         cpu = read_keyed(f"{self.path}/cpu.stat")

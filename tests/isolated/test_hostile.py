@@ -1,0 +1,485 @@
+"""Hostile states through the public API: each is stopped with a reason that names what it
+did, nothing it sent reaches the run, and a normal workflow runs next in the same supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import decimal
+import gc
+import os
+import secrets
+import signal
+import threading
+import uuid
+import zoneinfo
+from dataclasses import dataclass
+
+import msgpack
+import pytest
+
+from agent import Agent, Context, ResourceRequirements, RetryPolicy
+from agent.checkpoint_store import SQLiteCheckpointStore
+from agent.errors import AgentError, StateFailedError, UnencodableValueError
+from agent.executor import AttemptFailed
+from agent.ipc import PROTOCOL_VERSION, ContextWrite, Hello, Result, encode_message
+from agent.ipc.zmtp import DealerTransport
+from agent.supervisor import current_supervisor
+from agent.values import TypedContextData, encode
+
+from .helpers import make_attempt, run
+
+MiB = 1024 * 1024
+ISOLATED = ["process", "sandbox"]
+EVERY_LEVEL = ["inline", *ISOLATED]
+ALL_KEYS = ["*"]  # a sandboxed state sees only the keys it is given
+
+
+@dataclass
+class Order(TypedContextData):
+    id: uuid.UUID
+    price: decimal.Decimal
+    placed: dt.datetime
+    lines: tuple[str, ...]
+
+
+def sample() -> dict:
+    """One of each type the model carries."""
+    return {
+        "id": uuid.UUID(int=42), "price": decimal.Decimal("19.990"), "n": 2**80, "pair": (1, "a"),
+        "tags": {"x", "y"}, "frozen": frozenset({1}), "blob": b"\x00\xff", "nan": float("nan"),
+        "when": dt.datetime(2026, 3, 29, 2, 30, tzinfo=zoneinfo.ZoneInfo("Europe/Berlin")),
+        "day": dt.date(2026, 1, 2), "at": dt.time(8, 15), "took": dt.timedelta(seconds=90),
+        "order": Order(uuid.UUID(int=1), decimal.Decimal("1.5"), dt.datetime(2026, 1, 1), ("a", "b")),
+    }
+
+
+# --- state functions (module level: children import this module to load them) ---------------
+
+
+def _own_transport() -> DealerTransport:
+    (transport,) = [o for o in gc.get_objects() if isinstance(o, DealerTransport)]
+    return transport
+
+
+async def _send_raw_write(key: str, raw_value: bytes) -> None:
+    """Send a write whose value is ``raw_value`` as is: what a child that skips the checks can do."""
+    head = msgpack.packb({"v": PROTOCOL_VERSION, "t": "context_write", "key": key, "deleted": False})
+    _own_transport().send(bytes([head[0] + 1]) + head[1:] + msgpack.packb("value") + raw_value)
+    await asyncio.get_running_loop().create_future()  # wait to be killed
+
+
+async def deep_write(context):
+    t = ()
+    [t := (t,) for _ in range(300)]
+    context.set_state("deep", t)
+
+
+async def deep_return(context):
+    t = ()
+    [t := (t,) for _ in range(300)]
+    return t
+
+
+async def deep_raw(context):
+    await _send_raw_write("deep", b"\x92\xc7\x00\x01" * 300 + b"\x91\xc7\x00\x01")
+
+
+async def inflating_raw(context):
+    # 12 MB of empty arrays: more than a million objects, ~70x its size if decoded.
+    chunk = b"\xdd" + (600_000).to_bytes(4, "big") + b"\x90" * 600_000
+    await _send_raw_write("bomb", b"\xdc" + (20).to_bytes(2, "big") + chunk * 20)
+
+
+async def over_budget_raw(context):
+    await _send_raw_write("blob", encode(b"x" * (2 * MiB)))
+
+
+async def first_40mb(context):
+    context.set_state("blob_first", b"x" * (40 * MiB))
+    return "second_40mb"
+
+
+async def second_40mb(context):
+    context.set_state("blob_second", b"x" * (40 * MiB))
+    return "normal"
+
+
+async def fan_out(context):
+    return ["w1", "w2"]
+
+
+async def write_600kb(context):
+    context.set_state(f"part_{context.state_name}", b"x" * (600 * 1024))
+
+
+async def unencodable_write(context):
+    context.set_state("lock", asyncio.Lock())
+
+
+async def echo_sample(context):
+    seen = {key: context.get_state(key) for key in sample()}
+    context.set_state("seen", seen)
+    context.set_state("written", sample())
+    return None
+
+
+async def big_then_small(context):
+    for i in range(3):
+        context.set_state("blob", os.urandom(2 * MiB))
+        context.set_state("blob", f"small {i}")
+        context.set_state(f"after_{i}", i)
+    return "done"
+
+
+async def normal(context):
+    context.set_state("normal", "ok")
+
+
+async def wait_for_release(context):
+    context.set_state("pid", os.getpid())
+    path = context.get_state("release")
+    while not os.path.exists(path):
+        await asyncio.sleep(0.01)
+    context.set_state("victim", "done")
+    return "victim done"
+
+
+async def forge_hello(context):
+    """Read a sibling's secret from a file, then say hello and report as that sibling."""
+    path = context.get_state("secret_file")
+    while not os.path.exists(path):
+        await asyncio.sleep(0.01)
+    pid, secret = open(path).read().split()
+    forged = DealerTransport(_own_transport().endpoint, b"")
+    forged.send(encode_message(Hello(pid=int(pid), secret=bytes.fromhex(secret))))
+    forged.send(encode_message(ContextWrite("forged", False, True)))
+    forged.send(encode_message(Result(None)))
+    await asyncio.get_running_loop().create_future()
+
+
+async def hog_memory(context):
+    block = b"\x01" * (200 * MiB)
+    return len(block)
+
+
+async def crash(context):
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+async def exit_3(context):
+    os._exit(3)
+
+
+async def escape_cgroups(context):
+    """Move into cgroups the test made, use 400 MB there, and report success."""
+    for procs in context.get_state("elsewhere"):
+        with open(procs, "w") as fh:
+            fh.write(str(os.getpid()))
+    block = bytearray(400 * MiB)
+    return len(block)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+class Recorder:
+    """Stands in for the supervisor's logger: keeps the warnings it is given."""
+
+    def __init__(self, real):
+        self.real, self.warnings = real, []
+
+    def warning(self, event, **fields):
+        self.warnings.append(event)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.fixture
+async def warnings(monkeypatch):
+    """What the supervisor warns about during the test."""
+    await run(make_attempt(_noop))  # the supervisor exists
+    sup = current_supervisor()
+    recorder = Recorder(sup.log)
+    monkeypatch.setattr(sup, "log", recorder)
+    return recorder.warnings
+
+
+async def _noop(context):
+    return None
+
+
+async def failed(isolation: str, func, *, retries: int = 3, **agent_kwargs) -> StateFailedError:
+    agent = Agent(f"hostile-{func.__name__}", isolation=isolation,
+                  retry_policy=RetryPolicy(max_retries=retries, initial_delay=0, jitter=False), **agent_kwargs)
+    agent.add_state(func.__name__, func, context_keys=ALL_KEYS)
+    with pytest.raises(StateFailedError) as info:
+        await agent.run()
+    return info.value
+
+
+async def still_serving(isolation: str) -> None:
+    agent = Agent("normal", isolation=isolation)
+    agent.add_state("normal", normal, context_keys=ALL_KEYS)
+    assert (await agent.run()).get_state("normal") == "ok"
+
+
+# --- the tests ------------------------------------------------------------------------------
+
+
+class TestDeepValues:
+    """Deep nesting: refused by the model in every level, bounded when forced onto the wire."""
+
+    @pytest.mark.parametrize("isolation", EVERY_LEVEL)
+    async def test_a_deep_write_fails_in_the_state_and_is_not_retried(self, isolation):
+        exc = await failed(isolation, deep_write)
+        assert exc.attempts == 1 and exc.reason.permanent
+        assert exc.reason.exception_type.endswith("UnencodableValueError")
+        assert "context key 'deep'" in exc.reason.message and "nested deeper than 64 levels" in exc.reason.message
+        await still_serving(isolation)
+
+    @pytest.mark.parametrize("isolation", ISOLATED)
+    async def test_a_deep_return_value(self, isolation):
+        exc = await failed(isolation, deep_return)
+        assert "the state's return value" in exc.reason.message and exc.reason.permanent
+        await still_serving(isolation)
+
+    @pytest.mark.parametrize("isolation", ISOLATED)
+    async def test_a_deep_frame_kills_its_sender(self, isolation):
+        before = current_supervisor().statistics().bounds_exceeded if current_supervisor() else 0
+        exc = await failed(isolation, deep_raw)
+        assert (exc.reason.kind, exc.attempts) == ("bound", 1)
+        assert "nested deeper than 64 levels" in exc.reason.message
+        assert current_supervisor().statistics().bounds_exceeded == before + 1
+        await still_serving(isolation)
+
+
+class TestInflation:
+    """A frame that would inflate in memory stops at the objects bound; big frames keep their order."""
+
+    @pytest.mark.parametrize("isolation", ISOLATED)
+    async def test_inflating_frame(self, isolation):
+        exc = await failed(isolation, inflating_raw)
+        assert exc.reason.kind == "bound" and "objects" in exc.reason.message
+        await still_serving(isolation)
+
+    async def test_big_frames_are_applied_in_order(self):
+        seen = []
+        ctx = Context(on_write=lambda key, value, deleted: seen.append((key, "big" if type(value) is bytes else value)))
+        assert (await run(make_attempt(big_then_small, context=ctx))).result == "done"
+        assert seen == [item for i in range(3) for item in (("blob", "big"), ("blob", f"small {i}"), (f"after_{i}", i))]
+        assert ctx.get_state("blob") == "small 2"
+
+
+class TestContextBudget:
+    """The run's context budget holds at write time, in the writing state."""
+
+    @pytest.mark.parametrize("isolation", EVERY_LEVEL)
+    async def test_a_write_past_the_budget_fails_where_it_is_made(self, isolation):
+        agent = Agent("budget", isolation=isolation, retry_policy=RetryPolicy(max_retries=2, initial_delay=0))
+        agent.add_state("first_40mb", first_40mb, context_keys=ALL_KEYS)
+        agent.add_state("second_40mb", second_40mb, context_keys=ALL_KEYS)
+        agent.add_state("normal", normal, context_keys=ALL_KEYS)
+        with pytest.raises(StateFailedError) as info:
+            await agent.run()
+        exc = info.value
+        assert exc.state == "second_40mb" and exc.attempts == 1 and exc.reason.permanent
+        assert exc.reason.exception_type.endswith("ContextBudgetError")
+        assert "over its budget of 48.0 MiB" in exc.reason.message
+        assert list(agent.context.keys()) == ["blob_first"]
+        await still_serving(isolation)  # a new isolated state starts: its snapshot fits
+
+    async def test_concurrent_writers_cannot_pass_it_together(self):
+        agent = Agent("budget-race", isolation="process", context_budget_mb=1)
+        agent.add_state("fan", fan_out)
+        agent.add_state("w1", write_600kb)
+        agent.add_state("w2", write_600kb)
+        with pytest.raises(StateFailedError) as info:
+            await agent.run()
+        assert info.value.reason.permanent and "budget" in info.value.reason.message
+        assert agent.context.budget.used <= agent.context.budget.limit
+        await still_serving("process")
+
+    @pytest.mark.parametrize("isolation", ISOLATED)
+    async def test_a_child_that_skips_the_check_is_killed(self, isolation):
+        exc = await failed(isolation, over_budget_raw, context_budget_mb=1)
+        assert exc.reason.kind == "bound" and "the context budget bound" in exc.reason.message
+        await still_serving(isolation)
+
+    def test_budget_is_validated(self):
+        with pytest.raises(AgentError, match="context_budget_mb must be a number > 0"):
+            Agent("a", context_budget_mb=0)
+        with pytest.raises(AgentError, match="over what one child's start message can carry"):
+            Agent("a", context_budget_mb=64)
+
+
+class TestUnencodableValues:
+    """A value outside the model fails at set_state / initial_context time, in every level."""
+
+    @pytest.mark.parametrize("isolation", EVERY_LEVEL)
+    async def test_in_a_write(self, isolation):
+        exc = await failed(isolation, unencodable_write)
+        assert exc.attempts == 1 and exc.reason.exception_type.endswith("UnencodableValueError")
+        assert "context key 'lock'" in exc.reason.message and "asyncio.locks.Lock" in exc.reason.message
+        await still_serving(isolation)
+
+    @pytest.mark.parametrize("isolation", EVERY_LEVEL)
+    async def test_in_initial_context(self, isolation):
+        agent = Agent("initial", isolation=isolation)
+        agent.add_state("normal", normal, context_keys=ALL_KEYS)
+        with pytest.raises(UnencodableValueError, match="context key 'lock': a _thread.lock cannot be stored"):
+            await agent.run(initial_context={"fine": 1, "lock": threading.Lock()})
+        assert agent.state_metadata["normal"].total_attempts == 0
+        await still_serving(isolation)
+
+
+class TestSameValuesEverywhere:
+    """Every type of the model reads back identically inline, in a child and from a checkpoint."""
+
+    async def test_round_trip(self, tmp_path):
+        results = {}
+        for isolation in EVERY_LEVEL:
+            store = SQLiteCheckpointStore(tmp_path / f"{isolation}.sqlite3")
+            agent = Agent("values", isolation=isolation, checkpoint_store=store)
+            agent.add_state("echo", echo_sample, context_keys=ALL_KEYS)
+            ctx = await agent.run(initial_context=sample())
+            saved = store.latest(agent.run_id)
+            store.close()
+            results[isolation] = (ctx.get_state("seen"), ctx.get_state("written"), saved.context["written"])
+        expected = repr(sample())
+        for isolation, (seen, written, checkpointed) in results.items():
+            for got in (seen, written, checkpointed):
+                assert repr(got) == expected, isolation
+                assert [type(v) for v in got.values()] == [type(v) for v in sample().values()]
+
+
+class TestIdentity:
+    """A hello with another child's secret kills its sender and leaves that child untouched."""
+
+    async def test_forged_hello_from_a_sibling(self, tmp_path):
+        release, secret_file = tmp_path / "release", tmp_path / "secret"
+        started = asyncio.Event()
+        victim_ctx = Context({"release": str(release)},
+                             on_write=lambda key, value, deleted: key == "pid" and started.set())
+        victim = asyncio.ensure_future(run(make_attempt(wait_for_release, context=victim_ctx, state="victim")))
+        await started.wait()
+        (child,) = [c for c in current_supervisor()._by_secret.values() if c.attempt.state_name == "victim"]
+        forger = asyncio.ensure_future(run(make_attempt(forge_hello, context=Context({"secret_file": str(secret_file)}),
+                                                        state="forger")))
+        secret_file.write_text(f"{child.pid} {child.secret.hex()}")
+        with pytest.raises(AttemptFailed) as info:
+            await forger
+        assert info.value.reason.kind == "protocol"
+        assert "identity of state 'victim'" in info.value.reason.message
+        release.touch()
+        assert (await victim).result == "victim done"
+        assert victim_ctx.get_state("victim") == "done" and "forged" not in victim_ctx
+        await still_serving("process")
+
+
+class TestHonestReasons:
+    """Each way a process ends reads as exactly one kind, with no false warning beside it."""
+
+    async def test_memory_limit_kill(self, warnings):
+        agent = Agent("oom", isolation="process", retry_policy=RetryPolicy(max_retries=2, initial_delay=0))
+        agent.add_state("hog", hog_memory, resources=ResourceRequirements(memory_mb=64))
+        with pytest.raises(StateFailedError) as info:
+            await agent.run()
+        assert (info.value.reason.kind, info.value.attempts) == ("limit", 1)
+        assert warnings == []
+        await still_serving("process")
+
+    @pytest.mark.parametrize("func, kind", [(crash, "signal"), (exit_3, "exit_code")])
+    async def test_crashes(self, warnings, func, kind):
+        exc = await failed("process", func, retries=1)
+        assert exc.reason.kind == kind and exc.attempts == 2  # not permanent: retried
+        assert warnings == []
+
+    async def test_external_sigkill_reads_as_a_signal(self, warnings):
+        started = asyncio.Event()
+        ctx = Context({"release": "/nonexistent"}, on_write=lambda key, value, deleted: key == "pid" and started.set())
+        task = asyncio.ensure_future(run(make_attempt(wait_for_release, context=ctx)))
+        await started.wait()
+        os.kill(ctx.get_state("pid"), signal.SIGKILL)
+        with pytest.raises(AttemptFailed) as info:
+            await task
+        reason = info.value.reason
+        assert (reason.kind, reason.signal) == ("signal", signal.SIGKILL)
+        assert "from outside the supervisor" in reason.message and not reason.permanent
+        assert warnings == []
+
+    @pytest.mark.parametrize("controllers", [("memory",), ("memory", "cpuacct", "pids")],
+                             ids=["memory-only", "every-controller"])
+    async def test_a_process_that_leaves_its_cgroup_is_reported(self, controllers):
+        if current_supervisor() is None:
+            await run(make_attempt(_noop))
+        confiner = current_supervisor().confiner
+        if confiner.backend_name != "v1":
+            pytest.skip("needs root and cgroup v1")
+        name = f"agent-test-escape-{secrets.token_hex(3)}"
+        dirs = [f"/sys/fs/cgroup/{c}/{name}" for c in controllers]
+        for d in dirs:
+            os.mkdir(d)
+        try:
+            agent = Agent("escape", isolation="process")
+            agent.add_state("escape", escape_cgroups)
+            with pytest.raises(StateFailedError) as info:
+                await agent.run(initial_context={"elsewhere": [f"{d}/cgroup.procs" for d in dirs]})
+            reason = info.value.reason
+            assert reason.kind == "cgroup_escape" and reason.permanent
+            assert "left the cgroup it was put in" in reason.message, reason.message
+            assert agent.state_metadata["escape"].usage == {}
+        finally:
+            for d in dirs:
+                os.rmdir(d)
+        await still_serving("process")
+
+
+
+ATTEMPT_TOTAL = """
+import asyncio, gc
+from agent import Agent
+from agent.errors import StateFailedError
+from agent.ipc import ContextWrite, encode_message
+from agent.ipc.zmtp import DealerTransport
+
+async def flood(context):
+    (own,) = [o for o in gc.get_objects() if isinstance(o, DealerTransport)]
+    frame = encode_message(ContextWrite("same", False, b"x" * 700_000))
+    for _ in range(100):  # 70 MB in all, each write within the budget
+        own.send(frame)
+    await asyncio.sleep(60)
+
+async def normal(context):
+    context.set_state("ok", True)
+
+async def main():
+    agent = Agent("flood", isolation="process")
+    agent.add_state("flood", flood)
+    try:
+        await agent.run()
+    except StateFailedError as exc:
+        print(exc.reason.kind, exc.reason.message)
+    agent = Agent("normal", isolation="process")
+    agent.add_state("normal", normal)
+    print("normal", (await agent.run()).get_state("ok"))
+
+asyncio.run(main())
+"""
+
+
+def test_per_attempt_bytes_bound(tmp_path):
+    """With a 1 MiB frame cap, one attempt may send 64 MiB in all."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "flood.py"
+    script.write_text(ATTEMPT_TOTAL)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root, "AGENT_IPC_MAX_FRAME": str(MiB), "AGENT_STOP_GRACE": "0.5"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first.startswith("bound ") and "the per-attempt bytes bound" in first
+    assert second == "normal True"
