@@ -7,7 +7,8 @@
 # The package is installed in editable mode (its distribution name is agent-isolation, its
 # import name agent), with the `agent` command. A venv that already runs the agent
 # package of another checkout is left alone (the script stops), so two checkouts never
-# re-point each other's venv. Prints the venv path last.
+# re-point each other's venv, unless that checkout is gone or AGENT_VENV_ADOPT=1 says the
+# venv follows whichever checkout installs into it (CI's shared venv). Prints the venv path last.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 service=
@@ -40,9 +41,9 @@ if spec is not None and spec.origin:
         print(root)
 PY
 )
-    if [ -n "$other" ]; then
+    if [ -n "$other" ] && [ -e "$other/agent/__init__.py" ] && [ "${AGENT_VENV_ADOPT:-0}" != 1 ]; then
         echo "install: $venv runs the agent package of $other, not of $here: leaving it alone;" \
-             "set AGENT_VENV to a venv of this checkout" >&2
+             "set AGENT_VENV to a venv of this checkout (or AGENT_VENV_ADOPT=1 to re-point it)" >&2
         exit 1
     fi
     # agent-framework was this project's old distribution name: drop it when it is this checkout.
