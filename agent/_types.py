@@ -22,6 +22,10 @@ class ResourceType(enum.Flag):
     GPU = enum.auto()
     ALL = CPU | MEMORY | IO | NETWORK | GPU
 
+    # Members are singletons compared by identity; Enum's own __hash__ (of the name, in
+    # Python) is the pool's hottest call, as every amount is a dict keyed by type.
+    __hash__ = object.__hash__
+
 
 class Priority(enum.IntEnum):
     """Scheduling priority: higher runs first; with preemption it may evict lower."""
