@@ -62,7 +62,6 @@ def child_main(
             os._exit(EXIT_SETUP_FAILED)  # the zygote died before the death signal was set
         spec = unpack(_read_all(spec_fd), _SPEC_LIMITS)
         reset_signals()
-        sandbox = spec["confine"].get("sandbox")
         if notify_fd is not None:
             _close_all_but(0, 1, 2, notify_fd, *(namespaces or ()))
             os.setsid()  # its own session, process group and no controlling terminal
@@ -70,58 +69,109 @@ def child_main(
             for fd in (spec_fd, *zygote_fds):
                 os.close(fd)
             os.setpgid(0, 0)
-        # The log is opened before confinement: a sandbox may no longer reach its directory.
-        log_fd = os.open(spec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        null_fd = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null_fd, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(log_fd)
-        os.close(null_fd)
-        confine.apply(spec["confine"])
-        sys.path[:] = spec["sys_path"]
-        sys.argv[:] = spec["argv"]  # the supervisor's, not the zygote's
-        try:
-            os.chdir(spec["cwd"])
-        except OSError:
-            pass
-        # Connect and say hello first: the supervisor answers while the loop is being built.
-        transport = DealerTransport(
-            spec["endpoint"], spec["secret"], max_frame=spec["max_frame"] + FRAME_OVERHEAD,
-            peer_hwm=spec["receive_hwm"],
-        )
-        before_run = None
-        if sandbox is not None:
-            from . import sandbox as sandbox_module
-
-            notify = socket.socket(fileno=notify_fd) if notify_fd is not None else None
-            before_run = lambda: sandbox_module.enter_sandbox(sandbox, notify)  # noqa: E731
-        session = ChildSession(
-            transport, pid=os.getpid(), limits=Limits(max_frame=spec["max_frame"]),
-            before_run=before_run, context_keys=spec.get("context_keys"),
-        )
-        session.hello()
-        if sandbox is not None:
-            sandbox_module.leave_namespaces(sandbox, namespaces)  # while the supervisor answers
-        del spec
-        # A loop of its own, never closed: the process ends with os._exit right after.
-        # (A sandbox's is asyncio's: libuv's io_uring is denied by its seccomp filter.)
-        loop = uvloop.new_event_loop() if sandbox is None else asyncio.SelectorEventLoop()
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(serve(session, transport))
-        code = EXIT_OK
+        code = _serve(spec, notify_fd, namespaces)
     except BaseException:
-        try:
-            traceback.print_exc()
-        except BaseException:
-            pass
+        _print_exception()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except BaseException:
-            pass
-        os._exit(code)
+        _exit(code)
+
+
+def park(sock_fd: int, zygote_pidfd: int | None, zygote_fds: list[int]) -> NoReturn:
+    """Be a parked child: do what every child does first, then wait for a spec; never return.
+
+    The spec's descriptor arrives over ``sock_fd`` (``SCM_RIGHTS``) when a launch takes
+    this child; when the zygote closes the socket instead, the child exits. Nothing of a
+    state has run here before: a parked child is as fresh as one forked for its launch.
+    """
+    code = EXIT_SETUP_FAILED
+    try:
+        set_parent_death_signal()
+        if zygote_pidfd is not None and select.select([zygote_pidfd], [], [], 0)[0]:
+            os._exit(EXIT_SETUP_FAILED)
+        reset_signals()
+        for fd in zygote_fds:
+            os.close(fd)
+        os.setpgid(0, 0)
+        sock = socket.socket(fileno=sock_fd)
+        _, fds, _, _ = socket.recv_fds(sock, 16, 1)
+        sock.close()
+        if not fds:
+            os._exit(EXIT_OK)  # let go: no launch needed it
+        spec = unpack(_read_all(fds[0]), _SPEC_LIMITS)
+        os.close(fds[0])
+        code = _serve(spec, None, None)
+    except BaseException:
+        _print_exception()
+    finally:
+        _exit(code)
+
+
+def _serve(spec: dict, notify_fd: int | None, namespaces: list[int] | None) -> int:
+    """Log, confinement, channel, then the attempt (or, for a worker, attempts); the exit code."""
+    sandbox = spec["confine"].get("sandbox")
+    # The log is opened before confinement: a sandbox may no longer reach its directory.
+    log_fd = os.open(spec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null_fd, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    os.close(null_fd)
+    confine.apply(spec["confine"])
+    sys.path[:] = spec["sys_path"]
+    sys.argv[:] = spec["argv"]  # the supervisor's, not the zygote's
+    try:
+        os.chdir(spec["cwd"])
+    except OSError:
+        pass
+    # Connect and say hello first: the supervisor answers while the loop is being built.
+    transport = DealerTransport(
+        spec["endpoint"], spec["secret"], max_frame=spec["max_frame"] + FRAME_OVERHEAD,
+        peer_hwm=spec["receive_hwm"],
+    )
+    limits = Limits(max_frame=spec["max_frame"])
+    worker = spec.get("worker")
+    if worker is not None:
+        from .worker import serve_worker
+
+        return serve_worker(transport, limits, spec, worker)
+    before_run = None
+    if sandbox is not None:
+        from . import sandbox as sandbox_module
+
+        notify = socket.socket(fileno=notify_fd) if notify_fd is not None else None
+        before_run = lambda: sandbox_module.enter_sandbox(sandbox, notify)  # noqa: E731
+    session = ChildSession(
+        transport, pid=os.getpid(), limits=limits,
+        before_run=before_run, context_keys=spec.get("context_keys"),
+    )
+    session.hello()
+    if sandbox is not None:
+        sandbox_module.leave_namespaces(sandbox, namespaces)  # while the supervisor answers
+    del spec
+    # A loop of its own, never closed: the process ends with os._exit right after.
+    # (A sandbox's is asyncio's: libuv's io_uring is denied by its seccomp filter.)
+    loop = uvloop.new_event_loop() if sandbox is None else asyncio.SelectorEventLoop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(serve(session, transport))
+    return EXIT_OK
+
+
+def _print_exception() -> None:
+    try:
+        traceback.print_exc()
+    except BaseException:
+        pass
+
+
+def _exit(code: int) -> NoReturn:
+    """Flush what the process printed and leave, running nothing inherited from the zygote."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        pass
+    os._exit(code)
 
 
 def _read_all(fd: int) -> bytes:

@@ -4,7 +4,7 @@ Started once per supervisor (``python -m agent.runtime.zygote FD PARENT_PID [PAT
 It holds no threads and no ZeroMQ context, so a fork is a cheap, safe copy. Over the
 control socket ``FD`` it reads length-prefixed requests (``spawn``, ``kill``) and writes
 reports (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status, ``denied``
-for a sandbox's system call refused by seccomp). It exits, killing its children, when the
+for a sandbox's system call refused by seccomp, ``parked`` for a child forked ahead). It exits, killing its children, when the
 supervisor closes the socket or dies (parent-death signal), and then removes the PATHs
 (the supervisor's private directories), so that even a supervisor killed outright leaves
 no files behind.
@@ -18,6 +18,18 @@ it for that one fork, then returns to its own), gets fresh network and IPC names
 the zygote made ahead while idle, closes every descriptor it inherited but its own,
 and hands its seccomp listener back over a datagram socket; the zygote answers each
 denied call with EPERM and reports it.
+
+A child need not wait for its fork: the zygote keeps a few children *parked*, forked
+ahead while it is idle, each blocked on a socket of its own until a ``spawn`` hands it its
+spec (:meth:`Zygote._unpark`); a launch then costs a descriptor passed, not a fork. How
+many it keeps follows the launches it serves: as many as the largest burst of recent
+``spawn`` requests, at most ``park_max`` (``AGENT_PARKED_MAX``, from the ``configure``
+request), and none once no child was asked for in ``PARK_IDLE`` seconds (a parked child
+whose socket closes exits). Sandboxed children are never parked: each is forked into a
+PID namespace of its own, made for that one fork. A parked child is a fresh fork that
+has run nothing of any state; what it does before it parks (parent-death signal,
+dropping the zygote's descriptors and signal handlers, a process group of its own) is
+what every child does first.
 
 Most of a child's cost is copy-on-write: each page of the zygote a child writes is
 copied. Hence: the zygote is warmed up by serving whole attempts in-process before it
@@ -43,6 +55,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -65,6 +78,10 @@ MAX_REPORTS = 8
 # Fresh network and IPC namespaces made ahead, while idle: a network namespace costs
 # about 1.5 ms to make, which a sandboxed child then does not wait for.
 SPARE_NAMESPACES = 2
+# Parked children: at most this many by default (``configure``'s ``park_max``), and none
+# after this many seconds without a spawn request.
+PARK_MAX = 4
+PARK_IDLE = 5.0
 _UCRED = struct.Struct("iII")
 
 
@@ -119,7 +136,10 @@ def _setns(fd: int, nstype: int) -> None:
 class Zygote:
     """The fork loop."""
 
-    def __init__(self, control: socket.socket, parent_pid: int, spec_fds: deque[int] | None = None) -> None:
+    def __init__(
+        self, control: socket.socket, parent_pid: int, spec_fds: deque[int] | None = None, *,
+        park_max: int = PARK_MAX, park_idle: float = PARK_IDLE,
+    ) -> None:
         self._control = control
         self._parent_pid = parent_pid
         self._children: set[int] = set()
@@ -141,6 +161,13 @@ class Zygote:
         self._notify: tuple[socket.socket, socket.socket] | None = None
         self._listeners: dict[int, list[int]] = {}  # fd -> [child pid, answered, reported]
         self._poll = select.poll()
+        # Parked children, oldest first: (pid, the zygote's end of its socket).
+        self._parked: deque[tuple[int, socket.socket]] = deque()
+        self._park_max = max(0, park_max)
+        self._park_idle = park_idle
+        self._park_target = 0
+        self._burst = 0  # spawns served since the zygote was last idle
+        self._last_spawn = 0.0
 
     def serve(self, pending: list[Any], buffer: bytearray) -> None:
         """Serve requests until the supervisor goes: ``pending`` ones first, then the socket's
@@ -154,7 +181,10 @@ class Zygote:
         for fd in (control, wake):
             self._poll.register(fd, select.POLLIN)
         while True:
-            events = dict(self._poll.poll())
+            events = dict(self._poll.poll(self._poll_timeout()))
+            if not events:
+                self._unpark_all()  # idle for PARK_IDLE seconds: nobody is launching
+                continue
             if control in events:
                 if not receive(self._control, buffer, self._spec_fds):
                     break
@@ -170,6 +200,11 @@ class Zygote:
                     self._answer(fd, mask)
             while self._own_ns is not None and len(self._spares) < SPARE_NAMESPACES and not self._poll.poll(0):
                 self._make_spare()
+            if not self._poll.poll(0):
+                self._burst = 0
+                while len(self._parked) < self._park_target and not self._poll.poll(0):
+                    if not self._park():
+                        break
         self._kill_all()
 
     def _handle(self, request: dict[str, Any]) -> None:
@@ -182,6 +217,7 @@ class Zygote:
     def _private_fds(self) -> list[int]:
         """Descriptors of the zygote's own that no child keeps."""
         fds = [self._control.fileno(), self._wake_r, self._wake_w, *self._listeners, *self._spec_fds]
+        fds += [sock.fileno() for _, sock in self._parked]
         if self._notify is not None:
             fds += [sock.fileno() for sock in self._notify]
         for pair in (self._own_ns, *self._spares):
@@ -194,6 +230,10 @@ class Zygote:
                                         "error": "the spawn request came without its spec"})
             return
         spec_fd = self._spec_fds.popleft()
+        if not sandbox:
+            self._count_spawn()
+            if self._unpark(request_id, spec_fd):
+                return
         spare: tuple[int, int] | tuple[()] = ()
         try:
             if sandbox:
@@ -227,6 +267,65 @@ class Zygote:
             return
         self._children.add(pid)
         write_frame(self._control, {"op": "spawned", "id": request_id, "pid": pid})
+
+    # --- parked children -----------------------------------------------------------------
+
+    def _count_spawn(self) -> None:
+        """Follow the launch rate: park as many children as the largest recent burst."""
+        now = time.monotonic()
+        if now - self._last_spawn > self._park_idle:
+            self._park_target = 0
+        self._last_spawn = now
+        self._burst += 1
+        self._park_target = min(self._park_max, max(self._park_target, self._burst))
+
+    def _poll_timeout(self) -> int | None:
+        """Milliseconds until parked children are let go for lack of launches (None: never)."""
+        if not self._parked:
+            return None
+        left = self._last_spawn + self._park_idle - time.monotonic()
+        return max(1, int(left * 1000) + 1) if left > 0 else 0
+
+    def _park(self) -> bool:
+        """Fork a child that waits for its spec; False when the fork failed."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        _signal.pthread_sigmask(signal.SIG_BLOCK, _SIGTERM)
+        try:
+            pid = self._fork()
+        except OSError:
+            pid = -1
+        if pid == 0:
+            child_module.park(theirs.fileno(), self._pidfd, [*self._private_fds(), ours.fileno()])
+        _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
+        theirs.close()
+        if pid < 0:
+            ours.close()
+            return False
+        self._children.add(pid)
+        self._parked.append((pid, ours))
+        write_frame(self._control, {"op": "parked", "pid": pid})
+        return True
+
+    def _unpark(self, request_id: int, spec_fd: int) -> bool:
+        """Hand ``spec_fd`` to the oldest parked child; False when none could take it."""
+        while self._parked:
+            pid, sock = self._parked.popleft()
+            try:
+                socket.send_fds(sock, [b"s"], [spec_fd])
+            except OSError:
+                continue  # it died while parked: its exit is reported when it is reaped
+            finally:
+                sock.close()
+            os.close(spec_fd)
+            write_frame(self._control, {"op": "spawned", "id": request_id, "pid": pid})
+            return True
+        return False
+
+    def _unpark_all(self) -> None:
+        """Let every parked child go: each exits when its socket closes."""
+        self._park_target = 0
+        while self._parked:
+            self._parked.popleft()[1].close()
 
     def _fork(self) -> int:
         if not self._single_threaded:
@@ -357,6 +456,7 @@ class Zygote:
                 pass
 
     def _kill_all(self) -> None:
+        self._unpark_all()
         for pid in list(self._children):
             self._kill(pid, signal.SIGKILL)
         for pid in list(self._children):
@@ -502,7 +602,7 @@ def main(argv: list[str]) -> int:
         gc.collect()
         gc.freeze()
         _release_free_heap()
-        zygote = Zygote(control, parent_pid, spec_fds)
+        zygote = Zygote(control, parent_pid, spec_fds, park_max=int(config.get("park_max", PARK_MAX)))
         zygote.serve(pending, buffer)
     except (_ParentDied, OSError):
         pass

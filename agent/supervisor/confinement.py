@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import weakref
+from dataclasses import astuple
 from typing import Any, Callable
 
 from ..devices import machine_inventory
@@ -184,6 +185,60 @@ class Confinement:
                 self._release()
 
 
+_COUNTERS = ("cpu_seconds", "nr_throttled", "throttled_seconds", "io_read_bytes", "io_write_bytes")
+
+
+class SharedConfinement(Confinement):
+    """One attempt's share of a confinement that outlives it (a worker's cgroup).
+
+    What the attempt used is the difference of the cgroup's counters read when it began
+    and when it ended (:meth:`end`); its peak memory is the cgroup's peak since it
+    began where the kernel can restart it (cgroup v1 and the no-cgroup watchdog; on
+    cgroup v2, the peak since the worker started). Limits hit in between are the
+    attempt's. Closing it leaves the cgroup to its owner; :meth:`kill` kills the owner's
+    processes (a worker that will not stop is replaced).
+    """
+
+    def __init__(self, owner: Confinement) -> None:
+        super().__init__(owner.child_spec, owner.handle, owner.backend_name)
+        self._owner = owner
+        self._start_usage: dict[str, Any] = {}
+        self._start_events = LimitEvents()
+        self._ended = False
+        handle = owner.handle
+        if handle is not None:
+            reset = getattr(handle, "reset_peak", None)
+            if reset is not None:
+                reset()
+            self._start_usage = handle.usage()
+            self._start_events = handle.limit_events()
+
+    def started(self, pid: int) -> None:
+        return None  # the owner's process is followed already
+
+    def _refresh(self) -> None:
+        if self.handle is None or self._ended:
+            return
+        usage, start = self.handle.usage(), self._start_usage
+        for key in _COUNTERS:
+            if key in usage:
+                usage[key] -= start.get(key, 0)
+        events, before = self.handle.limit_events(), self._start_events
+        self._usage = usage
+        self._events = LimitEvents(*(now - then for now, then in zip(astuple(events), astuple(before))))
+
+    def end(self) -> None:
+        """The attempt is over: keep what it used, whatever the owner does next."""
+        self._refresh()
+        self._ended = True
+
+    def kill(self) -> None:
+        self._owner.kill()
+
+    def close(self) -> None:
+        self._closed = True
+
+
 class Confiner:
     """Creates a :class:`Confinement` for each attempt, on the best cgroup backend here.
 
@@ -227,14 +282,25 @@ class Confiner:
         """What each ResourceRequirements field is enforced by on this machine."""
         return self.backend.capabilities()
 
-    def prepare(self, attempt: Attempt) -> Confinement:
-        """Create the attempt's cgroup with its limits, and the child's spec."""
-        sandboxed = attempt.isolation is Isolation.SANDBOX
-        name = safe_name(f"{attempt.run_id[:8]}-{attempt.state_name}-{attempt.number}-{next(self._counter)}")
-        uuids = [str(u) for u in attempt.assignment.get("gpus", [])]
+    def limits(self, attempt: Attempt) -> CgroupLimits:
+        """The kernel limits ``attempt`` gets: its resources, its GPUs' devices, the sandbox's defaults."""
         minors = [int(m) for m in attempt.assignment.get("gpu_minors", [])]
         allow = device_rules(minors) if minors or self._machine_gpu_minors() else None
-        limits = limits_for(attempt.resources, io_devices=self.io_devices, sandbox=sandboxed, allow_devices=allow)
+        return limits_for(attempt.resources, io_devices=self.io_devices,
+                          sandbox=attempt.isolation is Isolation.SANDBOX, allow_devices=allow)
+
+    def prepare(self, attempt: Attempt, *, name: str | None = None) -> Confinement:
+        """Create the attempt's cgroup with its limits, and the child's spec.
+
+        ``name`` names the cgroup (default: from the run, the state and the attempt).
+        """
+        sandboxed = attempt.isolation is Isolation.SANDBOX
+        if name is None:
+            name = f"{attempt.run_id[:8]}-{attempt.state_name}-{attempt.number}"
+        name = safe_name(f"{name}-{next(self._counter)}")
+        uuids = [str(u) for u in attempt.assignment.get("gpus", [])]
+        minors = [int(m) for m in attempt.assignment.get("gpu_minors", [])]
+        limits = self.limits(attempt)
         handle = self.backend.create(name, limits)
         if _asks_io_rates(attempt) and not self.io_devices:
             handle.unenforced["io_throttle"] = "no block device holds the working directory or /"

@@ -2,7 +2,7 @@
 
 The zygote is a separate interpreter started with ``exec`` (never a fork of this
 process, which holds threads and a ZeroMQ context). Requests go down a socketpair;
-reports (``spawned``, ``spawn_failed``, ``exited``, ``denied``) come back on the same
+reports (``spawned``, ``spawn_failed``, ``exited``, ``denied``, ``parked``) come back on the same
 socketpair and are dispatched on the attached event loop. A child's spec travels in a
 memfd passed with its ``spawn`` request, which only the child reads. The zygote removes the ``cleanup``
 directories when it exits, even if this process was killed.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -20,11 +21,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..ipc.codec import pack
-from ..runtime.zygote import frame, read_frames, write_frame
+from ..runtime.zygote import PARK_MAX, frame, read_frames, write_frame
 
 ReportHandler = Callable[[dict[str, Any]], None]
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def new_secret() -> bytes:
+    """A child's routing id on the supervisor's channel (a leading zero byte is reserved by ZeroMQ)."""
+    return b"c" + secrets.token_bytes(16)
 
 
 class ZygoteLauncher:
@@ -38,6 +44,7 @@ class ZygoteLauncher:
         *,
         preload: Sequence[str] = (),
         import_path: Sequence[str] = (),
+        park_max: int = PARK_MAX,
     ) -> None:
         self._on_report = on_report
         self._on_lost = on_lost
@@ -64,7 +71,8 @@ class ZygoteLauncher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.alive = True
         # The first frame, read before the zygote warms up: what to import for the children.
-        self._send({"op": "configure", "preload": list(preload), "import_path": list(import_path)})
+        self._send({"op": "configure", "preload": list(preload), "import_path": list(import_path),
+                    "park_max": park_max})
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is loop:

@@ -14,7 +14,6 @@ import atexit
 import itertools
 import os
 import re
-import secrets
 import shutil
 import sys
 import tempfile
@@ -25,23 +24,34 @@ from typing import Any
 import cloudpickle
 import psutil
 
-from ..errors import IsolationError, ProtocolError, UnencodableValueError
+from ..errors import InvalidConfigurationError, IsolationError, ProtocolError, UnencodableValueError
 from ..executor import Attempt
 from ..ipc import FROM_CHILD, Limits, Run, decode_message, encode_message, encode_value
 from ..ipc.codec import DEFAULT_MAX_FRAME
 from ..ipc.router import RECEIVE_HWM, RouterChannel, peer_pid
-from ..scope import ScopedContext, scope_for
+from ..runtime.zygote import PARK_MAX
+from ..scope import ContextScope, ScopedContext, scope_for
 from .child import ChildProcess, ChildStatus
 from .confinement import Confinement, Confiner
-from .launcher import ZygoteLauncher
+from .launcher import ZygoteLauncher, new_secret
 from .logger import get_logger
 from .logs import AttemptLogs, activate
 from .output import AttemptOutput, label_for
+from .workers import WorkerPool
 
 
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
     return float(value) if value else default
+
+
+def _env_count(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise InvalidConfigurationError(f"{name}={value!r}: give a whole number (0 or more)")
+    return int(value)
 
 
 def _env_modules(name: str) -> tuple[str, ...]:
@@ -58,6 +68,8 @@ class SupervisorConfig:
     log_dir: str | None = None
     preload: tuple[str, ...] = field(default_factory=lambda: _env_modules("AGENT_PRELOAD"))
     """Modules the zygote imports before it forks, so that children inherit them."""
+    park_max: int = field(default_factory=lambda: _env_count("AGENT_PARKED_MAX", PARK_MAX))
+    """Children the zygote keeps forked ahead, at most (0: none; see :mod:`agent.runtime.zygote`)."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +79,14 @@ class SupervisorStatistics:
     zygote_pid: int | None
     children_started: int
     children_running: int
+    """State processes serving an attempt, or starting to (idle workers are not counted)."""
     frames_dropped: int
     protocol_violations: int
+    workers: int = 0
+    """Live worker processes (``isolation="worker"``), busy or idle."""
+    workers_idle: int = 0
+    parked: int = 0
+    """Children the zygote holds forked ahead, waiting for a launch."""
 
 
 class Supervisor:
@@ -89,7 +107,7 @@ class Supervisor:
         cleanup = [self.ipc_dir] + ([self.logs.directory] if self.logs.owned else [])
         self.zygote = ZygoteLauncher(
             self._on_report, self._on_zygote_lost, cleanup,
-            preload=self.config.preload, import_path=list(sys.path),
+            preload=self.config.preload, import_path=list(sys.path), park_max=self.config.park_max,
         )
         activate(self.logs)
         self._ids = itertools.count(1)
@@ -100,6 +118,8 @@ class Supervisor:
         self._queued: dict[int, tuple[dict[str, Any], bool]] = {}
         self._outputs: dict[int, AttemptOutput] = {}  # request id -> the child's output pipe
         self._launching: set[int] = set()
+        self.parked: set[int] = set()  # pids of the zygote's parked children
+        self.workers = WorkerPool(self)
         self._started = 0
         self._active = 0
         self._dropped = 0
@@ -112,46 +132,71 @@ class Supervisor:
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve on ``loop``; refuses while children of a still-running loop are alive."""
         current = self.router.loop
-        if current is not None and current is not loop and self._by_secret:
+        if current is not None and current is not loop and self._busy():
             if not current.is_closed() and current.is_running():
                 raise IsolationError(
                     "isolated states of one process must run on one event loop at a time: "
                     "finish the run on the other loop first"
                 )
-            self._fail_all(None)
+            self._fail_all(None, keep_idle=True)
         self.router.attach(loop)
         self.zygote.attach(loop)
+        self.workers.attach(loop)
+
+    def _busy(self) -> bool:
+        return any(not getattr(child, "idle", False) for child in self._by_secret.values())
 
     def launch(self, attempt: Attempt, confinement: Confinement) -> ChildProcess:
         """Ask the zygote for a child serving ``attempt``; returns at once."""
-        if self.closed or not self.zygote.alive:
-            raise IsolationError("the supervisor is shut down: start a new run")
+        self.check_open()
         sandboxed = "sandbox" in confinement.child_spec
-        # The snapshot holds only the keys in the state's scope (none, for a sandbox without
-        # context_keys), and writes outside it are refused here, whatever the child does.
-        scope = scope_for(attempt.isolation, None)
-        if isinstance(attempt.context, ScopedContext):
-            scope = attempt.context.scope
-        elif scope is not None:
-            attempt.context = ScopedContext.over(attempt.context, scope)
-        secret = b"c" + secrets.token_bytes(16)  # a leading zero byte is reserved by ZeroMQ
-        request_id = next(self._ids)
-        run_frame = self._run_frame(attempt)
-        log_path, log_fd = self.logs.open(attempt.run_id, attempt.state_name, attempt.number)
+        scope = self.scope(attempt)
+        secret = new_secret()
+        request_id = self.next_request_id()
+        run_frame = self.run_frame(attempt)
+        log_path = self.logs.path(attempt.run_id, attempt.state_name, attempt.number)
         child = ChildProcess(
             self, attempt, confinement, secret=secret, request_id=request_id,
             log_path=log_path, run_frame=run_frame, limits=self.limits,
         )
         # A sandbox's log is capped like its files (RLIMIT_FSIZE cannot see a pipe).
         cap = confinement.child_spec.get("sandbox", {}).get("rlimits", {}).get("fsize")
-        output = AttemptOutput(asyncio.get_running_loop(), log_path, log_fd,
+        output = AttemptOutput(asyncio.get_running_loop(), log_path, self.logs.create,
                                label_for(attempt.state_name, attempt.number),
                                cap=cap, on_cap=child.log_over_cap)
-        self._outputs[request_id] = output
-        spec = {
+        spec = self.child_spec(secret, output.child_path, confinement, scope, sandboxed=sandboxed)
+        self.start(child, spec, output, sandboxed=sandboxed)
+        return child
+
+    def check_open(self) -> None:
+        if self.closed or not self.zygote.alive:
+            raise IsolationError("the supervisor is shut down: start a new run")
+
+    def next_request_id(self) -> int:
+        return next(self._ids)
+
+    def scope(self, attempt: Attempt) -> ContextScope | None:
+        """The context keys ``attempt`` may see (None: all); its context is narrowed to them.
+
+        The snapshot holds only the keys in the state's scope (none, for a sandbox without
+        context_keys), and writes outside it are refused here, whatever the child does.
+        """
+        scope = scope_for(attempt.isolation, None)
+        if isinstance(attempt.context, ScopedContext):
+            scope = attempt.context.scope
+        elif scope is not None:
+            attempt.context = ScopedContext.over(attempt.context, scope)
+        return scope
+
+    def child_spec(
+        self, secret: bytes, log_path: str, confinement: Confinement, scope: ContextScope | None,
+        *, sandboxed: bool = False, **extra: Any,
+    ) -> dict[str, Any]:
+        """What a forked child reads first (through a memfd): where to connect, log, confine."""
+        return {
             "endpoint": self.router.endpoint,
             "secret": secret,
-            "log_path": output.child_path,
+            "log_path": log_path,
             "confine": confinement.child_spec,
             "sys_path": list(sys.path),
             # A sandbox gets the program's name only: arguments may carry secrets.
@@ -160,13 +205,17 @@ class Supervisor:
             "cwd": os.getcwd(),
             "max_frame": self.config.max_frame,
             "receive_hwm": RECEIVE_HWM,
+            **extra,
         }
-        self._by_secret[secret] = child
-        self._by_request[request_id] = child
-        self._queued[request_id] = (spec, sandboxed)
+
+    def start(self, child: Any, spec: dict[str, Any], output: Any, *, sandboxed: bool = False) -> None:
+        """Register ``child`` (a state child or a worker) and queue its fork."""
+        self._outputs[child.request_id] = output
+        self._by_secret[child.secret] = child
+        self._by_request[child.request_id] = child
+        self._queued[child.request_id] = (spec, sandboxed)
         self._started += 1
         self._pump()
-        return child
 
     def _pump(self) -> None:
         """Send queued fork requests while fewer than ``max_launching`` children start up.
@@ -198,7 +247,8 @@ class Supervisor:
         """Drop a child whose fork was not requested yet; True when it was still queued."""
         return self._queued.pop(child.request_id, None) is not None
 
-    def _run_frame(self, attempt: Attempt) -> bytes:
+    def run_frame(self, attempt: Attempt) -> bytes:
+        """The ``run`` message for ``attempt``: its function and context snapshot."""
         try:
             function = cloudpickle.dumps(attempt.func)
         except Exception as exc:
@@ -245,7 +295,7 @@ class Supervisor:
         self._queued.pop(child.request_id, None)
         output = self._outputs.pop(child.request_id, None)
         if output is not None:  # before the outcome is judged: the log is then complete
-            self.logs.finished(output.log_path, output.close())
+            output.close_into(self.logs)
         self.launched(child)
         self._by_secret.pop(child.secret, None)
         self._by_request.pop(child.request_id, None)
@@ -265,16 +315,21 @@ class Supervisor:
 
     def count_violation(self, child: ChildProcess, message: str) -> None:
         self._violations += 1
-        self.log.warning("protocol_violation", pid=child.pid, state=child.attempt.state_name,
-                         run_id=child.attempt.run_id, message=message)
+        attempt = child.attempt  # None for a worker between attempts
+        self.log.warning("protocol_violation", pid=child.pid, state=attempt and attempt.state_name,
+                         run_id=attempt and attempt.run_id, message=message)
 
     def statistics(self) -> SupervisorStatistics:
+        workers = self.workers.statistics()
         return SupervisorStatistics(
             zygote_pid=self.zygote.pid if self.zygote.alive else None,
             children_started=self._started,
-            children_running=len(self._by_secret),
+            children_running=len(self._by_secret) - workers.idle,
             frames_dropped=self._dropped,
             protocol_violations=self._violations,
+            workers=workers.live,
+            workers_idle=workers.idle,
+            parked=len(self.parked),
         )
 
     # --- events ---------------------------------------------------------------------------
@@ -326,14 +381,18 @@ class Supervisor:
     def _on_report(self, report: dict[str, Any]) -> None:
         op = report.get("op")
         if op == "spawned":
+            self.parked.discard(report["pid"])
             child = self._by_request.pop(report["id"], None)
             if child is not None:
                 self._by_pid[report["pid"]] = child
                 child.on_spawned(report["pid"])
         elif op == "exited":
+            self.parked.discard(report["pid"])
             child = self._by_pid.pop(report["pid"], None)
             if child is not None:
                 child.on_exit(report["status"])
+        elif op == "parked":
+            self.parked.add(report["pid"])
         elif op == "denied":
             child = self._by_pid.get(report["pid"])
             if child is not None:
@@ -349,8 +408,10 @@ class Supervisor:
         self._fail_all(None)
         self.shutdown()
 
-    def _fail_all(self, status: int | None) -> None:
+    def _fail_all(self, status: int | None, *, keep_idle: bool = False) -> None:
         for child in list(self._by_secret.values()):
+            if keep_idle and getattr(child, "idle", False):
+                continue  # an idle worker serves on from the next loop
             child.on_exit(status)
             self.forget(child)
 
@@ -361,6 +422,7 @@ class Supervisor:
         if self.closed:
             return
         self.closed = True
+        self.workers.close()
         self.zygote.close()
         for child in list(self._by_secret.values()):
             self.forget(child)

@@ -23,13 +23,14 @@ async def run(attempt: Attempt) -> AttemptOutcome:
 
 
 def stray_processes() -> list[psutil.Process]:
-    """Live descendants of this process other than the supervisor's zygote."""
+    """Live descendants of this process other than the supervisor's zygote, its parked
+    children and idle workers (which stay warm between runs by design)."""
     sup = current_supervisor()
-    zygote = sup.zygote.pid if sup is not None else None
+    warm = {sup.zygote.pid, *sup.parked, *sup.workers.idle_pids()} if sup is not None else set()
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if p.pid != zygote and p.status() != psutil.STATUS_ZOMBIE:
+            if p.pid not in warm and p.status() != psutil.STATUS_ZOMBIE:
                 out.append(p)
         except psutil.NoSuchProcess:
             pass

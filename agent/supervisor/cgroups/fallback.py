@@ -119,6 +119,11 @@ class WatchedTree:
         if over_memory or over_pids:
             self.kill()
 
+    def reset_peak(self) -> None:
+        """Restart the peaks from what the next sample sees (for the next attempt of a worker)."""
+        with self._lock:
+            self._peak_rss = self._peak_pids = 0
+
     def usage(self) -> dict[str, Any]:
         with self._lock:
             return {
