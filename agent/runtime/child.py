@@ -1,10 +1,13 @@
 """A state child from fork to exit: process setup, confinement, then the session.
 
-Runs in a process forked by the zygote. It dies with the zygote (parent-death
-signal), writes its stdout/stderr to the attempt's log file, joins its cgroups before
-anything else runs, leaves the machine's namespaces once connected and enters its
-sandbox (if any) after the state's code is loaded and before it runs, and always leaves
-through ``os._exit`` so nothing inherited from the zygote runs at exit.
+Runs in a process forked by the zygote (or parked by it, waiting for its spec). It dies
+with the zygote (parent-death signal), connects to the supervisor first (the handshake
+then completes while it sets up), writes its stdout/stderr to the attempt's log file,
+joins its cgroups before any state code runs, leaves the machine's namespaces once
+connected and enters its sandbox (if any) after the state's code is loaded and before it
+runs, and always leaves through ``os._exit`` so nothing inherited from the zygote runs at
+exit. The spec carries the attempt's ``run`` message, so nothing waits on the supervisor
+between the fork and the state.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from . import confine
 from .session import ChildSession
 
 _SPEC_LIMITS = Limits(max_frame=16 * 1024 * 1024)
+_MAX_GIVEN = 1  # descriptors a spec may come with
 
 EXIT_OK = 0
 EXIT_SETUP_FAILED = 120
@@ -45,7 +49,7 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
 
 def child_main(
     spec_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], notify_fd: int | None,
-    namespaces: list[int] | None = None,
+    namespaces: list[int] | None = None, given: list[int] | None = None,
 ) -> NoReturn:
     """Become the child whose spec (msgpack, from the supervisor) is in ``spec_fd``; never return.
 
@@ -53,23 +57,24 @@ def child_main(
     :mod:`agent.runtime.zygote`). ``zygote_fds`` are the zygote's own descriptors; a
     sandboxed child (``notify_fd`` is its socket for the seccomp listener, ``namespaces``
     the network and IPC namespaces made for it, if any) closes every descriptor but its
-    own instead.
+    own instead. ``given`` are descriptors the supervisor sent with the spec (a worker's
+    channel).
     """
     code = EXIT_SETUP_FAILED
     try:
         set_parent_death_signal()
         if zygote_pidfd is not None and select.select([zygote_pidfd], [], [], 0)[0]:
             os._exit(EXIT_SETUP_FAILED)  # the zygote died before the death signal was set
-        spec = unpack(_read_all(spec_fd), _SPEC_LIMITS)
+        spec = _read_spec(spec_fd)
         reset_signals()
         if notify_fd is not None:
-            _close_all_but(0, 1, 2, notify_fd, *(namespaces or ()))
+            _close_all_but(0, 1, 2, notify_fd, *(namespaces or ()), *(given or ()))
             os.setsid()  # its own session, process group and no controlling terminal
         else:
             for fd in (spec_fd, *zygote_fds):
                 os.close(fd)
             os.setpgid(0, 0)
-        code = _serve(spec, notify_fd, namespaces)
+        code = _serve(spec, notify_fd, namespaces, given)
     except BaseException:
         _print_exception()
     finally:
@@ -93,22 +98,28 @@ def park(sock_fd: int, zygote_pidfd: int | None, zygote_fds: list[int]) -> NoRet
             os.close(fd)
         os.setpgid(0, 0)
         sock = socket.socket(fileno=sock_fd)
-        _, fds, _, _ = socket.recv_fds(sock, 16, 1)
+        _, fds, _, _ = socket.recv_fds(sock, 16, _MAX_GIVEN + 1)
         sock.close()
         if not fds:
             os._exit(EXIT_OK)  # let go: no launch needed it
-        spec = unpack(_read_all(fds[0]), _SPEC_LIMITS)
+        spec = _read_spec(fds[0])
         os.close(fds[0])
-        code = _serve(spec, None, None)
+        code = _serve(spec, None, None, fds[1:])
     except BaseException:
         _print_exception()
     finally:
         _exit(code)
 
 
-def _serve(spec: dict, notify_fd: int | None, namespaces: list[int] | None) -> int:
-    """Log, confinement, channel, then the attempt (or, for a worker, attempts); the exit code."""
+def _serve(spec: dict, notify_fd: int | None, namespaces: list[int] | None, given: list[int] | None) -> int:
+    """Channel, log, confinement, then the attempt (or, for a worker, attempts); the exit code."""
     sandbox = spec["confine"].get("sandbox")
+    max_frame = spec["max_frame"] + FRAME_OVERHEAD
+    if given:  # a channel of its own (a worker's): the supervisor's greeting is already there
+        transport = DealerTransport.over(socket.socket(fileno=given[0]), spec["secret"], max_frame=max_frame)
+    else:  # connect first: the supervisor's end answers the handshake while the rest is set up
+        transport = DealerTransport(spec["endpoint"], spec["secret"], max_frame=max_frame,
+                                    peer_hwm=spec["receive_hwm"])
     # The log is opened before confinement: a sandbox may no longer reach its directory.
     log_fd = os.open(spec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     null_fd = os.open(os.devnull, os.O_RDONLY)
@@ -124,11 +135,6 @@ def _serve(spec: dict, notify_fd: int | None, namespaces: list[int] | None) -> i
         os.chdir(spec["cwd"])
     except OSError:
         pass
-    # Connect and say hello first: the supervisor answers while the loop is being built.
-    transport = DealerTransport(
-        spec["endpoint"], spec["secret"], max_frame=spec["max_frame"] + FRAME_OVERHEAD,
-        peer_hwm=spec["receive_hwm"],
-    )
     limits = Limits(max_frame=spec["max_frame"])
     worker = spec.get("worker")
     if worker is not None:
@@ -141,8 +147,10 @@ def _serve(spec: dict, notify_fd: int | None, namespaces: list[int] | None) -> i
 
         notify = socket.socket(fileno=notify_fd) if notify_fd is not None else None
         before_run = lambda: sandbox_module.enter_sandbox(sandbox, notify)  # noqa: E731
+    # The attempt's run message came with the spec: no round trip to the supervisor for it.
+    channel = FirstFrame(transport, spec.pop("run"))
     session = ChildSession(
-        transport, pid=os.getpid(), limits=limits,
+        channel, pid=os.getpid(), limits=limits,
         before_run=before_run, context_keys=spec.get("context_keys"),
     )
     session.hello()
@@ -155,6 +163,26 @@ def _serve(spec: dict, notify_fd: int | None, namespaces: list[int] | None) -> i
     asyncio.set_event_loop(loop)
     loop.run_until_complete(serve(session, transport))
     return EXIT_OK
+
+
+class FirstFrame:
+    """A child's channel whose first received frame is one it already holds (its ``run``)."""
+
+    def __init__(self, transport: DealerTransport, first: bytes | None = None) -> None:
+        self._transport = transport
+        self.first = first
+
+    def send(self, frame: bytes) -> None:
+        self._transport.send(frame)
+
+    async def recv(self) -> bytes:
+        if self.first is not None:
+            frame, self.first = self.first, None
+            return frame
+        return await self._transport.recv()
+
+    async def aclose(self) -> None:
+        return None  # the connection is closed by its owner
 
 
 def _print_exception() -> None:
@@ -172,6 +200,11 @@ def _exit(code: int) -> NoReturn:
     except BaseException:
         pass
     os._exit(code)
+
+
+def _read_spec(fd: int) -> dict:
+    data = _read_all(fd)
+    return unpack(data, Limits(max_frame=max(len(data), _SPEC_LIMITS.max_frame)))
 
 
 def _read_all(fd: int) -> bytes:

@@ -37,6 +37,7 @@ import uvloop
 from ..errors import ProtocolError
 from ..ipc import DealerTransport, Limits, Run, decode_message
 from ..ipc.messages import FROM_SUPERVISOR
+from .child import FirstFrame
 from .session import ChildSession
 
 EXIT_IDLE = 121
@@ -54,26 +55,6 @@ def serve_worker(transport: DealerTransport, limits: Limits, spec: dict[str, Any
         return loop.run_until_complete(worker.serve())
     finally:
         transport.close()
-
-
-class _Replay:
-    """The worker's transport for one session: the ``run`` frame already read comes first."""
-
-    def __init__(self, transport: DealerTransport) -> None:
-        self._transport = transport
-        self.first: bytes | None = None
-
-    def send(self, frame: bytes) -> None:
-        self._transport.send(frame)
-
-    async def recv(self) -> bytes:
-        if self.first is not None:
-            frame, self.first = self.first, None
-            return frame
-        return await self._transport.recv()
-
-    async def aclose(self) -> None:
-        return None  # the connection outlives the session
 
 
 class Worker:
@@ -97,7 +78,7 @@ class Worker:
 
     async def serve(self) -> int:
         while True:
-            replay = _Replay(self._transport)
+            replay = FirstFrame(self._transport)
             session = ChildSession(replay, pid=os.getpid(), limits=self._limits, context_keys=self._context_keys)
             session.hello()  # up (the first time), then ready again
             frame = await self._next_run()

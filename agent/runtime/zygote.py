@@ -210,7 +210,7 @@ class Zygote:
     def _handle(self, request: dict[str, Any]) -> None:
         op = request.get("op")
         if op == "spawn":
-            self._spawn(request["id"], bool(request.get("sandbox")))
+            self._spawn(request["id"], bool(request.get("sandbox")), int(request.get("fds", 1)))
         elif op == "kill":
             self._kill(request["pid"], request.get("signal", signal.SIGKILL))
 
@@ -224,15 +224,16 @@ class Zygote:
             fds += pair or ()
         return fds + [fd for fd in (self._pidfd, self._pidns) if fd is not None]
 
-    def _spawn(self, request_id: int, sandbox: bool) -> None:
-        if not self._spec_fds:
+    def _spawn(self, request_id: int, sandbox: bool, nfds: int = 1) -> None:
+        if len(self._spec_fds) < nfds or nfds < 1:
             write_frame(self._control, {"op": "spawn_failed", "id": request_id,
                                         "error": "the spawn request came without its spec"})
             return
         spec_fd = self._spec_fds.popleft()
+        extra = [self._spec_fds.popleft() for _ in range(nfds - 1)]  # handed on, never used here
         if not sandbox:
             self._count_spawn()
-            if self._unpark(request_id, spec_fd):
+            if self._unpark(request_id, spec_fd, extra):
                 return
         spare: tuple[int, int] | tuple[()] = ()
         try:
@@ -241,7 +242,7 @@ class Zygote:
                 spare = self._spares.popleft() if self._spares else ()
                 unshare(CLONE_NEWPID)  # the next child is PID 1 of a namespace of its own
         except OSError as exc:
-            for fd in (spec_fd, *spare):
+            for fd in (spec_fd, *spare, *extra):
                 os.close(fd)
             write_frame(self._control, {"op": "spawn_failed", "id": request_id,
                                         "error": f"cannot make a PID namespace: {exc}"})
@@ -256,9 +257,9 @@ class Zygote:
             error = str(exc)
         if pid == 0:
             notify = self._notify[1].fileno() if sandbox and self._notify is not None else None
-            child_module.child_main(spec_fd, self._pidfd, self._private_fds(), notify, list(spare))
+            child_module.child_main(spec_fd, self._pidfd, self._private_fds(), notify, list(spare), extra)
         _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
-        for fd in (spec_fd, *spare):
+        for fd in (spec_fd, *spare, *extra):
             os.close(fd)
         if sandbox:
             _setns(self._pidns, CLONE_NEWPID)  # type: ignore[arg-type]
@@ -306,17 +307,18 @@ class Zygote:
         write_frame(self._control, {"op": "parked", "pid": pid})
         return True
 
-    def _unpark(self, request_id: int, spec_fd: int) -> bool:
-        """Hand ``spec_fd`` to the oldest parked child; False when none could take it."""
+    def _unpark(self, request_id: int, spec_fd: int, extra: list[int]) -> bool:
+        """Hand ``spec_fd`` (and ``extra``) to the oldest parked child; False when none could take it."""
         while self._parked:
             pid, sock = self._parked.popleft()
             try:
-                socket.send_fds(sock, [b"s"], [spec_fd])
+                socket.send_fds(sock, [b"s"], [spec_fd, *extra])
             except OSError:
                 continue  # it died while parked: its exit is reported when it is reaped
             finally:
                 sock.close()
-            os.close(spec_fd)
+            for fd in (spec_fd, *extra):
+                os.close(fd)
             write_frame(self._control, {"op": "spawned", "id": request_id, "pid": pid})
             return True
         return False

@@ -76,7 +76,7 @@ class ChildProcess:
         secret: bytes,
         request_id: int,
         log_path: str,
-        run_frame: bytes,
+        run_frame: bytes | None,
         limits: Limits,
     ) -> None:
         self._sup = supervisor
@@ -139,8 +139,9 @@ class ChildProcess:
             return
         self._exit_known = True
         self._exit_status = status
-        if status is not None and self.status is ChildStatus.RUNNING and not self._disconnected:
-            # Its last frames may still be on their way: they are read before the disconnect.
+        if status is not None and self.status is not ChildStatus.REPORTED and not self._disconnected:
+            # Its last frames (its hello too: a child runs its state without waiting for the
+            # supervisor) may still be on their way: they are read before the disconnect.
             loop = asyncio.get_running_loop()
             self._settle_timer = loop.call_later(self._sup.config.grace, self._finalize)
         else:
@@ -199,7 +200,8 @@ class ChildProcess:
             self._sup.bind_fd(self, fd)
             self._sup.launched(self)
             frame, self._run_frame = self._run_frame, None
-            self._send(frame)  # type: ignore[arg-type]
+            if frame is not None:  # else the child got it with its spec
+                self._send(frame)
             return
         if self.status is not ChildStatus.RUNNING:
             raise ProtocolError(f"{msg.TYPE} message while the child is {self.status.value}")

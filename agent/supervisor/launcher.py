@@ -86,14 +86,18 @@ class ZygoteLauncher:
             self._loop.remove_reader(self._sock.fileno())
         self._loop = None
 
-    def spawn(self, request_id: int, spec: dict[str, Any], *, sandbox: bool = False) -> None:
-        """Ask for a child; its spec goes in a memfd that only the child reads."""
+    def spawn(self, request_id: int, spec: dict[str, Any], *, sandbox: bool = False, fds: Sequence[int] = ()) -> None:
+        """Ask for a child; its spec goes in a memfd that only the child reads.
+
+        ``fds`` are handed to the child after it (a worker's own channel).
+        """
         if not self.alive:
             raise ConnectionError("the zygote is gone")
         fd = os.memfd_create("agent-child-spec", os.MFD_CLOEXEC)
         try:
             os.write(fd, pack(spec, strict=False))
-            socket.send_fds(self._sock, [frame({"op": "spawn", "id": request_id, "sandbox": sandbox})], [fd])
+            request = {"op": "spawn", "id": request_id, "sandbox": sandbox, "fds": 1 + len(fds)}
+            socket.send_fds(self._sock, [frame(request)], [fd, *fds])
         except OSError as exc:
             self._lost()
             raise ConnectionError(f"the zygote is gone: {exc}") from None

@@ -115,7 +115,7 @@ class Supervisor:
         self._by_request: dict[int, ChildProcess] = {}
         self._by_pid: dict[int, ChildProcess] = {}
         self._by_fd: dict[int, ChildProcess] = {}
-        self._queued: dict[int, tuple[dict[str, Any], bool]] = {}
+        self._queued: dict[int, tuple[dict[str, Any], bool, tuple[int, ...]]] = {}
         self._outputs: dict[int, AttemptOutput] = {}  # request id -> the child's output pipe
         self._launching: set[int] = set()
         self.parked: set[int] = set()  # pids of the zygote's parked children
@@ -157,14 +157,15 @@ class Supervisor:
         log_path = self.logs.path(attempt.run_id, attempt.state_name, attempt.number)
         child = ChildProcess(
             self, attempt, confinement, secret=secret, request_id=request_id,
-            log_path=log_path, run_frame=run_frame, limits=self.limits,
+            log_path=log_path, run_frame=None, limits=self.limits,
         )
         # A sandbox's log is capped like its files (RLIMIT_FSIZE cannot see a pipe).
         cap = confinement.child_spec.get("sandbox", {}).get("rlimits", {}).get("fsize")
         output = AttemptOutput(asyncio.get_running_loop(), log_path, self.logs.create,
                                label_for(attempt.state_name, attempt.number),
                                cap=cap, on_cap=child.log_over_cap)
-        spec = self.child_spec(secret, output.child_path, confinement, scope, sandboxed=sandboxed)
+        # The run message goes with the spec: the child starts the state without asking.
+        spec = self.child_spec(secret, output.child_path, confinement, scope, sandboxed=sandboxed, run=run_frame)
         self.start(child, spec, output, sandboxed=sandboxed)
         return child
 
@@ -208,12 +209,14 @@ class Supervisor:
             **extra,
         }
 
-    def start(self, child: Any, spec: dict[str, Any], output: Any, *, sandboxed: bool = False) -> None:
-        """Register ``child`` (a state child or a worker) and queue its fork."""
+    def start(
+        self, child: Any, spec: dict[str, Any], output: Any, *, sandboxed: bool = False, fds: tuple[int, ...] = (),
+    ) -> None:
+        """Register ``child`` (a state child or a worker) and queue its fork (``fds`` go to it)."""
         self._outputs[child.request_id] = output
         self._by_secret[child.secret] = child
         self._by_request[child.request_id] = child
-        self._queued[child.request_id] = (spec, sandboxed)
+        self._queued[child.request_id] = (spec, sandboxed, fds)
         self._started += 1
         self._pump()
 
@@ -226,11 +229,11 @@ class Supervisor:
         while keeping the run queue short. ``AGENT_MAX_LAUNCHING`` overrides it.
         """
         while self._queued and len(self._launching) < self.config.max_launching and self.zygote.alive:
-            request_id, (spec, sandboxed) = next(iter(self._queued.items()))
+            request_id, (spec, sandboxed, fds) = next(iter(self._queued.items()))
             del self._queued[request_id]
             self._launching.add(request_id)
             try:
-                self.zygote.spawn(request_id, spec, sandbox=sandboxed)
+                self.zygote.spawn(request_id, spec, sandbox=sandboxed, fds=fds)
             except ConnectionError:
                 return  # the zygote is gone: every child is failed by _on_zygote_lost
 

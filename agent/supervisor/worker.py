@@ -15,15 +15,17 @@ goes to its own log (:class:`WorkerOutput`).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FailureReason, IllegalTransitionError
+from ..errors import FailureReason, IllegalTransitionError, ProtocolError
 from ..executor import Attempt
-from ..ipc import Hello, Message
+from ..ipc import FROM_CHILD, Hello, Message, decode_message
 from ..runtime.worker import EXIT_IDLE
+from .channel import DirectChannel
 from .child import ChildProcess, ChildStatus
 from .confinement import Confinement, SharedConfinement
 from .output import WorkerOutput, label_for
@@ -92,7 +94,7 @@ class WorkerProcess:
     idle_statuses = (WorkerStatus.IDLE,)
 
     def __init__(self, pool: "WorkerPool", shape: "Shape", confinement: Confinement, secret: bytes,
-                 request_id: int, output: WorkerOutput) -> None:
+                 request_id: int, output: WorkerOutput, loop: asyncio.AbstractEventLoop) -> None:
         self._pool = pool
         self._sup: "Supervisor" = pool.supervisor
         self.shape = shape
@@ -100,6 +102,10 @@ class WorkerProcess:
         self.secret = secret
         self.request_id = request_id
         self.output = output
+        self.channel = DirectChannel(
+            loop, max_frame=self._sup.config.max_frame, on_frame=self._on_frame,
+            on_violation=self.violate, on_close=self.on_disconnect,
+        )
         self.status = WorkerStatus.STARTING
         self.pid: int | None = None
         self.fd: int | None = None
@@ -127,6 +133,7 @@ class WorkerProcess:
 
     def on_spawned(self, pid: int) -> None:
         self.pid = pid
+        self.channel.child_started()
         self.confinement.started(pid)
         if self.killed:
             self._sup.kill_pid(pid)
@@ -137,6 +144,14 @@ class WorkerProcess:
 
     def on_denied(self, call: str) -> None:
         return None  # workers are never sandboxed
+
+    def _on_frame(self, data: bytes) -> None:
+        try:
+            msg = decode_message(data, self._sup.limits, FROM_CHILD)
+        except ProtocolError as exc:
+            self.violate(str(exc))
+            return
+        self.on_message(msg, -1)
 
     def on_message(self, msg: Message, fd: int) -> None:
         if isinstance(msg, Hello):
@@ -197,7 +212,7 @@ class WorkerProcess:
         # Its output may come before this process runs again: the log is ready first.
         self.output.begin_attempt(log_path, logs.create, label_for(attempt.state_name, attempt.number))
         try:
-            self._sup.router.send(self.secret, run_frame)
+            self.channel.send(self.secret, run_frame)
         except BaseException:
             self.output.end_attempt(logs)
             raise
@@ -222,8 +237,6 @@ class WorkerProcess:
 
     def _ready(self, fd: int) -> None:
         if self.status is WorkerStatus.STARTING:
-            self.fd = fd
-            self._sup.bind_fd(self, fd)  # type: ignore[arg-type]
             self._sup.launched(self)  # type: ignore[arg-type]
             self._move(WorkerStatus.IDLE)
             self.ready_at = time.monotonic()
@@ -241,6 +254,7 @@ class WorkerProcess:
         if self._cleaned:
             return
         self._cleaned = True
+        self.channel.close()
         self._sup.forget(self)  # type: ignore[arg-type]
         self.confinement.close()
         self._pool.worker_gone(self)
@@ -252,8 +266,8 @@ class WorkerProcess:
         return self._sup.config
 
     @property
-    def router(self) -> Any:
-        return self._sup.router
+    def router(self) -> DirectChannel:
+        return self.channel
 
     @property
     def log(self) -> Any:

@@ -245,9 +245,10 @@ class WorkerPool:
         sup = self.supervisor
         confinement = sup.confiner.prepare(attempt, name="worker")
         try:
-            output = WorkerOutput(asyncio.get_running_loop())
+            loop = asyncio.get_running_loop()
+            output = WorkerOutput(loop)
             secret = new_secret()
-            worker = WorkerProcess(self, queue.shape, confinement, secret, sup.next_request_id(), output)
+            worker = WorkerProcess(self, queue.shape, confinement, secret, sup.next_request_id(), output, loop)
             spec = sup.child_spec(secret, output.child_path, confinement, queue.scope,
                                   worker={"idle": self.settings.idle})
         except BaseException:
@@ -257,7 +258,7 @@ class WorkerPool:
         queue.starting.add(worker)
         queue.last_start = time.monotonic()
         self._started += 1
-        sup.start(worker, spec, output)
+        sup.start(worker, spec, output, fds=(worker.channel.child_end.fileno(),))  # type: ignore[union-attr]
 
     # --- what workers report -------------------------------------------------------------
 
@@ -342,6 +343,7 @@ class WorkerPool:
         self._loop = loop
         for worker in self._live:
             worker.output.move_to(loop)
+            worker.channel.move_to(loop)
         for queue in self._queues.values():
             queue.waiting = deque(w for w in queue.waiting if not w.future.get_loop().is_closed())
 
