@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import traceback
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import uvloop
 
@@ -32,6 +32,7 @@ from .session import ChildSession
 
 _SPEC_LIMITS = Limits(max_frame=16 * 1024 * 1024)
 _MAX_GIVEN = 1  # descriptors a spec may come with
+_ready_loop: asyncio.AbstractEventLoop | None = None  # a parked child's event loop, made ahead
 
 EXIT_OK = 0
 EXIT_SETUP_FAILED = 120
@@ -81,7 +82,7 @@ def child_main(
         _exit(code)
 
 
-def park(sock_fd: int, zygote_pidfd: int | None, zygote_fds: list[int]) -> NoReturn:
+def park(sock_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], warm_up: Callable[[], None]) -> NoReturn:
     """Be a parked child: do what every child does first, then wait for a spec; never return.
 
     The spec's descriptor arrives over ``sock_fd`` (``SCM_RIGHTS``) when a launch takes
@@ -97,6 +98,10 @@ def park(sock_fd: int, zygote_pidfd: int | None, zygote_fds: list[int]) -> NoRet
         for fd in zygote_fds:
             os.close(fd)
         os.setpgid(0, 0)
+        # The pages an attempt writes are copied now, while nothing waits for them.
+        warm_up()
+        global _ready_loop
+        _ready_loop = uvloop.new_event_loop()  # its own, made while nothing waits for it
         sock = socket.socket(fileno=sock_fd)
         _, fds, _, _ = socket.recv_fds(sock, 16, _MAX_GIVEN + 1)
         sock.close()
@@ -159,7 +164,9 @@ def _serve(spec: dict, notify_fd: int | None, namespaces: list[int] | None, give
     del spec
     # A loop of its own, never closed: the process ends with os._exit right after.
     # (A sandbox's is asyncio's: libuv's io_uring is denied by its seccomp filter.)
-    loop = uvloop.new_event_loop() if sandbox is None else asyncio.SelectorEventLoop()
+    loop = take_ready_loop()
+    if loop is None or sandbox is not None:
+        loop = uvloop.new_event_loop() if sandbox is None else asyncio.SelectorEventLoop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(serve(session, transport))
     return EXIT_OK
@@ -183,6 +190,13 @@ class FirstFrame:
 
     async def aclose(self) -> None:
         return None  # the connection is closed by its owner
+
+
+def take_ready_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop this process made while it was parked, if any (once)."""
+    global _ready_loop
+    loop, _ready_loop = _ready_loop, None
+    return loop
 
 
 def _print_exception() -> None:

@@ -37,7 +37,7 @@ import uvloop
 from ..errors import ProtocolError
 from ..ipc import DealerTransport, Limits, Run, decode_message
 from ..ipc.messages import FROM_SUPERVISOR
-from .child import FirstFrame
+from .child import FirstFrame, take_ready_loop
 from .session import ChildSession
 
 EXIT_IDLE = 121
@@ -48,7 +48,7 @@ _LEFTOVER_GRACE = 0.1  # seconds for tasks and threads a state left behind to en
 
 def serve_worker(transport: DealerTransport, limits: Limits, spec: dict[str, Any], settings: dict[str, Any]) -> int:
     """Serve attempts until idle, told to go, or unable to clean up; returns the exit code."""
-    loop = uvloop.new_event_loop()
+    loop = take_ready_loop() or uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     worker = Worker(transport, limits, spec, settings)
     try:

@@ -20,16 +20,19 @@ and hands its seccomp listener back over a datagram socket; the zygote answers e
 denied call with EPERM and reports it.
 
 A child need not wait for its fork: the zygote keeps a few children *parked*, forked
-ahead while it is idle, each blocked on a socket of its own until a ``spawn`` hands it its
-spec (:meth:`Zygote._unpark`); a launch then costs a descriptor passed, not a fork. How
+ahead while it is idle, each blocked on a socket of its own until a ``spawn`` naming it
+hands it its spec (:meth:`Zygote._unpark`); a launch then costs a descriptor passed,
+not a fork. It reports each one (``parked``), and the supervisor decides which to use
+(it first moves each into a cgroup of its own: :mod:`agent.supervisor.parked`). How
 many it keeps follows the launches it serves: as many as the largest burst of recent
 ``spawn`` requests, at most ``park_max`` (``AGENT_PARKED_MAX``, from the ``configure``
 request), and none once no child was asked for in ``PARK_IDLE`` seconds (a parked child
 whose socket closes exits). Sandboxed children are never parked: each is forked into a
 PID namespace of its own, made for that one fork. A parked child is a fresh fork that
 has run nothing of any state; what it does before it parks (parent-death signal,
-dropping the zygote's descriptors and signal handlers, a process group of its own) is
-what every child does first.
+dropping the zygote's descriptors and signal handlers, a process group of its own, and
+one warm-up round like the zygote's, so that the pages an attempt writes are its own
+already) is what every child does first.
 
 Most of a child's cost is copy-on-write: each page of the zygote a child writes is
 copied. Hence: the zygote is warmed up by serving whole attempts in-process before it
@@ -210,7 +213,7 @@ class Zygote:
     def _handle(self, request: dict[str, Any]) -> None:
         op = request.get("op")
         if op == "spawn":
-            self._spawn(request["id"], bool(request.get("sandbox")), int(request.get("fds", 1)))
+            self._spawn(request["id"], bool(request.get("sandbox")), int(request.get("fds", 1)), request.get("parked"))
         elif op == "kill":
             self._kill(request["pid"], request.get("signal", signal.SIGKILL))
 
@@ -224,7 +227,7 @@ class Zygote:
             fds += pair or ()
         return fds + [fd for fd in (self._pidfd, self._pidns) if fd is not None]
 
-    def _spawn(self, request_id: int, sandbox: bool, nfds: int = 1) -> None:
+    def _spawn(self, request_id: int, sandbox: bool, nfds: int = 1, parked: int | None = None) -> None:
         if len(self._spec_fds) < nfds or nfds < 1:
             write_frame(self._control, {"op": "spawn_failed", "id": request_id,
                                         "error": "the spawn request came without its spec"})
@@ -233,8 +236,13 @@ class Zygote:
         extra = [self._spec_fds.popleft() for _ in range(nfds - 1)]  # handed on, never used here
         if not sandbox:
             self._count_spawn()
-            if self._unpark(request_id, spec_fd, extra):
-                return
+        if parked is not None:
+            if not self._unpark(request_id, parked, spec_fd, extra):
+                for fd in (spec_fd, *extra):
+                    os.close(fd)
+                write_frame(self._control, {"op": "spawn_failed", "id": request_id, "parked_gone": True,
+                                            "error": f"parked child {parked} is gone"})
+            return
         spare: tuple[int, int] | tuple[()] = ()
         try:
             if sandbox:
@@ -296,7 +304,7 @@ class Zygote:
         except OSError:
             pid = -1
         if pid == 0:
-            child_module.park(theirs.fileno(), self._pidfd, [*self._private_fds(), ours.fileno()])
+            child_module.park(theirs.fileno(), self._pidfd, [*self._private_fds(), ours.fileno()], _warm_once)
         _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
         theirs.close()
         if pid < 0:
@@ -307,21 +315,25 @@ class Zygote:
         write_frame(self._control, {"op": "parked", "pid": pid})
         return True
 
-    def _unpark(self, request_id: int, spec_fd: int, extra: list[int]) -> bool:
-        """Hand ``spec_fd`` (and ``extra``) to the oldest parked child; False when none could take it."""
-        while self._parked:
-            pid, sock = self._parked.popleft()
-            try:
-                socket.send_fds(sock, [b"s"], [spec_fd, *extra])
-            except OSError:
-                continue  # it died while parked: its exit is reported when it is reaped
-            finally:
-                sock.close()
-            for fd in (spec_fd, *extra):
-                os.close(fd)
-            write_frame(self._control, {"op": "spawned", "id": request_id, "pid": pid})
-            return True
-        return False
+    def _unpark(self, request_id: int, pid: int, spec_fd: int, extra: list[int]) -> bool:
+        """Hand ``spec_fd`` (and ``extra``) to parked child ``pid``; False when it is gone."""
+        for entry in self._parked:
+            if entry[0] == pid:
+                break
+        else:
+            return False
+        self._parked.remove(entry)
+        sock = entry[1]
+        try:
+            socket.send_fds(sock, [b"s"], [spec_fd, *extra])
+        except OSError:
+            return False  # it died while parked: its exit is reported when it is reaped
+        finally:
+            sock.close()
+        for fd in (spec_fd, *extra):
+            os.close(fd)
+        write_frame(self._control, {"op": "spawned", "id": request_id, "pid": pid})
+        return True
 
     def _unpark_all(self) -> None:
         """Let every parked child go: each exits when its socket closes."""
@@ -562,6 +574,10 @@ def warm_up(rounds: int = 12) -> None:
             asyncio.set_event_loop(None)
             ours.close()
             peer.close()
+
+
+def _warm_once() -> None:
+    warm_up(1)
 
 
 def _release_free_heap() -> None:

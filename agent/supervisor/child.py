@@ -238,6 +238,9 @@ class ChildProcess:
 
     def _reported(self) -> None:
         self._move(ChildStatus.REPORTED)
+        if self._exit_known:  # its exit was heard before its last frames: nothing more will come
+            self._finalize()
+            return
         # The child exits right after reporting; one that lingers is killed.
         loop = asyncio.get_running_loop()
         self._kill_timer = loop.call_later(self._sup.config.grace, self.kill)

@@ -86,17 +86,21 @@ class ZygoteLauncher:
             self._loop.remove_reader(self._sock.fileno())
         self._loop = None
 
-    def spawn(self, request_id: int, spec: dict[str, Any], *, sandbox: bool = False, fds: Sequence[int] = ()) -> None:
+    def spawn(
+        self, request_id: int, spec: dict[str, Any], *, sandbox: bool = False, fds: Sequence[int] = (),
+        parked: int | None = None,
+    ) -> None:
         """Ask for a child; its spec goes in a memfd that only the child reads.
 
-        ``fds`` are handed to the child after it (a worker's own channel).
+        ``fds`` are handed to the child after it (a worker's own channel). ``parked``: the
+        pid of the parked child to hand them to (else a child is forked for them).
         """
         if not self.alive:
             raise ConnectionError("the zygote is gone")
         fd = os.memfd_create("agent-child-spec", os.MFD_CLOEXEC)
         try:
             os.write(fd, pack(spec, strict=False))
-            request = {"op": "spawn", "id": request_id, "sandbox": sandbox, "fds": 1 + len(fds)}
+            request = {"op": "spawn", "id": request_id, "sandbox": sandbox, "fds": 1 + len(fds), "parked": parked}
             socket.send_fds(self._sock, [frame(request)], [fd, *fds])
         except OSError as exc:
             self._lost()

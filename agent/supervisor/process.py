@@ -34,7 +34,7 @@ class ProcessExecutor:
             sup.exit_attempt()
 
     async def _run(self, sup: Supervisor, attempt: Attempt) -> AttemptOutcome:
-        confinement = sup.confiner.prepare(attempt)
+        confinement = sup.confine(attempt)
         try:
             child = sup.launch(attempt, confinement)
             try:

@@ -24,8 +24,8 @@ from typing import Any
 import cloudpickle
 import psutil
 
-from ..errors import InvalidConfigurationError, IsolationError, ProtocolError, UnencodableValueError
-from ..executor import Attempt
+from ..errors import CgroupError, InvalidConfigurationError, IsolationError, ProtocolError, UnencodableValueError
+from ..executor import Attempt, Isolation
 from ..ipc import FROM_CHILD, Limits, Run, decode_message, encode_message, encode_value
 from ..ipc.codec import DEFAULT_MAX_FRAME
 from ..ipc.router import RECEIVE_HWM, RouterChannel, peer_pid
@@ -37,6 +37,7 @@ from .launcher import ZygoteLauncher, new_secret
 from .logger import get_logger
 from .logs import AttemptLogs, activate
 from .output import AttemptOutput, label_for
+from .parked import ParkedChildren
 from .workers import WorkerPool
 
 
@@ -119,6 +120,8 @@ class Supervisor:
         self._outputs: dict[int, AttemptOutput] = {}  # request id -> the child's output pipe
         self._launching: set[int] = set()
         self.parked: set[int] = set()  # pids of the zygote's parked children
+        self.parked_children = ParkedChildren(self.confiner, lambda: self.router.loop, self.log)
+        self._targeted: dict[int, tuple[dict[str, Any], tuple[int, ...]]] = {}  # spawns of a parked child
         self.workers = WorkerPool(self)
         self._started = 0
         self._active = 0
@@ -169,6 +172,18 @@ class Supervisor:
         self.start(child, spec, output, sandboxed=sandboxed)
         return child
 
+    def confine(self, attempt: Attempt, *, name: str | None = None) -> Confinement:
+        """The attempt's confinement, in the cgroup of a parked child when one is ready
+        (that child then serves it: :meth:`launch`), else in a new cgroup."""
+        parked = None if attempt.isolation is Isolation.SANDBOX else self.parked_children.take()
+        if parked is not None and parked[1] is not None:
+            try:
+                return self.confiner.prepare(attempt, name=name, parked=parked)  # type: ignore[arg-type]
+            except CgroupError as exc:  # its cgroup would not take these limits: a new one will
+                self.log.warning("parked_cgroup_refused", pid=parked[0], error=str(exc))
+                self.confiner.background(parked[1].remove)  # takes the parked child with it
+        return self.confiner.prepare(attempt, name=name)
+
     def check_open(self) -> None:
         if self.closed or not self.zygote.alive:
             raise IsolationError("the supervisor is shut down: start a new run")
@@ -217,6 +232,8 @@ class Supervisor:
         self._by_secret[child.secret] = child
         self._by_request[child.request_id] = child
         self._queued[child.request_id] = (spec, sandboxed, fds)
+        if child.confinement.parked_pid is not None:
+            self._targeted[child.request_id] = (spec, fds)
         self._started += 1
         self._pump()
 
@@ -232,8 +249,9 @@ class Supervisor:
             request_id, (spec, sandboxed, fds) = next(iter(self._queued.items()))
             del self._queued[request_id]
             self._launching.add(request_id)
+            parked = spec["confine"].get("joined")
             try:
-                self.zygote.spawn(request_id, spec, sandbox=sandboxed, fds=fds)
+                self.zygote.spawn(request_id, spec, sandbox=sandboxed, fds=fds, parked=parked)
             except ConnectionError:
                 return  # the zygote is gone: every child is failed by _on_zygote_lost
 
@@ -385,26 +403,40 @@ class Supervisor:
         op = report.get("op")
         if op == "spawned":
             self.parked.discard(report["pid"])
+            self._targeted.pop(report["id"], None)
             child = self._by_request.pop(report["id"], None)
             if child is not None:
                 self._by_pid[report["pid"]] = child
                 child.on_spawned(report["pid"])
         elif op == "exited":
             self.parked.discard(report["pid"])
+            self.parked_children.gone(report["pid"])
             child = self._by_pid.pop(report["pid"], None)
             if child is not None:
                 child.on_exit(report["status"])
         elif op == "parked":
             self.parked.add(report["pid"])
+            self.parked_children.parked(report["pid"])
         elif op == "denied":
             child = self._by_pid.get(report["pid"])
             if child is not None:
                 child.on_denied(str(report.get("call")))
         elif op == "spawn_failed":
+            targeted = self._targeted.pop(report["id"], None)
+            if targeted is not None and report.get("parked_gone") and report["id"] in self._by_request:
+                self._fork_instead(report["id"], *targeted)
+                return
             child = self._by_request.pop(report["id"], None)
             if child is not None:
                 self.log.error("fork_failed", error=report.get("error"))
                 child.on_spawn_failed(str(report.get("error")))
+
+    def _fork_instead(self, request_id: int, spec: dict[str, Any], fds: tuple[int, ...]) -> None:
+        """The parked child meant for this request went away: a new child joins its cgroup."""
+        spec["confine"].pop("joined", None)
+        self._launching.discard(request_id)
+        self._queued[request_id] = (spec, False, fds)
+        self._pump()
 
     def _on_zygote_lost(self) -> None:
         self.log.error("zygote_lost", zygote_pid=self.zygote.pid)
@@ -426,6 +458,7 @@ class Supervisor:
             return
         self.closed = True
         self.workers.close()
+        self.parked_children.close()
         self.zygote.close()
         for child in list(self._by_secret.values()):
             self.forget(child)

@@ -171,6 +171,7 @@ class WorkerProcess:
             return
         self._move(WorkerStatus.EXITED)
         self.exit_status = status
+        self.confinement.reaped = status is not None  # its cgroup is then removed off the loop
         if status is None and self.pid is not None and not self._sup.closed:
             self._sup.kill_pid(self.pid)  # lost track of it: make sure it is gone
         attempt = self.attempt

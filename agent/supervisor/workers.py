@@ -243,7 +243,7 @@ class WorkerPool:
 
     def _start(self, queue: _Queue, attempt: Attempt) -> None:
         sup = self.supervisor
-        confinement = sup.confiner.prepare(attempt, name="worker")
+        confinement = sup.confine(attempt, name="worker")
         try:
             loop = asyncio.get_running_loop()
             output = WorkerOutput(loop)

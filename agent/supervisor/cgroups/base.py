@@ -80,7 +80,14 @@ class CgroupBackend(Protocol):
 
     name: str
 
-    def create(self, name: str, limits: CgroupLimits) -> CgroupHandle: ...
+    def create(self, name: str, limits: CgroupLimits, *, every_controller: bool = False) -> CgroupHandle:
+        """A new cgroup with ``limits``; ``every_controller``: in each controller an attempt
+        may need, so that :meth:`apply` can give it any limits later (a parked child's)."""
+        ...
+
+    def apply(self, handle: CgroupHandle, limits: CgroupLimits) -> None:
+        """Give a cgroup made with ``every_controller`` (and no limits yet) its limits."""
+        ...
 
     def owned_dirs(self) -> list[str]:
         """The directories of this supervisor (attempt cgroups live below them)."""

@@ -258,8 +258,8 @@ class V1Backend:
             caps["gpu_units"] = "devices cgroup denies other GPUs' /dev/nvidia* + CUDA_VISIBLE_DEVICES"
         return caps
 
-    def create(self, name: str, limits: CgroupLimits) -> V1Cgroup:
-        controllers = [c for c in self.controllers if self._needed(c, limits)]
+    def create(self, name: str, limits: CgroupLimits, *, every_controller: bool = False) -> V1Cgroup:
+        controllers = [c for c in self.controllers if self._needed(c, limits, every_controller)]
         dirs: dict[str, str] = {}
         handle = V1Cgroup(name, dirs, limits)
         try:
@@ -279,11 +279,22 @@ class V1Backend:
             raise
         return handle
 
+    def apply(self, handle: V1Cgroup, limits: CgroupLimits) -> None:
+        missing = [c for c in self.controllers if self._needed(c, limits) and c not in handle.dirs]
+        if missing:
+            raise CgroupError(f"cgroup {handle.name} is not in {missing}, which these limits need")
+        handle.limits = limits
+        try:
+            self._write_limits(handle)
+        except OSError as exc:
+            raise CgroupError(f"cannot set limits on cgroup {handle.name}: {exc.strerror} ({exc.filename or ''})") from exc
+
     @staticmethod
-    def _needed(controller: str, limits: CgroupLimits) -> bool:
-        """cpu only carries a quota and devices an allow list; without them, not joined."""
+    def _needed(controller: str, limits: CgroupLimits, every: bool = False) -> bool:
+        """cpu only carries a quota and devices an allow list; without them, not joined
+        (unless ``every``: a quota may come later; the devices list is the machine's)."""
         if controller == "cpu":
-            return limits.cpu_quota_us is not None
+            return every or limits.cpu_quota_us is not None
         if controller == "devices":
             return limits.allow_devices is not None
         return True
