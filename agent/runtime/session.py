@@ -29,6 +29,7 @@ from ..ipc import (
     Result,
     Run,
     Transport,
+    Welcome,
     decode_message,
     encode_message,
 )
@@ -64,6 +65,7 @@ class ChildSession:
         self._written: list[str] = []
         self._classes: tuple[type, ...] = ()
         self._greeted = False
+        self._welcomed = False
 
     def hello(self) -> None:
         """Say hello (done by :meth:`run` unless called before, to overlap the handshake)."""
@@ -217,6 +219,19 @@ class ChildSession:
                 self._stop_task("preempt")
             elif isinstance(msg, Cancel):
                 self._stop_task(msg.reason or "cancel")
+            elif isinstance(msg, Welcome):
+                self._welcomed = True
+
+    async def welcomed(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until the supervisor believed the hello: a
+        connection closed before then could no longer show whose it was (:class:`Welcome`)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._welcomed:
+                    if isinstance(self._decode(await self._transport.recv()), Welcome):
+                        self._welcomed = True
+        except (TimeoutError, ConnectionError, ProtocolError):
+            pass
 
     def _stop_task(self, reason: str) -> None:
         if self._stop is None:
