@@ -16,7 +16,12 @@ import cloudpickle
 
 from .. import errors, values
 from ..context import Context, ContextBudget
-from ..errors import HumanInputError, HumanInputTimeoutError, ProtocolError, ValueTooLargeError
+from ..errors import (
+    HumanInputError,
+    HumanInputTimeoutError,
+    ProtocolError,
+    ValueTooLargeError,
+)
 from ..ipc import (
     Cancel,
     CheckpointSnapshot,

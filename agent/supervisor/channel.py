@@ -22,8 +22,8 @@ import socket
 import struct
 from collections.abc import Callable
 
-from ..values import FRAME_OVERHEAD
 from ..ipc.zmtp import GREETING, frame, ready_command
+from ..values import FRAME_OVERHEAD
 
 _GREETING_SIZE = len(GREETING)
 _MORE, _LONG, _COMMAND = 0x01, 0x02, 0x04

@@ -83,7 +83,8 @@ class SupervisorStatistics:
     zygote_pid: int | None
     children_started: int
     children_running: int
-    """State processes serving an attempt, or starting to (idle workers are not counted)."""
+    """State processes serving an attempt, or starting to (workers serving none, idle or still
+    starting, are not counted)."""
     frames_dropped: int
     protocol_violations: int
     bounds_exceeded: int
@@ -394,7 +395,7 @@ class Supervisor:
         return SupervisorStatistics(
             zygote_pid=self.zygote.pid if self.zygote.alive else None,
             children_started=self._started,
-            children_running=len(self._by_secret) - workers.idle,
+            children_running=len(self._by_secret) - workers.idle - workers.starting,
             frames_dropped=self._dropped,
             protocol_violations=self._violations,
             bounds_exceeded=self._bounds_exceeded,

@@ -40,7 +40,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import FailureReason, InvalidConfigurationError, IsolationError
 from ..executor import Attempt, AttemptFailed
@@ -371,3 +371,8 @@ class WorkerPool:
     def idle_pids(self) -> set[int]:
         """Workers serving nothing now (they stay, warm, until idle for AGENT_WORKER_IDLE)."""
         return {w.pid for q in self._queues.values() for w in q.idle if w.pid is not None}
+
+    def warm_pids(self) -> set[int]:
+        """Workers serving no attempt: idle ones, and ones still starting (idle once up)."""
+        starting = {w.pid for q in self._queues.values() for w in q.starting if w.pid is not None}
+        return self.idle_pids() | starting

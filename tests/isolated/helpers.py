@@ -40,9 +40,9 @@ def state_process_gone(pid: int) -> bool:
 
 def stray_processes() -> list[psutil.Process]:
     """Live descendants of this process other than the supervisor's zygote, its parked
-    children and idle workers (which stay warm between runs by design)."""
+    children and workers serving no attempt (which stay warm between runs by design)."""
     sup = current_supervisor()
-    warm = {sup.zygote.pid, *sup.parked, *sup.workers.idle_pids()} if sup is not None else set()
+    warm = {sup.zygote.pid, *sup.parked, *sup.workers.warm_pids()} if sup is not None else set()
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
