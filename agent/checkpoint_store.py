@@ -229,7 +229,8 @@ class SQLiteCheckpointStore:
             raise CheckpointError(f"run_id must be a non-empty string, got {run_id!r}")
         try:
             header = json.dumps(
-                {**checkpoint.header_dict(with_metadata=False), "run_id": run_id}, separators=(",", ":"), allow_nan=False
+                {**checkpoint.header_dict(with_metadata=False), "run_id": run_id},
+                separators=(",", ":"), allow_nan=False,
             )
         except (UnencodableValueError, ValueError) as exc:
             raise CheckpointError(f"checkpoint of run {run_id} cannot be written: {exc}") from exc

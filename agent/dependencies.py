@@ -57,7 +57,9 @@ class DependencyConfig:
     def __post_init__(self) -> None:
         error = InvalidConfigurationError
         self.type = _validate.member(DependencyType, self.type, "DependencyConfig.type", error=error)
-        self.lifecycle = _validate.member(DependencyLifecycle, self.lifecycle, "DependencyConfig.lifecycle", error=error)
+        self.lifecycle = _validate.member(
+            DependencyLifecycle, self.lifecycle, "DependencyConfig.lifecycle", error=error,
+        )
         for name in ("expiry", "interval", "timeout"):
             _validate.number(getattr(self, name), f"DependencyConfig.{name}", error=error, none=True,
                              unit="seconds")

@@ -20,7 +20,6 @@ import asyncio
 import os
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace

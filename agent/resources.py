@@ -811,7 +811,8 @@ class ResourcePool:
 
         ``[]``: it fits (or will, once evictions already under way finish); ``None``:
         preemption is off, a quota holds the request back (evicting frees capacity, not
-        quota), or no set of strictly lower-priority holders frees enough. ``among`` limits the victims to holders the caller can stop. Chosen victims are
+        quota), or no set of strictly lower-priority holders frees enough. ``among`` limits
+        the victims to holders the caller can stop. Chosen victims are
         remembered until they release, so they are not chosen twice, and what they free
         counts as promised to ``owner`` until the last of them has released.
         """

@@ -333,7 +333,8 @@ def entry_check(key: str, value: Any) -> int:
         n = check(value, key=key)
     if key.isascii():
         k = len(key)
-        return k + (1 if k < 32 else 2 if k < 256 else 3 if k < 65536 else 5) + n + (2 if n < 256 else 3 if n < 65536 else 5)
+        key_head = 1 if k < 32 else 2 if k < 256 else 3 if k < 65536 else 5
+        return k + key_head + n + (2 if n < 256 else 3 if n < 65536 else 5)
     return entry_size(key, n)
 
 
@@ -391,7 +392,8 @@ def _tz_fields(tz: _dt.tzinfo | None) -> tuple[str | None, int | None, str | Non
     if type(tz) is _dt.timezone:
         offset = tz.utcoffset(None)
         name = tz.tzname(None)
-        return None, offset // _dt.timedelta(microseconds=1), None if name == _dt.timezone(offset).tzname(None) else name
+        fixed_name = _dt.timezone(offset).tzname(None)
+        return None, offset // _dt.timedelta(microseconds=1), None if name == fixed_name else name
     raise _Refused(
         f"a {type(tz).__module__}.{type(tz).__qualname__} time zone cannot be carried; use "
         "datetime.timezone or zoneinfo.ZoneInfo('Area/City')"

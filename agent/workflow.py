@@ -100,7 +100,7 @@ def check_state_function(name: str, func: Any) -> None:
         raise InvalidStateFunctionError(f"state {name!r}: {func!r} is not callable")
     target = func
     if not inspect.iscoroutinefunction(target) and not inspect.isfunction(target):
-        call = getattr(type(target), "__call__", None)
+        call = getattr(type(target), "__call__", None)  # noqa: B004 (the class's own __call__, not callable())
         if call is not None and inspect.iscoroutinefunction(call):
             target = call.__get__(target)
     if not inspect.iscoroutinefunction(target):
@@ -209,7 +209,7 @@ def function_returns(func: Any) -> frozenset[str] | None:
     if isinstance(func, types.MethodType):
         func = func.__func__
     if not isinstance(func, types.FunctionType):
-        call = getattr(type(func), "__call__", None)
+        call = getattr(type(func), "__call__", None)  # noqa: B004 (the class's own __call__)
         if isinstance(call, types.FunctionType):
             func = call
         else:

@@ -64,9 +64,9 @@ def throughput(repeat: int) -> dict[str, dict[str, float]]:
         mb = len(data) / 1e6
         out[name] = {
             "bytes": len(data),
-            "encode_mb_s": round(mb / best(lambda: encode(value), repeat), 1),
-            "decode_mb_s": round(mb / best(lambda: decode(data), repeat), 1),
-            "check_mb_s": round(mb / best(lambda: check(value), repeat), 1),
+            "encode_mb_s": round(mb / best(lambda value=value: encode(value), repeat), 1),
+            "decode_mb_s": round(mb / best(lambda data=data: decode(data), repeat), 1),
+            "check_mb_s": round(mb / best(lambda value=value: check(value), repeat), 1),
         }
     return out
 

@@ -4,7 +4,8 @@ latency: state requested (executor called) -> first line of the state running, f
 monotonic clock, which is shared by every process of the box.
 chain: a 200-state sequential workflow; fan_out: one state returning 200 names.
 Both run through ``Agent(..., isolation="process")`` and, for comparison, straight
-through the executor; each ``--repeat`` times, and the medians are reported. ``*_cpu_ms_per_state``: CPU time of this process, the zygote and
+through the executor; each ``--repeat`` times, and the medians are reported.
+``*_cpu_ms_per_state``: CPU time of this process, the zygote and
 the children per state of the executor runs; on a shared box it moves less than the rates.
 """
 

@@ -17,8 +17,10 @@ each workload, the two sides alternate ``--repeat`` times and the medians are re
   for 10 ms: the overhead in proportion to a little work.
 
 ``ratio`` is ours / plain Ray's time (medians; ``pair_ratio_median``: the median of the
-ratios of runs side by side); ``overhead_ms_per_state`` is the difference per state; ``*_cpu_ms_per_state`` the CPU time of this process and the whole local cluster
-per state (workers that exit meanwhile are not counted), which moves less with the load. Ray itself moves ±10-50% between runs on a shared 2-core machine: compare ratios
+ratios of runs side by side); ``overhead_ms_per_state`` is the difference per state;
+``*_cpu_ms_per_state`` the CPU time of this process and the whole local cluster per state
+(workers that exit meanwhile are not counted), which moves less with the load. Ray itself
+moves ±10-50% between runs on a shared 2-core machine: compare ratios
 measured in one run.
 
 Run: ``python bench/ray_executor.py [--states 200] [--repeat 9] [--cpus 2]``. (Not ``bench/ray.py``: run

@@ -3,9 +3,9 @@
 #   scripts/test.sh [pytest args...]
 # What it installs: the package (editable) with extras test, monitor, gpu, ray and dev (the
 # linters) into the venv of scripts/install.sh ($AGENT_VENV, default <checkout>/.venv).
-# Before the tests it checks the layers (import-linter, pyproject's [tool.importlinter]) and
-# that the public API type-checks under mypy --strict (pyproject's [tool.mypy]). As root on a cgroup
-# v1 host it also runs the cgroup v2 suite in a guest (.ci/guest-tests: qemu, busybox and
+# Before the tests it checks the style (ruff, pyproject's [tool.ruff]), the layers
+# (import-linter, pyproject's [tool.importlinter]) and that the public API type-checks
+# under mypy --strict (pyproject's [tool.mypy]). As root on a cgroup v1 host it also runs the cgroup v2 suite in a guest (.ci/guest-tests: qemu, busybox and
 # kmod from apt, Debian's kernel package unpacked into .ci-out/kernel, never installed,
 # and virtme-ng into .ci-out/vng); AGENT_SKIP_GUEST=1 skips it.
 # It tests the checkout where it is and writes only to the venv, .ci-out/ and temporary
@@ -36,6 +36,7 @@ fi
 venv=$("$here/scripts/install.sh" test,monitor,gpu,ray,dev | tail -n 1)
 cd "$here"
 status=0
+"$venv/bin/ruff" check --quiet . || status=1
 "$venv/bin/lint-imports" --no-cache >/dev/null || { "$venv/bin/lint-imports" --no-cache; status=1; }
 "$venv/bin/mypy" || status=$?
 "$venv/bin/python" -m pytest "$@" || status=$?

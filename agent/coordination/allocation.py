@@ -60,7 +60,9 @@ def _owner_or_task(owner: str | None) -> str:
 class _Held:
     """An ``async with`` holding of ``amount`` of one primitive by one owner."""
 
-    def __init__(self, coordinator: Coordinator, primitive: Primitive, owner: str, amount: float, timeout: float | None) -> None:
+    def __init__(
+        self, coordinator: Coordinator, primitive: Primitive, owner: str, amount: float, timeout: float | None,
+    ) -> None:
         self.coordinator = coordinator
         self.primitive = primitive
         self.owner = owner

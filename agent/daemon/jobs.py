@@ -94,7 +94,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 """
 SCHEMA_VERSION = 1
-_COLUMNS = "id, uid, gid, user, name, priority, status, path, cwd, params, run_id, error, states, created, started, finished, starts"
+_COLUMNS = (
+    "id, uid, gid, user, name, priority, status, path, cwd, params, run_id, error, states, created, started, "
+    "finished, starts"
+)
 
 
 class JobStore:

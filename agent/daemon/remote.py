@@ -249,7 +249,9 @@ def daemon_pool() -> RemotePool:
             try:
                 first, welcome = connect(path)
             except DaemonUnavailableError as exc:
-                raise DaemonUnavailableError(f"{DAEMON_ENV}=1: {exc}; or unset {DAEMON_ENV} to run without it") from None
+                raise DaemonUnavailableError(
+                    f"{DAEMON_ENV}=1: {exc}; or unset {DAEMON_ENV} to run without it"
+                ) from None
             spare = [first]
 
             def reconnect() -> socket.socket:

@@ -245,7 +245,7 @@ class Runner:
         status = agent.status.value
         self.finish(status if status in ("completed", "cancelled") else "failed", None)
         return EXIT_OK
-        
+
 
 def _isolated(agent: Any) -> bool:
     """Whether any state of ``agent`` runs in a process of its own."""

@@ -452,9 +452,9 @@ class JobSupervisor:
         done = job.status.is_terminal or job.status is JobStatus.PAUSED
         if state is None:
             try:
-                data, size = read_file(self.log_dir, [job.id, "runner.log"], job.uid, offset, MAX_LOG_READ)
+                data, _ = read_file(self.log_dir, [job.id, "runner.log"], job.uid, offset, MAX_LOG_READ)
             except FileNotFoundError:
-                data, size = b"", 0
+                data = b""
             return {"text": data.decode(errors="replace"), "offset": offset + len(data), "done": done}
         if state not in job.states:
             known = ", ".join(sorted(job.states)) or "none reported yet"

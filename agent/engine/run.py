@@ -34,7 +34,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .. import events as ev
-from .._types import Priority, StopReason
+from .._types import StopReason
 from ..dependencies import DependencyLifecycle as Life
 from ..dependencies import DependencyType as Dep
 from ..errors import (

@@ -446,7 +446,9 @@ class MetricsCollector:
 
     # --- reading -----------------------------------------------------------------------
 
-    def metrics(self, types: MetricType = MetricType.ALL, *, reset: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+    def metrics(
+        self, types: MetricType = MetricType.ALL, *, reset: bool = False,
+    ) -> dict[str, dict[str, dict[str, float]]]:
         """The metrics dict for the selected categories (a fresh copy).
 
         With ``reset`` the aggregations start over afterwards (per-window figures, for

@@ -113,7 +113,8 @@ class TopView:
 
     @staticmethod
     def _runs_table(runs: Sequence[RunView]) -> Table:
-        table = Table(title="runs", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, expand=True, title_style="bold")
+        table = Table(title="runs", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, expand=True,
+                      title_style="bold")
         table.add_column("AGENT", style="bold")
         table.add_column("RUN", style="dim")
         table.add_column("STATUS")
@@ -166,7 +167,8 @@ class TopView:
 
     @staticmethod
     def _recent_table(runs: Sequence[RunView]) -> Table:
-        table = Table(title="finished", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, expand=True, title_style="bold")
+        table = Table(title="finished", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, expand=True,
+                      title_style="bold")
         table.add_column("AGENT", style="bold")
         table.add_column("RUN", style="dim")
         table.add_column("STATUS")
@@ -433,7 +435,8 @@ def render_box(view: dict[str, Any], width: int = 100, color: bool = False) -> s
     if failing:
         lines += ["", "failed or blocked states"]
         for run, f in failing[:MAX_RECENT_ROWS]:
-            lines.append(paint(f"  {run['agent']}/{f['state']} {f['status']}: {f['error'].splitlines()[0] if f['error'] else ''}"[:width], "failed"))
+            error = f["error"].splitlines()[0] if f["error"] else ""
+            lines.append(paint(f"  {run['agent']}/{f['state']} {f['status']}: {error}"[:width], "failed"))
     unreachable = [p for p in view["processes"] if p["error"]]
     if view["saved"]:
         lines += ["", "saved runs (checkpoint stores)"]

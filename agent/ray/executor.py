@@ -447,8 +447,10 @@ def ray_failure(exc: BaseException) -> FailureReason:
     """Why Ray says the attempt's task did not return."""
     said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, rx.OutOfMemoryError):
-        return FailureReason(kind="limit", message=f"killed by Ray's memory monitor: the node ran short of memory ({said})",
-                             details={"limit": "ray_memory_monitor"})
+        return FailureReason(
+            kind="limit", message=f"killed by Ray's memory monitor: the node ran short of memory ({said})",
+            details={"limit": "ray_memory_monitor"},
+        )
     if isinstance(exc, (rx.WorkerCrashedError, rx.NodeDiedError, rx.LocalRayletDiedError)):
         return FailureReason(
             kind="lost_connection",

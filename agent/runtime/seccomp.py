@@ -26,7 +26,8 @@ that dies of it gets a reason naming the call. Without a listener the filter ans
 EPERM itself, as it does for :data:`QUIET` calls. io_uring is refused because its
 operations run outside the filter's sight (and it is a large kernel surface); a
 sandboxed state therefore runs on asyncio's own event loop, since uvloop's libuv opens
-an io_uring for every loop (a loop made inside the sandbox just goes without one). Calls added to the kernel after this table was written are allowed: the
+an io_uring for every loop (a loop made inside the sandbox just goes without one). Calls
+added to the kernel after this table was written are allowed: the
 table is a deny-list, like Docker's default profile's complement.
 """
 

@@ -17,7 +17,9 @@ import glob
 import os
 from collections.abc import Iterable, Sequence
 
-from ..devices import GPUAllocator, GPUDevice, GPUInventory, NvmlInventory, StaticInventory, assignment, machine_inventory
+from ..devices import (
+    GPUAllocator, GPUDevice, GPUInventory, NvmlInventory, StaticInventory, assignment, machine_inventory,
+)
 
 __all__ = [
     "GPUAllocator", "GPUDevice", "GPUInventory", "NVIDIA_DEVICE_MAJOR", "NvmlInventory", "StaticInventory",

@@ -68,7 +68,9 @@ class SupervisorConfig:
 
     max_frame: int = field(default_factory=values.max_frame_from_env)
     grace: float = field(default_factory=lambda: _env_float("AGENT_STOP_GRACE", 2.0))
-    max_launching: int = field(default_factory=lambda: int(os.environ.get("AGENT_MAX_LAUNCHING") or 8 * (os.cpu_count() or 1)))
+    max_launching: int = field(
+        default_factory=lambda: int(os.environ.get("AGENT_MAX_LAUNCHING") or 8 * (os.cpu_count() or 1))
+    )
     log_dir: str | None = None
     preload: tuple[str, ...] = field(default_factory=lambda: _env_modules("AGENT_PRELOAD"))
     """Modules the zygote imports before it forks, so that children inherit them."""

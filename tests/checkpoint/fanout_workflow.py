@@ -15,7 +15,8 @@ from agent.checkpoint_store import SQLiteCheckpointStore
 
 
 def build(directory: Path, hang: str | None) -> Agent:
-    agent = Agent("fanout", isolation="inline", checkpoint_store=SQLiteCheckpointStore(directory / "checkpoints.sqlite3"))
+    store = SQLiteCheckpointStore(directory / "checkpoints.sqlite3")
+    agent = Agent("fanout", isolation="inline", checkpoint_store=store)
 
     def effect(name: str) -> None:
         with open(directory / "effects.log", "a") as f:

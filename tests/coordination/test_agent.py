@@ -105,8 +105,12 @@ class TestRateLimit:
 
     async def test_sliding_and_leaky_replace_each_other(self, coord: Coordinator, clock: FakeClock) -> None:
         agent = _agent("advanced", coord, max_steps=4)
-        agent.add_state_rate_limit("api_call", max_rate=100.0, strategy=RateLimitStrategy.SLIDING_WINDOW, window_size=60.0)
-        agent.add_state_rate_limit("data_ingestion", max_rate=50.0, strategy=RateLimitStrategy.LEAKY_BUCKET, window_size=1.0)
+        agent.add_state_rate_limit(
+            "api_call", max_rate=100.0, strategy=RateLimitStrategy.SLIDING_WINDOW, window_size=60.0,
+        )
+        agent.add_state_rate_limit(
+            "data_ingestion", max_rate=50.0, strategy=RateLimitStrategy.LEAKY_BUCKET, window_size=1.0,
+        )
         starts: list[float] = []
 
         async def data_ingestion(context: Context):
@@ -166,7 +170,8 @@ class TestPrimitivesThroughTheEngine:
     async def test_semaphore_of_three(self, coord: Coordinator, clock: FakeClock) -> None:
         inside = _Inside()
         results = await _concurrent_runs(
-            coord, clock, 8, lambda a: a.add_state_coordination("guarded", PrimitiveType.SEMAPHORE, max_count=3), 1.0, inside
+            coord, clock, 8, lambda a: a.add_state_coordination("guarded", PrimitiveType.SEMAPHORE, max_count=3),
+            1.0, inside,
         )
         assert not [r for r in results if isinstance(r, BaseException)]
         assert inside.peak == 3 and sorted(t for _, t in inside.log) == [0, 0, 0, 1, 1, 1, 2, 2]

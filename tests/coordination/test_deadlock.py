@@ -20,7 +20,9 @@ async def _opposite_order(coord: Coordinator, clock: FakeClock) -> tuple[asyncio
     """A holds m1 then wants m2; B holds m2 then wants m1 (B starts waiting last)."""
     a_has_m1, b_has_m2 = asyncio.Event(), asyncio.Event()
 
-    async def take(owner: str, first: str, second: str, mine: asyncio.Event, theirs: asyncio.Event, delay: float) -> str:
+    async def take(
+        owner: str, first: str, second: str, mine: asyncio.Event, theirs: asyncio.Event, delay: float,
+    ) -> str:
         async with mutex(first, owner=owner, coordinator=coord):
             mine.set()
             await theirs.wait()
@@ -92,7 +94,7 @@ class TestDeadlockDetector:
         await s.acquire("x")
         await s.acquire("y")
         await m.acquire("z")
-        waits = [asyncio.create_task(m.acquire("x")), asyncio.create_task(m.acquire("y")), asyncio.create_task(s.acquire("z"))]
+        waits = [asyncio.create_task(wait) for wait in (m.acquire("x"), m.acquire("y"), s.acquire("z"))]
         await settle()
         detector = coordinator.deadlock_detector
         detector.resolution = DeadlockResolution.REPORT

@@ -48,7 +48,8 @@ def test_a_script_waits_in_the_box_queue_behind_a_job(agentd: Agentd, users: tup
 
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "AGENT_DAEMON": "1",
            "AGENT_SOCKET": agentd.socket, "HOME": "/nonexistent"}
-    with running_as(bob, [str(Path(sys.executable).parent / "agent"), "run", "--json", str(script)], env, workdir) as run:
+    command = [str(Path(sys.executable).parent / "agent"), "run", "--json", str(script)]
+    with running_as(bob, command, env, workdir) as run:
         # bob's script asks agentd for a CPU; the box has none left, so it waits in agentd's queue.
         wait_until(lambda: agentd.ctl_json("top")["pool"]["waiting"] == 1, "the script's request to queue in agentd")
         assert "script start" not in events.read_text()

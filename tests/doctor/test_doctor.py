@@ -86,7 +86,8 @@ class TestBackendChoice:
 
     def test_forced_backend_is_reported(self) -> None:
         mounts = parse_mountinfo(HERE_V1)
-        assert choose_backend(mounts, "v1") == ("v1", choose_backend(mounts)[1] + " (forced by AGENT_CGROUP_BACKEND=v1)")
+        forced = choose_backend(mounts)[1] + " (forced by AGENT_CGROUP_BACKEND=v1)"
+        assert choose_backend(mounts, "v1") == ("v1", forced)
         backend, reason = choose_backend(mounts, "v2")
         assert backend == "none" and "unset AGENT_CGROUP_BACKEND" in reason
         assert choose_backend(mounts, "none")[0] == "none"

@@ -39,7 +39,9 @@ class TestTypes:
         agent.add_state("prepare_data", recorder(log))
         agent.add_state("final_step", recorder(log), dependencies={"prepare_data": DependencyType.REQUIRED})
         await agent.run()
-        assert log == [("start", "prepare_data"), ("end", "prepare_data"), ("start", "final_step"), ("end", "final_step")]
+        assert log == [
+            ("start", "prepare_data"), ("end", "prepare_data"), ("start", "final_step"), ("end", "final_step"),
+        ]
 
     async def test_required_returned_state_waits(self):
         log: list = []

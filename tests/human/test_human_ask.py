@@ -58,7 +58,8 @@ class TestValidation:
     async def test_max_attempts_falls_back_to_default(self, clock):
         provider = QueueInputProvider()
         task = asyncio.create_task(
-            ask_human(provider, "yes/no", validator=lambda a: a in ("yes", "no"), default="no", max_attempts=2, clock=clock)
+            ask_human(provider, "yes/no", validator=lambda a: a in ("yes", "no"), default="no", max_attempts=2,
+                      clock=clock)
         )
         for _ in range(2):
             provider.answer((await provider.wait_for_request()).id, "maybe")
@@ -66,7 +67,9 @@ class TestValidation:
 
     async def test_max_attempts_without_default_raises(self, clock):
         provider = QueueInputProvider()
-        task = asyncio.create_task(ask_human(provider, "yes/no", validator=lambda a: False, max_attempts=1, clock=clock))
+        task = asyncio.create_task(
+            ask_human(provider, "yes/no", validator=lambda a: False, max_attempts=1, clock=clock)
+        )
         provider.answer((await provider.wait_for_request()).id, "maybe")
         with pytest.raises(HumanInputError, match="rejected"):
             await task

@@ -34,7 +34,8 @@ class TestMessages:
     """Frames are validated against their dataclass after decoding."""
 
     def test_roundtrip(self):
-        msg = Run("r", "a", "s", 2, b"fn", b"classes", {"k": encode(1)}, 1024, 4096, 12, {"load": "ValueError: bad row"})
+        failures = {"load": "ValueError: bad row"}
+        msg = Run("r", "a", "s", 2, b"fn", b"classes", {"k": encode(1)}, 1024, 4096, 12, failures)
         assert decode_message(encode_message(msg), BOUNDS) == msg
 
     @pytest.mark.parametrize(

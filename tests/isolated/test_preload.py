@@ -50,11 +50,11 @@ def run_workflow(tmp_path: Path, module_code: str, preload: str | None) -> tuple
     return json.loads(done.stdout), done.stderr, imports
 
 
-RECORDING_MODULE = f"""
+RECORDING_MODULE = """
     import os
     LOADED_IN = os.getpid()
     with open(os.path.join(os.path.dirname(__file__), "imports"), "a") as f:
-        f.write(f"{{LOADED_IN}}\\n")
+        f.write(f"{LOADED_IN}\\n")
 """
 
 

@@ -34,7 +34,7 @@ class TestMetricsShape:
 
     def test_category_of_combined_flag_is_an_error(self):
         with pytest.raises(ValueError):
-            (MetricType.TIMING | MetricType.ERRORS).category
+            _ = (MetricType.TIMING | MetricType.ERRORS).category
 
     def test_returns_a_copy(self, collector):
         data = collector.metrics()

@@ -81,7 +81,10 @@ def same(a: Any, b: Any) -> bool:
 
 
 offsets = st.timedeltas(min_value=dt.timedelta(hours=-23), max_value=dt.timedelta(hours=23))
-zones = st.none() | st.timezones() | st.builds(dt.timezone, offsets) | st.builds(dt.timezone, offsets, st.text("ABCXYZ", min_size=1, max_size=5))
+zones = (
+    st.none() | st.timezones() | st.builds(dt.timezone, offsets)
+    | st.builds(dt.timezone, offsets, st.text("ABCXYZ", min_size=1, max_size=5))
+)
 scalars = st.one_of(
     st.none(), st.booleans(),
     st.integers(), st.integers(-(2**70), 2**70), st.integers(-(2**MAX_INT_BITS) + 1, 2**MAX_INT_BITS - 1),

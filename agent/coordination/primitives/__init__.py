@@ -38,7 +38,8 @@ def create_primitive(
 ) -> Primitive:
     """Build the primitive ``primitive_type`` names, checking it got the settings it needs."""
     try:
-        kind = PrimitiveType(primitive_type.value if isinstance(primitive_type, PrimitiveType) else str(primitive_type).lower())
+        given = primitive_type.value if isinstance(primitive_type, PrimitiveType) else str(primitive_type).lower()
+        kind = PrimitiveType(given)
     except ValueError:
         choices = ", ".join(t.name for t in PrimitiveType)
         raise CoordinationError(f"unknown primitive type {primitive_type!r}: use PrimitiveType.{{{choices}}}") from None

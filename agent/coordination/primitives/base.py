@@ -171,7 +171,9 @@ class CapacityPrimitive(Primitive):
         clock: Clock | None = None,
     ) -> None:
         super().__init__(name, ttl=ttl, clock=clock)
-        self.capacity = _validate.number(capacity, f"{self.type.value} {name!r}: capacity", error=CoordinationError, above=True)
+        self.capacity = _validate.number(
+            capacity, f"{self.type.value} {name!r}: capacity", error=CoordinationError, above=True,
+        )
         self.wait_timeout = None if wait_timeout is None else check_timeout(wait_timeout, f"{self.type.value} {name!r}")
         self._holders: dict[str, _Holding] = {}
         self._waiters: deque[Waiter] = deque()

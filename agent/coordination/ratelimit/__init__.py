@@ -36,7 +36,9 @@ def create_rate_limiter(
         kind = RateLimitStrategy(strategy.value if isinstance(strategy, RateLimitStrategy) else str(strategy).lower())
     except ValueError:
         choices = ", ".join(s.name for s in RateLimitStrategy)
-        raise CoordinationError(f"unknown rate limit strategy {strategy!r}: use RateLimitStrategy.{{{choices}}}") from None
+        raise CoordinationError(
+            f"unknown rate limit strategy {strategy!r}: use RateLimitStrategy.{{{choices}}}"
+        ) from None
     if kind is RateLimitStrategy.TOKEN_BUCKET:
         return TokenBucket(name, max_rate, burst_size, clock=clock)
     if kind is RateLimitStrategy.LEAKY_BUCKET:

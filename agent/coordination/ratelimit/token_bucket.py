@@ -27,7 +27,9 @@ class TokenBucket(RateLimiter):
         super().__init__(name, max_rate, clock=clock)
         if burst_size is None:
             burst_size = max(1.0, math.floor(self.max_rate))
-        self.burst_size = _validate.number(burst_size, f"rate limit {name!r}: burst_size", error=CoordinationError, minimum=1)
+        self.burst_size = _validate.number(
+            burst_size, f"rate limit {name!r}: burst_size", error=CoordinationError, minimum=1,
+        )
         self._forget()
 
     def _refill(self, now: float) -> None:

@@ -89,7 +89,9 @@ def limits_for(
     if sandbox:
         limits = replace(
             limits,
-            cpu_quota_us=limits.cpu_quota_us if limits.cpu_quota_us is not None else round(SANDBOX_CPU_UNITS * CPU_PERIOD_US),
+            cpu_quota_us=(
+                limits.cpu_quota_us if limits.cpu_quota_us is not None else round(SANDBOX_CPU_UNITS * CPU_PERIOD_US)
+            ),
             memory_bytes=limits.memory_bytes if limits.memory_bytes is not None else SANDBOX_MEMORY_MB * 1024 * 1024,
         )
     return limits

@@ -331,7 +331,9 @@ class V2Backend:
             if bfq and os.path.exists(f"{path}/io.bfq.weight"):
                 write(f"{path}/io.bfq.weight", str(limits.io_weight))
         if limits.allow_devices is not None:
-            handle.unenforced["devices"] = "cgroup v2 has no devices files; GPUs are hidden by CUDA_VISIBLE_DEVICES only"
+            handle.unenforced["devices"] = (
+                "cgroup v2 has no devices files; GPUs are hidden by CUDA_VISIBLE_DEVICES only"
+            )
 
     def reap_stale(self) -> int:
         count = 0
