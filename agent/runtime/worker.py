@@ -61,7 +61,9 @@ def serve_worker(transport: DealerTransport, bounds: Bounds, spec: dict[str, Any
 class Worker:
     """The serving loop of one worker process."""
 
-    def __init__(self, transport: DealerTransport, bounds: Bounds, spec: dict[str, Any], settings: dict[str, Any]) -> None:
+    def __init__(
+        self, transport: DealerTransport, bounds: Bounds, spec: dict[str, Any], settings: dict[str, Any],
+    ) -> None:
         self._transport = transport
         self._bounds = bounds
         self._secret = spec["secret"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 
-import psutil
 import pytest
 
 from agent import Agent, AgentStatus, Context

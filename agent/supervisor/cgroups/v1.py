@@ -296,7 +296,9 @@ class V1Backend:
         try:
             self._write_limits(handle)
         except OSError as exc:
-            raise CgroupError(f"cannot set limits on cgroup {handle.name}: {exc.strerror} ({exc.filename or ''})") from exc
+            raise CgroupError(
+                f"cannot set limits on cgroup {handle.name}: {exc.strerror} ({exc.filename or ''})"
+            ) from exc
 
     @staticmethod
     def _needed(controller: str, limits: CgroupLimits) -> bool:

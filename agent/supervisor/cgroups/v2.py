@@ -291,7 +291,9 @@ class V2Backend:
         try:
             self._write_limits(handle)
         except OSError as exc:
-            raise CgroupError(f"cannot set limits on cgroup {handle.path}: {exc.strerror} ({exc.filename or ''})") from exc
+            raise CgroupError(
+                f"cannot set limits on cgroup {handle.path}: {exc.strerror} ({exc.filename or ''})"
+            ) from exc
 
     def _write_limits(self, handle: V2Cgroup) -> None:
         limits, path = handle.limits, handle.path
