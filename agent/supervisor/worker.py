@@ -96,7 +96,7 @@ class WorkerAttempt(ChildProcess):
         if self.status is ChildStatus.RUNNING and not self._stopping:
             # A worker reports (result or error) before it says ready, unless it was told to
             # stop: a hello before that would end the attempt while its state runs on.
-            raise ProtocolError("a hello before the attempt reported (a second hello from the same child)")
+            raise ProtocolError("a hello while its state ran, before the attempt reported")
         # Ready again: the attempt is over. Frames after it belong to no attempt.
         rest, self._inbox = list(self._inbox), type(self._inbox)()
         self.worker.ready()
