@@ -105,12 +105,14 @@ import asyncio, json, os, statistics, sys, tempfile, time
 root, repeat, states, chain_n, ray_cpus, samples = sys.argv[1], *map(int, sys.argv[2:7])
 with_ray = sys.argv[7] == "1"
 sys.path.insert(0, root)
+sys.path.insert(0, os.path.join(root, "bench"))
 os.environ.setdefault("AGENT_ECHO", "off")
 import psutil
 from agent import Agent
 from agent.context import Context
 from agent.executor import Attempt, Isolation
 from agent.supervisor import current_supervisor, get_executor, shutdown_supervisor
+from cputime import tree_cpu_seconds as ray_cpu  # this process and the local cluster
 
 LEVELS = ("process", "worker")
 
@@ -138,17 +140,6 @@ def our_cpu():
                 total += c.user + c.system
             except psutil.Error:
                 pass
-    return total
-
-def ray_cpu():
-    total = 0.0
-    me = psutil.Process()
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            t = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += t.user + t.system
     return total
 
 async def noop(context):

@@ -71,6 +71,7 @@ class ChildSession:
         self._classes: tuple[type, ...] = ()
         self._greeted = False
         self._welcomed = False
+        self._reader: asyncio.Task[None] | None = None
 
     def hello(self) -> None:
         """Say hello (done by :meth:`run` unless called before, to overlap the handshake)."""
@@ -92,7 +93,7 @@ class ChildSession:
             self._report_error(exc)
             return "error"
         self._task = asyncio.ensure_future(_call(func, context))
-        reader = asyncio.ensure_future(self._read())
+        reader = self._reader = asyncio.ensure_future(self._read())
         try:
             try:
                 value = await self._task
@@ -230,6 +231,8 @@ class ChildSession:
     async def welcomed(self, timeout: float) -> None:
         """Wait (at most ``timeout`` seconds) until the supervisor believed the hello: a
         connection closed before then could no longer show whose it was (:class:`Welcome`)."""
+        if self._reader is not None:
+            await asyncio.wait([self._reader])  # cancelled by run(): it stops watching the channel first
         try:
             async with asyncio.timeout(timeout):
                 while not self._welcomed:

@@ -17,6 +17,7 @@ from agent.context import Context, TypedContextData
 from agent.errors import AttemptLogNotFoundError, HumanInputTimeoutError, IsolationError, UnencodableValueError
 from agent.executor import AttemptFailed, Isolation
 from agent.supervisor import current_supervisor, get_executor, read_attempt_log
+from agent.supervisor.child import ChildProcess
 
 from .helpers import make_attempt, run, state_process_gone
 
@@ -231,6 +232,16 @@ class TestPreemptAndCancel:
 
 class TestSupervisorLifetime:
     """The supervisor is shared and warm, and comes back after its zygote dies."""
+
+    async def test_a_child_leaves_by_itself_once_it_reported(self, monkeypatch):
+        # Its run came with its spec: it waits only for the supervisor's welcome of its hello,
+        # then exits; one that lingered would be killed after the grace period.
+        kills = []
+        original = ChildProcess.kill
+        monkeypatch.setattr(ChildProcess, "kill", lambda child: (kills.append(child.pid), original(child)))
+        for _ in range(3):
+            assert (await run(make_attempt(printing_state))).result is None
+        assert kills == []
 
     async def test_shared_and_warm(self):
         await run(make_attempt(printing_state))
