@@ -112,7 +112,7 @@ from agent import Agent
 from agent.context import Context
 from agent.executor import Attempt, Isolation
 from agent.supervisor import current_supervisor, get_executor, shutdown_supervisor
-from cputime import tree_cpu_seconds as ray_cpu  # this process and the local cluster
+from common import chain_agent, tree_cpu_seconds as ray_cpu  # ray_cpu: this process and the local cluster
 
 LEVELS = ("process", "worker")
 
@@ -158,22 +158,13 @@ def fan_agent(level, n):
         agent.add_state(name, noop, next_states=[])
     return agent
 
-def chain_agent(level, n):
-    agent = Agent("bench_chain", isolation=level, max_steps=n + 10)
-    names = [f"s{i}" for i in range(n)]
-    for name, following in zip(names, names[1:] + [None]):
-        async def step(context, following=following):
-            return following
-        agent.add_state(name, step, next_states=[following] if following else [])
-    return agent
-
 async def timed(run, cpu):
     c0, t0 = cpu(), time.perf_counter()
     await run()
     return time.perf_counter() - t0, cpu() - c0
 
 async def ours(kind, level, n):
-    agent = fan_agent(level, n) if kind == "fan_out" else chain_agent(level, n)
+    agent = fan_agent(level, n) if kind == "fan_out" else chain_agent("bench_chain", level, n, max_steps=n + 10)
     return await timed(agent.run, our_cpu)
 
 def percentiles(values):

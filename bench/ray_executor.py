@@ -45,7 +45,7 @@ import ray  # noqa: E402
 
 from agent import Agent, ResourceRequirements  # noqa: E402
 from agent.ray import cluster_pool  # noqa: E402
-from cputime import tree_cpu_seconds  # noqa: E402  (bench/, this script's directory)
+from common import chain_agent, tree_cpu_seconds  # noqa: E402  (bench/, this script's directory)
 
 
 async def noop(context):
@@ -92,19 +92,8 @@ async def timed(run) -> tuple[float, float]:
     return time.perf_counter() - began, tree_cpu_seconds() - cpu
 
 
-def chain_agent(n: int) -> Agent:
-    agent = Agent("bench_ray_chain", isolation="ray")
-    names = [f"s{i}" for i in range(n)]
-    for name, following in zip(names, names[1:] + [None]):
-        async def step(context, following=following):
-            return following
-
-        agent.add_state(name, step, next_states=[following] if following else [])
-    return agent
-
-
 async def ours(n: int, state, with_resources: bool) -> tuple[float, float]:
-    agent = chain_agent(n) if state is None else fan_out_agent(n, state, with_resources)
+    agent = chain_agent("bench_ray_chain", "ray", n) if state is None else fan_out_agent(n, state, with_resources)
     return await timed(agent.run)
 
 
