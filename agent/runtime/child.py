@@ -6,8 +6,10 @@ then completes while it sets up), writes its stdout/stderr to the attempt's log 
 joins its cgroups before any state code runs, leaves the machine's namespaces once
 connected and enters its sandbox (if any) after the state's code is loaded and before it
 runs, and always leaves through ``os._exit`` so nothing inherited from the zygote runs at
-exit. The spec carries the attempt's ``run`` message, so nothing waits on the supervisor
-between the fork and the state.
+exit. The spec's memfd also carries the attempt's ``run`` message (read once confined, so
+that its pages are the attempt's), so nothing waits on the supervisor between the fork
+and the state; the child keeps its connection open until the supervisor has believed
+its hello (:class:`~agent.ipc.Welcome`).
 """
 
 from __future__ import annotations
