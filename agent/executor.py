@@ -1,8 +1,8 @@
 """The one interface between the scheduler and the places where a state's code runs.
 
 The scheduler decides *when* an attempt runs; an executor decides *where* and *how*.
-``inline`` runs the coroutine on the scheduler's own loop. Isolated levels (``process``,
-``sandbox``) live in :mod:`agent.supervisor`, which is looked up by name the first time
+``inline`` runs the coroutine on the scheduler's own loop. Isolated levels (``worker``,
+``process``, ``sandbox``) live in :mod:`agent.supervisor`, which is looked up by name the first time
 an isolated attempt runs (:data:`ISOLATED`), so the engine never imports cgroup, zygote
 or GPU code, and a run of inline states never loads any of it. ``ray`` is served the
 same way by :data:`RAY`, so nothing imports Ray before a Ray attempt runs.
@@ -37,6 +37,7 @@ class Isolation(str, enum.Enum):
     """Where a state's code runs (DESIGN.md item 9)."""
 
     INLINE = "inline"
+    WORKER = "worker"
     PROCESS = "process"
     SANDBOX = "sandbox"
     RAY = "ray"

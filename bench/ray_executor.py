@@ -41,11 +41,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import psutil  # noqa: E402
 import ray  # noqa: E402
 
 from agent import Agent, ResourceRequirements  # noqa: E402
 from agent.ray import cluster_pool  # noqa: E402
+from common import chain_agent, tree_cpu_seconds  # noqa: E402  (bench/, this script's directory)
 
 
 async def noop(context):
@@ -86,38 +86,14 @@ def fan_out_agent(n: int, state, with_resources: bool) -> Agent:
     return agent
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and every process of the local cluster (its descendants)."""
-    total = 0.0
-    me = psutil.Process()
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
-
-
 async def timed(run) -> tuple[float, float]:
-    cpu, began = cpu_seconds(), time.perf_counter()
+    cpu, began = tree_cpu_seconds(), time.perf_counter()
     await run()
-    return time.perf_counter() - began, cpu_seconds() - cpu
-
-
-def chain_agent(n: int) -> Agent:
-    agent = Agent("bench_ray_chain", isolation="ray")
-    names = [f"s{i}" for i in range(n)]
-    for name, following in zip(names, names[1:] + [None]):
-        async def step(context, following=following):
-            return following
-
-        agent.add_state(name, step, next_states=[following] if following else [])
-    return agent
+    return time.perf_counter() - began, tree_cpu_seconds() - cpu
 
 
 async def ours(n: int, state, with_resources: bool) -> tuple[float, float]:
-    agent = chain_agent(n) if state is None else fan_out_agent(n, state, with_resources)
+    agent = chain_agent("bench_ray_chain", "ray", n) if state is None else fan_out_agent(n, state, with_resources)
     return await timed(agent.run)
 
 

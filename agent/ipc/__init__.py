@@ -21,6 +21,7 @@ from .messages import (
     Preempt,
     Result,
     Run,
+    Welcome,
     decode_message,
     encode_message,
 )
@@ -31,5 +32,5 @@ __all__ = [
     "FROM_CHILD", "FROM_SUPERVISOR", "PROTOCOL_VERSION", "Cancel", "CheckpointSnapshot",
     "ContextWrite", "DealerTransport", "Error", "Hello", "HumanInputRequest",
     "HumanInputResponse", "Log", "MemoryTransport", "Message", "Preempt", "Result", "Run",
-    "Transport", "decode_message", "encode_message",
+    "Transport", "Welcome", "decode_message", "encode_message",
 ]

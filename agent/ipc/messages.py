@@ -66,6 +66,18 @@ class Run:
 
 
 @dataclass(frozen=True)
+class Welcome:
+    """Supervisor to child, once its hello was believed: the connection is the attempt's.
+
+    A child that got its ``run`` with its spec starts the state at once, and may finish
+    before the supervisor reads its hello; it keeps its connection open until this comes,
+    so that the connection's peer credentials can still be read when the hello is.
+    """
+
+    TYPE: ClassVar[str] = "welcome"
+
+
+@dataclass(frozen=True)
 class ContextWrite:
     """Child to supervisor: one ``set_state``, or a ``remove_state`` (value None)."""
 
@@ -149,14 +161,14 @@ class CheckpointSnapshot:
 
 
 Message = Union[
-    Hello, Run, ContextWrite, Result, Error, Log, HumanInputRequest, HumanInputResponse,
+    Hello, Run, Welcome, ContextWrite, Result, Error, Log, HumanInputRequest, HumanInputResponse,
     Preempt, Cancel, CheckpointSnapshot,
 ]
 
 FROM_CHILD: frozenset[type] = frozenset(
     {Hello, ContextWrite, Result, Error, Log, HumanInputRequest, CheckpointSnapshot}
 )
-FROM_SUPERVISOR: frozenset[type] = frozenset({Run, HumanInputResponse, Preempt, Cancel})
+FROM_SUPERVISOR: frozenset[type] = frozenset({Run, Welcome, HumanInputResponse, Preempt, Cancel})
 
 _TYPES: dict[str, type] = {cls.TYPE: cls for cls in FROM_CHILD | FROM_SUPERVISOR}
 _SCHEMAS: dict[type, dict[str, Any]] = {

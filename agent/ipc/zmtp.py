@@ -222,13 +222,14 @@ class DealerTransport:
     async def _readable(self) -> None:
         loop = asyncio.get_running_loop()
         fd = self._sock.fileno()
-        self._waiter = loop.create_future()
+        waiter = self._waiter = loop.create_future()
         loop.add_reader(fd, self._wake)
         try:
-            await self._waiter
+            await waiter
         finally:
-            loop.remove_reader(fd)
-            self._waiter = None
+            if self._waiter is waiter:  # else a later reader (this one was cancelled) watches now
+                loop.remove_reader(fd)
+                self._waiter = None
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():

@@ -1,10 +1,15 @@
 """A state child from fork to exit: process setup, confinement, then the session.
 
-Runs in a process forked by the zygote. It dies with the zygote (parent-death
-signal), writes its stdout/stderr to the attempt's log file, joins its cgroups before
-anything else runs, leaves the machine's namespaces once connected and enters its
-sandbox (if any) after the state's code is loaded and before it runs, and always leaves
-through ``os._exit`` so nothing inherited from the zygote runs at exit.
+Runs in a process forked by the zygote (or parked by it, waiting for its spec). It dies
+with the zygote (parent-death signal), connects to the supervisor first (the handshake
+then completes while it sets up), writes its stdout/stderr to the attempt's log file,
+joins its cgroups before any state code runs, leaves the machine's namespaces once
+connected and enters its sandbox (if any) after the state's code is loaded and before it
+runs, and always leaves through ``os._exit`` so nothing inherited from the zygote runs at
+exit. The spec's memfd also carries the attempt's ``run`` message (read once confined, so
+that its pages are the attempt's), so nothing waits on the supervisor between the fork
+and the state; the child keeps its connection open until the supervisor has believed
+its hello (:class:`~agent.ipc.Welcome`).
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import traceback
-from typing import NoReturn
+from typing import Any, Callable, NoReturn
 
 import uvloop
 
@@ -28,6 +34,8 @@ from . import confine
 from .session import ChildSession
 
 _SPEC_BOUNDS = Bounds(max_frame=16 * 1024 * 1024)
+_MAX_GIVEN = 1  # descriptors a spec may come with
+_ready_loop: asyncio.AbstractEventLoop | None = None  # a parked child's event loop, made ahead
 
 EXIT_OK = 0
 EXIT_SETUP_FAILED = 120
@@ -45,7 +53,7 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
 
 def child_main(
     spec_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], notify_fd: int | None,
-    namespaces: list[int] | None = None,
+    namespaces: list[int] | None = None, given: list[int] | None = None,
 ) -> NoReturn:
     """Become the child whose spec (msgpack, from the supervisor) is in ``spec_fd``; never return.
 
@@ -53,84 +61,202 @@ def child_main(
     :mod:`agent.runtime.zygote`). ``zygote_fds`` are the zygote's own descriptors; a
     sandboxed child (``notify_fd`` is its socket for the seccomp listener, ``namespaces``
     the network and IPC namespaces made for it, if any) closes every descriptor but its
-    own instead.
+    own instead. ``given`` are descriptors the supervisor sent with the spec (a worker's
+    channel).
     """
     code = EXIT_SETUP_FAILED
     try:
         set_parent_death_signal()
         if zygote_pidfd is not None and select.select([zygote_pidfd], [], [], 0)[0]:
             os._exit(EXIT_SETUP_FAILED)  # the zygote died before the death signal was set
-        spec = unpack_plain(_read_all(spec_fd), _SPEC_BOUNDS)
+        spec = _read_spec(spec_fd)
         reset_signals()
-        sandbox = spec["confine"].get("sandbox")
         if notify_fd is not None:
-            _close_all_but(0, 1, 2, notify_fd, *(namespaces or ()))
+            _close_all_but(0, 1, 2, spec_fd, notify_fd, *(namespaces or ()), *(given or ()))
             os.setsid()  # its own session, process group and no controlling terminal
         else:
-            for fd in (spec_fd, *zygote_fds):
+            for fd in zygote_fds:
                 os.close(fd)
             os.setpgid(0, 0)
-        # The log is opened before confinement: a sandbox may no longer reach its directory.
-        log_fd = os.open(spec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        null_fd = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null_fd, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(log_fd)
-        os.close(null_fd)
-        confine.apply(spec["confine"])
-        sys.path[:] = spec["sys_path"]
-        sys.argv[:] = spec["argv"]  # the supervisor's, not the zygote's
-        try:
-            os.chdir(spec["cwd"])
-        except OSError:
-            pass
-        # Connect and say hello first: the supervisor answers while the loop is being built.
-        # No routing id of our own: the ROUTER gives each connection one, so no other process
-        # can take over or block this one's; the secret travels in the hello.
-        transport = DealerTransport(
-            spec["endpoint"], b"", max_frame=spec["max_frame"] + FRAME_OVERHEAD,
-            peer_hwm=spec["receive_hwm"],
-        )
-        before_run = None
-        if sandbox is not None:
-            from . import sandbox as sandbox_module
-
-            notify = socket.socket(fileno=notify_fd) if notify_fd is not None else None
-            before_run = lambda: sandbox_module.enter_sandbox(sandbox, notify)  # noqa: E731
-        session = ChildSession(
-            transport, pid=os.getpid(), secret=spec["secret"], bounds=Bounds(max_frame=spec["max_frame"]),
-            before_run=before_run, context_keys=spec.get("context_keys"),
-        )
-        session.hello()
-        if sandbox is not None:
-            sandbox_module.leave_namespaces(sandbox, namespaces)  # while the supervisor answers
-        del spec
-        # A loop of its own, never closed: the process ends with os._exit right after.
-        # (A sandbox's is asyncio's: libuv's io_uring is denied by its seccomp filter.)
-        loop = uvloop.new_event_loop() if sandbox is None else asyncio.SelectorEventLoop()
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(serve(session, transport))
-        code = EXIT_OK
+        code = _serve(spec, spec_fd, notify_fd, namespaces, given)
     except BaseException:
-        try:
-            traceback.print_exc()
-        except BaseException:
-            pass
+        _print_exception()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except BaseException:
-            pass
-        os._exit(code)
+        _exit(code)
 
 
-def _read_all(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    data = os.pread(fd, size, 0)
+def park(sock_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], warm_up: Callable[[], None]) -> NoReturn:
+    """Be a parked child: do what every child does first, then wait for a spec; never return.
+
+    The spec's descriptor arrives over ``sock_fd`` (``SCM_RIGHTS``) when a launch takes
+    this child; when the zygote closes the socket instead, the child exits. Nothing of a
+    state has run here before: a parked child is as fresh as one forked for its launch.
+    """
+    code = EXIT_SETUP_FAILED
+    try:
+        set_parent_death_signal()
+        if zygote_pidfd is not None and select.select([zygote_pidfd], [], [], 0)[0]:
+            os._exit(EXIT_SETUP_FAILED)
+        reset_signals()
+        for fd in zygote_fds:
+            os.close(fd)
+        os.setpgid(0, 0)
+        # The pages an attempt writes are copied now, while nothing waits for them.
+        warm_up()
+        global _ready_loop
+        _ready_loop = uvloop.new_event_loop()  # its own, made while nothing waits for it
+        sock = socket.socket(fileno=sock_fd)
+        _, fds, _, _ = socket.recv_fds(sock, 16, _MAX_GIVEN + 1)
+        sock.close()
+        if not fds:
+            os._exit(EXIT_OK)  # let go: no launch needed it
+        spec = _read_spec(fds[0])
+        code = _serve(spec, fds[0], None, None, fds[1:])
+    except BaseException:
+        _print_exception()
+    finally:
+        _exit(code)
+
+
+def _serve(
+    spec: dict[str, Any], spec_fd: int, notify_fd: int | None, namespaces: list[int] | None,
+    given: list[int] | None,
+) -> int:
+    """Channel, log, confinement, then the attempt (or, for a worker, attempts); the exit code."""
+    sandbox = spec["confine"].get("sandbox")
+    max_frame = spec["max_frame"] + FRAME_OVERHEAD
+    # No routing id of our own: a worker's channel is its own socketpair, and a child's
+    # connection gets one from the ROUTER that no other process can take over or block;
+    # the secret travels in the hello.
+    if given:  # a channel of its own (a worker's): the supervisor's greeting is already there
+        transport = DealerTransport.over(socket.socket(fileno=given[0]), b"", max_frame=max_frame)
+    else:  # connect first: the supervisor's end answers the handshake while the rest is set up
+        transport = DealerTransport(spec["endpoint"], b"", max_frame=max_frame, peer_hwm=spec["receive_hwm"])
+    # The log is opened before confinement: a sandbox may no longer reach its directory.
+    log_fd = os.open(spec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null_fd, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    os.close(null_fd)
+    confine.apply(spec["confine"])
+    # The run message (the state and its context snapshot: it may take the whole frame cap)
+    # is read only now, so that its pages are charged to the attempt's cgroup.
+    run = _read_run(spec_fd, spec)
+    os.close(spec_fd)
+    sys.path[:] = spec["sys_path"]
+    sys.argv[:] = spec["argv"]  # the supervisor's, not the zygote's
+    try:
+        os.chdir(spec["cwd"])
+    except OSError:
+        pass
+    bounds = Bounds(max_frame=spec["max_frame"])
+    worker = spec.get("worker")
+    if worker is not None:
+        from .worker import serve_worker
+
+        return serve_worker(transport, bounds, spec, worker)
+    before_run = None
+    if sandbox is not None:
+        from . import sandbox as sandbox_module
+
+        notify = socket.socket(fileno=notify_fd) if notify_fd is not None else None
+        before_run = lambda: sandbox_module.enter_sandbox(sandbox, notify)  # noqa: E731
+    # The attempt's run message came with the spec: no round trip to the supervisor for it.
+    channel = FirstFrame(transport, run)
+    session = ChildSession(
+        channel, pid=os.getpid(), secret=spec["secret"], bounds=bounds,
+        before_run=before_run, context_keys=spec.get("context_keys"),
+    )
+    session.hello()
+    if sandbox is not None:
+        sandbox_module.leave_namespaces(sandbox, namespaces)  # while the supervisor answers
+    del spec
+    # A loop of its own, never closed: the process ends with os._exit right after.
+    # (A sandbox's is asyncio's: libuv's io_uring is denied by its seccomp filter.)
+    loop = take_ready_loop()
+    if loop is None or sandbox is not None:
+        loop = uvloop.new_event_loop() if sandbox is None else asyncio.SelectorEventLoop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(serve(session, transport, welcome=True))
+    return EXIT_OK
+
+
+class FirstFrame:
+    """A child's channel whose first received frame is one it already holds (its ``run``)."""
+
+    def __init__(self, transport: DealerTransport, first: bytes | None = None) -> None:
+        self._transport = transport
+        self.first = first
+
+    def send(self, frame: bytes) -> None:
+        self._transport.send(frame)
+
+    async def recv(self) -> bytes:
+        if self.first is not None:
+            frame, self.first = self.first, None
+            return frame
+        return await self._transport.recv()
+
+    async def aclose(self) -> None:
+        return None  # the connection is closed by its owner
+
+
+def take_ready_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop this process made while it was parked, if any (once)."""
+    global _ready_loop
+    loop, _ready_loop = _ready_loop, None
+    return loop
+
+
+def _print_exception() -> None:
+    try:
+        traceback.print_exc()
+    except BaseException:
+        pass
+
+
+def _exit(code: int) -> NoReturn:
+    """Flush what the process printed and leave, running nothing inherited from the zygote."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        pass
+    os._exit(code)
+
+
+SPEC_HEADER = struct.Struct("!Q")
+"""A spec memfd holds the spec's size, the spec (plain msgpack), then the ``run`` message."""
+
+
+def _read_spec(fd: int) -> dict[str, Any]:
+    """The spec the supervisor wrote into memfd ``fd`` (only the zygote passed it on), without
+    the run message that follows it (:func:`_read_run`, once confined)."""
+    header = os.pread(fd, SPEC_HEADER.size, 0)
+    if len(header) != SPEC_HEADER.size:
+        raise OSError("the spec is truncated")
+    (size,) = SPEC_HEADER.unpack(header)
+    if size > _SPEC_BOUNDS.max_frame:
+        raise OSError(f"the spec takes {size:,} bytes, over {_SPEC_BOUNDS.max_frame:,}")
+    data = os.pread(fd, size, SPEC_HEADER.size)
     if len(data) != size:
         raise OSError(f"the spec is {size} bytes but {len(data)} could be read")
+    spec: dict[str, Any] = unpack_plain(data, _SPEC_BOUNDS)
+    spec["run_at"] = SPEC_HEADER.size + size
+    return spec
+
+
+def _read_run(fd: int, spec: dict[str, Any]) -> bytes | None:
+    """The run message after the spec in memfd ``fd`` (None: none came, as for a worker)."""
+    start = spec["run_at"]
+    size = os.fstat(fd).st_size - start
+    if size <= 0:
+        return None
+    data = os.pread(fd, size, start)
+    if len(data) != size:
+        raise OSError(f"the run message is {size} bytes but {len(data)} could be read")
     return data
 
 
@@ -157,9 +283,15 @@ def reset_signals() -> None:
     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, (signal.SIGTERM,))
 
 
-async def serve(session: ChildSession, transport: DealerTransport) -> None:
-    """Serve the attempt, then close the channel."""
+_WELCOME_WAIT = 10.0  # seconds; the supervisor answers a hello as soon as it reads it
+
+
+async def serve(session: ChildSession, transport: DealerTransport, *, welcome: bool = False) -> None:
+    """Serve the attempt, then close the channel: with ``welcome``, not before the supervisor
+    believed the hello (:class:`~agent.ipc.Welcome`)."""
     try:
         await session.run()
+        if welcome:
+            await session.welcomed(_WELCOME_WAIT)
     finally:
         await transport.aclose()

@@ -9,6 +9,8 @@ limits. This module imports nothing of the supervisor: ``child_spec`` is plain d
 ``child_spec`` keys, all optional:
 
 * ``cgroup_procs``: ``cgroup.procs`` files to write this process's pid to;
+* ``joined``: the pid the supervisor already moved into those cgroups (a parked child's):
+  that process does not join them again (a move costs a kernel RCU grace period);
 * ``rlimits``: ``[[name, soft, hard], ...]`` with ``name`` a ``resource.RLIMIT_*`` name;
 * ``process_group``: make this process a process-group leader (the no-cgroup
   fallback kills the whole group);
@@ -78,7 +80,8 @@ def apply(child_spec: dict[str, Any]) -> None:
     ``child_spec`` is the plain dict built by the supervisor's Confiner. Raises OSError
     when a step fails; the child must then exit without running the state.
     """
-    join_cgroups(child_spec)
+    if child_spec.get("joined") != os.getpid():
+        join_cgroups(child_spec)
     if child_spec.get("process_group") and os.getpgid(0) != os.getpid():
         os.setpgid(0, 0)
     set_limits(child_spec)

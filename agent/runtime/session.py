@@ -16,7 +16,12 @@ import cloudpickle
 
 from .. import errors, values
 from ..context import Context, ContextBudget
-from ..errors import HumanInputError, HumanInputTimeoutError, ProtocolError, ValueTooLargeError
+from ..errors import (
+    HumanInputError,
+    HumanInputTimeoutError,
+    ProtocolError,
+    ValueTooLargeError,
+)
 from ..ipc import (
     Cancel,
     CheckpointSnapshot,
@@ -29,6 +34,7 @@ from ..ipc import (
     Result,
     Run,
     Transport,
+    Welcome,
     decode_message,
     encode_message,
 )
@@ -64,6 +70,8 @@ class ChildSession:
         self._written: list[str] = []
         self._classes: tuple[type, ...] = ()
         self._greeted = False
+        self._welcomed = False
+        self._reader: asyncio.Task[None] | None = None
 
     def hello(self) -> None:
         """Say hello (done by :meth:`run` unless called before, to overlap the handshake)."""
@@ -85,7 +93,7 @@ class ChildSession:
             self._report_error(exc)
             return "error"
         self._task = asyncio.ensure_future(_call(func, context))
-        reader = asyncio.ensure_future(self._read())
+        reader = self._reader = asyncio.ensure_future(self._read())
         try:
             try:
                 value = await self._task
@@ -217,6 +225,21 @@ class ChildSession:
                 self._stop_task("preempt")
             elif isinstance(msg, Cancel):
                 self._stop_task(msg.reason or "cancel")
+            elif isinstance(msg, Welcome):
+                self._welcomed = True
+
+    async def welcomed(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until the supervisor believed the hello: a
+        connection closed before then could no longer show whose it was (:class:`Welcome`)."""
+        if self._reader is not None:
+            await asyncio.wait([self._reader])  # cancelled by run(): it stops watching the channel first
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._welcomed:
+                    if isinstance(self._decode(await self._transport.recv()), Welcome):
+                        self._welcomed = True
+        except (TimeoutError, ConnectionError, ProtocolError):
+            pass
 
     def _stop_task(self, reason: str) -> None:
         if self._stop is None:

@@ -5,9 +5,10 @@ It holds no threads and no ZeroMQ context, so a fork is a cheap, safe copy. Over
 control socket ``FD`` it reads length-prefixed requests (``spawn``, ``kill``) and writes
 reports (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status and the CPU
 seconds and page faults the kernel charged the child, ``denied`` for a sandbox's system
-call refused by seccomp). It exits, killing its children, when the supervisor closes the
-socket or dies (parent-death signal), and then removes the PATHs (the supervisor's
-private directories), so that even a supervisor killed outright leaves no files behind.
+call refused by seccomp, ``parked`` for a child forked ahead). It exits, killing its
+children, when the supervisor closes the socket or dies (parent-death signal), and then
+removes the PATHs (the supervisor's private directories), so that even a supervisor
+killed outright leaves no files behind.
 
 The zygote never holds a child's secrets: each ``spawn`` request comes with a descriptor
 (``SCM_RIGHTS``) of a memfd holding the child's spec (its channel secret, argv, paths),
@@ -18,6 +19,21 @@ it for that one fork, then returns to its own), gets fresh network and IPC names
 the zygote made ahead while idle, closes every descriptor it inherited but its own,
 and hands its seccomp listener back over a datagram socket; the zygote answers each
 denied call with EPERM and reports it.
+
+A child need not wait for its fork: the zygote keeps a few children *parked*, forked
+ahead while it is idle, each blocked on a socket of its own until a ``spawn`` naming it
+hands it its spec (:meth:`Zygote._unpark`); a launch then costs a descriptor passed,
+not a fork. It reports each one (``parked``), and the supervisor decides which to use
+(it first moves each into a cgroup of its own: :mod:`agent.supervisor.parked`). How
+many it keeps follows the launches it serves: as many as the largest burst of recent
+``spawn`` requests, at most ``park_max`` (``AGENT_PARKED_MAX``, from the ``configure``
+request), and none once no child was asked for in ``PARK_IDLE`` seconds (a parked child
+whose socket closes exits). Sandboxed children are never parked: each is forked into a
+PID namespace of its own, made for that one fork. A parked child is a fresh fork that
+has run nothing of any state; what it does before it parks (parent-death signal,
+dropping the zygote's descriptors and signal handlers, a process group of its own, and
+one warm-up round like the zygote's, so that the pages an attempt writes are its own
+already) is what every child does first.
 
 Most of a child's cost is copy-on-write: each page of the zygote a child writes is
 copied. Hence: the zygote is warmed up by serving whole attempts in-process before it
@@ -43,6 +59,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -65,6 +82,10 @@ MAX_REPORTS = 8
 # Fresh network and IPC namespaces made ahead, while idle: a network namespace costs
 # about 1.5 ms to make, which a sandboxed child then does not wait for.
 SPARE_NAMESPACES = 2
+# Parked children: at most this many by default (``configure``'s ``park_max``), and none
+# after this many seconds without a spawn request.
+PARK_MAX = 4
+PARK_IDLE = 5.0
 _UCRED = struct.Struct("iII")
 
 
@@ -119,10 +140,16 @@ def _setns(fd: int, nstype: int) -> None:
 class Zygote:
     """The fork loop."""
 
-    def __init__(self, control: socket.socket, parent_pid: int, spec_fds: deque[int] | None = None) -> None:
+    def __init__(
+        self, control: socket.socket, parent_pid: int, spec_fds: deque[int] | None = None, *,
+        park_max: int = PARK_MAX, park_idle: float = PARK_IDLE,
+    ) -> None:
         self._control = control
         self._parent_pid = parent_pid
         self._children: set[int] = set()
+        # What the kernel had charged each child that was parked, when it was handed its spec
+        # (its warm-up, partly before it joined its cgroup): left out of its exit figures.
+        self._charged_before: dict[int, tuple[float, int]] = {}
         self._spec_fds: deque[int] = spec_fds if spec_fds is not None else deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Checked once: the zygote starts no thread, so this stays true.
@@ -141,6 +168,13 @@ class Zygote:
         self._notify: tuple[socket.socket, socket.socket] | None = None
         self._listeners: dict[int, list[int]] = {}  # fd -> [child pid, answered, reported]
         self._poll = select.poll()
+        # Parked children, oldest first: (pid, the zygote's end of its socket).
+        self._parked: deque[tuple[int, socket.socket]] = deque()
+        self._park_max = max(0, park_max)
+        self._park_idle = park_idle
+        self._park_target = 0
+        self._burst = 0  # spawns served since the zygote was last idle
+        self._last_spawn = 0.0
 
     def serve(self, pending: list[Any], buffer: bytearray) -> None:
         """Serve requests until the supervisor goes: ``pending`` ones first, then the socket's
@@ -154,7 +188,10 @@ class Zygote:
         for fd in (control, wake):
             self._poll.register(fd, select.POLLIN)
         while True:
-            events = dict(self._poll.poll())
+            events = dict(self._poll.poll(self._poll_timeout()))
+            if not events:
+                self._unpark_all()  # idle for PARK_IDLE seconds: nobody is launching
+                continue
             if control in events:
                 if not receive(self._control, buffer, self._spec_fds):
                     break
@@ -170,30 +207,46 @@ class Zygote:
                     self._answer(fd, mask)
             while self._own_ns is not None and len(self._spares) < SPARE_NAMESPACES and not self._poll.poll(0):
                 self._make_spare()
+            if not self._poll.poll(0):
+                self._burst = 0
+                while len(self._parked) < self._park_target and not self._poll.poll(0):
+                    if not self._park():
+                        break
         self._kill_all()
 
     def _handle(self, request: dict[str, Any]) -> None:
         op = request.get("op")
         if op == "spawn":
-            self._spawn(request["id"], bool(request.get("sandbox")))
+            self._spawn(request["id"], bool(request.get("sandbox")), int(request.get("fds", 1)), request.get("parked"))
         elif op == "kill":
             self._kill(request["pid"], request.get("signal", signal.SIGKILL))
 
     def _private_fds(self) -> list[int]:
         """Descriptors of the zygote's own that no child keeps."""
         fds = [self._control.fileno(), self._wake_r, self._wake_w, *self._listeners, *self._spec_fds]
+        fds += [sock.fileno() for _, sock in self._parked]
         if self._notify is not None:
             fds += [sock.fileno() for sock in self._notify]
         for pair in (self._own_ns, *self._spares):
             fds += pair or ()
         return fds + [fd for fd in (self._pidfd, self._pidns) if fd is not None]
 
-    def _spawn(self, request_id: int, sandbox: bool) -> None:
-        if not self._spec_fds:
+    def _spawn(self, request_id: int, sandbox: bool, nfds: int = 1, parked: int | None = None) -> None:
+        if len(self._spec_fds) < nfds or nfds < 1:
             write_frame(self._control, {"op": "spawn_failed", "id": request_id,
                                         "error": "the spawn request came without its spec"})
             return
         spec_fd = self._spec_fds.popleft()
+        extra = [self._spec_fds.popleft() for _ in range(nfds - 1)]  # handed on, never used here
+        if not sandbox:
+            self._count_spawn()
+        if parked is not None:
+            if not self._unpark(request_id, parked, spec_fd, extra):
+                for fd in (spec_fd, *extra):
+                    os.close(fd)
+                write_frame(self._control, {"op": "spawn_failed", "id": request_id, "parked_gone": True,
+                                            "error": f"parked child {parked} is gone"})
+            return
         spare: tuple[int, int] | tuple[()] = ()
         try:
             if sandbox:
@@ -201,7 +254,7 @@ class Zygote:
                 spare = self._spares.popleft() if self._spares else ()
                 unshare(CLONE_NEWPID)  # the next child is PID 1 of a namespace of its own
         except OSError as exc:
-            for fd in (spec_fd, *spare):
+            for fd in (spec_fd, *spare, *extra):
                 os.close(fd)
             write_frame(self._control, {"op": "spawn_failed", "id": request_id,
                                         "error": f"cannot make a PID namespace: {exc}"})
@@ -216,9 +269,9 @@ class Zygote:
             error = str(exc)
         if pid == 0:
             notify = self._notify[1].fileno() if sandbox and self._notify is not None else None
-            child_module.child_main(spec_fd, self._pidfd, self._private_fds(), notify, list(spare))
+            child_module.child_main(spec_fd, self._pidfd, self._private_fds(), notify, list(spare), extra)
         _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
-        for fd in (spec_fd, *spare):
+        for fd in (spec_fd, *spare, *extra):
             os.close(fd)
         if sandbox:
             _setns(self._pidns, CLONE_NEWPID)  # type: ignore[arg-type]
@@ -227,6 +280,72 @@ class Zygote:
             return
         self._children.add(pid)
         write_frame(self._control, {"op": "spawned", "id": request_id, "pid": pid})
+
+    # --- parked children -----------------------------------------------------------------
+
+    def _count_spawn(self) -> None:
+        """Follow the launch rate: park as many children as the largest recent burst."""
+        now = time.monotonic()
+        if now - self._last_spawn > self._park_idle:
+            self._park_target = 0
+        self._last_spawn = now
+        self._burst += 1
+        self._park_target = min(self._park_max, max(self._park_target, self._burst))
+
+    def _poll_timeout(self) -> int | None:
+        """Milliseconds until parked children are let go for lack of launches (None: never)."""
+        if not self._parked:
+            return None
+        left = self._last_spawn + self._park_idle - time.monotonic()
+        return max(1, int(left * 1000) + 1) if left > 0 else 0
+
+    def _park(self) -> bool:
+        """Fork a child that waits for its spec; False when the fork failed."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        _signal.pthread_sigmask(signal.SIG_BLOCK, _SIGTERM)
+        try:
+            pid = self._fork()
+        except OSError:
+            pid = -1
+        if pid == 0:
+            child_module.park(theirs.fileno(), self._pidfd, [*self._private_fds(), ours.fileno()], _warm_once)
+        _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
+        theirs.close()
+        if pid < 0:
+            ours.close()
+            return False
+        self._children.add(pid)
+        self._parked.append((pid, ours))
+        write_frame(self._control, {"op": "parked", "pid": pid})
+        return True
+
+    def _unpark(self, request_id: int, pid: int, spec_fd: int, extra: list[int]) -> bool:
+        """Hand ``spec_fd`` (and ``extra``) to parked child ``pid``; False when it is gone."""
+        for entry in self._parked:
+            if entry[0] == pid:
+                break
+        else:
+            return False
+        self._parked.remove(entry)
+        sock = entry[1]
+        charged = charged_so_far(pid)
+        try:
+            socket.send_fds(sock, [b"s"], [spec_fd, *extra])
+        except OSError:
+            return False  # it died while parked: its exit is reported when it is reaped
+        finally:
+            sock.close()
+        for fd in (spec_fd, *extra):
+            os.close(fd)
+        self._charged_before[pid] = charged
+        write_frame(self._control, {"op": "spawned", "id": request_id, "pid": pid, "charged": list(charged)})
+        return True
+
+    def _unpark_all(self) -> None:
+        """Let every parked child go: each exits when its socket closes."""
+        self._park_target = 0
+        while self._parked:
+            self._parked.popleft()[1].close()
 
     def _fork(self) -> int:
         if not self._single_threaded:
@@ -353,8 +472,9 @@ class Zygote:
             for fd, entry in list(self._listeners.items()):
                 if entry[0] == pid:
                     self._drop_listener(fd)
-            cpu = rusage.ru_utime + rusage.ru_stime
-            faults = rusage.ru_minflt + rusage.ru_majflt
+            before_cpu, before_faults = self._charged_before.pop(pid, (0.0, 0))
+            cpu = max(0.0, rusage.ru_utime + rusage.ru_stime - before_cpu)
+            faults = max(0, rusage.ru_minflt + rusage.ru_majflt - before_faults)
             try:
                 write_frame(self._control, {"op": "exited", "pid": pid, "status": status, "cpu": cpu,
                                             "faults": faults})
@@ -362,6 +482,7 @@ class Zygote:
                 pass
 
     def _kill_all(self) -> None:
+        self._unpark_all()
         for pid in list(self._children):
             self._kill(pid, signal.SIGKILL)
         for pid in list(self._children):
@@ -468,6 +589,24 @@ def warm_up(rounds: int = 12) -> None:
             peer.close()
 
 
+def charged_so_far(pid: int) -> tuple[float, int]:
+    """CPU seconds and page faults the kernel charged live process ``pid`` so far (0s if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rpartition(b")")[2].split()
+    except OSError:
+        return 0.0, 0
+    # After the command: minflt is field 10, majflt 12, utime 14, stime 15 (from 1, state 3).
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS, int(fields[7]) + int(fields[9])
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _warm_once() -> None:
+    warm_up(1)
+
+
 def _release_free_heap() -> None:
     """Give free heap pages back to the kernel (glibc ``malloc_trim``).
 
@@ -508,7 +647,7 @@ def main(argv: list[str]) -> int:
         gc.collect()
         gc.freeze()
         _release_free_heap()
-        zygote = Zygote(control, parent_pid, spec_fds)
+        zygote = Zygote(control, parent_pid, spec_fds, park_max=int(config.get("park_max", PARK_MAX)))
         zygote.serve(pending, buffer)
     except (_ParentDied, OSError):
         pass

@@ -46,6 +46,7 @@ from ..ipc import (
     Message,
     Preempt,
     Result,
+    Welcome,
     encode_message,
 )
 from ..ipc.messages import decode_counted, value_size
@@ -55,6 +56,8 @@ from .confinement import Confinement
 
 if TYPE_CHECKING:
     from .service import Supervisor
+
+_WELCOME = encode_message(Welcome())
 
 OFF_LOOP_BYTES = 256 * 1024
 """Frames at least this big are decoded off the event loop."""
@@ -119,6 +122,15 @@ def decode_off_loop(frame: bytes | memoryview, bounds: Bounds) -> _Decoded:
             gc.enable()
 
 
+class _Pending(NamedTuple):
+    """A connection whose hello waits for the zygote's report of the fork, and its frames."""
+
+    route: bytes
+    fd: int
+    peer_pid: int
+    frames: list[list[bytes | memoryview]]
+
+
 class ChildProcess:
     """The supervisor's record of one forked child serving one attempt."""
 
@@ -131,7 +143,7 @@ class ChildProcess:
         secret: bytes,
         request_id: int,
         log_path: str,
-        run_frame: bytes,
+        run_frame: bytes | None,
         bounds: Bounds,
     ) -> None:
         self._sup = supervisor
@@ -159,7 +171,7 @@ class ChildProcess:
         self._exit_cpu: float | None = None
         self._exit_faults: int | None = None
         self._disconnected = False
-        self._pending_hellos: list[tuple[bytes, int, int]] = []
+        self.pending: list[_Pending] = []  # hellos heard before the fork was reported
         self._inbox: collections.deque[bytes | memoryview] = collections.deque()
         self._decoding = False
         self._finalize_wanted = False
@@ -180,7 +192,9 @@ class ChildProcess:
 
     # --- events from the supervisor --------------------------------------------------------
 
-    def on_spawned(self, pid: int) -> None:
+    def on_spawned(self, pid: int, charged: list[float] | None = None) -> None:
+        """Forked (or handed a parked child) as ``pid``; ``charged`` is what a parked child took
+        before, which the zygote leaves out of its exit figures already."""
         self.pid = pid
         started = getattr(self.confinement, "started", None)
         if started is not None:
@@ -188,11 +202,14 @@ class ChildProcess:
         if self._kill_requested:
             self._sup.kill_pid(pid)
             return
-        pending, self._pending_hellos = self._pending_hellos, []
-        for route, fd, peer_pid in pending:
+        pending, self.pending = self.pending, []
+        for route, fd, peer_pid, frames in pending:
             if peer_pid == pid and self.status is ChildStatus.LAUNCHING:
                 self._start(route, fd)
+                for held in frames:
+                    self._sup.deliver(route, held, fd)
             else:
+                self._sup.unbind(self, route, fd, dropped=len(frames))
                 self._sup.blame(fd, f"this state's process sent a hello with the identity of "
                                     f"{self.describe()}", peer_pid)
 
@@ -210,12 +227,21 @@ class ChildProcess:
         """A hello with this child's secret on a new connection opened by ``peer_pid``.
 
         The supervisor has checked ``peer_pid`` against the forked pid when it knew it; else
-        the check waits for the zygote's report of the fork.
+        the check waits for the zygote's report of the fork, and so do the frames that follow
+        on that connection (a child runs its state without waiting for the supervisor).
         """
         if self.pid is None:
-            self._pending_hellos.append((route, fd, peer_pid))
+            self.pending.append(_Pending(route, fd, peer_pid, []))
+            self._sup.bind(self, route, fd)
             return
         self._start(route, fd)
+
+    def hold(self, route: bytes, frames: list[bytes | memoryview]) -> None:
+        """Frames on a connection whose hello waits for the fork report: kept until then."""
+        for pending in self.pending:
+            if pending.route == route:
+                pending.frames.append(frames)
+                return
 
     def describe(self) -> str:
         a = self.attempt
@@ -227,7 +253,8 @@ class ChildProcess:
         self._sup.bind(self, route, fd)
         self._sup.launched(self)
         frame, self._run_frame = self._run_frame, None
-        self._send(frame)  # type: ignore[arg-type]
+        # Without a run to send (the child got it with its spec), a welcome: it may close now.
+        self._send(frame if frame is not None else _WELCOME)
 
     def on_exit(self, status: int | None, cpu: float | None = None, faults: int | None = None) -> None:
         """The zygote reaped the child (``None``: the zygote is gone, or it never forked), which
@@ -238,8 +265,9 @@ class ChildProcess:
         self._exit_status = status
         self._exit_cpu = cpu
         self._exit_faults = faults
-        if status is not None and self.status is ChildStatus.RUNNING and not self._disconnected:
-            # Its last frames may still be on their way: they are read before the disconnect.
+        if status is not None and self.status is not ChildStatus.REPORTED and not self._disconnected:
+            # Its last frames (its hello too: a child runs its state without waiting for the
+            # supervisor) may still be on their way: they are read before the disconnect.
             self._later(self._sup.config.grace, self._finalize)
         else:
             self._finalize()
@@ -413,6 +441,9 @@ class ChildProcess:
 
     def _reported(self) -> None:
         self._move(ChildStatus.REPORTED)
+        if self._exit_known:  # its exit was heard before its last frames: nothing more will come
+            self._finalize()
+            return
         # The child exits right after reporting; one that lingers is killed.
         self._later(self._sup.config.grace, self.kill)
 
@@ -446,36 +477,10 @@ class ChildProcess:
         return self.confinement.handle is not None and self.confinement.backend_name != "none"
 
     def _escape(self, usage: dict[str, Any]) -> FailureReason | None:
-        """Whether the process left its cgroup: the kernel charged it more than the cgroup saw.
-
-        CPU time and page faults count in the cgroup a process is in when it spends or takes
-        them, so a process that moved out (to shed its memory or CPU limit) has figures of its
-        own, from ``wait4``, well above its cgroup's.
-        """
+        """Whether the process left its cgroup (see :func:`escape_reason`)."""
         if not self._in_cgroup():
             return None
-        cgroup_cpu, cgroup_faults = usage.get("cpu_seconds"), None
-        why = None
-        faults = self._exit_faults
-        # memory.stat is costly to read: only when the faults are more than its peak explains.
-        if faults is not None and faults * _PAGE > usage.get("peak_memory_bytes", 0) + _FAULT_BYTES:
-            cgroup_faults = self.confinement.page_faults()
-            if cgroup_faults is not None and faults > cgroup_faults * 1.05 + _FAULT_SLACK:
-                why = f"it took {faults:,} page faults, its cgroup saw {cgroup_faults:,}"
-        elif self._exit_cpu is not None and cgroup_cpu is not None and (
-            self._exit_cpu > cgroup_cpu * 1.05 + _CPU_SLACK
-        ):
-            why = f"the kernel charged it {self._exit_cpu:.3f} CPU-s, its cgroup only {cgroup_cpu:.3f}"
-        if why is None:
-            return None
-        return FailureReason(
-            kind="cgroup_escape",
-            message=(f"the state's process left the cgroup it was put in ({why}): its limits did not "
-                     "hold and its usage figures are unknown; isolation='process' running as root "
-                     "is not a security boundary: run untrusted code with isolation='sandbox'"),
-            details={"cgroup_cpu_seconds": cgroup_cpu, "process_cpu_seconds": self._exit_cpu,
-                     "cgroup_page_faults": cgroup_faults, "process_page_faults": self._exit_faults},
-        )
+        return escape_reason(self.confinement, usage, self._exit_cpu, self._exit_faults)
 
     # --- control ------------------------------------------------------------------------
 
@@ -493,6 +498,7 @@ class ChildProcess:
     async def stop(self, reason: str, grace: float) -> None:
         """Ask the child to stop (cancel or preempt), wait ``grace`` seconds, then kill it."""
         self._stopping = True
+        reason = str(getattr(reason, "value", reason))  # the engine's StopReason: a plain string on the wire
         if self.status is ChildStatus.RUNNING:
             self._send(encode_message(Preempt(reason=reason) if reason == "preempt" else Cancel(reason=reason)))
             try:
@@ -596,3 +602,33 @@ class ChildProcess:
                 return fh.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+
+def escape_reason(
+    confinement: Confinement, usage: dict[str, Any], cpu: float | None, faults: int | None,
+) -> FailureReason | None:
+    """Whether a process left its cgroup: the kernel charged it more than the cgroup saw.
+
+    CPU time and page faults count in the cgroup a process is in when it spends or takes
+    them, so a process that moved out (to shed its memory or CPU limit) has figures of its
+    own (``cpu`` seconds and ``faults``, from ``wait4``) well above its cgroup's (``usage``).
+    """
+    cgroup_cpu, cgroup_faults = usage.get("cpu_seconds"), None
+    why = None
+    # memory.stat is costly to read: only when the faults are more than its peak explains.
+    if faults is not None and faults * _PAGE > usage.get("peak_memory_bytes", 0) + _FAULT_BYTES:
+        cgroup_faults = confinement.page_faults()
+        if cgroup_faults is not None and faults > cgroup_faults * 1.05 + _FAULT_SLACK:
+            why = f"it took {faults:,} page faults, its cgroup saw {cgroup_faults:,}"
+    elif cpu is not None and cgroup_cpu is not None and cpu > cgroup_cpu * 1.05 + _CPU_SLACK:
+        why = f"the kernel charged it {cpu:.3f} CPU-s, its cgroup only {cgroup_cpu:.3f}"
+    if why is None:
+        return None
+    return FailureReason(
+        kind="cgroup_escape",
+        message=(f"the state's process left the cgroup it was put in ({why}): its limits did not "
+                 "hold and its usage figures are unknown; isolation='process' running as root "
+                 "is not a security boundary: run untrusted code with isolation='sandbox'"),
+        details={"cgroup_cpu_seconds": cgroup_cpu, "process_cpu_seconds": cpu,
+                 "cgroup_page_faults": cgroup_faults, "process_page_faults": faults},
+    )

@@ -25,6 +25,8 @@ import itertools
 import logging
 import os
 import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple
 from typing import Any, Callable
 
 from ..devices import machine_inventory
@@ -77,6 +79,9 @@ class Confinement:
         # Set by the executor once the zygote reaped the attempt's process: for a sandbox,
         # its namespaces (and everything in them) are then gone.
         self.reaped = False
+        # Runs the removal of a cgroup whose processes are all reaped, off the event loop.
+        self.remove_later: Callable[[Callable[[], None]], None] | None = None
+        self.parked_pid: int | None = None  # the parked child already in this cgroup
 
     @property
     def limits(self) -> CgroupLimits | None:
@@ -178,7 +183,12 @@ class Confinement:
             if self.handle is not None:
                 if not self._usage:  # nothing read yet: keep the final figures before removing
                     self._refresh()
-                self.handle.remove()
+                if self.reaped and self._release is None and self.remove_later is not None:
+                    # Nothing is left in it: removing it (0.3 ms or more, sleeping on the
+                    # kernel's cgroup lock) need not hold up the attempt's outcome.
+                    self.remove_later(self.handle.remove)
+                else:
+                    self.handle.remove()
         except CgroupError as exc:
             # Never let cleanup hide the attempt's outcome: the supervisor's own
             # directory is reaped (with whatever is left in it) when the Confiner closes.
@@ -188,6 +198,60 @@ class Confinement:
             self._closed = True
             if self._release is not None:
                 self._release()
+
+
+_COUNTERS = ("cpu_seconds", "nr_throttled", "throttled_seconds", "io_read_bytes", "io_write_bytes")
+
+
+class SharedConfinement(Confinement):
+    """One attempt's share of a confinement that outlives it (a worker's cgroup).
+
+    What the attempt used is the difference of the cgroup's counters read when it began
+    and when it ended (:meth:`end`); its peak memory is the cgroup's peak since it
+    began where the kernel can restart it (cgroup v1 and the no-cgroup watchdog; on
+    cgroup v2, the peak since the worker started). Limits hit in between are the
+    attempt's. Closing it leaves the cgroup to its owner; :meth:`kill` kills the owner's
+    processes (a worker that will not stop is replaced).
+    """
+
+    def __init__(self, owner: Confinement) -> None:
+        super().__init__(owner.child_spec, owner.handle, owner.backend_name)
+        self._owner = owner
+        self._start_usage: dict[str, Any] = {}
+        self._start_events = LimitEvents()
+        self._ended = False
+        handle = owner.handle
+        if handle is not None:
+            reset = getattr(handle, "reset_peak", None)
+            if reset is not None:
+                reset()
+            self._start_usage = handle.usage()
+            self._start_events = handle.limit_events()
+
+    def started(self, pid: int) -> None:
+        return None  # the owner's process is followed already
+
+    def _refresh(self) -> None:
+        if self.handle is None or self._ended:
+            return
+        usage, start = self.handle.usage(), self._start_usage
+        for key in _COUNTERS:
+            if key in usage:
+                usage[key] -= start.get(key, 0)
+        events, before = self.handle.limit_events(), self._start_events
+        self._usage = usage
+        self._events = LimitEvents(*(now - then for now, then in zip(astuple(events), astuple(before))))
+
+    def end(self) -> None:
+        """The attempt is over: keep what it used, whatever the owner does next."""
+        self._refresh()
+        self._ended = True
+
+    def kill(self) -> None:
+        self._owner.kill()
+
+    def close(self) -> None:
+        self._closed = True
 
 
 class Confiner:
@@ -225,6 +289,7 @@ class Confiner:
         self._uid_pool: Any = None
         self._closed = False
         _close_at_exit(self)
+        self._thread: ThreadPoolExecutor | None = None
         self._fixed_minors = sorted(gpu_minors) if gpu_minors is not None else None
         self._gpu_minors: list[int] = []
         self._minors_of: object = None
@@ -233,19 +298,66 @@ class Confiner:
         """What each ResourceRequirements field is enforced by on this machine."""
         return self.backend.capabilities()
 
-    def prepare(self, attempt: Attempt) -> Confinement:
-        """Create the attempt's cgroup with its limits, and the child's spec."""
+    def limits(self, attempt: Attempt) -> CgroupLimits:
+        """The kernel limits ``attempt`` gets: its resources, its GPUs' devices, the sandbox's defaults."""
+        minors = [int(m) for m in attempt.assignment.get("gpu_minors", [])]
+        return limits_for(attempt.resources, io_devices=self.io_devices,
+                          sandbox=attempt.isolation is Isolation.SANDBOX, allow_devices=self._devices(minors))
+
+    def _devices(self, minors: list[int]) -> tuple[str, ...] | None:
+        return device_rules(minors) if minors or self._machine_gpu_minors() else None
+
+    def park(self, pid: int) -> CgroupHandle | None:
+        """A fresh cgroup, in every controller an attempt may need and with no limits yet,
+        with the parked child ``pid`` moved in (None: no cgroups here). Called off the loop."""
+        if not self.backend.owned_dirs():
+            return None
+        limits = limits_for(None, io_devices=self.io_devices, allow_devices=self._devices([]))
+        handle = self.backend.create(safe_name(f"parked-{pid}-{next(self._counter)}"), limits, every_controller=True)
+        try:
+            handle.attach(pid)
+        except BaseException:
+            handle.remove()
+            raise
+        return handle
+
+    def background(self, work: Callable[[], None]) -> None:
+        """Run ``work`` (making or removing a cgroup) on this confiner's own thread, in order."""
+        if self._closed:
+            _logged(work)
+            return
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-cgroups")
+        self._thread.submit(_logged, work)
+
+    def prepare(
+        self, attempt: Attempt, *, name: str | None = None, parked: tuple[int, CgroupHandle] | None = None,
+    ) -> Confinement:
+        """Create the attempt's cgroup with its limits, and the child's spec.
+
+        ``name`` names the cgroup (default: from the run, the state and the attempt).
+        ``parked`` is a parked child and the cgroup it waits in (from :meth:`park`): that
+        cgroup gets the attempt's limits instead, and the child need not join it.
+        """
         sandboxed = attempt.isolation is Isolation.SANDBOX
-        name = safe_name(f"{attempt.run_id[:8]}-{attempt.state_name}-{attempt.number}-{next(self._counter)}")
+        if name is None:
+            name = f"{attempt.run_id[:8]}-{attempt.state_name}-{attempt.number}"
+        name = safe_name(f"{name}-{next(self._counter)}")
         uuids = [str(u) for u in attempt.assignment.get("gpus", [])]
         minors = [int(m) for m in attempt.assignment.get("gpu_minors", [])]
-        allow = device_rules(minors) if minors or self._machine_gpu_minors() else None
-        limits = limits_for(attempt.resources, io_devices=self.io_devices, sandbox=sandboxed, allow_devices=allow)
-        handle = self.backend.create(name, limits)
+        limits = self.limits(attempt)
+        if parked is not None and not sandboxed:
+            handle = parked[1]
+            self.backend.apply(handle, limits)
+        else:
+            parked = None
+            handle = self.backend.create(name, limits)
         if _asks_io_rates(attempt) and not self.io_devices:
             handle.unenforced["io_throttle"] = "no block device holds the working directory or /"
         child_spec = handle.child_spec()
         child_spec["gpu"] = {"env": pinning_env(uuids)}
+        if parked is not None:
+            child_spec["joined"] = parked[0]
         if sandboxed:
             try:
                 pool = self._uids()
@@ -259,6 +371,8 @@ class Confiner:
             devices = _gpu_device_paths(set(minors)) if uuids else ()
             child_spec["sandbox"] = lease.spec(devices=devices, **({"nproc": nproc} if nproc else {}))
         confinement = Confinement(child_spec, handle, self.backend_name)
+        confinement.remove_later = self.background
+        confinement.parked_pid = parked[0] if parked is not None else None
         if sandboxed:
             confinement._release = lambda: pool.release(name, contained=confinement.reaped)
         return confinement
@@ -292,12 +406,21 @@ class Confiner:
         if self._closed:
             return
         self._closed = True
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)  # the removals it has queued, first
         try:
             self.backend.close()
         finally:
             if self._uid_pool is not None:
                 self._uid_pool.close()
                 self._uid_pool = None
+
+
+def _logged(work: Callable[[], None]) -> None:
+    try:
+        work()
+    except Exception as exc:  # the supervisor's directory is reaped when the confiner closes
+        _log.warning("cgroup_work_failed: %s", exc)
 
 
 def _close_at_exit(confiner: Confiner) -> None:

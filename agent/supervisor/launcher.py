@@ -2,10 +2,10 @@
 
 The zygote is a separate interpreter started with ``exec`` (never a fork of this
 process, which holds threads and a ZeroMQ context). Requests go down a socketpair;
-reports (``spawned``, ``spawn_failed``, ``exited``, ``denied``) come back on the same
-socketpair and are dispatched on the attached event loop. A child's spec travels in a
-memfd passed with its ``spawn`` request, which only the child reads. The zygote removes the ``cleanup``
-directories when it exits, even if this process was killed.
+reports (``spawned``, ``spawn_failed``, ``exited``, ``denied``, ``parked``) come back on
+the same socketpair and are dispatched on the attached event loop. A child's spec travels
+in a memfd passed with its ``spawn`` request, which only the child reads. The zygote
+removes the ``cleanup`` directories when it exits, even if this process was killed.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..runtime.zygote import frame, read_frames, write_frame
+from ..runtime.child import SPEC_HEADER
+from ..runtime.zygote import PARK_MAX, frame, read_frames, write_frame
 from ..values import pack_plain
 
 ReportHandler = Callable[[dict[str, Any]], None]
@@ -62,6 +63,12 @@ def _take_prestarted() -> tuple[_Forked, socket.socket] | None:
     return _Forked(int(pid)), socket.socket(fileno=int(fd))
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class ZygoteLauncher:
     """One running zygote process."""
 
@@ -73,6 +80,7 @@ class ZygoteLauncher:
         *,
         preload: Sequence[str] = (),
         import_path: Sequence[str] = (),
+        park_max: int = PARK_MAX,
     ) -> None:
         self._on_report = on_report
         self._on_lost = on_lost
@@ -87,7 +95,8 @@ class ZygoteLauncher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.alive = True
         # The first frame, read before the zygote warms up: what to import for the children.
-        self._send({"op": "configure", "preload": list(preload), "import_path": list(import_path)})
+        self._send({"op": "configure", "preload": list(preload), "import_path": list(import_path),
+                    "park_max": park_max})
 
     @staticmethod
     def _start(cleanup: list[str] | None) -> tuple[subprocess.Popen[bytes], socket.socket]:
@@ -122,14 +131,27 @@ class ZygoteLauncher:
             self._loop.remove_reader(self._sock.fileno())
         self._loop = None
 
-    def spawn(self, request_id: int, spec: dict[str, Any], *, sandbox: bool = False) -> None:
-        """Ask for a child; its spec goes in a memfd that only the child reads."""
+    def spawn(
+        self, request_id: int, spec: dict[str, Any], *, sandbox: bool = False, fds: Sequence[int] = (),
+        parked: int | None = None,
+    ) -> None:
+        """Ask for a child; its spec goes in a memfd that only the child reads.
+
+        ``fds`` are handed to the child after it (a worker's own channel). ``parked``: the
+        pid of the parked child to hand them to (else a child is forked for them).
+        """
         if not self.alive:
             raise ConnectionError("the zygote is gone")
         fd = os.memfd_create("agent-child-spec", os.MFD_CLOEXEC)
         try:
-            os.write(fd, pack_plain(spec))
-            socket.send_fds(self._sock, [frame({"op": "spawn", "id": request_id, "sandbox": sandbox})], [fd])
+            # The spec, then the run message (read by the child once it is confined).
+            head = pack_plain({k: v for k, v in spec.items() if k != "run"})
+            _write_all(fd, SPEC_HEADER.pack(len(head)) + head)
+            run = spec.get("run")
+            if run:
+                _write_all(fd, run)
+            request = {"op": "spawn", "id": request_id, "sandbox": sandbox, "fds": 1 + len(fds), "parked": parked}
+            socket.send_fds(self._sock, [frame(request)], [fd, *fds])
         except OSError as exc:
             self._lost()
             raise ConnectionError(f"the zygote is gone: {exc}") from None

@@ -15,6 +15,11 @@ finished attempt logs (default 2000), ``AGENT_LOG_MAX_BYTES`` of them in all (de
 256M) and none older than ``AGENT_LOG_MAX_AGE`` (default 7d); the oldest go first, as
 attempts finish. A log still being written is never removed. With ``AGENT_LOG_DIR``,
 the logs earlier processes left there count too (read once, when the supervisor starts).
+
+A log file is created when its attempt first prints (creating a file costs 0.3-1.3 ms
+on the CI machine's loaded ext4, more than a whole attempt on a worker); an attempt that
+printed nothing has an empty log, kept as a file only under ``AGENT_LOG_DIR``, where
+other processes may read it.
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ class AttemptLogs:
         self._kept: collections.deque[tuple[float, str, int]] = collections.deque()
         self._bytes = 0
         self._per_folder: collections.Counter[str] = collections.Counter()
+        self._empty: set[str] = set()  # logs of attempts that printed nothing, never created
         if not self.owned:
             self._adopt_existing()
             self._prune(time.time())
@@ -109,11 +115,24 @@ class AttemptLogs:
 
     def open(self, run_id: str, state: str, attempt: int) -> tuple[str, int]:
         """Create the attempt's log file; returns its path and a descriptor to append to."""
-        path = self.path(run_id, state, attempt, create=True)
-        return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        path = self.path(run_id, state, attempt)
+        return path, self.create(path)
 
-    def finished(self, path: str, size: int) -> None:
-        """The attempt that wrote ``path`` ended: keep its log, within the retention policy."""
+    def create(self, path: str) -> int:
+        """Create the log file ``path`` (and its run's folder); a descriptor to append to."""
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+    def finished(self, path: str, size: int, *, created: bool = True) -> None:
+        """The attempt that wrote ``path`` ended: keep its log, within the retention policy.
+
+        ``created`` False: it printed nothing and its file was never made.
+        """
+        if not created:
+            if self.owned:
+                self._empty.add(path)
+            else:
+                os.close(self.create(path))  # other processes may look for it
         now = time.time()
         self._kept.append((now, path, size))
         self._bytes += size
@@ -126,6 +145,8 @@ class AttemptLogs:
             with open(path, encoding="utf-8", errors="replace") as fh:
                 return fh.read()
         except FileNotFoundError:
+            if path in self._empty:
+                return ""
             raise AttemptLogNotFoundError(
                 f"no log for run {run_id!r}, state {state!r}, attempt {attempt}: only isolated "
                 "attempts have logs; they are removed when the process exits unless AGENT_LOG_DIR "
@@ -143,10 +164,13 @@ class AttemptLogs:
         ):
             _, path, size = kept.popleft()
             self._bytes -= size
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            if path in self._empty:
+                self._empty.discard(path)
+            else:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
             folder = os.path.dirname(path)
             self._per_folder[folder] -= 1
             if self._per_folder[folder] <= 0:

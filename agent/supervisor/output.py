@@ -26,13 +26,14 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 Writer = Callable[[str, Sequence[str]], None]
 """``writer(label, lines)``: whole lines (without their newline) one state printed."""
 
 _CHUNK = 1 << 16
 _MAX_LINE = 1 << 16  # a longer line without a newline is echoed in pieces
+_BETWEEN = 4096  # what a worker printed outside any attempt, kept for its failure report
 _COLORS = ("36", "33", "32", "35", "34", "31", "96", "93", "92", "95", "94")
 
 _lock = threading.Lock()
@@ -98,74 +99,28 @@ def current_writer() -> Writer | None:
         return _writer
 
 
-class AttemptOutput:
-    """The pipe one attempt's process writes to, drained into its log file and the echo."""
+class _Sink:
+    """One attempt's share of a pipe: appended to its log file, whole lines echoed with its label.
+
+    The log file is created by ``create_log(log_path)`` when the first byte comes.
+    """
 
     def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        log_path: str,
-        log_fd: int,
-        label: str,
-        *,
-        cap: int | None = None,
-        on_cap: Callable[[int], None] | None = None,
+        self, log_path: str, create_log: Callable[[str], int], label: str, *,
+        cap: int | None = None, on_cap: Callable[[int], None] | None = None,
     ) -> None:
         self.log_path = log_path
         self.label = label
         self.size = 0
         self._cap = cap  # bytes kept at most; past it the rest is dropped and on_cap(cap) told once
         self._on_cap = on_cap
-        self._loop = loop
-        self._log_fd = log_fd
+        self._create_log = create_log
+        self._log_fd: int | None = None
+        self.created = False
         self._writer = current_writer()
         self._partial = b""
-        self._read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._write_fd: int | None = write_fd
-        self.child_path = f"/proc/{os.getpid()}/fd/{write_fd}"
-        """What the child opens as its log: the pipe's write end, through this process's fd table."""
-        loop.add_reader(self._read_fd, self._drain)
-        self._open = True
 
-    def child_connected(self) -> None:
-        """The child has opened the pipe (it does before it connects): drop our write end."""
-        if self._write_fd is not None:
-            os.close(self._write_fd)
-            self._write_fd = None
-
-    def close(self) -> int:
-        """Read what the (gone) child left in the pipe, flush, close; returns the bytes logged."""
-        if not self._open:
-            return self.size
-        self._open = False
-        self.child_connected()
-        self._drain()
-        if not self._loop.is_closed():
-            self._loop.remove_reader(self._read_fd)
-        os.close(self._read_fd)
-        if self._partial:
-            self._echo([self._partial])
-            self._partial = b""
-        os.close(self._log_fd)
-        return self.size
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                data = os.read(self._read_fd, _CHUNK)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                if self._open and not self._loop.is_closed():
-                    self._loop.remove_reader(self._read_fd)  # EOF: else it stays readable forever
-                return
-            self._take(data)
-            if len(data) < _CHUNK:
-                return
-
-    def _take(self, data: bytes) -> None:
+    def take(self, data: bytes) -> None:
         cap = self._cap
         if cap is not None and self.size + len(data) > cap:
             data = data[: max(0, cap - self.size)]
@@ -175,11 +130,17 @@ class AttemptOutput:
                 on_cap(cap)
             if not data:
                 return
+        if not self.created:
+            self.created = True
+            try:
+                self._log_fd = self._create_log(self.log_path)
+            except OSError:  # a full disk must not stop the state: the echo still shows it
+                self._log_fd = None
         view = memoryview(data)
-        while view:
+        while view and self._log_fd is not None:
             try:
                 written = os.write(self._log_fd, view)
-            except OSError:  # a full disk must not stop the state: the echo still shows it
+            except OSError:
                 break
             view = view[written:]
         self.size += len(data)
@@ -193,6 +154,20 @@ class AttemptOutput:
         if lines:
             self._echo(lines)
 
+    def finish(self) -> int:
+        """Echo the unfinished last line, close the log file; returns the bytes logged."""
+        if self._partial:
+            self._echo([self._partial])
+            self._partial = b""
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+        return self.size
+
+    def file_with(self, logs: Any) -> None:
+        """Finish, and hand the log to ``logs`` (an :class:`~agent.supervisor.logs.AttemptLogs`)."""
+        logs.finished(self.log_path, self.finish(), created=self.created)
+
     def _echo(self, lines: list[bytes]) -> None:
         if self._writer is None:
             return
@@ -200,6 +175,135 @@ class AttemptOutput:
             self._writer(self.label, [line.decode("utf-8", "replace").rstrip("\r") for line in lines])
         except Exception:  # a writer's failure never fails the attempt
             self._writer = None
+
+
+class _Pipe:
+    """A pipe a state's process writes its stdout and stderr to, read on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._write_fd: int | None = write_fd
+        self.child_path = f"/proc/{os.getpid()}/fd/{write_fd}"
+        """What the child opens as its log: the pipe's write end, through this process's fd table."""
+        loop.add_reader(self._read_fd, self.drain)
+        self._open = True
+        self._reading = True
+
+    def child_connected(self) -> None:
+        """The child has opened the pipe (it does before it connects): drop our write end."""
+        if self._write_fd is not None:
+            os.close(self._write_fd)
+            self._write_fd = None
+
+    def move_to(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read on ``loop`` from now on (the supervisor serves the caller's loop)."""
+        if loop is self._loop or not self._open:
+            return
+        if self._reading and not self._loop.is_closed():
+            self._loop.remove_reader(self._read_fd)
+        self._loop = loop
+        if self._reading:
+            loop.add_reader(self._read_fd, self.drain)
+
+    def drain(self) -> None:
+        """Read what is in the pipe now, handing it to :meth:`take`."""
+        while True:
+            try:
+                data = os.read(self._read_fd, _CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                if self._reading and not self._loop.is_closed():
+                    self._loop.remove_reader(self._read_fd)  # EOF: else it stays readable forever
+                self._reading = False
+                return
+            self.take(data)
+            if len(data) < _CHUNK:
+                return
+
+    def take(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _close_pipe(self) -> bool:
+        """Read what the (gone) process left, stop reading; False when already closed."""
+        if not self._open:
+            return False
+        self.child_connected()
+        self.drain()
+        self._open = False
+        if self._reading and not self._loop.is_closed():
+            self._loop.remove_reader(self._read_fd)
+        os.close(self._read_fd)
+        return True
+
+
+class AttemptOutput(_Pipe):
+    """The pipe one attempt's process writes to, drained into its log file and the echo."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        log_path: str,
+        create_log: Callable[[str], int],
+        label: str,
+        *,
+        cap: int | None = None,
+        on_cap: Callable[[int], None] | None = None,
+    ) -> None:
+        self._sink = _Sink(log_path, create_log, label, cap=cap, on_cap=on_cap)
+        self.log_path = log_path
+        self.label = label
+        super().__init__(loop)
+
+    def take(self, data: bytes) -> None:
+        self._sink.take(data)
+
+    def close_into(self, logs: Any) -> None:
+        """Close, and file the log with ``logs`` (an :class:`~agent.supervisor.logs.AttemptLogs`)."""
+        if self._close_pipe():
+            self._sink.file_with(logs)
+
+
+class WorkerOutput(_Pipe):
+    """The pipe of a worker, which serves many attempts: each gets what it printed.
+
+    The worker flushes its streams before it says it is ready again, so everything an
+    attempt printed is in the pipe when its end is known: :meth:`end_attempt` reads the
+    pipe dry before it closes that attempt's log. What a worker prints between attempts
+    (while starting, or from a thread a state left behind) belongs to no attempt: the
+    last few KiB are kept in :attr:`between` to explain a worker that fails to start.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sink: _Sink | None = None
+        self.between = b""
+        super().__init__(loop)
+
+    def begin_attempt(self, log_path: str, create_log: Callable[[str], int], label: str) -> None:
+        self.drain()
+        self.between = b""
+        self._sink = _Sink(log_path, create_log, label)
+
+    def end_attempt(self, logs: Any) -> None:
+        """Read the pipe dry, close the attempt's log and file it with ``logs``."""
+        if self._open:
+            self.drain()
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.file_with(logs)
+
+    def take(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink.take(data)
+        else:
+            self.between = (self.between + data)[-_BETWEEN:]
+
+    def close_into(self, logs: Any) -> None:
+        self._close_pipe()
+        self.end_attempt(logs)
 
 
 def label_for(state: str, attempt: int) -> str:

@@ -1,11 +1,18 @@
-"""The ``process`` executor: each attempt in its own forked child under the supervisor."""
+"""The executors of the supervisor's processes: ``process`` (and ``sandbox``) and ``worker``.
+
+``process`` runs each attempt in its own forked child; ``worker`` on a reused worker
+process of the attempt's shape (:mod:`agent.supervisor.workers`). Both watch the same
+kind of record (:class:`~agent.supervisor.child.ChildProcess`) and stop it the same way
+when the attempt is cancelled.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any, Awaitable, TypeVar
 
-from ..executor import Attempt, AttemptOutcome, Isolation
+from ..executor import Attempt, AttemptFailed, AttemptOutcome, Isolation
+from .child import ChildProcess
 from .service import Supervisor, get_supervisor
 
 T = TypeVar("T")
@@ -27,21 +34,15 @@ class ProcessExecutor:
             sup.exit_attempt()
 
     async def _run(self, sup: Supervisor, attempt: Attempt) -> AttemptOutcome:
-        confinement = sup.confiner.prepare(attempt)
+        confinement = sup.confine(attempt)
         try:
             child = sup.launch(attempt, confinement)
             try:
-                status = await asyncio.shield(child.exited)
-            except asyncio.CancelledError:
-                reason = attempt.stop_reason or "cancel"
-                await uncancellable(child.stop(reason, sup.config.grace))
-                raise
+                status = await watch(child, attempt, sup.config.grace)
             finally:
                 sup.forget(child)
             confinement.reaped = status is not None
-            outcome = child.outcome(status)
-            attempt.usage.update(outcome.usage)
-            return outcome
+            return verdict(child, status, attempt)
         except BaseException as exc:
             usage: Any = getattr(exc, "usage", None)
             if isinstance(usage, dict):
@@ -53,6 +54,57 @@ class ProcessExecutor:
     async def aclose(self) -> None:
         """Nothing per executor: the supervisor is shared and goes away with the process."""
         return None
+
+
+class WorkerExecutor:
+    """Runs attempts on the supervisor's worker processes (``isolation="worker"``)."""
+
+    isolation = Isolation.WORKER
+
+    async def run_attempt(self, attempt: Attempt) -> AttemptOutcome:
+        sup = get_supervisor()
+        sup.attach(asyncio.get_running_loop())
+        sup.enter_attempt()
+        try:
+            while True:
+                handed = sup.workers.acquire(attempt)
+                try:
+                    child = await handed
+                except asyncio.CancelledError:
+                    if not handed.done() or handed.cancelled() or handed.exception() is not None:
+                        raise
+                    # Handed to a worker just as it was cancelled: stop it there.
+                    await uncancellable(handed.result().stop(attempt.stop_reason or "cancel", sup.config.grace))
+                    raise
+                status = await watch(child, attempt, sup.config.grace)
+                if not child.never_ran:  # else its worker went idle before reading it: again
+                    return verdict(child, status, attempt)
+        finally:
+            sup.exit_attempt()
+
+    async def aclose(self) -> None:
+        """Nothing per executor: the workers belong to the supervisor."""
+        return None
+
+
+async def watch(child: ChildProcess, attempt: Attempt, grace: float) -> int | None:
+    """Wait until ``child``'s attempt is over; when cancelled, stop it for good first."""
+    try:
+        return await asyncio.shield(child.exited)
+    except asyncio.CancelledError:
+        await uncancellable(child.stop(attempt.stop_reason or "cancel", grace))
+        raise
+
+
+def verdict(child: ChildProcess, status: int | None, attempt: Attempt) -> AttemptOutcome:
+    """The attempt's outcome (or :class:`AttemptFailed`), its measured usage kept on ``attempt``."""
+    try:
+        outcome = child.outcome(status)
+    except AttemptFailed as failed:
+        attempt.usage.update(failed.usage)
+        raise
+    attempt.usage.update(outcome.usage)
+    return outcome
 
 
 async def uncancellable(aw: Awaitable[T]) -> T:

@@ -27,23 +27,35 @@ import cloudpickle
 import psutil
 
 from .. import values
-from ..errors import IsolationError, ProtocolError, UnencodableValueError
-from ..executor import Attempt
+from ..errors import CgroupError, InvalidConfigurationError, IsolationError, ProtocolError, UnencodableValueError
+from ..executor import Attempt, Isolation
 from ..ipc import Hello, Run, decode_message, encode_message
 from ..ipc.router import RECEIVE_HWM, RouterChannel, peer_credentials
+from ..runtime.zygote import PARK_MAX
+from ..scope import ContextScope, ScopedContext, scope_for
 from ..values import Bounds
-from ..scope import ScopedContext, scope_for
 from .child import ChildProcess, ChildStatus
 from .confinement import Confinement, Confiner
 from .launcher import ZygoteLauncher
 from .logger import get_logger
 from .logs import AttemptLogs, activate
 from .output import AttemptOutput, label_for
+from .parked import ParkedChildren
+from .workers import WorkerPool
 
 
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
     return float(value) if value else default
+
+
+def _env_count(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise InvalidConfigurationError(f"{name}={value!r}: give a whole number (0 or more)")
+    return int(value)
 
 
 def _env_modules(name: str) -> tuple[str, ...]:
@@ -62,6 +74,8 @@ class SupervisorConfig:
     log_dir: str | None = None
     preload: tuple[str, ...] = field(default_factory=lambda: _env_modules("AGENT_PRELOAD"))
     """Modules the zygote imports before it forks, so that children inherit them."""
+    park_max: int = field(default_factory=lambda: _env_count("AGENT_PARKED_MAX", PARK_MAX))
+    """Children the zygote keeps forked ahead, at most (0: none; see :mod:`agent.runtime.zygote`)."""
 
 
 @dataclass(frozen=True)
@@ -71,9 +85,16 @@ class SupervisorStatistics:
     zygote_pid: int | None
     children_started: int
     children_running: int
+    """State processes serving an attempt, or starting to (workers serving none, idle or still
+    starting, are not counted)."""
     frames_dropped: int
     protocol_violations: int
     bounds_exceeded: int
+    workers: int = 0
+    """Live worker processes (``isolation="worker"``), busy or idle."""
+    workers_idle: int = 0
+    parked: int = 0
+    """Children the zygote holds forked ahead, waiting for a launch."""
 
 
 class Supervisor:
@@ -94,7 +115,7 @@ class Supervisor:
         cleanup = [self.ipc_dir] + ([self.logs.directory] if self.logs.owned else [])
         self.zygote = ZygoteLauncher(
             self._on_report, self._on_zygote_lost, cleanup,
-            preload=self.config.preload, import_path=list(sys.path),
+            preload=self.config.preload, import_path=list(sys.path), park_max=self.config.park_max,
         )
         activate(self.logs)
         self._ids = itertools.count(1)
@@ -104,9 +125,13 @@ class Supervisor:
         self._by_request: dict[int, ChildProcess] = {}
         self._by_pid: dict[int, ChildProcess] = {}
         self._by_fd: dict[int, ChildProcess] = {}
-        self._queued: dict[int, tuple[dict[str, Any], bool]] = {}
+        self._queued: dict[int, tuple[dict[str, Any], bool, tuple[int, ...]]] = {}
         self._outputs: dict[int, AttemptOutput] = {}  # request id -> the child's output pipe
         self._launching: set[int] = set()
+        self.parked: set[int] = set()  # pids of the zygote's parked children
+        self.parked_children = ParkedChildren(self.confiner, lambda: self.router.loop, self.log)
+        self._targeted: dict[int, tuple[dict[str, Any], tuple[int, ...]]] = {}  # spawns of a parked child
+        self.workers = WorkerPool(self)
         self._started = 0
         self._active = 0
         self._dropped = 0
@@ -121,46 +146,84 @@ class Supervisor:
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve on ``loop``; refuses while children of a still-running loop are alive."""
         current = self.router.loop
-        if current is not None and current is not loop and self._by_secret:
+        if current is not None and current is not loop and self._busy():
             if not current.is_closed() and current.is_running():
                 raise IsolationError(
                     "isolated states of one process must run on one event loop at a time: "
                     "finish the run on the other loop first"
                 )
-            self._fail_all(None)
+            self._fail_all(None, keep_idle=True)
         self.router.attach(loop)
         self.zygote.attach(loop)
+        self.workers.attach(loop)
+
+    def _busy(self) -> bool:
+        return any(not getattr(child, "idle", False) for child in self._by_secret.values())
 
     def launch(self, attempt: Attempt, confinement: Confinement) -> ChildProcess:
         """Ask the zygote for a child serving ``attempt``; returns at once."""
+        self.check_open()
+        sandboxed = "sandbox" in confinement.child_spec
+        scope = self.scope(attempt)
+        secret = secrets.token_bytes(16)
+        request_id = self.next_request_id()
+        run_frame = self.run_frame(attempt)
+        log_path = self.logs.path(attempt.run_id, attempt.state_name, attempt.number)
+        child = ChildProcess(
+            self, attempt, confinement, secret=secret, request_id=request_id,
+            log_path=log_path, run_frame=None, bounds=self.bounds,
+        )
+        # A sandbox's log is capped like its files (RLIMIT_FSIZE cannot see a pipe).
+        cap = confinement.child_spec.get("sandbox", {}).get("rlimits", {}).get("fsize")
+        output = AttemptOutput(asyncio.get_running_loop(), log_path, self.logs.create,
+                               label_for(attempt.state_name, attempt.number),
+                               cap=cap, on_cap=child.log_over_cap)
+        # The run message goes with the spec: the child starts the state without asking.
+        spec = self.child_spec(secret, output.child_path, confinement, scope, sandboxed=sandboxed, run=run_frame)
+        self.start(child, spec, output, sandboxed=sandboxed)
+        return child
+
+    def confine(self, attempt: Attempt, *, name: str | None = None) -> Confinement:
+        """The attempt's confinement, in the cgroup of a parked child when one is ready
+        (that child then serves it: :meth:`launch`), else in a new cgroup."""
+        parked = None if attempt.isolation is Isolation.SANDBOX else self.parked_children.take()
+        if parked is not None and parked[1] is not None:
+            try:
+                return self.confiner.prepare(attempt, name=name, parked=parked)  # type: ignore[arg-type]
+            except CgroupError as exc:  # its cgroup would not take these limits: a new one will
+                self.log.warning("parked_cgroup_refused", pid=parked[0], error=str(exc))
+                self.confiner.background(parked[1].remove)  # takes the parked child with it
+        return self.confiner.prepare(attempt, name=name)
+
+    def check_open(self) -> None:
         if self.closed or not self.zygote.alive:
             raise IsolationError("the supervisor is shut down: start a new run")
-        sandboxed = "sandbox" in confinement.child_spec
-        # The snapshot holds only the keys in the state's scope (none, for a sandbox without
-        # context_keys), and writes outside it are refused here, whatever the child does.
+
+    def next_request_id(self) -> int:
+        return next(self._ids)
+
+    def scope(self, attempt: Attempt) -> ContextScope | None:
+        """The context keys ``attempt`` may see (None: all); its context is narrowed to them.
+
+        The snapshot holds only the keys in the state's scope (none, for a sandbox without
+        context_keys), and writes outside it are refused here, whatever the child does.
+        """
         scope = scope_for(attempt.isolation, None)
         if isinstance(attempt.context, ScopedContext):
             scope = attempt.context.scope
         elif scope is not None:
             attempt.context = ScopedContext.over(attempt.context, scope)
-        secret = secrets.token_bytes(16)
-        request_id = next(self._ids)
-        run_frame = self._run_frame(attempt)
-        log_path, log_fd = self.logs.open(attempt.run_id, attempt.state_name, attempt.number)
-        child = ChildProcess(
-            self, attempt, confinement, secret=secret, request_id=request_id,
-            log_path=log_path, run_frame=run_frame, bounds=self.bounds,
-        )
-        # A sandbox's log is capped like its files (RLIMIT_FSIZE cannot see a pipe).
-        cap = confinement.child_spec.get("sandbox", {}).get("rlimits", {}).get("fsize")
-        output = AttemptOutput(asyncio.get_running_loop(), log_path, log_fd,
-                               label_for(attempt.state_name, attempt.number),
-                               cap=cap, on_cap=child.log_over_cap)
-        self._outputs[request_id] = output
-        spec = {
+        return scope
+
+    def child_spec(
+        self, secret: bytes, log_path: str, confinement: Confinement, scope: ContextScope | None,
+        *, sandboxed: bool = False, **extra: Any,
+    ) -> dict[str, Any]:
+        """What a forked child reads first (through a memfd): where to connect, log, confine."""
+        return {
             "endpoint": self.router.endpoint,
             "secret": secret,
-            "log_path": output.child_path,
+            "log_path": log_path,
             "confine": confinement.child_spec,
             "sys_path": list(sys.path),
             # A sandbox gets the program's name only: arguments may carry secrets.
@@ -169,13 +232,21 @@ class Supervisor:
             "cwd": os.getcwd(),
             "max_frame": self.config.max_frame,
             "receive_hwm": RECEIVE_HWM,
+            **extra,
         }
-        self._by_secret[secret] = child
-        self._by_request[request_id] = child
-        self._queued[request_id] = (spec, sandboxed)
+
+    def start(
+        self, child: Any, spec: dict[str, Any], output: Any, *, sandboxed: bool = False, fds: tuple[int, ...] = (),
+    ) -> None:
+        """Register ``child`` (a state child or a worker) and queue its fork (``fds`` go to it)."""
+        self._outputs[child.request_id] = output
+        self._by_secret[child.secret] = child
+        self._by_request[child.request_id] = child
+        self._queued[child.request_id] = (spec, sandboxed, fds)
+        if child.confinement.parked_pid is not None:
+            self._targeted[child.request_id] = (spec, fds)
         self._started += 1
         self._pump()
-        return child
 
     def _pump(self) -> None:
         """Send queued fork requests while fewer than ``max_launching`` children start up.
@@ -186,11 +257,12 @@ class Supervisor:
         while keeping the run queue short. ``AGENT_MAX_LAUNCHING`` overrides it.
         """
         while self._queued and len(self._launching) < self.config.max_launching and self.zygote.alive:
-            request_id, (spec, sandboxed) = next(iter(self._queued.items()))
+            request_id, (spec, sandboxed, fds) = next(iter(self._queued.items()))
             del self._queued[request_id]
             self._launching.add(request_id)
+            parked = spec["confine"].get("joined")
             try:
-                self.zygote.spawn(request_id, spec, sandbox=sandboxed)
+                self.zygote.spawn(request_id, spec, sandbox=sandboxed, fds=fds, parked=parked)
             except ConnectionError:
                 return  # the zygote is gone: every child is failed by _on_zygote_lost
 
@@ -207,7 +279,8 @@ class Supervisor:
         """Drop a child whose fork was not requested yet; True when it was still queued."""
         return self._queued.pop(child.request_id, None) is not None
 
-    def _run_frame(self, attempt: Attempt) -> bytes:
+    def run_frame(self, attempt: Attempt) -> bytes:
+        """The ``run`` message for ``attempt``: its function and context snapshot."""
         try:
             function = cloudpickle.dumps(attempt.func)
         except Exception as exc:
@@ -264,7 +337,7 @@ class Supervisor:
         self._queued.pop(child.request_id, None)
         output = self._outputs.pop(child.request_id, None)
         if output is not None:  # before the outcome is judged: the log is then complete
-            self.logs.finished(output.log_path, output.close())
+            output.close_into(self.logs)
         self.launched(child)
         self._by_secret.pop(child.secret, None)
         if child.route is not None and self._by_route.get(child.route) is child:
@@ -274,11 +347,25 @@ class Supervisor:
             del self._by_pid[child.pid]
         if child.fd is not None and self._by_fd.get(child.fd) is child:
             del self._by_fd[child.fd]
+        for pending in getattr(child, "pending", ()):
+            self.unbind(child, pending.route, pending.fd)
 
     def bind(self, child: ChildProcess, route: bytes, fd: int) -> None:
         """From now on, frames from ``child`` come under ``route`` on ``fd``, and only there."""
         self._by_route[route] = child
         self._by_fd[fd] = child
+
+    def unbind(self, child: ChildProcess, route: bytes, fd: int, dropped: int = 0) -> None:
+        """Frames under ``route`` on ``fd`` are no longer ``child``'s (``dropped``: held ones lost)."""
+        if self._by_route.get(route) is child:
+            del self._by_route[route]
+        if self._by_fd.get(fd) is child:
+            del self._by_fd[fd]
+        self._dropped += dropped
+
+    def deliver(self, route: bytes, frames: list[bytes | memoryview], fd: int) -> None:
+        """Handle frames held while their connection's hello waited for the fork report."""
+        self._on_frame(route, frames, fd)
 
     @property
     def decoder(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -293,22 +380,30 @@ class Supervisor:
         except ConnectionError:
             pass  # the zygote is gone and its children with it
 
-    def count_violation(self, child: ChildProcess, kind: str, message: str) -> None:
+    def count_violation(self, child: Any, kind: str, message: str) -> None:
+        """Count a protocol violation or a bound passed (``kind`` "bound") by ``child`` (a state
+        child, an attempt on a worker, or a worker between attempts)."""
         if kind == "bound":
             self._bounds_exceeded += 1
         else:
             self._violations += 1
+        attempt = child.attempt  # None for a worker between attempts
         self.log.warning("bound_exceeded" if kind == "bound" else "protocol_violation", pid=child.pid,
-                         state=child.attempt.state_name, run_id=child.attempt.run_id, message=message)
+                         state=attempt and attempt.state_name, run_id=attempt and attempt.run_id,
+                         message=message)
 
     def statistics(self) -> SupervisorStatistics:
+        workers = self.workers.statistics()
         return SupervisorStatistics(
             zygote_pid=self.zygote.pid if self.zygote.alive else None,
             children_started=self._started,
-            children_running=len(self._by_secret),
+            children_running=len(self._by_secret) - workers.idle - workers.starting,
             frames_dropped=self._dropped,
             protocol_violations=self._violations,
             bounds_exceeded=self._bounds_exceeded,
+            workers=workers.live,
+            workers_idle=workers.idle,
+            parked=len(self.parked),
         )
 
     # --- events ---------------------------------------------------------------------------
@@ -317,6 +412,9 @@ class Supervisor:
         child = self._by_route.get(routing_id)
         if child is None:
             self._on_stranger(routing_id, frames, fd)
+            return
+        if routing_id != child.route:  # its hello waits for the zygote's report of the fork
+            child.hold(routing_id, frames)
             return
         if fd != child.fd:  # cannot happen with routing ids libzmq gives: never trust it anyway
             self._dropped += 1
@@ -390,31 +488,51 @@ class Supervisor:
     def _on_report(self, report: dict[str, Any]) -> None:
         op = report.get("op")
         if op == "spawned":
+            self.parked.discard(report["pid"])
+            self._targeted.pop(report["id"], None)
             child = self._by_request.pop(report["id"], None)
             if child is not None:
                 self._by_pid[report["pid"]] = child
-                child.on_spawned(report["pid"])
+                child.on_spawned(report["pid"], report.get("charged"))
         elif op == "exited":
+            self.parked.discard(report["pid"])
+            self.parked_children.gone(report["pid"])
             child = self._by_pid.pop(report["pid"], None)
             if child is not None:
                 child.on_exit(report["status"], report.get("cpu"), report.get("faults"))
+        elif op == "parked":
+            self.parked.add(report["pid"])
+            self.parked_children.parked(report["pid"])
         elif op == "denied":
             child = self._by_pid.get(report["pid"])
             if child is not None:
                 child.on_denied(str(report.get("call")))
         elif op == "spawn_failed":
+            targeted = self._targeted.pop(report["id"], None)
+            if targeted is not None and report.get("parked_gone") and report["id"] in self._by_request:
+                self._fork_instead(report["id"], *targeted)
+                return
             child = self._by_request.pop(report["id"], None)
             if child is not None:
                 self.log.error("fork_failed", error=report.get("error"))
                 child.on_spawn_failed(str(report.get("error")))
+
+    def _fork_instead(self, request_id: int, spec: dict[str, Any], fds: tuple[int, ...]) -> None:
+        """The parked child meant for this request went away: a new child joins its cgroup."""
+        spec["confine"].pop("joined", None)
+        self._launching.discard(request_id)
+        self._queued[request_id] = (spec, False, fds)
+        self._pump()
 
     def _on_zygote_lost(self) -> None:
         self.log.error("zygote_lost", zygote_pid=self.zygote.pid)
         self._fail_all(None)
         self.shutdown()
 
-    def _fail_all(self, status: int | None) -> None:
+    def _fail_all(self, status: int | None, *, keep_idle: bool = False) -> None:
         for child in list(self._by_secret.values()):
+            if keep_idle and getattr(child, "idle", False):
+                continue  # an idle worker serves on from the next loop
             child.on_exit(status)
             self.forget(child)
 
@@ -425,11 +543,16 @@ class Supervisor:
         if self.closed:
             return
         self.closed = True
+        self.workers.close()
+        self.parked_children.close()
         self.zygote.close()
         for child in list(self._by_secret.values()):
             self.forget(child)
             if child.status is not ChildStatus.EXITED:
-                child.confinement.kill()
+                try:
+                    child.confinement.kill()
+                except (CgroupError, OSError):
+                    pass  # its cgroup is gone already: the confiner closed first (at exit)
         self.router.close()
         if self._decoder is not None:
             self._decoder.shutdown(wait=False, cancel_futures=True)

@@ -8,9 +8,19 @@ os.environ.setdefault("AGENT_STOP_GRACE", "0.5")  # read when the supervisor sta
 
 import pytest
 
+from agent.executor import Isolation
 from agent.supervisor import current_supervisor
 
+from . import helpers
 from .helpers import stray_processes
+
+
+@pytest.fixture(params=[Isolation.PROCESS, Isolation.WORKER], ids=["process", "worker"])
+def level(request):
+    """Run the test at each isolation level whose states run in a child of the supervisor."""
+    helpers.LEVEL = request.param
+    yield request.param
+    helpers.LEVEL = Isolation.PROCESS
 
 
 @pytest.fixture(autouse=True)

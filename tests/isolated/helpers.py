@@ -11,25 +11,42 @@ from agent.executor import Attempt, AttemptOutcome, Isolation
 from agent.supervisor import current_supervisor, get_executor
 
 
+LEVEL = Isolation.PROCESS
+"""The isolation level the shared tests run at (set by the ``level`` fixture)."""
+
+
 def make_attempt(func, *, context: Context | None = None, state: str = "s", number: int = 1) -> Attempt:
-    """An attempt of ``func`` in a fresh run, isolated as a process."""
+    """An attempt of ``func`` in a fresh run, isolated at :data:`LEVEL`."""
     run_id = f"test-{uuid.uuid4().hex[:12]}"
     ctx = context if context is not None else Context(run_id=run_id)
-    return Attempt(run_id, "test-agent", state, func, number, context=ctx, isolation=Isolation.PROCESS)
+    return Attempt(run_id, "test-agent", state, func, number, context=ctx, isolation=LEVEL)
 
 
 async def run(attempt: Attempt) -> AttemptOutcome:
-    return await get_executor(Isolation.PROCESS).run_attempt(attempt)
+    return await get_executor(attempt.isolation).run_attempt(attempt)
+
+
+def state_process_gone(pid: int) -> bool:
+    """Whether the process that served a state is gone (for ``process``) or serves on idle,
+    its state stopped (for ``worker``: the worker outlives its states)."""
+    sup = current_supervisor()
+    if LEVEL is Isolation.WORKER:
+        return sup is not None and pid in sup.workers.idle_pids()
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def stray_processes() -> list[psutil.Process]:
-    """Live descendants of this process other than the supervisor's zygote."""
+    """Live descendants of this process other than the supervisor's zygote, its parked
+    children and workers serving no attempt (which stay warm between runs by design)."""
     sup = current_supervisor()
-    zygote = sup.zygote.pid if sup is not None else None
+    warm = {sup.zygote.pid, *sup.parked, *sup.workers.warm_pids()} if sup is not None else set()
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if p.pid != zygote and p.status() != psutil.STATUS_ZOMBIE:
+            if p.pid not in warm and p.status() != psutil.STATUS_ZOMBIE:
                 out.append(p)
         except psutil.NoSuchProcess:
             pass

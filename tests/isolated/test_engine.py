@@ -1,15 +1,17 @@
-"""Agents with ``isolation="process"``: the spec's workflows, failures and cancellation."""
+"""Agents with ``isolation="process"`` and ``"worker"``: the spec's workflows, failures and cancellation."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 
-import psutil
 import pytest
 
 from agent import Agent, AgentStatus, Context
 from agent.errors import StateFailedError, StateTimeoutError
+from agent.executor import Isolation
+
+from .helpers import state_process_gone
 
 
 async def process_data(context):
@@ -48,10 +50,10 @@ async def sleeper(context):
 
 
 class TestAgentWithProcessIsolation:
-    """The scheduler's states run in children and their writes reach the run's context."""
+    """The scheduler's states run in children (or workers) and their writes reach the run's context."""
 
-    async def test_quickstart(self):
-        agent = Agent("hello_workflow", isolation="process")
+    async def test_quickstart(self, level):
+        agent = Agent("hello_workflow", isolation=level)
         agent.add_state("process_data", process_data)
         agent.add_state("format_output", format_output)
         ctx = await agent.run()
@@ -60,18 +62,21 @@ class TestAgentWithProcessIsolation:
         assert ctx.get_state("pid") != os.getpid()
         assert "Result: Hello, World!" in agent.logs("format_output")
 
-    async def test_fan_out_and_join(self):
-        agent = Agent("fan", isolation="process")
+    async def test_fan_out_and_join(self, level):
+        agent = Agent("fan", isolation=level)
         agent.add_state("fan_out", fan_out)
         for i in range(4):
             agent.add_state(f"branch_{i}", branch)
         agent.add_state("merge", merge)
         ctx = await agent.run()
         assert ctx.get_state("merged") == [f"done_branch_{i}" for i in range(4)]
-        assert len({ctx.get_state(f"done_branch_{i}") for i in range(4)}) == 4
+        pids = {ctx.get_state(f"done_branch_{i}") for i in range(4)}
+        assert os.getpid() not in pids
+        if level is Isolation.PROCESS:
+            assert len(pids) == 4  # a fresh process each (workers are reused)
 
-    async def test_failure_carries_the_childs_traceback(self):
-        agent = Agent("failing", isolation="process")
+    async def test_failure_carries_the_childs_traceback(self, level):
+        agent = Agent("failing", isolation=level)
         agent.add_state("crashing", crashing, max_retries=1)
         with pytest.raises(StateFailedError) as info:
             await agent.run()
@@ -79,15 +84,15 @@ class TestAgentWithProcessIsolation:
         assert info.value.reason.kind == "exception"
         assert "disk full" in str(info.value) and "crashing" in info.value.traceback
 
-    async def test_state_timeout_kills_the_child(self):
-        agent = Agent("slow", isolation="process")
+    async def test_state_timeout_stops_the_state(self, level):
+        agent = Agent("slow", isolation=level)
         agent.add_state("sleeper", sleeper, timeout=3)  # covers the start of the process too: room for a cold zygote
         with pytest.raises(StateTimeoutError):
             await agent.run()
-        assert not psutil.pid_exists(agent.context.get_state("pid"))
+        assert state_process_gone(agent.context.get_state("pid"))
 
-    async def test_cancelled_run_leaves_nothing_behind(self):
-        agent = Agent("cancelled", isolation="process")
+    async def test_cancelled_run_leaves_nothing_behind(self, level):
+        agent = Agent("cancelled", isolation=level)
         agent.add_state("sleeper", sleeper)
         started = asyncio.Event()
         # The state's first write, applied to the run's context, is the handshake.
@@ -98,4 +103,4 @@ class TestAgentWithProcessIsolation:
         await agent.cancel_all()
         await run
         assert agent.status is AgentStatus.CANCELLED
-        assert not psutil.pid_exists(pid)
+        assert state_process_gone(pid)

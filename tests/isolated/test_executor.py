@@ -1,4 +1,4 @@
-"""The process executor: context in and out, human input, logs, cancellation, restarts."""
+"""The process and worker executors: context in and out, human input, logs, cancellation, restarts."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ from agent.context import Context, TypedContextData
 from agent.errors import AttemptLogNotFoundError, HumanInputTimeoutError, IsolationError, UnencodableValueError
 from agent.executor import AttemptFailed, Isolation
 from agent.supervisor import current_supervisor, get_executor, read_attempt_log
+from agent.supervisor.child import ChildProcess
 
-from .helpers import make_attempt, run
+from .helpers import make_attempt, run, state_process_gone
+
+pytestmark = pytest.mark.usefixtures("level")
 
 
 @dataclass
@@ -150,7 +153,7 @@ class TestContextAcrossTheBoundary:
 
 
 class TestChildEnvironment:
-    """The child is a fork of the zygote, in its own process group, on uvloop."""
+    """The state's process is a fork of the zygote, in its own process group, on uvloop."""
 
     async def test_forked_from_the_zygote(self):
         outcome = await run(make_attempt(environment_state))
@@ -215,7 +218,7 @@ class TestLogs:
 
 
 class TestPreemptAndCancel:
-    """Stopping keeps the writes made so far and leaves no process."""
+    """Stopping keeps the writes made so far; the process goes (a worker serves on)."""
 
     async def test_preempt_keeps_writes(self):
         attempt, task = await writes_started(pid_then_wait_state)
@@ -224,11 +227,21 @@ class TestPreemptAndCancel:
         with pytest.raises(asyncio.CancelledError):
             await task
         assert attempt.context.get_state("progress") == 1
-        assert not psutil.pid_exists(attempt.context.get_state("pid"))
+        assert state_process_gone(attempt.context.get_state("pid"))
 
 
 class TestSupervisorLifetime:
     """The supervisor is shared and warm, and comes back after its zygote dies."""
+
+    async def test_a_child_leaves_by_itself_once_it_reported(self, monkeypatch):
+        # Its run came with its spec: it waits only for the supervisor's welcome of its hello,
+        # then exits; one that lingered would be killed after the grace period.
+        kills = []
+        original = ChildProcess.kill
+        monkeypatch.setattr(ChildProcess, "kill", lambda child: (kills.append(child.pid), original(child)))
+        for _ in range(3):
+            assert (await run(make_attempt(printing_state))).result is None
+        assert kills == []
 
     async def test_shared_and_warm(self):
         await run(make_attempt(printing_state))

@@ -1,5 +1,5 @@
 """Each way a state's process can go wrong: the attempt fails with the right kind,
-the process is gone, and the supervisor keeps serving."""
+the process is gone (a worker that does not stop is replaced), and the supervisor keeps serving."""
 
 from __future__ import annotations
 
@@ -18,7 +18,12 @@ from agent.executor import AttemptFailed
 from agent.ipc.zmtp import DealerTransport
 from agent.supervisor import current_supervisor
 
-from .helpers import make_attempt, run
+from agent.executor import Isolation
+
+from . import helpers
+from .helpers import make_attempt, run, state_process_gone
+
+pytestmark = pytest.mark.usefixtures("level")
 
 # --- state functions (module level: the child imports this module to load them) ------------
 
@@ -188,6 +193,8 @@ class TestProtocolViolations:
         ids=["garbage", "oversized", "wrong-version", "wrong-routing-id"],
     )
     async def test_violation_kills_the_child_and_supervisor_keeps_running(self, func, words):
+        if func is wrong_routing_id_state and helpers.LEVEL is Isolation.WORKER:
+            pytest.skip("a worker's channel is a socket of its own: there is no routing id to forge")
         sup = current_supervisor()
         before = sup.statistics().protocol_violations if sup else 0
         exc = await failed(func)
@@ -209,11 +216,11 @@ class TestStopping:
         attempt.stop_reason = reason
         return attempt, task
 
-    async def test_timeout_via_wait_for_kills_the_child(self):
+    async def test_timeout_via_wait_for_stops_the_state(self):
         attempt, task = await self._started(hanging_state, "timeout")
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(task, timeout=0.01)
-        assert gone(attempt.context.get_state("pid"))
+        assert state_process_gone(attempt.context.get_state("pid"))
         await still_serving()
 
     async def test_state_ignoring_cancel_is_killed_after_grace(self):

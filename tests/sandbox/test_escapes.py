@@ -319,10 +319,10 @@ class TestSecrets:
             shutdown_supervisor()
 
     async def test_the_zygote_holds_no_childs_secret(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import agent.supervisor.service as service
+        import secrets
 
         issued: list[bytes] = []
-        real = service.secrets.token_bytes
+        real = secrets.token_bytes
 
         def recording(n: int) -> bytes:
             token = real(n)
@@ -330,7 +330,7 @@ class TestSecrets:
                 issued.append(token)
             return token
 
-        monkeypatch.setattr(service.secrets, "token_bytes", recording)
+        monkeypatch.setattr(secrets, "token_bytes", recording)
         for isolation in ("process", "sandbox", "process", "sandbox"):
             agent = Agent("secrets", isolation=isolation)
             agent.add_state("noop", escapes.allocate, context_keys=["mb"])

@@ -29,14 +29,7 @@ class WatchedTree:
 
     def __init__(self, name: str, limits: CgroupLimits) -> None:
         self.name = name
-        self.limits = limits
-        self.unenforced: dict[str, str] = {}
-        if limits.cpu_quota_us is not None:
-            self.unenforced["cpu_units"] = "no cgroups here: CPU quotas are not enforced"
-        if limits.io_throttles or limits.io_weight is not None:
-            self.unenforced["io"] = "no cgroups here: IO limits are not enforced"
-        if limits.allow_devices is not None:
-            self.unenforced["devices"] = "no cgroups here: GPUs are hidden by CUDA_VISIBLE_DEVICES only"
+        self.set_limits(limits)
         self.pid: int | None = None
         self._root: psutil.Process | None = None
         self._root_created = 0.0
@@ -47,6 +40,16 @@ class WatchedTree:
         self._oom_kills = 0
         self._pids_hits = 0
         self._removed = False
+
+    def set_limits(self, limits: CgroupLimits) -> None:
+        self.limits = limits
+        self.unenforced: dict[str, str] = {}
+        if limits.cpu_quota_us is not None:
+            self.unenforced["cpu_units"] = "no cgroups here: CPU quotas are not enforced"
+        if limits.io_throttles or limits.io_weight is not None:
+            self.unenforced["io"] = "no cgroups here: IO limits are not enforced"
+        if limits.allow_devices is not None:
+            self.unenforced["devices"] = "no cgroups here: GPUs are hidden by CUDA_VISIBLE_DEVICES only"
 
     @property
     def procs_files(self) -> list[str]:
@@ -118,6 +121,11 @@ class WatchedTree:
                 self._pids_hits += 1
         if over_memory or over_pids:
             self.kill()
+
+    def reset_peak(self) -> None:
+        """Restart the peaks from what the next sample sees (for the next attempt of a worker)."""
+        with self._lock:
+            self._peak_rss = self._peak_pids = 0
 
     def usage(self) -> dict[str, Any]:
         with self._lock:
@@ -213,7 +221,10 @@ class NoneBackend:
             "gpu_units": "CUDA_VISIBLE_DEVICES only",
         }
 
-    def create(self, name: str, limits: CgroupLimits) -> WatchedTree:
+    def apply(self, handle: WatchedTree, limits: CgroupLimits) -> None:
+        handle.set_limits(limits)
+
+    def create(self, name: str, limits: CgroupLimits, *, every_controller: bool = False) -> WatchedTree:
         handle = _Tracked(self, name, limits)
         with self._lock:
             self._watched[name] = handle

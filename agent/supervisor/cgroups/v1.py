@@ -16,18 +16,18 @@ import os
 import time
 from typing import Any
 
-from cgroupspy.controllers import CpuAcctController, CpuController, MemoryController
+from cgroupspy.controllers import CpuController, MemoryController
 
 from ...errors import CgroupError
 from . import blockdev
 from .base import (
     DEFAULT_ROOT,
     LimitEvents,
+    OpenFiles,
     SupervisorName,
     kill_pids,
+    parse_int,
     read,
-    read_int,
-    read_keyed,
     read_pids,
     rmdir_retry,
     subdirs,
@@ -75,10 +75,6 @@ def _cpu(path: str) -> CpuController:
     return CpuController(_At(path))
 
 
-def _cpuacct(path: str) -> CpuAcctController:
-    return CpuAcctController(_At(path))
-
-
 class V1Cgroup:
     """One attempt's directories, one per controller hierarchy."""
 
@@ -88,6 +84,7 @@ class V1Cgroup:
         self.limits = limits
         self.unenforced: dict[str, str] = {}
         self._removed = False
+        self._files = OpenFiles()
 
     @property
     def procs_files(self) -> list[str]:
@@ -114,25 +111,20 @@ class V1Cgroup:
     # --- reading back ------------------------------------------------------------------
 
     def usage(self) -> dict[str, Any]:
-        memory = _memory(self.dirs["memory"])
-        cpuacct = _cpuacct(self.dirs["cpuacct"])
+        files, dirs = self._files, self.dirs
         cpu_stat = self._cpu_stat()
         out: dict[str, Any] = {
-            "cpu_seconds": (cpuacct.usage or 0) / 1e9,
-            "peak_memory_bytes": memory.max_usage_in_bytes or 0,
+            "cpu_seconds": files.int(f"{dirs['cpuacct']}/cpuacct.usage") / 1e9,
+            "peak_memory_bytes": files.int(f"{dirs['memory']}/memory.max_usage_in_bytes"),
             "nr_throttled": cpu_stat.get("nr_throttled", 0),
             "throttled_seconds": cpu_stat.get("throttled_time", 0) / 1e9,
         }
-        peak = f"{self.dirs['pids']}/pids.peak"
-        if os.path.exists(peak):
-            out["pids_peak"] = read_int(peak)
-        if "blkio" in self.dirs:
+        peak = files.text(f"{dirs['pids']}/pids.peak")
+        if peak is not None:
+            out["pids_peak"] = parse_int(peak)
+        if "blkio" in dirs:
             reads = writes = 0
-            try:
-                text = read(f"{self.dirs['blkio']}/blkio.throttle.io_service_bytes")
-            except OSError:
-                text = ""
-            for line in text.splitlines():
+            for line in (files.text(f"{dirs['blkio']}/blkio.throttle.io_service_bytes") or "").splitlines():
                 parts = line.split()
                 if len(parts) == 3 and parts[1] == "Read":
                     reads += int(parts[2])
@@ -142,20 +134,24 @@ class V1Cgroup:
             out["io_write_bytes"] = writes
         return out
 
+    def reset_peak(self) -> None:
+        """Restart the peak memory from the usage now (for the next attempt of a worker)."""
+        self._files.write(f"{self.dirs['memory']}/memory.max_usage_in_bytes", "0")
+
     def _cpu_stat(self) -> dict[str, int]:
         cpu = self.dirs.get("cpu")
-        return read_keyed(f"{cpu}/cpu.stat") if cpu else {}
+        return self._files.keyed(f"{cpu}/cpu.stat") if cpu else {}
 
     def page_faults(self) -> int:
-        return read_keyed(f"{self.dirs['memory']}/memory.stat").get("total_pgfault", 0)
+        return self._files.keyed(f"{self.dirs['memory']}/memory.stat").get("total_pgfault", 0)
 
     def limit_events(self) -> LimitEvents:
-        oom = _memory(self.dirs["memory"]).oom_control or {}
+        files, memory = self._files, self.dirs["memory"]
         cpu_stat = self._cpu_stat()
         return LimitEvents(
-            oom_kills=int(oom.get("oom_kill", 0)) if isinstance(oom, dict) else 0,
-            memory_limit_hits=read_int(f"{self.dirs['memory']}/memory.failcnt"),
-            pids_limit_hits=read_keyed(f"{self.dirs['pids']}/pids.events").get("max", 0),
+            oom_kills=files.keyed(f"{memory}/memory.oom_control").get("oom_kill", 0),
+            memory_limit_hits=files.int(f"{memory}/memory.failcnt"),
+            pids_limit_hits=files.keyed(f"{self.dirs['pids']}/pids.events").get("max", 0),
             nr_throttled=cpu_stat.get("nr_throttled", 0),
             throttled_seconds=cpu_stat.get("throttled_time", 0) / 1e9,
         )
@@ -185,6 +181,7 @@ class V1Cgroup:
         """Kill what is left (also in cgroups the attempt made below its own), delete it all."""
         if self._removed:
             return
+        self._files.close()  # an open file keeps nothing busy, but its cgroup is going
         busy = [path for path in set(self.dirs.values()) if not _try_rmdir(path)]
         if busy:  # processes (or nested cgroups) are left: the slow path
             if any(read_pids(f) for f in self.procs_files):
@@ -290,6 +287,18 @@ class V1Backend:
             self._undo(dirs)
             raise
         return handle
+
+    def apply(self, handle: V1Cgroup, limits: CgroupLimits) -> None:
+        missing = [c for c in self.controllers if self._needed(c, limits) and c not in handle.dirs]
+        if missing:
+            raise CgroupError(f"cgroup {handle.name} is not in {missing}, which these limits need")
+        handle.limits = limits
+        try:
+            self._write_limits(handle)
+        except OSError as exc:
+            raise CgroupError(
+                f"cannot set limits on cgroup {handle.name}: {exc.strerror} ({exc.filename or ''})"
+            ) from exc
 
     @staticmethod
     def _needed(controller: str, limits: CgroupLimits) -> bool:

@@ -269,7 +269,7 @@ class V2Backend:
             caps["io_weight"] = "io.bfq.weight when the disk uses bfq; otherwise not enforced"
         return caps
 
-    def create(self, name: str, limits: CgroupLimits) -> V2Cgroup:
+    def create(self, name: str, limits: CgroupLimits, *, every_controller: bool = False) -> V2Cgroup:
         path = f"{self.sup}/{name}"
         handle = V2Cgroup(name, path, limits)
         try:
@@ -285,6 +285,15 @@ class V2Backend:
             rmdir_retry(path)
             raise
         return handle
+
+    def apply(self, handle: V2Cgroup, limits: CgroupLimits) -> None:
+        handle.limits = limits
+        try:
+            self._write_limits(handle)
+        except OSError as exc:
+            raise CgroupError(
+                f"cannot set limits on cgroup {handle.path}: {exc.strerror} ({exc.filename or ''})"
+            ) from exc
 
     def _write_limits(self, handle: V2Cgroup) -> None:
         limits, path = handle.limits, handle.path

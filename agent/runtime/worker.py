@@ -1,0 +1,179 @@
+"""A worker: one long-lived state process serving attempts one after the other.
+
+Forked by the zygote like any state child and confined, once, in a cgroup sized to the
+resource shape it serves (:mod:`agent.supervisor.workers` decides which attempts reach
+it). It speaks the child's protocol over one connection for its whole life: each
+``hello`` says *ready*, the ``run`` that follows is served by a fresh
+:class:`~agent.runtime.session.ChildSession` exactly as a one-attempt child serves it
+(context writes, human input, stop and preemption, result or error), and the next
+``hello`` says that the state is over and the worker is clean again.
+
+Between two states the worker puts back what it can: its working directory, ``argv``
+and environment; tasks the state left on the event loop are cancelled; the default
+thread pool is shut down. It cannot take back a thread that will not end, a process the
+state started and left running, or a task that refuses to be cancelled: then it exits
+instead of saying ready, and the supervisor starts a fresh one when one is needed. What
+stays by design (the heap, imported modules and their globals, open files a state did
+not close, signal handlers, the page cache) is the price of reuse and is documented in
+``docs/isolation.md``.
+
+A worker idle for ``idle`` seconds exits by itself with :data:`EXIT_IDLE`, which says
+that it started nothing after its last ``hello``: a ``run`` that crossed its exit on the
+way is given to another worker, not failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import uvloop
+
+from ..errors import ProtocolError
+from ..ipc import DealerTransport, Run, decode_message
+from ..ipc.messages import FROM_SUPERVISOR
+from ..values import Bounds
+from .child import FirstFrame, take_ready_loop
+from .session import ChildSession
+
+EXIT_IDLE = 121
+"""The worker was idle for its ``idle`` seconds and started no attempt since its last hello."""
+
+_LEFTOVER_GRACE = 0.1  # seconds for tasks and threads a state left behind to end
+
+
+def serve_worker(transport: DealerTransport, bounds: Bounds, spec: dict[str, Any], settings: dict[str, Any]) -> int:
+    """Serve attempts until idle, told to go, or unable to clean up; returns the exit code."""
+    loop = take_ready_loop() or uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    worker = Worker(transport, bounds, spec, settings)
+    try:
+        return loop.run_until_complete(worker.serve())
+    finally:
+        transport.close()
+
+
+class Worker:
+    """The serving loop of one worker process."""
+
+    def __init__(
+        self, transport: DealerTransport, bounds: Bounds, spec: dict[str, Any], settings: dict[str, Any],
+    ) -> None:
+        self._transport = transport
+        self._bounds = bounds
+        self._secret = spec["secret"]
+        self._context_keys = spec.get("context_keys")
+        self._idle = settings.get("idle")
+        self._cwd = os.getcwd()
+        self._argv = list(sys.argv)
+        self._environ = dict(os.environ)
+        self._threads = self._new_thread_pool()
+        self._timed_out = False
+
+    def _new_thread_pool(self) -> ThreadPoolExecutor:
+        pool = ThreadPoolExecutor(thread_name_prefix="state")
+        asyncio.get_event_loop().set_default_executor(pool)
+        return pool
+
+    async def serve(self) -> int:
+        while True:
+            replay = FirstFrame(self._transport)
+            session = ChildSession(replay, pid=os.getpid(), secret=self._secret, bounds=self._bounds,
+                                   context_keys=self._context_keys)
+            session.hello()  # up (the first time), then ready again
+            frame = await self._next_run()
+            if frame is None:
+                return EXIT_IDLE
+            replay.first = frame
+            await session.run()
+            if not await self._clean():
+                return 0  # something of the state will not go: a fresh worker serves the next
+
+    async def _next_run(self) -> bytes | None:
+        """The next ``run`` frame; None when idle too long or the supervisor is gone.
+
+        A stop or an answer read here belongs to an attempt that already ended (it crossed
+        the end of that attempt on the way): there is nothing left to do with it.
+        """
+        while True:
+            frame = await self._receive_while_idle()
+            if frame is None:
+                return None
+            if isinstance(decode_message(frame, self._bounds, FROM_SUPERVISOR), Run):
+                return frame
+
+    async def _receive_while_idle(self) -> bytes | None:
+        task = asyncio.current_task()
+        assert task is not None
+        timer = None
+        if self._idle:
+            timer = asyncio.get_running_loop().call_later(self._idle, self._idle_out, task)
+        try:
+            return await self._transport.recv()
+        except asyncio.CancelledError:
+            if self._timed_out:
+                return None
+            raise
+        except (ConnectionError, ProtocolError):
+            return None
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _idle_out(self, task: asyncio.Task[Any]) -> None:
+        self._timed_out = True
+        task.cancel()
+
+    async def _clean(self) -> bool:
+        """Put the process back as the next state expects it; False when it cannot be."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()  # before the hello: the supervisor files output up to it
+            except Exception:
+                pass
+        me = asyncio.current_task()
+        leftovers = [t for t in asyncio.all_tasks() if t is not me]
+        if leftovers:
+            for task in leftovers:
+                task.cancel()
+            _, pending = await asyncio.wait(leftovers, timeout=_LEFTOVER_GRACE)
+            if pending:
+                return False
+        if threading.active_count() > 1 and not self._threads_ended():
+            return False
+        if _has_live_children():
+            return False
+        if os.getcwd() != self._cwd:
+            os.chdir(self._cwd)
+        if sys.argv != self._argv:
+            sys.argv[:] = self._argv
+        if os.environ != self._environ:
+            os.environ.clear()
+            os.environ.update(self._environ)
+        return True
+
+    def _threads_ended(self) -> bool:
+        """Shut the state's thread pool down; True once every thread but this one has ended."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        self._threads = self._new_thread_pool()
+        deadline = time.monotonic() + _LEFTOVER_GRACE
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        return threading.active_count() == 1
+
+
+def _has_live_children() -> bool:
+    """Reap the state's exited child processes; True when one is still running."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True

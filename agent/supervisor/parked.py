@@ -1,0 +1,97 @@
+"""The zygote's parked children as the supervisor sees them: each waits in a cgroup of its own.
+
+The zygote forks children ahead and parks them (:mod:`agent.runtime.zygote`); it tells
+the supervisor each one's pid. The supervisor then makes a fresh cgroup for each, in
+every controller an attempt may need and with no limits yet, and moves the child in,
+on the confiner's own thread: moving a process between cgroups waits for a kernel RCU
+grace period (a millisecond or more on a busy machine), which is then paid while the
+child waits rather than while a state does. A launch takes the oldest ready child,
+writes the attempt's limits into its cgroup and has the zygote hand it the spec.
+
+A cgroup made for a parked child is never given to anyone else: it is removed with the
+child, whether the child served an attempt or was let go. Each ``process`` attempt
+still gets a fresh process that ran no state, in a fresh cgroup that held no other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from .cgroups import CgroupHandle
+from .confinement import Confiner
+
+
+class ParkedChildren:
+    """Ready parked children (pid, cgroup), oldest first, and those whose cgroup is being made."""
+
+    def __init__(self, confiner: Confiner, loop: Callable[[], asyncio.AbstractEventLoop | None], log: Any) -> None:
+        self._confiner = confiner
+        self._loop = loop
+        self._log = log
+        self._ready: dict[int, CgroupHandle | None] = {}
+        self._making: set[int] = set()
+        self._gone: set[int] = set()  # went away while their cgroup was being made
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._ready) + len(self._making)
+
+    def pids(self) -> set[int]:
+        return {*self._ready, *self._making}
+
+    def parked(self, pid: int) -> None:
+        """The zygote parked ``pid``: make its cgroup, off the event loop."""
+        if self._closed:
+            return
+        self._making.add(pid)
+        self._confiner.background(lambda: self._make(pid))
+
+    def _make(self, pid: int) -> None:  # on the confiner's thread
+        try:
+            handle = self._confiner.park(pid)
+        except Exception as exc:
+            self._log.warning("parked_child_not_confined", pid=pid, error=repr(exc))
+            handle, failed = None, True
+        else:
+            failed = False
+        loop = self._loop()
+        if loop is None or loop.is_closed():
+            if handle is not None:
+                handle.remove()
+            return
+        try:
+            loop.call_soon_threadsafe(self._made, pid, handle, failed)
+        except RuntimeError:  # the loop closed meanwhile
+            if handle is not None:
+                handle.remove()
+
+    def _made(self, pid: int, handle: CgroupHandle | None, failed: bool) -> None:
+        self._making.discard(pid)
+        if failed or self._closed or pid in self._gone:
+            self._gone.discard(pid)
+            if handle is not None:
+                self._confiner.background(handle.remove)
+            return
+        self._ready[pid] = handle
+
+    def take(self) -> tuple[int, CgroupHandle | None] | None:
+        """The oldest ready parked child and its cgroup, now the caller's (None: none ready)."""
+        if not self._ready:
+            return None
+        pid = next(iter(self._ready))
+        return pid, self._ready.pop(pid)
+
+    def gone(self, pid: int) -> None:
+        """``pid`` exited or was handed out: drop it (and remove its unused cgroup)."""
+        if pid in self._making:
+            self._gone.add(pid)
+        handle = self._ready.pop(pid, None)
+        if handle is not None:
+            self._confiner.background(handle.remove)
+
+    def close(self) -> None:
+        """The supervisor shuts down: the confiner reaps every cgroup left."""
+        self._closed = True
+        self._ready.clear()

@@ -1,0 +1,163 @@
+"""``isolation="worker"``: workers are sized to their shape, replaced when they die, retired
+without leftovers, and a worker's state can do no more on its channel than a child can."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+
+import psutil
+import pytest
+
+from agent import Agent, ResourceRequirements
+from agent.errors import StateFailedError
+from agent.ipc import Hello, encode_message
+from agent.ipc.zmtp import DealerTransport
+from agent.supervisor import current_supervisor
+from agent.supervisor.workers import WorkerSettings
+
+MiB = 1 << 20
+
+
+def _cgroup_dir(controller: str) -> str:
+    with open("/proc/self/cgroup") as fh:
+        for line in fh:
+            _, names, path = line.strip().split(":", 2)
+            if controller in names.split(","):
+                return f"/sys/fs/cgroup/{names}{path}"
+            if not names:  # cgroup v2: one hierarchy
+                return f"/sys/fs/cgroup{path}"
+    raise LookupError(controller)
+
+
+async def report_limits(context):
+    with open(os.path.join(_cgroup_dir("memory"), "memory.limit_in_bytes")) as fh:
+        context.set_state("memory_limit", int(fh.read()))
+    with open(os.path.join(_cgroup_dir("cpu"), "cpu.cfs_quota_us")) as fh:
+        context.set_state("cpu_quota", int(fh.read()))
+    context.set_state("pid", os.getpid())
+
+
+async def crash_first(context):
+    context.set_state(f"pid_{context.attempt}", os.getpid())
+    if context.attempt == 1:
+        os._exit(3)
+
+
+async def hog(context):
+    context.set_state("hog_pid", os.getpid())
+    block = bytearray(200 * MiB)
+    block[:: 4096] = b"x" * len(block[:: 4096])
+
+
+async def record_pid(context):
+    context.set_state(f"pid_{context.state_name}", os.getpid())
+
+
+async def chain_step(context):
+    """One of s0..s4: records its process and goes on to the next."""
+    context.set_state(f"pid_{context.state_name}", os.getpid())
+    context.set_state(f"cgroup_{context.state_name}", _cgroup_dir("memory"))
+    step = int(context.state_name[1:])
+    return f"s{step + 1}" if step < 4 else None
+
+
+async def forge_ready(context):
+    """Say ready (a hello) on the worker's channel while the state still runs."""
+    context.set_state("forger", os.getpid())
+    transport = next(o for o in gc.get_objects() if isinstance(o, DealerTransport))
+    transport.send(encode_message(Hello(pid=os.getpid(), secret=b"")))
+    await asyncio.sleep(30)  # it would run on while its worker looked free
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def cgroup_v1() -> bool:
+    return os.path.exists("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+@pytest.mark.skipif(not cgroup_v1(), reason="reads cgroup v1 files")
+async def test_a_workers_cgroup_is_sized_to_its_shape():
+    agent = Agent("shape", isolation="worker")
+    agent.add_state("limits", report_limits, resources=ResourceRequirements(cpu_units=0.5, memory_mb=96))
+    ctx = await agent.run()
+    assert ctx.get_state("memory_limit") == 96 * MiB
+    assert ctx.get_state("cpu_quota") == 50_000  # half of the 100 ms period
+    assert ctx.get_state("pid") in current_supervisor().workers.idle_pids()
+
+
+async def test_a_worker_that_dies_is_replaced_and_the_state_retried():
+    agent = Agent("crash", isolation="worker")
+    agent.add_state("crash_first", crash_first, max_retries=1)
+    ctx = await agent.run()
+    first, second = ctx.get_state("pid_1"), ctx.get_state("pid_2")
+    assert first != second
+    assert second in current_supervisor().workers.idle_pids()
+
+
+async def test_a_worker_killed_by_its_memory_limit_is_replaced():
+    agent = Agent("oom", isolation="worker")
+    need = ResourceRequirements(memory_mb=64)
+    agent.add_state("hog", hog, resources=need)
+    with pytest.raises(StateFailedError) as info:
+        await agent.run()
+    assert info.value.reason.kind == "limit" and "memory limit 64 MiB" in str(info.value)
+    hog_pid = agent.context.get_state("hog_pid")
+    after = Agent("after", isolation="worker")
+    after.add_state("next", record_pid, resources=need)  # the same shape: a new worker serves it
+    ctx = await after.run()
+    assert ctx.get_state("pid_next") != hog_pid
+    assert hog_pid not in current_supervisor().workers.idle_pids()
+
+
+async def test_retired_workers_leave_no_process_or_cgroup():
+    sup = current_supervisor()
+    if sup is None:
+        warm = Agent("warm", isolation="worker")
+        warm.add_state("s0", record_pid)
+        await warm.run()
+        sup = current_supervisor()
+    sup.workers._settings = WorkerSettings(max_states=2)
+    try:
+        agent = Agent("retire", isolation="worker")
+        names = [f"s{i}" for i in range(5)]
+        for name in names:
+            agent.add_state(name, chain_step)
+        ctx = await agent.run()
+    finally:
+        sup.workers._settings = None
+    pids = [ctx.get_state(f"pid_{name}") for name in names]
+    assert all(pids.count(pid) <= 2 for pid in pids), pids  # each worker served two states at most
+    retired = {pid for pid in pids if pids.count(pid) == 2}
+    assert retired
+    # Retiring kills a worker; its exit report then removes its cgroup on the confiner's thread.
+    await until(lambda: not {w.pid for w in sup.workers._live} & retired)
+    removed = asyncio.get_running_loop().create_future()
+    sup.confiner.background(lambda: removed.get_loop().call_soon_threadsafe(removed.set_result, None))
+    await removed  # the confiner's thread did everything queued before it
+    assert not any(psutil.pid_exists(pid) for pid in retired)
+    cgroups = {ctx.get_state(f"cgroup_{name}") for name, pid in zip(names, pids) if pid in retired}
+    assert cgroups and not any(os.path.exists(path) for path in cgroups)  # gone with their workers
+
+
+async def test_a_hello_before_the_report_is_a_violation():
+    sup_before = current_supervisor()
+    violations = sup_before.statistics().protocol_violations if sup_before else 0
+    agent = Agent("forge", isolation="worker")
+    agent.add_state("forge_ready", forge_ready)
+    with pytest.raises(StateFailedError) as info:
+        await agent.run()
+    assert info.value.reason.kind == "protocol" and info.value.reason.permanent
+    sup = current_supervisor()
+    assert sup.statistics().protocol_violations == violations + 1
+    forger = agent.context.get_state("forger")
+    assert forger not in sup.workers.idle_pids() and not psutil.pid_exists(forger)  # killed, not kept
+    after = Agent("after", isolation="worker")
+    after.add_state("next", record_pid)
+    assert (await after.run()).get_state("pid_next") in sup.workers.idle_pids()
