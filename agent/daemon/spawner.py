@@ -33,6 +33,7 @@ import gc
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import traceback
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from ..live.protocol import runtime_dir, socket_path
 from .protocol import decode
 
 if TYPE_CHECKING:
@@ -214,11 +216,15 @@ def become(spec: dict[str, Any], fd: int, spawner_pid: int) -> int:
 
 
 class _Serve:
-    """The spawner's loop: fork a runner per request, report every exit, kill them all on EOF."""
+    """The spawner's loop: fork a runner per request, report every exit, kill them all on EOF.
+
+    A runner leaves through ``os._exit`` (it is a fork of this process) or is killed, so
+    its status socket outlives it: the spawner removes it when it reaps the runner.
+    """
 
     def __init__(self, control: socket.socket) -> None:
         self.control = control
-        self.children: set[int] = set()
+        self.children: dict[int, tuple[str, int]] = {}  # runner pid -> its status socket, its uid
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def report(self, message: dict[str, Any]) -> None:
@@ -278,7 +284,7 @@ class _Serve:
             finally:
                 os._exit(code)
         os.close(fd)
-        self.children.add(pid)
+        self.children[pid] = _status_socket(request["spec"], pid)
         self.report({"op": "spawned", "job": request["job"], "pid": pid})
 
     def reap(self) -> None:
@@ -289,7 +295,7 @@ class _Serve:
                 return
             if pid == 0:
                 return
-            self.children.discard(pid)
+            _remove(self.children.pop(pid, None))
             self.report({"op": "exited", "pid": pid, "status": status})
 
     def kill_all(self) -> None:
@@ -302,12 +308,34 @@ class _Serve:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        for pid in list(self.children):
+        for pid, status_socket in list(self.children.items()):
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
+            _remove(status_socket)
         self.children.clear()
+
+
+def _status_socket(spec: dict[str, Any], pid: int) -> tuple[str, int]:
+    """Where runner ``pid`` (started from ``spec``) keeps its status socket, and its uid."""
+    env = {str(k): str(v) for k, v in spec["env"].items()}
+    uid = int(spec["uid"])
+    return socket_path(pid, runtime_dir(env, uid)), uid
+
+
+def _remove(status_socket: tuple[str, int] | None) -> None:
+    """Remove a runner's status socket: only a socket, and only one of the runner's uid (the
+    directory is the user's to choose)."""
+    if status_socket is None:
+        return
+    path, uid = status_socket
+    try:
+        info = os.lstat(path)
+        if stat.S_ISSOCK(info.st_mode) and info.st_uid == uid:
+            os.unlink(path)
+    except OSError:
+        pass  # it never made one
 
 
 def main(argv: list[str]) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import StatusEndpointError
@@ -30,17 +31,19 @@ MAX_LINE = 64 * 1024
 """The longest request a server reads; answers may be longer (a client reads to the newline)."""
 
 
-def runtime_dir() -> str:
-    """The directory of this user's status sockets.
+def runtime_dir(env: Mapping[str, str] | None = None, uid: int | None = None) -> str:
+    """The directory of this user's status sockets (or those of a process of ``uid`` that
+    runs with environment ``env``).
 
     ``$AGENT_RUNTIME_DIR`` when set; else ``$XDG_RUNTIME_DIR/agent`` (``/run/user/UID/agent``
     where systemd made that directory); else ``/tmp/agent-UID``.
     """
-    configured = os.environ.get("AGENT_RUNTIME_DIR")
+    env = os.environ if env is None else env
+    configured = env.get("AGENT_RUNTIME_DIR")
     if configured:
         return configured
-    uid = os.getuid()
-    for base in (os.environ.get("XDG_RUNTIME_DIR"), f"/run/user/{uid}"):
+    uid = os.getuid() if uid is None else uid
+    for base in (env.get("XDG_RUNTIME_DIR"), f"/run/user/{uid}"):
         if base and _owned_directory(base, uid):
             return os.path.join(base, "agent")
     return f"/tmp/agent-{uid}"

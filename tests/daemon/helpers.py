@@ -196,6 +196,12 @@ def processes_of(uids: set[int]) -> list[psutil.Process]:
     return out
 
 
+def status_sockets_of(uid: int) -> list[str]:
+    """The status sockets in ``uid``'s runtime directory (none once its processes are gone)."""
+    return [str(path) for runtime in (Path(f"/tmp/agent-{uid}"), Path(f"/run/user/{uid}/agent"))
+            for path in runtime.glob("*.sock")]
+
+
 def write_workflow(directory: Path, name: str, text: str) -> Path:
     path = directory / name
     path.write_text(text)

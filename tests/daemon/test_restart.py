@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import Agentd, User, processes_of, wait_until, write_workflow
+from .helpers import Agentd, User, processes_of, status_sockets_of, wait_until, write_workflow
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -92,6 +92,7 @@ class TestCrashAndResume:
                                                                  workdir: Path, outdir: Path) -> None:
         ann, _ = users
         runs = outdir / "runs.txt"
+        sockets_before = set(status_sockets_of(ann.uid))  # a runner killed outright cannot remove its own
         job = _start_chain(agentd, workdir, outdir, ann)
         dirs = agentd.incarnation_dirs()
         assert agentd.stop() == 0
@@ -101,3 +102,6 @@ class TestCrashAndResume:
         agentd.start()
         assert agentd.wait_status(job, "completed", "failed")["status"] == "completed"
         assert [line.split()[0] for line in runs.read_text().splitlines()] == ["s1", "s2", "s3", "s3", "s4"]
+        # The runners (one stopped with agentd, one that finished) left no status socket.
+        wait_until(lambda: not processes_of({ann.uid}) and set(status_sockets_of(ann.uid)) <= sockets_before,
+                   "the job's runners to exit and their status sockets to go", timeout=30)
