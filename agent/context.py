@@ -22,6 +22,8 @@ from .errors import (
     ContextTypeError,
     HumanInputError,
     InvalidConfigurationError,
+    IsolationError,
+    UnencodableValueError,
 )
 from .values import TypedContextData
 
@@ -309,6 +311,29 @@ class Context:
         return await self._human_input(
             prompt=prompt, timeout=timeout, validator=validator, default=default
         )
+
+
+def encode_snapshot(
+    context: Context, state: str, bounds: values.Bounds,
+) -> tuple[dict[str, bytes], tuple[type, ...]]:
+    """The context as a state process or Ray task gets it: each value encoded on its own,
+    and the TypedContextData classes they hold.
+
+    Every value was checked when it was written; one changed in place since may no longer
+    be in the model, and then the attempt cannot start (IsolationError, naming the fix).
+    """
+    snapshot: dict[str, bytes] = {}
+    classes: set[type] = set()
+    for key, value in context.to_dict().items():
+        try:
+            values.check(value, bounds=bounds, key=key)
+            snapshot[key] = values.encode(value, classes)
+        except UnencodableValueError as exc:
+            raise IsolationError(
+                f"state {state!r} cannot start: {exc} (a stored value was changed in place after "
+                "set_state: store the changed value again with set_state)"
+            ) from None
+    return snapshot, tuple(classes)
 
 
 def _check_key(key: Any) -> None:

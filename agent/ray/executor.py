@@ -34,6 +34,7 @@ import ray
 from ray import exceptions as rx
 
 from .._types import ResourceType
+from ..context import encode_snapshot
 from ..errors import (
     BoundExceededError,
     ContextBudgetError,
@@ -146,7 +147,7 @@ class RayExecutor:
         self._prepare()
         options, request = self._options(attempt)
         self.capacity.check(attempt.state_name, request)
-        snapshot, classes = wire.encode_snapshot(attempt.context, attempt.state_name)
+        snapshot, classes = encode_snapshot(attempt.context, attempt.state_name, wire.BOUNDS)
         payload = self._payload(attempt, snapshot, classes)
         token = f"{self._prefix}{next(self._tokens):08x}"
         channel = self.relay.open(token, attempt)

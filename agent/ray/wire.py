@@ -2,7 +2,8 @@
 
 Every call into the value model and the IPC message types made for Ray is here, so that
 the Ray executor follows the process boundary wherever it goes. Driver to worker: the
-context snapshot as encoded values in the very ``run`` frame a state process gets (the
+context snapshot, encoded as for a state process (:func:`agent.context.encode_snapshot`),
+in the very ``run`` frame a state process gets (the
 state function and the TypedContextData classes the snapshot needs are cloudpickled
 inside it, in that direction only), with the run's context budget. Worker to driver:
 context writes and human-input requests as IPC frames, and the attempt's end as one
@@ -18,7 +19,7 @@ from typing import Any
 
 from .. import values
 from ..context import Context, ContextBudget
-from ..errors import FailureReason, IsolationError, ProtocolError, UnencodableValueError, ValueTooLargeError
+from ..errors import FailureReason, ProtocolError, UnencodableValueError, ValueTooLargeError
 from ..ipc.messages import (
     FROM_CHILD,
     FROM_SUPERVISOR,
@@ -46,26 +47,6 @@ _END_FIELDS: dict[str, tuple[type, ...]] = {
 
 
 # --- driver to worker --------------------------------------------------------------------
-
-
-def encode_snapshot(context: Context, state: str) -> tuple[dict[str, bytes], tuple[type, ...]]:
-    """The context as encoded values and the TypedContextData classes they hold.
-
-    Every value was checked when it was written; one changed in place since may no longer
-    be in the model, and then the attempt cannot start (as for a state process).
-    """
-    snapshot: dict[str, bytes] = {}
-    classes: set[type] = set()
-    for key, value in context.to_dict().items():
-        try:
-            values.check(value, bounds=BOUNDS, key=key)
-            snapshot[key] = values.encode(value, classes)
-        except UnencodableValueError as exc:
-            raise IsolationError(
-                f"state {state!r} cannot start: {exc} (a stored value was changed in place after "
-                "set_state: store the changed value again with set_state)"
-            ) from None
-    return snapshot, tuple(classes)
 
 
 def encode_run(run_id: str, agent_name: str, state_name: str, attempt: int, function: bytes,

@@ -27,11 +27,12 @@ import cloudpickle
 import psutil
 
 from .. import values
-from ..errors import CgroupError, InvalidConfigurationError, IsolationError, ProtocolError, UnencodableValueError
+from ..errors import CgroupError, InvalidConfigurationError, IsolationError, ProtocolError
 from ..executor import Attempt, Isolation
 from ..ipc import Hello, Run, decode_message, encode_message
 from ..ipc.router import RECEIVE_HWM, RouterChannel, peer_credentials
 from ..runtime.zygote import PARK_MAX
+from ..context import encode_snapshot
 from ..scope import ContextScope, ScopedContext, scope_for
 from ..values import Bounds
 from .child import ChildProcess, ChildStatus
@@ -288,18 +289,7 @@ class Supervisor:
                 f"state {attempt.state_name!r} cannot be sent to its process ({exc!r}): define it "
                 "at module level or use isolation='inline'"
             ) from exc
-        context: dict[str, bytes] = {}
-        classes: set[type] = set()
-        for key, value in attempt.context.to_dict().items():
-            try:
-                # Checked when written; checked again here, as it may have changed in place.
-                values.check(value, bounds=self.bounds, key=key)
-                context[key] = values.encode(value, classes)
-            except UnencodableValueError as exc:
-                raise IsolationError(
-                    f"state {attempt.state_name!r} cannot start: {exc} (a stored value was changed in "
-                    "place after set_state: store the changed value again with set_state)"
-                ) from None
+        context, classes = encode_snapshot(attempt.context, attempt.state_name, self.bounds)
         budget = attempt.context.budget
         frame = encode_message(Run(
             run_id=attempt.run_id, agent_name=attempt.agent_name, state_name=attempt.state_name,
