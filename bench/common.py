@@ -1,4 +1,5 @@
-"""What more than one bench script needs: CPU time of a process tree, a chain of no-op states."""
+"""What more than one bench script needs: CPU time of a process tree, a chain of no-op states,
+percentiles."""
 
 from __future__ import annotations
 
@@ -33,3 +34,9 @@ def chain_agent(name: str, isolation: str, n: int, **options: Any) -> Any:
 
         agent.add_state(state, step, next_states=[following] if following else [])
     return agent
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]

@@ -26,6 +26,7 @@ from agent.context import Context  # noqa: E402
 from agent.executor import Attempt, Isolation  # noqa: E402
 from agent.supervisor import get_executor, shutdown_supervisor  # noqa: E402
 from agent.supervisor.service import current_supervisor  # noqa: E402
+from common import chain_agent, percentile  # noqa: E402  (bench/, this script's directory)
 
 
 async def started_at(context):
@@ -34,11 +35,6 @@ async def started_at(context):
 
 async def noop(context):
     return None
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 async def launch_latency(n: int) -> dict[str, float]:
@@ -51,20 +47,12 @@ async def launch_latency(n: int) -> dict[str, float]:
         t0 = time.monotonic()
         outcome = await executor.run_attempt(attempt)
         samples.append((outcome.result - t0) * 1000)
-    return {"p50_ms": round(_percentile(samples, 0.5), 3), "p99_ms": round(_percentile(samples, 0.99), 3),
+    return {"p50_ms": round(percentile(samples, 0.5), 3), "p99_ms": round(percentile(samples, 0.99), 3),
             "mean_ms": round(statistics.fmean(samples), 3), "samples": n}
 
 
-def _chain_state(next_name: str | None):
-    async def step(context):
-        return next_name
-    return step
-
-
 async def engine_chain(n: int) -> float:
-    agent = Agent("bench_chain", isolation="process", max_steps=n + 10)
-    for i in range(n):
-        agent.add_state(f"s{i}", _chain_state(f"s{i + 1}" if i + 1 < n else None))
+    agent = chain_agent("bench_chain", "process", n, max_steps=n + 10)
     t0 = time.perf_counter()
     await agent.run()
     return n / (time.perf_counter() - t0)

@@ -112,7 +112,7 @@ from agent import Agent
 from agent.context import Context
 from agent.executor import Attempt, Isolation
 from agent.supervisor import current_supervisor, get_executor, shutdown_supervisor
-from common import chain_agent, tree_cpu_seconds as ray_cpu  # ray_cpu: this process and the local cluster
+from common import chain_agent, percentile, tree_cpu_seconds as ray_cpu  # ray_cpu: this process and the local cluster
 
 LEVELS = ("process", "worker")
 
@@ -168,9 +168,7 @@ async def ours(kind, level, n):
     return await timed(agent.run, our_cpu)
 
 def percentiles(values):
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-    return {"p50_ms": round(pick(0.5) * 1000, 3), "p90_ms": round(pick(0.9) * 1000, 3)}
+    return {"p50_ms": round(percentile(values, 0.5) * 1000, 3), "p90_ms": round(percentile(values, 0.9) * 1000, 3)}
 
 async def our_launch(n):
     executor = get_executor(Isolation.PROCESS)
