@@ -72,6 +72,27 @@ def parse_properties(data: bytes) -> dict[bytes, bytes]:
     return props
 
 
+def connect(endpoint: str, routing_id: bytes = b"") -> socket.socket:
+    """A stream socket connected to the ROUTER at ``endpoint`` (``ipc://`` only), our greeting
+    and READY (announcing ``routing_id``) sent: the peer's half of the handshake then arrives while
+    this end does something else, and the first :meth:`DealerTransport.send` need not wait."""
+    if not endpoint.startswith("ipc://"):
+        raise ValueError(f"a child connects over ipc:// only, not {endpoint!r}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(endpoint[len("ipc://"):])
+        sock.sendall(GREETING + ready_command(b"DEALER", routing_id))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def connected_endpoint(sock: socket.socket) -> str:
+    """The ``ipc://`` endpoint ``sock`` is connected to."""
+    return "ipc://" + str(sock.getpeername())
+
+
 class DealerTransport:
     """A child's DEALER connection to the supervisor's ROUTER, made after fork, in the child.
 
@@ -89,28 +110,23 @@ class DealerTransport:
         linger: float = 5.0,
         peer_hwm: int = 0,
     ) -> None:
-        if not endpoint.startswith("ipc://"):
-            raise ValueError(f"a child connects over ipc:// only, not {endpoint!r}")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.connect(endpoint[len("ipc://"):])
-        except BaseException:
-            sock.close()
-            raise
-        self._start(sock, endpoint, routing_id, max_frame, linger, peer_hwm)
+        self._start(connect(endpoint, routing_id), endpoint, routing_id, max_frame, linger, peer_hwm, announced=True)
 
     @classmethod
     def over(
-        cls, sock: socket.socket, routing_id: bytes, *, max_frame: int = 1 << 62, linger: float = 5.0
+        cls, sock: socket.socket, routing_id: bytes, *, max_frame: int = 1 << 62, linger: float = 5.0,
+        peer_hwm: int = 0, announced: bool = False, endpoint: str = "",
     ) -> DealerTransport:
-        """A DEALER on a connected stream socket (the zygote's warm-up uses a socketpair)."""
+        """A DEALER on a connected stream socket: a socketpair (the zygote's warm-up, a
+        worker's channel), or one :func:`connect` made ahead (``announced``: our greeting
+        and READY are sent already)."""
         self = cls.__new__(cls)
-        self._start(sock, "", routing_id, max_frame, linger, 0)
+        self._start(sock, endpoint, routing_id, max_frame, linger, peer_hwm, announced=announced)
         return self
 
     def _start(
         self, sock: socket.socket, endpoint: str, routing_id: bytes, max_frame: int, linger: float,
-        peer_hwm: int,
+        peer_hwm: int, *, announced: bool,
     ) -> None:
         self.endpoint = endpoint
         self._max_frame = max_frame
@@ -118,11 +134,12 @@ class DealerTransport:
         self._peer_hwm = peer_hwm
         self._sent = 0
         self._sock = sock
-        try:
-            self._write(GREETING + ready_command(b"DEALER", routing_id))
-        except BaseException:
-            sock.close()
-            raise
+        if not announced:
+            try:
+                self._write(GREETING + ready_command(b"DEALER", routing_id))
+            except BaseException:
+                sock.close()
+                raise
         self._buffer = bytearray()
         self._greeted = False  # the peer's greeting and READY have been read
         self._eof = False

@@ -29,6 +29,7 @@ from typing import Any, Callable, NoReturn
 import uvloop
 
 from ..ipc import DealerTransport
+from ..ipc.zmtp import connect, connected_endpoint
 from ..values import FRAME_OVERHEAD, Bounds, unpack_plain
 from . import confine
 from .session import ChildSession
@@ -42,7 +43,11 @@ EXIT_SETUP_FAILED = 120
 """The child could not start (confinement, log file or channel): see its log."""
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+_PR_GET_NAME = 16
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
+PARKED_NAME = b"agent-parked"
+"""A parked child's process name (``ps``, ``/proc/PID/comm``) until a launch takes it."""
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
@@ -85,12 +90,16 @@ def child_main(
         _exit(code)
 
 
-def park(sock_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], warm_up: Callable[[], None]) -> NoReturn:
+def park(
+    sock_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], warm_up: Callable[[], None], endpoint: str = "",
+) -> NoReturn:
     """Be a parked child: do what every child does first, then wait for a spec; never return.
 
     The spec's descriptor arrives over ``sock_fd`` (``SCM_RIGHTS``) when a launch takes
     this child; when the zygote closes the socket instead, the child exits. Nothing of a
     state has run here before: a parked child is as fresh as one forked for its launch.
+    Meanwhile it connects to the supervisor at ``endpoint`` (if any), whose half of the
+    handshake then waits in the socket, and warms up unless its spec came already.
     """
     code = EXIT_SETUP_FAILED
     try:
@@ -101,8 +110,13 @@ def park(sock_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], warm_up:
         for fd in zygote_fds:
             os.close(fd)
         os.setpgid(0, 0)
-        # The pages an attempt writes are copied now, while nothing waits for them.
-        warm_up()
+        name = ctypes.create_string_buffer(16)
+        _prctl(_PR_GET_NAME, name, 0, 0, 0)
+        _prctl(_PR_SET_NAME, ctypes.c_char_p(PARKED_NAME), 0, 0, 0)
+        connected = _connect_ahead(endpoint)
+        if not select.select([sock_fd], [], [], 0)[0]:
+            # The pages an attempt writes are copied now, while nothing waits for them.
+            warm_up()
         global _ready_loop
         _ready_loop = uvloop.new_event_loop()  # its own, made while nothing waits for it
         sock = socket.socket(fileno=sock_fd)
@@ -110,26 +124,46 @@ def park(sock_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], warm_up:
         sock.close()
         if not fds:
             os._exit(EXIT_OK)  # let go: no launch needed it
+        _prctl(_PR_SET_NAME, name, 0, 0, 0)
         spec = _read_spec(fds[0])
-        code = _serve(spec, fds[0], None, None, fds[1:])
+        code = _serve(spec, fds[0], None, None, fds[1:], connected)
     except BaseException:
         _print_exception()
     finally:
         _exit(code)
 
 
+def _connect_ahead(endpoint: str) -> socket.socket | None:
+    """A parked child's connection to the supervisor, made while it waits (None: none made)."""
+    if not endpoint:
+        return None
+    try:
+        return connect(endpoint)
+    except OSError:
+        return None  # it connects when launched, as a child forked for its launch does
+
+
 def _serve(
     spec: dict[str, Any], spec_fd: int, notify_fd: int | None, namespaces: list[int] | None,
-    given: list[int] | None,
+    given: list[int] | None, connected: socket.socket | None = None,
 ) -> int:
-    """Channel, log, confinement, then the attempt (or, for a worker, attempts); the exit code."""
+    """Channel, log, confinement, then the attempt (or, for a worker, attempts); the exit code.
+
+    ``connected``: a connection to the supervisor made ahead (a parked child's), used when
+    it goes where the spec says."""
     sandbox = spec["confine"].get("sandbox")
     max_frame = spec["max_frame"] + FRAME_OVERHEAD
+    if connected is not None and (given or spec["endpoint"] != connected_endpoint(connected)):
+        connected.close()
+        connected = None
     # No routing id of our own: a worker's channel is its own socketpair, and a child's
     # connection gets one from the ROUTER that no other process can take over or block;
     # the secret travels in the hello.
     if given:  # a channel of its own (a worker's): the supervisor's greeting is already there
         transport = DealerTransport.over(socket.socket(fileno=given[0]), b"", max_frame=max_frame)
+    elif connected is not None:  # connected while parked: the handshake is over already
+        transport = DealerTransport.over(connected, b"", max_frame=max_frame, peer_hwm=spec["receive_hwm"],
+                                         announced=True, endpoint=spec["endpoint"])
     else:  # connect first: the supervisor's end answers the handshake while the rest is set up
         transport = DealerTransport(spec["endpoint"], b"", max_frame=max_frame, peer_hwm=spec["receive_hwm"])
     # The log is opened before confinement: a sandbox may no longer reach its directory.

@@ -33,7 +33,9 @@ PID namespace of its own, made for that one fork. A parked child is a fresh fork
 has run nothing of any state; what it does before it parks (parent-death signal,
 dropping the zygote's descriptors and signal handlers, a process group of its own, and
 one warm-up round like the zygote's, so that the pages an attempt writes are its own
-already) is what every child does first.
+already) is what every child does first. It also connects to the supervisor's ROUTER
+(the ``endpoint`` of ``configure``) while it waits, so that the handshake is over when
+its attempt starts; the connection says nothing until the hello, which names the attempt.
 
 Most of a child's cost is copy-on-write: each page of the zygote a child writes is
 copied. Hence: the zygote is warmed up by serving whole attempts in-process before it
@@ -142,7 +144,7 @@ class Zygote:
 
     def __init__(
         self, control: socket.socket, parent_pid: int, spec_fds: deque[int] | None = None, *,
-        park_max: int = PARK_MAX, park_idle: float = PARK_IDLE,
+        park_max: int = PARK_MAX, park_idle: float = PARK_IDLE, endpoint: str = "",
     ) -> None:
         self._control = control
         self._parent_pid = parent_pid
@@ -167,11 +169,13 @@ class Zygote:
         self._spares: deque[tuple[int, int]] = deque()
         self._notify: tuple[socket.socket, socket.socket] | None = None
         self._listeners: dict[int, list[int]] = {}  # fd -> [child pid, answered, reported]
+        self._mounts: dict[int, int] = {}  # sandboxed child's pid -> its mount namespace, held until reaped
         self._poll = select.poll()
         # Parked children, oldest first: (pid, the zygote's end of its socket).
         self._parked: deque[tuple[int, socket.socket]] = deque()
         self._park_max = max(0, park_max)
         self._park_idle = park_idle
+        self._endpoint = endpoint  # the supervisor's ROUTER, which parked children connect to ahead
         self._park_target = 0
         self._burst = 0  # spawns served since the zygote was last idle
         self._last_spawn = 0.0
@@ -223,7 +227,8 @@ class Zygote:
 
     def _private_fds(self) -> list[int]:
         """Descriptors of the zygote's own that no child keeps."""
-        fds = [self._control.fileno(), self._wake_r, self._wake_w, *self._listeners, *self._spec_fds]
+        fds = [self._control.fileno(), self._wake_r, self._wake_w, *self._listeners, *self._mounts.values(),
+               *self._spec_fds]
         fds += [sock.fileno() for _, sock in self._parked]
         if self._notify is not None:
             fds += [sock.fileno() for sock in self._notify]
@@ -308,7 +313,8 @@ class Zygote:
         except OSError:
             pid = -1
         if pid == 0:
-            child_module.park(theirs.fileno(), self._pidfd, [*self._private_fds(), ours.fileno()], _warm_once)
+            child_module.park(theirs.fileno(), self._pidfd, [*self._private_fds(), ours.fileno()], _warm_once,
+                              self._endpoint)
         _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
         theirs.close()
         if pid < 0:
@@ -405,10 +411,11 @@ class Zygote:
             self._spares.append(spare)
 
     def _adopt_listener(self) -> None:
-        """Take a sandboxed child's seccomp listener (sent with the child's credentials)."""
-        space = socket.CMSG_SPACE(array.array("i").itemsize) + socket.CMSG_SPACE(_UCRED.size)
+        """Take a sandboxed child's mount namespace and seccomp listener (sent once, with the
+        child's credentials; :func:`~agent.runtime.sandbox.enter_sandbox` says which came)."""
+        space = socket.CMSG_SPACE(2 * array.array("i").itemsize) + socket.CMSG_SPACE(_UCRED.size)
         try:
-            _, ancdata, _, _ = self._notify[0].recvmsg(16, space, socket.MSG_DONTWAIT)  # type: ignore[index]
+            kinds, ancdata, _, _ = self._notify[0].recvmsg(16, space, socket.MSG_DONTWAIT)  # type: ignore[index]
         except BlockingIOError:
             return
         fds, pid = [], None
@@ -417,9 +424,13 @@ class Zygote:
                 fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
             elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                 pid = _UCRED.unpack(data[: _UCRED.size])[0]
-        for fd in fds:
-            if pid in self._children and not any(entry[0] == pid for entry in self._listeners.values()):
-                self._listeners[fd] = [pid, 0, 0]
+        first = pid in self._children and pid not in self._mounts and not any(
+            entry[0] == pid for entry in self._listeners.values())
+        for what, fd in zip(kinds.ljust(len(fds), b"?"), fds):
+            if first and what == ord("M"):
+                self._mounts[pid] = fd  # type: ignore[index]
+            elif first and what == ord("L"):
+                self._listeners[fd] = [pid, 0, 0]  # type: ignore[list-item]
                 self._poll.register(fd, select.POLLIN)
             else:
                 os.close(fd)
@@ -480,6 +491,9 @@ class Zygote:
                                             "faults": faults})
             except OSError:
                 pass
+            mounts = self._mounts.pop(pid, None)
+            if mounts is not None:
+                os.close(mounts)  # the sandbox's file systems go now, after the report
 
     def _kill_all(self) -> None:
         self._unpark_all()
@@ -647,7 +661,8 @@ def main(argv: list[str]) -> int:
         gc.collect()
         gc.freeze()
         _release_free_heap()
-        zygote = Zygote(control, parent_pid, spec_fds, park_max=int(config.get("park_max", PARK_MAX)))
+        zygote = Zygote(control, parent_pid, spec_fds, park_max=int(config.get("park_max", PARK_MAX)),
+                        endpoint=str(config.get("endpoint", "")))
         zygote.serve(pending, buffer)
     except (_ParentDied, OSError):
         pass

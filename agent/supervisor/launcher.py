@@ -81,6 +81,7 @@ class ZygoteLauncher:
         preload: Sequence[str] = (),
         import_path: Sequence[str] = (),
         park_max: int = PARK_MAX,
+        endpoint: str = "",
     ) -> None:
         self._on_report = on_report
         self._on_lost = on_lost
@@ -94,9 +95,10 @@ class ZygoteLauncher:
         self._buffer = bytearray()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.alive = True
-        # The first frame, read before the zygote warms up: what to import for the children.
+        # The first frame, read before the zygote warms up: what to import for the children,
+        # and where parked children connect ahead (the supervisor's ROUTER).
         self._send({"op": "configure", "preload": list(preload), "import_path": list(import_path),
-                    "park_max": park_max})
+                    "park_max": park_max, "endpoint": endpoint})
 
     @staticmethod
     def _start(cleanup: list[str] | None) -> tuple[subprocess.Popen[bytes], socket.socket]:

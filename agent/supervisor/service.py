@@ -117,6 +117,7 @@ class Supervisor:
         self.zygote = ZygoteLauncher(
             self._on_report, self._on_zygote_lost, cleanup,
             preload=self.config.preload, import_path=list(sys.path), park_max=self.config.park_max,
+            endpoint=self.router.endpoint,
         )
         activate(self.logs)
         self._ids = itertools.count(1)

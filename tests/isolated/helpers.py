@@ -8,6 +8,7 @@ import psutil
 
 from agent.context import Context
 from agent.executor import Attempt, AttemptOutcome, Isolation
+from agent.runtime.child import PARKED_NAME
 from agent.supervisor import current_supervisor, get_executor
 
 
@@ -40,13 +41,17 @@ def state_process_gone(pid: int) -> bool:
 
 def stray_processes() -> list[psutil.Process]:
     """Live descendants of this process other than the supervisor's zygote, its parked
-    children and workers serving no attempt (which stay warm between runs by design)."""
+    children and workers serving no attempt (which stay warm between runs by design).
+
+    A child parked just as the test ended may not be in ``sup.parked`` yet (the zygote's
+    report waits for the event loop): its process name says it is parked."""
     sup = current_supervisor()
     warm = {sup.zygote.pid, *sup.parked, *sup.workers.warm_pids()} if sup is not None else set()
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if p.pid not in warm and p.status() != psutil.STATUS_ZOMBIE:
+            parked = sup is not None and p.ppid() == sup.zygote.pid and p.name() == PARKED_NAME.decode()
+            if p.pid not in warm and not parked and p.status() != psutil.STATUS_ZOMBIE:
                 out.append(p)
         except psutil.NoSuchProcess:
             pass

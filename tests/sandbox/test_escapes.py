@@ -356,3 +356,45 @@ def _read_private_memory(pid: int) -> bytes:
             except (OSError, ValueError, OverflowError):
                 continue
     return b"".join(chunks)
+
+
+def mount_namespaces_held(pid: int) -> int:
+    """How many mount namespaces process ``pid`` holds open as descriptors."""
+    held = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            held += os.readlink(f"/proc/{pid}/fd/{name}").startswith("mnt:")
+        except OSError:
+            pass
+    return held
+
+
+class TestMountNamespace:
+    """The zygote holds a sandbox's mounts while it runs (so that unmounting them is not part
+    of the exit the supervisor waits for), and lets them go once it reported the exit."""
+
+    async def test_held_while_the_state_runs_and_released_after(self) -> None:
+        import asyncio
+
+        agent = Agent("mounts", isolation="sandbox")
+        agent.add_state("wait", escapes.wait_for_file, context_keys=["path"])
+        running = asyncio.ensure_future(agent.run(initial_context={"path": "/nonexistent/never"}))
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                sup = current_supervisor()
+                if sup is not None and mount_namespaces_held(sup.zygote.pid) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            zygote = current_supervisor().zygote.pid  # type: ignore[union-attr]
+            assert mount_namespaces_held(zygote) == 1
+        finally:
+            running.cancel()
+            try:
+                await running
+            except asyncio.CancelledError:
+                pass
+        deadline = time.monotonic() + 60
+        while mount_namespaces_held(zygote) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # closed right after the exit report
+        assert mount_namespaces_held(zygote) == 0

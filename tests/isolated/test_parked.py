@@ -1,0 +1,78 @@
+"""Parked children: forked ahead, connected to the supervisor ahead, each serving one attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import time
+
+from agent.context import Context
+from agent.supervisor import current_supervisor
+
+from .helpers import make_attempt, run
+
+
+async def own_pid(context: Context) -> int:
+    return os.getpid()
+
+
+def peers_of_this_process() -> set[int]:
+    """Pids at the other end of this process's Unix sockets (the supervisor's accepted connections)."""
+    peers = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        try:
+            if sock.family == socket.AF_UNIX:
+                pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+                peers.add(pid)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+    return peers
+
+
+async def wait_for_connected_parked_child(deadline: float) -> int:
+    """A parked child that already holds a connection to the supervisor."""
+    sup = current_supervisor()
+    assert sup is not None
+    while time.monotonic() < deadline:
+        connected = sup.parked & peers_of_this_process()
+        if connected:
+            return connected.pop()
+        await asyncio.sleep(0.01)  # the zygote's reports come in on this loop
+    raise AssertionError(f"no parked child connected ahead (parked: {sup.parked})")
+
+
+async def test_a_parked_child_connects_ahead_and_serves_one_attempt() -> None:
+    first = (await run(make_attempt(own_pid))).result  # launches make the zygote park children
+    parked = await wait_for_connected_parked_child(time.monotonic() + 60)
+    served = set()
+    for number in range(2, 6):  # a launch takes a parked child when one is ready
+        served.add((await run(make_attempt(own_pid, number=number))).result)
+    assert parked in served
+    assert first not in served  # each attempt had a fresh process
+    assert len(served) == 4
+
+
+async def test_a_parked_child_is_named_until_launched() -> None:
+    """``ps`` tells parked children from state processes."""
+    await run(make_attempt(own_pid))
+    parked = await wait_for_connected_parked_child(time.monotonic() + 60)
+    with open(f"/proc/{parked}/comm") as fh:
+        assert fh.read().strip() == "agent-parked"
+
+    async def own_name(context: Context) -> tuple[int, str]:
+        with open("/proc/self/comm") as fh:
+            return os.getpid(), fh.read().strip()
+
+    served = dict([(await run(make_attempt(own_name, number=n))).result for n in range(2, 6)])
+    assert parked in served
+    assert "agent-parked" not in served.values()
