@@ -47,7 +47,20 @@ _PR_SET_NAME = 15
 _PR_GET_NAME = 16
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 PARKED_NAME = b"agent-parked"
-"""A parked child's process name (``ps``, ``/proc/PID/comm``) until a launch takes it."""
+"""A parked child's process name (``ps``, ``/proc/PID/comm``) from its fork until a launch
+takes it: the zygote forks it under that name, so no observer sees it nameless."""
+
+
+def process_name() -> bytes:
+    """This thread's name (``/proc/self/comm``)."""
+    name = ctypes.create_string_buffer(16)
+    _prctl(_PR_GET_NAME, name, 0, 0, 0)
+    return name.value
+
+
+def set_process_name(name: bytes) -> None:
+    """Rename this thread (at most 15 bytes are kept)."""
+    _prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
@@ -92,6 +105,7 @@ def child_main(
 
 def park(
     sock_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], warm_up: Callable[[], None], endpoint: str = "",
+    name: bytes = b"python",
 ) -> NoReturn:
     """Be a parked child: do what every child does first, then wait for a spec; never return.
 
@@ -99,7 +113,8 @@ def park(
     this child; when the zygote closes the socket instead, the child exits. Nothing of a
     state has run here before: a parked child is as fresh as one forked for its launch.
     Meanwhile it connects to the supervisor at ``endpoint`` (if any), whose half of the
-    handshake then waits in the socket, and warms up unless its spec came already.
+    handshake then waits in the socket, and warms up unless its spec came already. Once
+    launched it takes ``name`` (the zygote's) instead of :data:`PARKED_NAME`.
     """
     code = EXIT_SETUP_FAILED
     try:
@@ -110,9 +125,6 @@ def park(
         for fd in zygote_fds:
             os.close(fd)
         os.setpgid(0, 0)
-        name = ctypes.create_string_buffer(16)
-        _prctl(_PR_GET_NAME, name, 0, 0, 0)
-        _prctl(_PR_SET_NAME, ctypes.c_char_p(PARKED_NAME), 0, 0, 0)
         connected = _connect_ahead(endpoint)
         if not select.select([sock_fd], [], [], 0)[0]:
             # The pages an attempt writes are copied now, while nothing waits for them.
@@ -124,7 +136,7 @@ def park(
         sock.close()
         if not fds:
             os._exit(EXIT_OK)  # let go: no launch needed it
-        _prctl(_PR_SET_NAME, name, 0, 0, 0)
+        set_process_name(name)
         spec = _read_spec(fds[0])
         code = _serve(spec, fds[0], None, None, fds[1:], connected)
     except BaseException:
@@ -166,7 +178,21 @@ def _serve(
                                          announced=True, endpoint=spec["endpoint"])
     else:  # connect first: the supervisor's end answers the handshake while the rest is set up
         transport = DealerTransport(spec["endpoint"], b"", max_frame=max_frame, peer_hwm=spec["receive_hwm"])
-    # The log is opened before confinement: a sandbox may no longer reach its directory.
+    bounds = Bounds(max_frame=spec["max_frame"])
+    worker = spec.get("worker")
+    before_run = None
+    if sandbox is not None:
+        from . import sandbox as sandbox_module
+
+        notify = socket.socket(fileno=notify_fd) if notify_fd is not None else None
+        before_run = lambda: sandbox_module.enter_sandbox(sandbox, notify)  # noqa: E731
+    channel = FirstFrame(transport)
+    session = ChildSession(
+        channel, pid=os.getpid(), secret=spec["secret"], bounds=bounds,
+        before_run=before_run, context_keys=spec.get("context_keys"),
+    )
+    # The log is opened before confinement (a sandbox may no longer reach its directory)
+    # and before the hello (once it hears it, the supervisor closes the log's other door).
     log_fd = os.open(spec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     null_fd = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null_fd, 0)
@@ -174,6 +200,10 @@ def _serve(
     os.dup2(log_fd, 2)
     os.close(log_fd)
     os.close(null_fd)
+    if connected is not None and worker is None:
+        # The handshake is over: the supervisor's welcome comes back while this process
+        # sets up, instead of after its state (a child may close only once welcomed).
+        session.hello()
     confine.apply(spec["confine"])
     # The run message (the state and its context snapshot: it may take the whole frame cap)
     # is read only now, so that its pages are charged to the attempt's cgroup.
@@ -185,24 +215,12 @@ def _serve(
         os.chdir(spec["cwd"])
     except OSError:
         pass
-    bounds = Bounds(max_frame=spec["max_frame"])
-    worker = spec.get("worker")
     if worker is not None:
         from .worker import serve_worker
 
         return serve_worker(transport, bounds, spec, worker)
-    before_run = None
-    if sandbox is not None:
-        from . import sandbox as sandbox_module
-
-        notify = socket.socket(fileno=notify_fd) if notify_fd is not None else None
-        before_run = lambda: sandbox_module.enter_sandbox(sandbox, notify)  # noqa: E731
     # The attempt's run message came with the spec: no round trip to the supervisor for it.
-    channel = FirstFrame(transport, run)
-    session = ChildSession(
-        channel, pid=os.getpid(), secret=spec["secret"], bounds=bounds,
-        before_run=before_run, context_keys=spec.get("context_keys"),
-    )
+    channel.first = run
     session.hello()
     if sandbox is not None:
         sandbox_module.leave_namespaces(sandbox, namespaces)  # while the supervisor answers

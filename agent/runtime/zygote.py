@@ -176,6 +176,7 @@ class Zygote:
         self._park_max = max(0, park_max)
         self._park_idle = park_idle
         self._endpoint = endpoint  # the supervisor's ROUTER, which parked children connect to ahead
+        self._name = child_module.process_name()
         self._park_target = 0
         self._burst = 0  # spawns served since the zygote was last idle
         self._last_spawn = 0.0
@@ -308,13 +309,15 @@ class Zygote:
         """Fork a child that waits for its spec; False when the fork failed."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         _signal.pthread_sigmask(signal.SIG_BLOCK, _SIGTERM)
+        child_module.set_process_name(child_module.PARKED_NAME)  # the child's name from its first instant
         try:
             pid = self._fork()
         except OSError:
             pid = -1
         if pid == 0:
             child_module.park(theirs.fileno(), self._pidfd, [*self._private_fds(), ours.fileno()], _warm_once,
-                              self._endpoint)
+                              self._endpoint, self._name)
+        child_module.set_process_name(self._name)
         _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
         theirs.close()
         if pid < 0:

@@ -12,7 +12,7 @@ from agent.executor import Isolation
 from agent.supervisor import current_supervisor
 
 from . import helpers
-from .helpers import stray_processes
+from .helpers import describe, stray_processes
 
 
 @pytest.fixture(params=[Isolation.PROCESS, Isolation.WORKER], ids=["process", "worker"])
@@ -28,7 +28,7 @@ def no_leftovers():
     """Every test leaves no state process, no extra socket file and no live child record."""
     yield
     strays = stray_processes()
-    assert not strays, f"leftover processes: {strays}"
+    assert not strays, f"leftover processes: {describe(strays)}"
     sup = current_supervisor()
     if sup is not None:
         assert os.listdir(sup.ipc_dir) == ["supervisor.sock"]

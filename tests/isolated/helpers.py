@@ -56,3 +56,14 @@ def stray_processes() -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+def describe(processes: list[psutil.Process]) -> list[str]:
+    """Who each leftover process is: pid, parent, name and status."""
+    out = []
+    for p in processes:
+        try:
+            out.append(f"{p.pid} (parent {p.ppid()}, {p.name()!r}, {p.status()})")
+        except psutil.NoSuchProcess:
+            out.append(f"{p.pid} (gone)")
+    return out
