@@ -957,10 +957,12 @@ def _to_json(value: Any, depth: int) -> Any:
         return {_TAG: "bytes", "value": base64.b64encode(value).decode("ascii")}
     if t is _dt.datetime or t is _dt.time:
         zone, offset, name = _tz_fields(value.tzinfo)
-        data: dict[str, Any] = {_TAG: t.__name__, "value": value.isoformat() if zone is None else
-                                value.replace(tzinfo=None).isoformat(), "fold": value.fold}
+        data: dict[str, Any] = {_TAG: t.__name__, "value": value.replace(tzinfo=None).isoformat(),
+                                "fold": value.fold}
         if zone is not None:
             data["zone"] = zone  # the zone itself, not just today's offset
+        elif offset is not None:
+            data["offset"] = offset  # µs: fromisoformat drops an offset's microseconds
         if name is not None:
             data["tzname"] = name
         return data
@@ -1025,9 +1027,9 @@ def _from_tagged(tag: str, raw: Any, data: dict[str, Any]) -> Any:
     if tag == "datetime" or tag == "time":
         cls = _dt.datetime if tag == "datetime" else _dt.time
         moment = cls.fromisoformat(raw)
-        if "zone" in data:
-            moment = moment.replace(tzinfo=zoneinfo.ZoneInfo(data["zone"]))
-        elif "tzname" in data and (offset := moment.utcoffset()) is not None:
+        if "zone" in data or "offset" in data:
+            moment = moment.replace(tzinfo=_tz_from(data.get("zone"), data.get("offset"), data.get("tzname")))
+        elif "tzname" in data and (offset := moment.utcoffset()) is not None:  # written before "offset"
             moment = moment.replace(tzinfo=_dt.timezone(offset, data["tzname"]))
         return moment.replace(fold=int(data.get("fold", 0)))
     if tag == "date":

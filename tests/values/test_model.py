@@ -152,6 +152,20 @@ class TestOneModelEverywhere:
             assert back["when"].fold == 1 and back["when"].tzinfo is paris
             assert back["at"].tzname() == "X"
 
+    def test_an_offset_keeps_its_microseconds(self):
+        odd = dt.timezone(dt.timedelta(hours=-3, microseconds=1))
+        value = [dt.time(0, 0, tzinfo=odd), dt.datetime(2026, 1, 1, tzinfo=odd),
+                 dt.time(1, tzinfo=dt.timezone(dt.timedelta(microseconds=-7), "Odd"))]
+        for back in (decode(encode(value)).value, loads(dumps(value))):
+            assert [v.utcoffset() for v in back] == [v.utcoffset() for v in value]
+            assert back[2].tzname() == "Odd"
+
+    def test_a_checkpoint_written_with_the_offset_in_the_text_still_reads(self):
+        old = '{"$type": "datetime", "value": "2026-01-01T00:00:00+05:00", "fold": 0, "tzname": "X"}'
+        back = loads(old)
+        assert back == dt.datetime(2026, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=5)))
+        assert back.tzname() == "X"
+
     def test_init_false_field_survives(self):
         value = Frozen("a")
         object.__setattr__(value, "derived", 9)
