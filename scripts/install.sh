@@ -59,5 +59,8 @@ chmod 755 "$venv" 2>/dev/null || true
 spec="$here"
 [ -n "$extras" ] && spec="$here[$extras]"
 "$venv/bin/python" -m pip install -q -e "$spec"
+# Bytecode now: users who cannot write to this checkout (agentctl, agentd's job runners)
+# would otherwise compile every module of the package on every start.
+"$venv/bin/python" -m compileall -q "$here/agent" >/dev/null
 if [ -n "$service" ]; then "$venv/bin/agentctl" install >&2; fi
 echo "$venv"
