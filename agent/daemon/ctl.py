@@ -343,9 +343,10 @@ def _quick_submit(argv: list[str]) -> Any:
         if option not in _QUICK_OPTIONS:
             return None
         if not sep:
-            value = next(rest, None)
-            if value is None or value.startswith("-"):
+            following = next(rest, None)
+            if following is None or following.startswith("-"):
                 return None
+            value = following
         if option == "--param":
             if "=" not in value or value.startswith("="):
                 return None
