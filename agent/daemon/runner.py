@@ -33,8 +33,6 @@ import os
 import signal
 import socket
 import sys
-import threading
-import time
 import traceback
 from typing import Any
 
@@ -73,42 +71,11 @@ class DaemonInputProvider:
             future.set_result(text)
 
 
-class StoreOpening:
-    """The job's checkpoint store, opened in a thread while the runner starts.
-
-    Opening it the first time creates a SQLite file in WAL mode: a few milliseconds of
-    disk writes (many more on a busy disk) that need not delay the event loop, agentd's
-    job message and the workflow's import; :meth:`result` waits for it, or raises what
-    opening it raised.
-    """
-
-    def __init__(self) -> None:
-        self._store: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._open, name="agent-store", daemon=True)
-        self._thread.start()
-
-    def _open(self) -> None:
-        try:
-            from ..checkpoint_store import open_default_store
-
-            self._store = open_default_store()
-        except BaseException as exc:  # raised again in the runner's own thread
-            self._error = exc
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._store
-
-
 class Runner:
     """The job's side of the conversation with agentd (see the module docstring)."""
 
-    def __init__(self, link: Link, job: dict[str, Any], store: StoreOpening) -> None:
+    def __init__(self, link: Link, job: dict[str, Any]) -> None:
         self.job = job
-        self.store = store
         self.link = link
         self.pool = RemotePool(job, on_other=self.on_message, on_lost=self.on_lost)
         self.pool.adopt(link)
@@ -198,7 +165,7 @@ class Runner:
         zygote the usual way), and not on cgroup v2, where it would sit in the job's
         cgroup, which must hold no process once the supervisor hands controllers below it.
         """
-        if not _single_threaded():
+        if len(os.listdir("/proc/self/task")) != 1:
             return
         from ..runtime import zygote
         from ..supervisor.launcher import PRESTARTED_ENV
@@ -243,9 +210,11 @@ class Runner:
             traceback.print_exc()
             self.finish("failed", f"cannot load the workflow: {type(exc).__name__}: {exc}")
             return EXIT_FAILED
-        store = agent.checkpoint_store = self.store.result()  # before the zygote: it forks one thread
         if self.job.get("fork_zygote") and _isolated(agent):
             self.fork_zygote()
+        from ..checkpoint_store import open_default_store
+
+        store = agent.checkpoint_store = open_default_store()
         if agent.human_input is None:
             agent.human_input = self.human
         agent.add_observer(self.observe)
@@ -278,16 +247,6 @@ class Runner:
         return EXIT_OK
 
 
-def _single_threaded(grace: float = 0.01) -> bool:
-    """Whether this process has one thread; a thread just joined may stay listed for a moment."""
-    deadline = time.monotonic() + grace
-    while len(os.listdir("/proc/self/task")) != 1:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.0002)
-    return True
-
-
 def _isolated(agent: Any) -> bool:
     """Whether any state of ``agent`` runs in a process of its own."""
     from ..executor import Isolation
@@ -295,7 +254,7 @@ def _isolated(agent: Any) -> bool:
     return any((spec.isolation or agent.isolation) is not Isolation.INLINE for spec in agent.states.values())
 
 
-async def _main(sock: socket.socket, store: StoreOpening) -> int:
+async def _main(sock: socket.socket) -> int:
     loop = asyncio.get_running_loop()
     first: asyncio.Future[dict[str, Any]] = loop.create_future()
     early: list[dict[str, Any]] = []
@@ -313,7 +272,7 @@ async def _main(sock: socket.socket, store: StoreOpening) -> int:
             first.set_exception(DaemonProtocolError(f"agentd closed the connection before sending the job ({why})"))
 
     link = Link(sock, loop, receive, lost)
-    runner = Runner(link, await first, store)
+    runner = Runner(link, await first)
     for message in early:
         runner.pool.dispatch(message)
     try:
@@ -330,5 +289,4 @@ def main(fd: int | None = None) -> int:
 
     if fd is None:
         fd = int(os.environ[RUNNER_FD_ENV])
-    store = StoreOpening()  # meanwhile the loop starts and agentd's job message is read
-    return int(uvloop.run(_main(socket.socket(fileno=fd), store)))
+    return int(uvloop.run(_main(socket.socket(fileno=fd))))
