@@ -148,7 +148,10 @@ def _pack_into(out: bytearray, value: Any) -> None:
         out.append(0xCB)
         out += _FLOAT.pack(value)
     elif isinstance(value, str):
-        data = value.encode("utf-8", "surrogatepass")
+        try:
+            data = value.encode("utf-8")
+        except UnicodeEncodeError:  # a path or an argument with bytes that are not UTF-8
+            raise _protocol_error(f"cannot send {value!r} to agentd: it is not valid UTF-8") from None
         _sized(out, len(data), 0xA0, 31, (0xD9, 0xDA, 0xDB))
         out += data
     elif isinstance(value, (bytes, bytearray, memoryview)):

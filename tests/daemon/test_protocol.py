@@ -74,7 +74,7 @@ class TestClientCodec:
         with pytest.raises(DaemonProtocolError, match="undecodable"):
             protocol.unpack(body)
 
-    @pytest.mark.parametrize("value", [2**64, -(2**63) - 1, object(), {1.5j: 1}])
+    @pytest.mark.parametrize("value", [2**64, -(2**63) - 1, object(), {1.5j: 1}, "/tmp/\udcff.py"])
     def test_what_msgpack_cannot_carry_is_refused(self, value: object) -> None:
         with pytest.raises(DaemonProtocolError):
             protocol.pack(value)
