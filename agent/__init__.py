@@ -7,9 +7,12 @@ and a name's module is imported the first time the name is used.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+
+TYPE_CHECKING = False  # typing's own, without importing typing (half of agentctl's start)
+if TYPE_CHECKING:
+    from typing import Any
 
 _LAZY: dict[str, str] = {
     "Priority": "_types",

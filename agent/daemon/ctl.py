@@ -3,20 +3,27 @@
 The socket is ``--socket PATH``, else ``$AGENT_SOCKET``, else ``/run/agent/agentd.sock``.
 Every command takes ``--json`` (machine-readable output on stdout). A refusal (an
 unknown job, another user's job, a job in the wrong status) prints one line on stderr
-and exits non-zero, with the codes below. This module imports little (no asyncio, no
-engine), so each call costs a few milliseconds more than Python's own start.
+and exits non-zero, with the codes below.
+
+A command costs little more than Python's own start: this module imports only ``os``,
+``sys`` and :mod:`.protocol` (itself light), and ``agentctl submit FILE`` in its usual
+forms is read without argparse (:func:`_quick_submit`); every other command line, and
+any submit it does not recognize exactly, goes through the full parser, which gives the
+same result or the same usage error as before.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
-from typing import Any
 
-from ..errors import DaemonError, DaemonUnavailableError
 from . import protocol
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
 
 EXIT_OK = 0
 EXIT_REFUSED = 1  # a job in the wrong status, a failed job when waiting for it, ...
@@ -57,12 +64,20 @@ class Client:
         return reply
 
 
-def _param(text: str) -> tuple[str, Any]:
-    import json
+_JSON_STARTS = frozenset('{["-0123456789tfn')
+"""The characters a JSON text can start with (after JSON's own white space)."""
 
+
+def _param(text: str) -> tuple[str, Any]:
     name, sep, value = text.partition("=")
     if not sep or not name:
+        import argparse
+
         raise argparse.ArgumentTypeError(f"--param takes NAME=VALUE, got {text!r}")
+    if value.lstrip(" \t\n\r")[:1] not in _JSON_STARTS:
+        return name, value  # not JSON (a path, a word): no need to load the json module
+    import json
+
     try:
         return name, json.loads(value)  # numbers, true/false, lists, objects
     except ValueError:
@@ -242,6 +257,8 @@ def cmd_top(client: Client, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     from .._version import __version__
 
     common = argparse.ArgumentParser(add_help=False)
@@ -300,8 +317,52 @@ def cmd_install(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_QUICK_OPTIONS = {"--name": "name", "--priority": "priority", "--param": "param", "--socket": "socket"}
+
+
+def _quick_submit(argv: list[str]) -> Any:
+    """The arguments of ``submit FILE [--name N] [--priority P] [--param K=V]... [--json] [--socket S]``
+    (each option also as ``--opt=VALUE``), as the full parser would give them; None for any
+    other command line, which the full parser then reads (and explains, when it is wrong).
+    """
+    if not argv or argv[0] != "submit":
+        return None
+    values: dict[str, Any] = {"command": "submit", "func": cmd_submit, "file": None, "name": None,
+                              "priority": None, "param": None, "json": False}
+    rest = iter(argv[1:])
+    for arg in rest:
+        if arg == "--json":
+            values["json"] = True
+            continue
+        if not arg.startswith("-"):
+            if values["file"] is not None:
+                return None
+            values["file"] = arg
+            continue
+        option, sep, value = arg.partition("=")
+        if option not in _QUICK_OPTIONS:
+            return None
+        if not sep:
+            following = next(rest, None)
+            if following is None or following.startswith("-"):
+                return None
+            value = following
+        if option == "--param":
+            if "=" not in value or value.startswith("="):
+                return None
+            values["param"] = [*(values["param"] or []), _param(value)]
+        else:
+            values[_QUICK_OPTIONS[option]] = value
+    if values["file"] is None:
+        return None
+    import types
+
+    return types.SimpleNamespace(**values)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _quick_submit(argv) or build_parser().parse_args(argv)
     args.json = getattr(args, "json", False)
     try:
         if args.command == "install":
@@ -311,14 +372,15 @@ def main(argv: list[str] | None = None) -> int:
     except Refused as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return exc.exit_code
-    except DaemonUnavailableError as exc:
-        print(f"agentctl: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    except DaemonError as exc:
-        print(f"agentctl: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
     except KeyboardInterrupt:
         return EXIT_REFUSED
+    except Exception as exc:
+        from ..errors import DaemonError, DaemonUnavailableError
+
+        if not isinstance(exc, DaemonError):
+            raise
+        print(f"agentctl: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE if isinstance(exc, DaemonUnavailableError) else EXIT_REFUSED
 
 
 if __name__ == "__main__":  # pragma: no cover

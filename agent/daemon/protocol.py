@@ -14,21 +14,28 @@ release gets a clear message instead of a confusing one later. Roles:
 Decoding is bounded (frame size, string and container lengths) and a frame that is
 not a map with a string ``op`` is a protocol error: agentd drops that connection and
 goes on serving the others.
+
+Importing this module costs agentctl almost nothing: :class:`BlockingChannel` (the
+client side of a control connection) needs only ``_socket`` and a small codec of its
+own (:func:`pack`, :func:`unpack`: every msgpack type but ext), and the error types are
+imported when raised. ``socket``, ``typing``, ``msgpack`` and :mod:`agent.errors` would
+have tripled agentctl's start (enum classes, regular expressions, dataclasses); agentd
+and its runners keep using msgpack itself (:func:`encode`, :func:`decode`, :class:`Link`).
 """
 
 from __future__ import annotations
 
-import socket
+import _socket
 import struct
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
-import msgpack
-
-from ..errors import DaemonProtocolError, DaemonUnavailableError
-
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
+    import socket
+    from collections.abc import Callable
+    from typing import Any
+
+    from ..errors import DaemonProtocolError, DaemonUnavailableError
 
 DEFAULT_SOCKET = "/run/agent/agentd.sock"
 SOCKET_ENV = "AGENT_SOCKET"
@@ -50,28 +57,187 @@ CONFLICT = "conflict"
 _HEADER = struct.Struct("!I")
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    """One frame: length header and msgpack body."""
-    body = msgpack.packb(message, use_bin_type=True)
+def _protocol_error(message: str) -> DaemonProtocolError:
+    from ..errors import DaemonProtocolError
+
+    return DaemonProtocolError(message)
+
+
+def _unavailable(message: str) -> DaemonUnavailableError:
+    from ..errors import DaemonUnavailableError
+
+    return DaemonUnavailableError(message)
+
+
+def _frame(message: dict[str, Any], body: bytes) -> bytes:
     if len(body) > MAX_FRAME:
-        raise DaemonProtocolError(
+        raise _protocol_error(
             f"a {message.get('op')!r} message of {len(body)} bytes is over the {MAX_FRAME}-byte frame cap"
         )
     return _HEADER.pack(len(body)) + body
 
 
+def encode(message: dict[str, Any]) -> bytes:
+    """One frame: length header and msgpack body."""
+    import msgpack
+
+    return _frame(message, msgpack.packb(message, use_bin_type=True))
+
+
+def _checked(message: Any) -> dict[str, Any]:
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        raise _protocol_error("a frame must be a map with a str 'op'")
+    return message
+
+
 def decode(body: bytes) -> dict[str, Any]:
     """The message in one frame body; raises DaemonProtocolError when it is not a valid one."""
+    import msgpack
+
     try:
         message = msgpack.unpackb(
             body, raw=False, strict_map_key=True, use_list=True,
             max_str_len=MAX_FRAME, max_bin_len=MAX_FRAME, max_array_len=1 << 20, max_map_len=1 << 20,
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise DaemonProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
-    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
-        raise DaemonProtocolError("a frame must be a map with a str 'op'")
-    return message
+        raise _protocol_error(f"undecodable frame: {type(exc).__name__}: {exc}") from None
+    return _checked(message)
+
+
+# --- the client's codec: msgpack without the msgpack package --------------------------------
+
+_FLOAT = struct.Struct("!d")
+
+
+def _sized(out: bytearray, size: int, fix: int | None, fix_max: int, codes: tuple[int, int, int]) -> None:
+    """A str, bin, array or map header: the fix form when there is one and ``size`` fits, else 8/16/32 bits."""
+    if fix is not None and size <= fix_max:
+        out.append(fix | size)
+    elif size <= 0xFF and codes[0]:
+        out += bytes((codes[0], size))
+    elif size <= 0xFFFF:
+        out.append(codes[1])
+        out += size.to_bytes(2, "big")
+    elif size <= 0xFFFF_FFFF:
+        out.append(codes[2])
+        out += size.to_bytes(4, "big")
+    else:
+        raise _protocol_error(f"a value of {size} items or bytes is too large to send")
+
+
+def _pack_into(out: bytearray, value: Any) -> None:
+    if value is None:
+        out.append(0xC0)
+    elif value is True or value is False:
+        out.append(0xC3 if value else 0xC2)
+    elif isinstance(value, int):
+        if -0x20 <= value <= 0x7F:  # a positive or negative fixint: the byte itself
+            out.append(value & 0xFF)
+            return
+        signed = value < 0
+        for width, code in ((1, 0xCC), (2, 0xCD), (4, 0xCE), (8, 0xCF)):
+            try:
+                data = value.to_bytes(width, "big", signed=signed)
+            except OverflowError:
+                continue
+            out.append(code + 4 * signed)  # 0xD0..0xD3: int 8..64
+            out += data
+            return
+        raise _protocol_error(f"the integer {value} does not fit in 64 bits")
+    elif isinstance(value, float):
+        out.append(0xCB)
+        out += _FLOAT.pack(value)
+    elif isinstance(value, str):
+        try:
+            data = value.encode("utf-8")
+        except UnicodeEncodeError:  # a path or an argument with bytes that are not UTF-8
+            raise _protocol_error(f"cannot send {value!r} to agentd: it is not valid UTF-8") from None
+        _sized(out, len(data), 0xA0, 31, (0xD9, 0xDA, 0xDB))
+        out += data
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        _sized(out, len(data), None, 0, (0xC4, 0xC5, 0xC6))
+        out += data
+    elif isinstance(value, (list, tuple)):
+        _sized(out, len(value), 0x90, 15, (0, 0xDC, 0xDD))
+        for item in value:
+            _pack_into(out, item)
+    elif isinstance(value, dict):
+        _sized(out, len(value), 0x80, 15, (0, 0xDE, 0xDF))
+        for key, item in value.items():
+            _pack_into(out, key)
+            _pack_into(out, item)
+    else:
+        raise _protocol_error(f"cannot send a {type(value).__name__} to agentd")
+
+
+def pack(value: Any) -> bytes:
+    """``value`` as msgpack (what ``msgpack.packb(value, use_bin_type=True)`` reads back the same)."""
+    out = bytearray()
+    _pack_into(out, value)
+    return bytes(out)
+
+
+_FIXED = {0xCA: struct.Struct("!f"), 0xCB: _FLOAT, 0xCC: struct.Struct("!B"), 0xCD: struct.Struct("!H"),
+          0xCE: struct.Struct("!I"), 0xCF: struct.Struct("!Q"), 0xD0: struct.Struct("!b"),
+          0xD1: struct.Struct("!h"), 0xD2: struct.Struct("!i"), 0xD3: struct.Struct("!q")}
+_LENGTHS = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4, 0xDC: 2, 0xDD: 4, 0xDE: 2, 0xDF: 4}
+
+
+def _unpack_from(data: bytes, at: int) -> tuple[Any, int]:
+    """The value that starts at ``data[at]`` and the offset after it (IndexError/ValueError when malformed)."""
+    code = data[at]
+    at += 1
+    if code <= 0x7F:
+        return code, at
+    if code >= 0xE0:
+        return code - 0x100, at
+    if code in _FIXED:
+        fixed = _FIXED[code]
+        if at + fixed.size > len(data):
+            raise ValueError("truncated")
+        return fixed.unpack_from(data, at)[0], at + fixed.size
+    if code == 0xC0:
+        return None, at
+    if code in (0xC2, 0xC3):
+        return code == 0xC3, at
+    if 0xA0 <= code <= 0xBF or 0x90 <= code <= 0x9F or 0x80 <= code <= 0x8F:
+        size = code & (0x1F if code >= 0xA0 else 0x0F)
+    elif code in _LENGTHS:
+        width = _LENGTHS[code]
+        if at + width > len(data):
+            raise ValueError("truncated")
+        size = int.from_bytes(data[at:at + width], "big")
+        at += width
+    else:
+        raise ValueError(f"type 0x{code:02x} is not one agentd sends")
+    if 0xA0 <= code <= 0xBF or code in (0xD9, 0xDA, 0xDB, 0xC4, 0xC5, 0xC6):
+        if at + size > len(data):
+            raise ValueError("truncated")
+        raw = data[at:at + size]
+        return (raw if code in (0xC4, 0xC5, 0xC6) else raw.decode("utf-8")), at + size
+    if 0x90 <= code <= 0x9F or code in (0xDC, 0xDD):
+        items = []
+        for _ in range(size):
+            item, at = _unpack_from(data, at)
+            items.append(item)
+        return items, at
+    out = {}
+    for _ in range(size):
+        key, at = _unpack_from(data, at)
+        out[key], at = _unpack_from(data, at)
+    return out, at
+
+
+def unpack(data: bytes) -> Any:
+    """The one msgpack value ``data`` holds (raises DaemonProtocolError when it holds anything else)."""
+    try:
+        value, end = _unpack_from(data, 0)
+    except (IndexError, ValueError, TypeError, RecursionError) as exc:
+        raise _protocol_error(f"undecodable frame: {type(exc).__name__}: {exc}") from None
+    if end != len(data):
+        raise _protocol_error(f"undecodable frame: {len(data) - end} bytes after its message")
+    return value
 
 
 class FrameBuffer:
@@ -90,7 +256,7 @@ class FrameBuffer:
         while len(buf) >= _HEADER.size:
             (size,) = _HEADER.unpack_from(buf)
             if size > MAX_FRAME:
-                raise DaemonProtocolError(f"a frame of {size} bytes is over the {MAX_FRAME}-byte cap")
+                raise _protocol_error(f"a frame of {size} bytes is over the {MAX_FRAME}-byte cap")
             end = _HEADER.size + size
             if len(buf) < end:
                 break
@@ -141,7 +307,7 @@ class Link:
 
     def send(self, message: dict[str, Any]) -> None:
         if self.closed:
-            raise DaemonUnavailableError("the connection is closed")
+            raise _unavailable("the connection is closed")
         pending = bool(self._out)
         self._out += encode(message)
         if not pending:
@@ -183,6 +349,8 @@ class Link:
         if not data:
             self._lose("the peer closed the connection")
             return False
+        from ..errors import DaemonProtocolError
+
         try:
             messages = self._frames.feed(data)
         except DaemonProtocolError as exc:
@@ -208,39 +376,51 @@ class Link:
 
 
 class BlockingChannel:
-    """A blocking client connection (agentctl): send a request, read its reply."""
+    """A blocking client connection (agentctl): send a request, read its reply.
+
+    It speaks through :func:`pack` and :func:`unpack` and a plain ``_socket`` (see the
+    module docstring); ``sock`` is that socket.
+    """
 
     def __init__(self, path: str, timeout: float | None = 30.0) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(path)
         except OSError as exc:
             self.sock.close()
-            raise DaemonUnavailableError(
+            raise _unavailable(
                 f"cannot reach agentd at {path}: {exc.strerror or exc}; start it (systemctl start agentd, "
                 "or agentd --socket PATH --state-dir DIR), or point AGENT_SOCKET (agentctl: --socket) at its socket"
             ) from None
-        self._frames = FrameBuffer()
-        self._ready: list[dict[str, Any]] = []
+        self._data = bytearray()
 
     def send(self, message: dict[str, Any]) -> None:
+        frame = _frame(message, pack(message))
         try:
-            self.sock.sendall(encode(message))
+            self.sock.sendall(frame)
         except OSError as exc:
-            raise DaemonUnavailableError(f"lost the connection to agentd at {self.path}: {exc}") from None
+            raise _unavailable(f"lost the connection to agentd at {self.path}: {exc}") from None
+
+    def _read(self, size: int) -> bytes:
+        while len(self._data) < size:
+            try:
+                data = self.sock.recv(max(1 << 16, size - len(self._data)))
+            except OSError as exc:
+                raise _unavailable(f"lost the connection to agentd at {self.path}: {exc}") from None
+            if not data:
+                raise _unavailable(f"agentd at {self.path} closed the connection")
+            self._data += data
+        out = bytes(self._data[:size])
+        del self._data[:size]
+        return out
 
     def receive(self) -> dict[str, Any]:
-        while not self._ready:
-            try:
-                data = self.sock.recv(1 << 16)
-            except OSError as exc:
-                raise DaemonUnavailableError(f"lost the connection to agentd at {self.path}: {exc}") from None
-            if not data:
-                raise DaemonUnavailableError(f"agentd at {self.path} closed the connection")
-            self._ready.extend(self._frames.feed(data))
-        return self._ready.pop(0)
+        (size,) = _HEADER.unpack(self._read(_HEADER.size))
+        if size > MAX_FRAME:
+            raise _protocol_error(f"a frame of {size} bytes is over the {MAX_FRAME}-byte cap")
+        return _checked(unpack(self._read(size)))
 
     def call(self, message: dict[str, Any]) -> dict[str, Any]:
         self.send(message)

@@ -233,7 +233,7 @@ def connect(path: str, role: str = "admission") -> tuple[socket.socket, dict[str
         mismatch = version_mismatch(welcome.get("version"), "agentd")
         raise DaemonError(str(welcome.get("error") or mismatch or f"agentd refused the connection: {welcome}"))
     channel.sock.settimeout(None)
-    return channel.sock, welcome
+    return socket.socket(fileno=channel.sock.detach()), welcome
 
 
 _lock = threading.Lock()

@@ -199,6 +199,21 @@ class Runner:
         theirs.close()
         os.environ[PRESTARTED_ENV] = f"{ours.detach()}:{pid}"
 
+    def start_supervisor(self) -> None:
+        """Start the embedded supervisor now rather than at the first isolated state's launch.
+
+        Its zygote (forked above, or a fresh interpreter) then warms up, on the other
+        core, while this process opens the checkpoint store and starts the run. A
+        supervisor that cannot start is left for that launch to report, as it would
+        have been: the attempt fails there with the supervisor's own error.
+        """
+        from ..supervisor.service import get_supervisor
+
+        try:
+            get_supervisor()
+        except Exception:  # noqa: BLE001 - raised again, in its place, by the first launch
+            pass
+
     async def run(self) -> int:
         try:
             agent = self.agent = self.load()
@@ -212,6 +227,8 @@ class Runner:
             return EXIT_FAILED
         if self.job.get("fork_zygote") and _isolated(agent):
             self.fork_zygote()
+        if _supervised(agent):
+            self.start_supervisor()
         from ..checkpoint_store import open_default_store
 
         store = agent.checkpoint_store = open_default_store()
@@ -245,6 +262,14 @@ class Runner:
         status = agent.status.value
         self.finish(status if status in ("completed", "cancelled") else "failed", None)
         return EXIT_OK
+
+
+def _supervised(agent: Any) -> bool:
+    """Whether any state of ``agent`` runs under the embedded supervisor (a process of its own, or a worker)."""
+    from ..executor import Isolation
+
+    supervised = (Isolation.PROCESS, Isolation.SANDBOX, Isolation.WORKER)
+    return any((spec.isolation or agent.isolation) in supervised for spec in agent.states.values())
 
 
 def _isolated(agent: Any) -> bool:

@@ -12,7 +12,8 @@ The forked child, before it runs anything of the job (:func:`become`):
 
 1. closes every descriptor but the job's socket (the spawner's control socket would let
    a job ask for runners of other uids), and starts a session of its own;
-2. still root, joins the job's cgroup (every ``cgroup.procs`` agentd names);
+2. still root, joins the job's cgroup (every ``cgroup.procs`` agentd names; on v1
+   through ``tasks``, see :func:`_join_cgroup`);
 3. sets the user's supplementary groups, gid and uid (``setgroups``, ``setresgid``,
    ``setresuid``: all three ids, so root cannot be regained), then the parent-death
    signal (the kernel clears it on a credential change) and checks the spawner still
@@ -39,7 +40,7 @@ import sys
 import traceback
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgpack
 
@@ -175,6 +176,26 @@ def _close_fds_except(keep: int) -> None:
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
 
 
+def _join_cgroup(procs: str) -> None:
+    """Move this process into the cgroup whose ``cgroup.procs`` file is ``procs``.
+
+    On cgroup v1, writing 0 to the ``tasks`` file beside it moves the calling thread,
+    which is the whole process here (a fork has one thread), and the kernel then skips
+    the box-wide threadgroup lock that a ``cgroup.procs`` write takes: that lock waits
+    for an RCU grace period, 7 to 20 ms here, which was the largest part of a runner's
+    start. v2 has no ``tasks`` file: there the pid goes to ``cgroup.procs``.
+    """
+    directory, name = os.path.split(procs)
+    target, value = procs, str(os.getpid())
+    if name == "cgroup.procs" and os.path.exists(os.path.join(directory, "tasks")):
+        target, value = os.path.join(directory, "tasks"), "0"
+    fd = os.open(target, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
 def become(spec: dict[str, Any], fd: int, spawner_pid: int) -> int:
     """Turn this forked child into job ``spec["job"]``'s runner (see the module docstring); its exit code."""
     _close_fds_except(fd)
@@ -183,8 +204,7 @@ def become(spec: dict[str, Any], fd: int, spawner_pid: int) -> int:
     os.dup2(null, 0)
     os.close(null)
     for procs in spec["cgroup_procs"]:
-        with open(procs, "w") as f:
-            f.write(str(os.getpid()))
+        _join_cgroup(procs)
     uid, gid = int(spec["uid"]), int(spec["gid"])
     os.setgroups([int(g) for g in spec["groups"]])
     os.setresgid(gid, gid, gid)
@@ -215,8 +235,55 @@ def become(spec: dict[str, Any], fd: int, spawner_pid: int) -> int:
     return main(fd)
 
 
+STANDBY_IDLE = 0.05
+"""Seconds the spawner must have been idle before it forks a new standby runner."""
+
+
+def _run(request: dict[str, Any], fd: int, spawner_pid: int) -> NoReturn:
+    """Become the runner ``request`` asks for (in a forked child); never returns."""
+    code = 70
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        code = become(request["spec"], fd, spawner_pid)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _stand_by(sock: socket.socket, spawner_pid: int) -> NoReturn:
+    """Wait (in a forked child) for the request of the next runner, then become it; never returns.
+
+    Until then it holds no descriptor but ``sock`` (not the spawner's control socket: agentd
+    must see the spawner go when it goes) and dies with the spawner.
+    """
+    code = 70
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _close_fds_except(sock.fileno())
+        _set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() == spawner_pid:
+            data, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 4)
+            if data and len(fds) == 1:
+                sock.close()
+                _run(decode(data), fds[0], spawner_pid)
+        code = 0  # the spawner closed its end, or is gone
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
 class _Serve:
     """The spawner's loop: fork a runner per request, report every exit, kill them all on EOF.
+
+    A request goes to the standby runner when there is one: a child forked ahead of time,
+    while the spawner was idle, that waits for its request (:func:`_stand_by`), so that a
+    job does not wait for the fork (5 ms here: the spawner holds the engine). Requests that
+    come in a burst find none and are forked directly.
 
     A runner leaves through ``os._exit`` (it is a fork of this process) or is killed, so
     its status socket outlives it: the spawner removes it when it reaps the runner.
@@ -225,6 +292,7 @@ class _Serve:
     def __init__(self, control: socket.socket) -> None:
         self.control = control
         self.children: dict[int, tuple[str, int]] = {}  # runner pid -> its status socket, its uid
+        self.standby: tuple[int, socket.socket] | None = None  # its pid, the socket its request goes to
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def report(self, message: dict[str, Any]) -> None:
@@ -242,8 +310,12 @@ class _Serve:
         # the spawner goes when agentd closes its socket, or dies (parent-death signal).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.stand_by()
         while True:
-            readable, _, _ = select.select([self.control, self.wake_r], [], [])
+            idle = None if self.standby is not None else STANDBY_IDLE
+            readable, _, _ = select.select([self.control, self.wake_r], [], [], idle)
+            if not readable:
+                self.stand_by()
             if self.wake_r in readable:
                 try:
                     while os.read(self.wake_r, 4096):
@@ -257,35 +329,71 @@ class _Serve:
                     for fd in fds:
                         os.close(fd)
                     return
-                self.handle(decode(data), fds)
+                self.handle(data, fds)
 
-    def handle(self, request: dict[str, Any], fds: list[int]) -> None:
+    def stand_by(self) -> None:
+        """Fork the standby runner (nothing when that fails: requests are then forked directly)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        me = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return
+        if pid == 0:
+            _stand_by(theirs, me)
+        theirs.close()
+        self.standby = (pid, ours)
+
+    def _drop_standby(self) -> None:
+        """Kill and reap the standby runner, if any."""
+        if self.standby is not None:
+            pid, sock = self.standby
+            self.standby = None
+            sock.close()
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (OSError, ChildProcessError):
+                pass
+
+    def handle(self, data: bytes, fds: list[int]) -> None:
+        request = decode(data)
         if request["op"] != "spawn" or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
             return
         fd = fds[0]
-        me = os.getpid()
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            os.close(fd)
-            self.report({"op": "spawn_failed", "job": request["job"], "error": str(exc)})
-            return
-        if pid == 0:
-            code = 70
+        pid = self._hand_over(data, fd)
+        if pid is None:
+            me = os.getpid()
             try:
-                signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
-                    signal.signal(sig, signal.SIG_DFL)
-                code = become(request["spec"], fd, me)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
+                pid = os.fork()
+            except OSError as exc:
+                os.close(fd)
+                self.report({"op": "spawn_failed", "job": request["job"], "error": str(exc)})
+                return
+            if pid == 0:
+                _run(request, fd, me)
         os.close(fd)
         self.children[pid] = _status_socket(request["spec"], pid)
         self.report({"op": "spawned", "job": request["job"], "pid": pid})
+
+    def _hand_over(self, data: bytes, fd: int) -> int | None:
+        """Give the request to the standby runner; its pid, or None when there is none (or it is gone)."""
+        if self.standby is None:
+            return None
+        pid, sock = self.standby
+        self.standby = None
+        try:
+            socket.send_fds(sock, [data], [fd])
+        except OSError:
+            self.standby = (pid, sock)
+            self._drop_standby()
+            return None
+        sock.close()
+        return pid
 
     def reap(self) -> None:
         while True:
@@ -295,10 +403,16 @@ class _Serve:
                 return
             if pid == 0:
                 return
-            _remove(self.children.pop(pid, None))
+            if pid not in self.children:  # a standby runner that died waiting (or was dropped)
+                if self.standby is not None and self.standby[0] == pid:
+                    self.standby[1].close()
+                    self.standby = None
+                continue
+            _remove(self.children.pop(pid))
             self.report({"op": "exited", "pid": pid, "status": status})
 
     def kill_all(self) -> None:
+        self._drop_standby()
         for pid in list(self.children):
             try:
                 os.killpg(pid, signal.SIGKILL)

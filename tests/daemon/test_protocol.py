@@ -6,7 +6,10 @@ import os
 import socket
 import struct
 
+import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.daemon import ctl, protocol
 from agent.errors import DaemonProtocolError
@@ -37,6 +40,81 @@ class TestFrames:
     def test_version_mismatch_names_the_fix(self) -> None:
         assert protocol.version_mismatch(protocol.PROTOCOL_VERSION, "x") is None
         assert "same release" in (protocol.version_mismatch(99, "agentctl") or "")
+
+
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text()
+    | st.binary(),
+    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner), max_leaves=40,
+)
+
+
+class TestClientCodec:
+    """agentctl's own msgpack codec (no msgpack import) reads and writes what msgpack does."""
+
+    @settings(max_examples=500, deadline=None)
+    @given(_VALUES)
+    def test_both_ways_with_msgpack(self, value: object) -> None:
+        assert msgpack.unpackb(protocol.pack(value), raw=False) == value
+        assert protocol.unpack(msgpack.packb(value, use_bin_type=True)) == value
+
+    @pytest.mark.parametrize("value", [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, -1, -32,
+                                       -33, -128, -129, -(2**15) - 1, -(2**31) - 1, -(2**63), "a" * 31, "a" * 32,
+                                       "a" * 256, "a" * 65536, b"x" * 300, list(range(16)), list(range(70000)),
+                                       {str(i): i for i in range(16)}, 1.5])
+    def test_the_same_bytes_as_msgpack(self, value: object) -> None:
+        assert protocol.pack(value) == msgpack.packb(value, use_bin_type=True)
+
+    def test_single_floats_from_other_writers(self) -> None:
+        assert protocol.unpack(msgpack.packb(1.5, use_single_float=True)) == 1.5
+
+    @pytest.mark.parametrize("body", [b"", b"\xc1", b"\xd9", b"\xd9\x05ab", b"\x92\x01", b"\xc7\x01\x01a",
+                                      b"\x01\x02", b"\xa2\xff\xfe"])
+    def test_malformed_input_is_a_protocol_error(self, body: bytes) -> None:
+        with pytest.raises(DaemonProtocolError, match="undecodable"):
+            protocol.unpack(body)
+
+    @pytest.mark.parametrize("value", [2**64, -(2**63) - 1, object(), {1.5j: 1}, "/tmp/\udcff.py"])
+    def test_what_msgpack_cannot_carry_is_refused(self, value: object) -> None:
+        with pytest.raises(DaemonProtocolError):
+            protocol.pack(value)
+
+
+class TestQuickSubmit:
+    """``agentctl submit`` read without argparse gives exactly what argparse gives, or steps aside."""
+
+    @pytest.mark.parametrize("argv", [
+        ["submit", "f.py"],
+        ["submit", "f.py", "--json"],
+        ["submit", "--json", "f.py", "--socket", "/s"],
+        ["submit", "f.py", "--name", "n", "--priority", "high", "--param", "a=1", "--param", "b=x=y"],
+        ["submit", "f.py", "--name=n", "--param=k=[1, 2]", "--param", "p=/tmp/x", "--param", "e="],
+        ["submit", "f.py", "--param", "t=true", "--param", "s= null", "--param", "n=-5", "--param", "j={bad"],
+        ["submit", "f.py", "--name", "first", "--name", "last"],
+    ])
+    def test_same_arguments_as_the_parser(self, argv: list[str]) -> None:
+        quick = ctl._quick_submit(argv)
+        full = ctl.build_parser().parse_args(argv)
+        assert quick is not None
+        for name in ("command", "func", "file", "name", "priority", "param"):
+            assert getattr(quick, name) == getattr(full, name), name
+        assert quick.json == getattr(full, "json", False)
+        assert getattr(quick, "socket", None) == getattr(full, "socket", None)
+
+    @pytest.mark.parametrize("argv", [
+        [], ["list"], ["--json", "submit", "f.py"], ["submit"], ["submit", "a.py", "b.py"], ["submit", "-h"],
+        ["submit", "f.py", "--nam", "n"], ["submit", "f.py", "--name"], ["submit", "f.py", "--name", "-x"],
+        ["submit", "f.py", "--param", "novalue"], ["submit", "f.py", "--param", "=v"], ["submit", "--", "f.py"],
+        ["submit", "-"], ["submit", "f.py", "--json=1"],
+    ])
+    def test_anything_else_goes_to_the_parser(self, argv: list[str]) -> None:
+        assert ctl._quick_submit(argv) is None
+
+    def test_a_bad_param_still_gets_the_parsers_message(self, capsys) -> None:
+        with pytest.raises(SystemExit) as exit_:
+            ctl.main(["submit", "f.py", "--param", "novalue"])
+        assert exit_.value.code == ctl.EXIT_USAGE
+        assert "--param takes NAME=VALUE, got 'novalue'" in capsys.readouterr().err
 
 
 def _raw(agentd: Agentd) -> socket.socket:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import psutil
 import pytest
 
 from .helpers import Agentd, User, processes_of, status_sockets_of, wait_until, write_workflow
@@ -105,3 +106,32 @@ class TestCrashAndResume:
         # The runners (one stopped with agentd, one that finished) left no status socket.
         wait_until(lambda: not processes_of({ann.uid}) and set(status_sockets_of(ann.uid)) <= sockets_before,
                    "the job's runners to exit and their status sockets to go", timeout=30)
+
+
+class TestStandbyRunner:
+    """agentd's spawner forks the next runner ahead of time; that standby goes with agentd."""
+
+    @staticmethod
+    def _tree(agentd: Agentd) -> list[psutil.Process]:
+        """The spawner and its standby runner (agentd's descendants, none of them a job's yet)."""
+        def both() -> list[psutil.Process] | None:
+            tree = psutil.Process(agentd.pid).children(recursive=True)
+            return tree if len(tree) >= 2 else None
+
+        return wait_until(both, "agentd's spawner and its standby runner")
+
+    def test_stopped_or_killed_agentd_leaves_no_standby(self, agentd: Agentd, users: tuple[User, User]) -> None:
+        for end in (agentd.stop, agentd.kill9):
+            agentd.start()
+            tree = self._tree(agentd)
+            assert all(p.uids().real == 0 for p in tree)  # the standby is nobody's runner yet
+            end()
+            wait_until(lambda procs=tree: all(_gone(p) for p in procs),
+                       "the spawner and its standby to go with agentd", timeout=30)
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

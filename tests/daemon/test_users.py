@@ -42,6 +42,13 @@ def memory_cgroup():
         if ":memory:" in line:
             return line.split(":", 2)[2].strip()
 
+JOB_CONTROLLERS = {"memory", "pids", "cpu", "cpuacct", "blkio", "freezer", "devices"}
+
+def v1_cgroups():
+    """This process's cgroup in each v1 hierarchy agentd gives a job a cgroup in."""
+    lines = [line.strip().split(":", 2) for line in open("/proc/self/cgroup")]
+    return sorted(f"{c}={path}" for _, c, path in lines if JOB_CONTROLLERS & set(c.split(",")))
+
 async def isolated(context):
     print(f"uid={os.getuid()} gid={os.getgid()} groups={os.getgroups()} cgroup={memory_cgroup()}")
     print("HOME=" + os.environ.get("HOME", ""), "SECRET=" + os.environ.get("AGENTD_TEST_SECRET", "none"))
@@ -50,6 +57,7 @@ async def isolated(context):
 
 async def inline_too(context):
     print(f"inline uid={os.getuid()}")
+    print(*(f"inline cgroup {line}" for line in v1_cgroups()), sep="\\n")
     return None
 
 agent.add_state("isolated", isolated)
@@ -128,6 +136,9 @@ class TestJobsRunAsTheirUser:
         assert "SECRET=none" in out  # the environment is the job's, not agentd's
         runner_log = agentd.ctl("logs", job, user=ann).stdout
         assert f"inline uid={ann.uid}" in runner_log  # inline states run in the runner, as the user too
+        runner_cgroups = [line for line in runner_log.splitlines() if line.startswith("inline cgroup ")]
+        assert runner_cgroups and all(f"/agentd/{agentd.pid}-" in line and line.endswith(f"/job-{job}")
+                                      for line in runner_cgroups), runner_cgroups  # in every hierarchy
 
     def test_json_interface(self, agentd: Agentd, users: tuple[User, User], workdir: Path) -> None:
         ann, _ = users
