@@ -89,13 +89,8 @@ def child_main(
             os._exit(EXIT_SETUP_FAILED)  # the zygote died before the death signal was set
         spec = _read_spec(spec_fd)
         reset_signals()
-        if notify_fd is not None:
-            _close_all_but(0, 1, 2, spec_fd, notify_fd, *(namespaces or ()), *(given or ()))
-            os.setsid()  # its own session, process group and no controlling terminal
-        else:
-            for fd in zygote_fds:
-                os.close(fd)
-            os.setpgid(0, 0)
+        sandboxed = notify_fd is not None
+        _leave_zygote(zygote_fds, [spec_fd, notify_fd, *(namespaces or ()), *(given or ())] if sandboxed else None)
         code = _serve(spec, spec_fd, notify_fd, namespaces, given)
     except BaseException:
         _print_exception()
@@ -105,7 +100,7 @@ def child_main(
 
 def park(
     sock_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], warm_up: Callable[[], None], endpoint: str = "",
-    name: bytes = b"python",
+    name: bytes = b"python", sandbox: tuple[int | None, list[int]] | None = None,
 ) -> NoReturn:
     """Be a parked child: do what every child does first, then wait for a spec; never return.
 
@@ -114,23 +109,27 @@ def park(
     state has run here before: a parked child is as fresh as one forked for its launch.
     Meanwhile it connects to the supervisor at ``endpoint`` (if any), whose half of the
     handshake then waits in the socket, and warms up unless its spec came already. Once
-    launched it takes ``name`` (the zygote's) instead of :data:`PARKED_NAME`.
+    launched it takes ``name`` (the zygote's) instead of :data:`PARKED_NAME`. A child parked
+    for a sandboxed launch (``sandbox``: its socket for the seccomp listener and the
+    namespaces made for it, as :func:`child_main` gets them) keeps only those descriptors,
+    starts a session of its own, and serves only a sandboxed spec.
     """
+    global _ready_loop
     code = EXIT_SETUP_FAILED
     try:
         set_parent_death_signal()
         if zygote_pidfd is not None and select.select([zygote_pidfd], [], [], 0)[0]:
             os._exit(EXIT_SETUP_FAILED)
         reset_signals()
-        for fd in zygote_fds:
-            os.close(fd)
-        os.setpgid(0, 0)
+        notify_fd, namespaces = sandbox if sandbox is not None else (None, None)
+        keep = [sock_fd, *([notify_fd] if notify_fd is not None else []), *(namespaces or ())]
+        _leave_zygote(zygote_fds, keep if sandbox is not None else None)
         connected = _connect_ahead(endpoint)
         if not select.select([sock_fd], [], [], 0)[0]:
             # The pages an attempt writes are copied now, while nothing waits for them.
             warm_up()
-        global _ready_loop
-        _ready_loop = uvloop.new_event_loop()  # its own, made while nothing waits for it
+        if sandbox is None:  # a sandbox's loop is asyncio's (libuv's io_uring is denied there)
+            _ready_loop = uvloop.new_event_loop()  # its own, made while nothing waits for it
         sock = socket.socket(fileno=sock_fd)
         _, fds, _, _ = socket.recv_fds(sock, 16, _MAX_GIVEN + 1)
         sock.close()
@@ -138,7 +137,9 @@ def park(
             os._exit(EXIT_OK)  # let go: no launch needed it
         set_process_name(name)
         spec = _read_spec(fds[0])
-        code = _serve(spec, fds[0], None, None, fds[1:], connected)
+        if ("sandbox" in spec["confine"]) != (sandbox is not None):
+            raise OSError("a sandboxed launch must take a child parked for one, and only it")
+        code = _serve(spec, fds[0], notify_fd, namespaces, fds[1:], connected, parked=True)
     except BaseException:
         _print_exception()
     finally:
@@ -155,14 +156,27 @@ def _connect_ahead(endpoint: str) -> socket.socket | None:
         return None  # it connects when launched, as a child forked for its launch does
 
 
+def _leave_zygote(zygote_fds: list[int], keep: list[int] | None) -> None:
+    """Drop what the fork inherited: a sandboxed child closes every descriptor but stdio and
+    ``keep`` and starts a session of its own (no controlling terminal); another closes
+    the zygote's own descriptors and leads a process group."""
+    if keep is not None:
+        _close_all_but(0, 1, 2, *keep)
+        os.setsid()
+    else:
+        for fd in zygote_fds:
+            os.close(fd)
+        os.setpgid(0, 0)
+
+
 def _serve(
     spec: dict[str, Any], spec_fd: int, notify_fd: int | None, namespaces: list[int] | None,
-    given: list[int] | None, connected: socket.socket | None = None,
+    given: list[int] | None, connected: socket.socket | None = None, *, parked: bool = False,
 ) -> int:
     """Channel, log, confinement, then the attempt (or, for a worker, attempts); the exit code.
 
-    ``connected``: a connection to the supervisor made ahead (a parked child's), used when
-    it goes where the spec says."""
+    ``parked``: this child was parked; ``connected``: its connection to the supervisor
+    made ahead, used when it goes where the spec says."""
     sandbox = spec["confine"].get("sandbox")
     max_frame = spec["max_frame"] + FRAME_OVERHEAD
     if connected is not None and (given or spec["endpoint"] != connected_endpoint(connected)):
@@ -204,7 +218,7 @@ def _serve(
         # The handshake is over: the supervisor's welcome comes back while this process
         # sets up, instead of after its state (a child may close only once welcomed).
         session.hello()
-    confine.apply(spec["confine"])
+    confine.apply(spec["confine"], parked=parked)
     # The run message (the state and its context snapshot: it may take the whole frame cap)
     # is read only now, so that its pages are charged to the attempt's cgroup.
     run = _read_run(spec_fd, spec)

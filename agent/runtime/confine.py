@@ -9,8 +9,9 @@ limits. This module imports nothing of the supervisor: ``child_spec`` is plain d
 ``child_spec`` keys, all optional:
 
 * ``cgroup_procs``: ``cgroup.procs`` files to write this process's pid to;
-* ``joined``: the pid the supervisor already moved into those cgroups (a parked child's):
-  that process does not join them again (a move costs a kernel RCU grace period);
+* ``joined``: the pid the supervisor already moved into those cgroups (a parked child's,
+  as the supervisor sees it): that child does not join them again (a move costs a kernel
+  RCU grace period), which it learns from :func:`apply`'s ``parked``;
 * ``rlimits``: ``[[name, soft, hard], ...]`` with ``name`` a ``resource.RLIMIT_*`` name;
 * ``process_group``: make this process a process-group leader (the no-cgroup
   fallback kills the whole group);
@@ -74,13 +75,16 @@ def set_environment(child_spec: dict[str, Any]) -> None:
         os.environ.update({str(k): str(v) for k, v in gpu.get("env", {}).items()})
 
 
-def apply(child_spec: dict[str, Any]) -> None:
+def apply(child_spec: dict[str, Any], *, parked: bool = False) -> None:
     """Join the attempt's cgroup(s), set limits and the GPU environment.
 
-    ``child_spec`` is the plain dict built by the supervisor's Confiner. Raises OSError
-    when a step fails; the child must then exit without running the state.
+    ``child_spec`` is the plain dict built by the supervisor's Confiner. ``parked``: this
+    child was parked and handed this spec by the zygote, which hands a spec naming a
+    ``joined`` pid to that child only (a sandboxed one is PID 1 of its own namespace, so
+    its pid here is not the one named). Raises OSError when a step fails; the child must
+    then exit without running the state.
     """
-    if child_spec.get("joined") != os.getpid():
+    if not (parked and child_spec.get("joined") is not None):
         join_cgroups(child_spec)
     if child_spec.get("process_group") and os.getpgid(0) != os.getpid():
         os.setpgid(0, 0)

@@ -28,8 +28,11 @@ not a fork. It reports each one (``parked``), and the supervisor decides which t
 many it keeps follows the launches it serves: as many as the largest burst of recent
 ``spawn`` requests, at most ``park_max`` (``AGENT_PARKED_MAX``, from the ``configure``
 request), and none once no child was asked for in ``PARK_IDLE`` seconds (a parked child
-whose socket closes exits). Sandboxed children are never parked: each is forked into a
-PID namespace of its own, made for that one fork. A parked child is a fresh fork that
+whose socket closes exits). Sandboxed children are parked apart, following the sandboxed
+launches: each is forked as PID 1 of a PID namespace of its own, made for that one fork,
+holds a pair of the network and IPC namespaces made ahead, and keeps none of the
+zygote's descriptors but the one it sends its seccomp listener over; a sandboxed launch
+takes only such a child, any other launch only another. A parked child is a fresh fork that
 has run nothing of any state; what it does before it parks (parent-death signal,
 dropping the zygote's descriptors and signal handlers, a process group of its own, and
 one warm-up round like the zygote's, so that the pages an attempt writes are its own
@@ -139,6 +142,15 @@ def _setns(fd: int, nstype: int) -> None:
         raise OSError(errno, f"setns: {os.strerror(errno)}")
 
 
+class _Parking:
+    """The parked children of one kind (plain or sandboxed) and how many to keep."""
+
+    def __init__(self) -> None:
+        self.children: deque[tuple[int, socket.socket]] = deque()  # (pid, our end of its socket), oldest first
+        self.target = 0
+        self.burst = 0  # spawns of this kind served since the zygote was last idle
+
+
 class Zygote:
     """The fork loop."""
 
@@ -171,14 +183,12 @@ class Zygote:
         self._listeners: dict[int, list[int]] = {}  # fd -> [child pid, answered, reported]
         self._mounts: dict[int, int] = {}  # sandboxed child's pid -> its mount namespace, held until reaped
         self._poll = select.poll()
-        # Parked children, oldest first: (pid, the zygote's end of its socket).
-        self._parked: deque[tuple[int, socket.socket]] = deque()
+        # Parked children, for plain and for sandboxed launches.
+        self._parking = {False: _Parking(), True: _Parking()}
         self._park_max = max(0, park_max)
         self._park_idle = park_idle
         self._endpoint = endpoint  # the supervisor's ROUTER, which parked children connect to ahead
         self._name = child_module.process_name()
-        self._park_target = 0
-        self._burst = 0  # spawns served since the zygote was last idle
         self._last_spawn = 0.0
 
     def serve(self, pending: list[Any], buffer: bytearray) -> None:
@@ -213,10 +223,11 @@ class Zygote:
             while self._own_ns is not None and len(self._spares) < SPARE_NAMESPACES and not self._poll.poll(0):
                 self._make_spare()
             if not self._poll.poll(0):
-                self._burst = 0
-                while len(self._parked) < self._park_target and not self._poll.poll(0):
-                    if not self._park():
-                        break
+                for sandbox, parking in self._parking.items():
+                    parking.burst = 0
+                    while len(parking.children) < parking.target and not self._poll.poll(0):
+                        if not self._park(sandbox):
+                            break
         self._kill_all()
 
     def _handle(self, request: dict[str, Any]) -> None:
@@ -230,7 +241,7 @@ class Zygote:
         """Descriptors of the zygote's own that no child keeps."""
         fds = [self._control.fileno(), self._wake_r, self._wake_w, *self._listeners, *self._mounts.values(),
                *self._spec_fds]
-        fds += [sock.fileno() for _, sock in self._parked]
+        fds += [sock.fileno() for parking in self._parking.values() for _, sock in parking.children]
         if self._notify is not None:
             fds += [sock.fileno() for sock in self._notify]
         for pair in (self._own_ns, *self._spares):
@@ -244,10 +255,9 @@ class Zygote:
             return
         spec_fd = self._spec_fds.popleft()
         extra = [self._spec_fds.popleft() for _ in range(nfds - 1)]  # handed on, never used here
-        if not sandbox:
-            self._count_spawn()
+        self._count_spawn(sandbox)
         if parked is not None:
-            if not self._unpark(request_id, parked, spec_fd, extra):
+            if not self._unpark(request_id, parked, spec_fd, extra, sandbox):
                 for fd in (spec_fd, *extra):
                     os.close(fd)
                 write_frame(self._control, {"op": "spawn_failed", "id": request_id, "parked_gone": True,
@@ -289,24 +299,37 @@ class Zygote:
 
     # --- parked children -----------------------------------------------------------------
 
-    def _count_spawn(self) -> None:
-        """Follow the launch rate: park as many children as the largest recent burst."""
+    def _count_spawn(self, sandbox: bool) -> None:
+        """Follow the launch rate: park as many children of a kind as its largest recent burst."""
         now = time.monotonic()
         if now - self._last_spawn > self._park_idle:
-            self._park_target = 0
+            for parking in self._parking.values():
+                parking.target = 0
         self._last_spawn = now
-        self._burst += 1
-        self._park_target = min(self._park_max, max(self._park_target, self._burst))
+        parking = self._parking[sandbox]
+        parking.burst += 1
+        parking.target = min(self._park_max, max(parking.target, parking.burst))
 
     def _poll_timeout(self) -> int | None:
         """Milliseconds until parked children are let go for lack of launches (None: never)."""
-        if not self._parked:
+        if not any(parking.children for parking in self._parking.values()):
             return None
         left = self._last_spawn + self._park_idle - time.monotonic()
         return max(1, int(left * 1000) + 1) if left > 0 else 0
 
-    def _park(self) -> bool:
-        """Fork a child that waits for its spec; False when the fork failed."""
+    def _park(self, sandbox: bool) -> bool:
+        """Fork a child that waits for its spec (as a sandboxed launch's: see the module
+        docstring); False when it could not be forked."""
+        spare: tuple[int, int] | tuple[()] = ()
+        if sandbox:
+            try:
+                self._prepare_sandboxes()
+                spare = self._spares.popleft() if self._spares else ()
+                unshare(CLONE_NEWPID)  # the next child is PID 1 of a namespace of its own
+            except OSError:
+                for fd in spare:
+                    os.close(fd)
+                return False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         _signal.pthread_sigmask(signal.SIG_BLOCK, _SIGTERM)
         child_module.set_process_name(child_module.PARKED_NAME)  # the child's name from its first instant
@@ -315,27 +338,32 @@ class Zygote:
         except OSError:
             pid = -1
         if pid == 0:
+            notify = self._notify[1].fileno() if sandbox and self._notify is not None else None
             child_module.park(theirs.fileno(), self._pidfd, [*self._private_fds(), ours.fileno()], _warm_once,
-                              self._endpoint, self._name)
+                              self._endpoint, self._name, (notify, list(spare)) if sandbox else None)
         child_module.set_process_name(self._name)
         _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
         theirs.close()
+        for fd in spare:
+            os.close(fd)
+        if sandbox:
+            _setns(self._pidns, CLONE_NEWPID)  # type: ignore[arg-type]
         if pid < 0:
             ours.close()
             return False
         self._children.add(pid)
-        self._parked.append((pid, ours))
-        write_frame(self._control, {"op": "parked", "pid": pid})
+        self._parking[sandbox].children.append((pid, ours))
+        write_frame(self._control, {"op": "parked", "pid": pid, "sandbox": sandbox})
         return True
 
-    def _unpark(self, request_id: int, pid: int, spec_fd: int, extra: list[int]) -> bool:
-        """Hand ``spec_fd`` (and ``extra``) to parked child ``pid``; False when it is gone."""
-        for entry in self._parked:
-            if entry[0] == pid:
-                break
-        else:
+    def _unpark(self, request_id: int, pid: int, spec_fd: int, extra: list[int], sandbox: bool) -> bool:
+        """Hand ``spec_fd`` (and ``extra``) to parked child ``pid`` of the launch's kind; False
+        when there is no such child (it is gone)."""
+        children = self._parking[sandbox].children
+        entry = next((entry for entry in children if entry[0] == pid), None)
+        if entry is None:
             return False
-        self._parked.remove(entry)
+        children.remove(entry)
         sock = entry[1]
         charged = charged_so_far(pid)
         try:
@@ -352,9 +380,10 @@ class Zygote:
 
     def _unpark_all(self) -> None:
         """Let every parked child go: each exits when its socket closes."""
-        self._park_target = 0
-        while self._parked:
-            self._parked.popleft()[1].close()
+        for parking in self._parking.values():
+            parking.target = 0
+            while parking.children:
+                parking.children.popleft()[1].close()
 
     def _fork(self) -> int:
         if not self._single_threaded:

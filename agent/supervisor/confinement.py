@@ -346,7 +346,7 @@ class Confiner:
         uuids = [str(u) for u in attempt.assignment.get("gpus", [])]
         minors = [int(m) for m in attempt.assignment.get("gpu_minors", [])]
         limits = self.limits(attempt)
-        if parked is not None and not sandboxed:
+        if parked is not None:
             handle = parked[1]
             self.backend.apply(handle, limits)
         else:

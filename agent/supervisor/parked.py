@@ -11,6 +11,8 @@ writes the attempt's limits into its cgroup and has the zygote hand it the spec.
 A cgroup made for a parked child is never given to anyone else: it is removed with the
 child, whether the child served an attempt or was let go. Each ``process`` attempt
 still gets a fresh process that ran no state, in a fresh cgroup that held no other.
+Children parked for sandboxed launches (each PID 1 of a namespace of its own) are kept
+apart: a sandboxed launch takes only one of those, any other launch only another.
 """
 
 from __future__ import annotations
@@ -30,22 +32,24 @@ class ParkedChildren:
         self._confiner = confiner
         self._loop = loop
         self._log = log
-        self._ready: dict[int, CgroupHandle | None] = {}
+        self._ready: dict[bool, dict[int, CgroupHandle | None]] = {False: {}, True: {}}  # by sandboxed
+        self._sandboxed: dict[int, bool] = {}  # pid -> parked for a sandboxed launch, while being made
         self._making: set[int] = set()
         self._gone: set[int] = set()  # went away while their cgroup was being made
         self._closed = False
 
     def __len__(self) -> int:
-        return len(self._ready) + len(self._making)
+        return sum(map(len, self._ready.values())) + len(self._making)
 
     def pids(self) -> set[int]:
-        return {*self._ready, *self._making}
+        return {*self._ready[False], *self._ready[True], *self._making}
 
-    def parked(self, pid: int) -> None:
-        """The zygote parked ``pid``: make its cgroup, off the event loop."""
+    def parked(self, pid: int, sandboxed: bool = False) -> None:
+        """The zygote parked ``pid`` (for sandboxed launches or others): make its cgroup, off the event loop."""
         if self._closed:
             return
         self._making.add(pid)
+        self._sandboxed[pid] = sandboxed
         self._confiner.background(lambda: self._make(pid))
 
     def _make(self, pid: int) -> None:  # on the confiner's thread
@@ -69,29 +73,34 @@ class ParkedChildren:
 
     def _made(self, pid: int, handle: CgroupHandle | None, failed: bool) -> None:
         self._making.discard(pid)
+        sandboxed = self._sandboxed.pop(pid, False)
         if failed or self._closed or pid in self._gone:
             self._gone.discard(pid)
             if handle is not None:
                 self._confiner.background(handle.remove)
             return
-        self._ready[pid] = handle
+        self._ready[sandboxed][pid] = handle
 
-    def take(self) -> tuple[int, CgroupHandle | None] | None:
-        """The oldest ready parked child and its cgroup, now the caller's (None: none ready)."""
-        if not self._ready:
+    def take(self, sandboxed: bool = False) -> tuple[int, CgroupHandle | None] | None:
+        """The oldest ready child parked for this kind of launch and its cgroup, now the
+        caller's (None: none ready)."""
+        ready = self._ready[sandboxed]
+        if not ready:
             return None
-        pid = next(iter(self._ready))
-        return pid, self._ready.pop(pid)
+        pid = next(iter(ready))
+        return pid, ready.pop(pid)
 
     def gone(self, pid: int) -> None:
         """``pid`` exited or was handed out: drop it (and remove its unused cgroup)."""
         if pid in self._making:
             self._gone.add(pid)
-        handle = self._ready.pop(pid, None)
-        if handle is not None:
-            self._confiner.background(handle.remove)
+        for ready in self._ready.values():
+            handle = ready.pop(pid, None)
+            if handle is not None:
+                self._confiner.background(handle.remove)
 
     def close(self) -> None:
         """The supervisor shuts down: the confiner reaps every cgroup left."""
         self._closed = True
-        self._ready.clear()
+        for ready in self._ready.values():
+            ready.clear()

@@ -188,7 +188,7 @@ class Supervisor:
     def confine(self, attempt: Attempt, *, name: str | None = None) -> Confinement:
         """The attempt's confinement, in the cgroup of a parked child when one is ready
         (that child then serves it: :meth:`launch`), else in a new cgroup."""
-        parked = None if attempt.isolation is Isolation.SANDBOX else self.parked_children.take()
+        parked = self.parked_children.take(sandboxed=attempt.isolation is Isolation.SANDBOX)
         if parked is not None and parked[1] is not None:
             try:
                 return self.confiner.prepare(attempt, name=name, parked=parked)  # type: ignore[arg-type]
@@ -493,7 +493,7 @@ class Supervisor:
                 child.on_exit(report["status"], report.get("cpu"), report.get("faults"))
         elif op == "parked":
             self.parked.add(report["pid"])
-            self.parked_children.parked(report["pid"])
+            self.parked_children.parked(report["pid"], bool(report.get("sandbox")))
         elif op == "denied":
             child = self._by_pid.get(report["pid"])
             if child is not None:
@@ -512,7 +512,7 @@ class Supervisor:
         """The parked child meant for this request went away: a new child joins its cgroup."""
         spec["confine"].pop("joined", None)
         self._launching.discard(request_id)
-        self._queued[request_id] = (spec, False, fds)
+        self._queued[request_id] = (spec, "sandbox" in spec["confine"], fds)
         self._pump()
 
     def _on_zygote_lost(self) -> None:

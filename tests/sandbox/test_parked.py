@@ -1,0 +1,110 @@
+"""Children parked for sandboxed launches: each PID 1 of a namespace of its own, taken only
+by a sandboxed launch, and as closed in as a child forked for its launch."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import pytest
+
+from agent import Agent
+from agent.runtime import seccomp
+from agent.supervisor import current_supervisor, shutdown_supervisor
+
+from . import escapes
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes need root"),
+    pytest.mark.skipif(not seccomp.supported(), reason="no seccomp table for this architecture"),
+]
+
+
+def own_pid_namespace(pid: int) -> bool:
+    """Whether ``pid`` is PID 1 of a PID namespace below ours."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("NSpid:"):
+                return line.split()[1:] == [str(pid), "1"]
+    return False
+
+
+def named(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as fh:
+        return fh.read().strip()
+
+
+async def parked_for_sandboxes(deadline: float) -> set[int]:
+    """The supervisor's parked children that were parked for sandboxed launches."""
+    while time.monotonic() < deadline:
+        sup = current_supervisor()
+        found = set()
+        for pid in set(sup.parked) if sup is not None else ():
+            try:
+                if own_pid_namespace(pid) and named(pid) == "agent-parked":
+                    found.add(pid)
+            except OSError:
+                pass
+        if found:
+            return found
+        await asyncio.sleep(0.01)  # the zygote's reports come in on this loop
+    raise AssertionError("no child was parked for sandboxed launches")
+
+
+async def note_pid(context: Any) -> None:
+    context.set_state("pid", os.getpid())
+
+
+@pytest.fixture
+def spawned() -> Any:
+    """The pids the zygote reports as serving launches, from now on."""
+    shutdown_supervisor()
+    pids: list[int] = []
+
+    def watch() -> None:
+        sup = current_supervisor()
+        assert sup is not None
+        report = sup.zygote._on_report
+
+        def recording(message: dict[str, Any]) -> None:
+            if message.get("op") == "spawned":
+                pids.append(message["pid"])
+            report(message)
+
+        sup.zygote._on_report = recording
+
+    yield watch, pids
+    shutdown_supervisor()
+
+
+async def test_a_sandboxed_launch_takes_a_child_parked_for_one(spawned: Any) -> None:
+    watch, pids = spawned
+    agent = Agent("parked_sandbox", isolation="sandbox")
+    agent.add_state("look", escapes.look_at_processes, context_keys=["out", "supervisor", "zygote"])
+    await agent.run(initial_context={"supervisor": os.getpid(), "zygote": 1})
+    watch()
+    waiting = await parked_for_sandboxes(time.monotonic() + 60)
+    zygote = current_supervisor().zygote.pid  # type: ignore[union-attr]
+    for _ in range(3):
+        out = (await agent.run(initial_context={"supervisor": os.getpid(), "zygote": zygote})).get_state("out")
+        # Each as closed in as a child forked for its launch: alone as PID 1, nothing to signal.
+        assert out["pid"] == 1 and out["proc"] == [1]
+        assert out["kill supervisor"] == "ESRCH" and out["kill zygote"] == "ESRCH"
+    assert waiting & set(pids)
+
+
+async def test_other_launches_never_take_a_child_parked_for_a_sandbox(spawned: Any) -> None:
+    watch, pids = spawned
+    sandboxed = Agent("warm_sandbox", isolation="sandbox")
+    sandboxed.add_state("look", escapes.look_at_processes, context_keys=["out", "supervisor", "zygote"])
+    await sandboxed.run(initial_context={"supervisor": 1, "zygote": 1})
+    watch()
+    waiting = await parked_for_sandboxes(time.monotonic() + 60)
+    plain = Agent("plain", isolation="process")
+    plain.add_state("pid", note_pid)
+    for _ in range(3):
+        await plain.run()
+    assert pids and not waiting & set(pids)
+    assert all(not own_pid_namespace(pid) for pid in current_supervisor().parked - waiting)  # type: ignore[union-attr]
