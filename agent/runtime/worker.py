@@ -6,7 +6,9 @@ it). It speaks the child's protocol over one connection for its whole life: each
 ``hello`` says *ready*, the ``run`` that follows is served by a fresh
 :class:`~agent.runtime.session.ChildSession` exactly as a one-attempt child serves it
 (context writes, human input, stop and preemption, result or error), and the next
-``hello`` says that the state is over and the worker is clean again.
+``hello`` says that the state is over and the worker is clean again. The attempt's report
+(result, error or checkpoint keys) goes out with that hello, in one write: the
+supervisor, which can close the attempt only at the hello, wakes once for both.
 
 Between two states the worker puts back what it can: its working directory, ``argv``
 and environment; tasks the state left on the event loop are cancelled; the default
@@ -35,10 +37,10 @@ from typing import Any
 import uvloop
 
 from ..errors import ProtocolError
-from ..ipc import DealerTransport, Run, decode_message
+from ..ipc import DealerTransport, Hello, Run, decode_message, encode_message
 from ..ipc.messages import FROM_SUPERVISOR
 from ..values import Bounds
-from .child import FirstFrame, take_ready_loop
+from .child import take_ready_loop
 from .session import ChildSession
 
 EXIT_IDLE = 121
@@ -72,6 +74,8 @@ class Worker:
         self._cwd = os.getcwd()
         self._argv = list(sys.argv)
         self._environ = dict(os.environ)
+        self._environ_raw = _raw_environ()
+        self._hello = encode_message(Hello(pid=os.getpid(), secret=self._secret))
         self._threads = self._new_thread_pool()
         self._timed_out = False
 
@@ -81,21 +85,23 @@ class Worker:
         return pool
 
     async def serve(self) -> int:
+        report: list[bytes] = []
         while True:
-            replay = FirstFrame(self._transport)
-            session = ChildSession(replay, pid=os.getpid(), secret=self._secret, bounds=self._bounds,
-                                   context_keys=self._context_keys)
-            session.hello()  # up (the first time), then ready again
-            frame = await self._next_run()
-            if frame is None:
+            # Up (the first time), then the last attempt's report and ready again.
+            self._transport.send_many([*report, self._hello])
+            run = await self._next_run()
+            if run is None:
                 return EXIT_IDLE
-            replay.first = frame
-            await session.run()
-            if not await self._clean():
+            session = ChildSession(self._transport, pid=os.getpid(), secret=self._secret, bounds=self._bounds,
+                                   context_keys=self._context_keys, hold_report=True)
+            await session.run(run)
+            report = [session.report] if session.report is not None else []
+            if not await self._clean(session.reader):
+                self._transport.send_many(report)
                 return 0  # something of the state will not go: a fresh worker serves the next
 
-    async def _next_run(self) -> bytes | None:
-        """The next ``run`` frame; None when idle too long or the supervisor is gone.
+    async def _next_run(self) -> Run | None:
+        """The next ``run``; None when idle too long or the supervisor is gone.
 
         A stop or an answer read here belongs to an attempt that already ended (it crossed
         the end of that attempt on the way): there is nothing left to do with it.
@@ -104,8 +110,9 @@ class Worker:
             frame = await self._receive_while_idle()
             if frame is None:
                 return None
-            if isinstance(decode_message(frame, self._bounds, FROM_SUPERVISOR), Run):
-                return frame
+            msg = decode_message(frame, self._bounds, FROM_SUPERVISOR)
+            if isinstance(msg, Run):
+                return msg
 
     async def _receive_while_idle(self) -> bytes | None:
         task = asyncio.current_task()
@@ -129,15 +136,18 @@ class Worker:
         self._timed_out = True
         task.cancel()
 
-    async def _clean(self) -> bool:
-        """Put the process back as the next state expects it; False when it cannot be."""
+    async def _clean(self, reader: asyncio.Task[None] | None) -> bool:
+        """Put the process back as the next state expects it; False when it cannot be.
+
+        ``reader`` is the session's own reader, cancelled already: not the state's, no wait for it.
+        """
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()  # before the hello: the supervisor files output up to it
             except Exception:
                 pass
         me = asyncio.current_task()
-        leftovers = [t for t in asyncio.all_tasks() if t is not me]
+        leftovers = [t for t in asyncio.all_tasks() if t is not me and t is not reader]
         if leftovers:
             for task in leftovers:
                 task.cancel()
@@ -152,7 +162,7 @@ class Worker:
             os.chdir(self._cwd)
         if sys.argv != self._argv:
             sys.argv[:] = self._argv
-        if os.environ != self._environ:
+        if _raw_environ() != self._environ_raw:
             os.environ.clear()
             os.environ.update(self._environ)
         return True
@@ -166,6 +176,13 @@ class Worker:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
         return threading.active_count() == 1
+
+
+def _raw_environ() -> dict[Any, Any]:
+    """The environment as ``os.environ`` holds it: CPython's keeps a plain dict of bytes
+    (``_data``), compared in microseconds where ``os.environ`` decodes every entry."""
+    data = getattr(os.environ, "_data", None)
+    return dict(data) if isinstance(data, dict) else dict(os.environ)
 
 
 def _has_live_children() -> bool:
