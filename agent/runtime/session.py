@@ -46,9 +46,12 @@ from ..values import Bounds
 class ChildSession:
     """Runs one state attempt as told by the supervisor at the other end of ``transport``.
 
-    ``hold_report``: the attempt's last message (result, error or checkpoint keys) is kept
-    in :attr:`report`, encoded, for the caller to send (a worker sends it with its next
-    hello, in one write), instead of being sent at once.
+    A worker serves many sessions over one channel, which it reads itself for its whole
+    life: ``reads=False`` leaves the channel to it, and it hands the session the messages
+    of its attempt (:meth:`deliver`, :meth:`refuse`). ``hold_report``: the attempt's last
+    message (result, error or checkpoint keys) is kept in :attr:`report`, encoded, for
+    the caller to send (a worker sends it with its next hello, in one write), instead of
+    being sent at once.
     """
 
     def __init__(
@@ -60,9 +63,11 @@ class ChildSession:
         bounds: Bounds | None = None,
         before_run: Callable[[], None] | None = None,
         context_keys: list[str] | None = None,
+        reads: bool = True,
         hold_report: bool = False,
     ) -> None:
         self._transport = transport
+        self._reads = reads
         self._hold_report = hold_report
         self.report: bytes | None = None
         self._before_run = before_run
@@ -105,7 +110,7 @@ class ChildSession:
             self._report_error(exc)
             return "error"
         self._task = asyncio.ensure_future(_call(func, context))
-        reader = self._reader = asyncio.ensure_future(self._read())
+        reader = self._reader = asyncio.ensure_future(self._read()) if self._reads else None
         try:
             try:
                 value = await self._task
@@ -126,7 +131,8 @@ class ChildSession:
             self._report(Result(value=value))
             return "result"
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             for fut in self._pending.values():
                 fut.cancel()
 
@@ -234,24 +240,26 @@ class ChildSession:
             try:
                 msg = self._decode(await self._transport.recv())
             except ProtocolError as exc:
-                self._stop_task(f"protocol error from the supervisor: {exc}")
+                self.refuse(exc)
                 return
-            if isinstance(msg, HumanInputResponse):
-                fut = self._pending.get(msg.request_id)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-            elif isinstance(msg, Preempt):
-                self._stop_task("preempt")
-            elif isinstance(msg, Cancel):
-                self._stop_task(msg.reason or "cancel")
-            elif isinstance(msg, Welcome):
-                self._welcomed = True
+            self.deliver(msg)
 
-    @property
-    def reader(self) -> asyncio.Task[None] | None:
-        """The task that reads the supervisor's messages while the state runs; :meth:`run`
-        cancels it as it returns, and it ends at the event loop's next turn."""
-        return self._reader
+    def deliver(self, msg: Any) -> None:
+        """A message from the supervisor, for the attempt in progress."""
+        if isinstance(msg, HumanInputResponse):
+            fut = self._pending.get(msg.request_id)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, Preempt):
+            self._stop_task("preempt")
+        elif isinstance(msg, Cancel):
+            self._stop_task(msg.reason or "cancel")
+        elif isinstance(msg, Welcome):
+            self._welcomed = True
+
+    def refuse(self, exc: ProtocolError) -> None:
+        """The supervisor broke the protocol: the state stops."""
+        self._stop_task(f"protocol error from the supervisor: {exc}")
 
     async def welcomed(self, timeout: float) -> None:
         """Wait (at most ``timeout`` seconds) until the supervisor believed the hello: a

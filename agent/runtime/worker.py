@@ -31,6 +31,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -77,7 +78,11 @@ class Worker:
         self._environ_raw = _raw_environ()
         self._hello = encode_message(Hello(pid=os.getpid(), secret=self._secret))
         self._threads = self._new_thread_pool()
-        self._timed_out = False
+        self._reader: asyncio.Task[None] | None = None
+        self._session: ChildSession | None = None  # the attempt in progress
+        self._runs: deque[Run] = deque()  # read before anyone waited for them
+        self._waiter: asyncio.Future[Run | None] | None = None  # _next_run's
+        self._gone = False  # the channel is closed: no more runs
 
     def _new_thread_pool(self) -> ThreadPoolExecutor:
         pool = ThreadPoolExecutor(thread_name_prefix="state")
@@ -85,6 +90,13 @@ class Worker:
         return pool
 
     async def serve(self) -> int:
+        reader = self._reader = asyncio.ensure_future(self._read())
+        try:
+            return await self._serve()
+        finally:
+            reader.cancel()
+
+    async def _serve(self) -> int:
         report: list[bytes] = []
         while True:
             # Up (the first time), then the last attempt's report and ready again.
@@ -92,62 +104,77 @@ class Worker:
             run = await self._next_run()
             if run is None:
                 return EXIT_IDLE
-            session = ChildSession(self._transport, pid=os.getpid(), secret=self._secret, bounds=self._bounds,
-                                   context_keys=self._context_keys, hold_report=True)
-            await session.run(run)
+            session = self._session = ChildSession(
+                self._transport, pid=os.getpid(), secret=self._secret, bounds=self._bounds,
+                context_keys=self._context_keys, reads=False, hold_report=True,
+            )
+            try:
+                await session.run(run)
+            finally:
+                self._session = None
             report = [session.report] if session.report is not None else []
-            if not await self._clean(session.reader):
+            if not await self._clean():
                 self._transport.send_many(report)
                 return 0  # something of the state will not go: a fresh worker serves the next
 
     async def _next_run(self) -> Run | None:
-        """The next ``run``; None when idle too long or the supervisor is gone.
-
-        A stop or an answer read here belongs to an attempt that already ended (it crossed
-        the end of that attempt on the way): there is nothing left to do with it.
-        """
-        while True:
-            frame = await self._receive_while_idle()
-            if frame is None:
-                return None
-            msg = decode_message(frame, self._bounds, FROM_SUPERVISOR)
-            if isinstance(msg, Run):
-                return msg
-
-    async def _receive_while_idle(self) -> bytes | None:
-        task = asyncio.current_task()
-        assert task is not None
-        timer = None
-        if self._idle:
-            timer = asyncio.get_running_loop().call_later(self._idle, self._idle_out, task)
-        try:
-            return await self._transport.recv()
-        except asyncio.CancelledError:
-            if self._timed_out:
-                return None
-            raise
-        except (ConnectionError, ProtocolError):
+        """The next ``run``; None when idle for ``idle`` seconds or the supervisor is gone."""
+        if self._runs:
+            return self._runs.popleft()
+        if self._gone:
             return None
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Run | None] = loop.create_future()
+        self._waiter = waiter
+        timer = loop.call_later(self._idle, _settle, waiter, None) if self._idle else None
+        try:
+            return await waiter
         finally:
+            self._waiter = None
             if timer is not None:
                 timer.cancel()
 
-    def _idle_out(self, task: asyncio.Task[Any]) -> None:
-        self._timed_out = True
-        task.cancel()
+    async def _read(self) -> None:
+        """Read the supervisor's messages for the worker's whole life (one reader, not one per
+        attempt): a ``run`` is for :meth:`_next_run`, the rest for the attempt in progress.
 
-    async def _clean(self, reader: asyncio.Task[None] | None) -> bool:
-        """Put the process back as the next state expects it; False when it cannot be.
-
-        ``reader`` is the session's own reader, cancelled already: not the state's, no wait for it.
+        A stop or an answer read between attempts belongs to one that already ended (it
+        crossed the end of that attempt on the way): there is nothing left to do with it.
         """
+        try:
+            while True:
+                frame = await self._transport.recv()
+                try:
+                    msg = decode_message(frame, self._bounds, FROM_SUPERVISOR)
+                except ProtocolError as exc:
+                    if self._session is None:
+                        if self._waiter is not None and not self._waiter.done():
+                            self._waiter.set_exception(exc)
+                        return
+                    self._session.refuse(exc)
+                    continue
+                if self._session is not None:
+                    self._session.deliver(msg)
+                elif isinstance(msg, Run):
+                    self._runs.append(msg)
+                    if self._waiter is not None:
+                        _settle(self._waiter, self._runs.popleft())
+        except (ConnectionError, ProtocolError) as exc:  # the channel broke, or the supervisor left
+            if isinstance(exc, ProtocolError) and self._session is not None:
+                self._session.refuse(exc)
+            self._gone = True
+            if self._waiter is not None:
+                _settle(self._waiter, None)
+
+    async def _clean(self) -> bool:
+        """Put the process back as the next state expects it; False when it cannot be."""
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()  # before the hello: the supervisor files output up to it
             except Exception:
                 pass
         me = asyncio.current_task()
-        leftovers = [t for t in asyncio.all_tasks() if t is not me and t is not reader]
+        leftovers = [t for t in asyncio.all_tasks() if t is not me and t is not self._reader]
         if leftovers:
             for task in leftovers:
                 task.cancel()
@@ -176,6 +203,11 @@ class Worker:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
         return threading.active_count() == 1
+
+
+def _settle(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _raw_environ() -> dict[Any, Any]:

@@ -69,6 +69,9 @@ class WorkerAttempt(ChildProcess):
         self.fd = worker.fd
         self.status = ChildStatus.RUNNING  # the worker said hello already
         self.began = time.monotonic()
+        # Set with ``exited``, for the executor alone to await (and cancel): no shield, so
+        # the executor resumes one turn of the event loop sooner.
+        self.over: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
 
     def ended(self) -> None:
         """The worker said it is ready again: this attempt is over.
@@ -82,6 +85,14 @@ class WorkerAttempt(ChildProcess):
             before_cpu, before_faults = self.worker.charged_before
             self._exit_cpu, self._exit_faults = max(0.0, cpu - before_cpu), max(0, faults - before_faults)
         self.on_exit_status(0)
+
+    def _finalize(self) -> None:
+        super()._finalize()
+        if self.status is ChildStatus.EXITED and not self.over.done():
+            try:
+                self.over.set_result(self._exit_status)
+            except RuntimeError:  # its event loop is closed: nobody awaits it any more
+                pass
 
     def on_exit_status(self, status: int | None) -> None:
         if self.status is not ChildStatus.EXITED and not self._exit_known:
