@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import FailureReason, IllegalTransitionError, ProtocolError
 from ..executor import Attempt
-from ..ipc import FROM_CHILD, Hello, decode_message
+from ..ipc import FROM_CHILD, Hello, decode_message, encode_message
+from ..ipc.messages import decode_counted
 from ..runtime.worker import EXIT_IDLE
 from ..runtime.zygote import charged_in
 from .channel import DirectChannel
@@ -100,6 +101,13 @@ class WorkerAttempt(ChildProcess):
             self._exit_status = status
             self._finalize()
 
+    def _handle(self, frame: bytes | memoryview) -> None:
+        hello = self.worker.hello
+        if hello is not None and frame == hello[0]:  # its hello, byte for byte: known already
+            self._apply(hello[1])
+        else:
+            super()._handle(frame)
+
     def _dispatch(self, decoded: _Decoded) -> None:
         if not isinstance(decoded.msg, Hello):
             super()._dispatch(decoded)
@@ -167,6 +175,7 @@ class WorkerProcess:
         # next attempt's starting point, so that each attempt reads the cgroup only once.
         self.baseline: Reading | None = None
         self._stat_fd: int | None = None  # its /proc/<pid>/stat, read as each attempt ends
+        self.hello: tuple[bytes, _Decoded] | None = None  # the frame it says ready with, decoded
         self._cleaned = False
 
     # --- as the supervisor sees it ----------------------------------------------------------
@@ -187,6 +196,9 @@ class WorkerProcess:
             self.charged_before = (float(charged[0]), int(charged[1]))
         self.channel.child_started()
         self.confinement.started(pid)
+        frame = encode_message(Hello(pid=pid, secret=self.secret))
+        msg, objects = decode_counted(frame, self._sup.bounds, FROM_CHILD)
+        self.hello = (frame, _Decoded(msg, objects=objects))
         try:
             self._stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
