@@ -60,9 +60,10 @@ class WorkerAttempt(ChildProcess):
     """One attempt on a worker: a state child's protocol, with the worker as its host."""
 
     def __init__(self, worker: "WorkerProcess", attempt: Attempt, log_path: str) -> None:
+        self.shared = SharedConfinement(worker.confinement, worker.baseline)
         super().__init__(
             worker,  # type: ignore[arg-type]  # the host: see WorkerProcess's host methods
-            attempt, SharedConfinement(worker.confinement, worker.baseline), secret=worker.secret,
+            attempt, self.shared, secret=worker.secret,
             request_id=worker.request_id, log_path=log_path, run_frame=None, bounds=worker.bounds,
         )
         self.worker = worker
@@ -127,7 +128,7 @@ class WorkerAttempt(ChildProcess):
         if not self._in_cgroup():
             return None
         owner = self.worker.confinement
-        final = self.confinement.final  # type: ignore[attr-defined]
+        final = self.shared.final
         return escape_reason(owner, final[0] if final else owner.usage(), self._exit_cpu, self._exit_faults)
 
     @property
@@ -396,12 +397,11 @@ class WorkerProcess:
         """``child``'s attempt is over (it ended, or the worker died): file its log and usage."""
         if child is not self.attempt:
             return
-        self.attempt = None
+        attempt, self.attempt = self.attempt, None
         self.output.end_attempt(self._sup.logs)
-        shared: SharedConfinement = child.confinement  # type: ignore[assignment]
-        shared.end()
+        attempt.shared.end()
         if self.status is WorkerStatus.EXITED:
             self._cleanup()
         elif self.confinement.handle is not None and not self.killed:
-            self.baseline = shared.final
+            self.baseline = attempt.shared.final
             restart_peak(self.confinement.handle)
