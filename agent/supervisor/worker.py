@@ -177,6 +177,7 @@ class WorkerProcess:
         self.baseline: Reading | None = None
         self._stat_fd: int | None = None  # its /proc/<pid>/stat, read as each attempt ends
         self.hello: tuple[bytes, _Decoded] | None = None  # the frame it says ready with, decoded
+        self._hello_heard = False  # its first hello came before its pid
         self._cleaned = False
 
     # --- as the supervisor sees it ----------------------------------------------------------
@@ -206,6 +207,8 @@ class WorkerProcess:
             pass  # gone already: its exit report follows
         if self.killed:
             self._sup.kill_pid(pid)
+        elif self._hello_heard and self.status is WorkerStatus.STARTING:
+            self.ready()
 
     def charged_so_far(self) -> tuple[float, int]:
         """CPU seconds and page faults the kernel charged the worker so far (0s once it is gone).
@@ -244,7 +247,12 @@ class WorkerProcess:
             self.violate(str(exc))
             return
         if isinstance(msg, Hello) and self.status is WorkerStatus.STARTING:
-            self.ready()
+            if self.pid is None:
+                # Up before the zygote said which process it is: ready once it has (an
+                # attempt on a worker of unknown pid could be neither watched nor killed).
+                self._hello_heard = True
+            else:
+                self.ready()
         else:
             self.violate(f"a {msg.TYPE} message while it serves no attempt")
 
