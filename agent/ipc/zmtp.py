@@ -156,6 +156,17 @@ class DealerTransport:
             self._write(frame_header(len(data)))
             self._write(data)
 
+    def send_many(self, messages: list[bytes]) -> None:
+        """Send single-frame messages in one write where they are small (one wake-up of the peer)."""
+        if sum(len(m) for m in messages) >= _READ_SIZE:
+            for message in messages:
+                self.send(message)
+            return
+        if not self._greeted:
+            self._finish_handshake()
+        self._sent += len(messages)
+        self._write(b"".join([frame(m) for m in messages]))
+
     def _write(self, data: bytes) -> None:
         """Write all of ``data``, waiting while the peer's buffer is full.
 

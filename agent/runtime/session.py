@@ -44,7 +44,15 @@ from ..values import Bounds
 
 
 class ChildSession:
-    """Runs one state attempt as told by the supervisor at the other end of ``transport``."""
+    """Runs one state attempt as told by the supervisor at the other end of ``transport``.
+
+    A worker serves many sessions over one channel, which it reads itself for its whole
+    life: ``reads=False`` leaves the channel to it, and it hands the session the messages
+    of its attempt (:meth:`deliver`, :meth:`refuse`). ``hold_report``: the attempt's last
+    message (result, error or checkpoint keys) is kept in :attr:`report`, encoded, for
+    the caller to send (a worker sends it with its next hello, in one write), instead of
+    being sent at once.
+    """
 
     def __init__(
         self,
@@ -55,8 +63,13 @@ class ChildSession:
         bounds: Bounds | None = None,
         before_run: Callable[[], None] | None = None,
         context_keys: list[str] | None = None,
+        reads: bool = True,
+        hold_report: bool = False,
     ) -> None:
         self._transport = transport
+        self._reads = reads
+        self._hold_report = hold_report
+        self.report: bytes | None = None
         self._before_run = before_run
         # The supervisor sends only the keys in scope; the scope makes other keys an error.
         self._scope = None if context_keys is None else ContextScope(context_keys)
@@ -79,10 +92,14 @@ class ChildSession:
             self._greeted = True
             self._send(Hello(pid=self._pid, secret=self._secret))
 
-    async def run(self) -> str:
-        """Serve the attempt; returns how it ended (``result``, ``error``, ``stopped``)."""
-        self.hello()
-        first = self._decode(await self._transport.recv())
+    async def run(self, first: Run | None = None) -> str:
+        """Serve the attempt; returns how it ended (``result``, ``error``, ``stopped``).
+
+        ``first`` is its ``run`` when the caller said hello and read it already.
+        """
+        if first is None:
+            self.hello()
+            first = self._decode(await self._transport.recv())
         if not isinstance(first, Run):
             return "stopped"
         try:
@@ -93,7 +110,7 @@ class ChildSession:
             self._report_error(exc)
             return "error"
         self._task = asyncio.ensure_future(_call(func, context))
-        reader = self._reader = asyncio.ensure_future(self._read())
+        reader = self._reader = asyncio.ensure_future(self._read()) if self._reads else None
         try:
             try:
                 value = await self._task
@@ -101,7 +118,7 @@ class ChildSession:
                 if self._stop is None:
                     raise
                 if self._stop == "preempt":
-                    self._send(CheckpointSnapshot(keys=list(dict.fromkeys(self._written))))
+                    self._report(CheckpointSnapshot(keys=list(dict.fromkeys(self._written))))
                 return "stopped"
             except BaseException as exc:
                 self._report_error(exc)
@@ -111,10 +128,11 @@ class ChildSession:
             except errors.UnencodableValueError as exc:
                 self._report_error(exc)
                 return "error"
-            self._send(Result(value=value))
+            self._report(Result(value=value))
             return "result"
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             for fut in self._pending.values():
                 fut.cancel()
 
@@ -150,6 +168,13 @@ class ChildSession:
     def _send(self, msg: Any) -> None:
         self._transport.send(encode_message(msg))
 
+    def _report(self, msg: Any) -> None:
+        """The attempt's last message: sent, or kept in :attr:`report` (``hold_report``)."""
+        if self._hold_report:
+            self.report = encode_message(msg)
+        else:
+            self._send(msg)
+
     def _check_result(self, value: Any) -> None:
         """The return value must be in the model and fit in one message."""
         size = values.check(value, "the state's return value", self._bounds)
@@ -168,7 +193,7 @@ class ChildSession:
     def _report_error(self, exc: BaseException) -> None:
         tb = "".join(traceback.format_exception(exc))
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        self._send(Error(exception_type=name, message=str(exc) or type(exc).__name__, traceback=tb))
+        self._report(Error(exception_type=name, message=str(exc) or type(exc).__name__, traceback=tb))
 
     async def _ask_human(
         self,
@@ -215,18 +240,26 @@ class ChildSession:
             try:
                 msg = self._decode(await self._transport.recv())
             except ProtocolError as exc:
-                self._stop_task(f"protocol error from the supervisor: {exc}")
+                self.refuse(exc)
                 return
-            if isinstance(msg, HumanInputResponse):
-                fut = self._pending.get(msg.request_id)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-            elif isinstance(msg, Preempt):
-                self._stop_task("preempt")
-            elif isinstance(msg, Cancel):
-                self._stop_task(msg.reason or "cancel")
-            elif isinstance(msg, Welcome):
-                self._welcomed = True
+            self.deliver(msg)
+
+    def deliver(self, msg: Any) -> None:
+        """A message from the supervisor, for the attempt in progress."""
+        if isinstance(msg, HumanInputResponse):
+            fut = self._pending.get(msg.request_id)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, Preempt):
+            self._stop_task("preempt")
+        elif isinstance(msg, Cancel):
+            self._stop_task(msg.reason or "cancel")
+        elif isinstance(msg, Welcome):
+            self._welcomed = True
+
+    def refuse(self, exc: ProtocolError) -> None:
+        """The supervisor broke the protocol: the state stops."""
+        self._stop_task(f"protocol error from the supervisor: {exc}")
 
     async def welcomed(self, timeout: float) -> None:
         """Wait (at most ``timeout`` seconds) until the supervisor believed the hello: a

@@ -6,7 +6,9 @@ it). It speaks the child's protocol over one connection for its whole life: each
 ``hello`` says *ready*, the ``run`` that follows is served by a fresh
 :class:`~agent.runtime.session.ChildSession` exactly as a one-attempt child serves it
 (context writes, human input, stop and preemption, result or error), and the next
-``hello`` says that the state is over and the worker is clean again.
+``hello`` says that the state is over and the worker is clean again. The attempt's report
+(result, error or checkpoint keys) goes out with that hello, in one write: the
+supervisor, which can close the attempt only at the hello, wakes once for both.
 
 Between two states the worker puts back what it can: its working directory, ``argv``
 and environment; tasks the state left on the event loop are cancelled; the default
@@ -29,16 +31,17 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import uvloop
 
 from ..errors import ProtocolError
-from ..ipc import DealerTransport, Run, decode_message
+from ..ipc import DealerTransport, Hello, Run, decode_message, encode_message
 from ..ipc.messages import FROM_SUPERVISOR
 from ..values import Bounds
-from .child import FirstFrame, take_ready_loop
+from .child import take_ready_loop
 from .session import ChildSession
 
 EXIT_IDLE = 121
@@ -72,8 +75,14 @@ class Worker:
         self._cwd = os.getcwd()
         self._argv = list(sys.argv)
         self._environ = dict(os.environ)
+        self._environ_raw = _raw_environ()
+        self._hello = encode_message(Hello(pid=os.getpid(), secret=self._secret))
         self._threads = self._new_thread_pool()
-        self._timed_out = False
+        self._reader: asyncio.Task[None] | None = None
+        self._session: ChildSession | None = None  # the attempt in progress
+        self._runs: deque[Run] = deque()  # read before anyone waited for them
+        self._waiter: asyncio.Future[Run | None] | None = None  # _next_run's
+        self._gone = False  # the channel is closed: no more runs
 
     def _new_thread_pool(self) -> ThreadPoolExecutor:
         pool = ThreadPoolExecutor(thread_name_prefix="state")
@@ -81,53 +90,81 @@ class Worker:
         return pool
 
     async def serve(self) -> int:
+        reader = self._reader = asyncio.ensure_future(self._read())
+        try:
+            return await self._serve()
+        finally:
+            reader.cancel()
+
+    async def _serve(self) -> int:
+        report: list[bytes] = []
         while True:
-            replay = FirstFrame(self._transport)
-            session = ChildSession(replay, pid=os.getpid(), secret=self._secret, bounds=self._bounds,
-                                   context_keys=self._context_keys)
-            session.hello()  # up (the first time), then ready again
-            frame = await self._next_run()
-            if frame is None:
+            # Up (the first time), then the last attempt's report and ready again.
+            self._transport.send_many([*report, self._hello])
+            run = await self._next_run()
+            if run is None:
                 return EXIT_IDLE
-            replay.first = frame
-            await session.run()
+            session = self._session = ChildSession(
+                self._transport, pid=os.getpid(), secret=self._secret, bounds=self._bounds,
+                context_keys=self._context_keys, reads=False, hold_report=True,
+            )
+            try:
+                await session.run(run)
+            finally:
+                self._session = None
+            report = [session.report] if session.report is not None else []
             if not await self._clean():
+                self._transport.send_many(report)
                 return 0  # something of the state will not go: a fresh worker serves the next
 
-    async def _next_run(self) -> bytes | None:
-        """The next ``run`` frame; None when idle too long or the supervisor is gone.
-
-        A stop or an answer read here belongs to an attempt that already ended (it crossed
-        the end of that attempt on the way): there is nothing left to do with it.
-        """
-        while True:
-            frame = await self._receive_while_idle()
-            if frame is None:
-                return None
-            if isinstance(decode_message(frame, self._bounds, FROM_SUPERVISOR), Run):
-                return frame
-
-    async def _receive_while_idle(self) -> bytes | None:
-        task = asyncio.current_task()
-        assert task is not None
-        timer = None
-        if self._idle:
-            timer = asyncio.get_running_loop().call_later(self._idle, self._idle_out, task)
-        try:
-            return await self._transport.recv()
-        except asyncio.CancelledError:
-            if self._timed_out:
-                return None
-            raise
-        except (ConnectionError, ProtocolError):
+    async def _next_run(self) -> Run | None:
+        """The next ``run``; None when idle for ``idle`` seconds or the supervisor is gone."""
+        if self._runs:
+            return self._runs.popleft()
+        if self._gone:
             return None
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Run | None] = loop.create_future()
+        self._waiter = waiter
+        timer = loop.call_later(self._idle, _settle, waiter, None) if self._idle else None
+        try:
+            return await waiter
         finally:
+            self._waiter = None
             if timer is not None:
                 timer.cancel()
 
-    def _idle_out(self, task: asyncio.Task[Any]) -> None:
-        self._timed_out = True
-        task.cancel()
+    async def _read(self) -> None:
+        """Read the supervisor's messages for the worker's whole life (one reader, not one per
+        attempt): a ``run`` is for :meth:`_next_run`, the rest for the attempt in progress.
+
+        A stop or an answer read between attempts belongs to one that already ended (it
+        crossed the end of that attempt on the way): there is nothing left to do with it.
+        """
+        try:
+            while True:
+                frame = await self._transport.recv()
+                try:
+                    msg = decode_message(frame, self._bounds, FROM_SUPERVISOR)
+                except ProtocolError as exc:
+                    if self._session is None:
+                        if self._waiter is not None and not self._waiter.done():
+                            self._waiter.set_exception(exc)
+                        return
+                    self._session.refuse(exc)
+                    continue
+                if self._session is not None:
+                    self._session.deliver(msg)
+                elif isinstance(msg, Run):
+                    self._runs.append(msg)
+                    if self._waiter is not None:
+                        _settle(self._waiter, self._runs.popleft())
+        except (ConnectionError, ProtocolError) as exc:  # the channel broke, or the supervisor left
+            if isinstance(exc, ProtocolError) and self._session is not None:
+                self._session.refuse(exc)
+            self._gone = True
+            if self._waiter is not None:
+                _settle(self._waiter, None)
 
     async def _clean(self) -> bool:
         """Put the process back as the next state expects it; False when it cannot be."""
@@ -137,7 +174,7 @@ class Worker:
             except Exception:
                 pass
         me = asyncio.current_task()
-        leftovers = [t for t in asyncio.all_tasks() if t is not me]
+        leftovers = [t for t in asyncio.all_tasks() if t is not me and t is not self._reader]
         if leftovers:
             for task in leftovers:
                 task.cancel()
@@ -152,7 +189,7 @@ class Worker:
             os.chdir(self._cwd)
         if sys.argv != self._argv:
             sys.argv[:] = self._argv
-        if os.environ != self._environ:
+        if _raw_environ() != self._environ_raw:
             os.environ.clear()
             os.environ.update(self._environ)
         return True
@@ -166,6 +203,18 @@ class Worker:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
         return threading.active_count() == 1
+
+
+def _settle(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _raw_environ() -> dict[Any, Any]:
+    """The environment as ``os.environ`` holds it: CPython's keeps a plain dict of bytes
+    (``_data``), compared in microseconds where ``os.environ`` decodes every entry."""
+    data = getattr(os.environ, "_data", None)
+    return dict(data) if isinstance(data, dict) else dict(os.environ)
 
 
 def _has_live_children() -> bool:

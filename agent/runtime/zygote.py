@@ -639,9 +639,14 @@ def charged_so_far(pid: int) -> tuple[float, int]:
     """CPU seconds and page faults the kernel charged live process ``pid`` so far (0s if gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rpartition(b")")[2].split()
+            return charged_in(fh.read())
     except OSError:
         return 0.0, 0
+
+
+def charged_in(stat: bytes) -> tuple[float, int]:
+    """CPU seconds and page faults in the text of a ``/proc/<pid>/stat``."""
+    fields = stat.rpartition(b")")[2].split()
     # After the command: minflt is field 10, majflt 12, utime 14, stime 15 (from 1, state 3).
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS, int(fields[7]) + int(fields[9])
 

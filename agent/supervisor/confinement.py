@@ -26,7 +26,7 @@ import logging
 import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import astuple
+from dataclasses import fields
 from typing import Any, Callable
 
 from ..devices import machine_inventory
@@ -201,32 +201,34 @@ class Confinement:
 
 
 _COUNTERS = ("cpu_seconds", "nr_throttled", "throttled_seconds", "io_read_bytes", "io_write_bytes")
+_EVENTS = tuple(f.name for f in fields(LimitEvents))
+
+
+Reading = tuple[dict[str, Any], LimitEvents]
+"""A cgroup's usage and limit events read at one moment (:meth:`CgroupHandle.reading`)."""
 
 
 class SharedConfinement(Confinement):
     """One attempt's share of a confinement that outlives it (a worker's cgroup).
 
-    What the attempt used is the difference of the cgroup's counters read when it began
-    and when it ended (:meth:`end`); its peak memory is the cgroup's peak since it
-    began where the kernel can restart it (cgroup v1 and the no-cgroup watchdog; on
-    cgroup v2, the peak since the worker started). Limits hit in between are the
-    attempt's. Closing it leaves the cgroup to its owner; :meth:`kill` kills the owner's
-    processes (a worker that will not stop is replaced).
+    What the attempt used is the difference of the cgroup's counters read when it ended
+    (:meth:`end`) and ``baseline``: the reading that ended the worker's previous attempt
+    (its peak restarted then, :func:`restart_peak`), or, for a worker's first attempt, one
+    taken now. Its peak memory is the cgroup's peak since then where the kernel can restart
+    it (cgroup v1 and the no-cgroup watchdog; on cgroup v2, the peak since the worker
+    started). Limits hit in between are the attempt's. Closing it leaves the cgroup to its
+    owner; :meth:`kill` kills the owner's processes (a worker that will not stop is replaced).
     """
 
-    def __init__(self, owner: Confinement) -> None:
+    def __init__(self, owner: Confinement, baseline: Reading | None = None) -> None:
         super().__init__(owner.child_spec, owner.handle, owner.backend_name)
         self._owner = owner
-        self._start_usage: dict[str, Any] = {}
-        self._start_events = LimitEvents()
         self._ended = False
-        handle = owner.handle
-        if handle is not None:
-            reset = getattr(handle, "reset_peak", None)
-            if reset is not None:
-                reset()
-            self._start_usage = handle.usage()
-            self._start_events = handle.limit_events()
+        self.final: Reading | None = None  # the cgroup's own figures when the attempt ended
+        if baseline is None and owner.handle is not None:
+            restart_peak(owner.handle)
+            baseline = owner.handle.reading()
+        self._start: Reading = baseline or ({}, LimitEvents())
 
     def started(self, pid: int) -> None:
         return None  # the owner's process is followed already
@@ -234,13 +236,14 @@ class SharedConfinement(Confinement):
     def _refresh(self) -> None:
         if self.handle is None or self._ended:
             return
-        usage, start = self.handle.usage(), self._start_usage
+        self.final = now = self.handle.reading()
+        usage, start = dict(now[0]), self._start[0]
         for key in _COUNTERS:
             if key in usage:
                 usage[key] -= start.get(key, 0)
-        events, before = self.handle.limit_events(), self._start_events
         self._usage = usage
-        self._events = LimitEvents(*(now - then for now, then in zip(astuple(events), astuple(before))))
+        events, before = now[1], self._start[1]
+        self._events = LimitEvents(*(getattr(events, f) - getattr(before, f) for f in _EVENTS))
 
     def end(self) -> None:
         """The attempt is over: keep what it used, whatever the owner does next."""
@@ -252,6 +255,13 @@ class SharedConfinement(Confinement):
 
     def close(self) -> None:
         self._closed = True
+
+
+def restart_peak(handle: CgroupHandle) -> None:
+    """Restart the cgroup's peak memory from its usage now, where the backend can."""
+    reset = getattr(handle, "reset_peak", None)
+    if reset is not None:
+        reset()
 
 
 class Confiner:

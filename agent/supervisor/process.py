@@ -76,7 +76,7 @@ class WorkerExecutor:
                     # Handed to a worker just as it was cancelled: stop it there.
                     await uncancellable(handed.result().stop(attempt.stop_reason or "cancel", sup.config.grace))
                     raise
-                status = await watch(child, attempt, sup.config.grace)
+                status = await watch(child, attempt, sup.config.grace, over=child.over)
                 if not child.never_ran:  # else its worker went idle before reading it: again
                     return verdict(child, status, attempt)
         finally:
@@ -87,10 +87,16 @@ class WorkerExecutor:
         return None
 
 
-async def watch(child: ChildProcess, attempt: Attempt, grace: float) -> int | None:
-    """Wait until ``child``'s attempt is over; when cancelled, stop it for good first."""
+async def watch(
+    child: ChildProcess, attempt: Attempt, grace: float, *, over: asyncio.Future[int | None] | None = None,
+) -> int | None:
+    """Wait until ``child``'s attempt is over; when cancelled, stop it for good first.
+
+    ``over``: a future of that end which only this wait uses, awaited as it is (else
+    ``child.exited``, shielded: others await it too).
+    """
     try:
-        return await asyncio.shield(child.exited)
+        return await (over if over is not None else asyncio.shield(child.exited))
     except asyncio.CancelledError:
         await uncancellable(child.stop(attempt.stop_reason or "cancel", grace))
         raise

@@ -9,8 +9,8 @@ Each attempt it serves is a :class:`WorkerAttempt`: the state child's protocol a
 verdict (:class:`~agent.supervisor.child.ChildProcess`), hosted by the worker instead
 of the supervisor, so that "the child" it kills is the worker, and "the attempt is over"
 is the worker's next ``hello`` rather than its exit. What the attempt used is measured
-on the worker's cgroup before and after (:class:`SharedConfinement`); what it printed
-goes to its own log (:class:`WorkerOutput`).
+on the worker's cgroup, read once as each attempt ends (:class:`SharedConfinement`); what
+it printed goes to its own log (:class:`WorkerOutput`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import FailureReason, IllegalTransitionError, ProtocolError
 from ..executor import Attempt
-from ..ipc import FROM_CHILD, Hello, decode_message
+from ..ipc import FROM_CHILD, Hello, decode_message, encode_message
+from ..ipc.messages import decode_counted
 from ..runtime.worker import EXIT_IDLE
-from ..runtime.zygote import charged_so_far
+from ..runtime.zygote import charged_in
 from .channel import DirectChannel
 from .child import ChildProcess, ChildStatus, _Decoded, escape_reason
-from .confinement import Confinement, SharedConfinement
+from .confinement import Confinement, Reading, SharedConfinement, restart_peak
 from .output import WorkerOutput, label_for
 
 if TYPE_CHECKING:
@@ -59,9 +60,10 @@ class WorkerAttempt(ChildProcess):
     """One attempt on a worker: a state child's protocol, with the worker as its host."""
 
     def __init__(self, worker: "WorkerProcess", attempt: Attempt, log_path: str) -> None:
+        self.shared = SharedConfinement(worker.confinement, worker.baseline)
         super().__init__(
             worker,  # type: ignore[arg-type]  # the host: see WorkerProcess's host methods
-            attempt, SharedConfinement(worker.confinement), secret=worker.secret,
+            attempt, self.shared, secret=worker.secret,
             request_id=worker.request_id, log_path=log_path, run_frame=None, bounds=worker.bounds,
         )
         self.worker = worker
@@ -69,6 +71,9 @@ class WorkerAttempt(ChildProcess):
         self.fd = worker.fd
         self.status = ChildStatus.RUNNING  # the worker said hello already
         self.began = time.monotonic()
+        # Set with ``exited``, for the executor alone to await (and cancel): no shield, so
+        # the executor resumes one turn of the event loop sooner.
+        self.over: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
 
     def ended(self) -> None:
         """The worker said it is ready again: this attempt is over.
@@ -78,16 +83,31 @@ class WorkerAttempt(ChildProcess):
         found at the end of its attempt, not only when the worker exits.
         """
         if self.pid is not None:
-            cpu, faults = charged_so_far(self.pid)
+            cpu, faults = self.worker.charged_so_far()
             before_cpu, before_faults = self.worker.charged_before
             self._exit_cpu, self._exit_faults = max(0.0, cpu - before_cpu), max(0, faults - before_faults)
         self.on_exit_status(0)
+
+    def _finalize(self) -> None:
+        super()._finalize()
+        if self.status is ChildStatus.EXITED and not self.over.done():
+            try:
+                self.over.set_result(self._exit_status)
+            except RuntimeError:  # its event loop is closed: nobody awaits it any more
+                pass
 
     def on_exit_status(self, status: int | None) -> None:
         if self.status is not ChildStatus.EXITED and not self._exit_known:
             self._exit_known = True
             self._exit_status = status
             self._finalize()
+
+    def _handle(self, frame: bytes | memoryview) -> None:
+        hello = self.worker.hello
+        if hello is not None and frame == hello[0]:  # its hello, byte for byte: known already
+            self._apply(hello[1])
+        else:
+            super()._handle(frame)
 
     def _dispatch(self, decoded: _Decoded) -> None:
         if not isinstance(decoded.msg, Hello):
@@ -108,7 +128,8 @@ class WorkerAttempt(ChildProcess):
         if not self._in_cgroup():
             return None
         owner = self.worker.confinement
-        return escape_reason(owner, owner.usage(), self._exit_cpu, self._exit_faults)
+        final = self.shared.final
+        return escape_reason(owner, final[0] if final else owner.usage(), self._exit_cpu, self._exit_faults)
 
     @property
     def never_ran(self) -> bool:
@@ -151,6 +172,12 @@ class WorkerProcess:
         self.failure_message: str | None = None
         self.killed = False  # by the supervisor: retired or replaced
         self.charged_before: tuple[float, int] = (0.0, 0)  # a parked child's warm-up (the zygote's figures)
+        # Its cgroup's figures when its last attempt ended (its peak restarted then): the
+        # next attempt's starting point, so that each attempt reads the cgroup only once.
+        self.baseline: Reading | None = None
+        self._stat_fd: int | None = None  # its /proc/<pid>/stat, read as each attempt ends
+        self.hello: tuple[bytes, _Decoded] | None = None  # the frame it says ready with, decoded
+        self._hello_heard = False  # its first hello came before its pid
         self._cleaned = False
 
     # --- as the supervisor sees it ----------------------------------------------------------
@@ -171,8 +198,30 @@ class WorkerProcess:
             self.charged_before = (float(charged[0]), int(charged[1]))
         self.channel.child_started()
         self.confinement.started(pid)
+        frame = encode_message(Hello(pid=pid, secret=self.secret))
+        msg, objects = decode_counted(frame, self._sup.bounds, FROM_CHILD)
+        self.hello = (frame, _Decoded(msg, objects=objects))
+        try:
+            self._stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass  # gone already: its exit report follows
         if self.killed:
             self._sup.kill_pid(pid)
+        elif self._hello_heard and self.status is WorkerStatus.STARTING:
+            self.ready()
+
+    def charged_so_far(self) -> tuple[float, int]:
+        """CPU seconds and page faults the kernel charged the worker so far (0s once it is gone).
+
+        Its ``/proc/<pid>/stat`` stays open for its life: one ``pread`` per attempt, and a
+        descriptor that never reads another process that got its pid.
+        """
+        if self._stat_fd is None:
+            return 0.0, 0
+        try:
+            return charged_in(os.pread(self._stat_fd, 4096, 0))
+        except OSError:
+            return 0.0, 0
 
     def on_spawn_failed(self, error: str) -> None:
         self._pool.start_failed(self, f"the worker's process could not be started: {error}")
@@ -198,7 +247,12 @@ class WorkerProcess:
             self.violate(str(exc))
             return
         if isinstance(msg, Hello) and self.status is WorkerStatus.STARTING:
-            self.ready()
+            if self.pid is None:
+                # Up before the zygote said which process it is: ready once it has (an
+                # attempt on a worker of unknown pid could be neither watched nor killed).
+                self._hello_heard = True
+            else:
+                self.ready()
         else:
             self.violate(f"a {msg.TYPE} message while it serves no attempt")
 
@@ -305,6 +359,9 @@ class WorkerProcess:
         if self._cleaned:
             return
         self._cleaned = True
+        if self._stat_fd is not None:
+            os.close(self._stat_fd)
+            self._stat_fd = None
         self.channel.close()
         self._sup.forget(self)  # type: ignore[arg-type]
         self.confinement.close()
@@ -348,8 +405,11 @@ class WorkerProcess:
         """``child``'s attempt is over (it ended, or the worker died): file its log and usage."""
         if child is not self.attempt:
             return
-        self.attempt = None
+        attempt, self.attempt = self.attempt, None
         self.output.end_attempt(self._sup.logs)
-        child.confinement.end()  # type: ignore[attr-defined]
+        attempt.shared.end()
         if self.status is WorkerStatus.EXITED:
             self._cleanup()
+        elif self.confinement.handle is not None and not self.killed:
+            self.baseline = attempt.shared.final
+            restart_peak(self.confinement.handle)

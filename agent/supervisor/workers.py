@@ -289,7 +289,11 @@ class WorkerPool:
         if now - worker.requested_at >= settings.max_age:
             return True
         handle = worker.confinement.handle
-        return handle is not None and worker.served > 0 and len(handle.pids()) > 1  # a state left processes
+        if handle is None or worker.served == 0:
+            return False
+        # A state left processes: a lone task (one read) is the worker alone; else list them.
+        tasks = handle.task_count()
+        return (tasks is None or tasks > 1) and len(handle.pids()) > 1
 
     def _make_room_for_others(self, queue: _Queue) -> None:
         for other in self._queues.values():

@@ -146,6 +146,38 @@ async def test_retired_workers_leave_no_process_or_cgroup():
     assert cgroups and not any(os.path.exists(path) for path in cgroups)  # gone with their workers
 
 
+async def test_a_worker_up_before_its_fork_is_reported_gets_no_attempt_until_then():
+    """A worker may say hello before the zygote reports its fork (its channel is its own):
+    it is handed an attempt only once its pid is known, else its state could be neither
+    watched nor killed (here: killed for a forged hello, once)."""
+    first = Agent("first", isolation="worker")
+    first.add_state("first", record_pid)
+    await first.run()
+    sup = current_supervisor()
+    report, loop = sup.zygote._on_report, asyncio.get_running_loop()
+
+    def late(message):
+        if message.get("op") == "spawned":
+            loop.call_later(0.3, report, message)
+        else:
+            report(message)
+
+    sup.zygote._on_report = late
+    try:
+        violations = sup.statistics().protocol_violations
+        agent = Agent("early", isolation="worker")
+        # A shape of its own: a new worker, whose fork report comes late.
+        agent.add_state("forge_ready", forge_ready, resources=ResourceRequirements(memory_mb=97))
+        with pytest.raises(StateFailedError) as info:
+            await agent.run()
+    finally:
+        sup.zygote._on_report = report
+    assert info.value.reason.kind == "protocol"
+    assert sup.statistics().protocol_violations == violations + 1
+    forger = agent.context.get_state("forger")
+    await until(lambda: not psutil.pid_exists(forger))
+
+
 async def test_a_hello_before_the_report_is_a_violation():
     sup_before = current_supervisor()
     violations = sup_before.statistics().protocol_violations if sup_before else 0

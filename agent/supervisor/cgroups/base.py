@@ -70,6 +70,15 @@ class CgroupHandle(Protocol):
 
     def limit_events(self) -> LimitEvents: ...
 
+    def reading(self) -> tuple[dict[str, Any], LimitEvents]:
+        """:meth:`usage` and :meth:`limit_events` together (a file both need is read once)."""
+        ...
+
+    def task_count(self) -> int | None:
+        """Tasks (every thread of every process) in the cgroup now, in one read: cheaper than
+        :meth:`pids` where the kernel counts them (``pids.current``); None where it does not."""
+        ...
+
     def kill(self) -> None:
         """SIGKILL every process in the cgroup and wait until it is empty."""
         ...
@@ -217,8 +226,7 @@ class OpenFiles:
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
 
-    def text(self, path: str) -> str | None:
-        """The file's content now, or None when it does not exist (or cannot be read)."""
+    def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
         if fd is None:
             try:
@@ -228,6 +236,11 @@ class OpenFiles:
             except OSError:
                 fd = self._MISSING
             self._fds[path] = fd
+        return fd
+
+    def text(self, path: str) -> str | None:
+        """The file's content now, or None when it does not exist (or cannot be read)."""
+        fd = self._fd(path)
         if fd == self._MISSING:
             return None
         try:
@@ -254,8 +267,7 @@ class OpenFiles:
 
     def write(self, path: str, data: str) -> None:
         """Write one value through the open descriptor (opened read-write when it could be)."""
-        self.text(path)
-        fd = self._fds[path]
+        fd = self._fd(path)
         if fd == self._MISSING:
             raise FileNotFoundError(path)
         os.pwrite(fd, data.encode(), 0)

@@ -138,6 +138,12 @@ class WatchedTree:
     def page_faults(self) -> int | None:
         return None  # no cgroup counts them
 
+    def reading(self) -> tuple[dict[str, Any], LimitEvents]:
+        return self.usage(), self.limit_events()
+
+    def task_count(self) -> int | None:
+        return None  # nothing counts them but a walk of the tree: see pids()
+
     def limit_events(self) -> LimitEvents:
         with self._lock:
             return LimitEvents(

@@ -111,8 +111,19 @@ class V1Cgroup:
     # --- reading back ------------------------------------------------------------------
 
     def usage(self) -> dict[str, Any]:
-        files, dirs = self._files, self.dirs
+        return self._usage(self._cpu_stat())
+
+    def reading(self) -> tuple[dict[str, Any], LimitEvents]:
+        """:meth:`usage` and :meth:`limit_events` at once (``cpu.stat`` read once)."""
         cpu_stat = self._cpu_stat()
+        return self._usage(cpu_stat), self._limit_events(cpu_stat)
+
+    def task_count(self) -> int | None:
+        text = self._files.text(f"{self.dirs['pids']}/pids.current")
+        return None if text is None else parse_int(text)
+
+    def _usage(self, cpu_stat: dict[str, int]) -> dict[str, Any]:
+        files, dirs = self._files, self.dirs
         out: dict[str, Any] = {
             "cpu_seconds": files.int(f"{dirs['cpuacct']}/cpuacct.usage") / 1e9,
             "peak_memory_bytes": files.int(f"{dirs['memory']}/memory.max_usage_in_bytes"),
@@ -146,8 +157,10 @@ class V1Cgroup:
         return self._files.keyed(f"{self.dirs['memory']}/memory.stat").get("total_pgfault", 0)
 
     def limit_events(self) -> LimitEvents:
+        return self._limit_events(self._cpu_stat())
+
+    def _limit_events(self, cpu_stat: dict[str, int]) -> LimitEvents:
         files, memory = self._files, self.dirs["memory"]
-        cpu_stat = self._cpu_stat()
         return LimitEvents(
             oom_kills=files.keyed(f"{memory}/memory.oom_control").get("oom_kill", 0),
             memory_limit_hits=files.int(f"{memory}/memory.failcnt"),

@@ -22,6 +22,7 @@ from .base import (
     LimitEvents,
     SupervisorName,
     kill_pids,
+    parse_int,
     read,
     read_int,
     read_keyed,
@@ -138,6 +139,15 @@ class V2Cgroup:
             nr_throttled=cpu.get("nr_throttled", 0),
             throttled_seconds=cpu.get("throttled_usec", 0) / 1e6,
         )
+
+    def reading(self) -> tuple[dict[str, Any], LimitEvents]:
+        return self.usage(), self.limit_events()
+
+    def task_count(self) -> int | None:
+        try:
+            return parse_int(read(f"{self.path}/pids.current"))
+        except OSError:
+            return None
 
     def kill(self) -> None:
         """SIGKILL every process in the cgroup and below it; wait until none is left."""
