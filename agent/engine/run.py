@@ -27,7 +27,6 @@ this run through :meth:`Run.on_grant`.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections import deque
@@ -54,9 +53,13 @@ from ..scope import ScopedContext, scope_for
 from ..state import AttemptRecord
 from ..status import AgentStatus, StateStatus
 from .admission import Admission
-from .driver import Driver, exception_reason
+from .driver import RETURNED, Driver, exception_reason, inline_runner
 
 _NO_USAGE: dict[str, Any] = {}  # what an inline attempt measured (nothing); never written to
+_NOTHING: tuple[()] = ()  # the dependency queues of a run without dependencies: empty, never written
+_monotonic = time.monotonic
+_time = time.time
+_new = object.__new__
 
 if TYPE_CHECKING:
     from ..agent import Agent
@@ -81,6 +84,7 @@ _INLINE = Isolation.INLINE
 _SANDBOX = Isolation.SANDBOX
 
 _FINISHED_FOR_GOOD = (_FAILED, _TIMEOUT, _CANCELLED, _BLOCKED)
+_RUN_COMPLETED = AgentStatus.COMPLETED
 
 # Where an activation is (Activation.where).
 NEW, READY, QUEUED, GRANTED, RUNNING, WAITING, RETRYING, PAUSED, GONE = range(9)
@@ -151,7 +155,6 @@ class Run:
         "context",
         "observers",
         "cleanup_timeout",
-        "log",
         "clock",
         "specs",
         "metadata",
@@ -160,9 +163,12 @@ class Run:
         "max_steps",
         "hooks",
         "default_isolation",
-        "default_on_failure",
-        "driver",
-        "_ids",
+        "human_for",
+        "runner",
+        "wall_offset",
+        "started",
+        "_driver",
+        "_next_id",
         "_admission",
         "ready",
         "n_ready",
@@ -170,7 +176,6 @@ class Run:
         "queued",
         "pooled",
         "running",
-        "waiting",
         "retrying",
         "paused",
         "root",
@@ -179,14 +184,15 @@ class Run:
         "live_states",
         "held_names",
         "graph",
+        "completions",
+        "tracks_deps",
+        "waiting",
         "watch",
         "consumed",
-        "completions",
         "finishes",
         "starts",
         "last_completion",
         "last_start",
-        "watch_since",
         "rechecks",
         "steps",
         "error",
@@ -196,9 +202,6 @@ class Run:
         "final_status",
         "pause_requested",
         "pumping",
-        "tracks_deps",
-        "human_hooks",
-        "wall_offset",
     )
 
     def __init__(
@@ -216,8 +219,7 @@ class Run:
         context._failures = {}  # shared by every view of this run: context.failed_states()
         self.observers = observers
         self.cleanup_timeout = cleanup_timeout
-        self.log: logging.Logger = agent._log
-        self.clock = time.monotonic
+        self.clock = _monotonic
         self.specs: dict[str, StateSpec] = agent._states
         self.metadata = agent.state_metadata
         self.completed = agent.completed_states
@@ -225,52 +227,87 @@ class Run:
         self.max_steps = agent.max_steps
         self.hooks = agent._admission_hooks
         self.default_isolation = agent.isolation
-        self.default_on_failure = agent.on_failure
-        self.human_hooks = agent._human_hooks
-        self.wall_offset = time.time() - time.monotonic()  # wall time = offset + the run's clock
-        self.driver = Driver(self)
-        self._ids = itertools.count(1)
+        self.human_for = agent._human_hook
+        self.runner: Any = None  # steps inline states (driver.inline_runner), made on first use
+        self.started = started = _monotonic()
+        self.wall_offset = _time() - started  # wall time = offset + the run's clock
+        self._driver: Driver | None = None  # made when something must wait on the loop
+        self._next_id = 1  # activations and groups
         self._admission: Admission | None = None
         # The queues (see the module docstring). ``running`` is keyed by state: a state
         # never runs concurrently with itself within a run.
-        # Ready activations, one FIFO per priority (index = Priority value); ``n_ready`` in all.
-        self.ready: tuple[deque[Activation], ...] = (deque(), deque(), deque(), deque())
+        # Ready activations, one FIFO per priority (index = Priority value, made on first
+        # use); ``n_ready`` in all.
+        self.ready: list[deque[Activation] | None] = [None, None, None, None]
         self.n_ready = 0
         self.granted: list[Activation] = []
         self.queued: dict[str, Activation] = {}  # by pool owner key
-        self.pooled: set[str] = set()  # states queued in or granted by the pool, not started yet
+        self.pooled: dict[str, None] = {}  # states queued in or granted by the pool, not started yet
         self.running: dict[str, Activation] = {}
-        self.waiting: list[Activation] = []  # whose dependencies are not met
         self.retrying: dict[int, Activation] = {}  # sleeping before a retry
         self.paused: list[Activation] = []
         # Joins: the group tree, live activations, what they could return.
-        self.root = Group(0, None)
-        self.groups: dict[int, Group] = {0: self.root}
+        self.root = root = Group(0, None)
+        self.groups: dict[int, Group] = {0: root}
         self.live: dict[int, Activation] = {}
         self.live_states: dict[str, int] = {}
         self.held_names: dict[str, int] = {}  # name -> groups holding it
         self.graph: ReturnGraph | None = None  # set once a join needs it
-        # Dependencies.
-        self.watch: set[str] = set()  # dependency-driven states not (re)triggered yet
-        self.consumed: dict[tuple[str, str], int] = {}
         self.completions: dict[str, int] = {}
-        # Starts, finishes and their times matter only to dependencies.
-        self.tracks_deps = any(spec.dependencies for spec in self.specs.values())
-        self.finishes: dict[str, int] = {}
-        self.starts: dict[str, int] = {}
-        self.last_completion: dict[str, float] = {}
-        self.last_start: dict[str, float] = {}
-        self.watch_since = self.clock()
-        self.rechecks: set[float] = set()
+        # Dependencies: their bookkeeping exists only in a run with dependencies
+        # (track_dependencies); until then these are empty and never written.
+        self.tracks_deps = False
+        self.waiting: list[Activation] = _NOTHING  # type: ignore[assignment]  # whose dependencies are not met
+        self.watch: set[str] = _NOTHING  # type: ignore[assignment]  # dependency-driven states not (re)triggered yet
+        for spec in self.specs.values():
+            if spec.dependencies:
+                self.track_dependencies()
+                break
         # Outcome.
         self.steps = 0
         self.error: BaseException | None = None
         self.failures: dict[str, FailureReason] = {}  # failed for good under on_failure="continue"
         self.failed_frames: list[dict[str, Any]] = []  # what a resume of a failed run re-runs
         self.done = False
-        self.final_status = AgentStatus.COMPLETED
+        self.final_status = _RUN_COMPLETED
         self.pause_requested = False
         self.pumping = False
+
+    def track_dependencies(self) -> None:
+        """Keep the bookkeeping dependencies need (a state with dependencies exists)."""
+        if self.tracks_deps:
+            return
+        self.tracks_deps = True
+        self.waiting = []
+        self.watch = set()
+        self.consumed: dict[tuple[str, str], int] = {}
+        # Starts, finishes and their times matter only to dependencies.
+        self.finishes: dict[str, int] = {}
+        self.starts: dict[str, int] = {}
+        self.last_completion: dict[str, float] = {}
+        self.last_start: dict[str, float] = {}
+        self.rechecks: set[float] = set()
+
+    @property
+    def log(self) -> logging.Logger:
+        return self.agent._log
+
+    @property
+    def default_on_failure(self) -> str:
+        return self.agent.on_failure
+
+    @property
+    def driver(self) -> Driver:
+        """The run's asyncio side, made on first use: a run whose states never await needs none."""
+        driver = self._driver
+        if driver is None:
+            driver = self._driver = Driver(self)
+        return driver
+
+    def new_id(self) -> int:
+        aid = self._next_id
+        self._next_id = aid + 1
+        return aid
 
     # --- events ---------------------------------------------------------------------
 
@@ -299,7 +336,7 @@ class Run:
         for name, spec in self.specs.items():
             if spec.dependencies and name not in names:
                 self.watch.add(name)
-                self.add_dependency_timers(name, self.watch_since)
+                self.add_dependency_timers(name, self.started)
         names = list(dict.fromkeys(names))
         self.root.unfinished += len(names)
         for name in names:
@@ -318,7 +355,13 @@ class Run:
                 "a state probably loops forever: add an exit condition or raise Agent(max_steps=...)"
             ))
             return None
-        act = Activation(next(self._ids), name, spec.priority._value_, group)
+        # Activation(...), without the constructor call: one per state started.
+        act = _new(Activation)
+        act.id = aid = self._next_id
+        self._next_id = aid + 1
+        act.state = act.owner = name
+        act.priority = priority = spec.priority._value_
+        act.group = group
         if via_dependency:
             act.via_dependency = True
         if attempt:
@@ -345,12 +388,15 @@ class Run:
             self.waiting.append(act)
             self.add_dependency_timers(name, act.waiting_since)
             return act
-        # make_ready(act), inlined: the hot path.
-        meta.set_status(_READY)
+        # make_ready(act), inlined: the hot path (READY is allowed after every status).
+        meta.status = _READY
         if meta.waiting_for is not None:
             meta.waiting_for = None
         act.where = READY
-        self.ready[act.priority].append(act)
+        level = self.ready[priority]
+        if level is None:
+            level = self.ready[priority] = deque()
+        level.append(act)
         self.n_ready += 1
         return act
 
@@ -359,8 +405,14 @@ class Run:
         meta.set_status(_READY)
         meta.waiting_for = None
         act.where = READY
-        self.ready[act.priority].append(act)
+        self._ready_level(act.priority).append(act)
         self.n_ready += 1
+
+    def _ready_level(self, priority: int) -> deque[Activation]:
+        level = self.ready[priority]
+        if level is None:
+            level = self.ready[priority] = deque()
+        return level
 
     # --- joins ----------------------------------------------------------------------------
 
@@ -480,7 +532,7 @@ class Run:
         """A branch of ``group`` returned ``names`` (see the module docstring)."""
         if type(names) is list:
             if len(names) > 1:  # a fan-out: each name starts at once as a branch of a new group
-                child = Group(next(self._ids), group)
+                child = Group(self.new_id(), group)
                 self.groups[child.id] = child
                 child.unfinished = len(names)
                 for name in names:
@@ -574,8 +626,8 @@ class Run:
             self.pumping = False
 
     def kick(self) -> None:
-        if not self.pumping:
-            self.driver.kick()
+        if not self.pumping and self._driver is not None:
+            self._driver.kick()
 
     def on_grant(self, act: Activation) -> None:
         """The pool granted ``act``'s queued request (called while the pool settles)."""
@@ -593,7 +645,7 @@ class Run:
             if self.done:
                 break
             if self.pause_requested:
-                self.pooled.discard(act.state)
+                self.pooled.pop(act.state, None)
                 self._release(act, {})
                 act.where = PAUSED
                 self.paused.append(act)
@@ -612,9 +664,8 @@ class Run:
         specs = self.specs
         while self.n_ready:
             if limit is not None and len(running) + len(self.queued) + len(self.granted) >= limit:
-                for level in levels:
-                    for act in level:
-                        self.metadata[act.state].waiting_for = f"max_concurrent={limit}"
+                for act in self.ready_activations():
+                    self.metadata[act.state].waiting_for = f"max_concurrent={limit}"
                 break
             level = levels[3] or levels[2] or levels[1] or levels[0]
             act = level.popleft()
@@ -632,13 +683,13 @@ class Run:
             if self.done:
                 break
         for act in reversed(deferred):  # back at the front, in their order
-            levels[act.priority].appendleft(act)
+            self._ready_level(act.priority).appendleft(act)
             self.n_ready += 1
         return launched
 
     def ready_activations(self) -> list[Activation]:
         """The ready activations in the order they would start."""
-        return [act for level in reversed(self.ready) for act in level]
+        return [act for level in reversed(self.ready) if level is not None for act in level]
 
     def admit(self, act: Activation, req: Any) -> bool:
         """Ask the pool for ``act``'s resources; True when granted now, else it waits in the queue."""
@@ -658,7 +709,7 @@ class Run:
             return True
         act.where = QUEUED
         self.queued[act.owner] = act
-        self.pooled.add(act.state)
+        self.pooled[act.state] = None
         why = "resources: " + admission.why_waiting(act.owner)
         self.metadata[act.state].waiting_for = why
         self.emit(ev.STATE_QUEUED, act.state, data={"waiting_for": why})
@@ -687,7 +738,7 @@ class Run:
             act.stop_reason = None
         act.where = RUNNING
         if self.pooled:
-            self.pooled.discard(name)
+            self.pooled.pop(name, None)
         act.started_at = now = self.clock()
         self.running[name] = act
         if self.tracks_deps:
@@ -704,34 +755,41 @@ class Run:
         if self.observers:  # what it holds from the pool, for the allocation metrics
             self.emit(ev.STATE_STARTED, name, attempt=number,
                       data={"resources": spec.resources} if spec.resources is not None else {})
-        hook = self.human_hooks.get(name) or self.agent._human_hook(name)
-        view = self.context._attempt_view(name, number, hook)
+        view = self.context._attempt_view(name, number, self.human_for)
         isolation = spec.isolation or self.default_isolation
         if spec.context_keys is not None or isolation is _SANDBOX:  # add_state(context_keys=...)
             view = ScopedContext.over(view, scope_for(isolation, spec.context_keys))  # type: ignore[arg-type]
         if isolation is _INLINE and not self.hooks:
             # Stepped eagerly: a state that never awaits finishes here, without a task.
+            runner = self.runner
             try:
                 coro = spec.func(view)
-                first = coro.send(None)
-            except StopIteration as stop:
+                if runner is None:
+                    self.runner = runner = inline_runner(coro)
+                    out = runner.send(None)
+                else:
+                    out = runner.send(coro)
+            except (KeyboardInterrupt, SystemExit):
+                self.runner = None
+                raise
+            except BaseException as exc:  # noqa: BLE001 - the state's own failure (it ended the runner)
+                self.runner = None
+                self.finished(act, None, exception_reason(exc), _NO_USAGE)
+                return
+            if type(out) is tuple and len(out) == 2 and out[0] is RETURNED:  # returned(out), inlined
                 # What finished() does for an attempt that returned, for this common case.
                 try:
                     del self.running[name]
                     meta.finished_at = end = self.clock()
                     if act.holds:
                         self._release(act, _NO_USAGE)
-                    self.succeeded(act, stop.value, end - now, _NO_USAGE, end)
+                    self.succeeded(act, out[1], end - now, _NO_USAGE, end)
                 except Exception as exc:  # an engine bug must end the run visibly, not hang it
                     self.log.exception("internal error while finishing %r", name)
                     self.fail(exc)
                 return
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:  # noqa: BLE001 - the state's own failure
-                self.finished(act, None, exception_reason(exc), _NO_USAGE)
-                return
-            self.driver.continue_inline(act, coro, first)
+            self.runner = None  # it is inside this state's coroutine now: a task continues it
+            self.driver.continue_inline(act, runner, out)
         else:
             attempt = Attempt(
                 run_id=self.run_id,
@@ -791,8 +849,8 @@ class Run:
         if stop is None and failure is None:  # the common case: it returned
             if act.holds:
                 self._release(act, usage)
-            if not self.pumping:
-                self.driver.kick()
+            if not self.pumping and self._driver is not None:
+                self._driver.kick()
             self.succeeded(act, result, duration, usage, now)
             return
         if stop is _STOP_PREEMPT or stop is _STOP_PAUSE:
@@ -812,7 +870,7 @@ class Run:
                 meta.set_status(_READY)
                 meta.waiting_for = "resources: requeued after a preemption"
                 self.queued[act.owner] = act
-                self.pooled.add(name)
+                self.pooled[name] = None
                 if usage:
                     self.agent.resource_pool.record_measured(act.owner, usage)
                 self.admission.requeue(act.owner)  # back in the queue, ahead of its level
@@ -832,7 +890,8 @@ class Run:
             meta.record(AttemptRecord(act.attempt, act.started_at, now, "cancelled", usage=usage))
             meta.set_status(_CANCELLED)
             self.emit(ev.STATE_CANCELLED, name, attempt=act.attempt, duration=duration, usage=usage)
-            self.finishes[name] = self.finishes.get(name, 0) + 1
+            if self.tracks_deps:
+                self.finishes[name] = self.finishes.get(name, 0) + 1
             self.branch_ends(act)
             return
         if stop is _STOP_TIMEOUT:
@@ -951,7 +1010,8 @@ class Run:
                 act.timer = self.driver.call_at(now + delay, self.retry_due, act)
             return
         meta.set_status(_TIMEOUT if failure.kind == "timeout" else _FAILED)
-        self.finishes[name] = self.finishes.get(name, 0) + 1
+        if self.tracks_deps:
+            self.finishes[name] = self.finishes.get(name, 0) + 1
         cls = StateTimeoutError if failure.kind == "timeout" else StateFailedError
         error = cls(name, act.attempt, failure)
         if (spec.on_failure or self.default_on_failure) == "continue":
@@ -1001,9 +1061,9 @@ class Run:
         for name in list(self.watch):
             if name in self.running or self.has_live(name):
                 continue
-            verdict = self.deps_verdict(name, self.watch_since, now)
+            verdict = self.deps_verdict(name, self.started, now)
             if verdict is True:
-                self.emit(ev.DEPENDENCY_RESOLVED, name, duration=now - self.watch_since)
+                self.emit(ev.DEPENDENCY_RESOLVED, name, duration=now - self.started)
                 self.consume(name)
                 self.root.unfinished += 1  # a branch of its own
                 self.activate(name, self.root, via_dependency=True)
@@ -1144,15 +1204,15 @@ class Run:
         """Take a not-running activation out of whichever queue holds it."""
         where = act.where
         if where == READY:
-            self.ready[act.priority].remove(act)
+            self._ready_level(act.priority).remove(act)
             self.n_ready -= 1
         elif where == QUEUED:
             self.queued.pop(act.owner, None)
-            self.pooled.discard(act.state)
+            self.pooled.pop(act.state, None)
             self.admission.release(act.owner)
         elif where == GRANTED:
             self.granted.remove(act)
-            self.pooled.discard(act.state)
+            self.pooled.pop(act.state, None)
             self._release(act, {})
         elif where == WAITING:
             self.waiting.remove(act)
@@ -1184,7 +1244,7 @@ class Run:
         self.pause_requested = True
         for act in list(self.queued.values()):
             self.queued.pop(act.owner)
-            self.pooled.discard(act.state)
+            self.pooled.pop(act.state, None)
             self.admission.release(act.owner)
             act.where = PAUSED
             self.paused.append(act)
@@ -1207,6 +1267,15 @@ class Run:
 
     # --- ending ----------------------------------------------------------------------------
 
+    def settle_now(self) -> bool:
+        """Pump once; True when the run ended with nothing left on the event loop (then
+        it is closed: no driver needed), else the driver takes over."""
+        self.pump()
+        if not self.done or self.running or self._driver is not None:
+            return False
+        self.abandon()
+        return True
+
     def check_quiescent(self) -> bool:
         """End the run when nothing can change any more; True when it scheduled something instead."""
         # Retry delays keep a run alive; a periodic re-run that is not due yet does not.
@@ -1214,7 +1283,9 @@ class Run:
             return False
         # Nothing can change any more: whatever still waits on dependencies is blocked,
         # and its branch ends (a join it would have reached may run now).
-        waiting, self.waiting = self.waiting, []
+        waiting = self.waiting
+        if waiting:
+            self.waiting = []
         for act in waiting:
             meta = self.metadata[act.state]
             reason = meta.waiting_for or "dependencies"
@@ -1227,11 +1298,12 @@ class Run:
         for name in self.watch:
             meta = self.metadata[name]
             if meta.status is _PENDING and meta.runs == 0:
-                verdict = self.deps_verdict(name, self.watch_since, self.clock())
+                verdict = self.deps_verdict(name, self.started, self.clock())
                 reason = verdict if isinstance(verdict, str) else "its dependencies"
                 meta.blocked_reason = f"state {name!r} never ran: it was waiting for {reason}"
                 meta.set_status(_BLOCKED)
-        self.watch.clear()
+        if self.watch:
+            self.watch.clear()
         if self.failures:
             first = next(iter(self.failures))
             meta = self.metadata[first]
@@ -1273,11 +1345,12 @@ class Run:
             return
         self.final_status = status
         self.done = True
-        self.driver.kick()
+        if self._driver is not None:
+            self._driver.kick()
 
     def abandon(self) -> None:
         """After the run ended: what never ran is CANCELLED, and nothing is left in the pool."""
-        for act in list(self.live.values()):
+        for act in list(self.live.values()) if self.live else ():
             meta = self.metadata[act.state]
             if act.where == RUNNING:  # a task that ignored cancellation in time
                 del self.running[act.state]
@@ -1290,15 +1363,24 @@ class Run:
             if act.timer is not None:
                 act.timer.cancel()
             self._leave(act)
-        for level in self.ready:
-            level.clear()
-        self.n_ready = 0
-        self.granted.clear()
-        self.queued.clear()
-        self.pooled.clear()
-        self.running.clear()
-        self.retrying.clear()
-        self.rechecks.clear()
+        if self.n_ready:
+            for level in self.ready:
+                if level is not None:
+                    level.clear()
+            self.n_ready = 0
+        # Each emptied only when it holds something: after a clean end, all are empty.
+        if self.granted:
+            self.granted.clear()
+        if self.queued:
+            self.queued.clear()
+        if self.pooled:
+            self.pooled.clear()
+        if self.running:
+            self.running.clear()
+        if self.retrying:
+            self.retrying.clear()
+        if self.tracks_deps:
+            self.rechecks.clear()
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -1338,7 +1420,10 @@ class Run:
             for name in names:
                 self.activate(name, self.root)
             return
-        self.watch = {n for n in frames.get("watch", []) if n in specs}
+        watch = {n for n in frames.get("watch", []) if n in specs}
+        if watch:
+            self.track_dependencies()
+            self.watch = watch
         self.completions = {k: int(v) for k, v in frames.get("completions", {}).items()}
         self.steps = int(frames.get("steps", 0))  # max_steps counts the whole run, across a resume
         self.groups = {}
@@ -1349,7 +1434,7 @@ class Run:
             group.unfinished = int(data.get("unfinished", data.get("active", 0)))
             self.groups[group.id] = group
         self.root = self.groups.setdefault(0, Group(0, None))
-        self._ids = itertools.count(max(self.groups) + 1)
+        self._next_id = max(self.groups) + 1
         for data in frames.get("groups", []):
             group = self.groups[int(data["id"])]
             held = data.get("held", {})
