@@ -51,6 +51,7 @@ _PENDING = StateStatus.PENDING
 _NORMAL = Priority.NORMAL
 
 _log = logging.getLogger("agent")
+_SURELY_SHORT = _validate.MAX_STATE_NAME_BYTES // 4  # characters: at most 4 UTF-8 bytes each
 _run_ids: list[str] = []
 
 
@@ -152,7 +153,7 @@ class Agent:
         self._restored: AgentCheckpoint | None = None
         self._fresh_context = True
         self._metadata_fresh = True  # no run has touched state_metadata yet
-        self._graph_checked = False
+        self._graph_checked = True  # no state has dependencies or next_states (add_state clears it)
         self._graph: ReturnGraph | None = None
         self._log = _log
 
@@ -212,7 +213,8 @@ class Agent:
         ``context_keys`` (key names and ``"prefix*"`` patterns) are the only context keys
         the state may read and write; a sandboxed state without them sees none.
         """
-        _validate.state_name(name, error=WorkflowDefinitionError)
+        if type(name) is not str or not 0 < len(name) <= _SURELY_SHORT:  # else surely a valid name
+            _validate.state_name(name, error=WorkflowDefinitionError)
         if name in self._states:
             raise DuplicateStateError(f"state {name!r} is already added to agent {self.name!r}: use another name")
         check_state_function(name, func)
@@ -252,7 +254,8 @@ class Agent:
         if run is not None:
             check_graph(self.name, {**self._states, name: spec})
         self._states[name] = spec
-        self._graph_checked = False
+        if deps or declared is not None:
+            self._graph_checked = False  # only these can make check_graph fail
         self._graph = None
         self.state_metadata[name] = StateMetadata(
             name, spec.max_retries_with(self.retry_policy), resources, priority, deps, level

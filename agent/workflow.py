@@ -64,7 +64,7 @@ class StateSpec:
         if self.max_retries is not None:
             return self.max_retries
         policy = self.retry_policy or default_policy
-        return policy.max_retries if policy is not None else 0
+        return 0 if policy is None else policy.max_retries
 
     @property
     def effective_timeout(self) -> float | None:
@@ -76,6 +76,7 @@ class StateSpec:
 # --- state functions ---------------------------------------------------------------------
 
 _CO_COROUTINE = inspect.CO_COROUTINE
+_FunctionType = types.FunctionType
 _CO_VARARGS = inspect.CO_VARARGS
 
 
@@ -86,8 +87,10 @@ def check_state_function(name: str, func: Any) -> None:
     ``add_state``); anything else (methods, partials, callable objects) through
     :mod:`inspect`.
     """
-    if type(func) is types.FunctionType:
+    if type(func) is _FunctionType:
         code = func.__code__
+        if code.co_argcount == 1 and not code.co_kwonlyargcount and code.co_flags & _CO_COROUTINE:
+            return  # async def f(context): the common case
         if not code.co_flags & _CO_COROUTINE:
             raise _not_coroutine(name, func)
         positional = code.co_argcount

@@ -50,7 +50,7 @@ from ..errors import (
 )
 from ..executor import Attempt, Isolation
 from ..scope import ScopedContext, scope_for
-from ..state import AttemptRecord
+from ..state import AttemptRecord, StateMetadata
 from ..status import AgentStatus, StateStatus
 from .admission import Admission
 from .driver import RETURNED, Driver, exception_reason, inline_runner
@@ -85,6 +85,7 @@ _SANDBOX = Isolation.SANDBOX
 
 _FINISHED_FOR_GOOD = (_FAILED, _TIMEOUT, _CANCELLED, _BLOCKED)
 _RUN_COMPLETED = AgentStatus.COMPLETED
+_HISTORY_LIMIT = StateMetadata.HISTORY_LIMIT
 
 # Where an activation is (Activation.where).
 NEW, READY, QUEUED, GRANTED, RUNNING, WAITING, RETRYING, PAUSED, GONE = range(9)
@@ -332,12 +333,15 @@ class Run:
 
     def start(self, names: list[str]) -> None:
         """Schedule the start states and watch every dependency-driven state."""
-        self.emit(ev.RUN_STARTED)
-        for name, spec in self.specs.items():
-            if spec.dependencies and name not in names:
-                self.watch.add(name)
-                self.add_dependency_timers(name, self.started)
-        names = list(dict.fromkeys(names))
+        if self.observers:
+            self.emit(ev.RUN_STARTED)
+        if self.tracks_deps:
+            for name, spec in self.specs.items():
+                if spec.dependencies and name not in names:
+                    self.watch.add(name)
+                    self.add_dependency_timers(name, self.started)
+        if len(names) > 1:
+            names = list(dict.fromkeys(names))
         self.root.unfinished += len(names)
         for name in names:
             self.activate(name, self.root)
@@ -745,7 +749,10 @@ class Run:
             self.starts[name] = self.starts.get(name, 0) + 1
             self.last_start[name] = now
         meta = self.metadata[name]
-        meta.set_status(_RUNNING)
+        if meta.status is _READY:
+            meta.status = _RUNNING
+        else:
+            meta.set_status(_RUNNING)
         meta.attempts = number
         meta.total_attempts += 1
         if meta.waiting_for is not None:
@@ -915,8 +922,10 @@ class Run:
         name = act.state
         meta = self.metadata[name]
         try:
-            if type(result) is str and result in self.specs and self.specs[name].next_states is None:
-                nexts: str | list[str] | None = result  # the common case, checked inline
+            if result is None:
+                nexts: str | list[str] | None = None
+            elif type(result) is str and result in self.specs and self.specs[name].next_states is None:
+                nexts = result  # the common case, checked inline
             else:
                 nexts = self.validate_result(name, result)
         except AgentError as exc:
@@ -926,8 +935,15 @@ class Run:
             self._leave(act)
             self.fail(exc)
             return
-        meta.record(AttemptRecord(act.attempt, act.started_at, now, "completed", None, usage))
-        meta.set_status(_COMPLETED)
+        # meta.record(...), inlined: the hot path.
+        history = meta.history
+        history.append(AttemptRecord(act.attempt, act.started_at, now, "completed", None, usage))
+        if len(history) > _HISTORY_LIMIT:
+            del history[0]
+        if meta.status is _RUNNING:
+            meta.status = _COMPLETED
+        else:
+            meta.set_status(_COMPLETED)  # raises, naming the transition
         meta.runs += 1
         meta.last_success = (meta.last_execution or 0.0) + duration
         self.completed.add(name)
