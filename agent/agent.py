@@ -402,10 +402,13 @@ class Agent:
             self._set_status(status)  # raises, naming the transition
         self.status = status
         self.last_error = run.error
-        if run.observers:
-            run.emit(ev.RUN_FINISHED, status=status.value, error=str(run.error) if run.error else None)
-        if self.checkpoint_store is not None:
-            self._save_checkpoint()
+        try:
+            if run.observers:
+                run.emit(ev.RUN_FINISHED, status=status.value, error=str(run.error) if run.error else None)
+            if self.checkpoint_store is not None:
+                self._save_checkpoint()
+        finally:
+            run.close()
         if run.error is not None:
             raise run.error
         return self.context

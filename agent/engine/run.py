@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,8 @@ _NOTHING: tuple[()] = ()  # the dependency queues of a run without dependencies:
 _monotonic = time.monotonic
 _time = time.time
 _new = object.__new__
+_proxy = weakref.proxy
+_ProxyType = weakref.ProxyType
 
 if TYPE_CHECKING:
     from ..agent import Agent
@@ -1282,6 +1285,21 @@ class Run:
         return tasks
 
     # --- ending ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """The run is over and accounted for: let go of the agent and the event loop.
+
+        A run and its agent refer to each other (and a run to its driver, and back): left
+        so, every finished run would wait for the garbage collector. Afterwards the run
+        still answers what it holds (its queues, snapshot()), and reaches its agent only
+        while the agent lives.
+        """
+        agent = self.agent
+        if type(agent) is not _ProxyType:
+            self.agent = _proxy(agent)
+        self._driver = None
+        self.human_for = None  # type: ignore[assignment]
+        self.runner = None
 
     def settle_now(self) -> bool:
         """Pump once; True when the run ended with nothing left on the event loop (then
