@@ -220,18 +220,20 @@ def function_returns(func: Any) -> frozenset[str] | None:
     return _code_returns(func.__code__, func)
 
 
-_returns_cache: dict[types.CodeType, frozenset[str] | None] = {}
+# id(code) -> (code, what it returns): by identity, as hashing a code object hashes all of
+# its contents on every lookup; holding the code keeps its id from being reused.
+_returns_cache: dict[int, tuple[types.CodeType, frozenset[str] | None]] = {}
 
 
 def _code_returns(code: types.CodeType, func: types.FunctionType) -> frozenset[str] | None:
-    found = _returns_cache.get(code, _UNREADABLE)
-    if found is not _UNREADABLE:
-        return found  # type: ignore[return-value]
+    cached = _returns_cache.get(id(code))
+    if cached is not None and cached[0] is code:
+        return cached[1]
     found = _source_returns(func)
     if found is _UNREADABLE:
         found = _bytecode_returns(code)
-    _returns_cache[code] = found
-    return found
+    _returns_cache[id(code)] = (code, found)
+    return found  # type: ignore[no-any-return]
 
 
 _UNREADABLE = object()
@@ -363,7 +365,13 @@ class ReturnGraph:
         found = self._direct.get(name, _UNREADABLE)
         if found is _UNREADABLE:
             spec = self._specs.get(name)
-            found = self._direct[name] = declared_returns(spec) if spec is not None else frozenset()
+            if spec is None:
+                found = frozenset()
+            elif spec.next_states is None and type(spec.func) is _FunctionType:  # the common case
+                found = _code_returns(spec.func.__code__, spec.func)
+            else:
+                found = declared_returns(spec)
+            self._direct[name] = found
         return found  # type: ignore[return-value]
 
     def reach(self, name: str) -> frozenset[str] | None:
@@ -376,7 +384,7 @@ class ReturnGraph:
             return None
         # The common case: every successor is known already and there is no loop back.
         known = self._reach
-        if name not in succ and all(s in known for s in succ):
+        if name not in succ and succ <= known.keys():
             out = set(succ)
             for s in succ:
                 further = known[s]

@@ -112,6 +112,7 @@ class Activation:
     where = NEW
     front = False  # requeued after a preemption: ahead of its level
     holds = False  # holds a grant from the pool
+    reach: frozenset[str] | None  # what it could return (ReturnGraph.reach), once a run tracks joins
 
     def __init__(self, aid: int, state: str, priority: int, group: "Group") -> None:
         self.id = aid
@@ -382,7 +383,8 @@ class Run:
             g.items += 1
             g = g.parent
         if self.graph is not None:
-            self._count(group, name, 1)
+            act.reach = reach = self.graph.reach(name)
+            self._count(group, reach, 1)
         meta = self.metadata[name]
         meta.attempts = attempt
         if meta.error is not None or meta.blocked_reason is not None:
@@ -439,7 +441,7 @@ class Run:
             g.items -= 1
             g = g.parent
         if self.graph is not None:
-            self._count(act.group, name, -1)
+            self._count(act.group, act.reach, -1)
 
     def _hold(self, group: Group, name: str) -> None:
         group.held[name] = 1
@@ -447,8 +449,9 @@ class Run:
         for g in group.chain():
             g.items += 1
         if self.graph is not None:
-            self._count(group, name, 1)
-            self._count_held(group, name, 1)
+            reach = self.graph.reach(name)
+            self._count(group, reach, 1)
+            self._count_held(group, reach, 1)
 
     def _unhold(self, group: Group, name: str) -> int:
         arrivals = group.held.pop(name)
@@ -460,19 +463,23 @@ class Run:
         for g in group.chain():
             g.items -= 1
         if self.graph is not None:
-            self._count(group, name, -1)
-            self._count_held(group, name, -1)
+            reach = self.graph.reach(name)
+            self._count(group, reach, -1)
+            self._count_held(group, reach, -1)
         return arrivals
 
     def _track(self) -> None:
         """Start counting what everything live or held could return (a group has company now)."""
-        self.graph = self.agent._return_graph()
+        self.graph = graph = self.agent._return_graph()
+        count = self._count
         for act in self.live.values():
-            self._count(act.group, act.state, 1)
+            act.reach = reach = graph.reach(act.state)
+            count(act.group, reach, 1)
         for group in self.groups.values():
             for name in group.held:
-                self._count(group, name, 1)
-                self._count_held(group, name, 1)
+                reach = graph.reach(name)
+                count(group, reach, 1)
+                self._count_held(group, reach, 1)
 
     def retrack(self) -> None:
         """The workflow changed mid-run (a state was added): count what is reachable anew."""
@@ -483,8 +490,7 @@ class Run:
                 group.wild = group.held_wild = 0
             self._track()
 
-    def _count_held(self, group: Group, name: str, delta: int) -> None:
-        reach = self.graph.reach(name)  # type: ignore[union-attr]
+    def _count_held(self, group: Group, reach: frozenset[str] | None, delta: int) -> None:
         if reach is None:
             group.held_wild += delta
             return
@@ -492,8 +498,8 @@ class Run:
         for target in reach:
             pot[target] = pot.get(target, 0) + delta
 
-    def _count(self, group: Group, name: str, delta: int) -> None:
-        reach = self.graph.reach(name)  # type: ignore[union-attr]
+    def _count(self, group: Group, reach: frozenset[str] | None, delta: int) -> None:
+        """Count an item that could return ``reach`` (None: anything) in ``group`` and those above."""
         g: Group | None = group
         if reach is None:
             while g is not None:
@@ -506,34 +512,18 @@ class Run:
                 pot[target] = pot.get(target, 0) + delta
             g = g.parent
 
-    def _reachable(self, group: Group, name: str, held_itself: bool = False) -> bool:
-        """Whether something in ``group`` could still return ``name``.
+    def _reachable(self, group: Group, name: str) -> bool:
+        """Whether another branch of ``group`` could still return ``name``, handed over by one.
 
-        For a name handed over by a branch (``held_itself`` false), what counts is what
-        the *other branches* still run, nested holds included; the names already held
-        here are branches that arrived and wait for those, so they do not count. For a
-        held name, everything else in the group counts, the other held names too (one
-        that leads to ``name`` runs first).
+        What counts is what the *other branches* still run, nested holds included; the
+        names already held here are branches that arrived and wait for those, so they do
+        not count. (For a held name, see :meth:`_release_held`.)
         """
-        if held_itself:
-            items = group.items - 1
-        else:
-            items = group.items - len(group.held)
-        if items <= 0:
+        if group.items - len(group.held) <= 0:
             return False
         if self.graph is None:
             self._track()
-        wild, pot = group.wild, group.pot.get(name, 0)
-        if held_itself:
-            reach = self.graph.reach(name)  # type: ignore[union-attr]
-            if reach is None:
-                wild -= 1
-            elif name in reach:
-                pot -= 1
-        else:
-            wild -= group.held_wild
-            pot -= group.held_pot.get(name, 0)
-        return wild > 0 or pot > 0
+        return group.wild - group.held_wild > 0 or group.pot.get(name, 0) - group.held_pot.get(name, 0) > 0
 
     def hand_over(self, group: Group, names: str | list[str]) -> None:
         """A branch of ``group`` returned ``names`` (see the module docstring)."""
@@ -591,17 +581,37 @@ class Run:
             g = parent
 
     def _release_held(self, group: Group) -> None:
+        """Start the names held in ``group`` that nothing else in it can return any more.
+
+        For a held name, everything else in the group counts, the other held names too
+        (one that leads to ``name`` runs first).
+        """
         released = False
-        for name in list(group.held):
-            if name in group.held and not self._reachable(group, name, held_itself=True):
-                self._start_held(group, name)
-                released = True
-                if self.done:
-                    return
+        held = group.held
+        for name in list(held):
+            if name not in held:
+                continue
+            if group.items > 1:  # something besides ``name`` itself: could it return ``name``?
+                graph = self.graph
+                if graph is None:
+                    self._track()
+                    graph = self.graph
+                reach = graph.reach(name)  # type: ignore[union-attr]
+                wild, pot = group.wild, group.pot.get(name, 0)
+                if reach is None:
+                    wild -= 1
+                elif name in reach:
+                    pot -= 1
+                if wild > 0 or pot > 0:
+                    continue
+            self._start_held(group, name)
+            released = True
+            if self.done:
+                return
         # Held names can only wait for each other (two that lead to each other): with
         # nothing else left in the group, the oldest starts, which breaks the tie.
-        if not released and group.held and group.items == len(group.held):
-            self._start_held(group, next(iter(group.held)))
+        if not released and held and group.items == len(held):
+            self._start_held(group, next(iter(held)))
 
     def _start_held(self, group: Group, name: str) -> None:
         self._unhold(group, name)
