@@ -685,7 +685,7 @@ class Run:
                     self.metadata[act.state].waiting_for = f"max_concurrent={limit}"
                 break
             level = levels[3] or levels[2] or levels[1] or levels[0]
-            act = level.popleft()
+            act = level.popleft()  # type: ignore[union-attr]  # n_ready > 0: some level holds one
             self.n_ready -= 1
             name = act.state
             if name in running or name in self.pooled:  # never concurrently with itself
@@ -1304,9 +1304,9 @@ class Run:
         still answers what it holds (its queues, snapshot()), and reaches its agent only
         while the agent lives.
         """
-        agent = self.agent
+        agent: Any = self.agent
         if type(agent) is not _ProxyType:
-            self.agent = _proxy(agent)
+            self.agent = _proxy(agent)  # type: ignore[assignment]  # stands for the agent while it lives
         self._driver = None
         self.human_for = None  # type: ignore[assignment]
         self.runner = None
