@@ -30,6 +30,9 @@ from .preemption import Holder, PreemptionPolicy
 from .quotas import Quota, QuotaBook, QuotaBreach, QuotaMode
 
 _ALL_TYPES = ResourceType.ALL
+# Members as module names: reading one from its class goes through the enum metaclass in 3.11.
+_CPU, _MEMORY, _IO, _NETWORK, _GPU = (ResourceType.CPU, ResourceType.MEMORY, ResourceType.IO,
+                                      ResourceType.NETWORK, ResourceType.GPU)
 _INF = math.inf
 
 
@@ -91,15 +94,15 @@ class ResourceRequirements:
         if types is _ALL_TYPES:  # the common case, without Flag membership tests (hot path)
             out = {}
             if self.cpu_units:
-                out[ResourceType.CPU] = float(self.cpu_units)
+                out[_CPU] = float(self.cpu_units)
             if self.memory_mb:
-                out[ResourceType.MEMORY] = float(self.memory_mb)
+                out[_MEMORY] = float(self.memory_mb)
             if self.io_weight:
-                out[ResourceType.IO] = float(self.io_weight)
+                out[_IO] = float(self.io_weight)
             if self.network_weight:
-                out[ResourceType.NETWORK] = float(self.network_weight)
+                out[_NETWORK] = float(self.network_weight)
             if self.gpu_units:
-                out[ResourceType.GPU] = float(self.gpu_units)
+                out[_GPU] = float(self.gpu_units)
             return out
         out = {}
         if ResourceType.CPU in types and self.cpu_units:

@@ -710,7 +710,7 @@ class Run:
 
     def admit(self, act: Activation, req: Any) -> bool:
         """Ask the pool for ``act``'s resources; True when granted now, else it waits in the queue."""
-        admission = self.admission
+        admission = self._admission or self.admission
         act.owner = admission.owner_for(act.state, self.run_id)
         try:
             granted = admission.request(self, act, req)
@@ -929,7 +929,7 @@ class Run:
     def _release(self, act: Activation, usage: dict[str, Any]) -> None:
         if act.holds:
             act.holds = False
-            self.admission.release(act.owner, usage)
+            (self._admission or self.admission).release(act.owner, usage)
 
     def succeeded(self, act: Activation, result: Any, duration: float, usage: dict[str, Any], now: float) -> None:
         name = act.state
