@@ -2,9 +2,9 @@
 
 ``os.environ.get`` encodes the name, decodes the value and, for a name that is not set,
 raises and catches a KeyError inside ``os._Environ``: thousands of instructions for a
-lookup that usually finds nothing. Reading the environment's bytes mapping costs a dict
-lookup; it sees everything ``os.environ``, ``monkeypatch.setenv`` and ``os.putenv``
-through ``os.environ`` set, as the stdlib keeps the two in step.
+lookup that usually finds nothing. Reading the bytes mapping behind ``os.environ`` costs
+a dict lookup and sees exactly what ``os.environ`` sees (every change made through it,
+``monkeypatch.setenv`` included).
 """
 
 from __future__ import annotations

@@ -66,8 +66,7 @@ def register(agent: Any, wall: float | None = None, mono: float | None = None) -
     """``agent`` has just started (or resumed) run ``agent.run_id``, at ``wall`` (time.time)
     and ``mono`` (time.monotonic) when the caller read them already (now otherwise)."""
     run_id = agent.run_id or ""
-    if run_id in _runs:
-        del _runs[run_id]  # re-inserted last: the dict stays in start order
+    _runs.pop(run_id, None)  # re-inserted last: the dict stays in start order
     _runs[run_id] = (_ref(agent), _running_loop(), _wall() if wall is None else wall,
                      _mono() if mono is None else mono)
     if len(_runs) > _state["prune_at"]:
