@@ -169,6 +169,7 @@ class Run:
         "hooks",
         "default_isolation",
         "human_for",
+        "sessions",
         "runner",
         "wall_offset",
         "started",
@@ -233,6 +234,7 @@ class Run:
         self.hooks = agent._admission_hooks
         self.default_isolation = agent.isolation
         self.human_for = agent._human_hook
+        self.sessions = agent._session_completions
         self.runner: Any = None  # steps inline states (driver.inline_runner), made on first use
         self.started = started = _monotonic()
         self.wall_offset = _time() - started  # wall time = offset + the run's clock
@@ -255,7 +257,6 @@ class Run:
         self.root = root = Group(0, None)
         self.groups: dict[int, Group] = {0: root}
         self.live: dict[int, Activation] = {}
-        self.live_states: dict[str, int] = {}
         self.held_names: dict[str, int] = {}  # name -> groups holding it
         self.graph: ReturnGraph | None = None  # set once a join needs it
         self.completions: dict[str, int] = {}
@@ -285,6 +286,9 @@ class Run:
         self.tracks_deps = True
         self.waiting = []
         self.watch = set()
+        self.live_states: dict[str, int] = {}  # name -> its live activations
+        for act in self.live.values():
+            self.live_states[act.state] = self.live_states.get(act.state, 0) + 1
         self.consumed: dict[tuple[str, str], int] = {}
         # Starts, finishes and their times matter only to dependencies.
         self.finishes: dict[str, int] = {}
@@ -376,8 +380,9 @@ class Run:
             act.attempt = attempt
         # It is live: it counts for joins.
         self.live[act.id] = act
-        live_states = self.live_states
-        live_states[name] = live_states.get(name, 0) + 1
+        if self.tracks_deps:
+            live_states = self.live_states
+            live_states[name] = live_states.get(name, 0) + 1
         g: Group | None = group
         while g is not None:
             g.items += 1
@@ -431,11 +436,12 @@ class Run:
             return
         act.where = GONE
         name = act.state
-        left = self.live_states[name] - 1
-        if left:
-            self.live_states[name] = left
-        else:
-            del self.live_states[name]
+        if self.tracks_deps:
+            left = self.live_states[name] - 1
+            if left:
+                self.live_states[name] = left
+            else:
+                del self.live_states[name]
         g: Group | None = act.group
         while g is not None:
             g.items -= 1
@@ -964,7 +970,7 @@ class Run:
         if self.tracks_deps:
             self.finishes[name] = self.finishes.get(name, 0) + 1
             self.last_completion[name] = now
-        sessions = self.agent._session_completions
+        sessions = self.sessions
         sessions[name] = sessions.get(name, 0) + 1
         if self.observers:
             handed_to = [] if nexts is None else [nexts] if isinstance(nexts, str) else list(nexts)
