@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from . import _validate
+from . import _env, _validate
 from . import events as ev
 from . import live
 from ._types import Priority, ResourceType
@@ -49,19 +49,23 @@ _IDLE, _RUNNING, _PAUSED = AgentStatus.IDLE, AgentStatus.RUNNING, AgentStatus.PA
 _COMPLETED, _FAILED, _CANCELLED = AgentStatus.COMPLETED, AgentStatus.FAILED, AgentStatus.CANCELLED
 _PENDING = StateStatus.PENDING
 _NORMAL = Priority.NORMAL
-_ISOLATION_ENV = b"AGENT_ISOLATION"
-
-
-def _isolation_from_env() -> str | None:
-    """``$AGENT_ISOLATION`` (read from the environment's bytes: ``os.environ.get`` costs an
-    encode and a decode, on every ``Agent()``)."""
-    data = getattr(os.environ, "_data", None)
-    if data is None:
-        return os.environ.get("AGENT_ISOLATION")
-    value = data.get(_ISOLATION_ENV)
-    return None if value is None else os.fsdecode(value)
 
 _log = logging.getLogger("agent")
+_SURELY_SHORT = _validate.MAX_STATE_NAME_BYTES // 4  # characters: at most 4 UTF-8 bytes each
+_run_ids: list[str] = []
+
+
+def _new_run_id() -> str:
+    """A random 128-bit run id in hex: from the OS's random source, 64 at a time."""
+    try:
+        return _run_ids.pop()
+    except IndexError:
+        raw = os.urandom(16 * 64).hex()
+        _run_ids.extend(raw[i:i + 32] for i in range(0, len(raw), 32))
+        return _run_ids.pop()
+
+
+os.register_at_fork(after_in_child=_run_ids.clear)  # a forked child never repeats its parent's ids
 _TERMINAL = frozenset(s.value for s in (AgentStatus.COMPLETED, AgentStatus.FAILED, AgentStatus.CANCELLED))
 
 
@@ -118,7 +122,7 @@ class Agent:
         if on_failure != "fail":
             _on_failure(on_failure, f"agent {name!r}")
         if isolation is None:
-            isolation = _isolation_from_env() or DEFAULT_ISOLATION
+            isolation = _env.get("AGENT_ISOLATION") or DEFAULT_ISOLATION
         self.name = name
         self.isolation = isolation if type(isolation) is Isolation else parse_isolation(isolation)
         self._pool = resource_pool
@@ -135,7 +139,7 @@ class Agent:
         self._states: dict[str, StateSpec] = {}
         self.state_metadata: dict[str, StateMetadata] = {}
         self.completed_states: set[str] = set()
-        self.context = Context(budget=self.context_budget)
+        self.context = Context.empty(self.context_budget)
         self.status = _IDLE
         self.run_id: str | None = None
         self.last_error: BaseException | None = None
@@ -148,7 +152,8 @@ class Agent:
         self._human_hooks: dict[str, Any] = {}
         self._restored: AgentCheckpoint | None = None
         self._fresh_context = True
-        self._graph_checked = False
+        self._metadata_fresh = True  # no run has touched state_metadata yet
+        self._graph_checked = True  # no state has dependencies or next_states (add_state clears it)
         self._graph: ReturnGraph | None = None
         self._log = _log
 
@@ -208,7 +213,8 @@ class Agent:
         ``context_keys`` (key names and ``"prefix*"`` patterns) are the only context keys
         the state may read and write; a sandboxed state without them sees none.
         """
-        _validate.state_name(name, error=WorkflowDefinitionError)
+        if type(name) is not str or not 0 < len(name) <= _SURELY_SHORT:  # else surely a valid name
+            _validate.state_name(name, error=WorkflowDefinitionError)
         if name in self._states:
             raise DuplicateStateError(f"state {name!r} is already added to agent {self.name!r}: use another name")
         check_state_function(name, func)
@@ -248,7 +254,8 @@ class Agent:
         if run is not None:
             check_graph(self.name, {**self._states, name: spec})
         self._states[name] = spec
-        self._graph_checked = False
+        if deps or declared is not None:
+            self._graph_checked = False  # only these can make check_graph fail
         self._graph = None
         self.state_metadata[name] = StateMetadata(
             name, spec.max_retries_with(self.retry_policy), resources, priority, deps, level
@@ -256,7 +263,7 @@ class Agent:
         if run is not None:
             run.retrack()
             if deps:
-                run.tracks_deps = True
+                run.track_dependencies()
                 run.watch.add(name)
                 run.kick()
 
@@ -329,13 +336,18 @@ class Agent:
             check_graph(self.name, self._states)
             self._graph_checked = True
         restored = self._restored
-        names = self._start_names(start) if restored is None else []
+        if restored is not None:
+            names = []
+        elif start is None:
+            names = [next(iter(self._states))]
+        else:
+            names = self._start_names(start)
         if restored is None and not self._fresh_context:
-            self.context = Context(budget=self.context_budget)
+            self.context = Context.empty(self.context_budget)
         if initial_context:
             for key, value in initial_context.items():
                 self.context.set_state(key, value)
-        if restored is None:
+        if restored is None and not self._metadata_fresh:
             self.completed_states.clear()
             for meta in self.state_metadata.values():
                 if meta.status is not _PENDING:
@@ -343,7 +355,8 @@ class Agent:
                 meta.runs = 0
                 meta.waiting_for = None
                 meta.blocked_reason = None
-        self.run_id = restored.run_id if restored is not None and restored.run_id else os.urandom(16).hex()
+        self._metadata_fresh = False
+        self.run_id = restored.run_id if restored is not None and restored.run_id else _new_run_id()
         self.context.run_id = self.run_id
         self._fresh_context = False
         if self.checkpoint_store is None and self.checkpoint_interval:
@@ -358,8 +371,10 @@ class Agent:
         self._run = run
         self._run_closed = None
         self.last_error = None
-        self._set_status(_RUNNING)
-        live.register(self)  # O(1): lets `agent top` and `agent run` read this run's status
+        if _RUNNING not in self.status._next:  # type: ignore[attr-defined]
+            self._set_status(_RUNNING)  # raises, naming the transition
+        self.status = _RUNNING
+        live.register(self, run.wall_offset + run.started, run.started)  # O(1): for `agent top`, `agent run`
         deadline = None if timeout is None else run.clock() + timeout
         saver = None
         if self.checkpoint_interval:
@@ -372,7 +387,8 @@ class Agent:
                 run.start(names)
                 if self.checkpoint_store is not None:
                     self._after_completion(run)  # the run is resumable before its first completion
-            await run.driver.drive(deadline)
+            if not run.settle_now():  # a run whose states never await ends here, without the loop
+                await run.driver.drive(deadline)
         except asyncio.CancelledError:
             self._set_status(AgentStatus.CANCELLED)
             raise
@@ -382,12 +398,17 @@ class Agent:
             if self._run_closed is not None:
                 self._run_closed.set()
         status = _FAILED if run.error is not None else run.final_status
-        self._set_status(status)
+        if status not in self.status._next:  # type: ignore[attr-defined]
+            self._set_status(status)  # raises, naming the transition
+        self.status = status
         self.last_error = run.error
-        if run.observers:
-            run.emit(ev.RUN_FINISHED, status=status.value, error=str(run.error) if run.error else None)
-        if self.checkpoint_store is not None:
-            self._save_checkpoint()
+        try:
+            if run.observers:
+                run.emit(ev.RUN_FINISHED, status=status.value, error=str(run.error) if run.error else None)
+            if self.checkpoint_store is not None:
+                self._save_checkpoint()
+        finally:
+            run.close()
         if run.error is not None:
             raise run.error
         return self.context
@@ -414,7 +435,10 @@ class Agent:
         self.status = status
 
     def _human_hook(self, state: str) -> Any:
-        hook = self._human_hooks[state] = functools.partial(self._ask_human, state)
+        """The human-input hook of ``state``'s attempts (made once per state)."""
+        hook = self._human_hooks.get(state)
+        if hook is None:
+            hook = self._human_hooks[state] = functools.partial(self._ask_human, state)
         return hook
 
     async def _ask_human(self, state: str, *, prompt: str, timeout: float | None, validator: Any,
@@ -587,6 +611,7 @@ class Agent:
         self.status = AgentStatus.PAUSED if resumable else AgentStatus(status)
         self._restored = checkpoint if resumable else None
         self._fresh_context = True
+        self._metadata_fresh = False
         self.last_checkpoint = checkpoint
 
     async def resume_run(self, run_id: str, store: Any = None) -> Context:

@@ -103,7 +103,8 @@ def _mib(n: int) -> str:
 class Context:
     """Key/value data shared by the states of one run."""
 
-    __slots__ = ("_data", "_budget", "_on_write", "_human_input", "_failures", "state_name", "attempt", "run_id")
+    __slots__ = ("_data", "_budget", "_on_write", "_human_input", "_human_for", "_failures", "state_name", "attempt",
+                 "run_id")
 
     def __init__(
         self,
@@ -130,10 +131,23 @@ class Context:
         self._budget = budget
         self._on_write = on_write
         self._human_input = human_input
+        self._human_for: Callable[[str], HumanInputHook] | None = None
         self._failures: dict[str, str] = _NO_FAILURES
         self.state_name = state_name
         self.attempt = attempt
         self.run_id = run_id
+
+    @classmethod
+    def empty(cls, budget: int) -> "Context":
+        """``Context(budget=budget)``, without keyword parsing: one per ``Agent()`` and per run."""
+        context = _new_context(cls)
+        context._data = {}
+        context._budget = ContextBudget(budget)
+        context._on_write = context._human_input = context._human_for = None
+        context._failures = _NO_FAILURES
+        context.state_name = context.run_id = None
+        context.attempt = 0
+        return context
 
     def view(
         self,
@@ -150,24 +164,34 @@ class Context:
             attempt=attempt,
             run_id=self.run_id,
             on_write=on_write if on_write is not None else self._on_write,
-            human_input=human_input if human_input is not None else self._human_input,
+            human_input=human_input if human_input is not None else self._human_hook(),
             budget=self._budget,
         )
         view._failures = self._failures
         return view
 
-    def _attempt_view(self, state_name: str, attempt: int, human_input: HumanInputHook | None) -> "Context":
-        """:meth:`view` for the engine's hot path: positional, no keyword parsing, same result."""
+    def _attempt_view(self, state_name: str, attempt: int, human_for: Callable[[str], HumanInputHook]) -> "Context":
+        """:meth:`view` for the engine's hot path: positional, no keyword parsing. Its
+        human-input hook is ``human_for(state_name)``, made when the state first asks (most
+        never do)."""
         view = _new_context(Context)
         view._data = self._data
         view._budget = self._budget
         view._on_write = self._on_write
-        view._human_input = human_input if human_input is not None else self._human_input
+        view._human_input = self._human_input
+        view._human_for = human_for
         view._failures = self._failures
         view.state_name = state_name
         view.attempt = attempt
         view.run_id = self.run_id
         return view
+
+    def _human_hook(self) -> HumanInputHook | None:
+        """Where :meth:`human_in_the_loop` asks (the engine's hook for this state is made here)."""
+        if self._human_for is not None:
+            self._human_input = self._human_for(self.state_name)  # type: ignore[arg-type]
+            self._human_for = None
+        return self._human_input
 
     def failed_states(self) -> dict[str, str]:
         """States of this run that failed for good so far, with why (their last attempt's reason).
@@ -303,12 +327,13 @@ class Context:
         An answer the validator rejects is asked for again. On timeout the default is
         returned, or :class:`~agent.errors.HumanInputTimeoutError` raised without one.
         """
-        if self._human_input is None:
+        hook = self._human_hook()
+        if hook is None:
             raise HumanInputError(
                 "no human input provider is attached to this context: run the state "
                 "through an Agent, or pass human_input= when building the Context"
             )
-        return await self._human_input(
+        return await hook(
             prompt=prompt, timeout=timeout, validator=validator, default=default
         )
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from . import _env
 from .errors import GPUUnavailableError, InvalidConfigurationError, ResourceError, ResourceRequestError
 
 GPUS_ENV = "AGENT_GPUS"
@@ -192,7 +192,7 @@ _env_inventories: dict[str, StaticInventory] = {}
 def machine_inventory() -> GPUInventory:
     """This machine's GPUs: ``AGENT_GPUS`` when set, else NVML (each read once per process)."""
     global _nvml
-    text = os.environ.get(GPUS_ENV)
+    text = _env.get(GPUS_ENV)
     if text:
         inventory = _env_inventories.get(text)
         if inventory is None:

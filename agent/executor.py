@@ -45,25 +45,28 @@ class Isolation(str, enum.Enum):
     @classmethod
     def parse(cls, value: "Isolation | str") -> "Isolation":
         """The level named by ``value``; a level this machine cannot serve at all is refused here."""
-        if isinstance(value, Isolation):
-            level = value
-        else:
-            try:
-                level = _BY_NAME[value]
-            except (KeyError, TypeError):
+        level = _BY_NAME.get(value) if type(value) is str else None  # the common case: a level's name
+        if level is None:
+            if isinstance(value, Isolation):
+                level = value
+            else:
                 try:
-                    level = cls(str(value).lower())
-                except ValueError:
-                    choices = ", ".join(repr(m.value) for m in cls)
-                    raise IsolationUnavailableError(
-                        f"unknown isolation level {value!r}: use one of {choices}"
-                    ) from None
-        if level is Isolation.RAY:
+                    level = _BY_NAME[value]
+                except (KeyError, TypeError):
+                    try:
+                        level = cls(str(value).lower())
+                    except ValueError:
+                        choices = ", ".join(repr(m.value) for m in cls)
+                        raise IsolationUnavailableError(
+                            f"unknown isolation level {value!r}: use one of {choices}"
+                        ) from None
+        if level is _RAY:
             require_ray()
         return level
 
 
 _BY_NAME: dict[str, Isolation] = {level.value: level for level in Isolation}
+_RAY = Isolation.RAY
 parse_isolation = Isolation.parse
 """``Isolation.parse`` as a plain name (an Enum class's attributes are slow to read in 3.11)."""
 

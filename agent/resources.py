@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _validate
+from . import _env, _validate
 from ._types import Priority, ResourceType
 from .devices import GPUAllocator, GPUDevice, GPUInventory, machine_inventory
 from .errors import GPUUnavailableError, QuotaExceededError, ResourceError, ResourceRequestError
@@ -30,6 +30,10 @@ from .preemption import Holder, PreemptionPolicy
 from .quotas import Quota, QuotaBook, QuotaBreach, QuotaMode
 
 _ALL_TYPES = ResourceType.ALL
+# Members as module names: reading one from its class goes through the enum metaclass in 3.11.
+_CPU, _MEMORY, _IO, _NETWORK, _GPU = (ResourceType.CPU, ResourceType.MEMORY, ResourceType.IO,
+                                      ResourceType.NETWORK, ResourceType.GPU)
+_INF = math.inf
 
 
 @dataclass
@@ -57,21 +61,32 @@ class ResourceRequirements:
     pids_max: int | None = None
 
     def __post_init__(self) -> None:
+        # Each check in full only when the quick one does not pass: requests are made per
+        # state, often per run.
         error = ResourceRequestError
-        for name in ("cpu_units", "memory_mb", "io_weight", "network_weight", "gpu_units"):
-            _validate.number(getattr(self, name), f"ResourceRequirements.{name}", error=error)
+        for value in (self.cpu_units, self.memory_mb, self.io_weight, self.network_weight, self.gpu_units):
+            if (type(value) is not float and type(value) is not int) or not 0.0 <= value < _INF:
+                for name in ("cpu_units", "memory_mb", "io_weight", "network_weight", "gpu_units"):
+                    _validate.number(getattr(self, name), f"ResourceRequirements.{name}", error=error)
+                break
         if self.gpu_units > 1 and self.gpu_units != int(self.gpu_units):
             raise ResourceRequestError(
                 f"gpu_units={self.gpu_units}: ask for whole GPUs (1, 2, ...) or a share of one (< 1)"
             )
-        _validate.number(self.timeout, "ResourceRequirements.timeout", error=error, above=True, none=True,
-                         unit="seconds")
-        self.priority = _validate.member(Priority, self.priority, "ResourceRequirements.priority", error=error)
-        self.resource_types = _validate.member(
-            ResourceType, self.resource_types, "ResourceRequirements.resource_types", error=error
-        )
-        for name in ("io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops", "pids_max"):
-            _validate.integer(getattr(self, name), f"ResourceRequirements.{name}", error=error, minimum=1, none=True)
+        if self.timeout is not None:
+            _validate.number(self.timeout, "ResourceRequirements.timeout", error=error, above=True, none=True,
+                             unit="seconds")
+        if type(self.priority) is not Priority:
+            self.priority = _validate.member(Priority, self.priority, "ResourceRequirements.priority", error=error)
+        if self.resource_types is not _ALL_TYPES:
+            self.resource_types = _validate.member(
+                ResourceType, self.resource_types, "ResourceRequirements.resource_types", error=error
+            )
+        if (self.io_read_bps is not None or self.io_write_bps is not None or self.io_read_iops is not None
+                or self.io_write_iops is not None or self.pids_max is not None):
+            for name in ("io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops", "pids_max"):
+                _validate.integer(getattr(self, name), f"ResourceRequirements.{name}", error=error, minimum=1,
+                                  none=True)
 
     def amounts(self) -> dict[ResourceType, float]:
         """The accounted amount per resource type (only the types in ``resource_types``)."""
@@ -79,15 +94,15 @@ class ResourceRequirements:
         if types is _ALL_TYPES:  # the common case, without Flag membership tests (hot path)
             out = {}
             if self.cpu_units:
-                out[ResourceType.CPU] = float(self.cpu_units)
+                out[_CPU] = float(self.cpu_units)
             if self.memory_mb:
-                out[ResourceType.MEMORY] = float(self.memory_mb)
+                out[_MEMORY] = float(self.memory_mb)
             if self.io_weight:
-                out[ResourceType.IO] = float(self.io_weight)
+                out[_IO] = float(self.io_weight)
             if self.network_weight:
-                out[ResourceType.NETWORK] = float(self.network_weight)
+                out[_NETWORK] = float(self.network_weight)
             if self.gpu_units:
-                out[ResourceType.GPU] = float(self.gpu_units)
+                out[_GPU] = float(self.gpu_units)
             return out
         out = {}
         if ResourceType.CPU in types and self.cpu_units:
@@ -990,7 +1005,7 @@ def default_pool() -> ResourcePool:
     ``AGENT_DAEMON=1`` it is agentd's box-wide pool instead (:mod:`agent.daemon.remote`).
     """
     global _default
-    if os.environ.get("AGENT_DAEMON") == "1":
+    if _env.get("AGENT_DAEMON") == "1":
         import importlib
 
         return importlib.import_module("agent.daemon.remote").daemon_pool()  # type: ignore[no-any-return]

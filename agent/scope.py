@@ -81,7 +81,7 @@ class ScopedContext(Context):
         """A scoped view on the same store as ``context``, with its hooks."""
         scoped = cls(
             context._data, scope, state_name=context.state_name, attempt=context.attempt,
-            run_id=context.run_id, on_write=context._on_write, human_input=context._human_input,
+            run_id=context.run_id, on_write=context._on_write, human_input=context._human_hook(),
             budget=context._budget,
         )
         scoped._failures = context._failures

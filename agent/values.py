@@ -48,6 +48,7 @@ from typing import Any, TypeVar, Union
 
 import msgpack
 
+from . import _env
 from .errors import (
     BoundExceededError,
     CheckpointError,
@@ -95,7 +96,7 @@ _FIX = (
 
 def max_frame_from_env() -> int:
     """The frame cap: ``AGENT_IPC_MAX_FRAME`` bytes, else 64 MiB."""
-    raw = os.environ.get("AGENT_IPC_MAX_FRAME")
+    raw = _env.get("AGENT_IPC_MAX_FRAME")
     if not raw:
         return DEFAULT_MAX_FRAME
     try:

@@ -64,7 +64,7 @@ class StateSpec:
         if self.max_retries is not None:
             return self.max_retries
         policy = self.retry_policy or default_policy
-        return policy.max_retries if policy is not None else 0
+        return 0 if policy is None else policy.max_retries
 
     @property
     def effective_timeout(self) -> float | None:
@@ -76,6 +76,7 @@ class StateSpec:
 # --- state functions ---------------------------------------------------------------------
 
 _CO_COROUTINE = inspect.CO_COROUTINE
+_FunctionType = types.FunctionType
 _CO_VARARGS = inspect.CO_VARARGS
 
 
@@ -86,8 +87,10 @@ def check_state_function(name: str, func: Any) -> None:
     ``add_state``); anything else (methods, partials, callable objects) through
     :mod:`inspect`.
     """
-    if type(func) is types.FunctionType:
+    if type(func) is _FunctionType:
         code = func.__code__
+        if code.co_argcount == 1 and not code.co_kwonlyargcount and code.co_flags & _CO_COROUTINE:
+            return  # async def f(context): the common case
         if not code.co_flags & _CO_COROUTINE:
             raise _not_coroutine(name, func)
         positional = code.co_argcount
@@ -217,18 +220,20 @@ def function_returns(func: Any) -> frozenset[str] | None:
     return _code_returns(func.__code__, func)
 
 
-_returns_cache: dict[types.CodeType, frozenset[str] | None] = {}
+# id(code) -> (code, what it returns): by identity, as hashing a code object hashes all of
+# its contents on every lookup; holding the code keeps its id from being reused.
+_returns_cache: dict[int, tuple[types.CodeType, frozenset[str] | None]] = {}
 
 
 def _code_returns(code: types.CodeType, func: types.FunctionType) -> frozenset[str] | None:
-    found = _returns_cache.get(code, _UNREADABLE)
-    if found is not _UNREADABLE:
-        return found  # type: ignore[return-value]
+    cached = _returns_cache.get(id(code))
+    if cached is not None and cached[0] is code:
+        return cached[1]
     found = _source_returns(func)
     if found is _UNREADABLE:
         found = _bytecode_returns(code)
-    _returns_cache[code] = found
-    return found
+    _returns_cache[id(code)] = (code, found)
+    return found  # type: ignore[no-any-return]
 
 
 _UNREADABLE = object()
@@ -360,7 +365,13 @@ class ReturnGraph:
         found = self._direct.get(name, _UNREADABLE)
         if found is _UNREADABLE:
             spec = self._specs.get(name)
-            found = self._direct[name] = declared_returns(spec) if spec is not None else frozenset()
+            if spec is None:
+                found = frozenset()
+            elif spec.next_states is None and type(spec.func) is _FunctionType:  # the common case
+                found = _code_returns(spec.func.__code__, spec.func)
+            else:
+                found = declared_returns(spec)
+            self._direct[name] = found
         return found  # type: ignore[return-value]
 
     def reach(self, name: str) -> frozenset[str] | None:
@@ -373,7 +384,7 @@ class ReturnGraph:
             return None
         # The common case: every successor is known already and there is no loop back.
         known = self._reach
-        if name not in succ and all(s in known for s in succ):
+        if name not in succ and succ <= known.keys():
             out = set(succ)
             for s in succ:
                 further = known[s]

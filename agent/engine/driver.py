@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import traceback
+import types
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +26,33 @@ if TYPE_CHECKING:
     from .run import Activation, Run
 
 
+RETURNED = object()
+"""First item of what :func:`inline_runner` yields when the coroutine it runs has returned."""
+
+
+@types.coroutine
+def inline_runner(coro: Any) -> Generator[Any, Any, None]:
+    """Runs inline state coroutines one after another, each stepped with ``send``.
+
+    Started with ``send(None)``, then given each next coroutine with ``send(coro)``. A
+    coroutine that returns comes back as ``(RETURNED, result)``; one that awaits
+    something leaves the runner in the middle of it (a task continues it,
+    :class:`_Resume`), and one that raises ends the runner. Stepping each coroutine
+    with ``coro.send(None)`` would raise and catch a StopIteration per state, which
+    costs more than everything else a no-op state does.
+    """
+    while True:
+        result = yield from coro
+        coro = yield (RETURNED, result)
+
+
+def returned(yielded: Any) -> bool:
+    """Whether ``yielded`` (from :func:`inline_runner`) says its coroutine returned."""
+    return type(yielded) is tuple and len(yielded) == 2 and yielded[0] is RETURNED
+
+
 class _Resume:
-    """Continues a coroutine that was stepped once eagerly, inside a Task."""
+    """Continues an :func:`inline_runner` stepped eagerly, inside a Task, until its coroutine returns."""
 
     __slots__ = ("coro", "first")
 
@@ -53,6 +79,8 @@ class _Resume:
                     yielded = coro.send(sent)
                 except StopIteration as stop:
                     return stop.value
+            if returned(yielded):
+                return yielded[1]
 
 
 def exception_reason(exc: BaseException) -> FailureReason:
@@ -135,7 +163,8 @@ class Driver:
     # --- attempts ----------------------------------------------------------------------
 
     def continue_inline(self, act: "Activation", coro: Any, first: Any) -> None:
-        """An inline coroutine the run stepped once awaits something: go on in a task."""
+        """An inline state the run stepped (``coro``: its :func:`inline_runner`) awaits
+        something (``first``): go on in a task."""
         act.task = task = self.loop.create_task(self._continue_inline(act, coro, first))
         task.add_done_callback(functools.partial(self._task_done, act))
 

@@ -27,9 +27,9 @@ this run through :meth:`Run.on_grant`.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -51,12 +51,18 @@ from ..errors import (
 )
 from ..executor import Attempt, Isolation
 from ..scope import ScopedContext, scope_for
-from ..state import AttemptRecord
+from ..state import AttemptRecord, StateMetadata
 from ..status import AgentStatus, StateStatus
 from .admission import Admission
-from .driver import Driver, exception_reason
+from .driver import RETURNED, Driver, exception_reason, inline_runner
 
 _NO_USAGE: dict[str, Any] = {}  # what an inline attempt measured (nothing); never written to
+_NOTHING: tuple[()] = ()  # the dependency queues of a run without dependencies: empty, never written
+_monotonic = time.monotonic
+_time = time.time
+_new = object.__new__
+_proxy = weakref.proxy
+_ProxyType = weakref.ProxyType
 
 if TYPE_CHECKING:
     from ..agent import Agent
@@ -81,6 +87,8 @@ _INLINE = Isolation.INLINE
 _SANDBOX = Isolation.SANDBOX
 
 _FINISHED_FOR_GOOD = (_FAILED, _TIMEOUT, _CANCELLED, _BLOCKED)
+_RUN_COMPLETED = AgentStatus.COMPLETED
+_HISTORY_LIMIT = StateMetadata.HISTORY_LIMIT
 
 # Where an activation is (Activation.where).
 NEW, READY, QUEUED, GRANTED, RUNNING, WAITING, RETRYING, PAUSED, GONE = range(9)
@@ -104,6 +112,7 @@ class Activation:
     where = NEW
     front = False  # requeued after a preemption: ahead of its level
     holds = False  # holds a grant from the pool
+    reach: frozenset[str] | None  # what it could return (ReturnGraph.reach), once a run tracks joins
 
     def __init__(self, aid: int, state: str, priority: int, group: "Group") -> None:
         self.id = aid
@@ -151,7 +160,6 @@ class Run:
         "context",
         "observers",
         "cleanup_timeout",
-        "log",
         "clock",
         "specs",
         "metadata",
@@ -160,9 +168,13 @@ class Run:
         "max_steps",
         "hooks",
         "default_isolation",
-        "default_on_failure",
-        "driver",
-        "_ids",
+        "human_for",
+        "sessions",
+        "runner",
+        "wall_offset",
+        "started",
+        "_driver",
+        "_next_id",
         "_admission",
         "ready",
         "n_ready",
@@ -170,7 +182,6 @@ class Run:
         "queued",
         "pooled",
         "running",
-        "waiting",
         "retrying",
         "paused",
         "root",
@@ -179,14 +190,15 @@ class Run:
         "live_states",
         "held_names",
         "graph",
+        "completions",
+        "tracks_deps",
+        "waiting",
         "watch",
         "consumed",
-        "completions",
         "finishes",
         "starts",
         "last_completion",
         "last_start",
-        "watch_since",
         "rechecks",
         "steps",
         "error",
@@ -196,9 +208,6 @@ class Run:
         "final_status",
         "pause_requested",
         "pumping",
-        "tracks_deps",
-        "human_hooks",
-        "wall_offset",
     )
 
     def __init__(
@@ -216,8 +225,7 @@ class Run:
         context._failures = {}  # shared by every view of this run: context.failed_states()
         self.observers = observers
         self.cleanup_timeout = cleanup_timeout
-        self.log: logging.Logger = agent._log
-        self.clock = time.monotonic
+        self.clock = _monotonic
         self.specs: dict[str, StateSpec] = agent._states
         self.metadata = agent.state_metadata
         self.completed = agent.completed_states
@@ -225,52 +233,90 @@ class Run:
         self.max_steps = agent.max_steps
         self.hooks = agent._admission_hooks
         self.default_isolation = agent.isolation
-        self.default_on_failure = agent.on_failure
-        self.human_hooks = agent._human_hooks
-        self.wall_offset = time.time() - time.monotonic()  # wall time = offset + the run's clock
-        self.driver = Driver(self)
-        self._ids = itertools.count(1)
+        self.human_for = agent._human_hook
+        self.sessions = agent._session_completions
+        self.runner: Any = None  # steps inline states (driver.inline_runner), made on first use
+        self.started = started = _monotonic()
+        self.wall_offset = _time() - started  # wall time = offset + the run's clock
+        self._driver: Driver | None = None  # made when something must wait on the loop
+        self._next_id = 1  # activations and groups
         self._admission: Admission | None = None
         # The queues (see the module docstring). ``running`` is keyed by state: a state
         # never runs concurrently with itself within a run.
-        # Ready activations, one FIFO per priority (index = Priority value); ``n_ready`` in all.
-        self.ready: tuple[deque[Activation], ...] = (deque(), deque(), deque(), deque())
+        # Ready activations, one FIFO per priority (index = Priority value, made on first
+        # use); ``n_ready`` in all.
+        self.ready: list[deque[Activation] | None] = [None, None, None, None]
         self.n_ready = 0
         self.granted: list[Activation] = []
         self.queued: dict[str, Activation] = {}  # by pool owner key
-        self.pooled: set[str] = set()  # states queued in or granted by the pool, not started yet
+        self.pooled: dict[str, None] = {}  # states queued in or granted by the pool, not started yet
         self.running: dict[str, Activation] = {}
-        self.waiting: list[Activation] = []  # whose dependencies are not met
         self.retrying: dict[int, Activation] = {}  # sleeping before a retry
         self.paused: list[Activation] = []
         # Joins: the group tree, live activations, what they could return.
-        self.root = Group(0, None)
-        self.groups: dict[int, Group] = {0: self.root}
+        self.root = root = Group(0, None)
+        self.groups: dict[int, Group] = {0: root}
         self.live: dict[int, Activation] = {}
-        self.live_states: dict[str, int] = {}
         self.held_names: dict[str, int] = {}  # name -> groups holding it
         self.graph: ReturnGraph | None = None  # set once a join needs it
-        # Dependencies.
-        self.watch: set[str] = set()  # dependency-driven states not (re)triggered yet
-        self.consumed: dict[tuple[str, str], int] = {}
         self.completions: dict[str, int] = {}
-        # Starts, finishes and their times matter only to dependencies.
-        self.tracks_deps = any(spec.dependencies for spec in self.specs.values())
-        self.finishes: dict[str, int] = {}
-        self.starts: dict[str, int] = {}
-        self.last_completion: dict[str, float] = {}
-        self.last_start: dict[str, float] = {}
-        self.watch_since = self.clock()
-        self.rechecks: set[float] = set()
+        # Dependencies: their bookkeeping exists only in a run with dependencies
+        # (track_dependencies); until then these are empty and never written.
+        self.tracks_deps = False
+        self.waiting: list[Activation] = _NOTHING  # type: ignore[assignment]  # whose dependencies are not met
+        self.watch: set[str] = _NOTHING  # type: ignore[assignment]  # dependency-driven states not (re)triggered yet
+        for spec in self.specs.values():
+            if spec.dependencies:
+                self.track_dependencies()
+                break
         # Outcome.
         self.steps = 0
         self.error: BaseException | None = None
         self.failures: dict[str, FailureReason] = {}  # failed for good under on_failure="continue"
         self.failed_frames: list[dict[str, Any]] = []  # what a resume of a failed run re-runs
         self.done = False
-        self.final_status = AgentStatus.COMPLETED
+        self.final_status = _RUN_COMPLETED
         self.pause_requested = False
         self.pumping = False
+
+    def track_dependencies(self) -> None:
+        """Keep the bookkeeping dependencies need (a state with dependencies exists)."""
+        if self.tracks_deps:
+            return
+        self.tracks_deps = True
+        self.waiting = []
+        self.watch = set()
+        self.live_states: dict[str, int] = {}  # name -> its live activations
+        for act in self.live.values():
+            self.live_states[act.state] = self.live_states.get(act.state, 0) + 1
+        self.consumed: dict[tuple[str, str], int] = {}
+        # Starts, finishes and their times matter only to dependencies.
+        self.finishes: dict[str, int] = {}
+        self.starts: dict[str, int] = {}
+        self.last_completion: dict[str, float] = {}
+        self.last_start: dict[str, float] = {}
+        self.rechecks: set[float] = set()
+
+    @property
+    def log(self) -> logging.Logger:
+        return self.agent._log
+
+    @property
+    def default_on_failure(self) -> str:
+        return self.agent.on_failure
+
+    @property
+    def driver(self) -> Driver:
+        """The run's asyncio side, made on first use: a run whose states never await needs none."""
+        driver = self._driver
+        if driver is None:
+            driver = self._driver = Driver(self)
+        return driver
+
+    def new_id(self) -> int:
+        aid = self._next_id
+        self._next_id = aid + 1
+        return aid
 
     # --- events ---------------------------------------------------------------------
 
@@ -295,12 +341,15 @@ class Run:
 
     def start(self, names: list[str]) -> None:
         """Schedule the start states and watch every dependency-driven state."""
-        self.emit(ev.RUN_STARTED)
-        for name, spec in self.specs.items():
-            if spec.dependencies and name not in names:
-                self.watch.add(name)
-                self.add_dependency_timers(name, self.watch_since)
-        names = list(dict.fromkeys(names))
+        if self.observers:
+            self.emit(ev.RUN_STARTED)
+        if self.tracks_deps:
+            for name, spec in self.specs.items():
+                if spec.dependencies and name not in names:
+                    self.watch.add(name)
+                    self.add_dependency_timers(name, self.started)
+        if len(names) > 1:
+            names = list(dict.fromkeys(names))
         self.root.unfinished += len(names)
         for name in names:
             self.activate(name, self.root)
@@ -318,21 +367,29 @@ class Run:
                 "a state probably loops forever: add an exit condition or raise Agent(max_steps=...)"
             ))
             return None
-        act = Activation(next(self._ids), name, spec.priority._value_, group)
+        # Activation(...), without the constructor call: one per state started.
+        act = _new(Activation)
+        act.id = aid = self._next_id
+        self._next_id = aid + 1
+        act.state = act.owner = name
+        act.priority = priority = spec.priority._value_
+        act.group = group
         if via_dependency:
             act.via_dependency = True
         if attempt:
             act.attempt = attempt
         # It is live: it counts for joins.
         self.live[act.id] = act
-        live_states = self.live_states
-        live_states[name] = live_states.get(name, 0) + 1
+        if self.tracks_deps:
+            live_states = self.live_states
+            live_states[name] = live_states.get(name, 0) + 1
         g: Group | None = group
         while g is not None:
             g.items += 1
             g = g.parent
         if self.graph is not None:
-            self._count(group, name, 1)
+            act.reach = reach = self.graph.reach(name)
+            self._count(group, reach, 1)
         meta = self.metadata[name]
         meta.attempts = attempt
         if meta.error is not None or meta.blocked_reason is not None:
@@ -345,12 +402,15 @@ class Run:
             self.waiting.append(act)
             self.add_dependency_timers(name, act.waiting_since)
             return act
-        # make_ready(act), inlined: the hot path.
-        meta.set_status(_READY)
+        # make_ready(act), inlined: the hot path (READY is allowed after every status).
+        meta.status = _READY
         if meta.waiting_for is not None:
             meta.waiting_for = None
         act.where = READY
-        self.ready[act.priority].append(act)
+        level = self.ready[priority]
+        if level is None:
+            level = self.ready[priority] = deque()
+        level.append(act)
         self.n_ready += 1
         return act
 
@@ -359,8 +419,14 @@ class Run:
         meta.set_status(_READY)
         meta.waiting_for = None
         act.where = READY
-        self.ready[act.priority].append(act)
+        self._ready_level(act.priority).append(act)
         self.n_ready += 1
+
+    def _ready_level(self, priority: int) -> deque[Activation]:
+        level = self.ready[priority]
+        if level is None:
+            level = self.ready[priority] = deque()
+        return level
 
     # --- joins ----------------------------------------------------------------------------
 
@@ -370,17 +436,18 @@ class Run:
             return
         act.where = GONE
         name = act.state
-        left = self.live_states[name] - 1
-        if left:
-            self.live_states[name] = left
-        else:
-            del self.live_states[name]
+        if self.tracks_deps:
+            left = self.live_states[name] - 1
+            if left:
+                self.live_states[name] = left
+            else:
+                del self.live_states[name]
         g: Group | None = act.group
         while g is not None:
             g.items -= 1
             g = g.parent
         if self.graph is not None:
-            self._count(act.group, name, -1)
+            self._count(act.group, act.reach, -1)
 
     def _hold(self, group: Group, name: str) -> None:
         group.held[name] = 1
@@ -388,8 +455,9 @@ class Run:
         for g in group.chain():
             g.items += 1
         if self.graph is not None:
-            self._count(group, name, 1)
-            self._count_held(group, name, 1)
+            reach = self.graph.reach(name)
+            self._count(group, reach, 1)
+            self._count_held(group, reach, 1)
 
     def _unhold(self, group: Group, name: str) -> int:
         arrivals = group.held.pop(name)
@@ -401,19 +469,23 @@ class Run:
         for g in group.chain():
             g.items -= 1
         if self.graph is not None:
-            self._count(group, name, -1)
-            self._count_held(group, name, -1)
+            reach = self.graph.reach(name)
+            self._count(group, reach, -1)
+            self._count_held(group, reach, -1)
         return arrivals
 
     def _track(self) -> None:
         """Start counting what everything live or held could return (a group has company now)."""
-        self.graph = self.agent._return_graph()
+        self.graph = graph = self.agent._return_graph()
+        count = self._count
         for act in self.live.values():
-            self._count(act.group, act.state, 1)
+            act.reach = reach = graph.reach(act.state)
+            count(act.group, reach, 1)
         for group in self.groups.values():
             for name in group.held:
-                self._count(group, name, 1)
-                self._count_held(group, name, 1)
+                reach = graph.reach(name)
+                count(group, reach, 1)
+                self._count_held(group, reach, 1)
 
     def retrack(self) -> None:
         """The workflow changed mid-run (a state was added): count what is reachable anew."""
@@ -424,8 +496,7 @@ class Run:
                 group.wild = group.held_wild = 0
             self._track()
 
-    def _count_held(self, group: Group, name: str, delta: int) -> None:
-        reach = self.graph.reach(name)  # type: ignore[union-attr]
+    def _count_held(self, group: Group, reach: frozenset[str] | None, delta: int) -> None:
         if reach is None:
             group.held_wild += delta
             return
@@ -433,8 +504,8 @@ class Run:
         for target in reach:
             pot[target] = pot.get(target, 0) + delta
 
-    def _count(self, group: Group, name: str, delta: int) -> None:
-        reach = self.graph.reach(name)  # type: ignore[union-attr]
+    def _count(self, group: Group, reach: frozenset[str] | None, delta: int) -> None:
+        """Count an item that could return ``reach`` (None: anything) in ``group`` and those above."""
         g: Group | None = group
         if reach is None:
             while g is not None:
@@ -447,40 +518,24 @@ class Run:
                 pot[target] = pot.get(target, 0) + delta
             g = g.parent
 
-    def _reachable(self, group: Group, name: str, held_itself: bool = False) -> bool:
-        """Whether something in ``group`` could still return ``name``.
+    def _reachable(self, group: Group, name: str) -> bool:
+        """Whether another branch of ``group`` could still return ``name``, handed over by one.
 
-        For a name handed over by a branch (``held_itself`` false), what counts is what
-        the *other branches* still run, nested holds included; the names already held
-        here are branches that arrived and wait for those, so they do not count. For a
-        held name, everything else in the group counts, the other held names too (one
-        that leads to ``name`` runs first).
+        What counts is what the *other branches* still run, nested holds included; the
+        names already held here are branches that arrived and wait for those, so they do
+        not count. (For a held name, see :meth:`_release_held`.)
         """
-        if held_itself:
-            items = group.items - 1
-        else:
-            items = group.items - len(group.held)
-        if items <= 0:
+        if group.items - len(group.held) <= 0:
             return False
         if self.graph is None:
             self._track()
-        wild, pot = group.wild, group.pot.get(name, 0)
-        if held_itself:
-            reach = self.graph.reach(name)  # type: ignore[union-attr]
-            if reach is None:
-                wild -= 1
-            elif name in reach:
-                pot -= 1
-        else:
-            wild -= group.held_wild
-            pot -= group.held_pot.get(name, 0)
-        return wild > 0 or pot > 0
+        return group.wild - group.held_wild > 0 or group.pot.get(name, 0) - group.held_pot.get(name, 0) > 0
 
     def hand_over(self, group: Group, names: str | list[str]) -> None:
         """A branch of ``group`` returned ``names`` (see the module docstring)."""
         if type(names) is list:
             if len(names) > 1:  # a fan-out: each name starts at once as a branch of a new group
-                child = Group(next(self._ids), group)
+                child = Group(self.new_id(), group)
                 self.groups[child.id] = child
                 child.unfinished = len(names)
                 for name in names:
@@ -532,17 +587,37 @@ class Run:
             g = parent
 
     def _release_held(self, group: Group) -> None:
+        """Start the names held in ``group`` that nothing else in it can return any more.
+
+        For a held name, everything else in the group counts, the other held names too
+        (one that leads to ``name`` runs first).
+        """
         released = False
-        for name in list(group.held):
-            if name in group.held and not self._reachable(group, name, held_itself=True):
-                self._start_held(group, name)
-                released = True
-                if self.done:
-                    return
+        held = group.held
+        for name in list(held):
+            if name not in held:
+                continue
+            if group.items > 1:  # something besides ``name`` itself: could it return ``name``?
+                graph = self.graph
+                if graph is None:
+                    self._track()
+                    graph = self.graph
+                reach = graph.reach(name)  # type: ignore[union-attr]
+                wild, pot = group.wild, group.pot.get(name, 0)
+                if reach is None:
+                    wild -= 1
+                elif name in reach:
+                    pot -= 1
+                if wild > 0 or pot > 0:
+                    continue
+            self._start_held(group, name)
+            released = True
+            if self.done:
+                return
         # Held names can only wait for each other (two that lead to each other): with
         # nothing else left in the group, the oldest starts, which breaks the tie.
-        if not released and group.held and group.items == len(group.held):
-            self._start_held(group, next(iter(group.held)))
+        if not released and held and group.items == len(held):
+            self._start_held(group, next(iter(held)))
 
     def _start_held(self, group: Group, name: str) -> None:
         self._unhold(group, name)
@@ -574,8 +649,8 @@ class Run:
             self.pumping = False
 
     def kick(self) -> None:
-        if not self.pumping:
-            self.driver.kick()
+        if not self.pumping and self._driver is not None:
+            self._driver.kick()
 
     def on_grant(self, act: Activation) -> None:
         """The pool granted ``act``'s queued request (called while the pool settles)."""
@@ -593,7 +668,7 @@ class Run:
             if self.done:
                 break
             if self.pause_requested:
-                self.pooled.discard(act.state)
+                self.pooled.pop(act.state, None)
                 self._release(act, {})
                 act.where = PAUSED
                 self.paused.append(act)
@@ -612,12 +687,11 @@ class Run:
         specs = self.specs
         while self.n_ready:
             if limit is not None and len(running) + len(self.queued) + len(self.granted) >= limit:
-                for level in levels:
-                    for act in level:
-                        self.metadata[act.state].waiting_for = f"max_concurrent={limit}"
+                for act in self.ready_activations():
+                    self.metadata[act.state].waiting_for = f"max_concurrent={limit}"
                 break
             level = levels[3] or levels[2] or levels[1] or levels[0]
-            act = level.popleft()
+            act = level.popleft()  # type: ignore[union-attr]  # n_ready > 0: some level holds one
             self.n_ready -= 1
             name = act.state
             if name in running or name in self.pooled:  # never concurrently with itself
@@ -632,17 +706,17 @@ class Run:
             if self.done:
                 break
         for act in reversed(deferred):  # back at the front, in their order
-            levels[act.priority].appendleft(act)
+            self._ready_level(act.priority).appendleft(act)
             self.n_ready += 1
         return launched
 
     def ready_activations(self) -> list[Activation]:
         """The ready activations in the order they would start."""
-        return [act for level in reversed(self.ready) for act in level]
+        return [act for level in reversed(self.ready) if level is not None for act in level]
 
     def admit(self, act: Activation, req: Any) -> bool:
         """Ask the pool for ``act``'s resources; True when granted now, else it waits in the queue."""
-        admission = self.admission
+        admission = self._admission or self.admission
         act.owner = admission.owner_for(act.state, self.run_id)
         try:
             granted = admission.request(self, act, req)
@@ -658,7 +732,7 @@ class Run:
             return True
         act.where = QUEUED
         self.queued[act.owner] = act
-        self.pooled.add(act.state)
+        self.pooled[act.state] = None
         why = "resources: " + admission.why_waiting(act.owner)
         self.metadata[act.state].waiting_for = why
         self.emit(ev.STATE_QUEUED, act.state, data={"waiting_for": why})
@@ -687,14 +761,17 @@ class Run:
             act.stop_reason = None
         act.where = RUNNING
         if self.pooled:
-            self.pooled.discard(name)
+            self.pooled.pop(name, None)
         act.started_at = now = self.clock()
         self.running[name] = act
         if self.tracks_deps:
             self.starts[name] = self.starts.get(name, 0) + 1
             self.last_start[name] = now
         meta = self.metadata[name]
-        meta.set_status(_RUNNING)
+        if meta.status is _READY:
+            meta.status = _RUNNING
+        else:
+            meta.set_status(_RUNNING)
         meta.attempts = number
         meta.total_attempts += 1
         if meta.waiting_for is not None:
@@ -704,34 +781,41 @@ class Run:
         if self.observers:  # what it holds from the pool, for the allocation metrics
             self.emit(ev.STATE_STARTED, name, attempt=number,
                       data={"resources": spec.resources} if spec.resources is not None else {})
-        hook = self.human_hooks.get(name) or self.agent._human_hook(name)
-        view = self.context._attempt_view(name, number, hook)
+        view = self.context._attempt_view(name, number, self.human_for)
         isolation = spec.isolation or self.default_isolation
         if spec.context_keys is not None or isolation is _SANDBOX:  # add_state(context_keys=...)
             view = ScopedContext.over(view, scope_for(isolation, spec.context_keys))  # type: ignore[arg-type]
         if isolation is _INLINE and not self.hooks:
             # Stepped eagerly: a state that never awaits finishes here, without a task.
+            runner = self.runner
             try:
                 coro = spec.func(view)
-                first = coro.send(None)
-            except StopIteration as stop:
+                if runner is None:
+                    self.runner = runner = inline_runner(coro)
+                    out = runner.send(None)
+                else:
+                    out = runner.send(coro)
+            except (KeyboardInterrupt, SystemExit):
+                self.runner = None
+                raise
+            except BaseException as exc:  # noqa: BLE001 - the state's own failure (it ended the runner)
+                self.runner = None
+                self.finished(act, None, exception_reason(exc), _NO_USAGE)
+                return
+            if type(out) is tuple and len(out) == 2 and out[0] is RETURNED:  # returned(out), inlined
                 # What finished() does for an attempt that returned, for this common case.
                 try:
                     del self.running[name]
                     meta.finished_at = end = self.clock()
                     if act.holds:
                         self._release(act, _NO_USAGE)
-                    self.succeeded(act, stop.value, end - now, _NO_USAGE, end)
+                    self.succeeded(act, out[1], end - now, _NO_USAGE, end)
                 except Exception as exc:  # an engine bug must end the run visibly, not hang it
                     self.log.exception("internal error while finishing %r", name)
                     self.fail(exc)
                 return
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:  # noqa: BLE001 - the state's own failure
-                self.finished(act, None, exception_reason(exc), _NO_USAGE)
-                return
-            self.driver.continue_inline(act, coro, first)
+            self.runner = None  # it is inside this state's coroutine now: a task continues it
+            self.driver.continue_inline(act, runner, out)
         else:
             attempt = Attempt(
                 run_id=self.run_id,
@@ -791,8 +875,8 @@ class Run:
         if stop is None and failure is None:  # the common case: it returned
             if act.holds:
                 self._release(act, usage)
-            if not self.pumping:
-                self.driver.kick()
+            if not self.pumping and self._driver is not None:
+                self._driver.kick()
             self.succeeded(act, result, duration, usage, now)
             return
         if stop is _STOP_PREEMPT or stop is _STOP_PAUSE:
@@ -812,7 +896,7 @@ class Run:
                 meta.set_status(_READY)
                 meta.waiting_for = "resources: requeued after a preemption"
                 self.queued[act.owner] = act
-                self.pooled.add(name)
+                self.pooled[name] = None
                 if usage:
                     self.agent.resource_pool.record_measured(act.owner, usage)
                 self.admission.requeue(act.owner)  # back in the queue, ahead of its level
@@ -832,7 +916,8 @@ class Run:
             meta.record(AttemptRecord(act.attempt, act.started_at, now, "cancelled", usage=usage))
             meta.set_status(_CANCELLED)
             self.emit(ev.STATE_CANCELLED, name, attempt=act.attempt, duration=duration, usage=usage)
-            self.finishes[name] = self.finishes.get(name, 0) + 1
+            if self.tracks_deps:
+                self.finishes[name] = self.finishes.get(name, 0) + 1
             self.branch_ends(act)
             return
         if stop is _STOP_TIMEOUT:
@@ -850,14 +935,16 @@ class Run:
     def _release(self, act: Activation, usage: dict[str, Any]) -> None:
         if act.holds:
             act.holds = False
-            self.admission.release(act.owner, usage)
+            (self._admission or self.admission).release(act.owner, usage)
 
     def succeeded(self, act: Activation, result: Any, duration: float, usage: dict[str, Any], now: float) -> None:
         name = act.state
         meta = self.metadata[name]
         try:
-            if type(result) is str and result in self.specs and self.specs[name].next_states is None:
-                nexts: str | list[str] | None = result  # the common case, checked inline
+            if result is None:
+                nexts: str | list[str] | None = None
+            elif type(result) is str and result in self.specs and self.specs[name].next_states is None:
+                nexts = result  # the common case, checked inline
             else:
                 nexts = self.validate_result(name, result)
         except AgentError as exc:
@@ -867,8 +954,15 @@ class Run:
             self._leave(act)
             self.fail(exc)
             return
-        meta.record(AttemptRecord(act.attempt, act.started_at, now, "completed", None, usage))
-        meta.set_status(_COMPLETED)
+        # meta.record(...), inlined: the hot path.
+        history = meta.history
+        history.append(AttemptRecord(act.attempt, act.started_at, now, "completed", None, usage))
+        if len(history) > _HISTORY_LIMIT:
+            del history[0]
+        if meta.status is _RUNNING:
+            meta.status = _COMPLETED
+        else:
+            meta.set_status(_COMPLETED)  # raises, naming the transition
         meta.runs += 1
         meta.last_success = (meta.last_execution or 0.0) + duration
         self.completed.add(name)
@@ -876,7 +970,7 @@ class Run:
         if self.tracks_deps:
             self.finishes[name] = self.finishes.get(name, 0) + 1
             self.last_completion[name] = now
-        sessions = self.agent._session_completions
+        sessions = self.sessions
         sessions[name] = sessions.get(name, 0) + 1
         if self.observers:
             handed_to = [] if nexts is None else [nexts] if isinstance(nexts, str) else list(nexts)
@@ -951,7 +1045,8 @@ class Run:
                 act.timer = self.driver.call_at(now + delay, self.retry_due, act)
             return
         meta.set_status(_TIMEOUT if failure.kind == "timeout" else _FAILED)
-        self.finishes[name] = self.finishes.get(name, 0) + 1
+        if self.tracks_deps:
+            self.finishes[name] = self.finishes.get(name, 0) + 1
         cls = StateTimeoutError if failure.kind == "timeout" else StateFailedError
         error = cls(name, act.attempt, failure)
         if (spec.on_failure or self.default_on_failure) == "continue":
@@ -1001,9 +1096,9 @@ class Run:
         for name in list(self.watch):
             if name in self.running or self.has_live(name):
                 continue
-            verdict = self.deps_verdict(name, self.watch_since, now)
+            verdict = self.deps_verdict(name, self.started, now)
             if verdict is True:
-                self.emit(ev.DEPENDENCY_RESOLVED, name, duration=now - self.watch_since)
+                self.emit(ev.DEPENDENCY_RESOLVED, name, duration=now - self.started)
                 self.consume(name)
                 self.root.unfinished += 1  # a branch of its own
                 self.activate(name, self.root, via_dependency=True)
@@ -1144,15 +1239,15 @@ class Run:
         """Take a not-running activation out of whichever queue holds it."""
         where = act.where
         if where == READY:
-            self.ready[act.priority].remove(act)
+            self._ready_level(act.priority).remove(act)
             self.n_ready -= 1
         elif where == QUEUED:
             self.queued.pop(act.owner, None)
-            self.pooled.discard(act.state)
+            self.pooled.pop(act.state, None)
             self.admission.release(act.owner)
         elif where == GRANTED:
             self.granted.remove(act)
-            self.pooled.discard(act.state)
+            self.pooled.pop(act.state, None)
             self._release(act, {})
         elif where == WAITING:
             self.waiting.remove(act)
@@ -1184,7 +1279,7 @@ class Run:
         self.pause_requested = True
         for act in list(self.queued.values()):
             self.queued.pop(act.owner)
-            self.pooled.discard(act.state)
+            self.pooled.pop(act.state, None)
             self.admission.release(act.owner)
             act.where = PAUSED
             self.paused.append(act)
@@ -1207,6 +1302,30 @@ class Run:
 
     # --- ending ----------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """The run is over and accounted for: let go of the agent and the event loop.
+
+        A run and its agent refer to each other (and a run to its driver, and back): left
+        so, every finished run would wait for the garbage collector. Afterwards the run
+        still answers what it holds (its queues, snapshot()), and reaches its agent only
+        while the agent lives.
+        """
+        agent: Any = self.agent
+        if type(agent) is not _ProxyType:
+            self.agent = _proxy(agent)  # type: ignore[assignment]  # stands for the agent while it lives
+        self._driver = None
+        self.human_for = None  # type: ignore[assignment]
+        self.runner = None
+
+    def settle_now(self) -> bool:
+        """Pump once; True when the run ended with nothing left on the event loop (then
+        it is closed: no driver needed), else the driver takes over."""
+        self.pump()
+        if not self.done or self.running or self._driver is not None:
+            return False
+        self.abandon()
+        return True
+
     def check_quiescent(self) -> bool:
         """End the run when nothing can change any more; True when it scheduled something instead."""
         # Retry delays keep a run alive; a periodic re-run that is not due yet does not.
@@ -1214,7 +1333,9 @@ class Run:
             return False
         # Nothing can change any more: whatever still waits on dependencies is blocked,
         # and its branch ends (a join it would have reached may run now).
-        waiting, self.waiting = self.waiting, []
+        waiting = self.waiting
+        if waiting:
+            self.waiting = []
         for act in waiting:
             meta = self.metadata[act.state]
             reason = meta.waiting_for or "dependencies"
@@ -1227,11 +1348,12 @@ class Run:
         for name in self.watch:
             meta = self.metadata[name]
             if meta.status is _PENDING and meta.runs == 0:
-                verdict = self.deps_verdict(name, self.watch_since, self.clock())
+                verdict = self.deps_verdict(name, self.started, self.clock())
                 reason = verdict if isinstance(verdict, str) else "its dependencies"
                 meta.blocked_reason = f"state {name!r} never ran: it was waiting for {reason}"
                 meta.set_status(_BLOCKED)
-        self.watch.clear()
+        if self.watch:
+            self.watch.clear()
         if self.failures:
             first = next(iter(self.failures))
             meta = self.metadata[first]
@@ -1273,11 +1395,12 @@ class Run:
             return
         self.final_status = status
         self.done = True
-        self.driver.kick()
+        if self._driver is not None:
+            self._driver.kick()
 
     def abandon(self) -> None:
         """After the run ended: what never ran is CANCELLED, and nothing is left in the pool."""
-        for act in list(self.live.values()):
+        for act in list(self.live.values()) if self.live else ():
             meta = self.metadata[act.state]
             if act.where == RUNNING:  # a task that ignored cancellation in time
                 del self.running[act.state]
@@ -1290,15 +1413,24 @@ class Run:
             if act.timer is not None:
                 act.timer.cancel()
             self._leave(act)
-        for level in self.ready:
-            level.clear()
-        self.n_ready = 0
-        self.granted.clear()
-        self.queued.clear()
-        self.pooled.clear()
-        self.running.clear()
-        self.retrying.clear()
-        self.rechecks.clear()
+        if self.n_ready:
+            for level in self.ready:
+                if level is not None:
+                    level.clear()
+            self.n_ready = 0
+        # Each emptied only when it holds something: after a clean end, all are empty.
+        if self.granted:
+            self.granted.clear()
+        if self.queued:
+            self.queued.clear()
+        if self.pooled:
+            self.pooled.clear()
+        if self.running:
+            self.running.clear()
+        if self.retrying:
+            self.retrying.clear()
+        if self.tracks_deps:
+            self.rechecks.clear()
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -1338,7 +1470,10 @@ class Run:
             for name in names:
                 self.activate(name, self.root)
             return
-        self.watch = {n for n in frames.get("watch", []) if n in specs}
+        watch = {n for n in frames.get("watch", []) if n in specs}
+        if watch:
+            self.track_dependencies()
+            self.watch = watch
         self.completions = {k: int(v) for k, v in frames.get("completions", {}).items()}
         self.steps = int(frames.get("steps", 0))  # max_steps counts the whole run, across a resume
         self.groups = {}
@@ -1349,7 +1484,7 @@ class Run:
             group.unfinished = int(data.get("unfinished", data.get("active", 0)))
             self.groups[group.id] = group
         self.root = self.groups.setdefault(0, Group(0, None))
-        self._ids = itertools.count(max(self.groups) + 1)
+        self._next_id = max(self.groups) + 1
         for data in frames.get("groups", []):
             group = self.groups[int(data["id"])]
             held = data.get("held", {})

@@ -59,14 +59,16 @@ _runs: dict[str, tuple[Any, Any, float, float]] = {}
 _finished: dict[str, float] = {}
 _state = {"server": False, "prune_at": 2 * KEEP_FINISHED}
 _lock = threading.Lock()
-_ref, _wall, _mono = weakref.ref, time.time, time.monotonic
+_ref, _wall, _mono, _running_loop = weakref.ref, time.time, time.monotonic, asyncio.get_running_loop
 
 
-def register(agent: Any) -> None:
-    """``agent`` has just started (or resumed) run ``agent.run_id``."""
+def register(agent: Any, wall: float | None = None, mono: float | None = None) -> None:
+    """``agent`` has just started (or resumed) run ``agent.run_id``, at ``wall`` (time.time)
+    and ``mono`` (time.monotonic) when the caller read them already (now otherwise)."""
     run_id = agent.run_id or ""
     _runs.pop(run_id, None)  # re-inserted last: the dict stays in start order
-    _runs[run_id] = (_ref(agent), asyncio.get_running_loop(), _wall(), _mono())
+    _runs[run_id] = (_ref(agent), _running_loop(), _wall() if wall is None else wall,
+                     _mono() if mono is None else mono)
     if len(_runs) > _state["prune_at"]:
         _forget_finished()
     if not _state["server"]:
