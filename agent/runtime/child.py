@@ -17,6 +17,7 @@ from __future__ import annotations
 import _signal
 import asyncio
 import ctypes
+import gc
 import os
 import select
 import signal
@@ -126,8 +127,10 @@ def park(
         _leave_zygote(zygote_fds, keep if sandbox is not None else None)
         connected = _connect_ahead(endpoint)
         if not select.select([sock_fd], [], [], 0)[0]:
-            # The pages an attempt writes are copied now, while nothing waits for them.
+            # The pages an attempt writes are copied now, while nothing waits for them; what
+            # the warm-up left (its loop, its channel) is collected now, not during a state.
             warm_up()
+            gc.collect()
         if sandbox is None:  # a sandbox's loop is asyncio's (libuv's io_uring is denied there)
             _ready_loop = uvloop.new_event_loop()  # its own, made while nothing waits for it
         sock = socket.socket(fileno=sock_fd)

@@ -79,7 +79,7 @@ async def huge_state(context):
 
 
 def _own_transport() -> DealerTransport:
-    (transport,) = [o for o in gc.get_objects() if isinstance(o, DealerTransport)]
+    (transport,) = [o for o in gc.get_objects() if isinstance(o, DealerTransport) and o._sock.fileno() >= 0]
     return transport
 
 

@@ -58,7 +58,7 @@ def sample() -> dict:
 
 
 def _own_transport() -> DealerTransport:
-    (transport,) = [o for o in gc.get_objects() if isinstance(o, DealerTransport)]
+    (transport,) = [o for o in gc.get_objects() if isinstance(o, DealerTransport) and o._sock.fileno() >= 0]
     return transport
 
 
@@ -450,7 +450,7 @@ from agent.ipc import ContextWrite, encode_message
 from agent.ipc.zmtp import DealerTransport
 
 async def flood(context):
-    (own,) = [o for o in gc.get_objects() if isinstance(o, DealerTransport)]
+    (own,) = [o for o in gc.get_objects() if isinstance(o, DealerTransport) and o._sock.fileno() >= 0]
     frame = encode_message(ContextWrite("same", False, b"x" * 700_000))
     for _ in range(100):  # 70 MB in all, each write within the budget
         own.send(frame)

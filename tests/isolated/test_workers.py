@@ -66,7 +66,7 @@ async def chain_step(context):
 async def forge_ready(context):
     """Say ready (a hello) on the worker's channel while the state still runs."""
     context.set_state("forger", os.getpid())
-    transport = next(o for o in gc.get_objects() if isinstance(o, DealerTransport))
+    transport = next(o for o in gc.get_objects() if isinstance(o, DealerTransport) and o._sock.fileno() >= 0)
     transport.send(encode_message(Hello(pid=os.getpid(), secret=b"")))
     await asyncio.sleep(30)  # it would run on while its worker looked free
 

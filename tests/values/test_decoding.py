@@ -157,7 +157,7 @@ HOSTILE = textwrap.dedent("""
         context.set_state("x", t)
 
     async def deep_frame(context):
-        (own,) = [o for o in gc.get_objects() if isinstance(o, DealerTransport)]
+        (own,) = [o for o in gc.get_objects() if isinstance(o, DealerTransport) and o._sock.fileno() >= 0]
         deep = (b"\\x92\\xc7\\x00\\x01") * 300 + b"\\x91\\xc7\\x00\\x01"
         head = msgpack.packb({"v": 2, "t": "context_write", "key": "x", "deleted": False})
         own.send(bytes([head[0] + 1]) + head[1:] + msgpack.packb("value") + deep)
