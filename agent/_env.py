@@ -10,6 +10,7 @@ a dict lookup and sees exactly what ``os.environ`` sees (every change made throu
 from __future__ import annotations
 
 import os
+from typing import Any
 
 _data: dict[bytes, bytes] | None = getattr(os.environ, "_data", None)
 
@@ -20,3 +21,9 @@ def get(name: str) -> str | None:
         return os.environ.get(name)
     value = _data.get(name.encode())
     return None if value is None else os.fsdecode(value)
+
+
+def snapshot() -> dict[Any, Any]:
+    """A copy of the whole environment as ``os.environ`` holds it (bytes to bytes on CPython),
+    for comparing it cheaply later: ``os.environ`` would decode every entry."""
+    return dict(_data) if _data is not None else dict(os.environ)

@@ -37,6 +37,7 @@ from typing import Any
 
 import uvloop
 
+from .. import _env
 from ..errors import ProtocolError
 from ..ipc import DealerTransport, Hello, Run, decode_message, encode_message
 from ..ipc.messages import FROM_SUPERVISOR
@@ -75,7 +76,7 @@ class Worker:
         self._cwd = os.getcwd()
         self._argv = list(sys.argv)
         self._environ = dict(os.environ)
-        self._environ_raw = _raw_environ()
+        self._environ_raw = _env.snapshot()
         self._hello = encode_message(Hello(pid=os.getpid(), secret=self._secret))
         self._threads = self._new_thread_pool()
         self._reader: asyncio.Task[None] | None = None
@@ -189,7 +190,7 @@ class Worker:
             os.chdir(self._cwd)
         if sys.argv != self._argv:
             sys.argv[:] = self._argv
-        if _raw_environ() != self._environ_raw:
+        if _env.snapshot() != self._environ_raw:
             os.environ.clear()
             os.environ.update(self._environ)
         return True
@@ -208,13 +209,6 @@ class Worker:
 def _settle(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         future.set_result(value)
-
-
-def _raw_environ() -> dict[Any, Any]:
-    """The environment as ``os.environ`` holds it: CPython's keeps a plain dict of bytes
-    (``_data``), compared in microseconds where ``os.environ`` decodes every entry."""
-    data = getattr(os.environ, "_data", None)
-    return dict(data) if isinstance(data, dict) else dict(os.environ)
 
 
 def _has_live_children() -> bool:
