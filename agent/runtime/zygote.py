@@ -66,8 +66,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from ..values import Bounds, pack_plain, unpack_plain
 from . import child as child_module
@@ -263,6 +263,30 @@ class Zygote:
                 write_frame(self._control, {"op": "spawn_failed", "id": request_id, "parked_gone": True,
                                             "error": f"parked child {parked} is gone"})
             return
+        pid, error = self._fork_child(
+            sandbox,
+            lambda notify, spare: child_module.child_main(spec_fd, self._pidfd, self._private_fds(), notify,
+                                                          spare, extra),
+            [spec_fd, *extra],
+        )
+        if pid < 0:
+            write_frame(self._control, {"op": "spawn_failed", "id": request_id, "error": error})
+            return
+        self._children.add(pid)
+        write_frame(self._control, {"op": "spawned", "id": request_id, "pid": pid})
+
+    def _fork_child(
+        self, sandbox: bool, become: Callable[[int | None, list[int]], NoReturn], handed: list[int],
+        name: bytes | None = None,
+    ) -> tuple[int, str]:
+        """Fork a child that runs ``become(notify, namespaces)``; ``(pid, "")``, or ``(-1, why)``.
+
+        A sandboxed child is PID 1 of a PID namespace made for this one fork, gets a pair
+        of the network and IPC namespaces made ahead and the descriptor to send its seccomp
+        listener over (``notify``). ``handed``: descriptors that are the child's, closed
+        here after the fork (or when there is none); ``name``: the child's process name
+        from its first instant.
+        """
         spare: tuple[int, int] | tuple[()] = ()
         try:
             if sandbox:
@@ -270,32 +294,30 @@ class Zygote:
                 spare = self._spares.popleft() if self._spares else ()
                 unshare(CLONE_NEWPID)  # the next child is PID 1 of a namespace of its own
         except OSError as exc:
-            for fd in (spec_fd, *spare, *extra):
+            for fd in (*handed, *spare):
                 os.close(fd)
-            write_frame(self._control, {"op": "spawn_failed", "id": request_id,
-                                        "error": f"cannot make a PID namespace: {exc}"})
-            return
+            return -1, f"cannot make a PID namespace: {exc}"
         # SIGTERM (the zygote's own clean-up) stays blocked in the child until it resets it.
         # (``_signal``: the ``signal`` wrapper builds an enum set of the old mask per call.)
         _signal.pthread_sigmask(signal.SIG_BLOCK, _SIGTERM)
+        if name is not None:
+            child_module.set_process_name(name)
+        error = ""
         try:
             pid = self._fork()
         except OSError as exc:
-            pid = -1
-            error = str(exc)
+            pid, error = -1, str(exc)
         if pid == 0:
             notify = self._notify[1].fileno() if sandbox and self._notify is not None else None
-            child_module.child_main(spec_fd, self._pidfd, self._private_fds(), notify, list(spare), extra)
+            become(notify, list(spare))
+        if name is not None:
+            child_module.set_process_name(self._name)
         _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
-        for fd in (spec_fd, *spare, *extra):
+        for fd in (*handed, *spare):
             os.close(fd)
         if sandbox:
             _setns(self._pidns, CLONE_NEWPID)  # type: ignore[arg-type]
-        if pid < 0:
-            write_frame(self._control, {"op": "spawn_failed", "id": request_id, "error": error})
-            return
-        self._children.add(pid)
-        write_frame(self._control, {"op": "spawned", "id": request_id, "pid": pid})
+        return pid, error
 
     # --- parked children -----------------------------------------------------------------
 
@@ -320,34 +342,16 @@ class Zygote:
     def _park(self, sandbox: bool) -> bool:
         """Fork a child that waits for its spec (as a sandboxed launch's: see the module
         docstring); False when it could not be forked."""
-        spare: tuple[int, int] | tuple[()] = ()
-        if sandbox:
-            try:
-                self._prepare_sandboxes()
-                spare = self._spares.popleft() if self._spares else ()
-                unshare(CLONE_NEWPID)  # the next child is PID 1 of a namespace of its own
-            except OSError:
-                for fd in spare:
-                    os.close(fd)
-                return False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        _signal.pthread_sigmask(signal.SIG_BLOCK, _SIGTERM)
-        child_module.set_process_name(child_module.PARKED_NAME)  # the child's name from its first instant
-        try:
-            pid = self._fork()
-        except OSError:
-            pid = -1
-        if pid == 0:
-            notify = self._notify[1].fileno() if sandbox and self._notify is not None else None
-            child_module.park(theirs.fileno(), self._pidfd, [*self._private_fds(), ours.fileno()], _warm_once,
-                              self._endpoint, self._name, (notify, list(spare)) if sandbox else None)
-        child_module.set_process_name(self._name)
-        _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
-        theirs.close()
-        for fd in spare:
-            os.close(fd)
-        if sandbox:
-            _setns(self._pidns, CLONE_NEWPID)  # type: ignore[arg-type]
+        their_fd = theirs.detach()
+        pid, _ = self._fork_child(
+            sandbox,
+            lambda notify, spare: child_module.park(
+                their_fd, self._pidfd, [*self._private_fds(), ours.fileno()], _warm_once, self._endpoint,
+                self._name, (notify, spare) if sandbox else None),
+            [their_fd],
+            child_module.PARKED_NAME,
+        )
         if pid < 0:
             ours.close()
             return False
