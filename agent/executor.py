@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, runtime_ch
 from .errors import FailureReason, IsolationUnavailableError, RayUnavailableError
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .context import Context
     from .resources import ResourceRequirements
 
@@ -107,6 +109,12 @@ class Attempt:
     usage: dict[str, Any] = field(default_factory=dict)
     # Filled by the scheduler from the resource pool (e.g. {"gpus": [uuid, ...]}).
     assignment: dict[str, Any] = field(default_factory=dict)
+    # Set by a caller that takes the outcome before the attempt's process is gone: the
+    # executor may then return as soon as the result is in, leaving the rest (the process
+    # exiting, its cgroup removed, its log closed) to a task it adds here. The caller awaits
+    # every task of the set before it reports the work finished (the engine: before a run
+    # returns), so nothing outlives the run.
+    settle: set[asyncio.Task[None]] | None = None
 
 
 @dataclass

@@ -93,13 +93,15 @@ def exception_reason(exc: BaseException) -> FailureReason:
 class Driver:
     """Runs one run's attempts on the current event loop."""
 
-    __slots__ = ("run", "loop", "waker", "handles")
+    __slots__ = ("run", "loop", "waker", "handles", "settling")
 
     def __init__(self, run: "Run") -> None:
         self.run = run
         self.loop = asyncio.get_running_loop()
         self.waker: asyncio.Future[None] | None = None
         self.handles: set[asyncio.TimerHandle] = set()
+        # Ends of attempts whose outcome came before their process was gone (Attempt.settle).
+        self.settling: set[asyncio.Task[None]] = set()
 
     # --- waking ------------------------------------------------------------------------
 
@@ -159,6 +161,19 @@ class Driver:
         for handle in self.handles:
             handle.cancel()
         self.handles.clear()
+        await self.settled()
+
+    async def settled(self) -> None:
+        """Wait until every attempt's process is gone, even if cancelled meanwhile (then
+        re-raised): a run never returns before its processes, cgroups and logs are done."""
+        cancelled = False
+        while self.settling:
+            try:
+                await asyncio.wait(list(self.settling))
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
 
     # --- attempts ----------------------------------------------------------------------
 
@@ -171,6 +186,7 @@ class Driver:
     def start_attempt(self, act: "Activation", attempt: Attempt) -> None:
         """Run ``attempt`` through its executor (and the admission hooks) in a task."""
         act.attempt_obj = attempt
+        attempt.settle = self.settling
         act.task = task = self.loop.create_task(self._run_attempt(act, attempt))
         task.add_done_callback(functools.partial(self._task_done, act))
 

@@ -648,6 +648,19 @@ def charged_so_far(pid: int) -> tuple[float, int]:
         return 0.0, 0
 
 
+def charged_with_children(pid: int) -> tuple[float, int] | None:
+    """:func:`charged_so_far`, plus what its reaped children took (as ``wait4`` counts once it
+    is reaped); None when ``pid`` is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
+    # After minflt (10) come cminflt, majflt, cmajflt, utime, stime, cutime, cstime (11 to 17).
+    ticks = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+    return ticks / _CLOCK_TICKS, int(fields[7]) + int(fields[8]) + int(fields[9]) + int(fields[10])
+
+
 def charged_in(stat: bytes) -> tuple[float, int]:
     """CPU seconds and page faults in the text of a ``/proc/<pid>/stat``."""
     fields = stat.rpartition(b")")[2].split()

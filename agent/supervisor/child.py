@@ -51,6 +51,7 @@ from ..ipc import (
 )
 from ..ipc.messages import decode_counted, value_size
 from ..runtime.child import EXIT_SETUP_FAILED
+from ..runtime.zygote import charged_with_children
 from ..values import Bounds
 from .confinement import Confinement
 
@@ -159,6 +160,8 @@ class ChildProcess:
         self.fd: int | None = None
         self.route: bytes | None = None
         self.exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._answered: asyncio.Future[None] | None = None  # see answered()
+        self._charged_before: tuple[float, int] = (0.0, 0)  # what a parked child took before
         self._result: tuple[Any] | None = None
         self._error: FailureReason | None = None
         self._log_cap: int | None = None  # the log passed the cap and the child was stopped
@@ -196,6 +199,8 @@ class ChildProcess:
         """Forked (or handed a parked child) as ``pid``; ``charged`` is what a parked child took
         before, which the zygote leaves out of its exit figures already."""
         self.pid = pid
+        if charged:
+            self._charged_before = (float(charged[0]), int(charged[1]))
         started = getattr(self.confinement, "started", None)
         if started is not None:
             started(pid)  # e.g. the no-cgroup watchdog follows the pid
@@ -309,6 +314,7 @@ class ChildProcess:
         for task in self._human:
             task.cancel()
         self._sup.forget(self)
+        self._answer_now()
         if not self.exited.done():
             try:
                 self.exited.set_result(self._exit_status)
@@ -441,6 +447,8 @@ class ChildProcess:
 
     def _reported(self) -> None:
         self._move(ChildStatus.REPORTED)
+        if self._result is not None:
+            self._answer_now()
         if self._exit_known:  # its exit was heard before its last frames: nothing more will come
             self._finalize()
             return
@@ -511,6 +519,40 @@ class ChildProcess:
         await asyncio.shield(self.exited)
 
     # --- the verdict ----------------------------------------------------------------------
+
+    def answered(self) -> asyncio.Future[None]:
+        """A future done when the child's result is in, or when it is gone (whichever first)."""
+        if self._answered is None:
+            self._answered = asyncio.get_running_loop().create_future()
+            if self._result is not None or self.status is ChildStatus.EXITED:
+                self._answered.set_result(None)
+        return self._answered
+
+    def _answer_now(self) -> None:
+        if self._answered is not None and not self._answered.done():
+            self._answered.set_result(None)
+
+    def outcome_now(self) -> AttemptOutcome | None:
+        """The outcome while the process still exits: its result, with its usage read now.
+
+        None when only its end can tell: no result (a failure is judged on its exit
+        status and limit events), a violation, a process already reaped, or figures that
+        look like it left its cgroup (its exit then settles it, with the kernel's figures).
+        """
+        if self._result is None or self._violation is not None or self._exit_known or self.pid is None:
+            return None
+        charged = charged_with_children(self.pid)
+        if charged is None:
+            return None
+        try:
+            usage = self.confinement.usage()
+        except Exception:
+            return None  # read again, and logged, once it exited
+        if self._in_cgroup():
+            cpu, faults = charged[0] - self._charged_before[0], charged[1] - self._charged_before[1]
+            if escape_reason(self.confinement, usage, cpu, faults) is not None:
+                return None
+        return AttemptOutcome(self._result[0], usage)
 
     def outcome(self, status: int | None) -> AttemptOutcome:
         """What the attempt returned, or raise :class:`AttemptFailed` saying why it did not."""

@@ -28,28 +28,62 @@ class ProcessExecutor:
         sup = get_supervisor()
         sup.attach(asyncio.get_running_loop())
         sup.enter_attempt()
+        settling = False
         try:
-            return await self._run(sup, attempt)
-        finally:
-            sup.exit_attempt()
-
-    async def _run(self, sup: Supervisor, attempt: Attempt) -> AttemptOutcome:
-        confinement = sup.confine(attempt)
-        try:
-            child = sup.launch(attempt, confinement)
+            confinement = sup.confine(attempt)
             try:
-                status = await watch(child, attempt, sup.config.grace)
+                child = sup.launch(attempt, confinement)
+                if attempt.settle is not None and not attempt.assignment.get("gpus"):
+                    outcome = await self._answer(sup, child, attempt)
+                    if outcome is not None:
+                        task = asyncio.ensure_future(self._settle(sup, child, confinement))
+                        attempt.settle.add(task)
+                        task.add_done_callback(attempt.settle.discard)
+                        settling = True
+                        return outcome
+                try:
+                    status = await watch(child, attempt, sup.config.grace)
+                finally:
+                    sup.forget(child)
+                confinement.reaped = status is not None
+                return verdict(child, status, attempt)
+            except BaseException as exc:
+                usage: Any = getattr(exc, "usage", None)
+                if isinstance(usage, dict):
+                    attempt.usage.update(usage)
+                raise
             finally:
-                sup.forget(child)
-            confinement.reaped = status is not None
-            return verdict(child, status, attempt)
-        except BaseException as exc:
-            usage: Any = getattr(exc, "usage", None)
-            if isinstance(usage, dict):
-                attempt.usage.update(usage)
-            raise
+                if not settling:
+                    confinement.close()
         finally:
+            if not settling:
+                sup.exit_attempt()
+
+    @staticmethod
+    async def _answer(sup: Supervisor, child: ChildProcess, attempt: Attempt) -> AttemptOutcome | None:
+        """The outcome as soon as the child's result is in (None: its end must be awaited).
+
+        The attempt's resources are then free for the next state while its process exits;
+        one holding GPUs is always awaited (a process that is still exiting holds its GPU
+        memory).
+        """
+        await watch(child, attempt, sup.config.grace, over=child.answered())
+        outcome = child.outcome_now()
+        if outcome is not None:
+            attempt.usage.update(outcome.usage)
+        return outcome
+
+    @staticmethod
+    async def _settle(sup: Supervisor, child: ChildProcess, confinement: Any) -> None:
+        """The end of an attempt whose outcome was taken early: its process reaped (killed if
+        it lingers past the grace period), its log closed, its cgroup and uid let go."""
+        try:
+            status = await uncancellable(asyncio.shield(child.exited))
+            confinement.reaped = status is not None
+        finally:
+            sup.forget(child)
             confinement.close()
+            sup.exit_attempt()
 
     async def aclose(self) -> None:
         """Nothing per executor: the supervisor is shared and goes away with the process."""
