@@ -131,8 +131,16 @@ def park(
             # the warm-up left (its loop, its channel) is collected now, not during a state.
             warm_up()
             gc.collect()
-        if sandbox is None:  # a sandbox's loop is asyncio's (libuv's io_uring is denied there)
-            _ready_loop = uvloop.new_event_loop()  # its own, made while nothing waits for it
+        # Its own loop, made while nothing waits for it (a sandbox's is asyncio's: libuv's
+        # io_uring is denied there); a sandbox's namespaces and filesystem view too.
+        if sandbox is None:
+            _ready_loop = uvloop.new_event_loop()
+        else:
+            from . import sandbox as sandbox_module
+
+            _ready_loop = asyncio.SelectorEventLoop()
+            sandbox_module.make_view_ahead(sandbox_module.DEFAULT_VIEW, namespaces)
+            namespaces = None
         sock = socket.socket(fileno=sock_fd)
         _, fds, _, _ = socket.recv_fds(sock, 16, _MAX_GIVEN + 1)
         sock.close()
@@ -239,13 +247,13 @@ def _serve(
     # The attempt's run message came with the spec: no round trip to the supervisor for it.
     channel.first = run
     session.hello()
-    if sandbox is not None:
+    if sandbox is not None and not sandbox_module.view_made_ahead():
         sandbox_module.leave_namespaces(sandbox, namespaces)  # while the supervisor answers
     del spec
     # A loop of its own, never closed: the process ends with os._exit right after.
     # (A sandbox's is asyncio's: libuv's io_uring is denied by its seccomp filter.)
     loop = take_ready_loop()
-    if loop is None or sandbox is not None:
+    if loop is None:
         loop = uvloop.new_event_loop() if sandbox is None else asyncio.SelectorEventLoop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(serve(session, transport, welcome=True))

@@ -18,6 +18,10 @@ PID 1 of a new PID namespace; the child then, in two steps:
    way back), no new privileges, not dumpable, the supervisor's environment wiped from
    memory, and last the seccomp filter (:mod:`agent.runtime.seccomp`).
 
+A child parked for sandboxed launches does step 1 and the part of step 2 that no attempt
+changes (the read-only view, /dev, /dev/shm, /dev/mqueue: :func:`make_view_ahead`) while it
+waits; at launch only the private /tmp and /proc remain, after the state's code is loaded.
+
 Being PID 1 of its namespace, the state's process takes every process it leaves behind
 with it when it ends, and signals it sends to itself are ignored unless it handles them
 (as for any container's init). Everything here is ``os``/``resource`` plus libc through
@@ -285,18 +289,63 @@ def _private_dev(devices: list[str]) -> None:
 
 def isolate_filesystem(spec: dict[str, Any]) -> None:
     """The sandbox's view of the filesystem (in its own mount namespace, see the module)."""
+    _shared_view(spec)
+    _private_tmp_and_proc(spec)
+
+
+def _shared_view(spec: dict[str, Any]) -> None:
+    """What every sandbox of the same view (:func:`view_of`) gets: a read-only filesystem
+    with a private /dev, /dev/shm and /dev/mqueue."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing propagates in or out
     _private_dev(list(spec.get("devices", ())))
     _read_only_everywhere()
+    writable = MS_NOSUID | MS_NODEV
+    _mount("tmpfs", "/dev/shm", "tmpfs", writable | MS_NOEXEC,
+           f"size={int(spec.get('shm_mb', DEFAULT_SHM_MB))}m,nr_inodes=4096,mode=1777")
+    _mount("mqueue", "/dev/mqueue", "mqueue", writable | MS_NOEXEC)
+
+
+def _private_tmp_and_proc(spec: dict[str, Any]) -> None:
+    """A private, size-limited /tmp (and /var/tmp), and a /proc of this PID namespace only.
+
+    Last, because until then the supervisor's log pipe (opened through its /proc) and
+    code under /tmp are still reachable."""
     tmp_mb = int(spec.get("tmp_mb", DEFAULT_TMP_MB))
     writable = MS_NOSUID | MS_NODEV
     _mount("tmpfs", "/tmp", "tmpfs", writable, f"size={tmp_mb}m,nr_inodes={max(1024, tmp_mb * 64)},mode=1777")
     if os.path.isdir("/var/tmp"):
         _mount("/tmp", "/var/tmp", None, MS_BIND)
-    _mount("tmpfs", "/dev/shm", "tmpfs", writable | MS_NOEXEC,
-           f"size={int(spec.get('shm_mb', DEFAULT_SHM_MB))}m,nr_inodes=4096,mode=1777")
-    _mount("mqueue", "/dev/mqueue", "mqueue", writable | MS_NOEXEC)
     _mount("proc", "/proc", "proc", writable | MS_NOEXEC)  # this PID namespace's processes
+
+
+def view_of(spec: dict[str, Any]) -> tuple[Any, ...]:
+    """What of a sandbox spec :func:`make_view_ahead` depends on: two specs with the same view
+    may be served by a process prepared for either."""
+    return (bool(spec.get("network", False)), bool(spec.get("filesystem", True)),
+            int(spec.get("shm_mb", DEFAULT_SHM_MB)), tuple(spec.get("devices", ())))
+
+
+DEFAULT_VIEW: dict[str, Any] = {"network": False, "filesystem": True, "shm_mb": DEFAULT_SHM_MB, "devices": []}
+"""The view of a sandbox without GPUs (what :func:`agent.supervisor.sandbox.sandbox_spec`
+builds): the one parked children prepare ahead."""
+
+_view_ahead: tuple[Any, ...] | None = None  # view_of() of what make_view_ahead made
+
+
+def make_view_ahead(spec: dict[str, Any], made: list[int] | None = None) -> None:
+    """Do now the part of :func:`enter_sandbox` that depends only on ``view_of(spec)``: new
+    namespaces and the read-only view of the filesystem (a parked child, before any
+    attempt is known). :func:`enter_sandbox` then does only the rest, and refuses a spec
+    of another view."""
+    global _view_ahead
+    leave_namespaces(spec, made)
+    if spec.get("filesystem", True):
+        _shared_view(spec)
+    _view_ahead = view_of(spec)
+
+
+def view_made_ahead() -> bool:
+    return _view_ahead is not None
 
 
 # --- identity and the rest ------------------------------------------------------------------
@@ -367,9 +416,14 @@ def enter_sandbox(spec: dict[str, Any], notify: socket.socket | None = None) -> 
         raise OSError(1, "a sandbox must not run as root (uid/gid 0)")
     if os.getsid(0) != os.getpid():
         os.setsid()  # its own session and process group, no controlling terminal
-    leave_namespaces(spec)
-    if spec.get("filesystem", True):
-        isolate_filesystem(spec)
+    if _view_ahead is None:
+        leave_namespaces(spec)
+        if spec.get("filesystem", True):
+            isolate_filesystem(spec)
+    elif _view_ahead != view_of(spec):
+        raise OSError(1, f"this process was prepared for a sandbox view {_view_ahead}, not {view_of(spec)}")
+    elif spec.get("filesystem", True):
+        _private_tmp_and_proc(spec)
     handed = [os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)] if notify is not None else []
     for name, value in dict(spec.get("rlimits", {})).items():
         _limit(name, int(value))

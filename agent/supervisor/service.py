@@ -188,7 +188,10 @@ class Supervisor:
     def confine(self, attempt: Attempt, *, name: str | None = None) -> Confinement:
         """The attempt's confinement, in the cgroup of a parked child when one is ready
         (that child then serves it: :meth:`launch`), else in a new cgroup."""
-        parked = self.parked_children.take(sandboxed=attempt.isolation is Isolation.SANDBOX)
+        sandboxed = attempt.isolation is Isolation.SANDBOX
+        # A child parked for sandboxes made ahead the view of one without GPUs (DEFAULT_VIEW).
+        gpus = sandboxed and attempt.assignment.get("gpus")
+        parked = None if gpus else self.parked_children.take(sandboxed=sandboxed)
         if parked is not None and parked[1] is not None:
             try:
                 return self.confiner.prepare(attempt, name=name, parked=parked)  # type: ignore[arg-type]

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import textwrap
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent import Agent
+from agent.executor import read_attempt_log
 from agent.runtime import seccomp
 from agent.supervisor import current_supervisor, shutdown_supervisor
 
@@ -108,3 +111,40 @@ async def test_other_launches_never_take_a_child_parked_for_a_sandbox(spawned: A
         await plain.run()
     assert pids and not waiting & set(pids)
     assert all(not own_pid_namespace(pid) for pid in current_supervisor().parked - waiting)  # type: ignore[union-attr]
+
+
+VIEW_STATE = """
+import os
+
+async def look(context):
+    print("from a module under /tmp")
+    with open("/proc/self/mountinfo") as fh:
+        mounts = {line.split()[4]: line.split()[5].split(",") for line in fh}
+    open("/tmp/mine", "w").close()
+    context.set_state("out", {"root": mounts["/"], "tmp": sorted(os.listdir("/tmp")),
+                              "proc": sorted(p for p in os.listdir("/proc") if p.isdigit())})
+"""
+
+
+async def test_a_child_parked_for_sandboxes_makes_its_view_ahead_yet_loads_code_from_tmp(
+    spawned: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its namespaces and read-only view are made while it waits; the private /tmp and its own
+    /proc only at launch, once the state's code is loaded (here from a module under /tmp) and
+    its log opened (through the supervisor's /proc)."""
+    assert str(tmp_path).startswith("/tmp/")
+    (tmp_path / "parked_view_state.py").write_text(textwrap.dedent(VIEW_STATE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import parked_view_state  # type: ignore[import-not-found]
+
+    watch, pids = spawned
+    agent = Agent("parked_view", isolation="sandbox")
+    agent.add_state("look", parked_view_state.look, context_keys=["out"])
+    await agent.run()
+    watch()
+    waiting = await parked_for_sandboxes(time.monotonic() + 60)
+    for _ in range(3):
+        out = (await agent.run()).get_state("out")
+        assert "ro" in out["root"] and out["tmp"] == ["mine"] and out["proc"] == ["1"]
+        assert "from a module under /tmp" in read_attempt_log(agent.run_id, "look", 1)
+    assert waiting & set(pids)
