@@ -24,6 +24,7 @@ import glob
 import itertools
 import logging
 import os
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
@@ -297,6 +298,7 @@ class Confiner:
         self.io_devices = blockdev.disks_for(io_paths or [os.getcwd(), "/"])
         self._counter = itertools.count(1)
         self._uid_pool: Any = None
+        self._uid_pool_made = threading.Lock()  # leases are taken on the loop and on the thread
         self._closed = False
         _close_at_exit(self)
         self._thread: ThreadPoolExecutor | None = None
@@ -317,12 +319,14 @@ class Confiner:
     def _devices(self, minors: list[int]) -> tuple[str, ...] | None:
         return device_rules(minors) if minors or self._machine_gpu_minors() else None
 
-    def park(self, pid: int) -> CgroupHandle | None:
-        """A fresh cgroup, in every controller an attempt may need and with no limits yet,
-        with the parked child ``pid`` moved in (None: no cgroups here). Called off the loop."""
+    def park(self, pid: int, sandboxed: bool = False) -> CgroupHandle | None:
+        """A fresh cgroup, in every controller an attempt may need, with the parked child
+        ``pid`` moved in (None: no cgroups here). Called off the loop. Its limits are those of
+        an attempt without resources (a sandbox's defaults, for a child parked for sandboxes),
+        so that the launch of such an attempt writes none."""
         if not self.backend.owned_dirs():
             return None
-        limits = limits_for(None, io_devices=self.io_devices, allow_devices=self._devices([]))
+        limits = limits_for(None, io_devices=self.io_devices, sandbox=sandboxed, allow_devices=self._devices([]))
         handle = self.backend.create(safe_name(f"parked-{pid}-{next(self._counter)}"), limits, every_controller=True)
         try:
             handle.attach(pid)
@@ -330,6 +334,24 @@ class Confiner:
             handle.remove()
             raise
         return handle
+
+    def lease_ahead(self, pid: int) -> Any:
+        """A sandbox uid leased for parked child ``pid``'s launch (None: none can be leased now;
+        the launch then leases one, or says why it cannot)."""
+        try:
+            return self._uids().lease(safe_name(f"parked-{pid}-{next(self._counter)}"))
+        except Exception:
+            return None
+
+    def let_go(self, made: Any) -> None:
+        """Undo what was made ahead for a parked child that serves no launch (a
+        :class:`~agent.supervisor.parked.Parked`): its cgroup (and so the child) and its uid."""
+        try:
+            if made.cgroup is not None:
+                made.cgroup.remove()
+        finally:
+            if made.lease is not None and self._uid_pool is not None:
+                self._uid_pool.release(made.lease.owner, contained=True)  # nothing ever ran as it
 
     def background(self, work: Callable[[], None]) -> None:
         """Run ``work`` (making or removing a cgroup) on this confiner's own thread, in order."""
@@ -340,14 +362,13 @@ class Confiner:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-cgroups")
         self._thread.submit(_logged, work)
 
-    def prepare(
-        self, attempt: Attempt, *, name: str | None = None, parked: tuple[int, CgroupHandle] | None = None,
-    ) -> Confinement:
+    def prepare(self, attempt: Attempt, *, name: str | None = None, parked: Any = None) -> Confinement:
         """Create the attempt's cgroup with its limits, and the child's spec.
 
         ``name`` names the cgroup (default: from the run, the state and the attempt).
-        ``parked`` is a parked child and the cgroup it waits in (from :meth:`park`): that
-        cgroup gets the attempt's limits instead, and the child need not join it.
+        ``parked`` is a parked child (a :class:`~agent.supervisor.parked.Parked`) and the
+        cgroup it waits in (from :meth:`park`): that cgroup gets the attempt's limits
+        instead, and the child need not join it; a sandbox uid leased for it is the attempt's.
         """
         sandboxed = attempt.isolation is Isolation.SANDBOX
         if name is None:
@@ -357,7 +378,7 @@ class Confiner:
         minors = [int(m) for m in attempt.assignment.get("gpu_minors", [])]
         limits = self.limits(attempt)
         if parked is not None:
-            handle = parked[1]
+            handle = parked.cgroup
             self.backend.apply(handle, limits)
         else:
             parked = None
@@ -367,11 +388,11 @@ class Confiner:
         child_spec = handle.child_spec()
         child_spec["gpu"] = {"env": pinning_env(uuids)}
         if parked is not None:
-            child_spec["joined"] = parked[0]
+            child_spec["joined"] = parked.pid
         if sandboxed:
             try:
                 pool = self._uids()
-                lease = pool.lease(name)
+                lease = parked.lease if parked is not None and parked.lease is not None else pool.lease(name)
             except BaseException:
                 handle.remove()
                 raise
@@ -382,9 +403,9 @@ class Confiner:
             child_spec["sandbox"] = lease.spec(devices=devices, **({"nproc": nproc} if nproc else {}))
         confinement = Confinement(child_spec, handle, self.backend_name)
         confinement.remove_later = self.background
-        confinement.parked_pid = parked[0] if parked is not None else None
+        confinement.parked_pid = parked.pid if parked is not None else None
         if sandboxed:
-            confinement._release = lambda: pool.release(name, contained=confinement.reaped)
+            confinement._release = lambda: pool.release(lease.owner, contained=confinement.reaped)
         return confinement
 
     def _machine_gpu_minors(self) -> list[int]:
@@ -397,18 +418,21 @@ class Confiner:
         return self._gpu_minors
 
     def _uids(self) -> Any:
-        if self._uid_pool is None:
-            try:
-                from . import sandbox
-            except ImportError as exc:
-                raise IsolationUnavailableError(
-                    f"isolation 'sandbox' needs agent.supervisor.sandbox, which failed to import: {exc}; "
-                    "use isolation='process'"
-                ) from exc
-            reason = sandbox.unavailable_reason()
-            if reason:
-                raise IsolationUnavailableError(reason)
-            self._uid_pool = sandbox.UidPool()
+        with self._uid_pool_made:
+            return self._uid_pool or self._make_uid_pool()
+
+    def _make_uid_pool(self) -> Any:
+        try:
+            from . import sandbox
+        except ImportError as exc:
+            raise IsolationUnavailableError(
+                f"isolation 'sandbox' needs agent.supervisor.sandbox, which failed to import: {exc}; "
+                "use isolation='process'"
+            ) from exc
+        reason = sandbox.unavailable_reason()
+        if reason:
+            raise IsolationUnavailableError(reason)
+        self._uid_pool = sandbox.UidPool()
         return self._uid_pool
 
     def close(self) -> None:

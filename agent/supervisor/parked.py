@@ -19,21 +19,33 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from .cgroups import CgroupHandle
 from .confinement import Confiner
 
 
+class Parked(NamedTuple):
+    """A parked child ready for a launch, and what was made for it ahead."""
+
+    pid: int
+    cgroup: CgroupHandle | None
+    lease: Any = None  # a sandbox uid leased for it (children parked for sandboxed launches)
+
+
 class ParkedChildren:
-    """Ready parked children (pid, cgroup), oldest first, and those whose cgroup is being made."""
+    """Ready parked children, oldest first, and those whose cgroup is being made.
+
+    A child parked for sandboxed launches also gets its sandbox uid leased ahead (leasing
+    takes and writes a lock file: half a millisecond that no launch then waits for); a
+    lease nobody used is released with the child.
+    """
 
     def __init__(self, confiner: Confiner, loop: Callable[[], asyncio.AbstractEventLoop | None], log: Any) -> None:
         self._confiner = confiner
         self._loop = loop
         self._log = log
-        self._ready: dict[bool, dict[int, CgroupHandle | None]] = {False: {}, True: {}}  # by sandboxed
-        self._sandboxed: dict[int, bool] = {}  # pid -> parked for a sandboxed launch, while being made
+        self._ready: dict[bool, dict[int, Parked]] = {False: {}, True: {}}  # by sandboxed
         self._making: set[int] = set()
         self._gone: set[int] = set()  # went away while their cgroup was being made
         self._closed = False
@@ -49,55 +61,58 @@ class ParkedChildren:
         if self._closed:
             return
         self._making.add(pid)
-        self._sandboxed[pid] = sandboxed
-        self._confiner.background(lambda: self._make(pid))
+        self._confiner.background(lambda: self._make(pid, sandboxed))
 
-    def _make(self, pid: int) -> None:  # on the confiner's thread
+    def _make(self, pid: int, sandboxed: bool) -> None:  # on the confiner's thread
+        lease = None
         try:
-            handle = self._confiner.park(pid)
+            handle = self._confiner.park(pid, sandboxed)
         except Exception as exc:
             self._log.warning("parked_child_not_confined", pid=pid, error=repr(exc))
             handle, failed = None, True
         else:
             failed = False
+            if sandboxed and handle is not None:
+                lease = self._confiner.lease_ahead(pid)
+        made = Parked(pid, handle, lease)
         loop = self._loop()
         if loop is None or loop.is_closed():
-            if handle is not None:
-                handle.remove()
+            self._confiner.let_go(made)
             return
         try:
-            loop.call_soon_threadsafe(self._made, pid, handle, failed)
+            loop.call_soon_threadsafe(self._made, made, sandboxed, failed)
         except RuntimeError:  # the loop closed meanwhile
-            if handle is not None:
-                handle.remove()
+            self._confiner.let_go(made)
 
-    def _made(self, pid: int, handle: CgroupHandle | None, failed: bool) -> None:
+    def _made(self, made: Parked, sandboxed: bool, failed: bool) -> None:
+        pid = made.pid
         self._making.discard(pid)
-        sandboxed = self._sandboxed.pop(pid, False)
         if failed or self._closed or pid in self._gone:
             self._gone.discard(pid)
-            if handle is not None:
-                self._confiner.background(handle.remove)
+            self.drop(made)
             return
-        self._ready[sandboxed][pid] = handle
+        self._ready[sandboxed][pid] = made
 
-    def take(self, sandboxed: bool = False) -> tuple[int, CgroupHandle | None] | None:
-        """The oldest ready child parked for this kind of launch and its cgroup, now the
-        caller's (None: none ready)."""
+    def take(self, sandboxed: bool = False) -> Parked | None:
+        """The oldest ready child parked for this kind of launch, now the caller's (None: none ready)."""
         ready = self._ready[sandboxed]
         if not ready:
             return None
-        pid = next(iter(ready))
-        return pid, ready.pop(pid)
+        return ready.pop(next(iter(ready)))
 
     def gone(self, pid: int) -> None:
-        """``pid`` exited or was handed out: drop it (and remove its unused cgroup)."""
+        """``pid`` exited or was handed out: drop it (and what was made for it, unused)."""
         if pid in self._making:
             self._gone.add(pid)
         for ready in self._ready.values():
-            handle = ready.pop(pid, None)
-            if handle is not None:
-                self._confiner.background(handle.remove)
+            made = ready.pop(pid, None)
+            if made is not None:
+                self.drop(made)
+
+    def drop(self, made: Parked) -> None:
+        """Remove the cgroup made for a parked child (which takes the child with it) and
+        release its uid, off the event loop."""
+        self._confiner.background(lambda: self._confiner.let_go(made))
 
     def close(self) -> None:
         """The supervisor shuts down: the confiner reaps every cgroup left."""

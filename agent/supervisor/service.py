@@ -192,12 +192,12 @@ class Supervisor:
         # A child parked for sandboxes made ahead the view of one without GPUs (DEFAULT_VIEW).
         gpus = sandboxed and attempt.assignment.get("gpus")
         parked = None if gpus else self.parked_children.take(sandboxed=sandboxed)
-        if parked is not None and parked[1] is not None:
+        if parked is not None and parked.cgroup is not None:
             try:
-                return self.confiner.prepare(attempt, name=name, parked=parked)  # type: ignore[arg-type]
+                return self.confiner.prepare(attempt, name=name, parked=parked)
             except CgroupError as exc:  # its cgroup would not take these limits: a new one will
-                self.log.warning("parked_cgroup_refused", pid=parked[0], error=str(exc))
-                self.confiner.background(parked[1].remove)  # takes the parked child with it
+                self.log.warning("parked_cgroup_refused", pid=parked.pid, error=str(exc))
+                self.parked_children.drop(parked)  # its cgroup's removal takes the child with it
         return self.confiner.prepare(attempt, name=name)
 
     def check_open(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import textwrap
 import time
 from pathlib import Path
@@ -148,3 +149,44 @@ async def test_a_child_parked_for_sandboxes_makes_its_view_ahead_yet_loads_code_
         assert "ro" in out["root"] and out["tmp"] == ["mine"] and out["proc"] == ["1"]
         assert "from a module under /tmp" in read_attempt_log(agent.run_id, "look", 1)
     assert waiting & set(pids)
+
+
+async def note_uid(context: Any) -> None:
+    context.set_state("uid", os.getuid())
+
+
+def parked_leases() -> dict[str, int]:
+    """owner -> uid of the sandbox uids leased ahead for parked children."""
+    pool = current_supervisor().confiner._uid_pool  # type: ignore[union-attr]
+    return {owner: uid for owner, uid in (pool.leased() if pool else {}).items() if owner.startswith("parked-")}
+
+
+async def ready_for_sandboxes(deadline: float) -> dict[int, int]:
+    """pid -> uid of the children parked for sandboxed launches whose cgroup and uid are ready."""
+    while time.monotonic() < deadline:
+        ready = current_supervisor().parked_children._ready[True]  # type: ignore[union-attr]
+        if ready:
+            return {pid: made.lease.uid for pid, made in ready.items()}
+        await asyncio.sleep(0.01)  # made on the confiner's thread, reported on this loop
+    raise AssertionError("no child parked for sandboxed launches got its uid")
+
+
+async def test_a_child_parked_for_sandboxes_holds_its_uid_ahead_and_gives_it_back(spawned: Any) -> None:
+    watch, pids = spawned
+    agent = Agent("uid_ahead", isolation="sandbox")
+    agent.add_state("uid", note_uid, context_keys=["uid"])
+    await agent.run()
+    watch()
+    ready = await ready_for_sandboxes(time.monotonic() + 60)
+    assert set(ready.values()) <= set(parked_leases().values())
+    uid = (await agent.run()).get_state("uid")
+    served = [pid for pid in pids if pid in ready]
+    assert served and uid == ready[served[0]]  # the launch took a parked child, and its uid
+    # A parked child that dies gives its uid back.
+    ready = await ready_for_sandboxes(time.monotonic() + 60)
+    victim, victim_uid = next(iter(ready.items()))
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while victim_uid in parked_leases().values() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert victim_uid not in parked_leases().values()

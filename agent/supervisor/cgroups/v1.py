@@ -305,6 +305,8 @@ class V1Backend:
         missing = [c for c in self.controllers if self._needed(c, limits) and c not in handle.dirs]
         if missing:
             raise CgroupError(f"cgroup {handle.name} is not in {missing}, which these limits need")
+        if limits == handle.limits:
+            return  # written already (a parked child's cgroup, made with the likely limits)
         handle.limits = limits
         try:
             self._write_limits(handle)

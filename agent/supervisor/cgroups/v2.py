@@ -297,6 +297,8 @@ class V2Backend:
         return handle
 
     def apply(self, handle: V2Cgroup, limits: CgroupLimits) -> None:
+        if limits == handle.limits:
+            return  # written already (a parked child's cgroup, made with the likely limits)
         handle.limits = limits
         try:
             self._write_limits(handle)
