@@ -230,6 +230,8 @@ def _serve(
         # sets up, instead of after its state (a child may close only once welcomed).
         session.hello()
     confine.apply(spec["confine"], parked=parked)
+    if sandbox is not None:  # before the state's modules load: they see only the sandbox's variables
+        sandbox_module.wipe_environment(sandbox)
     # The run message (the state and its context snapshot: it may take the whole frame cap)
     # is read only now, so that its pages are charged to the attempt's cgroup.
     run = _read_run(spec_fd, spec)

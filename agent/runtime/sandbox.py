@@ -8,7 +8,8 @@ PID 1 of a new PID namespace; the child then, in two steps:
 
 1. :func:`leave_namespaces`, once it is connected to the supervisor: new network, mount
    and IPC namespaces (namespaces belong to threads, so every thread must be inside:
-   checked). A connected unix socket keeps working across them.
+   checked). A connected unix socket keeps working across them. Then
+   :func:`wipe_environment`: the state's modules load seeing only the sandbox's variables.
 2. :func:`enter_sandbox`, once the state function and its modules are loaded (so code
    under a private directory still loads): a read-only, ``nosuid`` view of the whole
    filesystem with a private size-limited ``/tmp`` (also ``/var/tmp``), a minimal
@@ -20,7 +21,8 @@ PID 1 of a new PID namespace; the child then, in two steps:
 
 A child parked for sandboxed launches does step 1 and the part of step 2 that no attempt
 changes (the read-only view, /dev, /dev/shm, /dev/mqueue: :func:`make_view_ahead`) while it
-waits; at launch only the private /tmp and /proc remain, after the state's code is loaded.
+waits; at launch only the private /tmp and /proc remain, after the state's code is loaded
+(and the variables its launch set are wiped again).
 
 Being PID 1 of its namespace, the state's process takes every process it leaves behind
 with it when it ends, and signals it sends to itself are ignored unless it handles them
@@ -69,6 +71,9 @@ PR_GET_NO_NEW_PRIVS = 39
 BASIC_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEFAULT_TMP_MB = 256
 DEFAULT_SHM_MB = 64
+DEFAULT_HOME = "/nonexistent"
+ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
+"""Variables a sandboxed state keeps; everything else of the supervisor's is dropped."""
 
 _RLIMITS = {
     "nofile": resource.RLIMIT_NOFILE,
@@ -325,7 +330,8 @@ def view_of(spec: dict[str, Any]) -> tuple[Any, ...]:
             int(spec.get("shm_mb", DEFAULT_SHM_MB)), tuple(spec.get("devices", ())))
 
 
-DEFAULT_VIEW: dict[str, Any] = {"network": False, "filesystem": True, "shm_mb": DEFAULT_SHM_MB, "devices": []}
+DEFAULT_VIEW: dict[str, Any] = {"network": False, "filesystem": True, "shm_mb": DEFAULT_SHM_MB, "devices": [],
+                                 "env_keep": list(ENV_KEEP), "home": DEFAULT_HOME}
 """The view of a sandbox without GPUs (what :func:`agent.supervisor.sandbox.sandbox_spec`
 builds): the one parked children prepare ahead."""
 
@@ -335,12 +341,14 @@ _view_ahead: tuple[Any, ...] | None = None  # view_of() of what make_view_ahead 
 def make_view_ahead(spec: dict[str, Any], made: list[int] | None = None) -> None:
     """Do now the part of :func:`enter_sandbox` that depends only on ``view_of(spec)``: new
     namespaces and the read-only view of the filesystem (a parked child, before any
-    attempt is known). :func:`enter_sandbox` then does only the rest, and refuses a spec
-    of another view."""
+    attempt is known), and the supervisor's environment wiped (what the state's modules
+    read as they load is then what the state will see). :func:`enter_sandbox` then does
+    only the rest, and refuses a spec of another view."""
     global _view_ahead
     leave_namespaces(spec, made)
     if spec.get("filesystem", True):
         _shared_view(spec)
+    wipe_environment(spec)
     _view_ahead = view_of(spec)
 
 
@@ -369,6 +377,18 @@ def join_new_session_keyring() -> None:
         raise OSError(err, f"keyctl(JOIN_SESSION_KEYRING): {os.strerror(err)}")
 
 
+def wipe_environment(spec: dict[str, Any]) -> None:
+    """Only the variables the sandbox keeps (``env_keep``) and sets (its home, its private
+    /tmp as TMPDIR) stay; the supervisor's others are gone, from memory too. Idempotent."""
+    env = {"HOME": str(spec.get("home", DEFAULT_HOME))}
+    if spec.get("filesystem", True):
+        env["TMPDIR"] = "/tmp"
+    _scrub_environment(list(spec.get("env_keep", ())), env)
+
+
+_environ_block_wiped = False
+
+
 def _scrub_environment(keep: list[str], set_: dict[str, str]) -> None:
     """Only ``keep`` and ``set_`` stay; the rest is unset and overwritten in memory.
 
@@ -385,14 +405,17 @@ def _scrub_environment(keep: list[str], set_: dict[str, str]) -> None:
             ctypes.memset(value, 0, len(value))
     _lib().clearenv()  # the C library's environ: what child processes inherit
     posix.environ.clear()  # os.environ's own mapping
-    fd = os.open("/proc/self/stat", os.O_RDONLY)
-    try:
-        fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
-    finally:
-        os.close(fd)
-    env_start, env_end = int(fields[47]), int(fields[48])  # fields 50 and 51 of proc(5)
-    if 0 < env_start < env_end:
-        ctypes.memset(env_start, 0, env_end - env_start)
+    global _environ_block_wiped
+    if not _environ_block_wiped:
+        fd = os.open("/proc/self/stat", os.O_RDONLY)
+        try:
+            fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
+        finally:
+            os.close(fd)
+        env_start, env_end = int(fields[47]), int(fields[48])  # fields 50 and 51 of proc(5)
+        if 0 < env_start < env_end:
+            ctypes.memset(env_start, 0, env_end - env_start)
+        _environ_block_wiped = True
     os.environ.update(kept)
     os.environ.update(set_)
 
@@ -438,12 +461,8 @@ def enter_sandbox(spec: dict[str, Any], notify: socket.socket | None = None) -> 
     if pdeathsig:
         prctl(PR_SET_PDEATHSIG, pdeathsig)
 
-    tmp = "/tmp" if spec.get("filesystem", True) else None
-    env_set = {"HOME": str(spec.get("home", "/nonexistent"))}
-    if tmp:
-        env_set["TMPDIR"] = tmp
-    _scrub_environment(list(spec.get("env_keep", [])), env_set)
-    os.chdir(tmp or "/")
+    wipe_environment(spec)
+    os.chdir("/tmp" if spec.get("filesystem", True) else "/")
     os.umask(0o077)
     if spec.get("seccomp", True):
         listener = seccomp.install(listener=notify is not None)

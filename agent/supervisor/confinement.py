@@ -100,8 +100,7 @@ class Confinement:
 
     def _refresh(self) -> None:
         if self.handle is not None and not self._closed:
-            self._usage = self.handle.usage()
-            self._events = self.handle.limit_events()
+            self._usage, self._events = self.handle.reading()
 
     def usage(self) -> dict[str, Any]:
         """Measured use of the attempt so far (cpu_seconds, peak_memory_bytes, io bytes, ...)."""

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import IsolationUnavailableError
+from ..runtime.sandbox import DEFAULT_HOME, DEFAULT_SHM_MB, ENV_KEEP
 from .uid_sweep import kill_uid, remove_ipc, sweep_uid
 
 UIDS_ENV = "AGENT_SANDBOX_UIDS"
@@ -49,9 +50,6 @@ DEFAULT_TMP_MB = 256
 """Size of a sandbox's private /tmp (a tmpfs whose pages count against its memory limit)."""
 DEFAULT_FILE_MB = 128
 """RLIMIT_FSIZE of a sandbox: its largest file, and the cap on its attempt's log."""
-DEFAULT_SHM_MB = 64
-# Variables a sandboxed state keeps; everything else of the supervisor's is dropped.
-ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
 
 
 def parse_uid_range(text: str) -> range:
@@ -129,7 +127,7 @@ def sandbox_spec(
     return {
         "uid": uid,
         "gid": uid if gid is None else gid,
-        "home": "/nonexistent",
+        "home": DEFAULT_HOME,
         "network": False,
         "filesystem": True,
         "seccomp": True,

@@ -117,23 +117,28 @@ async def test_other_launches_never_take_a_child_parked_for_a_sandbox(spawned: A
 VIEW_STATE = """
 import os
 
+LOADED_WITH = dict(os.environ)  # what the module saw as it loaded, in the sandbox's process
+
 async def look(context):
     print("from a module under /tmp")
     with open("/proc/self/mountinfo") as fh:
         mounts = {line.split()[4]: line.split()[5].split(",") for line in fh}
     open("/tmp/mine", "w").close()
     context.set_state("out", {"root": mounts["/"], "tmp": sorted(os.listdir("/tmp")),
-                              "proc": sorted(p for p in os.listdir("/proc") if p.isdigit())})
+                              "proc": sorted(p for p in os.listdir("/proc") if p.isdigit()),
+                              "loaded_with": LOADED_WITH})
 """
 
 
 async def test_a_child_parked_for_sandboxes_makes_its_view_ahead_yet_loads_code_from_tmp(
     spawned: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Its namespaces and read-only view are made while it waits; the private /tmp and its own
-    /proc only at launch, once the state's code is loaded (here from a module under /tmp) and
-    its log opened (through the supervisor's /proc)."""
+    """Its namespaces and read-only view are made, and the supervisor's environment wiped,
+    while it waits; the private /tmp and its own /proc only at launch, once the state's code
+    is loaded (here from a module under /tmp) and its log opened (through the supervisor's
+    /proc). The module loads seeing the sandbox's environment, never the supervisor's."""
     assert str(tmp_path).startswith("/tmp/")
+    monkeypatch.setenv("AGENT_TEST_SUPERVISOR_SECRET", "not for sandboxes")  # the zygote starts after this
     (tmp_path / "parked_view_state.py").write_text(textwrap.dedent(VIEW_STATE))
     monkeypatch.syspath_prepend(str(tmp_path))
     import parked_view_state  # type: ignore[import-not-found]
@@ -147,6 +152,8 @@ async def test_a_child_parked_for_sandboxes_makes_its_view_ahead_yet_loads_code_
     for _ in range(3):
         out = (await agent.run()).get_state("out")
         assert "ro" in out["root"] and out["tmp"] == ["mine"] and out["proc"] == ["1"]
+        assert "AGENT_TEST_SUPERVISOR_SECRET" not in out["loaded_with"]
+        assert out["loaded_with"]["HOME"] == "/nonexistent" and out["loaded_with"]["TMPDIR"] == "/tmp"
         assert "from a module under /tmp" in read_attempt_log(agent.run_id, "look", 1)
     assert waiting & set(pids)
 
