@@ -83,3 +83,25 @@ async def test_a_process_that_stays_after_its_result_is_killed_and_awaited(monke
     assert agent.state_metadata["linger"].status.value == "completed"
     assert kills == [pid]  # after the stop grace
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_a_cancelled_run_still_waits_for_the_end_of_its_finished_attempts() -> None:
+    reached = asyncio.Event()
+
+    async def hang(context: Context) -> None:
+        reached.set()
+        await asyncio.Event().wait()
+
+    async def note_pid(context: Context) -> str:
+        context.set_state("pid", os.getpid())
+        return "hang"
+
+    agent = Agent("cancelled", isolation="process")
+    agent.add_state("isolated", note_pid, next_states=["hang"])
+    agent.add_state("hang", hang, isolation="inline")
+    task = asyncio.ensure_future(agent.run())
+    await reached.wait()  # the isolated state's outcome is in; its process may still be exiting
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert state_process_gone(agent.context.get_state("pid"))
