@@ -193,28 +193,6 @@ class PoolStatistics:
     evicting: int = 0  # victims chosen that still hold their resources
 
 
-class _Stat:
-    """Current, peak and time-integrated allocation of one resource type.
-
-    Updated inline by ``ResourcePool._take`` and ``release`` (the hot path).
-    """
-
-    __slots__ = ("current", "peak", "area", "since", "last")
-
-    def __init__(self, now: float) -> None:
-        self.current = 0.0
-        self.peak = 0.0
-        self.area = 0.0
-        self.since = now
-        self.last = now
-
-    def average(self, now: float) -> float:
-        span = now - self.since
-        if span <= 0:
-            return self.current
-        return (self.area + self.current * (now - self.last)) / span
-
-
 Notify = Callable[[str], None]
 """Called with the owner when its queued request is granted (the engine's wake-up)."""
 
@@ -340,8 +318,13 @@ class ResourcePool:
         self._clock = clock
         self._policy = preemption_policy or PreemptionPolicy()
         self._available = dict(totals)
-        now = clock()
-        self._stats = {rtype: _Stat(now) for rtype in totals}
+        # Usage statistics, kept cheaply on the hot path: what is allocated now is
+        # totals - available; the peak is what the lowest availability left; the
+        # time-integrated allocation (for the average) gains each holding's
+        # amount x duration at its release, the current holdings' at the reading.
+        self._since = clock()
+        self._lowest = dict(totals)
+        self._area = dict.fromkeys(totals, 0.0)
         self._holders: dict[str, _Holding] = {}
         self._seq = 0
         # The wait queue: one heap per priority of (rank, waiter); cancelled entries
@@ -446,16 +429,12 @@ class ResourcePool:
             if owner in self._waiters:
                 self.cancel(owner)
             return
-        now = self._clock()
-        available, totals, stats = self._available, self.totals, self._stats
+        held = self._clock() - holding.started
+        available, totals, area = self._available, self.totals, self._area
         for rtype, amount in holding.amounts.items():
             left = available[rtype] + amount
             available[rtype] = left if left < totals[rtype] else totals[rtype]
-            stat = stats[rtype]  # _Stat.move, inlined: this is the hot path
-            stat.area += stat.current * (now - stat.last)
-            stat.last = now
-            current = stat.current - amount
-            stat.current = current if current > _EPS else 0.0
+            area[rtype] += amount * held
         if holding.devices:
             self._gpus.release(owner)  # type: ignore[union-attr]
         if self._evicting:
@@ -477,15 +456,12 @@ class ResourcePool:
 
     def _take(self, owner: str, amounts: dict[ResourceType, float], level: Priority, state: str) -> None:
         now = self._clock()
-        available, stats = self._available, self._stats
+        available, lowest = self._available, self._lowest
         for rtype, amount in amounts.items():
-            available[rtype] -= amount
-            stat = stats[rtype]  # _Stat.move, inlined: this is the hot path
-            stat.area += stat.current * (now - stat.last)
-            stat.last = now
-            stat.current += amount
-            if stat.current > stat.peak:
-                stat.peak = stat.current
+            left = available[rtype] - amount
+            available[rtype] = left
+            if left < lowest[rtype]:
+                lowest[rtype] = left
         self._seq += 1
         holding = self._holders[owner] = _Holding(owner, amounts, level, state, now, self._seq)
         if self._gpus is not None and ResourceType.GPU in amounts:
@@ -943,16 +919,22 @@ class ResourcePool:
         measured: dict[ResourceType, float | None] = {rtype: None for rtype in self.totals}
         measured[ResourceType.CPU] = self._cpu_seconds_done + sum(c for c, _ in self._measured.values())
         measured[ResourceType.MEMORY] = sum(m for _, m in self._measured.values())
-        return {
-            rtype: ResourceUsage(
-                total=self.totals[rtype],
-                current_usage=stat.current,
-                peak_usage=stat.peak,
-                average_usage=stat.average(now),
+        area = dict(self._area)
+        for holding in self._holders.values():
+            for rtype, amount in holding.amounts.items():
+                area[rtype] += amount * (now - holding.started)
+        span = now - self._since
+        out = {}
+        for rtype, total in self.totals.items():
+            current = _allocated(total, self._available[rtype])
+            out[rtype] = ResourceUsage(
+                total=total,
+                current_usage=current,
+                peak_usage=_allocated(total, self._lowest[rtype]),
+                average_usage=area[rtype] / span if span > 0 else current,
                 measured_usage=measured[rtype],
             )
-            for rtype, stat in self._stats.items()
-        }
+        return out
 
     def get_state_allocations(self) -> dict[str, dict[ResourceType, float]]:
         return {owner: dict(h.amounts) for owner, h in self._holders.items()}
@@ -992,6 +974,12 @@ class ResourcePool:
     def __repr__(self) -> str:
         parts = ", ".join(f"{r.name}={self._available[r]:g}/{t:g}" for r, t in self.totals.items())
         return f"ResourcePool({parts}, holders={len(self._holders)}, queued={len(self._waiters)})"
+
+
+def _allocated(total: float, available: float) -> float:
+    """What is allocated of ``total`` when ``available`` is left (float dust counts as none)."""
+    allocated = total - available
+    return allocated if allocated > _EPS else 0.0
 
 
 _default: tuple[GPUInventory, ResourcePool] | None = None
