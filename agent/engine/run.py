@@ -384,12 +384,21 @@ class Run:
             live_states = self.live_states
             live_states[name] = live_states.get(name, 0) + 1
         g: Group | None = group
-        while g is not None:
-            g.items += 1
-            g = g.parent
-        if self.graph is not None:
+        if self.graph is None:
+            while g is not None:
+                g.items += 1
+                g = g.parent
+        else:  # _count(group, reach, 1), inlined into the same walk up the groups
             act.reach = reach = self.graph.reach(name)
-            self._count(group, reach, 1)
+            while g is not None:
+                g.items += 1
+                if reach is None:
+                    g.wild += 1
+                else:
+                    pot = g.pot
+                    for target in reach:
+                        pot[target] = pot.get(target, 0) + 1
+                g = g.parent
         meta = self.metadata[name]
         meta.attempts = attempt
         if meta.error is not None or meta.blocked_reason is not None:
@@ -443,11 +452,21 @@ class Run:
             else:
                 del self.live_states[name]
         g: Group | None = act.group
-        while g is not None:
-            g.items -= 1
-            g = g.parent
-        if self.graph is not None:
-            self._count(act.group, act.reach, -1)
+        if self.graph is None:
+            while g is not None:
+                g.items -= 1
+                g = g.parent
+        else:  # _count(act.group, act.reach, -1), inlined into the same walk up the groups
+            reach = act.reach
+            while g is not None:
+                g.items -= 1
+                if reach is None:
+                    g.wild -= 1
+                else:
+                    pot = g.pot
+                    for target in reach:
+                        pot[target] = pot.get(target, 0) - 1
+                g = g.parent
 
     def _hold(self, group: Group, name: str) -> None:
         group.held[name] = 1
@@ -592,8 +611,18 @@ class Run:
         For a held name, everything else in the group counts, the other held names too
         (one that leads to ``name`` runs first).
         """
-        released = False
         held = group.held
+        if len(held) == 1 and group.items > 1 and self.graph is not None:
+            # The common case (branches meeting in one name, others still on their way):
+            # the loop below for one name, without copying the names.
+            name = next(iter(held))
+            reach = self.graph.reach(name)
+            if reach is None:
+                if group.wild > 1 or group.pot.get(name, 0) > 0:
+                    return
+            elif group.wild > 0 or group.pot.get(name, 0) - (name in reach) > 0:
+                return
+        released = False
         for name in list(held):
             if name not in held:
                 continue
