@@ -34,6 +34,7 @@ _ALL_TYPES = ResourceType.ALL
 _CPU, _MEMORY, _IO, _NETWORK, _GPU = (ResourceType.CPU, ResourceType.MEMORY, ResourceType.IO,
                                       ResourceType.NETWORK, ResourceType.GPU)
 _INF = math.inf
+_NUMBER_TYPES = frozenset((int, float))  # exactly these; bool and the rest go through _validate
 
 
 @dataclass
@@ -64,14 +65,18 @@ class ResourceRequirements:
         # Each check in full only when the quick one does not pass: requests are made per
         # state, often per run.
         error = ResourceRequestError
-        for value in (self.cpu_units, self.memory_mb, self.io_weight, self.network_weight, self.gpu_units):
-            if (type(value) is not float and type(value) is not int) or not 0.0 <= value < _INF:
-                for name in ("cpu_units", "memory_mb", "io_weight", "network_weight", "gpu_units"):
-                    _validate.number(getattr(self, name), f"ResourceRequirements.{name}", error=error)
-                break
-        if self.gpu_units > 1 and self.gpu_units != int(self.gpu_units):
+        cpu, memory, io = self.cpu_units, self.memory_mb, self.io_weight
+        network, gpu = self.network_weight, self.gpu_units
+        numbers = _NUMBER_TYPES
+        if not (type(cpu) in numbers and type(memory) in numbers and type(io) in numbers
+                and type(network) in numbers and type(gpu) in numbers
+                and 0.0 <= cpu < _INF and 0.0 <= memory < _INF and 0.0 <= io < _INF
+                and 0.0 <= network < _INF and 0.0 <= gpu < _INF):
+            for name in ("cpu_units", "memory_mb", "io_weight", "network_weight", "gpu_units"):
+                _validate.number(getattr(self, name), f"ResourceRequirements.{name}", error=error)
+        if gpu > 1 and gpu != int(gpu):
             raise ResourceRequestError(
-                f"gpu_units={self.gpu_units}: ask for whole GPUs (1, 2, ...) or a share of one (< 1)"
+                f"gpu_units={gpu}: ask for whole GPUs (1, 2, ...) or a share of one (< 1)"
             )
         if self.timeout is not None:
             _validate.number(self.timeout, "ResourceRequirements.timeout", error=error, above=True, none=True,
@@ -355,6 +360,11 @@ class ResourcePool:
 
     def check_request(self, requirements: ResourceRequirements, state: str = "?") -> None:
         """Raise when ``requirements`` could never be met by this pool."""
+        totals = self.totals
+        if (requirements.cpu_units <= totals[_CPU] and requirements.memory_mb <= totals[_MEMORY]
+                and requirements.io_weight <= totals[_IO] and requirements.network_weight <= totals[_NETWORK]
+                and requirements.gpu_units <= totals[_GPU]):
+            return  # every amount fits, whichever types it counts (the common case, checked per add_state)
         for rtype, amount in requirements.amounts().items():
             total = self.totals[rtype]
             if amount > total + _EPS:
