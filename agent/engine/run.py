@@ -54,7 +54,7 @@ from ..scope import ScopedContext, scope_for
 from ..state import AttemptRecord, StateMetadata
 from ..status import AgentStatus, StateStatus
 from .admission import Admission
-from .driver import RETURNED, Driver, exception_reason, inline_runner
+from .driver import Driver, Returned, exception_reason, inline_runner
 
 _NO_USAGE: dict[str, Any] = {}  # what an inline attempt measured (nothing); never written to
 _NOTHING: tuple[()] = ()  # the dependency queues of a run without dependencies: empty, never written
@@ -831,14 +831,14 @@ class Run:
                 self.runner = None
                 self.finished(act, None, exception_reason(exc), _NO_USAGE)
                 return
-            if type(out) is tuple and len(out) == 2 and out[0] is RETURNED:  # returned(out), inlined
+            if type(out) is Returned:
                 # What finished() does for an attempt that returned, for this common case.
                 try:
                     del self.running[name]
                     meta.finished_at = end = self.clock()
                     if act.holds:
                         self._release(act, _NO_USAGE)
-                    self.succeeded(act, out[1], end - now, _NO_USAGE, end)
+                    self.succeeded(act, out.value, end - now, _NO_USAGE, end)
                 except Exception as exc:  # an engine bug must end the run visibly, not hang it
                     self.log.exception("internal error while finishing %r", name)
                     self.fail(exc)
