@@ -265,10 +265,8 @@ class Run:
         self.tracks_deps = False
         self.waiting: list[Activation] = _NOTHING  # type: ignore[assignment]  # whose dependencies are not met
         self.watch: set[str] = _NOTHING  # type: ignore[assignment]  # dependency-driven states not (re)triggered yet
-        for spec in self.specs.values():
-            if spec.dependencies:
-                self.track_dependencies()
-                break
+        if agent._has_dependencies:
+            self.track_dependencies()
         # Outcome.
         self.steps = 0
         self.error: BaseException | None = None
