@@ -87,6 +87,8 @@ class Agent:
     :mod:`agent.engine.run` for the exact join and dependency semantics.
     """
 
+    _has_dependencies = False  # a state with dependencies was added (its run keeps their bookkeeping)
+
     def __init__(
         self,
         name: str,
@@ -256,6 +258,8 @@ class Agent:
         self._states[name] = spec
         if deps or declared is not None:
             self._graph_checked = False  # only these can make check_graph fail
+            if deps:
+                self._has_dependencies = True
         self._graph = None
         self.state_metadata[name] = StateMetadata(
             name, spec.max_retries_with(self.retry_policy), resources, priority, deps, level

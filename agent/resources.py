@@ -34,6 +34,7 @@ _ALL_TYPES = ResourceType.ALL
 _CPU, _MEMORY, _IO, _NETWORK, _GPU = (ResourceType.CPU, ResourceType.MEMORY, ResourceType.IO,
                                       ResourceType.NETWORK, ResourceType.GPU)
 _INF = math.inf
+_NUMBER_TYPES = frozenset((int, float))  # exactly these; bool and the rest go through _validate
 
 
 @dataclass
@@ -64,14 +65,18 @@ class ResourceRequirements:
         # Each check in full only when the quick one does not pass: requests are made per
         # state, often per run.
         error = ResourceRequestError
-        for value in (self.cpu_units, self.memory_mb, self.io_weight, self.network_weight, self.gpu_units):
-            if (type(value) is not float and type(value) is not int) or not 0.0 <= value < _INF:
-                for name in ("cpu_units", "memory_mb", "io_weight", "network_weight", "gpu_units"):
-                    _validate.number(getattr(self, name), f"ResourceRequirements.{name}", error=error)
-                break
-        if self.gpu_units > 1 and self.gpu_units != int(self.gpu_units):
+        cpu, memory, io = self.cpu_units, self.memory_mb, self.io_weight
+        network, gpu = self.network_weight, self.gpu_units
+        numbers = _NUMBER_TYPES
+        if not (type(cpu) in numbers and type(memory) in numbers and type(io) in numbers
+                and type(network) in numbers and type(gpu) in numbers
+                and 0.0 <= cpu < _INF and 0.0 <= memory < _INF and 0.0 <= io < _INF
+                and 0.0 <= network < _INF and 0.0 <= gpu < _INF):
+            for name in ("cpu_units", "memory_mb", "io_weight", "network_weight", "gpu_units"):
+                _validate.number(getattr(self, name), f"ResourceRequirements.{name}", error=error)
+        if gpu > 1 and gpu != int(gpu):
             raise ResourceRequestError(
-                f"gpu_units={self.gpu_units}: ask for whole GPUs (1, 2, ...) or a share of one (< 1)"
+                f"gpu_units={gpu}: ask for whole GPUs (1, 2, ...) or a share of one (< 1)"
             )
         if self.timeout is not None:
             _validate.number(self.timeout, "ResourceRequirements.timeout", error=error, above=True, none=True,
@@ -191,28 +196,6 @@ class PoolStatistics:
     rejected: int = 0  # requests refused for good (too large, quota in fail mode)
     preempted: int = 0  # victims chosen by find_victims
     evicting: int = 0  # victims chosen that still hold their resources
-
-
-class _Stat:
-    """Current, peak and time-integrated allocation of one resource type.
-
-    Updated inline by ``ResourcePool._take`` and ``release`` (the hot path).
-    """
-
-    __slots__ = ("current", "peak", "area", "since", "last")
-
-    def __init__(self, now: float) -> None:
-        self.current = 0.0
-        self.peak = 0.0
-        self.area = 0.0
-        self.since = now
-        self.last = now
-
-    def average(self, now: float) -> float:
-        span = now - self.since
-        if span <= 0:
-            return self.current
-        return (self.area + self.current * (now - self.last)) / span
 
 
 Notify = Callable[[str], None]
@@ -340,8 +323,13 @@ class ResourcePool:
         self._clock = clock
         self._policy = preemption_policy or PreemptionPolicy()
         self._available = dict(totals)
-        now = clock()
-        self._stats = {rtype: _Stat(now) for rtype in totals}
+        # Usage statistics, kept cheaply on the hot path: what is allocated now is
+        # totals - available; the peak is what the lowest availability left; the
+        # time-integrated allocation (for the average) gains each holding's
+        # amount x duration at its release, the current holdings' at the reading.
+        self._since = clock()
+        self._lowest = dict(totals)
+        self._area = dict.fromkeys(totals, 0.0)
         self._holders: dict[str, _Holding] = {}
         self._seq = 0
         # The wait queue: one heap per priority of (rank, waiter); cancelled entries
@@ -372,6 +360,11 @@ class ResourcePool:
 
     def check_request(self, requirements: ResourceRequirements, state: str = "?") -> None:
         """Raise when ``requirements`` could never be met by this pool."""
+        totals = self.totals
+        if (requirements.cpu_units <= totals[_CPU] and requirements.memory_mb <= totals[_MEMORY]
+                and requirements.io_weight <= totals[_IO] and requirements.network_weight <= totals[_NETWORK]
+                and requirements.gpu_units <= totals[_GPU]):
+            return  # every amount fits, whichever types it counts (the common case, checked per add_state)
         for rtype, amount in requirements.amounts().items():
             total = self.totals[rtype]
             if amount > total + _EPS:
@@ -446,16 +439,12 @@ class ResourcePool:
             if owner in self._waiters:
                 self.cancel(owner)
             return
-        now = self._clock()
-        available, totals, stats = self._available, self.totals, self._stats
+        held = self._clock() - holding.started
+        available, totals, area = self._available, self.totals, self._area
         for rtype, amount in holding.amounts.items():
             left = available[rtype] + amount
             available[rtype] = left if left < totals[rtype] else totals[rtype]
-            stat = stats[rtype]  # _Stat.move, inlined: this is the hot path
-            stat.area += stat.current * (now - stat.last)
-            stat.last = now
-            current = stat.current - amount
-            stat.current = current if current > _EPS else 0.0
+            area[rtype] += amount * held
         if holding.devices:
             self._gpus.release(owner)  # type: ignore[union-attr]
         if self._evicting:
@@ -477,15 +466,12 @@ class ResourcePool:
 
     def _take(self, owner: str, amounts: dict[ResourceType, float], level: Priority, state: str) -> None:
         now = self._clock()
-        available, stats = self._available, self._stats
+        available, lowest = self._available, self._lowest
         for rtype, amount in amounts.items():
-            available[rtype] -= amount
-            stat = stats[rtype]  # _Stat.move, inlined: this is the hot path
-            stat.area += stat.current * (now - stat.last)
-            stat.last = now
-            stat.current += amount
-            if stat.current > stat.peak:
-                stat.peak = stat.current
+            left = available[rtype] - amount
+            available[rtype] = left
+            if left < lowest[rtype]:
+                lowest[rtype] = left
         self._seq += 1
         holding = self._holders[owner] = _Holding(owner, amounts, level, state, now, self._seq)
         if self._gpus is not None and ResourceType.GPU in amounts:
@@ -943,16 +929,22 @@ class ResourcePool:
         measured: dict[ResourceType, float | None] = {rtype: None for rtype in self.totals}
         measured[ResourceType.CPU] = self._cpu_seconds_done + sum(c for c, _ in self._measured.values())
         measured[ResourceType.MEMORY] = sum(m for _, m in self._measured.values())
-        return {
-            rtype: ResourceUsage(
-                total=self.totals[rtype],
-                current_usage=stat.current,
-                peak_usage=stat.peak,
-                average_usage=stat.average(now),
+        area = dict(self._area)
+        for holding in self._holders.values():
+            for rtype, amount in holding.amounts.items():
+                area[rtype] += amount * (now - holding.started)
+        span = now - self._since
+        out = {}
+        for rtype, total in self.totals.items():
+            current = _allocated(total, self._available[rtype])
+            out[rtype] = ResourceUsage(
+                total=total,
+                current_usage=current,
+                peak_usage=_allocated(total, self._lowest[rtype]),
+                average_usage=area[rtype] / span if span > 0 else current,
                 measured_usage=measured[rtype],
             )
-            for rtype, stat in self._stats.items()
-        }
+        return out
 
     def get_state_allocations(self) -> dict[str, dict[ResourceType, float]]:
         return {owner: dict(h.amounts) for owner, h in self._holders.items()}
@@ -992,6 +984,12 @@ class ResourcePool:
     def __repr__(self) -> str:
         parts = ", ".join(f"{r.name}={self._available[r]:g}/{t:g}" for r, t in self.totals.items())
         return f"ResourcePool({parts}, holders={len(self._holders)}, queued={len(self._waiters)})"
+
+
+def _allocated(total: float, available: float) -> float:
+    """What is allocated of ``total`` when ``available`` is left (float dust counts as none)."""
+    allocated = total - available
+    return allocated if allocated > _EPS else 0.0
 
 
 _default: tuple[GPUInventory, ResourcePool] | None = None

@@ -359,6 +359,9 @@ class ReturnGraph:
         self._specs = specs
         self._direct: dict[str, frozenset[str] | None] = {}
         self._reach: dict[str, frozenset[str] | None] = {}
+        # id(direct returns) -> (those returns, their reach): the states of one function
+        # (a fan-out's branches) return the same frozenset, so they share one reach.
+        self._by_direct: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
 
     def direct(self, name: str) -> frozenset[str] | None:
         """What ``name`` returns directly (names that are not states are harmless here: nothing waits on them)."""
@@ -382,6 +385,10 @@ class ReturnGraph:
         if succ is None:
             self._reach[name] = None
             return None
+        shared = self._by_direct.get(id(succ))
+        if shared is not None and shared[0] is succ and name not in shared[1]:
+            self._reach[name] = shared[1]
+            return shared[1]
         # The common case: every successor is known already and there is no loop back.
         known = self._reach
         if name not in succ and succ <= known.keys():
@@ -394,6 +401,7 @@ class ReturnGraph:
                 out |= further
             if name not in out:
                 value = known[name] = frozenset(out)
+                self._by_direct[id(succ)] = (succ, value)
                 return value
         self._tarjan(name)
         return self._reach[name]

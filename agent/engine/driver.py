@@ -26,8 +26,14 @@ if TYPE_CHECKING:
     from .run import Activation, Run
 
 
-RETURNED = object()
-"""First item of what :func:`inline_runner` yields when the coroutine it runs has returned."""
+class Returned:
+    """What :func:`inline_runner` yields when the coroutine it runs has returned: ``value``
+    is what it returned. One per runner, reused: a state's own awaitables never yield one."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: Any = None
 
 
 @types.coroutine
@@ -35,20 +41,16 @@ def inline_runner(coro: Any) -> Generator[Any, Any, None]:
     """Runs inline state coroutines one after another, each stepped with ``send``.
 
     Started with ``send(None)``, then given each next coroutine with ``send(coro)``. A
-    coroutine that returns comes back as ``(RETURNED, result)``; one that awaits
+    coroutine that returns comes back as a :class:`Returned`; one that awaits
     something leaves the runner in the middle of it (a task continues it,
     :class:`_Resume`), and one that raises ends the runner. Stepping each coroutine
     with ``coro.send(None)`` would raise and catch a StopIteration per state, which
     costs more than everything else a no-op state does.
     """
+    done = Returned()
     while True:
-        result = yield from coro
-        coro = yield (RETURNED, result)
-
-
-def returned(yielded: Any) -> bool:
-    """Whether ``yielded`` (from :func:`inline_runner`) says its coroutine returned."""
-    return type(yielded) is tuple and len(yielded) == 2 and yielded[0] is RETURNED
+        done.value = yield from coro
+        coro = yield done
 
 
 class _Resume:
@@ -79,8 +81,8 @@ class _Resume:
                     yielded = coro.send(sent)
                 except StopIteration as stop:
                     return stop.value
-            if returned(yielded):
-                return yielded[1]
+            if type(yielded) is Returned:
+                return yielded.value
 
 
 def exception_reason(exc: BaseException) -> FailureReason:

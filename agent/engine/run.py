@@ -54,7 +54,7 @@ from ..scope import ScopedContext, scope_for
 from ..state import AttemptRecord, StateMetadata
 from ..status import AgentStatus, StateStatus
 from .admission import Admission
-from .driver import RETURNED, Driver, exception_reason, inline_runner
+from .driver import Driver, Returned, exception_reason, inline_runner
 
 _NO_USAGE: dict[str, Any] = {}  # what an inline attempt measured (nothing); never written to
 _NOTHING: tuple[()] = ()  # the dependency queues of a run without dependencies: empty, never written
@@ -265,10 +265,8 @@ class Run:
         self.tracks_deps = False
         self.waiting: list[Activation] = _NOTHING  # type: ignore[assignment]  # whose dependencies are not met
         self.watch: set[str] = _NOTHING  # type: ignore[assignment]  # dependency-driven states not (re)triggered yet
-        for spec in self.specs.values():
-            if spec.dependencies:
-                self.track_dependencies()
-                break
+        if agent._has_dependencies:
+            self.track_dependencies()
         # Outcome.
         self.steps = 0
         self.error: BaseException | None = None
@@ -384,12 +382,21 @@ class Run:
             live_states = self.live_states
             live_states[name] = live_states.get(name, 0) + 1
         g: Group | None = group
-        while g is not None:
-            g.items += 1
-            g = g.parent
-        if self.graph is not None:
+        if self.graph is None:
+            while g is not None:
+                g.items += 1
+                g = g.parent
+        else:  # _count(group, reach, 1), inlined into the same walk up the groups
             act.reach = reach = self.graph.reach(name)
-            self._count(group, reach, 1)
+            while g is not None:
+                g.items += 1
+                if reach is None:
+                    g.wild += 1
+                else:
+                    pot = g.pot
+                    for target in reach:
+                        pot[target] = pot.get(target, 0) + 1
+                g = g.parent
         meta = self.metadata[name]
         meta.attempts = attempt
         if meta.error is not None or meta.blocked_reason is not None:
@@ -443,11 +450,21 @@ class Run:
             else:
                 del self.live_states[name]
         g: Group | None = act.group
-        while g is not None:
-            g.items -= 1
-            g = g.parent
-        if self.graph is not None:
-            self._count(act.group, act.reach, -1)
+        if self.graph is None:
+            while g is not None:
+                g.items -= 1
+                g = g.parent
+        else:  # _count(act.group, act.reach, -1), inlined into the same walk up the groups
+            reach = act.reach
+            while g is not None:
+                g.items -= 1
+                if reach is None:
+                    g.wild -= 1
+                else:
+                    pot = g.pot
+                    for target in reach:
+                        pot[target] = pot.get(target, 0) - 1
+                g = g.parent
 
     def _hold(self, group: Group, name: str) -> None:
         group.held[name] = 1
@@ -592,8 +609,18 @@ class Run:
         For a held name, everything else in the group counts, the other held names too
         (one that leads to ``name`` runs first).
         """
-        released = False
         held = group.held
+        if len(held) == 1 and group.items > 1 and self.graph is not None:
+            # The common case (branches meeting in one name, others still on their way):
+            # the loop below for one name, without copying the names.
+            name = next(iter(held))
+            reach = self.graph.reach(name)
+            if reach is None:
+                if group.wild > 1 or group.pot.get(name, 0) > 0:
+                    return
+            elif group.wild > 0 or group.pot.get(name, 0) - (name in reach) > 0:
+                return
+        released = False
         for name in list(held):
             if name not in held:
                 continue
@@ -802,14 +829,14 @@ class Run:
                 self.runner = None
                 self.finished(act, None, exception_reason(exc), _NO_USAGE)
                 return
-            if type(out) is tuple and len(out) == 2 and out[0] is RETURNED:  # returned(out), inlined
+            if type(out) is Returned:
                 # What finished() does for an attempt that returned, for this common case.
                 try:
                     del self.running[name]
                     meta.finished_at = end = self.clock()
                     if act.holds:
                         self._release(act, _NO_USAGE)
-                    self.succeeded(act, out[1], end - now, _NO_USAGE, end)
+                    self.succeeded(act, out.value, end - now, _NO_USAGE, end)
                 except Exception as exc:  # an engine bug must end the run visibly, not hang it
                     self.log.exception("internal error while finishing %r", name)
                     self.fail(exc)
