@@ -369,13 +369,15 @@ class Zygote:
             return False
         children.remove(entry)
         sock = entry[1]
-        charged = charged_so_far(pid)
         try:
             socket.send_fds(sock, [b"s"], [spec_fd, *extra])
         except OSError:
             return False  # it died while parked: its exit is reported when it is reaped
         finally:
             sock.close()
+        # Read once the child has its spec (not before: nobody waits for it then); what the
+        # child did since is at most a few page faults, in clock ticks nothing.
+        charged = charged_so_far(pid)
         for fd in (spec_fd, *extra):
             os.close(fd)
         self._charged_before[pid] = charged
