@@ -25,8 +25,9 @@ ahead while it is idle, each blocked on a socket of its own until a ``spawn`` na
 hands it its spec (:meth:`Zygote._unpark`); a launch then costs a descriptor passed,
 not a fork. It reports each one (``parked``), and the supervisor decides which to use
 (it first moves each into a cgroup of its own: :mod:`agent.supervisor.parked`). How
-many it keeps follows the launches it serves: as many as the largest burst of recent
-``spawn`` requests, at most ``park_max`` (``AGENT_PARKED_MAX``, from the ``configure``
+many it keeps follows the launches it serves: one more than the largest burst of recent
+``spawn`` requests (so that a launch finds one whose cgroup is ready even while the
+one taken by the launch before is being replaced), at most ``park_max`` (``AGENT_PARKED_MAX``, from the ``configure``
 request), and none once no child was asked for in ``PARK_IDLE`` seconds (a parked child
 whose socket closes exits). Sandboxed children are parked apart, following the sandboxed
 launches: each is forked as PID 1 of a PID namespace of its own, made for that one fork,
@@ -322,7 +323,7 @@ class Zygote:
     # --- parked children -----------------------------------------------------------------
 
     def _count_spawn(self, sandbox: bool) -> None:
-        """Follow the launch rate: park as many children of a kind as its largest recent burst."""
+        """Follow the launch rate: park one more child of a kind than its largest recent burst."""
         now = time.monotonic()
         if now - self._last_spawn > self._park_idle:
             for parking in self._parking.values():
@@ -330,7 +331,7 @@ class Zygote:
         self._last_spawn = now
         parking = self._parking[sandbox]
         parking.burst += 1
-        parking.target = min(self._park_max, max(parking.target, parking.burst))
+        parking.target = min(self._park_max, max(parking.target, parking.burst + 1))
 
     def _poll_timeout(self) -> int | None:
         """Milliseconds until parked children are let go for lack of launches (None: never)."""
