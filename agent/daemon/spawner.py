@@ -60,6 +60,8 @@ PRELOAD = (
     "agent.agent",
     "agent.engine.run",
     "agent.checkpoint_store",
+    "agent.store_index",
+    "agent.live.server",
     "agent.supervisor",
     "agent.supervisor.confinement",
     "uvloop",
