@@ -192,10 +192,14 @@ def _join_cgroup(procs: str) -> None:
     start. v2 has no ``tasks`` file: there the pid goes to ``cgroup.procs``.
     """
     directory, name = os.path.split(procs)
-    target, value = procs, str(os.getpid())
-    if name == "cgroup.procs" and os.path.exists(os.path.join(directory, "tasks")):
-        target, value = os.path.join(directory, "tasks"), "0"
-    fd = os.open(target, os.O_WRONLY)
+    fd, value = -1, "0"
+    if name == "cgroup.procs":
+        try:
+            fd = os.open(os.path.join(directory, "tasks"), os.O_WRONLY)
+        except FileNotFoundError:  # v2
+            pass
+    if fd < 0:
+        fd, value = os.open(procs, os.O_WRONLY), str(os.getpid())
     try:
         os.write(fd, value.encode())
     finally:
