@@ -6,8 +6,6 @@ and a name's module is imported the first time the name is used.
 
 from __future__ import annotations
 
-import importlib
-
 from ._version import __version__
 
 TYPE_CHECKING = False  # typing's own, without importing typing (half of agentctl's start)
@@ -152,7 +150,9 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'agent' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    # __import__, not importlib.import_module: importing importlib (and warnings with it)
+    # was a sixth of `import agent`, which agentctl pays on every command.
+    value = getattr(__import__(f"{__name__}.{module}", fromlist=[name]), name)
     globals()[name] = value
     return value
 

@@ -108,8 +108,10 @@ class JobCgroups:
             for path in dirs:
                 os.chown(path, uid, gid)
                 for entry in delegated:
-                    if os.path.exists(f"{path}/{entry}"):
+                    try:
                         os.chown(f"{path}/{entry}", uid, gid)
+                    except FileNotFoundError:
+                        pass  # a hierarchy without it (v1: every one has both; v2: cgroup.threads is newer)
         except OSError as exc:
             handle.remove()
             raise CgroupError(f"cannot delegate cgroup {name} to uid {uid}: {exc.strerror}") from exc

@@ -357,6 +357,8 @@ class Link:
             self._lose(str(exc))
             return False
         for message in messages:
+            if self.closed:  # closed by a message before (a refused hello): the rest is not read
+                break
             self.on_message(message)
         return True
 
@@ -396,10 +398,11 @@ class BlockingChannel:
             ) from None
         self._data = bytearray()
 
-    def send(self, message: dict[str, Any]) -> None:
-        frame = _frame(message, pack(message))
+    def send(self, *messages: dict[str, Any]) -> None:
+        """Send ``messages`` in one write."""
+        frames = b"".join(_frame(message, pack(message)) for message in messages)
         try:
-            self.sock.sendall(frame)
+            self.sock.sendall(frames)
         except OSError as exc:
             raise _unavailable(f"lost the connection to agentd at {self.path}: {exc}") from None
 

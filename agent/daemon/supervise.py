@@ -24,6 +24,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import time
 from collections.abc import Callable
 from typing import Any
@@ -190,7 +191,7 @@ class JobSupervisor:
         except FileExistsError:
             pass
         st = os.lstat(path)
-        if not os.path.isdir(path) or os.path.islink(path):
+        if not stat.S_ISDIR(st.st_mode):  # a link is not followed: lstat sees the link itself
             raise JobError(f"{path} is not a directory")
         if st.st_uid != job.uid or st.st_gid != job.gid:
             os.chown(path, job.uid, job.gid, follow_symlinks=False)

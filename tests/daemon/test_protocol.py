@@ -148,6 +148,18 @@ class TestAgainstAgentd:
         assert code == ctl.EXIT_VERSION
         assert len(err) == 1 and "protocol" in err[0] and "same release" in err[0]
 
+    def test_a_request_behind_a_refused_hello_is_not_served(self, agentd: Agentd, users: tuple[User, User]) -> None:
+        """agentctl sends its hello and first request in one write: a refused hello ends it there."""
+        agentd.start()
+        hello = {**protocol.hello("control"), "version": protocol.PROTOCOL_VERSION + 1}
+        with _raw(agentd) as sock:
+            sock.sendall(protocol.encode(hello) + protocol.encode(
+                {"op": "submit", "source": "from agent import Agent\nagent = Agent('x')\n", "path": "/tmp/x.py"}))
+            reply = _read(sock)
+            assert reply is not None and reply["code"] == protocol.VERSION
+            assert _read(sock) is None  # closed, the submit never answered
+        assert agentd.ctl_json("list") == []
+
     def test_garbage_costs_only_that_connection(self, agentd: Agentd, users: tuple[User, User]) -> None:
         agentd.start()
         for junk in (b"\x00\x00\x00\x03abc", struct.pack("!I", protocol.MAX_FRAME + 1),
@@ -209,3 +221,37 @@ class TestAgainstAgentd:
         code = ctl.main(["--socket", str(tmp_path / "none.sock"), "list"])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == ctl.EXIT_UNAVAILABLE and len(err) == 1 and "cannot reach agentd" in err[0]
+
+
+@pytest.mark.timeout(180)
+class TestSubmitSyntaxCheck:
+    """``agentctl submit`` refuses a file that does not compile, and runs nothing of any file itself."""
+
+    MARK = "import os\nwith open({mark!r}, 'a') as f:\n    f.write(os.environ.get('AGENT_JOB', 'agentctl') + '\\n')\n"
+    FLOW = ("from agent import Agent\nagent = Agent('ok', isolation='inline')\n"
+            "async def s(context):\n    return None\nagent.add_state('s', s)\n")
+
+    @pytest.mark.parametrize("broken, line, message", [
+        ("def f(:\n    pass\n", 4, "invalid syntax"),  # the parser's
+        ("return 1\n", 4, "'return' outside function"),  # the compiler's
+    ])
+    def test_a_file_that_does_not_compile_is_refused(self, agentd: Agentd, users: tuple[User, User],
+                                                     broken: str, line: int, message: str) -> None:
+        agentd.start()
+        mark = agentd.root / "ran"
+        flow = agentd.root / "broken.py"
+        flow.write_text(self.MARK.format(mark=str(mark)) + broken)
+        done = agentd.ctl("submit", str(flow))
+        assert done.returncode == ctl.EXIT_USAGE, done.stderr
+        assert done.stderr.strip().splitlines() == [f"agentctl: {flow}:{line}: {message}: fix it before submitting"]
+        assert not mark.exists()  # not a line of it ran
+        assert agentd.ctl_json("list") == []
+
+    def test_a_good_file_runs_in_its_job_only(self, agentd: Agentd, users: tuple[User, User]) -> None:
+        agentd.start()
+        mark = agentd.root / "ran"
+        flow = agentd.root / "good.py"
+        flow.write_text(self.MARK.format(mark=str(mark)) + self.FLOW)
+        job = agentd.submit(flow)
+        agentd.wait_status(job, "completed")
+        assert mark.read_text().splitlines() == [job]  # written by the job's runner, never by agentctl
