@@ -193,6 +193,9 @@ def _serve(
 
     ``parked``: this child was parked; ``connected``: its connection to the supervisor
     made ahead, used when it goes where the spec says."""
+    # First: what this process does from now on is counted and limited (and a process that
+    # leaves its cgroup is told by what it was charged outside, which then stays small).
+    confine.join(spec["confine"], parked=parked)
     sandbox = spec["confine"].get("sandbox")
     max_frame = spec["max_frame"] + FRAME_OVERHEAD
     if connected is not None and (given or spec["endpoint"] != connected_endpoint(connected)):
@@ -234,7 +237,7 @@ def _serve(
         # The handshake is over: the supervisor's welcome comes back while this process
         # sets up, instead of after its state (a child may close only once welcomed).
         session.hello()
-    confine.apply(spec["confine"], parked=parked)
+    confine.apply(spec["confine"], joined=True)
     if sandbox is not None:  # before the state's modules load: they see only the sandbox's variables
         sandbox_module.wipe_environment(sandbox)
     # The run message (the state and its context snapshot: it may take the whole frame cap)

@@ -75,17 +75,26 @@ def set_environment(child_spec: dict[str, Any]) -> None:
         os.environ.update({str(k): str(v) for k, v in gpu.get("env", {}).items()})
 
 
-def apply(child_spec: dict[str, Any], *, parked: bool = False) -> None:
-    """Join the attempt's cgroup(s), set limits and the GPU environment.
+def join(child_spec: dict[str, Any], *, parked: bool = False) -> None:
+    """Join the attempt's cgroup(s), unless the supervisor moved this process in already.
 
-    ``child_spec`` is the plain dict built by the supervisor's Confiner. ``parked``: this
-    child was parked and handed this spec by the zygote, which hands a spec naming a
-    ``joined`` pid to that child only (a sandboxed one is PID 1 of its own namespace, so
-    its pid here is not the one named). Raises OSError when a step fails; the child must
-    then exit without running the state.
+    ``parked``: this child was parked and handed this spec by the zygote, which hands a
+    spec naming a ``joined`` pid to that child only (a sandboxed one is PID 1 of its own
+    namespace, so its pid here is not the one named).
     """
     if not (parked and child_spec.get("joined") is not None):
         join_cgroups(child_spec)
+
+
+def apply(child_spec: dict[str, Any], *, parked: bool = False, joined: bool = False) -> None:
+    """Join the attempt's cgroup(s) (unless ``joined``: :func:`join` was called), set limits
+    and the GPU environment.
+
+    ``child_spec`` is the plain dict built by the supervisor's Confiner. Raises OSError
+    when a step fails; the child must then exit without running the state.
+    """
+    if not joined:
+        join(child_spec, parked=parked)
     if child_spec.get("process_group") and os.getpgid(0) != os.getpid():
         os.setpgid(0, 0)
     set_limits(child_spec)

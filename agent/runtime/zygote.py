@@ -358,6 +358,9 @@ class Zygote:
             return False
         self._children.add(pid)
         self._parking[sandbox].children.append((pid, ours))
+        # Let go for lack of launches only PARK_IDLE seconds after it was parked: where a
+        # launch takes longer than that (an emulated machine), its children are still used.
+        self._last_spawn = max(self._last_spawn, time.monotonic())
         write_frame(self._control, {"op": "parked", "pid": pid, "sandbox": sandbox})
         return True
 

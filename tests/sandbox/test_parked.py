@@ -61,11 +61,20 @@ async def note_pid(context: Any) -> None:
     context.set_state("pid", os.getpid())
 
 
+class Spawned(list[int]):
+    parked: dict[int, bool]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parked = {}
+
+
 @pytest.fixture
 def spawned() -> Any:
-    """The pids the zygote reports as serving launches, from now on."""
+    """The pids the zygote reports as serving launches, from now on (and, in ``pids.parked``,
+    each child it parks: pid -> parked for sandboxed launches)."""
     shutdown_supervisor()
-    pids: list[int] = []
+    pids = Spawned()
 
     def watch() -> None:
         sup = current_supervisor()
@@ -75,6 +84,8 @@ def spawned() -> Any:
         def recording(message: dict[str, Any]) -> None:
             if message.get("op") == "spawned":
                 pids.append(message["pid"])
+            elif message.get("op") == "parked":
+                pids.parked[message["pid"]] = bool(message.get("sandbox"))
             report(message)
 
         sup.zygote._on_report = recording
@@ -111,11 +122,9 @@ async def test_other_launches_never_take_a_child_parked_for_a_sandbox(spawned: A
     for _ in range(3):
         await plain.run()
     assert pids and not waiting & set(pids)
-    ready = current_supervisor().parked_children._ready  # type: ignore[union-attr]
-    deadline = time.monotonic() + 60
-    while not ready[False] and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)  # its cgroup is made on the confiner's thread
-    assert ready[False] and all(not own_pid_namespace(pid) for pid in ready[False])
+    still = current_supervisor().parked  # type: ignore[union-attr]
+    plain = [pid for pid, sandboxed in pids.parked.items() if not sandboxed and pid in still]
+    assert plain and all(not own_pid_namespace(pid) for pid in plain)
 
 
 VIEW_STATE = """
@@ -182,22 +191,26 @@ async def ready_for_sandboxes(deadline: float) -> dict[int, int]:
     raise AssertionError("no child parked for sandboxed launches got its uid")
 
 
+@pytest.mark.timeout(240)  # a few sandboxed runs: minutes on an emulated machine
 async def test_a_child_parked_for_sandboxes_holds_its_uid_ahead_and_gives_it_back(spawned: Any) -> None:
     watch, pids = spawned
     agent = Agent("uid_ahead", isolation="sandbox")
     agent.add_state("uid", note_uid, context_keys=["uid"])
     await agent.run()
     watch()
-    ready = await ready_for_sandboxes(time.monotonic() + 60)
-    assert set(ready.values()) <= set(parked_leases().values())
-    uid = (await agent.run()).get_state("uid")
-    served = [pid for pid in pids if pid in ready]
-    assert served and uid == ready[served[0]]  # the launch took a parked child, and its uid
+    deadline = time.monotonic() + 40
+    served = None
+    while served is None and time.monotonic() < deadline:  # until a launch takes a ready parked child
+        ready = await ready_for_sandboxes(deadline)
+        assert set(ready.values()) <= set(parked_leases().values())
+        uid = (await agent.run()).get_state("uid")
+        served = next((pid for pid in pids if pid in ready), None)
+    assert served is not None and uid == ready[served]  # the launch took a parked child, and its uid
     # A parked child that dies gives its uid back.
-    ready = await ready_for_sandboxes(time.monotonic() + 60)
+    ready = await ready_for_sandboxes(time.monotonic() + 40)
     victim, victim_uid = next(iter(ready.items()))
     os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 40
     while victim_uid in parked_leases().values() and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     assert victim_uid not in parked_leases().values()
