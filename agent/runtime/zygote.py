@@ -28,7 +28,8 @@ not a fork. It reports each one (``parked``), and the supervisor decides which t
 many it keeps follows the launches it serves: one more than the largest burst of recent
 ``spawn`` requests (so that a launch finds one whose cgroup is ready even while the
 one taken by the launch before is being replaced), at most ``park_max`` (``AGENT_PARKED_MAX``, from the ``configure``
-request), and none once no child was asked for in ``PARK_IDLE`` seconds (a parked child
+request), and none once no child was asked for in ``park_idle`` seconds (``AGENT_PARKED_IDLE``,
+default ``PARK_IDLE``; counted from the last park too, for a machine slower than that; a parked child
 whose socket closes exits). Sandboxed children are parked apart, following the sandboxed
 launches: each is forked as PID 1 of a PID namespace of its own, made for that one fork,
 holds a pair of the network and IPC namespaces made ahead, and keeps none of the
@@ -722,7 +723,7 @@ def main(argv: list[str]) -> int:
         gc.freeze()
         _release_free_heap()
         zygote = Zygote(control, parent_pid, spec_fds, park_max=int(config.get("park_max", PARK_MAX)),
-                        endpoint=str(config.get("endpoint", "")))
+                        park_idle=float(config.get("park_idle", PARK_IDLE)), endpoint=str(config.get("endpoint", "")))
         zygote.serve(pending, buffer)
     except (_ParentDied, OSError):
         pass

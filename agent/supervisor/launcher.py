@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..runtime.child import SPEC_HEADER
-from ..runtime.zygote import PARK_MAX, frame, read_frames, write_frame
+from ..runtime.zygote import PARK_IDLE, PARK_MAX, frame, read_frames, write_frame
 from ..values import pack_plain
 
 ReportHandler = Callable[[dict[str, Any]], None]
@@ -81,6 +81,7 @@ class ZygoteLauncher:
         preload: Sequence[str] = (),
         import_path: Sequence[str] = (),
         park_max: int = PARK_MAX,
+        park_idle: float = PARK_IDLE,
         endpoint: str = "",
     ) -> None:
         self._on_report = on_report
@@ -98,7 +99,7 @@ class ZygoteLauncher:
         # The first frame, read before the zygote warms up: what to import for the children,
         # and where parked children connect ahead (the supervisor's ROUTER).
         self._send({"op": "configure", "preload": list(preload), "import_path": list(import_path),
-                    "park_max": park_max, "endpoint": endpoint})
+                    "park_max": park_max, "park_idle": park_idle, "endpoint": endpoint})
 
     @staticmethod
     def _start(cleanup: list[str] | None) -> tuple[subprocess.Popen[bytes], socket.socket]:

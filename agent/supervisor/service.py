@@ -31,7 +31,7 @@ from ..errors import CgroupError, InvalidConfigurationError, IsolationError, Pro
 from ..executor import Attempt, Isolation
 from ..ipc import Hello, Run, decode_message, encode_message
 from ..ipc.router import RECEIVE_HWM, RouterChannel, peer_credentials
-from ..runtime.zygote import PARK_MAX
+from ..runtime.zygote import PARK_IDLE, PARK_MAX
 from ..context import encode_snapshot
 from ..scope import ContextScope, ScopedContext, scope_for
 from ..values import Bounds
@@ -77,6 +77,8 @@ class SupervisorConfig:
     """Modules the zygote imports before it forks, so that children inherit them."""
     park_max: int = field(default_factory=lambda: _env_count("AGENT_PARKED_MAX", PARK_MAX))
     """Children the zygote keeps forked ahead, at most (0: none; see :mod:`agent.runtime.zygote`)."""
+    park_idle: float = field(default_factory=lambda: _env_float("AGENT_PARKED_IDLE", PARK_IDLE))
+    """Seconds without a launch after which the zygote lets its parked children go."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class Supervisor:
         self.zygote = ZygoteLauncher(
             self._on_report, self._on_zygote_lost, cleanup,
             preload=self.config.preload, import_path=list(sys.path), park_max=self.config.park_max,
+            park_idle=self.config.park_idle,
             endpoint=self.router.endpoint,
         )
         activate(self.logs)
