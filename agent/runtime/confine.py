@@ -11,7 +11,7 @@ limits. This module imports nothing of the supervisor: ``child_spec`` is plain d
 * ``cgroup_procs``: ``cgroup.procs`` files to write this process's pid to;
 * ``joined``: the pid the supervisor already moved into those cgroups (a parked child's,
   as the supervisor sees it): that child does not join them again (a move costs a kernel
-  RCU grace period), which it learns from :func:`apply`'s ``parked``;
+  RCU grace period), which it learns from :func:`join`'s ``parked``;
 * ``rlimits``: ``[[name, soft, hard], ...]`` with ``name`` a ``resource.RLIMIT_*`` name;
 * ``process_group``: make this process a process-group leader (the no-cgroup
   fallback kills the whole group);
@@ -86,15 +86,15 @@ def join(child_spec: dict[str, Any], *, parked: bool = False) -> None:
         join_cgroups(child_spec)
 
 
-def apply(child_spec: dict[str, Any], *, parked: bool = False, joined: bool = False) -> None:
-    """Join the attempt's cgroup(s) (unless ``joined``: :func:`join` was called), set limits
-    and the GPU environment.
+def apply(child_spec: dict[str, Any], *, joined: bool = False) -> None:
+    """Join the attempt's cgroup(s) (unless ``joined``: :func:`join` did), set limits and
+    the GPU environment.
 
     ``child_spec`` is the plain dict built by the supervisor's Confiner. Raises OSError
     when a step fails; the child must then exit without running the state.
     """
     if not joined:
-        join(child_spec, parked=parked)
+        join_cgroups(child_spec)
     if child_spec.get("process_group") and os.getpgid(0) != os.getpid():
         os.setpgid(0, 0)
     set_limits(child_spec)

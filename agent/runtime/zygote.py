@@ -660,18 +660,20 @@ def charged_with_children(pid: int) -> tuple[float, int] | None:
     is reaped); None when ``pid`` is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rpartition(b")")[2].split()
+            return charged_in(fh.read(), children=True)
     except OSError:
         return None
-    # After minflt (10) come cminflt, majflt, cmajflt, utime, stime, cutime, cstime (11 to 17).
-    ticks = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
-    return ticks / _CLOCK_TICKS, int(fields[7]) + int(fields[8]) + int(fields[9]) + int(fields[10])
 
 
-def charged_in(stat: bytes) -> tuple[float, int]:
-    """CPU seconds and page faults in the text of a ``/proc/<pid>/stat``."""
+def charged_in(stat: bytes, *, children: bool = False) -> tuple[float, int]:
+    """CPU seconds and page faults in the text of a ``/proc/<pid>/stat`` (with ``children``:
+    plus those of its reaped children)."""
     fields = stat.rpartition(b")")[2].split()
-    # After the command: minflt is field 10, majflt 12, utime 14, stime 15 (from 1, state 3).
+    # After the command: minflt is field 10, cminflt 11, majflt 12, cmajflt 13, utime 14,
+    # stime 15, cutime 16, cstime 17 (from 1, state 3).
+    if children:
+        ticks = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+        return ticks / _CLOCK_TICKS, int(fields[7]) + int(fields[8]) + int(fields[9]) + int(fields[10])
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS, int(fields[7]) + int(fields[9])
 
 
