@@ -28,36 +28,39 @@ class ProcessExecutor:
         sup = get_supervisor()
         sup.attach(asyncio.get_running_loop())
         sup.enter_attempt()
-        settling = False
         try:
             confinement = sup.confine(attempt)
+        except BaseException:
+            sup.exit_attempt()
+            raise
+        ends_later = False  # its end was left to a task of attempt.settle (_settle)
+        try:
+            child = sup.launch(attempt, confinement)
+            if attempt.settle is not None and not attempt.assignment.get("gpus"):
+                outcome = await self._answer(sup, child, attempt)
+                if outcome is not None:
+                    task = asyncio.ensure_future(self._settle(sup, child, confinement))
+                    attempt.settle.add(task)
+                    task.add_done_callback(attempt.settle.discard)
+                    ends_later = True
+                    return outcome
             try:
-                child = sup.launch(attempt, confinement)
-                if attempt.settle is not None and not attempt.assignment.get("gpus"):
-                    outcome = await self._answer(sup, child, attempt)
-                    if outcome is not None:
-                        task = asyncio.ensure_future(self._settle(sup, child, confinement))
-                        attempt.settle.add(task)
-                        task.add_done_callback(attempt.settle.discard)
-                        settling = True
-                        return outcome
-                try:
-                    status = await watch(child, attempt, sup.config.grace)
-                finally:
-                    sup.forget(child)
-                confinement.reaped = status is not None
-                return verdict(child, status, attempt)
-            except BaseException as exc:
-                usage: Any = getattr(exc, "usage", None)
-                if isinstance(usage, dict):
-                    attempt.usage.update(usage)
-                raise
+                status = await watch(child, attempt, sup.config.grace)
             finally:
-                if not settling:
-                    confinement.close()
+                sup.forget(child)
+            confinement.reaped = status is not None
+            return verdict(child, status, attempt)
+        except BaseException as exc:
+            usage: Any = getattr(exc, "usage", None)
+            if isinstance(usage, dict):
+                attempt.usage.update(usage)
+            raise
         finally:
-            if not settling:
-                sup.exit_attempt()
+            if not ends_later:
+                try:
+                    confinement.close()
+                finally:
+                    sup.exit_attempt()
 
     @staticmethod
     async def _answer(sup: Supervisor, child: ChildProcess, attempt: Attempt) -> AttemptOutcome | None:
@@ -82,8 +85,10 @@ class ProcessExecutor:
             confinement.reaped = status is not None
         finally:
             sup.forget(child)
-            confinement.close()
-            sup.exit_attempt()
+            try:
+                confinement.close()
+            finally:
+                sup.exit_attempt()
 
     async def aclose(self) -> None:
         """Nothing per executor: the supervisor is shared and goes away with the process."""
