@@ -329,6 +329,7 @@ class Confiner:
         handle = self.backend.create(safe_name(f"parked-{pid}-{next(self._counter)}"), limits, every_controller=True)
         try:
             handle.attach(pid)
+            handle.reading()  # opens its files now: reading them at the attempt's result is then cheap
         except BaseException:
             handle.remove()
             raise

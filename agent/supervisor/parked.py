@@ -68,7 +68,8 @@ class ParkedChildren:
         try:
             handle = self._confiner.park(pid, sandboxed)
         except Exception as exc:
-            self._log.warning("parked_child_not_confined", pid=pid, error=repr(exc))
+            if not isinstance(exc.__cause__, ProcessLookupError):  # else it was let go meanwhile
+                self._log.warning("parked_child_not_confined", pid=pid, error=repr(exc))
             handle, failed = None, True
         else:
             failed = False

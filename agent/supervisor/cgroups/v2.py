@@ -20,11 +20,11 @@ from . import blockdev
 from .base import (
     DEFAULT_ROOT,
     LimitEvents,
+    OpenFiles,
     SupervisorName,
     kill_pids,
     parse_int,
     read,
-    read_int,
     read_keyed,
     read_pids,
     rmdir_retry,
@@ -86,6 +86,7 @@ class V2Cgroup:
         self.limits = limits
         self.unenforced: dict[str, str] = {}
         self._removed = False
+        self._files = OpenFiles()
 
     @property
     def procs_files(self) -> list[str]:
@@ -104,18 +105,28 @@ class V2Cgroup:
         return read_pids(f"{self.path}/cgroup.procs")
 
     def usage(self) -> dict[str, Any]:
-        cpu = read_keyed(f"{self.path}/cpu.stat")
+        return self._usage(self._files.keyed(f"{self.path}/cpu.stat"))
+
+    def reading(self) -> tuple[dict[str, Any], LimitEvents]:
+        """:meth:`usage` and :meth:`limit_events` at once (``cpu.stat`` read once)."""
+        cpu = self._files.keyed(f"{self.path}/cpu.stat")
+        return self._usage(cpu), self._limit_events(cpu)
+
+    def _usage(self, cpu: dict[str, int]) -> dict[str, Any]:
+        files, path = self._files, self.path
         out: dict[str, Any] = {
             "cpu_seconds": cpu.get("usage_usec", 0) / 1e6,
-            "peak_memory_bytes": read_int(f"{self.path}/memory.peak"),
+            "peak_memory_bytes": files.int(f"{path}/memory.peak"),
             "nr_throttled": cpu.get("nr_throttled", 0),
             "throttled_seconds": cpu.get("throttled_usec", 0) / 1e6,
         }
-        if os.path.exists(f"{self.path}/pids.peak"):
-            out["pids_peak"] = read_int(f"{self.path}/pids.peak")
-        if os.path.exists(f"{self.path}/io.stat"):
+        peak = files.text(f"{path}/pids.peak")
+        if peak is not None:
+            out["pids_peak"] = parse_int(peak)
+        io = files.text(f"{path}/io.stat")
+        if io is not None:
             reads = writes = 0
-            for line in read(f"{self.path}/io.stat").splitlines():
+            for line in io.splitlines():
                 for item in line.split()[1:]:
                     key, _, value = item.partition("=")
                     if key == "rbytes":
@@ -130,18 +141,18 @@ class V2Cgroup:
         return read_keyed(f"{self.path}/memory.stat").get("pgfault", 0)
 
     def limit_events(self) -> LimitEvents:
-        memory = read_keyed(f"{self.path}/memory.events")
-        cpu = read_keyed(f"{self.path}/cpu.stat")
+        return self._limit_events(self._files.keyed(f"{self.path}/cpu.stat"))
+
+    def _limit_events(self, cpu: dict[str, int]) -> LimitEvents:
+        files, path = self._files, self.path
+        memory = files.keyed(f"{path}/memory.events")
         return LimitEvents(
             oom_kills=memory.get("oom_kill", 0),
             memory_limit_hits=memory.get("max", 0),
-            pids_limit_hits=read_keyed(f"{self.path}/pids.events").get("max", 0),
+            pids_limit_hits=files.keyed(f"{path}/pids.events").get("max", 0),
             nr_throttled=cpu.get("nr_throttled", 0),
             throttled_seconds=cpu.get("throttled_usec", 0) / 1e6,
         )
-
-    def reading(self) -> tuple[dict[str, Any], LimitEvents]:
-        return self.usage(), self.limit_events()
 
     def task_count(self) -> int | None:
         try:
@@ -159,6 +170,7 @@ class V2Cgroup:
         """Kill what is left (also in cgroups the attempt made below its own), delete it all."""
         if self._removed:
             return
+        self._files.close()  # an open file keeps nothing busy, but its cgroup is going
         try:
             os.rmdir(self.path)  # the common case: nothing is left
         except FileNotFoundError:
