@@ -116,7 +116,11 @@ class ParkedChildren:
         self._confiner.background(lambda: self._confiner.let_go(made))
 
     def close(self) -> None:
-        """The supervisor shuts down: the confiner reaps every cgroup left."""
+        """The supervisor shuts down: each ready child's cgroup is removed like that of any
+        child let go, so that its files (opened at park time) are closed and its uid
+        released; children whose cgroup is still being made are let go when it is."""
         self._closed = True
         for ready in self._ready.values():
+            for made in ready.values():
+                self.drop(made)
             ready.clear()

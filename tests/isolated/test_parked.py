@@ -8,8 +8,10 @@ import socket
 import struct
 import time
 
+import pytest
+
 from agent.context import Context
-from agent.supervisor import current_supervisor
+from agent.supervisor import current_supervisor, shutdown_supervisor
 
 from .helpers import make_attempt, run
 
@@ -76,3 +78,34 @@ async def test_a_parked_child_is_named_until_launched() -> None:
     served = dict([(await run(make_attempt(own_name, number=n))).result for n in range(2, 6)])
     assert parked in served
     assert "agent-parked" not in served.values()
+
+
+def files_under(dirs: list[str]) -> list[str]:
+    """What this process holds open below ``dirs``."""
+    held = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if any(target.startswith(f"{d}/") for d in dirs):
+            held.append(target)
+    return held
+
+
+async def test_shutdown_closes_the_files_of_children_still_parked() -> None:
+    # A parked child's cgroup files are opened while it waits; a supervisor that shuts
+    # down with children still parked must close them (a long-lived process would else
+    # run out of descriptors, one supervisor after another).
+    await run(make_attempt(own_pid))
+    sup = current_supervisor()
+    assert sup is not None
+    dirs = sup.confiner.backend.owned_dirs()
+    if not dirs:
+        pytest.skip("no cgroups here: parked children get none")
+    deadline = time.monotonic() + 60
+    while not files_under(dirs):  # a parked child's cgroup is made on the confiner's thread
+        assert time.monotonic() < deadline, "no parked child's cgroup files were opened"
+        await asyncio.sleep(0.01)
+    shutdown_supervisor()
+    assert files_under(dirs) == []

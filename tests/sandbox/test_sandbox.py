@@ -497,7 +497,12 @@ class TestSandboxedChild:
                     os._exit(0)
             os.close(write_end)
             for expected in (b"hello", f"after {lease.uid}".encode()):
-                assert router.poll(30000), "the child did not send"
+                if not router.poll(30000):
+                    os.kill(pid, signal.SIGKILL)
+                    with os.fdopen(read_end, "rb") as reader:
+                        report = reader.read()
+                    os.waitpid(pid, 0)
+                    raise AssertionError(f"the child did not send {expected!r}; it reported {report!r}")
                 peer, message = router.recv_multipart()
                 assert message == expected
                 router.send_multipart([peer, b"ok " + message])
