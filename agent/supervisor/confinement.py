@@ -339,7 +339,7 @@ class Confiner:
         """A sandbox uid leased for parked child ``pid``'s launch (None: none can be leased now;
         the launch then leases one, or says why it cannot)."""
         try:
-            return self._uids().lease(safe_name(f"parked-{pid}-{next(self._counter)}"))
+            return self._uids().lease(safe_name(f"parked-{pid}-{next(self._counter)}"), ahead=True)
         except Exception:
             return None
 
@@ -392,7 +392,8 @@ class Confiner:
         if sandboxed:
             try:
                 pool = self._uids()
-                lease = parked.lease if parked is not None and parked.lease is not None else pool.lease(name)
+                ahead = parked.lease if parked is not None else None
+                lease = pool.claim(ahead, name) if ahead is not None else pool.lease(name)
             except BaseException:
                 handle.remove()
                 raise

@@ -38,7 +38,8 @@ class ParkedChildren:
 
     A child parked for sandboxed launches also gets its sandbox uid leased ahead (leasing
     takes and writes a lock file: half a millisecond that no launch then waits for); a
-    lease nobody used is released with the child.
+    lease nobody used is released with the child, and one that a launch short of uids
+    took over meanwhile is not the child's any more (:meth:`~agent.supervisor.sandbox.UidPool.claim`).
     """
 
     def __init__(self, confiner: Confiner, loop: Callable[[], asyncio.AbstractEventLoop | None], log: Any) -> None:

@@ -12,7 +12,10 @@ The lease file is the uid's state: it exists while the uid is leased, and is rem
 only once everything of the uid is gone (processes, System V and POSIX IPC objects,
 files in the world-writable directories: :mod:`.uid_sweep`). A lease file that nobody
 holds therefore marks a uid whose supervisor crashed: it is swept in full before it is
-leased again, and every such uid is swept when a pool first leases. A release kills
+leased again, and every such uid is swept when a pool first leases. A uid may be leased
+*ahead* for a launch still to come (a parked child's): nothing has run as it yet, so
+a launch that finds every uid taken takes such a lease over instead of failing, and
+the launch it was meant for leases another when it comes. A release kills
 what still runs as the uid and removes its IPC objects, unless the state's process was
 reaped from namespaces of its own (then the kernel has ended all of it already; its
 files lived in its own tmpfs).
@@ -156,12 +159,17 @@ class UidPool:
         self.lock_dir = lock_dir or os.environ.get(LOCK_DIR_ENV) or DEFAULT_LOCK_DIR
         self._mutex = threading.Lock()
         self._leases: dict[str, tuple[SandboxLease, int]] = {}
+        self._ahead: list[str] = []  # owners of leases taken ahead, oldest first
         self._cursor = 0
         self._reaped = False
         self._swept_after_crash = 0
 
-    def lease(self, owner: str) -> SandboxLease:
-        """A uid nobody else holds, with nothing of a previous tenant; raises when all are taken."""
+    def lease(self, owner: str, *, ahead: bool = False) -> SandboxLease:
+        """A uid nobody else holds, with nothing of a previous tenant; raises when all are taken.
+
+        ``ahead``: for a launch still to come, which :meth:`claim` turns into its own; until then
+        a lease that finds every uid taken takes it over.
+        """
         with self._mutex:
             if owner in self._leases:
                 raise IsolationUnavailableError(f"{owner!r} already holds sandbox uid {self._leases[owner][0].uid}")
@@ -180,6 +188,8 @@ class UidPool:
                     self._cursor = position + 1
                     break
             else:
+                if self._ahead and not ahead:
+                    return self._take_over(self._ahead[0], owner)
                 raise IsolationUnavailableError(
                     f"all {count} sandbox uids ({self.uids.start}-{self.uids.stop - 1}) are in use; "
                     f"widen the range with {UIDS_ENV}=lo-hi"
@@ -196,7 +206,23 @@ class UidPool:
                 raise
             lease = SandboxLease(owner=owner, uid=uid, gid=uid)
             self._leases[owner] = (lease, fd)
+            if ahead:
+                self._ahead.append(owner)
             return lease
+
+    def claim(self, ahead: SandboxLease, owner: str) -> SandboxLease:
+        """The uid leased ``ahead`` as ``owner``'s, or another one if a lease took it over."""
+        with self._mutex:
+            if ahead.owner in self._ahead:
+                return self._take_over(ahead.owner, owner)
+        return self.lease(owner)
+
+    def _take_over(self, ahead_owner: str, owner: str) -> SandboxLease:  # holding the mutex
+        self._ahead.remove(ahead_owner)
+        held, fd = self._leases.pop(ahead_owner)
+        lease = SandboxLease(owner=owner, uid=held.uid, gid=held.gid)
+        self._leases[owner] = (lease, fd)
+        return lease
 
     def release(self, owner: str, *, contained: bool = False) -> None:
         """Kill what still runs as the owner's uid, remove its IPC objects, free the uid (idempotent).
@@ -208,6 +234,8 @@ class UidPool:
             held = self._leases.pop(owner, None)
             if held is None:
                 return
+            if owner in self._ahead:
+                self._ahead.remove(owner)
             lease, fd = held
             try:
                 if not contained:

@@ -167,6 +167,27 @@ class TestNoCgroupBackend:
                 confiner.prepare(attempt)
 
 
+    @pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes need root")
+    def test_a_sandboxed_attempt_takes_over_the_last_uid_leased_ahead(self, confiner, monkeypatch):
+        """The uid leased ahead for a parked child is the attempt's when no other is left (a
+        launch may take a parked child that has none while a younger one holds the last)."""
+        from agent.supervisor.parked import Parked
+        from agent.supervisor.sandbox import UIDS_ENV
+
+        uid = 233000 + os.getpid() % 1000
+        monkeypatch.setenv(UIDS_ENV, f"{uid}-{uid}")
+        ahead = confiner.lease_ahead(os.getpid())
+        assert ahead is not None and ahead.uid == uid
+        confinement = confiner.prepare(make_attempt(None, isolation=Isolation.SANDBOX))
+        try:
+            assert confinement.child_spec["sandbox"]["uid"] == uid
+            confiner.let_go(Parked(os.getpid(), None, ahead))  # its parked child let go meanwhile
+            leased = confiner._uid_pool.leased()
+            assert ahead.owner not in leased and list(leased.values()) == [uid]
+        finally:
+            confinement.close()
+        assert confiner._uid_pool.leased() == {}
+
 class TestDetection:
     """The best usable backend is chosen; a forced one that cannot work is an error, not a fallback."""
 

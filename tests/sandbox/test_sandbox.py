@@ -32,6 +32,7 @@ from agent.supervisor.sandbox import (
     FILE_MB_ENV,
     TMP_MB_ENV,
     UIDS_ENV,
+    SandboxLease,
     UidPool,
     configured_uids,
     parse_uid_range,
@@ -125,6 +126,35 @@ class TestUidPool:
             first.close()
             second.close()
         assert not any(os.path.exists(os.path.join(first.lock_dir, f"{u}.lock")) for u in uids)
+
+    def test_a_lease_taken_ahead_is_taken_over_by_a_launch_short_of_uids(self) -> None:
+        """A parked child's uid, leased ahead, goes to the launch that finds no other;
+        the launch it was meant for then leases its own (or hears that none is left)."""
+        uid = DEFAULT_UIDS.stop - 3
+        pool = UidPool(range(uid, uid + 1))
+        try:
+            ahead = pool.lease("parked", ahead=True)
+            with pytest.raises(IsolationUnavailableError, match="widen the range"):
+                pool.lease("parked too", ahead=True)  # leases ahead never take each other over
+            assert pool.lease("launch") == SandboxLease("launch", uid, uid)
+            pool.release("parked")  # the parked child let go: the uid is not its own any more
+            assert pool.leased() == {"launch": uid}
+            with pytest.raises(IsolationUnavailableError, match="widen the range"):
+                pool.claim(ahead, "later")
+            pool.release("launch")
+            assert pool.claim(ahead, "later").uid == uid
+            assert pool.leased() == {"later": uid}
+        finally:
+            pool.close()
+
+    def test_a_lease_taken_ahead_is_claimed_with_its_uid(self, pool: UidPool) -> None:
+        ahead = pool.lease("parked", ahead=True)
+        other = pool.lease("other")  # uids are left: nothing is taken over
+        assert other.uid != ahead.uid
+        assert pool.claim(ahead, "launch") == SandboxLease("launch", ahead.uid, ahead.gid)
+        assert pool.leased() == {"launch": ahead.uid, "other": other.uid}
+        pool.release("launch")
+        pool.release("other")
 
     def test_a_lease_file_exists_while_the_uid_is_leased(self, pool: UidPool) -> None:
         lease = pool.lease("t")
