@@ -21,6 +21,7 @@ import errno
 import gc
 import os
 import signal
+import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .. import values
@@ -170,6 +171,7 @@ class ChildProcess:
         self._stopping = False  # asked to stop: closing its connection early is expected
         self._timers: list[asyncio.TimerHandle] = []
         self._exit_known = False
+        self.reported_at: float | None = None  # wall clock: when its result or error came
         self._exit_status: int | None = None
         self._exit_cpu: float | None = None
         self._exit_faults: int | None = None
@@ -447,6 +449,7 @@ class ChildProcess:
 
     def _reported(self) -> None:
         self._move(ChildStatus.REPORTED)
+        self.reported_at = time.time()
         if self._result is not None:
             self._answer_now()
         if self._exit_known:  # its exit was heard before its last frames: nothing more will come

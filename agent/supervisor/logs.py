@@ -24,6 +24,7 @@ other processes may read it.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import hashlib
 import os
@@ -123,8 +124,9 @@ class AttemptLogs:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
-    def finished(self, path: str, size: int, *, created: bool = True) -> None:
-        """The attempt that wrote ``path`` ended: keep its log, within the retention policy.
+    def finished(self, path: str, size: int, *, created: bool = True, ended: float | None = None) -> None:
+        """The attempt that wrote ``path`` ended (at ``ended``, default now): keep its log,
+        within the retention policy, which lets the logs of the attempts that ended first go first.
 
         ``created`` False: it printed nothing and its file was never made.
         """
@@ -134,7 +136,12 @@ class AttemptLogs:
             else:
                 os.close(self.create(path))  # other processes may look for it
         now = time.time()
-        self._kept.append((now, path, size))
+        item = (now if ended is None else min(ended, now), path, size)
+        if self._kept and self._kept[-1][0] > item[0]:
+            # Filed after attempts that ended later (its process took longer to exit).
+            bisect.insort(self._kept, item)
+        else:
+            self._kept.append(item)
         self._bytes += size
         self._per_folder[os.path.dirname(path)] += 1
         self._prune(now)

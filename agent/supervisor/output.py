@@ -164,9 +164,10 @@ class _Sink:
             self._log_fd = None
         return self.size
 
-    def file_with(self, logs: Any) -> None:
-        """Finish, and hand the log to ``logs`` (an :class:`~agent.supervisor.logs.AttemptLogs`)."""
-        logs.finished(self.log_path, self.finish(), created=self.created)
+    def file_with(self, logs: Any, ended: float | None = None) -> None:
+        """Finish, and hand the log to ``logs`` (an :class:`~agent.supervisor.logs.AttemptLogs`)
+        as that of an attempt that ended at ``ended`` (default now)."""
+        logs.finished(self.log_path, self.finish(), created=self.created, ended=ended)
 
     def _echo(self, lines: list[bytes]) -> None:
         if self._writer is None:
@@ -261,10 +262,11 @@ class AttemptOutput(_Pipe):
     def take(self, data: bytes) -> None:
         self._sink.take(data)
 
-    def close_into(self, logs: Any) -> None:
-        """Close, and file the log with ``logs`` (an :class:`~agent.supervisor.logs.AttemptLogs`)."""
+    def close_into(self, logs: Any, ended: float | None = None) -> None:
+        """Close, and file the log with ``logs`` (an :class:`~agent.supervisor.logs.AttemptLogs`)
+        as that of an attempt that ended (reported) at ``ended``, default now."""
         if self._close_pipe():
-            self._sink.file_with(logs)
+            self._sink.file_with(logs, ended)
 
 
 class WorkerOutput(_Pipe):
@@ -301,7 +303,7 @@ class WorkerOutput(_Pipe):
         else:
             self.between = (self.between + data)[-_BETWEEN:]
 
-    def close_into(self, logs: Any) -> None:
+    def close_into(self, logs: Any, ended: float | None = None) -> None:
         self._close_pipe()
         self.end_attempt(logs)
 

@@ -334,7 +334,7 @@ class Supervisor:
         self._queued.pop(child.request_id, None)
         output = self._outputs.pop(child.request_id, None)
         if output is not None:  # before the outcome is judged: the log is then complete
-            output.close_into(self.logs)
+            output.close_into(self.logs, getattr(child, "reported_at", None))
         self.launched(child)
         self._by_secret.pop(child.secret, None)
         if child.route is not None and self._by_route.get(child.route) is child:

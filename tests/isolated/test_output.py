@@ -146,17 +146,30 @@ class TestLogFiles:
 class TestRetention:
     """Finished logs are kept within a count, a size and an age; the oldest go first."""
 
-    def finish(self, logs: AttemptLogs, run: str, state: str, attempt: int, text: str) -> str:
+    def finish(self, logs: AttemptLogs, run: str, state: str, attempt: int, text: str,
+               ended: float | None = None) -> str:
         path, fd = logs.open(run, state, attempt)
         os.write(fd, text.encode())
         os.close(fd)
-        logs.finished(path, len(text))
+        logs.finished(path, len(text), ended=ended)
         return path
 
     def test_by_count(self, tmp_path):
         logs = AttemptLogs(str(tmp_path), LogRetention(max_files=3))
         paths = [self.finish(logs, "run1", f"s{i}", 1, "x") for i in range(5)]
         assert [os.path.exists(p) for p in paths] == [False, False, True, True, True]
+
+    def test_by_when_the_attempt_ended_not_when_its_log_was_filed(self, tmp_path):
+        """A log filed late (its process took longer to exit than the next attempts took to
+        end) is as old as its attempt: it goes before theirs."""
+        logs = AttemptLogs(str(tmp_path), LogRetention(max_files=2))
+        start = time.time() - 10
+        first = self.finish(logs, "run1", "s1", 1, "x", ended=start + 1)
+        ended = {name: self.finish(logs, "run1", name, 1, "x", ended=start + t)
+                 for name, t in (("s2", 2), ("s3", 3))}
+        filed_late = self.finish(logs, "run1", "s0", 1, "x", ended=start)
+        assert not os.path.exists(first) and not os.path.exists(filed_late)
+        assert all(os.path.exists(p) for p in ended.values())
 
     def test_by_size_and_empty_run_folders_go(self, tmp_path):
         logs = AttemptLogs(str(tmp_path), LogRetention(max_bytes=10))
