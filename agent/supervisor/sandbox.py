@@ -213,9 +213,9 @@ class UidPool:
     def claim(self, ahead: SandboxLease, owner: str) -> SandboxLease:
         """The uid leased ``ahead`` as ``owner``'s, or another one if a lease took it over."""
         with self._mutex:
-            if ahead.owner in self._ahead:
+            if ahead.owner in self._ahead and owner not in self._leases:
                 return self._take_over(ahead.owner, owner)
-        return self.lease(owner)
+        return self.lease(owner)  # (which refuses an owner that holds one already)
 
     def _take_over(self, ahead_owner: str, owner: str) -> SandboxLease:  # holding the mutex
         self._ahead.remove(ahead_owner)

@@ -151,6 +151,8 @@ class TestUidPool:
         ahead = pool.lease("parked", ahead=True)
         other = pool.lease("other")  # uids are left: nothing is taken over
         assert other.uid != ahead.uid
+        with pytest.raises(IsolationUnavailableError, match="already holds"):
+            pool.claim(ahead, "other")
         assert pool.claim(ahead, "launch") == SandboxLease("launch", ahead.uid, ahead.gid)
         assert pool.leased() == {"launch": ahead.uid, "other": other.uid}
         pool.release("launch")
