@@ -166,7 +166,6 @@ class TestNoCgroupBackend:
             with pytest.raises(IsolationUnavailableError, match="root"):
                 confiner.prepare(attempt)
 
-
     @pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes need root")
     def test_a_sandboxed_attempt_takes_over_the_last_uid_leased_ahead(self, confiner, monkeypatch):
         """The uid leased ahead for a parked child is the attempt's when no other is left (a
@@ -187,6 +186,7 @@ class TestNoCgroupBackend:
         finally:
             confinement.close()
         assert confiner._uid_pool.leased() == {}
+
 
 class TestDetection:
     """The best usable backend is chosen; a forced one that cannot work is an error, not a fallback."""
