@@ -202,6 +202,9 @@ def enhance_agent(agent: Agent, *, coordinator: Coordinator | None = None) -> Co
             isolation=spec.isolation,
             timeout=spec.timeout,
             priority=spec.priority,
+            next_states=spec.next_states,
+            on_failure=spec.on_failure,
+            context_keys=spec.context_keys,
         )
     for observer in agent._observers:
         enhanced.add_observer(observer)

@@ -80,6 +80,16 @@ class TestCreation:
         context = await agent.run()
         assert context.get_state("seen").endswith("/first#1")
 
+    def test_enhance_carries_every_setting_of_a_state(self, coord: Coordinator) -> None:
+        async def bad(context: Context):
+            raise RuntimeError("boom")
+
+        plain = Agent("my_workflow", isolation="inline")
+        plain.add_state("bad", bad, on_failure="continue", next_states=[], context_keys=["x", "out_*"])
+        spec = enhance_agent(plain, coordinator=coord)._states["bad"]
+        assert spec == plain._states["bad"]
+        assert (spec.on_failure, spec.next_states, spec.context_keys) == ("continue", frozenset(), ("x", "out_*"))
+
     def test_enhance_refuses_non_agents(self) -> None:
         with pytest.raises(CoordinationError, match="takes an Agent"):
             enhance_agent(object())  # type: ignore[arg-type]
