@@ -28,6 +28,9 @@ from .primitives import Barrier, Primitive, PrimitiveType
 from .ratelimit import RateLimitStrategy
 
 
+_ACTIVATION_ENDS = frozenset((ev.STATE_COMPLETED, ev.STATE_FAILED, ev.STATE_CANCELLED))
+
+
 @dataclass(frozen=True)
 class _Held:
     primitive: Primitive
@@ -41,6 +44,9 @@ class _Admission:
     def __init__(self, agent: "CoordinatedAgent") -> None:
         self.agent = agent
         self._held: dict[tuple[str, str, int], _Held] = {}
+        # (state, run id) of barrier-guarded states whose activation passed its gate: its
+        # retries and its relaunch after a preemption pass again, without a new round.
+        self._passed: set[tuple[str, str]] = set()
 
     def owner(self, state: str, run_id: str, attempt: int) -> str:
         return f"{self.agent.name}/{run_id[:8]}/{state}#{attempt}"
@@ -54,7 +60,9 @@ class _Admission:
         primitive = coordinator.primitive(state) if state in agent._coordinated_states else None
         if primitive is not None:
             if isinstance(primitive, Barrier):
-                await primitive.pass_when_full(owner, run_id)
+                if (state, run_id) not in self._passed:
+                    await primitive.pass_when_full(owner, run_id)
+                    self._passed.add((state, run_id))
             else:
                 amount = agent._coordinated_states[state]
                 if not primitive.try_acquire(owner, amount):  # type: ignore[attr-defined]
@@ -80,13 +88,17 @@ class _Admission:
     def observe(self, event: ev.RunEvent) -> None:
         """Count hand-overs to barrier-guarded states; forget a run's barrier rounds at its end."""
         agent = self.agent
-        if event.kind == ev.STATE_COMPLETED:
+        kind = event.kind
+        if self._passed and (kind in _ACTIVATION_ENDS and (kind != ev.STATE_FAILED or event.data.get("final"))):
+            self._passed.discard((event.state or "", event.run_id))  # the next activation waits for a round
+        if kind == ev.STATE_COMPLETED:
             for name in event.data.get("next", ()):
                 if name in agent._coordinated_states:
                     primitive = agent._coordinator.primitive(name)
                     if isinstance(primitive, Barrier):
                         primitive.arrive(self.owner(event.state or "?", event.run_id, event.attempt), event.run_id)
-        elif event.kind == ev.RUN_FINISHED:
+        elif kind == ev.RUN_FINISHED:
+            self._passed = {key for key in self._passed if key[1] != event.run_id}
             for name in agent._coordinated_states:
                 primitive = agent._coordinator.primitive(name)
                 if isinstance(primitive, Barrier):

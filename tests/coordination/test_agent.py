@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent import Agent, Context, StateFailedError
+from agent import Agent, Context, RetryPolicy, StateFailedError
 from agent.coordination import (
     CoordinatedAgent,
     Coordinator,
@@ -249,6 +249,51 @@ class TestBarrier:
             await within(clock, 600, agent.run(start=[f"process_chunk_{i}" for i in range(4)]))
         assert merged == [] and clock.monotonic() == pytest.approx(30.0)
         assert coord.primitive("merge_results").status()["arrived"] == {}  # the run's round is forgotten
+
+    async def test_a_retry_after_the_gate_passes_again(self, coord: Coordinator, clock: FakeClock) -> None:
+        agent = _agent("barrier", coord)
+        agent.add_state_coordination("merge_results", PrimitiveType.BARRIER, max_count=5, wait_timeout=30.0)
+        tries: list[float] = []
+
+        async def process_chunk(context: Context):
+            return "merge_results"
+
+        async def merge_results(context: Context):
+            tries.append(clock.monotonic())
+            if len(tries) == 1:
+                raise RuntimeError("transient")
+            return None
+
+        for i in range(5):
+            agent.add_state(f"process_chunk_{i}", process_chunk)
+        agent.add_state("merge_results", merge_results,
+                        retry_policy=RetryPolicy(max_retries=2, initial_delay=0.0, jitter=False))
+        await within(clock, 600, agent.run(start=[f"process_chunk_{i}" for i in range(5)]))
+        assert tries == [0.0, 0.0]  # the retry did not wait for five more arrivals (30 s)
+        assert coord.primitive("merge_results").status()["rounds"] == 1
+
+    async def test_the_next_activation_waits_for_a_round_of_its_own(self, coord: Coordinator, clock: FakeClock) -> None:
+        agent = _agent("barrier", coord)
+        agent.add_state_coordination("merge_results", PrimitiveType.BARRIER, max_count=3, wait_timeout=30.0)
+        merged: list[float] = []
+
+        async def fan(context: Context):
+            return [f"chunk_{i}" for i in range(3 if not merged else 2)]  # the second time, one short
+
+        async def chunk(context: Context):
+            return "merge_results"
+
+        async def merge_results(context: Context):
+            merged.append(clock.monotonic())
+            return "fan"
+
+        agent.add_state("fan", fan)
+        for i in range(3):
+            agent.add_state(f"chunk_{i}", chunk)
+        agent.add_state("merge_results", merge_results)
+        with pytest.raises(StateFailedError, match=r"only 2 of 3 arrived within 30s"):
+            await within(clock, 600, agent.run())
+        assert merged == [0.0]
 
 
 class TestDeadlock:
