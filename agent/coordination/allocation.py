@@ -9,6 +9,13 @@ another), so the deadlock detector sees them.
 The owner defaults to the current state attempt (the coordination hook records it
 before the state's code starts, in the attempt's own task), so waits taken inside a
 state and the state's own admission are one node of the wait-for graph.
+
+In a child process (``process``, ``worker``, ``sandbox``) the coordinator is the
+supervisor's: each take and give-back goes there over the attempt's channel
+(:mod:`agent.remote`), so the primitives are the same ones the inline states and the
+admission of every agent use, and whatever the attempt still holds when it ends (or is
+killed) is given back for it. An unknown name is then reported when the ``async with``
+is entered rather than when the object is made.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import asyncio
 import contextvars
 from types import TracebackType
 
+from .. import remote
 from ..errors import CoordinationError
 from .coordinator import Coordinator, default_coordinator
 from .primitives import Primitive, PrimitiveType
@@ -81,8 +89,50 @@ class _Held:
         self.primitive.release(self.owner, self.amount)  # type: ignore[call-arg]
 
 
+class _Remote:
+    """An ``async with`` holding taken from the supervisor's coordinator, in a child process."""
+
+    def __init__(self, link: remote.CoordinationLink, kind: str, name: str, owner: str | None, amount: float,
+                 ttl: float | None, timeout: float | None) -> None:
+        if owner is not None and (not isinstance(owner, str) or not owner):
+            raise CoordinationError(f"owner must be a non-empty string, got {owner!r}")
+        self._link = link
+        self._request = (kind, name, owner, amount, ttl, timeout)
+        self._holding: int | None = None
+
+    async def __aenter__(self) -> "_Remote":
+        self._holding = await self._link.take(*self._request)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        holding, self._holding = self._holding, None
+        if holding is not None:
+            self._link.give_back(holding)
+
+    def __repr__(self) -> str:
+        kind, name, owner, amount = self._request[:4]
+        return f"<{kind} {name!r} {amount:g} of the supervisor's coordinator, owner={owner!r}>"
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise CoordinationError(f"a primitive needs a non-empty str name, got {name!r}")
+
+
 class ResourceAllocation(_Held):
     """``async with ResourceAllocation("shared_resource", 10.0):`` draws 10 units while inside."""
+
+    def __new__(cls, name: str, amount: float = 1.0, *, owner: str | None = None, timeout: float | None = None,
+                coordinator: Coordinator | None = None) -> "ResourceAllocation":
+        link = remote.link() if coordinator is None else None
+        if link is not None:  # in a child: the supervisor's primitive
+            _check_name(name)
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
+                raise CoordinationError(f"ResourceAllocation({name!r}): amount must be a number > 0, got {amount!r}")
+            return _Remote(link, "allocation", name, owner, float(amount), None, timeout)  # type: ignore[return-value]
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -108,8 +158,12 @@ def mutex(
     ttl: float | None = None,
     timeout: float | None = None,
     coordinator: Coordinator | None = None,
-) -> _Held:
+) -> _Held | _Remote:
     """``async with mutex("m1"):`` holds the MUTEX ``name`` (created with ``ttl`` on first use)."""
+    link = remote.link() if coordinator is None else None
+    if link is not None:  # in a child: the supervisor's mutex
+        _check_name(name)
+        return _Remote(link, "mutex", name, owner, 1.0, ttl, timeout)
     coord = coordinator or current_coordinator()
     primitive = coord.primitive(name)
     if primitive is None:
@@ -117,3 +171,20 @@ def mutex(
     elif primitive.type is not PrimitiveType.MUTEX:
         raise CoordinationError(f"{name!r} is a {primitive.type.name}, not a MUTEX: pick another name")
     return _Held(coord, primitive, _owner_or_task(owner), 1.0, timeout)
+
+
+async def take_for_child(
+    kind: str, name: str, owner: str, amount: float, ttl: float | None, timeout: float | None,
+) -> _Held:
+    """On the supervisor, in the attempt's context: take what a child's state asked for
+    (:class:`agent.remote.CoordinationLink`); returns the holding, to ``__aexit__`` later."""
+    coord = current_coordinator()
+    held: _Held
+    if kind == "mutex":
+        held = mutex(name, owner, ttl=ttl, timeout=timeout, coordinator=coord)  # type: ignore[assignment]
+    elif kind == "allocation":
+        held = ResourceAllocation(name, amount, owner=owner, timeout=timeout, coordinator=coord)
+    else:
+        raise CoordinationError(f"unknown kind of coordination request {kind!r}")
+    await held.__aenter__()
+    return held

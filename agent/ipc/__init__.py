@@ -12,6 +12,8 @@ from .messages import (
     Cancel,
     CheckpointSnapshot,
     ContextWrite,
+    CoordinationRequest,
+    CoordinationResponse,
     Error,
     Hello,
     HumanInputRequest,
@@ -30,7 +32,8 @@ from .zmtp import DealerTransport
 
 __all__ = [
     "FROM_CHILD", "FROM_SUPERVISOR", "PROTOCOL_VERSION", "Cancel", "CheckpointSnapshot",
-    "ContextWrite", "DealerTransport", "Error", "Hello", "HumanInputRequest",
+    "ContextWrite", "CoordinationRequest", "CoordinationResponse", "DealerTransport", "Error", "Hello",
+    "HumanInputRequest",
     "HumanInputResponse", "Log", "MemoryTransport", "Message", "Preempt", "Result", "Run",
     "Transport", "Welcome", "decode_message", "encode_message",
 ]

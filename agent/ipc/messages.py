@@ -137,6 +137,34 @@ class HumanInputResponse:
 
 
 @dataclass(frozen=True)
+class CoordinationRequest:
+    """Child to supervisor: the state's code takes (``take``) or gives back (``give_back``) a
+    coordination primitive: ``kind`` ``mutex`` (made on first use, with ``ttl``) or
+    ``allocation`` (``amount`` of a QUOTA or SEMAPHORE). ``owner`` None: the attempt.
+    A give-back names the take's ``request_id`` and is not answered."""
+
+    TYPE: ClassVar[str] = "coordination_request"
+    request_id: int
+    op: str
+    kind: str
+    name: str
+    owner: str | None
+    amount: float
+    ttl: float | None
+    timeout: float | None
+
+
+@dataclass(frozen=True)
+class CoordinationResponse:
+    """Supervisor to child: the take is granted (no error), or the error to raise."""
+
+    TYPE: ClassVar[str] = "coordination_response"
+    request_id: int
+    error_type: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
 class Preempt:
     """Supervisor to child: stop now, keep your writes, you will be run again."""
 
@@ -162,13 +190,15 @@ class CheckpointSnapshot:
 
 Message = Union[
     Hello, Run, Welcome, ContextWrite, Result, Error, Log, HumanInputRequest, HumanInputResponse,
-    Preempt, Cancel, CheckpointSnapshot,
+    CoordinationRequest, CoordinationResponse, Preempt, Cancel, CheckpointSnapshot,
 ]
 
 FROM_CHILD: frozenset[type] = frozenset(
-    {Hello, ContextWrite, Result, Error, Log, HumanInputRequest, CheckpointSnapshot}
+    {Hello, ContextWrite, Result, Error, Log, HumanInputRequest, CoordinationRequest, CheckpointSnapshot}
 )
-FROM_SUPERVISOR: frozenset[type] = frozenset({Run, Welcome, HumanInputResponse, Preempt, Cancel})
+FROM_SUPERVISOR: frozenset[type] = frozenset(
+    {Run, Welcome, HumanInputResponse, CoordinationResponse, Preempt, Cancel}
+)
 
 _TYPES: dict[str, type] = {cls.TYPE: cls for cls in FROM_CHILD | FROM_SUPERVISOR}
 _SCHEMAS: dict[type, dict[str, Any]] = {

@@ -35,7 +35,7 @@ from typing import Any
 import cloudpickle
 import psutil
 
-from .. import errors
+from .. import errors, remote
 from ..context import Context
 from ..engine.driver import _Resume as Resume
 from ..errors import FailureReason, HumanInputError
@@ -115,6 +115,7 @@ async def _attempt(run: Any, token: str, relay_name: str, confined: Any,
             on_write=pusher.write, human_input=human_input_hook(provider, run_id=run.run_id, state=run.state_name),
         )
         context._failures = run.failures
+        remote.set_link(_NO_COORDINATION)
         if confined is None:
             result = await func(context)
         else:
@@ -127,12 +128,30 @@ async def _attempt(run: Any, token: str, relay_name: str, confined: Any,
         usage.update(failed.usage)
     except BaseException as exc:  # noqa: BLE001 - the state's own failure, reported to the driver
         failure = _exception(exc)
+    finally:
+        remote.set_link(None)
     try:
         await pusher.drain()
     except Exception as exc:
         failure = failure or FailureReason(
             kind="lost_connection", message=f"the state's context writes could not reach the driver: {exc!r}")
     return result, failure, pusher
+
+
+class _NoCoordination:
+    """mutex() and ResourceAllocation in a state run on Ray: refused, not taken from a
+    coordinator of this Ray worker that no other task shares."""
+
+    async def take(self, kind: str, name: str, *_: Any) -> int:
+        raise errors.CoordinationError(
+            f"{kind} {name!r} taken inside a state run on Ray: the coordinator is the driver's and a Ray "
+            "task cannot reach it; guard the state with add_state_coordination() instead")
+
+    def give_back(self, holding: int) -> None:
+        return None
+
+
+_NO_COORDINATION = _NoCoordination()
 
 
 def _function(data: bytes) -> Any:

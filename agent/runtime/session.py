@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from .. import errors, values
+from .. import errors, remote, values
 from ..context import Context, ContextBudget
 from ..errors import (
     HumanInputError,
@@ -26,6 +26,8 @@ from ..ipc import (
     Cancel,
     CheckpointSnapshot,
     ContextWrite,
+    CoordinationRequest,
+    CoordinationResponse,
     Error,
     Hello,
     HumanInputRequest,
@@ -77,6 +79,7 @@ class ChildSession:
         self._secret = secret
         self._bounds = bounds or Bounds()
         self._pending: dict[int, asyncio.Future[HumanInputResponse]] = {}
+        self._taking: dict[int, asyncio.Future[CoordinationResponse]] = {}
         self._ids = itertools.count(1)
         self._task: asyncio.Task[Any] | None = None
         self._stop: str | None = None
@@ -111,6 +114,7 @@ class ChildSession:
             return "error"
         self._task = asyncio.ensure_future(_call(func, context))
         reader = self._reader = asyncio.ensure_future(self._read()) if self._reads else None
+        remote.set_link(self)  # mutex() and ResourceAllocation in the state's code ask the supervisor
         try:
             try:
                 value = await self._task
@@ -131,9 +135,10 @@ class ChildSession:
             self._report(Result(value=value))
             return "result"
         finally:
+            remote.set_link(None)
             if reader is not None:
                 reader.cancel()
-            for fut in self._pending.values():
+            for fut in (*self._pending.values(), *self._taking.values()):
                 fut.cancel()
 
     def _prepare(self, run: Run) -> tuple[Callable[..., Any], Context]:
@@ -230,6 +235,29 @@ class ChildSession:
                     "pass default= or a longer timeout"
                 )
 
+    async def take(self, kind: str, name: str, owner: str | None, amount: float, ttl: float | None,
+                   timeout: float | None) -> int:
+        """Take a primitive of the supervisor's coordinator (:class:`agent.remote.CoordinationLink`)."""
+        request_id = next(self._ids)
+        fut: asyncio.Future[CoordinationResponse] = asyncio.get_running_loop().create_future()
+        self._taking[request_id] = fut
+        self._send(CoordinationRequest(request_id=request_id, op="take", kind=kind, name=name, owner=owner,
+                                       amount=float(amount), ttl=ttl, timeout=timeout))
+        try:
+            response = await fut
+        except BaseException:
+            self.give_back(request_id)  # cancelled while waiting: a grant on its way is returned
+            raise
+        finally:
+            self._taking.pop(request_id, None)
+        if response.error_type is not None:
+            raise _coordination_error(response.error_type, response.error or "")
+        return request_id
+
+    def give_back(self, holding: int) -> None:
+        self._send(CoordinationRequest(request_id=holding, op="give_back", kind="", name="", owner=None,
+                                       amount=0.0, ttl=None, timeout=None))
+
     # --- incoming -------------------------------------------------------------------------
 
     def _decode(self, frame: bytes) -> Any:
@@ -250,6 +278,10 @@ class ChildSession:
             fut = self._pending.get(msg.request_id)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
+        elif isinstance(msg, CoordinationResponse):
+            taking = self._taking.get(msg.request_id)
+            if taking is not None and not taking.done():
+                taking.set_result(msg)
         elif isinstance(msg, Preempt):
             self._stop_task("preempt")
         elif isinstance(msg, Cancel):
@@ -283,6 +315,13 @@ class ChildSession:
 
 async def _call(func: Callable[..., Any], context: Context) -> Any:
     return await func(context)
+
+
+def _coordination_error(type_name: str, message: str) -> Exception:
+    cls = getattr(errors, type_name, None)
+    if isinstance(cls, type) and issubclass(cls, errors.CoordinationError):
+        return cls(message)
+    return errors.CoordinationError(message)
 
 
 def _human_error(type_name: str, message: str) -> Exception:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import dataclasses
 import enum
 import errno
@@ -28,6 +29,7 @@ from .. import values
 from ..errors import (
     BoundExceededError,
     ContextBudgetError,
+    CoordinationError,
     FailureReason,
     HumanInputError,
     IllegalTransitionError,
@@ -39,6 +41,8 @@ from ..ipc import (
     Cancel,
     CheckpointSnapshot,
     ContextWrite,
+    CoordinationRequest,
+    CoordinationResponse,
     Error,
     Hello,
     HumanInputRequest,
@@ -147,6 +151,7 @@ class ChildProcess:
         log_path: str,
         run_frame: bytes | None,
         bounds: Bounds,
+        caller: contextvars.Context | None = None,
     ) -> None:
         self._sup = supervisor
         self.attempt = attempt
@@ -183,6 +188,12 @@ class ChildProcess:
         self._bytes_in = 0
         self._objects_in = 0
         self._human: set[asyncio.Task[None]] = set()
+        # Primitives the state's code takes (mutex(), ResourceAllocation) are taken in the
+        # context of the attempt's own task (``caller``; else this one, where it launched):
+        # its coordinator, and its owner in that coordinator.
+        self._context = caller if caller is not None else contextvars.copy_context()
+        self._taking: dict[int, asyncio.Task[None]] = {}  # request id -> a take still waiting
+        self._holding: dict[int, Any] = {}  # request id -> a holding to give back
         self.checkpoint_keys: list[str] | None = None
         self.denied_calls: list[str] = []  # system calls its seccomp filter refused
         self._spawn_error: str | None = None
@@ -315,6 +326,7 @@ class ChildProcess:
             timer.cancel()
         for task in self._human:
             task.cancel()
+        self._give_all_back()
         self._sup.forget(self)
         self._answer_now()
         if not self.exited.done():
@@ -441,6 +453,8 @@ class ChildProcess:
             task = asyncio.ensure_future(self._answer(msg))
             self._human.add(task)
             task.add_done_callback(self._human.discard)
+        elif isinstance(msg, CoordinationRequest):
+            self._coordinate(msg)
         elif isinstance(msg, CheckpointSnapshot):
             self.checkpoint_keys = list(msg.keys)
         elif isinstance(msg, Log):
@@ -481,6 +495,59 @@ class ChildProcess:
             self._send(encode_message(HumanInputResponse(
                 request_id=req.request_id, answer=answer, error_type=error_type, error=error
             )))
+
+    # --- coordination taken by the state's code -------------------------------------------
+
+    def _coordinate(self, req: CoordinationRequest) -> None:
+        if req.op == "give_back":
+            waiting = self._taking.pop(req.request_id, None)
+            if waiting is not None:
+                waiting.cancel()  # it stopped waiting (cancelled)
+            held = self._holding.pop(req.request_id, None)
+            if held is not None:
+                self._give_back(held)
+            return
+        if req.op != "take" or req.request_id in self._taking or req.request_id in self._holding:
+            raise ProtocolError(f"coordination request {req.request_id} ({req.op!r}) is not a new take")
+        loop = asyncio.get_running_loop()
+        self._taking[req.request_id] = loop.create_task(self._take(req), context=self._context)
+
+    async def _take(self, req: CoordinationRequest) -> None:
+        from ..coordination.allocation import current_owner, take_for_child
+
+        attempt = self.attempt
+        owner = req.owner or current_owner() or (
+            f"{attempt.agent_name}/{attempt.run_id[:8]}/{attempt.state_name}#{attempt.number}")
+        error_type = error = None
+        try:
+            held = await take_for_child(req.kind, req.name, owner, req.amount, req.ttl, req.timeout)
+        except CoordinationError as exc:
+            error_type, error = type(exc).__name__, str(exc)
+        except Exception as exc:  # noqa: BLE001 - a bad request: the state's code raises it
+            error_type, error = "CoordinationError", f"{req.kind} {req.name!r}: {exc!r}"
+        else:
+            if self._taking.pop(req.request_id, None) is None or self.status is not ChildStatus.RUNNING:
+                self._give_back(held)  # given back, or the attempt ended, while it was taken
+                return
+            self._holding[req.request_id] = held
+        finally:
+            self._taking.pop(req.request_id, None)
+        if self.status is ChildStatus.RUNNING:
+            self._send(encode_message(CoordinationResponse(request_id=req.request_id, error_type=error_type,
+                                                           error=error)))
+
+    @staticmethod
+    def _give_back(held: Any) -> None:
+        held.primitive.release(held.owner, held.amount)  # a holding taken away already (ttl) is no error
+
+    def _give_all_back(self) -> None:
+        """The attempt is over: whatever its code still holds or waits for is given back."""
+        for waiting in self._taking.values():
+            waiting.cancel()
+        self._taking.clear()
+        holding, self._holding = self._holding, {}
+        for held in holding.values():
+            self._give_back(held)
 
     # --- the cgroup it was put in ---------------------------------------------------------
 

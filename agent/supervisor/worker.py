@@ -16,6 +16,7 @@ it printed goes to its own log (:class:`WorkerOutput`).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import os
 import time
@@ -59,12 +60,14 @@ _ALLOWED = {
 class WorkerAttempt(ChildProcess):
     """One attempt on a worker: a state child's protocol, with the worker as its host."""
 
-    def __init__(self, worker: "WorkerProcess", attempt: Attempt, log_path: str) -> None:
+    def __init__(
+        self, worker: "WorkerProcess", attempt: Attempt, log_path: str, caller: contextvars.Context | None = None,
+    ) -> None:
         self.shared = SharedConfinement(worker.confinement, worker.baseline)
         super().__init__(
             worker,  # type: ignore[arg-type]  # the host: see WorkerProcess's host methods
             attempt, self.shared, secret=worker.secret,
-            request_id=worker.request_id, log_path=log_path, run_frame=None, bounds=worker.bounds,
+            request_id=worker.request_id, log_path=log_path, run_frame=None, bounds=worker.bounds, caller=caller,
         )
         self.worker = worker
         self.pid = worker.pid
@@ -306,7 +309,7 @@ class WorkerProcess:
 
     # --- serving ---------------------------------------------------------------------------
 
-    def serve(self, attempt: Attempt, run_frame: bytes) -> WorkerAttempt:
+    def serve(self, attempt: Attempt, run_frame: bytes, caller: contextvars.Context | None = None) -> WorkerAttempt:
         """Give ``attempt`` to this idle worker: its ``run`` goes out, its log opens.
 
         Raises ``ConnectionError`` when the worker is no longer connected (it exited idle).
@@ -321,7 +324,7 @@ class WorkerProcess:
             self.output.end_attempt(logs)
             raise
         self._move(WorkerStatus.BUSY)
-        child = self.attempt = WorkerAttempt(self, attempt, log_path)
+        child = self.attempt = WorkerAttempt(self, attempt, log_path, caller)
         return child
 
     def start_failure(self) -> FailureReason:

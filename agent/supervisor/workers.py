@@ -34,6 +34,7 @@ When a worker goes (with its cgroup, leaving no process behind):
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import secrets
 import sys
@@ -105,13 +106,14 @@ class WorkerStatistics:
 
 
 class _Waiting:
-    __slots__ = ("attempt", "run_frame", "future", "since")
+    __slots__ = ("attempt", "run_frame", "future", "since", "caller")
 
     def __init__(self, attempt: Attempt, run_frame: bytes, future: asyncio.Future[WorkerAttempt]) -> None:
         self.attempt = attempt
         self.run_frame = run_frame
         self.future = future
         self.since = time.monotonic()
+        self.caller = contextvars.copy_context()  # the attempt's task's: see ChildProcess
 
 
 class _Queue:
@@ -186,7 +188,7 @@ class WorkerPool:
                 continue
             worker = queue.idle.pop()
             try:
-                child = worker.serve(waiting.attempt, waiting.run_frame)
+                child = worker.serve(waiting.attempt, waiting.run_frame, waiting.caller)
             except ConnectionError:  # it exited as it was handed out (idle): another takes it
                 queue.waiting.appendleft(waiting)
                 worker.kill()

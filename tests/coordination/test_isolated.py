@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import Context
+from agent import Context, RunTimeoutError, StateFailedError
 from agent.coordination import Coordinator, PrimitiveType, create_coordinated_agent
 
 supervisor = pytest.importorskip("agent.supervisor", reason="process isolation is not built in this tree")
@@ -49,3 +49,117 @@ class TestIsolatedMutex:
         assert len(events) == 6
         for (kind_in, pid_in), (kind_out, pid_out) in zip(events[0::2], events[1::2]):
             assert (kind_in, kind_out) == ("enter", "exit") and pid_in == pid_out
+
+
+class TestTakenInsideAChild:
+    """mutex() and ResourceAllocation in an isolated state's code take the supervisor's primitives."""
+
+    @pytest.mark.parametrize("isolation", ["process", "worker", "sandbox"])
+    async def test_a_mutex_excludes_the_children_of_every_agent(self, isolation: str) -> None:
+        async def write(context: Context):
+            import time
+
+            from agent.coordination import mutex
+
+            async with mutex("inside_m1"):
+                began = time.monotonic()
+                time.sleep(0.05)  # the work: long enough for a second child to overlap, were it let in
+                context.set_state("span", [began, time.monotonic()])
+
+        coordinator = Coordinator()
+        agents = []
+        for i in range(3):
+            agent = create_coordinated_agent(f"taker{i}", coordinator=coordinator, isolation=isolation)
+            agent.add_state("write", write, context_keys=["span"])
+            agents.append(agent)
+        await asyncio.gather(*(a.run() for a in agents))
+        spans = sorted(a.context.get_state("span") for a in agents)
+        assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:])), spans
+        assert coordinator.primitive("inside_m1").owners() == []
+        await coordinator.aclose()
+
+    async def test_the_resource_pools_example_runs_as_written(self) -> None:
+        coordinator = Coordinator()
+        agent = create_coordinated_agent("pools", coordinator=coordinator)  # the default isolation: a child
+        agent.add_state_coordination("shared_resource", PrimitiveType.QUOTA, quota_limit=100.0, ttl=60.0)
+
+        async def use_resource(context: Context):
+            from agent.coordination import ResourceAllocation
+
+            allocation = 10.0
+            async with ResourceAllocation("shared_resource", allocation):
+                context.set_state("used", allocation)
+            return None
+
+        agent.add_state("use_resource", use_resource)
+        assert (await agent.run()).get_state("used") == 10.0
+        assert coordinator.primitive("shared_resource").status()["acquisitions"] == 1  # the block took it there
+        assert coordinator.primitive("shared_resource").owners() == []
+        await coordinator.aclose()
+
+    async def test_what_a_killed_child_held_is_given_back(self) -> None:
+        async def die(context: Context):
+            import os
+            import signal
+
+            from agent.coordination import mutex
+
+            async with mutex("inside_m2"):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        async def take(context: Context):
+            from agent.coordination import mutex
+
+            async with mutex("inside_m2", timeout=10.0):
+                context.set_state("took", True)
+
+        coordinator = Coordinator()
+        killed = create_coordinated_agent("killed", coordinator=coordinator, isolation="process")
+        killed.add_state("die", die)
+        with pytest.raises(StateFailedError, match="killed by SIGKILL"):
+            await killed.run()
+        assert coordinator.primitive("inside_m2").owners() == []
+        after = create_coordinated_agent("after", coordinator=coordinator, isolation="process")
+        after.add_state("take", take)
+        assert (await after.run()).get_state("took") is True
+        await coordinator.aclose()
+
+    async def test_a_wait_past_its_timeout_raises_in_the_child(self) -> None:
+        async def wait(context: Context):
+            from agent.coordination import mutex
+
+            try:
+                async with mutex("inside_m3", timeout=0.1):
+                    context.set_state("error", None)
+            except Exception as exc:  # what the state's code sees
+                context.set_state("error", f"{type(exc).__name__}: {exc}")
+
+        coordinator = Coordinator()
+        held = coordinator.add_primitive("inside_m3", PrimitiveType.MUTEX)
+        assert held.try_acquire("someone else")
+        agent = create_coordinated_agent("waits", coordinator=coordinator, isolation="process")
+        agent.add_state("wait", wait)
+        error = (await agent.run()).get_state("error")
+        assert error.startswith("CoordinationTimeoutError") and "inside_m3" in error
+        assert held.owners() == ["someone else"] and held.waiters() == []
+        held.release("someone else")
+        await coordinator.aclose()
+
+    async def test_a_wait_cut_short_by_the_run_leaves_no_waiter(self) -> None:
+        async def wait(context: Context):
+            from agent.coordination import mutex
+
+            async with mutex("inside_m4"):
+                context.set_state("entered", True)
+
+        coordinator = Coordinator()
+        held = coordinator.add_primitive("inside_m4", PrimitiveType.MUTEX)
+        assert held.try_acquire("someone else")
+        agent = create_coordinated_agent("cut", coordinator=coordinator, isolation="process")
+        agent.add_state("wait", wait)
+        with pytest.raises(RunTimeoutError):
+            await agent.run(timeout=0.5)
+        assert held.owners() == ["someone else"] and held.waiters() == []
+        assert agent.context.get_state("entered") is None
+        held.release("someone else")
+        await coordinator.aclose()
