@@ -19,7 +19,7 @@ from typing import Any
 from . import _env, _validate
 from . import events as ev
 from . import live
-from ._types import Priority, ResourceType
+from ._types import Priority, ResourceType, StopReason
 from .checkpoint import AgentCheckpoint
 from .context import Context, budget_from_mb
 from .dependencies import DependencyConfig, DependencyType
@@ -53,6 +53,20 @@ _NORMAL = Priority.NORMAL
 _log = logging.getLogger("agent")
 _SURELY_SHORT = _validate.MAX_STATE_NAME_BYTES // 4  # characters: at most 4 UTF-8 bytes each
 _run_ids: list[str] = []
+
+
+def _checkpoint_store(store: Any) -> Any:
+    """``checkpoint_store=``: a store, or a path for an SQLite store there."""
+    if isinstance(store, (str, os.PathLike)):
+        from .checkpoint_store import SQLiteCheckpointStore
+
+        return SQLiteCheckpointStore(store)
+    if not all(callable(getattr(store, method, None)) for method in ("save", "latest")):
+        raise InvalidConfigurationError(
+            f"checkpoint_store must be a CheckpointStore (save, latest, ...) or the path of an SQLite file, "
+            f"got {type(store).__name__}"
+        )
+    return store
 
 
 def _new_run_id() -> str:
@@ -123,6 +137,8 @@ class Agent:
             raise InvalidConfigurationError(f"retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}")
         if on_failure != "fail":
             _on_failure(on_failure, f"agent {name!r}")
+        if checkpoint_store is not None:
+            checkpoint_store = _checkpoint_store(checkpoint_store)
         if isolation is None:
             isolation = _env.get("AGENT_ISOLATION") or DEFAULT_ISOLATION
         self.name = name
@@ -396,6 +412,8 @@ class Agent:
         except asyncio.CancelledError:
             self._set_status(AgentStatus.CANCELLED)
             raise
+        except BaseException as exc:  # a store, a hook or the engine raised out of the run: it ends FAILED
+            await self._end_broken_run(run, exc)
         finally:
             if saver is not None:
                 saver.cancel()
@@ -416,6 +434,18 @@ class Agent:
         if run.error is not None:
             raise run.error
         return self.context
+
+    async def _end_broken_run(self, run: Run, exc: BaseException) -> None:
+        """End ``run`` as failed with ``exc`` (raised by ``run()`` afterwards), stopping what
+        still runs, so that the agent is not left RUNNING with nothing to finish it."""
+        run.fail(exc)
+        try:
+            if run._driver is not None:
+                await run.driver.cleanup(StopReason.CANCEL)
+            else:
+                run.abandon()
+        except Exception:
+            self._log.exception("cleaning up after %r failed", exc)
 
     def run_sync(self, **kwargs: Any) -> Context:
         """Run on a fresh uvloop event loop owned by the engine (for scripts and the CLI)."""

@@ -397,22 +397,27 @@ class Run:
                     for target in reach:
                         pot[target] = pot.get(target, 0) + 1
                 g = g.parent
-        meta = self.metadata[name]
-        meta.attempts = attempt
-        if meta.error is not None or meta.blocked_reason is not None:
-            meta.error = meta.blocked_reason = None
+        # While another activation of the state runs, this one waits for it (launch_ready)
+        # and the state's metadata goes on describing the running one until it ends.
+        meta = None if name in self.running else self.metadata[name]
+        if meta is not None:
+            meta.attempts = attempt
+            if meta.error is not None or meta.blocked_reason is not None:
+                meta.error = meta.blocked_reason = None
         if spec.dependencies and not via_dependency:
-            meta.set_status(_PENDING)
-            meta.waiting_for = "dependencies"
+            if meta is not None:
+                meta.set_status(_PENDING)
+                meta.waiting_for = "dependencies"
             act.where = WAITING
             act.waiting_since = self.clock()
             self.waiting.append(act)
             self.add_dependency_timers(name, act.waiting_since)
             return act
         # make_ready(act), inlined: the hot path (READY is allowed after every status).
-        meta.status = _READY
-        if meta.waiting_for is not None:
-            meta.waiting_for = None
+        if meta is not None:
+            meta.status = _READY
+            if meta.waiting_for is not None:
+                meta.waiting_for = None
         act.where = READY
         level = self.ready[priority]
         if level is None:
@@ -422,9 +427,10 @@ class Run:
         return act
 
     def make_ready(self, act: Activation) -> None:
-        meta = self.metadata[act.state]
-        meta.set_status(_READY)
-        meta.waiting_for = None
+        if act.state not in self.running:  # else its metadata is the running activation's
+            meta = self.metadata[act.state]
+            meta.set_status(_READY)
+            meta.waiting_for = None
         act.where = READY
         self._ready_level(act.priority).append(act)
         self.n_ready += 1
@@ -798,6 +804,8 @@ class Run:
         if meta.status is _READY:
             meta.status = _RUNNING
         else:
+            if _RUNNING not in meta.status._next:  # type: ignore[attr-defined]
+                meta.set_status(_READY)  # it waited for an earlier activation, which has ended
             meta.set_status(_RUNNING)
         meta.attempts = number
         meta.total_attempts += 1
@@ -1429,7 +1437,7 @@ class Run:
         """After the run ended: what never ran is CANCELLED, and nothing is left in the pool."""
         for act in list(self.live.values()) if self.live else ():
             meta = self.metadata[act.state]
-            if act.where == RUNNING:  # a task that ignored cancellation in time
+            if act.where == RUNNING and self.running.get(act.state) is act:  # ignored cancellation in time
                 del self.running[act.state]
             if act.where in (READY, RETRYING, QUEUED, GRANTED, RUNNING) and not meta.status.is_finished:
                 meta.set_status(_CANCELLED)

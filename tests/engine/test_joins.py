@@ -281,6 +281,50 @@ class TestJoinsRunOnce:
         assert log == ["a", "b", "merge"]  # a did not run again; merge once
 
 
+class TestAStateAskedForWhileItRuns:
+    """A branch returning a state that is running starts it again after it: never alongside it."""
+
+    @pytest.mark.parametrize("second", ["completes", "fails"])
+    async def test_it_runs_again_after_the_first_activation(self, second: str) -> None:
+        gates = Gates()
+        log: list[str] = []
+
+        async def start(context):
+            return ["a", "b"]
+
+        async def a(context):
+            log.append(f"a{len(log)} begins")
+            if len(log) == 1:
+                await gates["a"].wait()  # the first activation runs until b has asked for a again
+            elif second == "fails":
+                raise RuntimeError("the second activation fails")
+            log.append("a ends")
+
+        async def b(context):
+            return "a"
+
+        agent = Agent("again", isolation="inline", on_failure="continue")
+        agent.add_state("start", start)
+        agent.add_state("a", a)
+        agent.add_state("b", b)
+        run = asyncio.ensure_future(agent.run())
+        while agent.state_metadata["b"].status is not StateStatus.COMPLETED:
+            await asyncio.sleep(0)
+        meta = agent.state_metadata["a"]
+        assert meta.status is StateStatus.RUNNING and meta.attempts == 1  # still the first activation's
+        gates["a"].set()
+        if second == "fails":
+            with pytest.raises(StateFailedError, match="the second activation fails"):
+                await run
+            assert meta.status is StateStatus.FAILED and meta.runs == 1
+            assert agent.status is AgentStatus.FAILED
+        else:
+            await run
+            assert meta.status is StateStatus.COMPLETED and meta.runs == 2
+            assert agent.status is AgentStatus.COMPLETED
+        assert log[:3] == ["a0 begins", "a ends", "a2 begins"]
+
+
 class TestPriorityAcrossBranches:
     """A CRITICAL state returned by a short branch starts at once and evicts its LOW siblings."""
 

@@ -7,8 +7,11 @@ import gc
 import os
 import weakref
 
-from agent import Agent, AgentStatus, ResourceRequirements
+import pytest
+
+from agent import Agent, AgentStatus, InvalidConfigurationError, ResourceRequirements, StateStatus
 from agent.agent import _new_run_id  # what the child would give its next run
+from agent.checkpoint_store import SQLiteCheckpointStore
 
 
 async def _steps(context):
@@ -87,3 +90,53 @@ class TestRunIds:
         await agent.run()
         assert len(child_id) == 32
         assert child_id != agent.run_id
+
+
+class TestABrokenRun:
+    """Whatever raises out of a run (a store, a hook), the run ends FAILED and the agent is usable."""
+
+    @pytest.mark.parametrize("fail_at", [1, 3])  # the save as the run starts; the save after "last"
+    async def test_a_store_that_raises_fails_the_run_and_stops_its_states(self, fail_at):
+        class BrokenStore:
+            saves = 0
+
+            def save(self, run_id, checkpoint, *, changed_keys=None):
+                self.saves += 1
+                if self.saves == fail_at:
+                    raise RuntimeError("disk on fire")
+                return self.saves
+
+            def latest(self, run_id):
+                return None
+
+        gate, stopped = asyncio.Event(), asyncio.Event()
+
+        async def start(context):
+            return ["slow", "last"]
+
+        async def slow(context):
+            try:
+                await gate.wait()
+            finally:
+                stopped.set()
+
+        agent = Agent("broken", isolation="inline", checkpoint_store=BrokenStore())
+        agent.add_state("start", start)
+        agent.add_state("slow", slow)
+        agent.add_state("last", _last)
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            await agent.run()
+        assert agent.status is AgentStatus.FAILED
+        assert stopped.is_set() == (fail_at == 3)  # it ran, and was stopped
+        assert agent.state_metadata["slow"].status is (StateStatus.CANCELLED if fail_at == 3 else StateStatus.PENDING)
+        agent.checkpoint_store = None
+        gate.set()
+        await agent.run()
+        assert agent.status is AgentStatus.COMPLETED
+
+    def test_a_store_is_a_store_or_a_path(self, tmp_path):
+        agent = Agent("stored", checkpoint_store=str(tmp_path / "runs.sqlite3"))
+        assert isinstance(agent.checkpoint_store, SQLiteCheckpointStore)
+        assert agent.checkpoint_store.path == str(tmp_path / "runs.sqlite3")
+        with pytest.raises(InvalidConfigurationError, match="checkpoint_store must be a CheckpointStore"):
+            Agent("stored", checkpoint_store=42)
