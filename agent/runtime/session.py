@@ -16,6 +16,7 @@ import cloudpickle
 
 from .. import errors, remote, values
 from ..context import Context, ContextBudget
+from ..human import _rejection
 from ..errors import (
     HumanInputError,
     HumanInputTimeoutError,
@@ -223,7 +224,7 @@ class ChildSession:
             if response.error_type is not None:
                 raise _human_error(response.error_type, response.error or "")
             answer = response.answer or ""
-            if validator is None or validator(answer):
+            if _rejection(validator, answer) is None:  # a validator that raises rejects, as inline
                 return answer
             if default is not None and answer == default:
                 return default  # the provider fell back to the default: nothing left to ask

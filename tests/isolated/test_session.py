@@ -130,6 +130,19 @@ class TestHumanInput:
         assert result.value == "10"
         await task
 
+    async def test_a_validator_that_raises_rejects_the_answer(self):
+        async def state(ctx):
+            return await ctx.human_in_the_loop("n?", timeout=60, validator=lambda x: int(x) > 0)
+
+        peer = Peer()
+        task = await peer.start(state)
+        for answer in ("notanint", "5"):
+            request = await peer.recv()
+            assert isinstance(request, HumanInputRequest)
+            peer.send(HumanInputResponse(request.request_id, answer, None, None))
+        assert (await peer.recv()).value == "5"
+        await task
+
     async def test_default_answer_is_accepted(self):
         async def state(ctx):
             return await ctx.human_in_the_loop("score?", timeout=5, validator=str.isdigit, default="n/a")
