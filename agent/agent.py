@@ -169,6 +169,7 @@ class Agent:
         self._session_completions: dict[str, int] = {}
         self._human_hooks: dict[str, Any] = {}
         self._restored: AgentCheckpoint | None = None
+        self._finished_restored = False  # a completed run's checkpoint was restored
         self._fresh_context = True
         self._metadata_fresh = True  # no run has touched state_metadata yet
         self._graph_checked = True  # no state has dependencies or next_states (add_state clears it)
@@ -355,7 +356,12 @@ class Agent:
         if not self._graph_checked:
             check_graph(self.name, self._states)
             self._graph_checked = True
+        if self._finished_restored:  # a completed run was restored: resuming it runs nothing
+            self._finished_restored = False
+            return self.context
         restored = self._restored
+        # pause() before this run began (a run() task not started yet): it starts paused.
+        paused_first = restored is None and self.status is AgentStatus.PAUSED
         if restored is not None:
             names = []
         elif start is None:
@@ -391,9 +397,12 @@ class Agent:
         self._run = run
         self._run_closed = None
         self.last_error = None
-        if _RUNNING not in self.status._next:  # type: ignore[attr-defined]
-            self._set_status(_RUNNING)  # raises, naming the transition
-        self.status = _RUNNING
+        if paused_first:
+            run.pause_requested = True  # nothing starts until resume()
+        else:
+            if _RUNNING not in self.status._next:  # type: ignore[attr-defined]
+                self._set_status(_RUNNING)  # raises, naming the transition
+            self.status = _RUNNING
         live.register(self, run.wall_offset + run.started, run.started)  # O(1): for `agent top`, `agent run`
         deadline = None if timeout is None else run.clock() + timeout
         saver = None
@@ -538,14 +547,21 @@ class Agent:
         return checkpoint
 
     async def resume(self) -> None:
-        """Continue a paused run; with no run in progress, resume the restored or paused state."""
+        """Continue a paused run; with no run in progress, run the restored or paused state.
+
+        With nothing paused or restored (an agent that never ran, or whose run has ended)
+        there is nothing to resume, and nothing runs: start a new run with ``run()``.
+        """
         run = self._run
         if run is not None and not run.done:
             if run.pause_requested:
                 self._set_status(AgentStatus.RUNNING)
                 run.resume()
             return
-        if self._restored is None and self.status is AgentStatus.PAUSED:
+        if self._restored is None and self.status is not AgentStatus.PAUSED:
+            self._finished_restored = False
+            return
+        if self._restored is None:
             self._restored = self.create_checkpoint()
         await self.run()
 
@@ -644,6 +660,7 @@ class Agent:
         resumable = status not in _TERMINAL or (status == AgentStatus.FAILED.value and bool(checkpoint.frames))
         self.status = AgentStatus.PAUSED if resumable else AgentStatus(status)
         self._restored = checkpoint if resumable else None
+        self._finished_restored = status == AgentStatus.COMPLETED.value
         self._fresh_context = True
         self._metadata_fresh = False
         self.last_checkpoint = checkpoint
@@ -681,6 +698,7 @@ class Agent:
         await self.restore_from_checkpoint(checkpoint)
         if checkpoint.agent_status != AgentStatus.COMPLETED.value:
             await self.resume()
+        self._finished_restored = False  # resumed: a run() from now on is a new run
         return self.context
 
     def _after_completion(self, run: Run) -> None:

@@ -173,6 +173,65 @@ class TestPauseResume:
         assert agent.status is AgentStatus.COMPLETED
         assert log == ["first", ("second", 1), ("second", 1)]  # a paused attempt is not a failed one
 
+    async def test_a_pause_before_the_run_begins_holds_it_until_resume(self):
+        log: list = []
+        agent = Agent("early", isolation="inline")
+
+        async def first(context):
+            log.append("first")
+
+        agent.add_state("first", first)
+        task = asyncio.create_task(agent.run())  # not started yet
+        await agent.pause()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert agent.status is AgentStatus.PAUSED and log == [] and not task.done()
+        await agent.resume()
+        await task
+        assert agent.status is AgentStatus.COMPLETED and log == ["first"]
+
+    async def test_resume_with_nothing_paused_runs_nothing(self):
+        log: list = []
+        agent = Agent("over", isolation="inline")
+
+        async def first(context):
+            log.append("first")
+
+        agent.add_state("first", first)
+        await agent.resume()  # never ran
+        assert agent.status is AgentStatus.IDLE and log == []
+        await agent.run()
+        await agent.resume()  # its run is over
+        assert agent.status is AgentStatus.COMPLETED and log == ["first"]
+
+    async def test_restoring_a_completed_run_runs_nothing_again(self):
+        log: list = []
+
+        def build() -> Agent:
+            agent = Agent("done", isolation="inline")
+
+            async def first(context):
+                log.append("first")
+                context.set_state("x", 1)
+                return "second"
+
+            async def second(context):
+                log.append("second")
+
+            agent.add_state("first", first)
+            agent.add_state("second", second)
+            return agent
+
+        original = build()
+        await original.run()
+        restored = build()
+        await restored.restore_from_checkpoint(original.create_checkpoint())
+        context = await restored.run()
+        assert log == ["first", "second"] and context.get_state("x") == 1
+        assert restored.status is AgentStatus.COMPLETED
+        await restored.run()  # a new run, from the start
+        assert log == ["first", "second", "first", "second"]
+
     async def test_checkpoint_json_round_trip_and_restore(self):
         log: list = []
         started = asyncio.Event()
