@@ -70,6 +70,8 @@ class WorkerAttempt(ChildProcess):
             request_id=worker.request_id, log_path=log_path, run_frame=None, bounds=worker.bounds, caller=caller,
         )
         self.worker = worker
+        self.escaped: FailureReason | None = None  # judged at its end: see ended()
+        self._judged = False
         self.pid = worker.pid
         self.fd = worker.fd
         self.status = ChildStatus.RUNNING  # the worker said hello already
@@ -89,6 +91,9 @@ class WorkerAttempt(ChildProcess):
             cpu, faults = self.worker.charged_so_far()
             before_cpu, before_faults = self.worker.charged_before
             self._exit_cpu, self._exit_faults = max(0.0, cpu - before_cpu), max(0, faults - before_faults)
+            # Judged now, before the worker serves again: one that left its cgroup is retired
+            # (its limits no longer hold, and every later attempt would look like an escape).
+            self.escaped, self._judged = self._escape({}), True
         self.on_exit_status(0)
 
     def _finalize(self) -> None:
@@ -128,6 +133,8 @@ class WorkerAttempt(ChildProcess):
 
     def _escape(self, usage: dict[str, Any]) -> FailureReason | None:
         """Whether the worker left its cgroup: its figures are its whole life's, as its cgroup's."""
+        if self._judged:
+            return self.escaped
         if not self._in_cgroup():
             return None
         owner = self.worker.confinement

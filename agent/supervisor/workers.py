@@ -274,7 +274,7 @@ class WorkerPool:
         else:
             queue.busy.discard(worker)
         worker.idle_since = now
-        if self._worn_out(worker, now):
+        if self._worn_out(worker, now) or (finished is not None and finished.escaped is not None):
             self._retire(worker)
         else:
             queue.idle.append(worker)

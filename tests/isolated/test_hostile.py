@@ -4,6 +4,7 @@ did, nothing it sent reaches the run, and a normal workflow runs next in the sam
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import decimal
 import gc
@@ -16,6 +17,7 @@ import zoneinfo
 from dataclasses import dataclass
 
 import msgpack
+import psutil
 import pytest
 
 from agent import Agent, Context, ResourceRequirements, RetryPolicy
@@ -169,6 +171,10 @@ async def crash(context):
 
 async def exit_3(context):
     os._exit(3)
+
+
+async def own_pid(context):
+    context.set_state("pid", os.getpid())
 
 
 async def escape_cgroups(context):
@@ -439,6 +445,39 @@ class TestHonestReasons:
             for d in dirs:
                 os.rmdir(d)
         await still_serving("process")
+
+    async def test_a_worker_that_left_its_cgroup_serves_no_other_state(self):
+        if current_supervisor() is None:
+            await run(make_attempt(_noop))
+        if current_supervisor().confiner.backend_name != "v1":
+            pytest.skip("needs root and cgroup v1")
+        name = f"agent-test-escape-{secrets.token_hex(3)}"
+        dirs = [f"/sys/fs/cgroup/{c}/{name}" for c in ("memory", "cpuacct", "pids")]
+        for d in dirs:
+            os.mkdir(d)
+        try:
+            agent = Agent("escape", isolation="worker")
+            agent.add_state("escape", escape_cgroups)
+            with pytest.raises(StateFailedError) as info:
+                await agent.run(initial_context={"elsewhere": [f"{d}/cgroup.procs" for d in dirs]})
+            assert info.value.reason.kind == "cgroup_escape"
+            with open(f"{dirs[0]}/cgroup.procs") as fh:
+                escaped = [int(pid) for pid in fh.read().split()]
+            for i in range(2):  # states of the same shape, of other agents: another worker each time
+                innocent = Agent(f"innocent{i}", isolation="worker")
+                innocent.add_state("pid", own_pid)
+                assert (await innocent.run()).get_state("pid") not in escaped
+            for pid in escaped:  # retired: killed
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    psutil.Process(pid).wait(timeout=10)
+        finally:
+            with open(f"{dirs[0]}/cgroup.procs") as fh:
+                for pid in map(int, fh.read().split()):  # only when the test failed: the escaped worker
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        psutil.Process(pid).kill()
+                        psutil.Process(pid).wait(timeout=10)
+            for d in dirs:
+                os.rmdir(d)
 
 
 
