@@ -140,14 +140,14 @@ class StateFailedError(ExecutionError):
     traceback text of the last attempt (the child's, for isolated states).
     """
 
-    def __init__(self, state: str, attempts: int, reason: FailureReason) -> None:
+    def __init__(self, state: str, attempts: int, reason: FailureReason, *, retry_permanent: bool = False) -> None:
         self.state = state
         self.attempts = attempts
         self.reason = reason
         self.traceback = reason.traceback
         noun = "attempt" if attempts == 1 else "attempts"
         text = f"state {state!r} failed after {attempts} {noun}: {reason.message}"
-        if reason.permanent:
+        if reason.permanent and not retry_permanent:  # (with it, the retries ran out)
             text += " [a permanent failure: retried only with RetryPolicy(retry_permanent=True)]"
         if reason.traceback:
             text += "\n--- traceback of the last attempt ---\n" + reason.traceback.rstrip()

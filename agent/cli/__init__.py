@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("args", nargs="*", help="arguments for the workflow (its sys.argv[1:]); put them after --")
     run.add_argument("--agent", metavar="NAME", help="which agent, when the file defines several")
     run.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="fail the run after this long")
-    run.add_argument("--isolation", choices=["inline", "process", "sandbox"], help="override the agent's isolation")
+    run.add_argument("--isolation", choices=["inline", "worker", "process", "sandbox", "ray"],
+                     help="override the agent's isolation")
     run.add_argument("--resume", metavar="RUN_ID", help="continue this run from its last checkpoint")
     run.add_argument("--store", metavar="PATH", help="the checkpoint store (SQLite file) for an agent without one")
     run.add_argument("--no-store", action="store_true", help="do not save the run (it cannot be resumed)")
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--width", type=_count, metavar="COLUMNS", help="render width (default: the terminal's)")
     top.add_argument("--demo", action="store_true", help="run demo workflows in this process and watch them")
     top.add_argument("--speed", type=_seconds, default=1.0, help="demo speed-up factor (default 1)")
-    top.add_argument("--demo-isolation", dest="isolation", choices=["inline", "process", "sandbox"],
+    top.add_argument("--demo-isolation", dest="isolation", choices=["inline", "worker", "process", "sandbox"],
                      default="inline", help="isolation of the demo's states (default inline)")
     top.set_defaults(handler="agent.monitor.top:top_command")
 

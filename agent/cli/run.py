@@ -155,7 +155,10 @@ class RunCommand:
         if args.isolation:
             from ..executor import Isolation
 
-            agent.isolation = Isolation.parse(args.isolation)
+            try:
+                agent.isolation = Isolation.parse(args.isolation)
+            except AgentError as exc:  # e.g. ray without Ray installed
+                return self.usage(str(exc))
         try:
             store = self.store_for(agent)
         except (LookupError, CheckpointError) as exc:

@@ -1083,7 +1083,7 @@ class Run:
         if self.tracks_deps:
             self.finishes[name] = self.finishes.get(name, 0) + 1
         cls = StateTimeoutError if failure.kind == "timeout" else StateFailedError
-        error = cls(name, act.attempt, failure)
+        error = cls(name, act.attempt, failure, retry_permanent=policy is not None and policy.retry_permanent)
         if (spec.on_failure or self.default_on_failure) == "continue":
             self.failures[name] = failure
             self.context._failures[name] = failure.message  # for context.failed_states()

@@ -263,6 +263,14 @@ class TestOutcomes:
         assert done.stderr.count("started hello_workflow") == 1
 
 
+    @pytest.mark.parametrize("level", ["inline", "worker", "process"])
+    def test_isolation_is_overridden_to_every_level(self, cli, level):
+        cli.write("guarded.py", SPEC_QUICK_START.replace("await agent.run()", ""))
+        done = cli.run("run", "guarded.py", "--isolation", level, "--json", "--timeout", "60")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["status"] == "completed"
+
+
 class TestInterrupt:
     """Ctrl-C pauses the run, marks it paused in its store and prints how to resume it."""
 

@@ -211,9 +211,10 @@ class TestPermanentFailures:
         agent = Agent("permanent", isolation="inline")
         agent.add_state("write", self._unencodable(calls),
                         retry_policy=RetryPolicy(max_retries=2, initial_delay=0.0, retry_permanent=True))
-        with pytest.raises(StateFailedError):
+        with pytest.raises(StateFailedError) as info:
             await agent.run()
-        assert calls == [1, 2, 3]
+        assert calls == [1, 2, 3] and info.value.attempts == 3
+        assert "retry_permanent=True" not in str(info.value)  # it was retried: its retries ran out
 
     def test_the_option_is_validated(self):
         with pytest.raises(InvalidConfigurationError, match="retry_permanent must be True or False"):
