@@ -397,9 +397,13 @@ class Confiner:
             except BaseException:
                 handle.remove()
                 raise
-            # One more process than pids.max: the cgroup refuses the fork first, so its
-            # counter names the limit (RLIMIT_NPROC alone would leave no trace).
-            nproc = limits.pids_max + 1 if limits.pids_max is not None else None
+            # With a pids cgroup, RLIMIT_NPROC is only a backstop, set well above pids.max: the
+            # cgroup must refuse the fork first, so that its counter names the limit (a refusal
+            # by the rlimit leaves no trace; with pids.max + 1 it came first in most fork bombs).
+            # Without one, the rlimit is the limit.
+            nproc = None
+            if limits.pids_max is not None:
+                nproc = limits.pids_max + 1 if self.backend_name == "none" else 2 * limits.pids_max
             devices = _gpu_device_paths(set(minors)) if uuids else ()
             child_spec["sandbox"] = lease.spec(devices=devices, **({"nproc": nproc} if nproc else {}))
         confinement = Confinement(child_spec, handle, self.backend_name)

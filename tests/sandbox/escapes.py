@@ -146,6 +146,11 @@ async def fork_bomb(context: Any) -> None:
             os._exit(0)
 
 
+async def fork_bomb_everywhere(context: Any) -> None:
+    while True:  # every process it makes forks too
+        os.fork()
+
+
 @reports
 async def fill_tmp(context: Any) -> dict[str, Any]:
     """Write up to 1 GiB into /tmp, 32 MiB files at a time."""

@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from agent import Agent
+from agent import Agent, ResourceRequirements
 from agent.errors import StateFailedError
 from agent.runtime import seccomp
 from agent.supervisor import current_supervisor, shutdown_supervisor
@@ -188,6 +188,16 @@ class TestProcesses:
         assert reason.kind == "limit", reason
         assert reason.details["limit"] == "pids"
         assert "pids limit 128" in reason.message
+
+    async def test_a_fork_bomb_of_every_process_is_named_by_the_pids_limit_too(self) -> None:
+        agent = Agent("bombs", isolation="sandbox")
+        agent.add_state("bombs", escapes.fork_bomb_everywhere, resources=ResourceRequirements(pids_max=16))
+        for _ in range(3):  # each time: the cgroup refuses first, not the sandbox's RLIMIT_NPROC backstop
+            with pytest.raises(StateFailedError) as caught:
+                await agent.run()
+            reason = caught.value.reason
+            assert reason.kind == "limit" and reason.details["limit"] == "pids", reason
+            assert "pids limit 16" in reason.message
 
 
 class TestLimits:
