@@ -128,7 +128,7 @@ class Activation:
 class Group:
     """The root of a run, or a fan-out: branches, names held for their join, what lies below."""
 
-    __slots__ = ("id", "parent", "unfinished", "held", "items", "pot", "wild", "held_pot", "held_wild")
+    __slots__ = ("id", "parent", "unfinished", "held", "items", "pot", "wild", "held_pot", "held_wild", "cancelled")
 
     def __init__(self, gid: int, parent: "Group | None") -> None:
         self.id = gid
@@ -140,6 +140,7 @@ class Group:
         self.wild = 0  # items below whose returns cannot be read
         self.held_pot: dict[str, int] = {}  # the part of pot and wild due to this group's own holds
         self.held_wild = 0
+        self.cancelled: set[str] | None = None  # held names cancelled here: branches reaching them end
 
     def chain(self) -> "list[Group]":
         out = []
@@ -571,6 +572,10 @@ class Run:
         while True:
             if name in group.held:
                 group.held[name] += 1
+                group.unfinished -= 1
+                self.settle(group)
+                return
+            if group.cancelled is not None and name in group.cancelled:  # its join was cancelled
                 group.unfinished -= 1
                 self.settle(group)
                 return
@@ -1259,7 +1264,10 @@ class Run:
         if name in self.held_names:
             found = True
             for group in [g for g in self.groups.values() if name in g.held]:
-                self._unhold(group, name)  # the branches that met there end
+                self._unhold(group, name)  # the branches that met there end, and those still on their way
+                if group.cancelled is None:
+                    group.cancelled = set()
+                group.cancelled.add(name)
                 self.settle(group)
         if name in self.watch:
             self.watch.discard(name)
@@ -1479,7 +1487,8 @@ class Run:
         return {
             "groups": [
                 {"id": g.id, "parent": g.parent.id if g.parent is not None else None,
-                 "unfinished": g.unfinished, "held": dict(g.held)}
+                 "unfinished": g.unfinished, "held": dict(g.held),
+                 **({"cancelled": sorted(g.cancelled)} if g.cancelled else {})}
                 for g in self.groups.values()
             ],
             "activations": activations,
@@ -1522,6 +1531,8 @@ class Run:
         self._next_id = max(self.groups) + 1
         for data in frames.get("groups", []):
             group = self.groups[int(data["id"])]
+            if data.get("cancelled"):
+                group.cancelled = {n for n in data["cancelled"] if n in specs}
             held = data.get("held", {})
             for name, arrivals in (held.items() if isinstance(held, dict) else ((n, 1) for n in held)):
                 if name in specs and name not in group.held:

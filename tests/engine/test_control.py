@@ -121,6 +121,43 @@ class TestCancel:
         assert agent.state_metadata["second"].status is StateStatus.CANCELLED
         assert ("start", "second") not in log
 
+    async def test_cancel_state_held_for_its_join(self):
+        log: list = []
+        a_done, b_gate = asyncio.Event(), asyncio.Event()
+        agent = Agent("cancelj", isolation="inline")
+
+        async def start(context):
+            return ["a", "b"]
+
+        async def a(context):
+            a_done.set()
+            return "merge"
+
+        async def b(context):
+            await b_gate.wait()
+            return "merge"
+
+        async def merge(context):
+            log.append("merge")
+            return "after"
+
+        async def after(context):
+            log.append("after")
+
+        for state in (start, a, b, merge, after):
+            agent.add_state(state.__name__, state)
+        task = asyncio.create_task(agent.run())
+        await a_done.wait()
+        while agent.state_metadata["a"].status is not StateStatus.COMPLETED:
+            await asyncio.sleep(0)
+        assert agent.cancel_state("merge") is True  # held: a arrived, b is on its way
+        checkpoint = agent.create_checkpoint()
+        b_gate.set()  # b arrives at the cancelled join: its branch ends there too
+        await task
+        assert log == [] and agent.status is AgentStatus.COMPLETED
+        assert agent.state_metadata["merge"].status is StateStatus.CANCELLED
+        assert checkpoint.frames["groups"][1]["cancelled"] == ["merge"]  # and so after a resume
+
     async def test_cancel_unknown(self):
         from agent import UnknownStateError
 
