@@ -16,6 +16,7 @@ counts as an arrival of that run, and the guarded state starts only once
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,7 @@ class _Admission:
         # (state, run id) of barrier-guarded states whose activation passed its gate: its
         # retries and its relaunch after a preemption pass again, without a new round.
         self._passed: set[tuple[str, str]] = set()
+        self._at_gate: set[tuple[str, str]] = set()  # (state, run id) waiting for a full round
 
     def owner(self, state: str, run_id: str, attempt: int) -> str:
         return f"{self.agent.name}/{run_id[:8]}/{state}#{attempt}"
@@ -61,8 +63,14 @@ class _Admission:
         if primitive is not None:
             if isinstance(primitive, Barrier):
                 if (state, run_id) not in self._passed:
-                    await primitive.pass_when_full(owner, run_id)
-                    self._passed.add((state, run_id))
+                    key = (state, run_id)
+                    self._at_gate.add(key)
+                    asyncio.get_running_loop().call_soon(self._check_gates, run_id)
+                    try:
+                        await primitive.pass_when_full(owner, run_id)
+                    finally:
+                        self._at_gate.discard(key)
+                    self._passed.add(key)
             else:
                 amount = agent._coordinated_states[state]
                 if not primitive.try_acquire(owner, amount):  # type: ignore[attr-defined]
@@ -89,6 +97,8 @@ class _Admission:
         """Count hand-overs to barrier-guarded states; forget a run's barrier rounds at its end."""
         agent = self.agent
         kind = event.kind
+        if self._at_gate and kind in _ACTIVATION_ENDS:
+            asyncio.get_running_loop().call_soon(self._check_gates, event.run_id)  # once the engine moved on
         if self._passed and (kind in _ACTIVATION_ENDS and (kind != ev.STATE_FAILED or event.data.get("final"))):
             self._passed.discard((event.state or "", event.run_id))  # the next activation waits for a round
         if kind == ev.STATE_COMPLETED:
@@ -103,6 +113,20 @@ class _Admission:
                 primitive = agent._coordinator.primitive(name)
                 if isinstance(primitive, Barrier):
                     primitive.forget(event.run_id)
+
+
+    def _check_gates(self, run_id: str) -> None:
+        """Fail the barrier waits of run ``run_id`` when nothing else of it could arrive."""
+        waiting = [state for state, run in self._at_gate if run == run_id]
+        run = self.agent._run
+        if not waiting or run is None or run.run_id != run_id or run.done:
+            return
+        if any((act.state, run_id) not in self._at_gate for act in run.live.values()):
+            return  # something else of the run is still on its way
+        for state in waiting:
+            primitive = self.agent._coordinator.primitive(state)
+            if isinstance(primitive, Barrier):
+                primitive.give_up(run_id)
 
 
 class CoordinatedAgent(Agent):

@@ -245,10 +245,39 @@ class TestBarrier:
 
     async def test_four_chunks_time_out(self, coord: Coordinator, clock: FakeClock) -> None:
         agent, merged = _barrier_agent(coord, 4)
+
+        async def elsewhere(context: Context):  # still running: it could yet hand over
+            await clock.sleep(100)
+
+        agent.add_state("elsewhere", elsewhere)
         with pytest.raises(StateFailedError, match=r"merge_results.*only 4 of 5 arrived within 30s"):
-            await within(clock, 600, agent.run(start=[f"process_chunk_{i}" for i in range(4)]))
+            await within(clock, 600, agent.run(start=[*(f"process_chunk_{i}" for i in range(4)), "elsewhere"]))
         assert merged == [] and clock.monotonic() == pytest.approx(30.0)
         assert coord.primitive("merge_results").status()["arrived"] == {}  # the run's round is forgotten
+
+    async def test_without_a_wait_timeout_it_fails_once_nothing_else_can_arrive(
+        self, coord: Coordinator, clock: FakeClock,
+    ) -> None:
+        agent = _agent("barrier", coord)
+        agent.add_state_coordination("merge_results", PrimitiveType.BARRIER, max_count=5)  # waits for ever
+        merged: list[float] = []
+
+        async def start(context: Context):
+            return [f"chunk_{i}" for i in range(4)]
+
+        async def chunk(context: Context):
+            return "merge_results"
+
+        async def merge_results(context: Context):
+            merged.append(clock.monotonic())
+
+        agent.add_state("start", start)
+        for i in range(4):
+            agent.add_state(f"chunk_{i}", chunk)
+        agent.add_state("merge_results", merge_results)
+        with pytest.raises(StateFailedError, match=r"only 4 of 5 arrived, and nothing else of the run can arrive"):
+            await within(clock, 600, agent.run())
+        assert merged == [] and clock.monotonic() == 0.0
 
     async def test_a_retry_after_the_gate_passes_again(self, coord: Coordinator, clock: FakeClock) -> None:
         agent = _agent("barrier", coord)
@@ -291,7 +320,7 @@ class TestBarrier:
         for i in range(3):
             agent.add_state(f"chunk_{i}", chunk)
         agent.add_state("merge_results", merge_results)
-        with pytest.raises(StateFailedError, match=r"only 2 of 3 arrived within 30s"):
+        with pytest.raises(StateFailedError, match=r"only 2 of 3 arrived, and nothing else of the run can arrive"):
             await within(clock, 600, agent.run())
         assert merged == [0.0]
 

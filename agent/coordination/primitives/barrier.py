@@ -133,6 +133,18 @@ class Barrier(Primitive):
                 rnd.gates.remove(waiter)
             raise
 
+    def give_up(self, group: str) -> None:
+        """Nothing else of ``group`` can arrive: its gates waiting for a full round fail now."""
+        rnd = self._groups.get(group)
+        if rnd is None:
+            return
+        why = (f"barrier {self.name!r}: only {len(rnd.arrivals)} of {self.max_count} arrived, and nothing else "
+               f"of the run can arrive: have {self.max_count} states return {self.name!r}, or lower max_count")
+        for waiter in rnd.gates:
+            if not waiter.future.done():
+                waiter.future.set_exception(CoordinationError(why))
+                self._broken += 1
+
     def forget(self, group: str) -> None:
         """Drop ``group``'s rounds (its run is over); its waiting owners fail."""
         rnd = self._groups.pop(group, None)
