@@ -63,6 +63,35 @@ def _env_modules(name: str) -> tuple[str, ...]:
     return tuple(m for m in re.split(r"[\s,]+", os.environ.get(name, "")) if m)
 
 
+def _unsendable(state: str, func: Any, error: Exception) -> str:
+    """Why ``func`` cannot be pickled for its process, naming the values it uses that cannot."""
+    names: list[str] = []
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        codes, used = [code], {}
+        while codes:  # the function's own code, and the functions and comprehensions inside it
+            current = codes.pop()
+            used.update((n, None) for n in current.co_names)
+            codes.extend(c for c in current.co_consts if hasattr(c, "co_names"))
+        globals_ = getattr(func, "__globals__", {})
+        cells = dict(zip(code.co_freevars, (c.cell_contents for c in func.__closure__ or ()), strict=False))
+        for name in [*used, *cells]:
+            if name not in cells and name not in globals_:
+                continue
+            value = cells[name] if name in cells else globals_[name]
+            try:
+                cloudpickle.dumps(value)
+            except Exception:
+                names.append(f"{name!r} (of type {type(value).__name__})")
+    if not names:
+        return (f"state {state!r} cannot be sent to its process ({error!r}): define it at module level "
+                "or use isolation='inline'")
+    return (f"state {state!r} cannot be sent to its process: it uses {', '.join(names)}, which cannot be "
+            f"copied into another process ({error!r}); a state in a child process gets copies of the "
+            "values its code uses: pass what it needs through the context, or give this state "
+            "isolation='inline'")
+
+
 @dataclass(frozen=True)
 class SupervisorConfig:
     """Settings of the process's supervisor (defaults from the environment)."""
@@ -292,10 +321,7 @@ class Supervisor:
         try:
             function = cloudpickle.dumps(attempt.func)
         except Exception as exc:
-            raise IsolationError(
-                f"state {attempt.state_name!r} cannot be sent to its process ({exc!r}): define it "
-                "at module level or use isolation='inline'"
-            ) from exc
+            raise IsolationError(_unsendable(attempt.state_name, attempt.func, exc)) from exc
         context, classes = encode_snapshot(attempt.context, attempt.state_name, self.bounds)
         budget = attempt.context.budget
         frame = encode_message(Run(

@@ -152,6 +152,20 @@ class TestContextAcrossTheBoundary:
             Context({"lock": asyncio.Lock(), "given": 1})
 
 
+class TestWhatCannotTravel:
+    """A state whose code uses a value that cannot be copied into a process is told which one."""
+
+    async def test_the_value_is_named(self):
+        lock = threading.Lock()
+
+        async def uses_a_lock(context):
+            with lock:
+                return None
+
+        with pytest.raises(IsolationError, match=r"it uses 'lock' \(of type lock\).*isolation='inline'"):
+            await run(make_attempt(uses_a_lock))
+
+
 class TestChildEnvironment:
     """The state's process is a fork of the zygote, in its own process group, on uvloop."""
 
