@@ -417,14 +417,16 @@ class MetricsCollector:
 
         A window with no active run time adds nothing. A window shorter than
         ``min_window`` of active time is carried into the next one (its rate would be
-        noise) unless ``final``. Returns whether values were added.
+        noise); the ``final`` one is left out, unless it is the only one (a tail of a few
+        milliseconds with one completion would read as hundreds per second and pull the
+        average up). Returns whether values were added.
         """
         with self._lock:
             now = self._clock() if now is None else now
             busy = self._busy_acc
             if self._runs:
                 busy += max(0.0, now - self._busy_since)
-            if busy <= 0.0 or (busy < self._min_window and not final):
+            if busy <= 0.0 or (busy < self._min_window and (not final or self._a_sps.count)):
                 return False
             process_cpu = self._process.cpu_seconds()
             rss = self._process.rss_bytes()

@@ -89,6 +89,22 @@ class TestTimingAndThroughput:
         assert collector.sample()
         assert collector.metrics()["throughput"]["states_per_second"]["current"] == pytest.approx(20.0)
 
+    def test_a_short_tail_does_not_pull_the_average_up(self, feed, collector, clock):
+        feed.emit(ev.RUN_STARTED)
+        for name in "abcd":
+            feed.state(name, 0.5)
+        assert collector.sample()  # 4 states in 2 s
+        feed.state("e", 0.01)  # a tail of 10 ms with one state: 100 per second, were it counted
+        assert not collector.sample(final=True)
+        sps = collector.metrics()["throughput"]["states_per_second"]
+        assert sps["count"] == 1 and sps["avg"] == pytest.approx(2.0)
+
+    def test_a_short_run_still_reports_its_rate(self, feed, collector, clock):
+        feed.emit(ev.RUN_STARTED)
+        feed.state("a", 0.01)
+        assert collector.sample(final=True)  # the only window
+        assert collector.metrics()["throughput"]["states_per_second"]["avg"] == pytest.approx(100.0)
+
     def test_no_activity_adds_nothing(self, collector):
         assert not collector.sample(final=True)
         assert collector.metrics()["throughput"]["states_per_second"]["count"] == 0
