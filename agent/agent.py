@@ -370,6 +370,10 @@ class Agent:
             names = self._start_names(start)
         if restored is None and not self._fresh_context:
             self.context = Context.empty(self.context_budget)
+        if initial_context is not None and not isinstance(initial_context, Mapping):
+            raise InvalidConfigurationError(
+                f"run(initial_context=...) takes a mapping of keys to values, got {type(initial_context).__name__}"
+            )
         if initial_context:
             for key, value in initial_context.items():
                 self.context.set_state(key, value)
@@ -465,7 +469,14 @@ class Agent:
     def _start_names(self, start: str | list[str] | None) -> list[str]:
         if start is None:
             return [next(iter(self._states))]
-        names = [start] if isinstance(start, str) else list(start)
+        if isinstance(start, str):
+            names = [start]
+        elif isinstance(start, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in start):
+            names = list(start)
+        else:
+            raise WorkflowDefinitionError(
+                f"run(start=...) takes a state name or a list of them, got {type(start).__name__} {start!r}"
+            )
         if not names:
             raise WorkflowDefinitionError("run(start=[]) names no state: give at least one")
         for n in names:
@@ -631,6 +642,11 @@ class Agent:
         failure) run again.
         """
         if not isinstance(checkpoint, AgentCheckpoint):
+            if not isinstance(checkpoint, Mapping):
+                raise CheckpointError(
+                    f"restore_from_checkpoint() takes an AgentCheckpoint or its to_dict() data, "
+                    f"got {type(checkpoint).__name__}"
+                )
             checkpoint = AgentCheckpoint.from_dict(dict(checkpoint))
         if self._run is not None and not self._run.done:
             raise AgentBusyError(f"agent {self.name!r} is running: pause or finish it before restoring")

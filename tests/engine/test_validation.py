@@ -9,6 +9,7 @@ import pytest
 
 from agent import (
     Agent,
+    CheckpointError,
     CoordinationError,
     DependencyConfig,
     DependencyType,
@@ -18,6 +19,7 @@ from agent import (
     ResourceRequestError,
     ResourceRequirements,
     RetryPolicy,
+    WorkflowDefinitionError,
 )
 from agent import _validate
 from agent.coordination import PrimitiveType, RateLimitStrategy, create_coordinated_agent
@@ -88,13 +90,23 @@ class TestRefused:
             call()
         assert words in str(raised.value)
 
-    @pytest.mark.parametrize("kwargs", [{"timeout": NAN}, {"timeout": True}, {"cleanup_timeout": NAN}])
+    @pytest.mark.parametrize("kwargs", [{"timeout": NAN}, {"timeout": True}, {"cleanup_timeout": NAN},
+                                        {"initial_context": [("x", 1)]}, {"start": 3}, {"start": ["s", 3]}])
     async def test_run_arguments(self, kwargs):
         agent = Agent("r", isolation="inline")
         agent.add_state("s", noop)
-        with pytest.raises(InvalidConfigurationError):
+        with pytest.raises((InvalidConfigurationError, WorkflowDefinitionError)) as raised:
             await agent.run(**kwargs)
+        assert list(kwargs)[0] in str(raised.value)
         assert agent.status.value == "idle"  # nothing started
+        await agent.run()  # and it runs
+
+    @pytest.mark.parametrize("checkpoint", ["x", 3, None])
+    async def test_restoring_what_is_not_a_checkpoint(self, checkpoint):
+        agent = Agent("r", isolation="inline")
+        agent.add_state("s", noop)
+        with pytest.raises(CheckpointError, match="takes an AgentCheckpoint"):
+            await agent.restore_from_checkpoint(checkpoint)
 
 
 class TestAccepted:
