@@ -707,6 +707,8 @@ class ResourcePool:
         mode: QuotaMode | str = QuotaMode.WAIT,
     ) -> None:
         """Cap what all running instances of ``state`` hold together (None: no cap for that type)."""
+        if not isinstance(state, str) or not state:
+            raise ResourceRequestError(f"set_quota() takes a state name, got {state!r}")
         self._set_quota(self._state_quotas, state, cpu, memory, io, network, gpu, mode)
 
     def set_priority_quota(
@@ -721,7 +723,8 @@ class ResourcePool:
         mode: QuotaMode | str = QuotaMode.WAIT,
     ) -> None:
         """Cap what all holders of ``priority`` hold together."""
-        self._set_quota(self._priority_quotas, Priority(priority), cpu, memory, io, network, gpu, mode)
+        level = _validate.member(Priority, priority, "set_priority_quota(priority)", error=ResourceRequestError)
+        self._set_quota(self._priority_quotas, Priority(level), cpu, memory, io, network, gpu, mode)
 
     def remove_quota(self, state: str | None = None, priority: Priority | int | None = None) -> None:
         """Drop the quota of ``state`` and/or ``priority``."""

@@ -181,7 +181,7 @@ class CoordinatedAgent(Agent):
         self._check_name(state)
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
             raise CoordinationError(f"state {state!r}: amount must be a number > 0, got {amount!r}")
-        self._coordinator.add_primitive(
+        primitive = self._coordinator.add_primitive(
             state,
             primitive_type,
             ttl=ttl,
@@ -189,6 +189,13 @@ class CoordinatedAgent(Agent):
             quota_limit=quota_limit,
             wait_timeout=wait_timeout,
         )
+        limit = quota_limit if primitive.type is PrimitiveType.QUOTA else (
+            max_count if primitive.type is PrimitiveType.SEMAPHORE else None)
+        if limit is not None and amount > limit:
+            raise CoordinationError(
+                f"state {state!r}: each attempt would draw {amount:g} of {primitive.type.name} {state!r}, "
+                f"which holds only {limit:g}: lower amount"
+            )
         self._coordinated_states[state] = float(amount)
 
     async def get_coordination_status(self) -> dict[str, Any]:

@@ -65,6 +65,9 @@ def agent_monitor(
     types = parse_metric_types(metrics)
     interval = check_interval(update_interval)
     check_callback(metrics_callback, "metrics_callback")
+    for name, flag in (("realtime", realtime), ("aggregate", aggregate)):
+        if type(flag) is not bool:
+            raise MonitorConfigurationError(f"agent_monitor({name}=...) must be True or False, got {flag!r}")
 
     def decorate(func: F) -> F:
         if not inspect.iscoroutinefunction(func):

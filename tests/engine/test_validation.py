@@ -78,6 +78,18 @@ CASES = [
         "p3", PrimitiveType.QUOTA, quota_limit=NAN), CoordinationError, "quota_limit"),
     ("mutex wait_timeout nan", lambda: create_coordinated_agent("c").add_state_coordination(
         "p4", PrimitiveType.MUTEX, wait_timeout=NAN), CoordinationError, "timeout"),
+    ("mutex max_count", lambda: create_coordinated_agent("c").add_state_coordination(
+        "p5", PrimitiveType.MUTEX, max_count=3), CoordinationError, "takes no max_count"),
+    ("semaphore quota_limit", lambda: create_coordinated_agent("c").add_state_coordination(
+        "p6", PrimitiveType.SEMAPHORE, max_count=2, quota_limit=3), CoordinationError, "takes no quota_limit"),
+    ("quota amount over its limit", lambda: create_coordinated_agent("c").add_state_coordination(
+        "p7", PrimitiveType.QUOTA, quota_limit=2, amount=5), CoordinationError, "holds only 2"),
+    ("quota of no state", lambda: ResourcePool(enable_quotas=True).set_quota(None, cpu=1),  # type: ignore[arg-type]
+     ResourceRequestError, "takes a state name"),
+    ("priority quota of 99", lambda: ResourcePool(enable_quotas=True).set_priority_quota(99, cpu=1),
+     ResourceRequestError, "Priority.CRITICAL"),
+    ("token bucket window negative", lambda: create_coordinated_agent("c").add_state_rate_limit(
+        "r4", max_rate=1, window_size=-1), CoordinationError, "window_size"),
 ]
 
 

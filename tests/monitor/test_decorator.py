@@ -221,6 +221,11 @@ class TestConfiguration:
         with pytest.raises(MonitorConfigurationError, match="metrics_callback"):
             agent_monitor(metrics_callback="print")
 
+    @pytest.mark.parametrize("kwargs", [{"aggregate": "no"}, {"realtime": "yes"}, {"realtime": 1}])
+    def test_flags_are_booleans(self, kwargs):
+        with pytest.raises(MonitorConfigurationError, match=f"{next(iter(kwargs))}=...\\) must be True or False"):
+            agent_monitor(**kwargs)
+
     def test_bad_metrics(self):
         with pytest.raises(MonitorConfigurationError, match="MetricType"):
             agent_monitor(metrics="ALL")

@@ -43,6 +43,10 @@ def create_primitive(
     except ValueError:
         choices = ", ".join(t.name for t in PrimitiveType)
         raise CoordinationError(f"unknown primitive type {primitive_type!r}: use PrimitiveType.{{{choices}}}") from None
+    if max_count is not None and kind not in (PrimitiveType.SEMAPHORE, PrimitiveType.BARRIER):
+        raise CoordinationError(f"{kind.name} {name!r} takes no max_count (a SEMAPHORE or a BARRIER does)")
+    if quota_limit is not None and kind is not PrimitiveType.QUOTA:
+        raise CoordinationError(f"{kind.name} {name!r} takes no quota_limit (a QUOTA does)")
     if kind is PrimitiveType.MUTEX:
         return Mutex(name, ttl=ttl, wait_timeout=wait_timeout, clock=clock)
     if kind is PrimitiveType.LEASE:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ...errors import CoordinationError
 from ...clock import Clock
 from .base import RateLimiter, RateLimiterStatistics, RateLimitStrategy
@@ -39,6 +41,8 @@ def create_rate_limiter(
         raise CoordinationError(
             f"unknown rate limit strategy {strategy!r}: use RateLimitStrategy.{{{choices}}}"
         ) from None
+    if isinstance(window_size, bool) or not isinstance(window_size, (int, float)) or not 0 < window_size < math.inf:
+        raise CoordinationError(f"rate limit {name!r}: window_size must be seconds > 0, got {window_size!r}")
     if kind is RateLimitStrategy.TOKEN_BUCKET:
         return TokenBucket(name, max_rate, burst_size, clock=clock)
     if kind is RateLimitStrategy.LEAKY_BUCKET:
