@@ -65,6 +65,7 @@ class _Admission:
                 if (state, run_id) not in self._passed:
                     key = (state, run_id)
                     self._at_gate.add(key)
+                    self._waiting(state, f"coordination: BARRIER {state!r} ({primitive.max_count} arrivals)")
                     asyncio.get_running_loop().call_soon(self._check_gates, run_id)
                     try:
                         await primitive.pass_when_full(owner, run_id)
@@ -75,10 +76,12 @@ class _Admission:
                 amount = agent._coordinated_states[state]
                 if not primitive.try_acquire(owner, amount):  # type: ignore[attr-defined]
                     coordinator.watch()  # about to wait: make sure deadlocks are looked for
+                    self._waiting(state, f"coordination: {primitive.type.name} {state!r}")
                     await primitive.acquire(owner, amount)  # type: ignore[attr-defined]
                 held = _Held(primitive, owner, amount)
         limiter = coordinator.rate_limiter(state) if state in agent._rate_limited_states else None
         if limiter is not None:
+            self._waiting(state, f"rate limit of {state!r}")
             try:
                 await limiter.acquire()
             except BaseException:
@@ -87,6 +90,12 @@ class _Admission:
                 raise
         if held is not None:
             self._held[(state, run_id, attempt)] = held
+
+    def _waiting(self, state: str, why: str) -> None:
+        """Say what the state waits for (the run clears it once the state is let in)."""
+        meta = self.agent.state_metadata.get(state)
+        if meta is not None:
+            meta.waiting_for = why
 
     async def release(self, state: str, run_id: str, attempt: int, ok: bool) -> None:
         held = self._held.pop((state, run_id, attempt), None)

@@ -218,6 +218,8 @@ class Driver:
             for hook in run.hooks:
                 await hook.acquire(attempt.state_name, run.run_id, attempt.number)
                 entered.append(hook)
+            if entered:
+                run.admitted(act)
             outcome = await executor_for(attempt.isolation).run_attempt(attempt)
         except asyncio.CancelledError:
             run.finished(act, None, None, dict(attempt.usage))

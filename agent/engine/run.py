@@ -818,8 +818,8 @@ class Run:
             meta.waiting_for = None
         meta.started_at = now
         meta.last_execution = self.wall_offset + now
-        if self.observers:  # what it holds from the pool, for the allocation metrics
-            self.emit(ev.STATE_STARTED, name, attempt=number,
+        if self.observers and not self.hooks:  # with hooks: once they let it in (admitted())
+            self.emit(ev.STATE_STARTED, name, attempt=number,  # what it holds, for the allocation metrics
                       data={"resources": spec.resources} if spec.resources is not None else {})
         view = self.context._attempt_view(name, number, self.human_for)
         isolation = spec.isolation or self.default_isolation
@@ -878,6 +878,19 @@ class Run:
             self.stop_activation(act, _STOP_CANCEL)
         elif timeout is not None:
             act.timer = self.driver.loop.call_later(timeout, self.stop_activation, act, _STOP_TIMEOUT)
+
+    def admitted(self, act: Activation) -> None:
+        """The admission hooks let ``act``'s attempt in: it starts now. What it waited for
+        there (a coordination primitive, a rate limit) is not its run time."""
+        act.started_at = now = self.clock()
+        meta = self.metadata[act.state]
+        meta.started_at = now
+        meta.last_execution = self.wall_offset + now
+        meta.waiting_for = None
+        if self.observers:
+            resources = self.specs[act.state].resources
+            self.emit(ev.STATE_STARTED, act.state, attempt=act.attempt,
+                      data={"resources": resources} if resources is not None else {})
 
     def stop_activation(self, act: Activation, reason: StopReason) -> None:
         """Ask a running activation to stop: timeout, cancel, preempt or pause."""

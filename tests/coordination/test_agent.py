@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from agent import Agent, Context, RetryPolicy, StateFailedError
+from agent import events as ev
 from agent.coordination import (
     CoordinatedAgent,
     Coordinator,
@@ -167,6 +168,27 @@ class TestPrimitivesThroughTheEngine:
         assert not [r for r in results if isinstance(r, BaseException)]
         assert inside.peak == 1 and [t for _, t in inside.log] == [0.0, 1.0, 2.0, 3.0]
         assert coord.get_status()["primitives"]["guarded"]["state"] == "unlocked"
+
+    async def test_a_state_waiting_for_its_primitive_has_not_started(self, coord: Coordinator, clock: FakeClock) -> None:
+        events: list[tuple[str, str]] = []
+        waiting: list[str | None] = []
+        agents = []
+
+        async def guarded(context: Context):
+            await clock.sleep(0.5)  # the other agent's run has reached the mutex by now
+            waiting.extend(a.state_metadata["guarded"].waiting_for for a in agents)
+            await clock.sleep(0.5)
+
+        for i in range(2):
+            agent = _agent(f"worker{i}", coord)
+            agent.add_state_coordination("guarded", PrimitiveType.MUTEX)
+            agent.add_state("guarded", guarded)
+            agent.add_observer(lambda e: events.append((e.kind, e.agent_name)))
+            agents.append(agent)
+        await within(clock, 60, asyncio.gather(*(a.run() for a in agents)))
+        assert waiting[:2] == [None, "coordination: MUTEX 'guarded'"]  # while the first holds it
+        started = [name for kind, name in events if kind in (ev.STATE_STARTED, ev.STATE_COMPLETED)]
+        assert started == ["worker0", "worker0", "worker1", "worker1"]  # started once let in, not before
 
     async def test_mutex_ttl_takes_it_from_a_hung_state(self, coord: Coordinator, clock: FakeClock) -> None:
         inside = _Inside()
