@@ -169,7 +169,9 @@ class TestPrimitivesThroughTheEngine:
         assert inside.peak == 1 and [t for _, t in inside.log] == [0.0, 1.0, 2.0, 3.0]
         assert coord.get_status()["primitives"]["guarded"]["state"] == "unlocked"
 
-    async def test_a_state_waiting_for_its_primitive_has_not_started(self, coord: Coordinator, clock: FakeClock) -> None:
+    async def test_a_state_waiting_for_its_primitive_has_not_started(
+        self, coord: Coordinator, clock: FakeClock,
+    ) -> None:
         events: list[tuple[str, str]] = []
         waiting: list[str | None] = []
         agents = []
