@@ -123,7 +123,6 @@ class _Admission:
                 if isinstance(primitive, Barrier):
                     primitive.forget(event.run_id)
 
-
     def _check_gates(self, run_id: str) -> None:
         """Fail the barrier waits of run ``run_id`` when nothing else of it could arrive."""
         waiting = [state for state, run in self._at_gate if run == run_id]

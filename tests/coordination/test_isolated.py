@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent import Context, RunTimeoutError, StateFailedError
-from agent.coordination import Coordinator, PrimitiveType, create_coordinated_agent
+from agent.coordination import Coordinator, PrimitiveType, create_coordinated_agent, mutex
 
 supervisor = pytest.importorskip("agent.supervisor", reason="process isolation is not built in this tree")
 if not hasattr(supervisor, "get_executor"):
@@ -59,8 +59,8 @@ class TestTakenInsideAChild:
         async def write(context: Context):
             import time
 
-            from agent.coordination import mutex
-
+            # mutex is this module's: loaded with the state's code, before a sandbox hides
+            # code under /tmp (where CI's clone lives), not imported while the state runs.
             async with mutex("inside_m1"):
                 began = time.monotonic()
                 time.sleep(0.05)  # the work: long enough for a second child to overlap, were it let in
