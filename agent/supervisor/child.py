@@ -192,6 +192,10 @@ class ChildProcess:
         # context of the attempt's own task (``caller``; else this one, where it launched):
         # its coordinator, and its owner in that coordinator.
         self._context = caller if caller is not None else contextvars.copy_context()
+        # The run's context as the child saw it at launch, and what its writes added since:
+        # what it could check its writes against (see _over_budget).
+        self._launch_used = attempt.context.budget.used
+        self._written = 0
         self._taking: dict[int, asyncio.Task[None]] = {}  # request id -> a take still waiting
         self._holding: dict[int, Any] = {}  # request id -> a holding to give back
         self.checkpoint_keys: list[str] | None = None
@@ -419,7 +423,7 @@ class ChildProcess:
         except ProtocolError as exc:
             self._refuse(exc)
         except ContextBudgetError as exc:
-            self.violate(f"{exc} (the context budget bound)", kind="bound")
+            self._over_budget(exc, decoded)
         except Exception as exc:  # applying the message failed (e.g. a context hook raised)
             self.violate(f"applying a {decoded.msg.TYPE} message failed: {exc!r}")
 
@@ -433,11 +437,14 @@ class ChildProcess:
             scope = getattr(self.attempt.context, "scope", None)
             if scope is not None and not scope.allows(msg.key):
                 raise ProtocolError(f"the state wrote context key {msg.key!r}, outside its context_keys")
+            context = self.attempt.context
+            sizes = context.budget.sizes
+            before = sizes.get(msg.key, 0)
             if msg.deleted:
-                self.attempt.context.remove_state(msg.key)
+                context.remove_state(msg.key)
             else:
-                size = values.entry_size(msg.key, decoded.size)
-                self.attempt.context._store(msg.key, decoded.value, size)
+                context._store(msg.key, decoded.value, values.entry_size(msg.key, decoded.size))
+            self._written += sizes.get(msg.key, 0) - before
         elif isinstance(msg, Result):
             self._result = (decoded.value,)
             self._reported()
@@ -460,6 +467,25 @@ class ChildProcess:
         elif isinstance(msg, Log):
             self._sup.log.info("child_log", pid=self.pid, state=self.attempt.state_name,
                                level=msg.level, message=msg.message)
+
+    def _over_budget(self, exc: ContextBudgetError, decoded: _Decoded) -> None:
+        """A write the run's context budget cannot take: a bound the child passed, unless what
+        it could see (its snapshot and its own writes) left room for it, when other states'
+        writes filled the budget meanwhile: it is stopped, not judged, and its retry sees them
+        (and its write then raises ContextBudgetError in the state)."""
+        msg = decoded.msg
+        size = values.entry_size(msg.key, decoded.size)  # type: ignore[union-attr]
+        if self._launch_used + self._written + size > self.attempt.context.budget.limit:
+            self.violate(f"{exc} (the context budget bound)", kind="bound")
+            return
+        if self._violation is None:
+            self._violation = FailureReason(
+                kind="exception",
+                message=f"{exc} (other states wrote to the run's context while this one ran: by what it "
+                        "could see, its write fitted; it was stopped, and a retry sees their writes)",
+            )
+        self._inbox.clear()
+        self.kill()
 
     def _reported(self) -> None:
         self._move(ChildStatus.REPORTED)

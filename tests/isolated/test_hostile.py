@@ -297,13 +297,20 @@ class TestContextBudget:
         await still_serving(isolation)  # a new isolated state starts: its snapshot fits
 
     async def test_concurrent_writers_cannot_pass_it_together(self):
-        agent = Agent("budget-race", isolation="process", context_budget_mb=1)
+        agent = Agent("budget-race", isolation="process", context_budget_mb=1,
+                      retry_policy=RetryPolicy(max_retries=1, initial_delay=0))
         agent.add_state("fan", fan_out)
         agent.add_state("w1", write_600kb)
         agent.add_state("w2", write_600kb)
         with pytest.raises(StateFailedError) as info:
             await agent.run()
-        assert info.value.reason.permanent and "budget" in info.value.reason.message
+        exc = info.value
+        # Both fitted by what they could see. The one written second was stopped for the
+        # other's write, not judged a bound passed; its retry saw that write, and its own
+        # write then raised ContextBudgetError in the state.
+        assert exc.attempts == 2 and exc.reason.permanent and exc.reason.exception_type.endswith("ContextBudgetError")
+        first = agent.state_metadata[exc.state].history[0]
+        assert first.outcome == "failed" and "other states wrote to the run's context" in first.reason
         assert agent.context.budget.used <= agent.context.budget.limit
         await still_serving("process")
 
