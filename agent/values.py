@@ -791,6 +791,11 @@ class _Decoding:
                 f"typed value names {name!r}, which is not an imported TypedContextData dataclass: "
                 "import the module that defines it in the supervising process"
             )
+        if "<locals>" in cls.__qualname__:  # found under another name (a module-level alias)
+            raise ProtocolError(
+                f"typed value names {name!r}, which is {cls.__qualname__}: defined inside a function, no "
+                "other process or resumed run can find it; define the TypedContextData class at module level"
+            )
         try:
             return build_typed(cls, fields)
         except Exception as exc:

@@ -534,3 +534,50 @@ def test_per_attempt_bytes_bound(tmp_path):
     first, second = done.stdout.splitlines()
     assert first.startswith("bound ") and "the per-attempt bytes bound" in first
     assert second == "normal True"
+
+
+LOCAL_CLASS = """
+import asyncio
+from dataclasses import dataclass
+from agent import Agent, TypedContextData
+from agent.errors import StateFailedError
+
+def make():
+    @dataclass
+    class Local(TypedContextData):
+        x: int
+    return Local
+
+Local = make()  # sent to the child by value (this file runs as __main__), under a plain qualname there
+
+async def store(context):
+    context.set_typed("loc", Local(x=1))
+    return "read"
+
+async def read(context):
+    return None
+
+agent = Agent("local", isolation="process")
+agent.add_state("store", store)
+agent.add_state("read", read)
+try:
+    asyncio.run(agent.run())
+except StateFailedError as exc:
+    print(exc.state, exc.reason.permanent, exc.reason.message)
+"""
+
+
+def test_a_typed_class_defined_in_a_function_fails_the_state_that_stores_it(tmp_path):
+    """As inline: the state that stores it fails, not the next one (whose start could not carry it)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "local.py"
+    script.write_text(LOCAL_CLASS)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr
+    state, permanent, message = done.stdout.strip().split(" ", 2)
+    assert (state, permanent) == ("store", "True")
+    assert "make.<locals>.Local: defined inside a function" in message and "at module level" in message
