@@ -225,6 +225,25 @@ async def failed(isolation: str, func, *, retries: int = 3, **agent_kwargs) -> S
     return info.value
 
 
+@contextlib.contextmanager
+def cgroups_of_this_test(controllers):
+    """v1 cgroups made for the test to escape into; removed after it, with whatever is left in them."""
+    name = f"agent-test-escape-{secrets.token_hex(3)}"
+    dirs = [f"/sys/fs/cgroup/{c}/{name}" for c in controllers]
+    for d in dirs:
+        os.mkdir(d)
+    try:
+        yield dirs
+    finally:
+        with open(f"{dirs[0]}/cgroup.procs") as fh:
+            for pid in map(int, fh.read().split()):  # only when a test failed: an escaped process
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    psutil.Process(pid).kill()
+                    psutil.Process(pid).wait(timeout=10)
+        for d in dirs:
+            os.rmdir(d)
+
+
 async def still_serving(isolation: str) -> None:
     agent = Agent("normal", isolation=isolation)
     agent.add_state("normal", normal, context_keys=ALL_KEYS)
@@ -435,11 +454,7 @@ class TestHonestReasons:
         confiner = current_supervisor().confiner
         if confiner.backend_name != "v1":
             pytest.skip("needs root and cgroup v1")
-        name = f"agent-test-escape-{secrets.token_hex(3)}"
-        dirs = [f"/sys/fs/cgroup/{c}/{name}" for c in controllers]
-        for d in dirs:
-            os.mkdir(d)
-        try:
+        with cgroups_of_this_test(controllers) as dirs:
             agent = Agent("escape", isolation="process")
             agent.add_state("escape", escape_cgroups)
             with pytest.raises(StateFailedError) as info:
@@ -448,9 +463,6 @@ class TestHonestReasons:
             assert reason.kind == "cgroup_escape" and reason.permanent
             assert "left the cgroup it was put in" in reason.message, reason.message
             assert agent.state_metadata["escape"].usage == {}
-        finally:
-            for d in dirs:
-                os.rmdir(d)
         await still_serving("process")
 
     async def test_a_worker_that_left_its_cgroup_serves_no_other_state(self):
@@ -458,11 +470,7 @@ class TestHonestReasons:
             await run(make_attempt(_noop))
         if current_supervisor().confiner.backend_name != "v1":
             pytest.skip("needs root and cgroup v1")
-        name = f"agent-test-escape-{secrets.token_hex(3)}"
-        dirs = [f"/sys/fs/cgroup/{c}/{name}" for c in ("memory", "cpuacct", "pids")]
-        for d in dirs:
-            os.mkdir(d)
-        try:
+        with cgroups_of_this_test(("memory", "cpuacct", "pids")) as dirs:
             agent = Agent("escape", isolation="worker")
             agent.add_state("escape", escape_cgroups)
             with pytest.raises(StateFailedError) as info:
@@ -477,14 +485,6 @@ class TestHonestReasons:
             for pid in escaped:  # retired: killed
                 with contextlib.suppress(psutil.NoSuchProcess):
                     psutil.Process(pid).wait(timeout=10)
-        finally:
-            with open(f"{dirs[0]}/cgroup.procs") as fh:
-                for pid in map(int, fh.read().split()):  # only when the test failed: the escaped worker
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        psutil.Process(pid).kill()
-                        psutil.Process(pid).wait(timeout=10)
-            for d in dirs:
-                os.rmdir(d)
 
 
 
