@@ -235,8 +235,8 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
             sys.stdout.flush()
         if reply.get("note") and not args.follow:
             print(f"agentctl: {reply['note']}", file=sys.stderr)
-        if not args.follow or (reply["done"] and not text):
-            break
+        if not text and (not args.follow or reply["done"]):
+            break  # all of it (a reply carries at most 1 MiB: a long log takes several)
         if not text:
             time.sleep(FOLLOW_INTERVAL)
     if args.json:

@@ -468,14 +468,20 @@ class JobSupervisor:
             int(name[len(prefix):-4]) for name in list_dir(self.log_dir, run_dir)
             if name.startswith(prefix) and name.endswith(".log") and name[len(prefix):-4].isdigit()
         )
-        text = b""
+        # The attempts' logs one after the other: ``offset`` counts into that whole.
+        chunk, start = b"", 0
         for number in attempts:
+            if len(chunk) >= MAX_LOG_READ:
+                break
+            parts = [*run_dir, f"{prefix}{number}.log"]
             try:
-                data, _ = read_file(self.log_dir, [*run_dir, f"{prefix}{number}.log"], job.uid, 0, MAX_LOG_READ)
+                data, size = read_file(self.log_dir, parts, job.uid, max(0, offset + len(chunk) - start),
+                                       MAX_LOG_READ - len(chunk))
             except FileNotFoundError:
                 continue
-            text += data
-        chunk = text[offset:offset + MAX_LOG_READ]
+            if offset + len(chunk) < start + size:
+                chunk += data
+            start += size
         reply = {"text": chunk.decode(errors="replace"), "offset": offset + len(chunk), "done": done}
         if not attempts and job.states.get(state) not in (None, "pending", "ready"):
             reply["note"] = (f"state {state!r} kept no output of its own (an inline state prints to the "

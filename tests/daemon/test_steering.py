@@ -26,6 +26,26 @@ async def review(context):
 agent.add_state("review", review)
 '''
 
+LOUD = '''
+from agent import Agent
+
+agent = Agent("loud")
+
+async def inline_out(context):  # about 1.5 MB each: more than one reply of agentd carries
+    for i in range(30_000):
+        print(f"inline {i:06d} " + "x" * 40)
+    print("INLINE-END", flush=True)
+    return "loud"
+
+async def loud(context):
+    for i in range(30_000):
+        print(f"process {i:06d} " + "y" * 40)
+    print("PROCESS-END", flush=True)
+
+agent.add_state("inline_out", inline_out, isolation="inline")
+agent.add_state("loud", loud, isolation="process")
+'''
+
 STEPS = '''
 import asyncio, os
 from agent import Agent
@@ -159,3 +179,16 @@ class TestWatching:
         assert rest == "goodbye\n"
         assert agentd.status(job)["status"] == "completed"
         assert json.loads(agentd.ctl("logs", job, "talk", "--json", user=ann).stdout)["text"] == "hello\ngoodbye\n"
+
+    def test_logs_longer_than_one_reply_come_whole(self, agentd: Agentd, users: tuple[User, User],
+                                                   workdir: Path) -> None:
+        ann, _ = users
+        agentd.start()
+        job = agentd.submit(write_workflow(workdir, "loud.py", LOUD), user=ann)
+        assert agentd.wait_status(job, "completed", "failed")["status"] == "completed"
+        for state, word in ((None, "inline"), ("loud", "process")):  # the job's own log, and a state's
+            out = agentd.ctl("logs", job, *([state] if state else []), user=ann).stdout
+            lines = [line for line in out.splitlines() if line.startswith(word)]
+            assert len(lines) == 30_000 and lines[-1].startswith(f"{word} 029999"), (state, len(out))
+            assert f"{word.upper()}-END" in out
+
