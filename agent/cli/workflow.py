@@ -110,6 +110,19 @@ def starts_a_run(tree: ast.Module) -> bool:
     return False
 
 
+def without_its_runs(tree: ast.Module) -> ast.Module:
+    """``tree`` less its module-level statements that only start a run (``await agent.run()``,
+    ``agent.run_sync()``): for agentd, which runs the file's agent itself."""
+    tree.body = [stmt for stmt in tree.body if not (isinstance(stmt, ast.Expr) and _starts_a_run(stmt.value))]
+    return tree
+
+
+def _starts_a_run(node: ast.AST) -> bool:
+    if isinstance(node, ast.Await):
+        return _method(node.value) in ("run", "resume", "resume_run")
+    return _method(node) == "run_sync"
+
+
 def _method(node: ast.AST) -> str | None:
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
         return node.func.attr

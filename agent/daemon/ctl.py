@@ -148,6 +148,9 @@ class _Compiled(Exception):
     """The file compiled: raised at the ``exec`` audit event, before any of it runs."""
 
 
+_TOP_LEVEL_AWAIT = 0x2000  # ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, without importing ast
+
+
 class _Syntax:
     """The syntax check of ``agentctl submit`` (:meth:`check`)."""
 
@@ -172,24 +175,45 @@ class _Syntax:
         audit hook cannot be removed once added.
         """
         if not cls.audited:
-            compile(source, path, "exec")
+            compile(source, path, "exec", flags=_TOP_LEVEL_AWAIT)
             return
         cls.armed = True
         try:
             exec(source, {"__builtins__": {}})
         except _Compiled:
             return
+        except SyntaxError:  # maybe a top-level await, which agentd takes as agent run does
+            cls.armed = False
+            compile(source, path, "exec", flags=_TOP_LEVEL_AWAIT)
+            return
         finally:
             cls.armed = False
         raise AssertionError("the exec audit event did not stop the workflow from running")
 
 
+def _text(raw: bytes, path: str) -> str:
+    """The file's text: UTF-8, or the encoding its coding line declares (PEP 263)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    import io
+    import tokenize
+
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
+        return raw.decode(encoding)
+    except (SyntaxError, UnicodeDecodeError, LookupError) as exc:
+        raise Refused(f"{path} is not text in its encoding ({exc}): save it as UTF-8", EXIT_USAGE) from None
+
+
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     try:
-        with open(args.file, encoding="utf-8") as f:
-            source = f.read()
+        with open(args.file, "rb") as f:
+            raw = f.read()
     except OSError as exc:
         raise Refused(f"cannot read {args.file}: {exc.strerror}", EXIT_USAGE) from None
+    source = _text(raw, args.file)
     try:
         _Syntax.check(source, args.file)  # a syntax error is caught here, not in a runner
     except SyntaxError as exc:

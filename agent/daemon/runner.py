@@ -138,14 +138,29 @@ class Runner:
 
     # --- the job -----------------------------------------------------------------------
 
-    def load(self) -> Any:
-        """Execute the submitted source and return its Agent (raises LookupError when there is none)."""
+    async def load(self) -> Any:
+        """Execute the submitted source and return its Agent (raises LookupError when there is none).
+
+        As ``agent run`` takes it: top-level ``await`` is allowed, and a module-level
+        statement that only starts a run of the agent (``await agent.run()``,
+        ``agent.run_sync()``) is left out, since this runner runs the agent itself.
+        """
+        import ast
+        import inspect
+
         from ..agent import Agent
+        from ..cli.workflow import without_its_runs
 
         path = str(self.job.get("path") or "workflow.py")
         sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
         namespace: dict[str, Any] = {"__name__": "__agent_workflow__", "__file__": path, "__builtins__": builtins}
-        exec(compile(self.job["source"], path, "exec"), namespace)  # as the job's user, never as root
+        top_level_await = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+        tree = compile(self.job["source"], path, "exec", flags=ast.PyCF_ONLY_AST | top_level_await, dont_inherit=True)
+        code = compile(without_its_runs(tree), path, "exec", flags=top_level_await, dont_inherit=True)
+        if code.co_flags & inspect.CO_COROUTINE:
+            await eval(code, namespace)  # noqa: S307 - as the job's user, never as root
+        else:
+            exec(code, namespace)  # noqa: S102 - as the job's user, never as root
         agents = {k: v for k, v in namespace.items() if isinstance(v, Agent)}
         if not agents:
             raise LookupError(f"{path} defines no Agent at module level: assign one, e.g. agent = Agent(\"my_flow\")")
@@ -216,7 +231,7 @@ class Runner:
 
     async def run(self) -> int:
         try:
-            agent = self.agent = self.load()
+            agent = self.agent = await self.load()
             agent.resource_pool = self.pool  # a job's states are admitted by the box, always
             for name, spec in agent.states.items():
                 if spec.resources is not None:

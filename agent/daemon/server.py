@@ -130,7 +130,9 @@ class Client:
             self._refuse(str(exc), protocol.NOT_FOUND)
         except JobAccessError as exc:
             self._refuse(str(exc), protocol.DENIED)
-        except (JobError, DaemonConfigError) as exc:
+        except DaemonConfigError as exc:  # a value the request gives that cannot be (a priority)
+            self._refuse(str(exc), protocol.INVALID)
+        except JobError as exc:
             self._refuse(str(exc), protocol.CONFLICT)
         else:
             if reply is not None:
@@ -302,10 +304,7 @@ class Daemon:
             raise JobError("the workflow's source must be text")
         policy = self.config.policy_for(client.uid)
         asked = message.get("priority")
-        try:
-            priority = policy.default_priority if asked is None else parse_priority(asked)
-        except DaemonConfigError as exc:
-            raise JobError(str(exc)) from None
+        priority = policy.default_priority if asked is None else parse_priority(asked)
         if priority > policy.priority_ceiling:
             raise JobAccessError(
                 f"priority {priority.name.lower()} is above your ceiling "

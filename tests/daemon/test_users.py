@@ -116,7 +116,31 @@ class TestIsolationBetweenUsers:
         flow = write_workflow(workdir, "gated.py", GATED)
         done = agentd.ctl("submit", str(flow), "--priority", "critical", user=ann)
         assert done.returncode == 4 and "ceiling" in done.stderr
+        done = agentd.ctl("submit", str(flow), "--priority", "bogus", user=ann)
+        assert done.returncode == 2 and "unknown priority 'bogus'" in done.stderr  # bad input, not a conflict
+        garbled = workdir / "garbled.py"
+        garbled.write_bytes(b'x = "\xff\xfe"\n')
+        garbled.chmod(0o644)
+        done = agentd.ctl("submit", str(garbled), user=ann)
+        assert done.returncode == 2 and "save it as UTF-8" in done.stderr and "Traceback" not in done.stderr
         assert agentd.ctl_json("list", user=ann) == []
+
+    @pytest.mark.parametrize("ending", ["await agent.run()", "agent.run_sync()"])
+    def test_a_file_as_agent_run_takes_it(self, agentd: Agentd, users: tuple[User, User], workdir: Path,
+                                          ending: str) -> None:
+        """The Quick Start as written (top-level await), in Latin-1 with its coding line, runs once."""
+        ann, _ = users
+        agentd.start()
+        source = ("# -*- coding: latin-1 -*-\nfrom agent import Agent\nagent = Agent('caf\xe9')\n"
+                  "async def greet(context):\n    print('hello from caf\xe9')\n"
+                  f"agent.add_state('greet', greet, isolation='inline')\n{ending}\n")
+        flow = workdir / "quick.py"
+        flow.write_bytes(source.encode("latin-1"))
+        flow.chmod(0o644)
+        job = agentd.submit(flow, user=ann)
+        final = agentd.wait_status(job, "completed", "failed")
+        assert final["status"] == "completed", final
+        assert agentd.ctl("logs", job, user=ann).stdout.count("hello from caf\xe9") == 1
 
 
 class TestJobsRunAsTheirUser:
