@@ -35,6 +35,11 @@ _current_coordinator: contextvars.ContextVar[Coordinator | None] = contextvars.C
 )
 
 
+def attempt_owner(agent: str, run_id: str, state: str, attempt: int) -> str:
+    """The owner id of one attempt of a state: what its admission and its code take primitives as."""
+    return f"{agent}/{run_id[:8]}/{state}#{attempt}"
+
+
 def current_owner() -> str | None:
     """The owner id of the state attempt running in this task, if any."""
     return _current_owner.get()

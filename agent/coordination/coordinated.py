@@ -23,7 +23,7 @@ from typing import Any
 from .. import events as ev
 from ..agent import Agent
 from ..errors import CoordinationError
-from .allocation import set_current_owner
+from .allocation import attempt_owner, set_current_owner
 from .coordinator import Coordinator, default_coordinator
 from .primitives import Barrier, Primitive, PrimitiveType
 from .ratelimit import RateLimitStrategy
@@ -51,7 +51,7 @@ class _Admission:
         self._at_gate: set[tuple[str, str]] = set()  # (state, run id) waiting for a full round
 
     def owner(self, state: str, run_id: str, attempt: int) -> str:
-        return f"{self.agent.name}/{run_id[:8]}/{state}#{attempt}"
+        return attempt_owner(self.agent.name, run_id, state, attempt)
 
     async def acquire(self, state: str, run_id: str, attempt: int) -> None:
         agent = self.agent

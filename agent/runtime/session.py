@@ -222,7 +222,7 @@ class ChildSession:
             finally:
                 self._pending.pop(request_id, None)
             if response.error_type is not None:
-                raise _human_error(response.error_type, response.error or "")
+                raise _named_error(response.error_type, response.error or "", HumanInputError)
             answer = response.answer or ""
             if _rejection(validator, answer) is None:  # a validator that raises rejects, as inline
                 return answer
@@ -252,7 +252,7 @@ class ChildSession:
         finally:
             self._taking.pop(request_id, None)
         if response.error_type is not None:
-            raise _coordination_error(response.error_type, response.error or "")
+            raise _named_error(response.error_type, response.error or "", errors.CoordinationError)
         return request_id
 
     def give_back(self, holding: int) -> None:
@@ -318,15 +318,9 @@ async def _call(func: Callable[..., Any], context: Context) -> Any:
     return await func(context)
 
 
-def _coordination_error(type_name: str, message: str) -> Exception:
+def _named_error(type_name: str, message: str, base: type[Exception]) -> Exception:
+    """The error the supervisor named (a subclass of ``base`` in :mod:`agent.errors`), else ``base``."""
     cls = getattr(errors, type_name, None)
-    if isinstance(cls, type) and issubclass(cls, errors.CoordinationError):
+    if isinstance(cls, type) and issubclass(cls, base):
         return cls(message)
-    return errors.CoordinationError(message)
-
-
-def _human_error(type_name: str, message: str) -> Exception:
-    cls = getattr(errors, type_name, None)
-    if isinstance(cls, type) and issubclass(cls, HumanInputError):
-        return cls(message)
-    return HumanInputError(message)
+    return base(message)
