@@ -359,9 +359,9 @@ class ReturnGraph:
         self._specs = specs
         self._direct: dict[str, frozenset[str] | None] = {}
         self._reach: dict[str, frozenset[str] | None] = {}
-        # id(direct returns) -> (those returns, their reach): the states of one function
-        # (a fan-out's branches) return the same frozenset, so they share one reach.
-        self._by_direct: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
+        # id(what decides a state's returns: its next_states, else its function) -> (that
+        # object, its reach): a fan-out's branches share one function, so one reach.
+        self._shared: dict[int, tuple[object, frozenset[str] | None]] = {}
 
     def direct(self, name: str) -> frozenset[str] | None:
         """What ``name`` returns directly (names that are not states are harmless here: nothing waits on them)."""
@@ -378,19 +378,31 @@ class ReturnGraph:
         return found  # type: ignore[return-value]
 
     def reach(self, name: str) -> frozenset[str] | None:
-        found = self._reach.get(name, _UNREADABLE)
+        known = self._reach
+        found = known.get(name, _UNREADABLE)
         if found is not _UNREADABLE:
             return found  # type: ignore[return-value]
-        succ = self.direct(name)
-        if succ is None:
-            self._reach[name] = None
-            return None
-        shared = self._by_direct.get(id(succ))
-        if shared is not None and shared[0] is succ and name not in shared[1]:
-            self._reach[name] = shared[1]
+        # What a state reaches is what its returns reach (itself too, through a loop):
+        # two states whose returns one object decides (the same function, or the same
+        # next_states) reach the same states.
+        spec = self._specs.get(name)
+        decider = None if spec is None else spec.func if spec.next_states is None else spec.next_states
+        shared = self._shared.get(id(decider))
+        if shared is not None and shared[0] is decider:
+            known[name] = shared[1]
             return shared[1]
-        # The common case: every successor is known already and there is no loop back.
+        found = self._compute(name)
+        if decider is not None:
+            self._shared[id(decider)] = (decider, found)
+        return found
+
+    def _compute(self, name: str) -> frozenset[str] | None:
+        succ = self.direct(name)
         known = self._reach
+        if succ is None:
+            known[name] = None
+            return None
+        # The common case: every successor is known already and there is no loop back.
         if name not in succ and succ <= known.keys():
             out = set(succ)
             for s in succ:
@@ -401,10 +413,9 @@ class ReturnGraph:
                 out |= further
             if name not in out:
                 value = known[name] = frozenset(out)
-                self._by_direct[id(succ)] = (succ, value)
                 return value
         self._tarjan(name)
-        return self._reach[name]
+        return known[name]
 
     def _tarjan(self, root: str) -> None:
         index: dict[str, int] = {}

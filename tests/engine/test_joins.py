@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent import (
     Agent,
@@ -496,3 +498,47 @@ class TestPartialFailure:
 
         with pytest.raises(InvalidConfigurationError, match="on_failure"):
             Agent("x", on_failure=value)
+
+
+class TestWhatAStateCanReach:
+    """The engine's reading of what each state can lead to (which joins must wait) is
+    plain reachability, also when states share a function or loop back to themselves."""
+
+    @staticmethod
+    def _expected(returns: dict[str, frozenset[str] | None], name: str) -> frozenset[str] | None:
+        seen: set[str] = set()
+        todo = list(returns[name] or ())
+        if returns[name] is None:
+            return None
+        while todo:
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if returns[node] is None:
+                return None
+            todo.extend(returns[node])  # type: ignore[arg-type]
+        return frozenset(seen)
+
+    @given(st.data())
+    @settings(max_examples=200, deadline=None)
+    def test_reach_is_reachability(self, data: st.DataObject) -> None:
+        from agent.workflow import ReturnGraph, StateSpec
+
+        names = [f"s{i}" for i in range(data.draw(st.integers(1, 8)))]
+        # A few deciders, each shared by some states: a set of next_states (None: a
+        # function whose returns cannot be read, so it can lead anywhere).
+        deciders = data.draw(st.lists(
+            st.one_of(st.none(), st.frozensets(st.sampled_from(names), max_size=3)), min_size=1, max_size=4))
+
+        async def computed(context):
+            return context.get_state("next")
+
+        specs, returns = {}, {}
+        for name in names:
+            declared = data.draw(st.sampled_from(deciders))
+            specs[name] = StateSpec(name, computed, next_states=declared)
+            returns[name] = declared
+        graph = ReturnGraph(specs)
+        for name in data.draw(st.permutations(names)):  # the order asked in must not matter
+            assert graph.reach(name) == self._expected(returns, name), name
