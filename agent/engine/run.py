@@ -502,9 +502,14 @@ class Run:
         """Start counting what everything live or held could return (a group has company now)."""
         self.graph = graph = self.agent._return_graph()
         count = self._count
+        # Counted per (group, reach), not per activation: a fan-out's branches share both.
+        tally: dict[tuple[Group, frozenset[str] | None], int] = {}
         for act in self.live.values():
             act.reach = reach = graph.reach(act.state)
-            count(act.group, reach, 1)
+            key = (act.group, reach)
+            tally[key] = tally.get(key, 0) + 1
+        for (group, reach), n in tally.items():
+            count(group, reach, n)
         for group in self.groups.values():
             for name in group.held:
                 reach = graph.reach(name)
