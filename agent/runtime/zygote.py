@@ -6,8 +6,8 @@ control socket ``FD`` it reads length-prefixed requests (``spawn``, ``kill``) an
 reports (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status and the CPU
 seconds and page faults the kernel charged the child, ``denied`` for a sandbox's system
 call refused by seccomp, ``parked`` for a child forked ahead). It exits, killing its
-children, when the supervisor closes the socket or dies (parent-death signal), and then
-removes the PATHs (the supervisor's private directories), so that even a supervisor
+children, when the supervisor closes the socket or its process ends (a pidfd of it), and
+then removes the PATHs (the supervisor's private directories), so that even a supervisor
 killed outright leaves no files behind.
 
 The zygote never holds a child's secrets: each ``spawn`` request comes with a descriptor
@@ -157,11 +157,11 @@ class Zygote:
     """The fork loop."""
 
     def __init__(
-        self, control: socket.socket, parent_pid: int, spec_fds: deque[int] | None = None, *,
+        self, control: socket.socket, parent: int | None, spec_fds: deque[int] | None = None, *,
         park_max: int = PARK_MAX, park_idle: float = PARK_IDLE, endpoint: str = "",
     ) -> None:
         self._control = control
-        self._parent_pid = parent_pid
+        self._parent = parent  # a pidfd of the supervisor's process (see _watch_parent)
         self._children: set[int] = set()
         # What the kernel had charged each child that was parked, when it was handed its spec
         # (its warm-up, partly before it joined its cgroup): left out of its exit figures.
@@ -201,14 +201,17 @@ class Zygote:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         for request in pending:
             self._handle(request)
-        control, wake = self._control.fileno(), self._wake_r
-        for fd in (control, wake):
-            self._poll.register(fd, select.POLLIN)
+        control, wake, parent = self._control.fileno(), self._wake_r, self._parent
+        for fd in (control, wake, parent):
+            if fd is not None:
+                self._poll.register(fd, select.POLLIN)
         while True:
             events = dict(self._poll.poll(self._poll_timeout()))
             if not events:
                 self._unpark_all()  # idle for PARK_IDLE seconds: nobody is launching
                 continue
+            if parent in events:
+                break  # the supervisor's process is gone
             if control in events:
                 if not receive(self._control, buffer, self._spec_fds):
                     break
@@ -248,7 +251,7 @@ class Zygote:
             fds += [sock.fileno() for sock in self._notify]
         for pair in (self._own_ns, *self._spares):
             fds += pair or ()
-        return fds + [fd for fd in (self._pidfd, self._pidns) if fd is not None]
+        return fds + [fd for fd in (self._pidfd, self._pidns, self._parent) if fd is not None]
 
     def _spawn(self, request_id: int, sandbox: bool, nfds: int = 1, parked: int | None = None) -> None:
         if len(self._spec_fds) < nfds or nfds < 1:
@@ -704,10 +707,25 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _ParentDied()
 
 
+def _watch_parent(parent_pid: int) -> int | None:
+    """A pidfd of the supervisor's process: readable once that whole process has ended.
+
+    Not the parent-death signal: it comes when the *thread* that started the zygote ends,
+    and an agent may run on a thread that ends long before its process (its supervisor,
+    shared by the process, would then lose every child of every later run). Where there
+    are no pidfds (Linux before 5.3) that signal is the fallback.
+    """
+    try:
+        return os.pidfd_open(parent_pid)
+    except OSError:
+        set_parent_death_signal(signal.SIGTERM)
+        return None
+
+
 def main(argv: list[str]) -> int:
     control_fd, parent_pid, cleanup = int(argv[1]), int(argv[2]), argv[3:]
     signal.signal(signal.SIGTERM, _on_sigterm)
-    set_parent_death_signal(signal.SIGTERM)
+    parent = _watch_parent(parent_pid)
     zygote = None
     try:
         if os.getppid() != parent_pid:
@@ -724,7 +742,7 @@ def main(argv: list[str]) -> int:
         gc.collect()
         gc.freeze()
         _release_free_heap()
-        zygote = Zygote(control, parent_pid, spec_fds, park_max=int(config.get("park_max", PARK_MAX)),
+        zygote = Zygote(control, parent, spec_fds, park_max=int(config.get("park_max", PARK_MAX)),
                         park_idle=float(config.get("park_idle", PARK_IDLE)), endpoint=str(config.get("endpoint", "")))
         zygote.serve(pending, buffer)
     except (_ParentDied, OSError):
@@ -733,7 +751,7 @@ def main(argv: list[str]) -> int:
         try:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         except _ParentDied:
-            pass  # the parent-death signal came just as the loop ended; no other can
+            pass  # a SIGTERM came just as the loop ended; no other can
         if zygote is not None:
             zygote._kill_all()
         for path in cleanup:

@@ -16,7 +16,7 @@ import pytest
 from agent.context import Context, TypedContextData
 from agent.errors import AttemptLogNotFoundError, HumanInputTimeoutError, IsolationError, UnencodableValueError
 from agent.executor import AttemptFailed, Isolation
-from agent.supervisor import current_supervisor, get_executor, read_attempt_log
+from agent.supervisor import current_supervisor, get_executor, read_attempt_log, shutdown_supervisor
 from agent.supervisor.child import ChildProcess
 
 from .helpers import make_attempt, run, state_process_gone
@@ -317,3 +317,21 @@ class TestEventLoops:
             box["loop"].call_soon_threadsafe(box["task"].cancel)
             thread.join()
         await run(make_attempt(printing_state))  # that loop is gone: this one takes over
+
+    async def test_a_supervisor_started_on_a_thread_outlives_the_thread(self):
+        # Its zygote watches the process, not the thread that started it: a run on a
+        # worker thread of an application must not take the children of later runs along.
+        shutdown_supervisor()
+        box: dict = {}
+
+        def on_a_thread() -> None:
+            box["ppid"] = asyncio.run(run(make_attempt(environment_state))).result["ppid"]
+
+        thread = threading.Thread(target=on_a_thread)
+        thread.start()
+        thread.join()
+        zygote = current_supervisor().zygote.pid
+        assert box["ppid"] == zygote
+        for _ in range(2):
+            assert (await run(make_attempt(environment_state))).result["ppid"] == zygote
+        assert current_supervisor().zygote.pid == zygote and psutil.pid_exists(zygote)
