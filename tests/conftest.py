@@ -34,13 +34,14 @@ def no_orphan_processes():
     for p in me.children(recursive=True):
         if p.pid in before:
             continue
-        try:
+        try:  # a process may end while it is looked at: then it is no leftover
             cmd = " ".join(p.cmdline())
+            exiting = p.status() == psutil.STATUS_ZOMBIE or not cmd
         except psutil.Error:
             continue
         if "agent.runtime" in cmd and "zygote" in cmd:
             continue  # the per-process supervisor's zygote stays warm between runs by design
-        if p.status() == psutil.STATUS_ZOMBIE or not cmd:
+        if exiting:
             continue  # reaped soon (no command line: it is exiting, its memory is gone)
         leftover.append((p.pid, cmd))
     assert not leftover, f"test left child processes behind: {leftover}"
