@@ -62,6 +62,19 @@ _lock = threading.Lock()
 _ref, _wall, _mono, _running_loop = weakref.ref, time.time, time.monotonic, asyncio.get_running_loop
 
 
+def _forget_after_fork() -> None:
+    """A forked process (``multiprocessing``'s workers) reports its own runs, on an endpoint
+    of its own: not the copies of its parent's."""
+    global _lock
+    _runs.clear()
+    _finished.clear()
+    _state.update(server=False, prune_at=2 * KEEP_FINISHED)
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def register(agent: Any, wall: float | None = None, mono: float | None = None) -> None:
     """``agent`` has just started (or resumed) run ``agent.run_id``, at ``wall`` (time.time)
     and ``mono`` (time.monotonic) when the caller read them already (now otherwise)."""

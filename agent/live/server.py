@@ -136,6 +136,17 @@ def command_line() -> list[str]:
         return list(sys.argv)
 
 
+def _forget_after_fork() -> None:
+    """The endpoint is the parent's: a forked process starts its own when it runs an agent."""
+    global _server
+    if _server is not None:
+        _server._sock.close()  # this process's copy only: the parent goes on serving
+        _server = None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def start() -> StatusServer | None:
     """Start this process's endpoint once; a failure is logged, never raised into a run."""
     global _server

@@ -7,8 +7,8 @@ reports (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status and 
 seconds and page faults the kernel charged the child, ``denied`` for a sandbox's system
 call refused by seccomp, ``parked`` for a child forked ahead). It exits, killing its
 children, when the supervisor closes the socket or its process ends (a pidfd of it), and
-then removes the PATHs (the supervisor's private directories), so that even a supervisor
-killed outright leaves no files behind.
+then removes the PATHs (the supervisor's private directories and its cgroups, empty by
+then), so that even a supervisor killed outright leaves nothing behind.
 
 The zygote never holds a child's secrets: each ``spawn`` request comes with a descriptor
 (``SCM_RIGHTS``) of a memfd holding the child's spec (its channel secret, argv, paths),

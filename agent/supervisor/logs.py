@@ -30,12 +30,12 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 
 from ..errors import AttemptLogNotFoundError, InvalidConfigurationError
+from .private_dirs import make_private_dir
 
 _PLAIN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -97,7 +97,7 @@ class AttemptLogs:
             self.directory = configured
             self.owned = False
         else:
-            self.directory = tempfile.mkdtemp(prefix="agent-logs-")
+            self.directory = make_private_dir("logs")
             self.owned = True
         # Finished logs, oldest first: (finished at, path, bytes); and files per run folder.
         self._kept: collections.deque[tuple[float, str, int]] = collections.deque()

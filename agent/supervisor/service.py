@@ -18,7 +18,6 @@ import re
 import secrets
 import shutil
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +39,7 @@ from .confinement import Confinement, Confiner
 from .launcher import ZygoteLauncher
 from .logger import get_logger
 from .logs import AttemptLogs, activate
+from .private_dirs import make_private_dir
 from .output import AttemptOutput, label_for
 from .parked import ParkedChildren
 from .workers import WorkerPool
@@ -137,14 +137,17 @@ class Supervisor:
         self.confiner = confiner or Confiner()
         self.bounds = Bounds(max_frame=self.config.max_frame)
         self.log = get_logger("agent.supervisor")
-        self.ipc_dir = tempfile.mkdtemp(prefix="agent-ipc-")
-        os.chmod(self.ipc_dir, 0o700)
+        self.ipc_dir = make_private_dir("ipc")
         self.logs = AttemptLogs(self.config.log_dir)
         self.router = RouterChannel(
             self.ipc_dir, max_frame=self.config.max_frame,
             on_frame=self._on_frame, on_disconnect=self._on_disconnect,
         )
-        cleanup = [self.ipc_dir] + ([self.logs.directory] if self.logs.owned else [])
+        # What the zygote removes once it has killed its children, should this process end
+        # without doing it (kill -9, a multiprocessing worker's os._exit): its directories
+        # and its cgroups (empty by then; rmdir is all a cgroup takes).
+        cleanup = [self.ipc_dir, *([self.logs.directory] if self.logs.owned else []),
+                   *self.confiner.backend.owned_dirs()]
         self.zygote = ZygoteLauncher(
             self._on_report, self._on_zygote_lost, cleanup,
             preload=self.config.preload, import_path=list(sys.path), park_max=self.config.park_max,
@@ -594,6 +597,22 @@ _HELLO_BYTES = 256
 
 _lock = threading.Lock()
 _current: Supervisor | None = None
+_inherited: list[Supervisor] = []
+
+
+def _forget_after_fork() -> None:
+    """In a process forked from this one (``multiprocessing``'s default on Linux), the
+    supervisor is the parent's: its zygote, sockets and threads serve the parent. The
+    child starts its own on first use; the parent's stays referenced, never used nor
+    closed (closing its ZeroMQ sockets from a fork could hang, or take them from the parent)."""
+    global _current, _lock
+    _lock = threading.Lock()  # another thread may have held it at the fork
+    if _current is not None:
+        _inherited.append(_current)
+        _current = None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def get_supervisor() -> Supervisor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -34,11 +35,27 @@ SCRIPT = textwrap.dedent(
         task = asyncio.ensure_future(get_executor(Isolation.PROCESS).run_attempt(attempt))
         await reported.wait()
         sup = current_supervisor()
-        print(json.dumps({"zygote": sup.zygote.pid, "child": ctx.get_state("pid"),
-                          "dirs": [sup.ipc_dir, sup.logs.directory]}), flush=True)
+        print(json.dumps(facts(sup, ctx)), flush=True)
         if sys.argv[1] == "hang":
             sys.stdin.read()  # blocks until the test kills this process
         await task
+        if sys.argv[1] == "fork":  # as multiprocessing's workers are made, and end (os._exit)
+            pid = os.fork()
+            if pid == 0:
+                child_ctx = Context()
+                attempt = Attempt("run2", "agent", "state", state, 1, context=child_ctx, isolation=Isolation.PROCESS)
+                asyncio.run(get_executor(Isolation.PROCESS).run_attempt(attempt))
+                print(json.dumps(facts(current_supervisor(), child_ctx)), flush=True)
+                os._exit(0)
+            os.waitpid(pid, 0)
+            again = Context()
+            attempt = Attempt("run3", "agent", "state", state, 1, context=again, isolation=Isolation.PROCESS)
+            await get_executor(Isolation.PROCESS).run_attempt(attempt)
+            print(json.dumps(facts(current_supervisor(), again)), flush=True)
+
+    def facts(sup, ctx):
+        return {"zygote": sup.zygote.pid, "child": ctx.get_state("pid"),
+                "dirs": [sup.ipc_dir, sup.logs.directory], "cgroups": sup.confiner.backend.owned_dirs()}
 
     asyncio.run(main())
     """
@@ -52,7 +69,7 @@ def start(mode: str, log_dir: str | None = None, cwd: str | None = None) -> tupl
         env["AGENT_LOG_DIR"] = log_dir
     # -P: this process does not look in its working directory; the test is about the zygote.
     proc = subprocess.Popen([sys.executable, "-P", "-c", SCRIPT, mode], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=env, text=True, cwd=cwd)
+                            stdout=subprocess.PIPE, env=env, text=True, cwd=cwd, start_new_session=True)
     info = json.loads(proc.stdout.readline())
     return proc, info
 
@@ -85,7 +102,44 @@ class TestInterpreterExit:
         proc.stdin.close()
         proc.stdout.close()
         assert all_gone([info["zygote"], info["child"]])
-        assert not any(os.path.exists(d) for d in info["dirs"])
+        assert not any(os.path.exists(d) for d in info["dirs"] + info["cgroups"])
+
+    def test_a_whole_tree_killed_at_once_is_swept_by_the_next_supervisor(self):
+        # As Ray does to a worker's children: nothing is left to clean up; the next one does.
+        proc, info = start("hang")
+        for pid in (proc.pid, info["zygote"]):
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdin.close()
+        proc.stdout.close()
+        assert all_gone([info["zygote"], info["child"]])
+        assert all(os.path.exists(d) for d in info["dirs"])
+        proc, _ = start("finish")
+        assert proc.wait(timeout=30) == 0
+        proc.stdin.close()
+        proc.stdout.close()
+        assert not any(os.path.exists(d) for d in info["dirs"] + info["cgroups"])
+
+
+class TestForkedProcess:
+    """A process forked from one whose supervisor runs (multiprocessing's workers) runs its
+    own, and leaves nothing behind when it ends with os._exit."""
+
+    def test_child_has_its_own_supervisor_and_the_parent_keeps_its(self):
+        proc, parent = start("fork")
+        try:
+            child, parent_again = (json.loads(proc.stdout.readline()) for _ in range(2))
+            assert proc.wait(timeout=30) == 0
+        finally:  # a child that hung (or spun) goes with its parent, in their process group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc.stdin.close()
+            proc.stdout.close()
+        assert parent_again["zygote"] == parent["zygote"] != child["zygote"]
+        assert set(child["dirs"]).isdisjoint(parent["dirs"]) and set(child["cgroups"]).isdisjoint(parent["cgroups"])
+        assert all_gone([child["zygote"], parent["zygote"]])
+        assert not any(os.path.exists(d) for d in child["dirs"] + child["cgroups"] + parent["dirs"])
 
 
 class TestConfiguredLogDirectory:
@@ -108,3 +162,30 @@ class TestWorkingDirectory:
         proc, info = start("finish", cwd=str(tmp_path))
         assert proc.wait(timeout=30) == 0
         assert not marker.exists()
+
+
+class TestStaleDirectories:
+    """The sweep removes only this user's directories of the kind whose process is gone."""
+
+    def test_only_ours_of_a_gone_process(self, tmp_path):
+        from agent.supervisor.cgroups.base import SupervisorName
+        from agent.supervisor.private_dirs import sweep_stale
+
+        me = SupervisorName.mine()
+        gone = tmp_path / "agent-logs-4194305-1-abcdefgh"  # above the kernel's largest pid
+        reused = tmp_path / f"agent-logs-{me.pid}-{me.start + 1}-abcdefgh"  # this pid, an earlier process
+        kept = [
+            tmp_path / f"agent-logs-{me.pid}-{me.start}-abcdefgh",  # this very process
+            tmp_path / "agent-ipc-4194305-1-abcdefgh",  # another kind
+            tmp_path / "agent-logs-abcdefgh",  # not named after a process
+        ]
+        for path in (gone, reused, *kept):
+            path.mkdir()
+        (gone / "run").mkdir()
+        (gone / "run" / "s.attempt-1.log").write_text("x")
+        if os.geteuid() == 0:  # another user's
+            kept.append(tmp_path / "agent-logs-4194305-2-abcdefgh")
+            kept[-1].mkdir()
+            os.chown(kept[-1], 65534, 65534)
+        assert sorted(sweep_stale("logs", str(tmp_path))) == sorted([str(gone), str(reused)])
+        assert not gone.exists() and not reused.exists() and all(p.exists() for p in kept)

@@ -161,3 +161,41 @@ class TestDirectory:
         assert protocol.runtime_dir() == str(tmp_path / "agent")
         monkeypatch.setenv("XDG_RUNTIME_DIR", "/nonexistent")
         assert protocol.runtime_dir() in (f"/run/user/{os.getuid()}/agent", f"/tmp/agent-{os.getuid()}")
+
+
+class TestForkedProcess:
+    """A process forked after runs (multiprocessing's workers) reports its own, on its own endpoint."""
+
+    async def test_the_child_starts_clean_and_serves_its_own(self):
+        release = asyncio.Event()
+        release.set()
+        await blocking_agent("parents", release).run()
+        parent_server = live.server.current()
+        assert any(r.run_id for r in live.runs())
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what it sees, then leave without running pytest's exit
+            try:
+                seen = {"inherited_runs": len(live.runs()), "inherited_server": live.server.current() is not None}
+                agent = Agent("childs", isolation="inline")
+
+                async def only(context):
+                    return None
+
+                agent.add_state("only", only)
+                asyncio.run(agent.run())
+                server = live.server.current()
+                seen.update(runs=[r.agent.name for r in live.runs() if r.agent is not None],
+                            server_pid=server.pid if server else None, pid=os.getpid())
+                os.write(write_end, json.dumps(seen).encode())
+                if server is not None:
+                    server.close()
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        os.waitpid(pid, 0)
+        with os.fdopen(read_end) as fh:
+            seen = json.load(fh)
+        assert seen == {"inherited_runs": 0, "inherited_server": False, "runs": ["childs"],
+                        "server_pid": seen["pid"], "pid": pid}
+        assert live.server.current() is parent_server and os.path.exists(parent_server.path)
