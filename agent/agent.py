@@ -28,6 +28,7 @@ from .errors import (
     AgentBusyError,
     CheckpointError,
     DuplicateStateError,
+    EventLoopRunningError,
     InvalidConfigurationError,
     UnknownStateError,
     WorkflowDefinitionError,
@@ -464,7 +465,14 @@ class Agent:
         """Run on a fresh uvloop event loop owned by the engine (for scripts and the CLI)."""
         import uvloop
 
-        return uvloop.run(self.run(**kwargs))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return uvloop.run(self.run(**kwargs))
+        raise EventLoopRunningError(
+            f"agent {self.name!r}: run_sync() starts an event loop of its own, and one runs here "
+            "already (async code, a notebook): use `await agent.run()` instead"
+        )
 
     def _start_names(self, start: str | list[str] | None) -> list[str]:
         if start is None:

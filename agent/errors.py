@@ -74,6 +74,11 @@ class AgentBusyError(ExecutionError):
     """Raised when ``run()`` is called while the agent is already running."""
 
 
+class EventLoopRunningError(ExecutionError, RuntimeError):
+    """Raised when ``run_sync()`` is called where an event loop already runs (async code, a
+    notebook): ``await agent.run()`` there."""
+
+
 class IllegalTransitionError(AgentError, RuntimeError):
     """Raised when a status machine is asked for a transition it does not allow (a bug)."""
 

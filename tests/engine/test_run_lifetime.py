@@ -9,7 +9,14 @@ import weakref
 
 import pytest
 
-from agent import Agent, AgentStatus, InvalidConfigurationError, ResourceRequirements, StateStatus
+from agent import (
+    Agent,
+    AgentStatus,
+    EventLoopRunningError,
+    InvalidConfigurationError,
+    ResourceRequirements,
+    StateStatus,
+)
 from agent.agent import _new_run_id  # what the child would give its next run
 from agent.checkpoint_store import SQLiteCheckpointStore
 
@@ -140,3 +147,26 @@ class TestABrokenRun:
         assert agent.checkpoint_store.path == str(tmp_path / "runs.sqlite3")
         with pytest.raises(InvalidConfigurationError, match="checkpoint_store must be a CheckpointStore"):
             Agent("stored", checkpoint_store=42)
+
+
+class TestRunSync:
+    """run_sync() is for scripts: where a loop runs already, it says to await run()."""
+
+    def test_runs_on_a_loop_of_its_own(self):
+        agent = Agent("sync", isolation="inline")
+        agent.add_state("only", only_state)
+        assert agent.run_sync(initial_context={"x": 1}).get_state("x") == 1
+        assert agent.status is AgentStatus.COMPLETED
+
+    async def test_inside_a_running_loop_it_is_refused_and_nothing_runs(self, recwarn):
+        agent = Agent("notebook", isolation="inline")
+        agent.add_state("only", only_state)
+        with pytest.raises(EventLoopRunningError, match="await agent.run"):
+            agent.run_sync()
+        assert agent.status is AgentStatus.IDLE
+        assert not [w for w in recwarn if "never awaited" in str(w.message)]
+        assert (await agent.run()) is agent.context  # the way it says works
+
+
+async def only_state(context):
+    return None
