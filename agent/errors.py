@@ -10,6 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def exception_text(exc: BaseException) -> str:
+    """``str(exc)``, or a note that it could not be had: a state's exception is the state's
+    code, and its ``__str__`` may raise like any other of its methods."""
+    try:
+        return str(exc)
+    except Exception as inner:  # noqa: BLE001 - whatever it raised, the failure is still reported
+        return f"<str() of this {type(exc).__name__} raised {type(inner).__name__}>"
+
+
 class AgentError(Exception):
     """Raised for any failure the framework itself reports."""
 

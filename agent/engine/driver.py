@@ -19,7 +19,7 @@ from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 from .._types import StopReason
-from ..errors import FailureReason
+from ..errors import FailureReason, exception_text
 from ..executor import Attempt, AttemptFailed, executor_for
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class _Resume:
 def exception_reason(exc: BaseException) -> FailureReason:
     """A state's own exception as a failure reason."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return FailureReason(kind="exception", message=f"{type(exc).__name__}: {exc}", traceback=tb,
+    return FailureReason(kind="exception", message=f"{type(exc).__name__}: {exception_text(exc)}", traceback=tb,
                          exception_type=type(exc).__name__)
 
 

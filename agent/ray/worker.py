@@ -38,7 +38,7 @@ import psutil
 from .. import errors, remote
 from ..context import Context
 from ..engine.driver import _Resume as Resume
-from ..errors import FailureReason, HumanInputError
+from ..errors import FailureReason, HumanInputError, exception_text
 from ..executor import AttemptFailed
 from ..human import HumanInputRequest, human_input_hook
 from . import wire
@@ -168,7 +168,7 @@ def _function(data: bytes) -> Any:
 def _exception(exc: BaseException) -> FailureReason:
     cls = type(exc)
     name = f"{cls.__module__}.{cls.__qualname__}"
-    return FailureReason(kind="exception", message=f"{cls.__name__}: {exc}", exception_type=name,
+    return FailureReason(kind="exception", message=f"{cls.__name__}: {exception_text(exc)}", exception_type=name,
                          traceback="".join(traceback.format_exception(exc)))
 
 

@@ -199,7 +199,7 @@ class ChildSession:
     def _report_error(self, exc: BaseException) -> None:
         tb = "".join(traceback.format_exception(exc))
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        self._report(Error(exception_type=name, message=str(exc) or type(exc).__name__, traceback=tb))
+        self._report(Error(exception_type=name, message=errors.exception_text(exc) or type(exc).__name__, traceback=tb))
 
     async def _ask_human(
         self,

@@ -173,6 +173,20 @@ async def exit_3(context):
     os._exit(3)
 
 
+class Unprintable(Exception):
+    """An exception whose own __str__ and __repr__ raise."""
+
+    def __str__(self) -> str:
+        raise ValueError("no str")
+
+    def __repr__(self) -> str:
+        raise ValueError("no repr")
+
+
+async def unprintable(context):
+    raise Unprintable()
+
+
 async def own_pid(context):
     context.set_state("pid", os.getpid())
 
@@ -432,6 +446,15 @@ class TestHonestReasons:
         exc = await failed("process", func, retries=1)
         assert exc.reason.kind == kind and exc.attempts == 2  # not permanent: retried
         assert warnings == []
+
+    @pytest.mark.parametrize("isolation", [*EVERY_LEVEL, "worker"])
+    async def test_an_exception_that_cannot_be_printed_is_an_exception(self, warnings, isolation):
+        exc = await failed(isolation, unprintable, retries=1)
+        assert (exc.reason.kind, exc.attempts) == ("exception", 2)  # like any other: retried
+        assert exc.reason.message.endswith("<str() of this Unprintable raised ValueError>")
+        assert "Unprintable" in exc.reason.traceback
+        assert warnings == []
+        await still_serving(isolation)
 
     async def test_external_sigkill_reads_as_a_signal(self, warnings):
         started = asyncio.Event()
