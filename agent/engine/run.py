@@ -34,6 +34,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .. import events as ev
+from .. import values
 from .._types import StopReason
 from ..dependencies import DependencyLifecycle as Life
 from ..dependencies import DependencyType as Dep
@@ -1051,6 +1052,7 @@ class Run:
     def validate_result(self, name: str, result: Any) -> str | list[str] | None:
         if result is None:
             return None
+        result = values.plain_names(result)
         declared = self.specs[name].next_states
         if isinstance(result, str):
             if result not in self.specs:

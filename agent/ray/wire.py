@@ -127,6 +127,7 @@ def encode_end(result: Any, failure: FailureReason | None, pushed: int, frames: 
     body: dict[str, Any] = {"pushed": pushed, "frames": frames, "failure": None, "log": log, "usage": usage,
                             "result": None}
     if failure is None:
+        result = values.plain_names(result)
         try:
             size = values.check(result, "the state's return value", BOUNDS)
             if size > BOUNDS.max_frame - _SLACK:

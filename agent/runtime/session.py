@@ -128,6 +128,7 @@ class ChildSession:
             except BaseException as exc:
                 self._report_error(exc)
                 return "error"
+            value = values.plain_names(value)
             try:
                 self._check_result(value)
             except errors.UnencodableValueError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import os
 
 import pytest
@@ -40,6 +41,23 @@ async def merge(context):
     return None
 
 
+class Step(str, enum.Enum):
+    """State names as an enum: a str subclass, returned as the names they spell."""
+
+    BRANCH_0 = "branch_0"
+    BRANCH_1 = "branch_1"
+    MERGE = "merge"
+
+
+async def enum_fan_out(context):
+    return [Step.BRANCH_0, Step.BRANCH_1]
+
+
+async def enum_branch(context):
+    context.set_state(f"done_{context.state_name}", os.getpid())
+    return Step.MERGE
+
+
 async def crashing(context):
     raise RuntimeError("disk full")
 
@@ -74,6 +92,20 @@ class TestAgentWithProcessIsolation:
         assert os.getpid() not in pids
         if level is Isolation.PROCESS:
             assert len(pids) == 4  # a fresh process each (workers are reused)
+
+    @pytest.mark.parametrize("where", ["inline", "isolated"])
+    async def test_names_of_a_str_subclass_are_the_names_they_spell(self, level, where):
+        agent = Agent("enum_names", isolation="inline" if where == "inline" else level)
+        agent.add_state("fan_out", enum_fan_out)
+        for name in ("branch_0", "branch_1"):
+            agent.add_state(name, enum_branch)
+        agent.add_state("merge", merge)
+        seen = []
+        agent.add_observer(lambda event: event.kind == "state_completed" and seen.append(event.data["next"]))
+        ctx = await agent.run()
+        assert ctx.get_state("merged") == ["done_branch_0", "done_branch_1"]
+        assert agent.state_metadata["merge"].runs == 1  # the join held for both branches
+        assert len(seen) == 4 and all(type(n) is str for names in seen for n in names)
 
     async def test_failure_carries_the_childs_traceback(self, level):
         agent = Agent("failing", isolation=level)
