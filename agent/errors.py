@@ -14,9 +14,13 @@ def exception_text(exc: BaseException) -> str:
     """``str(exc)``, or a note that it could not be had: a state's exception is the state's
     code, and its ``__str__`` may raise like any other of its methods."""
     try:
-        return str(exc)
+        text = str(exc)
     except Exception as inner:  # noqa: BLE001 - whatever it raised, the failure is still reported
         return f"<str() of this {type(exc).__name__} raised {type(inner).__name__}>"
+    if not text and type(exc).__name__ == "CancelledError":  # asyncio's, with nothing to say
+        return ("the state's code raised it without being stopped (does it await a task it "
+                "cancelled?): catch it there, or let that task finish")
+    return text
 
 
 class AgentError(Exception):

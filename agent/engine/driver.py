@@ -1,18 +1,29 @@
-"""The asyncio side of a run: attempts as tasks, timers, eager inline stepping, executor calls.
+"""The asyncio side of a run: attempts as tasks, timers, executor calls.
 
 :class:`~agent.engine.run.Run` decides what runs when; this module makes it happen on
 the event loop and reports every attempt's end back through ``run.finished``.
 
-Inline states without admission hooks are started *eagerly* by the run: the coroutine
-is stepped synchronously, and only if it really awaits something is it handed here to
-go on in a task. A no-op state therefore costs no task and no loop iteration, which is
-what makes inline runs fast.
+Every attempt is a task of its own, inline ones too, as ``asyncio.create_task`` would
+make it: what its code sees of asyncio holds from its first line to its last
+(``asyncio.current_task()`` is its own task throughout, which ``asyncio.timeout()``,
+aiohttp's and anyio's timeouts rely on), and the context variables it sets stay in it
+(each task runs in a copy of those of ``run()``'s caller).
+
+One kind of inline state needs no task: an ``async def`` whose code awaits nothing (no
+``await``, ``async for`` or ``async with``) cannot suspend, so the run steps it at once
+(:func:`cannot_suspend`, :func:`inline_runner`), still in a copy of the caller's context
+variables; only ``asyncio.current_task()`` there is not its own. Such states cost no
+task and no loop iteration, which is what keeps small inline steps fast. While an inline
+state started before it has not run its first line yet (its task waits for the loop),
+it gets a task too: states begin in the order they were started.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dis
 import functools
+import inspect
 import traceback
 import types
 from collections.abc import Generator
@@ -26,9 +37,29 @@ if TYPE_CHECKING:
     from .run import Activation, Run
 
 
+_SUSPENDING = frozenset(("YIELD_VALUE", "SEND", "GET_AWAITABLE", "GET_AITER", "GET_ANEXT", "BEFORE_ASYNC_WITH"))
+# id(code) -> (code, whether it cannot suspend): by identity, as hashing a code object
+# hashes all of its contents; holding the code keeps its id from being reused.
+_cannot_suspend: dict[int, tuple[types.CodeType, bool]] = {}
+
+
+def cannot_suspend(func: Any) -> bool:
+    """Whether ``func`` is an ``async def`` whose code awaits nothing: its coroutine returns
+    or raises at its first step (every way to suspend compiles to one of ``_SUSPENDING``)."""
+    if type(func) is not types.FunctionType:
+        return False
+    code = func.__code__
+    found = _cannot_suspend.get(id(code))
+    if found is None or found[0] is not code:
+        verdict = bool(code.co_flags & inspect.CO_COROUTINE) and not any(
+            ins.opname in _SUSPENDING for ins in dis.get_instructions(code))
+        found = _cannot_suspend[id(code)] = (code, verdict)
+    return found[1]
+
+
 class Returned:
     """What :func:`inline_runner` yields when the coroutine it runs has returned: ``value``
-    is what it returned. One per runner, reused: a state's own awaitables never yield one."""
+    is what it returned. One per runner, reused."""
 
     __slots__ = ("value",)
 
@@ -38,14 +69,12 @@ class Returned:
 
 @types.coroutine
 def inline_runner(coro: Any) -> Generator[Any, Any, None]:
-    """Runs inline state coroutines one after another, each stepped with ``send``.
+    """Steps coroutines that cannot suspend (:func:`cannot_suspend`) one after another.
 
-    Started with ``send(None)``, then given each next coroutine with ``send(coro)``. A
-    coroutine that returns comes back as a :class:`Returned`; one that awaits
-    something leaves the runner in the middle of it (a task continues it,
-    :class:`_Resume`), and one that raises ends the runner. Stepping each coroutine
-    with ``coro.send(None)`` would raise and catch a StopIteration per state, which
-    costs more than everything else a no-op state does.
+    Started with ``send(None)``, then given each next coroutine with ``send(coro)``; each
+    comes back as a :class:`Returned`, and one that raises ends the runner. Stepping each
+    with ``coro.send(None)`` would raise and catch a StopIteration per state, which costs
+    more than everything else a no-op state does.
     """
     done = Returned()
     while True:
@@ -53,43 +82,25 @@ def inline_runner(coro: Any) -> Generator[Any, Any, None]:
         coro = yield done
 
 
-class _Resume:
-    """Continues an :func:`inline_runner` stepped eagerly, inside a Task, until its coroutine returns."""
-
-    __slots__ = ("coro", "first")
-
-    def __init__(self, coro: Any, first: Any) -> None:
-        self.coro = coro
-        self.first = first
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro = self.coro
-        yielded = self.first
-        while True:
-            try:
-                sent = yield yielded
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # noqa: BLE001 - delivered into the coroutine
-                try:
-                    yielded = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    yielded = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
-            if type(yielded) is Returned:
-                return yielded.value
-
-
 def exception_reason(exc: BaseException) -> FailureReason:
     """A state's own exception as a failure reason."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return FailureReason(kind="exception", message=f"{type(exc).__name__}: {exception_text(exc)}", traceback=tb,
                          exception_type=type(exc).__name__)
+
+
+def _unasked_cancel(act: "Activation", exc: asyncio.CancelledError) -> FailureReason | None:
+    """What a CancelledError out of an attempt's task means: None when the engine stopped it
+    (its ``stop_reason`` says why). Otherwise, cancelled from outside the engine, it is
+    cancelled; raised by the state's own code (an awaited task it cancelled), it is a
+    failure like any exception, not a return."""
+    if act.stop_reason is not None:
+        return None
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        act.stop_reason = StopReason.CANCEL
+        return None
+    return exception_reason(exc)
 
 
 class Driver:
@@ -179,36 +190,43 @@ class Driver:
 
     # --- attempts ----------------------------------------------------------------------
 
-    def continue_inline(self, act: "Activation", coro: Any, first: Any) -> None:
-        """An inline state the run stepped (``coro``: its :func:`inline_runner`) awaits
-        something (``first``): go on in a task."""
-        act.task = task = self.loop.create_task(self._continue_inline(act, coro, first))
+    def start_inline(self, act: "Activation", func: Any, context: Any) -> None:
+        """Run an inline attempt, ``func(context)``, in a task of its own (its coroutine is
+        made there: a task cancelled before it starts leaves none behind unawaited)."""
+        act.task = task = self.loop.create_task(self._inline(act, func, context),
+                                                context=self.run.caller_context.copy())
         task.add_done_callback(functools.partial(self._task_done, act))
+        self.run.unstarted.add(task)
 
     def start_attempt(self, act: "Activation", attempt: Attempt) -> None:
         """Run ``attempt`` through its executor (and the admission hooks) in a task."""
         act.attempt_obj = attempt
         attempt.settle = self.settling
-        act.task = task = self.loop.create_task(self._run_attempt(act, attempt))
+        act.task = task = self.loop.create_task(self._run_attempt(act, attempt),
+                                                context=self.run.caller_context.copy())
         task.add_done_callback(functools.partial(self._task_done, act))
 
     def _task_done(self, act: "Activation", task: asyncio.Task[Any]) -> None:
         # A task cancelled before its first step never ran its own handler.
         run = self.run
+        run.unstarted.discard(task)
         if run.running.get(act.state) is act and act.task is task:
+            if act.stop_reason is None:
+                act.stop_reason = StopReason.CANCEL  # cancelled by someone else than the engine
             run.finished(act, None, None, {})
 
-    async def _continue_inline(self, act: "Activation", coro: Any, first: Any) -> None:
+    async def _inline(self, act: "Activation", func: Any, context: Any) -> None:
         run = self.run
+        run.unstarted.discard(act.task)
         try:
-            result = await _Resume(coro, first)
-        except asyncio.CancelledError:
-            run.finished(act, None, None, {})
+            result = await func(context)
+        except asyncio.CancelledError as exc:
+            run.finished_here(act, None, _unasked_cancel(act, exc))
             return
         except Exception as exc:
-            run.finished(act, None, exception_reason(exc), {})
+            run.finished_here(act, None, exception_reason(exc))
             return
-        run.finished(act, result, None, {})
+        run.finished_here(act, result, None)
 
     async def _run_attempt(self, act: "Activation", attempt: Attempt) -> None:
         run = self.run
@@ -221,8 +239,8 @@ class Driver:
             if entered:
                 run.admitted(act)
             outcome = await executor_for(attempt.isolation).run_attempt(attempt)
-        except asyncio.CancelledError:
-            run.finished(act, None, None, dict(attempt.usage))
+        except asyncio.CancelledError as exc:
+            run.finished(act, None, _unasked_cancel(act, exc), dict(attempt.usage))
         except AttemptFailed as failed:
             run.finished(act, None, failed.reason, failed.usage)
         except Exception as exc:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextvars import copy_context as _copy_context
 import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -55,9 +56,10 @@ from ..scope import ScopedContext, scope_for
 from ..state import AttemptRecord, StateMetadata
 from ..status import AgentStatus, StateStatus
 from .admission import Admission
-from .driver import Driver, Returned, exception_reason, inline_runner
+from .driver import Driver, Returned, cannot_suspend, exception_reason, inline_runner
 
 _NO_USAGE: dict[str, Any] = {}  # what an inline attempt measured (nothing); never written to
+
 _NOTHING: tuple[()] = ()  # the dependency queues of a run without dependencies: empty, never written
 _monotonic = time.monotonic
 _time = time.time
@@ -172,8 +174,10 @@ class Run:
         "default_isolation",
         "human_for",
         "sessions",
-        "runner",
         "wall_offset",
+        "caller_context",
+        "runner",
+        "unstarted",
         "started",
         "_driver",
         "_next_id",
@@ -237,9 +241,12 @@ class Run:
         self.default_isolation = agent.isolation
         self.human_for = agent._human_hook
         self.sessions = agent._session_completions
-        self.runner: Any = None  # steps inline states (driver.inline_runner), made on first use
         self.started = started = _monotonic()
         self.wall_offset = _time() - started  # wall time = offset + the run's clock
+        # The context variables of run()'s caller: each attempt's task runs in a copy of them.
+        self.caller_context = _copy_context()
+        self.runner: Any = None  # steps the inline states that cannot suspend (driver.inline_runner)
+        self.unstarted: set[Any] = set()  # tasks of inline attempts whose first line has not run yet
         self._driver: Driver | None = None  # made when something must wait on the loop
         self._next_id = 1  # activations and groups
         self._admission: Admission | None = None
@@ -832,36 +839,10 @@ class Run:
         if spec.context_keys is not None or isolation is _SANDBOX:  # add_state(context_keys=...)
             view = ScopedContext.over(view, scope_for(isolation, spec.context_keys))  # type: ignore[arg-type]
         if isolation is _INLINE and not self.hooks:
-            # Stepped eagerly: a state that never awaits finishes here, without a task.
-            runner = self.runner
-            try:
-                coro = spec.func(view)
-                if runner is None:
-                    self.runner = runner = inline_runner(coro)
-                    out = runner.send(None)
-                else:
-                    out = runner.send(coro)
-            except (KeyboardInterrupt, SystemExit):
-                self.runner = None
-                raise
-            except BaseException as exc:  # noqa: BLE001 - the state's own failure (it ended the runner)
-                self.runner = None
-                self.finished(act, None, exception_reason(exc), _NO_USAGE)
+            if cannot_suspend(spec.func) and not self.unstarted:  # else it would start before them
+                self._run_at_once(act, spec.func, view, meta, now)
                 return
-            if type(out) is Returned:
-                # What finished() does for an attempt that returned, for this common case.
-                try:
-                    del self.running[name]
-                    meta.finished_at = end = self.clock()
-                    if act.holds:
-                        self._release(act, _NO_USAGE)
-                    self.succeeded(act, out.value, end - now, _NO_USAGE, end)
-                except Exception as exc:  # an engine bug must end the run visibly, not hang it
-                    self.log.exception("internal error while finishing %r", name)
-                    self.fail(exc)
-                return
-            self.runner = None  # it is inside this state's coroutine now: a task continues it
-            self.driver.continue_inline(act, runner, out)
+            self.driver.start_inline(act, spec.func, view)
         else:
             attempt = Attempt(
                 run_id=self.run_id,
@@ -877,13 +858,44 @@ class Run:
             if act.holds:
                 attempt.assignment = self.admission.assignment(act.owner)
             self.driver.start_attempt(act, attempt)
-        if act.task is None:
-            return  # finished eagerly
         timeout = spec.effective_timeout
         if self.done:
             self.stop_activation(act, _STOP_CANCEL)
         elif timeout is not None:
             act.timer = self.driver.loop.call_later(timeout, self.stop_activation, act, _STOP_TIMEOUT)
+
+    def _run_at_once(self, act: Activation, func: Any, view: Any, meta: StateMetadata, began: float) -> None:
+        """An inline attempt that cannot suspend (see :mod:`agent.engine.driver`): stepped
+        here, in a copy of the caller's context variables, and accounted for at once."""
+        runner = self.runner
+        try:
+            coro = func(view)
+            if runner is None:
+                self.runner = runner = inline_runner(coro)
+                out = self.caller_context.copy().run(runner.send, None)
+            else:
+                out = self.caller_context.copy().run(runner.send, coro)
+        except (KeyboardInterrupt, SystemExit):
+            self.runner = None
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the state's own failure (it ended the runner)
+            self.runner = None
+            self.finished(act, None, exception_reason(exc), _NO_USAGE)
+            return
+        if type(out) is not Returned:  # cannot happen: cannot_suspend() read its code
+            self.runner = None
+            self.fail(RuntimeError(f"state {act.state!r} suspended, though its code awaits nothing"))
+            return
+        # What finished() does for an attempt that returned, for this common case.
+        try:
+            del self.running[act.state]
+            meta.finished_at = end = self.clock()
+            if act.holds:
+                self._release(act, _NO_USAGE)
+            self.succeeded(act, out.value, end - began, _NO_USAGE, end)
+        except Exception as exc:  # an engine bug must end the run visibly, not hang it
+            self.log.exception("internal error while finishing %r", act.state)
+            self.fail(exc)
 
     def admitted(self, act: Activation) -> None:
         """The admission hooks let ``act``'s attempt in: it starts now. What it waited for
@@ -914,6 +926,17 @@ class Run:
         except Exception as exc:  # an engine bug must end the run visibly, not hang it
             self.log.exception("internal error while finishing %r", act.state)
             self.fail(exc)
+
+    def finished_here(self, act: Activation, result: Any, failure: FailureReason | None) -> None:
+        """An inline attempt ended, in its own task: account for it and start what follows
+        from there, without waking the drive loop for it (a chain then costs one loop
+        iteration per state)."""
+        self.pumping = True
+        try:
+            self.finished(act, result, failure, {})
+        finally:
+            self.pumping = False
+        self.pump()
 
     def _finished(self, act: Activation, result: Any, failure: FailureReason | None, usage: dict[str, Any]) -> None:
         name = act.state

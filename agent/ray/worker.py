@@ -37,7 +37,6 @@ import psutil
 
 from .. import errors, remote
 from ..context import Context
-from ..engine.driver import _Resume as Resume
 from ..errors import FailureReason, HumanInputError, exception_text
 from ..executor import AttemptFailed
 from ..human import HumanInputRequest, human_input_hook
@@ -71,7 +70,7 @@ def run_attempt(task: tuple[bytes, str, str, Any]) -> bytes:
     _capture.start(token)
     try:
         usage: dict[str, Any] = {"cpu_seconds": None}
-        result, failure, pusher = _run(_loop, _attempt(run, token, relay_name, confined, usage))
+        result, failure, pusher = _loop.run_until_complete(_attempt(run, token, relay_name, confined, usage))
         _tidy(_loop)
     finally:
         output = _capture.finish()
@@ -79,19 +78,6 @@ def run_attempt(task: tuple[bytes, str, str, Any]) -> bytes:
         usage["cpu_seconds"] = time.process_time() - began
     usage.update(ray_node_ip=_node_ip(), ray_worker_pid=os.getpid())
     return wire.encode_end(result, failure, pusher.pushed, pusher.unsent(), output, usage)
-
-
-def _run(loop: asyncio.AbstractEventLoop, coro: Any) -> Any:
-    """Run ``coro`` on ``loop``; one that never waits for anything is stepped once, with the loop
-    marked running for it but not run (a loop run costs more than a no-op state itself)."""
-    asyncio._set_running_loop(loop)
-    try:
-        first = coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    finally:
-        asyncio._set_running_loop(None)
-    return loop.run_until_complete(Resume(coro, first))
 
 
 def _node_ip() -> str:

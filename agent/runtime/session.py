@@ -119,9 +119,13 @@ class ChildSession:
         try:
             try:
                 value = await self._task
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
                 if self._stop is None:
-                    raise
+                    serving = asyncio.current_task()
+                    if serving is not None and serving.cancelling():
+                        raise
+                    self._report_error(exc)  # the state's own code raised it: a failure, not a stop
+                    return "error"
                 if self._stop == "preempt":
                     self._report(CheckpointSnapshot(keys=list(dict.fromkeys(self._written))))
                 return "stopped"

@@ -101,6 +101,32 @@ class TestCancel:
         assert agent.state_metadata["victim"].status is StateStatus.CANCELLED
         assert "survivor" in log and ("end", "victim") not in log
 
+    async def test_a_state_task_cancelled_from_outside_the_engine_is_cancelled(self):
+        # Not through cancel_state: some code of the application cancels the task it runs in.
+        tasks: list[asyncio.Task] = []
+        started = asyncio.Event()
+        agent = Agent("outside", isolation="inline")
+
+        async def start(context):
+            return ["victim", "survivor"]
+
+        async def victim(context):
+            tasks.append(asyncio.current_task())
+            started.set()
+            await asyncio.Event().wait()
+
+        async def survivor(context):
+            await started.wait()
+            tasks[0].cancel()
+
+        agent.add_state("start", start)
+        agent.add_state("victim", victim)
+        agent.add_state("survivor", survivor)
+        await agent.run()
+        assert agent.status is AgentStatus.COMPLETED
+        assert agent.state_metadata["victim"].status is StateStatus.CANCELLED  # not COMPLETED
+        assert agent.state_metadata["victim"].runs == 0
+
     async def test_cancel_state_queued(self):
         log: list = []
         started = asyncio.Event()

@@ -308,3 +308,37 @@ class TestDynamic:
         ctx = await agent.run()
         assert ctx.get_state("total") == 21
         assert agent.state_metadata["merge_results"].runs == 1
+
+
+class TestStatesThatCannotSuspend:
+    """Which inline states the engine may step at once, without a task: exactly those whose
+    code awaits nothing."""
+
+    def test_read_from_the_code(self):
+        import functools
+
+        from agent.engine.driver import cannot_suspend
+
+        async def returns(context):
+            return "next" if context else None
+
+        async def awaits(context):
+            await asyncio.sleep(0)
+
+        async def loops(context):
+            async for _ in context:
+                pass
+
+        async def enters(context):
+            async with context:
+                pass
+
+        async def comprehends(context):
+            return [x async for x in context]
+
+        def plain(context):
+            return None
+
+        assert cannot_suspend(returns)
+        assert not any(cannot_suspend(f) for f in (awaits, loops, enters, comprehends, plain))
+        assert not cannot_suspend(functools.partial(returns))  # not read through: it gets a task

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import os
 
 import pytest
 
-from agent import Agent, AgentStatus, Context
+from agent import Agent, AgentStatus, Context, StateStatus
 from agent.errors import StateFailedError, StateTimeoutError
 from agent.executor import Isolation
 
@@ -56,6 +57,42 @@ async def enum_fan_out(context):
 async def enum_branch(context):
     context.set_state(f"done_{context.state_name}", os.getpid())
     return Step.MERGE
+
+
+VAR: contextvars.ContextVar[str] = contextvars.ContextVar("VAR", default="unset")
+
+
+async def times_out_inside(context):
+    try:
+        async with asyncio.timeout(0.05):  # cancels the task it was entered in
+            await asyncio.Event().wait()
+    except TimeoutError:
+        context.set_state("timed_out", True)
+    return "keeps_its_task"
+
+
+async def keeps_its_task(context):
+    task = asyncio.current_task()
+    VAR.set(context.state_name)
+    await asyncio.sleep(0)
+    context.set_state("same_task", task is not None and asyncio.current_task() is task)
+    return "sees_no_var"
+
+
+async def sets_var_without_awaiting(context):
+    VAR.set(context.state_name)  # a state that cannot suspend is run at once, inline
+    return "sees_no_var"
+
+
+async def sees_no_var(context):
+    context.set_state("inherited", VAR.get())
+
+
+async def awaits_a_task_it_cancelled(context):
+    inner = asyncio.ensure_future(asyncio.sleep(3600))
+    await asyncio.sleep(0)
+    inner.cancel()
+    await inner  # its CancelledError leaves the state: the state was not stopped
 
 
 async def crashing(context):
@@ -106,6 +143,34 @@ class TestAgentWithProcessIsolation:
         assert ctx.get_state("merged") == ["done_branch_0", "done_branch_1"]
         assert agent.state_metadata["merge"].runs == 1  # the join held for both branches
         assert len(seen) == 4 and all(type(n) is str for names in seen for n in names)
+
+    @pytest.mark.parametrize("where", ["inline", "isolated"])
+    async def test_a_state_is_a_task_of_its_own_from_first_line_to_last(self, level, where):
+        # asyncio.timeout(), aiohttp's and anyio's timeouts (httpx, LLM clients) cancel the
+        # task they were entered in; context variables a state sets stay in its task.
+        agent = Agent("own_task", isolation="inline" if where == "inline" else level)
+        for state in (times_out_inside, keeps_its_task, sees_no_var):
+            agent.add_state(state.__name__, state)
+        ctx = await agent.run()
+        assert agent.status is AgentStatus.COMPLETED
+        assert ctx.get_state("timed_out") is True
+        assert ctx.get_state("same_task") is True
+        assert ctx.get_state("inherited") == "unset" and VAR.get() == "unset"
+        # A state that awaits nothing sets its variables in its own copy too.
+        agent = Agent("at_once", isolation="inline" if where == "inline" else level)
+        agent.add_state("sets_var_without_awaiting", sets_var_without_awaiting)
+        agent.add_state("sees_no_var", sees_no_var)
+        assert (await agent.run()).get_state("inherited") == "unset" and VAR.get() == "unset"
+
+    @pytest.mark.parametrize("where", ["inline", "isolated"])
+    async def test_a_cancelled_error_of_its_own_is_a_failure_not_a_return(self, level, where):
+        agent = Agent("own_cancel", isolation="inline" if where == "inline" else level)
+        agent.add_state("s", awaits_a_task_it_cancelled, max_retries=1)
+        with pytest.raises(StateFailedError) as info:
+            await agent.run()
+        assert (info.value.reason.kind, info.value.attempts) == ("exception", 2)  # retried like an exception
+        assert "without being stopped" in info.value.reason.message
+        assert agent.state_metadata["s"].status is StateStatus.FAILED
 
     async def test_failure_carries_the_childs_traceback(self, level):
         agent = Agent("failing", isolation=level)

@@ -25,6 +25,15 @@ async def greet(context: Context) -> str:
     return "shout"
 
 
+async def times_out_inside(context: Context) -> None:
+    task = asyncio.current_task()
+    try:
+        async with asyncio.timeout(0.05):  # cancels the task it was entered in
+            await asyncio.Event().wait()
+    except TimeoutError:
+        context.set_state("timed_out", task is not None and asyncio.current_task() is task)
+
+
 async def shout(context: Context) -> None:
     context.set_state("shouted", context.get_state("greeting").upper())
     context.set_state("seen_tuple", context.get_state("tuple"))

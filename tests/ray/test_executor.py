@@ -131,6 +131,11 @@ class TestContext:
         assert ctx.get_state("seen_tuple") == (1, {2, 3})
         assert not ctx.has_state("scratch")
 
+    async def test_the_state_runs_in_a_task_of_its_own(self):
+        agent = Agent("own_task", isolation="ray")
+        agent.add_state("times_out_inside", states.times_out_inside)
+        assert (await agent.run()).get_state("timed_out") is True
+
     async def test_typed_data_round_trip(self):
         agent = Agent("typed", isolation="ray")
         agent.add_state("typed", states.typed_step)
