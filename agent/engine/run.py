@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import logging
 import time
-from contextvars import copy_context as _copy_context
 import weakref
 from collections import deque
+from contextvars import copy_context as _copy_context
 from typing import TYPE_CHECKING, Any
 
 from .. import events as ev
@@ -59,7 +59,6 @@ from .admission import Admission
 from .driver import Driver, Returned, cannot_suspend, exception_reason, inline_runner
 
 _NO_USAGE: dict[str, Any] = {}  # what an inline attempt measured (nothing); never written to
-
 _NOTHING: tuple[()] = ()  # the dependency queues of a run without dependencies: empty, never written
 _monotonic = time.monotonic
 _time = time.time
