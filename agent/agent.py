@@ -9,6 +9,7 @@ observers and the checkpoint store.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -585,12 +586,28 @@ class Agent:
         await self.run()
 
     def cancel_state(self, name: str) -> bool:
-        """Cancel one state wherever it is (running, queued, waiting, held); its branch ends."""
+        """Cancel one state wherever it is (running, queued, waiting, held); its branch ends.
+
+        Safe from any thread: called off the run's event loop (a web request's thread),
+        it is done on that loop, and returns once it is.
+        """
         if name not in self._states:
             raise UnknownStateError(f"cannot cancel {name!r}: agent {self.name!r} has no such state")
         run = self._run
         if run is None or run.done:
             return False
+        driver = run._driver
+        if driver is not None and not driver.loop.is_closed() and asyncio._get_running_loop() is not driver.loop:
+            done: concurrent.futures.Future[bool] = concurrent.futures.Future()
+
+            def on_the_loop() -> None:
+                try:
+                    done.set_result(run.cancel_state(name))
+                except BaseException as exc:
+                    done.set_exception(exc)
+
+            driver.loop.call_soon_threadsafe(on_the_loop)
+            return done.result()
         return run.cancel_state(name)
 
     async def cancel_all(self) -> None:

@@ -127,6 +127,22 @@ class TestCancel:
         assert agent.state_metadata["victim"].status is StateStatus.CANCELLED  # not COMPLETED
         assert agent.state_metadata["victim"].runs == 0
 
+    async def test_cancel_state_from_another_thread(self):
+        # As a web request's thread would: the cancel is done on the run's loop (in debug
+        # mode, the loop refuses a call from another thread).
+        asyncio.get_running_loop().set_debug(True)
+        started = asyncio.Event()
+        log: list = []
+        agent = Agent("threads", isolation="inline")
+        agent.add_state("victim", blocking(started, log))
+        run = asyncio.ensure_future(agent.run())
+        await started.wait()
+        answer = await asyncio.to_thread(agent.cancel_state, "victim")
+        await run
+        assert answer is True
+        assert agent.state_metadata["victim"].status is StateStatus.CANCELLED
+        assert ("end", "victim") not in log
+
     async def test_cancel_state_queued(self):
         log: list = []
         started = asyncio.Event()
