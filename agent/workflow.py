@@ -206,7 +206,7 @@ def declared_returns(spec: StateSpec) -> frozenset[str] | None:
 def function_returns(func: Any) -> frozenset[str] | None:
     """The state names ``func`` can return, read from its code; None when that cannot be told."""
     if type(func) is types.FunctionType:  # the common case, first
-        return _code_returns(func.__code__, func)
+        return _code_returns(func)
     while isinstance(func, functools.partial):
         func = func.func
     if isinstance(func, types.MethodType):
@@ -217,23 +217,49 @@ def function_returns(func: Any) -> frozenset[str] | None:
             func = call
         else:
             return None
-    return _code_returns(func.__code__, func)
+    return _code_returns(func)
 
 
-# id(code) -> (code, what it returns): by identity, as hashing a code object hashes all of
-# its contents on every lookup; holding the code keeps its id from being reused.
-_returns_cache: dict[int, tuple[types.CodeType, frozenset[str] | None]] = {}
+def _read_once(cache: dict[int, tuple[types.CodeType, Any]], func: types.FunctionType,
+               read: Callable[[types.FunctionType], Any]) -> Any:
+    """What ``read(func)`` finds in ``func``'s code, read once per code object. Keyed by
+    ``id(code)``: hashing a code object hashes all of its contents on every lookup; holding
+    the code keeps its id from being reused."""
+    code = func.__code__
+    cached = cache.get(id(code))
+    if cached is None or cached[0] is not code:
+        cached = cache[id(code)] = (code, read(func))
+    return cached[1]
 
 
-def _code_returns(code: types.CodeType, func: types.FunctionType) -> frozenset[str] | None:
-    cached = _returns_cache.get(id(code))
-    if cached is not None and cached[0] is code:
-        return cached[1]
+def _read_returns(func: types.FunctionType) -> frozenset[str] | None:
     found = _source_returns(func)
-    if found is _UNREADABLE:
-        found = _bytecode_returns(code)
-    _returns_cache[id(code)] = (code, found)
-    return found  # type: ignore[no-any-return]
+    return _bytecode_returns(func.__code__) if found is _UNREADABLE else found
+
+
+_returns_cache: dict[int, tuple[types.CodeType, Any]] = {}  # code -> what it returns
+
+
+def _code_returns(func: types.FunctionType) -> frozenset[str] | None:
+    return _read_once(_returns_cache, func, _read_returns)  # type: ignore[no-any-return]
+
+
+_SUSPENDING = frozenset(("YIELD_VALUE", "SEND", "GET_AWAITABLE", "GET_AITER", "GET_ANEXT", "BEFORE_ASYNC_WITH"))
+
+
+def _read_cannot_suspend(func: types.FunctionType) -> bool:
+    code = func.__code__
+    return bool(code.co_flags & _CO_COROUTINE) and not any(
+        ins.opname in _SUSPENDING for ins in dis.get_instructions(code))
+
+
+_suspend_cache: dict[int, tuple[types.CodeType, Any]] = {}  # code -> whether it cannot suspend
+
+
+def cannot_suspend(func: Any) -> bool:
+    """Whether ``func`` is an ``async def`` whose code awaits nothing: its coroutine returns
+    or raises at its first step (every way to suspend compiles to one of ``_SUSPENDING``)."""
+    return type(func) is types.FunctionType and _read_once(_suspend_cache, func, _read_cannot_suspend)
 
 
 _UNREADABLE = object()
@@ -371,7 +397,7 @@ class ReturnGraph:
             if spec is None:
                 found = frozenset()
             elif spec.next_states is None and type(spec.func) is _FunctionType:  # the common case
-                found = _code_returns(spec.func.__code__, spec.func)
+                found = _code_returns(spec.func)
             else:
                 found = declared_returns(spec)
             self._direct[name] = found

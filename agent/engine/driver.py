@@ -11,7 +11,7 @@ aiohttp's and anyio's timeouts rely on), and the context variables it sets stay 
 
 One kind of inline state needs no task: an ``async def`` whose code awaits nothing (no
 ``await``, ``async for`` or ``async with``) cannot suspend, so the run steps it at once
-(:func:`cannot_suspend`, :func:`inline_runner`), still in a copy of the caller's context
+(:func:`~agent.workflow.cannot_suspend`, :func:`inline_runner`), still in a copy of the caller's context
 variables; only ``asyncio.current_task()`` there is not its own. Such states cost no
 task and no loop iteration, which is what keeps small inline steps fast. While an inline
 state started before it has not run its first line yet (its task waits for the loop),
@@ -21,9 +21,7 @@ it gets a task too: states begin in the order they were started.
 from __future__ import annotations
 
 import asyncio
-import dis
 import functools
-import inspect
 import traceback
 import types
 from collections.abc import Generator
@@ -35,26 +33,6 @@ from ..executor import Attempt, AttemptFailed, executor_for
 
 if TYPE_CHECKING:
     from .run import Activation, Run
-
-
-_SUSPENDING = frozenset(("YIELD_VALUE", "SEND", "GET_AWAITABLE", "GET_AITER", "GET_ANEXT", "BEFORE_ASYNC_WITH"))
-# id(code) -> (code, whether it cannot suspend): by identity, as hashing a code object
-# hashes all of its contents; holding the code keeps its id from being reused.
-_cannot_suspend: dict[int, tuple[types.CodeType, bool]] = {}
-
-
-def cannot_suspend(func: Any) -> bool:
-    """Whether ``func`` is an ``async def`` whose code awaits nothing: its coroutine returns
-    or raises at its first step (every way to suspend compiles to one of ``_SUSPENDING``)."""
-    if type(func) is not types.FunctionType:
-        return False
-    code = func.__code__
-    found = _cannot_suspend.get(id(code))
-    if found is None or found[0] is not code:
-        verdict = bool(code.co_flags & inspect.CO_COROUTINE) and not any(
-            ins.opname in _SUSPENDING for ins in dis.get_instructions(code))
-        found = _cannot_suspend[id(code)] = (code, verdict)
-    return found[1]
 
 
 class Returned:
@@ -69,7 +47,7 @@ class Returned:
 
 @types.coroutine
 def inline_runner(coro: Any) -> Generator[Any, Any, None]:
-    """Steps coroutines that cannot suspend (:func:`cannot_suspend`) one after another.
+    """Steps coroutines that cannot suspend (:func:`~agent.workflow.cannot_suspend`) one after another.
 
     Started with ``send(None)``, then given each next coroutine with ``send(coro)``; each
     comes back as a :class:`Returned`, and one that raises ends the runner. Stepping each

@@ -56,7 +56,8 @@ from ..scope import ScopedContext, scope_for
 from ..state import AttemptRecord, StateMetadata
 from ..status import AgentStatus, StateStatus
 from .admission import Admission
-from .driver import Driver, Returned, cannot_suspend, exception_reason, inline_runner
+from ..workflow import cannot_suspend
+from .driver import Driver, Returned, exception_reason, inline_runner
 
 _NO_USAGE: dict[str, Any] = {}  # what an inline attempt measured (nothing); never written to
 _NOTHING: tuple[()] = ()  # the dependency queues of a run without dependencies: empty, never written
@@ -871,9 +872,8 @@ class Run:
             coro = func(view)
             if runner is None:
                 self.runner = runner = inline_runner(coro)
-                out = self.caller_context.copy().run(runner.send, None)
-            else:
-                out = self.caller_context.copy().run(runner.send, coro)
+                coro = None  # the new runner starts on it
+            out = self.caller_context.copy().run(runner.send, coro)
         except (KeyboardInterrupt, SystemExit):
             self.runner = None
             raise

@@ -317,7 +317,7 @@ class TestStatesThatCannotSuspend:
     def test_read_from_the_code(self):
         import functools
 
-        from agent.engine.driver import cannot_suspend
+        from agent.workflow import cannot_suspend
 
         async def returns(context):
             return "next" if context else None
