@@ -9,7 +9,6 @@ observers and the checkpoint store.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -20,6 +19,7 @@ from typing import Any
 from . import _env, _validate
 from . import events as ev
 from . import live
+from ._loops import call_on
 from ._types import Priority, ResourceType, StopReason
 from .checkpoint import AgentCheckpoint
 from .context import Context, budget_from_mb
@@ -596,19 +596,7 @@ class Agent:
         run = self._run
         if run is None or run.done:
             return False
-        driver = run._driver
-        if driver is not None and not driver.loop.is_closed() and asyncio._get_running_loop() is not driver.loop:
-            done: concurrent.futures.Future[bool] = concurrent.futures.Future()
-
-            def on_the_loop() -> None:
-                try:
-                    done.set_result(run.cancel_state(name))
-                except BaseException as exc:
-                    done.set_exception(exc)
-
-            driver.loop.call_soon_threadsafe(on_the_loop)
-            return done.result()
-        return run.cancel_state(name)
+        return call_on(run._driver.loop if run._driver is not None else None, lambda: run.cancel_state(name))
 
     async def cancel_all(self) -> None:
         """Cancel every state and end the run with status CANCELLED."""

@@ -17,6 +17,7 @@ import time
 import weakref
 from typing import Any
 
+from .._loops import call_on
 from .snapshot import describe, is_finished
 
 LOOP_ANSWER_TIMEOUT = 0.5
@@ -117,23 +118,9 @@ def _read_on(loop: Any, entries: list[LiveRun], detail: bool) -> list[dict[str, 
         return [entry.snapshot(detail=detail) for entry in entries]
 
     try:
-        on_this_loop = asyncio.get_running_loop() is loop
-    except RuntimeError:  # a thread without a loop (the endpoint's, agent run's progress)
-        on_this_loop = False
-    if loop is not None and not on_this_loop and loop.is_running() and not loop.is_closed():
-        done: concurrent.futures.Future[list[dict[str, Any] | None]] = concurrent.futures.Future()
-
-        def on_loop() -> None:
-            try:
-                done.set_result(read_all())
-            except BaseException as exc:
-                done.set_exception(exc)
-
-        try:
-            loop.call_soon_threadsafe(on_loop)
-            return done.result(LOOP_ANSWER_TIMEOUT)
-        except (RuntimeError, concurrent.futures.TimeoutError):
-            pass  # closed meanwhile, or busy: read from here
+        return call_on(loop, read_all, LOOP_ANSWER_TIMEOUT)
+    except (RuntimeError, concurrent.futures.TimeoutError):
+        pass  # closed meanwhile, busy, or changed while read here: read from here (again)
     for _ in range(3):
         try:
             return read_all()
