@@ -19,6 +19,7 @@ import asyncio
 import ctypes
 import gc
 import os
+import resource
 import select
 import signal
 import socket
@@ -38,6 +39,7 @@ from .session import ChildSession
 _SPEC_BOUNDS = Bounds(max_frame=16 * 1024 * 1024)
 _MAX_GIVEN = 1  # descriptors a spec may come with
 _ready_loop: asyncio.AbstractEventLoop | None = None  # a parked child's event loop, made ahead
+_open_files: tuple[int, int] | None = None  # RLIMIT_NOFILE each child takes (give_open_files)
 
 EXIT_OK = 0
 EXIT_SETUP_FAILED = 120
@@ -70,6 +72,19 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
+def give_open_files(soft: int | None) -> None:
+    """Have every child forked from now on take ``soft`` as its soft limit of open files: the
+    supervisor's process had it before it raised its own (:mod:`agent.supervisor.descriptors`)."""
+    global _open_files
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _open_files = None if soft is None or soft == limits[0] else (min(soft, limits[1]), limits[1])
+
+
+def _restore_open_files() -> None:
+    if _open_files is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, _open_files)
+
+
 def child_main(
     spec_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], notify_fd: int | None,
     namespaces: list[int] | None = None, given: list[int] | None = None,
@@ -90,6 +105,7 @@ def child_main(
             os._exit(EXIT_SETUP_FAILED)  # the zygote died before the death signal was set
         spec = _read_spec(spec_fd)
         reset_signals()
+        _restore_open_files()
         sandboxed = notify_fd is not None
         _leave_zygote(zygote_fds, [spec_fd, notify_fd, *(namespaces or ()), *(given or ())] if sandboxed else None)
         code = _serve(spec, spec_fd, notify_fd, namespaces, given)
@@ -122,6 +138,7 @@ def park(
         if zygote_pidfd is not None and select.select([zygote_pidfd], [], [], 0)[0]:
             os._exit(EXIT_SETUP_FAILED)
         reset_signals()
+        _restore_open_files()
         notify_fd, namespaces = sandbox if sandbox is not None else (None, None)
         keep = [sock_fd, *([notify_fd] if notify_fd is not None else []), *(namespaces or ())]
         _leave_zygote(zygote_fds, keep if sandbox is not None else None)

@@ -735,6 +735,7 @@ def main(argv: list[str]) -> int:
         buffer = bytearray()
         spec_fds: deque[int] = deque()
         config, pending = _read_configure(control, buffer, spec_fds)
+        child_module.give_open_files(config.get("open_files"))
         preload(config.get("preload", ()), config.get("import_path", ()))
         warm_up()
         seccomp.prepare()

@@ -83,6 +83,7 @@ class ZygoteLauncher:
         park_max: int = PARK_MAX,
         park_idle: float = PARK_IDLE,
         endpoint: str = "",
+        open_files: int | None = None,
     ) -> None:
         self._on_report = on_report
         self._on_lost = on_lost
@@ -97,9 +98,11 @@ class ZygoteLauncher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.alive = True
         # The first frame, read before the zygote warms up: what to import for the children,
-        # and where parked children connect ahead (the supervisor's ROUTER).
+        # where parked children connect ahead (the supervisor's ROUTER), and the soft limit of
+        # open files they get (this process's before the supervisor raised it).
         self._send({"op": "configure", "preload": list(preload), "import_path": list(import_path),
-                    "park_max": park_max, "park_idle": park_idle, "endpoint": endpoint})
+                    "park_max": park_max, "park_idle": park_idle, "endpoint": endpoint,
+                    "open_files": open_files})
 
     @staticmethod
     def _start(cleanup: list[str] | None) -> tuple[subprocess.Popen[bytes], socket.socket]:

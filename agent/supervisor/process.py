@@ -27,6 +27,7 @@ class ProcessExecutor:
     async def run_attempt(self, attempt: Attempt) -> AttemptOutcome:
         sup = get_supervisor()
         sup.attach(asyncio.get_running_loop())
+        await sup.room_for_child()
         sup.enter_attempt()
         try:
             confinement = sup.confine(attempt)

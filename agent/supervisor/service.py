@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import itertools
 import os
@@ -36,6 +37,7 @@ from ..scope import ContextScope, ScopedContext, scope_for
 from ..values import Bounds
 from .child import ChildProcess, ChildStatus
 from .confinement import Confinement, Confiner
+from .descriptors import Budget, raise_soft_limit
 from .launcher import ZygoteLauncher
 from .logger import get_logger
 from .logs import AttemptLogs, activate
@@ -137,6 +139,7 @@ class Supervisor:
         self.confiner = confiner or Confiner()
         self.bounds = Bounds(max_frame=self.config.max_frame)
         self.log = get_logger("agent.supervisor")
+        open_files = raise_soft_limit()  # see .descriptors; state processes get this one back
         self.ipc_dir = make_private_dir("ipc")
         self.logs = AttemptLogs(self.config.log_dir)
         self.router = RouterChannel(
@@ -152,7 +155,7 @@ class Supervisor:
             self._on_report, self._on_zygote_lost, cleanup,
             preload=self.config.preload, import_path=list(sys.path), park_max=self.config.park_max,
             park_idle=self.config.park_idle,
-            endpoint=self.router.endpoint,
+            endpoint=self.router.endpoint, open_files=open_files,
         )
         activate(self.logs)
         self._ids = itertools.count(1)
@@ -165,6 +168,10 @@ class Supervisor:
         self._queued: dict[int, tuple[dict[str, Any], bool, tuple[int, ...]]] = {}
         self._outputs: dict[int, AttemptOutput] = {}  # request id -> the child's output pipe
         self._launching: set[int] = set()
+        self.budget = Budget.now()
+        self._state_children: set[int] = set()  # request ids of state processes, live or starting
+        self._reserved = 0  # rooms kept for woken waiters until they launch
+        self._room_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.parked: set[int] = set()  # pids of the zygote's parked children
         self.parked_children = ParkedChildren(self.confiner, lambda: self.router.loop, self.log)
         self._targeted: dict[int, tuple[dict[str, Any], tuple[int, ...]]] = {}  # spawns of a parked child
@@ -217,8 +224,46 @@ class Supervisor:
                                cap=cap, on_cap=child.log_over_cap)
         # The run message goes with the spec: the child starts the state without asking.
         spec = self.child_spec(secret, output.child_path, confinement, scope, sandboxed=sandboxed, run=run_frame)
+        self._state_children.add(request_id)
         self.start(child, spec, output, sandboxed=sandboxed)
         return child
+
+    async def room_for_child(self) -> None:
+        """Wait until one more state process fits the budget of open files (see
+        :mod:`.descriptors`); those that wait start in the order they came. The caller
+        launches it right away (no ``await`` in between)."""
+        if not self._room_waiters and self._has_room():
+            return
+        if not self._room_waiters:
+            self.log.info("state_processes_wait", running=len(self._state_children), most=self.budget.children,
+                          why="the open-files limit (ulimit -n) leaves room for no more at once")
+        waiter = asyncio.get_running_loop().create_future()
+        self._room_waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and not self.closed:  # woken with a room kept for it
+                self._reserved -= 1
+                self._make_room()  # passed on to the next one
+            else:
+                self._room_waiters.remove(waiter)
+            raise
+        if not self.closed:
+            self._reserved -= 1
+        self.check_open()
+
+    def _has_room(self) -> bool:
+        return len(self._state_children) + self._reserved < self.budget.children
+
+    def _make_room(self) -> None:
+        """Wake the longest waiting state processes that now fit, keeping a room for each
+        until it launches (or every one, once shut down: they are told so)."""
+        while self._room_waiters and (self.closed or self._has_room()):
+            waiter = self._room_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                if not self.closed:
+                    self._reserved += 1
 
     def confine(self, attempt: Attempt, *, name: str | None = None) -> Confinement:
         """The attempt's confinement, in the cgroup of a parked child when one is ready
@@ -369,6 +414,9 @@ class Supervisor:
         if child.route is not None and self._by_route.get(child.route) is child:
             del self._by_route[child.route]
         self._by_request.pop(child.request_id, None)
+        if child.request_id in self._state_children:
+            self._state_children.discard(child.request_id)
+            self._make_room()
         if child.pid is not None and self._by_pid.get(child.pid) is child:
             del self._by_pid[child.pid]
         if child.fd is not None and self._by_fd.get(child.fd) is child:
@@ -569,6 +617,7 @@ class Supervisor:
         if self.closed:
             return
         self.closed = True
+        self._make_room()  # those waiting for room are told it is shut down
         self.workers.close()
         self.parked_children.close()
         self.zygote.close()

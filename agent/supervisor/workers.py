@@ -154,6 +154,12 @@ class WorkerPool:
             self._settings = WorkerSettings()
         return self._settings
 
+    @property
+    def max_workers(self) -> int:
+        """Live workers at most: ``AGENT_WORKER_MAX``, or fewer where the open-files limit
+        leaves room for fewer (:mod:`.descriptors`)."""
+        return min(self.settings.max_workers, self.supervisor.budget.workers)
+
     # --- attempts ------------------------------------------------------------------------
 
     def acquire(self, attempt: Attempt) -> asyncio.Future[WorkerAttempt]:
@@ -235,7 +241,7 @@ class WorkerPool:
 
     def _room(self, queue: _Queue) -> bool:
         """Whether one more worker may start; retires an idle one of another shape if that helps."""
-        if len(self._live) < self.settings.max_workers:
+        if len(self._live) < self.max_workers:
             return True
         others = [w for q in self._queues.values() if q is not queue for w in q.idle]
         if others:
@@ -281,7 +287,7 @@ class WorkerPool:
             self._dispatch(queue)
         if queue.waiting:
             self._grow(queue)
-        elif len(self._live) >= self.settings.max_workers and worker.status is WorkerStatus.IDLE:
+        elif len(self._live) >= self.max_workers and worker.status is WorkerStatus.IDLE:
             self._make_room_for_others(queue)
 
     def _worn_out(self, worker: WorkerProcess, now: float) -> bool:
