@@ -6,6 +6,7 @@ the supervisor it starts reads that limit.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -16,6 +17,9 @@ from pathlib import Path
 import psutil
 
 from agent.supervisor.descriptors import HEADROOM, PER_CHILD, PER_WORKER, Budget
+from agent.supervisor.service import get_supervisor
+
+from .helpers import make_attempt, run
 
 ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -132,3 +136,29 @@ def test_states_waiting_for_room_are_let_go_at_a_timeout_and_leave_room_behind()
     out = run_script(256, 256, 100, "process", timeout="1.5", nap=30)
     assert out["spans"] is None  # the run timed out with states waiting for room
     assert out["after"] == "completed"  # and the room they held or waited for is free again
+
+
+async def test_waiting_state_processes_start_in_order_and_a_cancelled_one_passes_its_turn_on():
+    async def report(context):
+        import time
+        context.set_state("began", time.monotonic())
+        return None
+
+    sup = get_supervisor()
+    budget = sup.budget
+    sup.budget = Budget(children=1, workers=budget.workers)  # one state process at a time
+    try:
+        attempts = [make_attempt(report, state=f"s{i}") for i in range(4)]
+        tasks = [asyncio.ensure_future(run(a)) for a in attempts]
+        await asyncio.sleep(0)  # one turn of the loop: each task asks for room
+        assert len(sup._room_waiters) == 3  # the first runs; the other three wait, in order
+        tasks[1].cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(outcomes[1], asyncio.CancelledError)
+        assert all(not isinstance(o, BaseException) for i, o in enumerate(outcomes) if i != 1)
+        began = [attempts[i].context.get_state("began") for i in (0, 2, 3)]
+        assert began == sorted(began)  # first come, first served
+        assert not sup._room_waiters and sup._reserved == 0 and not sup._state_children
+        assert (await run(make_attempt(report))).result is None  # no room was lost
+    finally:
+        sup.budget = budget
