@@ -23,6 +23,7 @@ import resource
 import select
 import signal
 import socket
+import stat
 import struct
 import sys
 import traceback
@@ -33,13 +34,14 @@ import uvloop
 from ..ipc import DealerTransport
 from ..ipc.zmtp import connect, connected_endpoint
 from ..values import FRAME_OVERHEAD, Bounds, unpack_plain
-from . import confine
+from . import confine, main_module
 from .session import ChildSession
 
 _SPEC_BOUNDS = Bounds(max_frame=16 * 1024 * 1024)
 _MAX_GIVEN = 1  # descriptors a spec may come with
 _ready_loop: asyncio.AbstractEventLoop | None = None  # a parked child's event loop, made ahead
 _open_files: tuple[int, int] | None = None  # RLIMIT_NOFILE each child takes (give_open_files)
+_zygote_pipes: frozenset[int] = frozenset()  # inodes of the zygote's pipes (note_zygote_pipes)
 
 EXIT_OK = 0
 EXIT_SETUP_FAILED = 120
@@ -189,12 +191,39 @@ def _connect_ahead(endpoint: str) -> socket.socket | None:
         return None  # it connects when launched, as a child forked for its launch does
 
 
+def note_zygote_pipes() -> None:
+    """Remember the zygote's pipes (called by the zygote once it made its own), so that a
+    sandboxed child tells them from pipes made in it since its fork (:func:`_leave_zygote`)."""
+    global _zygote_pipes
+    _zygote_pipes = frozenset(_pipes().values())
+
+
+def _pipes() -> dict[int, int]:
+    """This process's pipe descriptors, with their inodes."""
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.fstat(int(name))
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        if stat.S_ISFIFO(st.st_mode):
+            out[int(name)] = st.st_ino
+    return out
+
+
 def _leave_zygote(zygote_fds: list[int], keep: list[int] | None) -> None:
     """Drop what the fork inherited: a sandboxed child closes every descriptor but stdio and
     ``keep`` and starts a session of its own (no controlling terminal); another closes
-    the zygote's own descriptors and leads a process group."""
+    the zygote's own descriptors and leads a process group.
+
+    A sandboxed child also keeps the pipes made in it since the fork: libuv's fork handler
+    makes one (its signal lock) and remembers its numbers, and closes and remakes whatever
+    holds those numbers at the process's next fork. Closed, the numbers would go to the
+    state's own files, and every fork in the state (``multiprocessing``, ``os.fork``)
+    would close two of them in the new process."""
     if keep is not None:
-        _close_all_but(0, 1, 2, *keep)
+        made_here = [fd for fd, inode in _pipes().items() if inode not in _zygote_pipes]
+        _close_all_but(0, 1, 2, *keep, *made_here)
         os.setsid()
     else:
         for fd in zygote_fds:
@@ -263,6 +292,7 @@ def _serve(
     os.close(spec_fd)
     sys.path[:] = spec["sys_path"]
     sys.argv[:] = spec["argv"]  # the supervisor's, not the zygote's
+    main_module.stand_in(spec.get("main"))  # the program's __main__, not the zygote's
     try:
         os.chdir(spec["cwd"])
     except OSError:

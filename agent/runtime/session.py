@@ -44,6 +44,7 @@ from ..ipc import (
 from ..ipc.messages import FROM_SUPERVISOR
 from ..scope import ContextScope, ScopedContext
 from ..values import Bounds
+from . import main_module
 
 
 class ChildSession:
@@ -153,6 +154,7 @@ class ChildSession:
         func = cloudpickle.loads(run.function)
         # Classes the snapshot needs; held so that they stay findable when not importable.
         self._classes = cloudpickle.loads(run.classes)
+        main_module.adopt(func, *self._classes)  # pickle finds them in __main__, as in the program
         snapshot, sizes = {}, {}
         for key, data in run.context.items():
             decoded = values.decode(data, self._bounds, import_modules=True)

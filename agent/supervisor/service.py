@@ -31,6 +31,7 @@ from ..errors import CgroupError, InvalidConfigurationError, IsolationError, Pro
 from ..executor import Attempt, Isolation
 from ..ipc import Hello, Run, decode_message, encode_message
 from ..ipc.router import RECEIVE_HWM, RouterChannel, peer_credentials
+from ..runtime import main_module
 from ..runtime.zygote import PARK_IDLE, PARK_MAX
 from ..context import encode_snapshot
 from ..scope import ContextScope, ScopedContext, scope_for
@@ -313,6 +314,7 @@ class Supervisor:
             "sys_path": list(sys.path),
             # A sandbox gets the program's name only: arguments may carry secrets.
             "argv": list(sys.argv[:1] if sandboxed else sys.argv),
+            "main": main_module.describe(),
             "context_keys": None if scope is None else list(scope.patterns),
             "cwd": os.getcwd(),
             "max_frame": self.config.max_frame,

@@ -1,0 +1,61 @@
+"""The program's ``__main__`` as a state's process sees it.
+
+A state written in the script that runs the workflow travels to its process by value
+(cloudpickle), with the functions and classes of the script it uses. There, ``__main__``
+was the zygote: :mod:`pickle` could not find ``__main__.helper``, so a
+``multiprocessing.Pool`` or ``ProcessPoolExecutor`` inside the state failed on the
+script's own functions, and a pool that spawns would have started the zygote's module
+instead of the script. So a state's process gets a stand-in ``__main__`` that names the
+program's script the way :mod:`multiprocessing` reads it (its ``__file__``, or the module
+of ``python -m``) and holds what each state brought from it: the state's own function,
+and the functions, classes and values of the script it refers to.
+"""
+
+from __future__ import annotations
+
+import builtins
+import sys
+import types
+from importlib.machinery import ModuleSpec
+from typing import Any
+
+_MARK = "__agent_stand_in__"
+
+
+def describe() -> dict[str, str | None]:
+    """What names this program's ``__main__`` (read by the supervisor, for its children)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return {"file": getattr(main, "__file__", None), "module": getattr(spec, "name", None)}
+
+
+def stand_in(described: dict[str, Any] | None) -> None:
+    """Make this process's ``__main__`` a stand-in for the program's (see :func:`describe`)."""
+    main = types.ModuleType("__main__")
+    described = described or {}
+    if described.get("file"):
+        main.__file__ = described["file"]
+    module = described.get("module")
+    main.__spec__ = ModuleSpec(module, None) if module else None
+    main.__builtins__ = builtins  # type: ignore[attr-defined]
+    setattr(main, _MARK, True)
+    sys.modules["__main__"] = main
+
+
+def adopt(*objects: Any) -> None:
+    """Put what a state brought from the program's ``__main__`` into the stand-in: each of
+    ``objects`` defined there, and what a function of them refers to in the script."""
+    main = sys.modules.get("__main__")
+    if main is None or not getattr(main, _MARK, False):
+        return  # not a state's process (the zygote warming up), or none made
+    space = main.__dict__
+    for obj in objects:
+        if getattr(obj, "__module__", None) != "__main__":
+            continue
+        scope = getattr(obj, "__globals__", None)
+        if isinstance(scope, dict):
+            for name, value in scope.items():
+                if not name.startswith("__"):
+                    space[name] = value
+        if "<" not in getattr(obj, "__qualname__", "<"):  # defined at the script's top level
+            space[obj.__name__] = obj
