@@ -369,13 +369,18 @@ class WorkerProcess:
         if self._cleaned:
             return
         self._cleaned = True
+        self.close_files()
+        self._sup.forget(self)  # type: ignore[arg-type]
+        self.confinement.close()
+        self._pool.worker_gone(self)
+
+    def close_files(self) -> None:
+        """Close the supervisor's files of this worker: its channel and its ``/proc`` stat file
+        (also when the supervisor shuts down, whose zygote then takes the worker with it)."""
         if self._stat_fd is not None:
             os.close(self._stat_fd)
             self._stat_fd = None
         self.channel.close()
-        self._sup.forget(self)  # type: ignore[arg-type]
-        self.confinement.close()
-        self._pool.worker_gone(self)
 
     # --- the host of its attempts (what ChildProcess asks of its supervisor) ------------------
 

@@ -360,8 +360,11 @@ class WorkerPool:
             queue.waiting = deque(w for w in queue.waiting if not w.future.get_loop().is_closed())
 
     def close(self) -> None:
-        """The supervisor shuts down (its zygote takes every worker with it): fail who waits."""
+        """The supervisor shuts down (its zygote takes every worker with it): fail who waits,
+        close the files kept for each worker."""
         self._closed = True
+        for worker in self._live:
+            worker.close_files()
         for queue in self._queues.values():
             while queue.waiting:
                 waiting = queue.waiting.popleft()

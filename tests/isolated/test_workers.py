@@ -193,3 +193,34 @@ async def test_a_hello_before_the_report_is_a_violation():
     after = Agent("after", isolation="worker")
     after.add_state("next", record_pid)
     assert (await after.run()).get_state("pid_next") in sup.workers.idle_pids()
+
+
+def test_a_supervisor_shut_down_with_live_workers_leaves_no_unclosed_file():
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent(
+        """
+        import gc
+        from agent import Agent
+        from agent.supervisor import shutdown_supervisor
+
+        async def step(context):
+            return None
+
+        agent = Agent("warm", isolation="worker")
+        agent.add_state("s", step)
+        agent.run_sync()  # its worker stays, idle, until the supervisor goes
+        shutdown_supervisor()
+        gc.collect()
+        print("done", flush=True)
+        """
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, "-X", "dev", "-W", "always::ResourceWarning", "-c", script],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=root, AGENT_ECHO="off"))
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-3000:]
+    assert "ResourceWarning" not in done.stderr, done.stderr[-3000:]
