@@ -20,3 +20,6 @@ class ExitCode(enum.IntEnum):
     """The run ended cancelled (``cancel_all()``)."""
     INTERRUPTED = 130
     """Ctrl-C: the run was paused (or stopped) and can be resumed with ``--resume``."""
+    TERMINATED = 143
+    """SIGTERM (``systemctl stop``, ``kill``): as Ctrl-C, the run was paused (or stopped) and can
+    be resumed with ``--resume``."""

@@ -65,6 +65,7 @@ class RunCommand:
         self.since = time.time()
         self.terminal = Terminal(sys.stdout, sys.stderr, bar=not (args.quiet or args.no_progress))
         self.interrupts = 0
+        self.stopped_by = ExitCode.INTERRUPTED  # or TERMINATED, once a SIGTERM came
         self.main_task: asyncio.Task[Any] | None = None
         self.cli_agent: Any = None
         self.file: Path | None = None
@@ -129,6 +130,7 @@ class RunCommand:
         loop = asyncio.get_running_loop()
         self.main_task = asyncio.current_task()
         loop.add_signal_handler(signal.SIGINT, self.on_interrupt)
+        loop.add_signal_handler(signal.SIGTERM, self.on_terminate)  # systemctl stop: as Ctrl-C
         try:
             if self.wf.awaiting is not None:
                 try:
@@ -144,6 +146,7 @@ class RunCommand:
             return await self.run_agent()
         finally:
             loop.remove_signal_handler(signal.SIGINT)
+            loop.remove_signal_handler(signal.SIGTERM)
 
     async def run_agent(self) -> ExitCode:
         args = self.args
@@ -241,7 +244,7 @@ class RunCommand:
 
     # --- Ctrl-C ------------------------------------------------------------------------------
 
-    def on_interrupt(self) -> None:
+    def on_interrupt(self, again: str = "Ctrl-C again") -> None:
         self.interrupts += 1
         if self.interrupts > 1 or self.main_task is None:
             self.terminal.notice("agent run: stopping now")
@@ -249,8 +252,13 @@ class RunCommand:
                 self.main_task.cancel()
             return
         self.terminal.notice("agent run: pausing: running states stop and will run again on resume "
-                             "(Ctrl-C again to stop at once)")
+                             f"({again} to stop at once)")
         asyncio.get_running_loop().create_task(self.pause_then_stop())
+
+    def on_terminate(self) -> None:
+        """SIGTERM (``systemctl stop``, ``kill``): pause as for Ctrl-C, and exit 143."""
+        self.stopped_by = ExitCode.TERMINATED
+        self.on_interrupt(again="a second SIGTERM")
 
     async def pause_then_stop(self) -> None:
         from ..status import AgentStatus
@@ -288,7 +296,7 @@ class RunCommand:
         if not entries:
             self.terminal.notice("agent run: interrupted before any run started" if interrupted
                                  else "agent run: nothing ran")
-            return ExitCode.INTERRUPTED if interrupted else ExitCode.LOAD_FAILED
+            return self.stopped_by if interrupted else ExitCode.LOAD_FAILED
         primary = next((e for e in reversed(entries) if e.agent is self.cli_agent), entries[-1])
         summaries = [self.summarize(e, interrupted) for e in entries]
         main = summaries[entries.index(primary)]
@@ -305,7 +313,7 @@ class RunCommand:
             for summary in summaries:
                 self.print_summary(summary)
         if interrupted:
-            return ExitCode.INTERRUPTED
+            return self.stopped_by
         return {"completed": ExitCode.OK, "cancelled": ExitCode.CANCELLED}.get(main["status"], ExitCode.RUN_FAILED)
 
     def summarize(self, entry: live.LiveRun, interrupted: bool) -> dict[str, Any]:

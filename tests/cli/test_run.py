@@ -272,20 +272,23 @@ class TestOutcomes:
 
 
 class TestInterrupt:
-    """Ctrl-C pauses the run, marks it paused in its store and prints how to resume it."""
+    """Ctrl-C (or SIGTERM, as systemd stops a service) pauses the run, marks it paused in its
+    store and prints how to resume it."""
 
-    def test_pause_then_resume(self, cli):
+    @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                             ids=["ctrl-c", "sigterm"])
+    def test_pause_then_resume(self, cli, sig, status):
         cli.write("flow.py", CHAIN)
         effects = cli.dir / "effects"
         cli.env.update(EFFECTS=str(effects), HANG="1", GO=str(cli.fifo("go")), AGENT_STOP_GRACE="0.2")
         proc = cli.start("run", "flow.py")
         try:
             assert proc.stdout.readline() == "transform | transform is waiting\n"
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             out, err = proc.communicate(timeout=60)
         finally:
             stop(proc)
-        assert proc.returncode == 130, err
+        assert proc.returncode == status, err
         run_id = err.split("run id ")[1].split()[0]
         assert f"resume it with: agent run flow.py --resume {run_id}" in err
         with SQLiteCheckpointStore(cli.state_dir / "checkpoints.sqlite3") as store:
