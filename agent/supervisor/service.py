@@ -261,7 +261,7 @@ class Supervisor:
         until it launches (or every one, once shut down: they are told so)."""
         while self._room_waiters and (self.closed or self._has_room()):
             waiter = self._room_waiters.popleft()
-            if not waiter.done():
+            if not waiter.done() and not waiter.get_loop().is_closed():
                 waiter.set_result(None)
                 if not self.closed:
                     self._reserved += 1

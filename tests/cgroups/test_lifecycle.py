@@ -115,6 +115,25 @@ class TestStaleReaping:
         assert child.wait().signal == signal.SIGKILL
         assert not [d for d in dirs if os.path.exists(os.path.dirname(d))]
 
+    @needs_v1
+    def test_a_cgroup_left_frozen_by_a_killed_supervisor_is_thawed_and_reaped(self, private_root):
+        # A supervisor killed between freezing a cgroup (to kill what is in it) and thawing it
+        # leaves its processes frozen: a frozen process never dies of SIGKILL.
+        root, tops = private_root
+        dirs = _fake_attempt_dirs(tops, _stale_supervisor_name())
+        child = spawn({"cgroup_procs": [f"{d}/cgroup.procs" for d in dirs]}, block)
+        child.receive()
+        frozen = next(d for d in dirs if "/freezer/" in d)
+        with open(f"{frozen}/freezer.state", "w") as state:
+            state.write("FROZEN")
+        second = Confiner(root=root, gpu_minors=[])
+        try:
+            assert second.reaped == 1
+        finally:
+            second.close()
+        assert child.wait().signal == signal.SIGKILL
+        assert not [d for d in dirs if os.path.exists(os.path.dirname(d))]
+
     def test_a_live_supervisors_cgroups_are_left_alone(self, private_root):
         root, tops = private_root
         dirs = _fake_attempt_dirs(tops, SupervisorName.mine())  # same pid and start, another token

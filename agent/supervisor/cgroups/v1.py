@@ -233,6 +233,13 @@ def _freeze(freezer_dir: str, timeout: float = 2.0) -> bool:
     return True
 
 
+def _thaw(freezer_dir: str) -> None:
+    try:
+        write(f"{freezer_dir}/freezer.state", "THAWED")
+    except OSError:
+        pass  # removed meanwhile
+
+
 class V1Backend:
     """Attempt cgroups on the v1 hierarchies, under ``<mount>/<root>/<supervisor>/``."""
 
@@ -429,8 +436,12 @@ def _reap_tree(path: str, freeze: bool = False) -> None:
                     break
                 wait_empty([f"{d}/cgroup.procs" for d in tree], timeout=0.1)
         finally:
-            if frozen:
-                write(f"{path}/freezer.state", "THAWED")
+            if freeze:
+                # Every level, not only the top: a cgroup below may have been frozen on its own
+                # by a supervisor killed between freezing and thawing it, and a frozen process
+                # never dies of its SIGKILL (nor does the zygote waiting for it).
+                for directory in tree:
+                    _thaw(directory)
         wait_empty([f"{d}/cgroup.procs" for d in tree], timeout=2.0)
     for directory in reversed(tree):  # children before parents
         try:
