@@ -233,7 +233,6 @@ class Zygote:
                     while len(parking.children) < parking.target and not self._poll.poll(0):
                         if not self._park(sandbox):
                             break
-        self._kill_all()
 
     def _handle(self, request: dict[str, Any]) -> None:
         op = request.get("op")
@@ -541,16 +540,34 @@ class Zygote:
             if mounts is not None:
                 os.close(mounts)  # the sandbox's file systems go now, after the report
 
-    def _kill_all(self) -> None:
+    def _kill_all(self, cgroups: Sequence[str] = ()) -> None:
+        """Kill every child and reap it. ``cgroups``: the supervisor's cgroup directories, whose
+        frozen cgroups are thawed first (a supervisor killed between freezing a cgroup and
+        thawing it leaves its processes frozen, and a frozen process never dies of SIGKILL)."""
         self._unpark_all()
         for pid in list(self._children):
             self._kill(pid, signal.SIGKILL)
+        for path in cgroups:
+            _thaw_below(path)
         for pid in list(self._children):
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
         self._children.clear()
+
+
+def _thaw_below(path: str) -> None:
+    """Thaw every v1 freezer cgroup at and below ``path`` (nothing unless it is one)."""
+    if not os.path.exists(os.path.join(path, "freezer.state")):
+        return
+    for directory, _, files in os.walk(path):
+        if "freezer.state" in files:
+            try:
+                with open(os.path.join(directory, "freezer.state"), "w") as state:
+                    state.write("THAWED")
+            except OSError:
+                pass
 
 
 def _read_configure(
@@ -755,7 +772,7 @@ def main(argv: list[str]) -> int:
         except _ParentDied:
             pass  # a SIGTERM came just as the loop ended; no other can
         if zygote is not None:
-            zygote._kill_all()
+            zygote._kill_all(cleanup)
         for path in cleanup:
             shutil.rmtree(path, ignore_errors=True)
     return 0
