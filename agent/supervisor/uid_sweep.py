@@ -80,7 +80,11 @@ def kill_uid(uid: int) -> None:
         libc.syscall(ctypes.c_long(kill), ctypes.c_long(-1), ctypes.c_long(signal.SIGKILL))
 
     thread = threading.Thread(target=as_uid, name=f"agent-sweep-{uid}")
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError:  # at interpreter exit, where Python 3.12.0 and 3.12.1 refuse new threads
+        _kill_uid_by_scan(uid)
+        return
     thread.join()
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]

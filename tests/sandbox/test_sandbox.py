@@ -574,3 +574,21 @@ class TestSandboxedChild:
     def test_root_is_never_a_sandbox_uid(self) -> None:
         got = in_child(lambda: {"uid": os.getuid()}, sandbox_spec(0))
         assert "must not run as root" in got["error"]
+
+
+class TestUidSweep:
+    """Everything a sandbox uid runs is killed, also where no thread can be started."""
+
+    @pytest.mark.parametrize("threads", [True, False], ids=["thread", "at-interpreter-exit"])
+    def test_kill_uid_kills_every_process_of_the_uid(self, monkeypatch, threads):
+        from agent.supervisor.uid_sweep import kill_uid
+
+        uid = 3_999_123  # no account: nothing else runs as it
+        procs = [subprocess.Popen(["sleep", "60"], user=uid, group=uid) for _ in range(2)]
+        if not threads:  # as Python 3.12.0 and 3.12.1 do in atexit callbacks
+            def refuse(self: threading.Thread) -> None:
+                raise RuntimeError("can't create new thread at interpreter shutdown")
+
+            monkeypatch.setattr(threading.Thread, "start", refuse)
+        kill_uid(uid)
+        assert [p.wait(timeout=10) for p in procs] == [-signal.SIGKILL] * 2
