@@ -93,6 +93,8 @@ class WorkerAttempt(ChildProcess):
             self._exit_cpu, self._exit_faults = max(0.0, cpu - before_cpu), max(0, faults - before_faults)
             # Judged now, before the worker serves again: one that left its cgroup is retired
             # (its limits no longer hold, and every later attempt would look like an escape).
+            # On the attempt's own final figures: the cgroup is read once per attempt.
+            self.shared.end()
             self.escaped, self._judged = self._escape({}), True
         self.on_exit_status(0)
 
