@@ -95,29 +95,21 @@ class TestInterpreterExit:
         assert all_gone([info["zygote"], info["child"]])
         assert not any(os.path.exists(d) for d in info["dirs"])
 
-    def test_killed_supervisor_takes_zygote_children_and_files(self):
+    @pytest.mark.parametrize("frozen", [False, True], ids=["running", "cgroup-frozen"])
+    def test_killed_supervisor_takes_zygote_children_and_files(self, frozen):
         proc, info = start("hang")
         assert psutil.pid_exists(info["child"])
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        proc.stdin.close()
-        proc.stdout.close()
-        assert all_gone([info["zygote"], info["child"]])
-        assert not any(os.path.exists(d) for d in info["dirs"] + info["cgroups"])
-
-    def test_killed_supervisor_leaves_nothing_even_with_a_cgroup_frozen(self):
-        # Killed between freezing a cgroup (to kill what is in it) and thawing it: a frozen
-        # process never dies of SIGKILL, and the zygote would wait for it for ever.
-        proc, info = start("hang")
-        freezers = [d for d in info["cgroups"] if os.path.exists(os.path.join(d, "freezer.state"))]
-        if not freezers:
-            proc.kill()
-            proc.wait()
-            pytest.skip("no v1 freezer hierarchy here")
-        frozen = next(os.path.join(d, sub) for d in freezers for sub in os.listdir(d)
-                      if os.path.isdir(os.path.join(d, sub))
-                      and str(info["child"]) in Path(d, sub, "cgroup.procs").read_text().split())
-        Path(frozen, "freezer.state").write_text("FROZEN")
+        if frozen:  # killed between freezing a cgroup and thawing it: a frozen process never
+            # dies of SIGKILL, and the zygote would wait for it for ever
+            freezers = [d for d in info["cgroups"] if os.path.exists(os.path.join(d, "freezer.state"))]
+            if not freezers:
+                proc.kill()
+                proc.wait()
+                pytest.skip("no v1 freezer hierarchy here")
+            frozen_dir = next(os.path.join(d, sub) for d in freezers for sub in os.listdir(d)
+                              if os.path.isdir(os.path.join(d, sub))
+                              and str(info["child"]) in Path(d, sub, "cgroup.procs").read_text().split())
+            Path(frozen_dir, "freezer.state").write_text("FROZEN")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         proc.stdin.close()
