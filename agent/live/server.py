@@ -4,7 +4,8 @@ A thread, not the event loop: runs come and go on different loops (``run_sync`` 
 one per run), and a view is most wanted when a loop is stuck. The thread only reads:
 each snapshot is built on the run's loop (``call_soon_threadsafe``), or, when that loop
 does not answer within half a second, read directly. Clients must be this process's
-user or root (``SO_PEERCRED``); the socket is removed at exit.
+user or root (``SO_PEERCRED``); the socket is removed at exit, and those of processes
+that died without removing theirs (killed) when the next endpoint of the user starts.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from .._version import __version__
 from ..errors import StatusEndpointError
-from . import find, protocol, read, runs
+from . import client, find, protocol, read, runs
 from .protocol import VERSION, decode, encode, error
 
 _log = logging.getLogger("agent.live")
@@ -47,6 +48,7 @@ class StatusServer:
         except OSError:
             self._sock.close()
             raise
+        client.endpoints(self.directory)  # removes the sockets of processes that died without doing it
         self._thread = threading.Thread(target=self._serve, name="agent-status", daemon=True)
         self._closed = False
 

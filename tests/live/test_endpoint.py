@@ -155,6 +155,17 @@ class TestDirectory:
         assert client.endpoints(str(directory)) == []
         assert not stale.exists() and (directory / "notes.txt").exists()
 
+    def test_a_new_endpoint_clears_the_sockets_of_killed_processes(self, tmp_path):
+        directory = tmp_path / "run"
+        directory.mkdir(mode=0o700)
+        stale = directory / "4194305.sock"  # a process killed before it could remove its socket
+        stale.write_bytes(b"")
+        server = StatusServer(str(directory))
+        try:
+            assert not stale.exists() and os.path.exists(server.path)
+        finally:
+            server.close()
+
     def test_default_directory(self, monkeypatch, tmp_path):
         monkeypatch.delenv("AGENT_RUNTIME_DIR")
         monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
