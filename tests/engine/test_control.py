@@ -28,6 +28,17 @@ def blocking(started: asyncio.Event, log: list, gate: asyncio.Event | None = Non
     return state
 
 
+async def run_until_blocked(agent_name: str, state: str) -> tuple[Agent, asyncio.Future, list]:
+    """An inline agent of one ``blocking`` state, its run started and that state running."""
+    started = asyncio.Event()
+    log: list = []
+    agent = Agent(agent_name, isolation="inline")
+    agent.add_state(state, blocking(started, log))
+    run = asyncio.ensure_future(agent.run())
+    await started.wait()
+    return agent, run, log
+
+
 class TestRunTimeout:
     """run(timeout=...) cancels what runs and raises RunTimeoutError."""
 
@@ -53,12 +64,7 @@ class TestRunTimeout:
         assert issubclass(RunTimeoutError, TimeoutError)
 
     async def test_caller_cancellation_cleans_up(self):
-        started = asyncio.Event()
-        log: list = []
-        agent = Agent("c", isolation="inline")
-        agent.add_state("s", blocking(started, log))
-        task = asyncio.create_task(agent.run())
-        await started.wait()
+        agent, task, _ = await run_until_blocked("c", "s")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -131,12 +137,7 @@ class TestCancel:
         # As a web request's thread would: the cancel is done on the run's loop (in debug
         # mode, the loop refuses a call from another thread).
         asyncio.get_running_loop().set_debug(True)
-        started = asyncio.Event()
-        log: list = []
-        agent = Agent("threads", isolation="inline")
-        agent.add_state("victim", blocking(started, log))
-        run = asyncio.ensure_future(agent.run())
-        await started.wait()
+        agent, run, log = await run_until_blocked("threads", "victim")
         answer = await asyncio.to_thread(agent.cancel_state, "victim")
         await run
         assert answer is True
