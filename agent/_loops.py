@@ -1,9 +1,11 @@
-"""Calling into an event loop from another thread (a web request's, the status endpoint's)."""
+"""Calling into an event loop from another thread (a web request's, the status endpoint's,
+another run's that shares a pool or a coordination primitive)."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -26,3 +28,57 @@ def call_on(loop: Any, func: Callable[[], T], timeout: float | None = None) -> T
 
     loop.call_soon_threadsafe(on_the_loop)
     return done.result(timeout)
+
+
+def locked(method: Callable[..., T]) -> Callable[..., T]:
+    """Run ``method`` under its object's ``lock`` (an RLock): for what runs on the event
+    loops of several threads, such as a shared pool or coordination primitive."""
+    @functools.wraps(method)
+    def under_lock(self: Any, *args: Any, **kwargs: Any) -> T:
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return under_lock
+
+
+def grant_soon(future: asyncio.Future[None], give_back: Callable[[], None] | None = None) -> None:
+    """Tell the waiter awaiting ``future`` that it was granted what it waited for, on the
+    waiter's own loop: now when that is this thread's, else as soon as that loop runs.
+
+    ``give_back()`` runs instead when nobody can take the grant any more: the waiter left
+    (``future`` is done, cancelled) before the news reached it, or its loop is closed.
+    """
+    loop = future.get_loop()
+    if loop is asyncio._get_running_loop():
+        future.set_result(None)
+        return
+
+    def grant() -> None:
+        if not future.done():
+            future.set_result(None)
+        elif give_back is not None:
+            give_back()
+
+    try:
+        loop.call_soon_threadsafe(grant)
+    except RuntimeError:  # its loop is closed
+        if give_back is not None:
+            give_back()
+
+
+def fail_soon(future: asyncio.Future[Any], error: BaseException) -> None:
+    """Fail ``future`` with ``error`` (unless it is done by then), on its own loop: now when
+    that is this thread's, else as soon as that loop runs; not at all when it is closed."""
+    loop = future.get_loop()
+    if loop is asyncio._get_running_loop():
+        if not future.done():
+            future.set_exception(error)
+        return
+
+    def fail() -> None:
+        if not future.done():
+            future.set_exception(error)
+
+    try:
+        loop.call_soon_threadsafe(fail)
+    except RuntimeError:  # its loop is closed: nobody awaits it
+        pass

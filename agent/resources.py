@@ -7,6 +7,10 @@ within one (``enqueue`` / ``grant_next``, or ``await acquire``). A request large
 the pool's totals, or than its quota, is rejected up front instead of waiting forever.
 Quotas live in :mod:`agent.quotas`, the choice of preemption victims in
 :mod:`agent.preemption`.
+
+A pool may be shared by runs on several threads, each with its own event loop: its
+steps are taken under :attr:`ResourcePool.lock`, and an ``acquire`` that waits on
+another thread's loop is woken on that loop.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import functools
 import heapq
 import math
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import _env, _validate
+from ._loops import fail_soon, grant_soon, locked
 from ._types import Priority, ResourceType
 from .devices import GPUAllocator, GPUDevice, GPUInventory, machine_inventory
 from .errors import GPUUnavailableError, QuotaExceededError, ResourceError, ResourceRequestError
@@ -355,6 +361,7 @@ class ResourcePool:
         self._granted = 0
         self._rejected = 0
         self._preempted = 0
+        self.lock = threading.RLock()
 
     # --- admission ------------------------------------------------------------------
 
@@ -379,6 +386,7 @@ class ResourcePool:
                     f"{total:g} in total: lower the request or enlarge the ResourcePool"
                 )
 
+    @locked
     def try_acquire(
         self,
         owner: str,
@@ -428,6 +436,7 @@ class ResourcePool:
         self._take(owner, amounts, level, state)
         return True
 
+    @locked
     def release(self, owner: str) -> None:
         """Give back what ``owner`` holds, or withdraw its queued request (no-op if neither).
 
@@ -485,6 +494,7 @@ class ResourcePool:
 
     # --- the wait queue -------------------------------------------------------------
 
+    @locked
     def enqueue(
         self,
         owner: str,
@@ -505,6 +515,7 @@ class ResourcePool:
         """
         self._enqueue(owner, requirements, priority, state, front, None, notify)
 
+    @locked
     def _enqueue(
         self,
         owner: str,
@@ -536,6 +547,7 @@ class ResourcePool:
         heapq.heappush(self._queues[level], (waiter.rank, self._arrivals, waiter))
         self._settle()
 
+    @locked
     def requeue(self, owner: str, notify: Notify | None = None) -> None:
         """Give back what ``owner`` holds and queue the same request at the front of its level.
 
@@ -551,12 +563,14 @@ class ResourcePool:
         self._waiters[owner] = waiter
         self.release(owner)  # gives back, then settles the queue with the request in place
 
+    @locked
     def grant_next(self) -> list[str]:
         """Owners granted since the last call, in grant order (``acquire`` callers excluded)."""
         self._settle()
         granted, self._outbox = self._outbox, []
         return granted
 
+    @locked
     def cancel(self, owner: str) -> bool:
         """Withdraw ``owner``'s queued request; returns whether there was one."""
         self._claims.pop(owner, None)
@@ -571,11 +585,12 @@ class ResourcePool:
             if not parked:
                 self._parked.pop(waiter.state, None)
         self._claims.pop(owner, None)
-        if waiter.future is not None and not waiter.future.done():
-            waiter.future.set_exception(ResourceError(f"the request of {owner!r} was cancelled"))
+        if waiter.future is not None:
+            fail_soon(waiter.future, ResourceError(f"the request of {owner!r} was cancelled"))
         self._settle()
         return True
 
+    @locked
     def queued(self) -> list[str]:
         """Queued owners in the order they would be considered (priority, then arrival)."""
         out: list[str] = []
@@ -604,7 +619,7 @@ class ResourcePool:
                     heapq.heappop(heap)
                     continue
                 future = waiter.future
-                if future is not None and future.done():  # its acquire() was cancelled
+                if future is not None and (future.done() or future.get_loop().is_closed()):  # it went away
                     heapq.heappop(heap)
                     self._drop(waiter)
                     continue
@@ -631,7 +646,7 @@ class ResourcePool:
                     self._drop(waiter)
                     self._take(waiter.owner, amounts, level, waiter.state)
                     if future is not None:
-                        future.set_result(None)
+                        grant_soon(future, functools.partial(self.release, waiter.owner))
                     elif waiter.notify is not None:
                         waiter.notify(waiter.owner)
                     else:
@@ -671,10 +686,11 @@ class ResourcePool:
         try:
             await future
         except BaseException:
-            if future.done() and not future.cancelled() and future.exception() is None:
-                self.release(owner)  # granted, but the caller went away
-            elif self._waiters.get(owner) is not None and self._waiters[owner].future is future:
-                self.cancel(owner)
+            with self.lock:
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    self.release(owner)  # granted, but the caller went away
+                elif self._waiters.get(owner) is not None and self._waiters[owner].future is future:
+                    self.cancel(owner)
             raise
 
     @contextlib.asynccontextmanager
@@ -695,6 +711,7 @@ class ResourcePool:
 
     # --- quotas -------------------------------------------------------------------------
 
+    @locked
     def set_quota(
         self,
         state: str,
@@ -711,6 +728,7 @@ class ResourcePool:
             raise ResourceRequestError(f"set_quota() takes a state name, got {state!r}")
         self._set_quota(self._state_quotas, state, cpu, memory, io, network, gpu, mode)
 
+    @locked
     def set_priority_quota(
         self,
         priority: Priority | int,
@@ -726,6 +744,7 @@ class ResourcePool:
         level = _validate.member(Priority, priority, "set_priority_quota(priority)", error=ResourceRequestError)
         self._set_quota(self._priority_quotas, Priority(level), cpu, memory, io, network, gpu, mode)
 
+    @locked
     def remove_quota(self, state: str | None = None, priority: Priority | int | None = None) -> None:
         """Drop the quota of ``state`` and/or ``priority``."""
         if state is not None:
@@ -734,6 +753,7 @@ class ResourcePool:
             self._priority_quotas.set(Priority(priority), None)
         self._requota()
 
+    @locked
     def get_quotas(self) -> dict[str, dict[Any, Quota]]:
         """The quotas set: ``{"state": {name: Quota}, "priority": {Priority: Quota}}``."""
         return {"state": dict(self._state_quotas.quotas), "priority": dict(self._priority_quotas.quotas)}
@@ -802,6 +822,7 @@ class ResourcePool:
 
     # --- preemption ---------------------------------------------------------------------
 
+    @locked
     def find_victims(
         self,
         owner: str,
@@ -852,17 +873,20 @@ class ResourcePool:
             self._preempted += len(victims)
         return victims
 
+    @locked
     def pending_evictions(self) -> dict[str, str]:
         """Victims chosen that still hold resources, with the owner they make room for."""
         return dict(self._evicting)
 
     # --- why things wait ------------------------------------------------------------------
 
+    @locked
     def get_waiting_states(self) -> dict[str, str]:
         """Owners waiting for resources, with what they wait for."""
         heads = {level: self._head(level) for level in _LEVELS}
         return {owner: self._why(waiter, heads[waiter.priority]) for owner, waiter in self._waiters.items()}
 
+    @locked
     def waiting_reason(self, owner: str) -> str | None:
         """What ``owner``'s queued request waits for (None when it is not queued)."""
         waiter = self._waiters.get(owner)
@@ -905,6 +929,7 @@ class ResourcePool:
 
     # --- measured use ------------------------------------------------------------------------
 
+    @locked
     def record_measured(self, owner: str, usage: Mapping[str, Any]) -> None:
         """Note what ``owner``'s attempt really used so far (from its executor).
 
@@ -921,12 +946,14 @@ class ResourcePool:
         else:  # reported after the release: only the CPU time still counts
             self._cpu_seconds_done += cpu
 
+    @locked
     def get_measured(self) -> dict[str, dict[str, float]]:
         """The latest measured use of each current holder."""
         return {o: {"cpu_seconds": c, "peak_memory_mb": m} for o, (c, m) in self._measured.items()}
 
     # --- statistics ------------------------------------------------------------------------
 
+    @locked
     def get_usage_stats(self) -> dict[ResourceType, ResourceUsage]:
         now = self._clock()
         measured: dict[ResourceType, float | None] = {rtype: None for rtype in self.totals}
@@ -949,6 +976,7 @@ class ResourcePool:
             )
         return out
 
+    @locked
     def get_state_allocations(self) -> dict[str, dict[ResourceType, float]]:
         return {owner: dict(h.amounts) for owner, h in self._holders.items()}
 
@@ -965,6 +993,7 @@ class ResourcePool:
         """Whether ``owner`` has a request waiting in the queue."""
         return owner in self._waiters
 
+    @locked
     def statistics(self) -> PoolStatistics:
         by_level = {level: 0 for level in Priority}
         for waiter in self._waiters.values():

@@ -10,10 +10,17 @@ request that does not fit may evict running states of strictly lower priority fr
 any run sharing the pool (DESIGN.md items 10 and 14); the victims are requeued at the
 front of their level. Grants of ``gpu_units`` carry concrete GPUs, which the attempt
 takes to its executor and gives back with its release.
+
+Runs on several threads (each with its event loop: ``run_sync`` in a thread pool, a
+threaded web server) may share a pool: every step is taken under the pool's lock, and a
+grant or an eviction for a run on another thread's loop is handed to that loop, which
+acts on it only if the request is still the same one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +37,7 @@ class Ticket:
 
     run: "Run"
     act: "Activation"
+    loop: asyncio.AbstractEventLoop | None  # the run's: where its grant and eviction are handled
     requesting: bool = False  # inside request(): a grant now is returned, not notified
     granted_now: bool = False
 
@@ -37,11 +45,12 @@ class Ticket:
 class Admission:
     """The engine's side of one pool's queue (see the module docstring)."""
 
-    __slots__ = ("pool", "tickets")
+    __slots__ = ("pool", "tickets", "lock")
 
     def __init__(self, pool: "ResourcePool") -> None:
         self.pool = pool
         self.tickets: dict[str, Ticket] = {}
+        self.lock: threading.RLock = pool.lock
 
     @staticmethod
     def of(pool: "ResourcePool") -> "Admission":
@@ -71,18 +80,19 @@ class Admission:
         """
         owner = act.owner
         pool = self.pool
-        ticket = Ticket(run, act)
-        self.tickets[owner] = ticket
-        try:
-            if pool.try_acquire(owner, req, state=act.state, priority=act.priority):
-                return True
-            ticket.requesting = True
-            pool.enqueue(owner, req, act.priority, state=act.state, front=act.front, notify=self._granted)
-        except BaseException:
-            self.tickets.pop(owner, None)
-            raise
-        ticket.requesting = False
-        return ticket.granted_now
+        ticket = Ticket(run, act, asyncio._get_running_loop())
+        with self.lock:
+            self.tickets[owner] = ticket
+            try:
+                if pool.try_acquire(owner, req, state=act.state, priority=act.priority):
+                    return True
+                ticket.requesting = True
+                pool.enqueue(owner, req, act.priority, state=act.state, front=act.front, notify=self._granted)
+            except BaseException:
+                self.tickets.pop(owner, None)
+                raise
+            ticket.requesting = False
+            return ticket.granted_now
 
     def _granted(self, owner: str) -> None:
         ticket = self.tickets.get(owner)
@@ -90,21 +100,42 @@ class Admission:
             self.pool.release(owner)
         elif ticket.requesting:
             ticket.granted_now = True
-        else:
+        elif not self._elsewhere(ticket, self._granted_there, owner):
             ticket.run.on_grant(ticket.act)
+
+    def _granted_there(self, owner: str, ticket: Ticket) -> None:
+        with self.lock:
+            if self.tickets.get(owner) is ticket:  # else released meanwhile, its grant with it
+                ticket.run.on_grant(ticket.act)
+
+    def _elsewhere(self, ticket: Ticket, handler: Any, owner: str) -> bool:
+        """Hand ``handler(owner, ticket)`` to the loop of a run on another thread; False when
+        that run is on this thread's loop. A run whose loop is closed is over: its grant is
+        given back."""
+        loop = ticket.loop
+        if loop is None or loop is asyncio._get_running_loop():
+            return False
+        try:
+            loop.call_soon_threadsafe(handler, owner, ticket)
+        except RuntimeError:  # its loop is closed
+            if self.tickets.pop(owner, None) is ticket:
+                self.pool.release(owner)
+        return True
 
     def requeue(self, owner: str) -> None:
         """A preempted holder gives its grant back and waits again at the front of its level."""
-        if owner in self.tickets and self.pool.holds(owner):
-            self.pool.requeue(owner, notify=self._granted)
+        with self.lock:
+            if owner in self.tickets and self.pool.holds(owner):
+                self.pool.requeue(owner, notify=self._granted)
 
     def release(self, owner: str, usage: dict[str, Any] | None = None) -> None:
         """The activation is done with its grant, or withdraws its queued request."""
-        if self.tickets.pop(owner, None) is None:
-            return
-        if usage:
-            self.pool.record_measured(owner, usage)
-        self.pool.release(owner)
+        with self.lock:
+            if self.tickets.pop(owner, None) is None:
+                return
+            if usage:
+                self.pool.record_measured(owner, usage)
+            self.pool.release(owner)
 
     def assignment(self, owner: str) -> dict[str, list[Any]]:
         """What the attempt carries to its executor: the GPUs granted to ``owner`` (empty when none)."""
@@ -120,12 +151,17 @@ class Admission:
         pool = self.pool
         if not pool.enable_preemption:
             return False
-        tickets = self.tickets
-        among = [owner for owner, t in tickets.items() if owner != act.owner and pool.holds(owner)]
-        victims = pool.find_victims(act.owner, req, act.priority, among=among, state=act.state)
-        if not victims:
-            return False
-        for victim in victims:
-            ticket = tickets[victim]
-            ticket.run.preempt(ticket.act)
-        return True
+        with self.lock:
+            tickets = self.tickets
+            among = [owner for owner, t in tickets.items() if owner != act.owner and pool.holds(owner)]
+            victims = pool.find_victims(act.owner, req, act.priority, among=among, state=act.state) or []
+            for victim in victims:
+                ticket = tickets[victim]
+                if not self._elsewhere(ticket, self._evicted_there, victim):
+                    ticket.run.preempt(ticket.act)
+            return bool(victims)
+
+    def _evicted_there(self, owner: str, ticket: Ticket) -> None:
+        with self.lock:
+            if self.tickets.get(owner) is ticket:
+                ticket.run.preempt(ticket.act)

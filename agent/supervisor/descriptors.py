@@ -27,19 +27,23 @@ PER_WORKER = 16
 HEADROOM = 64
 """Left for the supervisor's own sockets and for files the application opens later."""
 _MOST = 1 << 20  # the kernel's default nr_open: a soft limit above it is refused
+_original: int | None = None  # the soft limit before the first raise
 
 
 def raise_soft_limit() -> int:
     """Raise this process's soft limit of open files to its hard limit; returns the soft
-    limit it had (what its state processes get back)."""
+    limit it had before the first raise (what its state processes get back)."""
+    global _original
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if _original is None:
+        _original = soft
     target = _MOST if hard == resource.RLIM_INFINITY else min(hard, _MOST)
     if soft != resource.RLIM_INFINITY and soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (OSError, ValueError):
             pass  # a lower nr_open: the limit stays, and the budget follows it
-    return soft
+    return _original
 
 
 def open_now() -> int:

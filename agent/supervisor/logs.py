@@ -40,7 +40,7 @@ from .private_dirs import make_private_dir
 _PLAIN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _lock = threading.Lock()
-_active: "AttemptLogs | None" = None
+_active: "list[AttemptLogs]" = []  # the newest first
 
 
 def file_component(text: str) -> str:
@@ -208,18 +208,24 @@ class AttemptLogs:
             self._per_folder[os.path.dirname(item[1])] += 1
 
 
-def activate(logs: AttemptLogs | None) -> None:
-    """Make ``logs`` the directory :func:`read_attempt_log` reads (the supervisor's)."""
-    global _active
+def activate(logs: AttemptLogs) -> None:
+    """Have :func:`read_attempt_log` read ``logs`` too (a supervisor's, until it stops)."""
     with _lock:
-        _active = logs
+        _active.insert(0, logs)
+
+
+def deactivate(logs: AttemptLogs) -> None:
+    """``logs`` went away with its supervisor."""
+    with _lock:
+        if logs in _active:
+            _active.remove(logs)
 
 
 def read_attempt_log(run_id: str, state: str, attempt: int) -> str:
     """The stdout and stderr text of one isolated attempt of ``state`` in run ``run_id``."""
     with _lock:
-        logs = _active
-    if logs is None:
+        active = list(_active)
+    if not active:
         configured = os.environ.get("AGENT_LOG_DIR")
         if not configured:
             raise AttemptLogNotFoundError(
@@ -229,4 +235,9 @@ def read_attempt_log(run_id: str, state: str, attempt: int) -> str:
         return AttemptLogs(configured, LogRetention(float("inf"), float("inf"), float("inf"))).read(
             run_id, state, attempt
         )
-    return logs.read(run_id, state, attempt)
+    # Several supervisors (runs on the event loops of several threads at once): the one
+    # that ran the attempt has its log.
+    for logs in active[1:]:
+        if os.path.exists(logs.path(run_id, state, attempt)):
+            return logs.read(run_id, state, attempt)
+    return active[0].read(run_id, state, attempt)

@@ -13,7 +13,7 @@ from typing import Any, Awaitable, TypeVar
 
 from ..executor import Attempt, AttemptFailed, AttemptOutcome, Isolation
 from .child import ChildProcess
-from .service import Supervisor, get_supervisor
+from .service import Supervisor, serving_supervisor
 
 T = TypeVar("T")
 
@@ -25,11 +25,9 @@ class ProcessExecutor:
         self.isolation = isolation
 
     async def run_attempt(self, attempt: Attempt) -> AttemptOutcome:
-        sup = get_supervisor()
-        sup.attach(asyncio.get_running_loop())
-        await sup.room_for_child()
-        sup.enter_attempt()
+        sup = serving_supervisor(asyncio.get_running_loop())
         try:
+            await sup.room_for_child()
             confinement = sup.confine(attempt)
         except BaseException:
             sup.exit_attempt()
@@ -102,9 +100,7 @@ class WorkerExecutor:
     isolation = Isolation.WORKER
 
     async def run_attempt(self, attempt: Attempt) -> AttemptOutcome:
-        sup = get_supervisor()
-        sup.attach(asyncio.get_running_loop())
-        sup.enter_attempt()
+        sup = serving_supervisor(asyncio.get_running_loop())
         try:
             while True:
                 handed = sup.workers.acquire(attempt)

@@ -41,7 +41,7 @@ from .confinement import Confinement, Confiner
 from .descriptors import Budget, raise_soft_limit
 from .launcher import ZygoteLauncher
 from .logger import get_logger
-from .logs import AttemptLogs, activate
+from .logs import AttemptLogs, activate, deactivate
 from .private_dirs import make_private_dir
 from .output import AttemptOutput, label_for
 from .parked import ParkedChildren
@@ -189,21 +189,32 @@ class Supervisor:
     # --- attempts ------------------------------------------------------------------------
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Serve on ``loop``; refuses while children of a still-running loop are alive."""
+        """Serve on ``loop``; refuses while another loop that still runs uses it (see
+        :func:`serving_supervisor`). What a stopped loop left running is failed."""
         current = self.router.loop
-        if current is not None and current is not loop and self._busy():
-            if not current.is_closed() and current.is_running():
+        if current is not None and current is not loop:
+            if not self.free_for(loop):
                 raise IsolationError(
-                    "isolated states of one process must run on one event loop at a time: "
-                    "finish the run on the other loop first"
+                    "this supervisor serves another event loop that still runs: "
+                    "take one with serving_supervisor()"
                 )
-            self._fail_all(None, keep_idle=True)
+            if self._busy():
+                self._fail_all(None, keep_idle=True)
         self.router.attach(loop)
         self.zygote.attach(loop)
         self.workers.attach(loop)
 
+    def free_for(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether this supervisor may serve ``loop``: it serves no other loop that still runs.
+
+        A loop that runs (another thread's, most likely) keeps its supervisor, even idle:
+        its timers and callbacks still act on it from that thread.
+        """
+        current = self.router.loop
+        return current is None or current is loop or current.is_closed() or not current.is_running()
+
     def _busy(self) -> bool:
-        return any(not getattr(child, "idle", False) for child in self._by_secret.values())
+        return any(not getattr(child, "idle", False) for child in list(self._by_secret.values()))
 
     def launch(self, attempt: Attempt, confinement: Confinement) -> ChildProcess:
         """Ask the zygote for a child serving ``attempt``; returns at once."""
@@ -635,7 +646,7 @@ class Supervisor:
             self._decoder.shutdown(wait=False, cancel_futures=True)
         if not self._active:  # else the last attempt to finish closes it (its cgroups are in use)
             self.confiner.close()
-        activate(None)
+        deactivate(self.logs)
         self.logs.remove()
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
         self.log.info("supervisor_stopped")
@@ -648,6 +659,7 @@ _HELLO_BYTES = 256
 
 _lock = threading.Lock()
 _current: Supervisor | None = None
+_others: list[Supervisor] = []  # for event loops that ran isolated states while _current served another
 _inherited: list[Supervisor] = []
 
 
@@ -661,6 +673,8 @@ def _forget_after_fork() -> None:
     if _current is not None:
         _inherited.append(_current)
         _current = None
+    _inherited.extend(_others)
+    _others.clear()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
@@ -675,17 +689,45 @@ def get_supervisor() -> Supervisor:
         return _current
 
 
+def serving_supervisor(loop: asyncio.AbstractEventLoop) -> Supervisor:
+    """A supervisor serving ``loop``, with one attempt counted on it (end it with
+    :meth:`Supervisor.exit_attempt`).
+
+    The process's own one, unless an event loop of another thread that still runs uses
+    it (runs on several threads at once: ``run_sync`` in a thread pool, a threaded web
+    server); then one that serves no running loop, else a new one, with a zygote of its
+    own. Each lasts until the process ends, reused by whichever loop needs one.
+    """
+    global _current
+    with _lock:
+        if _current is None or _current.closed:
+            _current = Supervisor()
+        _others[:] = [sup for sup in _others if not sup.closed]
+        candidates = [_current, *_others]
+        sup = next((c for c in candidates if c.router.loop is loop), None)
+        if sup is None:
+            sup = next((c for c in candidates if c.free_for(loop)), None)
+        if sup is None:
+            sup = Supervisor()
+            _others.append(sup)
+        sup.attach(loop)
+        sup.enter_attempt()
+        return sup
+
+
 def current_supervisor() -> Supervisor | None:
     """The running supervisor, if any (starts nothing)."""
     return _current if _current is not None and not _current.closed else None
 
 
 def shutdown_supervisor() -> None:
-    """Tear down the process's supervisor (it starts again on the next isolated attempt)."""
+    """Tear down the process's supervisors (one starts again on the next isolated attempt)."""
     global _current
     with _lock:
-        sup, _current = _current, None
-    if sup is not None:
+        sups = [sup for sup in (_current, *_others) if sup is not None]
+        _current = None
+        _others.clear()
+    for sup in sups:
         sup.shutdown()
 
 

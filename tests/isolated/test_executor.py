@@ -16,7 +16,7 @@ import pytest
 from agent.context import Context, TypedContextData
 from agent.errors import AttemptLogNotFoundError, HumanInputTimeoutError, IsolationError, UnencodableValueError
 from agent.executor import AttemptFailed, Isolation
-from agent.supervisor import current_supervisor, get_executor, read_attempt_log, shutdown_supervisor
+from agent.supervisor import current_supervisor, get_executor, read_attempt_log, service, shutdown_supervisor
 from agent.supervisor.child import ChildProcess
 
 from .helpers import make_attempt, run, state_process_gone
@@ -291,7 +291,7 @@ class TestSupervisorLifetime:
 class TestEventLoops:
     """The shared supervisor follows the caller's loop, one loop at a time."""
 
-    async def test_second_loop_with_live_children_is_refused(self):
+    async def test_a_second_loop_with_live_children_gets_a_supervisor_of_its_own(self):
         started = threading.Event()
         box: dict = {}
 
@@ -311,12 +311,19 @@ class TestEventLoops:
         thread.start()
         try:
             assert started.wait(timeout=30)
-            with pytest.raises(IsolationError, match="one event loop at a time"):
-                await run(make_attempt(printing_state))
+            busy = current_supervisor()  # it serves the other thread's loop, which still runs
+            outcome = await run(make_attempt(printing_state))
+            assert outcome.result is None
+            assert busy.router.loop is box["loop"] and service._others
+            mine = service._others[0]
+            assert mine.router.loop is asyncio.get_running_loop() and mine.zygote.pid != busy.zygote.pid
         finally:
             box["loop"].call_soon_threadsafe(box["task"].cancel)
             thread.join()
-        await run(make_attempt(printing_state))  # that loop is gone: this one takes over
+        await run(make_attempt(printing_state))  # this loop keeps its own
+        assert service._others == [mine] and mine.router.loop is asyncio.get_running_loop()
+        shutdown_supervisor()  # both go, with everything they started
+        assert not psutil.pid_exists(mine.zygote.pid) and not os.path.exists(mine.ipc_dir)
 
     async def test_a_supervisor_started_on_a_thread_outlives_the_thread(self):
         # Its zygote watches the process, not the thread that started it: a run on a

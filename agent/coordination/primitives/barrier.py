@@ -18,12 +18,14 @@ Two ways to use it:
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from ... import _validate
+from ..._loops import fail_soon, grant_soon, locked
 from ...errors import CoordinationError, CoordinationTimeoutError
 from ...clock import Clock, wait_until_done
 from .base import Primitive, PrimitiveStatistics, PrimitiveType, Waiter, check_timeout
@@ -72,29 +74,33 @@ class Barrier(Primitive):
         """Arrive and wait for the round to fill; returns this party's arrival index (0-based)."""
         self._check_owner(owner)
         limit = check_timeout(self.wait_timeout if timeout is None else timeout, f"barrier {self.name!r}")
-        rnd = self._groups.setdefault(_RENDEZVOUS, _Round())
-        index = len(rnd.parties)
-        waiter = Waiter(owner, 1.0, self.clock.monotonic(), asyncio.get_running_loop().create_future())
-        rnd.parties.append(waiter)
-        self._counters.acquisitions += 1
-        if len(rnd.parties) >= self.max_count:
-            self._open_rendezvous(rnd)
-            return index
+        with self.lock:
+            rnd = self._groups.setdefault(_RENDEZVOUS, _Round())
+            index = len(rnd.parties)
+            waiter = Waiter(owner, 1.0, self.clock.monotonic(), asyncio.get_running_loop().create_future())
+            rnd.parties.append(waiter)
+            self._counters.acquisitions += 1
+            if len(rnd.parties) >= self.max_count:
+                self._open_rendezvous(rnd)
+                return index
         fut = waiter.future
         try:
             if not await wait_until_done(self.clock, fut, limit):
-                self._break_rendezvous(rnd, limit)
+                with self.lock:
+                    self._break_rendezvous(rnd, limit)
             fut.result()
         except BaseException:
-            if not fut.done():
-                fut.cancel()
-            if waiter in rnd.parties:
-                rnd.parties.remove(waiter)
+            with self.lock:
+                if not fut.done():
+                    fut.cancel()
+                if waiter in rnd.parties:
+                    rnd.parties.remove(waiter)
             raise
         return index
 
     # --- gate -------------------------------------------------------------------------
 
+    @locked
     def arrive(self, owner: str, group: str) -> None:
         """Count ``owner`` as arrived in ``group``'s round, without waiting."""
         self._check_owner(owner)
@@ -111,12 +117,13 @@ class Barrier(Primitive):
         """Wait until ``group`` has a full round of arrivals, and use it up."""
         self._check_owner(owner)
         limit = check_timeout(self.wait_timeout if timeout is None else timeout, f"barrier {self.name!r}")
-        rnd = self._groups.setdefault(group, _Round())
-        if rnd.full and not rnd.gates:
-            rnd.full -= 1
-            return
-        waiter = Waiter(owner, 1.0, self.clock.monotonic(), asyncio.get_running_loop().create_future())
-        rnd.gates.append(waiter)
+        with self.lock:
+            rnd = self._groups.setdefault(group, _Round())
+            if rnd.full and not rnd.gates:
+                rnd.full -= 1
+                return
+            waiter = Waiter(owner, 1.0, self.clock.monotonic(), asyncio.get_running_loop().create_future())
+            rnd.gates.append(waiter)
         fut = waiter.future
         try:
             if not await wait_until_done(self.clock, fut, limit):
@@ -125,14 +132,16 @@ class Barrier(Primitive):
                 raise CoordinationTimeoutError(self._short_message(len(rnd.arrivals), limit, f"before {owner!r}"))
             fut.result()
         except BaseException:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                rnd.full += 1  # passed, but leaving: the round stays for the next one
-            elif not fut.done():
-                fut.cancel()
-            if waiter in rnd.gates:
-                rnd.gates.remove(waiter)
+            with self.lock:
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    rnd.full += 1  # passed, but leaving: the round stays for the next one
+                elif not fut.done():
+                    fut.cancel()
+                if waiter in rnd.gates:
+                    rnd.gates.remove(waiter)
             raise
 
+    @locked
     def give_up(self, group: str) -> None:
         """Nothing else of ``group`` can arrive: its gates waiting for a full round fail now."""
         rnd = self._groups.get(group)
@@ -142,9 +151,10 @@ class Barrier(Primitive):
                f"of the run can arrive: have {self.max_count} states return {self.name!r}, or lower max_count")
         for waiter in rnd.gates:
             if not waiter.future.done():
-                waiter.future.set_exception(CoordinationError(why))
+                fail_soon(waiter.future, CoordinationError(why))
                 self._broken += 1
 
+    @locked
     def forget(self, group: str) -> None:
         """Drop ``group``'s rounds (its run is over); its waiting owners fail."""
         rnd = self._groups.pop(group, None)
@@ -164,6 +174,7 @@ class Barrier(Primitive):
     def owners(self) -> list[str]:
         return []
 
+    @locked
     def waiters(self) -> list[Waiter]:
         out = []
         for rnd in self._groups.values():
@@ -171,17 +182,19 @@ class Barrier(Primitive):
             out.extend(w for w in rnd.gates if not w.future.done())
         return out
 
+    @locked
     def fail_waiter(self, owner: str, error: BaseException) -> bool:
         for rnd in self._groups.values():
             for queue in (rnd.parties, rnd.gates):
                 for waiter in queue:
                     if waiter.owner == owner and not waiter.future.done():
-                        waiter.future.set_exception(error)
+                        fail_soon(waiter.future, error)
                         queue.remove(waiter)
                         self._counters.deadlock_failures += 1
                         return True
         return False
 
+    @locked
     def reset(self) -> None:
         groups, self._groups = self._groups, {}
         for rnd in groups.values():
@@ -190,6 +203,7 @@ class Barrier(Primitive):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "max_count": self.max_count, "wait_timeout": self.wait_timeout}
 
+    @locked
     def statistics(self) -> PrimitiveStatistics:
         c = self._counters
         waiting = len(self.waiters())
@@ -230,7 +244,13 @@ class Barrier(Primitive):
         self._rounds += 1
         for waiter in parties:
             if not waiter.future.done():
-                waiter.future.set_result(None)
+                grant_soon(waiter.future)
+
+    @locked
+    def _gate_left(self, rnd: _Round) -> None:
+        """A gate passed, but its waiter left before it heard: the round stays for the next one."""
+        rnd.full += 1
+        self._pass_gates(rnd)
 
     def _pass_gates(self, rnd: _Round) -> None:
         while rnd.full and rnd.gates:
@@ -238,7 +258,7 @@ class Barrier(Primitive):
             if waiter.future.done():
                 continue
             rnd.full -= 1
-            waiter.future.set_result(None)
+            grant_soon(waiter.future, functools.partial(self._gate_left, rnd))
 
     def _break_rendezvous(self, rnd: _Round, limit: float) -> None:
         parties, rnd.parties = rnd.parties, []
@@ -246,8 +266,7 @@ class Barrier(Primitive):
         self._counters.timeouts += 1
         message = self._short_message(len(parties), limit, "")
         for waiter in parties:
-            if not waiter.future.done():
-                waiter.future.set_exception(CoordinationTimeoutError(message))
+            fail_soon(waiter.future, CoordinationTimeoutError(message))
 
     def _short_message(self, arrived: int, limit: float, whom: str) -> str:
         shown = "forever" if math.isinf(limit) else f"{limit:g}s"
@@ -259,5 +278,4 @@ class Barrier(Primitive):
 
     def _fail_all(self, rnd: _Round, message: str) -> None:
         for waiter in [*rnd.parties, *rnd.gates]:
-            if not waiter.future.done():
-                waiter.future.set_exception(CoordinationError(f"{message} while {waiter.owner!r} waited"))
+            fail_soon(waiter.future, CoordinationError(f"{message} while {waiter.owner!r} waited"))

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import math
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from ... import _validate
+from ..._loops import fail_soon, grant_soon, locked
 from ...errors import CoordinationError, CoordinationTimeoutError
 from ...clock import SYSTEM_CLOCK, Clock, wait_until_done
 
@@ -119,6 +122,9 @@ class Primitive:
         self.ttl = check_ttl(ttl, f"{self.type.value} {name!r}")
         self.clock: Clock = clock or SYSTEM_CLOCK
         self._counters = _Counters()
+        # Runs on the event loops of several threads may share it: each step is taken under
+        # this lock, and a waiter on another thread's loop is woken on that loop.
+        self.lock = threading.RLock()
 
     # the deadlock detector's view
     def owners(self) -> list[str]:
@@ -182,6 +188,7 @@ class CapacityPrimitive(Primitive):
 
     # --- acquiring ------------------------------------------------------------------
 
+    @locked
     def try_acquire(self, owner: str, amount: float = 1.0) -> bool:
         """Take ``amount`` for ``owner`` now if it is free and nobody is queued."""
         amount = self._check_request(owner, amount)
@@ -198,15 +205,17 @@ class CapacityPrimitive(Primitive):
         wait: past it, CoordinationTimeoutError. A cancelled or failed waiter leaves the
         queue and never keeps a grant that raced its cancellation.
         """
-        amount = self._check_request(owner, amount)
-        limit = check_timeout(self.wait_timeout if timeout is None else timeout, f"{self.type.value} {self.name!r}")
-        self.expire_stale()
-        if not self._waiters and self._fits(amount):
-            self._grant(owner, amount)
-            return
-        waiter = Waiter(owner, amount, self.clock.monotonic(), asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
-        self._ensure_reaper()
+        with self.lock:
+            amount = self._check_request(owner, amount)
+            limit = check_timeout(self.wait_timeout if timeout is None else timeout,
+                                  f"{self.type.value} {self.name!r}")
+            self.expire_stale()
+            if not self._waiters and self._fits(amount):
+                self._grant(owner, amount)
+                return
+            waiter = Waiter(owner, amount, self.clock.monotonic(), asyncio.get_running_loop().create_future())
+            self._waiters.append(waiter)
+            self._ensure_reaper()
         fut = waiter.future
         try:
             if not await wait_until_done(self.clock, fut, limit):
@@ -214,14 +223,16 @@ class CapacityPrimitive(Primitive):
                 raise CoordinationTimeoutError(self._timeout_message(owner, amount, limit))
             fut.result()  # raises what fail_waiter() put there (DeadlockError, reset)
         except BaseException:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._take_back(owner, amount)  # granted, but we are leaving: give it back
-            else:
-                if not fut.done():
-                    fut.cancel()
-                self._remove_waiter(waiter)
+            with self.lock:
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    self._take_back(owner, amount)  # granted, but we are leaving: give it back
+                else:
+                    if not fut.done():
+                        fut.cancel()
+                    self._remove_waiter(waiter)
             raise
 
+    @locked
     def release(self, owner: str, amount: float | None = None) -> bool:
         """Give back ``amount`` (default: all) held by ``owner``.
 
@@ -235,27 +246,32 @@ class CapacityPrimitive(Primitive):
         self._take_back(owner, holding.amount if amount is None else min(float(amount), holding.amount))
         return True
 
+    @locked
     def holds(self, owner: str) -> bool:
         self.expire_stale()
         return owner in self._holders
 
     # --- the detector's and coordinator's view ----------------------------------------
 
+    @locked
     def owners(self) -> list[str]:
         return list(self._holders)
 
+    @locked
     def waiters(self) -> list[Waiter]:
         return [w for w in self._waiters if not w.future.done()]
 
+    @locked
     def fail_waiter(self, owner: str, error: BaseException) -> bool:
         for waiter in self._waiters:
             if waiter.owner == owner and not waiter.future.done():
-                waiter.future.set_exception(error)
+                fail_soon(waiter.future, error)
                 self._remove_waiter(waiter)
                 self._counters.deadlock_failures += 1
                 return True
         return False
 
+    @locked
     def expire_stale(self) -> int:
         if self.ttl is None or not self._holders:
             return 0
@@ -266,20 +282,20 @@ class CapacityPrimitive(Primitive):
             self._take_back(owner, self._holders[owner].amount)
         return len(stale)
 
+    @locked
     def reset(self) -> None:
         self._holders.clear()
         self._in_use = 0.0
         waiters, self._waiters = list(self._waiters), deque()
         self._stop_reaper_if_idle()
         for waiter in waiters:
-            if not waiter.future.done():
-                waiter.future.set_exception(
-                    CoordinationError(f"{self.type.value} {self.name!r} was reset while {waiter.owner!r} waited for it")
-                )
+            fail_soon(waiter.future, CoordinationError(
+                f"{self.type.value} {self.name!r} was reset while {waiter.owner!r} waited for it"))
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "capacity": self.capacity, "wait_timeout": self.wait_timeout}
 
+    @locked
     def statistics(self) -> PrimitiveStatistics:
         c = self._counters
         return PrimitiveStatistics(
@@ -337,6 +353,7 @@ class CapacityPrimitive(Primitive):
         if self._waiters:
             self._ensure_reaper()
 
+    @locked
     def _take_back(self, owner: str, amount: float) -> None:
         holding = self._holders.get(owner)
         if holding is None:
@@ -360,7 +377,7 @@ class CapacityPrimitive(Primitive):
                 return
             self._waiters.popleft()
             self._grant(head.owner, head.amount)
-            head.future.set_result(None)
+            grant_soon(head.future, functools.partial(self._take_back, head.owner, head.amount))
         self._stop_reaper_if_idle()
 
     def _stop_reaper_if_idle(self) -> None:
