@@ -56,7 +56,7 @@ from ..scope import ScopedContext, scope_for
 from ..state import AttemptRecord, StateMetadata
 from ..status import AgentStatus, StateStatus
 from .admission import Admission
-from ..workflow import cannot_suspend
+from ..workflow import cannot_suspend, uses_an_agent
 from .driver import Driver, Returned, exception_reason, inline_runner
 
 _NO_USAGE: dict[str, Any] = {}  # what an inline attempt measured (nothing); never written to
@@ -88,6 +88,9 @@ _STOP_PREEMPT = StopReason.PREEMPT
 _STOP_TIMEOUT = StopReason.TIMEOUT
 _INLINE = Isolation.INLINE
 _SANDBOX = Isolation.SANDBOX
+# The agent's own levels at which a state gets copies of what its code uses; a state that
+# uses an agent then runs inline unless add_state() chose its isolation.
+_BY_COPY = frozenset((Isolation.PROCESS, Isolation.WORKER))
 
 _FINISHED_FOR_GOOD = (_FAILED, _TIMEOUT, _CANCELLED, _BLOCKED)
 _RUN_COMPLETED = AgentStatus.COMPLETED
@@ -836,6 +839,8 @@ class Run:
                       data={"resources": spec.resources} if spec.resources is not None else {})
         view = self.context._attempt_view(name, number, self.human_for)
         isolation = spec.isolation or self.default_isolation
+        if isolation is not _INLINE and spec.isolation is None and isolation in _BY_COPY and uses_an_agent(spec.func):
+            isolation = _INLINE  # see uses_an_agent(): where that agent lives
         if spec.context_keys is not None or isolation is _SANDBOX:  # add_state(context_keys=...)
             view = ScopedContext.over(view, scope_for(isolation, spec.context_keys))  # type: ignore[arg-type]
         if isolation is _INLINE and not self.hooks:

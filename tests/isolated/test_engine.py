@@ -201,3 +201,49 @@ class TestAgentWithProcessIsolation:
         await run
         assert agent.status is AgentStatus.CANCELLED
         assert state_process_gone(pid)
+
+
+class TestStatesThatUseAnAgent:
+    """A state whose code calls an agent (the spec's coordination status and clean-up
+    states) works on that live object: at the agent's own process or worker level it runs
+    inline; a level chosen for the state itself is kept, and says why it cannot be."""
+
+    async def test_they_run_where_the_agent_lives(self, level):
+        from agent.coordination import Coordinator, PrimitiveType, create_coordinated_agent
+
+        coordinator = Coordinator(detection_interval=3600)
+        agent = create_coordinated_agent("monitored", coordinator=coordinator, isolation=level)
+        agent.add_state_coordination("database_write", PrimitiveType.MUTEX, ttl=30.0)
+        seen = {}
+
+        async def monitor_coordination(context):
+            status = await agent.get_coordination_status()
+            seen["primitives"] = sorted(status["primitives"])
+            seen["monitor_pid"] = os.getpid()
+            return "cleanup_resources"
+
+        async def cleanup_resources(context):
+            await agent.reset_coordination()
+            seen["cleanup_pid"] = os.getpid()
+            return "isolated"
+
+        async def isolated(context):  # uses no agent: it keeps the agent's level
+            context.set_state("pid", os.getpid())
+
+        for name, func in (("monitor_coordination", monitor_coordination),
+                           ("cleanup_resources", cleanup_resources), ("isolated", isolated)):
+            agent.add_state(name, func)
+        context = await agent.run()
+        assert seen == {"primitives": ["database_write"], "monitor_pid": os.getpid(), "cleanup_pid": os.getpid()}
+        assert context.get_state("pid") != os.getpid()
+        await coordinator.aclose()
+
+    async def test_a_level_chosen_for_the_state_is_kept(self):
+        agent = Agent("chosen", isolation="inline")
+
+        async def status(context):
+            return agent.name
+
+        agent.add_state("status", status, isolation="process")
+        with pytest.raises(StateFailedError, match=r"it uses 'agent' \(of type Agent\).*isolation='inline'"):
+            await agent.run()
