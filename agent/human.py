@@ -10,14 +10,15 @@ engine turns that into :func:`ask_human` on the agent's provider (DESIGN.md item
 * ``timeout`` bounds the whole exchange, re-asks included; when it passes the default
   is returned, or :class:`~agent.errors.HumanInputTimeoutError` raised without one.
 
-Providers: :class:`ConsoleInputProvider` (a terminal, read on the event loop, no
-thread) and :class:`QueueInputProvider` (programmatic: tests, web apps, a daemon).
+Providers: :class:`ConsoleInputProvider` (a terminal or a pipe, read on the event loop,
+no thread) and :class:`QueueInputProvider` (programmatic: tests, web apps, a daemon).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import sys
 import threading
 import uuid
@@ -284,12 +285,15 @@ class ConsoleInputProvider:
     """Asks on a terminal, one question at a time, reading with the event loop (no thread).
 
     Input is read from ``input_fd`` (stdin by default) with ``loop.add_reader``, so a
-    timed-out or cancelled question leaves no blocked thread behind.
+    timed-out or cancelled question leaves no blocked thread behind; a pipe or a file
+    works the same way, one answer per line. Once the input has ended, every question
+    raises :class:`~agent.errors.HumanInputError`.
     """
 
     def __init__(self, input_fd: int | None = None, output: TextIO | None = None) -> None:
         self._fd = input_fd  # None: whatever sys.stdin is when a question is asked
         self._out = output
+        self._ended = False  # the input reached its end
         self._buffer = bytearray()
         self._busy: asyncio.Lock | None = None
         self._busy_loop: asyncio.AbstractEventLoop | None = None
@@ -299,18 +303,24 @@ class ConsoleInputProvider:
         if self._busy is None or self._busy_loop is not loop:
             self._busy, self._busy_loop = asyncio.Lock(), loop
         async with self._busy:
-            out = self._out if self._out is not None else sys.stdout
-            out.write(format_request(request))
-            out.flush()
-            return await self._read_line(loop)
+            if not self._ended:
+                out = self._out if self._out is not None else sys.stdout
+                out.write(format_request(request))
+                out.flush()
+                line = await self._read_line(loop)
+                if line is not None:
+                    return line
+                self._ended = True
+        raise HumanInputError("standard input is closed: nobody can answer on this console")
 
-    async def _read_line(self, loop: asyncio.AbstractEventLoop) -> str:
+    async def _read_line(self, loop: asyncio.AbstractEventLoop) -> str | None:
+        """The next line (None: the input ended)."""
         while b"\n" not in self._buffer:
             chunk = await self._read_chunk(loop)
             if not chunk:
                 if self._buffer:
                     break
-                raise HumanInputError("standard input is closed: nobody can answer on this console")
+                return None
             self._buffer += chunk
         line, _, rest = bytes(self._buffer).partition(b"\n")
         self._buffer = bytearray(rest)
@@ -360,9 +370,33 @@ def format_request(request: HumanInputRequest) -> str:
 
 # --- defaults -----------------------------------------------------------------------------
 
+class PipedInputProvider:
+    """Answers from a pipe or a file and from code at once: each question is read from
+    ``console`` and waits in ``queue`` too, and the first answer wins; once the input has
+    ended, the queue alone answers (``echo approve | python flow.py``, or a web app)."""
+
+    def __init__(self, console: ConsoleInputProvider, queue: QueueInputProvider) -> None:
+        self.console = console
+        self.queue = queue
+
+    async def ask(self, request: HumanInputRequest) -> str:
+        read = asyncio.ensure_future(self.console.ask(request))
+        queued = asyncio.ensure_future(self.queue.ask(request))
+        try:
+            done, _ = await asyncio.wait((read, queued), return_when=asyncio.FIRST_COMPLETED)
+            if queued not in done and read.exception() is None:
+                return read.result()
+            return await queued  # answered from code, or the input ended
+        finally:
+            for task in (read, queued):
+                task.cancel()
+            await asyncio.gather(read, queued, return_exceptions=True)
+
+
 _defaults_lock = threading.Lock()
 _process_queue: QueueInputProvider | None = None
 _console: ConsoleInputProvider | None = None
+_piped: PipedInputProvider | None = None
 
 
 def process_queue() -> QueueInputProvider:
@@ -375,16 +409,35 @@ def process_queue() -> QueueInputProvider:
 
 
 def default_provider() -> HumanInputProvider:
-    """The console when stdin is a terminal, else :func:`process_queue`."""
-    global _console
-    stdin = sys.stdin
-    try:
-        tty = stdin is not None and stdin.isatty()
-    except (ValueError, OSError):  # closed or detached stdin
-        tty = False
-    if not tty:
-        return process_queue()
+    """Where answers come from by default: standard input when it is a terminal, a pipe or
+    a file (``echo approve | python flow.py``; questions asked once it has ended wait in
+    :func:`process_queue`), else :func:`process_queue` (no stdin, ``/dev/null``, a test
+    runner's)."""
+    global _console, _piped
+    stdin = stdin_kind()
+    queue = process_queue()
+    if stdin is None:
+        return queue
     with _defaults_lock:
         if _console is None:
             _console = ConsoleInputProvider()
-        return _console
+        if stdin == "terminal":
+            return _console
+        if _piped is None:
+            _piped = PipedInputProvider(_console, queue)
+        return _piped
+
+
+def stdin_kind() -> str | None:
+    """What standard input is, when it can carry answers: ``"terminal"`` or ``"pipe"`` (a
+    pipe, a socket or a file); None otherwise."""
+    stdin = sys.stdin
+    try:
+        if stdin is None:
+            return None
+        if stdin.isatty():
+            return "terminal"
+        mode = os.fstat(stdin.fileno()).st_mode
+    except (ValueError, OSError, AttributeError):  # closed, detached, or not a file (a test runner's)
+        return None
+    return "pipe" if stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode) else None

@@ -213,6 +213,8 @@ class Progress:
             self._terminal.notice(f"agent run: {line} after {duration(elapsed)}{detail}")
 
     def _human_notices(self, snapshots: list[dict[str, Any]]) -> None:
+        from ..human import stdin_kind
+
         for snap in snapshots:
             for request in snap.get("human_input", ()):
                 if request["id"] in self._asked:
@@ -223,9 +225,10 @@ class Progress:
                     fallback = (f"{request['default']!r}, the default, is used" if request.get("default") is not None
                                 else "the state fails")
                     then = f"; after {duration(request['timeout'])} {fallback}"
+                where = ("a line on stdin, or its input queue" if stdin_kind() == "pipe" else
+                         "its input queue (stdin is not a terminal, so nobody is asked here)")
                 self._terminal.notice(
-                    f"agent run: {request['state']} waits for an answer to {request['prompt']!r} from its input "
-                    f"queue (stdin is not a terminal, so nobody is asked here){then}"
+                    f"agent run: {request['state']} waits for an answer to {request['prompt']!r} from {where}{then}"
                 )
 
 

@@ -15,6 +15,7 @@ from agent.errors import HumanInputError
 from agent.human import (
     ConsoleInputProvider,
     HumanInputRequest,
+    PipedInputProvider,
     QueueInputProvider,
     ask_human,
     default_provider,
@@ -126,13 +127,20 @@ class TestConsoleInputProvider:
 
 
 class TestDefaultProvider:
-    """The console on a terminal, else the one process-wide queue."""
+    """The console on a terminal; a pipe or a file and the queue at once; else the queue."""
 
-    def test_queue_when_stdin_is_not_a_terminal(self, pipe, monkeypatch):
-        monkeypatch.setattr(sys, "stdin", os.fdopen(os.dup(pipe[0]), "r"))
+    def test_queue_when_stdin_can_carry_no_answer(self, monkeypatch):
+        monkeypatch.setattr(sys, "stdin", open(os.devnull))
         provider = default_provider()
         assert isinstance(provider, QueueInputProvider)
         assert provider is process_queue() is default_provider()
+        sys.stdin.close()
+
+    def test_pipe_and_queue_when_stdin_is_a_pipe(self, pipe, monkeypatch):
+        monkeypatch.setattr(sys, "stdin", os.fdopen(os.dup(pipe[0]), "r"))
+        provider = default_provider()
+        assert isinstance(provider, PipedInputProvider)
+        assert provider.queue is process_queue() and provider is default_provider()
         sys.stdin.close()
 
     def test_console_when_stdin_is_a_terminal(self, terminal, monkeypatch):
@@ -141,3 +149,51 @@ class TestDefaultProvider:
         assert isinstance(provider, ConsoleInputProvider)
         assert provider is default_provider()
         sys.stdin.close()
+
+
+class TestPipedInput:
+    """``echo approve | python flow.py``: the pipe answers; code can too; after its end, code alone."""
+
+    async def test_the_pipe_answers(self, pipe):
+        read_fd, write_fd = pipe
+        queue = QueueInputProvider()
+        provider = PipedInputProvider(ConsoleInputProvider(input_fd=read_fd, output=io.StringIO()), queue)
+        os.write(write_fd, b"approve\n")
+        assert await provider.ask(request()) == "approve"
+        assert queue.pending() == []
+
+    async def test_code_answers_while_the_pipe_is_silent(self, pipe):
+        read_fd, _ = pipe
+        queue = QueueInputProvider()
+        provider = PipedInputProvider(ConsoleInputProvider(input_fd=read_fd, output=io.StringIO()), queue)
+        task = asyncio.create_task(provider.ask(request()))
+        asked = await queue.wait_for_request()
+        queue.answer(asked.id, "from code")
+        assert await task == "from code"
+
+    async def test_after_the_end_of_input_code_answers(self, pipe):
+        read_fd, write_fd = pipe
+        out = io.StringIO()
+        queue = QueueInputProvider()
+        provider = PipedInputProvider(ConsoleInputProvider(input_fd=read_fd, output=out), queue)
+        os.write(write_fd, b"first\n")
+        os.close(write_fd)
+        assert await provider.ask(request("one")) == "first"
+        for prompt in ("two", "three"):  # each waits in the queue, asked once on the console
+            task = asyncio.create_task(provider.ask(request(prompt)))
+            asked = await queue.wait_for_request()
+            queue.answer(asked.id, prompt.upper())
+            assert await task == prompt.upper()
+        assert out.getvalue().count("two") == 1 and "three" not in out.getvalue()
+
+    async def test_a_question_that_times_out_leaves_nothing_waiting(self, pipe, clock):
+        read_fd, write_fd = pipe
+        queue = QueueInputProvider()
+        provider = PipedInputProvider(ConsoleInputProvider(input_fd=read_fd, output=io.StringIO()), queue)
+        task = asyncio.create_task(ask_human(provider, "q", timeout=5, default="d", clock=clock))
+        await queue.wait_for_request()
+        await clock.advance(5)
+        assert await task == "d"
+        assert queue.pending() == []
+        os.write(write_fd, b"later\n")
+        assert await provider.ask(request("next")) == "later"
