@@ -466,9 +466,7 @@ class Agent:
         """Run on a fresh uvloop event loop owned by the engine (for scripts and the CLI)."""
         import uvloop
 
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
+        if asyncio._get_running_loop() is None:
             return uvloop.run(self.run(**kwargs))
         raise EventLoopRunningError(
             f"agent {self.name!r}: run_sync() starts an event loop of its own, and one runs here "

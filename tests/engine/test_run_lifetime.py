@@ -15,6 +15,7 @@ from agent import (
     EventLoopRunningError,
     InvalidConfigurationError,
     ResourceRequirements,
+    StateFailedError,
     StateStatus,
 )
 from agent.agent import _new_run_id  # what the child would give its next run
@@ -158,6 +159,15 @@ class TestRunSync:
         assert agent.run_sync(initial_context={"x": 1}).get_state("x") == 1
         assert agent.status is AgentStatus.COMPLETED
 
+    def test_a_failure_is_raised_as_itself(self):
+        # Not chained to the "no running event loop" that run_sync() checked for first:
+        # a traceback shows the state's failure and nothing else.
+        agent = Agent("sync_failing", isolation="inline")
+        agent.add_state("boom", failing_state)
+        with pytest.raises(StateFailedError, match="ValueError: boom") as caught:
+            agent.run_sync()
+        assert caught.value.__context__ is None
+
     async def test_inside_a_running_loop_it_is_refused_and_nothing_runs(self, recwarn):
         agent = Agent("notebook", isolation="inline")
         agent.add_state("only", only_state)
@@ -170,3 +180,7 @@ class TestRunSync:
 
 async def only_state(context):
     return None
+
+
+async def failing_state(context):
+    raise ValueError("boom")
