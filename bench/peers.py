@@ -5,7 +5,8 @@ cannot be imported is reported as missing.
 time, as a service that builds a workflow per request does: a 3-state chain and a 100-way
 fan-out with a join, with and without ``ResourceRequirements`` declared on every state.
 Each side runs in its own interpreter (ours: this one; puffinflow:
-``--puffinflow-python``, by default this one when it can import puffinflow), the two
+``--puffinflow-python``, by default this one when it can import puffinflow; give it a venv
+made from this same interpreter, or the ratio compares interpreters too), the two
 sides alternate, and each figure is the median of ``--repeat`` runs; ratios are ours /
 theirs. ``import_ms``: what ``import PACKAGE`` and ``from PACKAGE import Agent`` import,
 from ``-X importtime``.
@@ -265,6 +266,14 @@ finally:
 '''
 
 
+def interpreter(python: str) -> str:
+    """What ``python`` is: its version and executable, which a ratio between two sides depends on
+    (a distribution's optimised build and one compiled without PGO differ by a third here)."""
+    proc = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0], sys.executable)"],
+                          capture_output=True, text=True, check=True)
+    return proc.stdout.strip()
+
+
 def can_import(python: str, module: str) -> bool:
     return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
 
@@ -359,6 +368,7 @@ def inline(args: argparse.Namespace) -> dict[str, object]:
     else:
         theirs = {k: round(statistics.median(r[k] for r in theirs_runs)) for k in theirs_runs[0]}
         out["puffinflow_states_per_s"] = theirs
+        out["interpreters"] = {"agent": interpreter(sys.executable), "puffinflow": interpreter(peer)}
         theirs_import = {k: round(statistics.median(i[k] for i in theirs_imports), 1) for k in theirs_imports[0]}
         out["puffinflow_import_ms"] = theirs_import
         out["ratio_agent_over_puffinflow"] = {k: round(ours[k] / theirs[k], 2) for k in ours}
