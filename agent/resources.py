@@ -386,7 +386,6 @@ class ResourcePool:
                     f"{total:g} in total: lower the request or enlarge the ResourcePool"
                 )
 
-    @locked
     def try_acquire(
         self,
         owner: str,
@@ -402,6 +401,11 @@ class ResourcePool:
         names the state for per-state quotas (default: ``owner``); ``priority``
         overrides ``requirements.priority``.
         """
+        with self.lock:
+            return self._try_acquire(owner, requirements, state, priority)
+
+    def _try_acquire(self, owner: str, requirements: ResourceRequirements, state: str | None,
+                     priority: Priority | int | None) -> bool:
         if owner in self._holders:
             raise ResourceRequestError(f"{owner!r} already holds resources: release them first")
         if owner in self._waiters:
@@ -436,12 +440,15 @@ class ResourcePool:
         self._take(owner, amounts, level, state)
         return True
 
-    @locked
     def release(self, owner: str) -> None:
         """Give back what ``owner`` holds, or withdraw its queued request (no-op if neither).
 
         Queued requests that now fit are granted at once (see ``grant_next``).
         """
+        with self.lock:
+            self._release(owner)
+
+    def _release(self, owner: str) -> None:
         holding = self._holders.pop(owner, None)
         if holding is None:
             self._claims.pop(owner, None)
