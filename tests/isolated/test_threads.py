@@ -29,22 +29,31 @@ def on_threads(jobs: list[Callable[[], Any]]) -> list[Any]:
         return [f.exception(timeout=120) or f.result() for f in futures]
 
 
-class Inside:
-    """How many states are inside a section at once, at most."""
+class Turns:
+    """Agents built by ``build(i, state)`` on a thread each, whose one state must take its
+    turn (the whole pool, a mutex): how many ran it, and how many at once at most."""
 
-    def __init__(self) -> None:
+    def __init__(self, build: Callable[[int, Any], Agent]) -> None:
+        self._build = build
         self._lock = threading.Lock()
-        self.now = self.most = self.entered = 0
+        self._now = self.most = self.entered = 0
 
-    def enter(self) -> None:
+    async def _state(self, context: Any) -> None:
+        import asyncio
+
         with self._lock:
-            self.now += 1
+            self._now += 1
             self.entered += 1
-            self.most = max(self.most, self.now)
-
-    def leave(self) -> None:
+            self.most = max(self.most, self._now)
+        await asyncio.sleep(0.02)
         with self._lock:
-            self.now -= 1
+            self._now -= 1
+        context.set_state("ran", True)
+
+    def run(self) -> list[Any]:
+        def job(i: int) -> Callable[[], bool]:
+            return lambda: self._build(i, self._state).run_sync(timeout=60).get_state("ran")
+        return on_threads([job(i) for i in range(THREADS)])
 
 
 class TestSharedPool:
@@ -53,25 +62,15 @@ class TestSharedPool:
         # next waiter on its own thread's loop (a grant used to wake nobody there: 1 of 3
         # runs completed, the others hung).
         pool = ResourcePool(total_cpu=2, total_memory=1024)
-        inside = Inside()
 
-        async def whole_pool(context):
-            import asyncio
+        def build(i: int, state: Any) -> Agent:
+            agent = Agent(f"thread{i}", isolation="inline", resource_pool=pool)
+            agent.add_state("work", state, resources=ResourceRequirements(cpu_units=2, memory_mb=64))
+            return agent
 
-            inside.enter()
-            await asyncio.sleep(0.02)
-            inside.leave()
-            context.set_state("ran", True)
-
-        def job(i: int) -> Callable[[], bool]:
-            def run() -> bool:
-                agent = Agent(f"thread{i}", isolation="inline", resource_pool=pool)
-                agent.add_state("work", whole_pool, resources=ResourceRequirements(cpu_units=2, memory_mb=64))
-                return agent.run_sync(timeout=60).get_state("ran")
-            return run
-
-        assert on_threads([job(i) for i in range(THREADS)]) == [True] * THREADS
-        assert (inside.entered, inside.most) == (THREADS, 1)
+        turns = Turns(build)
+        assert turns.run() == [True] * THREADS
+        assert (turns.entered, turns.most) == (THREADS, 1)
         stats = pool.statistics()
         assert (stats.holders, stats.waiting) == (0, 0)
 
@@ -81,26 +80,16 @@ class TestSharedCoordination:
         # The coordinator's own watch never runs in time (an hour): a waiter on another
         # thread's loop is woken by the release itself, or not at all.
         coordinator = Coordinator(detection_interval=3600)
-        inside = Inside()
 
-        async def write(context):
-            import asyncio
+        def build(i: int, state: Any) -> Agent:
+            agent = enhance_agent(Agent(f"writer{i}", isolation="inline"), coordinator=coordinator)
+            agent.add_state_coordination("database_write", PrimitiveType.MUTEX)
+            agent.add_state("database_write", state)
+            return agent
 
-            inside.enter()
-            await asyncio.sleep(0.02)
-            inside.leave()
-            context.set_state("wrote", True)
-
-        def job(i: int) -> Callable[[], bool]:
-            def run() -> bool:
-                agent = enhance_agent(Agent(f"writer{i}", isolation="inline"), coordinator=coordinator)
-                agent.add_state_coordination("database_write", PrimitiveType.MUTEX)
-                agent.add_state("database_write", write)
-                return agent.run_sync(timeout=60).get_state("wrote")
-            return run
-
-        assert on_threads([job(i) for i in range(THREADS)]) == [True] * THREADS
-        assert (inside.entered, inside.most) == (THREADS, 1)
+        turns = Turns(build)
+        assert turns.run() == [True] * THREADS
+        assert (turns.entered, turns.most) == (THREADS, 1)
 
 
 class TestIsolatedOnSeveralLoops:
