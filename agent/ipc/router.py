@@ -76,10 +76,10 @@ class RouterChannel:
         if self._loop is loop:
             return
         self.detach()
-        loop.add_reader(self._sock.FD, self._drain)
-        loop.add_reader(self._monitor.FD, self._drain)
+        loop.add_reader(self._sock.FD, self.drain)
+        loop.add_reader(self._monitor.FD, self.drain)
         self._loop = loop
-        loop.call_soon(self._drain)
+        loop.call_soon(self.drain)
 
     def detach(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
@@ -98,9 +98,10 @@ class RouterChannel:
         finally:
             # Sending can consume the edge of the (edge-triggered) FD: look again.
             if self._loop is not None:
-                self._loop.call_soon(self._drain)
+                self._loop.call_soon(self.drain)
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
+        """Hand every frame and disconnect waiting now to the callbacks."""
         if self._closed:
             return
         while True:

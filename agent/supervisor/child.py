@@ -603,6 +603,11 @@ class ChildProcess:
         """Ask the child to stop (cancel or preempt), wait ``grace`` seconds, then kill it."""
         self._stopping = True
         reason = str(getattr(reason, "value", reason))  # the engine's StopReason: a plain string on the wire
+        if self.status is ChildStatus.LAUNCHING:
+            # Its hello, and what its state wrote since (a child runs its state without
+            # waiting for the supervisor), may be waiting unread: read them first, so that
+            # a preempted state keeps its progress and is asked to stop, not killed.
+            self._sup.catch_up()
         if self.status is ChildStatus.RUNNING:
             self._send(encode_message(Preempt(reason=reason) if reason == "preempt" else Cancel(reason=reason)))
             try:

@@ -129,7 +129,7 @@ class ZygoteLauncher:
         if self._loop is loop:
             return
         self.detach()
-        loop.add_reader(self._sock.fileno(), self._on_readable)
+        loop.add_reader(self._sock.fileno(), self.read_reports)
         self._loop = loop
 
     def detach(self) -> None:
@@ -176,7 +176,8 @@ class ZygoteLauncher:
             self._lost()
             raise ConnectionError(f"the zygote is gone: {exc}") from None
 
-    def _on_readable(self) -> None:
+    def read_reports(self) -> None:
+        """Hand the reports waiting now to ``on_report``."""
         try:
             data = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
         except BlockingIOError:

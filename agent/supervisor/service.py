@@ -461,6 +461,13 @@ class Supervisor:
             self._decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-decode")
         return self._decoder
 
+    def catch_up(self) -> None:
+        """Read now what the zygote and the children have sent (forks, hellos, writes), as
+        the event loop would have next."""
+        if self.zygote.alive:
+            self.zygote.read_reports()
+        self.router.drain()
+
     def kill_pid(self, pid: int) -> None:
         try:
             self.zygote.kill(pid)

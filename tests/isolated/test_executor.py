@@ -68,6 +68,14 @@ async def pid_then_wait_state(context):
     await asyncio.get_running_loop().create_future()
 
 
+async def write_then_signal_state(context):
+    context.set_state("progress", 1)
+    context.set_state("pid", os.getpid())
+    with open(context.get_state("fifo"), "w") as fifo:
+        fifo.write("written\n")
+    await asyncio.get_running_loop().create_future()
+
+
 async def environment_state(context):
     import threading
 
@@ -240,6 +248,33 @@ class TestPreemptAndCancel:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        assert attempt.context.get_state("progress") == 1
+        assert state_process_gone(attempt.context.get_state("pid"))
+
+    async def test_preempted_before_its_hello_was_read_it_keeps_its_writes(self, level, tmp_path):
+        # A child runs its state without waiting for the supervisor: on a busy supervisor its
+        # hello and writes may still wait unread when it is preempted. They are read first,
+        # so the state is asked to stop, not killed, and its progress is kept (a killed
+        # one lost it, and its retry started from nothing).
+        if level is Isolation.WORKER:
+            pytest.skip("a worker's channel is its own, read before it is handed an attempt")
+        fifo = tmp_path / "written"
+        os.mkfifo(fifo)
+        await run(make_attempt(printing_state))
+        sup = current_supervisor()
+        loop = asyncio.get_running_loop()
+        attempt = make_attempt(write_then_signal_state, context=Context({"fifo": str(fifo)}))
+        task = asyncio.ensure_future(run(attempt))
+        await asyncio.sleep(0)  # launched: it waits for its answer
+        sup.router.detach()  # from now on the loop reads nothing the child sends: a busy supervisor
+        try:
+            assert await loop.run_in_executor(None, lambda: fifo.open().readline()) == "written\n"
+            attempt.stop_reason = "preempt"
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            sup.router.attach(loop)
         assert attempt.context.get_state("progress") == 1
         assert state_process_gone(attempt.context.get_state("pid"))
 
