@@ -167,6 +167,7 @@ class ChildProcess:
         self.route: bytes | None = None
         self.exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._answered: asyncio.Future[None] | None = None  # see answered()
+        self._heard: asyncio.Future[None] | None = None  # see _hello_or_end()
         self._charged_before: tuple[float, int] = (0.0, 0)  # what a parked child took before
         self._result: tuple[Any] | None = None
         self._error: FailureReason | None = None
@@ -271,6 +272,7 @@ class ChildProcess:
 
     def _start(self, route: bytes, fd: int) -> None:
         self._move(ChildStatus.RUNNING)
+        self._hear()
         self.route, self.fd = route, fd
         self._sup.bind(self, route, fd)
         self._sup.launched(self)
@@ -333,6 +335,7 @@ class ChildProcess:
         self._give_all_back()
         self._sup.forget(self)
         self._answer_now()
+        self._hear()
         if not self.exited.done():
             try:
                 self.exited.set_result(self._exit_status)
@@ -603,11 +606,19 @@ class ChildProcess:
         """Ask the child to stop (cancel or preempt), wait ``grace`` seconds, then kill it."""
         self._stopping = True
         reason = str(getattr(reason, "value", reason))  # the engine's StopReason: a plain string on the wire
-        if self.status is ChildStatus.LAUNCHING:
-            # Its hello, and what its state wrote since (a child runs its state without
-            # waiting for the supervisor), may be waiting unread: read them first, so that
-            # a preempted state keeps its progress and is asked to stop, not killed.
+        if self.status is ChildStatus.LAUNCHING and self._sup.unqueue(self):
+            self.on_exit(None)  # its fork was not even asked for
+        elif self.status is ChildStatus.LAUNCHING:
+            # Forked (or about to be): a child runs its state without waiting for the
+            # supervisor, so its hello and what it wrote since may be on their way (unread,
+            # or still in libzmq's thread on a busy machine). They are waited for, within
+            # the grace period, so that the state is asked to stop and keeps its progress.
             self._sup.catch_up()
+            if self.status is ChildStatus.LAUNCHING:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._hello_or_end()), grace)
+                except TimeoutError:
+                    pass
         if self.status is ChildStatus.RUNNING:
             self._send(encode_message(Preempt(reason=reason) if reason == "preempt" else Cancel(reason=reason)))
             try:
@@ -628,6 +639,18 @@ class ChildProcess:
             if self._result is not None or self.status is ChildStatus.EXITED:
                 self._answered.set_result(None)
         return self._answered
+
+    def _hello_or_end(self) -> asyncio.Future[None]:
+        """A future done once the child's hello is believed, or once it is gone."""
+        if self._heard is None:
+            self._heard = asyncio.get_running_loop().create_future()
+            if self.status is not ChildStatus.LAUNCHING:
+                self._heard.set_result(None)
+        return self._heard
+
+    def _hear(self) -> None:
+        if self._heard is not None and not self._heard.done():
+            self._heard.set_result(None)
 
     def _answer_now(self) -> None:
         if self._answered is not None and not self._answered.done():
