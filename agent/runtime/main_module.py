@@ -8,7 +8,9 @@ script's own functions, and a pool that spawns would have started the zygote's m
 instead of the script. So a state's process gets a stand-in ``__main__`` that names the
 program's script the way :mod:`multiprocessing` reads it (its ``__file__``, or the module
 of ``python -m``) and holds what each state brought from it: the state's own function,
-and the functions, classes and values of the script it refers to.
+and the functions, classes and values of the script it refers to. The script's functions
+also get its file name back (cloudpickle names code it copies ``<dynamic-code>``), so a
+traceback from a state points at the script's lines, as it would inline.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def adopt(*objects: Any) -> None:
     if main is None or not getattr(main, _MARK, False):
         return  # not a state's process (the zygote warming up), or none made
     space = main.__dict__
+    script = getattr(main, "__file__", None)
     for obj in objects:
         if getattr(obj, "__module__", None) != "__main__":
             continue
@@ -57,5 +60,23 @@ def adopt(*objects: Any) -> None:
             for name, value in scope.items():
                 if not name.startswith("__"):
                     space[name] = value
+                    if script:
+                        _name_file(value, script)
+        if script:
+            _name_file(obj, script)
         if "<" not in getattr(obj, "__qualname__", "<"):  # defined at the script's top level
             space[obj.__name__] = obj
+
+
+_COPIED = "<dynamic-code>"  # what cloudpickle names the file of code it copied
+
+
+def _name_file(obj: Any, script: str) -> None:
+    """Give a function of the script copied by cloudpickle its file name back."""
+    if isinstance(obj, types.FunctionType) and obj.__module__ == "__main__" and obj.__code__.co_filename == _COPIED:
+        obj.__code__ = _renamed(obj.__code__, script)
+
+
+def _renamed(code: types.CodeType, script: str) -> types.CodeType:
+    consts = tuple(_renamed(c, script) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+    return code.replace(co_filename=script, co_consts=consts)

@@ -90,3 +90,40 @@ def test_a_state_hands_the_scripts_functions_and_classes_to_process_pools(tmp_pa
 @pytest.mark.parametrize("level", ["process", "sandbox"])
 def test_a_process_forked_by_a_state_keeps_the_states_files(tmp_path, level):
     assert run_flow(tmp_path, level, "forks") == "kept"
+
+
+FAILING = textwrap.dedent(
+    """
+    import asyncio, sys
+    from agent import Agent
+
+    def helper(x):
+        raise ValueError(f"bad {x}")
+
+    async def step(context):
+        return helper(3)
+
+    agent = Agent("failing", isolation=sys.argv[1])
+    agent.add_state("step", step)
+    try:
+        asyncio.run(agent.run())
+    except Exception as exc:
+        print(exc)
+    """
+)
+
+
+@pytest.mark.parametrize("level", ["inline", "process", "worker", "sandbox"])
+def test_a_failing_states_traceback_points_at_the_script(tmp_path, level):
+    # cloudpickle names the code it copies "<dynamic-code>": the state's process gives the
+    # script's functions their file back, so the traceback reads as it does inline.
+    script = tmp_path / "flow.py"
+    script.write_text(FAILING)
+    done = subprocess.run([sys.executable, str(script), level], capture_output=True, text=True, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=ROOT, AGENT_ECHO="off"), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f'File "{script}", line 9, in step' in done.stdout, done.stdout
+    assert f'File "{script}", line 6, in helper' in done.stdout
+    if level != "sandbox":  # a sandbox cannot read our /tmp, where the script is: no source lines
+        assert 'raise ValueError(f"bad {x}")' in done.stdout
+    assert "<dynamic-code>" not in done.stdout
