@@ -114,7 +114,7 @@ class PrometheusExporter:
         return f"http://{self.address}:{self.port}/metrics"
 
     def close(self) -> None:
-        """Stop serving, close the socket and join the server thread."""
+        """Stop serving, close the socket and join the server's threads (its requests' too)."""
         self.server.shutdown()
         self.server.server_close()
         self._thread.join()
@@ -141,4 +141,7 @@ def start_prometheus_exporter(
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MetricsExporter(source, metrics, namespace))
     server, thread = start_http_server(port, addr=addr, registry=registry)
+    # Its request threads are daemons it never joins: one could outlive close(), still
+    # answering. Joined instead (each scrape is short), nothing of it is left after close().
+    server.daemon_threads = False
     return PrometheusExporter(server, thread, registry)

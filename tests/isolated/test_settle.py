@@ -26,6 +26,22 @@ async def printing_pid(context: Context) -> int:
     return os.getpid()
 
 
+async def printing_pid_then_held(context: Context) -> int:
+    """:func:`printing_pid`, whose process exits only once the test opens the ``gate`` FIFO."""
+    import os
+
+    gate, leave = context.get_state("gate"), os._exit
+
+    def held(code: int) -> None:
+        with open(gate) as fifo:
+            fifo.read()
+        leave(code)
+
+    os._exit = held  # type: ignore[assignment]
+    print("last words", flush=False)  # flushed by the process's exit, after its result
+    return os.getpid()
+
+
 async def lingering(context: Context) -> None:
     """Reports its result, then stays: the process's exit never comes by itself."""
     import time
@@ -34,13 +50,19 @@ async def lingering(context: Context) -> None:
     os._exit = lambda code: time.sleep(3600)  # type: ignore[assignment]
 
 
-async def test_the_outcome_comes_with_the_result_and_the_end_settles_after() -> None:
-    attempt = make_attempt(printing_pid)
+async def test_the_outcome_comes_with_the_result_and_the_end_settles_after(tmp_path) -> None:
+    # Its process exits only once the outcome is in (else, on a busy machine, its exit
+    # could be heard first: then the attempt's end is awaited, not left to a task).
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    attempt = make_attempt(printing_pid_then_held, context=Context({"gate": str(gate)}))
     attempt.settle = set()
     outcome = await run(attempt)
     ends = set(attempt.settle)
     assert len(ends) == 1  # its end was left to a task
     assert outcome.usage["cpu_seconds"] > 0 and attempt.usage == outcome.usage
+    # Let it exit (it waits for a writer; off the loop, which serves it meanwhile).
+    await asyncio.get_running_loop().run_in_executor(None, lambda: open(gate, "w").close())
     await asyncio.wait(ends)
     assert not attempt.settle  # a finished end leaves the set
     assert state_process_gone(outcome.result)
