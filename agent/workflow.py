@@ -262,29 +262,36 @@ def cannot_suspend(func: Any) -> bool:
     return type(func) is types.FunctionType and _read_once(_suspend_cache, func, _read_cannot_suspend)
 
 
+def values_used(func: Any) -> dict[str, Any]:
+    """The values ``func``'s code uses by name: its closure variables (those bound), and
+    the globals its own code and the functions inside it name. What a copy of ``func``
+    in another process takes along."""
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return {}
+    names: dict[str, None] = {}
+    codes = [code]
+    while codes:  # the function's own code, and the functions and comprehensions inside it
+        current = codes.pop()
+        names.update(dict.fromkeys(current.co_names))
+        codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+    globals_ = getattr(func, "__globals__", {})
+    used = {name: globals_[name] for name in names if name in globals_}
+    for name, cell in zip(code.co_freevars, getattr(func, "__closure__", None) or (), strict=False):
+        try:
+            used[name] = cell.cell_contents
+        except ValueError:  # a variable not bound yet
+            continue
+    return used
+
+
 def uses_an_agent(func: Any) -> bool:
     """Whether ``func``'s code uses an :class:`~agent.agent.Agent` (a global or a closure
     variable of its own or of a function inside it): such a state works on that live object,
     which a state process could only get a copy of."""
     from .agent import Agent
 
-    code = getattr(func, "__code__", None)
-    if code is None:
-        return False
-    names: set[str] = set()
-    codes = [code]
-    while codes:
-        current = codes.pop()
-        names.update(current.co_names)
-        codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
-    globals_ = getattr(func, "__globals__", {})
-    values = [globals_[n] for n in names if n in globals_]
-    for cell in getattr(func, "__closure__", None) or ():
-        try:
-            values.append(cell.cell_contents)
-        except ValueError:  # a variable not bound yet
-            continue
-    return any(isinstance(value, Agent) for value in values)
+    return any(isinstance(value, Agent) for value in values_used(func).values())
 
 
 _UNREADABLE = object()

@@ -36,6 +36,7 @@ from ..runtime.zygote import PARK_IDLE, PARK_MAX
 from ..context import encode_snapshot
 from ..scope import ContextScope, ScopedContext, scope_for
 from ..values import Bounds
+from ..workflow import values_used
 from .child import ChildProcess, ChildStatus
 from .confinement import Confinement, Confiner
 from .descriptors import Budget, raise_soft_limit
@@ -69,23 +70,11 @@ def _env_modules(name: str) -> tuple[str, ...]:
 def _unsendable(state: str, func: Any, error: Exception) -> str:
     """Why ``func`` cannot be pickled for its process, naming the values it uses that cannot."""
     names: list[str] = []
-    code = getattr(func, "__code__", None)
-    if code is not None:
-        codes, used = [code], {}
-        while codes:  # the function's own code, and the functions and comprehensions inside it
-            current = codes.pop()
-            used.update((n, None) for n in current.co_names)
-            codes.extend(c for c in current.co_consts if hasattr(c, "co_names"))
-        globals_ = getattr(func, "__globals__", {})
-        cells = dict(zip(code.co_freevars, (c.cell_contents for c in func.__closure__ or ()), strict=False))
-        for name in [*used, *cells]:
-            if name not in cells and name not in globals_:
-                continue
-            value = cells[name] if name in cells else globals_[name]
-            try:
-                cloudpickle.dumps(value)
-            except Exception:
-                names.append(f"{name!r} (of type {type(value).__name__})")
+    for name, value in values_used(func).items():
+        try:
+            cloudpickle.dumps(value)
+        except Exception:
+            names.append(f"{name!r} (of type {type(value).__name__})")
     if not names:
         return (f"state {state!r} cannot be sent to its process ({error!r}): define it at module level "
                 "or use isolation='inline'")
