@@ -40,45 +40,41 @@ def locked(method: Callable[..., T]) -> Callable[..., T]:
     return under_lock
 
 
+def call_in(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> bool:
+    """Run ``fn(*args)`` now when ``loop`` is this thread's, else hand it to that loop;
+    False (and nothing run) when that loop is closed."""
+    if loop is asyncio._get_running_loop():
+        fn(*args)
+        return True
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # closed
+        return False
+    return True
+
+
 def grant_soon(future: asyncio.Future[None], give_back: Callable[[], None] | None = None) -> None:
     """Tell the waiter awaiting ``future`` that it was granted what it waited for, on the
-    waiter's own loop: now when that is this thread's, else as soon as that loop runs.
+    waiter's own loop (:func:`call_in`).
 
     ``give_back()`` runs instead when nobody can take the grant any more: the waiter left
     (``future`` is done, cancelled) before the news reached it, or its loop is closed.
     """
-    loop = future.get_loop()
-    if loop is asyncio._get_running_loop():
-        future.set_result(None)
-        return
-
     def grant() -> None:
         if not future.done():
             future.set_result(None)
         elif give_back is not None:
             give_back()
 
-    try:
-        loop.call_soon_threadsafe(grant)
-    except RuntimeError:  # its loop is closed
-        if give_back is not None:
-            give_back()
+    if not call_in(future.get_loop(), grant) and give_back is not None:
+        give_back()
 
 
 def fail_soon(future: asyncio.Future[Any], error: BaseException) -> None:
-    """Fail ``future`` with ``error`` (unless it is done by then), on its own loop: now when
-    that is this thread's, else as soon as that loop runs; not at all when it is closed."""
-    loop = future.get_loop()
-    if loop is asyncio._get_running_loop():
-        if not future.done():
-            future.set_exception(error)
-        return
-
+    """Fail ``future`` with ``error`` (unless it is done by then), on its own loop
+    (:func:`call_in`); not at all when that loop is closed: nobody awaits it."""
     def fail() -> None:
         if not future.done():
             future.set_exception(error)
 
-    try:
-        loop.call_soon_threadsafe(fail)
-    except RuntimeError:  # its loop is closed: nobody awaits it
-        pass
+    call_in(future.get_loop(), fail)

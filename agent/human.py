@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol, TextIO, runtime_checkable
 
+from ._loops import call_in
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import HumanInputError, HumanInputTimeoutError, InvalidConfigurationError
 
@@ -210,7 +211,7 @@ class QueueInputProvider:
             self._pending[request.id] = entry
             waiters, self._waiters = self._waiters, []
         for waiter_loop, waiter in waiters:
-            _call_in(waiter_loop, _set_none, waiter)
+            call_in(waiter_loop, _set_none, waiter)
         try:
             return await entry.future
         finally:
@@ -235,7 +236,7 @@ class QueueInputProvider:
                 f"no pending human input request {request_id!r} (answered, timed out or never "
                 f"asked); pending now: {', '.join(open_ids) or 'none'}"
             )
-        _call_in(entry.loop, _set_result, entry.future, text)
+        call_in(entry.loop, _set_result, entry.future, text)
 
     async def wait_for_request(self) -> HumanInputRequest:
         """The oldest request not yet returned by this method; waits for one if none."""
@@ -254,18 +255,6 @@ class QueueInputProvider:
                 with self._lock:
                     if (loop, waiter) in self._waiters:
                         self._waiters.remove((loop, waiter))
-
-
-def _call_in(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
-    """Run ``fn(*args)`` now when on ``loop``'s thread, else hand it to that loop."""
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is loop:
-        fn(*args)
-    elif not loop.is_closed():
-        loop.call_soon_threadsafe(fn, *args)
 
 
 def _set_result(future: asyncio.Future[str], text: str) -> None:
