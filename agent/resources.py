@@ -501,7 +501,6 @@ class ResourcePool:
 
     # --- the wait queue -------------------------------------------------------------
 
-    @locked
     def enqueue(
         self,
         owner: str,
