@@ -261,43 +261,69 @@ def matches(value: Any, tp: Any) -> bool:
     ``int`` excludes bool, ``float`` accepts int; an annotation that cannot be checked at run
     time (a Protocol, a TypeVar) accepts anything.
     """
+    try:
+        check = _CHECKS[tp]
+    except KeyError:
+        check = _CHECKS[tp] = checker(tp)
+    except TypeError:  # unhashable (an Annotated with unhashable metadata): not cached
+        check = checker(tp)
+    return check(value)
+
+
+_CHECKS: dict[Any, typing.Callable[[Any], bool]] = {}
+
+
+def _anything(value: Any) -> bool:
+    return True
+
+
+def checker(tp: Any) -> typing.Callable[[Any], bool]:
+    """:func:`matches` for one annotation, worked out once: every frame of the child
+    protocol is checked against its message's fields, so the annotation is read only here."""
     if tp is Any or tp is object:
-        return True
+        return _anything
     origin = typing.get_origin(tp)
     if origin is None:
         if tp is None or tp is type(None):
-            return value is None
+            return lambda v: v is None
         if tp is float:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
+            return lambda v: (type(v) is float or type(v) is int
+                              or (isinstance(v, (int, float)) and not isinstance(v, bool)))
         if tp is int:
-            return isinstance(value, int) and not isinstance(value, bool)
+            return lambda v: type(v) is int or (isinstance(v, int) and not isinstance(v, bool))
         if isinstance(tp, type):
-            return isinstance(value, tp)
-        return True
+            return lambda v: isinstance(v, tp)
+        return _anything
     args = typing.get_args(tp)
     if origin is Union or origin is types.UnionType:
-        return any(matches(value, a) for a in args)
+        options = tuple(checker(a) for a in args)
+        return lambda v: any(c(v) for c in options)
     if origin is typing.Literal:
-        return value in args
+        return lambda v: v in args
     if origin is typing.Annotated:
-        return matches(value, args[0])
+        return checker(args[0])
     if origin in (list, set, frozenset):
-        return isinstance(value, origin) and (not args or all(matches(v, args[0]) for v in value))
-    if origin is tuple:
-        if not isinstance(value, tuple):
-            return False
         if not args:
-            return True
+            return lambda v: isinstance(v, origin)
+        item = checker(args[0])
+        return lambda v: isinstance(v, origin) and all(map(item, v))
+    if origin is tuple:
+        if not args:
+            return lambda v: isinstance(v, tuple)
         if len(args) == 2 and args[1] is Ellipsis:
-            return all(matches(v, args[0]) for v in value)
-        return len(args) == len(value) and all(matches(v, a) for v, a in zip(value, args))
+            each = checker(args[0])
+            return lambda v: isinstance(v, tuple) and all(map(each, v))
+        fields = tuple(checker(a) for a in args)
+        return lambda v: (isinstance(v, tuple) and len(v) == len(fields)
+                          and all(c(x) for c, x in zip(fields, v)))
     if origin in (dict, Mapping, typing.Mapping):
-        if not isinstance(value, Mapping):
-            return False
-        return not args or all(matches(k, args[0]) and matches(v, args[1]) for k, v in value.items())
+        if not args:
+            return lambda v: isinstance(v, Mapping)
+        key, val = checker(args[0]), checker(args[1])
+        return lambda v: isinstance(v, Mapping) and all(key(k) and val(x) for k, x in v.items())
     if isinstance(origin, type):
-        return isinstance(value, origin)
-    return True
+        return lambda v: isinstance(v, origin)
+    return _anything
 
 
 # --- sizes on the wire (msgpack) ---------------------------------------------------------------

@@ -269,20 +269,27 @@ def values_used(func: Any) -> dict[str, Any]:
     code = getattr(func, "__code__", None)
     if code is None:
         return {}
-    names: dict[str, None] = {}
-    codes = [code]
-    while codes:  # the function's own code, and the functions and comprehensions inside it
-        current = codes.pop()
-        names.update(dict.fromkeys(current.co_names))
-        codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
     globals_ = getattr(func, "__globals__", {})
-    used = {name: globals_[name] for name in names if name in globals_}
+    used = {name: globals_[name] for name in _read_once(_names_cache, func, _read_names) if name in globals_}
     for name, cell in zip(code.co_freevars, getattr(func, "__closure__", None) or (), strict=False):
         try:
             used[name] = cell.cell_contents
         except ValueError:  # a variable not bound yet
             continue
     return used
+
+
+_names_cache: dict[int, tuple[types.CodeType, Any]] = {}  # code -> the names it and its inner code use
+
+
+def _read_names(func: types.FunctionType) -> tuple[str, ...]:
+    names: dict[str, None] = {}
+    codes = [func.__code__]
+    while codes:  # the function's own code, and the functions and comprehensions inside it
+        current = codes.pop()
+        names.update(dict.fromkeys(current.co_names))
+        codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+    return tuple(names)
 
 
 def uses_an_agent(func: Any) -> bool:

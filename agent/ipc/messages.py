@@ -5,7 +5,7 @@ the value model's wire form (:func:`agent.values.encode`), so context values tra
 inline and a frame is decoded, and its values checked, in one bounded pass
 (:func:`agent.values.unpack`, within the receiving side's :class:`~agent.values.Bounds`).
 The map is then checked against the dataclass it names: exactly its fields, each of its
-declared type (:func:`agent.values.matches`). A field named ``value`` comes last, so its
+declared type (:func:`agent.values.checker`, worked out once per field). A field named ``value`` comes last, so its
 size on the wire is the frame's less what precedes it (:func:`value_size`).
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
 from ..errors import ProtocolError
-from ..values import Bounds, encode, matches, unpack
+from ..values import Bounds, checker, encode, unpack
 
 _VALUE_KEY = len(encode("value"))
 
@@ -205,6 +205,9 @@ _SCHEMAS: dict[type, dict[str, Any]] = {
     cls: {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
     for cls in _TYPES.values()
 }
+_FIELD_CHECKS: dict[type, tuple[tuple[str, Any, Any], ...]] = {
+    cls: tuple((name, tp, checker(tp)) for name, tp in schema.items()) for cls, schema in _SCHEMAS.items()
+}
 
 
 def encode_message(msg: Message) -> bytes:
@@ -242,9 +245,9 @@ def decode_counted(
         raise ProtocolError(
             f"{cls.TYPE} message has fields {sorted(body)}, expected {sorted(schema)}"
         )
-    for name, tp in schema.items():
+    for name, tp, check in _FIELD_CHECKS[cls]:
         value = body[name]
-        if not matches(value, tp):
+        if not check(value):
             raise ProtocolError(f"{cls.TYPE}.{name} is a {type(value).__name__}, not {tp}")
     return cls(**body), objects
 
