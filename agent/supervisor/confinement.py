@@ -189,7 +189,7 @@ class Confinement:
                     self.remove_later(self.handle.remove)
                 else:
                     self.handle.remove()
-        except CgroupError as exc:
+        except (CgroupError, OSError) as exc:
             # Never let cleanup hide the attempt's outcome: the supervisor's own
             # directory is reaped (with whatever is left in it) when the Confiner closes.
             self.cleanup_error = exc

@@ -99,6 +99,25 @@ class TestAttemptCleanup:
         assert confinement.usage() == usage  # the last reading survives the cgroup
 
 
+    @needs_v1
+    def test_close_when_the_freezer_cgroup_went_first_kills_the_rest(self, confiner):
+        # A process leaving while close() removes its cgroups: the freezer's rmdir found it
+        # empty, another controller's still busy; what is left is killed without a freeze.
+        confinement = confiner.prepare(make_attempt(None))
+        child = spawn(confinement.child_spec, block)
+        pids = child.receive()
+        freezer = confinement.handle.dirs["freezer"]
+        for pid in (pids["pid"], pids["grandchild"]):
+            with open(f"{os.path.dirname(freezer)}/cgroup.procs", "w") as procs:
+                procs.write(str(pid))
+        os.rmdir(freezer)
+        confinement.close()
+        assert confinement.cleanup_error is None
+        assert child.wait().signal == signal.SIGKILL
+        assert _gone(pids["grandchild"])
+        assert leftover_cgroups(confiner) == []
+
+
 class TestStaleReaping:
     """A new Confiner removes the cgroups of dead supervisors, and only those."""
 

@@ -175,7 +175,16 @@ class V1Cgroup:
         """Freeze (so nothing forks meanwhile), SIGKILL everything, thaw, wait until empty."""
         freezer = self.dirs.get("freezer")
         procs = self.procs_files
-        frozen = _freeze(freezer) if freezer else False
+        frozen = False
+        if freezer:
+            try:
+                frozen = _freeze(freezer)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                    raise
+                # Removed already (remove() took it while it was empty): what is left of the
+                # attempt is in the other controllers' cgroups, killed without a freeze.
+                freezer = None
         try:
             for _ in range(100):  # without a freezer, repeat until no fork outruns the kills
                 pids = sorted({pid for f in procs for pid in read_pids(f)})
@@ -186,7 +195,7 @@ class V1Cgroup:
                     break
         finally:
             if freezer:
-                write(f"{freezer}/freezer.state", "THAWED")
+                _thaw(freezer)
         if not wait_empty(procs):
             raise CgroupError(f"processes of cgroup {self.name} survived SIGKILL: {self.pids()}")
 
