@@ -68,7 +68,8 @@ class Admission:
 
     def owner_for(self, state: str, run_id: str) -> str:
         """The pool key for ``state`` of run ``run_id``: the plain name unless another run uses it."""
-        if state not in self.tickets and not self.pool.holds(state) and not self.pool.is_queued(state):
+        pool = self.pool
+        if state not in self.tickets and state not in pool._holders and state not in pool._waiters:
             return state
         return f"{state}@{run_id[:12]}"
 
@@ -81,10 +82,10 @@ class Admission:
         owner = act.owner
         pool = self.pool
         ticket = Ticket(run, act, asyncio._get_running_loop())
-        with self.lock:
+        with self.lock:  # the pool's: its steps are taken here without taking it again
             self.tickets[owner] = ticket
             try:
-                if pool.try_acquire(owner, req, state=act.state, priority=act.priority):
+                if pool._try_acquire(owner, req, act.state, act.priority):
                     return True
                 ticket.requesting = True
                 pool.enqueue(owner, req, act.priority, state=act.state, front=act.front, notify=self._granted)
@@ -135,7 +136,7 @@ class Admission:
                 return
             if usage:
                 self.pool.record_measured(owner, usage)
-            self.pool.release(owner)
+            self.pool._release(owner)
 
     def assignment(self, owner: str) -> dict[str, list[Any]]:
         """What the attempt carries to its executor: the GPUs granted to ``owner`` (empty when none)."""
