@@ -5,8 +5,9 @@ the value model's wire form (:func:`agent.values.encode`), so context values tra
 inline and a frame is decoded, and its values checked, in one bounded pass
 (:func:`agent.values.unpack`, within the receiving side's :class:`~agent.values.Bounds`).
 The map is then checked against the dataclass it names: exactly its fields, each of its
-declared type (:func:`agent.values.checker`, worked out once per field). A field named ``value`` comes last, so its
-size on the wire is the frame's less what precedes it (:func:`value_size`).
+declared type (:func:`agent.values.checker`, worked out once per field). A field named
+``value`` comes last, so its size on the wire is the frame's less what precedes it
+(:func:`value_size`).
 """
 
 from __future__ import annotations
