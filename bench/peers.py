@@ -11,9 +11,13 @@ sides alternate, and each figure is the median of ``--repeat`` runs; ratios are 
 theirs. ``import_ms``: what ``import PACKAGE`` and ``from PACKAGE import Agent`` import,
 from ``-X importtime``.
 
-``isolated`` (against Ray tasks): in one interpreter that imports both (``--ray-python``,
-by default this one), a local Ray cluster of ``--ray-cpus`` CPUs is started and warmed
-up before anything is timed; then, alternating Ray and each of our isolation levels
+``isolated`` (against Ray tasks): each side runs in an interpreter of its own, started
+and warmed up before anything is timed, which then runs what the bench asks, one
+workload at a time: ours (this interpreter, which never imports Ray) and Ray's
+(``--ray-python``, by default this one: it starts a local Ray cluster of ``--ray-cpus``
+CPUs, which stays up while ours is timed). Ray's driver keeps threads of its own busy in
+its process; in ours they took the GIL and the CPU from the supervisor (a ``worker`` chain
+took a quarter longer beside them). Alternating Ray and each of our isolation levels
 (``process``, ``worker``), ``--repeat`` times:
 
 * ``fan_out``: ``--states`` no-op states returned by one inline state, through ``Agent``;
@@ -24,9 +28,9 @@ up before anything is timed; then, alternating Ray and each of our isolation lev
   from the monotonic clock every process of the box shares (p50, p90); Ray: task
   submitted to task running.
 
-Each figure is a median; ``*_ratio`` compares ours with Ray's measured in the same run;
-``cpu_ms_per_state`` is the CPU time of everything involved per state (ours: this
-process, the zygote and every state process; Ray: this process and every process of the
+Each figure is a median; ``*_over_ray`` compares ours with Ray's measured in the same run;
+``cpu_ms_per_state`` is the CPU time of everything involved per state (ours: our side's
+process, the zygote and every state process; Ray: its driver and every process of the
 local cluster, workers that exit meanwhile excepted), which moves less than the rates on
 a loaded machine. ``load`` is the machine's load average and CPU pressure around the run.
 
@@ -42,6 +46,7 @@ import os
 import statistics
 import subprocess
 import sys
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,93 +108,97 @@ run_loop(main())
 
 
 ISOLATED = r'''
-import asyncio, json, os, statistics, sys, tempfile, time
-root, repeat, states, chain_n, ray_cpus, samples = sys.argv[1], *map(int, sys.argv[2:7])
-with_ray = sys.argv[7] == "1"
+import asyncio, json, os, sys, tempfile, time
+root, side, states, chain_n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+ray_cpus, samples = int(sys.argv[5]), int(sys.argv[6])
 sys.path.insert(0, root)
 sys.path.insert(0, os.path.join(root, "bench"))
 os.environ.setdefault("AGENT_ECHO", "off")
-import psutil
-from agent import Agent
-from agent.context import Context
-from agent.executor import Attempt, Isolation
-from agent.supervisor import current_supervisor, get_executor, shutdown_supervisor
-from common import chain_agent, percentile, tree_cpu_seconds as ray_cpu  # ray_cpu: this process and the local cluster
-
-LEVELS = ("process", "worker")
-
-def load():
-    out = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
-    try:
-        with open("/proc/pressure/cpu") as f:
-            out["cpu_pressure_avg10"] = float(f.readline().split()[1].split("=")[1])
-    except (OSError, IndexError, ValueError):
-        pass
-    return out
-
-def our_cpu():
-    """This process, the zygote, its live children and the ones it reaped."""
-    own = os.times()
-    total = own.user + own.system
-    sup = current_supervisor()
-    if sup is not None:
-        zygote = psutil.Process(sup.zygote.pid)
-        t = zygote.cpu_times()
-        total += t.user + t.system + t.children_user + t.children_system
-        for child in zygote.children():
-            try:
-                c = child.cpu_times()
-                total += c.user + c.system
-            except psutil.Error:
-                pass
-    return total
-
-async def noop(context):
-    return None
-
-async def started_at(context):
-    return time.monotonic()
-
-def fan_agent(level, n):
-    names = [f"s{i}" for i in range(n)]
-    async def start(context):
-        return names
-    agent = Agent("bench_fan", isolation=level, max_steps=n + 10)
-    agent.add_state("start", start, isolation="inline", next_states=names)
-    for name in names:
-        agent.add_state(name, noop, next_states=[])
-    return agent
-
-async def timed(run, cpu):
-    c0, t0 = cpu(), time.perf_counter()
-    await run()
-    return time.perf_counter() - t0, cpu() - c0
-
-async def ours(kind, level, n):
-    agent = fan_agent(level, n) if kind == "fan_out" else chain_agent("bench_chain", level, n, max_steps=n + 10)
-    return await timed(agent.run, our_cpu)
+from common import chain_agent, percentile, tree_cpu_seconds
 
 def percentiles(values):
     return {"p50_ms": round(percentile(values, 0.5) * 1000, 3), "p90_ms": round(percentile(values, 0.9) * 1000, 3)}
 
-async def our_launch(n):
-    executor = get_executor(Isolation.PROCESS)
-    ctx = Context(run_id="bench-launch")
-    out = []
-    for i in range(n):
-        attempt = Attempt("bench-launch", "bench", "latency", started_at, i + 1, context=ctx,
-                          isolation=Isolation.PROCESS)
-        attempt.settle = set()  # as the engine runs it: the outcome comes with the result
-        t0 = time.monotonic()
-        outcome = await executor.run_attempt(attempt)
-        out.append(outcome.result - t0)
-        if attempt.settle:
-            await asyncio.wait(attempt.settle)
-        await asyncio.sleep(0.002)  # one launch at a time, as a chain's would be
-    return out
+async def timed(run, cpu):
+    c0, t0 = cpu(), time.perf_counter()
+    await run()
+    return [time.perf_counter() - t0, cpu() - c0]
 
-if with_ray:
+if side == "ours":
+    import psutil
+    from agent import Agent
+    from agent.context import Context
+    from agent.executor import Attempt, Isolation
+    from agent.supervisor import current_supervisor, get_executor, shutdown_supervisor
+
+    def our_cpu():
+        """This process, the zygote, its live children and the ones it reaped."""
+        own = os.times()
+        total = own.user + own.system
+        sup = current_supervisor()
+        if sup is not None:
+            zygote = psutil.Process(sup.zygote.pid)
+            t = zygote.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+            for child in zygote.children():
+                try:
+                    c = child.cpu_times()
+                    total += c.user + c.system
+                except psutil.Error:
+                    pass
+        return total
+
+    async def noop(context):
+        return None
+
+    async def started_at(context):
+        return time.monotonic()
+
+    def fan_agent(level, n):
+        names = [f"s{i}" for i in range(n)]
+        async def start(context):
+            return names
+        agent = Agent("bench_fan", isolation=level, max_steps=n + 10)
+        agent.add_state("start", start, isolation="inline", next_states=names)
+        for name in names:
+            agent.add_state(name, noop, next_states=[])
+        return agent
+
+    async def fan_out(level):
+        return await timed(fan_agent(level, states).run, our_cpu)
+
+    async def chain(level):
+        return await timed(chain_agent("bench_chain", level, chain_n, max_steps=chain_n + 10).run, our_cpu)
+
+    async def launch(_):
+        executor = get_executor(Isolation.PROCESS)
+        ctx = Context(run_id="bench-launch")
+        out = []
+        for i in range(samples):
+            attempt = Attempt("bench-launch", "bench", "latency", started_at, i + 1, context=ctx,
+                              isolation=Isolation.PROCESS)
+            attempt.settle = set()  # as the engine runs it: the outcome comes with the result
+            t0 = time.monotonic()
+            outcome = await executor.run_attempt(attempt)
+            out.append(outcome.result - t0)
+            if attempt.settle:
+                await asyncio.wait(attempt.settle)
+            await asyncio.sleep(0.002)  # one launch at a time, as a chain's would be
+        return percentiles(out)
+
+    async def warm_up():
+        for level in ("process", "worker"):
+            await fan_out(level)
+            await chain(level)
+
+    def close():
+        shutdown_supervisor()
+else:
     import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="agent-peers-ray-")
+    ray.init(num_cpus=ray_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             object_store_memory=100 * 1024 * 1024, _temp_dir=temp_dir)
 
     @ray.remote(num_cpus=0.01, max_retries=0)
     def ray_noop():
@@ -199,70 +208,49 @@ if with_ray:
     def ray_started_at():
         return time.monotonic()
 
-    async def ray_fan(n):
-        return await timed(lambda: asyncio.gather(*[ray_noop.remote() for _ in range(n)]), ray_cpu)
+    async def fan_out(_):
+        return await timed(lambda: asyncio.gather(*[ray_noop.remote() for _ in range(states)]), tree_cpu_seconds)
 
-    async def ray_chain(n):
+    async def chain(_):
         async def run():
-            for _ in range(n):
+            for _ in range(chain_n):
                 ray.get(ray_noop.remote())
-        return await timed(run, ray_cpu)
+        return await timed(run, tree_cpu_seconds)
 
-    def ray_launch(n):
+    async def launch(_):
         out = []
-        for _ in range(n):
+        for _ in range(10 + samples):
             t0 = time.monotonic()
             out.append(ray.get(ray_started_at.remote()) - t0)
-        return out
+        return percentiles(out[10:])
 
-def summary(runs, n):
-    seconds = statistics.median(t for t, _ in runs)
-    return {"states_per_s": round(n / seconds, 1), "ms_per_state": round(seconds / n * 1000, 3),
-            "cpu_ms_per_state": round(statistics.median(c for _, c in runs) / n * 1000, 3),
-            "runs_states_per_s": [round(n / t, 1) for t, _ in runs]}
+    async def warm_up():
+        await fan_out(None)
+        await chain(None)
 
-async def main():
-    out = {"cpus": os.cpu_count(), "states": states, "chain_length": chain_n, "repeat": repeat,
-           "load_before": load()}
-    sides = list(LEVELS) + (["ray"] if with_ray else [])
-    results = {kind: {side: [] for side in sides} for kind in ("fan_out", "chain")}
-    # Warm up every side: the zygote, workers, Ray's workers and imports.
-    for level in LEVELS:
-        await ours("fan_out", level, states)
-        await ours("chain", level, chain_n)
-    if with_ray:
-        await ray_fan(states)
-        await ray_chain(chain_n)
-    for _ in range(repeat):  # alternate the sides: the machine's speed drifts
-        for side in sides:
-            results["fan_out"][side].append(await (ray_fan(states) if side == "ray" else ours("fan_out", side, states)))
-        for side in sides:
-            results["chain"][side].append(await (ray_chain(chain_n) if side == "ray" else ours("chain", side, chain_n)))
-    for kind, n in (("fan_out", states), ("chain", chain_n)):
-        out[kind] = {side: summary(results[kind][side], n) for side in sides}
-    out["launch"] = {"process": percentiles(await our_launch(samples))}
-    if with_ray:
-        ray_launch(10)
-        out["launch"]["ray"] = percentiles(ray_launch(samples))
-        ray_rate, ray_ms = out["fan_out"]["ray"]["states_per_s"], out["chain"]["ray"]["ms_per_state"]
-        for level in LEVELS:
-            out["fan_out"][f"{level}_over_ray"] = round(out["fan_out"][level]["states_per_s"] / ray_rate, 2)
-            out["chain"][f"{level}_over_ray"] = round(out["chain"][level]["ms_per_state"] / ray_ms, 2)
-    out["load_after"] = load()
-    print(json.dumps(out))
-
-if with_ray:
-    temp_dir = tempfile.mkdtemp(prefix="agent-peers-ray-")
-    ray.init(num_cpus=ray_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             object_store_memory=100 * 1024 * 1024, _temp_dir=temp_dir)
-try:
-    asyncio.run(main())
-finally:
-    shutdown_supervisor()
-    if with_ray:
+    def close():
         import shutil
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+async def serve():
+    # Commands from the bench, one per line ("fan_out LEVEL", "chain LEVEL", "launch"), each
+    # answered with one JSON line; the event loop keeps running while a command is awaited.
+    await warm_up()
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    handlers = {"fan_out": fan_out, "chain": chain, "launch": launch}
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line.strip():
+            return
+        kind, _, level = line.strip().partition(" ")
+        print(json.dumps(await handlers[kind](level or None)), flush=True)
+
+try:
+    asyncio.run(serve())
+finally:
+    close()
 '''
 
 
@@ -312,20 +300,96 @@ def import_ms(python: str, module: str) -> dict[str, float]:
     return out
 
 
+class _Side:
+    """One side of the isolated comparison: an interpreter running ``ISOLATED`` that warms
+    up, then answers the bench's commands one line at a time."""
+
+    def __init__(self, python: str, side: str, args: argparse.Namespace) -> None:
+        self.proc = subprocess.Popen(
+            [python, "-c", ISOLATED, ROOT, side, str(args.states), str(args.chain), str(args.ray_cpus),
+             str(args.latency_samples)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+
+    def ready(self) -> None:
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if line.strip() != "ready":
+            raise RuntimeError(f"a bench side did not start (exit status {self.proc.wait()})")
+
+    def ask(self, command: str) -> Any:
+        self.proc.stdin.write(command + "\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError(f"a bench side ended during {command!r} (exit status {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+            self.proc.wait()
+
+
+def _summary(runs: list[list[float]], n: int) -> dict[str, object]:
+    seconds = statistics.median(t for t, _ in runs)
+    return {"states_per_s": round(n / seconds, 1), "ms_per_state": round(seconds / n * 1000, 3),
+            "cpu_ms_per_state": round(statistics.median(c for _, c in runs) / n * 1000, 3),
+            "runs_states_per_s": [round(n / t, 1) for t, _ in runs]}
+
+
+def _load() -> dict[str, object]:
+    out: dict[str, object] = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        with open("/proc/pressure/cpu") as f:
+            out["cpu_pressure_avg10"] = float(f.readline().split()[1].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
+
+
 def isolated(args: argparse.Namespace) -> dict[str, object]:
-    """Our isolation levels against Ray tasks, in one interpreter that imports both (see the module doc)."""
-    python = args.ray_python
-    with_ray = can_import(python, "ray")
-    if not with_ray:
-        python = sys.executable
-    proc = subprocess.run(
-        [python, "-c", ISOLATED, ROOT, str(args.repeat), str(args.states), str(args.chain), str(args.ray_cpus),
-         str(args.latency_samples), "1" if with_ray else "0"],
-        stdout=subprocess.PIPE, text=True, check=True,
-    )
-    out: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
-    if not with_ray:
+    """Our isolation levels against Ray tasks, each side in its own interpreter (see the module doc)."""
+    with_ray = can_import(args.ray_python, "ray")
+    out: dict[str, object] = {"cpus": os.cpu_count(), "states": args.states, "chain_length": args.chain,
+                              "repeat": args.repeat, "load_before": _load()}
+    ours = _Side(sys.executable, "ours", args)
+    ray = _Side(args.ray_python, "ray", args) if with_ray else None
+    try:
+        ours.ready()
+        if ray is not None:
+            ray.ready()  # Ray's cluster is up and warm from here on, also while ours is timed
+        sides = ["process", "worker"] + (["ray"] if ray is not None else [])
+
+        def ask(side: str, kind: str) -> Any:
+            return ray.ask(kind) if side == "ray" else ours.ask(f"{kind} {side}")  # type: ignore[union-attr]
+
+        results: dict[str, dict[str, list[Any]]] = {kind: {side: [] for side in sides} for kind in ("fan_out", "chain")}
+        for _ in range(args.repeat):  # alternate the sides: the machine's speed drifts
+            for kind in ("fan_out", "chain"):
+                for side in sides:
+                    results[kind][side].append(ask(side, kind))
+        for kind, n in (("fan_out", args.states), ("chain", args.chain)):
+            out[kind] = {side: _summary(results[kind][side], n) for side in sides}
+        launch = {"process": ours.ask("launch")}
+        if ray is not None:
+            launch["ray"] = ray.ask("launch")
+        out["launch"] = launch
+    finally:
+        ours.close()
+        if ray is not None:
+            ray.close()
+    out["load_after"] = _load()
+    out["interpreters"] = {"agent": interpreter(sys.executable)}
+    if ray is None:
         out["ray"] = f"not importable by {args.ray_python}: pip install 'ray>=2.51,<3' there"
+        return out
+    out["interpreters"]["ray"] = interpreter(args.ray_python)  # type: ignore[index]
+    fan_out, chain = out["fan_out"], out["chain"]
+    for level in ("process", "worker"):
+        fan_out[f"{level}_over_ray"] = round(  # type: ignore[index]
+            fan_out[level]["states_per_s"] / fan_out["ray"]["states_per_s"], 2)  # type: ignore[index]
+        chain[f"{level}_over_ray"] = round(  # type: ignore[index]
+            chain[level]["ms_per_state"] / chain["ray"]["ms_per_state"], 2)  # type: ignore[index]
     return out
 
 
