@@ -144,6 +144,7 @@ class DealerTransport:
         self._greeted = False  # the peer's greeting and READY have been read
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
+        self._watching: asyncio.AbstractEventLoop | None = None  # the loop the socket is watched on
 
     def send(self, data: bytes) -> None:
         """Send one single-frame message (the first waits for the peer's handshake)."""
@@ -210,7 +211,6 @@ class DealerTransport:
             if self._eof:
                 raise ConnectionError("the supervisor closed the channel")
             await self._readable()
-            self._fill()
 
     async def aclose(self) -> None:
         self.close()
@@ -228,6 +228,7 @@ class DealerTransport:
         """
         if self._sock.fileno() < 0:
             return
+        self._unwatch()
         if self._sent < self._peer_hwm // 2:
             self._sock.close()
             return
@@ -248,20 +249,37 @@ class DealerTransport:
     # --- reading ---------------------------------------------------------------------------
 
     async def _readable(self) -> None:
+        """Wait until the socket had something to read (read into the buffer by then)."""
         loop = asyncio.get_running_loop()
-        fd = self._sock.fileno()
+        if self._watching is not loop:
+            self._watch(loop)
         waiter = self._waiter = loop.create_future()
-        loop.add_reader(fd, self._wake)
         try:
             await waiter
         finally:
-            if self._waiter is waiter:  # else a later reader (this one was cancelled) watches now
-                loop.remove_reader(fd)
+            if self._waiter is waiter:  # else a later reader (this one was cancelled) waits now
                 self._waiter = None
 
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Watch the socket on ``loop`` from now on, not once per message (two ``epoll_ctl``
+        calls and a handle each time, which a worker paid for every state it ran)."""
+        self._unwatch()
+        loop.add_reader(self._sock.fileno(), self._on_readable)
+        self._watching = loop
+
+    def _unwatch(self) -> None:
+        loop, self._watching = self._watching, None
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self._sock.fileno())
+
+    def _on_readable(self) -> None:
+        """Read what came (so that a socket nobody waits on does not wake the loop again)."""
+        self._fill()
+        if self._eof:
+            self._unwatch()  # an ended stream stays readable: watched, it would wake the loop for ever
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _fill(self) -> None:
         """Read what the socket holds now (all of it: a big frame needs no wake-up per chunk)."""
