@@ -503,7 +503,7 @@ class Agent:
         return hook
 
     async def _ask_human(self, state: str, *, prompt: str, timeout: float | None, validator: Any,
-                         default: str | None) -> str:
+                         default: str | None, **asked: Any) -> str:
         """Ask through the provider; the state's CPU is lent to others while a human thinks.
 
         Memory, GPUs and the rest stay reserved (an isolated child still holds them); the
@@ -517,7 +517,7 @@ class Agent:
         try:
             return await ask_human(
                 provider, prompt=prompt, timeout=timeout, validator=validator, default=default,
-                run_id=self.run_id or "", state=state,
+                run_id=self.run_id or "", state=state, **asked,  # asked: a relayed re-ask (ask_relayed)
             )
         except asyncio.CancelledError:
             lent = None  # the attempt is ending: the engine releases what it holds

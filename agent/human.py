@@ -17,6 +17,7 @@ no thread) and :class:`QueueInputProvider` (programmatic: tests, web apps, a dae
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import stat
 import sys
@@ -80,11 +81,16 @@ async def ask_human(
     state: str | None = None,
     max_attempts: int | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    request_id: str | None = None,
+    attempt: int = 1,
+    rejected: str | None = None,
 ) -> str:
     """Ask ``provider`` until an answer passes ``validator``; see the module docstring.
 
     ``max_attempts`` bounds the re-asks: after that many rejected answers the default
-    is returned, or HumanInputError raised without one.
+    is returned, or HumanInputError raised without one. ``request_id``, ``attempt`` and
+    ``rejected`` continue a question asked before: a state in another process validates
+    its answers there and asks again through here (:func:`ask_relayed`).
     """
     if timeout is not None and not timeout >= 0:
         raise InvalidConfigurationError(f"human input timeout must be >= 0 seconds or None, got {timeout!r}")
@@ -92,8 +98,8 @@ async def ask_human(
         raise InvalidConfigurationError(f"max_attempts must be >= 1 or None, got {max_attempts!r}")
     deadline = None if timeout is None else clock.monotonic() + timeout
     request = HumanInputRequest(
-        id=uuid.uuid4().hex[:12], prompt=prompt, run_id=run_id, state=state,
-        timeout=timeout, default=default, created=clock.time(),
+        id=request_id or new_request_id(), prompt=prompt, run_id=run_id, state=state,
+        timeout=timeout, default=default, created=clock.time(), attempt=attempt, rejected=rejected,
     )
     while True:
         answer = await _ask_once(provider, request, deadline, clock)
@@ -147,6 +153,32 @@ def _checked(answer: Any) -> str:
     return answer
 
 
+def new_request_id() -> str:
+    """A fresh id for a question to a human."""
+    return uuid.uuid4().hex[:12]
+
+
+async def ask_relayed(context: Any, asked: dict[int, str], question: int, prompt: str, timeout: float | None,
+                      default: str | None, attempt: int, rejected: str | None) -> str:
+    """Ask, through ``context``'s hook, what a state in another process (a child, a Ray task)
+    asks: that process validates the answers, and each re-ask of its ``question`` keeps the
+    question's request id (kept in ``asked``), with its ``attempt`` and why the last answer was
+    ``rejected``, as an inline state's would. A hook that cannot take them (one given to a
+    Context by hand) gets the plain question."""
+    hook = context._human_hook()
+    if hook is None:
+        return str(await context.human_in_the_loop(prompt=prompt, timeout=timeout, validator=None, default=default))
+    try:
+        parameters = inspect.signature(hook).parameters
+    except (TypeError, ValueError):
+        parameters = {}  # type: ignore[assignment]
+    if "request_id" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return str(await hook(prompt=prompt, timeout=timeout, validator=None, default=default))
+    request_id = asked.setdefault(question, new_request_id())
+    return str(await hook(prompt=prompt, timeout=timeout, validator=None, default=default,
+                          request_id=request_id, attempt=attempt, rejected=rejected))
+
+
 def _rejection(validator: Validator | None, answer: str) -> str | None:
     """Why ``validator`` rejects ``answer``, or None when it accepts it."""
     if validator is None:
@@ -168,11 +200,12 @@ def human_input_hook(
     """The ``human_input`` hook a :class:`~agent.context.Context` view calls, for one state."""
 
     async def hook(
-        prompt: str, timeout: float | None = None, validator: Validator | None = None, default: str | None = None
+        prompt: str, timeout: float | None = None, validator: Validator | None = None, default: str | None = None,
+        **asked: Any,
     ) -> str:
         return await ask_human(
             provider, prompt, timeout=timeout, validator=validator, default=default,
-            run_id=run_id, state=state, clock=clock,
+            run_id=run_id, state=state, clock=clock, **asked,
         )
 
     return hook

@@ -22,7 +22,7 @@ from ..values import Bounds, checker, encode, unpack
 
 _VALUE_KEY = len(encode("value"))
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -117,13 +117,21 @@ class Log:
 
 @dataclass(frozen=True)
 class HumanInputRequest:
-    """Child to supervisor: ask a human (the validator stays in the child)."""
+    """Child to supervisor: ask a human (the validator stays in the child).
+
+    ``question`` numbers the state's question; asked again after the child rejected an
+    answer, it keeps its number, with ``attempt`` one higher and ``rejected`` saying why,
+    so that the human sees one question asked again, as from an inline state.
+    """
 
     TYPE: ClassVar[str] = "human_input_request"
     request_id: int
     prompt: str
     timeout: float | None
     default: str | None
+    question: int = 0
+    attempt: int = 1
+    rejected: str | None = None
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from ..errors import (
     ProtocolError,
 )
 from ..executor import Attempt, AttemptFailed, AttemptOutcome
+from ..human import ask_relayed
 from ..ipc.messages import ContextWrite, HumanInputRequest
 from ..supervisor.logger import get_logger
 from ..supervisor.logs import AttemptLogs
@@ -339,6 +340,7 @@ class Channel:
         self._want = 0
         self._waiter: asyncio.Future[None] | None = None
         self._answering: set[asyncio.Task[None]] = set()
+        self._questions: dict[int, str] = {}  # the task's question -> its request id (ask_relayed)
         self._asked = False
 
     def deliver(self, frames: list[bytes]) -> None:
@@ -373,8 +375,8 @@ class Channel:
         answer: str | None = None
         error_type = error = None
         try:
-            answer = str(await self.attempt.context.human_in_the_loop(
-                prompt=req.prompt, timeout=req.timeout, validator=None, default=req.default))
+            answer = await ask_relayed(self.attempt.context, self._questions, req.question, req.prompt, req.timeout,
+                                       req.default, req.attempt, req.rejected)
         except HumanInputError as exc:
             error_type, error = type(exc).__name__, str(exc)
         except Exception as exc:  # a provider failed: the state raises HumanInputError

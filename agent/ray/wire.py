@@ -97,8 +97,10 @@ def write_frame(key: str, value: Any, deleted: bool) -> bytes:
     return encode_message(ContextWrite(key=key, value=None if deleted else value, deleted=deleted))
 
 
-def human_request(request_id: int, prompt: str, timeout: float | None, default: str | None) -> bytes:
-    return encode_message(HumanInputRequest(request_id=request_id, prompt=prompt, timeout=timeout, default=default))
+def human_request(request_id: int, prompt: str, timeout: float | None, default: str | None, *,
+                  question: int = 0, attempt: int = 1, rejected: str | None = None) -> bytes:
+    return encode_message(HumanInputRequest(request_id=request_id, prompt=prompt, timeout=timeout, default=default,
+                                            question=question, attempt=attempt, rejected=rejected))
 
 
 def read_frame(frame: bytes) -> Message:

@@ -241,13 +241,16 @@ class RelayedHumanInput:
         self._pusher = pusher
         self._token = token
         self._ids = itertools.count(1)
+        self._questions: dict[str, int] = {}  # a question's request id -> its number on the wire
 
     async def ask(self, request: HumanInputRequest) -> str:
         request_id = next(self._ids)
+        question = self._questions.setdefault(request.id, request_id)  # re-asks keep the first number
         remaining = None
         if request.timeout is not None:
             remaining = max(0.0, request.created + request.timeout - time.time())
-        self._pusher.send(wire.human_request(request_id, request.prompt, remaining, request.default), now=True)
+        self._pusher.send(wire.human_request(request_id, request.prompt, remaining, request.default, question=question,
+                                             attempt=request.attempt, rejected=request.rejected), now=True)
         relay = _relay(self._pusher._relay_name)
         response = wire.read_human_response(await relay.wait_answer.remote(self._token, request_id))
         if response.error_type is not None:

@@ -218,12 +218,14 @@ class ChildSession:
         """Ask through the supervisor; the validator runs here and re-asks until it passes."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        question, attempt, rejected = next(self._ids), 1, None
         while True:
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
             request_id = next(self._ids)
             fut: asyncio.Future[HumanInputResponse] = loop.create_future()
             self._pending[request_id] = fut
-            self._send(HumanInputRequest(request_id=request_id, prompt=prompt, timeout=remaining, default=default))
+            self._send(HumanInputRequest(request_id=request_id, prompt=prompt, timeout=remaining, default=default,
+                                         question=question, attempt=attempt, rejected=rejected))
             try:
                 response = await fut
             finally:
@@ -231,8 +233,10 @@ class ChildSession:
             if response.error_type is not None:
                 raise _named_error(response.error_type, response.error or "", HumanInputError)
             answer = response.answer or ""
-            if _rejection(validator, answer) is None:  # a validator that raises rejects, as inline
+            rejected = _rejection(validator, answer)  # a validator that raises rejects, as inline
+            if rejected is None:
                 return answer
+            attempt += 1
             if default is not None and answer == default:
                 return default  # the provider fell back to the default: nothing left to ask
             if deadline is not None and loop.time() >= deadline:

@@ -36,6 +36,7 @@ from ..errors import (
     ProtocolError,
 )
 from ..executor import Attempt, AttemptFailed, AttemptOutcome
+from ..human import ask_relayed
 from ..ipc import (
     FROM_CHILD,
     Cancel,
@@ -189,6 +190,7 @@ class ChildProcess:
         self._bytes_in = 0
         self._objects_in = 0
         self._human: set[asyncio.Task[None]] = set()
+        self._questions: dict[int, str] = {}  # the child's question -> its request id (ask_relayed)
         # Primitives the state's code takes (mutex(), ResourceAllocation) are taken in the
         # context of the attempt's own task (``caller``; else this one, where it launched):
         # its coordinator, and its owner in that coordinator.
@@ -511,11 +513,8 @@ class ChildProcess:
         answer: str | None = None
         error_type = error = None
         try:
-            answer = await self.attempt.context.human_in_the_loop(
-                prompt=req.prompt, timeout=req.timeout, validator=None, default=req.default
-            )
-            if not isinstance(answer, str):
-                answer = str(answer)
+            answer = await ask_relayed(self.attempt.context, self._questions, req.question, req.prompt, req.timeout,
+                                       req.default, req.attempt, req.rejected)
         except HumanInputError as exc:
             error_type, error = type(exc).__name__, str(exc)
         except Exception as exc:  # a provider failed: the child raises HumanInputError

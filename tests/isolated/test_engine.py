@@ -12,6 +12,7 @@ import pytest
 from agent import Agent, AgentStatus, Context, StateStatus
 from agent.errors import StateFailedError, StateTimeoutError
 from agent.executor import Isolation
+from agent.human import QueueInputProvider
 
 from .helpers import state_process_gone
 
@@ -104,6 +105,13 @@ async def sleeper(context):
     await asyncio.sleep(3600)
 
 
+async def asks_for_a_score(context):
+    score = await context.human_in_the_loop(
+        prompt="Enter score (0-100):", timeout=60, validator=lambda x: x.isdigit() and 0 <= int(x) <= 100,
+    )
+    context.set_state("score", int(score))
+
+
 class TestAgentWithProcessIsolation:
     """The scheduler's states run in children (or workers) and their writes reach the run's context."""
 
@@ -171,6 +179,22 @@ class TestAgentWithProcessIsolation:
         assert (info.value.reason.kind, info.value.attempts) == ("exception", 2)  # retried like an exception
         assert "without being stopped" in info.value.reason.message
         assert agent.state_metadata["s"].status is StateStatus.FAILED
+
+    @pytest.mark.parametrize("where", ["inline", "isolated"])
+    async def test_a_rejected_answer_is_asked_again_as_the_same_question(self, level, where):
+        # The child validates; the human sees one question asked again, with why, as inline.
+        provider = QueueInputProvider()
+        agent = Agent("review", isolation="inline" if where == "inline" else level, human_input=provider)
+        agent.add_state("asks_for_a_score", asks_for_a_score)
+        run = asyncio.ensure_future(agent.run())
+        first = await provider.wait_for_request()
+        assert (first.attempt, first.rejected, first.state) == (1, None, "asks_for_a_score")
+        provider.answer(first.id, "150")
+        again = await provider.wait_for_request()
+        assert (again.id, again.attempt, again.rejected) == (first.id, 2, "'150' is not valid")
+        assert provider.pending() == [again]
+        provider.answer(again.id, "87")
+        assert (await run).get_state("score") == 87
 
     async def test_failure_carries_the_childs_traceback(self, level):
         agent = Agent("failing", isolation=level)

@@ -189,6 +189,7 @@ class TestHumanInput:
         assert agent.context.get_state("progress") == "asked"
         provider.answer(first.id, "maybe")
         second = await provider.wait_for_request()
+        assert (second.id, second.attempt, second.rejected) == (first.id, 2, "'maybe' is not valid")  # as inline
         provider.answer(second.id, "approve")
         ctx = await run
         assert ctx.get_state("decision") == "approve"
