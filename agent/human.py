@@ -169,10 +169,10 @@ async def ask_relayed(context: Any, asked: dict[int, str], question: int, prompt
     if hook is None:
         return str(await context.human_in_the_loop(prompt=prompt, timeout=timeout, validator=None, default=default))
     try:
-        parameters = inspect.signature(hook).parameters
-    except (TypeError, ValueError):
-        parameters = {}  # type: ignore[assignment]
-    if "request_id" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        parameters = list(inspect.signature(hook).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: asked as a plain question
+        parameters = []
+    if not any(p.name == "request_id" or p.kind is p.VAR_KEYWORD for p in parameters):
         return str(await hook(prompt=prompt, timeout=timeout, validator=None, default=default))
     request_id = asked.setdefault(question, new_request_id())
     return str(await hook(prompt=prompt, timeout=timeout, validator=None, default=default,
