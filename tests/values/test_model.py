@@ -11,7 +11,7 @@ import pathlib
 import threading
 import uuid
 import zoneinfo
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pytest
 from hypothesis import given, settings
@@ -264,7 +264,13 @@ class TestMatches:
             ({"a": b"x"}, dict[str, bytes], True), ({"a": 1}, dict[str, bytes], False),
             ((1, "a"), tuple[int, str], True), ((1, 2, 3), tuple[int, ...], True),
             (frozenset({"a"}), frozenset[str], True),
+            ((1, 2), tuple[int, str], False), ((1,), tuple[int, str], False), ([1], tuple[int, ...], False),
+            ({"a": [1, 2]}, dict[str, list[int]], True), ({"a": [1, "b"]}, dict[str, list[int]], False),
+            ("b", Literal["a", "b"], True), ("c", Literal["a", "b"], False),
+            (3, Annotated[int, "units"], True), ("3", Annotated[int, "units"], False),
+            (3, Annotated[int, ["unhashable"]], True), (object(), Any, True), (1.5, int | str, False),
         ],
     )
     def test_matches(self, value, tp, ok):
         assert matches(value, tp) is ok
+        assert matches(value, tp) is ok  # again, from the checker worked out the first time
