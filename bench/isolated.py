@@ -26,11 +26,7 @@ from agent.context import Context  # noqa: E402
 from agent.executor import Attempt, Isolation  # noqa: E402
 from agent.supervisor import get_executor, shutdown_supervisor  # noqa: E402
 from agent.supervisor.service import current_supervisor  # noqa: E402
-from common import chain_agent, percentile  # noqa: E402  (bench/, this script's directory)
-
-
-async def started_at(context):
-    return time.monotonic()
+from common import chain_agent, launch_latencies, percentile  # noqa: E402  (bench/, this script's directory)
 
 
 async def noop(context):
@@ -38,15 +34,7 @@ async def noop(context):
 
 
 async def launch_latency(n: int) -> dict[str, float]:
-    executor = get_executor(Isolation.PROCESS)
-    ctx = Context(run_id="bench")
-    samples = []
-    for i in range(n):
-        attempt = Attempt("bench", "bench", "latency", started_at, i + 1, context=ctx,
-                          isolation=Isolation.PROCESS)
-        t0 = time.monotonic()
-        outcome = await executor.run_attempt(attempt)
-        samples.append((outcome.result - t0) * 1000)
+    samples = [s * 1000 for s in await launch_latencies(n)]
     return {"p50_ms": round(percentile(samples, 0.5), 3), "p99_ms": round(percentile(samples, 0.99), 3),
             "mean_ms": round(statistics.fmean(samples), 3), "samples": n}
 

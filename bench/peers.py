@@ -114,7 +114,7 @@ ray_cpus, samples = int(sys.argv[5]), int(sys.argv[6])
 sys.path.insert(0, root)
 sys.path.insert(0, os.path.join(root, "bench"))
 os.environ.setdefault("AGENT_ECHO", "off")
-from common import chain_agent, percentile, tree_cpu_seconds
+from common import chain_agent, launch_latencies, percentile, tree_cpu_seconds
 
 def percentiles(values):
     return {"p50_ms": round(percentile(values, 0.5) * 1000, 3), "p90_ms": round(percentile(values, 0.9) * 1000, 3)}
@@ -127,9 +127,7 @@ async def timed(run, cpu):
 if side == "ours":
     import psutil
     from agent import Agent
-    from agent.context import Context
-    from agent.executor import Attempt, Isolation
-    from agent.supervisor import current_supervisor, get_executor, shutdown_supervisor
+    from agent.supervisor import current_supervisor, shutdown_supervisor
 
     def our_cpu():
         """This process, the zygote, its live children and the ones it reaped."""
@@ -151,9 +149,6 @@ if side == "ours":
     async def noop(context):
         return None
 
-    async def started_at(context):
-        return time.monotonic()
-
     def fan_agent(level, n):
         names = [f"s{i}" for i in range(n)]
         async def start(context):
@@ -171,20 +166,7 @@ if side == "ours":
         return await timed(chain_agent("bench_chain", level, chain_n, max_steps=chain_n + 10).run, our_cpu)
 
     async def launch(_):
-        executor = get_executor(Isolation.PROCESS)
-        ctx = Context(run_id="bench-launch")
-        out = []
-        for i in range(samples):
-            attempt = Attempt("bench-launch", "bench", "latency", started_at, i + 1, context=ctx,
-                              isolation=Isolation.PROCESS)
-            attempt.settle = set()  # as the engine runs it: the outcome comes with the result
-            t0 = time.monotonic()
-            outcome = await executor.run_attempt(attempt)
-            out.append(outcome.result - t0)
-            if attempt.settle:
-                await asyncio.wait(attempt.settle)
-            await asyncio.sleep(0.002)  # one launch at a time, as a chain's would be
-        return percentiles(out)
+        return percentiles(await launch_latencies(samples))
 
     async def warm_up():
         for level in ("process", "worker"):
