@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._loops import call_in
 from ..devices import assignment
 
 if TYPE_CHECKING:
@@ -101,27 +102,22 @@ class Admission:
             self.pool.release(owner)
         elif ticket.requesting:
             ticket.granted_now = True
-        elif not self._elsewhere(ticket, self._granted_there, owner):
-            ticket.run.on_grant(ticket.act)
+        else:
+            self._on_its_loop(owner, ticket, self._granted_there)
 
     def _granted_there(self, owner: str, ticket: Ticket) -> None:
         with self.lock:
             if self.tickets.get(owner) is ticket:  # else released meanwhile, its grant with it
                 ticket.run.on_grant(ticket.act)
 
-    def _elsewhere(self, ticket: Ticket, handler: Any, owner: str) -> bool:
-        """Hand ``handler(owner, ticket)`` to the loop of a run on another thread; False when
-        that run is on this thread's loop. A run whose loop is closed is over: its grant is
-        given back."""
-        loop = ticket.loop
-        if loop is None or loop is asyncio._get_running_loop():
-            return False
-        try:
-            loop.call_soon_threadsafe(handler, owner, ticket)
-        except RuntimeError:  # its loop is closed
-            if self.tickets.pop(owner, None) is ticket:
-                self.pool.release(owner)
-        return True
+    def _on_its_loop(self, owner: str, ticket: Ticket, handler: Any) -> None:
+        """``handler(owner, ticket)`` on the loop of the ticket's run: now when it is this
+        thread's (:func:`~agent._loops.call_in`). A run whose loop is closed is over: its
+        grant is given back."""
+        if ticket.loop is None:
+            handler(owner, ticket)
+        elif not call_in(ticket.loop, handler, owner, ticket) and self.tickets.pop(owner, None) is ticket:
+            self.pool.release(owner)
 
     def requeue(self, owner: str) -> None:
         """A preempted holder gives its grant back and waits again at the front of its level."""
@@ -157,9 +153,7 @@ class Admission:
             among = [owner for owner, t in tickets.items() if owner != act.owner and pool.holds(owner)]
             victims = pool.find_victims(act.owner, req, act.priority, among=among, state=act.state) or []
             for victim in victims:
-                ticket = tickets[victim]
-                if not self._elsewhere(ticket, self._evicted_there, victim):
-                    ticket.run.preempt(ticket.act)
+                self._on_its_loop(victim, tickets[victim], self._evicted_there)
             return bool(victims)
 
     def _evicted_there(self, owner: str, ticket: Ticket) -> None:
