@@ -166,17 +166,19 @@ async def ask_relayed(context: Any, asked: dict[int, str], question: int, prompt
     ``rejected``, as an inline state's would. A hook that cannot take them (one given to a
     Context by hand) gets the plain question."""
     hook = context._human_hook()
-    if hook is None:
+    if hook is None or not _takes_request_id(hook):
         return str(await context.human_in_the_loop(prompt=prompt, timeout=timeout, validator=None, default=default))
-    try:
-        parameters = list(inspect.signature(hook).parameters.values())
-    except (TypeError, ValueError):  # no signature to read: asked as a plain question
-        parameters = []
-    if not any(p.name == "request_id" or p.kind is p.VAR_KEYWORD for p in parameters):
-        return str(await hook(prompt=prompt, timeout=timeout, validator=None, default=default))
     request_id = asked.setdefault(question, new_request_id())
     return str(await hook(prompt=prompt, timeout=timeout, validator=None, default=default,
                           request_id=request_id, attempt=attempt, rejected=rejected))
+
+
+def _takes_request_id(hook: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(hook).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: asked as a plain question
+        return False
+    return any(p.name == "request_id" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _rejection(validator: Validator | None, answer: str) -> str | None:
