@@ -2,10 +2,11 @@
 
 Started once per supervisor (``python -m agent.runtime.zygote FD PARENT_PID [PATH...]``).
 It holds no threads and no ZeroMQ context, so a fork is a cheap, safe copy. Over the
-control socket ``FD`` it reads length-prefixed requests (``spawn``, ``kill``) and writes
-reports (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status and the CPU
-seconds and page faults the kernel charged the child, ``denied`` for a sandbox's system
-call refused by seccomp, ``parked`` for a child forked ahead). It exits, killing its
+control socket ``FD`` it reads length-prefixed requests (``spawn``, ``taken``, ``kill``) and
+writes reports (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status and the
+CPU seconds and page faults the kernel charged the child, ``denied`` for a sandbox's system
+call refused by seccomp, ``parked`` for a child forked ahead, ``let_go`` for parked
+children nobody needs). It exits, killing its
 children, when the supervisor closes the socket or its process ends (a pidfd of it), and
 then removes the PATHs (the supervisor's private directories and its cgroups, empty by
 then), so that even a supervisor killed outright leaves nothing behind.
@@ -21,26 +22,30 @@ and hands its seccomp listener back over a datagram socket; the zygote answers e
 denied call with EPERM and reports it.
 
 A child need not wait for its fork: the zygote keeps a few children *parked*, forked
-ahead while it is idle, each blocked on a socket of its own until a ``spawn`` naming it
-hands it its spec (:meth:`Zygote._unpark`); a launch then costs a descriptor passed,
-not a fork. It reports each one (``parked``), and the supervisor decides which to use
-(it first moves each into a cgroup of its own: :mod:`agent.supervisor.parked`). How
-many it keeps follows the launches it serves: one more than the largest burst of recent
-``spawn`` requests (so that a launch finds one whose cgroup is ready even while the
-one taken by the launch before is being replaced), at most ``park_max`` (``AGENT_PARKED_MAX``, from the ``configure``
-request), and none once no child was asked for in ``park_idle`` seconds (``AGENT_PARKED_IDLE``,
-default ``PARK_IDLE``; counted from the last park too, for a machine slower than that; a parked child
-whose socket closes exits). Sandboxed children are parked apart, following the sandboxed
+ahead while it is idle, each blocked on a socket of its own. It reports each one
+(``parked``) with the other end of that socket, keeping none: the supervisor moves the
+child into a cgroup of its own (:mod:`agent.supervisor.parked`) and, at a launch, hands
+it its spec itself, then tells the zygote (``taken``), which replaces it. A launch so
+costs a descriptor passed, neither a fork nor a wake-up of the zygote. How many it keeps
+follows the launches it serves: one more than the largest burst of recent ``spawn``
+requests (so that a launch finds one whose cgroup is ready even while the one taken by
+the launch before is being replaced), at most ``park_max`` (``AGENT_PARKED_MAX``, from
+the ``configure`` request), and none once no child was asked for in ``park_idle``
+seconds (``AGENT_PARKED_IDLE``, default ``PARK_IDLE``; counted from the last park too,
+for a machine slower than that): it then asks the supervisor to let them go
+(``let_go``), which closes the socket of each it has not handed out, and a parked child
+whose socket closes exits. Sandboxed children are parked apart, following the sandboxed
 launches: each is forked as PID 1 of a PID namespace of its own, made for that one fork,
 holds a pair of the network and IPC namespaces made ahead, and keeps none of the
 zygote's descriptors but the one it sends its seccomp listener over; a sandboxed launch
-takes only such a child, any other launch only another. A parked child is a fresh fork that
-has run nothing of any state; what it does before it parks (parent-death signal,
+takes only such a child, any other launch only another. A parked child is a fresh fork
+that has run nothing of any state; what it does before it parks (parent-death signal,
 dropping the zygote's descriptors and signal handlers, a process group of its own, and
 one warm-up round like the zygote's, so that the pages an attempt writes are its own
 already) is what every child does first. It also connects to the supervisor's ROUTER
 (the ``endpoint`` of ``configure``) while it waits, so that the handshake is over when
-its attempt starts; the connection says nothing until the hello, which names the attempt.
+its attempt starts; the connection says nothing until the hello, which names the
+attempt.
 
 Most of a child's cost is copy-on-write: each page of the zygote a child writes is
 copied. Hence: the zygote is warmed up by serving whole attempts in-process before it
@@ -81,7 +86,7 @@ _libc_fork = ctypes.PyDLL(None, use_errno=True).fork  # PyDLL: the GIL is held a
 _HEADER = struct.Struct("!I")
 _SIGTERM = (int(signal.SIGTERM),)
 _CONTROL_BOUNDS = Bounds(max_frame=16 * 1024 * 1024)
-_MAX_FDS_PER_READ = 64
+MAX_FDS_PER_READ = 64
 # Denied calls answered per sandboxed child (then its listener is closed and further
 # denied calls fail with ENOSYS), and reported to the supervisor.
 MAX_ANSWERS = 256
@@ -102,8 +107,12 @@ def frame(obj: Any) -> bytes:
     return _HEADER.pack(len(data)) + data
 
 
-def write_frame(sock: socket.socket, obj: Any) -> None:
-    sock.sendall(frame(obj))
+def write_frame(sock: socket.socket, obj: Any, fds: Sequence[int] = ()) -> None:
+    """Send ``obj`` as one frame, with descriptors ``fds`` (``SCM_RIGHTS``) on its first byte."""
+    data = frame(obj)
+    sent = socket.send_fds(sock, [data], list(fds)) if fds else 0
+    if sent < len(data):
+        sock.sendall(data[sent:])  # a signal cut the first write short
 
 
 def read_frames(buffer: bytearray) -> list[Any]:
@@ -121,7 +130,7 @@ def read_frames(buffer: bytearray) -> list[Any]:
 def receive(sock: socket.socket, buffer: bytearray, fds: deque[int]) -> bool:
     """Read what is there into ``buffer`` and descriptors passed with it into ``fds``;
     False at end of stream."""
-    data, received, _, _ = socket.recv_fds(sock, 1 << 16, _MAX_FDS_PER_READ)
+    data, received, _, _ = socket.recv_fds(sock, 1 << 16, MAX_FDS_PER_READ)
     fds.extend(received)
     if not data:
         return False
@@ -148,7 +157,7 @@ class _Parking:
     """The parked children of one kind (plain or sandboxed) and how many to keep."""
 
     def __init__(self) -> None:
-        self.children: deque[tuple[int, socket.socket]] = deque()  # (pid, our end of its socket), oldest first
+        self.children: deque[int] = deque()  # pids, oldest first
         self.target = 0
         self.burst = 0  # spawns of this kind served since the zygote was last idle
 
@@ -237,7 +246,10 @@ class Zygote:
     def _handle(self, request: dict[str, Any]) -> None:
         op = request.get("op")
         if op == "spawn":
-            self._spawn(request["id"], bool(request.get("sandbox")), int(request.get("fds", 1)), request.get("parked"))
+            self._spawn(request["id"], bool(request.get("sandbox")), int(request.get("fds", 1)))
+        elif op == "taken":
+            cpu, faults = request.get("charged") or (0.0, 0)
+            self._taken(request["pid"], bool(request.get("sandbox")), (float(cpu), int(faults)))
         elif op == "kill":
             self._kill(request["pid"], request.get("signal", signal.SIGKILL))
 
@@ -245,14 +257,13 @@ class Zygote:
         """Descriptors of the zygote's own that no child keeps."""
         fds = [self._control.fileno(), self._wake_r, self._wake_w, *self._listeners, *self._mounts.values(),
                *self._spec_fds]
-        fds += [sock.fileno() for parking in self._parking.values() for _, sock in parking.children]
         if self._notify is not None:
             fds += [sock.fileno() for sock in self._notify]
         for pair in (self._own_ns, *self._spares):
             fds += pair or ()
         return fds + [fd for fd in (self._pidfd, self._pidns, self._parent) if fd is not None]
 
-    def _spawn(self, request_id: int, sandbox: bool, nfds: int = 1, parked: int | None = None) -> None:
+    def _spawn(self, request_id: int, sandbox: bool, nfds: int = 1) -> None:
         if len(self._spec_fds) < nfds or nfds < 1:
             write_frame(self._control, {"op": "spawn_failed", "id": request_id,
                                         "error": "the spawn request came without its spec"})
@@ -260,13 +271,6 @@ class Zygote:
         spec_fd = self._spec_fds.popleft()
         extra = [self._spec_fds.popleft() for _ in range(nfds - 1)]  # handed on, never used here
         self._count_spawn(sandbox)
-        if parked is not None:
-            if not self._unpark(request_id, parked, spec_fd, extra, sandbox):
-                for fd in (spec_fd, *extra):
-                    os.close(fd)
-                write_frame(self._control, {"op": "spawn_failed", "id": request_id, "parked_gone": True,
-                                            "error": f"parked child {parked} is gone"})
-            return
         pid, error = self._fork_child(
             sandbox,
             lambda notify, spare: child_module.child_main(spec_fd, self._pidfd, self._private_fds(), notify,
@@ -360,43 +364,37 @@ class Zygote:
             ours.close()
             return False
         self._children.add(pid)
-        self._parking[sandbox].children.append((pid, ours))
+        self._parking[sandbox].children.append(pid)
         # Let go for lack of launches only PARK_IDLE seconds after it was parked: where a
         # launch takes longer than that (an emulated machine), its children are still used.
         self._last_spawn = max(self._last_spawn, time.monotonic())
-        write_frame(self._control, {"op": "parked", "pid": pid, "sandbox": sandbox})
+        # The only other end of the child's socket goes to the supervisor, which alone hands
+        # the child its spec, or lets it go.
+        try:
+            write_frame(self._control, {"op": "parked", "pid": pid, "sandbox": sandbox}, [ours.fileno()])
+        finally:
+            ours.close()
         return True
 
-    def _unpark(self, request_id: int, pid: int, spec_fd: int, extra: list[int], sandbox: bool) -> bool:
-        """Hand ``spec_fd`` (and ``extra``) to parked child ``pid`` of the launch's kind; False
-        when there is no such child (it is gone)."""
+    def _taken(self, pid: int, sandbox: bool, charged: tuple[float, int]) -> None:
+        """The supervisor handed parked child ``pid`` a spec: one to replace, and ``charged``
+        (its warm-up, as the supervisor read it then) to leave out of its exit figures."""
         children = self._parking[sandbox].children
-        entry = next((entry for entry in children if entry[0] == pid), None)
-        if entry is None:
-            return False
-        children.remove(entry)
-        sock = entry[1]
-        try:
-            socket.send_fds(sock, [b"s"], [spec_fd, *extra])
-        except OSError:
-            return False  # it died while parked: its exit is reported when it is reaped
-        finally:
-            sock.close()
-        # Read once the child has its spec (not before: nobody waits for it then); what the
-        # child did since is at most a few page faults, in clock ticks nothing.
-        charged = charged_so_far(pid)
-        for fd in (spec_fd, *extra):
-            os.close(fd)
-        self._charged_before[pid] = charged
-        write_frame(self._control, {"op": "spawned", "id": request_id, "pid": pid, "charged": list(charged)})
-        return True
+        if pid in children:
+            children.remove(pid)  # else it was in a let_go report already, which came too late
+        self._count_spawn(sandbox)
+        if pid in self._children:
+            self._charged_before[pid] = charged
 
     def _unpark_all(self) -> None:
-        """Let every parked child go: each exits when its socket closes."""
+        """Have the supervisor let every parked child go (each exits when its socket closes)."""
+        pids = []
         for parking in self._parking.values():
             parking.target = 0
-            while parking.children:
-                parking.children.popleft()[1].close()
+            pids += parking.children
+            parking.children.clear()
+        if pids:
+            write_frame(self._control, {"op": "let_go", "pids": pids})
 
     def _fork(self) -> int:
         if not self._single_threaded:
@@ -544,7 +542,6 @@ class Zygote:
         """Kill every child and reap it. ``cgroups``: the supervisor's cgroup directories, whose
         frozen cgroups are thawed first (a supervisor killed between freezing a cgroup and
         thawing it leaves its processes frozen, and a frozen process never dies of SIGKILL)."""
-        self._unpark_all()
         for pid in list(self._children):
             self._kill(pid, signal.SIGKILL)
         for path in cgroups:

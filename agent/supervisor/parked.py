@@ -6,7 +6,11 @@ every controller an attempt may need and with no limits yet, and moves the child
 on the confiner's own thread: moving a process between cgroups waits for a kernel RCU
 grace period (a millisecond or more on a busy machine), which is then paid while the
 child waits rather than while a state does. A launch takes the oldest ready child,
-writes the attempt's limits into its cgroup and has the zygote hand it the spec.
+writes the attempt's limits into its cgroup and hands it the spec itself, over the
+child's socket that the zygote passed on with its report (the zygote keeps no end of
+it): a launch wakes the child and nothing else. Only the supervisor hands out a parked
+child or lets it go (closing its socket, when the zygote says nobody is launching), so
+a child is never both.
 
 A cgroup made for a parked child is never given to anyone else: it is removed with the
 child, whether the child served an attempt or was let go. Each ``process`` attempt
@@ -18,6 +22,7 @@ apart: a sandboxed launch takes only one of those, any other launch only another
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -49,6 +54,7 @@ class ParkedChildren:
         self._ready: dict[bool, dict[int, Parked]] = {False: {}, True: {}}  # by sandboxed
         self._making: set[int] = set()
         self._gone: set[int] = set()  # went away while their cgroup was being made
+        self._sockets: dict[int, socket.socket] = {}  # each parked child's socket, until it is handed out
         self._closed = False
 
     def __len__(self) -> int:
@@ -57,10 +63,15 @@ class ParkedChildren:
     def pids(self) -> set[int]:
         return {*self._ready[False], *self._ready[True], *self._making}
 
-    def parked(self, pid: int, sandboxed: bool = False) -> None:
-        """The zygote parked ``pid`` (for sandboxed launches or others): make its cgroup, off the event loop."""
+    def parked(self, pid: int, sandboxed: bool = False, sock: socket.socket | None = None) -> None:
+        """The zygote parked ``pid`` (for sandboxed launches or others) and passed on ``sock``,
+        the child's socket: make its cgroup, off the event loop."""
         if self._closed:
+            if sock is not None:
+                sock.close()  # the child exits
             return
+        if sock is not None:
+            self._sockets[pid] = sock
         self._making.add(pid)
         self._confiner.background(lambda: self._make(pid, sandboxed))
 
@@ -102,8 +113,24 @@ class ParkedChildren:
             return None
         return ready.pop(next(iter(ready)))
 
+    def take_socket(self, pid: int) -> socket.socket | None:
+        """Parked child ``pid``'s socket, now the caller's, to hand it its spec (None: none came)."""
+        return self._sockets.pop(pid, None)
+
+    def let_go(self, pids: list[int]) -> None:
+        """Let the children among ``pids`` that no launch took go: each exits when its socket
+        closes (its exit then drops it). One taken already serves its launch."""
+        for pid in pids:
+            if pid in self._making or any(pid in ready for ready in self._ready.values()):
+                sock = self._sockets.pop(pid, None)
+                if sock is not None:
+                    sock.close()
+
     def gone(self, pid: int) -> None:
-        """``pid`` exited or was handed out: drop it (and what was made for it, unused)."""
+        """``pid`` exited: drop it (and what was made for it, unused)."""
+        sock = self._sockets.pop(pid, None)
+        if sock is not None:
+            sock.close()
         if pid in self._making:
             self._gone.add(pid)
         for ready in self._ready.values():
@@ -121,6 +148,9 @@ class ParkedChildren:
         child let go, so that its files (opened at park time) are closed and its uid
         released; children whose cgroup is still being made are let go when it is."""
         self._closed = True
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
         for ready in self._ready.values():
             for made in ready.values():
                 self.drop(made)

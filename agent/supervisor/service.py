@@ -164,7 +164,6 @@ class Supervisor:
         self._room_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.parked: set[int] = set()  # pids of the zygote's parked children
         self.parked_children = ParkedChildren(self.confiner, lambda: self.router.loop, self.log)
-        self._targeted: dict[int, tuple[dict[str, Any], tuple[int, ...]]] = {}  # spawns of a parked child
         self.workers = WorkerPool(self)
         self._started = 0
         self._active = 0
@@ -330,8 +329,6 @@ class Supervisor:
         self._by_secret[child.secret] = child
         self._by_request[child.request_id] = child
         self._queued[child.request_id] = (spec, sandboxed, fds)
-        if child.confinement.parked_pid is not None:
-            self._targeted[child.request_id] = (spec, fds)
         self._started += 1
         self._pump()
 
@@ -347,11 +344,34 @@ class Supervisor:
             request_id, (spec, sandboxed, fds) = next(iter(self._queued.items()))
             del self._queued[request_id]
             self._launching.add(request_id)
-            parked = spec["confine"].get("joined")
             try:
-                self.zygote.spawn(request_id, spec, sandbox=sandboxed, fds=fds, parked=parked)
+                if not self._hand_over(request_id, spec, sandboxed, fds):
+                    self.zygote.spawn(request_id, spec, sandbox=sandboxed, fds=fds)
             except ConnectionError:
                 return  # the zygote is gone: every child is failed by _on_zygote_lost
+
+    def _hand_over(self, request_id: int, spec: dict[str, Any], sandboxed: bool, fds: tuple[int, ...]) -> bool:
+        """Hand the spec to the parked child in the launch's cgroup, if any; False when there
+        is none or it is gone (a new child is then forked, which joins that cgroup)."""
+        pid = spec["confine"].get("joined")
+        if pid is None:
+            return False
+        sock = self.parked_children.take_socket(pid)
+        charged = None
+        if sock is not None:
+            try:
+                charged = self.zygote.hand_over(request_id, spec, sock, pid, sandbox=sandboxed, fds=fds)
+            finally:
+                sock.close()
+        if charged is None:
+            del spec["confine"]["joined"]
+            return False
+        self.parked.discard(pid)
+        child = self._by_request.pop(request_id, None)
+        if child is not None:
+            self._by_pid[pid] = child
+            child.on_spawned(pid, list(charged))
+        return True
 
     def launched(self, child: ChildProcess) -> None:
         """``child`` is up (or gone): let the next one start."""
@@ -571,8 +591,6 @@ class Supervisor:
     def _on_report(self, report: dict[str, Any]) -> None:
         op = report.get("op")
         if op == "spawned":
-            self.parked.discard(report["pid"])
-            self._targeted.pop(report["id"], None)
             child = self._by_request.pop(report["id"], None)
             if child is not None:
                 self._by_pid[report["pid"]] = child
@@ -584,28 +602,23 @@ class Supervisor:
             if child is not None:
                 child.on_exit(report["status"], report.get("cpu"), report.get("faults"))
         elif op == "parked":
+            sock = report.get("socket")
+            if sock is None:  # it could never be handed a spec
+                self.zygote.kill(report["pid"])
+                return
             self.parked.add(report["pid"])
-            self.parked_children.parked(report["pid"], bool(report.get("sandbox")))
+            self.parked_children.parked(report["pid"], bool(report.get("sandbox")), sock)
+        elif op == "let_go":
+            self.parked_children.let_go(list(report["pids"]))
         elif op == "denied":
             child = self._by_pid.get(report["pid"])
             if child is not None:
                 child.on_denied(str(report.get("call")))
         elif op == "spawn_failed":
-            targeted = self._targeted.pop(report["id"], None)
-            if targeted is not None and report.get("parked_gone") and report["id"] in self._by_request:
-                self._fork_instead(report["id"], *targeted)
-                return
             child = self._by_request.pop(report["id"], None)
             if child is not None:
                 self.log.error("fork_failed", error=report.get("error"))
                 child.on_spawn_failed(str(report.get("error")))
-
-    def _fork_instead(self, request_id: int, spec: dict[str, Any], fds: tuple[int, ...]) -> None:
-        """The parked child meant for this request went away: a new child joins its cgroup."""
-        spec["confine"].pop("joined", None)
-        self._launching.discard(request_id)
-        self._queued[request_id] = (spec, "sandbox" in spec["confine"], fds)
-        self._pump()
 
     def _on_zygote_lost(self) -> None:
         self.log.error("zygote_lost", zygote_pid=self.zygote.pid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import threading
@@ -75,4 +76,47 @@ def test_a_child_gone_before_its_cgroup_is_made_is_let_go_without_a_warning(conf
         assert log.warnings == []
         assert len(parked) == 0 and parked.take() is None
     finally:
+        loop.close()
+
+
+def test_let_go_closes_only_the_sockets_of_children_no_launch_took(confiner) -> None:
+    # The zygote asks for parked children to be let go when nobody launches; one that a
+    # launch took meanwhile (its let_go report crossed the launch) must keep its socket.
+    children = [subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+                for _ in range(2)]
+    ends = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in children]
+    loop = asyncio.new_event_loop()
+    parked = ParkedChildren(confiner, lambda: loop, _Log())
+    try:
+        for child, (ours, _) in zip(children, ends):
+            parked.parked(child.pid, sock=ours)
+        done = threading.Event()
+        confiner.background(done.set)  # both cgroups are made: the thread works in order
+        assert done.wait(30)
+        loop.run_until_complete(asyncio.sleep(0))
+        taken = parked.take()
+        assert taken is not None and taken.pid == children[0].pid
+        parked.let_go([child.pid for child in children])
+        kept, let_go = ends[0][1], ends[1][1]
+        let_go.settimeout(10)
+        assert let_go.recv(16) == b""  # closed: that child exits
+        kept.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            kept.recv(16)  # still open: the launch hands it its spec
+        sock = parked.take_socket(children[0].pid)
+        assert sock is not None and sock.send(b"s") == 1
+        sock.close()
+        assert parked.take_socket(children[1].pid) is None
+        confiner.let_go(taken)
+    finally:
+        parked.close()
+        for child in children:
+            child.kill()
+            child.wait()
+        for pair in ends:
+            for end in pair:
+                end.close()
+        done = threading.Event()
+        confiner.background(done.set)
+        done.wait(30)
         loop.close()

@@ -109,3 +109,30 @@ async def test_shutdown_closes_the_files_of_children_still_parked() -> None:
         await asyncio.sleep(0.01)
     shutdown_supervisor()
     assert files_under(dirs) == []
+
+
+async def test_children_nobody_launches_are_let_go_with_their_cgroups(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The zygote says when nobody launches; only the supervisor holds the parked children's
+    # sockets, so it lets them go: each exits, its cgroup goes, and launching parks again.
+    shutdown_supervisor()
+    monkeypatch.setenv("AGENT_PARKED_IDLE", "1")
+    try:
+        await run(make_attempt(own_pid))
+        sup = current_supervisor()
+        assert sup is not None
+        dirs = sup.confiner.backend.owned_dirs()
+        parked = {await wait_for_connected_parked_child(time.monotonic() + 60)}
+        deadline = time.monotonic() + 60
+        while sup.parked or len(sup.parked_children):
+            assert time.monotonic() < deadline, f"parked children never let go: {sup.parked}"
+            parked |= sup.parked
+            await asyncio.sleep(0.05)  # their exits are reported on this loop
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in parked)
+        assert not parked & peers_of_this_process()
+        while any(name.startswith("parked-") for d in dirs for name in os.listdir(d)):
+            assert time.monotonic() < deadline, "a let-go child's cgroup is still there"
+            await asyncio.sleep(0.05)  # removed on the confiner's thread
+        assert (await run(make_attempt(own_pid, number=2))).result not in parked
+        await wait_for_connected_parked_child(time.monotonic() + 60)  # parked again
+    finally:
+        shutdown_supervisor()

@@ -71,8 +71,8 @@ class Spawned(list[int]):
 
 @pytest.fixture
 def spawned() -> Any:
-    """The pids the zygote reports as serving launches, from now on (and, in ``pids.parked``,
-    each child it parks: pid -> parked for sandboxed launches)."""
+    """The pids serving launches from now on, forked or parked (and, in ``pids.parked``, each
+    child the zygote parks: pid -> parked for sandboxed launches)."""
     shutdown_supervisor()
     pids = Spawned()
 
@@ -89,6 +89,15 @@ def spawned() -> Any:
             report(message)
 
         sup.zygote._on_report = recording
+        hand_over = sup.zygote.hand_over
+
+        def handing(request_id: int, spec: Any, sock: Any, pid: int, **options: Any) -> Any:
+            charged = hand_over(request_id, spec, sock, pid, **options)
+            if charged is not None:
+                pids.append(pid)
+            return charged
+
+        sup.zygote.hand_over = handing  # type: ignore[method-assign]
 
     yield watch, pids
     shutdown_supervisor()
