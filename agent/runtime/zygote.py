@@ -1,15 +1,15 @@
 """The zygote: a clean interpreter with the child's modules loaded, forking children.
 
-Started once per supervisor (``python -m agent.runtime.zygote FD PARENT_PID [PATH...]``).
-It holds no threads and no ZeroMQ context, so a fork is a cheap, safe copy. Over the
-control socket ``FD`` it reads length-prefixed requests (``spawn``, ``taken``, ``kill``) and
-writes reports (``spawned``, ``spawn_failed``, ``exited`` with the raw wait status and the
-CPU seconds and page faults the kernel charged the child, ``denied`` for a sandbox's system
-call refused by seccomp, ``parked`` for a child forked ahead, ``let_go`` for parked
-children nobody needs). It exits, killing its
-children, when the supervisor closes the socket or its process ends (a pidfd of it), and
-then removes the PATHs (the supervisor's private directories and its cgroups, empty by
-then), so that even a supervisor killed outright leaves nothing behind.
+Started once per supervisor (``python -m agent.runtime.zygote FD PARENT_PID
+[PATH...]``). It holds no threads and no ZeroMQ context, so a fork is a cheap, safe
+copy. Over the control socket ``FD`` it reads length-prefixed requests (``spawn``,
+``taken``, ``kill``) and writes reports (``spawned``, ``spawn_failed``, ``exited`` with
+the raw wait status and the CPU seconds and page faults the kernel charged the child,
+``denied`` for a sandbox's system call refused by seccomp, ``parked`` for a child forked
+ahead, ``let_go`` for parked children nobody needs). It exits, killing its children,
+when the supervisor closes the socket or its process ends (a pidfd of it), and then
+removes the PATHs (the supervisor's private directories and its cgroups, empty by then),
+so that even a supervisor killed outright leaves nothing behind.
 
 The zygote never holds a child's secrets: each ``spawn`` request comes with a descriptor
 (``SCM_RIGHTS``) of a memfd holding the child's spec (its channel secret, argv, paths),

@@ -349,6 +349,11 @@ class Supervisor:
                     self.zygote.spawn(request_id, spec, sandbox=sandboxed, fds=fds)
             except ConnectionError:
                 return  # the zygote is gone: every child is failed by _on_zygote_lost
+            except OSError as exc:  # its spec could not be written: no memory, or no descriptor left
+                child = self._by_request.pop(request_id, None)
+                if child is not None:
+                    self.log.error("fork_failed", error=str(exc))
+                    child.on_spawn_failed(f"its spec could not be written ({exc})")
 
     def _hand_over(self, request_id: int, spec: dict[str, Any], sandboxed: bool, fds: tuple[int, ...]) -> bool:
         """Hand the spec to the parked child in the launch's cgroup, if any; False when there

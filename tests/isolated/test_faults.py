@@ -4,6 +4,7 @@ the process is gone (a worker that does not stop is replaced), and the superviso
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import os
 import signal
@@ -149,6 +150,23 @@ class TestStateFailures:
         exc = await failed(segfault_state)
         assert (exc.reason.kind, exc.reason.signal) == ("signal", signal.SIGSEGV)
         assert "SIGSEGV" in exc.reason.message
+        await still_serving()
+
+
+class TestLaunchFailures:
+    async def test_a_spec_that_cannot_be_written_fails_only_its_attempt(self, monkeypatch: pytest.MonkeyPatch):
+        if helpers.LEVEL is Isolation.WORKER:
+            pytest.skip("a warm worker takes the attempt: no spec is written for it")
+        await still_serving()  # the supervisor is up, children are parked
+
+        def no_descriptor_left(name: str, flags: int = 0) -> int:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(os, "memfd_create", no_descriptor_left)
+        exc = await failed(ok_state)
+        monkeypatch.undo()
+        assert exc.reason.kind == "exit_code"
+        assert "could not be started" in exc.reason.message and "Too many open files" in exc.reason.message
         await still_serving()
 
 
