@@ -4,8 +4,9 @@ The zygote is a separate interpreter started with ``exec`` (never a fork of this
 process, which holds threads and a ZeroMQ context). Requests go down a socketpair;
 reports (``spawned``, ``spawn_failed``, ``exited``, ``denied``, ``parked``, ``let_go``)
 come back on the same socketpair and are dispatched on the attached event loop. A
-child's spec travels in a memfd passed with its ``spawn`` request, which only the child
-reads. The zygote removes the ``cleanup`` directories when it exits, even if this
+child's spec travels in a memfd passed with its ``spawn`` request (or, to a parked
+child, over the child's own socket: :meth:`ZygoteLauncher.hand_over`), which only the
+child reads. The zygote removes the ``cleanup`` directories when it exits, even if this
 process was killed.
 """
 
