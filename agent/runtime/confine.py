@@ -68,11 +68,15 @@ def _data_size() -> int:
 
 
 def set_environment(child_spec: dict[str, Any]) -> None:
-    """Set the spec's variables and the GPU pinning variables."""
-    os.environ.update({str(k): str(v) for k, v in child_spec.get("env", {}).items()})
-    gpu = child_spec.get("gpu")
-    if gpu:
-        os.environ.update({str(k): str(v) for k, v in gpu.get("env", {}).items()})
+    """Set the spec's variables and the GPU pinning variables; those that hold the value
+    already (the zygote sets the pinning of a state without GPUs ahead) are left alone."""
+    gpu = child_spec.get("gpu") or {}
+    environ = os.environ
+    for variables in (child_spec.get("env", {}), gpu.get("env", {})):
+        for key, value in variables.items():
+            key, value = str(key), str(value)
+            if environ.get(key) != value:
+                environ[key] = value
 
 
 def join(child_spec: dict[str, Any], *, parked: bool = False) -> None:

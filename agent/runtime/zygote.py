@@ -759,6 +759,9 @@ def main(argv: list[str]) -> int:
         spec_fds: deque[int] = deque()
         config, pending = _read_configure(control, buffer, spec_fds)
         child_module.give_open_files(config.get("open_files"))
+        # What nearly every child's spec sets (the pinning of a state without GPUs): set
+        # here once, a launch finds it set already.
+        os.environ.update({str(k): str(v) for k, v in config.get("child_env", {}).items()})
         preload(config.get("preload", ()), config.get("import_path", ()))
         warm_up()
         seccomp.prepare()

@@ -26,6 +26,7 @@ from typing import Any
 from ..runtime.child import SPEC_HEADER
 from ..runtime.zygote import MAX_FDS_PER_READ, PARK_IDLE, PARK_MAX, charged_so_far, read_frames, write_frame
 from ..values import pack_plain
+from .gpus import pinning_env
 
 ReportHandler = Callable[[dict[str, Any]], None]
 
@@ -117,11 +118,12 @@ class ZygoteLauncher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.alive = True
         # The first frame, read before the zygote warms up: what to import for the children,
-        # where parked children connect ahead (the supervisor's ROUTER), and the soft limit of
-        # open files they get (this process's before the supervisor raised it).
+        # where parked children connect ahead (the supervisor's ROUTER), the soft limit of
+        # open files they get (this process's before the supervisor raised it), and the
+        # environment of a state without GPUs.
         self._send({"op": "configure", "preload": list(preload), "import_path": list(import_path),
                     "park_max": park_max, "park_idle": park_idle, "endpoint": endpoint,
-                    "open_files": open_files})
+                    "open_files": open_files, "child_env": pinning_env([])})
 
     @staticmethod
     def _start(cleanup: list[str] | None) -> tuple[subprocess.Popen[bytes], socket.socket]:

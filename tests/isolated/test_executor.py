@@ -186,6 +186,12 @@ class TestChildEnvironment:
         # What the caller's process has, not the zygote's.
         assert info["argv"] == sys.argv and info["path"] == sys.path
 
+    async def test_a_long_sys_path_reaches_the_state_whole(self, monkeypatch: pytest.MonkeyPatch):
+        # The spec carries sys.path: here many pages of it.
+        long_path = [*sys.path, *(f"/nonexistent/{'d' * 60}/{i}" for i in range(400))]
+        monkeypatch.setattr(sys, "path", long_path)
+        info = (await run(make_attempt(environment_state))).result
+        assert info["path"] == long_path
 
     async def test_children_draw_different_random_numbers(self):
         # The zygote forks without os.fork: the reseed its at-fork hook did is done by hand.
