@@ -143,6 +143,14 @@ class ParkedChildren:
         release its uid, off the event loop."""
         self._confiner.background(lambda: self._confiner.let_go(made))
 
+    def forget_after_fork(self) -> None:
+        """In a process forked from the supervisor's: close the copies of the parked children's
+        sockets (only the copies), which would keep each child parked after the supervisor
+        lets it go, for as long as the forked process lives."""
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+
     def close(self) -> None:
         """The supervisor shuts down: each ready child's cgroup is removed like that of any
         child let go, so that its files (opened at park time) are closed and its uid

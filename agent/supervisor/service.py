@@ -681,7 +681,8 @@ def _forget_after_fork() -> None:
     """In a process forked from this one (``multiprocessing``'s default on Linux), the
     supervisor is the parent's: its zygote, sockets and threads serve the parent. The
     child starts its own on first use; the parent's stays referenced, never used nor
-    closed (closing its ZeroMQ sockets from a fork could hang, or take them from the parent)."""
+    closed (closing its ZeroMQ sockets from a fork could hang, or take them from the parent);
+    only its copies of the parked children's sockets are closed."""
     global _current, _lock
     _lock = threading.Lock()  # another thread may have held it at the fork
     if _current is not None:
@@ -689,6 +690,8 @@ def _forget_after_fork() -> None:
         _current = None
     _inherited.extend(_others)
     _others.clear()
+    for sup in _inherited:
+        sup.parked_children.forget_after_fork()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)

@@ -136,3 +136,34 @@ async def test_children_nobody_launches_are_let_go_with_their_cgroups(monkeypatc
         await wait_for_connected_parked_child(time.monotonic() + 60)  # parked again
     finally:
         shutdown_supervisor()
+
+
+async def test_children_let_go_exit_while_a_process_forked_from_the_supervisors_lives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # multiprocessing forks the caller's process: a copy of a parked child's socket there
+    # would keep the child parked (and its cgroup) after the supervisor let it go.
+    shutdown_supervisor()
+    monkeypatch.setenv("AGENT_PARKED_IDLE", "1")
+    read_end, write_end = os.pipe()
+    forked = None
+    try:
+        await run(make_attempt(own_pid))
+        sup = current_supervisor()
+        assert sup is not None
+        parked = {await wait_for_connected_parked_child(time.monotonic() + 60)} | sup.parked
+        forked = os.fork()
+        if forked == 0:  # pragma: no cover - lives, holding what it inherited, until told
+            os.close(write_end)
+            os.read(read_end, 1)
+            os._exit(0)
+        deadline = time.monotonic() + 30  # AGENT_PARKED_IDLE, then an exit each
+        while any(os.path.exists(f"/proc/{pid}") for pid in parked):
+            assert time.monotonic() < deadline, f"parked children {sorted(parked)} were not let go"
+            await asyncio.sleep(0.05)
+    finally:
+        os.close(write_end)  # the forked process ends
+        os.close(read_end)
+        if forked:
+            os.waitpid(forked, 0)
+        shutdown_supervisor()
