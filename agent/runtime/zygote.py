@@ -172,9 +172,6 @@ class Zygote:
         self._control = control
         self._parent = parent  # a pidfd of the supervisor's process (see _watch_parent)
         self._children: set[int] = set()
-        # What the kernel had charged each child that was parked, when it was handed its spec
-        # (its warm-up, partly before it joined its cgroup): left out of its exit figures.
-        self._charged_before: dict[int, tuple[float, int]] = {}
         self._spec_fds: deque[int] = spec_fds if spec_fds is not None else deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Checked once: the zygote starts no thread, so this stays true.
@@ -248,8 +245,7 @@ class Zygote:
         if op == "spawn":
             self._spawn(request["id"], bool(request.get("sandbox")), int(request.get("fds", 1)))
         elif op == "taken":
-            cpu, faults = request.get("charged") or (0.0, 0)
-            self._taken(request["pid"], bool(request.get("sandbox")), (float(cpu), int(faults)))
+            self._taken(request["pid"], bool(request.get("sandbox")))
         elif op == "kill":
             self._kill(request["pid"], request.get("signal", signal.SIGKILL))
 
@@ -376,15 +372,12 @@ class Zygote:
             ours.close()
         return True
 
-    def _taken(self, pid: int, sandbox: bool, charged: tuple[float, int]) -> None:
-        """The supervisor handed parked child ``pid`` a spec: one to replace, and ``charged``
-        (its warm-up, as the supervisor read it then) to leave out of its exit figures."""
+    def _taken(self, pid: int, sandbox: bool) -> None:
+        """The supervisor handed parked child ``pid`` a spec: one to replace."""
         children = self._parking[sandbox].children
         if pid in children:
             children.remove(pid)  # else it was in a let_go report already, which came too late
         self._count_spawn(sandbox)
-        if pid in self._children:
-            self._charged_before[pid] = charged
 
     def _unpark_all(self) -> None:
         """Have the supervisor let every parked child go (each exits when its socket closes)."""
@@ -526,9 +519,8 @@ class Zygote:
             for fd, entry in list(self._listeners.items()):
                 if entry[0] == pid:
                     self._drop_listener(fd)
-            before_cpu, before_faults = self._charged_before.pop(pid, (0.0, 0))
-            cpu = max(0.0, rusage.ru_utime + rusage.ru_stime - before_cpu)
-            faults = max(0, rusage.ru_minflt + rusage.ru_majflt - before_faults)
+            cpu = rusage.ru_utime + rusage.ru_stime
+            faults = rusage.ru_minflt + rusage.ru_majflt
             try:
                 write_frame(self._control, {"op": "exited", "pid": pid, "status": status, "cpu": cpu,
                                             "faults": faults})

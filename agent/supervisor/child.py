@@ -217,7 +217,7 @@ class ChildProcess:
 
     def on_spawned(self, pid: int, charged: list[float] | None = None) -> None:
         """Forked (or handed a parked child) as ``pid``; ``charged`` is what a parked child took
-        before, which the zygote leaves out of its exit figures already."""
+        before (CPU seconds, page faults), left out of its figures."""
         self.pid = pid
         if charged:
             self._charged_before = (float(charged[0]), int(charged[1]))
@@ -284,13 +284,14 @@ class ChildProcess:
 
     def on_exit(self, status: int | None, cpu: float | None = None, faults: int | None = None) -> None:
         """The zygote reaped the child (``None``: the zygote is gone, or it never forked), which
-        the kernel charged ``cpu`` seconds and ``faults`` page faults."""
+        the kernel charged ``cpu`` seconds and ``faults`` page faults in its life."""
         if self.status is ChildStatus.EXITED or self._exit_known:
             return
         self._exit_known = True
         self._exit_status = status
-        self._exit_cpu = cpu
-        self._exit_faults = faults
+        before_cpu, before_faults = self._charged_before  # a parked child's warm-up
+        self._exit_cpu = None if cpu is None else max(0.0, cpu - before_cpu)
+        self._exit_faults = None if faults is None else max(0, faults - before_faults)
         if status is not None and self.status is not ChildStatus.REPORTED and not self._disconnected:
             # Its last frames (its hello too: a child runs its state without waiting for the
             # supervisor) may still be on their way: they are read before the disconnect.

@@ -183,8 +183,8 @@ class ZygoteLauncher:
         tell the zygote, which replaces it: no fork, and no hop through the zygote.
 
         Returns the CPU seconds and page faults the child had taken before (its warm-up,
-        left out of its figures), or None when it is gone (its end is closed): then the spec
-        reached no process and nobody was told.
+        which the caller leaves out of the figures of the child's exit), or None when it is
+        gone (its end is closed): then the spec reached no process and nobody was told.
         """
         if not self.alive:
             raise ConnectionError("the zygote is gone")
@@ -198,7 +198,7 @@ class ZygoteLauncher:
         # Read once the child has its spec (before, its warm-up may not be over): what it
         # did since is a few microseconds, in clock ticks nothing.
         charged = charged_so_far(pid)
-        self._send({"op": "taken", "id": request_id, "pid": pid, "sandbox": sandbox, "charged": list(charged)})
+        self._send({"op": "taken", "id": request_id, "pid": pid, "sandbox": sandbox})
         return charged
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:

@@ -183,7 +183,7 @@ class WorkerProcess:
         self.exit_status: int | None = None
         self.failure_message: str | None = None
         self.killed = False  # by the supervisor: retired or replaced
-        self.charged_before: tuple[float, int] = (0.0, 0)  # a parked child's warm-up (the zygote's figures)
+        self.charged_before: tuple[float, int] = (0.0, 0)  # a parked child's warm-up, read at its hand-over
         # Its cgroup's figures when its last attempt ended (its peak restarted then): the
         # next attempt's starting point, so that each attempt reads the cgroup only once.
         self.baseline: Reading | None = None
@@ -278,6 +278,9 @@ class WorkerProcess:
         if self.status is WorkerStatus.EXITED:
             return
         self._move(WorkerStatus.EXITED)
+        before_cpu, before_faults = self.charged_before  # a parked child's warm-up
+        cpu = None if cpu is None else max(0.0, cpu - before_cpu)
+        faults = None if faults is None else max(0, faults - before_faults)
         if status is not None:
             self.confinement.usage()  # its cgroup's final figures, kept for the attempt's verdict
         self.exit_status = status
