@@ -176,8 +176,7 @@ class ZygoteLauncher:
             os.close(fd)
 
     def hand_over(
-        self, request_id: int, spec: dict[str, Any], parked: socket.socket, pid: int, *, sandbox: bool = False,
-        fds: Sequence[int] = (),
+        self, spec: dict[str, Any], parked: socket.socket, pid: int, *, sandbox: bool = False, fds: Sequence[int] = (),
     ) -> tuple[float, int] | None:
         """Hand parked child ``pid`` its spec (and ``fds``) over ``parked``, its socket, and
         tell the zygote, which replaces it: no fork, and no hop through the zygote.
@@ -198,7 +197,7 @@ class ZygoteLauncher:
         # Read once the child has its spec (before, its warm-up may not be over): what it
         # did since is a few microseconds, in clock ticks nothing.
         charged = charged_so_far(pid)
-        self._send({"op": "taken", "id": request_id, "pid": pid, "sandbox": sandbox})
+        self._send({"op": "taken", "pid": pid, "sandbox": sandbox})
         return charged
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:

@@ -120,8 +120,9 @@ class ParkedChildren:
     def let_go(self, pids: list[int]) -> None:
         """Let the children among ``pids`` that no launch took go: each exits when its socket
         closes (its exit then drops it). One taken already serves its launch."""
+        untaken = self.pids()
         for pid in pids:
-            if pid in self._making or any(pid in ready for ready in self._ready.values()):
+            if pid in untaken:
                 sock = self._sockets.pop(pid, None)
                 if sock is not None:
                     sock.close()
@@ -147,6 +148,9 @@ class ParkedChildren:
         """In a process forked from the supervisor's: close the copies of the parked children's
         sockets (only the copies), which would keep each child parked after the supervisor
         lets it go, for as long as the forked process lives."""
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()
@@ -156,9 +160,7 @@ class ParkedChildren:
         child let go, so that its files (opened at park time) are closed and its uid
         released; children whose cgroup is still being made are let go when it is."""
         self._closed = True
-        for sock in self._sockets.values():
-            sock.close()
-        self._sockets.clear()
+        self._close_sockets()
         for ready in self._ready.values():
             for made in ready.values():
                 self.drop(made)

@@ -365,7 +365,7 @@ class Supervisor:
         charged = None
         if sock is not None:
             try:
-                charged = self.zygote.hand_over(request_id, spec, sock, pid, sandbox=sandboxed, fds=fds)
+                charged = self.zygote.hand_over(spec, sock, pid, sandbox=sandboxed, fds=fds)
             finally:
                 sock.close()
         if charged is None:

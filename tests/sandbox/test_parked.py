@@ -91,8 +91,8 @@ def spawned() -> Any:
         sup.zygote._on_report = recording
         hand_over = sup.zygote.hand_over
 
-        def handing(request_id: int, spec: Any, sock: Any, pid: int, **options: Any) -> Any:
-            charged = hand_over(request_id, spec, sock, pid, **options)
+        def handing(spec: Any, sock: Any, pid: int, **options: Any) -> Any:
+            charged = hand_over(spec, sock, pid, **options)
             if charged is not None:
                 pids.append(pid)
             return charged
