@@ -46,6 +46,7 @@ from .logs import AttemptLogs, activate, deactivate
 from .private_dirs import make_private_dir
 from .output import AttemptOutput, label_for
 from .parked import ParkedChildren
+from .pickled import PickledFunctions
 from .workers import WorkerPool
 
 
@@ -128,6 +129,7 @@ class Supervisor:
         self.config = config or SupervisorConfig()
         self.confiner = confiner or Confiner()
         self.bounds = Bounds(max_frame=self.config.max_frame)
+        self.pickled = PickledFunctions()  # each state function's pickle, while still the same
         self.log = get_logger("agent.supervisor")
         open_files = raise_soft_limit()  # see .descriptors; state processes get this one back
         self.ipc_dir = make_private_dir("ipc")
@@ -394,7 +396,7 @@ class Supervisor:
     def run_frame(self, attempt: Attempt) -> bytes:
         """The ``run`` message for ``attempt``: its function and context snapshot."""
         try:
-            function = cloudpickle.dumps(attempt.func)
+            function = self.pickled.dumps(attempt.func)
         except Exception as exc:
             raise IsolationError(_unsendable(attempt.state_name, attempt.func, exc)) from exc
         context, classes = encode_snapshot(attempt.context, attempt.state_name, self.bounds)

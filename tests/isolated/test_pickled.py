@@ -1,0 +1,151 @@
+"""A state function's pickle is reused only while it would come out the same."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import types
+import weakref
+
+import cloudpickle
+import pytest
+
+from agent import Agent
+from agent.supervisor.pickled import PickledFunctions, fingerprint
+
+SETTING = 1
+TABLE = {"x": 1}
+
+
+def closure_over(value: object) -> tuple[types.FunctionType, types.CellType]:
+    async def state(context):
+        return value
+
+    assert state.__closure__ is not None
+    return state, state.__closure__[0]  # type: ignore[return-value]
+
+
+def helper() -> int:
+    return SETTING
+
+
+def test_an_unchanged_function_is_pickled_once() -> None:
+    state, _ = closure_over("s1")
+    pickled = PickledFunctions()
+    first = pickled.dumps(state)
+    assert first == cloudpickle.dumps(state)
+    assert pickled.dumps(state) is first
+
+
+def _rebind_setting() -> None:
+    global SETTING
+    SETTING = SETTING + 1000  # a new int object
+
+
+def _set_code(func: types.FunctionType) -> None:
+    func.__code__ = func.__code__.replace(co_consts=(*func.__code__.co_consts, "another constant"))
+
+
+CHANGES = {
+    "closure cell": lambda func, cell: setattr(cell, "cell_contents", "changed"),
+    "defaults": lambda func, cell: setattr(func, "__defaults__", ("d",)),
+    "keyword defaults": lambda func, cell: setattr(func, "__kwdefaults__", {"k": 2}),
+    "attribute": lambda func, cell: setattr(func, "tag", "new"),
+    "annotations": lambda func, cell: func.__annotations__.update(context=int),
+    "code": lambda func, cell: _set_code(func),
+    "name": lambda func, cell: setattr(func, "__qualname__", "renamed"),
+    "a global it reads, rebound": lambda func, cell: _rebind_setting(),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES), ids=list(CHANGES))
+def test_any_change_to_what_is_copied_makes_a_new_pickle(change: str) -> None:
+    state, cell = closure_over(helper if "global" in change else "s1")
+    pickled = PickledFunctions()
+    if "global" in change:  # a function it holds reads the global: copied with it, by value
+        helper.__module__ = "__main__"
+    try:
+        pickled.dumps(state)
+        CHANGES[change](state, cell)
+        assert pickled.dumps(state) == cloudpickle.dumps(state)
+    finally:
+        helper.__module__ = __name__
+
+
+def test_a_function_that_holds_something_mutable_is_pickled_every_time() -> None:
+    state, cell = closure_over([1])
+    assert fingerprint(state) is None
+    pickled = PickledFunctions()
+    first = pickled.dumps(state)
+    cell.cell_contents.append(2)
+    assert pickled.dumps(state) == cloudpickle.dumps(state) != first
+
+
+def test_a_bound_builtin_method_counts_as_its_object() -> None:
+    assert fingerprint(closure_over([].append)[0]) is None
+    assert fingerprint(closure_over(len)[0]) is not None
+
+
+def test_a_newly_loaded_module_makes_a_new_pickle() -> None:
+    state, _ = closure_over("s1")
+    mark = fingerprint(state)
+    sys.modules["_agent_test_new_module"] = types.ModuleType("_agent_test_new_module")
+    try:
+        assert fingerprint(state) != mark
+    finally:
+        del sys.modules["_agent_test_new_module"]
+
+
+def test_other_callables_are_pickled_as_they_are() -> None:
+    class Step:
+        async def __call__(self, context):
+            return None
+
+    pickled = PickledFunctions()
+    step = Step()
+    assert pickled.dumps(step) == cloudpickle.dumps(step)
+    assert pickled.dumps(len) == cloudpickle.dumps(len)
+
+
+async def test_each_launch_sees_what_the_state_closes_over_then(level) -> None:
+    value = "first"
+
+    async def read(context):
+        context.set_state("seen", value)
+        return "read_table"
+
+    async def read_table(context):  # reads a dict: pickled for every launch
+        context.set_state("table", TABLE["x"])
+
+    agent = Agent("pickled_closure", isolation=level)
+    agent.add_state("read", read)
+    agent.add_state("read_table", read_table)
+    await agent.run()
+    assert (agent.context.get_state("seen"), agent.context.get_state("table")) == ("first", 1)
+    value = "second"
+    TABLE["x"] = 2
+    try:
+        await agent.run()
+    finally:
+        TABLE["x"] = 1
+    assert (agent.context.get_state("seen"), agent.context.get_state("table")) == ("second", 2)
+
+
+def test_a_kept_pickle_does_not_keep_its_function_alive() -> None:
+    def make() -> types.FunctionType:
+        async def ping(context):
+            return pong
+
+        async def pong(context):
+            return ping
+
+        return ping  # type: ignore[return-value]
+
+    pickled = PickledFunctions()
+    state = make()
+    pickled.dumps(state)
+    assert pickled.dumps(state) is pickled.dumps(state)  # kept
+    gone = weakref.ref(state)
+    del state
+    gc.collect()
+    assert gone() is None
