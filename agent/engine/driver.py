@@ -211,21 +211,25 @@ class Driver:
         entered: list[Any] = []
         ok = False
         try:
-            for hook in run.hooks:
-                await hook.acquire(attempt.state_name, run.run_id, attempt.number)
-                entered.append(hook)
-            if entered:
-                run.admitted(act)
-            outcome = await executor_for(attempt.isolation).run_attempt(attempt)
-        except asyncio.CancelledError as exc:
-            run.finished(act, None, _unasked_cancel(act, exc), dict(attempt.usage))
-        except AttemptFailed as failed:
-            run.finished(act, None, failed.reason, failed.usage)
-        except Exception as exc:
-            run.finished(act, None, exception_reason(exc), dict(attempt.usage))
-        else:
-            ok = True
-            run.finished(act, outcome.result, None, outcome.usage)
+            try:
+                for hook in run.hooks:
+                    await hook.acquire(attempt.state_name, run.run_id, attempt.number)
+                    entered.append(hook)
+                if entered:
+                    run.admitted(act)
+                outcome = await executor_for(attempt.isolation).run_attempt(attempt)
+            except asyncio.CancelledError as exc:
+                result, failure, usage = None, _unasked_cancel(act, exc), dict(attempt.usage)
+            except AttemptFailed as failed:
+                result, failure, usage = None, failed.reason, failed.usage
+            except Exception as exc:
+                result, failure, usage = None, exception_reason(exc), dict(attempt.usage)
+            else:
+                ok = True
+                result, failure, usage = outcome.result, None, outcome.usage
+            # What follows starts from this task (one loop iteration sooner), unless the
+            # hooks it entered must let go first.
+            (run.finished if entered else run.finished_here)(act, result, failure, usage)
         finally:
             for hook in reversed(entered):
                 try:

@@ -931,13 +931,14 @@ class Run:
             self.log.exception("internal error while finishing %r", act.state)
             self.fail(exc)
 
-    def finished_here(self, act: Activation, result: Any, failure: FailureReason | None) -> None:
-        """An inline attempt ended, in its own task: account for it and start what follows
-        from there, without waking the drive loop for it (a chain then costs one loop
-        iteration per state)."""
+    def finished_here(self, act: Activation, result: Any, failure: FailureReason | None,
+                      usage: dict[str, Any] = _NO_USAGE) -> None:
+        """An attempt ended, in its own task: account for it and start what follows from
+        there, without waking the drive loop for it (a chain then costs one loop iteration
+        per state)."""
         self.pumping = True
         try:
-            self.finished(act, result, failure, {})
+            self.finished(act, result, failure, usage)
         finally:
             self.pumping = False
         self.pump()
