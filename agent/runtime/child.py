@@ -29,15 +29,16 @@ import sys
 import traceback
 from typing import Any, Callable, NoReturn
 
+import msgpack
 import uvloop
 
 from ..ipc import DealerTransport
 from ..ipc.zmtp import connect, connected_endpoint
-from ..values import FRAME_OVERHEAD, Bounds, unpack_plain
+from ..values import FRAME_OVERHEAD, Bounds
 from . import confine, main_module
 from .session import ChildSession
 
-_SPEC_BOUNDS = Bounds(max_frame=16 * 1024 * 1024)
+_SPEC_MAX = 16 * 1024 * 1024  # bytes of a spec, at most
 _MAX_GIVEN = 1  # descriptors a spec may come with
 _ready_loop: asyncio.AbstractEventLoop | None = None  # a parked child's event loop, made ahead
 _open_files: tuple[int, int] | None = None  # RLIMIT_NOFILE each child takes (give_open_files)
@@ -372,12 +373,16 @@ def _read_spec(fd: int) -> dict[str, Any]:
     if len(header) != SPEC_HEADER.size:
         raise OSError("the spec is truncated")
     (size,) = SPEC_HEADER.unpack(header)
-    if size > _SPEC_BOUNDS.max_frame:
-        raise OSError(f"the spec takes {size:,} bytes, over {_SPEC_BOUNDS.max_frame:,}")
+    if size > _SPEC_MAX:
+        raise OSError(f"the spec takes {size:,} bytes, over {_SPEC_MAX:,}")
     data = os.pread(fd, size, SPEC_HEADER.size)
     if len(data) != size:
         raise OSError(f"the spec is {size} bytes but {len(data)} could be read")
-    spec: dict[str, Any] = unpack_plain(data, _SPEC_BOUNDS)
+    # Plain msgpack, without the bounds a frame from a state gets: the supervisor wrote it.
+    try:
+        spec: dict[str, Any] = msgpack.unpackb(data, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise OSError(f"the spec is malformed: {exc}") from None
     spec["run_at"] = SPEC_HEADER.size + size
     return spec
 

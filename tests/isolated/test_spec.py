@@ -29,12 +29,12 @@ def test_a_long_spec_and_the_run_message_after_it() -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize("data", [b"\x00\x00", SPEC_HEADER.pack(100) + b"\x80" * 40],
-                         ids=["no header", "shorter than it says"])
-def test_a_truncated_spec_is_refused(data: bytes) -> None:
+@pytest.mark.parametrize("data", [b"\x00\x00", SPEC_HEADER.pack(100) + b"\x80" * 40, SPEC_HEADER.pack(3) + b"\xc1" * 3],
+                         ids=["no header", "shorter than it says", "not msgpack"])
+def test_a_truncated_or_malformed_spec_is_refused(data: bytes) -> None:
     fd = memfd(data)
     try:
-        with pytest.raises(OSError, match="truncated|could be read"):
+        with pytest.raises(OSError, match="truncated|could be read|malformed"):
             _read_spec(fd)
     finally:
         os.close(fd)
