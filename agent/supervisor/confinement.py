@@ -111,6 +111,12 @@ class Confinement:
         self._refresh()
         return self._events
 
+    def close_files(self) -> None:
+        """Close the cgroup files kept open to read it back (the supervisor shuts down, its
+        zygote taking the process with it; the cgroup goes with the supervisor's directory)."""
+        if self.handle is not None:
+            self.handle.close_files()
+
     def page_faults(self) -> int | None:
         """Page faults the attempt's cgroup saw (None without a cgroup, or once closed)."""
         if self.handle is None or self._closed:

@@ -365,6 +365,7 @@ class WorkerPool:
         self._closed = True
         for worker in self._live:
             worker.close_files()
+            worker.confinement.close_files()
         for queue in self._queues.values():
             while queue.waiting:
                 waiting = queue.waiting.popleft()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import psutil
@@ -67,3 +68,16 @@ def describe(processes: list[psutil.Process]) -> list[str]:
         except psutil.NoSuchProcess:
             out.append(f"{p.pid} (gone)")
     return out
+
+
+def files_under(dirs: list[str]) -> list[str]:
+    """What this process holds open below ``dirs``."""
+    held = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if any(target.startswith(f"{d}/") for d in dirs):
+            held.append(target)
+    return held

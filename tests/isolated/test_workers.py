@@ -14,8 +14,10 @@ from agent import Agent, ResourceRequirements
 from agent.errors import StateFailedError
 from agent.ipc import Hello, encode_message
 from agent.ipc.zmtp import DealerTransport
-from agent.supervisor import current_supervisor
+from agent.supervisor import current_supervisor, shutdown_supervisor
 from agent.supervisor.workers import WorkerSettings
+
+from .helpers import files_under
 
 MiB = 1 << 20
 
@@ -193,6 +195,24 @@ async def test_a_hello_before_the_report_is_a_violation():
     after = Agent("after", isolation="worker")
     after.add_state("next", record_pid)
     assert (await after.run()).get_state("pid_next") in sup.workers.idle_pids()
+
+
+async def test_a_supervisor_shut_down_with_idle_workers_keeps_none_of_their_cgroup_files_open():
+    agent = Agent("warm", isolation="worker")
+    agent.add_state("s", step_none)
+    await agent.run()  # its worker stays, idle, until the supervisor goes
+    sup = current_supervisor()
+    assert sup is not None and sup.workers.idle_pids()
+    dirs = sup.confiner.backend.owned_dirs()
+    if not dirs:
+        pytest.skip("no cgroups here")
+    assert files_under(dirs)  # read back after each attempt, through files kept open
+    shutdown_supervisor()
+    assert files_under(dirs) == []
+
+
+async def step_none(context):
+    return None
 
 
 def test_a_supervisor_shut_down_with_live_workers_leaves_no_unclosed_file():

@@ -87,6 +87,10 @@ class CgroupHandle(Protocol):
         """Kill what is left and delete the cgroup (idempotent)."""
         ...
 
+    def close_files(self) -> None:
+        """Close the files kept open to read it back (a later read opens them again)."""
+        ...
+
 
 @runtime_checkable
 class CgroupBackend(Protocol):
@@ -273,8 +277,12 @@ class OpenFiles:
         os.pwrite(fd, data.encode(), 0)
 
     def close(self) -> None:
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
+        fds = self._fds
+        while fds:
+            try:
+                _, fd = fds.popitem()  # one at a time: never closed twice, whichever thread closes
+            except KeyError:
+                break
             if fd != self._MISSING:
                 os.close(fd)
 

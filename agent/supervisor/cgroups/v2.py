@@ -166,6 +166,9 @@ class V2Cgroup:
         if not _wait_unpopulated(self.path):
             raise CgroupError(f"processes of cgroup {self.name} survived SIGKILL: {self.pids()}")
 
+    def close_files(self) -> None:
+        self._files.close()
+
     def remove(self) -> None:
         """Kill what is left (also in cgroups the attempt made below its own), delete it all."""
         if self._removed:
