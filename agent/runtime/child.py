@@ -162,16 +162,16 @@ def park(
             sandbox_module.make_view_ahead(sandbox_module.DEFAULT_VIEW, namespaces)
             namespaces = None
         _ready_loop.run_until_complete(_nothing())  # a loop's first run sets it up (0.2 ms for uvloop's)
-        sock = socket.socket(fileno=sock_fd)
-        _, fds, _, _ = socket.recv_fds(sock, 16, _MAX_GIVEN + 1)
-        sock.close()
-        if not fds:
-            os._exit(EXIT_OK)  # let go: no launch needed it
-        set_process_name(name)
-        spec = _read_spec(fds[0])
-        if ("sandbox" in spec["confine"]) != (sandbox is not None):
-            raise OSError("a sandboxed launch must take a child parked for one, and only it")
-        code = _serve(spec, fds[0], notify_fd, namespaces, fds[1:], connected, parked=True)
+        asyncio.set_event_loop(_ready_loop)
+        # The spec is waited for inside a run of the loop: starting a run (uvloop makes a
+        # socketpair for signals each time) then happens before the launch, not after it.
+        launched = _ready_loop.run_until_complete(
+            _serve_parked(sock_fd, name, sandbox is not None, notify_fd, namespaces, connected))
+        if isinstance(launched, int):
+            code = launched
+        else:  # a worker's spec: the worker runs the loop itself
+            spec, fds = launched
+            code = _serve(spec, fds[0], notify_fd, namespaces, fds[1:], connected, parked=True)
     except BaseException:
         _print_exception()
     finally:
@@ -180,6 +180,30 @@ def park(
 
 async def _nothing() -> None:
     return None
+
+
+async def _serve_parked(
+    sock_fd: int, name: bytes, sandboxed: bool, notify_fd: int | None, namespaces: list[int] | None,
+    connected: socket.socket | None,
+) -> int | tuple[dict[str, Any], list[int]]:
+    """Wait for the spec (blocking the loop: nothing else is on it), then serve the attempt
+    in this run of the loop; the exit code, or a worker's spec and descriptors to serve it with."""
+    sock = socket.socket(fileno=sock_fd)
+    _, fds, _, _ = socket.recv_fds(sock, 16, _MAX_GIVEN + 1)
+    sock.close()
+    if not fds:
+        os._exit(EXIT_OK)  # let go: no launch needed it
+    set_process_name(name)
+    spec = _read_spec(fds[0])
+    if ("sandbox" in spec["confine"]) != sandboxed:
+        raise OSError("a sandboxed launch must take a child parked for one, and only it")
+    if spec.get("worker") is not None:
+        return spec, fds
+    served = _set_up(spec, fds[0], notify_fd, namespaces, fds[1:], connected, parked=True)
+    if isinstance(served, int):
+        return served
+    await serve(*served, welcome=True)
+    return EXIT_OK
 
 
 def _connect_ahead(endpoint: str) -> socket.socket | None:
@@ -240,6 +264,25 @@ def _serve(
 
     ``parked``: this child was parked; ``connected``: its connection to the supervisor
     made ahead, used when it goes where the spec says."""
+    served = _set_up(spec, spec_fd, notify_fd, namespaces, given, connected, parked=parked)
+    if isinstance(served, int):
+        return served  # a worker's, served
+    # A loop of its own, never closed: the process ends with os._exit right after.
+    # (A sandbox's is asyncio's: libuv's io_uring is denied by its seccomp filter.)
+    loop = take_ready_loop()
+    if loop is None:
+        loop = uvloop.new_event_loop() if "sandbox" not in spec["confine"] else asyncio.SelectorEventLoop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(serve(*served, welcome=True))
+    return EXIT_OK
+
+
+def _set_up(
+    spec: dict[str, Any], spec_fd: int, notify_fd: int | None, namespaces: list[int] | None,
+    given: list[int] | None, connected: socket.socket | None, *, parked: bool,
+) -> tuple[ChildSession, DealerTransport] | int:
+    """Channel, log and confinement; the attempt's session and its transport, or, for a
+    worker, the exit code once it served its attempts."""
     # First: what this process does from now on is counted and limited (and a process that
     # leaves its cgroup is told by what it was charged outside, which then stays small).
     confine.join(spec["confine"], parked=parked)
@@ -307,15 +350,7 @@ def _serve(
     session.hello()
     if sandbox is not None and not sandbox_module.view_made_ahead():
         sandbox_module.leave_namespaces(sandbox, namespaces)  # while the supervisor answers
-    del spec
-    # A loop of its own, never closed: the process ends with os._exit right after.
-    # (A sandbox's is asyncio's: libuv's io_uring is denied by its seccomp filter.)
-    loop = take_ready_loop()
-    if loop is None:
-        loop = uvloop.new_event_loop() if sandbox is None else asyncio.SelectorEventLoop()
-    asyncio.set_event_loop(loop)
-    loop.run_until_complete(serve(session, transport, welcome=True))
-    return EXIT_OK
+    return session, transport
 
 
 class FirstFrame:

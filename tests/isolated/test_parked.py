@@ -13,7 +13,7 @@ import pytest
 from agent.context import Context
 from agent.supervisor import current_supervisor, shutdown_supervisor
 
-from .helpers import make_attempt, run
+from .helpers import files_under, make_attempt, run
 
 
 async def own_pid(context: Context) -> int:
@@ -80,17 +80,27 @@ async def test_a_parked_child_is_named_until_launched() -> None:
     assert "agent-parked" not in served.values()
 
 
-def files_under(dirs: list[str]) -> list[str]:
-    """What this process holds open below ``dirs``."""
-    held = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if any(target.startswith(f"{d}/") for d in dirs):
-            held.append(target)
-    return held
+async def test_a_worker_started_while_a_child_is_parked_can_be_that_child() -> None:
+    """A parked child waits for its spec inside a run of its event loop; a worker's spec
+    takes it out of that run (the worker runs the loop itself) and it serves attempts."""
+    from . import helpers
+    from agent.executor import Isolation
+
+    shutdown_supervisor()  # no idle worker of an earlier test
+    await run(make_attempt(own_pid))
+    sup = current_supervisor()
+    assert sup is not None
+    deadline = time.monotonic() + 60
+    while not sup.parked_children._ready[False]:  # its cgroup made: a launch can take it
+        assert time.monotonic() < deadline, "no child was parked"
+        await asyncio.sleep(0.01)
+    parked = set(sup.parked_children._ready[False])
+    helpers.LEVEL = Isolation.WORKER
+    try:
+        pids = {(await run(make_attempt(own_pid, number=n))).result for n in (1, 2, 3)}
+    finally:
+        helpers.LEVEL = Isolation.PROCESS
+    assert len(pids) == 1 and pids <= parked  # the one worker, which was a parked child
 
 
 async def test_shutdown_closes_the_files_of_children_still_parked() -> None:
