@@ -72,6 +72,11 @@ def parse_properties(data: bytes) -> dict[bytes, bytes]:
     return props
 
 
+LINGER = 5.0
+"""Seconds a closing channel waits, at most, for the supervisor to read what it sent (libzmq's
+LINGER, for a DEALER)."""
+
+
 def connect(endpoint: str, routing_id: bytes = b"") -> socket.socket:
     """A stream socket connected to the ROUTER at ``endpoint`` (``ipc://`` only), our greeting
     and READY (announcing ``routing_id``) sent: the peer's half of the handshake then arrives while
@@ -107,14 +112,14 @@ class DealerTransport:
         routing_id: bytes,
         *,
         max_frame: int = 1 << 62,
-        linger: float = 5.0,
+        linger: float = LINGER,
         peer_hwm: int = 0,
     ) -> None:
         self._start(connect(endpoint, routing_id), endpoint, routing_id, max_frame, linger, peer_hwm, announced=True)
 
     @classmethod
     def over(
-        cls, sock: socket.socket, routing_id: bytes, *, max_frame: int = 1 << 62, linger: float = 5.0,
+        cls, sock: socket.socket, routing_id: bytes, *, max_frame: int = 1 << 62, linger: float = LINGER,
         peer_hwm: int = 0, announced: bool = False, endpoint: str = "",
     ) -> DealerTransport:
         """A DEALER on a connected stream socket: a socketpair (the zygote's warm-up, a
@@ -145,6 +150,24 @@ class DealerTransport:
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
         self._watching: asyncio.AbstractEventLoop | None = None  # the loop the socket is watched on
+
+    def read_handshake_ahead(self) -> None:
+        """Read and check the peer's handshake as far as it has come, without waiting (a
+        parked child does it while it waits, so that its first send need not)."""
+        while not self._greeted:
+            try:
+                data = self._sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            if not data:
+                raise ConnectionError("the supervisor closed the channel during the handshake")
+            self._buffer += data
+            self._read_handshake()
+
+    def set_bounds(self, *, max_frame: int, peer_hwm: int, linger: float) -> None:
+        """The frame cap, the peer's high-water mark and the linger of :meth:`close`, for a
+        transport made before they were known (a parked child's)."""
+        self._max_frame, self._peer_hwm, self._linger = max_frame, peer_hwm, linger
 
     def send(self, data: bytes) -> None:
         """Send one single-frame message (the first waits for the peer's handshake)."""

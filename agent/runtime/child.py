@@ -33,7 +33,8 @@ import msgpack
 import uvloop
 
 from ..ipc import DealerTransport
-from ..ipc.zmtp import connect, connected_endpoint
+from ..errors import ProtocolError
+from ..ipc.zmtp import LINGER, connect
 from ..values import FRAME_OVERHEAD, Bounds
 from . import confine, main_module
 from .session import ChildSession
@@ -151,6 +152,7 @@ def park(
             # the warm-up left (its loop, its channel) is collected now, not during a state.
             warm_up()
             gc.collect()
+        channel = _channel_ahead(connected, endpoint)
         # Its own loop, made while nothing waits for it (a sandbox's is asyncio's: libuv's
         # io_uring is denied there); a sandbox's namespaces and filesystem view too.
         if sandbox is None:
@@ -166,12 +168,12 @@ def park(
         # The spec is waited for inside a run of the loop: starting a run (uvloop makes a
         # socketpair for signals each time) then happens before the launch, not after it.
         launched = _ready_loop.run_until_complete(
-            _serve_parked(sock_fd, name, sandbox is not None, notify_fd, namespaces, connected))
+            _serve_parked(sock_fd, name, sandbox is not None, notify_fd, namespaces, channel))
         if isinstance(launched, int):
             code = launched
         else:  # a worker's spec: the worker runs the loop itself
             spec, fds = launched
-            code = _serve(spec, fds[0], notify_fd, namespaces, fds[1:], connected, parked=True)
+            code = _serve(spec, fds[0], notify_fd, namespaces, fds[1:], channel, parked=True)
     except BaseException:
         _print_exception()
     finally:
@@ -184,7 +186,7 @@ async def _nothing() -> None:
 
 async def _serve_parked(
     sock_fd: int, name: bytes, sandboxed: bool, notify_fd: int | None, namespaces: list[int] | None,
-    connected: socket.socket | None,
+    connected: DealerTransport | None,
 ) -> int | tuple[dict[str, Any], list[int]]:
     """Wait for the spec (blocking the loop: nothing else is on it), then serve the attempt
     in this run of the loop; the exit code, or a worker's spec and descriptors to serve it with."""
@@ -204,6 +206,20 @@ async def _serve_parked(
         return served
     await serve(*served, welcome=True)
     return EXIT_OK
+
+
+def _channel_ahead(sock: socket.socket | None, endpoint: str) -> DealerTransport | None:
+    """A parked child's channel on its connection made ahead, the supervisor's half of the
+    handshake read if it came already (None: no connection, or a broken one)."""
+    if sock is None:
+        return None
+    channel = DealerTransport.over(sock, b"", announced=True, endpoint=endpoint, linger=0)
+    try:
+        channel.read_handshake_ahead()
+    except (OSError, ProtocolError):
+        sock.close()
+        return None
+    return channel
 
 
 def _connect_ahead(endpoint: str) -> socket.socket | None:
@@ -258,7 +274,7 @@ def _leave_zygote(zygote_fds: list[int], keep: list[int] | None) -> None:
 
 def _serve(
     spec: dict[str, Any], spec_fd: int, notify_fd: int | None, namespaces: list[int] | None,
-    given: list[int] | None, connected: socket.socket | None = None, *, parked: bool = False,
+    given: list[int] | None, connected: DealerTransport | None = None, *, parked: bool = False,
 ) -> int:
     """Channel, log, confinement, then the attempt (or, for a worker, attempts); the exit code.
 
@@ -279,7 +295,7 @@ def _serve(
 
 def _set_up(
     spec: dict[str, Any], spec_fd: int, notify_fd: int | None, namespaces: list[int] | None,
-    given: list[int] | None, connected: socket.socket | None, *, parked: bool,
+    given: list[int] | None, connected: DealerTransport | None, *, parked: bool,
 ) -> tuple[ChildSession, DealerTransport] | int:
     """Channel, log and confinement; the attempt's session and its transport, or, for a
     worker, the exit code once it served its attempts."""
@@ -288,8 +304,8 @@ def _set_up(
     confine.join(spec["confine"], parked=parked)
     sandbox = spec["confine"].get("sandbox")
     max_frame = spec["max_frame"] + FRAME_OVERHEAD
-    if connected is not None and (given or spec["endpoint"] != connected_endpoint(connected)):
-        connected.close()
+    if connected is not None and (given or spec["endpoint"] != connected.endpoint):
+        connected.close()  # at once: it sent nothing, and lingers for nothing
         connected = None
     # No routing id of our own: a worker's channel is its own socketpair, and a child's
     # connection gets one from the ROUTER that no other process can take over or block;
@@ -297,8 +313,8 @@ def _set_up(
     if given:  # a channel of its own (a worker's): the supervisor's greeting is already there
         transport = DealerTransport.over(socket.socket(fileno=given[0]), b"", max_frame=max_frame)
     elif connected is not None:  # connected while parked: the handshake is over already
-        transport = DealerTransport.over(connected, b"", max_frame=max_frame, peer_hwm=spec["receive_hwm"],
-                                         announced=True, endpoint=spec["endpoint"])
+        transport = connected
+        transport.set_bounds(max_frame=max_frame, peer_hwm=spec["receive_hwm"], linger=LINGER)
     else:  # connect first: the supervisor's end answers the handshake while the rest is set up
         transport = DealerTransport(spec["endpoint"], b"", max_frame=max_frame, peer_hwm=spec["receive_hwm"])
     bounds = Bounds(max_frame=spec["max_frame"])

@@ -221,3 +221,41 @@ def test_ready_metadata_round_trip():
     assert parse_properties(body[6:]) == {b"socket-type": b"DEALER", b"identity": b"c-id"}
     with pytest.raises(ProtocolError, match="truncated"):
         parse_properties(body[6:-8])
+
+
+class TestHandshakeReadAhead:
+    """A parked child reads the supervisor's half of the handshake while it waits."""
+
+    def test_read_ahead_then_the_first_send_waits_for_nothing(self):
+        ours, peer = socket.socketpair()
+        dealer = DealerTransport.over(ours, b"", announced=True, linger=0)
+        peer.sendall(GREETING + ROUTER_READY[:3])  # part of it, so far
+        dealer.read_handshake_ahead()  # returns: it does not wait for the rest
+        peer.sendall(ROUTER_READY[3:] + frame(b"after"))
+        dealer.read_handshake_ahead()
+        # Nothing more comes: a send that still waited for the handshake would never return.
+        sender = threading.Thread(target=dealer.send, args=(b"hello",), daemon=True)
+        sender.start()
+        sender.join(5)
+        assert not sender.is_alive()
+        assert peer.recv(64) == frame(b"hello")
+        assert asyncio.run(dealer.recv()) == b"after"  # what came after the handshake is kept
+        dealer.close()
+        peer.close()
+
+    def test_a_peer_that_is_not_a_router_is_refused_ahead(self):
+        ours, peer = socket.socketpair()
+        dealer = DealerTransport.over(ours, b"", announced=True, linger=0)
+        peer.sendall(GREETING + ready_command(b"PUB", b""))
+        with pytest.raises(ProtocolError, match="PUB"):
+            dealer.read_handshake_ahead()
+        dealer.close()
+        peer.close()
+
+    def test_a_peer_gone_before_its_handshake_is_a_connection_error(self):
+        ours, peer = socket.socketpair()
+        dealer = DealerTransport.over(ours, b"", announced=True, linger=0)
+        peer.close()
+        with pytest.raises(ConnectionError):
+            dealer.read_handshake_ahead()
+        dealer.close()
