@@ -40,7 +40,7 @@ from . import confine, main_module
 from .session import ChildSession
 
 _SPEC_MAX = 16 * 1024 * 1024  # bytes of a spec, at most
-_MAX_GIVEN = 1  # descriptors a spec may come with
+_MAX_GIVEN = 2  # descriptors a spec comes with: its output pipe, and a worker's channel
 _ready_loop: asyncio.AbstractEventLoop | None = None  # a parked child's event loop, made ahead
 _open_files: tuple[int, int] | None = None  # RLIMIT_NOFILE each child takes (give_open_files)
 _zygote_pipes: frozenset[int] = frozenset()  # inodes of the zygote's pipes (note_zygote_pipes)
@@ -298,20 +298,24 @@ def _set_up(
     given: list[int] | None, connected: DealerTransport | None, *, parked: bool,
 ) -> tuple[ChildSession, DealerTransport] | int:
     """Channel, log and confinement; the attempt's session and its transport, or, for a
-    worker, the exit code once it served its attempts."""
+    worker, the exit code once it served its attempts. ``given``: the write end of the
+    supervisor's pipe for this process's output, then a worker's own channel."""
     # First: what this process does from now on is counted and limited (and a process that
     # leaves its cgroup is told by what it was charged outside, which then stays small).
     confine.join(spec["confine"], parked=parked)
     sandbox = spec["confine"].get("sandbox")
     max_frame = spec["max_frame"] + FRAME_OVERHEAD
-    if connected is not None and (given or spec["endpoint"] != connected.endpoint):
+    if not given:
+        raise OSError("the spec came without the pipe for this process's output")
+    output, *own_channel = given
+    if connected is not None and (own_channel or spec["endpoint"] != connected.endpoint):
         connected.close()  # at once: it sent nothing, and lingers for nothing
         connected = None
     # No routing id of our own: a worker's channel is its own socketpair, and a child's
     # connection gets one from the ROUTER that no other process can take over or block;
     # the secret travels in the hello.
-    if given:  # a channel of its own (a worker's): the supervisor's greeting is already there
-        transport = DealerTransport.over(socket.socket(fileno=given[0]), b"", max_frame=max_frame)
+    if own_channel:  # a worker's: the supervisor's greeting is already there
+        transport = DealerTransport.over(socket.socket(fileno=own_channel[0]), b"", max_frame=max_frame)
     elif connected is not None:  # connected while parked: the handshake is over already
         transport = connected
         transport.set_bounds(max_frame=max_frame, peer_hwm=spec["receive_hwm"], linger=LINGER)
@@ -330,14 +334,12 @@ def _set_up(
         channel, pid=os.getpid(), secret=spec["secret"], bounds=bounds,
         before_run=before_run, context_keys=spec.get("context_keys"),
     )
-    # The log is opened before confinement (a sandbox may no longer reach its directory)
-    # and before the hello (once it hears it, the supervisor closes the log's other door).
-    log_fd = os.open(spec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    # Its output goes to the supervisor's pipe, whose write end came with the spec.
     null_fd = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null_fd, 0)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    os.close(log_fd)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    os.close(output)
     os.close(null_fd)
     if connected is not None and worker is None:
         # The handshake is over: the supervisor's welcome comes back while this process

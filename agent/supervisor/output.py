@@ -185,14 +185,15 @@ class _Pipe:
         self._loop = loop
         self._read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._write_fd: int | None = write_fd
-        self.child_path = f"/proc/{os.getpid()}/fd/{write_fd}"
-        """What the child opens as its log: the pipe's write end, through this process's fd table."""
+        self.child_fd = write_fd
+        """The pipe's write end, which goes to the child with its spec (its stdout and stderr)."""
         loop.add_reader(self._read_fd, self.drain)
         self._open = True
         self._reading = True
 
-    def child_connected(self) -> None:
-        """The child has opened the pipe (it does before it connects): drop our write end."""
+    def child_started(self) -> None:
+        """The child holds the write end (it came with its spec): drop ours, so that the
+        child's exit reads as the end of the pipe."""
         if self._write_fd is not None:
             os.close(self._write_fd)
             self._write_fd = None
@@ -232,7 +233,7 @@ class _Pipe:
         """Read what the (gone) process left, stop reading; False when already closed."""
         if not self._open:
             return False
-        self.child_connected()
+        self.child_started()
         self.drain()
         self._open = False
         if self._reading and not self._loop.is_closed():

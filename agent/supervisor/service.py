@@ -225,9 +225,9 @@ class Supervisor:
                                label_for(attempt.state_name, attempt.number),
                                cap=cap, on_cap=child.log_over_cap)
         # The run message goes with the spec: the child starts the state without asking.
-        spec = self.child_spec(secret, output.child_path, confinement, scope, sandboxed=sandboxed, run=run_frame)
+        spec = self.child_spec(secret, confinement, scope, sandboxed=sandboxed, run=run_frame)
         self._state_children.add(request_id)
-        self.start(child, spec, output, sandboxed=sandboxed)
+        self.start(child, spec, output, sandboxed=sandboxed, fds=(output.child_fd,))
         return child
 
     async def room_for_child(self) -> None:
@@ -303,14 +303,14 @@ class Supervisor:
         return scope
 
     def child_spec(
-        self, secret: bytes, log_path: str, confinement: Confinement, scope: ContextScope | None,
+        self, secret: bytes, confinement: Confinement, scope: ContextScope | None,
         *, sandboxed: bool = False, **extra: Any,
     ) -> dict[str, Any]:
-        """What a forked child reads first (through a memfd): where to connect, log, confine."""
+        """What a forked child reads first (through a memfd): where to connect, how to confine
+        itself (its log comes with it: the first descriptor :meth:`start` is given)."""
         return {
             "endpoint": self.router.endpoint,
             "secret": secret,
-            "log_path": log_path,
             "confine": confinement.child_spec,
             "sys_path": list(sys.path),
             # A sandbox gets the program's name only: arguments may carry secrets.
@@ -326,7 +326,8 @@ class Supervisor:
     def start(
         self, child: Any, spec: dict[str, Any], output: Any, *, sandboxed: bool = False, fds: tuple[int, ...] = (),
     ) -> None:
-        """Register ``child`` (a state child or a worker) and queue its fork (``fds`` go to it)."""
+        """Register ``child`` (a state child or a worker) and queue its fork; ``fds`` go to it:
+        its output pipe's write end first."""
         self._outputs[child.request_id] = output
         self._by_secret[child.secret] = child
         self._by_request[child.request_id] = child
@@ -374,17 +375,21 @@ class Supervisor:
             del spec["confine"]["joined"]
             return False
         self.parked.discard(pid)
+        self._spawned(request_id, pid, list(charged))
+        return True
+
+    def _spawned(self, request_id: int, pid: int, charged: list[float] | None) -> None:
+        """The child of ``request_id`` is process ``pid`` (forked, or a parked child handed its spec)."""
+        output = self._outputs.get(request_id)
+        if output is not None:
+            output.child_started()
         child = self._by_request.pop(request_id, None)
         if child is not None:
             self._by_pid[pid] = child
-            child.on_spawned(pid, list(charged))
-        return True
+            child.on_spawned(pid, charged)
 
     def launched(self, child: ChildProcess) -> None:
         """``child`` is up (or gone): let the next one start."""
-        output = self._outputs.get(child.request_id)
-        if output is not None:
-            output.child_connected()
         if child.request_id in self._launching:
             self._launching.discard(child.request_id)
             self._pump()
@@ -598,10 +603,7 @@ class Supervisor:
     def _on_report(self, report: dict[str, Any]) -> None:
         op = report.get("op")
         if op == "spawned":
-            child = self._by_request.pop(report["id"], None)
-            if child is not None:
-                self._by_pid[report["pid"]] = child
-                child.on_spawned(report["pid"], report.get("charged"))
+            self._spawned(report["id"], report["pid"], report.get("charged"))
         elif op == "exited":
             self.parked.discard(report["pid"])
             self.parked_children.gone(report["pid"])

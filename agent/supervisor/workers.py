@@ -257,8 +257,7 @@ class WorkerPool:
             output = WorkerOutput(loop)
             secret = secrets.token_bytes(16)  # said in its hellos; its own channel is what identifies it
             worker = WorkerProcess(self, queue.shape, confinement, secret, sup.next_request_id(), output, loop)
-            spec = sup.child_spec(secret, output.child_path, confinement, queue.scope,
-                                  worker={"idle": self.settings.idle})
+            spec = sup.child_spec(secret, confinement, queue.scope, worker={"idle": self.settings.idle})
         except BaseException:
             confinement.close()
             raise
@@ -266,7 +265,7 @@ class WorkerPool:
         queue.starting.add(worker)
         queue.last_start = time.monotonic()
         self._started += 1
-        sup.start(worker, spec, output, fds=(worker.channel.child_end.fileno(),))  # type: ignore[union-attr]
+        sup.start(worker, spec, output, fds=(output.child_fd, worker.channel.child_end.fileno()))  # type: ignore[union-attr]
 
     # --- what workers report -------------------------------------------------------------
 
