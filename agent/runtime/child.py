@@ -35,7 +35,7 @@ import uvloop
 from ..ipc import DealerTransport
 from ..errors import ProtocolError
 from ..ipc.zmtp import LINGER, connect
-from ..values import FRAME_OVERHEAD, Bounds
+from ..values import FRAME_OVERHEAD, Bounds, pack_plain
 from . import confine, main_module
 from .session import ChildSession
 
@@ -107,7 +107,7 @@ def child_main(
         set_parent_death_signal()
         if zygote_pidfd is not None and select.select([zygote_pidfd], [], [], 0)[0]:
             os._exit(EXIT_SETUP_FAILED)  # the zygote died before the death signal was set
-        spec = _read_spec(spec_fd)
+        spec = read_spec(spec_fd)
         reset_signals()
         _restore_open_files()
         sandboxed = notify_fd is not None
@@ -196,7 +196,7 @@ async def _serve_parked(
     if not fds:
         os._exit(EXIT_OK)  # let go: no launch needed it
     set_process_name(name)
-    spec = _read_spec(fds[0])
+    spec = read_spec(fds[0])
     if ("sandbox" in spec["confine"]) != sandboxed:
         raise OSError("a sandboxed launch must take a child parked for one, and only it")
     if spec.get("worker") is not None:
@@ -350,7 +350,7 @@ def _set_up(
         sandbox_module.wipe_environment(sandbox)
     # The run message (the state and its context snapshot: it may take the whole frame cap)
     # is read only now, so that its pages are charged to the attempt's cgroup.
-    run = _read_run(spec_fd, spec)
+    run = read_run(spec_fd, spec)
     os.close(spec_fd)
     sys.path[:] = spec["sys_path"]
     sys.argv[:] = spec["argv"]  # the supervisor's, not the zygote's
@@ -419,9 +419,31 @@ SPEC_HEADER = struct.Struct("!Q")
 """A spec memfd holds the spec's size, the spec (plain msgpack), then the ``run`` message."""
 
 
-def _read_spec(fd: int) -> dict[str, Any]:
+def spec_memfd(spec: dict[str, Any]) -> int:
+    """A memfd holding ``spec``, then its run message (``spec["run"]``, read by the child
+    once it is confined): what the supervisor hands a child (:func:`read_spec` reads it)."""
+    fd = os.memfd_create("agent-child-spec", os.MFD_CLOEXEC)
+    try:
+        head = pack_plain({k: v for k, v in spec.items() if k != "run"})
+        _write_all(fd, SPEC_HEADER.pack(len(head)) + head)
+        run = spec.get("run")
+        if run:
+            _write_all(fd, run)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def read_spec(fd: int) -> dict[str, Any]:
     """The spec the supervisor wrote into memfd ``fd`` (only the zygote passed it on), without
-    the run message that follows it (:func:`_read_run`, once confined)."""
+    the run message that follows it (:func:`read_run`, once confined)."""
     header = os.pread(fd, SPEC_HEADER.size, 0)
     if len(header) != SPEC_HEADER.size:
         raise OSError("the spec is truncated")
@@ -440,7 +462,7 @@ def _read_spec(fd: int) -> dict[str, Any]:
     return spec
 
 
-def _read_run(fd: int, spec: dict[str, Any]) -> bytes | None:
+def read_run(fd: int, spec: dict[str, Any]) -> bytes | None:
     """The run message after the spec in memfd ``fd`` (None: none came, as for a worker)."""
     start = spec["run_at"]
     size = os.fstat(fd).st_size - start

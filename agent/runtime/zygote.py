@@ -637,6 +637,7 @@ def warm_up(rounds: int = 12) -> None:
         max_frame=values.DEFAULT_MAX_FRAME, context_budget=values.MIB, context_bytes=0, failures={},
     ))
     for round_ in range(rounds):
+        _read_sample_spec(run)
         ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # A third of the rounds on asyncio's own loop, which sandboxed children use.
         loop = asyncio.SelectorEventLoop() if round_ % 3 == 2 else uvloop.new_event_loop()
@@ -653,6 +654,24 @@ def warm_up(rounds: int = 12) -> None:
             asyncio.set_event_loop(None)
             ours.close()
             peer.close()
+
+
+def _read_sample_spec(run: bytes) -> None:
+    """Write and read back a spec shaped like a launch's (paths, a secret, the run message),
+    as a child does first: the memory its decoding takes is then its own already."""
+    cgroup = "/sys/fs/cgroup/{}/agent/1234567-1234567-abcdef/abcdef01-state-1-1/cgroup.procs"
+    sample = {
+        "endpoint": "ipc:///tmp/agent-0123456789abcdef/ipc/supervisor.sock", "secret": bytes(16),
+        "confine": {"cgroup_procs": [cgroup.format(c) for c in ("memory", "cpuacct", "pids", "blkio", "freezer")],
+                    "gpu": {"env": {"CUDA_VISIBLE_DEVICES": "", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}}},
+        "sys_path": list(sys.path), "argv": list(sys.argv), "main": {"path": os.getcwd() + "/flow.py"},
+        "context_keys": None, "cwd": os.getcwd(), "max_frame": 1 << 26, "receive_hwm": 1000, "run": run,
+    }
+    fd = child_module.spec_memfd(sample)
+    try:
+        child_module.read_run(fd, child_module.read_spec(fd))
+    finally:
+        os.close(fd)
 
 
 def charged_so_far(pid: int) -> tuple[float, int]:

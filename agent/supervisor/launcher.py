@@ -23,9 +23,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..runtime.child import SPEC_HEADER
+from ..runtime.child import spec_memfd
 from ..runtime.zygote import MAX_FDS_PER_READ, PARK_IDLE, PARK_MAX, charged_so_far, read_frames, write_frame
-from ..values import pack_plain
 from .gpus import pinning_env
 
 ReportHandler = Callable[[dict[str, Any]], None]
@@ -65,27 +64,6 @@ def _take_prestarted() -> tuple[_Forked, socket.socket] | None:
     if not (fd.isdigit() and pid.isdigit()):
         return None
     return _Forked(int(pid)), socket.socket(fileno=int(fd))
-
-
-def _spec_memfd(spec: dict[str, Any]) -> int:
-    """A memfd holding ``spec``, then its run message (read by the child once it is confined)."""
-    fd = os.memfd_create("agent-child-spec", os.MFD_CLOEXEC)
-    try:
-        head = pack_plain({k: v for k, v in spec.items() if k != "run"})
-        _write_all(fd, SPEC_HEADER.pack(len(head)) + head)
-        run = spec.get("run")
-        if run:
-            _write_all(fd, run)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 class ZygoteLauncher:
@@ -165,7 +143,7 @@ class ZygoteLauncher:
         """
         if not self.alive:
             raise ConnectionError("the zygote is gone")
-        fd = _spec_memfd(spec)
+        fd = spec_memfd(spec)
         try:
             write_frame(self._sock, {"op": "spawn", "id": request_id, "sandbox": sandbox, "fds": 1 + len(fds)},
                         [fd, *fds])
@@ -187,7 +165,7 @@ class ZygoteLauncher:
         """
         if not self.alive:
             raise ConnectionError("the zygote is gone")
-        fd = _spec_memfd(spec)
+        fd = spec_memfd(spec)
         try:
             socket.send_fds(parked, [b"s"], [fd, *fds])
         except OSError:

@@ -8,10 +8,11 @@ front, like ``docker compose``::
     format_output    | Result: Hello, World!
     train#2          | retrying after a timeout      (attempt 2)
 
-The child needs no change for this: it opens its ``log_path`` as it would a file, and
-that path is ``/proc/<supervisor>/fd/<n>``, the write end of the pipe, which the
-supervisor closes once the child has connected. When the child is gone, what is left
-in the pipe is read before the attempt's outcome is judged, so the log is complete.
+The pipe's write end goes to the child with its spec (``SCM_RIGHTS``); the supervisor
+closes its own copy once the child is known (forked, or a parked child handed its
+spec), so that the child's exit reads as the end of the pipe. When the child is gone,
+what is left in the pipe is read before the attempt's outcome is judged, so the log is
+complete.
 
 Where the echo goes: ``AGENT_ECHO`` is ``stdout`` (the default, also under plain
 ``python flow.py``), ``stderr``, or ``off``; ``agent run --quiet`` turns it off and

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from agent.runtime.child import SPEC_HEADER, _read_run, _read_spec
+from agent.runtime.child import SPEC_HEADER, read_run, read_spec
 from agent.values import pack_plain
 
 
@@ -22,9 +22,9 @@ def test_a_long_spec_and_the_run_message_after_it() -> None:
     assert len(head) > 16384  # several pages
     fd = memfd(SPEC_HEADER.pack(len(head)) + head + b"the run message")
     try:
-        got = _read_spec(fd)
+        got = read_spec(fd)
         assert got["sys_path"] == spec["sys_path"] and got["endpoint"] == "ipc:///x"
-        assert _read_run(fd, got) == b"the run message"
+        assert read_run(fd, got) == b"the run message"
     finally:
         os.close(fd)
 
@@ -35,6 +35,6 @@ def test_a_truncated_or_malformed_spec_is_refused(data: bytes) -> None:
     fd = memfd(data)
     try:
         with pytest.raises(OSError, match="truncated|could be read|malformed"):
-            _read_spec(fd)
+            read_spec(fd)
     finally:
         os.close(fd)
