@@ -184,7 +184,8 @@ class _Pipe:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self._read_fd, False)  # only this end: the child's writes wait for room
         self._write_fd: int | None = write_fd
         self.child_fd = write_fd
         """The pipe's write end, which goes to the child with its spec (its stdout and stderr)."""

@@ -131,6 +131,20 @@ class TestLogFiles:
         await agent.run()
         assert agent.logs(name) == "long name, short file name\n"
 
+    @pytest.mark.parametrize("isolation", ["process", "worker"])
+    async def test_output_many_times_a_pipe_is_kept_whole(self, echoed, isolation):
+        """The child's writes wait while the supervisor's pipe is full: none is lost."""
+        async def loud(context):
+            for i in range(20_000):
+                print(f"line {i:05d} " + "y" * 60)
+            return None
+
+        agent = Agent("loud", isolation=isolation)
+        agent.add_state("loud", loud)
+        await agent.run()
+        lines = agent.logs("loud").splitlines()
+        assert len(lines) == 20_000 and lines[0].startswith("line 00000") and lines[-1].startswith("line 19999")
+
     def test_name_over_255_bytes_is_refused(self):
         agent = Agent("too_long")
 
