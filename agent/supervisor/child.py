@@ -204,6 +204,7 @@ class ChildProcess:
         self.checkpoint_keys: list[str] | None = None
         self.denied_calls: list[str] = []  # system calls its seccomp filter refused
         self._spawn_error: str | None = None
+        self._shut_down = False  # the supervisor shut down while it ran (on_shutdown)
 
     def _move(self, new: ChildStatus) -> None:
         if new not in _ALLOWED[self.status]:
@@ -298,6 +299,12 @@ class ChildProcess:
             self._later(self._sup.config.grace, self._finalize)
         else:
             self._finalize()
+
+    def on_shutdown(self) -> None:
+        """The supervisor shut down (its zygote, taking this process along, with it): the
+        attempt ends now, saying so; nothing will report this process's exit any more."""
+        self._shut_down = True
+        self.on_exit(None)
 
     def on_disconnect(self) -> None:
         self._disconnected = True
@@ -720,6 +727,12 @@ class ChildProcess:
         if status is None and self._spawn_error is not None:
             return FailureReason(kind="exit_code", message=f"the state's process could not be started: "
                                  f"{self._spawn_error}")
+        if status is None and self._shut_down:
+            return FailureReason(
+                kind="lost_connection",
+                message="the supervisor shut down while the state ran (shutdown_supervisor(), or the "
+                        "program exiting); its process was killed",
+            )
         if status is None:
             return FailureReason(
                 kind="lost_connection",

@@ -652,13 +652,19 @@ class Supervisor:
         self.workers.close()
         self.parked_children.close()
         self.zygote.close()
-        for child in list(self._by_secret.values()):
+        children = list(self._by_secret.values())
+        for child in children:
             self.forget(child)
             if child.status is not ChildStatus.EXITED:
                 try:
                     child.confinement.kill()
                 except (CgroupError, OSError):
                     pass  # its cgroup is gone already: the confiner closed first (at exit)
+        for child in children:  # their attempts end now: no exit of theirs will be reported
+            try:
+                child.on_shutdown()
+            except RuntimeError:  # its event loop is closed (at the program's exit): nobody waits
+                pass
         self.router.close()
         if self._decoder is not None:
             self._decoder.shutdown(wait=False, cancel_futures=True)

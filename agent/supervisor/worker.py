@@ -272,6 +272,12 @@ class WorkerProcess:
         if self.attempt is not None:
             self.attempt.on_disconnect()
 
+    def on_shutdown(self) -> None:
+        """The supervisor shut down: the attempt it serves, if any, ends now, saying so."""
+        if self.attempt is not None:
+            self.attempt._shut_down = True
+        self.on_exit(None)
+
     def on_exit(self, status: int | None, cpu: float | None = None, faults: int | None = None) -> None:
         """The zygote reaped the worker (None: the zygote is gone, or it never forked), which
         the kernel charged ``cpu`` seconds and ``faults`` page faults in its life."""

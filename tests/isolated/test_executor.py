@@ -328,6 +328,15 @@ class TestSupervisorLifetime:
         assert current_supervisor() is not old
         assert outcome.result["ppid"] == current_supervisor().zygote.pid
 
+    async def test_shutting_down_fails_the_attempts_still_running_and_says_why(self):
+        attempt, task = await writes_started(pid_then_wait_state)
+        child = psutil.Process(attempt.context.get_state("pid"))
+        shutdown_supervisor()
+        with pytest.raises(AttemptFailed) as info:
+            await asyncio.wait_for(task, 30)  # not left waiting for a process that is gone
+        assert "supervisor shut down" in info.value.reason.message
+        child.wait(timeout=10)
+
 
 class TestEventLoops:
     """The shared supervisor follows the caller's loop, one loop at a time."""
