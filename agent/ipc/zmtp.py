@@ -154,15 +154,8 @@ class DealerTransport:
     def read_handshake_ahead(self) -> None:
         """Read and check the peer's handshake as far as it has come, without waiting (a
         parked child does it while it waits, so that its first send need not)."""
-        while not self._greeted:
-            try:
-                data = self._sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            if not data:
-                raise ConnectionError("the supervisor closed the channel during the handshake")
-            self._buffer += data
-            self._read_handshake()
+        if not self._greeted:
+            self._handshake(wait=False)
 
     def set_bounds(self, *, max_frame: int, peer_hwm: int, linger: float) -> None:
         """The frame cap, the peer's high-water mark and the linger of :meth:`close`, for a
@@ -172,7 +165,7 @@ class DealerTransport:
     def send(self, data: bytes) -> None:
         """Send one single-frame message (the first waits for the peer's handshake)."""
         if not self._greeted:
-            self._finish_handshake()
+            self._handshake(wait=True)
         self._sent += 1
         if len(data) < _READ_SIZE:
             self._write(frame(data))
@@ -187,7 +180,7 @@ class DealerTransport:
                 self.send(message)
             return
         if not self._greeted:
-            self._finish_handshake()
+            self._handshake(wait=True)
         self._sent += len(messages)
         self._write(b"".join([frame(m) for m in messages]))
 
@@ -213,12 +206,16 @@ class DealerTransport:
         poller.register(self._sock, event)
         return bool(poller.poll(None if timeout is None else timeout * 1000))
 
-    def _finish_handshake(self) -> None:
-        # libzmq drops a peer whose messages arrive before it has sent its own READY.
+    def _handshake(self, *, wait: bool) -> None:
+        """Read and check the peer's greeting and READY: until both came (``wait``; libzmq
+        drops a peer whose messages arrive before it has sent its own READY), or as far as
+        they have come."""
         while not self._read_handshake():
             try:
-                data = self._sock.recv(_READ_SIZE)
+                data = self._sock.recv(_READ_SIZE, 0 if wait else socket.MSG_DONTWAIT)
             except BlockingIOError:
+                if not wait:
+                    return
                 self._wait(select.POLLIN)
                 continue
             if not data:
