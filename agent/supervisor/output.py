@@ -186,9 +186,9 @@ class _Pipe:
         self._loop = loop
         self._read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._read_fd, False)  # only this end: the child's writes wait for room
-        self._write_fd: int | None = write_fd
-        self.child_fd = write_fd
-        """The pipe's write end, which goes to the child with its spec (its stdout and stderr)."""
+        self.child_fd: int | None = write_fd
+        """The pipe's write end, which goes to the child with its spec (its stdout and stderr);
+        None once the child holds it (:meth:`child_started`)."""
         loop.add_reader(self._read_fd, self.drain)
         self._open = True
         self._reading = True
@@ -196,9 +196,9 @@ class _Pipe:
     def child_started(self) -> None:
         """The child holds the write end (it came with its spec): drop ours, so that the
         child's exit reads as the end of the pipe."""
-        if self._write_fd is not None:
-            os.close(self._write_fd)
-            self._write_fd = None
+        if self.child_fd is not None:
+            os.close(self.child_fd)
+            self.child_fd = None
 
     def move_to(self, loop: asyncio.AbstractEventLoop) -> None:
         """Read on ``loop`` from now on (the supervisor serves the caller's loop)."""
