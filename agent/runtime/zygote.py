@@ -61,6 +61,7 @@ from __future__ import annotations
 import _signal
 import array
 import ctypes
+import functools
 import gc
 import os
 import random
@@ -621,21 +622,14 @@ def warm_up(rounds: int = 12) -> None:
     """
     import asyncio
 
-    import cloudpickle
     import uvloop
 
-    from .. import values
-    from ..ipc import DealerTransport, Run, encode_message
+    from ..ipc import DealerTransport
     from ..ipc.zmtp import GREETING, frame, ready_command
     from . import confine
     from .session import ChildSession
 
-    run = encode_message(Run(
-        run_id="warm-up", agent_name="zygote", state_name="warm", attempt=1,
-        function=cloudpickle.dumps(_warm_state), classes=cloudpickle.dumps(()),
-        context={"count": values.encode(1), "t": values.encode((1, {2}))},
-        max_frame=values.DEFAULT_MAX_FRAME, context_budget=values.MIB, context_bytes=0, failures={},
-    ))
+    run = _sample_run()
     for round_ in range(rounds):
         _read_sample_spec(run)
         ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -654,6 +648,24 @@ def warm_up(rounds: int = 12) -> None:
             asyncio.set_event_loop(None)
             ours.close()
             peer.close()
+
+
+@functools.cache
+def _sample_run() -> bytes:
+    """The ``run`` message the warm-up serves, made once, in the zygote: a parked child's
+    warm-up serves it too, and a child never encodes one (its supervisor does), so making
+    it there again was work for nothing."""
+    import cloudpickle
+
+    from .. import values
+    from ..ipc import Run, encode_message
+
+    return encode_message(Run(
+        run_id="warm-up", agent_name="zygote", state_name="warm", attempt=1,
+        function=cloudpickle.dumps(_warm_state), classes=cloudpickle.dumps(()),
+        context={"count": values.encode(1), "t": values.encode((1, {2}))},
+        max_frame=values.DEFAULT_MAX_FRAME, context_budget=values.MIB, context_bytes=0, failures={},
+    ))
 
 
 def _read_sample_spec(run: bytes) -> None:
