@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import os
 import weakref
@@ -20,6 +21,7 @@ from agent import (
 )
 from agent.agent import _new_run_id  # what the child would give its next run
 from agent.checkpoint_store import SQLiteCheckpointStore
+from agent.state import StateMetadata
 
 
 async def _steps(context):
@@ -66,6 +68,31 @@ class TestFreedAtOnce:
         assert agent.context.get_state("done") is True
         await agent.run()  # and the agent runs again
         assert agent.status is AgentStatus.COMPLETED
+
+
+class TestMetadataLayout:
+    async def test_a_run_adds_no_attribute_to_a_states_metadata(self):
+        # Each field is set by the constructor, so that a run only replaces values (see
+        # StateMetadata's docstring): a field first set during a run gives each state a
+        # dict of its own, hundreds of bytes more per state.
+        calls = {"n": 0}
+
+        async def flaky(context):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("once")
+            return "last"
+
+        agent = Agent("layout", isolation="inline")
+        agent.add_state("first", flaky, max_retries=1, resources=ResourceRequirements(cpu_units=0.01, memory_mb=1.0))
+        agent.add_state("last", _last)
+        agent.add_state("never", _last)
+        fields = {f.name for f in dataclasses.fields(StateMetadata)}
+        before = {name: set(vars(meta)) for name, meta in agent.state_metadata.items()}
+        assert all(keys == fields for keys in before.values())
+        await agent.run()
+        assert agent.state_metadata["first"].total_attempts == 2  # a retry ran: error, waiting_for set
+        assert {name: set(vars(meta)) for name, meta in agent.state_metadata.items()} == before
 
 
 class TestRunIds:
