@@ -283,11 +283,10 @@ def _serve(
     served = _set_up(spec, spec_fd, notify_fd, namespaces, given, connected, parked=parked)
     if isinstance(served, int):
         return served  # a worker's, served
-    # A loop of its own, never closed: the process ends with os._exit right after.
-    # (A sandbox's is asyncio's: libuv's io_uring is denied by its seccomp filter.)
-    loop = take_ready_loop()
-    if loop is None:
-        loop = uvloop.new_event_loop() if "sandbox" not in spec["confine"] else asyncio.SelectorEventLoop()
+    # A loop of its own, never closed: the process ends with os._exit right after (a parked
+    # child serves its attempt in the loop it made ahead: _serve_parked). A sandbox's is
+    # asyncio's: libuv's io_uring is denied by its seccomp filter.
+    loop = uvloop.new_event_loop() if "sandbox" not in spec["confine"] else asyncio.SelectorEventLoop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(serve(*served, welcome=True))
     return EXIT_OK
