@@ -227,7 +227,7 @@ class Supervisor:
         # The run message goes with the spec: the child starts the state without asking.
         spec = self.child_spec(secret, confinement, scope, sandboxed=sandboxed, run=run_frame)
         self._state_children.add(request_id)
-        self.start(child, spec, output, sandboxed=sandboxed, fds=(output.child_fd,))
+        self.start(child, spec, output, sandboxed=sandboxed)
         return child
 
     async def room_for_child(self) -> None:
@@ -307,7 +307,7 @@ class Supervisor:
         *, sandboxed: bool = False, **extra: Any,
     ) -> dict[str, Any]:
         """What a forked child reads first (through a memfd): where to connect, how to confine
-        itself (its log comes with it: the first descriptor :meth:`start` is given)."""
+        itself (its log comes with it: the first descriptor :meth:`start` sends it)."""
         return {
             "endpoint": self.router.endpoint,
             "secret": secret,
@@ -326,12 +326,12 @@ class Supervisor:
     def start(
         self, child: Any, spec: dict[str, Any], output: Any, *, sandboxed: bool = False, fds: tuple[int, ...] = (),
     ) -> None:
-        """Register ``child`` (a state child or a worker) and queue its fork; ``fds`` go to it:
-        its output pipe's write end first."""
+        """Register ``child`` (a state child or a worker) and queue its fork; its ``output``
+        pipe's write end goes to it, then ``fds``."""
         self._outputs[child.request_id] = output
         self._by_secret[child.secret] = child
         self._by_request[child.request_id] = child
-        self._queued[child.request_id] = (spec, sandboxed, fds)
+        self._queued[child.request_id] = (spec, sandboxed, (output.child_fd, *fds))
         self._started += 1
         self._pump()
 

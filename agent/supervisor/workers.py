@@ -265,7 +265,7 @@ class WorkerPool:
         queue.starting.add(worker)
         queue.last_start = time.monotonic()
         self._started += 1
-        sup.start(worker, spec, output, fds=(output.child_fd, worker.channel.child_end.fileno()))  # type: ignore[union-attr]
+        sup.start(worker, spec, output, fds=(worker.channel.child_end.fileno(),))  # type: ignore[union-attr]
 
     # --- what workers report -------------------------------------------------------------
 
