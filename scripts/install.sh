@@ -5,7 +5,8 @@
 # The venv is $AGENT_VENV, default <checkout>/.venv, built from Debian's /usr/bin/python3
 # when present (installing python3-venv with apt if the venv module is missing, as root).
 # The package is installed in editable mode (its distribution name is agent-isolation, its
-# import name agent), with the `agent` command. A venv that already runs the agent
+# import name agent), with the `agent` command, its hot modules compiled beside their sources
+# (setup.py; AGENT_PURE_PYTHON=1: not compiled). A venv that already runs the agent
 # package of another checkout is left alone (the script stops), so two checkouts never
 # re-point each other's venv, unless that checkout is gone or AGENT_VENV_ADOPT=1 says the
 # venv follows whichever checkout installs into it (CI's shared venv). Prints the venv path last.
@@ -56,6 +57,23 @@ else
 fi
 chmod 755 "$venv" 2>/dev/null || true
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+# The engine's hot modules are compiled with mypyc (setup.py): that needs a C compiler and
+# Python's headers. Without them (or with AGENT_PURE_PYTHON=1) the package is pure Python.
+# The compiled copies of an earlier install go first: one whose module is no longer compiled
+# would go on shadowing its source.
+find "$here/agent" -name '*.so' -delete
+rm -f "$here"/*__mypyc.*.so
+if [ "${AGENT_PURE_PYTHON:-0}" = 1 ]; then
+    :
+elif ! command -v cc >/dev/null || ! "$python" -c 'import os, sysconfig
+assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' 2>/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc python3-dev >/dev/null
+    else
+        echo "install: no C compiler or Python headers (gcc, python3-dev): the engine installs as pure" \
+             "Python, about 1.5x slower per state" >&2
+    fi
+fi
 spec="$here"
 [ -n "$extras" ] && spec="$here[$extras]"
 "$venv/bin/python" -m pip install -q -e "$spec"

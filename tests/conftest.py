@@ -20,6 +20,15 @@ os.environ["AGENT_STATE_DIR"] = os.path.join(_SESSION_DIR, "state")
 os.environ["AGENT_RUNTIME_DIR"] = os.path.join(_SESSION_DIR, "run")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    from agent._compiled import stale
+
+    changed = stale()
+    if changed:  # the tests would run the old compiled code, not the source they read
+        pytest.exit(f"{', '.join(changed)} changed after it was compiled: install again (scripts/install.sh) "
+                    "before testing", returncode=4)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 

@@ -32,7 +32,7 @@ import time
 import weakref
 from collections import deque
 from contextvars import copy_context as _copy_context
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from .. import events as ev
 from .. import values
@@ -60,10 +60,8 @@ from ..workflow import cannot_suspend, uses_an_agent
 from .driver import Driver, Returned, exception_reason, inline_runner
 
 _NO_USAGE: dict[str, Any] = {}  # what an inline attempt measured (nothing); never written to
-_NOTHING: tuple[()] = ()  # the dependency queues of a run without dependencies: empty, never written
 _monotonic = time.monotonic
 _time = time.time
-_new = object.__new__
 _proxy = weakref.proxy
 _ProxyType = weakref.ProxyType
 
@@ -97,7 +95,15 @@ _RUN_COMPLETED = AgentStatus.COMPLETED
 _HISTORY_LIMIT = StateMetadata.HISTORY_LIMIT
 
 # Where an activation is (Activation.where).
-NEW, READY, QUEUED, GRANTED, RUNNING, WAITING, RETRYING, PAUSED, GONE = range(9)
+NEW: Final = 0
+READY: Final = 1
+QUEUED: Final = 2
+GRANTED: Final = 3
+RUNNING: Final = 4
+WAITING: Final = 5
+RETRYING: Final = 6
+PAUSED: Final = 7
+GONE: Final = 8
 
 
 class Activation:
@@ -275,8 +281,8 @@ class Run:
         # Dependencies: their bookkeeping exists only in a run with dependencies
         # (track_dependencies); until then these are empty and never written.
         self.tracks_deps = False
-        self.waiting: list[Activation] = _NOTHING  # type: ignore[assignment]  # whose dependencies are not met
-        self.watch: set[str] = _NOTHING  # type: ignore[assignment]  # dependency-driven states not (re)triggered yet
+        self.waiting: list[Activation] = []  # whose dependencies are not met
+        self.watch: set[str] = set()  # dependency-driven states not (re)triggered yet
         if agent._has_dependencies:
             self.track_dependencies()
         # Outcome.
@@ -377,13 +383,10 @@ class Run:
                 "a state probably loops forever: add an exit condition or raise Agent(max_steps=...)"
             ))
             return None
-        # Activation(...), without the constructor call: one per state started.
-        act = _new(Activation)
-        act.id = aid = self._next_id
+        aid = self._next_id
         self._next_id = aid + 1
-        act.state = act.owner = name
-        act.priority = priority = spec.priority._value_
-        act.group = group
+        priority = spec.priority._value_
+        act = Activation(aid, name, priority, group)
         if via_dependency:
             act.via_dependency = True
         if attempt:
