@@ -28,7 +28,6 @@ from .engine.run import Activation, Run
 from .errors import (
     AgentBusyError,
     CheckpointError,
-    DuplicateStateError,
     EventLoopRunningError,
     InvalidConfigurationError,
     UnknownStateError,
@@ -37,10 +36,9 @@ from .errors import (
 from .executor import Isolation, parse_isolation
 from .resources import ResourcePool, ResourceRequirements, default_pool
 from .retry import RetryPolicy
-from .scope import check_context_keys
 from .state import StateFunction, StateMetadata
 from .status import AgentStatus, StateStatus, check_agent_transition
-from .workflow import ON_FAILURE, ReturnGraph, StateSpec, check_graph, check_state_function, parse_dependencies
+from .workflow import ReturnGraph, StateSpec, check_graph, check_on_failure, new_spec
 
 DEFAULT_ISOLATION = Isolation.PROCESS
 """Used when neither ``Agent(isolation=...)`` nor ``$AGENT_ISOLATION`` says otherwise."""
@@ -50,10 +48,8 @@ DEFAULT_ISOLATION = Isolation.PROCESS
 _IDLE, _RUNNING, _PAUSED = AgentStatus.IDLE, AgentStatus.RUNNING, AgentStatus.PAUSED
 _COMPLETED, _FAILED, _CANCELLED = AgentStatus.COMPLETED, AgentStatus.FAILED, AgentStatus.CANCELLED
 _PENDING = StateStatus.PENDING
-_NORMAL = Priority.NORMAL
 
 _log = logging.getLogger("agent")
-_SURELY_SHORT = _validate.MAX_STATE_NAME_BYTES // 4  # characters: at most 4 UTF-8 bytes each
 _run_ids: list[str] = []
 
 
@@ -87,12 +83,6 @@ _TERMINAL = frozenset(s.value for s in (AgentStatus.COMPLETED, AgentStatus.FAILE
 
 def _non_negative(name: str, value: Any, *, allow_none: bool = True) -> None:
     _validate.number(value, name, error=InvalidConfigurationError, none=allow_none, unit="seconds")
-
-
-def _on_failure(value: Any, where: str) -> str | None:
-    if value is None or value in ON_FAILURE:
-        return value  # type: ignore[no-any-return]
-    raise InvalidConfigurationError(f"{where}: on_failure must be 'fail' or 'continue', got {value!r}")
 
 
 class Agent:
@@ -138,7 +128,7 @@ class Agent:
         if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
             raise InvalidConfigurationError(f"retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}")
         if on_failure != "fail":
-            _on_failure(on_failure, f"agent {name!r}")
+            check_on_failure(on_failure, f"agent {name!r}")
         if checkpoint_store is not None:
             checkpoint_store = _checkpoint_store(checkpoint_store)
         if isolation is None:
@@ -234,54 +224,20 @@ class Agent:
         ``context_keys`` (key names and ``"prefix*"`` patterns) are the only context keys
         the state may read and write; a sandboxed state without them sees none.
         """
-        if type(name) is not str or not 0 < len(name) <= _SURELY_SHORT:  # else surely a valid name
-            _validate.state_name(name, error=WorkflowDefinitionError)
-        if name in self._states:
-            raise DuplicateStateError(f"state {name!r} is already added to agent {self.name!r}: use another name")
-        check_state_function(name, func)
-        deps = parse_dependencies(name, dependencies) if dependencies else {}
-        if resources is not None:
-            if not isinstance(resources, ResourceRequirements):
-                raise InvalidConfigurationError(
-                    f"state {name!r}: resources must be a ResourceRequirements, got {type(resources).__name__}"
-                )
-            self.resource_pool.check_request(resources, name)
-        if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
-            raise InvalidConfigurationError(
-                f"state {name!r}: retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}"
-            )
-        if max_retries is not None:
-            _validate.integer(max_retries, f"state {name!r}: max_retries", error=InvalidConfigurationError, none=True)
-        if timeout is not None:
-            _validate.number(timeout, f"state {name!r}: timeout", error=InvalidConfigurationError,
-                             above=True, none=True, unit="seconds")
-        level = parse_isolation(isolation) if isolation is not None else None
-        if priority is None:
-            priority = resources.priority if resources is not None else _NORMAL
-        elif not isinstance(priority, Priority):
-            priority = Priority(_validate.member(Priority, priority, f"state {name!r}: priority",
-                                                 error=InvalidConfigurationError))
-        declared = None
-        if next_states is not None:
-            if isinstance(next_states, str) or not all(isinstance(n, str) for n in next_states):
-                raise InvalidConfigurationError(f"state {name!r}: next_states must be a list of state names")
-            declared = frozenset(next_states)
-        if on_failure is not None:
-            _on_failure(on_failure, f"state {name!r}")
-        keys = check_context_keys(name, context_keys) if context_keys is not None else None
-        spec = StateSpec(name, func, deps, resources, retry_policy, max_retries, level, timeout, priority,
-                         declared, on_failure, keys)
+        spec = new_spec(self, name, func, dependencies, resources, retry_policy, max_retries, isolation, timeout,
+                        priority, next_states, on_failure, context_keys)
         run = self._run if self._run is not None and not self._run.done else None
         if run is not None:
             check_graph(self.name, {**self._states, name: spec})
         self._states[name] = spec
-        if deps or declared is not None:
+        deps = spec.dependencies
+        if deps or spec.next_states is not None:
             self._graph_checked = False  # only these can make check_graph fail
             if deps:
                 self._has_dependencies = True
         self._graph = None
         self.state_metadata[name] = StateMetadata(
-            name, spec.max_retries_with(self.retry_policy), resources, priority, deps, level
+            name, spec.max_retries_with(self.retry_policy), resources, spec.priority, deps, spec.isolation
         )
         if run is not None:
             run.retrack()

@@ -23,7 +23,7 @@ StateResult = Optional[Union[str, List[str]]]
 StateFunction = Callable[..., Awaitable[StateResult]]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class AttemptRecord:
     """One finished attempt, kept in ``StateMetadata.history``."""
 
@@ -33,6 +33,16 @@ class AttemptRecord:
     outcome: str  # completed, failed, timeout, cancelled, preempted
     reason: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
+
+    # Written out rather than generated: compiled (setup.py), one made per attempt is native code.
+    def __init__(self, number: int, started_at: float, ended_at: float, outcome: str,
+                 reason: str | None = None, usage: dict[str, Any] | None = None) -> None:
+        self.number = number
+        self.started_at = started_at
+        self.ended_at = ended_at
+        self.outcome = outcome
+        self.reason = reason
+        self.usage = {} if usage is None else usage
 
     @property
     def duration(self) -> float:

@@ -25,23 +25,27 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _validate
 from ._types import Priority
 from .dependencies import DependencyConfig, DependencyType
 from .errors import (
     DependencyCycleError,
+    DuplicateStateError,
+    InvalidConfigurationError,
     InvalidStateFunctionError,
     UnknownStateError,
     WorkflowDefinitionError,
 )
-from .executor import Isolation
+from .executor import Isolation, parse_isolation
 from .resources import ResourceRequirements
 from .retry import RetryPolicy
+from .scope import check_context_keys
 
 ON_FAILURE = ("fail", "continue")
 """What a state's permanent failure does to the run: fail it (default), or end only its branch."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class StateSpec:
     """A state as added to an agent."""
 
@@ -59,6 +63,35 @@ class StateSpec:
     context_keys: tuple[str, ...] | None = None
     """Keys (and ``"prefix*"`` patterns) the state may read and write; None: see :mod:`agent.scope`."""
 
+    # Written out rather than generated: compiled (setup.py), it is native code.
+    def __init__(
+        self,
+        name: str,
+        func: Callable[..., Any],
+        dependencies: dict[str, DependencyConfig] | None = None,
+        resources: ResourceRequirements | None = None,
+        retry_policy: RetryPolicy | None = None,
+        max_retries: int | None = None,
+        isolation: Isolation | None = None,
+        timeout: float | None = None,
+        priority: Priority = Priority.NORMAL,
+        next_states: frozenset[str] | None = None,
+        on_failure: str | None = None,
+        context_keys: tuple[str, ...] | None = None,
+    ) -> None:
+        self.name = name
+        self.func = func
+        self.dependencies = {} if dependencies is None else dependencies
+        self.resources = resources
+        self.retry_policy = retry_policy
+        self.max_retries = max_retries
+        self.isolation = isolation
+        self.timeout = timeout
+        self.priority = priority
+        self.next_states = next_states
+        self.on_failure = on_failure
+        self.context_keys = context_keys
+
     def max_retries_with(self, default_policy: RetryPolicy | None) -> int:
         """Retries after the first attempt: add_state(max_retries), else the state's policy, else the agent's."""
         if self.max_retries is not None:
@@ -71,6 +104,65 @@ class StateSpec:
         if self.timeout is not None:
             return self.timeout
         return self.resources.timeout if self.resources is not None else None
+
+
+_NORMAL = Priority.NORMAL
+_SURELY_SHORT = _validate.MAX_STATE_NAME_BYTES // 4  # characters: at most 4 UTF-8 bytes each
+
+
+def check_on_failure(value: Any, where: str) -> str | None:
+    if value is None or value in ON_FAILURE:
+        return value  # type: ignore[no-any-return]
+    raise InvalidConfigurationError(f"{where}: on_failure must be 'fail' or 'continue', got {value!r}")
+
+
+def new_spec(agent: Any, name: Any, func: Any, dependencies: Any, resources: Any, retry_policy: Any,
+             max_retries: Any, isolation: Any, timeout: Any, priority: Any, next_states: Any, on_failure: Any,
+             context_keys: Any) -> StateSpec:
+    """``agent.add_state(...)``'s arguments checked, as the spec they describe.
+
+    Raises the typed error for the first bad one (``agent`` gives the states added so far,
+    its name for messages, and its pool, which checks ``resources``). The arguments are
+    untyped here on purpose: this module is compiled (setup.py), and compiled code would
+    answer a wrong type with a bare ``TypeError`` before these checks could name it.
+    """
+    if type(name) is not str or not 0 < len(name) <= _SURELY_SHORT:  # else surely a valid name
+        _validate.state_name(name, error=WorkflowDefinitionError)
+    if name in agent._states:
+        raise DuplicateStateError(f"state {name!r} is already added to agent {agent.name!r}: use another name")
+    check_state_function(name, func)
+    deps = parse_dependencies(name, dependencies) if dependencies else {}
+    if resources is not None:
+        if not isinstance(resources, ResourceRequirements):
+            raise InvalidConfigurationError(
+                f"state {name!r}: resources must be a ResourceRequirements, got {type(resources).__name__}"
+            )
+        agent.resource_pool.check_request(resources, name)
+    if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
+        raise InvalidConfigurationError(
+            f"state {name!r}: retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}"
+        )
+    if max_retries is not None:
+        _validate.integer(max_retries, f"state {name!r}: max_retries", error=InvalidConfigurationError, none=True)
+    if timeout is not None:
+        _validate.number(timeout, f"state {name!r}: timeout", error=InvalidConfigurationError,
+                         above=True, none=True, unit="seconds")
+    level = parse_isolation(isolation) if isolation is not None else None
+    if priority is None:
+        priority = resources.priority if resources is not None else _NORMAL
+    elif not isinstance(priority, Priority):
+        priority = Priority(_validate.member(Priority, priority, f"state {name!r}: priority",
+                                             error=InvalidConfigurationError))
+    declared = None
+    if next_states is not None:
+        if isinstance(next_states, str) or not all(isinstance(n, str) for n in next_states):
+            raise InvalidConfigurationError(f"state {name!r}: next_states must be a list of state names")
+        declared = frozenset(next_states)
+    if on_failure is not None:
+        check_on_failure(on_failure, f"state {name!r}")
+    keys = check_context_keys(name, context_keys) if context_keys is not None else None
+    return StateSpec(name, func, deps, resources, retry_policy, max_retries, level, timeout, priority,
+                     declared, on_failure, keys)
 
 
 # --- state functions ---------------------------------------------------------------------
