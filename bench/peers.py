@@ -9,7 +9,8 @@ Each side runs in its own interpreter (ours: this one; puffinflow:
 made from this same interpreter, or the ratio compares interpreters too), the two
 sides alternate, and each figure is the median of ``--repeat`` runs; ratios are ours /
 theirs. ``import_ms``: what ``import PACKAGE`` and ``from PACKAGE import Agent`` import,
-from ``-X importtime``.
+from ``-X importtime``. ``agent_compiled`` names the engine modules this checkout runs
+compiled (``setup.py``; none: pure Python, about 1.5x slower per state).
 
 ``isolated`` (against Ray tasks): each side runs in an interpreter of its own, started
 and warmed up before anything is timed, which then runs what the bench asks, one
@@ -395,6 +396,14 @@ def main() -> None:
     print(json.dumps(out, indent=2))
 
 
+def compiled_modules() -> list[str]:
+    """The engine modules this checkout runs compiled (setup.py); none: pure Python."""
+    sys.path.insert(0, ROOT)
+    from agent._compiled import COMPILED, compiled_path
+
+    return [module for module in COMPILED if compiled_path(module) is not None]
+
+
 def inline(args: argparse.Namespace) -> dict[str, object]:
     """Inline agents against puffinflow's (see the module doc)."""
     out: dict[str, object] = {}
@@ -408,6 +417,7 @@ def inline(args: argparse.Namespace) -> dict[str, object]:
             theirs_imports.append(import_ms(peer, "puffinflow"))
     ours = {k: round(statistics.median(r[k] for r in ours_runs)) for k in ours_runs[0]}
     out["agent_states_per_s"] = ours
+    out["agent_compiled"] = compiled_modules()
     out["agent_import_ms"] = {k: round(statistics.median(i[k] for i in ours_imports), 1) for k in ours_imports[0]}
     if not peer:
         out["puffinflow"] = f"not importable by {args.puffinflow_python}: pip install puffinflow==2.1.0 there"

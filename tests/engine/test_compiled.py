@@ -5,7 +5,11 @@ from __future__ import annotations
 import ast
 import importlib.machinery
 import os
+import shutil
 import sys
+import sysconfig
+
+import pytest
 
 from agent import _compiled
 
@@ -22,6 +26,15 @@ def _setup_list() -> list[str]:
 
 def test_setup_compiles_exactly_the_modules_the_guard_checks():
     assert [path.removesuffix(".py").replace("/", ".") for path in _setup_list()] == list(_compiled.COMPILED)
+
+
+def test_this_install_runs_the_compiled_modules_where_it_can():
+    # A compile that failed leaves a working but slower package (setup.py): say so here.
+    if os.environ.get("AGENT_PURE_PYTHON") == "1":
+        pytest.skip("AGENT_PURE_PYTHON=1: installed as pure Python")
+    if shutil.which("cc") is None or not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        pytest.skip("no C compiler or Python headers here: installed as pure Python")
+    assert [module for module in _compiled.COMPILED if _compiled.compiled_path(module) is None] == []
 
 
 def test_a_source_edited_after_compiling_is_named_stale(tmp_path, monkeypatch):
