@@ -76,7 +76,8 @@ assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")
 fi
 spec="$here"
 [ -n "$extras" ] && spec="$here[$extras]"
-"$venv/bin/python" -m pip install -q -e "$spec"
+# (setuptools warns at every editable install that a folder named like the package may shadow it.)
+PYTHONWARNINGS="ignore:Editable installation" "$venv/bin/python" -m pip install -q -e "$spec"
 # Bytecode now: users who cannot write to this checkout (agentctl, agentd's job runners)
 # would otherwise compile every module of the package on every start.
 "$venv/bin/python" -m compileall -q "$here/agent" >/dev/null
