@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Union
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Final, List, Optional, Union
 
 from ._types import Priority
 from .dependencies import DependencyConfig
@@ -48,6 +48,14 @@ class AttemptRecord:
     def duration(self) -> float:
         return self.ended_at - self.started_at
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickling and copying: compiled (setup.py), the class cannot be made without its
+        # constructor's arguments, so it says how to make it again.
+        return (AttemptRecord, (self.number, self.started_at, self.ended_at, self.outcome, self.reason, self.usage))
+
+
+HISTORY_LIMIT: Final = 100
+"""How many attempts ``StateMetadata.history`` keeps (the newest)."""
 
 _id_prefix = os.urandom(4).hex() + "-"  # unique per process; the counter within it
 _ids = itertools.count(1)
@@ -85,8 +93,6 @@ class StateMetadata:
     usage: dict[str, Any] = field(default_factory=dict)  # measured use of the last attempt
     history: list[AttemptRecord] = field(default_factory=list)  # the newest HISTORY_LIMIT attempts
 
-    HISTORY_LIMIT: ClassVar[int] = 100
-
     def __init__(
         self,
         name: str,
@@ -118,6 +124,10 @@ class StateMetadata:
         self.usage = {}
         self.history = []
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickling and copying (see AttemptRecord.__reduce__): made again from its fields.
+        return (_restored_metadata, (self.name, {f.name: getattr(self, f.name) for f in fields(self)}))
+
     def set_status(self, new: StateStatus) -> None:
         if new not in self.status._next:  # type: ignore[attr-defined]
             check_state_transition(self.status, new, self.name)  # raises, naming the transition
@@ -137,7 +147,7 @@ class StateMetadata:
         """Keep ``rec``; only the newest ``HISTORY_LIMIT`` attempts are kept."""
         history = self.history
         history.append(rec)
-        if len(history) > self.HISTORY_LIMIT:
+        if len(history) > HISTORY_LIMIT:
             del history[0]
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,3 +186,10 @@ class StateMetadata:
         self.blocked_reason = data.get("blocked_reason")
         if isinstance(data.get("usage"), dict):
             self.usage = dict(data["usage"])
+
+
+def _restored_metadata(name: str, values: dict[str, Any]) -> StateMetadata:
+    meta = StateMetadata(name)
+    for key, value in values.items():
+        setattr(meta, key, value)
+    return meta

@@ -92,6 +92,13 @@ class StateSpec:
         self.on_failure = on_failure
         self.context_keys = context_keys
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickling and copying: compiled (setup.py), the class cannot be made without its
+        # constructor's arguments, so it says how to make it again.
+        return (StateSpec, (self.name, self.func, self.dependencies, self.resources, self.retry_policy,
+                            self.max_retries, self.isolation, self.timeout, self.priority, self.next_states,
+                            self.on_failure, self.context_keys))
+
     def max_retries_with(self, default_policy: RetryPolicy | None) -> int:
         """Retries after the first attempt: add_state(max_retries), else the state's policy, else the agent's."""
         if self.max_retries is not None:

@@ -53,7 +53,7 @@ from ..errors import (
 )
 from ..executor import Attempt, Isolation
 from ..scope import ScopedContext, scope_for
-from ..state import AttemptRecord, StateMetadata
+from ..state import HISTORY_LIMIT, AttemptRecord, StateMetadata
 from ..status import AgentStatus, StateStatus
 from .admission import Admission
 from ..workflow import cannot_suspend, uses_an_agent
@@ -92,7 +92,6 @@ _BY_COPY = frozenset((Isolation.PROCESS, Isolation.WORKER))
 
 _FINISHED_FOR_GOOD = (_FAILED, _TIMEOUT, _CANCELLED, _BLOCKED)
 _RUN_COMPLETED = AgentStatus.COMPLETED
-_HISTORY_LIMIT = StateMetadata.HISTORY_LIMIT
 
 # Where an activation is (Activation.where).
 NEW: Final = 0
@@ -1047,7 +1046,7 @@ class Run:
         # meta.record(...), inlined: the hot path.
         history = meta.history
         history.append(AttemptRecord(act.attempt, act.started_at, now, "completed", None, usage))
-        if len(history) > _HISTORY_LIMIT:
+        if len(history) > HISTORY_LIMIT:
             del history[0]
         if meta.status is _RUNNING:
             meta.status = _COMPLETED

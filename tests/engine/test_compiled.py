@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import ast
+import copy
+import dataclasses
 import importlib.machinery
 import os
+import pickle
 import shutil
 import sys
 import sysconfig
 
 import pytest
 
-from agent import _compiled
+from agent import Priority, ResourceRequirements, _compiled
+from agent.state import AttemptRecord, StateMetadata
+from agent.status import StateStatus
+from agent.workflow import StateSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,3 +64,27 @@ def test_a_source_edited_after_compiling_is_named_stale(tmp_path, monkeypatch):
         assert _compiled.stale() == ["stalepkg.hot"]
     finally:
         sys.modules.pop("stalepkg", None)
+
+
+def _noop_state(context):  # module level: pickled by reference
+    return None
+
+
+@pytest.mark.parametrize("copy_of", [copy.copy, copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))],
+                         ids=["copy", "deepcopy", "pickle"])
+def test_the_compiled_classes_copy_and_pickle_with_every_field(copy_of):
+    # Compiled, a class cannot be made without its constructor's arguments: copy and
+    # pickle go through each one's __reduce__, which must carry every field.
+    record = AttemptRecord(2, 1.0, 3.5, "failed", "boom", {"cpu_seconds": 0.5})
+    meta = StateMetadata("fetch", max_retries=3, priority=Priority.HIGH)
+    meta.status = StateStatus.COMPLETED
+    meta.runs, meta.total_attempts, meta.last_success = 1, 2, 12.5
+    meta.usage = {"peak_memory_mb": 7.0}
+    meta.record(record)
+    spec = StateSpec("fetch", _noop_state, {}, ResourceRequirements(cpu_units=1.0), None, 2, None, 5.0,
+                     Priority.HIGH, frozenset({"next"}), "continue", ("a", "b*"))
+    for original in (record, meta, spec):
+        copied = copy_of(original)
+        assert type(copied) is type(original)
+        assert dataclasses.asdict(copied) == dataclasses.asdict(original)
+    assert copy_of(meta).state_id == meta.state_id
