@@ -20,19 +20,18 @@ COMPILED = ["agent/engine/run.py", "agent/state.py", "agent/workflow.py"]
 
 
 class OptionalBuildExt(build_ext):
-    """Compile when possible; a machine without a C toolchain gets pure Python."""
+    """Compile when possible: a machine without a C toolchain gets pure Python (all of it:
+    a compiled module without the shared library its code lives in would not import)."""
 
     def run(self) -> None:
         try:
             super().run()
         except Exception as exc:  # noqa: BLE001 - any compiler failure leaves pure Python
+            for ext in self.extensions:
+                built = self.get_ext_fullpath(ext.name)
+                if os.path.exists(built):
+                    os.remove(built)
             print(f"agent: compiling {', '.join(COMPILED)} failed ({exc}); installing pure Python", file=sys.stderr)
-
-    def build_extension(self, ext: Extension) -> None:
-        try:
-            super().build_extension(ext)
-        except Exception as exc:  # noqa: BLE001
-            print(f"agent: compiling {ext.name} failed ({exc}); it stays pure Python", file=sys.stderr)
 
 
 def ext_modules() -> list[Extension]:

@@ -78,6 +78,13 @@ spec="$here"
 [ -n "$extras" ] && spec="$here[$extras]"
 # (setuptools warns at every editable install that a folder named like the package may shadow it.)
 PYTHONWARNINGS="ignore:Editable installation" "$venv/bin/python" -m pip install -q -e "$spec"
+if [ "${AGENT_PURE_PYTHON:-0}" != 1 ] && ! "$venv/bin/python" -I -c '
+import sys
+from agent._compiled import COMPILED, compiled_path
+sys.exit(any(compiled_path(module) is None for module in COMPILED))'; then
+    echo "install: compiling the engine's modules failed (pip install -v -e . says why): it runs as pure" \
+         "Python, about 1.5x slower per state" >&2
+fi
 # Bytecode now: users who cannot write to this checkout (agentctl, agentd's job runners)
 # would otherwise compile every module of the package on every start.
 "$venv/bin/python" -m compileall -q "$here/agent" >/dev/null
