@@ -1,7 +1,8 @@
 """Build: the engine's hot modules are compiled to C with mypyc when this machine can.
 
 What a run does per state (its bookkeeping in ``agent/engine/run.py``, each state's
-``StateSpec`` and ``StateMetadata``) runs about 1.5x faster compiled. The compiled
+``StateSpec`` and ``StateMetadata``, the pool's arithmetic in ``agent/_amounts.py``) runs
+about 1.5x faster compiled. The compiled
 modules are the same source, checked by mypy; without a C compiler, or with
 ``AGENT_PURE_PYTHON=1``, the package installs as pure Python and behaves the same.
 An editable install puts the compiled modules beside their sources: after editing one of
@@ -16,7 +17,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 # Keep in step with agent/_compiled.py (COMPILED), which checks them for staleness.
-COMPILED = ["agent/engine/run.py", "agent/state.py", "agent/workflow.py"]
+COMPILED = ["agent/engine/run.py", "agent/state.py", "agent/workflow.py", "agent/_amounts.py"]
 
 
 class OptionalBuildExt(build_ext):

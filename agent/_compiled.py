@@ -11,7 +11,7 @@ import importlib.machinery
 import importlib.util
 import os
 
-COMPILED = ("agent.engine.run", "agent.state", "agent.workflow")
+COMPILED = ("agent.engine.run", "agent.state", "agent.workflow", "agent._amounts")
 
 
 def compiled_path(module: str) -> str | None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _env, _validate
+from ._amounts import EPS as _EPS, fits as _fits, give_back as _give_back, take as _take
 from ._loops import fail_soon, grant_soon, locked
 from ._types import Priority, ResourceType
 from .devices import GPUAllocator, GPUDevice, GPUInventory, machine_inventory
@@ -129,7 +130,6 @@ class ResourceRequirements:
         return out
 
 
-_EPS = 1e-9
 _PRIORITY_BY_VALUE: tuple[Priority, ...] = tuple(sorted(Priority))
 # Scheduling order of the wait queues: most important first.
 _LEVELS: tuple[Priority, ...] = tuple(sorted(Priority, reverse=True))
@@ -421,20 +421,13 @@ class ResourcePool:
             state = owner
         if self.enable_quotas and self._quota_blocks(owner, state, level, amounts, queued=False):
             return False
-        available = self._available
         reserve = None
         if self._waiters:
             if self._blocked[level]:
                 return False
             reserve = self._reserve_at[level]
-        if reserve is None:
-            for rtype, amount in amounts.items():
-                if amount > available[rtype] + _EPS:
-                    return False
-        else:
-            for rtype, amount in amounts.items():
-                if amount > available[rtype] - reserve.get(rtype, 0.0) + _EPS:
-                    return False
+        if not _fits(amounts, self._available, reserve):
+            return False
         if self._gpus is not None and ResourceType.GPU in amounts and not self._gpus.fits(amounts[ResourceType.GPU]):
             return False
         self._take(owner, amounts, level, state)
@@ -455,12 +448,7 @@ class ResourcePool:
             if owner in self._waiters:
                 self.cancel(owner)
             return
-        held = self._clock() - holding.started
-        available, totals, area = self._available, self.totals, self._area
-        for rtype, amount in holding.amounts.items():
-            left = available[rtype] + amount
-            available[rtype] = left if left < totals[rtype] else totals[rtype]
-            area[rtype] += amount * held
+        _give_back(holding.amounts, self._available, self.totals, self._area, self._clock() - holding.started)
         if holding.devices:
             self._gpus.release(owner)  # type: ignore[union-attr]
         if self._evicting:
@@ -481,15 +469,9 @@ class ResourcePool:
             self._settle()
 
     def _take(self, owner: str, amounts: dict[ResourceType, float], level: Priority, state: str) -> None:
-        now = self._clock()
-        available, lowest = self._available, self._lowest
-        for rtype, amount in amounts.items():
-            left = available[rtype] - amount
-            available[rtype] = left
-            if left < lowest[rtype]:
-                lowest[rtype] = left
+        _take(amounts, self._available, self._lowest)
         self._seq += 1
-        holding = self._holders[owner] = _Holding(owner, amounts, level, state, now, self._seq)
+        holding = self._holders[owner] = _Holding(owner, amounts, level, state, self._clock(), self._seq)
         if self._gpus is not None and ResourceType.GPU in amounts:
             holding.devices = self._gpus.allocate(owner, amounts[ResourceType.GPU]) or []
         self._granted += 1
