@@ -2,9 +2,9 @@
 
 What a run does per state (its bookkeeping in ``agent/engine/run.py``, each state's
 ``StateSpec`` and ``StateMetadata``, the pool's arithmetic in ``agent/_amounts.py``) runs
-about 1.5x faster compiled. The compiled
-modules are the same source, checked by mypy; without a C compiler, or with
-``AGENT_PURE_PYTHON=1``, the package installs as pure Python and behaves the same.
+about 1.5x faster compiled. The compiled modules are the same source, checked by mypy;
+without a C compiler, or with ``AGENT_PURE_PYTHON=1``, the package installs as pure
+Python and behaves the same.
 An editable install puts the compiled modules beside their sources: after editing one of
 them, install again (``scripts/install.sh``), or the old compiled one keeps running
 (the test suite refuses to start then).
