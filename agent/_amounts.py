@@ -15,13 +15,9 @@ EPS: Final = 1e-9
 
 def fits(amounts: dict[Any, float], available: dict[Any, float], reserve: dict[Any, float] | None) -> bool:
     """Whether every amount fits in what is available, less what ``reserve`` sets aside."""
-    if reserve is None:
-        for rtype, amount in amounts.items():
-            if amount > available[rtype] + EPS:
-                return False
-        return True
     for rtype, amount in amounts.items():
-        if amount > available[rtype] - reserve.get(rtype, 0.0) + EPS:
+        room = available[rtype] if reserve is None else available[rtype] - reserve.get(rtype, 0.0)
+        if amount > room + EPS:
             return False
     return True
 

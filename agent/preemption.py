@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 from itertools import combinations
 
-_EPS = 1e-9
+from ._amounts import EPS as _EPS  # the pool's slack for float rounding
 
 
 @dataclass(frozen=True)

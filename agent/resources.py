@@ -621,12 +621,7 @@ class ResourcePool:
                     if self._priority_quotas.breach(level, amounts) is not None:
                         blocked = True
                         break
-                fits = True
-                for rtype, amount in amounts.items():
-                    room = available[rtype] - (reserve.get(rtype, 0.0) if reserve else 0.0)
-                    if amount > room + _EPS:
-                        fits = False
-                        break
+                fits = _fits(amounts, available, reserve or None)
                 if fits and self._gpus is not None and ResourceType.GPU in amounts:
                     fits = self._gpus.fits(amounts[ResourceType.GPU])
                 if fits:
