@@ -17,7 +17,10 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 # Keep in step with agent/_compiled.py (COMPILED), which checks them for staleness.
-COMPILED = ["agent/engine/run.py", "agent/state.py", "agent/workflow.py", "agent/_amounts.py"]
+COMPILED = [
+    "agent/engine/run.py", "agent/engine/admission.py", "agent/state.py", "agent/workflow.py", "agent/_amounts.py",
+    "agent/_ledger.py",
+]
 
 
 class OptionalBuildExt(build_ext):

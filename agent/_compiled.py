@@ -11,7 +11,9 @@ import importlib.machinery
 import importlib.util
 import os
 
-COMPILED = ("agent.engine.run", "agent.state", "agent.workflow", "agent._amounts")
+COMPILED = (
+    "agent.engine.run", "agent.engine.admission", "agent.state", "agent.workflow", "agent._amounts", "agent._ledger",
+)
 
 
 def compiled_path(module: str) -> str | None:

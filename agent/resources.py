@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _env, _validate
-from ._amounts import EPS as _EPS, fits as _fits, give_back as _give_back, take as _take
+from ._amounts import EPS as _EPS, amounts_of as _amounts_of, fits as _fits
+from ._ledger import ASK_POOL, Holding, Ledger
 from ._loops import fail_soon, grant_soon, locked
 from ._types import Priority, ResourceType
 from .devices import GPUAllocator, GPUDevice, GPUInventory, machine_inventory
@@ -102,32 +103,7 @@ class ResourceRequirements:
 
     def amounts(self) -> dict[ResourceType, float]:
         """The accounted amount per resource type (only the types in ``resource_types``)."""
-        types = self.resource_types
-        if types is _ALL_TYPES:  # the common case, without Flag membership tests (hot path)
-            out = {}
-            if self.cpu_units:
-                out[_CPU] = float(self.cpu_units)
-            if self.memory_mb:
-                out[_MEMORY] = float(self.memory_mb)
-            if self.io_weight:
-                out[_IO] = float(self.io_weight)
-            if self.network_weight:
-                out[_NETWORK] = float(self.network_weight)
-            if self.gpu_units:
-                out[_GPU] = float(self.gpu_units)
-            return out
-        out = {}
-        if ResourceType.CPU in types and self.cpu_units:
-            out[ResourceType.CPU] = float(self.cpu_units)
-        if ResourceType.MEMORY in types and self.memory_mb:
-            out[ResourceType.MEMORY] = float(self.memory_mb)
-        if ResourceType.IO in types and self.io_weight:
-            out[ResourceType.IO] = float(self.io_weight)
-        if ResourceType.NETWORK in types and self.network_weight:
-            out[ResourceType.NETWORK] = float(self.network_weight)
-        if ResourceType.GPU in types and self.gpu_units:
-            out[ResourceType.GPU] = float(self.gpu_units)
-        return out
+        return _amounts_of(self)
 
 
 _PRIORITY_BY_VALUE: tuple[Priority, ...] = tuple(sorted(Priority))
@@ -234,29 +210,6 @@ class _Waiter:
         self.parked = False
 
 
-class _Holding:
-    """What one owner holds (``devices``: the GPUs assigned to it, when the pool has any)."""
-
-    __slots__ = ("owner", "amounts", "priority", "state", "started", "seq", "devices")
-
-    def __init__(
-        self,
-        owner: str,
-        amounts: dict[ResourceType, float],
-        priority: Priority,
-        state: str,
-        started: float,
-        seq: int,
-    ) -> None:
-        self.owner = owner
-        self.amounts = amounts
-        self.priority = priority
-        self.state = state
-        self.started = started
-        self.seq = seq
-        self.devices: list[GPUDevice] = []
-
-
 class ResourcePool:
     """Totals of CPU, memory, IO, network and GPU that states draw from.
 
@@ -325,24 +278,25 @@ class ResourcePool:
         )
         self._gpu_reason = inventory.unavailable_reason
         self.enable_preemption = enable_preemption
-        self.enable_quotas = enable_quotas
         self._clock = clock
         self._policy = preemption_policy or PreemptionPolicy()
-        self._available = dict(totals)
-        # Usage statistics, kept cheaply on the hot path: what is allocated now is
-        # totals - available; the peak is what the lowest availability left; the
-        # time-integrated allocation (for the average) gains each holding's
-        # amount x duration at its release, the current holdings' at the reading.
+        # The books (:mod:`agent._ledger`), whose dictionaries the pool shares. Usage
+        # statistics are kept cheaply on the hot path: what is allocated now is totals -
+        # available; the peak is what the lowest availability left; the time-integrated
+        # allocation (for the average) gains each holding's amount x duration at its
+        # release, the current holdings' at the reading.
+        ledger = self._ledger = Ledger(totals, clock, _PRIORITY_BY_VALUE, ResourceType.GPU, self._gpus is not None,
+                                       enable_quotas)
         self._since = clock()
-        self._lowest = dict(totals)
-        self._area = dict.fromkeys(totals, 0.0)
-        self._holders: dict[str, _Holding] = {}
-        self._seq = 0
+        self._available: dict[ResourceType, float] = ledger.available
+        self._lowest: dict[ResourceType, float] = ledger.lowest
+        self._area: dict[ResourceType, float] = ledger.area
+        self._holders: dict[str, Holding] = ledger.holders
         # The wait queue: one heap per priority of (rank, waiter); cancelled entries
         # stay until they reach the top. _blocked / _reserve_at cache, per level, the
         # last settling pass: whether the level's head is stuck, and what the stuck
         # heads of higher levels set aside.
-        self._waiters: dict[str, _Waiter] = {}
+        self._waiters: dict[str, _Waiter] = ledger.waiters
         self._queues: list[list[tuple[tuple[int, int], int, _Waiter]]] = [[] for _ in Priority]
         self._blocked: list[bool] = [False for _ in Priority]
         self._reserve_at: list[dict[ResourceType, float] | None] = [None for _ in Priority]
@@ -353,15 +307,23 @@ class ResourcePool:
         self._state_quotas = QuotaBook()
         self._priority_quotas = QuotaBook()
         # Preemption in progress: victim -> requester, requester -> what it needs.
-        self._evicting: dict[str, str] = {}
-        self._claims: dict[str, dict[ResourceType, float]] = {}
+        self._evicting: dict[str, str] = ledger.evicting
+        self._claims: dict[str, dict[ResourceType, float]] = ledger.claims
         # Measured use: owner -> (cpu_seconds, peak memory MiB) of its current holding.
-        self._measured: dict[str, tuple[float, float]] = {}
+        self._measured: dict[str, tuple[float, float]] = ledger.measured
         self._cpu_seconds_done = 0.0
-        self._granted = 0
         self._rejected = 0
         self._preempted = 0
         self.lock = threading.RLock()
+
+    @property
+    def enable_quotas(self) -> bool:
+        """Whether quotas are enforced (``set_quota`` / ``set_priority_quota``)."""
+        return self._ledger.quotas
+
+    @enable_quotas.setter
+    def enable_quotas(self, value: bool) -> None:
+        self._ledger.quotas = _validate.flag(value, "ResourcePool.enable_quotas", error=ResourceRequestError)
 
     # --- admission ------------------------------------------------------------------
 
@@ -406,6 +368,9 @@ class ResourcePool:
 
     def _try_acquire(self, owner: str, requirements: ResourceRequirements, state: str | None,
                      priority: Priority | int | None) -> bool:
+        quick = self._ledger.try_take(owner, requirements, owner if state is None else state, priority)
+        if quick != ASK_POOL:
+            return bool(quick)
         if owner in self._holders:
             raise ResourceRequestError(f"{owner!r} already holds resources: release them first")
         if owner in self._waiters:
@@ -442,13 +407,15 @@ class ResourcePool:
             self._release(owner)
 
     def _release(self, owner: str) -> None:
+        if self._ledger.try_release(owner):
+            return
         holding = self._holders.pop(owner, None)
         if holding is None:
             self._claims.pop(owner, None)
             if owner in self._waiters:
                 self.cancel(owner)
             return
-        _give_back(holding.amounts, self._available, self.totals, self._area, self._clock() - holding.started)
+        self._ledger.give_back(holding)
         if holding.devices:
             self._gpus.release(owner)  # type: ignore[union-attr]
         if self._evicting:
@@ -469,14 +436,9 @@ class ResourcePool:
             self._settle()
 
     def _take(self, owner: str, amounts: dict[ResourceType, float], level: Priority, state: str) -> None:
-        _take(amounts, self._available, self._lowest)
-        self._seq += 1
-        holding = self._holders[owner] = _Holding(owner, amounts, level, state, self._clock(), self._seq)
+        holding = self._ledger.take(owner, amounts, level, state)
         if self._gpus is not None and ResourceType.GPU in amounts:
             holding.devices = self._gpus.allocate(owner, amounts[ResourceType.GPU]) or []
-        self._granted += 1
-        if self._claims:
-            self._claims.pop(owner, None)
         if self.enable_quotas:
             self._state_quotas.charge(state, amounts)
             self._priority_quotas.charge(level, amounts)
@@ -987,7 +949,7 @@ class ResourcePool:
             holders=len(self._holders),
             waiting=len(self._waiters),
             waiting_by_priority=by_level,
-            granted=self._granted,
+            granted=self._ledger.granted,
             rejected=self._rejected,
             preempted=self._preempted,
             evicting=len(self._evicting),

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from .._ledger import ASK_POOL, Ledger
 from .._loops import call_in
 from ..devices import assignment
 
@@ -32,35 +32,52 @@ if TYPE_CHECKING:
     from .run import Activation, Run
 
 
-@dataclass(slots=True)
-class Ticket:
-    """A request of one activation of one run, while it waits or holds."""
+class Admitter(Protocol):
+    """What a run asks of its pool's admission: :class:`Admission`, or agentd's
+    (:class:`agent.daemon.remote.RemoteAdmission`)."""
 
-    run: "Run"
-    act: "Activation"
-    loop: asyncio.AbstractEventLoop | None  # the run's: where its grant and eviction are handled
-    requesting: bool = False  # inside request(): a grant now is returned, not notified
-    granted_now: bool = False
+    def owner_for(self, state: str, run_id: str) -> str: ...
+    def request(self, run: "Run", act: "Activation", req: "ResourceRequirements") -> bool: ...
+    def release(self, owner: str, usage: dict[str, Any] | None = None) -> None: ...
+    def requeue(self, owner: str) -> None: ...
+    def assignment(self, owner: str) -> dict[str, list[Any]]: ...
+    def why_waiting(self, owner: str) -> str: ...
+    def preempt_for(self, act: "Activation", req: "ResourceRequirements") -> bool: ...
+
+
+class Ticket:
+    """A request of one activation of one run, while it waits or holds.
+
+    ``run`` and ``act`` are typed loosely: besides the engine's ``Run`` and
+    ``Activation``, agentd's sessions and their requests play them
+    (:mod:`agent.daemon.boxpool`), and compiled code would check them by class.
+    """
+
+    def __init__(self, run: Any, act: Any, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.run = run
+        self.act = act
+        self.loop = loop  # the run's: where its grant and eviction are handled
+        self.requesting = False  # inside request(): a grant now is returned, not notified
+        self.granted_now = False
 
 
 class Admission:
     """The engine's side of one pool's queue (see the module docstring)."""
 
-    __slots__ = ("pool", "tickets", "lock")
-
-    def __init__(self, pool: "ResourcePool") -> None:
-        self.pool = pool
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool  # a ResourcePool (typed loosely: compiled, its check would be by class)
+        self.ledger: Ledger = pool._ledger
         self.tickets: dict[str, Ticket] = {}
         self.lock: threading.RLock = pool.lock
 
     @staticmethod
-    def of(pool: "ResourcePool") -> "Admission":
+    def of(pool: "ResourcePool") -> Admitter:
         """The admission of ``pool`` (one per pool, made on first use).
 
         A pool admitted elsewhere brings its own (``make_admission``): agentd's
         (:class:`agent.daemon.remote.RemotePool`) sends requests to the box's queue.
         """
-        admission: Admission | None = getattr(pool, "_admission", None)
+        admission: Admitter | None = getattr(pool, "_admission", None)
         if admission is None:
             make = getattr(pool, "make_admission", None)
             admission = make() if make is not None else Admission(pool)
@@ -69,12 +86,12 @@ class Admission:
 
     def owner_for(self, state: str, run_id: str) -> str:
         """The pool key for ``state`` of run ``run_id``: the plain name unless another run uses it."""
-        pool = self.pool
-        if state not in self.tickets and state not in pool._holders and state not in pool._waiters:
+        ledger = self.ledger
+        if state not in self.tickets and state not in ledger.holders and state not in ledger.waiters:
             return state
         return f"{state}@{run_id[:12]}"
 
-    def request(self, run: "Run", act: "Activation", req: "ResourceRequirements") -> bool:
+    def request(self, run: Any, act: Any, req: Any) -> bool:
         """Queue ``act``'s request; True when it is granted at once.
 
         Otherwise ``run.on_grant(act)`` is called when the pool grants it. Raises what
@@ -86,7 +103,11 @@ class Admission:
         with self.lock:  # the pool's: its steps are taken here without taking it again
             self.tickets[owner] = ticket
             try:
-                if pool._try_acquire(owner, req, act.state, act.priority):
+                quick = self.ledger.try_take(owner, req, act.state, act.priority)
+                if quick != ASK_POOL:
+                    if quick:
+                        return True
+                elif pool._try_acquire(owner, req, act.state, act.priority):
                     return True
                 ticket.requesting = True
                 pool.enqueue(owner, req, act.priority, state=act.state, front=act.front, notify=self._granted)
@@ -132,7 +153,8 @@ class Admission:
                 return
             if usage:
                 self.pool.record_measured(owner, usage)
-            self.pool._release(owner)
+            if not self.ledger.try_release(owner):
+                self.pool._release(owner)
 
     def assignment(self, owner: str) -> dict[str, list[Any]]:
         """What the attempt carries to its executor: the GPUs granted to ``owner`` (empty when none)."""
@@ -143,7 +165,7 @@ class Admission:
         """The pool's reason why ``owner`` still waits."""
         return self.pool.waiting_reason(owner) or "resources"
 
-    def preempt_for(self, act: "Activation", req: "ResourceRequirements") -> bool:
+    def preempt_for(self, act: Any, req: Any) -> bool:
         """Evict strictly lower-priority holders of any run so that ``act`` fits; True when some were."""
         pool = self.pool
         if not pool.enable_preemption:

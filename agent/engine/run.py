@@ -55,7 +55,7 @@ from ..executor import Attempt, Isolation
 from ..scope import ScopedContext, scope_for
 from ..state import HISTORY_LIMIT, AttemptRecord, StateMetadata
 from ..status import AgentStatus, StateStatus
-from .admission import Admission
+from .admission import Admission, Admitter
 from ..workflow import cannot_suspend, uses_an_agent
 from .driver import Driver, Returned, exception_reason, inline_runner
 
@@ -257,7 +257,7 @@ class Run:
         self.unstarted: set[Any] = set()  # tasks of inline attempts whose first line has not run yet
         self._driver: Driver | None = None  # made when something must wait on the loop
         self._next_id = 1  # activations and groups
-        self._admission: Admission | None = None
+        self._admission: Admitter | None = None
         # The queues (see the module docstring). ``running`` is keyed by state: a state
         # never runs concurrently with itself within a run.
         # Ready activations, one FIFO per priority (index = Priority value, made on first
@@ -347,7 +347,7 @@ class Run:
                 self.log.exception("observer %r raised and was detached", observer)
 
     @property
-    def admission(self) -> Admission:
+    def admission(self) -> Admitter:
         if self._admission is None:
             self._admission = Admission.of(self.agent.resource_pool)
         return self._admission
