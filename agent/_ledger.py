@@ -26,7 +26,7 @@ GPUs are to be picked, the owner is already known, or the priority is not a plai
 class Holding:
     """What one owner holds (``devices``: the GPUs assigned to it, when the pool has any)."""
 
-    def __init__(self, owner: str, amounts: dict[Any, float], priority: Any, state: str, started: float,
+    def __init__(self, owner: Any, amounts: dict[Any, float], priority: Any, state: Any, started: float,
                  seq: int) -> None:
         self.owner = owner
         self.amounts = amounts
@@ -42,6 +42,8 @@ class Ledger:
 
     ``waiters``, ``claims``, ``evicting`` and ``measured`` are the pool's own dictionaries
     (it fills them); the ledger reads them only to know when the common case applies.
+    Owners and states are typed loosely: the pool takes any hashable key, and compiled
+    code would refuse what its annotation does not name.
     """
 
     def __init__(self, totals: dict[Any, float], clock: Callable[[], float], levels: tuple[Any, ...],
@@ -50,11 +52,11 @@ class Ledger:
         self.available = dict(totals)
         self.lowest = dict(totals)  # the lowest each type has been at (the peak allocation)
         self.area = dict.fromkeys(totals, 0.0)  # amount x seconds of finished holdings
-        self.holders: dict[str, Holding] = {}
-        self.waiters: dict[str, Any] = {}
-        self.claims: dict[str, Any] = {}
-        self.evicting: dict[str, str] = {}
-        self.measured: dict[str, Any] = {}
+        self.holders: dict[Any, Holding] = {}
+        self.waiters: dict[Any, Any] = {}
+        self.claims: dict[Any, Any] = {}
+        self.evicting: dict[Any, Any] = {}
+        self.measured: dict[Any, Any] = {}
         self.seq = 0
         self.granted = 0
         self.clock = clock
@@ -63,7 +65,7 @@ class Ledger:
         self.has_gpus = has_gpus  # devices to assign: a GPU request takes the pool's path
         self.quotas = quotas
 
-    def try_take(self, owner: str, requirements: Any, state: str, priority: Any) -> int:
+    def try_take(self, owner: Any, requirements: Any, state: Any, priority: Any) -> int:
         """Grant ``requirements`` to ``owner`` now if the common case applies (see :data:`ASK_POOL`)."""
         if self.quotas or self.waiters or owner in self.holders:
             return ASK_POOL
@@ -81,7 +83,7 @@ class Ledger:
         self.take(owner, amounts, level, state)
         return GRANTED
 
-    def take(self, owner: str, amounts: dict[Any, float], level: Any, state: str) -> Holding:
+    def take(self, owner: Any, amounts: dict[Any, float], level: Any, state: Any) -> Holding:
         """Book ``amounts`` as held by ``owner`` (the caller checked that they fit)."""
         take(amounts, self.available, self.lowest)
         self.seq += 1
@@ -92,7 +94,7 @@ class Ledger:
             self.claims.pop(owner, None)
         return holding
 
-    def try_release(self, owner: str) -> bool:
+    def try_release(self, owner: Any) -> bool:
         """Give back what ``owner`` holds if nothing else has to happen with it (nothing
         queued to settle, no quota to refund, no eviction, measure or GPU to account);
         False leaves it to the pool."""
