@@ -1,10 +1,11 @@
 """Build: the engine's hot modules are compiled to C with mypyc when this machine can.
 
 What a run does per state (its bookkeeping in ``agent/engine/run.py``, each state's
-``StateSpec`` and ``StateMetadata``, the pool's arithmetic in ``agent/_amounts.py``) runs
-about 1.5x faster compiled. The compiled modules are the same source, checked by mypy;
-without a C compiler, or with ``AGENT_PURE_PYTHON=1``, the package installs as pure
-Python and behaves the same.
+``StateSpec`` and ``StateMetadata``, each grant and release of resources in
+``agent/engine/admission.py`` and ``agent/_ledger.py``) runs about 1.5x faster
+compiled. The compiled modules are the same source, checked by mypy; without a C
+compiler, or with ``AGENT_PURE_PYTHON=1``, the package installs as pure Python and
+behaves the same.
 An editable install puts the compiled modules beside their sources: after editing one of
 them, install again (``scripts/install.sh``), or the old compiled one keeps running
 (the test suite refuses to start then).
@@ -18,8 +19,7 @@ from setuptools.command.build_ext import build_ext
 
 # Keep in step with agent/_compiled.py (COMPILED), which checks them for staleness.
 COMPILED = [
-    "agent/engine/run.py", "agent/engine/admission.py", "agent/state.py", "agent/workflow.py", "agent/_amounts.py",
-    "agent/_ledger.py",
+    "agent/engine/run.py", "agent/engine/admission.py", "agent/state.py", "agent/workflow.py", "agent/_ledger.py",
 ]
 
 

@@ -11,9 +11,7 @@ import importlib.machinery
 import importlib.util
 import os
 
-COMPILED = (
-    "agent.engine.run", "agent.engine.admission", "agent.state", "agent.workflow", "agent._amounts", "agent._ledger",
-)
+COMPILED = ("agent.engine.run", "agent.engine.admission", "agent.state", "agent.workflow", "agent._ledger")
 
 
 def compiled_path(module: str) -> str | None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 from itertools import combinations
 
-from ._amounts import EPS as _EPS  # the pool's slack for float rounding
+from ._ledger import EPS as _EPS  # the pool's slack for float rounding
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _env, _validate
-from ._amounts import EPS as _EPS, amounts_of as _amounts_of, fits as _fits
-from ._ledger import ASK_POOL, Holding, Ledger
+from ._ledger import ASK_POOL, EPS as _EPS, Holding, Ledger, amounts_of as _amounts_of
 from ._loops import fail_soon, grant_soon, locked
 from ._types import Priority, ResourceType
 from .devices import GPUAllocator, GPUDevice, GPUInventory, machine_inventory
@@ -285,12 +284,8 @@ class ResourcePool:
         # available; the peak is what the lowest availability left; the time-integrated
         # allocation (for the average) gains each holding's amount x duration at its
         # release, the current holdings' at the reading.
-        ledger = self._ledger = Ledger(totals, clock, _PRIORITY_BY_VALUE, ResourceType.GPU, self._gpus is not None,
-                                       enable_quotas)
+        ledger = self._ledger = Ledger(totals, clock, _PRIORITY_BY_VALUE, self._gpus is not None, enable_quotas)
         self._since = clock()
-        self._available: dict[ResourceType, float] = ledger.available
-        self._lowest: dict[ResourceType, float] = ledger.lowest
-        self._area: dict[ResourceType, float] = ledger.area
         self._holders: dict[str, Holding] = ledger.holders
         # The wait queue: one heap per priority of (rank, waiter); cancelled entries
         # stay until they reach the top. _blocked / _reserve_at cache, per level, the
@@ -315,6 +310,21 @@ class ResourcePool:
         self._rejected = 0
         self._preempted = 0
         self.lock = threading.RLock()
+
+    @property
+    def _available(self) -> dict[ResourceType, float]:
+        """What is free now, per resource type (a copy)."""
+        return self._ledger.free.as_dict()
+
+    @property
+    def _lowest(self) -> dict[ResourceType, float]:
+        """The least that has been free, per resource type (a copy)."""
+        return self._ledger.lowest.as_dict()
+
+    @property
+    def _area(self) -> dict[ResourceType, float]:
+        """Amount x seconds of the holdings that ended, per resource type (a copy)."""
+        return self._ledger.area.as_dict()
 
     @property
     def enable_quotas(self) -> bool:
@@ -391,7 +401,7 @@ class ResourcePool:
             if self._blocked[level]:
                 return False
             reserve = self._reserve_at[level]
-        if not _fits(amounts, self._available, reserve):
+        if not self._ledger.fits(amounts, reserve):
             return False
         if self._gpus is not None and ResourceType.GPU in amounts and not self._gpus.fits(amounts[ResourceType.GPU]):
             return False
@@ -556,7 +566,7 @@ class ResourcePool:
                 self._blocked[level] = False
                 self._reserve_at[level] = None
             return
-        available = self._available
+        ledger = self._ledger
         quotas = self.enable_quotas
         reserve: dict[ResourceType, float] | None = None
         for level in _LEVELS:
@@ -583,7 +593,7 @@ class ResourcePool:
                     if self._priority_quotas.breach(level, amounts) is not None:
                         blocked = True
                         break
-                fits = _fits(amounts, available, reserve or None)
+                fits = ledger.fits(amounts, reserve or None)
                 if fits and self._gpus is not None and ResourceType.GPU in amounts:
                     fits = self._gpus.fits(amounts[ResourceType.GPU])
                 if fits:
@@ -795,7 +805,7 @@ class ResourcePool:
             or self._priority_quotas.breach(level, need) is not None
         ):
             return None
-        free = dict(self._available)
+        free = self._available
         for victim in self._evicting:
             holding = self._holders.get(victim)
             if holding is not None:
@@ -864,7 +874,7 @@ class ResourcePool:
                 )
         reserve = self._reserve_at[level] or {}
         for rtype, amount in waiter.amounts.items():
-            free = self._available[rtype]
+            free = self._ledger.free.get(rtype)
             if amount > free - reserve.get(rtype, 0.0) + _EPS:
                 text = f"needs {amount:g} {describe(rtype)}, {free:g} free"
                 if reserve.get(rtype):
@@ -904,18 +914,18 @@ class ResourcePool:
         measured: dict[ResourceType, float | None] = {rtype: None for rtype in self.totals}
         measured[ResourceType.CPU] = self._cpu_seconds_done + sum(c for c, _ in self._measured.values())
         measured[ResourceType.MEMORY] = sum(m for _, m in self._measured.values())
-        area = dict(self._area)
+        area, available, lowest = self._area, self._available, self._lowest
         for holding in self._holders.values():
             for rtype, amount in holding.amounts.items():
                 area[rtype] += amount * (now - holding.started)
         span = now - self._since
         out = {}
         for rtype, total in self.totals.items():
-            current = _allocated(total, self._available[rtype])
+            current = _allocated(total, available[rtype])
             out[rtype] = ResourceUsage(
                 total=total,
                 current_usage=current,
-                peak_usage=_allocated(total, self._lowest[rtype]),
+                peak_usage=_allocated(total, lowest[rtype]),
                 average_usage=area[rtype] / span if span > 0 else current,
                 measured_usage=measured[rtype],
             )
@@ -941,11 +951,12 @@ class ResourcePool:
     @locked
     def statistics(self) -> PoolStatistics:
         by_level = {level: 0 for level in Priority}
+        available = self._available
         for waiter in self._waiters.values():
             by_level[waiter.priority] += 1
         return PoolStatistics(
             totals=dict(self.totals),
-            allocated={r: self.totals[r] - self._available[r] for r in self.totals},
+            allocated={r: self.totals[r] - available[r] for r in self.totals},
             holders=len(self._holders),
             waiting=len(self._waiters),
             waiting_by_priority=by_level,
@@ -956,10 +967,11 @@ class ResourcePool:
         )
 
     def available(self, rtype: ResourceType) -> float:
-        return self._available[rtype]
+        return self._ledger.free.get(rtype)
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{r.name}={self._available[r]:g}/{t:g}" for r, t in self.totals.items())
+        available = self._available
+        parts = ", ".join(f"{r.name}={available[r]:g}/{t:g}" for r, t in self.totals.items())
         return f"ResourcePool({parts}, holders={len(self._holders)}, queued={len(self._waiters)})"
 
 

@@ -17,6 +17,7 @@ fit, is refused).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -58,6 +59,7 @@ class Session:
         self.job_priority = job_priority
         self.send = send
         self.on_devices = on_devices
+        self.loop: asyncio.AbstractEventLoop | None = None  # agentd's, once Admission asked
         self.requests: dict[int, _Request] = {}
         self.closed = False
 

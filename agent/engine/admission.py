@@ -50,7 +50,10 @@ class Ticket:
 
     ``run`` and ``act`` are typed loosely: besides the engine's ``Run`` and
     ``Activation``, agentd's sessions and their requests play them
-    (:mod:`agent.daemon.boxpool`), and compiled code would check them by class.
+    (:mod:`agent.daemon.boxpool`), and compiled code would check them by class. A run
+    has ``on_grant(act)``, ``preempt(act)`` and ``loop`` (None until its first request
+    notes the event loop it runs on); an activation ``owner``, ``state``, ``priority``
+    (an int) and ``front``.
     """
 
     def __init__(self, run: Any, act: Any, loop: asyncio.AbstractEventLoop | None) -> None:
@@ -99,7 +102,10 @@ class Admission:
         """
         owner = act.owner
         pool = self.pool
-        ticket = Ticket(run, act, asyncio._get_running_loop())
+        loop = run.loop  # asking asyncio costs a system call (its check of the process id)
+        if loop is None:
+            loop = run.loop = asyncio._get_running_loop()
+        ticket = Ticket(run, act, loop)
         with self.lock:  # the pool's: its steps are taken here without taking it again
             self.tickets[owner] = ticket
             try:

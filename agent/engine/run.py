@@ -190,6 +190,7 @@ class Run:
         "_driver",
         "_next_id",
         "_admission",
+        "loop",
         "ready",
         "n_ready",
         "granted",
@@ -258,6 +259,7 @@ class Run:
         self._driver: Driver | None = None  # made when something must wait on the loop
         self._next_id = 1  # activations and groups
         self._admission: Admitter | None = None
+        self.loop: Any = None  # the event loop it runs on, once admission asked (agent.engine.admission)
         # The queues (see the module docstring). ``running`` is keyed by state: a state
         # never runs concurrently with itself within a run.
         # Ready activations, one FIFO per priority (index = Priority value, made on first

@@ -7,6 +7,7 @@ the grants they are woken with (what an engine run does in ``on_grant``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -37,6 +38,7 @@ class FakeRun:
     run_id: str
     granted: list[FakeAct] = field(default_factory=list)
     evicted: list[FakeAct] = field(default_factory=list)
+    loop: Any = None  # its event loop, which Admission notes at the first request
 
     def on_grant(self, act: FakeAct) -> None:
         self.granted.append(act)

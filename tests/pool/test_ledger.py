@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from agent._ledger import ASK_POOL, GRANTED, NO_ROOM
+from agent._ledger import ASK_POOL, EPS, GRANTED, NO_ROOM, Ledger
 from agent.devices import GPUDevice, StaticInventory
 from agent.errors import ResourceRequestError
 from agent.resources import Priority, ResourcePool, ResourceRequirements, ResourceType
 
-CPU = ResourceType.CPU
+CPU, MEMORY, GPU = ResourceType.CPU, ResourceType.MEMORY, ResourceType.GPU
+TOTALS = {CPU: 4.0, MEMORY: 1024.0, ResourceType.IO: 10.0, ResourceType.NETWORK: 10.0, GPU: 0.0}
 
 
 def cpu(units: float, priority: Priority = Priority.NORMAL, gpu: float = 0.0) -> ResourceRequirements:
@@ -20,6 +21,57 @@ def cpu(units: float, priority: Priority = Priority.NORMAL, gpu: float = 0.0) ->
 
 def pool(**options: object) -> ResourcePool:
     return ResourcePool(total_cpu=4, total_memory=1000, total_gpu=0, **options)  # type: ignore[arg-type]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ledger(clock: Clock) -> Ledger:
+    return Ledger(dict(TOTALS), clock, tuple(Priority), has_gpus=False, quotas=False)
+
+
+def test_fits_within_what_is_free_less_what_is_set_aside():
+    books = ledger(Clock())
+    books.take("a", {CPU: 2.0, MEMORY: 512.0}, Priority.NORMAL, "a")
+    assert books.fits({CPU: 2.0, MEMORY: 512.0}, None)
+    assert books.fits({CPU: 2.0 + EPS / 2}, None)  # rounding slack
+    assert not books.fits({CPU: 2.1}, None)
+    assert not books.fits({CPU: 1.0, MEMORY: 513.0}, None)
+    assert books.fits({CPU: 1.5}, {CPU: 0.5})
+    assert not books.fits({CPU: 1.6}, {CPU: 0.5})
+    assert books.fits({MEMORY: 512.0}, {CPU: 2.0})  # a reserve of another type does not count
+    assert books.fits({}, None)
+
+
+def test_grants_and_releases_keep_the_books():
+    clock = Clock()
+    books = ledger(clock)
+    books.take("a", {CPU: 3.0, MEMORY: 100.0}, Priority.NORMAL, "a")
+    assert books.try_take("b", cpu(0.5), "b", None) == GRANTED
+    assert books.free.as_dict() == {**TOTALS, CPU: 0.5, MEMORY: 924.0}
+    assert books.lowest.as_dict() == books.free.as_dict()
+    assert books.holders["a"].amounts == {CPU: 3.0, MEMORY: 100.0}
+    assert books.holders["b"].amounts == {CPU: 0.5}  # only the types it holds some of
+    clock.now = 2.0
+    assert books.try_release("a")
+    assert books.free.as_dict() == {**TOTALS, CPU: 3.5}
+    assert books.area.as_dict() == {**dict.fromkeys(TOTALS, 0.0), CPU: 6.0, MEMORY: 200.0}  # amount x seconds
+    assert books.lowest.as_dict() == {**TOTALS, CPU: 0.5, MEMORY: 924.0}  # the low-water mark stays
+    assert not books.try_release("a")  # held nothing any more: the pool decides
+    assert (books.seq, books.granted) == (2, 2)
+
+
+def test_a_release_never_frees_more_than_the_total():
+    books = ledger(Clock())
+    holding = books.take("a", {CPU: 1.0}, Priority.NORMAL, "a")
+    books.give_back(holding)
+    books.give_back(holding)  # once too often
+    assert books.free.cpu == 4.0
 
 
 def test_quick_grant_and_release_keep_the_same_books_as_the_pool():
