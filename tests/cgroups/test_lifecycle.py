@@ -140,6 +140,26 @@ class TestStaleReaping:
         assert child.wait().signal == signal.SIGKILL
         assert not [d for d in dirs if os.path.exists(os.path.dirname(d))]
 
+    def test_a_cgroup_removed_while_its_pids_are_read_has_none(self, private_root, monkeypatch):
+        # Two supervisors reaping the same dead one's tree: the other removes a cgroup
+        # between this one's open and read of its cgroup.procs, and the kernel answers ENODEV.
+        from agent.supervisor.cgroups import base
+
+        root, tops = private_root
+
+        def read_as_it_is_removed(path: str) -> str:
+            doomed = f"{tops[0]}/doomed"
+            os.makedirs(doomed)
+            with open(f"{doomed}/cgroup.procs") as procs:
+                os.rmdir(doomed)
+                return procs.read()
+
+        with pytest.raises(OSError) as dead:
+            read_as_it_is_removed("")
+        assert dead.value.errno == errno.ENODEV
+        monkeypatch.setattr(base, "read", read_as_it_is_removed)
+        assert base.read_pids(f"{tops[0]}/whatever/cgroup.procs") == []
+
     def test_a_live_supervisors_cgroups_are_left_alone(self, private_root):
         root, tops = private_root
         dirs = _fake_attempt_dirs(tops, SupervisorName.mine())  # same pid and start, another token

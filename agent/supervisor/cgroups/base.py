@@ -288,10 +288,14 @@ class OpenFiles:
 
 
 def read_pids(procs_file: str) -> list[int]:
+    """The pids in a ``cgroup.procs`` file; none when its cgroup is gone, even while it is
+    being read (the kernel then answers ``ENODEV``: another supervisor reaping it)."""
     try:
         return [int(line) for line in read(procs_file).split()]
-    except FileNotFoundError:
-        return []
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENODEV):
+            return []
+        raise
 
 
 def kill_pids(pids: list[int]) -> None:
