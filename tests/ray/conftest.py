@@ -72,8 +72,8 @@ def no_orphan_processes() -> Iterator[None]:
             continue
         try:
             cmd = " ".join(proc.cmdline())
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
+            if proc.status() == psutil.STATUS_ZOMBIE or not cmd:
+                continue  # exiting: no command line means its memory is gone already
         except psutil.Error:
             continue
         if "agent.runtime" in cmd and "zygote" in cmd:
