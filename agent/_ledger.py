@@ -42,27 +42,20 @@ _NETWORK: Final = ResourceType.NETWORK
 _GPU: Final = ResourceType.GPU
 
 
+_FIELDS: Final = (("cpu_units", _CPU), ("memory_mb", _MEMORY), ("io_weight", _IO), ("network_weight", _NETWORK),
+                  ("gpu_units", _GPU))
+
+
 def amounts_of(requirements: Any) -> dict[Any, float]:
     """The accounted amount per resource type of a request (only the types in its
     ``resource_types``, and only those it asks for)."""
     types = requirements.resource_types
     every = types is _ALL  # the common case, without Flag membership tests
     out: dict[Any, float] = {}
-    value = requirements.cpu_units
-    if value and (every or _CPU in types):
-        out[_CPU] = float(value)
-    value = requirements.memory_mb
-    if value and (every or _MEMORY in types):
-        out[_MEMORY] = float(value)
-    value = requirements.io_weight
-    if value and (every or _IO in types):
-        out[_IO] = float(value)
-    value = requirements.network_weight
-    if value and (every or _NETWORK in types):
-        out[_NETWORK] = float(value)
-    value = requirements.gpu_units
-    if value and (every or _GPU in types):
-        out[_GPU] = float(value)
+    for name, rtype in _FIELDS:
+        value = getattr(requirements, name)
+        if value and (every or rtype in types):
+            out[rtype] = float(value)
     return out
 
 
@@ -116,18 +109,7 @@ class Holding:
         """What it holds per resource type (only the types it holds some of)."""
         amounts = self._amounts
         if amounts is None:
-            held = self.held
-            amounts = {}
-            if held.cpu:
-                amounts[_CPU] = held.cpu
-            if held.memory:
-                amounts[_MEMORY] = held.memory
-            if held.io:
-                amounts[_IO] = held.io
-            if held.network:
-                amounts[_NETWORK] = held.network
-            if held.gpu:
-                amounts[_GPU] = held.gpu
+            amounts = {rtype: amount for rtype, amount in self.held.as_dict().items() if amount}
             self._amounts = amounts
         return amounts
 
