@@ -14,7 +14,7 @@ import pytest
 
 from .helpers import Agentd, User, processes_of, wait_until
 
-USERS = (("agtest-ann", 3161), ("agtest-bob", 3162))
+USERS = ("ann", "bob")
 USERS_GROUP = 100  # "users" on Debian
 
 
@@ -30,19 +30,19 @@ def _can_run() -> str | None:
 
 @pytest.fixture(scope="session")
 def users() -> Iterator[tuple[User, User]]:
-    """Two users made for the session (uids 3161, 3162) and removed afterwards."""
+    """Two users made for the session and removed afterwards. Their names are the session's
+    own (``agt<pid>-ann``), and the system picks their uids: another test session on the
+    machine has its own two, which this one never removes."""
     reason = _can_run()
     if reason:
         pytest.skip(reason)
-    made = []
-    for name, uid in USERS:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(["useradd", "-M", "-N", "-u", str(uid), "-g", str(USERS_GROUP), "-d", "/nonexistent",
-                            "-s", "/usr/sbin/nologin", name], check=True)
-        made.append(User(name, uid, USERS_GROUP))
+    made: list[User] = []
     try:
+        for short in USERS:
+            name = f"agt{os.getpid()}-{short}"
+            subprocess.run(["useradd", "-M", "-N", "-g", str(USERS_GROUP), "-d", "/nonexistent",
+                            "-s", "/usr/sbin/nologin", name], check=True)
+            made.append(User(name, pwd.getpwnam(name).pw_uid, USERS_GROUP))
         yield made[0], made[1]
     finally:
         for user in made:
