@@ -7,8 +7,8 @@ queued, no quotas, no GPU devices to pick) and answers "ask the pool" otherwise;
 preemption, GPU devices).
 
 Compiled (setup.py), the books are plain floats, one per resource type: a grant and its
-release touch no dictionary and allocate no number. (Over dictionaries of boxed floats,
-a grant and release of a plain request cost about 1.5 µs; this way, about a tenth.)
+release touch no dictionary and allocate no number (a plain request's grant and release:
+about 0.6 µs, against 2.6 over dictionaries of boxed floats).
 Amounts reach the rest of the pool as dictionaries (resource type -> amount, only the
 types a request counts), made when asked for. Requests, owners and states are typed
 loosely: ``ResourceRequirements`` stays interpreted (a wrong value gets the project's
@@ -123,7 +123,6 @@ class Ledger:
 
     def __init__(self, totals: dict[Any, float], clock: Callable[[], float], levels: tuple[Any, ...],
                  has_gpus: bool, quotas: bool) -> None:
-        self.totals = totals
         self.total = Amounts.of(totals)
         self.free = Amounts.of(totals)
         self.lowest = Amounts.of(totals)  # the lowest each type has been at (the peak allocation)

@@ -381,6 +381,11 @@ class ResourcePool:
         quick = self._ledger.try_take(owner, requirements, owner if state is None else state, priority)
         if quick != ASK_POOL:
             return bool(quick)
+        return self._acquire_by_policy(owner, requirements, state, priority)
+
+    def _acquire_by_policy(self, owner: str, requirements: ResourceRequirements, state: str | None,
+                           priority: Priority | int | None) -> bool:
+        """``try_acquire`` for what the ledger's common case does not cover (``ASK_POOL``)."""
         if owner in self._holders:
             raise ResourceRequestError(f"{owner!r} already holds resources: release them first")
         if owner in self._waiters:
@@ -417,8 +422,11 @@ class ResourcePool:
             self._release(owner)
 
     def _release(self, owner: str) -> None:
-        if self._ledger.try_release(owner):
-            return
+        if not self._ledger.try_release(owner):
+            self._release_by_policy(owner)
+
+    def _release_by_policy(self, owner: str) -> None:
+        """``release`` for what the ledger's common case does not cover."""
         holding = self._holders.pop(owner, None)
         if holding is None:
             self._claims.pop(owner, None)

@@ -113,7 +113,7 @@ class Admission:
                 if quick != ASK_POOL:
                     if quick:
                         return True
-                elif pool._try_acquire(owner, req, act.state, act.priority):
+                elif pool._acquire_by_policy(owner, req, act.state, act.priority):
                     return True
                 ticket.requesting = True
                 pool.enqueue(owner, req, act.priority, state=act.state, front=act.front, notify=self._granted)
@@ -160,7 +160,7 @@ class Admission:
             if usage:
                 self.pool.record_measured(owner, usage)
             if not self.ledger.try_release(owner):
-                self.pool._release(owner)
+                self.pool._release_by_policy(owner)
 
     def assignment(self, owner: str) -> dict[str, list[Any]]:
         """What the attempt carries to its executor: the GPUs granted to ``owner`` (empty when none)."""
