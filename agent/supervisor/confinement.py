@@ -40,6 +40,12 @@ from .gpus import device_rules, machine_gpu_minors, pinning_env
 
 _log = logging.getLogger("agent.supervisor")
 
+Reading = tuple[dict[str, Any], LimitEvents]
+"""A cgroup's usage and limit events read at one moment (:meth:`CgroupHandle.reading`)."""
+
+_COUNTERS = ("cpu_seconds", "nr_throttled", "throttled_seconds", "io_read_bytes", "io_write_bytes")
+_EVENTS = tuple(f.name for f in fields(LimitEvents))
+
 
 def _asks_io_rates(attempt: Attempt) -> bool:
     req = attempt.resources
@@ -82,7 +88,7 @@ class Confinement:
         self.reaped = False
         # Runs the removal of a cgroup whose processes are all reaped, off the event loop.
         self.remove_later: Callable[[Callable[[], None]], None] | None = None
-        self.parked_pid: int | None = None  # the parked child already in this cgroup
+        self._start: Reading | None = None  # the counters when the attempt started (count_from_now)
 
     @property
     def limits(self) -> CgroupLimits | None:
@@ -98,9 +104,19 @@ class Confinement:
         if self.handle is not None and not self.handle.procs_files:
             self.handle.attach(pid)
 
+    def count_from_now(self) -> None:
+        """The attempt starts now, in the cgroup of a parked child that warmed up there: its
+        figures count from here (the child is handed its spec next), its peak memory
+        restarted where the kernel can (cgroup v1, the no-cgroup watchdog). One read, on the
+        launch's path: a parked child hits no limit, is throttled by no quota and does no
+        block IO, so only its CPU time is counted from a starting point."""
+        if self.handle is not None and not self._closed:
+            restart_peak(self.handle)
+            self._start = ({"cpu_seconds": self.handle.cpu_seconds()}, LimitEvents())
+
     def _refresh(self) -> None:
         if self.handle is not None and not self._closed:
-            self._usage, self._events = self.handle.reading()
+            self._usage, self._events = since(self.handle.reading(), self._start)
 
     def usage(self) -> dict[str, Any]:
         """Measured use of the attempt so far (cpu_seconds, peak_memory_bytes, io bytes, ...)."""
@@ -206,14 +222,6 @@ class Confinement:
                 self._release()
 
 
-_COUNTERS = ("cpu_seconds", "nr_throttled", "throttled_seconds", "io_read_bytes", "io_write_bytes")
-_EVENTS = tuple(f.name for f in fields(LimitEvents))
-
-
-Reading = tuple[dict[str, Any], LimitEvents]
-"""A cgroup's usage and limit events read at one moment (:meth:`CgroupHandle.reading`)."""
-
-
 class SharedConfinement(Confinement):
     """One attempt's share of a confinement that outlives it (a worker's cgroup).
 
@@ -234,7 +242,7 @@ class SharedConfinement(Confinement):
         if baseline is None and owner.handle is not None:
             restart_peak(owner.handle)
             baseline = owner.handle.reading()
-        self._start: Reading = baseline or ({}, LimitEvents())
+        self._start = baseline
 
     def started(self, pid: int) -> None:
         return None  # the owner's process is followed already
@@ -243,13 +251,7 @@ class SharedConfinement(Confinement):
         if self.handle is None or self._ended:
             return
         self.final = now = self.handle.reading()
-        usage, start = dict(now[0]), self._start[0]
-        for key in _COUNTERS:
-            if key in usage:
-                usage[key] -= start.get(key, 0)
-        self._usage = usage
-        events, before = now[1], self._start[1]
-        self._events = LimitEvents(*(getattr(events, f) - getattr(before, f) for f in _EVENTS))
+        self._usage, self._events = since(now, self._start)
 
     def end(self) -> None:
         """The attempt is over: keep what it used, whatever the owner does next."""
@@ -261,6 +263,19 @@ class SharedConfinement(Confinement):
 
     def close(self) -> None:
         self._closed = True
+
+
+def since(now: Reading, start: Reading | None) -> Reading:
+    """What the counters and limit events of ``now`` add up to since ``start`` (None: all of
+    them); the rest of the usage (peaks) as read ``now``."""
+    if start is None:
+        return now
+    usage, before = dict(now[0]), start[0]
+    for key in _COUNTERS:
+        if key in usage:
+            usage[key] -= before.get(key, 0)
+    events, earlier = now[1], start[1]
+    return usage, LimitEvents(*(getattr(events, f) - getattr(earlier, f) for f in _EVENTS))
 
 
 def restart_peak(handle: CgroupHandle) -> None:
@@ -414,7 +429,8 @@ class Confiner:
             child_spec["sandbox"] = lease.spec(devices=devices, **({"nproc": nproc} if nproc else {}))
         confinement = Confinement(child_spec, handle, self.backend_name)
         confinement.remove_later = self.background
-        confinement.parked_pid = parked.pid if parked is not None else None
+        if parked is not None:
+            confinement.count_from_now()  # what the child did while parked (its warm-up) is not the attempt's
         if sandboxed:
             confinement._release = lambda: pool.release(lease.owner, contained=confinement.reaped)
         return confinement

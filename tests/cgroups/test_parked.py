@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from agent.supervisor.parked import ParkedChildren
+from agent.supervisor.parked import Parked, ParkedChildren
 
-from .helpers import needs_cgroups
+from .helpers import BACKEND, make_attempt, needs_cgroups
 
 pytestmark = [pytest.mark.cgroup, needs_cgroups]
 
@@ -49,6 +49,56 @@ def test_files_opened_at_park_read_what_the_child_spends_after(confiner) -> None
         child.wait()
         if handle is not None:
             handle.remove()
+
+
+# Warms up (0.3 s of CPU and a 256 MiB peak) before its launch, then works (0.2 s, little
+# memory): each phase waits for a line and says when it is done.
+_WARM_THEN_WORK = """
+import sys, time
+def burn(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+sys.stdin.readline()
+block = bytearray(256 * 1024 * 1024)
+block[::4096] = b"x" * len(block[::4096])
+del block
+burn(0.3)
+print("warm", flush=True)
+sys.stdin.readline()
+burn(0.2)
+print("worked", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_an_attempt_in_a_parked_childs_cgroup_counts_from_its_launch(confiner) -> None:
+    # A parked child warms up in its cgroup before any launch takes it: what it spent then
+    # is not the attempt's (its figures count from the launch's prepare).
+    child = subprocess.Popen([sys.executable, "-c", _WARM_THEN_WORK], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    confinement = None
+    try:
+        handle = confiner.park(child.pid)
+        assert handle is not None and child.stdin is not None and child.stdout is not None
+        child.stdin.write("warm up\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "warm\n"
+        assert handle.usage()["cpu_seconds"] >= 0.3  # the cgroup saw the warm-up
+        confinement = confiner.prepare(make_attempt(), parked=Parked(child.pid, handle))
+        child.stdin.write("work\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "worked\n"
+        usage = confinement.usage()
+        assert 0.2 <= usage["cpu_seconds"] < 0.3
+        if BACKEND == "v1":  # v2 cannot restart a peak: memory.peak counts from the cgroup's start
+            assert usage["peak_memory_bytes"] < 128 * 1024 * 1024
+        assert confinement.limit_events() == type(confinement.limit_events())()  # none since its launch
+    finally:
+        child.kill()
+        child.wait()
+        if confinement is not None:
+            confinement.close()
 
 
 class _Log:

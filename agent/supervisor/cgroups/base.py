@@ -63,6 +63,10 @@ class CgroupHandle(Protocol):
         """cpu_seconds, peak_memory_bytes, io_read_bytes, io_write_bytes, nr_throttled, ..."""
         ...
 
+    def cpu_seconds(self) -> float:
+        """The CPU time of the cgroup's processes so far: :meth:`usage`'s ``cpu_seconds``, in one read."""
+        ...
+
     def page_faults(self) -> int | None:
         """Page faults taken by processes while they were in the cgroup (``memory.stat``);
         a process that left the cgroup took its later ones elsewhere."""

@@ -135,6 +135,10 @@ class WatchedTree:
                 "pids_peak": self._peak_pids,
             }
 
+    def cpu_seconds(self) -> float:
+        with self._lock:
+            return self._cpu_seconds
+
     def page_faults(self) -> int | None:
         return None  # no cgroup counts them
 

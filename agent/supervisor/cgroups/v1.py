@@ -125,7 +125,7 @@ class V1Cgroup:
     def _usage(self, cpu_stat: dict[str, int]) -> dict[str, Any]:
         files, dirs = self._files, self.dirs
         out: dict[str, Any] = {
-            "cpu_seconds": files.int(f"{dirs['cpuacct']}/cpuacct.usage") / 1e9,
+            "cpu_seconds": self.cpu_seconds(),
             "peak_memory_bytes": files.int(f"{dirs['memory']}/memory.max_usage_in_bytes"),
             "nr_throttled": cpu_stat.get("nr_throttled", 0),
             "throttled_seconds": cpu_stat.get("throttled_time", 0) / 1e9,
@@ -144,6 +144,9 @@ class V1Cgroup:
             out["io_read_bytes"] = reads
             out["io_write_bytes"] = writes
         return out
+
+    def cpu_seconds(self) -> float:
+        return self._files.int(f"{self.dirs['cpuacct']}/cpuacct.usage") / 1e9
 
     def reset_peak(self) -> None:
         """Restart the peak memory from the usage now (for the next attempt of a worker)."""

@@ -107,6 +107,9 @@ class V2Cgroup:
     def usage(self) -> dict[str, Any]:
         return self._usage(self._files.keyed(f"{self.path}/cpu.stat"))
 
+    def cpu_seconds(self) -> float:
+        return self._files.keyed(f"{self.path}/cpu.stat").get("usage_usec", 0) / 1e6
+
     def reading(self) -> tuple[dict[str, Any], LimitEvents]:
         """:meth:`usage` and :meth:`limit_events` at once (``cpu.stat`` read once)."""
         cpu = self._files.keyed(f"{self.path}/cpu.stat")
