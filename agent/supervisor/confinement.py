@@ -108,8 +108,8 @@ class Confinement:
         """The attempt starts now, in the cgroup of a parked child that warmed up there: its
         figures count from here (the child is handed its spec next), its peak memory
         restarted where the kernel can (cgroup v1, the no-cgroup watchdog). One read, on the
-        launch's path: a parked child hits no limit, is throttled by no quota and does no
-        block IO, so only its CPU time is counted from a starting point."""
+        launch's path: before its launch a parked child only warms up (one thread, no block
+        IO, within every default limit), so only its CPU time needs a starting point."""
         if self.handle is not None and not self._closed:
             restart_peak(self.handle)
             self._start = ({"cpu_seconds": self.handle.cpu_seconds()}, LimitEvents())
