@@ -793,6 +793,13 @@ def escape_reason(
     own (``cpu`` seconds and ``faults``, from ``wait4``) well above its cgroup's (``usage``).
     """
     cgroup_cpu, cgroup_faults = usage.get("cpu_seconds"), None
+    if cgroup_cpu is not None:
+        # Against all its cgroup counted, what a parked child did there before its launch
+        # too (which the attempt's usage leaves out): the process's own figures start at
+        # another moment (when it had its spec, read in clock ticks; at its fork, for a
+        # child forked into the cgroup of a parked child that was gone), and the check
+        # must not take the difference for an escape.
+        cgroup_cpu += confinement.counted_before()
     why = None
     # memory.stat is costly to read: only when the faults are more than its peak explains.
     if faults is not None and faults * _PAGE > usage.get("peak_memory_bytes", 0) + _FAULT_BYTES:

@@ -114,6 +114,11 @@ class Confinement:
             restart_peak(self.handle)
             self._start = ({"cpu_seconds": self.handle.cpu_seconds()}, LimitEvents())
 
+    def counted_before(self) -> float:
+        """The CPU seconds its cgroup had counted when the attempt started (0: none, or a
+        cgroup made for the attempt)."""
+        return float(self._start[0].get("cpu_seconds", 0.0)) if self._start is not None else 0.0
+
     def _refresh(self) -> None:
         if self.handle is not None and not self._closed:
             self._usage, self._events = since(self.handle.reading(), self._start)
