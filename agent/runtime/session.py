@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 import traceback
 from typing import Any, Callable
 
@@ -182,7 +183,13 @@ class ChildSession:
         self._transport.send(encode_message(msg))
 
     def _report(self, msg: Any) -> None:
-        """The attempt's last message: sent, or kept in :attr:`report` (``hold_report``)."""
+        """The attempt's last message: sent, or kept in :attr:`report` (``hold_report``).
+
+        The CPU time this thread has run since it last stopped is not yet in its cgroup (the
+        kernel adds it at the next scheduler tick, or when the thread stops running), and
+        the supervisor reads the cgroup as soon as the report comes: reading the thread's
+        own CPU clock makes the kernel add it now, without giving up the CPU."""
+        time.thread_time()
         if self._hold_report:
             self.report = encode_message(msg)
         else:

@@ -35,3 +35,8 @@ async def bomb(context):
             children.append(pid)
     finally:
         context.set_state("forked", len(children))
+
+
+
+async def nothing(context):
+    return None

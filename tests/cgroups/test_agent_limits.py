@@ -10,7 +10,7 @@ from agent import Agent
 from agent.errors import StateFailedError
 from agent.resources import ResourceRequirements
 
-from .agent_states import bomb, hog, modest
+from .agent_states import bomb, hog, modest, nothing
 from .helpers import BACKEND
 
 try:
@@ -50,3 +50,18 @@ class TestLimitsThroughTheAgent:
         with pytest.raises(StateFailedError) as info:
             await agent.run()
         assert "pids limit 32" in str(info.value)
+
+
+
+async def test_a_states_cpu_time_is_counted_up_to_its_result():
+    # The supervisor reads the cgroup as soon as the result comes, while the process still
+    # runs; the kernel adds a running process's CPU time to its cgroup only at the next
+    # scheduler tick or when it stops running. Read unflushed, a state that does nothing
+    # often read as 0 s (4 of 30 in one run here): its process ran from its launch to its result
+    # without stopping. Every one of them ran, so every one must read more than nothing.
+    for i in range(60):
+        agent = Agent(f"nothing{i}", isolation="process")
+        agent.add_state("nothing", nothing)
+        await agent.run()
+        assert agent.state_metadata["nothing"].usage["cpu_seconds"] > 0, f"run {i}"
+        await asyncio.sleep(0.02)  # a child parked meanwhile serves the next one
