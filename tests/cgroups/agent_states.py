@@ -37,6 +37,5 @@ async def bomb(context):
         context.set_state("forked", len(children))
 
 
-
 async def nothing(context):
     return None

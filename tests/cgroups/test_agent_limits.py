@@ -52,13 +52,12 @@ class TestLimitsThroughTheAgent:
         assert "pids limit 32" in str(info.value)
 
 
-
 async def test_a_states_cpu_time_is_counted_up_to_its_result():
     # The supervisor reads the cgroup as soon as the result comes, while the process still
-    # runs; the kernel adds a running process's CPU time to its cgroup only at the next
-    # scheduler tick or when it stops running. Read unflushed, a state that does nothing
-    # often read as 0 s (4 of 30 in one run here): its process ran from its launch to its result
-    # without stopping. Every one of them ran, so every one must read more than nothing.
+    # runs; the kernel adds a running thread's CPU time to its cgroup only at the next
+    # scheduler tick or when it stops running. Read so, a state that does nothing often
+    # read as 0 s (4 of 30 in one run here): its process ran from its launch to its
+    # result without stopping. Every one of them ran: each must read more than nothing.
     for i in range(60):
         agent = Agent(f"nothing{i}", isolation="process")
         agent.add_state("nothing", nothing)

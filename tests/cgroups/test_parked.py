@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -14,6 +16,7 @@ import pytest
 
 from agent.supervisor.cgroups import LimitEvents
 from agent.supervisor.child import escape_reason
+from agent.supervisor.confinement import Confinement
 from agent.supervisor.parked import Parked, ParkedChildren
 
 from .helpers import BACKEND, make_attempt, needs_cgroups
@@ -75,34 +78,48 @@ sys.stdin.readline()
 """
 
 
-def test_an_attempt_in_a_parked_childs_cgroup_counts_from_its_launch(confiner) -> None:
-    # A parked child warms up in its cgroup before any launch takes it: what it spent then
-    # is not the attempt's (its figures count from the launch's prepare).
+@contextlib.contextmanager
+def _parked_warmed_up_then_launched(confiner) -> Iterator[tuple[int, float, Confinement]]:
+    """A child parked in a cgroup of its own that warms up there, then is launched (its
+    attempt's confinement made as a launch makes it) and works: its pid, the CPU seconds
+    its cgroup counted before the launch, and the attempt's confinement."""
     child = subprocess.Popen([sys.executable, "-c", _WARM_THEN_WORK], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
-    confinement = None
+    handle = confinement = None
+
+    def step(line: str, answer: str) -> None:
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(line + "\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == answer + "\n"
+
     try:
         handle = confiner.park(child.pid)
-        assert handle is not None and child.stdin is not None and child.stdout is not None
-        child.stdin.write("warm up\n")
-        child.stdin.flush()
-        assert child.stdout.readline() == "warm\n"
-        # The cgroup saw the warm-up (less the last scheduler tick's worth, not added yet).
-        assert handle.usage()["cpu_seconds"] >= 0.25
+        assert handle is not None
+        step("warm up", "warm")
+        before = handle.usage()["cpu_seconds"]
         confinement = confiner.prepare(make_attempt(), parked=Parked(child.pid, handle))
-        child.stdin.write("work\n")
-        child.stdin.flush()
-        assert child.stdout.readline() == "worked\n"
-        usage = confinement.usage()
-        assert 0.15 <= usage["cpu_seconds"] < 0.3  # the 0.2 s of work, not the 0.3 s of warm-up
-        if BACKEND == "v1":  # v2 cannot restart a peak: memory.peak counts from the cgroup's start
-            assert usage["peak_memory_bytes"] < 128 * 1024 * 1024
-        assert confinement.limit_events() == LimitEvents()  # no limit hit since its launch
+        step("work", "worked")
+        yield child.pid, before, confinement
     finally:
         child.kill()
         child.wait()
         if confinement is not None:
             confinement.close()
+        elif handle is not None:
+            handle.remove()
+
+
+def test_an_attempt_in_a_parked_childs_cgroup_counts_from_its_launch(confiner) -> None:
+    # A parked child warms up in its cgroup before any launch takes it: what it spent then
+    # is not the attempt's (its figures count from the launch's prepare).
+    with _parked_warmed_up_then_launched(confiner) as (_, before, confinement):
+        assert before >= 0.25  # the cgroup saw the warm-up (less the last tick's worth, not added yet)
+        usage = confinement.usage()
+        assert 0.15 <= usage["cpu_seconds"] < 0.3  # the 0.2 s of work, not the 0.3 s of warm-up
+        if BACKEND == "v1":  # v2 cannot restart a peak: memory.peak counts from the cgroup's start
+            assert usage["peak_memory_bytes"] < 128 * 1024 * 1024
+        assert confinement.limit_events() == LimitEvents()  # no limit hit since its launch
 
 
 def test_what_a_parked_child_did_before_its_launch_is_no_escape(confiner) -> None:
@@ -110,28 +127,11 @@ def test_what_a_parked_child_did_before_its_launch_is_no_escape(confiner) -> Non
     # attempt's usage leaves out the parked child's warm-up; the check must not: here the
     # process's figures count from its fork (as for a child forked into the cgroup of a
     # parked child that was gone), warm-up and all, and nothing left the cgroup.
-    child = subprocess.Popen([sys.executable, "-c", _WARM_THEN_WORK], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-    confinement = None
-    try:
-        handle = confiner.park(child.pid)
-        assert handle is not None and child.stdin is not None and child.stdout is not None
-        child.stdin.write("warm up\n")
-        child.stdin.flush()
-        assert child.stdout.readline() == "warm\n"
-        confinement = confiner.prepare(make_attempt(), parked=Parked(child.pid, handle))
-        child.stdin.write("work\n")
-        child.stdin.flush()
-        assert child.stdout.readline() == "worked\n"
-        times = psutil.Process(child.pid).cpu_times()
+    with _parked_warmed_up_then_launched(confiner) as (pid, _, confinement):
+        times = psutil.Process(pid).cpu_times()
         usage = confinement.usage()
         assert times.user + times.system > usage["cpu_seconds"] * 1.05 + 0.2  # the warm-up: in one figure only
         assert escape_reason(confinement, usage, times.user + times.system, None) is None
-    finally:
-        child.kill()
-        child.wait()
-        if confinement is not None:
-            confinement.close()
 
 
 class _Log:
