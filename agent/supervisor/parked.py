@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -55,6 +56,8 @@ class ParkedChildren:
         self._making: set[int] = set()
         self._gone: set[int] = set()  # went away while their cgroup was being made
         self._sockets: dict[int, socket.socket] = {}  # each parked child's socket, until it is handed out
+        # Cgroups made on the confiner's thread, to be taken in on the loop (see settle).
+        self._made_ahead: deque[tuple[Parked, bool, bool]] = deque()
         self._closed = False
 
     def __len__(self) -> int:
@@ -87,15 +90,29 @@ class ParkedChildren:
             failed = False
             if sandboxed and handle is not None:
                 lease = self._confiner.lease_ahead(pid)
-        made = Parked(pid, handle, lease)
+        self._made_ahead.append((Parked(pid, handle, lease), sandboxed, failed))
         loop = self._loop()
-        if loop is None or loop.is_closed():
-            self._confiner.let_go(made)
-            return
-        try:
-            loop.call_soon_threadsafe(self._made, made, sandboxed, failed)
-        except RuntimeError:  # the loop closed meanwhile
-            self._confiner.let_go(made)
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self.settle)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+        if self._closed:
+            self.settle()  # nothing will: close() has settled what came before
+
+    def settle(self) -> None:
+        """Take in the children whose cgroup is made: ready for a launch, or dropped.
+
+        Asked of the loop the supervisor serves when a cgroup is made, and called again when
+        the supervisor serves another loop: a loop that stopped before running that call
+        (an ``asyncio.run`` that returned) would otherwise keep the child waiting for good,
+        counted by the zygote as parked, in a cgroup nobody removes."""
+        while self._made_ahead:
+            try:
+                made, sandboxed, failed = self._made_ahead.popleft()
+            except IndexError:  # the other thread took the last one
+                return
+            self._made(made, sandboxed, failed)
 
     def _made(self, made: Parked, sandboxed: bool, failed: bool) -> None:
         pid = made.pid
@@ -161,6 +178,7 @@ class ParkedChildren:
         released; children whose cgroup is still being made are let go when it is."""
         self._closed = True
         self._close_sockets()
+        self.settle()  # each dropped
         for ready in self._ready.values():
             for made in ready.values():
                 self.drop(made)

@@ -193,6 +193,8 @@ class Supervisor:
         self.router.attach(loop)
         self.zygote.attach(loop)
         self.workers.attach(loop)
+        if current is not loop:
+            self.parked_children.settle()  # what the last loop stopped before taking in
 
     def free_for(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Whether this supervisor may serve ``loop``: it serves no other loop that still runs.

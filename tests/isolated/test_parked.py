@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -176,4 +177,53 @@ async def test_children_let_go_exit_while_a_process_forked_from_the_supervisors_
         os.close(read_end)
         if forked:
             os.waitpid(forked, 0)
+        shutdown_supervisor()
+
+
+def test_a_child_parked_as_its_loop_ended_serves_the_next_loop() -> None:
+    # asyncio.run() twice: the first loop stops while a parked child's cgroup is being made,
+    # so the call that would take the child in never runs there. The next loop the
+    # supervisor serves takes it in: it serves a launch, rather than staying counted as
+    # parked by the zygote, in a cgroup nobody removes.
+    shutdown_supervisor()
+    gate, done = threading.Event(), threading.Event()
+
+    async def park_while_the_confiner_waits() -> set[int]:
+        await run(make_attempt(own_pid))
+        sup = current_supervisor()
+        assert sup is not None
+        deadline = time.monotonic() + 60
+        while not sup.parked_children._ready[False]:
+            assert time.monotonic() < deadline, "no child was parked"
+            await asyncio.sleep(0.01)
+        sup.confiner.background(gate.wait)  # cgroups are made on this thread: hold it
+        await run(make_attempt(own_pid, number=2))  # takes the parked child: the zygote parks another
+        while not sup.parked_children._making:
+            assert time.monotonic() < deadline, "no child was parked after the launch"
+            await asyncio.sleep(0.01)
+        return set(sup.parked_children._making)
+
+    first = asyncio.new_event_loop()
+    try:
+        making = first.run_until_complete(park_while_the_confiner_waits())  # then the loop stops
+        sup = current_supervisor()
+        assert sup is not None
+        gate.set()
+        sup.confiner.background(done.set)
+        assert done.wait(60), "the confiner's thread never got past the parked child's cgroup"
+        first.close()
+
+        async def launch_until_served() -> set[int]:
+            served: set[int] = set()
+            for number in range(3, 3 + 2 * len(making) + 2):  # ready ones go first, oldest first
+                served.add((await run(make_attempt(own_pid, number=number))).result)
+                if making <= served:
+                    break
+            return served
+
+        assert making <= asyncio.run(launch_until_served())
+    finally:
+        gate.set()
+        if not first.is_closed():
+            first.close()
         shutdown_supervisor()
