@@ -273,6 +273,7 @@ class RelayLink:
         self.actor_class: Any = None
         self.handle: Any = None
         self.name = ""
+        self._connection: tuple[str, str] | None = None  # the driver's node and job it was made under
         self._channels: dict[str, Channel] = {}
         self._seen = 0
         self._poller: asyncio.Task[None] | None = None
@@ -281,10 +282,19 @@ class RelayLink:
 
     def open(self, token: str, attempt: Attempt) -> "Channel":
         loop = asyncio.get_running_loop()
-        if self.handle is None:
-            # Named, so that a task looks it up once per worker, and only when it has something to send.
+        runtime = ray.get_runtime_context()
+        connection = (runtime.get_node_id(), runtime.get_job_id())
+        if self.handle is None or connection != self._connection:
+            # A ray.shutdown() and ray.init() end the actors of the connection before (a new
+            # local cluster has new nodes, a cluster connected to again a new job): a relay
+            # per connection. Named, so that a task looks it up once per worker, and only
+            # when it has something to send.
+            if self._poller is not None and not self._poller.done() and self._poller_loop is loop:
+                self._poller.cancel()  # it waits on the relay of the connection before
+            self._poller = None
             self.name = f"agent-relay-{os.getpid()}-{secrets.token_hex(4)}"
             self.handle = self.actor_class.options(name=self.name).remote()
+            self._connection = connection
             self._seen = 0
         if self._poller is not None and self._poller_loop is not loop:
             old = self._poller_loop

@@ -37,17 +37,37 @@ def _from_ray(proc: psutil.Process) -> bool:
         return True  # gone while we looked: not left behind
 
 
+def _start(temp_dir: str) -> None:
+    import ray
+
+    before = {p.pid for p in _descendants()}
+    ray.init(
+        **CLUSTER, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+        object_store_memory=80 * 1024 * 1024, _temp_dir=temp_dir,
+    )
+    _roots.update(p.pid for p in _descendants() if p.pid not in before)
+
+
+def restart_cluster() -> None:
+    """``ray.shutdown()`` and ``ray.init()`` again, as a program that reconnects does: a new
+    local cluster like the first, its files in a folder inside the first's (removed with it)."""
+    import ray
+
+    ray.shutdown()
+    _start(tempfile.mkdtemp(prefix="again-", dir=_folder[0]))
+
+
+_folder: list[str] = []  # the package's cluster's files
+
+
 @pytest.fixture(scope="package")
 def ray_cluster() -> Iterator[Any]:
     """The running local cluster (the ``ray`` module, connected)."""
     ray = pytest.importorskip("ray")
     before = {p.pid for p in _descendants()}
     temp_dir = tempfile.mkdtemp(prefix="agent-ray-")
-    ray.init(
-        **CLUSTER, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-        object_store_memory=80 * 1024 * 1024, _temp_dir=temp_dir,
-    )
-    _roots.update(p.pid for p in _descendants() if p.pid not in before)
+    _folder[:] = [temp_dir]
+    _start(temp_dir)
     try:
         yield ray
     finally:

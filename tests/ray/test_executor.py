@@ -11,12 +11,13 @@ import pytest
 
 pytest.importorskip("ray")
 
-from agent import Agent, Isolation, ResourcePool, ResourceRequirements, ResourceType, StateFailedError
+from agent import Agent, Context, Isolation, ResourcePool, ResourceRequirements, ResourceType, StateFailedError
 from agent.errors import UnencodableValueError
 from agent.human import QueueInputProvider
 from agent.ray import cluster_pool
 
 from . import states
+from .conftest import restart_cluster
 from .helpers import failure_of
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
@@ -199,6 +200,33 @@ class TestHumanInput:
         agent.add_state("ask_nobody", states.ask_nobody)
         ctx = await agent.run()
         assert ctx.get_state("fallback") == "fallback"
+
+
+async def ask_and_approve(agent: Agent, provider: QueueInputProvider) -> Context:
+    """Run ``agent``, whose state asks once, and approve: the run's error if it ends first."""
+    run = asyncio.ensure_future(agent.run())
+    asked = asyncio.ensure_future(provider.wait_for_request())
+    done, _ = await asyncio.wait({run, asked}, return_when=asyncio.FIRST_COMPLETED)
+    if asked not in done:
+        asked.cancel()
+        await run  # raises why the state failed
+    provider.answer(asked.result().id, "approve")
+    return await run
+
+
+class TestReconnect:
+    """A program that calls ray.shutdown() and ray.init() again keeps its Ray states working."""
+
+    async def test_a_state_writes_and_asks_through_the_new_connection(self):
+        # The relay actor ended with the first connection; the second needs one of its own.
+        for connection in ("first", "second"):
+            provider = QueueInputProvider()
+            agent = Agent("approve", isolation="ray", human_input=provider)
+            agent.add_state("write_then_ask", states.write_then_ask)
+            ctx = await ask_and_approve(agent, provider)
+            assert (ctx.get_state("progress"), ctx.get_state("decision")) == ("asked", "approve"), connection
+            if connection == "first":
+                restart_cluster()
 
 
 class TestLogs:
