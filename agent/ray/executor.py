@@ -282,9 +282,7 @@ class RelayLink:
 
     def open(self, token: str, attempt: Attempt) -> "Channel":
         loop = asyncio.get_running_loop()
-        runtime = ray.get_runtime_context()
-        connection = (runtime.get_node_id(), runtime.get_job_id())
-        if self.handle is None or connection != self._connection:
+        if self.handle is None or _connection() != self._connection:
             # A ray.shutdown() and ray.init() end the actors of the connection before (a new
             # local cluster has new nodes, a cluster connected to again a new job): a relay
             # per connection. Named, so that a task looks it up once per worker, and only
@@ -294,7 +292,7 @@ class RelayLink:
             self._poller = None
             self.name = f"agent-relay-{os.getpid()}-{secrets.token_hex(4)}"
             self.handle = self.actor_class.options(name=self.name).remote()
-            self._connection = connection
+            self._connection = _connection()  # after the call, which connects if nothing did
             self._seen = 0
         if self._poller is not None and self._poller_loop is not loop:
             old = self._poller_loop
@@ -336,6 +334,15 @@ class RelayLink:
             self.handle = None
             for channel in list(self._channels.values()):
                 channel.broken(f"the relay actor that carries context writes died: {exc}")
+
+
+def _connection() -> tuple[str, str] | None:
+    """This driver's node and job on the Ray cluster it is connected to (None: not connected;
+    asking Ray's runtime context would connect)."""
+    if not ray.is_initialized():
+        return None
+    runtime = ray.get_runtime_context()
+    return runtime.get_node_id(), runtime.get_job_id()
 
 
 class Channel:
