@@ -37,6 +37,9 @@ def _from_ray(proc: psutil.Process) -> bool:
         return True  # gone while we looked: not left behind
 
 
+_folder: list[str] = []  # the package's cluster's files
+
+
 def _start(temp_dir: str) -> None:
     import ray
 
@@ -55,9 +58,6 @@ def restart_cluster() -> None:
 
     ray.shutdown()
     _start(tempfile.mkdtemp(prefix="again-", dir=_folder[0]))
-
-
-_folder: list[str] = []  # the package's cluster's files
 
 
 @pytest.fixture(scope="package")
