@@ -38,7 +38,7 @@ from .resources import ResourcePool, ResourceRequirements, default_pool
 from .retry import RetryPolicy
 from .state import StateFunction, StateMetadata
 from .status import AgentStatus, StateStatus, check_agent_transition
-from .workflow import ReturnGraph, StateSpec, check_graph, check_on_failure, new_spec
+from .workflow import ReturnGraph, StateSpec, check_graph, check_on_failure, enter_state
 
 DEFAULT_ISOLATION = Isolation.PROCESS
 """Used when neither ``Agent(isolation=...)`` nor ``$AGENT_ISOLATION`` says otherwise."""
@@ -224,24 +224,11 @@ class Agent:
         ``context_keys`` (key names and ``"prefix*"`` patterns) are the only context keys
         the state may read and write; a sandboxed state without them sees none.
         """
-        spec = new_spec(self, name, func, dependencies, resources, retry_policy, max_retries, isolation, timeout,
-                        priority, next_states, on_failure, context_keys)
-        run = self._run if self._run is not None and not self._run.done else None
-        if run is not None:
-            check_graph(self.name, {**self._states, name: spec})
-        self._states[name] = spec
-        deps = spec.dependencies
-        if deps or spec.next_states is not None:
-            self._graph_checked = False  # only these can make check_graph fail
-            if deps:
-                self._has_dependencies = True
-        self._graph = None
-        self.state_metadata[name] = StateMetadata(
-            name, spec.max_retries_with(self.retry_policy), resources, spec.priority, deps, spec.isolation
-        )
+        run = enter_state(self, name, func, dependencies, resources, retry_policy, max_retries, isolation, timeout,
+                          priority, next_states, on_failure, context_keys)
         if run is not None:
             run.retrack()
-            if deps:
+            if self._states[name].dependencies:
                 run.track_dependencies()
                 run.watch.add(name)
                 run.kick()

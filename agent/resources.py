@@ -44,7 +44,12 @@ _INF = math.inf
 _NUMBER_TYPES = frozenset((int, float))  # exactly these; bool and the rest go through _validate
 
 
-@dataclass
+# The defaults of ResourceRequirements.__init__, by identity: an argument left out is the
+# default object itself, so one ``is`` tells that it was.
+_ONE, _DEFAULT_MEMORY, _NO_GPU, _NORMAL = 1.0, 100.0, 0.0, Priority.NORMAL
+
+
+@dataclass(init=False)
 class ResourceRequirements:
     """What one state needs. Enforced by the kernel for isolated states.
 
@@ -52,6 +57,11 @@ class ResourceRequirements:
     ``io_weight`` relative IO priority, ``network_weight`` pool accounting only,
     ``gpu_units`` whole GPUs (>= 1) or a share of one (< 1). The ``io_*_bps`` /
     ``io_*_iops`` throttles and ``pids_max`` are optional kernel limits.
+
+    A field left at its default is read from the class (the dataclass keeps each
+    default there), so a request that gives only ``cpu_units`` and ``memory_mb`` (most
+    do, one per state) stores those two; any other is stored and checked in full
+    (:meth:`__post_init__`, which a dataclass subclass's own ``__init__`` calls too).
     """
 
     cpu_units: float = 1.0
@@ -68,9 +78,46 @@ class ResourceRequirements:
     io_write_iops: int | None = None
     pids_max: int | None = None
 
+    def __init__(
+        self,
+        cpu_units: float = _ONE,
+        memory_mb: float = _DEFAULT_MEMORY,
+        io_weight: float = _ONE,
+        network_weight: float = _ONE,
+        gpu_units: float = _NO_GPU,
+        priority: Priority = _NORMAL,
+        timeout: float | None = None,
+        resource_types: ResourceType = _ALL_TYPES,
+        io_read_bps: int | None = None,
+        io_write_bps: int | None = None,
+        io_read_iops: int | None = None,
+        io_write_iops: int | None = None,
+        pids_max: int | None = None,
+    ) -> None:
+        self.cpu_units = cpu_units
+        self.memory_mb = memory_mb
+        numbers = _NUMBER_TYPES
+        if (type(cpu_units) in numbers and type(memory_mb) in numbers and 0.0 <= cpu_units < _INF
+                and 0.0 <= memory_mb < _INF and io_weight is _ONE and network_weight is _ONE
+                and gpu_units is _NO_GPU and priority is _NORMAL and timeout is None
+                and resource_types is _ALL_TYPES and io_read_bps is None and io_write_bps is None
+                and io_read_iops is None and io_write_iops is None and pids_max is None):
+            return  # requests are made per state, often per run: the rest is the class's defaults
+        self.io_weight = io_weight
+        self.network_weight = network_weight
+        self.gpu_units = gpu_units
+        self.priority = priority
+        self.timeout = timeout
+        self.resource_types = resource_types
+        self.io_read_bps = io_read_bps
+        self.io_write_bps = io_write_bps
+        self.io_read_iops = io_read_iops
+        self.io_write_iops = io_write_iops
+        self.pids_max = pids_max
+        self.__post_init__()
+
     def __post_init__(self) -> None:
-        # Each check in full only when the quick one does not pass: requests are made per
-        # state, often per run.
+        """Check every field, raising :class:`~agent.errors.ResourceRequestError` for a wrong one."""
         error = ResourceRequestError
         cpu, memory, io = self.cpu_units, self.memory_mb, self.io_weight
         network, gpu = self.network_weight, self.gpu_units

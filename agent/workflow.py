@@ -40,6 +40,7 @@ from .executor import Isolation, parse_isolation
 from .resources import ResourceRequirements
 from .retry import RetryPolicy
 from .scope import check_context_keys
+from .state import StateMetadata
 
 ON_FAILURE = ("fail", "continue")
 """What a state's permanent failure does to the run: fail it (default), or end only its branch."""
@@ -170,6 +171,36 @@ def new_spec(agent: Any, name: Any, func: Any, dependencies: Any, resources: Any
     keys = check_context_keys(name, context_keys) if context_keys is not None else None
     return StateSpec(name, func, deps, resources, retry_policy, max_retries, level, timeout, priority,
                      declared, on_failure, keys)
+
+
+def enter_state(agent: Any, name: Any, func: Any, dependencies: Any, resources: Any, retry_policy: Any,
+                max_retries: Any, isolation: Any, timeout: Any, priority: Any, next_states: Any, on_failure: Any,
+                context_keys: Any) -> Any:
+    """``agent.add_state(...)`` up to its run: the spec (:func:`new_spec`) and its
+    metadata entered in the agent's tables. Returns the agent's unfinished run, if any,
+    which the caller tells of the new state (a state added during a run may join it).
+
+    Here rather than in the method: compiled, a state is added in about half the time.
+    """
+    spec = new_spec(agent, name, func, dependencies, resources, retry_policy, max_retries, isolation, timeout,
+                    priority, next_states, on_failure, context_keys)
+    run = agent._run
+    if run is not None and run.done:
+        run = None
+    states = agent._states
+    if run is not None:
+        check_graph(agent.name, {**states, name: spec})
+    states[name] = spec
+    deps = spec.dependencies
+    if deps or spec.next_states is not None:
+        agent._graph_checked = False  # only these can make check_graph fail
+        if deps:
+            agent._has_dependencies = True
+    agent._graph = None
+    agent.state_metadata[name] = StateMetadata(
+        name, spec.max_retries_with(agent.retry_policy), resources, spec.priority, deps, spec.isolation
+    )
+    return run
 
 
 # --- state functions ---------------------------------------------------------------------

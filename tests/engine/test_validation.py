@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import math
+import pickle
 
 import pytest
 
@@ -18,6 +21,7 @@ from agent import (
     ResourcePool,
     ResourceRequestError,
     ResourceRequirements,
+    ResourceType,
     RetryPolicy,
     WorkflowDefinitionError,
 )
@@ -147,6 +151,40 @@ class TestAccepted:
         agent.add_state("flaky", flaky)
         await asyncio.wait_for(agent.run(), 30)
         assert len(tries) == 3
+
+
+class TestRequirementsAsData:
+    """A request that gives only some fields (stored are only those; the rest are the
+    class's defaults) is the same dataclass value as one that spells every field out."""
+
+    def test_given_and_default_fields_are_one_value(self):
+        few = ResourceRequirements(cpu_units=0.5, memory_mb=64)
+        every = ResourceRequirements(cpu_units=0.5, memory_mb=64, io_weight=1.0, network_weight=1.0, gpu_units=0.0,
+                                     priority=Priority.NORMAL, timeout=None, resource_types=ResourceType.ALL)
+        assert few == every and repr(few) == repr(every)
+        assert dataclasses.asdict(few) == dataclasses.asdict(every)
+        assert dataclasses.asdict(few)["io_weight"] == 1.0
+        assert pickle.loads(pickle.dumps(few)) == few
+        assert copy.deepcopy(few) == few
+        changed = dataclasses.replace(few, gpu_units=0.5, priority=3)
+        assert (changed.gpu_units, changed.priority, changed.cpu_units) == (0.5, Priority.CRITICAL, 0.5)
+        few.io_weight = 2.0  # still a plain, mutable dataclass
+        assert few != every and ResourceRequirements().io_weight == 1.0
+
+    def test_a_default_value_given_explicitly_is_checked_too(self):
+        with pytest.raises(ResourceRequestError, match="io_weight"):
+            ResourceRequirements(io_weight=True)
+        with pytest.raises(ResourceRequestError, match="gpu_units"):
+            ResourceRequirements(cpu_units=1, memory_mb=1, gpu_units="0")
+
+    def test_a_dataclass_subclass_is_checked(self):
+        @dataclasses.dataclass
+        class Tagged(ResourceRequirements):
+            tag: str = ""
+
+        assert Tagged(cpu_units=2, tag="x").cpu_units == 2
+        with pytest.raises(ResourceRequestError, match="cpu_units"):
+            Tagged(cpu_units="2")
 
 
 class TestHelpers:
