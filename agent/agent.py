@@ -22,7 +22,7 @@ from . import live
 from ._loops import call_on
 from ._types import Priority, ResourceType, StopReason
 from .checkpoint import AgentCheckpoint
-from .context import Context, budget_from_mb
+from .context import Context, budget_from_mb, default_budget
 from .dependencies import DependencyConfig, DependencyType
 from .engine.run import Activation, Run
 from .errors import (
@@ -145,7 +145,8 @@ class Agent:
         self.cleanup_timeout = cleanup_timeout
         self.on_failure = on_failure
         self._budget_mb = context_budget_mb
-        self.context_budget = budget_from_mb(context_budget_mb)  # bytes; checked at every write
+        # bytes; checked at every write
+        self.context_budget = default_budget() if context_budget_mb is None else budget_from_mb(context_budget_mb)
         self._states: dict[str, StateSpec] = {}
         self.state_metadata: dict[str, StateMetadata] = {}
         self.completed_states: set[str] = set()

@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any, Awaitable, TypeVar
 
-from . import values
+from . import _env, values
 from .errors import (
     ContextBudgetError,
     ContextKeyError,
@@ -41,8 +41,13 @@ _NO_FAILURES: dict[str, str] = {}
 __all__ = ["Context", "ContextBudget", "TypedContextData", "default_budget", "budget_from_mb"]
 
 
+_DEFAULT_BUDGET = values.DEFAULT_MAX_FRAME * 3 // 4
+
+
 def default_budget() -> int:
     """The default context budget: three quarters of the frame cap (48 MiB by default)."""
+    if not _env.get("AGENT_IPC_MAX_FRAME"):
+        return _DEFAULT_BUDGET  # read per Agent(): the common case without parsing
     return values.max_frame_from_env() * 3 // 4
 
 
