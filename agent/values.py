@@ -1124,12 +1124,16 @@ def loads(text: str | bytes) -> Any:
     return from_json(data)
 
 
+_ONLY_STR = {str}
+
+
 def plain_names(result: Any) -> Any:
     """``result`` with each state name a plain ``str``: a name may be an instance of a str
     subclass (a ``StrEnum`` member), and means the name it spells in every isolation level
     (the value model, which carries a child's return, takes exact types only)."""
     if isinstance(result, str):
         return result if type(result) is str else str.__str__(result)
-    if isinstance(result, (list, tuple)) and any(isinstance(n, str) and type(n) is not str for n in result):
+    if (isinstance(result, (list, tuple)) and set(map(type, result)) != _ONLY_STR  # a C loop: the common case
+            and any(isinstance(n, str) and type(n) is not str for n in result)):
         return [str.__str__(n) if isinstance(n, str) else n for n in result]
     return result
