@@ -130,15 +130,19 @@ def _read_on(loop: Any, entries: list[LiveRun], detail: bool) -> list[dict[str, 
 
 
 def _forget_finished() -> None:
+    """Forget the oldest finished runs (or whose agent is gone or runs again) until at most
+    ``KEEP_FINISHED`` runs are left besides those still going. Oldest first, stopping
+    there: about one run looked at per registration."""
     with _lock:
-        finished = []
-        for run_id, record in list(_runs.items()):
+        excess = len(_runs) - KEEP_FINISHED
+        for run_id, record in list(_runs.items()):  # in start order
+            if excess <= 0:
+                break
             agent = record[0]()
             if agent is None or agent.run_id != run_id or is_finished(agent):
-                finished.append(run_id)
-        for run_id in finished[: max(0, len(_runs) - KEEP_FINISHED)]:
-            _runs.pop(run_id, None)
-            _finished.pop(run_id, None)
+                del _runs[run_id]
+                _finished.pop(run_id, None)
+                excess -= 1
         _state["prune_at"] = max(2 * KEEP_FINISHED, 2 * len(_runs))  # amortised O(1) per run
 
 

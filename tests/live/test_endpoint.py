@@ -18,6 +18,10 @@ from agent.live import client, protocol
 from agent.live.server import StatusServer, answer_request
 
 
+async def _noop(context):
+    return None
+
+
 def blocking_agent(name: str, release: asyncio.Event) -> Agent:
     """first -> [wait, other]; ``wait`` holds the run until ``release`` is set."""
     agent = Agent(name, isolation="inline")
@@ -71,6 +75,21 @@ class TestSnapshots:
         final = entry.snapshot()
         assert final["status"] == "completed" and final["states"]["completed"] == 3
         assert final["elapsed"] == entry.snapshot()["elapsed"]  # a finished run's clock stops
+
+    async def test_a_run_still_going_outlives_many_finished_ones(self):
+        async with held_run("long", "other", "completed") as long_run:
+            finished = []
+            for i in range(5 * live.KEEP_FINISHED):
+                agent = Agent(f"short{i}", isolation="inline")
+                agent.add_state("only", _noop)
+                await agent.run()
+                finished.append(agent)  # alive: only their number bounds what is kept
+            ids = [r.run_id for r in live.runs()]
+            assert long_run.run_id in ids  # the oldest, still running
+            kept = [a.run_id for a in finished if a.run_id in ids]
+            assert 0 < len(kept) <= 2 * live.KEEP_FINISHED
+            assert kept == [a.run_id for a in finished[-len(kept):]]  # the newest, in order
+            assert ids[-1] == finished[-1].run_id
 
     def test_a_stuck_loop_is_still_read(self):
         entered, unblock = threading.Event(), threading.Event()
