@@ -180,7 +180,7 @@ def enter_state(agent: Any, name: Any, func: Any, dependencies: Any, resources: 
     metadata entered in the agent's tables. Returns the agent's unfinished run, if any,
     which the caller tells of the new state (a state added during a run may join it).
 
-    Here rather than in the method: compiled, a state is added in about half the time.
+    Here rather than in the method: compiled (setup.py), about 0.1 µs less a state.
     """
     spec = new_spec(agent, name, func, dependencies, resources, retry_policy, max_retries, isolation, timeout,
                     priority, next_states, on_failure, context_keys)
