@@ -374,6 +374,7 @@ class Agent:
         except BaseException as exc:  # a store, a hook or the engine raised out of the run: it ends FAILED
             await self._end_broken_run(run, exc)
         finally:
+            live.finished(self)
             if saver is not None:
                 saver.cancel()
             if self._run_closed is not None:

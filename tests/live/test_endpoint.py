@@ -87,9 +87,30 @@ class TestSnapshots:
             ids = [r.run_id for r in live.runs()]
             assert long_run.run_id in ids  # the oldest, still running
             kept = [a.run_id for a in finished if a.run_id in ids]
-            assert 0 < len(kept) <= 2 * live.KEEP_FINISHED
-            assert kept == [a.run_id for a in finished[-len(kept):]]  # the newest, in order
-            assert ids[-1] == finished[-1].run_id
+            assert kept == [a.run_id for a in finished[-live.KEEP_FINISHED:]]  # the newest, in order
+            assert ids[0] == long_run.run_id and ids[-1] == finished[-1].run_id  # in start order
+            assert live.find(finished[-1].run_id).agent is finished[-1]
+            assert live.find(finished[0].run_id) is None  # forgotten
+
+    async def test_a_run_is_read_on_its_loop_while_it_waits_there(self):
+        async with held_run("waits", "other", "completed") as agent:
+            entry = live.find(agent.run_id)
+            assert entry.loop is asyncio.get_running_loop()
+        assert entry.loop is None  # over: read from any thread
+        quick = Agent("quick", isolation="inline")
+        quick.add_state("only", _noop)
+        await quick.run()  # its states never awaited: it never needed its loop
+        assert live.find(quick.run_id).loop is None
+        assert live.find(quick.run_id).snapshot()["status"] == "completed"
+
+    async def test_a_run_resumed_is_listed_once(self):
+        agent = Agent("resumed", isolation="inline")
+        agent.add_state("only", _noop)
+        await agent.run()
+        live.register(agent)  # as a resume of the same run registers it again
+        assert [r.run_id for r in live.runs()].count(agent.run_id) == 1
+        live.finished(agent)
+        assert [r.run_id for r in live.runs()].count(agent.run_id) == 1
 
     def test_a_stuck_loop_is_still_read(self):
         entered, unblock = threading.Event(), threading.Event()
