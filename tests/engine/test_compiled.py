@@ -88,3 +88,12 @@ def test_the_compiled_classes_copy_and_pickle_with_every_field(copy_of):
         assert type(copied) is type(original)
         assert dataclasses.asdict(copied) == dataclasses.asdict(original)
     assert copy_of(meta).state_id == meta.state_id
+
+
+def test_each_state_has_its_own_state_id_for_good():
+    first, second = StateMetadata("a"), StateMetadata("a")
+    ids = {first.state_id, second.state_id}
+    assert len(ids) == 2 and first.state_id in ids  # distinct, and the same at each read
+    assert first.to_dict()["state_id"] == first.state_id
+    assert pickle.loads(pickle.dumps(second)).state_id == second.state_id
+    assert copy.copy(StateMetadata("b")).state_id != first.state_id  # copied before it was read
