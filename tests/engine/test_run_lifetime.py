@@ -90,7 +90,7 @@ class TestMetadataLayout:
         agent.add_state("first", flaky, max_retries=1, resources=ResourceRequirements(cpu_units=0.01, memory_mb=1.0))
         agent.add_state("last", _last)
         agent.add_state("never", _last)
-        fields = {f.name for f in dataclasses.fields(StateMetadata)}
+        fields = {f.name for f in dataclasses.fields(StateMetadata)} | {"_number"}  # state_id's, private
         before = {name: set(vars(meta)) for name, meta in agent.state_metadata.items()}
         assert all(keys == fields for keys in before.values())
         await agent.run()
