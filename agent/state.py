@@ -57,8 +57,9 @@ class AttemptRecord:
 HISTORY_LIMIT: Final = 100
 """How many attempts ``StateMetadata.history`` keeps (the newest)."""
 
-_id_prefix = os.urandom(4).hex() + "-"  # unique per process; the counter within it
-_ids = itertools.count(1)
+_id_prefix: Final = os.urandom(4).hex() + "-"  # unique per process; the counter within it
+_ids: Final = itertools.count(1)
+_PENDING: Final = StateStatus.PENDING  # a member read from its class goes through the enum's metaclass
 
 
 @dataclass(init=False, eq=False)
@@ -102,7 +103,7 @@ class StateMetadata:
         isolation: Isolation | None = None,
     ) -> None:
         self.name = name
-        self.status = StateStatus.PENDING
+        self.status = _PENDING
         self.attempts = 0
         self.total_attempts = 0
         self.max_retries = max_retries

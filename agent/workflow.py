@@ -23,7 +23,7 @@ import textwrap
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from . import _validate
 from ._types import Priority
@@ -42,7 +42,7 @@ from .retry import RetryPolicy
 from .scope import check_context_keys
 from .state import StateMetadata
 
-ON_FAILURE = ("fail", "continue")
+ON_FAILURE: Final = ("fail", "continue")
 """What a state's permanent failure does to the run: fail it (default), or end only its branch."""
 
 
@@ -114,8 +114,9 @@ class StateSpec:
         return self.resources.timeout if self.resources is not None else None
 
 
-_NORMAL = Priority.NORMAL
-_SURELY_SHORT = _validate.MAX_STATE_NAME_BYTES // 4  # characters: at most 4 UTF-8 bytes each
+_NORMAL: Final = Priority.NORMAL
+_Requirements: Final = ResourceRequirements  # a Final name is a C static here, not a global's lookup
+_SURELY_SHORT: Final = _validate.MAX_STATE_NAME_BYTES // 4  # characters: at most 4 UTF-8 bytes each
 
 
 def check_on_failure(value: Any, where: str) -> str | None:
@@ -141,7 +142,7 @@ def new_spec(agent: Any, name: Any, func: Any, dependencies: Any, resources: Any
     check_state_function(name, func)
     deps = parse_dependencies(name, dependencies) if dependencies else {}
     if resources is not None:
-        if not isinstance(resources, ResourceRequirements):
+        if not isinstance(resources, _Requirements):
             raise InvalidConfigurationError(
                 f"state {name!r}: resources must be a ResourceRequirements, got {type(resources).__name__}"
             )
@@ -205,9 +206,9 @@ def enter_state(agent: Any, name: Any, func: Any, dependencies: Any, resources: 
 
 # --- state functions ---------------------------------------------------------------------
 
-_CO_COROUTINE = inspect.CO_COROUTINE
-_FunctionType = types.FunctionType
-_CO_VARARGS = inspect.CO_VARARGS
+_CO_COROUTINE: Final = inspect.CO_COROUTINE
+_FunctionType: Final = types.FunctionType
+_CO_VARARGS: Final = inspect.CO_VARARGS
 
 
 def check_state_function(name: str, func: Any) -> None:
@@ -367,14 +368,14 @@ def _read_returns(func: types.FunctionType) -> frozenset[str] | None:
     return _bytecode_returns(func.__code__) if found is _UNREADABLE else found
 
 
-_returns_cache: dict[int, tuple[types.CodeType, Any]] = {}  # code -> what it returns
+_returns_cache: Final[dict[int, tuple[types.CodeType, Any]]] = {}  # code -> what it returns
 
 
 def _code_returns(func: types.FunctionType) -> frozenset[str] | None:
     return _read_once(_returns_cache, func, _read_returns)  # type: ignore[no-any-return]
 
 
-_SUSPENDING = frozenset(("YIELD_VALUE", "SEND", "GET_AWAITABLE", "GET_AITER", "GET_ANEXT", "BEFORE_ASYNC_WITH"))
+_SUSPENDING: Final = frozenset(("YIELD_VALUE", "SEND", "GET_AWAITABLE", "GET_AITER", "GET_ANEXT", "BEFORE_ASYNC_WITH"))
 
 
 def _read_cannot_suspend(func: types.FunctionType) -> bool:
@@ -383,13 +384,19 @@ def _read_cannot_suspend(func: types.FunctionType) -> bool:
         ins.opname in _SUSPENDING for ins in dis.get_instructions(code))
 
 
-_suspend_cache: dict[int, tuple[types.CodeType, Any]] = {}  # code -> whether it cannot suspend
+_suspend_cache: Final[dict[int, tuple[types.CodeType, Any]]] = {}  # code -> whether it cannot suspend
 
 
 def cannot_suspend(func: Any) -> bool:
     """Whether ``func`` is an ``async def`` whose code awaits nothing: its coroutine returns
     or raises at its first step (every way to suspend compiles to one of ``_SUSPENDING``)."""
-    return type(func) is types.FunctionType and _read_once(_suspend_cache, func, _read_cannot_suspend)
+    if type(func) is not _FunctionType:
+        return False
+    code = func.__code__  # _read_once(_suspend_cache, func, _read_cannot_suspend), spelled out: run per launch
+    cached = _suspend_cache.get(id(code))
+    if cached is None or cached[0] is not code:
+        cached = _suspend_cache[id(code)] = (code, _read_cannot_suspend(func))
+    return bool(cached[1])
 
 
 def values_used(func: Any) -> dict[str, Any]:
@@ -409,7 +416,7 @@ def values_used(func: Any) -> dict[str, Any]:
     return used
 
 
-_names_cache: dict[int, tuple[types.CodeType, Any]] = {}  # code -> the names it and its inner code use
+_names_cache: Final[dict[int, tuple[types.CodeType, Any]]] = {}  # code -> the names it and its inner code use
 
 
 def _read_names(func: types.FunctionType) -> tuple[str, ...]:
@@ -431,7 +438,7 @@ def uses_an_agent(func: Any) -> bool:
     return any(isinstance(value, Agent) for value in values_used(func).values())
 
 
-_UNREADABLE = object()
+_UNREADABLE: Final = object()
 
 
 def _source_returns(func: types.FunctionType) -> Any:

@@ -30,8 +30,8 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+import contextvars
 from collections import deque
-from contextvars import copy_context as _copy_context
 from typing import TYPE_CHECKING, Any, Final
 
 from .. import events as ev
@@ -59,11 +59,11 @@ from .admission import Admission, Admitter
 from ..workflow import cannot_suspend, uses_an_agent
 from .driver import Driver, Returned, exception_reason, inline_runner
 
-_NO_USAGE: dict[str, Any] = {}  # what an inline attempt measured (nothing); never written to
-_monotonic = time.monotonic
-_time = time.time
-_proxy = weakref.proxy
-_ProxyType = weakref.ProxyType
+_NO_USAGE: Final[dict[str, Any]] = {}  # what an inline attempt measured (nothing); never written to
+_monotonic: Final = time.monotonic
+_time: Final = time.time
+_proxy: Final = weakref.proxy
+_ProxyType: Final = weakref.ProxyType
 
 if TYPE_CHECKING:
     from ..agent import Agent
@@ -72,26 +72,34 @@ if TYPE_CHECKING:
 
 # Enum members as module names: reading a member from its class goes through the enum
 # metaclass's __getattr__ hook in CPython 3.11, which is slow on the hot path.
-_BLOCKED = StateStatus.BLOCKED
-_CANCELLED = StateStatus.CANCELLED
-_COMPLETED = StateStatus.COMPLETED
-_FAILED = StateStatus.FAILED
-_PENDING = StateStatus.PENDING
-_READY = StateStatus.READY
-_RUNNING = StateStatus.RUNNING
-_TIMEOUT = StateStatus.TIMEOUT
-_STOP_CANCEL = StopReason.CANCEL
-_STOP_PAUSE = StopReason.PAUSE
-_STOP_PREEMPT = StopReason.PREEMPT
-_STOP_TIMEOUT = StopReason.TIMEOUT
-_INLINE = Isolation.INLINE
-_SANDBOX = Isolation.SANDBOX
+_BLOCKED: Final = StateStatus.BLOCKED
+_CANCELLED: Final = StateStatus.CANCELLED
+_COMPLETED: Final = StateStatus.COMPLETED
+_FAILED: Final = StateStatus.FAILED
+_PENDING: Final = StateStatus.PENDING
+_READY: Final = StateStatus.READY
+_RUNNING: Final = StateStatus.RUNNING
+_TIMEOUT: Final = StateStatus.TIMEOUT
+_STOP_CANCEL: Final = StopReason.CANCEL
+_STOP_PAUSE: Final = StopReason.PAUSE
+_STOP_PREEMPT: Final = StopReason.PREEMPT
+_STOP_TIMEOUT: Final = StopReason.TIMEOUT
+_INLINE: Final = Isolation.INLINE
+_SANDBOX: Final = Isolation.SANDBOX
 # The agent's own levels at which a state gets copies of what its code uses; a state that
 # uses an agent then runs inline unless add_state() chose its isolation.
-_BY_COPY = frozenset((Isolation.PROCESS, Isolation.WORKER))
+_BY_COPY: Final = frozenset((Isolation.PROCESS, Isolation.WORKER))
 
-_FINISHED_FOR_GOOD = (_FAILED, _TIMEOUT, _CANCELLED, _BLOCKED)
-_RUN_COMPLETED = AgentStatus.COMPLETED
+_FINISHED_FOR_GOOD: Final = (_FAILED, _TIMEOUT, _CANCELLED, _BLOCKED)
+_RUN_COMPLETED: Final = AgentStatus.COMPLETED
+_RUN_FAILED: Final = AgentStatus.FAILED
+_RUN_CANCELLED: Final = AgentStatus.CANCELLED
+# Names from interpreted modules used per state or per run: a Final name is a C static
+# here, any other global a dictionary lookup at each use.
+_Returned: Final = Returned
+_inline_runner: Final = inline_runner
+_copy_context: Final = contextvars.copy_context
+_deque: Final = deque
 
 # Where an activation is (Activation.where).
 NEW: Final = 0
@@ -437,7 +445,7 @@ class Run:
         act.where = READY
         level = self.ready[priority]
         if level is None:
-            level = self.ready[priority] = deque()
+            level = self.ready[priority] = _deque()
         level.append(act)
         self.n_ready += 1
         return act
@@ -454,7 +462,7 @@ class Run:
     def _ready_level(self, priority: int) -> deque[Activation]:
         level = self.ready[priority]
         if level is None:
-            level = self.ready[priority] = deque()
+            level = self.ready[priority] = _deque()
         return level
 
     # --- joins ----------------------------------------------------------------------------
@@ -829,7 +837,7 @@ class Run:
         if meta.status is _READY:
             meta.status = _RUNNING
         else:
-            if _RUNNING not in meta.status._next:  # type: ignore[attr-defined]
+            if _RUNNING not in meta.status._next:  # type: ignore[union-attr]
                 meta.set_status(_READY)  # it waited for an earlier activation, which has ended
             meta.set_status(_RUNNING)
         meta.attempts = number
@@ -880,7 +888,7 @@ class Run:
         try:
             coro = func(view)
             if runner is None:
-                self.runner = runner = inline_runner(coro)
+                self.runner = runner = _inline_runner(coro)
                 coro = None  # the new runner starts on it
             out = self.caller_context.copy().run(runner.send, coro)
         except (KeyboardInterrupt, SystemExit):
@@ -890,7 +898,7 @@ class Run:
             self.runner = None
             self.finished(act, None, exception_reason(exc), _NO_USAGE)
             return
-        if type(out) is not Returned:  # cannot happen: cannot_suspend() read its code
+        if type(out) is not _Returned:  # cannot happen: cannot_suspend() read its code
             self.runner = None
             self.fail(RuntimeError(f"state {act.state!r} suspended, though its code awaits nothing"))
             return
@@ -1367,7 +1375,7 @@ class Run:
             for name in list(group.held):
                 self._unhold(group, name)
         self.pause_requested = False
-        self.finish(AgentStatus.CANCELLED)
+        self.finish(_RUN_CANCELLED)
 
     def pause(self) -> list[Any]:
         """Stop launching; stop running attempts (they re-run on resume); the tasks to wait for."""
@@ -1458,9 +1466,9 @@ class Run:
                 others = ", ".join(repr(n) for n in list(self.failures)[1:])
                 error.args = (f"{error.args[0]}\n(also failed for good: {others})",)
             self.error = error
-            self.finish(AgentStatus.FAILED)
+            self.finish(_RUN_FAILED)
             return False
-        self.finish(AgentStatus.COMPLETED)
+        self.finish(_RUN_COMPLETED)
         return False
 
     def fail(self, error: BaseException) -> None:
@@ -1468,7 +1476,7 @@ class Run:
             self.error = error
             # What a resume of this failed run starts from: whatever was still live.
             self.failed_frames.extend(_frame(a, a.attempt - (a.where == RUNNING)) for a in self.live.values())
-        self.finish(AgentStatus.FAILED)
+        self.finish(_RUN_FAILED)
 
     def time_out(self) -> None:
         if self.done:
@@ -1478,11 +1486,11 @@ class Run:
             f"still running: {sorted(self.running) or 'nothing'}"
         )
         self.failed_frames.extend(_frame(a, a.attempt - (a.where == RUNNING)) for a in self.live.values())
-        self.finish(AgentStatus.FAILED)
+        self.finish(_RUN_FAILED)
 
     def caller_cancelled(self) -> None:
         self.error = None
-        self.final_status = AgentStatus.CANCELLED
+        self.final_status = _RUN_CANCELLED
         self.done = True
 
     def finish(self, status: AgentStatus) -> None:
@@ -1531,7 +1539,7 @@ class Run:
 
     def snapshot(self) -> dict[str, Any]:
         """The run's groups, live activations and holds, as plain data (``AgentCheckpoint.frames``)."""
-        if self.done and self.final_status is AgentStatus.FAILED:
+        if self.done and self.final_status is _RUN_FAILED:
             activations = list(self.failed_frames)
         else:
             # A running attempt re-runs on resume, so it is not counted as done.
