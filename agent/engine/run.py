@@ -27,10 +27,10 @@ this run through :meth:`Run.on_grant`.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 import weakref
-import contextvars
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
