@@ -390,13 +390,7 @@ _suspend_cache: Final[dict[int, tuple[types.CodeType, Any]]] = {}  # code -> whe
 def cannot_suspend(func: Any) -> bool:
     """Whether ``func`` is an ``async def`` whose code awaits nothing: its coroutine returns
     or raises at its first step (every way to suspend compiles to one of ``_SUSPENDING``)."""
-    if type(func) is not _FunctionType:
-        return False
-    code = func.__code__  # _read_once(_suspend_cache, func, _read_cannot_suspend), spelled out: run per launch
-    cached = _suspend_cache.get(id(code))
-    if cached is None or cached[0] is not code:
-        cached = _suspend_cache[id(code)] = (code, _read_cannot_suspend(func))
-    return bool(cached[1])
+    return type(func) is _FunctionType and bool(_read_once(_suspend_cache, func, _read_cannot_suspend))
 
 
 def values_used(func: Any) -> dict[str, Any]:
