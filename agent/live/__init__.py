@@ -1,10 +1,10 @@
 """The runs of this process, for whoever watches: ``agent run``'s progress, ``agent top``.
 
 ``Agent.run`` calls :func:`register` as a run starts and :func:`finished` as it ends: a
-dictionary insert and a pop, nothing per state. The first registration also starts this process's status endpoint
-(:mod:`agent.live.server`: a Unix socket served by one thread), unless
-``AGENT_STATUS_ENDPOINT=off``. Snapshots are built only when someone asks
-(:mod:`agent.live.snapshot`), on the run's own event loop.
+dictionary insert and a pop, nothing per state. The first registration also starts this
+process's status endpoint (:mod:`agent.live.server`: a Unix socket served by one thread),
+unless ``AGENT_STATUS_ENDPOINT=off``. Snapshots are built only when someone asks
+(:mod:`agent.live.snapshot`), on the run's own event loop while it waits on one.
 """
 
 from __future__ import annotations
