@@ -501,9 +501,18 @@ _WELCOME_WAIT = 10.0  # seconds; the supervisor answers a hello as soon as it re
 
 async def serve(session: ChildSession, transport: DealerTransport, *, welcome: bool = False) -> None:
     """Serve the attempt, then close the channel: with ``welcome``, not before the supervisor
-    believed the hello (:class:`~agent.ipc.Welcome`)."""
+    believed the hello (:class:`~agent.ipc.Welcome`).
+
+    Once the attempt has reported, this process yields the CPU. Its report woke the
+    supervisor's I/O thread, and the kernel queues a thread woken over a local socket on
+    the waker's CPU, where this process would go on closing and exiting (half a
+    millisecond or more) before that thread may read the report. Measured in a chain of
+    20 ms states, the supervisor then read a report about 1.2 ms after it was sent in half
+    of the transitions; with the yield, 0.3-0.4 ms.
+    """
     try:
         await session.run()
+        os.sched_yield()  # the report is sent: what is left here can wait (see above)
         if welcome:
             await session.welcomed(_WELCOME_WAIT)
     finally:

@@ -25,14 +25,15 @@ A child need not wait for its fork: the zygote keeps a few children *parked*, fo
 ahead while it is idle, each blocked on a socket of its own. It reports each one
 (``parked``) with the other end of that socket, keeping none: the supervisor moves the
 child into a cgroup of its own (:mod:`agent.supervisor.parked`) and, at a launch, hands
-it its spec itself, then tells the zygote (``taken``), which replaces it. A launch so
-costs a descriptor passed, neither a fork nor a wake-up of the zygote. How many it keeps
-follows the launches it serves: one more than the largest burst of recent ``spawn``
-requests (so that a launch finds one whose cgroup is ready even while the one taken by
-the launch before is being replaced), at most ``park_max`` (``AGENT_PARKED_MAX``, from
-the ``configure`` request), and none once no child was asked for in ``park_idle``
-seconds (``AGENT_PARKED_IDLE``, default ``PARK_IDLE``; counted from the last park too,
-for a machine slower than that): it then asks the supervisor to let them go
+it its spec itself; once that child has said hello, it tells the zygote (``taken``),
+which replaces it (a parked child that exits is replaced too). A launch so costs a
+descriptor passed, and the replacement's fork overlaps the state rather than its start.
+How many it keeps follows the launches it serves: one more than the largest burst of
+recent ``spawn`` requests (so that a launch finds one whose cgroup is ready even while
+the one taken by the launch before is being replaced), at most ``park_max``
+(``AGENT_PARKED_MAX``, from the ``configure`` request), and none once no child was asked
+for in ``park_idle`` seconds (``AGENT_PARKED_IDLE``, default ``PARK_IDLE``; counted from
+the last park too, for a machine slower than that): it then asks the supervisor to let them go
 (``let_go``), which closes the socket of each it has not handed out, and a parked child
 whose socket closes exits. Sandboxed children are parked apart, following the sandboxed
 launches: each is forked as PID 1 of a PID namespace of its own, made for that one fork,
@@ -517,6 +518,9 @@ class Zygote:
             if pid == 0:
                 return
             self._children.discard(pid)
+            for parking in self._parking.values():
+                if pid in parking.children:
+                    parking.children.remove(pid)  # a parked child gone before its launch
             for fd, entry in list(self._listeners.items()):
                 if entry[0] == pid:
                     self._drop_listener(fd)

@@ -156,8 +156,8 @@ class ZygoteLauncher:
     def hand_over(
         self, spec: dict[str, Any], parked: socket.socket, pid: int, *, sandbox: bool = False, fds: Sequence[int] = (),
     ) -> tuple[float, int] | None:
-        """Hand parked child ``pid`` its spec (and ``fds``) over ``parked``, its socket, and
-        tell the zygote, which replaces it: no fork, and no hop through the zygote.
+        """Hand parked child ``pid`` its spec (and ``fds``) over ``parked``, its socket: no
+        fork, and no hop through the zygote (the caller tells it later: :meth:`taken`).
 
         Returns the CPU seconds and page faults the child had taken before (its warm-up,
         which the caller leaves out of the figures of the child's exit), or None when it is
@@ -174,9 +174,11 @@ class ZygoteLauncher:
             os.close(fd)
         # Read once the child has its spec (before, its warm-up may not be over): what it
         # did since is a few microseconds, in clock ticks nothing.
-        charged = charged_so_far(pid)
+        return charged_so_far(pid)
+
+    def taken(self, pid: int, sandbox: bool = False) -> None:
+        """Tell the zygote that parked child ``pid`` was handed a spec: it forks a replacement."""
         self._send({"op": "taken", "pid": pid, "sandbox": sandbox})
-        return charged
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         self._send({"op": "kill", "pid": pid, "signal": int(sig)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import struct
 import threading
@@ -79,6 +80,55 @@ async def test_a_parked_child_is_named_until_launched() -> None:
     served = dict([(await run(make_attempt(own_name, number=n))).result for n in range(2, 6)])
     assert parked in served
     assert "agent-parked" not in served.values()
+
+
+async def test_the_zygote_replaces_a_parked_child_once_it_said_hello() -> None:
+    # Told at the hand-over, the zygote forked the replacement while the launched child was
+    # still starting, on the same cores; it is told once that child has said hello.
+    shutdown_supervisor()
+    await run(make_attempt(own_pid))
+    sup = current_supervisor()
+    assert sup is not None
+    parked = await wait_for_connected_parked_child(time.monotonic() + 60)
+    told: list[tuple[int, set[str]]] = []
+    tell = sup.zygote.taken
+
+    def taken(pid: int, sandbox: bool = False) -> None:
+        # Handed its spec but not yet known as its pid's child: still launching.
+        told.append((pid, {child.status.value for child in sup._by_secret.values() if child.pid == pid}
+                     or {"launching"}))
+        tell(pid, sandbox)
+
+    sup.zygote.taken = taken  # type: ignore[method-assign]
+    try:
+        served = [(await run(make_attempt(own_pid, number=n))).result for n in range(2, 6)]
+    finally:
+        del sup.zygote.taken
+    assert parked in served
+    assert {pid for pid, _ in told} <= set(served)
+    assert [pid for pid, _ in told if pid == parked] == [parked]  # once
+    assert all(statuses <= {"running", "reported"} for _, statuses in told), told
+    assert not sup._untold
+    await wait_for_connected_parked_child(time.monotonic() + 60)  # replaced
+
+
+async def test_a_parked_child_that_dies_before_a_launch_is_replaced() -> None:
+    shutdown_supervisor()
+    await run(make_attempt(own_pid))
+    sup = current_supervisor()
+    assert sup is not None
+    deadline = time.monotonic() + 60
+    while len(sup.parked & peers_of_this_process()) < 2:  # as many as the zygote keeps after one launch
+        assert time.monotonic() < deadline, f"fewer than two children parked: {sup.parked}"
+        await asyncio.sleep(0.01)
+    before = set(sup.parked)
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)  # ours: forked by our supervisor's zygote
+    deadline = time.monotonic() + 30
+    while victim in sup.parked or not sup.parked - before:
+        assert time.monotonic() < deadline, f"parked {sorted(sup.parked)}; {victim} killed, none new"
+        await asyncio.sleep(0.01)  # the zygote's reports come in on this loop
+    assert (await run(make_attempt(own_pid, number=2))).result != victim
 
 
 async def test_a_worker_started_while_a_child_is_parked_can_be_that_child() -> None:
