@@ -24,14 +24,17 @@ def tree_cpu_seconds() -> float:
     return total
 
 
-def chain_agent(name: str, isolation: str, n: int, **options: Any) -> Any:
-    """An agent of ``n`` states run one after the other, each returning the next one's name."""
+def chain_agent(name: str, isolation: str, n: int, busy_s: float = 0.0, **options: Any) -> Any:
+    """An agent of ``n`` states run one after the other, each returning the next one's name
+    (after waiting ``busy_s`` seconds, as a state waiting on a service would)."""
     from agent import Agent
 
     agent = Agent(name, isolation=isolation, **options)
     names = [f"s{i}" for i in range(n)]
     for state, following in zip(names, names[1:] + [None]):
         async def step(context, following=following):
+            if busy_s:
+                await asyncio.sleep(busy_s)
             return following
 
         agent.add_state(state, step, next_states=[following] if following else [])

@@ -25,6 +25,10 @@ took a quarter longer beside them). Alternating Ray and each of our isolation le
   Ray: as many no-op ``@ray.remote(num_cpus=0.01)`` tasks, gathered;
 * ``chain``: ``--chain`` no-op states one after the other, through ``Agent``; Ray: the
   same number of tasks, each ``ray.get`` before the next is submitted;
+* ``busy_chain``: the same chain, each state waiting ``--busy-ms`` ms first (as a state
+  waiting on a service does; Ray's task sleeps as long), so that the machine's cores are
+  free between transitions: ``overhead_ms_per_state`` is the time per state beyond that
+  wait, what a chain of real states pays for its isolation;
 * ``launch``: for ``process``, state requested (the executor called) to state running,
   from the monotonic clock every process of the box shares (p50, p90); Ray: task
   submitted to task running.
@@ -36,7 +40,7 @@ local cluster, workers that exit meanwhile excepted), which moves less than the 
 a loaded machine. ``load`` is the machine's load average and CPU pressure around the run.
 
 Run: ``python bench/peers.py [--only inline|isolated] [--repeat 5] [--seconds 1]
-[--states 200] [--chain 50] [--puffinflow-python PATH] [--ray-python PATH]``.
+[--states 200] [--chain 50] [--busy-ms 20] [--puffinflow-python PATH] [--ray-python PATH]``.
 """
 
 from __future__ import annotations
@@ -111,7 +115,7 @@ run_loop(main())
 ISOLATED = r'''
 import asyncio, json, os, sys, tempfile, time
 root, side, states, chain_n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-ray_cpus, samples = int(sys.argv[5]), int(sys.argv[6])
+ray_cpus, samples, busy_s = int(sys.argv[5]), int(sys.argv[6]), float(sys.argv[7]) / 1000
 sys.path.insert(0, root)
 sys.path.insert(0, os.path.join(root, "bench"))
 os.environ.setdefault("AGENT_ECHO", "off")
@@ -163,8 +167,11 @@ if side == "ours":
     async def fan_out(level):
         return await timed(fan_agent(level, states).run, our_cpu)
 
-    async def chain(level):
-        return await timed(chain_agent("bench_chain", level, chain_n, max_steps=chain_n + 10).run, our_cpu)
+    async def chain(level, busy=0.0):
+        return await timed(chain_agent("bench_chain", level, chain_n, busy, max_steps=chain_n + 10).run, our_cpu)
+
+    async def busy_chain(level):
+        return await chain(level, busy_s)
 
     async def launch(_):
         return percentiles(await launch_latencies(samples))
@@ -191,6 +198,10 @@ else:
     def ray_started_at():
         return time.monotonic()
 
+    @ray.remote(num_cpus=0.01, max_retries=0)
+    def ray_busy(seconds):
+        time.sleep(seconds)
+
     async def fan_out(_):
         return await timed(lambda: asyncio.gather(*[ray_noop.remote() for _ in range(states)]), tree_cpu_seconds)
 
@@ -198,6 +209,12 @@ else:
         async def run():
             for _ in range(chain_n):
                 ray.get(ray_noop.remote())
+        return await timed(run, tree_cpu_seconds)
+
+    async def busy_chain(_):
+        async def run():
+            for _ in range(chain_n):
+                ray.get(ray_busy.remote(busy_s))
         return await timed(run, tree_cpu_seconds)
 
     async def launch(_):
@@ -217,12 +234,13 @@ else:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 async def serve():
-    # Commands from the bench, one per line ("fan_out LEVEL", "chain LEVEL", "launch"), each
+    # Commands from the bench, one per line ("fan_out LEVEL", "chain LEVEL", "busy_chain LEVEL",
+    # "launch"), each
     # answered with one JSON line; the event loop keeps running while a command is awaited.
     await warm_up()
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
-    handlers = {"fan_out": fan_out, "chain": chain, "launch": launch}
+    handlers = {"fan_out": fan_out, "chain": chain, "busy_chain": busy_chain, "launch": launch}
     while True:
         line = await loop.run_in_executor(None, sys.stdin.readline)
         if not line.strip():
@@ -290,7 +308,7 @@ class _Side:
     def __init__(self, python: str, side: str, args: argparse.Namespace) -> None:
         self.proc = subprocess.Popen(
             [python, "-c", ISOLATED, ROOT, side, str(args.states), str(args.chain), str(args.ray_cpus),
-             str(args.latency_samples)],
+             str(args.latency_samples), str(args.busy_ms)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
 
@@ -346,13 +364,17 @@ def isolated(args: argparse.Namespace) -> dict[str, object]:
         def ask(side: str, kind: str) -> Any:
             return ray.ask(kind) if side == "ray" else ours.ask(f"{kind} {side}")  # type: ignore[union-attr]
 
-        results: dict[str, dict[str, list[Any]]] = {kind: {side: [] for side in sides} for kind in ("fan_out", "chain")}
+        kinds = {"fan_out": args.states, "chain": args.chain, "busy_chain": args.chain}
+        results: dict[str, dict[str, list[Any]]] = {kind: {side: [] for side in sides} for kind in kinds}
         for _ in range(args.repeat):  # alternate the sides: the machine's speed drifts
-            for kind in ("fan_out", "chain"):
+            for kind in kinds:
                 for side in sides:
                     results[kind][side].append(ask(side, kind))
-        for kind, n in (("fan_out", args.states), ("chain", args.chain)):
+        for kind, n in kinds.items():
             out[kind] = {side: _summary(results[kind][side], n) for side in sides}
+        for summary in out["busy_chain"].values():  # type: ignore[attr-defined]
+            summary["overhead_ms_per_state"] = round(summary["ms_per_state"] - args.busy_ms, 3)
+        out["busy_ms"] = args.busy_ms
         launch = {"process": ours.ask("launch")}
         if ray is not None:
             launch["ray"] = ray.ask("launch")
@@ -367,12 +389,14 @@ def isolated(args: argparse.Namespace) -> dict[str, object]:
         out["ray"] = f"not importable by {args.ray_python}: pip install 'ray>=2.51,<3' there"
         return out
     out["interpreters"]["ray"] = interpreter(args.ray_python)  # type: ignore[index]
-    fan_out, chain = out["fan_out"], out["chain"]
+    fan_out, chain, busy = out["fan_out"], out["chain"], out["busy_chain"]
     for level in ("process", "worker"):
         fan_out[f"{level}_over_ray"] = round(  # type: ignore[index]
             fan_out[level]["states_per_s"] / fan_out["ray"]["states_per_s"], 2)  # type: ignore[index]
         chain[f"{level}_over_ray"] = round(  # type: ignore[index]
             chain[level]["ms_per_state"] / chain["ray"]["ms_per_state"], 2)  # type: ignore[index]
+        busy[f"{level}_over_ray"] = round(  # type: ignore[index]
+            busy[level]["overhead_ms_per_state"] / busy["ray"]["overhead_ms_per_state"], 2)  # type: ignore[index]
     return out
 
 
@@ -383,6 +407,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="per inline workload and run")
     parser.add_argument("--states", type=int, default=200, help="isolated fan-out width")
     parser.add_argument("--chain", type=int, default=50, help="isolated chain length")
+    parser.add_argument("--busy-ms", type=float, default=20.0, help="what each state of busy_chain waits")
     parser.add_argument("--latency-samples", type=int, default=200)
     parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument("--puffinflow-python", default=sys.executable)
