@@ -33,6 +33,11 @@ took a quarter longer beside them). Alternating Ray and each of our isolation le
   from the monotonic clock every process of the box shares (p50, p90); Ray: task
   submitted to task running.
 
+Each workload is timed on a quiet machine: before each, the bench waits until the cores
+have been idle (under 15% busy) for ``--quiet-s`` seconds, at most 10 s (``settle``:
+how long it waited in all, and how often it gave up). Work a side leaves running is
+otherwise timed as the next one's: Ray stops the workers a fan-out started about a
+second after it, and a side timed while that ran took up to 1.7x as long.
 Each figure is a median; ``*_over_ray`` compares ours with Ray's measured in the same run;
 ``cpu_ms_per_state`` is the CPU time of everything involved per state (ours: our side's
 process, the zygote and every state process; Ray: its driver and every process of the
@@ -51,6 +56,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -348,6 +354,21 @@ def _load() -> dict[str, object]:
     return out
 
 
+def _settle(quiet_s: float, most_s: float = 10.0, busy_pct: float = 15.0) -> tuple[float, bool]:
+    """Wait until the cores have been under ``busy_pct`` busy for ``quiet_s`` seconds in a row
+    (at most ``most_s``); how long it waited, and whether it gave up."""
+    import psutil
+
+    start = time.monotonic()
+    quiet_since = start
+    while time.monotonic() - quiet_since < quiet_s:
+        if time.monotonic() - start > most_s:
+            return time.monotonic() - start, True
+        if psutil.cpu_percent(interval=0.1) >= busy_pct:
+            quiet_since = time.monotonic()
+    return time.monotonic() - start, False
+
+
 def isolated(args: argparse.Namespace) -> dict[str, object]:
     """Our isolation levels against Ray tasks, each side in its own interpreter (see the module doc)."""
     with_ray = can_import(args.ray_python, "ray")
@@ -361,7 +382,12 @@ def isolated(args: argparse.Namespace) -> dict[str, object]:
             ray.ready()  # Ray's cluster is up and warm from here on, also while ours is timed
         sides = ["process", "worker"] + (["ray"] if ray is not None else [])
 
+        settle = {"waited_s": 0.0, "gave_up": 0}
+
         def ask(side: str, kind: str) -> Any:
+            waited, gave_up = _settle(args.quiet_s)
+            settle["waited_s"] += waited
+            settle["gave_up"] += gave_up
             return ray.ask(kind) if side == "ray" else ours.ask(f"{kind} {side}")  # type: ignore[union-attr]
 
         kinds = {"fan_out": args.states, "chain": args.chain, "busy_chain": args.chain}
@@ -375,8 +401,11 @@ def isolated(args: argparse.Namespace) -> dict[str, object]:
         for summary in out["busy_chain"].values():  # type: ignore[attr-defined]
             summary["overhead_ms_per_state"] = round(summary["ms_per_state"] - args.busy_ms, 3)
         out["busy_ms"] = args.busy_ms
+        out["settle"] = {"waited_s": round(settle["waited_s"], 1), "gave_up": settle["gave_up"]}
+        _settle(args.quiet_s)
         launch = {"process": ours.ask("launch")}
         if ray is not None:
+            _settle(args.quiet_s)
             launch["ray"] = ray.ask("launch")
         out["launch"] = launch
     finally:
@@ -408,6 +437,7 @@ def main() -> None:
     parser.add_argument("--states", type=int, default=200, help="isolated fan-out width")
     parser.add_argument("--chain", type=int, default=50, help="isolated chain length")
     parser.add_argument("--busy-ms", type=float, default=20.0, help="what each state of busy_chain waits")
+    parser.add_argument("--quiet-s", type=float, default=1.0, help="idle cores before each isolated workload")
     parser.add_argument("--latency-samples", type=int, default=200)
     parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument("--puffinflow-python", default=sys.executable)
