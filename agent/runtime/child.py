@@ -120,8 +120,9 @@ def child_main(
 
 
 def park(
-    sock_fd: int, zygote_pidfd: int | None, zygote_fds: list[int], warm_up: Callable[[], None], endpoint: str = "",
-    name: bytes = b"python", sandbox: tuple[int | None, list[int]] | None = None,
+    sock_fd: int, zygote_pidfd: int | None, zygote_fds: list[int],
+    warm_up: Callable[[asyncio.AbstractEventLoop], None], endpoint: str = "", name: bytes = b"python",
+    sandbox: tuple[int | None, list[int]] | None = None,
 ) -> NoReturn:
     """Be a parked child: do what every child does first, then wait for a spec; never return.
 
@@ -129,11 +130,12 @@ def park(
     this child; when the zygote closes the socket instead, the child exits. Nothing of a
     state has run here before: a parked child is as fresh as one forked for its launch.
     Meanwhile it connects to the supervisor at ``endpoint`` (if any), whose half of the
-    handshake then waits in the socket, and warms up unless its spec came already. Once
-    launched it takes ``name`` (the zygote's) instead of :data:`PARKED_NAME`. A child parked
-    for a sandboxed launch (``sandbox``: its socket for the seccomp listener and the
-    namespaces made for it, as :func:`child_main` gets them) keeps only those descriptors,
-    starts a session of its own, and serves only a sandboxed spec.
+    handshake then waits in the socket, and warms up on its own event loop, which then
+    serves the attempt, unless its spec came already. Once launched it takes ``name`` (the
+    zygote's) instead of :data:`PARKED_NAME`. A child parked for a sandboxed launch
+    (``sandbox``: its socket for the seccomp listener and the namespaces made for it, as
+    :func:`child_main` gets them) keeps only those descriptors, starts a session of its
+    own, and serves only a sandboxed spec.
     """
     global _ready_loop
     code = EXIT_SETUP_FAILED
@@ -147,23 +149,23 @@ def park(
         keep = [sock_fd, *([notify_fd] if notify_fd is not None else []), *(namespaces or ())]
         _leave_zygote(zygote_fds, keep if sandbox is not None else None)
         connected = _connect_ahead(endpoint)
-        if not select.select([sock_fd], [], [], 0)[0]:
-            # The pages an attempt writes are copied now, while nothing waits for them; what
-            # the warm-up left (its loop, its channel) is collected now, not during a state.
-            warm_up()
-            gc.collect()
-        channel = _channel_ahead(connected, endpoint)
         # Its own loop, made while nothing waits for it (a sandbox's is asyncio's: libuv's
-        # io_uring is denied there); a sandbox's namespaces and filesystem view too.
-        if sandbox is None:
-            _ready_loop = uvloop.new_event_loop()
+        # io_uring is denied there).
+        _ready_loop = uvloop.new_event_loop() if sandbox is None else asyncio.SelectorEventLoop()
+        if not select.select([sock_fd], [], [], 0)[0]:
+            # The pages an attempt writes are copied now, while nothing waits for them, on
+            # the loop that will serve it; what the warm-up left (its channel) is collected
+            # now, not during a state.
+            warm_up(_ready_loop)
+            gc.collect()
         else:
+            _ready_loop.run_until_complete(_nothing())  # a loop's first run sets it up (0.2 ms for uvloop's)
+        channel = _channel_ahead(connected, endpoint)
+        if sandbox is not None:  # a sandbox's namespaces and filesystem view, made ahead too
             from . import sandbox as sandbox_module
 
-            _ready_loop = asyncio.SelectorEventLoop()
             sandbox_module.make_view_ahead(sandbox_module.DEFAULT_VIEW, namespaces)
             namespaces = None
-        _ready_loop.run_until_complete(_nothing())  # a loop's first run sets it up (0.2 ms for uvloop's)
         asyncio.set_event_loop(_ready_loop)
         # The spec is waited for inside a run of the loop: starting a run (uvloop makes a
         # socketpair for signals each time) then happens before the launch, not after it.

@@ -76,13 +76,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..values import Bounds, pack_plain, unpack_plain
 from . import child as child_module
 from . import seccomp
 from .child import set_parent_death_signal
 from .sandbox import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWPID, unshare
+
+if TYPE_CHECKING:
+    from asyncio import AbstractEventLoop
 
 _libc_fork = ctypes.PyDLL(None, use_errno=True).fork  # PyDLL: the GIL is held across it
 _HEADER = struct.Struct("!I")
@@ -614,7 +617,7 @@ async def _warm_state(context: Any) -> dict[str, Any]:
     return {"ok": [1, 2.0, "x", None]}
 
 
-def warm_up(rounds: int = 12) -> None:
+def warm_up(rounds: int = 12, loop: AbstractEventLoop | None = None) -> None:
     """Serve whole attempts in-process, as every child will, before the first fork.
 
     Lazy initialisation then happens once, here; and CPython specialises a function's
@@ -622,7 +625,8 @@ def warm_up(rounds: int = 12) -> None:
     specialised instead of each rewriting (and so copying) it. A round is a
     :class:`ChildSession` on a :class:`DealerTransport` whose peer, one end of a
     socketpair, was loaded beforehand with what the supervisor's ROUTER would send. It
-    leaves nothing behind: no thread, no socket, no event loop.
+    leaves nothing behind: no thread, no socket, no event loop (each round makes its own,
+    unless given ``loop``, which it runs and keeps open: a parked child's own).
     """
     import asyncio
 
@@ -638,17 +642,19 @@ def warm_up(rounds: int = 12) -> None:
         _read_sample_spec(run)
         ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # A third of the rounds on asyncio's own loop, which sandboxed children use.
-        loop = asyncio.SelectorEventLoop() if round_ % 3 == 2 else uvloop.new_event_loop()
-        asyncio.set_event_loop(loop)
+        own = loop is None
+        round_loop = (asyncio.SelectorEventLoop() if round_ % 3 == 2 else uvloop.new_event_loop()) if own else loop
+        asyncio.set_event_loop(round_loop)
         try:
             peer.sendall(GREETING + ready_command(b"ROUTER", b"") + frame(run))
             transport = DealerTransport.over(ours, b"", linger=0)  # the peer never closes
             session = ChildSession(transport, pid=os.getpid(), secret=b"warm-up")
             session.hello()
-            loop.run_until_complete(child_module.serve(session, transport))
+            round_loop.run_until_complete(child_module.serve(session, transport))
             confine.apply({})
         finally:
-            loop.close()
+            if own:
+                round_loop.close()
             asyncio.set_event_loop(None)
             ours.close()
             peer.close()
@@ -733,8 +739,8 @@ def charged_in(stat: bytes, *, children: bool = False) -> tuple[float, int]:
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _warm_once() -> None:
-    warm_up(1)
+def _warm_once(loop: AbstractEventLoop) -> None:
+    warm_up(1, loop)
 
 
 def _release_free_heap() -> None:

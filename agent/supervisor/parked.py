@@ -83,7 +83,9 @@ class ParkedChildren:
         try:
             handle = self._confiner.park(pid, sandboxed)
         except Exception as exc:
-            if not isinstance(exc.__cause__, ProcessLookupError):  # else it was let go meanwhile
+            # Else it was let go meanwhile, or the supervisor shut down (its zygote removes
+            # the supervisor's cgroups as it exits): nothing went wrong.
+            if not isinstance(exc.__cause__, ProcessLookupError) and not self._closed:
                 self._log.warning("parked_child_not_confined", pid=pid, error=repr(exc))
             handle, failed = None, True
         else:

@@ -9,6 +9,7 @@ import socket
 import struct
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -276,4 +277,45 @@ def test_a_child_parked_as_its_loop_ended_serves_the_next_loop() -> None:
         gate.set()
         if not first.is_closed():
             first.close()
+        shutdown_supervisor()
+
+
+def test_a_child_parked_as_the_supervisor_shuts_down_goes_without_a_warning() -> None:
+    # The zygote removes the supervisor's cgroups as it exits: a parked child's cgroup made
+    # after that cannot be, which is the shutdown, not a failure worth a warning.
+    shutdown_supervisor()
+    gate = threading.Event()
+
+    async def park_behind_the_gate() -> Any:
+        await run(make_attempt(own_pid))
+        sup = current_supervisor()
+        assert sup is not None
+        if not sup.confiner.backend.owned_dirs():
+            pytest.skip("no cgroups here: parked children get none")
+        deadline = time.monotonic() + 60
+        while not sup.parked_children._ready[False]:
+            assert time.monotonic() < deadline, "no child was parked"
+            await asyncio.sleep(0.01)
+        sup.confiner.background(gate.wait)  # cgroups are made on this thread: hold it
+        await run(make_attempt(own_pid, number=2))  # takes the parked child: the zygote parks another
+        while not sup.parked_children._making:
+            assert time.monotonic() < deadline, "no child was parked after the launch"
+            await asyncio.sleep(0.01)
+        return sup
+
+    try:
+        sup = asyncio.run(park_behind_the_gate())
+        warned: list[str] = []
+        sup.parked_children._log = type("Log", (), {"warning": lambda self, event, **_: warned.append(event)})()
+        close_zygote = sup.zygote.close
+
+        def close_then_release(*args: Any, **kwargs: Any) -> None:
+            close_zygote(*args, **kwargs)
+            gate.set()  # the parked child's cgroup is made now, its parent gone
+
+        sup.zygote.close = close_then_release  # type: ignore[method-assign]
+        shutdown_supervisor()
+        assert warned == []
+    finally:
+        gate.set()
         shutdown_supervisor()
