@@ -231,6 +231,24 @@ async def test_children_let_go_exit_while_a_process_forked_from_the_supervisors_
         shutdown_supervisor()
 
 
+async def park_behind(gate: threading.Event) -> Any:
+    """The supervisor, once a launch took a parked child and the zygote parked another,
+    whose cgroup waits to be made: the confiner's thread, which makes it, waits for ``gate``."""
+    await run(make_attempt(own_pid))
+    sup = current_supervisor()
+    assert sup is not None
+    deadline = time.monotonic() + 60
+    while not sup.parked_children._ready[False]:
+        assert time.monotonic() < deadline, "no child was parked"
+        await asyncio.sleep(0.01)
+    sup.confiner.background(gate.wait)  # cgroups are made on this thread: hold it
+    await run(make_attempt(own_pid, number=2))  # takes the parked child: the zygote parks another
+    while not sup.parked_children._making:
+        assert time.monotonic() < deadline, "no child was parked after the launch"
+        await asyncio.sleep(0.01)
+    return sup
+
+
 def test_a_child_parked_as_its_loop_ended_serves_the_next_loop() -> None:
     # asyncio.run() twice: the first loop stops while a parked child's cgroup is being made,
     # so the call that would take the child in never runs there. The next loop the
@@ -240,19 +258,7 @@ def test_a_child_parked_as_its_loop_ended_serves_the_next_loop() -> None:
     gate, done = threading.Event(), threading.Event()
 
     async def park_while_the_confiner_waits() -> set[int]:
-        await run(make_attempt(own_pid))
-        sup = current_supervisor()
-        assert sup is not None
-        deadline = time.monotonic() + 60
-        while not sup.parked_children._ready[False]:
-            assert time.monotonic() < deadline, "no child was parked"
-            await asyncio.sleep(0.01)
-        sup.confiner.background(gate.wait)  # cgroups are made on this thread: hold it
-        await run(make_attempt(own_pid, number=2))  # takes the parked child: the zygote parks another
-        while not sup.parked_children._making:
-            assert time.monotonic() < deadline, "no child was parked after the launch"
-            await asyncio.sleep(0.01)
-        return set(sup.parked_children._making)
+        return set((await park_behind(gate)).parked_children._making)
 
     first = asyncio.new_event_loop()
     try:
@@ -285,26 +291,10 @@ def test_a_child_parked_as_the_supervisor_shuts_down_goes_without_a_warning() ->
     # after that cannot be, which is the shutdown, not a failure worth a warning.
     shutdown_supervisor()
     gate = threading.Event()
-
-    async def park_behind_the_gate() -> Any:
-        await run(make_attempt(own_pid))
-        sup = current_supervisor()
-        assert sup is not None
+    try:
+        sup = asyncio.run(park_behind(gate))
         if not sup.confiner.backend.owned_dirs():
             pytest.skip("no cgroups here: parked children get none")
-        deadline = time.monotonic() + 60
-        while not sup.parked_children._ready[False]:
-            assert time.monotonic() < deadline, "no child was parked"
-            await asyncio.sleep(0.01)
-        sup.confiner.background(gate.wait)  # cgroups are made on this thread: hold it
-        await run(make_attempt(own_pid, number=2))  # takes the parked child: the zygote parks another
-        while not sup.parked_children._making:
-            assert time.monotonic() < deadline, "no child was parked after the launch"
-            await asyncio.sleep(0.01)
-        return sup
-
-    try:
-        sup = asyncio.run(park_behind_the_gate())
         warned: list[str] = []
         sup.parked_children._log = type("Log", (), {"warning": lambda self, event, **_: warned.append(event)})()
         close_zygote = sup.zygote.close
