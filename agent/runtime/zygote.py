@@ -33,20 +33,20 @@ recent ``spawn`` requests (so that a launch finds one whose cgroup is ready even
 the one taken by the launch before is being replaced), at most ``park_max``
 (``AGENT_PARKED_MAX``, from the ``configure`` request), and none once no child was asked
 for in ``park_idle`` seconds (``AGENT_PARKED_IDLE``, default ``PARK_IDLE``; counted from
-the last park too, for a machine slower than that): it then asks the supervisor to let them go
-(``let_go``), which closes the socket of each it has not handed out, and a parked child
-whose socket closes exits. Sandboxed children are parked apart, following the sandboxed
-launches: each is forked as PID 1 of a PID namespace of its own, made for that one fork,
-holds a pair of the network and IPC namespaces made ahead, and keeps none of the
-zygote's descriptors but the one it sends its seccomp listener over; a sandboxed launch
-takes only such a child, any other launch only another. A parked child is a fresh fork
-that has run nothing of any state; what it does before it parks (parent-death signal,
-dropping the zygote's descriptors and signal handlers, a process group of its own, and
-one warm-up round like the zygote's, so that the pages an attempt writes are its own
-already) is what every child does first. It also connects to the supervisor's ROUTER
-(the ``endpoint`` of ``configure``) while it waits, so that the handshake is over when
-its attempt starts; the connection says nothing until the hello, which names the
-attempt.
+the last park too, for a machine slower than that): it then asks the supervisor to let
+them go (``let_go``), which closes the socket of each it has not handed out, and a
+parked child whose socket closes exits. Sandboxed children are parked apart, following
+the sandboxed launches: each is forked as PID 1 of a PID namespace of its own, made for
+that one fork, holds a pair of the network and IPC namespaces made ahead, and keeps none
+of the zygote's descriptors but the one it sends its seccomp listener over; a sandboxed
+launch takes only such a child, any other launch only another. A parked child is a
+fresh fork that has run nothing of any state; what it does before it parks (parent-death
+signal, dropping the zygote's descriptors and signal handlers, a process group of its
+own, and one warm-up round like the zygote's, on the event loop its attempt will run on,
+so that the pages an attempt writes are its own already) is what every child does first.
+It also connects to the supervisor's ROUTER (the ``endpoint`` of ``configure``) while it
+waits, so that the handshake is over when its attempt starts; the connection says
+nothing until the hello, which names the attempt.
 
 Most of a child's cost is copy-on-write: each page of the zygote a child writes is
 copied. Hence: the zygote is warmed up by serving whole attempts in-process before it
