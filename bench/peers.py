@@ -42,7 +42,8 @@ Each figure is a median; ``*_over_ray`` compares ours with Ray's measured in the
 ``cpu_ms_per_state`` is the CPU time of everything involved per state (ours: our side's
 process, the zygote and every state process; Ray: its driver and every process of the
 local cluster, workers that exit meanwhile excepted), which moves less than the rates on
-a loaded machine. ``load`` is the machine's load average and CPU pressure around the run.
+a loaded machine; ``cpu_ms_per_state_by_process`` splits it (ours: ``supervisor``, the
+``zygote``, ``state_processes``; Ray: ``driver``, ``cluster``). ``load`` is the machine's load average and CPU pressure around the run.
 
 Run: ``python bench/peers.py [--only inline|isolated] [--repeat 5] [--seconds 1]
 [--states 200] [--chain 50] [--busy-ms 20] [--puffinflow-python PATH] [--ray-python PATH]``.
@@ -125,37 +126,44 @@ ray_cpus, samples, busy_s = int(sys.argv[5]), int(sys.argv[6]), float(sys.argv[7
 sys.path.insert(0, root)
 sys.path.insert(0, os.path.join(root, "bench"))
 os.environ.setdefault("AGENT_ECHO", "off")
-from common import chain_agent, launch_latencies, percentile, tree_cpu_seconds
+from common import chain_agent, launch_latencies, percentile
 
 def percentiles(values):
     return {"p50_ms": round(percentile(values, 0.5) * 1000, 3), "p90_ms": round(percentile(values, 0.9) * 1000, 3)}
 
 async def timed(run, cpu):
+    """Seconds, CPU seconds in all, and CPU seconds by process (``cpu()``'s parts)."""
     c0, t0 = cpu(), time.perf_counter()
     await run()
-    return [time.perf_counter() - t0, cpu() - c0]
+    seconds, c1 = time.perf_counter() - t0, cpu()
+    parts = {part: c1[part] - c0.get(part, 0.0) for part in c1}
+    return [seconds, sum(parts.values()), parts]
+
+def cpu_times(proc):
+    try:
+        t = proc.cpu_times()
+    except psutil.Error:  # gone meanwhile
+        return 0.0
+    return t.user + t.system
+
+import psutil
 
 if side == "ours":
-    import psutil
     from agent import Agent
     from agent.supervisor import current_supervisor, shutdown_supervisor
 
     def our_cpu():
-        """This process, the zygote, its live children and the ones it reaped."""
+        """CPU seconds so far of this process (the supervisor's), the zygote, and the state
+        processes and workers (live, and those the zygote reaped)."""
         own = os.times()
-        total = own.user + own.system
+        parts = {"supervisor": own.user + own.system, "zygote": 0.0, "state_processes": 0.0}
         sup = current_supervisor()
         if sup is not None:
             zygote = psutil.Process(sup.zygote.pid)
             t = zygote.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-            for child in zygote.children():
-                try:
-                    c = child.cpu_times()
-                    total += c.user + c.system
-                except psutil.Error:
-                    pass
-        return total
+            parts["zygote"] = t.user + t.system
+            parts["state_processes"] = t.children_user + t.children_system + sum(map(cpu_times, zygote.children()))
+        return parts
 
     async def noop(context):
         return None
@@ -196,6 +204,11 @@ else:
     ray.init(num_cpus=ray_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              object_store_memory=100 * 1024 * 1024, _temp_dir=temp_dir)
 
+    def ray_cpu():
+        """CPU seconds so far of this process (Ray's driver) and its cluster's live processes."""
+        me = psutil.Process()
+        return {"driver": cpu_times(me), "cluster": sum(map(cpu_times, me.children(recursive=True)))}
+
     @ray.remote(num_cpus=0.01, max_retries=0)
     def ray_noop():
         return None
@@ -209,19 +222,19 @@ else:
         time.sleep(seconds)
 
     async def fan_out(_):
-        return await timed(lambda: asyncio.gather(*[ray_noop.remote() for _ in range(states)]), tree_cpu_seconds)
+        return await timed(lambda: asyncio.gather(*[ray_noop.remote() for _ in range(states)]), ray_cpu)
 
     async def chain(_):
         async def run():
             for _ in range(chain_n):
                 ray.get(ray_noop.remote())
-        return await timed(run, tree_cpu_seconds)
+        return await timed(run, ray_cpu)
 
     async def busy_chain(_):
         async def run():
             for _ in range(chain_n):
                 ray.get(ray_busy.remote(busy_s))
-        return await timed(run, tree_cpu_seconds)
+        return await timed(run, ray_cpu)
 
     async def launch(_):
         out = []
@@ -337,11 +350,13 @@ class _Side:
             self.proc.wait()
 
 
-def _summary(runs: list[list[float]], n: int) -> dict[str, object]:
-    seconds = statistics.median(t for t, _ in runs)
+def _summary(runs: list[list[Any]], n: int) -> dict[str, object]:
+    seconds = statistics.median(t for t, _, _ in runs)
     return {"states_per_s": round(n / seconds, 1), "ms_per_state": round(seconds / n * 1000, 3),
-            "cpu_ms_per_state": round(statistics.median(c for _, c in runs) / n * 1000, 3),
-            "runs_states_per_s": [round(n / t, 1) for t, _ in runs]}
+            "cpu_ms_per_state": round(statistics.median(c for _, c, _ in runs) / n * 1000, 3),
+            "cpu_ms_per_state_by_process": {part: round(statistics.median(p[part] for _, _, p in runs) / n * 1000, 3)
+                                            for part in runs[0][2]},
+            "runs_states_per_s": [round(n / t, 1) for t, _, _ in runs]}
 
 
 def _load() -> dict[str, object]:
