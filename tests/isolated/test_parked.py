@@ -9,6 +9,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -83,10 +84,19 @@ async def test_a_parked_child_is_named_until_launched() -> None:
     assert "agent-parked" not in served.values()
 
 
+@pytest.fixture
+def parked_for_good(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A supervisor of its own whose parked children are not let go for lack of launches."""
+    shutdown_supervisor()
+    monkeypatch.setenv("AGENT_PARKED_IDLE", "600")
+    yield
+    shutdown_supervisor()
+
+
+@pytest.mark.usefixtures("parked_for_good")
 async def test_the_zygote_replaces_a_parked_child_once_it_said_hello() -> None:
     # Told at the hand-over, the zygote forked the replacement while the launched child was
     # still starting, on the same cores; it is told once that child has said hello.
-    shutdown_supervisor()
     await run(make_attempt(own_pid))
     sup = current_supervisor()
     assert sup is not None
@@ -113,8 +123,8 @@ async def test_the_zygote_replaces_a_parked_child_once_it_said_hello() -> None:
     await wait_for_connected_parked_child(time.monotonic() + 60)  # replaced
 
 
+@pytest.mark.usefixtures("parked_for_good")
 async def test_a_parked_child_that_dies_before_a_launch_is_replaced() -> None:
-    shutdown_supervisor()
     await run(make_attempt(own_pid))
     sup = current_supervisor()
     assert sup is not None
