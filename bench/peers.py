@@ -43,7 +43,8 @@ Each figure is a median; ``*_over_ray`` compares ours with Ray's measured in the
 process, the zygote and every state process; Ray: its driver and every process of the
 local cluster, workers that exit meanwhile excepted), which moves less than the rates on
 a loaded machine; ``cpu_ms_per_state_by_process`` splits it (ours: ``supervisor``, the
-``zygote``, ``state_processes``; Ray: ``driver``, ``cluster``). ``load`` is the machine's load average and CPU pressure around the run.
+``zygote``, ``state_processes``; Ray: ``driver``, ``cluster``). ``load`` is the machine's
+load average and CPU pressure around the run.
 
 Run: ``python bench/peers.py [--only inline|isolated] [--repeat 5] [--seconds 1]
 [--states 200] [--chain 50] [--busy-ms 20] [--puffinflow-python PATH] [--ray-python PATH]``.

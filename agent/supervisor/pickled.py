@@ -14,10 +14,22 @@ a dict, an instance, a class defined in a function) is pickled for every attempt
 a callable that is not a plain function; so is every function once the set of loaded
 modules changed (cloudpickle names the loaded submodules a function uses) or a module
 was registered to be pickled by value, until its next pickle.
+
+A program that builds its agent again for each run (a service, per request) makes new
+closures from the same code each time: those are told apart by what they copy, not by
+their identity. Such a closure reuses the pickle of one made before from the same code
+object whose copied values are equal and of the same types (strings, numbers, bytes),
+and the very same objects otherwise (code, modules, classes, functions); a float must
+be the same to the bit. The function a state's process unpickles then is what its own
+pickle would give, except that two equal values it copies might come out as one object
+(immutable values, whose identity Python does not promise). At most :data:`KEPT_PER_CODE` closures of each
+code object are kept, the most recently used. Pickling a small closure took a third of a
+``worker`` state's supervisor time in a chain built for each run (0.13 of 0.4 ms).
 """
 
 from __future__ import annotations
 
+import struct
 import sys
 import threading
 import types
@@ -38,6 +50,12 @@ MAX_KEPT = 64 * 1024
 """Pickles over this many bytes are not kept: a function carrying that much is rare, and
 holding a second copy of it for the function's life is not worth a few microseconds."""
 
+KEPT_PER_CODE = 1024
+"""Pickles kept per code object for closures made again from it (a chain's states, say):
+the most recently used; about 1.5 KiB each for a small closure."""
+
+_Kept = tuple[bytes, tuple[Any, ...]]  # a pickle and the mark of what it copied
+
 _IMMUTABLE = frozenset({type(None), bool, int, float, complex, str, bytes, type(...), types.CodeType})
 _BASE_GLOBALS = ("__package__", "__name__", "__path__", "__file__")  # what cloudpickle keeps of a module
 _ABSENT = object()
@@ -49,7 +67,9 @@ class PickledFunctions:
     """``dumps(func)``: ``cloudpickle.dumps(func)``, from the cache when still the same."""
 
     def __init__(self) -> None:
-        self._kept: weakref.WeakKeyDictionary[Callable[..., Any], tuple[bytes, tuple[Any, ...]]] = (
+        self._kept: weakref.WeakKeyDictionary[Callable[..., Any], _Kept] = weakref.WeakKeyDictionary()
+        # Closures made again from the same code: by code object, then by what they copy.
+        self._by_code: weakref.WeakKeyDictionary[types.CodeType, dict[tuple[Any, ...], _Kept]] = (
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()  # agents on other threads' loops share the supervisor
@@ -58,15 +78,31 @@ class PickledFunctions:
         if _by_reference is None or type(func) is not types.FunctionType:
             return _dumps(func)
         mark = fingerprint(func)
-        if mark is not None:
+        if mark is None:
+            return _dumps(func)
+        with self._lock:
+            kept = self._kept.get(func)
+        if kept is not None and _same(kept[1], mark):
+            return kept[0]
+        key = _values_key(mark) if len(mark) > _OWN_REF + 1 else None  # copied by value, not named
+        data = None
+        if key is not None:
             with self._lock:
-                kept = self._kept.get(func)
-            if kept is not None and _same(kept[1], mark):
-                return kept[0]
-        data = _dumps(func)
-        if mark is not None and len(data) <= MAX_KEPT:
-            with self._lock:
-                self._kept[func] = (data, mark)
+                alike = self._by_code.get(func.__code__, {}).get(key)
+            if alike is not None and _alike(alike[1], mark):
+                data = alike[0]
+        if data is None:
+            data = _dumps(func)
+            if len(data) > MAX_KEPT:
+                return data
+        with self._lock:
+            self._kept[func] = (data, mark)
+            if key is not None:
+                same_code = self._by_code.setdefault(func.__code__, {})
+                same_code.pop(key, None)
+                same_code[key] = (data, mark)
+                if len(same_code) > KEPT_PER_CODE:
+                    del same_code[next(iter(same_code))]  # the oldest
         return data
 
 
@@ -79,6 +115,57 @@ def fingerprint(func: types.FunctionType) -> tuple[Any, ...] | None:
     """Everything cloudpickle copies of ``func``, in order (None: something is mutable)."""
     out: list[Any] = [len(sys.modules), frozenset(_BY_VALUE)]
     return tuple(out) if _walk(func, out, set()) else None
+
+
+_OWN_REF = 2
+"""Where a function's mark holds the function itself (after the two module-set figures)."""
+_EQUAL_WHEN_EQUAL = frozenset({str, bytes, int, bool})
+_TWO_DOUBLES = struct.Struct("<dd")
+
+
+def _values_key(mark: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What a closure's mark says it copies, as a key equal for another closure of the same
+    code that copies equal values (its own identity left out)."""
+    key: list[Any] = [mark[0], mark[1]]
+    for item in mark[_OWN_REF + 1:]:
+        kind = type(item)
+        if kind is weakref.ReferenceType:
+            key.append(id(item()))
+        elif kind in _EQUAL_WHEN_EQUAL:
+            key.append((kind, item))
+        elif kind is float or kind is complex:
+            key.append(_bits(item))
+        else:
+            key.append(id(item))  # code, a container's type, a marker: only the same one
+    return tuple(key)
+
+
+def _alike(kept: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
+    """Whether two marks copy the same, their own functions aside (see the module doc)."""
+    if len(kept) != len(now) or kept[0] != now[0] or kept[1] != now[1]:
+        return False
+    return all(map(_alike_item, kept[_OWN_REF + 1:], now[_OWN_REF + 1:]))
+
+
+def _alike_item(kept: Any, now: Any) -> bool:
+    if kept is now:
+        return True
+    kind = type(kept)
+    if kind is not type(now):
+        return False
+    if kind is weakref.ReferenceType:
+        target = kept()
+        return target is not None and target is now()
+    if kind in _EQUAL_WHEN_EQUAL:
+        return bool(kept == now)
+    if kind is float or kind is complex:
+        return _bits(kept) == _bits(now)  # the same to the bit: -0.0 is not 0.0
+    return False
+
+
+def _bits(number: float | complex) -> bytes:
+    value = complex(number)
+    return _TWO_DOUBLES.pack(value.real, value.imag) + (b"j" if type(number) is complex else b"")
 
 
 def _same(kept: tuple[Any, ...], now: tuple[Any, ...]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import sys
 import types
 import weakref
@@ -11,7 +12,7 @@ import cloudpickle
 import pytest
 
 from agent import Agent
-from agent.supervisor.pickled import PickledFunctions, fingerprint
+from agent.supervisor.pickled import KEPT_PER_CODE, PickledFunctions, fingerprint
 
 SETTING = 1
 TABLE = {"x": 1}
@@ -149,3 +150,73 @@ def test_a_kept_pickle_does_not_keep_its_function_alive() -> None:
     del state
     gc.collect()
     assert gone() is None
+
+
+def fresh(text: str) -> str:
+    """An equal string that is another object."""
+    return "".join(list(text))
+
+
+def test_a_closure_made_again_from_the_same_code_reuses_the_pickle() -> None:
+    # A program that builds its agent per request makes new closures each time.
+    pickled = PickledFunctions()
+    first = pickled.dumps(closure_over("s1")[0])
+    again, _ = closure_over(fresh("s1"))
+    assert pickled.dumps(again) is first
+    assert first == cloudpickle.dumps(again)
+
+
+@pytest.mark.parametrize(("before", "now"), [
+    ("s1", "s2"), (1, True), (1, 1.0), (0.0, -0.0), (b"x", "x"), (1.5, 1.5000000000000002), (helper, len),
+], ids=["str", "int-bool", "int-float", "zero-sign", "bytes-str", "float-bits", "function"])
+def test_a_closure_made_again_over_other_values_is_pickled_for_them(before: object, now: object) -> None:
+    pickled = PickledFunctions()
+    first = pickled.dumps(closure_over(before)[0])
+    state, _ = closure_over(now)
+    assert pickled.dumps(state) == cloudpickle.dumps(state) != first
+
+
+def test_a_closure_over_functions_made_with_it_is_pickled_each_time_made() -> None:
+    def make(value: str) -> types.FunctionType:
+        async def ping(context):
+            return pong
+
+        async def pong(context):
+            return value
+
+        return ping  # type: ignore[return-value]
+
+    pickled = PickledFunctions()
+    first = pickled.dumps(make("a"))
+    state = make("b")  # its pong is a new function, which reads another value
+    assert pickled.dumps(state) == cloudpickle.dumps(state) != first
+
+
+def test_the_closures_kept_per_code_are_the_most_recently_used() -> None:
+    pickled = PickledFunctions()
+    oldest = pickled.dumps(closure_over("v0")[0])
+    for n in range(1, KEPT_PER_CODE + 1):
+        pickled.dumps(closure_over(f"v{n}")[0])
+    newest = pickled.dumps(closure_over(f"v{KEPT_PER_CODE}")[0])
+    assert pickled.dumps(closure_over(fresh(f"v{KEPT_PER_CODE}"))[0]) is newest
+    again = pickled.dumps(closure_over(fresh("v0"))[0])
+    assert again == oldest and again is not oldest  # pickled again: the oldest went
+
+
+async def test_an_agent_built_again_runs_what_it_was_built_with(level) -> None:
+    def build(value: object) -> Agent:
+        async def keep(context):
+            context.set_state("kept", value)
+
+        agent = Agent("built_per_request", isolation=level)
+        agent.add_state("keep", keep)
+        return agent
+
+    seen = []
+    for value in ("first", "second", fresh("first"), 0.0, -0.0, 1, True):
+        agent = build(value)
+        await agent.run()
+        seen.append(agent.context.get_state("kept"))
+    assert seen == ["first", "second", "first", 0.0, -0.0, 1, True]
+    assert [type(v) for v in seen[-2:]] == [int, bool]
+    assert math.copysign(1.0, seen[3]) == 1.0 and math.copysign(1.0, seen[4]) == -1.0
