@@ -22,9 +22,10 @@ object whose copied values are equal and of the same types (strings, numbers, by
 and the very same objects otherwise (code, modules, classes, functions); a float must
 be the same to the bit. The function a state's process unpickles then is what its own
 pickle would give, except that two equal values it copies might come out as one object
-(immutable values, whose identity Python does not promise). At most :data:`KEPT_PER_CODE` closures of each
-code object are kept, the most recently used. Pickling a small closure took a third of a
-``worker`` state's supervisor time in a chain built for each run (0.13 of 0.4 ms).
+(immutable values, whose identity Python does not promise). At most
+:data:`KEPT_PER_CODE` closures of each code object are kept, the most recently used.
+Pickling a small closure took a third of a ``worker`` state's supervisor time in a chain
+built for each run (0.13 of 0.4 ms).
 """
 
 from __future__ import annotations
