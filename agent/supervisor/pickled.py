@@ -23,7 +23,8 @@ and the very same objects otherwise (code, modules, classes, functions); a float
 be the same to the bit. The function a state's process unpickles then is what its own
 pickle would give, except that two equal values it copies might come out as one object
 (immutable values, whose identity Python does not promise). At most
-:data:`KEPT_PER_CODE` closures of each code object are kept, the most recently used.
+:data:`KEPT_PER_CODE` closures of each code object are kept, the most recently used, and
+:data:`BYTES_PER_CODE` bytes of their pickles.
 Pickling a small closure took a third of a ``worker`` state's supervisor time in a chain
 built for each run (0.13 of 0.4 ms).
 """
@@ -53,9 +54,28 @@ holding a second copy of it for the function's life is not worth a few microseco
 
 KEPT_PER_CODE = 1024
 """Pickles kept per code object for closures made again from it (a chain's states, say):
-the most recently used; about 1.5 KiB each for a small closure."""
+the most recently used, with what they copied (about 1.5 KiB a small closure)."""
+
+BYTES_PER_CODE = 1024 * 1024
+"""At most this many bytes of those pickles per code object (what they copied is about as
+much again): a builder of closures over large, ever new values keeps few of them."""
 
 _Kept = tuple[bytes, tuple[Any, ...]]  # a pickle and the mark of what it copied
+
+
+class _SameCode(dict[tuple[Any, ...], _Kept]):
+    """The kept closures of one code object, by what they copy, least recently used first."""
+
+    size = 0  # bytes of pickles held
+
+    def keep(self, key: tuple[Any, ...], kept: _Kept) -> None:
+        old = self.pop(key, None)
+        if old is not None:
+            self.size -= len(old[0])
+        self[key] = kept
+        self.size += len(kept[0])
+        while len(self) > KEPT_PER_CODE or self.size > BYTES_PER_CODE:
+            self.size -= len(self.pop(next(iter(self)))[0])
 
 _IMMUTABLE = frozenset({type(None), bool, int, float, complex, str, bytes, type(...), types.CodeType})
 _BASE_GLOBALS = ("__package__", "__name__", "__path__", "__file__")  # what cloudpickle keeps of a module
@@ -70,9 +90,7 @@ class PickledFunctions:
     def __init__(self) -> None:
         self._kept: weakref.WeakKeyDictionary[Callable[..., Any], _Kept] = weakref.WeakKeyDictionary()
         # Closures made again from the same code: by code object, then by what they copy.
-        self._by_code: weakref.WeakKeyDictionary[types.CodeType, dict[tuple[Any, ...], _Kept]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._by_code: weakref.WeakKeyDictionary[types.CodeType, _SameCode] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()  # agents on other threads' loops share the supervisor
 
     def dumps(self, func: Callable[..., Any]) -> bytes:
@@ -99,11 +117,7 @@ class PickledFunctions:
         with self._lock:
             self._kept[func] = (data, mark)
             if key is not None:
-                same_code = self._by_code.setdefault(func.__code__, {})
-                same_code.pop(key, None)
-                same_code[key] = (data, mark)
-                if len(same_code) > KEPT_PER_CODE:
-                    del same_code[next(iter(same_code))]  # the oldest
+                self._by_code.setdefault(func.__code__, _SameCode()).keep(key, (data, mark))
         return data
 
 

@@ -12,7 +12,7 @@ import cloudpickle
 import pytest
 
 from agent import Agent
-from agent.supervisor.pickled import KEPT_PER_CODE, PickledFunctions, fingerprint
+from agent.supervisor.pickled import BYTES_PER_CODE, KEPT_PER_CODE, MAX_KEPT, PickledFunctions, fingerprint
 
 SETTING = 1
 TABLE = {"x": 1}
@@ -201,6 +201,22 @@ def test_the_closures_kept_per_code_are_the_most_recently_used() -> None:
     assert pickled.dumps(closure_over(fresh(f"v{KEPT_PER_CODE}"))[0]) is newest
     again = pickled.dumps(closure_over(fresh("v0"))[0])
     assert again == oldest and again is not oldest  # pickled again: the oldest went
+
+
+def test_the_closures_kept_per_code_hold_a_bounded_size() -> None:
+    # A builder of closures over large values, new for every run, keeps a few of them.
+    pickled = PickledFunctions()
+    big = MAX_KEPT // 2
+
+    def over(n: int) -> types.FunctionType:
+        return closure_over(fresh(f"{n:08}" * (big // 8)))[0]
+
+    first = pickled.dumps(over(0))
+    assert pickled.dumps(over(0)) is first  # kept
+    for n in range(1, 2 * BYTES_PER_CODE // big):
+        pickled.dumps(over(n))
+    again = pickled.dumps(over(0))
+    assert again == first and again is not first  # pickled again: it went for the newer ones
 
 
 async def test_an_agent_built_again_runs_what_it_was_built_with(level) -> None:
