@@ -47,7 +47,8 @@ a loaded machine; ``cpu_ms_per_state_by_process`` splits it (ours: ``supervisor`
 load average and CPU pressure around the run.
 
 Run: ``python bench/peers.py [--only inline|isolated] [--repeat 5] [--seconds 1]
-[--states 200] [--chain 50] [--busy-ms 20] [--puffinflow-python PATH] [--ray-python PATH]``.
+[--states 200] [--chain 50] [--busy-ms 20] [--quiet-s 1] [--puffinflow-python PATH]
+[--ray-python PATH]``.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ run_loop(main())
 
 ISOLATED = r'''
 import asyncio, json, os, sys, tempfile, time
+import psutil
 root, side, states, chain_n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 ray_cpus, samples, busy_s = int(sys.argv[5]), int(sys.argv[6]), float(sys.argv[7]) / 1000
 sys.path.insert(0, root)
@@ -146,8 +148,6 @@ def cpu_times(proc):
     except psutil.Error:  # gone meanwhile
         return 0.0
     return t.user + t.system
-
-import psutil
 
 if side == "ours":
     from agent import Agent
