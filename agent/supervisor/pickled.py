@@ -108,7 +108,7 @@ class PickledFunctions:
         if key is not None:
             with self._lock:
                 alike = self._by_code.get(func.__code__, {}).get(key)
-            if alike is not None and _alike(alike[1], mark):
+            if alike is not None and _alive(alike[1]):
                 data = alike[0]
         if data is None:
             data = _dumps(func)
@@ -140,7 +140,11 @@ _TWO_DOUBLES = struct.Struct("<dd")
 
 def _values_key(mark: tuple[Any, ...]) -> tuple[Any, ...]:
     """What a closure's mark says it copies, as a key equal for another closure of the same
-    code that copies equal values (its own identity left out)."""
+    code that copies the same (see the module doc), its own identity left out.
+
+    Objects that must be the very same are keyed by identity: a kept mark holds each (the
+    weakly held ones, while :func:`_alive` says they are), so no other object has its id.
+    """
     key: list[Any] = [mark[0], mark[1]]
     for item in mark[_OWN_REF + 1:]:
         kind = type(item)
@@ -149,33 +153,16 @@ def _values_key(mark: tuple[Any, ...]) -> tuple[Any, ...]:
         elif kind in _EQUAL_WHEN_EQUAL:
             key.append((kind, item))
         elif kind is float or kind is complex:
-            key.append(_bits(item))
+            key.append(_bits(item))  # the same to the bit: -0.0 is not 0.0
         else:
             key.append(id(item))  # code, a container's type, a marker: only the same one
     return tuple(key)
 
 
-def _alike(kept: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
-    """Whether two marks copy the same, their own functions aside (see the module doc)."""
-    if len(kept) != len(now) or kept[0] != now[0] or kept[1] != now[1]:
-        return False
-    return all(map(_alike_item, kept[_OWN_REF + 1:], now[_OWN_REF + 1:]))
-
-
-def _alike_item(kept: Any, now: Any) -> bool:
-    if kept is now:
-        return True
-    kind = type(kept)
-    if kind is not type(now):
-        return False
-    if kind is weakref.ReferenceType:
-        target = kept()
-        return target is not None and target is now()
-    if kind in _EQUAL_WHEN_EQUAL:
-        return bool(kept == now)
-    if kind is float or kind is complex:
-        return _bits(kept) == _bits(now)  # the same to the bit: -0.0 is not 0.0
-    return False
+def _alive(mark: tuple[Any, ...]) -> bool:
+    """Whether every object a kept mark holds weakly (its own function aside) still lives:
+    else an object made since may have its id, and the key would match it wrongly."""
+    return all(item() is not None for item in mark[_OWN_REF + 1:] if type(item) is weakref.ReferenceType)
 
 
 def _bits(number: float | complex) -> bytes:

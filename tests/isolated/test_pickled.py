@@ -236,3 +236,20 @@ async def test_an_agent_built_again_runs_what_it_was_built_with(level) -> None:
     assert seen == ["first", "second", "first", 0.0, -0.0, 1, True]
     assert [type(v) for v in seen[-2:]] == [int, bool]
     assert math.copysign(1.0, seen[3]) == 1.0 and math.copysign(1.0, seen[4]) == -1.0
+
+
+def test_a_closure_over_a_function_born_where_a_gone_one_was_is_pickled_for_it() -> None:
+    # A function pickled by name is known by identity; once the one a kept pickle names is
+    # gone, a new function may take its id, and must not take its pickle too.
+    pickled = PickledFunctions()
+    for n in range(50):
+        name = f"_agent_test_gone_{n}"
+        module = sys.modules[name] = types.ModuleType(name)
+        try:
+            exec(f"async def step(context):\n    return {n}", module.__dict__)
+            state, _ = closure_over(module.step)
+            assert pickled.dumps(state) == cloudpickle.dumps(state)
+        finally:
+            del sys.modules[name]
+        del module, state
+        gc.collect()
