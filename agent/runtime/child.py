@@ -131,8 +131,9 @@ def park(
     state has run here before: a parked child is as fresh as one forked for its launch.
     Meanwhile it connects to the supervisor at ``endpoint`` (if any), whose half of the
     handshake then waits in the socket, and warms up on its own event loop, which then
-    serves the attempt, unless its spec came already. Once launched it takes ``name`` (the
-    zygote's) instead of :data:`PARKED_NAME`. A child parked for a sandboxed launch
+    serves the attempt, unless its spec came already or the cores are busy
+    (:func:`cores_busy`). Once launched it takes ``name`` (the zygote's) instead of
+    :data:`PARKED_NAME`. A child parked for a sandboxed launch
     (``sandbox``: its socket for the seccomp listener and the namespaces made for it, as
     :func:`child_main` gets them) keeps only those descriptors, starts a session of its
     own, and serves only a sandboxed spec.
@@ -152,7 +153,7 @@ def park(
         # Its own loop, made while nothing waits for it (a sandbox's is asyncio's: libuv's
         # io_uring is denied there).
         _ready_loop = uvloop.new_event_loop() if sandbox is None else asyncio.SelectorEventLoop()
-        if not select.select([sock_fd], [], [], 0)[0]:
+        if not select.select([sock_fd], [], [], 0)[0] and not cores_busy():
             # The pages an attempt writes are copied now, while nothing waits for them, on
             # the loop that will serve it; what the warm-up left (its channel) is collected
             # now, not during a state.
@@ -180,6 +181,28 @@ def park(
         _print_exception()
     finally:
         _exit(code)
+
+
+_BUSY_WAIT_RATIO = 1.5
+"""A parked child whose wait for a core since its fork exceeds this many times its run
+time finds the cores busy (the ratio is 0.2-0.6 where cores are idle between launches,
+above 2 in most children of a chain of no-op states on two cores)."""
+
+
+def cores_busy(schedstat: str = "/proc/self/schedstat") -> bool:
+    """Whether this process waited for a core (since its fork) much longer than it ran.
+
+    A parked child's warm-up spends idle CPU to cut its launch's latency; where no core is
+    idle, it would take that CPU from running states instead (a chain of small states on
+    two cores ran 5-10% slower for it), so a child that finds the cores busy skips it.
+    False where the kernel keeps no such counts.
+    """
+    try:
+        with open(schedstat, "rb") as counts:
+            ran, waited = (int(field) for field in counts.read().split()[:2])
+    except (OSError, ValueError):
+        return False
+    return waited > _BUSY_WAIT_RATIO * ran
 
 
 async def _nothing() -> None:

@@ -7,6 +7,8 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from typing import Any
 import pytest
 
 from agent.context import Context
+from agent.runtime.child import cores_busy
 from agent.supervisor import current_supervisor, shutdown_supervisor
 
 from .helpers import files_under, make_attempt, run
@@ -140,6 +143,52 @@ async def test_a_parked_child_that_dies_before_a_launch_is_replaced() -> None:
         assert time.monotonic() < deadline, f"parked {sorted(sup.parked)}; {victim} killed, none new"
         await asyncio.sleep(0.01)  # the zygote's reports come in on this loop
     assert (await run(make_attempt(own_pid, number=2))).result != victim
+
+
+@pytest.mark.parametrize(("ran", "waited", "busy"), [(1000, 1501, True), (1000, 1500, False), (1000, 0, False)])
+def test_cores_busy_is_a_wait_for_a_core_much_longer_than_the_run(
+    tmp_path: Any, ran: int, waited: int, busy: bool
+) -> None:
+    counts = tmp_path / "schedstat"
+    counts.write_text(f"{ran} {waited} 3\n")
+    assert cores_busy(str(counts)) is busy
+
+
+@pytest.mark.parametrize("text", [None, "", "12 many 3\n"])
+def test_cores_busy_without_counts_says_idle(tmp_path: Any, text: str | None) -> None:
+    # No counts (a kernel without schedstats) or unreadable ones: the child warms up, as it did.
+    counts = tmp_path / "schedstat"
+    if text is not None:
+        counts.write_text(text)
+    assert cores_busy(str(counts)) is False
+
+
+@pytest.mark.usefixtures("parked_for_good")
+async def test_children_parked_while_the_cores_are_busy_skip_the_warm_up_and_serve() -> None:
+    # Processes of a higher priority than ours take every core: a child parked meanwhile
+    # waits for a core longer than it runs, so it skips its warm-up; its launch still
+    # serves the attempt, in a process of its own.
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.nice(-5))
+            for _ in range(2 * len(os.sched_getaffinity(0)))]
+    try:
+        await run(make_attempt(own_pid))
+        sup = current_supervisor()
+        assert sup is not None
+        deadline = time.monotonic() + 120
+        while not (skipped := {pid for pid in sup.parked & peers_of_this_process()
+                               if cores_busy(f"/proc/{pid}/schedstat")}):
+            assert time.monotonic() < deadline, "no child parked under the hogs found the cores busy"
+            await asyncio.sleep(0.01)
+        served: list[int] = []
+        while not skipped & set(served):
+            assert len(served) < 20, f"none of {skipped} served a launch: {served}"
+            served.append((await run(make_attempt(own_pid, number=len(served) + 2))).result)
+    finally:
+        for hog in hogs:
+            hog.kill()
+        for hog in hogs:
+            hog.wait()
+    assert len(set(served)) == len(served)
 
 
 async def test_a_worker_started_while_a_child_is_parked_can_be_that_child() -> None:
