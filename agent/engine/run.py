@@ -10,10 +10,11 @@ and a state that returns a list opens a child group (a fan-out) whose branches a
 listed states. A name returned by a branch starts at once, continuing that branch,
 unless something else in the branch's group (another branch still running, directly or
 through nested fan-outs, or a name already held there) could still return it,
-directly or through the states it leads to (:class:`~agent.workflow.ReturnGraph`).
-Then the name is *held* in the group and runs **once**, when nothing else in the group
-can return it any more. A group whose branches have all ended or met in one name has
-joined: that name continues the branch that opened the group, one level up. So
+directly or through the states it leads to (:class:`~agent.workflow.ReturnGraph`), or,
+failing that, something in a group above, outside the branch. Then the name is *held*
+in that group and runs **once**, when nothing else in the group can return it any
+more. A group whose branches have all ended or met in one name has joined: that name
+continues the branch that opened the group, one level up. So
 ``[a, b]`` where both return ``"merge"`` runs ``merge`` once, after both; a fast branch
 never waits for a slow sibling that cannot meet it; and nested fan-outs join at their
 own level first. What each activation could return is only worked out once a group
@@ -615,8 +616,38 @@ class Run:
             if group.unfinished == 1 and not group.held and group.parent is not None:
                 group = self._joined(group)  # the last branch continues the one that opened it
                 continue
-            self.activate(name, group)
+            outer = self._join_above(group, name) if group.parent is not None else None
+            if outer is None:
+                self.activate(name, group)
+                return
+            # Met above: this branch of ``group`` ends here; the branch of ``outer`` it is
+            # part of goes on (its other parts may still run), so ``outer`` counts no arrival.
+            if name in outer.held:
+                outer.held[name] += 1
+            elif outer.cancelled is None or name not in outer.cancelled:
+                self._hold(outer, name)
+            group.unfinished -= 1
+            self.settle(group)
             return
+
+    def _join_above(self, group: Group, name: str) -> Group | None:
+        """The nearest group above ``group`` where ``name``, handed over by a branch of
+        ``group`` that nothing in ``group`` can meet, must wait: it is held or cancelled
+        there, or something there outside ``group``'s branch could still return it."""
+        below = group
+        g = group.parent
+        while g is not None:
+            if name in g.held or (g.cancelled is not None and name in g.cancelled):
+                return g
+            if g.items - len(g.held) - below.items > 0:
+                if self.graph is None:
+                    self._track()
+                if (g.wild - g.held_wild - below.wild > 0
+                        or g.pot.get(name, 0) - g.held_pot.get(name, 0) - below.pot.get(name, 0) > 0):
+                    return g
+            below = g
+            g = g.parent
+        return None
 
     def _joined(self, group: Group) -> Group:
         del self.groups[group.id]

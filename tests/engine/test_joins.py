@@ -242,6 +242,80 @@ class TestJoinsRunOnce:
         assert log.count("left_join") == 1 and log.count("final") == 1
         assert log.index("final") > log.index("left_join") > max(log.index("l1"), log.index("l2"))
 
+    @pytest.mark.parametrize("order", [("c", "d", "b"), ("d", "c", "b"), ("b", "c", "d"), ("c", "b", "d")])
+    async def test_a_branch_of_a_nested_fan_out_meets_an_outer_sibling(self, order: tuple[str, ...]) -> None:
+        # start -> [a, b]; a -> [c, d]; c and b return "merge", d ends its branch. Nothing
+        # in a's fan-out meets c there, but b can: merge waits for b and runs once, and
+        # does not wait for d, which cannot return it.
+        gates = Gates()
+        log: list[str] = []
+        agent = Agent("nested_meets_outer", isolation="inline")
+
+        async def start(context):
+            return ["a", "b"]
+
+        async def a(context):
+            return ["c", "d"]
+
+        def gated(name: str, result: str | None):
+            async def state(context):
+                await gates[name].wait()
+                log.append(name)
+                return result
+
+            agent.add_state(name, state, next_states=[result] if result else [])
+
+        async def merge(context):
+            log.append("merge")
+
+        agent.add_state("start", start)
+        agent.add_state("a", a)
+        gated("c", "merge")
+        gated("d", None)
+        gated("b", "merge")
+        agent.add_state("merge", merge)
+        runner = asyncio.create_task(agent.run())
+        for name in order:
+            gates[name].set()
+            while name not in log:
+                await asyncio.sleep(0)
+            if name != "b" and "b" not in log:
+                assert "merge" not in log  # held for b
+        await asyncio.wait_for(runner, 10)
+        assert log.count("merge") == 1
+        assert log.index("merge") > max(log.index("b"), log.index("c"))
+        assert agent.state_metadata["merge"].runs == 1
+
+    async def test_a_nested_branch_meeting_an_outer_sibling_does_not_wait_for_its_own_siblings(self) -> None:
+        gates = Gates()
+        log: list[str] = []
+        agent = Agent("nested_meets_outer_early", isolation="inline")
+
+        async def start(context):
+            return ["a", "b"]
+
+        async def a(context):
+            return ["c", "d"]
+
+        async def c(context):
+            return "merge"
+
+        async def d(context):
+            await gates["d"].wait()  # still running when merge may start
+            log.append("d")
+
+        async def b(context):
+            return "merge"
+
+        async def merge(context):
+            log.append("merge")
+            gates["d"].set()
+
+        for fn in (start, a, b, c, d, merge):
+            agent.add_state(fn.__name__, fn)
+        await asyncio.wait_for(agent.run(), 10)
+        assert log == ["merge", "d"]
+
     async def test_checkpoint_mid_fan_out_resumes_with_the_same_hold(self) -> None:
         gate = asyncio.Event()
         log: list[str] = []
