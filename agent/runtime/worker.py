@@ -13,7 +13,8 @@ supervisor, which can close the attempt only at the hello, wakes once for both.
 Between two states the worker puts back what it can: its working directory, ``argv``
 and environment; tasks the state left on the event loop are cancelled; the default
 thread pool is shut down. It cannot take back a thread that will not end, a process the
-state started and left running, or a task that refuses to be cancelled: then it exits
+state started and left running (its child, or any other process in its cgroup), or a
+task that refuses to be cancelled: then it exits
 instead of saying ready, and the supervisor starts a fresh one when one is needed. What
 stays by design (the heap, imported modules and their globals, open files a state did
 not close, signal handlers, the page cache) is the price of reuse and is documented in
@@ -78,6 +79,8 @@ class Worker:
         self._environ = dict(os.environ)
         self._environ_raw = _env.snapshot()
         self._hello = encode_message(Hello(pid=os.getpid(), secret=self._secret))
+        procs = spec.get("confine", {}).get("cgroup_procs") or ()
+        self._cgroup_procs: str | None = procs[0] if procs else None  # its cgroup's processes
         self._threads = self._new_thread_pool()
         self._reader: asyncio.Task[None] | None = None
         self._session: ChildSession | None = None  # the attempt in progress
@@ -184,7 +187,7 @@ class Worker:
                 return False
         if threading.active_count() > 1 and not self._threads_ended():
             return False
-        if _has_live_children():
+        if _has_live_children() or self._others_in_cgroup():
             return False
         if os.getcwd() != self._cwd:
             os.chdir(self._cwd)
@@ -194,6 +197,18 @@ class Worker:
             os.environ.clear()
             os.environ.update(self._environ)
         return True
+
+    def _others_in_cgroup(self) -> bool:
+        """Whether a process besides this one is in its cgroup: one the state started that is
+        no longer its child (a daemon that double-forked), which :func:`_has_live_children`
+        does not see."""
+        if self._cgroup_procs is None:
+            return False
+        try:
+            with open(self._cgroup_procs, "rb") as procs:
+                return any(int(pid) != os.getpid() for pid in procs.read().split())
+        except (OSError, ValueError):
+            return True  # cannot tell: a fresh worker serves the next state
 
     def _threads_ended(self) -> bool:
         """Shut the state's thread pool down; True once every thread but this one has ended."""

@@ -290,7 +290,9 @@ class WorkerProcess:
         if status is not None:
             self.confinement.usage()  # its cgroup's final figures, kept for the attempt's verdict
         self.exit_status = status
-        self.confinement.reaped = status is not None  # its cgroup is then removed off the loop
+        # Its cgroup is then removed off the loop, unless the worker left processes there
+        # (why it exited): they are killed before its attempt is over.
+        self.confinement.reaped = status is not None and not self._others_left()
         if status is None and self.pid is not None and not self._sup.closed:
             self._sup.kill_pid(self.pid)  # lost track of it: make sure it is gone
         attempt = self.attempt
@@ -306,6 +308,16 @@ class WorkerProcess:
             escape = escape_reason(self.confinement, self.confinement.usage(), cpu, faults)
             if escape is not None:  # between attempts: nobody to fail, but it is said
                 self._sup.log.warning("worker_left_its_cgroup", pid=self.pid, message=escape.message)
+
+    def _others_left(self) -> bool:
+        """Whether processes are left in its cgroup now that the worker is reaped."""
+        handle = self.confinement.handle
+        if handle is None:
+            return False
+        try:
+            return bool(handle.pids())
+        except OSError:
+            return True
 
     def violate(self, message: str, *, kind: str = "protocol", traceback: str = "") -> None:
         """A protocol violation (or a bound passed): its attempt's if it serves one; the worker goes."""

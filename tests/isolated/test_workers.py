@@ -73,6 +73,32 @@ async def forge_ready(context):
     await asyncio.sleep(30)  # it would run on while its worker looked free
 
 
+async def spawn_daemon(context):
+    """Start a process that is no longer the worker's child (double fork, new session)."""
+    read, write = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        os.setsid()
+        if os.fork() == 0:
+            os.write(write, str(os.getpid()).encode())
+            os.close(write)
+            os.execvp("sleep", ["sleep", "600"])
+        os._exit(0)
+    os.close(write)
+    context.set_state("daemon", int(os.read(read, 32)))
+    os.close(read)
+    os.waitpid(middle, 0)
+    context.set_state("pid", os.getpid())
+    context.set_state("cgroup", _cgroup_dir("memory"))
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 async def until(condition, timeout: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
@@ -116,6 +142,21 @@ async def test_a_worker_killed_by_its_memory_limit_is_replaced():
     ctx = await after.run()
     assert ctx.get_state("pid_next") != hog_pid
     assert hog_pid not in current_supervisor().workers.idle_pids()
+
+
+async def test_a_process_a_state_left_in_its_workers_cgroup_does_not_outlive_the_attempt():
+    # Not the worker's child, so only its cgroup tells: the worker goes instead of
+    # serving again, and the process goes with the worker's cgroup before run() returns.
+    agent = Agent("daemon", isolation="worker")
+    agent.add_state("spawn", spawn_daemon)
+    ctx = await agent.run()
+    daemon, worker = ctx.get_state("daemon"), ctx.get_state("pid")
+    assert gone(daemon)
+    assert not os.path.exists(ctx.get_state("cgroup"))
+    assert worker not in current_supervisor().workers.idle_pids()
+    after = Agent("after_daemon", isolation="worker")
+    after.add_state("next", record_pid)
+    assert (await after.run()).get_state("pid_next") != worker
 
 
 async def test_retired_workers_leave_no_process_or_cgroup():
