@@ -118,7 +118,8 @@ FAILURE_KINDS: dict[str, str] = {
 PERMANENT_KINDS = frozenset({"limit", "bound", "protocol", "cgroup_escape", "seccomp"})
 """Failures the same attempt would meet again: not retried unless the policy asks."""
 
-_PERMANENT_EXCEPTIONS = frozenset({"UnencodableValueError", "ValueTooLargeError", "ContextBudgetError"})
+_PERMANENT_EXCEPTIONS = frozenset(
+    {"UnencodableValueError", "ValueTooLargeError", "ContextBudgetError", "ContextScopeError"})
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,9 @@ class FailureReason:
     """Why one attempt of a state failed, as seen by the supervisor.
 
     ``kind`` is one of :data:`FAILURE_KINDS`. ``permanent`` says whether trying again
-    could help: a kernel limit, a bound, a protocol violation, a cgroup escape or a value
-    the model cannot carry fails the same way every time, so
+    could help: a kernel limit, a bound, a protocol violation, a cgroup escape, a value
+    the model cannot carry or a context key outside the state's ``context_keys`` fails the
+    same way every time, so
     :class:`~agent.retry.RetryPolicy` does not retry it unless ``retry_permanent=True``.
     A sandboxed state that failed after its seccomp filter refused a system call has kind
     ``seccomp`` (``details["calls"]`` names them).

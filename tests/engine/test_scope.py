@@ -78,9 +78,11 @@ class TestEveryIsolationLevel:
     @pytest.mark.parametrize("isolation", ["inline", "process"])
     async def test_a_key_outside_the_scope_fails_the_state(self, isolation: str) -> None:
         agent = Agent("scoped", isolation=isolation)
-        agent.add_state("peek", reads_a_secret, context_keys=["input_*"])
-        with pytest.raises(StateFailedError, match="may not read context key 'api_key'"):
+        agent.add_state("peek", reads_a_secret, context_keys=["input_*"], max_retries=3)
+        with pytest.raises(StateFailedError, match="may not read context key 'api_key'") as failed:
             await agent.run(initial_context={"api_key": "k"})
+        # It would fail the same way again: permanent, not retried.
+        assert failed.value.reason.permanent and failed.value.attempts == 1
 
     @pytest.mark.parametrize("isolation", ["inline", "process"])
     async def test_without_context_keys_everything_is_seen(self, isolation: str) -> None:
