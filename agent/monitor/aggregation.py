@@ -6,12 +6,19 @@ algorithm R) of at most ``capacity`` values: exact while fewer values than that 
 added, an unbiased estimate afterwards. Memory stays at ``capacity`` floats however
 long a workflow runs. An empty aggregation reports 0.0 everywhere, so code that formats
 the figures (``f"{m.avg:.2f}"``) works before the first value arrives.
+
+Values must be finite real numbers (ints, floats, numpy scalars; not bools): anything
+else raises :class:`~agent.errors.MonitorError`, since one NaN would poison the average
+and a string or a flag is a bug in the caller, not a measurement.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import random
+
+from ..errors import MonitorError
 
 STAT_NAMES = ("count", "sum", "min", "max", "avg", "median", "p95", "p99", "current")
 
@@ -27,6 +34,19 @@ def percentile(ordered: list[float], q: float) -> float:
     high = min(low + 1, len(ordered) - 1)
     frac = pos - low
     return ordered[low] + (ordered[high] - ordered[low]) * frac
+
+
+def _number(value: object) -> float:
+    """``value`` as a float, or MonitorError when it is not a finite real number (bools excluded)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise MonitorError(
+            f"a metric value must be a finite real number (int or float), got {value!r} "
+            f"of type {type(value).__name__}"
+        )
+    number = float(value)
+    if not math.isfinite(number):
+        raise MonitorError(f"a metric value must be a finite real number, got {number!r}")
+    return number
 
 
 class MetricAggregation:
@@ -48,8 +68,9 @@ class MetricAggregation:
         self._rng = random.Random(seed)
 
     def add(self, value: float) -> None:
-        """Record one value."""
-        value = float(value)
+        """Record one value: a finite real number, else :class:`~agent.errors.MonitorError`."""
+        if type(value) is not float or value - value != 0.0:  # NaN and infinities give NaN here
+            value = _number(value)
         self.count += 1
         self.sum += value
         if value < self._min:
@@ -113,6 +134,59 @@ class MetricAggregation:
 
     def __repr__(self) -> str:
         return f"MetricAggregation(count={self.count}, avg={self.avg:g}, min={self.min:g}, max={self.max:g})"
+
+
+class WindowAggregation(MetricAggregation):
+    """A :class:`MetricAggregation` whose latest value can be replaced (:meth:`amend`).
+
+    For figures taken once per update window (rates): a final window too short to be a
+    rate of its own is merged into the one before it, whose value then changes.
+    """
+
+    __slots__ = ("_last_slot", "_min_before", "_max_before")
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, seed: int = 0) -> None:
+        super().__init__(capacity, seed)
+        self._last_slot = -1  # where the latest value sits in the sample (-1: not kept)
+        self._min_before = math.inf
+        self._max_before = -math.inf
+
+    def add(self, value: float) -> None:
+        if type(value) is not float or value - value != 0.0:
+            value = _number(value)
+        self._min_before, self._max_before = self._min, self._max
+        sample = self._sample
+        self.count += 1
+        self.sum += value
+        self._min = min(self._min, value)
+        self._max = max(self._max, value)
+        self.current = value
+        self._last_slot = -1
+        if len(sample) < self._capacity:
+            self._last_slot = len(sample)
+            sample.append(value)
+            self._sorted = None
+        else:
+            slot = int(self._rng.random() * self.count)
+            if slot < self._capacity:
+                sample[slot] = value
+                self._last_slot = slot
+                self._sorted = None
+
+    def amend(self, value: float) -> None:
+        """Replace the latest value by ``value`` (add it when there is none yet)."""
+        if not self.count:
+            self.add(value)
+            return
+        if type(value) is not float or value - value != 0.0:
+            value = _number(value)
+        self.sum += value - self.current
+        self._min = min(self._min_before, value)
+        self._max = max(self._max_before, value)
+        self.current = value
+        if self._last_slot >= 0:
+            self._sample[self._last_slot] = value
+            self._sorted = None
 
 
 class Tally:

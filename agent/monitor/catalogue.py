@@ -72,7 +72,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec(T.RESOURCES, "used_CPU", "percent",
                "CPU use in percent of one core (isolated_CPU + process_CPU), one value per update window"),
     MetricSpec(T.RESOURCES, "isolated_CPU", "percent",
-               "CPU of isolated states measured by the kernel (cgroup), percent of one core, per update window"),
+               "CPU of isolated states measured by the kernel (cgroup) while they run, percent of one core, "
+               "per update window"),
     MetricSpec(T.RESOURCES, "process_CPU", "percent",
                "CPU of this Python process (scheduler and inline states; psutil), percent of one core, "
                "per update window"),

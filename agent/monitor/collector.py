@@ -7,6 +7,12 @@ figures that are rates (throughput, CPU percent, process memory) are taken once 
 *update window* by :meth:`MetricsCollector.sample`, which the real-time ticker calls
 every ``update_interval`` and once at the end.
 
+CPU of isolated attempts (``process``, ``worker``, ``sandbox``) is read from their cgroups
+as they run: each window reads the counter of every attempt of an observed run that is
+running then (one file read each, off the per-event path) and counts what it grew since
+the previous read; an attempt's end adds the rest of its measured ``cpu_seconds``. What
+the windows count for an attempt thus adds up to its ``usage["cpu_seconds"]``.
+
 Times: events carry ``time.monotonic()`` stamps, so the collector's ``clock`` must use
 the same timebase (the default is ``time.monotonic``; tests pass a fake clock and
 events stamped with it). Reads and writes take a lock, so an exporter thread may read
@@ -15,24 +21,65 @@ while the event loop writes.
 
 from __future__ import annotations
 
+import logging
+import math
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from .. import events as ev
-from .aggregation import DEFAULT_CAPACITY, MetricAggregation, Ratio, Tally
+from .aggregation import DEFAULT_CAPACITY, MetricAggregation, Ratio, Tally, WindowAggregation
 from .catalogue import CATALOGUE, MetricSpec, MetricType, specs_for
 from .process import ProcessSampler, ThisProcess
 
 _MIB = 1024.0 * 1024.0
 
+_log = logging.getLogger("agent.monitor")
+
 # Figures shared between two categories: the same values, one aggregation.
 _ALIASES = {("dependency", "resolution_time"): ("timing", "dependency_resolution")}
 
+# Figures taken once per update window (a final short window amends their latest value).
+_WINDOW_FIGURES = frozenset({
+    ("throughput", "states_per_second"), ("throughput", "attempts_per_second"),
+    ("resources", "used_CPU"), ("resources", "isolated_CPU"), ("resources", "process_CPU"),
+    ("resources", "process_memory_mb"),
+})
+
 RECENT_RUNS = 32
+
+AttemptsCpu = Callable[[], Iterable[tuple[str, str, int, float]]]
+"""Where the collector reads the CPU seconds running isolated attempts have used so far:
+``(run id, state, attempt number, cpu seconds)`` each."""
+
+
+def running_attempts_cpu() -> list[tuple[str, str, int, float]]:
+    """The isolated attempts the supervisors of this thread's event loop run now (none when
+    no isolated state ever ran in this process: nothing is imported or started for it)."""
+    service = sys.modules.get("agent.supervisor.service")
+    if service is None:
+        return []
+    attempts: list[tuple[str, str, int, float]] = service.running_attempts_cpu()
+    return attempts
+
+
+@dataclass(frozen=True)
+class _Window:
+    """One closed update window: its active seconds and what happened in it."""
+
+    busy: float
+    completed: int
+    started: int
+    isolated_cpu: float  # seconds
+    process_cpu: float  # seconds
+
+    def __add__(self, other: "_Window") -> "_Window":
+        return _Window(self.busy + other.busy, self.completed + other.completed, self.started + other.started,
+                       self.isolated_cpu + other.isolated_cpu, self.process_cpu + other.process_cpu)
 
 
 @dataclass(frozen=True)
@@ -89,6 +136,8 @@ class _Run:
     queued: dict[str, float] = field(default_factory=dict)
     first_seen: dict[str, float] = field(default_factory=dict)
     allocated: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    # state -> (attempt, its CPU seconds as counted into update windows so far)
+    cpu_counted: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     def view(self, now: float) -> RunView:
         end = self.finished if self.finished is not None else now
@@ -106,6 +155,11 @@ class _Run:
                 for name, (attempt, since) in self.running.items()
             ),
         )
+
+
+def _measured(value: Any) -> TypeGuard[float]:
+    """Whether ``value`` is a figure an aggregation takes (a finite int or float, not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _allocation(resources: Any) -> tuple[float, float, float] | None:
@@ -133,8 +187,10 @@ class MetricsCollector:
         process: ProcessSampler | None = None,
         capacity: int = DEFAULT_CAPACITY,
         min_window: float = 0.05,
+        attempts: AttemptsCpu | None = running_attempts_cpu,
     ) -> None:
         self._clock = clock
+        self._attempts = attempts
         self._process = process if process is not None else ThisProcess()
         self._capacity = capacity
         self._min_window = min_window
@@ -151,6 +207,8 @@ class MetricsCollector:
         self._window_completed = 0
         self._window_started = 0
         self._window_isolated_cpu = 0.0
+        self._last_window: _Window | None = None
+        self._isolated_cpu_counted = 0.0
         self._process_cpu_mark = self._process.cpu_seconds()
         self._new_aggregations()
         self._handlers: dict[str, Callable[[ev.RunEvent], None]] = {
@@ -179,6 +237,8 @@ class MetricsCollector:
                 aggs[key] = Tally()
             elif spec.binary:
                 aggs[key] = Ratio()
+            elif key in _WINDOW_FIGURES:
+                aggs[key] = WindowAggregation(self._capacity)
             else:
                 aggs[key] = MetricAggregation(self._capacity)
         for alias, target in _ALIASES.items():
@@ -190,12 +250,17 @@ class MetricsCollector:
         self._a_dependency = a(("timing", "dependency_resolution"))
         self._a_queue_wait = a(("latency", "queue_wait"))
         self._a_turnaround = a(("latency", "turnaround"))
-        self._a_sps = a(("throughput", "states_per_second"))
-        self._a_aps = a(("throughput", "attempts_per_second"))
-        self._a_used_cpu = a(("resources", "used_CPU"))
-        self._a_isolated_cpu = a(("resources", "isolated_CPU"))
-        self._a_process_cpu = a(("resources", "process_CPU"))
-        self._a_process_mem = a(("resources", "process_memory_mb"))
+        def w(key: tuple[str, str]) -> WindowAggregation:
+            agg = aggs[key]
+            assert isinstance(agg, WindowAggregation)
+            return agg
+
+        self._a_sps = w(("throughput", "states_per_second"))
+        self._a_aps = w(("throughput", "attempts_per_second"))
+        self._a_used_cpu = w(("resources", "used_CPU"))
+        self._a_isolated_cpu = w(("resources", "isolated_CPU"))
+        self._a_process_cpu = w(("resources", "process_CPU"))
+        self._a_process_mem = w(("resources", "process_memory_mb"))
         self._a_state_cpu = a(("resources", "state_cpu_seconds"))
         self._a_state_mem = a(("resources", "state_peak_memory_mb"))
         self._a_state_throttled = a(("resources", "state_throttled_seconds"))
@@ -268,6 +333,7 @@ class MetricsCollector:
         run.queued.clear()
         run.first_seen.clear()
         run.allocated.clear()
+        run.cpu_counted.clear()
         self._recent.appendleft(run)
         if not self._runs:
             self._busy_acc += max(0.0, now - self._busy_since)
@@ -321,28 +387,31 @@ class MetricsCollector:
         alloc = run.allocated.pop(state, None)
         if alloc is not None:
             self._move_allocation(alloc, -1.0)
+        counted = run.cpu_counted.pop(state, None) if run.cpu_counted else None
         if event.usage:
-            self._add_usage(event.usage)
+            self._add_usage(event.usage, counted[1] if counted is not None else 0.0)
         if event.duration is not None:
             return event.duration
         return event.time - started[1] if started is not None else None
 
-    def _add_usage(self, usage: dict[str, Any]) -> None:
+    def _add_usage(self, usage: dict[str, Any], counted: float) -> None:
+        """An attempt's measured usage; ``counted``: its CPU seconds already counted into
+        update windows while it ran (the rest goes into the current window)."""
         cpu = usage.get("cpu_seconds")
-        if isinstance(cpu, (int, float)):
+        if _measured(cpu):
             self._a_state_cpu.add(cpu)
-            self._window_isolated_cpu += cpu
+            self._window_isolated_cpu += max(0.0, cpu - counted)
         throttled = usage.get("throttled_seconds")
-        if isinstance(throttled, (int, float)):
+        if _measured(throttled):
             self._a_state_throttled.add(throttled)
         peak = usage.get("peak_memory_bytes")
-        if isinstance(peak, (int, float)):
+        if _measured(peak):
             self._a_state_mem.add(peak / _MIB)
         read = usage.get("io_read_bytes")
-        if isinstance(read, (int, float)):
+        if _measured(read):
             self._a_state_read.add(read / _MIB)
         write = usage.get("io_write_bytes")
-        if isinstance(write, (int, float)):
+        if _measured(write):
             self._a_state_write.add(write / _MIB)
 
     def _on_completed(self, event: ev.RunEvent) -> None:
@@ -378,7 +447,7 @@ class MetricsCollector:
         self._run(event).retries += 1
         self._a_retries.count += 1
         delay = event.data.get("delay")
-        if isinstance(delay, (int, float)):
+        if _measured(delay):
             self._a_retry_delay.add(delay * 1000.0)
 
     def _drop_state(self, run: _Run, event: ev.RunEvent) -> None:
@@ -415,29 +484,47 @@ class MetricsCollector:
     def sample(self, now: float | None = None, *, final: bool = False) -> bool:
         """Close the current update window: add one throughput, CPU and memory value each.
 
-        A window with no active run time adds nothing. A window shorter than
-        ``min_window`` of active time is carried into the next one (its rate would be
-        noise); the ``final`` one is left out, unless it is the only one (a tail of a few
-        milliseconds with one completion would read as hundreds per second and pull the
-        average up). Returns whether values were added.
+        The CPU isolated attempts used in the window is read from their cgroups first (see
+        the module's docstring). A window with no active run time adds nothing. A window
+        shorter than ``min_window`` of active time is carried into the next one (its rate
+        would be noise); the ``final`` one is merged into the window before it, whose
+        values it replaces (a tail of a few milliseconds with one completion would read as
+        hundreds per second and pull the average up, yet what happened in it counts), or
+        added on its own when there is none before it. Returns whether values were added
+        or replaced.
         """
+        live = self._read_attempts() if self._running_total and self._attempts is not None else None
         with self._lock:
+            if live:
+                self._count_running_cpu(live)
             now = self._clock() if now is None else now
             busy = self._busy_acc
             if self._runs:
                 busy += max(0.0, now - self._busy_since)
-            if busy <= 0.0 or (busy < self._min_window and (not final or self._a_sps.count)):
+            if busy <= 0.0:
                 return False
+            short = busy < self._min_window
+            if short and not final:
+                return False  # carried into the next window
+            merge = short and self._last_window is not None
             process_cpu = self._process.cpu_seconds()
             rss = self._process.rss_bytes()
-            isolated_pct = self._window_isolated_cpu / busy * 100.0
-            process_pct = max(0.0, process_cpu - self._process_cpu_mark) / busy * 100.0
-            self._a_sps.add(self._window_completed / busy)
-            self._a_aps.add(self._window_started / busy)
-            self._a_isolated_cpu.add(isolated_pct)
-            self._a_process_cpu.add(process_pct)
-            self._a_used_cpu.add(isolated_pct + process_pct)
-            self._a_process_mem.add(rss / _MIB)
+            window = _Window(busy, self._window_completed, self._window_started, self._window_isolated_cpu,
+                             max(0.0, process_cpu - self._process_cpu_mark))
+            self._isolated_cpu_counted += window.isolated_cpu
+            if merge:
+                assert self._last_window is not None
+                window = self._last_window + window
+            isolated_pct = window.isolated_cpu / window.busy * 100.0
+            process_pct = window.process_cpu / window.busy * 100.0
+            record = WindowAggregation.amend if merge else WindowAggregation.add
+            record(self._a_sps, window.completed / window.busy)
+            record(self._a_aps, window.started / window.busy)
+            record(self._a_isolated_cpu, isolated_pct)
+            record(self._a_process_cpu, process_pct)
+            record(self._a_used_cpu, isolated_pct + process_pct)
+            record(self._a_process_mem, rss / _MIB)
+            self._last_window = window
             self._process_cpu_mark = process_cpu
             self._busy_acc = 0.0
             self._busy_since = now
@@ -445,6 +532,31 @@ class MetricsCollector:
             self._window_started = 0
             self._window_isolated_cpu = 0.0
             return True
+
+    def _read_attempts(self) -> list[tuple[str, str, int, float]]:
+        assert self._attempts is not None
+        try:
+            return list(self._attempts())
+        except Exception:  # monitoring never breaks a run: the attempts' ends still count
+            _log.debug("reading the CPU of running isolated attempts failed", exc_info=True)
+            return []
+
+    def _count_running_cpu(self, live: list[tuple[str, str, int, float]]) -> None:
+        """Count into this window what each running attempt of an observed run used since
+        it was last counted (from its start the first time)."""
+        runs = self._runs
+        for run_id, state, attempt, cpu in live:
+            run = runs.get(run_id)
+            if run is None:
+                continue
+            running = run.running.get(state)
+            if running is None or running[0] != attempt:
+                continue  # not started as far as the events said, or over already
+            counted = run.cpu_counted.get(state)
+            before = counted[1] if counted is not None and counted[0] == attempt else 0.0
+            if cpu > before:
+                self._window_isolated_cpu += cpu - before
+                run.cpu_counted[state] = (attempt, cpu)
 
     # --- reading -----------------------------------------------------------------------
 
@@ -478,6 +590,13 @@ class MetricsCollector:
                 used_cpu_percent=self._a_used_cpu.current,
                 process_memory_mb=self._a_process_mem.current,
             )
+
+    @property
+    def isolated_cpu_seconds(self) -> float:
+        """CPU seconds of isolated attempts counted into closed update windows so far: what
+        their ``isolated_CPU`` figures add up to, weighted by each window's length."""
+        with self._lock:
+            return self._isolated_cpu_counted
 
     @property
     def active_runs(self) -> int:

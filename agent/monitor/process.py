@@ -4,8 +4,8 @@ Inline states run on the scheduler's own loop, so the kernel cannot tell their C
 the scheduler's: the monitor reports it as ``process_CPU`` (this process as a whole,
 all threads), read from the kernel's per-process CPU clock (``time.process_time``,
 nanosecond resolution; psutil's figure moves in 10 ms ticks), and its resident memory
-from psutil. Isolated states are measured per attempt from their cgroups by the
-executor and reported apart (``isolated_CPU``).
+from psutil. Isolated states are measured from their cgroups, read as they run and at
+their end, and reported apart (``isolated_CPU``).
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 ``start()`` attaches the collector to every run started afterwards in the calling task
 (and the tasks it creates), the same ambient mechanism :func:`agent.events.observing`
 uses, then starts the timer; ``stop()`` detaches it, stops the timer and sends one last
-update. Both can be called plainly from async code or awaited. Runs started elsewhere
-can be fed with ``agent.add_observer(rt.observer)``.
+update, which counts what happened since the last tick (a window too short for a rate of
+its own is merged into the one before it: see :meth:`MetricsCollector.sample`). Both
+can be called plainly from async code or awaited. Runs started elsewhere can be fed with
+``agent.add_observer(rt.observer)``.
 """
 
 from __future__ import annotations

@@ -538,6 +538,30 @@ class Supervisor:
             parked=len(self.parked),
         )
 
+    def attempts_cpu(self) -> list[tuple[str, str, int, float]]:
+        """(run id, state, attempt number, CPU seconds so far) of each attempt in a state
+        process or on a worker that has not reported yet, read from its cgroup now: what its
+        ``usage()["cpu_seconds"]`` would say, without touching the attempt. Read-only; an
+        attempt whose cgroup cannot be read is left out. Call it from this supervisor's loop."""
+        out: list[tuple[str, str, int, float]] = []
+        for host in list(self._by_secret.values()):
+            child = host if isinstance(host, ChildProcess) else getattr(host, "attempt", None)
+            if not isinstance(child, ChildProcess):  # a worker serving nothing
+                continue
+            if child.status not in (ChildStatus.LAUNCHING, ChildStatus.RUNNING):
+                continue
+            confinement = child.confinement
+            handle = confinement.handle
+            if handle is None:
+                continue
+            try:
+                cpu = handle.cpu_seconds() - confinement.counted_before()
+            except Exception:  # its cgroup is going away: its end reports its usage
+                continue
+            attempt = child.attempt
+            out.append((attempt.run_id, attempt.state_name, attempt.number, max(0.0, cpu)))
+        return out
+
     # --- events ---------------------------------------------------------------------------
 
     def _on_frame(self, routing_id: bytes, frames: list[bytes | memoryview], fd: int) -> None:
@@ -762,6 +786,20 @@ def serving_supervisor(loop: asyncio.AbstractEventLoop) -> Supervisor:
 def current_supervisor() -> Supervisor | None:
     """The running supervisor, if any (starts nothing)."""
     return _current if _current is not None and not _current.closed else None
+
+
+def running_attempts_cpu() -> list[tuple[str, str, int, float]]:
+    """:meth:`Supervisor.attempts_cpu` of every supervisor serving the calling thread's
+    running event loop (none outside one): what the monitor samples once per update."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return []
+    out: list[tuple[str, str, int, float]] = []
+    for sup in (_current, *_others):
+        if sup is not None and not sup.closed and sup.router.loop is loop:
+            out.extend(sup.attempts_cpu())
+    return out
 
 
 def shutdown_supervisor() -> None:

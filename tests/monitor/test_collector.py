@@ -94,10 +94,11 @@ class TestTimingAndThroughput:
         for name in "abcd":
             feed.state(name, 0.5)
         assert collector.sample()  # 4 states in 2 s
-        feed.state("e", 0.01)  # a tail of 10 ms with one state: 100 per second, were it counted
-        assert not collector.sample(final=True)
+        feed.state("e", 0.01)  # a tail of 10 ms with one state: 100 per second, on its own
+        assert collector.sample(final=True)  # merged into the window before it
         sps = collector.metrics()["throughput"]["states_per_second"]
-        assert sps["count"] == 1 and sps["avg"] == pytest.approx(2.0)
+        assert sps["count"] == 1 and sps["avg"] == pytest.approx(5 / 2.01)
+        assert sps["current"] == sps["max"] == sps["median"] == pytest.approx(5 / 2.01)
 
     def test_a_short_run_still_reports_its_rate(self, feed, collector, clock):
         feed.emit(ev.RUN_STARTED)
@@ -166,6 +167,75 @@ class TestResources:
         assert res["state_cpu_seconds"]["sum"] == pytest.approx(2.0)
         assert res["state_io_write_mb"]["sum"] == pytest.approx(6.0)
         assert res["state_throttled_seconds"]["sum"] == pytest.approx(0.5)
+
+    def test_running_attempts_are_counted_in_the_window_they_use_cpu(self, clock, process):
+        live: list[tuple[str, str, int, float]] = []  # what the supervisor would read now
+        collector = MetricsCollector(clock=clock, process=process, attempts=lambda: list(live))
+        feed = Feed(clock, collector)
+        feed.emit(ev.RUN_STARTED)
+        feed.emit(ev.STATE_STARTED, "burn", attempt=1)
+        clock.advance(1.0)
+        live[:] = [("r1", "burn", 1, 0.75), ("other-run", "x", 1, 5.0), ("r1", "burn", 2, 5.0)]
+        assert collector.sample()
+        isolated = collector.aggregation("resources", "isolated_CPU")
+        assert isolated.current == pytest.approx(75.0)  # only this run's attempt, as numbered
+        clock.advance(1.0)
+        live[:] = [("r1", "burn", 1, 1.75)]
+        assert collector.sample()
+        assert isolated.current == pytest.approx(100.0)
+        clock.advance(0.5)
+        live.clear()  # it ended: its end brings the rest of what it used
+        feed.emit(ev.STATE_COMPLETED, "burn", attempt=1, duration=2.5, usage={"cpu_seconds": 2.0})
+        feed.emit(ev.RUN_FINISHED, status="completed")
+        assert collector.sample(final=True)
+        assert isolated.current == pytest.approx(50.0)
+        assert collector.isolated_cpu_seconds == pytest.approx(2.0)
+        assert collector.aggregation("resources", "state_cpu_seconds").sum == pytest.approx(2.0)
+
+    def test_a_retry_counts_from_its_own_start(self, clock, process):
+        live: list[tuple[str, str, int, float]] = []
+        collector = MetricsCollector(clock=clock, process=process, attempts=lambda: list(live))
+        feed = Feed(clock, collector)
+        feed.emit(ev.RUN_STARTED)
+        feed.emit(ev.STATE_STARTED, "s", attempt=1)
+        clock.advance(1.0)
+        live[:] = [("r1", "s", 1, 0.5)]
+        collector.sample()
+        live.clear()
+        feed.emit(ev.STATE_FAILED, "s", attempt=1, duration=1.0, usage={"cpu_seconds": 0.6},
+                  error="boom", data={"final": False})
+        feed.emit(ev.STATE_STARTED, "s", attempt=2)
+        clock.advance(1.0)
+        live[:] = [("r1", "s", 2, 0.3)]
+        collector.sample()
+        assert collector.aggregation("resources", "isolated_CPU").current == pytest.approx(40.0)  # 0.1 + 0.3
+        assert collector.isolated_cpu_seconds == pytest.approx(0.9)
+
+    def test_a_failing_reader_costs_only_the_live_figure(self, clock, process):
+        def broken():
+            raise OSError("gone")
+
+        collector = MetricsCollector(clock=clock, process=process, attempts=broken)
+        feed = Feed(clock, collector)
+        feed.emit(ev.RUN_STARTED)
+        feed.emit(ev.STATE_STARTED, "s", attempt=1)
+        clock.advance(1.0)
+        assert collector.sample()
+        feed.emit(ev.STATE_COMPLETED, "s", attempt=1, duration=1.0, usage={"cpu_seconds": 0.5})
+        clock.advance(1.0)
+        assert collector.sample()
+        assert collector.isolated_cpu_seconds == pytest.approx(0.5)
+
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf"), True, "1.5", None])
+    def test_unmeasured_usage_values_are_left_out(self, feed, collector, bad):
+        feed.emit(ev.RUN_STARTED)
+        usage = dict.fromkeys(("cpu_seconds", "peak_memory_bytes", "throttled_seconds", "io_read_bytes",
+                               "io_write_bytes"), bad)
+        feed.state("s", 1.0, usage=usage)  # an observer that raised would be detached from the run
+        res = collector.metrics(MetricType.RESOURCES)["resources"]
+        assert all(res[name]["count"] == 0 for name in ("state_cpu_seconds", "state_peak_memory_mb",
+                                                         "state_throttled_seconds", "state_io_read_mb"))
+        assert collector.metrics()["state"]["completed"]["sum"] == 1
 
     def test_allocation_from_started_events(self, feed, collector):
         feed.emit(ev.RUN_STARTED)

@@ -106,6 +106,38 @@ async def _stop(rt):
     await rt.stop()
 
 
+class TestFinalWindow:
+    """The update stop() sends counts what happened since the last tick, however short."""
+
+    async def test_a_short_last_window_is_in_the_final_update(self, rt, timer, clock):
+        rec = Recorder()
+        rt.subscribe(rec)
+        rt.start()
+        feed = ambient_feed(clock)
+        feed.emit(ev.RUN_STARTED)
+        feed.emit(ev.STATE_STARTED, "s", attempt=1)
+        for count in (1, 2, 3):  # three windows of 1 s while the state runs
+            await timer.wait_sleeping()
+            timer.fire()
+            await rec.wait_for(count)
+        clock.advance(0.02)  # it completes 20 ms into the fourth window
+        feed.emit(ev.STATE_COMPLETED, "s", attempt=1, duration=3.02)
+        feed.emit(ev.RUN_FINISHED, status="completed")
+        await timer.wait_sleeping()
+        timer.fire()  # a tick with 20 ms of run time: too short for a rate, carried over
+        await rec.wait_for(4)
+        assert rec.updates[3]["throughput"]["states_per_second"]["current"] == 0.0
+        await rt.stop()
+        assert len(rec.updates) == 5
+        final = rec.updates[-1]
+        assert final["state"]["completed"]["sum"] == 1
+        sps = final["throughput"]["states_per_second"]
+        # The tail is merged into the window before it: one state in its 1.02 s, not 50/s in 20 ms.
+        assert sps["current"] == pytest.approx(1 / 1.02)
+        assert sps["count"] == 3 and sps["sum"] == pytest.approx(1 / 1.02)
+        assert final["throughput"]["attempts_per_second"]["sum"] == pytest.approx(1.0)
+
+
 class TestSubscribers:
     """Subscribers may be sync or async; unsubscribed ones get nothing."""
 
