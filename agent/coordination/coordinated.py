@@ -25,7 +25,7 @@ from ..agent import Agent
 from ..errors import CoordinationError
 from .allocation import attempt_owner, set_current_owner
 from .coordinator import Coordinator, default_coordinator
-from .primitives import Barrier, Primitive, PrimitiveType
+from .primitives import Barrier, Primitive, PrimitiveType, primitive_type_of
 from .ratelimit import RateLimitStrategy
 
 
@@ -159,14 +159,27 @@ class CoordinatedAgent(Agent):
     ) -> None:
         """Limit how often ``state`` may start: ``max_rate`` starts per second, by ``strategy``.
 
-        TOKEN_BUCKET allows bursts of ``burst_size``; LEAKY_BUCKET spaces starts evenly;
-        SLIDING_WINDOW / FIXED_WINDOW allow ``max_rate * window_size`` starts per
-        ``window_size`` seconds. The limit is shared by every agent of the process that
-        limits a state of that name the same way.
+        TOKEN_BUCKET allows bursts of ``burst_size`` (the only strategy that takes one);
+        LEAKY_BUCKET spaces starts evenly; SLIDING_WINDOW / FIXED_WINDOW allow
+        ``floor(max_rate * window_size)`` starts per ``window_size`` seconds, which must
+        be at least one. The limit is keyed by the state's name and shared by every agent
+        of the coordinator: declaring it again with the same settings shares it, other
+        settings are refused while another live agent declares it (CoordinationError).
         """
         self._check_name(state)
-        self._coordinator.add_rate_limit(state, max_rate, strategy, burst_size=burst_size, window_size=window_size)
+        self._coordinator.add_rate_limit(
+            state, max_rate, strategy, burst_size=burst_size, window_size=window_size, declarer=self,
+        )
         self._rate_limited_states.add(state)
+
+    def remove_state_rate_limit(self, state: str) -> None:
+        """Stop limiting ``state`` in this agent and withdraw its declaration of the limit.
+
+        The limiter itself stays for the other agents that declare it; once none does,
+        the name may be limited with other settings.
+        """
+        self._rate_limited_states.discard(state)
+        self._coordinator.withdraw_rate_limit(state, self)
 
     def add_state_coordination(
         self,
@@ -180,31 +193,47 @@ class CoordinatedAgent(Agent):
     ) -> None:
         """Put ``state`` under a MUTEX, SEMAPHORE(max_count), BARRIER(max_count), LEASE(ttl) or QUOTA(quota_limit).
 
-        ``ttl`` takes the primitive away from an attempt that keeps it longer (for a
-        QUOTA: the reset period); ``wait_timeout`` bounds the wait for admission (then
-        the attempt fails with CoordinationTimeoutError and may be retried); ``amount``
-        is what one attempt draws from a QUOTA or SEMAPHORE. The primitive is keyed
-        by the state's name and shared by every agent of the process.
+        ``ttl`` takes the primitive away from an attempt that keeps it longer (a holder
+        that hangs; for a QUOTA too: each attempt's draw is given back when the attempt
+        ends, and ``ttl`` only bounds how long one draw can count); ``wait_timeout``
+        bounds the wait for admission (then the attempt fails with
+        CoordinationTimeoutError and may be retried); ``amount`` is what one attempt
+        draws from a QUOTA or SEMAPHORE. The primitive is keyed by the state's name and
+        shared by every agent of the coordinator: declaring it again with the same
+        settings shares it, other settings are refused while another live agent
+        declares it (CoordinationError).
         """
         self._check_name(state)
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
             raise CoordinationError(f"state {state!r}: amount must be a number > 0, got {amount!r}")
-        primitive = self._coordinator.add_primitive(
+        kind = primitive_type_of(primitive_type)
+        limit = quota_limit if kind is PrimitiveType.QUOTA else (
+            max_count if kind is PrimitiveType.SEMAPHORE else None)
+        if isinstance(limit, (int, float)) and not isinstance(limit, bool) and amount > limit:
+            raise CoordinationError(
+                f"state {state!r}: each attempt would draw {amount:g} of {kind.name} {state!r}, "
+                f"which holds only {limit:g}: lower amount"
+            )
+        self._coordinator.add_primitive(
             state,
-            primitive_type,
+            kind,
             ttl=ttl,
             max_count=max_count,
             quota_limit=quota_limit,
             wait_timeout=wait_timeout,
+            declarer=self,
         )
-        limit = quota_limit if primitive.type is PrimitiveType.QUOTA else (
-            max_count if primitive.type is PrimitiveType.SEMAPHORE else None)
-        if limit is not None and amount > limit:
-            raise CoordinationError(
-                f"state {state!r}: each attempt would draw {amount:g} of {primitive.type.name} {state!r}, "
-                f"which holds only {limit:g}: lower amount"
-            )
         self._coordinated_states[state] = float(amount)
+
+    def remove_state_coordination(self, state: str) -> None:
+        """Stop guarding ``state`` in this agent and withdraw its declaration of the primitive.
+
+        The primitive itself stays for the other agents that declare it (and for state
+        code that takes it by name); once none declares it, the name may be coordinated
+        with other settings. An attempt already admitted keeps what it holds until it ends.
+        """
+        self._coordinated_states.pop(state, None)
+        self._coordinator.withdraw_primitive(state, self)
 
     async def get_coordination_status(self) -> dict[str, Any]:
         """The coordinator's status: ``primitives``, ``rate_limiters``, ``deadlock_detector``."""

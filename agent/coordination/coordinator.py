@@ -6,6 +6,16 @@ runs and across isolated processes (admission happens in the supervisor, which i
 this process). :func:`default_coordinator` is that one instance; tests and embedders
 may build their own (with a :class:`~agent.clock.FakeClock`).
 
+Who configured a name is remembered: each agent that declares a primitive or a rate
+limit (``add_state_coordination`` / ``add_state_rate_limit``) is kept, weakly, as a
+declarer of that name. Declaring the same settings again shares the one object; other
+settings for a name that another live agent still declares are refused with a
+:class:`CoordinationError` (its MUTEX would silently become something else under its
+runs). A declaration stops counting when its agent withdraws it
+(``remove_state_coordination`` / ``remove_state_rate_limit``) or is garbage-collected;
+before refusing, the coordinator runs the garbage collector once, so agents that
+nothing references any more (reference cycles included) do not count.
+
 While anything waits on a primitive, a background task runs the deadlock detector
 every ``detection_interval`` seconds and, every ``cleanup_interval`` seconds, takes
 expired holdings away; it stops by itself when nothing waits or is held.
@@ -15,6 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import threading
+import weakref
 from typing import Any
 
 from ..errors import CoordinationError
@@ -39,6 +52,9 @@ class Coordinator:
         self.clock: Clock = clock or SYSTEM_CLOCK
         self._primitives: dict[str, Primitive] = {}
         self._rate_limiters: dict[str, RateLimiter] = {}
+        # (kind, name) -> the agents whose declaration the shared object carries, held weakly
+        self._declarers: dict[tuple[str, str], weakref.WeakSet[Any]] = {}
+        self._config_lock = threading.RLock()
         self.deadlock_detector = DeadlockDetector(
             lambda: list(self._primitives.values()),
             clock=self.clock,
@@ -71,12 +87,15 @@ class Coordinator:
         max_count: int | None = None,
         quota_limit: float | None = None,
         wait_timeout: float | None = None,
+        declarer: Any = None,
     ) -> Primitive:
         """The primitive named ``name``, created on first use.
 
         Configuring a name again with the same settings returns the existing primitive
-        (every agent of the process shares it); with other settings it is replaced, but
-        only while nobody holds or waits for it.
+        (every agent of the coordinator shares it) and records ``declarer`` (an agent,
+        kept weakly) as one more declarer of it. Other settings are refused while
+        another live declarer still declares the name, and while anybody holds or waits
+        for the primitive; otherwise the primitive is replaced.
         """
         fresh = create_primitive(
             name,
@@ -87,18 +106,29 @@ class Coordinator:
             wait_timeout=wait_timeout,
             clock=self.clock,
         )
-        current = self._primitives.get(name)
-        if current is not None:
-            if current.config() == fresh.config():
-                return current
-            if current.owners() or current.waiters():
-                raise CoordinationError(
-                    f"{name!r} is already coordinated as {current.type.value} {current.config()} and in use "
-                    f"(owners {current.owners()}); it cannot become {fresh.type.value} {fresh.config()} now: "
-                    "configure it the same way everywhere, or use another name"
-                )
-        self._primitives[name] = fresh
-        return fresh
+        with self._config_lock:
+            current = self._primitives.get(name)
+            declarers = self._declarers.setdefault(("primitive", name), weakref.WeakSet())
+            if current is not None:
+                if current.config() == fresh.config():
+                    if declarer is not None:
+                        declarers.add(declarer)
+                    return current
+                others = _live_others(declarers, declarer)
+                if others:
+                    raise CoordinationError(_conflict(
+                        "primitive", "remove_state_coordination", name,
+                        describe_primitive(current.config()), others, describe_primitive(fresh.config()), declarer,
+                    ))
+                if current.owners() or current.waiters():
+                    raise CoordinationError(
+                        f"{name!r} is already coordinated as {describe_primitive(current.config())} and in use "
+                        f"(owners {current.owners()}); it cannot become {describe_primitive(fresh.config())} now: "
+                        "configure it the same way everywhere, or use another name"
+                    )
+            self._primitives[name] = fresh
+            _declare_alone(declarers, declarer)
+            return fresh
 
     def primitive(self, name: str) -> Primitive | None:
         return self._primitives.get(name)
@@ -118,9 +148,18 @@ class Coordinator:
         return primitive
 
     def remove_primitive(self, name: str) -> None:
-        primitive = self._primitives.pop(name, None)
+        with self._config_lock:
+            primitive = self._primitives.pop(name, None)
+            self._declarers.pop(("primitive", name), None)
         if primitive is not None:
             primitive.reset()
+
+    def withdraw_primitive(self, name: str, declarer: Any) -> None:
+        """``declarer`` no longer declares the primitive ``name`` (which stays, for its other users)."""
+        with self._config_lock:
+            declarers = self._declarers.get(("primitive", name))
+            if declarers is not None:
+                declarers.discard(declarer)
 
     def add_rate_limit(
         self,
@@ -130,22 +169,56 @@ class Coordinator:
         *,
         burst_size: int | float | None = None,
         window_size: float = 1.0,
+        declarer: Any = None,
     ) -> RateLimiter:
-        """The rate limiter named ``name``: kept when configured the same, else replaced."""
+        """The rate limiter named ``name``, as :meth:`add_primitive` does for primitives.
+
+        The same settings share the existing limiter; other settings are refused while
+        another live declarer still declares the name, and while anybody waits on it;
+        otherwise the limiter is replaced (and starts afresh).
+        """
         fresh = create_rate_limiter(
             name, max_rate, strategy, burst_size=burst_size, window_size=window_size, clock=self.clock
         )
-        current = self._rate_limiters.get(name)
-        if current is not None and current.config() == fresh.config():
-            return current
-        self._rate_limiters[name] = fresh
-        return fresh
+        with self._config_lock:
+            current = self._rate_limiters.get(name)
+            declarers = self._declarers.setdefault(("rate limit", name), weakref.WeakSet())
+            if current is not None:
+                if current.config() == fresh.config():
+                    if declarer is not None:
+                        declarers.add(declarer)
+                    return current
+                others = _live_others(declarers, declarer)
+                if others:
+                    raise CoordinationError(_conflict(
+                        "rate limit", "remove_state_rate_limit", name,
+                        describe_rate_limit(current.config()), others, describe_rate_limit(fresh.config()), declarer,
+                    ))
+                waiting = current.statistics().waiting
+                if waiting:
+                    raise CoordinationError(
+                        f"{name!r} is already rate limited as {describe_rate_limit(current.config())} and "
+                        f"{waiting} wait on it; it cannot become {describe_rate_limit(fresh.config())} now: "
+                        "configure it the same way everywhere, or use another name"
+                    )
+            self._rate_limiters[name] = fresh
+            _declare_alone(declarers, declarer)
+            return fresh
 
     def rate_limiter(self, name: str) -> RateLimiter | None:
         return self._rate_limiters.get(name)
 
     def remove_rate_limit(self, name: str) -> None:
-        self._rate_limiters.pop(name, None)
+        with self._config_lock:
+            self._rate_limiters.pop(name, None)
+            self._declarers.pop(("rate limit", name), None)
+
+    def withdraw_rate_limit(self, name: str, declarer: Any) -> None:
+        """``declarer`` no longer declares the rate limit ``name`` (which stays, for its other users)."""
+        with self._config_lock:
+            declarers = self._declarers.get(("rate limit", name))
+            if declarers is not None:
+                declarers.discard(declarer)
 
     # --- background watch -------------------------------------------------------------
 
@@ -216,6 +289,65 @@ class Coordinator:
 
     def __repr__(self) -> str:
         return f"<Coordinator primitives={sorted(self._primitives)} rate_limiters={sorted(self._rate_limiters)}>"
+
+
+def _live_others(declarers: weakref.WeakSet[Any], declarer: Any) -> list[Any]:
+    """The live declarers other than ``declarer``; garbage is collected first when there are any.
+
+    An agent that nothing references any more may still sit in a reference cycle (an
+    agent and its hooks refer to each other) until the collector runs: it must not keep
+    a name's settings fixed, so a conflict is only reported after one collection.
+    """
+    if not any(d is not declarer for d in list(declarers)):
+        return []
+    gc.collect()
+    return [d for d in list(declarers) if d is not declarer]
+
+
+def _declare_alone(declarers: weakref.WeakSet[Any], declarer: Any) -> None:
+    """A new object for the name: only ``declarer`` (if any) declares it now."""
+    declarers.clear()
+    if declarer is not None:
+        declarers.add(declarer)
+
+
+def _who(declarer: Any) -> str:
+    if declarer is None:
+        return "a direct Coordinator call"
+    name = getattr(declarer, "name", None)
+    return f"agent {name!r}" if isinstance(name, str) else repr(declarer)
+
+
+def _conflict(
+    what: str, remove: str, name: str, current: str, others: list[Any], wanted: str, declarer: Any,
+) -> str:
+    holders = ", ".join(sorted({_who(d) for d in others}))
+    return (
+        f"state {name!r} already has the {what} {current}, declared by {holders} (still alive), so "
+        f"{_who(declarer)} cannot make it {wanted}: one {what} per state name is shared by every agent "
+        f"of the coordinator. Use another state name, or the same settings ({current}); a declaration "
+        f"stops counting once its agent calls {remove}({name!r}) or is garbage-collected"
+    )
+
+
+def describe_primitive(config: dict[str, Any]) -> str:
+    """``MUTEX(ttl=30)``, ``SEMAPHORE(max_count=3)``, ``QUOTA(quota_limit=16, ttl=3600)``: a primitive's settings."""
+    kind = config["type"]
+    parts = []
+    if kind in (PrimitiveType.SEMAPHORE, PrimitiveType.BARRIER):
+        parts.append(f"max_count={config.get('max_count', config.get('capacity')):g}")
+    elif kind is PrimitiveType.QUOTA:
+        parts.append(f"quota_limit={config['capacity']:g}")
+    for key in ("ttl", "wait_timeout"):
+        if config.get(key) is not None:
+            parts.append(f"{key}={config[key]:g}")
+    return f"{kind.name}({', '.join(parts)})"
+
+
+def describe_rate_limit(config: dict[str, Any]) -> str:
+    """``TOKEN_BUCKET(max_rate=10, burst_size=5)``, ``SLIDING_WINDOW(max_rate=100, window_size=60)``."""
+    parts = [f"{key}={config[key]:g}" for key in ("max_rate", "burst_size", "window_size") if key in config]
+    return f"{config['strategy'].name}({', '.join(parts)})"
 
 
 def _plain(status: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator
 
 import pytest
@@ -20,6 +21,7 @@ from agent.coordination import (
     enhance_agent,
     mutex,
 )
+from agent.clock import settle
 from agent.coordination.allocation import current_owner
 from agent.errors import CoordinationError
 
@@ -137,6 +139,15 @@ class TestRateLimit:
         assert status["rate_limiters"]["data_ingestion"]["admitted"] == 4
 
 
+    async def test_burst_size_only_with_a_token_bucket(self, coord: Coordinator) -> None:
+        agent = _agent("bursty", coord)
+        others = (RateLimitStrategy.SLIDING_WINDOW, RateLimitStrategy.FIXED_WINDOW, RateLimitStrategy.LEAKY_BUCKET)
+        for strategy in others:
+            with pytest.raises(CoordinationError, match="burst_size=3 applies to TOKEN_BUCKET only"):
+                agent.add_state_rate_limit("api_call", max_rate=5.0, strategy=strategy, burst_size=3)
+        assert (await agent.get_coordination_status())["agent"]["rate_limited_states"] == []
+
+
 async def _concurrent_runs(coord: Coordinator, clock: FakeClock, n: int, configure, hold: float, inside: _Inside):
     """``n`` agents sharing ``coord``, each running one state 'guarded' that holds for ``hold`` s."""
 
@@ -155,6 +166,66 @@ async def _concurrent_runs(coord: Coordinator, clock: FakeClock, n: int, configu
         agent.add_state("guarded", guarded)
         agents.append(agent)
     return await within(clock, 3600, asyncio.gather(*(a.run() for a in agents), return_exceptions=True))
+
+
+class TestOneSettingPerName:
+    """Agents that declare a state name share its primitive and rate limit, or are refused."""
+
+    async def test_another_agent_cannot_turn_the_mutex_into_a_semaphore(
+        self, coord: Coordinator, clock: FakeClock,
+    ) -> None:
+        a = _agent("a", coord)
+        a.add_state_coordination("guarded", PrimitiveType.MUTEX, ttl=30.0)
+        b = _agent("b", coord)
+        with pytest.raises(CoordinationError, match=r"MUTEX\(ttl=30\).*SEMAPHORE\(max_count=3\)"):
+            b.add_state_coordination("guarded", PrimitiveType.SEMAPHORE, max_count=3)
+        assert "guarded" not in (await b.get_coordination_status())["agent"]["coordinated_states"]
+        assert coord.primitive("guarded").type is PrimitiveType.MUTEX
+
+    async def test_an_agent_built_again_per_run_shares_the_primitive(
+        self, coord: Coordinator, clock: FakeClock,
+    ) -> None:
+        inside = _Inside()
+        results = await _concurrent_runs(  # each agent declares it anew, with the same settings
+            coord, clock, 3, lambda a: a.add_state_coordination("guarded", PrimitiveType.MUTEX, ttl=30.0), 1.0, inside
+        )
+        assert not [r for r in results if isinstance(r, BaseException)]
+        assert inside.peak == 1
+
+    async def test_rebuilt_with_new_settings_once_the_old_agent_is_gone(
+        self, coord: Coordinator, clock: FakeClock,
+    ) -> None:
+        async def guarded(context: Context):
+            return None
+
+        old = _agent("service", coord)
+        old.add_state_coordination("guarded", PrimitiveType.MUTEX)
+        old.add_state("guarded", guarded)
+        await old.run()
+        gone = weakref.ref(old)
+        del old
+        await settle()  # the finished run lets go of its agent on the loop's next turn
+        new = _agent("service", coord)
+        new.add_state_coordination("guarded", PrimitiveType.SEMAPHORE, max_count=3)
+        new.add_state("guarded", guarded)
+        await new.run()
+        assert gone() is None and coord.primitive("guarded").type is PrimitiveType.SEMAPHORE
+
+    async def test_a_withdrawn_declaration_lets_other_settings_in(self, coord: Coordinator) -> None:
+        a = _agent("a", coord)
+        a.add_state_coordination("guarded", PrimitiveType.MUTEX)
+        a.add_state_rate_limit("api_call", max_rate=10.0)
+        b = _agent("b", coord)
+        with pytest.raises(CoordinationError, match="remove_state_rate_limit"):
+            b.add_state_rate_limit("api_call", max_rate=1.0, strategy=RateLimitStrategy.LEAKY_BUCKET)
+        a.remove_state_coordination("guarded")
+        a.remove_state_rate_limit("api_call")
+        b.add_state_coordination("guarded", PrimitiveType.SEMAPHORE, max_count=3)
+        b.add_state_rate_limit("api_call", max_rate=1.0, strategy=RateLimitStrategy.LEAKY_BUCKET)
+        assert coord.primitive("guarded").type is PrimitiveType.SEMAPHORE
+        assert coord.rate_limiter("api_call").strategy is RateLimitStrategy.LEAKY_BUCKET
+        status = (await a.get_coordination_status())["agent"]
+        assert status["coordinated_states"] == [] and status["rate_limited_states"] == []
 
 
 class TestPrimitivesThroughTheEngine:
@@ -219,6 +290,39 @@ class TestPrimitivesThroughTheEngine:
         results = await _concurrent_runs(coord, clock, 4, configure, 1.0, inside)
         assert not [r for r in results if isinstance(r, BaseException)]
         assert inside.peak == 2
+
+    async def test_quota_bounds_what_is_drawn_at_once_not_per_period(
+        self, coord: Coordinator, clock: FakeClock,
+    ) -> None:
+        agent = _agent("trainer", coord)
+        agent.add_state_coordination("gpu_task", PrimitiveType.QUOTA, quota_limit=16.0, ttl=3600.0)
+
+        async def gpu_task(context: Context):
+            return None
+
+        agent.add_state("gpu_task", gpu_task)
+        for _ in range(20):  # twenty draws of 1 from 16 within the hour: each came back when its attempt ended
+            await agent.run()
+        assert coord.primitive("gpu_task").status()["in_use"] == 0 and clock.monotonic() == 0.0
+
+    async def test_quota_ttl_takes_back_the_draw_of_a_hung_holder(self, coord: Coordinator, clock: FakeClock) -> None:
+        entered: list[float] = []
+
+        async def gpu_task(context: Context):
+            entered.append(clock.monotonic())
+            if len(entered) == 1:
+                await clock.sleep(7200.0)  # hangs, holding all 16 units past the ttl
+            return None
+
+        agents = []
+        for i in range(2):
+            agent = _agent(f"trainer{i}", coord)
+            agent.add_state_coordination("gpu_task", PrimitiveType.QUOTA, quota_limit=16.0, ttl=3600.0, amount=16.0)
+            agent.add_state("gpu_task", gpu_task)
+            agents.append(agent)
+        await within(clock, 7200, asyncio.gather(*(a.run() for a in agents)))
+        assert entered == [0.0, 3600.0]  # the second got in when the first's draw stopped counting
+        assert coord.primitive("gpu_task").statistics().expirations == 1
 
     async def test_lease(self, coord: Coordinator, clock: FakeClock) -> None:
         inside = _Inside()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 import pytest
 
@@ -14,8 +15,17 @@ from agent.coordination.ratelimit import RateLimitStrategy
 from agent.errors import CoordinationError
 
 
+class _Declarer:
+    """Stands for an agent: named, weakly referable, and (as an agent is) in a reference cycle."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.me = self
+
+
 class TestConfiguration:
-    """Same settings share one primitive; other settings replace it only when idle."""
+    """Same settings share one primitive; other settings replace it only when nobody else
+    declares the name and nobody uses it."""
 
     async def test_same_config_is_shared(self, coordinator: Coordinator) -> None:
         a = coordinator.add_primitive("database_write", PrimitiveType.MUTEX, ttl=30.0)
@@ -39,6 +49,76 @@ class TestConfiguration:
         assert coordinator.add_rate_limit("api_call", 10.0, RateLimitStrategy.TOKEN_BUCKET, burst_size=5) is first
         second = coordinator.add_rate_limit("api_call", 100.0, RateLimitStrategy.SLIDING_WINDOW, window_size=60.0)
         assert coordinator.rate_limiter("api_call") is second
+
+    async def test_same_settings_from_another_agent_share_silently(self, coordinator: Coordinator) -> None:
+        a, b = _Declarer("a"), _Declarer("b")
+        first = coordinator.add_primitive("database_write", PrimitiveType.MUTEX, ttl=30.0, declarer=a)
+        assert coordinator.add_primitive("database_write", PrimitiveType.MUTEX, ttl=30.0, declarer=b) is first
+        limiter = coordinator.add_rate_limit("api_call", 10.0, burst_size=5, declarer=a)
+        assert coordinator.add_rate_limit("api_call", 10.0, burst_size=5, declarer=b) is limiter
+
+    async def test_other_settings_refused_while_another_agent_declares_them(self, coordinator: Coordinator) -> None:
+        a, b = _Declarer("a"), _Declarer("b")
+        mutex_x = coordinator.add_primitive("x", PrimitiveType.MUTEX, ttl=30.0, declarer=a)
+        with pytest.raises(CoordinationError) as refused:
+            coordinator.add_primitive("x", PrimitiveType.SEMAPHORE, max_count=3, declarer=b)
+        message = str(refused.value)
+        for part in ("'x'", "MUTEX(ttl=30)", "SEMAPHORE(max_count=3)", "agent 'a'", "agent 'b'",
+                     "another state name", "same settings", "remove_state_coordination('x')"):
+            assert part in message
+        with pytest.raises(CoordinationError, match="MUTEX"):
+            coordinator.add_primitive("x", PrimitiveType.SEMAPHORE, max_count=3)  # nor without a declarer
+        assert coordinator.primitive("x") is mutex_x
+
+    async def test_the_only_declarer_may_change_its_settings(self, coordinator: Coordinator) -> None:
+        a = _Declarer("a")
+        coordinator.add_primitive("x", PrimitiveType.MUTEX, declarer=a)
+        semaphore = coordinator.add_primitive("x", PrimitiveType.SEMAPHORE, max_count=3, declarer=a)
+        assert coordinator.primitive("x") is semaphore
+
+    async def test_a_declaration_ends_with_its_agent(self, coordinator: Coordinator) -> None:
+        a, b = _Declarer("a"), _Declarer("b")
+        coordinator.add_primitive("x", PrimitiveType.MUTEX, declarer=a)
+        coordinator.add_rate_limit("y", 10.0, declarer=a)
+        gone = weakref.ref(a)
+        del a  # still in its reference cycle: the coordinator collects it before it refuses
+        semaphore = coordinator.add_primitive("x", PrimitiveType.SEMAPHORE, max_count=3, declarer=b)
+        bucket = coordinator.add_rate_limit("y", 1.0, RateLimitStrategy.LEAKY_BUCKET, declarer=b)
+        assert gone() is None
+        assert coordinator.primitive("x") is semaphore and coordinator.rate_limiter("y") is bucket
+
+    async def test_a_withdrawn_declaration_no_longer_counts(self, coordinator: Coordinator) -> None:
+        a, b = _Declarer("a"), _Declarer("b")
+        coordinator.add_primitive("x", PrimitiveType.MUTEX, declarer=a)
+        coordinator.add_rate_limit("y", 10.0, declarer=a)
+        coordinator.withdraw_primitive("x", a)
+        coordinator.withdraw_rate_limit("y", a)
+        coordinator.add_primitive("x", PrimitiveType.SEMAPHORE, max_count=3, declarer=b)
+        coordinator.add_rate_limit("y", 1.0, RateLimitStrategy.LEAKY_BUCKET, declarer=b)
+        with pytest.raises(CoordinationError, match="agent 'b'"):
+            coordinator.add_primitive("x", PrimitiveType.MUTEX, declarer=a)  # b declares it now
+
+    async def test_rate_limit_refused_while_another_agent_declares_it(self, coordinator: Coordinator) -> None:
+        c, d = _Declarer("c"), _Declarer("d")
+        first = coordinator.add_rate_limit("y", 10.0, declarer=c)
+        with pytest.raises(CoordinationError) as refused:
+            coordinator.add_rate_limit("y", 1.0, RateLimitStrategy.LEAKY_BUCKET, declarer=d)
+        message = str(refused.value)
+        for part in ("'y'", "TOKEN_BUCKET(max_rate=10, burst_size=10)", "LEAKY_BUCKET(max_rate=1)", "agent 'c'",
+                     "another state name", "same settings", "remove_state_rate_limit('y')"):
+            assert part in message
+        assert coordinator.rate_limiter("y") is first
+
+    async def test_rate_limit_not_replaced_while_waited_on(self, coordinator: Coordinator, clock: FakeClock) -> None:
+        limiter = coordinator.add_rate_limit("y", 1.0, burst_size=1)
+        assert limiter.try_acquire()
+        waiter = asyncio.create_task(limiter.acquire())
+        await settle()
+        with pytest.raises(CoordinationError, match="1 wait on it"):
+            coordinator.add_rate_limit("y", 5.0, RateLimitStrategy.LEAKY_BUCKET)
+        await clock.advance(1.0)
+        await waiter
+        assert coordinator.rate_limiter("y") is limiter
 
     def test_intervals_are_checked(self, clock: FakeClock) -> None:
         coord = Coordinator(clock)

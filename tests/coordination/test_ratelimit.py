@@ -7,7 +7,7 @@ import math
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from agent.clock import FakeClock, settle
@@ -112,6 +112,7 @@ class TestSlidingWindow:
     )
     def test_never_exceeds_the_limit(self, rate: float, window: float, arrivals: list[float]) -> None:
         """In every window of window_size seconds, at most max_rate * window_size starts."""
+        assume(rate * window >= 1)  # shorter windows are refused (TestFactory)
 
         async def scenario() -> tuple[list[float], int]:
             clock = FakeClock()
@@ -129,7 +130,7 @@ class TestSlidingWindow:
 
         admitted, limit = asyncio.run(scenario())
         assert len(admitted) == len(arrivals)
-        assert limit == max(1, math.floor(rate * window + 1e-9))
+        assert limit == math.floor(rate * window + 1e-9) <= rate * window + 1e-9
         for i in range(len(admitted) - limit):
             # the start limit places later must lie a full window after this one
             assert admitted[i + limit] - admitted[i] >= window - 1e-6
@@ -154,6 +155,13 @@ class TestFixedWindow:
         assert _per_second(times) == [5, 5, 5, 5]
         assert all(t == math.floor(t + 1e-9) for t in times)  # each window's starts at its opening
 
+    async def test_a_rate_below_one_per_window_needs_a_longer_window(self, clock: FakeClock) -> None:
+        with pytest.raises(CoordinationError, match="less than one: use window_size >= 2s"):
+            FixedWindow("api_call", 0.5, 1.0, clock=clock)  # rounding up to 1 a second would double the rate
+        limiter = FixedWindow("api_call", 0.5, 2.0, clock=clock)
+        times = await _admissions(limiter, clock, callers=3, until=10.0)
+        assert times == [0.0, 2.0, 4.0, 6.0, 8.0]  # 0.5 a second
+
 
 class TestFactory:
     """Strategies by enum or name; bad settings are typed errors."""
@@ -176,6 +184,14 @@ class TestFactory:
             ({"max_rate": 1.0, "strategy": "bogus"}, "unknown rate limit strategy"),
             ({"max_rate": 1.0, "burst_size": 0}, "burst_size"),
             ({"max_rate": 1.0, "strategy": RateLimitStrategy.SLIDING_WINDOW, "window_size": 0}, "window_size"),
+            # burst_size belongs to TOKEN_BUCKET; the other strategies would ignore it
+            ({"max_rate": 5.0, "strategy": RateLimitStrategy.SLIDING_WINDOW, "burst_size": 3}, "TOKEN_BUCKET only"),
+            ({"max_rate": 5.0, "strategy": RateLimitStrategy.FIXED_WINDOW, "burst_size": 3}, "TOKEN_BUCKET only"),
+            ({"max_rate": 5.0, "strategy": RateLimitStrategy.LEAKY_BUCKET, "burst_size": 3}, "TOKEN_BUCKET only"),
+            # a window must hold at least one start at max_rate (rounding up would exceed it)
+            ({"max_rate": 0.5, "strategy": RateLimitStrategy.SLIDING_WINDOW}, r"use window_size >= 2s"),
+            ({"max_rate": 0.5, "strategy": RateLimitStrategy.FIXED_WINDOW}, r"use window_size >= 2s"),
+            ({"max_rate": 3.0, "strategy": RateLimitStrategy.SLIDING_WINDOW, "window_size": 0.25}, "less than one"),
         ],
     )
     def test_bad_settings(self, kwargs, message) -> None:

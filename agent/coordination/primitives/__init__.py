@@ -23,7 +23,18 @@ __all__ = [
     "Semaphore",
     "Waiter",
     "create_primitive",
+    "primitive_type_of",
 ]
+
+
+def primitive_type_of(primitive_type: PrimitiveType | str) -> PrimitiveType:
+    """The PrimitiveType ``primitive_type`` names (the enum, or its value in any case)."""
+    try:
+        given = primitive_type.value if isinstance(primitive_type, PrimitiveType) else str(primitive_type).lower()
+        return PrimitiveType(given)
+    except ValueError:
+        choices = ", ".join(t.name for t in PrimitiveType)
+        raise CoordinationError(f"unknown primitive type {primitive_type!r}: use PrimitiveType.{{{choices}}}") from None
 
 
 def create_primitive(
@@ -37,12 +48,7 @@ def create_primitive(
     clock: Clock | None = None,
 ) -> Primitive:
     """Build the primitive ``primitive_type`` names, checking it got the settings it needs."""
-    try:
-        given = primitive_type.value if isinstance(primitive_type, PrimitiveType) else str(primitive_type).lower()
-        kind = PrimitiveType(given)
-    except ValueError:
-        choices = ", ".join(t.name for t in PrimitiveType)
-        raise CoordinationError(f"unknown primitive type {primitive_type!r}: use PrimitiveType.{{{choices}}}") from None
+    kind = primitive_type_of(primitive_type)
     if max_count is not None and kind not in (PrimitiveType.SEMAPHORE, PrimitiveType.BARRIER):
         raise CoordinationError(f"{kind.name} {name!r} takes no max_count (a SEMAPHORE or a BARRIER does)")
     if quota_limit is not None and kind is not PrimitiveType.QUOTA:

@@ -1,9 +1,17 @@
-"""QUOTA: a budget of ``quota_limit`` units that holders draw amounts from.
+"""QUOTA: a budget of ``quota_limit`` units that holders draw amounts from at once.
 
-The ``ttl`` is the reset period: what an owner draws counts against the quota for at
-most ``ttl`` seconds from its first draw, after which it is reclaimed even if the
-holder never gave it back, so the whole quota is available again at most ``ttl``
-seconds after any burst ("reset hourly" with ``ttl=3600``).
+It bounds what is in use *at the same time* (16 GB of GPU memory, 100 units of a pool),
+not how much is used per period: a draw counts from when it is granted until it is
+given back, which an admitted attempt does when it ends (success or not) and an
+``async with ResourceAllocation(...)`` block when it exits. So a quota that is never
+held past its holders' work is never "used up".
+
+``ttl`` takes back draws of holders that hang: everything an owner holds stops
+counting ``ttl`` seconds after its first draw (checked whenever the quota is used,
+when a waiter's turn could come from it, and by the coordinator's cleanup), even if
+the holder never gave it back; a give-back after that is no error. So no draw counts
+for more than ``ttl`` seconds, however its holder behaves: that is what the spec's
+"reset quota hourly" (``ttl=3600``) comes to here; a QUOTA is not a budget per period.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from .base import CapacityPrimitive, PrimitiveType
 
 
 class Quota(CapacityPrimitive):
-    """``quota_limit`` units shared by all holders; each draw is reclaimed after ``ttl``."""
+    """``quota_limit`` units shared by all holders; draws come back on release, or after ``ttl`` at the latest."""
 
     type = PrimitiveType.QUOTA
 

@@ -33,7 +33,11 @@ def create_rate_limiter(
     window_size: float = 1.0,
     clock: Clock | None = None,
 ) -> RateLimiter:
-    """Build the limiter for ``strategy``; ``max_rate`` is starts per second in all of them."""
+    """Build the limiter for ``strategy``; ``max_rate`` is starts per second in all of them.
+
+    ``burst_size`` is for TOKEN_BUCKET only (refused with the other strategies, which
+    would ignore it); a window strategy needs ``max_rate * window_size >= 1``.
+    """
     try:
         kind = RateLimitStrategy(strategy.value if isinstance(strategy, RateLimitStrategy) else str(strategy).lower())
     except ValueError:
@@ -43,6 +47,13 @@ def create_rate_limiter(
         ) from None
     if isinstance(window_size, bool) or not isinstance(window_size, (int, float)) or not 0 < window_size < math.inf:
         raise CoordinationError(f"rate limit {name!r}: window_size must be seconds > 0, got {window_size!r}")
+    if burst_size is not None and kind is not RateLimitStrategy.TOKEN_BUCKET:
+        how = ("spaces starts evenly, with no burst" if kind is RateLimitStrategy.LEAKY_BUCKET
+               else "already lets a window's whole allowance, floor(max_rate * window_size) starts, through at once")
+        raise CoordinationError(
+            f"rate limit {name!r}: burst_size={burst_size!r} applies to TOKEN_BUCKET only; {kind.name} {how}: "
+            "drop burst_size, or use RateLimitStrategy.TOKEN_BUCKET to allow bursts"
+        )
     if kind is RateLimitStrategy.TOKEN_BUCKET:
         return TokenBucket(name, max_rate, burst_size, clock=clock)
     if kind is RateLimitStrategy.LEAKY_BUCKET:

@@ -59,6 +59,23 @@ def check_rate(value: float, what: str) -> float:
     return _validate.number(value, what, error=CoordinationError, above=True)  # type: ignore[return-value]
 
 
+def window_limit(limiter: RateLimiter, window_size: float) -> int:
+    """Starts a window of ``window_size`` seconds admits at ``max_rate``: ``floor(max_rate * window_size)``.
+
+    Never more than the rate allows; refused when that is less than one start (rounding
+    it up to one would exceed ``max_rate``).
+    """
+    rate, name = limiter.max_rate, limiter.name
+    limit = math.floor(rate * window_size + _EPS)
+    if limit < 1:
+        raise CoordinationError(
+            f"rate limit {name!r}: {limiter.strategy.name} at max_rate={rate:g}/s over window_size={window_size:g}s "
+            f"admits {rate * window_size:g} starts per window, less than one: use window_size >= {1 / rate:g}s "
+            "(one start per window), or RateLimitStrategy.TOKEN_BUCKET or LEAKY_BUCKET, which hold any rate"
+        )
+    return limit
+
+
 class RateLimiter:
     """Admits starts at no more than ``max_rate`` per second, by some strategy."""
 

@@ -1,9 +1,10 @@
-"""FIXED_WINDOW: at most ``max_rate * window_size`` starts per aligned window.
+"""FIXED_WINDOW: at most ``floor(max_rate * window_size)`` starts per aligned window.
 
 Windows are ``[k * window_size, (k + 1) * window_size)`` on the limiter's clock; the
 count resets at each boundary. Cheap and simple, but two full windows back to back
 can let up to twice the limit through around a boundary (use SLIDING_WINDOW when
-that matters). ``max_rate`` is per second, as in every strategy.
+that matters). ``max_rate`` is per second, as in every strategy; a window too short for
+one start at that rate (``max_rate * window_size < 1``) is refused.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 from typing import Any
 
 from ...clock import Clock
-from .base import RateLimiter, RateLimitStrategy, check_rate
+from .base import RateLimiter, RateLimitStrategy, check_rate, window_limit
 
 _EPS = 1e-9
 
@@ -23,7 +24,7 @@ class FixedWindow(RateLimiter):
     def __init__(self, name: str, max_rate: float, window_size: float = 1.0, *, clock: Clock | None = None) -> None:
         super().__init__(name, max_rate, clock=clock)
         self.window_size = check_rate(window_size, f"rate limit {name!r}: window_size")
-        self.limit = max(1, math.floor(self.max_rate * self.window_size + _EPS))
+        self.limit = window_limit(self, self.window_size)
         self._forget()
 
     def _window(self, now: float) -> int:

@@ -4,19 +4,20 @@
 window_size=60.0`` admits up to 6000 starts in any 60-second span (not 100): the
 window only decides over how long a stretch the rate is averaged, which lets short
 bursts through as long as the window's total holds. The limit is
-``max(1, floor(max_rate * window_size))``. The log of start times is exact (a start
+``floor(max_rate * window_size)``, never more than the rate allows; a window too short
+for one start at ``max_rate`` (``max_rate * window_size < 1``) is refused rather than
+rounded up to one start, which would exceed the rate. The log of start times is exact (a start
 at ``t`` counts for windows ``(t - window_size, t]``), so no window ever holds more
 than the limit, whatever its alignment.
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from typing import Any
 
 from ...clock import Clock
-from .base import RateLimiter, RateLimitStrategy, check_rate
+from .base import RateLimiter, RateLimitStrategy, check_rate, window_limit
 
 _EPS = 1e-9
 
@@ -27,7 +28,7 @@ class SlidingWindow(RateLimiter):
     def __init__(self, name: str, max_rate: float, window_size: float = 1.0, *, clock: Clock | None = None) -> None:
         super().__init__(name, max_rate, clock=clock)
         self.window_size = check_rate(window_size, f"rate limit {name!r}: window_size")
-        self.limit = max(1, math.floor(self.max_rate * self.window_size + _EPS))
+        self.limit = window_limit(self, self.window_size)
         self._starts: deque[float] = deque()
 
     def _prune(self, now: float) -> None:
