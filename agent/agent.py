@@ -30,6 +30,7 @@ from .errors import (
     CheckpointError,
     EventLoopRunningError,
     InvalidConfigurationError,
+    RunTimeoutError,
     UnknownStateError,
     WorkflowDefinitionError,
 )
@@ -379,6 +380,13 @@ class Agent:
                 saver.cancel()
             if self._run_closed is not None:
                 self._run_closed.set()
+        if deadline is not None and run.error is None and run.final_status is _COMPLETED and run.clock() > deadline:
+            # Its timer could not fire in time: an inline state blocked the event loop past it.
+            run.error = RunTimeoutError(
+                f"run of agent {self.name!r} did not finish within its timeout of {timeout:g} s: an inline "
+                "state blocked the event loop past it (time.sleep, a busy loop); run such code with "
+                "isolation='process' or 'worker', or await instead of blocking"
+            )
         status = _FAILED if run.error is not None else run.final_status
         if status not in self.status._next:  # type: ignore[attr-defined]
             self._set_status(status)  # raises, naming the transition

@@ -92,6 +92,9 @@ _SANDBOX: Final = Isolation.SANDBOX
 _BY_COPY: Final = frozenset((Isolation.PROCESS, Isolation.WORKER))
 
 _FINISHED_FOR_GOOD: Final = (_FAILED, _TIMEOUT, _CANCELLED, _BLOCKED)
+_CONDITION_POLL: Final = 0.05
+"""Seconds between two looks at a dependency condition that did not hold: it may read
+anything (the context as a state writes it, a file), so nothing else says when it changes."""
 _RUN_COMPLETED: Final = AgentStatus.COMPLETED
 _RUN_FAILED: Final = AgentStatus.FAILED
 _RUN_CANCELLED: Final = AgentStatus.CANCELLED
@@ -224,6 +227,7 @@ class Run:
         "last_completion",
         "last_start",
         "rechecks",
+        "polling",
         "steps",
         "error",
         "failures",
@@ -322,6 +326,7 @@ class Run:
         self.last_completion: dict[str, float] = {}
         self.last_start: dict[str, float] = {}
         self.rechecks: set[float] = set()
+        self.polling = False  # a look at conditions that did not hold is due (_poll_conditions)
 
     @property
     def log(self) -> logging.Logger:
@@ -933,6 +938,11 @@ class Run:
             self.runner = None
             self.fail(RuntimeError(f"state {act.state!r} suspended, though its code awaits nothing"))
             return
+        limit = self.specs[act.state].effective_timeout
+        if limit is not None and self.clock() - began > limit:
+            act.stop_reason = _STOP_TIMEOUT  # it blocked the event loop past its timeout
+            self.finished(act, None, None, _NO_USAGE)
+            return
         # What finished() does for an attempt that returned, for this common case.
         try:
             del self.running[act.state]
@@ -991,11 +1001,16 @@ class Run:
         if self.running.get(name) is not act:
             return
         del self.running[name]
-        if act.timer is not None:
-            act.timer.cancel()
-            act.timer = None
-        act.task = None
         stop = act.stop_reason
+        timer = act.timer
+        if timer is not None:
+            timer.cancel()
+            act.timer = None
+            if stop is None and failure is None and self.driver.loop.time() >= timer.when():
+                # It returned past its timeout, before the timer could stop it (an inline
+                # state that blocked the event loop): it timed out all the same.
+                stop = act.stop_reason = _STOP_TIMEOUT
+        act.task = None
         now = self.clock()
         meta = self.metadata[name]
         meta.finished_at = now
@@ -1309,8 +1324,43 @@ class Run:
                 except Exception as exc:  # a broken condition keeps the state waiting, visibly
                     return f"condition on {dep!r} raised {exc!r}"
                 if not ok:
+                    self._poll_conditions()
                     return f"condition on dependency {dep!r} to hold"
         return True
+
+    def _poll_conditions(self) -> None:
+        if not self.polling:
+            self.polling = True
+            self.driver.call_at(self.clock() + _CONDITION_POLL, self._polled)
+
+    def _polled(self) -> None:
+        self.polling = False
+
+    def _waits_out_a_timeout(self) -> bool:
+        """Whether a state that never ran still waits on a dependency with a ``timeout`` that
+        has not passed: the run stays for it (its condition may still come true; else it
+        times out), although nothing else is left."""
+        now = self.clock()
+        waits = [(act.state, act.waiting_since) for act in self.waiting]
+        waits += [(name, self.started) for name in self.watch
+                  if self.metadata[name].status is _PENDING and self.metadata[name].runs == 0]
+        for name, since in waits:
+            for cfg in self.specs[name].dependencies.values():
+                if cfg.timeout is not None and now - since <= cfg.timeout:
+                    return True
+        return False
+
+    def _block_if_a_requirement_failed(self, name: str) -> None:
+        """As the run ends: ``name``, which never ran, is BLOCKED when a REQUIRED dependency
+        of it ended for good without completing (else it stays as it is)."""
+        meta = self.metadata[name]
+        for dep, cfg in self.specs[name].dependencies.items():
+            status = self.metadata[dep].status
+            if cfg.type is Dep.REQUIRED and status in _FINISHED_FOR_GOOD and self.completions.get(dep, 0) == 0:
+                meta.blocked_reason = f"state {name!r} is blocked: its required dependency {dep!r} ended {status.value}"
+                meta.set_status(_BLOCKED)
+                self.emit(ev.STATE_BLOCKED, name, error=meta.blocked_reason)
+                return
 
     def recheck_at(self, when: float) -> None:
         """Look at dependencies again at ``when`` (a periodic interval or a wait timeout ends)."""
@@ -1465,6 +1515,8 @@ class Run:
         # Retry delays keep a run alive; a periodic re-run that is not due yet does not.
         if self.running or self.n_ready or self.retrying or self.queued or self.granted or self.pause_requested:
             return False
+        if (self.waiting or self.watch) and self._waits_out_a_timeout():
+            return False  # its timer wakes the run
         # Nothing can change any more: whatever still waits on dependencies is blocked,
         # and its branch ends (a join it would have reached may run now).
         waiting = self.waiting
@@ -1536,6 +1588,8 @@ class Run:
         """After the run ended: what never ran is CANCELLED, and nothing is left in the pool."""
         for act in list(self.live.values()) if self.live else ():
             meta = self.metadata[act.state]
+            if act.where == WAITING and meta.status is _PENDING:
+                self._block_if_a_requirement_failed(act.state)
             if act.where == RUNNING and self.running.get(act.state) is act:  # ignored cancellation in time
                 del self.running[act.state]
             if act.where in (READY, RETRYING, QUEUED, GRANTED, RUNNING) and not meta.status.is_finished:
@@ -1565,6 +1619,10 @@ class Run:
             self.retrying.clear()
         if self.tracks_deps:
             self.rechecks.clear()
+            for name in self.watch:  # never triggered: some may never be now
+                meta = self.metadata[name]
+                if meta.status is _PENDING and meta.runs == 0:
+                    self._block_if_a_requirement_failed(name)
 
     # --- checkpoints ----------------------------------------------------------------------
 

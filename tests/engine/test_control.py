@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -59,6 +60,18 @@ class TestRunTimeout:
         assert cancelled.is_set()
         assert agent.status is AgentStatus.FAILED
         assert agent._running_states == {}
+
+    async def test_a_run_kept_past_its_timeout_by_a_blocking_state_times_out(self):
+        agent = Agent("blocked_loop", isolation="inline")
+
+        async def blocks(context):
+            await asyncio.sleep(0)
+            time.sleep(0.2)  # the run's timer cannot fire meanwhile
+
+        agent.add_state("blocks", blocks)
+        with pytest.raises(RunTimeoutError, match="blocked the event loop"):
+            await agent.run(timeout=0.05)
+        assert agent.status is AgentStatus.FAILED
 
     async def test_timeout_is_a_timeout_error(self):
         assert issubclass(RunTimeoutError, TimeoutError)

@@ -71,7 +71,21 @@ class TestTypes:
         with pytest.raises(StateFailedError, match="'dep' failed"):
             await agent.run()
         assert ("start", "dependent") not in log
-        assert agent.state_metadata["dependent"].status in (StateStatus.BLOCKED, StateStatus.PENDING)
+        meta = agent.state_metadata["dependent"]
+        assert meta.status is StateStatus.BLOCKED  # the run says why
+        assert "required dependency 'dep' ended failed" in meta.blocked_reason
+
+    async def test_a_failed_requirement_blocks_a_returned_dependent_too(self):
+        log: list = []
+        agent = Agent("blocked_returned", isolation="inline")
+        agent.add_state("start", recorder(log, ["dep", "dependent"]))
+        agent.add_state("dep", recorder(log, fail=True))
+        agent.add_state("dependent", recorder(log), dependencies={"dep": DependencyType.REQUIRED})
+        with pytest.raises(StateFailedError, match="'dep' failed"):
+            await agent.run()
+        meta = agent.state_metadata["dependent"]
+        assert meta.status is StateStatus.BLOCKED
+        assert "'dep'" in meta.blocked_reason
 
     async def test_required_never_run_is_blocked_at_the_end(self):
         log: list = []
@@ -169,6 +183,42 @@ class TestConfig:
         meta = agent.state_metadata["complex_step"]
         assert meta.status is StateStatus.BLOCKED
         assert "condition" in meta.blocked_reason
+
+    async def test_a_condition_that_never_holds_times_out_though_nothing_else_runs(self):
+        log: list = []
+        agent = Agent("cond_timeout", isolation="inline")
+        cfg = DependencyConfig(condition=lambda a: a.get_state("ready") is True, timeout=0.1)
+        agent.add_state("dependency", recorder(log))
+        agent.add_state("complex_step", recorder(log), dependencies={"dependency": cfg})
+        with pytest.raises(DependencyTimeoutError, match="'complex_step' waited more than 0.1 s"):
+            await agent.run()
+        assert agent.state_metadata["complex_step"].status is StateStatus.TIMEOUT
+        assert ("start", "complex_step") not in log
+
+    async def test_a_condition_comes_true_while_the_writer_still_runs(self):
+        # The writer goes on only once the dependent has started: the condition is looked
+        # at again as the context changes, not only when a state finishes.
+        completed, started = asyncio.Event(), asyncio.Event()
+        agent = Agent("cond_live", isolation="inline")
+
+        async def dependency(context):
+            completed.set()  # the writer goes on once this state has completed
+
+        async def writer(context):
+            await completed.wait()
+            context.set_state("ready", True)
+            await started.wait()
+
+        async def dependent(context):
+            started.set()
+
+        cfg = DependencyConfig(condition=lambda a: a.get_state("ready") is True, timeout=30)
+        agent.add_state("start", recorder([], ["writer", "dependency"]))
+        agent.add_state("writer", writer)
+        agent.add_state("dependency", dependency)
+        agent.add_state("dependent", dependent, dependencies={"dependency": cfg})
+        await asyncio.wait_for(agent.run(), 20)
+        assert agent.state_metadata["dependent"].status is StateStatus.COMPLETED
 
     async def test_wait_timeout(self):
         gate = asyncio.Event()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 
@@ -146,6 +147,31 @@ class TestTimeouts:
         assert "timed out after 0.05 s" in str(info.value)
         assert calls == [1, 1]
         assert agent.state_metadata["hang"].status is StateStatus.TIMEOUT
+
+    @pytest.mark.parametrize("awaits", [True, False], ids=["awaits", "never_awaits"])
+    async def test_an_inline_state_that_blocks_past_its_timeout_timed_out(self, awaits: bool):
+        # It cannot be cancelled while it blocks the event loop; it fails as timed out when it
+        # returns, and is retried like any timed-out attempt.
+        calls: list = []
+        agent = Agent("blocks", isolation="inline")
+
+        if awaits:
+            async def blocks(context):
+                calls.append(1)
+                await asyncio.sleep(0)
+                time.sleep(0.2)
+                return None
+        else:
+            async def blocks(context):
+                calls.append(1)
+                time.sleep(0.2)
+                return None
+
+        agent.add_state("blocks", blocks, timeout=0.05, max_retries=1)
+        with pytest.raises(StateTimeoutError, match="timed out after 0.05 s"):
+            await agent.run()
+        assert calls == [1, 1]
+        assert agent.state_metadata["blocks"].status is StateStatus.TIMEOUT
 
     async def test_timeout_from_resources(self):
         from agent import ResourceRequirements
