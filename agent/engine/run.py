@@ -893,7 +893,7 @@ class Run:
             view = ScopedContext.over(view, scope_for(isolation, spec.context_keys))  # type: ignore[arg-type]
         if isolation is _INLINE and not self.hooks:
             if cannot_suspend(spec.func) and not self.unstarted:  # else it would start before them
-                self._run_at_once(act, spec.func, view, meta, now)
+                self._run_at_once(act, spec.func, view, meta, now, spec.effective_timeout)
                 return
             self.driver.start_inline(act, spec.func, view)
         else:
@@ -917,7 +917,8 @@ class Run:
         elif timeout is not None:
             act.timer = self.driver.loop.call_later(timeout, self.stop_activation, act, _STOP_TIMEOUT)
 
-    def _run_at_once(self, act: Activation, func: Any, view: Any, meta: StateMetadata, began: float) -> None:
+    def _run_at_once(self, act: Activation, func: Any, view: Any, meta: StateMetadata, began: float,
+                     limit: float | None) -> None:
         """An inline attempt that cannot suspend (see :mod:`agent.engine.driver`): stepped
         here, in a copy of the caller's context variables, and accounted for at once."""
         runner = self.runner
@@ -938,7 +939,6 @@ class Run:
             self.runner = None
             self.fail(RuntimeError(f"state {act.state!r} suspended, though its code awaits nothing"))
             return
-        limit = self.specs[act.state].effective_timeout
         if limit is not None and self.clock() - began > limit:
             act.stop_reason = _STOP_TIMEOUT  # it blocked the event loop past its timeout
             self.finished(act, None, None, _NO_USAGE)
