@@ -223,7 +223,8 @@ class Context:
         """
         if type(key) is not str:
             _check_key(key)
-        self._store(key, value, values.entry_check(key, value))
+        size = values.entry_check(key, value)
+        self._store(key, values.detached(value), size)  # the caller's object stays the caller's
 
     def _store(self, key: str, value: Any, size: int) -> None:
         """Store a value already checked (``size`` from :func:`agent.values.entry_size`)."""
@@ -238,8 +239,13 @@ class Context:
         self._data[key] = value
 
     def get_state(self, key: str, default: Any = None) -> Any:
-        """The value under ``key``, or ``default`` when there is none."""
-        return self._data.get(key, default)
+        """The value under ``key``, or ``default`` when there is none.
+
+        A copy of what is stored when it could be changed in place (a list, a dict, a set,
+        typed data): changing it is not a write; :meth:`set_state` is.
+        """
+        value = self._data.get(key, _MISSING)
+        return default if value is _MISSING else values.detached(value)
 
     def remove_state(self, key: str) -> bool:
         """Remove ``key``; returns whether it was there."""
@@ -258,8 +264,8 @@ class Context:
         return list(self._data)
 
     def to_dict(self) -> dict[str, Any]:
-        """A shallow copy of the store."""
-        return dict(self._data)
+        """A copy of the store (its values copied as :meth:`get_state` copies them)."""
+        return {k: values.detached(v) for k, v in self._data.items()}
 
     def __contains__(self, key: object) -> bool:
         return key in self._data
@@ -294,7 +300,7 @@ class Context:
             raise ContextTypeError(
                 f"context key {key!r} holds {type(value).__name__}, not {expected.__name__}"
             )
-        return value
+        return values.detached(value)  # type: ignore[no-any-return]
 
     def update_typed(self, key: str, **changes: Any) -> TypedContextData:
         """Replace fields of the typed value under ``key``; unknown fields and wrong types raise."""

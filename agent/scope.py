@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from . import values
 from .context import Context, TypedContextData
 from .errors import ContextScopeError, InvalidConfigurationError
 from .executor import Isolation
@@ -132,7 +133,7 @@ class ScopedContext(Context):
         return [k for k in self._data if self.scope.allows(k)]
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self._data.items() if self.scope.allows(k)}
+        return {k: values.detached(v) for k, v in self._data.items() if self.scope.allows(k)}
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())

@@ -28,6 +28,7 @@ inline, in a child process and in a checkpoint:
 from __future__ import annotations
 
 import base64
+import copy as copy_module
 import dataclasses
 import datetime as _dt
 import decimal
@@ -373,6 +374,38 @@ def entry_size(key: str, value_size: int) -> int:
         return _str_size(len(key.encode("utf-8"))) + _bin_size(value_size)
     except UnicodeEncodeError:
         raise UnencodableValueError(f"context key {key!r} is not valid UTF-8 text: clean it") from None
+
+
+_IMMUTABLE: frozenset[type] = frozenset({
+    type(None), bool, int, float, str, bytes, frozenset,
+    _dt.datetime, _dt.date, _dt.time, _dt.timedelta, decimal.Decimal, uuid.UUID,
+})
+
+
+def detached(value: Any) -> Any:
+    """A copy of a value of the model that shares nothing mutable with it (the value itself
+    when nothing in it can change): what the context stores and hands out, so that changing
+    a value in place is never a write, in any isolation level."""
+    t = type(value)
+    if t in _IMMUTABLE:
+        return value
+    if t is list:
+        return [v if type(v) in _IMMUTABLE else detached(v) for v in value]
+    if t is dict:
+        return {k: v if type(v) in _IMMUTABLE else detached(v) for k, v in value.items()}
+    if t is tuple:
+        if all(type(v) in _IMMUTABLE for v in value):
+            return value
+        items = tuple(detached(v) for v in value)
+        return value if all(a is b for a, b in zip(items, value)) else items
+    if t is set:
+        return set(value)  # its elements are hashable, so immutable as far as the model goes
+    if isinstance(value, TypedContextData) and dataclasses.is_dataclass(value):
+        copy = copy_module.copy(value)
+        for f in dataclasses.fields(value):
+            object.__setattr__(copy, f.name, detached(getattr(value, f.name)))
+        return copy
+    return value
 
 
 _MARK_SIZE = 3  # an empty extension type: 0xc7, length 0, code

@@ -154,3 +154,52 @@ class TestValueModel:
         ctx = Context(budget=10_000)
         ctx.view(state_name="s").set_state("k", "v" * 100)
         assert ctx.budget.used > 100
+
+
+class TestValuesAreCopies:
+    """Changing a stored value in place is not a write, in any isolation level (DESIGN 7-8):
+    the store keeps its own copy, and hands out copies of what could be changed."""
+
+    def test_the_callers_object_and_what_is_handed_out_are_not_the_store(self):
+        ctx = Context()
+        scores = [1, 2]
+        ctx.set_state("scores", scores)
+        scores.append(3)
+        ctx.get_state("scores").append(4)
+        ctx.to_dict()["scores"].append(5)
+        assert ctx.get_state("scores") == [1, 2]
+        profile = UserProfile(name="a", age=29, scores=[1.0])
+        ctx.set_typed("user", profile)
+        ctx.get_typed("user", UserProfile).age = "twenty-nine"  # type: ignore[assignment]
+        ctx.get_typed("user", UserProfile).scores.append(2.0)
+        profile.scores.append(3.0)
+        assert ctx.get_typed("user", UserProfile) == UserProfile(name="a", age=29, scores=[1.0])
+
+    def test_values_that_cannot_change_are_not_copied(self):
+        ctx = Context()
+        text, frozen = "x" * 100, (1, "a", (2, 3))
+        ctx.set_state("text", text)
+        ctx.set_state("frozen", frozen)
+        assert ctx.get_state("text") is text and ctx.get_state("frozen") is frozen
+
+    @pytest.mark.parametrize("isolation", ["inline", "process"])
+    async def test_a_value_changed_in_place_cannot_smuggle_anything_in(self, isolation: str):
+        from agent import Agent
+
+        async def first(context):
+            context.get_state("d")["b"] = object()  # outside the model: never stored
+            context.get_state("xs").append(3)
+            return "second"
+
+        async def second(context):
+            context.set_state("seen", [context.get_state("d"), context.get_state("xs")])
+
+        agent = Agent("in_place", isolation=isolation)
+        agent.add_state("first", first)
+        agent.add_state("second", second)
+        initial = {"d": {"a": 1}, "xs": [1, 2]}
+        ctx = await agent.run(initial_context=initial)
+        initial["xs"].append(99)
+        assert ctx.get_state("seen") == [{"a": 1}, [1, 2]]
+        assert ctx.get_state("xs") == [1, 2]
+        assert agent.state_metadata["second"].status.value == "completed"
