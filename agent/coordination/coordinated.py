@@ -11,18 +11,21 @@ supervisor, so it holds for isolated states as well as inline ones.
 
 A BARRIER on a state is a gate: every state that hands over to it (returns its name)
 counts as an arrival of that run, and the guarded state starts only once
-``max_count`` arrivals are in, or fails after ``wait_timeout`` saying how many came.
+``max_count`` arrivals are in, or fails after ``wait_timeout`` saying how many came
+(counted from the round's first arrival: a join may hold the state until every branch
+has ended, and one that hangs must not keep it waiting for good).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from .. import events as ev
 from ..agent import Agent
-from ..errors import CoordinationError
+from ..errors import CoordinationError, CoordinationTimeoutError
 from .allocation import attempt_owner, set_current_owner
 from .coordinator import Coordinator, default_coordinator
 from .primitives import Barrier, Primitive, PrimitiveType, primitive_type_of
@@ -49,6 +52,11 @@ class _Admission:
         # retries and its relaunch after a preemption pass again, without a new round.
         self._passed: set[tuple[str, str]] = set()
         self._at_gate: set[tuple[str, str]] = set()  # (state, run id) waiting for a full round
+        # (state, run id) -> the timer of its current round, started by the round's first
+        # arrival, for a BARRIER with a wait_timeout: the state may be held by a join
+        # (DESIGN item 3) until every branch has ended, and a branch that hangs would keep
+        # it from the gate for good.
+        self._rounds: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     def owner(self, state: str, run_id: str, attempt: int) -> str:
         return attempt_owner(self.agent.name, run_id, state, attempt)
@@ -116,12 +124,43 @@ class _Admission:
                     primitive = agent._coordinator.primitive(name)
                     if isinstance(primitive, Barrier):
                         primitive.arrive(self.owner(event.state or "?", event.run_id, event.attempt), event.run_id)
+                        self._time_round(primitive, name, event.run_id)
         elif kind == ev.RUN_FINISHED:
             self._passed = {key for key in self._passed if key[1] != event.run_id}
+            for key in [key for key in self._rounds if key[1] == event.run_id]:
+                self._rounds.pop(key).cancel()
             for name in agent._coordinated_states:
                 primitive = agent._coordinator.primitive(name)
                 if isinstance(primitive, Barrier):
                     primitive.forget(event.run_id)
+
+    def _time_round(self, primitive: Barrier, state: str, run_id: str) -> None:
+        """After an arrival: a round's first arrival starts its ``wait_timeout``; a full one ends it."""
+        key = (state, run_id)
+        arrived = primitive.arrived(run_id)
+        if arrived == 0:  # it just filled
+            timer = self._rounds.pop(key, None)
+            if timer is not None:
+                timer.cancel()
+        elif arrived == 1 and primitive.wait_timeout is not None and not math.isinf(primitive.wait_timeout):
+            self._rounds[key] = asyncio.ensure_future(self._expire(primitive, state, run_id, primitive.wait_timeout))
+
+    async def _expire(self, primitive: Barrier, state: str, run_id: str, limit: float) -> None:
+        """``limit`` after a round's first arrival, the round is not full: unless the state
+        is at the gate already (which times its own wait), the run fails saying how many
+        arrived."""
+        await primitive.clock.sleep(limit)
+        key = (state, run_id)
+        self._rounds.pop(key, None)
+        run = self.agent._run
+        if key in self._at_gate or key in self._passed or run is None or run.run_id != run_id or run.done:
+            return
+        message = primitive._short_message(primitive.arrived(run_id), limit, f"of the first, so {state!r} cannot start")
+        meta = self.agent.state_metadata.get(state)
+        if meta is not None:
+            meta.error = message
+        run.fail(CoordinationTimeoutError(message))
+        run.kick()
 
     def _check_gates(self, run_id: str) -> None:
         """Fail the barrier waits of run ``run_id`` when nothing else of it could arrive."""

@@ -23,7 +23,7 @@ from agent.coordination import (
 )
 from agent.clock import settle
 from agent.coordination.allocation import current_owner
-from agent.errors import CoordinationError
+from agent.errors import CoordinationError, CoordinationTimeoutError
 
 from ._support import within
 
@@ -382,6 +382,30 @@ class TestBarrier:
             await within(clock, 600, agent.run(start=[*(f"process_chunk_{i}" for i in range(4)), "elsewhere"]))
         assert merged == [] and clock.monotonic() == pytest.approx(30.0)
         assert coord.primitive("merge_results").status()["arrived"] == {}  # the run's round is forgotten
+
+    async def test_a_branch_that_hangs_short_of_the_join_times_the_round_out(
+        self, coord: Coordinator, clock: FakeClock,
+    ) -> None:
+        # The join holds merge_results until every branch that could return it has ended
+        # (DESIGN item 3), so it never reaches the gate: the round's wait_timeout runs from
+        # its first arrival instead, and the run fails saying how many came.
+        agent, merged = _barrier_agent(coord, 4)
+        cancelled = asyncio.Event()
+
+        async def hangs(context: Context):
+            try:
+                await clock.sleep(1000)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return "merge_results"
+
+        agent.add_state("process_chunk_4", hangs)
+        with pytest.raises(CoordinationTimeoutError, match=r"only 4 of 5 arrived within 30s of the first"):
+            await within(clock, 600, agent.run(start=[f"process_chunk_{i}" for i in range(5)]))
+        assert merged == [] and clock.monotonic() == pytest.approx(30.0)
+        assert cancelled.is_set()  # the hanging branch was stopped with the run
+        assert "only 4 of 5" in agent.state_metadata["merge_results"].error
 
     async def test_without_a_wait_timeout_it_fails_once_nothing_else_can_arrive(
         self, coord: Coordinator, clock: FakeClock,
