@@ -65,6 +65,10 @@ class DependencyConfig:
                              unit="seconds")
         if self.lifecycle is DependencyLifecycle.TEMPORARY and self.expiry is None:
             raise InvalidConfigurationError("a TEMPORARY dependency needs expiry= (seconds it stays met)")
+        if self.lifecycle is DependencyLifecycle.PERIODIC and not self.interval:
+            raise InvalidConfigurationError(
+                "a PERIODIC dependency needs interval= (seconds > 0 between re-runs); without one, "
+                "use DependencyLifecycle.ALWAYS")
         if self.condition is not None and not callable(self.condition):
             raise InvalidConfigurationError("DependencyConfig.condition must be callable: condition(agent) -> bool")
 

@@ -71,6 +71,8 @@ CASES = [
     ("DependencyConfig timeout nan", lambda: DependencyConfig(type=DependencyType.REQUIRED, timeout=NAN), InvalidConfigurationError, "timeout"),
     ("DependencyConfig interval inf", lambda: DependencyConfig(interval=INF), InvalidConfigurationError, "interval"),
     ("DependencyConfig type 'maybe'", lambda: DependencyConfig(type="maybe"), InvalidConfigurationError, "DependencyType.REQUIRED"),
+    ("DependencyConfig PERIODIC without interval", lambda: DependencyConfig(lifecycle="periodic"), InvalidConfigurationError, "interval="),
+    ("DependencyConfig PERIODIC interval 0", lambda: DependencyConfig(lifecycle="periodic", interval=0), InvalidConfigurationError, "interval="),
     ("rate limit burst nan", lambda: create_coordinated_agent("c").add_state_rate_limit("r1", max_rate=1, burst_size=NAN), CoordinationError, "burst_size"),
     ("rate limit max_rate inf", lambda: create_coordinated_agent("c").add_state_rate_limit("r2", max_rate=INF), CoordinationError, "max_rate"),
     ("rate limit window nan", lambda: create_coordinated_agent("c").add_state_rate_limit(
