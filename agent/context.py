@@ -12,7 +12,7 @@ what a child's start message can carry.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Awaitable, TypeVar
 
 from . import _env, values
@@ -267,6 +267,10 @@ class Context:
         """A copy of the store (its values copied as :meth:`get_state` copies them)."""
         return {k: values.detached(v) for k, v in self._data.items()}
 
+    def _stored(self) -> Iterable[tuple[str, Any]]:
+        """The keys and values this context sees, as stored (not copied: for encoding)."""
+        return self._data.items()
+
     def __contains__(self, key: object) -> bool:
         return key in self._data
 
@@ -355,20 +359,18 @@ def encode_snapshot(
     """The context as a state process or Ray task gets it: each value encoded on its own,
     and the TypedContextData classes they hold.
 
-    Every value was checked when it was written; one changed in place since may no longer
-    be in the model, and then the attempt cannot start (IsolationError, naming the fix).
+    Every value was checked when it was written, and the store's values are its own, but
+    ``bounds`` may be stricter than the write's: a value past them cannot start the
+    attempt (IsolationError, naming the key).
     """
     snapshot: dict[str, bytes] = {}
     classes: set[type] = set()
-    for key, value in context.to_dict().items():
+    for key, value in context._stored():
         try:
             values.check(value, bounds=bounds, key=key)
             snapshot[key] = values.encode(value, classes)
         except UnencodableValueError as exc:
-            raise IsolationError(
-                f"state {state!r} cannot start: {exc} (a stored value was changed in place after "
-                "set_state: store the changed value again with set_state)"
-            ) from None
+            raise IsolationError(f"state {state!r} cannot start: {exc}") from None
     return snapshot, tuple(classes)
 
 

@@ -135,6 +135,9 @@ class ScopedContext(Context):
     def to_dict(self) -> dict[str, Any]:
         return {k: values.detached(v) for k, v in self._data.items() if self.scope.allows(k)}
 
+    def _stored(self) -> Iterable[tuple[str, Any]]:
+        return [(k, v) for k, v in self._data.items() if self.scope.allows(k)]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
 

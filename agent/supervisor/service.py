@@ -433,8 +433,8 @@ class Supervisor:
         if len(frame) > self.config.max_frame:
             held = sum(len(k) + len(v) for k, v in context.items())
             why = (
-                f"the context takes {held:,} bytes, over its budget of {budget.limit:,} (stored values "
-                "were changed in place after set_state): store them again with set_state"
+                f"the context takes {held:,} bytes, over its budget of {budget.limit:,}: remove keys "
+                "no longer needed, or raise the agent's context_budget_mb"
                 if held > budget.limit else
                 f"its function takes {len(function):,} bytes: keep large data out of the function "
                 "(in files or the context)"

@@ -108,7 +108,7 @@ async def typed_step(context: Context) -> None:
 
 
 async def spoil_in_place(context: Context) -> str:
-    context.get_state("items").append(object())  # not a write: the stored value is now outside the model
+    context.get_state("items").append(object())  # not a write: changes a copy, not the stored value
     return "shout"
 
 
