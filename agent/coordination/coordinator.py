@@ -110,16 +110,8 @@ class Coordinator:
             current = self._primitives.get(name)
             declarers = self._declarers.setdefault(("primitive", name), weakref.WeakSet())
             if current is not None:
-                if current.config() == fresh.config():
-                    if declarer is not None:
-                        declarers.add(declarer)
+                if self._same_or_refused(current, fresh, "primitive", name, declarers, declarer):
                     return current
-                others = _live_others(declarers, declarer)
-                if others:
-                    raise CoordinationError(_conflict(
-                        "primitive", "remove_state_coordination", name,
-                        describe_primitive(current.config()), others, describe_primitive(fresh.config()), declarer,
-                    ))
                 if current.owners() or current.waiters():
                     raise CoordinationError(
                         f"{name!r} is already coordinated as {describe_primitive(current.config())} and in use "
@@ -129,6 +121,23 @@ class Coordinator:
             self._primitives[name] = fresh
             _declare_alone(declarers, declarer)
             return fresh
+
+    @staticmethod
+    def _same_or_refused(current: Any, fresh: Any, kind: str, name: str, declarers: Any, declarer: Any) -> bool:
+        """True when ``fresh`` has ``current``'s settings (``declarer`` then declares it too);
+        raises when another live agent declares ``current``; False when it may be replaced."""
+        if current.config() == fresh.config():
+            if declarer is not None:
+                declarers.add(declarer)
+            return True
+        others = _live_others(declarers, declarer)
+        if others:
+            describe, remover = ((describe_primitive, "remove_state_coordination") if kind == "primitive"
+                                 else (describe_rate_limit, "remove_state_rate_limit"))
+            raise CoordinationError(_conflict(
+                kind, remover, name, describe(current.config()), others, describe(fresh.config()), declarer,
+            ))
+        return False
 
     def primitive(self, name: str) -> Primitive | None:
         return self._primitives.get(name)
@@ -184,16 +193,8 @@ class Coordinator:
             current = self._rate_limiters.get(name)
             declarers = self._declarers.setdefault(("rate limit", name), weakref.WeakSet())
             if current is not None:
-                if current.config() == fresh.config():
-                    if declarer is not None:
-                        declarers.add(declarer)
+                if self._same_or_refused(current, fresh, "rate limit", name, declarers, declarer):
                     return current
-                others = _live_others(declarers, declarer)
-                if others:
-                    raise CoordinationError(_conflict(
-                        "rate limit", "remove_state_rate_limit", name,
-                        describe_rate_limit(current.config()), others, describe_rate_limit(fresh.config()), declarer,
-                    ))
                 waiting = current.statistics().waiting
                 if waiting:
                     raise CoordinationError(
