@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _env, _validate
 from . import events as ev
@@ -84,6 +84,12 @@ _TERMINAL = frozenset(s.value for s in (AgentStatus.COMPLETED, AgentStatus.FAILE
 
 def _non_negative(name: str, value: Any, *, allow_none: bool = True) -> None:
     _validate.number(value, name, error=InvalidConfigurationError, none=allow_none, unit="seconds")
+
+
+_COORDINATION_METHODS = frozenset({
+    "add_state_rate_limit", "remove_state_rate_limit", "add_state_coordination", "remove_state_coordination",
+    "get_coordination_status", "reset_coordination",
+})
 
 
 class Agent:
@@ -535,6 +541,19 @@ class Agent:
         if self._restored is None:
             self._restored = self.create_checkpoint()
         await self.run()
+
+    if not TYPE_CHECKING:  # type checkers keep flagging unknown attributes
+
+        def __getattr__(self, name: str) -> Any:
+            # Only for names no Agent has: coordination methods asked of a plain Agent say
+            # where they are instead of a bare AttributeError.
+            if name in _COORDINATION_METHODS:
+                raise AttributeError(
+                    f"{type(self).__name__} {self.__dict__.get('name', '?')!r} has no {name}(): coordination "
+                    "belongs to coordinated agents; make it with agent.coordination.create_coordinated_agent(...) "
+                    "or wrap this one with agent.coordination.enhance_agent(agent)"
+                )
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def cancel_state(self, name: str) -> bool:
         """Cancel one state wherever it is (running, queued, waiting, held); its branch ends.

@@ -550,3 +550,11 @@ class TestStatusAndCleanup:
         assert seen["db"]["state"] == "locked" and len(seen["db"]["owners"]) == 1 and seen["db"]["wait_count"] == 0
         assert seen["quota"] == 10.0 and seen["detector"] == 0
         assert coord.primitive("database_write").owners() == []
+
+
+@pytest.mark.parametrize("method", ["add_state_rate_limit", "add_state_coordination", "get_coordination_status"])
+def test_a_plain_agent_asked_for_coordination_says_where_it_is(method: str) -> None:
+    with pytest.raises(AttributeError, match="create_coordinated_agent.*enhance_agent"):
+        getattr(Agent("plain"), method)
+    with pytest.raises(AttributeError, match="no attribute 'elsewhere'"):
+        Agent("plain").elsewhere  # noqa: B018
