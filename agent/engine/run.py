@@ -1273,8 +1273,9 @@ class Run:
         if not any(c.lifecycle in (Life.ALWAYS, Life.PERIODIC) for c in deps.values()):
             self.watch.discard(name)  # triggered once per run: a returned activation counts
 
-    def deps_verdict(self, name: str, since: float, now: float) -> Any:
-        """True when met; a reason string while waiting; (status, message) when it never can be."""
+    def deps_verdict(self, name: str, since: float, now: float, conditions: bool = True) -> Any:
+        """True when met; a reason string while waiting; (status, message) when it never can be.
+        Without ``conditions``: as if every condition held."""
         spec = self.specs[name]
         sessions = self.agent._session_completions
         for dep, cfg in spec.dependencies.items():
@@ -1318,7 +1319,7 @@ class Run:
                 if last is not None and now - last < cfg.interval:
                     self.recheck_at(last + cfg.interval)
                     return f"periodic interval of {cfg.interval:g} s since its last run"
-            if cfg.condition is not None:
+            if cfg.condition is not None and conditions:
                 try:
                     ok = bool(cfg.condition(self.agent))
                 except Exception as exc:  # a broken condition keeps the state waiting, visibly
@@ -1337,17 +1338,19 @@ class Run:
         self.polling = False
 
     def _waits_out_a_timeout(self) -> bool:
-        """Whether a state that never ran still waits on a dependency with a ``timeout`` that
-        has not passed: the run stays for it (its condition may still come true; else it
-        times out), although nothing else is left."""
+        """Whether a state that never ran waits only for a condition, on a dependency whose
+        ``timeout`` has not passed: the run stays for it (the condition may read anything,
+        and still come true; else the state times out), although nothing else is left.
+        A dependency that can no longer complete blocks the state at once instead."""
         now = self.clock()
         waits = [(act.state, act.waiting_since) for act in self.waiting]
         waits += [(name, self.started) for name in self.watch
                   if self.metadata[name].status is _PENDING and self.metadata[name].runs == 0]
         for name, since in waits:
-            for cfg in self.specs[name].dependencies.values():
-                if cfg.timeout is not None and now - since <= cfg.timeout:
-                    return True
+            if any(cfg.condition is not None and cfg.timeout is not None and now - since <= cfg.timeout
+                   for cfg in self.specs[name].dependencies.values()) \
+                    and self.deps_verdict(name, since, now, conditions=False) is True:
+                return True
         return False
 
     def _block_if_a_requirement_failed(self, name: str) -> None:

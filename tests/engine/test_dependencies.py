@@ -195,6 +195,19 @@ class TestConfig:
         assert agent.state_metadata["complex_step"].status is StateStatus.TIMEOUT
         assert ("start", "complex_step") not in log
 
+    async def test_a_timed_wait_on_a_dependency_that_never_runs_blocks_at_once(self):
+        # Nothing can complete it any more: waiting out its timeout would only delay the end.
+        log: list = []
+        agent = Agent("timed_never", isolation="inline")
+        cfg = DependencyConfig(condition=lambda a: True, timeout=3600)
+        agent.add_state("start", recorder(log))
+        agent.add_state("dependency", recorder(log))
+        agent.add_state("dependent", recorder(log), dependencies={"dependency": cfg})
+        await asyncio.wait_for(agent.run(), 20)
+        meta = agent.state_metadata["dependent"]
+        assert meta.status is StateStatus.BLOCKED
+        assert "'dependency'" in meta.blocked_reason
+
     async def test_a_condition_comes_true_while_the_writer_still_runs(self):
         # The writer goes on only once the dependent has started: the condition is looked
         # at again as the context changes, not only when a state finishes.
