@@ -311,6 +311,7 @@ class Agent:
             self._graph_checked = True
         if self._finished_restored:  # a completed run was restored: resuming it runs nothing
             self._finished_restored = False
+            self._fresh_context = False  # and the run after it starts afresh
             return self.context
         restored = self._restored
         # pause() before this run began (a run() task not started yet): it starts paused.
@@ -656,7 +657,10 @@ class Agent:
                     meta.status = StateStatus.PENDING
         self.run_id = checkpoint.run_id or None
         status = checkpoint.agent_status
-        resumable = status not in _TERMINAL or (status == AgentStatus.FAILED.value and bool(checkpoint.frames))
+        # An agent that never ran has nothing to continue: its next run starts from its
+        # first state, on the restored context.
+        resumable = status != AgentStatus.IDLE.value and (
+            status not in _TERMINAL or (status == AgentStatus.FAILED.value and bool(checkpoint.frames)))
         self.status = AgentStatus.PAUSED if resumable else AgentStatus(status)
         self._restored = checkpoint if resumable else None
         self._finished_restored = status == AgentStatus.COMPLETED.value

@@ -322,8 +322,35 @@ class TestPauseResume:
         context = await restored.run()
         assert log == ["first", "second"] and context.get_state("x") == 1
         assert restored.status is AgentStatus.COMPLETED
-        await restored.run()  # a new run, from the start
+        fresh = await restored.run()  # a new run, from the start, on a fresh context
         assert log == ["first", "second", "first", "second"]
+        assert fresh is not context and context.get_state("x") == 1
+        assert fresh.keys() == ["x"]
+
+    async def test_restoring_the_checkpoint_of_an_agent_that_never_ran_runs_it(self):
+        log: list = []
+
+        def build() -> Agent:
+            agent = Agent("never_ran", isolation="inline")
+
+            async def first(context):
+                log.append(("first", context.get_state("seed")))
+                return "second"
+
+            async def second(context):
+                log.append(("second", None))
+
+            agent.add_state("first", first)
+            agent.add_state("second", second)
+            return agent
+
+        idle = build()
+        idle.context.set_state("seed", 7)
+        restored = build()
+        await restored.restore_from_checkpoint(idle.create_checkpoint())
+        await restored.run()
+        assert log == [("first", 7), ("second", None)]
+        assert restored.status is AgentStatus.COMPLETED
 
     async def test_checkpoint_json_round_trip_and_restore(self):
         log: list = []
