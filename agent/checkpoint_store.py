@@ -382,6 +382,8 @@ class SQLiteCheckpointStore:
         for kind, key, text in rows:
             try:
                 loaded[kind][key] = values.loads(text)
+            except values.TypedClassMissing as exc:
+                raise CheckpointError(f"{where}: {kind} key {key!r}: {exc}") from exc
             except (CheckpointError, KeyError) as exc:
                 raise CheckpointError(
                     f"{where}: {kind} key {key!r} is corrupt ({exc}); delete the run or resume "

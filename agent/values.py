@@ -197,6 +197,16 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+WORKFLOW_MODULE = "__agent_workflow__"
+"""The module a workflow file runs as under ``agent run`` (``python flow.py`` runs it as
+``__main__``): a class defined in it is the same class under either name."""
+_SCRIPT_ALIASES = {"__main__": WORKFLOW_MODULE, WORKFLOW_MODULE: "__main__"}
+
+
+class TypedClassMissing(CheckpointError):
+    """A checkpoint holds typed data of a class this process cannot find."""
+
+
 def typed_class(name: str, *, import_modules: bool) -> type[TypedContextData] | None:
     """The TypedContextData dataclass named ``"module:qualname"``, or None.
 
@@ -220,6 +230,9 @@ def typed_class(name: str, *, import_modules: bool) -> type[TypedContextData] | 
         found = _defined_subclass(module_name, qualname)
     if isinstance(found, type) and issubclass(found, TypedContextData) and dataclasses.is_dataclass(found):
         return found
+    alias = _SCRIPT_ALIASES.get(module_name)
+    if alias is not None and alias in sys.modules:  # the same script, run the other way
+        return typed_class(f"{alias}:{qualname}", import_modules=False)
     return None
 
 
@@ -1120,11 +1133,17 @@ def _typed_from_json(data: dict[str, Any]) -> TypedContextData:
     cls = typed_class(name, import_modules=True)
     if cls is None:
         module = name.partition(":")[0]
+        if module in _SCRIPT_ALIASES:
+            raise TypedClassMissing(
+                f"checkpoint holds typed data of class {name!r}, defined in the script that ran the "
+                "workflow, and this program has no such class: resume it from that script "
+                "(python flow.py, or agent run flow.py --resume RUN_ID)"
+            )
         if module and module not in sys.modules:
             try:
                 importlib.import_module(module)
             except Exception as exc:
-                raise CheckpointError(
+                raise TypedClassMissing(
                     f"checkpoint holds typed data of class {name!r}, which cannot be imported: "
                     "import the module that defines it before restoring"
                 ) from exc

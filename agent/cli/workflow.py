@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AgentError
+from ..values import WORKFLOW_MODULE
 
-MODULE_NAME = "__agent_workflow__"
+MODULE_NAME = WORKFLOW_MODULE
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 

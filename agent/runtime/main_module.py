@@ -21,7 +21,10 @@ import types
 from importlib.machinery import ModuleSpec
 from typing import Any
 
+from ..values import WORKFLOW_MODULE
+
 _MARK = "__agent_stand_in__"
+_SCRIPT = frozenset({"__main__", WORKFLOW_MODULE})  # the script: python flow.py, or agent run flow.py
 
 
 def describe() -> dict[str, str | None]:
@@ -53,7 +56,7 @@ def adopt(*objects: Any) -> None:
     space = main.__dict__
     script = getattr(main, "__file__", None)
     for obj in objects:
-        if getattr(obj, "__module__", None) != "__main__":
+        if getattr(obj, "__module__", None) not in _SCRIPT:
             continue
         scope = getattr(obj, "__globals__", None)
         if isinstance(scope, dict):
@@ -73,7 +76,7 @@ _COPIED = "<dynamic-code>"  # what cloudpickle names the file of code it copied
 
 def _name_file(obj: Any, script: str) -> None:
     """Give a function of the script copied by cloudpickle its file name back."""
-    if isinstance(obj, types.FunctionType) and obj.__module__ == "__main__" and obj.__code__.co_filename == _COPIED:
+    if isinstance(obj, types.FunctionType) and obj.__module__ in _SCRIPT and obj.__code__.co_filename == _COPIED:
         obj.__code__ = _renamed(obj.__code__, script)
 
 

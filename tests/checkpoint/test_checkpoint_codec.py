@@ -179,3 +179,42 @@ class TestRejects:
             "pair": (1, "a"),
         }
         assert same(loads(dumps(value)), value)
+
+
+class TestScriptClasses:
+    """A class defined in the workflow's script is found whichever way the script ran:
+    ``python flow.py`` (``__main__``) or ``agent run flow.py`` (``__agent_workflow__``)."""
+
+    @staticmethod
+    def _script(monkeypatch: pytest.MonkeyPatch, module_name: str, class_name: str) -> Any:
+        import sys
+        import types
+
+        module = types.ModuleType(module_name)
+        monkeypatch.setitem(sys.modules, module_name, module)
+        exec(  # noqa: S102 - defines the class as that module's own
+            "import dataclasses\nfrom agent.context import TypedContextData\n"
+            f"@dataclasses.dataclass\nclass {class_name}(TypedContextData):\n    step: int\n",
+            module.__dict__,
+        )
+        return getattr(module, class_name)
+
+    @pytest.mark.parametrize(("saved_in", "restored_in"), [
+        ("__agent_workflow__", "__main__"), ("__main__", "__agent_workflow__"),
+    ])
+    def test_saved_one_way_restored_the_other(self, monkeypatch, saved_in: str, restored_in: str) -> None:
+        name = f"Progress_{saved_in.strip('_')}"  # one per case: the class registry is the process's
+        progress = self._script(monkeypatch, restored_in, name)
+        # What the other way of running the script saved (this process has only one of the two).
+        saved = dumps(progress(step=3)).replace(f"{restored_in}:{name}", f"{saved_in}:{name}")
+        assert f"{saved_in}:{name}" in saved
+        restored = loads(saved)
+        assert type(restored) is progress and restored.step == 3
+
+    def test_a_class_no_longer_in_the_script_is_not_called_corrupt(self, monkeypatch) -> None:
+        from agent.values import TypedClassMissing
+
+        saved = dumps(self._script(monkeypatch, "__main__", "Kept")(step=3)).replace("__main__:Kept",
+                                                                                   "__agent_workflow__:Gone")
+        with pytest.raises(TypedClassMissing, match="resume it from that script"):
+            loads(saved)

@@ -254,6 +254,24 @@ class TestOutcomes:
         assert done.returncode == 1
         assert "broken failed after" in done.stderr and "ValueError: no good" in done.stderr
 
+    def test_an_isolated_states_traceback_points_at_the_file(self, cli):
+        # Its code travels by value (cloudpickle names it "<dynamic-code>"); the state's
+        # process gives it the file back, for the module `agent run` loads it as too.
+        path = cli.write("broken.py", """\
+            from agent import Agent
+            agent = Agent("broken", isolation="process")
+            def helper():
+                raise ValueError("no good")
+            async def s(context):
+                helper()
+            agent.add_state("s", s)
+        """)
+        done = cli.run("run", "broken.py")
+        assert done.returncode == 1
+        assert f'File "{path}", line 4, in helper' in done.stderr, done.stderr
+        assert 'raise ValueError("no good")' in done.stderr
+        assert "<dynamic-code>" not in done.stderr
+
     def test_guarded_run_is_run_by_the_command_once(self, cli):
         cli.write("guarded.py", SPEC_QUICK_START.replace(
             "await agent.run()", 'if __name__ == "__main__":\n    agent.run_sync()'))
