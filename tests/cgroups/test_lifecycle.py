@@ -279,6 +279,23 @@ class TestJoinedHierarchies:
             quota.close()
 
 
+    @pytest.mark.parametrize("to_mib", [1024, 64])
+    def test_a_memory_limit_can_be_raised_and_lowered(self, confiner, to_mib):
+        # memory+swap may never be below memory: a parked child's cgroup, made with a
+        # default, is given an attempt's limit above it or below it.
+        backend = confiner.backend
+        handle = backend.create(f"raise-{secrets.token_hex(3)}", CgroupLimits(memory_bytes=512 << 20))
+        try:
+            backend.apply(handle, CgroupLimits(memory_bytes=to_mib << 20))
+            for name in ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"):
+                path = os.path.join(handle.dirs["memory"], name)
+                if os.path.exists(path):
+                    with open(path) as fh:
+                        assert int(fh.read()) == to_mib << 20, name
+        finally:
+            handle.remove()
+
+
 class TestNestedCgroups:
     """Cgroups an attempt made below its own (a nested supervisor, a container) go with it."""
 

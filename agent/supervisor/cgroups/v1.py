@@ -350,10 +350,17 @@ class V1Backend:
         limits, dirs = handle.limits, handle.dirs
         if limits.memory_bytes is not None:
             memory = _memory(dirs["memory"])
-            memory.limit_in_bytes = limits.memory_bytes
             if os.path.exists(f"{dirs['memory']}/memory.memsw.limit_in_bytes"):
-                memory.memsw_limit_in_bytes = limits.memory_bytes
+                # memory+swap may never be below memory: raise it first, lower it last (a
+                # parked child's cgroup is made with a default limit, then given the attempt's).
+                if limits.memory_bytes > memory.limit_in_bytes:
+                    memory.memsw_limit_in_bytes = limits.memory_bytes
+                    memory.limit_in_bytes = limits.memory_bytes
+                else:
+                    memory.limit_in_bytes = limits.memory_bytes
+                    memory.memsw_limit_in_bytes = limits.memory_bytes
             else:
+                memory.limit_in_bytes = limits.memory_bytes
                 memory.swappiness = 0
         if limits.cpu_quota_us is not None:
             cpu = _cpu(dirs["cpu"])
