@@ -19,6 +19,7 @@ Lifecycle, for the executor::
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import glob
 import itertools
@@ -26,7 +27,7 @@ import logging
 import os
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import fields
 from typing import Any, Callable
 
@@ -86,8 +87,10 @@ class Confinement:
         # Set by the executor once the zygote reaped the attempt's process: for a sandbox,
         # its namespaces (and everything in them) are then gone.
         self.reaped = False
-        # Runs the removal of a cgroup whose processes are all reaped, off the event loop.
-        self.remove_later: Callable[[Callable[[], None]], None] | None = None
+        # Runs the removal of a cgroup whose processes are all reaped, off the event loop;
+        # ``removing`` is then that removal, for whoever must not return before it is done.
+        self.remove_later: Callable[[Callable[[], None]], Future[None] | None] | None = None
+        self.removing: Future[None] | None = None
         self._start: Reading | None = None  # the counters when the attempt started (count_from_now)
 
     @property
@@ -213,7 +216,7 @@ class Confinement:
                 if self.reaped and self._release is None and self.remove_later is not None:
                     # Nothing is left in it: removing it (0.3 ms or more, sleeping on the
                     # kernel's cgroup lock) need not hold up the attempt's outcome.
-                    self.remove_later(self.handle.remove)
+                    self.removing = self.remove_later(self.handle.remove)
                 else:
                     self.handle.remove()
         except (CgroupError, OSError) as exc:
@@ -379,14 +382,15 @@ class Confiner:
             if made.lease is not None and self._uid_pool is not None:
                 self._uid_pool.release(made.lease.owner, contained=True)  # nothing ever ran as it
 
-    def background(self, work: Callable[[], None]) -> None:
-        """Run ``work`` (making or removing a cgroup) on this confiner's own thread, in order."""
+    def background(self, work: Callable[[], None]) -> Future[None] | None:
+        """Run ``work`` (making or removing a cgroup) on this confiner's own thread, in order;
+        its future (None: done already, here)."""
         if self._closed:
             _logged(work)
-            return
+            return None
         if self._thread is None:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-cgroups")
-        self._thread.submit(_logged, work)
+        return self._thread.submit(_logged, work)
 
     def prepare(self, attempt: Attempt, *, name: str | None = None, parked: Any = None) -> Confinement:
         """Create the attempt's cgroup with its limits, and the child's spec.
@@ -480,6 +484,14 @@ class Confiner:
             if self._uid_pool is not None:
                 self._uid_pool.close()
                 self._uid_pool = None
+
+
+async def removed(confinement: Confinement) -> None:
+    """Wait until the cgroup that ``confinement.close()`` left to the confiner's thread is
+    gone: a run returns only once its cgroups are."""
+    pending = confinement.removing
+    if pending is not None and not pending.done():
+        await asyncio.shield(asyncio.wrap_future(pending))
 
 
 def _logged(work: Callable[[], None]) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Awaitable, TypeVar
 
 from ..executor import Attempt, AttemptFailed, AttemptOutcome, Isolation
 from .child import ChildProcess
+from .confinement import removed
 from .service import Supervisor, serving_supervisor
 
 T = TypeVar("T")
@@ -60,6 +61,7 @@ class ProcessExecutor:
                     confinement.close()
                 finally:
                     sup.exit_attempt()
+                settle_removal(attempt, confinement)
 
     @staticmethod
     async def _answer(sup: Supervisor, child: ChildProcess, attempt: Attempt) -> AttemptOutcome | None:
@@ -88,6 +90,7 @@ class ProcessExecutor:
                 confinement.close()
             finally:
                 sup.exit_attempt()
+        await removed(confinement)
 
     async def aclose(self) -> None:
         """Nothing per executor: the supervisor is shared and goes away with the process."""
@@ -113,6 +116,7 @@ class WorkerExecutor:
                     await uncancellable(handed.result().stop(attempt.stop_reason or "cancel", sup.config.grace))
                     raise
                 status = await watch(child, attempt, sup.config.grace, over=child.over)
+                settle_removal(attempt, child.worker.confinement)  # a worker gone with its attempt takes its cgroup
                 if not child.never_ran:  # else its worker went idle before reading it: again
                     return verdict(child, status, attempt)
         finally:
@@ -121,6 +125,16 @@ class WorkerExecutor:
     async def aclose(self) -> None:
         """Nothing per executor: the workers belong to the supervisor."""
         return None
+
+
+def settle_removal(attempt: Attempt, confinement: Any) -> None:
+    """Have the run ``attempt`` belongs to wait, before it returns, for the cgroup that
+    ``confinement.close()`` left to the confiner's thread (nothing when none was, or when
+    the attempt belongs to no run)."""
+    if attempt.settle is not None and confinement.removing is not None and not confinement.removing.done():
+        task = asyncio.ensure_future(removed(confinement))
+        attempt.settle.add(task)
+        task.add_done_callback(attempt.settle.discard)
 
 
 async def watch(

@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import enum
 import os
+import time
 
 import pytest
 
@@ -112,8 +113,53 @@ async def asks_for_a_score(context):
     context.set_state("score", int(score))
 
 
+async def ends_in_its_cgroup(context):
+    """Records its memory cgroup, then returns, raises, or passes its memory limit."""
+    with open("/proc/self/cgroup") as fh:
+        path = next(line.strip().split(":", 2)[2] for line in fh if "memory" in line.split(":")[1].split(","))
+    context.set_state("cgroup", f"/sys/fs/cgroup/memory{path}")
+    ending = context.get_state("ending")
+    if ending == "raises":
+        raise RuntimeError("as asked")
+    if ending == "memory_limit":
+        block = bytearray(200 << 20)
+        block[::4096] = b"x" * len(block[::4096])
+
+
 class TestAgentWithProcessIsolation:
     """The scheduler's states run in children (or workers) and their writes reach the run's context."""
+
+    @pytest.mark.parametrize("ending", ["returns", "raises", "memory_limit"])
+    async def test_a_run_returns_only_once_its_attempts_cgroups_are_gone(self, level, ending, monkeypatch):
+        # Removing a cgroup is left to the confiner's thread, which the kernel may keep
+        # waiting (made slower here): run() returns only once it is done.
+        if not os.path.exists("/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+            pytest.skip("reads cgroup v1 paths")
+        if level is Isolation.WORKER and ending != "memory_limit":
+            pytest.skip("a worker that served its state keeps its cgroup")
+        from agent import ResourceRequirements
+        from agent.supervisor import current_supervisor
+
+        agent = Agent("cgroup_gone", isolation=level)
+        agent.add_state("s", ends_in_its_cgroup, resources=ResourceRequirements(memory_mb=64))
+        warm = Agent("warm", isolation=level)
+        warm.add_state("s", ends_in_its_cgroup)
+        await warm.run()  # the supervisor is up
+        confiner = current_supervisor().confiner
+        real = confiner.background
+
+        def slowly(work):
+            def later():
+                time.sleep(0.3)
+                work()
+            return real(later)
+
+        monkeypatch.setattr(confiner, "background", slowly)
+        try:
+            await agent.run(initial_context={"ending": ending})
+        except StateFailedError:
+            assert ending != "returns"
+        assert not os.path.exists(agent.context.get_state("cgroup"))
 
     async def test_quickstart(self, level):
         agent = Agent("hello_workflow", isolation=level)
