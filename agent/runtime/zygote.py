@@ -567,6 +567,37 @@ def _thaw_below(path: str) -> None:
                 pass
 
 
+def _kill_left_in(paths: Sequence[str], rounds: int = 20) -> None:
+    """SIGKILL every process still in the cgroups at and below ``paths`` (the supervisor's
+    own): what a state started and left behind is no child of the zygote (a daemon that
+    double-forked), and must not outlive the supervisor. Again until none is left (one may
+    have forked meanwhile), at most ``rounds`` times."""
+    me = os.getpid()
+    for _ in range(rounds):
+        left = False
+        for path in paths:
+            if not os.path.exists(os.path.join(path, "cgroup.procs")):
+                continue
+            for directory, _, files in os.walk(path):
+                if "cgroup.procs" not in files:
+                    continue
+                try:
+                    with open(os.path.join(directory, "cgroup.procs")) as procs:
+                        pids = [int(p) for p in procs.read().split()]
+                except (OSError, ValueError):
+                    continue
+                for pid in pids:
+                    if pid != me:
+                        left = True
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except OSError:
+                            pass
+        if not left:
+            return
+        time.sleep(0.01)  # they leave their cgroups as they exit
+
+
 def _read_configure(
     control: socket.socket, buffer: bytearray, fds: deque[int]
 ) -> tuple[dict[str, Any], list[Any]]:
@@ -815,6 +846,7 @@ def main(argv: list[str]) -> int:
             pass  # a SIGTERM came just as the loop ended; no other can
         if zygote is not None:
             zygote._kill_all(cleanup)
+        _kill_left_in(cleanup)
         for path in cleanup:
             shutil.rmtree(path, ignore_errors=True)
     return 0

@@ -24,20 +24,29 @@ SCRIPT = textwrap.dedent(
     from agent.supervisor import current_supervisor, get_executor
 
     async def state(context):
+        if sys.argv[1] == "daemon":  # a process that is nobody's child in the tree: double-forked
+            read, write = os.pipe()
+            if os.fork() == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    os.write(write, str(os.getpid()).encode())
+                    os.execvp("sleep", ["sleep", "600"])
+                os._exit(0)
+            context.set_state("daemon", int(os.read(read, 32)))
         context.set_state("pid", os.getpid())
-        if sys.argv[1] == "hang":
+        if sys.argv[1] in ("hang", "daemon"):
             await asyncio.get_running_loop().create_future()
         return "ok"
 
     async def main():
         reported = asyncio.Event()
-        ctx = Context(on_write=lambda k, v, d: reported.set())
+        ctx = Context(on_write=lambda k, v, d: reported.set() if k == "pid" else None)
         attempt = Attempt("run", "agent", "state", state, 1, context=ctx, isolation=Isolation.PROCESS)
         task = asyncio.ensure_future(get_executor(Isolation.PROCESS).run_attempt(attempt))
         await reported.wait()
         sup = current_supervisor()
         print(json.dumps(facts(sup, ctx)), flush=True)
-        if sys.argv[1] == "hang":
+        if sys.argv[1] in ("hang", "daemon"):
             sys.stdin.read()  # blocks until the test kills this process
         await task
         if sys.argv[1] == "fork":  # as multiprocessing's workers are made, and end (os._exit)
@@ -55,7 +64,7 @@ SCRIPT = textwrap.dedent(
             print(json.dumps(facts(current_supervisor(), again)), flush=True)
 
     def facts(sup, ctx):
-        return {"zygote": sup.zygote.pid, "child": ctx.get_state("pid"),
+        return {"zygote": sup.zygote.pid, "child": ctx.get_state("pid"), "daemon": ctx.get_state("daemon"),
                 "dirs": [sup.ipc_dir, sup.logs.directory], "cgroups": sup.confiner.backend.owned_dirs()}
 
     asyncio.run(main())
@@ -116,6 +125,17 @@ class TestInterpreterExit:
         proc.stdout.close()
         assert all_gone([info["zygote"], info["child"]])
         assert not any(os.path.exists(d) for d in info["dirs"] + info["cgroups"])
+
+    def test_killed_supervisor_takes_what_its_states_left_behind(self):
+        # A daemon a state started is no child of the zygote: it goes with the cgroups.
+        proc, info = start("daemon")
+        assert psutil.pid_exists(info["daemon"])
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdin.close()
+        proc.stdout.close()
+        assert all_gone([info["zygote"], info["child"], info["daemon"]])
+        assert not any(os.path.exists(d) for d in info["cgroups"])
 
     def test_a_whole_tree_killed_at_once_is_swept_by_the_next_supervisor(self):
         # As Ray does to a worker's children: nothing is left to clean up; the next one does.
