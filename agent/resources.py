@@ -196,8 +196,11 @@ class ResourceUsage:
 
     ``current_usage``, ``peak_usage`` and ``average_usage`` (time-weighted since the
     pool was made) count what is *allocated*. ``measured_usage`` is what executors
-    measured: CPU-seconds consumed so far for CPU, the sum of the current holders' peak
-    memory (MiB) for MEMORY, ``None`` for types nothing measures.
+    reported with :meth:`ResourcePool.record_measured`: CPU-seconds consumed so far for
+    CPU, the sum of the current holders' peak memory (MiB) for MEMORY, ``None`` for types
+    nothing measures. The isolated executors report an attempt's figures as it ends, just
+    before its release: its CPU then counts, its memory no longer (the monitor's
+    ``used_CPU`` reads running attempts as they run).
     """
 
     total: float
