@@ -149,6 +149,10 @@ async def watch(
         return await (over if over is not None else asyncio.shield(child.exited))
     except asyncio.CancelledError:
         await uncancellable(child.stop(attempt.stop_reason or "cancel", grace))
+        try:  # what it used until it was stopped: no outcome carries it
+            attempt.usage.update(child.confinement.usage())
+        except Exception:  # a report only: never in the way of the stop
+            pass
         raise
 
 

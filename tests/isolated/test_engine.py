@@ -126,8 +126,23 @@ async def ends_in_its_cgroup(context):
         block[::4096] = b"x" * len(block[::4096])
 
 
+async def burns(context):
+    context.set_state("burning", True)
+    while True:
+        pass
+
+
 class TestAgentWithProcessIsolation:
     """The scheduler's states run in children (or workers) and their writes reach the run's context."""
+
+    async def test_a_timed_out_attempt_keeps_what_it_used(self, level):
+        agent = Agent("burner", isolation=level)
+        agent.add_state("burns", burns, timeout=0.5)
+        with pytest.raises(StateTimeoutError):
+            await agent.run()
+        meta = agent.state_metadata["burns"]
+        assert meta.usage.get("cpu_seconds", 0) > 0
+        assert meta.history[-1].usage == meta.usage
 
     @pytest.mark.parametrize("ending", ["returns", "raises", "memory_limit"])
     async def test_a_run_returns_only_once_its_attempts_cgroups_are_gone(self, level, ending, monkeypatch):
