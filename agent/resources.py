@@ -403,6 +403,11 @@ class ResourcePool:
                         f"state {state!r} asks for {amount:g} GPU(s) but this machine has none "
                         f"({why}): drop gpu_units, or run on a GPU host"
                     )
+                if rtype is ResourceType.GPU:
+                    raise GPUUnavailableError(
+                        f"state {state!r} asks for {amount:g} GPU(s) but the pool has {total:g} in total: "
+                        "lower gpu_units, or run on a host with more GPUs"
+                    )
                 raise ResourceRequestError(
                     f"state {state!r} asks for {amount:g} {_UNITS[rtype]} but the pool has "
                     f"{total:g} in total: lower the request or enlarge the ResourcePool"

@@ -18,7 +18,8 @@ limits. This module imports nothing of the supervisor: ``child_spec`` is plain d
 * ``data_headroom``: bytes the child may add to its data size (``RLIMIT_DATA`` set to
   what it inherited plus this), the no-cgroup fallback's memory backstop;
 * ``env``: variables to set;
-* ``gpu``: ``{"env": {...}}``, variables that pin CUDA to the assigned GPUs;
+* ``gpu``: ``{"env": {...}}``, variables that pin CUDA to the assigned GPUs (a None
+  value removes the variable);
 * ``sandbox``: the spec for :func:`agent.runtime.sandbox.enter_sandbox` (applied by the
   child itself, after this).
 """
@@ -74,6 +75,9 @@ def set_environment(child_spec: dict[str, Any]) -> None:
     environ = os.environ
     for variables in (child_spec.get("env", {}), gpu.get("env", {})):
         for key, value in variables.items():
+            if value is None:  # not pinned: as the program's own environment has it
+                environ.pop(str(key), None)
+                continue
             key, value = str(key), str(value)
             if environ.get(key) != value:
                 environ[key] = value

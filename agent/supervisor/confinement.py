@@ -416,7 +416,10 @@ class Confiner:
         if _asks_io_rates(attempt) and not self.io_devices:
             handle.unenforced["io_throttle"] = "no block device holds the working directory or /"
         child_spec = handle.child_spec()
-        child_spec["gpu"] = {"env": pinning_env(uuids)}
+        if uuids or not (attempt.resources is not None and attempt.resources.gpu_units > 0):
+            child_spec["gpu"] = {"env": pinning_env(uuids)}
+        else:  # GPU units of a pool larger than the inventory: counted, not pinned (nor hidden)
+            child_spec["gpu"] = {"env": {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}}
         if parked is not None:
             child_spec["joined"] = parked.pid
         if sandboxed:

@@ -120,6 +120,24 @@ class TestPinnedChildren:
             assert seen["nvidia"] == []  # every GPU device node is denied
 
 
+    async def test_gpus_of_a_pool_larger_than_the_inventory_are_not_pinned_nor_hidden(self, monkeypatch) -> None:
+        # Counted for planning, as the pool says; the state sees what the program sees.
+        monkeypatch.setenv("AGENT_GPUS", "[]")
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+        pool = ResourcePool(total_cpu=2, total_memory=1024, total_gpu=2)
+        agent = Agent("counted", isolation="process", resource_pool=pool)
+
+        async def start(context):
+            return ["on_gpu", "plain"]
+
+        agent.add_state("start", start)
+        agent.add_state("on_gpu", what_i_see, resources=gpu(1))
+        agent.add_state("plain", what_i_see, resources=gpu(0))
+        ctx = await agent.run(timeout=60)
+        assert ctx.get_state("seen_on_gpu")["visible"] == "3"
+        assert ctx.get_state("seen_plain")["visible"] == ""
+
+
 class TestWaitingForAGPU:
     """A third whole-GPU request waits until one of the two GPUs is given back."""
 

@@ -87,6 +87,11 @@ class TestCheckRequest:
         with pytest.raises(GPUUnavailableError, match="machine has none"):
             small_pool().check_request(req(gpu=1), "train")
 
+    def test_more_gpus_than_the_pool_has(self) -> None:
+        pool = ResourcePool(total_cpu=4, total_memory=1024, total_gpu=2)
+        with pytest.raises(GPUUnavailableError, match=r"asks for 3 GPU\(s\) but the pool has 2 in total"):
+            pool.check_request(req(gpu=3), "train")
+
     def test_gpu_error_is_a_request_error(self) -> None:
         assert issubclass(GPUUnavailableError, ResourceRequestError)
 
