@@ -325,6 +325,7 @@ class Confiner:
         self.reaped = self.backend.reap_stale()
         self.io_devices = blockdev.disks_for(io_paths or [os.getcwd(), "/"])
         self._counter = itertools.count(1)
+        self._said: set[tuple[str, str, str]] = set()  # (agent, state, limit) said to be unenforced
         self._uid_pool: Any = None
         self._uid_pool_made = threading.Lock()  # leases are taken on the loop and on the thread
         self._closed = False
@@ -439,6 +440,8 @@ class Confiner:
                 nproc = limits.pids_max + 1 if self.backend_name == "none" else 2 * limits.pids_max
             devices = _gpu_device_paths(set(minors)) if uuids else ()
             child_spec["sandbox"] = lease.spec(devices=devices, **({"nproc": nproc} if nproc else {}))
+        if handle.unenforced:
+            self._say_unenforced(attempt, handle.unenforced)
         confinement = Confinement(child_spec, handle, self.backend_name)
         confinement.remove_later = self.background
         if parked is not None:
@@ -446,6 +449,16 @@ class Confiner:
         if sandboxed:
             confinement._release = lambda: pool.release(lease.owner, contained=confinement.reaped)
         return confinement
+
+    def _say_unenforced(self, attempt: Attempt, unenforced: dict[str, str]) -> None:
+        """Warn, once per state and limit, that a limit it asked for is not enforced here
+        (``agent doctor`` says what this machine enforces; this says who is affected)."""
+        for limit, why in unenforced.items():
+            key = (attempt.agent_name, attempt.state_name, limit)
+            if key not in self._said:
+                self._said.add(key)
+                _log.warning("limit_not_enforced: agent %r, state %r: %s: %s",
+                             attempt.agent_name, attempt.state_name, limit, why)
 
     def _machine_gpu_minors(self) -> list[int]:
         """Minors of every GPU on the machine (read again only when the inventory changes)."""

@@ -170,6 +170,26 @@ class TestStaleReaping:
 
 
 @needs_v1
+class TestUnenforcedLimits:
+    """A limit asked for that this machine does not enforce is said, once per state."""
+
+    def test_an_io_weight_without_bfq_is_said_once_per_state(self, confiner, caplog):
+        weighted = ResourceRequirements(cpu_units=0.1, memory_mb=64, io_weight=500)
+        first = confiner.prepare(make_attempt(weighted))
+        try:
+            if "io_weight" not in first.unenforced:
+                pytest.skip("this disk uses bfq: IO weights are enforced")
+            second = confiner.prepare(make_attempt(weighted))
+            other = confiner.prepare(make_attempt(weighted, state="other"))
+            second.close()
+            other.close()
+        finally:
+            first.close()
+        said = [r.getMessage() for r in caplog.records if "limit_not_enforced" in r.getMessage()]
+        assert len(said) == 2, said  # "work" once, "other" once
+        assert all("io_weight" in line and "bfq" in line for line in said)
+
+
 class TestDevices:
     """The v1 devices cgroup hides the GPUs an attempt was not given."""
 
