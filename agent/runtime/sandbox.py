@@ -38,6 +38,7 @@ import os
 import resource
 import socket
 import stat
+import sys
 from typing import Any
 
 from . import seccomp
@@ -379,14 +380,38 @@ def join_new_session_keyring() -> None:
 
 def wipe_environment(spec: dict[str, Any]) -> None:
     """Only the variables the sandbox keeps (``env_keep``) and sets (its home, its private
-    /tmp as TMPDIR) stay; the supervisor's others are gone, from memory too. Idempotent."""
+    /tmp as TMPDIR) stay; the supervisor's others are gone, from memory too, and so are
+    the zygote's arguments past the program name. Idempotent."""
     env = {"HOME": str(spec.get("home", DEFAULT_HOME))}
     if spec.get("filesystem", True):
         env["TMPDIR"] = "/tmp"
     _scrub_environment(list(spec.get("env_keep", ())), env)
+    _scrub_arguments()
 
 
 _environ_block_wiped = False
+_argument_block_wiped = False
+
+
+def _scrub_arguments() -> None:
+    """Zero the zygote's arguments past the program name (``/proc/self/cmdline``: the
+    supervisor's pid, its socket and log directories, its cgroups), and drop them from
+    ``sys.orig_argv``."""
+    global _argument_block_wiped
+    sys.orig_argv[1:] = []
+    if _argument_block_wiped:
+        return
+    fd = os.open("/proc/self/stat", os.O_RDONLY)
+    try:
+        fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
+    finally:
+        os.close(fd)
+    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49 of proc(5)
+    if 0 < start < end:
+        first = len(ctypes.string_at(start)) + 1  # the program name and its NUL stay
+        if start + first < end:
+            ctypes.memset(start + first, 0, end - start - first)
+    _argument_block_wiped = True
 
 
 def _scrub_environment(keep: list[str], set_: dict[str, str]) -> None:

@@ -343,6 +343,18 @@ class TestSandboxedChild:
         assert SECRET_VALUE not in got["spawned"]
         assert got["readable"] == []
 
+    def test_cannot_read_the_arguments_it_was_started_with(self, lease: Any) -> None:
+        # The zygote's arguments name the supervisor's pid, directories and cgroups.
+        def body() -> dict[str, Any]:
+            with open("/proc/self/cmdline", "rb") as f:
+                cmdline = [a for a in f.read().split(b"\0") if a]
+            return {"cmdline": [a.decode() for a in cmdline], "orig_argv": list(sys.orig_argv)}
+
+        assert len(in_child(body, None)["cmdline"]) > 1  # unsandboxed: all of them
+        got = in_child(body, lease.spec())
+        assert "error" not in got, got
+        assert got["cmdline"] == [sys.orig_argv[0]] and got["orig_argv"] == [sys.orig_argv[0]]
+
     def test_tmp_and_shm_are_private(self, lease: Any) -> None:
         fd, machine_file = tempfile.mkstemp(prefix="agent-test-visible-", dir="/tmp")
         os.close(fd)
