@@ -240,6 +240,11 @@ class RunCommand:
                 where = getattr(getattr(store, "inner", store), "path", repr(store))
                 raise LookupError(f"no checkpoint for run {args.resume!r} in {where} "
                                   "(`agent runs` lists the runs it finds)")
+            from .runs import live_run_ids
+
+            if args.resume in live_run_ids():
+                raise LookupError(f"run {args.resume!r} is still running in another process (`agent runs` "
+                                  "shows it): resume it once that process has stopped")
         return agent.checkpoint_store
 
     # --- Ctrl-C ------------------------------------------------------------------------------
@@ -325,7 +330,7 @@ class RunCommand:
         resume = None
         if interrupted and status in ("paused", "cancelled", "running"):
             status = "paused" if store_path and _mark_paused(store, entry.run_id) else "stopped"
-        if status == "paused" and store_path:
+        if status in ("paused", "failed") and store_path:  # a failed run resumes at what failed
             resume = self.resume_command(entry.run_id, agent)
         error = agent.last_error if agent is not None else None
         return {

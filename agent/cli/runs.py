@@ -18,7 +18,7 @@ def runs_command(args: argparse.Namespace) -> int:
     except (LookupError, ValueError) as exc:
         print(f"agent runs: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    live_ids = _live_run_ids()
+    live_ids = live_run_ids()
     listing: list[tuple[Path, list[dict[str, Any]]]] = []
     for path in stores:
         try:
@@ -104,7 +104,8 @@ def _runs_in(path: Path, agent: str | None, limit: int, live_ids: set[str]) -> l
     return out
 
 
-def _live_run_ids() -> set[str]:
+def live_run_ids() -> set[str]:
+    """The runs a live process of this user is running now (their status endpoints say)."""
     from ..live.client import live_runs
 
     return {run["run_id"] for endpoint in live_runs(timeout=1.0) for run in endpoint.runs}

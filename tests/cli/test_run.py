@@ -253,6 +253,7 @@ class TestOutcomes:
         done = cli.run("run", "broken.py")
         assert done.returncode == 1
         assert "broken failed after" in done.stderr and "ValueError: no good" in done.stderr
+        assert "resume it with: agent run broken.py --resume " in done.stderr  # once fixed, at what failed
 
     def test_an_isolated_states_traceback_points_at_the_file(self, cli):
         # Its code travels by value (cloudpickle names it "<dynamic-code>"); the state's

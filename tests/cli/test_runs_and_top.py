@@ -84,6 +84,23 @@ class TestTop:
         assert not [p for p in after["processes"] if p["pid"] == proc.pid]  # its socket went with it
 
 
+class TestResumeOfALiveRun:
+    """A run still running in another process is not resumed alongside it."""
+
+    def test_refused_while_it_runs(self, cli):
+        proc = cli.start_talker()
+        try:
+            seen = json.loads(cli.run("top", "--json").stdout)
+            [run] = next(p for p in seen["processes"] if p["pid"] == proc.pid)["runs"]
+            done = cli.run("run", "talker.py", "--resume", run["run_id"])
+            release(cli.dir / "go")
+            proc.communicate(timeout=60)
+        finally:
+            stop(proc)
+        assert done.returncode == 2
+        assert "is still running in another process" in done.stderr
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
 class TestEndpointSecurity:
     """Only the same user (or root) is answered, even where the socket itself is reachable."""
