@@ -393,12 +393,18 @@ _environ_block_wiped = False
 _argument_block_wiped = False
 
 
+_ZYGOTE_MODULE = "agent.runtime.zygote"
+
+
 def _scrub_arguments() -> None:
-    """Zero the zygote's arguments past the program name (``/proc/self/cmdline``: the
+    """Zero the zygote's arguments past its module's name (``/proc/self/cmdline``: the
     supervisor's pid, its socket and log directories, its cgroups), and drop them from
-    ``sys.orig_argv``."""
+    ``sys.orig_argv``; ``ps`` still shows a process of the zygote."""
     global _argument_block_wiped
-    sys.orig_argv[1:] = []
+    if _ZYGOTE_MODULE in sys.orig_argv:
+        del sys.orig_argv[sys.orig_argv.index(_ZYGOTE_MODULE) + 1:]
+    else:
+        del sys.orig_argv[1:]
     if _argument_block_wiped:
         return
     fd = os.open("/proc/self/stat", os.O_RDONLY)
@@ -408,9 +414,9 @@ def _scrub_arguments() -> None:
         os.close(fd)
     start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49 of proc(5)
     if 0 < start < end:
-        first = len(ctypes.string_at(start)) + 1  # the program name and its NUL stay
-        if start + first < end:
-            ctypes.memset(start + first, 0, end - start - first)
+        kept = len(b"\0".join(os.fsencode(arg) for arg in sys.orig_argv)) + 1
+        if start + kept < end:
+            ctypes.memset(start + kept, 0, end - start - kept)
     _argument_block_wiped = True
 
 
