@@ -79,3 +79,34 @@ class TestRayOptions:
     def test_bad_runtime_env(self):
         with pytest.raises(InvalidConfigurationError, match="runtime_env is a dict"):
             ray_options(runtime_env=["pip"])  # type: ignore[arg-type]
+
+
+TWO_RUNS = """
+from agent import Agent
+
+async def one(context):
+    return None
+
+for i in range(2):
+    agent = Agent(f"twice_{i}", isolation="ray")
+    agent.add_state("one", one)
+    agent.run_sync(timeout=60)  # its loop, and the threads it started, end here
+    print("ran", i, flush=True)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_a_cluster_the_package_started_outlives_the_run_that_started_it(tmp_path) -> None:
+    # Ray ties a local cluster's processes to the thread that starts it: started on a
+    # thread of the first run's loop, it died with that run, and the next run hung.
+    pytest.importorskip("ray")
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), RAY_ADDRESS="")
+    env.pop("RAY_ADDRESS")
+    done = subprocess.run([sys.executable, "-c", TWO_RUNS], capture_output=True, text=True, timeout=200,
+                          cwd=tmp_path, env=env)
+    assert done.stdout.splitlines() == ["ran 0", "ran 1"], done.stderr[-3000:]
+    assert done.returncode == 0
