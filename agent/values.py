@@ -33,6 +33,7 @@ import dataclasses
 import datetime as _dt
 import decimal
 import enum
+import functools
 import importlib
 import json
 import os
@@ -174,6 +175,36 @@ class TypedContextData:
                     f"{cls.__name__}.{f.name} must be {_type_name(expected)}, "
                     f"got {type(value).__name__} {value!r}"
                 )
+            if _may_hold_typed(expected):
+                try:
+                    _validate_within(value)
+                except ContextTypeError as exc:
+                    raise ContextTypeError(f"{cls.__name__}.{f.name}: {exc}") from None
+
+
+def _validate_within(value: Any) -> None:
+    """Validate the typed data ``value`` holds, at any depth (a field of a typed value is
+    checked against its own class's annotations too)."""
+    t = type(value)
+    if t in _IMMUTABLE:
+        return
+    if isinstance(value, TypedContextData):
+        value.validate()
+    elif t is list or t is tuple or t is set or t is frozenset:
+        for item in value:
+            _validate_within(item)
+    elif t is dict:
+        for item in value.values():
+            _validate_within(item)
+
+
+@functools.cache
+def _may_hold_typed(tp: Any) -> bool:
+    """Whether a value of annotation ``tp`` may hold typed data (else it is not walked)."""
+    if isinstance(tp, type):
+        return issubclass(tp, TypedContextData) or tp in (object, list, tuple, dict, set, frozenset)
+    args = typing.get_args(tp)
+    return not args and typing.get_origin(tp) is None or any(_may_hold_typed(a) for a in args)
 
 
 def _type_hints(cls: type) -> dict[str, Any]:
@@ -184,6 +215,8 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is not None:  # list[str], not list
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -63,6 +63,26 @@ class TestPlainValues:
         assert seen == [("a", 1, False), ("a", None, True)]
 
 
+@dataclass
+class Holder(TypedContextData):
+    profile: UserProfile
+    others: List[UserProfile] = field(default_factory=list)
+
+
+class TestNestedTypedValues:
+    """Typed data inside typed data is checked against its own class too, at any depth."""
+
+    def test_a_bad_nested_field_is_refused_naming_its_path(self):
+        ctx = Context()
+        with pytest.raises(ContextTypeError, match=r"Holder.profile: UserProfile.age must be int, got str"):
+            ctx.set_typed("h", Holder(profile=UserProfile(name="a", age="x", scores=[])))  # type: ignore[arg-type]
+        ctx.set_typed("h", Holder(profile=UserProfile(name="a", age=1, scores=[1.0])))
+        bad = UserProfile(name="b", age=2, scores=["high"])  # type: ignore[list-item]
+        with pytest.raises(ContextTypeError, match=r"Holder.others: UserProfile.scores must be List\[float\]"):
+            ctx.update_typed("h", others=[bad])
+        assert ctx.get_typed("h", Holder).others == []
+
+
 class TestTypedValues:
     """Typed data is checked against its annotations."""
 
