@@ -32,7 +32,9 @@ async def run_confined(func: Any, context: Context, run: Any, isolation: str, re
     """
     from ..errors import AttemptLogNotFoundError
     from ..supervisor import get_executor, read_attempt_log
+    from ..supervisor.output import set_writer
 
+    set_writer(None)  # the child's output is copied below, once: not echoed as well
     level = Isolation.parse(isolation)
     attempt = Attempt(
         run_id=run.run_id, agent_name=run.agent_name, state_name=run.state_name, func=func,

@@ -50,4 +50,4 @@ class TestConfinedOnTheNode:
         assert usage["peak_memory_bytes"] >= 16 * 1024 * 1024  # read from its cgroup
         cgroup_lines = ctx.get_state("cgroup")
         assert "memory:/" in cgroup_lines and "agent" in cgroup_lines.split("memory:")[1].splitlines()[0]
-        assert f"confined in {ctx.get_state('confined_pid')}" in agent.logs("work")
+        assert agent.logs("work") == f"confined in {ctx.get_state('confined_pid')}\n"  # once, as printed
