@@ -48,6 +48,7 @@ from ..human import ask_relayed
 from ..ipc.messages import ContextWrite, HumanInputRequest
 from ..supervisor.logger import get_logger
 from ..supervisor.logs import AttemptLogs
+from ..runtime import main_module
 from ..supervisor.output import current_writer, label_for
 from ..supervisor.process import uncancellable
 from . import wire, worker
@@ -153,7 +154,8 @@ class RayExecutor:
         token = f"{self._prefix}{next(self._tokens):08x}"
         channel = self.relay.open(token, attempt)
         try:
-            ref = self._submitter(options).remote((payload, token, self.relay.name, _confined(attempt)))
+            script = main_module.describe().get("file")  # its state functions' file, for tracebacks
+            ref = self._submitter(options).remote((payload, token, self.relay.name, _confined(attempt), script))
             try:
                 data = await ref
             except asyncio.CancelledError:

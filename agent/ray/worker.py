@@ -40,6 +40,7 @@ from ..context import Context
 from ..errors import FailureReason, HumanInputError, exception_text
 from ..executor import AttemptFailed
 from ..human import HumanInputRequest, human_input_hook
+from ..runtime.main_module import name_script_file
 from . import wire
 
 LOG_CAP = 8 * 1024 * 1024
@@ -53,12 +54,12 @@ _relays: dict[str, Any] = {}
 _functions: dict[bytes, Any] = {}
 
 
-def run_attempt(task: tuple[bytes, str, str, Any]) -> bytes:
-    """The state's Ray task: ``task`` is the run frame, the attempt's token, the relay's name and,
-    for a confined state, its isolation level and ResourceRequirements (one argument: Ray
-    handles one faster than four)."""
+def run_attempt(task: tuple[bytes, str, str, Any, str | None]) -> bytes:
+    """The state's Ray task: ``task`` is the run frame, the attempt's token, the relay's name,
+    for a confined state its isolation level and ResourceRequirements, and the driver's
+    script (its functions' file name; one argument: Ray handles one faster than five)."""
     global _loop, _capture
-    payload, token, relay_name, confined = task
+    payload, token, relay_name, confined, script = task
     began = time.process_time()
     run = wire.read_run(payload)
     if _capture is None:
@@ -70,7 +71,8 @@ def run_attempt(task: tuple[bytes, str, str, Any]) -> bytes:
     _capture.start(token)
     try:
         usage: dict[str, Any] = {"cpu_seconds": None}
-        result, failure, pusher = _loop.run_until_complete(_attempt(run, token, relay_name, confined, usage))
+        result, failure, pusher = _loop.run_until_complete(
+            _attempt(run, token, relay_name, confined, usage, script))
         _tidy(_loop)
     finally:
         output = _capture.finish()
@@ -86,13 +88,14 @@ def _node_ip() -> str:
     return str(ray.util.get_node_ip_address())
 
 
-async def _attempt(run: Any, token: str, relay_name: str, confined: Any,
-                   usage: dict[str, Any]) -> tuple[Any, FailureReason | None, "Pusher"]:
+async def _attempt(run: Any, token: str, relay_name: str, confined: Any, usage: dict[str, Any],
+                   script: str | None = None) -> tuple[Any, FailureReason | None, "Pusher"]:
     pusher = Pusher(relay_name, token)
     result: Any = None
     failure: FailureReason | None = None
     try:
         func = _function(run.function)
+        name_script_file(func, script)  # a traceback names the script's lines, not "<dynamic-code>"
         classes = cloudpickle.loads(run.classes)  # noqa: F841 - defines them here, for the snapshot
         provider = RelayedHumanInput(pusher, token)
         snapshot, budget = wire.decode_snapshot(run)

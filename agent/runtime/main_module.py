@@ -74,6 +74,19 @@ def adopt(*objects: Any) -> None:
 _COPIED = "<dynamic-code>"  # what cloudpickle names the file of code it copied
 
 
+def name_script_file(func: Any, script: str | None) -> None:
+    """Give ``func`` (a state copied from the program's script) and the script's functions it
+    refers to their file name back, where no stand-in ``__main__`` is made (a Ray task)."""
+    if not script or getattr(func, "__module__", None) not in _SCRIPT:
+        return
+    scope = getattr(func, "__globals__", None)
+    if isinstance(scope, dict):
+        for name, value in scope.items():
+            if not name.startswith("__"):
+                _name_file(value, script)
+    _name_file(func, script)
+
+
 def _name_file(obj: Any, script: str) -> None:
     """Give a function of the script copied by cloudpickle its file name back."""
     if isinstance(obj, types.FunctionType) and obj.__module__ in _SCRIPT and obj.__code__.co_filename == _COPIED:

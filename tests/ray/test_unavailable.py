@@ -82,16 +82,28 @@ class TestRayOptions:
 
 
 TWO_RUNS = """
-from agent import Agent
+from agent import Agent, StateFailedError
 
 async def one(context):
     return None
+
+def helper():
+    raise ValueError("from the script")
+
+async def fails(context):
+    helper()
 
 for i in range(2):
     agent = Agent(f"twice_{i}", isolation="ray")
     agent.add_state("one", one)
     agent.run_sync(timeout=60)  # its loop, and the threads it started, end here
     print("ran", i, flush=True)
+agent = Agent("fails", isolation="ray")
+agent.add_state("fails", fails)
+try:
+    agent.run_sync(timeout=60)
+except StateFailedError as exc:
+    print(exc.reason.traceback)
 """
 
 
@@ -99,14 +111,19 @@ for i in range(2):
 def test_a_cluster_the_package_started_outlives_the_run_that_started_it(tmp_path) -> None:
     # Ray ties a local cluster's processes to the thread that starts it: started on a
     # thread of the first run's loop, it died with that run, and the next run hung.
+    # (And a failing state's traceback names the script's lines, as in a state process.)
     pytest.importorskip("ray")
     import os
     import subprocess
     from pathlib import Path
 
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), RAY_ADDRESS="")
-    env.pop("RAY_ADDRESS")
-    done = subprocess.run([sys.executable, "-c", TWO_RUNS], capture_output=True, text=True, timeout=200,
+    script = tmp_path / "flow.py"
+    script.write_text(TWO_RUNS)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=200,
                           cwd=tmp_path, env=env)
-    assert done.stdout.splitlines() == ["ran 0", "ran 1"], done.stderr[-3000:]
+    assert done.stdout.splitlines()[:2] == ["ran 0", "ran 1"], done.stderr[-3000:]
+    assert f'File "{script}", line 8, in helper' in done.stdout, done.stdout
+    assert "<dynamic-code>" not in done.stdout
     assert done.returncode == 0
