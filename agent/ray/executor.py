@@ -33,6 +33,7 @@ import cloudpickle
 import ray
 from ray import exceptions as rx
 
+from .. import values
 from .._types import ResourceType
 from ..context import encode_snapshot
 from ..errors import (
@@ -347,6 +348,10 @@ def _connection() -> tuple[str, str] | None:
     return runtime.get_node_id(), runtime.get_job_id()
 
 
+class _StoppedForOthers(Exception):
+    """A write that fitted what the attempt could see, refused for other states' writes."""
+
+
 class Channel:
     """The driver's end of one attempt: applies its frames in order and answers its questions."""
 
@@ -361,6 +366,8 @@ class Channel:
         self._answering: set[asyncio.Task[None]] = set()
         self._questions: dict[int, str] = {}  # the task's question -> its request id (ask_relayed)
         self._asked = False
+        self._launch_used = attempt.context.budget.used  # the budget its snapshot held
+        self._written = 0  # what its own writes added to the budget since
 
     def deliver(self, frames: list[bytes]) -> None:
         for frame in frames:
@@ -368,6 +375,8 @@ class Channel:
             if self.failure is None:
                 try:
                     self._apply(frame)
+                except _StoppedForOthers as exc:
+                    self.failure = FailureReason(kind="exception", message=str(exc))
                 except (BoundExceededError, ContextBudgetError) as exc:  # as for a state process
                     self.failure = FailureReason(kind="bound", message=f"a frame from the state's Ray task: {exc}")
                 except Exception as exc:  # malformed, or applying it failed (a context hook raised)
@@ -378,10 +387,24 @@ class Channel:
         msg = wire.read_frame(frame)
         context = self.attempt.context
         if isinstance(msg, ContextWrite):
+            sizes = context.budget.sizes
+            before = sizes.get(msg.key, 0)
             if msg.deleted:
                 context.remove_state(msg.key)
             else:
-                context.set_state(msg.key, msg.value)
+                try:
+                    context.set_state(msg.key, msg.value)
+                except ContextBudgetError as exc:
+                    # By what it could see (its snapshot and its own writes) it fitted: other
+                    # states' writes filled the budget meanwhile. Not a bound it passed, as
+                    # for a state process: it fails, and its retry sees their writes.
+                    size = values.entry_check(msg.key, msg.value)
+                    if self._launch_used + self._written + size <= context.budget.limit:
+                        raise _StoppedForOthers(
+                            f"{exc} (other states wrote to the run's context while this one ran: by what "
+                            "it could see, its write fitted; a retry sees their writes)") from None
+                    raise
+            self._written += sizes.get(msg.key, 0) - before
         elif isinstance(msg, HumanInputRequest):
             self._asked = True
             task = asyncio.ensure_future(self._answer(msg))

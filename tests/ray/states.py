@@ -152,3 +152,11 @@ async def confined_worker(context: Context) -> None:
     context.set_state("allocated", len(block))
     answer = await context.human_in_the_loop("go on?", timeout=60)
     context.set_state("answer", answer)
+
+
+async def two_writers(context: Context) -> list[str]:
+    return ["writer_1", "writer_2"]
+
+
+async def write_600kb(context: Context) -> None:
+    context.set_state(f"part_{context.state_name}", b"x" * (600 * 1024))

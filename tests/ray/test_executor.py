@@ -11,7 +11,9 @@ import pytest
 
 pytest.importorskip("ray")
 
-from agent import Agent, Context, Isolation, ResourcePool, ResourceRequirements, ResourceType, StateFailedError
+from agent import (
+    Agent, Context, Isolation, ResourcePool, ResourceRequirements, ResourceType, RetryPolicy, StateFailedError,
+)
 from agent.errors import UnencodableValueError
 from agent.human import QueueInputProvider
 from agent.ray import cluster_pool
@@ -171,6 +173,26 @@ class TestContext:
         ctx = await agent.run(initial_context={"greeting": "hi", "tuple": 1, "items": [1]})
         assert ctx.get_state("shouted") == "HI"
         assert ctx.get_state("items") == [1]
+
+
+class TestContextBudget:
+    """Writes that fitted what each task could see, but not together: as for state processes."""
+
+    async def test_concurrent_writers_cannot_pass_it_together(self):
+        agent = Agent("budget_race", isolation="ray", context_budget_mb=1,
+                      retry_policy=RetryPolicy(max_retries=1, initial_delay=0))
+        agent.add_state("fan", states.two_writers)
+        agent.add_state("writer_1", states.write_600kb)
+        agent.add_state("writer_2", states.write_600kb)
+        with pytest.raises(StateFailedError) as info:
+            await agent.run()
+        exc = info.value
+        # The one whose write came second was failed for the other's write, not for a bound
+        # it passed; its retry saw that write, and its own then raised in the task.
+        assert exc.attempts == 2 and exc.reason.permanent and exc.reason.exception_type.endswith("ContextBudgetError")
+        first = agent.state_metadata[exc.state].history[0]
+        assert first.outcome == "failed" and "other states wrote to the run's context" in first.reason
+        assert agent.context.budget.used <= agent.context.budget.limit
 
 
 class TestHumanInput:
