@@ -173,10 +173,9 @@ def _isolated() -> Any:
 
 
 def _ray() -> Any:
-    loaded = sys.modules.get(RAY)
-    if loaded is not None:
-        return loaded
     try:
+        # Not sys.modules.get(): on another thread the module may be still importing, and
+        # import_module waits for that import to finish.
         return importlib.import_module(RAY)
     except ImportError as exc:
         if exc.name == "ray" or (exc.name or "").startswith("ray."):
