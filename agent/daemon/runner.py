@@ -39,6 +39,7 @@ from typing import Any
 from ..errors import AgentError, DaemonProtocolError
 from ..events import RUN_STARTED
 from ..human import HumanInputRequest
+from ..runtime import main_module
 from ..values import WORKFLOW_MODULE
 from .protocol import Link
 from .remote import RemotePool, install
@@ -154,6 +155,7 @@ class Runner:
 
         path = str(self.job.get("path") or "workflow.py")
         sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+        main_module.note_workflow(path)  # its states' tracebacks name it
         namespace: dict[str, Any] = {"__name__": WORKFLOW_MODULE, "__file__": path, "__builtins__": builtins}
         top_level_await = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
         tree = compile(self.job["source"], path, "exec", flags=ast.PyCF_ONLY_AST | top_level_await, dont_inherit=True)

@@ -155,7 +155,7 @@ class RayExecutor:
         token = f"{self._prefix}{next(self._tokens):08x}"
         channel = self.relay.open(token, attempt)
         try:
-            script = main_module.describe().get("file")  # its state functions' file, for tracebacks
+            script = main_module.describe()  # its state functions' files, for tracebacks
             ref = self._submitter(options).remote((payload, token, self.relay.name, _confined(attempt), script))
             try:
                 data = await ref

@@ -54,10 +54,10 @@ _relays: dict[str, Any] = {}
 _functions: dict[bytes, Any] = {}
 
 
-def run_attempt(task: tuple[bytes, str, str, Any, str | None]) -> bytes:
+def run_attempt(task: tuple[bytes, str, str, Any, dict[str, Any] | None]) -> bytes:
     """The state's Ray task: ``task`` is the run frame, the attempt's token, the relay's name,
-    for a confined state its isolation level and ResourceRequirements, and the driver's
-    script (its functions' file name; one argument: Ray handles one faster than five)."""
+    for a confined state its isolation level and ResourceRequirements, and what names the
+    driver's script (its functions' file; one argument: Ray handles one faster than five)."""
     global _loop, _capture
     payload, token, relay_name, confined, script = task
     began = time.process_time()
@@ -89,7 +89,7 @@ def _node_ip() -> str:
 
 
 async def _attempt(run: Any, token: str, relay_name: str, confined: Any, usage: dict[str, Any],
-                   script: str | None = None) -> tuple[Any, FailureReason | None, "Pusher"]:
+                   script: dict[str, Any] | None = None) -> tuple[Any, FailureReason | None, "Pusher"]:
     pusher = Pusher(relay_name, token)
     result: Any = None
     failure: FailureReason | None = None

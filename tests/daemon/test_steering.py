@@ -86,6 +86,20 @@ agent.add_state("talk", talk)
 '''
 
 
+BOOM = """\
+from agent import Agent
+agent = Agent("boom")
+
+def helper():
+    raise ValueError("from the job")
+
+async def s(context):
+    helper()
+
+agent.add_state("s", s)
+"""
+
+
 class TestHumanInTheLoop:
     """A state's question shows in agentctl status; agentctl respond answers it (re-asked when invalid)."""
 
@@ -135,6 +149,18 @@ class TestPauseResumeCancel:
         assert (outdir / "log").read_text().splitlines() == ["first", "second", "second"]  # first ran once
         done = agentd.ctl("resume", job, user=ann)
         assert done.returncode == 1 and "only a paused or failed job" in done.stderr
+
+    def test_a_failing_states_traceback_names_the_jobs_file(self, agentd: Agentd, users: tuple[User, User],
+                                                            workdir: Path) -> None:
+        # The state's code travels by value to its process, which gives it its file back:
+        # the job's, not that of whatever program holds the runner's __main__.
+        ann, _ = users
+        agentd.start()
+        flow = write_workflow(workdir, "boom.py", BOOM)
+        job = agentd.submit(flow, user=ann)
+        text = json.dumps(agentd.wait_status(job, "failed"))
+        assert f'File \\"{flow}\\", line 5, in helper' in text, text
+        assert "spawner.py" not in text and "<dynamic-code>" not in text
 
     def test_cancel_running_and_queued_jobs(self, agentd: Agentd, users: tuple[User, User], workdir: Path,
                                             outdir: Path) -> None:
