@@ -317,6 +317,8 @@ class JobSupervisor:
         if not self.stopping:
             status, error = self._outcome(handle, wait_status)
             job.error = error
+            if handle.outcome is None and status == "failed":  # its running states went with it
+                job.states = {name: "failed" if state == "running" else state for name, state in job.states.items()}
             job.move(JobStatus(status))
             self.store.save(job)
             log.info("job %s %s%s", job.id, status, f": {error}" if error else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import psutil
@@ -60,6 +61,17 @@ def _start_chain(agentd: Agentd, workdir: Path, out: Path, user: User) -> str:
 
 class TestCrashAndResume:
     """agentd killed outright leaves no process behind; the next one resumes the job."""
+
+    def test_a_runner_killed_outright_fails_its_job_and_its_running_state(
+        self, agentd: Agentd, users: tuple[User, User], workdir: Path, outdir: Path,
+    ) -> None:
+        ann, _ = users
+        job = _start_chain(agentd, workdir, outdir, ann)
+        os.kill(agentd.status(job)["pid"], signal.SIGKILL)
+        final = agentd.wait_status(job, "failed")
+        assert "its runner was killed by SIGKILL" in final["error"]
+        assert final["states"]["s3"] == "failed" and final["states"]["s2"] == "completed"
+        wait_until(lambda: not processes_of({ann.uid}), "the killed runner's processes to go", timeout=30)
 
     def test_kill_9_mid_job_then_restart(self, agentd: Agentd, users: tuple[User, User], workdir: Path,
                                          outdir: Path) -> None:
