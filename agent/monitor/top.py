@@ -364,10 +364,13 @@ def collect(*, include_self: bool = False, saved: int = 8) -> dict[str, Any]:
 
     endpoints = live_runs(include_self=include_self)
     live_ids = {run["run_id"] for e in endpoints for run in e.runs}
+    shown = [r for r in _saved_runs(saved + len(live_ids)) if r["run_id"] not in live_ids][:saved]
+    for run in shown:  # as `agent runs` says it: saved as running, and no live process has it
+        run["state"] = "interrupted" if run["status"] == "running" else run["status"]
     return {
         "time": time.time(),
         "processes": [{"pid": e.pid, "command": e.command, "runs": e.runs, "error": e.error} for e in endpoints],
-        "saved": [r for r in _saved_runs(saved + len(live_ids)) if r["run_id"] not in live_ids][:saved],
+        "saved": shown,
     }
 
 
@@ -443,7 +446,7 @@ def render_box(view: dict[str, Any], width: int = 100, color: bool = False) -> s
         rows = [("AGENT", "RUN", "STATUS", "LAST SAVED", "STORE")]
         shown = [""]
         for run in view["saved"]:
-            status = "interrupted" if run["status"] == "running" else run["status"]
+            status = run.get("state", run["status"])
             rows.append((run["agent"], run["run_id"], status, ago(run["updated"], view["time"]), run["store"]))
             shown.append(status)
         lines += _columns(rows, shown, width, paint)

@@ -40,6 +40,9 @@ class TestRunsAfterACrash:
         row = next(line for line in table.splitlines() if run["run_id"] in line)
         assert "nightly_etl" in row and "interrupted" in row
         assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row) and " ago" in row
+        top = json.loads(cli.run("top", "--json").stdout)  # says it as `agent runs` does
+        [saved] = [r for r in top["saved"] if r["run_id"] == run["run_id"]]
+        assert (saved["status"], saved["state"]) == ("running", "interrupted")
 
         by_file = json.loads(cli.run("runs", "flow.py", "--json").stdout)
         assert [r["run_id"] for r in by_file] == [run["run_id"]]
@@ -80,7 +83,8 @@ class TestTop:
         assert "talker" in row and "running" in row and row.rstrip().endswith("talk")
 
         after = json.loads(cli.run("top", "--json").stdout)
-        assert run["run_id"] in {r["run_id"] for r in after["saved"]}
+        [saved] = [r for r in after["saved"] if r["run_id"] == run["run_id"]]
+        assert saved["state"] == saved["status"] == "completed"  # the state the text view shows too
         assert not [p for p in after["processes"] if p["pid"] == proc.pid]  # its socket went with it
 
 
