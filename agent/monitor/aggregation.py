@@ -67,8 +67,9 @@ class MetricAggregation:
         self._capacity = capacity
         self._rng = random.Random(seed)
 
-    def add(self, value: float) -> None:
-        """Record one value: a finite real number, else :class:`~agent.errors.MonitorError`."""
+    def add(self, value: float) -> int:
+        """Record one value: a finite real number, else :class:`~agent.errors.MonitorError`.
+        Returns where the sample keeps it (-1: not kept)."""
         if type(value) is not float or value - value != 0.0:  # NaN and infinities give NaN here
             value = _number(value)
         self.count += 1
@@ -82,11 +83,13 @@ class MetricAggregation:
         if len(sample) < self._capacity:
             sample.append(value)
             self._sorted = None
-        else:
-            slot = int(self._rng.random() * self.count)
-            if slot < self._capacity:
-                sample[slot] = value
-                self._sorted = None
+            return len(sample) - 1
+        slot = int(self._rng.random() * self.count)
+        if slot < self._capacity:
+            sample[slot] = value
+            self._sorted = None
+            return slot
+        return -1
 
     @property
     def min(self) -> float:
@@ -151,27 +154,11 @@ class WindowAggregation(MetricAggregation):
         self._min_before = math.inf
         self._max_before = -math.inf
 
-    def add(self, value: float) -> None:
-        if type(value) is not float or value - value != 0.0:
-            value = _number(value)
-        self._min_before, self._max_before = self._min, self._max
-        sample = self._sample
-        self.count += 1
-        self.sum += value
-        self._min = min(self._min, value)
-        self._max = max(self._max, value)
-        self.current = value
-        self._last_slot = -1
-        if len(sample) < self._capacity:
-            self._last_slot = len(sample)
-            sample.append(value)
-            self._sorted = None
-        else:
-            slot = int(self._rng.random() * self.count)
-            if slot < self._capacity:
-                sample[slot] = value
-                self._last_slot = slot
-                self._sorted = None
+    def add(self, value: float) -> int:
+        before = self._min, self._max
+        self._last_slot = super().add(value)
+        self._min_before, self._max_before = before
+        return self._last_slot
 
     def amend(self, value: float) -> None:
         """Replace the latest value by ``value`` (add it when there is none yet)."""
