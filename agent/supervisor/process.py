@@ -39,9 +39,7 @@ class ProcessExecutor:
             if attempt.settle is not None and not attempt.assignment.get("gpus"):
                 outcome = await self._answer(sup, child, attempt)
                 if outcome is not None:
-                    task = asyncio.ensure_future(self._settle(sup, child, confinement))
-                    attempt.settle.add(task)
-                    task.add_done_callback(attempt.settle.discard)
+                    settle_later(attempt, self._settle(sup, child, confinement))
                     ends_later = True
                     return outcome
             try:
@@ -132,9 +130,15 @@ def settle_removal(attempt: Attempt, confinement: Any) -> None:
     ``confinement.close()`` left to the confiner's thread (nothing when none was, or when
     the attempt belongs to no run)."""
     if attempt.settle is not None and confinement.removing is not None and not confinement.removing.done():
-        task = asyncio.ensure_future(removed(confinement))
-        attempt.settle.add(task)
-        task.add_done_callback(attempt.settle.discard)
+        settle_later(attempt, removed(confinement))
+
+
+def settle_later(attempt: Attempt, end: Awaitable[None]) -> None:
+    """Leave ``end`` to a task of ``attempt.settle``, which its run awaits before it returns."""
+    assert attempt.settle is not None
+    task = asyncio.ensure_future(end)
+    attempt.settle.add(task)
+    task.add_done_callback(attempt.settle.discard)
 
 
 async def watch(
