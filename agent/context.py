@@ -20,6 +20,7 @@ from .errors import (
     ContextBudgetError,
     ContextKeyError,
     ContextTypeError,
+    FailureReason,
     HumanInputError,
     InvalidConfigurationError,
     IsolationError,
@@ -351,6 +352,20 @@ class Context:
         return await hook(
             prompt=prompt, timeout=timeout, validator=validator, default=default
         )
+
+
+def filled_by_others(exc: ContextBudgetError, seen: int, size: int, limit: int) -> FailureReason | None:
+    """Why an isolated attempt whose write of ``size`` bytes the budget refused is stopped,
+    when by what it could see (``seen``: its snapshot and its own writes) the write fitted:
+    other states' writes filled the budget meanwhile, so it is not judged, and its retry
+    sees them. None when it did not fit even so: a bound it passed."""
+    if seen + size > limit:
+        return None
+    return FailureReason(
+        kind="exception",
+        message=f"{exc} (other states wrote to the run's context while this one ran: by what it could "
+                "see, its write fitted; it was stopped, and a retry sees their writes)",
+    )
 
 
 def encode_snapshot(

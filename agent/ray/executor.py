@@ -35,7 +35,7 @@ from ray import exceptions as rx
 
 from .. import values
 from .._types import ResourceType
-from ..context import encode_snapshot
+from ..context import encode_snapshot, filled_by_others
 from ..errors import (
     BoundExceededError,
     ContextBudgetError,
@@ -351,6 +351,10 @@ def _connection() -> tuple[str, str] | None:
 class _StoppedForOthers(Exception):
     """A write that fitted what the attempt could see, refused for other states' writes."""
 
+    def __init__(self, reason: FailureReason) -> None:
+        super().__init__(reason.message)
+        self.reason = reason
+
 
 class Channel:
     """The driver's end of one attempt: applies its frames in order and answers its questions."""
@@ -375,8 +379,8 @@ class Channel:
             if self.failure is None:
                 try:
                     self._apply(frame)
-                except _StoppedForOthers as exc:
-                    self.failure = FailureReason(kind="exception", message=str(exc))
+                except _StoppedForOthers as stopped:
+                    self.failure = stopped.reason
                 except (BoundExceededError, ContextBudgetError) as exc:  # as for a state process
                     self.failure = FailureReason(kind="bound", message=f"a frame from the state's Ray task: {exc}")
                 except Exception as exc:  # malformed, or applying it failed (a context hook raised)
@@ -394,16 +398,12 @@ class Channel:
             else:
                 try:
                     context.set_state(msg.key, msg.value)
-                except ContextBudgetError as exc:
-                    # By what it could see (its snapshot and its own writes) it fitted: other
-                    # states' writes filled the budget meanwhile. Not a bound it passed, as
-                    # for a state process: it fails, and its retry sees their writes.
-                    size = values.entry_check(msg.key, msg.value)
-                    if self._launch_used + self._written + size <= context.budget.limit:
-                        raise _StoppedForOthers(
-                            f"{exc} (other states wrote to the run's context while this one ran: by what "
-                            "it could see, its write fitted; a retry sees their writes)") from None
-                    raise
+                except ContextBudgetError as exc:  # as for a state process
+                    stopped = filled_by_others(exc, self._launch_used + self._written,
+                                               values.entry_check(msg.key, msg.value), context.budget.limit)
+                    if stopped is None:
+                        raise
+                    raise _StoppedForOthers(stopped) from None
             self._written += sizes.get(msg.key, 0) - before
         elif isinstance(msg, HumanInputRequest):
             self._asked = True

@@ -26,6 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .. import values
+from ..context import filled_by_others
 from ..errors import (
     BoundExceededError,
     ContextBudgetError,
@@ -488,15 +489,12 @@ class ChildProcess:
         (and its write then raises ContextBudgetError in the state)."""
         msg = decoded.msg
         size = values.entry_size(msg.key, decoded.size)  # type: ignore[union-attr]
-        if self._launch_used + self._written + size > self.attempt.context.budget.limit:
+        stopped = filled_by_others(exc, self._launch_used + self._written, size, self.attempt.context.budget.limit)
+        if stopped is None:
             self.violate(f"{exc} (the context budget bound)", kind="bound")
             return
         if self._violation is None:
-            self._violation = FailureReason(
-                kind="exception",
-                message=f"{exc} (other states wrote to the run's context while this one ran: by what it "
-                        "could see, its write fitted; it was stopped, and a retry sees their writes)",
-            )
+            self._violation = stopped
         self._inbox.clear()
         self.kill()
 
