@@ -396,6 +396,15 @@ _argument_block_wiped = False
 _ZYGOTE_MODULE = "agent.runtime.zygote"
 
 
+def _own_stat() -> list[bytes]:
+    """The fields of ``/proc/self/stat`` after the command name (field 3 of proc(5) first)."""
+    fd = os.open("/proc/self/stat", os.O_RDONLY)
+    try:
+        return os.read(fd, 4096).rsplit(b")", 1)[1].split()
+    finally:
+        os.close(fd)
+
+
 def _scrub_arguments() -> None:
     """Zero the zygote's arguments past its module's name (``/proc/self/cmdline``: the
     supervisor's pid, its socket and log directories, its cgroups), and drop them from
@@ -407,11 +416,7 @@ def _scrub_arguments() -> None:
         del sys.orig_argv[1:]
     if _argument_block_wiped:
         return
-    fd = os.open("/proc/self/stat", os.O_RDONLY)
-    try:
-        fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
-    finally:
-        os.close(fd)
+    fields = _own_stat()
     start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49 of proc(5)
     if 0 < start < end:
         kept = len(b"\0".join(os.fsencode(arg) for arg in sys.orig_argv)) + 1
@@ -438,11 +443,7 @@ def _scrub_environment(keep: list[str], set_: dict[str, str]) -> None:
     posix.environ.clear()  # os.environ's own mapping
     global _environ_block_wiped
     if not _environ_block_wiped:
-        fd = os.open("/proc/self/stat", os.O_RDONLY)
-        try:
-            fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
-        finally:
-            os.close(fd)
+        fields = _own_stat()
         env_start, env_end = int(fields[47]), int(fields[48])  # fields 50 and 51 of proc(5)
         if 0 < env_start < env_end:
             ctypes.memset(env_start, 0, env_end - env_start)
