@@ -6,6 +6,7 @@
   (``max_rate`` is starts per second in every strategy);
 * :mod:`.deadlock`: the wait-for graph, cycle detection and resolution;
 * :mod:`.coordinator`: everything above by name, one default per process;
+* :mod:`.boxwide`: the default under agentd, which also takes each from agentd;
 * :mod:`.coordinated`: ``CoordinatedAgent``, which admits each attempt through them;
 * :mod:`.allocation`: ``ResourceAllocation`` and ``mutex`` for use inside state code;
 * :mod:`.clock`: the injectable clock, and ``FakeClock`` for tests.

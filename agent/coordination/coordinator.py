@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import threading
 import weakref
 from typing import Any
@@ -33,12 +34,17 @@ from typing import Any
 from ..errors import CoordinationError
 from ..clock import SYSTEM_CLOCK, Clock
 from .deadlock import DeadlockDetector, DeadlockResolution
-from .primitives import Primitive, PrimitiveType, create_primitive
-from .ratelimit import RateLimiter, RateLimitStrategy, create_rate_limiter
+from .primitives import Primitive, PrimitiveType, create_primitive, primitive_type_of
+from .ratelimit import RateLimiter, RateLimitStrategy, create_rate_limiter, strategy_of
 
 
 class Coordinator:
     """Holds named primitives and rate limiters, and watches them for deadlocks."""
+
+    shared_by = "every agent of the coordinator"
+    """Who shares one name's primitive (said when other settings are refused)."""
+    declaration_ends = "once its agent calls {remove} or is garbage-collected"
+    """When a declaration stops counting (said when other settings are refused)."""
 
     def __init__(
         self,
@@ -97,15 +103,10 @@ class Coordinator:
         another live declarer still declares the name, and while anybody holds or waits
         for the primitive; otherwise the primitive is replaced.
         """
-        fresh = create_primitive(
-            name,
-            primitive_type,
-            ttl=ttl,
-            max_count=max_count,
-            quota_limit=quota_limit,
-            wait_timeout=wait_timeout,
-            clock=self.clock,
-        )
+        fresh = self._new_primitive(name, {
+            "type": primitive_type_of(primitive_type).value, "ttl": ttl, "max_count": max_count,
+            "quota_limit": quota_limit, "wait_timeout": wait_timeout,
+        })
         with self._config_lock:
             current = self._primitives.get(name)
             declarers = self._declarers.setdefault(("primitive", name), weakref.WeakSet())
@@ -122,8 +123,7 @@ class Coordinator:
             _declare_alone(declarers, declarer)
             return fresh
 
-    @staticmethod
-    def _same_or_refused(current: Any, fresh: Any, kind: str, name: str, declarers: Any, declarer: Any) -> bool:
+    def _same_or_refused(self, current: Any, fresh: Any, kind: str, name: str, declarers: Any, declarer: Any) -> bool:
         """True when ``fresh`` has ``current``'s settings (``declarer`` then declares it too);
         raises when another live agent declares ``current``; False when it may be replaced."""
         if current.config() == fresh.config():
@@ -135,9 +135,21 @@ class Coordinator:
             describe, remover = ((describe_primitive, "remove_state_coordination") if kind == "primitive"
                                  else (describe_rate_limit, "remove_state_rate_limit"))
             raise CoordinationError(_conflict(
-                kind, remover, name, describe(current.config()), others, describe(fresh.config()), declarer,
+                kind, name, describe(current.config()), others, describe(fresh.config()), declarer,
+                self.shared_by, self.declaration_ends.format(remove=f"{remover}({name!r})"),
             ))
         return False
+
+    def _new_primitive(self, name: str, settings: dict[str, Any]) -> Primitive:
+        """A primitive of ``settings`` (``type``, ``ttl``, ``max_count``, ``quota_limit``, ``wait_timeout``)."""
+        return create_primitive(name, settings["type"], ttl=settings["ttl"], max_count=settings["max_count"],
+                                quota_limit=settings["quota_limit"], wait_timeout=settings["wait_timeout"],
+                                clock=self.clock)
+
+    def _new_rate_limiter(self, name: str, settings: dict[str, Any]) -> RateLimiter:
+        """A rate limiter of ``settings`` (``max_rate``, ``strategy``, ``burst_size``, ``window_size``)."""
+        return create_rate_limiter(name, settings["max_rate"], settings["strategy"], burst_size=settings["burst_size"],
+                                   window_size=settings["window_size"], clock=self.clock)
 
     def primitive(self, name: str) -> Primitive | None:
         return self._primitives.get(name)
@@ -186,9 +198,10 @@ class Coordinator:
         another live declarer still declares the name, and while anybody waits on it;
         otherwise the limiter is replaced (and starts afresh).
         """
-        fresh = create_rate_limiter(
-            name, max_rate, strategy, burst_size=burst_size, window_size=window_size, clock=self.clock
-        )
+        fresh = self._new_rate_limiter(name, {
+            "max_rate": max_rate, "strategy": strategy_of(strategy).value, "burst_size": burst_size,
+            "window_size": window_size,
+        })
         with self._config_lock:
             current = self._rate_limiters.get(name)
             declarers = self._declarers.setdefault(("rate limit", name), weakref.WeakSet())
@@ -320,14 +333,13 @@ def _who(declarer: Any) -> str:
 
 
 def _conflict(
-    what: str, remove: str, name: str, current: str, others: list[Any], wanted: str, declarer: Any,
+    what: str, name: str, current: str, others: list[Any], wanted: str, declarer: Any, shared_by: str, ends: str,
 ) -> str:
     holders = ", ".join(sorted({_who(d) for d in others}))
     return (
         f"state {name!r} already has the {what} {current}, declared by {holders} (still alive), so "
-        f"{_who(declarer)} cannot make it {wanted}: one {what} per state name is shared by every agent "
-        f"of the coordinator. Use another state name, or the same settings ({current}); a declaration "
-        f"stops counting once its agent calls {remove}({name!r}) or is garbage-collected"
+        f"{_who(declarer)} cannot make it {wanted}: one {what} per state name is shared by {shared_by}. "
+        f"Use another state name, or the same settings ({current}); a declaration stops counting {ends}"
     )
 
 
@@ -356,11 +368,23 @@ def _plain(status: dict[str, Any]) -> dict[str, Any]:
 
 
 _default: Coordinator | None = None
+_box: Coordinator | None = None
 
 
 def default_coordinator() -> Coordinator:
-    """The process-wide coordinator every agent shares (DESIGN item 12)."""
-    global _default
+    """The process-wide coordinator every agent shares (DESIGN item 12).
+
+    With ``AGENT_DAEMON=1`` (a script that uses agentd's pool, and every agentd job) it
+    is the box-wide one: what it guards holds across the user's jobs and scripts
+    (:mod:`agent.coordination.boxwide`).
+    """
+    global _default, _box
+    if os.environ.get("AGENT_DAEMON") == "1":
+        if _box is None:
+            from .boxwide import BoxCoordinator
+
+            _box = BoxCoordinator()
+        return _box
     if _default is None:
         _default = Coordinator()
     return _default

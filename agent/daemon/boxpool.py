@@ -13,6 +13,11 @@ priority; a plain client's at their own priority, capped at the user's ceiling. 
 user's quota is a pool quota keyed by the user (``user alice``): what all of that
 user's running states hold together; a request over it waits (or, if it can never
 fit, is refused).
+
+Coordination (DESIGN item 12): each user has a coordinator of their own here
+(:class:`UserCoordinator`), whose primitives and rate limits every job and script of
+theirs takes through its session (:mod:`agent.coordination.boxwide`); a session that
+closes gives back what it held and withdraws its waits and declarations.
 """
 
 from __future__ import annotations
@@ -24,12 +29,19 @@ from typing import Any
 
 from .._types import Priority, ResourceType
 from ..devices import GPUInventory
+from ..coordination.coordinator import Coordinator
+from ..coordination.ratelimit import RateLimiter
 from ..engine.admission import Admission
-from ..errors import ResourceError
+from ..errors import CoordinationError, CoordinationTimeoutError, DeadlockError, ResourceError
 from ..resources import ResourcePool, ResourceRequirements
 from .config import DaemonConfig, UserPolicy
 
 Send = Callable[[dict[str, Any]], None]
+
+MAX_TAKES = 10_000
+"""The most coordination waits and holdings one connection may have open at once."""
+MAX_NAMES = 10_000
+"""The most coordinated names agentd keeps for one user."""
 
 
 class _Request:
@@ -62,6 +74,12 @@ class Session:
         self.loop: asyncio.AbstractEventLoop | None = None  # agentd's, once Admission asked
         self.requests: dict[int, _Request] = {}
         self.closed = False
+        # Box-wide coordination (agent.coordination.boxwide): the names this session
+        # declared in its user's coordinator, its waits, and what it holds, by number.
+        self.declarer = _Declarer(f"{label} (user {user})")
+        self.declared: set[tuple[str, str]] = set()
+        self.taking: dict[int, asyncio.Task[None]] = {}
+        self.held: dict[int, tuple[Any, str, float]] = {}
 
     def priority_of(self, asked: int) -> int:
         if self.job_priority is not None:
@@ -69,6 +87,30 @@ class Session:
         return min(int(asked), int(self.policy.priority_ceiling))
 
     # --- what the client sends ----------------------------------------------------------
+
+    def on_message(self, message: dict[str, Any]) -> bool:
+        """Serve an admission or coordination message; False when it is neither.
+
+        A malformed one raises KeyError, TypeError or ValueError (the caller drops the
+        connection)."""
+        op = message["op"]
+        if op == "request":
+            self.request(int(message["t"]), str(message["state"]), int(message["priority"]),
+                         bool(message.get("front")), dict(message["req"]))
+        elif op == "release":
+            self.release(int(message["t"]))
+        elif op == "requeue":
+            self.requeue(int(message["t"]))
+        elif op == "coordinate":
+            timeout = message.get("timeout")
+            self.coordinate(int(message["t"]), str(message["kind"]), message["name"], dict(message["settings"]),
+                            str(message["owner"]), float(message["amount"]),
+                            None if timeout is None else float(timeout))
+        elif op == "uncoordinate":
+            self.uncoordinate(int(message["t"]))
+        else:
+            return False
+        return True
 
     def request(self, number: int, state: str, priority: int, front: bool, amounts: dict[str, float]) -> None:
         """Queue a request; its grant (maybe at once), refusal or later preemption is sent back."""
@@ -118,7 +160,83 @@ class Session:
         self.closed = True
         for number in list(self.requests):
             self.release(number)
+        for number in list(self.taking) + list(self.held):
+            self.uncoordinate(number)
+        coordinator = self.box.coordinators.get(self.uid)
+        for kind, name in self.declared:
+            if coordinator is not None:
+                (coordinator.withdraw_primitive if kind == "primitive" else coordinator.withdraw_rate_limit)(
+                    name, self.declarer)
         self.box.sessions.discard(self)
+
+    # --- box-wide coordination (agent.coordination.boxwide) -----------------------------
+
+    def coordinate(self, number: int, kind: str, name: str, settings: dict[str, Any], owner: str,
+                   amount: float, timeout: float | None) -> None:
+        """Take ``amount`` of the user's primitive, or a start of their rate limit, named ``name``
+        (declared with ``settings`` by this session); ``coordinated`` or
+        ``coordination_refused`` is sent back once it is decided."""
+        if number in self.taking or number in self.held or len(self.taking) + len(self.held) >= MAX_TAKES:
+            self.send({"op": "coordination_refused", "t": number,
+                       "error": f"request {number} is already open, or more than {MAX_TAKES} are"})
+            return
+        try:
+            thing = self._declare(kind, name, settings)
+        except (CoordinationError, KeyError, TypeError, ValueError) as exc:
+            self.send({"op": "coordination_refused", "t": number, "error": str(exc)})
+            return
+        box_owner = f"{self.label}/{owner}"[:300]
+        self.taking[number] = asyncio.ensure_future(self._take(number, thing, box_owner, amount, timeout))
+
+    def _declare(self, kind: str, name: str, settings: dict[str, Any]) -> Any:
+        if not isinstance(name, str) or not 0 < len(name) <= 200:
+            raise ValueError(f"a coordinated name must be a str of 1 to 200 characters, got {name!r}")
+        coordinator = self.box.coordinator_for(self.uid)
+        known = len(coordinator._primitives) + len(coordinator._rate_limiters)
+        if (kind, name) not in self.declared and known >= MAX_NAMES:
+            raise CoordinationError(f"user has {known} coordinated names in agentd, the most it keeps")
+        if kind == "primitive":
+            if str(settings["type"]).lower() == "barrier":
+                raise CoordinationError(f"BARRIER {name!r} counts the arrivals of one run: it is not box-wide")
+            thing: Any = coordinator.add_primitive(
+                name, str(settings["type"]), ttl=settings["ttl"], max_count=settings["max_count"],
+                quota_limit=settings["quota_limit"], wait_timeout=settings["wait_timeout"], declarer=self.declarer)
+        elif kind == "rate":
+            thing = coordinator.add_rate_limit(
+                name, settings["max_rate"], str(settings["strategy"]), burst_size=settings["burst_size"],
+                window_size=settings["window_size"], declarer=self.declarer)
+        else:
+            raise ValueError(f"unknown kind of coordination {kind!r}: primitive or rate")
+        self.declared.add((kind, name))
+        return thing
+
+    async def _take(self, number: int, thing: Any, owner: str, amount: float, timeout: float | None) -> None:
+        try:
+            if isinstance(thing, RateLimiter):
+                await thing.acquire(timeout)
+            else:
+                if not thing.try_acquire(owner, amount):
+                    self.box.coordinators[self.uid].watch()  # about to wait: deadlocks are looked for
+                    await thing.acquire(owner, amount, timeout)
+                self.held[number] = (thing, owner, amount)
+        except CoordinationError as exc:
+            kind = ("timeout" if isinstance(exc, CoordinationTimeoutError)
+                    else "deadlock" if isinstance(exc, DeadlockError) else "error")
+            self.send({"op": "coordination_refused", "t": number, "error": str(exc), "kind": kind})
+        else:
+            self.send({"op": "coordinated", "t": number})
+        finally:
+            self.taking.pop(number, None)
+
+    def uncoordinate(self, number: int) -> None:
+        """Withdraw a wait, or give back a holding (nothing when neither is open)."""
+        task = self.taking.pop(number, None)
+        if task is not None:
+            task.cancel()
+        held = self.held.pop(number, None)
+        if held is not None:
+            thing, owner, amount = held
+            thing.release(owner, amount)
 
     # --- what Admission calls (as it calls a Run) ----------------------------------------
 
@@ -153,6 +271,23 @@ class Session:
                 for a in self.requests.values() if a.owner in allocations}
 
 
+class UserCoordinator(Coordinator):
+    """One user's box-wide coordination: every job and script of theirs shares its names."""
+
+    shared_by = "every job and script of the user under agentd"
+    declaration_ends = "once that job or script ends"
+
+
+class _Declarer:
+    """A session, as the coordinator names who declared a name (kept weakly there)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def __repr__(self) -> str:
+        return self.label
+
+
 class BoxAdmission:
     """agentd's pool and the engine's admission over it (see the module docstring)."""
 
@@ -166,11 +301,26 @@ class BoxAdmission:
         self.admission = Admission(self.pool)
         self.sessions: set[Session] = set()
         self._quota_set: set[str] = set()
+        self.coordinators: dict[int, UserCoordinator] = {}  # per uid: one user's names never meet another's
+        self._users: dict[int, str] = {}
+
+    def coordinator_for(self, uid: int) -> UserCoordinator:
+        coordinator = self.coordinators.get(uid)
+        if coordinator is None:
+            coordinator = self.coordinators[uid] = UserCoordinator()
+        return coordinator
+
+    def coordination(self, uid: int | None) -> dict[str, Any]:
+        """What each user's coordinator holds and queues (``uid`` None: every user's), by user name."""
+        return {self._users.get(u, str(u)): {k: v for k, v in c.get_status().items()
+                                              if k in ("primitives", "rate_limiters")}
+                for u, c in self.coordinators.items() if uid is None or u == uid}
 
     def session(self, label: str, uid: int, user: str, policy: UserPolicy, send: Send, *,
                 job_priority: int | None = None,
                 on_devices: Callable[[set[int]], None] | None = None) -> Session:
         session = Session(self, label, uid, user, policy, job_priority, send, on_devices)
+        self._users[uid] = user
         if session.user_key not in self._quota_set and policy.quota:
             quota = policy.quota
             self.pool.set_quota(session.user_key, cpu=quota.get("cpu"), memory=quota.get("memory_mb"),

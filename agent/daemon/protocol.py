@@ -9,7 +9,9 @@ release gets a clear message instead of a confusing one later. Roles:
   in order;
 * ``admission`` (a plain ``Agent.run()`` with ``AGENT_DAEMON=1``) and the job runners
   (over a socketpair agentd made for them): ``request`` / ``release`` / ``requeue``
-  for resources; agentd pushes ``grant``, ``refused`` and ``preempt``.
+  for resources, agentd pushes ``grant``, ``refused`` and ``preempt``; ``coordinate`` /
+  ``uncoordinate`` for box-wide coordination, answered ``coordinated`` or
+  ``coordination_refused``.
 
 Decoding is bounded (frame size, string and container lengths) and a frame that is
 not a map with a string ``op`` is a protocol error: agentd drops that connection and

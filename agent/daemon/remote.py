@@ -9,7 +9,10 @@ resources sends ``request``; agentd queues it in the box's one queue (priorities
 backfill, per-user quotas, preemption across every job and user) and pushes ``grant``
 (with the GPUs assigned) or ``preempt`` (the engine stops that state and sends
 ``requeue``); ``release`` gives a grant back. Every request gets a number of its own,
-so a grant that crosses a withdrawal is never taken for a later request.
+so a grant that crosses a withdrawal is never taken for a later request. The same
+connection serves box-wide coordination (:mod:`agent.coordination.boxwide`):
+``coordinate`` takes one of the user's primitives or rate limits in agentd, answered
+``coordinated`` or ``coordination_refused``; ``uncoordinate`` gives it back.
 
 Switch: ``AGENT_DAEMON=1`` makes :func:`agent.resources.default_pool` return
 :func:`daemon_pool` (agentd's socket from ``AGENT_SOCKET``, else ``/run/agent/agentd.sock``).
@@ -29,7 +32,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..devices import GPUDevice, StaticInventory
-from ..errors import DaemonError, DaemonUnavailableError, QuotaExceededError, ResourceError
+from ..errors import (
+    CoordinationError, CoordinationTimeoutError, DaemonError, DaemonUnavailableError, DeadlockError,
+    QuotaExceededError, ResourceError,
+)
 from ..resources import ResourcePool, ResourceRequirements
 from .protocol import Link, hello, socket_path, version_mismatch
 
@@ -63,6 +69,7 @@ class RemoteAdmission:
         self.tickets: dict[str, _Ticket] = {}  # by the engine's owner key
         self._numbered: dict[int, _Ticket] = {}
         self._numbers = itertools.count(1)
+        self._takes: dict[int, asyncio.Future[None]] = {}  # coordination asked of agentd
 
     def owner_for(self, state: str, run_id: str) -> str:
         return state if state not in self.tickets else f"{state}@{run_id[:12]}"
@@ -101,6 +108,50 @@ class RemoteAdmission:
     def preempt_for(self, act: "Activation", req: ResourceRequirements) -> bool:
         return False  # agentd preempts, box-wide, when it queues the request
 
+    # --- coordination (agent.coordination.boxwide) --------------------------------------
+
+    async def take(self, kind: str, name: str, settings: dict[str, Any], owner: str, amount: float,
+                   timeout: float | None) -> tuple[Link, int]:
+        """Take ``amount`` of agentd's primitive (``kind`` "primitive") or a start of its rate
+        limit ("rate") named ``name``, declared with ``settings``, for ``owner``; wait for it.
+
+        Returns what :meth:`give_back` takes. Raises what agentd answered: a
+        :class:`~agent.errors.CoordinationError` (other settings declared by another job,
+        a wait past ``timeout``, a deadlock), or DaemonUnavailableError when the
+        connection goes. A wait that is cancelled is withdrawn in agentd.
+        """
+        link = self.pool.link()
+        number = next(self._numbers)
+        future = self._takes[number] = asyncio.get_running_loop().create_future()
+        link.send({"op": "coordinate", "t": number, "kind": kind, "name": name, "settings": settings,
+                   "owner": owner, "amount": float(amount), "timeout": timeout})
+        try:
+            await future
+        except BaseException:
+            self._takes.pop(number, None)
+            if not link.closed:
+                link.send({"op": "uncoordinate", "t": number})  # a wait withdrawn, or a grant crossed
+            raise
+        return link, number
+
+    @staticmethod
+    def give_back(token: tuple[Link, int]) -> None:
+        """Give back what :meth:`take` took (nothing to do once its connection is gone)."""
+        link, number = token
+        if not link.closed:
+            link.send({"op": "uncoordinate", "t": number})
+
+    def _answer_take(self, message: dict[str, Any]) -> None:
+        future = self._takes.pop(message.get("t"), None)  # type: ignore[arg-type]
+        if future is None or future.done():
+            return
+        if message["op"] == "coordinated":
+            future.set_result(None)
+        else:
+            error = {"timeout": CoordinationTimeoutError, "deadlock": DeadlockError}.get(
+                str(message.get("kind")), CoordinationError)
+            future.set_exception(error(f"agentd: {message.get('error') or 'refused'}"))
+
     def _send(self, message: dict[str, Any]) -> None:
         link = self.pool.current_link()
         if link is not None and not link.closed:
@@ -111,6 +162,9 @@ class RemoteAdmission:
     def on_message(self, message: dict[str, Any]) -> bool:
         """Handle an admission message; False when it is not one."""
         op = message["op"]
+        if op in ("coordinated", "coordination_refused"):
+            self._answer_take(message)
+            return True
         if op not in ("grant", "preempt", "refused"):
             return False
         ticket = self._numbered.get(message.get("t"))  # type: ignore[arg-type]
@@ -132,6 +186,11 @@ class RemoteAdmission:
         tickets = list(self.tickets.values())
         self.tickets.clear()
         self._numbered.clear()
+        takes, self._takes = list(self._takes.values()), {}
+        for future in takes:
+            if not future.done():
+                future.set_exception(DaemonUnavailableError(
+                    f"lost the connection to agentd ({why}) while waiting for box-wide coordination"))
         for ticket in tickets:
             ticket.run.fail(DaemonUnavailableError(
                 f"lost the connection to agentd ({why}) while state {ticket.act.state!r} was admitted by it"))

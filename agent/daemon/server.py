@@ -106,17 +106,9 @@ class Client:
         self.link.send(welcome)
 
     def _admission(self, message: dict[str, Any]) -> None:
-        op, session = message["op"], self.session
-        assert session is not None
-        if op == "request":
-            session.request(int(message["t"]), str(message["state"]), int(message["priority"]),
-                            bool(message.get("front")), dict(message["req"]))
-        elif op == "release":
-            session.release(int(message["t"]))
-        elif op == "requeue":
-            session.requeue(int(message["t"]))
-        else:
-            self._refuse(f"unknown admission op {op!r}", protocol.INVALID, close=True)
+        assert self.session is not None
+        if not self.session.on_message(message):
+            self._refuse(f"unknown admission op {message['op']!r}", protocol.INVALID, close=True)
 
     def _control(self, message: dict[str, Any]) -> None:
         op = message["op"]
@@ -362,6 +354,7 @@ class Daemon:
             "agentd": {"version": __version__, "pid": os.getpid(), "uptime": time.time() - self.started,
                        "cgroups": self.cgroups.backend, "user": client.user, "admin": client.admin},
             "pool": self.box.statistics(),
+            "coordination": self.box.coordination(None if client.admin else client.uid),
             "jobs": [self.jobs.describe(j) for j in self._visible(client)],
         }
 

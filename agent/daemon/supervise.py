@@ -231,14 +231,9 @@ class JobSupervisor:
         op = message["op"]
         job = handle.job
         session = handle.session
-        if op == "request" and session is not None:
-            session.request(int(message["t"]), str(message["state"]), int(message["priority"]),
-                            bool(message.get("front")), dict(message["req"]))
-        elif op == "release" and session is not None:
-            session.release(int(message["t"]))
-        elif op == "requeue" and session is not None:
-            session.requeue(int(message["t"]))
-        elif op in ("started", "states"):
+        if session is not None and session.on_message(message):
+            return
+        if op in ("started", "states"):
             states = message["states"]
             if not isinstance(states, dict) or len(job.states) + len(states) > 100_000:
                 raise ValueError("states must be a map of state name to status")

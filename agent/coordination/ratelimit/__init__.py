@@ -21,7 +21,19 @@ __all__ = [
     "SlidingWindow",
     "TokenBucket",
     "create_rate_limiter",
+    "strategy_of",
 ]
+
+
+def strategy_of(strategy: RateLimitStrategy | str) -> RateLimitStrategy:
+    """The RateLimitStrategy ``strategy`` names (the enum, or its value in any case)."""
+    try:
+        return RateLimitStrategy(strategy.value if isinstance(strategy, RateLimitStrategy) else str(strategy).lower())
+    except ValueError:
+        choices = ", ".join(s.name for s in RateLimitStrategy)
+        raise CoordinationError(
+            f"unknown rate limit strategy {strategy!r}: use RateLimitStrategy.{{{choices}}}"
+        ) from None
 
 
 def create_rate_limiter(
@@ -38,13 +50,7 @@ def create_rate_limiter(
     ``burst_size`` is for TOKEN_BUCKET only (refused with the other strategies, which
     would ignore it); a window strategy needs ``max_rate * window_size >= 1``.
     """
-    try:
-        kind = RateLimitStrategy(strategy.value if isinstance(strategy, RateLimitStrategy) else str(strategy).lower())
-    except ValueError:
-        choices = ", ".join(s.name for s in RateLimitStrategy)
-        raise CoordinationError(
-            f"unknown rate limit strategy {strategy!r}: use RateLimitStrategy.{{{choices}}}"
-        ) from None
+    kind = strategy_of(strategy)
     if isinstance(window_size, bool) or not isinstance(window_size, (int, float)) or not 0 < window_size < math.inf:
         raise CoordinationError(f"rate limit {name!r}: window_size must be seconds > 0, got {window_size!r}")
     if burst_size is not None and kind is not RateLimitStrategy.TOKEN_BUCKET:
