@@ -37,12 +37,22 @@ _UNIT_SUFFIX = {
 }
 
 
+_UNIT_ABBREVIATION = {"mib": "_mb", "ms": "_ms"}
+"""A unit a metric's own name may end with, abbreviated: the suffix replaces it
+(``process_memory_mb`` is ``..._process_memory_mebibytes``, not ``..._mb_mebibytes``)."""
+
+
 def family_name(namespace: str, category: str, name: str) -> str:
     """The Prometheus name of ``metrics[category][name]``."""
     spec = spec_of(category, name)
     base = f"{namespace}_{category}_{name}".lower()
     suffix = "" if spec.tally else _UNIT_SUFFIX.get(spec.unit, "")
-    return f"{base}_{suffix}" if suffix and not base.endswith(suffix) else base
+    if not suffix or base.endswith(suffix):
+        return base
+    abbreviation = _UNIT_ABBREVIATION.get(spec.unit)
+    if abbreviation is not None and base.endswith(abbreviation):
+        base = base[: -len(abbreviation)]
+    return f"{base}_{suffix}"
 
 
 class MetricsExporter(Collector):

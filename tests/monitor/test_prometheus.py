@@ -61,6 +61,9 @@ class TestPrometheusExporter:
         assert family_name("agent", "resources", "used_CPU") == "agent_resources_used_cpu_percent"
         assert family_name("agent", "throughput", "states_per_second") == "agent_throughput_states_per_second"
         assert family_name("agent", "errors", "count") == "agent_errors_count"
+        # A unit the metric's name already abbreviates is said once, in full.
+        assert family_name("agent", "resources", "process_memory_mb") == "agent_resources_process_memory_mebibytes"
+        assert family_name("agent", "timing", "total_execution") == "agent_timing_total_execution_milliseconds"
 
     def test_bad_port(self, collector):
         with pytest.raises(MonitorConfigurationError, match="port"):
