@@ -309,6 +309,14 @@ def _top_text(data: dict[str, Any]) -> str:
                 lines.append(f"  job {job['job']} {state}: waiting for {reason}")
             for q in job.get("pending") or []:
                 lines.append(f"  job {job['job']} asks ({q['id']}): {q['prompt']}")
+    for user, coordination in sorted((data.get("coordination") or {}).items()):
+        for name, p in sorted(coordination.get("primitives", {}).items()):
+            if p["owners"] or p["wait_count"]:
+                lines.append(f"  {user}: {p['type'].upper()} {name!r} held by {', '.join(p['owners']) or 'nobody'}"
+                             f", {p['wait_count']} waiting")
+        for name, r in sorted(coordination.get("rate_limiters", {}).items()):
+            if r["wait_count"]:
+                lines.append(f"  {user}: rate limit {name!r}, {r['wait_count']} waiting")
     return "\n".join(lines)
 
 

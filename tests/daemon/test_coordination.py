@@ -264,6 +264,8 @@ def test_a_closed_connection_gives_back_and_withdraws(agentd: Agentd, users: tup
         _take(waiter, 1)
         wait_until(lambda: agentd.ctl_json("top")["coordination"]["root"]["primitives"]["m"]["wait_count"] == 2,
                    "both to wait for the mutex")
+        text = agentd.ctl("top", "--once").stdout
+        assert "root: MUTEX 'm' held by root pid " in text and ", 2 waiting" in text
         leaver.close()  # what a connection that goes holds or waits for is given back or withdrawn
         holder.close()
         assert _read(waiter) == {"op": "coordinated", "t": 1}
