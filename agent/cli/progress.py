@@ -135,6 +135,9 @@ class Notices:
                 self._terminal.notice(f"agent run: {verb} {event.agent_name}, run id {event.run_id}")
         elif kind == ev.STATE_FAILED and not event.data.get("final"):
             self._last_error[(event.run_id, event.state or "")] = event.error or "failed"
+        elif kind == ev.STATE_FAILED and event.data.get("run_goes_on"):
+            self._terminal.notice(f"agent run: {event.state} failed for good ({_first_line(event.error or '')}); "
+                                  "the run goes on (on_failure='continue')")
         elif kind == ev.STATE_RETRYING:
             error = self._last_error.pop((event.run_id, event.state or ""), "failed")
             delay = float(event.data.get("delay") or 0.0)

@@ -156,10 +156,7 @@ class _Admission:
         if key in self._at_gate or key in self._passed or run is None or run.run_id != run_id or run.done:
             return
         message = primitive._short_message(primitive.arrived(run_id), limit, f"of the first, so {state!r} cannot start")
-        meta = self.agent.state_metadata.get(state)
-        if meta is not None:
-            meta.error = message
-        run.fail(CoordinationTimeoutError(message))
+        run.fail_unstarted(state, CoordinationTimeoutError(message))
         run.kick()
 
     def _check_gates(self, run_id: str) -> None:

@@ -1176,8 +1176,9 @@ class Run:
         policy = spec.retry_policy or self.agent.retry_policy
         # A permanent failure (a limit, a bound, ...) would happen again: not retried unless asked.
         final = act.attempt > max_retries or (failure.permanent and not (policy is not None and policy.retry_permanent))
+        goes_on = final and (spec.on_failure or self.default_on_failure) == "continue"
         self.emit(ev.STATE_FAILED, name, attempt=act.attempt, duration=duration, usage=usage,
-                  error=failure.message, data={"final": final, "kind": failure.kind})
+                  error=failure.message, data={"final": final, "kind": failure.kind, "run_goes_on": goes_on})
         if not final:
             delay = policy.delay(act.attempt) if policy is not None else 0.0
             meta.set_status(_READY)
@@ -1195,11 +1196,10 @@ class Run:
             self.finishes[name] = self.finishes.get(name, 0) + 1
         cls = StateTimeoutError if failure.kind == "timeout" else StateFailedError
         error = cls(name, act.attempt, failure, retry_permanent=policy is not None and policy.retry_permanent)
-        if (spec.on_failure or self.default_on_failure) == "continue":
+        if goes_on:
             self.failures[name] = failure
             self.context._failures[name] = failure.message  # for context.failed_states()
             self.failed_frames.append(_frame(act, 0, ended=True))
-            self.emit(ev.STATE_BLOCKED, name, error=f"failed for good; the run goes on: {failure.message}")
             self.branch_ends(act)
             return
         self.failed_frames.append(_frame(act, 0))
@@ -1252,12 +1252,13 @@ class Run:
             elif isinstance(verdict, tuple):
                 self.watch.discard(name)
                 status, message = verdict
+                if status is _TIMEOUT:
+                    self.fail_unstarted(name, DependencyTimeoutError(message))
+                    return True
                 meta = self.metadata[name]
                 meta.blocked_reason = message
                 meta.set_status(status)
-                if status is _TIMEOUT:
-                    self.fail(DependencyTimeoutError(message))
-                    return True
+                self.emit(ev.STATE_BLOCKED, name, error=message)
         return progressed
 
     def has_live(self, name: str) -> bool:
@@ -1541,6 +1542,7 @@ class Run:
                 reason = verdict if isinstance(verdict, str) else "its dependencies"
                 meta.blocked_reason = f"state {name!r} never ran: it was waiting for {reason}"
                 meta.set_status(_BLOCKED)
+                self.emit(ev.STATE_BLOCKED, name, error=meta.blocked_reason)
         if self.watch:
             self.watch.clear()
         if self.failures:
@@ -1563,6 +1565,17 @@ class Run:
             # What a resume of this failed run starts from: whatever was still live.
             self.failed_frames.extend(_frame(a, a.attempt - (a.where == RUNNING)) for a in self.live.values())
         self.finish(_RUN_FAILED)
+
+    def fail_unstarted(self, name: str, error: BaseException) -> None:
+        """``name`` timed out before it could start (a dependency's or a barrier's
+        ``timeout``): it ends TIMEOUT, seen as a final failed attempt, and so does the run."""
+        meta = self.metadata[name]
+        meta.blocked_reason = str(error)
+        meta.error = FailureReason(kind="timeout", message=str(error), exception_type=type(error).__name__)
+        meta.set_status(_TIMEOUT)
+        self.emit(ev.STATE_FAILED, name, attempt=0, error=str(error),
+                  data={"final": True, "kind": "timeout", "run_goes_on": False})
+        self.fail(error)
 
     def time_out(self) -> None:
         if self.done:

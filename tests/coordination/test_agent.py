@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent import Agent, Context, RetryPolicy, StateFailedError
+from agent import Agent, Context, RetryPolicy, StateFailedError, StateStatus
 from agent import events as ev
 from agent.coordination import (
     CoordinatedAgent,
@@ -401,11 +401,18 @@ class TestBarrier:
             return "merge_results"
 
         agent.add_state("process_chunk_4", hangs)
+        seen: list[ev.RunEvent] = []
+        agent.add_observer(seen.append)
         with pytest.raises(CoordinationTimeoutError, match=r"only 4 of 5 arrived within 30s of the first"):
             await within(clock, 600, agent.run(start=[f"process_chunk_{i}" for i in range(5)]))
         assert merged == [] and clock.monotonic() == pytest.approx(30.0)
         assert cancelled.is_set()  # the hanging branch was stopped with the run
-        assert "only 4 of 5" in agent.state_metadata["merge_results"].error
+        # The state that could not start timed out, as its attempt would have at the gate:
+        # its status says so, and the monitor counts it as failed.
+        meta = agent.state_metadata["merge_results"]
+        assert meta.status is StateStatus.TIMEOUT and "only 4 of 5" in meta.error.message
+        assert [(e.state, e.data["final"], e.data["kind"]) for e in seen if e.kind == ev.STATE_FAILED] == [
+            ("merge_results", True, "timeout")]
 
     async def test_without_a_wait_timeout_it_fails_once_nothing_else_can_arrive(
         self, coord: Coordinator, clock: FakeClock,

@@ -239,10 +239,15 @@ class TestConfig:
         agent = Agent("timeout", isolation="inline")
         agent.add_state("slow", recorder(log, wait=gate))
         agent.add_state("waiter", recorder(log), dependencies={"slow": DependencyConfig(timeout=0.05)})
+        failed: list = []
+        agent.add_observer(lambda e: failed.append((e.state, e.data)) if e.kind == "state_failed" else None)
         with pytest.raises(DependencyTimeoutError, match="'waiter' waited more than 0.05 s"):
             await agent.run(cleanup_timeout=1)
-        assert agent.state_metadata["waiter"].status is StateStatus.TIMEOUT
+        meta = agent.state_metadata["waiter"]
+        assert meta.status is StateStatus.TIMEOUT and "waited more than 0.05 s" in meta.error.message
         assert ("start", "waiter") not in log
+        # Observers and the monitor see it as a state that timed out for good.
+        assert failed == [("waiter", {"final": True, "kind": "timeout", "run_goes_on": False})]
 
     async def test_always_reruns_on_each_completion(self):
         log: list = []

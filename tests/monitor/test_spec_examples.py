@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import Agent, RetryPolicy, events
+from agent import Agent, RetryPolicy, StateFailedError, events
 from agent_monitor import MetricAggregation, MetricType, RealTimeMetrics, agent_monitor
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -269,3 +269,36 @@ class TestPrometheusExample:
         body = await ns["main"]()
         assert "agent_state_completed_total 12.0" in body  # 3 runs of 4 states
         assert "agent_timing_run_duration_milliseconds_count 3.0" in body
+
+
+class TestFailureCounts:
+    """What a real failing run counts: failures are failures, blocked dependencies are blocked."""
+
+    async def test_a_state_that_fails_under_continue_is_failed_not_blocked(self):
+        seen: list[events.RunEvent] = []
+
+        async def flaky(context):
+            raise RuntimeError("boom")
+
+        async def after(context):
+            return None
+
+        @agent_monitor(metrics=MetricType.DEPENDENCY | MetricType.ERRORS)
+        async def workflow():
+            agent = Agent("continue", on_failure="continue")
+            agent.add_state("flaky", flaky, max_retries=0)
+            agent.add_state("needs_flaky", after, dependencies={"flaky": "required"})
+            with pytest.raises(StateFailedError, match="'flaky' failed"):
+                await agent.run()
+            return agent.state_metadata
+
+        with events.observing(seen.append):
+            meta = await workflow()
+        data = workflow.last_metrics
+        assert meta["flaky"].status.value == "failed" and meta["needs_flaky"].status.value == "blocked"
+        assert data["errors"]["failed_states"]["sum"] == 1
+        assert data["dependency"]["blocked"]["sum"] == 1  # needs_flaky only
+        assert [(e.kind, e.state) for e in seen if e.kind == events.STATE_BLOCKED] == [
+            (events.STATE_BLOCKED, "needs_flaky")]
+        final = [e for e in seen if e.kind == events.STATE_FAILED]
+        assert [(e.data["final"], e.data["run_goes_on"]) for e in final] == [(True, True)]
