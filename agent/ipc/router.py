@@ -61,9 +61,12 @@ class RouterChannel:
             self._sock.bind(self.endpoint)
         finally:
             os.umask(old_umask)
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        # Connections whose disconnect was reported while frames of theirs may still be
+        # queued (until another connection gets their descriptor).
+        self._gone: set[int] = set()
 
     # --- loop attachment ----------------------------------------------------------------
 
@@ -117,6 +120,10 @@ class RouterChannel:
             self._drain_monitor()
             # Big frames are not copied: their decoder reads libzmq's buffer.
             self._on_frame(parts[0].bytes, [p.bytes if len(p) < _COPY_BELOW else p.buffer for p in parts[1:]], fd)
+            if fd in self._gone:
+                # Its connection closed before this frame was read (a child that said hello
+                # and exited at once): whoever the frame bound to it learns that now.
+                self._on_disconnect(fd)
 
     def _drain_monitor(self) -> None:
         # Look before receiving: a zmq.Again per call costs more than the check.
@@ -125,8 +132,12 @@ class RouterChannel:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            fd = int(event["value"])
             if event["event"] == zmq.EVENT_DISCONNECTED:
-                self._on_disconnect(int(event["value"]))
+                self._gone.add(fd)
+                self._on_disconnect(fd)
+            else:  # accepted: the descriptor is a new connection's now
+                self._gone.discard(fd)
 
     def close(self) -> None:
         """Close the sockets and the ZeroMQ context; removes the socket file."""
@@ -146,7 +157,10 @@ class RouterChannel:
 
 
 def peer_credentials(fd: int) -> tuple[int, int] | None:
-    """``(pid, uid)`` of the process that opened unix socket ``fd``, if the kernel says."""
+    """``(pid, uid)`` of the process that opened unix socket ``fd``, if the kernel says.
+
+    The pid is 0 once that process has exited and been reaped (its uid is still known).
+    """
     if fd < 0:
         return None
     try:
@@ -156,7 +170,7 @@ def peer_credentials(fd: int) -> tuple[int, int] | None:
     try:
         cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, _gid = struct.unpack("3i", cred)
-        return (pid, uid) if pid else None
+        return pid, uid
     except OSError:
         return None
     finally:

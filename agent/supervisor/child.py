@@ -130,6 +130,19 @@ def decode_off_loop(frame: bytes | memoryview, bounds: Bounds) -> _Decoded:
             gc.enable()
 
 
+def sent_by(child_pid: int, peer_pid: int) -> bool:
+    """Whether a hello with a child's secret, on a connection opened by ``peer_pid``, is the
+    child's own.
+
+    A child runs its state without waiting for its hello to be read, so a state that
+    ends at once (``os._exit``, a closed socket) may have closed that connection, or
+    been reaped, before then: the kernel then names no process (``peer_pid`` 0). Such a
+    hello is taken as the child's: only the child's own processes know its secret, and
+    the closed connection is then judged as the child's (it lost its connection).
+    """
+    return peer_pid == child_pid or peer_pid == 0
+
+
 class _Pending(NamedTuple):
     """A connection whose hello waits for the zygote's report of the fork, and its frames."""
 
@@ -231,7 +244,7 @@ class ChildProcess:
             return
         pending, self.pending = self.pending, []
         for route, fd, peer_pid, frames in pending:
-            if peer_pid == pid and self.status is ChildStatus.LAUNCHING:
+            if sent_by(pid, peer_pid) and self.status is ChildStatus.LAUNCHING:
                 self._start(route, fd)
                 for held in frames:
                     self._sup.deliver(route, held, fd)
@@ -283,6 +296,8 @@ class ChildProcess:
         frame, self._run_frame = self._run_frame, None
         # Without a run to send (the child got it with its spec), a welcome: it may close now.
         self._send(frame if frame is not None else _WELCOME)
+        if self._disconnected and not self._exit_known and not self._stopping:
+            self._later(self._sup.config.grace, self._connection_lost)  # lost while it launched
 
     def on_exit(self, status: int | None, cpu: float | None = None, faults: int | None = None) -> None:
         """The zygote reaped the child (``None``: the zygote is gone, or it never forked), which
@@ -320,8 +335,8 @@ class ChildProcess:
         if not self._exit_known:
             self.violate(
                 "the state's process lost its connection to the supervisor before it reported, and "
-                f"kept running (libzmq drops a connection that sends a frame over the "
-                f"{self._bounds.max_frame:,}-byte cap): it was killed"
+                "kept running: it was killed (the state closed that connection, or sent a frame over "
+                f"the {self._bounds.max_frame:,}-byte cap, for which libzmq drops it)"
             )
 
     def _finalize(self) -> None:
@@ -333,8 +348,8 @@ class ChildProcess:
         if self._dropped_by_router():
             self.violate(
                 "the state's connection broke before it reported, and its process exited (code "
-                f"{EXIT_SETUP_FAILED}): libzmq drops a connection that sends a frame over the "
-                f"{self._bounds.max_frame:,}-byte cap or breaks the wire protocol; see the log below",
+                f"{EXIT_SETUP_FAILED}): the state closed or wrote into that connection, or sent a frame "
+                f"over the {self._bounds.max_frame:,}-byte cap (libzmq then drops it); see the log below",
                 traceback=self._log_tail(),
             )
         self._move(ChildStatus.EXITED)

@@ -37,7 +37,7 @@ from ..context import encode_snapshot
 from ..scope import ContextScope, ScopedContext, scope_for
 from ..values import Bounds
 from ..workflow import values_used
-from .child import ChildProcess, ChildStatus
+from .child import ChildProcess, ChildStatus, sent_by
 from .confinement import Confinement, Confiner
 from .descriptors import Budget, raise_soft_limit
 from .launcher import ZygoteLauncher
@@ -592,14 +592,14 @@ class Supervisor:
             except ProtocolError:
                 pass
         child = self._by_secret.get(hello.secret) if isinstance(hello, Hello) else None
-        pid = creds[0] if creds is not None else None
+        pid = creds[0] if creds is not None else 0  # 0: the connection is closed, its process unknown
         if child is None:
             self._dropped += 1
             self.blame(fd, "a frame came from this state's process on a connection that never said a "
                            "valid hello", pid)
             return
-        if child.status is not ChildStatus.LAUNCHING or creds is None or creds[1] != self._uid or (
-            child.pid is not None and pid != child.pid
+        if child.status is not ChildStatus.LAUNCHING or (creds is not None and creds[1] != self._uid) or (
+            child.pid is not None and not sent_by(child.pid, pid)
         ):
             # Another process presents this child's secret: the sender is killed, the child untouched.
             self._dropped += 1
@@ -620,7 +620,7 @@ class Supervisor:
 
     def _owner_of(self, pid: int | None) -> ChildProcess | None:
         """The child whose process is ``pid`` or one of its ancestors."""
-        if pid is None:
+        if not pid:  # unknown, or gone
             return None
         if pid in self._by_pid:
             return self._by_pid[pid]

@@ -173,6 +173,18 @@ async def exit_3(context):
     os._exit(3)
 
 
+async def close_channel(context):
+    """Close every socket of this process (its channel to the supervisor among them) and run on."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                os.close(int(fd))
+        except OSError:
+            pass
+    while True:
+        await asyncio.sleep(0.05)
+
+
 class Unprintable(Exception):
     """An exception whose own __str__ and __repr__ raise."""
 
@@ -448,6 +460,23 @@ class TestHonestReasons:
         exc = await failed("process", func, retries=1)
         assert exc.reason.kind == kind and exc.attempts == 2  # not permanent: retried
         assert warnings == []
+
+    async def test_a_state_that_exits_at_once_is_judged_at_once(self, warnings):
+        # Its hello and its disconnect often reach the supervisor together, after it was
+        # reaped: still its own hello, and its exit is judged without waiting for a disconnect.
+        exc = await failed("process", exit_3, retries=9)
+        assert exc.reason.kind == "exit_code" and exc.attempts == 10
+        assert warnings == []
+
+    @pytest.mark.parametrize("isolation", [*ISOLATED, "worker"])
+    async def test_a_state_that_closes_its_channel_and_runs_on_is_killed(self, isolation):
+        # However soon it closes (its disconnect may come before its hello is read), it is
+        # killed for a lost connection: permanent, not retried, no hang.
+        for _ in range(3):
+            exc = await failed(isolation, close_channel, retries=2)
+            assert (exc.reason.kind, exc.attempts) == ("protocol", 1), exc.reason.message
+            assert "closed that connection" in exc.reason.message
+        await still_serving(isolation)
 
     @pytest.mark.parametrize("isolation", [*EVERY_LEVEL, "worker"])
     async def test_an_exception_that_cannot_be_printed_is_an_exception(self, warnings, isolation):
