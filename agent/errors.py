@@ -23,6 +23,11 @@ def exception_text(exc: BaseException) -> str:
     return text
 
 
+def exception_message(type_name: str, text: str) -> str:
+    """``ValueError: bad``, or ``KeyboardInterrupt`` alone for an exception with nothing to say."""
+    return f"{type_name}: {text}" if text and text != type_name else type_name
+
+
 class AgentError(Exception):
     """Raised for any failure the framework itself reports."""
 

@@ -28,7 +28,7 @@ from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 from .._types import StopReason
-from ..errors import FailureReason, exception_text
+from ..errors import FailureReason, exception_message, exception_text
 from ..executor import Attempt, AttemptFailed, executor_for
 
 if TYPE_CHECKING:
@@ -63,8 +63,9 @@ def inline_runner(coro: Any) -> Generator[Any, Any, None]:
 def exception_reason(exc: BaseException) -> FailureReason:
     """A state's own exception as a failure reason."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return FailureReason(kind="exception", message=f"{type(exc).__name__}: {exception_text(exc)}", traceback=tb,
-                         exception_type=type(exc).__name__)
+    name = type(exc).__name__
+    return FailureReason(kind="exception", message=exception_message(name, exception_text(exc)), traceback=tb,
+                         exception_type=name)
 
 
 def _unasked_cancel(act: "Activation", exc: asyncio.CancelledError) -> FailureReason | None:
@@ -201,7 +202,7 @@ class Driver:
         except asyncio.CancelledError as exc:
             run.finished_here(act, None, _unasked_cancel(act, exc))
             return
-        except Exception as exc:
+        except (Exception, SystemExit, GeneratorExit) as exc:  # sys.exit() too: a failed attempt
             run.finished_here(act, None, exception_reason(exc))
             return
         run.finished_here(act, result, None)

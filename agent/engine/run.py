@@ -928,7 +928,7 @@ class Run:
                 self.runner = runner = _inline_runner(coro)
                 coro = None  # the new runner starts on it
             out = self.caller_context.copy().run(runner.send, coro)
-        except (KeyboardInterrupt, SystemExit):
+        except KeyboardInterrupt:  # Ctrl-C stops the program, inline as anywhere
             self.runner = None
             raise
         except BaseException as exc:  # noqa: BLE001 - the state's own failure (it ended the runner)

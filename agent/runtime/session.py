@@ -134,6 +134,9 @@ class ChildSession:
             except BaseException as exc:
                 self._report_error(exc)
                 return "error"
+            if type(value) is _Raised:
+                self._report_error(value.exc)
+                return "error"
             value = values.plain_names(value)
             try:
                 self._check_result(value)
@@ -332,8 +335,20 @@ class ChildSession:
             self._task.cancel()
 
 
+class _Raised:
+    """What the state raised that asyncio would carry out of the event loop (``SystemExit``,
+    ``KeyboardInterrupt``): a failed attempt like any other exception, reported by the
+    session, while the child (a worker's next state among them) serves on."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
 async def _call(func: Callable[..., Any], context: Context) -> Any:
-    return await func(context)
+    try:
+        return await func(context)
+    except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
+        return _Raised(exc)
 
 
 def _named_error(type_name: str, message: str, base: type[Exception]) -> Exception:

@@ -35,6 +35,7 @@ from ..errors import (
     HumanInputError,
     IllegalTransitionError,
     ProtocolError,
+    exception_message,
 )
 from ..executor import Attempt, AttemptFailed, AttemptOutcome
 from ..human import ask_relayed
@@ -480,7 +481,7 @@ class ChildProcess:
         elif isinstance(msg, Error):
             self._error = FailureReason(
                 kind="exception",
-                message=f"{msg.exception_type.rpartition('.')[2]}: {msg.message}",
+                message=exception_message(msg.exception_type.rpartition('.')[2], msg.message),
                 traceback=msg.traceback,
                 exception_type=msg.exception_type,
             )

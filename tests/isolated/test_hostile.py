@@ -11,6 +11,7 @@ import gc
 import os
 import secrets
 import signal
+import sys
 import threading
 import uuid
 import zoneinfo
@@ -171,6 +172,18 @@ async def crash(context):
 
 async def exit_3(context):
     os._exit(3)
+
+
+async def calls_sys_exit(context):
+    sys.exit(3)
+
+
+async def raises_keyboard_interrupt(context):
+    raise KeyboardInterrupt
+
+
+async def raises_generator_exit(context):
+    raise GeneratorExit
 
 
 async def close_channel(context):
@@ -460,6 +473,23 @@ class TestHonestReasons:
         exc = await failed("process", func, retries=1)
         assert exc.reason.kind == kind and exc.attempts == 2  # not permanent: retried
         assert warnings == []
+
+    @pytest.mark.parametrize("isolation, func, message", [
+        (isolation, func, message)
+        for isolation in [*EVERY_LEVEL, "worker"]
+        for func, message in [(calls_sys_exit, "SystemExit: 3"), (raises_keyboard_interrupt, "KeyboardInterrupt"),
+                              (raises_generator_exit, "GeneratorExit")]
+        # Inline, KeyboardInterrupt is how Ctrl-C stops the program: it is left to do that.
+        if not (isolation == "inline" and func is raises_keyboard_interrupt)
+    ])
+    async def test_what_asyncio_would_carry_out_of_the_loop_is_a_failed_attempt(self, warnings, isolation,
+                                                                                  func, message):
+        # sys.exit() in a state ends neither the program nor a worker: the attempt failed, it
+        # is retried, and the next state (on the same worker) runs.
+        exc = await failed(isolation, func, retries=1)
+        assert (exc.reason.kind, exc.attempts, exc.reason.message) == ("exception", 2, message)
+        assert warnings == []
+        await still_serving(isolation)
 
     async def test_a_state_that_exits_at_once_is_judged_at_once(self, warnings):
         # Its hello and its disconnect often reach the supervisor together, after it was
