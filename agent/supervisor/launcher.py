@@ -20,9 +20,10 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+from .. import _env
 from ..runtime.child import spec_memfd
 from ..runtime.zygote import MAX_FDS_PER_READ, PARK_IDLE, PARK_MAX, charged_so_far, read_frames, write_frame
 from .gpus import pinning_env
@@ -33,6 +34,7 @@ _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 
 
 PRESTARTED_ENV = "AGENT_ZYGOTE"
+_PINNED = tuple(pinning_env([]))  # the variables a launch pins for the state's GPUs
 """``FD:PID`` of a zygote this process forked before it started threads (agentd's job
 runners do, ``agent.daemon.spawner``): the first supervisor adopts it instead of starting
 an interpreter. It cannot remove the supervisor's directories when it dies; a runner's
@@ -85,6 +87,9 @@ class ZygoteLauncher:
         self._on_report = on_report
         self._on_lost = on_lost
         prestarted = _take_prestarted()
+        # The program's environment the zygote started from (what its children inherit):
+        # a launch brings what changed since (:meth:`environment_changes`).
+        self.environ = _env.snapshot()
         if prestarted is not None:
             self.process, ours = prestarted
         else:
@@ -102,6 +107,21 @@ class ZygoteLauncher:
         self._send({"op": "configure", "preload": list(preload), "import_path": list(import_path),
                     "park_max": park_max, "park_idle": park_idle, "endpoint": endpoint,
                     "open_files": open_files, "child_env": pinning_env([])})
+
+    def environment_changes(self, keep: Collection[str] | None = None) -> dict[str, str | None]:
+        """What the program's environment set (a value) and removed (None) since the zygote
+        started, but the GPU pinning variables (a launch sets those itself); only the
+        names in ``keep``, if given (a sandbox's)."""
+        now = _env.snapshot()
+        then = self.environ
+        if now == then:
+            return {}
+        changes: dict[str, str | None] = {
+            os.fsdecode(k): os.fsdecode(v) for k, v in now.items() if then.get(k) != v}
+        changes.update((os.fsdecode(k), None) for k in then if k not in now)
+        for name in _PINNED:
+            changes.pop(name, None)
+        return changes if keep is None else {k: v for k, v in changes.items() if k in keep}
 
     @staticmethod
     def _start(cleanup: list[str] | None) -> tuple[subprocess.Popen[bytes], socket.socket]:

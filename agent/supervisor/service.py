@@ -32,6 +32,7 @@ from ..executor import Attempt, Isolation
 from ..ipc import Hello, Run, decode_message, encode_message
 from ..ipc.router import RECEIVE_HWM, RouterChannel, peer_credentials
 from ..runtime import main_module
+from ..runtime.sandbox import ENV_KEEP
 from ..runtime.zygote import PARK_IDLE, PARK_MAX
 from ..context import encode_snapshot
 from ..scope import ContextScope, ScopedContext, scope_for
@@ -312,10 +313,16 @@ class Supervisor:
     ) -> dict[str, Any]:
         """What a forked child reads first (through a memfd): where to connect, how to confine
         itself (its log comes with it: the first descriptor :meth:`start` sends it)."""
+        confine = confinement.child_spec
+        # The program's environment as it is now, not as it was when the zygote started (a
+        # sandbox keeps only its few variables).
+        changes = self.zygote.environment_changes(ENV_KEEP if sandboxed else None)
+        if changes:
+            confine = {**confine, "env": {**confine.get("env", {}), **changes}}
         return {
             "endpoint": self.router.endpoint,
             "secret": secret,
-            "confine": confinement.child_spec,
+            "confine": confine,
             "sys_path": list(sys.path),
             # A sandbox gets the program's name only: arguments may carry secrets.
             "argv": list(sys.argv[:1] if sandboxed else sys.argv),

@@ -90,6 +90,7 @@ class Shape:
     cwd: str
     sys_path: tuple[str, ...]
     argv: tuple[str, ...]
+    environ: tuple[tuple[str, str | None], ...]  # what the program's environment changed since its zygote started
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,7 @@ class WorkerPool:
             cwd=os.getcwd(),
             sys_path=tuple(sys.path),
             argv=tuple(sys.argv),
+            environ=tuple(sorted(sup.zygote.environment_changes().items())),
         )
         queue = self._queues.get(shape)
         if queue is None:

@@ -132,8 +132,40 @@ async def burns(context):
         pass
 
 
+async def reads_the_environment(context):
+    context.set_state("seen", [os.environ.get(name) for name in ("AGENT_TEST_SET", "AGENT_TEST_GONE", "TZ")])
+
+
 class TestAgentWithProcessIsolation:
     """The scheduler's states run in children (or workers) and their writes reach the run's context."""
+
+    async def test_a_state_sees_the_programs_environment_as_it_is_now(self, level, monkeypatch):
+        # The supervisor (its zygote, its workers) outlives a run; what the program set or
+        # removed since reaches the next state, as it does an inline one.
+        async def seen() -> list:
+            agent = Agent("environ", isolation=level)
+            agent.add_state("reads", reads_the_environment)
+            return (await agent.run()).get_state("seen")
+
+        monkeypatch.setenv("AGENT_TEST_GONE", "before")
+        monkeypatch.setenv("AGENT_TEST_SET", "one")
+        monkeypatch.setenv("TZ", "UTC")
+        assert (await seen()) == ["one", "before", "UTC"]
+        monkeypatch.setenv("AGENT_TEST_SET", "two")
+        monkeypatch.delenv("AGENT_TEST_GONE")
+        monkeypatch.setenv("TZ", "Europe/Paris")
+        assert (await seen()) == ["two", None, "Europe/Paris"]
+
+    async def test_a_sandbox_gets_only_the_variables_it_keeps_as_they_are_now(self, monkeypatch):
+        monkeypatch.setenv("TZ", "UTC")
+        agent = Agent("environ", isolation="sandbox")
+        agent.add_state("reads", reads_the_environment, context_keys=["seen"])
+        await agent.run()
+        monkeypatch.setenv("TZ", "Europe/Paris")
+        monkeypatch.setenv("AGENT_TEST_SET", "secret")
+        agent = Agent("environ", isolation="sandbox")
+        agent.add_state("reads", reads_the_environment, context_keys=["seen"])
+        assert (await agent.run()).get_state("seen") == [None, None, "Europe/Paris"]
 
     async def test_a_timed_out_attempt_keeps_what_it_used(self, level):
         agent = Agent("burner", isolation=level)
