@@ -1226,7 +1226,8 @@ class Run:
             for act in self.waiting:
                 verdict = self.deps_verdict(act.state, act.waiting_since, now)
                 if verdict is True:
-                    self.emit(ev.DEPENDENCY_RESOLVED, act.state, duration=now - act.waiting_since)
+                    self.emit(ev.DEPENDENCY_RESOLVED, act.state, duration=now - act.waiting_since,
+                              data={"chain_length": self.chain_length(act.state)})
                     self.consume(act.state)
                     self.make_ready(act)
                     progressed = True
@@ -1244,7 +1245,8 @@ class Run:
                 continue
             verdict = self.deps_verdict(name, self.started, now)
             if verdict is True:
-                self.emit(ev.DEPENDENCY_RESOLVED, name, duration=now - self.started)
+                self.emit(ev.DEPENDENCY_RESOLVED, name, duration=now - self.started,
+                          data={"chain_length": self.chain_length(name)})
                 self.consume(name)
                 self.root.unfinished += 1  # a branch of its own
                 self.activate(name, self.root, via_dependency=True)
@@ -1353,6 +1355,19 @@ class Run:
                     and self.deps_verdict(name, since, now, conditions=False) is True:
                 return True
         return False
+
+    def chain_length(self, name: str) -> int:
+        """The longest chain of dependencies behind ``name``: 1 when those it depends on
+        depend on nothing, and so on (a cycle, which the dependencies cannot have, stops)."""
+        lengths: dict[str, int] = {}
+
+        def length(state: str, seen: frozenset[str]) -> int:
+            if state not in lengths:
+                deps = [d for d in self.specs[state].dependencies if d in self.specs and d not in seen]
+                lengths[state] = 1 + max((length(d, seen | {d}) for d in deps), default=0) if deps else 0
+            return lengths[state]
+
+        return length(name, frozenset((name,)))
 
     def _block_if_a_requirement_failed(self, name: str) -> None:
         """As the run ends: ``name``, which never ran, is BLOCKED when a REQUIRED dependency

@@ -68,6 +68,9 @@ CATALOGUE: tuple[MetricSpec, ...] = (
                "completed states per second of active run time, one value per update window"),
     MetricSpec(T.THROUGHPUT, "attempts_per_second", "per_second",
                "started attempts per second of active run time, one value per update window"),
+    MetricSpec(T.THROUGHPUT, "queue_processing_rate", "per_second",
+               "attempts taken off the resource queue (started after waiting for resources) per second of "
+               "active run time, one value per update window"),
     # resources
     MetricSpec(T.RESOURCES, "used_CPU", "percent",
                "CPU use in percent of one core (isolated_CPU + process_CPU), one value per update window"),
@@ -107,6 +110,9 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec(T.DEPENDENCY, "resolution_time", "ms", "time each state waited for its dependencies"),
     MetricSpec(T.DEPENDENCY, "resolved", "count", "dependency waits that ended with the state free to run", tally=True),
     MetricSpec(T.DEPENDENCY, "blocked", "count", "states blocked because a required dependency failed", tally=True),
+    MetricSpec(T.DEPENDENCY, "chain_length", "states",
+               "longest chain of dependencies behind each state whose dependencies resolved "
+               "(1: the states it depends on depend on nothing)"),
     # queue
     MetricSpec(T.QUEUE, "enqueued", "count", "attempts that had to wait for resources", tally=True),
     MetricSpec(T.QUEUE, "depth", "states", "attempts waiting for resources, at each change"),

@@ -46,6 +46,7 @@ _ALIASES = {("dependency", "resolution_time"): ("timing", "dependency_resolution
 # Figures taken once per update window (a final short window amends their latest value).
 _WINDOW_FIGURES = frozenset({
     ("throughput", "states_per_second"), ("throughput", "attempts_per_second"),
+    ("throughput", "queue_processing_rate"),
     ("resources", "used_CPU"), ("resources", "isolated_CPU"), ("resources", "process_CPU"),
     ("resources", "process_memory_mb"),
 })
@@ -74,12 +75,14 @@ class _Window:
     busy: float
     completed: int
     started: int
+    dequeued: int  # attempts that started after waiting for resources
     isolated_cpu: float  # seconds
     process_cpu: float  # seconds
 
     def __add__(self, other: "_Window") -> "_Window":
         return _Window(self.busy + other.busy, self.completed + other.completed, self.started + other.started,
-                       self.isolated_cpu + other.isolated_cpu, self.process_cpu + other.process_cpu)
+                       self.dequeued + other.dequeued, self.isolated_cpu + other.isolated_cpu,
+                       self.process_cpu + other.process_cpu)
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,7 @@ class MetricsCollector:
         self._busy_since = 0.0
         self._window_completed = 0
         self._window_started = 0
+        self._window_dequeued = 0
         self._window_isolated_cpu = 0.0
         self._last_window: _Window | None = None
         self._isolated_cpu_counted = 0.0
@@ -257,6 +261,7 @@ class MetricsCollector:
 
         self._a_sps = w(("throughput", "states_per_second"))
         self._a_aps = w(("throughput", "attempts_per_second"))
+        self._a_queue_rate = w(("throughput", "queue_processing_rate"))
         self._a_used_cpu = w(("resources", "used_CPU"))
         self._a_isolated_cpu = w(("resources", "isolated_CPU"))
         self._a_process_cpu = w(("resources", "process_CPU"))
@@ -280,6 +285,7 @@ class MetricsCollector:
         self._a_preempted = a(("state", "preempted"))
         self._a_success = a(("state", "success_rate"))
         self._a_resolved = a(("dependency", "resolved"))
+        self._a_chain = a(("dependency", "chain_length"))
         self._a_blocked = a(("dependency", "blocked"))
         self._a_enqueued = a(("queue", "enqueued"))
         self._a_depth = a(("queue", "depth"))
@@ -355,6 +361,7 @@ class MetricsCollector:
         queued_at = run.queued.pop(state, None)
         if queued_at is not None:
             self._queued_total -= 1
+            self._window_dequeued += 1
             self._a_queue_wait.add((event.time - queued_at) * 1000.0)
             self._a_depth.add(self._queued_total)
         run.first_seen.setdefault(state, event.time)
@@ -477,6 +484,9 @@ class MetricsCollector:
         self._run(event)
         if event.duration is not None:
             self._a_dependency.add(event.duration * 1000.0)
+        chain = event.data.get("chain_length")
+        if isinstance(chain, int):
+            self._a_chain.add(chain)
         self._a_resolved.count += 1
 
     # --- update windows ----------------------------------------------------------------
@@ -509,8 +519,8 @@ class MetricsCollector:
             merge = short and self._last_window is not None
             process_cpu = self._process.cpu_seconds()
             rss = self._process.rss_bytes()
-            window = _Window(busy, self._window_completed, self._window_started, self._window_isolated_cpu,
-                             max(0.0, process_cpu - self._process_cpu_mark))
+            window = _Window(busy, self._window_completed, self._window_started, self._window_dequeued,
+                             self._window_isolated_cpu, max(0.0, process_cpu - self._process_cpu_mark))
             self._isolated_cpu_counted += window.isolated_cpu
             if merge:
                 assert self._last_window is not None
@@ -520,6 +530,7 @@ class MetricsCollector:
             record = WindowAggregation.amend if merge else WindowAggregation.add
             record(self._a_sps, window.completed / window.busy)
             record(self._a_aps, window.started / window.busy)
+            record(self._a_queue_rate, window.dequeued / window.busy)
             record(self._a_isolated_cpu, isolated_pct)
             record(self._a_process_cpu, process_pct)
             record(self._a_used_cpu, isolated_pct + process_pct)
@@ -530,6 +541,7 @@ class MetricsCollector:
             self._busy_since = now
             self._window_completed = 0
             self._window_started = 0
+            self._window_dequeued = 0
             self._window_isolated_cpu = 0.0
             return True
 

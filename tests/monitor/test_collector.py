@@ -265,11 +265,24 @@ class TestQueueAndDependencies:
         assert data["latency"]["queue_wait"]["avg"] == pytest.approx(500.0)
         assert data["latency"]["turnaround"]["avg"] == pytest.approx(1500.0)
 
+    def test_queue_processing_rate_per_window(self, feed, collector, clock):
+        feed.emit(ev.RUN_STARTED)
+        for name in ("a", "b", "c"):
+            feed.emit(ev.STATE_QUEUED, name, data={"waiting_for": "resources"})
+        clock.advance(0.5)
+        feed.state("a", 0.5)  # taken off the queue, and so is b; c waits; d never queued
+        feed.state("b", 0.5)
+        feed.state("d", 0.5)
+        assert collector.sample()
+        rate = collector.metrics()["throughput"]["queue_processing_rate"]
+        assert (rate["count"], rate["current"]) == (1, pytest.approx(2 / 2.0))  # 2 taken off in 2 s
+
     def test_dependency_resolution_in_both_categories(self, feed, collector):
         feed.emit(ev.RUN_STARTED)
-        feed.emit(ev.DEPENDENCY_RESOLVED, "join", duration=0.75)
+        feed.emit(ev.DEPENDENCY_RESOLVED, "join", duration=0.75, data={"chain_length": 2})
         feed.emit(ev.STATE_BLOCKED, "child", error="dependency failed")
         data = collector.metrics()
+        assert data["dependency"]["chain_length"]["max"] == 2
         assert data["timing"]["dependency_resolution"]["avg"] == pytest.approx(750.0)
         assert data["dependency"]["resolution_time"]["avg"] == pytest.approx(750.0)
         assert data["dependency"]["resolved"]["sum"] == 1

@@ -271,8 +271,8 @@ class TestPrometheusExample:
         assert "agent_timing_run_duration_milliseconds_count 3.0" in body
 
 
-class TestFailureCounts:
-    """What a real failing run counts: failures are failures, blocked dependencies are blocked."""
+class TestRealRunCounts:
+    """What real runs count: failures are failures, blocked dependencies are blocked, chains are long."""
 
     async def test_a_state_that_fails_under_continue_is_failed_not_blocked(self):
         seen: list[events.RunEvent] = []
@@ -302,3 +302,19 @@ class TestFailureCounts:
             (events.STATE_BLOCKED, "needs_flaky")]
         final = [e for e in seen if e.kind == events.STATE_FAILED]
         assert [(e.data["final"], e.data["run_goes_on"]) for e in final] == [(True, True)]
+
+    async def test_dependency_chain_length_of_a_real_run(self):
+        async def step(context):
+            return None
+
+        @agent_monitor(metrics=MetricType.DEPENDENCY)
+        async def workflow():
+            agent = Agent("chain")
+            agent.add_state("extract", step)
+            agent.add_state("transform", step, dependencies={"extract": "required"})
+            agent.add_state("load", step, dependencies={"transform": "required", "extract": "required"})
+            await agent.run()
+
+        await workflow()
+        chain = workflow.last_metrics["dependency"]["chain_length"]
+        assert (chain["count"], chain["min"], chain["max"]) == (2, 1, 2)  # transform: 1, load: 2
