@@ -127,7 +127,19 @@ async def ask_human(
 async def _ask_once(
     provider: HumanInputProvider, request: HumanInputRequest, deadline: float | None, clock: Clock
 ) -> str | None:
-    """The provider's answer, or None when ``deadline`` passed first."""
+    """The provider's answer, or None when ``deadline`` passed first. A provider that fails
+    raises HumanInputError ("human input failed: ..."), inline as from a child."""
+    try:
+        return await _ask_provider(provider, request, deadline, clock)
+    except (HumanInputError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        raise HumanInputError(f"human input failed: {exc!r}") from exc
+
+
+async def _ask_provider(
+    provider: HumanInputProvider, request: HumanInputRequest, deadline: float | None, clock: Clock
+) -> str | None:
     if deadline is None:
         return _checked(await provider.ask(request))
     if clock.monotonic() >= deadline:

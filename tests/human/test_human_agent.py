@@ -60,3 +60,28 @@ class TestAgentHumanInput:
         await resumed
         await run
         assert agent.context.get_state("user_score") == 12
+
+
+class _FailingProvider:
+    async def ask(self, request):
+        raise RuntimeError("provider exploded")
+
+
+async def _asks(context: Context):
+    try:
+        await context.human_in_the_loop("ok?", timeout=5)
+    except Exception as exc:  # what the state's code can catch
+        context.set_state("caught", [type(exc).__name__, str(exc)])
+
+
+class TestAProviderThatFails:
+    """The state gets the same HumanInputError whatever its isolation."""
+
+    async def test_same_error_at_every_level(self):
+        caught = {}
+        for isolation in ("inline", "process", "worker"):
+            agent = Agent("failing", isolation=isolation, human_input=_FailingProvider())
+            agent.add_state("asks", _asks)
+            caught[isolation] = (await agent.run()).get_state("caught")
+        expected = ["HumanInputError", "human input failed: RuntimeError('provider exploded')"]
+        assert caught == {"inline": expected, "process": expected, "worker": expected}
