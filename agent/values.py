@@ -154,8 +154,20 @@ class TypedContextData:
 
     @staticmethod
     def lookup(name: str) -> type["TypedContextData"] | None:
-        """A dataclass subclass by ``"module:qualname"``, if this process has defined it."""
+        """A dataclass subclass by ``"module:qualname"``, if this process has defined it.
+
+        The latest class of that name is registered, and cloudpickle makes an empty
+        skeleton of a class it rebuilds (then may keep the class it built before): a
+        skeleton of a subclass is a dataclass through its base alone, so the class with
+        fields of its own is taken first.
+        """
         cls = TypedContextData._registry.get(name)
+        if cls is not None and "__dataclass_fields__" in cls.__dict__:
+            return cls
+        module_name, _, qualname = name.partition(":")
+        found = _defined_subclass(module_name, qualname)
+        if found is not None:
+            return found  # type: ignore[return-value]
         return cls if cls is not None and dataclasses.is_dataclass(cls) else None
 
     def validate(self) -> None:
@@ -270,15 +282,19 @@ def typed_class(name: str, *, import_modules: bool) -> type[TypedContextData] | 
 
 
 def _defined_subclass(module_name: str, qualname: str) -> type | None:
-    """The latest dataclass subclass of that name (cloudpickle may leave non-dataclass skeletons)."""
-    found = None
+    """The latest dataclass subclass of that name, one with fields of its own first
+    (cloudpickle may leave skeletons, which are dataclasses only through their bases)."""
+    found = inherited = None
     stack = list(TypedContextData.__subclasses__())
     while stack:
         cls = stack.pop()
         if cls.__module__ == module_name and cls.__qualname__ == qualname and dataclasses.is_dataclass(cls):
-            found = cls
+            if "__dataclass_fields__" in cls.__dict__:
+                found = cls
+            else:
+                inherited = cls
         stack.extend(cls.__subclasses__())
-    return found
+    return found or inherited
 
 
 def build_typed(cls: type[T], fields: dict[str, Any]) -> T:

@@ -199,3 +199,47 @@ def test_a_deep_value_no_longer_kills_the_process(tmp_path, isolation):
     assert lines[0].startswith("deep_write exception") and "nested deeper than 64 levels" in lines[0]
     assert lines[1].startswith("deep_frame bound") and "nested deeper than 64 levels" in lines[1]
     assert lines[2] == "normal True"
+
+
+INHERITED = textwrap.dedent("""
+    import sys
+    from dataclasses import dataclass
+    from agent import Agent, TypedContextData
+
+    @dataclass
+    class Base(TypedContextData):
+        x: int
+
+    @dataclass
+    class Derived(Base):
+        extra: str = "e"
+
+    class Undecorated(Base):
+        pass
+
+    async def writes(context):
+        context.set_typed("d", Derived(1, "x"))
+        context.set_typed("u", Undecorated(2))
+        return "reads"
+
+    async def reads(context):
+        context.set_state("seen", [repr(context.get_typed("d", Derived)), repr(context.get_typed("u", Undecorated))])
+
+    agent = Agent("inherit", isolation=sys.argv[1])
+    agent.add_state("writes", writes)
+    agent.add_state("reads", reads)
+    print(agent.run_sync().get_state("seen"))
+""")
+
+
+@pytest.mark.parametrize("isolation", ["process", "worker"])
+def test_a_script_typed_class_that_derives_from_another_reads_back_in_a_child(tmp_path, isolation):
+    """A script's classes travel by value: rebuilding them in a child left an empty skeleton
+    of the subclass under its name, which had only its base's fields."""
+    script = tmp_path / "inherit.py"
+    script.write_text(INHERITED)
+    env = {**os.environ, "PYTHONPATH": ROOT, "AGENT_STOP_GRACE": "0.5"}
+    done = subprocess.run([sys.executable, str(script), isolation], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[\"Derived(x=1, extra='x')\", 'Undecorated(x=2)']"
