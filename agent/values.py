@@ -167,31 +167,38 @@ class TypedContextData:
         module_name, _, qualname = name.partition(":")
         found = _defined_subclass(module_name, qualname)
         if found is not None:
-            return found  # type: ignore[return-value]
+            return found
         return cls if cls is not None and dataclasses.is_dataclass(cls) else None
 
     def validate(self) -> None:
         """Raise :class:`ContextTypeError` when a field does not match its annotation."""
         cls = type(self)
-        if not dataclasses.is_dataclass(self):
-            raise ContextTypeError(
-                f"{cls.__name__} derives from TypedContextData but is not a dataclass: "
-                "decorate it with @dataclass"
-            )
+        mismatch = self._mismatch()
+        if mismatch is not None:
+            raise ContextTypeError(mismatch)
         hints = _type_hints(cls)
-        for f in dataclasses.fields(self):
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             expected = hints.get(f.name, Any)
-            if not matches(value, expected):
-                raise ContextTypeError(
-                    f"{cls.__name__}.{f.name} must be {_type_name(expected)}, "
-                    f"got {type(value).__name__} {value!r}"
-                )
             if _may_hold_typed(expected):
                 try:
                     _validate_within(value)
                 except ContextTypeError as exc:
                     raise ContextTypeError(f"{cls.__name__}.{f.name}: {exc}") from None
+
+
+    def _mismatch(self) -> str | None:
+        """What is wrong with this value's own fields (not those of typed values inside them)."""
+        cls = type(self)
+        if not dataclasses.is_dataclass(self):
+            return f"{cls.__name__} derives from TypedContextData but is not a dataclass: decorate it with @dataclass"
+        hints = _type_hints(cls)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = hints.get(f.name, Any)
+            if not matches(value, expected):
+                return f"{cls.__name__}.{f.name} must be {_type_name(expected)}, got {type(value).__name__} {value!r}"
+        return None
 
 
 def _validate_within(value: Any) -> None:
@@ -687,6 +694,9 @@ class _Walk:
             name = class_path(t)
         except UnencodableValueError as exc:
             raise _Refused(str(exc)) from None
+        mismatch = value._mismatch()
+        if mismatch is not None:  # it could not be rebuilt anywhere else: refused where it is set
+            raise _Refused(f"{mismatch}; give each field a value of its annotated type", ContextTypeError)
         fields = dataclasses.fields(value)
         self._enter(2 * len(fields), depth, t.__qualname__)
         total = 1 + _MARK_SIZE + _str_size(len(name.encode())) + _array_header(len(fields))

@@ -23,7 +23,7 @@ import pytest
 
 from agent import Agent, Context, ResourceRequirements, RetryPolicy
 from agent.checkpoint_store import SQLiteCheckpointStore
-from agent.errors import AgentError, StateFailedError, UnencodableValueError
+from agent.errors import AgentError, ContextTypeError, StateFailedError, UnencodableValueError
 from agent.executor import AttemptFailed
 from agent.ipc import PROTOCOL_VERSION, ContextWrite, Hello, Result, encode_message
 from agent.ipc.zmtp import DealerTransport
@@ -172,6 +172,14 @@ async def crash(context):
 
 async def exit_3(context):
     os._exit(3)
+
+
+async def sets_a_mistyped_value(context):
+    try:
+        context.set_state("order", Order(id="not a uuid", price=decimal.Decimal(1), placed=dt.datetime(2026, 1, 1),
+                                         lines=()))
+    except ContextTypeError as exc:
+        context.set_state("refused", str(exc))
 
 
 async def calls_sys_exit(context):
@@ -407,6 +415,15 @@ class TestUnencodableValues:
 
 class TestSameValuesEverywhere:
     """Every type of the model reads back identically inline, in a child and from a checkpoint."""
+
+    @pytest.mark.parametrize("isolation", [*EVERY_LEVEL, "worker"])
+    async def test_a_mistyped_typed_value_is_refused_where_it_is_set(self, isolation):
+        agent = Agent("mistyped", isolation=isolation)
+        agent.add_state("sets", sets_a_mistyped_value, context_keys=ALL_KEYS)
+        ctx = await agent.run()
+        assert "order" not in ctx
+        assert ctx.get_state("refused") == ("context key 'order': Order.id must be UUID, got str 'not a uuid'; "
+                                            "give each field a value of its annotated type")
 
     async def test_round_trip(self, tmp_path):
         results = {}

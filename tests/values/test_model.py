@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import ProtocolError, UnencodableValueError, ValueTooLargeError
+from agent.errors import ContextTypeError, ProtocolError, UnencodableValueError, ValueTooLargeError
 from agent.values import (
     MAX_DEPTH,
     MAX_INT_BITS,
@@ -196,6 +196,15 @@ class TestRefusals:
             check(value, "k")
         for word in words:
             assert word in str(info.value)
+
+    def test_a_typed_value_whose_fields_break_their_annotations_is_refused(self):
+        # It could be rebuilt nowhere else (another process, a checkpoint): refused where it
+        # is set, naming the key, the path and the fix, at any depth.
+        with pytest.raises(ContextTypeError, match=r"context key 'r': Reading.value must be float, got str 'x'; "
+                                                   "give each field"):
+            check(Reading("s", "x"), key="r")  # type: ignore[arg-type]
+        with pytest.raises(ContextTypeError, match=r"context key 'r'\['inner'\]\[0\]: Reading.sensor must be str"):
+            check({"inner": [Reading(1, 2.0)]}, key="r")  # type: ignore[arg-type]
 
     def test_depth_is_capped_at_64_levels(self):
         nested: Any = (0,)
