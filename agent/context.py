@@ -12,6 +12,7 @@ what a child's start message can carry.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Awaitable, TypeVar
 
@@ -301,9 +302,12 @@ class Context:
         value = self._data.get(key, _MISSING)
         if value is _MISSING:
             raise ContextKeyError(f"no typed value under {key!r}: store one with set_typed first")
-        if not isinstance(value, expected):
+        cls = typing.get_origin(expected) or expected  # Box[int] is a Box
+        if not isinstance(cls, type):
+            raise ContextTypeError(f"get_typed({key!r}, ...) takes a TypedContextData class, got {expected!r}")
+        if not isinstance(value, cls):
             raise ContextTypeError(
-                f"context key {key!r} holds {type(value).__name__}, not {expected.__name__}"
+                f"context key {key!r} holds {type(value).__name__}, not {cls.__name__}"
             )
         return values.detached(value)  # type: ignore[no-any-return]
 

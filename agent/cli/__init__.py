@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -85,15 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the Agent a workflow file defines", description=RUN_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("file", help="the workflow file (Python)")
-    run.add_argument("args", nargs="*", help="arguments for the workflow (its sys.argv[1:]); put them after --")
+    run.add_argument("file", help="the workflow file (Python); arguments for it (its sys.argv[1:]) go after --")
     run.add_argument("--agent", metavar="NAME", help="which agent, when the file defines several")
     run.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="fail the run after this long")
     run.add_argument("--isolation", choices=["inline", "worker", "process", "sandbox", "ray"],
                      help="override the agent's isolation")
     run.add_argument("--resume", metavar="RUN_ID", help="continue this run from its last checkpoint")
-    run.add_argument("--store", metavar="PATH", help="the checkpoint store (SQLite file) for an agent without one")
-    run.add_argument("--no-store", action="store_true", help="do not save the run (it cannot be resumed)")
+    saving = run.add_mutually_exclusive_group()
+    saving.add_argument("--store", metavar="PATH", help="the checkpoint store (SQLite file) for an agent without one")
+    saving.add_argument("--no-store", action="store_true", help="do not save the run (it cannot be resumed)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (output goes to stderr)")
     run.add_argument("-q", "--quiet", action="store_true",
                      help="no state output and no progress on the terminal (still in the attempt logs)")
@@ -133,6 +135,13 @@ def _doctor(args: argparse.Namespace) -> int:
     return doctor_main(["--json"] if args.json else [])
 
 
+def _before_dashes(argv: list[str]) -> list[str]:
+    """``agent run``'s own arguments: those before the first ``--`` (what follows is the workflow's)."""
+    if len(argv) > 1 and argv[0] == "run" and "--" in argv:
+        return argv[: argv.index("--")]
+    return argv
+
+
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     for action in parser._subparsers._group_actions:  # type: ignore[union-attr]
         if isinstance(action, argparse._SubParsersAction):
@@ -143,8 +152,13 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``agent`` command; returns the exit status."""
     parser = build_parser()
+    argv = list(argv) if argv is not None else sys.argv[1:]
     try:
-        args, extra = parser.parse_known_args(list(argv) if argv is not None else None)
+        args, extra = parser.parse_known_args(_before_dashes(argv))
+        if args.command == "run":
+            # The workflow's own arguments: after --, and any plain word beside the options.
+            args.args = [a for a in extra if not a.startswith("-")] + argv[len(_before_dashes(argv)) + 1:]
+            extra = [a for a in extra if a.startswith("-")]
         if extra:  # said by the subcommand, whose --help lists what it takes
             _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, --version, or a usage error (already printed)
@@ -153,7 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import importlib
 
     handler = getattr(importlib.import_module(module_name), function)
-    return int(handler(args) or 0)
+    try:
+        return int(handler(args) or 0)
+    except BrokenPipeError:  # `agent top --json | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # as a command the pipe's signal would have ended
 
 
 if __name__ == "__main__":  # pragma: no cover

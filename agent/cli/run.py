@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import signal
 import sys
 import time
@@ -178,9 +179,24 @@ class RunCommand:
         except WorkflowDefinitionError as exc:
             if not self.runs():  # refused before anything ran: the workflow, not the run
                 return self.load_failed(str(exc))
-        except AgentError:
-            pass  # the summary says what failed
+        except AgentError as exc:
+            if not self.runs():  # refused before anything ran (another agent's run to resume)
+                return self.usage(str(exc)) if args.resume else self.load_failed(str(exc))
+            # else the summary says what failed
+        else:
+            if args.resume and not self.runs():
+                return self.already_completed(args.resume)
         return self.report()
+
+    def already_completed(self, run_id: str) -> ExitCode:
+        """``--resume`` of a run that had completed: nothing ran, and nothing is wrong."""
+        if self.progress is not None:
+            self.progress.stop()
+        if self.args.json:
+            document = {"run_id": run_id, "status": "completed", "resumed": False}
+            self.terminal.write(self.terminal.out, json.dumps(document, indent=2) + "\n")
+        self.terminal.notice(f"agent run: run {run_id} had completed: nothing to resume")
+        return ExitCode.OK
 
     # --- choosing the agent and its store ---------------------------------------------------
 
@@ -356,7 +372,10 @@ class RunCommand:
             command += f" --store {self.args.store}"
         if self.args.agent:
             command += f" --agent {self.args.agent}"
-        return f"{command} --resume {run_id}"
+        command += f" --resume {run_id}"
+        if self.args.args:  # the file may need them to build its agent again
+            command += " -- " + " ".join(shlex.quote(a) for a in self.args.args)
+        return command
 
     def print_summary(self, summary: dict[str, Any]) -> None:
         elapsed = duration(summary["elapsed"]) if summary["elapsed"] is not None else "?"

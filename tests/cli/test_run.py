@@ -146,6 +146,9 @@ class TestUsageErrors:
         (["run", "hello.py", "--frobnicate"], "agent run: unrecognized arguments: --frobnicate"),
         (["frobnicate"], "agent: argument COMMAND: invalid choice: 'frobnicate'"),
         (["runs", "--store", "missing.sqlite3"], "agent runs: no checkpoint store at missing.sqlite3"),
+        (["run", "hello.py", "--store", "missing.sqlite3", "--no-store"],
+         "agent run: argument --no-store: not allowed with argument --store"),
+        (["run"], "agent run: the following arguments are required: file ("),
     ])
     def test_one_line(self, cli, args, message):
         cli.write("hello.py", SPEC_QUICK_START)
@@ -168,6 +171,25 @@ class TestUsageErrors:
         done = cli.run("run", "hello.py", "--resume", "deadbeef")
         assert done.returncode == 2
         assert "no checkpoint for run 'deadbeef'" in done.stderr and len(done.stderr.splitlines()) == 1
+
+    def test_resume_of_another_agents_run_says_whose_it_is(self, cli):
+        built = SPEC_QUICK_START.replace("await agent.run()\n", "")
+        cli.write("hello.py", built)
+        cli.write("other.py", built.replace('"hello_workflow"', '"other"'))
+        done = cli.run("run", "hello.py", "--json", "--store", "runs.sqlite3")
+        run_id = json.loads(done.stdout)["run_id"]
+        done = cli.run("run", "other.py", "--store", "runs.sqlite3", "--resume", run_id)
+        assert done.returncode == 2
+        assert "belongs to agent 'hello_workflow', not 'other'" in done.stderr and len(done.stderr.splitlines()) == 1
+
+    def test_resume_of_a_completed_run_runs_nothing_and_succeeds(self, cli):
+        cli.write("hello.py", SPEC_QUICK_START.replace("await agent.run()\n", ""))
+        run_id = json.loads(cli.run("run", "hello.py", "--json").stdout)["run_id"]
+        done = cli.run("run", "hello.py", "--json", "--resume", run_id)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"run_id": run_id, "status": "completed", "resumed": False}
+        assert f"run {run_id} had completed: nothing to resume" in done.stderr
+        assert "Result:" not in done.stderr  # nothing ran again
 
     def test_resume_refused_for_a_file_that_runs_its_agent_when_loaded(self, cli):
         cli.write("hello.py", SPEC_QUICK_START)
@@ -237,6 +259,31 @@ class TestLoadErrors:
         assert done.returncode == 3
         assert message in done.stderr and len(done.stderr.splitlines()) == 1
         assert done.stdout == ""
+
+
+class TestWorkflowArguments:
+    """The workflow's own arguments (its sys.argv[1:]) go after --, or beside the options."""
+
+    ARGV = """\
+        import sys
+        from agent import Agent
+        agent = Agent("argv", isolation="inline")
+        async def s(context):
+            raise ValueError(repr(sys.argv[1:]))
+        agent.add_state("s", s)
+    """
+
+    @pytest.mark.parametrize("args", [
+        ["argv.py", "--json", "--", "a", "-b"],
+        ["argv.py", "a", "--json", "--", "-b"],
+        ["argv.py", "--json", "a", "--", "-b"],
+    ])
+    def test_after_the_options_and_in_the_resume_command(self, cli, args):
+        cli.write("argv.py", self.ARGV)
+        done = cli.run("run", *args)
+        summary = json.loads(done.stdout)
+        assert done.returncode == 1 and "ValueError: ['a', '-b']" in summary["error"]
+        assert summary["resume_command"].endswith(f"--resume {summary['run_id']} -- a -b")
 
 
 class TestOutcomes:
@@ -345,3 +392,17 @@ class TestHumanInput:
         finally:
             stop(proc)
         assert proc.returncode == 130
+
+
+def test_a_reader_that_leaves_the_pipe_ends_the_command_quietly(cli):
+    """`agent top --json | head`: no traceback, the status a SIGPIPE would have given."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(cli.command("top", "--json"), stdout=write, stderr=subprocess.PIPE, text=True,
+                              timeout=60, env=cli.env)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Generic, List, Optional, TypeVar
 
 import pytest
 
@@ -26,6 +26,14 @@ class Nested(TypedContextData):
 @dataclass
 class Other(TypedContextData):
     value: int
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class Box(TypedContextData, Generic[T]):
+    item: T
 
 
 class TestPlainValues:
@@ -123,6 +131,15 @@ class TestTypedValues:
         ctx.set_typed("o", Other(value=1))
         with pytest.raises(ContextTypeError, match="holds Other, not UserProfile"):
             ctx.get_typed("o", UserProfile)
+
+    def test_get_typed_of_a_generic_class(self):
+        ctx = Context()
+        ctx.set_typed("b", Box(item=3))
+        assert ctx.get_typed("b", Box[int]) == Box(item=3)  # Box[int] is a Box
+        with pytest.raises(ContextTypeError, match="holds Box, not Other"):
+            ctx.get_typed("b", Other)
+        with pytest.raises(ContextTypeError, match="takes a TypedContextData class, got 'Box'"):
+            ctx.get_typed("b", "Box")  # type: ignore[arg-type]
 
     def test_get_typed_missing_key(self):
         with pytest.raises(ContextKeyError, match="no typed value under 'nope'"):
