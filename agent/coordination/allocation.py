@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Callable
 from types import TracebackType
 
 from .. import remote
@@ -32,6 +33,9 @@ from .primitives import Primitive, PrimitiveType
 _current_owner: contextvars.ContextVar[str | None] = contextvars.ContextVar("coordination_owner", default=None)
 _current_coordinator: contextvars.ContextVar[Coordinator | None] = contextvars.ContextVar(
     "coordination_coordinator", default=None
+)
+_current_failer: contextvars.ContextVar[Callable[[BaseException], None] | None] = contextvars.ContextVar(
+    "coordination_failer", default=None
 )
 
 
@@ -45,10 +49,18 @@ def current_owner() -> str | None:
     return _current_owner.get()
 
 
-def set_current_owner(owner: str | None, coordinator: Coordinator | None = None) -> None:
-    """Record who runs next in this task (and under which coordinator) for the code that follows."""
+def set_current_owner(owner: str | None, coordinator: Coordinator | None = None,
+                      fail: Callable[[BaseException], None] | None = None) -> None:
+    """Record who runs next in this task (and under which coordinator) for the code that
+    follows; ``fail`` fails its run (when what it holds can no longer be promised)."""
     _current_owner.set(owner)
     _current_coordinator.set(coordinator)
+    _current_failer.set(fail)
+
+
+def current_failer() -> Callable[[BaseException], None] | None:
+    """What fails the run of the state attempt running in this task, if any."""
+    return _current_failer.get()
 
 
 def current_coordinator() -> Coordinator:

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from ..errors import CoordinationError
 from ..resources import default_pool
 
+from .allocation import current_failer
 from .coordinator import Coordinator
 from .primitives import CapacityPrimitive, Primitive
 from .primitives.base import check_timeout
@@ -48,9 +50,12 @@ class BoxLink(Protocol):
     (:class:`agent.daemon.remote.RemoteAdmission`)."""
 
     async def take(self, kind: str, name: str, settings: dict[str, Any], owner: str, amount: float,
-                   timeout: float | None) -> Token: ...
+                   timeout: float | None, *, declared: bool = True,
+                   on_lost: Callable[[BaseException], None] | None = None) -> Token: ...
 
     def give_back(self, token: Token) -> None: ...
+
+    def renew(self, token: Token, ttl: float | None) -> None: ...
 
 
 def agentd() -> BoxLink:
@@ -64,9 +69,10 @@ def agentd() -> BoxLink:
 class BoxPrimitive(Primitive):
     """A primitive taken in this process (``local``) and then from agentd."""
 
-    def __init__(self, local: CapacityPrimitive, settings: dict[str, Any]) -> None:
+    def __init__(self, local: CapacityPrimitive, settings: dict[str, Any], coordinator: Coordinator) -> None:
         self.local = local
         self.settings = settings
+        self.coordinator = coordinator
         self.type = local.type
         self.name = local.name
         self.clock = local.clock
@@ -85,7 +91,9 @@ class BoxPrimitive(Primitive):
             await local.acquire(owner, amount, timeout)
         try:
             left = None if math.isinf(limit) else max(0.0, limit - (self.clock.monotonic() - start))
-            token = await agentd().take("primitive", self.name, self.settings, owner, amount, left)
+            token = await agentd().take("primitive", self.name, self.settings, owner, amount, left,
+                                        declared=self.coordinator.declared("primitive", self.name),
+                                        on_lost=current_failer())
         except BaseException:
             local.release(owner, amount)
             raise
@@ -106,6 +114,15 @@ class BoxPrimitive(Primitive):
         for _, token in given:
             agentd().give_back(token)
         return bool(self.local.release(owner, amount))
+
+    def renew(self, owner: str, ttl: float | None = None) -> float:
+        """A LEASE's ``renew``, in this process and in agentd."""
+        expires: float = self.local.renew(owner, ttl)  # type: ignore[attr-defined]
+        with self.lock:
+            tokens = [token for _, token in self._box.get(owner, ())]
+        for token in tokens:
+            agentd().renew(token, ttl)
+        return expires
 
     def owners(self) -> list[str]:
         return self.local.owners()
@@ -136,7 +153,7 @@ class BoxPrimitive(Primitive):
     def status(self) -> dict[str, Any]:
         return {**self.local.status(), "box": "agentd"}
 
-    def __getattr__(self, name: str) -> Any:  # capacity, wait_timeout, renew, ...
+    def __getattr__(self, name: str) -> Any:  # capacity, wait_timeout, expires_at, ...
         return getattr(self.__dict__["local"], name)
 
 
@@ -181,7 +198,7 @@ class BoxCoordinator(Coordinator):
 
     def _new_primitive(self, name: str, settings: dict[str, Any]) -> Primitive:
         local = super()._new_primitive(name, settings)
-        return BoxPrimitive(local, settings) if isinstance(local, CapacityPrimitive) else local
+        return BoxPrimitive(local, settings, self) if isinstance(local, CapacityPrimitive) else local
 
     def _new_rate_limiter(self, name: str, settings: dict[str, Any]) -> RateLimiter:
         return BoxRateLimiter(super()._new_rate_limiter(name, settings), settings)

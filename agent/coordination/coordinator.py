@@ -182,6 +182,22 @@ class Coordinator:
             if declarers is not None:
                 declarers.discard(declarer)
 
+    def declared(self, kind: str, name: str) -> bool:
+        """Whether an agent declares ``name`` (``kind``: "primitive" or "rate limit")."""
+        return bool(list(self._declarers.get((kind, name), ())))
+
+    def forget_unused(self, names: list[str] | None = None) -> int:
+        """Remove the primitives of ``names`` (default: all) that nobody declares, holds or
+        waits for: nothing is lost, and a later use makes them afresh. Returns how many."""
+        with self._config_lock:
+            gone = [name for name in (self._primitives if names is None else names)
+                    if (p := self._primitives.get(name)) is not None and not p.owners() and not p.waiters()
+                    and not self.declared("primitive", name)]
+            for name in gone:
+                del self._primitives[name]
+                self._declarers.pop(("primitive", name), None)
+        return len(gone)
+
     def add_rate_limit(
         self,
         name: str,

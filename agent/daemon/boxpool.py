@@ -30,6 +30,7 @@ from typing import Any
 from .._types import Priority, ResourceType
 from ..devices import GPUInventory
 from ..coordination.coordinator import Coordinator
+from ..coordination.primitives import Lease
 from ..coordination.ratelimit import RateLimiter
 from ..engine.admission import Admission
 from ..errors import CoordinationError, CoordinationTimeoutError, DeadlockError, ResourceError
@@ -105,9 +106,12 @@ class Session:
             timeout = message.get("timeout")
             self.coordinate(int(message["t"]), str(message["kind"]), message["name"], dict(message["settings"]),
                             str(message["owner"]), float(message["amount"]),
-                            None if timeout is None else float(timeout))
+                            None if timeout is None else float(timeout), bool(message.get("declared", True)))
         elif op == "uncoordinate":
             self.uncoordinate(int(message["t"]))
+        elif op == "renew":
+            ttl = message.get("ttl")
+            self.renew(int(message["t"]), None if ttl is None else float(ttl))
         else:
             return False
         return True
@@ -163,51 +167,63 @@ class Session:
         for number in list(self.taking) + list(self.held):
             self.uncoordinate(number)
         coordinator = self.box.coordinators.get(self.uid)
-        for kind, name in self.declared:
-            if coordinator is not None:
+        if coordinator is not None:
+            for kind, name in self.declared:
                 (coordinator.withdraw_primitive if kind == "primitive" else coordinator.withdraw_rate_limit)(
                     name, self.declarer)
+            # What nobody declares or uses any more is dropped (a rate limit is kept: it
+            # remembers past starts, which the next job's starts are spaced from).
+            coordinator.forget_unused([name for kind, name in self.declared if kind == "primitive"])
         self.box.sessions.discard(self)
 
     # --- box-wide coordination (agent.coordination.boxwide) -----------------------------
 
     def coordinate(self, number: int, kind: str, name: str, settings: dict[str, Any], owner: str,
-                   amount: float, timeout: float | None) -> None:
+                   amount: float, timeout: float | None, declared: bool = True) -> None:
         """Take ``amount`` of the user's primitive, or a start of their rate limit, named ``name``
-        (declared with ``settings`` by this session); ``coordinated`` or
-        ``coordination_refused`` is sent back once it is decided."""
+        with ``settings`` (which this session then declares, when the client's agent
+        ``declared`` them; a name only taken in a state's code is not held to them once
+        free); ``coordinated`` or ``coordination_refused`` is sent back once it is decided."""
         if number in self.taking or number in self.held or len(self.taking) + len(self.held) >= MAX_TAKES:
             self.send({"op": "coordination_refused", "t": number,
                        "error": f"request {number} is already open, or more than {MAX_TAKES} are"})
             return
         try:
-            thing = self._declare(kind, name, settings)
+            thing = self._declare(kind, name, settings, declared)
         except (CoordinationError, KeyError, TypeError, ValueError) as exc:
             self.send({"op": "coordination_refused", "t": number, "error": str(exc)})
             return
         box_owner = f"{self.label}/{owner}"[:300]
         self.taking[number] = asyncio.ensure_future(self._take(number, thing, box_owner, amount, timeout))
 
-    def _declare(self, kind: str, name: str, settings: dict[str, Any]) -> Any:
+    def _declare(self, kind: str, name: str, settings: dict[str, Any], declared: bool) -> Any:
         if not isinstance(name, str) or not 0 < len(name) <= 200:
             raise ValueError(f"a coordinated name must be a str of 1 to 200 characters, got {name!r}")
         coordinator = self.box.coordinator_for(self.uid)
-        known = len(coordinator._primitives) + len(coordinator._rate_limiters)
-        if (kind, name) not in self.declared and known >= MAX_NAMES:
-            raise CoordinationError(f"user has {known} coordinated names in agentd, the most it keeps")
+        existing = coordinator.primitive(name) if kind == "primitive" else coordinator.rate_limiter(name)
+        if existing is None and len(coordinator._primitives) + len(coordinator._rate_limiters) >= MAX_NAMES:
+            coordinator.forget_unused()
+            known = len(coordinator._primitives) + len(coordinator._rate_limiters)
+            if known >= MAX_NAMES:
+                raise CoordinationError(
+                    f"user has {known} coordinated names in agentd, the most it keeps: names stay while a "
+                    "running job or script of the user declares or uses them; use fewer names"
+                )
         if kind == "primitive":
             if str(settings["type"]).lower() == "barrier":
                 raise CoordinationError(f"BARRIER {name!r} counts the arrivals of one run: it is not box-wide")
             thing: Any = coordinator.add_primitive(
                 name, str(settings["type"]), ttl=settings["ttl"], max_count=settings["max_count"],
-                quota_limit=settings["quota_limit"], wait_timeout=settings["wait_timeout"], declarer=self.declarer)
+                quota_limit=settings["quota_limit"], wait_timeout=settings["wait_timeout"],
+                declarer=self.declarer if declared else None)
         elif kind == "rate":
             thing = coordinator.add_rate_limit(
                 name, settings["max_rate"], str(settings["strategy"]), burst_size=settings["burst_size"],
                 window_size=settings["window_size"], declarer=self.declarer)
         else:
             raise ValueError(f"unknown kind of coordination {kind!r}: primitive or rate")
-        self.declared.add((kind, name))
+        if declared or kind == "rate":
+            self.declared.add((kind, name))
         return thing
 
     async def _take(self, number: int, thing: Any, owner: str, amount: float, timeout: float | None) -> None:
@@ -228,6 +244,15 @@ class Session:
         finally:
             self.taking.pop(number, None)
 
+    def renew(self, number: int, ttl: float | None) -> None:
+        """Renew a LEASE this session holds (nothing when it holds none under ``number``)."""
+        held = self.held.get(number)
+        if held is not None and isinstance(held[0], Lease):
+            try:
+                held[0].renew(held[1], ttl)
+            except CoordinationError:
+                pass  # it expired meanwhile: the holder learns when it renews locally next
+
     def uncoordinate(self, number: int) -> None:
         """Withdraw a wait, or give back a holding (nothing when neither is open)."""
         task = self.taking.pop(number, None)
@@ -237,6 +262,7 @@ class Session:
         if held is not None:
             thing, owner, amount = held
             thing.release(owner, amount)
+            self.box.coordinators[self.uid].forget_unused([thing.name])  # a name only code takes, now free
 
     # --- what Admission calls (as it calls a Run) ----------------------------------------
 

@@ -70,6 +70,8 @@ class RemoteAdmission:
         self._numbered: dict[int, _Ticket] = {}
         self._numbers = itertools.count(1)
         self._takes: dict[int, asyncio.Future[None]] = {}  # coordination asked of agentd
+        # coordination agentd holds for this process: its name, and what fails its holder's run
+        self._holding: dict[int, tuple[str, Callable[[BaseException], None] | None]] = {}
 
     def owner_for(self, state: str, run_id: str) -> str:
         return state if state not in self.tickets else f"{state}@{run_id[:12]}"
@@ -111,20 +113,24 @@ class RemoteAdmission:
     # --- coordination (agent.coordination.boxwide) --------------------------------------
 
     async def take(self, kind: str, name: str, settings: dict[str, Any], owner: str, amount: float,
-                   timeout: float | None) -> tuple[Link, int]:
+                   timeout: float | None, *, declared: bool = True,
+                   on_lost: Callable[[BaseException], None] | None = None) -> tuple[Link, int]:
         """Take ``amount`` of agentd's primitive (``kind`` "primitive") or a start of its rate
-        limit ("rate") named ``name``, declared with ``settings``, for ``owner``; wait for it.
+        limit ("rate") named ``name``, with ``settings`` (``declared`` by an agent here, or
+        only taken by a state's code), for ``owner``; wait for it.
 
         Returns what :meth:`give_back` takes. Raises what agentd answered: a
         :class:`~agent.errors.CoordinationError` (other settings declared by another job,
         a wait past ``timeout``, a deadlock), or DaemonUnavailableError when the
-        connection goes. A wait that is cancelled is withdrawn in agentd.
+        connection goes. A wait that is cancelled is withdrawn in agentd. Should the
+        connection go while the primitive is held, agentd no longer holds it for this
+        process: ``on_lost`` is called then (it fails the holder's run).
         """
         link = self.pool.link()
         number = next(self._numbers)
         future = self._takes[number] = asyncio.get_running_loop().create_future()
         link.send({"op": "coordinate", "t": number, "kind": kind, "name": name, "settings": settings,
-                   "owner": owner, "amount": float(amount), "timeout": timeout})
+                   "owner": owner, "amount": float(amount), "timeout": timeout, "declared": declared})
         try:
             await future
         except BaseException:
@@ -132,14 +138,23 @@ class RemoteAdmission:
             if not link.closed:
                 link.send({"op": "uncoordinate", "t": number})  # a wait withdrawn, or a grant crossed
             raise
+        if kind == "primitive":
+            self._holding[number] = (name, on_lost)
         return link, number
 
-    @staticmethod
-    def give_back(token: tuple[Link, int]) -> None:
+    def give_back(self, token: tuple[Link, int]) -> None:
         """Give back what :meth:`take` took (nothing to do once its connection is gone)."""
         link, number = token
+        self._holding.pop(number, None)
         if not link.closed:
             link.send({"op": "uncoordinate", "t": number})
+
+    @staticmethod
+    def renew(token: tuple[Link, int], ttl: float | None) -> None:
+        """Renew the LEASE :meth:`take` took, in agentd (for ``ttl`` seconds, or its own ttl)."""
+        link, number = token
+        if not link.closed:
+            link.send({"op": "renew", "t": number, "ttl": ttl})
 
     def _answer_take(self, message: dict[str, Any]) -> None:
         future = self._takes.pop(message.get("t"), None)  # type: ignore[arg-type]
@@ -191,6 +206,12 @@ class RemoteAdmission:
             if not future.done():
                 future.set_exception(DaemonUnavailableError(
                     f"lost the connection to agentd ({why}) while waiting for box-wide coordination"))
+        holding, self._holding = list(self._holding.values()), {}
+        for name, fail in holding:  # agentd (a new one) may give it to another job now
+            if fail is not None:
+                fail(DaemonUnavailableError(
+                    f"lost the connection to agentd ({why}) while holding the box-wide {name!r}: it no longer "
+                    "excludes the other jobs, so the run that held it fails (resume it once agentd is back)"))
         for ticket in tickets:
             ticket.run.fail(DaemonUnavailableError(
                 f"lost the connection to agentd ({why}) while state {ticket.act.state!r} was admitted by it"))

@@ -35,6 +35,7 @@ from ..errors import (
     AgentError,
     DaemonConfigError,
     DaemonError,
+    DaemonProtocolError,
     JobAccessError,
     JobError,
     JobNotFoundError,
@@ -131,8 +132,12 @@ class Client:
                 self.reply(reply)
 
     def reply(self, fields: dict[str, Any]) -> None:
-        if not self.link.closed:
+        if self.link.closed:
+            return
+        try:
             self.link.send({"op": "reply", "ok": True, **fields})
+        except DaemonProtocolError as exc:  # over the frame cap: the client still gets an answer
+            self._refuse(f"the reply is too large to send ({exc}): ask about fewer jobs", protocol.INVALID)
 
     def _refuse(self, error: str, code: str, close: bool = False) -> None:
         if self.link.closed:

@@ -45,6 +45,8 @@ log = logging.getLogger("agentd")
 CANCEL_GRACE = 10.0
 """Seconds a runner has to end a cancelled or paused run before its cgroup is killed."""
 MAX_PENDING_QUESTIONS = 100
+MAX_QUESTION_TEXT = 4000
+"""Characters of a question's prompt (its default, its rejection) agentd keeps for agentctl."""
 MAX_LOG_READ = 1 << 20
 _PASS_ENV = ("AGENT_GPUS", "AGENT_CGROUP_BACKEND", "AGENT_STOP_GRACE", "AGENT_PRELOAD", "TZ")
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -248,8 +250,12 @@ class JobSupervisor:
             rid = str(request["id"])
             if rid not in handle.pending and len(handle.pending) >= MAX_PENDING_QUESTIONS:
                 raise ValueError(f"more than {MAX_PENDING_QUESTIONS} open questions")
-            handle.pending[rid] = {k: request.get(k) for k in
-                                   ("id", "prompt", "state", "attempt", "rejected", "default", "timeout", "created")}
+            question = {k: request.get(k) for k in
+                        ("id", "prompt", "state", "attempt", "rejected", "default", "timeout", "created")}
+            for key in ("prompt", "rejected", "default"):  # what agentctl shows: bounded, as state names are
+                if isinstance(question[key], str) and len(question[key]) > MAX_QUESTION_TEXT:
+                    question[key] = question[key][:MAX_QUESTION_TEXT] + " [...]"
+            handle.pending[rid] = question
             self.on_change()
         elif op == "withdraw":
             handle.pending.pop(str(message["id"]), None)

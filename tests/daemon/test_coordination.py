@@ -3,6 +3,7 @@ across every job and script of a user, isolated states included; users do not sh
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def test_a_mutex_holds_across_jobs_and_scripts_of_a_user(second: str, kind: str,
         assert run.returncode == 0, stderr
     assert agentd.wait_status(first, "completed", "failed")["status"] == "completed"
     assert _lines(events) == ["first start", "first end", "second start", "second end"]
-    wait_until(lambda: _primitive(agentd, ann)["owners"] == [], "agentd's mutex to be free again")
+    wait_until(lambda: _primitive(agentd, ann).get("owners", []) == [], "agentd's mutex to be free again")
 
 
 def _run_of(agentd: Agentd, job: str) -> str:
@@ -272,3 +273,89 @@ def test_a_closed_connection_gives_back_and_withdraws(agentd: Agentd, users: tup
         waiter.sendall(protocol.encode({"op": "uncoordinate", "t": 1}))
         wait_until(lambda: agentd.ctl_json("top")["coordination"]["root"]["primitives"]["m"]["owners"] == [],
                    "the mutex to be given back")
+
+
+RENEWING = '''
+import asyncio
+from agent.coordination import create_coordinated_agent, current_coordinator, current_owner, PrimitiveType
+
+agent = create_coordinated_agent("{name}", isolation="inline")  # renew() is the state's own coordinator's
+agent.add_state_coordination("report", PrimitiveType.LEASE, ttl=1.0)
+
+async def report(context):
+    with open({out!r}, "a") as f:
+        f.write("{name} start\\n")
+    lease = current_coordinator().primitive("report")
+    for _ in range({renewals}):  # three times the lease's ttl, renewed as it goes
+        await asyncio.sleep(0.25)
+        lease.renew(current_owner())
+    with open({out!r}, "a") as f:
+        f.write("{name} end\\n")
+
+agent.add_state("report", report, max_retries=0)
+'''
+
+
+def test_a_renewed_lease_is_renewed_in_agentd_too(agentd: Agentd, users: tuple[User, User], workdir: Path,
+                                                  events: Path) -> None:
+    ann, _ = users
+    agentd.start()
+    first = agentd.submit(write_workflow(workdir, "first.py", RENEWING.format(name="first", out=str(events),
+                                                                              renewals=12)), user=ann)
+    wait_until(lambda: _lines(events) == ["first start"], "the first job to take the lease")
+    second = agentd.submit(write_workflow(workdir, "second.py", RENEWING.format(name="second", out=str(events),
+                                                                                renewals=0)), user=ann)
+    for job in (first, second):
+        status = agentd.wait_status(job, "completed", "failed")
+        assert status["status"] == "completed", status["error"]
+    assert _lines(events) == ["first start", "first end", "second start", "second end"]
+
+
+MANY_NAMES = '''
+from agent import Agent
+from agent.coordination import mutex
+
+agent = Agent("names")
+
+async def files(context):
+    for i in range(20):
+        async with mutex(f"file-{{i}}"):
+            pass
+
+agent.add_state("files", files)
+'''
+
+
+def test_names_nobody_uses_or_declares_are_forgotten(agentd: Agentd, users: tuple[User, User], workdir: Path,
+                                                      outdir: Path, events: Path) -> None:
+    """A name a state's code takes is kept while taken; one a job declares, while the job runs."""
+    ann, _ = users
+    agentd.start()
+    job = agentd.submit(write_workflow(workdir, "names.py", MANY_NAMES), user=ann)
+    assert agentd.wait_status(job, "completed", "failed")["status"] == "completed"
+    held = agentd.submit(_flow(workdir, outdir, events, "held"), user=ann)
+    wait_until(lambda: _lines(events) == ["held start"], "the job to hold its mutex")
+    assert list(agentd.ctl_json("top", user=ann)["coordination"][ann.name]["primitives"]) == ["database_write"]
+    (outdir / "held-go").touch()
+    assert agentd.wait_status(held, "completed", "failed")["status"] == "completed"
+    wait_until(lambda: agentd.ctl_json("top", user=ann)["coordination"][ann.name]["primitives"] == {},
+               "the finished job's name to be forgotten")
+
+
+def test_a_script_that_loses_agentd_while_holding_fails(agentd: Agentd, users: tuple[User, User], workdir: Path,
+                                                         outdir: Path, events: Path) -> None:
+    """A new agentd would hand the name to another job: the run that held it cannot go on as if
+    it still excluded them."""
+    ann, _ = users
+    agentd.start()
+    script = write_workflow(workdir, "script.py", GUARDED.format(name="script", kind="MUTEX", out=str(events),
+                                                                 release=str(outdir / "never")).replace(
+        'create_coordinated_agent("script")', 'create_coordinated_agent("script", isolation="inline")'))
+    with _script(agentd, ann, script, workdir) as run:
+        wait_until(lambda: _lines(events) == ["script start"], "the script to hold the mutex")
+        assert agentd.stop() == 0
+        stdout, stderr = run.communicate(timeout=120)
+    agentd.start()  # for the fixture's clean stop
+    assert run.returncode == 1, stderr
+    error = json.loads(stdout[stdout.index("{"):])["error"]
+    assert error.startswith("lost the connection to agentd") and "while holding the box-wide 'database_write'" in error

@@ -26,6 +26,22 @@ async def review(context):
 agent.add_state("review", review)
 '''
 
+HUGE_QUESTIONS = '''
+from agent import Agent
+
+agent = Agent("huge")
+
+async def start(context):
+    return ["q1", "q2", "q3"]
+
+async def ask(context):
+    await context.human_in_the_loop("Deploy? " + "x" * 6_000_000, timeout=300)
+
+agent.add_state("start", start)
+for name in ("q1", "q2", "q3"):
+    agent.add_state(name, ask)
+'''
+
 LOUD = '''
 from agent import Agent
 
@@ -126,6 +142,20 @@ class TestHumanInTheLoop:
         assert agentd.ctl("respond", job, again["id"], "yes", user=ann).returncode == 0
         assert agentd.wait_status(job, "completed", "failed")["status"] == "completed"
         assert agentd.ctl("logs", job, "review", user=ann).stdout == "answer yes\n"
+
+
+    def test_huge_questions_still_leave_agentctl_an_answer(self, agentd: Agentd, users: tuple[User, User],
+                                                            workdir: Path) -> None:
+        # Three 6 MB prompts would make a 19 MB reply, over the frame cap: agentctl waited for good.
+        ann, _ = users
+        agentd.start()
+        job = agentd.submit(write_workflow(workdir, "huge.py", HUGE_QUESTIONS), user=ann)
+        pending = wait_until(lambda: len(agentd.status(job, user=ann)["pending"]) == 3 and
+                             agentd.status(job, user=ann)["pending"], "the three questions to be asked")
+        assert all(q["prompt"].startswith("Deploy? xxx") and q["prompt"].endswith(" [...]") for q in pending)
+        assert all(len(q["prompt"]) < 5000 for q in pending)
+        assert agentd.ctl("list", user=ann).returncode == 0 and agentd.ctl("top", "--json").returncode == 0
+        assert agentd.ctl("cancel", job, user=ann).returncode == 0
 
 
 class TestPauseResumeCancel:
