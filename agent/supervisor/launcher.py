@@ -12,6 +12,7 @@ process was killed.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import os
 import signal
@@ -66,6 +67,21 @@ def _take_prestarted() -> tuple[_Forked, socket.socket] | None:
     if not (fd.isdigit() and pid.isdigit()):
         return None
     return _Forked(int(pid)), socket.socket(fileno=int(fd))
+
+
+_FD_BYTES = array.array("i").itemsize
+
+
+def _receive_now(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """What the zygote sent, and the descriptors with it, without waiting (BlockingIOError
+    when nothing is there): ``socket.recv_fds`` drops its flags before Python 3.12, so a
+    read of it would block the event loop (a stop of a launching state reads reports)."""
+    data, ancdata, _, _ = sock.recvmsg(1 << 16, socket.CMSG_LEN(MAX_FDS_PER_READ * _FD_BYTES), socket.MSG_DONTWAIT)
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % _FD_BYTES])
+    return data, list(fds)
 
 
 class ZygoteLauncher:
@@ -216,7 +232,7 @@ class ZygoteLauncher:
         """Hand the reports waiting now to ``on_report``; a ``parked`` one with its child's
         socket in ``report["socket"]`` (the report's handler owns it)."""
         try:
-            data, fds, _, _ = socket.recv_fds(self._sock, 1 << 16, MAX_FDS_PER_READ, socket.MSG_DONTWAIT)
+            data, fds = _receive_now(self._sock)
         except BlockingIOError:
             return
         except OSError:

@@ -1,13 +1,18 @@
-"""The supervisor's ROUTER channel against real libzmq peers: frames and disconnects, in order."""
+"""The supervisor's channels: its ROUTER against real libzmq peers (frames and disconnects,
+in order), and its zygote's reports (read without waiting)."""
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 
 import psutil
+import pytest
 import zmq
 
 from agent.ipc.router import RouterChannel
+from agent.supervisor.launcher import _receive_now
 
 
 def _server_ends(path: str) -> int:
@@ -47,3 +52,24 @@ def test_a_connection_that_closed_before_its_frame_was_read_is_reported_after_th
     assert len(frames) == 1, seen
     fd = seen[frames[0]][1]
     assert ("gone", fd) in seen[frames[0] + 1:], f"the disconnect was reported only before the frame: {seen}"
+
+
+def test_reading_the_zygotes_reports_never_waits() -> None:
+    """The supervisor reads its zygote's reports on the event loop (a stop of a launching
+    state does too): with nothing there, the read returns at once, on a blocking socket."""
+    ours, theirs = socket.socketpair()
+    read, write = os.pipe()
+    try:
+        assert ours.getblocking()
+        with pytest.raises(BlockingIOError):
+            _receive_now(ours)  # socket.recv_fds(..., MSG_DONTWAIT) blocked here until the zygote wrote
+        socket.send_fds(theirs, [b"report"], [read, write])
+        data, fds = _receive_now(ours)
+        assert data == b"report" and len(fds) == 2
+        for fd in fds:
+            os.close(fd)
+    finally:
+        for fd in (read, write):
+            os.close(fd)
+        ours.close()
+        theirs.close()
