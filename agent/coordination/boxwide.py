@@ -23,6 +23,9 @@ Decisions:
 * A state's ``wait_timeout`` bounds its whole wait, in the process and in agentd.
   agentd looks for deadlocks among the waits it holds; a cycle through a wait of this
   process and one of agentd is not seen as one.
+* A process that loses agentd while one of its runs holds a box-wide primitive fails
+  that run (a new agentd would give the name to another job); a plain ``Agent`` that
+  takes one in a state's code has no run to fail, and goes on.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from typing import Any, Protocol, cast
 
 from ..errors import CoordinationError
 from ..resources import default_pool
-
 from .allocation import current_failer
 from .coordinator import Coordinator
 from .primitives import CapacityPrimitive, Primitive

@@ -182,6 +182,10 @@ class Coordinator:
             if declarers is not None:
                 declarers.discard(declarer)
 
+    def count(self) -> int:
+        """How many names it keeps (primitives and rate limits)."""
+        return len(self._primitives) + len(self._rate_limiters)
+
     def declared(self, kind: str, name: str) -> bool:
         """Whether an agent declares ``name`` (``kind``: "primitive" or "rate limit")."""
         return bool(list(self._declarers.get((kind, name), ())))

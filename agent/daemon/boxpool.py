@@ -201,9 +201,9 @@ class Session:
             raise ValueError(f"a coordinated name must be a str of 1 to 200 characters, got {name!r}")
         coordinator = self.box.coordinator_for(self.uid)
         existing = coordinator.primitive(name) if kind == "primitive" else coordinator.rate_limiter(name)
-        if existing is None and len(coordinator._primitives) + len(coordinator._rate_limiters) >= MAX_NAMES:
+        if existing is None and coordinator.count() >= MAX_NAMES:
             coordinator.forget_unused()
-            known = len(coordinator._primitives) + len(coordinator._rate_limiters)
+            known = coordinator.count()
             if known >= MAX_NAMES:
                 raise CoordinationError(
                     f"user has {known} coordinated names in agentd, the most it keeps: names stay while a "
