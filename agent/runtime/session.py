@@ -89,6 +89,7 @@ class ChildSession:
         self._written: list[str] = []
         self._classes: tuple[type, ...] = ()
         self._greeted = False
+        self._ended = False
         self._welcomed = False
         self._reader: asyncio.Task[None] | None = None
 
@@ -146,6 +147,7 @@ class ChildSession:
             self._report(Result(value=value))
             return "result"
         finally:
+            self._ended = True  # what it left on the event loop may not write the next attempt's context
             remote.set_link(None)
             if reader is not None:
                 reader.cancel()
@@ -210,6 +212,11 @@ class ChildSession:
 
     def _on_write(self, key: str, value: Any, deleted: bool) -> None:
         # Context.set_state has checked the value and the run's budget already.
+        if self._ended:  # a callback the state left on a worker's loop, run after it ended
+            raise errors.ContextError(
+                f"context key {key!r}: this state's attempt has ended, so its context takes no more writes "
+                "(a callback it left behind, such as loop.call_later, ran after it returned)"
+            )
         self._send(ContextWrite(key=key, value=None if deleted else value, deleted=deleted))
         self._written.append(key)
 

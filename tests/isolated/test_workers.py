@@ -221,6 +221,33 @@ async def test_a_worker_up_before_its_fork_is_reported_gets_no_attempt_until_the
     await until(lambda: not psutil.pid_exists(forger))
 
 
+async def leaves_a_writer_behind(context):
+    def later():
+        open(context.get_state("flag"), "w").close()
+        context.set_state("ghost", "written after its state ended")  # refused: its attempt is over
+
+    asyncio.get_running_loop().call_later(0.05, later)
+    context.set_state("pid_first", os.getpid())
+
+
+async def waits_for_the_writer(context):
+    while not os.path.exists(context.get_state("flag")):
+        await asyncio.sleep(0.01)
+    context.set_state("pid_second", os.getpid())
+
+
+async def test_a_callback_a_state_left_on_its_worker_cannot_write_the_next_states_context(tmp_path):
+    # Another agent's run, on the same worker: its context is its own.
+    flag = str(tmp_path / "fired")
+    first, second = Agent("leaves", isolation="worker"), Agent("next", isolation="worker")
+    first.add_state("leaves", leaves_a_writer_behind)
+    second.add_state("waits", waits_for_the_writer)
+    pid = (await first.run(initial_context={"flag": flag})).get_state("pid_first")
+    ctx = await second.run(initial_context={"flag": flag})
+    assert ctx.get_state("pid_second") == pid  # the same worker served both
+    assert "ghost" not in ctx
+
+
 async def test_a_hello_before_the_report_is_a_violation():
     sup_before = current_supervisor()
     violations = sup_before.statistics().protocol_violations if sup_before else 0
