@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import sys
 import threading
 import time
@@ -78,6 +79,11 @@ class Worker:
         self._argv = list(sys.argv)
         self._environ = dict(os.environ)
         self._environ_raw = _env.snapshot()
+        self._sys_path = list(sys.path)
+        self._recursion_limit = sys.getrecursionlimit()
+        self._umask = os.umask(0o022)
+        os.umask(self._umask)
+        self._attributes = _process_attributes()
         self._hello = encode_message(Hello(pid=os.getpid(), secret=self._secret))
         procs = spec.get("confine", {}).get("cgroup_procs") or ()
         self._cgroup_procs: str | None = procs[0] if procs else None  # its cgroup's processes
@@ -189,10 +195,17 @@ class Worker:
             return False
         if _has_live_children() or self._others_in_cgroup():
             return False
+        if _process_attributes() != self._attributes:
+            return False  # its priority, CPUs or limits: a lowered hard limit cannot be raised again
         if os.getcwd() != self._cwd:
             os.chdir(self._cwd)
         if sys.argv != self._argv:
             sys.argv[:] = self._argv
+        if sys.path != self._sys_path:
+            sys.path[:] = self._sys_path
+        if sys.getrecursionlimit() != self._recursion_limit:
+            sys.setrecursionlimit(self._recursion_limit)
+        os.umask(self._umask)  # put back whatever it is (reading it means setting it)
         if _env.snapshot() != self._environ_raw:
             os.environ.clear()
             os.environ.update(self._environ)
@@ -224,6 +237,18 @@ class Worker:
 def _settle(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         future.set_result(value)
+
+
+_RLIMITS = tuple(getattr(resource, name) for name in (
+    "RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_FSIZE", "RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_CPU",
+    "RLIMIT_NPROC", "RLIMIT_MEMLOCK") if hasattr(resource, name))
+
+
+def _process_attributes() -> tuple[Any, ...]:
+    """What a state may change of its process that a worker cannot always put back: its
+    scheduling priority, its CPUs and its resource limits (a worker whose attributes
+    changed is retired, so the next state gets them as a fresh process would)."""
+    return (os.getpriority(os.PRIO_PROCESS, 0), os.sched_getaffinity(0), [resource.getrlimit(r) for r in _RLIMITS])
 
 
 def _has_live_children() -> bool:

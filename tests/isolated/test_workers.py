@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import resource
+import sys
 
 import psutil
 import pytest
@@ -246,6 +248,46 @@ async def test_a_callback_a_state_left_on_its_worker_cannot_write_the_next_state
     ctx = await second.run(initial_context={"flag": flag})
     assert ctx.get_state("pid_second") == pid  # the same worker served both
     assert "ghost" not in ctx
+
+
+async def changes_its_process(context):
+    if context.get_state("change") == "priority":
+        os.nice(5)
+    elif context.get_state("change") == "cpus":
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    elif context.get_state("change") == "open files":
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    else:  # what a worker puts back itself
+        sys.path.append("/left-behind")
+        os.umask(0o077)
+        sys.setrecursionlimit(123)
+    context.set_state("pid_first", os.getpid())
+
+
+async def reads_its_process(context):
+    umask = os.umask(0)
+    os.umask(umask)
+    context.set_state("pid_second", os.getpid())
+    context.set_state("seen", [os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)),
+                               resource.getrlimit(resource.RLIMIT_NOFILE), sys.path, umask,
+                               sys.getrecursionlimit()])
+
+
+@pytest.mark.parametrize("change", ["priority", "cpus", "open files", "path, umask, recursion limit"])
+async def test_the_next_state_on_a_worker_gets_its_process_as_a_fresh_one_would(change):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    fresh = Agent("fresh", isolation="process")
+    fresh.add_state("reads", reads_its_process)
+    expected = (await fresh.run()).get_state("seen")
+    first, second = Agent("changes", isolation="worker"), Agent("reads", isolation="worker")
+    first.add_state("changes", changes_its_process)
+    second.add_state("reads", reads_its_process)
+    pid = (await first.run(initial_context={"change": change})).get_state("pid_first")
+    ctx = await second.run()
+    assert ctx.get_state("seen") == expected
+    # What it cannot put back retires the worker; the rest it puts back and serves on.
+    assert (ctx.get_state("pid_second") == pid) is (change == "path, umask, recursion limit")
 
 
 async def test_a_hello_before_the_report_is_a_violation():
