@@ -150,6 +150,8 @@ class FailureReason:
 
     @property
     def permanent(self) -> bool:
+        if self.details.get("retryable"):  # e.g. a memory kill a worker's earlier states may explain
+            return False
         if self.kind in PERMANENT_KINDS:
             return True
         return self.kind == "exception" and (self.exception_type or "").rpartition(".")[2] in _PERMANENT_EXCEPTIONS

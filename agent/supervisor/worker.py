@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import enum
 import os
 import time
@@ -105,6 +106,18 @@ class WorkerAttempt(ChildProcess):
                 self.over.set_result(self._exit_status)
             except RuntimeError:  # its event loop is closed: nobody awaits it any more
                 pass
+
+    def _failure(self, status: int | None) -> FailureReason:
+        reason = super()._failure(status)
+        earlier = self.worker.served
+        if reason.kind == "limit" and reason.details.get("limit") == "memory" and earlier:
+            # Memory earlier states left in the worker counts against this one: not its own
+            # failure for sure, so not permanent (a retry runs on a new worker).
+            return dataclasses.replace(reason, message=(
+                f"{reason.message}, on a worker that had served {earlier} earlier state(s), whose memory "
+                "may count (use isolation='process' for states that keep memory)"),
+                details={**reason.details, "retryable": True})
+        return reason
 
     def on_exit_status(self, status: int | None) -> None:
         if self.status is not ChildStatus.EXITED and not self._exit_known:

@@ -290,6 +290,31 @@ async def test_the_next_state_on_a_worker_gets_its_process_as_a_fresh_one_would(
     assert (ctx.get_state("pid_second") == pid) is (change == "path, umask, recursion limit")
 
 
+async def keeps_memory(context):
+    import json  # any module: what a state hangs on it stays in the worker
+
+    json.kept_by_an_earlier_state = bytearray(150 << 20)
+    context.set_state("pid_keeper", os.getpid())
+
+
+async def needs_memory(context):
+    buffer = bytearray(100 << 20)  # fits its 200 MiB on its own
+    context.set_state("pid_needer", os.getpid())
+    return None if buffer else None
+
+
+async def test_a_memory_kill_earlier_states_may_explain_is_retried_on_a_new_worker():
+    shape = ResourceRequirements(cpu_units=0.5, memory_mb=200)
+    keeper, needer = Agent("keeper", isolation="worker"), Agent("needer", isolation="worker")
+    keeper.add_state("keeps", keeps_memory, resources=shape)
+    needer.add_state("needs", needs_memory, resources=shape, max_retries=1)
+    pid = (await keeper.run()).get_state("pid_keeper")
+    ctx = await needer.run()
+    first = needer.state_metadata["needs"].history[0]
+    assert first.outcome == "failed" and "on a worker that had served 1 earlier state(s)" in first.reason
+    assert ctx.get_state("pid_needer") != pid  # the retry ran on a new worker, and completed
+
+
 async def test_a_hello_before_the_report_is_a_violation():
     sup_before = current_supervisor()
     violations = sup_before.statistics().protocol_violations if sup_before else 0
