@@ -211,6 +211,13 @@ def check_gpu_units(gpu_units: float) -> None:
         raise ResourceRequestError(f"gpu_units must be a number >= 0, got {gpu_units!r}")
     if gpu_units > 1 and gpu_units != int(gpu_units):
         raise ResourceRequestError(f"gpu_units={gpu_units}: ask for whole GPUs (1, 2, ...) or a share of one (< 1)")
+    if 0 < gpu_units < MIN_GPU_SHARE:
+        raise ResourceRequestError(
+            f"gpu_units={gpu_units:g}: a share of a GPU is at least {MIN_GPU_SHARE:g}; ask for 0 (no GPU) or more")
+
+
+MIN_GPU_SHARE = 0.01
+"""The smallest share of a GPU a state may ask for (a smaller one would read as none in use)."""
 
 
 class GPUAllocator:
@@ -255,8 +262,8 @@ class GPUAllocator:
                 f"ask for at most {count}"
             )
 
-    def _pick(self, gpu_units: float) -> list[tuple[int, float]] | None:
-        used = self._used
+    def _pick(self, gpu_units: float, used: dict[int, float] | None = None) -> list[tuple[int, float]] | None:
+        used = self._used if used is None else used
         if gpu_units >= 1:
             free = [d.index for d in self._devices if used[d.index] <= _EPS]
             if len(free) < int(gpu_units):
@@ -272,6 +279,16 @@ class GPUAllocator:
     def fits(self, gpu_units: float) -> bool:
         """Whether ``allocate(owner, gpu_units)`` would succeed now."""
         return gpu_units <= 0 or self._pick(gpu_units) is not None
+
+    def fits_without(self, gpu_units: float, owners: Iterable[str]) -> bool:
+        """Whether ``allocate(..., gpu_units)`` would succeed once ``owners`` gave back theirs
+        (which GPUs they free matters: a whole GPU needs one nobody else uses)."""
+        used = dict(self._used)
+        for owner in owners:
+            for index, share in self._held.get(owner, ()):
+                left = used[index] - share
+                used[index] = left if left > _EPS else 0.0
+        return gpu_units <= 0 or self._pick(gpu_units, used) is not None
 
     def allocate(self, owner: str, gpu_units: float) -> list[GPUDevice] | None:
         """Assign GPUs to ``owner``: a list of devices, [] for no GPUs, None when full now."""

@@ -326,6 +326,7 @@ class ResourcePool:
             GPUAllocator(inventory, devices[: math.ceil(gpus)]) if 0 < gpus <= len(devices) else None
         )
         self._gpu_reason = inventory.unavailable_reason
+        self._machine_gpus = len(devices)
         self.enable_preemption = enable_preemption
         self._clock = clock
         self._policy = preemption_policy or PreemptionPolicy()
@@ -397,6 +398,11 @@ class ResourcePool:
         for rtype, amount in requirements.amounts().items():
             total = self.totals[rtype]
             if amount > total + _EPS:
+                if rtype is ResourceType.GPU and total == 0 and self._machine_gpus:
+                    raise GPUUnavailableError(
+                        f"state {state!r} asks for {amount:g} GPU(s) but this pool was made with total_gpu=0 "
+                        f"(this machine has {self._machine_gpus}): give the pool GPUs, or drop gpu_units"
+                    )
                 if rtype is ResourceType.GPU and total == 0:
                     why = self._gpu_reason or "no NVIDIA driver or no device found"
                     raise GPUUnavailableError(
@@ -884,12 +890,33 @@ class ResourcePool:
             if h.owner not in self._evicting and h.owner != owner and (among is None or h.owner in among)
         ]
         victims = self._policy.choose(need, free, int(level), candidates)
+        gpus = need.get(ResourceType.GPU, 0.0)
+        if victims is not None and gpus > 0 and self._gpus is not None:
+            victims = self._placed(victims, gpus, int(level), candidates)
         if victims:
             for victim in victims:
                 self._evicting[victim] = owner
             self._claims[owner] = need
             self._preempted += len(victims)
         return victims
+
+    def _placed(self, victims: list[str], gpus: float, level: int, candidates: list[Holder]) -> list[str] | None:
+        """``victims`` and, when what they free is spread over GPUs others still use, more
+        lower-priority GPU holders (least important, then youngest, first) until the
+        request can be placed on devices; None when even all of them would not do."""
+        assert self._gpus is not None
+        gone = set(self._evicting) | set(victims)
+        if self._gpus.fits_without(gpus, gone):
+            return victims
+        chosen = list(victims)
+        more = sorted((h for h in candidates if h.owner not in gone and h.priority < level
+                       and self._gpus.assigned(h.owner)), key=lambda h: (h.priority, -h.started, -h.seq))
+        for holder in more:
+            chosen.append(holder.owner)
+            gone.add(holder.owner)
+            if self._gpus.fits_without(gpus, gone):
+                return chosen
+        return None
 
     @locked
     def pending_evictions(self) -> dict[str, str]:
@@ -943,6 +970,10 @@ class ResourcePool:
                 if reserve.get(rtype):
                     text += f" ({reserve[rtype]:g} set aside for higher priorities)"
                 return text
+        gpus = waiter.amounts.get(ResourceType.GPU, 0.0)
+        if gpus and self._gpus is not None and not self._gpus.fits(gpus):
+            return (f"needs {gpus:g} GPU(s) on devices where it fits: the free share is spread over GPUs "
+                    "other states use")
         return "about to be granted"
 
     # --- measured use ------------------------------------------------------------------------

@@ -135,10 +135,17 @@ class TestImpossibleRequests:
         with pytest.raises(GPUUnavailableError, match="only 2 GPU"):
             allocator(2).allocate("a", 3)
 
-    @pytest.mark.parametrize("units", [-1, 1.5, float("nan"), True, "1"])
+    @pytest.mark.parametrize("units", [-1, 1.5, float("nan"), True, "1", 1e-10])
     def test_malformed_units_raise(self, units: object) -> None:
         with pytest.raises(ResourceRequestError):
             allocator(2).allocate("a", units)  # type: ignore[arg-type]
+
+    def test_a_tiny_share_is_refused_rather_than_read_as_a_free_gpu(self) -> None:
+        with pytest.raises(ResourceRequestError, match="a share of a GPU is at least 0.01"):
+            allocator(2).allocate("tiny", 1e-10)
+        alloc = allocator(2)
+        alloc.allocate("small", 0.01)
+        assert [d.index for d in alloc.allocate("whole", 2) or []] == []  # GPU 0 is in use: not both free
 
 
 class TestPinning:
@@ -225,3 +232,11 @@ class TestRealNvml:
         alloc = GPUAllocator(inv)
         got = alloc.allocate("one", 1)
         assert got is not None and pinning_env([got[0].uuid])["CUDA_VISIBLE_DEVICES"] == got[0].uuid
+
+
+def test_a_pool_made_without_gpus_says_so_on_a_machine_with_them() -> None:
+    from agent import ResourcePool, ResourceRequirements
+
+    pool = ResourcePool(total_gpu=0, gpu_inventory=StaticInventory(make_gpus(2)))
+    with pytest.raises(GPUUnavailableError, match="this pool was made with total_gpu=0 \\(this machine has 2\\)"):
+        pool.check_request(ResourceRequirements(gpu_units=1), "train")

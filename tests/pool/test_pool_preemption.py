@@ -172,3 +172,47 @@ class TestPreemptionAndQuotas:
         assert pool.try_acquire("high1", req(cpu=1, priority=Priority.HIGH))
         assert pool.find_victims("high2", req(cpu=2, priority=Priority.HIGH)) is None  # 1 + 2 > quota 2
         assert pool.find_victims("high3", req(cpu=1, priority=Priority.HIGH)) == ["low"]  # within quota
+
+
+class TestGPUPlacement:
+    """Victims for a GPU request must free devices it can be placed on, not just a share."""
+
+    @staticmethod
+    def make() -> tuple[ResourcePool, FakeClock]:
+        from agent.devices import GPUDevice, StaticInventory
+
+        clock = FakeClock()
+        gpus = [GPUDevice(i, f"GPU-{i}", "T", 1000, minor_number=i) for i in range(2)]
+        pool = ResourcePool(total_cpu=8, total_memory=1000, total_io=10, total_network=10, total_gpu=2,
+                            enable_preemption=True, clock=clock, gpu_inventory=StaticInventory(gpus))
+        for t, (owner, units, priority) in enumerate([("a", 0.5, Priority.LOW), ("b", 0.5, Priority.NORMAL),
+                                                      ("c", 0.5, Priority.LOW), ("d", 0.4, Priority.NORMAL)]):
+            clock.now = t
+            assert pool.try_acquire(owner, gpu(units, priority))
+        assert {o: [d.uuid for d in pool.devices(o)] for o in "abcd"} == {
+            "a": ["GPU-0"], "b": ["GPU-0"], "c": ["GPU-1"], "d": ["GPU-1"]}
+        return pool, clock
+
+    def test_the_victims_free_a_whole_gpu(self) -> None:
+        # Evicting the two LOW states would free 1 GPU in all, half of each: no whole one.
+        pool, _ = self.make()
+        pool.enqueue("h", gpu(1, Priority.HIGH))
+        victims = pool.find_victims("h", gpu(1, Priority.HIGH))
+        assert victims is not None and {"c", "d"} <= set(victims)  # both on GPU-1
+        for victim in victims:
+            pool.release(victim)
+        assert pool.grant_next() == ["h"]
+        assert [d.uuid for d in pool.devices("h")] == ["GPU-1"]
+
+    def test_enough_share_spread_over_gpus_is_not_room(self) -> None:
+        pool, _ = self.make()
+        pool.release("a")
+        pool.release("c")  # 1.1 GPUs free, 0.5 of GPU-0 and 0.6 of GPU-1
+        pool.enqueue("h", gpu(1, Priority.HIGH))
+        assert "spread over GPUs other states use" in pool.get_waiting_states()["h"]
+        assert pool.find_victims("h", gpu(1, Priority.HIGH)) == ["d"]  # the youngest frees GPU-1
+
+
+def gpu(units: float, priority: Priority) -> ResourceRequirements:
+    return ResourceRequirements(cpu_units=0.1, memory_mb=0, io_weight=0, network_weight=0, gpu_units=units,
+                                priority=priority)
