@@ -205,6 +205,10 @@ def machine_inventory() -> GPUInventory:
     return _nvml
 
 
+MIN_GPU_SHARE = 0.01
+"""The smallest share of a GPU a state may ask for (a smaller one would read as none in use)."""
+
+
 def check_gpu_units(gpu_units: float) -> None:
     """Raise when ``gpu_units`` is malformed (not a share of one GPU nor a whole count)."""
     if isinstance(gpu_units, bool) or not isinstance(gpu_units, (int, float)) or math.isnan(gpu_units) or gpu_units < 0:
@@ -214,10 +218,6 @@ def check_gpu_units(gpu_units: float) -> None:
     if 0 < gpu_units < MIN_GPU_SHARE:
         raise ResourceRequestError(
             f"gpu_units={gpu_units:g}: a share of a GPU is at least {MIN_GPU_SHARE:g}; ask for 0 (no GPU) or more")
-
-
-MIN_GPU_SHARE = 0.01
-"""The smallest share of a GPU a state may ask for (a smaller one would read as none in use)."""
 
 
 class GPUAllocator:
