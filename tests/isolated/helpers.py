@@ -6,8 +6,11 @@ import os
 import uuid
 
 import psutil
+import pytest
 
+from agent import Agent, RetryPolicy
 from agent.context import Context
+from agent.errors import StateFailedError
 from agent.executor import Attempt, AttemptOutcome, Isolation
 from agent.runtime.child import PARKED_NAME
 from agent.supervisor import current_supervisor, get_executor
@@ -26,6 +29,26 @@ def make_attempt(func, *, context: Context | None = None, state: str = "s", numb
 
 async def run(attempt: Attempt) -> AttemptOutcome:
     return await get_executor(attempt.isolation).run_attempt(attempt)
+
+
+async def budget_race(isolation: str, fan, write, writers: tuple[str, str]) -> None:
+    """Two states that each fit a 1 MiB run budget write 600 KB at once (``fan`` returns
+    ``writers``, each runs ``write``): the same outcome at every isolation level."""
+    agent = Agent("budget-race", isolation=isolation, context_budget_mb=1,
+                  retry_policy=RetryPolicy(max_retries=1, initial_delay=0))
+    agent.add_state("fan", fan)
+    for name in writers:
+        agent.add_state(name, write)
+    with pytest.raises(StateFailedError) as info:
+        await agent.run()
+    exc = info.value
+    # Both fitted by what they could see. The one written second was stopped for the
+    # other's write, not judged a bound passed; its retry saw that write, and its own
+    # write then raised ContextBudgetError in the state.
+    assert exc.attempts == 2 and exc.reason.permanent and exc.reason.exception_type.endswith("ContextBudgetError")
+    first = agent.state_metadata[exc.state].history[0]
+    assert first.outcome == "failed" and "other states wrote to the run's context" in first.reason
+    assert agent.context.budget.used <= agent.context.budget.limit
 
 
 def state_process_gone(pid: int) -> bool:

@@ -30,7 +30,7 @@ from agent.ipc.zmtp import DealerTransport
 from agent.supervisor import current_supervisor
 from agent.values import TypedContextData, encode
 
-from .helpers import make_attempt, run
+from .helpers import budget_race, make_attempt, run
 
 MiB = 1024 * 1024
 ISOLATED = ["process", "sandbox"]
@@ -363,21 +363,7 @@ class TestContextBudget:
         await still_serving(isolation)  # a new isolated state starts: its snapshot fits
 
     async def test_concurrent_writers_cannot_pass_it_together(self):
-        agent = Agent("budget-race", isolation="process", context_budget_mb=1,
-                      retry_policy=RetryPolicy(max_retries=1, initial_delay=0))
-        agent.add_state("fan", fan_out)
-        agent.add_state("w1", write_600kb)
-        agent.add_state("w2", write_600kb)
-        with pytest.raises(StateFailedError) as info:
-            await agent.run()
-        exc = info.value
-        # Both fitted by what they could see. The one written second was stopped for the
-        # other's write, not judged a bound passed; its retry saw that write, and its own
-        # write then raised ContextBudgetError in the state.
-        assert exc.attempts == 2 and exc.reason.permanent and exc.reason.exception_type.endswith("ContextBudgetError")
-        first = agent.state_metadata[exc.state].history[0]
-        assert first.outcome == "failed" and "other states wrote to the run's context" in first.reason
-        assert agent.context.budget.used <= agent.context.budget.limit
+        await budget_race("process", fan_out, write_600kb, ("w1", "w2"))
         await still_serving("process")
 
     @pytest.mark.parametrize("isolation", ISOLATED)

@@ -12,11 +12,12 @@ import pytest
 pytest.importorskip("ray")
 
 from agent import (
-    Agent, Context, Isolation, ResourcePool, ResourceRequirements, ResourceType, RetryPolicy, StateFailedError,
+    Agent, Context, Isolation, ResourcePool, ResourceRequirements, ResourceType, StateFailedError,
 )
 from agent.errors import UnencodableValueError
 from agent.human import QueueInputProvider
 from agent.ray import cluster_pool
+from tests.isolated.helpers import budget_race
 
 from . import states
 from .conftest import restart_cluster
@@ -179,20 +180,7 @@ class TestContextBudget:
     """Writes that fitted what each task could see, but not together: as for state processes."""
 
     async def test_concurrent_writers_cannot_pass_it_together(self):
-        agent = Agent("budget_race", isolation="ray", context_budget_mb=1,
-                      retry_policy=RetryPolicy(max_retries=1, initial_delay=0))
-        agent.add_state("fan", states.two_writers)
-        agent.add_state("writer_1", states.write_600kb)
-        agent.add_state("writer_2", states.write_600kb)
-        with pytest.raises(StateFailedError) as info:
-            await agent.run()
-        exc = info.value
-        # The one whose write came second was failed for the other's write, not for a bound
-        # it passed; its retry saw that write, and its own then raised in the task.
-        assert exc.attempts == 2 and exc.reason.permanent and exc.reason.exception_type.endswith("ContextBudgetError")
-        first = agent.state_metadata[exc.state].history[0]
-        assert first.outcome == "failed" and "other states wrote to the run's context" in first.reason
-        assert agent.context.budget.used <= agent.context.budget.limit
+        await budget_race("ray", states.two_writers, states.write_600kb, ("writer_1", "writer_2"))
 
 
 class TestHumanInput:
