@@ -42,6 +42,7 @@ import threading
 import types
 import typing
 import uuid
+import weakref
 import zoneinfo
 from collections.abc import Mapping
 from itertools import repeat
@@ -186,7 +187,6 @@ class TypedContextData:
                 except ContextTypeError as exc:
                     raise ContextTypeError(f"{cls.__name__}.{f.name}: {exc}") from None
 
-
     def _mismatch(self) -> str | None:
         """What is wrong with this value's own fields (not those of typed values inside them)."""
         cls = type(self)
@@ -226,11 +226,19 @@ def _may_hold_typed(tp: Any) -> bool:
     return not args and typing.get_origin(tp) is None or any(_may_hold_typed(a) for a in args)
 
 
+_hints: weakref.WeakKeyDictionary[type, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
 def _type_hints(cls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:  # unresolved forward references: fall back to no checking
-        return {}
+    """``cls``'s resolved annotations, worked out once per class (every set_state of typed
+    data checks them)."""
+    hints = _hints.get(cls)
+    if hints is None:
+        try:
+            hints = _hints[cls] = typing.get_type_hints(cls)
+        except Exception:  # unresolved forward references: no checking (until they resolve)
+            return {}
+    return hints
 
 
 def _type_name(tp: Any) -> str:

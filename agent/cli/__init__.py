@@ -154,10 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(argv) if argv is not None else sys.argv[1:]
     try:
-        args, extra = parser.parse_known_args(_before_dashes(argv))
+        own = _before_dashes(argv)
+        args, extra = parser.parse_known_args(own)
         if args.command == "run":
             # The workflow's own arguments: after --, and any plain word beside the options.
-            args.args = [a for a in extra if not a.startswith("-")] + argv[len(_before_dashes(argv)) + 1:]
+            args.args = [a for a in extra if not a.startswith("-")] + argv[len(own) + 1:]
             extra = [a for a in extra if a.startswith("-")]
         if extra:  # said by the subcommand, whose --help lists what it takes
             _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
