@@ -37,8 +37,8 @@ class Holder:
     seq: int = 0  # grant order, breaks ties between equal start times
 
 
-def _preference(holder: Holder) -> tuple[int, float, int]:
-    # Lowest priority first, then most recently started.
+def eviction_order(holder: Holder) -> tuple[int, float, int]:
+    """The sort key of victims: lowest priority first, then most recently started."""
     return (holder.priority, -holder.started, -holder.seq)
 
 
@@ -83,7 +83,7 @@ class PreemptionPolicy:
             return []
         candidates = sorted(
             (h for h in holders if h.priority < priority and any(h.amounts.get(r, 0.0) > 0 for r in deficit)),
-            key=_preference,
+            key=eviction_order,
         )
         if not _covers(candidates, deficit):
             return None
@@ -102,7 +102,7 @@ class PreemptionPolicy:
                     if best is None or key < best:
                         best, best_set = key, chosen
             if best_set is not None:
-                return [h.owner for h in sorted(best_set, key=_preference)]
+                return [h.owner for h in sorted(best_set, key=eviction_order)]
         return None  # unreachable: all candidates together cover the deficit
 
     @staticmethod

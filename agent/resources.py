@@ -33,7 +33,7 @@ from ._loops import fail_soon, grant_soon, locked
 from ._types import Priority, ResourceType
 from .devices import GPUAllocator, GPUDevice, GPUInventory, machine_inventory
 from .errors import GPUUnavailableError, QuotaExceededError, ResourceError, ResourceRequestError
-from .preemption import Holder, PreemptionPolicy
+from .preemption import Holder, PreemptionPolicy, eviction_order
 from .quotas import Quota, QuotaBook, QuotaBreach, QuotaMode
 
 _ALL_TYPES = ResourceType.ALL
@@ -910,7 +910,7 @@ class ResourcePool:
             return victims
         chosen = list(victims)
         more = sorted((h for h in candidates if h.owner not in gone and h.priority < level
-                       and self._gpus.assigned(h.owner)), key=lambda h: (h.priority, -h.started, -h.seq))
+                       and self._gpus.assigned(h.owner)), key=eviction_order)
         for holder in more:
             chosen.append(holder.owner)
             gone.add(holder.owner)
