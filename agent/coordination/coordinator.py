@@ -26,11 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
 import threading
 import weakref
 from typing import Any
 
+from .. import _env
 from ..errors import CoordinationError
 from ..clock import SYSTEM_CLOCK, Clock
 from .deadlock import DeadlockDetector, DeadlockResolution
@@ -399,7 +399,7 @@ def default_coordinator() -> Coordinator:
     (:mod:`agent.coordination.boxwide`).
     """
     global _default, _box
-    if os.environ.get("AGENT_DAEMON") == "1":
+    if _env.get("AGENT_DAEMON") == "1":  # as default_pool() reads it
         if _box is None:
             from .boxwide import BoxCoordinator
 
