@@ -164,7 +164,8 @@ def new_spec(agent: Any, name: Any, func: Any, dependencies: Any, resources: Any
                                              error=InvalidConfigurationError))
     declared = None
     if next_states is not None:
-        if isinstance(next_states, str) or not all(isinstance(n, str) for n in next_states):
+        if (isinstance(next_states, str) or not isinstance(next_states, Iterable)
+                or not all(isinstance(n, str) for n in next_states)):
             raise InvalidConfigurationError(f"state {name!r}: next_states must be a list of state names")
         declared = frozenset(next_states)
     if on_failure is not None:
@@ -271,6 +272,11 @@ def parse_dependencies(name: str, dependencies: Any) -> dict[str, DependencyConf
     if isinstance(dependencies, str):
         dependencies = [dependencies]
     if not isinstance(dependencies, Mapping):
+        if not isinstance(dependencies, Iterable):
+            raise WorkflowDefinitionError(
+                f"state {name!r}: dependencies must be a state name, a list of names or a dict of "
+                f"name -> DependencyType/DependencyConfig, got {type(dependencies).__name__} {dependencies!r}"
+            )
         dependencies = {dep: DependencyType.REQUIRED for dep in dependencies}
     deps: dict[str, DependencyConfig] = {}
     for dep, value in dependencies.items():
@@ -558,6 +564,7 @@ class ReturnGraph:
         # id(what decides a state's returns: its next_states, else its function) -> (that
         # object, its reach): a fan-out's branches share one function, so one reach.
         self._shared: dict[int, tuple[object, frozenset[str] | None]] = {}
+        self._within: dict[tuple[str, str], frozenset[str] | None] = {}
 
     def direct(self, name: str) -> frozenset[str] | None:
         """What ``name`` returns directly (names that are not states are harmless here: nothing waits on them)."""
@@ -590,6 +597,33 @@ class ReturnGraph:
         found = self._compute(name)
         if decider is not None:
             self._shared[id(decider)] = (decider, found)
+        return found
+
+    def reach_within(self, name: str, opener: str | None) -> frozenset[str] | None:
+        """What ``name`` can lead to in the round of a fan-out that ``opener`` returned: as
+        :meth:`reach`, but never through ``opener`` (reaching it ends the path: running it
+        again opens a new fan-out, a new round that joins on its own). ``opener`` None
+        (the run's own branches) is :meth:`reach`."""
+        reach = self.reach(name)
+        if opener is None or reach is None or opener not in reach:
+            return reach
+        key = (name, opener)
+        found = self._within.get(key, _UNREADABLE)
+        if found is not _UNREADABLE:
+            return found  # type: ignore[return-value]
+        seen: set[str] = set()
+        todo = [name]
+        while todo:
+            succ = self.direct(todo.pop())
+            if succ is None:
+                seen = None  # type: ignore[assignment]
+                break
+            for s in succ:
+                if s not in seen:
+                    seen.add(s)
+                    if s != opener:
+                        todo.append(s)
+        found = self._within[key] = None if seen is None else frozenset(seen)
         return found
 
     def _compute(self, name: str) -> frozenset[str] | None:

@@ -10,8 +10,9 @@ and a state that returns a list opens a child group (a fan-out) whose branches a
 listed states. A name returned by a branch starts at once, continuing that branch,
 unless something else in the branch's group (another branch still running, directly or
 through nested fan-outs, or a name already held there) could still return it,
-directly or through the states it leads to (:class:`~agent.workflow.ReturnGraph`), or,
-failing that, something in a group above, outside the branch. Then the name is *held*
+directly or through the states it leads to (:class:`~agent.workflow.ReturnGraph`; in a
+fan-out, never through the state that opened it: running that again starts a new round,
+which joins on its own), or, failing that, something in a group above, outside the branch. Then the name is *held*
 in that group and runs **once**, when nothing else in the group can return it any
 more. A group whose branches have all ended or met in one name has joined: that name
 continues the branch that opened the group, one level up. So
@@ -151,11 +152,13 @@ class Activation:
 class Group:
     """The root of a run, or a fan-out: branches, names held for their join, what lies below."""
 
-    __slots__ = ("id", "parent", "unfinished", "held", "items", "pot", "wild", "held_pot", "held_wild", "cancelled")
+    __slots__ = ("id", "parent", "opener", "unfinished", "held", "items", "pot", "wild", "held_pot", "held_wild",
+                 "cancelled")
 
-    def __init__(self, gid: int, parent: "Group | None") -> None:
+    def __init__(self, gid: int, parent: "Group | None", opener: str | None = None) -> None:
         self.id = gid
         self.parent = parent
+        self.opener = opener  # the state that returned the fan-out (None: the run's own branches)
         self.unfinished = 0  # branches neither ended nor arrived at a held name
         self.held: dict[str, int] = {}  # name -> branches that arrived at it
         self.items = 0  # live activations and held names in this group and the groups below
@@ -417,7 +420,7 @@ class Run:
                 g.items += 1
                 g = g.parent
         else:  # _count(group, reach, 1), inlined into the same walk up the groups
-            act.reach = reach = self.graph.reach(name)
+            act.reach = reach = self.graph.reach_within(name, group.opener)
             while g is not None:
                 g.items += 1
                 if reach is None:
@@ -508,7 +511,7 @@ class Run:
         for g in group.chain():
             g.items += 1
         if self.graph is not None:
-            reach = self.graph.reach(name)
+            reach = self.graph.reach_within(name, group.opener)
             self._count(group, reach, 1)
             self._count_held(group, reach, 1)
 
@@ -522,7 +525,7 @@ class Run:
         for g in group.chain():
             g.items -= 1
         if self.graph is not None:
-            reach = self.graph.reach(name)
+            reach = self.graph.reach_within(name, group.opener)
             self._count(group, reach, -1)
             self._count_held(group, reach, -1)
         return arrivals
@@ -534,14 +537,14 @@ class Run:
         # Counted per (group, reach), not per activation: a fan-out's branches share both.
         tally: dict[tuple[Group, frozenset[str] | None], int] = {}
         for act in self.live.values():
-            act.reach = reach = graph.reach(act.state)
+            act.reach = reach = graph.reach_within(act.state, act.group.opener)
             key = (act.group, reach)
             tally[key] = tally.get(key, 0) + 1
         for (group, reach), n in tally.items():
             count(group, reach, n)
         for group in self.groups.values():
             for name in group.held:
-                reach = graph.reach(name)
+                reach = graph.reach_within(name, group.opener)
                 count(group, reach, 1)
                 self._count_held(group, reach, 1)
 
@@ -589,11 +592,12 @@ class Run:
             self._track()
         return group.wild - group.held_wild > 0 or group.pot.get(name, 0) - group.held_pot.get(name, 0) > 0
 
-    def hand_over(self, group: Group, names: str | list[str]) -> None:
-        """A branch of ``group`` returned ``names`` (see the module docstring)."""
+    def hand_over(self, group: Group, names: str | list[str], opener: str | None = None) -> None:
+        """A branch of ``group`` returned ``names`` (see the module docstring); ``opener``:
+        the state that returned them."""
         if type(names) is list:
             if len(names) > 1:  # a fan-out: each name starts at once as a branch of a new group
-                child = Group(self.new_id(), group)
+                child = Group(self.new_id(), group, opener)
                 self.groups[child.id] = child
                 child.unfinished = len(names)
                 for name in names:
@@ -689,7 +693,7 @@ class Run:
             # The common case (branches meeting in one name, others still on their way):
             # the loop below for one name, without copying the names.
             name = next(iter(held))
-            reach = self.graph.reach(name)
+            reach = self.graph.reach_within(name, group.opener)
             if reach is None:
                 if group.wild > 1 or group.pot.get(name, 0) > 0:
                     return
@@ -704,7 +708,7 @@ class Run:
                 if graph is None:
                     self._track()
                     graph = self.graph
-                reach = graph.reach(name)  # type: ignore[union-attr]
+                reach = graph.reach_within(name, group.opener)  # type: ignore[union-attr]
                 wild, pot = group.wild, group.pot.get(name, 0)
                 if reach is None:
                     wild -= 1
@@ -1129,7 +1133,7 @@ class Run:
             if type(nexts) is str and group.items == 0 and group.parent is None and nexts not in group.held:
                 self.activate(nexts, group)  # a chain in the root: nothing else could meet it
             else:
-                self.hand_over(group, nexts)
+                self.hand_over(group, nexts, name)
         # Checkpoint only now: the completion and the transitions it caused are saved
         # together, so a run resumed from this checkpoint continues where this state led.
         if self.agent.checkpoint_store is not None:
@@ -1668,6 +1672,7 @@ class Run:
             "groups": [
                 {"id": g.id, "parent": g.parent.id if g.parent is not None else None,
                  "unfinished": g.unfinished, "held": dict(g.held),
+                 **({"opener": g.opener} if g.opener is not None else {}),
                  **({"cancelled": sorted(g.cancelled)} if g.cancelled else {})}
                 for g in self.groups.values()
             ],
@@ -1703,7 +1708,9 @@ class Run:
         self.groups = {}
         for data in sorted(frames.get("groups", []), key=lambda d: int(d["id"])):
             parent = self.groups.get(data["parent"]) if data.get("parent") is not None else None
-            group = Group(int(data["id"]), parent if parent is not None or data.get("parent") is None else self.root)
+            opener = data.get("opener")
+            group = Group(int(data["id"]), parent if parent is not None or data.get("parent") is None else self.root,
+                          opener if isinstance(opener, str) and opener in specs else None)
             # "active" is what the format before dataflow joins called unfinished branches.
             group.unfinished = int(data.get("unfinished", data.get("active", 0)))
             self.groups[group.id] = group

@@ -357,6 +357,113 @@ class TestJoinsRunOnce:
         assert log == ["a", "b", "merge"]  # a did not run again; merge once
 
 
+class TestLoopsAroundFanOuts:
+    """A loop back to the state that opened a fan-out starts a new round: the round's join
+    waits for its own branches only, and runs once per round (DESIGN items 3 and 4)."""
+
+    @staticmethod
+    def build(gates: Gates, log: list[str], rounds: int = 2) -> Agent:
+        # start -> [a, b]; a -> a2 -> join; b -> join; join -> outer -> start, `rounds` times.
+        # b can lead to a2, and a2 to join, only through start: the next round.
+        agent = Agent("round_trip", isolation="inline")
+        runs: dict[str, int] = {}
+
+        def add(name: str, result: str | list[str] | None) -> None:
+            async def state(context):
+                runs[name] = runs.get(name, 0) + 1
+                if name in ("a2", "b"):
+                    await gates[f"{name}{runs[name]}"].wait()
+                log.append(f"{name}{runs[name]}")
+                if name == "outer":
+                    return "start" if runs[name] < rounds else None
+                return result
+
+            agent.add_state(name, state, next_states=[] if result is None else [result] if isinstance(result, str)
+                            else result)
+
+        add("start", ["a", "b"])
+        add("a", "a2")
+        add("a2", "join")
+        add("b", "join")
+        add("join", "outer")
+        add("outer", "start")
+        return agent
+
+    @pytest.mark.parametrize("first", ["a2", "b"])
+    async def test_each_round_joins_once_after_both_branches(self, first: str) -> None:
+        gates, log = Gates(), []
+        agent = self.build(gates, log)
+        runner = asyncio.create_task(agent.run())
+        second = "b" if first == "a2" else "a2"
+        for round_ in (1, 2):
+            gates[f"{first}{round_}"].set()
+            while f"{first}{round_}" not in log:
+                await asyncio.sleep(0)
+            assert f"join{round_}" not in log  # held for the other branch of this round
+            gates[f"{second}{round_}"].set()
+            while f"outer{round_}" not in log:
+                await asyncio.sleep(0)
+        await asyncio.wait_for(runner, 10)
+        assert sorted(log) == sorted(f"{n}{r}" for n in ("start", "a", "a2", "b", "join", "outer") for r in (1, 2))
+        for round_ in (1, 2):
+            assert log.index(f"join{round_}") > max(log.index(f"a2{round_}"), log.index(f"b{round_}"))
+        assert agent.state_metadata["join"].runs == 2
+
+    async def test_a_loop_inside_a_branch_and_around_the_fan_out(self) -> None:
+        log: list[str] = []
+        laps = {"a_loop": 0, "outer": 0}
+        agent = Agent("loops_in_and_around", isolation="inline")
+
+        async def start(context):
+            return ["a", "b"]
+
+        async def a(context):
+            log.append("a")
+            return "a_loop"
+
+        async def a_loop(context):  # back to a twice per round, then to the join
+            laps["a_loop"] += 1
+            return "a" if laps["a_loop"] % 3 else "join"
+
+        async def b(context):
+            log.append("b")
+            return "join"
+
+        async def join(context):
+            log.append("join")
+            return "outer"
+
+        async def outer(context):
+            laps["outer"] += 1
+            return "start" if laps["outer"] < 2 else None
+
+        for fn in (start, a, a_loop, b, join, outer):
+            agent.add_state(fn.__name__, fn)
+        await asyncio.wait_for(agent.run(), 10)
+        assert log.count("a") == 6 and log.count("b") == 2 and log.count("join") == 2
+        first_join = log.index("join")
+        assert log[:first_join].count("a") == 3  # the first round's join after its third lap
+
+    async def test_a_checkpoint_in_the_second_round_resumes_it(self) -> None:
+        gates, log = Gates(), []
+        first = self.build(gates, log)
+        runner = asyncio.create_task(first.run())
+        for name in ("a21", "b1", "a22"):  # round one, then a2 of round two
+            gates[name].set()
+        while "a22" not in log:
+            await asyncio.sleep(0)
+        checkpoint = await first.pause()
+        await first.cancel_all()
+        await runner
+        round_two = [g for g in checkpoint.frames["groups"] if g.get("opener") == "start"]
+        assert len(round_two) == 1 and round_two[0]["held"] == {"join": 1}
+        resumed_log: list[str] = []
+        second = self.build(gates, resumed_log, rounds=1)  # its counts start again: b's gate is b1
+        await second.restore_from_checkpoint(checkpoint)
+        await asyncio.wait_for(second.resume(), 10)
+        assert resumed_log == ["b1", "join1", "outer1"]  # one join for the round, after b
+
+
 class TestAStateAskedForWhileItRuns:
     """A branch returning a state that is running starts it again after it: never alongside it."""
 
@@ -616,3 +723,10 @@ class TestWhatAStateCanReach:
         graph = ReturnGraph(specs)
         for name in data.draw(st.permutations(names)):  # the order asked in must not matter
             assert graph.reach(name) == self._expected(returns, name), name
+        opener = data.draw(st.sampled_from(names))  # a round of its fan-out: never through it
+        cut = returns | {opener: frozenset()}  # paths end at the opener
+        for name in names:
+            expected = full = self._expected(returns, name)
+            if full is not None and opener in full and name != opener:
+                expected = self._expected(cut, name)
+            assert graph.reach_within(name, opener) == expected, (name, opener)
