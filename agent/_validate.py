@@ -11,6 +11,7 @@ engine works with.
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import Any
 
@@ -77,13 +78,25 @@ def member(enum_type: Any, value: Any, what: str, *, error: ErrorType) -> Any:
     """``value`` as a member of ``enum_type`` (a member, or its value; never a bool)."""
     if isinstance(value, enum_type):
         return value
-    if not isinstance(value, bool):
+    if not isinstance(value, (bool, float)):  # 1.0 is no priority, True no flag
         try:
-            return enum_type(value)
+            found = enum_type(value)
         except (ValueError, TypeError):
             pass
+        else:
+            if not isinstance(found, enum.Flag) or value & ~_all_flags(enum_type) == 0:  # no stray bits
+                return found
     choices = ", ".join(f"{enum_type.__name__}.{m.name}" for m in enum_type)
+    if issubclass(enum_type, enum.Flag):
+        choices += " (or several joined with |)"
     raise error(f"{what} must be one of {choices}, got {_shown(value)}")
+
+
+def _all_flags(flag_type: Any) -> int:
+    bits = 0
+    for flag in flag_type:
+        bits |= flag.value
+    return bits
 
 
 MAX_STATE_NAME_BYTES = 255

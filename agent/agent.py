@@ -138,6 +138,11 @@ class Agent:
             check_on_failure(on_failure, f"agent {name!r}")
         if checkpoint_store is not None:
             checkpoint_store = _checkpoint_store(checkpoint_store)
+        if human_input is not None and not callable(getattr(human_input, "ask", None)):
+            raise InvalidConfigurationError(
+                f"human_input must be a provider with an async ask(request) method (QueueInputProvider, "
+                f"ConsoleInputProvider, or your own), got {type(human_input).__name__}"
+            )
         if isolation is None:
             isolation = _env.get("AGENT_ISOLATION") or DEFAULT_ISOLATION
         self.name = name
@@ -251,7 +256,11 @@ class Agent:
         self._observers.append(observer)
 
     def remove_observer(self, observer: ev.Observer) -> None:
-        self._observers.remove(observer)
+        """Stop sending run events to ``observer``; one never added is a mistake."""
+        try:
+            self._observers.remove(observer)
+        except ValueError:
+            raise InvalidConfigurationError(f"{observer!r} is not an observer of agent {self.name!r}") from None
 
     def add_admission_hook(self, hook: Any) -> None:
         """Register ``hook.acquire(state, run_id, attempt)`` / ``hook.release(..., ok)`` around attempts."""
@@ -329,8 +338,7 @@ class Agent:
                 f"run(initial_context=...) takes a mapping of keys to values, got {type(initial_context).__name__}"
             )
         if initial_context:
-            for key, value in initial_context.items():
-                self.context.set_state(key, value)
+            self.context._set_all(initial_context.items())
         if restored is None and not self._metadata_fresh:
             self.completed_states.clear()
             for meta in self.state_metadata.values():

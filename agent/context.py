@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Awaitable, TypeVar
 
-from . import _env, values
+from . import _env, _validate, values
 from .errors import (
     ContextBudgetError,
     ContextKeyError,
@@ -28,6 +28,7 @@ from .errors import (
     UnencodableValueError,
 )
 from .values import TypedContextData
+from .human import check_question
 
 T = TypeVar("T", bound=TypedContextData)
 
@@ -44,6 +45,8 @@ __all__ = ["Context", "ContextBudget", "TypedContextData", "default_budget", "bu
 
 
 _DEFAULT_BUDGET = values.DEFAULT_MAX_FRAME * 3 // 4
+MIN_BUDGET = 1024
+"""The smallest context budget, in bytes: room for a few small keys."""
 
 
 def default_budget() -> int:
@@ -62,9 +65,13 @@ def budget_from_mb(mb: float | None) -> int:
     """
     if mb is None:
         return default_budget()
-    if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb > 0:
-        raise InvalidConfigurationError(f"context_budget_mb must be a number > 0, got {mb!r}")
+    _validate.number(mb, "context_budget_mb", error=InvalidConfigurationError, above=True)
     budget = int(mb * values.MIB)
+    if budget < MIN_BUDGET:
+        raise InvalidConfigurationError(
+            f"context_budget_mb={mb:g} is {budget} bytes, too little for any key: give at least "
+            f"{MIN_BUDGET / values.MIB:g} ({MIN_BUDGET:,} bytes)"
+        )
     most = values.snapshot_room(values.max_frame_from_env())
     if budget > most:
         raise InvalidConfigurationError(
@@ -228,6 +235,22 @@ class Context:
         size = values.entry_check(key, value)
         self._store(key, values.detached(value), size)  # the caller's object stays the caller's
 
+    def _set_all(self, items: Iterable[tuple[Any, Any]]) -> None:
+        """:meth:`set_state` of each pair, all or nothing: a pair refused leaves the
+        context as it was (``run(initial_context=...)``)."""
+        budget = self._budget
+        saved = dict(self._data), budget.used, dict(budget.sizes)
+        try:
+            for key, value in items:
+                self.set_state(key, value)
+        except BaseException:
+            self._data.clear()
+            self._data.update(saved[0])
+            budget.used = saved[1]
+            budget.sizes.clear()
+            budget.sizes.update(saved[2])
+            raise
+
     def _store(self, key: str, value: Any, size: int) -> None:
         """Store a value already checked (``size`` from :func:`agent.values.entry_size`)."""
         budget = self._budget
@@ -347,6 +370,7 @@ class Context:
         An answer the validator rejects is asked for again. On timeout the default is
         returned, or :class:`~agent.errors.HumanInputTimeoutError` raised without one.
         """
+        timeout = check_question(prompt, timeout, validator, default)
         hook = self._human_hook()
         if hook is None:
             raise HumanInputError(

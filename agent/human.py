@@ -29,9 +29,15 @@ from typing import Any, Protocol, TextIO, runtime_checkable
 
 from ._loops import call_in
 from .clock import SYSTEM_CLOCK, Clock
-from .errors import HumanInputError, HumanInputTimeoutError, InvalidConfigurationError
+from . import _validate
+from .errors import HumanInputError, HumanInputTimeoutError, InvalidConfigurationError, ValueTooLargeError
 
 Validator = Callable[[str], Any]
+
+MAX_TEXT = 200_000
+"""Characters a prompt, a default or an answer may have: a human's text, not a payload
+(pass data through the context). It fits the smallest frame between processes, so a
+question and its answer reach an isolated state whole; a longer answer is asked again."""
 
 
 @dataclass(frozen=True)
@@ -92,10 +98,8 @@ async def ask_human(
     ``rejected`` continue a question asked before: a state in another process validates
     its answers there and asks again through here (:func:`ask_relayed`).
     """
-    if timeout is not None and not timeout >= 0:
-        raise InvalidConfigurationError(f"human input timeout must be >= 0 seconds or None, got {timeout!r}")
-    if max_attempts is not None and max_attempts < 1:
-        raise InvalidConfigurationError(f"max_attempts must be >= 1 or None, got {max_attempts!r}")
+    timeout = check_question(prompt, timeout, validator, default)
+    _validate.integer(max_attempts, "max_attempts", error=InvalidConfigurationError, minimum=1, none=True)
     deadline = None if timeout is None else clock.monotonic() + timeout
     request = HumanInputRequest(
         id=request_id or new_request_id(), prompt=prompt, run_id=run_id, state=state,
@@ -106,12 +110,17 @@ async def ask_human(
         if answer is None:
             if default is not None:
                 return default
+            where = f" (state {state!r})" if state else ""
+            if request.rejected is None:
+                raise HumanInputTimeoutError(
+                    f"nobody answered {prompt!r} within {timeout:g} s{where}: "
+                    "pass default= to continue without an answer, or a longer timeout"
+                )
             raise HumanInputTimeoutError(
-                f"nobody answered {prompt!r} within {timeout:g} s"
-                + (f" (state {state!r})" if state else "")
-                + ": pass default= to continue without an answer, or a longer timeout"
+                f"no valid answer to {prompt!r} within {timeout:g} s{where}: {request.attempt - 1} "
+                f"rejected (last: {request.rejected}); pass default= or a longer timeout"
             )
-        why = _rejection(validator, answer)
+        why = _too_long(answer) or _rejection(validator, answer)
         if why is None:
             return answer
         if max_attempts is not None and request.attempt >= max_attempts:
@@ -163,6 +172,36 @@ def _checked(answer: Any) -> str:
     if not isinstance(answer, str):
         raise HumanInputError(f"a human input provider returned {type(answer).__name__}, not str")
     return answer
+
+
+def check_question(prompt: Any, timeout: Any, validator: Any, default: Any) -> float | None:
+    """Check a question's arguments where it is asked, the same at every isolation level;
+    returns ``timeout`` as seconds (None: no limit)."""
+    if not isinstance(prompt, str):
+        raise InvalidConfigurationError(f"a human input prompt must be a str, got {type(prompt).__name__}")
+    if default is not None and not isinstance(default, str):
+        raise InvalidConfigurationError(
+            f"a human input default must be a str or None (what the answer would have been), "
+            f"got {type(default).__name__}"
+        )
+    for what, text in (("prompt", prompt), ("default", default)):
+        if text is not None and len(text) > MAX_TEXT:
+            raise ValueTooLargeError(
+                f"a human input {what} of {len(text):,} characters is over the {MAX_TEXT:,}-character limit: "
+                "pass data through the context, and ask the human about it"
+            )
+    if validator is not None and not callable(validator):
+        raise InvalidConfigurationError(
+            f"a human input validator must be callable (answer -> bool) or None, got {type(validator).__name__}"
+        )
+    return _validate.number(timeout, "human input timeout", error=InvalidConfigurationError, none=True,
+                            unit="seconds")
+
+
+def _too_long(answer: str) -> str | None:
+    if len(answer) <= MAX_TEXT:
+        return None
+    return f"an answer of {len(answer):,} characters is over the {MAX_TEXT:,}-character limit"
 
 
 def new_request_id() -> str:
@@ -272,9 +311,12 @@ class QueueInputProvider:
             return [p.request for p in self._pending.values()]
 
     def answer(self, request_id: str, text: str) -> None:
-        """Answer the pending request ``request_id``; raises HumanInputError when there is none."""
+        """Answer the pending request ``request_id``; raises HumanInputError when there is none,
+        ValueTooLargeError for an answer over :data:`MAX_TEXT` characters (still pending)."""
         if not isinstance(text, str):
             raise HumanInputError(f"an answer is a str, got {type(text).__name__}")
+        if len(text) > MAX_TEXT:
+            raise ValueTooLargeError(f"{_too_long(text)}: answer with less, and pass data through the context")
         with self._lock:
             entry = self._pending.pop(request_id, None)
             open_ids = list(self._pending)

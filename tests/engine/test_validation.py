@@ -23,6 +23,7 @@ from agent import (
     ResourceRequirements,
     ResourceType,
     RetryPolicy,
+    UnencodableValueError,
     WorkflowDefinitionError,
 )
 from agent import _validate
@@ -96,6 +97,18 @@ CASES = [
      ResourceRequestError, "Priority.CRITICAL"),
     ("token bucket window negative", lambda: create_coordinated_agent("c").add_state_rate_limit(
         "r4", max_rate=1, window_size=-1), CoordinationError, "window_size"),
+    ("Agent context_budget_mb inf", lambda: Agent("a", context_budget_mb=INF), InvalidConfigurationError, "finite"),
+    ("Agent context_budget_mb of no bytes", lambda: Agent("a", context_budget_mb=1e-9), InvalidConfigurationError,
+     "at least"),
+    ("Agent human_input not a provider", lambda: Agent("a", human_input=42), InvalidConfigurationError,
+     "ask(request)"),
+    ("add_state dependencies 5", lambda: add(dependencies=5), WorkflowDefinitionError, "dependencies must be"),
+    ("add_state next_states 5", lambda: add(next_states=5), WorkflowDefinitionError, "next_states"),
+    ("add_state priority 1.0", lambda: add(priority=1.0), InvalidConfigurationError, "float 1.0"),
+    ("ResourceRequirements resource_types stray bits", lambda: ResourceRequirements(resource_types=12345),
+     ResourceRequestError, "joined with |"),
+    ("remove_observer never added", lambda: Agent("a").remove_observer(print), InvalidConfigurationError,
+     "not an observer"),
 ]
 
 
@@ -125,6 +138,21 @@ class TestRefused:
         agent.add_state("s", noop)
         with pytest.raises(CheckpointError, match="takes an AgentCheckpoint"):
             await agent.restore_from_checkpoint(checkpoint)
+
+
+class TestInitialContext:
+    async def test_a_refused_value_leaves_the_context_as_it_was(self):
+        agent = Agent("a", isolation="inline")
+        seen = {}
+
+        async def look(context):
+            seen.update({key: context.get_state(key) for key in ("a", "b")})
+
+        agent.add_state("look", look)
+        with pytest.raises(UnencodableValueError, match="'b'"):
+            await agent.run(initial_context={"a": 1, "b": object()})
+        await agent.run()
+        assert seen == {"a": None, "b": None}  # nothing of the refused mapping was kept
 
 
 class TestAccepted:

@@ -1,0 +1,112 @@
+"""A question's arguments are checked where it is asked, alike at every isolation level;
+a human's text has a size limit that every provider and every level keeps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent import Agent, Context, HumanInputTimeoutError, InvalidConfigurationError, ValueTooLargeError
+from agent.human import MAX_TEXT, HumanInputRequest, QueueInputProvider, ask_human
+
+LEVELS = ("inline", "process", "worker")
+
+BAD = [
+    # (id, keyword arguments, error type, words in the message)
+    ("prompt None", {"prompt": None}, "InvalidConfigurationError", "prompt must be a str"),
+    ("timeout str", {"timeout": "5"}, "InvalidConfigurationError", "str '5'"),
+    ("timeout bool", {"timeout": True}, "InvalidConfigurationError", "bool True"),
+    ("timeout negative", {"timeout": -1}, "InvalidConfigurationError", ">= 0"),
+    ("validator not callable", {"validator": 5}, "InvalidConfigurationError", "must be callable"),
+    ("default int", {"default": 5}, "InvalidConfigurationError", "default must be a str"),
+    ("prompt too long", {"prompt": "x" * (MAX_TEXT + 1)}, "ValueTooLargeError", "character limit"),
+]
+
+
+def asking(kwargs: dict, isolation: str) -> Agent:
+    async def asks(context: Context):
+        arguments = {"prompt": "ok?", "timeout": 5, **kwargs}
+        try:
+            await context.human_in_the_loop(**arguments)
+        except Exception as exc:  # what the state's code can catch
+            context.set_state("caught", [type(exc).__name__, str(exc)])
+            return None
+        context.set_state("caught", None)
+
+    async def after(context: Context):
+        context.set_state("after", True)
+
+    agent = Agent("asks", isolation=isolation, human_input=QueueInputProvider())
+    agent.add_state("asks", asks)
+    agent.add_state("after", after, dependencies=["asks"])
+    return agent
+
+
+class TestBadArguments:
+    @pytest.mark.parametrize("kwargs,error,words", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+    async def test_refused_at_the_call_alike_at_every_level(self, kwargs, error, words):
+        caught = {}
+        for isolation in LEVELS:
+            agent = asking(kwargs, isolation)
+            context = await agent.run()
+            caught[isolation] = context.get_state("caught")
+            assert context.get_state("after") is True  # the run went on
+        assert caught["inline"][0] == error and words in caught["inline"][1]
+        assert caught["process"] == caught["inline"] and caught["worker"] == caught["inline"]
+
+
+class _Answers:
+    """A provider answering from a list; records what each request said."""
+
+    def __init__(self, *answers: str) -> None:
+        self.answers = list(answers)
+        self.requests: list[HumanInputRequest] = []
+
+    async def ask(self, request: HumanInputRequest) -> str:
+        self.requests.append(request)
+        return self.answers.pop(0)
+
+
+class TestLongAnswers:
+    async def test_the_queue_refuses_an_answer_over_the_limit_and_keeps_the_question(self):
+        provider = QueueInputProvider()
+        asked = asyncio.create_task(ask_human(provider, "ok?", timeout=10))
+        request = await provider.wait_for_request()
+        with pytest.raises(ValueTooLargeError, match="character limit"):
+            provider.answer(request.id, "x" * (MAX_TEXT + 1))
+        assert [r.id for r in provider.pending()] == [request.id]
+        provider.answer(request.id, "yes")
+        assert await asked == "yes"
+
+    @pytest.mark.parametrize("isolation", LEVELS)
+    async def test_an_answer_over_the_limit_is_asked_again(self, isolation):
+        provider = _Answers("x" * (MAX_TEXT + 1), "short")
+        agent = Agent("long_answer", isolation=isolation, human_input=provider)
+
+        async def asks(context: Context):
+            context.set_state("answer", await context.human_in_the_loop("ok?", timeout=30))
+
+        agent.add_state("asks", asks)
+        assert (await agent.run()).get_state("answer") == "short"
+        second = provider.requests[1]
+        assert second.attempt == 2 and "character limit" in second.rejected
+        assert second.id == provider.requests[0].id
+
+    async def test_a_timeout_after_rejected_answers_says_they_were_rejected(self):
+        class Slow(_Answers):
+            async def ask(self, request):
+                if len(self.requests) >= 3:
+                    await asyncio.Event().wait()  # the fourth question is never answered
+                return await super().ask(request)
+
+        slow = Slow("no", "no", "no")
+        with pytest.raises(HumanInputTimeoutError, match=r"no valid answer to 'n\?' within 0.2 s: 3 rejected"):
+            await ask_human(slow, "n?", timeout=0.2, validator=str.isdigit)
+
+
+def test_a_validator_that_is_not_callable_is_refused_before_asking():
+    provider = _Answers("1")
+    with pytest.raises(InvalidConfigurationError, match="callable"):
+        asyncio.run(ask_human(provider, "n?", validator="isdigit"))
+    assert provider.requests == []
