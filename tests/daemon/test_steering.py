@@ -29,16 +29,19 @@ agent.add_state("review", review)
 HUGE_QUESTIONS = '''
 from agent import Agent
 
-agent = Agent("huge")
+from agent.human import MAX_TEXT
+
+agent = Agent("huge", isolation="inline")
+NAMES = [f"q{i}" for i in range(90)]
 
 async def start(context):
-    return ["q1", "q2", "q3"]
+    return NAMES
 
 async def ask(context):
-    await context.human_in_the_loop("Deploy? " + "x" * 6_000_000, timeout=300)
+    await context.human_in_the_loop("Deploy? " + "x" * (MAX_TEXT - 8), timeout=300)
 
 agent.add_state("start", start)
-for name in ("q1", "q2", "q3"):
+for name in NAMES:
     agent.add_state(name, ask)
 '''
 
@@ -146,12 +149,13 @@ class TestHumanInTheLoop:
 
     def test_huge_questions_still_leave_agentctl_an_answer(self, agentd: Agentd, users: tuple[User, User],
                                                             workdir: Path) -> None:
-        # Three 6 MB prompts would make a 19 MB reply, over the frame cap: agentctl waited for good.
+        # 90 prompts of the most a prompt may have would make an 18 MB reply, over the frame
+        # cap: agentctl waited for good.
         ann, _ = users
         agentd.start()
         job = agentd.submit(write_workflow(workdir, "huge.py", HUGE_QUESTIONS), user=ann)
-        pending = wait_until(lambda: len(agentd.status(job, user=ann)["pending"]) == 3 and
-                             agentd.status(job, user=ann)["pending"], "the three questions to be asked")
+        pending = wait_until(lambda: len(agentd.status(job, user=ann)["pending"]) == 90 and
+                             agentd.status(job, user=ann)["pending"], "the 90 questions to be asked")
         assert all(q["prompt"].startswith("Deploy? xxx") and q["prompt"].endswith(" [...]") for q in pending)
         assert all(len(q["prompt"]) < 5000 for q in pending)
         assert agentd.ctl("list", user=ann).returncode == 0 and agentd.ctl("top", "--json").returncode == 0
