@@ -40,9 +40,14 @@ class BestEffortStore:
         self.inner = store
         self._terminal = terminal
         self._broken = False
+        self._stopped = False
+
+    def stop_saving(self) -> None:
+        """Keep the last checkpoint saved as the run's last (see :meth:`RunCommand.keep_paused`)."""
+        self._stopped = True
 
     def save(self, run_id: str, checkpoint: Any, **kwargs: Any) -> int:
-        if self._broken:
+        if self._broken or self._stopped:
             return 0
         try:
             return self.inner.save(run_id, checkpoint, **kwargs)
@@ -269,6 +274,12 @@ class RunCommand:
         self.interrupts += 1
         if self.interrupts > 1 or self.main_task is None:
             self.terminal.notice("agent run: stopping now")
+            self.keep_paused()
+            from ..supervisor.service import current_supervisor
+
+            supervisor = current_supervisor()
+            if supervisor is not None:
+                supervisor.kill_all()
             if self.main_task is not None:
                 self.main_task.cancel()
             return
@@ -280,6 +291,22 @@ class RunCommand:
         """SIGTERM (``systemctl stop``, ``kill``): pause as for Ctrl-C, and exit 143."""
         self.stopped_by = ExitCode.TERMINATED
         self.on_interrupt(again="a second SIGTERM")
+
+    def keep_paused(self) -> None:
+        """A second signal cuts a pause short: each run still pausing is saved as paused now,
+        its running states to run again on resume, and saves nothing more (stopping it at
+        once cancels what still runs, which is no state's outcome)."""
+        from ..status import AgentStatus
+
+        for entry in self.runs():
+            agent = entry.agent
+            if agent is None or agent.status is not AgentStatus.RUNNING or agent.checkpoint_store is None:
+                continue
+            agent._set_status(AgentStatus.PAUSED)
+            agent._save_checkpoint(agent.create_checkpoint())
+            if not isinstance(agent.checkpoint_store, BestEffortStore):
+                agent.checkpoint_store = BestEffortStore(agent.checkpoint_store, self.terminal)
+            agent.checkpoint_store.stop_saving()
 
     async def pause_then_stop(self) -> None:
         from ..status import AgentStatus

@@ -20,7 +20,6 @@ Lifecycle, for the executor::
 from __future__ import annotations
 
 import asyncio
-import atexit
 import glob
 import itertools
 import logging
@@ -36,6 +35,7 @@ from ..errors import CgroupError, FailureReason, IsolationUnavailableError
 from ..executor import Attempt, Isolation
 from .cgroups import DEFAULT_ROOT, CgroupBackend, CgroupHandle, CgroupLimits, LimitEvents, detect, limits_for
 from .cgroups import blockdev
+from .teardown import at_exit
 from .cgroups.base import safe_name
 from .gpus import device_rules, machine_gpu_minors, pinning_env
 
@@ -526,4 +526,4 @@ def _close_at_exit(confiner: Confiner) -> None:
         if target is not None and os.getpid() == owner:
             target.close()
 
-    atexit.register(close)
+    at_exit(close)

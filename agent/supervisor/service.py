@@ -10,7 +10,6 @@ when its zygote dies (the next attempt then starts a new one).
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
 import concurrent.futures
 import itertools
@@ -45,6 +44,7 @@ from .launcher import ZygoteLauncher
 from .logger import get_logger
 from .logs import AttemptLogs, activate, deactivate
 from .private_dirs import make_private_dir
+from .teardown import at_exit
 from .output import AttemptOutput, label_for
 from .parked import ParkedChildren
 from .pickled import PickledFunctions
@@ -569,6 +569,14 @@ class Supervisor:
             out.append((attempt.run_id, attempt.state_name, attempt.number, max(0.0, cpu)))
         return out
 
+    def kill_all(self) -> None:
+        """SIGKILL every process running an attempt, now (``agent run`` stopped at once: the
+        stop grace a state that ignores SIGTERM would get is not waited for)."""
+        for host in list(self._by_secret.values()):
+            child = host if isinstance(host, ChildProcess) else getattr(host, "attempt", None)
+            if isinstance(child, ChildProcess) and child.status in (ChildStatus.LAUNCHING, ChildStatus.RUNNING):
+                host.kill()
+
     # --- events ---------------------------------------------------------------------------
 
     def _on_frame(self, routing_id: bytes, frames: list[bytes | memoryview], fd: int) -> None:
@@ -820,4 +828,4 @@ def shutdown_supervisor() -> None:
         sup.shutdown()
 
 
-atexit.register(shutdown_supervisor)
+at_exit(shutdown_supervisor)

@@ -368,6 +368,61 @@ class TestInterrupt:
         assert [(r["run_id"], r["status"]) for r in listed] == [(run_id, "completed")]
 
 
+    @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+    def test_a_second_signal_while_a_state_stops_keeps_the_run_paused(self, cli, sig):
+        # systemctl stop, twice: of two branches, `quick` stops a second after SIGTERM and
+        # `stubborn` ignores it, so both are still stopping (for AGENT_STOP_GRACE) when the
+        # second signal stops the command at once. Both run again on resume.
+        cli.write("flow.py", """\
+            import os, signal, time
+            from agent import Agent
+            agent = Agent("stopping", isolation="process")
+            def effect(name):
+                with open(os.environ["EFFECTS"], "a") as fh:
+                    fh.write(name + "\\n")
+            async def start(context):
+                return ["quick", "stubborn"]
+            async def quick(context):
+                effect("quick")
+                if os.environ.get("HANG"):  # takes a second to stop: after the second signal
+                    signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1), os._exit(1)))
+                    time.sleep(600)
+            async def stubborn(context):
+                effect("stubborn")
+                if os.environ.get("HANG"):
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                    print("stubborn is waiting", flush=True)
+                    time.sleep(600)
+            agent.add_state("start", start)
+            agent.add_state("quick", quick)
+            agent.add_state("stubborn", stubborn)
+        """)
+        effects = cli.dir / "effects"
+        cli.env.update(EFFECTS=str(effects), HANG="1", AGENT_STOP_GRACE="60")
+        proc = cli.start("run", "flow.py")
+        try:
+            assert proc.stdout.readline() == "stubborn | stubborn is waiting\n"
+            proc.send_signal(sig)
+            err = ""
+            while "pausing" not in err:
+                line = proc.stderr.readline()
+                assert line, proc.communicate()
+                err += line
+            proc.send_signal(sig)
+            err += proc.communicate(timeout=60)[1]
+        finally:
+            stop(proc)
+        assert "stopping now" in err
+        run_id = err.split("run id ")[1].split()[0]
+        with SQLiteCheckpointStore(cli.state_dir / "checkpoints.sqlite3") as store:
+            assert store.latest(run_id).agent_status == "paused"
+
+        del cli.env["HANG"]
+        done = cli.run("run", "flow.py", "--resume", run_id)
+        assert done.returncode == 0, done.stderr
+        assert sorted(effects.read_text().split()) == ["quick", "quick", "stubborn", "stubborn"]  # both again
+
+
 class TestHumanInput:
     """A question nobody can answer on this terminal is said, not waited on in silence."""
 
