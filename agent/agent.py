@@ -252,8 +252,12 @@ class Agent:
         return self._graph
 
     def add_observer(self, observer: ev.Observer) -> None:
-        """Send this agent's run events to ``observer`` (see :mod:`agent.events`)."""
+        """Send this agent's run events to ``observer`` (see :mod:`agent.events`), from now
+        on: a run in progress included."""
         self._observers.append(observer)
+        run = self._run
+        if run is not None and not run.done and observer not in run.observers:
+            run.observers = (*run.observers, observer)
 
     def remove_observer(self, observer: ev.Observer) -> None:
         """Stop sending run events to ``observer``; one never added is a mistake."""
@@ -261,6 +265,9 @@ class Agent:
             self._observers.remove(observer)
         except ValueError:
             raise InvalidConfigurationError(f"{observer!r} is not an observer of agent {self.name!r}") from None
+        run = self._run
+        if run is not None and observer not in self._observers:
+            run.observers = tuple(o for o in run.observers if o != observer)
 
     def add_admission_hook(self, hook: Any) -> None:
         """Register ``hook.acquire(state, run_id, attempt)`` / ``hook.release(..., ok)`` around attempts."""

@@ -960,16 +960,20 @@ class Run:
 
     def admitted(self, act: Activation) -> None:
         """The admission hooks let ``act``'s attempt in: it starts now. What it waited for
-        there (a coordination primitive, a rate limit) is not its run time."""
-        act.started_at = now = self.clock()
+        there (a coordination primitive, a rate limit) is not its run time: its
+        ``STATE_STARTED`` says how long it was (``coordination_wait``, seconds)."""
+        waited = (now := self.clock()) - act.started_at
+        act.started_at = now
         meta = self.metadata[act.state]
         meta.started_at = now
         meta.last_execution = self.wall_offset + now
         meta.waiting_for = None
         if self.observers:
             resources = self.specs[act.state].resources
-            self.emit(ev.STATE_STARTED, act.state, attempt=act.attempt,
-                      data={"resources": resources} if resources is not None else {})
+            data: dict[str, Any] = {"coordination_wait": waited}
+            if resources is not None:
+                data["resources"] = resources
+            self.emit(ev.STATE_STARTED, act.state, attempt=act.attempt, data=data)
 
     def stop_activation(self, act: Activation, reason: StopReason) -> None:
         """Ask a running activation to stop: timeout, cancel, preempt or pause."""

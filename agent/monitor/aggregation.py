@@ -55,8 +55,10 @@ class MetricAggregation:
     __slots__ = ("count", "sum", "_min", "_max", "current", "_sample", "_sorted", "_capacity", "_rng")
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, seed: int = 0) -> None:
-        if capacity < 1:
-            raise ValueError(f"MetricAggregation capacity must be >= 1, got {capacity}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            from ..errors import MonitorConfigurationError
+
+            raise MonitorConfigurationError(f"MetricAggregation capacity must be an int >= 1, got {capacity!r}")
         self.count = 0
         self.sum = 0.0
         self._min = math.inf

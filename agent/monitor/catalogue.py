@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from ..errors import FAILURE_KINDS
+
 
 class MetricType(enum.Flag):
     """Which categories of metrics to collect; combine with ``|``."""
@@ -61,6 +63,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec(T.TIMING, "dependency_resolution", "ms", "time each state waited for its dependencies"),
     # latency
     MetricSpec(T.LATENCY, "queue_wait", "ms", "time an attempt waited for resources (queued) before it started"),
+    MetricSpec(T.LATENCY, "coordination_wait", "ms",
+               "time an attempt of a coordinated state waited for its primitives and rate limits before it started"),
     MetricSpec(T.LATENCY, "turnaround", "ms",
                "time from a state's first start (or queueing) to its completion, retries and their delays included"),
     # throughput
@@ -95,6 +99,9 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec(T.ERRORS, "failed_states", "count", "states that failed for good (retries exhausted)", tally=True),
     MetricSpec(T.ERRORS, "error_rate", "ratio", "1 for each failed attempt, 0 for each completed one: avg is the failure rate",
                binary=True),
+    # one per failure kind: the pattern of what fails (the counts add up to errors.count)
+    *(MetricSpec(T.ERRORS, kind, "count", f"failed attempts of kind {kind!r}: {meaning}", tally=True)
+      for kind, meaning in FAILURE_KINDS.items()),
     # retries
     MetricSpec(T.RETRIES, "count", "count", "retries scheduled", tally=True),
     MetricSpec(T.RETRIES, "delay", "ms", "backoff delay before each retry"),

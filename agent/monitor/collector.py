@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from .. import events as ev
+from ..errors import FAILURE_KINDS
 from .aggregation import DEFAULT_CAPACITY, MetricAggregation, Ratio, Tally, WindowAggregation
-from .catalogue import CATALOGUE, MetricSpec, MetricType, specs_for
+from .catalogue import CATALOGUE, MetricSpec, MetricType, parse_metric_types, specs_for
 from .process import ProcessSampler, ThisProcess
 
 _MIB = 1024.0 * 1024.0
@@ -253,6 +254,8 @@ class MetricsCollector:
         self._a_run_duration = a(("timing", "run_duration"))
         self._a_dependency = a(("timing", "dependency_resolution"))
         self._a_queue_wait = a(("latency", "queue_wait"))
+        self._a_coordination_wait = a(("latency", "coordination_wait"))
+        self._a_kinds = {kind: a(("errors", kind)) for kind in FAILURE_KINDS}
         self._a_turnaround = a(("latency", "turnaround"))
         def w(key: tuple[str, str]) -> WindowAggregation:
             agg = aggs[key]
@@ -294,7 +297,15 @@ class MetricsCollector:
 
     def aggregation(self, category: str, name: str) -> MetricAggregation | Tally | Ratio:
         """The live aggregation behind ``metrics[category][name]``."""
-        return self._aggs[(category, name)]
+        try:
+            return self._aggs[(category, name)]
+        except (KeyError, TypeError):
+            from ..errors import MonitorConfigurationError
+
+            raise MonitorConfigurationError(
+                f"no metric {category!r}.{name!r}: the catalogue (agent_monitor.CATALOGUE, docs/monitoring.md) "
+                "lists each category and name"
+            ) from None
 
     # --- the observer ------------------------------------------------------------------
 
@@ -364,6 +375,10 @@ class MetricsCollector:
             self._window_dequeued += 1
             self._a_queue_wait.add((event.time - queued_at) * 1000.0)
             self._a_depth.add(self._queued_total)
+        waited = event.data.get("coordination_wait")
+        if waited is not None:  # the attempt waited for its state's primitives first
+            self._a_coordination_wait.add(waited * 1000.0)
+            run.first_seen.setdefault(state, event.time - waited)
         run.first_seen.setdefault(state, event.time)
         if state not in run.running:
             self._running_total += 1
@@ -443,6 +458,9 @@ class MetricsCollector:
         run.failed_attempts += 1
         self._totals["failed"] += 1
         self._a_errors.count += 1
+        kind = self._a_kinds.get(event.data.get("kind"))
+        if kind is not None:
+            kind.count += 1
         self._a_error_rate.add(1.0)
         if event.data.get("final"):
             run.first_seen.pop(event.state or "", None)
@@ -503,6 +521,10 @@ class MetricsCollector:
         added on its own when there is none before it. Returns whether values were added
         or replaced.
         """
+        if now is not None and (isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now)):
+            from ..errors import MonitorConfigurationError
+
+            raise MonitorConfigurationError(f"sample(now=...) takes a finite time.monotonic() or None, got {now!r}")
         live = self._read_attempts() if self._running_total and self._attempts is not None else None
         with self._lock:
             if live:
@@ -580,6 +602,7 @@ class MetricsCollector:
         With ``reset`` the aggregations start over afterwards (per-window figures, for
         ``agent_monitor(aggregate=False)``); runs in progress stay tracked.
         """
+        types = parse_metric_types(types)
         with self._lock:
             out: dict[str, dict[str, dict[str, float]]] = {}
             for spec in specs_for(types):

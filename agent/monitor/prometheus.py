@@ -146,8 +146,10 @@ def start_prometheus_exporter(
     """Serve ``source``'s metrics on ``http://addr:port/metrics`` (port 0 picks a free one)."""
     from prometheus_client import start_http_server
 
-    if not isinstance(port, int) or not 0 <= port <= 65535:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise MonitorConfigurationError(f"port must be an int in 0..65535, got {port!r}")
+    if not isinstance(addr, str) or not addr:
+        raise MonitorConfigurationError(f"addr must be a host name or address (a str), got {addr!r}")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MetricsExporter(source, metrics, namespace))
     server, thread = start_http_server(port, addr=addr, registry=registry)

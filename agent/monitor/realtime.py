@@ -22,7 +22,7 @@ from ..errors import MonitorConfigurationError
 from .catalogue import MetricType, parse_metric_types
 from .collector import LiveSnapshot, MetricsCollector
 from .process import ProcessSampler
-from .ticker import Sleep, Ticker, check_callback, check_interval, deliver
+from .ticker import Sleep, Ticker, check_callback, check_interval, deliver, stopped
 
 MetricsCallback = Callable[[dict], Any]
 
@@ -129,7 +129,5 @@ class RealTimeMetrics:
                 attached.__exit__(None, None, None)
         ticker, self._ticker = self._ticker, None
         if ticker is None:
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            done.set_result(None)
-            return done
+            return stopped("stop")
         return ticker.stop()

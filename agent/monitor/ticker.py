@@ -45,6 +45,23 @@ async def deliver(callback: Callable[[dict], Any], metrics: dict) -> None:
         log.exception("metrics callback %r raised; the run goes on", callback)
 
 
+def running_loop(what: str) -> asyncio.AbstractEventLoop:
+    """The running loop; MonitorError without one (``what``: the call, for the message)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise MonitorError(
+            f"real-time metrics need a running event loop: {what} them from async code"
+        ) from None
+
+
+def stopped(what: str) -> "asyncio.Future[None]":
+    """A future already done: nothing was running to stop."""
+    done: asyncio.Future[None] = running_loop(what).create_future()
+    done.set_result(None)
+    return done
+
+
 class Ticker:
     """Calls ``tick(final)`` every ``interval`` seconds until stopped, then once with ``final=True``."""
 
@@ -61,12 +78,7 @@ class Ticker:
         return self._task is not None and not self._task.done()
 
     def start(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise MonitorError(
-                "real-time metrics need a running event loop: start them from async code"
-            ) from None
+        loop = running_loop("start")
         if self._task is not None:
             return
         self._task = loop.create_task(self._run(), name="agent-metrics-ticker")
@@ -90,9 +102,7 @@ class Ticker:
     def stop(self) -> "asyncio.Future[None]":
         """Stop ticking; the returned future is done once the final tick has run."""
         if self._task is None:
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            done.set_result(None)
-            return done
+            return stopped("stop")
         if not self._stopping:
             self._stopping = True
             if self._sleeper is not None:

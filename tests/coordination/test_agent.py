@@ -565,3 +565,43 @@ def test_a_plain_agent_asked_for_coordination_says_where_it_is(method: str) -> N
         getattr(Agent("plain"), method)
     with pytest.raises(AttributeError, match="no attribute 'elsewhere'"):
         Agent("plain").elsewhere  # noqa: B018
+
+
+class TestWaitsAreMeasured:
+    """The time a state waited for its primitive is its STATE_STARTED's coordination_wait
+    and the monitor's latency.coordination_wait; turnaround counts it."""
+
+    async def test_the_second_holder_waited(self) -> None:
+        from agent.monitor import MetricsCollector
+
+        coord = Coordinator()
+        release = asyncio.Event()
+        collector = MetricsCollector()
+        started: dict[str, float] = {}
+        agents = []
+
+        async def guarded(context: Context):
+            await release.wait()
+
+        def note(event: ev.RunEvent) -> None:
+            if event.kind == ev.STATE_STARTED:
+                started[event.agent_name] = event.data["coordination_wait"]
+
+        for i in range(2):
+            agent = _agent(f"holder{i}", coord)
+            agent.add_state_coordination("guarded", PrimitiveType.MUTEX)
+            agent.add_state("guarded", guarded)
+            agent.add_observer(collector)
+            agent.add_observer(note)
+            agents.append(agent)
+        runs = asyncio.gather(*(a.run() for a in agents))
+        while agents[1].state_metadata["guarded"].waiting_for is None:
+            await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.wait_for(runs, 30)
+        await coord.aclose()
+        assert started["holder1"] > 0 and started["holder0"] < started["holder1"]
+        waits = collector.metrics()["latency"]["coordination_wait"]
+        assert waits["count"] == 2 and waits["max"] == pytest.approx(started["holder1"] * 1000)
+        turnaround = collector.metrics()["latency"]["turnaround"]
+        assert turnaround["max"] >= waits["max"]

@@ -75,3 +75,38 @@ class TestObservers:
         await agent.run()
         assert calls == [ev.RUN_STARTED]
         assert agent.status.value == "completed"
+
+
+class TestAttachedWhileARunGoesOn:
+    """add_observer and remove_observer take effect at once, in a run in progress too."""
+
+    async def test_an_observer_added_and_one_removed_mid_run(self):
+        import asyncio
+
+        started, release = asyncio.Event(), asyncio.Event()
+        agent = Agent("attached_late", isolation="inline")
+
+        async def first(context):
+            started.set()
+            await release.wait()
+            return "second"
+
+        async def second(context):
+            return None
+
+        agent.add_state("first", first)
+        agent.add_state("second", second)
+        early: list[ev.RunEvent] = []
+        late: list[ev.RunEvent] = []
+        agent.add_observer(early.append)
+        run = asyncio.create_task(agent.run())
+        await started.wait()
+        agent.add_observer(late.append)
+        agent.remove_observer(early.append)
+        release.set()
+        await run
+        assert [(e.kind, e.state) for e in early] == [(ev.RUN_STARTED, None), (ev.STATE_STARTED, "first")]
+        assert [(e.kind, e.state) for e in late] == [
+            (ev.STATE_COMPLETED, "first"), (ev.STATE_STARTED, "second"), (ev.STATE_COMPLETED, "second"),
+            (ev.RUN_FINISHED, None),
+        ]

@@ -350,3 +350,70 @@ def test_default_sampler_reads_this_process():
     assert collector.sample(final=True)
     res = collector.metrics(MetricType.RESOURCES)["resources"]
     assert res["process_memory_mb"]["current"] > 1.0
+
+
+class TestBadInput:
+    """A wrong argument is a MonitorConfigurationError naming what to give, and changes nothing."""
+
+    @pytest.mark.parametrize("call", [
+        lambda c: c.metrics("timing"),
+        lambda c: c.metrics(5),
+        lambda c: c.aggregation("timing", "nope"),
+        lambda c: c.aggregation("nope", "count"),
+        lambda c: c.sample(float("nan")),
+        lambda c: c.sample(float("inf")),
+        lambda c: c.sample(True),
+    ], ids=["metrics str", "metrics int", "unknown name", "unknown category", "sample nan", "sample inf",
+            "sample bool"])
+    def test_refused(self, call):
+        from agent.errors import MonitorConfigurationError
+
+        collector = MetricsCollector()
+        with pytest.raises(MonitorConfigurationError):
+            call(collector)
+        assert collector.sample() is False  # nothing was added, and the windows still work
+
+    @pytest.mark.parametrize("capacity", ["5", 2.5, True, 0])
+    def test_aggregation_capacity(self, capacity):
+        from agent.errors import MonitorConfigurationError
+        from agent.monitor.aggregation import MetricAggregation
+
+        with pytest.raises(MonitorConfigurationError, match="capacity"):
+            MetricAggregation(capacity=capacity)
+
+
+class TestFailureKinds:
+    """errors.<kind> counts each failed attempt by why it failed: they add up to errors.count."""
+
+    async def test_each_kind_is_counted(self):
+        import asyncio
+        import os
+
+        from agent import Agent, StateFailedError
+
+        agent = Agent("kinds", isolation="process", on_failure="continue")
+
+        async def start(context):
+            return ["raises", "exits", "hangs"]
+
+        async def raises(context):
+            raise KeyError("missing")
+
+        async def exits(context):
+            os._exit(3)
+
+        async def hangs(context):
+            await asyncio.sleep(60)
+
+        agent.add_state("start", start, isolation="inline")
+        agent.add_state("raises", raises, max_retries=1)
+        agent.add_state("exits", exits, max_retries=0)
+        agent.add_state("hangs", hangs, max_retries=0, timeout=0.5)
+        collector = MetricsCollector()
+        agent.add_observer(collector)
+        with pytest.raises(StateFailedError):
+            await agent.run()
+        errors = collector.metrics(MetricType.ERRORS)["errors"]
+        counts = {kind: errors[kind]["sum"] for kind in ("exception", "exit_code", "timeout", "signal", "limit")}
+        assert counts == {"exception": 2, "exit_code": 1, "timeout": 1, "signal": 0, "limit": 0}
+        assert errors["count"]["sum"] == 4

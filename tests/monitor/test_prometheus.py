@@ -65,9 +65,10 @@ class TestPrometheusExporter:
         assert family_name("agent", "resources", "process_memory_mb") == "agent_resources_process_memory_mebibytes"
         assert family_name("agent", "timing", "total_execution") == "agent_timing_total_execution_milliseconds"
 
-    def test_bad_port(self, collector):
-        with pytest.raises(MonitorConfigurationError, match="port"):
-            start_prometheus_exporter(collector, port=70000)
+    @pytest.mark.parametrize("kwargs", [{"port": 70000}, {"port": True}, {"addr": 5}, {"addr": ""}])
+    def test_bad_port_or_address(self, collector, kwargs):
+        with pytest.raises(MonitorConfigurationError, match="port|addr"):
+            start_prometheus_exporter(collector, **kwargs)
 
     def test_bad_source(self):
         with pytest.raises(MonitorConfigurationError, match="MetricsCollector"):

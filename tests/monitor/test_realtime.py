@@ -101,6 +101,10 @@ class TestLifecycle:
             rt.start()
         assert ev.ambient_observers() == ()
 
+    def test_stop_without_loop(self, rt):
+        with pytest.raises(MonitorError, match="stop them from async code"):
+            rt.stop()
+
 
 async def _stop(rt):
     await rt.stop()
