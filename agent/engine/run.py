@@ -419,10 +419,14 @@ class Run:
             while g is not None:
                 g.items += 1
                 g = g.parent
-        else:  # _count(group, reach, 1), inlined into the same walk up the groups
-            act.reach = reach = self.graph.reach_within(name, group.opener)
+        else:  # _count(group, name, 1), inlined into the same walk up the groups
+            graph = self.graph
+            act.reach = full = graph.reach(name)
             while g is not None:
                 g.items += 1
+                opener = g.opener  # each fan-out counts what the item reaches in its own round
+                reach = full if full is None or opener is None or opener not in full else graph.reach_within(
+                    name, opener)
                 if reach is None:
                     g.wild += 1
                 else:
@@ -493,10 +497,14 @@ class Run:
             while g is not None:
                 g.items -= 1
                 g = g.parent
-        else:  # _count(act.group, act.reach, -1), inlined into the same walk up the groups
-            reach = act.reach
+        else:  # _count(act.group, act.state, -1), inlined into the same walk up the groups
+            graph = self.graph
+            full = act.reach
             while g is not None:
                 g.items -= 1
+                opener = g.opener
+                reach = full if full is None or opener is None or opener not in full else graph.reach_within(
+                    name, opener)
                 if reach is None:
                     g.wild -= 1
                 else:
@@ -511,9 +519,8 @@ class Run:
         for g in group.chain():
             g.items += 1
         if self.graph is not None:
-            reach = self.graph.reach_within(name, group.opener)
-            self._count(group, reach, 1)
-            self._count_held(group, reach, 1)
+            self._count(group, name, 1)
+            self._count_held(group, self.graph.reach_within(name, group.opener), 1)
 
     def _unhold(self, group: Group, name: str) -> int:
         arrivals = group.held.pop(name)
@@ -525,28 +532,26 @@ class Run:
         for g in group.chain():
             g.items -= 1
         if self.graph is not None:
-            reach = self.graph.reach_within(name, group.opener)
-            self._count(group, reach, -1)
-            self._count_held(group, reach, -1)
+            self._count(group, name, -1)
+            self._count_held(group, self.graph.reach_within(name, group.opener), -1)
         return arrivals
 
     def _track(self) -> None:
         """Start counting what everything live or held could return (a group has company now)."""
         self.graph = graph = self.agent._return_graph()
         count = self._count
-        # Counted per (group, reach), not per activation: a fan-out's branches share both.
-        tally: dict[tuple[Group, frozenset[str] | None], int] = {}
+        # Counted per (group, state), not per activation: a fan-out's branches share both.
+        tally: dict[tuple[Group, str], int] = {}
         for act in self.live.values():
-            act.reach = reach = graph.reach_within(act.state, act.group.opener)
-            key = (act.group, reach)
+            act.reach = graph.reach(act.state)
+            key = (act.group, act.state)
             tally[key] = tally.get(key, 0) + 1
-        for (group, reach), n in tally.items():
-            count(group, reach, n)
+        for (group, name), n in tally.items():
+            count(group, name, n)
         for group in self.groups.values():
             for name in group.held:
-                reach = graph.reach_within(name, group.opener)
-                count(group, reach, 1)
-                self._count_held(group, reach, 1)
+                count(group, name, 1)
+                self._count_held(group, graph.reach_within(name, group.opener), 1)
 
     def retrack(self) -> None:
         """The workflow changed mid-run (a state was added): count what is reachable anew."""
@@ -565,18 +570,19 @@ class Run:
         for target in reach:
             pot[target] = pot.get(target, 0) + delta
 
-    def _count(self, group: Group, reach: frozenset[str] | None, delta: int) -> None:
-        """Count an item that could return ``reach`` (None: anything) in ``group`` and those above."""
+    def _count(self, group: Group, name: str, delta: int) -> None:
+        """Count an item ``name`` in ``group`` and those above, each by what it could return
+        in that group's round (:meth:`~agent.workflow.ReturnGraph.reach_within`)."""
+        graph = self.graph
         g: Group | None = group
-        if reach is None:
-            while g is not None:
-                g.wild += delta
-                g = g.parent
-            return
         while g is not None:
-            pot = g.pot
-            for target in reach:
-                pot[target] = pot.get(target, 0) + delta
+            reach = graph.reach_within(name, g.opener)  # type: ignore[union-attr]
+            if reach is None:
+                g.wild += delta
+            else:
+                pot = g.pot
+                for target in reach:
+                    pot[target] = pot.get(target, 0) + delta
             g = g.parent
 
     def _reachable(self, group: Group, name: str) -> bool:

@@ -444,6 +444,43 @@ class TestLoopsAroundFanOuts:
         first_join = log.index("join")
         assert log[:first_join].count("a") == 3  # the first round's join after its third lap
 
+    async def test_a_branch_looping_around_its_own_fan_out_still_holds_the_outer_join(self) -> None:
+        # start -> [a, h]; h opens [x, y] -> k -> h twice, then returns j; a returns j at
+        # once. For h's own fan-out, x cannot reach past h (a new round); for the outer
+        # fan-out, x's branch still leads to j: j waits for it and runs once.
+        log: list[str] = []
+        agent = Agent("inner_rounds", isolation="inline")
+
+        async def start(context):
+            return ["a", "h"]
+
+        async def a(context):
+            log.append("a")
+            return "j"
+
+        async def h(context):
+            lap = context.get_state("lap", 0)
+            log.append(f"h{lap}")
+            return ["x", "y"] if lap < 2 else "j"
+
+        async def x(context):
+            return "k"
+
+        async def y(context):
+            return "k"
+
+        async def k(context):
+            context.set_state("lap", context.get_state("lap", 0) + 1)
+            return "h"
+
+        async def j(context):
+            log.append(f"j{context.get_state('lap', 0)}")
+
+        for fn in (start, a, h, x, y, k, j):
+            agent.add_state(fn.__name__, fn)
+        await asyncio.wait_for(agent.run(), 10)
+        assert [entry for entry in log if entry != "a"] == ["h0", "h1", "h2", "j2"]
+
     async def test_a_checkpoint_in_the_second_round_resumes_it(self) -> None:
         gates, log = Gates(), []
         first = self.build(gates, log)
