@@ -235,6 +235,7 @@ class Run:
         "error",
         "failures",
         "failed_frames",
+        "failed_groups",
         "done",
         "final_status",
         "pause_requested",
@@ -307,6 +308,7 @@ class Run:
         self.error: BaseException | None = None
         self.failures: dict[str, FailureReason] = {}  # failed for good under on_failure="continue"
         self.failed_frames: list[dict[str, Any]] = []  # what a resume of a failed run re-runs
+        self.failed_groups: list[dict[str, Any]] | None = None  # and the groups they were in, then
         self.done = False
         self.final_status = _RUN_COMPLETED
         self.pause_requested = False
@@ -1591,8 +1593,10 @@ class Run:
     def fail(self, error: BaseException) -> None:
         if self.error is None:
             self.error = error
-            # What a resume of this failed run starts from: whatever was still live.
+            # What a resume of this failed run starts from: whatever was still live, in its
+            # groups as they were (stopping it afterwards ends branches there).
             self.failed_frames.extend(_frame(a, a.attempt - (a.where == RUNNING)) for a in self.live.values())
+            self.failed_groups = self._groups_frame()
         self.finish(_RUN_FAILED)
 
     def fail_unstarted(self, name: str, error: BaseException) -> None:
@@ -1614,6 +1618,7 @@ class Run:
             f"still running: {sorted(self.running) or 'nothing'}"
         )
         self.failed_frames.extend(_frame(a, a.attempt - (a.where == RUNNING)) for a in self.live.values())
+        self.failed_groups = self._groups_frame()
         self.finish(_RUN_FAILED)
 
     def caller_cancelled(self) -> None:
@@ -1673,24 +1678,29 @@ class Run:
 
     def snapshot(self) -> dict[str, Any]:
         """The run's groups, live activations and holds, as plain data (``AgentCheckpoint.frames``)."""
+        groups = None
         if self.done and self.final_status is _RUN_FAILED:
             activations = list(self.failed_frames)
+            groups = self.failed_groups
         else:
             # A running attempt re-runs on resume, so it is not counted as done.
             activations = [_frame(a, a.attempt - (a.where == RUNNING)) for a in self.live.values()]
         return {
-            "groups": [
-                {"id": g.id, "parent": g.parent.id if g.parent is not None else None,
-                 "unfinished": g.unfinished, "held": dict(g.held),
-                 **({"opener": g.opener} if g.opener is not None else {}),
-                 **({"cancelled": sorted(g.cancelled)} if g.cancelled else {})}
-                for g in self.groups.values()
-            ],
+            "groups": self._groups_frame() if groups is None else groups,
             "activations": activations,
             "watch": sorted(self.watch),
             "completions": dict(self.completions),
             "steps": self.steps,
         }
+
+    def _groups_frame(self) -> list[dict[str, Any]]:
+        return [
+            {"id": g.id, "parent": g.parent.id if g.parent is not None else None,
+             "unfinished": g.unfinished, "held": dict(g.held),
+             **({"opener": g.opener} if g.opener is not None else {}),
+             **({"cancelled": sorted(g.cancelled)} if g.cancelled else {})}
+            for g in self.groups.values()
+        ]
 
     def restore(self, frames: dict[str, Any], running: list[str], pending: list[str]) -> None:
         """Rebuild the groups, live activations and holds of a checkpointed run; running states re-run.

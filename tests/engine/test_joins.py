@@ -710,6 +710,50 @@ class TestPartialFailure:
         assert context.get_state("w2_result") == "W2" and context.get_state("w1_result") == "W1"
         assert context.get_state("failed_seen") == {}
 
+    async def test_a_failure_while_a_sibling_runs_is_resumed_after_the_fix(self, tmp_path) -> None:
+        # b1 fails while a still runs: a is stopped, and the resumed run starts both
+        # branches again and joins them once (it raised KeyError in the join bookkeeping).
+        store = SQLiteCheckpointStore(str(tmp_path / "runs.sqlite3"))
+        log: list[str] = []
+
+        def build(broken: bool) -> Agent:
+            agent = Agent("cut_short", isolation="inline", checkpoint_store=store)
+
+            async def fan(context):
+                return ["a", "b1"]
+
+            async def a(context):
+                if broken:
+                    await asyncio.Event().wait()  # still running when b1 fails
+                log.append("a")
+                return "join"
+
+            async def b1(context):
+                if broken:
+                    raise RuntimeError("broken")
+                log.append("b1")
+                return "b2"
+
+            async def b2(context):
+                log.append("b2")
+                return "join"
+
+            async def join(context):
+                log.append("join")
+
+            for fn in (fan, a, b1, b2, join):
+                agent.add_state(fn.__name__, fn)
+            return agent
+
+        first = build(True)
+        with pytest.raises(StateFailedError):
+            await first.run()
+        assert log == []
+        fixed = build(False)
+        await asyncio.wait_for(fixed.resume_run(first.run_id, store), 10)
+        assert sorted(log) == ["a", "b1", "b2", "join"] and log[-1] == "join"
+        assert fixed.status is AgentStatus.COMPLETED
+
     @pytest.mark.parametrize("value", ["ignore", 1])
     def test_bad_setting(self, value) -> None:
         from agent import InvalidConfigurationError
