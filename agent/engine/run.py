@@ -1691,7 +1691,31 @@ class Run:
             "watch": sorted(self.watch),
             "completions": dict(self.completions),
             "steps": self.steps,
+            **({"dependencies": self._dependencies_frame()} if self.tracks_deps else {}),
         }
+
+    def _dependencies_frame(self) -> dict[str, Any]:
+        """What dependencies were met by, so that a resumed run meets them alike: starts and
+        finishes (PARALLEL, SEQUENTIAL), what each dependent consumed (ALWAYS, PERIODIC), and
+        when (TEMPORARY, PERIODIC; wall-clock seconds, since another process resumes it)."""
+        wall = self.wall_offset
+        return {
+            "starts": dict(self.starts),
+            "finishes": dict(self.finishes),
+            "consumed": [[name, dep, n] for (name, dep), n in self.consumed.items()],
+            "last_completion": {k: wall + t for k, t in self.last_completion.items()},
+            "last_start": {k: wall + t for k, t in self.last_start.items()},
+        }
+
+    def _restore_dependencies(self, frame: dict[str, Any]) -> None:
+        self.track_dependencies()
+        specs, wall = self.specs, self.wall_offset
+        self.starts = {k: int(v) for k, v in frame.get("starts", {}).items() if k in specs}
+        self.finishes = {k: int(v) for k, v in frame.get("finishes", {}).items() if k in specs}
+        self.consumed = {(name, dep): int(n) for name, dep, n in frame.get("consumed", [])
+                         if name in specs and dep in specs}
+        self.last_completion = {k: float(t) - wall for k, t in frame.get("last_completion", {}).items() if k in specs}
+        self.last_start = {k: float(t) - wall for k, t in frame.get("last_start", {}).items() if k in specs}
 
     def _groups_frame(self) -> list[dict[str, Any]]:
         return [
@@ -1720,6 +1744,8 @@ class Run:
                 self.activate(name, self.root)
             return
         watch = {n for n in frames.get("watch", []) if n in specs}
+        if isinstance(frames.get("dependencies"), dict):
+            self._restore_dependencies(frames["dependencies"])
         if watch:
             self.track_dependencies()
             self.watch = watch

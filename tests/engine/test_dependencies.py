@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 from agent import (
     Agent,
+    AgentCheckpoint,
     DependencyConfig,
     DependencyLifecycle,
     DependencyTimeoutError,
@@ -354,3 +356,85 @@ class TestConfig:
             "tick": DependencyConfig(lifecycle=DependencyLifecycle.PERIODIC, interval=3600)})
         await agent.run()
         assert len(log) == 1  # four completions, but at most one run per hour
+
+
+class TestAcrossACheckpoint:
+    """A run restored from a checkpoint meets its dependencies as the run it continues
+    would have: what was met stays met, what was consumed is not consumed again."""
+
+    @staticmethod
+    def build(kind: DependencyType, log: list[str], gate: asyncio.Event) -> Agent:
+        # start -> x -> y (waits for the gate) -> z; d depends on x (kind) and z (REQUIRED).
+        agent = Agent("deps_restored", isolation="inline")
+
+        def add(name: str, nxt: str | None, **kwargs) -> None:
+            async def state(context):
+                if name == "y":
+                    await gate.wait()
+                log.append(name)
+                return nxt
+
+            agent.add_state(name, state, **kwargs)
+
+        add("start", "x")
+        add("x", "y")
+        add("y", "z")
+        add("z", None)
+        add("d", None, dependencies={"x": kind, "z": DependencyType.REQUIRED})
+        return agent
+
+    async def paused_then_restored(self, kind: DependencyType) -> list[str]:
+        log: list[str] = []
+        gate = asyncio.Event()
+        first = self.build(kind, log, gate)
+        runner = asyncio.create_task(first.run())
+        while "x" not in log:
+            await asyncio.sleep(0)
+        checkpoint = AgentCheckpoint.from_dict(json.loads(json.dumps((await first.pause()).to_dict())))
+        await first.cancel_all()
+        await runner
+        log.clear()
+        gate.set()
+        second = self.build(kind, log, gate)
+        await second.restore_from_checkpoint(checkpoint)
+        await asyncio.wait_for(second.run(), 10)
+        assert second.state_metadata["d"].status is StateStatus.COMPLETED, second.state_metadata["d"].blocked_reason
+        return log
+
+    @pytest.mark.parametrize("kind", [DependencyType.SEQUENTIAL, DependencyType.PARALLEL, DependencyType.REQUIRED])
+    async def test_a_dependency_met_before_the_checkpoint_stays_met(self, kind):
+        log = await self.paused_then_restored(kind)
+        assert log == ["y", "z", "d"]
+
+    async def test_an_always_dependency_consumed_before_the_checkpoint_is_not_consumed_again(self):
+        # start -> x -> y (waits); d depends on x, ALWAYS: it ran once x completed, before
+        # the checkpoint. x completes no more: the restored run does not run d again.
+        log: list[str] = []
+        gate = asyncio.Event()
+
+        def build() -> Agent:
+            agent = Agent("always_restored", isolation="inline")
+            for name, nxt in (("start", "x"), ("x", "y"), ("y", None), ("d", None)):
+                async def state(context, name=name, nxt=nxt):
+                    if name == "y":
+                        await gate.wait()
+                    log.append(name)
+                    return nxt
+
+                agent.add_state(name, state, dependencies={"x": DependencyConfig(
+                    lifecycle=DependencyLifecycle.ALWAYS)} if name == "d" else None)
+            return agent
+
+        first = build()
+        runner = asyncio.create_task(first.run())
+        while "d" not in log:
+            await asyncio.sleep(0)
+        checkpoint = AgentCheckpoint.from_dict(json.loads(json.dumps((await first.pause()).to_dict())))
+        await first.cancel_all()
+        await runner
+        log.clear()
+        gate.set()
+        second = build()
+        await second.restore_from_checkpoint(checkpoint)
+        await asyncio.wait_for(second.run(), 10)
+        assert log == ["y"]
