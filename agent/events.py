@@ -27,6 +27,7 @@ STATE_FAILED = "state_failed"
 STATE_RETRYING = "state_retrying"
 STATE_CANCELLED = "state_cancelled"
 STATE_PREEMPTED = "state_preempted"
+STATE_PAUSED = "state_paused"  # its attempt was stopped by pause(): it runs again on resume
 STATE_BLOCKED = "state_blocked"
 DEPENDENCY_RESOLVED = "dependency_resolved"  # .duration: time the state waited on dependencies
 

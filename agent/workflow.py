@@ -302,7 +302,8 @@ def check_graph(agent_name: str, specs: Mapping[str, StateSpec]) -> None:
             if unknown:
                 raise UnknownStateError(
                     f"state {spec.name!r} declares next_states {unknown}, which are not states of agent "
-                    f"{agent_name!r}: add them with add_state() or fix next_states"
+                    f"{agent_name!r}: add them with add_state() or fix next_states (a state that adds the states "
+                    "it returns while the run goes on declares no next_states)"
                 )
     white, grey, black = 0, 1, 2
     color = dict.fromkeys(specs, white)

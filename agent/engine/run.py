@@ -239,6 +239,8 @@ class Run:
         "done",
         "final_status",
         "pause_requested",
+        "paused_at",
+        "paused_total",
         "pumping",
     )
 
@@ -312,6 +314,8 @@ class Run:
         self.done = False
         self.final_status = _RUN_COMPLETED
         self.pause_requested = False
+        self.paused_at: float | None = None  # when the pause under way began
+        self.paused_total = 0.0  # seconds paused before it: dependency timeouts do not count them
         self.pumping = False
 
     def track_dependencies(self) -> None:
@@ -1050,6 +1054,8 @@ class Run:
             if stop is _STOP_PREEMPT:
                 meta.preemptions += 1
                 self.emit(ev.STATE_PREEMPTED, name, attempt=act.attempt + 1, duration=duration, usage=usage)
+            elif self.observers:
+                self.emit(ev.STATE_PAUSED, name, attempt=act.attempt + 1, duration=duration, usage=usage)
             if stop is _STOP_PREEMPT and not self.pause_requested and act.holds and not self.done:
                 act.front = True
                 act.holds = False
@@ -1259,7 +1265,7 @@ class Run:
         for name in list(self.watch):
             if name in self.running or self.has_live(name):
                 continue
-            verdict = self.deps_verdict(name, self.started, now)
+            verdict = self.deps_verdict(name, self.started + self.paused_total, now)
             if verdict is True:
                 self.emit(ev.DEPENDENCY_RESOLVED, name, duration=now - self.started,
                           data={"chain_length": self.chain_length(name)})
@@ -1300,7 +1306,7 @@ class Run:
         for dep, cfg in spec.dependencies.items():
             dmeta = self.metadata[dep]
             life = cfg.lifecycle
-            if cfg.timeout is not None and now - since > cfg.timeout:
+            if cfg.timeout is not None and now - since > cfg.timeout and self.paused_at is None:
                 return (_TIMEOUT,
                         f"state {name!r} waited more than {cfg.timeout:g} s for its dependency {dep!r}")
             if cfg.type is Dep.REQUIRED:
@@ -1496,6 +1502,8 @@ class Run:
     def pause(self) -> list[Any]:
         """Stop launching; stop running attempts (they re-run on resume); the tasks to wait for."""
         self.pause_requested = True
+        if self.paused_at is None:
+            self.paused_at = self.clock()
         for act in list(self.queued.values()):
             self.queued.pop(act.owner)
             self.pooled.pop(act.state, None)
@@ -1506,6 +1514,16 @@ class Run:
 
     def resume(self) -> None:
         self.pause_requested = False
+        if self.paused_at is not None:  # the time paused is no dependency's wait
+            gap = self.clock() - self.paused_at
+            self.paused_at = None
+            self.paused_total += gap
+            if self.tracks_deps:
+                for act in self.waiting:
+                    act.waiting_since += gap
+                    self.add_dependency_timers(act.state, act.waiting_since)
+                for name in self.watch:
+                    self.add_dependency_timers(name, self.started + self.paused_total)
         paused, self.paused = self.paused, []
         for act in paused:
             self.make_ready(act)
@@ -1569,7 +1587,7 @@ class Run:
         for name in self.watch:
             meta = self.metadata[name]
             if meta.status is _PENDING and meta.runs == 0:
-                verdict = self.deps_verdict(name, self.started, self.clock())
+                verdict = self.deps_verdict(name, self.started + self.paused_total, self.clock())
                 reason = verdict if isinstance(verdict, str) else "its dependencies"
                 meta.blocked_reason = f"state {name!r} never ran: it was waiting for {reason}"
                 meta.set_status(_BLOCKED)
@@ -1642,7 +1660,7 @@ class Run:
                 self._block_if_a_requirement_failed(act.state)
             if act.where == RUNNING and self.running.get(act.state) is act:  # ignored cancellation in time
                 del self.running[act.state]
-            if act.where in (READY, RETRYING, QUEUED, GRANTED, RUNNING) and not meta.status.is_finished:
+            if act.where in (READY, RETRYING, QUEUED, GRANTED, RUNNING, PAUSED) and not meta.status.is_finished:
                 meta.set_status(_CANCELLED)
             if act.where == QUEUED:
                 self.admission.release(act.owner)

@@ -226,6 +226,7 @@ class MetricsCollector:
             ev.STATE_RETRYING: self._on_retrying,
             ev.STATE_CANCELLED: self._on_cancelled,
             ev.STATE_PREEMPTED: self._on_preempted,
+            ev.STATE_PAUSED: self._on_paused,
             ev.STATE_BLOCKED: self._on_blocked,
             ev.DEPENDENCY_RESOLVED: self._on_dependency_resolved,
         }
@@ -490,6 +491,9 @@ class MetricsCollector:
     def _on_preempted(self, event: ev.RunEvent) -> None:
         self._drop_state(self._run(event), event)
         self._a_preempted.count += 1
+
+    def _on_paused(self, event: ev.RunEvent) -> None:
+        self._drop_state(self._run(event), event)
 
     def _on_blocked(self, event: ev.RunEvent) -> None:
         run = self._run(event)

@@ -14,9 +14,11 @@ from agent import (
     AgentCheckpoint,
     AgentStatus,
     CheckpointError,
+    DependencyConfig,
     RunTimeoutError,
     StateStatus,
 )
+from agent import events as ev
 
 
 def blocking(started: asyncio.Event, log: list, gate: asyncio.Event | None = None):
@@ -265,6 +267,51 @@ class TestPauseResume:
         await task
         assert agent.status is AgentStatus.COMPLETED
         assert log == ["first", ("second", 1), ("second", 1)]  # a paused attempt is not a failed one
+
+    async def test_a_paused_attempt_says_so_and_the_pause_is_no_dependency_wait(self):
+        # s waits for a gate; x waits for s at most 0.3 s. Paused for longer than that,
+        # the run goes on after resume: time paused is no dependency's wait.
+        gate, started = asyncio.Event(), asyncio.Event()
+        seen: list[tuple[str, str | None]] = []
+        agent = Agent("paused_wait", isolation="inline")
+
+        async def s(context):
+            started.set()
+            await gate.wait()
+
+        async def x(context):
+            return None
+
+        agent.add_state("s", s)
+        agent.add_state("x", x, dependencies={"s": DependencyConfig(timeout=0.3)})
+        agent.add_observer(lambda e: seen.append((e.kind, e.state)) if e.state == "s" else None)
+        task = asyncio.create_task(agent.run())
+        await started.wait()
+        await agent.pause()
+        await asyncio.sleep(0.6)  # the time paused, longer than x's dependency timeout
+        assert not task.done() and agent.status is AgentStatus.PAUSED
+        gate.set()
+        await agent.resume()
+        await asyncio.wait_for(task, 10)
+        assert agent.state_metadata["x"].status is StateStatus.COMPLETED
+        assert seen == [(ev.STATE_STARTED, "s"), (ev.STATE_PAUSED, "s"), (ev.STATE_STARTED, "s"),
+                        (ev.STATE_COMPLETED, "s")]
+
+    async def test_a_run_that_times_out_while_paused_cancels_what_was_paused(self):
+        started = asyncio.Event()
+        agent = Agent("paused_out", isolation="inline")
+
+        async def s(context):
+            started.set()
+            await asyncio.Event().wait()
+
+        agent.add_state("s", s)
+        task = asyncio.create_task(agent.run(timeout=0.3))
+        await started.wait()
+        await agent.pause()
+        with pytest.raises(RunTimeoutError):
+            await asyncio.wait_for(task, 10)
+        assert agent.state_metadata["s"].status is StateStatus.CANCELLED  # not left PENDING
 
     async def test_a_pause_before_the_run_begins_holds_it_until_resume(self):
         log: list = []
