@@ -9,7 +9,6 @@ observers and the checkpoint store.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import os
@@ -20,7 +19,7 @@ from . import _env, _validate
 from . import events as ev
 from . import live
 from ._loops import call_on
-from ._types import Priority, ResourceType, StopReason
+from ._types import Priority, StopReason
 from .checkpoint import AgentCheckpoint
 from .context import Context, budget_from_mb, default_budget
 from .dependencies import DependencyConfig, DependencyType
@@ -482,13 +481,16 @@ class Agent:
         """Ask through the provider; the state's CPU is lent to others while a human thinks.
 
         Memory, GPUs and the rest stay reserved (an isolated child still holds them); the
-        CPU share goes back to the pool for the wait and is taken again, in priority
-        order, before the answer is handed to the state.
+        CPU share goes back to the pool for the wait (:meth:`ResourcePool.lend_cpu`) and is
+        taken again before the answer is handed to the state (``take_cpu_back``).
         """
         from .human import ask_human, default_provider
 
         provider = self.human_input if self.human_input is not None else default_provider()
-        lent = self._lend_cpu(state)
+        run = self._run
+        act = run.running.get(state) if run is not None else None
+        pool = self.resource_pool
+        lent = pool.lend_cpu(act.owner) if act is not None and act.holds else None
         try:
             return await ask_human(
                 provider, prompt=prompt, timeout=timeout, validator=validator, default=default,
@@ -499,25 +501,7 @@ class Agent:
             raise
         finally:
             if lent is not None:
-                owner, req, priority = lent
-                pool = self.resource_pool
-                pool.release(owner)
-                await pool.acquire(owner, req, priority, state=state)
-
-    def _lend_cpu(self, state: str) -> tuple[str, ResourceRequirements, int] | None:
-        """Give back the CPU part of ``state``'s reservation; returns what to take again."""
-        run = self._run
-        act = run.running.get(state) if run is not None else None
-        req = self._states[state].resources
-        if act is None or not act.holds or req is None or not req.amounts().get(ResourceType.CPU):
-            return None
-        pool = self.resource_pool
-        pool.release(act.owner)
-        waiting = dataclasses.replace(req, cpu_units=0.0)
-        if not pool.try_acquire(act.owner, waiting, state=state, priority=act.priority):
-            pool.try_acquire(act.owner, req, state=state, priority=act.priority)
-            return None  # someone queued ahead: keep the reservation as it was
-        return act.owner, req, act.priority
+                await pool.take_cpu_back(act.owner, lent, act.priority)  # type: ignore[union-attr]
 
     # --- steering -------------------------------------------------------------------------------
 

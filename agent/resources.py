@@ -696,6 +696,53 @@ class ResourcePool:
 
     # --- async use, like a capacity limiter ---------------------------------------------
 
+    @locked
+    def lend_cpu(self, owner: str) -> tuple[float, float] | None:
+        """Give back the CPU ``owner`` holds, keeping the rest of its holding (memory, GPUs
+        and their devices): its state waits for a human. Queued requests that now fit are
+        granted. Returns what :meth:`take_cpu_back` needs, or None when it holds no CPU."""
+        holding = self._holders.get(owner)
+        if holding is None or holding.held.cpu <= _EPS:
+            return None
+        ledger = self._ledger
+        cpu = holding.held.cpu
+        holding.held.cpu = 0.0
+        holding._amounts = None
+        ledger.free.cpu = min(ledger.free.cpu + cpu, ledger.total.cpu)
+        if self.enable_quotas:
+            self._state_quotas.refund(holding.state, {ResourceType.CPU: cpu})
+            self._priority_quotas.refund(holding.priority, {ResourceType.CPU: cpu})
+        self._settle()
+        return cpu, self._clock()
+
+    async def take_cpu_back(self, owner: str, lent: tuple[float, float], priority: Priority | int | None = None,
+                            ) -> None:
+        """Wait in the queue, at ``priority`` and ahead of its other requests, for the CPU
+        :meth:`lend_cpu` gave back, and add it to ``owner``'s holding again; the rest of the
+        holding stays held meanwhile. (Ahead: a request queued earlier may wait for the
+        memory or GPUs this holding keeps, which it gives back only once it has its CPU.)"""
+        cpu, since = lent
+        loan = f"{owner}#cpu"
+        only_cpu = ResourceRequirements(cpu_units=cpu, memory_mb=0.0, io_weight=0.0, network_weight=0.0)
+        await self.acquire(loan, only_cpu, priority, front=True)
+        with self.lock:
+            taken = self._holders.pop(loan, None)
+            holding = self._holders.get(owner)
+            if taken is None:
+                return
+            if holding is None:  # its attempt ended meanwhile: nothing to add it to
+                self._holders[loan] = taken
+                self._release(loan)
+                return
+            holding.held.cpu += cpu  # the loan's CPU, booked already, is the holding's again
+            holding._amounts = None
+            self._ledger.area.cpu -= cpu * (self._clock() - since)  # it was not held while lent
+            if self.enable_quotas:
+                self._state_quotas.refund(taken.state, taken.amounts)
+                self._priority_quotas.refund(taken.priority, taken.amounts)
+                self._state_quotas.charge(holding.state, {ResourceType.CPU: cpu})
+                self._priority_quotas.charge(holding.priority, {ResourceType.CPU: cpu})
+
     async def acquire(
         self,
         owner: str,
@@ -703,10 +750,12 @@ class ResourcePool:
         priority: Priority | int | None = None,
         *,
         state: str | None = None,
+        front: bool = False,
     ) -> None:
-        """Wait in the queue until ``requirements`` is granted to ``owner``."""
+        """Wait in the queue until ``requirements`` is granted to ``owner`` (``front``: ahead
+        of its priority's other requests)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._enqueue(owner, requirements, priority, state, False, future)
+        self._enqueue(owner, requirements, priority, state, front, future)
         try:
             await future
         except BaseException:

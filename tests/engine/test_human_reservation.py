@@ -48,3 +48,51 @@ class TestHumanWaitReservation:
         assert seen_during_wait["approval"][ResourceType.MEMORY] == 100
         assert ctx.get_state("cpu_after_answer") == 1
         assert pool.get_state_allocations() == {}
+
+    async def test_memory_stays_held_while_the_cpu_is_taken_back(self):
+        # approval (1 CPU, 600 MB) asks; hog takes the CPU it lent; big (600 MB) waits for
+        # memory. Answered while hog still runs, approval waits for its CPU holding its
+        # memory: big does not start before approval has ended (it did: the whole holding
+        # was given back and asked for again).
+        pool = ResourcePool(total_cpu=1.5, total_memory=1000, total_gpu=0)
+        provider = QueueInputProvider()
+        agent = Agent("held", isolation="inline", resource_pool=pool, human_input=provider)
+        order: list[str] = []
+        hog_go = asyncio.Event()
+
+        async def start(context):
+            return ["approval", "hog", "big"]
+
+        async def approval(context):
+            await context.human_in_the_loop(prompt="ok?", timeout=30)
+            order.append("approval answered")
+
+        async def hog(context):
+            order.append("hog runs")
+            await hog_go.wait()
+
+        async def big(context):
+            order.append("big runs")
+
+        def need(cpu: float, memory: float) -> ResourceRequirements:
+            return ResourceRequirements(cpu_units=cpu, memory_mb=memory, io_weight=0, network_weight=0)
+
+        agent.add_state("start", start)
+        agent.add_state("approval", approval, resources=need(1, 600))
+        agent.add_state("hog", hog, resources=need(1, 100))
+        agent.add_state("big", big, resources=need(0.5, 600))
+
+        async def human():
+            request = await provider.wait_for_request()
+            while "hog runs" not in order:
+                await asyncio.sleep(0)
+            provider.answer(request.id, "yes")
+            while not any(owner.endswith("#cpu") for owner in pool.queued()):  # approval wants its CPU
+                await asyncio.sleep(0)
+            assert order == ["hog runs"]  # big did not take approval's memory
+            assert pool.get_state_allocations()["approval"][ResourceType.MEMORY] == 600
+            hog_go.set()
+
+        await asyncio.wait_for(asyncio.gather(agent.run(), human()), 10)
+        assert order == ["hog runs", "approval answered", "big runs"]
+        assert pool.get_state_allocations() == {} and pool.queued() == []
