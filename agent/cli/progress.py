@@ -154,10 +154,12 @@ def _first_line(text: str) -> str:
 
 
 class Progress:
-    """A thread that reads the runs started since ``since`` and keeps the user informed."""
+    """A thread that reads the runs started since ``since`` and keeps the user informed:
+    a progress line (not with ``lines=False``: ``--no-progress``) and notices of questions."""
 
-    def __init__(self, terminal: Terminal, since: float, *, plain_every: float = 10.0) -> None:
+    def __init__(self, terminal: Terminal, since: float, *, plain_every: float = 10.0, lines: bool = True) -> None:
         self._terminal = terminal
+        self._lines = lines
         self._since = since
         self._base_interval = self._interval = 0.1 if terminal.bar else 1.0
         self._plain_every = plain_every
@@ -184,7 +186,7 @@ class Progress:
             if self._stop.is_set():
                 return
             self._human_notices(snapshots)
-            if snapshots:
+            if snapshots and self._lines:
                 self._report(snapshots)
             # A big workflow costs its loop more to read: read it less often (5 s at most).
             self._interval = max(self._base_interval, min(5.0, 20 * (time.monotonic() - started)))

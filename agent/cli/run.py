@@ -97,7 +97,8 @@ class RunCommand:
         if args.quiet:
             output.set_writer(None)
         saved = route_std_streams(self.terminal, stdout_to_stderr=args.json)
-        progress = self.progress = None if args.quiet or args.no_progress else Progress(self.terminal, self.since)
+        progress = self.progress = None if args.quiet else Progress(self.terminal, self.since,
+                                                                    lines=not args.no_progress)
         loop = _uvloop()
         asyncio.set_event_loop(loop)
         try:

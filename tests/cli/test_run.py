@@ -428,7 +428,8 @@ class TestInterrupt:
 class TestHumanInput:
     """A question nobody can answer on this terminal is said, not waited on in silence."""
 
-    def test_notice_for_a_pending_question(self, cli):
+    @pytest.mark.parametrize("options", [[], ["--no-progress"]], ids=["progress", "no-progress"])
+    def test_notice_for_a_pending_question(self, cli, options):
         cli.write("asks.py", """\
             from agent import Agent
             agent = Agent("asks", isolation="inline")
@@ -437,7 +438,7 @@ class TestHumanInput:
                 return None
             agent.add_state("ask", ask)
         """)
-        proc = cli.start("run", "asks.py")
+        proc = cli.start("run", "asks.py", *options)
         try:
             line = ""
             while "waits for an answer" not in line:
