@@ -383,27 +383,30 @@ class TestAcrossACheckpoint:
         add("d", None, dependencies={"x": kind, "z": DependencyType.REQUIRED})
         return agent
 
-    async def paused_then_restored(self, kind: DependencyType) -> list[str]:
-        log: list[str] = []
-        gate = asyncio.Event()
-        first = self.build(kind, log, gate)
+    @staticmethod
+    async def pause_and_restore(build, log: list[str], gate: asyncio.Event, after: str) -> Agent:
+        """Run ``build()`` until ``after`` ran, pause it, and run a new agent from its
+        checkpoint (through JSON), the gate open; returns that agent."""
+        first = build()
         runner = asyncio.create_task(first.run())
-        while "x" not in log:
+        while after not in log:
             await asyncio.sleep(0)
         checkpoint = AgentCheckpoint.from_dict(json.loads(json.dumps((await first.pause()).to_dict())))
         await first.cancel_all()
         await runner
         log.clear()
         gate.set()
-        second = self.build(kind, log, gate)
+        second = build()
         await second.restore_from_checkpoint(checkpoint)
         await asyncio.wait_for(second.run(), 10)
-        assert second.state_metadata["d"].status is StateStatus.COMPLETED, second.state_metadata["d"].blocked_reason
-        return log
+        return second
 
     @pytest.mark.parametrize("kind", [DependencyType.SEQUENTIAL, DependencyType.PARALLEL, DependencyType.REQUIRED])
     async def test_a_dependency_met_before_the_checkpoint_stays_met(self, kind):
-        log = await self.paused_then_restored(kind)
+        log: list[str] = []
+        gate = asyncio.Event()
+        second = await self.pause_and_restore(lambda: self.build(kind, log, gate), log, gate, "x")
+        assert second.state_metadata["d"].status is StateStatus.COMPLETED, second.state_metadata["d"].blocked_reason
         assert log == ["y", "z", "d"]
 
     async def test_an_always_dependency_consumed_before_the_checkpoint_is_not_consumed_again(self):
@@ -425,16 +428,5 @@ class TestAcrossACheckpoint:
                     lifecycle=DependencyLifecycle.ALWAYS)} if name == "d" else None)
             return agent
 
-        first = build()
-        runner = asyncio.create_task(first.run())
-        while "d" not in log:
-            await asyncio.sleep(0)
-        checkpoint = AgentCheckpoint.from_dict(json.loads(json.dumps((await first.pause()).to_dict())))
-        await first.cancel_all()
-        await runner
-        log.clear()
-        gate.set()
-        second = build()
-        await second.restore_from_checkpoint(checkpoint)
-        await asyncio.wait_for(second.run(), 10)
+        await self.pause_and_restore(build, log, gate, "d")
         assert log == ["y"]
