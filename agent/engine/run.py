@@ -761,7 +761,9 @@ class Run:
                     progressed |= self.check_dependencies()
                 if self.n_ready and not self.pause_requested:
                     progressed |= self.launch_ready()
-                if not progressed and not self.check_quiescent():
+                # A grant may have come meanwhile (a request this pass queued preempted one
+                # granted to this run): it is launched on the next pass, not left for a kick.
+                if not progressed and not self.granted and not self.check_quiescent():
                     break
         finally:
             self.pumping = False
@@ -1505,7 +1507,8 @@ class Run:
         if self.paused_at is None:
             self.paused_at = self.clock()
         for act in list(self.queued.values()):
-            self.queued.pop(act.owner)
+            if self.queued.pop(act.owner, None) is not act:
+                continue  # granted meanwhile (giving back another request let the pool settle)
             self.pooled.pop(act.state, None)
             self.admission.release(act.owner)
             act.where = PAUSED

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from agent import Agent, ResourcePool, ResourceRequirements
+from agent import Agent, AgentStatus, Priority, ResourcePool, ResourceRequirements
+from agent import events as ev
 
 
 class TestSharedPool:
@@ -32,4 +33,81 @@ class TestSharedPool:
         ctx1, ctx2 = await asyncio.wait_for(asyncio.gather(first.run(), second.run()), 10)
         held = max(ctx1.get_state("held"), ctx2.get_state("held"), key=len)  # read while both held
         assert len(held) == 2 and "work" in held
+        assert pool.get_state_allocations() == {}
+
+
+class TestGrantsWhileScheduling:
+    """A grant that reaches a run while it schedules is launched, and a pause that gives
+    back one queued request while the pool grants another still pauses."""
+
+    async def test_a_grant_that_comes_back_mid_pass_is_launched(self):
+        # B: x (NORMAL) -> j (NORMAL); A: a (LOW), queued behind x. When x ends the pool
+        # grants a; B then queues j, which preempts a (granted, not started) and is
+        # granted at once, while B is still scheduling. j was never started: both hung.
+        need = ResourceRequirements(cpu_units=2.0, memory_mb=64)
+        pool = ResourcePool(total_cpu=2.0, total_memory=1024, enable_preemption=True)
+        a_queued, x_started = asyncio.Event(), asyncio.Event()
+
+        async def x(context):
+            x_started.set()
+            await a_queued.wait()
+            return "j"
+
+        async def done(context):
+            context.set_state("ran", True)
+
+        b = Agent("B", resource_pool=pool, isolation="inline")
+        b.add_state("x", x, resources=need, next_states=["j"])
+        b.add_state("j", done, resources=need)
+        a = Agent("A", resource_pool=pool, isolation="inline")
+        a.add_state("a", done, resources=need, priority=Priority.LOW)
+        a.add_observer(lambda e: a_queued.set() if e.kind == ev.STATE_QUEUED else None)
+        b_run = asyncio.create_task(b.run())
+        await x_started.wait()
+        a_run = asyncio.create_task(a.run())
+        b_context, a_context = await asyncio.wait_for(asyncio.gather(b_run, a_run), 30)
+        assert b_context.get_state("ran") and a_context.get_state("ran")
+        assert pool.get_state_allocations() == {} and pool.queued() == []
+
+    async def test_a_pause_while_the_pool_grants_a_queued_request(self):
+        # f -> [h, big, small]: h holds 1 of 2 CPUs, big (2 CPUs) and small queue behind it.
+        # Pausing gives back big's request, which lets the pool grant small at once:
+        # pause() raised KeyError and small started.
+        pool = ResourcePool(total_cpu=2.0, total_memory=1024)
+        queued, gate = asyncio.Event(), asyncio.Event()
+        started: list[str] = []
+        agent = Agent("pausing", resource_pool=pool, isolation="inline")
+
+        async def f(context):
+            return ["h", "big", "small"]
+
+        async def h(context):
+            await gate.wait()
+
+        async def noop(context):
+            return None
+
+        def need(cpu: float) -> ResourceRequirements:
+            return ResourceRequirements(cpu_units=cpu, memory_mb=64)
+
+        agent.add_state("f", f)
+        agent.add_state("h", h, resources=need(1.0))
+        agent.add_state("big", noop, resources=need(2.0))
+        agent.add_state("small", noop, resources=need(0.5))
+
+        def observe(event: ev.RunEvent) -> None:
+            if event.kind == ev.STATE_QUEUED and event.state == "small":
+                queued.set()
+            if event.kind == ev.STATE_STARTED:
+                started.append(event.state)
+
+        agent.add_observer(observe)
+        run = asyncio.create_task(agent.run())
+        await queued.wait()
+        await agent.pause()
+        assert agent.status is AgentStatus.PAUSED and started == ["f", "h"]
+        gate.set()
+        await agent.resume()
+        await asyncio.wait_for(run, 10)
+        assert agent.status is AgentStatus.COMPLETED and sorted(started) == ["big", "f", "h", "h", "small"]
         assert pool.get_state_allocations() == {}
