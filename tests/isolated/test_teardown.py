@@ -9,6 +9,7 @@ import sys
 PROGRAM = """
 import signal
 from agent.supervisor.teardown import at_exit
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a CI job may ignore it)
 at_exit(lambda: print("at exit:", signal.getsignal(signal.SIGINT) is signal.SIG_IGN))
 print("while running:", signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
 """
