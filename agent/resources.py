@@ -31,7 +31,7 @@ from . import _env, _validate
 from ._ledger import ASK_POOL, EPS as _EPS, Holding, Ledger, amounts_of as _amounts_of
 from ._loops import fail_soon, grant_soon, locked
 from ._types import Priority, ResourceType
-from .devices import GPUAllocator, GPUDevice, GPUInventory, machine_inventory
+from .devices import MIN_GPU_SHARE, GPUAllocator, GPUDevice, GPUInventory, machine_inventory
 from .errors import GPUUnavailableError, QuotaExceededError, ResourceError, ResourceRequestError
 from .preemption import Holder, PreemptionPolicy, eviction_order
 from .quotas import Quota, QuotaBook, QuotaBreach, QuotaMode
@@ -132,6 +132,9 @@ class ResourceRequirements:
             raise ResourceRequestError(
                 f"gpu_units={gpu}: ask for whole GPUs (1, 2, ...) or a share of one (< 1)"
             )
+        if 0 < gpu < MIN_GPU_SHARE:
+            raise ResourceRequestError(
+                f"gpu_units={gpu:g}: a share of a GPU is at least {MIN_GPU_SHARE:g}; ask for 0 (no GPU) or more")
         if self.timeout is not None:
             _validate.number(self.timeout, "ResourceRequirements.timeout", error=error, above=True, none=True,
                              unit="seconds")
@@ -338,6 +341,7 @@ class ResourcePool:
         ledger = self._ledger = Ledger(totals, clock, _PRIORITY_BY_VALUE, self._gpus is not None, enable_quotas)
         self._since = clock()
         self._holders: dict[str, Holding] = ledger.holders
+        self._lent: dict[str, float] = {}  # owner -> the CPU it lent (lend_cpu), until taken back
         # The wait queue: one heap per priority of (rank, waiter); cancelled entries
         # stay until they reach the top. _blocked / _reserve_at cache, per level, the
         # last settling pass: whether the level's head is stuck, and what the stuck
@@ -483,6 +487,8 @@ class ResourcePool:
             self._release(owner)
 
     def _release(self, owner: str) -> None:
+        if self._lent:
+            self._lent.pop(owner, None)
         if not self._ledger.try_release(owner):
             self._release_by_policy(owner)
 
@@ -517,7 +523,12 @@ class ResourcePool:
     def _take(self, owner: str, amounts: dict[ResourceType, float], level: Priority, state: str) -> None:
         holding = self._ledger.take(owner, amounts, level, state)
         if self._gpus is not None and ResourceType.GPU in amounts:
-            holding.devices = self._gpus.allocate(owner, amounts[ResourceType.GPU]) or []
+            try:
+                holding.devices = self._gpus.allocate(owner, amounts[ResourceType.GPU]) or []
+            except BaseException:  # nothing is taken then
+                del self._holders[owner]
+                self._ledger.give_back(holding)
+                raise
         if self.enable_quotas:
             self._state_quotas.charge(state, amounts)
             self._priority_quotas.charge(level, amounts)
@@ -587,7 +598,11 @@ class ResourcePool:
         if holding is None:
             raise ResourceRequestError(f"{owner!r} holds nothing to requeue")
         self._arrivals += 1
-        waiter = _Waiter(owner, holding.amounts, holding.priority, holding.state, (0, self._arrivals), None, notify)
+        amounts = holding.amounts
+        lent = self._lent.get(owner)
+        if lent:  # its state waits for a human: it asks again for the CPU it lent too
+            amounts = {**amounts, ResourceType.CPU: amounts.get(ResourceType.CPU, 0.0) + lent}
+        waiter = _Waiter(owner, amounts, holding.priority, holding.state, (0, self._arrivals), None, notify)
         heapq.heappush(self._queues[holding.priority], (waiter.rank, self._arrivals, waiter))
         self._waiters[owner] = waiter
         self.release(owner)  # gives back, then settles the queue with the request in place
@@ -709,6 +724,7 @@ class ResourcePool:
         holding.held.cpu = 0.0
         holding._amounts = None
         ledger.free.cpu = min(ledger.free.cpu + cpu, ledger.total.cpu)
+        self._lent[owner] = cpu
         if self.enable_quotas:
             self._state_quotas.refund(holding.state, {ResourceType.CPU: cpu})
             self._priority_quotas.refund(holding.priority, {ResourceType.CPU: cpu})
@@ -736,6 +752,7 @@ class ResourcePool:
                 return
             holding.held.cpu += cpu  # the loan's CPU, booked already, is the holding's again
             holding._amounts = None
+            self._lent.pop(owner, None)
             self._ledger.area.cpu -= cpu * (self._clock() - since)  # it was not held while lent
             if self.enable_quotas:
                 self._state_quotas.refund(taken.state, taken.amounts)

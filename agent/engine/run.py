@@ -993,6 +993,8 @@ class Run:
         """Ask a running activation to stop: timeout, cancel, preempt or pause."""
         if self.running.get(act.state) is not act or act.task is None:
             return
+        if reason is _STOP_PREEMPT and act.stop_reason is not None:
+            return  # stopping already (a cancel, a timeout, a pause): that is how it ends
         act.stop_reason = reason
         if act.attempt_obj is not None:
             act.attempt_obj.stop_reason = reason

@@ -26,7 +26,6 @@ import itertools
 import os
 import secrets
 import threading
-import weakref
 from typing import Any
 
 import cloudpickle
@@ -51,6 +50,7 @@ from ..supervisor.logger import get_logger
 from ..supervisor.logs import AttemptLogs
 from ..runtime import main_module
 from ..supervisor.output import current_writer, label_for
+from ..supervisor.pickled import PickledFunctions, unsendable
 from ..supervisor.process import uncancellable
 from . import wire, worker
 from .cluster import Capacity, connect, is_connected
@@ -91,7 +91,7 @@ class RayExecutor:
         # Attempt tokens: unique on the cluster (the prefix) and cheap (no random bytes each).
         self._prefix = secrets.token_hex(4)
         self._tokens = itertools.count(1)
-        self._pickled: weakref.WeakKeyDictionary[Any, tuple[str, bytes]] = weakref.WeakKeyDictionary()
+        self._pickled = PickledFunctions()
 
     def _prepare(self) -> None:
         with self._lock:
@@ -124,22 +124,12 @@ class RayExecutor:
         return found
 
     def _payload(self, attempt: Attempt, snapshot: dict[str, bytes], classes: tuple[type, ...]) -> bytes:
-        """The attempt's ``run`` frame; a function is pickled once per run (a fan-out reuses it)."""
-        cached = self._pickled.get(attempt.func)
-        if cached is not None and cached[0] == attempt.run_id:
-            function = cached[1]
-        else:
-            try:
-                function = cloudpickle.dumps(attempt.func)
-            except Exception as exc:
-                raise IsolationError(
-                    f"state {attempt.state_name!r} cannot be sent to Ray ({exc!r}): define it at "
-                    "module level, or use isolation='inline'"
-                ) from exc
-            try:
-                self._pickled[attempt.func] = (attempt.run_id, function)
-            except TypeError:  # not weakly referenceable: pickled each time
-                pass
+        """The attempt's ``run`` frame. The function is as it is when the attempt launches: its
+        pickle is reused only while nothing it copies changed (:class:`PickledFunctions`)."""
+        try:
+            function = self._pickled.dumps(attempt.func)
+        except Exception as exc:
+            raise IsolationError(unsendable(attempt.state_name, attempt.func, exc, "Ray")) from exc
         return wire.encode_run(attempt.run_id, attempt.agent_name, attempt.state_name, attempt.number, function,
                                cloudpickle.dumps(classes) if classes else _NO_CLASSES, snapshot,
                                attempt.context)

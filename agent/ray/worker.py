@@ -28,6 +28,7 @@ import glob
 import itertools
 import os
 import tempfile
+import threading
 import time
 import traceback
 from typing import Any
@@ -172,17 +173,23 @@ def _relay(name: str) -> Any:
 
 
 class Pusher:
-    """Sends the attempt's frames to the relay in order, batched: a frame waits at most
-    ``FLUSH_DELAY`` seconds (or until the push in flight is done); what is still waiting
-    when the state returns goes back with its result instead, so a short state costs the
-    relay nothing."""
+    """Sends the attempt's frames to the relay in order, batched, from a thread of its own:
+    a frame waits at most ``FLUSH_DELAY`` seconds (or until the push in flight is done),
+    also while the state's code blocks its event loop (CPU work, ``time.sleep``), so that a
+    state stopped then keeps its progress; what is still waiting when the state returns
+    goes back with its result instead, so a short state costs the relay nothing (the
+    thread starts at the first write)."""
 
     def __init__(self, relay_name: str, token: str) -> None:
         self._relay_name = relay_name
         self._token = token
+        self._lock = threading.Lock()
         self._pending: list[bytes] = []
-        self._flight: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._now = False
+        self._closing = False
+        self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.pushed = 0
 
@@ -194,41 +201,45 @@ class Pusher:
         """Queue ``frame``; ``now`` pushes it without waiting (something waits on the driver)."""
         if self._error is not None:
             raise errors.IsolationError(f"the relay to the driver is gone: {self._error!r}")
-        self._pending.append(frame)
-        if self._flight is not None:
-            return  # goes with the next push, when this one is done
-        if now:
-            self._flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(FLUSH_DELAY, self._flush)
+        with self._lock:
+            self._pending.append(frame)
+            self._now = self._now or now
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="agent-ray-pusher", daemon=True)
+                self._thread.start()
+        self._wake.set()
 
-    def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        frames, self._pending = self._pending, []
-        self._flight = asyncio.ensure_future(self._push(frames))
+    def _run(self) -> None:
+        import ray
 
-    async def _push(self, frames: list[bytes]) -> None:
-        try:
-            await _relay(self._relay_name).push.remote(self._token, frames)
-        except Exception as exc:
-            self._error = exc
-            self._pending.clear()
-            self._flight = None
-            return
-        self.pushed += len(frames)
-        self._flight = None
-        if self._pending:
-            self._flush()
+        relay = _relay(self._relay_name)
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if not self._now:
+                self._stop.wait(FLUSH_DELAY)  # with those made meanwhile; at once when drained
+            with self._lock:
+                if self._closing:
+                    return  # what is left goes back with the result
+                frames, self._pending, self._now = self._pending, [], False
+            if not frames:
+                continue
+            try:
+                ray.get(relay.push.remote(self._token, frames))
+            except Exception as exc:  # noqa: BLE001 - reported by the next send() or drain()
+                self._error = exc
+                return
+            self.pushed += len(frames)
 
     async def drain(self) -> None:
         """Wait for the push in flight; what has not been pushed stays for :meth:`unsent`."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        while self._flight is not None:
-            await asyncio.shield(self._flight)
+        thread = self._thread
+        if thread is not None:
+            with self._lock:
+                self._closing = True
+            self._stop.set()
+            self._wake.set()
+            await asyncio.to_thread(thread.join)
         if self._error is not None:
             raise self._error
 

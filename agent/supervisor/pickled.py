@@ -121,6 +121,25 @@ class PickledFunctions:
         return data
 
 
+def unsendable(state: str, func: Any, error: Exception, where: str = "its process") -> str:
+    """Why ``func`` cannot be pickled for ``where``, naming the values it uses that cannot."""
+    from ..workflow import values_used
+
+    names: list[str] = []
+    for name, value in values_used(func).items():
+        try:
+            cloudpickle.dumps(value)
+        except Exception:
+            names.append(f"{name!r} (of type {type(value).__name__})")
+    if not names:
+        return (f"state {state!r} cannot be sent to {where} ({error!r}): define it at module level "
+                "or use isolation='inline'")
+    return (f"state {state!r} cannot be sent to {where}: it uses {', '.join(names)}, which cannot be "
+            f"copied into another process ({error!r}); a state in a child process gets copies of the "
+            "values its code uses: pass what it needs through the context, or give this state "
+            "isolation='inline'")
+
+
 def _dumps(func: Callable[..., Any]) -> bytes:
     data: bytes = cloudpickle.dumps(func)
     return data

@@ -36,7 +36,6 @@ from ..runtime.zygote import PARK_IDLE, PARK_MAX
 from ..context import encode_snapshot
 from ..scope import ContextScope, ScopedContext, scope_for
 from ..values import Bounds
-from ..workflow import values_used
 from .child import ChildProcess, ChildStatus, sent_by
 from .confinement import Confinement, Confiner
 from .descriptors import Budget, raise_soft_limit
@@ -47,7 +46,7 @@ from .private_dirs import make_private_dir
 from .teardown import at_exit
 from .output import AttemptOutput, label_for
 from .parked import ParkedChildren
-from .pickled import PickledFunctions
+from .pickled import PickledFunctions, unsendable
 from .workers import WorkerPool
 
 
@@ -67,23 +66,6 @@ def _env_count(name: str, default: int) -> int:
 
 def _env_modules(name: str) -> tuple[str, ...]:
     return tuple(m for m in re.split(r"[\s,]+", os.environ.get(name, "")) if m)
-
-
-def _unsendable(state: str, func: Any, error: Exception) -> str:
-    """Why ``func`` cannot be pickled for its process, naming the values it uses that cannot."""
-    names: list[str] = []
-    for name, value in values_used(func).items():
-        try:
-            cloudpickle.dumps(value)
-        except Exception:
-            names.append(f"{name!r} (of type {type(value).__name__})")
-    if not names:
-        return (f"state {state!r} cannot be sent to its process ({error!r}): define it at module level "
-                "or use isolation='inline'")
-    return (f"state {state!r} cannot be sent to its process: it uses {', '.join(names)}, which cannot be "
-            f"copied into another process ({error!r}); a state in a child process gets copies of the "
-            "values its code uses: pass what it needs through the context, or give this state "
-            "isolation='inline'")
 
 
 @dataclass(frozen=True)
@@ -427,7 +409,7 @@ class Supervisor:
         try:
             function = self.pickled.dumps(attempt.func)
         except Exception as exc:
-            raise IsolationError(_unsendable(attempt.state_name, attempt.func, exc)) from exc
+            raise IsolationError(unsendable(attempt.state_name, attempt.func, exc)) from exc
         context, classes = encode_snapshot(attempt.context, attempt.state_name, self.bounds)
         budget = attempt.context.budget
         frame = encode_message(Run(

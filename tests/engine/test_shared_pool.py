@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from agent import Agent, AgentStatus, Priority, ResourcePool, ResourceRequirements
+from agent import Agent, AgentStatus, Priority, ResourcePool, ResourceRequirements, StateStatus
 from agent import events as ev
 
 
@@ -111,3 +111,42 @@ class TestGrantsWhileScheduling:
         await asyncio.wait_for(run, 10)
         assert agent.status is AgentStatus.COMPLETED and sorted(started) == ["big", "f", "h", "h", "small"]
         assert pool.get_state_allocations() == {}
+
+    async def test_a_cancel_under_way_is_not_turned_into_a_preemption(self):
+        # victim is cancelled and still stopping when a HIGH request preempts it: it ended
+        # preempted, was requeued and ran again to completion.
+        pool = ResourcePool(total_cpu=2.0, total_memory=1024, enable_preemption=True)
+        started, stopping, let_go = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        runs: list[int] = []
+
+        async def victim(context):
+            runs.append(1)
+            if len(runs) > 1:
+                return None
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                stopping.set()
+                await let_go.wait()  # still stopping
+                raise
+
+        async def high(context):
+            return None
+
+        need = ResourceRequirements(cpu_units=2.0, memory_mb=64)
+        low = Agent("low", resource_pool=pool, isolation="inline")
+        low.add_state("victim", victim, resources=need, priority=Priority.LOW)
+        urgent = Agent("urgent", resource_pool=pool, isolation="inline")
+        urgent.add_state("high", high, resources=need, priority=Priority.HIGH)
+        low_run = asyncio.create_task(low.run())
+        await started.wait()
+        assert low.cancel_state("victim")
+        await stopping.wait()
+        urgent_run = asyncio.create_task(urgent.run())
+        while not pool.queued():
+            await asyncio.sleep(0)
+        let_go.set()
+        await asyncio.wait_for(asyncio.gather(low_run, urgent_run), 10)
+        assert low.state_metadata["victim"].status is StateStatus.CANCELLED and runs == [1]
+        assert urgent.state_metadata["high"].status is StateStatus.COMPLETED

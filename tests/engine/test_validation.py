@@ -66,6 +66,8 @@ CASES = [
     ("ResourceRequirements cpu_units inf", lambda: ResourceRequirements(cpu_units=INF), ResourceRequestError, "cpu_units"),
     ("ResourceRequirements memory_mb nan", lambda: ResourceRequirements(memory_mb=NAN), ResourceRequestError, "memory_mb"),
     ("ResourceRequirements timeout nan", lambda: ResourceRequirements(timeout=NAN), ResourceRequestError, "timeout"),
+    ("ResourceRequirements gpu_units under a share", lambda: ResourceRequirements(gpu_units=0.005),
+     ResourceRequestError, "at least 0.01"),
     ("ResourceRequirements pids_max bool", lambda: ResourceRequirements(pids_max=True), ResourceRequestError, "pids_max"),
     ("ResourceRequirements priority 'urgent'", lambda: ResourceRequirements(priority="urgent"), ResourceRequestError, "priority"),
     ("ResourceRequirements resource_types 'cpu'", lambda: ResourceRequirements(resource_types="cpu"), ResourceRequestError, "ResourceType.CPU"),

@@ -155,6 +155,19 @@ class TestRequeue:
         pool.release("high")
         assert pool.grant_next() == ["victim"]
 
+    def test_a_victim_that_lent_its_cpu_asks_for_it_again(self) -> None:
+        # Its state waits for a human (lend_cpu): requeued, it came back asking for no CPU
+        # and ran beside the state that had taken it, past the pool's CPUs.
+        pool = ResourcePool(total_cpu=2, total_memory=1000, total_gpu=0, enable_preemption=True)
+        pool.try_acquire("victim", req(cpu=2, priority=Priority.LOW))
+        assert pool.lend_cpu("victim") is not None
+        assert pool.try_acquire("filler", req(cpu=2, priority=Priority.NORMAL))
+        pool.requeue("victim")
+        assert pool.grant_next() == []  # the filler holds the CPUs
+        pool.release("filler")
+        assert pool.grant_next() == ["victim"]
+        assert pool.get_state_allocations()["victim"][ResourceType.CPU] == 2
+
     def test_requeue_of_nothing(self) -> None:
         pool = ResourcePool(total_cpu=4, total_memory=1000, total_gpu=0)
         with pytest.raises(ResourceRequestError, match="holds nothing"):

@@ -160,3 +160,12 @@ async def two_writers(context: Context) -> list[str]:
 
 async def write_600kb(context: Context) -> None:
     context.set_state(f"part_{context.state_name}", b"x" * (600 * 1024))
+
+
+async def blocks_after_writing(context: Context) -> None:
+    import time
+
+    context.set_state("before_blocking", 1)
+    time.sleep(0.3)  # the event loop does not run: the write still reaches the driver
+    context.set_state("while_blocking", 2)
+    time.sleep(60)  # until its timeout stops it

@@ -167,6 +167,33 @@ class TestContext:
             await agent.run(initial_context={"greeting": "hi", "tuple": 1, "local_only": object()})
         assert agent.state_metadata["shout"].attempts == 0
 
+    async def test_each_attempt_gets_the_function_as_it_is_then(self, tmp_path):
+        # A script's function travels by value, with the globals it reads. It was pickled
+        # once per run: later attempts saw SETTINGS as it was at the first one.
+        script = tmp_path / "settings_flow.py"
+        script.write_text(
+            "from agent import Agent\n"
+            "SETTINGS = {'round': 0}\n"
+            "async def bump(context):\n"
+            "    SETTINGS['round'] += 1\n"
+            "    return 'read' if SETTINGS['round'] <= 3 else None\n"
+            "async def read(context):\n"
+            "    context.set_state('seen', [*context.get_state('seen', []), SETTINGS['round']])\n"
+            "    return 'bump'\n"
+            "agent = Agent('globals', isolation='ray')\n"
+            "agent.add_state('bump', bump, isolation='inline')\n"
+            "agent.add_state('read', read)\n"
+        )
+        agent = runpy.run_path(str(script), run_name="settings_flow")["agent"]
+        assert (await agent.run()).get_state("seen") == [1, 2, 3]
+
+    async def test_writes_of_a_state_that_blocks_its_loop_are_kept_when_it_is_stopped(self):
+        agent = Agent("blocking", isolation="ray")
+        agent.add_state("blocks_after_writing", states.blocks_after_writing, timeout=3, max_retries=0)
+        with pytest.raises(StateFailedError):
+            await agent.run()
+        assert agent.context.get_state("before_blocking") == 1 and agent.context.get_state("while_blocking") == 2
+
     async def test_a_value_spoiled_in_place_is_not_stored_and_the_next_task_runs(self):
         agent = Agent("spoiled")
         agent.add_state("spoil_in_place", states.spoil_in_place, isolation="inline")
