@@ -490,18 +490,18 @@ class Agent:
         run = self._run
         act = run.running.get(state) if run is not None else None
         pool = self.resource_pool
-        lent = pool.lend_cpu(act.owner) if act is not None and act.holds else None
+        lent = act is not None and act.holds and pool.lend_cpu(act.owner)
         try:
             return await ask_human(
                 provider, prompt=prompt, timeout=timeout, validator=validator, default=default,
                 run_id=self.run_id or "", state=state, **asked,  # asked: a relayed re-ask (ask_relayed)
             )
         except asyncio.CancelledError:
-            lent = None  # the attempt is ending: the engine releases what it holds
+            lent = False  # the attempt is ending: the engine releases what it holds
             raise
         finally:
-            if lent is not None:
-                await pool.take_cpu_back(act.owner, lent, act.priority)  # type: ignore[union-attr]
+            if lent:
+                await pool.take_cpu_back(act.owner)  # type: ignore[union-attr]
 
     # --- steering -------------------------------------------------------------------------------
 

@@ -342,6 +342,7 @@ class ResourcePool:
         self._since = clock()
         self._holders: dict[str, Holding] = ledger.holders
         self._lent: dict[str, float] = {}  # owner -> the CPU it lent (lend_cpu), until taken back
+        self._loans: dict[str, asyncio.Future[None]] = {}  # lenders waiting to take it back
         # The wait queue: one heap per priority of (rank, waiter); cancelled entries
         # stay until they reach the top. _blocked / _reserve_at cache, per level, the
         # last settling pass: whether the level's head is stuck, and what the stuck
@@ -488,9 +489,11 @@ class ResourcePool:
 
     def _release(self, owner: str) -> None:
         if self._lent:
-            self._lent.pop(owner, None)
+            self._lent.pop(owner, None)  # a loan still waiting (_loans) ends with nothing to add
         if not self._ledger.try_release(owner):
             self._release_by_policy(owner)
+        if self._loans:
+            self._grant_loans()
 
     def _release_by_policy(self, owner: str) -> None:
         """``release`` for what the ledger's common case does not cover."""
@@ -645,6 +648,8 @@ class ResourcePool:
 
     def _settle(self) -> None:
         """Grant every queued request the policy allows now, and cache what blocks the rest."""
+        if self._loans:
+            self._grant_loans()  # first: see take_cpu_back
         if not self._waiters:
             for level in _LEVELS:
                 self._blocked[level] = False
@@ -712,53 +717,65 @@ class ResourcePool:
     # --- async use, like a capacity limiter ---------------------------------------------
 
     @locked
-    def lend_cpu(self, owner: str) -> tuple[float, float] | None:
+    def lend_cpu(self, owner: str) -> bool:
         """Give back the CPU ``owner`` holds, keeping the rest of its holding (memory, GPUs
         and their devices): its state waits for a human. Queued requests that now fit are
-        granted. Returns what :meth:`take_cpu_back` needs, or None when it holds no CPU."""
+        granted. Returns whether there was CPU to lend (:meth:`take_cpu_back` then)."""
         holding = self._holders.get(owner)
-        if holding is None or holding.held.cpu <= _EPS:
-            return None
+        if holding is None or holding.held.cpu <= _EPS or owner in self._lent:
+            return False
         ledger = self._ledger
         cpu = holding.held.cpu
         holding.held.cpu = 0.0
         holding._amounts = None
         ledger.free.cpu = min(ledger.free.cpu + cpu, ledger.total.cpu)
+        ledger.area.cpu += cpu * (self._clock() - holding.started)  # held so far; not while lent
         self._lent[owner] = cpu
         if self.enable_quotas:
             self._state_quotas.refund(holding.state, {ResourceType.CPU: cpu})
             self._priority_quotas.refund(holding.priority, {ResourceType.CPU: cpu})
         self._settle()
-        return cpu, self._clock()
+        return True
 
-    async def take_cpu_back(self, owner: str, lent: tuple[float, float], priority: Priority | int | None = None,
-                            ) -> None:
-        """Wait in the queue, at ``priority`` and ahead of its other requests, for the CPU
-        :meth:`lend_cpu` gave back, and add it to ``owner``'s holding again; the rest of the
-        holding stays held meanwhile. (Ahead: a request queued earlier may wait for the
-        memory or GPUs this holding keeps, which it gives back only once it has its CPU.)"""
-        cpu, since = lent
-        loan = f"{owner}#cpu"
-        only_cpu = ResourceRequirements(cpu_units=cpu, memory_mb=0.0, io_weight=0.0, network_weight=0.0)
-        await self.acquire(loan, only_cpu, priority, front=True)
+    async def take_cpu_back(self, owner: str) -> None:
+        """Wait until the CPU :meth:`lend_cpu` gave back is free again and add it to
+        ``owner``'s holding, ahead of every queued request: the state was admitted and
+        holds the rest, which a queued request may be waiting for (it would wait for this
+        state, and this state for the CPU reserved for it). Returns at once when ``owner``
+        lent nothing, or when its holding is given back or requeued meanwhile."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self.lock:
-            taken = self._holders.pop(loan, None)
+            if owner not in self._lent:
+                return
+            self._loans[owner] = future
+            self._grant_loans()
+        try:
+            await future
+        finally:
+            with self.lock:
+                if self._loans.get(owner) is future:
+                    del self._loans[owner]
+
+    def _grant_loans(self) -> None:
+        """Give each lender waiting in :meth:`take_cpu_back` its CPU, when free (lock held)."""
+        ledger = self._ledger
+        for owner, future in list(self._loans.items()):
+            cpu = self._lent.get(owner)
             holding = self._holders.get(owner)
-            if taken is None:
-                return
-            if holding is None:  # its attempt ended meanwhile: nothing to add it to
-                self._holders[loan] = taken
-                self._release(loan)
-                return
-            holding.held.cpu += cpu  # the loan's CPU, booked already, is the holding's again
-            holding._amounts = None
+            if cpu is not None and holding is not None:
+                if cpu > ledger.free.cpu + _EPS:
+                    continue
+                ledger.free.cpu -= cpu
+                ledger.lowest.cpu = min(ledger.lowest.cpu, ledger.free.cpu)
+                holding.held.cpu += cpu
+                holding._amounts = None
+                ledger.area.cpu -= cpu * (self._clock() - holding.started)  # counted from now on
+                if self.enable_quotas:
+                    self._state_quotas.charge(holding.state, {ResourceType.CPU: cpu})
+                    self._priority_quotas.charge(holding.priority, {ResourceType.CPU: cpu})
             self._lent.pop(owner, None)
-            self._ledger.area.cpu -= cpu * (self._clock() - since)  # it was not held while lent
-            if self.enable_quotas:
-                self._state_quotas.refund(taken.state, taken.amounts)
-                self._priority_quotas.refund(taken.priority, taken.amounts)
-                self._state_quotas.charge(holding.state, {ResourceType.CPU: cpu})
-                self._priority_quotas.charge(holding.priority, {ResourceType.CPU: cpu})
+            del self._loans[owner]
+            grant_soon(future)
 
     async def acquire(
         self,
@@ -767,12 +784,10 @@ class ResourcePool:
         priority: Priority | int | None = None,
         *,
         state: str | None = None,
-        front: bool = False,
     ) -> None:
-        """Wait in the queue until ``requirements`` is granted to ``owner`` (``front``: ahead
-        of its priority's other requests)."""
+        """Wait in the queue until ``requirements`` is granted to ``owner``."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._enqueue(owner, requirements, priority, state, front, future)
+        self._enqueue(owner, requirements, priority, state, False, future)
         try:
             await future
         except BaseException:

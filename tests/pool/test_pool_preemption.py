@@ -160,7 +160,7 @@ class TestRequeue:
         # and ran beside the state that had taken it, past the pool's CPUs.
         pool = ResourcePool(total_cpu=2, total_memory=1000, total_gpu=0, enable_preemption=True)
         pool.try_acquire("victim", req(cpu=2, priority=Priority.LOW))
-        assert pool.lend_cpu("victim") is not None
+        assert pool.lend_cpu("victim")
         assert pool.try_acquire("filler", req(cpu=2, priority=Priority.NORMAL))
         pool.requeue("victim")
         assert pool.grant_next() == []  # the filler holds the CPUs

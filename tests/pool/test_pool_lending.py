@@ -1,0 +1,71 @@
+"""A state waiting for a human lends its CPU (lend_cpu) and takes it back (take_cpu_back):
+the rest of its holding stays held throughout, and the books stay right."""
+
+from __future__ import annotations
+
+import asyncio
+
+from agent.resources import Priority, ResourcePool, ResourceRequirements, ResourceType
+
+
+def req(cpu: float, memory: float = 100.0, priority: Priority = Priority.NORMAL) -> ResourceRequirements:
+    return ResourceRequirements(cpu_units=cpu, memory_mb=memory, io_weight=0, network_weight=0, priority=priority)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TestLending:
+    async def test_taking_it_back_goes_ahead_of_a_request_waiting_for_its_memory(self):
+        # V (LOW) lends its CPU; P (HIGH) queues for CPU and V's memory. V must get its CPU
+        # back first, or P waits for V and V for the CPU set aside for P (it hung).
+        pool = ResourcePool(total_cpu=2, total_memory=100, total_gpu=0)
+        assert pool.try_acquire("V", req(2, priority=Priority.LOW))
+        assert pool.lend_cpu("V")
+        pool.enqueue("P", req(2, priority=Priority.HIGH))
+        await asyncio.wait_for(pool.take_cpu_back("V"), 10)
+        assert pool.get_state_allocations()["V"] == {ResourceType.CPU: 2, ResourceType.MEMORY: 100}
+        pool.release("V")
+        assert pool.grant_next() == ["P"]
+
+    async def test_it_waits_while_the_cpu_is_in_use(self):
+        pool = ResourcePool(total_cpu=2, total_memory=1000, total_gpu=0)
+        assert pool.try_acquire("V", req(2))
+        assert pool.lend_cpu("V")
+        assert pool.try_acquire("other", req(2))
+        back = asyncio.create_task(pool.take_cpu_back("V"))
+        await asyncio.sleep(0)
+        assert not back.done() and pool.get_state_allocations()["V"] == {ResourceType.MEMORY: 100}
+        pool.release("other")
+        await asyncio.wait_for(back, 10)
+        assert pool.get_state_allocations()["V"][ResourceType.CPU] == 2
+
+    async def test_a_requeued_lender_does_not_get_its_cpu_twice(self):
+        pool = ResourcePool(total_cpu=4, total_memory=1000, total_gpu=0, enable_preemption=True)
+        assert pool.try_acquire("A", req(2))
+        assert pool.lend_cpu("A")
+        pool.requeue("A")  # preempted while waiting: it asks again for all of it
+        assert pool.grant_next() == ["A"]
+        await asyncio.wait_for(pool.take_cpu_back("A"), 10)  # nothing left to take back
+        assert pool.get_state_allocations()["A"][ResourceType.CPU] == 2
+        assert pool.available(ResourceType.CPU) == 2
+
+    def test_what_was_held_before_the_loan_counts_in_the_usage(self):
+        clock = FakeClock()
+        pool = ResourcePool(total_cpu=4, total_memory=1000, total_gpu=0, clock=clock)
+        assert pool.try_acquire("A", req(2))
+        clock.now = 10.0
+        assert pool.lend_cpu("A")
+        clock.now = 20.0
+        pool.release("A")  # its attempt ended while it waited for a human
+        assert pool.get_usage_stats()[ResourceType.CPU].average_usage == 1.0  # 2 CPUs for 10 of 20 s
+
+    def test_nothing_to_lend(self):
+        pool = ResourcePool(total_cpu=4, total_memory=1000, total_gpu=0)
+        assert pool.try_acquire("memory_only", req(0))
+        assert not pool.lend_cpu("memory_only") and not pool.lend_cpu("nobody")
