@@ -18,7 +18,8 @@ import math
 import numbers
 import random
 
-from ..errors import MonitorError
+from .. import _validate
+from ..errors import MonitorConfigurationError, MonitorError
 
 STAT_NAMES = ("count", "sum", "min", "max", "avg", "median", "p95", "p99", "current")
 
@@ -55,10 +56,7 @@ class MetricAggregation:
     __slots__ = ("count", "sum", "_min", "_max", "current", "_sample", "_sorted", "_capacity", "_rng")
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, seed: int = 0) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            from ..errors import MonitorConfigurationError
-
-            raise MonitorConfigurationError(f"MetricAggregation capacity must be an int >= 1, got {capacity!r}")
+        _validate.integer(capacity, "MetricAggregation capacity", error=MonitorConfigurationError, minimum=1)
         self.count = 0
         self.sum = 0.0
         self._min = math.inf

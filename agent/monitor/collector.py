@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from .. import events as ev
-from ..errors import FAILURE_KINDS
+from ..errors import FAILURE_KINDS, MonitorConfigurationError
 from .aggregation import DEFAULT_CAPACITY, MetricAggregation, Ratio, Tally, WindowAggregation
 from .catalogue import CATALOGUE, MetricSpec, MetricType, parse_metric_types, specs_for
 from .process import ProcessSampler, ThisProcess
@@ -301,8 +301,6 @@ class MetricsCollector:
         try:
             return self._aggs[(category, name)]
         except (KeyError, TypeError):
-            from ..errors import MonitorConfigurationError
-
             raise MonitorConfigurationError(
                 f"no metric {category!r}.{name!r}: the catalogue (agent_monitor.CATALOGUE, docs/monitoring.md) "
                 "lists each category and name"
@@ -526,8 +524,6 @@ class MetricsCollector:
         or replaced.
         """
         if now is not None and (isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now)):
-            from ..errors import MonitorConfigurationError
-
             raise MonitorConfigurationError(f"sample(now=...) takes a finite time.monotonic() or None, got {now!r}")
         live = self._read_attempts() if self._running_total and self._attempts is not None else None
         with self._lock:
