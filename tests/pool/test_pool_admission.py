@@ -7,12 +7,7 @@ import pytest
 from agent.errors import GPUUnavailableError, ResourceRequestError
 from agent.resources import Priority, ResourcePool, ResourceRequirements, ResourceType
 
-
-def req(cpu: float = 1.0, memory: float = 0.0, gpu: float = 0.0, priority: Priority = Priority.NORMAL,
-        ) -> ResourceRequirements:
-    return ResourceRequirements(
-        cpu_units=cpu, memory_mb=memory, io_weight=0, network_weight=0, gpu_units=gpu, priority=priority
-    )
+from .helpers import req
 
 
 def small_pool(**kw) -> ResourcePool:  # type: ignore[no-untyped-def]

@@ -5,19 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from agent.resources import Priority, ResourcePool, ResourceRequirements, ResourceType
+from agent.resources import Priority, ResourcePool, ResourceType
 
-
-def req(cpu: float, memory: float = 100.0, priority: Priority = Priority.NORMAL) -> ResourceRequirements:
-    return ResourceRequirements(cpu_units=cpu, memory_mb=memory, io_weight=0, network_weight=0, priority=priority)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from .helpers import FakeClock, req
 
 
 class TestLending:
@@ -25,9 +15,9 @@ class TestLending:
         # V (LOW) lends its CPU; P (HIGH) queues for CPU and V's memory. V must get its CPU
         # back first, or P waits for V and V for the CPU set aside for P (it hung).
         pool = ResourcePool(total_cpu=2, total_memory=100, total_gpu=0)
-        assert pool.try_acquire("V", req(2, priority=Priority.LOW))
+        assert pool.try_acquire("V", req(2, 100, priority=Priority.LOW))
         assert pool.lend_cpu("V")
-        pool.enqueue("P", req(2, priority=Priority.HIGH))
+        pool.enqueue("P", req(2, 100, priority=Priority.HIGH))
         await asyncio.wait_for(pool.take_cpu_back("V"), 10)
         assert pool.get_state_allocations()["V"] == {ResourceType.CPU: 2, ResourceType.MEMORY: 100}
         pool.release("V")
@@ -35,9 +25,9 @@ class TestLending:
 
     async def test_it_waits_while_the_cpu_is_in_use(self):
         pool = ResourcePool(total_cpu=2, total_memory=1000, total_gpu=0)
-        assert pool.try_acquire("V", req(2))
+        assert pool.try_acquire("V", req(2, 100))
         assert pool.lend_cpu("V")
-        assert pool.try_acquire("other", req(2))
+        assert pool.try_acquire("other", req(2, 100))
         back = asyncio.create_task(pool.take_cpu_back("V"))
         await asyncio.sleep(0)
         assert not back.done() and pool.get_state_allocations()["V"] == {ResourceType.MEMORY: 100}
@@ -47,7 +37,7 @@ class TestLending:
 
     async def test_a_requeued_lender_does_not_get_its_cpu_twice(self):
         pool = ResourcePool(total_cpu=4, total_memory=1000, total_gpu=0, enable_preemption=True)
-        assert pool.try_acquire("A", req(2))
+        assert pool.try_acquire("A", req(2, 100))
         assert pool.lend_cpu("A")
         pool.requeue("A")  # preempted while waiting: it asks again for all of it
         assert pool.grant_next() == ["A"]
@@ -58,7 +48,7 @@ class TestLending:
     def test_what_was_held_before_the_loan_counts_in_the_usage(self):
         clock = FakeClock()
         pool = ResourcePool(total_cpu=4, total_memory=1000, total_gpu=0, clock=clock)
-        assert pool.try_acquire("A", req(2))
+        assert pool.try_acquire("A", req(2, 100))
         clock.now = 10.0
         assert pool.lend_cpu("A")
         clock.now = 20.0
@@ -67,5 +57,5 @@ class TestLending:
 
     def test_nothing_to_lend(self):
         pool = ResourcePool(total_cpu=4, total_memory=1000, total_gpu=0)
-        assert pool.try_acquire("memory_only", req(0))
+        assert pool.try_acquire("memory_only", req(0, 100))
         assert not pool.lend_cpu("memory_only") and not pool.lend_cpu("nobody")

@@ -8,19 +8,9 @@ from agent.errors import ResourceRequestError
 from agent.preemption import Holder, PreemptionPolicy
 from agent.resources import Priority, ResourcePool, ResourceRequirements, ResourceType
 
+from .helpers import FakeClock, req
+
 CPU, MEM = ResourceType.CPU, ResourceType.MEMORY
-
-
-def req(cpu: float = 1.0, memory: float = 0.0, priority: Priority = Priority.NORMAL) -> ResourceRequirements:
-    return ResourceRequirements(cpu_units=cpu, memory_mb=memory, io_weight=0, network_weight=0, priority=priority)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def holder(owner: str, priority: int, cpu: float, started: float, memory: float = 0.0) -> Holder:

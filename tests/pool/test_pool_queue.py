@@ -7,11 +7,9 @@ import asyncio
 import pytest
 
 from agent.errors import ResourceError, ResourceRequestError
-from agent.resources import Priority, ResourcePool, ResourceRequirements, ResourceType
+from agent.resources import Priority, ResourcePool, ResourceType
 
-
-def req(cpu: float = 1.0, memory: float = 0.0, priority: Priority = Priority.NORMAL) -> ResourceRequirements:
-    return ResourceRequirements(cpu_units=cpu, memory_mb=memory, io_weight=0, network_weight=0, priority=priority)
+from .helpers import req
 
 
 def pool4() -> ResourcePool:

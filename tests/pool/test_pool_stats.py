@@ -6,26 +6,16 @@ import dataclasses
 
 import pytest
 
-from agent.resources import PoolStatistics, Priority, ResourcePool, ResourceRequirements, ResourceType
+from agent.resources import PoolStatistics, Priority, ResourcePool, ResourceType
+
+from .helpers import FakeClock, req
 
 CPU, MEM = ResourceType.CPU, ResourceType.MEMORY
 
 
-def req(cpu: float = 1.0, memory: float = 0.0, priority: Priority = Priority.NORMAL) -> ResourceRequirements:
-    return ResourceRequirements(cpu_units=cpu, memory_mb=memory, io_weight=0, network_weight=0, priority=priority)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clocked() -> tuple[ResourcePool, FakeClock]:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     pool = ResourcePool(total_cpu=4, total_memory=1000, total_io=10, total_network=10, total_gpu=0, clock=clock)
     return pool, clock
 
