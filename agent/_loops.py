@@ -1,10 +1,12 @@
 """Calling into an event loop from another thread (a web request's, the status endpoint's,
-another run's that shares a pool or a coordination primitive)."""
+another run's that shares a pool or a coordination primitive), and registering callbacks
+that outlive their caller."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -28,6 +30,18 @@ def call_on(loop: Any, func: Callable[[], T], timeout: float | None = None) -> T
 
     loop.call_soon_threadsafe(on_the_loop)
     return done.result(timeout)
+
+
+def outside_caller(func: Callable[..., T], *args: Any) -> T:
+    """``func(*args)`` in an empty :class:`contextvars.Context`.
+
+    A loop callback copies the context variables of whoever registered it. One kept for
+    the process's life (the supervisor's readers) or a worker's (its channel and output)
+    would otherwise hold the first attempt's variables, and through them its run and
+    agent, long after both are done: an agent dropped with ``del`` stayed alive, and so
+    did the coordination primitives it declared.
+    """
+    return contextvars.Context().run(func, *args)
 
 
 def locked(method: Callable[..., T]) -> Callable[..., T]:

@@ -26,6 +26,7 @@ import cloudpickle
 import psutil
 
 from .. import values
+from .._loops import outside_caller
 from ..errors import CgroupError, InvalidConfigurationError, IsolationError, ProtocolError
 from ..executor import Attempt, Isolation
 from ..ipc import Hello, Run, decode_message, encode_message
@@ -175,11 +176,14 @@ class Supervisor:
                 )
             if self._busy():
                 self._fail_all(None, keep_idle=True)
+        outside_caller(self._serve_on, loop)
+        if current is not loop:
+            self.parked_children.settle()  # what the last loop stopped before taking in
+
+    def _serve_on(self, loop: asyncio.AbstractEventLoop) -> None:
         self.router.attach(loop)
         self.zygote.attach(loop)
         self.workers.attach(loop)
-        if current is not loop:
-            self.parked_children.settle()  # what the last loop stopped before taking in
 
     def free_for(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Whether this supervisor may serve ``loop``: it serves no other loop that still runs.

@@ -43,6 +43,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .._loops import outside_caller
 from ..errors import FailureReason, InvalidConfigurationError, IsolationError
 from ..executor import Attempt, AttemptFailed
 from ..scope import ContextScope
@@ -233,7 +234,8 @@ class WorkerPool:
         if now >= due:
             return True
         if queue.timer is None:
-            queue.timer = asyncio.get_running_loop().call_later(due - now, self._check, queue)
+            queue.timer = asyncio.get_running_loop().call_later(
+                due - now, self._check, queue, context=contextvars.Context())
         return False
 
     def _check(self, queue: _Queue) -> None:
@@ -252,6 +254,9 @@ class WorkerPool:
         return False
 
     def _start(self, queue: _Queue, attempt: Attempt) -> None:
+        outside_caller(self._start_worker, queue, attempt)  # the worker outlives the attempt
+
+    def _start_worker(self, queue: _Queue, attempt: Attempt) -> None:
         sup = self.supervisor
         confinement = sup.confine(attempt, name="worker")
         try:

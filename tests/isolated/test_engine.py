@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+import gc
 import os
 import time
+import weakref
 
 import pytest
 
 from agent import Agent, AgentStatus, Context, StateStatus
+from agent.clock import settle
+from agent.coordination import PrimitiveType, create_coordinated_agent
 from agent.errors import StateFailedError, StateTimeoutError
 from agent.executor import Isolation
 from agent.human import QueueInputProvider
@@ -217,6 +221,24 @@ class TestAgentWithProcessIsolation:
         assert ctx.get_state("formatted") == "<<Hello, World!>>"
         assert ctx.get_state("pid") != os.getpid()
         assert "Result: Hello, World!" in agent.logs("format_output")
+
+    async def test_a_dropped_agent_whose_run_brought_the_supervisor_to_this_loop_is_freed(self, level):
+        # The supervisor's readers (and a worker's channel) are made inside the first
+        # attempt on a loop: they must not keep that attempt's run, and its agent, alive.
+        # A coordinated agent's attempts carry a variable that leads back to its run.
+        agent = create_coordinated_agent("dropped", isolation=level)
+        agent.add_state_coordination("process_data", PrimitiveType.SEMAPHORE, max_count=2)
+        agent.add_state("process_data", process_data)
+        agent.add_state("format_output", format_output)
+        await agent.run()
+        gone = weakref.ref(agent)
+        del agent
+        await settle()
+        gc.collect()
+        assert gone() is None
+        # Its declaration went with it: another agent may declare other settings.
+        again = create_coordinated_agent("again", isolation=level)
+        again.add_state_coordination("process_data", PrimitiveType.SEMAPHORE, max_count=3)
 
     async def test_fan_out_and_join(self, level):
         agent = Agent("fan", isolation=level)
