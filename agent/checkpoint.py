@@ -73,7 +73,7 @@ class AgentCheckpoint:
         from .values import to_json
 
         data = self.header_dict()
-        data["context"] = to_json(self.context, "context")
+        data["context"] = to_json(self.context, "context", levels_above=1)
         return data
 
     def to_json(self) -> str:
@@ -85,7 +85,7 @@ class AgentCheckpoint:
         """Read :meth:`to_json` output; corrupt or truncated text raises CheckpointError."""
         try:
             data = json.loads(text)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise CheckpointError(
                 f"checkpoint text is corrupt or truncated ({exc}): use an earlier checkpoint"
             ) from exc
@@ -104,7 +104,7 @@ class AgentCheckpoint:
             raise CheckpointError(
                 f"checkpoint is missing {', '.join(missing)}: it is truncated or not a checkpoint"
             )
-        context = from_json(data["context"])
+        context = from_json(data["context"], levels_above=1)
         if not isinstance(context, dict) or not all(isinstance(k, str) for k in context):
             raise CheckpointError("checkpoint context must be an object with string keys")
         return cls(

@@ -509,7 +509,7 @@ def _fingerprint(value: Any) -> bytes | None:
 def _decode_header(text: str, where: str) -> dict[str, Any]:
     try:
         header = json.loads(text)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"{where} is corrupt or truncated ({exc}): delete the run or prune it") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{where} is corrupt: its header is not a JSON object")

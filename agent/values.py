@@ -83,6 +83,10 @@ DEFAULT_MAX_FRAME = 64 * MIB
 FRAME_OVERHEAD = 64 * 1024
 """Room for the message around a value of the cap: what a channel lets through on top."""
 
+FRAME_OBJECTS = 64
+"""Objects a message's own fields (and their names) may add to those of the value it
+carries: a value ``set_state`` accepted is never refused for the frame around it."""
+
 def snapshot_room(max_frame: int) -> int:
     """What a child's start message can give the context: the frame cap less the room kept
     for the state function and the other fields (1 MiB, or a sixteenth of a smaller cap)."""
@@ -841,7 +845,7 @@ class _Decoding:
 
     def __init__(self, bounds: Bounds, import_modules: bool, extra_depth: int = 0) -> None:
         self.objects = 1
-        self.max_objects = bounds.max_objects
+        self.max_objects = bounds.max_objects + (FRAME_OBJECTS if extra_depth else 0)
         self.max_depth = bounds.max_depth + extra_depth  # a frame's own map is one level
         self.extra_depth = extra_depth
         self.import_modules = import_modules
@@ -863,7 +867,8 @@ class _Decoding:
 
     def _refuse(self, depth: int) -> None:
         if self.objects > self.max_objects:
-            raise BoundExceededError(f"a value holds more than {self.max_objects:,} objects (the objects bound)")
+            limit = self.max_objects - (FRAME_OBJECTS if self.extra_depth else 0)
+            raise BoundExceededError(f"a value holds more than {limit:,} objects (the objects bound)")
         limit = self.max_depth - self.extra_depth
         raise BoundExceededError(f"a value nested deeper than {limit} levels (the depth bound)")
 
@@ -1045,12 +1050,25 @@ _INF = float("inf")
 _NINF = float("-inf")
 
 
-def to_json(value: Any, where: str = "value") -> Any:
-    """``value`` as JSON-compatible data; raises UnencodableValueError naming where."""
+def to_json(value: Any, where: str = "value", *, levels_above: int = 0) -> Any:
+    """``value`` as JSON-compatible data; raises UnencodableValueError naming where.
+
+    Nesting is bounded as :func:`check` bounds it (:data:`MAX_DEPTH`, an empty container
+    at the bottom adding no level), counted from ``levels_above`` levels down: a mapping
+    of values (a checkpoint's context) passes 1, so each of its values may nest as deep
+    as ``set_state`` let it.
+    """
     try:
-        return _to_json(value, 0)
+        return _to_json(value, -levels_above)
     except _Refused as exc:
         raise exc.error(f"{_path(where, exc.parts)}: {exc.message}") from None
+
+
+def _deeper(value: Any, depth: int) -> int:
+    """The depth of the elements of container ``value``, which sits at ``depth``."""
+    if value and depth >= MAX_DEPTH:
+        raise _Refused(f"nested deeper than {MAX_DEPTH} levels (a reference cycle?); store flatter data")
+    return depth + 1
 
 
 def _to_json(value: Any, depth: int) -> Any:
@@ -1065,10 +1083,8 @@ def _to_json(value: Any, depth: int) -> Any:
         if value != value or value in (_INF, _NINF):
             return {_TAG: "float", "value": repr(value)}
         return value
-    if depth >= MAX_DEPTH:
-        raise _Refused(f"nested deeper than {MAX_DEPTH} levels (a reference cycle?); store flatter data")
-    d = depth + 1
     if t is dict:
+        d = _deeper(value, depth)
         plain = _TAG not in value
         items = []
         for k, v in value.items():
@@ -1081,6 +1097,7 @@ def _to_json(value: Any, depth: int) -> Any:
                 raise
         return dict(items) if plain else {_TAG: "dict", "value": [list(i) for i in items]}
     if t is list or t is tuple:
+        d = _deeper(value, depth)
         out = []
         for i, v in enumerate(value):
             try:
@@ -1090,6 +1107,7 @@ def _to_json(value: Any, depth: int) -> Any:
                 raise
         return out if t is list else {_TAG: "tuple", "value": out}
     if t is set or t is frozenset:
+        d = _deeper(value, depth)
         try:
             items = [_to_json(v, d) for v in value]
         except _Refused as exc:
@@ -1125,6 +1143,7 @@ def _to_json(value: Any, depth: int) -> Any:
         except UnencodableValueError as exc:
             raise _Refused(str(exc)) from None
         fields = {}
+        d = _deeper(dataclasses.fields(value), depth)
         for f in dataclasses.fields(value):
             try:
                 fields[f.name] = _to_json(getattr(value, f.name), d)
@@ -1135,38 +1154,59 @@ def _to_json(value: Any, depth: int) -> Any:
     raise _Refused(_refusal(value, t))
 
 
-def from_json(data: Any) -> Any:
-    """Decode what :func:`to_json` produced; raises CheckpointError when malformed."""
+def from_json(data: Any, *, levels_above: int = 0) -> Any:
+    """Decode what :func:`to_json` produced (given the same ``levels_above``); raises
+    CheckpointError when malformed, or nested deeper than :func:`to_json` writes."""
+    return _from_json(data, -levels_above)
+
+
+def _from_json(data: Any, depth: int) -> Any:
     if isinstance(data, list):
-        return [from_json(v) for v in data]
+        d = _nested(data, depth)
+        return [_from_json(v, d) for v in data]
     if not isinstance(data, dict):
         return data
     tag = data.get(_TAG)
     if tag is None:
-        return {k: from_json(v) for k, v in data.items()}
+        d = _nested(data, depth)
+        return {k: _from_json(v, d) for k, v in data.items()}
     raw = data.get("value")
     try:
-        return _from_tagged(tag, raw, data)
+        return _from_tagged(tag, raw, data, depth)
     except CheckpointError:
         raise
     except Exception as exc:
         raise CheckpointError(f"malformed {tag!r} value in checkpoint: {exc!r}") from exc
 
 
-def _from_tagged(tag: str, raw: Any, data: dict[str, Any]) -> Any:
+def _nested(container: Any, depth: int) -> int:
+    """:func:`_deeper` for a checkpoint being read: the depth of ``container``'s elements."""
+    if container and depth >= MAX_DEPTH:
+        raise CheckpointError(
+            f"a value in the checkpoint is nested deeper than {MAX_DEPTH} levels, which no checkpoint "
+            "written by this framework holds: it was altered; use an earlier checkpoint"
+        )
+    return depth + 1
+
+
+def _from_tagged(tag: str, raw: Any, data: dict[str, Any], depth: int) -> Any:
     if tag == "dict":
         out = {}
+        d = _nested(raw, depth)
         for k, v in raw:
             if type(k) is not str:
                 raise ValueError(f"a dict key is a {type(k).__name__}")
-            out[k] = from_json(v)
+            out[k] = _from_json(v, d)
         return out
     if tag == "tuple":
-        return tuple(from_json(v) for v in raw)
+        d = _nested(raw, depth)
+        return tuple(_from_json(v, d) for v in raw)
     if tag == "set":
-        return {from_json(v) for v in raw}
+        d = _nested(raw, depth)
+        return {_from_json(v, d) for v in raw}
     if tag == "frozenset":
-        return frozenset(from_json(v) for v in raw)
+        d = _nested(raw, depth)
+        return frozenset(_from_json(v, d) for v in raw)
     if tag == "bytes":
         return base64.b64decode(raw, validate=True)
     if tag == "datetime" or tag == "time":
@@ -1191,11 +1231,11 @@ def _from_tagged(tag: str, raw: Any, data: dict[str, Any]) -> Any:
             raise ValueError(f"not a special float: {raw!r}")
         return float(raw)
     if tag == "typed":
-        return _typed_from_json(data)
+        return _typed_from_json(data, depth)
     raise CheckpointError(f"unknown value tag {tag!r} in checkpoint: it was written by a newer release")
 
 
-def _typed_from_json(data: dict[str, Any]) -> TypedContextData:
+def _typed_from_json(data: dict[str, Any], depth: int) -> TypedContextData:
     name = data["class"]
     cls = typed_class(name, import_modules=True)
     if cls is None:
@@ -1218,7 +1258,8 @@ def _typed_from_json(data: dict[str, Any]) -> TypedContextData:
     raw = data["value"]
     if not isinstance(raw, dict):
         raise CheckpointError(f"typed value of {name!r} has no field map")
-    fields = {k: from_json(v) for k, v in raw.items()}
+    d = _nested(raw, depth)
+    fields = {k: _from_json(v, d) for k, v in raw.items()}
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # checked to be a dataclass above
     unknown = sorted(set(fields) - known)
     if unknown:
@@ -1238,7 +1279,7 @@ def loads(text: str | bytes) -> Any:
     """The value :func:`dumps` wrote; raises CheckpointError for corrupt or truncated text."""
     try:
         data = json.loads(text)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"corrupt or truncated checkpoint JSON: {exc}") from exc
     return from_json(data)
 

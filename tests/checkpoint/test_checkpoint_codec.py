@@ -15,9 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.checkpoint import AgentCheckpoint
 from agent.context import TypedContextData
 from agent.errors import CheckpointError, UnencodableValueError
-from agent.values import dumps, from_json, loads, to_json
+from agent.values import MAX_DEPTH, check, dumps, from_json, loads, to_json
 
 
 @dataclasses.dataclass
@@ -126,6 +127,59 @@ class TestRoundTrip:
         refused = r"Color cannot be stored \(types are exact\); store its .value"
         with pytest.raises(UnencodableValueError, match=refused):
             dumps({"c": Color.RED})
+
+
+def _nest(bottom: Any, levels: int) -> Any:
+    value = bottom
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+class TestDepth:
+    """A checkpoint holds exactly the values ``set_state`` takes (:func:`check`), and reading
+    one never nests deeper than that."""
+
+    @pytest.mark.parametrize("levels", [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1])
+    @pytest.mark.parametrize("bottom", [[], [0], {}, {"k": 0}, (), frozenset({1})])
+    def test_what_set_state_takes_is_checkpointed(self, levels, bottom):
+        value = _nest(bottom, levels)
+        try:
+            check(value)
+        except UnencodableValueError:
+            with pytest.raises(UnencodableValueError, match="nested deeper than 64 levels"):
+                dumps(value)
+            with pytest.raises(UnencodableValueError, match=r"context\['v'\]"):
+                _checkpoint({"v": value}).to_json()
+            return
+        assert same(loads(dumps(value)), value)
+        back = AgentCheckpoint.from_json(_checkpoint({"v": value, "$type": 1}).to_json())
+        assert same(back.context["v"], value) and back.context["$type"] == 1
+
+    @pytest.mark.parametrize("levels", [MAX_DEPTH + 1, 900, 10_000])
+    def test_data_nested_deeper_than_any_checkpoint_holds_is_refused(self, levels):
+        plain: Any = 1
+        tagged: Any = 1
+        for _ in range(levels):
+            plain = [plain]
+            tagged = {"$type": "tuple", "value": [tagged]}
+        for data in (plain, tagged, {"$type": "typed", "class": f"{__name__}:Point", "value": {"x": plain}}):
+            with pytest.raises(CheckpointError, match="nested deeper than 64 levels"):
+                from_json(data)
+        with pytest.raises(CheckpointError, match="nested deeper than 64 levels"):
+            AgentCheckpoint.from_dict({**_checkpoint({}).to_dict(), "context": {"v": plain}})
+
+    def test_text_nested_past_the_json_parser_is_corrupt(self):
+        text = "[" * 100_000 + "]" * 100_000
+        with pytest.raises(CheckpointError, match="corrupt or truncated"):
+            loads(text)
+        with pytest.raises(CheckpointError, match="corrupt or truncated"):
+            AgentCheckpoint.from_json(text)
+
+
+def _checkpoint(context: dict[str, Any]) -> AgentCheckpoint:
+    return AgentCheckpoint(agent_name="deep", agent_status="completed", completed_states={"s"},
+                           pending_states=[], running_states=[], state_metadata={}, context=context)
 
 
 class TestRejects:

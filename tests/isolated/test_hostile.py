@@ -28,7 +28,7 @@ from agent.executor import AttemptFailed
 from agent.ipc import PROTOCOL_VERSION, ContextWrite, Hello, Result, encode_message
 from agent.ipc.zmtp import DealerTransport
 from agent.supervisor import current_supervisor
-from agent.values import TypedContextData, encode
+from agent.values import MAX_OBJECTS, TypedContextData, encode
 
 from .helpers import budget_race, make_attempt, run
 
@@ -133,6 +133,10 @@ async def big_then_small(context):
         context.set_state("blob", f"small {i}")
         context.set_state(f"after_{i}", i)
     return "done"
+
+
+async def widest(context):
+    context.set_state("wide", list(range(MAX_OBJECTS - 1)))  # the list and its elements: MAX_OBJECTS
 
 
 async def normal(context):
@@ -335,6 +339,13 @@ class TestInflation:
         exc = await failed(isolation, inflating_raw)
         assert exc.reason.kind == "bound" and "objects" in exc.reason.message
         await still_serving(isolation)
+
+    @pytest.mark.parametrize("isolation", ["inline", "process", "worker"])
+    async def test_a_value_at_the_objects_bound_is_stored(self, isolation):
+        # The frame around it adds objects of its own, which the bound does not count.
+        agent = Agent("at_bound", isolation=isolation)
+        agent.add_state("widest", widest)
+        assert len((await agent.run()).get_state("wide")) == MAX_OBJECTS - 1
 
     async def test_big_frames_are_applied_in_order(self):
         seen = []
@@ -588,6 +599,10 @@ async def flood(context):
     for _ in range(100):  # 70 MB in all, each write within the budget
         own.send(frame)
     await asyncio.sleep(60)
+
+async def widest(context):
+    context.set_state("wide", list(range(MAX_OBJECTS - 1)))  # the list and its elements: MAX_OBJECTS
+
 
 async def normal(context):
     context.set_state("ok", True)
