@@ -107,6 +107,9 @@ class Attempt:
     stop_reason: str | None = None
     # Filled by the executor: measured usage (cpu_seconds, peak_memory_bytes, ...).
     usage: dict[str, Any] = field(default_factory=dict)
+    # Filled by the executor when it stopped the attempt (a timeout, say) and its process
+    # had hit a limit meanwhile: a fork bomb that ignores its refused forks runs until then.
+    limit_hit: FailureReason | None = None
     # Filled by the scheduler from the resource pool (e.g. {"gpus": [uuid, ...]}).
     assignment: dict[str, Any] = field(default_factory=dict)
     # Set by a caller that takes the outcome before the attempt's process is gone: the

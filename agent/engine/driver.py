@@ -220,7 +220,8 @@ class Driver:
                     run.admitted(act)
                 outcome = await executor_for(attempt.isolation).run_attempt(attempt)
             except asyncio.CancelledError as exc:
-                result, failure, usage = None, _unasked_cancel(act, exc), dict(attempt.usage)
+                # Stopped by the engine: a limit hit meanwhile is said with its reason (a timeout).
+                result, failure, usage = None, _unasked_cancel(act, exc) or attempt.limit_hit, dict(attempt.usage)
             except AttemptFailed as failed:
                 result, failure, usage = None, failed.reason, failed.usage
             except Exception as exc:

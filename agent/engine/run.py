@@ -1093,10 +1093,13 @@ class Run:
             return
         if stop is _STOP_TIMEOUT:
             limit = self.specs[name].effective_timeout
+            # A limit its process hit meanwhile (a fork bomb that ignores its refused forks
+            # runs until its timeout) is said too.
+            hit = f"; meanwhile, {failure.message}" if failure is not None and failure.kind == "limit" else ""
             failure = FailureReason(
                 kind="timeout",
-                message=f"timed out after {limit:g} s (attempt {act.attempt})",
-                details={"timeout": limit},
+                message=f"timed out after {limit:g} s (attempt {act.attempt}){hit}",
+                details={"timeout": limit, **(failure.details if hit and failure is not None else {})},
             )
         if failure is None:
             self.succeeded(act, result, duration, usage, now)

@@ -153,8 +153,9 @@ async def watch(
         return await (over if over is not None else asyncio.shield(child.exited))
     except asyncio.CancelledError:
         await uncancellable(child.stop(attempt.stop_reason or "cancel", grace))
-        try:  # what it used until it was stopped: no outcome carries it
+        try:  # what it used until it was stopped, and a limit it hit: no outcome carries them
             attempt.usage.update(child.confinement.usage())
+            attempt.limit_hit = child.confinement.failure_reason(None, None)
         except Exception:  # a report only: never in the way of the stop
             pass
         raise

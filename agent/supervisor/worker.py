@@ -71,7 +71,9 @@ class WorkerAttempt(ChildProcess):
             request_id=worker.request_id, log_path=log_path, run_frame=None, bounds=worker.bounds, caller=caller,
         )
         self.worker = worker
+        self.earlier = worker.served  # states the worker served before this one
         self.escaped: FailureReason | None = None  # judged at its end: see ended()
+        self.hit_limit = False  # its memory or pids limit was hit (a subprocess of it killed, say)
         self._judged = False
         self.pid = worker.pid
         self.fd = worker.fd
@@ -96,6 +98,8 @@ class WorkerAttempt(ChildProcess):
             # (its limits no longer hold, and every later attempt would look like an escape).
             # On the attempt's own final figures: the cgroup is read once per attempt.
             self.shared.end()
+            events = self.shared.limit_events()
+            self.hit_limit = bool(events.oom_kills or events.pids_limit_hits)
             self.escaped, self._judged = self._escape({}), True
         self.on_exit_status(0)
 
@@ -109,7 +113,7 @@ class WorkerAttempt(ChildProcess):
 
     def _failure(self, status: int | None) -> FailureReason:
         reason = super()._failure(status)
-        earlier = self.worker.served
+        earlier = self.earlier
         if reason.kind == "limit" and reason.details.get("limit") == "memory" and earlier:
             # Memory earlier states left in the worker counts against this one: not its own
             # failure for sure, so not permanent (a retry runs on a new worker).

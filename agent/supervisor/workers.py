@@ -286,7 +286,8 @@ class WorkerPool:
         else:
             queue.busy.discard(worker)
         worker.idle_since = now
-        if self._worn_out(worker, now) or (finished is not None and finished.escaped is not None):
+        spoilt = finished is not None and (finished.escaped is not None or finished.hit_limit)
+        if spoilt or self._worn_out(worker, now):
             self._retire(worker)
         else:
             queue.idle.append(worker)

@@ -6,6 +6,7 @@ nothing but this file.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 MiB = 1024 * 1024
@@ -35,6 +36,17 @@ async def bomb(context):
             children.append(pid)
     finally:
         context.set_state("forked", len(children))
+
+
+async def stubborn_bomb(context):
+    hold_r, _hold_w = os.pipe()
+    while True:  # a refused fork is ignored: it never fails by itself
+        try:
+            if os.fork() == 0:
+                os.read(hold_r, 1)
+                os._exit(0)
+        except OSError:
+            await asyncio.sleep(0.001)
 
 
 async def nothing(context):

@@ -10,7 +10,7 @@ from agent import Agent
 from agent.errors import StateFailedError
 from agent.resources import ResourceRequirements
 
-from .agent_states import bomb, hog, modest, nothing
+from .agent_states import bomb, hog, modest, nothing, stubborn_bomb
 from .helpers import BACKEND
 
 try:
@@ -50,6 +50,16 @@ class TestLimitsThroughTheAgent:
         with pytest.raises(StateFailedError) as info:
             await agent.run()
         assert "pids limit 32" in str(info.value)
+
+    @pytest.mark.parametrize("isolation", ["process", "worker"])
+    async def test_a_fork_bomb_that_ignores_refused_forks_times_out_naming_the_pids_limit(self, isolation):
+        agent = Agent("stubborn", isolation=isolation)
+        agent.add_state("work", stubborn_bomb, resources=ResourceRequirements(pids_max=16), timeout=1, max_retries=0)
+        with pytest.raises(StateFailedError) as info:
+            await agent.run()
+        reason = info.value.reason
+        assert reason.kind == "timeout" and "pids limit 16 reached" in reason.message
+        assert reason.details["limit"] == "pids" and reason.details["refused"] > 0
 
 
 async def test_a_states_cpu_time_is_counted_up_to_its_result():

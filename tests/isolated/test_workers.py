@@ -7,6 +7,7 @@ import asyncio
 import gc
 import os
 import resource
+import subprocess
 import sys
 
 import psutil
@@ -144,6 +145,28 @@ async def test_a_worker_killed_by_its_memory_limit_is_replaced():
     ctx = await after.run()
     assert ctx.get_state("pid_next") != hog_pid
     assert hog_pid not in current_supervisor().workers.idle_pids()
+
+
+async def hog_in_a_subprocess(context):
+    context.set_state("hog_pid", os.getpid())
+    done = subprocess.run([sys.executable, "-c", "b = [bytearray(1 << 20) for _ in range(400)]"], check=False)
+    raise RuntimeError(f"the subprocess ended with {done.returncode}")
+
+
+async def test_a_memory_kill_of_a_fresh_workers_subprocess_is_the_states_own_and_retires_the_worker():
+    # The worker itself lives on, and had served no earlier state: the failure is the
+    # state's own (not retried), and the worker does not serve again.
+    agent = Agent("oom_child", isolation="worker")
+    need = ResourceRequirements(memory_mb=64)
+    agent.add_state("hog", hog_in_a_subprocess, resources=need, max_retries=2)
+    with pytest.raises(StateFailedError) as info:
+        await agent.run()
+    assert (info.value.attempts, info.value.reason.kind, info.value.reason.permanent) == (1, "limit", True)
+    assert "earlier state" not in info.value.reason.message
+    hog_pid = agent.context.get_state("hog_pid")
+    after = Agent("after_oom_child", isolation="worker")
+    after.add_state("next", record_pid, resources=need)
+    assert (await after.run()).get_state("pid_next") != hog_pid
 
 
 async def test_a_process_a_state_left_in_its_workers_cgroup_does_not_outlive_the_attempt():
