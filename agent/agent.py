@@ -174,6 +174,7 @@ class Agent:
         self._human_hooks: dict[str, Any] = {}
         self._restored: AgentCheckpoint | None = None
         self._finished_restored = False  # a completed run's checkpoint was restored
+        self._held = False  # pause() before any run: the next run() starts paused
         self._fresh_context = True
         self._metadata_fresh = True  # no run has touched state_metadata yet
         self._graph_checked = True  # no state has dependencies or next_states (add_state clears it)
@@ -331,6 +332,7 @@ class Agent:
         restored = self._restored
         # pause() before this run began (a run() task not started yet): it starts paused.
         paused_first = restored is None and self.status is AgentStatus.PAUSED
+        self._held = False
         if restored is not None:
             names = []
         elif start is None:
@@ -511,6 +513,7 @@ class Agent:
         if run is None or run.done:
             if self.status is AgentStatus.IDLE:
                 self._set_status(AgentStatus.PAUSED)
+                self._held = True
             return self.create_checkpoint()
         if not run.pause_requested:
             tasks = run.pause()
@@ -534,6 +537,10 @@ class Agent:
             if run.pause_requested:
                 self._set_status(AgentStatus.RUNNING)
                 run.resume()
+            return
+        if self._held and self._restored is None:  # paused before any run began, and none has
+            self._held = False
+            self._set_status(AgentStatus.IDLE)
             return
         if self._restored is None and self.status is not AgentStatus.PAUSED:
             self._finished_restored = False

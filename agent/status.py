@@ -69,7 +69,7 @@ _A = AgentStatus
 AGENT_TRANSITIONS: dict[AgentStatus, frozenset[AgentStatus]] = {
     _A.IDLE: frozenset({_A.RUNNING, _A.PAUSED, _A.CANCELLED}),
     _A.RUNNING: frozenset({_A.PAUSED, _A.COMPLETED, _A.FAILED, _A.CANCELLED}),
-    _A.PAUSED: frozenset({_A.RUNNING, _A.CANCELLED, _A.FAILED}),
+    _A.PAUSED: frozenset({_A.RUNNING, _A.CANCELLED, _A.FAILED, _A.IDLE}),  # IDLE: a hold before any run let go
     _A.COMPLETED: frozenset({_A.RUNNING, _A.IDLE}),
     _A.FAILED: frozenset({_A.RUNNING, _A.IDLE}),
     _A.CANCELLED: frozenset({_A.RUNNING, _A.IDLE}),

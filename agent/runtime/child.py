@@ -113,6 +113,8 @@ def child_main(
         sandboxed = notify_fd is not None
         _leave_zygote(zygote_fds, [spec_fd, notify_fd, *(namespaces or ()), *(given or ())] if sandboxed else None)
         code = _serve(spec, spec_fd, notify_fd, namespaces, given)
+    except confine.CgroupGone:
+        pass  # its attempt was stopped before it began: nothing to tell (its exit says it)
     except BaseException:
         _print_exception()
     finally:
@@ -177,6 +179,8 @@ def park(
         else:  # a worker's spec: the worker runs the loop itself
             spec, fds = launched
             code = _serve(spec, fds[0], notify_fd, namespaces, fds[1:], channel, parked=True)
+    except confine.CgroupGone:
+        pass  # as in child_main
     except BaseException:
         _print_exception()
     finally:

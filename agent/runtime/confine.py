@@ -30,8 +30,14 @@ import os
 from typing import Any
 
 
+class CgroupGone(FileNotFoundError):
+    """The cgroup made for this process was removed before it could join it: the supervisor
+    stopped its attempt meanwhile (a run that timed out while a worker started, say)."""
+
+
 def join_cgroups(child_spec: dict[str, Any]) -> None:
-    """Move this process into its cgroup(s); raises OSError naming the file on failure."""
+    """Move this process into its cgroup(s); raises OSError naming the file on failure
+    (:class:`CgroupGone` when the cgroup is gone)."""
     pid = str(os.getpid()).encode()
     for procs in child_spec.get("cgroup_procs", ()):
         try:
@@ -40,6 +46,8 @@ def join_cgroups(child_spec: dict[str, Any]) -> None:
                 os.write(fd, pid)
             finally:
                 os.close(fd)
+        except FileNotFoundError as exc:
+            raise CgroupGone(exc.errno, f"cannot join cgroup {procs}: it was removed") from exc
         except OSError as exc:
             raise OSError(exc.errno, f"cannot join cgroup {procs}: {exc.strerror}") from exc
 

@@ -330,6 +330,22 @@ class TestPauseResume:
         await task
         assert agent.status is AgentStatus.COMPLETED and log == ["first"]
 
+    async def test_a_pause_with_no_run_is_let_go_by_resume(self):
+        log: list = []
+        agent = Agent("held", isolation="inline")
+
+        async def first(context):
+            log.append("first")
+
+        agent.add_state("first", first)
+        await agent.pause()  # no run() yet: the next one would start paused
+        assert agent.status is AgentStatus.PAUSED
+        await agent.resume()  # none began: nothing to resume, and nothing is held any more
+        assert agent.status is AgentStatus.IDLE and log == []
+        assert agent.state_metadata["first"].status is StateStatus.PENDING and not agent.completed_states
+        await agent.run()
+        assert agent.status is AgentStatus.COMPLETED and log == ["first"]
+
     async def test_resume_with_nothing_paused_runs_nothing(self):
         log: list = []
         agent = Agent("over", isolation="inline")

@@ -9,6 +9,7 @@ import os
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -21,6 +22,8 @@ from agent.supervisor import current_supervisor, shutdown_supervisor
 from agent.supervisor.workers import WorkerSettings
 
 from .helpers import files_under
+
+ROOT = str(Path(__file__).resolve().parents[2])
 
 MiB = 1 << 20
 
@@ -167,6 +170,36 @@ async def test_a_memory_kill_of_a_fresh_workers_subprocess_is_the_states_own_and
     after = Agent("after_oom_child", isolation="worker")
     after.add_state("next", record_pid, resources=need)
     assert (await after.run()).get_state("pid_next") != hog_pid
+
+
+CUT_SHORT = """
+import asyncio
+from agent import Agent, ResourceRequirements
+from agent.errors import RunTimeoutError
+
+async def nap(context):
+    await asyncio.sleep(0.05)
+
+for i in range(20):
+    agent = Agent(f"cut{i}", isolation="worker")
+    agent.add_state("nap", nap, resources=ResourceRequirements(cpu_units=0.5, memory_mb=64 + i))  # a new worker each
+    try:
+        agent.run_sync(timeout=0.01 + 0.005 * (i % 5))
+    except RunTimeoutError:
+        pass
+print("done")
+"""
+
+
+def test_a_worker_whose_run_ended_while_it_started_goes_quietly(tmp_path):
+    # Its cgroup is removed with the run's, often before the new worker joins it: it
+    # exits, and says nothing on the program's stderr (a traceback there before).
+    script = tmp_path / "cut_short.py"
+    script.write_text(CUT_SHORT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT}, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
+    assert done.stderr == ""
 
 
 async def test_a_process_a_state_left_in_its_workers_cgroup_does_not_outlive_the_attempt():
