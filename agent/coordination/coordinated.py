@@ -251,9 +251,16 @@ class CoordinatedAgent(Agent):
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
             raise CoordinationError(f"state {state!r}: amount must be a number > 0, got {amount!r}")
         kind = primitive_type_of(primitive_type)
+        if amount != 1 and kind not in (PrimitiveType.QUOTA, PrimitiveType.SEMAPHORE):
+            raise CoordinationError(
+                f"state {state!r}: amount is what an attempt draws from a QUOTA or SEMAPHORE; a "
+                f"{kind.name} {'counts arrivals' if kind is PrimitiveType.BARRIER else 'has one holder'}: "
+                "leave amount out"
+            )
         limit = quota_limit if kind is PrimitiveType.QUOTA else (
             max_count if kind is PrimitiveType.SEMAPHORE else None)
-        if isinstance(limit, (int, float)) and not isinstance(limit, bool) and amount > limit:
+        # A limit that is no limit (0, negative) is refused by the coordinator, saying so.
+        if isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 < limit < amount:
             raise CoordinationError(
                 f"state {state!r}: each attempt would draw {amount:g} of {kind.name} {state!r}, "
                 f"which holds only {limit:g}: lower amount"

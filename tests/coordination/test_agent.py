@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import weakref
 from collections.abc import AsyncIterator
 
@@ -166,6 +167,24 @@ async def _concurrent_runs(coord: Coordinator, clock: FakeClock, n: int, configu
         agent.add_state("guarded", guarded)
         agents.append(agent)
     return await within(clock, 3600, asyncio.gather(*(a.run() for a in agents), return_exceptions=True))
+
+
+class TestDeclarationsThatCouldNeverRun:
+    """A declaration no attempt could ever be admitted under is refused when it is made."""
+
+    @pytest.mark.parametrize("kind, settings, message", [
+        (PrimitiveType.MUTEX, {"amount": 2}, "a MUTEX has one holder: leave amount out"),
+        (PrimitiveType.LEASE, {"ttl": 5.0, "amount": 5}, "a LEASE has one holder"),
+        (PrimitiveType.BARRIER, {"max_count": 3, "amount": 3}, "a BARRIER counts arrivals"),
+        (PrimitiveType.SEMAPHORE, {"max_count": 2, "amount": 3}, "which holds only 2: lower amount"),
+        (PrimitiveType.SEMAPHORE, {"max_count": 0}, "max_count must be an int >= 1, got 0"),
+        (PrimitiveType.QUOTA, {"quota_limit": -1.0}, "quota_limit must be a number > 0, got -1.0"),
+    ])
+    async def test_it_is_refused_saying_what_to_change(self, coord: Coordinator, kind, settings, message) -> None:
+        agent = _agent("never", coord)
+        with pytest.raises(CoordinationError, match=re.escape(message)):
+            agent.add_state_coordination("guarded", kind, **settings)
+        assert "guarded" not in (await agent.get_coordination_status())["agent"]["coordinated_states"]
 
 
 class TestOneSettingPerName:
