@@ -33,7 +33,7 @@ from .errors import (
     UnknownStateError,
     WorkflowDefinitionError,
 )
-from .executor import Isolation, parse_isolation
+from .executor import Isolation, parse_isolation, prepare_for
 from .resources import ResourcePool, ResourceRequirements, default_pool
 from .retry import RetryPolicy
 from .state import StateFunction, StateMetadata
@@ -318,6 +318,11 @@ class Agent:
             _non_negative("timeout", timeout)
         if cleanup_timeout is not None:
             _non_negative("cleanup_timeout", cleanup_timeout)
+        levels = {spec.isolation or self.isolation for spec in self._states.values()}
+        if levels != {Isolation.INLINE}:
+            # The supervisor's cold start (a process's first isolated run) is over before the
+            # run's clock starts: no state's duration or timeout, nor the run's, counts it.
+            await prepare_for(levels)
         if self.status is _RUNNING or (self._run is not None and not self._run.done):
             raise AgentBusyError(f"agent {self.name!r} is already running: await the current run first")
         if not self._states:

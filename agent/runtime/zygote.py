@@ -836,6 +836,7 @@ def main(argv: list[str]) -> int:
         zygote = Zygote(control, parent, spec_fds, park_max=int(config.get("park_max", PARK_MAX)),
                         park_idle=float(config.get("park_idle", PARK_IDLE)), endpoint=str(config.get("endpoint", "")))
         child_module.note_zygote_pipes()
+        write_frame(control, {"op": "ready"})  # warmed up: a run waits for this before its clock starts
         zygote.serve(pending, buffer)
     except (_ParentDied, OSError):
         pass

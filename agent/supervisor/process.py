@@ -90,6 +90,9 @@ class ProcessExecutor:
                 sup.exit_attempt()
         await removed(confinement)
 
+    async def prepare(self) -> None:
+        await until_ready()
+
     async def aclose(self) -> None:
         """Nothing per executor: the supervisor is shared and goes away with the process."""
         return None
@@ -120,9 +123,22 @@ class WorkerExecutor:
         finally:
             sup.exit_attempt()
 
+    async def prepare(self) -> None:
+        await until_ready()
+
     async def aclose(self) -> None:
         """Nothing per executor: the workers belong to the supervisor."""
         return None
+
+
+async def until_ready() -> None:
+    """Start the supervisor serving this loop, if none does, and wait until its zygote can
+    fork (see :func:`agent.executor.prepare_for`)."""
+    sup = serving_supervisor(asyncio.get_running_loop())
+    try:
+        await sup.until_ready()
+    finally:
+        sup.exit_attempt()
 
 
 def settle_removal(attempt: Attempt, confinement: Any) -> None:

@@ -159,6 +159,8 @@ class Supervisor:
         self._violations = 0
         self._bounds_exceeded = 0
         self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
+        self.ready = False  # its zygote said it can fork (until_ready)
+        self._awaiting_ready: list[asyncio.Future[None]] = []
         self.closed = False
         self.log.info("supervisor_started", zygote_pid=self.zygote.pid, ipc_dir=self.ipc_dir)
 
@@ -438,6 +440,26 @@ class Supervisor:
             )
         return frame
 
+    async def until_ready(self) -> None:
+        """Wait until the zygote is warmed up and can fork (a cold start takes a few tenths
+        of a second), or the supervisor shut down."""
+        if self.ready or self.closed:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._awaiting_ready.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._awaiting_ready:
+                self._awaiting_ready.remove(waiter)
+
+    def _now_ready(self) -> None:
+        self.ready = True
+        waiters, self._awaiting_ready = self._awaiting_ready, []
+        for waiter in waiters:
+            if not waiter.done() and not waiter.get_loop().is_closed():
+                waiter.get_loop().call_soon_threadsafe(_settle, waiter)
+
     def enter_attempt(self) -> None:
         """An executor starts using this supervisor's confiner for one attempt."""
         self._active += 1
@@ -646,6 +668,8 @@ class Supervisor:
         op = report.get("op")
         if op == "spawned":
             self._spawned(report["id"], report["pid"], report.get("charged"))
+        elif op == "ready":
+            self._now_ready()
         elif op == "exited":
             self.parked.discard(report["pid"])
             self.parked_children.gone(report["pid"])
@@ -691,6 +715,7 @@ class Supervisor:
             return
         self.closed = True
         self._make_room()  # those waiting for room are told it is shut down
+        self._now_ready()  # and those waiting for its zygote: their attempts will say why
         self.workers.close()
         self.parked_children.close()
         self.zygote.close()
@@ -747,6 +772,11 @@ def _forget_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def get_supervisor() -> Supervisor:

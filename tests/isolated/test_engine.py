@@ -19,6 +19,8 @@ from agent.errors import StateFailedError, StateTimeoutError
 from agent.executor import Isolation
 from agent.human import QueueInputProvider
 
+from agent.supervisor import current_supervisor, shutdown_supervisor
+
 from .helpers import state_process_gone
 
 
@@ -239,6 +241,19 @@ class TestAgentWithProcessIsolation:
         # Its declaration went with it: another agent may declare other settings.
         again = create_coordinated_agent("again", isolation=level)
         again.add_state_coordination("process_data", PrimitiveType.SEMAPHORE, max_count=3)
+
+    async def test_a_cold_supervisor_is_ready_before_the_first_state_starts(self, level):
+        # Its zygote's start (a few tenths of a second) is then neither in the first
+        # state's duration nor in its timeout.
+        shutdown_supervisor()
+        ready_at_start = []
+        agent = Agent("cold", isolation=level)
+        agent.add_state("process_data", process_data, timeout=30)
+        agent.add_state("format_output", format_output)
+        agent.add_observer(lambda e: ready_at_start.append(current_supervisor().ready)
+                           if e.kind == "state_started" else None)
+        await agent.run()
+        assert ready_at_start == [True, True]
 
     async def test_fan_out_and_join(self, level):
         agent = Agent("fan", isolation=level)
