@@ -26,6 +26,7 @@ from .dependencies import DependencyConfig, DependencyType
 from .engine.run import Activation, Run
 from .errors import (
     AgentBusyError,
+    AttemptLogNotFoundError,
     CheckpointError,
     EventLoopRunningError,
     InvalidConfigurationError,
@@ -743,7 +744,12 @@ class Agent:
         from .executor import read_attempt_log
 
         number = attempt if attempt is not None else self.state_metadata[state].attempts
-        return read_attempt_log(self.run_id or "", state, number)
+        if not self.run_id or number < 1:
+            raise AttemptLogNotFoundError(
+                f"state {state!r} of agent {self.name!r} has not run yet"
+                + (" in this run" if self.run_id else "") + ": there is no log to read"
+            )
+        return read_attempt_log(self.run_id, state, number)
 
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, states={len(self._states)}, status={self.status.value})"

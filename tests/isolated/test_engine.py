@@ -15,7 +15,7 @@ import pytest
 from agent import Agent, AgentStatus, Context, StateStatus
 from agent.clock import settle
 from agent.coordination import PrimitiveType, create_coordinated_agent
-from agent.errors import StateFailedError, StateTimeoutError
+from agent.errors import AttemptLogNotFoundError, StateFailedError, StateTimeoutError
 from agent.executor import Isolation
 from agent.human import QueueInputProvider
 
@@ -254,6 +254,17 @@ class TestAgentWithProcessIsolation:
                            if e.kind == "state_started" else None)
         await agent.run()
         assert ready_at_start == [True, True]
+
+    async def test_the_log_of_a_state_that_has_not_run_is_a_typed_error_saying_so(self, level):
+        agent = Agent("unrun", isolation=level)
+        agent.add_state("process_data", process_data)
+        agent.add_state("format_output", format_output)
+        agent.add_state("never", format_output)
+        with pytest.raises(AttemptLogNotFoundError, match="'process_data' of agent 'unrun' has not run yet: "):
+            agent.logs("process_data")
+        await agent.run()
+        with pytest.raises(AttemptLogNotFoundError, match="'never' of agent 'unrun' has not run yet in this run"):
+            agent.logs("never")
 
     async def test_fan_out_and_join(self, level):
         agent = Agent("fan", isolation=level)
