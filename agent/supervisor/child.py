@@ -347,11 +347,14 @@ class ChildProcess:
             self._finalize_wanted = True  # frames it sent are still being decoded
             return
         if self._dropped_by_router():
+            tail = self._log_tail()
+            see = "see the log below" if tail.strip() else (
+                "its log is empty (closing every descriptor, as os.closerange(0, ...) does, closes the log too)")
             self.violate(
                 "the state's connection broke before it reported, and its process exited (code "
                 f"{EXIT_SETUP_FAILED}): the state closed or wrote into that connection, or sent a frame "
-                f"over the {self._bounds.max_frame:,}-byte cap (libzmq then drops it); see the log below",
-                traceback=self._log_tail(),
+                f"over the {self._bounds.max_frame:,}-byte cap (libzmq then drops it); {see}",
+                traceback=tail,
             )
         self._move(ChildStatus.EXITED)
         self._inbox.clear()
@@ -757,6 +760,9 @@ class ChildProcess:
             name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
             outside = " from outside the supervisor (no limit of its cgroup was hit)" if (
                 sig == signal.SIGKILL and not self._kill_requested) else ""
+            if sig == signal.SIGABRT and not tail.strip():
+                outside = (" with nothing in its log (a state that closes every descriptor, as "
+                           "os.closerange(0, ...) does, takes its event loop's and its log's, and aborts)")
             return FailureReason(kind="signal", message=f"the state's process was killed by {name}{outside}",
                                  traceback=tail, signal=sig)
         if exit_code == EXIT_SETUP_FAILED:

@@ -139,6 +139,10 @@ async def widest(context):
     context.set_state("wide", list(range(MAX_OBJECTS - 1)))  # the list and its elements: MAX_OBJECTS
 
 
+async def closes_every_descriptor(context):
+    os.closerange(0, 65536)  # its channel, its log, its event loop's epoll and wake-up pipe
+
+
 async def normal(context):
     context.set_state("normal", "ok")
 
@@ -511,6 +515,14 @@ class TestHonestReasons:
         exc = await failed("process", exit_3, retries=9)
         assert exc.reason.kind == "exit_code" and exc.attempts == 10
         assert warnings == []
+
+    @pytest.mark.parametrize("isolation", [*ISOLATED, "worker"])
+    async def test_a_state_that_closes_every_descriptor_is_told_why_its_log_is_empty(self, isolation):
+        # It aborts (its event loop's descriptors gone) or exits for its lost channel, its
+        # log empty: the reason says why there is nothing to read.
+        exc = await failed(isolation, closes_every_descriptor, retries=0)
+        assert "os.closerange(0, ...)" in exc.reason.message and "see the log below" not in exc.reason.message
+        await still_serving(isolation)
 
     @pytest.mark.parametrize("isolation", [*ISOLATED, "worker"])
     async def test_a_state_that_closes_its_channel_and_runs_on_is_killed(self, isolation):
