@@ -224,7 +224,9 @@ class Daemon:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         try:
             if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # left by an agentd that died (we hold the state directory's lock)
+                if _answers(path):  # another agentd (of another state directory) serves it
+                    raise DaemonError(f"another agentd serves {path}: stop it first, or choose another --socket")
+                os.unlink(path)  # left by an agentd that died
             else:
                 raise DaemonError(f"{path} exists and is not a socket: remove it or choose another --socket")
         except FileNotFoundError:
@@ -362,6 +364,19 @@ class Daemon:
             "coordination": self.box.coordination(None if client.admin else client.uid),
             "jobs": [self.jobs.describe(j) for j in self._visible(client)],
         }
+
+
+def _answers(path: str) -> bool:
+    """Whether a process listens on the unix socket ``path`` (an agentd serving it)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:  # refused (nobody listens: left by an agentd that died), or gone
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import psutil
 import pytest
 
-from .helpers import Agentd, User, processes_of, status_sockets_of, wait_until, write_workflow
+from .helpers import AGENTD, Agentd, User, processes_of, status_sockets_of, wait_until, write_workflow
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -140,6 +141,26 @@ class TestStandbyRunner:
             end()
             wait_until(lambda procs=tree: all(_gone(p) for p in procs),
                        "the spawner and its standby to go with agentd", timeout=30)
+
+
+class TestOneAgentdPerSocket:
+    """A socket some agentd serves is never taken from it; one an agentd left when it died is."""
+
+    def test_a_second_agentd_on_a_served_socket_is_refused_and_the_first_serves_on(self, agentd: Agentd) -> None:
+        agentd.start()
+        other = agentd.root / "other-state"
+        done = subprocess.run([AGENTD, "--socket", agentd.socket, "--state-dir", str(other)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1
+        assert f"another agentd serves {agentd.socket}" in done.stderr
+        assert agentd.ctl("list").returncode == 0  # still reachable: its socket was left alone
+
+    def test_a_socket_left_by_an_agentd_that_died_is_taken_over(self, agentd: Agentd) -> None:
+        agentd.start()
+        agentd.kill9()  # leaves its socket file, with nobody listening
+        assert os.path.exists(agentd.socket)
+        agentd.start()
+        assert agentd.ctl("list").returncode == 0
 
 
 def _gone(process: psutil.Process) -> bool:
