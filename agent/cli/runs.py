@@ -12,27 +12,39 @@ from .exit_codes import ExitCode
 from .text import ago, timestamp
 
 
+class _NotLoaded(ValueError):
+    """FILE cannot be loaded, or defines no agent (exit 3, as ``agent run FILE``)."""
+
+
 def runs_command(args: argparse.Namespace) -> int:
     try:
         stores = _stores(args)
+    except _NotLoaded as exc:
+        print(f"agent runs: {exc}", file=sys.stderr)
+        return ExitCode.LOAD_FAILED
     except (LookupError, ValueError) as exc:
         print(f"agent runs: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     live_ids = live_run_ids()
     listing: list[tuple[Path, list[dict[str, Any]]]] = []
+    unreadable = []
     for path in stores:
         try:
             listing.append((path, _runs_in(path, args.agent, args.limit, live_ids)))
         except Exception as exc:  # one unreadable store must not hide the others
             print(f"agent runs: cannot read {path}: {exc}", file=sys.stderr)
+            unreadable.append(path)
+    # The store asked for (--store) cannot be read: a usage error, as for agent run --store.
+    failed = ExitCode.USAGE if args.store and unreadable else ExitCode.OK
     if args.json:
         print(json.dumps([run for _, runs in listing for run in runs], indent=2))
-        return ExitCode.OK
+        return failed
     shown = [(path, runs) for path, runs in listing if runs]
     if not shown:
-        where = ", ".join(str(p) for p in stores) or "no store exists yet"
-        print(f"agent runs: no saved runs{f' of agent {args.agent!r}' if args.agent else ''} ({where})")
-        return ExitCode.OK
+        if not unreadable:
+            where = ", ".join(str(p) for p in stores) or "no store exists yet"
+            print(f"agent runs: no saved runs{f' of agent {args.agent!r}' if args.agent else ''} ({where})")
+        return failed
     for number, (path, runs) in enumerate(shown):
         if number:
             print()
@@ -43,7 +55,7 @@ def runs_command(args: argparse.Namespace) -> int:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    return ExitCode.OK
+    return failed
 
 
 def _stores(args: argparse.Namespace) -> list[Path]:
@@ -68,7 +80,7 @@ def _stores_of_file(file: str) -> list[Path]:
     try:
         runs_itself = workflow.starts_a_run(workflow.parse(path))
     except workflow.WorkflowLoadError as exc:
-        raise ValueError(f"cannot load {file}:\n{exc}") from None
+        raise _NotLoaded(f"cannot load {file}:\n{exc}") from None
     if runs_itself:
         raise ValueError(f"{file} runs its agent when loaded: name its store with --store instead")
     try:
@@ -76,9 +88,12 @@ def _stores_of_file(file: str) -> list[Path]:
     except Exception as exc:
         detail = str(exc) if isinstance(exc, workflow.WorkflowLoadError) else workflow.user_traceback(
             exc, str(path.resolve()))
-        raise ValueError(f"cannot load {file}:\n{detail}") from None
+        raise _NotLoaded(f"cannot load {file}:\n{detail}") from None
+    agents = loaded.find_agents()
+    if not agents:
+        raise _NotLoaded(f"{file} defines no Agent at module level: it has no runs to list")
     found: list[Path] = []
-    for agent in loaded.find_agents().values():
+    for agent in agents.values():
         store_path = getattr(agent.checkpoint_store, "path", None)
         candidate = Path(store_path) if store_path else default_store_path()
         if candidate.is_file() and candidate.resolve() not in found:

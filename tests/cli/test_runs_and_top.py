@@ -60,6 +60,27 @@ class TestRunsAfterACrash:
         assert done.stdout.startswith("agent runs: no saved runs")
 
 
+class TestRunsExitCodes:
+    """``agent runs`` exits as ``agent run`` would on the same file or store."""
+
+    @pytest.mark.parametrize("name, text, message", [
+        ("broken.py", "x = (\n", "SyntaxError"),
+        ("needs.py", "import helper_that_is_missing\n", "ModuleNotFoundError"),
+        ("noagent.py", "x = 1\n", "defines no Agent at module level"),
+    ])
+    def test_a_file_that_cannot_be_loaded_exits_3(self, cli, name, text, message):
+        cli.write(name, text)
+        done = cli.run("runs", name)
+        assert done.returncode == 3 and message in done.stderr and done.stdout == ""
+
+    def test_an_unreadable_store_asked_for_exits_2(self, cli):
+        cli.write("junk.sqlite3", "not a database\n")
+        for extra in ([], ["--json"]):
+            done = cli.run("runs", "--store", "junk.sqlite3", *extra)
+            assert done.returncode == 2 and "not a usable checkpoint database" in done.stderr
+            assert "no saved runs" not in done.stdout
+
+
 class TestTop:
     """``agent top`` sees a run of another process while it runs, and the saved run after."""
 
