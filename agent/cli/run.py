@@ -377,13 +377,18 @@ class RunCommand:
         if status in ("paused", "failed") and store_path:  # a failed run resumes at what failed
             resume = self.resume_command(entry.run_id, agent)
         error = agent.last_error if agent is not None else None
+        tally = dict(snap.get("states", {}))
+        states = {n: m.status.value for n, m in agent.state_metadata.items()} if agent is not None else {}
+        if status == "paused":  # the states it stopped run again on resume: pending, as after pause()
+            tally["to_run_again"] = tally.pop("cancelled", 0)
+            states = {n: "pending" if s == "cancelled" else s for n, s in states.items()}
         return {
             "agent": snap.get("agent"),
             "run_id": entry.run_id,
             "status": status,
             "elapsed": snap.get("elapsed"),
-            "counts": snap.get("states", {}),
-            "states": {n: m.status.value for n, m in agent.state_metadata.items()} if agent is not None else {},
+            "counts": tally,
+            "states": states,
             "failed": snap.get("failed", []),
             "error": str(error) if error is not None else None,
             "store": store_path,

@@ -42,7 +42,7 @@ def counts(states: Mapping[str, Any]) -> str:
     total = states.get("total", 0)
     parts = [f"{states.get('completed', 0)} of {total} state{'s' if total != 1 else ''} completed"]
     for key, label in (("running", "running"), ("waiting", "waiting"), ("failed", "failed"),
-                       ("blocked", "blocked"), ("cancelled", "cancelled")):
+                       ("blocked", "blocked"), ("cancelled", "cancelled"), ("to_run_again", "to run again")):
         if states.get(key):
             parts.append(f"{states[key]} {label}")
     return ", ".join(parts)

@@ -358,6 +358,8 @@ class TestInterrupt:
         assert proc.returncode == status, err
         run_id = err.split("run id ")[1].split()[0]
         assert f"resume it with: agent run flow.py --resume {run_id}" in err
+        # The state it stopped runs again on resume: not called cancelled.
+        assert "paused after" in err and "completed, 1 to run again (run" in err and "cancelled" not in err
         with SQLiteCheckpointStore(cli.state_dir / "checkpoints.sqlite3") as store:
             assert store.latest(run_id).agent_status == "paused"
 
