@@ -117,6 +117,10 @@ class WorkerExecutor:
                     await uncancellable(handed.result().stop(attempt.stop_reason or "cancel", sup.config.grace))
                     raise
                 status = await watch(child, attempt, sup.config.grace, over=child.over)
+                if attempt.assignment.get("gpus"):
+                    # Its worker is retired: the GPUs are free once its process (and the GPU
+                    # memory it holds) is gone, as for a process attempt.
+                    await uncancellable(asyncio.shield(child.worker.gone))
                 settle_removal(attempt, child.worker.confinement)  # a worker gone with its attempt takes its cgroup
                 if not child.never_ran:  # else its worker went idle before reading it: again
                     return verdict(child, status, attempt)

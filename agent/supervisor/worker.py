@@ -198,6 +198,7 @@ class WorkerProcess:
         self.ready_at: float | None = None
         self.idle_since = self.requested_at
         self.exit_status: int | None = None
+        self.gone: asyncio.Future[None] = loop.create_future()  # done once it exited
         self.failure_message: str | None = None
         self.killed = False  # by the supervisor: retired or replaced
         self.charged_before: tuple[float, int] = (0.0, 0)  # a parked child's warm-up, read at its hand-over
@@ -301,6 +302,8 @@ class WorkerProcess:
         if self.status is WorkerStatus.EXITED:
             return
         self._move(WorkerStatus.EXITED)
+        if not self.gone.done() and not self.gone.get_loop().is_closed():
+            self.gone.set_result(None)
         before_cpu, before_faults = self.charged_before  # a parked child's warm-up
         cpu = None if cpu is None else max(0.0, cpu - before_cpu)
         faults = None if faults is None else max(0, faults - before_faults)

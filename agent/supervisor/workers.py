@@ -286,7 +286,10 @@ class WorkerPool:
         else:
             queue.busy.discard(worker)
         worker.idle_since = now
-        spoilt = finished is not None and (finished.escaped is not None or finished.hit_limit)
+        # A worker that served GPUs goes too: the GPU memory it allocated (a CUDA context)
+        # stays with the process, and the GPUs go to other states once it has exited.
+        spoilt = finished is not None and (
+            finished.escaped is not None or finished.hit_limit or bool(worker.shape.gpus))
         if spoilt or self._worn_out(worker, now):
             self._retire(worker)
         else:

@@ -110,6 +110,29 @@ class TestPinnedChildren:
         h1, h2 = ctx.get_state("seen_h1"), ctx.get_state("seen_h2")
         assert h1["visible"] == h2["visible"] and h1["visible"] in {g["uuid"] for g in GPUS}
 
+    async def test_a_worker_that_served_gpus_is_gone_before_they_go_to_another_state(self, two_gpus) -> None:
+        # A process keeps the GPU memory it allocated (a CUDA context) until it exits: the
+        # worker is not kept warm, and the next state gets the GPU once it is gone.
+        agent = Agent("handover", resource_pool=ResourcePool(total_cpu=2, total_memory=1024))
+
+        async def first(context):
+            import os
+
+            context.set_state("first", (os.getpid(), os.environ["CUDA_VISIBLE_DEVICES"]))
+            return "second"
+
+        async def second(context):
+            import os
+
+            pid, _ = context.get_state("first")
+            context.set_state("second", (os.environ["CUDA_VISIBLE_DEVICES"], os.path.exists(f"/proc/{pid}")))
+
+        agent.add_state("first", first, isolation="worker", resources=gpu(1))
+        agent.add_state("second", second, isolation="process", resources=gpu(2))
+        ctx = await agent.run(timeout=60)
+        (_, had), (sees, worker_alive) = ctx.get_state("first"), ctx.get_state("second")
+        assert had in sees.split(",") and not worker_alive
+
     async def test_a_state_without_gpus_sees_none(self, two_gpus) -> None:
         agent = Agent("none", isolation="process", resource_pool=ResourcePool(total_cpu=2, total_memory=1024))
         agent.add_state("plain", what_i_see, resources=gpu(0))
