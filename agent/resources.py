@@ -973,7 +973,7 @@ class ResourcePool:
         victims = self._policy.choose(need, free, int(level), candidates)
         gpus = need.get(ResourceType.GPU, 0.0)
         if victims is not None and gpus > 0 and self._gpus is not None:
-            victims = self._placed(victims, gpus, int(level), candidates)
+            victims = self._placed(victims, gpus, int(level), candidates, need, free)
         if victims:
             for victim in victims:
                 self._evicting[victim] = owner
@@ -981,10 +981,13 @@ class ResourcePool:
             self._preempted += len(victims)
         return victims
 
-    def _placed(self, victims: list[str], gpus: float, level: int, candidates: list[Holder]) -> list[str] | None:
+    def _placed(self, victims: list[str], gpus: float, level: int, candidates: list[Holder],
+                need: dict[ResourceType, float], free: dict[ResourceType, float]) -> list[str] | None:
         """``victims`` and, when what they free is spread over GPUs others still use, more
         lower-priority GPU holders (least important, then youngest, first) until the
-        request can be placed on devices; None when even all of them would not do."""
+        request can be placed on devices; then without each victim the others make
+        unneeded (one that freed a share of a GPU still in use, say); None when even all
+        of them would not do."""
         assert self._gpus is not None
         gone = set(self._evicting) | set(victims)
         if self._gpus.fits_without(gpus, gone):
@@ -996,8 +999,17 @@ class ResourcePool:
             chosen.append(holder.owner)
             gone.add(holder.owner)
             if self._gpus.fits_without(gpus, gone):
-                return chosen
-        return None
+                break
+        else:
+            return None
+        held = {h.owner: h.amounts for h in candidates}
+        for victim in list(chosen):
+            rest = [v for v in chosen if v != victim]
+            frees = {rtype: free.get(rtype, 0.0) + sum(held[v].get(rtype, 0.0) for v in rest) for rtype in need}
+            if all(frees[rtype] + 1e-9 >= amount for rtype, amount in need.items()) and \
+                    self._gpus.fits_without(gpus, set(self._evicting) | set(rest)):
+                chosen = rest
+        return chosen
 
     @locked
     def pending_evictions(self) -> dict[str, str]:

@@ -201,11 +201,29 @@ class TestGPUPlacement:
         pool, _ = self.make()
         pool.enqueue("h", gpu(1, Priority.HIGH))
         victims = pool.find_victims("h", gpu(1, Priority.HIGH))
-        assert victims is not None and {"c", "d"} <= set(victims)  # both on GPU-1
+        assert victims is not None and set(victims) == {"c", "d"}  # both on GPU-1, and not "a" for nothing
         for victim in victims:
             pool.release(victim)
         assert pool.grant_next() == ["h"]
         assert [d.uuid for d in pool.devices("h")] == ["GPU-1"]
+
+    def test_a_victim_the_others_make_unneeded_is_spared(self) -> None:
+        # The youngest LOW holder shares GPU-0 with a NORMAL one, so evicting it frees no
+        # whole GPU; the other LOW holder, alone on GPU-1, is enough by itself.
+        from agent.devices import GPUDevice, StaticInventory
+
+        clock = FakeClock()
+        gpus = [GPUDevice(i, f"GPU-{i}", "T", 1000, minor_number=i) for i in range(2)]
+        pool = ResourcePool(total_cpu=8, total_memory=1000, total_io=10, total_network=10, total_gpu=2,
+                            enable_preemption=True, clock=clock, gpu_inventory=StaticInventory(gpus))
+        for t, (owner, priority) in enumerate([("c", Priority.NORMAL), ("y", Priority.NORMAL), ("a", Priority.LOW)]):
+            clock.now = t
+            assert pool.try_acquire(owner, gpu(0.5, priority))
+        pool.release("y")
+        clock.now = 5
+        assert pool.try_acquire("b", gpu(0.5, Priority.LOW))
+        assert {o: [d.uuid for d in pool.devices(o)] for o in "cab"} == {"c": ["GPU-0"], "a": ["GPU-1"], "b": ["GPU-0"]}
+        assert pool.find_victims("h", gpu(1, Priority.HIGH)) == ["a"]
 
     def test_enough_share_spread_over_gpus_is_not_room(self) -> None:
         pool, _ = self.make()
