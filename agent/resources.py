@@ -292,7 +292,8 @@ class ResourcePool:
     ``gpu_units`` is assigned concrete GPUs (whole ones for ``>= 1``, a packed share
     of one for less; ``devices(owner)``). A pool given more GPUs than the inventory
     holds (``total_gpu=2`` on a machine without any, for planning or tests) counts GPU
-    units without assigning devices; states then see no GPU.
+    units without assigning devices; its states are then neither pinned nor hidden: they
+    see the GPUs the program sees (``CUDA_VISIBLE_DEVICES`` as the program has it).
     """
 
     def __init__(
