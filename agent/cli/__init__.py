@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -172,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(handler(args) or 0)
     except BrokenPipeError:  # `agent top --json | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE  # as a command the pipe's signal would have ended
+        return ExitCode.READER_GONE  # as a command the pipe's signal would have ended
 
 
 if __name__ == "__main__":  # pragma: no cover

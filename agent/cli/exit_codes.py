@@ -20,6 +20,9 @@ class ExitCode(enum.IntEnum):
     """The run ended cancelled (``cancel_all()``)."""
     INTERRUPTED = 130
     """Ctrl-C: the run was paused (or stopped) and can be resumed with ``--resume``."""
+    READER_GONE = 141
+    """The reader of its output went away (``| head``), as SIGPIPE would end a command; for
+    ``agent run``, the run was paused as for SIGTERM and can be resumed with ``--resume``."""
     TERMINATED = 143
     """SIGTERM (``systemctl stop``, ``kill``): as Ctrl-C, the run was paused (or stopped) and can
     be resumed with ``--resume``."""

@@ -17,9 +17,11 @@ from the runs' events (an ambient observer).
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from .. import events as ev
@@ -40,16 +42,38 @@ class Terminal:
         self._text = ""
         self._drawn = False
         self._open_line = False  # the last write left a line unfinished (a prompt): no bar now
+        self.on_reader_gone: Callable[[], None] | None = None  # told once, from the writing thread
+        self.reader_gone = False
 
     def write(self, stream: TextIO, text: str) -> None:
-        """Write ``text`` to ``stream`` above the progress line."""
+        """Write ``text`` to ``stream`` above the progress line.
+
+        When the reader of stdout went away (``agent run flow.py | head``), what is written
+        there from then on is dropped, and ``on_reader_gone`` is told (once): the writer, a
+        state's ``print`` say, never sees the broken pipe."""
         with self._lock:
             self._clear()
-            stream.write(text)
-            stream.flush()
+            try:
+                stream.write(text)
+                stream.flush()
+            except BrokenPipeError:
+                if stream is not self.out:
+                    raise
+                self._drop_stdout()
+                return
             if text:
                 self._open_line = not text.endswith("\n")
             self._draw()
+
+    def _drop_stdout(self) -> None:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
+        except (OSError, ValueError):
+            pass
+        if not self.reader_gone:
+            self.reader_gone = True
+            if self.on_reader_gone is not None:
+                self.on_reader_gone()
 
     def notice(self, text: str) -> None:
         """One line on stderr."""

@@ -106,6 +106,8 @@ class RunCommand:
                 progress.start()
             with observing(Notices(self.terminal, announce=not args.quiet)):
                 code = self.load_and_run(loop)
+            if code == ExitCode.OK and self.terminal.reader_gone:  # it ended before it could pause
+                code = ExitCode.READER_GONE
         finally:
             if progress is not None:
                 progress.stop()
@@ -136,6 +138,7 @@ class RunCommand:
         assert self.wf is not None
         loop = asyncio.get_running_loop()
         self.main_task = asyncio.current_task()
+        self.terminal.on_reader_gone = lambda: loop.call_soon_threadsafe(self.on_reader_gone)
         loop.add_signal_handler(signal.SIGINT, self.on_interrupt)
         loop.add_signal_handler(signal.SIGTERM, self.on_terminate)  # systemctl stop: as Ctrl-C
         try:
@@ -292,6 +295,16 @@ class RunCommand:
         """SIGTERM (``systemctl stop``, ``kill``): pause as for Ctrl-C, and exit 143."""
         self.stopped_by = ExitCode.TERMINATED
         self.on_interrupt(again="a second SIGTERM")
+
+    def on_reader_gone(self) -> None:
+        """stdout's reader went away (``agent run flow.py | head``): pause as for SIGTERM, exit 141."""
+        from ..status import AgentStatus
+
+        if self.interrupts or not any(e.agent is not None and e.agent.status is AgentStatus.RUNNING
+                                      for e in self.runs()):
+            return  # stopping already, or over (it then exits 141 all the same)
+        self.stopped_by = ExitCode.READER_GONE
+        self.on_interrupt(again="Ctrl-C")
 
     def keep_paused(self) -> None:
         """A second signal cuts a pause short: each run still pausing is saved as paused now,

@@ -338,6 +338,40 @@ class TestOutcomes:
         assert json.loads(done.stdout)["status"] == "completed"
 
 
+PRINTER = """
+import asyncio
+from agent import Agent
+
+agent = Agent("printer")
+
+async def chatty(context):
+    for i in range(20_000):
+        print("line", i)
+    await asyncio.sleep(600)  # still running when its reader goes away
+
+agent.add_state("chatty", chatty)
+"""
+
+
+class TestReaderGone:
+    """``agent run flow.py | head``: the run is paused as for SIGTERM, and the command exits 141."""
+
+    @pytest.mark.parametrize("isolation", ["inline", "process"])
+    def test_the_run_pauses_and_exits_141(self, cli, isolation):
+        cli.write("printer.py", PRINTER)
+        proc = cli.start("run", "printer.py", "--isolation", isolation)
+        try:
+            assert all("line" in proc.stdout.readline() for _ in range(3))
+            proc.stdout.close()  # as head does once it has its lines
+            err = proc.stderr.read()
+            proc.wait(timeout=60)
+        finally:
+            stop(proc)
+        assert proc.returncode == 141, err
+        assert "printer paused after" in err and "resume it with: agent run printer.py --resume" in err
+        assert "BrokenPipeError" not in err and "Traceback" not in err
+
+
 class TestInterrupt:
     """Ctrl-C (or SIGTERM, as systemd stops a service) pauses the run, marks it paused in its
     store and prints how to resume it."""
