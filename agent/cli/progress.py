@@ -261,11 +261,29 @@ class Progress:
                 )
 
 
-def route_std_streams(terminal: Terminal, *, stdout_to_stderr: bool = False) -> tuple[TextIO, TextIO]:
-    """Wrap ``sys.stdout`` / ``sys.stderr`` for the run; returns the originals to restore."""
+def route_std_streams(terminal: Terminal, *, stdout_to_stderr: bool = False,
+                      quiet: bool = False) -> tuple[TextIO, TextIO]:
+    """Wrap ``sys.stdout`` / ``sys.stderr`` for the run; returns the originals to restore.
+
+    ``quiet`` (``-q``): what the workflow prints itself (inline states) is dropped, as an
+    isolated state's output is (its log keeps that); the command's own notices still show.
+    """
     import sys
 
     saved = (sys.stdout, sys.stderr)
+    if quiet:
+        sys.stdout = sys.stderr = _Discard()  # type: ignore[assignment]
+        return saved
     sys.stdout = RoutedStream(terminal, terminal.err if stdout_to_stderr else terminal.out)  # type: ignore[assignment]
     sys.stderr = RoutedStream(terminal, terminal.err)  # type: ignore[assignment]
     return saved
+
+
+class _Discard(io.TextIOBase):
+    """A stream that keeps nothing."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def writable(self) -> bool:
+        return True

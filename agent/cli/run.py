@@ -96,7 +96,7 @@ class RunCommand:
             return self.usage(str(exc))
         if args.quiet:
             output.set_writer(None)
-        saved = route_std_streams(self.terminal, stdout_to_stderr=args.json)
+        saved = route_std_streams(self.terminal, stdout_to_stderr=args.json, quiet=args.quiet)
         progress = self.progress = None if args.quiet else Progress(self.terminal, self.since,
                                                                     lines=not args.no_progress)
         loop = _uvloop()

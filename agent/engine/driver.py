@@ -21,6 +21,7 @@ it gets a task too: states begin in the order they were started.
 from __future__ import annotations
 
 import asyncio
+import os
 import functools
 import traceback
 import types
@@ -60,9 +61,21 @@ def inline_runner(coro: Any) -> Generator[Any, Any, None]:
         coro = yield done
 
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _framework_frame(filename: str) -> bool:
+    """A frame of this package: by path, or by the relative name a compiled module's carries."""
+    return filename.startswith(_PACKAGE) or (not os.path.isabs(filename) and filename.startswith("agent/"))
+
+
 def exception_reason(exc: BaseException) -> FailureReason:
-    """A state's own exception as a failure reason."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    """A state's own exception as a failure reason; its traceback starts at the state's code
+    (the engine's frames that called it say nothing to its author)."""
+    start = exc.__traceback__
+    while start is not None and _framework_frame(start.tb_frame.f_code.co_filename):
+        start = start.tb_next
+    tb = "".join(traceback.format_exception(type(exc), exc, start or exc.__traceback__))
     name = type(exc).__name__
     return FailureReason(kind="exception", message=exception_message(name, exception_text(exc)), traceback=tb,
                          exception_type=name)

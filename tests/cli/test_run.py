@@ -101,6 +101,12 @@ class TestLiveOutput:
         [log] = list(cli.log_dir.glob("*/format_output.attempt-1.log"))
         assert log.read_text() == "Result: Hello, World!\n"
 
+    def test_quiet_drops_what_inline_states_print_too(self, cli):
+        cli.write("hello.py", SPEC_QUICK_START.replace("await agent.run()", ""))
+        done = cli.run("run", "hello.py", "--quiet", "--isolation", "inline")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "" and "Result: Hello, World!" not in done.stderr
+
     def test_a_retried_attempt_shows_its_output_and_why(self, cli):
         cli.write("flaky.py", """\
             import os

@@ -74,6 +74,8 @@ class TestRetries:
         assert err.reason.kind == "exception"
         assert "ConnectionError: attempt 3 failed" in str(err)
         assert "Traceback" in err.traceback and "raise ConnectionError" in err.traceback
+        # It starts at the state's own code: none of the engine's frames that called it.
+        assert err.traceback.splitlines()[1].startswith(f'  File "{__file__}"'), err.traceback
         assert agent.status is AgentStatus.FAILED
         assert agent.state_metadata["api_call"].status is StateStatus.FAILED
 
