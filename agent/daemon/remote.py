@@ -52,13 +52,14 @@ def encode_requirements(req: ResourceRequirements) -> dict[str, Any]:
 
 
 class _Ticket:
-    __slots__ = ("number", "run", "act", "assignment")
+    __slots__ = ("number", "run", "act", "assignment", "granted")
 
     def __init__(self, number: int, run: "Run", act: "Activation") -> None:
         self.number = number
         self.run = run
         self.act = act
         self.assignment: dict[str, Any] = {}
+        self.granted = False
 
 
 class RemoteAdmission:
@@ -186,6 +187,7 @@ class RemoteAdmission:
         if ticket is None:
             return True  # withdrawn meanwhile: agentd has its release
         if op == "grant":
+            ticket.granted = True
             ticket.assignment = dict(message.get("assignment") or {})
             ticket.run.on_grant(ticket.act)
         elif op == "preempt":
@@ -213,8 +215,9 @@ class RemoteAdmission:
                     f"lost the connection to agentd ({why}) while holding the box-wide {name!r}: it no longer "
                     "excludes the other jobs, so the run that held it fails (resume it once agentd is back)"))
         for ticket in tickets:
+            how = "was admitted by it" if ticket.granted else "waited for it to admit it"
             ticket.run.fail(DaemonUnavailableError(
-                f"lost the connection to agentd ({why}) while state {ticket.act.state!r} was admitted by it"))
+                f"lost the connection to agentd ({why}) while state {ticket.act.state!r} {how}"))
 
 
 class RemotePool(ResourcePool):

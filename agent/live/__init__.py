@@ -18,6 +18,7 @@ from collections import deque
 from typing import Any
 
 from .._loops import call_on
+from ..status import AgentStatus
 from .snapshot import describe, is_finished
 
 LOOP_ANSWER_TIMEOUT = 0.5
@@ -29,11 +30,12 @@ KEEP_FINISHED = 32
 class LiveRun:
     """One registered run: the agent (weakly) and when it started."""
 
-    __slots__ = ("agent_ref", "run_id", "started", "started_mono")
+    __slots__ = ("agent_ref", "run_id", "started", "started_mono", "ended_mono")
 
-    def __init__(self, run_id: str, record: tuple[Any, float, float]) -> None:
+    def __init__(self, run_id: str, record: tuple[Any, ...]) -> None:
         self.run_id = run_id
-        self.agent_ref, self.started, self.started_mono = record
+        self.agent_ref, self.started, self.started_mono = record[:3]
+        self.ended_mono: float | None = record[3] if len(record) > 3 else None  # once it is over
 
     @property
     def agent(self) -> Any:
@@ -54,6 +56,8 @@ class LiveRun:
         if is_finished(agent):  # its clock stops at its last state's end
             ends = [m.finished_at for m in agent.state_metadata.values() if m.finished_at]
             end = max([self.started_mono, *ends])
+            if agent.status is not AgentStatus.COMPLETED and self.ended_mono is not None:
+                end = max(end, self.ended_mono)  # it failed or was cancelled while states waited
         else:
             end = time.monotonic()
         return describe(agent, self.started, end - self.started_mono, detail=detail)
@@ -64,7 +68,7 @@ class LiveRun:
 # Runs not over yet, by run id: (weakref to the agent, wall start, monotonic start).
 _running: dict[str, tuple[Any, float, float]] = {}
 # The newest runs that are over, (run id, record), oldest first: the deque forgets the rest.
-_done: deque[tuple[str, tuple[Any, float, float]]] = deque(maxlen=KEEP_FINISHED)
+_done: deque[tuple[str, tuple[Any, ...]]] = deque(maxlen=KEEP_FINISHED)
 SWEEP_AT = 256
 """Runs not over yet at which the registry looks for agents that went away mid-run."""
 _state = {"server": False, "sweep_at": SWEEP_AT}
@@ -103,7 +107,7 @@ def finished(agent: Any) -> None:
     run_id = agent.run_id or ""
     record = _running.pop(run_id, None)
     if record is not None:
-        _done.append((run_id, record))
+        _done.append((run_id, (*record, _mono())))
 
 
 def runs() -> list[LiveRun]:

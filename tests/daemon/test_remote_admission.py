@@ -70,3 +70,28 @@ def test_without_agentd_the_switch_fails_clearly(workdir: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "cannot reach agentd at" in done.stderr and "AGENT_SOCKET" in done.stderr
+
+
+def test_a_script_waiting_in_the_box_queue_when_agentd_dies_fails_saying_so(
+        agentd: Agentd, users: tuple[User, User], workdir: Path, outdir: Path) -> None:
+    ann, bob = users
+    events = shared_file(outdir, "events.txt")
+    agentd.configure("[pool]\ncpu = 2\n")
+    agentd.start()
+    job_flow = write_workflow(workdir, "job.py", HOLD.format(name="job", out=str(events),
+                                                             release=str(outdir / "job-go"), cpu=2))
+    script = write_workflow(workdir, "script.py", HOLD.format(name="script", out=str(events),
+                                                              release=str(outdir / "job-go"), cpu=1))
+    agentd.submit(job_flow, user=ann)
+    wait_until(lambda: "job start" in events.read_text(), "the job to hold both CPUs")
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "AGENT_DAEMON": "1",
+           "AGENT_SOCKET": agentd.socket, "HOME": "/nonexistent"}
+    command = [str(Path(sys.executable).parent / "agent"), "run", "--json", str(script)]
+    with running_as(bob, command, env, workdir) as run:
+        wait_until(lambda: agentd.ctl_json("top")["pool"]["waiting"] == 1, "the script's request to queue in agentd")
+        agentd.kill9()
+        stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 1, stderr
+    summary = json.loads(stdout[stdout.index("{"):])
+    assert summary["status"] == "failed" and "script start" not in events.read_text()
+    assert "while state 'work' waited for it to admit it" in summary["error"]  # not "was admitted"

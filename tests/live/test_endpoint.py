@@ -11,9 +11,9 @@ import threading
 
 import pytest
 
-from agent import Agent
+from agent import Agent, ResourcePool, ResourceRequirements
 from agent import live
-from agent.errors import StatusEndpointError
+from agent.errors import RunTimeoutError, StatusEndpointError
 from agent.live import client, protocol
 from agent.live.server import StatusServer, answer_request
 
@@ -75,6 +75,18 @@ class TestSnapshots:
         final = entry.snapshot()
         assert final["status"] == "completed" and final["states"]["completed"] == 3
         assert final["elapsed"] == entry.snapshot()["elapsed"]  # a finished run's clock stops
+
+    async def test_a_run_that_ends_while_its_states_wait_counts_its_whole_time(self):
+        # No state finished: its clock runs to the run's end, not to its last state's.
+        pool = ResourcePool(total_cpu=1, total_memory=100)
+        assert pool.try_acquire("holder", ResourceRequirements(cpu_units=1, memory_mb=1))
+        agent = Agent("starved", isolation="inline", resource_pool=pool)
+        agent.add_state("s", _noop, resources=ResourceRequirements(cpu_units=1, memory_mb=1))
+        with pytest.raises(RunTimeoutError):
+            await agent.run(timeout=0.2)
+        final = live.find(agent.run_id).snapshot()
+        assert final["status"] == "failed" and final["elapsed"] >= 0.2
+        pool.release("holder")
 
     async def test_a_run_still_going_outlives_many_finished_ones(self):
         async with held_run("long", "other", "completed") as long_run:
