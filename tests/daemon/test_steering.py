@@ -196,6 +196,16 @@ class TestPauseResumeCancel:
         assert f'File \\"{flow}\\", line 5, in helper' in text, text
         assert "spawner.py" not in text and "<dynamic-code>" not in text
 
+    def test_a_job_name_that_would_write_to_a_terminal_is_refused(self, agentd: Agentd, users: tuple[User, User],
+                                                                   workdir: Path) -> None:
+        # `agentctl list` shows every user's job names to an admin: no escapes, no line breaks.
+        ann, _ = users
+        agentd.start()
+        flow = write_workflow(workdir, "boom.py", BOOM)
+        done = agentd.ctl("submit", str(flow), "--name", "a\nb\x1b[31mred", user=ann)
+        assert done.returncode == 1 and "a job name must be printable text" in done.stderr
+        assert agentd.ctl_json("list", user=ann) == []
+
     def test_cancel_running_and_queued_jobs(self, agentd: Agentd, users: tuple[User, User], workdir: Path,
                                             outdir: Path) -> None:
         ann, _ = users
