@@ -39,7 +39,7 @@ from .resources import ResourcePool, ResourceRequirements, default_pool
 from .retry import RetryPolicy
 from .state import StateFunction, StateMetadata
 from .status import AgentStatus, StateStatus, check_agent_transition
-from .workflow import ReturnGraph, StateSpec, check_graph, check_on_failure, enter_state
+from .workflow import ReturnGraph, StateSpec, check_graph, check_on_failure, enter_state, uses_an_agent
 
 DEFAULT_ISOLATION = Isolation.PROCESS
 """Used when neither ``Agent(isolation=...)`` nor ``$AGENT_ISOLATION`` says otherwise."""
@@ -319,11 +319,6 @@ class Agent:
             _non_negative("timeout", timeout)
         if cleanup_timeout is not None:
             _non_negative("cleanup_timeout", cleanup_timeout)
-        levels = {spec.isolation or self.isolation for spec in self._states.values()}
-        if levels != {Isolation.INLINE}:
-            # The supervisor's cold start (a process's first isolated run) is over before the
-            # run's clock starts: no state's duration or timeout, nor the run's, counts it.
-            await prepare_for(levels)
         if self.status is _RUNNING or (self._run is not None and not self._run.done):
             raise AgentBusyError(f"agent {self.name!r} is already running: await the current run first")
         if not self._states:
@@ -384,20 +379,28 @@ class Agent:
                 self._set_status(_RUNNING)  # raises, naming the transition
             self.status = _RUNNING
         live.register(self, run.wall_offset + run.started, run.started)  # O(1): for `agent top`, `agent run`
-        deadline = None if timeout is None else run.clock() + timeout
+        deadline = None
         saver = None
         if self.checkpoint_interval:
             saver = asyncio.get_running_loop().create_task(self._save_periodically(run))
         try:
-            if restored is not None:
-                self._restored = None
-                run.restore(restored.frames or {}, list(restored.running_states), list(restored.pending_states))
-            else:
-                run.start(names)
-                if self.checkpoint_store is not None:
-                    self._after_completion(run)  # the run is resumable before its first completion
-            if not run.settle_now():  # a run whose states never await ends here, without the loop
-                await run.driver.drive(deadline)
+            level = self._supervised_level()
+            if level is not None:
+                # A cold supervisor (a process's first isolated run) is ready before any state
+                # starts: no state's duration or timeout counts its start, nor the run's
+                # timeout (which bounds this wait too, for a preload that never ends).
+                await prepare_for([level], timeout)
+            deadline = None if timeout is None else run.clock() + timeout
+            if not run.done:  # else cancel_all() came while the supervisor started
+                if restored is not None:
+                    self._restored = None
+                    run.restore(restored.frames or {}, list(restored.running_states), list(restored.pending_states))
+                else:
+                    run.start(names)
+                    if self.checkpoint_store is not None:
+                        self._after_completion(run)  # the run is resumable before its first completion
+                if not run.settle_now():  # a run whose states never await ends here, without the loop
+                    await run.driver.drive(deadline)
         except asyncio.CancelledError:
             self._set_status(AgentStatus.CANCELLED)
             raise
@@ -431,6 +434,18 @@ class Agent:
         if run.error is not None:
             raise run.error
         return self.context
+
+    def _supervised_level(self) -> Isolation | None:
+        """An isolation level of this agent's states that the supervisor serves (None: none),
+        as the engine picks it: a state that uses an Agent runs inline."""
+        for spec in self._states.values():
+            level = spec.isolation or self.isolation
+            if level is Isolation.INLINE or level is Isolation.RAY:
+                continue
+            if spec.isolation is None and level in (Isolation.PROCESS, Isolation.WORKER) and uses_an_agent(spec.func):
+                continue
+            return level
+        return None
 
     async def _end_broken_run(self, run: Run, exc: BaseException) -> None:
         """End ``run`` as failed with ``exc`` (raised by ``run()`` afterwards), stopping what
@@ -587,6 +602,7 @@ class Agent:
         if run is None or run.done:
             if self.status in (AgentStatus.IDLE, AgentStatus.PAUSED):
                 self._set_status(AgentStatus.CANCELLED)
+                self._held = False
             return
         run.cancel_all()
         current = asyncio.current_task()

@@ -197,18 +197,19 @@ def executor_for(isolation: Isolation) -> Executor:
     return executor
 
 
-async def prepare_for(levels: Iterable[Isolation]) -> None:
+async def prepare_for(levels: Iterable[Isolation], timeout: float | None = None) -> None:
     """Have the executors of ``levels`` start what their first attempt would otherwise wait
-    for: the supervisor and its zygote, a few tenths of a second when cold. A run calls
-    this before its clock starts, so that no state's duration or timeout counts that
-    start. Never raises: a level that cannot start says so at its first attempt."""
+    for (the supervisor and its zygote, a few tenths of a second when cold), waiting at
+    most ``timeout`` seconds. A run calls this before any state starts, so that no state's
+    duration or timeout counts that start. Never raises: a level that cannot start says
+    so at its first attempt, which also waits for what is not ready yet."""
     for level in levels:
         if level is Isolation.INLINE or level is Isolation.RAY:
             continue
         try:
             prepare = getattr(executor_for(level), "prepare", None)
             if prepare is not None:
-                await prepare()
+                await prepare(timeout)
         except Exception:  # said again, with its reason, by the first attempt
             pass
 

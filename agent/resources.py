@@ -1003,8 +1003,10 @@ class ResourcePool:
                 break
         else:
             return None
-        held = {h.owner: h.amounts for h in candidates}
-        for victim in list(chosen):
+        by_owner = {h.owner: h for h in candidates}
+        held = {owner: h.amounts for owner, h in by_owner.items()}
+        # Spared first: the most important victims (the reverse of the eviction order).
+        for victim in sorted(chosen, key=lambda owner: eviction_order(by_owner[owner]), reverse=True):
             rest = [v for v in chosen if v != victim]
             frees = {rtype: free.get(rtype, 0.0) + sum(held[v].get(rtype, 0.0) for v in rest) for rtype in need}
             if all(frees[rtype] + 1e-9 >= amount for rtype, amount in need.items()) and \

@@ -56,21 +56,19 @@ class Terminal:
             try:
                 stream.write(text)
                 stream.flush()
-            except BrokenPipeError:
-                if stream is not self.out:
-                    raise
-                self._drop_stdout()
+            except BrokenPipeError:  # stderr too, when both went to the reader (2>&1 | head)
+                self._drop(stream)
                 return
             if text:
                 self._open_line = not text.endswith("\n")
             self._draw()
 
-    def _drop_stdout(self) -> None:
+    def _drop(self, stream: TextIO) -> None:
         try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
         except (OSError, ValueError):
             pass
-        if not self.reader_gone:
+        if stream is self.out and not self.reader_gone:
             self.reader_gone = True
             if self.on_reader_gone is not None:
                 self.on_reader_gone()
@@ -261,29 +259,11 @@ class Progress:
                 )
 
 
-def route_std_streams(terminal: Terminal, *, stdout_to_stderr: bool = False,
-                      quiet: bool = False) -> tuple[TextIO, TextIO]:
-    """Wrap ``sys.stdout`` / ``sys.stderr`` for the run; returns the originals to restore.
-
-    ``quiet`` (``-q``): what the workflow prints itself (inline states) is dropped, as an
-    isolated state's output is (its log keeps that); the command's own notices still show.
-    """
+def route_std_streams(terminal: Terminal, *, stdout_to_stderr: bool = False) -> tuple[TextIO, TextIO]:
+    """Wrap ``sys.stdout`` / ``sys.stderr`` for the run; returns the originals to restore."""
     import sys
 
     saved = (sys.stdout, sys.stderr)
-    if quiet:
-        sys.stdout = sys.stderr = _Discard()  # type: ignore[assignment]
-        return saved
     sys.stdout = RoutedStream(terminal, terminal.err if stdout_to_stderr else terminal.out)  # type: ignore[assignment]
     sys.stderr = RoutedStream(terminal, terminal.err)  # type: ignore[assignment]
     return saved
-
-
-class _Discard(io.TextIOBase):
-    """A stream that keeps nothing."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def writable(self) -> bool:
-        return True

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import live
+from ..checkpoint import AgentCheckpoint
 from ..errors import AgentError, CheckpointError, WorkflowDefinitionError
 from ..events import observing
 from ..supervisor import output
@@ -77,6 +78,7 @@ class RunCommand:
         self.file: Path | None = None
         self.wf: workflow.Workflow | None = None
         self.progress: Progress | None = None
+        self.to_run_again: dict[str, set[str]] = {}  # by run id: what a pause left to run on resume
 
     # --- the command ----------------------------------------------------------------------
 
@@ -96,7 +98,7 @@ class RunCommand:
             return self.usage(str(exc))
         if args.quiet:
             output.set_writer(None)
-        saved = route_std_streams(self.terminal, stdout_to_stderr=args.json, quiet=args.quiet)
+        saved = route_std_streams(self.terminal, stdout_to_stderr=args.json)
         progress = self.progress = None if args.quiet else Progress(self.terminal, self.since,
                                                                     lines=not args.no_progress)
         loop = _uvloop()
@@ -317,7 +319,9 @@ class RunCommand:
             if agent is None or agent.status is not AgentStatus.RUNNING or agent.checkpoint_store is None:
                 continue
             agent._set_status(AgentStatus.PAUSED)
-            agent._save_checkpoint(agent.create_checkpoint())
+            checkpoint = agent.create_checkpoint()
+            self.to_run_again[agent.run_id] = checkpoint.state_names() - set(checkpoint.completed_states)
+            agent._save_checkpoint(checkpoint)
             if not isinstance(agent.checkpoint_store, BestEffortStore):
                 agent.checkpoint_store = BestEffortStore(agent.checkpoint_store, self.terminal)
             agent.checkpoint_store.stop_saving()
@@ -326,7 +330,10 @@ class RunCommand:
         from ..status import AgentStatus
 
         agents = [e.agent for e in self.runs() if e.agent is not None and e.agent.status is AgentStatus.RUNNING]
-        await asyncio.gather(*(a.pause() for a in agents), return_exceptions=True)
+        checkpoints = await asyncio.gather(*(a.pause() for a in agents), return_exceptions=True)
+        for agent, checkpoint in zip(agents, checkpoints):
+            if isinstance(checkpoint, AgentCheckpoint):
+                self.to_run_again[agent.run_id] = checkpoint.state_names() - set(checkpoint.completed_states)
         if self.main_task is not None:
             self.main_task.cancel()
 
@@ -393,8 +400,11 @@ class RunCommand:
         tally = dict(snap.get("states", {}))
         states = {n: m.status.value for n, m in agent.state_metadata.items()} if agent is not None else {}
         if status == "paused":  # the states it stopped run again on resume: pending, as after pause()
-            tally["to_run_again"] = tally.pop("cancelled", 0)
-            states = {n: "pending" if s == "cancelled" else s for n, s in states.items()}
+            again = {n for n, s in states.items() if s == "cancelled" and n in self.to_run_again.get(entry.run_id, ())}
+            states = {n: "pending" if n in again else s for n, s in states.items()}
+            moved = len(again)
+            tally["to_run_again"] = moved
+            tally["cancelled"] = max(0, tally.get("cancelled", 0) - moved)
         return {
             "agent": snap.get("agent"),
             "run_id": entry.run_id,

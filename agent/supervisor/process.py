@@ -90,8 +90,8 @@ class ProcessExecutor:
                 sup.exit_attempt()
         await removed(confinement)
 
-    async def prepare(self) -> None:
-        await until_ready()
+    async def prepare(self, timeout: float | None = None) -> None:
+        await until_ready(timeout)
 
     async def aclose(self) -> None:
         """Nothing per executor: the supervisor is shared and goes away with the process."""
@@ -120,27 +120,27 @@ class WorkerExecutor:
                 if attempt.assignment.get("gpus"):
                     # Its worker is retired: the GPUs are free once its process (and the GPU
                     # memory it holds) is gone, as for a process attempt.
-                    await uncancellable(asyncio.shield(child.worker.gone))
+                    await uncancellable(child.worker.until_gone())
                 settle_removal(attempt, child.worker.confinement)  # a worker gone with its attempt takes its cgroup
                 if not child.never_ran:  # else its worker went idle before reading it: again
                     return verdict(child, status, attempt)
         finally:
             sup.exit_attempt()
 
-    async def prepare(self) -> None:
-        await until_ready()
+    async def prepare(self, timeout: float | None = None) -> None:
+        await until_ready(timeout)
 
     async def aclose(self) -> None:
         """Nothing per executor: the workers belong to the supervisor."""
         return None
 
 
-async def until_ready() -> None:
-    """Start the supervisor serving this loop, if none does, and wait until its zygote can
-    fork (see :func:`agent.executor.prepare_for`)."""
+async def until_ready(timeout: float | None = None) -> None:
+    """Start the supervisor serving this loop, if none does, and wait (at most ``timeout``
+    seconds) until its zygote can fork (see :func:`agent.executor.prepare_for`)."""
     sup = serving_supervisor(asyncio.get_running_loop())
     try:
-        await sup.until_ready()
+        await sup.until_ready(timeout)
     finally:
         sup.exit_attempt()
 

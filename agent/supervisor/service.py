@@ -440,15 +440,17 @@ class Supervisor:
             )
         return frame
 
-    async def until_ready(self) -> None:
+    async def until_ready(self, timeout: float | None = None) -> None:
         """Wait until the zygote is warmed up and can fork (a cold start takes a few tenths
-        of a second), or the supervisor shut down."""
+        of a second), the supervisor shut down, or ``timeout`` seconds passed."""
         if self.ready or self.closed:
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._awaiting_ready.append(waiter)
         try:
-            await waiter
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            pass
         finally:
             if waiter in self._awaiting_ready:
                 self._awaiting_ready.remove(waiter)

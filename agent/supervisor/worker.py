@@ -198,7 +198,7 @@ class WorkerProcess:
         self.ready_at: float | None = None
         self.idle_since = self.requested_at
         self.exit_status: int | None = None
-        self.gone: asyncio.Future[None] = loop.create_future()  # done once it exited
+        self._gone_waiters: list[asyncio.Future[None]] = []  # until_gone()
         self.failure_message: str | None = None
         self.killed = False  # by the supervisor: retired or replaced
         self.charged_before: tuple[float, int] = (0.0, 0)  # a parked child's warm-up, read at its hand-over
@@ -302,8 +302,10 @@ class WorkerProcess:
         if self.status is WorkerStatus.EXITED:
             return
         self._move(WorkerStatus.EXITED)
-        if not self.gone.done() and not self.gone.get_loop().is_closed():
-            self.gone.set_result(None)
+        waiters, self._gone_waiters = self._gone_waiters, []
+        for waiter in waiters:
+            if not waiter.done() and not waiter.get_loop().is_closed():
+                waiter.set_result(None)
         before_cpu, before_faults = self.charged_before  # a parked child's warm-up
         cpu = None if cpu is None else max(0.0, cpu - before_cpu)
         faults = None if faults is None else max(0, faults - before_faults)
@@ -328,6 +330,14 @@ class WorkerProcess:
             escape = escape_reason(self.confinement, self.confinement.usage(), cpu, faults)
             if escape is not None:  # between attempts: nobody to fail, but it is said
                 self._sup.log.warning("worker_left_its_cgroup", pid=self.pid, message=escape.message)
+
+    async def until_gone(self) -> None:
+        """Wait until the worker has exited (it was retired or killed)."""
+        if self.status is WorkerStatus.EXITED:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._gone_waiters.append(waiter)
+        await waiter
 
     def _others_left(self) -> bool:
         """Whether processes are left in its cgroup now that the worker is reaped."""

@@ -101,12 +101,6 @@ class TestLiveOutput:
         [log] = list(cli.log_dir.glob("*/format_output.attempt-1.log"))
         assert log.read_text() == "Result: Hello, World!\n"
 
-    def test_quiet_drops_what_inline_states_print_too(self, cli):
-        cli.write("hello.py", SPEC_QUICK_START.replace("await agent.run()", ""))
-        done = cli.run("run", "hello.py", "--quiet", "--isolation", "inline")
-        assert done.returncode == 0, done.stderr
-        assert done.stdout == "" and "Result: Hello, World!" not in done.stderr
-
     def test_a_retried_attempt_shows_its_output_and_why(self, cli):
         cli.write("flaky.py", """\
             import os
@@ -376,6 +370,66 @@ class TestReaderGone:
         assert proc.returncode == 141, err
         assert "printer paused after" in err and "resume it with: agent run printer.py --resume" in err
         assert "BrokenPipeError" not in err and "Traceback" not in err
+
+
+BRANCH_CANCELLED = """
+import asyncio
+from agent import Agent
+
+agent = Agent("branches", isolation="inline")
+
+async def start(context):
+    return ["b", "c"]
+
+async def b(context):
+    await asyncio.sleep(0.05)
+    agent.cancel_state("c")  # c's branch ends here: it never runs again
+    print("c cancelled", flush=True)
+    await asyncio.sleep(600)
+
+async def c(context):
+    await asyncio.sleep(600)
+
+agent.add_state("start", start, next_states=["b", "c"])
+agent.add_state("b", b)
+agent.add_state("c", c)
+"""
+
+
+class TestPausedSummary:
+    """A paused run's summary says which states run again on resume, and only those."""
+
+    def test_a_branch_cancelled_before_the_pause_stays_cancelled(self, cli):
+        cli.write("branches.py", BRANCH_CANCELLED)
+        proc = cli.start("run", "--json", "branches.py")
+        try:
+            while "c cancelled" not in proc.stderr.readline():  # --json: the workflow prints to stderr
+                pass
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            stop(proc)
+        assert proc.returncode == 143, err
+        summary = json.loads(out)
+        assert summary["states"] == {"start": "completed", "b": "pending", "c": "cancelled"}
+        assert (summary["counts"]["to_run_again"], summary["counts"]["cancelled"]) == (1, 1)
+
+    def test_output_and_errors_to_a_reader_that_goes_pause_the_run_too(self, cli):
+        # agent run flow.py 2>&1 | head: its own notices meet the broken pipe as well.
+        cli.write("printer.py", PRINTER)
+        proc = subprocess.Popen(cli.command("run", "printer.py", "--isolation", "inline"), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, cwd=cli.dir,
+                                env=cli.env)
+        try:
+            while "line" not in proc.stdout.readline():
+                pass
+            proc.stdout.close()
+            proc.wait(timeout=60)
+        finally:
+            stop(proc)
+        assert proc.returncode == 141
+        [run] = json.loads(cli.run("runs", "--json").stdout)
+        assert run["status"] == "paused"
 
 
 class TestInterrupt:

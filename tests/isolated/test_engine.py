@@ -255,6 +255,29 @@ class TestAgentWithProcessIsolation:
         await agent.run()
         assert ready_at_start == [True, True]
 
+    async def test_cancel_all_while_a_cold_supervisor_starts_cancels_the_run(self, level):
+        shutdown_supervisor()
+        agent = Agent("cancelled_early", isolation=level)
+        agent.add_state("process_data", process_data)
+        run = asyncio.ensure_future(agent.run())
+        await asyncio.sleep(0)  # the run has begun: it waits for the supervisor's zygote
+        assert agent.status is AgentStatus.RUNNING
+        await agent.cancel_all()
+        await run
+        assert agent.status is AgentStatus.CANCELLED and not agent.context.has_state("pid")
+
+    async def test_a_run_whose_states_use_an_agent_starts_no_supervisor(self, level):
+        # Such states run inline (they work on the live agent), so nothing waits for one.
+        shutdown_supervisor()
+        agent = Agent("uses_itself", isolation=level)
+
+        async def step(context):
+            agent.context.set_state("seen", agent.name)
+
+        agent.add_state("step", step)
+        assert (await agent.run()).get_state("seen") == "uses_itself"
+        assert current_supervisor() is None
+
     async def test_the_log_of_a_state_that_has_not_run_is_a_typed_error_saying_so(self, level):
         agent = Agent("unrun", isolation=level)
         agent.add_state("process_data", process_data)
