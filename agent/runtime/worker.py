@@ -10,12 +10,17 @@ it). It speaks the child's protocol over one connection for its whole life: each
 (result, error or checkpoint keys) goes out with that hello, in one write: the
 supervisor, which can close the attempt only at the hello, wakes once for both.
 
-Between two states the worker puts back what it can: its working directory, ``argv``
-and environment; tasks the state left on the event loop are cancelled; the default
-thread pool is shut down. It cannot take back a thread that will not end, a process the
-state started and left running (its child, or any other process in its cgroup), or a
-task that refuses to be cancelled: then it exits
-instead of saying ready, and the supervisor starts a fresh one when one is needed. What
+Between two states the worker puts back what it can: its working directory, ``argv``,
+``sys.path``, umask, recursion limit and environment (the time zone read from it too),
+its stdout and stderr, its blocked signals, and no alarm or interval timer is left
+armed; tasks the state left on the event loop are cancelled; the default thread pool is
+shut down. It cannot take back a thread that will not end (one of ``threading``'s or
+not), a process the state started and left running (its child, or any other process in
+its cgroup), a task that refuses to be cancelled, an environment changed below
+``os.environ`` (``os.putenv``), or a change to what the kernel holds for the process:
+its scheduling (nice, policy, IO priority), CPUs, resource limits, user and groups, or
+namespaces. Then it exits instead of saying ready, and the supervisor starts a fresh one
+when one is needed; a state's result stands either way. What
 stays by design (the heap, imported modules and their globals, open files a state did
 not close, signal handlers, the page cache) is the price of reuse and is documented in
 ``docs/isolation.md``.
@@ -28,8 +33,11 @@ way is given to another worker, not failed.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
+import platform
 import resource
+import signal
 import sys
 import threading
 import time
@@ -84,6 +92,11 @@ class Worker:
         self._umask = os.umask(0o022)
         os.umask(self._umask)
         self._attributes = _process_attributes()
+        self._c_environ = _c_environ()
+        self._zone = (time.tzname, time.timezone)
+        self._signal_mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        self._outputs = [_file_id(fd) for fd in (1, 2)]
+        self._output_fds = [os.dup(fd) for fd in (1, 2)]  # to put back a state's dup2 over them
         self._hello = encode_message(Hello(pid=os.getpid(), secret=self._secret))
         procs = spec.get("confine", {}).get("cgroup_procs") or ()
         self._cgroup_procs: str | None = procs[0] if procs else None  # its cgroup's processes
@@ -177,7 +190,14 @@ class Worker:
                 _settle(self._waiter, None)
 
     async def _clean(self) -> bool:
-        """Put the process back as the next state expects it; False when it cannot be."""
+        """Put the process back as the next state expects it; False when it cannot be
+        (or when putting it back failed: a fresh worker is then the safe answer)."""
+        try:
+            return await self._put_back()
+        except Exception:
+            return False
+
+    async def _put_back(self) -> bool:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()  # before the hello: the supervisor files output up to it
@@ -193,22 +213,42 @@ class Worker:
                 return False
         if threading.active_count() > 1 and not self._threads_ended():
             return False
+        if _other_threads():  # started below threading (_thread.start_new_thread, C code)
+            return False
         if _has_live_children() or self._others_in_cgroup():
             return False
         if _process_attributes() != self._attributes:
-            return False  # its priority, CPUs or limits: a lowered hard limit cannot be raised again
-        if os.getcwd() != self._cwd:
+            return False  # its priority, CPUs, limits, ids or namespaces: not all can be put back
+        for timer in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
+            if signal.getitimer(timer) != (0.0, 0.0):
+                signal.setitimer(timer, 0)  # an alarm left armed would go off in the next state
+        if signal.pthread_sigmask(signal.SIG_BLOCK, ()) != self._signal_mask:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._signal_mask)
+        for fd, (kept, original) in enumerate(zip(self._output_fds, self._outputs), start=1):
+            if _file_id(fd) != original:
+                os.dup2(kept, fd)  # the next state's output goes to its log again
+        try:
+            cwd: str | None = os.getcwd()
+        except FileNotFoundError:  # it removed the directory it was in
+            cwd = None
+        if cwd != self._cwd:
             os.chdir(self._cwd)
-        if sys.argv != self._argv:
-            sys.argv[:] = self._argv
-        if sys.path != self._sys_path:
-            sys.path[:] = self._sys_path
+        if type(sys.argv) is not list or sys.argv != self._argv:
+            sys.argv = list(self._argv)
+        if type(sys.path) is not list or sys.path != self._sys_path:
+            sys.path = list(self._sys_path)
         if sys.getrecursionlimit() != self._recursion_limit:
             sys.setrecursionlimit(self._recursion_limit)
         os.umask(self._umask)  # put back whatever it is (reading it means setting it)
         if _env.snapshot() != self._environ_raw:
             os.environ.clear()
             os.environ.update(self._environ)
+        if _c_environ() != self._c_environ:
+            return False  # changed below os.environ (os.putenv, os.unsetenv): subprocesses would see it
+        if (time.tzname, time.timezone) != self._zone:
+            time.tzset()  # its TZ is gone from the environment: read it again
+            if (time.tzname, time.timezone) != self._zone:
+                return False
         return True
 
     def _others_in_cgroup(self) -> bool:
@@ -239,16 +279,67 @@ def _settle(future: asyncio.Future[Any], value: Any) -> None:
         future.set_result(value)
 
 
-_RLIMITS = tuple(getattr(resource, name) for name in (
-    "RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_FSIZE", "RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_CPU",
-    "RLIMIT_NPROC", "RLIMIT_MEMLOCK") if hasattr(resource, name))
+_RLIMITS = tuple(sorted({getattr(resource, name) for name in dir(resource) if name.startswith("RLIMIT_")}))
+_NAMESPACES = tuple(f"/proc/self/ns/{kind}" for kind in ("net", "mnt", "ipc", "uts", "user", "cgroup", "pid"))
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_IOPRIO_GET = {"x86_64": 252, "aarch64": 31}.get(platform.machine())  # the syscall's number
+_ENVIRON = ctypes.POINTER(ctypes.c_char_p).in_dll(_LIBC, "environ")
 
 
 def _process_attributes() -> tuple[Any, ...]:
     """What a state may change of its process that a worker cannot always put back: its
-    scheduling priority, its CPUs and its resource limits (a worker whose attributes
-    changed is retired, so the next state gets them as a fresh process would)."""
-    return (os.getpriority(os.PRIO_PROCESS, 0), os.sched_getaffinity(0), [resource.getrlimit(r) for r in _RLIMITS])
+    scheduling (nice, policy, IO priority), its CPUs, its resource limits, its user and
+    groups, and its namespaces (a worker whose attributes changed is retired, so the next
+    state gets them as a fresh process would)."""
+    return (
+        os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0), os.sched_getparam(0).sched_priority,
+        _LIBC.syscall(_IOPRIO_GET, 1, 0) if _IOPRIO_GET is not None else None,  # IOPRIO_WHO_PROCESS, itself
+        os.sched_getaffinity(0), [resource.getrlimit(r) for r in _RLIMITS],
+        os.getresuid(), os.getresgid(), os.getgroups(), [_readlink(path) for path in _NAMESPACES],
+    )
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def _c_environ() -> frozenset[bytes]:
+    """The process's environment as the C library holds it (what a subprocess inherits)."""
+    out = []
+    i = 0
+    while (entry := _ENVIRON[i]) is not None:
+        out.append(entry)
+        i += 1
+    return frozenset(out)
+
+
+def _file_id(fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _other_threads() -> bool:
+    """Whether a thread besides this one runs that is not one of libuv's own pool."""
+    tasks = os.listdir("/proc/self/task")
+    if len(tasks) == 1:
+        return False
+    me = str(threading.get_native_id())
+    for task in tasks:
+        if task == me:
+            continue
+        try:
+            with open(f"/proc/self/task/{task}/comm", "rb") as comm:
+                if comm.read().strip() != b"libuv-worker":
+                    return True
+        except OSError:  # it ended meanwhile
+            continue
+    return False
 
 
 def _has_live_children() -> bool:

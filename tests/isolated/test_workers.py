@@ -7,8 +7,11 @@ import asyncio
 import gc
 import os
 import resource
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -307,29 +310,57 @@ async def test_a_callback_a_state_left_on_its_worker_cannot_write_the_next_state
 
 
 async def changes_its_process(context):
-    if context.get_state("change") == "priority":
+    change = context.get_state("change")
+    if change == "priority":
         os.nice(5)
-    elif context.get_state("change") == "cpus":
+    elif change == "cpus":
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    elif context.get_state("change") == "open files":
+    elif change == "open files":
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    elif change == "another limit":
+        resource.setrlimit(resource.RLIMIT_SIGPENDING, (7, 7))
+    elif change == "scheduling policy":
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    elif change == "user":
+        os.setgid(65534)
+        os.setuid(65534)
+    elif change == "environment below os.environ":
+        os.putenv("LEFT_BEHIND", "yes")
+    elif change == "a raw thread":
+        import _thread
+
+        _thread.start_new_thread(time.sleep, (600,))
     else:  # what a worker puts back itself
-        sys.path.append("/left-behind")
+        sys.path = tuple(sys.path) + ("/left-behind",)  # not even a list
         os.umask(0o077)
         sys.setrecursionlimit(123)
+        signal.alarm(1)  # would kill the next state
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)  # the next state's output would be lost
+        gone = tempfile.mkdtemp()
+        os.chdir(gone)
+        os.rmdir(gone)  # its working directory no longer exists
     context.set_state("pid_first", os.getpid())
 
 
 async def reads_its_process(context):
     umask = os.umask(0)
     os.umask(umask)
+    await asyncio.sleep(1.2)  # an alarm left armed would go off meanwhile
+    shown = subprocess.run(["env"], capture_output=True, text=True).stdout
     context.set_state("pid_second", os.getpid())
     context.set_state("seen", [os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)),
-                               resource.getrlimit(resource.RLIMIT_NOFILE), sys.path, umask,
-                               sys.getrecursionlimit()])
+                               resource.getrlimit(resource.RLIMIT_NOFILE),
+                               resource.getrlimit(resource.RLIMIT_SIGPENDING),
+                               os.sched_getscheduler(0), os.getresuid(), "LEFT_BEHIND" in shown,
+                               len(os.listdir("/proc/self/task")), sys.path, umask, sys.getrecursionlimit(),
+                               sorted(signal.pthread_sigmask(signal.SIG_BLOCK, ())), os.getcwd(),
+                               os.readlink("/proc/self/fd/1").startswith("pipe:")])
 
 
-@pytest.mark.parametrize("change", ["priority", "cpus", "open files", "path, umask, recursion limit"])
+@pytest.mark.parametrize("change", ["priority", "cpus", "open files", "another limit", "scheduling policy", "user",
+                                    "environment below os.environ", "a raw thread", "what it puts back itself"])
 async def test_the_next_state_on_a_worker_gets_its_process_as_a_fresh_one_would(change):
     umask = os.umask(0o022)
     os.umask(umask)
@@ -343,7 +374,7 @@ async def test_the_next_state_on_a_worker_gets_its_process_as_a_fresh_one_would(
     ctx = await second.run()
     assert ctx.get_state("seen") == expected
     # What it cannot put back retires the worker; the rest it puts back and serves on.
-    assert (ctx.get_state("pid_second") == pid) is (change == "path, umask, recursion limit")
+    assert (ctx.get_state("pid_second") == pid) is (change == "what it puts back itself")
 
 
 async def keeps_memory(context):
