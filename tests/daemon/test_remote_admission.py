@@ -33,9 +33,9 @@ agent.add_state("work", work, resources=ResourceRequirements(cpu_units={cpu}, me
 '''
 
 
-def test_a_script_waits_in_the_box_queue_behind_a_job(agentd: Agentd, users: tuple[User, User],
-                                                      workdir: Path, outdir: Path) -> None:
-    ann, bob = users
+def _job_holding_the_box(agentd: Agentd, ann: User, workdir: Path, outdir: Path) -> tuple[str, Path, Path]:
+    """A job of ``ann`` holding both CPUs of the box (until ``outdir/job-go`` exists), and a
+    script asking for one: (the job, the script, the file both write their events to)."""
     events = shared_file(outdir, "events.txt")
     agentd.configure("[pool]\ncpu = 2\n")
     agentd.start()
@@ -45,10 +45,20 @@ def test_a_script_waits_in_the_box_queue_behind_a_job(agentd: Agentd, users: tup
                                                               release=str(outdir / "job-go"), cpu=1))
     job = agentd.submit(job_flow, user=ann)
     wait_until(lambda: "job start" in events.read_text(), "the job to hold both CPUs")
+    return job, script, events
 
+
+def _run_through_agentd(agentd: Agentd, script: Path) -> tuple[list[str], dict[str, str]]:
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "AGENT_DAEMON": "1",
            "AGENT_SOCKET": agentd.socket, "HOME": "/nonexistent"}
-    command = [str(Path(sys.executable).parent / "agent"), "run", "--json", str(script)]
+    return [str(Path(sys.executable).parent / "agent"), "run", "--json", str(script)], env
+
+
+def test_a_script_waits_in_the_box_queue_behind_a_job(agentd: Agentd, users: tuple[User, User],
+                                                      workdir: Path, outdir: Path) -> None:
+    ann, bob = users
+    job, script, events = _job_holding_the_box(agentd, ann, workdir, outdir)
+    command, env = _run_through_agentd(agentd, script)
     with running_as(bob, command, env, workdir) as run:
         # bob's script asks agentd for a CPU; the box has none left, so it waits in agentd's queue.
         wait_until(lambda: agentd.ctl_json("top")["pool"]["waiting"] == 1, "the script's request to queue in agentd")
@@ -75,18 +85,8 @@ def test_without_agentd_the_switch_fails_clearly(workdir: Path) -> None:
 def test_a_script_waiting_in_the_box_queue_when_agentd_dies_fails_saying_so(
         agentd: Agentd, users: tuple[User, User], workdir: Path, outdir: Path) -> None:
     ann, bob = users
-    events = shared_file(outdir, "events.txt")
-    agentd.configure("[pool]\ncpu = 2\n")
-    agentd.start()
-    job_flow = write_workflow(workdir, "job.py", HOLD.format(name="job", out=str(events),
-                                                             release=str(outdir / "job-go"), cpu=2))
-    script = write_workflow(workdir, "script.py", HOLD.format(name="script", out=str(events),
-                                                              release=str(outdir / "job-go"), cpu=1))
-    agentd.submit(job_flow, user=ann)
-    wait_until(lambda: "job start" in events.read_text(), "the job to hold both CPUs")
-    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "AGENT_DAEMON": "1",
-           "AGENT_SOCKET": agentd.socket, "HOME": "/nonexistent"}
-    command = [str(Path(sys.executable).parent / "agent"), "run", "--json", str(script)]
+    _, script, events = _job_holding_the_box(agentd, ann, workdir, outdir)
+    command, env = _run_through_agentd(agentd, script)
     with running_as(bob, command, env, workdir) as run:
         wait_until(lambda: agentd.ctl_json("top")["pool"]["waiting"] == 1, "the script's request to queue in agentd")
         agentd.kill9()

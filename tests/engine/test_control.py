@@ -42,6 +42,18 @@ async def run_until_blocked(agent_name: str, state: str) -> tuple[Agent, asyncio
     return agent, run, log
 
 
+def _logging_agent(name: str) -> tuple[Agent, list[str]]:
+    """An inline agent of one state, ``first``, that logs each time it runs."""
+    log: list[str] = []
+    agent = Agent(name, isolation="inline")
+
+    async def first(context):
+        log.append("first")
+
+    agent.add_state("first", first)
+    return agent, log
+
+
 class TestRunTimeout:
     """run(timeout=...) cancels what runs and raises RunTimeoutError."""
 
@@ -314,13 +326,7 @@ class TestPauseResume:
         assert agent.state_metadata["s"].status is StateStatus.CANCELLED  # not left PENDING
 
     async def test_a_pause_before_the_run_begins_holds_it_until_resume(self):
-        log: list = []
-        agent = Agent("early", isolation="inline")
-
-        async def first(context):
-            log.append("first")
-
-        agent.add_state("first", first)
+        agent, log = _logging_agent("early")
         task = asyncio.create_task(agent.run())  # not started yet
         await agent.pause()
         for _ in range(20):
@@ -331,13 +337,7 @@ class TestPauseResume:
         assert agent.status is AgentStatus.COMPLETED and log == ["first"]
 
     async def test_a_pause_with_no_run_is_let_go_by_resume(self):
-        log: list = []
-        agent = Agent("held", isolation="inline")
-
-        async def first(context):
-            log.append("first")
-
-        agent.add_state("first", first)
+        agent, log = _logging_agent("held")
         await agent.pause()  # no run() yet: the next one would start paused
         assert agent.status is AgentStatus.PAUSED
         await agent.resume()  # none began: nothing to resume, and nothing is held any more
@@ -347,13 +347,7 @@ class TestPauseResume:
         assert agent.status is AgentStatus.COMPLETED and log == ["first"]
 
     async def test_resume_with_nothing_paused_runs_nothing(self):
-        log: list = []
-        agent = Agent("over", isolation="inline")
-
-        async def first(context):
-            log.append("first")
-
-        agent.add_state("first", first)
+        agent, log = _logging_agent("over")
         await agent.resume()  # never ran
         assert agent.status is AgentStatus.IDLE and log == []
         await agent.run()
