@@ -176,6 +176,8 @@ class Agent:
         self._restored: AgentCheckpoint | None = None
         self._finished_restored = False  # a completed run's checkpoint was restored
         self._held = False  # pause() before any run: the next run() starts paused
+        self._starting = False  # run() waits for the supervisor before its run exists
+        self._cancel_at_start = False  # cancel_all() came meanwhile
         self._fresh_context = True
         self._metadata_fresh = True  # no run has touched state_metadata yet
         self._graph_checked = True  # no state has dependencies or next_states (add_state clears it)
@@ -319,10 +321,13 @@ class Agent:
             _non_negative("timeout", timeout)
         if cleanup_timeout is not None:
             _non_negative("cleanup_timeout", cleanup_timeout)
-        if self.status is _RUNNING or (self._run is not None and not self._run.done):
+        if self.status is _RUNNING or self._starting or (self._run is not None and not self._run.done):
             raise AgentBusyError(f"agent {self.name!r} is already running: await the current run first")
         if not self._states:
             raise WorkflowDefinitionError(f"agent {self.name!r} has no states: add some with add_state()")
+        level = self._supervised_level()
+        if level is not None and not await self._supervisor_ready(level, timeout):
+            return self.context  # cancel_all() came meanwhile: nothing ran
         if not self._graph_checked:
             check_graph(self.name, self._states)
             self._graph_checked = True
@@ -379,28 +384,20 @@ class Agent:
                 self._set_status(_RUNNING)  # raises, naming the transition
             self.status = _RUNNING
         live.register(self, run.wall_offset + run.started, run.started)  # O(1): for `agent top`, `agent run`
-        deadline = None
+        deadline = None if timeout is None else run.clock() + timeout
         saver = None
         if self.checkpoint_interval:
             saver = asyncio.get_running_loop().create_task(self._save_periodically(run))
         try:
-            level = self._supervised_level()
-            if level is not None:
-                # A cold supervisor (a process's first isolated run) is ready before any state
-                # starts: no state's duration or timeout counts its start, nor the run's
-                # timeout (which bounds this wait too, for a preload that never ends).
-                await prepare_for([level], timeout)
-            deadline = None if timeout is None else run.clock() + timeout
-            if not run.done:  # else cancel_all() came while the supervisor started
-                if restored is not None:
-                    self._restored = None
-                    run.restore(restored.frames or {}, list(restored.running_states), list(restored.pending_states))
-                else:
-                    run.start(names)
-                    if self.checkpoint_store is not None:
-                        self._after_completion(run)  # the run is resumable before its first completion
-                if not run.settle_now():  # a run whose states never await ends here, without the loop
-                    await run.driver.drive(deadline)
+            if restored is not None:
+                self._restored = None
+                run.restore(restored.frames or {}, list(restored.running_states), list(restored.pending_states))
+            else:
+                run.start(names)
+                if self.checkpoint_store is not None:
+                    self._after_completion(run)  # the run is resumable before its first completion
+            if not run.settle_now():  # a run whose states never await ends here, without the loop
+                await run.driver.drive(deadline)
         except asyncio.CancelledError:
             self._set_status(AgentStatus.CANCELLED)
             raise
@@ -434,6 +431,22 @@ class Agent:
         if run.error is not None:
             raise run.error
         return self.context
+
+    async def _supervisor_ready(self, level: Isolation, timeout: float | None) -> bool:
+        """Wait for a cold supervisor (a process's first isolated run) before the run exists:
+        its start is then in no state's duration or timeout, nor in the run's clock (the
+        run's ``timeout`` bounds this wait too, for a preload that never ends). Meanwhile
+        the agent is starting: a second run() is refused, pause() holds what follows, and
+        cancel_all() ends it before anything runs (False)."""
+        self._starting = True
+        try:
+            await prepare_for([level], timeout)
+        finally:
+            self._starting = False
+        if self._cancel_at_start:
+            self._cancel_at_start = False
+            return False
+        return True
 
     def _supervised_level(self) -> Isolation | None:
         """An isolation level of this agent's states that the supervisor serves (None: none),
@@ -603,6 +616,7 @@ class Agent:
             if self.status in (AgentStatus.IDLE, AgentStatus.PAUSED):
                 self._set_status(AgentStatus.CANCELLED)
                 self._held = False
+                self._cancel_at_start = self._starting
             return
         run.cancel_all()
         current = asyncio.current_task()
@@ -686,7 +700,11 @@ class Agent:
         self.run_id = checkpoint.run_id or None
         status = checkpoint.agent_status
         # An agent that never ran has nothing to continue: its next run starts from its
-        # first state, on the restored context.
+        # first state, on the restored context. So has one paused before its run began (a
+        # hold): nothing of a run is in its checkpoint.
+        begun = bool(checkpoint.state_names()) or bool((checkpoint.frames or {}).get("activations"))
+        if not begun and status in (AgentStatus.PAUSED.value, AgentStatus.RUNNING.value):
+            status = AgentStatus.IDLE.value
         resumable = status != AgentStatus.IDLE.value and (
             status not in _TERMINAL or (status == AgentStatus.FAILED.value and bool(checkpoint.frames)))
         self.status = AgentStatus.PAUSED if resumable else AgentStatus(status)

@@ -12,7 +12,7 @@ supervisor, which can close the attempt only at the hello, wakes once for both.
 
 Between two states the worker puts back what it can: its working directory, ``argv``,
 ``sys.path``, umask, recursion limit and environment (the time zone read from it too),
-its stdout and stderr, its blocked signals, and no alarm or interval timer is left
+its stdout and stderr (``sys.stdout`` and the descriptors), its blocked signals, and no alarm or interval timer is left
 armed; tasks the state left on the event loop are cancelled; the default thread pool is
 shut down. It cannot take back a thread that will not end (one of ``threading``'s or
 not), a process the state started and left running (its child, or any other process in
@@ -95,6 +95,7 @@ class Worker:
         self._c_environ = _c_environ()
         self._zone = (time.tzname, time.timezone)
         self._signal_mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        self._streams = (sys.stdout, sys.stderr)
         self._outputs = [_file_id(fd) for fd in (1, 2)]
         self._output_fds = [os.dup(fd) for fd in (1, 2)]  # to put back a state's dup2 over them
         self._hello = encode_message(Hello(pid=os.getpid(), secret=self._secret))
@@ -213,7 +214,7 @@ class Worker:
                 return False
         if threading.active_count() > 1 and not self._threads_ended():
             return False
-        if _other_threads():  # started below threading (_thread.start_new_thread, C code)
+        if not await _threads_gone():  # started below threading (_thread.start_new_thread, C code)
             return False
         if _has_live_children() or self._others_in_cgroup():
             return False
@@ -224,6 +225,8 @@ class Worker:
                 signal.setitimer(timer, 0)  # an alarm left armed would go off in the next state
         if signal.pthread_sigmask(signal.SIG_BLOCK, ()) != self._signal_mask:
             signal.pthread_sigmask(signal.SIG_SETMASK, self._signal_mask)
+        if (sys.stdout, sys.stderr) != self._streams:
+            sys.stdout, sys.stderr = self._streams
         for fd, (kept, original) in enumerate(zip(self._output_fds, self._outputs), start=1):
             if _file_id(fd) != original:
                 os.dup2(kept, fd)  # the next state's output goes to its log again
@@ -322,6 +325,17 @@ def _file_id(fd: int) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+async def _threads_gone() -> bool:
+    """Whether no thread but this one (and libuv's pool) runs, within :data:`_LEFTOVER_GRACE`:
+    a thread just joined may still be listed by the kernel for a moment."""
+    deadline = time.monotonic() + _LEFTOVER_GRACE
+    while _other_threads():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.001)
+    return True
 
 
 def _other_threads() -> bool:

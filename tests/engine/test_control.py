@@ -346,6 +346,15 @@ class TestPauseResume:
         await agent.run()
         assert agent.status is AgentStatus.COMPLETED and log == ["first"]
 
+    async def test_the_checkpoint_of_a_hold_restores_an_agent_that_has_not_run(self):
+        agent, _ = _logging_agent("held")
+        checkpoint = await agent.pause()  # before any run: nothing of a run is in it
+        restored, log = _logging_agent("held")
+        await restored.restore_from_checkpoint(checkpoint)
+        assert restored.status is AgentStatus.IDLE
+        await restored.run()  # from its first state, not "resumed" into nothing
+        assert restored.status is AgentStatus.COMPLETED and log == ["first"]
+
     async def test_resume_with_nothing_paused_runs_nothing(self):
         agent, log = _logging_agent("over")
         await agent.resume()  # never ran

@@ -15,7 +15,7 @@ import pytest
 from agent import Agent, AgentStatus, Context, StateStatus
 from agent.clock import settle
 from agent.coordination import PrimitiveType, create_coordinated_agent
-from agent.errors import AttemptLogNotFoundError, StateFailedError, StateTimeoutError
+from agent.errors import AgentBusyError, AttemptLogNotFoundError, StateFailedError, StateTimeoutError
 from agent.executor import Isolation
 from agent.human import QueueInputProvider
 
@@ -260,11 +260,24 @@ class TestAgentWithProcessIsolation:
         agent = Agent("cancelled_early", isolation=level)
         agent.add_state("process_data", process_data)
         run = asyncio.ensure_future(agent.run())
-        await asyncio.sleep(0)  # the run has begun: it waits for the supervisor's zygote
-        assert agent.status is AgentStatus.RUNNING
+        await asyncio.sleep(0)  # run() has begun: it waits for the supervisor's zygote
+        with pytest.raises(AgentBusyError):
+            await agent.run()  # a second one meanwhile
         await agent.cancel_all()
         await run
         assert agent.status is AgentStatus.CANCELLED and not agent.context.has_state("pid")
+
+    async def test_a_run_cancelled_while_a_cold_supervisor_starts_leaves_the_agent_free(self, level):
+        shutdown_supervisor()
+        agent = Agent("caller_gone", isolation=level)
+        agent.add_state("process_data", process_data)
+        agent.add_state("format_output", format_output)
+        run = asyncio.ensure_future(agent.run())
+        await asyncio.sleep(0)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        assert (await agent.run()).get_state("greeting") == "Hello, World!"
 
     async def test_a_run_whose_states_use_an_agent_starts_no_supervisor(self, level):
         # Such states run inline (they work on the live agent), so nothing waits for one.

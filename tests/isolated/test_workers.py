@@ -377,6 +377,22 @@ async def test_the_next_state_on_a_worker_gets_its_process_as_a_fresh_one_would(
     assert (ctx.get_state("pid_second") == pid) is (change == "what it puts back itself")
 
 
+async def uses_threads(context):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:  # its threads are joined when it ends
+        list(pool.map(abs, range(10)))
+    context.set_state("pid", os.getpid())
+
+
+async def test_threads_a_state_joined_do_not_cost_it_its_worker():
+    # A joined thread may still be listed by the kernel a moment: not a thread left behind.
+    agent = Agent("threads", isolation="worker")
+    agent.add_state("uses_threads", uses_threads)
+    pids = {(await agent.run()).get_state("pid") for _ in range(100)}
+    assert len(pids) == 1
+
+
 async def keeps_memory(context):
     import json  # any module: what a state hangs on it stays in the worker
 
