@@ -325,9 +325,6 @@ class Agent:
             raise AgentBusyError(f"agent {self.name!r} is already running: await the current run first")
         if not self._states:
             raise WorkflowDefinitionError(f"agent {self.name!r} has no states: add some with add_state()")
-        level = self._supervised_level()
-        if level is not None and not await self._supervisor_ready(level, timeout):
-            return self.context  # cancel_all() came meanwhile: nothing ran
         if not self._graph_checked:
             check_graph(self.name, self._states)
             self._graph_checked = True
@@ -335,6 +332,9 @@ class Agent:
             self._finished_restored = False
             self._fresh_context = False  # and the run after it starts afresh
             return self.context
+        level = self._supervised_level()
+        if level is not None and not await self._supervisor_ready(level, timeout):
+            return self.context  # cancel_all() came meanwhile: nothing ran
         restored = self._restored
         # pause() before this run began (a run() task not started yet): it starts paused.
         paused_first = restored is None and self.status is AgentStatus.PAUSED
@@ -438,7 +438,7 @@ class Agent:
         run's ``timeout`` bounds this wait too, for a preload that never ends). Meanwhile
         the agent is starting: a second run() is refused, pause() holds what follows, and
         cancel_all() ends it before anything runs (False)."""
-        self._starting = True
+        self._starting, self._cancel_at_start = True, False
         try:
             await prepare_for([level], timeout)
         finally:

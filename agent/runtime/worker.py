@@ -283,7 +283,8 @@ def _settle(future: asyncio.Future[Any], value: Any) -> None:
 
 
 _RLIMITS = tuple(sorted({getattr(resource, name) for name in dir(resource) if name.startswith("RLIMIT_")}))
-_NAMESPACES = tuple(f"/proc/self/ns/{kind}" for kind in ("net", "mnt", "ipc", "uts", "user", "cgroup", "pid_for_children"))
+_NAMESPACES = tuple(
+    f"/proc/self/ns/{kind}" for kind in ("net", "mnt", "ipc", "uts", "user", "cgroup", "pid_for_children"))
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _IOPRIO_GET = {"x86_64": 252, "aarch64": 31}.get(platform.machine())  # the syscall's number
 _ENVIRON = ctypes.POINTER(ctypes.c_char_p).in_dll(_LIBC, "environ")
