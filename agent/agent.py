@@ -41,6 +41,8 @@ from .state import StateFunction, StateMetadata
 from .status import AgentStatus, StateStatus, check_agent_transition
 from .workflow import ReturnGraph, StateSpec, check_graph, check_on_failure, enter_state, uses_an_agent
 
+_UNKNOWN: Any = object()
+
 DEFAULT_ISOLATION = Isolation.PROCESS
 """Used when neither ``Agent(isolation=...)`` nor ``$AGENT_ISOLATION`` says otherwise."""
 
@@ -178,6 +180,7 @@ class Agent:
         self._held = False  # pause() before any run: the next run() starts paused
         self._starting = False  # run() waits for the supervisor before its run exists
         self._cancel_at_start = False  # cancel_all() came meanwhile
+        self._supervised: Any = _UNKNOWN  # _supervised_level(), worked out again once states are added
         self._fresh_context = True
         self._metadata_fresh = True  # no run has touched state_metadata yet
         self._graph_checked = True  # no state has dependencies or next_states (add_state clears it)
@@ -242,6 +245,7 @@ class Agent:
         """
         run = enter_state(self, name, func, dependencies, resources, retry_policy, max_retries, isolation, timeout,
                           priority, next_states, on_failure, context_keys)
+        self._supervised = _UNKNOWN
         if run is not None:
             run.retrack()
             if self._states[name].dependencies:
@@ -332,13 +336,16 @@ class Agent:
             self._finished_restored = False
             self._fresh_context = False  # and the run after it starts afresh
             return self.context
-        level = self._supervised_level()
+        level = self._supervised
+        if level is _UNKNOWN:  # states were added since the last run
+            level = self._supervised = self._supervised_level()
         if level is not None and not await self._supervisor_ready(level, timeout):
             return self.context  # cancel_all() came meanwhile: nothing ran
         restored = self._restored
         # pause() before this run began (a run() task not started yet): it starts paused.
         paused_first = restored is None and self.status is AgentStatus.PAUSED
-        self._held = False
+        if self._held:
+            self._held = False
         if restored is not None:
             names = []
         elif start is None:
