@@ -14,6 +14,15 @@ import os
 COMPILED = ("agent.engine.run", "agent.engine.admission", "agent.state", "agent.workflow", "agent._ledger")
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def framework_file(filename: str) -> bool:
+    """Whether a traceback frame's ``filename`` is this package's: by its path, or, for a
+    module compiled with mypyc, by the relative name its frames carry (``agent/workflow.py``)."""
+    return filename.startswith(_PACKAGE) or (not os.path.isabs(filename) and filename.startswith("agent/"))
+
+
 def compiled_path(module: str) -> str | None:
     """The compiled file this install would import for ``module``, if any (importing nothing but its package)."""
     spec = importlib.util.find_spec(module)

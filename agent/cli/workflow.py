@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._compiled import framework_file
 from ..errors import AgentError
 from ..values import WORKFLOW_MODULE
 
 MODULE_NAME = WORKFLOW_MODULE
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 class WorkflowLoadError(Exception):
@@ -147,16 +147,10 @@ def user_traceback(exc: BaseException, filename: str) -> str:
         tb = tb.tb_next
     frames = [f for f in traceback.extract_tb(tb) if not f.filename.startswith("<frozen importlib")]
     if isinstance(exc, AgentError):  # the framework's message says it all: not its own frames
-        frames = [f for f in frames if not _framework_file(f.filename)]
+        frames = [f for f in frames if not framework_file(f.filename)]
     lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)] if frames else []
     lines += traceback.format_exception_only(type(exc), exc)
     return "".join(lines).rstrip()
-
-
-def _framework_file(filename: str) -> bool:
-    """A file of this package: by its path, or, for a module compiled with mypyc, by the
-    relative name its frames carry (``agent/workflow.py``)."""
-    return filename.startswith(_PACKAGE) or (not os.path.isabs(filename) and filename.startswith("agent/"))
 
 
 def _pickle_by_value(module: types.ModuleType) -> None:

@@ -21,13 +21,13 @@ it gets a task too: states begin in the order they were started.
 from __future__ import annotations
 
 import asyncio
-import os
 import functools
 import traceback
 import types
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
+from .._compiled import framework_file
 from .._types import StopReason
 from ..errors import FailureReason, exception_message, exception_text
 from ..executor import Attempt, AttemptFailed, executor_for
@@ -61,19 +61,11 @@ def inline_runner(coro: Any) -> Generator[Any, Any, None]:
         coro = yield done
 
 
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
-def _framework_frame(filename: str) -> bool:
-    """A frame of this package: by path, or by the relative name a compiled module's carries."""
-    return filename.startswith(_PACKAGE) or (not os.path.isabs(filename) and filename.startswith("agent/"))
-
-
 def exception_reason(exc: BaseException) -> FailureReason:
     """A state's own exception as a failure reason; its traceback starts at the state's code
     (the engine's frames that called it say nothing to its author)."""
     start = exc.__traceback__
-    while start is not None and _framework_frame(start.tb_frame.f_code.co_filename):
+    while start is not None and framework_file(start.tb_frame.f_code.co_filename):
         start = start.tb_next
     tb = "".join(traceback.format_exception(type(exc), exc, start or exc.__traceback__))
     name = type(exc).__name__
