@@ -447,7 +447,7 @@ class Agent:
         cancel_all() ends it before anything runs (False)."""
         self._starting, self._cancel_at_start = True, False
         try:
-            await prepare_for([level], timeout)
+            await prepare_for(level, timeout)
         finally:
             self._starting = False
         if self._cancel_at_start:

@@ -24,7 +24,7 @@ import enum
 import importlib
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, runtime_checkable
 
 from .errors import FailureReason, IsolationUnavailableError, RayUnavailableError
 
@@ -197,21 +197,17 @@ def executor_for(isolation: Isolation) -> Executor:
     return executor
 
 
-async def prepare_for(levels: Iterable[Isolation], timeout: float | None = None) -> None:
-    """Have the executors of ``levels`` start what their first attempt would otherwise wait
-    for (the supervisor and its zygote, a few tenths of a second when cold), waiting at
-    most ``timeout`` seconds. A run calls this before any state starts, so that no state's
-    duration or timeout counts that start. Never raises: a level that cannot start says
-    so at its first attempt, which also waits for what is not ready yet."""
-    for level in levels:
-        if level is Isolation.INLINE or level is Isolation.RAY:
-            continue
-        try:
-            prepare = getattr(executor_for(level), "prepare", None)
-            if prepare is not None:
-                await prepare(timeout)
-        except Exception:  # said again, with its reason, by the first attempt
-            pass
+async def prepare_for(level: Isolation, timeout: float | None = None) -> None:
+    """Have the executor of ``level`` (one the supervisor serves) start what its first
+    attempt would otherwise wait for (the supervisor and its zygote, a few tenths of a
+    second when cold), waiting at most ``timeout`` seconds. A run calls this before any
+    state starts, so that no state's duration or timeout counts that start. Never raises:
+    a level that cannot start says so at its first attempt, which also waits for what is
+    not ready yet."""
+    try:
+        await executor_for(level).prepare(timeout)  # type: ignore[attr-defined]
+    except Exception:  # said again, with its reason, by the first attempt
+        pass
 
 
 def read_attempt_log(run_id: str, state: str, attempt: int) -> str:

@@ -1004,12 +1004,12 @@ class ResourcePool:
         else:
             return None
         by_owner = {h.owner: h for h in candidates}
-        held = {owner: h.amounts for owner, h in by_owner.items()}
         # Spared first: the most important victims (the reverse of the eviction order).
         for victim in sorted(chosen, key=lambda owner: eviction_order(by_owner[owner]), reverse=True):
             rest = [v for v in chosen if v != victim]
-            frees = {rtype: free.get(rtype, 0.0) + sum(held[v].get(rtype, 0.0) for v in rest) for rtype in need}
-            if all(frees[rtype] + 1e-9 >= amount for rtype, amount in need.items()) and \
+            frees = {rtype: free.get(rtype, 0.0) + sum(by_owner[v].amounts.get(rtype, 0.0) for v in rest)
+                     for rtype in need}
+            if all(frees[rtype] + _EPS >= amount for rtype, amount in need.items()) and \
                     self._gpus.fits_without(gpus, set(self._evicting) | set(rest)):
                 chosen = rest
         return chosen

@@ -320,11 +320,15 @@ class RunCommand:
                 continue
             agent._set_status(AgentStatus.PAUSED)
             checkpoint = agent.create_checkpoint()
-            self.to_run_again[agent.run_id] = checkpoint.state_names() - set(checkpoint.completed_states)
+            self.paused_as(agent, checkpoint)
             agent._save_checkpoint(checkpoint)
             if not isinstance(agent.checkpoint_store, BestEffortStore):
                 agent.checkpoint_store = BestEffortStore(agent.checkpoint_store, self.terminal)
             agent.checkpoint_store.stop_saving()
+
+    def paused_as(self, agent: Any, checkpoint: AgentCheckpoint) -> None:
+        """Keep what ``agent``'s pause left to run on resume (the summary shows it)."""
+        self.to_run_again[agent.run_id] = {*checkpoint.pending_states, *checkpoint.running_states}
 
     async def pause_then_stop(self) -> None:
         from ..status import AgentStatus
@@ -333,7 +337,7 @@ class RunCommand:
         checkpoints = await asyncio.gather(*(a.pause() for a in agents), return_exceptions=True)
         for agent, checkpoint in zip(agents, checkpoints):
             if isinstance(checkpoint, AgentCheckpoint):
-                self.to_run_again[agent.run_id] = checkpoint.state_names() - set(checkpoint.completed_states)
+                self.paused_as(agent, checkpoint)
         if self.main_task is not None:
             self.main_task.cancel()
 

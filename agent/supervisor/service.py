@@ -26,7 +26,7 @@ import cloudpickle
 import psutil
 
 from .. import values
-from .._loops import outside_caller
+from .._loops import grant_soon, outside_caller
 from ..errors import CgroupError, InvalidConfigurationError, IsolationError, ProtocolError
 from ..executor import Attempt, Isolation
 from ..ipc import Hello, Run, decode_message, encode_message
@@ -459,8 +459,7 @@ class Supervisor:
         self.ready = True
         waiters, self._awaiting_ready = self._awaiting_ready, []
         for waiter in waiters:
-            if not waiter.done() and not waiter.get_loop().is_closed():
-                waiter.get_loop().call_soon_threadsafe(_settle, waiter)
+            grant_soon(waiter)  # on its loop (a shutdown may come from another thread)
 
     def enter_attempt(self) -> None:
         """An executor starts using this supervisor's confiner for one attempt."""
@@ -774,11 +773,6 @@ def _forget_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
-
-
-def _settle(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 def get_supervisor() -> Supervisor:

@@ -23,6 +23,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from .._loops import grant_soon
 from ..errors import FailureReason, IllegalTransitionError, ProtocolError
 from ..executor import Attempt
 from ..ipc import FROM_CHILD, Hello, decode_message, encode_message
@@ -304,8 +305,7 @@ class WorkerProcess:
         self._move(WorkerStatus.EXITED)
         waiters, self._gone_waiters = self._gone_waiters, []
         for waiter in waiters:
-            if not waiter.done() and not waiter.get_loop().is_closed():
-                waiter.set_result(None)
+            grant_soon(waiter)
         before_cpu, before_faults = self.charged_before  # a parked child's warm-up
         cpu = None if cpu is None else max(0.0, cpu - before_cpu)
         faults = None if faults is None else max(0, faults - before_faults)
