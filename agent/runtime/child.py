@@ -342,8 +342,11 @@ def _set_up(
     # No routing id of our own: a worker's channel is its own socketpair, and a child's
     # connection gets one from the ROUTER that no other process can take over or block;
     # the secret travels in the hello.
-    if own_channel:  # a worker's: the supervisor's greeting is already there
-        transport = DealerTransport.over(socket.socket(fileno=own_channel[0]), b"", max_frame=max_frame)
+    if own_channel:
+        # A worker's: the supervisor's greeting is already there. Its socketpair keeps what
+        # was sent for the supervisor after this end closes, so nothing lingers (an idle
+        # worker exits at once, also while no event loop serves the supervisor).
+        transport = DealerTransport.over(socket.socket(fileno=own_channel[0]), b"", max_frame=max_frame, linger=0)
     elif connected is not None:  # connected while parked: the handshake is over already
         transport = connected
         transport.set_bounds(max_frame=max_frame, peer_hwm=spec["receive_hwm"], linger=LINGER)

@@ -83,6 +83,7 @@ from . import child as child_module
 from . import seccomp
 from .child import set_parent_death_signal
 from .sandbox import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWPID, unshare
+from .worker import EXIT_IDLE
 
 if TYPE_CHECKING:
     from asyncio import AbstractEventLoop
@@ -195,6 +196,7 @@ class Zygote:
         self._notify: tuple[socket.socket, socket.socket] | None = None
         self._listeners: dict[int, list[int]] = {}  # fd -> [child pid, answered, reported]
         self._mounts: dict[int, int] = {}  # sandboxed child's pid -> its mount namespace, held until reaped
+        self._idle_cgroups: dict[int, list[str]] = {}  # a worker's pid -> its cgroup's directories
         self._poll = select.poll()
         # Parked children, for plain and for sandboxed launches.
         self._parking = {False: _Parking(), True: _Parking()}
@@ -253,6 +255,9 @@ class Zygote:
             self._taken(request["pid"], bool(request.get("sandbox")))
         elif op == "kill":
             self._kill(request["pid"], request.get("signal", signal.SIGKILL))
+        elif op == "idle_cgroup":
+            if request["pid"] in self._children:  # else reaped already: the supervisor removes it
+                self._idle_cgroups[request["pid"]] = [str(path) for path in request["dirs"]]
 
     def _private_fds(self) -> list[int]:
         """Descriptors of the zygote's own that no child keeps."""
@@ -527,6 +532,9 @@ class Zygote:
             for fd, entry in list(self._listeners.items()):
                 if entry[0] == pid:
                     self._drop_listener(fd)
+            dirs = self._idle_cgroups.pop(pid, None)
+            if dirs is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_IDLE:
+                _remove_empty(dirs)
             cpu = rusage.ru_utime + rusage.ru_stime
             faults = rusage.ru_minflt + rusage.ru_majflt
             try:
@@ -552,6 +560,17 @@ class Zygote:
             except ChildProcessError:
                 pass
         self._children.clear()
+
+
+def _remove_empty(dirs: list[str]) -> None:
+    """Remove a worker's cgroup once it idled out, so that it goes with its worker even while
+    no event loop serves the supervisor (after ``run_sync()`` returned). One left busy (a
+    process or cgroup of its state's in it) is the supervisor's to remove, as it always is."""
+    for path in dirs:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
 
 
 def _thaw_below(path: str) -> None:

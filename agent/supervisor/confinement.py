@@ -141,6 +141,11 @@ class Confinement:
         if self.handle is not None:
             self.handle.close_files()
 
+    def cgroup_gone(self) -> bool:
+        """Whether its cgroup was removed by someone else (the zygote removes an idle worker's)."""
+        handle = self.handle
+        return handle is not None and not any(os.path.exists(f) for f in handle.procs_files)
+
     def page_faults(self) -> int | None:
         """Page faults the attempt's cgroup saw (None without a cgroup, or once closed)."""
         if self.handle is None or self._closed:

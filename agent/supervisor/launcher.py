@@ -219,6 +219,11 @@ class ZygoteLauncher:
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         self._send({"op": "kill", "pid": pid, "signal": int(sig)})
 
+    def remove_on_idle_exit(self, pid: int, dirs: Sequence[str]) -> None:
+        """Ask the zygote to remove worker ``pid``'s cgroup ``dirs`` when it reaps it after an
+        idle exit (the supervisor may then have no event loop to do it on)."""
+        self._send({"op": "idle_cgroup", "pid": pid, "dirs": list(dirs)})
+
     def _send(self, request: dict[str, Any]) -> None:
         if not self.alive:
             raise ConnectionError("the zygote is gone")

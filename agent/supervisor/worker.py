@@ -229,6 +229,12 @@ class WorkerProcess:
             self.charged_before = (float(charged[0]), int(charged[1]))
         self.channel.child_started()
         self.confinement.started(pid)
+        handle = self.confinement.handle
+        if handle is not None and handle.procs_files:
+            try:
+                self._sup.zygote.remove_on_idle_exit(pid, [os.path.dirname(f) for f in handle.procs_files])
+            except ConnectionError:
+                pass  # the zygote is gone, and the worker with it: its exit says so
         frame = encode_message(Hello(pid=pid, secret=self.secret))
         msg, objects = decode_counted(frame, self._sup.bounds, FROM_CHILD)
         self.hello = (frame, _Decoded(msg, objects=objects))
@@ -309,7 +315,9 @@ class WorkerProcess:
         before_cpu, before_faults = self.charged_before  # a parked child's warm-up
         cpu = None if cpu is None else max(0.0, cpu - before_cpu)
         faults = None if faults is None else max(0, faults - before_faults)
-        if status is not None:
+        # The zygote removes the cgroup of a worker that idled out (its figures went with it).
+        removed = _idle_exit(status) and self.confinement.cgroup_gone()
+        if status is not None and not removed:
             self.confinement.usage()  # its cgroup's final figures, kept for the attempt's verdict
         self.exit_status = status
         # Its cgroup is then removed off the loop, unless the worker left processes there
@@ -326,7 +334,7 @@ class WorkerProcess:
             attempt.on_exit_status(status)
         else:
             attempt.on_exit(status, cpu, faults)  # judged like a child's exit; cleaned up when it is over
-        if attempt is None and status is not None:
+        if attempt is None and status is not None and not removed:
             escape = escape_reason(self.confinement, self.confinement.usage(), cpu, faults)
             if escape is not None:  # between attempts: nobody to fail, but it is said
                 self._sup.log.warning("worker_left_its_cgroup", pid=self.pid, message=escape.message)

@@ -482,3 +482,49 @@ def test_a_supervisor_shut_down_with_live_workers_leaves_no_unclosed_file():
                           env=dict(os.environ, PYTHONPATH=root, AGENT_ECHO="off"))
     assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-3000:]
     assert "ResourceWarning" not in done.stderr, done.stderr[-3000:]
+
+
+def test_an_idle_worker_goes_with_its_cgroup_while_no_event_loop_serves_the_supervisor():
+    """After ``run_sync()`` returned nothing serves the supervisor, yet a worker idle for
+    ``AGENT_WORKER_IDLE`` seconds still exits then, and its cgroup goes with it."""
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import json, os, time
+        import psutil
+        from agent import Agent
+
+        async def where(context):
+            with open("/proc/self/cgroup") as fh:
+                rows = [line.strip().split(":", 2) for line in fh]
+            context.set_state("pid", os.getpid())
+            context.set_state("dirs", [f"/sys/fs/cgroup/{names}{path}".replace("//", "/")
+                                       for _, names, path in rows if "/worker-" in path])
+
+        agent = Agent("idle", isolation="worker")
+        agent.add_state("where", where)
+        agent.run_sync()
+        pid, dirs = agent.context.get_state("pid"), agent.context.get_state("dirs")
+
+        def alive():
+            try:
+                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
+        deadline = time.monotonic() + 30
+        while (alive() or any(map(os.path.isdir, dirs))) and time.monotonic() < deadline:
+            time.sleep(0.05)  # no event loop runs here, as in a program between two runs
+        print(json.dumps({"dirs": dirs, "alive": alive(), "left": [d for d in dirs if os.path.isdir(d)]}))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT, AGENT_ECHO="off", AGENT_WORKER_IDLE="0.3"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    if not seen["dirs"]:
+        pytest.skip("no cgroups here")
+    assert not seen["alive"] and seen["left"] == [], seen
