@@ -368,6 +368,9 @@ class WorkerPool:
             worker.channel.move_to(loop)
         for queue in self._queues.values():
             queue.waiting = deque(w for w in queue.waiting if not w.future.get_loop().is_closed())
+            if queue.timer is not None:  # the last loop's, which will never fire: look again here
+                queue.timer.cancel()
+                queue.timer = None
 
     def close(self) -> None:
         """The supervisor shuts down (its zygote takes every worker with it): fail who waits,

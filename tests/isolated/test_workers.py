@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent import Agent, ResourceRequirements
+from agent import Agent, DependencyType, ResourceRequirements
 from agent.errors import StateFailedError
 from agent.ipc import Hello, encode_message
 from agent.ipc.zmtp import DealerTransport
@@ -177,7 +177,7 @@ async def test_a_memory_kill_of_a_fresh_workers_subprocess_is_the_states_own_and
 
 CUT_SHORT = """
 import asyncio
-from agent import Agent, ResourceRequirements
+from agent import Agent, DependencyType, ResourceRequirements
 from agent.errors import RunTimeoutError
 
 async def nap(context):
@@ -528,3 +528,50 @@ def test_an_idle_worker_goes_with_its_cgroup_while_no_event_loop_serves_the_supe
     if not seen["dirs"]:
         pytest.skip("no cgroups here")
     assert not seen["alive"] and seen["left"] == [], seen
+
+
+async def fan_out_two(context):
+    return ["a", "b"]
+
+
+async def wait_for_marker(context):
+    """Record whether the marker (made by a state that runs alongside) came within 20 s."""
+    marker = context.get_state("marker")
+    deadline = time.monotonic() + 20
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    context.set_state("saw_marker", os.path.exists(marker))
+
+
+async def make_marker(context):
+    Path(context.get_state("marker")).touch()
+
+
+async def go_slow(context):
+    return "slow"
+
+
+def test_a_worker_start_put_off_on_one_event_loop_is_not_put_off_forever_on_the_next(tmp_path):
+    """An attempt waiting for a busy worker has a new one started once it waited as long as a
+    start takes, checked by a timer; a timer left by a loop that ended (it never fires) must
+    not keep the next loop's attempts waiting for busy workers."""
+    shutdown_supervisor()  # one worker, no idle one of an earlier test
+    warm = Agent("warm", isolation="worker")
+    warm.add_state("s", step_none)
+    warm.run_sync()
+    pool = current_supervisor().workers
+    start_time, pool._start_time = pool._start_time, 3600.0  # the timer outlives its loop
+    try:
+        fan = Agent("fan", isolation="worker")
+        fan.add_state("fan", fan_out_two)
+        fan.add_state("a", step_none)
+        fan.add_state("b", step_none)  # waits for a's worker: a timer looks again in an hour
+        fan.run_sync()
+    finally:
+        pool._start_time = start_time
+    agent = Agent("alongside", isolation="worker")
+    agent.add_state("start", go_slow)
+    agent.add_state("slow", wait_for_marker)
+    agent.add_state("final", make_marker, dependencies={"slow": DependencyType.PARALLEL})
+    ctx = agent.run_sync(initial_context={"marker": str(tmp_path / "marker")})
+    assert ctx.get_state("saw_marker") is True  # final ran on a second worker, alongside slow
