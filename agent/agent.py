@@ -648,7 +648,8 @@ class Agent:
         elif run is not None and (not run.done or self.status in (AgentStatus.PAUSED, AgentStatus.FAILED)):
             frames = run.snapshot()
             running = sorted(run.running)
-            pending = sorted({a["state"] for a in frames["activations"]} - set(running))
+            held = {name for g in frames["groups"] for name in g["held"]}  # joins waiting for branches
+            pending = sorted(({a["state"] for a in frames["activations"]} | held) - set(running))
         checkpoint = AgentCheckpoint(
             agent_name=self.name,
             agent_status=self.status.value,

@@ -23,6 +23,12 @@ def exception_text(exc: BaseException) -> str:
     return text
 
 
+def exception_type_name(cls: type) -> str:
+    """A :class:`FailureReason`'s ``exception_type``: the class's module and qualified name
+    (``builtins.ValueError``, ``agent.errors.ContextBudgetError``), the same at every level."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def exception_message(type_name: str, text: str) -> str:
     """``ValueError: bad``, or ``KeyboardInterrupt`` alone for an exception with nothing to say."""
     return f"{type_name}: {text}" if text and text != type_name else type_name
@@ -138,6 +144,8 @@ class FailureReason:
     :class:`~agent.retry.RetryPolicy` does not retry it unless ``retry_permanent=True``.
     A sandboxed state that failed after its seccomp filter refused a system call has kind
     ``seccomp`` (``details["calls"]`` names them).
+    ``exception_type`` names the exception's class as :func:`exception_type_name` does
+    (``builtins.ValueError``).
     """
 
     kind: str

@@ -105,6 +105,9 @@ class Attempt:
     timeout: float | None = None
     # Set by the scheduler before it cancels the attempt's task.
     stop_reason: str | None = None
+    # Set by the scheduler with stop_reason when the attempt must stop sooner than the
+    # supervisor's grace period (a run ending early: its cleanup_timeout): then it is killed.
+    stop_grace: float | None = None
     # Filled by the executor: measured usage (cpu_seconds, peak_memory_bytes, ...).
     usage: dict[str, Any] = field(default_factory=dict)
     # Filled by the executor when it stopped the attempt (a timeout, say) and its process

@@ -29,11 +29,15 @@ from typing import TYPE_CHECKING, Any
 
 from .._compiled import framework_file
 from .._types import StopReason
-from ..errors import FailureReason, exception_message, exception_text
-from ..executor import Attempt, AttemptFailed, executor_for
+from ..errors import FailureReason, exception_message, exception_text, exception_type_name
+from ..executor import Attempt, AttemptFailed, Isolation, executor_for
 
 if TYPE_CHECKING:
     from .run import Activation, Run
+
+_KILLABLE = (Isolation.PROCESS, Isolation.SANDBOX, Isolation.WORKER)
+"""Levels whose attempts are killed once a run's cleanup_timeout is over (their processes
+are the supervisor's); a Ray task is cancelled only as far as Ray can."""
 
 
 class Returned:
@@ -68,9 +72,8 @@ def exception_reason(exc: BaseException) -> FailureReason:
     while start is not None and framework_file(start.tb_frame.f_code.co_filename):
         start = start.tb_next
     tb = "".join(traceback.format_exception(type(exc), exc, start or exc.__traceback__))
-    name = type(exc).__name__
-    return FailureReason(kind="exception", message=exception_message(name, exception_text(exc)), traceback=tb,
-                         exception_type=name)
+    return FailureReason(kind="exception", message=exception_message(type(exc).__name__, exception_text(exc)),
+                         traceback=tb, exception_type=exception_type_name(type(exc)))
 
 
 def _unasked_cancel(act: "Activation", exc: asyncio.CancelledError) -> FailureReason | None:
@@ -151,9 +154,20 @@ class Driver:
     async def cleanup(self, reason: StopReason) -> None:
         """Stop whatever still runs and wait for it, up to the run's ``cleanup_timeout``."""
         run = self.run
+        grace = run.cleanup_timeout or None
+        isolated = set()
+        for act in run.running.values():
+            if act.attempt_obj is not None and act.task is not None and act.attempt_obj.isolation in _KILLABLE:
+                act.attempt_obj.stop_grace = grace  # killed then, if it has not stopped
+                isolated.add(act.task)
         tasks = run.stop_all(reason)
         if tasks:
-            await asyncio.wait(tasks, timeout=run.cleanup_timeout or None)
+            _, late = await asyncio.wait(tasks, timeout=grace)
+            # An isolated state's process is being killed now: the run waits until it is
+            # gone, so that nothing of it runs (or writes to the context) after run() returned.
+            # An inline state that ignores its cancellation cannot be stopped; it is left.
+            if late & isolated:
+                await asyncio.wait(late & isolated)
         run.abandon()
         for handle in self.handles:
             handle.cancel()

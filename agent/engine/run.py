@@ -52,6 +52,7 @@ from ..errors import (
     StateFailedError,
     StateTimeoutError,
     UnknownNextStateError,
+    exception_type_name,
 )
 from ..executor import Attempt, Isolation
 from ..scope import ScopedContext, scope_for
@@ -96,6 +97,7 @@ _FINISHED_FOR_GOOD: Final = (_FAILED, _TIMEOUT, _CANCELLED, _BLOCKED)
 _CONDITION_POLL: Final = 0.05
 """Seconds between two looks at a dependency condition that did not hold: it may read
 anything (the context as a state writes it, a file), so nothing else says when it changes."""
+_HELD: Final = "its fan-out's branches that may still return it (a join)"  # what a held join waits for
 _RUN_COMPLETED: Final = AgentStatus.COMPLETED
 _RUN_FAILED: Final = AgentStatus.FAILED
 _RUN_CANCELLED: Final = AgentStatus.CANCELLED
@@ -522,6 +524,9 @@ class Run:
     def _hold(self, group: Group, name: str) -> None:
         group.held[name] = 1
         self.held_names[name] = self.held_names.get(name, 0) + 1
+        meta = self.metadata[name]
+        if meta.waiting_for is None and meta.status is _PENDING:
+            meta.waiting_for = _HELD
         for g in group.chain():
             g.items += 1
         if self.graph is not None:
@@ -535,6 +540,9 @@ class Run:
             self.held_names[name] = left
         else:
             del self.held_names[name]
+            meta = self.metadata[name]
+            if meta.waiting_for == _HELD:
+                meta.waiting_for = None
         for g in group.chain():
             g.items -= 1
         if self.graph is not None:
@@ -1123,7 +1131,8 @@ class Run:
                 nexts = self.validate_result(name, result)
         except AgentError as exc:
             meta.record(AttemptRecord(act.attempt, act.started_at, now, "failed", str(exc), usage))
-            meta.error = FailureReason(kind="exception", message=str(exc), exception_type=type(exc).__name__)
+            meta.error = FailureReason(kind="exception", message=str(exc),
+                                       exception_type=exception_type_name(type(exc)))
             meta.set_status(_FAILED)
             self._leave(act)
             self.fail(exc)
@@ -1329,6 +1338,9 @@ class Run:
                 elif life is Life.TEMPORARY:
                     last = self.last_completion.get(dep)
                     met = last is not None and now - last <= (cfg.expiry or 0.0)
+                    if not met and last is not None:
+                        return (f"dependency {dep!r} to complete again (its completion "
+                                f"{now - last:.3g} s ago is past the TEMPORARY expiry of {cfg.expiry:g} s)")
                 else:
                     met = count >= 1
                 if not met:
@@ -1630,7 +1642,7 @@ class Run:
         ``timeout``): it ends TIMEOUT, seen as a final failed attempt, and so does the run."""
         meta = self.metadata[name]
         meta.blocked_reason = str(error)
-        meta.error = FailureReason(kind="timeout", message=str(error), exception_type=type(error).__name__)
+        meta.error = FailureReason(kind="timeout", message=str(error), exception_type=exception_type_name(type(error)))
         meta.set_status(_TIMEOUT)
         self.emit(ev.STATE_FAILED, name, attempt=0, error=str(error),
                   data={"final": True, "kind": "timeout", "run_goes_on": False})
@@ -1666,10 +1678,13 @@ class Run:
             meta = self.metadata[act.state]
             if act.where == WAITING and meta.status is _PENDING:
                 self._block_if_a_requirement_failed(act.state)
-            if act.where == RUNNING and self.running.get(act.state) is act:  # ignored cancellation in time
+            stubborn = act.where == RUNNING and self.running.get(act.state) is act  # ignored cancellation in time
+            if stubborn:
                 del self.running[act.state]
             if act.where in (READY, RETRYING, QUEUED, GRANTED, RUNNING, PAUSED) and not meta.status.is_finished:
                 meta.set_status(_CANCELLED)
+                if stubborn:  # what never ran was not started either: only a started state is told cancelled
+                    self.emit(ev.STATE_CANCELLED, act.state, attempt=act.attempt)
             if act.where == QUEUED:
                 self.admission.release(act.owner)
             elif act.holds:

@@ -38,7 +38,7 @@ import psutil
 
 from .. import errors, remote
 from ..context import Context
-from ..errors import FailureReason, HumanInputError, exception_message, exception_text
+from ..errors import FailureReason, HumanInputError, exception_message, exception_text, exception_type_name
 from ..executor import AttemptFailed
 from ..human import HumanInputRequest, human_input_hook
 from ..runtime.main_module import name_script_file
@@ -157,9 +157,8 @@ def _function(data: bytes) -> Any:
 
 def _exception(exc: BaseException) -> FailureReason:
     cls = type(exc)
-    name = f"{cls.__module__}.{cls.__qualname__}"
     return FailureReason(kind="exception", message=exception_message(cls.__name__, exception_text(exc)),
-                         exception_type=name, traceback="".join(traceback.format_exception(exc)))
+                         exception_type=exception_type_name(cls), traceback="".join(traceback.format_exception(exc)))
 
 
 def _relay(name: str) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 import traceback
 from typing import Any, Callable
@@ -185,6 +186,8 @@ class ChildSession:
     # --- outgoing -------------------------------------------------------------------------
 
     def _send(self, msg: Any) -> None:
+        if os.getpid() != self._pid:
+            _from_a_fork(msg)
         self._transport.send(encode_message(msg))
 
     def _report(self, msg: Any) -> None:
@@ -196,6 +199,8 @@ class ChildSession:
         own CPU clock makes the kernel add it now, without giving up the CPU."""
         time.thread_time()
         if self._hold_report:
+            if os.getpid() != self._pid:
+                _from_a_fork(msg)
             self.report = encode_message(msg)
         else:
             self._send(msg)
@@ -222,7 +227,7 @@ class ChildSession:
 
     def _report_error(self, exc: BaseException) -> None:
         tb = "".join(traceback.format_exception(exc))
-        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        name = errors.exception_type_name(type(exc))
         self._report(Error(exception_type=name, message=errors.exception_text(exc) or type(exc).__name__, traceback=tb))
 
     async def _ask_human(
@@ -364,3 +369,18 @@ def _named_error(type_name: str, message: str, base: type[Exception]) -> Excepti
     if isinstance(cls, type) and issubclass(cls, base):
         return cls(message)
     return base(message)
+
+
+def _from_a_fork(msg: Any) -> None:
+    """A process the state forked (``os.fork``) got to a message for the supervisor: the
+    attempt's connection is the state's own process's, and a second writer on it would
+    garble it. A copy that ran the state to its end exits quietly (its outcome is not the
+    attempt's; a fork bomb whose copies return is judged by its own process alone); any
+    other message is refused in it."""
+    if isinstance(msg, (Result, Error)):
+        os._exit(0 if isinstance(msg, Result) else 1)
+    raise errors.IsolationError(
+        f"process {os.getpid()} was forked by the state, whose connection to the supervisor only "
+        "the state's own process may use: write the context, ask for input or coordinate from "
+        "there (send what a forked process found back over a pipe, or use multiprocessing)"
+    )

@@ -13,7 +13,8 @@ really named ``a_b`` keeps ``a_b`` (``~`` never appears in a name kept as it is)
 Retention (:class:`LogRetention`): the supervisor keeps at most ``AGENT_LOG_MAX_FILES``
 finished attempt logs (default 2000), ``AGENT_LOG_MAX_BYTES`` of them in all (default
 256M) and none older than ``AGENT_LOG_MAX_AGE`` (default 7d); the oldest go first, as
-attempts finish. A log still being written is never removed. With ``AGENT_LOG_DIR``,
+attempts finish. A log still being written is never removed, nor is the newest one for
+being over the byte budget alone. With ``AGENT_LOG_DIR``,
 the logs earlier processes left there count too (read once, when the supervisor starts).
 
 A log file is created when its attempt first prints (creating a file costs 0.3-1.3 ms
@@ -166,8 +167,11 @@ class AttemptLogs:
 
     def _prune(self, now: float) -> None:
         policy, kept = self.retention, self._kept
+        # The newest log stays even when it alone is over the byte budget: the output of the
+        # attempt that just ended is what its user reads next.
         while kept and (
-            len(kept) > policy.max_files or self._bytes > policy.max_bytes or now - kept[0][0] > policy.max_age
+            len(kept) > policy.max_files or (self._bytes > policy.max_bytes and len(kept) > 1)
+            or now - kept[0][0] > policy.max_age
         ):
             _, path, size = kept.popleft()
             self._bytes -= size

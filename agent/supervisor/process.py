@@ -114,7 +114,8 @@ class WorkerExecutor:
                     if not handed.done() or handed.cancelled() or handed.exception() is not None:
                         raise
                     # Handed to a worker just as it was cancelled: stop it there.
-                    await uncancellable(handed.result().stop(attempt.stop_reason or "cancel", sup.config.grace))
+                    await uncancellable(handed.result().stop(attempt.stop_reason or "cancel",
+                                                             stop_grace(attempt, sup.config.grace)))
                     raise
                 status = await watch(child, attempt, sup.config.grace, over=child.over)
                 if attempt.assignment.get("gpus"):
@@ -172,13 +173,18 @@ async def watch(
     try:
         return await (over if over is not None else asyncio.shield(child.exited))
     except asyncio.CancelledError:
-        await uncancellable(child.stop(attempt.stop_reason or "cancel", grace))
+        await uncancellable(child.stop(attempt.stop_reason or "cancel", stop_grace(attempt, grace)))
         try:  # what it used until it was stopped, and a limit it hit: no outcome carries them
             attempt.usage.update(child.confinement.usage())
             attempt.limit_hit = child.confinement.failure_reason(None, None)
         except Exception:  # a report only: never in the way of the stop
             pass
         raise
+
+
+def stop_grace(attempt: Attempt, grace: float) -> float:
+    """How long a stopped attempt's process may take to stop before it is killed."""
+    return grace if attempt.stop_grace is None else min(grace, attempt.stop_grace)
 
 
 def verdict(child: ChildProcess, status: int | None, attempt: Attempt) -> AttemptOutcome:

@@ -75,6 +75,32 @@ class TestRunTimeout:
         assert agent.status is AgentStatus.FAILED
         assert agent._running_states == {}
 
+    async def test_a_state_ignoring_its_cancellation_is_told_cancelled(self):
+        """An inline state that swallows its cancellation cannot be stopped; once the run's
+        ``cleanup_timeout`` is over it is CANCELLED all the same, and observers are told so."""
+        release, over = asyncio.Event(), asyncio.Event()
+        agent = Agent("stubborn", isolation="inline")
+
+        async def stubborn(context):
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                pass  # ignored
+            try:
+                await release.wait()
+            finally:
+                over.set()
+
+        agent.add_state("stubborn", stubborn)
+        seen = []
+        agent.add_observer(seen.append)
+        with pytest.raises(RunTimeoutError):
+            await agent.run(timeout=0.05, cleanup_timeout=0.05)
+        release.set()
+        await over.wait()
+        assert agent.state_metadata["stubborn"].status is StateStatus.CANCELLED
+        assert [e.state for e in seen if e.kind == "state_cancelled"] == ["stubborn"]
+
     async def test_a_run_kept_past_its_timeout_by_a_blocking_state_times_out(self):
         agent = Agent("blocked_loop", isolation="inline")
 

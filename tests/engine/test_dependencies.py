@@ -337,7 +337,9 @@ class TestConfig:
             gate.set()
 
         await asyncio.gather(agent.run(), opener())
-        assert agent.state_metadata["late"].status is StateStatus.BLOCKED
+        meta = agent.state_metadata["late"]
+        assert meta.status is StateStatus.BLOCKED
+        assert "past the TEMPORARY expiry of 0 s" in meta.blocked_reason  # not "to complete": it did
 
     async def test_periodic_respects_interval(self):
         log: list = []

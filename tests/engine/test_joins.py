@@ -128,10 +128,14 @@ class TestJoinsRunOnce:
         runner = asyncio.create_task(agent.run())
         while "a" not in log:
             await asyncio.sleep(0)
-        assert agent.state_metadata["merge"].status is StateStatus.PENDING  # held for b
+        meta = agent.state_metadata["merge"]
+        assert meta.status is StateStatus.PENDING  # held for b, and it says so
+        assert meta.waiting_for == "its fan-out's branches that may still return it (a join)"
+        assert agent.create_checkpoint().pending_states == ["merge"]  # b runs
         gate.set()
         await asyncio.wait_for(runner, 10)
         assert log == ["a", "b", "merge"]
+        assert meta.waiting_for is None
 
     async def test_a_computed_return_counts_as_able_to_return_anything(self) -> None:
         gate = asyncio.Event()

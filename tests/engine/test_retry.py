@@ -72,6 +72,7 @@ class TestRetries:
         assert err.state == "api_call"
         assert err.attempts == 3
         assert err.reason.kind == "exception"
+        assert err.reason.exception_type == "builtins.ConnectionError"  # as an isolated state says it
         assert "ConnectionError: attempt 3 failed" in str(err)
         assert "Traceback" in err.traceback and "raise ConnectionError" in err.traceback
         # It starts at the state's own code: none of the engine's frames that called it.

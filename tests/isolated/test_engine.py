@@ -10,12 +10,16 @@ import os
 import time
 import weakref
 
+import psutil
 import pytest
 
 from agent import Agent, AgentStatus, Context, StateStatus
 from agent.clock import settle
 from agent.coordination import PrimitiveType, create_coordinated_agent
-from agent.errors import AgentBusyError, AttemptLogNotFoundError, StateFailedError, StateTimeoutError
+from agent.errors import (
+    AgentBusyError, AttemptLogNotFoundError, IsolationError, RunTimeoutError, StateFailedError,
+    StateTimeoutError,
+)
 from agent.executor import Isolation
 from agent.human import QueueInputProvider
 
@@ -110,6 +114,31 @@ async def crashing(context):
 async def sleeper(context):
     context.set_state("pid", os.getpid())
     await asyncio.sleep(3600)
+
+
+async def ignores_cancellation(context):
+    """Swallows every cancellation, writing to the context on and on."""
+    context.set_state("pid", os.getpid())
+    for tick in range(2000):
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            pass
+        context.set_state("tick", tick)
+
+
+async def forks_a_copy(context):
+    """Forks a copy of its process, which runs the state on to its end, as a fork bomb's do."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            context.set_state("from_copy", True)
+        except IsolationError:
+            return "nowhere"  # its outcome is not the attempt's: it exits quietly
+        os._exit(3)  # its write went out on the state's connection
+    _, status = os.waitpid(pid, 0)
+    context.set_state("copy_exit", os.waitstatus_to_exitcode(status))
+    return None
 
 
 async def asks_for_a_score(context):
@@ -402,6 +431,44 @@ class TestAgentWithProcessIsolation:
         await run
         assert agent.status is AgentStatus.CANCELLED
         assert state_process_gone(pid)
+
+
+    async def test_a_process_the_state_forked_neither_writes_nor_reports_on_its_connection(self, level):
+        agent = Agent("forks", isolation=level)
+        agent.add_state("forks", forks_a_copy)
+        context = await agent.run()
+        assert context.get_state("copy_exit") == 0 and context.get_state("from_copy") is None
+        assert agent.state_metadata["forks"].status is StateStatus.COMPLETED
+
+    @pytest.mark.parametrize("ending", ["cancel_all", "timeout"])
+    async def test_a_state_ignoring_its_cancellation_is_killed_when_the_cleanup_timeout_is_over(
+        self, level, ending,
+    ):
+        """The run ends early; its state swallows the cancellation. Once ``cleanup_timeout``
+        is over (well before the stop grace, 0.5 s here) its process is killed, and the run
+        returns only once it is gone: nothing of it runs, or writes to the context, after."""
+        agent = Agent("stubborn", isolation=level)
+        agent.add_state("stubborn", ignores_cancellation)
+        seen = []
+        agent.add_observer(seen.append)
+        started = asyncio.Event()
+        agent.context = Context(on_write=lambda key, value, deleted: key == "pid" and started.set())
+        if ending == "timeout":
+            with pytest.raises(RunTimeoutError):
+                await agent.run(timeout=3, cleanup_timeout=0.05)  # room for a cold zygote
+        else:
+            run = asyncio.ensure_future(agent.run(cleanup_timeout=0.05))
+            await started.wait()
+            await agent.cancel_all()
+            await run
+        pid = agent.context.get_state("pid")
+        try:
+            gone = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            gone = True
+        assert gone  # a worker too: one that did not stop is not kept
+        assert agent.state_metadata["stubborn"].status is StateStatus.CANCELLED
+        assert [e.state for e in seen if e.kind == "state_cancelled"] == ["stubborn"]
 
 
 class TestStatesThatUseAnAgent:

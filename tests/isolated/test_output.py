@@ -192,6 +192,13 @@ class TestRetention:
         assert not os.path.exists(first) and os.path.exists(second)
         assert sorted(os.listdir(tmp_path)) == ["run2"]
 
+    def test_the_newest_log_stays_even_when_it_alone_is_over_the_byte_budget(self, tmp_path):
+        logs = AttemptLogs(str(tmp_path), LogRetention(max_bytes=10))
+        first = self.finish(logs, "run1", "s", 1, "x" * 20)
+        assert os.path.exists(first)  # what its user reads next
+        second = self.finish(logs, "run2", "s", 1, "x" * 20)
+        assert not os.path.exists(first) and os.path.exists(second)
+
     def test_by_age(self, tmp_path):
         logs = AttemptLogs(str(tmp_path), LogRetention(max_age=3600))
         old = self.finish(logs, "run1", "s", 1, "old")

@@ -89,7 +89,7 @@ class TestCapacity:
         agent = Agent("greedy", isolation="ray", resource_pool=ResourcePool(total_cpu=2, total_gpu=2))
         agent.add_state("measure", states.measure, resources=ResourceRequirements(cpu_units=1, gpu_units=2))
         reason = (await failure_of(agent)).reason
-        assert reason.exception_type == "RayCapacityError"
+        assert reason.exception_type == "agent.errors.RayCapacityError"
         assert "asks Ray for 1 CPU, 2 GPU" in reason.message
         assert "the most any node has: 2 CPU, 1 GPU" in reason.message
 
