@@ -64,6 +64,7 @@ _LAZY: dict[str, str] = {
     "UnencodableValueError": "errors",
     "UnknownNextStateError": "errors",
     "UnknownStateError": "errors",
+    "UnsendableStateError": "errors",
     "ValueTooLargeError": "errors",
     "WorkflowDefinitionError": "errors",
     "observing": "events",
@@ -143,6 +144,7 @@ __all__ = [
     "UnencodableValueError",
     "UnknownNextStateError",
     "UnknownStateError",
+    "UnsendableStateError",
     "ValueTooLargeError",
     "WorkflowDefinitionError",
 ]
@@ -224,6 +226,7 @@ if TYPE_CHECKING:
         UnencodableValueError,
         UnknownNextStateError,
         UnknownStateError,
+        UnsendableStateError,
         ValueTooLargeError,
         WorkflowDefinitionError,
     )

@@ -142,6 +142,12 @@ class _Values:
     prints: dict[str, bytes] = dataclasses.field(default_factory=dict)
 
 
+_FINISHED = frozenset({"completed", "failed", "cancelled"})
+"""Statuses of a run that saves no more checkpoints unless resumed (``AgentStatus`` values)."""
+_CACHED_RUNS = 64
+"""Runs whose last save a store keeps in memory, to write only the difference next time."""
+
+
 @dataclass
 class _RunCache:
     """What the last save of a run wrote, so the next one can write only the difference."""
@@ -302,7 +308,13 @@ class SQLiteCheckpointStore:
                 else:
                     stored.texts[key] = text
             cache.seq = seq
-            self._cache[run_id] = cache
+            # Kept for the run's next save only while it may make one: a finished run's goes
+            # (a resumed one reads it back), and so do the least recently saved beyond a few
+            # dozen runs, so that a store outliving many runs keeps no copy of each.
+            if checkpoint.agent_status not in _FINISHED:
+                self._cache[run_id] = cache
+                while len(self._cache) > _CACHED_RUNS:
+                    del self._cache[next(iter(self._cache))]
         return seq
 
     def prune(self, run_id: str, keep: int) -> int:

@@ -130,7 +130,7 @@ PERMANENT_KINDS = frozenset({"limit", "bound", "protocol", "cgroup_escape", "sec
 """Failures the same attempt would meet again: not retried unless the policy asks."""
 
 _PERMANENT_EXCEPTIONS = frozenset(
-    {"UnencodableValueError", "ValueTooLargeError", "ContextBudgetError", "ContextScopeError"})
+    {"UnencodableValueError", "ValueTooLargeError", "ContextBudgetError", "ContextScopeError", "UnsendableStateError"})
 
 
 @dataclass(frozen=True)
@@ -258,6 +258,11 @@ class GPUUnavailableError(ResourceRequestError):
 
 class IsolationError(AgentError):
     """Raised when an isolated state cannot be launched or supervised."""
+
+
+class UnsendableStateError(IsolationError):
+    """Raised when a state's function (or a value its code uses) cannot be copied into the
+    process that would run it: permanent, it would fail the same way again."""
 
 
 class IsolationUnavailableError(IsolationError):

@@ -108,6 +108,8 @@ class Attempt:
     # Set by the scheduler with stop_reason when the attempt must stop sooner than the
     # supervisor's grace period (a run ending early: its cleanup_timeout): then it is killed.
     stop_grace: float | None = None
+    # Set by the executor while it stops the attempt's process (killed once its grace is over).
+    stopping: bool = False
     # Filled by the executor: measured usage (cpu_seconds, peak_memory_bytes, ...).
     usage: dict[str, Any] = field(default_factory=dict)
     # Filled by the executor when it stopped the attempt (a timeout, say) and its process

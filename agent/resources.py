@@ -330,6 +330,7 @@ class ResourcePool:
             GPUAllocator(inventory, devices[: math.ceil(gpus)]) if 0 < gpus <= len(devices) else None
         )
         self._gpu_reason = inventory.unavailable_reason
+        self._no_gpus = ""  # where the GPUs are not, and what to do, for a pool of another machine's
         self._machine_gpus = len(devices)
         self.enable_preemption = enable_preemption
         self._clock = clock
@@ -412,8 +413,8 @@ class ResourcePool:
                 if rtype is ResourceType.GPU and total == 0:
                     why = self._gpu_reason or "no NVIDIA driver or no device found"
                     raise GPUUnavailableError(
-                        f"state {state!r} asks for {amount:g} GPU(s) but this machine has none "
-                        f"({why}): drop gpu_units, or run on a GPU host"
+                        f"state {state!r} asks for {amount:g} GPU(s) but "
+                        f"{self._no_gpus or f'this machine has none ({why}): drop gpu_units, or run on a GPU host'}"
                     )
                 if rtype is ResourceType.GPU:
                     raise GPUUnavailableError(

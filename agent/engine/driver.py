@@ -155,19 +155,22 @@ class Driver:
         """Stop whatever still runs and wait for it, up to the run's ``cleanup_timeout``."""
         run = self.run
         grace = run.cleanup_timeout or None
-        isolated = set()
+        isolated: dict[asyncio.Task[Any], Attempt] = {}
         for act in run.running.values():
-            if act.attempt_obj is not None and act.task is not None and act.attempt_obj.isolation in _KILLABLE:
-                act.attempt_obj.stop_grace = grace  # killed then, if it has not stopped
-                isolated.add(act.task)
+            attempt = act.attempt_obj
+            if attempt is not None and act.task is not None and attempt.isolation in _KILLABLE:
+                attempt.stop_grace = grace  # killed then, if it has not stopped
+                isolated[act.task] = attempt
         tasks = run.stop_all(reason)
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=grace)
             # An isolated state's process is being killed now: the run waits until it is
             # gone, so that nothing of it runs (or writes to the context) after run() returned.
-            # An inline state that ignores its cancellation cannot be stopped; it is left.
-            if late & isolated:
-                await asyncio.wait(late & isolated)
+            # An inline state that ignores its cancellation cannot be stopped, nor code of the
+            # program's own that holds up a cancelled attempt (an admission hook): they are left.
+            killed = [task for task in late if task in isolated and isolated[task].stopping]
+            if killed:
+                await asyncio.wait(killed)
         run.abandon()
         for handle in self.handles:
             handle.cancel()

@@ -32,13 +32,16 @@ def cluster_pool(**settings: Any) -> Any:
 
     connect()
     totals = get_executor().capacity.totals()
-    return ResourcePool(
+    pool = ResourcePool(
         total_cpu=totals.get("CPU", 0.0),
         total_memory=totals.get("memory", 0.0) / (1024 * 1024),
         total_gpu=totals.get("GPU", 0.0),
         gpu_inventory=StaticInventory((), "the GPUs are on the Ray cluster's nodes"),
         **settings,
     )
+    pool._no_gpus = ("no alive node of the Ray cluster has one: drop gpu_units, or add a node with GPUs "
+                     "to the cluster and make a new cluster_pool()")
+    return pool
 
 
 __all__ = ["RayOptions", "cluster_pool", "ray_options"]

@@ -4,8 +4,8 @@ Connecting: a process that called ``ray.init(...)`` itself keeps that connection
 address and options). Otherwise the first Ray attempt calls ``ray.init()``, which joins
 the cluster named by ``RAY_ADDRESS`` (``auto`` for one started with ``ray start`` on this
 machine, ``host:6379``, or ``ray://host:10001`` through Ray Client) and starts a local
-one when it is unset, on a thread of its own that lives as long as the process (the
-local cluster lives as long as that thread).
+one when it is unset, on a daemon thread of its own that lives as long as the process
+(the local cluster's processes are tied to that thread; Ray's exit handler stops them).
 
 Capacity: a Ray task that no node can hold waits in Ray's queue for ever. Before each
 submission the request is checked against the resources of the cluster's alive nodes
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from types import ModuleType
 from typing import Any, Callable
 
@@ -26,7 +26,6 @@ from ..errors import RayCapacityError, RayUnavailableError
 from ..executor import RAY_MISSING
 
 _lock = threading.Lock()
-_starter: ThreadPoolExecutor | None = None  # the thread that starts a local cluster (connect)
 
 REFRESH_SECONDS = 5.0
 """How long a reading of the nodes' resources is trusted for a request that fits."""
@@ -46,22 +45,40 @@ def connect() -> ModuleType:
     ray = ray_module()
     if ray.is_initialized():
         return ray
-    global _starter
     with _lock:
         if not ray.is_initialized():
-            # A local cluster's processes get a parent-death signal tied to the *thread* that
-            # started them: on a thread that ends with its event loop (asyncio.to_thread's),
-            # the cluster died with the first run. This one lives as long as the process.
-            if _starter is None:
-                _starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-ray-init")
             try:
-                _starter.submit(ray.init).result()
+                _init_on_a_thread_of_its_own(ray)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise RayUnavailableError(
                     f"cannot connect to a Ray cluster ({exc}): check RAY_ADDRESS, or call "
                     "ray.init(...) yourself before the run"
                 ) from exc
     return ray
+
+
+def _init_on_a_thread_of_its_own(ray: ModuleType) -> None:
+    """``ray.init()`` on a daemon thread that then waits for the process to end.
+
+    A local cluster's processes get a parent-death signal tied to the *thread* that
+    started them: on a thread that ends with its event loop (``asyncio.to_thread``'s) the
+    cluster died with the first run, and on a thread joined at interpreter exit (a thread
+    pool's) before Ray's own exit handler stopped it, two of its processes were left for a
+    minute. A daemon thread is never joined: Ray's handler stops the cluster first.
+    """
+    started: Future[None] = Future()
+
+    def keep() -> None:
+        try:
+            ray.init()
+        except BaseException as exc:
+            started.set_exception(exc)
+            return
+        started.set_result(None)
+        threading.Event().wait()
+
+    threading.Thread(target=keep, name="agent-ray-cluster", daemon=True).start()
+    started.result()
 
 
 def is_connected() -> bool:

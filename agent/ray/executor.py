@@ -42,6 +42,7 @@ from ..errors import (
     HumanInputError,
     IsolationError,
     ProtocolError,
+    UnsendableStateError,
 )
 from ..executor import Attempt, AttemptFailed, AttemptOutcome
 from ..human import ask_relayed
@@ -129,7 +130,7 @@ class RayExecutor:
         try:
             function = self._pickled.dumps(attempt.func)
         except Exception as exc:
-            raise IsolationError(unsendable(attempt.state_name, attempt.func, exc, "Ray")) from exc
+            raise UnsendableStateError(unsendable(attempt.state_name, attempt.func, exc, "Ray")) from exc
         return wire.encode_run(attempt.run_id, attempt.agent_name, attempt.state_name, attempt.number, function,
                                cloudpickle.dumps(classes) if classes else _NO_CLASSES, snapshot,
                                attempt.context)

@@ -14,12 +14,16 @@ object Ray hands over.
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
 from .. import values
 from ..context import Context, ContextBudget
-from ..errors import FailureReason, ProtocolError, UnencodableValueError, ValueTooLargeError
+from ..errors import (
+    FailureReason, ProtocolError, UnencodableValueError, ValueTooLargeError, exception_message, exception_text,
+    exception_type_name,
+)
 from ..ipc.messages import (
     FROM_CHILD,
     FROM_SUPERVISOR,
@@ -139,9 +143,10 @@ def encode_end(result: Any, failure: FailureReason | None, pushed: int, frames: 
                 )
             body["result"] = result
             return values.encode(body)
-        except UnencodableValueError as exc:
-            failure = FailureReason(kind="exception", message=str(exc),
-                                    exception_type=f"agent.errors.{type(exc).__qualname__}")
+        except UnencodableValueError as exc:  # as a state process reports it: its name, its traceback
+            failure = FailureReason(
+                kind="exception", message=exception_message(type(exc).__name__, exception_text(exc)),
+                exception_type=exception_type_name(type(exc)), traceback="".join(traceback.format_exception(exc)))
     body["failure"] = {
         "kind": failure.kind, "message": failure.message, "traceback": failure.traceback,
         "exit_code": failure.exit_code, "signal": failure.signal,

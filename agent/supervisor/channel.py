@@ -76,6 +76,8 @@ class DirectChannel:
         self._out += frame(data)
         if not self._writing:
             self._flush()
+            if self.closed:  # the worker had gone (its end is closed): nothing went out
+                raise ConnectionError("the worker's channel closed as a message went out")
 
     def move_to(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve on ``loop`` from now on."""

@@ -98,6 +98,12 @@ class ProcessExecutor:
         return None
 
 
+_CROSSINGS = 3
+"""How many times in a row an attempt may meet a worker that exited idle as its ``run``
+went out (rare: the two cross within a moment) before that exit is taken for the state's
+own (a state calling ``os._exit`` with the idle exit code would otherwise go round forever)."""
+
+
 class WorkerExecutor:
     """Runs attempts on the supervisor's worker processes (``isolation="worker"``)."""
 
@@ -106,7 +112,7 @@ class WorkerExecutor:
     async def run_attempt(self, attempt: Attempt) -> AttemptOutcome:
         sup = serving_supervisor(asyncio.get_running_loop())
         try:
-            while True:
+            for crossed in range(_CROSSINGS + 1):
                 handed = sup.workers.acquire(attempt)
                 try:
                     child = await handed
@@ -114,6 +120,7 @@ class WorkerExecutor:
                     if not handed.done() or handed.cancelled() or handed.exception() is not None:
                         raise
                     # Handed to a worker just as it was cancelled: stop it there.
+                    attempt.stopping = True
                     await uncancellable(handed.result().stop(attempt.stop_reason or "cancel",
                                                              stop_grace(attempt, sup.config.grace)))
                     raise
@@ -123,8 +130,9 @@ class WorkerExecutor:
                     # memory it holds) is gone, as for a process attempt.
                     await uncancellable(child.worker.until_gone())
                 settle_removal(attempt, child.worker.confinement)  # a worker gone with its attempt takes its cgroup
-                if not child.never_ran:  # else its worker went idle before reading it: again
+                if not child.never_ran or crossed == _CROSSINGS:  # else its worker went idle first: again
                     return verdict(child, status, attempt)
+            raise AssertionError("unreachable: the last crossing returns its verdict")
         finally:
             sup.exit_attempt()
 
@@ -173,6 +181,7 @@ async def watch(
     try:
         return await (over if over is not None else asyncio.shield(child.exited))
     except asyncio.CancelledError:
+        attempt.stopping = True
         await uncancellable(child.stop(attempt.stop_reason or "cancel", stop_grace(attempt, grace)))
         try:  # what it used until it was stopped, and a limit it hit: no outcome carries them
             attempt.usage.update(child.confinement.usage())

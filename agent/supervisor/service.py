@@ -27,7 +27,7 @@ import psutil
 
 from .. import values
 from .._loops import grant_soon, outside_caller
-from ..errors import CgroupError, InvalidConfigurationError, IsolationError, ProtocolError
+from ..errors import CgroupError, InvalidConfigurationError, IsolationError, ProtocolError, UnsendableStateError
 from ..executor import Attempt, Isolation
 from ..ipc import Hello, Run, decode_message, encode_message
 from ..ipc.router import RECEIVE_HWM, RouterChannel, peer_credentials
@@ -415,7 +415,7 @@ class Supervisor:
         try:
             function = self.pickled.dumps(attempt.func)
         except Exception as exc:
-            raise IsolationError(unsendable(attempt.state_name, attempt.func, exc)) from exc
+            raise UnsendableStateError(unsendable(attempt.state_name, attempt.func, exc)) from exc
         context, classes = encode_snapshot(attempt.context, attempt.state_name, self.bounds)
         budget = attempt.context.budget
         frame = encode_message(Run(

@@ -391,8 +391,13 @@ class WorkerProcess:
         except BaseException:
             self.output.end_attempt(logs)
             raise
+        try:
+            child = WorkerAttempt(self, attempt, log_path, caller)
+        except OSError as exc:  # its cgroup is gone: the worker exited idle as its run went out
+            self.output.end_attempt(logs)
+            raise ConnectionError(f"worker {self.pid} is gone: {exc}") from None
         self._move(WorkerStatus.BUSY)
-        child = self.attempt = WorkerAttempt(self, attempt, log_path, caller)
+        self.attempt = child
         return child
 
     def start_failure(self) -> FailureReason:

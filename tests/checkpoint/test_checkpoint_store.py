@@ -84,6 +84,21 @@ class TestSave:
         assert store.latest("r1").context == context
         assert store.load("r1", 1).context["k5"] == {"v": 5}
 
+    def test_a_store_outliving_many_runs_keeps_no_copy_of_each(self, store):
+        """What a run's last save wrote is kept to write only the difference next time: not
+        once the run finished, nor for more than a few dozen unfinished runs."""
+        big = {"blob": "x" * 10_000}
+        for i in range(100):
+            store.save(f"done{i}", checkpoint(big))
+            store.save(f"done{i}", checkpoint(big, status="completed"))
+        assert not store._cache
+        for i in range(100):
+            store.save(f"open{i}", checkpoint(big))
+        assert 0 < len(store._cache) <= 64
+        # A finished run resumed saves the difference again, from what the file holds.
+        store.save("done0", checkpoint({**big, "more": 1}))
+        assert rows_at(store, "done0", 3) == {"more": "1"}
+
     def test_state_metadata_is_stored_per_state(self, store):
         cp = checkpoint({})
         cp.state_metadata = {f"s{i}": {"status": "pending", "runs": 0} for i in range(50)}

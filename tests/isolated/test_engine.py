@@ -127,6 +127,10 @@ async def ignores_cancellation(context):
         context.set_state("tick", tick)
 
 
+async def step_none(context):
+    return None
+
+
 async def forks_a_copy(context):
     """Forks a copy of its process, which runs the state on to its end, as a fork bomb's do."""
     pid = os.fork()
@@ -433,6 +437,34 @@ class TestAgentWithProcessIsolation:
         assert state_process_gone(pid)
 
 
+    async def test_a_run_ending_early_does_not_wait_past_cleanup_timeout_for_a_hook_holding_up_its_state(
+        self, level,
+    ):
+        """Only a state's process is killed and waited for; an admission hook that takes long
+        to give up (the program's own code, no process yet) is left, as at ``inline``."""
+        release, unwound = asyncio.Event(), asyncio.Event()
+
+        class SlowLease:
+            async def acquire(self, state, run_id, attempt):
+                try:
+                    await asyncio.Event().wait()  # a lease that never comes
+                except asyncio.CancelledError:
+                    await asyncio.shield(release.wait())  # gives back what it half got first
+                    unwound.set()
+                    raise
+
+            async def release(self, state, run_id, attempt, ok):
+                return None
+
+        agent = Agent("hooked", isolation=level)
+        agent.add_admission_hook(SlowLease())
+        agent.add_state("work", step_none)
+        with pytest.raises(RunTimeoutError):
+            await agent.run(timeout=0.2, cleanup_timeout=0.05)
+        assert not unwound.is_set()  # the run returned without it
+        release.set()
+        await unwound.wait()
+
     async def test_a_process_the_state_forked_neither_writes_nor_reports_on_its_connection(self, level):
         agent = Agent("forks", isolation=level)
         agent.add_state("forks", forks_a_copy)
@@ -512,6 +544,8 @@ class TestStatesThatUseAnAgent:
         async def status(context):
             return agent.name
 
-        agent.add_state("status", status, isolation="process")
-        with pytest.raises(StateFailedError, match=r"it uses 'agent' \(of type Agent\).*isolation='inline'"):
+        agent.add_state("status", status, isolation="process", max_retries=3)
+        with pytest.raises(StateFailedError, match=r"it uses 'agent' \(of type Agent\).*isolation='inline'") as info:
             await agent.run()
+        assert info.value.attempts == 1 and info.value.reason.permanent  # it would fail the same way again
+        assert info.value.reason.exception_type == "agent.errors.UnsendableStateError"

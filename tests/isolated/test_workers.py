@@ -575,3 +575,54 @@ def test_a_worker_start_put_off_on_one_event_loop_is_not_put_off_forever_on_the_
     agent.add_state("final", make_marker, dependencies={"slow": DependencyType.PARALLEL})
     ctx = agent.run_sync(initial_context={"marker": str(tmp_path / "marker")})
     assert ctx.get_state("saw_marker") is True  # final ran on a second worker, alongside slow
+
+
+async def test_an_attempt_handed_to_a_worker_gone_idle_with_its_cgroup_goes_to_another():
+    """A worker that never served idles out, and the zygote removes its cgroup, while the
+    supervisor's loop is busy (it has not heard of the exit): an attempt handed to that
+    worker then goes to a new one instead of failing on the missing cgroup."""
+    from agent.context import Context
+    from agent.executor import Attempt, Isolation
+    from agent.supervisor.process import WorkerExecutor, until_ready
+
+    def attempt_of(func):
+        return Attempt("gone-idle", "test-agent", "s", func, 1, context=Context(run_id="gone-idle"),
+                       isolation=Isolation.WORKER)
+
+    shutdown_supervisor()  # no idle worker of an earlier test
+    await until_ready()
+    sup = current_supervisor()
+    sup.workers._settings = WorkerSettings(idle=0.2)
+    try:
+        unserved = sup.workers.acquire(attempt_of(step_none))
+        unserved.cancel()  # the worker started for it serves nothing
+        await until(lambda: sup.workers.statistics().idle == 1)
+    finally:
+        sup.workers._settings = None
+    (worker,) = [w for q in sup.workers._queues.values() for w in q.idle]
+    if not worker.confinement.handle or not worker.confinement.handle.procs_files:
+        pytest.skip("no cgroups here")
+    cgroup = os.path.dirname(worker.confinement.handle.procs_files[0])
+    deadline = time.monotonic() + 30
+    while not (gone(worker.pid) and not os.path.isdir(cgroup)) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the loop does not run meanwhile: the supervisor hears nothing
+    assert gone(worker.pid) and not os.path.isdir(cgroup)
+    attempt = attempt_of(record_pid)
+    await WorkerExecutor().run_attempt(attempt)
+    assert attempt.context.get_state("pid_s") not in (None, worker.pid)
+
+
+async def exits_as_if_idle(context):
+    from agent.runtime.worker import EXIT_IDLE
+
+    os._exit(EXIT_IDLE)
+
+
+async def test_a_state_exiting_with_the_idle_exit_code_fails_instead_of_going_round_for_ever():
+    """A worker that exits idle as an attempt's run goes out has not run it (another worker
+    takes it); a state that exits with that same code, again and again, has."""
+    agent = Agent("as_if_idle", isolation="worker")
+    agent.add_state("bye", exits_as_if_idle)
+    with pytest.raises(StateFailedError) as info:
+        await agent.run(timeout=60)
+    assert info.value.reason.kind == "exit_code" and info.value.reason.exit_code == 121

@@ -157,8 +157,11 @@ class TestContext:
     async def test_an_unencodable_result_fails_the_state(self):
         agent = Agent("bad_result", isolation="ray")
         agent.add_state("return_object", states.return_object)
-        with pytest.raises(StateFailedError, match="the state's return value"):
+        with pytest.raises(StateFailedError, match="the state's return value") as info:
             await agent.run()
+        # As a state process says it: the error's name, and where it was raised.
+        assert info.value.reason.message.startswith("UnencodableValueError: the state's return value")
+        assert "Traceback" in info.value.traceback
 
     async def test_a_value_outside_the_model_is_refused_before_any_task(self):
         agent = Agent("refused", isolation="ray")

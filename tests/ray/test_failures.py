@@ -85,6 +85,18 @@ class TestWorkerCrash:
 class TestCapacity:
     """A request no node can hold fails at once instead of waiting in Ray's queue for ever."""
 
+    async def test_a_gpu_asked_of_a_cluster_pool_with_none_says_where_they_are_missing(self, monkeypatch):
+        from agent.errors import GPUUnavailableError
+        from agent.ray import cluster_pool
+        from agent.ray.executor import get_executor
+
+        capacity = get_executor().capacity
+        monkeypatch.setattr(capacity, "totals", lambda: {"CPU": 2.0, "memory": 2.0 * 1024**3})  # no GPU node
+        agent = Agent("no_gpu_node", isolation="ray", resource_pool=cluster_pool())
+        with pytest.raises(GPUUnavailableError, match="no alive node of the Ray cluster has one") as info:
+            agent.add_state("fit", states.measure, resources=ResourceRequirements(cpu_units=1, gpu_units=1))
+        assert "this machine" not in str(info.value) and "add a node with GPUs" in str(info.value)
+
     async def test_more_gpus_than_any_node_has(self):
         agent = Agent("greedy", isolation="ray", resource_pool=ResourcePool(total_cpu=2, total_gpu=2))
         agent.add_state("measure", states.measure, resources=ResourceRequirements(cpu_units=1, gpu_units=2))

@@ -108,13 +108,14 @@ except StateFailedError as exc:
 
 
 @pytest.mark.timeout(240)
-def test_a_cluster_the_package_started_outlives_the_run_that_started_it(tmp_path) -> None:
+def test_a_cluster_the_package_started_outlives_the_run_that_started_it_and_goes_with_the_program(tmp_path) -> None:
     # Ray ties a local cluster's processes to the thread that starts it: started on a
     # thread of the first run's loop, it died with that run, and the next run hung.
     # (And a failing state's traceback names the script's lines, as in a state process.)
     pytest.importorskip("ray")
     import os
     import subprocess
+    import time
     from pathlib import Path
 
     script = tmp_path / "flow.py"
@@ -127,3 +128,18 @@ def test_a_cluster_the_package_started_outlives_the_run_that_started_it(tmp_path
     assert f'File "{script}", line 8, in helper' in done.stdout, done.stdout
     assert "<dynamic-code>" not in done.stdout
     assert done.returncode == 0
+
+    def left() -> list[int]:  # what the program started works in its folder
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                if os.readlink(f"/proc/{entry}/cwd") == str(tmp_path):
+                    found.append(int(entry))
+            except (OSError, ValueError):
+                continue
+        return found
+
+    deadline = time.monotonic() + 30  # Ray's processes left without their cluster lived a minute
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left() == []  # the local cluster it started went with the program
