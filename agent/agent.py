@@ -548,8 +548,21 @@ class Agent:
 
     # --- steering -------------------------------------------------------------------------------
 
+    def _loop_elsewhere(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the run goes on, when another thread runs it (else None)."""
+        run = self._run
+        loop = run._driver.loop if run is not None and run._driver is not None else None
+        if loop is None or loop.is_closed() or not loop.is_running() or asyncio._get_running_loop() is loop:
+            return None
+        return loop
+
     async def pause(self) -> AgentCheckpoint:
-        """Stop launching states, stop the running ones (they re-run on resume), return a checkpoint."""
+        """Stop launching states, stop the running ones (they re-run on resume), return a checkpoint.
+
+        Safe from any thread or event loop: done on the run's own loop."""
+        elsewhere = self._loop_elsewhere()
+        if elsewhere is not None:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.pause(), elsewhere))
         run = self._run
         if run is None or run.done:
             if self.status is AgentStatus.IDLE:
@@ -572,7 +585,11 @@ class Agent:
 
         With nothing paused or restored (an agent that never ran, or whose run has ended)
         there is nothing to resume, and nothing runs: start a new run with ``run()``.
+        Safe from any thread or event loop, as :meth:`pause` is.
         """
+        elsewhere = self._loop_elsewhere()
+        if elsewhere is not None:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.resume(), elsewhere))
         run = self._run
         if run is not None and not run.done:
             if run.pause_requested:
@@ -617,7 +634,12 @@ class Agent:
         return call_on(run._driver.loop if run._driver is not None else None, lambda: run.cancel_state(name))
 
     async def cancel_all(self) -> None:
-        """Cancel every state and end the run with status CANCELLED."""
+        """Cancel every state and end the run with status CANCELLED; returns once it has ended.
+
+        Safe from any thread or event loop, as :meth:`pause` is."""
+        elsewhere = self._loop_elsewhere()
+        if elsewhere is not None:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.cancel_all(), elsewhere))
         run = self._run
         if run is None or run.done:
             if self.status in (AgentStatus.IDLE, AgentStatus.PAUSED):

@@ -1708,6 +1708,10 @@ class Run:
             self.running.clear()
         if self.retrying:
             self.retrying.clear()
+        for name in self.held_names:  # joins the run ended before: they wait for nothing now
+            meta = self.metadata[name]
+            if meta.waiting_for == _HELD:
+                meta.waiting_for = None
         if self.tracks_deps:
             self.rechecks.clear()
             for name in self.watch:  # never triggered: some may never be now

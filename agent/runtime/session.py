@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import sys
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import cloudpickle
 
@@ -80,6 +81,7 @@ class ChildSession:
         # The supervisor sends only the keys in scope; the scope makes other keys an error.
         self._scope = None if context_keys is None else ContextScope(context_keys)
         self._pid = pid
+        self._process = os.getpid()  # a process the state forks is not this one (_from_a_fork)
         self._secret = secret
         self._bounds = bounds or Bounds()
         self._pending: dict[int, asyncio.Future[HumanInputResponse]] = {}
@@ -186,7 +188,7 @@ class ChildSession:
     # --- outgoing -------------------------------------------------------------------------
 
     def _send(self, msg: Any) -> None:
-        if os.getpid() != self._pid:
+        if os.getpid() != self._process:
             _from_a_fork(msg)
         self._transport.send(encode_message(msg))
 
@@ -199,7 +201,7 @@ class ChildSession:
         own CPU clock makes the kernel add it now, without giving up the CPU."""
         time.thread_time()
         if self._hold_report:
-            if os.getpid() != self._pid:
+            if os.getpid() != self._process:
                 _from_a_fork(msg)
             self.report = encode_message(msg)
         else:
@@ -226,6 +228,8 @@ class ChildSession:
         self._written.append(key)
 
     def _report_error(self, exc: BaseException) -> None:
+        if os.getpid() != self._process:
+            _fork_ends(exc)
         tb = "".join(traceback.format_exception(exc))
         name = errors.exception_type_name(type(exc))
         self._report(Error(exception_type=name, message=errors.exception_text(exc) or type(exc).__name__, traceback=tb))
@@ -376,11 +380,25 @@ def _from_a_fork(msg: Any) -> None:
     attempt's connection is the state's own process's, and a second writer on it would
     garble it. A copy that ran the state to its end exits quietly (its outcome is not the
     attempt's; a fork bomb whose copies return is judged by its own process alone); any
-    other message is refused in it."""
-    if isinstance(msg, (Result, Error)):
-        os._exit(0 if isinstance(msg, Result) else 1)
+    other message is refused in it (an error ends it: :func:`_fork_ends`)."""
+    if isinstance(msg, Result):
+        os._exit(0)
     raise errors.IsolationError(
         f"process {os.getpid()} was forked by the state, whose connection to the supervisor only "
         "the state's own process may use: write the context, ask for input or coordinate from "
         "there (send what a forked process found back over a pipe, or use multiprocessing)"
     )
+
+
+def _fork_ends(exc: BaseException) -> NoReturn:
+    """A process the state forked ran the state to an exception: it ends as a Python
+    program would, with ``sys.exit``'s code, or its traceback printed and status 1."""
+    if isinstance(exc, SystemExit):
+        code = exc.code
+        if code is None or isinstance(code, int):
+            os._exit(code or 0)
+        print(code, file=sys.stderr, flush=True)
+    else:
+        traceback.print_exception(exc)
+        sys.stderr.flush()
+    os._exit(1)

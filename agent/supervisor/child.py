@@ -744,7 +744,7 @@ class ChildProcess:
         if status is None and self._spawn_error is not None:
             return FailureReason(kind="exit_code", message=f"the state's process could not be started: "
                                  f"{self._spawn_error}")
-        if status is None and self._shut_down:
+        if (status is None and self._shut_down) or (sig == signal.SIGKILL and self._sup.closed):
             return FailureReason(
                 kind="lost_connection",
                 message="the supervisor shut down while the state ran (shutdown_supervisor(), or the "

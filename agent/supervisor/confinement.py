@@ -396,7 +396,11 @@ class Confiner:
             return None
         if self._thread is None:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-cgroups")
-        return self._thread.submit(_logged, work)
+        try:
+            return self._thread.submit(_logged, work)
+        except RuntimeError:  # the interpreter is exiting: its thread pools take nothing new
+            _logged(work)
+            return None
 
     def prepare(self, attempt: Attempt, *, name: str | None = None, parked: Any = None) -> Confinement:
         """Create the attempt's cgroup with its limits, and the child's spec.
@@ -522,13 +526,21 @@ def _logged(work: Callable[[], None]) -> None:
         _log.warning("cgroup_work_failed: %s", exc)
 
 
+_open: "weakref.WeakKeyDictionary[Confiner, int]" = weakref.WeakKeyDictionary()  # -> the pid that made it
+
+
 def _close_at_exit(confiner: Confiner) -> None:
     """Close ``confiner`` when this process exits normally (not in a forked child)."""
-    ref, owner = weakref.ref(confiner), os.getpid()
+    _open[confiner] = os.getpid()
 
-    def close() -> None:
-        target = ref()
-        if target is not None and os.getpid() == owner:
-            target.close()
 
-    at_exit(close)
+def _close_open() -> None:
+    """Registered when this module loads, so it runs after the supervisors' shutdown at exit
+    (exit handlers run last registered first): closing a confiner kills what is left in its
+    cgroups, which a supervisor still serving a thread's run took for a kill from outside."""
+    for confiner, owner in list(_open.items()):
+        if os.getpid() == owner:
+            confiner.close()
+
+
+at_exit(_close_open)

@@ -837,7 +837,35 @@ def shutdown_supervisor() -> None:
         _current = None
         _others.clear()
     for sup in sups:
-        sup.shutdown()
+        _shut_down_where_it_serves(sup)
+
+
+_SHUTDOWN_WAIT = 5.0
+"""Seconds a supervisor serving another thread's running loop is given to shut down there."""
+
+
+def _shut_down_where_it_serves(sup: Supervisor) -> None:
+    """Shut ``sup`` down on the loop it serves when another thread runs that loop (the
+    program exits while a thread's ``run_sync()`` goes on): there its state changes only
+    on that loop, and a run it serves is told the supervisor shut down. Here otherwise."""
+    loop = sup.router.loop
+    if loop is not None and loop.is_running() and asyncio._get_running_loop() is not loop:
+        done = threading.Event()
+
+        def shut_down() -> None:
+            try:
+                sup.shutdown()
+            finally:
+                done.set()
+
+        try:
+            loop.call_soon_threadsafe(shut_down)
+        except RuntimeError:
+            pass  # closed meanwhile: nothing runs on it any more
+        else:
+            if done.wait(_SHUTDOWN_WAIT):
+                return
+    sup.shutdown()
 
 
 at_exit(shutdown_supervisor)

@@ -459,6 +459,10 @@ class WorkerProcess:
         return self.channel
 
     @property
+    def closed(self) -> bool:
+        return bool(self._sup.closed)
+
+    @property
     def log(self) -> Any:
         return self._sup.log
 

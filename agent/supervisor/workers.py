@@ -376,7 +376,7 @@ class WorkerPool:
         """The supervisor shuts down (its zygote takes every worker with it): fail who waits,
         close the files kept for each worker."""
         self._closed = True
-        for worker in self._live:
+        for worker in list(self._live):
             worker.close_files()
             worker.confinement.close_files()
         for queue in self._queues.values():

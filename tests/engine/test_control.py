@@ -567,3 +567,31 @@ class TestResumeKeepsStepCount:
         # 3 activations before the pause (the third re-runs on resume and writes n=4), then
         # 3 more; without the saved count it would go on to n=10.
         assert again.context.get_state("n") == 7
+
+
+def test_pause_resume_and_cancel_all_from_another_thread_act_on_the_runs_loop():
+    """A web app's request thread steers a run that run_sync() drives in another thread."""
+    import threading
+
+    agent = Agent("threaded", isolation="inline")
+    started = threading.Event()
+
+    async def long(context):
+        started.set()
+        await asyncio.sleep(3600)
+
+    agent.add_state("long", long)
+    runner = threading.Thread(target=lambda: agent.run_sync())
+    runner.start()
+    try:
+        assert started.wait(30)
+        asyncio.run(agent.pause())
+        assert agent.status is AgentStatus.PAUSED
+        started.clear()
+        asyncio.run(agent.resume())
+        assert started.wait(30)  # the state runs again
+        asyncio.run(agent.cancel_all())
+        assert agent.status is AgentStatus.CANCELLED  # it returned once the run had ended
+    finally:
+        runner.join(30)
+    assert not runner.is_alive()

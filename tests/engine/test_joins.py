@@ -137,6 +137,32 @@ class TestJoinsRunOnce:
         assert log == ["a", "b", "merge"]
         assert meta.waiting_for is None
 
+    async def test_a_join_held_when_its_run_fails_waits_for_nothing_after(self) -> None:
+        agent = Agent("join_failed", isolation="inline")
+
+        async def start(context):
+            return ["a", "b"]
+
+        async def a(context):
+            return "merge"
+
+        async def b(context):
+            while agent.state_metadata["merge"].waiting_for is None:  # until merge is held
+                await asyncio.sleep(0)
+            if context.get_state("never"):
+                return "merge"  # it could: merge is held for it
+            raise ValueError("b failed")
+
+        async def merge(context):
+            return None
+
+        for fn in (start, a, b, merge):
+            agent.add_state(fn.__name__, fn)
+        with pytest.raises(StateFailedError):
+            await asyncio.wait_for(agent.run(), 10)
+        assert agent.state_metadata["merge"].status is StateStatus.PENDING  # never ran
+        assert agent.state_metadata["merge"].waiting_for is None
+
     async def test_a_computed_return_counts_as_able_to_return_anything(self) -> None:
         gate = asyncio.Event()
         log: list[str] = []

@@ -7,6 +7,7 @@ import contextvars
 import enum
 import gc
 import os
+import sys
 import time
 import weakref
 
@@ -143,6 +144,14 @@ async def forks_a_copy(context):
     _, status = os.waitpid(pid, 0)
     context.set_state("copy_exit", os.waitstatus_to_exitcode(status))
     return None
+
+
+async def forks_a_helper_that_exits(context):
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(5)  # ends as a program's sys.exit would
+    _, status = os.waitpid(pid, 0)
+    context.set_state("helper_exit", os.waitstatus_to_exitcode(status))
 
 
 async def asks_for_a_score(context):
@@ -471,6 +480,9 @@ class TestAgentWithProcessIsolation:
         context = await agent.run()
         assert context.get_state("copy_exit") == 0 and context.get_state("from_copy") is None
         assert agent.state_metadata["forks"].status is StateStatus.COMPLETED
+        helper = Agent("helper", isolation=level)
+        helper.add_state("helper", forks_a_helper_that_exits)
+        assert (await helper.run()).get_state("helper_exit") == 5
 
     @pytest.mark.parametrize("ending", ["cancel_all", "timeout"])
     async def test_a_state_ignoring_its_cancellation_is_killed_when_the_cleanup_timeout_is_over(

@@ -104,6 +104,47 @@ class TestInterpreterExit:
         assert all_gone([info["zygote"], info["child"]])
         assert not any(os.path.exists(d) for d in info["dirs"])
 
+    @pytest.mark.parametrize("level", ["process", "worker"])
+    def test_a_program_exiting_while_a_thread_runs_states_shuts_down_cleanly(self, level, tmp_path):
+        """The main thread exits while a thread (a web server's, say) is in run_sync(): the
+        supervisor shuts down on that thread's loop, the run there says why its state ended,
+        and nothing is left."""
+        script = textwrap.dedent(
+            """
+            import asyncio, os, sys, threading
+            from agent import Agent
+
+            async def step(context):
+                context.set_state("pid", os.getpid())
+                await asyncio.sleep(0.02)
+                return "step"
+
+            agent = Agent("service", isolation=sys.argv[1])
+            agent.add_state("step", step)
+            started = threading.Event()
+            agent.add_observer(lambda event: started.set())
+            threading.Thread(target=agent.run_sync, daemon=True).start()
+            started.wait()
+            while agent.context.get_state("pid") is None:
+                threading.Event().wait(0.01)
+            print(os.getpid(), flush=True)
+            sys.exit(0)
+            """
+        )
+        done = subprocess.run([sys.executable, "-c", script, level], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT, AGENT_ECHO="off"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "Exception ignored" not in done.stderr and "from outside" not in done.stderr, done.stderr[-3000:]
+        left = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if proc.cwd() == str(tmp_path):
+                    left.append(proc)
+        _, alive = psutil.wait_procs(left, timeout=10)
+        assert not alive
+        pid = done.stdout.split()[0]
+        assert not [d for d in Path("/sys/fs/cgroup").glob(f"*/agent/{pid}-*") if d.exists()]
+
     @pytest.mark.parametrize("frozen", [False, True], ids=["running", "cgroup-frozen"])
     def test_killed_supervisor_takes_zygote_children_and_files(self, frozen):
         proc, info = start("hang")
