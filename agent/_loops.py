@@ -8,7 +8,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -30,6 +30,43 @@ def call_on(loop: Any, func: Callable[[], T], timeout: float | None = None) -> T
 
     loop.call_soon_threadsafe(on_the_loop)
     return done.result(timeout)
+
+
+class LoopGone(Exception):
+    """The loop :func:`awaited_on` was to run a coroutine on stopped before it did."""
+
+
+async def awaited_on(loop: asyncio.AbstractEventLoop, make: Callable[[], Awaitable[T]]) -> T:
+    """``await make()`` run on ``loop``, another thread's running loop; its outcome (or its
+    exception) comes back here. The outcome is handed over from inside that coroutine, so
+    a loop that stops right after it (``run_until_complete`` returning) still delivers it.
+    :class:`LoopGone` when the loop stopped for good without running it.
+    """
+    outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    async def there() -> None:
+        try:
+            outcome.set_result(await make())
+        except BaseException as exc:
+            outcome.set_exception(exc)
+
+    coro = there()
+    try:
+        asyncio.run_coroutine_threadsafe(coro, loop)
+    except RuntimeError:  # closed already
+        coro.close()
+        raise LoopGone from None
+    waiting = asyncio.wrap_future(outcome)
+    while not outcome.done():
+        await asyncio.wait([waiting], timeout=_LOOK_AGAIN)
+        if not outcome.done() and (loop.is_closed() or not loop.is_running()):
+            waiting.cancel()
+            raise LoopGone
+    return await waiting
+
+
+_LOOK_AGAIN = 0.05
+"""Seconds between two looks at whether the loop :func:`awaited_on` waits on still runs."""
 
 
 def outside_caller(func: Callable[..., T], *args: Any) -> T:

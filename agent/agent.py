@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from . import _env, _validate
 from . import events as ev
 from . import live
-from ._loops import call_on
+from ._loops import LoopGone, awaited_on, call_on
 from ._types import Priority, StopReason
 from .checkpoint import AgentCheckpoint
 from .context import Context, budget_from_mb, default_budget
@@ -170,6 +170,7 @@ class Agent:
         self.last_error: BaseException | None = None
         self.last_checkpoint: AgentCheckpoint | None = None
         self._run: Run | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # run()'s, while it runs
         self._run_closed: asyncio.Event | None = None
         self._observers: list[ev.Observer] = []
         self._admission_hooks: list[Any] = []
@@ -329,6 +330,16 @@ class Agent:
             raise AgentBusyError(f"agent {self.name!r} is already running: await the current run first")
         if not self._states:
             raise WorkflowDefinitionError(f"agent {self.name!r} has no states: add some with add_state()")
+        self._loop = asyncio.get_running_loop()  # where pause() and the like from elsewhere go
+        try:
+            return await self._run_here(timeout, cleanup_timeout, start, initial_context)
+        finally:
+            self._loop = None
+
+    async def _run_here(
+        self, timeout: float | None, cleanup_timeout: float | None, start: str | list[str] | None,
+        initial_context: Mapping[str, Any] | None,
+    ) -> Context:
         if not self._graph_checked:
             check_graph(self.name, self._states)
             self._graph_checked = True
@@ -549,9 +560,8 @@ class Agent:
     # --- steering -------------------------------------------------------------------------------
 
     def _loop_elsewhere(self) -> asyncio.AbstractEventLoop | None:
-        """The event loop the run goes on, when another thread runs it (else None)."""
-        run = self._run
-        loop = run._driver.loop if run is not None and run._driver is not None else None
+        """The event loop ``run()`` goes on, when another thread runs it (else None)."""
+        loop = self._loop
         if loop is None or loop.is_closed() or not loop.is_running() or asyncio._get_running_loop() is loop:
             return None
         return loop
@@ -562,7 +572,10 @@ class Agent:
         Safe from any thread or event loop: done on the run's own loop."""
         elsewhere = self._loop_elsewhere()
         if elsewhere is not None:
-            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.pause(), elsewhere))
+            try:
+                return await awaited_on(elsewhere, self.pause)
+            except LoopGone:
+                pass  # its run() returned meanwhile: as if called there afterwards
         run = self._run
         if run is None or run.done:
             if self.status is AgentStatus.IDLE:
@@ -589,7 +602,10 @@ class Agent:
         """
         elsewhere = self._loop_elsewhere()
         if elsewhere is not None:
-            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.resume(), elsewhere))
+            try:
+                return await awaited_on(elsewhere, self.resume)
+            except LoopGone:
+                pass  # its run() returned meanwhile: as if called there afterwards
         run = self._run
         if run is not None and not run.done:
             if run.pause_requested:
@@ -639,7 +655,10 @@ class Agent:
         Safe from any thread or event loop, as :meth:`pause` is."""
         elsewhere = self._loop_elsewhere()
         if elsewhere is not None:
-            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.cancel_all(), elsewhere))
+            try:
+                return await awaited_on(elsewhere, self.cancel_all)
+            except LoopGone:
+                pass  # its run() returned meanwhile: as if called there afterwards
         run = self._run
         if run is None or run.done:
             if self.status in (AgentStatus.IDLE, AgentStatus.PAUSED):

@@ -1016,6 +1016,14 @@ class ResourcePool:
         return chosen
 
     @locked
+    def blocked_heads(self) -> list[str]:
+        """The first request of each priority that waits for room, highest priority first."""
+        if not self._waiters:
+            return []
+        heads = (self._head(level) for level in _LEVELS if self._blocked[level])
+        return [head.owner for head in heads if head is not None]
+
+    @locked
     def pending_evictions(self) -> dict[str, str]:
         """Victims chosen that still hold resources, with the owner they make room for."""
         return dict(self._evicting)

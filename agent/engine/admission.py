@@ -60,6 +60,7 @@ class Ticket:
         self.run = run
         self.act = act
         self.loop = loop  # the run's: where its grant and eviction are handled
+        self.req: Any = None  # what it asks for (ResourceRequirements)
         self.requesting = False  # inside request(): a grant now is returned, not notified
         self.granted_now = False
 
@@ -106,6 +107,7 @@ class Admission:
         if loop is None:
             loop = run.loop = asyncio._get_running_loop()
         ticket = Ticket(run, act, loop)
+        ticket.req = req
         lock = self.lock  # the pool's: its steps are taken here without taking it again
         lock.acquire()  # not ``with``: compiled, its two method lookups cost more than the work
         try:
@@ -167,8 +169,18 @@ class Admission:
                 self.pool.record_measured(owner, usage)
             if not self.ledger.try_release(owner):
                 self.pool._release_by_policy(owner)
+                if self.pool.enable_preemption:
+                    self._preempt_again()
         finally:
             lock.release()
+
+    def _preempt_again(self) -> None:
+        """A request still waiting after a release may evict now what it could not when it
+        came: holders of its own level or above were in its way then, and they went."""
+        for owner in self.pool.blocked_heads():
+            ticket = self.tickets.get(owner)
+            if ticket is not None and ticket.req is not None:
+                self.preempt_for(ticket.act, ticket.req)
 
     def assignment(self, owner: str) -> dict[str, list[Any]]:
         """What the attempt carries to its executor: the GPUs granted to ``owner`` (empty when none)."""

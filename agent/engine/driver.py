@@ -240,6 +240,8 @@ class Driver:
                     entered.append(hook)
                 if entered:
                     run.admitted(act)
+                if act.stop_reason is not None:  # stopped while a hook held it up (which took the cancel)
+                    raise asyncio.CancelledError
                 outcome = await executor_for(attempt.isolation).run_attempt(attempt)
             except asyncio.CancelledError as exc:
                 # Stopped by the engine: a limit hit meanwhile is said with its reason (a timeout).

@@ -840,7 +840,7 @@ def shutdown_supervisor() -> None:
         _shut_down_where_it_serves(sup)
 
 
-_SHUTDOWN_WAIT = 5.0
+_SHUTDOWN_WAIT = 1.0
 """Seconds a supervisor serving another thread's running loop is given to shut down there."""
 
 

@@ -595,3 +595,40 @@ def test_pause_resume_and_cancel_all_from_another_thread_act_on_the_runs_loop():
     finally:
         runner.join(30)
     assert not runner.is_alive()
+
+
+@pytest.mark.parametrize("driving", ["run_until_complete", "settles_at_once"])
+def test_cancel_all_from_another_thread_returns_however_the_loop_ends(driving):
+    """The run's loop may stop the moment its run() returns (``run_until_complete`` then
+    ``close``), and a run whose states never await ends before its loop turns again: the
+    caller of cancel_all() elsewhere still hears that it is over."""
+    import threading
+
+    agent = Agent("manual", isolation="inline")
+    started = threading.Event()
+
+    async def waits(context):
+        started.set()
+        await asyncio.sleep(3600)
+
+    async def returns(context):
+        started.set()
+
+    agent.add_state("s", waits if driving == "run_until_complete" else returns)
+
+    def drive():
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(agent.run())
+        finally:
+            loop.close()
+
+    runner = threading.Thread(target=drive)
+    runner.start()
+    try:
+        assert started.wait(30)
+        asyncio.run(asyncio.wait_for(agent.cancel_all(), 30))
+    finally:
+        runner.join(30)
+    assert not runner.is_alive()
+    assert agent.status in (AgentStatus.CANCELLED, AgentStatus.COMPLETED)  # it may have ended first

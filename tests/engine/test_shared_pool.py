@@ -150,3 +150,47 @@ class TestGrantsWhileScheduling:
         await asyncio.wait_for(asyncio.gather(low_run, urgent_run), 10)
         assert low.state_metadata["victim"].status is StateStatus.CANCELLED and runs == [1]
         assert urgent.state_metadata["high"].status is StateStatus.COMPLETED
+
+    async def test_a_request_that_could_not_preempt_when_it_came_does_once_its_equals_release(self):
+        """HIGH h2 needs the whole pool; when it comes, HIGH h1 holds half (no victim) and
+        NORMAL n1 the other half. When h1 releases, n1 is a victim that frees enough: h2
+        must not wait behind it (priority inversion)."""
+        pool = ResourcePool(total_cpu=4.0, total_memory=1024, enable_preemption=True)
+        h1_go, n1_started, n1_preempted = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        order: list[str] = []
+
+        async def h1(context):
+            await h1_go.wait()
+            order.append("h1")
+
+        async def n1(context):
+            if n1_started.is_set():  # its second run, after h2
+                order.append("n1")
+                return None
+            n1_started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                n1_preempted.set()
+                raise
+
+        async def h2(context):
+            order.append("h2")
+
+        half = ResourceRequirements(cpu_units=2.0, memory_mb=64)
+        first = Agent("first", resource_pool=pool, isolation="inline")
+        first.add_state("h1", h1, resources=half, priority=Priority.HIGH)
+        normal = Agent("normal", resource_pool=pool, isolation="inline")
+        normal.add_state("n1", n1, resources=half, priority=Priority.NORMAL)
+        urgent = Agent("urgent", resource_pool=pool, isolation="inline")
+        urgent.add_state("h2", h2, resources=ResourceRequirements(cpu_units=4.0, memory_mb=64),
+                         priority=Priority.HIGH)
+        runs = [asyncio.create_task(first.run()), asyncio.create_task(normal.run())]
+        await n1_started.wait()
+        runs.append(asyncio.create_task(urgent.run()))
+        while not pool.queued():
+            await asyncio.sleep(0)
+        assert not n1_preempted.is_set()  # h1 is in the way, and of h2's own level
+        h1_go.set()
+        await asyncio.wait_for(asyncio.gather(*runs), 10)
+        assert n1_preempted.is_set() and order == ["h1", "h2", "n1"]

@@ -128,6 +128,10 @@ async def ignores_cancellation(context):
         context.set_state("tick", tick)
 
 
+async def record_pid(context):
+    context.set_state(f"pid_{context.state_name}", os.getpid())
+
+
 async def step_none(context):
     return None
 
@@ -446,12 +450,14 @@ class TestAgentWithProcessIsolation:
         assert state_process_gone(pid)
 
 
+    @pytest.mark.parametrize("swallows", [False, True], ids=["reraises", "swallows"])
     async def test_a_run_ending_early_does_not_wait_past_cleanup_timeout_for_a_hook_holding_up_its_state(
-        self, level,
+        self, level, swallows,
     ):
         """Only a state's process is killed and waited for; an admission hook that takes long
-        to give up (the program's own code, no process yet) is left, as at ``inline``."""
-        release, unwound = asyncio.Event(), asyncio.Event()
+        to give up (the program's own code, no process yet) is left, as at ``inline``; and
+        the state it held up never starts, even if the hook swallowed its cancellation."""
+        release, released = asyncio.Event(), asyncio.Event()
 
         class SlowLease:
             async def acquire(self, state, run_id, attempt):
@@ -459,20 +465,22 @@ class TestAgentWithProcessIsolation:
                     await asyncio.Event().wait()  # a lease that never comes
                 except asyncio.CancelledError:
                     await asyncio.shield(release.wait())  # gives back what it half got first
-                    unwound.set()
-                    raise
+                    if not swallows:
+                        raise
 
             async def release(self, state, run_id, attempt, ok):
-                return None
+                released.set()
 
         agent = Agent("hooked", isolation=level)
         agent.add_admission_hook(SlowLease())
-        agent.add_state("work", step_none)
+        agent.add_state("work", record_pid)
         with pytest.raises(RunTimeoutError):
             await agent.run(timeout=0.2, cleanup_timeout=0.05)
-        assert not unwound.is_set()  # the run returned without it
+        assert not released.is_set()  # the run returned without waiting for the hook
         release.set()
-        await unwound.wait()
+        if swallows:
+            await released.wait()  # its attempt is over
+        assert agent.context.get_state("pid_work") is None  # the state never started
 
     async def test_a_process_the_state_forked_neither_writes_nor_reports_on_its_connection(self, level):
         agent = Agent("forks", isolation=level)
