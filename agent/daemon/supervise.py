@@ -424,7 +424,11 @@ class JobSupervisor:
 
     def respond(self, job: Job, request_id: str, answer: str) -> None:
         handle = self.running.get(job.id)
-        pending = handle.pending if handle is not None else {}
+        if handle is None:
+            hint = f": its questions are asked again, with new ids, once it runs (agentctl resume {job.id})" if (
+                job.status in (JobStatus.PAUSED, JobStatus.QUEUED)) else ""
+            raise JobError(f"job {job.id} is {job.status.value}, so it has no open question{hint}")
+        pending = handle.pending
         if request_id not in pending:
             open_ids = ", ".join(pending) or "none"
             raise JobNotFoundError(f"job {job.id} has no open question {request_id!r} (open: {open_ids})")

@@ -73,6 +73,7 @@ class Admission:
         self.ledger: Ledger = pool._ledger
         self.tickets: dict[str, Ticket] = {}
         self.lock: threading.RLock = pool.lock
+        self._preempt_due: asyncio.AbstractEventLoop | None = None  # where _preempt_again is scheduled
 
     @staticmethod
     def of(pool: "ResourcePool") -> Admitter:
@@ -168,19 +169,36 @@ class Admission:
             if usage:
                 self.pool.record_measured(owner, usage)
             if not self.ledger.try_release(owner):
+                held = owner in self.ledger.holders
                 self.pool._release_by_policy(owner)
-                if self.pool.enable_preemption:
-                    self._preempt_again()
+                if held and self.pool.enable_preemption:
+                    self._preempt_again_soon()
         finally:
             lock.release()
 
+    def _preempt_again_soon(self) -> None:
+        """After a holder released: a request still waiting may evict now what it could not
+        when it came (holders of its own level or above were in its way, and one went).
+        Looked at once per turn of this thread's event loop, after what released has
+        finished its step (a run withdrawing its requests one by one, a batch of grants
+        being launched), not in the middle of it."""
+        due = self._preempt_due
+        if due is not None and due.is_running():
+            return  # that loop looks soon (one that stopped meanwhile never will: look again here)
+        loop = asyncio._get_running_loop()
+        if loop is None:
+            self._preempt_again()
+            return
+        self._preempt_due = loop
+        loop.call_soon(self._preempt_again)
+
     def _preempt_again(self) -> None:
-        """A request still waiting after a release may evict now what it could not when it
-        came: holders of its own level or above were in its way then, and they went."""
-        for owner in self.pool.blocked_heads():
-            ticket = self.tickets.get(owner)
-            if ticket is not None and ticket.req is not None:
-                self.preempt_for(ticket.act, ticket.req)
+        with self.lock:
+            self._preempt_due = None
+            for owner in self.pool.blocked_heads():
+                ticket = self.tickets.get(owner)
+                if ticket is not None and ticket.req is not None and not getattr(ticket.run, "done", False):
+                    self.preempt_for(ticket.act, ticket.req)
 
     def assignment(self, owner: str) -> dict[str, list[Any]]:
         """What the attempt carries to its executor: the GPUs granted to ``owner`` (empty when none)."""
@@ -198,7 +216,8 @@ class Admission:
             return False
         with self.lock:
             tickets = self.tickets
-            among = [owner for owner, t in tickets.items() if owner != act.owner and pool.holds(owner)]
+            # Holders are few (the pool's capacity bounds them); tickets also count every waiter.
+            among = [owner for owner in self.ledger.holders if owner != act.owner and owner in tickets]
             victims = pool.find_victims(act.owner, req, act.priority, among=among, state=act.state) or []
             for victim in victims:
                 self._on_its_loop(victim, tickets[victim], self._evicted_there)

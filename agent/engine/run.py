@@ -795,6 +795,8 @@ class Run:
         for act in granted:
             if self.done:
                 break
+            if act.where != GRANTED:  # preempted meanwhile (by a release this loop made): queued again
+                continue
             if self.pause_requested:
                 self.pooled.pop(act.state, None)
                 self._release(act, {})
@@ -872,7 +874,8 @@ class Run:
         if act.where == RUNNING:
             self.stop_activation(act, _STOP_PREEMPT)
         elif act.where == GRANTED:  # granted but not started yet: straight back to the queue
-            self.granted.remove(act)
+            if act in self.granted:  # else launch_granted holds it, and skips it now
+                self.granted.remove(act)
             act.holds = False
             act.front = True
             act.where = QUEUED

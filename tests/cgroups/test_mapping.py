@@ -92,6 +92,23 @@ class TestNames:
         assert not SupervisorName(mine.pid, mine.start + 1).alive()  # pid reused: not alive
         assert SupervisorName.parse("not-a-supervisor") is None
 
+    def test_a_supervisor_that_exited_is_not_alive_before_its_parent_collects_it(self):
+        import subprocess
+        import sys
+
+        def stat(pid: int) -> list[bytes]:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                return fh.read().rsplit(b")", 1)[1].split()
+
+        proc = subprocess.Popen([sys.executable, "-c", "pass"])
+        try:
+            name = SupervisorName(proc.pid, int(stat(proc.pid)[19]))
+            while stat(proc.pid)[0] != b"Z":  # until it has exited; its parent (here) has not collected it
+                os.sched_yield()
+            assert not name.alive()  # a killed agentd whose parent is slow left its cgroups to nobody
+        finally:
+            proc.wait()
+
 
 class TestNoCgroupBackend:
     """Without cgroups a watchdog enforces memory and pids, and says what it cannot enforce."""

@@ -176,6 +176,9 @@ class TestPauseResumeCancel:
         assert paused["status"] == "paused" and paused["states"]["first"] == "completed"
         wait_until(lambda: not processes_of({ann.uid}), "the paused job's processes to end", timeout=30)
         assert agentd.ctl("pause", job, user=ann).returncode == 0  # already paused: nothing to do
+        done = agentd.ctl("respond", job, "any", "yes", user=ann)  # a paused job asks nothing
+        assert done.returncode == 1 and f"its questions are asked again, with new ids, once it runs" \
+            f" (agentctl resume {job})" in done.stderr, done.stderr
         (outdir / "go").touch()
         resumed = agentd.ctl_json("resume", job, user=ann)
         assert resumed["status"] in ("queued", "running")

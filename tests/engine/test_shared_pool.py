@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from agent import Agent, AgentStatus, Priority, ResourcePool, ResourceRequirements, StateStatus
 from agent import events as ev
 
@@ -194,3 +196,98 @@ class TestGrantsWhileScheduling:
         h1_go.set()
         await asyncio.wait_for(asyncio.gather(*runs), 10)
         assert n1_preempted.is_set() and order == ["h1", "h2", "n1"]
+
+    @pytest.mark.parametrize("ending", ["cancel_all", "pause"])
+    async def test_a_run_withdrawing_its_requests_evicts_nothing_more_for_them(self, ending):
+        """A run being cancelled or paused withdraws its queued requests one by one: none
+        of them, about to go too, may evict other runs' states meanwhile."""
+        pool = ResourcePool(total_cpu=4.0, total_memory=1024, enable_preemption=True)
+        stopped: list[str] = []
+
+        async def hold(context):
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                stopped.append(context.state_name)
+                raise
+
+        async def fan(context):
+            return ["l1", "l2", "l3", "l4"]
+
+        low = Agent("low", resource_pool=pool, isolation="inline")
+        low.add_state("fan", fan)
+        for name in ("l1", "l2", "l3", "l4"):
+            low.add_state(name, hold, resources=ResourceRequirements(cpu_units=1.0, memory_mb=16),
+                          priority=Priority.LOW)
+
+        async def go(context):
+            return ["b1", "b2"]
+
+        async def work(context):
+            return None
+
+        urgent = Agent("urgent", resource_pool=pool, isolation="inline")
+        urgent.add_state("go", go)
+        urgent.add_state("b1", work, resources=ResourceRequirements(cpu_units=2.0, memory_mb=16),
+                         priority=Priority.HIGH)  # evicts two LOW states when it comes
+        urgent.add_state("b2", work, resources=ResourceRequirements(cpu_units=4.0, memory_mb=16),
+                         priority=Priority.HIGH)  # could evict the other two, once b1's room is there
+        low_run = asyncio.create_task(low.run())
+        while len(pool.get_state_allocations()) < 4:
+            await asyncio.sleep(0)
+        urgent_run = asyncio.create_task(urgent.run())
+        while len(pool.queued()) < 2:
+            await asyncio.sleep(0)
+        chosen = set(pool.pending_evictions())
+        assert len(chosen) == 2
+        await (urgent.cancel_all() if ending == "cancel_all" else urgent.pause())
+        assert set(pool.pending_evictions()) | set(stopped) <= chosen
+        await low.cancel_all()
+        await urgent.cancel_all()
+        await asyncio.gather(low_run, urgent_run, return_exceptions=True)
+
+    async def test_a_victim_granted_in_the_same_batch_as_a_state_that_releases_at_once(self):
+        """Two states of a run are granted together; the first, which never awaits, ends
+        and releases while the batch is being launched, and that release lets a waiting
+        HIGH request evict the second, granted but not started: the run goes on."""
+        pool = ResourcePool(total_cpu=4.0, total_memory=1024, enable_preemption=True)
+        two = ResourceRequirements(cpu_units=2.0, memory_mb=16)
+        whole = ResourceRequirements(cpu_units=4.0, memory_mb=16)
+        go, later = asyncio.Event(), []
+
+        async def h(context):
+            return None
+
+        high = Agent("high", resource_pool=pool, isolation="inline")
+        high.add_state("h", h, resources=whole, priority=Priority.HIGH)
+
+        async def start(context):
+            return ["x", "y"]
+
+        async def x(context):  # never awaits: it runs and releases as it is launched
+            return None
+
+        async def y(context):
+            await asyncio.sleep(0)
+
+        batch = Agent("batch", resource_pool=pool, isolation="inline")
+        batch.add_state("start", start)
+        batch.add_state("x", x, resources=two, priority=Priority.HIGH)
+        batch.add_state("y", y, resources=two, priority=Priority.LOW)
+
+        async def b(context):
+            await go.wait()
+            later.append(asyncio.create_task(high.run()))  # asks before x and y are launched
+
+        blocker = Agent("blocker", resource_pool=pool, isolation="inline")
+        blocker.add_state("b", b, resources=whole, priority=Priority.CRITICAL)
+        blocker_run = asyncio.create_task(blocker.run())
+        while not pool.get_state_allocations():
+            await asyncio.sleep(0)
+        batch_run = asyncio.create_task(batch.run())
+        while len(pool.queued()) < 2:
+            await asyncio.sleep(0)
+        go.set()
+        await asyncio.wait_for(asyncio.gather(blocker_run, batch_run), 10)
+        await asyncio.wait_for(later[0], 10)
+        assert batch.status is AgentStatus.COMPLETED and high.status is AgentStatus.COMPLETED

@@ -157,7 +157,9 @@ class SupervisorName:
 
 
 def process_start(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot, or None when it does not exist."""
+    """Start time of ``pid`` in clock ticks since boot, or None when it does not run: it
+    does not exist, or it has exited and waits for its parent to collect it (a zombie:
+    an agentd killed under a slow parent left its cgroups to nobody)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -165,6 +167,8 @@ def process_start(pid: int) -> int | None:
         return None
     # Field 2 (comm) may contain spaces and parentheses: split after its last ')'.
     fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
     return int(fields[19])
 
 
