@@ -12,8 +12,8 @@ import asyncio
 import functools
 import logging
 import os
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _env, _validate
 from . import events as ev
@@ -93,6 +93,28 @@ _COORDINATION_METHODS = frozenset({
     "get_coordination_status", "reset_coordination",
 })
 
+
+
+_A = TypeVar("_A", bound="Agent")
+_T = TypeVar("_T")
+
+
+def _on_the_runs_loop(method: Callable[[_A], Awaitable[_T]]) -> Callable[[_A], Awaitable[_T]]:
+    """Make ``method`` safe from any thread or event loop: called elsewhere than on the loop
+    ``run()`` goes on, it is done there (:func:`~agent._loops.awaited_on`), and its outcome
+    comes back; once that ``run()`` has returned, it is done here."""
+
+    @functools.wraps(method)
+    async def on_the_runs_loop(self: _A) -> _T:
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and loop.is_running() and asyncio._get_running_loop() is not loop:
+            try:
+                return await awaited_on(loop, lambda: method(self))
+            except LoopGone:
+                pass  # its run() returned meanwhile: as if called there afterwards
+        return await method(self)
+
+    return on_the_runs_loop
 
 class Agent:
     """A workflow: named async states, their dependencies, resources and retry rules.
@@ -559,23 +581,11 @@ class Agent:
 
     # --- steering -------------------------------------------------------------------------------
 
-    def _loop_elsewhere(self) -> asyncio.AbstractEventLoop | None:
-        """The event loop ``run()`` goes on, when another thread runs it (else None)."""
-        loop = self._loop
-        if loop is None or loop.is_closed() or not loop.is_running() or asyncio._get_running_loop() is loop:
-            return None
-        return loop
-
+    @_on_the_runs_loop
     async def pause(self) -> AgentCheckpoint:
         """Stop launching states, stop the running ones (they re-run on resume), return a checkpoint.
 
         Safe from any thread or event loop: done on the run's own loop."""
-        elsewhere = self._loop_elsewhere()
-        if elsewhere is not None:
-            try:
-                return await awaited_on(elsewhere, self.pause)
-            except LoopGone:
-                pass  # its run() returned meanwhile: as if called there afterwards
         run = self._run
         if run is None or run.done:
             if self.status is AgentStatus.IDLE:
@@ -593,6 +603,7 @@ class Agent:
             self._save_checkpoint(checkpoint)
         return checkpoint
 
+    @_on_the_runs_loop
     async def resume(self) -> None:
         """Continue a paused run; with no run in progress, run the restored or paused state.
 
@@ -600,12 +611,6 @@ class Agent:
         there is nothing to resume, and nothing runs: start a new run with ``run()``.
         Safe from any thread or event loop, as :meth:`pause` is.
         """
-        elsewhere = self._loop_elsewhere()
-        if elsewhere is not None:
-            try:
-                return await awaited_on(elsewhere, self.resume)
-            except LoopGone:
-                pass  # its run() returned meanwhile: as if called there afterwards
         run = self._run
         if run is not None and not run.done:
             if run.pause_requested:
@@ -647,18 +652,13 @@ class Agent:
         run = self._run
         if run is None or run.done:
             return False
-        return call_on(run._driver.loop if run._driver is not None else None, lambda: run.cancel_state(name))
+        return call_on(self._loop, lambda: run.cancel_state(name))
 
+    @_on_the_runs_loop
     async def cancel_all(self) -> None:
         """Cancel every state and end the run with status CANCELLED; returns once it has ended.
 
         Safe from any thread or event loop, as :meth:`pause` is."""
-        elsewhere = self._loop_elsewhere()
-        if elsewhere is not None:
-            try:
-                return await awaited_on(elsewhere, self.cancel_all)
-            except LoopGone:
-                pass  # its run() returned meanwhile: as if called there afterwards
         run = self._run
         if run is None or run.done:
             if self.status in (AgentStatus.IDLE, AgentStatus.PAUSED):
