@@ -73,7 +73,7 @@ class Admission:
         self.ledger: Ledger = pool._ledger
         self.tickets: dict[str, Ticket] = {}
         self.lock: threading.RLock = pool.lock
-        self._preempt_due: asyncio.AbstractEventLoop | None = None  # where _preempt_again is scheduled
+        self._preempt_due: set[asyncio.AbstractEventLoop] = set()  # loops where _preempt_again is scheduled
 
     @staticmethod
     def of(pool: "ResourcePool") -> Admitter:
@@ -179,25 +179,33 @@ class Admission:
     def _preempt_again_soon(self) -> None:
         """After a holder released: a request still waiting may evict now what it could not
         when it came (holders of its own level or above were in its way, and one went).
-        Looked at once per turn of this thread's event loop, after what released has
-        finished its step (a run withdrawing its requests one by one, a batch of grants
-        being launched), not in the middle of it."""
+        Looked at on the waiting request's own event loop, on its next turn: after what
+        released has finished its step (a run withdrawing its requests one by one, a batch
+        of grants being launched), and whatever the releasing loop does next."""
         due = self._preempt_due
-        if due is not None and due.is_running():
-            return  # that loop looks soon (one that stopped meanwhile never will: look again here)
-        loop = asyncio._get_running_loop()
-        if loop is None:
-            self._preempt_again()
-            return
-        self._preempt_due = loop
-        loop.call_soon(self._preempt_again)
+        if len(due) > 8:  # loops that closed before they looked never will
+            due.difference_update([loop for loop in due if loop.is_closed()])
+        for owner in self.pool.blocked_heads():
+            ticket = self.tickets.get(owner)
+            if ticket is None or ticket.req is None:
+                continue
+            loop = ticket.loop
+            if loop is None:
+                self.preempt_for(ticket.act, ticket.req)
+            elif loop not in due:
+                try:
+                    loop.call_soon_threadsafe(self._preempt_again, loop)
+                except RuntimeError:  # closed: its run is over
+                    continue
+                due.add(loop)
 
-    def _preempt_again(self) -> None:
+    def _preempt_again(self, loop: asyncio.AbstractEventLoop) -> None:
         with self.lock:
-            self._preempt_due = None
+            self._preempt_due.discard(loop)
             for owner in self.pool.blocked_heads():
                 ticket = self.tickets.get(owner)
-                if ticket is not None and ticket.req is not None and not getattr(ticket.run, "done", False):
+                if (ticket is not None and ticket.loop is loop and ticket.req is not None
+                        and not getattr(ticket.run, "done", False)):
                     self.preempt_for(ticket.act, ticket.req)
 
     def assignment(self, owner: str) -> dict[str, list[Any]]:

@@ -291,3 +291,57 @@ class TestGrantsWhileScheduling:
         await asyncio.wait_for(asyncio.gather(blocker_run, batch_run), 10)
         await asyncio.wait_for(later[0], 10)
         assert batch.status is AgentStatus.COMPLETED and high.status is AgentStatus.COMPLETED
+
+    async def test_a_release_on_another_threads_busy_loop_lets_a_request_here_preempt_at_once(self):
+        """The request that may evict now waits on this loop; the release came on another
+        thread's loop, which then blocks: the eviction is decided here, not after it."""
+        import threading
+
+        pool = ResourcePool(total_cpu=4.0, total_memory=1024, enable_preemption=True)
+        half = ResourceRequirements(cpu_units=2.0, memory_mb=64)
+        h1_go, h2_ran = threading.Event(), threading.Event()
+        n1_started = asyncio.Event()
+
+        async def h1(context):
+            while not h1_go.is_set():
+                await asyncio.sleep(0.01)
+
+        async def busy(context):
+            while not h1_go.is_set() or pool.holds("h1"):
+                await asyncio.sleep(0)
+            h2_ran.wait(30)  # blocks its loop: that loop's next turn comes only once h2 ran
+
+        first = Agent("first", resource_pool=pool, isolation="inline")
+        first.add_state("h1", h1, resources=half, priority=Priority.HIGH)
+        first.add_state("busy", busy)
+        elsewhere = threading.Thread(target=lambda: asyncio.run(first.run(start=["h1", "busy"])))
+
+        async def n1(context):
+            if n1_started.is_set():
+                return None
+            n1_started.set()
+            await asyncio.Event().wait()
+
+        async def h2(context):
+            h2_ran.set()
+
+        normal = Agent("normal", resource_pool=pool, isolation="inline")
+        normal.add_state("n1", n1, resources=half, priority=Priority.NORMAL)
+        urgent = Agent("urgent", resource_pool=pool, isolation="inline")
+        urgent.add_state("h2", h2, resources=ResourceRequirements(cpu_units=4.0, memory_mb=64),
+                         priority=Priority.HIGH)
+        elsewhere.start()
+        try:
+            runs = [asyncio.create_task(normal.run())]
+            await n1_started.wait()
+            while not pool.holds("h1"):
+                await asyncio.sleep(0.01)
+            runs.append(asyncio.create_task(urgent.run()))
+            while not pool.queued():
+                await asyncio.sleep(0)
+            h1_go.set()
+            await asyncio.wait_for(asyncio.gather(*runs), 20)
+            assert h2_ran.is_set()
+        finally:
+            h2_ran.set()
+            elsewhere.join(30)
