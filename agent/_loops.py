@@ -14,11 +14,16 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def runs_elsewhere(loop: asyncio.AbstractEventLoop | None) -> bool:
+    """Whether ``loop`` runs now, and not as this thread's own loop."""
+    return loop is not None and not loop.is_closed() and loop.is_running() and asyncio._get_running_loop() is not loop
+
+
 def call_on(loop: Any, func: Callable[[], T], timeout: float | None = None) -> T:
     """``func()``, run on ``loop`` when that loop runs on another thread (its result or its
     exception comes back here, within ``timeout`` seconds, else ``TimeoutError``); run here
     when there is no such loop, or it is this thread's own."""
-    if loop is None or loop.is_closed() or not loop.is_running() or asyncio._get_running_loop() is loop:
+    if not runs_elsewhere(loop):
         return func()
     done: concurrent.futures.Future[T] = concurrent.futures.Future()
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import _env, _validate
 from . import events as ev
 from . import live
-from ._loops import LoopGone, awaited_on, call_on
+from ._loops import LoopGone, awaited_on, call_on, runs_elsewhere
 from ._types import Priority, StopReason
 from .checkpoint import AgentCheckpoint
 from .context import Context, budget_from_mb, default_budget
@@ -94,7 +94,6 @@ _COORDINATION_METHODS = frozenset({
 })
 
 
-
 _A = TypeVar("_A", bound="Agent")
 _T = TypeVar("_T")
 
@@ -107,7 +106,7 @@ def _on_the_runs_loop(method: Callable[[_A], Awaitable[_T]]) -> Callable[[_A], A
     @functools.wraps(method)
     async def on_the_runs_loop(self: _A) -> _T:
         loop = self._loop
-        if loop is not None and not loop.is_closed() and loop.is_running() and asyncio._get_running_loop() is not loop:
+        if loop is not None and runs_elsewhere(loop):
             try:
                 return await awaited_on(loop, lambda: method(self))
             except LoopGone:
@@ -115,6 +114,7 @@ def _on_the_runs_loop(method: Callable[[_A], Awaitable[_T]]) -> Callable[[_A], A
         return await method(self)
 
     return on_the_runs_loop
+
 
 class Agent:
     """A workflow: named async states, their dependencies, resources and retry rules.
@@ -377,8 +377,7 @@ class Agent:
         restored = self._restored
         # pause() before this run began (a run() task not started yet): it starts paused.
         paused_first = restored is None and self.status is AgentStatus.PAUSED
-        if self._held:
-            self._held = False
+        self._held = False
         if restored is not None:
             names = []
         elif start is None:

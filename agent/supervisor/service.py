@@ -26,7 +26,7 @@ import cloudpickle
 import psutil
 
 from .. import values
-from .._loops import grant_soon, outside_caller
+from .._loops import call_on, grant_soon, outside_caller
 from ..errors import CgroupError, InvalidConfigurationError, IsolationError, ProtocolError, UnsendableStateError
 from ..executor import Attempt, Isolation
 from ..ipc import Hello, Run, decode_message, encode_message
@@ -848,24 +848,10 @@ def _shut_down_where_it_serves(sup: Supervisor) -> None:
     """Shut ``sup`` down on the loop it serves when another thread runs that loop (the
     program exits while a thread's ``run_sync()`` goes on): there its state changes only
     on that loop, and a run it serves is told the supervisor shut down. Here otherwise."""
-    loop = sup.router.loop
-    if loop is not None and loop.is_running() and asyncio._get_running_loop() is not loop:
-        done = threading.Event()
-
-        def shut_down() -> None:
-            try:
-                sup.shutdown()
-            finally:
-                done.set()
-
-        try:
-            loop.call_soon_threadsafe(shut_down)
-        except RuntimeError:
-            pass  # closed meanwhile: nothing runs on it any more
-        else:
-            if done.wait(_SHUTDOWN_WAIT):
-                return
-    sup.shutdown()
+    try:
+        call_on(sup.router.loop, sup.shutdown, _SHUTDOWN_WAIT)
+    except (TimeoutError, RuntimeError):  # that loop is blocked, or it closed meanwhile
+        sup.shutdown()
 
 
 at_exit(shutdown_supervisor)
