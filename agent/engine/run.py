@@ -226,6 +226,7 @@ class Run:
         "tracks_deps",
         "waiting",
         "watch",
+        "chain_lengths",
         "consumed",
         "finishes",
         "starts",
@@ -305,6 +306,7 @@ class Run:
         self.tracks_deps = False
         self.waiting: list[Activation] = []  # whose dependencies are not met
         self.watch: set[str] = set()  # dependency-driven states not (re)triggered yet
+        self.chain_lengths: dict[str, int] = {}  # chain_length's, found so far
         if agent._has_dependencies:
             self.track_dependencies()
         # Outcome.
@@ -569,6 +571,7 @@ class Run:
 
     def retrack(self) -> None:
         """The workflow changed mid-run (a state was added): count what is reachable anew."""
+        self.chain_lengths.clear()
         if self.graph is not None:
             for group in self.groups.values():
                 group.pot.clear()
@@ -1267,8 +1270,9 @@ class Run:
             for act in self.waiting:
                 verdict = self.deps_verdict(act.state, act.waiting_since, now)
                 if verdict is True:
-                    self.emit(ev.DEPENDENCY_RESOLVED, act.state, duration=now - act.waiting_since,
-                              data={"chain_length": self.chain_length(act.state)})
+                    if self.observers:
+                        self.emit(ev.DEPENDENCY_RESOLVED, act.state, duration=now - act.waiting_since,
+                                  data={"chain_length": self.chain_length(act.state)})
                     self.consume(act.state)
                     self.make_ready(act)
                     progressed = True
@@ -1286,8 +1290,9 @@ class Run:
                 continue
             verdict = self.deps_verdict(name, self.started + self.paused_total, now)
             if verdict is True:
-                self.emit(ev.DEPENDENCY_RESOLVED, name, duration=now - self.started,
-                          data={"chain_length": self.chain_length(name)})
+                if self.observers:
+                    self.emit(ev.DEPENDENCY_RESOLVED, name, duration=now - self.started,
+                              data={"chain_length": self.chain_length(name)})
                 self.consume(name)
                 self.root.unfinished += 1  # a branch of its own
                 self.activate(name, self.root, via_dependency=True)
@@ -1402,16 +1407,31 @@ class Run:
 
     def chain_length(self, name: str) -> int:
         """The longest chain of dependencies behind ``name``: 1 when those it depends on
-        depend on nothing, and so on (a cycle, which the dependencies cannot have, stops)."""
-        lengths: dict[str, int] = {}
+        depend on nothing, and so on (a dependency that closes a cycle, which the
+        dependencies cannot have, is not followed).
 
-        def length(state: str, seen: frozenset[str]) -> int:
-            if state not in lengths:
-                deps = [d for d in self.specs[state].dependencies if d in self.specs and d not in seen]
-                lengths[state] = 1 + max((length(d, seen | {d}) for d in deps), default=0) if deps else 0
-            return lengths[state]
-
-        return length(name, frozenset((name,)))
+        Walked without recursion (a chain of thousands of states is no deeper a stack) and
+        remembered for the run until a state is added (:meth:`retrack`): each state's length
+        is then found once, not once per state that depends on it."""
+        lengths = self.chain_lengths
+        if name in lengths:
+            return lengths[name]
+        specs = self.specs
+        on_path = {name}
+        stack = [(name, iter(specs[name].dependencies))]
+        while stack:
+            state, deps = stack[-1]
+            for dep in deps:
+                if dep in specs and dep not in lengths and dep not in on_path:
+                    on_path.add(dep)
+                    stack.append((dep, iter(specs[dep].dependencies)))
+                    break
+            else:
+                stack.pop()
+                on_path.discard(state)
+                known = [lengths[d] for d in specs[state].dependencies if d in lengths]
+                lengths[state] = 1 + max(known) if known else 0
+        return lengths[name]
 
     def _block_if_a_requirement_failed(self, name: str) -> None:
         """As the run ends: ``name``, which never ran, is BLOCKED when a REQUIRED dependency

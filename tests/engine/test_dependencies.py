@@ -157,6 +157,39 @@ class TestTypes:
         assert log.index(("start", "after")) > log.index(("end", "previous_step"))
 
 
+class TestLongChains:
+    """A chain deeper than Python's recursion limit runs, and its chain lengths are counted."""
+
+    async def test_a_chain_of_1200_states_reports_every_chain_length(self):
+        n = 1200  # over the default recursion limit (1000)
+        agent = Agent("long_chain", isolation="inline", max_steps=n + 10)
+        for i in range(n):
+            agent.add_state(f"s{i}", recorder([]), dependencies=[f"s{i - 1}"] if i else [])
+        resolved: dict[str, int] = {}
+        agent.add_observer(lambda event: resolved.__setitem__(event.state, event.data["chain_length"])
+                           if event.kind == "dependency_resolved" else None)
+        await agent.run()
+        assert all(agent.state_metadata[f"s{i}"].status is StateStatus.COMPLETED for i in range(n))
+        assert resolved == {f"s{i}": i for i in range(1, n)}
+
+    async def test_chain_lengths_count_a_state_added_mid_run(self):
+        log: list = []
+        agent = Agent("grown_chain", isolation="inline")
+        resolved: dict[str, int] = {}
+        agent.add_observer(lambda event: resolved.__setitem__(event.state, event.data["chain_length"])
+                           if event.kind == "dependency_resolved" else None)
+
+        async def first(context):
+            # Added during the run, behind b: "late"'s chain is a -> b -> late.
+            agent.add_state("late", recorder(log), dependencies=["b"])
+            return None
+
+        agent.add_state("a", first)
+        agent.add_state("b", recorder(log), dependencies=["a"])
+        await agent.run()
+        assert resolved == {"b": 1, "late": 2}
+
+
 class TestConfig:
     """Conditions, wait timeouts and lifecycles."""
 
