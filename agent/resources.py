@@ -347,8 +347,8 @@ class ResourcePool:
         self._loans: dict[str, asyncio.Future[None]] = {}  # lenders waiting to take it back
         # The wait queue: one heap per priority of (rank, waiter); cancelled entries
         # stay until they reach the top. _blocked / _reserve_at cache, per level, the
-        # last settling pass: whether the level's head is stuck, and what the stuck
-        # heads of higher levels set aside.
+        # last settling pass: whether the level's head is stuck, and what the requests
+        # of higher levels whose head is stuck set aside.
         self._waiters: dict[str, _Waiter] = ledger.waiters
         self._queues: list[list[tuple[tuple[int, int], int, _Waiter]]] = [[] for _ in Priority]
         self._blocked: list[bool] = [False for _ in Priority]
@@ -699,9 +699,14 @@ class ResourcePool:
                         self._outbox.append(waiter.owner)
                     continue
                 blocked = True
+                # What every request of the level needs is set aside, not only the head's:
+                # a lower request that fits past the head would still delay the ones after it.
                 reserve = dict(reserve) if reserve else {}
-                for rtype, amount in amounts.items():
-                    reserve[rtype] = reserve.get(rtype, 0.0) + amount
+                for _, _, queued in heap:
+                    if queued.dead or (queued.future is not None and queued.future.done()):
+                        continue
+                    for rtype, amount in queued.amounts.items():
+                        reserve[rtype] = reserve.get(rtype, 0.0) + amount
                 break
             self._blocked[level] = blocked
 

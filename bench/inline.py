@@ -1,4 +1,6 @@
-"""Inline engine throughput: states/s for a 3-state chain and a 100-way fan-out with join.
+"""Inline engine throughput: states/s for a 3-state chain and a 100-way fan-out with join,
+and for a chain of 1,000 states each depending on the one before (the engine's cost per
+state must not grow with the workflow's size).
 
 Run: python bench/inline.py [--quick]. Prints one JSON object. The workloads and the
 measuring loop are shared by the other benches that compare against plain inline runs.
@@ -66,6 +68,18 @@ def fanout_agent(width: int = 100, with_resources: bool = False, pool: ResourceP
     return agent
 
 
+def dependency_chain_agent(length: int = 1000) -> Agent:
+    """``length`` no-op states, each with a dependency on the one before."""
+
+    async def step(context):
+        return None
+
+    agent = Agent("bench_dependency_chain", isolation="inline", max_steps=length + 1)
+    for i in range(length):
+        agent.add_state(f"s{i}", step, dependencies=[f"s{i - 1}"] if i else [])
+    return agent
+
+
 async def measure(agent: Agent, states_per_run: int, min_seconds: float) -> dict[str, float]:
     rates = []
     total_states = 0
@@ -93,6 +107,7 @@ async def main(quick: bool) -> dict[str, object]:
             "chain_3": await measure(chain_agent(with_res, pool), 3, seconds),
             "fanout_100_join": await measure(fanout_agent(100, with_res, pool), 102, seconds),
         }
+    out["dependency_chain_1000"] = await measure(dependency_chain_agent(1000), 1000, seconds)
     return out
 
 

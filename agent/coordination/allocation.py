@@ -29,6 +29,7 @@ from .. import remote
 from ..errors import CoordinationError
 from .coordinator import Coordinator, default_coordinator
 from .primitives import Primitive, PrimitiveType
+from .primitives.base import check_timeout
 
 _current_owner: contextvars.ContextVar[str | None] = contextvars.ContextVar("coordination_owner", default=None)
 _current_coordinator: contextvars.ContextVar[Coordinator | None] = contextvars.ContextVar(
@@ -88,6 +89,9 @@ class _Held:
     def __init__(
         self, coordinator: Coordinator, primitive: Primitive, owner: str, amount: float, timeout: float | None,
     ) -> None:
+        # Checked now, not only once it has to wait: a bad timeout fails also where the
+        # primitive happens to be free.
+        check_timeout(timeout, f"{primitive.type.value} {primitive.name!r}")
         self.coordinator = coordinator
         self.primitive = primitive
         self.owner = owner
@@ -113,6 +117,7 @@ class _Remote:
                  ttl: float | None, timeout: float | None) -> None:
         if owner is not None and (not isinstance(owner, str) or not owner):
             raise CoordinationError(f"owner must be a non-empty string, got {owner!r}")
+        check_timeout(timeout, f"{kind} {name!r}")
         self._link = link
         self._request = (kind, name, owner, amount, ttl, timeout)
         self._holding: int | None = None

@@ -94,6 +94,7 @@ _SANDBOX: Final = Isolation.SANDBOX
 _BY_COPY: Final = frozenset((Isolation.PROCESS, Isolation.WORKER))
 
 _FINISHED_FOR_GOOD: Final = (_FAILED, _TIMEOUT, _CANCELLED, _BLOCKED)
+_PAUSED_WAIT: Final = "the run to resume: it is paused"
 _CONDITION_POLL: Final = 0.05
 """Seconds between two looks at a dependency condition that did not hold: it may read
 anything (the context as a state writes it, a file), so nothing else says when it changes."""
@@ -227,6 +228,10 @@ class Run:
         "waiting",
         "watch",
         "chain_lengths",
+        "touched",
+        "touched_all",
+        "dependents",
+        "timed",
         "consumed",
         "finishes",
         "starts",
@@ -307,6 +312,12 @@ class Run:
         self.waiting: list[Activation] = []  # whose dependencies are not met
         self.watch: set[str] = set()  # dependency-driven states not (re)triggered yet
         self.chain_lengths: dict[str, int] = {}  # chain_length's, found so far
+        # Which watched states to look at (see _watched_to_look_at): those depending on a
+        # state touched since the last look, or everyone.
+        self.touched: set[str] = set()
+        self.touched_all = True
+        self.dependents: dict[str, list[str]] | None = None  # who depends on each state
+        self.timed: set[str] = set()  # whose dependencies also move with time or conditions
         if agent._has_dependencies:
             self.track_dependencies()
         # Outcome.
@@ -329,6 +340,7 @@ class Run:
         self.tracks_deps = True
         self.waiting = []
         self.watch = set()
+        self.touched_all = True
         self.live_states: dict[str, int] = {}  # name -> its live activations
         for act in self.live.values():
             self.live_states[act.state] = self.live_states.get(act.state, 0) + 1
@@ -424,6 +436,7 @@ class Run:
         if self.tracks_deps:
             live_states = self.live_states
             live_states[name] = live_states.get(name, 0) + 1
+            self.touched.add(name)
         g: Group | None = group
         if self.graph is None:
             while g is not None:
@@ -453,7 +466,7 @@ class Run:
                 meta.error = meta.blocked_reason = None
         if spec.dependencies and not via_dependency:
             if meta is not None:
-                meta.set_status(_PENDING)
+                self.set_status(meta, _PENDING)
                 meta.waiting_for = "dependencies"
             act.where = WAITING
             act.waiting_since = self.clock()
@@ -476,7 +489,7 @@ class Run:
     def make_ready(self, act: Activation) -> None:
         if act.state not in self.running:  # else its metadata is the running activation's
             meta = self.metadata[act.state]
-            meta.set_status(_READY)
+            self.set_status(meta, _READY)
             meta.waiting_for = None
         act.where = READY
         self._ready_level(act.priority).append(act)
@@ -502,6 +515,7 @@ class Run:
                 self.live_states[name] = left
             else:
                 del self.live_states[name]
+            self.touched.add(name)
         g: Group | None = act.group
         if self.graph is None:
             while g is not None:
@@ -526,6 +540,8 @@ class Run:
     def _hold(self, group: Group, name: str) -> None:
         group.held[name] = 1
         self.held_names[name] = self.held_names.get(name, 0) + 1
+        if self.tracks_deps:
+            self.touched.add(name)
         meta = self.metadata[name]
         if meta.waiting_for is None and meta.status is _PENDING:
             meta.waiting_for = _HELD
@@ -538,6 +554,8 @@ class Run:
     def _unhold(self, group: Group, name: str) -> int:
         arrivals = group.held.pop(name)
         left = self.held_names[name] - 1
+        if self.tracks_deps:
+            self.touched.add(name)
         if left:
             self.held_names[name] = left
         else:
@@ -572,6 +590,8 @@ class Run:
     def retrack(self) -> None:
         """The workflow changed mid-run (a state was added): count what is reachable anew."""
         self.chain_lengths.clear()
+        self.dependents = None
+        self.touched_all = True
         if self.graph is not None:
             for group in self.groups.values():
                 group.pot.clear()
@@ -855,7 +875,7 @@ class Run:
             granted = admission.request(self, act, req)
         except QuotaExceededError as exc:  # a quota in "fail" mode refused it
             meta = self.metadata[act.state]
-            meta.set_status(_BLOCKED)
+            self.set_status(meta, _BLOCKED)
             meta.blocked_reason = str(exc)
             self._leave(act)
             self.fail(exc)
@@ -901,13 +921,14 @@ class Run:
         if self.tracks_deps:
             self.starts[name] = self.starts.get(name, 0) + 1
             self.last_start[name] = now
+            self.touched.add(name)
         meta = self.metadata[name]
         if meta.status is _READY:
             meta.status = _RUNNING
         else:
             if _RUNNING not in meta.status._next:  # type: ignore[union-attr]
-                meta.set_status(_READY)  # it waited for an earlier activation, which has ended
-            meta.set_status(_RUNNING)
+                self.set_status(meta, _READY)  # it waited for an earlier activation, which has ended
+            self.set_status(meta, _RUNNING)
         meta.attempts = number
         meta.total_attempts += 1
         if meta.waiting_for is not None:
@@ -1068,7 +1089,7 @@ class Run:
             meta.total_attempts -= 1
             meta.record(AttemptRecord(act.attempt + 1, act.started_at, now,
                                       "preempted" if stop is _STOP_PREEMPT else "paused", usage=usage))
-            meta.set_status(_PENDING)
+            self.set_status(meta, _PENDING)
             if stop is _STOP_PREEMPT:
                 meta.preemptions += 1
                 self.emit(ev.STATE_PREEMPTED, name, attempt=act.attempt + 1, duration=duration, usage=usage)
@@ -1078,7 +1099,7 @@ class Run:
                 act.front = True
                 act.holds = False
                 act.where = QUEUED
-                meta.set_status(_READY)
+                self.set_status(meta, _READY)
                 meta.waiting_for = "resources: requeued after a preemption"
                 self.queued[act.owner] = act
                 self.pooled[name] = None
@@ -1099,10 +1120,11 @@ class Run:
         self.kick()
         if stop is _STOP_CANCEL:
             meta.record(AttemptRecord(act.attempt, act.started_at, now, "cancelled", usage=usage))
-            meta.set_status(_CANCELLED)
+            self.set_status(meta, _CANCELLED)
             self.emit(ev.STATE_CANCELLED, name, attempt=act.attempt, duration=duration, usage=usage)
             if self.tracks_deps:
                 self.finishes[name] = self.finishes.get(name, 0) + 1
+                self.touched.add(name)
             self.branch_ends(act)
             return
         if stop is _STOP_TIMEOUT:
@@ -1139,7 +1161,7 @@ class Run:
             meta.record(AttemptRecord(act.attempt, act.started_at, now, "failed", str(exc), usage))
             meta.error = FailureReason(kind="exception", message=str(exc),
                                        exception_type=exception_type_name(type(exc)))
-            meta.set_status(_FAILED)
+            self.set_status(meta, _FAILED)
             self._leave(act)
             self.fail(exc)
             return
@@ -1151,7 +1173,7 @@ class Run:
         if meta.status is _RUNNING:
             meta.status = _COMPLETED
         else:
-            meta.set_status(_COMPLETED)  # raises, naming the transition
+            self.set_status(meta, _COMPLETED)  # raises, naming the transition
         meta.runs += 1
         meta.last_success = (meta.last_execution or 0.0) + duration
         self.completed.add(name)
@@ -1159,6 +1181,7 @@ class Run:
         if self.tracks_deps:
             self.finishes[name] = self.finishes.get(name, 0) + 1
             self.last_completion[name] = now
+            self.touched.add(name)
         sessions = self.sessions
         sessions[name] = sessions.get(name, 0) + 1
         if self.observers:
@@ -1225,7 +1248,7 @@ class Run:
                   error=failure.message, data={"final": final, "kind": failure.kind, "run_goes_on": goes_on})
         if not final:
             delay = policy.delay(act.attempt) if policy is not None else 0.0
-            meta.set_status(_READY)
+            self.set_status(meta, _READY)
             meta.waiting_for = f"retry {act.attempt} of {max_retries} in {delay:.3g} s"
             self.emit(ev.STATE_RETRYING, name, attempt=act.attempt, data={"delay": delay})
             if delay <= 0:
@@ -1235,9 +1258,10 @@ class Run:
                 self.retrying[act.id] = act
                 act.timer = self.driver.call_at(now + delay, self.retry_due, act)
             return
-        meta.set_status(_TIMEOUT if failure.kind == "timeout" else _FAILED)
+        self.set_status(meta, _TIMEOUT if failure.kind == "timeout" else _FAILED)
         if self.tracks_deps:
             self.finishes[name] = self.finishes.get(name, 0) + 1
+            self.touched.add(name)
         cls = StateTimeoutError if failure.kind == "timeout" else StateFailedError
         error = cls(name, act.attempt, failure, retry_permanent=policy is not None and policy.retry_permanent)
         if goes_on:
@@ -1285,8 +1309,8 @@ class Run:
                     self.metadata[act.state].waiting_for = verdict
                     still.append(act)
             self.waiting = still
-        for name in list(self.watch):
-            if name in self.running or self.has_live(name):
+        for name in self._watched_to_look_at():
+            if name not in self.watch or name in self.running or self.has_live(name):
                 continue
             verdict = self.deps_verdict(name, self.started + self.paused_total, now)
             if verdict is True:
@@ -1305,13 +1329,63 @@ class Run:
                     return True
                 meta = self.metadata[name]
                 meta.blocked_reason = message
-                meta.set_status(status)
+                self.set_status(meta, status)
                 self.emit(ev.STATE_BLOCKED, name, error=message)
         return progressed
 
     def has_live(self, name: str) -> bool:
         """Whether ``name`` has an activation queued, waiting, retrying, held or running."""
         return name in self.live_states or name in self.held_names
+
+    def set_status(self, meta: StateMetadata, status: StateStatus) -> None:
+        """``meta``'s state changes status (which those depending on it may be waiting for);
+        one that ended waits for nothing any more (a queued state cancelled, say)."""
+        meta.set_status(status)
+        if status.is_finished and meta.waiting_for is not None:
+            meta.waiting_for = None
+        if self.tracks_deps:
+            self.touched.add(meta.name)
+
+    def _watched_to_look_at(self) -> list[str]:
+        """The watched states whose dependencies may have changed since the last look.
+
+        A state's verdict (:meth:`deps_verdict`) reads only what the engine records of its
+        dependencies (status, live activations, starts, finishes, completions), which marks
+        each state it changes as touched; those depending on a touched state (or touched
+        themselves) are looked at, and those whose dependencies also move with time
+        (timeouts, TEMPORARY and PERIODIC lifecycles) or a condition, every time. Without
+        that, each state that ended had every watched state looked at: a chain of n states
+        cost n^2 looks."""
+        if self.touched_all:
+            self.touched_all = False
+            self.touched.clear()
+            return list(self.watch)
+        dependents = self.dependents
+        if dependents is None:
+            dependents = self._index_dependents()
+        watch = self.watch
+        names = [name for name in self.timed if name in watch] if self.timed else []
+        if self.touched:
+            touched, self.touched = self.touched, set()
+            for state in touched:
+                if state in watch:
+                    names.append(state)
+                for name in dependents.get(state, ()):
+                    if name in watch:
+                        names.append(name)
+        return list(dict.fromkeys(names)) if len(names) > 1 else names
+
+    def _index_dependents(self) -> dict[str, list[str]]:
+        dependents: dict[str, list[str]] = {}
+        self.timed = set()
+        for name, spec in self.specs.items():
+            for dep, cfg in spec.dependencies.items():
+                dependents.setdefault(dep, []).append(name)
+                if cfg.timeout is not None or cfg.condition is not None \
+                        or cfg.lifecycle in (Life.TEMPORARY, Life.PERIODIC):
+                    self.timed.add(name)
+        self.dependents = dependents
+        return dependents
 
     def consume(self, name: str) -> None:
         """Record that ``name`` starts on its dependencies as they are now."""
@@ -1441,7 +1515,7 @@ class Run:
             status = self.metadata[dep].status
             if cfg.type is Dep.REQUIRED and status in _FINISHED_FOR_GOOD and self.completions.get(dep, 0) == 0:
                 meta.blocked_reason = f"state {name!r} is blocked: its required dependency {dep!r} ended {status.value}"
-                meta.set_status(_BLOCKED)
+                self.set_status(meta, _BLOCKED)
                 self.emit(ev.STATE_BLOCKED, name, error=meta.blocked_reason)
                 return
 
@@ -1459,7 +1533,7 @@ class Run:
     def dependency_gave_up(self, act: Activation, status: StateStatus, message: str) -> None:
         meta = self.metadata[act.state]
         meta.blocked_reason = message
-        meta.set_status(status)
+        self.set_status(meta, status)
         if status is _TIMEOUT:
             self._leave(act)
             self.fail(DependencyTimeoutError(message))
@@ -1482,7 +1556,7 @@ class Run:
         for act in [a for a in self.live.values() if a.state == name and a.where != RUNNING]:
             found = True
             self._withdraw(act)
-            meta.set_status(_CANCELLED)
+            self.set_status(meta, _CANCELLED)
             self.emit(ev.STATE_CANCELLED, name, attempt=act.attempt)
             self.branch_ends(act)
         if name in self.held_names:
@@ -1498,7 +1572,7 @@ class Run:
             found = True
         if found:
             if meta.status is not _CANCELLED:
-                meta.set_status(_CANCELLED)
+                self.set_status(meta, _CANCELLED)
             self.kick()
         return found
 
@@ -1533,7 +1607,7 @@ class Run:
                 self._withdraw(act)
                 meta = self.metadata[act.state]
                 if not meta.status.is_finished:
-                    meta.set_status(_CANCELLED)
+                    self.set_status(meta, _CANCELLED)
                 self._leave(act)
         for group in self.groups.values():
             for name in list(group.held):
@@ -1553,6 +1627,8 @@ class Run:
             self.admission.release(act.owner)
             act.where = PAUSED
             self.paused.append(act)
+            if act.state not in self.running:  # else its metadata is the running activation's
+                self.metadata[act.state].waiting_for = _PAUSED_WAIT
         return self.stop_all(_STOP_PAUSE)
 
     def resume(self) -> None:
@@ -1622,7 +1698,7 @@ class Run:
             meta = self.metadata[act.state]
             reason = meta.waiting_for or "dependencies"
             meta.blocked_reason = f"state {act.state!r} never ran: it was waiting for {reason}"
-            meta.set_status(_BLOCKED)
+            self.set_status(meta, _BLOCKED)
             self.emit(ev.STATE_BLOCKED, act.state, error=meta.blocked_reason)
             self.branch_ends(act)
         if self.live:
@@ -1633,7 +1709,7 @@ class Run:
                 verdict = self.deps_verdict(name, self.started + self.paused_total, self.clock())
                 reason = verdict if isinstance(verdict, str) else "its dependencies"
                 meta.blocked_reason = f"state {name!r} never ran: it was waiting for {reason}"
-                meta.set_status(_BLOCKED)
+                self.set_status(meta, _BLOCKED)
                 self.emit(ev.STATE_BLOCKED, name, error=meta.blocked_reason)
         if self.watch:
             self.watch.clear()
@@ -1666,7 +1742,7 @@ class Run:
         meta = self.metadata[name]
         meta.blocked_reason = str(error)
         meta.error = FailureReason(kind="timeout", message=str(error), exception_type=exception_type_name(type(error)))
-        meta.set_status(_TIMEOUT)
+        self.set_status(meta, _TIMEOUT)
         self.emit(ev.STATE_FAILED, name, attempt=0, error=str(error),
                   data={"final": True, "kind": "timeout", "run_goes_on": False})
         self.fail(error)
@@ -1705,7 +1781,7 @@ class Run:
             if stubborn:
                 del self.running[act.state]
             if act.where in (READY, RETRYING, QUEUED, GRANTED, RUNNING, PAUSED) and not meta.status.is_finished:
-                meta.set_status(_CANCELLED)
+                self.set_status(meta, _CANCELLED)
                 if stubborn:  # what never ran was not started either: only a started state is told cancelled
                     self.emit(ev.STATE_CANCELLED, act.state, attempt=act.attempt)
             if act.where == QUEUED:
@@ -1777,6 +1853,7 @@ class Run:
 
     def _restore_dependencies(self, frame: dict[str, Any]) -> None:
         self.track_dependencies()
+        self.touched_all = True
         specs, wall = self.specs, self.wall_offset
         self.starts = {k: int(v) for k, v in frame.get("starts", {}).items() if k in specs}
         self.finishes = {k: int(v) for k, v in frame.get("finishes", {}).items() if k in specs}
@@ -1817,6 +1894,7 @@ class Run:
         if watch:
             self.track_dependencies()
             self.watch = watch
+            self.touched_all = True
         self.completions = {k: int(v) for k, v in frames.get("completions", {}).items()}
         self.steps = int(frames.get("steps", 0))  # max_steps counts the whole run, across a resume
         self.groups = {}

@@ -1,7 +1,10 @@
-"""This process's status endpoint: a Unix socket, served by one daemon thread.
+"""This process's status endpoint: a Unix socket, served by daemon threads.
 
-A thread, not the event loop: runs come and go on different loops (``run_sync`` makes
-one per run), and a view is most wanted when a loop is stuck. The thread only reads:
+Threads, not the event loop: runs come and go on different loops (``run_sync`` makes
+one per run), and a view is most wanted when a loop is stuck. One thread accepts, and
+each connection is served by a thread of its own (at most :data:`MAX_CLIENTS` at once),
+so that a tool that keeps its connection open to poll does not lock others out. The
+threads only read:
 each snapshot is built on the run's loop (``call_soon_threadsafe``), or, when that loop
 does not answer within half a second, read directly. Clients must be this process's
 user or root (``SO_PEERCRED``); the socket is removed at exit, and those of processes
@@ -27,6 +30,8 @@ from .protocol import VERSION, decode, encode, error
 _log = logging.getLogger("agent.live")
 _PEERCRED = struct.Struct("3i")
 CLIENT_TIMEOUT = 5.0
+MAX_CLIENTS = 16
+"""Connections served at once; more wait to be accepted (the listen backlog holds 16)."""
 
 _server: "StatusServer | None" = None
 
@@ -50,6 +55,7 @@ class StatusServer:
             raise
         client.endpoints(self.directory)  # removes the sockets of processes that died without doing it
         self._thread = threading.Thread(target=self._serve, name="agent-status", daemon=True)
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self._closed = False
 
     def start(self) -> None:
@@ -71,17 +77,29 @@ class StatusServer:
 
     def _serve(self) -> None:
         while not self._closed:
+            self._slots.acquire()
             try:
                 conn, _ = self._sock.accept()
             except OSError:
+                self._slots.release()
                 return
+            try:
+                threading.Thread(target=self._serve_one, args=(conn,), name="agent-status-client",
+                                 daemon=True).start()
+            except RuntimeError:  # no thread can be started now (the interpreter is exiting)
+                conn.close()
+                self._slots.release()
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        try:
             with conn:
-                try:
-                    self._handle(conn)
-                except (OSError, StatusEndpointError):
-                    pass  # a client that went away or sent garbage: the next one is served
-                except Exception:  # never let one request take the endpoint down
-                    _log.exception("status request failed")
+                self._handle(conn)
+        except (OSError, StatusEndpointError):
+            pass  # a client that went away or sent garbage: the others are served
+        except Exception:  # never let one request take the endpoint down
+            _log.exception("status request failed")
+        finally:
+            self._slots.release()
 
     def _handle(self, conn: socket.socket) -> None:
         _, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
@@ -98,6 +116,9 @@ class StatusServer:
                     return
                 buffer += data
             line, buffer = buffer.split(b"\n", 1)
+            if len(line) > protocol.MAX_LINE:  # its newline came in the same read as its end
+                conn.sendall(encode(error("too_large", f"a request is at most {protocol.MAX_LINE} bytes")))
+                return
             if not allowed:  # every request of another user gets this answer, and nothing else
                 conn.sendall(encode(error("forbidden", f"uid {uid} may not read the runs of uid {os.getuid()}")))
                 return

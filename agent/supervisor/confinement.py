@@ -245,12 +245,17 @@ class SharedConfinement(Confinement):
     it (cgroup v1 and the no-cgroup watchdog; on cgroup v2, the peak since the worker
     started). Limits hit in between are the attempt's. Closing it leaves the cgroup to its
     owner; :meth:`kill` kills the owner's processes (a worker that will not stop is replaced).
+    A worker's first attempt (no ``baseline``) is also charged the limits its worker hit
+    while it started, as a ``process`` child's attempt is charged its whole life: a worker
+    killed by a memory limit too small for it fails its attempt with that limit, also when
+    the kill came between its hello and the attempt.
     """
 
     def __init__(self, owner: Confinement, baseline: Reading | None = None) -> None:
         super().__init__(owner.child_spec, owner.handle, owner.backend_name)
         self._owner = owner
         self._ended = False
+        self._first = baseline is None
         self.final: Reading | None = None  # the cgroup's own figures when the attempt ended
         if baseline is None and owner.handle is not None:
             restart_peak(owner.handle)
@@ -265,6 +270,8 @@ class SharedConfinement(Confinement):
             return
         self.final = now = self.handle.reading()
         self._usage, self._events = since(now, self._start)
+        if self._first:
+            self._events = now[1]
 
     def end(self) -> None:
         """The attempt is over: keep what it used, whatever the owner does next."""

@@ -210,6 +210,7 @@ class WorkerProcess:
         self.hello: tuple[bytes, _Decoded] | None = None  # the frame it says ready with, decoded
         self._hello_heard = False  # its first hello came before its pid
         self._cleaned = False
+        self._limit_failure: FailureReason | None = None  # a limit its start hit (_start_limit)
 
     # --- as the supervisor sees it ----------------------------------------------------------
 
@@ -400,9 +401,23 @@ class WorkerProcess:
         self.attempt = child
         return child
 
+    def _start_limit(self) -> FailureReason | None:
+        """The limit of its cgroup its start hit (its memory limit below what a worker
+        needs, say), read before the cgroup goes; None: none was hit."""
+        status = self.exit_status
+        code = os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
+        sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
+        try:
+            return self.confinement.failure_reason(code, sig)
+        except Exception as exc:  # a report: never let it hide the start's failure
+            self._sup.log.warning("worker_limits_unreadable", pid=self.pid, error=repr(exc))
+            return None
+
     def start_failure(self) -> FailureReason:
         """Why this worker exited before it was ready, as the failure of an attempt waiting for it."""
         tail = self.output.between.decode("utf-8", "replace")
+        if self._limit_failure is not None:
+            return dataclasses.replace(self._limit_failure, traceback=self._limit_failure.traceback or tail)
         if self.failure_message is not None:
             return FailureReason(kind="exit_code", message=self.failure_message, traceback=tail)
         status = self.exit_status
@@ -437,6 +452,8 @@ class WorkerProcess:
         self._cleaned = True
         self.close_files()
         self._sup.forget(self)  # type: ignore[arg-type]
+        if self.ready_at is None and not self.killed:  # it never started: a limit may say why
+            self._limit_failure = self._start_limit()
         self.confinement.close()
         self._pool.worker_gone(self)
 

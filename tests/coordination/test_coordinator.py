@@ -216,6 +216,19 @@ class TestResourceAllocation:
             mutex("q", coordinator=coordinator)
 
 
+class TestBadTimeouts:
+    """A bad ``timeout`` is refused when the holding is made, whether or not it would wait."""
+
+    @pytest.mark.parametrize("timeout", [-1, float("nan"), "5", True])
+    async def test_refused_while_the_primitive_is_free(self, coordinator: Coordinator, timeout: object) -> None:
+        coordinator.add_primitive("q", PrimitiveType.QUOTA, quota_limit=10.0)
+        with pytest.raises(CoordinationError, match="timeout must be"):
+            mutex("m", owner="w", timeout=timeout, coordinator=coordinator)  # type: ignore[arg-type]
+        with pytest.raises(CoordinationError, match="timeout must be"):
+            ResourceAllocation("q", 1.0, owner="w", timeout=timeout, coordinator=coordinator)  # type: ignore[arg-type]
+        assert coordinator.primitive("q").status()["in_use"] == 0
+
+
 class TestWatch:
     """The background watch runs only while something waits, then stops by itself."""
 

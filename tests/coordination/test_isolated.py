@@ -145,6 +145,23 @@ class TestTakenInsideAChild:
         held.release("someone else")
         await coordinator.aclose()
 
+    async def test_a_bad_timeout_raises_in_the_child_although_the_mutex_is_free(self) -> None:
+        async def take(context: Context):
+            from agent.coordination import mutex
+
+            try:
+                mutex("inside_m5", timeout=-1)
+                context.set_state("error", None)
+            except Exception as exc:
+                context.set_state("error", f"{type(exc).__name__}: {exc}")
+
+        coordinator = Coordinator()
+        agent = create_coordinated_agent("bad_timeout", coordinator=coordinator, isolation="process")
+        agent.add_state("take", take)
+        error = (await agent.run()).get_state("error")
+        assert error.startswith("CoordinationError") and "timeout must be" in error
+        await coordinator.aclose()
+
     async def test_a_wait_cut_short_by_the_run_leaves_no_waiter(self) -> None:
         async def wait(context: Context):
             from agent.coordination import mutex

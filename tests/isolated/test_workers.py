@@ -153,6 +153,20 @@ async def test_a_worker_killed_by_its_memory_limit_is_replaced():
     assert hog_pid not in current_supervisor().workers.idle_pids()
 
 
+async def test_a_worker_killed_by_its_memory_limit_as_it_starts_fails_its_attempt_with_that_limit():
+    # 1 MiB is less than a worker needs to start: the kernel's OOM killer takes it before
+    # its hello, or between its hello and its attempt. Either way the attempt failed for
+    # that limit (permanent, as a process child's would), not for a signal from outside.
+    for i in range(6):  # the kill comes at different moments (not at all in some runs)
+        agent = Agent(f"oom_at_start_{i}", isolation="worker")
+        agent.add_state("tiny", record_pid, resources=ResourceRequirements(cpu_units=0.5, memory_mb=1), max_retries=1)
+        try:
+            await agent.run()
+        except StateFailedError as exc:
+            assert (exc.reason.kind, exc.reason.permanent, exc.attempts) == ("limit", True, 1), exc.reason
+            assert "memory limit 1 MiB" in exc.reason.message
+
+
 async def hog_in_a_subprocess(context):
     context.set_state("hog_pid", os.getpid())
     done = subprocess.run([sys.executable, "-c", "b = [bytearray(1 << 20) for _ in range(400)]"], check=False)

@@ -188,6 +188,38 @@ class TestProtocol:
         assert not os.path.exists(server.path)
 
 
+    @pytest.mark.parametrize("size", [protocol.MAX_LINE + 1, protocol.MAX_LINE + 60_000])
+    def test_a_line_over_the_limit_is_refused_also_when_its_newline_comes_in_one_read(self, tmp_path, size):
+        server = StatusServer(str(tmp_path / "run"))
+        server.start()
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(server.path)
+                pad = b"x" * (size - len(b'{"v": 1, "op": "hello", "pad": ""}'))
+                sock.sendall(b'{"v": 1, "op": "hello", "pad": "' + pad + b'"}\n')
+                assert json.loads(sock.makefile("rb").readline())["error"]["code"] == "too_large"
+        finally:
+            server.close()
+
+    def test_a_client_that_keeps_its_connection_does_not_lock_others_out(self, tmp_path):
+        server = StatusServer(str(tmp_path / "run"))
+        server.start()
+        try:
+            with socket.socket(socket.AF_UNIX) as first, socket.socket(socket.AF_UNIX) as second:
+                first.connect(server.path)
+                first_reader = first.makefile("rb")
+                first.sendall(b'{"v": 1, "op": "runs"}\n')
+                assert json.loads(first_reader.readline())["ok"] is True  # served, and kept open
+                second.settimeout(3.0)  # the old endpoint never answered it while the first stayed
+                second.connect(server.path)
+                second.sendall(b'{"v": 1, "op": "hello"}\n')
+                assert json.loads(second.makefile("rb").readline())["pid"] == os.getpid()
+                first.sendall(b'{"v": 1, "op": "hello"}\n')  # the first is still served too
+                assert json.loads(first_reader.readline())["pid"] == os.getpid()
+        finally:
+            server.close()
+
+
 class TestDirectory:
     """The sockets' directory is private, and stale sockets are cleared."""
 

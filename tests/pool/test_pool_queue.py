@@ -106,6 +106,21 @@ class TestPriorityOrder:
         assert pool.grant_next() == ["high", "low"]
 
 
+    def test_backfill_never_delays_the_requests_behind_a_blocked_head(self) -> None:
+        # Two HIGH requests wait for memory; a LOW one that fits past the first would hold
+        # the CPU the second needs once memory frees.
+        pool = pool4()
+        pool.try_acquire("hog", req(cpu=2, memory=1000))
+        pool.enqueue("high-1", req(cpu=1, memory=100, priority=Priority.HIGH))
+        pool.enqueue("high-2", req(cpu=1, memory=100, priority=Priority.HIGH))
+        pool.enqueue("low", req(cpu=1, priority=Priority.LOW))
+        assert pool.grant_next() == []  # 2 CPUs free, both set aside for the HIGH requests
+        assert not pool.try_acquire("low-2", req(cpu=1, priority=Priority.LOW))
+        assert "2 set aside for higher priorities" in pool.get_waiting_states()["low"]
+        pool.release("hog")
+        assert pool.grant_next() == ["high-1", "high-2", "low"]
+
+
 class TestCancel:
     """cancel withdraws a queued request and lets the ones behind it move up."""
 

@@ -6,7 +6,16 @@ import asyncio
 
 import pytest
 
-from agent import Agent, AgentStatus, Priority, QuotaExceededError, ResourcePool, ResourceRequirements, StateStatus
+from agent import (
+    Agent,
+    AgentStatus,
+    Priority,
+    QuotaExceededError,
+    ResourcePool,
+    ResourceRequirements,
+    RunTimeoutError,
+    StateStatus,
+)
 from agent import events as ev
 
 
@@ -156,3 +165,50 @@ class TestQuotasInRuns:
         assert agent.state_metadata["y"].status is StateStatus.BLOCKED
         assert "set_priority_quota" in agent.state_metadata["y"].blocked_reason
         assert agent.resource_pool.statistics().holders == 0
+
+
+class TestWaitingFor:
+    """A state that leaves the pool's queue without running stops saying it waits for resources."""
+
+    @staticmethod
+    def queued_agent(pool: ResourcePool, name: str) -> tuple[Agent, asyncio.Event]:
+        agent = Agent(name, isolation="inline", resource_pool=pool)
+
+        async def wanted(context):  # noqa: ANN001, ANN202
+            return None
+
+        agent.add_state("wanted", wanted, resources=need(4, Priority.NORMAL))
+        queued = asyncio.Event()
+        agent.add_observer(lambda e: queued.set() if e.kind == ev.STATE_QUEUED else None)
+        return agent, queued
+
+    async def test_cancelled_timed_out_and_paused_while_queued(self) -> None:
+        pool = ResourcePool(total_cpu=4, total_memory=1000, total_io=10, total_network=10, total_gpu=0)
+        assert pool.try_acquire("holder", need(4, Priority.NORMAL))
+
+        cancelled, queued = self.queued_agent(pool, "cancelled_while_queued")
+        run = asyncio.create_task(cancelled.run())
+        await queued.wait()
+        assert cancelled.state_metadata["wanted"].waiting_for.startswith("resources: ")
+        assert cancelled.cancel_state("wanted")
+        await run
+        meta = cancelled.state_metadata["wanted"]
+        assert (meta.status, meta.waiting_for, pool.get_waiting_states()) == (StateStatus.CANCELLED, None, {})
+
+        timed_out, queued = self.queued_agent(pool, "timed_out_while_queued")
+        with pytest.raises(RunTimeoutError):
+            await timed_out.run(timeout=0.05)
+        meta = timed_out.state_metadata["wanted"]
+        assert (meta.status, meta.waiting_for, pool.get_waiting_states()) == (StateStatus.CANCELLED, None, {})
+
+        paused, queued = self.queued_agent(pool, "paused_while_queued")
+        run = asyncio.create_task(paused.run())
+        await queued.wait()
+        await paused.pause()
+        assert paused.state_metadata["wanted"].waiting_for == "the run to resume: it is paused"
+        assert pool.get_waiting_states() == {}
+        pool.release("holder")
+        await paused.resume()
+        await run
+        meta = paused.state_metadata["wanted"]
+        assert (meta.status, meta.waiting_for) == (StateStatus.COMPLETED, None)
