@@ -271,7 +271,7 @@ class Supervisor:
             try:
                 return self.confiner.prepare(attempt, name=name, parked=parked)
             except CgroupError as exc:  # its cgroup would not take these limits: a new one will
-                self.log.warning("parked_cgroup_refused", pid=parked.pid, error=str(exc))
+                self.log.debug("parked_cgroup_refused", pid=parked.pid, error=str(exc))
                 self.parked_children.drop(parked)  # its cgroup's removal takes the child with it
         return self.confiner.prepare(attempt, name=name)
 
