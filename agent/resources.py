@@ -239,7 +239,7 @@ Notify = Callable[[str], None]
 class _Waiter:
     """One queued request."""
 
-    __slots__ = ("owner", "amounts", "priority", "state", "rank", "future", "notify", "dead", "parked")
+    __slots__ = ("owner", "amounts", "priority", "state", "rank", "future", "notify", "dead", "parked", "counted")
 
     def __init__(
         self,
@@ -260,6 +260,7 @@ class _Waiter:
         self.notify = notify  # set for the engine's requests: called at the grant
         self.dead = False
         self.parked = False
+        self.counted = False  # in its level's needs (see ResourcePool._count_in)
 
 
 class ResourcePool:
@@ -351,6 +352,10 @@ class ResourcePool:
         # of higher levels whose head is stuck set aside.
         self._waiters: dict[str, _Waiter] = ledger.waiters
         self._queues: list[list[tuple[tuple[int, int], int, _Waiter]]] = [[] for _ in Priority]
+        # What the live requests in each level's heap need, together (and how many they
+        # are): what a level whose head is stuck sets aside, kept as they come and go.
+        self._needs: list[dict[ResourceType, float]] = [{} for _ in Priority]
+        self._counted: list[int] = [0 for _ in Priority]
         self._blocked: list[bool] = [False for _ in Priority]
         self._reserve_at: list[dict[ResourceType, float] | None] = [None for _ in Priority]
         self._arrivals = 0
@@ -590,6 +595,7 @@ class ResourcePool:
         waiter = _Waiter(owner, amounts, level, state, (0 if front else 1, self._arrivals), future, notify)
         self._waiters[owner] = waiter
         heapq.heappush(self._queues[level], (waiter.rank, self._arrivals, waiter))
+        self._count_in(waiter)
         self._settle()
 
     @locked
@@ -609,6 +615,7 @@ class ResourcePool:
             amounts = {**amounts, ResourceType.CPU: amounts.get(ResourceType.CPU, 0.0) + lent}
         waiter = _Waiter(owner, amounts, holding.priority, holding.state, (0, self._arrivals), None, notify)
         heapq.heappush(self._queues[holding.priority], (waiter.rank, self._arrivals, waiter))
+        self._count_in(waiter)
         self._waiters[owner] = waiter
         self.release(owner)  # gives back, then settles the queue with the request in place
 
@@ -627,6 +634,7 @@ class ResourcePool:
         if waiter is None:
             return False
         waiter.dead = True
+        self._count_out(waiter)
         if waiter.parked:
             parked = self._parked.get(waiter.state, [])
             if waiter in parked:
@@ -679,6 +687,7 @@ class ResourcePool:
                     if self._state_quotas.breach(waiter.state, amounts) is not None:
                         heapq.heappop(heap)
                         waiter.parked = True
+                        self._count_out(waiter)
                         self._parked.setdefault(waiter.state, []).append(waiter)
                         continue
                     if self._priority_quotas.breach(level, amounts) is not None:
@@ -702,24 +711,60 @@ class ResourcePool:
                 # What every request of the level needs is set aside, not only the head's:
                 # a lower request that fits past the head would still delay the ones after it.
                 reserve = dict(reserve) if reserve else {}
-                for _, _, queued in heap:
-                    if queued.dead or (queued.future is not None and queued.future.done()):
-                        continue
-                    for rtype, amount in queued.amounts.items():
-                        reserve[rtype] = reserve.get(rtype, 0.0) + amount
+                for rtype, amount in self._level_needs(level).items():
+                    reserve[rtype] = reserve.get(rtype, 0.0) + amount
                 break
             self._blocked[level] = blocked
 
     def _drop(self, waiter: _Waiter) -> None:
         waiter.dead = True
+        self._count_out(waiter)
         if self._waiters.get(waiter.owner) is waiter:
             del self._waiters[waiter.owner]
+
+    def _count_in(self, waiter: _Waiter) -> None:
+        """``waiter`` is live in its level's heap: its needs count in the level's."""
+        if waiter.counted:
+            return
+        waiter.counted = True
+        needs = self._needs[waiter.priority]
+        for rtype, amount in waiter.amounts.items():
+            needs[rtype] = needs.get(rtype, 0.0) + amount
+        self._counted[waiter.priority] += 1
+
+    def _count_out(self, waiter: _Waiter) -> None:
+        """``waiter`` left (granted, cancelled, gone or parked by its quota)."""
+        if not waiter.counted:
+            return
+        waiter.counted = False
+        level = waiter.priority
+        self._counted[level] -= 1
+        if not self._counted[level]:
+            self._needs[level] = {}  # no rounding left behind
+            return
+        needs = self._needs[level]
+        for rtype, amount in waiter.amounts.items():
+            needs[rtype] = needs.get(rtype, 0.0) - amount
+
+    def _level_needs(self, level: Priority) -> dict[ResourceType, float]:
+        """What the live requests of ``level`` need, together. With quotas, those their
+        state's quota holds back are left out: they are parked when they reach the head,
+        and what was set aside for them would hold up lower requests for nothing."""
+        if not self.enable_quotas:
+            return self._needs[level]
+        needs: dict[ResourceType, float] = {}
+        for _, _, waiter in self._queues[level]:
+            if waiter.counted and self._state_quotas.breach(waiter.state, waiter.amounts) is None:
+                for rtype, amount in waiter.amounts.items():
+                    needs[rtype] = needs.get(rtype, 0.0) + amount
+        return needs
 
     def _unpark(self, parked: list[_Waiter]) -> None:
         for waiter in parked:
             if not waiter.dead:
                 waiter.parked = False
                 heapq.heappush(self._queues[waiter.priority], (waiter.rank, waiter.rank[1], waiter))
+                self._count_in(waiter)
 
     # --- async use, like a capacity limiter ---------------------------------------------
 

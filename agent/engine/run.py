@@ -232,6 +232,7 @@ class Run:
         "touched_all",
         "dependents",
         "timed",
+        "declared_at",
         "consumed",
         "finishes",
         "starts",
@@ -318,6 +319,7 @@ class Run:
         self.touched_all = True
         self.dependents: dict[str, list[str]] | None = None  # who depends on each state
         self.timed: set[str] = set()  # whose dependencies also move with time or conditions
+        self.declared_at: dict[str, int] = {}  # each state's place in the order they were added
         if agent._has_dependencies:
             self.track_dependencies()
         # Outcome.
@@ -823,8 +825,7 @@ class Run:
             if self.pause_requested:
                 self.pooled.pop(act.state, None)
                 self._release(act, {})
-                act.where = PAUSED
-                self.paused.append(act)
+                self.hold_paused(act)
                 continue
             launched = True
             self.launch(act)
@@ -1109,8 +1110,7 @@ class Run:
             else:
                 self._release(act, usage)
                 if self.pause_requested or stop is _STOP_PAUSE:
-                    act.where = PAUSED
-                    self.paused.append(act)
+                    self.hold_paused(act)
                 else:
                     self.make_ready(act)
             self.kick()
@@ -1279,8 +1279,7 @@ class Run:
             return
         act.timer = None
         if self.pause_requested:
-            act.where = PAUSED
-            self.paused.append(act)
+            self.hold_paused(act)
         else:
             self.make_ready(act)
 
@@ -1312,7 +1311,11 @@ class Run:
         for name in self._watched_to_look_at():
             if name not in self.watch or name in self.running or self.has_live(name):
                 continue
-            verdict = self.deps_verdict(name, self.started + self.paused_total, now)
+            # A dependency's timeout bounds the wait of a state that never started: one that
+            # ran in this run (an ALWAYS dependency's state, waiting to run again) may wait
+            # for its dependency's next completion for good.
+            since = now if name in self.last_start else self.started + self.paused_total
+            verdict = self.deps_verdict(name, since, now)
             if verdict is True:
                 if self.observers:
                     self.emit(ev.DEPENDENCY_RESOLVED, name, duration=now - self.started,
@@ -1324,6 +1327,8 @@ class Run:
             elif isinstance(verdict, tuple):
                 self.watch.discard(name)
                 status, message = verdict
+                if self.metadata[name].status is status:
+                    continue  # its waiting activation was stopped so just now, and said why
                 if status is _TIMEOUT:
                     self.fail_unstarted(name, DependencyTimeoutError(message))
                     return True
@@ -1355,14 +1360,14 @@ class Run:
         themselves) are looked at, and those whose dependencies also move with time
         (timeouts, TEMPORARY and PERIODIC lifecycles) or a condition, every time. Without
         that, each state that ended had every watched state looked at: a chain of n states
-        cost n^2 looks."""
-        if self.touched_all:
-            self.touched_all = False
-            self.touched.clear()
-            return list(self.watch)
+        cost n^2 looks. They are looked at in the order they were added."""
         dependents = self.dependents
         if dependents is None:
             dependents = self._index_dependents()
+        if self.touched_all:
+            self.touched_all = False
+            self.touched.clear()
+            return sorted(self.watch, key=self.declared_at.__getitem__)
         watch = self.watch
         names = [name for name in self.timed if name in watch] if self.timed else []
         if self.touched:
@@ -1373,11 +1378,14 @@ class Run:
                 for name in dependents.get(state, ()):
                     if name in watch:
                         names.append(name)
-        return list(dict.fromkeys(names)) if len(names) > 1 else names
+        # In the order the states were added: where two resolve (or time out) at once, the
+        # first added goes first, in every process.
+        return sorted(set(names), key=self.declared_at.__getitem__) if len(names) > 1 else names
 
     def _index_dependents(self) -> dict[str, list[str]]:
         dependents: dict[str, list[str]] = {}
         self.timed = set()
+        self.declared_at = {name: i for i, name in enumerate(self.specs)}
         for name, spec in self.specs.items():
             for dep, cfg in spec.dependencies.items():
                 dependents.setdefault(dep, []).append(name)
@@ -1390,11 +1398,21 @@ class Run:
     def consume(self, name: str) -> None:
         """Record that ``name`` starts on its dependencies as they are now."""
         deps = self.specs[name].dependencies
-        for dep in deps:
-            self.consumed[(name, dep)] = self.completions.get(dep, 0)
+        for dep, cfg in deps.items():
+            self.consumed[(name, dep)] = self._seen(dep, cfg.type)
         self.last_start[name] = self.clock()
         if not any(c.lifecycle in (Life.ALWAYS, Life.PERIODIC) for c in deps.values()):
             self.watch.discard(name)  # triggered once per run: a returned activation counts
+
+    def _seen(self, dep: str, kind: Dep) -> int:
+        """What of ``dep`` a dependency of ``kind`` counts (an ALWAYS or PERIODIC one is met
+        again only by a new one): its starts (PARALLEL), its finishes (SEQUENTIAL), else its
+        completions."""
+        if kind is Dep.PARALLEL:
+            return self.starts.get(dep, 0)
+        if kind is Dep.SEQUENTIAL:
+            return self.finishes.get(dep, 0)
+        return self.completions.get(dep, 0)
 
     def deps_verdict(self, name: str, since: float, now: float, conditions: bool = True) -> Any:
         """True when met; a reason string while waiting; (status, message) when it never can be.
@@ -1430,8 +1448,17 @@ class Run:
             elif cfg.type is Dep.OPTIONAL:
                 if self.has_live(dep):
                     return f"optional dependency {dep!r}, which is scheduled"
+                # Run again (ALWAYS, PERIODIC) only on a new completion: else a dependency
+                # that is not scheduled would trigger it again and again.
+                if life in (Life.ALWAYS, Life.PERIODIC) and (name, dep) in self.consumed \
+                        and self.completions.get(dep, 0) <= self.consumed[(name, dep)]:
+                    return f"optional dependency {dep!r} to complete again"
             elif cfg.type is Dep.PARALLEL:
-                if self.starts.get(dep, 0) == 0:
+                started = self.starts.get(dep, 0)
+                if life in (Life.ALWAYS, Life.PERIODIC):
+                    if started <= self.consumed.get((name, dep), 0):
+                        return f"parallel dependency {dep!r} to start"
+                elif started == 0:
                     return f"parallel dependency {dep!r} to start"
             elif cfg.type is Dep.SEQUENTIAL:
                 finished = self.finishes.get(dep, 0)
@@ -1625,11 +1652,15 @@ class Run:
                 continue  # granted meanwhile (giving back another request let the pool settle)
             self.pooled.pop(act.state, None)
             self.admission.release(act.owner)
-            act.where = PAUSED
-            self.paused.append(act)
-            if act.state not in self.running:  # else its metadata is the running activation's
-                self.metadata[act.state].waiting_for = _PAUSED_WAIT
+            self.hold_paused(act)
         return self.stop_all(_STOP_PAUSE)
+
+    def hold_paused(self, act: Activation) -> None:
+        """``act`` starts once the run resumes, and its state says so."""
+        act.where = PAUSED
+        self.paused.append(act)
+        if act.state not in self.running:  # else its metadata is the running activation's
+            self.metadata[act.state].waiting_for = _PAUSED_WAIT
 
     def resume(self) -> None:
         self.pause_requested = False
@@ -1696,10 +1727,11 @@ class Run:
             self.waiting = []
         for act in waiting:
             meta = self.metadata[act.state]
-            reason = meta.waiting_for or "dependencies"
-            meta.blocked_reason = f"state {act.state!r} never ran: it was waiting for {reason}"
-            self.set_status(meta, _BLOCKED)
-            self.emit(ev.STATE_BLOCKED, act.state, error=meta.blocked_reason)
+            if meta.status is not _BLOCKED:  # else another activation of it was blocked just now
+                reason = meta.waiting_for or "dependencies"
+                meta.blocked_reason = f"state {act.state!r} never ran: it was waiting for {reason}"
+                self.set_status(meta, _BLOCKED)
+                self.emit(ev.STATE_BLOCKED, act.state, error=meta.blocked_reason)
             self.branch_ends(act)
         if self.live:
             return True

@@ -135,6 +135,10 @@ class Confinement:
         self._refresh()
         return self._events
 
+    def _events_behind(self, signal: int | None) -> LimitEvents:
+        """The limit events that may explain a failure (ended by ``signal``, if any)."""
+        return self._events
+
     def close_files(self) -> None:
         """Close the cgroup files kept open to read it back (the supervisor shuts down, its
         zygote taking the process with it; the cgroup goes with the supervisor's directory)."""
@@ -162,7 +166,7 @@ class Confinement:
         if self.handle is None:
             return None
         self._refresh()
-        events, usage, limits = self._events, self._usage, self.handle.limits
+        events, usage, limits = self._events_behind(signal), self._usage, self.handle.limits
         watchdog = " (watchdog)" if self.backend_name == "none" else ""
         if events.oom_kills and limits.memory_bytes is not None:
             peak = usage.get("peak_memory_bytes", 0)
@@ -245,10 +249,11 @@ class SharedConfinement(Confinement):
     it (cgroup v1 and the no-cgroup watchdog; on cgroup v2, the peak since the worker
     started). Limits hit in between are the attempt's. Closing it leaves the cgroup to its
     owner; :meth:`kill` kills the owner's processes (a worker that will not stop is replaced).
-    A worker's first attempt (no ``baseline``) is also charged the limits its worker hit
-    while it started, as a ``process`` child's attempt is charged its whole life: a worker
-    killed by a memory limit too small for it fails its attempt with that limit, also when
-    the kill came between its hello and the attempt.
+    A worker killed during its first attempt (no ``baseline``) is judged on the limits it
+    hit over its whole life, as a ``process`` child is: one killed by a memory limit too
+    small for it fails its attempt with that limit, also when the kill came between its
+    hello and the attempt. Otherwise what the worker's start hit (a refused fork at import)
+    is not the attempt's.
     """
 
     def __init__(self, owner: Confinement, baseline: Reading | None = None) -> None:
@@ -270,8 +275,11 @@ class SharedConfinement(Confinement):
             return
         self.final = now = self.handle.reading()
         self._usage, self._events = since(now, self._start)
-        if self._first:
-            self._events = now[1]
+
+    def _events_behind(self, signal: int | None) -> LimitEvents:
+        if self._first and signal is not None and self.final is not None:
+            return self.final[1]  # the worker died: what it hit since its cgroup was made
+        return self._events
 
     def end(self) -> None:
         """The attempt is over: keep what it used, whatever the owner does next."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import secrets
 import signal
@@ -13,9 +14,19 @@ import pytest
 from agent.resources import ResourceRequirements
 from agent.supervisor.cgroups import CgroupLimits
 from agent.supervisor.cgroups.base import SupervisorName
-from agent.supervisor.confinement import Confiner
+from agent.supervisor.confinement import Confiner, SharedConfinement
 
-from .helpers import BACKEND, block, leftover_cgroups, make_attempt, needs_cgroups, needs_v1, open_device, spawn
+from .helpers import (
+    BACKEND,
+    block,
+    fork_bomb,
+    leftover_cgroups,
+    make_attempt,
+    needs_cgroups,
+    needs_v1,
+    open_device,
+    spawn,
+)
 
 pytestmark = [pytest.mark.cgroup, needs_cgroups]
 
@@ -333,3 +344,21 @@ class TestNestedCgroups:
         assert child.wait().signal == signal.SIGKILL
         assert _gone(pids["grandchild"])
         assert not [p for p in tops if os.path.exists(p)]
+
+
+class TestWorkerFirstAttempt:
+    """A worker's first attempt is charged the limits its worker hit as it started only
+    when the worker died: else a refused fork at its start is not the attempt's doing."""
+
+    def test_limits_hit_before_the_first_attempt(self, confiner):
+        confinement = confiner.prepare(make_attempt(ResourceRequirements(pids_max=4)))
+        child = spawn(confinement.child_spec, functools.partial(fork_bomb, most=10, then_wait=True))
+        assert child.receive()["errno"] == errno.EAGAIN  # the worker's start had forks refused
+        first = SharedConfinement(confinement)  # its first attempt begins now
+        assert first.limit_events().pids_limit_hits == 0
+        assert first.failure_reason(None, None) is None  # the attempt raised: not a limit's doing
+        confinement.kill()  # the worker dies during the attempt
+        assert child.wait().signal == signal.SIGKILL
+        reason = first.failure_reason(None, signal.SIGKILL)
+        assert reason is not None and reason.details["limit"] == "pids"
+        confinement.close()

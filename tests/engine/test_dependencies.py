@@ -190,6 +190,95 @@ class TestLongChains:
         assert resolved == {"b": 1, "late": 2}
 
 
+class TestEdges:
+    """Activations and timeouts that meet at the end of a run."""
+
+    async def test_two_waiting_activations_of_one_state_are_blocked(self):
+        # "b" is started and returned by "a": two activations wait for "c", which never runs.
+        async def noop(context):
+            return None
+
+        async def to_b(context):
+            return "b"
+
+        agent = Agent("two_waiting", isolation="inline")
+        agent.add_state("c", noop)
+        agent.add_state("a", to_b, next_states=["b"])
+        agent.add_state("b", noop, dependencies={"c": DependencyType.SEQUENTIAL})
+        await agent.run(start=["a", "b"])  # was: IllegalTransitionError, blocked -> blocked
+        meta = agent.state_metadata["b"]
+        assert meta.status is StateStatus.BLOCKED
+        assert meta.blocked_reason == "state 'b' never ran: it was waiting for sequential dependency 'c' to finish"
+
+    async def test_a_returned_and_watched_state_whose_requirement_failed_is_blocked_once(self):
+        # "x" is returned by "a" (waiting for "f") and watched for "f" too; "f" fails.
+        async def a(context):
+            return ["f", "x"]
+
+        async def f(context):
+            raise RuntimeError("f broke")
+
+        agent = Agent("blocked_by_both", isolation="inline", on_failure="continue")
+        agent.add_state("a", a)
+        agent.add_state("f", f)
+        agent.add_state("x", recorder([]), dependencies=["f"])
+        with pytest.raises(StateFailedError, match="f broke"):  # was: IllegalTransitionError, or a hang
+            await agent.run()
+        meta = agent.state_metadata["x"]
+        assert meta.status is StateStatus.BLOCKED and "'f' ended failed" in meta.blocked_reason
+
+    async def test_a_dependency_timeout_does_not_fail_a_state_that_ran(self):
+        # "again" depends on "first" (ALWAYS, timeout 0.05 s), runs once "first" completed,
+        # and then waits for "first" to complete again, past the timeout, for good.
+        log: list = []
+        slow_done = asyncio.Event()
+
+        async def slow(context):
+            await asyncio.sleep(0.2)  # the run goes on past the timeout
+            slow_done.set()
+
+        always = DependencyConfig(type=DependencyType.REQUIRED, lifecycle=DependencyLifecycle.ALWAYS, timeout=0.05)
+        agent = Agent("ran_then_waits", isolation="inline")
+        agent.add_state("first", recorder(log, "slow"))
+        agent.add_state("again", recorder(log), dependencies={"first": always})
+        agent.add_state("slow", slow)
+        await agent.run()
+        assert slow_done.is_set()
+        assert agent.state_metadata["again"].status is StateStatus.COMPLETED
+        assert log.count(("end", "again")) == 1
+
+    @pytest.mark.parametrize("kind", [DependencyType.OPTIONAL, DependencyType.PARALLEL, DependencyType.SEQUENTIAL])
+    async def test_an_always_dependency_triggers_again_only_on_something_new(self, kind):
+        # Met once (the source completed, started, or finished by failing), and never again:
+        # the dependent runs once. It used to be triggered over and over, for as long as
+        # the source was not scheduled (OPTIONAL), had started once (PARALLEL) or had
+        # finished without completing (SEQUENTIAL).
+        log: list = []
+        agent = Agent(f"always_{kind.name.lower()}", isolation="inline", max_steps=50, on_failure="continue")
+        agent.add_state("source", recorder(log, fail=kind is DependencyType.SEQUENTIAL))
+        agent.add_state("dependent", recorder(log), dependencies={
+            "source": DependencyConfig(type=kind, lifecycle=DependencyLifecycle.ALWAYS)})
+        if kind is DependencyType.SEQUENTIAL:
+            with pytest.raises(StateFailedError, match="source broke"):  # after the rest ran
+                await agent.run(start="source")
+        else:
+            await agent.run(start="source")
+        assert log.count(("end", "dependent")) == 1
+
+    async def test_of_two_timeouts_at_once_the_first_added_state_fails(self):
+        async def start(context):
+            await asyncio.sleep(0.2)  # the run goes on past the timeouts
+
+        agent = Agent("timeouts_at_once", isolation="inline")
+        agent.add_state("never", recorder([]))
+        agent.add_state("start", start)
+        late = DependencyConfig(type=DependencyType.REQUIRED, timeout=0.05)
+        for name in ("w1", "w2", "w3", "w4"):
+            agent.add_state(name, recorder([]), dependencies={"never": late})
+        with pytest.raises(DependencyTimeoutError, match="state 'w1' waited"):
+            await agent.run(start="start")
+
+
 class TestConfig:
     """Conditions, wait timeouts and lifecycles."""
 

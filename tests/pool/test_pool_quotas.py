@@ -157,3 +157,22 @@ class TestWaitMode:
             pool.release(granted[-1])
             granted += pool.grant_next()
         assert granted == ["e1", "e2", "e3"]
+
+
+class TestQuotasAndBackfill:
+    """What a request its state's quota holds back would need is not set aside for it."""
+
+    def test_a_request_held_back_by_its_quota_sets_nothing_aside(self) -> None:
+        pool = ResourcePool(total_cpu=4, total_memory=1000, total_io=10, total_network=10, total_gpu=0,
+                            enable_quotas=True)
+        pool.set_quota("S", cpu=1)
+        assert pool.try_acquire("hog", req(cpu=1, memory=1000))
+        assert pool.try_acquire("s-running", req(cpu=1), state="S")  # S's quota is used up
+        pool.enqueue("high-1", req(cpu=1, memory=100, priority=Priority.HIGH))  # waits for memory
+        pool.enqueue("high-S", req(cpu=1, priority=Priority.HIGH), state="S")  # waits for S's quota
+        pool.enqueue("low", req(cpu=1, priority=Priority.LOW))  # 2 CPUs free, 1 set aside for high-1
+        assert pool.grant_next() == ["low"]
+        assert not pool.try_acquire("low-2", req(cpu=1, priority=Priority.LOW))  # the last one is high-1's
+        pool.release("hog")
+        assert pool.grant_next() == ["high-1"]
+        assert "quota of state 'S'" in pool.get_waiting_states()["high-S"]

@@ -212,3 +212,22 @@ class TestWaitingFor:
         await run
         meta = paused.state_metadata["wanted"]
         assert (meta.status, meta.waiting_for) == (StateStatus.COMPLETED, None)
+
+    async def test_granted_then_paused_before_it_started(self) -> None:
+        pool = ResourcePool(total_cpu=4, total_memory=1000, total_io=10, total_network=10, total_gpu=0)
+        assert pool.try_acquire("holder", need(4, Priority.NORMAL))
+        agent, queued = self.queued_agent(pool, "granted_then_paused")
+        run = asyncio.create_task(agent.run())
+        await queued.wait()
+        pool.release("holder")  # the grant comes; it is launched on the run's next pass ...
+        await agent.pause()  # ... but the run is paused first
+        meta = agent.state_metadata["wanted"]
+        for _ in range(100):  # the run's next pass gives the grant back
+            if pool.statistics().holders == 0:
+                break
+            await asyncio.sleep(0)
+        assert (meta.status, meta.waiting_for) == (StateStatus.READY, "the run to resume: it is paused")
+        assert pool.get_waiting_states() == {} and pool.statistics().holders == 0
+        await agent.resume()
+        await run
+        assert (meta.status, meta.waiting_for) == (StateStatus.COMPLETED, None)
