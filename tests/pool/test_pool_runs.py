@@ -182,28 +182,35 @@ class TestWaitingFor:
         agent.add_observer(lambda e: queued.set() if e.kind == ev.STATE_QUEUED else None)
         return agent, queued
 
-    async def test_cancelled_timed_out_and_paused_while_queued(self) -> None:
+    @staticmethod
+    def held_pool() -> ResourcePool:
         pool = ResourcePool(total_cpu=4, total_memory=1000, total_io=10, total_network=10, total_gpu=0)
         assert pool.try_acquire("holder", need(4, Priority.NORMAL))
+        return pool
 
-        cancelled, queued = self.queued_agent(pool, "cancelled_while_queued")
-        run = asyncio.create_task(cancelled.run())
+    async def queued_run(self, pool: ResourcePool, name: str) -> tuple[Agent, asyncio.Task]:
+        """An agent's run, once its state waits in ``pool``'s queue."""
+        agent, queued = self.queued_agent(pool, name)
+        run = asyncio.create_task(agent.run())
         await queued.wait()
+        return agent, run
+
+    async def test_cancelled_timed_out_and_paused_while_queued(self) -> None:
+        pool = self.held_pool()
+        cancelled, run = await self.queued_run(pool, "cancelled_while_queued")
         assert cancelled.state_metadata["wanted"].waiting_for.startswith("resources: ")
         assert cancelled.cancel_state("wanted")
         await run
         meta = cancelled.state_metadata["wanted"]
         assert (meta.status, meta.waiting_for, pool.get_waiting_states()) == (StateStatus.CANCELLED, None, {})
 
-        timed_out, queued = self.queued_agent(pool, "timed_out_while_queued")
+        timed_out, _ = self.queued_agent(pool, "timed_out_while_queued")
         with pytest.raises(RunTimeoutError):
             await timed_out.run(timeout=0.05)
         meta = timed_out.state_metadata["wanted"]
         assert (meta.status, meta.waiting_for, pool.get_waiting_states()) == (StateStatus.CANCELLED, None, {})
 
-        paused, queued = self.queued_agent(pool, "paused_while_queued")
-        run = asyncio.create_task(paused.run())
-        await queued.wait()
+        paused, run = await self.queued_run(pool, "paused_while_queued")
         await paused.pause()
         assert paused.state_metadata["wanted"].waiting_for == "the run to resume: it is paused"
         assert pool.get_waiting_states() == {}
@@ -214,11 +221,8 @@ class TestWaitingFor:
         assert (meta.status, meta.waiting_for) == (StateStatus.COMPLETED, None)
 
     async def test_granted_then_paused_before_it_started(self) -> None:
-        pool = ResourcePool(total_cpu=4, total_memory=1000, total_io=10, total_network=10, total_gpu=0)
-        assert pool.try_acquire("holder", need(4, Priority.NORMAL))
-        agent, queued = self.queued_agent(pool, "granted_then_paused")
-        run = asyncio.create_task(agent.run())
-        await queued.wait()
+        pool = self.held_pool()
+        agent, run = await self.queued_run(pool, "granted_then_paused")
         pool.release("holder")  # the grant comes; it is launched on the run's next pass ...
         await agent.pause()  # ... but the run is paused first
         meta = agent.state_metadata["wanted"]
