@@ -1291,7 +1291,10 @@ class Run:
         if self.waiting:
             still: list[Activation] = []
             for act in self.waiting:
-                verdict = self.deps_verdict(act.state, act.waiting_since, now)
+                # As for a watched state (below): a timeout bounds only the wait of a state
+                # that has not run yet in this run.
+                since = now if act.state in self.last_start else act.waiting_since
+                verdict = self.deps_verdict(act.state, since, now)
                 if verdict is True:
                     if self.observers:
                         self.emit(ev.DEPENDENCY_RESOLVED, act.state, duration=now - act.waiting_since,
@@ -1327,8 +1330,8 @@ class Run:
             elif isinstance(verdict, tuple):
                 self.watch.discard(name)
                 status, message = verdict
-                if self.metadata[name].status is status:
-                    continue  # its waiting activation was stopped so just now, and said why
+                if self.metadata[name].status in _FINISHED_FOR_GOOD:
+                    continue  # a waiting activation of it was stopped already, and said why
                 if status is _TIMEOUT:
                     self.fail_unstarted(name, DependencyTimeoutError(message))
                     return True
@@ -1729,7 +1732,8 @@ class Run:
             meta = self.metadata[act.state]
             if meta.status is not _BLOCKED:  # else another activation of it was blocked just now
                 reason = meta.waiting_for or "dependencies"
-                meta.blocked_reason = f"state {act.state!r} never ran: it was waiting for {reason}"
+                ran = "did not run again" if meta.runs else "never ran"
+                meta.blocked_reason = f"state {act.state!r} {ran}: it was waiting for {reason}"
                 self.set_status(meta, _BLOCKED)
                 self.emit(ev.STATE_BLOCKED, act.state, error=meta.blocked_reason)
             self.branch_ends(act)

@@ -247,6 +247,50 @@ class TestEdges:
         assert agent.state_metadata["again"].status is StateStatus.COMPLETED
         assert log.count(("end", "again")) == 1
 
+    async def test_a_returned_state_that_ran_does_not_time_out_waiting_again(self):
+        # "b" ran once "a" completed; "c" returns it again while it runs, and that activation
+        # waits for "a" to complete again past the timeout: it is blocked at the end, not
+        # timed out (was: COMPLETED -> TIMEOUT raised in the pump, or DependencyTimeoutError).
+        async def b(context):
+            await asyncio.sleep(0.05)
+
+        async def c(context):
+            await asyncio.sleep(0.02)
+            return "b"
+
+        async def slow(context):
+            await asyncio.sleep(0.3)  # the run goes on past the timeout
+
+        always = DependencyConfig(type=DependencyType.REQUIRED, lifecycle=DependencyLifecycle.ALWAYS, timeout=0.1)
+        agent = Agent("returned_after_it_ran", isolation="inline")
+        agent.add_state("a", recorder([]))
+        agent.add_state("b", b, dependencies={"a": always})
+        agent.add_state("c", c, next_states=["b"])
+        agent.add_state("slow", slow)
+        await agent.run(start=["a", "c", "slow"])
+        meta = agent.state_metadata["b"]
+        assert (meta.status, meta.runs) == (StateStatus.BLOCKED, 1)
+        assert meta.blocked_reason == "state 'b' did not run again: it was waiting for dependency 'a' to complete"
+
+    async def test_a_state_blocked_by_its_waiting_activation_does_not_time_out_later(self):
+        # "x" (returned by "b") waits for a condition that never holds and for "h", which a
+        # join holds: when nothing runs, that activation is blocked, "h" is released and runs,
+        # and x's own watch reaches the condition's timeout (was: BLOCKED -> TIMEOUT raised).
+        async def h(context):
+            await asyncio.sleep(0.2)
+
+        agent = Agent("blocked_then_timed", isolation="inline")
+        agent.add_state("a", recorder([], "h"), next_states=["h"])
+        agent.add_state("b", recorder([], "x"), next_states=["x", "h"])
+        agent.add_state("h", h)
+        agent.add_state("p", recorder([]))
+        agent.add_state("x", recorder([]), dependencies={
+            "p": DependencyConfig(type=DependencyType.OPTIONAL, timeout=0.1, condition=lambda agent: False),
+            "h": DependencyType.OPTIONAL})
+        await agent.run(start=["a", "b"])
+        assert agent.state_metadata["x"].status is StateStatus.BLOCKED
+        assert agent.state_metadata["h"].status is StateStatus.COMPLETED
+
     @pytest.mark.parametrize("kind", [DependencyType.OPTIONAL, DependencyType.PARALLEL, DependencyType.SEQUENTIAL])
     async def test_an_always_dependency_triggers_again_only_on_something_new(self, kind):
         # Met once (the source completed, started, or finished by failing), and never again:
