@@ -396,7 +396,11 @@ class ResourcePool:
 
     @enable_quotas.setter
     def enable_quotas(self, value: bool) -> None:
-        self._ledger.quotas = _validate.flag(value, "ResourcePool.enable_quotas", error=ResourceRequestError)
+        flag = _validate.flag(value, "ResourcePool.enable_quotas", error=ResourceRequestError)
+        with self.lock:
+            self._ledger.quotas = flag
+            if not flag and self._parked:
+                self._requota()  # what a quota held back waits in its level again
 
     # --- admission ------------------------------------------------------------------
 

@@ -139,6 +139,7 @@ class Activation:
     where = NEW
     front = False  # requeued after a preemption: ahead of its level
     holds = False  # holds a grant from the pool
+    counted = False  # its start is counted (once, whatever retries or restarts follow)
     reach: frozenset[str] | None  # what it could return (ReturnGraph.reach), once a run tracks joins
 
     def __init__(self, aid: int, state: str, priority: int, group: "Group") -> None:
@@ -920,7 +921,9 @@ class Run:
         act.started_at = now = self.clock()
         self.running[name] = act
         if self.tracks_deps:
-            self.starts[name] = self.starts.get(name, 0) + 1
+            if not act.counted:  # a start, for PARALLEL dependencies: not each retry or restart
+                act.counted = True
+                self.starts[name] = self.starts.get(name, 0) + 1
             self.last_start[name] = now
             self.touched.add(name)
         meta = self.metadata[name]
@@ -1499,7 +1502,7 @@ class Run:
         and still come true; else the state times out), although nothing else is left.
         A dependency that can no longer complete blocks the state at once instead."""
         now = self.clock()
-        waits = [(act.state, act.waiting_since) for act in self.waiting]
+        waits = [(act.state, act.waiting_since) for act in self.waiting if act.state not in self.last_start]
         waits += [(name, self.started) for name in self.watch
                   if self.metadata[name].status is _PENDING and self.metadata[name].runs == 0]
         for name, since in waits:

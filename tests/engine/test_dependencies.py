@@ -309,6 +309,45 @@ class TestEdges:
             await agent.run(start="source")
         assert log.count(("end", "dependent")) == 1
 
+    async def test_a_parallel_always_dependency_counts_an_activation_not_its_retries(self):
+        log: list = []
+
+        async def flaky(context):
+            log.append("source")
+            await asyncio.sleep(0.01)  # the dependent starts alongside each attempt
+            if log.count("source") < 3:
+                raise RuntimeError("not yet")
+
+        agent = Agent("parallel_retries", isolation="inline", max_steps=50)
+        agent.add_state("source", flaky, max_retries=3)
+        agent.add_state("dependent", recorder(log), dependencies={
+            "source": DependencyConfig(type=DependencyType.PARALLEL, lifecycle=DependencyLifecycle.ALWAYS)})
+        await agent.run(start="source")
+        assert log.count("source") == 3 and log.count(("end", "dependent")) == 1
+
+    async def test_a_state_that_ran_does_not_keep_the_run_for_a_condition_timeout(self):
+        # "x" runs once "A" completed (its condition held once), and is returned again by
+        # "s": that activation waits for a condition that no longer holds, on a dependency
+        # whose timeout no longer applies to it. It is blocked once nothing else runs,
+        # instead of the run waiting out the 60 s timeout.
+        async def a(context):
+            return "s"
+
+        async def s(context):
+            await asyncio.sleep(0.05)
+            return "x"
+
+        held = iter([True])
+        agent = Agent("ran_condition_timeout", isolation="inline")
+        agent.add_state("A", a)
+        agent.add_state("s", s)
+        agent.add_state("x", recorder([]), dependencies={"A": DependencyConfig(
+            type=DependencyType.OPTIONAL, condition=lambda agent: next(held, False), timeout=60)})
+        await agent.run(start="A", timeout=10)  # was: RunTimeoutError, the run waiting for 60 s
+        meta = agent.state_metadata["x"]
+        assert (meta.status, meta.runs) == (StateStatus.BLOCKED, 1)
+        assert "did not run again" in meta.blocked_reason
+
     async def test_of_two_timeouts_at_once_the_first_added_state_fails(self):
         async def start(context):
             await asyncio.sleep(0.2)  # the run goes on past the timeouts

@@ -176,3 +176,12 @@ class TestQuotasAndBackfill:
         pool.release("hog")
         assert pool.grant_next() == ["high-1"]
         assert "quota of state 'S'" in pool.get_waiting_states()["high-S"]
+
+    def test_switching_quotas_off_lets_what_they_held_back_queue_again(self) -> None:
+        pool = pool8()
+        pool.set_quota("S", cpu=1)
+        assert pool.try_acquire("a", req(cpu=1), state="S")
+        pool.enqueue("b", req(cpu=1), state="S")  # held back by S's quota
+        assert pool.grant_next() == []
+        pool.enable_quotas = False
+        assert pool.grant_next() == ["b"]  # was: parked for good once quotas were off
