@@ -1966,7 +1966,10 @@ class Run:
             if found is None or a.get("ended"):  # its branch had ended: it opens again
                 group.unfinished += 1
             self.steps -= 1  # activate() counts it again
-            self.activate(name, group, via_dependency=bool(a.get("via_dependency")), attempt=int(a.get("attempt", 0)))
+            act = self.activate(name, group, via_dependency=bool(a.get("via_dependency")),
+                                attempt=int(a.get("attempt", 0)))
+            if act is not None and a.get("counted"):
+                act.counted = True  # it started before: re-running it is a restart, not a new start
         for group in list(self.groups.values()):
             if group.held and group.id in self.groups:
                 self.settle(group)
@@ -1975,6 +1978,8 @@ class Run:
 def _frame(act: Activation, attempts_done: int, ended: bool = False) -> dict[str, Any]:
     frame = {"state": act.state, "group": act.group.id, "attempt": max(0, attempts_done),
              "via_dependency": act.via_dependency}
+    if act.counted:
+        frame["counted"] = True
     if ended:
         frame["ended"] = True
     return frame

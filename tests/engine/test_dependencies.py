@@ -637,3 +637,25 @@ class TestAcrossACheckpoint:
 
         await self.pause_and_restore(build, log, gate, "d")
         assert log == ["y"]
+
+    async def test_a_parallel_always_dependency_restarted_from_the_checkpoint_is_no_new_start(self):
+        # start -> y (waits); d depends on y (PARALLEL, ALWAYS): it ran once y started,
+        # before the checkpoint. The restored run re-runs y, the same activation: d runs no more.
+        log: list[str] = []
+        gate = asyncio.Event()
+
+        def build() -> Agent:
+            agent = Agent("parallel_restored", isolation="inline")
+            for name, nxt in (("start", "y"), ("y", None), ("d", None)):
+                async def state(context, name=name, nxt=nxt):
+                    if name == "y":
+                        await gate.wait()
+                    log.append(name)
+                    return nxt
+
+                agent.add_state(name, state, dependencies={"y": DependencyConfig(
+                    type=DependencyType.PARALLEL, lifecycle=DependencyLifecycle.ALWAYS)} if name == "d" else None)
+            return agent
+
+        await self.pause_and_restore(build, log, gate, "d")
+        assert log == ["y"]
