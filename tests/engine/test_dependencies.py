@@ -616,26 +616,31 @@ class TestAcrossACheckpoint:
         assert second.state_metadata["d"].status is StateStatus.COMPLETED, second.state_metadata["d"].blocked_reason
         assert log == ["y", "z", "d"]
 
+    @staticmethod
+    def steps(name: str, chain: tuple[tuple[str, str | None], ...], dep: str, config: DependencyConfig,
+              log: list[str], gate: asyncio.Event) -> Agent:
+        """The states of ``chain`` (name, next), "y" waiting for ``gate``, and "d", which
+        depends on ``dep`` with ``config``; each logs its name."""
+        agent = Agent(name, isolation="inline")
+        for state_name, nxt in (*chain, ("d", None)):
+            async def state(context, state_name=state_name, nxt=nxt):
+                if state_name == "y":
+                    await gate.wait()
+                log.append(state_name)
+                return nxt
+
+            agent.add_state(state_name, state, dependencies={dep: config} if state_name == "d" else None)
+        return agent
+
     async def test_an_always_dependency_consumed_before_the_checkpoint_is_not_consumed_again(self):
         # start -> x -> y (waits); d depends on x, ALWAYS: it ran once x completed, before
         # the checkpoint. x completes no more: the restored run does not run d again.
         log: list[str] = []
         gate = asyncio.Event()
-
-        def build() -> Agent:
-            agent = Agent("always_restored", isolation="inline")
-            for name, nxt in (("start", "x"), ("x", "y"), ("y", None), ("d", None)):
-                async def state(context, name=name, nxt=nxt):
-                    if name == "y":
-                        await gate.wait()
-                    log.append(name)
-                    return nxt
-
-                agent.add_state(name, state, dependencies={"x": DependencyConfig(
-                    lifecycle=DependencyLifecycle.ALWAYS)} if name == "d" else None)
-            return agent
-
-        await self.pause_and_restore(build, log, gate, "d")
+        always = DependencyConfig(lifecycle=DependencyLifecycle.ALWAYS)
+        chain = (("start", "x"), ("x", "y"), ("y", None))
+        await self.pause_and_restore(lambda: self.steps("always_restored", chain, "x", always, log, gate),
+                                     log, gate, "d")
         assert log == ["y"]
 
     async def test_a_parallel_always_dependency_restarted_from_the_checkpoint_is_no_new_start(self):
@@ -643,19 +648,8 @@ class TestAcrossACheckpoint:
         # before the checkpoint. The restored run re-runs y, the same activation: d runs no more.
         log: list[str] = []
         gate = asyncio.Event()
-
-        def build() -> Agent:
-            agent = Agent("parallel_restored", isolation="inline")
-            for name, nxt in (("start", "y"), ("y", None), ("d", None)):
-                async def state(context, name=name, nxt=nxt):
-                    if name == "y":
-                        await gate.wait()
-                    log.append(name)
-                    return nxt
-
-                agent.add_state(name, state, dependencies={"y": DependencyConfig(
-                    type=DependencyType.PARALLEL, lifecycle=DependencyLifecycle.ALWAYS)} if name == "d" else None)
-            return agent
-
-        await self.pause_and_restore(build, log, gate, "d")
+        always = DependencyConfig(type=DependencyType.PARALLEL, lifecycle=DependencyLifecycle.ALWAYS)
+        chain = (("start", "y"), ("y", None))
+        await self.pause_and_restore(lambda: self.steps("parallel_restored", chain, "y", always, log, gate),
+                                     log, gate, "d")
         assert log == ["y"]
