@@ -1294,10 +1294,7 @@ class Run:
         if self.waiting:
             still: list[Activation] = []
             for act in self.waiting:
-                # As for a watched state (below): a timeout bounds only the wait of a state
-                # that has not run yet in this run.
-                since = now if act.state in self.last_start else act.waiting_since
-                verdict = self.deps_verdict(act.state, since, now)
+                verdict = self.deps_verdict(act.state, self._bounded_since(act.state, act.waiting_since, now), now)
                 if verdict is True:
                     if self.observers:
                         self.emit(ev.DEPENDENCY_RESOLVED, act.state, duration=now - act.waiting_since,
@@ -1317,11 +1314,7 @@ class Run:
         for name in self._watched_to_look_at():
             if name not in self.watch or name in self.running or self.has_live(name):
                 continue
-            # A dependency's timeout bounds the wait of a state that never started: one that
-            # ran in this run (an ALWAYS dependency's state, waiting to run again) may wait
-            # for its dependency's next completion for good.
-            since = now if name in self.last_start else self.started + self.paused_total
-            verdict = self.deps_verdict(name, since, now)
+            verdict = self.deps_verdict(name, self._bounded_since(name, self.started + self.paused_total, now), now)
             if verdict is True:
                 if self.observers:
                     self.emit(ev.DEPENDENCY_RESOLVED, name, duration=now - self.started,
@@ -1343,6 +1336,13 @@ class Run:
                 self.set_status(meta, status)
                 self.emit(ev.STATE_BLOCKED, name, error=message)
         return progressed
+
+    def _bounded_since(self, name: str, since: float, now: float) -> float:
+        """When the wait of ``name`` its dependencies' timeouts bound began: ``since``, or
+        ``now`` (no bound) once it started in this run. A timeout bounds the wait of a
+        state that never started: one that ran (an ALWAYS dependency's state, waiting to
+        run again) may wait for its dependency's next completion for good."""
+        return now if name in self.last_start else since
 
     def has_live(self, name: str) -> bool:
         """Whether ``name`` has an activation queued, waiting, retrying, held or running."""

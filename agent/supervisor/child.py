@@ -717,8 +717,7 @@ class ChildProcess:
         raise AttemptFailed(self._failure(status), usage)
 
     def _failure(self, status: int | None) -> FailureReason:
-        exit_code = os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
-        sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
+        exit_code, sig = exit_code_and_signal(status)
         # A limit hit explains everything else (a refused fork surfaces as an exception).
         limit = self.confinement.failure_reason(exit_code, sig)
         if limit is not None:
@@ -801,6 +800,14 @@ class ChildProcess:
                 return fh.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+
+def exit_code_and_signal(status: int | None) -> tuple[int | None, int | None]:
+    """A wait status as (exit code, signal): one of them, or neither (None: no status)."""
+    if status is None:
+        return None, None
+    return (os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+            os.WTERMSIG(status) if os.WIFSIGNALED(status) else None)
 
 
 def escape_reason(

@@ -31,7 +31,7 @@ from ..ipc.messages import decode_counted
 from ..runtime.worker import EXIT_IDLE
 from ..runtime.zygote import charged_in
 from .channel import DirectChannel
-from .child import ChildProcess, ChildStatus, _Decoded, escape_reason
+from .child import ChildProcess, ChildStatus, _Decoded, escape_reason, exit_code_and_signal
 from .confinement import Confinement, Reading, SharedConfinement, restart_peak
 from .output import WorkerOutput, label_for
 
@@ -404,11 +404,8 @@ class WorkerProcess:
     def _start_limit(self) -> FailureReason | None:
         """The limit of its cgroup its start hit (its memory limit below what a worker
         needs, say), read before the cgroup goes; None: none was hit."""
-        status = self.exit_status
-        code = os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
-        sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
         try:
-            return self.confinement.failure_reason(code, sig)
+            return self.confinement.failure_reason(*exit_code_and_signal(self.exit_status))
         except Exception as exc:  # a report: never let it hide the start's failure
             self._sup.log.warning("worker_limits_unreadable", pid=self.pid, error=repr(exc))
             return None
@@ -420,12 +417,10 @@ class WorkerProcess:
             return dataclasses.replace(self._limit_failure, traceback=self._limit_failure.traceback or tail)
         if self.failure_message is not None:
             return FailureReason(kind="exit_code", message=self.failure_message, traceback=tail)
-        status = self.exit_status
-        if status is not None and os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
+        code, sig = exit_code_and_signal(self.exit_status)
+        if sig is not None:
             return FailureReason(kind="signal", signal=sig, traceback=tail,
                                  message=f"the worker's process was killed by signal {sig} before it was ready")
-        code = os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
         return FailureReason(kind="exit_code", exit_code=code, traceback=tail,
                              message=f"the worker's process exited with code {code} before it was ready "
                              "(confinement or channel setup failed): see the traceback")
