@@ -8,10 +8,13 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+_log = logging.getLogger("agent")
 
 
 def runs_elsewhere(loop: asyncio.AbstractEventLoop | None) -> bool:
@@ -134,3 +137,52 @@ def fail_soon(future: asyncio.Future[Any], error: BaseException) -> None:
             future.set_exception(error)
 
     call_in(future.get_loop(), fail)
+
+
+def run_to_end(main: Coroutine[Any, Any, T], grace: float) -> T:
+    """``main`` run on a fresh uvloop loop, as ``asyncio.run`` does (Ctrl-C cancels it), but
+    the loop's teardown does not wait forever for tasks that ignore their cancellation.
+
+    ``asyncio.run`` cancels the tasks still there at the end and waits for every one: an
+    inline state that swallows ``CancelledError`` (which the run gave up on after its
+    ``cleanup_timeout``) kept ``run_sync()`` from ever returning. Here what is left gets
+    ``grace`` seconds after its cancellation; what still runs then is named in a warning
+    and abandoned with the loop.
+    """
+    import uvloop
+
+    runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    try:
+        return runner.run(main)
+    finally:
+        loop = runner.get_loop()
+        stubborn: set[asyncio.Task[Any]] = set()
+        try:
+            stubborn = loop.run_until_complete(_cancel_leftovers(grace))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+            for task in stubborn:  # closed now, not whenever the collector finds it
+                try:
+                    task.get_coro().close()
+                except RuntimeError:  # it ignored GeneratorExit too
+                    pass
+
+
+async def _cancel_leftovers(grace: float) -> set[asyncio.Task[Any]]:
+    here = asyncio.current_task()
+    left = [task for task in asyncio.all_tasks() if task is not here]
+    for task in left:
+        task.cancel()
+    if not left:
+        return set()
+    _, stubborn = await asyncio.wait(left, timeout=grace)
+    for task in left:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            _log.error("a task left at the end of the run failed: %r", task, exc_info=task.exception())
+    if stubborn:
+        _log.warning("%d task(s) still run %.3g s after their cancellation and are abandoned with the "
+                     "event loop (a state that swallows CancelledError?): %s",
+                     len(stubborn), grace, ", ".join(sorted(t.get_name() for t in stubborn)))
+    return stubborn

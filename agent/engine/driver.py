@@ -194,7 +194,7 @@ class Driver:
     def start_inline(self, act: "Activation", func: Any, context: Any) -> None:
         """Run an inline attempt, ``func(context)``, in a task of its own (its coroutine is
         made there: a task cancelled before it starts leaves none behind unawaited)."""
-        act.task = task = self.loop.create_task(self._inline(act, func, context),
+        act.task = task = self.loop.create_task(self._inline(act, func, context), name=f"state {act.state!r}",
                                                 context=self.run.caller_context.copy())
         task.add_done_callback(functools.partial(self._task_done, act))
         self.run.unstarted.add(task)

@@ -16,6 +16,7 @@ from agent import (
     EventLoopRunningError,
     InvalidConfigurationError,
     ResourceRequirements,
+    RunTimeoutError,
     StateFailedError,
     StateStatus,
 )
@@ -198,6 +199,17 @@ class TestRunSync:
             agent.run_sync()
         assert caught.value.__context__ is None
 
+    def test_a_state_that_swallows_its_cancellation_does_not_keep_it_waiting(self, caplog):
+        """asyncio.run() would wait forever for the abandoned state at its loop's teardown;
+        run_sync() gives it cleanup_timeout more, then names it and leaves it."""
+        agent = Agent("sync_stubborn", isolation="inline")
+        agent.add_state("stubborn", swallows_every_cancellation)
+        with pytest.raises(RunTimeoutError):
+            agent.run_sync(timeout=0.05, cleanup_timeout=0.05)
+        assert agent.state_metadata["stubborn"].status is StateStatus.CANCELLED
+        abandoned = [r.getMessage() for r in caplog.records if "abandoned with the event loop" in r.getMessage()]
+        assert len(abandoned) == 1 and "state 'stubborn'" in abandoned[0]
+
     async def test_inside_a_running_loop_it_is_refused_and_nothing_runs(self, recwarn):
         agent = Agent("notebook", isolation="inline")
         agent.add_state("only", only_state)
@@ -210,6 +222,14 @@ class TestRunSync:
 
 async def only_state(context):
     return None
+
+
+async def swallows_every_cancellation(context):
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass
 
 
 async def failing_state(context):
