@@ -317,8 +317,7 @@ class Context:
                 f"set_typed({key!r}, ...) needs a TypedContextData dataclass, got "
                 f"{type(value).__name__}: derive the class from TypedContextData, or use set_state"
             )
-        value.validate()
-        self.set_state(key, value)
+        self.set_state(key, value)  # checks every field, at any depth, within the value model's bounds
 
     def get_typed(self, key: str, expected: type[T]) -> T:
         """The typed value under ``key``; raises when it is missing or of another type."""
@@ -352,7 +351,6 @@ class Context:
                 f"its fields are {', '.join(sorted(names))}"
             )
         updated = dataclasses.replace(current, **changes)  # type: ignore[type-var]
-        updated.validate()
         self.set_state(key, updated)
         return updated
 

@@ -7,7 +7,7 @@ from typing import Dict, Generic, List, Optional, TypeVar
 
 import pytest
 
-from agent import Context, ContextKeyError, ContextTypeError, TypedContextData
+from agent import Context, ContextKeyError, ContextTypeError, TypedContextData, UnencodableValueError
 
 
 @dataclass
@@ -77,18 +77,39 @@ class Holder(TypedContextData):
     others: List[UserProfile] = field(default_factory=list)
 
 
+@dataclass
+class Bag(TypedContextData):
+    items: list
+
+
 class TestNestedTypedValues:
     """Typed data inside typed data is checked against its own class too, at any depth."""
 
     def test_a_bad_nested_field_is_refused_naming_its_path(self):
         ctx = Context()
-        with pytest.raises(ContextTypeError, match=r"Holder.profile: UserProfile.age must be int, got str"):
+        with pytest.raises(ContextTypeError, match=r"context key 'h'.profile: UserProfile.age must be int, got str"):
             ctx.set_typed("h", Holder(profile=UserProfile(name="a", age="x", scores=[])))  # type: ignore[arg-type]
         ctx.set_typed("h", Holder(profile=UserProfile(name="a", age=1, scores=[1.0])))
         bad = UserProfile(name="b", age=2, scores=["high"])  # type: ignore[list-item]
-        with pytest.raises(ContextTypeError, match=r"Holder.others: UserProfile.scores must be List\[float\]"):
+        with pytest.raises(ContextTypeError, match=r"'h'.others\[0\]: UserProfile.scores must be List\[float\]"):
             ctx.update_typed("h", others=[bad])
         assert ctx.get_typed("h", Holder).others == []
+
+    def test_a_deep_or_cyclic_field_is_refused_naming_the_key(self):
+        # Bounded as set_state bounds it, before the fields are checked: no RecursionError.
+        deep: list = []
+        for _ in range(5000):
+            deep = [deep]
+        cycle: list = []
+        cycle.append(cycle)
+        ctx = Context()
+        for value in (deep, cycle):
+            with pytest.raises(UnencodableValueError, match=r"context key 'b'.*nested deeper than 64 levels"):
+                ctx.set_typed("b", Bag(items=value))
+        ctx.set_typed("b", Bag(items=[1]))
+        with pytest.raises(UnencodableValueError, match=r"context key 'b'.*nested deeper than 64 levels"):
+            ctx.update_typed("b", items=deep)
+        assert ctx.get_typed("b", Bag).items == [1]
 
 
 class TestTypedValues:
