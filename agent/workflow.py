@@ -527,7 +527,7 @@ def _bytecode_returns(code: types.CodeType) -> frozenset[str] | None:
             continue
         if isinstance(value, str):
             names.add(value)
-        elif isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        elif isinstance(value, (tuple, frozenset)) and all(isinstance(v, str) for v in value):
             names.update(value)
         else:
             return None
@@ -535,18 +535,25 @@ def _bytecode_returns(code: types.CodeType) -> frozenset[str] | None:
 
 
 def _fed_constant(instructions: list[dis.Instruction], i: int) -> Any:
+    """What the RETURN_VALUE at ``i`` returns, when the instructions just before it build it
+    from constants and no jump lands after the first of them (``return x or None`` jumps to
+    its RETURN_VALUE carrying ``x``); else ``_UNREADABLE``."""
     prev = instructions[i - 1] if i else None
     if prev is None:
         return _UNREADABLE
+    first, value = i - 1, _UNREADABLE
     if prev.opname == "LOAD_CONST":
-        return prev.argval
-    if prev.opname in ("LIST_EXTEND", "SET_UPDATE") and i >= 3 and instructions[i - 2].opname == "LOAD_CONST":
-        return instructions[i - 2].argval
-    if prev.opname in ("BUILD_LIST", "BUILD_TUPLE", "BUILD_SET") and prev.arg is not None and i > prev.arg:
+        value = prev.argval
+    elif (prev.opname in ("LIST_EXTEND", "SET_UPDATE") and i >= 3 and instructions[i - 2].opname == "LOAD_CONST"
+          and instructions[i - 3].opname in ("BUILD_LIST", "BUILD_SET") and instructions[i - 3].arg == 0):
+        first, value = i - 3, instructions[i - 2].argval
+    elif prev.opname in ("BUILD_LIST", "BUILD_TUPLE", "BUILD_SET") and prev.arg is not None and i > prev.arg:
         loads = instructions[i - 1 - prev.arg:i - 1]
         if all(x.opname == "LOAD_CONST" and isinstance(x.argval, str) for x in loads):
-            return tuple(x.argval for x in loads)
-    return _UNREADABLE
+            first, value = i - 1 - prev.arg, tuple(x.argval for x in loads)
+    if any(x.is_jump_target for x in instructions[first + 1:i + 1]):
+        return _UNREADABLE
+    return value
 
 
 class ReturnGraph:

@@ -841,3 +841,64 @@ class TestWhatAStateCanReach:
             if full is not None and opener in full and name != opener:
                 expected = self._expected(cut, name)
             assert graph.reach_within(name, opener) == expected, (name, opener)
+
+
+def _without_source(code: str, **names: object) -> object:
+    """The state function ``code`` defines (seeing ``names`` as globals), made where no
+    source can be read back (as from a sourceless install): its returns are read from its
+    bytecode."""
+    namespace: dict[str, object] = dict(names)
+    exec(compile(code, "<generated>", "exec"), namespace)
+    return next(v for k, v in namespace.items() if k != "__builtins__" and k not in names)
+
+
+class TestReturnsReadFromBytecode:
+    """Without source, a return counts as known only where constants alone can feed it."""
+
+    @pytest.mark.parametrize(("body", "expected"), [
+        ('return "a"', frozenset({"a"})),
+        ('return ["a", "b"]', frozenset({"a", "b"})),
+        ('return ("a", "b")', frozenset({"a", "b"})),
+        ('return {"a", "b", "c", "d"}', frozenset({"a", "b", "c", "d"})),
+        ('if context:\n        return "a"\n    return None', frozenset({"a"})),
+        # A jump lands on the return carrying another value: anything.
+        ('return context.get_state("next") or None', None),
+        ('return context and "a"', None),
+        ('return "a" if context else context.get_state("next")', None),
+        ('return context.get_state("next")', None),
+    ])
+    def test_what_a_sourceless_state_can_return(self, body: str, expected: frozenset[str] | None) -> None:
+        from agent.workflow import function_returns
+
+        func = _without_source(f"async def state(context):\n    {body}\n")
+        assert function_returns(func) == expected
+
+    async def test_a_sourceless_or_return_holds_the_join(self) -> None:
+        log: list[str] = []
+        gate = asyncio.Event()
+        agent = Agent("sourceless", isolation="inline")
+
+        async def start(context):
+            return ["fast", "router"]
+
+        async def fast(context):
+            return "join"
+
+        async def join(context):
+            log.append("join")
+
+        router = _without_source(
+            "async def router(context):\n"
+            "    await gate.wait()\n"
+            "    return context.get_state('next') or None\n", gate=gate)
+        for name, fn in (("start", start), ("fast", fast), ("router", router), ("join", join)):
+            agent.add_state(name, fn)
+        runner = asyncio.create_task(agent.run(initial_context={"next": "join"}))
+        while agent.state_metadata["fast"].status is not StateStatus.COMPLETED:
+            await asyncio.sleep(0)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert log == []  # held: the router could still return it
+        gate.set()
+        await asyncio.wait_for(runner, 10)
+        assert log == ["join"]  # once, after the router
