@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import _env, _validate
 from . import events as ev
 from . import live
-from ._loops import LoopGone, awaited_on, call_on, runs_elsewhere
+from ._loops import LoopGone, awaited_on, call_on, run_to_end, runs_elsewhere
 from ._types import Priority, StopReason
 from .checkpoint import AgentCheckpoint
 from .context import Context, budget_from_mb, default_budget
@@ -512,11 +512,16 @@ class Agent:
             self._log.exception("cleaning up after %r failed", exc)
 
     def run_sync(self, **kwargs: Any) -> Context:
-        """Run on a fresh uvloop event loop owned by the engine (for scripts and the CLI)."""
-        import uvloop
+        """Run on a fresh uvloop event loop owned by the engine (for scripts and the CLI).
 
+        Takes :meth:`run`'s arguments. It returns (or raises) once the run has ended and the
+        tasks left on its loop have been cancelled: a task that ignores its cancellation (an
+        inline state that swallows ``CancelledError``) is waited for ``cleanup_timeout``
+        seconds more, then abandoned with a warning, never waited for forever.
+        """
         if asyncio._get_running_loop() is None:
-            return uvloop.run(self.run(**kwargs))
+            grace = kwargs.get("cleanup_timeout")
+            return run_to_end(self.run(**kwargs), self.cleanup_timeout if grace is None else grace)
         raise EventLoopRunningError(
             f"agent {self.name!r}: run_sync() starts an event loop of its own, and one runs here "
             "already (async code, a notebook): use `await agent.run()` instead"
@@ -730,8 +735,7 @@ class Agent:
                     f"checkpoint belongs to agent {checkpoint.agent_name!r}, not {self.name!r}: "
                     "restore it into an agent of that name, or pass strict=False"
                 )
-            named = set(checkpoint.completed_states) | set(checkpoint.pending_states) | set(checkpoint.running_states)
-            missing = sorted(named - set(self._states))
+            missing = sorted(checkpoint.state_names() - set(self._states))
             if missing:
                 raise CheckpointError(
                     f"checkpoint names states this agent does not have: {', '.join(missing)}: "

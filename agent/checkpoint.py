@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointError
+from .status import AgentStatus, StateStatus
 
 CHECKPOINT_FORMAT_VERSION = 1
 
@@ -107,16 +108,19 @@ class AgentCheckpoint:
         context = from_json(data["context"], levels_above=1)
         if not isinstance(context, dict) or not all(isinstance(k, str) for k in context):
             raise CheckpointError("checkpoint context must be an object with string keys")
+        status = _text(data, "agent_status")
+        if status not in _AGENT_STATUSES:
+            raise CheckpointError(f"checkpoint field agent_status is {status!r}, not an agent status: it is corrupt")
         return cls(
             agent_name=_text(data, "agent_name"),
-            agent_status=_text(data, "agent_status"),
+            agent_status=status,
             completed_states=set(_names(data, "completed_states")),
             pending_states=_names(data, "pending_states"),
             running_states=_names(data, "running_states"),
-            state_metadata=_mapping(from_json(data["state_metadata"]), "state_metadata"),
+            state_metadata=_state_metadata(from_json(data["state_metadata"])),
             context=context,
             run_id=_text(data, "run_id") if "run_id" in data else "",
-            frames=_mapping(from_json(data.get("frames", {})), "frames"),
+            frames=_frames(from_json(data.get("frames", {}))),
             timestamp=_number(data, "timestamp"),
             format_version=version,
         )
@@ -124,8 +128,15 @@ class AgentCheckpoint:
     # --- applying to an agent ------------------------------------------------------------
 
     def state_names(self) -> set[str]:
-        """Every state name the checkpoint refers to."""
-        return set(self.completed_states) | set(self.pending_states) | set(self.running_states)
+        """Every state name the checkpoint refers to (its lists, and what its frames hold or wait for)."""
+        frames = self.frames
+        names = set(self.completed_states) | set(self.pending_states) | set(self.running_states)
+        names.update(a["state"] for a in frames.get("activations", ()))
+        names.update(frames.get("watch", ()))
+        for group in frames.get("groups", ()):
+            names.update(group.get("held", ()))
+            names.update(group.get("cancelled", ()))
+        return names
 
     def validate_for(self, agent_name: str | None, state_names: Iterable[str]) -> None:
         """Raise CheckpointError unless this checkpoint can be applied to that agent.
@@ -185,6 +196,81 @@ def _names(data: dict[str, Any], key: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise CheckpointError(f"checkpoint field {key} must be a list of state names")
     return list(value)
+
+
+_AGENT_STATUSES = frozenset(s.value for s in AgentStatus)
+_STATE_STATUSES = frozenset(s.value for s in StateStatus)
+
+
+def _state_metadata(value: Any) -> dict[str, dict[str, Any]]:
+    for name, meta in _mapping(value, "state_metadata").items():
+        if not isinstance(meta, dict):
+            raise CheckpointError(
+                f"checkpoint state_metadata of {name!r} is a {type(meta).__name__}, not an object: it is corrupt")
+        if "status" in meta and meta["status"] not in _STATE_STATUSES:
+            raise CheckpointError(f"checkpoint state_metadata of {name!r} has status {meta['status']!r}, "
+                                  "not a state status: it is corrupt")
+    return value  # type: ignore[no-any-return]
+
+
+# The fields of the scheduler's frames (Run.snapshot), the first of each required.
+_FRAME_FIELDS: dict[str, dict[str, Any]] = {
+    "activations": {"state": str, "group": int, "attempt": int, "via_dependency": bool, "counted": bool,
+                    "ended": bool},
+    "groups": {"id": int, "parent": (int, None), "unfinished": int, "active": int, "opener": (str, None),
+               "held": (dict, list), "cancelled": list},
+}
+
+
+def _frames(value: Any) -> dict[str, Any]:
+    """The scheduler's frames, every field checked, so that a corrupt one is refused here and
+    not met half-way through a resumed run."""
+    frames = _mapping(value, "frames")
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise CheckpointError(f"checkpoint frames.{what}: it is corrupt")
+
+    for key, fields in _FRAME_FIELDS.items():
+        items = frames.get(key, [])
+        need(_is(items, list) and _all(items, dict), f"{key} is not a list of objects")
+        for item in items:
+            need(next(iter(fields)) in item, f"{key} has an entry without {next(iter(fields))}")
+            for name, expected in fields.items():
+                need(name not in item or _is(item[name], expected), f"{key} has {name}={item.get(name)!r}")
+    for group in frames.get("groups", []):
+        held = group.get("held", {})
+        need(_all(held, str) and _all(held.values() if isinstance(held, dict) else (), int)
+             and _all(group.get("cancelled", []), str), "groups holds a state name that is not a string")
+    need(_is(frames.get("watch", []), list) and _all(frames.get("watch", []), str), "watch is not a list of names")
+    need(_is(frames.get("steps", 0), int), "steps is not an integer")
+    dependencies = frames.get("dependencies", {})
+    need(_is(dependencies, dict), "dependencies is not an object")
+    consumed = dependencies.get("consumed", [])
+    need(_is(consumed, list) and all(_is(c, list) and len(c) == 3 and _is(c[0], str) and _is(c[1], str)
+                                     and _is(c[2], int) for c in consumed),
+         "dependencies.consumed is not a list of [name, name, count]")
+    for where, key, number in (
+        (frames, "completions", int), (dependencies, "starts", int), (dependencies, "finishes", int),
+        (dependencies, "last_completion", (int, float)), (dependencies, "last_start", (int, float)),
+    ):
+        counts = where.get(key, {})
+        need(_is(counts, dict) and _all(counts.values(), number), f"{key} does not map names to numbers")
+    return frames
+
+
+def _all(items: Any, expected: Any) -> bool:
+    return all(_is(item, expected) for item in items)
+
+
+def _is(value: Any, expected: Any) -> bool:
+    """``isinstance`` where a bool is no number, and None in a tuple allows None."""
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    if value is None:
+        return None in kinds
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, tuple(k for k in kinds if k is not None))
 
 
 def _mapping(value: Any, key: str) -> dict[str, Any]:

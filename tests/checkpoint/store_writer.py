@@ -1,6 +1,6 @@
 """Saves checkpoints of one run as fast as it can, printing each sequence number.
 
-Step ``n`` sets ``k{n % 100}`` and ``n`` to ``n`` and the status to ``step-n``, so any
+Step ``n`` sets ``k{n % 100}`` and ``n`` to ``n`` and its completed state to ``s{n}``, so any
 checkpoint read back can be checked for being one whole step (see ``expected_context``).
 Usage: python store_writer.py DB_PATH RUN_ID FIRST_STEP
 """
@@ -29,7 +29,7 @@ def main() -> None:
     while True:
         context[f"k{n % 100}"] = n
         context["n"] = n
-        cp = AgentCheckpoint("writer", f"step-{n}", {f"s{n}"}, [], [], {}, context, run_id=run_id)
+        cp = AgentCheckpoint("writer", "running", {f"s{n}"}, [], [], {}, context, run_id=run_id)
         seq = store.save(run_id, cp, changed_keys=[f"k{n % 100}", "n"])
         print(n, seq, flush=True)
         n += 1

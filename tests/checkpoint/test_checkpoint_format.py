@@ -28,7 +28,9 @@ def sample() -> AgentCheckpoint:
         state_metadata={"extract": {"attempts": 1, "status": "completed"}},
         context={"rows": 10, "progress": Progress(3, {"a", "b"}), "pair": (1, 2)},
         run_id="run-1",
-        frames={"root": {"open": ["load"]}},
+        frames={"groups": [{"id": 0, "parent": None, "unfinished": 1, "held": {}}],
+                "activations": [{"state": "load", "group": 0, "attempt": 0, "via_dependency": False}],
+                "watch": [], "completions": {"extract": 1, "transform": 1}, "steps": 3},
         timestamp=1_800_000_000.5,
     )
 
@@ -98,6 +100,33 @@ class TestAgentCheckpoint:
         with pytest.raises(CheckpointError, match="JSON object"):
             AgentCheckpoint.from_dict([1, 2])
 
+    @pytest.mark.parametrize(
+        "field, value",
+        [
+            ("agent_status", "weird"),
+            ("state_metadata", {"extract": {"status": "bogus"}}),
+            ("state_metadata", {"extract": 5}),
+            ("frames", {"groups": "x"}),
+            ("frames", {"groups": [{"parent": None}]}),
+            ("frames", {"groups": [{"id": "0"}]}),
+            ("frames", {"groups": [{"id": 0, "held": {"load": "two"}}]}),
+            ("frames", {"activations": [{"state": 5, "group": 0}]}),
+            ("frames", {"activations": [{"state": "load", "group": True}]}),
+            ("frames", {"activations": [{"group": 0}]}),
+            ("frames", {"watch": [1]}),
+            ("frames", {"steps": "3"}),
+            ("frames", {"completions": {"load": None}}),
+            ("frames", {"dependencies": {"consumed": [["load", 1, 2]]}}),
+            ("frames", {"dependencies": {"last_start": {"load": "now"}}}),
+        ],
+    )
+    def test_corrupt_status_metadata_or_frames(self, field, value):
+        # Refused on the way in, not met half-way through a resumed run as a bare TypeError.
+        data = sample().to_dict()
+        data[field] = value
+        with pytest.raises(CheckpointError, match="corrupt"):
+            AgentCheckpoint.from_dict(data)
+
 
 class TestValidateFor:
     """A checkpoint applies only to an agent of its name that has all its states."""
@@ -115,3 +144,15 @@ class TestValidateFor:
     def test_states_that_no_longer_exist(self):
         with pytest.raises(CheckpointError, match="'load', 'notify'"):
             sample().validate_for("etl", ["extract", "transform"])
+
+    @pytest.mark.parametrize("frames", [
+        {"activations": [{"state": "gone", "group": 0}]},
+        {"groups": [{"id": 0, "held": {"gone": 1}}]},
+        {"groups": [{"id": 0, "cancelled": ["gone"]}]},
+        {"watch": ["gone"]},
+    ])
+    def test_a_state_named_only_in_the_frames(self, frames):
+        # Its pending work would otherwise be dropped without a word.
+        cp = dataclasses.replace(sample(), frames=frames)
+        with pytest.raises(CheckpointError, match="'gone'"):
+            cp.validate_for("etl", ["extract", "transform", "load", "notify"])
