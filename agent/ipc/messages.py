@@ -234,10 +234,11 @@ def decode_message(frame: bytes | memoryview, bounds: Bounds, allowed: frozenset
 
 
 def decode_counted(
-    frame: bytes | memoryview, bounds: Bounds, allowed: frozenset[type] | None = None
+    frame: bytes | memoryview, bounds: Bounds, allowed: frozenset[type] | None = None, *, import_modules: bool = False
 ) -> tuple[Message, int]:
-    """:func:`decode_message`, and how many objects decoding the frame made."""
-    body, objects = unpack(frame, bounds, framed=True)
+    """:func:`decode_message`, and how many objects decoding the frame made. ``import_modules``:
+    a typed value's module may be imported to find its class (a trusted sender's data)."""
+    body, objects = unpack(frame, bounds, framed=True, import_modules=import_modules)
     if type(body) is not dict:
         raise ProtocolError(f"frame is a msgpack {type(body).__name__}, not a map")
     version = body.pop("v", None)

@@ -37,7 +37,7 @@ from ..errors import (
     ProtocolError,
     exception_message,
 )
-from ..executor import Attempt, AttemptFailed, AttemptOutcome
+from ..executor import Attempt, AttemptFailed, AttemptOutcome, Isolation
 from ..human import ask_relayed
 from ..ipc import (
     FROM_CHILD,
@@ -106,15 +106,20 @@ class _Decoded(NamedTuple):
     objects: int = 0
 
 
-def decode_frame(frame: bytes | memoryview, bounds: Bounds) -> _Decoded:
-    """Decode a frame and size the value it carries; raises ProtocolError (BoundExceededError)."""
-    msg, objects = decode_counted(frame, bounds, FROM_CHILD)
+def decode_frame(frame: bytes | memoryview, bounds: Bounds, trusted: bool) -> _Decoded:
+    """Decode a frame and size the value it carries; raises ProtocolError (BoundExceededError).
+
+    From a ``trusted`` child (not a sandbox), a typed value's module is imported when this
+    process has not imported it yet (a module only the state imports, as inline); a
+    sandboxed child cannot make the supervisor import anything.
+    """
+    msg, objects = decode_counted(frame, bounds, FROM_CHILD, import_modules=trusted)
     if isinstance(msg, Result) or (isinstance(msg, ContextWrite) and not msg.deleted):
         return _Decoded(msg, msg.value, value_size(msg, len(frame)), objects)
     return _Decoded(msg, objects=objects)
 
 
-def decode_off_loop(frame: bytes | memoryview, bounds: Bounds) -> _Decoded:
+def decode_off_loop(frame: bytes | memoryview, bounds: Bounds, trusted: bool) -> _Decoded:
     """:func:`decode_frame`, in the decoder thread, with the cyclic garbage collector paused.
 
     A frame of many small containers makes up to ``max_objects`` objects; collections
@@ -125,7 +130,7 @@ def decode_off_loop(frame: bytes | memoryview, bounds: Bounds) -> _Decoded:
     paused = gc.isenabled()
     gc.disable()
     try:
-        return decode_frame(frame, bounds)
+        return decode_frame(frame, bounds, trusted)
     finally:
         if paused:
             gc.enable()
@@ -177,6 +182,7 @@ class ChildProcess:
         self.log_path = log_path
         self._run_frame: bytes | None = run_frame
         self._bounds = bounds
+        self._trusted = attempt.isolation is not Isolation.SANDBOX
         self.status = ChildStatus.LAUNCHING
         self.pid: int | None = None
         self.fd: int | None = None
@@ -411,11 +417,11 @@ class ChildProcess:
     def _handle(self, frame: bytes | memoryview) -> None:
         if len(frame) >= OFF_LOOP_BYTES:
             self._decoding = True
-            future = self._sup.decoder.submit(decode_off_loop, frame, self._bounds)
+            future = self._sup.decoder.submit(decode_off_loop, frame, self._bounds, self._trusted)
             asyncio.wrap_future(future).add_done_callback(self._decoded)
             return
         try:
-            decoded = decode_frame(frame, self._bounds)
+            decoded = decode_frame(frame, self._bounds, self._trusted)
         except ProtocolError as exc:
             self._refuse(exc)
             return

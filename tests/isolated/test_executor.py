@@ -40,6 +40,12 @@ async def context_state(context):
     return ["next_a", "next_b"]
 
 
+async def imports_a_typed_class_state(context):
+    import importlib
+
+    context.set_typed("lazy", importlib.import_module(context.get_state("module")).Lazy(1))
+
+
 async def human_state(context):
     score = await context.human_in_the_loop(
         prompt="Enter score (0-100):", timeout=30,
@@ -154,6 +160,24 @@ class TestContextAcrossTheBoundary:
         outcome = await run(make_attempt(many_writes_state, context=ctx))
         assert outcome.result == "done"
         assert seen == [f"{i:05d}" for i in range(20_000)]
+
+    async def test_a_typed_class_only_the_state_imports(self, level, tmp_path, monkeypatch):
+        # As inline: the supervisor imports the class's module to decode the write (trusted
+        # code; a sandboxed child's data is never decoded by importing).
+        module = f"typed_only_the_state_imports_{level.value}"
+        (tmp_path / f"{module}.py").write_text(
+            "from dataclasses import dataclass\n"
+            "from agent import TypedContextData\n"
+            "@dataclass\n"
+            "class Lazy(TypedContextData):\n"
+            "    x: int\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, module, raising=False)
+        ctx = Context({"module": module})
+        outcome = await run(make_attempt(imports_a_typed_class_state, context=ctx))
+        assert outcome.result is None
+        assert module in sys.modules
+        assert ctx.get_typed("lazy", sys.modules[module].Lazy).x == 1
 
     async def test_a_value_outside_the_model_never_enters_the_context(self):
         with pytest.raises(UnencodableValueError, match="context key 'lock': a asyncio.locks.Lock cannot"):
