@@ -470,6 +470,10 @@ def top_command(args: Any) -> int:
     import json
     import shutil
 
+    if args.demo and args.json:
+        print("agent top: --json prints what other processes run, --demo draws demo workflows of its own: "
+              "give one of them", file=sys.stderr)
+        return EXIT_USAGE
     if args.demo:
         return _demo(args)
     if args.json:

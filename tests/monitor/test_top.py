@@ -65,6 +65,12 @@ class TestMain:
     def test_bad_option(self, capsys):
         assert main(["--interval", "0"]) == 2
 
+    def test_demo_has_no_json(self, capsys):
+        # A drawn frame where JSON was asked for would break whatever reads it.
+        assert main(["--demo", "--json"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and "give one of them" in captured.err
+
     def test_demo_snapshot(self, capsys):
         assert main(["--demo", "--snapshot", "--speed", "40", "--interval", "0.01", "--width", "100"]) == 0
         out = capsys.readouterr().out
