@@ -1287,6 +1287,41 @@ def loads(text: str | bytes) -> Any:
 _ONLY_STR = {str}
 
 
+class NotATransition:
+    """What an isolated state returned instead of a transition, as its process described it
+    (the value itself may not be able to cross): refused as :func:`transition_problem` says."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def transition_problem(result: Any) -> str | None:
+    """Why a state's return value cannot be a transition (None, a name, a list or tuple of
+    names), or None when it can; the same words in every isolation level."""
+    if result is None or isinstance(result, str):
+        return None
+    if type(result) is NotATransition:
+        return result.problem
+    if isinstance(result, (list, tuple)):
+        for n in result:
+            if not isinstance(n, str):
+                return (f"returned a list containing {type(n).__name__} {_short_repr(n)}: "
+                        "a list may hold only state names (str)")
+        return None
+    return (f"returned {type(result).__name__} {_short_repr(result)}: return the next state's name (str), "
+            "a list of names to run in parallel, or None to end this branch")
+
+
+def _short_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:  # a broken __repr__ of the user's
+        text = f"<unprintable: {type(exc).__name__}>"
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def plain_names(result: Any) -> Any:
     """``result`` with each state name a plain ``str``: a name may be an instance of a str
     subclass (a ``StrEnum`` member), and means the name it spells in every isolation level

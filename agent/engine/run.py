@@ -1209,6 +1209,9 @@ class Run:
         if result is None:
             return None
         result = values.plain_names(result)
+        problem = values.transition_problem(result)
+        if problem is not None:
+            raise InvalidTransitionError(f"state {name!r} {problem}")
         declared = self.specs[name].next_states
         if isinstance(result, str):
             if result not in self.specs:
@@ -1219,20 +1222,12 @@ class Run:
         if isinstance(result, (list, tuple)):
             names = list(dict.fromkeys(result))
             for n in names:
-                if not isinstance(n, str):
-                    raise InvalidTransitionError(
-                        f"state {name!r} returned a list containing {type(n).__name__} {n!r}: "
-                        "a list may hold only state names (str)"
-                    )
                 if n not in self.specs:
                     raise UnknownNextStateError(_unknown_next(name, n, self.specs))
                 if declared is not None and n not in declared:
                     raise InvalidTransitionError(_undeclared(name, n, declared))
             return names or None
-        raise InvalidTransitionError(
-            f"state {name!r} returned {type(result).__name__} {result!r}: return the next state's "
-            "name (str), a list of names to run in parallel, or None to end this branch"
-        )
+        raise AssertionError(f"transition_problem() let {type(result).__name__} through")
 
     def attempt_failed(self, act: Activation, failure: FailureReason, duration: float, usage: dict[str, Any],
                        now: float) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 from ..errors import ProtocolError
@@ -22,7 +22,7 @@ from ..values import Bounds, checker, encode, unpack
 
 _VALUE_KEY = len(encode("value"))
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,12 @@ class ContextWrite:
 
 @dataclass(frozen=True)
 class Result:
-    """Child to supervisor: what the state returned."""
+    """Child to supervisor: what the state returned. ``not_a_transition`` says why it is no
+    transition (:func:`agent.values.transition_problem`), the value itself left behind (it
+    may not be able to cross); empty when it may be one."""
 
     TYPE: ClassVar[str] = "result"
+    not_a_transition: str = field(default="", kw_only=True)  # before the value: value_size wants it last
     value: Any
 
 

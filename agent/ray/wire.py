@@ -47,6 +47,7 @@ _FAILURE_FIELDS: dict[str, tuple[type, ...]] = {
 }
 _END_FIELDS: dict[str, tuple[type, ...]] = {
     "pushed": (int,), "frames": (list,), "failure": (dict, type(None)), "log": (bytes,), "usage": (dict,),
+    "not_a_transition": (str,),
 }
 
 
@@ -131,9 +132,13 @@ def encode_end(result: Any, failure: FailureReason | None, pushed: int, frames: 
                usage: dict[str, Any]) -> bytes:
     """The task's return value; a result outside the model becomes the attempt's failure."""
     body: dict[str, Any] = {"pushed": pushed, "frames": frames, "failure": None, "log": log, "usage": usage,
-                            "result": None}
+                            "not_a_transition": "", "result": None}
     if failure is None:
         result = values.plain_names(result)
+        problem = values.transition_problem(result)
+        if problem is not None:  # refused by the driver, in these words, as inline
+            body["not_a_transition"] = problem
+            return values.encode(body)
         try:
             size = values.check(result, "the state's return value", BOUNDS)
             if size > BOUNDS.max_frame - _SLACK:
@@ -167,6 +172,8 @@ def decode_end(data: Any) -> End:
         _check_fields(body["failure"], _FAILURE_FIELDS, "the task's failure")
         failure = FailureReason(**body["failure"])
         result = None
+    elif body["not_a_transition"]:
+        result = values.NotATransition(body["not_a_transition"])
     if not all(type(frame) is bytes for frame in body["frames"]):
         raise ProtocolError("the task's end: frames holds something other than bytes")
     return End(result=result, failure=failure, pushed=body["pushed"], frames=body["frames"], log=body["log"],

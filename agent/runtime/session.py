@@ -142,6 +142,10 @@ class ChildSession:
                 self._report_error(value.exc)
                 return "error"
             value = values.plain_names(value)
+            problem = values.transition_problem(value)
+            if problem is not None:  # refused by the supervisor, in these words, as inline
+                self._report(Result(not_a_transition=problem, value=None))
+                return "result"
             try:
                 self._check_result(value)
             except errors.UnencodableValueError as exc:

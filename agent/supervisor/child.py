@@ -485,7 +485,7 @@ class ChildProcess:
                 context._store(msg.key, decoded.value, values.entry_size(msg.key, decoded.size))
             self._written += sizes.get(msg.key, 0) - before
         elif isinstance(msg, Result):
-            self._result = (decoded.value,)
+            self._result = (values.NotATransition(msg.not_a_transition) if msg.not_a_transition else decoded.value,)
             self._reported()
         elif isinstance(msg, Error):
             self._error = FailureReason(

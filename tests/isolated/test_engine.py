@@ -18,7 +18,7 @@ from agent import Agent, AgentStatus, Context, StateStatus
 from agent.clock import settle
 from agent.coordination import PrimitiveType, create_coordinated_agent
 from agent.errors import (
-    AgentBusyError, AttemptLogNotFoundError, IsolationError, RunTimeoutError, StateFailedError,
+    AgentBusyError, AttemptLogNotFoundError, InvalidTransitionError, IsolationError, RunTimeoutError, StateFailedError,
     StateTimeoutError,
 )
 from agent.executor import Isolation
@@ -186,6 +186,24 @@ async def burns(context):
 
 async def reads_the_environment(context):
     context.set_state("seen", [os.environ.get(name) for name in ("AGENT_TEST_SET", "AGENT_TEST_GONE", "TZ")])
+
+
+class Opaque:
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+NO_NAME = {
+    "int": r"'returns_no_name' returned int 42: return the next state's name",
+    "object": r"'returns_no_name' returned Opaque <opaque>: return the next state's name",
+    "int_keys": r"'returns_no_name' returned dict \{1: 'a'\}: return the next state's name",
+    "list_with_object": r"'returns_no_name' returned a list containing Opaque <opaque>: a list may hold only",
+}
+
+
+async def returns_no_name(context):
+    return {"int": 42, "object": Opaque(), "int_keys": {1: "a"},
+            "list_with_object": ["returns_no_name", Opaque()]}[context.get_state("kind")]
 
 
 class TestAgentWithProcessIsolation:
@@ -374,6 +392,17 @@ class TestAgentWithProcessIsolation:
         assert ctx.get_state("merged") == ["done_branch_0", "done_branch_1"]
         assert agent.state_metadata["merge"].runs == 1  # the join held for both branches
         assert len(seen) == 4 and all(type(n) is str for names in seen for n in names)
+
+    @pytest.mark.parametrize("where", ["inline", "isolated"])
+    @pytest.mark.parametrize("kind", ["int", "object", "int_keys", "list_with_object"])
+    async def test_a_return_that_is_no_transition_is_refused_alike(self, level, where, kind):
+        # Also a value that cannot cross to the supervisor: refused for what it is, not
+        # reported as an unencodable value (and not retried).
+        agent = Agent("no_transition", isolation="inline" if where == "inline" else level)
+        agent.add_state("returns_no_name", returns_no_name, max_retries=2)
+        with pytest.raises(InvalidTransitionError, match=NO_NAME[kind]):
+            await agent.run(initial_context={"kind": kind})
+        assert agent.state_metadata["returns_no_name"].attempts == 1
 
     @pytest.mark.parametrize("where", ["inline", "isolated"])
     async def test_a_state_is_a_task_of_its_own_from_first_line_to_last(self, level, where):

@@ -116,6 +116,10 @@ async def return_object(context: Context) -> object:
     return object()
 
 
+async def return_unencodable_name(context: Context) -> str:
+    return "\ud800"  # a lone surrogate: no state's name, and no value of the model
+
+
 async def low_job(context: Context) -> None:
     """Counts to 10, keeping its place in the context; restarts where it was."""
     start = context.get_state("done", 0)

@@ -14,7 +14,7 @@ pytest.importorskip("ray")
 from agent import (
     Agent, Context, Isolation, ResourcePool, ResourceRequirements, ResourceType, StateFailedError,
 )
-from agent.errors import UnencodableValueError
+from agent.errors import InvalidTransitionError, UnencodableValueError
 from agent.human import QueueInputProvider
 from agent.ray import cluster_pool
 from tests.isolated.helpers import budget_race
@@ -154,9 +154,17 @@ class TestContext:
         assert reason.exception_type == f"{UnencodableValueError.__module__}.UnencodableValueError"
         assert "context key 'handle'" in reason.message
 
+    async def test_a_result_that_is_no_transition_is_refused_as_inline(self):
+        # Even one that could not travel back: refused for what it is, as at every level.
+        agent = Agent("bad_result", isolation="ray")
+        agent.add_state("return_object", states.return_object, max_retries=2)
+        with pytest.raises(InvalidTransitionError, match="'return_object' returned object <object object at"):
+            await agent.run()
+        assert agent.state_metadata["return_object"].attempts == 1
+
     async def test_an_unencodable_result_fails_the_state(self):
         agent = Agent("bad_result", isolation="ray")
-        agent.add_state("return_object", states.return_object)
+        agent.add_state("return_unencodable_name", states.return_unencodable_name)
         with pytest.raises(StateFailedError, match="the state's return value") as info:
             await agent.run()
         # As a state process says it: the error's name, and where it was raised.
