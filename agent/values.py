@@ -921,7 +921,7 @@ class _Decoding:
             try:
                 out = _leaf_from(code, items)
             except Exception as exc:  # ValueError, decimal.InvalidOperation, ZoneInfoNotFoundError...
-                raise ProtocolError(f"malformed value under marker {code}: {exc!r}") from None
+                raise ProtocolError(f"malformed value under marker {code}: {shortened(repr(exc))}") from None
         self.made.append(out)
         return out
 
@@ -932,7 +932,7 @@ class _Decoding:
         cls = typed_class(name, import_modules=self.import_modules)
         if cls is None:
             raise ProtocolError(
-                f"typed value names {name!r}, which is not an imported TypedContextData dataclass: "
+                f"typed value names {short_repr(name)}, which is not an imported TypedContextData dataclass: "
                 "import the module that defines it in the supervising process"
             )
         if "<locals>" in cls.__qualname__:  # found under another name (a module-level alias)
@@ -943,7 +943,7 @@ class _Decoding:
         try:
             return build_typed(cls, fields)
         except Exception as exc:
-            raise ProtocolError(f"typed value {name!r} does not match its class: {exc}") from None
+            raise ProtocolError(f"typed value {name!r} does not match its class: {shortened(str(exc))}") from None
 
 
 class Decoded(typing.NamedTuple):
@@ -1036,7 +1036,7 @@ def _malformed(exc: Exception) -> ProtocolError:
     text = str(exc)
     if "exceeds max_" in text:  # msgpack's own length caps, checked before it allocates
         return BoundExceededError(f"a container or string over its bound ({text})")
-    return ProtocolError(f"malformed data: {exc!r}")
+    return ProtocolError(f"malformed data: {type(exc).__name__}: {shortened(str(exc))}")
 
 
 def _no_ext(code: int, data: bytes) -> Any:
@@ -1307,19 +1307,25 @@ def transition_problem(result: Any) -> str | None:
     if isinstance(result, (list, tuple)):
         for n in result:
             if not isinstance(n, str):
-                return (f"returned a list containing {type(n).__name__} {_short_repr(n)}: "
+                return (f"returned a list containing {type(n).__name__} {short_repr(n)}: "
                         "a list may hold only state names (str)")
         return None
-    return (f"returned {type(result).__name__} {_short_repr(result)}: return the next state's name (str), "
+    return (f"returned {type(result).__name__} {short_repr(result)}: return the next state's name (str), "
             "a list of names to run in parallel, or None to end this branch")
 
 
-def _short_repr(value: Any) -> str:
+def short_repr(value: Any) -> str:
+    """``repr(value)``, cut to 200 characters: for error messages that quote what they refuse."""
     try:
         text = repr(value)
     except Exception as exc:  # a broken __repr__ of the user's
         text = f"<unprintable: {type(exc).__name__}>"
-    return text if len(text) <= 200 else text[:200] + "..."
+    return shortened(text)
+
+
+def shortened(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} characters more)"
 
 
 def plain_names(result: Any) -> Any:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 from ..errors import ProtocolError
-from ..values import Bounds, checker, encode, unpack
+from ..values import Bounds, checker, encode, short_repr, unpack
 
 _VALUE_KEY = len(encode("value"))
 
@@ -244,20 +244,21 @@ def decode_counted(
     body, objects = unpack(frame, bounds, framed=True, import_modules=import_modules)
     if type(body) is not dict:
         raise ProtocolError(f"frame is a msgpack {type(body).__name__}, not a map")
+    # What an error quotes of a frame is cut short: a frame may be megabytes of anything.
     version = body.pop("v", None)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"protocol version {version!r} is not {PROTOCOL_VERSION}: the child runs another "
+            f"protocol version {short_repr(version)} is not {PROTOCOL_VERSION}: the child runs another "
             "version of the framework"
         )
-    cls = _TYPES.get(body.pop("t", None))  # type: ignore[arg-type]
+    kind = body.pop("t", None)
+    cls = _TYPES.get(kind) if type(kind) is str else None
     if cls is None or (allowed is not None and cls not in allowed):
-        raise ProtocolError(f"message type {body.get('t')!r} is not allowed here")
+        raise ProtocolError(f"message type {short_repr(kind)} is not allowed here")
     schema = _SCHEMAS[cls]
     if body.keys() != schema.keys():
-        raise ProtocolError(
-            f"{cls.TYPE} message has fields {sorted(body)}, expected {sorted(schema)}"
-        )
+        fields = sorted(short_repr(k) for k in list(body)[:20]) + (["..."] if len(body) > 20 else [])
+        raise ProtocolError(f"{cls.TYPE} message has fields {', '.join(fields)}, expected {sorted(schema)}")
     for name, tp, check in _FIELD_CHECKS[cls]:
         value = body[name]
         if not check(value):

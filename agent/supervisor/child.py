@@ -72,6 +72,7 @@ OFF_LOOP_BYTES = 256 * 1024
 """Frames at least this big are decoded off the event loop."""
 
 _LOG_TAIL = 4000
+MAX_VIOLATION_TEXT = 1000  # characters of a violation's message: it may quote a frame of megabytes
 _FILE_TOO_LARGE = f"[Errno {errno.EFBIG}]"  # how OSError(EFBIG) prints: past RLIMIT_FSIZE
 # What a child may take before it joins its cgroup (a few hundred faults, a millisecond).
 _CPU_SLACK = 0.05
@@ -392,6 +393,7 @@ class ChildProcess:
 
     def violate(self, message: str, *, kind: str = "protocol", traceback: str = "") -> None:
         """Record a protocol violation (or a bound passed) and kill the child."""
+        message = values.shortened(message, MAX_VIOLATION_TEXT)  # it may quote the child's frame
         if self._violation is None:
             self._violation = FailureReason(kind=kind, message=message, traceback=traceback)
             self._sup.count_violation(self, kind, message)
@@ -475,7 +477,8 @@ class ChildProcess:
         if isinstance(msg, ContextWrite):
             scope = getattr(self.attempt.context, "scope", None)
             if scope is not None and not scope.allows(msg.key):
-                raise ProtocolError(f"the state wrote context key {msg.key!r}, outside its context_keys")
+                raise ProtocolError(
+                    f"the state wrote context key {values.short_repr(msg.key)}, outside its context_keys")
             context = self.attempt.context
             sizes = context.budget.sizes
             before = sizes.get(msg.key, 0)
@@ -567,7 +570,8 @@ class ChildProcess:
                 self._give_back(held)
             return
         if req.op != "take" or req.request_id in self._taking or req.request_id in self._holding:
-            raise ProtocolError(f"coordination request {req.request_id} ({req.op!r}) is not a new take")
+            raise ProtocolError(
+                f"coordination request {req.request_id} ({values.short_repr(req.op)}) is not a new take")
         loop = asyncio.get_running_loop()
         self._taking[req.request_id] = loop.create_task(self._take(req), context=self._context)
 

@@ -30,8 +30,9 @@ from ..ipc import FROM_CHILD, Hello, decode_message, encode_message
 from ..ipc.messages import decode_counted
 from ..runtime.worker import EXIT_IDLE
 from ..runtime.zygote import charged_in
+from ..values import shortened
 from .channel import DirectChannel
-from .child import ChildProcess, ChildStatus, _Decoded, escape_reason, exit_code_and_signal
+from .child import MAX_VIOLATION_TEXT, ChildProcess, ChildStatus, _Decoded, escape_reason, exit_code_and_signal
 from .confinement import Confinement, Reading, SharedConfinement, restart_peak
 from .output import WorkerOutput, label_for
 
@@ -363,7 +364,7 @@ class WorkerProcess:
         if self.attempt is not None:
             self.attempt.violate(message, kind=kind, traceback=traceback)
         else:
-            self._sup.count_violation(self, kind, message)
+            self._sup.count_violation(self, kind, shortened(message, MAX_VIOLATION_TEXT))
             self.kill()
 
     def kill(self) -> None:

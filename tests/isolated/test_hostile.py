@@ -23,7 +23,9 @@ import pytest
 
 from agent import Agent, Context, ResourceRequirements, RetryPolicy
 from agent.checkpoint_store import SQLiteCheckpointStore
-from agent.errors import AgentError, ContextTypeError, StateFailedError, UnencodableValueError
+from agent.errors import (
+    AgentError, ContextTypeError, InvalidTransitionError, StateFailedError, UnencodableValueError,
+)
 from agent.executor import AttemptFailed
 from agent.ipc import PROTOCOL_VERSION, ContextWrite, Hello, Result, encode_message
 from agent.ipc.zmtp import DealerTransport
@@ -92,6 +94,27 @@ async def inflating_raw(context):
     # 12 MB of empty arrays: more than a million objects, ~70x its size if decoded.
     chunk = b"\xdd" + (600_000).to_bytes(4, "big") + b"\x90" * 600_000
     await _send_raw_write("bomb", b"\xdc" + (20).to_bytes(2, "big") + chunk * 20)
+
+
+async def _send_raw(frame: bytes) -> None:
+    _own_transport().send(frame)
+    await asyncio.get_running_loop().create_future()  # wait to be killed
+
+
+async def trailing_garbage(context):
+    await _send_raw(msgpack.packb(1) + b"\xff" * (4 * MiB))
+
+
+async def huge_version(context):
+    await _send_raw(msgpack.packb({"v": "A" * (4 * MiB), "t": "log"}))
+
+
+async def supervisors_message(context):
+    await _send_raw(msgpack.packb({"v": PROTOCOL_VERSION, "t": "cancel"}))
+
+
+async def unknown_fields(context):
+    await _send_raw(msgpack.packb({"v": PROTOCOL_VERSION, "t": "log", **{f"f{i}": "x" * 1000 for i in range(5000)}}))
 
 
 async def over_budget_raw(context):
@@ -319,10 +342,14 @@ class TestDeepValues:
         assert "context key 'deep'" in exc.reason.message and "nested deeper than 64 levels" in exc.reason.message
         await still_serving(isolation)
 
-    @pytest.mark.parametrize("isolation", ISOLATED)
+    @pytest.mark.parametrize("isolation", EVERY_LEVEL)
     async def test_a_deep_return_value(self, isolation):
-        exc = await failed(isolation, deep_return)
-        assert "the state's return value" in exc.reason.message and exc.reason.permanent
+        # No transition, whatever its depth: refused for that, as inline, in words of bounded length.
+        agent = Agent("deep_return", isolation=isolation)
+        agent.add_state("deep_return", deep_return, context_keys=ALL_KEYS)
+        with pytest.raises(InvalidTransitionError, match=r"returned a list containing tuple \(\(\(") as info:
+            await agent.run()
+        assert "characters more" in str(info.value)
         await still_serving(isolation)
 
     @pytest.mark.parametrize("isolation", ISOLATED)
@@ -472,6 +499,23 @@ class TestIdentity:
         assert (await victim).result == "victim done"
         assert victim_ctx.get_state("victim") == "done" and "forged" not in victim_ctx
         await still_serving("process")
+
+
+class TestBadFrames:
+    """A frame that is not a message of ours kills its sender; the reason quotes it in short."""
+
+    @pytest.mark.parametrize("isolation", ISOLATED)
+    @pytest.mark.parametrize(("func", "quoted"), [
+        ("trailing_garbage", "malformed data: ExtraData"),
+        ("huge_version", "protocol version 'AAAA"),
+        ("supervisors_message", "message type 'cancel' is not allowed here"),
+        ("unknown_fields", "log message has fields"),
+    ])
+    async def test_a_bad_frame(self, isolation, func, quoted):
+        exc = await failed(isolation, globals()[func], retries=0)
+        assert exc.reason.kind == "protocol" and quoted in exc.reason.message
+        assert len(exc.reason.message) < 2000  # megabytes were sent
+        await still_serving(isolation)
 
 
 class TestHonestReasons:
