@@ -37,6 +37,8 @@ from .preemption import Holder, PreemptionPolicy, eviction_order
 from .quotas import Quota, QuotaBook, QuotaBreach, QuotaMode
 
 _ALL_TYPES = ResourceType.ALL
+MIN_MEMORY_MB = 0.25
+"""The smallest memory limit a state's cgroup takes (64 pages): below it no process starts."""
 # Members as module names: reading one from its class goes through the enum metaclass in 3.11.
 _CPU, _MEMORY, _IO, _NETWORK, _GPU = (ResourceType.CPU, ResourceType.MEMORY, ResourceType.IO,
                                       ResourceType.NETWORK, ResourceType.GPU)

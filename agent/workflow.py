@@ -26,18 +26,19 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from . import _validate
-from ._types import Priority
+from ._types import Priority, ResourceType
 from .dependencies import DependencyConfig, DependencyType
 from .errors import (
     DependencyCycleError,
     DuplicateStateError,
     InvalidConfigurationError,
     InvalidStateFunctionError,
+    ResourceRequestError,
     UnknownStateError,
     WorkflowDefinitionError,
 )
 from .executor import Isolation, parse_isolation
-from .resources import ResourceRequirements
+from .resources import MIN_MEMORY_MB, ResourceRequirements
 from .retry import RetryPolicy
 from .scope import check_context_keys
 from .state import StateMetadata
@@ -115,6 +116,7 @@ class StateSpec:
 
 
 _NORMAL: Final = Priority.NORMAL
+_CONFINED: Final = frozenset((Isolation.PROCESS, Isolation.WORKER, Isolation.SANDBOX))  # levels with a cgroup
 _Requirements: Final = ResourceRequirements  # a Final name is a C static here, not a global's lookup
 _SURELY_SHORT: Final = _validate.MAX_STATE_NAME_BYTES // 4  # characters: at most 4 UTF-8 bytes each
 
@@ -157,6 +159,12 @@ def new_spec(agent: Any, name: Any, func: Any, dependencies: Any, resources: Any
         _validate.number(timeout, f"state {name!r}: timeout", error=InvalidConfigurationError,
                          above=True, none=True, unit="seconds")
     level = parse_isolation(isolation) if isolation is not None else None
+    if (resources is not None and 0 < resources.memory_mb < MIN_MEMORY_MB
+            and (level or agent.isolation) in _CONFINED and ResourceType.MEMORY in resources.resource_types):
+        raise ResourceRequestError(
+            f"state {name!r}: memory_mb={resources.memory_mb:g} is below {MIN_MEMORY_MB} MiB, too small for any "
+            "process: ask for more, leave MEMORY out of resource_types, or run the state inline"
+        )
     if priority is None:
         priority = resources.priority if resources is not None else _NORMAL
     elif not isinstance(priority, Priority):

@@ -90,9 +90,9 @@ class ContextWrite:
 
 @dataclass(frozen=True)
 class Result:
-    """Child to supervisor: what the state returned. ``not_a_transition`` says why it is no
-    transition (:func:`agent.values.transition_problem`), the value itself left behind (it
-    may not be able to cross); empty when it may be one."""
+    """Child to supervisor: what the state returned. For a value that cannot cross and is no
+    transition either, ``not_a_transition`` says why (:func:`agent.values.transition_problem`)
+    and the value stays behind: the engine refuses it as it refuses any non-name."""
 
     TYPE: ClassVar[str] = "result"
     not_a_transition: str = field(default="", kw_only=True)  # before the value: value_size wants it last

@@ -135,10 +135,6 @@ def encode_end(result: Any, failure: FailureReason | None, pushed: int, frames: 
                             "not_a_transition": "", "result": None}
     if failure is None:
         result = values.plain_names(result)
-        problem = values.transition_problem(result)
-        if problem is not None:  # refused by the driver, in these words, as inline
-            body["not_a_transition"] = problem
-            return values.encode(body)
         try:
             size = values.check(result, "the state's return value", BOUNDS)
             if size > BOUNDS.max_frame - _SLACK:
@@ -149,6 +145,10 @@ def encode_end(result: Any, failure: FailureReason | None, pushed: int, frames: 
             body["result"] = result
             return values.encode(body)
         except UnencodableValueError as exc:  # as a state process reports it: its name, its traceback
+            problem = values.transition_problem(result)
+            if problem is not None:  # no transition either: refused by the driver for that, as inline
+                body["not_a_transition"] = problem
+                return values.encode(body)
             failure = FailureReason(
                 kind="exception", message=exception_message(type(exc).__name__, exception_text(exc)),
                 exception_type=exception_type_name(type(exc)), traceback="".join(traceback.format_exception(exc)))

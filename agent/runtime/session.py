@@ -142,13 +142,13 @@ class ChildSession:
                 self._report_error(value.exc)
                 return "error"
             value = values.plain_names(value)
-            problem = values.transition_problem(value)
-            if problem is not None:  # refused by the supervisor, in these words, as inline
-                self._report(Result(not_a_transition=problem, value=None))
-                return "result"
             try:
                 self._check_result(value)
             except errors.UnencodableValueError as exc:
+                problem = values.transition_problem(value)
+                if problem is not None:  # no transition either: refused for that, in these words, as inline
+                    self._report(Result(not_a_transition=problem, value=None))
+                    return "result"
                 self._report_error(exc)
                 return "error"
             self._report(Result(value=value))

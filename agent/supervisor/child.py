@@ -107,7 +107,7 @@ class _Decoded(NamedTuple):
     objects: int = 0
 
 
-def decode_frame(frame: bytes | memoryview, bounds: Bounds, trusted: bool) -> _Decoded:
+def decode_frame(frame: bytes | memoryview, bounds: Bounds, trusted: bool = False) -> _Decoded:
     """Decode a frame and size the value it carries; raises ProtocolError (BoundExceededError).
 
     From a ``trusted`` child (not a sandbox), a typed value's module is imported when this
@@ -120,7 +120,7 @@ def decode_frame(frame: bytes | memoryview, bounds: Bounds, trusted: bool) -> _D
     return _Decoded(msg, objects=objects)
 
 
-def decode_off_loop(frame: bytes | memoryview, bounds: Bounds, trusted: bool) -> _Decoded:
+def decode_off_loop(frame: bytes | memoryview, bounds: Bounds, trusted: bool = False) -> _Decoded:
     """:func:`decode_frame`, in the decoder thread, with the cyclic garbage collector paused.
 
     A frame of many small containers makes up to ``max_objects`` objects; collections

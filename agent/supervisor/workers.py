@@ -309,6 +309,10 @@ class WorkerPool:
         handle = worker.confinement.handle
         if handle is None or worker.served == 0:
             return False
+        changed = handle.limits_changed()
+        if changed:  # the state rewrote its limits (as root): the next must not have them
+            self.supervisor.log.warning("worker_limits_changed", worker=worker.pid, files=changed)
+            return True
         # A state left processes: a lone task (one read) is the worker alone; else list them.
         tasks = handle.task_count()
         return (tasks is None or tasks > 1) and len(handle.pids()) > 1

@@ -111,6 +111,12 @@ CASES = [
      ResourceRequestError, "joined with |"),
     ("remove_observer never added", lambda: Agent("a").remove_observer(print), InvalidConfigurationError,
      "not an observer"),
+    # No cgroup takes a limit that small: said when the state is added, not after what runs before it.
+    ("add_state memory_mb below a cgroup's least", lambda: Agent("a", isolation="process").add_state(
+        "s", noop, resources=ResourceRequirements(memory_mb=0.1)), ResourceRequestError, "below 0.25 MiB"),
+    ("add_state worker memory_mb below a cgroup's least", lambda: Agent("a").add_state(
+        "s", noop, isolation="worker", resources=ResourceRequirements(memory_mb=0.2)), ResourceRequestError,
+     "below 0.25 MiB"),
 ]
 
 
@@ -165,6 +171,11 @@ class TestAccepted:
         assert ResourceRequirements(cpu_units=0, memory_mb=1, timeout=0.5, priority=2).priority is Priority.HIGH
         assert ResourcePool(total_cpu=0, total_memory=1).totals
         Agent("a", max_concurrent=1, max_steps=1, checkpoint_interval=0.5, cleanup_timeout=0)
+        # Only counted, never a cgroup's limit: inline, or without MEMORY in its types.
+        tiny = ResourceRequirements(memory_mb=0.1)
+        Agent("a", isolation="inline").add_state("s", noop, resources=tiny)
+        Agent("a").add_state("s", noop, resources=ResourceRequirements(
+            memory_mb=0.1, resource_types=ResourceType.CPU))
 
     def test_backoff_beyond_float_range(self):
         """A long retry series reaches max_delay instead of overflowing."""

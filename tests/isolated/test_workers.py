@@ -129,6 +129,27 @@ async def test_a_workers_cgroup_is_sized_to_its_shape():
     assert ctx.get_state("pid") in current_supervisor().workers.idle_pids()
 
 
+async def raises_its_limits(context):
+    with open(os.path.join(_cgroup_dir("cpu"), "cpu.cfs_quota_us"), "w") as fh:
+        fh.write("-1")  # root may: a worker must not carry it to the next state
+    with open(os.path.join(_cgroup_dir("pids"), "pids.max"), "w") as fh:
+        fh.write("max")
+    context.set_state("raised_pid", os.getpid())
+    return "limits"
+
+
+@pytest.mark.skipif(not cgroup_v1(), reason="writes cgroup v1 files")
+async def test_a_state_that_raised_its_limits_leaves_them_to_no_other_state():
+    shape = ResourceRequirements(cpu_units=0.5, memory_mb=96, pids_max=20)
+    agent = Agent("raiser", isolation="worker")
+    agent.add_state("raises", raises_its_limits, resources=shape)
+    agent.add_state("limits", report_limits, resources=shape)
+    ctx = await agent.run()
+    assert ctx.get_state("cpu_quota") == 50_000 and ctx.get_state("memory_limit") == 96 * MiB
+    assert ctx.get_state("pid") != ctx.get_state("raised_pid")  # the worker it left was retired
+    await until(lambda: gone(ctx.get_state("raised_pid")))
+
+
 async def test_a_worker_that_dies_is_replaced_and_the_state_retried():
     agent = Agent("crash", isolation="worker")
     agent.add_state("crash_first", crash_first, max_retries=1)

@@ -83,6 +83,11 @@ class CgroupHandle(Protocol):
         :meth:`pids` where the kernel counts them (``pids.current``); None where it does not."""
         ...
 
+    def limits_changed(self) -> list[str]:
+        """The limit files whose content is no longer what the backend wrote: a state running
+        as root may rewrite its own cgroup's limits, which a worker must not carry to the next."""
+        ...
+
     def kill(self) -> None:
         """SIGKILL every process in the cgroup and wait until it is empty."""
         ...
@@ -262,6 +267,19 @@ class OpenFiles:
         if len(data) == self._SIZE:
             return read(path)  # longer than one read: not worth keeping open
         return data.decode()
+
+    def contents(self, paths: list[str]) -> dict[str, str]:
+        """What each of ``paths`` that exists holds now."""
+        out = {}
+        for path in paths:
+            text = self.text(path)
+            if text is not None:
+                out[path] = text
+        return out
+
+    def changed(self, contents: dict[str, str]) -> list[str]:
+        """Which of ``contents``'s files hold something else now."""
+        return [path for path, text in contents.items() if self.text(path) != text]
 
     def _open_readonly(self, path: str) -> int:
         try:

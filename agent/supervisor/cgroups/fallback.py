@@ -148,6 +148,9 @@ class WatchedTree:
     def task_count(self) -> int | None:
         return None  # nothing counts them but a walk of the tree: see pids()
 
+    def limits_changed(self) -> list[str]:
+        return []  # the limits are the watchdog's own, and rlimits a worker checks itself
+
     def limit_events(self) -> LimitEvents:
         with self._lock:
             return LimitEvents(

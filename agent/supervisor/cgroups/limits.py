@@ -103,7 +103,7 @@ def _limits_for(
     allow_devices: tuple[str, ...] | None,
     pids_default: int,
 ) -> CgroupLimits:
-    from ...resources import ResourceType
+    from ...resources import MIN_MEMORY_MB, ResourceType
 
     if requirements is None:
         return CgroupLimits(pids_max=pids_default, allow_devices=allow_devices)
@@ -114,9 +114,9 @@ def _limits_for(
     memory = None
     if ResourceType.MEMORY in types and requirements.memory_mb > 0:
         memory = int(requirements.memory_mb * 1024 * 1024)
-        if memory < 4096 * 64:
+        if requirements.memory_mb < MIN_MEMORY_MB:  # refused at add_state already, for a state of this level
             raise ResourceRequestError(
-                f"memory_mb={requirements.memory_mb:g} is below 0.25 MiB, too small for any process: "
+                f"memory_mb={requirements.memory_mb:g} is below {MIN_MEMORY_MB} MiB, too small for any process: "
                 "ask for more, or leave MEMORY out of resource_types"
             )
     weight = None

@@ -75,6 +75,17 @@ def _cpu(path: str) -> CpuController:
     return CpuController(_At(path))
 
 
+# The files that carry a cgroup's limits, by controller.
+_LIMIT_FILES = {
+    "memory": ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes", "memory.swappiness"),
+    "cpu": ("cpu.cfs_quota_us", "cpu.cfs_period_us"),
+    "pids": ("pids.max",),
+    "blkio": ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device",
+              "blkio.throttle.read_iops_device", "blkio.throttle.write_iops_device", "blkio.bfq.weight"),
+    "devices": ("devices.list",),
+}
+
+
 class V1Cgroup:
     """One attempt's directories, one per controller hierarchy."""
 
@@ -85,6 +96,15 @@ class V1Cgroup:
         self.unenforced: dict[str, str] = {}
         self._removed = False
         self._files = OpenFiles()
+        self._written: dict[str, str] = {}  # limit file -> what it held once written
+
+    def wrote_limits(self) -> None:
+        self._written = self._files.contents(
+            [f"{self.dirs[controller]}/{name}" for controller, names in _LIMIT_FILES.items()
+             if controller in self.dirs for name in names])
+
+    def limits_changed(self) -> list[str]:
+        return self._files.changed(self._written)
 
     @property
     def procs_files(self) -> list[str]:
@@ -390,6 +410,7 @@ class V1Backend:
             write(f"{dirs['devices']}/devices.deny", "a")
             for rule in limits.allow_devices:
                 write(f"{dirs['devices']}/devices.allow", rule)
+        handle.wrote_limits()
 
     def _write_io_weight(self, handle: V1Cgroup) -> None:
         limits, dirs = handle.limits, handle.dirs

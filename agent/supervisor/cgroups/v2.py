@@ -77,6 +77,11 @@ def _enable(path: str, controllers: list[str]) -> None:
         write(f"{path}/cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
 
 
+# The files that carry a cgroup's limits.
+_LIMIT_FILES = ("cpu.max", "memory.max", "memory.swap.max", "memory.oom.group", "pids.max", "io.max",
+                "io.bfq.weight")
+
+
 class V2Cgroup:
     """One attempt's cgroup directory in the unified hierarchy."""
 
@@ -87,6 +92,13 @@ class V2Cgroup:
         self.unenforced: dict[str, str] = {}
         self._removed = False
         self._files = OpenFiles()
+        self._written: dict[str, str] = {}  # limit file -> what it held once written
+
+    def wrote_limits(self) -> None:
+        self._written = self._files.contents([f"{self.path}/{name}" for name in _LIMIT_FILES])
+
+    def limits_changed(self) -> list[str]:
+        return self._files.changed(self._written)
 
     @property
     def procs_files(self) -> list[str]:
@@ -366,6 +378,7 @@ class V2Backend:
             handle.unenforced["devices"] = (
                 "cgroup v2 has no devices files; GPUs are hidden by CUDA_VISIBLE_DEVICES only"
             )
+        handle.wrote_limits()
 
     def reap_stale(self) -> int:
         count = 0
