@@ -265,6 +265,7 @@ class SharedConfinement(Confinement):
         if baseline is None and owner.handle is not None:
             restart_peak(owner.handle)
             baseline = owner.handle.reading()
+            owner.handle.remember_limits()  # read back after each attempt (WorkerPool)
         self._start = baseline
 
     def started(self, pid: int) -> None:

@@ -83,9 +83,15 @@ class CgroupHandle(Protocol):
         :meth:`pids` where the kernel counts them (``pids.current``); None where it does not."""
         ...
 
+    def remember_limits(self) -> None:
+        """Read what the limit files hold now, for :meth:`limits_changed` (a worker's cgroup,
+        before its first attempt)."""
+        ...
+
     def limits_changed(self) -> list[str]:
-        """The limit files whose content is no longer what the backend wrote: a state running
-        as root may rewrite its own cgroup's limits, which a worker must not carry to the next."""
+        """The limit files whose content is no longer what :meth:`remember_limits` read: a
+        state running as root may rewrite its own cgroup's limits, which a worker must not
+        carry to the next state."""
         ...
 
     def kill(self) -> None:

@@ -148,6 +148,9 @@ class WatchedTree:
     def task_count(self) -> int | None:
         return None  # nothing counts them but a walk of the tree: see pids()
 
+    def remember_limits(self) -> None:
+        return None
+
     def limits_changed(self) -> list[str]:
         return []  # the limits are the watchdog's own, and rlimits a worker checks itself
 

@@ -98,7 +98,7 @@ class V1Cgroup:
         self._files = OpenFiles()
         self._written: dict[str, str] = {}  # limit file -> what it held once written
 
-    def wrote_limits(self) -> None:
+    def remember_limits(self) -> None:
         self._written = self._files.contents(
             [f"{self.dirs[controller]}/{name}" for controller, names in _LIMIT_FILES.items()
              if controller in self.dirs for name in names])
@@ -410,7 +410,6 @@ class V1Backend:
             write(f"{dirs['devices']}/devices.deny", "a")
             for rule in limits.allow_devices:
                 write(f"{dirs['devices']}/devices.allow", rule)
-        handle.wrote_limits()
 
     def _write_io_weight(self, handle: V1Cgroup) -> None:
         limits, dirs = handle.limits, handle.dirs

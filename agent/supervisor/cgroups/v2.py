@@ -94,7 +94,7 @@ class V2Cgroup:
         self._files = OpenFiles()
         self._written: dict[str, str] = {}  # limit file -> what it held once written
 
-    def wrote_limits(self) -> None:
+    def remember_limits(self) -> None:
         self._written = self._files.contents([f"{self.path}/{name}" for name in _LIMIT_FILES])
 
     def limits_changed(self) -> list[str]:
@@ -378,7 +378,6 @@ class V2Backend:
             handle.unenforced["devices"] = (
                 "cgroup v2 has no devices files; GPUs are hidden by CUDA_VISIBLE_DEVICES only"
             )
-        handle.wrote_limits()
 
     def reap_stale(self) -> int:
         count = 0
