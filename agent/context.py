@@ -350,7 +350,10 @@ class Context:
                 f"{type(current).__name__} has no field(s) {', '.join(unknown)}; "
                 f"its fields are {', '.join(sorted(names))}"
             )
-        updated = dataclasses.replace(current, **changes)  # type: ignore[type-var]
+        try:
+            updated = dataclasses.replace(current, **changes)  # type: ignore[type-var]
+        except (TypeError, ValueError) as exc:  # a field declared init=False, a __post_init__ that refuses
+            raise ContextTypeError(f"update_typed({key!r}, ...): {type(current).__name__}: {exc}") from exc
         self.set_state(key, updated)
         return updated
 

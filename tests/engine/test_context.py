@@ -78,6 +78,12 @@ class Holder(TypedContextData):
 
 
 @dataclass
+class Counted(TypedContextData):
+    total: int
+    seen: int = field(default=0, init=False)
+
+
+@dataclass
 class Bag(TypedContextData):
     items: list
 
@@ -179,6 +185,13 @@ class TestTypedValues:
         with pytest.raises(ContextTypeError, match="Other.value must be int"):
             ctx.update_typed("o", value="two")
         assert ctx.get_typed("o", Other).value == 1
+
+    def test_update_typed_of_a_field_made_without_init(self):
+        ctx = Context()
+        ctx.set_typed("c", Counted(total=1))
+        with pytest.raises(ContextTypeError, match=r"update_typed\('c', ...\): Counted: .*init=False"):
+            ctx.update_typed("c", seen=2)
+        assert ctx.get_typed("c", Counted) == Counted(total=1)
 
     def test_bool_is_not_an_int(self):
         with pytest.raises(ContextTypeError):
