@@ -14,6 +14,9 @@ the sandbox reports seccomp as unavailable):
   differ and would slip past the list;
 * ``clone3`` fails with ENOSYS (its flags live in memory a filter cannot read; the C
   library then falls back to ``clone``, whose flags it can);
+* ``socket`` of a family no network namespace covers (:data:`UNNAMESPACED_FAMILIES`:
+  vsock, which reaches the virtual machine's host) fails with EAFNOSUPPORT, as where the
+  kernel lacks it;
 * ``clone`` and ``unshare`` with any namespace flag, and every call in :data:`DENIED`
   and :data:`QUIET` (namespaces, mounts, keyrings, ptrace and cross-process memory, bpf,
   perf, io_uring, kexec, modules, userfaultfd, ...) fail with EPERM, as does
@@ -72,9 +75,12 @@ QUIET = ("io_uring_setup",)
 # Calls denied only with namespace flags (argument 0), and personality other than a query.
 FLAG_CHECKED = ("clone", "unshare")
 PERSONALITY_QUERY = 0xFFFFFFFF
+# Socket families (argument 0 of socket) that a network namespace does not confine.
+AF_VSOCK = 40
+UNNAMESPACED_FAMILIES = (AF_VSOCK,)
 
 _X86_64 = {
-    "clone": 56, "ptrace": 101, "syslog": 103, "personality": 135, "vhangup": 153,
+    "socket": 41, "clone": 56, "ptrace": 101, "syslog": 103, "personality": 135, "vhangup": 153,
     "pivot_root": 155, "chroot": 161, "acct": 163, "mount": 165, "umount2": 166, "swapon": 167,
     "swapoff": 168, "reboot": 169, "init_module": 175, "delete_module": 176, "quotactl": 179,
     "lookup_dcookie": 212, "kexec_load": 246, "add_key": 248, "request_key": 249, "keyctl": 250,
@@ -91,7 +97,7 @@ _AARCH64 = {
     "vhangup": 58, "quotactl": 60, "acct": 89, "personality": 92, "unshare": 97, "kexec_load": 104,
     "init_module": 105, "delete_module": 106, "syslog": 116, "ptrace": 117, "reboot": 142,
     "add_key": 217, "request_key": 218, "keyctl": 219, "clone": 220, "swapon": 224, "swapoff": 225,
-    "perf_event_open": 241, "fanotify_init": 262, "name_to_handle_at": 264,
+    "socket": 198, "perf_event_open": 241, "fanotify_init": 262, "name_to_handle_at": 264,
     "open_by_handle_at": 265, "setns": 268, "process_vm_readv": 270, "process_vm_writev": 271,
     "finit_module": 273, "seccomp": 277, "bpf": 280, "userfaultfd": 282, "kexec_file_load": 294,
     "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428,
@@ -167,8 +173,15 @@ def build(deny_action: int = RET_ERRNO | errno.EPERM, arch: str | None = None) -
     for name in FLAG_CHECKED:
         program.append((_JEQ, "flags", None, table[name]))
     program.append((_JEQ, "personality", None, table["personality"]))
+    program.append((_JEQ, "family", None, table["socket"]))
     program += [
         (_RET, None, None, RET_ALLOW),
+        ("family", None, None, 0),  # type: ignore[list-item]
+        (_LD_ABS, None, None, _OFF_ARG0_LOW),
+        *[(_JEQ, "eafnosupport", None, family) for family in UNNAMESPACED_FAMILIES],
+        (_RET, None, None, RET_ALLOW),
+        ("eafnosupport", None, None, 0),  # type: ignore[list-item]
+        (_RET, None, None, RET_ERRNO | errno.EAFNOSUPPORT),
         ("flags", None, None, 0),  # type: ignore[list-item]
         (_LD_ABS, None, None, _OFF_ARG0_LOW),
         (_JSET, "deny", None, NAMESPACE_FLAGS),

@@ -124,6 +124,8 @@ async def try_denied_calls(context: Any) -> dict[str, str]:
     out["unshare(CLONE_NEWUSER)"] = _errno_of(libc.unshare(seccomp.CLONE_NEWUSER))
     out["unshare(CLONE_NEWNS)"] = _errno_of(libc.unshare(seccomp.CLONE_NEWNS))
     out["personality(PER_LINUX32)"] = _errno_of(libc.personality(0x0008))
+    out["socket(AF_VSOCK)"] = _errno_of(libc.socket(seccomp.AF_VSOCK, socket.SOCK_STREAM, 0))
+    out["socket(AF_INET)"] = _errno_of(libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0))
     unshare = subprocess.run(["unshare", "-rm", "id", "-u"], capture_output=True, text=True)
     out["unshare -rm"] = f"{unshare.returncode} {unshare.stdout.strip()} {unshare.stderr.strip()}"
     # still fine: a plain fork, a thread, a subprocess

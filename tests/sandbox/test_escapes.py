@@ -147,6 +147,8 @@ class TestSystemCalls:
     async def test_every_denied_call_fails_with_eperm(self) -> None:
         got = (await run_one("calls", escapes.try_denied_calls, ["out"])).get_state("out")
         assert got.pop("clone3") == "ENOSYS"  # the C library then falls back to clone
+        assert got.pop("socket(AF_VSOCK)") == "EAFNOSUPPORT"  # no namespace confines it: as if absent
+        assert got.pop("socket(AF_INET)") == "ok"  # in its own network namespace
         unshare_rm = got.pop("unshare -rm")
         assert got.pop("fork") == "0"
         assert got == dict.fromkeys(got, "EPERM"), {k: v for k, v in got.items() if v != "EPERM"}
