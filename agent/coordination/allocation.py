@@ -24,6 +24,7 @@ import asyncio
 import contextvars
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 from .. import remote
 from ..errors import CoordinationError
@@ -37,6 +38,10 @@ _current_coordinator: contextvars.ContextVar[Coordinator | None] = contextvars.C
 )
 _current_failer: contextvars.ContextVar[Callable[[BaseException], None] | None] = contextvars.ContextVar(
     "coordination_failer", default=None
+)
+# The task the attempt runs in: a task it started (asyncio.gather) takes as an owner of its own.
+_owner_task: contextvars.ContextVar[asyncio.Task[Any] | None] = contextvars.ContextVar(
+    "coordination_owner_task", default=None
 )
 
 
@@ -57,6 +62,7 @@ def set_current_owner(owner: str | None, coordinator: Coordinator | None = None,
     _current_owner.set(owner)
     _current_coordinator.set(coordinator)
     _current_failer.set(fail)
+    _owner_task.set(asyncio.current_task() if owner is not None else None)
 
 
 def current_failer() -> Callable[[BaseException], None] | None:
@@ -75,12 +81,19 @@ def _owner_or_task(owner: str | None) -> str:
             raise CoordinationError(f"owner must be a non-empty string, got {owner!r}")
         return owner
     found = _current_owner.get()
-    if found is not None:
-        return found
     task = asyncio.current_task()
+    if found is not None:
+        # Tasks the state started (asyncio.gather of sections that each take the mutex)
+        # take as owners of their own, so they wait for each other as asyncio.Lock would.
+        return found if task is _owner_task.get() or task is None else sub_owner(found, id(task))
     if task is None:
         raise CoordinationError("coordination needs a running task, or an explicit owner=")
     return f"task:{task.get_name()}:{id(task):x}"
+
+
+def sub_owner(owner: str, task: int) -> str:
+    """The owner id of a task an attempt started (``task``: a number unique among its live tasks)."""
+    return f"{owner}/task-{task:x}"
 
 
 class _Held:

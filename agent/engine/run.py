@@ -971,7 +971,7 @@ class Run:
         timeout = spec.effective_timeout
         if self.done:
             self.stop_activation(act, _STOP_CANCEL)
-        elif timeout is not None:
+        elif timeout is not None and not self.hooks:  # with hooks: from when they let it in (admitted())
             act.timer = self.driver.loop.call_later(timeout, self.stop_activation, act, _STOP_TIMEOUT)
 
     def _run_at_once(self, act: Activation, func: Any, view: Any, meta: StateMetadata, began: float,
@@ -1017,6 +1017,9 @@ class Run:
         ``STATE_STARTED`` says how long it was (``coordination_wait``, seconds)."""
         waited = (now := self.clock()) - act.started_at
         act.started_at = now
+        timeout = self.specs[act.state].effective_timeout
+        if timeout is not None:  # its timeout counts from now too (start() left it to here)
+            act.timer = self.driver.loop.call_later(timeout, self.stop_activation, act, _STOP_TIMEOUT)
         meta = self.metadata[act.state]
         meta.started_at = now
         meta.last_execution = self.wall_offset + now

@@ -152,7 +152,8 @@ class HumanInputResponse:
 class CoordinationRequest:
     """Child to supervisor: the state's code takes (``take``) or gives back (``give_back``) a
     coordination primitive: ``kind`` ``mutex`` (made on first use, with ``ttl``) or
-    ``allocation`` (``amount`` of a QUOTA or SEMAPHORE). ``owner`` None: the attempt.
+    ``allocation`` (``amount`` of a QUOTA or SEMAPHORE). ``owner`` None: the attempt, or,
+    for a ``task`` other than 0, that task the state started (an owner of its own).
     A give-back names the take's ``request_id`` and is not answered."""
 
     TYPE: ClassVar[str] = "coordination_request"
@@ -161,6 +162,7 @@ class CoordinationRequest:
     kind: str
     name: str
     owner: str | None
+    task: int
     amount: float
     ttl: float | None
     timeout: float | None

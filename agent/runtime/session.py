@@ -283,7 +283,9 @@ class ChildSession:
         request_id = next(self._ids)
         fut: asyncio.Future[CoordinationResponse] = asyncio.get_running_loop().create_future()
         self._taking[request_id] = fut
+        task = asyncio.current_task()
         self._send(CoordinationRequest(request_id=request_id, op="take", kind=kind, name=name, owner=owner,
+                                       task=0 if task is self._task or task is None else id(task),
                                        amount=float(amount), ttl=ttl, timeout=timeout))
         try:
             response = await fut
@@ -297,7 +299,7 @@ class ChildSession:
         return request_id
 
     def give_back(self, holding: int) -> None:
-        self._send(CoordinationRequest(request_id=holding, op="give_back", kind="", name="", owner=None,
+        self._send(CoordinationRequest(request_id=holding, op="give_back", kind="", name="", owner=None, task=0,
                                        amount=0.0, ttl=None, timeout=None))
 
     # --- incoming -------------------------------------------------------------------------

@@ -576,11 +576,13 @@ class ChildProcess:
         self._taking[req.request_id] = loop.create_task(self._take(req), context=self._context)
 
     async def _take(self, req: CoordinationRequest) -> None:
-        from ..coordination.allocation import attempt_owner, current_owner, take_for_child
+        from ..coordination.allocation import attempt_owner, current_owner, sub_owner, take_for_child
 
         attempt = self.attempt
         owner = req.owner or current_owner() or attempt_owner(
             attempt.agent_name, attempt.run_id, attempt.state_name, attempt.number)
+        if req.owner is None and req.task:  # a task the state started: an owner of its own
+            owner = sub_owner(owner, req.task)
         error_type = error = None
         try:
             held = await take_for_child(req.kind, req.name, owner, req.amount, req.ttl, req.timeout)

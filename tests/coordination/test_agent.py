@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent import Agent, Context, RetryPolicy, StateFailedError, StateStatus
+from agent import Agent, AgentStatus, Context, RetryPolicy, StateFailedError, StateStatus
 from agent import events as ev
 from agent.coordination import (
     CoordinatedAgent,
@@ -624,3 +624,32 @@ class TestWaitsAreMeasured:
         assert waits["count"] == 2 and waits["max"] == pytest.approx(started["holder1"] * 1000)
         turnaround = collector.metrics()["latency"]["turnaround"]
         assert turnaround["max"] >= waits["max"]
+
+    async def test_a_states_timeout_counts_from_when_it_is_let_in(self) -> None:
+        # Its wait for the primitive is not its run time (wait_timeout bounds that).
+        coord = Coordinator()
+        release = asyncio.Event()
+        holder, quick = _agent("holder", coord), _agent("quick", coord)
+
+        async def held(context: Context):
+            await release.wait()
+
+        async def brief(context: Context):
+            await asyncio.sleep(0)
+
+        for agent in (holder, quick):
+            agent.add_state_coordination("guarded", PrimitiveType.MUTEX)
+        holder.add_state("guarded", held)
+        quick.add_state("guarded", brief, timeout=0.2, max_retries=0)
+        first = asyncio.ensure_future(holder.run())
+        while coord.primitive("guarded").owners() == []:
+            await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(quick.run())
+        began = asyncio.get_running_loop().time()
+        while asyncio.get_running_loop().time() < began + 0.5:  # well past its timeout, waiting
+            await asyncio.sleep(0.05)
+        assert quick.state_metadata["guarded"].waiting_for == "coordination: MUTEX 'guarded'"
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 30)
+        assert quick.status is AgentStatus.COMPLETED
+        await coord.aclose()

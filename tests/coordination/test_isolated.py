@@ -78,6 +78,29 @@ class TestTakenInsideAChild:
         assert coordinator.primitive("inside_m1").owners() == []
         await coordinator.aclose()
 
+    @pytest.mark.parametrize("isolation", ["inline", "process", "worker"])
+    async def test_tasks_a_state_started_wait_for_each_other(self, isolation: str) -> None:
+        # Each is an owner of its own: the second waits, as with asyncio.Lock, instead of
+        # being refused as the attempt taking the mutex twice.
+        async def sections(context: Context):
+            import time
+
+            async def section() -> list[float]:
+                async with mutex("sections_m1"):
+                    began = time.monotonic()
+                    await asyncio.sleep(0.05)  # long enough for the other to overlap, were it let in
+                    return [began, time.monotonic()]
+
+            context.set_state("spans", sorted(await asyncio.gather(section(), section(), section())))
+
+        coordinator = Coordinator()
+        agent = create_coordinated_agent("sections", coordinator=coordinator, isolation=isolation)
+        agent.add_state("sections", sections)
+        spans = (await agent.run()).get_state("spans")
+        assert len(spans) == 3 and all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:])), spans
+        assert coordinator.primitive("sections_m1").owners() == []
+        await coordinator.aclose()
+
     async def test_the_resource_pools_example_runs_as_written(self) -> None:
         coordinator = Coordinator()
         agent = create_coordinated_agent("pools", coordinator=coordinator)  # the default isolation: a child
