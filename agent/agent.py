@@ -766,7 +766,8 @@ class Agent:
         self._metadata_fresh = False
         self.last_checkpoint = checkpoint
 
-    async def resume_run(self, run_id: str, store: Any = None) -> Context:
+    async def resume_run(self, run_id: str, store: Any = None, *, timeout: float | None = None,
+                         cleanup_timeout: float | None = None) -> Context:
         """Continue run ``run_id`` from its newest checkpoint in ``store`` and return its context.
 
         This is how a run survives its process: with ``checkpoint_store`` set, every state
@@ -775,7 +776,8 @@ class Agent:
         FAILED run re-runs the states that failed (and what they lead to), so a batch
         continues after its code is fixed. The store defaults to this agent's
         ``checkpoint_store``, else the default SQLite file. A run that already completed
-        is restored without running anything.
+        is restored without running anything. ``timeout`` and ``cleanup_timeout`` bound
+        what is left of the run, as :meth:`run`'s do.
         """
         from .checkpoint_store import open_default_store
 
@@ -798,7 +800,10 @@ class Agent:
             )
         await self.restore_from_checkpoint(checkpoint)
         if checkpoint.agent_status != AgentStatus.COMPLETED.value:
-            await self.resume()
+            if self._restored is not None:  # what resume() would do, with the bounds given
+                await self.run(timeout=timeout, cleanup_timeout=cleanup_timeout)
+            else:
+                await self.resume()
         self._finished_restored = False  # resumed: a run() from now on is a new run
         return self.context
 

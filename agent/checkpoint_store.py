@@ -181,6 +181,7 @@ class SQLiteCheckpointStore:
             raise CheckpointError(f"keep={keep!r}: keep at least 1 checkpoint per run, or None for all")
         self.path = str(default_store_path() if path is None else path)
         self.keep = keep
+        self._indexed = self.path == ":memory:"  # added to the store index at its first save
         self._lock = threading.Lock()
         self._cache: dict[str, _RunCache] = {}
         creating = False
@@ -201,17 +202,13 @@ class SQLiteCheckpointStore:
             self._db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
         except sqlite3.DatabaseError as exc:
             self._db.close()
+            elsewhere = "set AGENT_STATE_DIR to use another directory" if path is None else "give another path"
             raise CheckpointError(
-                f"{self.path} is not a usable checkpoint database ({exc}): move it away, or "
-                "set AGENT_STATE_DIR to use another directory"
+                f"{self.path} is not a usable checkpoint database ({exc}): move it away, or {elsewhere}"
             ) from exc
         except CheckpointError:
             self._db.close()
             raise
-        if self.path != ":memory:":
-            from .store_index import remember
-
-            remember(self.path)  # so that `agent runs` and `agent top` find this store
 
     def _check_schema(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -254,6 +251,11 @@ class SQLiteCheckpointStore:
         """
         if not isinstance(run_id, str) or not run_id:
             raise CheckpointError(f"run_id must be a non-empty string, got {run_id!r}")
+        if not self._indexed:  # so that `agent runs` and `agent top` find this store (not one only read)
+            from .store_index import remember
+
+            remember(self.path)
+            self._indexed = True
         try:
             header = json.dumps(
                 {**checkpoint.header_dict(with_metadata=False), "run_id": run_id},

@@ -180,7 +180,7 @@ class RunCommand:
             return self.usage(str(exc))
         try:
             if args.resume:
-                await agent.resume_run(args.resume, store)
+                await agent.resume_run(args.resume, store, timeout=args.timeout)
             else:
                 await agent.run(timeout=args.timeout)
         except asyncio.CancelledError:
@@ -426,12 +426,17 @@ class RunCommand:
     def resume_command(self, run_id: str, agent: Any) -> str | None:
         if self.wf is not None and self.wf.runs_itself:
             return None  # the file starts a new run whenever it is loaded
-        command = f"agent run {self.args.file}"
+        args = self.args
+        command = f"agent run {shlex.quote(args.file)}"
         own_store = agent is not None and not isinstance(agent.checkpoint_store, BestEffortStore)
-        if not own_store and self.args.store:
-            command += f" --store {self.args.store}"
-        if self.args.agent:
-            command += f" --agent {self.args.agent}"
+        if not own_store and args.store:
+            command += f" --store {shlex.quote(str(args.store))}"
+        if args.agent:
+            command += f" --agent {shlex.quote(args.agent)}"
+        if args.isolation:  # the rest runs where the start ran
+            command += f" --isolation {shlex.quote(str(args.isolation))}"
+        if args.timeout is not None:
+            command += f" --timeout {args.timeout:g}"
         command += f" --resume {run_id}"
         if self.args.args:  # the file may need them to build its agent again
             command += " -- " + " ".join(shlex.quote(a) for a in self.args.args)

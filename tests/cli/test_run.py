@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,6 +174,14 @@ class TestUsageErrors:
         assert done.returncode == 2
         assert "no checkpoint for run 'deadbeef'" in done.stderr and len(done.stderr.splitlines()) == 1
 
+    def test_resume_of_an_unknown_run_in_a_given_store_creates_nothing(self, cli):
+        cli.write("hello.py", SPEC_QUICK_START.replace("await agent.run()\n", ""))
+        assert cli.run("run", "hello.py", "--store", "runs.sqlite3").returncode == 0
+        shutil.rmtree(cli.state_dir)
+        done = cli.run("run", "hello.py", "--store", "runs.sqlite3", "--resume", "deadbeef")
+        assert done.returncode == 2 and "no checkpoint for run 'deadbeef'" in done.stderr
+        assert not cli.state_dir.exists()  # not even the index of stores: the store was only read
+
     def test_resume_of_another_agents_run_says_whose_it_is(self, cli):
         built = SPEC_QUICK_START.replace("await agent.run()\n", "")
         cli.write("hello.py", built)
@@ -303,6 +313,22 @@ class TestOutcomes:
         assert "broken failed after" in done.stderr and "ValueError: no good" in done.stderr
         assert "resume it with: agent run broken.py --resume " in done.stderr  # once fixed, at what failed
 
+    def test_the_resume_command_can_be_pasted_and_keeps_the_runs_bounds(self, cli):
+        # Quoted where a shell would split it; the isolation and timeout given are kept.
+        cli.write("my flow.py", FAILS_UNTIL_FIXED)
+        done = cli.run("run", "my flow.py", "--store", "my runs.sqlite3", "--isolation", "inline",
+                       "--timeout", "1")
+        assert done.returncode == 1
+        (command,) = [line.split("resume it with: ")[1] for line in done.stderr.splitlines()
+                      if "resume it with" in line]
+        argv = shlex.split(command)
+        assert argv[:9] == ["agent", "run", "my flow.py", "--store", "my runs.sqlite3", "--isolation", "inline",
+                            "--timeout", "1"]
+        (cli.dir / "fixed").write_text("")  # now the failed state runs past the timeout
+        done = cli.run(*argv[1:])
+        assert done.returncode == 1 and "did not finish within its timeout" in done.stderr, done.stderr
+        assert "first ran" not in done.stdout  # what completed is not run again
+
     def test_an_isolated_states_traceback_points_at_the_file(self, cli):
         # Its code travels by value (cloudpickle names it "<dynamic-code>"); the state's
         # process gives it the file back, for the module `agent run` loads it as too.
@@ -338,6 +364,26 @@ class TestOutcomes:
         assert json.loads(done.stdout)["status"] == "completed"
 
 
+FAILS_UNTIL_FIXED = """
+import asyncio, os
+from agent import Agent
+
+agent = Agent("fixable")
+
+async def first(context):
+    print("first ran")
+    return "second"
+
+async def second(context):
+    if not os.path.exists("fixed"):
+        raise ValueError("not fixed yet")
+    await asyncio.sleep(600)
+
+agent.add_state("first", first)
+agent.add_state("second", second)
+"""
+
+
 PRINTER = """
 import asyncio
 from agent import Agent
@@ -368,7 +414,8 @@ class TestReaderGone:
         finally:
             stop(proc)
         assert proc.returncode == 141, err
-        assert "printer paused after" in err and "resume it with: agent run printer.py --resume" in err
+        assert "printer paused after" in err
+        assert f"resume it with: agent run printer.py --isolation {isolation} --resume" in err  # where it ran
         assert "BrokenPipeError" not in err and "Traceback" not in err
 
 
