@@ -96,7 +96,7 @@ class V1Cgroup:
         self.unenforced: dict[str, str] = {}
         self._removed = False
         self._files = OpenFiles()
-        self._written: dict[str, str] = {}  # limit file -> what it held once written
+        self._written: dict[str, str] = {}  # limit file -> what it held when remembered
 
     def remember_limits(self) -> None:
         self._written = self._files.contents(

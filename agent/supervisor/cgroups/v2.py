@@ -92,7 +92,7 @@ class V2Cgroup:
         self.unenforced: dict[str, str] = {}
         self._removed = False
         self._files = OpenFiles()
-        self._written: dict[str, str] = {}  # limit file -> what it held once written
+        self._written: dict[str, str] = {}  # limit file -> what it held when remembered
 
     def remember_limits(self) -> None:
         self._written = self._files.contents([f"{self.path}/{name}" for name in _LIMIT_FILES])
