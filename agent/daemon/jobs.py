@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -105,6 +106,10 @@ class JobStore:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        # Every user's jobs (their code, their parameters) are in it: readable by its owner
+        # only, and so are the WAL files SQLite makes beside it (with the database's mode).
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+        _owner_only(path)
         try:
             self._db = sqlite3.connect(path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode = WAL")
@@ -113,6 +118,7 @@ class JobStore:
             row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as exc:
             raise DaemonError(f"{path} is not a usable agentd database ({exc}): move it away") from None
+        _owner_only(path)
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         elif int(row[0]) > SCHEMA_VERSION:
@@ -181,3 +187,12 @@ def _from_row(values: tuple[Any, ...]) -> Job:
         params=json.loads(params), status=JobStatus(status), run_id=run_id, error=error,
         states=json.loads(states), created=created, started=started, finished=finished, starts=starts,
     )
+
+
+def _owner_only(path: str) -> None:
+    """The database and its WAL files (left by an earlier agentd, perhaps more open) mode 0600."""
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        try:
+            os.chmod(name, 0o600)
+        except FileNotFoundError:
+            pass

@@ -173,7 +173,6 @@ class Daemon:
             os.makedirs(path, mode=mode, exist_ok=True)
             os.chmod(path, mode)
         self.store = JobStore(os.path.join(self.state_dir, "agentd.sqlite3"))
-        os.chmod(os.path.join(self.state_dir, "agentd.sqlite3"), 0o600)
         from ..devices import machine_inventory
         from ..supervisor.gpus import machine_gpu_minors
 

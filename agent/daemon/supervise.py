@@ -178,12 +178,37 @@ class JobSupervisor:
         log.info("job %s (%s, user %s) started", job.id, job.name, job.user)
 
     def _fresh_tmp(self, job: Job) -> str:
-        """The runner's TMPDIR, ``<job dir>/tmp``: emptied before each runner and after it."""
-        path = os.path.join(self.jobs_dir, job.id, "tmp")
-        shutil.rmtree(path, ignore_errors=True)  # never follows the links a job may leave there
-        os.mkdir(path, 0o700)
-        os.chown(path, job.uid, job.gid)
-        return path
+        """The runner's TMPDIR, ``<job dir>/tmp``: emptied before each runner and after it.
+
+        The job's directory belongs to its user, who may swap ``tmp`` for a link at any
+        moment: it is made and handed over through descriptors that follow no link, so no
+        swap makes root chown anything else.
+        """
+        job_dir = os.path.join(self.jobs_dir, job.id)
+        parent = os.open(job_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            _remove_entry(parent, "tmp")
+            os.mkdir("tmp", 0o700, dir_fd=parent)
+            fd = os.open("tmp", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+            try:
+                os.fchown(fd, job.uid, job.gid)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(parent)
+        return os.path.join(job_dir, "tmp")
+
+    def _empty_tmp(self, job: Job) -> None:
+        """Remove the job's TMPDIR (its runner has ended), following no link."""
+        try:
+            parent = os.open(os.path.join(self.jobs_dir, job.id),
+                             os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return  # no job directory (yet): nothing to empty
+        try:
+            _remove_entry(parent, "tmp")
+        finally:
+            os.close(parent)
 
     @staticmethod
     def _user_dir(parent: str, job: Job) -> str:
@@ -314,7 +339,7 @@ class JobSupervisor:
             handle.cgroup.remove()
         except Exception as exc:  # noqa: BLE001 - logged; the job's status must still be settled
             log.error("job %s: cannot remove its cgroup: %s", job.id, exc)
-        shutil.rmtree(os.path.join(self.jobs_dir, job.id, "tmp"), ignore_errors=True)
+        self._empty_tmp(job)
         if not self.stopping:
             status, error = self._outcome(handle, wait_status)
             job.error = error
@@ -515,6 +540,19 @@ class JobSupervisor:
                 handle.cgroup.remove()
             except Exception as exc:  # noqa: BLE001 - keep stopping the others
                 log.error("job %s: cannot remove its cgroup: %s", handle.job.id, exc)
+            self._empty_tmp(handle.job)  # as when a runner ends: its TMPDIR goes with it
         self.running.clear()
         self.by_pid.clear()
         self.store.flush()
+
+
+def _remove_entry(parent: int, name: str) -> None:
+    """Remove ``name`` in the directory open as ``parent``, whatever it is, following no link."""
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=parent, ignore_errors=True)
+    else:
+        os.unlink(name, dir_fd=parent)

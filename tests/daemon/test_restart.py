@@ -108,9 +108,14 @@ class TestCrashAndResume:
         runs = outdir / "runs.txt"
         sockets_before = set(status_sockets_of(ann.uid))  # a runner killed outright cannot remove its own
         job = _start_chain(agentd, workdir, outdir, ann)
+        # Every user's jobs are in the database: it and its WAL files are root's alone.
+        database = os.path.join(agentd.state_dir, "agentd.sqlite3")
+        files = [f for f in (database, f"{database}-wal", f"{database}-shm") if os.path.exists(f)]
+        assert len(files) == 3 and {oct(os.stat(f).st_mode & 0o777) for f in files} == {"0o600"}
         dirs = agentd.incarnation_dirs()
         assert agentd.stop() == 0
         assert not [d for d in dirs if os.path.exists(d)]
+        assert not os.path.exists(os.path.join(agentd.state_dir, "jobs", job, "tmp"))  # as a runner's end empties it
         wait_until(lambda: not processes_of({ann.uid}), "the job's processes to stop with agentd", timeout=30)
         (outdir / "go").touch()
         agentd.start()

@@ -68,3 +68,48 @@ class TestReadUserFile:
         with pytest.raises(FileNotFoundError):
             read_file(str(logs), ["7", "nope.log"], UID)
         assert list_dir(str(logs), ["9"]) == []
+
+
+class TestTheJobsTmp:
+    """``<jobs>/<id>/tmp`` is made as root in a directory its user owns: no link they plant
+    there, even one swapped in while it is made, makes root remove or give away anything else."""
+
+    @staticmethod
+    def fresh_tmp(jobs: Path) -> str:
+        from types import SimpleNamespace
+
+        from agent.daemon.supervise import JobSupervisor
+
+        return JobSupervisor._fresh_tmp(SimpleNamespace(jobs_dir=str(jobs)),  # type: ignore[arg-type]
+                                        SimpleNamespace(id="7", uid=UID, gid=UID))  # type: ignore[arg-type]
+
+    @pytest.fixture
+    def secret(self, tmp_path: Path) -> Path:
+        path = tmp_path / "secret"
+        path.mkdir(mode=0o700)
+        (path / "key").write_text("root's")
+        return path
+
+    def test_made_for_the_user(self, logs: Path) -> None:
+        made = self.fresh_tmp(logs)
+        assert made == str(logs / "7" / "tmp") and os.stat(made).st_uid == UID and os.listdir(made) == []
+
+    def test_a_link_left_in_its_place_is_removed_not_followed(self, logs: Path, secret: Path) -> None:
+        (logs / "7" / "tmp").symlink_to(secret)
+        made = self.fresh_tmp(logs)
+        assert not os.path.islink(made) and os.stat(made).st_uid == UID
+        assert os.stat(secret).st_uid == 0 and (secret / "key").read_text() == "root's"
+
+    def test_a_link_swapped_in_as_it_is_made_gets_nothing(self, logs: Path, secret: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        real_mkdir = os.mkdir
+
+        def then_swap(path, mode=0o777, *, dir_fd=None):  # the user, between root's mkdir and chown
+            real_mkdir(path, mode, dir_fd=dir_fd)
+            os.rmdir(path, dir_fd=dir_fd)
+            os.symlink(secret, path, dir_fd=dir_fd)
+
+        monkeypatch.setattr(os, "mkdir", then_swap)
+        with pytest.raises(OSError):
+            self.fresh_tmp(logs)
+        assert os.stat(secret).st_uid == 0 and os.stat(secret / "key").st_uid == 0
