@@ -99,16 +99,20 @@ class Capacity:
         self._nodes: list[dict[str, float]] = []
         self._read_at = -math.inf
 
-    def check(self, state: str, request: dict[str, float]) -> None:
-        """Raise :class:`RayCapacityError` when no alive node can hold ``request``."""
-        fresh = self._clock() - self._read_at < REFRESH_SECONDS
-        if fresh and self._fits(request):
-            return
-        self._refresh()
+    def needs_reading(self, request: dict[str, float]) -> bool:
+        """Whether :meth:`check` would read the nodes first (what it knows is old, or too little)."""
+        return self._clock() - self._read_at >= REFRESH_SECONDS or not self._fits(request)
+
+    def check(self, state: str, request: dict[str, float], *, read: bool = True) -> None:
+        """Raise :class:`RayCapacityError` when no alive node can hold ``request`` (reading the
+        nodes first when :meth:`needs_reading`, unless ``read`` is False)."""
+        if read and self.needs_reading(request):
+            self.read()
         if not self._fits(request):
             raise RayCapacityError(self._refusal(state, request))
 
-    def _refresh(self) -> None:
+    def read(self) -> None:
+        """Read the alive nodes' resources (a call to the cluster: it blocks while that is unreachable)."""
         self._nodes = [dict(node.get("Resources") or {}) for node in self._read_nodes() if node.get("Alive")]
         self._read_at = self._clock()
 
@@ -130,7 +134,7 @@ class Capacity:
 
     def totals(self) -> dict[str, float]:
         """The sum of every alive node's resources (read now)."""
-        self._refresh()
+        self.read()
         out: dict[str, float] = {}
         for node in self._nodes:
             for name, amount in node.items():

@@ -41,6 +41,7 @@ from ..errors import (
     FailureReason,
     HumanInputError,
     IsolationError,
+    IsolationUnavailableError,
     ProtocolError,
     UnsendableStateError,
 )
@@ -68,6 +69,8 @@ STOP_SECONDS = 10.0
 """How long a stopped attempt waits for Ray to confirm that its task is gone."""
 LOG_SECONDS = 10.0
 """How long the driver waits for the output of a worker that died."""
+NODES_SECONDS = 10.0
+"""How long the driver waits for the cluster to say which nodes are alive (before a launch)."""
 SILENT_KEPT = 100_000
 """How many attempts without output are remembered as such (oldest forgotten first)."""
 
@@ -140,7 +143,7 @@ class RayExecutor:
             await asyncio.to_thread(connect)  # ray.init takes seconds: not on the loop
         self._prepare()
         options, request = self._options(attempt)
-        self.capacity.check(attempt.state_name, request)
+        await self._check_capacity(attempt.state_name, request)
         snapshot, classes = encode_snapshot(attempt.context, attempt.state_name, wire.BOUNDS)
         payload = self._payload(attempt, snapshot, classes)
         token = f"{self._prefix}{next(self._tokens):08x}"
@@ -202,20 +205,37 @@ class RayExecutor:
                 pass
         self._keep_log(attempt, log if log is not None else await self._collect_log(token))
 
+    async def _check_capacity(self, state: str, request: dict[str, float]) -> None:
+        """:meth:`Capacity.check`, its reading of the nodes (a call to the cluster, which blocks
+        while that is unreachable) off the event loop and bounded."""
+        if self.capacity.needs_reading(request):
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.capacity.read), NODES_SECONDS)
+            except TimeoutError:
+                raise IsolationUnavailableError(
+                    f"the Ray cluster did not say within {NODES_SECONDS:g} s which of its nodes are alive: "
+                    "is it still up? (ray status)"
+                ) from None
+        self.capacity.check(state, request, read=False)
+
     async def _collect_log(self, token: str) -> bytes:
-        """The output a dead worker left on its node (each alive node is asked; bounded)."""
+        """The output a dead worker left on its node (each alive node is asked; bounded, also
+        when the cluster itself is gone)."""
+        try:
+            return await asyncio.wait_for(self._ask_nodes_for_log(token), LOG_SECONDS)
+        except TimeoutError:
+            return b"[the output of this attempt could not be collected from its node]\n"
+
+    async def _ask_nodes_for_log(self, token: str) -> bytes:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        nodes = await asyncio.to_thread(ray.nodes)  # blocks while the cluster is unreachable: off the loop
         refs = [
             self._collect.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
             .remote(token)
-            for node in ray.nodes() if node.get("Alive")
+            for node in nodes if node.get("Alive")
         ]
-        try:
-            found = await asyncio.wait_for(asyncio.gather(*refs, return_exceptions=True), LOG_SECONDS)
-        except TimeoutError:
-            return b"[the output of this attempt could not be collected from its node]\n"
-        for item in found:
+        for item in await asyncio.gather(*refs, return_exceptions=True):
             if type(item) is bytes:
                 return item
         return b""

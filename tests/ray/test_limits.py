@@ -95,3 +95,52 @@ class TestCapacity:
         clock.now += REFRESH_SECONDS + 1
         capacity.check("small", {"CPU": 1})
         assert len(reads) == 3  # stale: read again
+
+
+class TestAClusterThatStopsAnswering:
+    """Asking the cluster which nodes are alive blocks while it is gone: the driver's loop
+    goes on turning, and the wait is bounded (a run's timeout must still fire)."""
+
+    @pytest.fixture
+    async def hung(self, monkeypatch):  # async: the thread is let go before the test's loop closes
+        import threading
+
+        import ray
+
+        from agent.ray import executor
+
+        released = threading.Event()
+        monkeypatch.setattr(ray, "nodes", lambda: released.wait(60) and [])
+        monkeypatch.setattr(executor, "LOG_SECONDS", 0.2)
+        monkeypatch.setattr(executor, "NODES_SECONDS", 0.2)
+        yield executor.RayExecutor()
+        released.set()  # the thread left asking ends
+
+    @staticmethod
+    async def while_counting(coro):
+        import asyncio
+
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        try:
+            return await coro, ticks
+        finally:
+            ticker.cancel()
+
+    async def test_the_output_of_a_dead_worker_is_given_up_on(self, hung):
+        log, ticks = await self.while_counting(hung._collect_log("token"))
+        assert log == b"[the output of this attempt could not be collected from its node]\n"
+        assert ticks > 0  # the loop kept turning meanwhile
+
+    async def test_a_launch_fails_clearly_instead_of_freezing_the_loop(self, hung):
+        from agent.errors import IsolationUnavailableError
+
+        with pytest.raises(IsolationUnavailableError, match="did not say within 0.2 s which of its nodes are alive"):
+            await self.while_counting(hung._check_capacity("s", {"CPU": 1}))
