@@ -621,26 +621,28 @@ class ReturnGraph:
         again opens a new fan-out, a new round that joins on its own). ``opener`` None
         (the run's own branches) is :meth:`reach`."""
         reach = self.reach(name)
-        if opener is None or reach is None or opener not in reach:
-            return reach
+        if opener is None or (reach is not None and opener not in reach):
+            return reach  # (anything, None, may come only through the opener: walked below)
         key = (name, opener)
         found = self._within.get(key, _UNREADABLE)
         if found is not _UNREADABLE:
             return found  # type: ignore[return-value]
         seen: set[str] = set()
         todo = [name]
+        within: frozenset[str] | None = None  # something on the way can return anything
         while todo:
             succ = self.direct(todo.pop())
             if succ is None:
-                seen = None  # type: ignore[assignment]
                 break
             for s in succ:
                 if s not in seen:
                     seen.add(s)
                     if s != opener:
                         todo.append(s)
-        found = self._within[key] = None if seen is None else frozenset(seen)
-        return found
+        else:
+            within = frozenset(seen)
+        self._within[key] = within
+        return within
 
     def _compute(self, name: str) -> frozenset[str] | None:
         succ = self.direct(name)

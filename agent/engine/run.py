@@ -451,7 +451,7 @@ class Run:
             while g is not None:
                 g.items += 1
                 opener = g.opener  # each fan-out counts what the item reaches in its own round
-                reach = full if full is None or opener is None or opener not in full else graph.reach_within(
+                reach = full if opener is None or (full is not None and opener not in full) else graph.reach_within(
                     name, opener)
                 if reach is None:
                     g.wild += 1
@@ -530,7 +530,7 @@ class Run:
             while g is not None:
                 g.items -= 1
                 opener = g.opener
-                reach = full if full is None or opener is None or opener not in full else graph.reach_within(
+                reach = full if opener is None or (full is not None and opener not in full) else graph.reach_within(
                     name, opener)
                 if reach is None:
                     g.wild -= 1
@@ -674,6 +674,8 @@ class Run:
             outer = self._join_above(group, name) if group.parent is not None else None
             if outer is None:
                 self.activate(name, group)
+                if group.held:  # the branch that ended may have been all that could return them
+                    self.settle(group)
                 return
             # Met above: this branch of ``group`` ends here; the branch of ``outer`` it is
             # part of goes on (its other parts may still run), so ``outer`` counts no arrival.

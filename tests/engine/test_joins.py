@@ -387,6 +387,54 @@ class TestJoinsRunOnce:
         assert log == ["a", "b", "merge"]  # a did not run again; merge once
 
 
+def _computed_hand_overs(agent: Agent, n: int, rounds: int, order: list[str]) -> None:
+    """``fan`` opens ``t0..tn``; each ``ti`` goes on to ``ri``, a name it computes (so it
+    could return anything); every ``ri`` returns ``pick``, which loops to ``fan`` ``rounds`` times."""
+    async def fan(context):
+        order.append("fan")
+        context.set_state("round", context.get_state("round", 0) + 1)
+        return [f"t{i}" for i in range(n)]
+
+    def step(i: int):
+        async def t(context):
+            return f"r{i}"
+
+        async def r(context):
+            order.append(f"r{i}")
+            return "pick"
+
+        return t, r
+
+    async def pick(context):
+        order.append("pick")
+        return "fan" if context.get_state("round") < rounds else None
+
+    agent.add_state("fan", fan)
+    for i in range(n):
+        t, r = step(i)
+        agent.add_state(f"t{i}", t)
+        agent.add_state(f"r{i}", r)
+    agent.add_state("pick", pick)
+
+
+class TestComputedHandOvers:
+    """Branches that go on to names they compute: the names held meanwhile are started as
+    soon as nothing else could return them, and the join after them still runs once."""
+
+    @pytest.mark.parametrize("rounds", [1, 3])
+    async def test_the_join_runs_once_per_round_after_every_branch(self, rounds: int) -> None:
+        order: list[str] = []
+        agent = Agent("computed_hand_overs", isolation="inline")
+        _computed_hand_overs(agent, 4, rounds, order)
+        await asyncio.wait_for(agent.run(), 30)
+        assert order.count("pick") == rounds
+        for r in range(rounds):  # each round: fan, the four r's (any order), then pick
+            piece = order[r * 6:(r + 1) * 6]
+            assert piece[0] == "fan" and sorted(piece[1:5]) == ["r0", "r1", "r2", "r3"] and piece[5] == "pick", order
+        assert {name: agent.state_metadata[name].runs for name in ("r0", "r1", "r2", "r3")} == dict.fromkeys(
+            ("r0", "r1", "r2", "r3"), rounds)
+
+
 class TestLoopsAroundFanOuts:
     """A loop back to the state that opened a fan-out starts a new round: the round's join
     waits for its own branches only, and runs once per round (DESIGN items 3 and 4)."""
