@@ -628,15 +628,28 @@ class Run:
     def _reachable(self, group: Group, name: str) -> bool:
         """Whether another branch of ``group`` could still return ``name``, handed over by one.
 
-        What counts is what the *other branches* still run, nested holds included; the
-        names already held here are branches that arrived and wait for those, so they do
-        not count. (For a held name, see :meth:`_release_held`.)
+        What counts is what the other branches still run, and the names held here that could
+        return ``name`` and that ``name`` could not return: such a name runs first (as soon
+        as nothing can return it, which may be now: the branch that handed ``name`` over was
+        its last). Two that could return each other are a tie the held one loses: it waits
+        for the branches still running, ``name`` among them. (For a held name, see
+        :meth:`_release_held`.)
         """
-        if group.items - len(group.held) <= 0:
+        if group.items <= 0:
             return False
         if self.graph is None:
             self._track()
-        return group.wild - group.held_wild > 0 or group.pot.get(name, 0) - group.held_pot.get(name, 0) > 0
+        if group.wild - group.held_wild > 0 or group.pot.get(name, 0) - group.held_pot.get(name, 0) > 0:
+            return True  # a branch still running
+        if group.held_wild <= 0 and group.held_pot.get(name, 0) <= 0:
+            return False
+        graph = self.graph
+        reach = graph.reach_within(name, group.opener)  # type: ignore[union-attr]
+        for held in group.held:
+            returns = graph.reach_within(held, group.opener)  # type: ignore[union-attr]
+            if (returns is None or name in returns) and reach is not None and held not in reach:
+                return True
+        return False
 
     def hand_over(self, group: Group, names: str | list[str], opener: str | None = None) -> None:
         """A branch of ``group`` returned ``names`` (see the module docstring); ``opener``:
