@@ -598,10 +598,12 @@ class Agent:
             return self.create_checkpoint()
         if not run.pause_requested:
             tasks = run.pause()
+            if self.status is AgentStatus.RUNNING:  # paused now: what still stops re-runs on resume
+                self._set_status(AgentStatus.PAUSED)
+            current = asyncio.current_task()
+            tasks = [t for t in tasks if t is not current]  # called from a state: it stops as it returns
             if tasks:
                 await asyncio.wait(tasks, timeout=run.cleanup_timeout or None)
-            if self.status is AgentStatus.RUNNING:
-                self._set_status(AgentStatus.PAUSED)
         checkpoint = self.create_checkpoint()
         if self.checkpoint_store is not None:
             self._save_checkpoint(checkpoint)

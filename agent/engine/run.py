@@ -1130,7 +1130,7 @@ class Run:
                 self.admission.requeue(act.owner)  # back in the queue, ahead of its level
             else:
                 self._release(act, usage)
-                if self.pause_requested or stop is _STOP_PAUSE:
+                if self.pause_requested:  # (a pause resumed before its attempts stopped: it runs again now)
                     self.hold_paused(act)
                 else:
                     self.make_ready(act)
@@ -1658,6 +1658,9 @@ class Run:
         for group in self.groups.values():
             for name in list(group.held):
                 self._unhold(group, name)
+                meta = self.metadata[name]
+                if meta.status is _PENDING:  # a join that never ran: cancelled with the rest
+                    self.set_status(meta, _CANCELLED)
         self.pause_requested = False
         self.finish(_RUN_CANCELLED)
 

@@ -272,9 +272,86 @@ class TestCancel:
         assert agent.state_metadata["s"].status is StateStatus.CANCELLED
         assert not agent._running_states
 
+    async def test_cancel_all_cancels_a_join_held_for_a_branch(self):
+        fast_done = asyncio.Event()
+        agent = Agent("all_held", isolation="inline")
+
+        async def start(context):
+            return ["fast", "slow"]
+
+        async def fast(context):
+            fast_done.set()
+            return "join"
+
+        async def slow(context):
+            await asyncio.Event().wait()
+            return "join"
+
+        async def join(context):
+            return None
+
+        for state in (start, fast, slow, join):
+            agent.add_state(state.__name__, state)
+        task = asyncio.create_task(agent.run())
+        await fast_done.wait()
+        while agent.state_metadata["fast"].status is not StateStatus.COMPLETED:
+            await asyncio.sleep(0)
+        await agent.cancel_all()
+        await task
+        assert {name: agent.state_metadata[name].status for name in ("slow", "join")} == {
+            "slow": StateStatus.CANCELLED, "join": StateStatus.CANCELLED}
+
 
 class TestPauseResume:
     """pause() stops and checkpoints; resume() continues without redoing finished work."""
+
+    async def test_a_resume_before_the_paused_state_has_stopped(self):
+        # The attempt ends after the resume: it runs again, instead of parking for a pause
+        # that is over (the run then went round and round, waiting on nothing).
+        log: list = []
+        started, stop_now = asyncio.Event(), asyncio.Event()
+        agent = Agent("quick_resume", isolation="inline")
+
+        async def slow_to_stop(context):
+            log.append(context.attempt)
+            started.set()
+            if len(log) > 1:
+                return None
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await stop_now.wait()  # stopping takes a while
+                raise
+
+        agent.add_state("s", slow_to_stop)
+        task = asyncio.create_task(agent.run())
+        await started.wait()
+        pausing = asyncio.create_task(agent.pause())
+        while not agent._run.pause_requested:
+            await asyncio.sleep(0)
+        await agent.resume()  # before pause() returned, while s still stops
+        stop_now.set()
+        await asyncio.wait_for(asyncio.gather(pausing, task), 10)
+        assert agent.status is AgentStatus.COMPLETED and log == [1, 1]
+
+    async def test_a_pause_from_inside_a_state(self):
+        calls: list = []
+        agent = Agent("self_pausing", isolation="inline")
+
+        async def pauses(context):
+            calls.append(context.attempt)
+            if len(calls) == 1:
+                await agent.pause()  # it is stopped too, and runs again on resume
+                await asyncio.Event().wait()
+
+        agent.add_state("pauses", pauses)
+        task = asyncio.create_task(agent.run())
+        while agent.status is not AgentStatus.PAUSED or agent._running_states:
+            await asyncio.sleep(0)
+        assert agent.state_metadata["pauses"].waiting_for == "the run to resume: it is paused"
+        await agent.resume()
+        await asyncio.wait_for(task, 10)
+        assert agent.status is AgentStatus.COMPLETED and calls == [1, 1]
 
     async def test_pause_and_resume_same_run(self):
         log: list = []
