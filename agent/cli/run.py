@@ -316,9 +316,12 @@ class RunCommand:
 
         for entry in self.runs():
             agent = entry.agent
-            if agent is None or agent.status is not AgentStatus.RUNNING or agent.checkpoint_store is None:
+            # (A pause under way says PAUSED already, while its states still stop.)
+            if agent is None or agent.status not in (AgentStatus.RUNNING, AgentStatus.PAUSED) \
+                    or agent.checkpoint_store is None:
                 continue
-            agent._set_status(AgentStatus.PAUSED)
+            if agent.status is AgentStatus.RUNNING:
+                agent._set_status(AgentStatus.PAUSED)
             checkpoint = agent.create_checkpoint()
             self.paused_as(agent, checkpoint)
             agent._save_checkpoint(checkpoint)
