@@ -1661,6 +1661,11 @@ class Run:
                 meta = self.metadata[name]
                 if meta.status is _PENDING:  # a join that never ran: cancelled with the rest
                     self.set_status(meta, _CANCELLED)
+        if self.tracks_deps:  # waiting on dependencies: cancelled with the rest
+            for name in self.watch:
+                meta = self.metadata[name]
+                if meta.status is _PENDING:
+                    self.set_status(meta, _CANCELLED)
         self.pause_requested = False
         self.finish(_RUN_CANCELLED)
 
@@ -1828,10 +1833,11 @@ class Run:
 
     def abandon(self) -> None:
         """After the run ended: what never ran is CANCELLED, and nothing is left in the pool."""
+        cut_off: list[str] = []  # waited for dependencies: BLOCKED if a REQUIRED one failed
         for act in list(self.live.values()) if self.live else ():
             meta = self.metadata[act.state]
             if act.where == WAITING and meta.status is _PENDING:
-                self._block_if_a_requirement_failed(act.state)
+                cut_off.append(act.state)
             stubborn = act.where == RUNNING and self.running.get(act.state) is act  # ignored cancellation in time
             if stubborn:
                 del self.running[act.state]
@@ -1871,7 +1877,26 @@ class Run:
             for name in self.watch:  # never triggered: some may never be now
                 meta = self.metadata[name]
                 if meta.status is _PENDING and meta.runs == 0:
-                    self._block_if_a_requirement_failed(name)
+                    cut_off.append(name)
+        if cut_off:
+            self._block_cut_off(cut_off)
+
+    def _block_cut_off(self, names: list[str]) -> None:
+        """As the run ends: each of ``names`` (which never ran) that a failed REQUIRED
+        dependency cut off is BLOCKED, also through dependents BLOCKED in turn (a chain
+        ``a -> b -> c`` whose ``a`` failed leaves ``b`` and ``c`` BLOCKED, in any order
+        they were added)."""
+        left = set(names)
+        order = [name for name in self.specs if name in left]
+        while order:
+            still = []
+            for name in order:
+                self._block_if_a_requirement_failed(name)
+                if self.metadata[name].status is not _BLOCKED:
+                    still.append(name)
+            if len(still) == len(order):
+                return
+            order = still
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -1934,6 +1959,13 @@ class Run:
         """
         specs = self.specs
         self.emit(ev.RUN_STARTED, data={"resumed": True})
+        # BLOCKED by a dependency that failed: waits again (a failed run's failed states
+        # run again; else the dependency's verdict says BLOCKED again at once).
+        unblocked = {n for n, spec in specs.items() if spec.dependencies and self.metadata[n].status is _BLOCKED}
+        for name in unblocked:
+            meta = self.metadata[name]
+            meta.status = _PENDING
+            meta.blocked_reason = None
         if "activations" not in frames:  # a checkpoint without frames: restart what was pending
             names = [n for n in dict.fromkeys(list(running) + list(pending)) if n in specs]
             for name, spec in specs.items():
@@ -1943,7 +1975,7 @@ class Run:
             for name in names:
                 self.activate(name, self.root)
             return
-        watch = {n for n in frames.get("watch", []) if n in specs}
+        watch = {n for n in frames.get("watch", []) if n in specs} | unblocked
         if isinstance(frames.get("dependencies"), dict):
             self._restore_dependencies(frames["dependencies"])
         if watch:

@@ -17,6 +17,7 @@ from agent import (
     StateFailedError,
     StateStatus,
 )
+from agent.checkpoint_store import SQLiteCheckpointStore
 
 
 def recorder(log: list, result=None, *, wait: asyncio.Event | None = None, fail: bool = False):
@@ -99,6 +100,40 @@ class TestTypes:
         meta = agent.state_metadata["dependent"]
         assert meta.status is StateStatus.BLOCKED
         assert "'dep'" in meta.blocked_reason
+
+    async def test_a_failed_run_blocks_the_whole_chain_it_cut_off(self):
+        # c depends on b, b on a, a on start (added in reverse): start fails, the run
+        # fails, and all three never ran because of it.
+        log: list = []
+        agent = Agent("cut_off_chain", isolation="inline")
+        agent.add_state("start", recorder(log, fail=True))
+        for name, dep in (("c", "b"), ("b", "a"), ("a", "start")):
+            agent.add_state(name, recorder(log), dependencies={dep: DependencyType.REQUIRED})
+        with pytest.raises(StateFailedError):
+            await agent.run()
+        for name, dep in (("a", "start"), ("b", "a"), ("c", "b")):
+            meta = agent.state_metadata[name]
+            assert meta.status is StateStatus.BLOCKED, name
+            assert f"required dependency {dep!r}" in meta.blocked_reason
+
+    async def test_cancel_all_cancels_states_waiting_on_dependencies(self):
+        log: list = []
+        gate = asyncio.Event()
+        agent = Agent("cancel_waiting", isolation="inline")
+        agent.add_state("slow", recorder(log, wait=gate))
+        for kind in DependencyType:
+            agent.add_state(kind.name.lower(), recorder(log), dependencies={"slow": kind})
+        runner = asyncio.ensure_future(agent.run())
+        while ("start", "slow") not in log:
+            await asyncio.sleep(0)
+        await agent.cancel_all()
+        await runner
+        assert agent.status.name == "CANCELLED"
+        statuses = {name: meta.status for name, meta in agent.state_metadata.items()}
+        # PARALLEL started beside slow (and was cancelled running, or completed already).
+        waiting = {name: status for name, status in statuses.items() if name not in ("parallel",)}
+        assert set(waiting.values()) == {StateStatus.CANCELLED}, statuses
+        assert agent.state_metadata["required"].blocked_reason is None
 
     async def test_optional_runs_when_dependency_is_not_scheduled(self):
         log: list = []
@@ -653,3 +688,36 @@ class TestAcrossACheckpoint:
         await self.pause_and_restore(lambda: self.steps("parallel_restored", chain, "y", always, log, gate),
                                      log, gate, "d")
         assert log == ["y"]
+
+
+class TestResumingAFailedRun:
+    """A failed run resumed after the fix runs what the failure cut off, through dependencies."""
+
+    @staticmethod
+    def chain(store: SQLiteCheckpointStore, broken: bool, log: list, on_failure: str = "fail") -> Agent:
+        agent = Agent("resumed_chain", isolation="inline", checkpoint_store=store, on_failure=on_failure)
+        for i in range(5):
+            async def step(context, i=i):
+                if broken and i == 1:
+                    raise RuntimeError("not fixed yet")
+                log.append(i)
+                context.set_state(f"v{i}", context.get_state(f"v{i - 1}", 0) + 1)
+
+            agent.add_state(f"s{i}", step, dependencies={f"s{i - 1}": DependencyType.REQUIRED} if i else None)
+        return agent
+
+    @pytest.mark.parametrize("on_failure", ["fail", "continue"])
+    async def test_every_state_the_failure_cut_off_runs(self, tmp_path, on_failure):
+        store = SQLiteCheckpointStore(str(tmp_path / "runs.sqlite3"))
+        log: list = []
+        first = self.chain(store, True, log, on_failure)
+        with pytest.raises(StateFailedError):
+            await first.run()
+        assert first.state_metadata["s4"].status is StateStatus.BLOCKED
+        log.clear()
+        fixed = self.chain(store, False, log, on_failure)
+        context = await fixed.resume_run(first.run_id)
+        statuses = {name: meta.status for name, meta in fixed.state_metadata.items()}
+        assert set(statuses.values()) == {StateStatus.COMPLETED}, statuses
+        assert log == [1, 2, 3, 4]  # s0 completed before: not run again
+        assert context.get_state("v4") == 5
