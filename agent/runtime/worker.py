@@ -12,14 +12,16 @@ supervisor, which can close the attempt only at the hello, wakes once for both.
 
 Between two states the worker puts back what it can: its working directory, ``argv``,
 ``sys.path``, umask, recursion limit and environment (the time zone read from it too),
+the interpreter's switches (garbage collector, trace, switch interval) and its event
+loop's settings (debug, exception handler, task factory),
 its stdout and stderr (``sys.stdout`` and the descriptors), its blocked signals, and no alarm or interval timer is left
 armed; tasks the state left on the event loop are cancelled; the default thread pool is
 shut down. It cannot take back a thread that will not end (one of ``threading``'s or
 not), a process the state started and left running (its child, or any other process in
 its cgroup), a task that refuses to be cancelled, an environment changed below
 ``os.environ`` (``os.putenv``), or a change to what the kernel holds for the process:
-its scheduling (nice, policy, IO priority), CPUs, resource limits, user and groups, or
-namespaces. Then it exits instead of saying ready, and the supervisor starts a fresh one
+its scheduling (nice, policy, IO priority), CPUs, resource limits, user and groups,
+namespaces, capabilities and the like (:func:`_process_attributes`). Then it exits instead of saying ready, and the supervisor starts a fresh one
 when one is needed; a state's result stands either way. What
 stays by design (the heap, imported modules and their globals, open files a state did
 not close, signal handlers, the page cache) is the price of reuse and is documented in
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import os
 import platform
 import resource
@@ -89,6 +92,9 @@ class Worker:
         self._environ_raw = _env.snapshot()
         self._sys_path = list(sys.path)
         self._recursion_limit = sys.getrecursionlimit()
+        self._interpreter = _interpreter_settings()
+        self._loop_settings = _loop_settings(asyncio.get_event_loop())
+        self._policy = asyncio.get_event_loop_policy()
         self._umask = os.umask(0o022)
         os.umask(self._umask)
         self._attributes = _process_attributes()
@@ -242,6 +248,14 @@ class Worker:
             sys.path = list(self._sys_path)
         if sys.getrecursionlimit() != self._recursion_limit:
             sys.setrecursionlimit(self._recursion_limit)
+        if _interpreter_settings() != self._interpreter:
+            _put_interpreter_back(self._interpreter)
+        loop = asyncio.get_running_loop()
+        if asyncio.get_event_loop_policy() is not self._policy:
+            asyncio.set_event_loop_policy(self._policy)
+            asyncio.set_event_loop(loop)
+        if _loop_settings(loop) != self._loop_settings:
+            _put_loop_back(loop, self._loop_settings)
         os.umask(self._umask)  # put back whatever it is (reading it means setting it)
         if _env.snapshot() != self._environ_raw:
             os.environ.clear()
@@ -293,14 +307,70 @@ _ENVIRON = ctypes.POINTER(ctypes.c_char_p).in_dll(_LIBC, "environ")
 def _process_attributes() -> tuple[Any, ...]:
     """What a state may change of its process that a worker cannot always put back: its
     scheduling (nice, policy, IO priority), its CPUs, its resource limits, its user and
-    groups, and its namespaces (a worker whose attributes changed is retired, so the next
-    state gets them as a fresh process would)."""
+    groups, its namespaces, its capabilities, no_new_privs, seccomp filters and the like
+    (a worker whose attributes changed is retired, so the next state gets them as a fresh
+    process would)."""
     return (
         os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0), os.sched_getparam(0).sched_priority,
         _LIBC.syscall(_IOPRIO_GET, 1, 0) if _IOPRIO_GET is not None else None,  # IOPRIO_WHO_PROCESS, itself
         os.sched_getaffinity(0), [resource.getrlimit(r) for r in _RLIMITS],
         os.getresuid(), os.getresgid(), os.getgroups(), [_readlink(path) for path in _NAMESPACES],
+        _kernel_status(),
     )
+
+
+def _kernel_status() -> list[bytes]:
+    """What the kernel holds for the process that no call above reads: its capability sets,
+    no_new_privs and seccomp mode (``/proc/self/status``), and what ``prctl`` reads back
+    (dumpable, keep-caps, securebits, timer slack, THP, child subreaper, the parent-death
+    signal the worker relies on) and its personality."""
+    with open("/proc/self/status", "rb") as status:
+        fields = [line for line in status.read().splitlines() if line.startswith(_STATUS_FIELDS)]
+    out = ctypes.c_int(0)
+    for option in _PRCTL_POINTER_GETS:
+        out.value = 0
+        _LIBC.prctl(option, ctypes.byref(out), 0, 0, 0)
+        fields.append(b"%d=%d" % (option, out.value))
+    fields += [b"%d=%d" % (option, _LIBC.prctl(option, 0, 0, 0, 0)) for option in _PRCTL_GETS]
+    fields.append(b"personality=%d" % _LIBC.personality(0xFFFFFFFF))
+    return fields
+
+
+_STATUS_FIELDS = (b"CapInh:", b"CapPrm:", b"CapEff:", b"CapBnd:", b"CapAmb:", b"NoNewPrivs:", b"Seccomp:",
+                  b"Seccomp_filters:", b"Name:")
+# PR_GET_DUMPABLE, PR_GET_KEEPCAPS, PR_GET_SECUREBITS, PR_GET_TIMERSLACK, PR_GET_THP_DISABLE
+_PRCTL_GETS = (3, 7, 27, 30, 42)
+_PRCTL_POINTER_GETS = (1, 37)  # PR_GET_PDEATHSIG, PR_GET_CHILD_SUBREAPER: written to an int
+
+
+def _interpreter_settings() -> tuple[Any, ...]:
+    """The interpreter's switches a state may flip for the whole process: the garbage
+    collector (on, thresholds), a trace or profile function, the thread switch interval."""
+    return (gc.isenabled(), gc.get_threshold(), sys.gettrace(), sys.getprofile(), sys.getswitchinterval())
+
+
+def _put_interpreter_back(settings: tuple[Any, ...]) -> None:
+    enabled, threshold, trace, profile, interval = settings
+    (gc.enable if enabled else gc.disable)()
+    gc.set_threshold(*threshold)
+    sys.settrace(trace)
+    sys.setprofile(profile)
+    sys.setswitchinterval(interval)
+
+
+def _loop_settings(loop: asyncio.AbstractEventLoop) -> tuple[Any, ...]:
+    """What a state may set on the event loop that serves the next state too."""
+    return (loop.get_debug(), getattr(loop, "slow_callback_duration", None), loop.get_exception_handler(),
+            loop.get_task_factory())
+
+
+def _put_loop_back(loop: asyncio.AbstractEventLoop, settings: tuple[Any, ...]) -> None:
+    debug, slow, handler, factory = settings
+    loop.set_debug(debug)
+    if slow is not None:
+        loop.slow_callback_duration = slow  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)
+    loop.set_task_factory(factory)
 
 
 def _readlink(path: str) -> str | None:

@@ -4,6 +4,7 @@ without leftovers, and a worker's state can do no more on its channel than a chi
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import os
 import resource
@@ -148,6 +149,41 @@ async def test_a_state_that_raised_its_limits_leaves_them_to_no_other_state():
     assert ctx.get_state("cpu_quota") == 50_000 and ctx.get_state("memory_limit") == 96 * MiB
     assert ctx.get_state("pid") != ctx.get_state("raised_pid")  # the worker it left was retired
     await until(lambda: gone(ctx.get_state("raised_pid")))
+
+
+async def rewrites_a_setting(context):
+    controller, name, value = context.get_state("setting")
+    with open(os.path.join(_cgroup_dir(controller), name), "w") as fh:
+        fh.write(value)
+    context.set_state("rewrote_pid", os.getpid())
+    return "reads"
+
+
+async def reads_the_setting(context):
+    controller, name, _ = context.get_state("setting")
+    with open(os.path.join(_cgroup_dir(controller), name)) as fh:
+        context.set_state("seen", fh.read().splitlines()[0])
+    context.set_state("pid", os.getpid())
+
+
+@pytest.mark.skipif(not cgroup_v1(), reason="writes cgroup v1 files")
+@pytest.mark.parametrize("setting", [("memory", "memory.oom_control", "1"), ("cpu", "cpu.shares", "2"),
+                                     ("memory", "memory.soft_limit_in_bytes", "4096"),
+                                     ("memory", "memory.kmem.tcp.limit_in_bytes", "1048576")])
+async def test_a_cgroup_setting_a_state_rewrote_reaches_no_other_state(setting):
+    # oom_kill_disable left set would hang the next state that passes its memory limit.
+    controller, name, _ = setting
+    if not os.path.exists(os.path.join(_cgroup_dir(controller), name)):
+        pytest.skip(f"this kernel has no {name}")
+    fresh = Agent("fresh_setting", isolation="process")
+    fresh.add_state("reads", reads_the_setting)
+    expected = (await fresh.run(initial_context={"setting": list(setting)})).get_state("seen")
+    agent = Agent("rewriter", isolation="worker")
+    agent.add_state("rewrites", rewrites_a_setting)
+    agent.add_state("reads", reads_the_setting)
+    ctx = await agent.run(initial_context={"setting": list(setting)})
+    assert ctx.get_state("seen") == expected
+    assert ctx.get_state("pid") != ctx.get_state("rewrote_pid")  # the worker it left was retired
 
 
 async def test_a_worker_that_dies_is_replaced_and_the_state_retried():
@@ -365,7 +401,20 @@ async def changes_its_process(context):
         import _thread
 
         _thread.start_new_thread(time.sleep, (600,))
+    elif change == "capabilities":
+        assert _LIBC.prctl(24, 21, 0, 0, 0) == 0  # PR_CAPBSET_DROP CAP_SYS_ADMIN
+    elif change == "no_new_privs":
+        assert _LIBC.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+    elif change == "dumpable":
+        assert _LIBC.prctl(4, 0, 0, 0, 0) == 0  # PR_SET_DUMPABLE
     else:  # what a worker puts back itself
+        loop = asyncio.get_running_loop()
+        loop.set_debug(True)
+        loop.slow_callback_duration = 123.0
+        loop.set_exception_handler(lambda loop, context: None)
+        loop.set_task_factory(lambda loop, coro, **kwargs: asyncio.Task(coro, loop=loop, **kwargs))
+        gc.disable()
+        sys.setswitchinterval(0.5)
         sys.path = tuple(sys.path) + ("/left-behind",)  # not even a list
         os.umask(0o077)
         sys.setrecursionlimit(123)
@@ -391,11 +440,28 @@ async def reads_its_process(context):
                                os.sched_getscheduler(0), os.getresuid(), "LEFT_BEHIND" in shown,
                                len(os.listdir("/proc/self/task")), sys.path, umask, sys.getrecursionlimit(),
                                sorted(signal.pthread_sigmask(signal.SIG_BLOCK, ())), os.getcwd(),
-                               os.readlink("/proc/self/fd/1").startswith("pipe:")])
+                               os.readlink("/proc/self/fd/1").startswith("pipe:"), _kernel_held(),
+                               _loop_and_interpreter()])
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _kernel_held() -> list[str]:
+    with open("/proc/self/status") as fh:
+        held = [line for line in fh if line.startswith(("CapBnd", "CapEff", "NoNewPrivs"))]
+    return [*held, f"dumpable {_LIBC.prctl(3, 0, 0, 0, 0)}"]
+
+
+def _loop_and_interpreter() -> list[object]:
+    loop = asyncio.get_running_loop()
+    return [loop.get_debug(), loop.slow_callback_duration, loop.get_exception_handler() is None,
+            loop.get_task_factory() is None, gc.isenabled(), sys.getswitchinterval()]
 
 
 @pytest.mark.parametrize("change", ["priority", "cpus", "open files", "another limit", "scheduling policy", "user",
-                                    "environment below os.environ", "a raw thread", "what it puts back itself"])
+                                    "environment below os.environ", "a raw thread", "capabilities", "no_new_privs",
+                                    "dumpable", "what it puts back itself"])
 async def test_the_next_state_on_a_worker_gets_its_process_as_a_fresh_one_would(change):
     umask = os.umask(0o022)
     os.umask(umask)

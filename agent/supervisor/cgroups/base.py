@@ -235,6 +235,14 @@ def parse_keyed(text: str) -> dict[str, int]:
     return out
 
 
+def setting_in(path: str, text: str) -> str:
+    """What a cgroup file sets, without the counters some such files carry beside it
+    (v1's ``memory.oom_control`` also counts OOM kills)."""
+    if path.endswith("/memory.oom_control"):
+        return "".join(line for line in text.splitlines(keepends=True) if line.startswith("oom_kill_disable"))
+    return text
+
+
 class OpenFiles:
     """A cgroup's files, each opened once: reading one again is a ``pread``.
 
@@ -275,17 +283,22 @@ class OpenFiles:
         return data.decode()
 
     def contents(self, paths: list[str]) -> dict[str, str]:
-        """What each of ``paths`` that exists holds now."""
+        """What each of ``paths`` that exists sets now (:func:`setting_in`)."""
         out = {}
         for path in paths:
             text = self.text(path)
             if text is not None:
-                out[path] = text
+                out[path] = setting_in(path, text)
         return out
 
     def changed(self, contents: dict[str, str]) -> list[str]:
-        """Which of ``contents``'s files hold something else now."""
-        return [path for path, text in contents.items() if self.text(path) != text]
+        """Which of ``contents``'s files set something else now."""
+        changed = []
+        for path, setting in contents.items():
+            text = self.text(path)
+            if text is None or setting_in(path, text) != setting:
+                changed.append(path)
+        return changed
 
     def _open_readonly(self, path: str) -> int:
         try:

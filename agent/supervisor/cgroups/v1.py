@@ -76,13 +76,21 @@ def _cpu(path: str) -> CpuController:
 
 
 # The files that carry a cgroup's limits, by controller.
+# The files that carry a cgroup's limits and settings, by controller (a worker whose
+# state rewrote one is retired: the next state must not inherit, say, oom_kill_disable).
 _LIMIT_FILES = {
-    "memory": ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes", "memory.swappiness"),
-    "cpu": ("cpu.cfs_quota_us", "cpu.cfs_period_us"),
+    "memory": ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes", "memory.swappiness",
+               "memory.oom_control", "memory.soft_limit_in_bytes", "memory.kmem.limit_in_bytes",
+               "memory.kmem.tcp.limit_in_bytes", "memory.move_charge_at_immigrate", "memory.use_hierarchy"),
+    "cpu": ("cpu.cfs_quota_us", "cpu.cfs_period_us", "cpu.cfs_burst_us", "cpu.shares", "cpu.idle",
+            "cpu.rt_runtime_us", "cpu.rt_period_us"),
+    "cpuset": ("cpuset.cpus", "cpuset.mems"),
     "pids": ("pids.max",),
     "blkio": ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device",
-              "blkio.throttle.read_iops_device", "blkio.throttle.write_iops_device", "blkio.bfq.weight"),
+              "blkio.throttle.read_iops_device", "blkio.throttle.write_iops_device", "blkio.bfq.weight",
+              "blkio.weight", "blkio.weight_device", "blkio.bfq.weight_device"),
     "devices": ("devices.list",),
+    "freezer": ("freezer.state",),
 }
 
 

@@ -77,9 +77,13 @@ def _enable(path: str, controllers: list[str]) -> None:
         write(f"{path}/cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
 
 
-# The files that carry a cgroup's limits.
-_LIMIT_FILES = ("cpu.max", "memory.max", "memory.swap.max", "memory.oom.group", "pids.max", "io.max",
-                "io.bfq.weight")
+# The files that carry a cgroup's limits and settings (a worker whose state rewrote one is
+# retired: the next state must not inherit, say, a CPU burst or memory.high).
+_LIMIT_FILES = ("cpu.max", "cpu.max.burst", "cpu.weight", "cpu.idle", "cpu.uclamp.min", "cpu.uclamp.max",
+                "cpuset.cpus", "cpuset.mems", "memory.max", "memory.high", "memory.low", "memory.min",
+                "memory.swap.max", "memory.swap.high", "memory.zswap.max", "memory.oom.group", "pids.max",
+                "io.max", "io.weight", "io.bfq.weight", "io.latency", "cgroup.max.descendants",
+                "cgroup.max.depth", "cgroup.freeze")
 
 
 class V2Cgroup:
