@@ -21,8 +21,9 @@ not), a process the state started and left running (its child, or any other proc
 its cgroup), a task that refuses to be cancelled, an environment changed below
 ``os.environ`` (``os.putenv``), or a change to what the kernel holds for the process:
 its scheduling (nice, policy, IO priority), CPUs, resource limits, user and groups,
-namespaces, capabilities and the like (:func:`_process_attributes`). Then it exits instead of saying ready, and the supervisor starts a fresh one
-when one is needed; a state's result stands either way. What
+namespaces, capabilities and the like (:func:`_process_attributes`). Then it exits
+instead of saying ready, and the supervisor starts a fresh one when one is needed; a
+state's result stands either way. What
 stays by design (the heap, imported modules and their globals, open files a state did
 not close, signal handlers, the page cache) is the price of reuse and is documented in
 ``docs/isolation.md``.
