@@ -325,8 +325,10 @@ def _kernel_status() -> list[bytes]:
     no_new_privs and seccomp mode (``/proc/self/status``), and what ``prctl`` reads back
     (dumpable, keep-caps, securebits, timer slack, THP, child subreaper, the parent-death
     signal the worker relies on) and its personality."""
-    with open("/proc/self/status", "rb") as status:
-        fields = [line for line in status.read().splitlines() if line.startswith(_STATUS_FIELDS)]
+    global _status
+    if _status is None or _status[0] != os.getpid():  # its own, not the zygote's: opened here
+        _status = (os.getpid(), os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC))
+    fields = [line for line in os.pread(_status[1], 1 << 16, 0).splitlines() if line.startswith(_STATUS_FIELDS)]
     out = ctypes.c_int(0)
     for option in _PRCTL_POINTER_GETS:
         out.value = 0
@@ -337,6 +339,7 @@ def _kernel_status() -> list[bytes]:
     return fields
 
 
+_status: tuple[int, int] | None = None  # (pid, descriptor) of /proc/self/status: a pread costs half an open
 _STATUS_FIELDS = (b"CapInh:", b"CapPrm:", b"CapEff:", b"CapBnd:", b"CapAmb:", b"NoNewPrivs:", b"Seccomp:",
                   b"Seccomp_filters:", b"Name:")
 # PR_GET_DUMPABLE, PR_GET_KEEPCAPS, PR_GET_SECUREBITS, PR_GET_TIMERSLACK, PR_GET_THP_DISABLE
