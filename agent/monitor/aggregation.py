@@ -7,6 +7,11 @@ added, an unbiased estimate afterwards. Memory stays at ``capacity`` floats howe
 long a workflow runs. An empty aggregation reports 0.0 everywhere, so code that formats
 the figures (``f"{m.avg:.2f}"``) works before the first value arrives.
 
+A value once added is never changed or taken back: ``count`` only grows and ``sum`` moves
+only by the values added, as a Prometheus summary's ``_count`` and ``_sum`` must (a drop
+between two scrapes reads to ``rate()`` as a reset). Figures taken once per update window
+follow the same rule: see :meth:`~agent.monitor.collector.MetricsCollector.sample`.
+
 Values must be finite real numbers (ints, floats, numpy scalars; not bools): anything
 else raises :class:`~agent.errors.MonitorError`, since one NaN would poison the average
 and a string or a flag is a bug in the caller, not a measurement.
@@ -137,43 +142,6 @@ class MetricAggregation:
 
     def __repr__(self) -> str:
         return f"MetricAggregation(count={self.count}, avg={self.avg:g}, min={self.min:g}, max={self.max:g})"
-
-
-class WindowAggregation(MetricAggregation):
-    """A :class:`MetricAggregation` whose latest value can be replaced (:meth:`amend`).
-
-    For figures taken once per update window (rates): a final window too short to be a
-    rate of its own is merged into the one before it, whose value then changes.
-    """
-
-    __slots__ = ("_last_slot", "_min_before", "_max_before")
-
-    def __init__(self, capacity: int = DEFAULT_CAPACITY, seed: int = 0) -> None:
-        super().__init__(capacity, seed)
-        self._last_slot = -1  # where the latest value sits in the sample (-1: not kept)
-        self._min_before = math.inf
-        self._max_before = -math.inf
-
-    def add(self, value: float) -> int:
-        before = self._min, self._max
-        self._last_slot = super().add(value)
-        self._min_before, self._max_before = before
-        return self._last_slot
-
-    def amend(self, value: float) -> None:
-        """Replace the latest value by ``value`` (add it when there is none yet)."""
-        if not self.count:
-            self.add(value)
-            return
-        if type(value) is not float or value - value != 0.0:
-            value = _number(value)
-        self.sum += value - self.current
-        self._min = min(self._min_before, value)
-        self._max = max(self._max_before, value)
-        self.current = value
-        if self._last_slot >= 0:
-            self._sample[self._last_slot] = value
-            self._sorted = None
 
 
 class Tally:

@@ -33,7 +33,7 @@ from typing import Any, TypeGuard
 
 from .. import events as ev
 from ..errors import FAILURE_KINDS, MonitorConfigurationError
-from .aggregation import DEFAULT_CAPACITY, MetricAggregation, Ratio, Tally, WindowAggregation
+from .aggregation import DEFAULT_CAPACITY, MetricAggregation, Ratio, Tally
 from .catalogue import CATALOGUE, MetricSpec, MetricType, parse_metric_types, specs_for
 from .process import ProcessSampler, ThisProcess
 
@@ -43,14 +43,6 @@ _log = logging.getLogger("agent.monitor")
 
 # Figures shared between two categories: the same values, one aggregation.
 _ALIASES = {("dependency", "resolution_time"): ("timing", "dependency_resolution")}
-
-# Figures taken once per update window (a final short window amends their latest value).
-_WINDOW_FIGURES = frozenset({
-    ("throughput", "states_per_second"), ("throughput", "attempts_per_second"),
-    ("throughput", "queue_processing_rate"),
-    ("resources", "used_CPU"), ("resources", "isolated_CPU"), ("resources", "process_CPU"),
-    ("resources", "process_memory_mb"),
-})
 
 RECENT_RUNS = 32
 
@@ -138,6 +130,8 @@ class _Run:
     retries: int = 0
     running: dict[str, tuple[int, float]] = field(default_factory=dict)
     queued: dict[str, float] = field(default_factory=dict)
+    # state -> when it was first queued or started; kept until it ends (completed, failed for
+    # good, cancelled, blocked): what is left when the run finishes ended cancelled with it
     first_seen: dict[str, float] = field(default_factory=dict)
     allocated: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     # state -> (attempt, its CPU seconds as counted into update windows so far)
@@ -243,8 +237,6 @@ class MetricsCollector:
                 aggs[key] = Tally()
             elif spec.binary:
                 aggs[key] = Ratio()
-            elif key in _WINDOW_FIGURES:
-                aggs[key] = WindowAggregation(self._capacity)
             else:
                 aggs[key] = MetricAggregation(self._capacity)
         for alias, target in _ALIASES.items():
@@ -258,18 +250,18 @@ class MetricsCollector:
         self._a_coordination_wait = a(("latency", "coordination_wait"))
         self._a_kinds = {kind: a(("errors", kind)) for kind in FAILURE_KINDS}
         self._a_turnaround = a(("latency", "turnaround"))
-        def w(key: tuple[str, str]) -> WindowAggregation:
+        def measured(key: tuple[str, str]) -> MetricAggregation:
             agg = aggs[key]
-            assert isinstance(agg, WindowAggregation)
+            assert isinstance(agg, MetricAggregation)
             return agg
 
-        self._a_sps = w(("throughput", "states_per_second"))
-        self._a_aps = w(("throughput", "attempts_per_second"))
-        self._a_queue_rate = w(("throughput", "queue_processing_rate"))
-        self._a_used_cpu = w(("resources", "used_CPU"))
-        self._a_isolated_cpu = w(("resources", "isolated_CPU"))
-        self._a_process_cpu = w(("resources", "process_CPU"))
-        self._a_process_mem = w(("resources", "process_memory_mb"))
+        self._a_sps = measured(("throughput", "states_per_second"))
+        self._a_aps = measured(("throughput", "attempts_per_second"))
+        self._a_queue_rate = measured(("throughput", "queue_processing_rate"))
+        self._a_used_cpu = measured(("resources", "used_CPU"))
+        self._a_isolated_cpu = measured(("resources", "isolated_CPU"))
+        self._a_process_cpu = measured(("resources", "process_CPU"))
+        self._a_process_mem = measured(("resources", "process_memory_mb"))
         self._a_state_cpu = a(("resources", "state_cpu_seconds"))
         self._a_state_mem = a(("resources", "state_peak_memory_mb"))
         self._a_state_throttled = a(("resources", "state_throttled_seconds"))
@@ -340,9 +332,14 @@ class MetricsCollector:
         run.status = event.status or "completed"
         run.finished = now
         self._a_run_duration.add((now - run.started) * 1000.0)
-        # States the engine did not close (a cancelled run): forget them.
+        # What the run leaves unfinished ends CANCELLED with it (the engine's abandon()), but
+        # only a state that was running is told so by an event: one waiting for resources,
+        # for its retry, or to run again after a pause or preemption is counted here.
+        self._a_cancelled.count += len(run.first_seen)
         self._running_total -= len(run.running)
-        self._queued_total -= len(run.queued)
+        if run.queued:
+            self._queued_total -= len(run.queued)
+            self._a_depth.add(self._queued_total)
         for alloc in run.allocated.values():
             self._move_allocation(alloc, -1.0)
         run.running.clear()
@@ -368,12 +365,10 @@ class MetricsCollector:
     def _on_started(self, event: ev.RunEvent) -> None:
         run = self._run(event)
         state = event.state or ""
-        queued_at = run.queued.pop(state, None)
+        queued_at = self._unqueue(run, state)
         if queued_at is not None:
-            self._queued_total -= 1
             self._window_dequeued += 1
             self._a_queue_wait.add((event.time - queued_at) * 1000.0)
-            self._a_depth.add(self._queued_total)
         waited = event.data.get("coordination_wait")
         if waited is not None:  # the attempt waited for its state's primitives first
             self._a_coordination_wait.add(waited * 1000.0)
@@ -392,6 +387,15 @@ class MetricsCollector:
                 self._move_allocation(previous, -1.0)
             run.allocated[state] = alloc
             self._move_allocation(alloc, 1.0)
+
+    def _unqueue(self, run: _Run, state: str) -> float | None:
+        """Take ``state`` off the resource queue, recording the new depth (queue.depth is
+        taken at each change); returns when it was queued, None when it was not."""
+        queued_at = run.queued.pop(state, None)
+        if queued_at is not None:
+            self._queued_total -= 1
+            self._a_depth.add(self._queued_total)
+        return queued_at
 
     def _move_allocation(self, alloc: tuple[float, float, float], sign: float) -> None:
         total = self._alloc_total
@@ -475,9 +479,7 @@ class MetricsCollector:
             self._a_retry_delay.add(delay * 1000.0)
 
     def _drop_state(self, run: _Run, event: ev.RunEvent) -> None:
-        state = event.state or ""
-        if run.queued.pop(state, None) is not None:
-            self._queued_total -= 1
+        self._unqueue(run, event.state or "")
         self._end_attempt(run, event)
 
     def _on_cancelled(self, event: ev.RunEvent) -> None:
@@ -495,8 +497,7 @@ class MetricsCollector:
 
     def _on_blocked(self, event: ev.RunEvent) -> None:
         run = self._run(event)
-        if run.queued.pop(event.state or "", None) is not None:
-            self._queued_total -= 1
+        self._unqueue(run, event.state or "")
         run.first_seen.pop(event.state or "", None)
         self._a_blocked.count += 1
 
@@ -517,11 +518,12 @@ class MetricsCollector:
         The CPU isolated attempts used in the window is read from their cgroups first (see
         the module's docstring). A window with no active run time adds nothing. A window
         shorter than ``min_window`` of active time is carried into the next one (its rate
-        would be noise); the ``final`` one is merged into the window before it, whose
-        values it replaces (a tail of a few milliseconds with one completion would read as
-        hundreds per second and pull the average up, yet what happened in it counts), or
-        added on its own when there is none before it. Returns whether values were added
-        or replaced.
+        would be noise); the ``final`` one is measured together with the window before it
+        (a tail of a few milliseconds with one completion would read as hundreds per second
+        and pull the average up, yet what happened in it counts): its values are the rates
+        over both, added as values of their own. The window before keeps its values, since
+        a value once added is never rewritten: an exported summary's ``_sum`` and ``_count``
+        must never go down. Returns whether values were added.
         """
         if now is not None and (isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now)):
             raise MonitorConfigurationError(f"sample(now=...) takes a finite time.monotonic() or None, got {now!r}")
@@ -549,14 +551,13 @@ class MetricsCollector:
                 window = self._last_window + window
             isolated_pct = window.isolated_cpu / window.busy * 100.0
             process_pct = window.process_cpu / window.busy * 100.0
-            record = WindowAggregation.amend if merge else WindowAggregation.add
-            record(self._a_sps, window.completed / window.busy)
-            record(self._a_aps, window.started / window.busy)
-            record(self._a_queue_rate, window.dequeued / window.busy)
-            record(self._a_isolated_cpu, isolated_pct)
-            record(self._a_process_cpu, process_pct)
-            record(self._a_used_cpu, isolated_pct + process_pct)
-            record(self._a_process_mem, rss / _MIB)
+            self._a_sps.add(window.completed / window.busy)
+            self._a_aps.add(window.started / window.busy)
+            self._a_queue_rate.add(window.dequeued / window.busy)
+            self._a_isolated_cpu.add(isolated_pct)
+            self._a_process_cpu.add(process_pct)
+            self._a_used_cpu.add(isolated_pct + process_pct)
+            self._a_process_mem.add(rss / _MIB)
             self._last_window = window
             self._process_cpu_mark = process_cpu
             self._busy_acc = 0.0

@@ -4,9 +4,9 @@
 (and the tasks it creates), the same ambient mechanism :func:`agent.events.observing`
 uses, then starts the timer; ``stop()`` detaches it, stops the timer and sends one last
 update, which counts what happened since the last tick (a window too short for a rate of
-its own is merged into the one before it: see :meth:`MetricsCollector.sample`). Both
-can be called plainly from async code or awaited. Runs started elsewhere can be fed with
-``agent.add_observer(rt.observer)``.
+its own is measured together with the one before it: see :meth:`MetricsCollector.sample`).
+Both can be called plainly from async code or awaited. Runs started elsewhere can be fed
+with ``agent.add_observer(rt.observer)``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import asyncio
 import math
 import sys
 import time
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +59,46 @@ def sparkline(values: Sequence[float], width: int = 24) -> str:
 
 def _short(run_id: str) -> str:
     return run_id[:8]
+
+
+def _printable(text: object) -> str:
+    """``text`` with each character that is not printable escaped as repr writes it (``\\n``,
+    ``\\x1b``, ``\\u202e``), without the quotes.
+
+    Agent, state and run names, prompts and errors come from other processes' code: a
+    newline in one would add a fake row, an escape sequence would reach the terminal
+    (clear it, recolour it), a bidi override would reorder what follows. Ordinary
+    unicode stays as it is.
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def _cell_width(text: str) -> int:
+    """Terminal columns ``text`` takes: wide (east asian) characters take two, combining ones none."""
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
+
+
+def _clip(text: str, width: int) -> str:
+    """The longest start of ``text`` that fits in ``width`` terminal columns."""
+    if _cell_width(text) <= width:
+        return text
+    used = 0
+    for i, ch in enumerate(text):
+        used += _cell_width(ch)
+        if used > width:
+            return text[:i]
+    return text
+
+
+def _user_text(text: object, style: str = "") -> Text:
+    """A cell drawn from user data: escaped, and never read as rich markup (``[red]`` stays text)."""
+    return Text(_printable(text), style=style)
 
 
 class TopView:
@@ -126,15 +167,15 @@ class TopView:
         table.add_column("RUNNING NOW", ratio=1, overflow="ellipsis", no_wrap=True)
         for run in runs:
             table.add_row(
-                run.agent_name,
-                _short(run.run_id),
-                Text(run.status, style=_STATUS_STYLE.get(run.status, "")),
+                _user_text(run.agent_name),
+                _user_text(_short(run.run_id)),
+                _user_text(run.status, _STATUS_STYLE.get(run.status, "")),
                 duration(run.elapsed),
                 str(run.completed),
                 Text(str(run.failed_attempts), style="red" if run.failed_attempts else "dim"),
                 str(run.retries),
                 str(run.queued),
-                ", ".join(state.state for state in run.running) or "-",
+                _user_text(", ".join(state.state for state in run.running) or "-"),
             )
         if not runs:
             table.add_row(Text("no runs in progress", style="dim"), *[""] * 8)
@@ -155,8 +196,8 @@ class TopView:
             share = state.running_for / longest if longest > 0 else 0.0
             bar = "━" * max(1, math.ceil(share * 20))
             table.add_row(
-                state.agent_name,
-                state.state,
+                _user_text(state.agent_name),
+                _user_text(state.state),
                 Text(str(state.attempt), style="yellow" if state.attempt > 1 else ""),
                 duration(state.running_for),
                 Text(bar, style="green" if state.attempt == 1 else "yellow"),
@@ -177,9 +218,9 @@ class TopView:
         table.add_column("FAILED", justify="right")
         for run in runs[:MAX_RECENT_ROWS]:
             table.add_row(
-                run.agent_name,
-                _short(run.run_id),
-                Text(run.status, style=_STATUS_STYLE.get(run.status, "")),
+                _user_text(run.agent_name),
+                _user_text(_short(run.run_id)),
+                _user_text(run.status, _STATUS_STYLE.get(run.status, "")),
                 duration(run.elapsed),
                 str(run.completed),
                 Text(str(run.failed_attempts), style="red" if run.failed_attempts else "dim"),
@@ -433,13 +474,14 @@ def render_box(view: dict[str, Any], width: int = 100, color: bool = False) -> s
         lines += ["", "waiting for an answer"]
         for run, q in questions:
             default = f", default {q['default']!r}" if q.get("default") is not None else ""
-            lines.append(f"  {run['agent']}/{q['state']}: {q['prompt']}{default}"[:width])
+            lines.append(_clip(_printable(f"  {run['agent']}/{q['state']}: {q['prompt']}{default}"), width))
     failing = [(run, f) for _, run in runs for f in run.get("failed", ())]
     if failing:
         lines += ["", "failed or blocked states"]
         for run, f in failing[:MAX_RECENT_ROWS]:
             error = f["error"].splitlines()[0] if f["error"] else ""
-            lines.append(paint(f"  {run['agent']}/{f['state']} {f['status']}: {error}"[:width], "failed"))
+            lines.append(paint(_clip(_printable(f"  {run['agent']}/{f['state']} {f['status']}: {error}"), width),
+                               "failed"))
     unreachable = [p for p in view["processes"] if p["error"]]
     if view["saved"]:
         lines += ["", "saved runs (checkpoint stores)"]
@@ -451,16 +493,19 @@ def render_box(view: dict[str, Any], width: int = 100, color: bool = False) -> s
             shown.append(status)
         lines += _columns(rows, shown, width, paint)
     for process in unreachable:
-        lines.append(f"(pid {process['pid']}: {process['error']})"[:width])
+        lines.append(_clip(_printable(f"(pid {process['pid']}: {process['error']})"), width))
     return "\n".join(lines) + "\n"
 
 
 def _columns(rows: list[tuple[str, ...]], statuses: list[str], width: int, paint: Any) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    """Aligned rows of cells, each escaped (:func:`_printable`) and padded to its column's width
+    in terminal columns; each line clipped to ``width``."""
+    escaped = [[_printable(cell) for cell in row] for row in rows]
+    widths = [max(_cell_width(row[i]) for row in escaped) for i in range(len(rows[0]))]
     out = []
-    for row, status in zip(rows, statuses):
-        cells = [cell.ljust(w) for cell, w in zip(row, widths)]
-        line = ("  " + "  ".join(cells)).rstrip()[:width]
+    for row, status in zip(escaped, statuses):
+        cells = [cell + " " * (w - _cell_width(cell)) for cell, w in zip(row, widths)]
+        line = _clip(("  " + "  ".join(cells)).rstrip(), width)
         out.append(paint(line, status) if status else line)
     return out
 

@@ -10,7 +10,7 @@ import pytest
 
 from agent.errors import MonitorError
 from agent.monitor import MetricAggregation, Tally
-from agent.monitor.aggregation import STAT_NAMES, WindowAggregation, percentile
+from agent.monitor.aggregation import STAT_NAMES, percentile
 
 
 class TestMetricAggregation:
@@ -69,9 +69,8 @@ class TestValues:
     """Only finite real numbers are values: anything else raises MonitorError, and changes nothing."""
 
     @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "5", True, False, None, Decimal("1.5"), [1.0]])
-    @pytest.mark.parametrize("kind", [MetricAggregation, WindowAggregation])
-    def test_rejected(self, kind, bad):
-        agg = kind()
+    def test_rejected(self, bad):
+        agg = MetricAggregation()
         agg.add(1.0)
         agg.add(3.0)
         with pytest.raises(MonitorError, match="finite real number"):
@@ -79,40 +78,11 @@ class TestValues:
         assert agg.count == 2 and agg.sum == 4.0 and agg.avg == 2.0
         assert agg.min == 1.0 and agg.max == 3.0 and agg.current == 3.0 and agg.median == 2.0
 
-    def test_amend_rejects_the_same(self):
-        agg = WindowAggregation()
-        agg.add(1.0)
-        with pytest.raises(MonitorError, match="finite real number"):
-            agg.amend(math.nan)
-        assert agg.current == 1.0 and agg.sum == 1.0
-
     @pytest.mark.parametrize("good", [2, 2.0, Fraction(4, 2), -0.0])
     def test_real_numbers_are_taken_as_floats(self, good):
         agg = MetricAggregation()
         agg.add(good)
         assert agg.count == 1 and agg.sum == float(good) and isinstance(agg.current, float)
-
-
-class TestWindowAggregation:
-    """amend() replaces the latest value, as though it had been added instead."""
-
-    @pytest.mark.parametrize("capacity", [1024, 4])
-    def test_amend_equals_adding_the_new_value(self, capacity):
-        values = [3.0, 9.0, 1.0, 7.0, 5.0, 2.0, 8.0, 6.0]
-        for last in (0.5, 4.0, 10.0):
-            amended, direct = WindowAggregation(capacity), WindowAggregation(capacity)
-            for v in values:
-                amended.add(v)
-                direct.add(v)
-            amended.add(100.0)
-            amended.amend(last)
-            direct.add(last)
-            assert amended.to_dict() == pytest.approx(direct.to_dict())
-
-    def test_amend_without_a_value_adds_one(self):
-        agg = WindowAggregation()
-        agg.amend(2.0)
-        assert agg.count == 1 and agg.current == 2.0 and agg.min == agg.max == 2.0
 
 
 class TestTally:

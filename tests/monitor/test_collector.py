@@ -95,10 +95,29 @@ class TestTimingAndThroughput:
             feed.state(name, 0.5)
         assert collector.sample()  # 4 states in 2 s
         feed.state("e", 0.01)  # a tail of 10 ms with one state: 100 per second, on its own
-        assert collector.sample(final=True)  # merged into the window before it
+        assert collector.sample(final=True)  # measured with the window before it: 5 states in 2.01 s
         sps = collector.metrics()["throughput"]["states_per_second"]
-        assert sps["count"] == 1 and sps["avg"] == pytest.approx(5 / 2.01)
-        assert sps["current"] == sps["max"] == sps["median"] == pytest.approx(5 / 2.01)
+        assert sps["count"] == 2 and sps["min"] == pytest.approx(2.0)  # the window before keeps its value
+        assert sps["current"] == sps["max"] == pytest.approx(5 / 2.01)
+        assert sps["avg"] == pytest.approx((2.0 + 5 / 2.01) / 2)
+
+    def test_a_short_tail_never_lowers_sum_or_count(self, feed, collector, clock, process):
+        # What an exporter reads as a Prometheus summary's _sum and _count must only grow.
+        feed.emit(ev.RUN_STARTED)
+        for name in "abcd":
+            feed.state(name, 0.5)
+        process.cpu += 1.0
+        process.rss = 256 * 1024 * 1024
+        assert collector.sample()  # 4 states, 50 % CPU, 256 MiB in 2 s
+        before = collector.metrics()
+        clock.advance(0.01)  # a tail of 10 ms: nothing completes, less memory
+        process.rss = 64 * 1024 * 1024
+        feed.emit(ev.RUN_FINISHED, status="completed")
+        assert collector.sample(final=True)
+        after = collector.metrics()
+        lowered = [(category, name) for category, figures in before.items() for name, stats in figures.items()
+                   if after[category][name]["sum"] < stats["sum"] or after[category][name]["count"] < stats["count"]]
+        assert lowered == []
 
     def test_a_short_run_still_reports_its_rate(self, feed, collector, clock):
         feed.emit(ev.RUN_STARTED)
@@ -264,6 +283,69 @@ class TestQueueAndDependencies:
         assert data["queue"]["depth"]["max"] == 1 and data["queue"]["depth"]["current"] == 0
         assert data["latency"]["queue_wait"]["avg"] == pytest.approx(500.0)
         assert data["latency"]["turnaround"]["avg"] == pytest.approx(1500.0)
+
+    def test_depth_is_recorded_whenever_a_state_leaves_the_queue(self, feed, collector):
+        feed.emit(ev.RUN_STARTED)
+        for name in ("a", "b", "c", "d"):
+            feed.emit(ev.STATE_QUEUED, name, data={"waiting_for": "resources"})
+        depth = collector.aggregation("queue", "depth")
+        assert depth.current == 4
+        feed.emit(ev.STATE_CANCELLED, "a", attempt=1)
+        assert depth.current == 3
+        feed.emit(ev.STATE_BLOCKED, "b", error="dependency failed")
+        assert depth.current == 2
+        feed.emit(ev.STATE_PREEMPTED, "c", attempt=1)
+        assert depth.current == 1
+        feed.emit(ev.RUN_FINISHED, status="cancelled")  # d still waits: it ends with the run
+        assert depth.current == 0
+        assert depth.count == 8 and depth.min == 0
+
+    def test_states_left_waiting_when_the_run_ends_are_cancelled(self, feed, collector):
+        # The engine marks them CANCELLED but sends STATE_CANCELLED only for a started attempt.
+        feed.emit(ev.RUN_STARTED)
+        feed.state("done", 0.1)
+        feed.emit(ev.STATE_QUEUED, "queued", data={"waiting_for": "resources"})
+        feed.failure("flaky", 0.1, attempt=1, final=False)
+        feed.emit(ev.STATE_RETRYING, "flaky", attempt=1, data={"delay": 5.0})  # its retry never comes
+        feed.emit(ev.STATE_STARTED, "paused", attempt=1)
+        feed.emit(ev.STATE_PAUSED, "paused", attempt=2, duration=0.1)
+        feed.emit(ev.STATE_STARTED, "running", attempt=1)
+        feed.emit(ev.STATE_CANCELLED, "running", attempt=1, duration=0.1)  # told: counted once
+        feed.failure("doomed", 0.1, attempt=1, final=True)
+        feed.emit(ev.RUN_FINISHED, status="failed")
+        assert collector.aggregation("state", "cancelled").count == 4  # queued, flaky, paused, running
+        assert collector.aggregation("queue", "depth").current == 0
+
+    async def test_cancelled_while_waiting_for_resources(self):
+        import asyncio
+
+        from agent import Agent, ResourcePool, ResourceRequirements
+
+        pool = ResourcePool(total_cpu=1, total_memory=1024)  # room for one of x and y at a time
+        agent = Agent("waits", isolation="inline", resource_pool=pool)
+        queued = asyncio.Event()
+        never = asyncio.Event()
+
+        async def start(context):
+            return ["x", "y"]
+
+        async def hold(context):
+            await never.wait()
+
+        agent.add_state("start", start)
+        for name in ("x", "y"):
+            agent.add_state(name, hold, resources=ResourceRequirements(cpu_units=1, memory_mb=10))
+        collector = MetricsCollector()
+        agent.add_observer(collector)
+        agent.add_observer(lambda event: queued.set() if event.kind == ev.STATE_QUEUED else None)
+        run = asyncio.create_task(agent.run(timeout=30))
+        await queued.wait()
+        await agent.cancel_all()
+        await asyncio.gather(run, return_exceptions=True)
+        statuses = [str(meta.status) for meta in agent.state_metadata.values()]
+        data = collector.metrics()
+        assert data["state"]["cancelled"]["count"] == sum("CANCELLED" in s for s in statuses) == 2
+        assert data["queue"]["depth"]["current"] == 0 and data["queue"]["depth"]["max"] == 1
 
     def test_queue_processing_rate_per_window(self, feed, collector, clock):
         feed.emit(ev.RUN_STARTED)

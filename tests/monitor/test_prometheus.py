@@ -51,6 +51,22 @@ class TestPrometheusExporter:
             urllib.request.urlopen(exporter.url, timeout=5)
         assert set(threading.enumerate()) <= threads_before
 
+    def test_cumulative_samples_never_go_down(self, feed: Feed, collector, clock):
+        # A drop of a summary's _sum or _count between scrapes reads to rate() as a reset.
+        feed.emit(ev.RUN_STARTED)
+        for name in "abcd":
+            feed.state(name, 0.5)
+        assert collector.sample()  # 2 states per second
+        with start_prometheus_exporter(collector) as exporter:
+            before = scrape(exporter.url)
+            clock.advance(0.01)  # a last window of 10 ms where nothing completes
+            feed.emit(ev.RUN_FINISHED, status="completed")
+            assert collector.sample(final=True)
+            after = scrape(exporter.url)
+        cumulative = [key for key in before if key[0].endswith(("_sum", "_count", "_total"))]
+        assert ("agent_throughput_states_per_second_sum", ()) in cumulative
+        assert [(key, before[key], after[key]) for key in cumulative if after[key] < before[key]] == []
+
     def test_selected_types_and_namespace(self, collector):
         with start_prometheus_exporter(collector, metrics=MetricType.ERRORS, namespace="wf") as exporter:
             names = {name for name, _ in scrape(exporter.url)}

@@ -47,6 +47,17 @@ class TestTopView:
         row = next(line.split() for line in states_part.splitlines() if "fetch_weights" in line)
         assert row[:5] == ["model_training", "fetch_weights", "2", "1.3", "s"]  # second attempt, running 1.3 s
 
+    def test_names_are_text_not_markup(self, clock, collector):
+        # "[/b]" read as rich markup raises MarkupError; a newline would split the row.
+        feed = Feed(clock, collector, agent="a[/b]\nFAKE[red]", run="dddddddd-4")
+        feed.emit(ev.RUN_STARTED)
+        feed.emit(ev.STATE_STARTED, "st\x1b[2Jate", attempt=1)
+        view = TopView(collector)
+        view.update()
+        text = render_text(view, width=110)
+        assert "a[/b]\\nFAKE[red]" in text and "st\\x1b[2Jate" in text
+        assert "\x1b" not in text and not any(line.lstrip().startswith("FAKE") for line in text.splitlines())
+
     def test_empty(self, collector):
         view = TopView(collector)
         view.update()
@@ -114,3 +125,52 @@ class TestOptionalDependencies:
         )
         assert done.returncode == 0, done.stderr
         assert "agent-isolation[monitor]" in done.stdout
+
+
+class TestHostileNames:
+    """Names and messages from other processes are shown escaped: no fake rows, no escape sequences."""
+
+    EVIL = "evil\nFAKE 1 run\x1b[2J\x1b[31m"
+
+    def view(self) -> dict:
+        run = {
+            "run_id": "run\n0001-aaaa", "agent": self.EVIL, "status": "running", "started": 1.0, "elapsed": 2.0,
+            "states": {"completed": 1, "total": 3, "running": 1, "waiting": 0, "failed": 1},
+            "running": [{"state": "st\nate\x1b[0m", "attempt": 1, "for": 1.5, "isolation": "inline"}],
+            "human_input": [{"state": "ask\r", "prompt": "sure?\x1b[8m", "default": None}],
+            "failed": [{"state": "bad\u202e", "status": "failed", "error": "boom\x07 \x1b]0;title\x07"}],
+        }
+        return {"time": 0.0, "processes": [{"pid": 4242, "command": "python", "runs": [run], "error": "gone\x1b[K"}],
+                "saved": [{"run_id": "r2", "agent": "saved\x1b[1m", "status": "completed", "state": "completed",
+                           "updated": 0.0, "store": "/tmp/s\ntore.db"}]}
+
+    def test_render_box_escapes_control_characters(self):
+        from agent.monitor.top import render_box
+
+        text = render_box(self.view(), width=200)
+        assert "\x1b" not in text and "\r" not in text and "\x07" not in text and "\u202e" not in text
+        assert not any(line.lstrip().startswith(("FAKE", "ate", "0001", "tore")) for line in text.splitlines())
+        row = next(line for line in text.splitlines() if line.lstrip().startswith("4242"))
+        assert "evil\\nFAKE 1 run\\x1b[2J\\x1b[31m" in row and "st\\nate\\x1b[0m" in row
+        assert "bad\\u202e failed: boom\\x07" in text
+
+    def test_color_still_paints_the_escaped_row(self):
+        from agent.monitor.top import render_box
+
+        text = render_box(self.view(), width=200, color=True)
+        row = next(line for line in text.splitlines() if "4242" in line and "running" in line)
+        assert row.startswith("\x1b[36m") and row.endswith("\x1b[0m")
+        assert row.count("\x1b") == 2  # the paint only
+
+    def test_wide_characters_keep_columns_aligned(self):
+        from agent.monitor.top import render_box
+
+        view = self.view()
+        runs = view["processes"][0]["runs"]
+        runs.append({**runs[0], "run_id": "bbbbbbbb", "agent": "plain"})
+        runs[0]["agent"] = "数据管道"  # four characters, eight terminal columns
+        lines = render_box(view, width=200).splitlines()
+        wide = next(line for line in lines if "数据管道" in line)
+        plain = next(line for line in lines if "plain" in line)
+        # where the RUN column starts on screen: each of the four wide characters takes two columns
+        assert wide.index("run\\n0001") + 4 == plain.index("bbbbbbbb")
