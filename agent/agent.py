@@ -203,6 +203,8 @@ class Agent:
         self._held = False  # pause() before any run: the next run() starts paused
         self._starting = False  # run() waits for the supervisor before its run exists
         self._cancel_at_start = False  # cancel_all() came meanwhile
+        self._first_names: set[str] = set()  # what the run starts with, while it is starting
+        self._cancel_early: set[str] = set()  # cancel_state() of them meanwhile
         self._supervised: Any = _UNKNOWN  # _supervised_level(), worked out again once states are added
         self._fresh_context = True
         self._metadata_fresh = True  # no run has touched state_metadata yet
@@ -369,21 +371,21 @@ class Agent:
             self._finished_restored = False
             self._fresh_context = False  # and the run after it starts afresh
             return self.context
+        names = [] if self._restored is not None else self._start_names(start)
         level = self._supervised
         if level is _UNKNOWN:  # states were added since the last run
             level = self._supervised = self._supervised_level()
-        if level is not None and not await self._supervisor_ready(level, timeout):
-            return self.context  # cancel_all() came meanwhile: nothing ran
+        self._cancel_early = set()
+        if level is not None:
+            restored = self._restored
+            self._first_names = set(names) if restored is None else {*restored.running_states,
+                                                                     *restored.pending_states}
+            if not await self._supervisor_ready(level, timeout):
+                return self.context  # cancel_all() came meanwhile: nothing ran
         restored = self._restored
         # pause() before this run began (a run() task not started yet): it starts paused.
         paused_first = restored is None and self.status is AgentStatus.PAUSED
         self._held = False
-        if restored is not None:
-            names = []
-        elif start is None:
-            names = [next(iter(self._states))]
-        else:
-            names = self._start_names(start)
         if restored is None and not self._fresh_context:
             self.context = Context.empty(self.context_budget)
         if initial_context is not None and not isinstance(initial_context, Mapping):
@@ -419,7 +421,7 @@ class Agent:
         if paused_first:
             run.pause_requested = True  # nothing starts until resume()
         else:
-            if _RUNNING not in self.status._next:  # type: ignore[attr-defined]
+            if self.status is not _RUNNING and _RUNNING not in self.status._next:  # type: ignore[attr-defined]
                 self._set_status(_RUNNING)  # raises, naming the transition
             self.status = _RUNNING
         live.register(self, run.wall_offset + run.started, run.started)  # O(1): for `agent top`, `agent run`
@@ -435,6 +437,9 @@ class Agent:
                 run.start(names)
                 if self.checkpoint_store is not None:
                     self._after_completion(run)  # the run is resumable before its first completion
+            early, self._cancel_early = self._cancel_early, set()
+            for name in early:  # cancel_state() while the supervisor started
+                run.cancel_state(name)
             if not run.settle_now():  # a run whose states never await ends here, without the loop
                 await run.driver.drive(deadline)
         except asyncio.CancelledError:
@@ -475,11 +480,19 @@ class Agent:
         """Wait for a cold supervisor (a process's first isolated run) before the run exists:
         its start is then in no state's duration or timeout, nor in the run's clock (the
         run's ``timeout`` bounds this wait too, for a preload that never ends). Meanwhile
-        the agent is starting: a second run() is refused, pause() holds what follows, and
-        cancel_all() ends it before anything runs (False)."""
+        the agent is starting, and RUNNING (unless a pause came first: run() has begun): a
+        second run() is refused, pause() holds what follows, and cancel_all() ends it before
+        anything runs (False)."""
         self._starting, self._cancel_at_start = True, False
+        before = self.status
+        if before is not AgentStatus.PAUSED:  # held, or restored: it stays so until its run exists
+            self._set_status(_RUNNING)
         try:
             await prepare_for(level, timeout)
+        except BaseException:
+            if self.status is _RUNNING:  # nothing ran
+                self.status = before
+            raise
         finally:
             self._starting = False
         if self._cancel_at_start:
@@ -592,7 +605,7 @@ class Agent:
         Safe from any thread or event loop: done on the run's own loop."""
         run = self._run
         if run is None or run.done:
-            if self.status is AgentStatus.IDLE:
+            if self.status is AgentStatus.IDLE or (self._starting and self.status is _RUNNING):
                 self._set_status(AgentStatus.PAUSED)
                 self._held = True
             return self.create_checkpoint()
@@ -657,8 +670,19 @@ class Agent:
             raise UnknownStateError(f"cannot cancel {name!r}: agent {self.name!r} has no such state")
         run = self._run
         if run is None or run.done:
-            return False
+            return self._starting and call_on(self._loop, lambda: self._cancel_ahead(name))
         return call_on(self._loop, lambda: run.cancel_state(name))
+
+    def _cancel_ahead(self, name: str) -> bool:
+        """cancel_state() while run() waits for the supervisor: a state the run starts with
+        (or that waits on dependencies from its start) is cancelled as the run begins."""
+        run = self._run
+        if run is not None and not run.done:  # it began meanwhile
+            return run.cancel_state(name)
+        if not self._starting or (name not in self._first_names and not self._states[name].dependencies):
+            return False
+        self._cancel_early.add(name)
+        return True
 
     @_on_the_runs_loop
     async def cancel_all(self) -> None:
@@ -667,7 +691,7 @@ class Agent:
         Safe from any thread or event loop, as :meth:`pause` is."""
         run = self._run
         if run is None or run.done:
-            if self.status in (AgentStatus.IDLE, AgentStatus.PAUSED):
+            if self.status in (AgentStatus.IDLE, AgentStatus.PAUSED) or self._starting:
                 self._set_status(AgentStatus.CANCELLED)
                 self._held = False
                 self._cancel_at_start = self._starting

@@ -331,6 +331,33 @@ class TestAgentWithProcessIsolation:
         await run
         assert agent.status is AgentStatus.CANCELLED and not agent.context.has_state("pid")
 
+    async def test_a_run_is_running_and_steerable_while_a_cold_supervisor_starts(self, level):
+        shutdown_supervisor()
+        agent = Agent("steered_early", isolation=level)
+        agent.add_state("process_data", process_data)
+        agent.add_state("format_output", format_output)
+        run = asyncio.ensure_future(agent.run())
+        await asyncio.sleep(0)  # run() has begun: it waits for the supervisor's zygote
+        assert agent.status is AgentStatus.RUNNING
+        await agent.pause()
+        assert agent.status is AgentStatus.PAUSED
+        await agent.resume()
+        assert (await run).get_state("formatted") == "<<Hello, World!>>"
+        assert agent.status is AgentStatus.COMPLETED
+
+    async def test_cancel_state_while_a_cold_supervisor_starts_cancels_that_state(self, level):
+        shutdown_supervisor()
+        agent = Agent("cancelled_state_early", isolation=level)
+        agent.add_state("sleeper", sleeper)
+        agent.add_state("process_data", process_data)
+        run = asyncio.ensure_future(agent.run())
+        await asyncio.sleep(0)
+        assert agent.cancel_state("sleeper")
+        assert not agent.cancel_state("process_data")  # nothing of it is due: not cancelled ahead
+        await run
+        assert agent.state_metadata["sleeper"].status is StateStatus.CANCELLED
+        assert not agent.context.has_state("pid")  # it never started
+
     async def test_a_run_cancelled_while_a_cold_supervisor_starts_leaves_the_agent_free(self, level):
         shutdown_supervisor()
         agent = Agent("caller_gone", isolation=level)
