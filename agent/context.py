@@ -274,6 +274,8 @@ class Context:
 
     def remove_state(self, key: str) -> bool:
         """Remove ``key``; returns whether it was there."""
+        if type(key) is not str and isinstance(key, str):
+            key = str.__str__(key)  # a StrEnum member names the key as get_state finds it
         if key not in self._data:
             return False
         if self._on_write is not None:

@@ -90,17 +90,23 @@ async def ask_human(
     request_id: str | None = None,
     attempt: int = 1,
     rejected: str | None = None,
+    left: float | None = None,
 ) -> str:
     """Ask ``provider`` until an answer passes ``validator``; see the module docstring.
 
     ``max_attempts`` bounds the re-asks: after that many rejected answers the default
-    is returned, or HumanInputError raised without one. ``request_id``, ``attempt`` and
-    ``rejected`` continue a question asked before: a state in another process validates
-    its answers there and asks again through here (:func:`ask_relayed`).
+    is returned, or HumanInputError raised without one. ``request_id``, ``attempt``,
+    ``rejected`` and ``left`` (the seconds left of ``timeout``) continue a question asked
+    before: a state in another process validates its answers there and asks again through
+    here (:func:`ask_relayed`); the provider and the errors see the whole ``timeout``.
     """
     timeout = check_question(prompt, timeout, validator, default)
     _validate.integer(max_attempts, "max_attempts", error=InvalidConfigurationError, minimum=1, none=True)
-    deadline = None if timeout is None else clock.monotonic() + timeout
+    if timeout is None:
+        deadline = None
+    else:
+        wait = timeout if left is None or not 0 <= left < timeout else left
+        deadline = clock.monotonic() + wait
     request = HumanInputRequest(
         id=request_id or new_request_id(), prompt=prompt, run_id=run_id, state=state,
         timeout=timeout, default=default, created=clock.time(), attempt=attempt, rejected=rejected,
@@ -210,18 +216,19 @@ def new_request_id() -> str:
 
 
 async def ask_relayed(context: Any, asked: dict[int, str], question: int, prompt: str, timeout: float | None,
-                      default: str | None, attempt: int, rejected: str | None) -> str:
+                      default: str | None, attempt: int, rejected: str | None, left: float | None = None) -> str:
     """Ask, through ``context``'s hook, what a state in another process (a child, a Ray task)
     asks: that process validates the answers, and each re-ask of its ``question`` keeps the
-    question's request id (kept in ``asked``), with its ``attempt`` and why the last answer was
-    ``rejected``, as an inline state's would. A hook that cannot take them (one given to a
-    Context by hand) gets the plain question."""
+    question's request id (kept in ``asked``), with its ``attempt``, why the last answer was
+    ``rejected`` and the seconds ``left`` of its ``timeout``, as an inline state's would. A
+    hook that cannot take them (one given to a Context by hand) gets the plain question."""
     hook = context._human_hook()
     if hook is None or not _takes_request_id(hook):
-        return str(await context.human_in_the_loop(prompt=prompt, timeout=timeout, validator=None, default=default))
+        return str(await context.human_in_the_loop(prompt=prompt, timeout=timeout if left is None else left,
+                                                   validator=None, default=default))
     request_id = asked.setdefault(question, new_request_id())
     return str(await hook(prompt=prompt, timeout=timeout, validator=None, default=default,
-                          request_id=request_id, attempt=attempt, rejected=rejected))
+                          request_id=request_id, attempt=attempt, rejected=rejected, left=left))
 
 
 def _takes_request_id(hook: Callable[..., Any]) -> bool:

@@ -317,19 +317,30 @@ def _defined_subclass(module_name: str, qualname: str) -> type | None:
 
 
 def build_typed(cls: type[T], fields: dict[str, Any]) -> T:
-    """An instance of ``cls`` from its field values (``init=False`` fields set afterwards).
+    """The instance of ``cls`` that held these field values, as it was: its fields are set,
+    its ``__init__`` and ``__post_init__`` are not run again (they ran when it was made;
+    a class with an ``__init__`` of its own, or a ``__post_init__`` that changes a field,
+    reads back the same in every process, as :func:`detached` copies it inline). A field
+    the values lack gets its default (a checkpoint written before the field was added).
 
-    Raises ValueError for unknown fields, and :class:`ContextTypeError` for fields that do
-    not match their annotations.
+    Raises ValueError for unknown or missing fields, and :class:`ContextTypeError` for
+    fields that do not match their annotations.
     """
     by_name = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(fields) - set(by_name))
     if unknown:
         raise ValueError(f"{cls.__qualname__} has no field(s) {', '.join(unknown)}")
-    obj = cls(**{k: v for k, v in fields.items() if by_name[k].init})
-    for k, v in fields.items():
-        if not by_name[k].init:
-            object.__setattr__(obj, k, v)  # works for frozen classes too
+    obj = object.__new__(cls)
+    for name, f in by_name.items():
+        if name in fields:
+            value = fields[name]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            raise ValueError(f"{cls.__qualname__} needs field {name!r}, which the value lacks")
+        object.__setattr__(obj, name, value)  # works for frozen classes too
     obj.validate()
     return obj
 

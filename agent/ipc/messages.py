@@ -22,7 +22,7 @@ from ..values import Bounds, checker, encode, short_repr, unpack
 
 _VALUE_KEY = len(encode("value"))
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,7 @@ class HumanInputRequest:
     question: int = 0
     attempt: int = 1
     rejected: str | None = None
+    left: float | None = None  # seconds left of ``timeout`` (a re-ask); None: all of it
 
 
 @dataclass(frozen=True)

@@ -103,9 +103,10 @@ def write_frame(key: str, value: Any, deleted: bool) -> bytes:
 
 
 def human_request(request_id: int, prompt: str, timeout: float | None, default: str | None, *,
-                  question: int = 0, attempt: int = 1, rejected: str | None = None) -> bytes:
+                  question: int = 0, attempt: int = 1, rejected: str | None = None,
+                  left: float | None = None) -> bytes:
     return encode_message(HumanInputRequest(request_id=request_id, prompt=prompt, timeout=timeout, default=default,
-                                            question=question, attempt=attempt, rejected=rejected))
+                                            question=question, attempt=attempt, rejected=rejected, left=left))
 
 
 def read_frame(frame: bytes) -> Message:

@@ -262,8 +262,9 @@ class RelayedHumanInput:
         remaining = None
         if request.timeout is not None:
             remaining = max(0.0, request.created + request.timeout - time.time())
-        self._pusher.send(wire.human_request(request_id, request.prompt, remaining, request.default, question=question,
-                                             attempt=request.attempt, rejected=request.rejected), now=True)
+        self._pusher.send(wire.human_request(request_id, request.prompt, request.timeout, request.default,
+                                             question=question, attempt=request.attempt, rejected=request.rejected,
+                                             left=remaining), now=True)
         relay = _relay(self._pusher._relay_name)
         response = wire.read_human_response(await relay.wait_answer.remote(self._token, request_id))
         if response.error_type is not None:

@@ -254,8 +254,8 @@ class ChildSession:
             request_id = next(self._ids)
             fut: asyncio.Future[HumanInputResponse] = loop.create_future()
             self._pending[request_id] = fut
-            self._send(HumanInputRequest(request_id=request_id, prompt=prompt, timeout=remaining, default=default,
-                                         question=question, attempt=attempt, rejected=rejected))
+            self._send(HumanInputRequest(request_id=request_id, prompt=prompt, timeout=timeout, default=default,
+                                         question=question, attempt=attempt, rejected=rejected, left=remaining))
             try:
                 response = await fut
             finally:

@@ -85,3 +85,29 @@ class TestAProviderThatFails:
             caught[isolation] = (await agent.run()).get_state("caught")
         expected = ["HumanInputError", "human input failed: RuntimeError('provider exploded')"]
         assert caught == {"inline": expected, "process": expected, "worker": expected}
+
+
+async def _asks_within_a_second(context: Context):
+    try:
+        await context.human_in_the_loop("a digit?", timeout=1.0, validator=str.isdigit)
+    except Exception as exc:
+        context.set_state("caught", [type(exc).__name__, str(exc)])
+
+
+class TestTimeoutAcrossReAsks:
+    """A re-asked question keeps its timeout, as the provider and the error see it, at every level."""
+
+    async def test_the_whole_timeout_is_shown_at_every_level(self):
+        seen = {}
+        for isolation in ("inline", "process", "worker"):
+            provider = QueueInputProvider()
+            agent = Agent(f"reasked_{isolation}", isolation=isolation, human_input=provider)
+            agent.add_state("asks", _asks_within_a_second)
+            run = asyncio.create_task(agent.run())
+            first = await provider.wait_for_request()
+            provider.answer(first.id, "no")  # rejected: asked again, then nobody answers
+            again = await provider.wait_for_request()
+            caught = (await run).get_state("caught")
+            seen[isolation] = (first.timeout, again.timeout, again.attempt, caught[0], "within 1 s" in caught[1])
+        expected = (1.0, 1.0, 2, "HumanInputTimeoutError", True)
+        assert seen == {"inline": expected, "process": expected, "worker": expected}

@@ -48,6 +48,23 @@ class Frozen(TypedContextData):
     derived: int = dataclasses.field(default=0, init=False)
 
 
+@dataclasses.dataclass(init=False)
+class OwnInit(TypedContextData):
+    a: int
+    b: str
+
+    def __init__(self, raw: str) -> None:
+        self.a, self.b = len(raw), raw
+
+
+@dataclasses.dataclass
+class Counted(TypedContextData):
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        self.n += 1
+
+
 class Mode(enum.Enum):
     FAST = "fast"
 
@@ -165,6 +182,17 @@ class TestOneModelEverywhere:
         back = loads(old)
         assert back == dt.datetime(2026, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=5)))
         assert back.tzname() == "X"
+
+    def test_a_typed_value_is_rebuilt_as_it_was_not_made_again(self):
+        # Its __init__ and __post_init__ ran when it was made: not again when it is read.
+        for value in (OwnInit("abc"), Counted()):
+            for back in (decode(encode(value)).value, loads(dumps(value))):
+                assert back == value and type(back) is type(value)
+
+    def test_a_field_a_checkpoint_lacks_gets_its_default(self):
+        back = loads('{"$type": "typed", "class": "%s:Reading", "value": {"sensor": "s", "value": 1.5}}'
+                     % __name__)
+        assert back == Reading("s", 1.5)
 
     def test_init_false_field_survives(self):
         value = Frozen("a")
