@@ -140,11 +140,12 @@ class Ledger:
         self.quotas = quotas
 
     def fits(self, amounts: dict[Any, float], reserve: dict[Any, float] | None) -> bool:
-        """Whether every amount fits in what is free, less what ``reserve`` sets aside."""
+        """Whether every amount fits in what is free, less what ``reserve`` sets aside (none
+        of a type asked for fits whatever is set aside: it can delay nobody)."""
         free = self.free
         for rtype, amount in amounts.items():
             room = free.get(rtype) if reserve is None else free.get(rtype) - reserve.get(rtype, 0.0)
-            if amount > room + EPS:
+            if amount > EPS and amount > room + EPS:
                 return False
         return True
 

@@ -277,7 +277,10 @@ class ResourcePool:
       large one forever);
     * a lower level may still be served past a blocked higher one ("backfill"), but
       only out of what is left after setting aside everything the blocked requests
-      above it need, so backfill never delays them;
+      above it need, so backfill never delays them (a pool of GPU devices sets them all
+      aside while a blocked request above needs GPUs: which device it gets depends on
+      which frees first; a request that asks for none of a resource is never held up by
+      what is set aside of it);
     * a level blocked by its priority quota stops too; a request blocked by its own
       state's quota steps aside (it cannot hold up other states) and keeps its place
       for when its state's use drops.
@@ -719,6 +722,10 @@ class ResourcePool:
                 reserve = dict(reserve) if reserve else {}
                 for rtype, amount in self._level_needs(level).items():
                     reserve[rtype] = reserve.get(rtype, 0.0) + amount
+                if self._gpus is not None and reserve.get(ResourceType.GPU, 0.0) > _EPS:
+                    # GPUs are devices: a share placed now may sit on the very device the
+                    # blocked request would get next, whatever the count says.
+                    reserve[ResourceType.GPU] = math.inf
                 break
             self._blocked[level] = blocked
 

@@ -166,13 +166,18 @@ class Admission:
         try:
             if self.tickets.pop(owner, None) is None:
                 return
+            pool = self.pool
             if usage:
-                self.pool.record_measured(owner, usage)
+                pool.record_measured(owner, usage)
+            if pool._lent:
+                pool._lent.pop(owner, None)  # a loan still waiting ends with nothing to add
             if not self.ledger.try_release(owner):
                 held = owner in self.ledger.holders
-                self.pool._release_by_policy(owner)
-                if held and self.pool.enable_preemption:
+                pool._release_by_policy(owner)
+                if held and pool.enable_preemption:
                     self._preempt_again_soon()
+            if pool._loans:  # a state answered by a human takes its CPU back (take_cpu_back)
+                pool._grant_loans()
         finally:
             lock.release()
 

@@ -195,3 +195,29 @@ class TestWaitingForAGPU:
         gates["g2"].set()
         await asyncio.wait_for(runner, 10)
         assert pool.statistics().holders == 0 and pool.devices("g3") == []
+
+
+def share(units: float, priority: Priority = Priority.LOW) -> ResourceRequirements:
+    return ResourceRequirements(cpu_units=0.1, memory_mb=0, io_weight=0, network_weight=0, gpu_units=units,
+                                priority=priority)
+
+
+class TestBackfillAroundAWholeGPU:
+    """A request waiting for a whole GPU is not delayed by a lower share placed meanwhile."""
+
+    def test_no_lower_share_is_placed_while_it_waits(self, two_gpus) -> None:
+        pool = ResourcePool(total_cpu=4, total_memory=1024)
+        # A quarter of each GPU in use: 1.5 GPUs free by count, but no whole device.
+        assert pool.try_acquire("x", share(1.0))
+        assert pool.try_acquire("a", share(0.25)) and pool.try_acquire("b", share(0.75))
+        pool.release("x")
+        assert pool.try_acquire("c", share(0.25))
+        pool.release("b")
+        pool.enqueue("high", share(1.0, Priority.HIGH))
+        assert pool.grant_next() == []
+        # A share now could sit on the device that frees first: the one "high" needs.
+        assert not pool.try_acquire("low", share(0.5))
+        assert pool.try_acquire("cpu_only", share(0.0))  # asking for no GPU, it delays nobody
+        pool.release("c")
+        assert pool.grant_next() == ["high"]
+        assert len(pool.devices("high")) == 1

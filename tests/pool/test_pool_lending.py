@@ -59,3 +59,38 @@ class TestLending:
         pool = ResourcePool(total_cpu=4, total_memory=1000, total_gpu=0)
         assert pool.try_acquire("memory_only", req(0, 100))
         assert not pool.lend_cpu("memory_only") and not pool.lend_cpu("nobody")
+
+
+class TestLendingBetweenRuns:
+    async def test_an_answered_state_gets_its_cpu_back_when_another_runs_state_ends(self):
+        # The borrower's end goes through the engine's admission (nothing queued): the
+        # answered state waited for its CPU for ever, with the whole pool free.
+        from agent import Agent
+        from agent.human import QueueInputProvider
+
+        pool = ResourcePool(total_cpu=1, total_memory=1000, total_gpu=0)
+        provider = QueueInputProvider()
+        asker = Agent("asker", isolation="inline", resource_pool=pool, human_input=provider)
+        borrower = Agent("borrower", isolation="inline", resource_pool=pool)
+        started, gate = asyncio.Event(), asyncio.Event()
+
+        async def ask(context):
+            context.set_state("answer", await context.human_in_the_loop("ok?", timeout=60))
+
+        async def borrow(context):
+            started.set()
+            await gate.wait()
+
+        asker.add_state("ask", ask, resources=req(1, 10))
+        borrower.add_state("borrow", borrow, resources=req(1, 10))
+        asking = asyncio.create_task(asker.run())
+        question = await provider.wait_for_request()  # its CPU is lent
+        borrowing = asyncio.create_task(borrower.run())
+        await started.wait()
+        provider.answer(question.id, "yes")  # it waits for its CPU back
+        while "ask" not in pool._loans:
+            await asyncio.sleep(0)
+        gate.set()
+        await borrowing
+        assert (await asyncio.wait_for(asking, 10)).get_state("answer") == "yes"
+        assert pool.available(ResourceType.CPU) == 1
