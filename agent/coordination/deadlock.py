@@ -2,8 +2,10 @@
 
 The wait-for graph has an edge ``A -> B`` when owner ``A`` waits on a primitive that
 owner ``B`` holds, or when ``A`` was registered as waiting on ``B`` for another reason
-(``add_dependency``: a state waiting on another state's result). A cycle in that
-graph can never resolve by itself. Resolution fails one waiter of the cycle with
+(``add_dependency``: a state waiting on another state's result), among the owners that
+can never go on: a waiter of a SEMAPHORE or QUOTA goes on once any of its holders gives
+back, so a holder that waits for nothing (or for what can go on) frees the others. A
+cycle in that graph can never resolve by itself. Resolution fails one waiter of the cycle with
 :class:`~agent.errors.DeadlockError` (by default the youngest: the one that started
 waiting last, so the work that has waited longest keeps its place); its acquire
 raises, its code unwinds and releases what it holds, and the others proceed.
@@ -22,7 +24,29 @@ from typing import Any
 
 from ..errors import CoordinationError, DeadlockError
 from ..clock import SYSTEM_CLOCK, Clock
-from .primitives import Primitive
+from .primitives import Primitive, PrimitiveType
+
+
+_COUNTING = frozenset({PrimitiveType.SEMAPHORE, PrimitiveType.QUOTA})
+"""Primitives several owners hold at once: a waiter on one goes on once any holder gives
+back (what it needs may take more than one; the detector then errs towards no deadlock)."""
+
+
+def _stuck(needs: dict[str, list[tuple[bool, list[str]]]]) -> set[str]:
+    """The owners that can never go on: not those that wait for nothing, nor those whose
+    every need (one holder of a counting primitive, every holder of another) can go on."""
+    can: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for owner, groups in needs.items():
+            if owner in can:
+                continue
+            if all((any if counting else all)(h not in needs or h in can for h in holders)
+                   for counting, holders in groups):
+                can.add(owner)
+                changed = True
+    return set(needs) - can
 
 
 class DeadlockResolution(str, enum.Enum):
@@ -129,21 +153,29 @@ class DeadlockDetector:
     # --- detection ------------------------------------------------------------------
 
     def wait_for_graph(self) -> dict[str, list[WaitEdge]]:
-        """Owner -> the edges of what it waits for, right now."""
+        """Owner -> the edges of what it waits for, right now, among the owners that cannot
+        go on (:func:`_stuck`): a cycle through an owner that can is no deadlock."""
         graph: dict[str, list[WaitEdge]] = {}
+        needs: dict[str, list[tuple[bool, list[str]]]] = {}  # owner -> (any one will do, of whom)
         for primitive in self._primitives():
             holders = primitive.owners()
             if not holders:
                 continue
+            counting = primitive.type in _COUNTING
             for waiter in primitive.waiters():
-                for holder in holders:
-                    if holder != waiter.owner:
-                        graph.setdefault(waiter.owner, []).append(
-                            WaitEdge(waiter.owner, primitive.name, holder, primitive.type.value, waiter.since)
-                        )
+                others = [holder for holder in holders if holder != waiter.owner]
+                if not others:
+                    continue
+                needs.setdefault(waiter.owner, []).append((counting, others))
+                graph.setdefault(waiter.owner, []).extend(
+                    WaitEdge(waiter.owner, primitive.name, holder, primitive.type.value, waiter.since)
+                    for holder in others)
         for edge in self._dependencies.values():
             graph.setdefault(edge.waiter, []).append(edge)
-        return graph
+            needs.setdefault(edge.waiter, []).append((False, [edge.holder]))
+        stuck = _stuck(needs)
+        return {waiter: kept for waiter, edges in graph.items() if waiter in stuck
+                if (kept := [edge for edge in edges if edge.holder in stuck])}
 
     def find_cycles(self) -> list[DeadlockCycle]:
         """Elementary cycles of the wait-for graph (at most ``max_cycles``), each once."""

@@ -88,6 +88,29 @@ class TestDeadlockDetector:
         detector.remove_dependency("writer", "reader")
         m.release("writer")
 
+    async def test_waiters_of_a_quota_whose_other_holder_goes_on_are_no_deadlock(
+        self, coordinator: Coordinator, clock: FakeClock,
+    ) -> None:
+        # b and c each hold 1 of 10 and want 6; a holds 6 and waits for nothing: once it
+        # gives back, one of them goes on. Only when a waits on b too is it a deadlock.
+        q = coordinator.add_primitive("shared", PrimitiveType.QUOTA, quota_limit=10.0)
+        m = coordinator.add_primitive("lock", PrimitiveType.MUTEX)
+        await q.acquire("a", 6.0)
+        await q.acquire("b")
+        await q.acquire("c")
+        await m.acquire("b")
+        waits = [asyncio.create_task(q.acquire(owner, 6.0)) for owner in ("b", "c")]
+        await settle()
+        detector = coordinator.deadlock_detector
+        detector.resolution = DeadlockResolution.REPORT
+        assert detector.find_cycles() == []
+        waits.append(asyncio.create_task(m.acquire("a")))
+        await settle()
+        cycles = detector.find_cycles()
+        assert cycles and any("a" in cycle.owners for cycle in cycles)
+        coordinator.reset()
+        await asyncio.gather(*waits, return_exceptions=True)
+
     async def test_semaphore_cycle_and_max_cycles(self, coordinator: Coordinator, clock: FakeClock) -> None:
         s = coordinator.add_primitive("pool", PrimitiveType.SEMAPHORE, max_count=2)
         m = coordinator.add_primitive("lock", PrimitiveType.MUTEX)
