@@ -29,6 +29,20 @@ def exception_type_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+MAX_REPORTED_TEXT = 32 * 1024
+"""Characters of a message or traceback another process reports that a failure keeps (its
+error, its log line): a state's process may send megabytes of it."""
+
+
+def reported(text: str, limit: int = MAX_REPORTED_TEXT, *, tail: bool = False) -> str:
+    """``text`` another process reported, cut to ``limit`` characters: its start, or with
+    ``tail`` its end (a traceback's last lines say where it was raised)."""
+    if len(text) <= limit:
+        return text
+    cut = f"[{len(text) - limit:,} characters cut]"
+    return f"{cut}\n{text[-limit:]}" if tail else f"{text[:limit]}... {cut}"
+
+
 def exception_message(type_name: str, text: str) -> str:
     """``ValueError: bad``, or ``KeyboardInterrupt`` alone for an exception with nothing to say."""
     return f"{type_name}: {text}" if text and text != type_name else type_name

@@ -1036,8 +1036,7 @@ def _unpack_options(size: int, bounds: Bounds, marker: int) -> dict[str, Any]:
     entry two): a short frame cannot declare a huge container.
     """
     return {
-        "raw": False, "strict_map_key": True, "use_list": True, "max_ext_len": 0,
-        "timestamp": 3,  # msgpack's own timestamp extension: a datetime in UTC, a model value
+        "raw": False, "strict_map_key": True, "use_list": True, "max_ext_len": 0,  # only empty markers
         "max_bin_len": min(bounds.max_frame, size), "max_str_len": min(bounds.max_frame, size),
         "max_array_len": min(bounds.max_items + marker, size), "max_map_len": min(bounds.max_items, size // 2),
     }
@@ -1045,6 +1044,8 @@ def _unpack_options(size: int, bounds: Bounds, marker: int) -> dict[str, Any]:
 
 def _malformed(exc: Exception) -> ProtocolError:
     text = str(exc)
+    if "max_ext_len" in text:  # the model's extensions are empty markers: one with data is none of them
+        return ProtocolError("malformed value: an extension type that carries data")
     if "exceeds max_" in text:  # msgpack's own length caps, checked before it allocates
         return BoundExceededError(f"a container or string over its bound ({text})")
     return ProtocolError(f"malformed data: {type(exc).__name__}: {shortened(str(exc))}")

@@ -249,7 +249,7 @@ def decode_counted(
         raise ProtocolError(f"frame is a msgpack {type(body).__name__}, not a map")
     # What an error quotes of a frame is cut short: a frame may be megabytes of anything.
     version = body.pop("v", None)
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
             f"protocol version {short_repr(version)} is not {PROTOCOL_VERSION}: the child runs another "
             "version of the framework"

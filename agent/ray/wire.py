@@ -15,14 +15,14 @@ object Ray hands over.
 from __future__ import annotations
 
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import values
 from ..context import Context, ContextBudget
 from ..errors import (
     FailureReason, ProtocolError, UnencodableValueError, ValueTooLargeError, exception_message, exception_text,
-    exception_type_name,
+    exception_type_name, reported,
 )
 from ..ipc.messages import (
     FROM_CHILD,
@@ -172,9 +172,12 @@ def decode_end(data: Any) -> End:
     if body["failure"] is not None:
         _check_fields(body["failure"], _FAILURE_FIELDS, "the task's failure")
         failure = FailureReason(**body["failure"])
+        if type(failure.message) is str and type(failure.traceback) is str:
+            failure = replace(failure, message=reported(failure.message),
+                              traceback=reported(failure.traceback, tail=True))
         result = None
     elif body["not_a_transition"]:
-        result = values.NotATransition(body["not_a_transition"])
+        result = values.NotATransition(reported(body["not_a_transition"]))
     if not all(type(frame) is bytes for frame in body["frames"]):
         raise ProtocolError("the task's end: frames holds something other than bytes")
     return End(result=result, failure=failure, pushed=body["pushed"], frames=body["frames"], log=body["log"],

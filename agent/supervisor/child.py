@@ -36,6 +36,7 @@ from ..errors import (
     IllegalTransitionError,
     ProtocolError,
     exception_message,
+    reported,
 )
 from ..executor import Attempt, AttemptFailed, AttemptOutcome, Isolation
 from ..human import ask_relayed
@@ -72,6 +73,7 @@ OFF_LOOP_BYTES = 256 * 1024
 """Frames at least this big are decoded off the event loop."""
 
 _LOG_TAIL = 4000
+MAX_TYPE_NAME = 256  # characters of an exception's dotted name a child reports
 MAX_VIOLATION_TEXT = 1000  # characters of a violation's message: it may quote a frame of megabytes
 _FILE_TOO_LARGE = f"[Errno {errno.EFBIG}]"  # how OSError(EFBIG) prints: past RLIMIT_FSIZE
 # What a child may take before it joins its cgroup (a few hundred faults, a millisecond).
@@ -488,14 +490,16 @@ class ChildProcess:
                 context._store(msg.key, decoded.value, values.entry_size(msg.key, decoded.size))
             self._written += sizes.get(msg.key, 0) - before
         elif isinstance(msg, Result):
-            self._result = (values.NotATransition(msg.not_a_transition) if msg.not_a_transition else decoded.value,)
+            self._result = (values.NotATransition(reported(msg.not_a_transition)) if msg.not_a_transition
+                            else decoded.value,)
             self._reported()
         elif isinstance(msg, Error):
+            exception_type = reported(msg.exception_type, MAX_TYPE_NAME)
             self._error = FailureReason(
                 kind="exception",
-                message=exception_message(msg.exception_type.rpartition('.')[2], msg.message),
-                traceback=msg.traceback,
-                exception_type=msg.exception_type,
+                message=exception_message(exception_type.rpartition('.')[2], reported(msg.message)),
+                traceback=reported(msg.traceback, tail=True),
+                exception_type=exception_type,
             )
             self._reported()
         elif isinstance(msg, HumanInputRequest):

@@ -109,6 +109,25 @@ async def huge_version(context):
     await _send_raw(msgpack.packb({"v": "A" * (4 * MiB), "t": "log"}))
 
 
+async def foreign_extension(context):
+    await _send_raw(msgpack.packb({"v": PROTOCOL_VERSION, "t": "log", "level": "info",
+                                   "message": msgpack.ExtType(99, b"abc")}))
+
+
+async def float_version(context):
+    await _send_raw(msgpack.packb({"v": float(PROTOCOL_VERSION), "t": "log", "level": "info", "message": "x"}))
+
+
+async def huge_error(context):
+    await _send_raw(msgpack.packb({"v": PROTOCOL_VERSION, "t": "error", "exception_type": "E" * MiB,
+                                   "message": "m" * (4 * MiB), "traceback": "t" * (4 * MiB)}))
+
+
+async def huge_non_transition(context):
+    await _send_raw(msgpack.packb({"v": PROTOCOL_VERSION, "t": "result", "value": None,
+                                   "not_a_transition": "n" * (4 * MiB)}))
+
+
 async def supervisors_message(context):
     await _send_raw(msgpack.packb({"v": PROTOCOL_VERSION, "t": "cancel"}))
 
@@ -510,11 +529,25 @@ class TestBadFrames:
         ("huge_version", "protocol version 'AAAA"),
         ("supervisors_message", "message type 'cancel' is not allowed here"),
         ("unknown_fields", "log message has fields"),
+        ("foreign_extension", "malformed value: an extension type that carries data"),
+        ("float_version", "protocol version 5.0 is not 5"),
     ])
     async def test_a_bad_frame(self, isolation, func, quoted):
         exc = await failed(isolation, globals()[func], retries=0)
         assert exc.reason.kind == "protocol" and quoted in exc.reason.message
         assert len(exc.reason.message) < 2000  # megabytes were sent
+        await still_serving(isolation)
+
+    @pytest.mark.parametrize("isolation", ISOLATED)
+    async def test_what_a_failure_quotes_of_a_report_is_bounded(self, isolation):
+        exc = await failed(isolation, huge_error, retries=0)
+        assert exc.reason.kind == "exception" and "characters cut" in exc.reason.message
+        assert len(str(exc)) < 100_000 and len(exc.reason.exception_type or "") < 300  # megabytes were sent
+        agent = Agent("huge_non_transition", isolation=isolation)
+        agent.add_state("huge_non_transition", huge_non_transition)
+        with pytest.raises(InvalidTransitionError) as info:
+            await agent.run()
+        assert "characters cut" in str(info.value) and len(str(info.value)) < 100_000
         await still_serving(isolation)
 
 
