@@ -238,6 +238,8 @@ class Agent:
 
     @resource_pool.setter
     def resource_pool(self, pool: ResourcePool) -> None:
+        if not isinstance(pool, ResourcePool):
+            raise InvalidConfigurationError(f"resource_pool must be a ResourcePool, got {type(pool).__name__}")
         if self._run is not None and not self._run.done:
             raise AgentBusyError(f"agent {self.name!r} is running: change its pool between runs")
         self._pool = pool
@@ -286,6 +288,9 @@ class Agent:
     def add_observer(self, observer: ev.Observer) -> None:
         """Send this agent's run events to ``observer`` (see :mod:`agent.events`), from now
         on: a run in progress included."""
+        if not callable(observer):
+            raise InvalidConfigurationError(
+                f"an observer is called with each RunEvent: give a callable, got {type(observer).__name__}")
         self._observers.append(observer)
         run = self._run
         if run is not None and not run.done and observer not in run.observers:
@@ -303,6 +308,10 @@ class Agent:
 
     def add_admission_hook(self, hook: Any) -> None:
         """Register ``hook.acquire(state, run_id, attempt)`` / ``hook.release(..., ok)`` around attempts."""
+        if not all(callable(getattr(hook, method, None)) for method in ("acquire", "release")):
+            raise InvalidConfigurationError(
+                f"an admission hook has acquire(state, run_id, attempt) and release(state, run_id, attempt, ok) "
+                f"methods, got {type(hook).__name__}")
         self._admission_hooks.append(hook)
 
     @property
@@ -346,8 +355,8 @@ class Agent:
         expires; what still runs is cancelled within ``cleanup_timeout`` seconds first.
         :meth:`cancel_all` ends the run with status CANCELLED and ``run()`` returns.
         """
-        if timeout is not None:
-            _non_negative("timeout", timeout)
+        _validate.number(timeout, "run(timeout=...)", error=InvalidConfigurationError, above=True, none=True,
+                         unit="seconds")  # 0 would end every run at once, as add_state's timeout says
         if cleanup_timeout is not None:
             _non_negative("cleanup_timeout", cleanup_timeout)
         if self.status is _RUNNING or self._starting or (self._run is not None and not self._run.done):
@@ -372,6 +381,15 @@ class Agent:
             self._fresh_context = False  # and the run after it starts afresh
             return self.context
         names = [] if self._restored is not None else self._start_names(start)
+        # The run's context first: a bad initial_context is refused before anything starts.
+        if initial_context is not None and not isinstance(initial_context, Mapping):
+            raise InvalidConfigurationError(
+                f"run(initial_context=...) takes a mapping of keys to values, got {type(initial_context).__name__}"
+            )
+        if self._restored is None and not self._fresh_context:
+            self.context = Context.empty(self.context_budget)
+        if initial_context:
+            self.context._set_all(initial_context.items())
         level = self._supervised
         if level is _UNKNOWN:  # states were added since the last run
             level = self._supervised = self._supervised_level()
@@ -386,14 +404,6 @@ class Agent:
         # pause() before this run began (a run() task not started yet): it starts paused.
         paused_first = restored is None and self.status is AgentStatus.PAUSED
         self._held = False
-        if restored is None and not self._fresh_context:
-            self.context = Context.empty(self.context_budget)
-        if initial_context is not None and not isinstance(initial_context, Mapping):
-            raise InvalidConfigurationError(
-                f"run(initial_context=...) takes a mapping of keys to values, got {type(initial_context).__name__}"
-            )
-        if initial_context:
-            self.context._set_all(initial_context.items())
         if restored is None and not self._metadata_fresh:
             self.completed_states.clear()
             for meta in self.state_metadata.values():
@@ -666,7 +676,7 @@ class Agent:
         Safe from any thread: called off the run's event loop (a web request's thread),
         it is done on that loop, and returns once it is.
         """
-        if name not in self._states:
+        if not isinstance(name, str) or name not in self._states:
             raise UnknownStateError(f"cannot cancel {name!r}: agent {self.name!r} has no such state")
         run = self._run
         if run is None or run.done:
@@ -807,9 +817,12 @@ class Agent:
         """
         from .checkpoint_store import open_default_store
 
+        if not isinstance(run_id, str) or not run_id:
+            raise CheckpointError(f"resume_run() takes the run id (a str) list_runs() shows, got {run_id!r}")
         if store is None:
             store = self.checkpoint_store if self.checkpoint_store is not None else open_default_store()
-        self.checkpoint_store = store
+        else:
+            store = _checkpoint_store(store)
         checkpoint = store.latest(run_id)
         if checkpoint is None:
             raise CheckpointError(
@@ -825,6 +838,7 @@ class Agent:
                 "start a new run"
             )
         await self.restore_from_checkpoint(checkpoint)
+        self.checkpoint_store = store  # the resumed run saves where it was found
         if checkpoint.agent_status != AgentStatus.COMPLETED.value:
             if self._restored is not None:  # what resume() would do, with the bounds given
                 await self.run(timeout=timeout, cleanup_timeout=cleanup_timeout)
@@ -856,8 +870,9 @@ class Agent:
 
     def logs(self, state: str, attempt: int | None = None) -> str:
         """Captured stdout/stderr of an isolated state's attempt (the last one by default)."""
-        if state not in self._states:
+        if not isinstance(state, str) or state not in self._states:
             raise UnknownStateError(f"agent {self.name!r} has no state {state!r}")
+        _validate.integer(attempt, "logs(attempt=...)", error=InvalidConfigurationError, minimum=1, none=True)
         from .executor import read_attempt_log
 
         number = attempt if attempt is not None else self.state_metadata[state].attempts

@@ -269,12 +269,20 @@ class Context:
         A copy of what is stored when it could be changed in place (a list, a dict, a set,
         typed data): changing it is not a write; :meth:`set_state` is.
         """
-        value = self._data.get(key, _MISSING)
-        return default if value is _MISSING else values.detached(value)
+        try:
+            value = self._data.get(key, _MISSING)
+        except TypeError:  # unhashable: no key
+            _check_read_key(key)
+            raise
+        if value is _MISSING:
+            _check_read_key(key)
+            return default
+        return values.detached(value)
 
     def remove_state(self, key: str) -> bool:
         """Remove ``key``; returns whether it was there."""
-        if type(key) is not str and isinstance(key, str):
+        _check_read_key(key)
+        if type(key) is not str:
             key = str.__str__(key)  # a StrEnum member names the key as get_state finds it
         if key not in self._data:
             return False
@@ -285,6 +293,7 @@ class Context:
         return True
 
     def has_state(self, key: str) -> bool:
+        _check_read_key(key)
         return key in self._data
 
     def keys(self) -> list[str]:
@@ -418,6 +427,12 @@ def encode_snapshot(
         except UnencodableValueError as exc:
             raise IsolationError(f"state {state!r} cannot start: {exc}") from None
     return snapshot, tuple(classes)
+
+
+def _check_read_key(key: Any) -> None:
+    """A key to look up: a str (a StrEnum member names the key it spells)."""
+    if not isinstance(key, str):
+        raise ContextTypeError(f"context keys are strings, got {type(key).__name__} {values.short_repr(key)}")
 
 
 def _check_key(key: Any) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from . import _validate
+from . import _validate, values
 from ._types import Priority, ResourceType
 from .dependencies import DependencyConfig, DependencyType
 from .errors import (
@@ -142,7 +142,7 @@ def new_spec(agent: Any, name: Any, func: Any, dependencies: Any, resources: Any
     if name in agent._states:
         raise DuplicateStateError(f"state {name!r} is already added to agent {agent.name!r}: use another name")
     check_state_function(name, func)
-    deps = parse_dependencies(name, dependencies) if dependencies else {}
+    deps = parse_dependencies(name, dependencies) if dependencies is not None else {}
     if resources is not None:
         if not isinstance(resources, _Requirements):
             raise InvalidConfigurationError(
@@ -172,10 +172,12 @@ def new_spec(agent: Any, name: Any, func: Any, dependencies: Any, resources: Any
                                              error=InvalidConfigurationError))
     declared = None
     if next_states is not None:
-        if (isinstance(next_states, str) or not isinstance(next_states, Iterable)
-                or not all(isinstance(n, str) for n in next_states)):
+        if isinstance(next_states, str) or not isinstance(next_states, Iterable):
             raise InvalidConfigurationError(f"state {name!r}: next_states must be a list of state names")
-        declared = frozenset(next_states)
+        names = tuple(next_states)  # once: a generator is used up by reading it
+        if not all(isinstance(n, str) for n in names):
+            raise InvalidConfigurationError(f"state {name!r}: next_states must be a list of state names")
+        declared = frozenset(names)
     if on_failure is not None:
         check_on_failure(on_failure, f"state {name!r}")
     keys = check_context_keys(name, context_keys) if context_keys is not None else None
@@ -280,12 +282,14 @@ def parse_dependencies(name: str, dependencies: Any) -> dict[str, DependencyConf
     if isinstance(dependencies, str):
         dependencies = [dependencies]
     if not isinstance(dependencies, Mapping):
-        if not isinstance(dependencies, Iterable):
+        names = list(dependencies) if isinstance(dependencies, Iterable) else None
+        if names is None or not all(isinstance(dep, str) for dep in names):
             raise WorkflowDefinitionError(
                 f"state {name!r}: dependencies must be a state name, a list of names or a dict of "
-                f"name -> DependencyType/DependencyConfig, got {type(dependencies).__name__} {dependencies!r}"
+                f"name -> DependencyType/DependencyConfig, got {type(dependencies).__name__} "
+                f"{values.short_repr(dependencies)}"
             )
-        dependencies = {dep: DependencyType.REQUIRED for dep in dependencies}
+        dependencies = {dep: DependencyType.REQUIRED for dep in names}
     deps: dict[str, DependencyConfig] = {}
     for dep, value in dependencies.items():
         if not isinstance(dep, str):
