@@ -2,7 +2,8 @@
 
 While a state's process runs, the supervisor holds a few descriptors for it (its output
 pipe, its log, its connection, its cgroup's files when they are read back); a worker
-holds about a dozen for its whole life. At the usual soft limit of 1,024 open files a
+holds about forty for its whole life (most of them its cgroup's files, kept open: a read
+of one then costs a ``pread``), and so does a parked child, for its cgroup made ahead. At the usual soft limit of 1,024 open files a
 fan-out of a few hundred process states ran out, and a ZeroMQ socket that cannot accept
 a connection aborts the whole program. So:
 
@@ -22,8 +23,10 @@ from dataclasses import dataclass
 
 PER_CHILD = 8
 """Descriptors a running process or sandbox state costs the supervisor, at its most."""
-PER_WORKER = 16
-"""Descriptors a live worker costs the supervisor."""
+PER_WORKER = 40
+"""Descriptors a live worker costs the supervisor (36 measured on cgroup v1)."""
+PER_PARKED = 30
+"""Descriptors a parked child's cgroup costs the supervisor (about 25 measured on cgroup v1)."""
 HEADROOM = 64
 """Left for the supervisor's own sockets and for files the application opens later."""
 _MOST = 1 << 20  # the kernel's default nr_open: a soft limit above it is refused
@@ -59,20 +62,23 @@ class Budget:
     """How many state processes (``children``) and workers may be live at once.
 
     Two thirds of what the soft limit leaves above the descriptors open now (and
-    :data:`HEADROOM`) go to state processes, a third to workers; at least one of each.
+    :data:`HEADROOM`, and what ``parked`` children may hold, up to a quarter of it) go to
+    state processes, a third to workers; at least one of each.
     """
 
     children: int
     workers: int
 
     @classmethod
-    def of(cls, soft_limit: int, in_use: int) -> "Budget":
+    def of(cls, soft_limit: int, in_use: int, parked: int = 0) -> "Budget":
         if soft_limit == resource.RLIM_INFINITY:
             soft_limit = _MOST
         usable = max(0, soft_limit - in_use - HEADROOM)
+        usable -= min(parked * PER_PARKED, usable // 4)  # under a small limit, PER_CHILD's slack covers them
         return cls(children=max(1, usable * 2 // 3 // PER_CHILD), workers=max(1, usable // 3 // PER_WORKER))
 
     @classmethod
-    def now(cls) -> "Budget":
-        """The budget under this process's soft limit of open files, as it is now."""
-        return cls.of(resource.getrlimit(resource.RLIMIT_NOFILE)[0], open_now())
+    def now(cls, parked: int = 0) -> "Budget":
+        """The budget under this process's soft limit of open files, as it is now, with
+        at most ``parked`` children parked ahead."""
+        return cls.of(resource.getrlimit(resource.RLIMIT_NOFILE)[0], open_now(), parked)

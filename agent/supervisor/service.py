@@ -146,7 +146,7 @@ class Supervisor:
         self._launching: set[int] = set()
         # Parked children handed a spec whose start the zygote is not told of yet (see launched).
         self._untold: dict[int, tuple[int, bool]] = {}  # request id -> (pid, sandboxed)
-        self.budget = Budget.now()
+        self.budget = Budget.now(parked=2 * self.config.park_max)  # plain and sandboxed
         self._state_children: set[int] = set()  # request ids of state processes, live or starting
         self._reserved = 0  # rooms kept for woken waiters until they launch
         self._room_waiters: collections.deque[asyncio.Future[None]] = collections.deque()

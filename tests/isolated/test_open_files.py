@@ -162,3 +162,24 @@ async def test_waiting_state_processes_start_in_order_and_a_cancelled_one_passes
         assert (await run(make_attempt(report))).result is None  # no room was lost
     finally:
         sup.budget = budget
+
+
+async def _nothing(context):
+    return None
+
+
+async def test_a_live_worker_costs_no_more_descriptors_than_its_budget_counts():
+    # Its cgroup's files stay open for its life: a budget that counted fewer let idle
+    # workers and a fan-out run a process out of descriptors (libzmq then aborts it).
+    from agent import Agent, ResourceRequirements
+
+    warm = Agent("warm", isolation="worker")
+    warm.add_state("s", _nothing)
+    await warm.run()
+    before = psutil.Process().num_fds()
+    shapes = 5
+    for i in range(shapes):  # a worker of a shape of its own each, left idle
+        agent = Agent(f"shape{i}", isolation="worker")
+        agent.add_state("s", _nothing, resources=ResourceRequirements(memory_mb=200 + i))
+        await agent.run()
+    assert psutil.Process().num_fds() - before <= shapes * PER_WORKER
