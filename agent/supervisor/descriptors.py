@@ -3,9 +3,9 @@
 While a state's process runs, the supervisor holds a few descriptors for it (its output
 pipe, its log, its connection, its cgroup's files when they are read back); a worker
 holds about forty for its whole life (most of them its cgroup's files, kept open: a read
-of one then costs a ``pread``), and so does a parked child, for its cgroup made ahead. At the usual soft limit of 1,024 open files a
-fan-out of a few hundred process states ran out, and a ZeroMQ socket that cannot accept
-a connection aborts the whole program. So:
+of one then costs a ``pread``), and so does a parked child, for its cgroup made ahead.
+At the usual soft limit of 1,024 open files a fan-out of a few hundred process states ran
+out, and a ZeroMQ socket that cannot accept a connection aborts the whole program. So:
 
 * the first supervisor of a process raises the process's soft limit of open files to its
   hard limit (nothing here uses ``select()``, which needs descriptors below 1,024), and
