@@ -13,6 +13,7 @@ import pytest
 from agent import (
     Agent,
     CheckpointError,
+    ContextTypeError,
     CoordinationError,
     DependencyConfig,
     DependencyType,
@@ -75,7 +76,7 @@ CASES = [
     ("DependencyConfig interval inf", lambda: DependencyConfig(interval=INF), InvalidConfigurationError, "interval"),
     ("DependencyConfig type 'maybe'", lambda: DependencyConfig(type="maybe"), InvalidConfigurationError, "DependencyType.REQUIRED"),
     ("DependencyConfig PERIODIC without interval", lambda: DependencyConfig(lifecycle="periodic"), InvalidConfigurationError, "interval="),
-    ("DependencyConfig PERIODIC interval 0", lambda: DependencyConfig(lifecycle="periodic", interval=0), InvalidConfigurationError, "interval="),
+    ("DependencyConfig PERIODIC interval 0", lambda: DependencyConfig(lifecycle="periodic", interval=0), InvalidConfigurationError, "interval"),
     ("rate limit burst nan", lambda: create_coordinated_agent("c").add_state_rate_limit("r1", max_rate=1, burst_size=NAN), CoordinationError, "burst_size"),
     ("rate limit max_rate inf", lambda: create_coordinated_agent("c").add_state_rate_limit("r2", max_rate=INF), CoordinationError, "max_rate"),
     ("rate limit window nan", lambda: create_coordinated_agent("c").add_state_rate_limit(
@@ -111,6 +112,15 @@ CASES = [
      ResourceRequestError, "joined with |"),
     ("remove_observer never added", lambda: Agent("a").remove_observer(print), InvalidConfigurationError,
      "not an observer"),
+    ("DependencyConfig timeout 0", lambda: DependencyConfig(timeout=0), InvalidConfigurationError, "> 0"),
+    ("add_state dependencies 0", lambda: add(dependencies=0), WorkflowDefinitionError, "dependencies must be"),
+    ("add_state dependencies of lists", lambda: add(dependencies=[["x"]]), WorkflowDefinitionError,
+     "dependencies must be"),
+    ("add_observer 5", lambda: Agent("a").add_observer(5), InvalidConfigurationError, "give a callable"),
+    ("add_admission_hook None", lambda: Agent("a").add_admission_hook(None), InvalidConfigurationError,
+     "acquire(state, run_id, attempt)"),
+    ("resource_pool set to a str", lambda: setattr(Agent("a"), "resource_pool", "x"), InvalidConfigurationError,
+     "must be a ResourcePool"),
     # No cgroup takes a limit that small: said when the state is added, not after what runs before it.
     ("add_state memory_mb below a cgroup's least", lambda: Agent("a", isolation="process").add_state(
         "s", noop, resources=ResourceRequirements(memory_mb=0.1)), ResourceRequestError, "below 0.25 MiB"),
@@ -129,14 +139,19 @@ class TestRefused:
             call()
         assert words in str(raised.value)
 
-    @pytest.mark.parametrize("kwargs", [{"timeout": NAN}, {"timeout": True}, {"cleanup_timeout": NAN},
-                                        {"initial_context": [("x", 1)]}, {"start": 3}, {"start": ["s", 3]}])
-    async def test_run_arguments(self, kwargs):
-        agent = Agent("r", isolation="inline")
+    @pytest.mark.parametrize("isolation", ["inline", "process"])
+    @pytest.mark.parametrize("kwargs", [{"timeout": NAN}, {"timeout": True}, {"timeout": 0}, {"cleanup_timeout": NAN},
+                                        {"initial_context": [("x", 1)]}, {"initial_context": {"x": object()}},
+                                        {"initial_context": {5: 1}}, {"start": 3}, {"start": ["s", 3]}])
+    async def test_run_arguments(self, kwargs, isolation):
+        # A process agent is RUNNING while its supervisor starts: a refusal must not leave it so.
+        agent = Agent("r", isolation=isolation)
         agent.add_state("s", noop)
-        with pytest.raises((InvalidConfigurationError, WorkflowDefinitionError)) as raised:
+        with pytest.raises((InvalidConfigurationError, WorkflowDefinitionError, UnencodableValueError,
+                            ContextTypeError)) as raised:
             await agent.run(**kwargs)
-        assert list(kwargs)[0] in str(raised.value)
+        assert list(kwargs)[0] in str(raised.value) or isinstance(raised.value, (UnencodableValueError,
+                                                                                 ContextTypeError))
         assert agent.status.value == "idle"  # nothing started
         await agent.run()  # and it runs
 
@@ -146,6 +161,48 @@ class TestRefused:
         agent.add_state("s", noop)
         with pytest.raises(CheckpointError, match="takes an AgentCheckpoint"):
             await agent.restore_from_checkpoint(checkpoint)
+
+
+class TestNamesAndStores:
+    """What names a state, a key or a stored run is checked at the call, and nothing changes."""
+
+    async def test_resume_run_with_a_bad_run_id_or_store_changes_nothing(self, tmp_path):
+        agent = Agent("r", isolation="inline")
+        agent.add_state("s", noop)
+        with pytest.raises(CheckpointError, match="run id"):
+            await agent.resume_run(["a"])
+        with pytest.raises(InvalidConfigurationError, match="checkpoint_store"):
+            await agent.resume_run("abc", store=5)
+        with pytest.raises(CheckpointError, match="no checkpoint of run"):
+            await agent.resume_run("abc", store=str(tmp_path / "runs.sqlite3"))  # a path opens a store
+        assert agent.checkpoint_store is None
+        await agent.run()
+
+    def test_names_are_strings(self):
+        from agent import Context, ContextTypeError, UnknownStateError
+
+        agent = Agent("r", isolation="inline")
+        agent.add_state("s", noop)
+        with pytest.raises(UnknownStateError):
+            agent.cancel_state(["s"])
+        with pytest.raises(InvalidConfigurationError, match="attempt"):
+            agent.logs("s", attempt="1")
+        context = Context({"k": 1})
+        for read in (context.get_state, context.has_state, context.remove_state):
+            for key in (["k"], 5):
+                with pytest.raises(ContextTypeError, match="context keys are strings"):
+                    read(key)
+
+    async def test_next_states_given_as_a_generator_are_read_once(self):
+        agent = Agent("g", isolation="inline")
+
+        async def first(context):
+            return "second"
+
+        agent.add_state("first", first, next_states=(n for n in ["second"]))
+        agent.add_state("second", noop)
+        await agent.run()
+        assert agent.state_metadata["second"].status.value == "completed"
 
 
 class TestInitialContext:
