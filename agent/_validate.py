@@ -114,3 +114,46 @@ def state_name(name: Any, *, error: ErrorType) -> str:
             f"{MAX_STATE_NAME_BYTES} (names become file and cgroup names): use a shorter name"
         )
     return name
+
+
+SHOWN_REPR_CHARS = 80
+"""Characters of a refused value's ``repr`` a message quotes (a wrong value may be huge)."""
+
+
+def shown(value: Any) -> str:
+    """``str 'x'``: the type and a ``repr`` cut to :data:`SHOWN_REPR_CHARS`, for a message."""
+    try:
+        text = repr(value)
+    except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not hide the refusal
+        text = f"<unprintable: {type(exc).__name__}>"
+    if len(text) > SHOWN_REPR_CHARS:
+        text = f"{text[:SHOWN_REPR_CHARS]}..."
+    return f"{type(value).__name__} {text}"
+
+
+def function(value: Any, what: str, *, error: ErrorType, expected: str, none: bool = False) -> Any:
+    """``value`` when it is callable (a clock, a sleep, a callback); None if ``none``.
+
+    ``expected`` words what to give: "a function returning seconds, like time.monotonic".
+    """
+    if value is None and none:
+        return None
+    if not callable(value):
+        raise error(f"{what} must be {expected}{_or_none(none)}, got {shown(value)}")
+    return value
+
+
+def methods(value: Any, what: str, names: tuple[str, ...], *, error: ErrorType, expected: str,
+            none: bool = False) -> Any:
+    """``value`` when it has a callable attribute for each of ``names`` (a duck-typed
+    collaborator: a random source, a clock object, a GPU inventory); None if ``none``.
+
+    The check is by attribute, not by class, so a test double passes as the real thing.
+    """
+    if value is None and none:
+        return None
+    missing = [name for name in names if not callable(getattr(value, name, None))]
+    if missing:
+        lacks = ", ".join(f"{name}()" for name in missing)
+        raise error(f"{what} must be {expected}{_or_none(none)}, got {shown(value)} (it has no {lacks})")
+    return value

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from . import values
+from . import _validate, values
 from .checkpoint import AgentCheckpoint, check_format_version
 from .errors import CheckpointError, UnencodableValueError
 
@@ -68,6 +68,20 @@ def _is_empty(path: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def _check_keep(keep: Any, fix: str, *, none: bool) -> None:
+    """Refuse a retention that is not a whole number >= 1 (``None``: keep all, where ``none``).
+
+    A float, a bool or NaN would be taken as given (``keep=True`` keeping one, ``nan`` none
+    ever pruned): the engine compares it with sequence numbers.
+    """
+    if keep is None and none:
+        return
+    if isinstance(keep, bool) or not isinstance(keep, int):
+        raise CheckpointError(f"keep must be an int, got {_validate.shown(keep)}: {fix}")
+    if keep < 1:
+        raise CheckpointError(f"keep={keep!r}: {fix}")
 
 
 def default_store_path() -> Path:
@@ -159,10 +173,13 @@ class _RunCache:
 class SQLiteCheckpointStore:
     """The embedded default store: one SQLite file in WAL mode, one transaction per save.
 
-    ``keep`` is the retention: after each save only the newest ``keep`` checkpoints of
-    that run remain (None keeps all). ``durable=True`` syncs every commit to disk
-    (power-loss safe); the default syncs at WAL checkpoints, which survives any crash of
-    the process but may lose the last commits on power loss. Saves may pass
+    ``path`` is the SQLite file (None: :func:`default_store_path`; ``":memory:"``: a store
+    that lives as long as this object; ``""`` is refused, as SQLite would make it a private
+    temporary database). ``keep`` is the retention: after each save only the newest
+    ``keep`` (an int >= 1) checkpoints of that run remain (None keeps all).
+    ``durable=True`` syncs every commit to disk (power-loss safe); the default syncs at
+    WAL checkpoints, which survives any crash of the process but may lose the last
+    commits on power loss. Saves may pass
     ``changed_keys`` (every key written since the run's previous save) to skip comparing
     the other keys; without it every mutable value is encoded and compared.
 
@@ -177,9 +194,20 @@ class SQLiteCheckpointStore:
     def __init__(
         self, path: str | os.PathLike[str] | None = None, *, keep: int | None = 20, durable: bool = False
     ) -> None:
-        if keep is not None and keep < 1:
-            raise CheckpointError(f"keep={keep!r}: keep at least 1 checkpoint per run, or None for all")
-        self.path = str(default_store_path() if path is None else path)
+        _check_keep(keep, "keep at least 1 checkpoint per run, or None for all", none=True)
+        _validate.flag(durable, "SQLiteCheckpointStore(durable=...)", error=CheckpointError)
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise CheckpointError(
+                f"SQLiteCheckpointStore(path=...) must be the path of an SQLite file (str or os.PathLike), "
+                f"or None for the default store, got {_validate.shown(path)}"
+            )
+        self.path = str(default_store_path() if path is None else os.fspath(path))
+        if not self.path:  # sqlite3 would open a private temporary database: every save lost
+            raise CheckpointError(
+                "SQLiteCheckpointStore(path='') names no file (SQLite would keep the checkpoints in a "
+                "temporary database, lost when it closes): give the path of an SQLite file, None for the "
+                "default store, or ':memory:' for one that lives as long as the store object"
+            )
         self.keep = keep
         self._indexed = self.path == ":memory:"  # added to the store index at its first save
         self._lock = threading.Lock()
@@ -321,8 +349,7 @@ class SQLiteCheckpointStore:
 
     def prune(self, run_id: str, keep: int) -> int:
         """Keep only the newest ``keep`` (>= 1) checkpoints of the run; returns how many went."""
-        if keep < 1:
-            raise CheckpointError(f"keep={keep!r}: keep at least 1 checkpoint, or delete_run() the run")
+        _check_keep(keep, "keep at least 1 checkpoint, or delete_run() the run", none=False)
         with self._lock, self._transaction():
             row = self._db.execute(
                 "SELECT latest_seq, pruned_through FROM runs WHERE run_id = ?", (run_id,)

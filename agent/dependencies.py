@@ -60,9 +60,9 @@ class DependencyConfig:
         self.lifecycle = _validate.member(
             DependencyLifecycle, self.lifecycle, "DependencyConfig.lifecycle", error=error,
         )
-        for name in ("expiry", "interval", "timeout"):  # 0 s: met (or waited for) never
+        for name in ("expiry", "interval", "timeout"):
             _validate.number(getattr(self, name), f"DependencyConfig.{name}", error=error, none=True,
-                             above=True, unit="seconds")
+                             unit="seconds")
         if self.lifecycle is DependencyLifecycle.TEMPORARY and self.expiry is None:
             raise InvalidConfigurationError("a TEMPORARY dependency needs expiry= (seconds it stays met)")
         if self.lifecycle is DependencyLifecycle.PERIODIC and not self.interval:

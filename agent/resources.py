@@ -319,6 +319,13 @@ class ResourcePool:
         def total(value: Any, name: str) -> float:
             return _validate.number(value, f"ResourcePool({name}=...)", error=ResourceRequestError)  # type: ignore[return-value]
 
+        _validate.function(clock, "ResourcePool(clock=...)", error=ResourceRequestError,
+                           expected="a function returning seconds, like time.monotonic")
+        _validate.methods(gpu_inventory, "ResourcePool(gpu_inventory=...)", ("devices",), error=ResourceRequestError,
+                          expected="a GPUInventory (devices() and unavailable_reason), e.g. "
+                                   "agent.devices.StaticInventory([...])", none=True)
+        _validate.methods(preemption_policy, "ResourcePool(preemption_policy=...)", ("choose",),
+                          error=ResourceRequestError, expected="an agent.preemption.PreemptionPolicy", none=True)
         inventory = gpu_inventory if gpu_inventory is not None else machine_inventory()
         devices = inventory.devices()
         totals = {
@@ -455,6 +462,9 @@ class ResourcePool:
         names the state for per-state quotas (default: ``owner``); ``priority``
         overrides ``requirements.priority``.
         """
+        if type(owner) is not str or not owner or type(requirements) is not ResourceRequirements or (
+                state is not None and type(state) is not str):  # one test per argument in the common case
+            _check_request("try_acquire", owner, requirements, state)
         with self.lock:
             return self._try_acquire(owner, requirements, state, priority)
 
@@ -472,13 +482,13 @@ class ResourcePool:
             raise ResourceRequestError(f"{owner!r} already holds resources: release them first")
         if owner in self._waiters:
             raise ResourceRequestError(f"{owner!r} is already queued: cancel() it before try_acquire()")
-        amounts = requirements.amounts()
         if priority is None:
             level = requirements.priority
-        elif 0 <= priority < len(_PRIORITY_BY_VALUE):
+        elif type(priority) is int and 0 <= priority < len(_PRIORITY_BY_VALUE):
             level = _PRIORITY_BY_VALUE[priority]
         else:
-            level = Priority(priority)  # raises ValueError naming the bad value
+            level = _level(priority, "try_acquire(priority=...)")
+        amounts = requirements.amounts()
         if state is None:
             state = owner
         if self.enable_quotas and self._quota_blocks(owner, state, level, amounts, queued=False):
@@ -585,10 +595,18 @@ class ResourcePool:
         future: asyncio.Future[None] | None,
         notify: Notify | None = None,
     ) -> None:
+        what = "enqueue" if future is None else "acquire"
+        if type(owner) is not str or not owner or type(requirements) is not ResourceRequirements or (
+                state is not None and type(state) is not str):
+            _check_request(what, owner, requirements, state)
+        if notify is not None and not callable(notify):
+            raise ResourceRequestError(f"{what}(notify=...) must be a function taking the owner, or None, "
+                                       f"got {_validate.shown(notify)}")
         if owner in self._holders:
             raise ResourceRequestError(f"{owner!r} already holds resources: release them first")
         if owner in self._waiters:
             raise ResourceRequestError(f"{owner!r} is already queued: cancel() it first")
+        level = requirements.priority if priority is None else _level(priority, f"{what}(priority=...)")
         if state is None:
             state = owner
         try:
@@ -596,7 +614,6 @@ class ResourcePool:
         except ResourceRequestError:
             self._rejected += 1
             raise
-        level = requirements.priority if priority is None else Priority(priority)
         amounts = requirements.amounts()
         if self.enable_quotas:
             self._quota_blocks(owner, state, level, amounts, queued=True)
@@ -917,10 +934,14 @@ class ResourcePool:
     @locked
     def remove_quota(self, state: str | None = None, priority: Priority | int | None = None) -> None:
         """Drop the quota of ``state`` and/or ``priority``."""
+        if state is not None and (not isinstance(state, str) or not state):
+            raise ResourceRequestError(f"remove_quota(state=...) takes a state name or None, got "
+                                       f"{_validate.shown(state)}")
+        level = None if priority is None else _level(priority, "remove_quota(priority=...)")
         if state is not None:
             self._state_quotas.set(state, None)
-        if priority is not None:
-            self._priority_quotas.set(Priority(priority), None)
+        if level is not None:
+            self._priority_quotas.set(level, None)
         self._requota()
 
     @locked
@@ -1011,9 +1032,12 @@ class ResourcePool:
         remembered until they release, so they are not chosen twice, and what they free
         counts as promised to ``owner`` until the last of them has released.
         """
+        if type(owner) is not str or not owner or type(requirements) is not ResourceRequirements or (
+                state is not None and type(state) is not str):
+            _check_request("find_victims", owner, requirements, state)
+        level = requirements.priority if priority is None else _level(priority, "find_victims(priority=...)")
         if not self.enable_preemption:
             return None
-        level = requirements.priority if priority is None else Priority(priority)
         need = requirements.amounts()
         if self.enable_quotas and (
             self._state_quotas.breach(owner if state is None else state, need) is not None
@@ -1151,13 +1175,22 @@ class ResourcePool:
         """Note what ``owner``'s attempt really used so far (from its executor).
 
         Understands ``cpu_seconds`` and ``peak_memory_bytes`` (or ``peak_memory_mb``),
-        cumulative for the attempt: a later report replaces an earlier one.
+        cumulative for the attempt: a later report replaces an earlier one. Each is a
+        number >= 0 or None (not measured).
         """
-        cpu = float(usage.get("cpu_seconds") or 0.0)
+        if type(owner) is not str or not owner:
+            raise ResourceRequestError(f"record_measured(owner=...) takes the owner's name (a non-empty str), "
+                                       f"got {_validate.shown(owner)}")
+        if type(usage) is not dict and not isinstance(usage, Mapping):
+            raise ResourceRequestError(
+                f"record_measured(usage=...) takes a mapping such as {{'cpu_seconds': 1.5, "
+                f"'peak_memory_bytes': 2**20}}, got {_validate.shown(usage)}"
+            )
+        cpu = _measured(usage, "cpu_seconds")
         if "peak_memory_mb" in usage:
-            memory = float(usage["peak_memory_mb"] or 0.0)
+            memory = _measured(usage, "peak_memory_mb")
         else:
-            memory = float(usage.get("peak_memory_bytes") or 0.0) / (1024 * 1024)
+            memory = _measured(usage, "peak_memory_bytes") / (1024 * 1024)
         if owner in self._holders:
             self._measured[owner] = (cpu, memory)
         else:  # reported after the release: only the CPU time still counts
@@ -1235,6 +1268,37 @@ class ResourcePool:
         available = self._available
         parts = ", ".join(f"{r.name}={available[r]:g}/{t:g}" for r, t in self.totals.items())
         return f"ResourcePool({parts}, holders={len(self._holders)}, queued={len(self._waiters)})"
+
+
+def _check_request(what: str, owner: Any, requirements: Any, state: Any) -> None:
+    """Refuse the arguments of a request that the pool would misread (the slow path of a
+    type test the common case passes)."""
+    if not isinstance(owner, str) or not owner:
+        raise ResourceRequestError(f"{what}(owner=...) takes the requester's name (a non-empty str), "
+                                   f"got {_validate.shown(owner)}")
+    if not isinstance(requirements, ResourceRequirements):
+        raise ResourceRequestError(f"{what}(requirements=...) takes a ResourceRequirements, e.g. "
+                                   f"ResourceRequirements(cpu_units=1), got {_validate.shown(requirements)}")
+    if state is not None and (not isinstance(state, str) or not state):
+        raise ResourceRequestError(f"{what}(state=...) takes a state name (a non-empty str) or None, "
+                                   f"got {_validate.shown(state)}")
+
+
+def _level(priority: Any, what: str) -> Priority:
+    """``priority`` as a Priority (a member or its int value; a bool, a float or 9 refused)."""
+    if type(priority) is Priority:
+        return priority
+    return _validate.member(Priority, priority, what, error=ResourceRequestError)  # type: ignore[no-any-return]
+
+
+def _measured(usage: Mapping[str, Any], key: str) -> float:
+    """``usage[key]`` as a float >= 0 (0 when missing or None)."""
+    value = usage.get(key)
+    if value is None:
+        return 0.0
+    if (type(value) is float or type(value) is int) and 0 <= value < _INF:
+        return float(value)
+    return _validate.number(value, f"record_measured(usage[{key!r}])", error=ResourceRequestError)  # type: ignore[return-value]
 
 
 def _allocated(total: float, available: float) -> float:

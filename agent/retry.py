@@ -20,6 +20,9 @@ class RetryPolicy:
     A permanent failure (:attr:`~agent.errors.FailureReason.permanent`: a kernel limit,
     a bound, a protocol violation, a cgroup escape, a value the model cannot carry) would
     fail the same way again, so it is not retried unless ``retry_permanent`` is True.
+
+    ``rng`` is where the jitter is drawn from: a :class:`random.Random` (seeded, for a
+    reproducible schedule) or any object with a ``uniform(a, b)`` method like it.
     """
 
     max_retries: int = 3
@@ -38,6 +41,8 @@ class RetryPolicy:
         _validate.number(self.exponential_base, "RetryPolicy.exponential_base", error=error, minimum=1)
         _validate.flag(self.jitter, "RetryPolicy.jitter", error=error)
         _validate.flag(self.retry_permanent, "RetryPolicy.retry_permanent", error=error)
+        _validate.methods(self.rng, "RetryPolicy.rng", ("uniform",), error=error,
+                          expected="a random.Random-like object with uniform(), e.g. random.Random(7)")
 
     def backoff(self, retry: int) -> float:
         """The delay ceiling before retry number ``retry`` (1-based), without jitter."""

@@ -13,7 +13,7 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from .exit_codes import ExitCode
@@ -46,6 +46,18 @@ def _count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value
+
+
+def _given(what: str) -> Callable[[str], str]:
+    """An option's text, refused when empty: ``--resume ""`` (a variable that was not set)
+    must not read as "not given" and start a new run, nor ``--store ""`` pick the default."""
+
+    def given(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError(f"expected {what}, got an empty string")
+        return text
+
+    return given
 
 
 RUN_HELP = """\
@@ -86,14 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the Agent a workflow file defines", description=RUN_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("file", help="the workflow file (Python); arguments for it (its sys.argv[1:]) go after --")
-    run.add_argument("--agent", metavar="NAME", help="which agent, when the file defines several")
+    run.add_argument("file", type=_given("the workflow file (a Python file)"),
+                     help="the workflow file (Python); arguments for it (its sys.argv[1:]) go after --")
+    run.add_argument("--agent", type=_given("an agent's name"), metavar="NAME",
+                     help="which agent, when the file defines several")
     run.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="fail the run after this long")
     run.add_argument("--isolation", choices=["inline", "worker", "process", "sandbox", "ray"],
                      help="override the agent's isolation")
-    run.add_argument("--resume", metavar="RUN_ID", help="continue this run from its last checkpoint")
+    run.add_argument("--resume", type=_given("a run id (`agent runs` lists them)"), metavar="RUN_ID",
+                     help="continue this run from its last checkpoint")
     saving = run.add_mutually_exclusive_group()
-    saving.add_argument("--store", metavar="PATH", help="the checkpoint store (SQLite file) for an agent without one")
+    saving.add_argument("--store", type=_given("the path of an SQLite file"), metavar="PATH",
+                        help="the checkpoint store (SQLite file) for an agent without one; its directory must exist")
     saving.add_argument("--no-store", action="store_true", help="do not save the run (it cannot be resumed)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (output goes to stderr)")
     run.add_argument("-q", "--quiet", action="store_true",
@@ -103,9 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="list saved runs (to resume one)", description=RUNS_HELP,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    runs.add_argument("file", nargs="?", help="list the runs in the store this workflow file's agent uses")
-    runs.add_argument("--store", metavar="PATH", help="list the runs in this SQLite store only")
-    runs.add_argument("--agent", metavar="NAME", help="only runs of this agent")
+    runs.add_argument("file", nargs="?", type=_given("the workflow file (a Python file)"),
+                      help="list the runs in the store this workflow file's agent uses")
+    runs.add_argument("--store", type=_given("the path of an SQLite store"), metavar="PATH",
+                      help="list the runs in this SQLite store only")
+    runs.add_argument("--agent", type=_given("an agent's name"), metavar="NAME", help="only runs of this agent")
     runs.add_argument("--limit", type=_count, default=20, metavar="N", help="at most N runs per store (default 20)")
     runs.add_argument("--json", action="store_true", help="print JSON (times as epoch seconds)")
     runs.set_defaults(handler="agent.cli.runs:runs_command")

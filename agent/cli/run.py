@@ -86,6 +86,8 @@ class RunCommand:
         args = self.args
         try:
             self.file = workflow.check_file(args.file)
+            if args.store is not None and not args.no_store:
+                check_store_directory(args.store)
             if args.resume and workflow.starts_a_run(workflow.parse(self.file)):
                 raise ValueError(
                     f"{args.file} runs its agent itself when loaded, so --resume would start a new run: "
@@ -458,6 +460,15 @@ class RunCommand:
                 "the file starts a new run whenever it is loaded; resume it in code: "
                 f"await agent.resume_run({summary['run_id']!r})")
             self.terminal.notice(f"agent run: the run cannot be resumed from here: {why}")
+
+
+def check_store_directory(store: str) -> None:
+    """Refuse ``--store PATH`` in a directory that does not exist: the command creates the
+    file (a new store), never directories (a mistyped path would scatter them)."""
+    directory = Path(store).parent
+    if not directory.is_dir():
+        raise ValueError(f"--store {store}: no directory {directory}: create it first, or give a file "
+                         "in an existing directory")
 
 
 def _mark_paused(store: Any, run_id: str) -> bool:

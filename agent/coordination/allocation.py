@@ -26,9 +26,9 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from .. import remote
+from .. import _validate, remote
 from ..errors import CoordinationError
-from .coordinator import Coordinator, default_coordinator
+from .coordinator import Coordinator, check_coordinator, default_coordinator
 from .primitives import Primitive, PrimitiveType
 from .primitives.base import check_timeout
 
@@ -156,6 +156,17 @@ def _check_name(name: str) -> None:
         raise CoordinationError(f"a primitive needs a non-empty str name, got {name!r}")
 
 
+def _check_amount(name: str, amount: Any) -> float:
+    """``amount`` as a float > 0: the same rule in the supervisor and in a state's child
+    (``True`` is no amount, nor is ``"2"``)."""
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
+        raise CoordinationError(
+            f"ResourceAllocation({name!r}): amount must be a number > 0 (the units to draw), "
+            f"got {_validate.shown(amount)}"
+        )
+    return float(amount)
+
+
 class ResourceAllocation(_Held):
     """``async with ResourceAllocation("shared_resource", 10.0):`` draws 10 units while inside."""
 
@@ -164,9 +175,8 @@ class ResourceAllocation(_Held):
         link = remote.link() if coordinator is None else None
         if link is not None:  # in a child: the supervisor's primitive
             _check_name(name)
-            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
-                raise CoordinationError(f"ResourceAllocation({name!r}): amount must be a number > 0, got {amount!r}")
-            return _Remote(link, "allocation", name, owner, float(amount), None, timeout)  # type: ignore[return-value]
+            return _Remote(link, "allocation", name, owner, _check_amount(name, amount), None,  # type: ignore[return-value]
+                           timeout)
         return super().__new__(cls)
 
     def __init__(
@@ -178,9 +188,11 @@ class ResourceAllocation(_Held):
         timeout: float | None = None,
         coordinator: Coordinator | None = None,
     ) -> None:
-        coord = coordinator or current_coordinator()
+        coord = current_coordinator() if coordinator is None else check_coordinator(coordinator, "ResourceAllocation")
+        _check_name(name)
+        units = _check_amount(name, amount)
         primitive = coord.require(name, PrimitiveType.QUOTA, PrimitiveType.SEMAPHORE)
-        super().__init__(coord, primitive, _owner_or_task(owner), float(amount), timeout)
+        super().__init__(coord, primitive, _owner_or_task(owner), units, timeout)
 
     def __repr__(self) -> str:
         return f"ResourceAllocation({self.primitive.name!r}, {self.amount:g}, owner={self.owner!r})"
@@ -199,7 +211,7 @@ def mutex(
     if link is not None:  # in a child: the supervisor's mutex
         _check_name(name)
         return _Remote(link, "mutex", name, owner, 1.0, ttl, timeout)
-    coord = coordinator or current_coordinator()
+    coord = current_coordinator() if coordinator is None else check_coordinator(coordinator, "mutex")
     primitive = coord.primitive(name)
     if primitive is None:
         primitive = coord.add_primitive(name, PrimitiveType.MUTEX, ttl=ttl)

@@ -28,7 +28,7 @@ from .. import events as ev
 from ..agent import Agent
 from ..errors import CoordinationError, CoordinationTimeoutError
 from .allocation import attempt_owner, set_current_owner
-from .coordinator import Coordinator, default_coordinator
+from .coordinator import Coordinator, check_coordinator, default_coordinator
 from .primitives import Barrier, Primitive, PrimitiveType, primitive_type_of
 from .ratelimit import RateLimitStrategy
 
@@ -185,6 +185,8 @@ class CoordinatedAgent(Agent):
     """An Agent with per-state coordination primitives and rate limits."""
 
     def __init__(self, name: str, *, coordinator: Coordinator | None = None, **agent_kwargs: Any) -> None:
+        if coordinator is not None:  # checked first: a refused agent registers nothing
+            check_coordinator(coordinator, "CoordinatedAgent")
         super().__init__(name, **agent_kwargs)
         self._coordinator = coordinator if coordinator is not None else default_coordinator()
         self._coordinated_states: dict[str, float] = {}  # state -> amount drawn per attempt
@@ -308,6 +310,8 @@ class CoordinatedAgent(Agent):
 
 def create_coordinated_agent(name: str, **agent_kwargs: Any) -> CoordinatedAgent:
     """A new :class:`CoordinatedAgent` (``coordinator=`` and every ``Agent`` keyword accepted)."""
+    if agent_kwargs.get("coordinator") is not None:
+        check_coordinator(agent_kwargs["coordinator"], "create_coordinated_agent")
     return CoordinatedAgent(name, **agent_kwargs)
 
 
@@ -317,6 +321,8 @@ def enhance_agent(agent: Agent, *, coordinator: Coordinator | None = None) -> Co
     ``agent`` itself is left as it was (nothing is patched onto it); use the returned
     agent from now on. A CoordinatedAgent is returned as it is.
     """
+    if coordinator is not None:
+        check_coordinator(coordinator, "enhance_agent")
     if isinstance(agent, CoordinatedAgent):
         return agent
     if not isinstance(agent, Agent):

@@ -30,7 +30,7 @@ import threading
 import weakref
 from typing import Any
 
-from .. import _env
+from .. import _env, _validate
 from ..errors import CoordinationError
 from ..clock import SYSTEM_CLOCK, Clock
 from .deadlock import DeadlockDetector, DeadlockResolution
@@ -55,6 +55,10 @@ class Coordinator:
         cleanup_interval: float = 60.0,
         resolution: DeadlockResolution = DeadlockResolution.FAIL_YOUNGEST,
     ) -> None:
+        if clock is not None:
+            _validate.methods(clock, "Coordinator(clock=...)", ("monotonic", "sleep"), error=CoordinationError,
+                              expected="a Clock (monotonic() and sleep(), e.g. agent.clock.FakeClock()) or None "
+                                       "for the system clock")
         self.clock: Clock = clock or SYSTEM_CLOCK
         self._primitives: dict[str, Primitive] = {}
         self._rate_limiters: dict[str, RateLimiter] = {}
@@ -391,6 +395,16 @@ _default: Coordinator | None = None
 _box: Coordinator | None = None
 
 
+def check_coordinator(value: Any, what: str) -> Coordinator:
+    """``value`` when it is a :class:`Coordinator` (``what``: the call, for the message)."""
+    if not isinstance(value, Coordinator):
+        raise CoordinationError(
+            f"{what}(coordinator=...) must be a Coordinator (agent.coordination.Coordinator()), or None for "
+            f"the process's default one, got {_validate.shown(value)}"
+        )
+    return value
+
+
 def default_coordinator() -> Coordinator:
     """The process-wide coordinator every agent shares (DESIGN item 12).
 
@@ -410,4 +424,4 @@ def default_coordinator() -> Coordinator:
     return _default
 
 
-__all__ = ["Coordinator", "default_coordinator"]
+__all__ = ["Coordinator", "check_coordinator", "default_coordinator"]

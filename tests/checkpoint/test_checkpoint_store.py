@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -306,6 +308,58 @@ class TestCorruption:
             db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
         with pytest.raises(CheckpointError, match="schema version '99'.*upgrade"):
             SQLiteCheckpointStore(path)
+
+
+class TestArguments:
+    """A wrong ``keep``, ``durable`` or path is refused when the store is made, before any file is."""
+
+    @pytest.mark.parametrize("keep,shown", [
+        (math.nan, "float nan"), (2.5, "float 2.5"), (True, "bool True"), (False, "bool False"), ("x", "str 'x'"),
+        ("3", "str '3'"), (math.inf, "float inf"),
+    ])
+    def test_keep_must_be_an_int(self, tmp_path, keep, shown):
+        path = tmp_path / "cp.sqlite3"
+        with pytest.raises(CheckpointError, match=re.escape(
+                f"keep must be an int, got {shown}: keep at least 1 checkpoint per run, or None for all")):
+            SQLiteCheckpointStore(path, keep=keep)
+        assert not path.exists()
+
+    def test_prune_keep_must_be_an_int(self, store):
+        store.save("r", checkpoint({}))
+        with pytest.raises(CheckpointError, match="keep must be an int, got float 1.5: keep at least 1 checkpoint, "
+                                                  "or delete_run"):
+            store.prune("r", keep=1.5)
+        assert store.checkpoints("r") == [1]
+
+    @pytest.mark.parametrize("keep", [1, 20, None])
+    def test_good_keep(self, keep):
+        with SQLiteCheckpointStore(":memory:", keep=keep) as store:
+            assert store.keep == keep
+
+    def test_durable_must_be_a_bool(self, tmp_path):
+        with pytest.raises(CheckpointError, match=r"SQLiteCheckpointStore\(durable=...\) must be True or False, "
+                                                  "got str 'no'"):
+            SQLiteCheckpointStore(tmp_path / "cp.sqlite3", durable="no")
+
+    def test_empty_path_is_refused(self):
+        """SQLite makes "" a private temporary database: every checkpoint would be lost."""
+        with pytest.raises(CheckpointError, match=r"SQLiteCheckpointStore\(path=''\) names no file .*: give the "
+                                                  "path of an SQLite file"):
+            SQLiteCheckpointStore("")
+
+    def test_path_of_another_type_is_refused(self, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(CheckpointError, match=r"SQLiteCheckpointStore\(path=...\) must be the path of an SQLite "
+                                                  r"file \(str or os.PathLike\), or None for the default store, "
+                                                  r"got int 5"):
+            SQLiteCheckpointStore(5)  # type: ignore[arg-type]
+        assert list(tmp_path.iterdir()) == []  # no file named "5"
+
+    def test_agent_with_an_empty_store_path_is_refused(self):
+        from agent import Agent, AgentError
+
+        with pytest.raises(AgentError, match="''"):
+            Agent("cs", isolation="inline", checkpoint_store="")
 
 
 class TestDefaultPath:

@@ -151,6 +151,18 @@ class TestUsageErrors:
         (["run", "hello.py", "--store", "missing.sqlite3", "--no-store"],
          "agent run: argument --no-store: not allowed with argument --store"),
         (["run"], "agent run: the following arguments are required: file ("),
+        # An empty value is a mistake (an unset variable), never "not given".
+        (["run", ""], "agent run: argument file: expected the workflow file (a Python file), got an empty string"),
+        (["run", "hello.py", "--resume", ""],
+         "agent run: argument --resume: expected a run id (`agent runs` lists them), got an empty string"),
+        (["run", "hello.py", "--store", ""],
+         "agent run: argument --store: expected the path of an SQLite file, got an empty string"),
+        (["run", "hello.py", "--agent", ""],
+         "agent run: argument --agent: expected an agent's name, got an empty string"),
+        (["runs", ""], "agent runs: argument file: expected the workflow file (a Python file), got an empty string"),
+        (["runs", "--store", ""],
+         "agent runs: argument --store: expected the path of an SQLite store, got an empty string"),
+        (["runs", "--agent", ""], "agent runs: argument --agent: expected an agent's name, got an empty string"),
     ])
     def test_one_line(self, cli, args, message):
         cli.write("hello.py", SPEC_QUICK_START)
@@ -159,6 +171,17 @@ class TestUsageErrors:
         assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(message), done.stderr
         assert done.stdout == ""
         assert not (cli.dir / "missing.sqlite3").exists()
+
+    @pytest.mark.parametrize("extra", [[], ["--resume", "deadbeef"]])
+    def test_a_store_in_a_missing_directory_creates_nothing(self, cli, extra):
+        """`--store` creates its file, never a directory: a mistyped path is a usage error."""
+        cli.write("hello.py", SPEC_QUICK_START.replace("await agent.run()\n", ""))
+        done = cli.run("run", "hello.py", "--store", "nodir/sub/runs.sqlite3", *extra)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr == ("agent run: --store nodir/sub/runs.sqlite3: no directory nodir/sub: create it first, "
+                               "or give a file in an existing directory\n")
+        assert not (cli.dir / "nodir").exists()
+        assert not cli.state_dir.exists() or not any(cli.state_dir.glob("*.sqlite3"))
 
     def test_resume_of_an_unknown_run_creates_no_store(self, cli):
         cli.write("hello.py", SPEC_QUICK_START.replace("await agent.run()\n", ""))

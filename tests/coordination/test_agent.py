@@ -59,6 +59,15 @@ class _Inside:
 class TestCreation:
     """create_coordinated_agent and enhance_agent return composed agents."""
 
+    @pytest.mark.parametrize("make,what", [
+        (lambda: create_coordinated_agent("c", coordinator=5), "create_coordinated_agent"),
+        (lambda: CoordinatedAgent("c", coordinator=5), "CoordinatedAgent"),  # type: ignore[arg-type]
+        (lambda: enhance_agent(Agent("c"), coordinator=5), "enhance_agent"),  # type: ignore[arg-type]
+    ], ids=["create_coordinated_agent", "CoordinatedAgent", "enhance_agent"])
+    def test_coordinator_must_be_a_coordinator(self, make, what) -> None:  # type: ignore[no-untyped-def]
+        with pytest.raises(CoordinationError, match=rf"^{what}\(coordinator=...\) must be a Coordinator .* got int 5$"):
+            make()
+
     def test_create(self) -> None:
         agent = create_coordinated_agent("coordinated_workflow")
         assert isinstance(agent, CoordinatedAgent) and isinstance(agent, Agent)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import weakref
 
 import pytest
@@ -214,6 +215,58 @@ class TestResourceAllocation:
         with pytest.raises(CoordinationError, match="not a MUTEX"):
             coordinator.add_primitive("q", PrimitiveType.QUOTA, quota_limit=1.0)
             mutex("q", coordinator=coordinator)
+
+
+class TestArguments:
+    """A wrong amount, coordinator or clock is refused at the call, with CoordinationError."""
+
+    @pytest.mark.parametrize("amount,shown", [
+        (True, "bool True"), ("2", "str '2'"), ("x", "str 'x'"), (0, "int 0"), (-1.0, "float -1.0"),
+        (float("nan"), "float nan"), (None, "NoneType None"),
+    ])
+    async def test_allocation_amount(self, coordinator: Coordinator, amount: object, shown: str) -> None:
+        coordinator.add_primitive("q", PrimitiveType.QUOTA, quota_limit=5.0)
+        with pytest.raises(CoordinationError) as refused:
+            ResourceAllocation("q", amount, owner="w", coordinator=coordinator)  # type: ignore[arg-type]
+        assert str(refused.value) == (
+            f"ResourceAllocation('q'): amount must be a number > 0 (the units to draw), got {shown}")
+        assert coordinator.primitive("q").status()["in_use"] == 0
+
+    async def test_allocation_amount_as_int(self, coordinator: Coordinator) -> None:
+        coordinator.add_primitive("q", PrimitiveType.QUOTA, quota_limit=5.0)
+        async with ResourceAllocation("q", 2, owner="w", coordinator=coordinator) as held:
+            assert held.amount == 2.0 and coordinator.primitive("q").status()["in_use"] == 2.0
+
+    @pytest.mark.parametrize("make", [
+        lambda c: ResourceAllocation("q", 1.0, owner="w", coordinator=c),
+        lambda c: mutex("m", owner="w", coordinator=c),
+    ], ids=["ResourceAllocation", "mutex"])
+    async def test_coordinator_must_be_one(self, make) -> None:  # type: ignore[no-untyped-def]
+        with pytest.raises(CoordinationError, match=r"\(coordinator=...\) must be a Coordinator "
+                                                    r"\(agent.coordination.Coordinator\(\)\), or None for the "
+                                                    r"process's default one, got int 5"):
+            make(5)
+
+    @pytest.mark.parametrize("clock,lacks", [
+        (5, "monotonic(), sleep()"), ("fake", "monotonic(), sleep()"), (lambda: 0.0, "monotonic(), sleep()"),
+    ])
+    def test_clock_must_be_a_clock(self, clock: object, lacks: str) -> None:
+        with pytest.raises(CoordinationError, match=rf"Coordinator\(clock=...\) must be a Clock .* or None for "
+                                                    rf"the system clock, got .* \(it has no {re.escape(lacks)}\)"):
+            Coordinator(clock)  # type: ignore[arg-type]
+
+    def test_a_clock_with_monotonic_only_is_refused(self) -> None:
+        class Half:
+            def monotonic(self) -> float:
+                return 0.0
+
+        with pytest.raises(CoordinationError, match=r"\(it has no sleep\(\)\)"):
+            Coordinator(Half())  # type: ignore[arg-type]
+
+    def test_none_is_the_system_clock(self) -> None:
+        from agent.clock import SYSTEM_CLOCK
+
+        assert Coordinator(None).clock is SYSTEM_CLOCK
 
 
 class TestBadTimeouts:

@@ -101,6 +101,31 @@ class TestTakenInsideAChild:
         assert coordinator.primitive("sections_m1").owners() == []
         await coordinator.aclose()
 
+    @pytest.mark.parametrize("isolation", ["inline", "process"])
+    async def test_a_wrong_amount_is_refused_alike_in_the_supervisor_and_a_child(self, isolation: str) -> None:
+        async def allocate(context: Context):
+            from agent.coordination import ResourceAllocation
+            from agent.errors import CoordinationError
+
+            refused = []
+            for amount in (True, "2", "x"):
+                try:
+                    async with ResourceAllocation("amounts_q", amount):
+                        refused.append("taken")
+                except CoordinationError as exc:
+                    refused.append(str(exc))
+            context.set_state("refused", refused)
+
+        coordinator = Coordinator()
+        agent = create_coordinated_agent("amounts", coordinator=coordinator, isolation=isolation)
+        agent.add_state_coordination("amounts_q", PrimitiveType.QUOTA, quota_limit=5.0)
+        agent.add_state("allocate", allocate, context_keys=["refused"])
+        refused = (await agent.run()).get_state("refused")
+        prefix = "ResourceAllocation('amounts_q'): amount must be a number > 0 (the units to draw), got "
+        assert refused == [prefix + "bool True", prefix + "str '2'", prefix + "str 'x'"]
+        assert coordinator.primitive("amounts_q").status()["acquisitions"] == 0
+        await coordinator.aclose()
+
     async def test_the_resource_pools_example_runs_as_written(self) -> None:
         coordinator = Coordinator()
         agent = create_coordinated_agent("pools", coordinator=coordinator)  # the default isolation: a child

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import math
 import pickle
+import random
 
 import pytest
 
@@ -76,7 +77,7 @@ CASES = [
     ("DependencyConfig interval inf", lambda: DependencyConfig(interval=INF), InvalidConfigurationError, "interval"),
     ("DependencyConfig type 'maybe'", lambda: DependencyConfig(type="maybe"), InvalidConfigurationError, "DependencyType.REQUIRED"),
     ("DependencyConfig PERIODIC without interval", lambda: DependencyConfig(lifecycle="periodic"), InvalidConfigurationError, "interval="),
-    ("DependencyConfig PERIODIC interval 0", lambda: DependencyConfig(lifecycle="periodic", interval=0), InvalidConfigurationError, "interval"),
+    ("DependencyConfig PERIODIC interval 0", lambda: DependencyConfig(lifecycle="periodic", interval=0), InvalidConfigurationError, "interval="),
     ("rate limit burst nan", lambda: create_coordinated_agent("c").add_state_rate_limit("r1", max_rate=1, burst_size=NAN), CoordinationError, "burst_size"),
     ("rate limit max_rate inf", lambda: create_coordinated_agent("c").add_state_rate_limit("r2", max_rate=INF), CoordinationError, "max_rate"),
     ("rate limit window nan", lambda: create_coordinated_agent("c").add_state_rate_limit(
@@ -112,7 +113,6 @@ CASES = [
      ResourceRequestError, "joined with |"),
     ("remove_observer never added", lambda: Agent("a").remove_observer(print), InvalidConfigurationError,
      "not an observer"),
-    ("DependencyConfig timeout 0", lambda: DependencyConfig(timeout=0), InvalidConfigurationError, "> 0"),
     ("add_state dependencies 0", lambda: add(dependencies=0), WorkflowDefinitionError, "dependencies must be"),
     ("add_state dependencies of lists", lambda: add(dependencies=[["x"]]), WorkflowDefinitionError,
      "dependencies must be"),
@@ -305,3 +305,22 @@ class TestHelpers:
         assert _validate.member(Priority, 1, "p", error=InvalidConfigurationError) is Priority(1)
         with pytest.raises(InvalidConfigurationError):
             _validate.member(Priority, True, "p", error=InvalidConfigurationError)
+
+
+class TestRetryPolicyRng:
+    """RetryPolicy(rng=...) must have uniform(): refused when the policy is made, not at the first retry."""
+
+    @pytest.mark.parametrize("rng,shown", [(None, "NoneType None"), (5, "int 5"), ("x", "str 'x'")])
+    def test_refused(self, rng, shown):
+        with pytest.raises(InvalidConfigurationError, match=(
+                rf"RetryPolicy.rng must be a random.Random-like object with uniform\(\), e.g. random.Random\(7\), "
+                rf"got {shown} \(it has no uniform\(\)\)")):
+            RetryPolicy(max_retries=2, initial_delay=0.0, rng=rng)
+
+    def test_random_like(self):
+        class Fixed:
+            def uniform(self, a: float, b: float) -> float:
+                return b
+
+        assert RetryPolicy(initial_delay=2.0, rng=Fixed()).delay(1) == 2.0
+        assert 0.0 <= RetryPolicy(initial_delay=2.0, rng=random.Random(7)).delay(1) <= 2.0

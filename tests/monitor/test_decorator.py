@@ -229,3 +229,25 @@ class TestConfiguration:
     def test_bad_metrics(self):
         with pytest.raises(MonitorConfigurationError, match="MetricType"):
             agent_monitor(metrics="ALL")
+
+    @pytest.mark.parametrize("kwargs,message", [
+        ({"clock": 5}, r"agent_monitor\(clock=...\) must be a function returning seconds, like time.monotonic, "
+                       r"got int 5"),
+        ({"clock": None}, r"agent_monitor\(clock=...\) must be a function .* got NoneType None"),
+        ({"sleep": 5}, r"agent_monitor\(sleep=...\) must be an async function taking seconds, like asyncio.sleep, "
+                       r"got int 5"),
+        ({"sleep": None}, r"agent_monitor\(sleep=...\) .* got NoneType None"),
+        ({"process": 5}, r"agent_monitor\(process=...\) must be a ProcessSampler with cpu_seconds\(\) and "
+                         r"rss_bytes\(\) \(or None\), got int 5 \(it has no cpu_seconds\(\), rss_bytes\(\)\)"),
+        ({"process": FakeClock()}, r"agent_monitor\(process=...\) .* \(it has no cpu_seconds\(\), rss_bytes\(\)\)"),
+    ])
+    def test_bad_injectables(self, kwargs, message):
+        """Refused at decoration, not once the decorated coroutine runs."""
+        with pytest.raises(MonitorConfigurationError, match=message):
+            agent_monitor(realtime=True, **kwargs)
+
+    def test_good_injectables(self):
+        clock = FakeClock()
+        decorate = agent_monitor(realtime=True, clock=clock, sleep=ManualTimer(clock).sleep, process=FakeProcess())
+        assert callable(decorate)
+        assert callable(agent_monitor(process=None))
