@@ -170,6 +170,16 @@ class _RunCache:
     kinds: dict[str, _Values]
 
 
+def _create_private(path: str) -> None:
+    """Create the store's file readable by its owner only, if it does not exist: SQLite gives
+    its WAL and shared-memory files the database's mode, and checkpoints hold whole
+    contexts (secrets included), which other users of the machine must not read. An
+    existing file keeps the mode it has."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    except OSError:
+        pass  # sqlite3.connect says why it cannot open it
+
 class SQLiteCheckpointStore:
     """The embedded default store: one SQLite file in WAL mode, one transaction per save.
 
@@ -215,6 +225,7 @@ class SQLiteCheckpointStore:
         creating = False
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _create_private(self.path)
             creating = not durable and _is_empty(self.path)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)

@@ -100,6 +100,15 @@ def current_writer() -> Writer | None:
         return _writer
 
 
+def _escaped(line: str) -> str:
+    """``line`` with its control characters written out (``\\x1b``, ``\\r``): untrusted output
+    echoed to the operator's terminal must not move its cursor, retitle it, set its
+    clipboard or forge another state's line. The log keeps the bytes as they came."""
+    if line.isprintable():
+        return line
+    return "".join(ch if ch == "\t" or ch.isprintable() else repr(ch)[1:-1] for ch in line)
+
+
 class _Sink:
     """One attempt's share of a pipe: appended to its log file, whole lines echoed with its label.
 
@@ -108,10 +117,11 @@ class _Sink:
 
     def __init__(
         self, log_path: str, create_log: Callable[[str], int], label: str, *,
-        cap: int | None = None, on_cap: Callable[[int], None] | None = None,
+        cap: int | None = None, on_cap: Callable[[int], None] | None = None, plain: bool = False,
     ) -> None:
         self.log_path = log_path
         self.label = label
+        self._plain = plain  # echo control characters escaped (a sandbox's output: see _escaped)
         self.size = 0
         self._cap = cap  # bytes kept at most; past it the rest is dropped and on_cap(cap) told once
         self._on_cap = on_cap
@@ -173,8 +183,11 @@ class _Sink:
     def _echo(self, lines: list[bytes]) -> None:
         if self._writer is None:
             return
+        text = [line.decode("utf-8", "replace").rstrip("\r") for line in lines]
+        if self._plain:
+            text = [_escaped(line) for line in text]
         try:
-            self._writer(self.label, [line.decode("utf-8", "replace").rstrip("\r") for line in lines])
+            self._writer(self.label, text)
         except Exception:  # a writer's failure never fails the attempt
             self._writer = None
 
@@ -256,8 +269,9 @@ class AttemptOutput(_Pipe):
         *,
         cap: int | None = None,
         on_cap: Callable[[int], None] | None = None,
+        plain: bool = False,
     ) -> None:
-        self._sink = _Sink(log_path, create_log, label, cap=cap, on_cap=on_cap)
+        self._sink = _Sink(log_path, create_log, label, cap=cap, on_cap=on_cap, plain=plain)
         self.log_path = log_path
         self.label = label
         super().__init__(loop)

@@ -216,7 +216,7 @@ class Supervisor:
         cap = confinement.child_spec.get("sandbox", {}).get("rlimits", {}).get("fsize")
         output = AttemptOutput(asyncio.get_running_loop(), log_path, self.logs.create,
                                label_for(attempt.state_name, attempt.number),
-                               cap=cap, on_cap=child.log_over_cap)
+                               cap=cap, on_cap=child.log_over_cap, plain=sandboxed)
         # The run message goes with the spec: the child starts the state without asking.
         spec = self.child_spec(secret, confinement, scope, sandboxed=sandboxed, run=run_frame)
         self._state_children.add(request_id)
@@ -418,12 +418,15 @@ class Supervisor:
             raise UnsendableStateError(unsendable(attempt.state_name, attempt.func, exc)) from exc
         context, classes = encode_snapshot(attempt.context, attempt.state_name, self.bounds)
         budget = attempt.context.budget
+        failures = attempt.context.failed_states()
+        if attempt.isolation is Isolation.SANDBOX:  # why another state failed may quote its secrets
+            failures = dict.fromkeys(failures, HIDDEN_FAILURE)
         frame = encode_message(Run(
             run_id=attempt.run_id, agent_name=attempt.agent_name, state_name=attempt.state_name,
             attempt=attempt.number, function=function, context=context,
             classes=cloudpickle.dumps(tuple(classes)) if classes else _NO_CLASSES,
             max_frame=self.config.max_frame, context_budget=budget.limit, context_bytes=budget.used,
-            failures=attempt.context.failed_states(),
+            failures=failures,
         ))
         if len(frame) > self.config.max_frame:
             held = sum(len(k) + len(v) for k, v in context.items())
@@ -745,6 +748,8 @@ class Supervisor:
 
 
 _NO_CLASSES = cloudpickle.dumps(())
+HIDDEN_FAILURE = "failed (a sandbox is not told why)"
+"""What a sandboxed state's ``context.failed_states()`` says of each state that failed."""
 _HELLO = frozenset({Hello})
 _HELLO_BYTES = 256
 

@@ -141,6 +141,22 @@ class TestSave:
         assert [type(back["a"]), type(back["b"][0]), type(back["c"]), type(back["d"])] == [
             bool, float, list, frozenset]
 
+    def test_only_its_owner_reads_it(self, tmp_path):
+        # Checkpoints hold whole contexts: a store in a directory others can enter (a
+        # /var/lib of the application) must not be readable by them, WAL files included.
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o755)
+        os.chmod(shared, 0o755)
+        old = os.umask(0o022)
+        try:
+            with SQLiteCheckpointStore(str(shared / "runs.sqlite3")) as store:
+                store.save("r1", checkpoint({"api_key": "k-123"}))
+                files = sorted(shared.iterdir())
+                assert {f.name for f in files} >= {"runs.sqlite3", "runs.sqlite3-wal"}
+                assert all(f.stat().st_mode & 0o077 == 0 for f in files), [oct(f.stat().st_mode) for f in files]
+        finally:
+            os.umask(old)
+
     def test_wal_mode(self, store):
         with sqlite3.connect(store.path) as db:
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

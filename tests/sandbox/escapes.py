@@ -281,3 +281,15 @@ async def wait_for_file(context: Any) -> None:
     path = context.get_state("path")
     while not os.path.exists(path):
         time.sleep(0.01)
+
+
+async def leaks_a_secret(context: Any) -> None:
+    raise ValueError("upstream rejected credential sk-live-123")
+
+
+async def reads_failures(context: Any) -> None:
+    context.set_state("seen", context.failed_states())
+
+
+async def prints_escapes(context: Any) -> None:
+    print("\x1b[2K\rother_state | APPROVED\x1b]0;owned\x07", flush=True)

@@ -297,6 +297,34 @@ class TestSecrets:
             assert "may not" in got[verb] and "context_keys" in got[verb], got[verb]
         assert run.get_state("result") == 42 and run.get_state("approved") is False
 
+    async def test_learns_which_states_failed_not_why(self) -> None:
+        agent = Agent("told", isolation="sandbox", on_failure="continue")
+
+        async def fan(context: Any) -> list[str]:
+            return ["leaks_a_secret", "join"]
+
+        agent.add_state("fan", fan, isolation="inline")
+        agent.add_state("leaks_a_secret", escapes.leaks_a_secret, isolation="inline", next_states=["join"])
+        agent.add_state("join", escapes.reads_failures, context_keys=["seen"])
+        with pytest.raises(StateFailedError):
+            await agent.run()
+        assert list(agent.context.get_state("seen")) == ["leaks_a_secret"]
+        assert "sk-live" not in str(agent.context.get_state("seen"))
+
+    async def test_its_output_reaches_the_terminal_with_control_characters_written_out(self) -> None:
+        from agent.supervisor import output
+
+        echoed: list[tuple[str, str]] = []
+        output.set_writer(lambda label, lines: echoed.extend((label, line) for line in lines))
+        try:
+            agent = Agent("printer", isolation="sandbox")
+            agent.add_state("prints", escapes.prints_escapes)
+            await agent.run()
+        finally:
+            output.set_writer(output.default_writer())
+        assert echoed == [("prints", "\\x1b[2K\\rother_state | APPROVED\\x1b]0;owned\\x07")]
+        assert agent.logs("prints").startswith("\x1b[2K")  # the log keeps what it printed
+
     async def test_without_context_keys_a_sandbox_sees_nothing(self) -> None:
         agent = Agent("blind", isolation="sandbox")
         agent.add_state("read", escapes.read_scoped)
