@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import subprocess
 import sys
@@ -10,28 +9,13 @@ import textwrap
 
 import pytest
 
-from agent import Agent, TypedContextData
+from agent import Agent
+
+from ..values.test_model import Counted, OwnInit
 
 
 class Key(enum.StrEnum):
     DRAFT = "draft"
-
-
-@dataclasses.dataclass(init=False)
-class OwnInit(TypedContextData):
-    length: int
-    text: str
-
-    def __init__(self, raw: str) -> None:
-        self.length, self.text = len(raw), raw
-
-
-@dataclasses.dataclass
-class Counted(TypedContextData):
-    n: int = 0
-
-    def __post_init__(self) -> None:
-        self.n += 1
 
 
 async def writes(context):
@@ -43,7 +27,7 @@ async def writes(context):
 
 async def reads(context):
     context.set_state("removed", context.remove_state(Key.DRAFT))  # names "draft", as get_state finds it
-    context.set_state("seen", [context.get_typed("own", OwnInit).text, context.get_typed("counted", Counted).n])
+    context.set_state("seen", [context.get_typed("own", OwnInit).b, context.get_typed("counted", Counted).n])
 
 
 @pytest.mark.parametrize("level", ["inline", "process", "worker"])
@@ -54,7 +38,7 @@ async def test_keys_and_typed_values_read_back_as_inline(level):
     ctx = await agent.run()
     assert ctx.get_state("removed") is True and not ctx.has_state("draft")
     assert ctx.get_state("seen") == ["abc", 1]
-    assert ctx.get_typed("counted", Counted).n == 1 and ctx.get_typed("own", OwnInit).length == 3
+    assert ctx.get_typed("counted", Counted).n == 1 and ctx.get_typed("own", OwnInit).a == 3
 
 
 SCRIPT = """
