@@ -204,6 +204,7 @@ class Agent:
         self._starting = False  # run() waits for the supervisor before its run exists
         self._cancel_at_start = False  # cancel_all() came meanwhile
         self._first_names: set[str] = set()  # what the run starts with, while it is starting
+        self._run_ambient: tuple[ev.Observer, ...] = ()  # the ambient observers (events.observing) of the last run
         self._cancel_early: set[str] = set()  # cancel_state() of them meanwhile
         self._supervised: Any = _UNKNOWN  # _supervised_level(), worked out again once states are added
         self._fresh_context = True
@@ -303,7 +304,7 @@ class Agent:
         except ValueError:
             raise InvalidConfigurationError(f"{observer!r} is not an observer of agent {self.name!r}") from None
         run = self._run
-        if run is not None and observer not in self._observers:
+        if run is not None and observer not in self._observers and observer not in self._run_ambient:
             run.observers = tuple(o for o in run.observers if o != observer)
 
     def add_admission_hook(self, hook: Any) -> None:
@@ -423,6 +424,7 @@ class Agent:
         ambient = ev.ambient_observers()
         # An observer attached both ways (agent and ambient) sees each event once.
         observers = tuple(dict.fromkeys(self._observers + list(ambient))) if ambient else tuple(self._observers)
+        self._run_ambient = ambient  # remove_observer() leaves these to the run
         cleanup = self.cleanup_timeout if cleanup_timeout is None else cleanup_timeout
         run = Run(self, self.run_id, self.context, observers, cleanup)
         self._run = run
@@ -454,6 +456,8 @@ class Agent:
                 await run.driver.drive(deadline)
         except asyncio.CancelledError:
             self._set_status(AgentStatus.CANCELLED)
+            if run.observers:  # its caller went away: the run ended all the same
+                run.emit(ev.RUN_FINISHED, status=AgentStatus.CANCELLED.value, error=None)
             raise
         except BaseException as exc:  # a store, a hook or the engine raised out of the run: it ends FAILED
             await self._end_broken_run(run, exc)

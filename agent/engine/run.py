@@ -1183,6 +1183,8 @@ class Run:
             meta.error = FailureReason(kind="exception", message=str(exc),
                                        exception_type=exception_type_name(type(exc)))
             self.set_status(meta, _FAILED)
+            self.emit(ev.STATE_FAILED, name, attempt=act.attempt, duration=duration, usage=usage, error=str(exc),
+                      data={"final": True, "kind": "exception", "run_goes_on": False})
             self._leave(act)
             self.fail(exc)
             return
@@ -1617,8 +1619,9 @@ class Run:
             self.watch.discard(name)
             found = True
         if found:
-            if meta.status is not _CANCELLED:
+            if meta.status is not _CANCELLED:  # it waited on dependencies, or was held at a join
                 self.set_status(meta, _CANCELLED)
+                self.emit(ev.STATE_CANCELLED, name, attempt=0)
             self.kick()
         return found
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from agent import Agent, RetryPolicy, observing
+import pytest
+
+from agent import Agent, InvalidTransitionError, RetryPolicy, observing
 from agent import events as ev
 
 
@@ -110,3 +112,99 @@ class TestAttachedWhileARunGoesOn:
             (ev.STATE_COMPLETED, "first"), (ev.STATE_STARTED, "second"), (ev.STATE_COMPLETED, "second"),
             (ev.RUN_FINISHED, None),
         ]
+
+
+class TestEveryEndIsTold:
+    """Each state that started or waited ends with an event, and each run with run_finished."""
+
+    async def test_a_run_whose_caller_went_away_is_finished(self):
+        import asyncio
+
+        seen: list[ev.RunEvent] = []
+        started = asyncio.Event()
+        agent = Agent("abandoned", isolation="inline")
+
+        async def waits(context):
+            started.set()
+            await asyncio.Event().wait()
+
+        agent.add_state("waits", waits)
+        agent.add_observer(seen.append)
+        run = asyncio.create_task(agent.run())
+        await started.wait()
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        assert [(e.kind, e.status) for e in seen][-1] == (ev.RUN_FINISHED, "cancelled")
+
+    async def test_a_result_that_is_no_transition_fails_the_state_with_an_event(self):
+        seen: list[ev.RunEvent] = []
+        agent = Agent("bad_result", isolation="inline")
+
+        async def returns_a_number(context):
+            return 42
+
+        agent.add_state("s", returns_a_number)
+        agent.add_observer(seen.append)
+        with pytest.raises(InvalidTransitionError):
+            await agent.run()
+        failed = [e for e in seen if e.kind == ev.STATE_FAILED]
+        assert [(e.state, e.attempt, e.data["final"]) for e in failed] == [("s", 1, True)]
+        assert agent.state_metadata["s"].status.value == "failed"
+
+    async def test_cancelling_a_waiting_or_held_state_is_told(self):
+        import asyncio
+
+        from agent import DependencyType
+
+        seen: list[ev.RunEvent] = []
+        gate, started = asyncio.Event(), asyncio.Event()
+        agent = Agent("told", isolation="inline")
+
+        async def fan(context):
+            return ["slow", "fast"]
+
+        async def slow(context):
+            started.set()
+            await gate.wait()
+            return "join"
+
+        async def fast(context):
+            return "join"
+
+        agent.add_state("fan", fan)
+        agent.add_state("slow", slow)
+        agent.add_state("fast", fast)
+        agent.add_state("join", ok, next_states=[])
+        agent.add_state("waiting", ok, dependencies={"slow": DependencyType.REQUIRED}, next_states=[])
+        agent.add_observer(seen.append)
+        run = asyncio.create_task(agent.run())
+        await started.wait()
+        while agent.state_metadata["join"].waiting_for is None:  # fast reached the join: held there
+            await asyncio.sleep(0)
+        assert agent.cancel_state("join") and agent.cancel_state("waiting")
+        gate.set()
+        await run
+        cancelled = {e.state for e in seen if e.kind == ev.STATE_CANCELLED}
+        assert cancelled >= {"join", "waiting"}
+
+    async def test_removing_an_observer_leaves_it_what_it_sees_around_the_block(self):
+        import asyncio
+
+        seen: list[ev.RunEvent] = []
+        started, release = asyncio.Event(), asyncio.Event()
+        agent = Agent("both_ways", isolation="inline")
+
+        async def waits(context):
+            started.set()
+            await release.wait()
+
+        agent.add_state("waits", waits)
+        agent.add_observer(seen.append)
+        with observing(seen.append):
+            run = asyncio.create_task(agent.run())
+            await started.wait()
+        agent.remove_observer(seen.append)  # still attached around the block the run started in
+        release.set()
+        await run
+        assert [e.kind for e in seen] == [ev.RUN_STARTED, ev.STATE_STARTED, ev.STATE_COMPLETED, ev.RUN_FINISHED]
