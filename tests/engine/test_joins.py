@@ -792,7 +792,9 @@ class TestPartialFailure:
         with pytest.raises(StateFailedError, match="'bad'"):
             await agent.run()
         seen = agent.context.get_state("failed_seen")
-        assert list(seen) == ["bad"] and "bad shard" in seen["bad"]
+        assert list(seen) == ["bad"]
+        # Why may quote what another state saw: a sandbox is told only which failed.
+        assert ("bad shard" in seen["bad"]) is (isolation == "process")
 
     async def test_per_state_setting_overrides_the_agent(self) -> None:
         agent = Agent("strict", isolation="inline")  # default: fail the run
