@@ -299,7 +299,7 @@ class Daemon:
     def op_submit(self, client: Client, message: dict[str, Any]) -> dict[str, Any]:
         source, path = message["source"], str(message.get("path") or "workflow.py")
         if not isinstance(source, str):
-            raise JobError("the workflow's source must be text")
+            raise DaemonConfigError("the workflow's source must be text")
         policy = self.config.policy_for(client.uid)
         asked = message.get("priority")
         priority = policy.default_priority if asked is None else parse_priority(asked)
@@ -311,10 +311,10 @@ class Daemon:
             )
         params = message.get("params") or {}
         if not isinstance(params, dict) or len(params) > MAX_PARAMS or not all(isinstance(k, str) for k in params):
-            raise JobError(f"params must be a map of at most {MAX_PARAMS} names to values")
+            raise DaemonConfigError(f"params must be a map of at most {MAX_PARAMS} names to values")
         name = str(message.get("name") or os.path.splitext(os.path.basename(path))[0] or "job")[:200]
         if not name.isprintable():  # it is shown to every admin's terminal (agentctl list, top)
-            raise JobError(f"a job name must be printable text, got {name!r}: drop the control characters")
+            raise DaemonConfigError(f"a job name must be printable text, got {name!r}: drop the control characters")
         job = Job(id="", uid=client.uid, gid=client.gid, user=client.user, name=name, priority=int(priority),
                   path=path[:4096], cwd=str(message.get("cwd") or "")[:4096], params=params)
         self.store.add(job, source)

@@ -74,6 +74,10 @@ def _pack(message: dict[str, Any]) -> bytes:
     return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+_SPAWNER_ENV = frozenset({"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ"})
+"""What of agentd's environment its spawner keeps, with the framework's own AGENT_* settings
+(nothing else that could hold a secret)."""
+
 class Spawner:
     """agentd's handle on its spawner process."""
 
@@ -81,8 +85,10 @@ class Spawner:
         self._on_report = on_report
         self._on_lost = on_lost
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_", "LISTEN_"))}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+        # Only what Python needs: a runner is a fork of the spawner, and its environment block
+        # (readable in /proc/self/environ once it is the user's) would be agentd's otherwise.
+        env = {k: v for k, v in os.environ.items() if k in _SPAWNER_ENV or k.startswith("AGENT_")}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p)
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-P", "-m", "agent.daemon.spawner", str(theirs.fileno()), str(os.getpid())],
@@ -264,6 +270,11 @@ def _run(request: dict[str, Any], fd: int, spawner_pid: int, own: tuple[int, ...
     except BaseException:
         traceback.print_exc()
     finally:
+        for stream in (sys.stdout, sys.stderr):  # what the job printed last, into its log
+            try:
+                stream.flush()
+            except Exception:
+                pass
         os._exit(code)
 
 

@@ -57,6 +57,8 @@ async def isolated(context):
 
 async def inline_too(context):
     print(f"inline uid={os.getuid()}")
+    with open("/proc/self/environ", "rb") as block:  # the runner's own, as the kernel keeps it
+        print("ENVIRON-SECRET=" + ("root-only" if b"root-only" in block.read() else "none"))
     print(*(f"inline cgroup {line}" for line in v1_cgroups()), sep="\\n")
     return None
 
@@ -118,6 +120,9 @@ class TestIsolationBetweenUsers:
         assert done.returncode == 4 and "ceiling" in done.stderr
         done = agentd.ctl("submit", str(flow), "--priority", "bogus", user=ann)
         assert done.returncode == 2 and "unknown priority 'bogus'" in done.stderr  # bad input, not a conflict
+        too_many = [arg for i in range(300) for arg in ("--param", f"p{i}=1")]
+        done = agentd.ctl("submit", str(flow), *too_many, user=ann)
+        assert done.returncode == 2 and "params must be a map of at most 256" in done.stderr
         garbled = workdir / "garbled.py"
         garbled.write_bytes(b'x = "\xff\xfe"\n')
         garbled.chmod(0o644)
@@ -160,6 +165,7 @@ class TestJobsRunAsTheirUser:
         assert "SECRET=none" in out  # the environment is the job's, not agentd's
         runner_log = agentd.ctl("logs", job, user=ann).stdout
         assert f"inline uid={ann.uid}" in runner_log  # inline states run in the runner, as the user too
+        assert "ENVIRON-SECRET=none" in runner_log  # nor is agentd's left in its process's memory
         runner_cgroups = [line for line in runner_log.splitlines() if line.startswith("inline cgroup ")]
         assert runner_cgroups and all(f"/agentd/{agentd.pid}-" in line and line.endswith(f"/job-{job}")
                                       for line in runner_cgroups), runner_cgroups  # in every hierarchy
