@@ -120,7 +120,12 @@ def _runs_in(path: Path, agent: str | None, limit: int, live_ids: set[str]) -> l
 
 
 def live_run_ids() -> set[str]:
-    """The runs a live process of this user is running now (their status endpoints say)."""
+    """The runs a live process of this user has not ended (running or paused: their status
+    endpoints say; those a process finished and still shows for `agent top` are over)."""
     from ..live.client import live_runs
 
-    return {run["run_id"] for endpoint in live_runs(timeout=1.0) for run in endpoint.runs}
+    return {run["run_id"] for endpoint in live_runs(timeout=1.0) for run in endpoint.runs
+            if run.get("status") in _NOT_OVER}
+
+
+_NOT_OVER = frozenset({"running", "paused"})

@@ -126,6 +126,36 @@ class TestResumeOfALiveRun:
         assert "is still running in another process" in done.stderr
 
 
+FAILS_FIRST = """
+import os
+from agent import Agent
+agent = Agent("fails_first", isolation="inline", checkpoint_store=os.environ["STORE"])
+async def step(context):
+    if not os.environ.get("FIXED"):
+        raise RuntimeError("not fixed yet")
+agent.add_state("step", step)
+"""
+
+
+class TestResumeOfARunThatEnded:
+    """A run that ended in a process still alive (a notebook, a service) is over: it resumes."""
+
+    async def test_a_failed_run_of_a_live_process_resumes(self, cli, monkeypatch):
+        import runpy
+
+        from agent import StateFailedError
+
+        store = str(cli.dir / "runs.sqlite3")
+        monkeypatch.setenv("STORE", store)
+        agent = runpy.run_path(str(cli.write("fails_first.py", FAILS_FIRST)))["agent"]
+        with pytest.raises(StateFailedError):
+            await agent.run()  # in this process, whose status endpoint still shows the run
+        cli.env.update(STORE=store, FIXED="1")
+        done = cli.run("run", "fails_first.py", "--resume", agent.run_id)
+        assert done.returncode == 0, done.stderr
+        assert "is still running in another process" not in done.stderr
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
 class TestEndpointSecurity:
     """Only the same user (or root) is answered, even where the socket itself is reachable."""
