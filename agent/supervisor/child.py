@@ -773,7 +773,9 @@ class ChildProcess:
         tail = self._log_tail()
         if sig is not None:
             name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-            outside = " from outside the supervisor (no limit of its cgroup was hit)" if (
+            outside = (" from outside the supervisor (no limit of its own cgroup was hit: a limit of a cgroup "
+                       "around it, such as an agentd user quota or a systemd unit's MemoryMax, or another "
+                       "process)") if (
                 sig == signal.SIGKILL and not self._kill_requested) else ""
             if sig == signal.SIGABRT and not tail.strip():
                 outside = (" with nothing in its log (a state that closes every descriptor, as "

@@ -631,6 +631,7 @@ class TestHonestReasons:
         reason = info.value.reason
         assert (reason.kind, reason.signal) == ("signal", signal.SIGKILL)
         assert "from outside the supervisor" in reason.message and not reason.permanent
+        assert "a cgroup around it, such as an agentd user quota" in reason.message  # where to look
         assert warnings == []
 
     @pytest.mark.parametrize("controllers", [("memory",), ("memory", "cpuacct", "pids")],
