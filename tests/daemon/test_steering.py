@@ -206,7 +206,7 @@ class TestPauseResumeCancel:
         agentd.start()
         flow = write_workflow(workdir, "boom.py", BOOM)
         done = agentd.ctl("submit", str(flow), "--name", "a\nb\x1b[31mred", user=ann)
-        assert done.returncode == 1 and "a job name must be printable text" in done.stderr
+        assert done.returncode == 2 and "a job name must be printable text" in done.stderr
         assert agentd.ctl_json("list", user=ann) == []
 
     def test_cancel_running_and_queued_jobs(self, agentd: Agentd, users: tuple[User, User], workdir: Path,
