@@ -197,3 +197,35 @@ class TestFactory:
     def test_bad_settings(self, kwargs, message) -> None:
         with pytest.raises(CoordinationError, match=message):
             create_rate_limiter("x", **kwargs)
+
+
+class TestSharedByThreads:
+    """One limiter serves the runs of every thread's event loop (run_sync in threads)."""
+
+    def test_waiters_on_several_loops_are_all_admitted_in_turn(self) -> None:
+        import threading
+
+        limiter = LeakyBucket("api", max_rate=50.0)
+        admitted: list[tuple[int, float]] = []
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def thread(number: int) -> None:
+            async def run() -> None:
+                for _ in range(5):
+                    await limiter.acquire()
+                    with lock:
+                        admitted.append((number, limiter.clock.monotonic()))
+
+            try:
+                asyncio.run(run())
+            except BaseException as exc:  # an asyncio.Lock bound to another loop raised here
+                errors.append(exc)
+
+        threads = [threading.Thread(target=thread, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == [] and len(admitted) == 20
+        assert limiter.statistics().admitted == 20 and limiter.statistics().waiting == 0

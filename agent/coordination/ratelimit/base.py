@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
+import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +78,19 @@ def window_limit(limiter: RateLimiter, window_size: float) -> int:
     return limit
 
 
+@dataclass(frozen=True)
+class _Turn:
+    """One acquire waiting in a limiter's line: woken on ``loop`` when it reaches the head."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+
+
+def _turn_comes(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class RateLimiter:
     """Admits starts at no more than ``max_rate`` per second, by some strategy."""
 
@@ -85,8 +100,10 @@ class RateLimiter:
         self.name = name
         self.max_rate = check_rate(max_rate, f"rate limit {name!r}: max_rate")
         self.clock: Clock = clock or SYSTEM_CLOCK
-        self._queue = asyncio.Lock()
-        self._queue_loop: asyncio.AbstractEventLoop | None = None
+        # Shared by the runs of every thread's event loop: its state under a thread lock, and
+        # its waiters in one line, each woken on its own loop when its turn comes.
+        self._lock = threading.Lock()
+        self._line: deque[_Turn] = deque()
         self._waiting = 0
         self._admitted = 0
         self._refused = 0
@@ -95,13 +112,14 @@ class RateLimiter:
 
     def try_acquire(self) -> bool:
         """Start now if allowed and nobody is queued; never waits."""
-        now = self.clock.monotonic()
-        if self._waiting == 0 and self._delay(now) <= _EPS:
-            self._take(now)
-            self._admitted += 1
-            return True
-        self._refused += 1
-        return False
+        with self._lock:
+            now = self.clock.monotonic()
+            if not self._line and self._delay(now) <= _EPS:
+                self._take(now)
+                self._admitted += 1
+                return True
+            self._refused += 1
+            return False
 
     async def acquire(self, timeout: float | None = None) -> None:
         """Wait (FIFO) until a start is allowed, then record it.
@@ -109,21 +127,23 @@ class RateLimiter:
         With ``timeout``, raise CoordinationTimeoutError instead of waiting past it.
         """
         clock = self.clock
-        start = clock.monotonic()
-        if self._waiting == 0 and self._delay(start) <= _EPS:
-            self._take(start)
-            self._admitted += 1
-            return
+        with self._lock:
+            start = clock.monotonic()
+            if not self._line and self._delay(start) <= _EPS:
+                self._take(start)
+                self._admitted += 1
+                return
+            loop = asyncio.get_running_loop()
+            turn = _Turn(loop, loop.create_future())
+            self._line.append(turn)
+            self._waiting += 1
+            if self._line[0] is turn:
+                turn.future.set_result(None)
         deadline = math.inf if timeout is None else start + float(timeout)
-        loop = asyncio.get_running_loop()
-        if self._queue_loop is not loop and self._waiting == 0:
-            # an asyncio.Lock binds to the first loop that waits on it; a limiter is
-            # shared by every run of the process, which may each have their own loop
-            self._queue, self._queue_loop = asyncio.Lock(), loop
-        self._waiting += 1
         try:
-            async with self._queue:
-                while True:
+            await turn.future  # at the head of the line
+            while True:
+                with self._lock:
                     now = clock.monotonic()
                     delay = self._delay(now)
                     if delay <= _EPS:
@@ -131,15 +151,35 @@ class RateLimiter:
                         self._admitted += 1
                         self._total_wait += now - start
                         return
-                    if now + delay > deadline + _EPS:
-                        self._timeouts += 1
-                        raise CoordinationTimeoutError(
-                            f"rate limit {self.name!r} ({self.describe()}): no start allowed within "
-                            f"{timeout:g}s; raise the timeout or the rate"
-                        )
-                    await clock.sleep(delay)
+                if now + delay > deadline + _EPS:
+                    self._timeouts += 1
+                    raise CoordinationTimeoutError(
+                        f"rate limit {self.name!r} ({self.describe()}): no start allowed within "
+                        f"{timeout:g}s; raise the timeout or the rate"
+                    )
+                await clock.sleep(delay)
         finally:
-            self._waiting -= 1
+            with self._lock:
+                was_head = bool(self._line) and self._line[0] is turn
+                try:
+                    self._line.remove(turn)
+                except ValueError:
+                    pass
+                self._waiting -= 1
+                if was_head:
+                    self._wake_next()
+
+    def _wake_next(self) -> None:
+        """Wake the waiter now at the head of the line, on its own loop (lock held); one
+        whose loop closed is dropped."""
+        while self._line:
+            turn = self._line[0]
+            try:
+                turn.loop.call_soon_threadsafe(_turn_comes, turn.future)
+                return
+            except RuntimeError:  # its loop is closed: it waits for nothing any more
+                self._line.popleft()
+                self._waiting -= 1
 
     def reset(self) -> None:
         """Forget past starts (the limiter starts afresh)."""
