@@ -1779,7 +1779,10 @@ class Run:
         if self.failures:
             first = next(iter(self.failures))
             meta = self.metadata[first]
-            error = StateFailedError(first, meta.attempts, self.failures[first])
+            failure = self.failures[first]
+            policy = self.specs[first].retry_policy or self.agent.retry_policy
+            cls = StateTimeoutError if failure.kind == "timeout" else StateFailedError  # as a failing run raises
+            error = cls(first, meta.attempts, failure, retry_permanent=policy is not None and policy.retry_permanent)
             error.failures = dict(self.failures)  # type: ignore[attr-defined]
             if len(self.failures) > 1:
                 others = ", ".join(repr(n) for n in list(self.failures)[1:])

@@ -245,6 +245,25 @@ class TestPermanentFailures:
         assert calls == [1, 2, 3] and info.value.attempts == 3
         assert "retry_permanent=True" not in str(info.value)  # it was retried: its retries ran out
 
+    @pytest.mark.parametrize("on_failure", ["fail", "continue"])
+    async def test_the_error_says_the_same_whether_the_run_goes_on_or_not(self, on_failure):
+        # With on_failure="continue" the run raises once everything ran: the same class and text.
+        calls: list = []
+        agent = Agent("permanent", isolation="inline", on_failure=on_failure)
+        agent.add_state("write", self._unencodable(calls),
+                        retry_policy=RetryPolicy(max_retries=1, initial_delay=0.0, retry_permanent=True))
+        with pytest.raises(StateFailedError) as info:
+            await agent.run()
+        assert calls == [1, 2] and "retry_permanent=True" not in str(info.value)
+
+        async def sleeps(context):
+            await asyncio.sleep(30)
+
+        timed = Agent("timed", isolation="inline", on_failure=on_failure)
+        timed.add_state("sleeps", sleeps, timeout=0.05)
+        with pytest.raises(StateTimeoutError):
+            await timed.run()
+
     def test_the_option_is_validated(self):
         with pytest.raises(InvalidConfigurationError, match="retry_permanent must be True or False"):
             RetryPolicy(retry_permanent="yes")  # type: ignore[arg-type]
