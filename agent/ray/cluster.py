@@ -16,9 +16,11 @@ node can hold fails at once with :class:`~agent.errors.RayCapacityError`.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from types import ModuleType
 from typing import Any, Callable
 
@@ -77,8 +79,23 @@ def _init_on_a_thread_of_its_own(ray: ModuleType) -> None:
         started.set_result(None)
         threading.Event().wait()
 
-    threading.Thread(target=keep, name="agent-ray-cluster", daemon=True).start()
-    started.result()
+    global _starting
+    if _starting is None or _starting.done():  # else an earlier ray.init() still waits: wait for it again
+        _starting = started
+        threading.Thread(target=keep, name="agent-ray-cluster", daemon=True).start()
+    try:
+        _starting.result(timeout=CONNECT_SECONDS)
+    except FutureTimeout:
+        where = os.environ.get("RAY_ADDRESS") or "a new local cluster"
+        raise RayUnavailableError(
+            f"no Ray cluster answered at {where} within {CONNECT_SECONDS:g} s: check RAY_ADDRESS (ray.init() "
+            "waits for ever on an address nothing serves), or call ray.init(...) yourself before the run"
+        ) from None
+
+
+CONNECT_SECONDS = 30.0
+"""How long a run waits for ``ray.init()`` to connect (a local cluster starts in a few seconds)."""
+_starting: Future[None] | None = None  # the ray.init() under way on its thread, if any
 
 
 def is_connected() -> bool:

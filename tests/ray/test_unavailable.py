@@ -143,3 +143,39 @@ def test_a_cluster_the_package_started_outlives_the_run_that_started_it_and_goes
     while left() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert left() == []  # the local cluster it started went with the program
+
+
+NOBODY_THERE = """
+import agent.ray.cluster as cluster
+from agent import Agent
+from agent.errors import StateFailedError
+cluster.CONNECT_SECONDS = 2.0
+
+async def noop(context):
+    return None
+
+agent = Agent("nobody_there", isolation="ray")
+agent.add_state("noop", noop)
+try:
+    agent.run_sync()
+except StateFailedError as exc:
+    print(exc.reason.exception_type, exc.reason.message)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_an_address_nothing_serves_fails_the_state_saying_so(tmp_path) -> None:
+    # ray.init() waits for ever on such an address: the run hung, and the program with it.
+    pytest.importorskip("ray")
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = tmp_path / "flow.py"
+    script.write_text(NOBODY_THERE)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), RAY_ADDRESS="127.0.0.1:1")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90,
+                          cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "agent.errors.RayUnavailableError" in done.stdout
+    assert "no Ray cluster answered at 127.0.0.1:1 within 2 s" in done.stdout
