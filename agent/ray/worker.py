@@ -184,6 +184,7 @@ class Pusher:
         self._token = token
         self._lock = threading.Lock()
         self._pending: list[bytes] = []
+        self._latest: dict[str, int] = {}  # key -> where its last write waits in _pending
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._now = False
@@ -194,13 +195,25 @@ class Pusher:
 
     def write(self, key: str, value: Any, deleted: bool) -> None:
         """The context's ``on_write`` hook."""
-        self.send(wire.write_frame(key, value, deleted))
+        self.send(wire.write_frame(key, value, deleted), key=key)
 
-    def send(self, frame: bytes, *, now: bool = False) -> None:
-        """Queue ``frame``; ``now`` pushes it without waiting (something waits on the driver)."""
+    def send(self, frame: bytes, *, now: bool = False, key: str | None = None) -> None:
+        """Queue ``frame``; ``now`` pushes it without waiting (something waits on the driver).
+
+        A write (``key``) replaces a write of the same key still waiting behind nothing
+        else: a state that rewrites a big value while a push is in flight sends the last
+        one, not each (they all went back with its result, over one frame's bound)."""
         if self._error is not None:
             raise errors.IsolationError(f"the relay to the driver is gone: {self._error!r}")
         with self._lock:
+            latest = self._latest
+            if key is None:
+                latest.clear()  # a write before another kind of frame stays before it
+            else:
+                earlier = latest.get(key)
+                if earlier is not None:
+                    self._pending[earlier] = b""  # dropped when the frames are taken
+                latest[key] = len(self._pending)
             self._pending.append(frame)
             self._now = self._now or now
             if self._thread is None:
@@ -220,7 +233,8 @@ class Pusher:
             with self._lock:
                 if self._closing:
                     return  # what is left goes back with the result
-                frames, self._pending, self._now = self._pending, [], False
+                frames, self._pending, self._now = [f for f in self._pending if f], [], False
+                self._latest.clear()
             if not frames:
                 continue
             try:
@@ -243,7 +257,8 @@ class Pusher:
             raise self._error
 
     def unsent(self) -> list[bytes]:
-        frames, self._pending = self._pending, []
+        frames, self._pending = [f for f in self._pending if f], []
+        self._latest.clear()
         return frames
 
 

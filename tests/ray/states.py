@@ -173,3 +173,9 @@ async def blocks_after_writing(context: Context) -> None:
     time.sleep(0.3)  # the event loop does not run: the write still reaches the driver
     context.set_state("while_blocking", 2)
     time.sleep(60)  # until its timeout stops it
+
+
+async def rewrite_a_big_value(context: Context) -> None:
+    """Overwrite one 10 MiB key a dozen times: more than one frame in all, one value in the end."""
+    for i in range(12):
+        context.set_state("big", bytes([i]) * (10 << 20))

@@ -135,6 +135,14 @@ class TestContext:
         assert ctx.get_state("seen_tuple") == (1, {2, 3})
         assert not ctx.has_state("scratch")
 
+    async def test_a_big_value_rewritten_while_a_push_is_in_flight_crosses_once(self):
+        # What had not been pushed when the state returned went back with its result, every
+        # write of it: twelve writes of 10 MiB, over one frame's bound, failed the state.
+        agent = Agent("rewrites", isolation="ray")
+        agent.add_state("rewrite_a_big_value", states.rewrite_a_big_value)
+        ctx = await agent.run()
+        assert ctx.get_state("big") == bytes([11]) * (10 << 20)
+
     async def test_the_state_runs_in_a_task_of_its_own(self):
         agent = Agent("own_task", isolation="ray")
         agent.add_state("times_out_inside", states.times_out_inside)
