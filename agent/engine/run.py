@@ -1816,9 +1816,12 @@ class Run:
     def time_out(self) -> None:
         if self.done:
             return
+        waiting = sorted({a.state for a in self.live.values() if a.where != RUNNING} | set(self.held_names)
+                         | (self.watch if self.tracks_deps else set()))
         self.error = RunTimeoutError(
             f"run of agent {self.name!r} did not finish within its timeout; "
             f"still running: {sorted(self.running) or 'nothing'}"
+            + (f"; still to run (queued, waiting or retrying): {waiting}" if waiting else "")
         )
         self.failed_frames.extend(_frame(a, a.attempt - (a.where == RUNNING)) for a in self.live.values())
         self.failed_groups = self._groups_frame()

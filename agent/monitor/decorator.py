@@ -20,12 +20,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, overload
 
-from .. import _validate, events
+from .. import events
 from ..errors import MonitorConfigurationError
 from .catalogue import MetricType, parse_metric_types
 from .collector import MetricsCollector
 from .process import ProcessSampler
-from .ticker import Sleep, Ticker, check_callback, check_interval, deliver
+from .ticker import Sleep, Ticker, check_callback, check_interval, check_seams, deliver
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -68,7 +68,7 @@ def agent_monitor(
     for name, flag in (("realtime", realtime), ("aggregate", aggregate)):
         if type(flag) is not bool:
             raise MonitorConfigurationError(f"agent_monitor({name}=...) must be True or False, got {flag!r}")
-    _check_injectables(clock, sleep, process)
+    check_seams("agent_monitor", clock, sleep, process)
 
     def decorate(func: F) -> F:
         if not inspect.iscoroutinefunction(func):
@@ -104,15 +104,3 @@ def agent_monitor(
 
     return decorate
 
-
-def _check_injectables(clock: Any, sleep: Any, process: Any) -> None:
-    """The test seams are checked at decoration too: a wrong one would fail only once the
-    decorated coroutine runs, inside the monitor."""
-    error = MonitorConfigurationError
-    _validate.function(clock, "agent_monitor(clock=...)", error=error,
-                       expected="a function returning seconds, like time.monotonic")
-    _validate.function(sleep, "agent_monitor(sleep=...)", error=error,
-                       expected="an async function taking seconds, like asyncio.sleep")
-    _validate.methods(process, "agent_monitor(process=...)", ("cpu_seconds", "rss_bytes"), error=error,
-                      expected="a ProcessSampler with cpu_seconds() and rss_bytes()",
-                      none=True)

@@ -22,7 +22,7 @@ from ..errors import MonitorConfigurationError
 from .catalogue import MetricType, parse_metric_types
 from .collector import LiveSnapshot, MetricsCollector
 from .process import ProcessSampler
-from .ticker import Sleep, Ticker, check_callback, check_interval, deliver, stopped
+from .ticker import Sleep, Ticker, check_callback, check_interval, check_seams, deliver, stopped
 
 MetricsCallback = Callable[[dict], Any]
 
@@ -48,6 +48,7 @@ class RealTimeMetrics:
     ) -> None:
         self.update_interval = check_interval(update_interval)
         self.types = parse_metric_types(metrics)
+        check_seams("RealTimeMetrics", clock, sleep, process)
         self._clock = clock
         self._sleep = sleep
         self._process = process

@@ -13,6 +13,7 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .. import _validate
 from ..errors import MonitorConfigurationError, MonitorError
 
 log = logging.getLogger("agent.monitor")
@@ -108,3 +109,15 @@ class Ticker:
             if self._sleeper is not None:
                 self._sleeper.cancel()
         return self._task
+
+
+def check_seams(owner: str, clock: Any, sleep: Any, process: Any) -> None:
+    """The test seams (``clock``, ``sleep``, ``process``) are checked when given: a wrong one
+    would fail only once the monitor runs, inside it."""
+    error = MonitorConfigurationError
+    _validate.function(clock, f"{owner}(clock=...)", error=error,
+                       expected="a function returning seconds, like time.monotonic")
+    _validate.function(sleep, f"{owner}(sleep=...)", error=error,
+                       expected="an async function taking seconds, like asyncio.sleep")
+    _validate.methods(process, f"{owner}(process=...)", ("cpu_seconds", "rss_bytes"), error=error,
+                      expected="a ProcessSampler with cpu_seconds() and rss_bytes()", none=True)

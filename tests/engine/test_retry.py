@@ -213,6 +213,23 @@ class TestTimeouts:
         assert log == ["handled", "notified"]
 
 
+class TestRunTimeoutDuringARetryDelay:
+    async def test_the_error_names_the_state_still_to_run(self):
+        from agent import RunTimeoutError
+
+        async def fails(context):
+            raise RuntimeError("again later")
+
+        agent = Agent("delayed", isolation="inline",
+                      retry_policy=RetryPolicy(max_retries=3, initial_delay=60.0, jitter=False))
+        agent.add_state("fails", fails)
+        with pytest.raises(RunTimeoutError) as info:
+            await agent.run(timeout=0.2)
+        message = str(info.value)
+        assert "still running: nothing" in message  # nothing ran at that moment: it waited to retry
+        assert "still to run (queued, waiting or retrying): ['fails']" in message
+
+
 class TestPermanentFailures:
     """A failure that cannot succeed on retry is not retried, unless the policy asks."""
 

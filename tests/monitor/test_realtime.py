@@ -191,3 +191,17 @@ async def _emit_without_ambient(rt, clock):
     rt.observer(ev.RunEvent(ev.RUN_STARTED, "wf", "elsewhere", time=clock.now))
     clock.advance(1)
     rt.observer(ev.RunEvent(ev.RUN_FINISHED, "wf", "elsewhere", status="completed", time=clock.now))
+
+
+class TestSeams:
+    """clock, sleep and process are checked when given, as agent_monitor's are."""
+
+    @pytest.mark.parametrize("kwargs,words", [
+        ({"clock": 5}, "RealTimeMetrics(clock=...) must be a function returning seconds"),
+        ({"sleep": None}, "RealTimeMetrics(sleep=...) must be an async function taking seconds"),
+        ({"process": 5}, "RealTimeMetrics(process=...) must be a ProcessSampler"),
+    ])
+    def test_refused_when_made(self, kwargs, words):
+        with pytest.raises(MonitorConfigurationError) as raised:
+            RealTimeMetrics(**kwargs)
+        assert words in str(raised.value)
