@@ -39,7 +39,7 @@ def number(
     kind = f"a number of {unit}" if unit else "a number"
     bound = f"{'>' if above else '>='} {minimum:g}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise error(f"{what} must be {kind} {bound}{_or_none(none)}, got {_shown(value)}")
+        raise error(f"{what} must be {kind} {bound}{_or_none(none)}, got {shown(value)}")
     if math.isnan(value) or math.isinf(value):
         hint = ": use None for no limit" if none and value > 0 else ""
         raise error(f"{what} must be a finite {kind[2:]} {bound}{_or_none(none)}, got {value!r}{hint}")
@@ -53,7 +53,7 @@ def integer(value: Any, what: str, *, error: ErrorType, minimum: int = 0, none: 
     if value is None and none:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise error(f"{what} must be an int >= {minimum}{_or_none(none)}, got {_shown(value)}")
+        raise error(f"{what} must be an int >= {minimum}{_or_none(none)}, got {shown(value)}")
     if value < minimum:
         raise error(f"{what} must be an int >= {minimum}{_or_none(none)}, got {value!r}")
     return int(value)
@@ -62,7 +62,7 @@ def integer(value: Any, what: str, *, error: ErrorType, minimum: int = 0, none: 
 def flag(value: Any, what: str, *, error: ErrorType) -> bool:
     """``value`` when it is a bool: ``"yes"`` or ``1`` is a mistake, not a truth value."""
     if not isinstance(value, bool):
-        raise error(f"{what} must be True or False, got {_shown(value)}")
+        raise error(f"{what} must be True or False, got {shown(value)}")
     return value
 
 
@@ -70,8 +70,19 @@ def _or_none(none: bool) -> str:
     return " (or None)" if none else ""
 
 
-def _shown(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
+SHOWN_REPR_CHARS = 80
+"""Characters of a refused value's ``repr`` a message quotes (a wrong value may be huge)."""
+
+
+def shown(value: Any) -> str:
+    """``str 'x'``: the type and a ``repr`` cut to :data:`SHOWN_REPR_CHARS`, for a message."""
+    try:
+        text = repr(value)
+    except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not hide the refusal
+        text = f"<unprintable: {type(exc).__name__}>"
+    if len(text) > SHOWN_REPR_CHARS:
+        text = f"{text[:SHOWN_REPR_CHARS]}..."
+    return f"{type(value).__name__} {text}"
 
 
 def member(enum_type: Any, value: Any, what: str, *, error: ErrorType) -> Any:
@@ -89,7 +100,7 @@ def member(enum_type: Any, value: Any, what: str, *, error: ErrorType) -> Any:
     choices = ", ".join(f"{enum_type.__name__}.{m.name}" for m in enum_type)
     if issubclass(enum_type, enum.Flag):
         choices += " (or several joined with |)"
-    raise error(f"{what} must be one of {choices}, got {_shown(value)}")
+    raise error(f"{what} must be one of {choices}, got {shown(value)}")
 
 
 def _all_flags(flag_type: Any) -> int:
@@ -114,21 +125,6 @@ def state_name(name: Any, *, error: ErrorType) -> str:
             f"{MAX_STATE_NAME_BYTES} (names become file and cgroup names): use a shorter name"
         )
     return name
-
-
-SHOWN_REPR_CHARS = 80
-"""Characters of a refused value's ``repr`` a message quotes (a wrong value may be huge)."""
-
-
-def shown(value: Any) -> str:
-    """``str 'x'``: the type and a ``repr`` cut to :data:`SHOWN_REPR_CHARS`, for a message."""
-    try:
-        text = repr(value)
-    except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not hide the refusal
-        text = f"<unprintable: {type(exc).__name__}>"
-    if len(text) > SHOWN_REPR_CHARS:
-        text = f"{text[:SHOWN_REPR_CHARS]}..."
-    return f"{type(value).__name__} {text}"
 
 
 def function(value: Any, what: str, *, error: ErrorType, expected: str, none: bool = False) -> Any:

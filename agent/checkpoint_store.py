@@ -180,6 +180,7 @@ def _create_private(path: str) -> None:
     except OSError:
         pass  # sqlite3.connect says why it cannot open it
 
+
 class SQLiteCheckpointStore:
     """The embedded default store: one SQLite file in WAL mode, one transaction per save.
 

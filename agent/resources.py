@@ -462,9 +462,7 @@ class ResourcePool:
         names the state for per-state quotas (default: ``owner``); ``priority``
         overrides ``requirements.priority``.
         """
-        if type(owner) is not str or not owner or type(requirements) is not ResourceRequirements or (
-                state is not None and type(state) is not str):  # one test per argument in the common case
-            _check_request("try_acquire", owner, requirements, state)
+        _check_request("try_acquire", owner, requirements, state)
         with self.lock:
             return self._try_acquire(owner, requirements, state, priority)
 
@@ -596,9 +594,7 @@ class ResourcePool:
         notify: Notify | None = None,
     ) -> None:
         what = "enqueue" if future is None else "acquire"
-        if type(owner) is not str or not owner or type(requirements) is not ResourceRequirements or (
-                state is not None and type(state) is not str):
-            _check_request(what, owner, requirements, state)
+        _check_request(what, owner, requirements, state)
         if notify is not None and not callable(notify):
             raise ResourceRequestError(f"{what}(notify=...) must be a function taking the owner, or None, "
                                        f"got {_validate.shown(notify)}")
@@ -1032,9 +1028,7 @@ class ResourcePool:
         remembered until they release, so they are not chosen twice, and what they free
         counts as promised to ``owner`` until the last of them has released.
         """
-        if type(owner) is not str or not owner or type(requirements) is not ResourceRequirements or (
-                state is not None and type(state) is not str):
-            _check_request("find_victims", owner, requirements, state)
+        _check_request("find_victims", owner, requirements, state)
         level = requirements.priority if priority is None else _level(priority, "find_victims(priority=...)")
         if not self.enable_preemption:
             return None
@@ -1271,8 +1265,10 @@ class ResourcePool:
 
 
 def _check_request(what: str, owner: Any, requirements: Any, state: Any) -> None:
-    """Refuse the arguments of a request that the pool would misread (the slow path of a
-    type test the common case passes)."""
+    """Refuse the arguments of a request that the pool would misread."""
+    if type(owner) is str and owner and type(requirements) is ResourceRequirements and (
+            state is None or type(state) is str):
+        return  # the common case: one test per argument
     if not isinstance(owner, str) or not owner:
         raise ResourceRequestError(f"{what}(owner=...) takes the requester's name (a non-empty str), "
                                    f"got {_validate.shown(owner)}")

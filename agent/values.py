@@ -1335,6 +1335,16 @@ def short_repr(value: Any) -> str:
     return shortened(text)
 
 
+def printable(text: str, keep: str = "") -> str:
+    """``text`` with each character that is not printable (but those in ``keep``) written
+    out as ``repr`` writes it (``\\n``, ``\\x1b``, ``\\u202e``), without quotes: text from
+    another process's code, shown on a terminal, must not move its cursor, retitle it or
+    forge a line. Ordinary unicode stays as it is."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch in keep else repr(ch)[1:-1] for ch in text)
+
+
 def shortened(text: str, limit: int = 200) -> str:
     """``text`` cut to ``limit`` characters."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} characters more)"

@@ -78,6 +78,7 @@ _SPAWNER_ENV = frozenset({"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ"})
 """What of agentd's environment its spawner keeps, with the framework's own AGENT_* settings
 (nothing else that could hold a secret)."""
 
+
 class Spawner:
     """agentd's handle on its spawner process."""
 

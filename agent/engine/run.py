@@ -71,6 +71,7 @@ _ProxyType: Final = weakref.ProxyType
 if TYPE_CHECKING:
     from ..agent import Agent
     from ..context import Context
+    from ..retry import RetryPolicy
     from ..workflow import ReturnGraph, StateSpec
 
 # Enum members as module names: reading a member from its class goes through the enum
@@ -1280,8 +1281,6 @@ class Run:
         if self.tracks_deps:
             self.finishes[name] = self.finishes.get(name, 0) + 1
             self.touched.add(name)
-        cls = StateTimeoutError if failure.kind == "timeout" else StateFailedError
-        error = cls(name, act.attempt, failure, retry_permanent=policy is not None and policy.retry_permanent)
         if goes_on:
             self.failures[name] = failure
             self.context._failures[name] = failure.message  # for context.failed_states()
@@ -1290,7 +1289,7 @@ class Run:
             return
         self.failed_frames.append(_frame(act, 0))
         self._leave(act)
-        self.fail(error)
+        self.fail(_failed_for_good(name, act.attempt, failure, policy))
 
     def retry_due(self, act: Activation) -> None:
         if self.retrying.pop(act.id, None) is None:
@@ -1779,10 +1778,8 @@ class Run:
         if self.failures:
             first = next(iter(self.failures))
             meta = self.metadata[first]
-            failure = self.failures[first]
-            policy = self.specs[first].retry_policy or self.agent.retry_policy
-            cls = StateTimeoutError if failure.kind == "timeout" else StateFailedError  # as a failing run raises
-            error = cls(first, meta.attempts, failure, retry_permanent=policy is not None and policy.retry_permanent)
+            error = _failed_for_good(first, meta.attempts, self.failures[first],
+                                     self.specs[first].retry_policy or self.agent.retry_policy)
             error.failures = dict(self.failures)  # type: ignore[attr-defined]
             if len(self.failures) > 1:
                 others = ", ".join(repr(n) for n in list(self.failures)[1:])
@@ -2030,6 +2027,14 @@ class Run:
         for group in list(self.groups.values()):
             if group.held and group.id in self.groups:
                 self.settle(group)
+
+
+def _failed_for_good(
+    name: str, attempts: int, failure: FailureReason, policy: RetryPolicy | None,
+) -> StateFailedError:
+    """What ``run()`` raises for ``name``, failed for good (a run that went on raises it too)."""
+    cls = StateTimeoutError if failure.kind == "timeout" else StateFailedError
+    return cls(name, attempts, failure, retry_permanent=policy is not None and policy.retry_permanent)
 
 
 def _frame(act: Activation, attempts_done: int, ended: bool = False) -> dict[str, Any]:

@@ -31,6 +31,7 @@ except ImportError as exc:  # an optional dependency: say how to get it instead 
 else:
     _NO_RICH = None
 
+from .. import values
 from ..cli.text import duration
 from ..errors import MonitorError
 from .collector import LiveSnapshot, MetricsCollector, RunView
@@ -62,18 +63,9 @@ def _short(run_id: str) -> str:
 
 
 def _printable(text: object) -> str:
-    """``text`` with each character that is not printable escaped as repr writes it (``\\n``,
-    ``\\x1b``, ``\\u202e``), without the quotes.
-
-    Agent, state and run names, prompts and errors come from other processes' code: a
-    newline in one would add a fake row, an escape sequence would reach the terminal
-    (clear it, recolour it), a bidi override would reorder what follows. Ordinary
-    unicode stays as it is.
-    """
-    text = str(text)
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    """A name, prompt or error from other processes' code, for the terminal (a newline in one
+    would add a fake row, an escape sequence would reach the terminal)."""
+    return values.printable(str(text))
 
 
 def _cell_width(text: str) -> int:

@@ -29,6 +29,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from .. import values
+
 Writer = Callable[[str, Sequence[str]], None]
 """``writer(label, lines)``: whole lines (without their newline) one state printed."""
 
@@ -100,15 +102,6 @@ def current_writer() -> Writer | None:
         return _writer
 
 
-def _escaped(line: str) -> str:
-    """``line`` with its control characters written out (``\\x1b``, ``\\r``): untrusted output
-    echoed to the operator's terminal must not move its cursor, retitle it, set its
-    clipboard or forge another state's line. The log keeps the bytes as they came."""
-    if line.isprintable():
-        return line
-    return "".join(ch if ch == "\t" or ch.isprintable() else repr(ch)[1:-1] for ch in line)
-
-
 class _Sink:
     """One attempt's share of a pipe: appended to its log file, whole lines echoed with its label.
 
@@ -121,7 +114,7 @@ class _Sink:
     ) -> None:
         self.log_path = log_path
         self.label = label
-        self._plain = plain  # echo control characters escaped (a sandbox's output: see _escaped)
+        self._plain = plain  # echo control characters escaped (a sandbox's output: untrusted, shown on a terminal)
         self.size = 0
         self._cap = cap  # bytes kept at most; past it the rest is dropped and on_cap(cap) told once
         self._on_cap = on_cap
@@ -185,7 +178,7 @@ class _Sink:
             return
         text = [line.decode("utf-8", "replace").rstrip("\r") for line in lines]
         if self._plain:
-            text = [_escaped(line) for line in text]
+            text = [values.printable(line, keep="\t") for line in text]
         try:
             self._writer(self.label, text)
         except Exception:  # a writer's failure never fails the attempt

@@ -113,10 +113,7 @@ class RateLimiter:
     def try_acquire(self) -> bool:
         """Start now if allowed and nobody is queued; never waits."""
         with self._lock:
-            now = self.clock.monotonic()
-            if not self._line and self._delay(now) <= _EPS:
-                self._take(now)
-                self._admitted += 1
+            if self._start_now(self.clock.monotonic()):
                 return True
             self._refused += 1
             return False
@@ -129,9 +126,7 @@ class RateLimiter:
         clock = self.clock
         with self._lock:
             start = clock.monotonic()
-            if not self._line and self._delay(start) <= _EPS:
-                self._take(start)
-                self._admitted += 1
+            if self._start_now(start):
                 return
             loop = asyncio.get_running_loop()
             turn = _Turn(loop, loop.create_future())
@@ -168,6 +163,14 @@ class RateLimiter:
                 self._waiting -= 1
                 if was_head:
                     self._wake_next()
+
+    def _start_now(self, now: float) -> bool:
+        """Record a start at ``now`` if one is allowed and nobody waits (lock held)."""
+        if self._line or self._delay(now) > _EPS:
+            return False
+        self._take(now)
+        self._admitted += 1
+        return True
 
     def _wake_next(self) -> None:
         """Wake the waiter now at the head of the line, on its own loop (lock held); one
