@@ -217,6 +217,7 @@ class Run:
         "queued",
         "pooled",
         "running",
+        "current",
         "retrying",
         "paused",
         "root",
@@ -300,6 +301,9 @@ class Run:
         self.queued: dict[str, Activation] = {}  # by pool owner key
         self.pooled: dict[str, None] = {}  # states queued in or granted by the pool, not started yet
         self.running: dict[str, Activation] = {}
+        # Each state's activation from its launch until it ends for good (its retries and
+        # restarts included): another activation of the state waits for it.
+        self.current: dict[str, Activation] = {}
         self.retrying: dict[int, Activation] = {}  # sleeping before a retry
         self.paused: list[Activation] = []
         # Joins: the group tree, live activations, what they could return.
@@ -461,9 +465,10 @@ class Run:
                     for target in reach:
                         pot[target] = pot.get(target, 0) + 1
                 g = g.parent
-        # While another activation of the state runs, this one waits for it (launch_ready)
-        # and the state's metadata goes on describing the running one until it ends.
-        meta = None if name in self.running else self.metadata[name]
+        # While another activation of the state is current (running, or between its
+        # attempts), this one waits for it (launch_ready) and the state's metadata goes on
+        # describing that one until it ends.
+        meta = None if name in self.current else self.metadata[name]
         if meta is not None:
             meta.attempts = attempt
             if meta.error is not None or meta.blocked_reason is not None:
@@ -491,7 +496,7 @@ class Run:
         return act
 
     def make_ready(self, act: Activation) -> None:
-        if act.state not in self.running:  # else its metadata is the running activation's
+        if self.current.get(act.state, act) is act:  # else its metadata is the current activation's
             meta = self.metadata[act.state]
             self.set_status(meta, _READY)
             meta.waiting_for = None
@@ -513,6 +518,8 @@ class Run:
             return
         act.where = GONE
         name = act.state
+        if self.current.get(name) is act:
+            del self.current[name]
         if self.tracks_deps:
             left = self.live_states[name] - 1
             if left:
@@ -656,13 +663,24 @@ class Run:
         """A branch of ``group`` returned ``names`` (see the module docstring); ``opener``:
         the state that returned them."""
         if type(names) is list:
-            if len(names) > 1:  # a fan-out: each name starts at once as a branch of a new group
+            if len(names) > 1:  # a fan-out: each name starts at once as a branch of a new group,
+                # but one held above, or that something above, outside this branch, is known to
+                # return (its readable returns name it), meets it there, as a single name would
+                # (a sibling whose returns cannot be read does not hold a name listed here).
                 child = Group(self.new_id(), group, opener)
                 self.groups[child.id] = child
                 child.unfinished = len(names)
+                met = False
                 for name in names:
-                    if self.activate(name, child) is None:
+                    outer = self._join_above(child, name, wild=False)
+                    if outer is not None:
+                        self._meet_above(outer, name)
+                        child.unfinished -= 1
+                        met = True
+                    elif self.activate(name, child) is None:
                         return
+                if met:
+                    self.settle(child)
                 return
             name = names[0]
         else:
@@ -691,20 +709,25 @@ class Run:
                 if group.held:  # the branch that ended may have been all that could return them
                     self.settle(group)
                 return
-            # Met above: this branch of ``group`` ends here; the branch of ``outer`` it is
-            # part of goes on (its other parts may still run), so ``outer`` counts no arrival.
-            if name in outer.held:
-                outer.held[name] += 1
-            elif outer.cancelled is None or name not in outer.cancelled:
-                self._hold(outer, name)
+            self._meet_above(outer, name)
             group.unfinished -= 1
             self.settle(group)
             return
 
-    def _join_above(self, group: Group, name: str) -> Group | None:
+    def _meet_above(self, outer: Group, name: str) -> None:
+        """A branch below ``outer`` reached ``name``, which waits in ``outer``: that branch
+        ends here; the branch of ``outer`` it is part of goes on (its other parts may still
+        run), so ``outer`` counts no arrival."""
+        if name in outer.held:
+            outer.held[name] += 1
+        elif outer.cancelled is None or name not in outer.cancelled:
+            self._hold(outer, name)
+
+    def _join_above(self, group: Group, name: str, wild: bool = True) -> Group | None:
         """The nearest group above ``group`` where ``name``, handed over by a branch of
         ``group`` that nothing in ``group`` can meet, must wait: it is held or cancelled
-        there, or something there outside ``group``'s branch could still return it."""
+        there, or something there outside ``group``'s branch could still return it (with
+        ``wild`` false: is known to, by its readable returns)."""
         below = group
         g = group.parent
         while g is not None:
@@ -713,7 +736,7 @@ class Run:
             if g.items - len(g.held) - below.items > 0:
                 if self.graph is None:
                     self._track()
-                if (g.wild - g.held_wild - below.wild > 0
+                if ((wild and g.wild - g.held_wild - below.wild > 0)
                         or g.pot.get(name, 0) - g.held_pot.get(name, 0) - below.pot.get(name, 0) > 0):
                     return g
             below = g
@@ -865,8 +888,9 @@ class Run:
             act = level.popleft()  # type: ignore[union-attr]  # n_ready > 0: some level holds one
             self.n_ready -= 1
             name = act.state
-            if name in running or name in self.pooled:  # never concurrently with itself
-                self.metadata[name].waiting_for = "the previous activation of the same state"
+            current = self.current.get(name)
+            if (current is not None and current is not act) or name in self.pooled:
+                # One at a time: it waits, and the state's metadata goes on describing the other.
                 deferred.append(act)
                 continue
             req = specs[name].resources
@@ -875,6 +899,10 @@ class Run:
             launched = True
             self.launch(act)
             if self.done:
+                break
+            if (self.waiting or self.watch) and running.get(name) is not act:
+                # It ran at once and ended: states its end lets in (dependencies) are
+                # activated before anything else starts, as they are after any other end.
                 break
         for act in reversed(deferred):  # back at the front, in their order
             self._ready_level(act.priority).appendleft(act)
@@ -936,6 +964,7 @@ class Run:
             self.pooled.pop(name, None)
         act.started_at = now = self.clock()
         self.running[name] = act
+        self.current[name] = act
         if self.tracks_deps:
             if not act.counted:  # a start, for PARALLEL dependencies: not each retry or restart
                 act.counted = True
@@ -1688,7 +1717,7 @@ class Run:
         """``act`` starts once the run resumes, and its state says so."""
         act.where = PAUSED
         self.paused.append(act)
-        if act.state not in self.running:  # else its metadata is the running activation's
+        if self.current.get(act.state, act) is act:  # else its metadata is the current activation's
             self.metadata[act.state].waiting_for = _PAUSED_WAIT
 
     def resume(self) -> None:
@@ -1872,6 +1901,8 @@ class Run:
             self.pooled.clear()
         if self.running:
             self.running.clear()
+        if self.current:
+            self.current.clear()
         if self.retrying:
             self.retrying.clear()
         for name in self.held_names:  # joins the run ended before: they wait for nothing now

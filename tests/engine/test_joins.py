@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from agent import (
     Agent,
     AgentStatus,
+    DependencyType,
     InvalidTransitionError,
     Priority,
     ResourcePool,
@@ -346,6 +347,42 @@ class TestJoinsRunOnce:
         await asyncio.wait_for(agent.run(), 10)
         assert log == ["merge", "d"]
 
+    @pytest.mark.parametrize("isolation", ["inline", "process"])
+    async def test_a_nested_fan_out_naming_the_join_of_an_outer_sibling_holds_it(self, isolation: str) -> None:
+        # start -> [a, b]; a -> ["merge", "x"] (a fan-out listing the join); b -> "merge".
+        # merge waits for b, runs once, and does not wait for x, which cannot return it.
+        agent = Agent("nested_list_meets_outer", isolation=isolation)
+
+        async def start(context):
+            return ["a", "b"]
+
+        async def a(context):
+            return ["merge", "x"]
+
+        async def x(context):
+            context.set_state("x_done", True)
+            return None
+
+        async def b(context):
+            while not context.get_state("a_listed", False):  # a has handed merge over
+                await asyncio.sleep(0.01)
+            context.set_state("b_done", True)
+            return "merge"
+
+        async def merge(context):
+            context.set_state("merge_saw_b", [*context.get_state("merge_saw_b", []), context.get_state("b_done", False)])
+            return None
+
+        async def mark(context):
+            context.set_state("a_listed", True)
+            return await a(context)
+
+        for name, fn in (("start", start), ("a", mark), ("x", x), ("b", b), ("merge", merge)):
+            agent.add_state(name, fn, isolation="inline" if name == "b" else None)
+        await asyncio.wait_for(agent.run(), 30)
+        assert agent.context.get_state("merge_saw_b") == [True]
+        assert agent.state_metadata["merge"].runs == 1
+
     async def test_checkpoint_mid_fan_out_resumes_with_the_same_hold(self) -> None:
         gate = asyncio.Event()
         log: list[str] = []
@@ -415,6 +452,38 @@ def _computed_hand_overs(agent: Agent, n: int, rounds: int, order: list[str]) ->
         agent.add_state(f"t{i}", t)
         agent.add_state(f"r{i}", r)
     agent.add_state("pick", pick)
+
+
+class TestBranchesStartedByDependencies:
+    """The run's start states and the states its dependencies start join like branches."""
+
+    @pytest.mark.parametrize("isolation", ["inline", "process"])
+    async def test_a_state_returned_by_a_chain_and_by_a_dependency_started_state_runs_once(
+            self, isolation: str) -> None:
+        # first -> mid -> sink; side starts on its REQUIRED dependency on first, and returns
+        # sink too. Inline, these states cannot suspend and run at once: side must still be
+        # started before mid's end is handed over, as it is when states run elsewhere.
+        agent = Agent("dependency_branch_join", isolation=isolation)
+
+        async def first(context):
+            return "mid"
+
+        async def mid(context):
+            return "sink"
+
+        async def side(context):
+            return "sink"
+
+        async def sink(context):
+            context.set_state("sink_runs", context.get_state("sink_runs", 0) + 1)
+
+        agent.add_state("first", first)
+        agent.add_state("side", side, dependencies={"first": DependencyType.REQUIRED})
+        agent.add_state("mid", mid)
+        agent.add_state("sink", sink)
+        context = await asyncio.wait_for(agent.run(), 30)
+        assert context.get_state("sink_runs") == 1
+        assert agent.state_metadata["sink"].runs == 1
 
 
 class TestComputedHandOvers:
@@ -664,6 +733,40 @@ class TestAStateAskedForWhileItRuns:
             assert meta.status is StateStatus.COMPLETED and meta.runs == 2
             assert agent.status is AgentStatus.COMPLETED
         assert log[:3] == ["a0 begins", "a ends", "a2 begins"]
+
+    @pytest.mark.parametrize("isolation", ["inline", "process"])
+    async def test_it_waits_for_the_first_activations_retries_too(self, isolation: str) -> None:
+        # start -> [a, b]; a's first attempt fails and waits 60 s to retry; b asks for a again
+        # meanwhile. The second activation waits for the first, its retry included, and the
+        # state's metadata goes on describing the first.
+        from agent import RetryPolicy
+
+        async def start(context):
+            return ["a", "b"]
+
+        async def a(context):
+            n = context.get_state("a_attempts", 0) + 1
+            context.set_state("a_attempts", n)
+            if n == 1:
+                raise RuntimeError("the first attempt fails")
+
+        async def b(context):
+            return "a"
+
+        agent = Agent("again_retrying", isolation=isolation)
+        agent.add_state("start", start)
+        agent.add_state("a", a, retry_policy=RetryPolicy(max_retries=1, initial_delay=60.0, jitter=False))
+        agent.add_state("b", b, isolation="inline")
+        run = asyncio.ensure_future(agent.run())
+        meta = agent.state_metadata["a"]
+        while not (agent.state_metadata["b"].status is StateStatus.COMPLETED and meta.error is not None):
+            await asyncio.sleep(0.01)
+        # Both have happened: a second activation that did not wait has been launched now.
+        assert agent.context.get_state("a_attempts") == 1
+        assert meta.status is StateStatus.READY and meta.attempts == 1  # still the first activation's
+        assert meta.waiting_for is not None and meta.waiting_for.startswith("retry 1 of 1")
+        await agent.cancel_all()
+        await run
 
 
 class TestPriorityAcrossBranches:
