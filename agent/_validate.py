@@ -118,7 +118,14 @@ def state_name(name: Any, *, error: ErrorType) -> str:
     """A state name: a non-empty str of at most :data:`MAX_STATE_NAME_BYTES` UTF-8 bytes."""
     if not isinstance(name, str) or not name:
         raise error(f"a state name must be a non-empty str, got {name!r}")
-    size = len(name.encode("utf-8", "surrogatepass"))
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise error(
+            f"state name {name[:40]!r} holds a lone surrogate (an undecodable byte, as os.listdir gives "
+            "them), which is no text: names go into files, cgroups and messages between processes as "
+            "UTF-8; decode such bytes with errors='replace' or name the state otherwise"
+        ) from None
     if size > MAX_STATE_NAME_BYTES:
         raise error(
             f"state name {name[:40]!r}... is {size} bytes long; the limit is "

@@ -60,8 +60,8 @@ def budget_from_mb(mb: float | None) -> int:
     """``Agent(context_budget_mb=...)`` in bytes; None gives :func:`default_budget`.
 
     A budget must leave room in a child's start message for the state function, so it is
-    at most the frame cap (``AGENT_IPC_MAX_FRAME``) less 1 MiB
-    (:func:`agent.values.snapshot_room`).
+    at most the frame cap (``AGENT_IPC_MAX_FRAME``) less 1 MiB, or a sixteenth of a smaller
+    cap (:func:`agent.values.snapshot_room`).
     """
     if mb is None:
         return default_budget()
@@ -76,7 +76,8 @@ def budget_from_mb(mb: float | None) -> int:
     if budget > most:
         raise InvalidConfigurationError(
             f"context_budget_mb={mb:g} is over what one child's start message can carry "
-            f"({most / values.MIB:g} MiB: the frame cap less 1 MiB for the state function): "
+            f"({most / values.MIB:g} MiB: the frame cap less "
+            f"{(values.max_frame_from_env() - most) / values.MIB:g} MiB for the state function): "
             "lower it, or raise AGENT_IPC_MAX_FRAME"
         )
     return budget

@@ -6,13 +6,14 @@ and what to do about it.
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 
 def exception_text(exc: BaseException) -> str:
-    """``str(exc)``, or a note that it could not be had: a state's exception is the state's
-    code, and its ``__str__`` may raise like any other of its methods."""
+    """``str(exc)`` as :func:`utf8_text`, or a note that it could not be had: a state's
+    exception is the state's code, and its ``__str__`` may raise like any other of its methods."""
     try:
         text = str(exc)
     except Exception as inner:  # noqa: BLE001 - whatever it raised, the failure is still reported
@@ -20,6 +21,22 @@ def exception_text(exc: BaseException) -> str:
     if not text and type(exc).__name__ == "CancelledError":  # asyncio's, with nothing to say
         return ("the state's code raised it without being stopped (does it await a task it "
                 "cancelled?): catch it there, or let that task finish")
+    return utf8_text(text)
+
+
+def traceback_text(exc: BaseException) -> str:
+    """``exc``'s formatted traceback, as :func:`utf8_text`."""
+    return utf8_text("".join(traceback.format_exception(exc)))
+
+
+def utf8_text(text: str) -> str:
+    """``text`` with each lone surrogate (an undecodable byte, as ``os.listdir`` gives them)
+    written out as ``\\udcff``: a failure's text goes to other processes, checkpoints and
+    other states as UTF-8, and one such character must not make it fail there instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
 
 
@@ -144,7 +161,8 @@ PERMANENT_KINDS = frozenset({"limit", "bound", "protocol", "cgroup_escape", "sec
 """Failures the same attempt would meet again: not retried unless the policy asks."""
 
 _PERMANENT_EXCEPTIONS = frozenset(
-    {"UnencodableValueError", "ValueTooLargeError", "ContextBudgetError", "ContextScopeError", "UnsendableStateError"})
+    {"UnencodableValueError", "ValueTooLargeError", "ContextBudgetError", "ContextScopeError", "UnsendableStateError",
+     "InvalidConfigurationError"})
 
 
 @dataclass(frozen=True)
@@ -153,8 +171,8 @@ class FailureReason:
 
     ``kind`` is one of :data:`FAILURE_KINDS`. ``permanent`` says whether trying again
     could help: a kernel limit, a bound, a protocol violation, a cgroup escape, a value
-    the model cannot carry or a context key outside the state's ``context_keys`` fails the
-    same way every time, so
+    the model cannot carry, a context key outside the state's ``context_keys`` or a setting
+    the supervisor cannot use (``InvalidConfigurationError``) fails the same way every time, so
     :class:`~agent.retry.RetryPolicy` does not retry it unless ``retry_permanent=True``.
     A sandboxed state that failed after its seccomp filter refused a system call has kind
     ``seccomp`` (``details["calls"]`` names them).

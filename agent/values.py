@@ -60,6 +60,7 @@ from .errors import (
     ProtocolError,
     UnencodableValueError,
     ValueTooLargeError,
+    utf8_text,
 )
 
 MIB = 1024 * 1024
@@ -1324,6 +1325,15 @@ def transition_problem(result: Any) -> str | None:
         return None
     return (f"returned {type(result).__name__} {short_repr(result)}: return the next state's name (str), "
             "a list of names to run in parallel, or None to end this branch")
+
+
+def names_as_text(names: str | list[str] | tuple[str, ...]) -> str | list[str]:
+    """A transition that cannot be encoded (a name with a lone surrogate) as one that can:
+    no state has such a name (``add_state`` refuses them), so the supervisor refuses it as
+    an unknown state, quoting it, as inline."""
+    if isinstance(names, str):
+        return utf8_text(names)
+    return [utf8_text(n) for n in names]
 
 
 def short_repr(value: Any) -> str:

@@ -137,7 +137,7 @@ def new_spec(agent: Any, name: Any, func: Any, dependencies: Any, resources: Any
     untyped here on purpose: this module is compiled (setup.py), and compiled code would
     answer a wrong type with a bare ``TypeError`` before these checks could name it.
     """
-    if type(name) is not str or not 0 < len(name) <= _SURELY_SHORT:  # else surely a valid name
+    if type(name) is not str or not 0 < len(name) <= _SURELY_SHORT or not name.isascii():  # else surely valid
         _validate.state_name(name, error=WorkflowDefinitionError)
     if name in agent._states:
         raise DuplicateStateError(f"state {name!r} is already added to agent {agent.name!r}: use another name")

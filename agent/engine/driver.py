@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._compiled import framework_file
 from .._types import StopReason
-from ..errors import FailureReason, exception_message, exception_text, exception_type_name
+from ..errors import FailureReason, exception_message, exception_text, exception_type_name, utf8_text
 from ..executor import Attempt, AttemptFailed, Isolation, executor_for
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def exception_reason(exc: BaseException) -> FailureReason:
     start = exc.__traceback__
     while start is not None and framework_file(start.tb_frame.f_code.co_filename):
         start = start.tb_next
-    tb = "".join(traceback.format_exception(type(exc), exc, start or exc.__traceback__))
+    tb = utf8_text("".join(traceback.format_exception(type(exc), exc, start or exc.__traceback__)))
     return FailureReason(kind="exception", message=exception_message(type(exc).__name__, exception_text(exc)),
                          traceback=tb, exception_type=exception_type_name(type(exc)))
 

@@ -14,7 +14,6 @@ object Ray hands over.
 
 from __future__ import annotations
 
-import traceback
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,7 +21,7 @@ from .. import values
 from ..context import Context, ContextBudget
 from ..errors import (
     FailureReason, ProtocolError, UnencodableValueError, ValueTooLargeError, exception_message, exception_text,
-    exception_type_name, reported,
+    exception_type_name, reported, traceback_text,
 )
 from ..ipc.messages import (
     FROM_CHILD,
@@ -150,9 +149,12 @@ def encode_end(result: Any, failure: FailureReason | None, pushed: int, frames: 
             if problem is not None:  # no transition either: refused by the driver for that, as inline
                 body["not_a_transition"] = problem
                 return values.encode(body)
+            if type(exc) is UnencodableValueError:  # names no state has: refused as unknown, as inline
+                body["result"] = values.names_as_text(result)
+                return values.encode(body)
             failure = FailureReason(
                 kind="exception", message=exception_message(type(exc).__name__, exception_text(exc)),
-                exception_type=exception_type_name(type(exc)), traceback="".join(traceback.format_exception(exc)))
+                exception_type=exception_type_name(type(exc)), traceback=traceback_text(exc))
     body["failure"] = {
         "kind": failure.kind, "message": failure.message, "traceback": failure.traceback,
         "exit_code": failure.exit_code, "signal": failure.signal,

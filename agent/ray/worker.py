@@ -30,7 +30,6 @@ import os
 import tempfile
 import threading
 import time
-import traceback
 from typing import Any
 
 import cloudpickle
@@ -158,7 +157,7 @@ def _function(data: bytes) -> Any:
 def _exception(exc: BaseException) -> FailureReason:
     cls = type(exc)
     return FailureReason(kind="exception", message=exception_message(cls.__name__, exception_text(exc)),
-                         exception_type=exception_type_name(cls), traceback="".join(traceback.format_exception(exc)))
+                         exception_type=exception_type_name(cls), traceback=errors.traceback_text(exc))
 
 
 def _relay(name: str) -> Any:

@@ -149,6 +149,9 @@ class ChildSession:
                 if problem is not None:  # no transition either: refused for that, in these words, as inline
                     self._report(Result(not_a_transition=problem, value=None))
                     return "result"
+                if type(exc) is errors.UnencodableValueError:  # names no state has
+                    self._report(Result(value=values.names_as_text(value)))
+                    return "result"
                 self._report_error(exc)
                 return "error"
             self._report(Result(value=value))
@@ -234,7 +237,7 @@ class ChildSession:
     def _report_error(self, exc: BaseException) -> None:
         if os.getpid() != self._process:
             _fork_ends(exc)
-        tb = "".join(traceback.format_exception(exc))
+        tb = errors.traceback_text(exc)
         name = errors.exception_type_name(type(exc))
         self._report(Error(exception_type=name, message=errors.exception_text(exc) or type(exc).__name__, traceback=tb))
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from .. import values
+from ..errors import InvalidConfigurationError
 
 Writer = Callable[[str, Sequence[str]], None]
 """``writer(label, lines)``: whole lines (without their newline) one state printed."""
@@ -79,12 +80,15 @@ def _wants_color(stream: TextIO) -> bool:
 
 def default_writer() -> Writer | None:
     """The writer ``AGENT_ECHO`` asks for (None for ``off``)."""
-    target = os.environ.get("AGENT_ECHO", "stdout").strip().lower()
+    value = os.environ.get("AGENT_ECHO", "")
+    target = value.strip().lower() or "stdout"
     if target in ("off", "0", "no", "none", "quiet"):
         return None
     if target == "stderr":
         return PrefixedWriter(lambda: sys.stderr)
-    return PrefixedWriter(lambda: sys.stdout)
+    if target == "stdout":
+        return PrefixedWriter(lambda: sys.stdout)
+    raise InvalidConfigurationError(f"AGENT_ECHO={value!r}: give stdout, stderr or off")
 
 
 def set_writer(writer: Writer | None) -> None:

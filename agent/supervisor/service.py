@@ -13,6 +13,7 @@ import asyncio
 import collections
 import concurrent.futures
 import itertools
+import math
 import os
 import re
 import secrets
@@ -25,7 +26,7 @@ from typing import Any
 import cloudpickle
 import psutil
 
-from .. import values
+from .. import _env, values
 from .._loops import call_on, grant_soon, outside_caller
 from ..errors import CgroupError, InvalidConfigurationError, IsolationError, ProtocolError, UnsendableStateError
 from ..executor import Attempt, Isolation
@@ -51,17 +52,25 @@ from .pickled import PickledFunctions, unsendable
 from .workers import WorkerPool
 
 
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value else default
-
-
-def _env_count(name: str, default: int) -> int:
+def _env_seconds(name: str, default: float) -> float:
     value = os.environ.get(name, "").strip()
     if not value:
         return default
-    if not value.isdigit():
-        raise InvalidConfigurationError(f"{name}={value!r}: give a whole number (0 or more)")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise InvalidConfigurationError(f"{name}={value!r}: give a number of seconds (0 or more)")
+    return seconds
+
+
+def _env_count(name: str, default: int, least: int = 0) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < least:
+        raise InvalidConfigurationError(f"{name}={value!r}: give a whole number ({least} or more)")
     return int(value)
 
 
@@ -74,16 +83,16 @@ class SupervisorConfig:
     """Settings of the process's supervisor (defaults from the environment)."""
 
     max_frame: int = field(default_factory=values.max_frame_from_env)
-    grace: float = field(default_factory=lambda: _env_float("AGENT_STOP_GRACE", 2.0))
+    grace: float = field(default_factory=lambda: _env_seconds("AGENT_STOP_GRACE", 2.0))
     max_launching: int = field(
-        default_factory=lambda: int(os.environ.get("AGENT_MAX_LAUNCHING") or 8 * (os.cpu_count() or 1))
+        default_factory=lambda: _env_count("AGENT_MAX_LAUNCHING", 8 * (os.cpu_count() or 1), least=1)
     )
     log_dir: str | None = None
     preload: tuple[str, ...] = field(default_factory=lambda: _env_modules("AGENT_PRELOAD"))
     """Modules the zygote imports before it forks, so that children inherit them."""
     park_max: int = field(default_factory=lambda: _env_count("AGENT_PARKED_MAX", PARK_MAX))
     """Children the zygote keeps forked ahead, at most (0: none; see :mod:`agent.runtime.zygote`)."""
-    park_idle: float = field(default_factory=lambda: _env_float("AGENT_PARKED_IDLE", PARK_IDLE))
+    park_idle: float = field(default_factory=lambda: _env_seconds("AGENT_PARKED_IDLE", PARK_IDLE))
     """Seconds without a launch after which the zygote lets its parked children go."""
 
 
@@ -317,6 +326,7 @@ class Supervisor:
             "main": main_module.describe(),
             "context_keys": None if scope is None else list(scope.patterns),
             "cwd": os.getcwd(),
+            "umask": _env.umask(),  # the program's now, like its working directory
             "max_frame": self.config.max_frame,
             "receive_hwm": RECEIVE_HWM,
             **extra,

@@ -189,6 +189,24 @@ class TestQuota:
         with pytest.raises(CoordinationError, match="capacity is 16"):
             await q.acquire("a", 17.0)
 
+    async def test_more_than_is_left_beside_its_own_holding_is_refused(self, clock: FakeClock) -> None:
+        # An owner that holds part of the limit and asks for more than the rest would wait
+        # for itself: refused at once, saying what it may ask for, and nothing changes.
+        q = Quota("pool", 100.0, clock=clock)
+        await q.acquire("a", 1.0)
+        with pytest.raises(CoordinationError, match="'a' holds 1 of its 100 and asks for 100 more.*at most 99"):
+            await q.acquire("a", 100.0)
+        with pytest.raises(CoordinationError, match="asks for 100 more"):
+            q.try_acquire("a", 100.0)
+        await q.acquire("a", 99.0)
+        assert q.status()["in_use"] == 100.0 and q.statistics().wait_count == 0
+        q.release("a")
+        sem = Semaphore("one", 1, clock=clock)
+        await sem.acquire("a")
+        with pytest.raises(CoordinationError, match="holds 1 of its 1 and asks for 1 more.*raise the limit"):
+            await sem.acquire("a")
+        sem.release("a")
+
     async def test_reset_period_reclaims(self, clock: FakeClock) -> None:
         q = Quota("gpu_mem", 16.0, ttl=3600.0, clock=clock)
         await q.acquire("a", 16.0)

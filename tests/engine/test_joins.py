@@ -370,7 +370,8 @@ class TestJoinsRunOnce:
             return "merge"
 
         async def merge(context):
-            context.set_state("merge_saw_b", [*context.get_state("merge_saw_b", []), context.get_state("b_done", False)])
+            saw = context.get_state("merge_saw_b", [])
+            context.set_state("merge_saw_b", [*saw, context.get_state("b_done", False)])
             return None
 
         async def mark(context):

@@ -155,6 +155,8 @@ class TestLogFiles:
             agent.add_state("x" * 300, state)
         with pytest.raises(WorkflowDefinitionError, match="the limit is 255"):
             agent.add_state("é" * 128, state)  # 256 bytes of UTF-8
+        with pytest.raises(WorkflowDefinitionError, match="lone surrogate"):
+            agent.add_state(b"report-\xff".decode("utf-8", "surrogateescape"), state)  # as os.listdir names it
 
 
 class TestRetention:

@@ -191,8 +191,8 @@ class CapacityPrimitive(Primitive):
     @locked
     def try_acquire(self, owner: str, amount: float = 1.0) -> bool:
         """Take ``amount`` for ``owner`` now if it is free and nobody is queued."""
-        amount = self._check_request(owner, amount)
         self.expire_stale()
+        amount = self._check_request(owner, amount)
         if self._waiters or not self._fits(amount):
             return False
         self._grant(owner, amount)
@@ -206,10 +206,10 @@ class CapacityPrimitive(Primitive):
         queue and never keeps a grant that raced its cancellation.
         """
         with self.lock:
+            self.expire_stale()
             amount = self._check_request(owner, amount)
             limit = check_timeout(self.wait_timeout if timeout is None else timeout,
                                   f"{self.type.value} {self.name!r}")
-            self.expire_stale()
             if not self._waiters and self._fits(amount):
                 self._grant(owner, amount)
                 return
@@ -331,9 +331,17 @@ class CapacityPrimitive(Primitive):
                 f"{what}: {owner!r} asks for {amount:g} but the capacity is {self.capacity:g}; "
                 "ask for less or raise the limit"
             )
-        if not self.reentrant_amounts and owner in self._holders:
+        holding = self._holders.get(owner)
+        if holding is not None and not self.reentrant_amounts:
             raise CoordinationError(
                 f"{what} is already held by {owner!r}: it is not re-entrant, release it first"
+            )
+        if holding is not None and holding.amount + amount > self.capacity + _EPS:
+            room = self.capacity - holding.amount
+            raise CoordinationError(
+                f"{what}: {owner!r} holds {holding.amount:g} of its {self.capacity:g} and asks for "
+                f"{amount:g} more, which it would wait for itself to give back: "
+                + (f"ask for at most {room:g}, or raise the limit" if room > _EPS else "raise the limit")
             )
         return float(amount)
 

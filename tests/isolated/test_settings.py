@@ -1,0 +1,63 @@
+"""The supervisor's settings from the environment: a bad value is refused, naming the
+variable, and fails the states that need it for good (not once per retry)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from agent.errors import InvalidConfigurationError
+from agent.supervisor.output import default_writer
+from agent.supervisor.service import SupervisorConfig
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("AGENT_STOP_GRACE", "abc"), ("AGENT_STOP_GRACE", "nan"), ("AGENT_STOP_GRACE", "-1"),
+    ("AGENT_PARKED_IDLE", "inf"), ("AGENT_PARKED_MAX", "two"), ("AGENT_MAX_LAUNCHING", "0"),
+    ("AGENT_MAX_LAUNCHING", "x"),
+])
+def test_a_bad_value_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(InvalidConfigurationError, match=f"{name}={value!r}: give a "):
+        SupervisorConfig()
+
+
+def test_good_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("AGENT_STOP_GRACE", " 0.25 "), ("AGENT_PARKED_IDLE", "0"), ("AGENT_MAX_LAUNCHING", "3")):
+        monkeypatch.setenv(name, value)
+    config = SupervisorConfig()
+    assert (config.grace, config.park_idle, config.max_launching) == (0.25, 0.0, 3)
+
+
+@pytest.mark.parametrize("value", ["stdrr", "yes", "file"])
+def test_an_echo_target_that_is_none_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("AGENT_ECHO", value)
+    with pytest.raises(InvalidConfigurationError, match=f"AGENT_ECHO={value!r}: give stdout, stderr or off"):
+        default_writer()
+    for good in ("", "stdout", "STDERR", "off"):
+        monkeypatch.setenv("AGENT_ECHO", good)
+        default_writer()
+
+
+def test_a_run_under_a_bad_setting_fails_once_naming_it() -> None:
+    script = textwrap.dedent("""
+        from agent import Agent, RetryPolicy, StateFailedError
+        async def s(context):
+            return None
+        agent = Agent("bad_setting", isolation="process", retry_policy=RetryPolicy(max_retries=3, initial_delay=0))
+        agent.add_state("s", s)
+        try:
+            agent.run_sync()
+        except StateFailedError as exc:
+            print(exc.attempts, exc.reason.kind, exc.reason.exception_type, exc.reason.permanent)
+            print(exc.reason.message)
+    """)
+    env = {**os.environ, "AGENT_STOP_GRACE": "2s", "AGENT_STATUS_ENDPOINT": "off"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    first, message = out.stdout.splitlines()[:2]
+    assert first == "1 exception agent.errors.InvalidConfigurationError True", out.stderr
+    assert "AGENT_STOP_GRACE='2s': give a number of seconds (0 or more)" in message
