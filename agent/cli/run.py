@@ -122,6 +122,9 @@ class RunCommand:
 
     def load_and_run(self, loop: asyncio.AbstractEventLoop) -> int:
         assert self.file is not None
+        # A module-level run_sync() runs while the file loads, before drive() takes the
+        # signals: SIGTERM then stops it as Ctrl-C does (run_sync pauses its run), exit 143.
+        previous = signal.signal(signal.SIGTERM, self.terminate_while_loading)
         try:
             self.wf = workflow.load(self.file, list(self.args.args))
         except workflow.WorkflowLoadError as exc:
@@ -129,15 +132,25 @@ class RunCommand:
             return ExitCode.LOAD_FAILED
         except KeyboardInterrupt:
             return self.report(interrupted=True)
-        except SystemExit as exc:  # the file exited: report what it ran, else pass its status on
-            if self.runs():
-                return self.report()
-            return exc.code if isinstance(exc.code, int) else int(bool(exc.code))
+        except SystemExit as exc:
+            return self.exited(exc)
         except Exception as exc:
             return self.failed_while_loading(exc)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         return loop.run_until_complete(self.drive())
 
-    async def drive(self) -> ExitCode:
+    def terminate_while_loading(self, signum: int, frame: Any) -> None:
+        self.stopped_by = ExitCode.TERMINATED
+        raise KeyboardInterrupt
+
+    def exited(self, exc: SystemExit) -> int:
+        """The file exited (``sys.exit``): report what it ran, else pass its status on."""
+        if self.runs():
+            return self.report()
+        return exc.code if isinstance(exc.code, int) else int(bool(exc.code))
+
+    async def drive(self) -> int:
         """On the command's loop: the file's top-level ``await`` part, then the run, then the report."""
         assert self.wf is not None
         loop = asyncio.get_running_loop()
@@ -153,6 +166,8 @@ class RunCommand:
                     if self.interrupts:
                         return self.report(interrupted=True)
                     raise
+                except SystemExit as exc:
+                    return self.exited(exc)
                 except Exception as exc:
                     return self.failed_while_loading(exc)
             if self.runs():

@@ -535,6 +535,53 @@ class TestInterrupt:
         assert [(r["run_id"], r["status"]) for r in listed] == [(run_id, "completed")]
 
 
+    @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                             ids=["ctrl-c", "sigterm"])
+    def test_a_run_the_file_runs_as_it_loads_is_stopped_and_reported(self, cli, sig, status):
+        # agent.run_sync() at module level runs while the command loads the file.
+        cli.write("loading.py", """\
+            import asyncio
+            from agent import Agent
+
+            agent = Agent("loading", isolation="process")
+
+            async def s0(context):
+                print("running", flush=True)
+                await asyncio.sleep(600)
+
+            agent.add_state("s0", s0)
+            agent.run_sync()
+        """)
+        proc = cli.start("run", "loading.py", "--no-progress")
+        try:
+            while "running" not in proc.stdout.readline():
+                pass
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            stop(proc)
+        assert proc.returncode == status, err
+        assert "agent run: loading stopped after" in err, err  # reported, as a run the command drives
+
+    @pytest.mark.parametrize("ending", ["await agent.run()", "agent.run_sync()"])
+    def test_a_file_that_exits_after_its_run_has_the_run_reported(self, cli, ending):
+        cli.write("exits.py", f"""\
+            import sys
+            from agent import Agent
+
+            agent = Agent("exits", isolation="inline")
+
+            async def s0(context):
+                return None
+
+            agent.add_state("s0", s0)
+            {ending}
+            sys.exit(5)
+        """)
+        done = cli.run("run", "exits.py", "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["status"] == "completed"
+
     @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
     def test_a_second_signal_while_a_state_stops_keeps_the_run_paused(self, cli, sig):
         # systemctl stop, twice: of two branches, `quick` stops a second after SIGTERM and
