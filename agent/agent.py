@@ -411,6 +411,8 @@ class Agent:
                 if meta.status is not _PENDING:
                     meta.status = _PENDING
                 meta.runs = 0
+                meta.attempts = 0  # of this run's activation: a state this run never reaches has none
+                meta.error = None
                 meta.waiting_for = None
                 meta.blocked_reason = None
         self._metadata_fresh = False

@@ -99,6 +99,30 @@ class TestMetadataLayout:
         assert {name: set(vars(meta)) for name, meta in agent.state_metadata.items()} == before
 
 
+class TestANewRun:
+    async def test_a_state_it_never_reaches_has_no_attempts_or_error_of_its_own(self):
+        agent = Agent("rerun", isolation="inline")
+
+        async def pick(context):
+            return context.get_state("go", "breaks")
+
+        async def breaks(context):
+            raise RuntimeError("the first run's failure")
+
+        async def fine(context):
+            return None
+
+        agent.add_state("pick", pick, next_states=["breaks", "fine"])
+        agent.add_state("breaks", breaks)
+        agent.add_state("fine", fine)
+        with pytest.raises(StateFailedError):
+            await agent.run()
+        await agent.run(initial_context={"go": "fine"})
+        meta = agent.state_metadata["breaks"]
+        assert (meta.status, meta.attempts, meta.error, meta.runs) == (StateStatus.PENDING, 0, None, 0)
+        assert meta.total_attempts == 1 and meta.history[-1].outcome == "failed"  # what earlier runs did
+
+
 class TestRunIds:
     async def test_ids_are_distinct_and_hex(self):
         agent = _agent(_steps)
