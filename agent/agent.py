@@ -23,7 +23,7 @@ from ._types import Priority, StopReason
 from .checkpoint import AgentCheckpoint
 from .context import Context, budget_from_mb, default_budget
 from .dependencies import DependencyConfig, DependencyType
-from .engine.run import Activation, Run
+from .engine.run import READY, RUNNING, Activation, Run
 from .errors import (
     AgentBusyError,
     AttemptLogNotFoundError,
@@ -328,11 +328,17 @@ class Agent:
 
     @property
     def priority_queue(self) -> list[Activation]:
-        """Activations ready to start, waiting for a slot or resources (the spec's "pending")."""
+        """Activations to run that are not running (the spec's "pending"): those ready to
+        start, highest priority first, then, oldest first, those queued for resources,
+        granted, waiting to retry, held by a pause or waiting on their dependencies. A
+        checkpoint's ``pending_states`` names their states (and the joins still held)."""
         run = self._run
         if run is None or run.done:
             return []
-        return run.ready_activations() + list(run.queued.values())
+        ready = run.ready_activations()
+        if len(ready) == len(run.live) - len(run.running):  # nothing else waits: the common case
+            return ready
+        return ready + [a for a in run.live.values() if a.where not in (READY, RUNNING)]
 
     @property
     def _running_states(self) -> dict[str, Activation]:

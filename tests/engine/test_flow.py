@@ -268,6 +268,31 @@ class TestConcurrencyLimits:
         await agent.run()
         assert seen == [(1, 2), (1, 1), (1, 0)]
 
+    async def test_pending_counts_what_waits_for_a_retry_or_a_resume(self):
+        # The spec's "pending": a state waiting out its retry delay, or held by a pause, is
+        # to run and not running, as a checkpoint's pending_states says.
+        from agent import RetryPolicy
+
+        agent = Agent("pending", isolation="inline")
+        failed_once = asyncio.Event()
+
+        async def flaky(context):
+            if not failed_once.is_set():
+                failed_once.set()
+                raise RuntimeError("once")
+
+        agent.add_state("flaky", flaky, retry_policy=RetryPolicy(max_retries=1, initial_delay=60.0, jitter=False))
+        run = asyncio.ensure_future(agent.run())
+        await failed_once.wait()
+        while agent.state_metadata["flaky"].error is None:
+            await asyncio.sleep(0)
+        assert [a.state for a in agent.priority_queue] == ["flaky"] and not agent._running_states
+        checkpoint = await agent.pause()
+        assert [a.state for a in agent.priority_queue] == checkpoint.pending_states == ["flaky"]
+        await agent.cancel_all()
+        await run
+        assert agent.priority_queue == []
+
 
 class TestDynamic:
     """States may be added while the run goes, and returned afterwards."""
