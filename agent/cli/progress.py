@@ -148,9 +148,15 @@ class Notices:
         self._terminal = terminal
         self._announce = announce
         self._last_error: dict[tuple[str, str], str] = {}
+        # Runs a pause stopped states of: what their stop blocks runs on resume (not news).
+        self._paused: set[str] = set()
 
     def __call__(self, event: ev.RunEvent) -> None:
         kind = event.kind
+        if kind == ev.STATE_PAUSED:
+            self._paused.add(event.run_id)
+        elif kind == ev.STATE_STARTED:
+            self._paused.discard(event.run_id)
         if kind == ev.RUN_STARTED:
             if self._announce:
                 verb = "resumed" if event.data.get("resumed") else "started"
@@ -165,7 +171,7 @@ class Notices:
             delay = float(event.data.get("delay") or 0.0)
             self._terminal.notice(f"agent run: {event.state}: attempt {event.attempt} failed ({_first_line(error)}); "
                                   f"retrying in {duration(delay)}")
-        elif kind == ev.STATE_BLOCKED:
+        elif kind == ev.STATE_BLOCKED and event.run_id not in self._paused:
             self._terminal.notice(f"agent run: {event.state} is blocked: {_first_line(event.error or '')}")
         elif kind == ev.STATE_PREEMPTED:
             self._terminal.notice(f"agent run: {event.state} was preempted by a higher-priority state; it will re-run")

@@ -79,6 +79,7 @@ class RunCommand:
         self.wf: workflow.Workflow | None = None
         self.progress: Progress | None = None
         self.to_run_again: dict[str, set[str]] = {}  # by run id: what a pause left to run on resume
+        self.paused_statuses: dict[str, dict[str, str]] = {}  # by run id: each state's status at the pause
 
     # --- the command ----------------------------------------------------------------------
 
@@ -349,6 +350,7 @@ class RunCommand:
     def paused_as(self, agent: Any, checkpoint: AgentCheckpoint) -> None:
         """Keep what ``agent``'s pause left to run on resume (the summary shows it)."""
         self.to_run_again[agent.run_id] = {*checkpoint.pending_states, *checkpoint.running_states}
+        self.paused_statuses[agent.run_id] = {n: m["status"] for n, m in checkpoint.state_metadata.items()}
 
     async def pause_then_stop(self) -> None:
         from ..status import AgentStatus
@@ -429,6 +431,14 @@ class RunCommand:
             moved = len(again)
             tally["to_run_again"] = moved
             tally["cancelled"] = max(0, tally.get("cancelled", 0) - moved)
+            # Blocked by the stop that followed the pause (a dependency of theirs was stopped):
+            # they wait on resume as they did at the pause.
+            before = self.paused_statuses.get(entry.run_id, {})
+            waiting = {n for n, s in states.items() if s == "blocked" and before.get(n, "blocked") != "blocked"}
+            states = {n: before[n] if n in waiting else s for n, s in states.items()}
+            if waiting:
+                tally["blocked"] = max(0, tally.get("blocked", 0) - len(waiting))
+                tally["pending"] = tally.get("pending", 0) + len(waiting)
         return {
             "agent": snap.get("agent"),
             "run_id": entry.run_id,

@@ -563,6 +563,38 @@ class TestInterrupt:
         assert proc.returncode == status, err
         assert "agent run: loading stopped after" in err, err  # reported, as a run the command drives
 
+    def test_a_state_waiting_on_the_stopped_one_is_pending_not_blocked(self, cli):
+        # s1 depends on s0, which Ctrl-C stops: s1 runs on resume, as s0 does.
+        cli.write("deps.py", """\
+            import asyncio
+            from agent import Agent
+
+            agent = Agent("deps", isolation="process")
+
+            async def s0(context):
+                print("running", flush=True)
+                await asyncio.sleep(600)
+
+            async def s1(context):
+                return None
+
+            agent.add_state("s0", s0)
+            agent.add_state("s1", s1, dependencies=["s0"])
+        """)
+        cli.env.update(AGENT_STOP_GRACE="0.2")
+        proc = cli.start("run", "deps.py", "--json", "--no-progress")
+        try:
+            while "running" not in proc.stderr.readline():  # --json: the workflow prints to stderr
+                pass
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            stop(proc)
+        assert proc.returncode == 130, err
+        summary = json.loads(out)
+        assert summary["status"] == "paused" and summary["states"] == {"s0": "pending", "s1": "pending"}
+        assert summary["counts"].get("blocked", 0) == 0 and "is blocked" not in err
+
     @pytest.mark.parametrize("ending", ["await agent.run()", "agent.run_sync()"])
     def test_a_file_that_exits_after_its_run_has_the_run_reported(self, cli, ending):
         cli.write("exits.py", f"""\
