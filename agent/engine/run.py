@@ -246,6 +246,7 @@ class Run:
         "steps",
         "error",
         "failures",
+        "failed_after",
         "failed_frames",
         "failed_groups",
         "done",
@@ -332,6 +333,7 @@ class Run:
         self.steps = 0
         self.error: BaseException | None = None
         self.failures: dict[str, FailureReason] = {}  # failed for good under on_failure="continue"
+        self.failed_after: dict[str, int] = {}  # the attempts of each, kept from a later activation's
         self.failed_frames: list[dict[str, Any]] = []  # what a resume of a failed run re-runs
         self.failed_groups: list[dict[str, Any]] | None = None  # and the groups they were in, then
         self.done = False
@@ -881,8 +883,10 @@ class Run:
         specs = self.specs
         while self.n_ready:
             if limit is not None and len(running) + len(self.queued) + len(self.granted) >= limit:
+                currents = self.current
                 for act in self.ready_activations():
-                    self.metadata[act.state].waiting_for = f"max_concurrent={limit}"
+                    if currents.get(act.state, act) is act:  # else its metadata is the current one's
+                        self.metadata[act.state].waiting_for = f"max_concurrent={limit}"
                 break
             level = levels[3] or levels[2] or levels[1] or levels[0]
             act = level.popleft()  # type: ignore[union-attr]  # n_ready > 0: some level holds one
@@ -1312,6 +1316,7 @@ class Run:
             self.touched.add(name)
         if goes_on:
             self.failures[name] = failure
+            self.failed_after[name] = act.attempt
             self.context._failures[name] = failure.message  # for context.failed_states()
             self.failed_frames.append(_frame(act, 0, ended=True))
             self.branch_ends(act)
@@ -1623,18 +1628,23 @@ class Run:
         """Cancel ``name`` wherever it is (running, queued, waiting, held); its branch ends."""
         if self.done:
             return False
-        act = self.running.get(name)
-        if act is not None:
-            self.stop_activation(act, _STOP_CANCEL)
-            return True
-        found = False
+        running = self.running.get(name)
         meta = self.metadata[name]
-        for act in [a for a in self.live.values() if a.state == name and a.where != RUNNING]:
-            found = True
+        # Every activation of it: one waiting behind another (its retries, or one that runs)
+        # ends with it, and the state's one status and event are the current activation's.
+        waiting = [a for a in self.live.values() if a.state == name and a.where != RUNNING]
+        found = running is not None or bool(waiting)
+        current = self.current.get(name)
+        for act in waiting:
             self._withdraw(act)
-            self.set_status(meta, _CANCELLED)
-            self.emit(ev.STATE_CANCELLED, name, attempt=act.attempt)
+        for act in waiting:
             self.branch_ends(act)
+        if running is not None:
+            self.stop_activation(running, _STOP_CANCEL)
+            return True
+        if waiting and meta.status is not _CANCELLED:
+            self.set_status(meta, _CANCELLED)
+            self.emit(ev.STATE_CANCELLED, name, attempt=(current if current in waiting else waiting[0]).attempt)
         if name in self.held_names:
             found = True
             for group in [g for g in self.groups.values() if name in g.held]:
@@ -1683,7 +1693,7 @@ class Run:
             if act.where != RUNNING:
                 self._withdraw(act)
                 meta = self.metadata[act.state]
-                if not meta.status.is_finished:
+                if not meta.status.is_finished and act.state not in self.running:  # else the running one's
                     self.set_status(meta, _CANCELLED)
                 self._leave(act)
         for group in self.groups.values():
@@ -1806,8 +1816,7 @@ class Run:
             self.watch.clear()
         if self.failures:
             first = next(iter(self.failures))
-            meta = self.metadata[first]
-            error = _failed_for_good(first, meta.attempts, self.failures[first],
+            error = _failed_for_good(first, self.failed_after[first], self.failures[first],
                                      self.specs[first].retry_policy or self.agent.retry_policy)
             error.failures = dict(self.failures)  # type: ignore[attr-defined]
             if len(self.failures) > 1:

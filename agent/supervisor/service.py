@@ -69,7 +69,7 @@ def _env_count(name: str, default: int, least: int = 0) -> int:
     value = os.environ.get(name, "").strip()
     if not value:
         return default
-    if not value.isdigit() or int(value) < least:
+    if not (value.isascii() and value.isdigit()) or int(value) < least:
         raise InvalidConfigurationError(f"{name}={value!r}: give a whole number ({least} or more)")
     return int(value)
 

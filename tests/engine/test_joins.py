@@ -770,6 +770,105 @@ class TestAStateAskedForWhileItRuns:
         await run
 
 
+class TestCancellingAStateAskedForTwice:
+    """cancel_state and cancel_all end every activation of a state: the one that runs or
+    waits to retry, and one waiting behind it; each state ends once, CANCELLED."""
+
+    @staticmethod
+    def build(isolation: str, first: str, **options):
+        from agent import RetryPolicy
+
+        gates = Gates()
+
+        async def start(context):
+            return ["a", "b"]
+
+        async def a(context):
+            n = context.get_state("a_started", 0) + 1
+            context.set_state("a_started", n)
+            if first == "retrying":
+                raise RuntimeError("the first attempt fails")
+            await asyncio.sleep(60)
+
+        async def b(context):
+            return "a"
+
+        agent = Agent("asked_twice", isolation=isolation, **options)
+        agent.add_state("start", start)
+        agent.add_state("a", a, retry_policy=RetryPolicy(max_retries=1, initial_delay=60.0, jitter=False))
+        agent.add_state("b", b, isolation="inline")
+        return agent, gates
+
+    @staticmethod
+    async def both_asked(agent, first: str) -> None:
+        meta = agent.state_metadata["a"]
+        while not (agent.state_metadata["b"].status is StateStatus.COMPLETED
+                   and (meta.error is not None if first == "retrying" else meta.status is StateStatus.RUNNING)):
+            await asyncio.sleep(0.01)
+
+    @pytest.mark.parametrize("isolation", ["inline", "process"])
+    @pytest.mark.parametrize("first", ["running", "retrying"])
+    async def test_cancel_state_ends_both(self, isolation: str, first: str) -> None:
+        events: list[tuple[str, str | None]] = []
+        agent, _ = self.build(isolation, first)
+        agent.add_observer(lambda e: events.append((e.kind, e.state)))
+        run = asyncio.ensure_future(agent.run())
+        await self.both_asked(agent, first)
+        assert agent.cancel_state("a") is True
+        await asyncio.wait_for(run, 30)
+        assert agent.status is AgentStatus.COMPLETED
+        assert agent.state_metadata["a"].status is StateStatus.CANCELLED
+        assert agent.context.get_state("a_started") == 1  # the second activation never ran
+        assert events.count(("state_cancelled", "a")) == 1
+
+    @pytest.mark.parametrize("isolation", ["inline", "process"])
+    async def test_cancel_all_ends_both(self, isolation: str) -> None:
+        agent, _ = self.build(isolation, "running")
+        run = asyncio.ensure_future(agent.run())
+        await self.both_asked(agent, "running")
+        await agent.cancel_all()
+        await asyncio.wait_for(run, 30)
+        assert agent.status is AgentStatus.CANCELLED
+        assert agent.state_metadata["a"].status is StateStatus.CANCELLED
+
+    async def test_a_queued_second_activation_leaves_the_running_ones_metadata_alone(self) -> None:
+        agent, _ = self.build("inline", "running", max_concurrent=2)
+        run = asyncio.ensure_future(agent.run())
+        await self.both_asked(agent, "running")
+        meta = agent.state_metadata["a"]
+        assert meta.status is StateStatus.RUNNING and meta.waiting_for is None
+        await agent.cancel_all()
+        await run
+
+
+    @pytest.mark.parametrize("isolation", ["inline", "process"])
+    async def test_the_error_counts_the_attempts_of_the_activation_that_failed(self, isolation: str) -> None:
+        # on_failure="continue": a's first activation fails for good after 2 attempts; the
+        # second (asked for by b meanwhile) runs after it and completes.
+        from agent import RetryPolicy
+
+        async def start(context):
+            return ["a", "b"]
+
+        async def a(context):
+            n = context.get_state("a_started", 0) + 1
+            context.set_state("a_started", n)
+            if n <= 2:
+                raise RuntimeError(f"fail {n}")
+
+        async def b(context):
+            return "a"
+
+        agent = Agent("counted", isolation=isolation, on_failure="continue")
+        agent.add_state("start", start)
+        agent.add_state("a", a, retry_policy=RetryPolicy(max_retries=1, initial_delay=0.2, jitter=False))
+        agent.add_state("b", b, isolation="inline")
+        with pytest.raises(StateFailedError) as info:
+            await asyncio.wait_for(agent.run(), 30)
+        assert info.value.attempts == 2 and "fail 2" in str(info.value)
+        assert agent.context.get_state("a_started") == 3
+
+
 class TestPriorityAcrossBranches:
     """A CRITICAL state returned by a short branch starts at once and evicts its LOW siblings."""
 

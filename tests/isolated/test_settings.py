@@ -18,7 +18,7 @@ from agent.supervisor.service import SupervisorConfig
 @pytest.mark.parametrize(("name", "value"), [
     ("AGENT_STOP_GRACE", "abc"), ("AGENT_STOP_GRACE", "nan"), ("AGENT_STOP_GRACE", "-1"),
     ("AGENT_PARKED_IDLE", "inf"), ("AGENT_PARKED_MAX", "two"), ("AGENT_MAX_LAUNCHING", "0"),
-    ("AGENT_MAX_LAUNCHING", "x"),
+    ("AGENT_MAX_LAUNCHING", "x"), ("AGENT_PARKED_MAX", "\u00b2"),
 ])
 def test_a_bad_value_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
