@@ -1949,13 +1949,19 @@ class Run:
     def snapshot(self) -> dict[str, Any]:
         """The run's groups, live activations and holds, as plain data (``AgentCheckpoint.frames``)."""
         groups = None
+        failed: dict[str, Any] = {}
         if self.done and self.final_status is _RUN_FAILED:
-            activations = list(self.failed_frames)
+            activations = list(self.failed_frames)  # what failed runs again on resume
             groups = self.failed_groups
         else:
             # A running attempt re-runs on resume, so it is not counted as done.
             activations = [_frame(a, a.attempt - (a.where == RUNNING)) for a in self.live.values()]
+            if self.failures:  # failed for good while the run went on: the resumed run fails in the end too
+                failed = {"failed_for_good": [
+                    {"state": n, "attempts": self.failed_after[n], "kind": r.kind, "message": r.message,
+                     "exception_type": r.exception_type} for n, r in self.failures.items()]}
         return {
+            **failed,
             "groups": self._groups_frame() if groups is None else groups,
             "activations": activations,
             "watch": sorted(self.watch),
@@ -2030,6 +2036,13 @@ class Run:
             self.touched_all = True
         self.completions = {k: int(v) for k, v in frames.get("completions", {}).items()}
         self.steps = int(frames.get("steps", 0))  # max_steps counts the whole run, across a resume
+        for f in frames.get("failed_for_good", []):
+            name = f.get("state")
+            if name in specs and isinstance(f.get("message"), str):
+                self.failures[name] = FailureReason(kind=str(f.get("kind") or "exception"), message=f["message"],
+                                                    exception_type=f.get("exception_type"))
+                self.failed_after[name] = int(f.get("attempts") or 1)
+                self.context._failures[name] = f["message"]
         self.groups = {}
         for data in sorted(frames.get("groups", []), key=lambda d: int(d["id"])):
             parent = self.groups.get(data["parent"]) if data.get("parent") is not None else None

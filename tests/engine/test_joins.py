@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from hypothesis import given, settings
@@ -1086,6 +1087,52 @@ class TestPartialFailure:
 
         with pytest.raises(InvalidConfigurationError, match="on_failure"):
             Agent("x", on_failure=value)
+
+
+class TestPartialFailureAcrossACheckpoint:
+    @pytest.mark.parametrize("isolation", ["inline", "process"])
+    async def test_a_failure_before_the_checkpoint_fails_the_restored_run(self, isolation: str) -> None:
+        # on_failure="continue": bad fails for good, gate is paused; restored elsewhere from
+        # the checkpoint (through JSON), the run goes on and still ends FAILED, naming bad.
+        from agent import AgentCheckpoint
+
+        async def start(context):
+            return ["bad", "gate"]
+
+        async def bad(context):
+            raise ValueError("bad fails for good")
+
+        async def gate(context):
+            context.set_state("gate_runs", context.get_state("gate_runs", 0) + 1)
+            if context.get_state("gate_runs") == 1:
+                await asyncio.sleep(60)
+
+        async def reads(context):
+            context.set_state("failed_seen", context.failed_states())
+
+        def build() -> Agent:
+            agent = Agent("failed_then_restored", isolation=isolation, on_failure="continue")
+            agent.add_state("start", start)
+            agent.add_state("bad", bad)
+            agent.add_state("gate", gate, next_states=[])
+            agent.add_state("reads", reads, dependencies=["gate"])
+            return agent
+
+        first = build()
+        run = asyncio.ensure_future(first.run())
+        while not (first.state_metadata["bad"].status is StateStatus.FAILED
+                   and first.state_metadata["gate"].status is StateStatus.RUNNING):
+            await asyncio.sleep(0.01)
+        checkpoint = await first.pause()
+        await first.cancel_all()
+        await run  # cancelled: the checkpoint is what goes on
+        second = build()
+        await second.restore_from_checkpoint(AgentCheckpoint.from_dict(json.loads(json.dumps(checkpoint.to_dict()))))
+        with pytest.raises(StateFailedError, match="bad fails for good") as info:
+            await asyncio.wait_for(second.run(), 30)
+        assert info.value.state == "bad" and second.status is AgentStatus.FAILED
+        assert second.context.get_state("gate_runs") == 2
+        assert second.context.get_state("failed_seen") == {"bad": "ValueError: bad fails for good"}
 
 
 class TestWhatAStateCanReach:
