@@ -673,8 +673,10 @@ class Run:
                 self.groups[child.id] = child
                 child.unfinished = len(names)
                 met = False
-                for name in names:
-                    outer = self._join_above(child, name, wild=False)
+                # Looked for before any of them is counted: a sibling listed here that leads to
+                # a name only through the opener (a new round) must not hold it above.
+                outers = [self._join_above(child, name, wild=False) for name in names]
+                for name, outer in zip(names, outers):
                     if outer is not None:
                         self._meet_above(outer, name)
                         child.unfinished -= 1

@@ -488,6 +488,46 @@ class TestBranchesStartedByDependencies:
         assert agent.state_metadata["sink"].runs == 1
 
 
+    @pytest.mark.parametrize("isolation", ["inline", "process"])
+    async def test_a_loop_through_a_fan_out_joins_each_round_beside_a_dependency_started_state(
+            self, isolation: str) -> None:
+        # head -> fan -> [a, b] -> head, twice; side starts on head. Each round's head runs
+        # once, after a and b: a, which leads to b only through fan (the next round), does
+        # not make b wait above.
+        agent = Agent("loop_beside_side", isolation=isolation)
+
+        def bump(context, key: str) -> int:
+            n = context.get_state(key, 0) + 1
+            context.set_state(key, n)
+            return n
+
+        async def head(context):
+            return "fan" if bump(context, "head") <= 2 else None
+
+        async def fan(context):
+            bump(context, "fan")
+            return ["a", "b"]
+
+        async def a(context):
+            bump(context, "a")
+            return "head"
+
+        async def b(context):
+            bump(context, "b")
+            await asyncio.sleep(0.01)
+            return "head"
+
+        async def side(context):
+            bump(context, "side")
+
+        for fn in (head, fan, a, b):
+            agent.add_state(fn.__name__, fn)
+        agent.add_state("side", side, dependencies={"head": DependencyType.REQUIRED})
+        context = await asyncio.wait_for(agent.run(), 30)
+        assert {k: context.get_state(k) for k in ("head", "fan", "a", "b", "side")} == {
+            "head": 3, "fan": 2, "a": 2, "b": 2, "side": 1}
+
+
 class TestComputedHandOvers:
     """Branches that go on to names they compute: the names held meanwhile are started as
     soon as nothing else could return them, and the join after them still runs once."""
