@@ -1633,20 +1633,15 @@ class Run:
         running = self.running.get(name)
         meta = self.metadata[name]
         # Every activation of it: one waiting behind another (its retries, or one that runs)
-        # ends with it, and the state's one status and event are the current activation's.
+        # ends with it, and so do the branches held for it at a join or on their way there;
+        # the state's one status and event are the current activation's.
         waiting = [a for a in self.live.values() if a.state == name and a.where != RUNNING]
-        found = running is not None or bool(waiting)
         current = self.current.get(name)
+        found = running is not None or bool(waiting)
         for act in waiting:
             self._withdraw(act)
         for act in waiting:
             self.branch_ends(act)
-        if running is not None:
-            self.stop_activation(running, _STOP_CANCEL)
-            return True
-        if waiting and meta.status is not _CANCELLED:
-            self.set_status(meta, _CANCELLED)
-            self.emit(ev.STATE_CANCELLED, name, attempt=(current if current in waiting else waiting[0]).attempt)
         if name in self.held_names:
             found = True
             for group in [g for g in self.groups.values() if name in g.held]:
@@ -1658,10 +1653,14 @@ class Run:
         if name in self.watch:
             self.watch.discard(name)
             found = True
+        if running is not None:
+            if not self.done:
+                self.stop_activation(running, _STOP_CANCEL)  # its end says CANCELLED
+        elif found and _CANCELLED in meta.status._next:  # type: ignore[attr-defined]  # else it ended already
+            self.set_status(meta, _CANCELLED)
+            shown = current if current in waiting else waiting[0] if waiting else None
+            self.emit(ev.STATE_CANCELLED, name, attempt=shown.attempt if shown is not None else 0)
         if found:
-            if meta.status is not _CANCELLED:  # it waited on dependencies, or was held at a join
-                self.set_status(meta, _CANCELLED)
-                self.emit(ev.STATE_CANCELLED, name, attempt=0)
             self.kick()
         return found
 
@@ -1958,10 +1957,12 @@ class Run:
         else:
             # A running attempt re-runs on resume, so it is not counted as done.
             activations = [_frame(a, a.attempt - (a.where == RUNNING)) for a in self.live.values()]
-            if self.failures:  # failed for good while the run went on: the resumed run fails in the end too
+            if self.failures:  # failed for good while the run went on: the resumed run fails in the end
+                # too, and a resume of that failed run runs them again
                 failed = {"failed_for_good": [
                     {"state": n, "attempts": self.failed_after[n], "kind": r.kind, "message": r.message,
-                     "exception_type": r.exception_type} for n, r in self.failures.items()]}
+                     "exception_type": r.exception_type} for n, r in self.failures.items()],
+                    "failed_frames": [f for f in self.failed_frames if f.get("ended")]}
         return {
             **failed,
             "groups": self._groups_frame() if groups is None else groups,
@@ -2045,6 +2046,8 @@ class Run:
                                                     exception_type=f.get("exception_type"))
                 self.failed_after[name] = int(f.get("attempts") or 1)
                 self.context._failures[name] = f["message"]
+        self.failed_frames.extend(f for f in frames.get("failed_frames", [])
+                                  if isinstance(f, dict) and f.get("state") in specs)
         self.groups = {}
         for data in sorted(frames.get("groups", []), key=lambda d: int(d["id"])):
             parent = self.groups.get(data["parent"]) if data.get("parent") is not None else None

@@ -872,6 +872,51 @@ class TestCancellingAStateAskedForTwice:
         assert agent.status is AgentStatus.CANCELLED
         assert agent.state_metadata["a"].status is StateStatus.CANCELLED
 
+    @pytest.mark.parametrize("first", ["running", "failed"])
+    async def test_cancel_state_ends_its_arrivals_held_at_a_join_too(self, first: str) -> None:
+        # run(start=[j, f]); f -> [p, q]; p returns j, held for q. j runs (or failed for good
+        # already): cancel_state ends it and the held arrival, and q's arrival ends there.
+        gates = Gates()
+        ran: list[str] = []
+
+        async def j(context):
+            ran.append("j")
+            if first == "failed":
+                raise RuntimeError("j fails for good")
+            await gates["j"].wait()
+
+        async def f(context):
+            return ["p", "q"]
+
+        async def p(context):
+            return "j"
+
+        async def q(context):
+            await gates["q"].wait()
+            return "j"
+
+        agent = Agent("held_and_cancelled", isolation="inline", on_failure="continue")
+        agent.add_state("j", j, next_states=[])
+        agent.add_state("f", f, next_states=["p", "q"])
+        agent.add_state("p", p, next_states=["j"])
+        agent.add_state("q", q, next_states=["j"])
+        run = asyncio.ensure_future(agent.run(start=["j", "f"]))
+        while not (agent.state_metadata["p"].status is StateStatus.COMPLETED and ran):
+            await asyncio.sleep(0.01)
+        while first == "failed" and agent.state_metadata["j"].status is not StateStatus.FAILED:
+            await asyncio.sleep(0.01)
+        assert agent.cancel_state("j") is True
+        gates["q"].set()
+        gates["j"].set()
+        if first == "failed":
+            with pytest.raises(StateFailedError):
+                await asyncio.wait_for(run, 30)
+            assert agent.state_metadata["j"].status is StateStatus.FAILED  # how it ended, kept
+        else:
+            await asyncio.wait_for(run, 30)
+            assert agent.state_metadata["j"].status is StateStatus.CANCELLED
+        assert ran == ["j"]
+
     async def test_a_queued_second_activation_leaves_the_running_ones_metadata_alone(self) -> None:
         agent, _ = self.build("inline", "running", max_concurrent=2)
         run = asyncio.ensure_future(agent.run())
@@ -1150,10 +1195,13 @@ class TestPartialFailureAcrossACheckpoint:
         async def reads(context):
             context.set_state("failed_seen", context.failed_states())
 
-        def build() -> Agent:
+        async def bad_fixed(context):
+            return None
+
+        def build(bad_state=bad) -> Agent:
             agent = Agent("failed_then_restored", isolation=isolation, on_failure="continue")
             agent.add_state("start", start)
-            agent.add_state("bad", bad)
+            agent.add_state("bad", bad_state)
             agent.add_state("gate", gate, next_states=[])
             agent.add_state("reads", reads, dependencies=["gate"])
             return agent
@@ -1173,6 +1221,11 @@ class TestPartialFailureAcrossACheckpoint:
         assert info.value.state == "bad" and second.status is AgentStatus.FAILED
         assert second.context.get_state("gate_runs") == 2
         assert second.context.get_state("failed_seen") == {"bad": "ValueError: bad fails for good"}
+        # The restored run failed: resuming its checkpoint runs bad again (fixed now).
+        fixed = build(bad_fixed)
+        await fixed.restore_from_checkpoint(second.create_checkpoint())
+        await asyncio.wait_for(fixed.run(), 30)
+        assert fixed.status is AgentStatus.COMPLETED and fixed.state_metadata["bad"].status is StateStatus.COMPLETED
 
 
 class TestWhatAStateCanReach:
