@@ -142,8 +142,10 @@ class RunCommand:
         return loop.run_until_complete(self.drive())
 
     def terminate_while_loading(self, signum: int, frame: Any) -> None:
+        """As Ctrl-C: the SIGINT handler of the run_sync() under way (asyncio's) cancels its run
+        in order, or, with none, KeyboardInterrupt comes here."""
         self.stopped_by = ExitCode.TERMINATED
-        raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)
 
     def exited(self, exc: SystemExit) -> int:
         """The file exited (``sys.exit``): report what it ran, else pass its status on."""
