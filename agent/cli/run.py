@@ -124,8 +124,11 @@ class RunCommand:
     def load_and_run(self, loop: asyncio.AbstractEventLoop) -> int:
         assert self.file is not None
         # A module-level run_sync() runs while the file loads, before drive() takes the
-        # signals: SIGTERM then stops it as Ctrl-C does (run_sync pauses its run), exit 143.
+        # signals: Ctrl-C stops it (even where the command was started with SIGINT ignored,
+        # as a shell's background job is: drive() takes SIGINT whatever it was), and SIGTERM
+        # does as Ctrl-C, exit 143.
         previous = signal.signal(signal.SIGTERM, self.terminate_while_loading)
+        previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             self.wf = workflow.load(self.file, list(self.args.args))
         except workflow.WorkflowLoadError as exc:
@@ -139,6 +142,7 @@ class RunCommand:
             return self.failed_while_loading(exc)
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
         return loop.run_until_complete(self.drive())
 
     def terminate_while_loading(self, signum: int, frame: Any) -> None:

@@ -535,7 +535,11 @@ class TestInterrupt:
         assert [(r["run_id"], r["status"]) for r in listed] == [(run_id, "completed")]
 
 
-    def test_a_run_the_file_runs_as_it_loads_is_stopped_by_sigterm_and_reported(self, cli):
+    @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                             ids=["ctrl-c", "sigterm"])
+    def test_a_run_the_file_runs_as_it_loads_is_stopped_and_reported(self, cli, sig, status):
+        # Also where the command starts with SIGINT ignored (a shell's background job; CI's
+        # runner): Ctrl-C and SIGTERM still stop it.
         # agent.run_sync() at module level runs while the command loads the file.
         cli.write("loading.py", """\
             import asyncio
@@ -550,15 +554,19 @@ class TestInterrupt:
             agent.add_state("s0", s0)
             agent.run_sync()
         """)
-        proc = cli.start("run", "loading.py", "--no-progress")
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the command
+        try:
+            proc = cli.start("run", "loading.py", "--no-progress")
+        finally:
+            signal.signal(signal.SIGINT, previous)
         try:
             while "running" not in proc.stdout.readline():
                 pass
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             out, err = proc.communicate(timeout=60)
         finally:
             stop(proc)
-        assert proc.returncode == 143, err
+        assert proc.returncode == status, err
         assert "agent run: loading stopped after" in err, err  # reported, as a run the command drives
 
     def test_a_state_waiting_on_the_stopped_one_is_pending_not_blocked(self, cli):
