@@ -27,13 +27,3 @@ def snapshot() -> dict[Any, Any]:
     """A copy of the whole environment as ``os.environ`` holds it (bytes to bytes on CPython),
     for comparing it cheaply later: ``os.environ`` would decode every entry."""
     return dict(_data) if _data is not None else dict(os.environ)
-
-
-def umask() -> int:
-    """The process's umask, read from ``/proc/self/status``: ``os.umask`` reads it only by
-    setting it, which races every other thread that creates a file meanwhile."""
-    with open("/proc/self/status", "rb") as status:
-        for line in status:
-            if line.startswith(b"Umask:"):
-                return int(line.split()[1], 8)
-    raise OSError("no Umask line in /proc/self/status (Linux 4.7 or later has one)")

@@ -386,7 +386,6 @@ def _set_up(
     sys.path[:] = spec["sys_path"]
     sys.argv[:] = spec["argv"]  # the supervisor's, not the zygote's
     main_module.stand_in(spec.get("main"))  # the program's __main__, not the zygote's
-    os.umask(spec["umask"])
     try:
         os.chdir(spec["cwd"])
     except OSError:

@@ -26,7 +26,7 @@ from typing import Any
 import cloudpickle
 import psutil
 
-from .. import _env, values
+from .. import values
 from .._loops import call_on, grant_soon, outside_caller
 from ..errors import CgroupError, InvalidConfigurationError, IsolationError, ProtocolError, UnsendableStateError
 from ..executor import Attempt, Isolation
@@ -326,7 +326,6 @@ class Supervisor:
             "main": main_module.describe(),
             "context_keys": None if scope is None else list(scope.patterns),
             "cwd": os.getcwd(),
-            "umask": _env.umask(),  # the program's now, like its working directory
             "max_frame": self.config.max_frame,
             "receive_hwm": RECEIVE_HWM,
             **extra,

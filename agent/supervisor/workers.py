@@ -43,7 +43,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .. import _env
 from .._loops import outside_caller
 from ..errors import FailureReason, InvalidConfigurationError, IsolationError
 from ..executor import Attempt, AttemptFailed
@@ -90,7 +89,6 @@ class Shape:
     gpus: tuple[str, ...]
     context_keys: tuple[str, ...] | None
     cwd: str
-    umask: int
     sys_path: tuple[str, ...]
     argv: tuple[str, ...]
     environ: tuple[tuple[str, str | None], ...]  # what the program's environment changed since its zygote started
@@ -177,7 +175,6 @@ class WorkerPool:
             gpus=tuple(str(u) for u in attempt.assignment.get("gpus", ())),
             context_keys=None if scope is None else tuple(scope.patterns),
             cwd=os.getcwd(),
-            umask=_env.umask(),
             sys_path=tuple(sys.path),
             argv=tuple(sys.argv),
             environ=tuple(sorted(sup.zygote.environment_changes().items())),

@@ -184,11 +184,6 @@ async def burns(context):
         pass
 
 
-async def writes_a_file(context):
-    with open(context.get_state("path"), "w") as file:
-        file.write("data")
-
-
 async def reads_the_environment(context):
     context.set_state("seen", [os.environ.get(name) for name in ("AGENT_TEST_SET", "AGENT_TEST_GONE", "TZ")])
 
@@ -230,23 +225,6 @@ class TestAgentWithProcessIsolation:
         monkeypatch.delenv("AGENT_TEST_GONE")
         monkeypatch.setenv("TZ", "Europe/Paris")
         assert (await seen()) == ["two", None, "Europe/Paris"]
-
-    async def test_a_state_creates_files_under_the_programs_umask_as_it_is_now(self, level, tmp_path):
-        # Set after the supervisor started: a file the state writes is as private as the
-        # program's own would be (a worker started under the old umask is not reused).
-        async def mode(name: str) -> int:
-            agent = Agent("umask", isolation=level)
-            agent.add_state("writes", writes_a_file)
-            await agent.run(initial_context={"path": str(tmp_path / name)})
-            return os.stat(tmp_path / name).st_mode & 0o777
-
-        old = os.umask(0o022)
-        try:
-            assert await mode("open") == 0o644
-            os.umask(0o077)
-            assert await mode("private") == 0o600
-        finally:
-            os.umask(old)
 
     async def test_a_sandbox_gets_only_the_variables_it_keeps_as_they_are_now(self, monkeypatch):
         monkeypatch.setenv("TZ", "UTC")
