@@ -737,8 +737,7 @@ def _read_sample_spec(run: bytes) -> None:
         "confine": {"cgroup_procs": [cgroup.format(c) for c in ("memory", "cpuacct", "pids", "blkio", "freezer")],
                     "gpu": {"env": {"CUDA_VISIBLE_DEVICES": "", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}}},
         "sys_path": list(sys.path), "argv": list(sys.argv), "main": {"path": os.getcwd() + "/flow.py"},
-        "context_keys": None, "cwd": os.getcwd(), "max_frame": 1 << 26, "receive_hwm": 1000,
-        "run": run,
+        "context_keys": None, "cwd": os.getcwd(), "max_frame": 1 << 26, "receive_hwm": 1000, "run": run,
     }
     fd = child_module.spec_memfd(sample)
     try:
