@@ -1,4 +1,5 @@
-"""Environment variables read on hot paths (every ``Agent()``, every run).
+"""Environment variables: read on hot paths (every ``Agent()``, every run), and parsed
+as settings with one rule for every ``AGENT_*`` number.
 
 ``os.environ.get`` encodes the name, decodes the value and, for a name that is not set,
 raises and catches a KeyError inside ``os._Environ``: thousands of instructions for a
@@ -9,8 +10,11 @@ a dict lookup and sees exactly what ``os.environ`` sees (every change made throu
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
+
+from .errors import InvalidConfigurationError
 
 _data: dict[bytes, bytes] | None = getattr(os.environ, "_data", None)
 
@@ -27,3 +31,36 @@ def snapshot() -> dict[Any, Any]:
     """A copy of the whole environment as ``os.environ`` holds it (bytes to bytes on CPython),
     for comparing it cheaply later: ``os.environ`` would decode every entry."""
     return dict(_data) if _data is not None else dict(os.environ)
+
+
+def seconds(name: str, default: float, *, above_zero: bool = False) -> float:
+    """The setting ``name`` as a number of seconds (``default`` when unset or blank).
+
+    Anything else (text, ``inf``, ``nan``, a negative number, or 0 where ``above_zero``)
+    raises :class:`~agent.errors.InvalidConfigurationError` naming the variable and what
+    to give: a mistyped setting is never silently replaced by the default.
+    """
+    text = (get(name) or "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and (value > 0 if above_zero else value >= 0)):
+        least = "above 0" if above_zero else "0 or more"
+        raise InvalidConfigurationError(f"{name}={text!r}: give a number of seconds ({least})")
+    return value
+
+
+def count(name: str, default: int, *, least: int = 0) -> int:
+    """The setting ``name`` as a whole number, ``least`` or more (``default`` when unset or
+    blank); ASCII digits only, so ``1e3``, ``+5`` or ``1_000`` are refused as :func:`seconds`
+    refuses what it cannot read."""
+    text = (get(name) or "").strip()
+    if not text:
+        return default
+    if not (text.isascii() and text.isdigit()) or int(text) < least:
+        raise InvalidConfigurationError(f"{name}={text!r}: give a whole number ({least} or more)")
+    return int(text)
+

@@ -13,7 +13,6 @@ import asyncio
 import collections
 import concurrent.futures
 import itertools
-import math
 import os
 import re
 import secrets
@@ -26,9 +25,9 @@ from typing import Any
 import cloudpickle
 import psutil
 
-from .. import values
+from .. import _env, values
 from .._loops import call_on, grant_soon, outside_caller
-from ..errors import CgroupError, InvalidConfigurationError, IsolationError, ProtocolError, UnsendableStateError
+from ..errors import CgroupError, IsolationError, ProtocolError, UnsendableStateError
 from ..executor import Attempt, Isolation
 from ..ipc import Hello, Run, decode_message, encode_message
 from ..ipc.router import RECEIVE_HWM, RouterChannel, peer_credentials
@@ -52,28 +51,6 @@ from .pickled import PickledFunctions, unsendable
 from .workers import WorkerPool
 
 
-def _env_seconds(name: str, default: float) -> float:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise InvalidConfigurationError(f"{name}={value!r}: give a number of seconds (0 or more)")
-    return seconds
-
-
-def _env_count(name: str, default: int, least: int = 0) -> int:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    if not (value.isascii() and value.isdigit()) or int(value) < least:
-        raise InvalidConfigurationError(f"{name}={value!r}: give a whole number ({least} or more)")
-    return int(value)
-
-
 def _env_modules(name: str) -> tuple[str, ...]:
     return tuple(m for m in re.split(r"[\s,]+", os.environ.get(name, "")) if m)
 
@@ -83,16 +60,16 @@ class SupervisorConfig:
     """Settings of the process's supervisor (defaults from the environment)."""
 
     max_frame: int = field(default_factory=values.max_frame_from_env)
-    grace: float = field(default_factory=lambda: _env_seconds("AGENT_STOP_GRACE", 2.0))
+    grace: float = field(default_factory=lambda: _env.seconds("AGENT_STOP_GRACE", 2.0))
     max_launching: int = field(
-        default_factory=lambda: _env_count("AGENT_MAX_LAUNCHING", 8 * (os.cpu_count() or 1), least=1)
+        default_factory=lambda: _env.count("AGENT_MAX_LAUNCHING", 8 * (os.cpu_count() or 1), least=1)
     )
     log_dir: str | None = None
     preload: tuple[str, ...] = field(default_factory=lambda: _env_modules("AGENT_PRELOAD"))
     """Modules the zygote imports before it forks, so that children inherit them."""
-    park_max: int = field(default_factory=lambda: _env_count("AGENT_PARKED_MAX", PARK_MAX))
+    park_max: int = field(default_factory=lambda: _env.count("AGENT_PARKED_MAX", PARK_MAX))
     """Children the zygote keeps forked ahead, at most (0: none; see :mod:`agent.runtime.zygote`)."""
-    park_idle: float = field(default_factory=lambda: _env_seconds("AGENT_PARKED_IDLE", PARK_IDLE))
+    park_idle: float = field(default_factory=lambda: _env.seconds("AGENT_PARKED_IDLE", PARK_IDLE))
     """Seconds without a launch after which the zygote lets its parked children go."""
 
 

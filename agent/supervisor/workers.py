@@ -43,8 +43,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .. import _env
 from .._loops import outside_caller
-from ..errors import FailureReason, InvalidConfigurationError, IsolationError
+from ..errors import FailureReason, IsolationError
 from ..executor import Attempt, AttemptFailed
 from ..scope import ContextScope
 from .cgroups import CgroupLimits
@@ -57,28 +58,14 @@ if TYPE_CHECKING:
 _EWMA = 0.2  # weight of the newest sample in the measured start time
 
 
-def _env_number(name: str, default: float, *, whole: bool = False) -> float:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text) if whole else float(text)
-    except ValueError:
-        value = -1
-    if not value > 0 or value == float("inf"):
-        kind = "a whole number" if whole else "a number of seconds"
-        raise InvalidConfigurationError(f"{name}={text!r}: give {kind} above 0")
-    return value
-
-
 @dataclass(frozen=True)
 class WorkerSettings:
     """How many workers live and for how long (defaults from the environment)."""
 
-    max_workers: int = field(default_factory=lambda: int(_env_number("AGENT_WORKER_MAX", 64, whole=True)))
-    max_states: int = field(default_factory=lambda: int(_env_number("AGENT_WORKER_MAX_STATES", 1000, whole=True)))
-    max_age: float = field(default_factory=lambda: _env_number("AGENT_WORKER_MAX_AGE", 3600.0))
-    idle: float = field(default_factory=lambda: _env_number("AGENT_WORKER_IDLE", 10.0))
+    max_workers: int = field(default_factory=lambda: _env.count("AGENT_WORKER_MAX", 64, least=1))
+    max_states: int = field(default_factory=lambda: _env.count("AGENT_WORKER_MAX_STATES", 1000, least=1))
+    max_age: float = field(default_factory=lambda: _env.seconds("AGENT_WORKER_MAX_AGE", 3600.0, above_zero=True))
+    idle: float = field(default_factory=lambda: _env.seconds("AGENT_WORKER_IDLE", 10.0, above_zero=True))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ variable, and fails the states that need it for good (not once per retry)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import pytest
 from agent.errors import InvalidConfigurationError
 from agent.supervisor.output import default_writer
 from agent.supervisor.service import SupervisorConfig
+from agent.supervisor.workers import WorkerSettings
 
 
 @pytest.mark.parametrize(("name", "value"), [
@@ -26,11 +28,30 @@ def test_a_bad_value_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPa
         SupervisorConfig()
 
 
+@pytest.mark.parametrize(("name", "value", "wanted"), [
+    ("AGENT_WORKER_MAX", "0", "whole number (1 or more)"), ("AGENT_WORKER_MAX_STATES", "1e3", "whole number (1 or more)"),
+    ("AGENT_WORKER_MAX_STATES", "+5", "whole number (1 or more)"), ("AGENT_WORKER_MAX", "1_000", "whole number (1 or more)"),
+    ("AGENT_WORKER_IDLE", "0", "number of seconds (above 0)"), ("AGENT_WORKER_MAX_AGE", "inf", "number of seconds (above 0)"),
+    ("AGENT_WORKER_IDLE", "-2", "number of seconds (above 0)"),
+])
+def test_a_bad_worker_setting_is_refused_as_the_supervisor_refuses_its_own(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, wanted: str,
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(InvalidConfigurationError, match=f"^{re.escape(f'{name}={value!r}: give a {wanted}')}$"):
+        WorkerSettings()
+
+
 def test_good_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in (("AGENT_STOP_GRACE", " 0.25 "), ("AGENT_PARKED_IDLE", "0"), ("AGENT_MAX_LAUNCHING", "3")):
         monkeypatch.setenv(name, value)
     config = SupervisorConfig()
     assert (config.grace, config.park_idle, config.max_launching) == (0.25, 0.0, 3)
+    for name, value in (("AGENT_WORKER_MAX", " 2 "), ("AGENT_WORKER_MAX_STATES", "7"), ("AGENT_WORKER_IDLE", "0.5"),
+                        ("AGENT_WORKER_MAX_AGE", "30")):
+        monkeypatch.setenv(name, value)
+    settings = WorkerSettings()
+    assert (settings.max_workers, settings.max_states, settings.idle, settings.max_age) == (2, 7, 0.5, 30.0)
 
 
 @pytest.mark.parametrize("value", ["stdrr", "yes", "file"])
