@@ -1235,6 +1235,8 @@ class Run:
             self.set_status(meta, _COMPLETED)  # raises, naming the transition
         meta.runs += 1
         meta.last_success = (meta.last_execution or 0.0) + duration
+        if meta.error is not None:
+            meta.error = None  # an earlier attempt's, retried: its history keeps it
         self.completed.add(name)
         self.completions[name] = self.completions.get(name, 0) + 1
         if self.tracks_deps:

@@ -60,6 +60,10 @@ class TestRetries:
         meta = agent.state_metadata["api_call"]
         assert meta.attempts == 3
         assert [r.outcome for r in meta.history] == ["failed", "failed", "completed"]
+        # The state did not fail: no error is left on it; each failed attempt keeps its own.
+        assert meta.error is None and meta.error_message is None and meta.to_dict()["error"] is None
+        assert [r.reason for r in meta.history] == ["ConnectionError: attempt 1 failed",
+                                                     "ConnectionError: attempt 2 failed", None]
 
     async def test_exhausted_retries_fail_the_run_with_details(self):
         calls: list = []
