@@ -1163,6 +1163,7 @@ class Run:
                 self.pooled[name] = None
                 if usage:
                     self.agent.resource_pool.record_measured(act.owner, usage)
+                self.emit(ev.STATE_QUEUED, name, data={"waiting_for": meta.waiting_for})
                 self.admission.requeue(act.owner)  # back in the queue, ahead of its level
             else:
                 self._release(act, usage)

@@ -87,6 +87,11 @@ class TestInlinePreemption:
         assert agent.state_metadata["high"].preemptions == 0
         preempted = sorted(e.state for e in events if e.kind == ev.STATE_PREEMPTED)
         assert preempted == ["low_a", "low_b"]
+        for name in ("low_a", "low_b"):  # each waited in the queue again, and observers heard so
+            mine = [e for e in events if e.state == name and e.kind != ev.STATE_COMPLETED]
+            at = [e.kind for e in mine].index(ev.STATE_PREEMPTED)
+            assert [e.kind for e in mine[at:]] == [ev.STATE_PREEMPTED, ev.STATE_QUEUED, ev.STATE_STARTED]
+            assert mine[at + 1].data["waiting_for"] == "resources: requeued after a preemption"
         stats = agent.resource_pool.statistics()
         assert stats.holders == 0 and stats.evicting == 0 and stats.preempted == 2
 
