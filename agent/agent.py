@@ -849,6 +849,8 @@ class Agent:
                 f"run {run_id} failed before it could be checkpointed mid-run: there is nothing to resume; "
                 "start a new run"
             )
+        if checkpoint.agent_status != AgentStatus.COMPLETED.value:
+            self._refuse_a_run_live_elsewhere(run_id)
         await self.restore_from_checkpoint(checkpoint)
         self.checkpoint_store = store  # the resumed run saves where it was found
         if checkpoint.agent_status != AgentStatus.COMPLETED.value:
@@ -858,6 +860,29 @@ class Agent:
                 await self.resume()
         self._finished_restored = False  # resumed: a run() from now on is a new run
         return self.context
+
+    def _refuse_a_run_live_elsewhere(self, run_id: str) -> None:
+        """Two copies of one run would each run its states (twice the side effects, two
+        writers of its checkpoints): a run that another agent object of this process, or
+        another live process of this user, still runs is not resumed here (one paused
+        there may be: its checkpoint is where it stopped). Other processes are asked
+        through their status endpoints (``agent runs``), so one started with
+        ``AGENT_STATUS_ENDPOINT=off`` cannot be seen."""
+        from .live.client import live_run_ids
+
+        entry = live.find(run_id)
+        other = entry.agent if entry is not None else None
+        if other is not None and other is not self and other.run_id == run_id and other.status is AgentStatus.RUNNING:
+            raise AgentBusyError(
+                f"run {run_id} is still running in this process (agent {other.name!r}): resume it once it has ended"
+            )
+        elsewhere = live_run_ids(running_only=True)
+        if run_id in elsewhere:
+            where = f"process {elsewhere[run_id]}" if elsewhere[run_id] else "another process"
+            raise AgentBusyError(
+                f"run {run_id} is still running in {where} (`agent runs` shows it): "
+                "resume it once that process has stopped or paused it"
+            )
 
     def _after_completion(self, run: Run) -> None:
         if self.checkpoint_store is not None:

@@ -291,9 +291,9 @@ class RunCommand:
                 where = getattr(getattr(store, "inner", store), "path", repr(store))
                 raise LookupError(f"no checkpoint for run {args.resume!r} in {where} "
                                   "(`agent runs` lists the runs it finds)")
-            from .runs import live_run_ids
+            from ..live.client import live_run_ids
 
-            if args.resume in live_run_ids():
+            if args.resume in live_run_ids(running_only=True):
                 raise LookupError(f"run {args.resume!r} is still running in another process (`agent runs` "
                                   "shows it): resume it once that process has stopped")
         return agent.checkpoint_store

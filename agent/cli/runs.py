@@ -25,6 +25,8 @@ def runs_command(args: argparse.Namespace) -> int:
     except (LookupError, ValueError) as exc:
         print(f"agent runs: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    from ..live.client import live_run_ids
+
     live_ids = live_run_ids()
     listing: list[tuple[Path, list[dict[str, Any]]]] = []
     unreadable = []
@@ -101,7 +103,7 @@ def _stores_of_file(file: str) -> list[Path]:
     return found
 
 
-def _runs_in(path: Path, agent: str | None, limit: int, live_ids: set[str]) -> list[dict[str, Any]]:
+def _runs_in(path: Path, agent: str | None, limit: int, live_ids: dict[str, int | None]) -> list[dict[str, Any]]:
     from ..checkpoint_store import SQLiteCheckpointStore
 
     with SQLiteCheckpointStore(path, keep=None) as store:
@@ -119,13 +121,3 @@ def _runs_in(path: Path, agent: str | None, limit: int, live_ids: set[str]) -> l
     return out
 
 
-def live_run_ids() -> set[str]:
-    """The runs a live process of this user has not ended (running or paused: their status
-    endpoints say; those a process finished and still shows for `agent top` are over)."""
-    from ..live.client import live_runs
-
-    return {run["run_id"] for endpoint in live_runs(timeout=1.0) for run in endpoint.runs
-            if run.get("status") in _NOT_OVER}
-
-
-_NOT_OVER = frozenset({"running", "paused"})

@@ -84,6 +84,19 @@ def live_runs(directory: str | None = None, timeout: float = 2.0, *, include_sel
     return out
 
 
+_NOT_OVER = frozenset({"running", "paused"})
+_RUNNING = frozenset({"running"})
+
+
+def live_run_ids(timeout: float = 1.0, *, running_only: bool = False) -> dict[str, int | None]:
+    """The runs another live process of this user has not ended (running, or paused unless
+    ``running_only``: their status endpoints say; those a process finished and still shows
+    for ``agent top`` are over), with that process's pid."""
+    wanted = _RUNNING if running_only else _NOT_OVER
+    return {run["run_id"]: endpoint.pid for endpoint in live_runs(timeout=timeout) for run in endpoint.runs
+            if run.get("status") in wanted and isinstance(run.get("run_id"), str)}
+
+
 def _pid_of(name: str) -> int | None:
     stem = name[: -len(".sock")]
     return int(stem) if stem.isdigit() else None

@@ -191,6 +191,42 @@ class TestResumeRun:
         assert context.get_state("step_20_done") is not None
         assert example.effect_counts(tmp_path) == {s: 1 for s in STATES}
 
+    async def test_a_run_this_process_still_runs_is_not_run_twice(self, tmp_path):
+        import asyncio
+
+        from agent import AgentBusyError
+
+        store = SQLiteCheckpointStore(tmp_path / "runs.sqlite3")
+        gate, ran = asyncio.Event(), []
+
+        def build() -> Agent:
+            agent = Agent("once", isolation="inline", checkpoint_store=store)
+
+            async def first(context):
+                return "second"
+
+            async def second(context):
+                ran.append("second")
+                await gate.wait()
+
+            agent.add_state("first", first)
+            agent.add_state("second", second)
+            return agent
+
+        running = build()
+        task = asyncio.ensure_future(running.run())
+        while not ran:
+            await asyncio.sleep(0.01)
+        copy = build()
+        with pytest.raises(AgentBusyError, match=f"run {running.run_id} is still running in this process"):
+            await copy.resume_run(running.run_id)
+        gate.set()
+        await task
+        assert ran == ["second"]
+        await copy.resume_run(running.run_id)  # it ended: restored, nothing left to run
+        assert ran == ["second"] and copy.status.value == "completed"
+        store.close()
+
     async def test_unknown_run(self, tmp_path):
         with pytest.raises(CheckpointError, match="no checkpoint of run 'missing'"):
             await example.build_agent(tmp_path).resume_run("missing")

@@ -125,6 +125,26 @@ class TestResumeOfALiveRun:
         assert done.returncode == 2
         assert "is still running in another process" in done.stderr
 
+    async def test_resume_run_refuses_it_too(self, cli):
+        import runpy
+
+        from agent import AgentBusyError
+
+        proc = cli.start_talker()
+        try:
+            [run] = [r for r in json.loads(cli.run("runs", "--json").stdout) if r["agent_name"] == "talker"]
+            agent = runpy.run_path(str(cli.dir / "talker.py"))["agent"]
+            with pytest.raises(AgentBusyError, match=rf"run {run['run_id']} is still running in process {proc.pid} "):
+                await agent.resume_run(run["run_id"], run["store"])
+            assert agent.status.value == "idle" and agent.run_id != run["run_id"]  # nothing was restored
+            release(cli.dir / "go")
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            stop(proc)
+        assert proc.returncode == 0 and out.count("talk | second") == 1  # ran once, in its own process
+        await agent.resume_run(run["run_id"], run["store"])  # over now: restored, nothing left to run
+        assert agent.status.value == "completed"
+
 
 FAILS_FIRST = """
 import os
