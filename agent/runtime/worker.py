@@ -30,7 +30,10 @@ not close, signal handlers, the page cache) is the price of reuse and is documen
 
 A worker idle for ``idle`` seconds exits by itself with :data:`EXIT_IDLE`, which says
 that it started nothing after its last ``hello``: a ``run`` that crossed its exit on the
-way is given to another worker, not failed.
+way is given to another worker, not failed. A fresh worker was started for an attempt
+that is handed to it once its first ``hello`` is read: it waits at least
+:data:`FIRST_RUN_WAIT` for it, however short ``idle`` is (else, with ``idle`` shorter than
+that round trip, every worker would exit before its first attempt).
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ EXIT_IDLE = 121
 """The worker was idle for its ``idle`` seconds and started no attempt since its last hello."""
 
 _LEFTOVER_GRACE = 0.1  # seconds for tasks and threads a state left behind to end
+FIRST_RUN_WAIT = 2.0
+"""Seconds a fresh worker waits for its first ``run`` at least (see the module docstring)."""
 
 
 def serve_worker(transport: DealerTransport, bounds: Bounds, spec: dict[str, Any], settings: dict[str, Any]) -> int:
@@ -114,6 +119,7 @@ class Worker:
         self._runs: deque[Run] = deque()  # read before anyone waited for them
         self._waiter: asyncio.Future[Run | None] | None = None  # _next_run's
         self._gone = False  # the channel is closed: no more runs
+        self._served = False  # an attempt was started here
 
     def _new_thread_pool(self) -> ThreadPoolExecutor:
         pool = ThreadPoolExecutor(thread_name_prefix="state")
@@ -139,6 +145,7 @@ class Worker:
                 self._transport, pid=os.getpid(), secret=self._secret, bounds=self._bounds,
                 context_keys=self._context_keys, reads=False, hold_report=True,
             )
+            self._served = True
             try:
                 await session.run(run)
             finally:
@@ -157,7 +164,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Run | None] = loop.create_future()
         self._waiter = waiter
-        timer = loop.call_later(self._idle, _settle, waiter, None) if self._idle else None
+        idle = self._idle if self._served or not self._idle else max(self._idle, FIRST_RUN_WAIT)
+        timer = loop.call_later(idle, _settle, waiter, None) if idle else None
         try:
             return await waiter
         finally:

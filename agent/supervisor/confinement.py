@@ -296,15 +296,16 @@ class SharedConfinement(Confinement):
 
 def since(now: Reading, start: Reading | None) -> Reading:
     """What the counters and limit events of ``now`` add up to since ``start`` (None: all of
-    them); the rest of the usage (peaks) as read ``now``."""
+    them); the rest of the usage (peaks) as read ``now``. Never below zero: a cgroup removed
+    meanwhile (its worker exited) reads as zeros."""
     if start is None:
         return now
     usage, before = dict(now[0]), start[0]
     for key in _COUNTERS:
         if key in usage:
-            usage[key] -= before.get(key, 0)
+            usage[key] = max(0, usage[key] - before.get(key, 0))
     events, earlier = now[1], start[1]
-    return usage, LimitEvents(*(getattr(events, f) - getattr(earlier, f) for f in _EVENTS))
+    return usage, LimitEvents(*(max(0, getattr(events, f) - getattr(earlier, f)) for f in _EVENTS))
 
 
 def restart_peak(handle: CgroupHandle) -> None:

@@ -49,6 +49,7 @@ from ..errors import FailureReason, IsolationError
 from ..executor import Attempt, AttemptFailed
 from ..scope import ContextScope
 from .cgroups import CgroupLimits
+from .confinement import removed
 from .output import WorkerOutput
 from .worker import WorkerAttempt, WorkerProcess, WorkerStatus
 
@@ -56,6 +57,11 @@ if TYPE_CHECKING:
     from .service import Supervisor
 
 _EWMA = 0.2  # weight of the newest sample in the measured start time
+
+
+async def _gone_with_its_cgroup(worker: WorkerProcess) -> None:
+    await worker.until_gone()
+    await removed(worker.confinement)
 
 
 @dataclass(frozen=True)
@@ -279,6 +285,11 @@ class WorkerPool:
             finished.escaped is not None or finished.hit_limit or bool(worker.shape.gpus))
         if spoilt or self._worn_out(worker, now):
             self._retire(worker)
+            if finished is not None and finished.attempt.settle is not None:
+                from .process import settle_later  # (process imports the supervisor, which imports this)
+
+                # Its run returns once the worker and its cgroup are gone, as a process child's does.
+                settle_later(finished.attempt, _gone_with_its_cgroup(worker))
         else:
             queue.idle.append(worker)
             self._dispatch(queue)

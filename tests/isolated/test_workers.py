@@ -631,6 +631,102 @@ def test_an_idle_worker_goes_with_its_cgroup_while_no_event_loop_serves_the_supe
     assert not seen["alive"] and seen["left"] == [], seen
 
 
+def test_a_tiny_idle_setting_still_serves_every_state() -> None:
+    """AGENT_WORKER_IDLE shorter than the supervisor's answer to a hello: each fresh worker
+    still waits for the attempt it was started for (every one exited first, and the attempt
+    then failed with an internal error on negative usage)."""
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import json, os
+        from agent import Agent, ResourceRequirements
+
+        async def step(context):
+            context.set_state(f"pid_{context.get_state('n', 0)}", os.getpid())
+            context.set_state("n", context.get_state("n", 0) + 1)
+            return "step" if context.get_state("n") < 3 else None
+
+        agent = Agent("tiny_idle", isolation="worker")
+        agent.add_state("step", step, resources=ResourceRequirements(cpu_units=0.5, memory_mb=100))
+        agent.run_sync()
+        meta = agent.state_metadata["step"]
+        print(json.dumps({"n": agent.context.get_state("n"), "status": meta.status.value,
+                          "cpu": [r.usage.get("cpu_seconds", 0) for r in meta.history]}))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT, AGENT_ECHO="off", AGENT_WORKER_IDLE="0.0001"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (seen["n"], seen["status"]) == (3, "completed") and len(seen["cpu"]) == 3
+    assert all(cpu >= 0 for cpu in seen["cpu"]), seen
+
+
+@pytest.mark.parametrize("how", ["run_sync", "run"])
+def test_a_worker_retired_as_its_attempt_ends_is_gone_when_the_run_returns(how: str) -> None:
+    """AGENT_WORKER_MAX_STATES=1 retires each worker as its attempt ends: ``run()`` returns
+    only once that worker and its cgroup are gone (after ``run_sync()`` nothing would remove
+    the cgroup: no loop serves the supervisor then)."""
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import asyncio, json, os
+        import psutil
+        from agent import Agent
+
+        async def where(context):
+            with open("/proc/self/cgroup") as fh:
+                rows = [line.strip().split(":", 2) for line in fh]
+            context.set_state("pid", os.getpid())
+            context.set_state("dirs", [f"/sys/fs/cgroup/{{names}}{{path}}".replace("//", "/")
+                                       for _, names, path in rows if "/worker-" in path])
+
+        agent = Agent("retired", isolation="worker")
+        agent.add_state("where", where)
+        if {how!r} == "run":
+            async def main():
+                await agent.run()
+                return agent.context.get_state("pid"), agent.context.get_state("dirs")
+            pid, dirs = asyncio.run(main())
+        else:
+            agent.run_sync()
+            pid, dirs = agent.context.get_state("pid"), agent.context.get_state("dirs")
+        try:
+            alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            alive = False
+        print(json.dumps({{"dirs": dirs, "alive": alive, "left": [d for d in dirs if os.path.isdir(d)]}}))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT, AGENT_ECHO="off", AGENT_WORKER_MAX_STATES="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not seen["alive"], seen
+    if not seen["dirs"]:
+        pytest.skip("no cgroups here")
+    assert seen["left"] == [], seen
+
+
+def test_usage_since_a_baseline_is_never_negative() -> None:
+    """A worker's cgroup removed under its attempt reads as zeros: its usage is 0, not minus
+    the baseline (which the pool refuses, failing the run)."""
+    from agent.supervisor.cgroups.base import LimitEvents
+    from agent.supervisor.confinement import since
+
+    before = ({"cpu_seconds": 0.25, "io_read_bytes": 4096, "memory_peak_bytes": 10}, LimitEvents(nr_throttled=3))
+    usage, events = since(({"cpu_seconds": 0.0, "io_read_bytes": 0, "memory_peak_bytes": 0}, LimitEvents()), before)
+    assert usage == {"cpu_seconds": 0, "io_read_bytes": 0, "memory_peak_bytes": 0} and events == LimitEvents()
+    usage, events = since(({"cpu_seconds": 0.75, "io_read_bytes": 8192}, LimitEvents(nr_throttled=5)), before)
+    assert usage == {"cpu_seconds": 0.5, "io_read_bytes": 4096} and events == LimitEvents(nr_throttled=2)
+
+
 async def fan_out_two(context):
     return ["a", "b"]
 
