@@ -22,22 +22,38 @@ def runs_elsewhere(loop: asyncio.AbstractEventLoop | None) -> bool:
     return loop is not None and not loop.is_closed() and loop.is_running() and asyncio._get_running_loop() is not loop
 
 
+_LOOP_POLL = 0.05  # seconds between looks at whether a loop call_on waits for still runs
+
+
 def call_on(loop: Any, func: Callable[[], T], timeout: float | None = None) -> T:
     """``func()``, run on ``loop`` when that loop runs on another thread (its result or its
     exception comes back here, within ``timeout`` seconds, else ``TimeoutError``); run here
-    when there is no such loop, or it is this thread's own."""
+    when there is no such loop, or it is this thread's own, or (no ``timeout``) when that
+    loop stops before it ran ``func``."""
     if not runs_elsewhere(loop):
         return func()
     done: concurrent.futures.Future[T] = concurrent.futures.Future()
 
     def on_the_loop() -> None:
+        if not done.set_running_or_notify_cancel():
+            return  # given up on (its loop stopped first): it ran here instead
         try:
             done.set_result(func())
         except BaseException as exc:
             done.set_exception(exc)
 
-    loop.call_soon_threadsafe(on_the_loop)
-    return done.result(timeout)
+    try:
+        loop.call_soon_threadsafe(on_the_loop)
+    except RuntimeError:  # closed meanwhile
+        return func()
+    if timeout is not None:
+        return done.result(timeout)
+    while True:
+        try:
+            return done.result(_LOOP_POLL)
+        except concurrent.futures.TimeoutError:
+            if not runs_elsewhere(loop) and done.cancel():
+                return func()
 
 
 class LoopGone(Exception):

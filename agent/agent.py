@@ -630,7 +630,7 @@ class Agent:
             if self.status is AgentStatus.IDLE or (self._starting and self.status is _RUNNING):
                 self._set_status(AgentStatus.PAUSED)
                 self._held = True
-            return self.create_checkpoint()
+            return self._snapshot()
         if not run.pause_requested:
             tasks = run.pause()
             if self.status is AgentStatus.RUNNING:  # paused now: what still stops re-runs on resume
@@ -639,7 +639,7 @@ class Agent:
             tasks = [t for t in tasks if t is not current]  # called from a state: it stops as it returns
             if tasks:
                 await asyncio.wait(tasks, timeout=run.cleanup_timeout or None)
-        checkpoint = self.create_checkpoint()
+        checkpoint = self._snapshot()
         if self.checkpoint_store is not None:
             self._save_checkpoint(checkpoint)
         return checkpoint
@@ -729,7 +729,25 @@ class Agent:
     # --- checkpoints ------------------------------------------------------------------------------
 
     def create_checkpoint(self) -> AgentCheckpoint:
-        """A snapshot of status, completed/pending/running states, metadata and context."""
+        """A snapshot of status, completed/pending/running states, metadata and context.
+
+        Safe from any thread: while the run goes on another thread's loop (``run_sync`` in
+        a thread), it is taken there, between two of the run's steps, so it is whole; one
+        taken here while a run began there is taken again."""
+        while True:
+            loop, run = self._loop, self._run
+            if runs_elsewhere(loop):
+                return call_on(loop, self._snapshot)
+            try:
+                checkpoint = self._snapshot()
+            except RuntimeError:  # a dictionary changed size under it: a run began meanwhile?
+                if self._loop is loop and self._run is run:
+                    raise
+                continue
+            if self._loop is loop and self._run is run:
+                return checkpoint
+
+    def _snapshot(self) -> AgentCheckpoint:
         run = self._run
         frames: dict[str, Any] = {}
         pending: list[str] = []
@@ -892,7 +910,7 @@ class Agent:
                 run.fail(CheckpointError(f"run {run.run_id} cannot be checkpointed: {exc}"))
 
     def _save_checkpoint(self, checkpoint: AgentCheckpoint | None = None) -> None:
-        checkpoint = checkpoint or self.create_checkpoint()
+        checkpoint = checkpoint or self._snapshot()
         if self.checkpoint_store is not None:
             self.checkpoint_store.save(checkpoint.run_id, checkpoint)
 

@@ -28,11 +28,14 @@ def test_a_bad_value_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPa
         SupervisorConfig()
 
 
+_COUNT, _SECONDS = "whole number (1 or more)", "number of seconds (above 0)"
+
+
 @pytest.mark.parametrize(("name", "value", "wanted"), [
-    ("AGENT_WORKER_MAX", "0", "whole number (1 or more)"), ("AGENT_WORKER_MAX_STATES", "1e3", "whole number (1 or more)"),
-    ("AGENT_WORKER_MAX_STATES", "+5", "whole number (1 or more)"), ("AGENT_WORKER_MAX", "1_000", "whole number (1 or more)"),
-    ("AGENT_WORKER_IDLE", "0", "number of seconds (above 0)"), ("AGENT_WORKER_MAX_AGE", "inf", "number of seconds (above 0)"),
-    ("AGENT_WORKER_IDLE", "-2", "number of seconds (above 0)"),
+    ("AGENT_WORKER_MAX", "0", _COUNT), ("AGENT_WORKER_MAX_STATES", "1e3", _COUNT),
+    ("AGENT_WORKER_MAX_STATES", "+5", _COUNT), ("AGENT_WORKER_MAX", "1_000", _COUNT),
+    ("AGENT_WORKER_IDLE", "0", _SECONDS), ("AGENT_WORKER_MAX_AGE", "inf", _SECONDS),
+    ("AGENT_WORKER_IDLE", "-2", _SECONDS),
 ])
 def test_a_bad_worker_setting_is_refused_as_the_supervisor_refuses_its_own(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str, wanted: str,
