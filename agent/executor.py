@@ -20,6 +20,7 @@ Contract for :meth:`Executor.run_attempt`:
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import importlib
 import sys
@@ -123,6 +124,20 @@ class Attempt:
     # every task of the set before it reports the work finished (the engine: before a run
     # returns), so nothing outlives the run.
     settle: set[asyncio.Task[None]] | None = None
+
+
+HELD_UP: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "agent_admission_held_up", default=None)
+"""Set by the engine around an attempt's admission hooks: what :func:`admission_held_up` calls."""
+
+
+def admission_held_up() -> None:
+    """An admission hook is about to wait (a coordination primitive, a rate limit, a
+    barrier): the attempt gives its pool grant back meanwhile, for others to use, and asks
+    for it again once the hooks let it in. Nothing outside an attempt's hooks."""
+    give_back = HELD_UP.get()
+    if give_back is not None:
+        give_back()
 
 
 @dataclass

@@ -173,6 +173,9 @@ class BoxRateLimiter(RateLimiter):
     def try_acquire(self) -> bool:
         return False  # agentd is asked over its connection: only acquire() can wait for it
 
+    def would_wait(self) -> bool:
+        return True  # for agentd's answer, at least
+
     async def acquire(self, timeout: float | None = None) -> None:
         start = self.clock.monotonic()
         await self.local.acquire(timeout)

@@ -27,6 +27,7 @@ from typing import Any
 from .. import events as ev
 from ..agent import Agent
 from ..errors import CoordinationError, CoordinationTimeoutError
+from ..executor import admission_held_up
 from .allocation import attempt_owner, set_current_owner
 from .coordinator import Coordinator, check_coordinator, default_coordinator
 from .primitives import Barrier, Primitive, PrimitiveType, primitive_type_of
@@ -76,6 +77,7 @@ class _Admission:
                     self._at_gate.add(key)
                     self._waiting(state, f"coordination: BARRIER {state!r} ({primitive.max_count} arrivals)")
                     asyncio.get_running_loop().call_soon(self._check_gates, run_id)
+                    admission_held_up()
                     try:
                         await primitive.pass_when_full(owner, run_id)
                     finally:
@@ -86,11 +88,14 @@ class _Admission:
                 if not primitive.try_acquire(owner, amount):  # type: ignore[attr-defined]
                     coordinator.watch()  # about to wait: make sure deadlocks are looked for
                     self._waiting(state, f"coordination: {primitive.type.name} {state!r}")
+                    admission_held_up()
                     await primitive.acquire(owner, amount)  # type: ignore[attr-defined]
                 held = _Held(primitive, owner, amount)
         limiter = coordinator.rate_limiter(state) if state in agent._rate_limited_states else None
         if limiter is not None:
             self._waiting(state, f"rate limit of {state!r}")
+            if limiter.would_wait():
+                admission_held_up()
             try:
                 await limiter.acquire()
             except BaseException:
@@ -99,6 +104,23 @@ class _Admission:
                 raise
         if held is not None:
             self._held[(state, run_id, attempt)] = held
+
+    def would_wait(self, state: str, run_id: str) -> bool:
+        """Whether :meth:`acquire` would wait now: the engine then asks the pool for the
+        state's resources only once it is let in (a barrier's arrivals always wait)."""
+        agent = self.agent
+        coordinator = agent._coordinator
+        primitive = coordinator.primitive(state) if state in agent._coordinated_states else None
+        if primitive is not None:
+            if isinstance(primitive, Barrier):
+                if (state, run_id) not in self._passed:
+                    return True
+            else:
+                peek = getattr(primitive, "would_wait", None)  # (agentd's is asked over its connection)
+                if peek is None or peek(agent._coordinated_states[state]):
+                    return True
+        limiter = coordinator.rate_limiter(state) if state in agent._rate_limited_states else None
+        return limiter is not None and limiter.would_wait()
 
     def _fail_run(self, run_id: str, error: BaseException) -> None:
         """Fail run ``run_id`` of this agent, if it still runs (what it holds was lost)."""

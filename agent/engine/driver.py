@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .._compiled import framework_file
 from .._types import StopReason
 from ..errors import FailureReason, exception_message, exception_text, exception_type_name, utf8_text
-from ..executor import Attempt, AttemptFailed, Isolation, executor_for
+from ..executor import HELD_UP, Attempt, AttemptFailed, Isolation, executor_for
 
 if TYPE_CHECKING:
     from .run import Activation, Run
@@ -235,9 +235,17 @@ class Driver:
         ok = False
         try:
             try:
-                for hook in run.hooks:
-                    await hook.acquire(attempt.state_name, run.run_id, attempt.number)
-                    entered.append(hook)
+                if run.hooks:
+                    # A hook that waits gives the pool grant back meanwhile (admission_held_up).
+                    token = HELD_UP.set(functools.partial(run.give_back_while_held_up, act) if act.holds else None)
+                    try:
+                        for hook in run.hooks:
+                            await hook.acquire(attempt.state_name, run.run_id, attempt.number)
+                            entered.append(hook)
+                    finally:
+                        HELD_UP.reset(token)
+                    if act.regrant is not None:
+                        await run.grant_again(act, attempt)
                 if entered:
                     run.admitted(act)
                 if act.stop_reason is not None:  # stopped while a hook held it up (which took the cancel)

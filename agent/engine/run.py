@@ -140,6 +140,7 @@ class Activation:
     where = NEW
     front = False  # requeued after a preemption: ahead of its level
     holds = False  # holds a grant from the pool
+    regrant: Any = None  # gave its grant back while its admission hooks waited (True), then the wait for it again
     counted = False  # its start is counted (once, whatever retries or restarts follow)
     reach: frozenset[str] | None  # what it could return (ReturnGraph.reach), once a run tracks joins
 
@@ -851,6 +852,13 @@ class Run:
 
     def on_grant(self, act: Activation) -> None:
         """The pool granted ``act``'s queued request (called while the pool settles)."""
+        waiter = act.regrant
+        if waiter is not None and waiter is not True:  # its grant again (grant_again)
+            act.regrant = None
+            act.holds = True
+            if not waiter.done():
+                waiter.set_result(None)
+            return
         if self.queued.pop(act.owner, None) is not act:
             return
         act.holds = True
@@ -900,10 +908,15 @@ class Run:
                 deferred.append(act)
                 continue
             req = specs[name].resources
-            if req is not None and not self.admit(act, req):
+            # Its admission hooks would wait (a MUTEX held, say): the pool is asked once they
+            # let it in (grant_again), so that waiting keeps no cores from states that can run.
+            after_hooks = req is not None and self.hooks and self.held_up_ahead(act)
+            if req is not None and not after_hooks and not self.admit(act, req):
                 continue
             launched = True
             self.launch(act)
+            if after_hooks and running.get(name) is act:
+                act.regrant = True
             if self.done:
                 break
             if (self.waiting or self.watch) and running.get(name) is not act:
@@ -965,6 +978,8 @@ class Run:
         act.attempt = number = act.attempt + 1
         if act.stop_reason is not None:
             act.stop_reason = None
+        if act.regrant is not None:  # an earlier attempt's, stopped while its hooks held it up
+            act.regrant = None
         act.where = RUNNING
         if self.pooled:
             self.pooled.pop(name, None)
@@ -1061,6 +1076,50 @@ class Run:
         except Exception as exc:  # an engine bug must end the run visibly, not hang it
             self.log.exception("internal error while finishing %r", act.state)
             self.fail(exc)
+
+    def held_up_ahead(self, act: Activation) -> bool:
+        """Whether an admission hook says ``act``'s attempt would wait now (``would_wait``;
+        a hook without it is taken to let it in)."""
+        for hook in self.hooks:
+            would_wait = getattr(hook, "would_wait", None)
+            if would_wait is not None and would_wait(act.state, self.run_id):
+                return True
+        return False
+
+    def give_back_while_held_up(self, act: Activation) -> None:
+        """An admission hook of ``act``'s attempt is about to wait (a primitive, a rate
+        limit): its grant goes back to the pool meanwhile, for states that can run now
+        (else a state waiting for a MUTEX would keep cores nobody uses, and could even
+        preempt others for them); :meth:`grant_again` asks for it once the hooks let it in."""
+        if act.holds and act.regrant is None and self.running.get(act.state) is act:
+            self._release(act, _NO_USAGE)
+            act.regrant = True
+            self.kick()
+
+    async def grant_again(self, act: Activation, attempt: Attempt) -> None:
+        """Ask the pool again for what ``act`` gave back while its hooks held it up, ahead
+        of its priority level (it was granted before); waits while the pool is full. What
+        the hooks let it take (a MUTEX, say) it holds meanwhile."""
+        admission = self._admission or self.admission
+        req = self.specs[act.state].resources
+        assert req is not None  # it held a grant
+        act.owner = admission.owner_for(act.state, self.run_id)
+        act.front = True
+        if admission.request(self, act, req):
+            act.regrant = None
+            act.holds = True
+        else:
+            act.regrant = waiter = self.driver.loop.create_future()
+            self.metadata[act.state].waiting_for = "resources: " + admission.why_waiting(act.owner)
+            admission.preempt_for(act, req)
+            try:
+                await waiter
+            except BaseException:
+                if act.regrant is waiter:  # not granted: the request is withdrawn
+                    act.regrant = None
+                    admission.release(act.owner)
+                raise
+        attempt.assignment = admission.assignment(act.owner)
 
     def admitted(self, act: Activation) -> None:
         """The admission hooks let ``act``'s attempt in: it starts now. What it waited for

@@ -198,6 +198,12 @@ class CapacityPrimitive(Primitive):
         self._grant(owner, amount)
         return True
 
+    @locked
+    def would_wait(self, amount: float = 1.0) -> bool:
+        """Whether asking for ``amount`` now would wait (others queued, or it does not fit)."""
+        self.expire_stale()
+        return bool(self._waiters) or not self._fits(amount)
+
     async def acquire(self, owner: str, amount: float = 1.0, timeout: float | None = None) -> None:
         """Take ``amount`` for ``owner``, waiting in FIFO order.
 

@@ -118,6 +118,11 @@ class RateLimiter:
             self._refused += 1
             return False
 
+    def would_wait(self) -> bool:
+        """Whether :meth:`acquire` would wait now (others queued, or no start allowed yet)."""
+        with self._lock:
+            return bool(self._line) or self._delay(self.clock.monotonic()) > _EPS
+
     async def acquire(self, timeout: float | None = None) -> None:
         """Wait (FIFO) until a start is allowed, then record it.
 
