@@ -495,6 +495,10 @@ class Confiner:
             self._gpu_minors, self._minors_of = machine_gpu_minors(), inventory
         return self._gpu_minors
 
+    def uid_freed(self) -> Any:
+        """A future set when a sandbox uid of this confiner's pool is next freed."""
+        return self._uids().until_one_is_freed()
+
     def _uids(self) -> Any:
         with self._uid_pool_made:
             return self._uid_pool or self._make_uid_pool()

@@ -17,7 +17,6 @@ import errno
 import json
 import os
 import platform
-import pwd
 import secrets
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from .cgroups.detect import (
     parse_mountinfo,
     with_v2_controllers,
 )
-from .sandbox import UidPool, configured_uids
+from .sandbox import UidPool, configured_uids, users_in
 
 # The controllers the v2 backend enables for its subtree (cpuset is not used on v2).
 V2_CONTROLLERS = ("cpu", "memory", "io", "pids")
@@ -561,12 +560,12 @@ def probe_sandbox() -> list[Check]:
     if os.geteuid() != 0:
         return [Check("privileges", False, "not root: cannot switch uid or create a network namespace")]
     checks.append(Check("privileges", True, "running as root"))
-    taken = sorted(f"{p.pw_name}({p.pw_uid})" for p in pwd.getpwall() if p.pw_uid in uids)
+    taken = users_in(uids)
     if taken:
         checks.append(Check("uid range", False, f"uids {uids.start}-{uids.stop - 1} include users {', '.join(taken)}: "
                             "choose a free range with AGENT_SANDBOX_UIDS=lo-hi"))
-    else:
-        checks.append(Check("uid range", True, f"uids {uids.start}-{uids.stop - 1} belong to no user"))
+        return checks
+    checks.append(Check("uid range", True, f"uids {uids.start}-{uids.stop - 1} belong to no user"))
     pool = UidPool(uids)
     try:
         lease = pool.lease(f"doctor-{os.getpid()}")

@@ -11,12 +11,36 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Awaitable, TypeVar
 
+from ..errors import IsolationUnavailableError
 from ..executor import Attempt, AttemptFailed, AttemptOutcome, Isolation
 from .child import ChildProcess
 from .confinement import removed
 from .service import Supervisor, serving_supervisor
 
 T = TypeVar("T")
+
+
+_UID_POLL = 0.5
+"""Seconds between looks for a sandbox uid another process may have freed meanwhile."""
+
+
+async def _confined(sup: Supervisor, attempt: Attempt) -> Any:
+    """``sup.confine(attempt)``; a sandbox that finds every uid leased waits for one, as for
+    any resource (the state before it in a chain frees its uid as its process is reaped,
+    which may come just after this launch)."""
+    while True:
+        try:
+            return sup.confine(attempt)
+        except IsolationUnavailableError as exc:
+            from .sandbox import UidsInUseError  # (imported when a sandbox is asked for)
+
+            if not isinstance(exc, UidsInUseError):
+                raise
+            freed = sup.confiner.uid_freed()
+        try:
+            await asyncio.wait_for(freed, _UID_POLL)
+        except TimeoutError:
+            pass
 
 
 class ProcessExecutor:
@@ -29,7 +53,7 @@ class ProcessExecutor:
         sup = serving_supervisor(asyncio.get_running_loop())
         try:
             await sup.room_for_child()
-            confinement = sup.confine(attempt)
+            confinement = await _confined(sup, attempt)
         except BaseException:
             sup.exit_attempt()
             raise

@@ -26,9 +26,11 @@ files lived in its own tmpfs).
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import glob
 import os
+import pwd
 import stat
 import tempfile
 import threading
@@ -36,6 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .._loops import grant_soon
 from ..errors import IsolationUnavailableError
 from ..runtime.sandbox import DEFAULT_HOME, DEFAULT_SHM_MB, ENV_KEEP
 from .uid_sweep import kill_uid, remove_ipc, sweep_uid
@@ -149,13 +152,33 @@ class UidPoolStatistics:
     swept_after_crash: int
 
 
+class UidsInUseError(IsolationUnavailableError):
+    """Every uid of the range is leased: a launch waits for one (:meth:`UidPool.until_one_is_freed`)."""
+
+
+def users_in(uids: range) -> list[str]:
+    """The accounts of this machine whose uid is in ``uids`` (``name(uid)``)."""
+    return sorted(f"{p.pw_name}({p.pw_uid})" for p in pwd.getpwall() if p.pw_uid in uids)
+
+
 class UidPool:
-    """Leases sandbox uids, one per owner; thread-safe and safe across processes."""
+    """Leases sandbox uids, one per owner; thread-safe and safe across processes.
+
+    A range that holds an account of this machine is refused: a sandbox would run as that
+    user, and the sweep of a uid left by a crash kills that user's processes and removes
+    their files in /tmp.
+    """
 
     def __init__(self, uids: range | None = None, *, lock_dir: str | None = None) -> None:
         self.uids = uids if uids is not None else configured_uids()
         if len(self.uids) == 0 or self.uids.start <= 0:
             raise IsolationUnavailableError(f"sandbox uid range {self.uids} is empty or includes root")
+        taken = users_in(self.uids)
+        if taken:
+            raise IsolationUnavailableError(
+                f"sandbox uids {self.uids.start}-{self.uids.stop - 1} include users {', '.join(taken)}: a "
+                f"sandbox would run as them; choose a range no account uses with {UIDS_ENV}=lo-hi"
+            )
         self.lock_dir = lock_dir or os.environ.get(LOCK_DIR_ENV) or DEFAULT_LOCK_DIR
         self._mutex = threading.Lock()
         self._leases: dict[str, tuple[SandboxLease, int]] = {}
@@ -163,6 +186,7 @@ class UidPool:
         self._cursor = 0
         self._reaped = False
         self._swept_after_crash = 0
+        self._freed: list[asyncio.Future[None]] = []  # until_one_is_freed()
 
     def lease(self, owner: str, *, ahead: bool = False) -> SandboxLease:
         """A uid nobody else holds, with nothing of a previous tenant; raises when all are taken.
@@ -190,7 +214,7 @@ class UidPool:
             else:
                 if self._ahead and not ahead:
                     return self._take_over(self._ahead[0], owner)
-                raise IsolationUnavailableError(
+                raise UidsInUseError(
                     f"all {count} sandbox uids ({self.uids.start}-{self.uids.stop - 1}) are in use; "
                     f"widen the range with {UIDS_ENV}=lo-hi"
                 )
@@ -245,6 +269,18 @@ class UidPool:
                 os.close(fd)  # keep the file: the uid is swept in full before its next lease
                 raise
             self._unlock(lease.uid, fd)
+            freed, self._freed = self._freed, []
+        for future in freed:
+            grant_soon(future)
+
+    def until_one_is_freed(self) -> asyncio.Future[None]:
+        """A future of this loop, set when this pool next frees a uid (another process's
+        leases are not seen: wait on it with a timeout, and ask again)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with self._mutex:
+            self._freed = [f for f in self._freed if not f.done()]  # (those that gave up waiting)
+            self._freed.append(future)
+        return future
 
     def leased(self) -> dict[str, int]:
         """owner -> uid for every lease held by this pool."""

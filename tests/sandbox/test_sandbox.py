@@ -45,6 +45,15 @@ SECRET_NAME = "AGENT_TEST_SANDBOX_SECRET"
 SECRET_VALUE = "s3cr3t-value-of-the-supervisor"
 
 
+async def _uid_then_b(context: Any) -> str:
+    context.set_state("a", os.getuid())
+    return "b"
+
+
+async def _uid_of_b(context: Any) -> None:
+    context.set_state("b", os.getuid())
+
+
 def in_child(body: Callable[[], dict[str, Any]], spec: dict[str, Any] | None) -> dict[str, Any]:
     """Fork, enter the sandbox (when ``spec``), run ``body`` and return what it reported."""
     read_end, write_end = os.pipe()
@@ -584,6 +593,32 @@ class TestSandboxedChild:
         finally:
             ctypes.CDLL(None).prctl(36, 0, 0, 0, 0)
         assert processes_of(lease.uid) == []
+
+    def test_a_range_that_holds_an_account_is_refused(self) -> None:
+        import pwd
+
+        account = next(p for p in pwd.getpwall() if p.pw_uid > 0)  # daemon, nobody, ...
+        with pytest.raises(IsolationUnavailableError, match=rf"include users .*{account.pw_name}\({account.pw_uid}\)"):
+            UidPool(range(account.pw_uid, account.pw_uid + 1))
+
+    async def test_a_chain_of_sandboxed_states_shares_one_uid(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """With one uid, the next state of a chain waits for the uid the state before it frees
+        as its process is reaped, rather than failing: every uid in use is a wait, not an error."""
+        from agent import Agent
+        from agent.supervisor import shutdown_supervisor
+
+        uid = DEFAULT_UIDS.stop - 1
+        shutdown_supervisor()  # the next one reads the range
+        monkeypatch.setenv(UIDS_ENV, f"{uid}-{uid}")
+        try:
+            agent = Agent("one_uid", isolation="sandbox")
+            agent.add_state("a", _uid_then_b, context_keys=["a"])
+            agent.add_state("b", _uid_of_b, context_keys=["b"])
+            for _ in range(3):
+                context = await agent.run()
+                assert (context.get_state("a"), context.get_state("b")) == (uid, uid)
+        finally:
+            shutdown_supervisor()
 
     def test_root_is_never_a_sandbox_uid(self) -> None:
         got = in_child(lambda: {"uid": os.getuid()}, sandbox_spec(0))
