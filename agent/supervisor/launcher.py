@@ -224,6 +224,20 @@ class ZygoteLauncher:
         idle exit (the supervisor may then have no event loop to do it on)."""
         self._send({"op": "idle_cgroup", "pid": pid, "dirs": list(dirs)})
 
+    def continue_if_stopped(self) -> bool:
+        """Send SIGCONT to the zygote if it is stopped (a ``process`` state's SIGSTOP to its
+        parent, say: nothing would be forked, reaped or reported, and runs would wait for
+        good); True when it was."""
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as stat:
+                state = stat.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        if not self.alive or state not in (b"T", b"t"):
+            return False
+        os.kill(self.pid, signal.SIGCONT)
+        return True
+
     def _send(self, request: dict[str, Any]) -> None:
         if not self.alive:
             raise ConnectionError("the zygote is gone")

@@ -20,6 +20,23 @@ from .service import Supervisor, serving_supervisor
 T = TypeVar("T")
 
 
+_ZYGOTE_CHECK = 1.0
+"""Seconds an attempt's end waits for its process's exit report before it looks whether
+the zygote, which reaps and reports, was stopped."""
+
+
+async def _exited(sup: Supervisor, child: ChildProcess) -> int | None:
+    """``child``'s exit status once the zygote reports it; a zygote found stopped meanwhile
+    is continued (else this would wait for good), and that is logged."""
+    while True:
+        try:
+            return await asyncio.wait_for(asyncio.shield(child.exited), _ZYGOTE_CHECK)
+        except TimeoutError:
+            if sup.zygote.continue_if_stopped():
+                sup.log.warning("zygote_continued", zygote_pid=sup.zygote.pid, state_pid=child.pid,
+                                why="it was stopped (SIGSTOP): a state's process may have stopped its parent")
+
+
 _UID_POLL = 0.5
 """Seconds between looks for a sandbox uid another process may have freed meanwhile."""
 
@@ -104,7 +121,7 @@ class ProcessExecutor:
         """The end of an attempt whose outcome was taken early: its process reaped (killed if
         it lingers past the grace period), its log closed, its cgroup and uid let go."""
         try:
-            status = await uncancellable(asyncio.shield(child.exited))
+            status = await uncancellable(_exited(sup, child))
             confinement.reaped = status is not None
         finally:
             sup.forget(child)

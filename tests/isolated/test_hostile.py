@@ -341,6 +341,10 @@ def cgroups_of_this_test(controllers):
             os.rmdir(d)
 
 
+async def stops_its_parent(context):
+    os.kill(os.getppid(), signal.SIGSTOP)
+
+
 async def still_serving(isolation: str) -> None:
     agent = Agent("normal", isolation=isolation)
     agent.add_state("normal", normal, context_keys=ALL_KEYS)
@@ -585,6 +589,20 @@ class TestHonestReasons:
         assert (exc.reason.kind, exc.attempts, exc.reason.message) == ("exception", 2, message)
         assert warnings == []
         await still_serving(isolation)
+
+    @pytest.mark.timeout(120)
+    async def test_a_state_that_stops_its_parent_does_not_hang_the_run(self, warnings):
+        # SIGSTOP to the zygote: it would neither reap nor report the state's exit, and the
+        # run would wait for it for good (no timeout, no cancel ended it). It is continued.
+        sup = current_supervisor()
+        try:
+            agent = Agent("stops_parent", isolation="process")
+            agent.add_state("stop", stops_its_parent)
+            await asyncio.wait_for(agent.run(), 60)
+            assert warnings == ["zygote_continued"]
+            await still_serving("process")
+        finally:
+            os.kill(sup.zygote.pid, signal.SIGCONT)  # (where it is not continued: for the tests after)
 
     async def test_a_state_that_exits_at_once_is_judged_at_once(self, warnings):
         # Its hello and its disconnect often reach the supervisor together, after it was
