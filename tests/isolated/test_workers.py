@@ -585,23 +585,29 @@ def test_a_supervisor_shut_down_with_live_workers_leaves_no_unclosed_file():
     assert "ResourceWarning" not in done.stderr, done.stderr[-3000:]
 
 
+WHERE = """
+import json, os
+import psutil
+from agent import Agent
+
+async def where(context):
+    with open("/proc/self/cgroup") as fh:
+        rows = [line.strip().split(":", 2) for line in fh]
+    context.set_state("pid", os.getpid())
+    context.set_state("dirs", [f"/sys/fs/cgroup/{names}{path}".replace("//", "/")
+                               for _, names, path in rows if "/worker-" in path])
+"""
+"""The start of a script whose state ``where`` notes its worker's pid and cgroup directories."""
+
+
 def test_an_idle_worker_goes_with_its_cgroup_while_no_event_loop_serves_the_supervisor():
     """After ``run_sync()`` returned nothing serves the supervisor, yet a worker idle for
     ``AGENT_WORKER_IDLE`` seconds still exits then, and its cgroup goes with it."""
     import textwrap
 
-    script = textwrap.dedent(
+    script = WHERE + textwrap.dedent(
         """
-        import json, os, time
-        import psutil
-        from agent import Agent
-
-        async def where(context):
-            with open("/proc/self/cgroup") as fh:
-                rows = [line.strip().split(":", 2) for line in fh]
-            context.set_state("pid", os.getpid())
-            context.set_state("dirs", [f"/sys/fs/cgroup/{names}{path}".replace("//", "/")
-                                       for _, names, path in rows if "/worker-" in path])
+        import time
 
         agent = Agent("idle", isolation="worker")
         agent.add_state("where", where)
@@ -672,18 +678,9 @@ def test_a_worker_retired_as_its_attempt_ends_is_gone_when_the_run_returns(how: 
     the cgroup: no loop serves the supervisor then)."""
     import textwrap
 
-    script = textwrap.dedent(
+    script = WHERE + textwrap.dedent(
         f"""
-        import asyncio, json, os
-        import psutil
-        from agent import Agent
-
-        async def where(context):
-            with open("/proc/self/cgroup") as fh:
-                rows = [line.strip().split(":", 2) for line in fh]
-            context.set_state("pid", os.getpid())
-            context.set_state("dirs", [f"/sys/fs/cgroup/{{names}}{{path}}".replace("//", "/")
-                                       for _, names, path in rows if "/worker-" in path])
+        import asyncio
 
         agent = Agent("retired", isolation="worker")
         agent.add_state("where", where)
