@@ -371,15 +371,17 @@ class ChildProcess:
             timer.cancel()
         for task in self._human:
             task.cancel()
-        self._give_all_back()
-        self._sup.forget(self)
-        self._answer_now()
-        self._hear()
-        if not self.exited.done():
-            try:
-                self.exited.set_result(self._exit_status)
-            except RuntimeError:  # its event loop is closed: nobody awaits it any more
-                pass
+        try:
+            self._give_all_back()
+            self._sup.forget(self)
+        finally:  # the attempt ends even when the supervisor's cleanup of it raised (said by the caller)
+            self._answer_now()
+            self._hear()
+            if not self.exited.done():
+                try:
+                    self.exited.set_result(self._exit_status)
+                except RuntimeError:  # its event loop is closed: nobody awaits it any more
+                    pass
 
     def log_over_cap(self, cap: int) -> None:
         """The state printed more than its log may hold (a sandbox's file size limit): stop it."""

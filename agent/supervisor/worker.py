@@ -106,12 +106,14 @@ class WorkerAttempt(ChildProcess):
         self.on_exit_status(0)
 
     def _finalize(self) -> None:
-        super()._finalize()
-        if self.status is ChildStatus.EXITED and not self.over.done():
-            try:
-                self.over.set_result(self._exit_status)
-            except RuntimeError:  # its event loop is closed: nobody awaits it any more
-                pass
+        try:
+            super()._finalize()
+        finally:
+            if self.status is ChildStatus.EXITED and not self.over.done():
+                try:
+                    self.over.set_result(self._exit_status)
+                except RuntimeError:  # its event loop is closed: nobody awaits it any more
+                    pass
 
     def _failure(self, status: int | None) -> FailureReason:
         reason = super()._failure(status)
@@ -148,7 +150,11 @@ class WorkerAttempt(ChildProcess):
             raise ProtocolError("a hello while its state ran, before the attempt reported")
         # Ready again: the attempt is over. Frames after it belong to no attempt.
         rest, self._inbox = list(self._inbox), type(self._inbox)()
-        self.worker.ready()
+        try:
+            self.worker.ready()
+        except Exception:
+            self.worker.kill()  # the attempt's end could not be filed: the worker serves no other
+            raise
         for frame in rest:
             self.worker.receive(frame)
 

@@ -14,7 +14,7 @@ import pytest
 from agent.resources import ResourceRequirements
 from agent.supervisor.cgroups import CgroupLimits
 from agent.supervisor.cgroups.base import SupervisorName
-from agent.supervisor.confinement import Confiner, SharedConfinement
+from agent.supervisor.confinement import Confiner, SharedConfinement, restart_peak
 
 from .helpers import (
     BACKEND,
@@ -126,6 +126,28 @@ class TestAttemptCleanup:
         assert confinement.cleanup_error is None
         assert child.wait().signal == signal.SIGKILL
         assert _gone(pids["grandchild"])
+        assert leftover_cgroups(confiner) == []
+
+    @needs_v1
+    def test_a_workers_cgroup_removed_under_its_open_files_is_no_error_and_no_change(self, confiner):
+        # A worker that goes idle at once after its attempt's report is reaped, and its cgroup
+        # removed by the zygote, before the supervisor reads that report: the files it holds
+        # open answer ENODEV. Restarting the peak raised it (the run then hung), and every
+        # limit file read as changed (a false warning).
+        confinement = confiner.prepare(make_attempt(ResourceRequirements(memory_mb=64)))
+        handle = confinement.handle
+        handle.remember_limits()
+        restart_peak(handle)
+        handle.reading()
+        for path in handle.dirs.values():
+            os.rmdir(path)  # as the zygote does: the worker is gone, its cgroups are empty
+        with pytest.raises(OSError) as gone:
+            os.pwrite(handle._files._fd(f"{handle.dirs['memory']}/memory.max_usage_in_bytes"), b"0", 0)
+        assert gone.value.errno == errno.ENODEV
+        restart_peak(handle)
+        assert handle.limits_changed() == []
+        confinement.close()
+        assert confinement.cleanup_error is None
         assert leftover_cgroups(confiner) == []
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import gc
 import os
 import resource
@@ -669,6 +670,31 @@ def test_a_tiny_idle_setting_still_serves_every_state() -> None:
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert (seen["n"], seen["status"]) == (3, "completed") and len(seen["cpu"]) == 3
     assert all(cpu >= 0 for cpu in seen["cpu"]), seen
+    # Each worker went idle at once after its report, and the zygote removed its cgroup while
+    # the supervisor read that report: no error (the run hung), no limit "changed".
+    assert "protocol_violation" not in done.stderr and "worker_limits_changed" not in done.stderr, done.stderr
+
+
+async def counts(context):
+    context.set_state("n", context.get_state("n", 0) + 1)
+    return "counts" if context.get_state("n") < 2 else None
+
+
+async def test_the_supervisors_own_cleanup_failing_fails_the_state_instead_of_hanging_the_run(monkeypatch):
+    from agent.supervisor import worker as worker_module
+
+    def fails(handle):
+        raise OSError(errno.EIO, "the cgroup file could not be written")
+
+    monkeypatch.setattr(worker_module, "restart_peak", fails)  # called as an attempt's end is filed
+    agent = Agent("cleanup_fails", isolation="worker")
+    agent.add_state("counts", counts)
+    with pytest.raises(StateFailedError, match="could not be written"):
+        await asyncio.wait_for(agent.run(), 30)
+    monkeypatch.undo()
+    again = Agent("after_it", isolation="worker")
+    again.add_state("counts", counts)
+    assert (await again.run()).get_state("n") == 2  # the supervisor serves on
 
 
 @pytest.mark.parametrize("how", ["run_sync", "run"])

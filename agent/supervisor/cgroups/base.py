@@ -292,11 +292,13 @@ class OpenFiles:
         return out
 
     def changed(self, contents: dict[str, str]) -> list[str]:
-        """Which of ``contents``'s files set something else now."""
+        """Which of ``contents``'s files set something else now. One that cannot be read any
+        more changed nothing: its cgroup is gone (a worker that went idle, removed by the zygote
+        while this is read), as no process can unlink a cgroup's file."""
         changed = []
         for path, setting in contents.items():
             text = self.text(path)
-            if text is None or setting_in(path, text) != setting:
+            if text is not None and setting_in(path, text) != setting:
                 changed.append(path)
         return changed
 

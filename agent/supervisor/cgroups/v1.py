@@ -177,8 +177,17 @@ class V1Cgroup:
         return self._files.int(f"{self.dirs['cpuacct']}/cpuacct.usage") / 1e9
 
     def reset_peak(self) -> None:
-        """Restart the peak memory from the usage now (for the next attempt of a worker)."""
-        self._files.write(f"{self.dirs['memory']}/memory.max_usage_in_bytes", "0")
+        """Restart the peak memory from the usage now (for the next attempt of a worker).
+
+        Nothing to restart once the cgroup is gone: a worker that went idle at once after its
+        attempt's report is reaped, its cgroup removed, before the supervisor reads that report
+        (the kernel then answers ``ENODEV`` through the open file).
+        """
+        try:
+            self._files.write(f"{self.dirs['memory']}/memory.max_usage_in_bytes", "0")
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
 
     def _cpu_stat(self) -> dict[str, int]:
         cpu = self.dirs.get("cpu")
