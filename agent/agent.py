@@ -461,7 +461,7 @@ class Agent:
             for name in early:  # cancel_state() while the supervisor started
                 run.cancel_state(name)
             if not run.settle_now():  # a run whose states never await ends here, without the loop
-                await run.driver.drive(deadline)
+                await run.driver.drive(deadline, timeout or 0.0)
         except asyncio.CancelledError:
             self._set_status(AgentStatus.CANCELLED)
             if run.observers:  # its caller went away: the run ended all the same

@@ -125,14 +125,15 @@ class Driver:
         self.handles.add(handle)
         return handle
 
-    async def drive(self, deadline: float | None) -> None:
-        """Pump until the run is done; on ``deadline`` (run clock) the run times out."""
+    async def drive(self, deadline: float | None, timeout: float = 0.0) -> None:
+        """Pump until the run is done; on ``deadline`` (run clock, ``timeout`` seconds from its
+        start) the run times out."""
         run = self.run
         loop = self.loop
         timer = None
         try:
             if deadline is not None:
-                timer = loop.call_later(max(0.0, deadline - run.clock()), run.time_out)
+                timer = loop.call_later(max(0.0, deadline - run.clock()), run.time_out, timeout)
             while True:
                 run.pump()
                 if run.done:

@@ -1911,13 +1911,14 @@ class Run:
                   data={"final": True, "kind": "timeout", "run_goes_on": False})
         self.fail(error)
 
-    def time_out(self) -> None:
+    def time_out(self, timeout: float) -> None:
+        """``run(timeout=...)`` expired: the run fails, saying what was still to do."""
         if self.done:
             return
         waiting = sorted({a.state for a in self.live.values() if a.where != RUNNING} | set(self.held_names)
                          | (self.watch if self.tracks_deps else set()))
         self.error = RunTimeoutError(
-            f"run of agent {self.name!r} did not finish within its timeout; "
+            f"run of agent {self.name!r} did not finish within its timeout of {timeout:g} s; "
             f"still running: {sorted(self.running) or 'nothing'}"
             + (f"; still to run (queued, waiting or retrying): {waiting}" if waiting else "")
         )

@@ -69,7 +69,8 @@ class TestRunTimeout:
                 raise
 
         agent.add_state("hang", hang)
-        with pytest.raises(RunTimeoutError, match="did not finish within its timeout"):
+        expired = r"did not finish within its timeout of 0\.05 s; still running: \['hang'\]"
+        with pytest.raises(RunTimeoutError, match=expired):
             await agent.run(timeout=0.05, cleanup_timeout=1)
         assert cancelled.is_set()
         assert agent.status is AgentStatus.FAILED
