@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, runtime_checkable
 
-from .errors import FailureReason, IsolationUnavailableError, RayUnavailableError
+from .errors import FailureReason, InvalidConfigurationError, IsolationUnavailableError, RayUnavailableError
 
 if TYPE_CHECKING:
     import asyncio
@@ -221,11 +221,14 @@ async def prepare_for(level: Isolation, timeout: float | None = None) -> None:
     """Have the executor of ``level`` (one the supervisor serves) start what its first
     attempt would otherwise wait for (the supervisor and its zygote, a few tenths of a
     second when cold), waiting at most ``timeout`` seconds. A run calls this before any
-    state starts, so that no state's duration or timeout counts that start. Never raises:
-    a level that cannot start says so at its first attempt, which also waits for what is
-    not ready yet."""
+    state starts, so that no state's duration or timeout counts that start. Raises only
+    :class:`InvalidConfigurationError` (a setting such as ``AGENT_STOP_GRACE=-1``: the run
+    is refused before anything runs); a level that cannot start otherwise says so at its
+    first attempt, which also waits for what is not ready yet."""
     try:
         await executor_for(level).prepare(timeout)  # type: ignore[attr-defined]
+    except InvalidConfigurationError:
+        raise
     except Exception:  # said again, with its reason, by the first attempt
         pass
 

@@ -16,6 +16,7 @@ from ..executor import Attempt, AttemptFailed, AttemptOutcome, Isolation
 from .child import ChildProcess
 from .confinement import removed
 from .service import Supervisor, serving_supervisor
+from .workers import WorkerSettings
 
 T = TypeVar("T")
 
@@ -178,6 +179,7 @@ class WorkerExecutor:
             sup.exit_attempt()
 
     async def prepare(self, timeout: float | None = None) -> None:
+        WorkerSettings()  # read now: a wrong AGENT_WORKER_* setting refuses the run before it starts
         await until_ready(timeout)
 
     async def aclose(self) -> None:

@@ -302,8 +302,8 @@ class WorkerPool:
         settings = self.settings
         if self._closed or worker.served >= settings.max_states:
             return True
-        if now - worker.requested_at >= settings.max_age:
-            return True
+        if worker.served and now - worker.requested_at >= settings.max_age:
+            return True  # (as an attempt ends: one younger than its start would serve none)
         handle = worker.confinement.handle
         if handle is None or worker.served == 0:
             return False

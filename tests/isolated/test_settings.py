@@ -1,5 +1,5 @@
 """The supervisor's settings from the environment: a bad value is refused, naming the
-variable, and fails the states that need it for good (not once per retry)."""
+variable, as a run that needs it starts (nothing of it runs)."""
 
 from __future__ import annotations
 
@@ -67,21 +67,28 @@ def test_an_echo_target_that_is_none_is_refused(monkeypatch: pytest.MonkeyPatch,
         default_writer()
 
 
-def test_a_run_under_a_bad_setting_fails_once_naming_it() -> None:
-    script = textwrap.dedent("""
-        from agent import Agent, RetryPolicy, StateFailedError
+@pytest.mark.parametrize(("isolation", "name", "value", "wanted"), [
+    ("process", "AGENT_STOP_GRACE", "2s", "number of seconds (0 or more)"),
+    ("worker", "AGENT_STOP_GRACE", "2s", "number of seconds (0 or more)"),
+    ("worker", "AGENT_WORKER_IDLE", "0", "number of seconds (above 0)"),
+])
+def test_a_run_under_a_bad_setting_is_refused_before_anything_runs(
+    isolation: str, name: str, value: str, wanted: str,
+) -> None:
+    """Refused as run() starts, before any state (it was the first state's failed attempt,
+    a failure of the workflow's that is the machine's setting)."""
+    script = textwrap.dedent(f"""
+        from agent import Agent, InvalidConfigurationError, RetryPolicy
         async def s(context):
             return None
-        agent = Agent("bad_setting", isolation="process", retry_policy=RetryPolicy(max_retries=3, initial_delay=0))
+        agent = Agent("bad_setting", isolation={isolation!r}, retry_policy=RetryPolicy(max_retries=3, initial_delay=0))
         agent.add_state("s", s)
         try:
             agent.run_sync()
-        except StateFailedError as exc:
-            print(exc.attempts, exc.reason.kind, exc.reason.exception_type, exc.reason.permanent)
-            print(exc.reason.message)
+        except InvalidConfigurationError as exc:
+            print(agent.status.value, agent.state_metadata["s"].status.value, agent.state_metadata["s"].attempts)
+            print(exc)
     """)
-    env = {**os.environ, "AGENT_STOP_GRACE": "2s", "AGENT_STATUS_ENDPOINT": "off"}
+    env = {**os.environ, name: value, "AGENT_STATUS_ENDPOINT": "off"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    first, message = out.stdout.splitlines()[:2]
-    assert first == "1 exception agent.errors.InvalidConfigurationError True", out.stderr
-    assert "AGENT_STOP_GRACE='2s': give a number of seconds (0 or more)" in message
+    assert out.stdout.splitlines() == ["idle pending 0", f"{name}={value!r}: give a {wanted}"], out.stderr

@@ -638,10 +638,13 @@ def test_an_idle_worker_goes_with_its_cgroup_while_no_event_loop_serves_the_supe
     assert not seen["alive"] and seen["left"] == [], seen
 
 
-def test_a_tiny_idle_setting_still_serves_every_state() -> None:
+@pytest.mark.parametrize("setting", ["AGENT_WORKER_IDLE", "AGENT_WORKER_MAX_AGE"])
+def test_a_tiny_idle_or_age_setting_still_serves_every_state(setting: str) -> None:
     """AGENT_WORKER_IDLE shorter than the supervisor's answer to a hello: each fresh worker
     still waits for the attempt it was started for (every one exited first, and the attempt
-    then failed with an internal error on negative usage)."""
+    then failed with an internal error on negative usage). AGENT_WORKER_MAX_AGE shorter than
+    a worker's start: each worker serves one attempt, then is retired (each was retired at
+    its first hello, and workers were started and killed without end)."""
     import textwrap
 
     script = textwrap.dedent(
@@ -659,17 +662,20 @@ def test_a_tiny_idle_setting_still_serves_every_state() -> None:
         agent.run_sync()
         meta = agent.state_metadata["step"]
         print(json.dumps({"n": agent.context.get_state("n"), "status": meta.status.value,
-                          "cpu": [r.usage.get("cpu_seconds", 0) for r in meta.history]}))
+                          "cpu": [r.usage.get("cpu_seconds", 0) for r in meta.history],
+                          "pids": {k: v for k, v in agent.context.to_dict().items() if k.startswith("pid_")}}))
         """
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=ROOT, AGENT_ECHO="off", AGENT_WORKER_IDLE="0.0001"))
+                          env={**os.environ, "PYTHONPATH": ROOT, "AGENT_ECHO": "off", setting: "0.0001"})
     assert done.returncode == 0, done.stderr[-3000:]
     import json
 
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert (seen["n"], seen["status"]) == (3, "completed") and len(seen["cpu"]) == 3
     assert all(cpu >= 0 for cpu in seen["cpu"]), seen
+    if setting == "AGENT_WORKER_MAX_AGE":
+        assert len({seen["pids"][k] for k in ("pid_0", "pid_1", "pid_2")}) == 3, seen
     # Each worker went idle at once after its report, and the zygote removed its cgroup while
     # the supervisor read that report: no error (the run hung), no limit "changed".
     assert "protocol_violation" not in done.stderr and "worker_limits_changed" not in done.stderr, done.stderr
