@@ -53,14 +53,21 @@ def seconds(name: str, default: float, *, above_zero: bool = False) -> float:
     return value
 
 
+COUNT_MOST = 2**31 - 1
+"""The most any count setting may be: what a C ``int`` holds (the zygote's messages and the
+kernel's calls carry them); more than any machine can use."""
+
+
 def count(name: str, default: int, *, least: int = 0) -> int:
-    """The setting ``name`` as a whole number, ``least`` or more (``default`` when unset or
-    blank); ASCII digits only, so ``1e3``, ``+5`` or ``1_000`` are refused as :func:`seconds`
-    refuses what it cannot read."""
+    """The setting ``name`` as a whole number from ``least`` to :data:`COUNT_MOST`
+    (``default`` when unset or blank); ASCII digits only, so ``1e3``, ``+5`` or ``1_000`` are
+    refused as :func:`seconds` refuses what it cannot read."""
     text = (get(name) or "").strip()
     if not text:
         return default
     if not (text.isascii() and text.isdigit()) or int(text) < least:
         raise InvalidConfigurationError(f"{name}={text!r}: give a whole number ({least} or more)")
+    if int(text) > COUNT_MOST:
+        raise InvalidConfigurationError(f"{name}={text!r}: give a whole number from {least} to {COUNT_MOST}")
     return int(text)
 

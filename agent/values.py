@@ -102,6 +102,11 @@ _FIX = (
 )
 
 
+MAX_FRAME_MOST = 1 << 40
+"""The largest frame cap ``AGENT_IPC_MAX_FRAME`` may set (1 TiB: more than a machine holds;
+the socket library refuses caps past 2**63)."""
+
+
 def max_frame_from_env() -> int:
     """The frame cap: ``AGENT_IPC_MAX_FRAME`` bytes, else 64 MiB."""
     raw = _env.get("AGENT_IPC_MAX_FRAME")
@@ -111,8 +116,9 @@ def max_frame_from_env() -> int:
         value = int(raw)
     except ValueError:
         value = 0
-    if value < MIB:
-        raise InvalidConfigurationError(f"AGENT_IPC_MAX_FRAME={raw!r}: give a number of bytes >= {MIB}")
+    if not MIB <= value <= MAX_FRAME_MOST:
+        raise InvalidConfigurationError(
+            f"AGENT_IPC_MAX_FRAME={raw!r}: give a number of bytes from {MIB} to {MAX_FRAME_MOST}")
     return value
 
 

@@ -52,16 +52,21 @@ class RouterChannel:
         self._on_disconnect = on_disconnect
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, max_frame + FRAME_OVERHEAD)
-        self._sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        old_umask = os.umask(0o077)
         try:
-            self._sock.bind(self.endpoint)
-        finally:
-            os.umask(old_umask)
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+            self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self._sock.setsockopt(zmq.MAXMSGSIZE, max_frame + FRAME_OVERHEAD)
+            self._sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            old_umask = os.umask(0o077)
+            try:
+                self._sock.bind(self.endpoint)
+            finally:
+                os.umask(old_umask)
+            self._monitor = self._sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        except BaseException:  # a context left to the garbage collector can hang it in term()
+            self._sock.close(linger=0)
+            self._ctx.term()
+            raise
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         # Connections whose disconnect was reported while frames of theirs may still be

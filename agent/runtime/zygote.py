@@ -104,6 +104,7 @@ SPARE_NAMESPACES = 2
 # after this many seconds without a spawn request.
 PARK_MAX = 4
 PARK_IDLE = 5.0
+_POLL_MOST = 2**31 - 1  # milliseconds
 _UCRED = struct.Struct("iII")
 
 
@@ -351,7 +352,8 @@ class Zygote:
         if not any(parking.children for parking in self._parking.values()):
             return None
         left = self._last_spawn + self._park_idle - time.monotonic()
-        return max(1, int(left * 1000) + 1) if left > 0 else 0
+        # At most what poll() takes (about 24 days): a longer wait just polls again.
+        return max(1, int(min(left * 1000, _POLL_MOST - 1)) + 1) if left > 0 else 0
 
     def _park(self, sandbox: bool) -> bool:
         """Fork a child that waits for its spec (as a sandboxed launch's: see the module

@@ -57,17 +57,20 @@ _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
 
 
 def _parse(name: str, default: str, units: tuple[str, ...]) -> float:
-    """A size (``512M``) or a duration (``7d``) from the environment; ``0`` or ``off``: no limit."""
+    """A size (``512M``), a duration (``7d``) or a count (``units`` has none but ``""``: a
+    whole number) from the environment; zero in any spelling (``0.0``, ``0d``), or ``off``:
+    no limit."""
     text = os.environ.get(name, default).strip().lower()
-    if text in ("0", "off", "none", ""):
+    if text in ("off", "none", ""):
         return float("inf")
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", text)
+    number = r"(\d+)" if units == ("",) else r"(\d+(?:\.\d+)?)"
+    match = re.fullmatch(number + r"\s*([a-z]*)", text)
     if match is None or match.group(2) not in units:
-        raise InvalidConfigurationError(
-            f"{name}={os.environ.get(name)!r}: give a number with an optional unit "
-            f"({', '.join(u or 'none' for u in units)}), or 0 for no limit"
-        )
-    return float(match.group(1)) * _UNITS[match.group(2)]
+        wanted = "a whole number" if units == ("",) else (
+            f"a number with an optional unit ({', '.join(u or 'none' for u in units)})")
+        raise InvalidConfigurationError(f"{name}={os.environ.get(name)!r}: give {wanted}, or 0 for no limit")
+    value = float(match.group(1)) * _UNITS[match.group(2)]
+    return value if value > 0 else float("inf")
 
 
 @dataclass(frozen=True)

@@ -88,9 +88,12 @@ def _env_mb(name: str, default: int) -> int:
         value = int(text)
     except ValueError:
         value = 0
-    if value <= 0:
-        raise IsolationUnavailableError(f"{name}={text!r} must be a whole number of MiB above 0")
+    if not 0 < value <= _MB_MOST:
+        raise IsolationUnavailableError(f"{name}={text!r} must be a whole number of MiB from 1 to {_MB_MOST}")
     return value
+
+
+_MB_MOST = (1 << 43) - 1  # in bytes, what a signed 64-bit limit holds
 
 
 def unavailable_reason() -> str | None:

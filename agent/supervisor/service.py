@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import itertools
 import os
 import re
@@ -42,7 +43,7 @@ from .confinement import Confinement, Confiner
 from .descriptors import Budget, raise_soft_limit
 from .launcher import ZygoteLauncher
 from .logger import get_logger
-from .logs import AttemptLogs, activate, deactivate
+from .logs import AttemptLogs, LogRetention, activate, deactivate
 from .private_dirs import make_private_dir
 from .teardown import at_exit
 from .output import AttemptOutput, label_for
@@ -97,28 +98,36 @@ class Supervisor:
 
     def __init__(self, config: SupervisorConfig | None = None, confiner: Confiner | None = None) -> None:
         self.config = config or SupervisorConfig()
-        self.confiner = confiner or Confiner()
+        retention = LogRetention.from_env()  # every setting read before anything is made
         self.bounds = Bounds(max_frame=self.config.max_frame)
         self.pickled = PickledFunctions()  # each state function's pickle, while still the same
         self.log = get_logger("agent.supervisor")
         open_files = raise_soft_limit()  # see .descriptors; state processes get this one back
-        self.ipc_dir = make_private_dir("ipc")
-        self.logs = AttemptLogs(self.config.log_dir)
-        self.router = RouterChannel(
-            self.ipc_dir, max_frame=self.config.max_frame,
-            on_frame=self._on_frame, on_disconnect=self._on_disconnect,
-        )
-        # What the zygote removes once it has killed its children, should this process end
-        # without doing it (kill -9, a multiprocessing worker's os._exit): its directories
-        # and its cgroups (empty by then; rmdir is all a cgroup takes).
-        cleanup = [self.ipc_dir, *([self.logs.directory] if self.logs.owned else []),
-                   *self.confiner.backend.owned_dirs()]
-        self.zygote = ZygoteLauncher(
-            self._on_report, self._on_zygote_lost, cleanup,
-            preload=self.config.preload, import_path=list(sys.path), park_max=self.config.park_max,
-            park_idle=self.config.park_idle,
-            endpoint=self.router.endpoint, open_files=open_files,
-        )
+        with contextlib.ExitStack() as undo:  # a start that fails leaves nothing behind
+            self.confiner = confiner or Confiner()
+            if confiner is None:
+                undo.callback(self.confiner.close)
+            self.ipc_dir = make_private_dir("ipc")
+            undo.callback(shutil.rmtree, self.ipc_dir, ignore_errors=True)
+            self.logs = AttemptLogs(self.config.log_dir, retention)
+            undo.callback(self.logs.remove)
+            self.router = RouterChannel(
+                self.ipc_dir, max_frame=self.config.max_frame,
+                on_frame=self._on_frame, on_disconnect=self._on_disconnect,
+            )
+            undo.callback(self.router.close)
+            # What the zygote removes once it has killed its children, should this process end
+            # without doing it (kill -9, a multiprocessing worker's os._exit): its directories
+            # and its cgroups (empty by then; rmdir is all a cgroup takes).
+            cleanup = [self.ipc_dir, *([self.logs.directory] if self.logs.owned else []),
+                       *self.confiner.backend.owned_dirs()]
+            self.zygote = ZygoteLauncher(
+                self._on_report, self._on_zygote_lost, cleanup,
+                preload=self.config.preload, import_path=list(sys.path), park_max=self.config.park_max,
+                park_idle=self.config.park_idle,
+                endpoint=self.router.endpoint, open_files=open_files,
+            )
+            undo.pop_all()  # started: shutdown() undoes it from now on
         activate(self.logs)
         self._ids = itertools.count(1)
         self._uid = os.getuid()

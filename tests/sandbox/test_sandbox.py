@@ -245,6 +245,13 @@ class TestUidPool:
         monkeypatch.setenv(FILE_MB_ENV, "lots")
         with pytest.raises(IsolationUnavailableError, match="whole number of MiB"):
             sandbox_spec(200123)
+        # More than a 64-bit limit holds in bytes: refused, not an OverflowError as the spec is sent.
+        for env in (FILE_MB_ENV, TMP_MB_ENV):
+            monkeypatch.setenv(FILE_MB_ENV, "3")
+            monkeypatch.setenv(env, str(2**44))
+            with pytest.raises(IsolationUnavailableError, match=f"{env}='{2**44}' must be a whole number of MiB "
+                                                                "from 1 to 8796093022207"):
+                sandbox_spec(200123)
 
 
 class TestSandboxedChild:
