@@ -111,6 +111,8 @@ class Attempt:
     stop_grace: float | None = None
     # Set by the executor while it stops the attempt's process (killed once its grace is over).
     stopping: bool = False
+    # Set by the executor with ``stopping``: kills the process now, whatever grace its stop began with.
+    hurry: Callable[[], None] | None = None
     # Filled by the executor: measured usage (cpu_seconds, peak_memory_bytes, ...).
     usage: dict[str, Any] = field(default_factory=dict)
     # Filled by the executor when it stopped the attempt (a timeout, say) and its process

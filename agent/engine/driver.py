@@ -170,6 +170,10 @@ class Driver:
             # An inline state that ignores its cancellation cannot be stopped, nor code of the
             # program's own that holds up a cancelled attempt (an admission hook): they are left.
             killed = [task for task in late if task in isolated and isolated[task].stopping]
+            for task in killed:  # a stop that began before this one (a state's timeout) ends now too
+                hurry = isolated[task].hurry
+                if hurry is not None:
+                    hurry()
             if killed:
                 await asyncio.wait(killed)
         run.abandon()

@@ -200,6 +200,7 @@ class ChildProcess:
         self._violation: FailureReason | None = None
         self._kill_requested = False
         self._stopping = False  # asked to stop: closing its connection early is expected
+        self._hurry: asyncio.Future[None] | None = None  # done: the stop's grace is over (hurry())
         self._timers: list[asyncio.TimerHandle] = []
         self._exit_known = False
         self.reported_at: float | None = None  # wall clock: when its result or error came
@@ -645,8 +646,11 @@ class ChildProcess:
             self.on_exit(None)  # never forked
 
     async def stop(self, reason: str, grace: float) -> None:
-        """Ask the child to stop (cancel or preempt), wait ``grace`` seconds, then kill it."""
+        """Ask the child to stop (cancel or preempt), wait ``grace`` seconds (or until
+        :meth:`hurry`), then kill it."""
         self._stopping = True
+        if self._hurry is None:
+            self._hurry = asyncio.get_running_loop().create_future()
         reason = str(getattr(reason, "value", reason))  # the engine's StopReason: a plain string on the wire
         if self.status is ChildStatus.LAUNCHING and self._sup.unqueue(self):
             self.on_exit(None)  # its fork was not even asked for
@@ -657,20 +661,23 @@ class ChildProcess:
             # the grace period, so that the state is asked to stop and keeps its progress.
             self._sup.catch_up()
             if self.status is ChildStatus.LAUNCHING:
-                try:
-                    await asyncio.wait_for(asyncio.shield(self._hello_or_end()), grace)
-                except TimeoutError:
-                    pass
+                await asyncio.wait((self._hello_or_end(), self._hurry), timeout=grace,
+                                   return_when=asyncio.FIRST_COMPLETED)
         if self.status is ChildStatus.RUNNING:
             self._send(encode_message(Preempt(reason=reason) if reason == "preempt" else Cancel(reason=reason)))
-            try:
-                await asyncio.wait_for(asyncio.shield(self.exited), grace)
-            except TimeoutError:
-                pass
+            await asyncio.wait((self.exited, self._hurry), timeout=grace, return_when=asyncio.FIRST_COMPLETED)
         if not self.exited.done():
             self.kill()
             self.confinement.kill()
         await asyncio.shield(self.exited)
+
+    def hurry(self) -> None:
+        """The stop under way (or the next) has no more time: its run's ``cleanup_timeout``
+        is over, shorter than the grace it began with (a state's own timeout stopped it)."""
+        if self._hurry is None:
+            self._hurry = asyncio.get_running_loop().create_future()
+        if not self._hurry.done():
+            self._hurry.set_result(None)
 
     # --- the verdict ----------------------------------------------------------------------
 

@@ -162,7 +162,7 @@ class WorkerExecutor:
                     if not handed.done() or handed.cancelled() or handed.exception() is not None:
                         raise
                     # Handed to a worker just as it was cancelled: stop it there.
-                    attempt.stopping = True
+                    attempt.stopping, attempt.hurry = True, handed.result().hurry
                     await uncancellable(handed.result().stop(attempt.stop_reason or "cancel",
                                                              stop_grace(attempt, sup.config.grace)))
                     raise
@@ -224,7 +224,7 @@ async def watch(
     try:
         return await (over if over is not None else asyncio.shield(child.exited))
     except asyncio.CancelledError:
-        attempt.stopping = True
+        attempt.stopping, attempt.hurry = True, child.hurry
         await uncancellable(child.stop(attempt.stop_reason or "cancel", stop_grace(attempt, grace)))
         try:  # what it used until it was stopped, and a limit it hit: no outcome carries them
             attempt.usage.update(child.confinement.usage())

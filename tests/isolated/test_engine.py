@@ -578,6 +578,31 @@ class TestAgentWithProcessIsolation:
         assert agent.state_metadata["stubborn"].status is StateStatus.CANCELLED
         assert [e.state for e in seen if e.kind == "state_cancelled"] == ["stubborn"]
 
+    async def test_a_stop_begun_by_the_states_own_timeout_ends_with_the_runs_cleanup_timeout(
+        self, level, monkeypatch,
+    ):
+        """The state's timeout stops it with the supervisor's grace (an hour here); the run's
+        timeout comes meanwhile: its ``cleanup_timeout`` cuts that stop short too (it was let
+        run its whole grace: the run waited for the state to end by itself)."""
+        import dataclasses
+
+        prime = Agent("prime", isolation=level)
+        prime.add_state("record_pid", record_pid)
+        await prime.run()  # the supervisor is up: its grace can be lengthened
+        sup = current_supervisor()
+        monkeypatch.setattr(sup, "config", dataclasses.replace(sup.config, grace=3600.0))
+        agent = Agent("stubborn_timeout", isolation=level)
+        agent.add_state("stubborn", ignores_cancellation, timeout=0.5)
+        with pytest.raises(RunTimeoutError):
+            await agent.run(timeout=2, cleanup_timeout=0.05)
+        assert agent.context.get_state("tick") < 1999  # killed, not let run to its end
+        pid = agent.context.get_state("pid")
+        try:
+            gone = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            gone = True
+        assert gone
+
 
 class TestStatesThatUseAnAgent:
     """A state whose code calls an agent (the spec's coordination status and clean-up
