@@ -649,8 +649,7 @@ class ChildProcess:
         """Ask the child to stop (cancel or preempt), wait ``grace`` seconds (or until
         :meth:`hurry`), then kill it."""
         self._stopping = True
-        if self._hurry is None:
-            self._hurry = asyncio.get_running_loop().create_future()
+        hurry = self._hurry_future()
         reason = str(getattr(reason, "value", reason))  # the engine's StopReason: a plain string on the wire
         if self.status is ChildStatus.LAUNCHING and self._sup.unqueue(self):
             self.on_exit(None)  # its fork was not even asked for
@@ -661,11 +660,11 @@ class ChildProcess:
             # the grace period, so that the state is asked to stop and keeps its progress.
             self._sup.catch_up()
             if self.status is ChildStatus.LAUNCHING:
-                await asyncio.wait((self._hello_or_end(), self._hurry), timeout=grace,
+                await asyncio.wait((self._hello_or_end(), hurry), timeout=grace,
                                    return_when=asyncio.FIRST_COMPLETED)
         if self.status is ChildStatus.RUNNING:
             self._send(encode_message(Preempt(reason=reason) if reason == "preempt" else Cancel(reason=reason)))
-            await asyncio.wait((self.exited, self._hurry), timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((self.exited, hurry), timeout=grace, return_when=asyncio.FIRST_COMPLETED)
         if not self.exited.done():
             self.kill()
             self.confinement.kill()
@@ -674,10 +673,14 @@ class ChildProcess:
     def hurry(self) -> None:
         """The stop under way (or the next) has no more time: its run's ``cleanup_timeout``
         is over, shorter than the grace it began with (a state's own timeout stopped it)."""
-        if self._hurry is None:
+        hurry = self._hurry_future()
+        if not hurry.done():
+            hurry.set_result(None)
+
+    def _hurry_future(self) -> asyncio.Future[None]:
+        if self._hurry is None:  # made on the first stop only: most children are never stopped
             self._hurry = asyncio.get_running_loop().create_future()
-        if not self._hurry.done():
-            self._hurry.set_result(None)
+        return self._hurry
 
     # --- the verdict ----------------------------------------------------------------------
 

@@ -80,6 +80,9 @@ def configured_uids() -> range:
     return parse_uid_range(text) if text else DEFAULT_UIDS
 
 
+_MB_MOST = (1 << 43) - 1  # MiB whose bytes a signed 64-bit limit still holds
+
+
 def _env_mb(name: str, default: int) -> int:
     text = os.environ.get(name)
     if not text:
@@ -91,9 +94,6 @@ def _env_mb(name: str, default: int) -> int:
     if not 0 < value <= _MB_MOST:
         raise IsolationUnavailableError(f"{name}={text!r} must be a whole number of MiB from 1 to {_MB_MOST}")
     return value
-
-
-_MB_MOST = (1 << 43) - 1  # in bytes, what a signed 64-bit limit holds
 
 
 def unavailable_reason() -> str | None:
