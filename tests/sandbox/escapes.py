@@ -293,3 +293,23 @@ async def reads_failures(context: Any) -> None:
 
 async def prints_escapes(context: Any) -> None:
     print("\x1b[2K\rother_state | APPROVED\x1b]0;owned\x07", flush=True)
+
+
+# Plain states of the tests, here rather than in the test modules: each child imports the
+# module of its state, and a test module's imports (pytest) take seconds on an emulated machine.
+
+async def note_pid(context: Any) -> None:
+    context.set_state("pid", os.getpid())
+
+
+async def note_uid(context: Any) -> None:
+    context.set_state("uid", os.getuid())
+
+
+async def uid_then_b(context: Any) -> str:
+    context.set_state("a", os.getuid())
+    return "b"
+
+
+async def uid_of_b(context: Any) -> None:
+    context.set_state("b", os.getuid())

@@ -57,10 +57,6 @@ async def parked_for_sandboxes(deadline: float) -> set[int]:
     raise AssertionError("no child was parked for sandboxed launches")
 
 
-async def note_pid(context: Any) -> None:
-    context.set_state("pid", os.getpid())
-
-
 class Spawned(list[int]):
     parked: dict[int, bool]
 
@@ -119,6 +115,7 @@ async def test_a_sandboxed_launch_takes_a_child_parked_for_one(spawned: Any) -> 
     assert waiting & set(pids)
 
 
+@pytest.mark.timeout(240)  # four runs, each a launch of seconds on an emulated machine
 async def test_other_launches_never_take_a_child_parked_for_a_sandbox(spawned: Any) -> None:
     watch, pids = spawned
     sandboxed = Agent("warm_sandbox", isolation="sandbox")
@@ -127,7 +124,7 @@ async def test_other_launches_never_take_a_child_parked_for_a_sandbox(spawned: A
     watch()
     waiting = await parked_for_sandboxes(time.monotonic() + 60)
     plain = Agent("plain", isolation="process")
-    plain.add_state("pid", note_pid)
+    plain.add_state("pid", escapes.note_pid)
     for _ in range(3):
         await plain.run()
     assert pids and not waiting & set(pids)
@@ -180,10 +177,6 @@ async def test_a_child_parked_for_sandboxes_makes_its_view_ahead_yet_loads_code_
     assert waiting & set(pids)
 
 
-async def note_uid(context: Any) -> None:
-    context.set_state("uid", os.getuid())
-
-
 def parked_leases() -> dict[str, int]:
     """owner -> uid of the sandbox uids leased ahead for parked children."""
     pool = current_supervisor().confiner._uid_pool  # type: ignore[union-attr]
@@ -208,7 +201,7 @@ async def test_a_child_parked_for_sandboxes_holds_its_uid_ahead_and_gives_it_bac
     monkeypatch.setenv("AGENT_PARKED_IDLE", "120")
     watch, pids = spawned
     agent = Agent("uid_ahead", isolation="sandbox")
-    agent.add_state("uid", note_uid, context_keys=["uid"])
+    agent.add_state("uid", escapes.note_uid, context_keys=["uid"])
     await agent.run()
     watch()
     deadline = time.monotonic() + 40

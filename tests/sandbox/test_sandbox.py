@@ -39,19 +39,12 @@ from agent.supervisor.sandbox import (
     sandbox_spec,
 )
 
+from . import escapes
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes need root")
 
 SECRET_NAME = "AGENT_TEST_SANDBOX_SECRET"
 SECRET_VALUE = "s3cr3t-value-of-the-supervisor"
-
-
-async def _uid_then_b(context: Any) -> str:
-    context.set_state("a", os.getuid())
-    return "b"
-
-
-async def _uid_of_b(context: Any) -> None:
-    context.set_state("b", os.getuid())
 
 
 def in_child(body: Callable[[], dict[str, Any]], spec: dict[str, Any] | None) -> dict[str, Any]:
@@ -619,8 +612,8 @@ class TestSandboxedChild:
         monkeypatch.setenv(UIDS_ENV, f"{uid}-{uid}")
         try:
             agent = Agent("one_uid", isolation="sandbox")
-            agent.add_state("a", _uid_then_b, context_keys=["a"])
-            agent.add_state("b", _uid_of_b, context_keys=["b"])
+            agent.add_state("a", escapes.uid_then_b, context_keys=["a"])
+            agent.add_state("b", escapes.uid_of_b, context_keys=["b"])
             for _ in range(3):
                 context = await agent.run()
                 assert (context.get_state("a"), context.get_state("b")) == (uid, uid)
