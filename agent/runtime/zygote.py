@@ -62,6 +62,7 @@ from __future__ import annotations
 import _signal
 import array
 import ctypes
+import faulthandler
 import functools
 import gc
 import os
@@ -849,6 +850,10 @@ def main(argv: list[str]) -> int:
         os.environ.update({str(k): str(v) for k, v in config.get("child_env", {}).items()})
         preload(config.get("preload", ()), config.get("import_path", ()))
         warm_up()
+        # A child that crashes in native code (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) writes
+        # the Python stack it was on to its descriptor 2, its log: the failure's traceback.
+        # Set once here, every child inherits it with its signal handlers.
+        faulthandler.enable(2)
         seccomp.prepare()
         # Objects loaded so far are never collected: children share their pages untouched.
         gc.collect()

@@ -77,6 +77,10 @@ MAX_TYPE_NAME = 256  # characters of an exception's dotted name a child reports
 MAX_VIOLATION_TEXT = 1000  # characters of a violation's message: it may quote a frame of megabytes
 _FILE_TOO_LARGE = f"[Errno {errno.EFBIG}]"  # how OSError(EFBIG) prints: past RLIMIT_FSIZE
 # What a child may take before it joins its cgroup (a few hundred faults, a millisecond).
+# What faulthandler writes to the log of a process a fatal signal ends (the zygote enables it).
+_CRASH_STACK = "Fatal Python error: "
+_ABORTED = "Fatal Python error: Aborted"
+_NATIVE_CRASHES = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE})
 _CPU_SLACK = 0.05
 _FAULT_SLACK = 2000
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -784,15 +788,7 @@ class ChildProcess:
             )
         tail = self._log_tail()
         if sig is not None:
-            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-            outside = (" from outside the supervisor (no limit of its own cgroup was hit: a limit of a cgroup "
-                       "around it, such as an agentd user quota or a systemd unit's MemoryMax, or another "
-                       "process)") if (
-                sig == signal.SIGKILL and not self._kill_requested) else ""
-            if sig == signal.SIGABRT and not tail.strip():
-                outside = (" with nothing in its log (a state that closes every descriptor, as "
-                           "os.closerange(0, ...) does, takes its event loop's and its log's, and aborts)")
-            return FailureReason(kind="signal", message=f"the state's process was killed by {name}{outside}",
+            return FailureReason(kind="signal", message=f"the state's process {self._ended_by(sig, tail)}",
                                  traceback=tail, signal=sig)
         if exit_code == EXIT_SETUP_FAILED:
             return FailureReason(kind="exit_code", exit_code=exit_code, traceback=tail,
@@ -803,6 +799,26 @@ class ChildProcess:
                                  message=f"the state's process exited with code {exit_code} before reporting")
         return FailureReason(kind="lost_connection", traceback=tail, exit_code=0,
                              message="the state's process exited without reporting a result")
+
+    def _ended_by(self, sig: int, tail: str) -> str:
+        """How the signal ``sig`` ended the process, and where to look (``tail``: its log's end,
+        with the Python stack a crash in native code wrote there: see :mod:`agent.runtime.zygote`)."""
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        stack = "the traceback shows the Python line it was on" if _CRASH_STACK in tail else "its log may say more"
+        if sig == signal.SIGKILL and not self._kill_requested:
+            return (f"was killed by {name} from outside the supervisor (no limit of its own cgroup was hit: a "
+                    "limit of a cgroup around it, such as an agentd user quota or a systemd unit's MemoryMax, "
+                    "or another process)")
+        if sig == signal.SIGABRT and not tail.strip():
+            return (f"was killed by {name} with nothing in its log (a state that closes every descriptor, as "
+                    "os.closerange(0, ...) does, takes its event loop's and its log's, and aborts)")
+        if _ABORTED in tail:  # PID 1 of a sandbox cannot die of its own SIGABRT: abort() ends it another way
+            how = "" if sig == signal.SIGABRT else f"; as PID 1 of its sandbox it ended by {name}"
+            return f"aborted (abort(): native code, or the interpreter, gave up{how}); {stack}"
+        if sig in _NATIVE_CRASHES:
+            return (f"was killed by {name}: a crash in native code (an extension module, ctypes, or the "
+                    f"interpreter itself); {stack}")
+        return f"was killed by {name}"
 
     def _seccomp_reason(self, exit_code: int | None, sig: int | None) -> FailureReason:
         calls = ", ".join(self.denied_calls)

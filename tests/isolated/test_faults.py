@@ -45,6 +45,16 @@ async def segfault_state(context):
     os.kill(os.getpid(), signal.SIGSEGV)
 
 
+async def crashing_in_native_code(context):
+    import ctypes
+
+    ctypes.string_at(0)  # reads address 0: SIGSEGV inside C
+
+
+async def aborting_state(context):
+    os.abort()
+
+
 async def hanging_state(context):
     context.set_state("pid", os.getpid())
     await asyncio.get_running_loop().create_future()
@@ -150,6 +160,22 @@ class TestStateFailures:
         exc = await failed(segfault_state)
         assert (exc.reason.kind, exc.reason.signal) == ("signal", signal.SIGSEGV)
         assert "SIGSEGV" in exc.reason.message
+        await still_serving()
+
+    async def test_a_crash_in_native_code_says_which_python_line_it_was_on(self):
+        exc = await failed(crashing_in_native_code)
+        assert (exc.reason.kind, exc.reason.signal) == ("signal", signal.SIGSEGV)
+        assert "native code" in exc.reason.message and "traceback shows the Python line" in exc.reason.message
+        assert "Fatal Python error: Segmentation fault" in exc.reason.traceback
+        assert "in crashing_in_native_code" in exc.reason.traceback
+        await still_serving()
+
+    async def test_an_abort_says_it_aborted_and_where(self):
+        exc = await failed(aborting_state)
+        assert (exc.reason.kind, exc.reason.signal) == ("signal", signal.SIGABRT)
+        assert exc.reason.message.startswith("the state's process aborted (abort()")
+        assert "closes every descriptor" not in exc.reason.message  # its log is there: it did not close it
+        assert "in aborting_state" in exc.reason.traceback
         await still_serving()
 
 

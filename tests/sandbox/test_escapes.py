@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -182,6 +183,17 @@ class TestProcesses:
         assert got["read supervisor"] == got["read zygote"] == "ENOENT"
         assert got["tty"] == "ENXIO" or got["tty"] == "ENOENT"
         assert sup.zygote.alive and psutil.pid_exists(zygote) and sup.zygote.pid == zygote
+
+    async def test_an_abort_as_pid_1_says_it_aborted_and_where(self) -> None:
+        """The kernel ignores a signal PID 1 of a namespace sends itself without a handler, so
+        abort() ends it by SIGSEGV, its last resort: the failure still says it aborted."""
+        with pytest.raises(StateFailedError) as caught:
+            await run_one("aborting", escapes.abort, [])
+        reason = caught.value.reason
+        assert (reason.kind, reason.signal) == ("signal", signal.SIGSEGV)
+        assert "aborted (abort()" in reason.message and "PID 1 of its sandbox" in reason.message
+        assert "Fatal Python error: Aborted" in reason.traceback and "in abort" in reason.traceback
+        await run_one("after", escapes.allocate, ["mb"], {"mb": 0})  # the supervisor keeps serving
 
     async def test_a_fork_bomb_is_stopped_by_the_pids_limit(self) -> None:
         with pytest.raises(StateFailedError) as caught:
