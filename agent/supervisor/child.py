@@ -60,6 +60,7 @@ from ..ipc import (
 )
 from ..ipc.messages import decode_counted, value_size
 from ..runtime.child import EXIT_SETUP_FAILED
+from ..runtime.sandbox import DEFAULT_SHM_MB, DEFAULT_TMP_MB
 from ..runtime.zygote import charged_with_children
 from ..values import Bounds
 from .confinement import Confinement
@@ -76,6 +77,7 @@ _LOG_TAIL = 4000
 MAX_TYPE_NAME = 256  # characters of an exception's dotted name a child reports
 MAX_VIOLATION_TEXT = 1000  # characters of a violation's message: it may quote a frame of megabytes
 _FILE_TOO_LARGE = f"[Errno {errno.EFBIG}]"  # how OSError(EFBIG) prints: past RLIMIT_FSIZE
+_NO_SPACE = f"[Errno {errno.ENOSPC}]"  # in a sandbox: one of its private tmpfs mounts is full
 # What a child may take before it joins its cgroup (a few hundred faults, a millisecond).
 # What faulthandler writes to the log of a process a fatal signal ends (the zygote enables it).
 _CRASH_STACK = "Fatal Python error: "
@@ -766,6 +768,17 @@ class ChildProcess:
                     "or its log, reached it; write less, or raise AGENT_SANDBOX_FILE_MB",
                     details={"limit": "file_size", "limit_bytes": cap},
                 )
+        sandbox = self.confinement.child_spec.get("sandbox")
+        if sandbox is not None and self._error is not None and _NO_SPACE in self._error.message:
+            # Its only writable places are its private tmpfs mounts, each as large as they were made.
+            tmp_mb = int(sandbox.get("tmp_mb", DEFAULT_TMP_MB))
+            return FailureReason(
+                kind="limit", traceback=self._error.traceback, exception_type=self._error.exception_type,
+                message=f"{self._error.message}: a private filesystem of the sandbox is full (/tmp and /var/tmp "
+                f"hold {tmp_mb} MiB, /dev/shm {int(sandbox.get('shm_mb', DEFAULT_SHM_MB))} MiB); write less "
+                "there, or raise AGENT_SANDBOX_TMP_MB",
+                details={"limit": "tmp_size", "limit_bytes": tmp_mb << 20},
+            )
         if self.denied_calls and (self._error is not None or self._violation is None):
             return self._seccomp_reason(exit_code, sig)
         if self._error is not None:

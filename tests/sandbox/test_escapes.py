@@ -24,7 +24,7 @@ from agent import Agent, ResourceRequirements
 from agent.errors import StateFailedError
 from agent.runtime import seccomp
 from agent.supervisor import current_supervisor, shutdown_supervisor
-from agent.supervisor.sandbox import FILE_MB_ENV, UIDS_ENV
+from agent.supervisor.sandbox import FILE_MB_ENV, TMP_MB_ENV, UIDS_ENV
 
 from . import escapes
 
@@ -263,6 +263,16 @@ class TestFilesystem:
         reason = caught.value.reason
         assert reason.kind == "limit" and reason.details["limit"] == "file_size", reason
         assert "file size limit 4 MiB" in reason.message
+
+    async def test_a_full_tmp_fails_the_state_naming_its_size_and_setting(self, monkeypatch: Any) -> None:
+        monkeypatch.setenv(TMP_MB_ENV, "8")
+        with pytest.raises(StateFailedError) as caught:
+            await run_one("big", escapes.write_big_file, ["mb"], {"mb": 16})
+        reason = caught.value.reason
+        assert reason.kind == "limit" and reason.details == {"limit": "tmp_size", "limit_bytes": 8 << 20}, reason
+        assert "No space left on device" in reason.message and "/tmp and /var/tmp hold 8 MiB" in reason.message
+        assert "AGENT_SANDBOX_TMP_MB" in reason.message and "write_big_file" in reason.traceback
+        assert reason.exception_type == "builtins.OSError"
 
     async def test_the_log_is_capped(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(FILE_MB_ENV, "2")
