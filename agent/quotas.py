@@ -5,8 +5,10 @@ every running instance of ``embed`` (from any run sharing the pool) to one GPU i
 total, however much the pool has free. A request that would pass its quota either
 fails at once (``mode="fail"``: :class:`~agent.errors.QuotaExceededError`) or waits
 until holders under the same quota release (``mode="wait"``). Fail mode is checked
-when the request is made; a request already queued for capacity just waits. A request
-larger than the quota by itself can never be granted and always fails.
+when the request is made; a request already queued for capacity just waits, and so does
+one admitted before that asks again (requeued at the front: a preempted holder, or a
+grant given back while an admission hook held the attempt up). A request larger than
+the quota by itself can never be granted and always fails.
 """
 
 from __future__ import annotations

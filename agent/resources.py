@@ -474,8 +474,9 @@ class ResourcePool:
         return self._acquire_by_policy(owner, requirements, state, priority)
 
     def _acquire_by_policy(self, owner: str, requirements: ResourceRequirements, state: str | None,
-                           priority: Priority | int | None) -> bool:
-        """``try_acquire`` for what the ledger's common case does not cover (``ASK_POOL``)."""
+                           priority: Priority | int | None, readmitted: bool = False) -> bool:
+        """``try_acquire`` for what the ledger's common case does not cover (``ASK_POOL``);
+        ``readmitted``: see :meth:`_quota_blocks`."""
         if owner in self._holders:
             raise ResourceRequestError(f"{owner!r} already holds resources: release them first")
         if owner in self._waiters:
@@ -489,7 +490,7 @@ class ResourcePool:
         amounts = requirements.amounts()
         if state is None:
             state = owner
-        if self.enable_quotas and self._quota_blocks(owner, state, level, amounts, queued=False):
+        if self.enable_quotas and self._quota_blocks(owner, state, level, amounts, False, readmitted):
             return False
         reserve = None
         if self._waiters:
@@ -612,7 +613,7 @@ class ResourcePool:
             raise
         amounts = requirements.amounts()
         if self.enable_quotas:
-            self._quota_blocks(owner, state, level, amounts, queued=True)
+            self._quota_blocks(owner, state, level, amounts, True, front)
         self._arrivals += 1
         waiter = _Waiter(owner, amounts, level, state, (0 if front else 1, self._arrivals), future, notify)
         self._waiters[owner] = waiter
@@ -974,14 +975,19 @@ class ResourcePool:
         self._settle()
 
     def _quota_blocks(self, owner: str, state: str, level: Priority, amounts: dict[ResourceType, float],
-                      queued: bool) -> bool:
-        """Whether a quota stops this request now; raises where waiting cannot or must not help."""
+                      queued: bool, readmitted: bool = False) -> bool:
+        """Whether a quota stops this request now; raises where waiting cannot or must not help.
+
+        A ``readmitted`` request (a requeued one: a preempted holder, or an attempt that gave
+        its grant back while an admission hook held it up) passed its quota once already: a
+        quota in fail mode makes it wait, as a request queued for capacity does, rather than
+        fail an attempt under way."""
         for book, what in ((self._state_quotas, "state"), (self._priority_quotas, "priority")):
             key = state if what == "state" else level
             breach = book.breach(key, amounts)
             if breach is None:
                 continue
-            if breach.never_fits or breach.mode is QuotaMode.FAIL:
+            if breach.never_fits or (breach.mode is QuotaMode.FAIL and not readmitted):
                 self._rejected += 1
                 raise QuotaExceededError(self._quota_message(owner, what, key, breach))
             if not queued:

@@ -118,7 +118,7 @@ class Admission:
                 if quick != ASK_POOL:
                     if quick:
                         return True
-                elif pool._acquire_by_policy(owner, req, act.state, act.priority):
+                elif pool._acquire_by_policy(owner, req, act.state, act.priority, act.front):
                     return True
                 ticket.requesting = True
                 pool.enqueue(owner, req, act.priority, state=act.state, front=act.front, notify=self._granted)

@@ -69,6 +69,18 @@ class TestFailMode:
             pool.enqueue("b", req(cpu=1, priority=Priority.LOW))
         assert pool.queued() == []
 
+    def test_a_requeued_request_waits_instead(self) -> None:
+        """A request at the front (a preempted holder, a grant given back while held up)
+        passed its quota when it was first made: it waits its turn under it."""
+        pool = pool8()
+        pool.set_quota("embed", cpu=1, mode="fail")
+        pool.enqueue("run1:embed", req(cpu=1), state="embed")
+        pool.enqueue("run2:embed", req(cpu=1), state="embed", front=True)
+        assert pool.grant_next() == ["run1:embed"]
+        assert pool.statistics().rejected == 0
+        pool.release("run1:embed")
+        assert pool.grant_next() == ["run2:embed"]
+
     def test_other_states_are_not_limited(self) -> None:
         pool = pool8()
         pool.set_quota("embed", cpu=1, mode="fail")

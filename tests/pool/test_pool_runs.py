@@ -17,6 +17,7 @@ from agent import (
     StateStatus,
 )
 from agent import events as ev
+from agent.executor import admission_held_up
 
 
 def whole_pool() -> ResourcePool:
@@ -170,6 +171,56 @@ class TestQuotasInRuns:
         assert agent.state_metadata["y"].status is StateStatus.BLOCKED
         assert "set_priority_quota" in agent.state_metadata["y"].blocked_reason
         assert agent.resource_pool.statistics().holders == 0
+
+
+    async def test_fail_mode_lets_an_admitted_state_take_its_grant_again(self) -> None:
+        """An attempt gives its grant back while an admission hook holds it up; a state of
+        another run takes the quota meanwhile. The quota was checked when the first asked:
+        it now waits for its grant again, as a request queued for capacity does, and runs."""
+        pool = ResourcePool(total_cpu=4, total_memory=1000, total_io=10, total_network=10, total_gpu=0,
+                            enable_quotas=True)
+        pool.set_quota("embed", cpu=1, mode="fail")
+        held_up, let_in, second_runs, second_may_end = (asyncio.Event() for _ in range(4))
+        log: list[str] = []
+
+        class Gate:
+            async def acquire(self, state, run_id, attempt):  # noqa: ANN001, ANN202
+                admission_held_up()  # its grant goes back to the pool meanwhile
+                held_up.set()
+                await let_in.wait()
+
+            async def release(self, state, run_id, attempt, ok):  # noqa: ANN001, ANN202
+                pass
+
+        def embed(name: str, started: asyncio.Event | None = None):  # noqa: ANN202
+            async def state(context):  # noqa: ANN001, ANN202
+                log.append(f"{name} starts")
+                if started is not None:
+                    started.set()
+                    await second_may_end.wait()  # holding the quota while the first asks again
+                log.append(f"{name} ends")
+
+            return state
+
+        first = Agent("first", isolation="inline", resource_pool=pool)
+        first.add_admission_hook(Gate())
+        first.add_state("embed", embed("first"), resources=need(1, Priority.NORMAL))
+        second = Agent("second", isolation="inline", resource_pool=pool)
+        second.add_state("embed", embed("second", second_runs), resources=need(1, Priority.NORMAL))
+        running = asyncio.ensure_future(first.run(timeout=30))
+        await held_up.wait()
+        other = asyncio.ensure_future(second.run(timeout=30))
+        await second_runs.wait()
+        let_in.set()
+        for _ in range(1000):  # the first asks for its grant again, and waits for it (or fails)
+            if pool.queued() or running.done():
+                break
+            await asyncio.sleep(0)
+        second_may_end.set()
+        await asyncio.gather(running, other)
+        assert first.state_metadata["embed"].status is StateStatus.COMPLETED
+        assert log == ["second starts", "second ends", "first starts", "first ends"]
+        assert pool.statistics().holders == 0
 
 
 class TestWaitingFor:
