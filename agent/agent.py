@@ -401,12 +401,14 @@ class Agent:
         if level is _UNKNOWN:  # states were added since the last run
             level = self._supervised = self._supervised_level()
         self._cancel_early = set()
+        cancelled_at_start = False
         if level is not None:
             restored = self._restored
             self._first_names = set(names) if restored is None else {*restored.running_states,
                                                                      *restored.pending_states}
-            if not await self._supervisor_ready(level, timeout):
-                return self.context  # cancel_all() came meanwhile: nothing ran
+            # cancel_all() came meanwhile: the run begins and is cancelled at once, as one that
+            # had begun would be (its states CANCELLED, its events sent), before anything runs.
+            cancelled_at_start = not await self._supervisor_ready(level, timeout)
         restored = self._restored
         # pause() before this run began (a run() task not started yet): it starts paused.
         paused_first = restored is None and self.status is AgentStatus.PAUSED
@@ -460,6 +462,8 @@ class Agent:
             early, self._cancel_early = self._cancel_early, set()
             for name in early:  # cancel_state() while the supervisor started
                 run.cancel_state(name)
+            if cancelled_at_start:
+                run.cancel_all()
             if not run.settle_now():  # a run whose states never await ends here, without the loop
                 await run.driver.drive(deadline, timeout or 0.0)
         except asyncio.CancelledError:

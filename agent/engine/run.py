@@ -1751,13 +1751,16 @@ class Run:
             self.paused.remove(act)
 
     def cancel_all(self) -> None:
-        """Cancel every state and end the run with status CANCELLED."""
+        """Cancel every state and end the run with status CANCELLED. Each state it makes
+        CANCELLED says so (``STATE_CANCELLED``), as :meth:`cancel_state` does; a running one
+        when its attempt ends."""
         for act in list(self.live.values()):
             if act.where != RUNNING:
                 self._withdraw(act)
                 meta = self.metadata[act.state]
                 if not meta.status.is_finished and act.state not in self.running:  # else the running one's
                     self.set_status(meta, _CANCELLED)
+                    self.emit(ev.STATE_CANCELLED, act.state, attempt=act.attempt)
                 self._leave(act)
         for group in self.groups.values():
             for name in list(group.held):
@@ -1765,11 +1768,13 @@ class Run:
                 meta = self.metadata[name]
                 if meta.status is _PENDING:  # a join that never ran: cancelled with the rest
                     self.set_status(meta, _CANCELLED)
+                    self.emit(ev.STATE_CANCELLED, name)
         if self.tracks_deps:  # waiting on dependencies: cancelled with the rest
             for name in self.watch:
                 meta = self.metadata[name]
                 if meta.status is _PENDING:
                     self.set_status(meta, _CANCELLED)
+                    self.emit(ev.STATE_CANCELLED, name)
         self.pause_requested = False
         self.finish(_RUN_CANCELLED)
 

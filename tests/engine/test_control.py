@@ -293,6 +293,8 @@ class TestCancel:
 
         for state in (start, fast, slow, join):
             agent.add_state(state.__name__, state)
+        cancelled: list[str] = []
+        agent.add_observer(lambda e: cancelled.append(e.state) if e.kind == ev.STATE_CANCELLED else None)
         task = asyncio.create_task(agent.run())
         await fast_done.wait()
         while agent.state_metadata["fast"].status is not StateStatus.COMPLETED:
@@ -301,6 +303,8 @@ class TestCancel:
         await task
         assert {name: agent.state_metadata[name].status for name in ("slow", "join")} == {
             "slow": StateStatus.CANCELLED, "join": StateStatus.CANCELLED}
+        # Each state it made CANCELLED says so once, the held join too (as cancel_state's does).
+        assert sorted(cancelled) == ["join", "slow"]
 
 
 class TestPauseResume:

@@ -123,6 +123,8 @@ class TestTypes:
         agent.add_state("slow", recorder(log, wait=gate))
         for kind in DependencyType:
             agent.add_state(kind.name.lower(), recorder(log), dependencies={"slow": kind})
+        cancelled: list[str] = []
+        agent.add_observer(lambda e: cancelled.append(e.state) if e.kind == "state_cancelled" else None)
         runner = asyncio.ensure_future(agent.run())
         while ("start", "slow") not in log:
             await asyncio.sleep(0)
@@ -133,6 +135,9 @@ class TestTypes:
         # PARALLEL started beside slow (and was cancelled running, or completed already).
         waiting = {name: status for name, status in statuses.items() if name not in ("parallel",)}
         assert set(waiting.values()) == {StateStatus.CANCELLED}, statuses
+        # Each says so once, those that waited on their dependency too.
+        told = [name for name in cancelled if name != "parallel"]
+        assert sorted(told) == sorted(waiting), cancelled
         assert agent.state_metadata["required"].blocked_reason is None
 
     async def test_optional_runs_when_dependency_is_not_scheduled(self):

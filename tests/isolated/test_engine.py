@@ -323,6 +323,8 @@ class TestAgentWithProcessIsolation:
         shutdown_supervisor()
         agent = Agent("cancelled_early", isolation=level)
         agent.add_state("process_data", process_data)
+        seen: list[tuple[str, str | None, str | None]] = []
+        agent.add_observer(lambda e: seen.append((e.kind, e.state, e.status)))
         run = asyncio.ensure_future(agent.run())
         await asyncio.sleep(0)  # run() has begun: it waits for the supervisor's zygote
         with pytest.raises(AgentBusyError):
@@ -330,6 +332,10 @@ class TestAgentWithProcessIsolation:
         await agent.cancel_all()
         await run
         assert agent.status is AgentStatus.CANCELLED and not agent.context.has_state("pid")
+        # As a run cancelled once begun: its first state CANCELLED, and the events say so.
+        assert agent.state_metadata["process_data"].status is StateStatus.CANCELLED
+        assert seen == [("run_started", None, None), ("state_cancelled", "process_data", None),
+                        ("run_finished", None, "cancelled")]
 
     async def test_a_run_is_running_and_steerable_while_a_cold_supervisor_starts(self, level):
         shutdown_supervisor()
