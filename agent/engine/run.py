@@ -2176,7 +2176,9 @@ def _frame(act: Activation, attempts_done: int, ended: bool = False) -> dict[str
 def _unknown_next(name: str, target: str, specs: dict[str, Any]) -> str:
     import difflib
 
-    close = difflib.get_close_matches(target, list(specs), n=1)
+    # Another state first: a state naming itself by its own name is a loop, not a typo of it.
+    close = (difflib.get_close_matches(target, [other for other in specs if other != name], n=1)
+             or difflib.get_close_matches(target, [name], n=1))
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return (f"state {name!r} returned {target!r}, which is not a state of this agent{hint}: "
             "add it with add_state() or return an existing name")

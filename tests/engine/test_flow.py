@@ -196,6 +196,20 @@ class TestBadTransitions:
         assert "did you mean 'second'" in str(info.value)
         assert agent.status is AgentStatus.FAILED
 
+    async def test_the_name_suggested_is_another_state_before_the_one_that_returned(self):
+        agent = Agent("typo", isolation="inline")
+
+        async def fetch_b(context):
+            return "fetch_"  # as close to its own name as to fetch_a's
+
+        async def fetch_a(context):
+            return None
+
+        agent.add_state("fetch_b", fetch_b)
+        agent.add_state("fetch_a", fetch_a)
+        with pytest.raises(UnknownNextStateError, match="did you mean 'fetch_a'"):
+            await agent.run()
+
     @pytest.mark.parametrize("value", [42, {"a": 1}, ["ok", 3], b"x"])
     async def test_wrong_return_type(self, value):
         agent = Agent("bad", isolation="inline")
