@@ -206,7 +206,7 @@ class Agent:
         self._first_names: set[str] = set()  # what the run starts with, while it is starting
         self._run_ambient: tuple[ev.Observer, ...] = ()  # the ambient observers (events.observing) of the last run
         self._cancel_early: set[str] = set()  # cancel_state() of them meanwhile
-        self._supervised: Any = _UNKNOWN  # _supervised_level(), worked out again once states are added
+        self._supervised: Any = _UNKNOWN  # _supervised_levels(), worked out again once states are added
         self._fresh_context = True
         self._metadata_fresh = True  # no run has touched state_metadata yet
         self._graph_checked = True  # no state has dependencies or next_states (add_state clears it)
@@ -397,18 +397,18 @@ class Agent:
             self.context = Context.empty(self.context_budget)
         if initial_context:
             self.context._set_all(initial_context.items())
-        level = self._supervised
-        if level is _UNKNOWN:  # states were added since the last run
-            level = self._supervised = self._supervised_level()
+        levels = self._supervised
+        if levels is _UNKNOWN:  # states were added since the last run
+            levels = self._supervised = self._supervised_levels()
         self._cancel_early = set()
         cancelled_at_start = False
-        if level is not None:
+        if levels:
             restored = self._restored
             self._first_names = set(names) if restored is None else {*restored.running_states,
                                                                      *restored.pending_states}
             # cancel_all() came meanwhile: the run begins and is cancelled at once, as one that
             # had begun would be (its states CANCELLED, its events sent), before anything runs.
-            cancelled_at_start = not await self._supervisor_ready(level, timeout)
+            cancelled_at_start = not await self._supervisor_ready(levels, timeout)
         restored = self._restored
         # pause() before this run began (a run() task not started yet): it starts paused.
         paused_first = restored is None and self.status is AgentStatus.PAUSED
@@ -502,19 +502,21 @@ class Agent:
             raise run.error
         return self.context
 
-    async def _supervisor_ready(self, level: Isolation, timeout: float | None) -> bool:
+    async def _supervisor_ready(self, levels: tuple[Isolation, ...], timeout: float | None) -> bool:
         """Wait for a cold supervisor (a process's first isolated run) before the run exists:
         its start is then in no state's duration or timeout, nor in the run's clock (the
         run's ``timeout`` bounds this wait too, for a preload that never ends). Meanwhile
         the agent is starting, and RUNNING (unless a pause came first: run() has begun): a
         second run() is refused, pause() holds what follows, and cancel_all() ends it before
-        anything runs (False)."""
+        anything runs (False). Each of ``levels`` is prepared: a bad setting of any of them
+        refuses the run before anything runs."""
         self._starting, self._cancel_at_start = True, False
         before = self.status
         if before is not AgentStatus.PAUSED:  # held, or restored: it stays so until its run exists
             self._set_status(_RUNNING)
         try:
-            await prepare_for(level, timeout)
+            for level in levels:
+                await prepare_for(level, timeout)
         except BaseException:
             if self.status is _RUNNING:  # nothing ran
                 self.status = before
@@ -526,17 +528,18 @@ class Agent:
             return False
         return True
 
-    def _supervised_level(self) -> Isolation | None:
-        """An isolation level of this agent's states that the supervisor serves (None: none),
-        as the engine picks it: a state that uses an Agent runs inline."""
+    def _supervised_levels(self) -> tuple[Isolation, ...]:
+        """The isolation levels of this agent's states that the supervisor serves, in the order
+        of their first state, as the engine picks them: a state that uses an Agent runs inline."""
+        levels: dict[Isolation, None] = {}
         for spec in self._states.values():
             level = spec.isolation or self.isolation
             if level is Isolation.INLINE or level is Isolation.RAY:
                 continue
             if spec.isolation is None and level in (Isolation.PROCESS, Isolation.WORKER) and uses_an_agent(spec.func):
                 continue
-            return level
-        return None
+            levels[level] = None
+        return tuple(levels)
 
     async def _end_broken_run(self, run: Run, exc: BaseException) -> None:
         """End ``run`` as failed with ``exc`` (raised by ``run()`` afterwards), stopping what

@@ -71,18 +71,25 @@ def test_an_echo_target_that_is_none_is_refused(monkeypatch: pytest.MonkeyPatch,
     ("process", "AGENT_STOP_GRACE", "2s", "number of seconds (0 or more)"),
     ("worker", "AGENT_STOP_GRACE", "2s", "number of seconds (0 or more)"),
     ("worker", "AGENT_WORKER_IDLE", "0", "number of seconds (above 0)"),
+    # The worker setting of an agent whose first isolated state is a process state.
+    ("process+worker", "AGENT_WORKER_IDLE", "0", "number of seconds (above 0)"),
 ])
 def test_a_run_under_a_bad_setting_is_refused_before_anything_runs(
     isolation: str, name: str, value: str, wanted: str,
 ) -> None:
     """Refused as run() starts, before any state (it was the first state's failed attempt,
     a failure of the workflow's that is the machine's setting)."""
+    first, *then = isolation.split("+")
     script = textwrap.dedent(f"""
         from agent import Agent, InvalidConfigurationError, RetryPolicy
         async def s(context):
+            return "w" if {bool(then)} else None
+        async def w(context):
             return None
-        agent = Agent("bad_setting", isolation={isolation!r}, retry_policy=RetryPolicy(max_retries=3, initial_delay=0))
+        agent = Agent("bad_setting", isolation={first!r}, retry_policy=RetryPolicy(max_retries=3, initial_delay=0))
         agent.add_state("s", s)
+        for level in {then!r}:
+            agent.add_state("w", w, isolation=level)
         try:
             agent.run_sync()
         except InvalidConfigurationError as exc:
