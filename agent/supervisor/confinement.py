@@ -33,6 +33,7 @@ from typing import Any, Callable
 from ..devices import machine_inventory
 from ..errors import CgroupError, FailureReason, IsolationUnavailableError
 from ..executor import Attempt, Isolation
+from ..resources import ResourceType
 from .cgroups import DEFAULT_ROOT, CgroupBackend, CgroupHandle, CgroupLimits, LimitEvents, detect, limits_for
 from .cgroups import blockdev
 from .teardown import at_exit
@@ -46,6 +47,15 @@ Reading = tuple[dict[str, Any], LimitEvents]
 
 _COUNTERS = ("cpu_seconds", "nr_throttled", "throttled_seconds", "io_read_bytes", "io_write_bytes")
 _EVENTS = tuple(f.name for f in fields(LimitEvents))
+
+
+def counts_unpinned_gpus(attempt: Attempt) -> bool:
+    """Whether ``attempt`` holds GPU units of its pool that no device backs (a pool larger than
+    the inventory: counted, not pinned): it then sees the GPUs the program sees. One that
+    asked for none, or left GPU out of its ``resource_types``, sees none."""
+    resources = attempt.resources
+    return (not attempt.assignment.get("gpus") and resources is not None
+            and resources.amounts().get(ResourceType.GPU, 0) > 0)
 
 
 def _asks_io_rates(attempt: Attempt) -> bool:
@@ -443,10 +453,10 @@ class Confiner:
         if _asks_io_rates(attempt) and not self.io_devices:
             handle.unenforced["io_throttle"] = "no block device holds the working directory or /"
         child_spec = handle.child_spec()
-        if uuids or not (attempt.resources is not None and attempt.resources.gpu_units > 0):
-            child_spec["gpu"] = {"env": pinning_env(uuids)}
-        else:  # GPU units of a pool larger than the inventory: counted, not pinned (nor hidden)
+        if counts_unpinned_gpus(attempt):
             child_spec["gpu"] = {"env": {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}}
+        else:
+            child_spec["gpu"] = {"env": pinning_env(uuids)}
         if parked is not None:
             child_spec["joined"] = parked.pid
         if sandboxed:

@@ -49,7 +49,7 @@ from ..errors import FailureReason, IsolationError
 from ..executor import Attempt, AttemptFailed
 from ..scope import ContextScope
 from .cgroups import CgroupLimits
-from .confinement import removed
+from .confinement import counts_unpinned_gpus, removed
 from .output import WorkerOutput
 from .worker import WorkerAttempt, WorkerProcess, WorkerStatus
 
@@ -80,6 +80,7 @@ class Shape:
 
     limits: CgroupLimits
     gpus: tuple[str, ...]
+    unpinned_gpus: bool  # GPU units counted, not pinned: it sees the program's GPUs (counts_unpinned_gpus)
     context_keys: tuple[str, ...] | None
     cwd: str
     sys_path: tuple[str, ...]
@@ -166,6 +167,7 @@ class WorkerPool:
         shape = Shape(
             limits=sup.confiner.limits(attempt),
             gpus=tuple(str(u) for u in attempt.assignment.get("gpus", ())),
+            unpinned_gpus=counts_unpinned_gpus(attempt),
             context_keys=None if scope is None else tuple(scope.patterns),
             cwd=os.getcwd(),
             sys_path=tuple(sys.path),
@@ -282,7 +284,8 @@ class WorkerPool:
         # A worker that served GPUs goes too: the GPU memory it allocated (a CUDA context)
         # stays with the process, and the GPUs go to other states once it has exited.
         spoilt = finished is not None and (
-            finished.escaped is not None or finished.hit_limit or bool(worker.shape.gpus))
+            finished.escaped is not None or finished.hit_limit or bool(worker.shape.gpus)
+            or worker.shape.unpinned_gpus)
         if spoilt or self._worn_out(worker, now):
             self._retire(worker)
             if finished is not None and finished.attempt.settle is not None:

@@ -161,6 +161,40 @@ class TestPinnedChildren:
         assert ctx.get_state("seen_plain")["visible"] == ""
 
 
+    @pytest.mark.parametrize("level", ["process", "worker"])
+    async def test_a_state_that_leaves_gpu_out_of_its_resource_types_sees_none(self, two_gpus, level) -> None:
+        # Not counted in the pool, so not given any: as a state that asked for 0 (it saw every GPU).
+        untyped = ResourceRequirements(cpu_units=0.1, memory_mb=64, io_weight=0, network_weight=0, gpu_units=1,
+                                       resource_types=ResourceType.CPU | ResourceType.MEMORY)
+        agent = Agent("untyped", isolation=level, resource_pool=ResourcePool(total_cpu=2, total_memory=1024))
+        agent.add_state("untyped", what_i_see, resources=untyped)
+        seen = (await agent.run(timeout=60)).get_state("seen_untyped")
+        assert seen["visible"] == ""
+        if BACKEND == "v1":
+            assert seen["nvidia"] == []
+
+    @pytest.mark.parametrize("first", ["on_gpu", "plain"])
+    async def test_a_worker_keeps_no_unpinned_gpus_for_a_state_without_them_nor_the_reverse(
+        self, monkeypatch, first,
+    ) -> None:
+        # One state after the other on one pool: a worker made for the one is no worker for the other.
+        monkeypatch.setenv("AGENT_GPUS", "[]")
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+        pool = ResourcePool(total_cpu=2, total_memory=1024, total_gpu=2)
+        agent = Agent("counted_worker", isolation="worker", resource_pool=pool)
+        second = "plain" if first == "on_gpu" else "on_gpu"
+
+        async def then(context):
+            await what_i_see(context)
+            return second if context.state_name == first else None
+
+        agent.add_state(first, then, resources=gpu(1 if first == "on_gpu" else 0))
+        agent.add_state(second, then, resources=gpu(1 if second == "on_gpu" else 0))
+        ctx = await agent.run(timeout=60)
+        assert ctx.get_state("seen_on_gpu")["visible"] == "3"
+        assert ctx.get_state("seen_plain")["visible"] == ""
+
+
 class TestWaitingForAGPU:
     """A third whole-GPU request waits until one of the two GPUs is given back."""
 
