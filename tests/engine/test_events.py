@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent import Agent, InvalidTransitionError, RetryPolicy, observing
+from agent import Agent, InvalidTransitionError, RetryPolicy, StateFailedError, observing
 from agent import events as ev
 
 
@@ -151,6 +151,27 @@ class TestEveryEndIsTold:
         failed = [e for e in seen if e.kind == ev.STATE_FAILED]
         assert [(e.state, e.attempt, e.data["final"]) for e in failed] == [("s", 1, True)]
         assert agent.state_metadata["s"].status.value == "failed"
+
+    @pytest.mark.parametrize("on_failure", ["fail", "continue"])
+    async def test_a_state_reads_as_its_event_says_when_it_is_told(self, on_failure):
+        """At STATE_FAILED (final) its status is FAILED already, as COMPLETED is at
+        STATE_COMPLETED; at a failure it is retried after, it is not."""
+        read: list[tuple[str, int, str]] = []
+        agent = Agent("told", isolation="inline")
+
+        async def fails(context):
+            raise RuntimeError("no")
+
+        agent.add_state("ok", ok)
+        agent.add_state("flaky", fails, retry_policy=RetryPolicy(max_retries=1, initial_delay=0.0),
+                        on_failure=on_failure)
+        agent.add_observer(lambda e: read.append((e.kind, e.attempt, agent.state_metadata[e.state].status.value))
+                           if e.state is not None else None)
+        with pytest.raises(StateFailedError):  # at once, or (continue) once the rest has run
+            await agent.run()
+        assert (ev.STATE_COMPLETED, 1, "completed") in read
+        assert [r for r in read if r[0] == ev.STATE_FAILED] == [
+            (ev.STATE_FAILED, 1, "running"), (ev.STATE_FAILED, 2, "failed")]
 
     async def test_cancelling_a_waiting_or_held_state_is_told(self):
         import asyncio
