@@ -5,7 +5,11 @@ one agent (``agent.add_observer``) or to everything that runs inside a block of 
 (:func:`observing`, which ``agent_monitor`` uses: it works through a context variable,
 so every ``Agent.run`` awaited inside the block is seen without passing the agent).
 Observers must be quick and must not raise; an observer that raises is dropped from
-that run and the error logged, the run goes on.
+that run and the error logged, the run goes on. An event that ends a state comes once the
+state reads as it says (COMPLETED at ``STATE_COMPLETED``, FAILED at a final
+``STATE_FAILED``); ``cancel_state()`` and ``cancel_all()`` tell ``STATE_CANCELLED`` for
+each state they cancel, started or not. A run that ends otherwise (it failed, timed out)
+makes what never started CANCELLED without an event: only a started state is told.
 """
 
 from __future__ import annotations
