@@ -78,11 +78,11 @@ MAX_TYPE_NAME = 256  # characters of an exception's dotted name a child reports
 MAX_VIOLATION_TEXT = 1000  # characters of a violation's message: it may quote a frame of megabytes
 _FILE_TOO_LARGE = f"[Errno {errno.EFBIG}]"  # how OSError(EFBIG) prints: past RLIMIT_FSIZE
 _NO_SPACE = f"[Errno {errno.ENOSPC}]"  # in a sandbox: one of its private tmpfs mounts is full
-# What a child may take before it joins its cgroup (a few hundred faults, a millisecond).
 # What faulthandler writes to the log of a process a fatal signal ends (the zygote enables it).
 _CRASH_STACK = "Fatal Python error: "
 _ABORTED = "Fatal Python error: Aborted"
 _NATIVE_CRASHES = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE})
+# What a child may take before it joins its cgroup (a few hundred faults, a millisecond).
 _CPU_SLACK = 0.05
 _FAULT_SLACK = 2000
 _PAGE = os.sysconf("SC_PAGE_SIZE")
