@@ -459,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_REFUSED
+    except BrokenPipeError:  # stdout went away mid-output (`agentctl logs 7 -f | head`), as console() says
+        return EXIT_REFUSED
     except Exception as exc:
         from ..errors import DaemonError, DaemonUnavailableError
 

@@ -490,6 +490,8 @@ class JobSupervisor:
                 data = b""
             return {"text": data.decode(errors="replace"), "offset": offset + len(data), "done": done}
         if state not in job.states:
+            if not job.states and not done:  # queued, or loading: its states come as it starts
+                return {"text": "", "offset": offset, "done": done}
             known = ", ".join(sorted(job.states)) or "none reported yet"
             raise JobNotFoundError(f"job {job.id} has no state {state!r} (its states: {known})")
         if not job.run_id:

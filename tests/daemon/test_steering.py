@@ -253,6 +253,31 @@ class TestWatching:
         assert agentd.status(job)["status"] == "completed"
         assert json.loads(agentd.ctl("logs", job, "talk", "--json", user=ann).stdout)["text"] == "hello\ngoodbye\n"
 
+    def test_logs_follow_a_state_of_a_queued_job_and_end_quietly_when_their_reader_goes(
+        self, agentd: Agentd, users: tuple[User, User], workdir: Path, outdir: Path,
+    ) -> None:
+        ann, _ = users
+        agentd.configure("max_running_jobs = 1\n")
+        agentd.start()
+        holder = agentd.submit(write_workflow(workdir, "steps.py", STEPS), "--param", f"out={outdir / 'log'}",
+                               "--param", f"release={outdir / 'go'}", user=ann)
+        agentd.wait_state(holder, "second", "running")
+        job = agentd.submit(write_workflow(workdir, "talker.py", TALKER), "--param", f"release={outdir / 'go2'}",
+                            user=ann)
+        assert agentd.status(job)["status"] == "queued"  # no state of it reported yet
+        env = {"PATH": "/usr/bin:/bin", "AGENT_SOCKET": agentd.socket}
+        argv = [agentd.ctl_path, "logs", job, "talk", "-f"]
+        with running_as(ann, argv, env, workdir) as follow, running_as(ann, argv, env, workdir) as leaving:
+            (outdir / "go").touch()  # the holder ends: the queued job starts
+            assert follow.stdout is not None and leaving.stdout is not None
+            assert follow.stdout.readline() == "hello\n" and leaving.stdout.readline() == "hello\n"
+            leaving.stdout.close()  # as `| head -1` does
+            (outdir / "go2").touch()
+            rest, err = follow.communicate(timeout=120)
+            _, left_err = leaving.communicate(timeout=120)
+        assert (follow.returncode, rest) == (0, "goodbye\n"), err
+        assert leaving.returncode == 1 and left_err == ""  # its next write found no reader: no traceback
+
     def test_logs_longer_than_one_reply_come_whole(self, agentd: Agentd, users: tuple[User, User],
                                                    workdir: Path) -> None:
         ann, _ = users
