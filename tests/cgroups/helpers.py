@@ -181,8 +181,9 @@ def spin(seconds: float) -> Callable[[Channel], int]:
     return work
 
 
-def fork_bomb(ch: Channel, most: int = 100_000, then_wait: bool = False) -> int:
-    """Fork until refused (or ``most`` times); every child forks once more; all block forever.
+def fork_bomb(ch: Channel, most: int = 100_000, then_wait: bool = False, spread: bool = True) -> int:
+    """Fork until refused (or ``most`` times); every child forks once more (unless not
+    ``spread``: then every refusal comes before the report); all block forever.
 
     The first process reports and exits with 3, or with ``then_wait`` blocks too.
     """
@@ -196,7 +197,8 @@ def fork_bomb(ch: Channel, most: int = 100_000, then_wait: bool = False) -> int:
             break
         if pid == 0:  # pragma: no cover - a bomb process
             try:
-                os.fork()
+                if spread:
+                    os.fork()
             except OSError:
                 pass
             os.read(block_r, 1)
