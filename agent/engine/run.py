@@ -1360,9 +1360,10 @@ class Run:
         # A permanent failure (a limit, a bound, ...) would happen again: not retried unless asked.
         final = act.attempt > max_retries or (failure.permanent and not (policy is not None and policy.retry_permanent))
         goes_on = final and (spec.on_failure or self.default_on_failure) == "continue"
+        told = {"attempt": act.attempt, "duration": duration, "usage": usage, "error": failure.message,
+                "data": {"final": final, "kind": failure.kind, "run_goes_on": goes_on}}
         if not final:
-            self.emit(ev.STATE_FAILED, name, attempt=act.attempt, duration=duration, usage=usage,
-                      error=failure.message, data={"final": False, "kind": failure.kind, "run_goes_on": False})
+            self.emit(ev.STATE_FAILED, name, **told)
             delay = policy.delay(act.attempt) if policy is not None else 0.0
             self.set_status(meta, _READY)
             meta.waiting_for = f"retry {act.attempt} of {max_retries} in {delay:.3g} s"
@@ -1377,8 +1378,7 @@ class Run:
         self.set_status(meta, _TIMEOUT if failure.kind == "timeout" else _FAILED)
         # Its final status is set first: an observer reads it as the event says, as it reads
         # COMPLETED at STATE_COMPLETED.
-        self.emit(ev.STATE_FAILED, name, attempt=act.attempt, duration=duration, usage=usage,
-                  error=failure.message, data={"final": True, "kind": failure.kind, "run_goes_on": goes_on})
+        self.emit(ev.STATE_FAILED, name, **told)
         if self.tracks_deps:
             self.finishes[name] = self.finishes.get(name, 0) + 1
             self.touched.add(name)

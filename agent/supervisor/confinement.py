@@ -53,9 +53,9 @@ def counts_unpinned_gpus(attempt: Attempt) -> bool:
     """Whether ``attempt`` holds GPU units of its pool that no device backs (a pool larger than
     the inventory: counted, not pinned): it then sees the GPUs the program sees. One that
     asked for none, or left GPU out of its ``resource_types``, sees none."""
-    resources = attempt.resources
-    return (not attempt.assignment.get("gpus") and resources is not None
-            and resources.amounts().get(ResourceType.GPU, 0) > 0)
+    resources = attempt.resources  # most ask for no GPU: one attribute read tells them
+    return (resources is not None and resources.gpu_units > 0 and not attempt.assignment.get("gpus")
+            and ResourceType.GPU in resources.amounts())
 
 
 def _asks_io_rates(attempt: Attempt) -> bool:
