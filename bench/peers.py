@@ -32,6 +32,13 @@ took a quarter longer beside them). Alternating Ray and each of our isolation le
 * ``launch``: for ``process``, state requested (the executor called) to state running,
   from the monotonic clock every process of the box shares (p50, p90); Ray: task
   submitted to task running.
+* ``fork_floor``: a process made as the zygote is (its imports, warmed up, collected,
+  frozen) forks a child and waits for it, ``--chain`` times; the child exits at once
+  (``exit``), or first serves one whole attempt as a state's process does, its
+  supervisor's messages read from a socketpair (``one_attempt``, the zygote's warm-up
+  round): wall, CPU (parent and child) and the child's minor faults per fork. No level
+  that makes a fresh process per state goes below ``one_attempt``; ``process`` also
+  pays for the cgroups of each state and for the supervisor's side.
 
 Each workload is timed on a quiet machine: before each, the bench waits until the cores
 have been idle (under 15% busy) for ``--quiet-s`` seconds, at most 10 s (``settle``:
@@ -275,6 +282,48 @@ finally:
 '''
 
 
+FORK_FLOOR = r'''
+import gc, json, os, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+from agent.runtime import zygote
+zygote.warm_up()
+gc.collect()
+gc.freeze()
+zygote._release_free_heap()
+n = int(sys.argv[2])
+
+def forks(child):
+    c0, w0 = resource.getrusage(resource.RUSAGE_CHILDREN), os.times()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        pid = zygote._libc_fork()
+        if pid == 0:
+            try:
+                child()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+    seconds = time.perf_counter() - t0
+    c1, w1 = resource.getrusage(resource.RUSAGE_CHILDREN), os.times()
+    in_child = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime
+    in_parent = w1.user + w1.system - w0.user - w0.system
+    return {"ms_per_fork": round(seconds / n * 1000, 3), "cpu_ms_per_fork": round((in_parent + in_child) / n * 1000, 3),
+            "child_minor_faults": round((c1.ru_minflt - c0.ru_minflt) / n)}
+
+out = {"exit": forks(lambda: None), "one_attempt": forks(lambda: zygote.warm_up(1))}
+with open("/proc/self/status") as f:
+    out["rss_mib"] = round(next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024, 1)
+print(json.dumps(out))
+'''
+
+
+def fork_floor(n: int) -> dict[str, Any]:
+    """What a bare fork of a zygote-sized process costs here (``FORK_FLOOR``, the module doc)."""
+    done = subprocess.run([sys.executable, "-c", FORK_FLOOR, ROOT, str(n)], capture_output=True, text=True,
+                          check=True, timeout=300)
+    return json.loads(done.stdout)
+
+
 def interpreter(python: str) -> str:
     """What ``python`` is: its version and executable, which a ratio between two sides depends on
     (a distribution's optimised build and one compiled without PGO differ by a third here)."""
@@ -424,6 +473,8 @@ def isolated(args: argparse.Namespace) -> dict[str, object]:
             _settle(args.quiet_s)
             launch["ray"] = ray.ask("launch")
         out["launch"] = launch
+        _settle(args.quiet_s)
+        out["fork_floor"] = fork_floor(args.chain)
     finally:
         ours.close()
         if ray is not None:
