@@ -318,10 +318,11 @@ print(json.dumps(out))
 
 
 def fork_floor(n: int) -> dict[str, Any]:
-    """What a bare fork of a zygote-sized process costs here (``FORK_FLOOR``, the module doc)."""
+    """What a fresh process costs here before any cgroup or supervisor (``FORK_FLOOR``, the module doc)."""
     done = subprocess.run([sys.executable, "-c", FORK_FLOOR, ROOT, str(n)], capture_output=True, text=True,
                           check=True, timeout=300)
-    return json.loads(done.stdout)
+    floor: dict[str, Any] = json.loads(done.stdout)
+    return floor
 
 
 def interpreter(python: str) -> str:
