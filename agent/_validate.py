@@ -40,22 +40,39 @@ def number(
     bound = f"{'>' if above else '>='} {minimum:g}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise error(f"{what} must be {kind} {bound}{_or_none(none)}, got {shown(value)}")
-    if math.isnan(value) or math.isinf(value):
-        hint = ": use None for no limit" if none and value > 0 else ""
-        raise error(f"{what} must be a finite {kind[2:]} {bound}{_or_none(none)}, got {value!r}{hint}")
-    if value < minimum or (above and value == minimum):
+    as_float = finite_float(value)
+    if math.isnan(as_float) or math.isinf(as_float):
+        hint = ": use None for no limit" if none and as_float > 0 else ""
+        raise error(f"{what} must be a finite {kind[2:]} {bound}{_or_none(none)}, got {shown(value)}{hint}")
+    if as_float < minimum or (above and as_float == minimum):
         raise error(f"{what} must be {kind} {bound}{_or_none(none)}, got {value!r}")
-    return float(value)
+    return as_float
 
 
-def integer(value: Any, what: str, *, error: ErrorType, minimum: int = 0, none: bool = False) -> int | None:
-    """``value`` as an int ``>= minimum`` (bools and floats refused); None if ``none``."""
+def finite_float(value: int | float) -> float:
+    """``value`` as a float; an int too large for one (``10**400``) as an infinity of its sign,
+    which the caller then refuses as it refuses ``inf``, rather than an ``OverflowError``."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def integer(
+    value: Any, what: str, *, error: ErrorType, minimum: int = 0, none: bool = False,
+    maximum: int | None = None, why_maximum: str = "",
+) -> int | None:
+    """``value`` as an int ``>= minimum`` (bools and floats refused); None if ``none``.
+
+    ``maximum`` (with ``why_maximum``, what sets it) bounds it too."""
     if value is None and none:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise error(f"{what} must be an int >= {minimum}{_or_none(none)}, got {shown(value)}")
     if value < minimum:
         raise error(f"{what} must be an int >= {minimum}{_or_none(none)}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise error(f"{what} must be at most {maximum}{why_maximum}, got {shown(value)}")
     return int(value)
 
 

@@ -21,6 +21,7 @@ import functools
 import heapq
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
@@ -42,7 +43,7 @@ MIN_MEMORY_MB = 0.25
 # Members as module names: reading one from its class goes through the enum metaclass in 3.11.
 _CPU, _MEMORY, _IO, _NETWORK, _GPU = (ResourceType.CPU, ResourceType.MEMORY, ResourceType.IO,
                                       ResourceType.NETWORK, ResourceType.GPU)
-_INF = math.inf
+_MOST = sys.float_info.max  # an int above it (10**400) is no float: _validate refuses it
 _NUMBER_TYPES = frozenset((int, float))  # exactly these; bool and the rest go through _validate
 
 
@@ -99,8 +100,8 @@ class ResourceRequirements:
         self.cpu_units = cpu_units
         self.memory_mb = memory_mb
         numbers = _NUMBER_TYPES
-        if (type(cpu_units) in numbers and type(memory_mb) in numbers and 0.0 <= cpu_units < _INF
-                and 0.0 <= memory_mb < _INF and io_weight is _ONE and network_weight is _ONE
+        if (type(cpu_units) in numbers and type(memory_mb) in numbers and 0.0 <= cpu_units <= _MOST
+                and 0.0 <= memory_mb <= _MOST and io_weight is _ONE and network_weight is _ONE
                 and gpu_units is _NO_GPU and priority is _NORMAL and timeout is None
                 and resource_types is _ALL_TYPES and io_read_bps is None and io_write_bps is None
                 and io_read_iops is None and io_write_iops is None and pids_max is None):
@@ -126,8 +127,8 @@ class ResourceRequirements:
         numbers = _NUMBER_TYPES
         if not (type(cpu) in numbers and type(memory) in numbers and type(io) in numbers
                 and type(network) in numbers and type(gpu) in numbers
-                and 0.0 <= cpu < _INF and 0.0 <= memory < _INF and 0.0 <= io < _INF
-                and 0.0 <= network < _INF and 0.0 <= gpu < _INF):
+                and 0.0 <= cpu <= _MOST and 0.0 <= memory <= _MOST and 0.0 <= io <= _MOST
+                and 0.0 <= network <= _MOST and 0.0 <= gpu <= _MOST):
             for name in ("cpu_units", "memory_mb", "io_weight", "network_weight", "gpu_units"):
                 _validate.number(getattr(self, name), f"ResourceRequirements.{name}", error=error)
         if gpu > 1 and gpu != int(gpu):
@@ -148,14 +149,23 @@ class ResourceRequirements:
             )
         if (self.io_read_bps is not None or self.io_write_bps is not None or self.io_read_iops is not None
                 or self.io_write_iops is not None or self.pids_max is not None):
-            for name in ("io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops", "pids_max"):
+            for name, (most, why) in _KERNEL_MOST.items():
                 _validate.integer(getattr(self, name), f"ResourceRequirements.{name}", error=error, minimum=1,
-                                  none=True)
+                                  none=True, maximum=most, why_maximum=why)
 
     def amounts(self) -> dict[ResourceType, float]:
         """The accounted amount per resource type (only the types in ``resource_types``)."""
         return _amounts_of(self)
 
+
+# The most each optional kernel limit can be: a larger value is refused by the kernel
+# (pids.max), or cut to fit without a word (an iops throttle is 32 bits wide).
+_KERNEL_MOST: dict[str, tuple[int, str]] = {
+    **{name: ((1 << 63) - 1, " bytes per second") for name in ("io_read_bps", "io_write_bps")},
+    **{name: ((1 << 32) - 2, ", the kernel's largest IO operations per second throttle")
+       for name in ("io_read_iops", "io_write_iops")},
+    "pids_max": (4_194_304, ", the kernel's most processes (PID_MAX_LIMIT); leave it None for no limit"),
+}
 
 _PRIORITY_BY_VALUE: tuple[Priority, ...] = tuple(sorted(Priority))
 # Scheduling order of the wait queues: most important first.
@@ -1298,7 +1308,7 @@ def _measured(usage: Mapping[str, Any], key: str) -> float:
     value = usage.get(key)
     if value is None:
         return 0.0
-    if (type(value) is float or type(value) is int) and 0 <= value < _INF:
+    if (type(value) is float or type(value) is int) and 0 <= value <= _MOST:
         return float(value)
     return _validate.number(value, f"record_measured(usage[{key!r}])", error=ResourceRequestError)  # type: ignore[return-value]
 

@@ -40,6 +40,13 @@ class TestLimitsFor:
     def test_tiny_cpu_share_is_raised_to_the_kernel_minimum(self):
         assert limits_for(ResourceRequirements(cpu_units=0.001)).cpu_quota_us == 1_000
 
+    def test_requests_past_what_a_cgroup_can_say_get_its_most(self):
+        # The kernel refuses a larger quota, and cuts a larger memory limit to 64 bits: a
+        # request above every core and byte of any box is no limit, never a refusal.
+        limits = limits_for(ResourceRequirements(cpu_units=1e20, memory_mb=1e200))
+        assert limits.cpu_quota_us == (1 << 44) - 1
+        assert limits.memory_bytes == (1 << 63) - 4096
+
     def test_zero_means_unlimited(self):
         limits = limits_for(ResourceRequirements(cpu_units=0, memory_mb=0))
         assert limits.cpu_quota_us is None and limits.memory_bytes is None

@@ -71,6 +71,21 @@ CASES = [
     ("ResourceRequirements gpu_units under a share", lambda: ResourceRequirements(gpu_units=0.005),
      ResourceRequestError, "at least 0.01"),
     ("ResourceRequirements pids_max bool", lambda: ResourceRequirements(pids_max=True), ResourceRequestError, "pids_max"),
+    # Past what the kernel takes: refused here, not by every attempt's cgroup (EINVAL, retried).
+    ("ResourceRequirements pids_max over the kernel's", lambda: ResourceRequirements(pids_max=4_194_305),
+     ResourceRequestError, "PID_MAX_LIMIT"),
+    ("ResourceRequirements io_read_iops over 32 bits", lambda: ResourceRequirements(io_read_iops=1 << 32),
+     ResourceRequestError, "at most 4294967294"),
+    ("ResourceRequirements io_write_bps over 63 bits", lambda: ResourceRequirements(io_write_bps=1 << 64),
+     ResourceRequestError, "io_write_bps must be at most"),
+    # An int no float holds is as infinite as inf: the same error, not an OverflowError.
+    ("ResourceRequirements cpu_units 10**400", lambda: ResourceRequirements(cpu_units=10**400), ResourceRequestError,
+     "cpu_units must be a finite"),
+    ("ResourceRequirements memory_mb 10**400 with another field", lambda: ResourceRequirements(
+        memory_mb=10**400, pids_max=5), ResourceRequestError, "memory_mb must be a finite"),
+    ("RetryPolicy max_delay 10**400", lambda: RetryPolicy(max_delay=10**400), InvalidConfigurationError, "finite"),
+    ("add_state timeout -10**400", lambda: add(timeout=-10**400), InvalidConfigurationError, "timeout must be a finite"),
+    ("ResourcePool total_cpu 10**400", lambda: ResourcePool(total_cpu=10**400), ResourceRequestError, "finite"),
     ("ResourceRequirements priority 'urgent'", lambda: ResourceRequirements(priority="urgent"), ResourceRequestError, "priority"),
     ("ResourceRequirements resource_types 'cpu'", lambda: ResourceRequirements(resource_types="cpu"), ResourceRequestError, "ResourceType.CPU"),
     ("DependencyConfig timeout nan", lambda: DependencyConfig(type=DependencyType.REQUIRED, timeout=NAN), InvalidConfigurationError, "timeout"),

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent import Agent, DependencyType, ResourceRequirements
+from agent import Agent, DependencyType, ResourcePool, ResourceRequirements
 from agent.errors import StateFailedError
 from agent.ipc import Hello, encode_message
 from agent.ipc.zmtp import DealerTransport
@@ -129,6 +129,20 @@ async def test_a_workers_cgroup_is_sized_to_its_shape():
     assert ctx.get_state("memory_limit") == 96 * MiB
     assert ctx.get_state("cpu_quota") == 50_000  # half of the 100 ms period
     assert ctx.get_state("pid") in current_supervisor().workers.idle_pids()
+
+
+@pytest.mark.skipif(not cgroup_v1(), reason="reads cgroup v1 files")
+@pytest.mark.parametrize("isolation", ["process", "worker"])
+async def test_a_request_past_what_a_cgroup_can_say_runs_with_its_most(isolation):
+    # cpu_units=1e20 is a quota the kernel refuses (every attempt failed with EINVAL), and
+    # 1e200 MiB a limit it cut to 64 bits without a word: both are no limit at all.
+    agent = Agent("huge", isolation=isolation,
+                  resource_pool=ResourcePool(total_cpu=1e30, total_memory=1e300))
+    agent.add_state("limits", report_limits, resources=ResourceRequirements(cpu_units=1e20, memory_mb=1e200),
+                    max_retries=0)
+    ctx = await agent.run()
+    assert ctx.get_state("cpu_quota") == (1 << 44) - 1
+    assert ctx.get_state("memory_limit") == (1 << 63) - 4096
 
 
 async def raises_its_limits(context):
@@ -249,7 +263,7 @@ async def test_a_memory_kill_of_a_fresh_workers_subprocess_is_the_states_own_and
 
 CUT_SHORT = """
 import asyncio
-from agent import Agent, DependencyType, ResourceRequirements
+from agent import Agent, DependencyType, ResourcePool, ResourceRequirements
 from agent.errors import RunTimeoutError
 
 async def nap(context):

@@ -17,8 +17,13 @@ if TYPE_CHECKING:
 
 # CFS period used for every quota: 100 ms, the kernel default.
 CPU_PERIOD_US = 100_000
-# The kernel refuses quotas below 1 ms.
+# The kernel refuses quotas below 1 ms, and above about 203 days (2**44 - 1 us): more
+# cores than any box has, so a larger request gets that quota, no limit in effect.
 CPU_MIN_QUOTA_US = 1_000
+CPU_MAX_QUOTA_US = (1 << 44) - 1
+# The most memory a limit can say (the kernel's "max", page aligned): a larger request
+# gets it, where the kernel would cut the number to 64 bits and keep what is left.
+MEMORY_MAX_BYTES = (1 << 63) - 4096
 # Processes (and threads) an attempt may have when it does not say.
 DEFAULT_PIDS_MAX = 4096
 # What a sandboxed state (untrusted code) gets for each limit it does not declare:
@@ -110,10 +115,10 @@ def _limits_for(
     types = requirements.resource_types
     quota = None
     if ResourceType.CPU in types and requirements.cpu_units > 0:
-        quota = max(CPU_MIN_QUOTA_US, round(requirements.cpu_units * CPU_PERIOD_US))
+        quota = min(CPU_MAX_QUOTA_US, max(CPU_MIN_QUOTA_US, round(requirements.cpu_units * CPU_PERIOD_US)))
     memory = None
     if ResourceType.MEMORY in types and requirements.memory_mb > 0:
-        memory = int(requirements.memory_mb * 1024 * 1024)
+        memory = min(MEMORY_MAX_BYTES, int(requirements.memory_mb * 1024 * 1024))
         if requirements.memory_mb < MIN_MEMORY_MB:  # refused at add_state already, for a state of this level
             raise ResourceRequestError(
                 f"memory_mb={requirements.memory_mb:g} is below {MIN_MEMORY_MB} MiB, too small for any process: "
