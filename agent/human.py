@@ -126,7 +126,7 @@ async def ask_human(
                 f"no valid answer to {prompt!r} within {timeout:g} s{where}: {request.attempt - 1} "
                 f"rejected (last: {request.rejected}); pass default= or a longer timeout"
             )
-        why = _too_long(answer) or _rejection(validator, answer)
+        why = _too_long(answer) or await _rejection(validator, answer)
         if why is None:
             return answer
         if max_attempts is not None and request.attempt >= max_attempts:
@@ -191,7 +191,16 @@ def check_question(prompt: Any, timeout: Any, validator: Any, default: Any) -> f
             f"got {type(default).__name__}"
         )
     for what, text in (("prompt", prompt), ("default", default)):
-        if text is not None and len(text) > MAX_TEXT:
+        if text is None:
+            continue
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidConfigurationError(
+                f"a human input {what} must be text UTF-8 can encode, for the human to read: "
+                f"{text[exc.start:exc.end]!r} at position {exc.start} is not ({exc.reason})"
+            ) from None
+        if len(text) > MAX_TEXT:
             raise ValueTooLargeError(
                 f"a human input {what} of {len(text):,} characters is over the {MAX_TEXT:,}-character limit: "
                 "pass data through the context, and ask the human about it"
@@ -200,6 +209,16 @@ def check_question(prompt: Any, timeout: Any, validator: Any, default: Any) -> f
         raise InvalidConfigurationError(
             f"a human input validator must be callable (answer -> bool) or None, got {type(validator).__name__}"
         )
+    if validator is not None:
+        try:
+            inspect.signature(validator).bind("answer")
+        except TypeError:
+            raise InvalidConfigurationError(
+                f"a human input validator must take one argument, the answer (a str), and return whether it is "
+                f"valid: {getattr(validator, '__name__', validator)!r} cannot be called with one"
+            ) from None
+        except ValueError:  # no signature to read (some builtins): it is tried on the answers
+            pass
     return _validate.number(timeout, "human input timeout", error=InvalidConfigurationError, none=True,
                             unit="seconds")
 
@@ -239,12 +258,15 @@ def _takes_request_id(hook: Callable[..., Any]) -> bool:
     return any(p.name == "request_id" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
-def _rejection(validator: Validator | None, answer: str) -> str | None:
-    """Why ``validator`` rejects ``answer``, or None when it accepts it."""
+async def _rejection(validator: Validator | None, answer: str) -> str | None:
+    """Why ``validator`` rejects ``answer``, or None when it accepts it. An ``async def``
+    validator (one that looks the answer up somewhere) is awaited."""
     if validator is None:
         return None
     try:
         ok = validator(answer)
+        if inspect.isawaitable(ok):
+            ok = await ok
     except Exception as exc:  # a validator like int() signals "invalid" by raising
         return f"{answer!r} is not valid: {type(exc).__name__}: {exc}"
     return None if ok else f"{answer!r} is not valid"

@@ -266,7 +266,7 @@ class ChildSession:
             if response.error_type is not None:
                 raise _named_error(response.error_type, response.error or "", HumanInputError)
             answer = response.answer or ""
-            rejected = _rejection(validator, answer)  # a validator that raises rejects, as inline
+            rejected = await _rejection(validator, answer)  # a validator that raises rejects, as inline
             if rejected is None:
                 return answer
             attempt += 1

@@ -21,6 +21,12 @@ BAD = [
     ("validator not callable", {"validator": 5}, "InvalidConfigurationError", "must be callable"),
     ("default int", {"default": 5}, "InvalidConfigurationError", "default must be a str"),
     ("prompt too long", {"prompt": "x" * (MAX_TEXT + 1)}, "ValueTooLargeError", "character limit"),
+    # It would reject every answer, each with a TypeError, and the default would come back.
+    ("validator taking no answer", {"validator": lambda: True}, "InvalidConfigurationError",
+     "must take one argument"),
+    ("validator taking two", {"validator": lambda x, y: True}, "InvalidConfigurationError", "must take one argument"),
+    ("prompt a lone surrogate", {"prompt": "ok?\ud800"}, "InvalidConfigurationError", "UTF-8 can encode"),
+    ("default a lone surrogate", {"default": "\udcff"}, "InvalidConfigurationError", "default must be text"),
 ]
 
 
@@ -110,3 +116,23 @@ def test_a_validator_that_is_not_callable_is_refused_before_asking():
     with pytest.raises(InvalidConfigurationError, match="callable"):
         asyncio.run(ask_human(provider, "n?", validator="isdigit"))
     assert provider.requests == []
+
+
+async def is_digit_somewhere(answer: str) -> bool:
+    await asyncio.sleep(0)  # as one that looks the answer up would
+    return answer.isdigit()
+
+
+@pytest.mark.parametrize("isolation", LEVELS)
+async def test_an_async_validator_is_awaited_at_every_level(isolation):
+    # Its coroutine was taken for a true answer: every answer passed, unchecked.
+    provider = _Answers("garbage", "7")
+    agent = Agent("async_validator", isolation=isolation, human_input=provider)
+
+    async def asks(context: Context):
+        context.set_state("answer", await context.human_in_the_loop("n?", timeout=30, validator=is_digit_somewhere))
+
+    agent.add_state("asks", asks)
+    assert (await agent.run()).get_state("answer") == "7"
+    assert [r.attempt for r in provider.requests] == [1, 2]
+    assert provider.requests[1].rejected == "'garbage' is not valid"
