@@ -49,9 +49,9 @@ def _number(value: object) -> float:
             f"a metric value must be a finite real number (int or float), got {value!r} "
             f"of type {type(value).__name__}"
         )
-    number = float(value)
+    number = _validate.finite_float(value) if isinstance(value, int) else float(value)
     if not math.isfinite(number):
-        raise MonitorError(f"a metric value must be a finite real number, got {number!r}")
+        raise MonitorError(f"a metric value must be a finite real number, got {_validate.shown(value)}")
     return number
 
 
@@ -109,7 +109,13 @@ class MetricAggregation:
         return self.sum / self.count if self.count else 0.0
 
     def quantile(self, q: float) -> float:
-        """The ``q`` quantile (0..1) of the values seen (estimated past ``capacity``)."""
+        """The ``q`` quantile (0..1) of the values seen (estimated past ``capacity``);
+        a ``q`` outside 0..1 raises :class:`~agent.errors.MonitorError`."""
+        if type(q) is not float or not 0.0 <= q <= 1.0:
+            if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0 <= q <= 1:
+                raise MonitorError(f"quantile(q) takes a number from 0 to 1 (0.5: the median), got "
+                                   f"{_validate.shown(q)}")
+            q = float(q)
         if self._sorted is None:
             self._sorted = sorted(self._sample)
         return percentile(self._sorted, q)

@@ -68,7 +68,8 @@ class TestMetricAggregation:
 class TestValues:
     """Only finite real numbers are values: anything else raises MonitorError, and changes nothing."""
 
-    @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "5", True, False, None, Decimal("1.5"), [1.0]])
+    @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "5", True, False, None, Decimal("1.5"), [1.0],
+                                     10**400, -10**400])
     def test_rejected(self, bad):
         agg = MetricAggregation()
         agg.add(1.0)
@@ -83,6 +84,26 @@ class TestValues:
         agg = MetricAggregation()
         agg.add(good)
         assert agg.count == 1 and agg.sum == float(good) and isinstance(agg.current, float)
+
+
+class TestQuantile:
+    """``quantile(q)`` takes q from 0 to 1: a q past it was read as an index (-1: the
+    median of 1, 2, 3, a wrong answer) or raised an IndexError from inside."""
+
+    @pytest.mark.parametrize("q,expected", [(0, 1.0), (0.25, 1.5), (1, 3.0), (Fraction(1, 2), 2.0)])
+    def test_in_range(self, q, expected):
+        agg = MetricAggregation()
+        for value in (1, 2, 3):
+            agg.add(value)
+        assert agg.quantile(q) == expected
+
+    @pytest.mark.parametrize("q", [-1, -0.01, 1.5, 2.5, 10**400, math.nan, math.inf, "0.5", None, True])
+    def test_out_of_range_or_not_a_number(self, q):
+        agg = MetricAggregation()
+        for value in (1, 2, 3):
+            agg.add(value)
+        with pytest.raises(MonitorError, match="quantile\\(q\\) takes a number from 0 to 1"):
+            agg.quantile(q)
 
 
 class TestTally:
