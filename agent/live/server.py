@@ -7,8 +7,9 @@ so that a tool that keeps its connection open to poll does not lock others out. 
 threads only read:
 each snapshot is built on the run's loop (``call_soon_threadsafe``), or, when that loop
 does not answer within half a second, read directly. Clients must be this process's
-user or root (``SO_PEERCRED``); the socket is removed at exit, and those of processes
-that died without removing theirs (killed) when the next endpoint of the user starts.
+user or root (``SO_PEERCRED``); the socket is removed at exit. One a killed process left
+is removed by its zygote as that exits (:mod:`agent.runtime.zygote`), where the process
+ran isolated states, and else when the next endpoint of the user starts.
 """
 
 from __future__ import annotations

@@ -71,6 +71,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -876,7 +877,23 @@ def main(argv: list[str]) -> int:
         _kill_left_in(cleanup)
         for path in cleanup:
             shutil.rmtree(path, ignore_errors=True)
+        if parent is not None and select.select([parent], [], [], 0)[0]:
+            _remove_status_socket(parent_pid)
     return 0
+
+
+def _remove_status_socket(parent_pid: int) -> None:
+    """Remove the status socket (:mod:`agent.live`) of the supervisor's process, which has
+    ended: it removes its socket as it exits, but one that was killed left it for the next
+    endpoint of the user to sweep, which may never start."""
+    from ..live import protocol
+
+    path = protocol.socket_path(parent_pid)
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

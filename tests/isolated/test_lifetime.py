@@ -167,6 +167,45 @@ class TestInterpreterExit:
         assert all_gone([info["zygote"], info["child"]])
         assert not any(os.path.exists(d) for d in info["dirs"] + info["cgroups"])
 
+    def test_killed_supervisor_takes_its_status_socket(self, tmp_path):
+        # Its process removes it at exit; killed, it left it for the next endpoint of the
+        # user to sweep, which may never start. Its own directory here: nothing else sweeps it.
+        script = textwrap.dedent(
+            """
+            import asyncio, json, os, sys
+            from agent import Agent
+            from agent.live import server
+            from agent.supervisor import current_supervisor
+
+            async def hang(context):
+                await asyncio.get_running_loop().create_future()
+
+            async def main():
+                agent = Agent("killed", isolation="process")
+                agent.add_state("hang", hang)
+                started = asyncio.Event()
+                agent.add_observer(lambda event: started.set() if event.kind == "state_started" else None)
+                run = asyncio.ensure_future(agent.run())
+                await started.wait()
+                print(json.dumps({"socket": server.current().path, "zygote": current_supervisor().zygote.pid}),
+                      flush=True)
+                sys.stdin.read()
+
+            asyncio.run(main())
+            """
+        )
+        env = dict(os.environ, PYTHONPATH=ROOT, AGENT_RUNTIME_DIR=str(tmp_path), AGENT_ECHO="off")
+        proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                env=env, text=True, start_new_session=True)
+        info = json.loads(proc.stdout.readline())
+        assert Path(info["socket"]).is_socket() and Path(info["socket"]).parent == tmp_path
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdin.close()
+        proc.stdout.close()
+        assert all_gone([info["zygote"]])
+        assert not Path(info["socket"]).exists()
+
     def test_killed_supervisor_takes_what_its_states_left_behind(self):
         # A daemon a state started is no child of the zygote: it goes with the cgroups.
         proc, info = start("daemon")
