@@ -1536,17 +1536,21 @@ class Run:
             return self.finishes.get(dep, 0)
         return self.completions.get(dep, 0)
 
-    def deps_verdict(self, name: str, since: float, now: float, conditions: bool = True) -> Any:
+    def deps_verdict(self, name: str, since: float, now: float, conditions: bool = True,
+                     timeouts: bool = True) -> Any:
         """True when met; a reason string while waiting; (status, message) when it never can be.
-        Without ``conditions``: as if every condition held."""
+        Without ``conditions``: as if every condition held; without ``timeouts``: as if none passed."""
         spec = self.specs[name]
         sessions = self.agent._session_completions
         for dep, cfg in spec.dependencies.items():
             dmeta = self.metadata[dep]
             life = cfg.lifecycle
-            if cfg.timeout is not None and now - since > cfg.timeout and self.paused_at is None:
+            if timeouts and cfg.timeout is not None and now - since > cfg.timeout and self.paused_at is None:
+                # What it waited for (a condition that raised, say) is the cause to give.
+                waited = self.deps_verdict(name, since, now, conditions, timeouts=False)
                 return (_TIMEOUT,
-                        f"state {name!r} waited more than {cfg.timeout:g} s for its dependency {dep!r}")
+                        f"state {name!r} waited more than {cfg.timeout:g} s for its dependency {dep!r}"
+                        + (f": it was waiting for {waited}" if isinstance(waited, str) else ""))
             if cfg.type is Dep.REQUIRED:
                 if dmeta.status in _FINISHED_FOR_GOOD and not self.has_live(dep) and self.completions.get(dep, 0) == 0 \
                         and not (life is Life.SESSION and sessions.get(dep, 0)):

@@ -14,6 +14,7 @@ from agent import (
     DependencyLifecycle,
     DependencyTimeoutError,
     DependencyType,
+    InvalidConfigurationError,
     StateFailedError,
     StateStatus,
 )
@@ -31,6 +32,10 @@ def recorder(log: list, result=None, *, wait: asyncio.Event | None = None, fail:
         return result
 
     return state
+
+
+async def _async_condition(agent):
+    return True
 
 
 class TestTypes:
@@ -441,6 +446,29 @@ class TestConfig:
             await agent.run()
         assert agent.state_metadata["complex_step"].status is StateStatus.TIMEOUT
         assert ("start", "complex_step") not in log
+
+    async def test_a_timeout_names_the_condition_that_raised(self):
+        # The cause was known (a state without a timeout is BLOCKED quoting it) but the
+        # timeout said only how long it waited.
+        agent = Agent("cond_raises", isolation="inline")
+        agent.add_state("a", recorder([]))
+        agent.add_state("b", recorder([]), dependencies={"a": DependencyConfig(condition=lambda a: 1 / 0,
+                                                                             timeout=0.1)})
+        with pytest.raises(DependencyTimeoutError, match=r"waited more than 0.1 s for its dependency 'a': it was "
+                                                         r"waiting for condition on 'a' raised ZeroDivisionError"):
+            await agent.run()
+        assert "ZeroDivisionError" in agent.state_metadata["b"].error.message
+
+    @pytest.mark.parametrize("condition,words", [
+        (lambda: True, "must take one argument, the agent"),
+        (lambda agent, other: True, "must take one argument, the agent"),
+        (_async_condition, "is an async function"),
+        (5, "must be callable"),
+    ], ids=["no argument", "two", "async", "not callable"])
+    def test_a_condition_that_cannot_answer_is_refused_when_made(self, condition, words):
+        # Each was taken, then failed at every look (a TypeError, a coroutine never awaited).
+        with pytest.raises(InvalidConfigurationError, match=words):
+            DependencyConfig(condition=condition)
 
     async def test_a_timed_wait_on_a_dependency_that_never_runs_blocks_at_once(self):
         # Nothing can complete it any more: waiting out its timeout would only delay the end.
