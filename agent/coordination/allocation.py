@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -159,9 +160,10 @@ def _check_name(name: str) -> None:
 def _check_amount(name: str, amount: Any) -> float:
     """``amount`` as a float > 0: the same rule in the supervisor and in a state's child
     (``True`` is no amount, nor is ``"2"``)."""
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
+    if (isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0
+            or math.isinf(_validate.finite_float(amount))):
         raise CoordinationError(
-            f"ResourceAllocation({name!r}): amount must be a number > 0 (the units to draw), "
+            f"ResourceAllocation({name!r}): amount must be a finite number > 0 (the units to draw), "
             f"got {_validate.shown(amount)}"
         )
     return float(amount)

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .. import _validate
 from .. import events as ev
 from ..agent import Agent
 from ..errors import CoordinationError, CoordinationTimeoutError
@@ -272,8 +273,8 @@ class CoordinatedAgent(Agent):
         declares it (CoordinationError).
         """
         self._check_name(state)
-        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
-            raise CoordinationError(f"state {state!r}: amount must be a number > 0, got {amount!r}")
+        amount = _validate.number(amount, f"state {state!r}: amount", error=CoordinationError,  # type: ignore[assignment]
+                                  above=True)
         kind = primitive_type_of(primitive_type)
         if amount != 1 and kind not in (PrimitiveType.QUOTA, PrimitiveType.SEMAPHORE):
             raise CoordinationError(

@@ -82,9 +82,8 @@ class Coordinator:
 
     @cleanup_interval.setter
     def cleanup_interval(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise CoordinationError(f"cleanup_interval must be seconds > 0, got {value!r}")
-        self._cleanup_interval = float(value)
+        self._cleanup_interval = _validate.number(value, "cleanup_interval", error=CoordinationError,  # type: ignore[assignment]
+                                                  above=True, unit="seconds")
 
     # --- configuration ----------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import _validate
 from ..errors import CoordinationError, DeadlockError
 from ..clock import SYSTEM_CLOCK, Clock
 from .primitives import Primitive, PrimitiveType
@@ -47,6 +48,10 @@ def _stuck(needs: dict[str, list[tuple[bool, list[str]]]]) -> set[str]:
                 can.add(owner)
                 changed = True
     return set(needs) - can
+
+
+MAX_CYCLES_KEPT = 1_000_000
+"""The most ``max_cycles`` may be: each pass looks for that many cycles and keeps them."""
 
 
 class DeadlockResolution(str, enum.Enum):
@@ -108,7 +113,7 @@ class DeadlockDetector:
         self.clock: Clock = clock or SYSTEM_CLOCK
         self.detection_interval = detection_interval
         self.max_cycles = max_cycles
-        self.resolution = DeadlockResolution(resolution)
+        self.resolution = _validate.member(DeadlockResolution, resolution, "resolution", error=CoordinationError)
         self.cycle_count = 0  # distinct cycles seen since the last reset
         self.resolved_count = 0
         self.detections = 0  # passes run
@@ -124,9 +129,8 @@ class DeadlockDetector:
 
     @detection_interval.setter
     def detection_interval(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise CoordinationError(f"detection_interval must be seconds > 0, got {value!r}")
-        self._detection_interval = float(value)
+        self._detection_interval = _validate.number(value, "detection_interval", error=CoordinationError,
+                                                    above=True, unit="seconds")  # type: ignore[assignment]
 
     @property
     def max_cycles(self) -> int:
@@ -135,9 +139,8 @@ class DeadlockDetector:
 
     @max_cycles.setter
     def max_cycles(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise CoordinationError(f"max_cycles must be an int >= 1, got {value!r}")
-        self._max_cycles = value
+        self._max_cycles = _validate.integer(value, "max_cycles", error=CoordinationError, minimum=1,  # type: ignore[assignment]
+                                             maximum=MAX_CYCLES_KEPT, why_maximum=" (cycles kept in history)")
         if hasattr(self, "history"):
             self.history = deque(self.history, maxlen=value)
 

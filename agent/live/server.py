@@ -8,7 +8,7 @@ threads only read:
 each snapshot is built on the run's loop (``call_soon_threadsafe``), or, when that loop
 does not answer within half a second, read directly. Clients must be this process's
 user or root (``SO_PEERCRED``); the socket is removed at exit. One a killed process left
-is removed by its zygote as that exits (:mod:`agent.runtime.zygote`), where the process
+is removed by its zygote as that exits (:mod:`agent.supervisor.launcher`), where the process
 ran isolated states, and else when the next endpoint of the user starts.
 """
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,11 +21,8 @@ Sleep = Callable[[float], Awaitable[Any]]
 
 
 def check_interval(interval: float) -> float:
-    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not interval > 0 or math.isinf(interval):
-        raise MonitorConfigurationError(
-            f"update_interval must be a number of seconds > 0, got {interval!r}"
-        )
-    return float(interval)
+    return _validate.number(interval, "update_interval", error=MonitorConfigurationError,  # type: ignore[return-value]
+                            above=True, unit="seconds")
 
 
 def check_callback(callback: Any, what: str) -> None:

@@ -837,6 +837,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     parent = _watch_parent(parent_pid)
     zygote = None
+    status_socket = ""
     try:
         if os.getppid() != parent_pid:
             return 1  # the supervisor is already gone
@@ -845,6 +846,7 @@ def main(argv: list[str]) -> int:
         buffer = bytearray()
         spec_fds: deque[int] = deque()
         config, pending = _read_configure(control, buffer, spec_fds)
+        status_socket = str(config.get("status_socket", ""))
         child_module.give_open_files(config.get("open_files"))
         # What nearly every child's spec sets (the pinning of a state without GPUs): set
         # here once, a launch finds it set already.
@@ -877,18 +879,15 @@ def main(argv: list[str]) -> int:
         _kill_left_in(cleanup)
         for path in cleanup:
             shutil.rmtree(path, ignore_errors=True)
-        if parent is not None and select.select([parent], [], [], 0)[0]:
-            _remove_status_socket(parent_pid)
+        if parent is not None and select.select([parent], [], [], 0)[0] and status_socket:
+            _remove_socket(status_socket)
     return 0
 
 
-def _remove_status_socket(parent_pid: int) -> None:
+def _remove_socket(path: str) -> None:
     """Remove the status socket (:mod:`agent.live`) of the supervisor's process, which has
     ended: it removes its socket as it exits, but one that was killed left it for the next
     endpoint of the user to sweep, which may never start."""
-    from ..live import protocol
-
-    path = protocol.socket_path(parent_pid)
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from .. import _env
+from ..live.protocol import socket_path
 from ..runtime.child import spec_memfd
 from ..runtime.zygote import MAX_FDS_PER_READ, PARK_IDLE, PARK_MAX, charged_so_far, read_frames, write_frame
 from .gpus import pinning_env
@@ -119,10 +120,12 @@ class ZygoteLauncher:
         # The first frame, read before the zygote warms up: what to import for the children,
         # where parked children connect ahead (the supervisor's ROUTER), the soft limit of
         # open files they get (this process's before the supervisor raised it), and the
-        # environment of a state without GPUs.
+        # environment of a state without GPUs; and this process's status socket, which the
+        # zygote removes if this process is killed.
         self._send({"op": "configure", "preload": list(preload), "import_path": list(import_path),
                     "park_max": park_max, "park_idle": park_idle, "endpoint": endpoint,
-                    "open_files": open_files, "child_env": pinning_env([])})
+                    "open_files": open_files, "child_env": pinning_env([]),
+                    "status_socket": socket_path(os.getpid())})
 
     def environment_changes(self, keep: Collection[str] | None = None) -> dict[str, str | None]:
         """What the program's environment set (a value) and removed (None) since the zygote

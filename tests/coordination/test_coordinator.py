@@ -229,7 +229,7 @@ class TestArguments:
         with pytest.raises(CoordinationError) as refused:
             ResourceAllocation("q", amount, owner="w", coordinator=coordinator)  # type: ignore[arg-type]
         assert str(refused.value) == (
-            f"ResourceAllocation('q'): amount must be a number > 0 (the units to draw), got {shown}")
+            f"ResourceAllocation('q'): amount must be a finite number > 0 (the units to draw), got {shown}")
         assert coordinator.primitive("q").status()["in_use"] == 0
 
     async def test_allocation_amount_as_int(self, coordinator: Coordinator) -> None:

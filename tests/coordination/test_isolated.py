@@ -121,7 +121,7 @@ class TestTakenInsideAChild:
         agent.add_state_coordination("amounts_q", PrimitiveType.QUOTA, quota_limit=5.0)
         agent.add_state("allocate", allocate, context_keys=["refused"])
         refused = (await agent.run()).get_state("refused")
-        prefix = "ResourceAllocation('amounts_q'): amount must be a number > 0 (the units to draw), got "
+        prefix = "ResourceAllocation('amounts_q'): amount must be a finite number > 0 (the units to draw), got "
         assert refused == [prefix + "bool True", prefix + "str '2'", prefix + "str 'x'"]
         assert coordinator.primitive("amounts_q").status()["acquisitions"] == 0
         await coordinator.aclose()

@@ -29,12 +29,24 @@ from agent import (
     WorkflowDefinitionError,
 )
 from agent import _validate
-from agent.coordination import PrimitiveType, RateLimitStrategy, create_coordinated_agent
+from agent.coordination import (
+    Coordinator,
+    PrimitiveType,
+    RateLimitStrategy,
+    ResourceAllocation,
+    create_coordinated_agent,
+)
+from agent.errors import MonitorConfigurationError
+from agent.monitor import RealTimeMetrics
 
 NAN, INF = float("nan"), float("inf")
 
 
 async def noop(context):
+    return None
+
+
+async def _async_observer(event):
     return None
 
 
@@ -132,6 +144,24 @@ CASES = [
     ("add_state dependencies of lists", lambda: add(dependencies=[["x"]]), WorkflowDefinitionError,
      "dependencies must be"),
     ("add_observer 5", lambda: Agent("a").add_observer(5), InvalidConfigurationError, "give a callable"),
+    # Each was taken, then failed (or made a coroutine nobody awaited) at every event.
+    ("add_observer of no argument", lambda: Agent("a").add_observer(lambda: None), InvalidConfigurationError,
+     "must take one argument, the RunEvent"),
+    ("add_observer async", lambda: Agent("a").add_observer(_async_observer), InvalidConfigurationError,
+     "is an async function"),
+    ("Coordinator resolution 'youngest'", lambda: Coordinator(resolution="youngest"), CoordinationError,
+     "DeadlockResolution.FAIL_YOUNGEST"),
+    ("Coordinator max_cycles 10**400", lambda: Coordinator(max_cycles=10**400), CoordinationError, "max_cycles"),
+    ("Coordinator detection_interval 10**400", lambda: Coordinator(detection_interval=10**400), CoordinationError,
+     "detection_interval must be a finite"),
+    ("Coordinator cleanup_interval inf", lambda: Coordinator(cleanup_interval=INF), CoordinationError,
+     "cleanup_interval must be a finite"),
+    ("coordination amount 10**400", lambda: create_coordinated_agent("c").add_state_coordination(
+        "p8", PrimitiveType.QUOTA, quota_limit=2, amount=10**400), CoordinationError, "amount must be a finite"),
+    ("ResourceAllocation amount 10**400", lambda: ResourceAllocation("q", 10**400, coordinator=Coordinator()),
+     CoordinationError, "amount must be a finite"),
+    ("monitor update_interval 10**400", lambda: RealTimeMetrics(update_interval=10**400), MonitorConfigurationError,
+     "update_interval must be a finite"),
     ("add_admission_hook None", lambda: Agent("a").add_admission_hook(None), InvalidConfigurationError,
      "acquire(state, run_id, attempt)"),
     ("resource_pool set to a str", lambda: setattr(Agent("a"), "resource_pool", "x"), InvalidConfigurationError,
