@@ -57,6 +57,7 @@ class PrefixedWriter:
         out = self._stream()
         if out is None:
             return
+        label = values.printable(label)  # a state's name may hold a newline or an escape sequence
         self._width = max(self._width, min(len(label), 24))
         prefix = f"{label:<{self._width}} | "
         if _wants_color(out):

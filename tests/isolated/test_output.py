@@ -98,6 +98,15 @@ class TestEcho:
         assert capsys.readouterr().out == "load | a\ntransform | b\nload      | c\n"
 
 
+    def test_a_name_that_would_break_the_line_or_drive_the_terminal_is_escaped(self, capsys):
+        # A state name holds any str: printed raw, "a\nb" forged a line of its own and
+        # "\x1b[2J" cleared the user's screen.
+        writer = output.PrefixedWriter(lambda: __import__("sys").stdout)
+        writer("a\nb", ["x"])
+        writer("\x1b[2J", ["y"])
+        assert capsys.readouterr().out == "a\\nb | x\n\\x1b[2J | y\n"
+
+
 class TestLogFiles:
     """One file per attempt, never shared between two states, and a name limit."""
 
