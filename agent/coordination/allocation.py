@@ -31,7 +31,7 @@ from .. import _validate, remote
 from ..errors import CoordinationError
 from .coordinator import Coordinator, check_coordinator, default_coordinator
 from .primitives import Primitive, PrimitiveType
-from .primitives.base import check_timeout
+from .primitives.base import check_timeout, check_ttl
 
 _current_owner: contextvars.ContextVar[str | None] = contextvars.ContextVar("coordination_owner", default=None)
 _current_coordinator: contextvars.ContextVar[Coordinator | None] = contextvars.ContextVar(
@@ -208,7 +208,9 @@ def mutex(
     timeout: float | None = None,
     coordinator: Coordinator | None = None,
 ) -> _Held | _Remote:
-    """``async with mutex("m1"):`` holds the MUTEX ``name`` (created with ``ttl`` on first use)."""
+    """``async with mutex("m1"):`` holds the MUTEX ``name`` (created with ``ttl`` on first use;
+    a ``ttl`` is checked at every use, though a later one does not change the mutex)."""
+    check_ttl(ttl, f"mutex({name!r})")
     link = remote.link() if coordinator is None else None
     if link is not None:  # in a child: the supervisor's mutex
         _check_name(name)

@@ -232,6 +232,14 @@ class TestArguments:
             f"ResourceAllocation('q'): amount must be a finite number > 0 (the units to draw), got {shown}")
         assert coordinator.primitive("q").status()["in_use"] == 0
 
+    @pytest.mark.parametrize("ttl", ["1", -1, float("nan")])
+    async def test_a_bad_mutex_ttl_is_refused_when_the_mutex_exists_already(
+            self, coordinator: Coordinator, ttl: object) -> None:
+        # Checked only by the first use, which makes the mutex: a later one's went unread.
+        mutex("m", ttl=5.0, coordinator=coordinator)
+        with pytest.raises(CoordinationError, match=r"mutex\('m'\): ttl must be"):
+            mutex("m", ttl=ttl, coordinator=coordinator)  # type: ignore[arg-type]
+
     async def test_allocation_amount_as_int(self, coordinator: Coordinator) -> None:
         coordinator.add_primitive("q", PrimitiveType.QUOTA, quota_limit=5.0)
         async with ResourceAllocation("q", 2, owner="w", coordinator=coordinator) as held:
