@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
+from .. import _validate
 from .. import events as ev
 from ..errors import FAILURE_KINDS, MonitorConfigurationError
 from .aggregation import DEFAULT_CAPACITY, MetricAggregation, Ratio, Tally
@@ -190,8 +191,10 @@ class MetricsCollector:
         self._clock = clock
         self._attempts = attempts
         self._process = process if process is not None else ThisProcess()
+        _validate.integer(capacity, "MetricsCollector capacity", error=MonitorConfigurationError, minimum=1)
         self._capacity = capacity
-        self._min_window = min_window
+        self._min_window = _validate.number(min_window, "MetricsCollector min_window", error=MonitorConfigurationError,
+                                            unit="seconds")
         self._lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
         self._recent: deque[_Run] = deque(maxlen=RECENT_RUNS)

@@ -38,6 +38,7 @@ from agent.coordination import (
 )
 from agent.errors import MonitorConfigurationError
 from agent.monitor import RealTimeMetrics
+from agent.monitor.collector import MetricsCollector
 
 NAN, INF = float("nan"), float("inf")
 
@@ -160,6 +161,10 @@ CASES = [
         "p8", PrimitiveType.QUOTA, quota_limit=2, amount=10**400), CoordinationError, "amount must be a finite"),
     ("ResourceAllocation amount 10**400", lambda: ResourceAllocation("q", 10**400, coordinator=Coordinator()),
      CoordinationError, "amount must be a finite"),
+    ("MetricsCollector min_window '1'", lambda: MetricsCollector(min_window="1"), MonitorConfigurationError,
+     "min_window must be a number of seconds"),
+    ("MetricsCollector min_window nan", lambda: MetricsCollector(min_window=NAN), MonitorConfigurationError,
+     "min_window must be a finite"),
     ("monitor update_interval 10**400", lambda: RealTimeMetrics(update_interval=10**400), MonitorConfigurationError,
      "update_interval must be a finite"),
     ("add_admission_hook None", lambda: Agent("a").add_admission_hook(None), InvalidConfigurationError,
