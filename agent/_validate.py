@@ -12,6 +12,7 @@ engine works with.
 from __future__ import annotations
 
 import enum
+import inspect
 import math
 from typing import Any
 
@@ -177,3 +178,21 @@ def methods(value: Any, what: str, names: tuple[str, ...], *, error: ErrorType, 
         lacks = ", ".join(f"{name}()" for name in missing)
         raise error(f"{what} must be {expected}{_or_none(none)}, got {shown(value)} (it has no {lacks})")
     return value
+
+
+def one_argument(func: Any, what: str, *, error: ErrorType, takes: str, not_async: str | None = None) -> None:
+    """Refuse callable ``func`` when it cannot be called with one argument (``takes`` names
+    it); and, with ``not_async`` (what to do instead), when it is an ``async def`` one,
+    for a caller that does not await what it returns. Checked when it is given: else it
+    fails at every call, far from the mistake. A callable without a signature to read
+    (some builtins) is taken as it is."""
+    name = getattr(func, "__name__", func)
+    call = getattr(type(func), "__call__", None)  # noqa: B004 (an object's own __call__)
+    if not_async is not None and (inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(call)):
+        raise error(f"{what} {name!r} is an async function, which would be called and never awaited: {not_async}")
+    try:
+        inspect.signature(func).bind(object())
+    except TypeError:
+        raise error(f"{what} {name!r} must take one argument, {takes}") from None
+    except ValueError:
+        pass

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -293,7 +292,10 @@ class Agent:
         if not callable(observer):
             raise InvalidConfigurationError(
                 f"an observer is called with each RunEvent: give a callable, got {type(observer).__name__}")
-        _check_observer(observer)
+        _validate.one_argument(
+            observer, "observer", error=InvalidConfigurationError, takes="the RunEvent: observer(event)",
+            not_async="make it a plain def (a run does not wait for its observers), which may start a task of its "
+                      "own (asyncio.get_running_loop().create_task(...)) or put the event on a queue")
         self._observers.append(observer)
         run = self._run
         if run is not None and not run.done and observer not in run.observers:
@@ -950,23 +952,3 @@ class Agent:
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, states={len(self._states)}, status={self.status.value})"
 
-
-def _check_observer(observer: Any) -> None:
-    """An observer is called with each event, on the run's loop, and never awaited: one that
-    cannot take the event, or an ``async def`` one, would fail (or do nothing) at every event."""
-    name = getattr(observer, "__name__", observer)
-    call = getattr(type(observer), "__call__", None)  # noqa: B004 (an object's own __call__)
-    if inspect.iscoroutinefunction(observer) or inspect.iscoroutinefunction(call):
-        raise InvalidConfigurationError(
-            f"observer {name!r} is an async function: observers are called with each RunEvent and not awaited "
-            "(a run must not wait for them); make it a plain def, which may start a task of its own "
-            "(asyncio.get_running_loop().create_task(...)) or put the event on a queue"
-        )
-    try:
-        inspect.signature(observer).bind(object())
-    except TypeError:
-        raise InvalidConfigurationError(
-            f"observer {name!r} must take one argument, the RunEvent: observer(event)"
-        ) from None
-    except ValueError:  # no signature to read (some builtins, like print): called as given
-        pass

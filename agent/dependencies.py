@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +70,15 @@ class DependencyConfig:
                 "a PERIODIC dependency needs interval= (seconds > 0 between re-runs); without one, "
                 "use DependencyLifecycle.ALWAYS")
         if self.condition is not None:
-            _check_condition(self.condition)
+            if not callable(self.condition):
+                raise InvalidConfigurationError(
+                    "DependencyConfig.condition must be callable: condition(agent) -> bool")
+            # The scheduler calls it, with the agent, each time it looks.
+            _validate.one_argument(
+                self.condition, "DependencyConfig.condition", error=InvalidConfigurationError,
+                takes="the agent: condition(agent) -> bool",
+                not_async="the scheduler looks at a condition without waiting; make it a plain def reading the "
+                          "agent (its context, its states' status), and have a state do what must be awaited")
 
     @classmethod
     def of(cls, value: "DependencyConfig | DependencyType | str") -> "DependencyConfig":
@@ -84,26 +91,3 @@ class DependencyConfig:
                 f"a dependency is a DependencyType or a DependencyConfig, got {value!r}"
             ) from None
 
-
-def _check_condition(condition: Any) -> None:
-    """A condition is called by the scheduler, with the agent, each time it looks: a plain
-    function of one argument that answers at once (an ``async def`` one would give a
-    coroutine, never awaited, and one of no argument a TypeError, at every look)."""
-    if not callable(condition):
-        raise InvalidConfigurationError("DependencyConfig.condition must be callable: condition(agent) -> bool")
-    name = getattr(condition, "__name__", condition)
-    call = getattr(type(condition), "__call__", None)  # noqa: B004 (an object's own __call__)
-    if inspect.iscoroutinefunction(condition) or inspect.iscoroutinefunction(call):
-        raise InvalidConfigurationError(
-            f"DependencyConfig.condition {name!r} is an async function: the scheduler calls a condition each "
-            "time it looks and cannot await it; make it a plain def reading the agent (its context, its states' "
-            "status), and have a state do what must be awaited"
-        )
-    try:
-        inspect.signature(condition).bind(object())
-    except TypeError:
-        raise InvalidConfigurationError(
-            f"DependencyConfig.condition {name!r} must take one argument, the agent: condition(agent) -> bool"
-        ) from None
-    except ValueError:  # no signature to read (some builtins)
-        pass

@@ -210,15 +210,8 @@ def check_question(prompt: Any, timeout: Any, validator: Any, default: Any) -> f
             f"a human input validator must be callable (answer -> bool) or None, got {type(validator).__name__}"
         )
     if validator is not None:
-        try:
-            inspect.signature(validator).bind("answer")
-        except TypeError:
-            raise InvalidConfigurationError(
-                f"a human input validator must take one argument, the answer (a str), and return whether it is "
-                f"valid: {getattr(validator, '__name__', validator)!r} cannot be called with one"
-            ) from None
-        except ValueError:  # no signature to read (some builtins): it is tried on the answers
-            pass
+        _validate.one_argument(validator, "a human input validator", error=InvalidConfigurationError,
+                               takes="the answer (a str), returning whether it is valid")
     return _validate.number(timeout, "human input timeout", error=InvalidConfigurationError, none=True,
                             unit="seconds")
 

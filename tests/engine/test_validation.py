@@ -149,7 +149,7 @@ CASES = [
     ("add_observer of no argument", lambda: Agent("a").add_observer(lambda: None), InvalidConfigurationError,
      "must take one argument, the RunEvent"),
     ("add_observer async", lambda: Agent("a").add_observer(_async_observer), InvalidConfigurationError,
-     "is an async function"),
+     "is an async function, which would be called and never awaited"),
     ("Coordinator resolution 'youngest'", lambda: Coordinator(resolution="youngest"), CoordinationError,
      "DeadlockResolution.FAIL_YOUNGEST"),
     ("Coordinator max_cycles 10**400", lambda: Coordinator(max_cycles=10**400), CoordinationError, "max_cycles"),
