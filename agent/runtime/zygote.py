@@ -3,13 +3,15 @@
 Started once per supervisor (``python -m agent.runtime.zygote FD PARENT_PID
 [PATH...]``). It holds no threads and no ZeroMQ context, so a fork is a cheap, safe
 copy. Over the control socket ``FD`` it reads length-prefixed requests (``spawn``,
-``taken``, ``kill``) and writes reports (``spawned``, ``spawn_failed``, ``exited`` with
-the raw wait status and the CPU seconds and page faults the kernel charged the child,
-``denied`` for a sandbox's system call refused by seccomp, ``parked`` for a child forked
-ahead, ``let_go`` for parked children nobody needs). It exits, killing its children,
+``taken``, ``kill``, and ``close`` before the supervisor closes it) and writes reports
+(``spawned``, ``spawn_failed``, ``exited`` with the raw wait status and the CPU seconds
+and page faults the kernel charged the child, ``denied`` for a sandbox's system call
+refused by seccomp, ``parked`` for a child forked ahead, ``let_go`` for parked children
+nobody needs). It exits, killing its children,
 when the supervisor closes the socket or its process ends (a pidfd of it), and then
 removes the PATHs (the supervisor's private directories and its cgroups, empty by then),
-so that even a supervisor killed outright leaves nothing behind.
+and, when the process ended without a ``close``, its status socket (``configure``'s
+``status_socket``), so that even a supervisor killed outright leaves nothing behind.
 
 The zygote never holds a child's secrets: each ``spawn`` request comes with a descriptor
 (``SCM_RIGHTS``) of a memfd holding the child's spec (its channel secret, argv, paths),
@@ -180,6 +182,7 @@ class Zygote:
     ) -> None:
         self._control = control
         self._parent = parent  # a pidfd of the supervisor's process (see _watch_parent)
+        self.closed = False  # the supervisor said it closes: an end of its socket without it is its death
         self._children: set[int] = set()
         self._spec_fds: deque[int] = spec_fds if spec_fds is not None else deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -258,6 +261,8 @@ class Zygote:
             self._taken(request["pid"], bool(request.get("sandbox")))
         elif op == "kill":
             self._kill(request["pid"], request.get("signal", signal.SIGKILL))
+        elif op == "close":
+            self.closed = True
         elif op == "idle_cgroup":
             if request["pid"] in self._children:  # else reaped already: the supervisor removes it
                 self._idle_cgroups[request["pid"]] = [str(path) for path in request["dirs"]]
@@ -879,9 +884,17 @@ def main(argv: list[str]) -> int:
         _kill_left_in(cleanup)
         for path in cleanup:
             shutil.rmtree(path, ignore_errors=True)
-        if parent is not None and select.select([parent], [], [], 0)[0] and status_socket:
+        # The supervisor's process ended without closing its supervisor: its socket's end
+        # may come before its exit, which then follows at once.
+        if (status_socket and parent is not None and not (zygote is not None and zygote.closed)
+                and select.select([parent], [], [], PARENT_EXIT_WAIT)[0]):
             _remove_socket(status_socket)
     return 0
+
+
+PARENT_EXIT_WAIT = 2.0
+"""Seconds the zygote waits for the exit of a supervisor's process whose socket ended
+without a ``close``: a process that ends closes its descriptors first."""
 
 
 def _remove_socket(path: str) -> None:

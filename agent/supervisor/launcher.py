@@ -280,6 +280,10 @@ class ZygoteLauncher:
         """Stop the zygote (it kills its children on EOF) and reap it."""
         self.alive = False
         self.detach()
+        try:
+            write_frame(self._sock, {"op": "close"})  # not a death: the process goes on
+        except OSError:
+            pass  # the zygote is gone
         self._sock.close()
         while self._fds:
             os.close(self._fds.popleft())
