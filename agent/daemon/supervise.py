@@ -343,8 +343,8 @@ class JobSupervisor:
         if not self.stopping:
             status, error = self._outcome(handle, wait_status)
             job.error = error
-            if handle.outcome is None and status == "failed":  # its running states went with it
-                job.states = {name: "failed" if state == "running" else state for name, state in job.states.items()}
+            if handle.outcome is None:  # it went without saying how its states ended
+                job.states = _interrupted(job.states, status)
             job.move(JobStatus(status))
             self.store.save(job)
             log.info("job %s %s%s", job.id, status, f": {error}" if error else "")
@@ -558,3 +558,17 @@ def _remove_entry(parent: int, name: str) -> None:
         shutil.rmtree(name, dir_fd=parent, ignore_errors=True)
     else:
         os.unlink(name, dir_fd=parent)
+
+
+def _interrupted(states: dict[str, str], status: str) -> dict[str, str]:
+    """A job's states once its runner went (killed, or stopped past its grace) without
+    reporting them: what still ran went with it, failed, cancelled, or to run again on
+    resume (``pending``) as the job itself did; a cancel ends the states yet to run too,
+    as ``cancel_all()`` does."""
+    if status == "cancelled":
+        return {name: "cancelled" if state in ("running", "ready", "pending") else state
+                for name, state in states.items()}
+    ended = {"failed": "failed", "paused": "pending"}.get(status)
+    if ended is None:
+        return states
+    return {name: ended if state == "running" else state for name, state in states.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -73,6 +74,24 @@ class TestCrashAndResume:
         assert "its runner was killed by SIGKILL" in final["error"]
         assert final["states"]["s3"] == "failed" and final["states"]["s2"] == "completed"
         wait_until(lambda: not processes_of({ann.uid}), "the killed runner's processes to go", timeout=30)
+
+    def test_a_runner_stopped_past_its_cancel_grace_leaves_no_state_running(
+        self, agentd: Agentd, users: tuple[User, User], workdir: Path, outdir: Path,
+    ) -> None:
+        # Killed after the grace without a word: its states kept reading "running" for good.
+        ann, _ = users
+        job = _start_chain(agentd, workdir, outdir, ann)
+        runner = agentd.status(job)["pid"]
+        os.kill(runner, signal.SIGSTOP)
+        try:
+            cancelled = agentd.ctl_json("cancel", job, user=ann)  # answers once the runner is gone
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(runner, signal.SIGCONT)
+        assert cancelled["status"] == "cancelled"
+        assert cancelled["states"]["s3"] == "cancelled" and cancelled["states"]["s2"] == "completed"
+        assert "running" not in cancelled["states"].values()
+        wait_until(lambda: not processes_of({ann.uid}), "the stopped runner's processes to go", timeout=30)
 
     def test_kill_9_mid_job_then_restart(self, agentd: Agentd, users: tuple[User, User], workdir: Path,
                                          outdir: Path) -> None:
