@@ -12,6 +12,8 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+from ._stdio import open_standard_streams
+
 T = TypeVar("T")
 
 _log = logging.getLogger("agent")
@@ -167,6 +169,7 @@ def run_to_end(main: Coroutine[Any, Any, T], grace: float) -> T:
     """
     import uvloop
 
+    open_standard_streams()
     runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
     try:
         return runner.run(main)

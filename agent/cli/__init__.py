@@ -168,6 +168,9 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``agent`` command; returns the exit status."""
+    from .._stdio import open_standard_streams
+
+    open_standard_streams()  # `agent run flow.py >&-`: see agent._stdio
     parser = build_parser()
     argv = list(argv) if argv is not None else sys.argv[1:]
     try:

@@ -23,6 +23,7 @@ import sys
 import threading
 from typing import Any
 
+from .._stdio import open_standard_streams
 from .._version import __version__
 from ..errors import StatusEndpointError
 from . import client, find, protocol, read, runs
@@ -176,6 +177,7 @@ def start() -> StatusServer | None:
     global _server
     if _server is not None:
         return _server
+    open_standard_streams()  # the socket must not become this process's stdout (agent._stdio)
     try:
         _server = StatusServer()
     except (OSError, StatusEndpointError) as exc:

@@ -82,6 +82,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from .._stdio import open_standard_streams
 from ..values import Bounds, pack_plain, unpack_plain
 from . import child as child_module
 from . import seccomp
@@ -839,6 +840,10 @@ def _watch_parent(parent_pid: int) -> int | None:
 
 def main(argv: list[str]) -> int:
     control_fd, parent_pid, cleanup = int(argv[1]), int(argv[2]), argv[3:]
+    # Its descriptors 1 and 2 are the program's, which may have been closed or be a
+    # descriptor closed on exec (an event loop's, made where 1 was free): first of all, so
+    # that no descriptor of its own, and none of a child's, takes one of those numbers.
+    open_standard_streams()
     signal.signal(signal.SIGTERM, _on_sigterm)
     parent = _watch_parent(parent_pid)
     zygote = None

@@ -40,6 +40,7 @@ from ..scope import ContextScope, ScopedContext, scope_for
 from ..values import Bounds
 from .child import ChildProcess, ChildStatus, sent_by
 from .confinement import Confinement, Confiner
+from .._stdio import open_standard_streams
 from .descriptors import Budget, raise_soft_limit
 from .launcher import ZygoteLauncher
 from .logger import get_logger
@@ -97,6 +98,7 @@ class Supervisor:
     """Launches and watches state children for this process."""
 
     def __init__(self, config: SupervisorConfig | None = None, confiner: Confiner | None = None) -> None:
+        open_standard_streams()  # before any socket of ours could take descriptor 0, 1 or 2
         self.config = config or SupervisorConfig()
         retention = LogRetention.from_env()  # every setting read before anything is made
         self.bounds = Bounds(max_frame=self.config.max_frame)

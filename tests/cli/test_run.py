@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import signal
@@ -245,6 +246,50 @@ class TestUsageErrors:
         done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True,
                               timeout=60, cwd=cli.dir, env=cli.env)
         assert done.stderr.strip().splitlines()[-1] == "False", done.stderr
+
+
+class TestClosedStandardStreams:
+    """A program started with a standard descriptor closed (``<&-``, ``>&-``, ``2>&-``) runs as
+    with it open: the next socket took that number, a state's output was written over its
+    channel, and uvloop aborted the whole program as it closed that socket (SIGABRT, 134)."""
+
+    FLOW = """\
+        import os
+        from agent import Agent
+
+        agent = Agent("closed", isolation="process")
+
+        async def first(context):
+            print("to the closed stream, or not", flush=True)
+            return "second"
+
+        async def second(context):
+            with open(os.environ["DONE"], "a") as fh:
+                fh.write("second ran\\n")
+
+        agent.add_state("first", first)
+        agent.add_state("second", second)
+
+        if __name__ == "__main__":
+            if os.environ.get("OWN_LOOP"):  # made where the closed descriptor was free
+                import asyncio
+                asyncio.run(agent.run())
+            else:
+                agent.run_sync()
+    """
+
+    @pytest.mark.parametrize("closed", [0, 1, 2], ids=["stdin", "stdout", "stderr"])
+    @pytest.mark.parametrize("how", ["agent run", "python", "python, asyncio.run"])
+    def test_the_run_completes(self, cli, closed, how):
+        cli.write("flow.py", self.FLOW)
+        done_file = cli.dir / "done.txt"
+        command = cli.command("run", "flow.py") if how == "agent run" else [sys.executable, "flow.py"]
+        if how == "python, asyncio.run":
+            cli.env["OWN_LOOP"] = "1"
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=cli.dir,
+                              env=dict(cli.env, DONE=str(done_file)), preexec_fn=lambda: os.close(closed))
+        assert done.returncode == 0, (done.returncode, done.stderr)
+        assert done_file.read_text() == "second ran\n"
 
 
 class TestLoadErrors:
