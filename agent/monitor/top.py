@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import sys
 import time
 import unicodedata
@@ -293,12 +294,9 @@ def demo_agents(speed: float = 1.0, isolation: str = "inline") -> list[Any]:
     etl.add_state("report", report)
 
     training = Agent("model_training", isolation=isolation)
-    flaky = {"left": 2}
-
     async def fetch_weights(context):
         await work(0.3)
-        if flaky["left"] > 0:
-            flaky["left"] -= 1
+        if context.attempt <= 2:  # its attempt number, not a count of ours: a state's process has its own
             raise ConnectionError("weights server busy")
         return "train_epoch"
 
@@ -518,12 +516,13 @@ def top_command(args: Any) -> int:
         return EXIT_OK
     width = args.width or shutil.get_terminal_size((110, 24)).columns
     tty = sys.stdout.isatty()
+    color = tty and not os.environ.get("NO_COLOR")  # https://no-color.org, as agent run's prefixes
     if args.once or not tty:
-        sys.stdout.write(render_box(collect(), width, color=tty))
+        sys.stdout.write(render_box(collect(), width, color=color))
         return EXIT_OK
     try:
         while True:
-            frame = render_box(collect(), width, color=True)
+            frame = render_box(collect(), width, color=color)
             sys.stdout.write("\033[H\033[2J" + frame)
             sys.stdout.flush()
             time.sleep(args.interval)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import signal
 import subprocess
@@ -109,6 +110,40 @@ class TestTop:
         assert not [p for p in after["processes"] if p["pid"] == proc.pid]  # its socket went with it
 
 
+    def test_no_color_is_honoured_on_a_terminal(self, cli):
+        # Its frame on a terminal was always coloured, NO_COLOR or not.
+        proc = cli.start_talker()
+        try:
+            coloured = _on_a_terminal(cli, "top", "--once", "--width", "200")
+            plain = _on_a_terminal(cli, "top", "--once", "--width", "200", NO_COLOR="1")
+            release(cli.dir / "go")
+            proc.communicate(timeout=60)
+        finally:
+            stop(proc)
+        assert "talker" in coloured and "\x1b[" in coloured
+        assert "talker" in plain and "\x1b[" not in plain
+
+
+def _on_a_terminal(cli, *args: str, **env: str) -> str:
+    """What ``agent ARGS`` writes to its stdout when that is a terminal (a pseudo-terminal)."""
+    ours, theirs = pty.openpty()
+    proc = subprocess.Popen(cli.command(*args), stdout=theirs, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                            cwd=cli.dir, env=dict(cli.env, **env))
+    os.close(theirs)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(ours, 65536)
+        except OSError:  # EIO: the command exited, its terminal closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(ours)
+    assert proc.wait(timeout=60) == 0
+    return out.decode(errors="replace")
+
+
 class TestResumeOfALiveRun:
     """A run still running in another process is not resumed alongside it."""
 
@@ -148,6 +183,7 @@ class TestResumeOfALiveRun:
 
 FAILS_FIRST = """
 import os
+import pty
 from agent import Agent
 agent = Agent("fails_first", isolation="inline", checkpoint_store=os.environ["STORE"])
 async def step(context):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from agent import events as ev
 from agent.monitor.top import TopView, main, render_text, sparkline
 
@@ -87,6 +89,14 @@ class TestMain:
         out = capsys.readouterr().out
         assert "agent top · demo" in out
         assert "model_training" in out and "batch_inference" in out
+
+    @pytest.mark.parametrize("isolation", ["process", "worker"])
+    def test_demo_snapshot_of_isolated_states(self, capsys, isolation):
+        # Its flaky state counted its failures in the demo's memory, which a state's
+        # process does not share: every attempt failed, and so did the demo.
+        assert main(["--demo", "--snapshot", "--speed", "40", "--interval", "0.01", "--width", "100",
+                     "--demo-isolation", isolation]) == 0
+        assert "agent top · demo" in capsys.readouterr().out
 
     def test_through_the_agent_command(self, capsys):
         from agent.cli import main as agent_main
