@@ -10,6 +10,7 @@ The reference is ``docs/cli.md``.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
@@ -72,7 +73,8 @@ $AGENT_STATE_DIR/checkpoints.sqlite3): Ctrl-C pauses the run and prints the comm
 that resumes it; a second Ctrl-C stops at once.
 
 exit status: 0 completed, 1 failed, 2 usage error, 3 the file cannot be loaded or
-defines no runnable agent, 4 cancelled, 130 interrupted (resumable).
+defines no runnable agent, 4 cancelled, 130 Ctrl-C and 143 SIGTERM (paused: resumable),
+141 the reader of its output went away (paused too).
 """
 
 RUNS_HELP = """\
@@ -174,6 +176,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(argv) if argv is not None else sys.argv[1:]
     try:
+        return _main(parser, argv)
+    except BrokenPipeError:  # `agent top --json | head`, `agent --help | head`: the reader left
+        _stdout_to_null()
+        return ExitCode.READER_GONE  # as a command the pipe's signal would have ended
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        _stdout_to_null()  # else the interpreter's last flush fails the same way
+        print(f"agent: cannot write its output: {exc.strerror}", file=sys.stderr)
+        return ExitCode.RUN_FAILED
+
+
+def _stdout_to_null() -> None:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    try:
         own = _before_dashes(argv)
         args, extra = parser.parse_known_args(own)
         if args.command == "run":
@@ -188,11 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import importlib
 
     handler = getattr(importlib.import_module(module_name), function)
-    try:
-        return int(handler(args) or 0)
-    except BrokenPipeError:  # `agent top --json | head`: the reader left; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return ExitCode.READER_GONE  # as a command the pipe's signal would have ended
+    return int(handler(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -292,6 +292,31 @@ class TestClosedStandardStreams:
         assert done_file.read_text() == "second ran\n"
 
 
+class TestOutputGone:
+    """Whatever it prints, a reader that went away ends it with 141 and a full disk with one line."""
+
+    @pytest.mark.parametrize("args", [["--version"], ["--help"], ["run", "--help"], ["runs"]])
+    def test_a_reader_that_went_away(self, cli, args):
+        # --help and --version ended with a BrokenPipeError traceback and status 1.
+        read, write = os.pipe()
+        os.close(read)  # gone before anything is written: every write fails
+        try:
+            done = subprocess.run(cli.command(*args), stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                                  cwd=cli.dir, env=cli.env, stdin=subprocess.DEVNULL)
+        finally:
+            os.close(write)
+        assert done.returncode == 141, done.stderr
+        assert done.stderr == ""
+
+    @pytest.mark.parametrize("args", [["--help"], ["runs"]])
+    def test_a_full_disk(self, cli, args):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(cli.command(*args), stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+                                  cwd=cli.dir, env=cli.env, stdin=subprocess.DEVNULL)
+        assert done.returncode == 1
+        assert done.stderr == "agent: cannot write its output: No space left on device\n"
+
+
 class TestLoadErrors:
     """A file that cannot be loaded shows the user's own traceback and exits 3."""
 
