@@ -152,10 +152,14 @@ class RunCommand:
         signal.raise_signal(signal.SIGINT)
 
     def exited(self, exc: SystemExit) -> int:
-        """The file exited (``sys.exit``): report what it ran, else pass its status on."""
+        """The file exited (``sys.exit``): report what it ran; with nothing run, it could not
+        be loaded (an argument check that failed, say): say so with what it said, exit 3."""
         if self.runs():
             return self.report()
-        return exc.code if isinstance(exc.code, int) else int(bool(exc.code))
+        said = "" if exc.code is None or isinstance(exc.code, int) else f": {exc.code}"
+        self.terminal.notice(f"agent run: {self.args.file} exited while it was loaded, before any run "
+                             f"(sys.exit({exc.code!r})){said}")
+        return ExitCode.LOAD_FAILED
 
     async def drive(self) -> int:
         """On the command's loop: the file's top-level ``await`` part, then the run, then the report."""

@@ -87,6 +87,9 @@ def _stores_of_file(file: str) -> list[Path]:
         raise ValueError(f"{file} runs its agent when loaded: name its store with --store instead")
     try:
         loaded = workflow.load(path, [])
+    except SystemExit as exc:  # an argument check of its own, say: as `agent run` says it
+        said = "" if exc.code is None or isinstance(exc.code, int) else f": {exc.code}"
+        raise _NotLoaded(f"{file} exited while it was loaded (sys.exit({exc.code!r})){said}") from None
     except Exception as exc:
         detail = str(exc) if isinstance(exc, workflow.WorkflowLoadError) else workflow.user_traceback(
             exc, str(path.resolve()))

@@ -353,6 +353,18 @@ class TestLoadErrors:
         # None of the framework's own frames: by path, nor by a compiled module's relative name.
         assert "/agent/" not in done.stderr and 'File "agent/' not in done.stderr
 
+    @pytest.mark.parametrize("code,shown", [
+        ('"usage: flow.py CONFIG"', "(sys.exit('usage: flow.py CONFIG')): usage: flow.py CONFIG"),
+        ("5", "(sys.exit(5))"),
+        ("0", "(sys.exit(0))"),
+    ])
+    def test_an_exit_before_any_run(self, cli, code, shown):
+        # Its status was passed on (1, 5, even 0 for no run at all) and its message dropped.
+        cli.write("flow.py", f"import sys\nfrom agent import Agent\nagent = Agent('early')\nsys.exit({code})\n")
+        done = cli.run("run", "flow.py")
+        assert done.returncode == 3
+        assert done.stderr == f"agent run: flow.py exited while it was loaded, before any run {shown}\n"
+
     @pytest.mark.parametrize("source,message", [
         ("x = 1\n", "defines no Agent at module level"),
         ("from agent import Agent\nagent = Agent('empty')\n", "agent 'empty' has no states"),

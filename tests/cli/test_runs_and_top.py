@@ -68,6 +68,7 @@ class TestRunsExitCodes:
         ("broken.py", "x = (\n", "SyntaxError"),
         ("needs.py", "import helper_that_is_missing\n", "ModuleNotFoundError"),
         ("noagent.py", "x = 1\n", "defines no Agent at module level"),
+        ("exits.py", "import sys\nsys.exit(5)\n", "exited while it was loaded (sys.exit(5))"),  # was: status 5
     ])
     def test_a_file_that_cannot_be_loaded_exits_3(self, cli, name, text, message):
         cli.write(name, text)
