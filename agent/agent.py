@@ -857,6 +857,7 @@ class Agent:
         what is left of the run, as :meth:`run`'s do.
         """
         from .checkpoint_store import open_default_store
+        from .live.claim import RunClaim
 
         if not isinstance(run_id, str) or not run_id:
             raise CheckpointError(f"resume_run() takes the run id (a str) list_runs() shows, got {run_id!r}")
@@ -878,15 +879,25 @@ class Agent:
                 f"run {run_id} failed before it could be checkpointed mid-run: there is nothing to resume; "
                 "start a new run"
             )
-        if checkpoint.agent_status != AgentStatus.COMPLETED.value:
+        if checkpoint.agent_status == AgentStatus.COMPLETED.value:
+            await self.restore_from_checkpoint(checkpoint)  # nothing to run
+            self.checkpoint_store = store
+            self._finished_restored = False
+            return self.context
+        claim = RunClaim(run_id)
+        if not claim.take():
+            raise AgentBusyError(f"run {run_id} is being resumed by another process: resume it once that process "
+                                 "has stopped or paused it")
+        try:
             self._refuse_a_run_live_elsewhere(run_id)
-        await self.restore_from_checkpoint(checkpoint)
-        self.checkpoint_store = store  # the resumed run saves where it was found
-        if checkpoint.agent_status != AgentStatus.COMPLETED.value:
+            await self.restore_from_checkpoint(checkpoint)
+            self.checkpoint_store = store  # the resumed run saves where it was found
             if self._restored is not None:  # what resume() would do, with the bounds given
                 await self.run(timeout=timeout, cleanup_timeout=cleanup_timeout)
             else:
                 await self.resume()
+        finally:
+            claim.release()
         self._finished_restored = False  # resumed: a run() from now on is a new run
         return self.context
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pty
@@ -9,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -125,6 +127,24 @@ class TestTop:
         assert "talker" in plain and "\x1b[" not in plain
 
 
+def _crashed_chain(cli) -> tuple[str, Path]:
+    """A run of CHAIN killed while transform waits (HANG stays set: a resume waits there
+    too, on $GO), in a store of its own; its run id, and the file of its side effects."""
+    cli.write("flow.py", CHAIN)
+    effects = cli.dir / "effects"
+    cli.env.update(STORE=str(cli.dir / "etl.sqlite3"), EFFECTS=str(effects), HANG="1", GO=str(cli.fifo("go")),
+                   ISOLATION="inline", AGENT_RUNTIME_DIR=str(cli.dir / "runtime"))
+    proc = subprocess.Popen([sys.executable, "flow.py"], stdout=subprocess.PIPE, text=True, cwd=cli.dir, env=cli.env)
+    try:
+        assert proc.stdout.readline() == "transform is waiting\n"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        stop(proc)
+    [run] = json.loads(cli.run("runs", "--json").stdout)
+    return run["run_id"], effects
+
+
 def _on_a_terminal(cli, *args: str, **env: str) -> str:
     """What ``agent ARGS`` writes to its stdout when that is a terminal (a pseudo-terminal)."""
     ours, theirs = pty.openpty()
@@ -160,6 +180,43 @@ class TestResumeOfALiveRun:
             stop(proc)
         assert done.returncode == 2
         assert "is still running in another process" in done.stderr
+
+    def test_two_resumes_started_together_run_it_once(self, cli):
+        # Each asked the other processes whether the run was live before either had said
+        # so, and both ran every state left.
+        run_id, effects = _crashed_chain(cli)
+        resumes = [cli.start("run", "flow.py", "--resume", run_id) for _ in range(2)]
+        try:
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                concurrent.futures.wait([pool.submit(p.wait, 60) for p in resumes],
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+                [refused] = [p for p in resumes if p.poll() is not None]
+                [resuming] = [p for p in resumes if p is not refused]
+                assert refused.returncode == 2
+                assert f"run {run_id} is being resumed by another process" in refused.communicate(timeout=60)[1]
+                release(cli.dir / "go")
+                out, err = resuming.communicate(timeout=60)
+        finally:
+            for proc in resumes:
+                stop(proc)
+        assert resuming.returncode == 0, err
+        assert effects.read_text().split() == ["extract", "transform", "transform", "load"]
+
+    def test_a_resume_under_way_holds_the_run(self, cli):
+        from agent.live.claim import RunClaim
+
+        run_id, effects = _crashed_chain(cli)
+        claim = RunClaim(run_id, cli.env["AGENT_RUNTIME_DIR"])
+        assert claim.take()
+        try:
+            done = cli.run("run", "flow.py", "--resume", run_id)
+        finally:
+            claim.release()
+        assert done.returncode == 2 and "is being resumed by another process" in done.stderr
+        assert not os.path.exists(claim.path)  # released: nothing left behind
+        del cli.env["HANG"]
+        assert cli.run("run", "flow.py", "--resume", run_id).returncode == 0
+        assert effects.read_text().split() == ["extract", "transform", "transform", "load"]
 
     async def test_resume_run_refuses_it_too(self, cli):
         import runpy
