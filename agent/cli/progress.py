@@ -26,6 +26,7 @@ from typing import Any, TextIO
 
 from .. import events as ev
 from .. import live
+from ..values import printable
 from .text import counts, duration
 
 BAR_WIDTH = 20
@@ -160,7 +161,7 @@ class Notices:
         if kind == ev.RUN_STARTED:
             if self._announce:
                 verb = "resumed" if event.data.get("resumed") else "started"
-                self._terminal.notice(f"agent run: {verb} {event.agent_name}, run id {event.run_id}")
+                self._terminal.notice(f"agent run: {verb} {printable(event.agent_name)}, run id {event.run_id}")
         elif kind == ev.STATE_FAILED and not event.data.get("final"):
             self._last_error[(event.run_id, event.state or "")] = event.error or "failed"
         elif kind == ev.STATE_FAILED and event.data.get("run_goes_on"):
@@ -223,12 +224,12 @@ class Progress:
         active = [s for s in snapshots if s["status"] in ("running", "paused")] or snapshots[-1:]
         total = {key: sum(s["states"].get(key, 0) for s in active) for key in active[0]["states"]}
         elapsed = max(s["elapsed"] for s in active)
-        running = [r["state"] for s in active for r in s.get("running", ())]
+        running = [printable(r["state"]) for s in active for r in s.get("running", ())]
         if self._terminal.bar:
             finished = total["completed"] + total["failed"] + total["cancelled"] + total["blocked"]
             filled = round(BAR_WIDTH * finished / total["total"]) if total["total"] else 0
             bar = "█" * filled + "░" * (BAR_WIDTH - filled)
-            name = active[0]["agent"] if len(active) == 1 else f"{len(active)} runs"
+            name = printable(active[0]["agent"]) if len(active) == 1 else f"{len(active)} runs"
             parts = [f"{name} {bar} {total['completed']}/{total['total']} done"]
             parts += [f"{total[k]} {k}" for k in ("running", "waiting", "failed") if total[k]]
             parts.append(duration(elapsed))

@@ -28,6 +28,7 @@ from ..checkpoint import AgentCheckpoint
 from ..errors import AgentError, CheckpointError, WorkflowDefinitionError
 from ..events import observing
 from ..supervisor import output
+from ..values import printable
 from . import workflow
 from .exit_codes import ExitCode
 from .progress import Notices, Progress, Terminal, route_std_streams
@@ -484,7 +485,7 @@ class RunCommand:
 
     def print_summary(self, summary: dict[str, Any]) -> None:
         elapsed = duration(summary["elapsed"]) if summary["elapsed"] is not None else "?"
-        line = f"{summary['agent']} {summary['status']} after {elapsed}: {counts(summary['counts'])}"
+        line = f"{printable(summary['agent'])} {summary['status']} after {elapsed}: {counts(summary['counts'])}"
         self.terminal.notice(f"agent run: {line} (run {summary['run_id']})")
         if summary["error"] and summary["status"] == "failed":
             self.terminal.notice(f"agent run: {summary['error']}")

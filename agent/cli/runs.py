@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..values import printable
 from .exit_codes import ExitCode
 from .text import ago, timestamp
 
@@ -52,7 +53,7 @@ def runs_command(args: argparse.Namespace) -> int:
             print()
         print(path)
         rows = [("RUN ID", "AGENT", "STATUS", "STARTED", "LAST SAVED", "CHECKPOINTS")]
-        rows += [(r["run_id"], r["agent_name"], r["state"], timestamp(r["created"]), ago(r["updated"]),
+        rows += [(r["run_id"], printable(r["agent_name"]), r["state"], timestamp(r["created"]), ago(r["updated"]),
                   str(r["checkpoints"])) for r in runs]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:

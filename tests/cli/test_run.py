@@ -317,6 +317,24 @@ class TestOutputGone:
         assert done.stderr == "agent: cannot write its output: No space left on device\n"
 
 
+class TestNamesOnTheTerminal:
+    def test_an_agent_name_that_would_break_the_line_or_drive_the_terminal_is_escaped(self, cli):
+        # Printed raw, in agent run's notices and agent runs' table, it split their lines and
+        # reached the terminal as an escape sequence (agent top wrote it out already).
+        cli.write("evil.py", """\
+            from agent import Agent
+            agent = Agent("evil\\nname\\x1b[31mRED", isolation="inline")
+            async def s(context):
+                return None
+            agent.add_state("s", s)
+        """)
+        done = cli.run("run", "evil.py")
+        assert done.returncode == 0, done.stderr
+        listed = cli.run("runs").stdout
+        for text in (done.stderr, listed):
+            assert "\x1b" not in text and "evil\\nname\\x1b[31mRED" in text
+
+
 class TestLoadErrors:
     """A file that cannot be loaded shows the user's own traceback and exits 3."""
 
