@@ -232,9 +232,19 @@ class RunCommand:
         """``--resume`` of a run that had completed: nothing ran, and nothing is wrong."""
         if self.progress is not None:
             self.progress.stop()
-        if self.args.json:
-            document = {"run_id": run_id, "status": "completed", "resumed": False}
-            self.terminal.write(self.terminal.out, json.dumps(document, indent=2) + "\n")
+        if self.args.json:  # the summary's fields, as the checkpoint has them (no time: nothing ran)
+            from ..live.snapshot import describe
+
+            agent = self.cli_agent
+            store = agent.checkpoint_store
+            snap = describe(agent, 0.0, 0.0)
+            document = {
+                "agent": agent.name, "run_id": run_id, "status": "completed", "elapsed": None,
+                "counts": snap["states"], "states": {n: m.status.value for n, m in agent.state_metadata.items()},
+                "failed": snap["failed"], "error": None, "store": getattr(getattr(store, "inner", store), "path", None),
+                "resume_command": None, "context_keys": sorted(agent.context.keys()), "resumed": False,
+            }
+            self.terminal.write(self.terminal.out, json.dumps(document, indent=2, default=str) + "\n")
         self.terminal.notice(f"agent run: run {run_id} had completed: nothing to resume")
         return ExitCode.OK
 

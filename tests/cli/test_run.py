@@ -218,10 +218,17 @@ class TestUsageErrors:
 
     def test_resume_of_a_completed_run_runs_nothing_and_succeeds(self, cli):
         cli.write("hello.py", SPEC_QUICK_START.replace("await agent.run()\n", ""))
-        run_id = json.loads(cli.run("run", "hello.py", "--json").stdout)["run_id"]
+        first = json.loads(cli.run("run", "hello.py", "--json").stdout)
+        run_id = first["run_id"]
         done = cli.run("run", "hello.py", "--json", "--resume", run_id)
         assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout) == {"run_id": run_id, "status": "completed", "resumed": False}
+        # The summary's documented fields, as a script reading ["counts"] expects them.
+        document = json.loads(done.stdout)
+        assert document.keys() == first.keys() | {"resumed"}
+        assert document["resumed"] is False and document["elapsed"] is None
+        for key in ("agent", "run_id", "status", "counts", "states", "failed", "error", "store", "resume_command",
+                    "context_keys"):
+            assert document[key] == first[key], key
         assert f"run {run_id} had completed: nothing to resume" in done.stderr
         assert "Result:" not in done.stderr  # nothing ran again
 
