@@ -245,16 +245,19 @@ class RayExecutor:
         :class:`~agent.supervisor.logs.LogRetention`) and is echoed, each line prefixed with
         the state's name, as isolated states' output is (when the attempt ends, not live).
         An attempt that printed nothing gets no file (creating one costs more than a no-op
-        state), only a note that it ran here."""
+        state), only a note that it ran here. A state that runs again in the same run
+        (a loop) starts at attempt 1 again: its output is appended after the earlier one's,
+        as the supervisor does for isolated states."""
         key = (attempt.run_id, attempt.state_name, attempt.number)
         if not data:
-            self._silent[key] = None
-            if len(self._silent) > SILENT_KEPT:
-                self._silent.pop(next(iter(self._silent)))
+            if not os.path.exists(self.logs.path(*key)):  # else an earlier lap's output stays readable
+                self._silent[key] = None
+                if len(self._silent) > SILENT_KEPT:
+                    self._silent.pop(next(iter(self._silent)))
             return
         self._silent.pop(key, None)
         path = self.logs.path(*key, create=True)
-        with open(path, "wb") as fh:
+        with open(path, "ab") as fh:
             fh.write(data)
         self.logs.finished(path, len(data))
         writer = current_writer()

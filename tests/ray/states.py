@@ -179,3 +179,12 @@ async def rewrite_a_big_value(context: Context) -> None:
     """Overwrite one 10 MiB key a dozen times: more than one frame in all, one value in the end."""
     for i in range(12):
         context.set_state("big", bytes([i]) * (10 << 20))
+
+
+async def lap(context: Context) -> str | None:
+    """Runs three times in one run: laps 1 and 3 print, lap 2 prints nothing."""
+    n = context.get_state("lap", 0) + 1
+    context.set_state("lap", n)
+    if n != 2:
+        print(f"lap {n}")
+    return "lap" if n < 3 else None

@@ -301,6 +301,15 @@ class TestLogs:
         assert "greet | hello from a Ray worker" in capsys.readouterr().out
 
 
+    async def test_a_state_that_runs_again_keeps_each_laps_output(self):
+        # Each lap is attempt 1 again: its file was rewritten (and a lap that printed nothing
+        # hid what came before), where an isolated state's output is appended.
+        agent = Agent("laps", isolation="ray")
+        agent.add_state("lap", states.lap)
+        await agent.run()
+        assert agent.logs("lap") == "lap 1\nlap 3\n"
+
+
 class TestMixed:
     """Ray states and inline/process states share one run and one context."""
 
