@@ -75,11 +75,58 @@ def run_attempt(task: tuple[bytes, str, str, Any, dict[str, Any] | None]) -> byt
             _attempt(run, token, relay_name, confined, usage, script))
         _tidy(_loop)
     finally:
+        _end_children(kill=confined is None)
         output = _capture.finish()
     if usage["cpu_seconds"] is None:  # else the confined child's cgroup measured it
         usage["cpu_seconds"] = time.process_time() - began
     usage.update(ray_node_ip=_node_ip(), ray_worker_pid=os.getpid())
     return wire.encode_end(result, failure, pusher.pushed, pusher.unsent(), output, usage)
+
+
+_known_children: set[int] = set()
+"""This worker's children that outlive attempts by design: a confined state's supervisor's
+zygote (:mod:`agent.ray.confine`), kept for the worker's next attempts."""
+
+
+def _children() -> set[int]:
+    """This process's children (each of its threads has its own list: Ray's worker has many)."""
+    found: set[int] = set()
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        return found
+    for tid in threads:
+        try:
+            with open(f"/proc/self/task/{tid}/children", "rb") as fh:
+                found.update(int(pid) for pid in fh.read().split())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return found
+
+
+def _end_children(kill: bool) -> None:
+    """End what an attempt started and left running (a subprocess, a forked child, with their
+    own children), as a ``process`` state's cgroup ends with it: else it outlives its state
+    and writes into the next attempt's output. A confined attempt's (its supervisor's
+    zygote, ``kill`` False) stay: they serve the worker's next attempts."""
+    global _known_children
+    now = _children()
+    left = now - _known_children
+    if not kill or not left:
+        _known_children = now
+        return
+    doomed: list[psutil.Process] = []
+    for pid in left:
+        try:
+            parent = psutil.Process(pid)
+            doomed += [parent, *parent.children(recursive=True)]
+        except psutil.Error:  # exited meanwhile
+            pass
+    for proc in doomed:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(doomed, timeout=5)  # reaped, or reaped by their parent, before the next attempt
+    _known_children = now - left
 
 
 def _node_ip() -> str:

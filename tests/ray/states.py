@@ -188,3 +188,11 @@ async def lap(context: Context) -> str | None:
     if n != 2:
         print(f"lap {n}")
     return "lap" if n < 3 else None
+
+
+async def leave_a_child(context: Context) -> None:
+    """Starts a subprocess (with a child of its own) and returns without waiting for it."""
+    import subprocess
+
+    proc = subprocess.Popen(["sh", "-c", "sleep 300 & wait"])
+    context.set_state("child", proc.pid)

@@ -310,6 +310,24 @@ class TestLogs:
         assert agent.logs("lap") == "lap 1\nlap 3\n"
 
 
+class TestLeftovers:
+    async def test_what_an_attempt_started_ends_with_it(self):
+        # It outlived its state in the reused worker (a process state's goes with its cgroup),
+        # and wrote into the next attempt's output.
+        import psutil
+
+        agent = Agent("leaves", isolation="ray")
+        agent.add_state("leave", states.leave_a_child)
+        ctx = await agent.run()
+        try:
+            child = psutil.Process(ctx.get_state("child"))
+        except psutil.NoSuchProcess:
+            return  # gone already
+        grandchildren = child.children()
+        gone, alive = psutil.wait_procs([child, *grandchildren], timeout=10)
+        assert not alive or all(p.status() == psutil.STATUS_ZOMBIE for p in alive)
+
+
 class TestMixed:
     """Ray states and inline/process states share one run and one context."""
 
