@@ -71,6 +71,9 @@ LOG_SECONDS = 10.0
 """How long the driver waits for the output of a worker that died."""
 NODES_SECONDS = 10.0
 """How long the driver waits for the cluster to say which nodes are alive (before a launch)."""
+CONNECTED_CHECK_SECONDS = 1.0
+"""How often an attempt waiting for its task looks whether this process is still connected
+to Ray: after a ``ray.shutdown()`` its result can never come, and the wait never ended."""
 SILENT_KEPT = 100_000
 """How many attempts without output are remembered as such (oldest forgotten first)."""
 
@@ -152,7 +155,7 @@ class RayExecutor:
             script = main_module.describe()  # its state functions' files, for tracebacks
             ref = self._submitter(options).remote((payload, token, self.relay.name, _confined(attempt), script))
             try:
-                data = await ref
+                data = await _while_connected(ref)
             except asyncio.CancelledError:
                 await uncancellable(self._stop(ref, token, attempt))
                 raise
@@ -573,3 +576,26 @@ def get_executor() -> RayExecutor:
 def read_attempt_log(run_id: str, state: str, attempt: int) -> str | None:
     """The output of one Ray attempt, or None when this process ran no such attempt."""
     return _executor.read_log(run_id, state, attempt) if _executor is not None else None
+
+
+async def _while_connected(ref: Any) -> Any:
+    """``await ref``, failing the attempt (``lost_connection``) once this process is no longer
+    connected to Ray (``ray.shutdown()`` on another thread): Ray then never settles the ref."""
+    async def result() -> Any:
+        return await ref
+
+    waiting = asyncio.ensure_future(result())
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=CONNECTED_CHECK_SECONDS)
+            if done:
+                return waiting.result()
+            if not is_connected():
+                raise AttemptFailed(FailureReason(
+                    kind="lost_connection",
+                    message="this process's connection to the Ray cluster was closed (ray.shutdown()) while the "
+                    "state's task ran: its result can never come back",
+                ))
+    finally:
+        if not waiting.done():
+            waiting.cancel()

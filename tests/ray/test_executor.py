@@ -282,6 +282,25 @@ class TestReconnect:
                 restart_cluster()
 
 
+    async def test_a_shutdown_under_a_running_state_fails_it(self, ray_cluster):
+        # Ray never settles a task's ref once its connection is closed: the attempt waited
+        # for good, or until a timeout that then blamed the state.
+        agent = Agent("shut_under", isolation="ray")
+        agent.add_state("sleep", states.sleep_forever, max_retries=0)
+        started = asyncio.Event()
+        agent.add_observer(lambda event: started.set() if event.kind == "state_started" else None)
+        run = asyncio.ensure_future(agent.run())
+        try:
+            await started.wait()
+            await asyncio.to_thread(ray_cluster.shutdown)
+            with pytest.raises(StateFailedError) as failed:
+                await asyncio.wait_for(run, 60)
+        finally:
+            restart_cluster()
+        assert failed.value.reason.kind == "lost_connection"
+        assert "ray.shutdown()" in failed.value.reason.message
+
+
 class TestLogs:
     """A Ray attempt's stdout and stderr are kept per attempt and read with agent.logs()."""
 
