@@ -110,6 +110,11 @@ def _end_children(kill: bool) -> None:
     and writes into the next attempt's output. A confined attempt's (its supervisor's
     zygote, ``kill`` False) stay: they serve the worker's next attempts."""
     global _known_children
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)  # reaps nothing
+    except ChildProcessError:  # none at all (one system call): the usual case
+        _known_children = set()
+        return
     now = _children()
     left = now - _known_children
     if not kill or not left:
