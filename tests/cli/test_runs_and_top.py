@@ -20,19 +20,8 @@ class TestRunsAfterACrash:
     """A run killed with SIGKILL in a store of its own is listed by a plain ``agent runs`` and resumes."""
 
     def test_listed_then_resumed(self, cli):
-        cli.write("flow.py", CHAIN)
-        effects = cli.dir / "effects"
+        _, effects = _crashed_chain(cli)
         store = cli.dir / "etl.sqlite3"
-        cli.env.update(STORE=str(store), EFFECTS=str(effects), HANG="1", GO=str(cli.fifo("go")), ISOLATION="inline")
-        proc = subprocess.Popen([sys.executable, "flow.py"], stdout=subprocess.PIPE, text=True, cwd=cli.dir,
-                                env=cli.env)
-        try:
-            assert proc.stdout.readline() == "transform is waiting\n"
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
-        finally:
-            stop(proc)
-
         listed = cli.run("runs", "--json")
         assert listed.returncode == 0, listed.stderr
         [run] = json.loads(listed.stdout)
