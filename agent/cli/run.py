@@ -285,7 +285,7 @@ class RunCommand:
                                  f"({getattr(store, 'path', store)}); --store is not used")
         if store is None and not args.no_store:
             path = Path(args.store) if args.store else default_store_path()
-            if args.resume and not path.exists():
+            if args.resume and (not path.exists() or path.stat().st_size == 0):  # an empty file holds no run
                 raise LookupError(f"no run {args.resume!r}: there is no checkpoint store at {path} "
                                   "(`agent runs` lists the runs it finds)")
             try:

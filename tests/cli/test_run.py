@@ -206,6 +206,14 @@ class TestUsageErrors:
         assert done.returncode == 2 and "no checkpoint for run 'deadbeef'" in done.stderr
         assert not cli.state_dir.exists()  # not even the index of stores: the store was only read
 
+    def test_resume_from_an_empty_store_file_leaves_it_empty(self, cli):
+        # It wrote the store's schema into the file before finding no such run there.
+        cli.write("hello.py", SPEC_QUICK_START.replace("await agent.run()\n", ""))
+        (cli.dir / "empty.sqlite3").write_bytes(b"")
+        done = cli.run("run", "hello.py", "--store", "empty.sqlite3", "--resume", "deadbeef")
+        assert done.returncode == 2 and "no run 'deadbeef': there is no checkpoint store at" in done.stderr
+        assert (cli.dir / "empty.sqlite3").read_bytes() == b""
+
     def test_resume_of_another_agents_run_says_whose_it_is(self, cli):
         built = SPEC_QUICK_START.replace("await agent.run()\n", "")
         cli.write("hello.py", built)
