@@ -27,7 +27,6 @@ files lived in its own tmpfs).
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import glob
 import os
 import pwd
@@ -38,6 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .._filelock import try_lock, unlock
 from .._loops import grant_soon
 from ..errors import IsolationUnavailableError
 from ..runtime.sandbox import DEFAULT_HOME, DEFAULT_SHM_MB, ENV_KEEP
@@ -341,34 +341,7 @@ class UidPool:
 
     def _try_lock(self, uid: int) -> tuple[int, bool] | None:
         """(descriptor, whether a crashed holder left the file) once locked; None when taken."""
-        path = self._lock_path(uid)
-        while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-                left_by_crash = False
-            except FileExistsError:
-                try:
-                    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-                except FileNotFoundError:
-                    continue  # released meanwhile: create it afresh
-                left_by_crash = True
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            # The previous holder unlinks the file before unlocking; if it did so between
-            # our open and flock we locked a dead inode: try again with a fresh file.
-            try:
-                if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                    return fd, left_by_crash
-            except FileNotFoundError:
-                pass
-            os.close(fd)
+        return try_lock(self._lock_path(uid))
 
     def _unlock(self, uid: int, fd: int) -> None:
-        try:
-            os.unlink(self._lock_path(uid))
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+        unlock(self._lock_path(uid), fd)
