@@ -50,9 +50,9 @@ def number(
     return as_float
 
 
-def finite_float(value: int | float) -> float:
-    """``value`` as a float; an int too large for one (``10**400``) as an infinity of its sign,
-    which the caller then refuses as it refuses ``inf``, rather than an ``OverflowError``."""
+def finite_float(value: Any) -> float:
+    """Real number ``value`` as a float; one too large for a float (``10**400``) as an infinity
+    of its sign, which the caller then refuses as it refuses ``inf``, rather than an ``OverflowError``."""
     try:
         return float(value)
     except OverflowError:

@@ -962,4 +962,3 @@ class Agent:
 
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, states={len(self._states)}, status={self.status.value})"
-

@@ -90,4 +90,3 @@ class DependencyConfig:
             raise InvalidConfigurationError(
                 f"a dependency is a DependencyType or a DependencyConfig, got {value!r}"
             ) from None
-

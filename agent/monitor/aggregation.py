@@ -49,7 +49,7 @@ def _number(value: object) -> float:
             f"a metric value must be a finite real number (int or float), got {value!r} "
             f"of type {type(value).__name__}"
         )
-    number = _validate.finite_float(value) if isinstance(value, int) else float(value)
+    number = _validate.finite_float(value)  # 10**400, or a Fraction as large: inf, refused below
     if not math.isfinite(number):
         raise MonitorError(f"a metric value must be a finite real number, got {_validate.shown(value)}")
     return number

@@ -294,6 +294,7 @@ def demo_agents(speed: float = 1.0, isolation: str = "inline") -> list[Any]:
     etl.add_state("report", report)
 
     training = Agent("model_training", isolation=isolation)
+
     async def fetch_weights(context):
         await work(0.3)
         if context.attempt <= 2:  # its attempt number, not a count of ours: a state's process has its own

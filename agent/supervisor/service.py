@@ -27,6 +27,7 @@ import cloudpickle
 import psutil
 
 from .. import _env, values
+from .._stdio import open_standard_streams
 from .._loops import call_on, grant_soon, outside_caller
 from ..errors import CgroupError, IsolationError, ProtocolError, UnsendableStateError
 from ..executor import Attempt, Isolation
@@ -40,7 +41,6 @@ from ..scope import ContextScope, ScopedContext, scope_for
 from ..values import Bounds
 from .child import ChildProcess, ChildStatus, sent_by
 from .confinement import Confinement, Confiner
-from .._stdio import open_standard_streams
 from .descriptors import Budget, raise_soft_limit
 from .launcher import ZygoteLauncher
 from .logger import get_logger

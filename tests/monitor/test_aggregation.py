@@ -69,7 +69,7 @@ class TestValues:
     """Only finite real numbers are values: anything else raises MonitorError, and changes nothing."""
 
     @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "5", True, False, None, Decimal("1.5"), [1.0],
-                                     10**400, -10**400])
+                                     10**400, -10**400, Fraction(10**400)])
     def test_rejected(self, bad):
         agg = MetricAggregation()
         agg.add(1.0)
