@@ -157,9 +157,7 @@ class RunCommand:
         be loaded (an argument check that failed, say): say so with what it said, exit 3."""
         if self.runs():
             return self.report()
-        said = "" if exc.code is None or isinstance(exc.code, int) else f": {exc.code}"
-        self.terminal.notice(f"agent run: {self.args.file} exited while it was loaded, before any run "
-                             f"(sys.exit({exc.code!r})){said}")
+        self.terminal.notice(f"agent run: {workflow.exited_while_loading(self.args.file, exc, ', before any run')}")
         return ExitCode.LOAD_FAILED
 
     async def drive(self) -> int:

@@ -89,8 +89,7 @@ def _stores_of_file(file: str) -> list[Path]:
     try:
         loaded = workflow.load(path, [])
     except SystemExit as exc:  # an argument check of its own, say: as `agent run` says it
-        said = "" if exc.code is None or isinstance(exc.code, int) else f": {exc.code}"
-        raise _NotLoaded(f"{file} exited while it was loaded (sys.exit({exc.code!r})){said}") from None
+        raise _NotLoaded(workflow.exited_while_loading(file, exc)) from None
     except Exception as exc:
         detail = str(exc) if isinstance(exc, workflow.WorkflowLoadError) else workflow.user_traceback(
             exc, str(path.resolve()))

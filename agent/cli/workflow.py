@@ -139,6 +139,13 @@ def _is_main_guard(stmt: ast.stmt) -> bool:
     )
 
 
+def exited_while_loading(file: str, exc: SystemExit, when: str = "") -> str:
+    """What to say of ``file`` calling ``sys.exit()`` as it was loaded (``when``: more of
+    that moment), with what it said."""
+    said = "" if exc.code is None or isinstance(exc.code, int) else f": {exc.code}"
+    return f"{file} exited while it was loaded{when} (sys.exit({exc.code!r})){said}"
+
+
 def user_traceback(exc: BaseException, filename: str) -> str:
     """``exc`` as Python prints it, without the frames of ``agent run`` above the user's file
     (nor, for the framework's own errors, the framework's frames below it)."""
