@@ -9,6 +9,7 @@ observers and the checkpoint store.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -791,11 +792,13 @@ class Agent:
         """Adopt a checkpoint; the next ``run()`` or ``resume()`` continues from it.
 
         Completed states are not re-run; states that were running re-run. With
-        ``strict`` (the default) a checkpoint of another agent name, or one naming states
-        this agent does not have, is refused — unless this agent has no states yet, in
-        which case it only adopts the data (states may be added afterwards). A FAILED
-        run's checkpoint resumes too: its failed states (and the states cut off by the
-        failure) run again.
+        ``strict`` (the default) a checkpoint naming states this agent does not have is
+        refused — unless this agent has no states yet, in which case it only adopts the
+        data (states may be added afterwards). The checkpoint may come from an agent of
+        another name (``Agent("restored_workflow")`` taking over a run): the run it
+        continues is then this agent's, under a new run id, so that no store or log mixes
+        it up with the other agent's run. A FAILED run's checkpoint resumes too: its
+        failed states (and the states cut off by the failure) run again.
         """
         if not isinstance(checkpoint, AgentCheckpoint):
             if not isinstance(checkpoint, Mapping):
@@ -806,12 +809,9 @@ class Agent:
             checkpoint = AgentCheckpoint.from_dict(dict(checkpoint))
         if self._run is not None and not self._run.done:
             raise AgentBusyError(f"agent {self.name!r} is running: pause or finish it before restoring")
+        if checkpoint.agent_name != self.name:
+            checkpoint = dataclasses.replace(checkpoint, agent_name=self.name, run_id="")
         if self._states and strict:
-            if checkpoint.agent_name != self.name:
-                raise CheckpointError(
-                    f"checkpoint belongs to agent {checkpoint.agent_name!r}, not {self.name!r}: "
-                    "restore it into an agent of that name, or pass strict=False"
-                )
             missing = sorted(checkpoint.state_names() - set(self._states))
             if missing:
                 raise CheckpointError(

@@ -47,8 +47,8 @@ def exception_type_name(cls: type) -> str:
 
 
 MAX_REPORTED_TEXT = 32 * 1024
-"""Characters of a message or traceback another process reports that a failure keeps (its
-error, its log line): a state's process may send megabytes of it."""
+"""Characters of a failed state's message or traceback that its failure keeps (its error,
+its log line), at every level: a state's process may send megabytes of it."""
 
 
 def reported(text: str, limit: int = MAX_REPORTED_TEXT, *, tail: bool = False) -> str:

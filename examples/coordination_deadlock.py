@@ -19,10 +19,10 @@ holding = {"a": asyncio.Event(), "b": asyncio.Event()}
 
 def take(first: str, second: str, me: str, other: str):
     async def state(context: Context) -> StateResult:
-        async with coordination.mutex(first, owner=context.state_name):
+        async with coordination.mutex(first):
             holding[me].set()
             await holding[other].wait()
-            async with coordination.mutex(second, owner=context.state_name):
+            async with coordination.mutex(second):
                 context.set_state(f"{me}_done", True)
         return None
 

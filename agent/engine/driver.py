@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._compiled import framework_file
 from .._types import StopReason
-from ..errors import FailureReason, exception_message, exception_text, exception_type_name, utf8_text
+from ..errors import FailureReason, exception_message, exception_text, exception_type_name, reported, utf8_text
 from ..executor import HELD_UP, Attempt, AttemptFailed, Isolation, executor_for
 
 if TYPE_CHECKING:
@@ -67,12 +67,16 @@ def inline_runner(coro: Any) -> Generator[Any, Any, None]:
 
 def exception_reason(exc: BaseException) -> FailureReason:
     """A state's own exception as a failure reason; its traceback starts at the state's code
-    (the engine's frames that called it say nothing to its author)."""
+    (the engine's frames that called it say nothing to its author). Its message and
+    traceback are cut as a state's process's are (:func:`~agent.errors.reported`), so that
+    a failure reads the same at every level."""
     start = exc.__traceback__
     while start is not None and framework_file(start.tb_frame.f_code.co_filename):
         start = start.tb_next
-    tb = utf8_text("".join(traceback.format_exception(type(exc), exc, start or exc.__traceback__)))
-    return FailureReason(kind="exception", message=exception_message(type(exc).__name__, exception_text(exc)),
+    tb = reported(utf8_text("".join(traceback.format_exception(type(exc), exc, start or exc.__traceback__))),
+                  tail=True)
+    return FailureReason(kind="exception",
+                         message=exception_message(type(exc).__name__, reported(exception_text(exc))),
                          traceback=tb, exception_type=exception_type_name(type(exc)))
 
 

@@ -52,6 +52,7 @@ from ..supervisor.logger import get_logger
 from ..supervisor.logs import AttemptLogs
 from ..runtime import main_module
 from ..supervisor.output import current_writer, label_for
+from ..supervisor import pickled
 from ..supervisor.pickled import PickledFunctions, unsendable
 from ..supervisor.process import uncancellable
 from . import wire, worker
@@ -138,7 +139,7 @@ class RayExecutor:
         except Exception as exc:
             raise UnsendableStateError(unsendable(attempt.state_name, attempt.func, exc, "Ray")) from exc
         return wire.encode_run(attempt.run_id, attempt.agent_name, attempt.state_name, attempt.number, function,
-                               cloudpickle.dumps(classes) if classes else _NO_CLASSES, snapshot,
+                               pickled.dumps(classes) if classes else _NO_CLASSES, snapshot,
                                attempt.context)
 
     async def run_attempt(self, attempt: Attempt) -> AttemptOutcome:

@@ -84,20 +84,6 @@ def adopt(*objects: Any) -> None:
         _name_file(obj)
         if "<" not in getattr(obj, "__qualname__", "<"):  # defined at the script's top level
             space[obj.__name__] = obj
-    for value in list(space.values()):
-        if isinstance(value, type) and value.__module__ in _SCRIPT:
-            _name_nested(value, space)
-
-
-def _name_nested(cls: type, space: dict[str, Any], depth: int = 0) -> None:
-    """Give the classes defined in a class of the script their qualified name back
-    (``Holder.Nested``): cloudpickle makes a class it copies with its bare name, so a
-    typed value of a nested class would name a class nobody else can find."""
-    for name, value in list(vars(cls).items()):
-        if (isinstance(value, type) and value.__module__ in _SCRIPT and value.__name__ == name
-                and value.__qualname__ == name and space.get(name) is not value and depth < 8):
-            value.__qualname__ = f"{cls.__qualname__}.{name}"
-            _name_nested(value, space, depth + 1)
 
 
 _COPIED = "<dynamic-code>"  # what cloudpickle names the file of code it copied

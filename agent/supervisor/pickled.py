@@ -31,6 +31,7 @@ built for each run (0.13 of 0.4 ms).
 
 from __future__ import annotations
 
+import io
 import struct
 import sys
 import threading
@@ -141,8 +142,32 @@ def unsendable(state: str, func: Any, error: Exception, where: str = "its proces
 
 
 def _dumps(func: Callable[..., Any]) -> bytes:
-    data: bytes = cloudpickle.dumps(func)
-    return data
+    return dumps(func)
+
+
+def dumps(obj: Any) -> bytes:
+    """``cloudpickle.dumps(obj)``, keeping the qualified name of each class it copies.
+
+    cloudpickle makes a class it copies with its bare ``__name__``: a class defined in a
+    function (``main.<locals>.Point``) or in another class (``Holder.Nested``) came out
+    as ``Point`` or ``Nested``, so a state's process took a local TypedContextData class
+    for one it could name to others, and reprs and tracebacks named the wrong class.
+    """
+    with io.BytesIO() as file:
+        _QualnamePickler(file, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(obj)
+        return file.getvalue()
+
+
+class _QualnamePickler(cloudpickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        reduced = super().reducer_override(obj)
+        if (isinstance(obj, type) and isinstance(reduced, tuple) and len(reduced) == 6
+                and obj.__qualname__ != obj.__name__):
+            state = reduced[2]
+            if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+                # _class_setstate sets each item of the class's state on the class made
+                reduced = (*reduced[:2], ({**state[0], "__qualname__": obj.__qualname__}, state[1]), *reduced[3:])
+        return reduced
 
 
 def fingerprint(func: types.FunctionType) -> tuple[Any, ...] | None:

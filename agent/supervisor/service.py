@@ -49,6 +49,7 @@ from .private_dirs import make_private_dir
 from .teardown import at_exit
 from .output import AttemptOutput, label_for
 from .parked import ParkedChildren
+from . import pickled
 from .pickled import PickledFunctions, unsendable
 from .workers import WorkerPool
 
@@ -421,7 +422,7 @@ class Supervisor:
         frame = encode_message(Run(
             run_id=attempt.run_id, agent_name=attempt.agent_name, state_name=attempt.state_name,
             attempt=attempt.number, function=function, context=context,
-            classes=cloudpickle.dumps(tuple(classes)) if classes else _NO_CLASSES,
+            classes=pickled.dumps(tuple(classes)) if classes else _NO_CLASSES,
             max_frame=self.config.max_frame, context_budget=budget.limit, context_bytes=budget.used,
             failures=failures,
         ))

@@ -574,7 +574,7 @@ class TestPauseResume:
         assert log == ["b", "merge"]  # start and a are not re-run; the join still runs once
         assert again.completed_states >= {"start", "a", "b", "merge"}
 
-    async def test_restore_refuses_other_agent_and_missing_states(self):
+    async def test_restore_refuses_missing_states(self):
         agent = Agent("one", isolation="inline")
 
         async def s(context):
@@ -583,14 +583,48 @@ class TestPauseResume:
         agent.add_state("s", s)
         await agent.run()
         checkpoint = agent.create_checkpoint()
-        other = Agent("two", isolation="inline")
-        other.add_state("s", s)
-        with pytest.raises(CheckpointError, match="belongs to agent 'one'"):
-            await other.restore_from_checkpoint(checkpoint)
         lacking = Agent("one", isolation="inline")
         lacking.add_state("t", s)
         with pytest.raises(CheckpointError, match="does not have: s"):
             await lacking.restore_from_checkpoint(checkpoint)
+
+    async def test_restore_into_an_agent_of_another_name_with_the_same_states(self, tmp_path):
+        """The spec's ``new_agent = Agent("restored_workflow")``, its states added first: it
+        continues the run (completed states not re-run) as a run of its own, under a new id,
+        saved in a store that also holds the first agent's run."""
+        ran: list[str] = []
+        started = asyncio.Event()
+
+        async def first(context):
+            ran.append("first")
+            return "second"
+
+        async def second(context):
+            ran.append("second")
+            started.set()
+            if context.get_state("restored"):
+                return None
+            await asyncio.Event().wait()
+
+        def build(name):
+            agent = Agent(name, isolation="inline", checkpoint_store=tmp_path / "runs.sqlite3")
+            agent.add_state("first", first)
+            agent.add_state("second", second)
+            return agent
+
+        original = build("workflow")
+        task = asyncio.create_task(original.run())
+        await started.wait()
+        checkpoint = await original.pause()
+        task.cancel()
+        new_agent = build("restored_workflow")
+        await new_agent.restore_from_checkpoint(checkpoint)
+        new_agent.context.set_state("restored", True)
+        await new_agent.resume()
+        assert new_agent.status is AgentStatus.COMPLETED
+        assert ran == ["first", "second", "second"]
+        assert new_agent.run_id and new_agent.run_id != original.run_id
+        assert new_agent.checkpoint_store.latest(new_agent.run_id).agent_name == "restored_workflow"
 
     async def test_restore_into_empty_agent_adopts_data(self):
         agent = Agent("workflow", isolation="inline")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import textwrap
 
 import pytest
 
-from agent import Agent
+from agent import Agent, TypedContextData, UnencodableValueError
 
 from ..values.test_model import Counted, OwnInit
 
@@ -39,6 +40,28 @@ async def test_keys_and_typed_values_read_back_as_inline(level):
     assert ctx.get_state("removed") is True and not ctx.has_state("draft")
     assert ctx.get_state("seen") == ["abc", 1]
     assert ctx.get_typed("counted", Counted).n == 1 and ctx.get_typed("own", OwnInit).a == 3
+
+
+@pytest.mark.parametrize("level", ["inline", "process", "worker"])
+async def test_a_typed_class_defined_in_a_function_is_refused_by_set_typed_as_inline(level):
+    """The class reaches the state's process with its qualified name (``...<locals>.Local``),
+    so ``set_typed`` refuses it there as inline, and the state can catch that; before, the
+    copy was named ``Local`` and the whole attempt failed as a protocol violation."""
+    @dataclasses.dataclass
+    class Local(TypedContextData):
+        x: int
+
+    async def store(context):
+        try:
+            context.set_typed("k", Local(1))
+        except UnencodableValueError as exc:
+            context.set_state("refused", [str(exc), type(Local(1)).__qualname__])
+
+    agent = Agent("local_class", isolation=level)
+    agent.add_state("store", store)
+    message, qualname = (await agent.run()).get_state("refused")
+    assert qualname == Local.__qualname__ and qualname.endswith("<locals>.Local")
+    assert message.startswith(f"context key 'k': {qualname} is defined inside a function")
 
 
 SCRIPT = """

@@ -123,6 +123,10 @@ async def huge_error(context):
                                    "message": "m" * (4 * MiB), "traceback": "t" * (4 * MiB)}))
 
 
+async def long_message(context):
+    raise ValueError("x" * 200_000)
+
+
 async def huge_non_transition(context):
     await _send_raw(msgpack.packb({"v": PROTOCOL_VERSION, "t": "result", "value": None,
                                    "not_a_transition": "n" * (4 * MiB)}))
@@ -554,6 +558,16 @@ class TestBadFrames:
         assert "characters cut" in str(info.value) and len(str(info.value)) < 100_000
         await still_serving(isolation)
 
+    async def test_a_long_exception_message_reads_the_same_at_every_level(self):
+        """Cut to the same 32 KiB inline as from a child: before, inline kept all 200,000."""
+        messages = set()
+        for isolation in ["inline", "process", "worker"]:
+            exc = await failed(isolation, long_message, retries=0)
+            assert exc.reason.message.endswith("... [167,232 characters cut]"), isolation
+            assert len(exc.reason.traceback) < 33_000 and "characters cut]" in exc.reason.traceback, isolation
+            messages.add(exc.reason.message)
+        assert len(messages) == 1
+
 
 class TestHonestReasons:
     """Each way a process ends reads as exactly one kind, with no false warning beside it."""
@@ -758,7 +772,7 @@ def make():
         x: int
     return Local
 
-Local = make()  # sent to the child by value (this file runs as __main__), under a plain qualname there
+Local = make()  # sent to the child by value (this file runs as __main__), with its qualname
 
 async def store(context):
     context.set_typed("loc", Local(x=1))
@@ -790,4 +804,5 @@ def test_a_typed_class_defined_in_a_function_fails_the_state_that_stores_it(tmp_
     assert done.returncode == 0, done.stderr
     state, permanent, message = done.stdout.strip().split(" ", 2)
     assert (state, permanent) == ("store", "True")
-    assert "make.<locals>.Local: defined inside a function" in message and "at module level" in message
+    assert "context key 'loc': make.<locals>.Local is defined inside a function" in message
+    assert "at module level" in message

@@ -340,13 +340,16 @@ class CapacityPrimitive(Primitive):
         holding = self._holders.get(owner)
         if holding is not None and not self.reentrant_amounts:
             raise CoordinationError(
-                f"{what} is already held by {owner!r}: it is not re-entrant, release it first"
+                f"{what} is already held by {owner!r}: it is not re-entrant, release it first (an "
+                "explicit owner= is one holder in every run that passes it; leave it out to take as "
+                "the state attempt)"
             )
         if holding is not None and holding.amount + amount > self.capacity + _EPS:
             room = self.capacity - holding.amount
             raise CoordinationError(
                 f"{what}: {owner!r} holds {holding.amount:g} of its {self.capacity:g} and asks for "
-                f"{amount:g} more, which it would wait for itself to give back: "
+                f"{amount:g} more, which it would wait for itself to give back (an explicit owner= is one "
+                "holder in every run that passes it): "
                 + (f"ask for at most {room:g}, or raise the limit" if room > _EPS else "raise the limit")
             )
         return float(amount)
