@@ -24,7 +24,7 @@ import asyncio
 import functools
 import traceback
 import types
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .._compiled import framework_file
@@ -167,8 +167,9 @@ class Driver:
                 attempt.stop_grace = grace  # killed then, if it has not stopped
                 isolated[act.task] = attempt
         tasks = run.stop_all(reason)
+        cancelled = False  # the caller cancelled again meanwhile (an outer timeout, a shutdown)
         if tasks:
-            _, late = await asyncio.wait(tasks, timeout=grace)
+            late, cancelled = await _through_cancels(tasks, None if grace is None else self.loop.time() + grace)
             # An isolated state's process is being killed now: the run waits until it is
             # gone, so that nothing of it runs (or writes to the context) after run() returned.
             # An inline state that ignores its cancellation cannot be stopped, nor code of the
@@ -179,12 +180,16 @@ class Driver:
                 if hurry is not None:
                     hurry()
             if killed:
-                await asyncio.wait(killed)
+                cancelled = (await _through_cancels(killed, None))[1] or cancelled
         run.abandon()
         for handle in self.handles:
             handle.cancel()
         self.handles.clear()
-        await self.settled()
+        try:
+            await self.settled()
+        finally:
+            if cancelled:
+                raise asyncio.CancelledError
 
     async def settled(self) -> None:
         """Wait until every attempt's process is gone, even if cancelled meanwhile (then
@@ -286,3 +291,25 @@ class Driver:
         """Cancel the task of a running activation (its ``stop_reason`` is set)."""
         if act.task is not None:
             act.task.cancel()
+
+
+async def _through_cancels(tasks: Iterable[asyncio.Task[Any]],
+                           until: float | None) -> tuple[set[asyncio.Task[Any]], bool]:
+    """Wait for ``tasks`` until loop time ``until`` (None: for good) even if cancelled
+    meanwhile: those still pending, and whether it was cancelled (the caller re-raises it
+    once its cleanup is done, so that a second cancel cannot cut a cleanup short and leave
+    a state's process running after ``run()`` ended)."""
+    loop = asyncio.get_running_loop()
+    pending = set(tasks)
+    cancelled = False
+    while pending:
+        left = None if until is None else until - loop.time()
+        if left is not None and left <= 0:
+            break
+        try:
+            _, pending = await asyncio.wait(pending, timeout=left)
+            break
+        except asyncio.CancelledError:
+            cancelled = True
+            pending = {task for task in pending if not task.done()}
+    return pending, cancelled

@@ -1145,8 +1145,11 @@ class Run:
         """Ask a running activation to stop: timeout, cancel, preempt or pause."""
         if self.running.get(act.state) is not act or act.task is None:
             return
-        if reason is _STOP_PREEMPT and act.stop_reason is not None:
-            return  # stopping already (a cancel, a timeout, a pause): that is how it ends
+        if (reason is _STOP_PREEMPT or reason is _STOP_TIMEOUT) and act.stop_reason is not None:
+            # Stopping already (a cancel, a pause, a preemption, a timeout): that is how it
+            # ends. Its timer firing in the stop's grace made a cancelled state TIMEOUT (and
+            # failed the run that cancel_state() had meant to go on).
+            return
         act.stop_reason = reason
         if act.attempt_obj is not None:
             act.attempt_obj.stop_reason = reason

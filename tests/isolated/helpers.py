@@ -52,11 +52,11 @@ async def budget_race(isolation: str, fan, write, writers: tuple[str, str]) -> N
 
 
 def state_process_gone(pid: int) -> bool:
-    """Whether the process that served a state is gone (for ``process``) or serves on idle,
-    its state stopped (for ``worker``: the worker outlives its states)."""
+    """Whether the process that served a state is gone, or, for ``worker``, serves on idle,
+    its state stopped (the worker outlives its states, unless it had to be killed)."""
     sup = current_supervisor()
-    if LEVEL is Isolation.WORKER:
-        return sup is not None and pid in sup.workers.idle_pids()
+    if LEVEL is Isolation.WORKER and sup is not None and pid in sup.workers.idle_pids():
+        return True
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:

@@ -128,6 +128,16 @@ async def ignores_cancellation(context):
         context.set_state("tick", tick)
 
 
+async def blocks_in_c(context):
+    """Blocks where no cancellation reaches it: stopped only by the kill after the stop grace."""
+    context.set_state("pid", os.getpid())
+    time.sleep(30)
+
+
+async def begin_two(context):
+    return ["blocks_in_c", "record_pid"]
+
+
 async def record_pid(context):
     context.set_state(f"pid_{context.state_name}", os.getpid())
 
@@ -363,6 +373,47 @@ class TestAgentWithProcessIsolation:
         await run
         assert agent.state_metadata["sleeper"].status is StateStatus.CANCELLED
         assert not agent.context.has_state("pid")  # it never started
+
+    async def test_a_state_cancelled_before_its_timeout_is_cancelled_when_the_timeout_passes_in_its_stop(
+        self, level, monkeypatch,
+    ):
+        """Its timer fired while it was being stopped: it was TIMEOUT then, and the run that
+        cancel_state() meant to go on failed with StateTimeoutError."""
+        import dataclasses
+
+        prime = Agent("prime", isolation=level)
+        prime.add_state("record_pid", record_pid)
+        await prime.run()  # the supervisor is up: its grace can be lengthened past the timeout
+        sup = current_supervisor()
+        monkeypatch.setattr(sup, "config", dataclasses.replace(sup.config, grace=3.0))
+        agent = Agent("cancel_then_timeout", isolation=level)
+        agent.add_state("begin", begin_two)
+        agent.add_state("blocks_in_c", blocks_in_c, timeout=1.0)
+        agent.add_state("record_pid", record_pid)
+        run = asyncio.ensure_future(agent.run())
+        while not agent.context.has_state("pid"):
+            await asyncio.sleep(0.01)
+        assert agent.cancel_state("blocks_in_c")  # the kill comes 3 s on: past the timeout
+        context = await run
+        assert agent.status is AgentStatus.COMPLETED and context.has_state("pid_record_pid")
+        assert agent.state_metadata["blocks_in_c"].status is StateStatus.CANCELLED
+        assert state_process_gone(context.get_state("pid"))
+
+    async def test_a_second_cancel_during_the_cleanup_still_waits_for_the_state_process(self, level):
+        """An outer timeout or a shutdown cancels again: run() still ends only once the state's
+        process is gone (before, it returned with the process alive and the state RUNNING)."""
+        agent = Agent("cancelled_twice", isolation=level)
+        agent.add_state("blocks_in_c", blocks_in_c)
+        run = asyncio.ensure_future(agent.run())
+        while not agent.context.has_state("pid"):
+            await asyncio.sleep(0.01)
+        run.cancel()
+        await settle()  # run() took the first cancel: it is stopping the state, which ignores it
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        assert agent.state_metadata["blocks_in_c"].status is StateStatus.CANCELLED
+        assert state_process_gone(agent.context.get_state("pid"))
 
     async def test_a_run_cancelled_while_a_cold_supervisor_starts_leaves_the_agent_free(self, level):
         shutdown_supervisor()

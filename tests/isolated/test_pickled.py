@@ -12,7 +12,7 @@ import cloudpickle
 import pytest
 
 from agent import Agent
-from agent.supervisor.pickled import BYTES_PER_CODE, KEPT_PER_CODE, MAX_KEPT, PickledFunctions, fingerprint
+from agent.supervisor.pickled import BYTES_PER_CODE, KEPT_PER_CODE, MAX_KEPT, PickledFunctions, dumps, fingerprint
 
 SETTING = 1
 TABLE = {"x": 1}
@@ -104,7 +104,7 @@ def test_other_callables_are_pickled_as_they_are() -> None:
 
     pickled = PickledFunctions()
     step = Step()
-    assert pickled.dumps(step) == cloudpickle.dumps(step)
+    assert pickled.dumps(step) == dumps(step)  # cloudpickle's, the class's qualified name kept
     assert pickled.dumps(len) == cloudpickle.dumps(len)
 
 
@@ -253,3 +253,22 @@ def test_a_closure_over_a_function_born_where_a_gone_one_was_is_pickled_for_it()
             del sys.modules[name]
         del module, state
         gc.collect()
+
+
+def test_a_copied_class_keeps_its_qualified_name_in_another_process() -> None:
+    """cloudpickle alone makes it with its bare name (``Point``), in a process that lacks it."""
+    import subprocess
+
+    def make():
+        class Point:
+            class Inner:
+                pass
+
+        return Point
+
+    point = make()
+    read = "import pickle, sys; p = pickle.loads(sys.stdin.buffer.read()); print(p.__qualname__, p.Inner.__qualname__)"
+    done = subprocess.run([sys.executable, "-c", read], input=dumps(point), capture_output=True, timeout=60,
+                          check=True)
+    assert done.stdout.decode().split() == [point.__qualname__, f"{point.__qualname__}.Inner"]
+    assert point.__qualname__.endswith("make.<locals>.Point")
