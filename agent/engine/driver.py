@@ -274,6 +274,8 @@ class Driver:
                 result, failure, usage = None, exception_reason(exc), dict(attempt.usage)
             else:
                 ok = True
+                if act.stop_reason is StopReason.PREEMPT:  # its result came in as it was preempted: it stands
+                    act.stop_reason = attempt.stop_reason = None
                 result, failure, usage = outcome.result, None, outcome.usage
             # What follows starts from this task (one loop iteration sooner), unless the
             # hooks it entered must let go first.

@@ -714,6 +714,10 @@ class ChildProcess:
         if self._answered is not None and not self._answered.done():
             self._answered.set_result(None)
 
+    def returned(self) -> bool:
+        """Whether the state's result came in, and stands (no violation since)."""
+        return self._result is not None and self._violation is None
+
     def outcome_now(self) -> AttemptOutcome | None:
         """The outcome while the process still exits: its result, with its usage read now.
 

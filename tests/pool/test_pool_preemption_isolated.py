@@ -128,3 +128,63 @@ class TestIsolatedPreemption:
         assert order.index((ev.STATE_COMPLETED, "low_b")) > high_done
         assert {s for k, s in order[:high_done] if k == ev.STATE_PREEMPTED} == {"low_a", "low_b"}
         assert agent.resource_pool.statistics().holders == 0
+
+
+@pytest.mark.parametrize("level", ["process", "worker"])
+async def test_a_result_that_comes_in_as_its_state_is_preempted_stands(
+    tmp_path: Path, level: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A victim that blocks until its work is done returns during its stop grace: it
+    completed, and is not run again (before, its result was thrown away and the whole state
+    ran twice, repeating what it did)."""
+    import dataclasses
+
+    from agent.supervisor import current_supervisor
+
+    signals = StartSignals(tmp_path / "started")
+    fifo = signals.path
+    agent = Agent("preempt-returned", isolation=level, resource_pool=ResourcePool(
+        total_cpu=2, total_memory=512, total_io=10, total_network=10, total_gpu=0, enable_preemption=True,
+    ))
+    events: list[ev.RunEvent] = []
+    agent.add_observer(events.append)
+
+    async def start(context):  # noqa: ANN001, ANN202
+        return ["victim", "trigger"]
+
+    async def victim(context):  # noqa: ANN001, ANN202
+        import os as child_os
+        import time
+
+        context.set_state("victim_starts", context.get_state("victim_starts", 0) + 1)
+        with open(fifo, "w") as signal:
+            signal.write("victim\n")
+        time.sleep(1.0)  # no stop reaches it meanwhile: it returns while being preempted
+        context.set_state("victim_pid", child_os.getpid())
+
+    async def trigger(context):  # noqa: ANN001, ANN202
+        await signals.wait_for("victim")
+        return "urgent"
+
+    async def urgent(context):  # noqa: ANN001, ANN202
+        return None
+
+    agent.add_state("start", start, isolation="inline")
+    agent.add_state("victim", victim, resources=need(2, Priority.LOW))
+    agent.add_state("trigger", trigger, isolation="inline")
+    agent.add_state("urgent", urgent, resources=need(1, Priority.HIGH))
+    prime = Agent("prime", isolation=level)
+    prime.add_state("urgent", urgent)
+    await prime.run()  # the supervisor is up: its stop grace can be lengthened past the victim's sleep
+    sup = current_supervisor()
+    monkeypatch.setattr(sup, "config", dataclasses.replace(sup.config, grace=30.0))
+    try:
+        await agent.run(timeout=60)
+    finally:
+        signals.close()
+    meta = agent.state_metadata["victim"]
+    assert agent.context.get_state("victim_starts") == 1 and agent.context.has_state("victim_pid")
+    assert meta.status is StateStatus.COMPLETED and meta.preemptions == 0 and meta.attempts == 1
+    assert [e.state for e in events if e.kind == ev.STATE_PREEMPTED] == []
+    assert agent.state_metadata["urgent"].status is StateStatus.COMPLETED
+    assert agent.resource_pool.statistics().holders == 0
