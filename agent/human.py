@@ -23,7 +23,7 @@ import stat
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol, TextIO, runtime_checkable
 
@@ -91,6 +91,7 @@ async def ask_human(
     attempt: int = 1,
     rejected: str | None = None,
     left: float | None = None,
+    relayed: bool = False,
 ) -> str:
     """Ask ``provider`` until an answer passes ``validator``; see the module docstring.
 
@@ -99,6 +100,8 @@ async def ask_human(
     ``rejected`` and ``left`` (the seconds left of ``timeout``) continue a question asked
     before: a state in another process validates its answers there and asks again through
     here (:func:`ask_relayed`); the provider and the errors see the whole ``timeout``.
+    ``relayed``: a timeout raises HumanInputTimeoutError even with a default, for that
+    process to fall back to it (an answer equal to the default is then still validated).
     """
     timeout = check_question(prompt, timeout, validator, default)
     _validate.integer(max_attempts, "max_attempts", error=InvalidConfigurationError, minimum=1, none=True)
@@ -114,7 +117,7 @@ async def ask_human(
     while True:
         answer = await _ask_once(provider, request, deadline, clock)
         if answer is None:
-            if default is not None:
+            if default is not None and not relayed:
                 return default
             where = f" (state {state!r})" if state else ""
             if request.rejected is None:
@@ -126,7 +129,7 @@ async def ask_human(
                 f"no valid answer to {prompt!r} within {timeout:g} s{where}: {request.attempt - 1} "
                 f"rejected (last: {request.rejected}); pass default= or a longer timeout"
             )
-        why = _too_long(answer) or await _rejection(validator, answer)
+        why = _too_long(answer) or _unencodable(answer) or await _rejection(validator, answer)
         if why is None:
             return answer
         if max_attempts is not None and request.attempt >= max_attempts:
@@ -156,10 +159,10 @@ async def _ask_provider(
     provider: HumanInputProvider, request: HumanInputRequest, deadline: float | None, clock: Clock
 ) -> str | None:
     if deadline is None:
-        return _checked(await provider.ask(request))
+        return _checked(await _asked(provider, request))
     if clock.monotonic() >= deadline:
         return None
-    asking = asyncio.ensure_future(provider.ask(request))
+    asking = asyncio.ensure_future(_asked(provider, request))
     timer = asyncio.ensure_future(clock.sleep_until(deadline))
     try:
         await asyncio.wait({asking, timer}, return_when=asyncio.FIRST_COMPLETED)
@@ -172,6 +175,16 @@ async def _ask_provider(
     if asking.cancelled():
         return None
     return _checked(asking.result())
+
+
+def _asked(provider: HumanInputProvider, request: HumanInputRequest) -> Awaitable[str]:
+    asked = provider.ask(request)
+    if not inspect.isawaitable(asked):
+        raise HumanInputError(
+            f"a human input provider's ask() must be async: {type(provider).__name__}.ask returned "
+            f"{type(asked).__name__}; define it with async def"
+        )
+    return asked
 
 
 def _checked(answer: Any) -> str:
@@ -222,25 +235,38 @@ def _too_long(answer: str) -> str | None:
     return f"an answer of {len(answer):,} characters is over the {MAX_TEXT:,}-character limit"
 
 
+def _unencodable(answer: str) -> str | None:
+    try:
+        answer.encode()
+    except UnicodeEncodeError as exc:
+        return f"an answer must be text UTF-8 can encode ({exc.reason} at position {exc.start})"
+    return None
+
+
 def new_request_id() -> str:
     """A fresh id for a question to a human."""
     return uuid.uuid4().hex[:12]
 
 
 async def ask_relayed(context: Any, asked: dict[int, str], question: int, prompt: str, timeout: float | None,
-                      default: str | None, attempt: int, rejected: str | None, left: float | None = None) -> str:
+                      default: str | None, attempt: int, rejected: str | None, left: float | None = None,
+                      *, default_there: bool = True) -> str:
     """Ask, through ``context``'s hook, what a state in another process (a child, a Ray task)
     asks: that process validates the answers, and each re-ask of its ``question`` keeps the
     question's request id (kept in ``asked``), with its ``attempt``, why the last answer was
     ``rejected`` and the seconds ``left`` of its ``timeout``, as an inline state's would. A
-    hook that cannot take them (one given to a Context by hand) gets the plain question."""
+    hook that cannot take them (one given to a Context by hand) gets the plain question.
+    ``default_there``: the time being up raises HumanInputTimeoutError, and that process
+    falls back to its default (a child); else the default is the answer (a Ray task, whose
+    own question has a deadline and default of its own)."""
     hook = context._human_hook()
     if hook is None or not _takes_request_id(hook):
         return str(await context.human_in_the_loop(prompt=prompt, timeout=timeout if left is None else left,
                                                    validator=None, default=default))
     request_id = asked.setdefault(question, new_request_id())
     return str(await hook(prompt=prompt, timeout=timeout, validator=None, default=default,
-                          request_id=request_id, attempt=attempt, rejected=rejected, left=left))
+                          request_id=request_id, attempt=attempt, rejected=rejected, left=left,
+                          relayed=default_there))
 
 
 def _takes_request_id(hook: Callable[..., Any]) -> bool:
@@ -333,12 +359,16 @@ class QueueInputProvider:
             return [p.request for p in self._pending.values()]
 
     def answer(self, request_id: str, text: str) -> None:
-        """Answer the pending request ``request_id``; raises HumanInputError when there is none,
-        ValueTooLargeError for an answer over :data:`MAX_TEXT` characters (still pending)."""
+        """Answer the pending request ``request_id``; raises HumanInputError when there is none
+        or for text UTF-8 cannot encode, ValueTooLargeError for an answer over
+        :data:`MAX_TEXT` characters (both still pending)."""
         if not isinstance(text, str):
             raise HumanInputError(f"an answer is a str, got {type(text).__name__}")
         if len(text) > MAX_TEXT:
             raise ValueTooLargeError(f"{_too_long(text)}: answer with less, and pass data through the context")
+        unencodable = _unencodable(text)
+        if unencodable is not None:  # (a lone surrogate, as json.loads('"\\ud800"') gives): still pending
+            raise HumanInputError(f"{unencodable}: answer with valid text")
         with self._lock:
             entry = self._pending.pop(request_id, None)
             open_ids = list(self._pending)

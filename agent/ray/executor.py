@@ -436,7 +436,7 @@ class Channel:
         error_type = error = None
         try:
             answer = await ask_relayed(self.attempt.context, self._questions, req.question, req.prompt, req.timeout,
-                                       req.default, req.attempt, req.rejected, req.left)
+                                       req.default, req.attempt, req.rejected, req.left, default_there=False)
         except HumanInputError as exc:
             error_type, error = type(exc).__name__, str(exc)
         except Exception as exc:  # a provider failed: the state raises HumanInputError

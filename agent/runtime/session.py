@@ -263,22 +263,15 @@ class ChildSession:
                 response = await fut
             finally:
                 self._pending.pop(request_id, None)
+            if response.error_type == HumanInputTimeoutError.__name__ and default is not None:
+                return default  # the supervisor says the time is up (and why), the default stays here
             if response.error_type is not None:
                 raise _named_error(response.error_type, response.error or "", HumanInputError)
             answer = response.answer or ""
             rejected = await _rejection(validator, answer)  # a validator that raises rejects, as inline
             if rejected is None:
                 return answer
-            attempt += 1
-            if default is not None and answer == default:
-                return default  # the provider fell back to the default: nothing left to ask
-            if deadline is not None and loop.time() >= deadline:
-                if default is not None:
-                    return default
-                raise HumanInputTimeoutError(
-                    f"no valid answer to {prompt!r} within {timeout} s and no default: "
-                    "pass default= or a longer timeout"
-                )
+            attempt += 1  # asked again with what is left of the timeout: none left is a timeout there
 
     async def take(self, kind: str, name: str, owner: str | None, amount: float, ttl: float | None,
                    timeout: float | None) -> int:

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from agent import Agent, Context, HumanInputTimeoutError, InvalidConfigurationError, ValueTooLargeError
+from agent import Agent, Context, HumanInputError, HumanInputTimeoutError, InvalidConfigurationError, ValueTooLargeError
 from agent.human import MAX_TEXT, HumanInputRequest, QueueInputProvider, ask_human
 
 LEVELS = ("inline", "process", "worker")
@@ -136,3 +136,85 @@ async def test_an_async_validator_is_awaited_at_every_level(isolation):
     assert (await agent.run()).get_state("answer") == "7"
     assert [r.attempt for r in provider.requests] == [1, 2]
     assert provider.requests[1].rejected == "'garbage' is not valid"
+
+
+@pytest.mark.parametrize("isolation", LEVELS)
+async def test_an_answer_equal_to_the_default_is_validated_at_every_level(isolation):
+    """A human who types the default text is checked like any answer: a child took it for
+    the provider's fallback and returned it unchecked."""
+    provider = _Answers("maybe", "yes")
+    agent = Agent("typed_the_default", isolation=isolation, human_input=provider)
+
+    async def asks(context: Context):
+        answer = await context.human_in_the_loop("y/n?", timeout=30, validator=lambda a: a in ("yes", "no"),
+                                                 default="maybe")
+        context.set_state("answer", answer)
+
+    agent.add_state("asks", asks)
+    assert (await agent.run()).get_state("answer") == "yes"
+    assert [(r.attempt, r.rejected) for r in provider.requests] == [(1, None), (2, "'maybe' is not valid")]
+
+
+@pytest.mark.parametrize("isolation", LEVELS)
+async def test_a_timeout_after_a_rejected_answer_says_so_at_every_level(isolation):
+    """The time is up while the validator looks: a child said only "within 0.5 s and no
+    default", without the state or the rejection."""
+    agent = Agent("slow_validator", isolation=isolation, human_input=_Answers("abc"))
+
+    async def slow_digits(answer: str) -> bool:
+        await asyncio.sleep(0.7)
+        return answer.isdigit()
+
+    async def asks(context: Context):
+        try:
+            await context.human_in_the_loop("num?", timeout=0.5, validator=slow_digits)
+        except HumanInputTimeoutError as exc:
+            context.set_state("error", str(exc))
+
+    agent.add_state("asks", asks)
+    assert (await agent.run()).get_state("error") == (
+        "no valid answer to 'num?' within 0.5 s (state 'asks'): 1 rejected (last: 'abc' is not valid); "
+        "pass default= or a longer timeout")
+
+
+@pytest.mark.parametrize("isolation", LEVELS)
+async def test_a_default_still_answers_when_the_time_is_up_at_every_level(isolation):
+    class Never(_Answers):
+        async def ask(self, request):
+            self.requests.append(request)
+            await asyncio.Event().wait()
+
+    agent = Agent("nobody_there", isolation=isolation, human_input=Never())
+
+    async def asks(context: Context):
+        context.set_state("answer", await context.human_in_the_loop("go?", timeout=0.2, default="later"))
+
+    agent.add_state("asks", asks)
+    assert (await agent.run()).get_state("answer") == "later"
+
+
+class TestTextUTF8CannotEncode:
+    async def test_the_queue_refuses_it_and_keeps_the_question(self):
+        provider = QueueInputProvider()
+        asking = asyncio.ensure_future(ask_human(provider, "name?", timeout=30))
+        while not provider.pending():
+            await asyncio.sleep(0.01)
+        request = provider.pending()[0]
+        with pytest.raises(HumanInputError, match="UTF-8 can encode"):
+            provider.answer(request.id, "bad \ud800 text")  # as json.loads('"\\ud800"') gives
+        provider.answer(request.id, "Ada")
+        assert await asking == "Ada"
+
+    async def test_another_provider_s_such_answer_is_asked_again(self):
+        provider = _Answers("bad \udcff", "ok")
+        assert await ask_human(provider, "name?", timeout=30) == "ok"
+        assert "UTF-8 can encode" in provider.requests[1].rejected
+
+
+async def test_a_provider_whose_ask_is_not_async_is_told_so():
+    class Plain:
+        def ask(self, request):
+            return "x"
+
+    with pytest.raises(HumanInputError, match=r"ask\(\) must be async: Plain.ask returned str"):
+        await ask_human(Plain(), "name?", timeout=5)
