@@ -45,6 +45,11 @@ class StopReason(str, enum.Enum):
     PAUSE = "pause"
 
 
+RESULT_STANDS = frozenset({StopReason.PREEMPT, StopReason.PAUSE})
+"""Stops under way that a state's result, come in meanwhile, overrides (it finished: running
+it again would repeat what it did). A timeout or a cancel is how it ends, result or not."""
+
+
 class Clock(Protocol):
     """Monotonic seconds; injectable so that tests of time-based policies run instantly."""
 

@@ -28,7 +28,7 @@ from collections.abc import Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .._compiled import framework_file
-from .._types import StopReason
+from .._types import RESULT_STANDS, StopReason
 from ..errors import FailureReason, exception_message, exception_text, exception_type_name, reported, utf8_text
 from ..executor import HELD_UP, Attempt, AttemptFailed, Isolation, executor_for
 
@@ -241,6 +241,7 @@ class Driver:
         except (Exception, SystemExit, GeneratorExit) as exc:  # sys.exit() too: a failed attempt
             run.finished_here(act, None, exception_reason(exc))
             return
+        _returned(act)
         run.finished_here(act, result, None)
 
     async def _run_attempt(self, act: "Activation", attempt: Attempt) -> None:
@@ -274,8 +275,7 @@ class Driver:
                 result, failure, usage = None, exception_reason(exc), dict(attempt.usage)
             else:
                 ok = True
-                if act.stop_reason is StopReason.PREEMPT:  # its result came in as it was preempted: it stands
-                    act.stop_reason = attempt.stop_reason = None
+                _returned(act)
                 result, failure, usage = outcome.result, None, outcome.usage
             # What follows starts from this task (one loop iteration sooner), unless the
             # hooks it entered must let go first.
@@ -293,6 +293,14 @@ class Driver:
         """Cancel the task of a running activation (its ``stop_reason`` is set)."""
         if act.task is not None:
             act.task.cancel()
+
+
+def _returned(act: "Activation") -> None:
+    """``act``'s attempt returned: a preemption or pause under way is then no longer its end."""
+    if act.stop_reason in RESULT_STANDS:
+        act.stop_reason = None
+        if act.attempt_obj is not None:
+            act.attempt_obj.stop_reason = None
 
 
 async def _through_cancels(tasks: Iterable[asyncio.Task[Any]],

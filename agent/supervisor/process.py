@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Awaitable, TypeVar
 
-from .._types import StopReason
+from .._types import RESULT_STANDS
 from ..errors import IsolationUnavailableError
 from ..executor import Attempt, AttemptFailed, AttemptOutcome, Isolation
 from .child import ChildProcess
@@ -227,9 +227,9 @@ async def watch(
     except asyncio.CancelledError:
         attempt.stopping, attempt.hurry = True, child.hurry
         await uncancellable(child.stop(attempt.stop_reason or "cancel", stop_grace(attempt, grace)))
-        if attempt.stop_reason is StopReason.PREEMPT and child.returned():
-            # Its result came in as it was being preempted (a state that blocked until it
-            # was done): the work is done, and doing it again would repeat what it did.
+        if attempt.stop_reason in RESULT_STANDS and child.returned():
+            # Its result came in as it was being preempted or paused (a state that blocked
+            # until it was done): the work is done, and doing it again would repeat it.
             return await uncancellable(asyncio.shield(child.exited))
         try:  # what it used until it was stopped, and a limit it hit: no outcome carries them
             attempt.usage.update(child.confinement.usage())

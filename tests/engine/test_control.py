@@ -588,6 +588,30 @@ class TestPauseResume:
         with pytest.raises(CheckpointError, match="does not have: s"):
             await lacking.restore_from_checkpoint(checkpoint)
 
+    async def test_a_state_that_pauses_its_own_run_goes_on_to_what_it_returns_on_resume(self):
+        """It stops as it returns (before, what it returned was thrown away and it ran again on
+        resume, pausing again: the run never ended)."""
+        log: list[str] = []
+        agent = Agent("self_pause", isolation="inline")
+
+        async def s1(context):
+            log.append("s1")
+            await agent.pause()
+            return "s2"
+
+        async def s2(context):
+            log.append("s2")
+
+        agent.add_state("s1", s1)
+        agent.add_state("s2", s2)
+        run = asyncio.ensure_future(agent.run())
+        while agent.status is not AgentStatus.PAUSED:
+            await asyncio.sleep(0.01)
+        await agent.resume()
+        await asyncio.wait_for(run, 30)
+        assert log == ["s1", "s2"] and agent.status is AgentStatus.COMPLETED
+        assert [h.outcome for h in agent.state_metadata["s1"].history] == ["completed"]
+
     async def test_restore_into_an_agent_of_another_name_with_the_same_states(self, tmp_path):
         """The spec's ``new_agent = Agent("restored_workflow")``, its states added first: it
         continues the run (completed states not re-run) as a run of its own, under a new id,

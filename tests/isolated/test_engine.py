@@ -399,6 +399,43 @@ class TestAgentWithProcessIsolation:
         assert agent.state_metadata["blocks_in_c"].status is StateStatus.CANCELLED
         assert state_process_gone(context.get_state("pid"))
 
+    async def test_a_state_that_returns_while_being_paused_completed_and_is_not_run_again(
+        self, level, monkeypatch, tmp_path,
+    ):
+        """It blocked until it was done, and its result came in within the stop grace: before,
+        that result was thrown away and the state ran again on resume (its side effects twice)."""
+        import dataclasses
+
+        prime = Agent("prime", isolation=level)
+        prime.add_state("record_pid", record_pid)
+        await prime.run()  # the supervisor is up: its grace can be lengthened past the block
+        sup = current_supervisor()
+        monkeypatch.setattr(sup, "config", dataclasses.replace(sup.config, grace=30.0))
+        starts = str(tmp_path / "starts")
+
+        async def blocks_then_returns(context):
+            import time as child_time
+
+            with open(starts, "a") as log:
+                log.write("start\n")
+            context.set_state("pid", os.getpid())
+            child_time.sleep(0.5)  # no pause reaches it meanwhile
+            return "record_pid"
+
+        agent = Agent("paused_as_it_returns", isolation=level)
+        agent.add_state("blocks_then_returns", blocks_then_returns)
+        agent.add_state("record_pid", record_pid)
+        run = asyncio.ensure_future(agent.run())
+        while not agent.context.has_state("pid"):
+            await asyncio.sleep(0.01)
+        await agent.pause()
+        assert [h.outcome for h in agent.state_metadata["blocks_then_returns"].history] == ["completed"]
+        await agent.resume()
+        context = await run
+        assert agent.status is AgentStatus.COMPLETED and context.has_state("pid_record_pid")
+        with open(starts) as log:
+            assert log.read() == "start\n"
+
     async def test_a_second_cancel_during_the_cleanup_still_waits_for_the_state_process(self, level):
         """An outer timeout or a shutdown cancels again: run() still ends only once the state's
         process is gone (before, it returned with the process alive and the state RUNNING)."""
