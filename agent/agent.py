@@ -463,7 +463,7 @@ class Agent:
             else:
                 run.start(names)
                 if self.checkpoint_store is not None:
-                    self._after_completion(run)  # the run is resumable before its first completion
+                    self._after_step(run)  # the run is resumable before its first completion
             early, self._cancel_early = self._cancel_early, set()
             for name in early:  # cancel_state() while the supervisor started
                 run.cancel_state(name)
@@ -924,7 +924,9 @@ class Agent:
                 "resume it once that process has stopped or paused it"
             )
 
-    def _after_completion(self, run: Run) -> None:
+    def _after_step(self, run: Run) -> None:
+        """A state completed, or an attempt failed and waits for its retry: save the run,
+        which a crash then resumes from there (the failed attempts still count)."""
         if self.checkpoint_store is not None:
             try:
                 self._save_checkpoint()

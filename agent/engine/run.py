@@ -1324,7 +1324,7 @@ class Run:
         # Checkpoint only now: the completion and the transitions it caused are saved
         # together, so a run resumed from this checkpoint continues where this state led.
         if self.agent.checkpoint_store is not None:
-            self.agent._after_completion(self)
+            self.agent._after_step(self)
 
     def validate_result(self, name: str, result: Any) -> str | list[str] | None:
         if result is None:
@@ -1377,6 +1377,8 @@ class Run:
                 act.where = RETRYING
                 self.retrying[act.id] = act
                 act.timer = self.driver.call_at(now + delay, self.retry_due, act)
+            if self.agent.checkpoint_store is not None:  # a crash now resumes with this attempt counted
+                self.agent._after_step(self)
             return
         self.set_status(meta, _TIMEOUT if failure.kind == "timeout" else _FAILED)
         # Its final status is set first: an observer reads it as the event says, as it reads

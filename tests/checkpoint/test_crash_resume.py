@@ -122,6 +122,64 @@ class TestFanOutCrash:
         assert counts == {"start": 1, "a": 1, "b": 2, "c": 1, "merge": 1, "end": 1}
 
 
+FLAKY = """
+import asyncio, sys
+from pathlib import Path
+from agent import Agent, RetryPolicy
+
+directory = Path(sys.argv[2])
+
+async def flaky(context):
+    with open(directory / "attempts", "a") as log:
+        log.write("attempt\\n")
+    raise RuntimeError("the disk is full")
+
+agent = Agent("flaky_crash", isolation="inline", checkpoint_store=directory / "checkpoints.sqlite3",
+              retry_policy=RetryPolicy(max_retries=1, initial_delay=5, jitter=False))
+agent.add_state("flaky", flaky)
+
+async def main():
+    if sys.argv[1] == "run":
+        task = asyncio.ensure_future(agent.run())
+        await asyncio.sleep(0)
+        print("run", agent.run_id, flush=True)
+        await task
+    else:
+        try:
+            await agent.resume_run(sys.argv[3])
+        except Exception as exc:
+            print(type(exc).__name__, agent.state_metadata["flaky"].attempts)
+
+asyncio.run(main())
+"""
+
+
+class TestRetriesSurviveACrash:
+    """A crash during a retry delay resumes with the failed attempts counted: before, only
+    completions were saved, and the state got its whole retry budget again."""
+
+    def test_killed_while_a_retry_waits(self, tmp_path):
+        script = tmp_path / "flaky.py"
+        script.write_text(FLAKY)
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        proc = subprocess.Popen([sys.executable, str(script), "run", str(tmp_path)], stdout=subprocess.PIPE,
+                                text=True, env=env)
+        run_id = proc.stdout.readline().split()[1]
+
+        def first_attempt_saved() -> bool:
+            with SQLiteCheckpointStore(tmp_path / "checkpoints.sqlite3") as store:
+                cp = store.latest(run_id)
+            return cp is not None and cp.state_metadata["flaky"]["attempts"] == 1
+
+        wait_for(first_attempt_saved, proc, "the failed first attempt's checkpoint")
+        kill(proc)
+        done = subprocess.run([sys.executable, str(script), "resume", str(tmp_path), run_id],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["StateFailedError", "2"]  # its one retry, and no more
+        assert (tmp_path / "attempts").read_text().count("attempt") == 2
+
+
 class TestResumeCli:
     """``agent run FILE --resume RUN_ID`` continues a killed run."""
 
