@@ -894,9 +894,14 @@ class Run:
         while self.n_ready:
             if limit is not None and len(running) + len(self.queued) + len(self.granted) >= limit:
                 currents = self.current
+                why = f"max_concurrent={limit}"
                 for act in self.ready_activations():
                     if currents.get(act.state, act) is act:  # else its metadata is the current one's
-                        self.metadata[act.state].waiting_for = f"max_concurrent={limit}"
+                        meta = self.metadata[act.state]
+                        if meta.waiting_for != why:  # said once: the next pass finds it said
+                            meta.waiting_for = why
+                            if self.observers:
+                                self.emit(ev.STATE_QUEUED, act.state, data={"waiting_for": why})
                 break
             level = levels[3] or levels[2] or levels[1] or levels[0]
             act = level.popleft()  # type: ignore[union-attr]  # n_ready > 0: some level holds one

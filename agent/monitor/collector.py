@@ -212,6 +212,7 @@ class MetricsCollector:
         self._last_window: _Window | None = None
         self._isolated_cpu_counted = 0.0
         self._process_cpu_mark = self._process.cpu_seconds()
+        self._idle_cpu_mark = self._process_cpu_mark  # this process's CPU when the last run ended
         self._new_aggregations()
         self._handlers: dict[str, Callable[[ev.RunEvent], None]] = {
             ev.RUN_STARTED: self._on_run_started,
@@ -319,6 +320,11 @@ class MetricsCollector:
         run = _Run(agent_name, run_id, now)
         if not self._runs:
             self._busy_since = now
+            # What this process spent while no run was active is no run's: the window, which
+            # counts active time only, leaves it out (it read 200% for idle runs after a busy
+            # pause of the program's own).
+            cpu = self._process.cpu_seconds()
+            self._process_cpu_mark += max(0.0, cpu - max(self._idle_cpu_mark, self._process_cpu_mark))
         self._runs[run_id] = run
         self._a_active_runs.add(len(self._runs))
         return run
@@ -331,6 +337,8 @@ class MetricsCollector:
         run = self._runs.pop(event.run_id, None)
         if run is None:
             return
+        if not self._runs:
+            self._idle_cpu_mark = self._process.cpu_seconds()
         now = event.time
         run.status = event.status or "completed"
         run.finished = now
@@ -545,6 +553,8 @@ class MetricsCollector:
                 return False  # carried into the next window
             merge = short and self._last_window is not None
             process_cpu = self._process.cpu_seconds()
+            if not self._runs:  # counted up to when the last run ended: what came after is no run's
+                process_cpu = max(self._process_cpu_mark, min(process_cpu, self._idle_cpu_mark))
             rss = self._process.rss_bytes()
             window = _Window(busy, self._window_completed, self._window_started, self._window_dequeued,
                              self._window_isolated_cpu, max(0.0, process_cpu - self._process_cpu_mark))
@@ -607,6 +617,8 @@ class MetricsCollector:
         ``agent_monitor(aggregate=False)``); runs in progress stay tracked.
         """
         types = parse_metric_types(types)
+        if not isinstance(reset, bool):
+            raise MonitorConfigurationError(f"metrics(reset=...) must be True or False, got {reset!r}")
         with self._lock:
             out: dict[str, dict[str, dict[str, float]]] = {}
             for spec in specs_for(types):

@@ -10,6 +10,7 @@ collector under its lock, so scrapes are safe while runs go on.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -42,6 +43,9 @@ _UNIT_ABBREVIATION = {"mib": "_mb", "ms": "_ms"}
 (``process_memory_mb`` is ``..._process_memory_mebibytes``, not ``..._mb_mebibytes``)."""
 
 
+_NAMESPACE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def family_name(namespace: str, category: str, name: str) -> str:
     """The Prometheus name of ``metrics[category][name]``."""
     spec = spec_of(category, name)
@@ -70,6 +74,11 @@ class MetricsExporter(Collector):
                 f"export a MetricsCollector or a RealTimeMetrics, got {source!r}"
             )
         self._types = parse_metric_types(metrics)
+        if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace) or namespace.startswith("__"):
+            raise MonitorConfigurationError(
+                f"namespace must be a Prometheus name prefix (letters, digits and _, not starting with a digit "
+                f"or __), got {namespace!r}"
+            )
         self._ns = namespace
 
     def collect(self) -> Iterator[Metric]:

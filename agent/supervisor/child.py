@@ -900,11 +900,16 @@ def escape_reason(
         why = f"the kernel charged it {cpu:.3f} CPU-s, its cgroup only {cgroup_cpu:.3f}"
     if why is None:
         return None
+    return cgroup_escape(why, {"cgroup_cpu_seconds": cgroup_cpu, "process_cpu_seconds": cpu,
+                               "cgroup_page_faults": cgroup_faults, "process_page_faults": faults})
+
+
+def cgroup_escape(why: str, details: dict[str, Any]) -> FailureReason:
+    """The failure of a state whose process left the cgroup it was put in (``why``)."""
     return FailureReason(
         kind="cgroup_escape",
         message=(f"the state's process left the cgroup it was put in ({why}): its limits did not "
                  "hold and its usage figures are unknown; isolation='process' running as root "
                  "is not a security boundary: run untrusted code with isolation='sandbox'"),
-        details={"cgroup_cpu_seconds": cgroup_cpu, "process_cpu_seconds": cpu,
-                 "cgroup_page_faults": cgroup_faults, "process_page_faults": faults},
+        details=details,
     )

@@ -32,7 +32,9 @@ from ..runtime.worker import EXIT_IDLE
 from ..runtime.zygote import charged_in
 from ..values import shortened
 from .channel import DirectChannel
-from .child import MAX_VIOLATION_TEXT, ChildProcess, ChildStatus, _Decoded, escape_reason, exit_code_and_signal
+from .child import (
+    MAX_VIOLATION_TEXT, ChildProcess, ChildStatus, _Decoded, cgroup_escape, escape_reason, exit_code_and_signal,
+)
 from .confinement import Confinement, Reading, SharedConfinement, restart_peak
 from .output import WorkerOutput, label_for
 
@@ -102,7 +104,7 @@ class WorkerAttempt(ChildProcess):
             self.shared.end()
             events = self.shared.limit_events()
             self.hit_limit = bool(events.oom_kills or events.pids_limit_hits)
-            self.escaped, self._judged = self._escape({}), True
+            self.escaped, self._judged = self._escape({}) or self._moved_out(), True
         self.on_exit_status(0)
 
     def _finalize(self) -> None:
@@ -167,6 +169,14 @@ class WorkerAttempt(ChildProcess):
         owner = self.worker.confinement
         final = self.shared.final
         return escape_reason(owner, final[0] if final else owner.usage(), self._exit_cpu, self._exit_faults)
+
+    def _moved_out(self) -> FailureReason | None:
+        """Whether the worker is out of its cgroup in some hierarchy: a state that moved it and
+        then did little is not seen in the figures, and the next state would run unconfined."""
+        handle = self.worker.confinement.handle
+        if handle is None or self.pid is None or handle.holds(self.pid):
+            return None
+        return cgroup_escape("its process is no longer in the worker's cgroup", {})
 
     @property
     def never_ran(self) -> bool:

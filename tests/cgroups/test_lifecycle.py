@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -81,6 +82,31 @@ def private_root(confiner):
                 os.rmdir(path)
         if os.path.isdir(top):
             os.rmdir(top)
+
+
+class TestWhereAProcessIs:
+    """``holds(pid)``: whether a process is still in its cgroup (a worker's state, as root,
+    may move it out; the worker must then serve no other state)."""
+
+    def test_a_process_moved_out_is_no_longer_held(self, confiner):
+        confinement = confiner.prepare(make_attempt(ResourceRequirements(memory_mb=64)))
+        child = spawn(confinement.child_spec, block)
+        pid = None
+        try:
+            pid = child.receive()["pid"]
+            handle = confinement.handle
+            assert handle.holds(pid)
+            root = (f"{confiner.backend.mounts['memory']}" if BACKEND == "v1" else confiner.backend.mount)
+            with open(f"{root}/cgroup.procs", "w") as procs:  # the hierarchy's root: no limits
+                procs.write(str(pid))
+            assert not handle.holds(pid)
+            assert not handle.holds(os.getpid())  # this test's own process was never in it
+        finally:
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)  # out of the cgroup: closing it would not kill it
+            confinement.close()
+            child.wait()
 
 
 class TestAttemptCleanup:

@@ -287,6 +287,13 @@ async def escape_cgroups(context):
     return len(block)
 
 
+async def escape_quietly(context):
+    """Move into cgroups the test made and do nothing there: no figure tells it moved."""
+    for procs in context.get_state("elsewhere"):
+        with open(procs, "w") as fh:
+            fh.write(str(os.getpid()))
+
+
 # --- helpers ------------------------------------------------------------------------------
 
 
@@ -685,14 +692,20 @@ class TestHonestReasons:
             assert agent.state_metadata["escape"].usage == {}
         await still_serving("process")
 
-    async def test_a_worker_that_left_its_cgroup_serves_no_other_state(self):
+    @pytest.mark.parametrize(("escape", "controllers"), [
+        (escape_cgroups, ("memory", "cpuacct", "pids")), (escape_quietly, ("memory", "cpuacct", "pids")),
+        (escape_quietly, ("pids",)),
+    ], ids=["then-uses-memory", "quietly", "quietly-pids-only"])
+    async def test_a_worker_that_left_its_cgroup_serves_no_other_state(self, escape, controllers):
+        """Found by where the worker is, not only by its figures: one that moved out and did
+        nothing more was kept, and the next state of its shape ran with no limits."""
         if current_supervisor() is None:
             await run(make_attempt(_noop))
         if current_supervisor().confiner.backend_name != "v1":
             pytest.skip("needs root and cgroup v1")
-        with cgroups_of_this_test(("memory", "cpuacct", "pids")) as dirs:
+        with cgroups_of_this_test(controllers) as dirs:
             agent = Agent("escape", isolation="worker")
-            agent.add_state("escape", escape_cgroups)
+            agent.add_state("escape", escape)
             with pytest.raises(StateFailedError) as info:
                 await agent.run(initial_context={"elsewhere": [f"{d}/cgroup.procs" for d in dirs]})
             assert info.value.reason.kind == "cgroup_escape"

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from agent import events as ev
+from agent.errors import MonitorConfigurationError
 from agent.monitor import CATALOGUE, MetricsCollector, MetricType
 from agent.monitor.aggregation import STAT_NAMES
 
@@ -187,6 +188,30 @@ class TestResources:
         assert res["state_io_write_mb"]["sum"] == pytest.approx(6.0)
         assert res["state_throttled_seconds"]["sum"] == pytest.approx(0.5)
 
+    @pytest.mark.parametrize("before", ["at_start", "between_runs", "after_an_idle_window"])
+    def test_cpu_spent_while_no_run_is_active_is_no_runs(self, feed, collector, process, clock, before):
+        """The window counts active time only: CPU the program spent with no run going (it
+        read 200% for runs that only slept) is left out, whenever it came."""
+        if before != "at_start":
+            feed.emit(ev.RUN_STARTED)
+            feed.state("first", 1.0)
+            feed.emit(ev.RUN_FINISHED, status="completed")
+            if before == "after_an_idle_window":
+                process.cpu += 2.0
+                clock.advance(1.0)
+                collector.sample()
+        process.cpu += 5.0  # the program's own work between runs
+        clock.advance(5.0)
+        feed.run = "r2"
+        feed.emit(ev.RUN_STARTED)
+        feed.state("sleeps", 1.0)
+        process.cpu += 0.1
+        feed.emit(ev.RUN_FINISHED, status="completed")
+        collector.sample(final=True)
+        process_cpu = collector.metrics(MetricType.RESOURCES)["resources"]["process_CPU"]
+        assert process_cpu["current"] == pytest.approx(5.0 if before == "between_runs" else 10.0)
+        assert process_cpu["max"] == pytest.approx(process_cpu["current"])  # the idle window's 0%, else none
+
     def test_running_attempts_are_counted_in_the_window_they_use_cpu(self, clock, process):
         live: list[tuple[str, str, int, float]] = []  # what the supervisor would read now
         collector = MetricsCollector(clock=clock, process=process, attempts=lambda: list(live))
@@ -347,6 +372,39 @@ class TestQueueAndDependencies:
         assert data["state"]["cancelled"]["count"] == sum("CANCELLED" in s for s in statuses) == 2
         assert data["queue"]["depth"]["current"] == 0 and data["queue"]["depth"]["max"] == 1
 
+    async def test_cancelled_while_waiting_for_max_concurrent(self):
+        """It waits in the queue as one waiting for resources does, and is told so
+        (STATE_QUEUED): before, it was counted in neither the queue nor the cancelled."""
+        import asyncio
+
+        from agent import Agent
+
+        agent = Agent("concurrency", isolation="inline", max_concurrent=1)
+        started = asyncio.Event()
+        never = asyncio.Event()
+
+        async def start(context):
+            return ["x", "y"]
+
+        async def hold(context):
+            started.set()
+            await never.wait()
+
+        agent.add_state("start", start)
+        agent.add_state("x", hold)
+        agent.add_state("y", hold)
+        collector = MetricsCollector()
+        agent.add_observer(collector)
+        queued: list[tuple[str | None, str]] = []
+        agent.add_observer(lambda e: e.kind == ev.STATE_QUEUED and queued.append((e.state, e.data["waiting_for"])))
+        run = asyncio.create_task(agent.run(timeout=30))
+        await started.wait()
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        data = collector.metrics()
+        assert queued == [("y", "max_concurrent=1")]  # said once, though each pass finds it waiting
+        assert data["state"]["cancelled"]["count"] == 2 and data["queue"]["enqueued"]["count"] == 1
+
     def test_queue_processing_rate_per_window(self, feed, collector, clock):
         feed.emit(ev.RUN_STARTED)
         for name in ("a", "b", "c"):
@@ -401,6 +459,11 @@ class TestLiveView:
         assert collector.active_runs == 1
         feed.emit(ev.RUN_FINISHED, status="completed")
         assert collector.active_runs == 0
+
+    @pytest.mark.parametrize("reset", ["yes", 1, None])
+    def test_reset_is_true_or_false(self, collector, reset):
+        with pytest.raises(MonitorConfigurationError, match="reset"):
+            collector.metrics(reset=reset)
 
     def test_reset_keeps_runs(self, feed, collector):
         run_chain(feed, states=2)

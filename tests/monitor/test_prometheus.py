@@ -86,6 +86,11 @@ class TestPrometheusExporter:
         with pytest.raises(MonitorConfigurationError, match="port|addr"):
             start_prometheus_exporter(collector, **kwargs)
 
+    @pytest.mark.parametrize("namespace", ["bad-ns", 5, "", "__reserved", "9lives"])
+    def test_bad_namespace(self, collector, namespace):
+        with pytest.raises(MonitorConfigurationError, match="namespace"):
+            start_prometheus_exporter(collector, namespace=namespace)
+
     def test_bad_source(self):
         with pytest.raises(MonitorConfigurationError, match="MetricsCollector"):
             start_prometheus_exporter(object())

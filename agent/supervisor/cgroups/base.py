@@ -59,6 +59,12 @@ class CgroupHandle(Protocol):
         """Processes in the cgroup now."""
         ...
 
+    def holds(self, pid: int) -> bool:
+        """Whether process ``pid`` is in this cgroup in every hierarchy it has (one read of
+        ``/proc/PID/cgroup``): a state running as root may move its process out. A process
+        that has exited (a zombie too) moved nothing: True."""
+        ...
+
     def usage(self) -> dict[str, Any]:
         """cpu_seconds, peak_memory_bytes, io_read_bytes, io_write_bytes, nr_throttled, ..."""
         ...
@@ -397,3 +403,34 @@ def safe_name(text: str) -> str:
     cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
     cleaned = cleaned.lstrip(".") or "_"
     return cleaned[:100]
+
+
+_PF_EXITING = 0x4  # a task's flags (/proc/PID/stat): it is exiting
+
+
+def exited(pid: int) -> bool:
+    """Whether process ``pid`` is gone, a zombie, or exiting (an exiting task is moved to
+    its hierarchies' roots before it is a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            stat = file.read()
+    except OSError:
+        return True
+    fields = stat[stat.rfind(")") + 2:].split()
+    return fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
+
+
+def cgroups_of(pid: int) -> dict[str, str]:
+    """The cgroup of process ``pid`` in each hierarchy, by controller ("" for the unified
+    one); empty when it is gone."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as file:
+            lines = file.read().splitlines()
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            out[controller] = path
+    return out

@@ -94,6 +94,9 @@ class WatchedTree:
     def pids(self) -> list[int]:
         return [p.pid for p in self._tree() if _running(p)]
 
+    def holds(self, pid: int) -> bool:
+        return True  # no cgroup to leave: the watchdog follows the process tree
+
     def sample(self) -> None:
         """Measure the tree once and kill it when it is over a limit (watchdog thread)."""
         tree = [p for p in self._tree() if _running(p)]

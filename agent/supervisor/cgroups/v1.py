@@ -25,6 +25,8 @@ from .base import (
     LimitEvents,
     OpenFiles,
     SupervisorName,
+    cgroups_of,
+    exited,
     kill_pids,
     parse_int,
     read,
@@ -97,9 +99,10 @@ _LIMIT_FILES = {
 class V1Cgroup:
     """One attempt's directories, one per controller hierarchy."""
 
-    def __init__(self, name: str, dirs: dict[str, str], limits: CgroupLimits) -> None:
+    def __init__(self, name: str, dirs: dict[str, str], limits: CgroupLimits, relative: str = "") -> None:
         self.name = name
         self.dirs = dirs
+        self.relative = relative  # its path in each hierarchy (as /proc/PID/cgroup says it)
         self.limits = limits
         self.unenforced: dict[str, str] = {}
         self._removed = False
@@ -135,6 +138,10 @@ class V1Cgroup:
 
     def pids(self) -> list[int]:
         return read_pids(f"{self.dirs['memory']}/cgroup.procs")
+
+    def holds(self, pid: int) -> bool:
+        where = cgroups_of(pid)
+        return all(where.get(controller) == self.relative for controller in self.dirs) or exited(pid)
 
     # --- reading back ------------------------------------------------------------------
 
@@ -342,7 +349,9 @@ class V1Backend:
         (a cgroup delegated to a supervisor of its own needs them all)."""
         controllers = [c for c in self.controllers if every_controller or self._needed(c, limits)]
         dirs: dict[str, str] = {}
-        handle = V1Cgroup(name, dirs, limits)
+        some = self.controllers[0]
+        relative = "/" + os.path.normpath(f"{self.sup_dirs[some][len(self.mounts[some]):]}/{name}").lstrip("/")
+        handle = V1Cgroup(name, dirs, limits, relative)
         try:
             for controller in controllers:
                 path = f"{self.sup_dirs[controller]}/{name}"

@@ -22,6 +22,8 @@ from .base import (
     LimitEvents,
     OpenFiles,
     SupervisorName,
+    cgroups_of,
+    exited,
     kill_pids,
     parse_int,
     read,
@@ -89,9 +91,10 @@ _LIMIT_FILES = ("cpu.max", "cpu.max.burst", "cpu.weight", "cpu.idle", "cpu.uclam
 class V2Cgroup:
     """One attempt's cgroup directory in the unified hierarchy."""
 
-    def __init__(self, name: str, path: str, limits: CgroupLimits) -> None:
+    def __init__(self, name: str, path: str, limits: CgroupLimits, relative: str = "") -> None:
         self.name = name
         self.path = path
+        self.relative = relative  # its path as /proc/PID/cgroup says it
         self.limits = limits
         self.unenforced: dict[str, str] = {}
         self._removed = False
@@ -119,6 +122,9 @@ class V2Cgroup:
 
     def pids(self) -> list[int]:
         return read_pids(f"{self.path}/cgroup.procs")
+
+    def holds(self, pid: int) -> bool:
+        return cgroups_of(pid).get("") == self.relative or exited(pid)
 
     def usage(self) -> dict[str, Any]:
         return self._usage(self._files.keyed(f"{self.path}/cpu.stat"))
@@ -315,7 +321,7 @@ class V2Backend:
 
     def create(self, name: str, limits: CgroupLimits, *, every_controller: bool = False) -> V2Cgroup:
         path = f"{self.sup}/{name}"
-        handle = V2Cgroup(name, path, limits)
+        handle = V2Cgroup(name, path, limits, "/" + os.path.relpath(path, self.mount).lstrip("/"))
         try:
             os.mkdir(path)
         except OSError as exc:
