@@ -684,7 +684,7 @@ class Run:
                         met = True
                     elif self.activate(name, child) is None:
                         return
-                if met:
+                if met or self.held_names:  # the branch that left may have been all that could return one
                     self.settle(child)
                 return
             name = names[0]
@@ -711,8 +711,8 @@ class Run:
             outer = self._join_above(group, name) if group.parent is not None else None
             if outer is None:
                 self.activate(name, group)
-                if group.held:  # the branch that ended may have been all that could return them
-                    self.settle(group)
+                if self.held_names:  # the branch that ended may have been all that could return them,
+                    self.settle(group)  # here or in a group above
                 return
             self._meet_above(outer, name)
             group.unfinished -= 1

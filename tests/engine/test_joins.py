@@ -385,6 +385,41 @@ class TestJoinsRunOnce:
         assert agent.context.get_state("merge_saw_b") == [True]
         assert agent.state_metadata["merge"].runs == 1
 
+    @pytest.mark.parametrize("nested", [False, True], ids=["fans-out-instead", "its-branch-goes-elsewhere"])
+    async def test_a_held_join_starts_once_nothing_left_can_return_it(self, nested: bool) -> None:
+        """``m`` is held while ``b`` could still return it; ``b`` fans out to ``c`` and ``d``
+        instead (or ``c`` returns ``x``), which cannot: ``m`` starts then, not after them (they
+        wait for ``m`` here: before, the run never ended)."""
+        gates = Gates()
+        log: list[str] = []
+        agent = Agent("join_released", isolation="inline")
+
+        async def start(context):
+            return ["a", "b"]
+
+        async def a(context):
+            return "m"
+
+        async def b(context):
+            return "m" if context.get_state("ok") else ["c", "d"]
+
+        async def goes_elsewhere(context):
+            return "m" if context.get_state("ok") else "x"
+
+        async def waits_for_m(context):
+            await gates["m"].wait()
+
+        async def m(context):
+            log.append("m")
+            gates["m"].set()
+
+        c = goes_elsewhere if nested else waits_for_m
+        for name, func in {"start": start, "a": a, "b": b, "c": c, "d": waits_for_m, "x": waits_for_m,
+                           "m": m}.items():
+            agent.add_state(name, func)
+        await asyncio.wait_for(agent.run(), 30)
+        assert log == ["m"] and agent.status is AgentStatus.COMPLETED
+
     async def test_checkpoint_mid_fan_out_resumes_with_the_same_hold(self) -> None:
         gate = asyncio.Event()
         log: list[str] = []
