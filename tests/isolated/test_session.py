@@ -143,7 +143,9 @@ class TestHumanInput:
         assert (await peer.recv()).value == "5"
         await task
 
-    async def test_default_answer_is_accepted(self):
+    async def test_the_time_running_out_gives_the_default(self):
+        """The supervisor says the time is up; the default, which the validator need not
+        pass, is the answer. An answer that only equals the default is validated."""
         async def state(ctx):
             return await ctx.human_in_the_loop("score?", timeout=5, validator=str.isdigit, default="n/a")
 
@@ -151,7 +153,10 @@ class TestHumanInput:
         task = await peer.start(state)
         request = await peer.recv()
         assert request.default == "n/a"
-        peer.send(HumanInputResponse(request.request_id, "n/a", None, None))
+        peer.send(HumanInputResponse(request.request_id, "n/a", None, None))  # typed by a human: rejected
+        again = await peer.recv()
+        assert isinstance(again, HumanInputRequest) and again.rejected == "'n/a' is not valid"
+        peer.send(HumanInputResponse(again.request_id, None, "HumanInputTimeoutError", "no valid answer"))
         assert (await peer.recv()).value == "n/a"
         await task
 
