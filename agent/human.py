@@ -91,7 +91,7 @@ async def ask_human(
     attempt: int = 1,
     rejected: str | None = None,
     left: float | None = None,
-    relayed: bool = False,
+    default_there: bool = False,
 ) -> str:
     """Ask ``provider`` until an answer passes ``validator``; see the module docstring.
 
@@ -100,8 +100,9 @@ async def ask_human(
     ``rejected`` and ``left`` (the seconds left of ``timeout``) continue a question asked
     before: a state in another process validates its answers there and asks again through
     here (:func:`ask_relayed`); the provider and the errors see the whole ``timeout``.
-    ``relayed``: a timeout raises HumanInputTimeoutError even with a default, for that
-    process to fall back to it (an answer equal to the default is then still validated).
+    ``default_there``: a timeout raises HumanInputTimeoutError even with a default, for the
+    process that validates the answers to fall back to it (an answer equal to the default is
+    then still validated).
     """
     timeout = check_question(prompt, timeout, validator, default)
     _validate.integer(max_attempts, "max_attempts", error=InvalidConfigurationError, minimum=1, none=True)
@@ -117,7 +118,7 @@ async def ask_human(
     while True:
         answer = await _ask_once(provider, request, deadline, clock)
         if answer is None:
-            if default is not None and not relayed:
+            if default is not None and not default_there:
                 return default
             where = f" (state {state!r})" if state else ""
             if request.rejected is None:
@@ -266,7 +267,7 @@ async def ask_relayed(context: Any, asked: dict[int, str], question: int, prompt
     request_id = asked.setdefault(question, new_request_id())
     return str(await hook(prompt=prompt, timeout=timeout, validator=None, default=default,
                           request_id=request_id, attempt=attempt, rejected=rejected, left=left,
-                          relayed=default_there))
+                          default_there=default_there))
 
 
 def _takes_request_id(hook: Callable[..., Any]) -> bool:

@@ -195,11 +195,8 @@ class Driver:
         """Wait until every attempt's process is gone, even if cancelled meanwhile (then
         re-raised): a run never returns before its processes, cgroups and logs are done."""
         cancelled = False
-        while self.settling:
-            try:
-                await asyncio.wait(list(self.settling))
-            except asyncio.CancelledError:
-                cancelled = True
+        while self.settling:  # (tasks that settle add more: waited for too)
+            cancelled = (await _through_cancels(list(self.settling), None))[1] or cancelled
         if cancelled:
             raise asyncio.CancelledError
 

@@ -28,7 +28,6 @@ import secrets
 import threading
 from typing import Any
 
-import cloudpickle
 import ray
 from ray import exceptions as rx
 
@@ -52,8 +51,7 @@ from ..supervisor.logger import get_logger
 from ..supervisor.logs import AttemptLogs
 from ..runtime import main_module
 from ..supervisor.output import current_writer, label_for
-from ..supervisor import pickled
-from ..supervisor.pickled import PickledFunctions, unsendable
+from ..supervisor.pickled import PickledFunctions, dumps, unsendable
 from ..supervisor.process import uncancellable
 from . import wire, worker
 from .cluster import Capacity, connect, is_connected
@@ -79,7 +77,7 @@ SILENT_KEPT = 100_000
 """How many attempts without output are remembered as such (oldest forgotten first)."""
 
 _log = get_logger("agent.ray")
-_NO_CLASSES = cloudpickle.dumps(())
+_NO_CLASSES = dumps(())
 
 
 class RayExecutor:
@@ -139,7 +137,7 @@ class RayExecutor:
         except Exception as exc:
             raise UnsendableStateError(unsendable(attempt.state_name, attempt.func, exc, "Ray")) from exc
         return wire.encode_run(attempt.run_id, attempt.agent_name, attempt.state_name, attempt.number, function,
-                               pickled.dumps(classes) if classes else _NO_CLASSES, snapshot,
+                               dumps(classes) if classes else _NO_CLASSES, snapshot,
                                attempt.context)
 
     async def run_attempt(self, attempt: Attempt) -> AttemptOutcome:

@@ -86,7 +86,7 @@ _END = object()  # after a mapping's items
 
 
 class PickledFunctions:
-    """``dumps(func)``: ``cloudpickle.dumps(func)``, from the cache when still the same."""
+    """``dumps(func)``: :func:`dumps` of ``func``, from the cache when still the same."""
 
     def __init__(self) -> None:
         self._kept: weakref.WeakKeyDictionary[Callable[..., Any], _Kept] = weakref.WeakKeyDictionary()
@@ -96,10 +96,10 @@ class PickledFunctions:
 
     def dumps(self, func: Callable[..., Any]) -> bytes:
         if _by_reference is None or type(func) is not types.FunctionType:
-            return _dumps(func)
+            return dumps(func)
         mark = fingerprint(func)
         if mark is None:
-            return _dumps(func)
+            return dumps(func)
         with self._lock:
             kept = self._kept.get(func)
         if kept is not None and _same(kept[1], mark):
@@ -112,7 +112,7 @@ class PickledFunctions:
             if alike is not None and _alive(alike[1]):
                 data = alike[0]
         if data is None:
-            data = _dumps(func)
+            data = dumps(func)
             if len(data) > MAX_KEPT:
                 return data
         with self._lock:
@@ -139,10 +139,6 @@ def unsendable(state: str, func: Any, error: Exception, where: str = "its proces
             f"copied into another process ({error!r}); a state in a child process gets copies of the "
             "values its code uses: pass what it needs through the context, or give this state "
             "isolation='inline'")
-
-
-def _dumps(func: Callable[..., Any]) -> bytes:
-    return dumps(func)
 
 
 def dumps(obj: Any) -> bytes:

@@ -230,7 +230,7 @@ async def watch(
         if attempt.stop_reason in RESULT_STANDS and child.returned():
             # Its result came in as it was being preempted or paused (a state that blocked
             # until it was done): the work is done, and doing it again would repeat it.
-            return await uncancellable(asyncio.shield(child.exited))
+            return await uncancellable(child.exited)
         try:  # what it used until it was stopped, and a limit it hit: no outcome carries them
             attempt.usage.update(child.confinement.usage())
             attempt.limit_hit = child.confinement.failure_reason(None, None)

@@ -23,7 +23,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-import cloudpickle
 import psutil
 
 from .. import _env, values
@@ -49,8 +48,7 @@ from .private_dirs import make_private_dir
 from .teardown import at_exit
 from .output import AttemptOutput, label_for
 from .parked import ParkedChildren
-from . import pickled
-from .pickled import PickledFunctions, unsendable
+from .pickled import PickledFunctions, dumps, unsendable
 from .workers import WorkerPool
 
 
@@ -422,7 +420,7 @@ class Supervisor:
         frame = encode_message(Run(
             run_id=attempt.run_id, agent_name=attempt.agent_name, state_name=attempt.state_name,
             attempt=attempt.number, function=function, context=context,
-            classes=pickled.dumps(tuple(classes)) if classes else _NO_CLASSES,
+            classes=dumps(tuple(classes)) if classes else _NO_CLASSES,
             max_frame=self.config.max_frame, context_budget=budget.limit, context_bytes=budget.used,
             failures=failures,
         ))
@@ -745,7 +743,7 @@ class Supervisor:
         self.log.info("supervisor_stopped")
 
 
-_NO_CLASSES = cloudpickle.dumps(())
+_NO_CLASSES = dumps(())
 HIDDEN_FAILURE = "failed (a sandbox is not told why)"
 """What a sandboxed state's ``context.failed_states()`` says of each state that failed."""
 _HELLO = frozenset({Hello})
