@@ -66,7 +66,7 @@ class Coordinator:
         self._declarers: dict[tuple[str, str], weakref.WeakSet[Any]] = {}
         self._config_lock = threading.RLock()
         self.deadlock_detector = DeadlockDetector(
-            lambda: list(self._primitives.values()),
+            lambda: [p for _, p in self._primitive_items()],
             clock=self.clock,
             detection_interval=detection_interval,
             max_cycles=max_cycles,
@@ -283,12 +283,12 @@ class Coordinator:
                 self.cleanup()
 
     def _busy(self) -> bool:
-        return any(p.waiters() for p in self._primitives.values())
+        return any(p.waiters() for _, p in self._primitive_items())
 
     def cleanup(self) -> int:
         """Take away holdings past their ttl; returns how many."""
         self._last_cleanup = self.clock.monotonic()
-        return sum(p.expire_stale() for p in self._primitives.values())
+        return sum(p.expire_stale() for _, p in self._primitive_items())
 
     async def aclose(self) -> None:
         """Stop the background task (it also stops by itself when nothing waits)."""
@@ -303,8 +303,8 @@ class Coordinator:
     def get_status(self) -> dict[str, Any]:
         """``{"primitives": {name: {...}}, "rate_limiters": {...}, "deadlock_detector": {...}}``."""
         return {
-            "primitives": {name: p.status() for name, p in self._primitives.items()},
-            "rate_limiters": {name: _plain(r.status()) for name, r in self._rate_limiters.items()},
+            "primitives": {name: p.status() for name, p in self._primitive_items()},
+            "rate_limiters": {name: _plain(r.status()) for name, r in self._limiter_items()},
             "deadlock_detector": {**self.deadlock_detector.status(), "running": self.watching},
             "cleanup_interval": self.cleanup_interval,
         }
@@ -315,14 +315,24 @@ class Coordinator:
         Rate limiters of those names forget past starts. A full reset also clears the
         deadlock detector's counts.
         """
-        for name, primitive in self._primitives.items():
+        for name, primitive in self._primitive_items():
             if names is None or name in names:
                 primitive.reset()
-        for name, limiter in self._rate_limiters.items():
+        for name, limiter in self._limiter_items():
             if names is None or name in names:
                 limiter.reset()
         if names is None:
             self.deadlock_detector.reset()
+
+    def _primitive_items(self) -> list[tuple[str, Primitive]]:
+        """The primitives now, copied under the lock: agents are declared from other threads
+        while a loop walks them (status, reset, the watch)."""
+        with self._config_lock:
+            return list(self._primitives.items())
+
+    def _limiter_items(self) -> list[tuple[str, RateLimiter]]:
+        with self._config_lock:
+            return list(self._rate_limiters.items())
 
     def __repr__(self) -> str:
         return f"<Coordinator primitives={sorted(self._primitives)} rate_limiters={sorted(self._rate_limiters)}>"

@@ -155,6 +155,35 @@ class TestStatus:
         m.release("b")
 
 
+    async def test_walks_what_there_is_while_other_threads_declare(
+        self, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Agents are built in other threads while a loop reads the status, resets or
+        cleans up: a name declared in the middle of the walk must not break it (each
+        primitive's and limiter's own call here declares one more, as such a thread would)."""
+        made = iter(range(1000))
+
+        def declaring(original):
+            def call(*args, **kwargs):
+                n = next(made)
+                coordinator.add_primitive(f"new{n}", PrimitiveType.MUTEX)
+                coordinator.add_rate_limit(f"new_limit{n}", 5.0)
+                return original(*args, **kwargs)
+            return call
+
+        db = coordinator.add_primitive("db", PrimitiveType.MUTEX, ttl=30.0)
+        api = coordinator.add_rate_limit("api", 10.0)
+        for obj, method in ((db, "status"), (db, "reset"), (db, "expire_stale"), (db, "waiters"),
+                            (api, "status"), (api, "reset")):
+            monkeypatch.setattr(obj, method, declaring(getattr(obj, method)))
+        status = coordinator.get_status()
+        assert {"db", "api"} <= set(status["primitives"]) | set(status["rate_limiters"])
+        coordinator.reset()
+        assert coordinator.cleanup() == 0
+        assert coordinator._busy() is False
+        assert "new0" in coordinator.get_status()["primitives"]
+
+
 class TestReset:
     """reset releases holders and fails waiters; by name or everything."""
 
@@ -239,6 +268,12 @@ class TestArguments:
         mutex("m", ttl=5.0, coordinator=coordinator)
         with pytest.raises(CoordinationError, match=r"mutex\('m'\): ttl must be"):
             mutex("m", ttl=ttl, coordinator=coordinator)  # type: ignore[arg-type]
+
+    async def test_a_barrier_takes_no_ttl(self, coordinator: Coordinator) -> None:
+        # It holds nothing once it opens: a ttl was accepted and did nothing.
+        with pytest.raises(CoordinationError, match="BARRIER 'merge' takes no ttl.*wait_timeout"):
+            coordinator.add_primitive("merge", PrimitiveType.BARRIER, max_count=3, ttl=5.0)
+        assert coordinator.primitive("merge") is None
 
     async def test_allocation_amount_as_int(self, coordinator: Coordinator) -> None:
         coordinator.add_primitive("q", PrimitiveType.QUOTA, quota_limit=5.0)

@@ -162,6 +162,17 @@ class TestLease:
         with pytest.raises(CoordinationError, match="not held"):
             lease.renew("a")
 
+    @pytest.mark.parametrize("ttl", [float("nan"), float("inf"), -5, 0, "600", True])
+    async def test_a_renewal_needs_a_ttl_in_seconds(self, clock: FakeClock, ttl: object) -> None:
+        # NaN made a lease that never ended; a negative one dropped it without a word.
+        lease = Lease("batch", ttl=600.0, clock=clock)
+        await lease.acquire("a")
+        with pytest.raises(CoordinationError, match="lease 'batch': ttl must be"):
+            lease.renew("a", ttl)  # type: ignore[arg-type]
+        assert lease.expires_at("a") == 600.0
+        await clock.advance(600)
+        assert not lease.holds("a")
+
     async def test_hanging_holder_loses_it(self, clock: FakeClock) -> None:
         lease = Lease("batch", ttl=600.0, clock=clock)
         await lease.acquire("hung")
@@ -225,6 +236,18 @@ class TestQuota:
         q.release("a")
         assert q.available == pytest.approx(100.0)
 
+    @pytest.mark.parametrize("amount", [-1, 0, float("nan"), "1", True])
+    async def test_a_release_of_no_amount_is_refused(self, clock: FakeClock, amount: object) -> None:
+        # A negative amount took more than the limit allows, NaN emptied the count while
+        # the holder still held: then a newcomer was granted past the limit.
+        q = Quota("pool", 4.0, clock=clock)
+        await q.acquire("a", 2.0)
+        await q.acquire("b", 1.0)
+        with pytest.raises(CoordinationError, match="release a number > 0, or None"):
+            q.release("a", amount)  # type: ignore[arg-type]
+        assert q.available == pytest.approx(1.0) and q.try_acquire("c", 4.0) is False
+        assert q.release("a") and q.release("b") and q.available == pytest.approx(4.0)
+
 
 class TestBarrier:
     """max_count arrivals release together; fewer time out, saying how many arrived."""
@@ -266,6 +289,44 @@ class TestBarrier:
         await settle()
         assert barrier.arrived() == 0
 
+
+    async def test_each_index_once_after_a_party_left(self, clock: FakeClock) -> None:
+        """The index elects a party (``if index == 0``): one that left leaves no gap."""
+        barrier = Barrier("sync", 3, clock=clock)
+        a = asyncio.create_task(barrier.wait("a"))
+        b = asyncio.create_task(barrier.wait("b"))
+        await settle()
+        a.cancel()
+        await settle()
+        c = asyncio.create_task(barrier.wait("c"))
+        d = asyncio.create_task(barrier.wait("d"))
+        assert await asyncio.gather(b, c, d) == [0, 1, 2]
+
+    async def test_a_round_that_opens_as_a_party_times_out_is_not_broken(
+        self, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The last party arrives from another thread's loop just as the first one's time
+        runs out: the round opened, so the first party passes, and the next round (which
+        the old code broke with the first party's timeout) fills normally."""
+        import threading
+
+        from agent.coordination.primitives import barrier as barrier_module
+
+        barrier = Barrier("sync", 2, clock=clock)
+        elsewhere: list[int] = []
+
+        async def time_runs_out_as_the_round_opens(clock, fut, timeout):
+            thread = threading.Thread(target=lambda: elsewhere.append(asyncio.run(barrier.wait("b"))))
+            thread.start()
+            thread.join()  # the round opened there; its news to this loop is still queued
+            return False
+
+        monkeypatch.setattr(barrier_module, "wait_until_done", time_runs_out_as_the_round_opens)
+        assert await barrier.wait("a", timeout=1.0) == 0
+        assert elsewhere == [1]
+        monkeypatch.undo()
+        assert await asyncio.gather(barrier.wait("c"), barrier.wait("d")) == [0, 1]
+        assert barrier.status()["broken"] == 0 and barrier.status()["rounds"] == 2
 
 class TestBarrierGate:
     """Hand-overs arrive without waiting; the guarded owner passes once a group's round is full."""

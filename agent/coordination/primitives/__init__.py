@@ -64,7 +64,11 @@ def create_primitive(
     if kind is PrimitiveType.BARRIER:
         if max_count is None:
             raise CoordinationError(f"barrier {name!r} needs max_count: how many parties it waits for")
-        return Barrier(name, max_count, ttl=ttl, wait_timeout=wait_timeout, clock=clock)
+        if ttl is not None:
+            raise CoordinationError(
+                f"BARRIER {name!r} takes no ttl (it holds nothing after it opens): bound the wait with wait_timeout"
+            )
+        return Barrier(name, max_count, wait_timeout=wait_timeout, clock=clock)
     if quota_limit is None:
         raise CoordinationError(f"quota {name!r} needs quota_limit: the number of units it hands out")
     return Quota(name, quota_limit, ttl=ttl, wait_timeout=wait_timeout, clock=clock)

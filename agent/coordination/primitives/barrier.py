@@ -71,32 +71,38 @@ class Barrier(Primitive):
     # --- rendezvous -------------------------------------------------------------------
 
     async def wait(self, owner: str, timeout: float | None = None) -> int:
-        """Arrive and wait for the round to fill; returns this party's arrival index (0-based)."""
+        """Arrive and wait for the round to fill; returns this party's index in the round
+        (0-based, in order of arrival, each once: a party that left before the round filled
+        leaves no gap)."""
         self._check_owner(owner)
         limit = check_timeout(self.wait_timeout if timeout is None else timeout, f"barrier {self.name!r}")
         with self.lock:
             rnd = self._groups.setdefault(_RENDEZVOUS, _Round())
-            index = len(rnd.parties)
+            parties = rnd.parties  # this round's: the round gets a new list once it opens or breaks
             waiter = Waiter(owner, 1.0, self.clock.monotonic(), asyncio.get_running_loop().create_future())
-            rnd.parties.append(waiter)
+            parties.append(waiter)
             self._counters.acquisitions += 1
-            if len(rnd.parties) >= self.max_count:
+            if len(parties) >= self.max_count:
                 self._open_rendezvous(rnd)
-                return index
+                return len(parties) - 1
         fut = waiter.future
         try:
             if not await wait_until_done(self.clock, fut, limit):
                 with self.lock:
-                    self._break_rendezvous(rnd, limit)
+                    if rnd.parties is parties:
+                        self._break_rendezvous(rnd, limit)
+                # Else the round opened (or broke) as the time ran out, from another thread:
+                # its news is on the way to this loop, and it is this party's answer.
+                await asyncio.wait((fut,))
             fut.result()
         except BaseException:
             with self.lock:
                 if not fut.done():
                     fut.cancel()
-                if waiter in rnd.parties:
-                    rnd.parties.remove(waiter)
+                if rnd.parties is parties and waiter in parties:  # the round still fills: leave it
+                    parties.remove(waiter)
             raise
-        return index
+        return parties.index(waiter)  # the round's list no longer changes once it opened
 
     # --- gate -------------------------------------------------------------------------
 

@@ -243,8 +243,15 @@ class CapacityPrimitive(Primitive):
         """Give back ``amount`` (default: all) held by ``owner``.
 
         Returns False when ``owner`` holds nothing, for instance because its holding
-        expired after ``ttl``: releasing late is not an error.
+        expired after ``ttl``: releasing late is not an error. An ``amount`` that is not a
+        number > 0 is refused (a negative one would take more than the limit allows).
         """
+        if amount is not None and (isinstance(amount, bool) or not isinstance(amount, (int, float))
+                                   or not amount > 0):
+            raise CoordinationError(
+                f"{self.type.value} {self.name!r}: release a number > 0, or None for all "
+                f"{owner!r} holds, got {amount!r}"
+            )
         self.expire_stale()
         holding = self._holders.get(owner)
         if holding is None:

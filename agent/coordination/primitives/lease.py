@@ -7,9 +7,10 @@ keep it longer.
 
 from __future__ import annotations
 
+from ..._loops import locked
 from ...errors import CoordinationError
 from ...clock import Clock
-from .base import CapacityPrimitive, PrimitiveType
+from .base import CapacityPrimitive, PrimitiveType, check_ttl
 
 
 class Lease(CapacityPrimitive):
@@ -32,8 +33,10 @@ class Lease(CapacityPrimitive):
             )
         super().__init__(name, 1.0, ttl=ttl, wait_timeout=wait_timeout, clock=clock)
 
+    @locked
     def renew(self, owner: str, ttl: float | None = None) -> float:
         """Extend ``owner``'s lease to ``ttl`` (default: the lease's ttl) from now; returns the new expiry."""
+        ttl = check_ttl(ttl, f"lease {self.name!r}")
         self.expire_stale()
         holding = self._holders.get(owner)
         if holding is None:
@@ -43,6 +46,7 @@ class Lease(CapacityPrimitive):
         holding.expires_at = self.clock.monotonic() + (self.ttl if ttl is None else float(ttl))  # type: ignore[operator]
         return holding.expires_at
 
+    @locked
     def expires_at(self, owner: str) -> float | None:
         """When ``owner``'s lease ends (clock time), or None when it holds none."""
         holding = self._holders.get(owner)
