@@ -133,6 +133,13 @@ HELD_UP: contextvars.ContextVar[Callable[[], None] | None] = contextvars.Context
 """Set by the engine around an attempt's admission hooks: what :func:`admission_held_up` calls."""
 
 
+FAIL_RUN: contextvars.ContextVar[Callable[[BaseException], None] | None] = contextvars.ContextVar(
+    "agent_fail_run", default=None)
+"""Set by the engine in each attempt's task: fails the attempt's run with the error given,
+for what can no longer be promised to it (a box-wide primitive its code holds, lost with
+agentd: the run must not go on as if it still excluded the other jobs)."""
+
+
 def admission_held_up() -> None:
     """An admission hook is about to wait (a coordination primitive, a rate limit, a
     barrier): the attempt gives its pool grant back meanwhile, for others to use, and asks

@@ -29,6 +29,7 @@ from typing import Any
 
 from .. import _validate, remote
 from ..errors import CoordinationError
+from ..executor import FAIL_RUN
 from .coordinator import Coordinator, check_coordinator, default_coordinator
 from .primitives import Primitive, PrimitiveType
 from .primitives.base import check_timeout, check_ttl
@@ -67,8 +68,9 @@ def set_current_owner(owner: str | None, coordinator: Coordinator | None = None,
 
 
 def current_failer() -> Callable[[BaseException], None] | None:
-    """What fails the run of the state attempt running in this task, if any."""
-    return _current_failer.get()
+    """What fails the run of the state attempt running in this task, if any (a coordinated
+    agent's own, else the engine's for every attempt)."""
+    return _current_failer.get() or FAIL_RUN.get()
 
 
 def current_coordinator() -> Coordinator:

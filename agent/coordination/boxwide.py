@@ -24,8 +24,9 @@ Decisions:
   agentd looks for deadlocks among the waits it holds; a cycle through a wait of this
   process and one of agentd is not seen as one.
 * A process that loses agentd while one of its runs holds a box-wide primitive fails
-  that run (a new agentd would give the name to another job); a plain ``Agent`` that
-  takes one in a state's code has no run to fail, and goes on.
+  that run (a new agentd would give the name to another job), whether the agent declared
+  it or a state's code took it, at every isolation level; code outside any run that
+  holds one goes on (nothing to fail).
 """
 
 from __future__ import annotations

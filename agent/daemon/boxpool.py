@@ -105,7 +105,7 @@ class Session:
         elif op == "coordinate":
             timeout = message.get("timeout")
             self.coordinate(int(message["t"]), str(message["kind"]), message["name"], dict(message["settings"]),
-                            str(message["owner"]), float(message["amount"]),
+                            _text(message["owner"], "owner"), float(message["amount"]),
                             None if timeout is None else float(timeout), bool(message.get("declared", True)))
         elif op == "uncoordinate":
             self.uncoordinate(int(message["t"]))
@@ -243,6 +243,10 @@ class Session:
             self.send({"op": "coordinated", "t": number})
         finally:
             self.taking.pop(number, None)
+            if self.closed and not isinstance(thing, RateLimiter):
+                # Given back as the session closed, after close() dropped the names nobody
+                # used: a grant won in a race is given back only now, so look again.
+                self.box.coordinators[self.uid].forget_unused([thing.name])
 
     def renew(self, number: int, ttl: float | None) -> None:
         """Renew a LEASE this session holds (nothing when it holds none under ``number``)."""
@@ -388,3 +392,10 @@ def requirements(amounts: dict[str, Any]) -> ResourceRequirements:
         io_weight=amounts.get("io", 0.0), network_weight=amounts.get("network", 0.0),
         gpu_units=amounts.get("gpu", 0.0), priority=Priority.NORMAL,
     )
+
+
+def _text(value: Any, what: str) -> str:
+    """A str field of a request (``None`` is no owner: it would be held as "None")."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a str, got {value!r}")
+    return value

@@ -24,6 +24,7 @@ connection is lost, every run waiting on or holding a grant fails with
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import socket
@@ -52,12 +53,13 @@ def encode_requirements(req: ResourceRequirements) -> dict[str, Any]:
 
 
 class _Ticket:
-    __slots__ = ("number", "run", "act", "assignment", "granted")
+    __slots__ = ("number", "run", "act", "link", "assignment", "granted")
 
-    def __init__(self, number: int, run: "Run", act: "Activation") -> None:
+    def __init__(self, number: int, run: "Run", act: "Activation", link: Link) -> None:
         self.number = number
         self.run = run
         self.act = act
+        self.link = link  # the run's loop's connection: agentd holds the grant for it
         self.assignment: dict[str, Any] = {}
         self.granted = False
 
@@ -70,9 +72,11 @@ class RemoteAdmission:
         self.tickets: dict[str, _Ticket] = {}  # by the engine's owner key
         self._numbered: dict[int, _Ticket] = {}
         self._numbers = itertools.count(1)
-        self._takes: dict[int, asyncio.Future[None]] = {}  # coordination asked of agentd
-        # coordination agentd holds for this process: its name, and what fails its holder's run
-        self._holding: dict[int, tuple[str, Callable[[BaseException], None] | None]] = {}
+        # coordination asked of agentd, and over which connection
+        self._takes: dict[int, tuple[asyncio.Future[None], Link]] = {}
+        # coordination agentd holds for this process: its name, what fails its holder's
+        # run, and the connection it is held for
+        self._holding: dict[int, tuple[str, Callable[[BaseException], None] | None, Link]] = {}
 
     def owner_for(self, state: str, run_id: str) -> str:
         return state if state not in self.tickets else f"{state}@{run_id[:12]}"
@@ -81,7 +85,7 @@ class RemoteAdmission:
         """Send the request to agentd; the grant arrives later through ``run.on_grant(act)``."""
         self.pool.check_quota(req, act.state)
         link = self.pool.link()
-        ticket = _Ticket(next(self._numbers), run, act)
+        ticket = _Ticket(next(self._numbers), run, act, link)
         self.tickets[act.owner] = ticket
         self._numbered[ticket.number] = ticket
         link.send({"op": "request", "t": ticket.number, "state": act.state, "priority": act.priority,
@@ -93,13 +97,13 @@ class RemoteAdmission:
         if ticket is None:
             return
         del self._numbered[ticket.number]
-        self._send({"op": "release", "t": ticket.number})
+        _send(ticket.link, {"op": "release", "t": ticket.number})
 
     def requeue(self, owner: str) -> None:
         ticket = self.tickets.get(owner)
         if ticket is not None:
             ticket.assignment = {}
-            self._send({"op": "requeue", "t": ticket.number})
+            _send(ticket.link, {"op": "requeue", "t": ticket.number})
 
     def assignment(self, owner: str) -> dict[str, Any]:
         ticket = self.tickets.get(owner)
@@ -129,7 +133,8 @@ class RemoteAdmission:
         """
         link = self.pool.link()
         number = next(self._numbers)
-        future = self._takes[number] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._takes[number] = (future, link)
         link.send({"op": "coordinate", "t": number, "kind": kind, "name": name, "settings": settings,
                    "owner": owner, "amount": float(amount), "timeout": timeout, "declared": declared})
         try:
@@ -140,7 +145,7 @@ class RemoteAdmission:
                 link.send({"op": "uncoordinate", "t": number})  # a wait withdrawn, or a grant crossed
             raise
         if kind == "primitive":
-            self._holding[number] = (name, on_lost)
+            self._holding[number] = (name, on_lost, link)
         return link, number
 
     def give_back(self, token: tuple[Link, int]) -> None:
@@ -158,20 +163,16 @@ class RemoteAdmission:
             link.send({"op": "renew", "t": number, "ttl": ttl})
 
     def _answer_take(self, message: dict[str, Any]) -> None:
-        future = self._takes.pop(message.get("t"), None)  # type: ignore[arg-type]
-        if future is None or future.done():
+        asked = self._takes.pop(message.get("t"), None)  # type: ignore[arg-type]
+        if asked is None or asked[0].done():
             return
+        future = asked[0]
         if message["op"] == "coordinated":
             future.set_result(None)
         else:
             error = {"timeout": CoordinationTimeoutError, "deadlock": DeadlockError}.get(
                 str(message.get("kind")), CoordinationError)
             future.set_exception(error(f"agentd: {message.get('error') or 'refused'}"))
-
-    def _send(self, message: dict[str, Any]) -> None:
-        link = self.pool.current_link()
-        if link is not None and not link.closed:
-            link.send(message)
 
     # --- what agentd pushes ---------------------------------------------------------
 
@@ -198,17 +199,14 @@ class RemoteAdmission:
             ticket.run.fail(QuotaExceededError(str(message.get("error") or "agentd refused the request")))
         return True
 
-    def on_lost(self, why: str) -> None:
-        """The connection is gone: every run waiting on or holding a grant fails."""
-        tickets = list(self.tickets.values())
-        self.tickets.clear()
-        self._numbered.clear()
-        takes, self._takes = list(self._takes.values()), {}
+    def on_lost(self, link: Link, why: str) -> None:
+        """``link`` is gone: every run of its loop waiting on or holding a grant fails (the
+        runs of other loops, on their own connections, go on)."""
+        tickets, takes, holding = self.forget(link)
         for future in takes:
             if not future.done():
                 future.set_exception(DaemonUnavailableError(
                     f"lost the connection to agentd ({why}) while waiting for box-wide coordination"))
-        holding, self._holding = list(self._holding.values()), {}
         for name, fail in holding:  # agentd (a new one) may give it to another job now
             if fail is not None:
                 fail(DaemonUnavailableError(
@@ -218,6 +216,21 @@ class RemoteAdmission:
             how = "was admitted by it" if ticket.granted else "waited for it to admit it"
             ticket.run.fail(DaemonUnavailableError(
                 f"lost the connection to agentd ({why}) while state {ticket.act.state!r} {how}"))
+
+    def forget(self, link: Link) -> tuple[list[_Ticket], list[asyncio.Future[None]],
+                                          list[tuple[str, Callable[[BaseException], None] | None]]]:
+        """Drop what was asked or held over ``link``; returns it (tickets, takes, holdings)."""
+        tickets = [t for t in list(self.tickets.values()) if t.link is link]
+        for ticket in tickets:
+            self.tickets.pop(ticket.act.owner, None)
+            self._numbered.pop(ticket.number, None)
+        takes = [(n, future) for n, (future, on) in list(self._takes.items()) if on is link]
+        holding = [(n, name, fail) for n, (name, fail, on) in list(self._holding.items()) if on is link]
+        for number, _ in takes:
+            self._takes.pop(number, None)
+        for number, _, _ in holding:
+            self._holding.pop(number, None)
+        return tickets, [f for _, f in takes], [(name, fail) for _, name, fail in holding]
 
 
 class RemotePool(ResourcePool):
@@ -238,7 +251,8 @@ class RemotePool(ResourcePool):
         self.on_other = on_other
         self.on_lost = on_lost
         self._connect = connect
-        self._link: Link | None = None
+        self._links: dict[asyncio.AbstractEventLoop, Link] = {}  # one connection per event loop
+        self._links_lock = threading.Lock()
         self._remote = RemoteAdmission(self)
 
     def make_admission(self) -> RemoteAdmission:
@@ -246,29 +260,37 @@ class RemotePool(ResourcePool):
         return self._remote
 
     def link(self) -> Link:
-        """The connection on the running loop (a new one after the loop changed, e.g. a new ``run_sync``)."""
+        """The running loop's connection: one per event loop, so that runs on the loops of
+        several threads (``run_sync`` in a thread pool) each keep theirs; agentd gives back
+        what a connection held when it closes. A connection whose loop is closed (a
+        ``run_sync`` that ended) is closed here, by the next loop that asks."""
         loop = asyncio.get_running_loop()
-        link = self._link
-        if link is None or link.closed or link.loop is not loop:
+        with self._links_lock:
+            link = self._links.get(loop)
+            if link is not None and not link.closed:
+                return link
+            ended = [(other, old) for other, old in self._links.items() if other.is_closed()]
+            for other, old in ended:  # its runs are over: nothing of them to fail
+                del self._links[other]
+                old.close()
+                self._remote.forget(old)
             if self._connect is None:
                 raise DaemonUnavailableError("the connection to agentd is gone")
-            if link is not None:
-                link.close()
-            self._link = link = Link(self._connect(), loop, self.dispatch, self._lost)
-        return link
+            link = Link(self._connect(), loop, self.dispatch, lambda why: None)
+            link.on_lost = functools.partial(self._lost, link)
+            self._links[loop] = link
+            return link
 
     def adopt(self, link: Link) -> None:
         """Serve admission over ``link``, an open connection (a job's runner has exactly one)."""
-        link.on_message, link.on_lost = self.dispatch, self._lost
-        self._link = link
+        link.on_message, link.on_lost = self.dispatch, functools.partial(self._lost, link)
+        with self._links_lock:
+            self._links[link.loop] = link
 
-    def _lost(self, why: str) -> None:
-        self._remote.on_lost(why)
+    def _lost(self, link: Link, why: str) -> None:
+        self._remote.on_lost(link, why)
         if self.on_lost is not None:
             self.on_lost(why)
-
-    def current_link(self) -> Link | None:
-        return self._link
 
     def dispatch(self, message: dict[str, Any]) -> None:
         if not self._remote.on_message(message) and self.on_other is not None:
@@ -349,3 +371,9 @@ def install(pool: RemotePool) -> None:
     global _pool
     with _lock:
         _pool = pool
+
+
+def _send(link: Link, message: dict[str, Any]) -> None:
+    """Send ``message`` over ``link`` unless it is closed (agentd then let go of all it held)."""
+    if not link.closed:
+        link.send(message)

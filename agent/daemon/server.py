@@ -75,7 +75,7 @@ class Client:
                 self._control(message)
             else:
                 self._admission(message)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:  # int(inf): OverflowError
             self._refuse(f"malformed {message.get('op')!r} request: {exc!r}", protocol.INVALID, close=True)
 
     def on_lost(self, why: str) -> None:

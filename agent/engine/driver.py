@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .._compiled import framework_file
 from .._types import RESULT_STANDS, StopReason
 from ..errors import FailureReason, exception_message, exception_text, exception_type_name, reported, utf8_text
-from ..executor import HELD_UP, Attempt, AttemptFailed, Isolation, executor_for
+from ..executor import FAIL_RUN, HELD_UP, Attempt, AttemptFailed, Isolation, executor_for
 
 if TYPE_CHECKING:
     from .run import Activation, Run
@@ -114,6 +114,12 @@ class Driver:
         waker = self.waker
         if waker is not None and not waker.done():
             waker.set_result(None)
+
+    def fail_run(self, error: BaseException) -> None:
+        """Fail the run with ``error`` unless it is over (:data:`agent.executor.FAIL_RUN`)."""
+        if not self.run.done:
+            self.run.fail(error)
+            self.kick()
 
     def call_at(self, when: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
         """Call ``callback(*args)`` at run-clock time ``when``, then pump."""
@@ -230,6 +236,7 @@ class Driver:
     async def _inline(self, act: "Activation", func: Any, context: Any) -> None:
         run = self.run
         run.unstarted.discard(act.task)
+        FAIL_RUN.set(self.fail_run)
         try:
             result = await func(context)
         except asyncio.CancelledError as exc:
@@ -243,6 +250,7 @@ class Driver:
 
     async def _run_attempt(self, act: "Activation", attempt: Attempt) -> None:
         run = self.run
+        FAIL_RUN.set(self.fail_run)
         entered: list[Any] = []
         ok = False
         try:

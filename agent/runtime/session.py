@@ -290,6 +290,8 @@ class ChildSession:
             raise
         finally:
             self._taking.pop(request_id, None)
+        if response.error_type == errors.DaemonUnavailableError.__name__:
+            raise errors.DaemonUnavailableError(response.error or "")  # agentd went, as inline
         if response.error_type is not None:
             raise _named_error(response.error_type, response.error or "", errors.CoordinationError)
         return request_id

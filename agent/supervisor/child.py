@@ -31,6 +31,7 @@ from ..errors import (
     BoundExceededError,
     ContextBudgetError,
     CoordinationError,
+    DaemonUnavailableError,
     FailureReason,
     HumanInputError,
     IllegalTransitionError,
@@ -75,6 +76,10 @@ OFF_LOOP_BYTES = 256 * 1024
 
 _LOG_TAIL = 4000
 MAX_TYPE_NAME = 256  # characters of an exception's dotted name a child reports
+SANDBOX_NAMES = 64
+"""Primitives a sandboxed attempt's code may make on first use (``mutex(name)``)."""
+SANDBOX_QUESTIONS = 8
+"""Human-input questions a sandboxed attempt may have open at once."""
 MAX_VIOLATION_TEXT = 1000  # characters of a violation's message: it may quote a frame of megabytes
 _FILE_TOO_LARGE = f"[Errno {errno.EFBIG}]"  # how OSError(EFBIG) prints: past RLIMIT_FSIZE
 _NO_SPACE = f"[Errno {errno.ENOSPC}]"  # in a sandbox: one of its private tmpfs mounts is full
@@ -232,6 +237,8 @@ class ChildProcess:
         self._written = 0
         self._taking: dict[int, asyncio.Task[None]] = {}  # request id -> a take still waiting
         self._holding: dict[int, Any] = {}  # request id -> a holding to give back
+        self._made: set[str] = set()  # names a sandboxed state's mutex() made (see _take)
+        self._mutexes: set[str] = set()  # names of mutexes a sandboxed state's code took
         self.checkpoint_keys: list[str] | None = None
         self.denied_calls: list[str] = []  # system calls its seccomp filter refused
         self._spawn_error: str | None = None
@@ -512,6 +519,12 @@ class ChildProcess:
             )
             self._reported()
         elif isinstance(msg, HumanInputRequest):
+            if not self._trusted and len(self._human) >= SANDBOX_QUESTIONS:
+                self._send(encode_message(HumanInputResponse(
+                    request_id=msg.request_id, answer=None, error_type="HumanInputError",
+                    error=f"a sandboxed state may have at most {SANDBOX_QUESTIONS} questions open at once: "
+                          "wait for an answer before asking more")))
+                return
             task = asyncio.ensure_future(self._answer(msg))
             self._human.add(task)
             task.add_done_callback(self._human.discard)
@@ -596,10 +609,14 @@ class ChildProcess:
             attempt.agent_name, attempt.run_id, attempt.state_name, attempt.number)
         if req.owner is None and req.task:  # a task the state started: an owner of its own
             owner = sub_owner(owner, req.task)
+        elif req.owner is not None and not self._trusted:  # never a trusted code's owner
+            owner = f"sandbox {attempt.agent_name}/{req.owner}"
         error_type = error = None
         try:
+            if not self._trusted:
+                self._sandbox_may_take(req)
             held = await take_for_child(req.kind, req.name, owner, req.amount, req.ttl, req.timeout)
-        except CoordinationError as exc:
+        except (CoordinationError, DaemonUnavailableError) as exc:
             error_type, error = type(exc).__name__, str(exc)
         except Exception as exc:  # noqa: BLE001 - a bad request: the state's code raises it
             error_type, error = "CoordinationError", f"{req.kind} {req.name!r}: {exc!r}"
@@ -614,6 +631,26 @@ class ChildProcess:
             self._send(encode_message(CoordinationResponse(request_id=req.request_id, error_type=error_type,
                                                            error=error)))
 
+    def _sandbox_may_take(self, req: CoordinationRequest) -> None:
+        """What untrusted code may do to the coordinator that trusted code shares: take what is
+        there, or make a plain MUTEX, at most :data:`SANDBOX_NAMES` of them; never set a
+        primitive's ``ttl``, which would take it from the trusted holders after it. A mutex
+        it took that nobody declares, holds or waits for once the attempt is over is
+        forgotten (made again at its next use), so no tenant's names pile up."""
+        from ..coordination.allocation import current_coordinator
+
+        what = f"{req.kind} {req.name!r}"
+        if req.ttl is not None:
+            raise CoordinationError(f"{what}: a sandboxed state cannot give a primitive a ttl; declare it "
+                                    "with add_state_coordination() or take it first in trusted code")
+        if req.kind == "mutex":
+            if current_coordinator().primitive(req.name) is None:
+                if len(self._made) >= SANDBOX_NAMES:
+                    raise CoordinationError(f"{what}: a sandboxed state may make at most {SANDBOX_NAMES} "
+                                            "primitives; reuse names")
+                self._made.add(req.name)
+            self._mutexes.add(req.name)
+
     @staticmethod
     def _give_back(held: Any) -> None:
         held.primitive.release(held.owner, held.amount)  # a holding taken away already (ttl) is no error
@@ -626,6 +663,11 @@ class ChildProcess:
         holding, self._holding = self._holding, {}
         for held in holding.values():
             self._give_back(held)
+        if self._mutexes:
+            from ..coordination.allocation import current_coordinator
+
+            taken, self._mutexes = self._mutexes, set()
+            self._context.run(current_coordinator).forget_unused(sorted(taken))
 
     # --- the cgroup it was put in ---------------------------------------------------------
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import Context, RunTimeoutError, StateFailedError
+from agent import Agent, Context, RunTimeoutError, StateFailedError
 from agent.coordination import Coordinator, PrimitiveType, create_coordinated_agent, mutex
 
 supervisor = pytest.importorskip("agent.supervisor", reason="process isolation is not built in this tree")
@@ -75,7 +75,11 @@ class TestTakenInsideAChild:
         await asyncio.gather(*(a.run() for a in agents))
         spans = sorted(a.context.get_state("span") for a in agents)
         assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:])), spans
-        assert coordinator.primitive("inside_m1").owners() == []
+        made = coordinator.primitive("inside_m1")
+        if isolation == "sandbox":
+            assert made is None  # made by untrusted code: forgotten once free
+        else:
+            assert made.owners() == []
         await coordinator.aclose()
 
     @pytest.mark.parametrize("isolation", ["inline", "process", "worker"])
@@ -228,3 +232,110 @@ class TestTakenInsideAChild:
         assert agent.context.get_state("entered") is None
         held.release("someone else")
         await coordinator.aclose()
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="sandboxes need root")
+class TestWhatASandboxMayDoToTrustedCoordination:
+    """The coordinator is shared with trusted code: untrusted code takes from it, but cannot
+    set what trusted holders depend on, act as their owners, or fill it with names."""
+
+    async def test_no_ttl_and_no_trusted_owner(self) -> None:
+        from agent.errors import CoordinationError
+
+        async def untrusted(context: Context):
+            refused = []
+            try:
+                async with mutex("sbx_db", ttl=0.05):  # would take it from trusted holders after
+                    refused.append("taken")
+            except CoordinationError as exc:
+                refused.append(str(exc))
+            context.set_state("refused", refused)
+            async with mutex("sbx_writes", owner="writer"):
+                import time
+
+                time.sleep(0.5)  # the work, while the trusted state finds it held
+
+        async def trusted(context: Context):
+            while not coordinator.primitive("sbx_writes") or not coordinator.primitive("sbx_writes").owners():
+                await asyncio.sleep(0.01)
+            context.set_state("held_by", coordinator.primitive("sbx_writes").owners())
+            async with mutex("sbx_writes", owner="writer"):  # waits: it was refused as its own re-entry
+                context.set_state("trusted_took", True)
+
+        async def start(context: Context):
+            return ["untrusted", "trusted"]
+
+        coordinator = Coordinator()
+        agent = create_coordinated_agent("tenant", coordinator=coordinator, isolation="inline")
+        agent.add_state("start", start)
+        agent.add_state("untrusted", untrusted, isolation="sandbox", context_keys=["refused"])
+        agent.add_state("trusted", trusted)
+        result = await agent.run()
+        [refused] = result.get_state("refused")
+        assert "a sandboxed state cannot give a primitive a ttl" in refused
+        assert result.get_state("held_by") == ["sandbox tenant/writer"]
+        assert result.get_state("trusted_took") is True
+        assert coordinator.primitive("sbx_db") is None and coordinator.primitive("sbx_writes") is None
+        await coordinator.aclose()
+
+    async def test_names_it_makes_are_bounded_and_forgotten(self) -> None:
+        from agent.supervisor.child import SANDBOX_NAMES
+
+        async def many(context: Context):
+            from agent.errors import CoordinationError
+
+            made, refused = 0, ""
+            for i in range(SANDBOX_NAMES + 5):
+                try:
+                    async with mutex(f"sbx_file_{i}"):
+                        made += 1
+                except CoordinationError as exc:
+                    refused = str(exc)
+                    break
+            context.set_state("made", made)
+            context.set_state("refused", refused)
+
+        coordinator = Coordinator()
+        agent = create_coordinated_agent("names", coordinator=coordinator, isolation="sandbox")
+        # Declared by trusted code: taking it makes nothing, and it stays.
+        coordinator.add_primitive("sbx_file_0", PrimitiveType.MUTEX, declarer=agent)
+        agent.add_state("many", many, context_keys=["made", "refused"])
+        result = await agent.run()
+        assert result.get_state("made") == SANDBOX_NAMES + 1
+        assert f"a sandboxed state may make at most {SANDBOX_NAMES} primitives" in result.get_state("refused")
+        assert coordinator.get_status()["primitives"].keys() == {"sbx_file_0"}
+        await coordinator.aclose()
+
+    async def test_human_questions_open_at_once_are_bounded(self) -> None:
+        from agent.human import QueueInputProvider
+        from agent.supervisor.child import SANDBOX_QUESTIONS
+
+        async def flood(context: Context):
+            from agent.errors import HumanInputError
+
+            async def ask(i: int) -> str:
+                try:
+                    return await context.human_in_the_loop(f"question {i}?", timeout=60)
+                except HumanInputError as exc:
+                    return str(exc)
+
+            context.set_state("answers", await asyncio.gather(*(ask(i) for i in range(SANDBOX_QUESTIONS + 3))))
+
+        async def answer_them(provider: QueueInputProvider) -> int:
+            answered = 0
+            while answered < SANDBOX_QUESTIONS:
+                request = await provider.wait_for_request()
+                provider.answer(request.id, "yes")
+                answered += 1
+            return len(provider.pending())
+
+        provider = QueueInputProvider()
+        agent = Agent("asks", isolation="sandbox", human_input=provider)
+        agent.add_state("flood", flood, context_keys=["answers"])
+        answering = asyncio.create_task(answer_them(provider))
+        answers = (await agent.run()).get_state("answers")
+        assert await answering == 0
+        assert answers.count("yes") == SANDBOX_QUESTIONS
+        refused = [a for a in answers if a != "yes"]
+        assert len(refused) == 3 and all(f"at most {SANDBOX_QUESTIONS} questions open at once" in a for a in refused)
+

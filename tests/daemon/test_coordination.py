@@ -255,6 +255,41 @@ def test_a_bad_take_is_refused_and_the_connection_serves_on(fields: dict[str, An
         assert _read(sock) == {"op": "coordinated", "t": 2}
 
 
+@pytest.mark.parametrize("fields, error", [
+    ({"t": float("inf")}, "OverflowError"),  # escaped the handler: no answer, the client waited for ever
+    ({"owner": None}, "owner must be a str"),  # was held as the owner "None"
+])
+def test_a_malformed_take_ends_its_connection_only(fields: dict[str, Any], error: str, agentd: Agentd,
+                                                   users: tuple[User, User]) -> None:
+    agentd.start()
+    with _connect(agentd) as sock, _connect(agentd) as other:
+        _take(sock, 1, **fields)
+        refused = _read(sock)
+        assert refused["op"] == "error" and refused["code"] == "invalid" and error in refused["error"]
+        assert sock.recv(1) == b""  # closed
+        _take(other, 1)
+        assert _read(other) == {"op": "coordinated", "t": 1}
+
+
+def test_a_name_held_and_waited_for_by_connections_that_close_together_is_forgotten(
+        agentd: Agentd, users: tuple[User, User]) -> None:
+    """The waiter's grant, won as its connection closed, was given back after the close had
+    dropped the unused names: the name stayed for good, counting against the user's cap."""
+    agentd.start()
+    for round_ in range(3):
+        holder, waiter = _connect(agentd), _connect(agentd)
+        _take(holder, 1, name=f"n{round_}")
+        assert _read(holder) == {"op": "coordinated", "t": 1}
+        _take(waiter, 1, name=f"n{round_}")
+        name = f"n{round_}"
+        wait_until(lambda name=name: agentd.ctl_json("top")["coordination"]["root"]["primitives"][name][
+            "wait_count"] == 1, "the second connection to wait")
+        holder.close()
+        waiter.close()
+        wait_until(lambda: agentd.ctl_json("top")["coordination"].get("root", {}).get("primitives", {}) == {},
+                   "the name nobody holds or waits for to be forgotten")
+
+
 def test_a_closed_connection_gives_back_and_withdraws(agentd: Agentd, users: tuple[User, User]) -> None:
     agentd.start()
     holder, waiter, leaver = _connect(agentd), _connect(agentd), _connect(agentd)
@@ -351,6 +386,85 @@ def test_a_script_that_loses_agentd_while_holding_fails(agentd: Agentd, users: t
     script = write_workflow(workdir, "script.py", GUARDED.format(name="script", kind="MUTEX", out=str(events),
                                                                  release=str(outdir / "never")).replace(
         'create_coordinated_agent("script")', 'create_coordinated_agent("script", isolation="inline")'))
+    with _script(agentd, ann, script, workdir) as run:
+        wait_until(lambda: _lines(events) == ["script start"], "the script to hold the mutex")
+        assert agentd.stop() == 0
+        stdout, stderr = run.communicate(timeout=120)
+    agentd.start()  # for the fixture's clean stop
+    assert run.returncode == 1, stderr
+    error = json.loads(stdout[stdout.index("{"):])["error"]
+    assert error.startswith("lost the connection to agentd") and "while holding the box-wide 'database_write'" in error
+
+
+# Two threads of one script, each with a run of its own on its own loop: the first holds
+# database_write (declared) until told to go; the second runs meanwhile.
+THREADS = '''
+import asyncio, os, threading
+from agent import Agent
+from agent.coordination import create_coordinated_agent, mutex, PrimitiveType
+
+def log(line):
+    with open({out!r}, "a") as f:
+        f.write(line + "\\n")
+
+holder = create_coordinated_agent("holder", isolation="inline")
+holder.add_state_coordination("database_write", PrimitiveType.MUTEX)
+
+async def database_write(context):
+    log("holder start")
+    while not os.path.exists({release!r}):
+        await asyncio.sleep(0.05)
+    log("holder end")
+
+holder.add_state("database_write", database_write, max_retries=0)
+other = Agent("other", isolation="inline")
+
+async def elsewhere(context):
+    async with mutex("another_name"):
+        log("other ran")
+
+other.add_state("elsewhere", elsewhere, max_retries=0)
+first = threading.Thread(target=holder.run_sync)
+first.start()
+while not os.path.exists({out!r}) or "holder start" not in open({out!r}).read():
+    threading.Event().wait(0.05)
+second = threading.Thread(target=other.run_sync)
+second.start()
+second.join()
+first.join()
+'''
+
+
+def test_runs_on_the_loops_of_two_threads_keep_what_they_hold(agentd: Agentd, users: tuple[User, User],
+                                                              workdir: Path, outdir: Path, events: Path) -> None:
+    """One connection served the whole process: a run on a second thread's loop replaced the
+    first loop's, and agentd gave back the mutex the first run still held (no error, no
+    exclusion left)."""
+    ann, _ = users
+    agentd.start()
+    script = write_workflow(workdir, "threads.py", THREADS.format(out=str(events), release=str(outdir / "go")))
+    env = {"PATH": "/usr/bin:/bin", "AGENT_DAEMON": "1", "AGENT_SOCKET": agentd.socket, "HOME": "/nonexistent"}
+    with running_as(ann, [sys.executable, str(script)], env, workdir) as run:
+        wait_until(lambda: _lines(events) == ["holder start", "other ran"], "the second thread's run to end")
+        owners = _primitive(agentd, ann)["owners"]
+        assert len(owners) == 1 and owners[0].endswith("/database_write#1"), owners
+        (outdir / "go").touch()
+        _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    assert _lines(events) == ["holder start", "other ran", "holder end"]
+
+
+@pytest.mark.parametrize("isolation", ["inline", "process"])
+def test_a_plain_agent_whose_code_holds_a_mutex_fails_when_agentd_goes(
+        isolation: str, agentd: Agentd, users: tuple[User, User], workdir: Path, outdir: Path,
+        events: Path) -> None:
+    """Not only a coordinated agent's declared primitive: the run of a plain Agent whose state
+    took the mutex in its code went on holding nothing, as another job took the name."""
+    ann, _ = users
+    agentd.start()
+    script = write_workflow(workdir, "script.py", IN_CODE.format(
+        name="script", out=str(events), release=str(outdir / "never")).replace(
+        'Agent("script")', f'Agent("script", isolation="{isolation}")'))
     with _script(agentd, ann, script, workdir) as run:
         wait_until(lambda: _lines(events) == ["script start"], "the script to hold the mutex")
         assert agentd.stop() == 0
