@@ -187,22 +187,24 @@ def _device(item: Any, where: str) -> GPUDevice:
 
 _nvml: NvmlInventory | None = None
 _env_inventories: dict[str, StaticInventory] = {}
+_inventory_lock = threading.Lock()
 
 
 def machine_inventory() -> GPUInventory:
     """This machine's GPUs: ``AGENT_GPUS`` when set, else NVML (each read once per process)."""
     global _nvml
     text = _env.get(GPUS_ENV)
-    if text:
-        inventory = _env_inventories.get(text)
-        if inventory is None:
-            inventory = _env_inventories[text] = StaticInventory(
-                parse_gpus(text), unavailable_reason=f"{GPUS_ENV} lists no GPUs"
-            )
-        return inventory
-    if _nvml is None:
-        _nvml = NvmlInventory()
-    return _nvml
+    with _inventory_lock:  # read once, also when several threads ask first at once
+        if text:
+            inventory = _env_inventories.get(text)
+            if inventory is None:
+                inventory = _env_inventories[text] = StaticInventory(
+                    parse_gpus(text), unavailable_reason=f"{GPUS_ENV} lists no GPUs"
+                )
+            return inventory
+        if _nvml is None:
+            _nvml = NvmlInventory()
+        return _nvml
 
 
 MIN_GPU_SHARE = 0.01

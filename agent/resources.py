@@ -1320,6 +1320,7 @@ def _allocated(total: float, available: float) -> float:
 
 
 _default: tuple[GPUInventory, ResourcePool] | None = None
+_default_lock = threading.Lock()
 
 
 def default_pool() -> ResourcePool:
@@ -1335,6 +1336,8 @@ def default_pool() -> ResourcePool:
 
         return importlib.import_module("agent.daemon.remote").daemon_pool()  # type: ignore[no-any-return]
     inventory = machine_inventory()
-    if _default is None or (_default[0] is not inventory and not _default[1]._holders and not _default[1]._waiters):
-        _default = (inventory, ResourcePool(gpu_inventory=inventory))
-    return _default[1]
+    with _default_lock:  # agents first run on several threads at once share one pool, not one each
+        if _default is None or (_default[0] is not inventory and not _default[1]._holders
+                                and not _default[1]._waiters):
+            _default = (inventory, ResourcePool(gpu_inventory=inventory))
+        return _default[1]

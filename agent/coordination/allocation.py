@@ -115,15 +115,31 @@ class _Held:
         self.timeout = timeout
 
     async def __aenter__(self) -> "_Held":
-        if not self.primitive.try_acquire(self.owner, self.amount):  # type: ignore[attr-defined]
-            self.coordinator.watch()  # about to wait: make sure deadlocks are looked for
-            await self.primitive.acquire(self.owner, self.amount, self.timeout)  # type: ignore[attr-defined]
-        return self
+        while True:
+            primitive = self.primitive
+            if not primitive.try_acquire(self.owner, self.amount):  # type: ignore[attr-defined]
+                self.coordinator.watch()  # about to wait: make sure deadlocks are looked for
+                try:
+                    await primitive.acquire(self.owner, self.amount, self.timeout)  # type: ignore[attr-defined]
+                except BaseException:
+                    self.coordinator.let_go(primitive)  # a grant it could not take was given back
+                    raise
+            if not primitive.made_on_use or self.coordinator.primitive(primitive.name) is primitive:
+                return self
+            # Forgotten as free (by another thread's let_go) before this took it: the name's
+            # mutex is another one now, which is the one to hold.
+            primitive.release(self.owner, self.amount)  # type: ignore[call-arg]
+            self.primitive = _mutex_of(self.coordinator, primitive.name, primitive.ttl)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.give_back()
+
+    def give_back(self) -> None:
+        """Release what is held (a holding taken away already, by its ttl, is no error)."""
         self.primitive.release(self.owner, self.amount)  # type: ignore[call-arg]
+        self.coordinator.let_go(self.primitive)
 
 
 class _Remote:
@@ -210,20 +226,28 @@ def mutex(
     timeout: float | None = None,
     coordinator: Coordinator | None = None,
 ) -> _Held | _Remote:
-    """``async with mutex("m1"):`` holds the MUTEX ``name`` (created with ``ttl`` on first use;
-    a ``ttl`` is checked at every use, though a later one does not change the mutex)."""
+    """``async with mutex("m1"):`` holds the MUTEX ``name`` (made with ``ttl`` when there is
+    none, and forgotten once free; a ``ttl`` is checked at every use, though one given
+    while the mutex exists does not change it)."""
     check_ttl(ttl, f"mutex({name!r})")
     link = remote.link() if coordinator is None else None
     if link is not None:  # in a child: the supervisor's mutex
         _check_name(name)
         return _Remote(link, "mutex", name, owner, 1.0, ttl, timeout)
     coord = current_coordinator() if coordinator is None else check_coordinator(coordinator, "mutex")
+    return _Held(coord, _mutex_of(coord, name, ttl), _owner_or_task(owner), 1.0, timeout)
+
+
+def _mutex_of(coord: Coordinator, name: str, ttl: float | None) -> Primitive:
+    """The MUTEX ``name`` of ``coord``, made (with ``ttl``) when there is none: such a one is
+    forgotten once free (:meth:`Coordinator.let_go`), and made again at the next use."""
     primitive = coord.primitive(name)
     if primitive is None:
         primitive = coord.add_primitive(name, PrimitiveType.MUTEX, ttl=ttl)
+        primitive.made_on_use = True
     elif primitive.type is not PrimitiveType.MUTEX:
         raise CoordinationError(f"{name!r} is a {primitive.type.name}, not a MUTEX: pick another name")
-    return _Held(coord, primitive, _owner_or_task(owner), 1.0, timeout)
+    return primitive
 
 
 async def take_for_child(

@@ -205,6 +205,15 @@ class Coordinator:
                 self._declarers.pop(("primitive", name), None)
         return len(gone)
 
+    def let_go(self, primitive: Primitive) -> None:
+        """A holding of ``primitive`` ended: forget it if ``mutex()`` made it on first use and
+        nobody declares, holds or waits for it now. A name made from data
+        (``mutex(f"user-{uid}")``) would otherwise be kept for the life of the process."""
+        if primitive.made_on_use:
+            with self._config_lock:
+                if self._primitives.get(primitive.name) is primitive:
+                    self.forget_unused([primitive.name])
+
     def add_rate_limit(
         self,
         name: str,
@@ -402,6 +411,7 @@ def _plain(status: dict[str, Any]) -> dict[str, Any]:
 
 _default: Coordinator | None = None
 _box: Coordinator | None = None
+_defaults_lock = threading.Lock()
 
 
 def check_coordinator(value: Any, what: str) -> Coordinator:
@@ -422,15 +432,16 @@ def default_coordinator() -> Coordinator:
     (:mod:`agent.coordination.boxwide`).
     """
     global _default, _box
-    if _env.get("AGENT_DAEMON") == "1":  # as default_pool() reads it
-        if _box is None:
-            from .boxwide import BoxCoordinator
+    with _defaults_lock:  # one for the process, also when threads ask first at once
+        if _env.get("AGENT_DAEMON") == "1":  # as default_pool() reads it
+            if _box is None:
+                from .boxwide import BoxCoordinator
 
-            _box = BoxCoordinator()
-        return _box
-    if _default is None:
-        _default = Coordinator()
-    return _default
+                _box = BoxCoordinator()
+            return _box
+        if _default is None:
+            _default = Coordinator()
+        return _default
 
 
 __all__ = ["Coordinator", "check_coordinator", "default_coordinator"]

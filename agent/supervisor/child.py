@@ -238,7 +238,6 @@ class ChildProcess:
         self._taking: dict[int, asyncio.Task[None]] = {}  # request id -> a take still waiting
         self._holding: dict[int, Any] = {}  # request id -> a holding to give back
         self._made: set[str] = set()  # names a sandboxed state's mutex() made (see _take)
-        self._mutexes: set[str] = set()  # names of mutexes a sandboxed state's code took
         self.checkpoint_keys: list[str] | None = None
         self.denied_calls: list[str] = []  # system calls its seccomp filter refused
         self._spawn_error: str | None = None
@@ -593,7 +592,7 @@ class ChildProcess:
                 waiting.cancel()  # it stopped waiting (cancelled)
             held = self._holding.pop(req.request_id, None)
             if held is not None:
-                self._give_back(held)
+                held.give_back()
             return
         if req.op != "take" or req.request_id in self._taking or req.request_id in self._holding:
             raise ProtocolError(
@@ -622,7 +621,7 @@ class ChildProcess:
             error_type, error = "CoordinationError", f"{req.kind} {req.name!r}: {exc!r}"
         else:
             if self._taking.pop(req.request_id, None) is None or self.status is not ChildStatus.RUNNING:
-                self._give_back(held)  # given back, or the attempt ended, while it was taken
+                held.give_back()  # given back, or the attempt ended, while it was taken
                 return
             self._holding[req.request_id] = held
         finally:
@@ -634,26 +633,18 @@ class ChildProcess:
     def _sandbox_may_take(self, req: CoordinationRequest) -> None:
         """What untrusted code may do to the coordinator that trusted code shares: take what is
         there, or make a plain MUTEX, at most :data:`SANDBOX_NAMES` of them; never set a
-        primitive's ``ttl``, which would take it from the trusted holders after it. A mutex
-        it took that nobody declares, holds or waits for once the attempt is over is
-        forgotten (made again at its next use), so no tenant's names pile up."""
+        primitive's ``ttl``, which would take it from the trusted holders after it."""
         from ..coordination.allocation import current_coordinator
 
         what = f"{req.kind} {req.name!r}"
         if req.ttl is not None:
             raise CoordinationError(f"{what}: a sandboxed state cannot give a primitive a ttl; declare it "
                                     "with add_state_coordination() or take it first in trusted code")
-        if req.kind == "mutex":
-            if current_coordinator().primitive(req.name) is None:
-                if len(self._made) >= SANDBOX_NAMES:
-                    raise CoordinationError(f"{what}: a sandboxed state may make at most {SANDBOX_NAMES} "
-                                            "primitives; reuse names")
-                self._made.add(req.name)
-            self._mutexes.add(req.name)
-
-    @staticmethod
-    def _give_back(held: Any) -> None:
-        held.primitive.release(held.owner, held.amount)  # a holding taken away already (ttl) is no error
+        if req.kind == "mutex" and current_coordinator().primitive(req.name) is None:
+            if len(self._made) >= SANDBOX_NAMES:
+                raise CoordinationError(f"{what}: a sandboxed state may make at most {SANDBOX_NAMES} "
+                                        "primitives; reuse names")
+            self._made.add(req.name)
 
     def _give_all_back(self) -> None:
         """The attempt is over: whatever its code still holds or waits for is given back."""
@@ -662,12 +653,7 @@ class ChildProcess:
         self._taking.clear()
         holding, self._holding = self._holding, {}
         for held in holding.values():
-            self._give_back(held)
-        if self._mutexes:
-            from ..coordination.allocation import current_coordinator
-
-            taken, self._mutexes = self._mutexes, set()
-            self._context.run(current_coordinator).forget_unused(sorted(taken))
+            held.give_back()
 
     # --- the cgroup it was put in ---------------------------------------------------------
 

@@ -212,6 +212,60 @@ class TestReset:
         assert coordinator.cleanup() == 1
 
 
+class TestMadeOnUse:
+    """A MUTEX that mutex() made on first use lives while it is used: a service that locks
+    names made from data (``mutex(f"user-{uid}")``) kept every one for good."""
+
+    async def test_forgotten_once_free(self, coordinator: Coordinator) -> None:
+        for uid in range(50):
+            async with mutex(f"user-{uid}", owner="request", coordinator=coordinator):
+                assert coordinator.primitive(f"user-{uid}").owners() == ["request"]
+        assert coordinator.get_status()["primitives"] == {}
+
+    async def test_kept_while_held_or_waited_for_and_when_declared(self, coordinator: Coordinator) -> None:
+        declared = _Declarer("service")
+        coordinator.add_primitive("declared", PrimitiveType.MUTEX, declarer=declared)
+        async with mutex("declared", owner="a", coordinator=coordinator):
+            pass
+        assert coordinator.primitive("declared") is not None
+        first = mutex("busy", owner="a", coordinator=coordinator)
+        await first.__aenter__()
+        second = asyncio.create_task(mutex("busy", owner="b", coordinator=coordinator).__aenter__())
+        await settle()
+        await first.__aexit__(None, None, None)  # handed to the waiter: still there
+        held = await second
+        assert coordinator.primitive("busy").owners() == ["b"]
+        await held.__aexit__(None, None, None)
+        assert coordinator.primitive("busy") is None
+
+    async def test_a_waiter_that_gives_up_lets_it_go(self, coordinator: Coordinator) -> None:
+        first = mutex("busy", owner="a", coordinator=coordinator)
+        await first.__aenter__()
+        waiter = asyncio.create_task(mutex("busy", owner="b", coordinator=coordinator).__aenter__())
+        await settle()
+        await first.__aexit__(None, None, None)  # granted to b, which is cancelled before it hears
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert coordinator.primitive("busy") is None
+
+    async def test_one_forgotten_before_it_was_taken_is_not_held_beside_the_new_one(
+            self, coordinator: Coordinator) -> None:
+        # Another thread's holder let it go between this mutex() and its entry: the name's
+        # mutex is a new one by then, and that is the one to hold.
+        late = mutex("name", owner="late", coordinator=coordinator)
+        async with mutex("name", owner="other", coordinator=coordinator):
+            pass
+        now = mutex("name", owner="now", coordinator=coordinator)
+        await now.__aenter__()
+        entered = asyncio.create_task(late.__aenter__())
+        await settle()
+        assert not entered.done() and coordinator.primitive("name").owners() == ["now"]
+        await now.__aexit__(None, None, None)
+        await (await entered).__aexit__(None, None, None)
+        assert coordinator.primitive("name") is None
+
+
 class TestResourceAllocation:
     """async with ResourceAllocation(name, amount) draws from the named quota."""
 

@@ -377,16 +377,18 @@ def test_names_nobody_uses_or_declares_are_forgotten(agentd: Agentd, users: tupl
                "the finished job's name to be forgotten")
 
 
-def test_a_script_that_loses_agentd_while_holding_fails(agentd: Agentd, users: tuple[User, User], workdir: Path,
-                                                         outdir: Path, events: Path) -> None:
+@pytest.mark.parametrize("taken, isolation", [("declared", "inline"), ("in code", "inline"), ("in code", "process")])
+def test_a_script_that_loses_agentd_while_holding_fails(taken: str, isolation: str, agentd: Agentd,
+                                                         users: tuple[User, User], workdir: Path, outdir: Path,
+                                                         events: Path) -> None:
     """A new agentd would hand the name to another job: the run that held it cannot go on as if
-    it still excluded them."""
+    it still excluded them. So too the run of a plain Agent whose state took the mutex in its
+    code (it went on, holding nothing)."""
     ann, _ = users
     agentd.start()
-    script = write_workflow(workdir, "script.py", GUARDED.format(name="script", kind="MUTEX", out=str(events),
-                                                                 release=str(outdir / "never")).replace(
-        'create_coordinated_agent("script")', 'create_coordinated_agent("script", isolation="inline")'))
-    with _script(agentd, ann, script, workdir) as run:
+    flow = _flow(workdir, outdir, events, "script", "in code" if taken == "in code" else "MUTEX")
+    flow.write_text(flow.read_text().replace('gent("script")', f'gent("script", isolation="{isolation}")'))
+    with _script(agentd, ann, flow, workdir) as run:
         wait_until(lambda: _lines(events) == ["script start"], "the script to hold the mutex")
         assert agentd.stop() == 0
         stdout, stderr = run.communicate(timeout=120)
@@ -452,24 +454,3 @@ def test_runs_on_the_loops_of_two_threads_keep_what_they_hold(agentd: Agentd, us
         _, stderr = run.communicate(timeout=120)
     assert run.returncode == 0, stderr
     assert _lines(events) == ["holder start", "other ran", "holder end"]
-
-
-@pytest.mark.parametrize("isolation", ["inline", "process"])
-def test_a_plain_agent_whose_code_holds_a_mutex_fails_when_agentd_goes(
-        isolation: str, agentd: Agentd, users: tuple[User, User], workdir: Path, outdir: Path,
-        events: Path) -> None:
-    """Not only a coordinated agent's declared primitive: the run of a plain Agent whose state
-    took the mutex in its code went on holding nothing, as another job took the name."""
-    ann, _ = users
-    agentd.start()
-    script = write_workflow(workdir, "script.py", IN_CODE.format(
-        name="script", out=str(events), release=str(outdir / "never")).replace(
-        'Agent("script")', f'Agent("script", isolation="{isolation}")'))
-    with _script(agentd, ann, script, workdir) as run:
-        wait_until(lambda: _lines(events) == ["script start"], "the script to hold the mutex")
-        assert agentd.stop() == 0
-        stdout, stderr = run.communicate(timeout=120)
-    agentd.start()  # for the fixture's clean stop
-    assert run.returncode == 1, stderr
-    error = json.loads(stdout[stdout.index("{"):])["error"]
-    assert error.startswith("lost the connection to agentd") and "while holding the box-wide 'database_write'" in error

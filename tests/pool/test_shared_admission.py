@@ -234,3 +234,38 @@ class TestNoStaleEntries:
         a, b = Agent("a"), Agent("b")
         assert a.resource_pool is b.resource_pool
         assert a.resource_pool.totals[ResourceType.CPU] >= 1
+
+    def test_agents_first_run_on_several_threads_share_one_default_pool(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Each thread that asked first made a "process-wide" pool of its own, each handing
+        out the whole machine: a service built from a thread pool over-committed for good.
+        (NVML's start, the window, is made as slow here as a real driver can be.)"""
+        import threading
+        import time
+
+        from agent import devices, resources
+
+        monkeypatch.delenv("AGENT_GPUS", raising=False)
+        monkeypatch.setattr(resources, "_default", None)
+        monkeypatch.setattr(devices, "_nvml", None)
+        real = devices.NvmlInventory
+
+        def slow_nvml() -> devices.NvmlInventory:
+            time.sleep(0.05)
+            return real()
+
+        monkeypatch.setattr(devices, "NvmlInventory", slow_nvml)
+        start = threading.Barrier(8)
+        pools: list[ResourcePool] = []
+
+        def first_use(i: int) -> None:
+            start.wait()
+            pools.append(Agent(f"t{i}").resource_pool)
+
+        threads = [threading.Thread(target=first_use, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(pools) == 8 and all(pool is pools[0] for pool in pools)
+        assert Agent("later").resource_pool is pools[0]

@@ -114,6 +114,8 @@ class Primitive:
     """The interface the coordinator, the deadlock detector and the status use."""
 
     type: PrimitiveType
+    made_on_use = False
+    """Made by ``mutex(name)``'s first use, not declared: forgotten once free (Coordinator.let_go)."""
 
     def __init__(self, name: str, *, ttl: float | None = None, clock: Clock | None = None) -> None:
         if not isinstance(name, str) or not name:
