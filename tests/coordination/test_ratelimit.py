@@ -82,6 +82,37 @@ class TestTokenBucket:
             await bucket.acquire(timeout=0.5)
         assert bucket.statistics().timeouts == 1
 
+    async def test_a_timeout_counts_while_others_are_ahead_in_line(self, clock: FakeClock) -> None:
+        # It was checked only once the caller reached the head: 2.5 s for a 0.3 s timeout.
+        bucket = LeakyBucket("api_call", 2.0, clock=clock)
+        await bucket.acquire()
+        ahead = [asyncio.create_task(bucket.acquire()) for _ in range(5)]
+        await settle()
+        async with clock.autojump():
+            with pytest.raises(CoordinationTimeoutError, match="within 0.3s"):
+                await bucket.acquire(timeout=0.3)
+            assert clock.monotonic() == pytest.approx(0.3)
+            await asyncio.gather(*ahead)
+        assert bucket.statistics().waiting == 0 and bucket.statistics().timeouts == 1
+
+
+class TestReset:
+    """reset() forgets past starts and fails whoever waits (the docs' reset_coordination)."""
+
+    async def test_waiters_fail_and_the_next_start_is_at_once(self, clock: FakeClock) -> None:
+        limiter = SlidingWindow("api", 1 / 60, window_size=60.0, clock=clock)  # one start a minute
+        await limiter.acquire()
+        head = asyncio.create_task(limiter.acquire())  # asleep until the window moves on
+        behind = asyncio.create_task(limiter.acquire())
+        await settle()
+        limiter.reset()
+        for waiter in (head, behind):
+            with pytest.raises(CoordinationError, match="rate limit 'api' was reset while a start waited"):
+                await waiter
+        assert limiter.statistics().waiting == 0
+        await limiter.acquire(timeout=0)  # afresh: no wait
+        assert clock.monotonic() == 0.0
+
 
 class TestLeakyBucket:
     """Starts evenly spaced at 1 / max_rate, no burst."""
@@ -229,3 +260,41 @@ class TestSharedByThreads:
             t.join(30)
         assert errors == [] and len(admitted) == 20
         assert limiter.statistics().admitted == 20 and limiter.statistics().waiting == 0
+
+    @pytest.mark.parametrize("at_head", [True, False])
+    # The abandoned coroutine, closed with no loop to run its cleanup on, says so: the scenario.
+    @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+    def test_a_waiter_whose_loop_closed_holds_nobody_up(self, at_head: bool) -> None:
+        """A loop closed without cancelling its tasks (run_until_complete, then close) left its
+        waiter in line: at the head nobody behind it was woken; behind, it was counted out
+        twice (waiting -1, and other settings refused for good as "in use")."""
+        import threading
+
+        limiter = LeakyBucket("api", max_rate=20.0)
+        limiter.try_acquire()
+
+        def abandoned() -> None:
+            loop = asyncio.new_event_loop()
+
+            async def leave_one_waiting() -> None:
+                loop.create_task(limiter.acquire())
+                await asyncio.sleep(0.01)
+
+            loop.run_until_complete(leave_one_waiting())
+            loop.close()
+
+        async def main() -> None:
+            head = None if at_head else asyncio.create_task(limiter.acquire())
+            await asyncio.sleep(0)
+            thread = threading.Thread(target=abandoned)
+            thread.start()
+            thread.join()
+            await asyncio.wait_for(limiter.acquire(), 10)
+            if head is not None:
+                await head
+
+        asyncio.run(main())
+        import gc
+
+        gc.collect()  # the abandoned coroutine is closed: its cleanup runs
+        assert limiter.statistics().waiting == 0

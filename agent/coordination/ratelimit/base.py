@@ -18,7 +18,7 @@ from typing import Any
 
 from ... import _validate
 from ...errors import CoordinationError, CoordinationTimeoutError
-from ...clock import SYSTEM_CLOCK, Clock
+from ...clock import SYSTEM_CLOCK, Clock, wait_until_done
 
 _EPS = 1e-9
 
@@ -80,15 +80,22 @@ def window_limit(limiter: RateLimiter, window_size: float) -> int:
 
 @dataclass(frozen=True)
 class _Turn:
-    """One acquire waiting in a limiter's line: woken on ``loop`` when it reaches the head."""
+    """One acquire waiting in a limiter's line: ``future`` is done on ``loop`` when it reaches
+    the head; ``stop`` fails it, at the head or not, when the limiter is reset."""
 
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[None]
+    stop: asyncio.Future[None]
 
 
 def _turn_comes(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _turn_stops(turn: _Turn, error: BaseException) -> None:
+    if not turn.stop.done():
+        turn.stop.set_exception(error)
 
 
 class RateLimiter:
@@ -134,15 +141,20 @@ class RateLimiter:
             if self._start_now(start):
                 return
             loop = asyncio.get_running_loop()
-            turn = _Turn(loop, loop.create_future())
+            turn = _Turn(loop, loop.create_future(), loop.create_future())
+            self._drop_gone_head()
             self._line.append(turn)
             self._waiting += 1
             if self._line[0] is turn:
                 turn.future.set_result(None)
         deadline = math.inf if timeout is None else start + float(timeout)
         try:
-            await turn.future  # at the head of the line
+            # In line (a timeout counts from the call, not from reaching the head), then at its head.
+            if not await wait_until_done(clock, turn.future, deadline - clock.monotonic()):
+                self._time_out(timeout)
             while True:
+                if turn.stop.done():
+                    turn.stop.result()  # reset meanwhile: raises
                 with self._lock:
                     now = clock.monotonic()
                     delay = self._delay(now)
@@ -152,22 +164,31 @@ class RateLimiter:
                         self._total_wait += now - start
                         return
                 if now + delay > deadline + _EPS:
-                    self._timeouts += 1
-                    raise CoordinationTimeoutError(
-                        f"rate limit {self.name!r} ({self.describe()}): no start allowed within "
-                        f"{timeout:g}s; raise the timeout or the rate"
-                    )
-                await clock.sleep(delay)
+                    self._time_out(timeout)
+                await wait_until_done(clock, turn.stop, delay)
         finally:
             with self._lock:
                 was_head = bool(self._line) and self._line[0] is turn
-                try:
+                if turn in self._line:  # (not when dropped as gone: counted out then)
                     self._line.remove(turn)
-                except ValueError:
-                    pass
-                self._waiting -= 1
+                    self._waiting -= 1
                 if was_head:
                     self._wake_next()
+
+    def _time_out(self, timeout: float | None) -> None:
+        with self._lock:
+            self._timeouts += 1
+        raise CoordinationTimeoutError(
+            f"rate limit {self.name!r} ({self.describe()}): no start allowed within "
+            f"{timeout:g}s; raise the timeout or the rate"
+        )
+
+    def _drop_gone_head(self) -> None:
+        """Drop waiters at the head whose loop is closed (lock held): a loop closed without
+        cancelling its tasks left them there, and nobody behind them would be woken."""
+        while self._line and self._line[0].loop.is_closed():
+            self._line.popleft()
+            self._waiting -= 1
 
     def _start_now(self, now: float) -> bool:
         """Record a start at ``now`` if one is allowed and nobody waits (lock held)."""
@@ -190,8 +211,18 @@ class RateLimiter:
                 self._waiting -= 1
 
     def reset(self) -> None:
-        """Forget past starts (the limiter starts afresh)."""
-        self._forget()
+        """Forget past starts (the limiter starts afresh); whoever waits in line fails with
+        CoordinationError, on its own loop."""
+        with self._lock:
+            self._forget()
+            waiting = list(self._line)
+        for turn in waiting:
+            error = CoordinationError(f"rate limit {self.name!r} was reset while a start waited for it")
+            try:
+                turn.loop.call_soon_threadsafe(_turn_stops, turn, error)
+                turn.loop.call_soon_threadsafe(_turn_comes, turn.future)  # out of line, to hear it
+            except RuntimeError:  # its loop is closed: it waits for nothing any more
+                pass
 
     def statistics(self) -> RateLimiterStatistics:
         return RateLimiterStatistics(

@@ -1,6 +1,6 @@
 """TOKEN_BUCKET: a burst of ``burst_size`` at once, then ``max_rate`` per second.
 
-The bucket holds up to ``burst_size`` tokens (default: ``max(1, max_rate)``), starts
+The bucket holds up to ``burst_size`` tokens (default: ``max(1, floor(max_rate))``), starts
 full, and refills continuously at ``max_rate`` tokens per second; a start takes one.
 Over any interval of ``t`` seconds at most ``burst_size + max_rate * t`` starts happen.
 """
