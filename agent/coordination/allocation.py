@@ -31,6 +31,7 @@ from .. import _validate, remote
 from ..errors import CoordinationError
 from ..executor import FAIL_RUN
 from .coordinator import Coordinator, check_coordinator, default_coordinator
+from .deadlock import TASK_SEP
 from .primitives import Primitive, PrimitiveType
 from .primitives.base import check_timeout, check_ttl
 
@@ -96,7 +97,7 @@ def _owner_or_task(owner: str | None) -> str:
 
 def sub_owner(owner: str, task: int) -> str:
     """The owner id of a task an attempt started (``task``: a number unique among its live tasks)."""
-    return f"{owner}/task-{task:x}"
+    return f"{owner}{TASK_SEP}{task:x}"
 
 
 class _Held:

@@ -29,6 +29,8 @@ from .primitives import Primitive, PrimitiveType
 
 
 _COUNTING = frozenset({PrimitiveType.SEMAPHORE, PrimitiveType.QUOTA})
+TASK_SEP = "/task-"
+"""What joins an attempt's owner id and the number of a task it started (allocation.sub_owner)."""
 """Primitives several owners hold at once: a waiter on one goes on once any holder gives
 back (what it needs may take more than one; the detector then errs towards no deadlock)."""
 
@@ -176,6 +178,15 @@ class DeadlockDetector:
         for edge in self._dependencies.values():
             graph.setdefault(edge.waiter, []).append(edge)
             needs.setdefault(edge.waiter, []).append((False, [edge.holder]))
+        # A task an attempt started (asyncio.gather of sections) waits as an owner of its own
+        # (``<attempt>/task-<n>``); the attempt that holds something meanwhile waits for it.
+        holding = {holder for primitive in self._primitives() for holder in primitive.owners()}
+        for waiter in list(needs):
+            attempt, sep, _ = waiter.rpartition(TASK_SEP)
+            if sep and attempt in holding:
+                graph.setdefault(attempt, []).append(
+                    WaitEdge(attempt, "a task it started", waiter, "dependency", self.clock.monotonic()))
+                needs.setdefault(attempt, []).append((False, [waiter]))
         stuck = _stuck(needs)
         return {waiter: kept for waiter, edges in graph.items() if waiter in stuck
                 if (kept := [edge for edge in edges if edge.holder in stuck])}

@@ -555,6 +555,39 @@ class TestDeadlock:
         assert context.get_state("a_done") and context.get_state("b_done")
         assert coord.deadlock_detector.cycle_count == 1
 
+    async def test_a_cycle_through_a_task_the_state_started(self, coord: Coordinator, clock: FakeClock) -> None:
+        """The second mutex is taken by a section the state gathers, an owner of its own: the
+        state that holds the first waits for it, which closes the cycle (it hung, undetected)."""
+        agent = _agent("sections", coord)
+        agent._coordinator.deadlock_detector.detection_interval = 1.0
+        holding = {"a": asyncio.Event(), "b": asyncio.Event()}
+
+        def take(first: str, second: str, me: str, other: str):
+            async def state(context: Context):
+                async with mutex(first):
+                    holding[me].set()
+                    await holding[other].wait()
+
+                    async def section() -> None:
+                        async with mutex(second):
+                            context.set_state(f"{me}_done", True)
+
+                    await asyncio.gather(section())
+                return None
+
+            return state
+
+        async def start(context: Context):
+            return ["a", "b"]
+
+        agent.add_state("start", start)
+        agent.add_state("a", take("s1", "s2", "a", "b"), max_retries=1)
+        agent.add_state("b", take("s2", "s1", "b", "a"), max_retries=1)
+        context = await within(clock, 600, agent.run())
+        assert context.get_state("a_done") and context.get_state("b_done")
+        assert coord.deadlock_detector.cycle_count == 1
+        assert (await agent.get_coordination_status())["primitives"] == {}
+
 
 class TestStatusAndCleanup:
     """get_coordination_status and reset_coordination, from inside states too."""
