@@ -32,6 +32,42 @@ async def _hold(primitive, owner: str, clock: FakeClock, seconds: float, log: li
 class TestMutex:
     """One owner at a time, FIFO, and a holder that hangs loses it after the ttl."""
 
+    def test_a_grant_on_its_way_to_another_thread_as_a_reset_comes_is_void(self) -> None:
+        """The grant to a waiter on another thread's loop was queued there; a reset came
+        before it arrived, and a newcomer took the mutex: both then held it."""
+        import threading
+
+        m = Mutex("m")
+        assert m.try_acquire("H1")
+        waiting, go_on = threading.Event(), threading.Event()
+        heard: list[str] = []
+
+        def other_thread() -> None:
+            async def main() -> None:
+                wait = asyncio.create_task(m.acquire("W"))
+                while not m.waiters():
+                    await asyncio.sleep(0)
+                waiting.set()
+                go_on.wait(30)  # this loop is busy: the grant waits in its queue
+                try:
+                    await wait
+                    heard.append("granted")
+                except CoordinationError as exc:
+                    heard.append(str(exc))
+
+            asyncio.run(main())
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        assert waiting.wait(30)
+        m.release("H1")  # granted to W, on its way to W's loop
+        m.reset()
+        assert m.try_acquire("H3")
+        go_on.set()
+        thread.join(30)
+        assert heard == ["mutex 'm' was reset while 'W' waited for it"]
+        assert m.owners() == ["H3"]
+
     async def test_exclusive_and_fifo(self, clock: FakeClock) -> None:
         m = Mutex("db", clock=clock)
         log: list = []

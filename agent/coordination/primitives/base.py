@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import functools
 import math
 import threading
 from collections import deque
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ... import _validate
-from ..._loops import fail_soon, grant_soon, locked
+from ..._loops import call_in, fail_soon, locked
 from ...errors import CoordinationError, CoordinationTimeoutError
 from ...clock import SYSTEM_CLOCK, Clock, wait_until_done
 
@@ -187,6 +186,7 @@ class CapacityPrimitive(Primitive):
         self._waiters: deque[Waiter] = deque()
         self._in_use = 0.0
         self._reaper: asyncio.Task[None] | None = None
+        self._resets = 0  # a grant on its way to another thread's loop as a reset came is void
 
     # --- acquiring ------------------------------------------------------------------
 
@@ -299,6 +299,7 @@ class CapacityPrimitive(Primitive):
 
     @locked
     def reset(self) -> None:
+        self._resets += 1
         self._holders.clear()
         self._in_use = 0.0
         waiters, self._waiters = list(self._waiters), deque()
@@ -403,8 +404,22 @@ class CapacityPrimitive(Primitive):
                 return
             self._waiters.popleft()
             self._grant(head.owner, head.amount)
-            grant_soon(head.future, functools.partial(self._take_back, head.owner, head.amount))
+            if not call_in(head.future.get_loop(), self._deliver, head, self._resets):
+                self._take_back(head.owner, head.amount)  # its loop is closed: nobody takes it
         self._stop_reaper_if_idle()
+
+    @locked
+    def _deliver(self, waiter: Waiter, resets: int) -> None:
+        """On the waiter's loop: its grant, unless the primitive was reset since (then it
+        holds nothing, and hears so); one that left meanwhile gives the grant back."""
+        future = waiter.future
+        if resets != self._resets:
+            fail_soon(future, CoordinationError(
+                f"{self.type.value} {self.name!r} was reset while {waiter.owner!r} waited for it"))
+        elif future.done():
+            self._take_back(waiter.owner, waiter.amount)
+        else:
+            future.set_result(None)
 
     def _stop_reaper_if_idle(self) -> None:
         if self._reaper is not None and not self._waiters:
