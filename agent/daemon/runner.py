@@ -239,6 +239,7 @@ class Runner:
             for name, spec in agent.states.items():
                 if spec.resources is not None:
                     self.pool.check_request(spec.resources, name)
+            _check_sandbox_allowed(agent)
         except BaseException as exc:  # the workflow's top-level code may raise anything
             traceback.print_exc()
             self.finish("failed", f"cannot load the workflow: {type(exc).__name__}: {exc}")
@@ -288,6 +289,24 @@ def _supervised(agent: Any) -> bool:
 
     supervised = (Isolation.PROCESS, Isolation.SANDBOX, Isolation.WORKER)
     return any((spec.isolation or agent.isolation) in supervised for spec in agent.states.values())
+
+
+def _check_sandbox_allowed(agent: Any) -> None:
+    """Refuse, as the job loads, a sandboxed state that could never start: leasing a uid
+    needs root, and a user's job runs as its user (else the states before it would run,
+    and their human answers be given, for nothing)."""
+    from ..errors import IsolationUnavailableError
+    from ..executor import Isolation
+
+    if os.geteuid() == 0:
+        return
+    sandboxed = [name for name, spec in agent.states.items()
+                 if (spec.isolation or agent.isolation) is Isolation.SANDBOX]
+    if sandboxed:
+        raise IsolationUnavailableError(
+            f"state {sandboxed[0]!r} uses isolation='sandbox', which agentd runs only in root's jobs (it leases "
+            "uids): this job runs as its user; use 'process' or 'worker', or have root submit it"
+        )
 
 
 def _isolated(agent: Any) -> bool:

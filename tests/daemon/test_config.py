@@ -12,7 +12,7 @@ from agent._types import Priority
 from agent.daemon.config import ROOT_POLICY, DaemonConfig, UserPolicy, load_config, parse_config
 from agent.errors import DaemonConfigError
 
-from .helpers import AGENTD, Agentd, User, wait_until, write_workflow
+from .helpers import AGENTD, Agentd, User, shared_file, wait_until, write_workflow
 
 
 class TestParsing:
@@ -137,3 +137,37 @@ def test_a_users_quota_caps_their_states_and_their_job_cgroups(agentd: Agentd, u
     too_big = agentd.submit(write_workflow(workdir, "too_big.py", TOO_BIG), user=ann)
     final = agentd.wait_status(too_big, "completed", "failed")
     assert final["status"] == "failed" and "quota" in final["error"] and "cpu=1" in final["error"]
+
+
+SANDBOXED = '''
+from agent import Agent
+
+agent = Agent("boxed")
+
+async def first(context):
+    with open({out!r}, "a") as f:
+        f.write("first ran\\n")
+    return "boxed"
+
+async def boxed(context):
+    return None
+
+agent.add_state("first", first)
+agent.add_state("boxed", boxed, isolation="sandbox")
+'''
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.slow
+def test_a_users_job_with_a_sandboxed_state_is_refused_as_it_loads(agentd: Agentd, users: tuple[User, User],
+                                                                    workdir: Path, outdir: Path) -> None:
+    """Leasing a uid needs root: the job failed only when it reached the sandboxed state,
+    after the states before it (and their human answers) had run for nothing."""
+    ann, _ = users
+    agentd.start()
+    out = shared_file(outdir, "ran.txt")
+    job = agentd.submit(write_workflow(workdir, "boxed.py", SANDBOXED.format(out=str(out))), user=ann)
+    final = agentd.wait_status(job, "completed", "failed")
+    assert final["status"] == "failed"
+    assert "state 'boxed' uses isolation='sandbox', which agentd runs only in root's jobs" in final["error"]
+    assert out.read_text() == ""
