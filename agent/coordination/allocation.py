@@ -23,13 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import math
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 from .. import _validate, remote
 from ..errors import CoordinationError
-from ..executor import FAIL_RUN
 from .coordinator import Coordinator, check_coordinator, default_coordinator
 from .deadlock import TASK_SEP
 from .primitives import Primitive, PrimitiveType
@@ -38,9 +36,6 @@ from .primitives.base import check_timeout, check_ttl
 _current_owner: contextvars.ContextVar[str | None] = contextvars.ContextVar("coordination_owner", default=None)
 _current_coordinator: contextvars.ContextVar[Coordinator | None] = contextvars.ContextVar(
     "coordination_coordinator", default=None
-)
-_current_failer: contextvars.ContextVar[Callable[[BaseException], None] | None] = contextvars.ContextVar(
-    "coordination_failer", default=None
 )
 # The task the attempt runs in: a task it started (asyncio.gather) takes as an owner of its own.
 _owner_task: contextvars.ContextVar[asyncio.Task[Any] | None] = contextvars.ContextVar(
@@ -58,20 +53,11 @@ def current_owner() -> str | None:
     return _current_owner.get()
 
 
-def set_current_owner(owner: str | None, coordinator: Coordinator | None = None,
-                      fail: Callable[[BaseException], None] | None = None) -> None:
-    """Record who runs next in this task (and under which coordinator) for the code that
-    follows; ``fail`` fails its run (when what it holds can no longer be promised)."""
+def set_current_owner(owner: str | None, coordinator: Coordinator | None = None) -> None:
+    """Record who runs next in this task (and under which coordinator) for the code that follows."""
     _current_owner.set(owner)
     _current_coordinator.set(coordinator)
-    _current_failer.set(fail)
     _owner_task.set(asyncio.current_task() if owner is not None else None)
-
-
-def current_failer() -> Callable[[BaseException], None] | None:
-    """What fails the run of the state attempt running in this task, if any (a coordinated
-    agent's own, else the engine's for every attempt)."""
-    return _current_failer.get() or FAIL_RUN.get()
 
 
 def current_coordinator() -> Coordinator:

@@ -37,8 +37,8 @@ from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from ..errors import CoordinationError
+from ..executor import FAIL_RUN
 from ..resources import default_pool
-from .allocation import current_failer
 from .coordinator import Coordinator
 from .primitives import CapacityPrimitive, Primitive
 from .primitives.base import check_timeout
@@ -96,7 +96,7 @@ class BoxPrimitive(Primitive):
             left = None if math.isinf(limit) else max(0.0, limit - (self.clock.monotonic() - start))
             token = await agentd().take("primitive", self.name, self.settings, owner, amount, left,
                                         declared=self.coordinator.declared("primitive", self.name),
-                                        on_lost=current_failer())
+                                        on_lost=FAIL_RUN.get())
         except BaseException:
             local.release(owner, amount)
             raise

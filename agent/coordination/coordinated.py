@@ -19,7 +19,6 @@ has ended, and one that hangs must not keep it waiting for good).
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -68,7 +67,7 @@ class _Admission:
         agent = self.agent
         coordinator = agent._coordinator
         owner = self.owner(state, run_id, attempt)
-        set_current_owner(owner, coordinator, functools.partial(self._fail_run, run_id))
+        set_current_owner(owner, coordinator)
         held = None
         primitive = coordinator.primitive(state) if state in agent._coordinated_states else None
         if primitive is not None:
@@ -122,13 +121,6 @@ class _Admission:
                     return True
         limiter = coordinator.rate_limiter(state) if state in agent._rate_limited_states else None
         return limiter is not None and limiter.would_wait()
-
-    def _fail_run(self, run_id: str, error: BaseException) -> None:
-        """Fail run ``run_id`` of this agent, if it still runs (what it holds was lost)."""
-        run = self.agent._run
-        if run is not None and run.run_id == run_id and not run.done:
-            run.fail(error)
-            run.kick()
 
     def _waiting(self, state: str, why: str) -> None:
         """Say what the state waits for (the run clears it once the state is let in)."""
