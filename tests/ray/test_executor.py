@@ -287,11 +287,16 @@ class TestReconnect:
         # for good, or until a timeout that then blamed the state.
         agent = Agent("shut_under", isolation="ray")
         agent.add_state("sleep", states.sleep_forever, max_retries=0)
-        started = asyncio.Event()
-        agent.add_observer(lambda event: started.set() if event.kind == "state_started" else None)
         run = asyncio.ensure_future(agent.run())
         try:
-            await started.wait()
+            # Its task runs once its first write came back through the relay. (STATE_STARTED
+            # came sooner: a shutdown before the task was sent left the executor to connect
+            # again, and the state then slept for good on the new cluster.)
+            for _ in range(3000):
+                if agent.context.get_state("sleeper_pid") is not None or run.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert agent.context.get_state("sleeper_pid") is not None, "the state's task never ran"
             await asyncio.to_thread(ray_cluster.shutdown)
             with pytest.raises(StateFailedError) as failed:
                 await asyncio.wait_for(run, 60)
